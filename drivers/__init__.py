@@ -1,0 +1,15 @@
+"""Storage backends. `driver_for(storage)` picks the class from an explicit registry."""
+
+from __future__ import annotations
+
+from drivers.base import Driver
+from drivers.config import StorageConfig
+from drivers.dir import DirDriver
+
+DRIVERS: dict[str, type[Driver]] = {
+    "dir": DirDriver,
+}
+
+
+def driver_for(storage: StorageConfig) -> Driver:
+    return DRIVERS[storage.type](storage)

@@ -1,0 +1,196 @@
+"""The storage driver interface: one method table for every backend, features as data.
+
+A backend subclasses `Driver`, declares `FEATURES` and `formats`, and writes the abstract
+methods. Everything a job needs beyond them (feature checks, name choice, copying, info)
+is written once here. Drivers know nothing of Celery, Redis or locks: callers hold the
+storage lock around naming, allocation, rename and free.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from drivers import names, qemu
+from drivers.config import StorageConfig
+from drivers.errors import FeatureUnsupported, NotFound
+from drivers.names import VolName
+
+# What a job may do with a volume: feature -> volume state ("current" | "base") -> formats.
+FeatureTable = Mapping[str, Mapping[str, frozenset[str]]]
+
+FEATURE_WORDS = {
+    "make_base": "converting to a base image",
+    "linked_clone": "a linked clone",
+    "copy": "copying",
+    "resize": "resizing (writing)",
+    "move": "moving",
+}
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    volid: str
+    fmt: str
+    virtual_size: int
+    allocated: int
+    is_base: bool
+    parent: str | None = None  # volume id of the base a linked clone reads through
+    clones: tuple[str, ...] = ()  # volume ids of a base's linked clones
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "volid": self.volid,
+            "format": self.fmt,
+            "virtual_size": self.virtual_size,
+            "allocated": self.allocated,
+            "base": self.is_base,
+            "parent": self.parent,
+            "clones": list(self.clones),
+        }
+
+
+class Driver(ABC):
+    type_name: ClassVar[str]
+    FEATURES: ClassVar[FeatureTable]
+    formats: ClassVar[tuple[str, ...]]
+    default_format: ClassVar[str]
+    linked_clone_format: ClassVar[str]  # the format a linked clone of a base gets
+
+    def __init__(self, storage: StorageConfig) -> None:
+        self.storage = storage
+
+    # ---- the method table a backend writes ------------------------------------------
+    @abstractmethod
+    def path(self, vol: VolName) -> Path:
+        """Where qemu-img can open the volume."""
+
+    @abstractmethod
+    def list_volumes(self) -> list[VolName]:
+        """Every volume on the storage, bases included."""
+
+    @abstractmethod
+    def exists(self, vol: VolName) -> bool: ...
+
+    @abstractmethod
+    def allocate(self, vol: VolName, size: int) -> None:
+        """Create an empty (zero, sparse where possible) volume of `size` bytes."""
+
+    @abstractmethod
+    def free(self, vol: VolName) -> None:
+        """Delete a volume; a base may only be freed by `free_volume` (checks clones)."""
+
+    @abstractmethod
+    def make_base(self, vol: VolName, base: VolName) -> None:
+        """Turn `vol` into the read-only base `base` (rename + protect)."""
+
+    @abstractmethod
+    def unmake_base(self, base: VolName, vol: VolName) -> None:
+        """Undo `make_base`: `base` becomes the writable `vol` again."""
+
+    @abstractmethod
+    def link_clone(self, base: VolName, vol: VolName) -> None:
+        """Create `vol` as a linked clone whose data is shared with `base`."""
+
+    @abstractmethod
+    def parent_of(self, vol: VolName) -> VolName | None:
+        """The base a linked clone reads through, from the storage itself."""
+
+    @abstractmethod
+    def virtual_size(self, vol: VolName) -> int: ...
+
+    @abstractmethod
+    def allocated_size(self, vol: VolName) -> int: ...
+
+    @abstractmethod
+    def resize(self, vol: VolName, size: int) -> None: ...
+
+    # ---- written once for all backends ------------------------------------------------
+    def parse_volname(self, text: str) -> VolName:
+        vol = names.volname(text)
+        if vol.fmt not in self.formats:
+            raise FeatureUnsupported(f"storage {self.storage.id!r} cannot hold {vol.fmt} volumes")
+        return vol
+
+    def volid(self, vol: VolName) -> str:
+        return f"{self.storage.id}:{vol}"
+
+    def require_existing(self, vol: VolName) -> None:
+        if not self.exists(vol):
+            raise NotFound(f"unknown volume {self.volid(vol)}")
+
+    def has_feature(self, feature: str, vol: VolName) -> bool:
+        state = "base" if vol.is_base else "current"
+        return vol.fmt in self.FEATURES.get(feature, {}).get(state, frozenset())
+
+    def require_feature(self, feature: str, vol: VolName) -> None:
+        if self.has_feature(feature, vol):
+            return
+        words = FEATURE_WORDS.get(feature, feature)
+        if vol.is_base:
+            reason = "it is a read-only base image"
+        elif vol.fmt in self.FEATURES.get(feature, {}).get("base", frozenset()):
+            reason = "it is not a base image (make one with 'stork base' or 'stork template')"
+        else:
+            reason = f"{self.type_name} storage does not support it for {vol.fmt} volumes"
+        raise FeatureUnsupported(f"{self.volid(vol)}: {words} is not allowed: {reason}")
+
+    def clones_of(self, base: VolName) -> list[VolName]:
+        return [v for v in self.list_volumes() if self.parent_of(v) == base]
+
+    def next_disk_name(self, owner: int, fmt: str, taken: frozenset[str] = frozenset()) -> VolName:
+        """The first free `vm-<owner>-disk-N`; call it under the storage lock."""
+        used = {v.name for v in self.list_volumes() if v.owner == owner} | taken
+        n = 0
+        while f"vm-{owner}-disk-{n}" in used:
+            n += 1
+        return VolName(owner, f"vm-{owner}-disk-{n}", fmt)
+
+    @staticmethod
+    def default_base_name(vol: VolName) -> VolName:
+        """`100/vm-100-disk-0.raw` becomes `base/base-100-disk-0.raw` (Proxmox-style)."""
+        stem = vol.name.removeprefix("vm-") if vol.owner is not None else vol.name
+        return VolName(None, f"base-{stem}", vol.fmt)
+
+    def info(self, vol: VolName, with_clones: bool = True) -> VolumeInfo:
+        self.require_existing(vol)
+        parent = self.parent_of(vol)
+        clones = self.clones_of(vol) if vol.is_base and with_clones else []
+        return VolumeInfo(
+            volid=self.volid(vol),
+            fmt=vol.fmt,
+            virtual_size=self.virtual_size(vol),
+            allocated=self.allocated_size(vol),
+            is_base=vol.is_base,
+            parent=self.volid(parent) if parent else None,
+            clones=tuple(self.volid(c) for c in clones),
+        )
+
+    def free_volume(self, vol: VolName) -> None:
+        """Free a volume, refusing a base that linked clones still read through."""
+        self.require_existing(vol)
+        if vol.is_base and (clones := self.clones_of(vol)):
+            listed = ", ".join(self.volid(c) for c in clones)
+            raise FeatureUnsupported(
+                f"{self.volid(vol)} is a base image with {len(clones)} linked clone(s): {listed}"
+            )
+        self.free(vol)
+
+    def copy_from(
+        self,
+        source: Driver,
+        src: VolName,
+        dst: VolName,
+        progress: qemu.Progress | None = None,
+    ) -> None:
+        """Copy src (on any storage) into the allocated dst; backends may add fast paths."""
+        qemu.convert(
+            source.path(src), src.fmt, self.path(dst), dst.fmt, source.virtual_size(src), progress
+        )
+
+    def compare(self, source: Driver, src: VolName, dst: VolName) -> None:
+        """Raise ToolFailed unless dst holds the same data as src."""
+        qemu.compare(source.path(src), src.fmt, self.path(dst), dst.fmt)

@@ -1,0 +1,141 @@
+"""Validation of every user-supplied name before it reaches a path or a command line.
+
+Volume ids are `<storage>:<volname>`; a dir-style volname is `<vmid>/<name>.<fmt>` for a
+guest's disk or `base/<name>.<fmt>` for a base image (the seed's naming).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from drivers.errors import InvalidName
+
+MAX_NAME = 120
+VMID_MIN, VMID_MAX = 100, 999_999_999
+FORMATS = ("raw", "qcow2")
+
+_STORAGE_ID = re.compile(r"[a-z][a-z0-9_-]{0,39}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+_DISK_KEY = re.compile(r"(scsi|virtio|sata|ide|efidisk|tpmstate)[0-9]{1,2}")
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def storage_id(text: str) -> str:
+    """Return `text` if it is a valid storage id (lower-case, starts with a letter)."""
+    if not isinstance(text, str) or not _STORAGE_ID.fullmatch(text):
+        raise InvalidName(
+            f"invalid storage id {text!r}: expected a lower-case letter, then up to 39 of "
+            "a-z 0-9 _ -"
+        )
+    return text
+
+
+def vmid(value: str | int) -> int:
+    """Return a guest id as int; ids run from 100 to 999999999 as in Proxmox VE."""
+    text = str(value)
+    if not text.isascii() or not text.isdigit() or not VMID_MIN <= int(text) <= VMID_MAX:
+        raise InvalidName(f"invalid guest id {value!r}: expected a number from {VMID_MIN} to {VMID_MAX}")
+    return int(text)
+
+
+def image_name(text: str, what: str = "name") -> str:
+    """Return `text` if it is a safe file-name stem: ASCII, no '/', no '..', no leading '-'."""
+    if (
+        not isinstance(text, str)
+        or not text.isascii()
+        or len(text) > MAX_NAME
+        or ".." in text
+        or not _NAME.fullmatch(text)
+    ):
+        raise InvalidName(
+            f"invalid {what} {text!r}: expected 1-{MAX_NAME} ASCII letters, digits or _.+- "
+            "starting with a letter or digit, without '..'"
+        )
+    return text
+
+
+def image_format(text: str) -> str:
+    if text not in FORMATS:
+        raise InvalidName(f"invalid format {text!r}: expected one of {', '.join(FORMATS)}")
+    return text
+
+
+def disk_key(text: str) -> str:
+    if not isinstance(text, str) or not _DISK_KEY.fullmatch(text):
+        raise InvalidName(f"invalid disk {text!r}: expected a bus and number, e.g. scsi0, virtio1")
+    return text
+
+
+def size(text: str | int) -> int:
+    """Parse a size such as '8G', '512M', '1.5GiB' or a byte count into bytes (> 0)."""
+    match = _SIZE.fullmatch(str(text).strip())
+    if not match:
+        raise InvalidName(f"invalid size {text!r}: expected a positive number with K, M, G or T")
+    unit = (match.group(2) or "").upper().rstrip("B").rstrip("I") or ""
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise InvalidName(f"invalid size {text!r}: must be greater than zero")
+    # qemu-img works in 512-byte sectors; round up like it does.
+    return -(-value // 512) * 512
+
+
+@dataclass(frozen=True)
+class VolumeId:
+    """`<storage>:<volname>`, split and checked; `volname` is validated by the storage driver."""
+
+    storage: str
+    volname: str
+
+    def __str__(self) -> str:
+        return f"{self.storage}:{self.volname}"
+
+
+def volume_id(text: str) -> VolumeId:
+    """Split a volume id; the storage part is checked here, the volname by its driver."""
+    if not isinstance(text, str) or ":" not in text:
+        raise InvalidName(f"invalid volume id {text!r}: expected <storage>:<volname>")
+    storage, volname = text.split(":", 1)
+    storage_id(storage)
+    if not volname:
+        raise InvalidName(f"invalid volume id {text!r}: the volume name is empty")
+    return VolumeId(storage, volname)
+
+
+@dataclass(frozen=True)
+class VolName:
+    """A parsed dir-style volname: owner guest (None for a base), name stem, format."""
+
+    owner: int | None
+    name: str
+    fmt: str
+
+    @property
+    def is_base(self) -> bool:
+        return self.owner is None
+
+    def __str__(self) -> str:
+        folder = "base" if self.owner is None else str(self.owner)
+        return f"{folder}/{self.name}.{self.fmt}"
+
+
+def volname(text: str) -> VolName:
+    """Parse `<vmid>/vm-<vmid>-<rest>.<fmt>` or `base/<name>.<fmt>`."""
+    bad = InvalidName(
+        f"invalid volume name {text!r}: expected <vmid>/vm-<vmid>-<name>.<raw|qcow2> "
+        "or base/<name>.<raw|qcow2>"
+    )
+    if not isinstance(text, str) or text.count("/") != 1 or not text.isascii():
+        raise bad
+    folder, file = text.split("/")
+    stem, dot, fmt = file.rpartition(".")
+    if not dot or fmt not in FORMATS:
+        raise bad
+    image_name(stem, "volume name")
+    if folder == "base":
+        return VolName(None, stem, fmt)
+    owner = vmid(folder) if folder.isdigit() else None
+    if owner is None or not stem.startswith(f"vm-{owner}-"):
+        raise bad
+    return VolName(owner, stem, fmt)

@@ -1,0 +1,97 @@
+"""The cluster config: every wrong key, type or value names the file, the key and what was expected."""
+
+from pathlib import Path
+
+import pytest
+
+from drivers import config
+from drivers.errors import ConfigError, NotFound
+
+GOOD = """
+[redis]
+url = "redis://127.0.0.1:6399/0"
+[paths]
+guests = "g"
+locks = "l"
+[storage.local]
+type = "dir"
+path = "images"
+content = ["images"]
+[storage.san]
+type = "dir"
+path = "/srv/san"
+shared = true
+[storage.n2]
+type = "dir"
+path = "n2"
+nodes = ["node2"]
+"""
+
+
+def parse(text, env=None):
+    return config.parse(text, Path("/etc/stork/stork.toml"), env or {"STORK_NODE": "node1"})
+
+
+def test_a_good_config_resolves_relative_paths_against_its_own_directory():
+    """Relative paths are relative to the config file, absolute ones stay."""
+    cfg = parse(GOOD)
+    assert cfg.guests_dir == Path("/etc/stork/g")
+    assert cfg.storage("local").path == Path("/etc/stork/images")
+    assert cfg.storage("san").path == Path("/srv/san")
+    assert cfg.redis_url == "redis://127.0.0.1:6399/0"
+
+
+def test_environment_overrides_redis_url_and_node():
+    """STORK_REDIS_URL and STORK_NODE win over the file and the host name."""
+    cfg = parse(GOOD, {"STORK_REDIS_URL": "redis://127.0.0.1:1/2", "STORK_NODE": "node7"})
+    assert cfg.redis_url == "redis://127.0.0.1:1/2" and cfg.node == "node7"
+
+
+def test_storages_know_which_nodes_they_exist_on():
+    """A node-local storage with `nodes` exists only there; shared ones everywhere."""
+    cfg = parse(GOOD)
+    assert cfg.storage("n2").on_node("node2") and not cfg.storage("n2").on_node("node1")
+    assert cfg.storage("san").on_node("node1") and cfg.storage("local").on_node("anything")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[redis]\nurl = 5\n", r"stork.toml: redis.url = 5: expected a redis:// URL"),
+        ("[redis]\nhost = 'x'\n", r"stork.toml: unknown key redis.host"),
+        ("[bogus]\n", r"unknown section \[bogus\]"),
+        ("[storage.x]\ntype = 'nfs'\npath = 'p'\n", r"storage.x.type = 'nfs': expected one of: dir"),
+        ("[storage.x]\ntype = 'dir'\n", r"storage.x.path is missing"),
+        ("[storage.x]\ntype = 'dir'\npath='p'\nshared = 'yes'\n", r"storage.x.shared = 'yes': expected true or false"),
+        ("[storage.x]\ntype = 'dir'\npath='p'\ncontent = ['isos']\n", r"storage.x.content"),
+        ("[storage.Bad]\ntype = 'dir'\npath='p'\n", r"\[storage.Bad\]: invalid storage id"),
+        ("[locks]\ntimeout = -1\n", r"locks.timeout = -1: expected a number of seconds > 0"),
+        ("not toml [", r"not valid TOML"),
+    ],
+)
+def test_config_errors_name_file_key_and_expectation(text, message):
+    """A wrong key, type or value is one ConfigError naming the file and the key."""
+    with pytest.raises(ConfigError, match=message) as err:
+        parse(text)
+    assert "/etc/stork/stork.toml" in str(err.value)
+
+
+def test_unknown_storage_lists_the_configured_ones():
+    """Naming a storage that is not configured says which ones are."""
+    with pytest.raises(NotFound, match=r"unknown storage 'nope' \(configured: local, n2, san\)"):
+        parse(GOOD).storage("nope")
+
+
+def test_missing_config_file_says_how_to_get_one(tmp_path):
+    """Without a config file the error names the path and how to write the default."""
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load({"STORK_CONFIG": str(tmp_path / "none.toml")})
+
+
+def test_default_config_is_written_once_and_is_valid(tmp_path):
+    """The default config parses and holds a `local` dir storage under ./var/."""
+    file = tmp_path / "stork.toml"
+    assert config.write_default(file) is True
+    assert config.write_default(file) is False
+    cfg = config.load({"STORK_CONFIG": str(file), "STORK_NODE": "n"})
+    assert cfg.storage("local").path == tmp_path / "var" / "images"

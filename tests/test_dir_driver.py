@@ -1,0 +1,128 @@
+"""The dir driver against real files and the real qemu-img."""
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from drivers import driver_for
+from drivers.config import StorageConfig
+from drivers.errors import AlreadyExists, FeatureUnsupported, NotFound
+from drivers.names import VolName
+
+
+@pytest.fixture
+def drv(tmp_path):
+    return driver_for(StorageConfig("local", "dir", tmp_path / "images"))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_pattern(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_allocate_makes_a_sparse_image_of_the_asked_size(drv):
+    """A new raw volume has its virtual size and allocates almost nothing."""
+    vol = drv.next_disk_name(100, "raw")
+    drv.allocate(vol, 10 << 30)
+    info = drv.info(vol)
+    assert (info.virtual_size, info.is_base, info.parent) == (10 << 30, False, None)
+    assert info.allocated < 1 << 20
+    with pytest.raises(AlreadyExists):
+        drv.allocate(vol, 1 << 20)
+
+
+def test_disk_names_count_up_per_guest(drv):
+    """The next free vm-<vmid>-disk-N is chosen, whatever the format."""
+    drv.allocate(drv.next_disk_name(100, "raw"), 1 << 20)
+    assert str(drv.next_disk_name(100, "qcow2")) == "100/vm-100-disk-1.qcow2"
+    assert str(drv.next_disk_name(101, "raw")) == "101/vm-101-disk-0.raw"
+
+
+def test_make_base_renames_into_the_base_namespace_read_only(drv):
+    """A base lives under base/, mode 0444, and refuses writes even from root."""
+    vol = VolName(100, "vm-100-disk-0", "raw")
+    drv.allocate(vol, 1 << 20)
+    base = drv.default_base_name(vol)
+    drv.make_base(vol, base)
+    assert str(base) == "base/base-100-disk-0.raw"
+    assert not drv.exists(vol) and drv.exists(base)
+    path = drv.path(base)
+    assert path.stat().st_mode & 0o777 == 0o444
+    with pytest.raises(PermissionError):
+        open(path, "r+b").close()  # immutable: even root cannot write
+    drv.unmake_base(base, vol)
+    assert drv.exists(vol) and not drv.exists(base)
+    open(drv.path(vol), "r+b").close()
+
+
+def test_linked_clone_reads_through_the_base_by_relative_path(drv):
+    """A clone is a qcow2 overlay of the base; the storage tells parent and clones."""
+    vol = VolName(100, "vm-100-disk-0", "raw")
+    drv.allocate(vol, 4 << 20)
+    write_pattern(drv.path(vol), 1 << 20, b"stork" * 1000)
+    base = drv.default_base_name(vol)
+    drv.make_base(vol, base)
+    clone = drv.next_disk_name(101, "qcow2")
+    drv.link_clone(base, clone)
+    out = subprocess.run(["qemu-img", "info", "--output=json", drv.path(clone)],
+                         capture_output=True, text=True, check=True).stdout
+    assert '"backing-filename": "../base/base-100-disk-0.raw"' in out
+    subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", drv.path(base), drv.path(clone)], check=True)
+    assert drv.info(clone).parent == "local:base/base-100-disk-0.raw"
+    assert drv.info(base).clones == ("local:101/vm-101-disk-0.qcow2",)
+
+
+def test_a_base_with_clones_cannot_be_freed_and_the_error_lists_them(drv):
+    """Freeing a base that clones read through is refused, naming every clone."""
+    base = VolName(None, "golden", "raw")
+    drv.allocate(VolName(100, "vm-100-disk-0", "raw"), 1 << 20)
+    drv.make_base(VolName(100, "vm-100-disk-0", "raw"), base)
+    for vmid in (101, 102):
+        drv.link_clone(base, drv.next_disk_name(vmid, "qcow2"))
+    with pytest.raises(FeatureUnsupported, match=r"2 linked clone\(s\): local:101/vm-101-disk-0.qcow2, local:102/"):
+        drv.free_volume(base)
+    assert drv.exists(base)
+    for vmid in (101, 102):
+        drv.free_volume(VolName(vmid, f"vm-{vmid}-disk-0", "qcow2"))
+    drv.free_volume(base)
+    assert drv.list_volumes() == []
+
+
+def test_features_refuse_writing_a_base_and_cloning_a_non_base(drv):
+    """The feature table answers: bases are read-only, linked clones need a base."""
+    current, base = VolName(100, "vm-100-disk-0", "raw"), VolName(None, "b", "raw")
+    assert drv.has_feature("linked_clone", base) and not drv.has_feature("linked_clone", current)
+    assert drv.has_feature("resize", current) and not drv.has_feature("resize", base)
+    with pytest.raises(FeatureUnsupported, match=r"read-only base image"):
+        drv.require_feature("move", base)
+
+
+def test_copy_from_makes_an_identical_sparse_image_in_another_format(drv, tmp_path):
+    """A full copy raw -> qcow2 -> raw keeps the data and stays sparse; progress reaches 100%."""
+    src = VolName(100, "vm-100-disk-0", "raw")
+    drv.allocate(src, 64 << 20)
+    write_pattern(drv.path(src), 10 << 20, os.urandom(1 << 20))
+    mid, back = VolName(100, "vm-100-disk-1", "qcow2"), VolName(100, "vm-100-disk-2", "raw")
+    seen = []
+    for a, b in ((src, mid), (mid, back)):
+        drv.allocate(b, drv.virtual_size(a))
+        drv.copy_from(drv, a, b, progress=lambda done, total: seen.append((done, total)))
+    drv.compare(drv, src, back)
+    assert sha256(drv.path(src)) == sha256(drv.path(back))
+    assert drv.allocated_size(back) < 4 << 20
+    assert seen[-1] == (64 << 20, 64 << 20)
+    subprocess.run(["qemu-img", "check", drv.path(mid)], check=True, capture_output=True)
+
+
+def test_unknown_volume_is_not_found(drv):
+    """Info on a volume that is not there names it."""
+    with pytest.raises(NotFound, match=r"unknown volume local:100/vm-100-disk-9\.raw"):
+        drv.info(VolName(100, "vm-100-disk-9", "raw"))

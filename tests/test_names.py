@@ -1,0 +1,109 @@
+"""Every name a user gives is checked before it reaches a path or a command line."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from drivers import names
+from drivers.errors import InvalidName
+from drivers.names import VolName
+
+VOLNAMES = [
+    # (description, text, expected or None for a refusal)
+    ("a guest disk", "100/vm-100-disk-1.raw", VolName(100, "vm-100-disk-1", "raw")),
+    ("a qcow2 guest disk", "101/vm-101-disk-0.qcow2", VolName(101, "vm-101-disk-0", "qcow2")),
+    ("the seed's arbitrary base", "base/an-arbitray-name.raw", VolName(None, "an-arbitray-name", "raw")),
+    ("a Proxmox-style base", "base/base-100-disk-0.qcow2", VolName(None, "base-100-disk-0", "qcow2")),
+    ("parent directory", "base/../etc.raw", None),
+    ("dot-dot inside a name", "base/a..b.raw", None),
+    ("two slashes", "100/x/vm-100-disk-0.raw", None),
+    ("no folder", "vm-100-disk-0.raw", None),
+    ("leading dash", "base/-rf.raw", None),
+    ("unknown format", "base/x.vmdk", None),
+    ("no format", "base/x", None),
+    ("empty", "", None),
+    ("disk of another guest", "100/vm-101-disk-0.raw", None),
+    ("guest id below 100", "99/vm-99-disk-0.raw", None),
+    ("non-ASCII", "base/bäse.raw", None),
+    ("over-long", "base/" + "a" * 200 + ".raw", None),
+    ("space", "base/a b.raw", None),
+    ("absolute", "/etc/passwd", None),
+]
+
+
+@pytest.mark.parametrize(("what", "text", "expected"), VOLNAMES, ids=[v[0] for v in VOLNAMES])
+def test_volname_table(what, text, expected):
+    """Valid volnames parse to their parts; every unsafe one is refused with InvalidName."""
+    if expected is None:
+        with pytest.raises(InvalidName, match=r"invalid (volume name|guest id)"):
+            names.volname(text)
+    else:
+        assert names.volname(text) == expected
+        assert str(expected) == text
+
+
+@given(st.text(max_size=60))
+def test_any_accepted_volname_is_a_safe_relative_path(text):
+    """Whatever parses stays inside the storage: one '/', no '..', no leading '-'."""
+    try:
+        vol = names.volname(text)
+    except InvalidName:
+        return
+    assert str(vol) == text
+    _, file = text.split("/")
+    assert ".." not in text and not file.startswith("-") and not text.startswith("/")
+    assert text.isascii()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("8G", 8 << 30), ("512M", 512 << 20), ("1.5GiB", 3 << 29), ("4096", 4096), ("1K", 1024), ("1", 512)],
+)
+def test_sizes_parse_to_whole_sectors(text, expected):
+    """Sizes take K/M/G/T suffixes and round up to 512-byte sectors like qemu-img."""
+    assert names.size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-1G", "0G", "abc", "", "1X", "G"])
+def test_bad_sizes_are_refused(text):
+    """Zero, negative and unparseable sizes are refused."""
+    with pytest.raises(InvalidName, match="invalid size"):
+        names.size(text)
+
+
+@given(st.text(max_size=20))
+def test_size_parser_never_returns_a_non_positive_size(text):
+    """The size parser either refuses or returns a positive multiple of 512."""
+    try:
+        value = names.size(text)
+    except InvalidName:
+        return
+    assert value > 0 and value % 512 == 0
+
+
+@pytest.mark.parametrize("text", ["99", "0", "-5", "abc", "1000000000", "\uff11\uff12\uff13", ""])
+def test_bad_guest_ids_are_refused(text):
+    """Guest ids are 100..999999999, ASCII digits only."""
+    with pytest.raises(InvalidName, match="invalid guest id"):
+        names.vmid(text)
+
+
+@pytest.mark.parametrize("text", ["local", "nfs-1", "a_b"])
+def test_good_storage_ids(text):
+    """Lower-case storage ids are accepted as they are."""
+    assert names.storage_id(text) == text
+
+
+@pytest.mark.parametrize("text", ["", "Local", "-x", "1abc", "a/b", "a" * 41, "a:b"])
+def test_bad_storage_ids_are_refused(text):
+    """Storage ids that could escape a path or look like options are refused."""
+    with pytest.raises(InvalidName, match="invalid storage id"):
+        names.storage_id(text)
+
+
+def test_volume_id_splits_on_the_first_colon():
+    """A volume id is <storage>:<volname>; a missing part is refused."""
+    assert str(names.volume_id("local:base/x.raw")) == "local:base/x.raw"
+    for bad in ["local", "local:", ":base/x.raw", "Bad:base/x.raw"]:
+        with pytest.raises(InvalidName):
+            names.volume_id(bad)
