@@ -179,17 +179,17 @@ class Driver(ABC):
             )
         self.free(vol)
 
-    def copy_from(
-        self,
-        source: Driver,
-        src: VolName,
-        dst: VolName,
-        progress: qemu.Progress | None = None,
+    def copy_in(
+        self, src_path: Path, src_fmt: str, size: int, dst: VolName, progress: qemu.Progress | None = None
     ) -> None:
-        """Copy src (on any storage) into the allocated dst; backends may add fast paths."""
-        qemu.convert(
-            source.path(src), src.fmt, self.path(dst), dst.fmt, source.virtual_size(src), progress
-        )
+        """Copy an image file into the allocated, zero-filled dst (generic path: qemu-img)."""
+        qemu.convert(src_path, src_fmt, self.path(dst), dst.fmt, size, progress)
+
+    def copy_from(
+        self, source: Driver, src: VolName, dst: VolName, progress: qemu.Progress | None = None
+    ) -> None:
+        """Copy src (on any storage) into the allocated dst; a backend may add fast paths."""
+        self.copy_in(source.path(src), src.fmt, source.virtual_size(src), dst, progress)
 
     def compare(self, source: Driver, src: VolName, dst: VolName) -> None:
         """Raise ToolFailed unless dst holds the same data as src."""

@@ -80,6 +80,9 @@ class DirDriver(Driver):
         if vol.is_base:
             _set_immutable(path, False)
         path.unlink(missing_ok=True)
+        if not vol.is_base:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # the guest's folder, once it holds nothing
 
     def make_base(self, vol: VolName, base: VolName) -> None:
         src, dst = self.path(vol), self.path(base)

@@ -8,7 +8,6 @@ flock on the guest's lock file while a config is read, changed and written back.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
@@ -18,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from drivers import names
-from drivers.errors import AlreadyExists, ConfigError, LockTimeout, NotFound, Refused
+from drivers.errors import AlreadyExists, ConfigError, NotFound, Refused
+from drivers.flock import file_lock
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Guest:
     name: str = ""
     template: bool = False
     lock: str = ""  # the job kind holding the guest, "" when free
+    lock_job: str = ""  # the id of the job holding the lock
     disks: dict[str, str] = field(default_factory=dict)  # disk key -> volume id
     unused: tuple[str, ...] = ()  # volumes kept after a move, no longer attached
 
@@ -63,6 +64,7 @@ def dumps(guest: Guest) -> str:
     ]
     if guest.lock:
         lines.append(f"lock = {_toml_value(guest.lock)}")
+        lines.append(f"lock_job = {_toml_value(guest.lock_job)}")
     if guest.unused:
         lines.append(f"unused = {_toml_value(list(guest.unused))}")
     lines.append("")
@@ -80,6 +82,7 @@ def loads(vmid: int, text: str, file: Path) -> Guest:
             name=str(data.get("name", "")),
             template=bool(data.get("template", False)),
             lock=str(data.get("lock", "")),
+            lock_job=str(data.get("lock_job", "")),
             disks={names.disk_key(k): str(v) for k, v in data.get("disks", {}).items()},
             unused=tuple(str(v) for v in data.get("unused", ())),
         )
@@ -155,24 +158,10 @@ class GuestStore:
             self.path(vmid).unlink()
             _fsync_dir(self.dir)
 
-    @contextlib.contextmanager
-    def locked(self, vmid: int) -> Iterator[None]:
-        """Hold the guest's flock (released by the kernel if the process dies)."""
-        lock_dir = self.dir / ".locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_dir / f"{names.vmid(vmid)}.lock", "a") as f:
-            deadline = time.monotonic() + self.lock_timeout
-            while True:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise LockTimeout(
-                            f"guest {vmid}: config lock not free after {self.lock_timeout:g}s"
-                        ) from None
-                    time.sleep(0.01)
-            yield
+    def locked(self, vmid: int) -> contextlib.AbstractContextManager[None]:
+        """Hold the guest's flock while its config is edited."""
+        lock = self.dir / ".locks" / f"{names.vmid(vmid)}.lock"
+        return file_lock(lock, self.lock_timeout, f"guest {vmid} config")
 
     @contextlib.contextmanager
     def editing(self, vmid: int) -> Iterator[list[Guest]]:

@@ -1,0 +1,1 @@
+"""The user side of stork: the `stork` CLI and the Python client."""

@@ -1,0 +1,305 @@
+"""`stork`: the command line. Every change is a job: by default the command waits and shows
+progress; --no-wait prints the job id, --json prints machine-readable output. Exit status:
+0 success, 1 refused or failed, 2 bad usage, 130 interrupted (the job goes on)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from drivers.errors import StorkError
+
+Handler = Callable[[argparse.Namespace, Any], int]
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else text)
+
+
+def _record_dict(job: Any) -> dict[str, Any]:
+    data = job.as_dict()
+    data["state"] = str(job.state)
+    return data
+
+
+def _job_line(job: Any) -> str:
+    line = f"job {job.id} {job.kind}: {job.state}"
+    if job.error:
+        line += f": {job.error}"
+    if job.undo_errors:
+        line += f" (not undone: {'; '.join(job.undo_errors)})"
+    return line
+
+
+def _result_text(job: Any) -> str:
+    lines = [_job_line(job)]
+    for key, value in job.result.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        lines.append(f"  {key}: {value}")
+    return "\n".join(lines)
+
+
+def submit_and_wait(args: argparse.Namespace, client: Any, kind: str, **options: Any) -> int:
+    from producer.progress import ProgressView
+
+    options = {k: v for k, v in options.items() if v is not None}
+    job = client.submit(kind, **options)
+    if args.no_wait:
+        _emit(args, {"job": job.id}, job.id)
+        return 0
+    try:
+        job = client.wait(job.id, on_event=None if args.json else ProgressView())
+    except KeyboardInterrupt:
+        print(f"\nstork: stopped waiting; job {job.id} goes on (stork job watch {job.id})", file=sys.stderr)
+        return 130
+    _emit(args, _record_dict(job), _result_text(job))
+    return 0 if str(job.state) == "succeeded" else 1
+
+
+# ---- argument parsing helpers --------------------------------------------------------
+
+
+def _pairs(text: str) -> dict[str, str]:
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise StorkError(f"invalid option {item!r}: expected key=value")
+        out[key] = value
+    return out
+
+
+def _disk_specs(values: list[str], first: str) -> dict[str, dict[str, str]]:
+    """`scsi0=local:8G,format=qcow2` -> {"scsi0": {"storage": "local", "size": "8G", ...}}."""
+    disks = {}
+    for value in values or []:
+        key, sep, rest = value.partition("=")
+        if not sep or not rest:
+            raise StorkError(f"invalid --disk {value!r}: expected DISK={first.upper()}[,key=value...]")
+        head, *more = rest.split(",")
+        spec = _pairs(",".join(more)) if more else {}
+        if first == "storage:size":
+            storage, colon, size = head.partition(":")
+            if not colon:
+                raise StorkError(f"invalid --disk {value!r}: expected DISK=STORAGE:SIZE[,format=F]")
+            spec |= {"storage": storage, "size": size}
+        else:
+            spec |= {"path": head}
+        disks[key] = spec
+    if not disks:
+        raise StorkError("at least one --disk is needed")
+    return disks
+
+
+# ---- commands --------------------------------------------------------------------------
+
+
+def cmd_storage_list(args: argparse.Namespace, client: Any) -> int:
+    rows = [{"id": s.id, "type": s.type, "path": str(s.path), "content": list(s.content),
+             "shared": s.shared, "nodes": list(s.nodes) or "all"} for s in client.storages()]
+    text = "\n".join(f"{r['id']:<12} {r['type']:<6} {'shared' if r['shared'] else 'local':<7} "
+                     f"nodes={','.join(r['nodes']) if isinstance(r['nodes'], list) else 'all':<10} {r['path']}"
+                     for r in rows)
+    _emit(args, rows, text)
+    return 0
+
+
+def _volume_text(v: Any) -> str:
+    from producer.progress import human_bytes
+
+    extra = " base" if v.is_base else ""
+    if v.parent:
+        extra += f" parent={v.parent}"
+    if v.clones:
+        extra += f" clones={','.join(v.clones)}"
+    return f"{v.volid:<45} {v.fmt:<6} {human_bytes(v.virtual_size):>10} {human_bytes(v.allocated):>10}{extra}"
+
+
+def cmd_volume_list(args: argparse.Namespace, client: Any) -> int:
+    vols = client.volumes(args.storage)
+    _emit(args, [v.as_dict() for v in vols], "\n".join(_volume_text(v) for v in vols))
+    return 0
+
+
+def cmd_volume_info(args: argparse.Namespace, client: Any) -> int:
+    v = client.volume(args.volid)
+    text = "\n".join(f"{k}: {val}" for k, val in v.as_dict().items())
+    _emit(args, v.as_dict(), text)
+    return 0
+
+
+def _guest_dict(g: Any) -> dict[str, Any]:
+    return {"vmid": g.vmid, "name": g.name, "node": g.node, "template": g.template, "lock": g.lock,
+            "disks": g.disks, "unused": list(g.unused)}
+
+
+def cmd_guest_list(args: argparse.Namespace, client: Any) -> int:
+    guests = client.guests()
+    text = "\n".join(f"{g.vmid:<8} {g.name or '-':<16} {g.node:<10} {'template' if g.template else 'guest':<9} "
+                     f"{('lock=' + g.lock) if g.lock else ''}" for g in guests)
+    _emit(args, [_guest_dict(g) for g in guests], text)
+    return 0
+
+
+def cmd_guest_show(args: argparse.Namespace, client: Any) -> int:
+    g = _guest_dict(client.guest(args.vmid))
+    text = "\n".join(f"{k}: {v}" for k, v in g.items() if k != "disks") + "".join(
+        f"\n{k}: {v}" for k, v in g["disks"].items())
+    _emit(args, g, text)
+    return 0
+
+
+def cmd_job_list(args: argparse.Namespace, client: Any) -> int:
+    jobs = client.jobs(args.limit)
+    _emit(args, [_record_dict(j) for j in jobs], "\n".join(_job_line(j) for j in jobs))
+    return 0
+
+
+def cmd_job_show(args: argparse.Namespace, client: Any) -> int:
+    job = client.job(args.id)
+    data = _record_dict(job)
+    text = "\n".join(f"{k}: {json.dumps(v) if isinstance(v, dict | list) else v}" for k, v in data.items())
+    _emit(args, data, text)
+    return 0
+
+
+def cmd_job_watch(args: argparse.Namespace, client: Any) -> int:
+    from producer.progress import ProgressView
+
+    view = None if args.json else ProgressView()
+    for event in client.events(args.id):
+        if args.json:
+            print(json.dumps(event), flush=True)
+        else:
+            view(event)
+    job = client.job(args.id)
+    if not args.json:
+        print(_result_text(job))
+    return 0 if str(job.state) == "succeeded" else 1
+
+
+def cmd_job_cancel(args: argparse.Namespace, client: Any) -> int:
+    job = client.cancel(args.id)
+    _emit(args, {"job": job.id, "cancel": "requested"}, f"job {job.id}: cancel requested")
+    return 0
+
+
+SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]] = {
+    "guest.create": lambda a: ("create", {"vmid": a.vmid, "name": a.name,
+                                          "disks": _disk_specs(a.disk, "storage:size")}),
+    "guest.import": lambda a: ("import", {"vmid": a.vmid, "name": a.name, "disks": _disk_specs(a.disk, "path")}),
+    "guest.destroy": lambda a: ("destroy", {"vmid": a.vmid}),
+    "base": lambda a: ("base", {"volid": a.volid, "name": a.name}),
+    "template": lambda a: ("template", {"vmid": a.vmid}),
+    "clone": lambda a: ("full_clone" if a.full else "linked_clone",
+                        {"vmid": a.vmid, "newid": a.newid, "name": a.name, "storage": a.storage, "format": a.format}),
+    "disk.copy": lambda a: ("copy", {"volid": a.volid, "storage": a.storage, "format": a.format, "vmid": a.vmid}),
+    "disk.move": lambda a: ("move", {"vmid": a.vmid, "disk": a.disk, "storage": a.storage, "format": a.format,
+                                     "delete_source": a.delete_source}),
+    "disk.resize": lambda a: ("resize", {"volid": a.volid, "size": a.size}),
+    "volume.free": lambda a: ("free", {"volid": a.volid}),
+}
+
+
+def _submitter(name: str) -> Handler:
+    def handler(args: argparse.Namespace, client: Any) -> int:
+        kind, options = SUBMITTERS[name](args)
+        return submit_and_wait(args, client, kind, **options)
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stork", description="VM disk images: bases, templates, clones.")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(parent: Any, name: str, handler: Handler, help_: str, submit: bool = False) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help_)
+        p.set_defaults(handler=handler)
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+        if submit:
+            p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+        return p
+
+    def group(name: str, help_: str) -> Any:
+        return sub.add_parser(name, help=help_).add_subparsers(dest="action", required=True)
+
+    storage = group("storage", "storages")
+    command(storage, "list", cmd_storage_list, "list configured storages")
+
+    volume = group("volume", "volumes")
+    command(volume, "list", cmd_volume_list, "list volumes").add_argument("storage", nargs="?")
+    command(volume, "info", cmd_volume_info, "show a volume").add_argument("volid")
+    command(volume, "free", _submitter("volume.free"), "free a volume", True).add_argument("volid")
+
+    guest = group("guest", "guests")
+    p = command(guest, "create", _submitter("guest.create"), "create a guest with new disks", True)
+    p.add_argument("vmid")
+    p.add_argument("--disk", action="append", help="DISK=STORAGE:SIZE[,format=raw|qcow2], e.g. scsi0=local:8G")
+    p.add_argument("--name")
+    p = command(guest, "import", _submitter("guest.import"), "create a guest from image files", True)
+    p.add_argument("vmid")
+    p.add_argument("--disk", action="append", help="DISK=PATH[,storage=S][,format=F]")
+    p.add_argument("--name")
+    command(guest, "list", cmd_guest_list, "list guests")
+    command(guest, "show", cmd_guest_show, "show a guest").add_argument("vmid")
+    command(guest, "destroy", _submitter("guest.destroy"), "destroy a guest and its disks", True).add_argument("vmid")
+
+    p = command(sub, "base", _submitter("base"), "turn a volume into a read-only base image", True)
+    p.add_argument("volid")
+    p.add_argument("--name", help="base name (default: base-<vmid>-disk-<n>)")
+    command(sub, "template", _submitter("template"), "turn a guest into a template", True).add_argument("vmid")
+    p = command(sub, "clone", _submitter("clone"), "clone a guest (linked for a template)", True)
+    p.add_argument("vmid")
+    p.add_argument("newid")
+    p.add_argument("--full", action="store_true", help="full copy (default for a non-template)")
+    p.add_argument("--storage")
+    p.add_argument("--format", choices=["raw", "qcow2"])
+    p.add_argument("--name")
+
+    disk = group("disk", "disks")
+    p = command(disk, "copy", _submitter("disk.copy"), "copy a volume to a storage", True)
+    p.add_argument("volid")
+    p.add_argument("storage")
+    p.add_argument("--format", choices=["raw", "qcow2"])
+    p.add_argument("--vmid", help="owner of the copy (default: the source's)")
+    p = command(disk, "move", _submitter("disk.move"), "move a guest's disk to a storage", True)
+    p.add_argument("vmid")
+    p.add_argument("disk")
+    p.add_argument("storage")
+    p.add_argument("--format", choices=["raw", "qcow2"])
+    p.add_argument("--delete-source", action="store_true", help="free the old volume once the copy is verified")
+    p = command(disk, "resize", _submitter("disk.resize"), "grow a volume", True)
+    p.add_argument("volid")
+    p.add_argument("size")
+
+    job = group("job", "jobs")
+    command(job, "list", cmd_job_list, "recent jobs").add_argument("--limit", type=int, default=50)
+    command(job, "show", cmd_job_show, "show a job record").add_argument("id")
+    command(job, "watch", cmd_job_watch, "follow a job's events from its start").add_argument("id")
+    command(job, "cancel", cmd_job_cancel, "cancel a job (its undo runs)").add_argument("id")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from producer.client import Client  # imports the config: errors are reported below
+
+        if args.command == "clone" and not args.full:
+            args.full = not Client().guest(args.vmid).template
+        return args.handler(args, Client())
+    except StorkError as e:
+        print(f"stork: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

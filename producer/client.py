@@ -1,0 +1,131 @@
+"""The Python client: submit jobs, wait for them, read storages, volumes and guests.
+
+    from producer.client import Client
+    stork = Client()                              # config from STORK_CONFIG
+    job = stork.run("linked_clone", vmid=100, newid=101)
+    assert job.state == "succeeded", job.error
+
+Volumes and guests are read directly (configs and storage are visible from this node);
+every change goes through a job.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import redis
+
+from drivers import config as config_module
+from drivers import driver_for, names
+from drivers.base import VolumeInfo
+from drivers.config import Config, StorageConfig
+from drivers.errors import Refused, StorkError
+from drivers.guests import Guest, GuestStore
+from worker import events, records, runner
+from worker.jobs import KINDS
+from worker.records import JobRecord, JobState
+
+EventHook = Callable[[dict[str, Any]], None]
+
+
+class JobTimeout(StorkError):
+    """A wait ran out of time; the job goes on."""
+
+
+class Client:
+    def __init__(self, cfg: Config | None = None, r: redis.Redis | None = None) -> None:
+        self.cfg = cfg or config_module.load()
+        self.r = r or redis.Redis.from_url(self.cfg.redis_url, decode_responses=True)
+        self.guest_store = GuestStore(self.cfg.guests_dir, self.cfg.lock_timeout)
+
+    # ---- jobs ----------------------------------------------------------------------
+    @staticmethod
+    def kinds() -> dict[str, str]:
+        return {name: kind.summary for name, kind in KINDS.items()}
+
+    def submit(self, kind: str, **options: Any) -> JobRecord:
+        """Check and enqueue a job; StorkError (nothing changed) when it is refused."""
+        try:
+            self.r.ping()
+        except redis.RedisError as e:
+            raise StorkError(f"cannot reach Redis at {self.cfg.redis_url}: {e}") from None
+        return runner.submit(kind, options, self.cfg, self.r)
+
+    def job(self, job_id: str) -> JobRecord:
+        return records.load(self.r, records.resolve(self.r, job_id))
+
+    def jobs(self, limit: int = 50) -> list[JobRecord]:
+        return [records.load(self.r, j) for j in records.recent_ids(self.r, limit)]
+
+    def cancel(self, job_id: str) -> JobRecord:
+        job = self.job(job_id)
+        if job.state.terminal:
+            raise Refused(f"job {job.id} has already {job.state}")
+        records.request_cancel(self.r, job.id)
+        return job
+
+    def events(self, job_id: str, idle: Callable[[], None] | None = None) -> Iterator[dict[str, Any]]:
+        """Every event of the job from its start, then live ones, until it finishes."""
+        job_id = records.resolve(self.r, job_id)
+        for event in events.follow(self.r, job_id, block_ms=500):
+            if event is not None:
+                yield event
+                continue
+            if idle:
+                idle()
+            if records.load(self.r, job_id).state.terminal:  # the stream was trimmed or lost
+                return
+
+    def wait(self, job_id: str, on_event: EventHook | None = None, timeout: float | None = None) -> JobRecord:
+        """Wait until the job ends; JobTimeout after `timeout` seconds (the job goes on)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def check_deadline() -> None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise JobTimeout(f"job {job_id} still running after {timeout:g}s")
+
+        for event in self.events(job_id, idle=check_deadline):
+            if on_event:
+                on_event(event)
+            check_deadline()
+        return self.job(job_id)
+
+    def run(self, kind: str, on_event: EventHook | None = None, timeout: float | None = None,
+            **options: Any) -> JobRecord:
+        return self.wait(self.submit(kind, **options).id, on_event, timeout)
+
+    # ---- reads ---------------------------------------------------------------------
+    def storages(self) -> list[StorageConfig]:
+        return sorted(self.cfg.storages.values(), key=lambda s: s.id)
+
+    def _storage_here(self, storage_id: str) -> StorageConfig:
+        storage = self.cfg.storage(storage_id)
+        if not storage.on_node(self.cfg.node):
+            raise Refused(f"storage {storage_id!r} is local to node(s) {', '.join(storage.nodes)}: "
+                          f"it cannot be read from node {self.cfg.node!r}")
+        return storage
+
+    def volumes(self, storage_id: str | None = None) -> list[VolumeInfo]:
+        ids = [storage_id] if storage_id else [s.id for s in self.storages() if s.on_node(self.cfg.node)]
+        found = []
+        for sid in ids:
+            drv = driver_for(self._storage_here(sid))
+            found += [drv.info(v) for v in drv.list_volumes()]
+        return found
+
+    def volume(self, volid: str) -> VolumeInfo:
+        vid = names.volume_id(volid)
+        drv = driver_for(self._storage_here(vid.storage))
+        return drv.info(drv.parse_volname(vid.volname))
+
+    def guests(self) -> list[Guest]:
+        return self.guest_store.list()
+
+    def guest(self, vmid: int | str) -> Guest:
+        return self.guest_store.read(names.vmid(vmid))
+
+
+def job_finished_ok(job: JobRecord) -> bool:
+    return job.state == JobState.SUCCEEDED

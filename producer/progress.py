@@ -1,0 +1,68 @@
+"""How a waiting CLI shows a job: a live bar on a terminal, one line per step elsewhere."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def bar_line(event: dict[str, Any], steps: list[str], width: int = 24) -> str:
+    step = event.get("step", "")
+    index = steps.index(step) + 1 if step in steps else 0
+    head = f"[{index}/{len(steps)}] {step}"
+    total, done = event.get("total") or 0, max(event.get("done") or 0, 0)
+    if not total:
+        return head
+    frac = min(done / total, 1.0)
+    filled = int(frac * width)
+    rate = event.get("rate") or 0
+    eta = f" ETA {int((total - done) / rate)}s" if rate > 0 and done < total else ""
+    return (f"{head} [{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% "
+            f"{human_bytes(done)}/{human_bytes(total)} {human_bytes(rate)}/s{eta}")
+
+
+class ProgressView:
+    """Feeds on job events; draws to `out` (stderr), never to stdout (kept for results)."""
+
+    def __init__(self, out: TextIO = sys.stderr) -> None:
+        self.out = out
+        self.live = out.isatty()
+        self.steps: list[str] = []
+        self.drawn = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        phase = event.get("phase")
+        if phase == "queued":
+            self.steps = list(event.get("steps", []))
+            self._line(f"job {event['job']} queued ({event['kind']})", keep=True)
+        elif phase == "start":
+            self._line(bar_line(event, self.steps) + f" on {event.get('node')}", keep=not self.live)
+        elif phase == "progress" and self.live:
+            self._line(bar_line(event, self.steps), keep=False)
+        elif phase == "failed":
+            self._line(f"failed: {event.get('message')}", keep=True)
+        elif phase == "undo":
+            self._line(f"undo {event.get('step')}", keep=True)
+        elif phase == "finished":
+            self._finish_line()
+
+    def _line(self, text: str, keep: bool) -> None:
+        if self.live:
+            self.out.write("\r\033[K" + text + ("\n" if keep else ""))
+            self.drawn = not keep
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def _finish_line(self) -> None:
+        if self.live and self.drawn:
+            self.out.write("\n")
+            self.out.flush()

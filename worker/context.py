@@ -1,0 +1,95 @@
+"""What a step function gets: its job, the config, drivers, locks, progress, cancellation."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import structlog
+from celery import Task
+
+from drivers import driver_for
+from drivers.base import Driver
+from drivers.config import Config
+from drivers.errors import JobCancelled, Refused
+from drivers.guests import GuestStore
+from drivers.names import VolName, volume_id
+from worker import events, locks, records
+from worker.records import JobRecord
+
+PROGRESS_INTERVAL = 0.5  # seconds between progress events
+
+
+@dataclass
+class StepContext:
+    job: JobRecord
+    cfg: Config
+    r: redis.Redis
+    node: str  # the node this step runs on
+    step: str
+    attempt: int = 1
+    task: Task | None = None
+    _last_progress: float = field(default=0.0, repr=False)
+    _progress_start: tuple[float, int] = field(default=(0.0, 0), repr=False)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.job.params
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """What the steps made so far (saved in the job record, read by undo)."""
+        return self.job.ctx
+
+    @property
+    def guests(self) -> GuestStore:
+        return GuestStore(self.cfg.guests_dir, self.cfg.lock_timeout)
+
+    def save(self) -> None:
+        """Persist `data` now: call it before creating anything, so undo can find it."""
+        records.update(self.r, self.job.id, ctx=self.job.ctx)
+
+    def set_result(self, **values: Any) -> None:
+        self.job.result.update(values)
+        records.update(self.r, self.job.id, result=self.job.result)
+
+    def driver(self, storage_id: str) -> Driver:
+        storage = self.cfg.storage(storage_id)
+        if not storage.on_node(self.node):
+            raise Refused(f"storage {storage_id!r} does not exist on node {self.node!r}")
+        structlog.contextvars.bind_contextvars(storage=storage_id)
+        return driver_for(storage)
+
+    def volume(self, volid: str) -> tuple[Driver, VolName]:
+        vid = volume_id(volid)
+        drv = self.driver(vid.storage)
+        return drv, drv.parse_volname(vid.volname)
+
+    @contextlib.contextmanager
+    def storage_lock(self, drv: Driver) -> Iterator[None]:
+        with locks.storage_lock(self.cfg, self.r, drv.storage):
+            yield
+
+    def check_cancel(self) -> None:
+        if records.cancel_requested(self.r, self.job.id):
+            raise JobCancelled(f"job {self.job.id} cancelled")
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
+        """Report bytes done (throttled) and stop the step if the job was cancelled."""
+        now = time.monotonic()
+        if not self._progress_start[0]:
+            self._progress_start = (now, done)
+        if now - self._last_progress < PROGRESS_INTERVAL and done < total:
+            return
+        self._last_progress = now
+        self.check_cancel()
+        t0, d0 = self._progress_start
+        rate = (done - d0) / (now - t0) if now > t0 else 0.0
+        fields = {"done": done, "total": total, "rate": int(rate), "message": message}
+        events.emit(self.r, self.job.id, self.job.kind, "progress", step=self.step, node=self.node, **fields)
+        if self.task is not None:
+            self.task.send_event("task-progress", job=self.job.id, step=self.step, **fields)

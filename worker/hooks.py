@@ -1,0 +1,37 @@
+"""Celery signals, connected once: log context per task, reconciliation at worker start."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from celery import signals
+
+from worker import logs, runner
+from worker.app import config, redis_client
+
+log = structlog.get_logger("stork.worker")
+
+
+@signals.worker_process_init.connect
+@signals.celeryd_init.connect
+def _configure_logging(**_: Any) -> None:
+    logs.configure()
+
+
+@signals.task_prerun.connect
+def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(task=getattr(task, "name", None), task_id=task_id)
+
+
+@signals.task_postrun.connect
+def _unbind_task(**_: Any) -> None:
+    structlog.contextvars.clear_contextvars()
+
+
+@signals.worker_ready.connect
+def _reconcile(**_: Any) -> None:
+    cfg = config()
+    acted = runner.reconcile(cfg, redis_client())
+    log.info("worker_ready", node=cfg.node, reconciled=acted)

@@ -1,0 +1,181 @@
+"""Job records in Redis: the truth about a job (the Celery chain is only the transport).
+
+Redis keys used by stork (all of them; keep this list true):
+    stork:job:<id>            hash, one field per JobRecord attribute (JSON values; `state`
+                              raw so a Lua compare-and-set can read it); `cancel` = "1"
+                              when a user asked to cancel
+    stork:job:<id>:events     stream of JSON events (capped), replayed by late watchers
+    stork:events              pub/sub channel announcing every event, for live listeners
+    stork:jobs                sorted set of all job ids, scored by creation time
+    stork:jobs:active         set of job ids not yet succeeded, failed or cancelled
+    stork:lock:<name>         lease of a shared-storage lock (value: fencing token)
+    stork:lock:<name>:fence   counter handing out fencing tokens
+State machine: queued -> running -> succeeded, or running -> undoing -> failed | cancelled
+(queued -> undoing when a job is cancelled before its first step).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
+from typing import Any
+
+import redis
+
+from drivers.errors import NotFound, StorkError
+
+JOBS = "stork:jobs"
+ACTIVE = "stork:jobs:active"
+CHANNEL = "stork:events"
+
+
+def job_key(job_id: str) -> str:
+    return f"stork:job:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    return f"stork:job:{job_id}:events"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    UNDOING = "undoing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class StateConflict(StorkError):
+    """The job is not in a state that allows this transition (someone else moved it)."""
+
+
+@dataclass
+class JobRecord:
+    id: str
+    kind: str
+    params: dict[str, Any]
+    node: str  # the node whose node-local storages the job uses
+    steps: list[str]
+    queues: list[str]  # the queue of each step
+    state: JobState = JobState.QUEUED
+    done: int = 0  # steps completed
+    current: dict[str, Any] | None = None  # the step in progress: index, node, worker, attempt
+    attempts: dict[str, int] = field(default_factory=dict)  # step index -> times started
+    ran_on: dict[str, str] = field(default_factory=dict)  # step name -> node that ran it
+    ctx: dict[str, Any] = field(default_factory=dict)  # what the steps made, for undo
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    final: str = ""  # the state an undo ends in: failed or cancelled
+    undo: list[int] = field(default_factory=list)  # step indexes to undo, in order
+    undone: list[int] = field(default_factory=list)
+    undo_errors: list[str] = field(default_factory=list)
+    created: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_FIELDS = {f.name for f in fields(JobRecord)}
+
+
+def _encode(values: dict[str, Any]) -> dict[str, str]:
+    return {k: (str(v) if k == "state" else json.dumps(v)) for k, v in values.items()}
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def create(r: redis.Redis, record: JobRecord) -> None:
+    record.created = record.created or time.time()
+    with r.pipeline() as p:
+        p.hset(job_key(record.id), mapping=_encode(record.as_dict()))
+        p.zadd(JOBS, {record.id: record.created})
+        p.sadd(ACTIVE, record.id)
+        p.execute()
+
+
+def load(r: redis.Redis, job_id: str) -> JobRecord:
+    raw = r.hgetall(job_key(job_id))
+    if not raw:
+        raise NotFound(f"unknown job {job_id!r}")
+    values = {k: (v if k == "state" else json.loads(v)) for k, v in raw.items() if k in _FIELDS}
+    values["state"] = JobState(values["state"])
+    return JobRecord(**values)
+
+
+def resolve(r: redis.Redis, prefix: str) -> str:
+    """A full job id from a unique prefix, as users type ids by hand."""
+    if r.exists(job_key(prefix)):
+        return prefix
+    if not prefix.isalnum():
+        raise NotFound(f"unknown job {prefix!r}")
+    matches = [j for j in r.zrange(JOBS, 0, -1) if j.startswith(prefix)]
+    if len(matches) != 1:
+        raise NotFound(f"unknown job {prefix!r}" if not matches else f"job id {prefix!r} is ambiguous")
+    return matches[0]
+
+
+def update(r: redis.Redis, job_id: str, **values: Any) -> None:
+    """Set fields of a job that only its running step writes (ctx, result, ran_on)."""
+    r.hset(job_key(job_id), mapping=_encode(values))
+
+
+_CAS = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return -1 end
+for _, allowed in ipairs(cjson.decode(ARGV[1])) do
+  if allowed == state then
+    if #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
+    if ARGV[2] == '1' then redis.call('SREM', KEYS[2], KEYS[3]) end
+    return 1
+  end
+end
+return 0
+"""
+
+
+def transition(
+    r: redis.Redis, job_id: str, allowed: tuple[JobState, ...], to: JobState | None = None, **values: Any
+) -> None:
+    """Atomically set fields (and the state) if the job is in one of `allowed` states.
+
+    A terminal state also takes the job out of the active set. StateConflict when the job
+    has moved on (e.g. reconciliation failed it while a late redelivery ran).
+    """
+    if to is not None:
+        values["state"] = to
+    pairs = [x for kv in _encode(values).items() for x in kv]
+    allowed_json = json.dumps([str(s) for s in allowed])
+    terminal = "1" if to is not None and to.terminal else "0"
+    result = r.eval(_CAS, 3, job_key(job_id), ACTIVE, job_id, allowed_json, terminal, *pairs)
+    if result == -1:
+        raise NotFound(f"unknown job {job_id!r}")
+    if result == 0:
+        raise StateConflict(f"job {job_id} is no longer {' or '.join(allowed)}")
+
+
+def request_cancel(r: redis.Redis, job_id: str) -> None:
+    r.hset(job_key(job_id), "cancel", "1")
+
+
+def cancel_requested(r: redis.Redis, job_id: str) -> bool:
+    return r.hget(job_key(job_id), "cancel") == "1"
+
+
+def active_ids(r: redis.Redis) -> list[str]:
+    return sorted(r.smembers(ACTIVE))
+
+
+def recent_ids(r: redis.Redis, limit: int = 50) -> list[str]:
+    return list(reversed(r.zrange(JOBS, -limit, -1)))

@@ -1,0 +1,210 @@
+"""Running jobs: submit, the generic step / undo / finalize bodies, and undo dispatch.
+
+A job's forward steps travel as one Celery chain of immutable signatures, each with its
+queue set explicitly (a chain's later steps do not inherit the first one's queue). The job
+record is the truth: a step first checks it (a redelivered step that finds its work done
+returns; one whose job already failed stops the chain), and records which node ran it.
+When a step fails or sees a cancel request, the steps done so far are undone in reverse,
+as a second chain of undo tasks on the same queues, ended by `stork.job.finalize`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import redis
+import structlog
+from celery import Task, chain
+from celery.exceptions import Ignore
+
+from drivers.config import Config
+from drivers.errors import JobCancelled, StorkError
+from worker import events, records
+from worker.app import app, config, redis_client
+from worker.context import StepContext
+from worker.jobs import KINDS, JobKind
+from worker.queues import SHARED_QUEUE
+from worker.records import JobRecord, JobState, StateConflict
+
+log = structlog.get_logger("stork.runner")
+MAX_ATTEMPTS = 3  # a step redelivered more often than this (worker lost each time) fails the job
+FINALIZE = "stork.job.finalize"
+
+
+def task_name(kind: str, step: str) -> str:
+    return f"stork.{kind}.{step}"
+
+
+def undo_task_name(kind: str, step: str) -> str:
+    return f"stork.{kind}.undo_{step}"
+
+
+def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis) -> JobRecord:
+    """Check the options, record the job and send its chain. StorkError when refused."""
+    try:
+        kind = KINDS[kind_name]
+    except KeyError:
+        raise StorkError(f"unknown job kind {kind_name!r} (known: {', '.join(KINDS)})") from None
+    params = kind.prepare(dict(options), cfg)
+    record = JobRecord(
+        id=records.new_id(), kind=kind.name, params=params, node=params["node"],
+        steps=[s.name for s in kind.steps], queues=kind.queues(params, cfg),
+    )
+    records.create(r, record)
+    events.emit(r, record.id, kind.name, "queued", state=JobState.QUEUED, steps=record.steps)
+    signatures = [
+        app.signature(task_name(kind.name, step), args=[record.id], queue=queue, immutable=True)
+        for step, queue in zip(record.steps, record.queues, strict=True)
+    ]
+    chain(*signatures).apply_async()
+    return record
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
+    cfg, r = config(), redis_client()
+    step = kind.steps[index]
+    try:
+        job = records.load(r, job_id)
+    except StorkError:
+        log.warning("step_for_unknown_job", job_id=job_id)
+        raise Ignore() from None
+    if job.state not in (JobState.QUEUED, JobState.RUNNING):
+        raise Ignore()  # failed, cancelled or being undone meanwhile: stop the chain
+    if job.done > index:
+        return  # redelivered after it finished
+    if records.cancel_requested(r, job_id):
+        start_undo(r, job, index - 1, JobState.CANCELLED, "cancelled by user")
+        raise Ignore()
+    attempt = job.attempts.get(str(index), 0) + 1
+    node = cfg.node
+    current = {"step": index, "name": step.name, "node": node, "worker": _worker_id(), "attempt": attempt}
+    records.transition(
+        r, job_id, (JobState.QUEUED, JobState.RUNNING), JobState.RUNNING, current=current,
+        attempts={**job.attempts, str(index): attempt}, ran_on={**job.ran_on, step.name: node},
+        started=job.started or time.time(),
+    )
+    job.ran_on[step.name] = node
+    structlog.contextvars.bind_contextvars(job_id=job_id, kind=kind.name, step=step.name, node=node)
+    if attempt > MAX_ATTEMPTS:
+        start_undo(r, job, index, JobState.FAILED, f"step {step.name} was interrupted {attempt - 1} times")
+        raise Ignore()
+    events.emit(r, job_id, kind.name, "start", step=step.name, node=node, attempt=attempt)
+    ctx = StepContext(job=job, cfg=cfg, r=r, node=node, step=step.name, attempt=attempt, task=task)
+    try:
+        step.run(ctx)
+    except JobCancelled:
+        start_undo(r, job, index, JobState.CANCELLED, "cancelled by user")
+        raise Ignore() from None
+    except StorkError as e:
+        start_undo(r, job, index, JobState.FAILED, str(e))
+        raise
+    except Exception as e:
+        log.exception("step_crashed")
+        start_undo(r, job, index, JobState.FAILED, f"internal error in step {step.name}: {e!r}")
+        raise
+    last = index == len(kind.steps) - 1
+    try:
+        records.transition(
+            r, job_id, (JobState.RUNNING,), JobState.SUCCEEDED if last else None,
+            done=index + 1, current=None, **({"finished": time.time()} if last else {}),
+        )
+    except StateConflict:
+        raise Ignore() from None  # failed by reconciliation while we ran: its undo owns it
+    events.emit(r, job_id, kind.name, "done", step=step.name, node=node)
+    if last:
+        events.emit(r, job_id, kind.name, events.FINISHED, state=JobState.SUCCEEDED, result=job.result)
+        log.info("job_succeeded")
+
+
+def start_undo(r: redis.Redis, job: JobRecord, upto: int, final: JobState, error: str) -> None:
+    """Fail or cancel a job: undo steps 0..upto in reverse (those that have an undo)."""
+    kind = KINDS[job.kind]
+    undo = [i for i in range(upto, -1, -1) if kind.steps[i].undo is not None]
+    try:
+        records.transition(
+            r, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.UNDOING,
+            error=error, final=str(final), undo=undo, undone=[], current=None,
+        )
+    except StateConflict:
+        return  # someone else is failing it already
+    log.info("job_undo", job_id=job.id, error=error, undo=[kind.steps[i].name for i in undo])
+    events.emit(r, job.id, job.kind, "failed", state=JobState.UNDOING, message=error)
+    job.undo, job.undone = undo, []
+    dispatch_undo(job)
+
+
+def dispatch_undo(job: JobRecord) -> None:
+    """Send the chain of undo tasks not yet done, ended by finalize."""
+    kind = KINDS[job.kind]
+    signatures = [
+        app.signature(undo_task_name(kind.name, kind.steps[i].name), args=[job.id, i],
+                      queue=job.queues[i], immutable=True)
+        for i in job.undo if i not in job.undone
+    ]
+    signatures.append(app.signature(FINALIZE, args=[job.id], queue=SHARED_QUEUE, immutable=True))
+    chain(*signatures).apply_async()
+
+
+def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
+    cfg, r = config(), redis_client()
+    job = records.load(r, job_id)
+    step = kind.steps[index]
+    if job.state != JobState.UNDOING or index in job.undone or step.undo is None:
+        return
+    structlog.contextvars.bind_contextvars(job_id=job_id, kind=kind.name, step=f"undo_{step.name}", node=cfg.node)
+    current = {"undo": index, "name": step.name, "node": cfg.node, "worker": _worker_id()}
+    records.transition(r, job_id, (JobState.UNDOING,), current=current)
+    events.emit(r, job_id, kind.name, "undo", step=step.name, node=cfg.node)
+    ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=f"undo_{step.name}", task=task)
+    errors = list(job.undo_errors)
+    try:
+        step.undo(ctx)
+    except Exception as e:  # keep undoing the rest; the job reports what could not be undone
+        log.exception("undo_failed")
+        errors.append(f"undo of {step.name}: {e}")
+    records.transition(r, job_id, (JobState.UNDOING,), undone=[*job.undone, index], undo_errors=errors,
+                       current=None)
+
+
+def finalize(job_id: str) -> None:
+    r = redis_client()
+    job = records.load(r, job_id)
+    if job.state != JobState.UNDOING:
+        return
+    final = JobState(job.final or JobState.FAILED)
+    records.transition(r, job_id, (JobState.UNDOING,), final, finished=time.time(), current=None)
+    message = job.error + (f" (not undone: {'; '.join(job.undo_errors)})" if job.undo_errors else "")
+    events.emit(r, job_id, job.kind, events.FINISHED, state=final, message=message)
+    log.info("job_finished", job_id=job_id, state=str(final), error=job.error)
+
+
+def reconcile(cfg: Config, r: redis.Redis) -> list[str]:
+    """At worker start: jobs this node was running when its worker died are failed and
+    undone; interrupted undos are sent again. Returns the ids it acted on."""
+    acted = []
+    for job_id in records.active_ids(r):
+        try:
+            job = records.load(r, job_id)
+        except StorkError:
+            continue
+        if not job.current or job.current.get("node") != cfg.node:
+            continue
+        if job.state == JobState.RUNNING:
+            name = job.current.get("name")
+            start_undo(r, job, job.current["step"], JobState.FAILED,
+                       f"the worker on node {cfg.node} died during step {name}")
+        elif job.state == JobState.UNDOING:
+            records.transition(r, job_id, (JobState.UNDOING,), current=None)
+            dispatch_undo(job)
+        else:
+            continue
+        log.warning("reconciled_job", job_id=job_id, state=str(job.state))
+        acted.append(job_id)
+    return acted

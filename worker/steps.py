@@ -1,0 +1,320 @@
+"""Step functions: each `run` is idempotent given the job (a redelivered step finds its work
+done and returns) and each `undo` removes what its run made, tolerating half-made work.
+
+Params are normalized at submit (worker/jobs.py); what a step makes goes into `ctx.data`
+and is saved *before* it is made, so an undo after a crash still finds it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from drivers import qemu
+from drivers.errors import AlreadyExists, NotFound, Refused
+from drivers.guests import Guest
+from drivers.names import VolName
+from worker.context import StepContext
+
+# ---- guest locks ---------------------------------------------------------------------
+
+
+def lock_guest(ctx: StepContext) -> None:
+    """Set the guest's `lock` field to this job (refusing a locked guest or a template)."""
+    vmid = ctx.params.get("lock_vmid")
+    if vmid is None:
+        return
+    with ctx.guests.editing(vmid) as box:
+        guest = box[0]
+        if guest.lock_job == ctx.job.id:
+            return  # redelivered: the lock is ours already
+        guest.require_unlocked()
+        if refusal := ctx.params.get("refuse_template"):
+            guest.require_not_template(refusal)
+        if ctx.params.get("require_template") and not guest.template:
+            raise Refused(f"guest {vmid} is not a template: {ctx.params['require_template']}")
+        box[0] = guest.with_(lock=ctx.job.kind, lock_job=ctx.job.id)
+    ctx.data["locked"] = vmid
+    ctx.save()
+
+
+def unlock_guest(ctx: StepContext) -> None:
+    vmid = ctx.data.get("locked")
+    if vmid is None:
+        return
+    try:
+        with ctx.guests.editing(vmid) as box:
+            if box[0].lock_job == ctx.job.id:
+                box[0] = box[0].with_(lock="", lock_job="")
+    except NotFound:
+        pass  # destroyed: nothing to unlock
+
+
+def reserve_guest(ctx: StepContext) -> None:
+    """Create the new guest's config, locked by this job (refused if the id is taken)."""
+    vmid = ctx.params["new_vmid"]
+    guest = Guest(vmid, ctx.params["node"], name=ctx.params.get("name", ""),
+                  lock=ctx.job.kind, lock_job=ctx.job.id)
+    try:
+        ctx.guests.create(guest)
+    except AlreadyExists:
+        if ctx.guests.read(vmid).lock_job != ctx.job.id:
+            raise
+    ctx.data["reserved"] = vmid
+    ctx.save()
+
+
+def unreserve_guest(ctx: StepContext) -> None:
+    vmid = ctx.data.get("reserved")
+    if vmid is not None and ctx.guests.exists(vmid) and ctx.guests.read(vmid).lock_job == ctx.job.id:
+        ctx.guests.delete(vmid)
+
+
+# ---- volumes -------------------------------------------------------------------------
+
+
+def _source_size(ctx: StepContext, plan: dict) -> int:
+    if "size" in plan:
+        return int(plan["size"])
+    drv, vol = ctx.volume(plan["source"])
+    drv.require_existing(vol)
+    return drv.virtual_size(vol)
+
+
+def allocate_disks(ctx: StepContext) -> None:
+    """Allocate one new volume per planned disk, named under the storage lock."""
+    made: dict[str, str] = ctx.data.setdefault("made", {})
+    for key, plan in ctx.params["disks"].items():
+        drv = ctx.driver(plan["storage"])
+        if key in made and drv.exists(drv.parse_volname(made[key].split(":", 1)[1])):
+            continue
+        size = _source_size(ctx, plan)
+        with ctx.storage_lock(drv):
+            vol = drv.next_disk_name(plan["owner"], plan["format"])
+            made[key] = drv.volid(vol)
+            ctx.save()
+            drv.allocate(vol, size)
+    ctx.set_result(volumes=made)
+
+
+def link_disks(ctx: StepContext) -> None:
+    """Create one linked clone per planned disk, reading through its base."""
+    made: dict[str, str] = ctx.data.setdefault("made", {})
+    for key, plan in ctx.params["disks"].items():
+        drv, base = ctx.volume(plan["source"])
+        drv.require_existing(base)
+        drv.require_feature("linked_clone", base)
+        if key in made and drv.exists(drv.parse_volname(made[key].split(":", 1)[1])):
+            continue
+        with ctx.storage_lock(drv):
+            vol = drv.next_disk_name(plan["owner"], drv.linked_clone_format)
+            made[key] = drv.volid(vol)
+            ctx.save()
+            drv.link_clone(base, vol)
+    ctx.set_result(volumes=made)
+
+
+def free_made(ctx: StepContext) -> None:
+    """Undo of allocate/link: free every volume this job made."""
+    for volid in ctx.data.get("made", {}).values():
+        drv, vol = ctx.volume(volid)
+        if drv.exists(vol):
+            with ctx.storage_lock(drv):
+                drv.free(vol)
+
+
+def _source(ctx: StepContext, plan: dict) -> tuple[Path, str, int, str]:
+    """(path, format, size, label) of what a planned disk copies from."""
+    if "source_path" in plan:
+        path = Path(plan["source_path"])
+        fmt, size = qemu.detect_image(path)
+        return path, fmt, size, str(path)
+    drv, vol = ctx.volume(plan["source"])
+    drv.require_existing(vol)
+    return drv.path(vol), vol.fmt, drv.virtual_size(vol), plan["source"]
+
+
+def copy_data(ctx: StepContext) -> None:
+    """Copy every planned disk into its allocated volume, reporting bytes as it goes.
+
+    A copy interrupted by a crash is redone into a freshly allocated target, since zero
+    areas are skipped on the assumption that the target is all zeros.
+    """
+    copied: list[str] = ctx.data.setdefault("copied", [])
+    plans = ctx.params["disks"]
+    sources = {key: _source(ctx, plan) for key, plan in plans.items()}
+    total = sum(src[2] for src in sources.values())
+    base = sum(sources[key][2] for key in copied if key in sources)
+    for key, (path, fmt, size, label) in sources.items():
+        if key in copied:
+            continue
+        drv, dst = ctx.volume(ctx.data["made"][key])
+        if ctx.data.get("copying") == key:  # a previous attempt died mid-copy
+            with ctx.storage_lock(drv):
+                drv.free(dst)
+                drv.allocate(dst, size)
+        ctx.data["copying"] = key
+        ctx.save()
+        done_before = base
+        drv.copy_in(path, fmt, size, dst,
+                    progress=lambda done, _t, b=done_before, k=key, s=label: ctx.progress(b + done, total, f"{k}: {s}"))
+        base += size
+        copied.append(key)
+        ctx.data.pop("copying")
+        ctx.save()
+
+
+def verify_copy(ctx: StepContext) -> None:
+    """Compare every copy with its source before the source may go."""
+    for key, plan in ctx.params["disks"].items():
+        src_drv, src = ctx.volume(plan["source"])
+        dst_drv, dst = ctx.volume(ctx.data["made"][key])
+        dst_drv.compare(src_drv, src, dst)
+
+
+def resize_volume(ctx: StepContext) -> None:
+    drv, vol = ctx.volume(ctx.params["volid"])
+    drv.require_existing(vol)
+    drv.require_feature("resize", vol)
+    if drv.virtual_size(vol) > ctx.params["size"]:
+        raise Refused(f"{ctx.params['volid']}: shrinking is not supported (would lose data)")
+    drv.resize(vol, ctx.params["size"])
+    ctx.set_result(volid=ctx.params["volid"], size=ctx.params["size"])
+
+
+# ---- bases ---------------------------------------------------------------------------
+
+
+def make_bases(ctx: StepContext) -> None:
+    """Turn each planned volume into a read-only base (rename + protect)."""
+    based: dict[str, list[str]] = ctx.data.setdefault("based", {})
+    for key, plan in ctx.params["bases"].items():
+        drv, vol = ctx.volume(plan["source"])
+        base = VolName(None, plan["name"], vol.fmt) if plan.get("name") else drv.default_base_name(vol)
+        if key in based and drv.exists(base) and not drv.exists(vol):
+            continue  # redelivered: done already
+        drv.require_existing(vol)
+        drv.require_feature("make_base", vol)
+        with ctx.storage_lock(drv):
+            if drv.exists(base):
+                raise AlreadyExists(f"base image {drv.volid(base)} already exists")
+            based[key] = [plan["source"], drv.volid(base)]
+            ctx.save()
+            drv.make_base(vol, base)
+    ctx.set_result(bases={key: pair[1] for key, pair in based.items()})
+
+
+def unmake_bases(ctx: StepContext) -> None:
+    for volid, base_volid in ctx.data.get("based", {}).values():
+        drv, vol = ctx.volume(volid)
+        _, base = ctx.volume(base_volid)
+        if drv.exists(base) and not drv.exists(vol):
+            with ctx.storage_lock(drv):
+                drv.unmake_base(base, vol)
+
+
+def commit_bases(ctx: StepContext) -> None:
+    """Point the guest at its new bases (a template when all disks are), then unlock."""
+    vmid = ctx.data.get("locked")
+    if vmid is not None:
+        renamed = dict(ctx.data.get("based", {}).values())
+        with ctx.guests.editing(vmid) as box:
+            guest = box[0]
+            disks = {key: renamed.get(volid, volid) for key, volid in guest.disks.items()}
+            template = guest.template or bool(ctx.params.get("make_template"))
+            box[0] = guest.with_(disks=disks, template=template, lock="", lock_job="")
+        ctx.set_result(vmid=vmid, template=template)
+
+
+# ---- guests --------------------------------------------------------------------------
+
+
+def commit_new_guest(ctx: StepContext) -> None:
+    """Attach the made volumes to the new guest and release both guests' locks."""
+    vmid = ctx.params["new_vmid"]
+    with ctx.guests.editing(vmid) as box:
+        if box[0].lock_job == ctx.job.id:
+            box[0] = box[0].with_(disks=dict(ctx.data.get("made", {})), lock="", lock_job="")
+    unlock_guest(ctx)
+    ctx.set_result(vmid=vmid, disks=ctx.data.get("made", {}))
+
+
+def switch_disks(ctx: StepContext) -> None:
+    """Attach the copies in place of the originals; keep those as unused or free them later."""
+    vmid = ctx.params["lock_vmid"]
+    made = ctx.data["made"]
+    with ctx.guests.editing(vmid) as box:
+        guest = box[0]
+        if guest.lock_job != ctx.job.id:
+            return  # redelivered after it finished
+        old = {key: guest.disks[key] for key in made}
+        ctx.data["replaced"] = old
+        ctx.save()
+        keep = () if ctx.params.get("delete_source") else tuple(old.values())
+        box[0] = guest.with_(disks={**guest.disks, **made}, unused=(*guest.unused, *keep),
+                             lock="", lock_job="")
+    ctx.set_result(vmid=vmid, disks=made, replaced=old)
+
+
+def unswitch_disks(ctx: StepContext) -> None:
+    old = ctx.data.get("replaced")
+    if not old:
+        return
+    with ctx.guests.editing(ctx.params["lock_vmid"]) as box:
+        guest = box[0]
+        unused = tuple(v for v in guest.unused if v not in old.values())
+        box[0] = guest.with_(disks={**guest.disks, **old}, unused=unused)
+
+
+def free_sources(ctx: StepContext) -> None:
+    """After a verified move with --delete-source, free the original volumes."""
+    if not ctx.params.get("delete_source"):
+        return
+    for volid in ctx.data.get("replaced", {}).values():
+        drv, vol = ctx.volume(volid)
+        if drv.exists(vol):
+            with ctx.storage_lock(drv):
+                drv.free(vol)
+
+
+def _attached_to(ctx: StepContext, volid: str) -> list[str]:
+    return [
+        f"guest {g.vmid} ({key})"
+        for g in ctx.guests.list()
+        for key, v in [*g.disks.items(), *(("unused", u) for u in g.unused)]
+        if v == volid
+    ]
+
+
+def free_volume(ctx: StepContext) -> None:
+    """Free a volume no guest uses; a base with linked clones is refused, listing them."""
+    volid = ctx.params["volid"]
+    drv, vol = ctx.volume(volid)
+    drv.require_existing(vol)
+    if users := [u for u in _attached_to(ctx, volid) if not u.endswith("(unused)")]:
+        raise Refused(f"{volid} is in use by {', '.join(users)}")
+    with ctx.storage_lock(drv):
+        drv.free_volume(vol)
+    for guest in ctx.guests.list():  # forget it where it was kept as unused
+        if volid in guest.unused:
+            with ctx.guests.editing(guest.vmid) as box:
+                box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v != volid))
+    ctx.set_result(freed=volid)
+
+
+def destroy_guest(ctx: StepContext) -> None:
+    """Free every volume of a guest and remove its config; refused while clones use its bases."""
+    vmid = ctx.params["lock_vmid"]
+    guest = ctx.guests.read(vmid)
+    volumes = [ctx.volume(v) for v in [*guest.disks.values(), *guest.unused]]
+    for drv, vol in volumes:  # check everything before freeing anything
+        if vol.is_base and drv.exists(vol) and (clones := drv.clones_of(vol)):
+            listed = ", ".join(drv.volid(c) for c in clones)
+            raise Refused(f"guest {vmid}: base {drv.volid(vol)} still has linked clones: {listed}")
+    for drv, vol in volumes:
+        if drv.exists(vol):
+            with ctx.storage_lock(drv):
+                drv.free(vol)
+    ctx.guests.delete(vmid)
+    ctx.data.pop("locked", None)  # nothing left to unlock
+    ctx.save()
+    ctx.set_result(destroyed=vmid, freed=[drv.volid(vol) for drv, vol in volumes])

@@ -1,0 +1,34 @@
+"""Celery tasks, generated from the job kinds: `stork.<kind>.<step>` for every step,
+`stork.<kind>.undo_<step>` for every undo, and `stork.job.finalize`."""
+
+from __future__ import annotations
+
+from celery import Task
+
+from worker import runner
+from worker.app import app
+from worker.jobs import KINDS, JobKind
+
+
+def _register(kind: JobKind, index: int) -> None:
+    step = kind.steps[index]
+
+    @app.task(name=runner.task_name(kind.name, step.name), bind=True)
+    def run(self: Task, job_id: str) -> None:
+        runner.run_step(self, job_id, kind, index)
+
+    if step.undo is not None:
+
+        @app.task(name=runner.undo_task_name(kind.name, step.name), bind=True)
+        def undo(self: Task, job_id: str, step_index: int) -> None:
+            runner.run_undo(self, job_id, kind, step_index)
+
+
+for _kind in KINDS.values():
+    for _index in range(len(_kind.steps)):
+        _register(_kind, _index)
+
+
+@app.task(name=runner.FINALIZE)
+def finalize(job_id: str) -> None:
+    runner.finalize(job_id)
