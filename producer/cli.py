@@ -257,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "clone", _submitter("clone"), "clone a guest (linked for a template)", True)
     p.add_argument("vmid")
     p.add_argument("newid")
-    p.add_argument("--full", action="store_true", help="full copy (default for a non-template)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--full", action="store_true", help="full copy (the default for a non-template)")
+    kind.add_argument("--linked", action="store_true", help="linked clone (the default for a template)")
     p.add_argument("--storage")
     p.add_argument("--format", choices=["raw", "qcow2"])
     p.add_argument("--name")
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from producer.client import Client  # imports the config: errors are reported below
 
-        if args.command == "clone" and not args.full:
+        if args.command == "clone" and not (args.full or args.linked):
             args.full = not Client().guest(args.vmid).template
         return args.handler(args, Client())
     except StorkError as e:

@@ -32,9 +32,9 @@ def bar_line(event: dict[str, Any], steps: list[str], width: int = 24) -> str:
 class ProgressView:
     """Feeds on job events; draws to `out` (stderr), never to stdout (kept for results)."""
 
-    def __init__(self, out: TextIO = sys.stderr) -> None:
-        self.out = out
-        self.live = out.isatty()
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stderr
+        self.live = self.out.isatty()
         self.steps: list[str] = []
         self.drawn = False
 

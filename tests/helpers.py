@@ -1,0 +1,59 @@
+"""Small helpers for the end-to-end tests: images, checks, snapshots of what is on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tests.conftest import BASE, files_under
+
+PATTERN_MIB = 1 << 20
+
+
+def qemu_io_write(path: Path, fmt: str, offset: int, length: int, pattern: int) -> None:
+    """Write through qemu (so qcow2 overlays get real guest writes)."""
+    subprocess.run(["qemu-io", "-f", fmt, "-c", f"write -P {pattern} {offset} {length}", str(path)],
+                   check=True, capture_output=True)
+
+
+def qemu_check(path: Path) -> None:
+    if path.suffix == ".qcow2":
+        subprocess.run(["qemu-img", "check", "-q", str(path)], check=True)
+
+
+def qemu_same(a: Path, b: Path) -> bool:
+    fmt = lambda p: "qcow2" if p.suffix == ".qcow2" else "raw"  # noqa: E731
+    proc = subprocess.run(["qemu-img", "compare", "-q", "-f", fmt(a), "-F", fmt(b), str(a), str(b)], check=False)
+    return proc.returncode == 0
+
+
+def guest_data_sha(path: Path) -> str:
+    """SHA-256 of the guest-visible bytes (converted to raw), whatever the format."""
+    fmt = "qcow2" if path.suffix == ".qcow2" else "raw"
+    with tempfile.TemporaryDirectory() as tmp:
+        flat = Path(tmp) / "flat.raw"
+        subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(flat)], check=True)
+        digest = hashlib.sha256()
+        with open(flat, "rb") as f:
+            while chunk := f.read(4 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+
+def volume_path(volid: str) -> Path:
+    from tests.conftest import storage_path
+
+    storage, volname = volid.split(":", 1)
+    return storage_path(storage) / volname
+
+
+def snapshot() -> dict[str, object]:
+    """Everything a refused command must leave alone: files on storages and guest configs."""
+    guests = BASE / "guests"
+    return {
+        "files": files_under(BASE / "images") + files_under(BASE / "node1") + files_under(BASE / "node2")
+        + files_under(BASE / "shared"),
+        "guests": {p.name: p.read_text() for p in sorted(guests.glob("*.toml"))} if guests.exists() else {},
+    }
