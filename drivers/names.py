@@ -132,7 +132,10 @@ def volname(text: str) -> VolName:
     stem, dot, fmt = file.rpartition(".")
     if not dot or fmt not in FORMATS:
         raise bad
-    image_name(stem, "volume name")
+    try:
+        image_name(stem)
+    except InvalidName:
+        raise bad from None
     if folder == "base":
         return VolName(None, stem, fmt)
     owner = vmid(folder) if folder.isdigit() else None

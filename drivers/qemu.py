@@ -73,6 +73,8 @@ def detect_image(path: Path) -> tuple[str, int]:
         raise InvalidName(f"{path}: not a regular file")
     data = info(path)
     fmt, vsize = data.get("format"), int(data.get("virtual-size", 0))
+    if fmt == "raw":
+        vsize = path.stat().st_size  # qemu-img rounds a raw file's size up to a sector
     if fmt == "raw" and (vsize == 0 or vsize % 512):
         raise InvalidName(f"{path}: not a disk image (size {vsize} is not a multiple of 512 bytes)")
     if fmt not in ("raw", "qcow2"):

@@ -16,7 +16,7 @@ def make_guest(stork, vmid, *disks, template=False):
     args = ["guest", "create", vmid]
     for d in disks:
         args += ["--disk", d]
-    code, out, err = stork(*args)
+    code, _, err = stork(*args)
     assert code == 0, err
     if template:
         code, _, err = stork("template", vmid)

@@ -1,0 +1,76 @@
+"""Killing a worker mid-copy: the job ends failed with everything undone, or completes on
+redelivery — never a hanging job, never an orphan volume or a guest left locked."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests.conftest import Worker, storage_path, wait_for
+from tests.helpers import PATTERN_MIB, qemu_same, volume_path
+
+SIZE_MIB = 2048
+
+
+@pytest.fixture
+def crash_worker(workers):
+    """A worker for node `crash` alone (one process), which the tests kill."""
+    holder = {"worker": Worker("crash", concurrency=1)}
+    yield holder
+    holder["worker"].stop()
+
+
+def big_guest(client, vmid: int) -> str:
+    job = client.run("create", vmid=vmid, node="crash", disks={"scsi0": {"storage": "crash", "size": f"{SIZE_MIB}M"}})
+    assert job.state == "succeeded", job.error
+    path = storage_path("crash") / f"{vmid}/vm-{vmid}-disk-0.raw"
+    chunk = b"\xc3" * (8 * PATTERN_MIB)
+    with open(path, "r+b") as f:
+        for _ in range(SIZE_MIB // 8):
+            f.write(chunk)
+    return job.result["disks"]["scsi0"]
+
+
+def copying(client, job_id: str):
+    """Wait until the copy step has reported progress; return the job record then."""
+    for event in client.events(job_id):
+        if event["phase"] == "progress" and 0 < event["done"] < event["total"]:
+            return client.job(job_id)
+        assert event["phase"] != "finished", "the copy finished before the kill"
+    raise AssertionError("no progress")
+
+
+def test_killing_the_whole_worker_mid_copy_fails_the_job_and_undoes_it(client, vmid, crash_worker):
+    """SIGKILL to the node's worker group; on restart it fails the job and frees the target."""
+    g, c = vmid(), vmid()
+    big_guest(client, g)
+    job = client.submit("full_clone", vmid=g, newid=c)
+    during = copying(client, job.id)
+    assert during.current["name"] == "copy_data" and client.guest(g).lock == "full_clone"
+    crash_worker["worker"].kill()
+    target = volume_path(during.ctx["made"]["scsi0"])
+    assert target.exists()  # half-copied, owned by a dead worker
+    crash_worker["worker"] = Worker("crash", concurrency=1)  # reconciles at start
+    job = client.wait(job.id, timeout=60)
+    assert job.state == "failed"
+    assert job.error == "the worker on node crash died during step copy_data"
+    assert not target.exists() and not client.guest_store.exists(c)
+    assert client.guest(g).lock == ""
+
+
+def test_killing_the_process_running_the_copy_redelivers_and_completes(client, vmid, crash_worker):
+    """SIGKILL to the pool process only: Celery redelivers the step, which copies afresh."""
+    g, c = vmid(), vmid()
+    source = big_guest(client, g)
+    job = client.submit("full_clone", vmid=g, newid=c)
+    during = copying(client, job.id)
+    pid = int(during.current["worker"].rsplit(":", 1)[1])
+    assert pid != crash_worker["worker"].proc.pid
+    os.kill(pid, signal.SIGKILL)
+    job = client.wait(job.id, timeout=120)
+    assert job.state == "succeeded", job.error
+    assert job.attempts[str(job.steps.index("copy_data"))] == 2
+    assert qemu_same(volume_path(source), volume_path(job.result["disks"]["scsi0"]))
+    wait_for(lambda: client.guest(g).lock == "", 5, "source unlocked")

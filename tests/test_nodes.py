@@ -1,0 +1,57 @@
+"""Two worker processes as two nodes: node-local storage steps run on their node's worker,
+shared-storage steps on any, and a storage is never used from a node it does not exist on."""
+
+from __future__ import annotations
+
+import pytest
+
+from drivers.errors import Refused
+from worker.runner import KINDS
+
+
+def storage_steps(job):
+    kind = KINDS[job.kind]
+    return [s.name for s in kind.steps if s.storage]
+
+
+def test_steps_on_node_local_storage_run_on_that_nodes_worker(client, vmid):
+    """A guest on node2's local storage: every storage step ran on node2 (job record)."""
+    g, c = vmid(), vmid()
+    job = client.run("create", vmid=g, node="node2", disks={"scsi0": {"storage": "local2", "size": "32M"}})
+    assert job.state == "succeeded", job.error
+    assert {job.ran_on[s] for s in storage_steps(job)} == {"node2"}
+    assert client.run("template", vmid=g).state == "succeeded"
+    job = client.run("full_clone", vmid=g, newid=c)
+    assert job.state == "succeeded", job.error
+    assert {job.ran_on[s] for s in storage_steps(job)} == {"node2"}
+    assert set(job.queues[i] for i, s in enumerate(job.steps) if s in storage_steps(job)) == {"node.node2"}
+    assert client.guest(c).node == "node2"
+
+
+def test_shared_storage_jobs_run_on_any_node(client, vmid):
+    """Guests whose node has no worker at all still get shared-storage jobs done by others."""
+    jobs = [client.run("create", vmid=vmid(), node="node3", disks={"scsi0": {"storage": "shared", "size": "8M"}})
+            for _ in range(6)]
+    assert [j.state for j in jobs] == ["succeeded"] * 6
+    nodes = {node for j in jobs for node in j.ran_on.values()}
+    assert nodes <= {"node1", "node2"} and nodes
+    assert {q for j in jobs for q in j.queues} == {"shared"}
+
+
+def test_cloning_from_one_nodes_local_storage_to_the_others_is_refused(client, vmid, stork):
+    """A template on node1's local storage cannot be cloned onto node2's."""
+    t = vmid()
+    assert client.run("create", vmid=t, node="node1",
+                      disks={"scsi0": {"storage": "local1", "size": "8M"}}).state == "succeeded"
+    assert client.run("template", vmid=t).state == "succeeded"
+    with pytest.raises(Refused, match="storage 'local2' is local to node\\(s\\) node2: it does not exist on node 'node1'"):
+        client.submit("full_clone", vmid=t, newid=vmid(), storage="local2")
+    code, _, err = stork("clone", t, vmid(), "--full", "--storage", "local2")
+    assert code == 1 and "does not exist on node 'node1'" in err
+
+
+def test_reading_another_nodes_local_storage_is_refused(stork):
+    """`volume list` of a storage that only exists on node2, asked on node1, says so."""
+    code, _, err = stork("volume", "list", "local2")
+    assert code == 1
+    assert err.strip() == "stork: storage 'local2' is local to node(s) node2: it cannot be read from node 'node1'"

@@ -1,0 +1,105 @@
+"""Every refusal: a one-line error naming the object, exit status 1, and nothing changed —
+no file on any storage, no guest config, no half-made job left behind."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import BASE
+from tests.helpers import snapshot
+
+
+@pytest.fixture(scope="module")
+def world(client):
+    """G: a guest; T: a template with a linked clone C; L: a guest locked by another job."""
+    from drivers.guests import GuestStore
+
+    ids = {"G": 90001, "T": 90002, "C": 90003, "L": 90004}
+    for name in ("G", "T", "L"):
+        job = client.run("create", vmid=ids[name], disks={"scsi0": {"storage": "local", "size": "16M"}})
+        assert job.state == "succeeded", job.error
+    assert client.run("template", vmid=ids["T"]).state == "succeeded"
+    assert client.run("linked_clone", vmid=ids["T"], newid=ids["C"]).state == "succeeded"
+    store = GuestStore(BASE / "guests")
+    with store.editing(ids["L"]) as box:
+        box[0] = box[0].with_(lock="backup", lock_job="someone-else")
+    not_an_image = BASE / "notes.txt"
+    not_an_image.write_text("these are not the sectors you are looking for\n")
+    return {**ids, "base": f"local:base/base-{ids['T']}-disk-0.raw", "gdisk": f"local:{ids['G']}/vm-{ids['G']}-disk-0.raw",
+            "text": str(not_an_image)}
+
+
+REFUSALS = [
+    # (what, args with {placeholders}, expected one-line message)
+    ("unknown storage", "guest create 91001 --disk scsi0=nope:1G", "unknown storage 'nope' (configured: "),
+    ("unknown guest", "template 91002", "unknown guest 91002"),
+    ("unknown guest to clone", "clone 91003 91004 --full", "unknown guest 91003"),
+    ("unknown volume", "volume info local:91005/vm-91005-disk-0.raw", "unknown volume local:91005/vm-91005-disk-0.raw"),
+    ("unknown volume to convert", "base local:91006/vm-91006-disk-0.raw",
+     "unknown volume local:91006/vm-91006-disk-0.raw"),
+    ("unknown volume to free", "volume free local:91007/vm-91007-disk-0.raw",
+     "unknown volume local:91007/vm-91007-disk-0.raw"),
+    ("path traversal", "base local:base/../../etc/passwd", "invalid volume name 'base/../../etc/passwd'"),
+    ("leading dash", "volume info local:base/-rf.raw", "invalid volume name 'base/-rf.raw'"),
+    ("slash in a base name", "base {gdisk} --name a/b", "invalid base name 'a/b'"),
+    ("dot-dot base name", "base {gdisk} --name ..", "invalid base name '..'"),
+    ("empty volume name", "volume info local:", "invalid volume id 'local:': the volume name is empty"),
+    ("no storage part", "volume free vm-100-disk-0.raw", "invalid volume id 'vm-100-disk-0.raw'"),
+    ("non-ASCII name", "base {gdisk} --name bäse", "invalid base name 'bäse'"),
+    ("over-long name", "base {gdisk} --name " + "x" * 130, "invalid base name 'xxxx"),
+    ("bad guest id", "guest create 12 --disk scsi0=local:1G", "invalid guest id '12'"),
+    ("existing target guest", "clone {T} {G}", "guest {G} already exists"),
+    ("existing guest on create", "guest create {G} --disk scsi0=local:1G", "guest {G} already exists"),
+    ("linked clone of a non-template", "clone {G} 91008 --linked",
+     "guest {G} is not a template: a linked clone needs one (use --full)"),
+    ("linked clone to another storage", "clone {T} 91009 --storage shared",
+     "a linked clone must be on the storage of its base: {base} is on 'local', not 'shared' (use --full)"),
+    ("linked clone as raw", "clone {T} 91010 --format raw", "a linked clone on 'local' is qcow2, not raw (use --full)"),
+    ("converting a locked guest", "template {L}", "guest {L} is locked (backup)"),
+    ("converting a template again", "template {T}", "guest {T} is a template: making it a template again is not allowed"),
+    ("writing a template's disk", "disk resize {base} 1G",
+     "{base}: resizing (writing) is not allowed: it is a read-only base image"),
+    ("moving a template's disk", "disk move {T} scsi0 shared", "guest {T} is a template: moving its disks is not allowed"),
+    ("a base again", "base {base}", "{base}: converting to a base image is not allowed: it is a read-only base image"),
+    ("freeing a template's base", "volume free {base}", "{base} is in use by guest {T} (scsi0)"),
+    ("destroying a template with clones", "guest destroy {T}",
+     "guest {T}: base {base} still has linked clones: local:{C}/vm-{C}-disk-0.qcow2"),
+    ("zero size", "guest create 91011 --disk scsi0=local:0", "invalid size '0': must be greater than zero"),
+    ("negative size", "guest create 91012 --disk scsi0=local:-1G", "invalid size '-1G'"),
+    ("unparseable size", "guest create 91013 --disk scsi0=local:lots", "invalid size 'lots'"),
+    ("shrinking", "disk resize {gdisk} 1M", "{gdisk}: shrinking is not supported (would lose data)"),
+    ("not a disk image", "guest import 91014 --disk scsi0={text}", "{text}: not a disk image"),
+    ("missing image file", "guest import 91015 --disk scsi0=/nonexistent.raw", "/nonexistent.raw: not a regular file"),
+    ("storage of another node", "guest create 91016 --disk scsi0=local2:1G",
+     "storage 'local2' is local to node(s) node2: it does not exist on node 'node1'"),
+    ("storage without images", "guest create 91017 --disk scsi0=backup:1G",
+     "storage 'backup' does not hold disk images (content: images)"),
+    ("unknown disk of a guest", "disk move {G} scsi5 shared", "guest {G} has no disk scsi5 (disks: scsi0)"),
+    ("bad disk key", "guest create 91018 --disk bogus=local:1G", "invalid disk 'bogus'"),
+    ("unknown job", "job show 0123456789ab", "unknown job '0123456789ab'"),
+]
+
+
+@pytest.mark.parametrize(("what", "args", "message"), REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_refusal(stork, world, what, args, message):
+    """The command exits 1 with one line naming what is wrong; nothing on disk changes."""
+    before = snapshot()
+    code, out, err = stork(*args.format(**world).split(" "))
+    after = snapshot()
+    text = (err + out).strip()
+    assert code == 1, text
+    assert message.format(**world) in text
+    assert len(err.strip().splitlines()) <= 1 or "failed" in out
+    assert before == after
+
+
+def test_a_refusal_at_submit_creates_no_job(stork, world, client):
+    """Options refused when submitted never reach the queue: no job record appears."""
+    before = [j.id for j in client.jobs(10)]
+    assert stork("clone", str(world["G"]), "91020", "--linked")[0] == 1
+    assert [j.id for j in client.jobs(10)] == before
+
+
+def test_the_locked_guest_keeps_its_lock(client, world):
+    """A refused conversion leaves another job's lock in place."""
+    assert client.guest(world["L"]).lock == "backup"
