@@ -44,7 +44,8 @@ def test_cloning_from_one_nodes_local_storage_to_the_others_is_refused(client, v
     assert client.run("create", vmid=t, node="node1",
                       disks={"scsi0": {"storage": "local1", "size": "8M"}}).state == "succeeded"
     assert client.run("template", vmid=t).state == "succeeded"
-    with pytest.raises(Refused, match="storage 'local2' is local to node\\(s\\) node2: it does not exist on node 'node1'"):
+    message = r"storage 'local2' is local to node\(s\) node2: it does not exist on node 'node1'"
+    with pytest.raises(Refused, match=message):
         client.submit("full_clone", vmid=t, newid=vmid(), storage="local2")
     code, _, err = stork("clone", t, vmid(), "--full", "--storage", "local2")
     assert code == 1 and "does not exist on node 'node1'" in err

@@ -25,8 +25,8 @@ def world(client):
         box[0] = box[0].with_(lock="backup", lock_job="someone-else")
     not_an_image = BASE / "notes.txt"
     not_an_image.write_text("these are not the sectors you are looking for\n")
-    return {**ids, "base": f"local:base/base-{ids['T']}-disk-0.raw", "gdisk": f"local:{ids['G']}/vm-{ids['G']}-disk-0.raw",
-            "text": str(not_an_image)}
+    return {**ids, "base": f"local:base/base-{ids['T']}-disk-0.raw",
+            "gdisk": f"local:{ids['G']}/vm-{ids['G']}-disk-0.raw", "text": str(not_an_image)}
 
 
 REFUSALS = [
@@ -56,10 +56,12 @@ REFUSALS = [
      "a linked clone must be on the storage of its base: {base} is on 'local', not 'shared' (use --full)"),
     ("linked clone as raw", "clone {T} 91010 --format raw", "a linked clone on 'local' is qcow2, not raw (use --full)"),
     ("converting a locked guest", "template {L}", "guest {L} is locked (backup)"),
-    ("converting a template again", "template {T}", "guest {T} is a template: making it a template again is not allowed"),
+    ("converting a template again", "template {T}",
+     "guest {T} is a template: making it a template again is not allowed"),
     ("writing a template's disk", "disk resize {base} 1G",
      "{base}: resizing (writing) is not allowed: it is a read-only base image"),
-    ("moving a template's disk", "disk move {T} scsi0 shared", "guest {T} is a template: moving its disks is not allowed"),
+    ("moving a template's disk", "disk move {T} scsi0 shared",
+     "guest {T} is a template: moving its disks is not allowed"),
     ("a base again", "base {base}", "{base}: converting to a base image is not allowed: it is a read-only base image"),
     ("freeing a template's base", "volume free {base}", "{base} is in use by guest {T} (scsi0)"),
     ("destroying a template with clones", "guest destroy {T}",
