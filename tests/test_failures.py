@@ -1,0 +1,56 @@
+"""A job failing halfway undoes what it made: no orphan volume, no guest left locked, no
+half-written config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import BASE, storage_path
+from tests.helpers import PATTERN_MIB, snapshot
+
+
+@pytest.fixture(scope="module")
+def small_fs():
+    """A 16 MiB tmpfs as the `small` storage, so that a copy runs out of space."""
+    path = BASE / "small"
+    path.mkdir(exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield path
+    subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_copy_that_runs_out_of_space_fails_and_frees_its_target(client, vmid, small_fs):
+    """A full clone onto a full file system fails with the tool's reason; all of it is undone."""
+    g, c = vmid(), vmid()
+    job = client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "64M"}})
+    with open(storage_path("local") / f"{g}/vm-{g}-disk-0.raw", "r+b") as f:
+        f.write(os.urandom(48 * PATTERN_MIB))
+    before = snapshot()
+    job = client.run("full_clone", vmid=g, newid=c, storage="small")
+    assert job.state == "failed"
+    assert "copying vm-" in job.error and "failed" in job.error
+    assert [i for i in job.undone] == job.undo and not job.undo_errors
+    assert list(small_fs.iterdir()) == []
+    assert not client.guest_store.exists(c)
+    assert client.guest(g).lock == ""
+    assert snapshot() == before
+
+
+def test_a_failed_job_lists_what_it_undid_in_its_events(client, vmid, small_fs):
+    """The event stream of a failed job shows the failure, each undo, and the end."""
+    g, c = vmid(), vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "64M"}})
+    with open(storage_path("local") / f"{g}/vm-{g}-disk-0.raw", "r+b") as f:
+        f.write(os.urandom(48 * PATTERN_MIB))
+    seen = []
+    job = client.run("full_clone", vmid=g, newid=c, storage="small", on_event=seen.append)
+    phases = [(e["phase"], e.get("step")) for e in seen]
+    assert ("failed", None) in phases
+    assert [s for p, s in phases if p == "undo"] == ["allocate", "reserve_guest", "lock_guest"]
+    assert seen[-1]["phase"] == "finished" and seen[-1]["state"] == "failed" == job.state
