@@ -25,4 +25,5 @@ bench: $(STAMP)
 	$(PY) bench/clone.py
 
 clean:
+	-chattr -R -i var 2>/dev/null
 	rm -rf $(VENV) var

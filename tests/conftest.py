@@ -7,28 +7,19 @@ CLI (in-process and as a subprocess) and the workers all share one config.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from worker import testing
+from worker.testing import free_port
+
 BASE = Path(tempfile.mkdtemp(prefix="stork-test-"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 REDIS_PORT = free_port()
@@ -75,69 +66,15 @@ os.environ["STORK_NODE"] = "node1"
 os.environ.pop("STORK_REDIS_URL", None)
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class Worker:
-    """A real `celery worker` process group for one node."""
-
-    def __init__(self, node: str, concurrency: int = 4) -> None:
-        self.node = node
-        self.log = BASE / f"worker-{node}-{time.monotonic_ns()}.log"
-        env = {**os.environ, "STORK_NODE": node, "PYTHONUNBUFFERED": "1"}
-        argv = [sys.executable, "-m", "worker.main", "--without-mingle", "--without-gossip",
-                "-c", str(concurrency)]
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        wait_for(lambda: '"worker_ready"' in self.log.read_text() or self.proc.poll() is not None,
-                 60, f"worker {node} to start")
-        assert self.proc.poll() is None, self.log.read_text()
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group: the node dies with its step half done."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+def Worker(node: str, concurrency: int = 4) -> testing.Worker:
+    return testing.Worker(node, BASE, concurrency)
 
 
 @pytest.fixture(scope="session")
 def redis_server():
-    exe = shutil.which("redis-server")
-    assert exe, "redis-server is not installed (Debian: apt-get install redis-server)"
-    proc = subprocess.Popen(
-        [exe, "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--maxmemory-policy", "noeviction", "--dir", str(BASE)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    import redis
-
-    r = redis.Redis(port=REDIS_PORT, decode_responses=True)
-    wait_for(lambda: _pings(r), 10, "redis-server")
-    yield r
-    proc.terminate()
-    proc.wait(10)
-
-
-def _pings(r) -> bool:
-    try:
-        return bool(r.ping())
-    except Exception:
-        return False
+    server = testing.RedisServer(REDIS_PORT, BASE)
+    yield server.client
+    server.stop()
 
 
 @pytest.fixture(scope="session")

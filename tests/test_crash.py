@@ -8,8 +8,9 @@ import signal
 
 import pytest
 
-from tests.conftest import Worker, storage_path, wait_for
+from tests.conftest import Worker, storage_path
 from tests.helpers import PATTERN_MIB, qemu_same, volume_path
+from worker.testing import wait_for
 
 SIZE_MIB = 2048
 

@@ -8,8 +8,9 @@ import subprocess
 import sys
 import threading
 
-from tests.conftest import BASE, ROOT, storage_path, wait_for
+from tests.conftest import BASE, storage_path
 from tests.helpers import PATTERN_MIB, guest_data_sha, qemu_check, qemu_io_write, qemu_same, volume_path
+from worker.testing import ROOT, wait_for
 
 
 def make_guest(stork, vmid, *disks, template=False):

@@ -1,0 +1,93 @@
+"""A throw-away local cluster for tests and benchmarks: a real redis-server on a free port
+and real `celery worker` processes, one per node, all in their own process groups."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition",
+             interval: float = 0.05) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class RedisServer:
+    def __init__(self, port: int, data_dir: Path) -> None:
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
+        self.port = port
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--maxmemory-policy", "noeviction", "--dir", str(data_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        self.client = redis.Redis(port=port, decode_responses=True)
+        wait_for(self._pings, 10, "redis-server")
+
+    def _pings(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except Exception:
+            return self.proc.poll() is not None  # stop waiting if it died
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Worker:
+    """A real `celery worker` process group for one node."""
+
+    def __init__(self, node: str, log_dir: Path, concurrency: int = 4) -> None:
+        self.node = node
+        self.log = log_dir / f"worker-{node}-{time.monotonic_ns()}.log"
+        env = {**os.environ, "STORK_NODE": node, "PYTHONUNBUFFERED": "1"}
+        argv = [sys.executable, "-m", "worker.main", "--without-mingle", "--without-gossip", "-c", str(concurrency)]
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        wait_for(lambda: '"worker_ready"' in self.log.read_text() or self.proc.poll() is not None,
+                 60, f"worker {node} to start")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker {node} died at start:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the node dies with its step half done."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
