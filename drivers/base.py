@@ -69,8 +69,8 @@ class Driver(ABC):
         """Where qemu-img can open the volume."""
 
     @abstractmethod
-    def list_volumes(self) -> list[VolName]:
-        """Every volume on the storage, bases included."""
+    def list_volumes(self, owner: int | None = None) -> list[VolName]:
+        """Every volume on the storage, bases included; with `owner`, that guest's only."""
 
     @abstractmethod
     def exists(self, vol: VolName) -> bool: ...
@@ -143,7 +143,7 @@ class Driver(ABC):
 
     def next_disk_name(self, owner: int, fmt: str, taken: frozenset[str] = frozenset()) -> VolName:
         """The first free `vm-<owner>-disk-N`; call it under the storage lock."""
-        used = {v.name for v in self.list_volumes() if v.owner == owner} | taken
+        used = {v.name for v in self.list_volumes(owner)} | taken
         n = 0
         while f"vm-{owner}-disk-{n}" in used:
             n += 1

@@ -16,8 +16,12 @@ POLL = 0.005
 
 @contextlib.contextmanager
 def file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    try:
+        f = open(path, "a")  # noqa: SIM115
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")  # noqa: SIM115
+    with f:
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -129,9 +129,13 @@ class GuestStore:
         return sorted(found, key=lambda g: g.vmid)
 
     def _write_temp(self, guest: Guest) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
         temp = self.dir / f".{guest.vmid}.toml.{os.getpid()}.{time.monotonic_ns()}.tmp"
-        with open(temp, "w") as f:
+        try:
+            f = open(temp, "w")  # noqa: SIM115
+        except FileNotFoundError:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            f = open(temp, "w")  # noqa: SIM115
+        with f:
             f.write(dumps(guest))
             f.flush()
             os.fsync(f.fileno())

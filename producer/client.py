@@ -48,10 +48,9 @@ class Client:
     def submit(self, kind: str, **options: Any) -> JobRecord:
         """Check and enqueue a job; StorkError (nothing changed) when it is refused."""
         try:
-            self.r.ping()
+            return runner.submit(kind, options, self.cfg, self.r)
         except redis.RedisError as e:
             raise StorkError(f"cannot reach Redis at {self.cfg.redis_url}: {e}") from None
-        return runner.submit(kind, options, self.cfg, self.r)
 
     def job(self, job_id: str) -> JobRecord:
         return records.load(self.r, records.resolve(self.r, job_id))

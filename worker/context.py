@@ -54,8 +54,8 @@ class StepContext:
         records.update(self.r, self.job.id, ctx=self.job.ctx)
 
     def set_result(self, **values: Any) -> None:
+        """Add to the job's result (stored when the step ends)."""
         self.job.result.update(values)
-        records.update(self.r, self.job.id, result=self.job.result)
 
     def driver(self, storage_id: str) -> Driver:
         storage = self.cfg.storage(storage_id)

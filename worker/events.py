@@ -15,14 +15,19 @@ from typing import Any
 
 import redis
 
-from worker.records import CHANNEL, events_key
+from worker.records import CHANNEL, STREAM_MAXLEN, events_key
 
-STREAM_MAXLEN = 2000
 FINISHED = "finished"
 
 
+def make(job_id: str, kind: str, phase: str, **fields: Any) -> dict[str, Any]:
+    return {"job": job_id, "kind": kind, "phase": phase, "time": time.time(), **fields}
+
+
 def emit(r: redis.Redis, job_id: str, kind: str, phase: str, **fields: Any) -> dict[str, Any]:
-    event = {"job": job_id, "kind": kind, "phase": phase, "time": time.time(), **fields}
+    """Publish an event that goes with no state change (e.g. progress); state changes
+    publish theirs through records.transition."""
+    event = make(job_id, kind, phase, **fields)
     data = json.dumps(event)
     with r.pipeline(transaction=False) as p:
         p.xadd(events_key(job_id), {"event": data}, maxlen=STREAM_MAXLEN, approximate=True)

@@ -2,8 +2,8 @@
 
 Redis keys used by stork (all of them; keep this list true):
     stork:job:<id>            hash, one field per JobRecord attribute (JSON values; `state`
-                              raw so a Lua compare-and-set can read it); `cancel` = "1"
-                              when a user asked to cancel
+                              raw so a Lua compare-and-set can read it); `cancel` is
+                              set to true by the producer when a user asks to cancel
     stork:job:<id>:events     stream of JSON events (capped), replayed by late watchers
     stork:events              pub/sub channel announcing every event, for live listeners
     stork:jobs                sorted set of all job ids, scored by creation time
@@ -30,6 +30,7 @@ from drivers.errors import NotFound, StorkError
 JOBS = "stork:jobs"
 ACTIVE = "stork:jobs:active"
 CHANNEL = "stork:events"
+STREAM_MAXLEN = 2000  # events kept per job (approximately)
 
 
 def job_key(job_id: str) -> str:
@@ -80,6 +81,7 @@ class JobRecord:
     created: float = 0.0
     started: float = 0.0
     finished: float = 0.0
+    cancel: bool = False  # a user asked to cancel (written by the producer)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,12 +98,15 @@ def new_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def create(r: redis.Redis, record: JobRecord) -> None:
+def create(r: redis.Redis, record: JobRecord, event: dict[str, Any]) -> None:
+    """Store a new job with its first event, in one transaction."""
     record.created = record.created or time.time()
     with r.pipeline() as p:
         p.hset(job_key(record.id), mapping=_encode(record.as_dict()))
         p.zadd(JOBS, {record.id: record.created})
         p.sadd(ACTIVE, record.id)
+        p.xadd(events_key(record.id), {"event": json.dumps(event)}, maxlen=STREAM_MAXLEN, approximate=True)
+        p.publish(CHANNEL, json.dumps(event))
         p.execute()
 
 
@@ -131,13 +136,19 @@ def update(r: redis.Redis, job_id: str, **values: Any) -> None:
     r.hset(job_key(job_id), mapping=_encode(values))
 
 
+# KEYS: job hash, active set, job id, event stream. ARGV: allowed states (JSON), "1" when
+# the new state is terminal, events (JSON list of JSON strings), stream cap, then fields.
 _CAS = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return -1 end
 for _, allowed in ipairs(cjson.decode(ARGV[1])) do
   if allowed == state then
-    if #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
+    if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
     if ARGV[2] == '1' then redis.call('SREM', KEYS[2], KEYS[3]) end
+    for _, event in ipairs(cjson.decode(ARGV[3])) do
+      redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'event', event)
+      redis.call('PUBLISH', '""" + CHANNEL + """', event)
+    end
     return 1
   end
 end
@@ -146,9 +157,15 @@ return 0
 
 
 def transition(
-    r: redis.Redis, job_id: str, allowed: tuple[JobState, ...], to: JobState | None = None, **values: Any
+    r: redis.Redis,
+    job_id: str,
+    allowed: tuple[JobState, ...],
+    to: JobState | None = None,
+    events: list[dict[str, Any]] | tuple[dict[str, Any], ...] = (),
+    **values: Any,
 ) -> None:
-    """Atomically set fields (and the state) if the job is in one of `allowed` states.
+    """Atomically set fields (and the state) if the job is in one of `allowed` states, and
+    publish `events` with the change (so no watcher sees one without the other).
 
     A terminal state also takes the job out of the active set. StateConflict when the job
     has moved on (e.g. reconciliation failed it while a late redelivery ran).
@@ -158,19 +175,29 @@ def transition(
     pairs = [x for kv in _encode(values).items() for x in kv]
     allowed_json = json.dumps([str(s) for s in allowed])
     terminal = "1" if to is not None and to.terminal else "0"
-    result = r.eval(_CAS, 3, job_key(job_id), ACTIVE, job_id, allowed_json, terminal, *pairs)
+    events_json = json.dumps([json.dumps(e) for e in events])
+    keys = [job_key(job_id), ACTIVE, job_id, events_key(job_id)]
+    result = _cas_script(r)(keys=keys, args=[allowed_json, terminal, events_json, STREAM_MAXLEN, *pairs])
     if result == -1:
         raise NotFound(f"unknown job {job_id!r}")
     if result == 0:
         raise StateConflict(f"job {job_id} is no longer {' or '.join(allowed)}")
 
 
+def _cas_script(r: redis.Redis) -> Any:
+    script = getattr(r, "_stork_cas", None)
+    if script is None:
+        script = r.register_script(_CAS)
+        r._stork_cas = script  # type: ignore[attr-defined]
+    return script
+
+
 def request_cancel(r: redis.Redis, job_id: str) -> None:
-    r.hset(job_key(job_id), "cancel", "1")
+    r.hset(job_key(job_id), "cancel", "true")
 
 
 def cancel_requested(r: redis.Redis, job_id: str) -> bool:
-    return r.hget(job_key(job_id), "cancel") == "1"
+    return r.hget(job_key(job_id), "cancel") == "true"
 
 
 def active_ids(r: redis.Redis) -> list[str]:

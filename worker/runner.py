@@ -53,8 +53,7 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis)
         id=records.new_id(), kind=kind.name, params=params, node=params["node"],
         steps=[s.name for s in kind.steps], queues=kind.queues(params, cfg),
     )
-    records.create(r, record)
-    events.emit(r, record.id, kind.name, "queued", state=JobState.QUEUED, steps=record.steps)
+    records.create(r, record, events.make(record.id, kind.name, "queued", state=JobState.QUEUED, steps=record.steps))
     signatures = [
         app.signature(task_name(kind.name, step), args=[record.id], queue=queue, immutable=True)
         for step, queue in zip(record.steps, record.queues, strict=True)
@@ -79,23 +78,23 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
         raise Ignore()  # failed, cancelled or being undone meanwhile: stop the chain
     if job.done > index:
         return  # redelivered after it finished
-    if records.cancel_requested(r, job_id):
+    if job.cancel:
         start_undo(r, job, index - 1, JobState.CANCELLED, "cancelled by user")
         raise Ignore()
-    attempt = job.attempts.get(str(index), 0) + 1
     node = cfg.node
-    current = {"step": index, "name": step.name, "node": node, "worker": _worker_id(), "attempt": attempt}
-    records.transition(
-        r, job_id, (JobState.QUEUED, JobState.RUNNING), JobState.RUNNING, current=current,
-        attempts={**job.attempts, str(index): attempt}, ran_on={**job.ran_on, step.name: node},
-        started=job.started or time.time(),
-    )
+    attempt = job.attempts.get(str(index), 0) + 1
+    job.attempts[str(index)] = attempt
     job.ran_on[step.name] = node
+    current = {"step": index, "name": step.name, "node": node, "worker": _worker_id(), "attempt": attempt}
     structlog.contextvars.bind_contextvars(job_id=job_id, kind=kind.name, step=step.name, node=node)
+    records.transition(
+        r, job_id, (JobState.QUEUED, JobState.RUNNING), JobState.RUNNING,
+        events=[events.make(job_id, kind.name, "start", step=step.name, node=node, attempt=attempt)],
+        current=current, attempts=job.attempts, ran_on=job.ran_on, started=job.started or time.time(),
+    )
     if attempt > MAX_ATTEMPTS:
         start_undo(r, job, index, JobState.FAILED, f"step {step.name} was interrupted {attempt - 1} times")
         raise Ignore()
-    events.emit(r, job_id, kind.name, "start", step=step.name, node=node, attempt=attempt)
     ctx = StepContext(job=job, cfg=cfg, r=r, node=node, step=step.name, attempt=attempt, task=task)
     try:
         step.run(ctx)
@@ -109,17 +108,23 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
         log.exception("step_crashed")
         start_undo(r, job, index, JobState.FAILED, f"internal error in step {step.name}: {e!r}")
         raise
+    _finish_step(r, job, kind, index, node)
+
+
+def _finish_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node: str) -> None:
     last = index == len(kind.steps) - 1
+    done = [events.make(job.id, kind.name, "done", step=kind.steps[index].name, node=node)]
+    if last:
+        done.append(events.make(job.id, kind.name, events.FINISHED, state=JobState.SUCCEEDED, result=job.result))
     try:
         records.transition(
-            r, job_id, (JobState.RUNNING,), JobState.SUCCEEDED if last else None,
-            done=index + 1, current=None, **({"finished": time.time()} if last else {}),
+            r, job.id, (JobState.RUNNING,), JobState.SUCCEEDED if last else None, events=done,
+            done=index + 1, current=None, ctx=job.ctx, result=job.result,
+            **({"finished": time.time()} if last else {}),
         )
     except StateConflict:
         raise Ignore() from None  # failed by reconciliation while we ran: its undo owns it
-    events.emit(r, job_id, kind.name, "done", step=step.name, node=node)
     if last:
-        events.emit(r, job_id, kind.name, events.FINISHED, state=JobState.SUCCEEDED, result=job.result)
         log.info("job_succeeded")
 
 
@@ -130,12 +135,12 @@ def start_undo(r: redis.Redis, job: JobRecord, upto: int, final: JobState, error
     try:
         records.transition(
             r, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.UNDOING,
+            events=[events.make(job.id, job.kind, "failed", state=JobState.UNDOING, message=error)],
             error=error, final=str(final), undo=undo, undone=[], current=None,
         )
     except StateConflict:
         return  # someone else is failing it already
     log.info("job_undo", job_id=job.id, error=error, undo=[kind.steps[i].name for i in undo])
-    events.emit(r, job.id, job.kind, "failed", state=JobState.UNDOING, message=error)
     job.undo, job.undone = undo, []
     dispatch_undo(job)
 
@@ -160,8 +165,8 @@ def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
         return
     structlog.contextvars.bind_contextvars(job_id=job_id, kind=kind.name, step=f"undo_{step.name}", node=cfg.node)
     current = {"undo": index, "name": step.name, "node": cfg.node, "worker": _worker_id()}
-    records.transition(r, job_id, (JobState.UNDOING,), current=current)
-    events.emit(r, job_id, kind.name, "undo", step=step.name, node=cfg.node)
+    records.transition(r, job_id, (JobState.UNDOING,), current=current,
+                       events=[events.make(job_id, kind.name, "undo", step=step.name, node=cfg.node)])
     ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=f"undo_{step.name}", task=task)
     errors = list(job.undo_errors)
     try:
@@ -179,9 +184,9 @@ def finalize(job_id: str) -> None:
     if job.state != JobState.UNDOING:
         return
     final = JobState(job.final or JobState.FAILED)
-    records.transition(r, job_id, (JobState.UNDOING,), final, finished=time.time(), current=None)
     message = job.error + (f" (not undone: {'; '.join(job.undo_errors)})" if job.undo_errors else "")
-    events.emit(r, job_id, job.kind, events.FINISHED, state=final, message=message)
+    records.transition(r, job_id, (JobState.UNDOING,), final, finished=time.time(), current=None,
+                       events=[events.make(job_id, job.kind, events.FINISHED, state=final, message=message)])
     log.info("job_finished", job_id=job_id, state=str(final), error=job.error)
 
 

@@ -32,3 +32,15 @@ for _kind in KINDS.values():
 @app.task(name=runner.FINALIZE)
 def finalize(job_id: str) -> None:
     runner.finalize(job_id)
+
+
+@app.task(name="stork.noop")
+def noop(token: str | None = None) -> None:
+    """Does nothing; with a token, signals `stork:noop:<token>` (the benchmarks' reference
+    chain, and a way to check that a queue is served)."""
+    if token:
+        from worker.app import redis_client
+
+        r = redis_client()
+        r.rpush(f"stork:noop:{token}", 1)
+        r.expire(f"stork:noop:{token}", 3600)

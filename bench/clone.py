@@ -1,0 +1,230 @@
+"""Clone benchmarks, printed side by side with their peers measured in the same run.
+
+    .venv/bin/python bench/clone.py          (or: make bench)
+
+Starts its own redis-server and one worker (4 processes) in a temporary directory, then:
+1. linked-clone latency, submit -> succeeded, from a 1 GiB and a 100 GiB (sparse) base;
+2. throughput of 200 linked clones submitted at once, next to 200 Celery no-op chains of
+   the same step count on the same queues (the job machinery's overhead);
+3. full-clone throughput of a 2 GiB image next to `qemu-img convert` run directly on it,
+   with the worker's peak RSS during the copy.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from worker import testing
+
+GIB = 1 << 30
+LATENCY_SAMPLES = 40
+BURST = 200
+RUNS = 5
+
+
+def setup() -> tuple[Path, testing.RedisServer, testing.Worker]:
+    base = Path(tempfile.mkdtemp(prefix="stork-bench-", dir=os.environ.get("STORK_BENCH_DIR")))
+    port = testing.free_port()
+    (base / "stork.toml").write_text(f"""
+[redis]
+url = "redis://127.0.0.1:{port}/0"
+[paths]
+guests = "guests"
+locks = "lock"
+[storage.local]
+type = "dir"
+path = "images"
+""")
+    os.environ.update(STORK_CONFIG=str(base / "stork.toml"), STORK_NODE="bench")
+    redis_server = testing.RedisServer(port, base)
+    return base, redis_server, testing.Worker("bench", base, concurrency=4)
+
+
+def pct(values: list[float], p: float) -> float:
+    return statistics.quantiles(values, n=100)[int(p) - 1] if len(values) > 1 else values[0]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:7.1f} ms"
+
+
+def template(client, vmid: int, size: str, fill: bool = False) -> None:
+    job = client.run("create", vmid=vmid, disks={"scsi0": {"storage": "local", "size": size}})
+    assert job.state == "succeeded", job.error
+    if fill:  # non-zero data throughout, so that nothing is skipped as zeros
+        path = Path(client.cfg.storage("local").path) / f"{vmid}/vm-{vmid}-disk-0.raw"
+        block = os.urandom(1 << 20) * 8
+        with open(path, "r+b") as f:
+            for _ in range(path.stat().st_size // len(block)):
+                f.write(block)
+    assert client.run("template", vmid=vmid).state == "succeeded"
+
+
+def noop_chain(app, queues: list[str], token: str):
+    from celery import chain
+
+    sigs = [app.signature("stork.noop", queue=q, immutable=True) for q in queues[:-1]]
+    sigs.append(app.signature("stork.noop", kwargs={"token": token}, queue=queues[-1], immutable=True))
+    return chain(*sigs)
+
+
+def bench_latency(client, next_id) -> None:
+    print("\n1. linked clone latency (submit -> succeeded), one at a time")
+    print(f"   {'base':<22}{'p50':>12}{'p95':>12}")
+    for label, size in (("1 GiB", "1G"), ("100 GiB (sparse)", "100G")):
+        t = next_id()
+        template(client, t, size)
+        times = []
+        for _ in range(LATENCY_SAMPLES):
+            start = time.perf_counter()
+            job = client.run("linked_clone", vmid=t, newid=next_id())
+            times.append(time.perf_counter() - start)
+            assert job.state == "succeeded", job.error
+        print(f"   {label:<22}{ms(pct(times, 50)):>12}{ms(pct(times, 95)):>12}")
+
+
+def bench_burst(client, next_id) -> None:
+    from worker.app import app
+
+    t = next_id()
+    template(client, t, "1G")
+    news = [next_id() for _ in range(BURST)]
+    start = time.perf_counter()
+    jobs = [client.submit("linked_clone", vmid=t, newid=n) for n in news]
+    submitted = time.perf_counter() - start
+    results = [client.wait(j.id, timeout=600) for j in jobs]
+    stork_s = time.perf_counter() - start
+    assert all(j.state == "succeeded" for j in results), {j.error for j in results}
+    queues = jobs[0].queues
+
+    start = time.perf_counter()
+    tokens = [f"{os.getpid()}-{i}" for i in range(BURST)]
+    for token in tokens:
+        noop_chain(app, queues, token).apply_async()
+    for token in tokens:
+        assert client.r.blpop([f"stork:noop:{token}"], timeout=600)
+    celery_s = time.perf_counter() - start
+
+    print(f"\n2. {BURST} linked clones submitted at once ({len(queues)} steps each, queues {', '.join(queues)})")
+    print(f"   {'':<34}{'total':>10}{'per second':>14}")
+    print(f"   {'stork linked clones':<34}{stork_s:>9.2f}s{BURST / stork_s:>14.1f}"
+          f"   (submitting took {submitted:.2f}s)")
+    print(f"   {'Celery no-op chains (reference)':<34}{celery_s:>9.2f}s{BURST / celery_s:>14.1f}")
+    print(f"   job machinery on top of bare Celery: {stork_s / celery_s - 1:+.0%} time")
+
+
+def rss_kib(pids: list[int]) -> dict[int, tuple[str, int]]:
+    out = {}
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            name = status.split("\n", 1)[0].split()[1]
+            rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+            out[pid] = (name, rss)
+        except (OSError, StopIteration):
+            pass
+    return out
+
+
+def group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == pgid:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def bench_full_clone(client, worker: testing.Worker, base: Path, next_id) -> None:
+    t = next_id()
+    template(client, t, "2G", fill=True)
+    src = base / f"images/base/base-{t}-disk-0.raw"
+    size_gib = src.stat().st_size / GIB
+
+    def direct() -> float:
+        dst = base / "direct.raw"
+        dst.unlink(missing_ok=True)
+        start = time.perf_counter()
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", str(src), str(dst)], check=True)
+        elapsed = time.perf_counter() - start
+        dst.unlink()
+        return elapsed
+
+    peaks: dict[str, int] = {}
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            for name, rss in rss_kib(group_pids(worker.proc.pid)).values():
+                key = "qemu-img" if "qemu" in name else "worker (largest python process)"
+                peaks[key] = max(peaks.get(key, 0), rss)
+            time.sleep(0.02)
+
+    def via_stork() -> tuple[float, float]:
+        times: dict[str, float] = {}
+
+        def on_event(e: dict) -> None:
+            if e.get("step") == "copy_data" and e["phase"] in ("start", "done"):
+                times[e["phase"]] = e["time"]
+
+        start = time.perf_counter()
+        job = client.run("full_clone", vmid=t, newid=next_id(), on_event=on_event)
+        elapsed = time.perf_counter() - start
+        assert job.state == "succeeded", job.error
+        assert client.run("destroy", vmid=job.params["new_vmid"]).state == "succeeded"
+        return elapsed, times["done"] - times["start"]
+
+    direct()  # warm the page cache for both
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    stork_runs, direct_runs = [], []
+    for _ in range(RUNS):  # interleaved, each after a sync, so write-back hits both alike
+        os.sync()
+        direct_runs.append(direct())
+        os.sync()
+        stork_runs.append(via_stork())
+    sampling.set()
+    sampler.join()
+    best_direct = min(direct_runs)
+    best_job, best_copy = min(r[0] for r in stork_runs), min(r[1] for r in stork_runs)
+    print(f"\n3. full clone of a {size_gib:.0f} GiB image, raw -> raw, no zeros (best of {RUNS})")
+    print(f"   {'':<40}{'time':>9}{'GiB/s':>9}{'vs qemu-img':>13}")
+    print(f"   {'qemu-img convert, run directly':<40}{best_direct:>8.2f}s{size_gib / best_direct:>9.2f}{'1.00':>13}")
+    print(f"   {'stork copy_data step':<40}{best_copy:>8.2f}s{size_gib / best_copy:>9.2f}"
+          f"{best_direct / best_copy:>13.2f}")
+    print(f"   {'stork full clone job, submit -> done':<40}{best_job:>8.2f}s{size_gib / best_job:>9.2f}"
+          f"{best_direct / best_job:>13.2f}")
+    print("   peak RSS during the copies: " + ", ".join(f"{k} {v / 1024:.0f} MiB" for k, v in sorted(peaks.items())))
+
+
+def main() -> None:
+    base, redis_server, worker = setup()
+    try:
+        from producer.client import Client
+
+        client = Client()
+        ids = iter(range(1000, 10**6))
+        print(f"stork clone benchmark: {os.cpu_count()} cores, worker concurrency 4, storage on {base}")
+        bench_latency(client, lambda: next(ids))
+        bench_burst(client, lambda: next(ids))
+        bench_full_clone(client, worker, base, lambda: next(ids))
+    finally:
+        worker.stop()
+        redis_server.stop()
+        subprocess.run(["chattr", "-R", "-i", str(base)], capture_output=True, check=False)
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+if __name__ == "__main__":
+    main()
