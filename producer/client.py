@@ -59,11 +59,8 @@ class Client:
         return [records.load(self.r, j) for j in records.recent_ids(self.r, limit)]
 
     def cancel(self, job_id: str) -> JobRecord:
-        job = self.job(job_id)
-        if job.state.terminal:
-            raise Refused(f"job {job.id} has already {job.state}")
-        records.request_cancel(self.r, job.id)
-        return job
+        """Cancel a job: its undo runs, and it ends `cancelled`. Refused once it has ended."""
+        return runner.cancel(self.r, records.resolve(self.r, job_id))
 
     def events(self, job_id: str, idle: Callable[[], None] | None = None) -> Iterator[dict[str, Any]]:
         """Every event of the job from its start, then live ones, until it finishes."""

@@ -265,3 +265,50 @@ def test_guest_configs_are_written_atomically(client, vmid):
     client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
     wait_for(lambda: client.guest(g).lock == "", 5, "unlock")
     assert not [p for p in (BASE / "guests").iterdir() if p.name.endswith(".tmp")]
+
+
+class TestReads:
+    def test_storage_list_shows_every_configured_storage(self, stork):
+        """`storage list` names each storage with its type, sharing and nodes."""
+        code, out, _ = stork("--json", "storage", "list")
+        rows = {r["id"]: r for r in json.loads(out)}
+        assert code == 0 and {"local", "local1", "local2", "shared"} <= set(rows)
+        assert rows["shared"]["shared"] is True and rows["local2"]["nodes"] == ["node2"]
+        assert "local2" in stork("storage", "list")[1]
+
+    def test_volume_list_shows_bases_with_their_clones(self, stork, vmid):
+        """`volume list STORAGE` lists every volume; a base shows its clones, a clone its parent."""
+        t, c = vmid(), vmid()
+        make_guest(stork, t, "scsi0=local:8M", template=True)
+        assert stork("clone", t, c)[0] == 0
+        code, out, _ = stork("--json", "volume", "list", "local")
+        assert code == 0
+        vols = {v["volid"]: v for v in json.loads(out)}
+        base, clone = f"local:base/base-{t}-disk-0.raw", f"local:{c}/vm-{c}-disk-0.qcow2"
+        assert vols[base]["clones"] == [clone] and vols[clone]["parent"] == base
+        assert f"{base}" in stork("volume", "list")[1]
+
+    def test_cancelling_a_job_waiting_for_a_node_that_is_down_undoes_it(self, stork, client, vmid):
+        """A job whose next step waits on the queue of a node with no worker is not stuck:
+        `job cancel` undoes what it did (the guest it reserved) and it ends cancelled."""
+        g = vmid()
+        job = client.submit("create", vmid=g, node="down", disks={"scsi0": {"storage": "local", "size": "8M"}})
+        wait_for(lambda: client.job(job.id).done == 1, 10, "the first step (shared queue)")
+        assert client.guest_store.exists(g)
+        code, out, _ = stork("job", "cancel", job.id)
+        assert code == 0 and "cancel" in out
+        job = client.wait(job.id, timeout=30)
+        assert job.state == "cancelled" and not client.guest_store.exists(g)
+        code, _, err = stork("job", "cancel", job.id)
+        assert code == 1 and err.strip() == f"stork: job {job.id} is cancelled already"
+        code, _, err = stork("job", "cancel", "ffffffffffff")
+        assert code == 1 and "unknown job" in err
+
+
+def test_progress_bar_shows_bytes_percent_rate_and_eta():
+    """The live bar: step counter, bar, percent, bytes, rate and time left."""
+    from producer.progress import bar_line
+
+    line = bar_line({"step": "copy_data", "done": 1 << 30, "total": 4 << 30, "rate": 512 << 20},
+                    ["lock_guest", "copy_data"], width=8)
+    assert line == "[2/2] copy_data [##......]  25.0% 1.0 GiB/4.0 GiB 512.0 MiB/s ETA 6s"

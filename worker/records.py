@@ -137,13 +137,15 @@ def update(r: redis.Redis, job_id: str, **values: Any) -> None:
 
 
 # KEYS: job hash, active set, job id, event stream. ARGV: allowed states (JSON), "1" when
-# the new state is terminal, events (JSON list of JSON strings), stream cap, then fields.
+# the new state is terminal, events (JSON list of JSON strings), stream cap, "1" when no step
+# may be in progress, then the fields to set.
 _CAS = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return -1 end
+if ARGV[5] == '1' and redis.call('HGET', KEYS[1], 'current') ~= 'null' then return 0 end
 for _, allowed in ipairs(cjson.decode(ARGV[1])) do
   if allowed == state then
-    if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
+    if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
     if ARGV[2] == '1' then redis.call('SREM', KEYS[2], KEYS[3]) end
     for _, event in ipairs(cjson.decode(ARGV[3])) do
       redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'event', event)
@@ -162,10 +164,12 @@ def transition(
     allowed: tuple[JobState, ...],
     to: JobState | None = None,
     events: list[dict[str, Any]] | tuple[dict[str, Any], ...] = (),
+    idle: bool = False,
     **values: Any,
 ) -> None:
-    """Atomically set fields (and the state) if the job is in one of `allowed` states, and
-    publish `events` with the change (so no watcher sees one without the other).
+    """Atomically set fields (and the state) if the job is in one of `allowed` states (and,
+    with `idle`, no step is in progress), publishing `events` with the change, so no
+    watcher sees one without the other.
 
     A terminal state also takes the job out of the active set. StateConflict when the job
     has moved on (e.g. reconciliation failed it while a late redelivery ran).
@@ -173,15 +177,20 @@ def transition(
     if to is not None:
         values["state"] = to
     pairs = [x for kv in _encode(values).items() for x in kv]
-    allowed_json = json.dumps([str(s) for s in allowed])
-    terminal = "1" if to is not None and to.terminal else "0"
-    events_json = json.dumps([json.dumps(e) for e in events])
+    args = [
+        json.dumps([str(s) for s in allowed]),
+        "1" if to is not None and to.terminal else "0",
+        json.dumps([json.dumps(e) for e in events]),
+        STREAM_MAXLEN,
+        "1" if idle else "0",
+        *pairs,
+    ]
     keys = [job_key(job_id), ACTIVE, job_id, events_key(job_id)]
-    result = _cas_script(r)(keys=keys, args=[allowed_json, terminal, events_json, STREAM_MAXLEN, *pairs])
+    result = _cas_script(r)(keys=keys, args=args)
     if result == -1:
         raise NotFound(f"unknown job {job_id!r}")
     if result == 0:
-        raise StateConflict(f"job {job_id} is no longer {' or '.join(allowed)}")
+        raise StateConflict(f"job {job_id} is no longer {' or '.join(allowed)}" + (" and idle" if idle else ""))
 
 
 def _cas_script(r: redis.Redis) -> Any:

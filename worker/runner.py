@@ -21,7 +21,7 @@ from celery import Task, chain
 from celery.exceptions import Ignore
 
 from drivers.config import Config
-from drivers.errors import JobCancelled, StorkError
+from drivers.errors import JobCancelled, Refused, StorkError
 from worker import events, records
 from worker.app import app, config, redis_client
 from worker.context import StepContext
@@ -128,13 +128,26 @@ def _finish_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node
         log.info("job_succeeded")
 
 
-def start_undo(r: redis.Redis, job: JobRecord, upto: int, final: JobState, error: str) -> None:
-    """Fail or cancel a job: undo steps 0..upto in reverse (those that have an undo)."""
+def cancel(r: redis.Redis, job_id: str) -> JobRecord:
+    """Ask a job to stop. A running step sees the flag (long steps between chunks); a job
+    between steps (whose next step may wait for a node that is down) is undone at once."""
+    job = records.load(r, job_id)
+    if job.state.terminal or job.state == JobState.UNDOING:
+        raise Refused(f"job {job.id} is {job.state} already")
+    records.request_cancel(r, job_id)
+    if job.current is None:
+        start_undo(r, job, job.done - 1, JobState.CANCELLED, "cancelled by user", idle=True)
+    return records.load(r, job_id)
+
+
+def start_undo(r: redis.Redis, job: JobRecord, upto: int, final: JobState, error: str, idle: bool = False) -> None:
+    """Fail or cancel a job: undo steps 0..upto in reverse (those that have an undo).
+    With `idle`, only if no step is in progress (else that step sees the cancel flag)."""
     kind = KINDS[job.kind]
     undo = [i for i in range(upto, -1, -1) if kind.steps[i].undo is not None]
     try:
         records.transition(
-            r, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.UNDOING,
+            r, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.UNDOING, idle=idle,
             events=[events.make(job.id, job.kind, "failed", state=JobState.UNDOING, message=error)],
             error=error, final=str(final), undo=undo, undone=[], current=None,
         )

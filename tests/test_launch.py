@@ -1,0 +1,93 @@
+"""`make run`'s pieces: the launcher, the local Redis it may start, Flower's address rule."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from drivers import config
+from drivers.errors import StorkError
+from worker import flower, redis_server
+from worker.testing import ROOT, free_port, wait_for
+
+
+def test_flower_refuses_a_public_address_without_basic_auth(tmp_path):
+    """Flower listens on 127.0.0.1 by default and only elsewhere with basic auth set."""
+    cfg = config.parse("[flower]\naddress = '0.0.0.0'\n", tmp_path / "stork.toml", {"STORK_NODE": "n"})
+    message = r"flower.address = '0.0.0.0' is not a loopback address: set flower.basic_auth"
+    with pytest.raises(StorkError, match=message):
+        flower.flower_argv(cfg)
+    argv = flower.flower_argv(replace(cfg, flower_basic_auth="admin:secret"))
+    assert "--address=0.0.0.0" in argv and not any("secret" in a for a in argv)  # secret goes by env
+    default = config.parse("", tmp_path / "stork.toml", {"STORK_NODE": "n"})
+    assert "--address=127.0.0.1" in flower.flower_argv(default)
+
+
+def test_the_local_redis_is_only_started_for_a_local_url(tmp_path):
+    """stork starts redis-server on the configured loopback port, never for a remote URL."""
+    argv = redis_server.argv_for("redis://127.0.0.1:6399/0", str(tmp_path))
+    assert argv[1:5] == ["--bind", "127.0.0.1", "--port", "6399"]
+    assert "noeviction" in argv
+    with pytest.raises(StorkError, match="is not local"):
+        redis_server.argv_for("redis://10.1.2.3:6379/0", str(tmp_path))
+
+
+def test_make_run_starts_a_working_system_from_nothing(tmp_path):
+    """The launcher writes the default config, starts Redis, worker, beat and Flower, serves
+    a clone through the CLI, and Ctrl-C stops everything it started."""
+    cfg_file = tmp_path / "stork.toml"
+    cfg_file.write_text(config.DEFAULT_CONFIG.replace("6379", str(free_port()))
+                        + f"\n[flower]\nport = {free_port()}\n")
+    env = {**os.environ, "STORK_CONFIG": str(cfg_file), "STORK_NODE": "solo", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "worker.launch"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "solo@" in log.read_text() and " ready." in log.read_text(), 60, "the worker")
+        stork = [sys.executable, "-m", "producer.cli"]
+        commands = (["guest", "create", "100", "--disk", "scsi0=local:64M"], ["template", "100"],
+                    ["clone", "100", "101"])
+        for args in commands:
+            done = subprocess.run([*stork, *args], env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+            assert done.returncode == 0, done.stderr + log.read_text()[-3000:]
+        assert (tmp_path / "var/images/101/vm-101-disk-0.qcow2").exists()
+        text = log.read_text()
+        assert all(f"{name}.1 started" in text for name in ("redis", "worker", "beat", "flower"))
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+    group_left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True, check=False)
+    assert group_left.stdout.strip() == ""
+    subprocess.run(["chattr", "-R", "-i", str(tmp_path)], capture_output=True, check=False)
+
+
+def test_a_missing_config_is_one_line_for_every_entry_point(tmp_path):
+    """Without a config file, the CLI and the worker say so in one line and exit non-zero."""
+    env = {**os.environ, "STORK_CONFIG": str(tmp_path / "none.toml")}
+    for argv in (["-m", "producer.cli", "guest", "list"], ["-m", "worker.main"]):
+        done = subprocess.run([sys.executable, *argv], env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+        assert done.returncode != 0
+        assert "none.toml: config file not found" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_an_unreachable_redis_is_one_clear_line(tmp_path):
+    """Submitting while Redis does not answer names the URL."""
+    env = {**os.environ, "STORK_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    done = subprocess.run([sys.executable, "-m", "producer.cli", "guest", "create", "100", "--disk", "scsi0=local:1G"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert done.returncode == 1
+    assert done.stderr.startswith("stork: cannot reach Redis at redis://127.0.0.1:")
+
+
+def test_paths_in_the_default_config_are_under_var(tmp_path: Path):
+    """The embedded default keeps everything under ./var next to the config."""
+    cfg = config.parse(config.DEFAULT_CONFIG, tmp_path / "stork.toml", {"STORK_NODE": "n"})
+    assert cfg.storage("local").path == tmp_path / "var/images"
+    assert cfg.guests_dir == tmp_path / "var/guests"
