@@ -202,6 +202,7 @@ SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]
                                      "delete_source": a.delete_source}),
     "disk.resize": lambda a: ("resize", {"volid": a.volid, "size": a.size}),
     "volume.free": lambda a: ("free", {"volid": a.volid}),
+    "ping": lambda a: ("ping", {"node": a.node}),
 }
 
 
@@ -279,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(disk, "resize", _submitter("disk.resize"), "grow a volume", True)
     p.add_argument("volid")
     p.add_argument("size")
+
+    p = command(sub, "ping", _submitter("ping"), "check that a node's worker serves jobs", True)
+    p.add_argument("--node", help="the node to reach (default: this one)")
 
     job = group("job", "jobs")
     command(job, "list", cmd_job_list, "recent jobs").add_argument("--limit", type=int, default=50)

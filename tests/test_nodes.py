@@ -3,9 +3,12 @@ shared-storage steps on any, and a storage is never used from a node it does not
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from drivers.errors import Refused
+from producer.client import JobTimeout
 from worker.runner import KINDS
 
 
@@ -56,3 +59,21 @@ def test_reading_another_nodes_local_storage_is_refused(stork):
     code, _, err = stork("volume", "list", "local2")
     assert code == 1
     assert err.strip() == "stork: storage 'local2' is local to node(s) node2: it cannot be read from node 'node1'"
+
+
+def test_ping_reaches_the_named_nodes_worker(stork):
+    """`stork ping --node node2` runs its node step on node2 and its shared steps anywhere."""
+    code, out, err = stork("--json", "ping", "--node", "node2")
+    assert code == 0, err
+    job = json.loads(out)
+    assert job["ran_on"]["pong_node"] == "node2" and job["queues"] == ["shared", "node.node2", "shared"]
+    assert job["result"]["pong_node"] == "node2"
+
+
+def test_ping_of_a_node_without_a_worker_waits_and_can_be_cancelled(client):
+    """A ping to a node nobody serves stays unfinished (it is not lost) until cancelled."""
+    job = client.submit("ping", node="node9")
+    with pytest.raises(JobTimeout):
+        client.wait(job.id, timeout=1.5)
+    client.cancel(job.id)
+    assert client.wait(job.id, timeout=10).state == "cancelled"

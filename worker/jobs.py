@@ -45,7 +45,7 @@ class JobKind:
         assert len(set(names_)) == len(names_), f"{self.name}: step names must be unique"
 
     def queues(self, params: dict[str, Any], cfg: Config) -> list[str]:
-        local = any(not cfg.storage(s).shared for s in params["storages"])
+        local = params.get("pinned") or any(not cfg.storage(s).shared for s in params["storages"])
         return [node_queue(params["node"]) if s.storage and local else SHARED_QUEUE for s in self.steps]
 
 
@@ -64,6 +64,9 @@ FREE = Step("free_volume", steps.free_volume)
 DESTROY = Step("destroy", steps.destroy_guest)
 RESIZE = Step("resize", steps.resize_volume)
 UNLOCK_GUEST = Step("unlock_guest", steps.unlock_guest, storage=False)
+PING_SHARED = Step("pong_shared", steps.pong, storage=False)
+PING_NODE = Step("pong_node", steps.pong)
+PING_BACK = Step("pong_back", steps.pong, storage=False)
 
 
 # ---- prepare: submit-time checks, one clear error each -------------------------------
@@ -285,6 +288,12 @@ def prepare_destroy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     return {"lock_vmid": guest.vmid, "node": guest.node, "storages": _check_nodes(cfg, used, guest.node)}
 
 
+def prepare_ping(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"node"}, "ping")
+    node = names.storage_id(o.get("node") or cfg.node)
+    return {"node": node, "storages": [], "pinned": True}  # its storage step runs on the node
+
+
 def prepare_resize(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     _only(o, {"volid", "size", "node"}, "resize")
     volid = str(o.get("volid"))
@@ -318,6 +327,8 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
             (FREE,), prepare_free),
     JobKind("destroy", "destroy a guest and free its disks",
             (LOCK_GUEST, DESTROY), prepare_destroy),
+    JobKind("ping", "check that a node's worker serves its queue (and the shared one)",
+            (PING_SHARED, PING_NODE, PING_BACK), prepare_ping),
     JobKind("resize", "grow a volume",
             (LOCK_GUEST, RESIZE, UNLOCK_GUEST), prepare_resize),
 ]}

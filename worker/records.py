@@ -94,8 +94,11 @@ def _encode(values: dict[str, Any]) -> dict[str, str]:
     return {k: (str(v) if k == "state" else json.dumps(v)) for k, v in values.items()}
 
 
+ID_LENGTH = 12
+
+
 def new_id() -> str:
-    return uuid.uuid4().hex[:12]
+    return uuid.uuid4().hex[:ID_LENGTH]
 
 
 def create(r: redis.Redis, record: JobRecord, event: dict[str, Any]) -> None:
@@ -121,8 +124,8 @@ def load(r: redis.Redis, job_id: str) -> JobRecord:
 
 def resolve(r: redis.Redis, prefix: str) -> str:
     """A full job id from a unique prefix, as users type ids by hand."""
-    if r.exists(job_key(prefix)):
-        return prefix
+    if len(prefix) == ID_LENGTH or r.exists(job_key(prefix)):
+        return prefix  # a whole id: load() says if it is unknown
     if not prefix.isalnum():
         raise NotFound(f"unknown job {prefix!r}")
     matches = [j for j in r.zrange(JOBS, 0, -1) if j.startswith(prefix)]

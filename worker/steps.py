@@ -181,6 +181,11 @@ def resize_volume(ctx: StepContext) -> None:
     ctx.set_result(volid=ctx.params["volid"], size=ctx.params["size"])
 
 
+def pong(ctx: StepContext) -> None:
+    """A step that does nothing but be recorded (which node ran it): the ping job."""
+    ctx.set_result(**{ctx.step: ctx.node})
+
+
 # ---- bases ---------------------------------------------------------------------------
 
 
