@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from drivers import names
 from drivers.errors import ConfigError, InvalidName, NotFound
@@ -195,6 +196,15 @@ def parse(text: str, file: Path, env: dict[str, str] | None = None) -> Config:
         flower_port=flower.get("port", 5555),
         flower_basic_auth=flower.get("basic_auth", ""),
     )
+
+
+def redact(url: str) -> str:
+    """A URL fit for messages and logs: any password replaced by ***."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def config_path(env: dict[str, str] | None = None) -> Path:

@@ -79,7 +79,9 @@ class DirDriver(Driver):
         if path.exists():
             raise AlreadyExists(f"volume {self.volid(vol)} already exists")
         path.parent.mkdir(parents=True, exist_ok=True)
-        qemu.create(path, vol.fmt, size)
+        temp = path.with_name(f".{path.name}.tmp")  # a half-made image never has a volume's name
+        qemu.create(temp, vol.fmt, size)
+        os.rename(temp, path)
 
     def free(self, vol: VolName) -> None:
         path = self.path(vol)
@@ -96,8 +98,8 @@ class DirDriver(Driver):
         if dst.exists():
             raise AlreadyExists(f"base image {self.volid(base)} already exists")
         dst.parent.mkdir(parents=True, exist_ok=True)
-        src.chmod(0o444)
         os.rename(src, dst)
+        dst.chmod(0o444)
         _set_immutable(dst, True)
 
     def unmake_base(self, base: VolName, vol: VolName) -> None:

@@ -139,6 +139,6 @@ def volname(text: str) -> VolName:
     if folder == "base":
         return VolName(None, stem, fmt)
     owner = vmid(folder) if folder.isdigit() else None
-    if owner is None or not stem.startswith(f"vm-{owner}-"):
-        raise bad
+    if owner is None or folder != str(owner) or not stem.startswith(f"vm-{owner}-"):
+        raise bad  # one spelling per volume: '0100/...' would dodge the in-use checks
     return VolName(owner, stem, fmt)

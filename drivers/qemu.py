@@ -79,6 +79,10 @@ def detect_image(path: Path) -> tuple[str, int]:
         raise InvalidName(f"{path}: not a disk image (size {vsize} is not a multiple of 512 bytes)")
     if fmt not in ("raw", "qcow2"):
         raise InvalidName(f"{path}: unsupported image format {fmt!r} (expected raw or qcow2)")
+    # An image that reads another file would let its author copy that file (any the worker
+    # can read) into a guest disk.
+    if data.get("backing-filename") or data.get("format-specific", {}).get("data", {}).get("data-file"):
+        raise InvalidName(f"{path}: images with a backing or data file cannot be imported")
     return fmt, vsize
 
 

@@ -50,7 +50,7 @@ class Client:
         try:
             return runner.submit(kind, options, self.cfg, self.r)
         except redis.RedisError as e:
-            raise StorkError(f"cannot reach Redis at {self.cfg.redis_url}: {e}") from None
+            raise StorkError(f"cannot reach Redis at {config_module.redact(self.cfg.redis_url)}: {e}") from None
 
     def job(self, job_id: str) -> JobRecord:
         return records.load(self.r, records.resolve(self.r, job_id))

@@ -69,9 +69,12 @@ def test_killing_the_process_running_the_copy_redelivers_and_completes(client, v
     during = copying(client, job.id)
     pid = int(during.current["worker"].rsplit(":", 1)[1])
     assert pid != crash_worker["worker"].proc.pid
+    half_copied = volume_path(during.ctx["made"]["scsi0"]).stat().st_ino
     os.kill(pid, signal.SIGKILL)
     job = client.wait(job.id, timeout=120)
     assert job.state == "succeeded", job.error
     assert job.attempts[str(job.steps.index("copy_data"))] == 2
+    # the redelivered copy went into a freshly allocated target, not the half-written one
+    assert volume_path(job.result["disks"]["scsi0"]).stat().st_ino != half_copied
     assert qemu_same(volume_path(source), volume_path(job.result["disks"]["scsi0"]))
     wait_for(lambda: client.guest(g).lock == "", 5, "source unlocked")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from tests.conftest import BASE, storage_path
 from tests.helpers import PATTERN_MIB, guest_data_sha, qemu_check, qemu_io_write, qemu_same, volume_path
 from worker.testing import ROOT, wait_for
@@ -259,12 +261,58 @@ class TestJobs:
         assert bad.stderr.strip() == "stork: invalid guest id '12': expected a number from 100 to 999999999"
 
 
-def test_guest_configs_are_written_atomically(client, vmid):
-    """No temp file stays behind in the guests directory after jobs ran."""
+def test_guest_configs_are_replaced_whole_never_rewritten_in_place(client, vmid):
+    """Each config change is a new file renamed over the old one (a reader never sees half a
+    config), and no temp file stays behind."""
     g = vmid()
     client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
-    wait_for(lambda: client.guest(g).lock == "", 5, "unlock")
+    path = BASE / "guests" / f"{g}.toml"
+    with open(path) as old:  # a reader holding the config while jobs change it
+        before = old.read()
+        assert client.run("resize", volid=f"local:{g}/vm-{g}-disk-0.raw", size="16M").state == "succeeded"
+        assert os.fstat(old.fileno()).st_nlink == 0  # replaced by rename, not rewritten in place
+        old.seek(0)
+        assert old.read() == before
+    assert client.guest(g).lock == ""
     assert not [p for p in (BASE / "guests").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_move_whose_source_cannot_be_freed_still_stands(client, vmid):
+    """--delete-source runs after the move is committed: a source that cannot be freed is
+    kept as unused and reported; the guest keeps its new disk."""
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    source = storage_path("local") / f"{g}/vm-{g}-disk-0.raw"
+    subprocess.run(["chattr", "+i", str(source)], check=True)
+    try:
+        job = client.run("move", vmid=g, disk="scsi0", storage="shared", delete_source=True)
+    finally:
+        subprocess.run(["chattr", "-i", str(source)], check=True)
+    assert job.state == "succeeded", job.error
+    assert "kept local:" in job.result["warning"]
+    guest = client.guest(g)
+    assert guest.disks["scsi0"].startswith("shared:") and guest.unused == (f"local:{g}/vm-{g}-disk-0.raw",)
+    assert volume_path(guest.disks["scsi0"]).exists() and source.exists()
+
+
+def test_a_guest_changed_after_submit_is_refused_by_the_step(client, vmid):
+    """The step re-reads the guest under its lock: disks that changed since submit stop the job."""
+    from drivers.errors import Refused
+    from worker import records
+    from worker.context import StepContext
+    from worker.records import JobRecord, JobState
+    from worker.steps import lock_guest
+
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    job = JobRecord(id=records.new_id(), kind="template", node="node1", steps=["lock_guest"], queues=["shared"],
+                    params={"lock_vmid": g, "expect_disks": {"scsi0": "local:1/vm-1-disk-0.raw"}},
+                    state=JobState.RUNNING, current={"worker": "test:1"})
+    records.create(client.r, job, {"phase": "queued"})
+    ctx = StepContext(job=job, cfg=client.cfg, r=client.r, node="node1", step="lock_guest", worker="test:1")
+    with pytest.raises(Refused, match=f"guest {g} changed since the job was submitted"):
+        lock_guest(ctx)
+    assert client.guest(g).lock == ""
 
 
 class TestReads:

@@ -32,10 +32,19 @@ def test_flower_refuses_a_public_address_without_basic_auth(tmp_path):
 def test_the_local_redis_is_only_started_for_a_local_url(tmp_path):
     """stork starts redis-server on the configured loopback port, never for a remote URL."""
     argv = redis_server.argv_for("redis://127.0.0.1:6399/0", str(tmp_path))
-    assert argv[1:5] == ["--bind", "127.0.0.1", "--port", "6399"]
+    assert argv[2:6] == ["--bind", "127.0.0.1", "--port", "6399"]
     assert "noeviction" in argv
-    with pytest.raises(StorkError, match="is not local"):
-        redis_server.argv_for("redis://10.1.2.3:6379/0", str(tmp_path))
+    with pytest.raises(StorkError, match=r"Redis at redis://:\*\*\*@10.1.2.3:6379/0 is not local"):
+        redis_server.argv_for("redis://:hunter2@10.1.2.3:6379/0", str(tmp_path))
+
+
+def test_a_redis_password_goes_to_a_private_file_not_the_command_line(tmp_path):
+    """The local Redis gets the URL's password through a 0600 config file."""
+    argv = redis_server.argv_for("redis://:hunter2@127.0.0.1:6399/0", str(tmp_path))
+    conf = Path(argv[1])
+    assert not any("hunter2" in a for a in argv)
+    assert conf.read_text() == "requirepass hunter2\n" and conf.stat().st_mode & 0o777 == 0o600
+    assert config.redact("redis://user:hunter2@host:1/0") == "redis://user:***@host:1/0"
 
 
 def test_make_run_starts_a_working_system_from_nothing(tmp_path):

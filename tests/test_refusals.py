@@ -3,6 +3,8 @@ no file on any storage, no guest config, no half-made job left behind."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from tests.conftest import BASE
@@ -14,19 +16,26 @@ def world(client):
     """G: a guest; T: a template with a linked clone C; L: a guest locked by another job."""
     from drivers.guests import GuestStore
 
-    ids = {"G": 90001, "T": 90002, "C": 90003, "L": 90004}
-    for name in ("G", "T", "L"):
+    ids = {"G": 90001, "T": 90002, "C": 90003, "L": 90004, "TL": 90005}
+    for name in ("G", "T", "L", "TL"):
         job = client.run("create", vmid=ids[name], disks={"scsi0": {"storage": "local", "size": "16M"}})
         assert job.state == "succeeded", job.error
     assert client.run("template", vmid=ids["T"]).state == "succeeded"
     assert client.run("linked_clone", vmid=ids["T"], newid=ids["C"]).state == "succeeded"
+    assert client.run("template", vmid=ids["TL"]).state == "succeeded"
     store = GuestStore(BASE / "guests")
     with store.editing(ids["L"]) as box:
         box[0] = box[0].with_(lock="backup", lock_job="someone-else")
+    with store.editing(ids["TL"]) as box:
+        box[0] = box[0].with_(lock="destroy", lock_job="someone-else")
+    backed = BASE / "backed.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/hostname", "-F", "raw", str(backed)],
+                   check=True)
     not_an_image = BASE / "notes.txt"
     not_an_image.write_text("these are not the sectors you are looking for\n")
     return {**ids, "base": f"local:base/base-{ids['T']}-disk-0.raw",
-            "gdisk": f"local:{ids['G']}/vm-{ids['G']}-disk-0.raw", "text": str(not_an_image)}
+            "gdisk": f"local:{ids['G']}/vm-{ids['G']}-disk-0.raw", "text": str(not_an_image),
+            "backed": str(backed)}
 
 
 REFUSALS = [
@@ -71,6 +80,12 @@ REFUSALS = [
     ("unparseable size", "guest create 91013 --disk scsi0=local:lots", "invalid size 'lots'"),
     ("shrinking", "disk resize {gdisk} 1M", "{gdisk}: shrinking is not supported (would lose data)"),
     ("not a disk image", "guest import 91014 --disk scsi0={text}", "{text}: not a disk image"),
+    ("image reading another file", "guest import 91019 --disk scsi0={backed}",
+     "{backed}: images with a backing or data file cannot be imported"),
+    ("zero-padded guest id in a volume", "volume free local:0{G}/vm-{G}-disk-0.raw",
+     "invalid volume name '0{G}/vm-{G}-disk-0.raw'"),
+    ("linked clone of a locked template", "clone {TL} 91021", "guest {TL} is locked (destroy)"),
+    ("bad guest name", "clone {T} 91022 --name a/b", "invalid guest name 'a/b'"),
     ("missing image file", "guest import 91015 --disk scsi0=/nonexistent.raw", "/nonexistent.raw: not a regular file"),
     ("storage of another node", "guest create 91016 --disk scsi0=local2:1G",
      "storage 'local2' is local to node(s) node2: it does not exist on node 'node1'"),
@@ -105,3 +120,21 @@ def test_a_refusal_at_submit_creates_no_job(stork, world, client):
 def test_the_locked_guest_keeps_its_lock(client, world):
     """A refused conversion leaves another job's lock in place."""
     assert client.guest(world["L"]).lock == "backup"
+
+
+def test_freeing_a_base_with_linked_clones_lists_them(stork, client, vmid):
+    """A base no guest uses any more (its template's config is gone) still cannot be freed
+    while clones read through it; the error names every clone."""
+    t, c1, c2 = vmid(), vmid(), vmid()
+    assert client.run("create", vmid=t, disks={"scsi0": {"storage": "local", "size": "8M"}}).state == "succeeded"
+    assert client.run("template", vmid=t).state == "succeeded"
+    for c in (c1, c2):
+        assert client.run("linked_clone", vmid=t, newid=c).state == "succeeded"
+    (BASE / "guests" / f"{t}.toml").unlink()  # an operator removed the template's config by hand
+    base = f"local:base/base-{t}-disk-0.raw"
+    before = snapshot()
+    code, out, _ = stork("volume", "free", base)
+    assert code == 1
+    assert (f"{base} is a base image with 2 linked clone(s): local:{c1}/vm-{c1}-disk-0.qcow2, "
+            f"local:{c2}/vm-{c2}-disk-0.qcow2") in out
+    assert snapshot() == before

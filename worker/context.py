@@ -31,6 +31,7 @@ class StepContext:
     r: redis.Redis
     node: str  # the node this step runs on
     step: str
+    worker: str  # host:pid of the process running the step
     attempt: int = 1
     task: Task | None = None
     _last_progress: float = field(default=0.0, repr=False)
@@ -50,8 +51,13 @@ class StepContext:
         return GuestStore(self.cfg.guests_dir, self.cfg.lock_timeout)
 
     def save(self) -> None:
-        """Persist `data` now: call it before creating anything, so undo can find it."""
-        records.update(self.r, self.job.id, ctx=self.job.ctx)
+        """Persist `data` now: call it before creating anything, so undo can find it.
+        StateConflict (the step stops) if the job was taken from this step meanwhile."""
+        if self.job.state == records.JobState.UNDOING:
+            records.update(self.r, self.job.id, ctx=self.job.ctx)  # an undo step: the job is ours
+        else:
+            records.transition(self.r, self.job.id, (records.JobState.RUNNING,), guard={"owner": self.worker},
+                               ctx=self.job.ctx)
 
     def set_result(self, **values: Any) -> None:
         """Add to the job's result (stored when the step ends)."""
@@ -64,6 +70,11 @@ class StepContext:
         structlog.contextvars.bind_contextvars(storage=storage_id)
         return driver_for(storage)
 
+    def volname(self, volid: str) -> VolName:
+        """Parse a volume id without touching the storage (fine from any node)."""
+        vid = volume_id(volid)
+        return driver_for(self.cfg.storage(vid.storage)).parse_volname(vid.volname)
+
     def volume(self, volid: str) -> tuple[Driver, VolName]:
         vid = volume_id(volid)
         drv = self.driver(vid.storage)
@@ -72,6 +83,15 @@ class StepContext:
     @contextlib.contextmanager
     def storage_lock(self, drv: Driver) -> Iterator[None]:
         with locks.storage_lock(self.cfg, self.r, drv.storage):
+            yield
+
+    @contextlib.contextmanager
+    def storage_locks(self, drivers: list[Driver]) -> Iterator[None]:
+        """The locks of several storages, taken in name order (so two jobs cannot deadlock)."""
+        unique = {d.storage.id: d for d in drivers}
+        with contextlib.ExitStack() as stack:
+            for sid in sorted(unique):
+                stack.enter_context(self.storage_lock(unique[sid]))
             yield
 
     def check_cancel(self) -> None:

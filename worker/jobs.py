@@ -31,6 +31,7 @@ class Step:
     run: StepFn
     undo: StepFn | None = None
     storage: bool = True
+    commit: bool = False  # once done, the job's effect stands: later failures undo nothing before it
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,10 @@ ALLOCATE = Step("allocate", steps.allocate_disks, steps.free_made)
 LINK = Step("link_disks", steps.link_disks, steps.free_made)
 COPY = Step("copy_data", steps.copy_data)  # its target is freed by ALLOCATE's undo
 VERIFY = Step("verify_copy", steps.verify_copy)
-COMMIT_NEW = Step("commit_guest", steps.commit_new_guest, storage=False)
+COMMIT_NEW = Step("commit_guest", steps.commit_new_guest, storage=False, commit=True)
 MAKE_BASES = Step("make_bases", steps.make_bases, steps.unmake_bases)
-COMMIT_BASES = Step("commit_guest", steps.commit_bases, storage=False)
-SWITCH = Step("switch_disks", steps.switch_disks, steps.unswitch_disks, storage=False)
+COMMIT_BASES = Step("commit_guest", steps.commit_bases, storage=False, commit=True)
+SWITCH = Step("switch_disks", steps.switch_disks, steps.unswitch_disks, storage=False, commit=True)
 FREE_SOURCES = Step("free_sources", steps.free_sources)
 FREE = Step("free_volume", steps.free_volume)
 DESTROY = Step("destroy", steps.destroy_guest)
@@ -84,6 +85,10 @@ def _store(cfg: Config) -> GuestStore:
 
 def _guest(cfg: Config, vmid: Any) -> Guest:
     return _store(cfg).read(names.vmid(vmid))
+
+
+def _name(o: dict[str, Any]) -> str:
+    return names.image_name(o["name"], "guest name") if o.get("name") else ""
 
 
 def _new_vmid(cfg: Config, vmid: Any) -> int:
@@ -135,8 +140,7 @@ def prepare_create(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
             "format": _format(cfg, storage, spec.get("format")), "owner": vmid,
         }
     storages = _check_nodes(cfg, {d["storage"] for d in disks.values()}, node)
-    return {"new_vmid": vmid, "name": names.image_name(o["name"], "guest name") if o.get("name") else "",
-            "node": node, "disks": disks, "storages": storages}
+    return {"new_vmid": vmid, "name": _name(o), "node": node, "disks": disks, "storages": storages}
 
 
 def prepare_import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -154,14 +158,14 @@ def prepare_import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
             "format": _format(cfg, storage, spec.get("format"), default=src_fmt), "owner": vmid,
         }
     storages = _check_nodes(cfg, {d["storage"] for d in disks.values()}, node)
-    return {"new_vmid": vmid, "name": o.get("name") or "", "node": node, "disks": disks, "storages": storages}
+    # the source file is on this node: every step that reads it runs here
+    return {"new_vmid": vmid, "name": _name(o), "node": node, "disks": disks, "storages": storages, "pinned": True}
 
 
 def _clone_source(cfg: Config, o: dict[str, Any]) -> tuple[Guest, int]:
     source = _guest(cfg, o.get("vmid"))
     newid = _new_vmid(cfg, o.get("newid"))
-    if source.lock and not source.template:
-        raise Refused(f"guest {source.vmid} is locked ({source.lock})")
+    source.require_unlocked()
     return source, newid
 
 
@@ -183,7 +187,7 @@ def prepare_linked_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         drv.require_feature("linked_clone", vol)
         disks[key] = {"source": volid, "storage": storage, "owner": newid}
     storages = _check_nodes(cfg, {d["storage"] for d in disks.values()}, source.node)
-    return {"vmid": source.vmid, "new_vmid": newid, "name": o.get("name") or "", "node": source.node,
+    return {"vmid": source.vmid, "new_vmid": newid, "name": _name(o), "node": source.node,
             "disks": disks, "storages": storages}
 
 
@@ -199,8 +203,8 @@ def prepare_full_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
                       "format": _format(cfg, dest, o.get("format"), default=vol.fmt)}
         used |= {storage, dest}
     storages = _check_nodes(cfg, used, source.node)
-    return {"vmid": source.vmid, "new_vmid": newid, "name": o.get("name") or "", "node": source.node,
-            "lock_vmid": None if source.template else source.vmid,
+    return {"vmid": source.vmid, "new_vmid": newid, "name": _name(o), "node": source.node,
+            "lock_vmid": None if source.template else source.vmid, "expect_disks": source.disks,
             "disks": disks, "storages": storages}
 
 
@@ -217,6 +221,7 @@ def prepare_base(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     owner = _owner_of(cfg, volid)
     node = owner.node if owner else (o.get("node") or cfg.node)
     return {"lock_vmid": owner.vmid if owner else None, "refuse_template": "converting its disks",
+            "expect_disks": owner.disks if owner else None,
             "bases": {"disk": {"source": volid, "name": name}}, "node": node,
             "storages": _check_nodes(cfg, {storage}, node)}
 
@@ -234,7 +239,8 @@ def prepare_template(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
             driver_for(cfg.storage(storage)).require_feature("make_base", vol)
             bases[key] = {"source": volid, "name": None}
     return {"lock_vmid": guest.vmid, "refuse_template": "making it a template again", "make_template": True,
-            "bases": bases, "node": guest.node, "storages": _check_nodes(cfg, used, guest.node)}
+            "expect_disks": guest.disks, "bases": bases, "node": guest.node,
+            "storages": _check_nodes(cfg, used, guest.node)}
 
 
 def prepare_copy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -266,7 +272,7 @@ def prepare_move(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     fmt = _format(cfg, dest, o.get("format"), vol.fmt)
     if dest == storage and fmt == vol.fmt:
         raise Refused(f"{volid} is already on {dest!r} as {fmt}")
-    return {"lock_vmid": guest.vmid, "refuse_template": "moving its disks",
+    return {"lock_vmid": guest.vmid, "refuse_template": "moving its disks", "expect_disks": guest.disks,
             "disks": {key: {"source": volid, "storage": dest, "owner": guest.vmid, "format": fmt}},
             "delete_source": bool(o.get("delete_source")), "node": guest.node,
             "storages": _check_nodes(cfg, {storage, dest}, guest.node)}
@@ -285,7 +291,8 @@ def prepare_destroy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     guest = _guest(cfg, o.get("vmid"))
     guest.require_unlocked()
     used = {names.volume_id(v).storage for v in [*guest.disks.values(), *guest.unused]}
-    return {"lock_vmid": guest.vmid, "node": guest.node, "storages": _check_nodes(cfg, used, guest.node)}
+    return {"lock_vmid": guest.vmid, "node": guest.node, "expect_disks": guest.disks,
+            "storages": _check_nodes(cfg, used, guest.node)}
 
 
 def prepare_ping(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -303,6 +310,7 @@ def prepare_resize(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     node = owner.node if owner else (o.get("node") or cfg.node)
     return {"volid": volid, "size": names.size(o.get("size", "")), "node": node,
             "lock_vmid": owner.vmid if owner else None, "refuse_template": "writing its disks",
+            "expect_disks": owner.disks if owner else None,
             "storages": _check_nodes(cfg, {storage}, node)}
 
 

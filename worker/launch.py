@@ -54,7 +54,7 @@ def main() -> None:
     except StorkError as e:
         sys.exit(f"stork: {e}")
     env = {**os.environ, "STORK_CONFIG": str(cfg.file), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    print(f"stork: node {cfg.node}, Redis {cfg.redis_url}, Flower http://{cfg.flower_address}:{cfg.flower_port}",
+    print(f"stork: node {cfg.node}, Redis {config.redact(cfg.redis_url)}, Flower http://{cfg.flower_address}:{cfg.flower_port}",
           file=sys.stderr)
     argv = [sys.executable, "-m", "honcho", "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "start", *processes]
     os.execve(sys.executable, argv, env)

@@ -140,12 +140,16 @@ def update(r: redis.Redis, job_id: str, **values: Any) -> None:
 
 
 # KEYS: job hash, active set, job id, event stream. ARGV: allowed states (JSON), "1" when
-# the new state is terminal, events (JSON list of JSON strings), stream cap, "1" when no step
-# may be in progress, then the fields to set.
+# the new state is terminal, events (JSON list of JSON strings), stream cap, guard (JSON,
+# see transition), then the fields to set.
 _CAS = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return -1 end
-if ARGV[5] == '1' and redis.call('HGET', KEYS[1], 'current') ~= 'null' then return 0 end
+local guard = cjson.decode(ARGV[5])
+local current = redis.call('HGET', KEYS[1], 'current')
+if guard.idle and current ~= 'null' then return 0 end
+if guard.done and tonumber(redis.call('HGET', KEYS[1], 'done')) ~= guard.done then return 0 end
+if guard.owner and (current == 'null' or cjson.decode(current).worker ~= guard.owner) then return 0 end
 for _, allowed in ipairs(cjson.decode(ARGV[1])) do
   if allowed == state then
     if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
@@ -167,12 +171,13 @@ def transition(
     allowed: tuple[JobState, ...],
     to: JobState | None = None,
     events: list[dict[str, Any]] | tuple[dict[str, Any], ...] = (),
-    idle: bool = False,
+    guard: dict[str, Any] | None = None,
     **values: Any,
 ) -> None:
-    """Atomically set fields (and the state) if the job is in one of `allowed` states (and,
-    with `idle`, no step is in progress), publishing `events` with the change, so no
-    watcher sees one without the other.
+    """Atomically set fields (and the state) if the job is in one of `allowed` states and
+    passes the guard, publishing `events` with the change (no watcher sees one without the
+    other). Guard keys: `idle` (no step in progress), `done` (exactly that many steps done),
+    `owner` (the step in progress is this worker's).
 
     A terminal state also takes the job out of the active set. StateConflict when the job
     has moved on (e.g. reconciliation failed it while a late redelivery ran).
@@ -185,7 +190,7 @@ def transition(
         "1" if to is not None and to.terminal else "0",
         json.dumps([json.dumps(e) for e in events]),
         STREAM_MAXLEN,
-        "1" if idle else "0",
+        json.dumps(guard or {}),
         *pairs,
     ]
     keys = [job_key(job_id), ACTIVE, job_id, events_key(job_id)]
@@ -193,7 +198,7 @@ def transition(
     if result == -1:
         raise NotFound(f"unknown job {job_id!r}")
     if result == 0:
-        raise StateConflict(f"job {job_id} is no longer {' or '.join(allowed)}" + (" and idle" if idle else ""))
+        raise StateConflict(f"job {job_id} is no longer {' or '.join(allowed)}" + (f" ({guard})" if guard else ""))
 
 
 def _cas_script(r: redis.Redis) -> Any:

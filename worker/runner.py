@@ -2,10 +2,12 @@
 
 A job's forward steps travel as one Celery chain of immutable signatures, each with its
 queue set explicitly (a chain's later steps do not inherit the first one's queue). The job
-record is the truth: a step first checks it (a redelivered step that finds its work done
-returns; one whose job already failed stops the chain), and records which node ran it.
-When a step fails or sees a cancel request, the steps done so far are undone in reverse,
-as a second chain of undo tasks on the same queues, ended by `stork.job.finalize`.
+record is the truth: a step starts only if exactly the steps before it are done and no live
+process holds it (so a duplicate or a late redelivery never runs beside the original), and
+records which node and process run it. A step that finds itself done already returns.
+When a step fails or sees a cancel request, the steps done so far are undone in reverse (back
+to the last completed commit step, after which the job's effect stands), as a second chain
+of undo tasks on the same queues, ended by `stork.job.finalize`.
 """
 
 from __future__ import annotations
@@ -62,13 +64,27 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis)
     return record
 
 
-def _worker_id() -> str:
+def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def holder_alive(holder: str | None) -> bool:
+    """Is the process recorded as running a step still alive? Only knowable on its own host:
+    a holder on another host counts as gone (its steps there are quick config edits)."""
+    if not holder:
+        return False
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or f"{host}:{pid}" == worker_id():
+        return False
+    try:
+        return b"celery" in open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return False
 
 
 def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     cfg, r = config(), redis_client()
-    step = kind.steps[index]
+    step, node, me = kind.steps[index], cfg.node, worker_id()
     try:
         job = records.load(r, job_id)
     except StorkError:
@@ -77,30 +93,39 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     if job.state not in (JobState.QUEUED, JobState.RUNNING):
         raise Ignore()  # failed, cancelled or being undone meanwhile: stop the chain
     if job.done > index:
-        return  # redelivered after it finished
+        return  # a redelivery or duplicate of a finished step: the chain goes on harmlessly
+    holder = (job.current or {}).get("worker")
+    if job.done < index or holder_alive(holder):
+        raise Ignore()  # a duplicate ahead of its turn, or the step runs in a live process
     if job.cancel:
-        start_undo(r, job, index - 1, JobState.CANCELLED, "cancelled by user")
+        start_undo(r, job, index if str(index) in job.attempts else index - 1, JobState.CANCELLED,
+                   "cancelled by user")
         raise Ignore()
-    node = cfg.node
     attempt = job.attempts.get(str(index), 0) + 1
     job.attempts[str(index)] = attempt
     job.ran_on[step.name] = node
-    current = {"step": index, "name": step.name, "node": node, "worker": _worker_id(), "attempt": attempt}
+    job.current = {"step": index, "name": step.name, "node": node, "worker": me, "attempt": attempt}
     structlog.contextvars.bind_contextvars(job_id=job_id, kind=kind.name, step=step.name, node=node)
-    records.transition(
-        r, job_id, (JobState.QUEUED, JobState.RUNNING), JobState.RUNNING,
-        events=[events.make(job_id, kind.name, "start", step=step.name, node=node, attempt=attempt)],
-        current=current, attempts=job.attempts, ran_on=job.ran_on, started=job.started or time.time(),
-    )
+    try:
+        records.transition(
+            r, job_id, (JobState.QUEUED, JobState.RUNNING), JobState.RUNNING,
+            events=[events.make(job_id, kind.name, "start", step=step.name, node=node, attempt=attempt)],
+            guard={"done": index, **({"owner": holder} if holder else {"idle": True})},
+            current=job.current, attempts=job.attempts, ran_on=job.ran_on, started=job.started or time.time(),
+        )
+    except StateConflict:
+        raise Ignore() from None  # another process took it first
     if attempt > MAX_ATTEMPTS:
         start_undo(r, job, index, JobState.FAILED, f"step {step.name} was interrupted {attempt - 1} times")
         raise Ignore()
-    ctx = StepContext(job=job, cfg=cfg, r=r, node=node, step=step.name, attempt=attempt, task=task)
+    ctx = StepContext(job=job, cfg=cfg, r=r, node=node, step=step.name, worker=me, attempt=attempt, task=task)
     try:
         step.run(ctx)
     except JobCancelled:
         start_undo(r, job, index, JobState.CANCELLED, "cancelled by user")
         raise Ignore() from None
+    except StateConflict:
+        raise Ignore() from None  # the job was taken from this step (reconciled): its undo owns it
     except StorkError as e:
         start_undo(r, job, index, JobState.FAILED, str(e))
         raise
@@ -108,10 +133,10 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
         log.exception("step_crashed")
         start_undo(r, job, index, JobState.FAILED, f"internal error in step {step.name}: {e!r}")
         raise
-    _finish_step(r, job, kind, index, node)
+    _finish_step(r, job, kind, index, node, me)
 
 
-def _finish_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node: str) -> None:
+def _finish_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node: str, me: str) -> None:
     last = index == len(kind.steps) - 1
     done = [events.make(job.id, kind.name, "done", step=kind.steps[index].name, node=node)]
     if last:
@@ -119,7 +144,7 @@ def _finish_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node
     try:
         records.transition(
             r, job.id, (JobState.RUNNING,), JobState.SUCCEEDED if last else None, events=done,
-            done=index + 1, current=None, ctx=job.ctx, result=job.result,
+            guard={"owner": me}, done=index + 1, current=None, ctx=job.ctx, result=job.result,
             **({"finished": time.time()} if last else {}),
         )
     except StateConflict:
@@ -136,23 +161,26 @@ def cancel(r: redis.Redis, job_id: str) -> JobRecord:
         raise Refused(f"job {job.id} is {job.state} already")
     records.request_cancel(r, job_id)
     if job.current is None:
-        start_undo(r, job, job.done - 1, JobState.CANCELLED, "cancelled by user", idle=True)
+        start_undo(r, job, job.done - 1, JobState.CANCELLED, "cancelled by user",
+                   guard={"idle": True, "done": job.done})
     return records.load(r, job_id)
 
 
-def start_undo(r: redis.Redis, job: JobRecord, upto: int, final: JobState, error: str, idle: bool = False) -> None:
-    """Fail or cancel a job: undo steps 0..upto in reverse (those that have an undo).
-    With `idle`, only if no step is in progress (else that step sees the cancel flag)."""
+def start_undo(r: redis.Redis, job: JobRecord, upto: int, final: JobState, error: str,
+               guard: dict[str, Any] | None = None) -> None:
+    """Fail or cancel a job: undo steps upto, upto-1, ... (those that have an undo), back to
+    the last commit step that completed. Does nothing if the guard fails (see transition)."""
     kind = KINDS[job.kind]
-    undo = [i for i in range(upto, -1, -1) if kind.steps[i].undo is not None]
+    committed = max((i for i in range(min(job.done, upto + 1)) if kind.steps[i].commit), default=-1)
+    undo = [i for i in range(upto, committed, -1) if kind.steps[i].undo is not None]
     try:
         records.transition(
-            r, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.UNDOING, idle=idle,
+            r, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.UNDOING, guard=guard,
             events=[events.make(job.id, job.kind, "failed", state=JobState.UNDOING, message=error)],
             error=error, final=str(final), undo=undo, undone=[], current=None,
         )
     except StateConflict:
-        return  # someone else is failing it already
+        return  # someone else is failing it already, or it moved on
     log.info("job_undo", job_id=job.id, error=error, undo=[kind.steps[i].name for i in undo])
     job.undo, job.undone = undo, []
     dispatch_undo(job)
@@ -177,10 +205,10 @@ def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     if job.state != JobState.UNDOING or index in job.undone or step.undo is None:
         return
     structlog.contextvars.bind_contextvars(job_id=job_id, kind=kind.name, step=f"undo_{step.name}", node=cfg.node)
-    current = {"undo": index, "name": step.name, "node": cfg.node, "worker": _worker_id()}
+    current = {"undo": index, "name": step.name, "node": cfg.node, "worker": worker_id()}
     records.transition(r, job_id, (JobState.UNDOING,), current=current,
                        events=[events.make(job_id, kind.name, "undo", step=step.name, node=cfg.node)])
-    ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=f"undo_{step.name}", task=task)
+    ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=f"undo_{step.name}", worker=worker_id(), task=task)
     errors = list(job.undo_errors)
     try:
         step.undo(ctx)
@@ -204,15 +232,16 @@ def finalize(job_id: str) -> None:
 
 
 def reconcile(cfg: Config, r: redis.Redis) -> list[str]:
-    """At worker start: jobs this node was running when its worker died are failed and
-    undone; interrupted undos are sent again. Returns the ids it acted on."""
+    """At worker start: jobs whose step was in progress on this node in a process that is gone
+    (its worker died) are failed and undone; interrupted undos are sent again. Returns the
+    ids it acted on."""
     acted = []
     for job_id in records.active_ids(r):
         try:
             job = records.load(r, job_id)
         except StorkError:
             continue
-        if not job.current or job.current.get("node") != cfg.node:
+        if not job.current or job.current.get("node") != cfg.node or holder_alive(job.current.get("worker")):
             continue
         if job.state == JobState.RUNNING:
             name = job.current.get("name")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from drivers import qemu
-from drivers.errors import AlreadyExists, NotFound, Refused
+from drivers.errors import AlreadyExists, NotFound, Refused, StorkError
 from drivers.guests import Guest
 from drivers.names import VolName
 from worker.context import StepContext
@@ -19,10 +19,13 @@ from worker.context import StepContext
 
 
 def lock_guest(ctx: StepContext) -> None:
-    """Set the guest's `lock` field to this job (refusing a locked guest or a template)."""
+    """Set the guest's `lock` field to this job, refusing a guest that is locked, a template
+    (where params say so) or one whose disks changed since the job was submitted."""
     vmid = ctx.params.get("lock_vmid")
     if vmid is None:
         return
+    ctx.data["locked"] = vmid  # first: the undo (which checks lock_job) must find it
+    ctx.save()
     with ctx.guests.editing(vmid) as box:
         guest = box[0]
         if guest.lock_job == ctx.job.id:
@@ -30,11 +33,11 @@ def lock_guest(ctx: StepContext) -> None:
         guest.require_unlocked()
         if refusal := ctx.params.get("refuse_template"):
             guest.require_not_template(refusal)
-        if ctx.params.get("require_template") and not guest.template:
-            raise Refused(f"guest {vmid} is not a template: {ctx.params['require_template']}")
+        expected = ctx.params.get("expect_disks")
+        if expected is not None and guest.disks != expected:
+            raise Refused(f"guest {vmid} changed since the job was submitted (its disks are now "
+                          f"{', '.join(f'{k}={v}' for k, v in guest.disks.items()) or 'none'})")
         box[0] = guest.with_(lock=ctx.job.kind, lock_job=ctx.job.id)
-    ctx.data["locked"] = vmid
-    ctx.save()
 
 
 def unlock_guest(ctx: StepContext) -> None:
@@ -52,6 +55,8 @@ def unlock_guest(ctx: StepContext) -> None:
 def reserve_guest(ctx: StepContext) -> None:
     """Create the new guest's config, locked by this job (refused if the id is taken)."""
     vmid = ctx.params["new_vmid"]
+    ctx.data["reserved"] = vmid  # first: the undo (which checks lock_job) must find it
+    ctx.save()
     guest = Guest(vmid, ctx.params["node"], name=ctx.params.get("name", ""),
                   lock=ctx.job.kind, lock_job=ctx.job.id)
     try:
@@ -59,8 +64,6 @@ def reserve_guest(ctx: StepContext) -> None:
     except AlreadyExists:
         if ctx.guests.read(vmid).lock_job != ctx.job.id:
             raise
-    ctx.data["reserved"] = vmid
-    ctx.save()
 
 
 def unreserve_guest(ctx: StepContext) -> None:
@@ -99,13 +102,16 @@ def allocate_disks(ctx: StepContext) -> None:
 def link_disks(ctx: StepContext) -> None:
     """Create one linked clone per planned disk, reading through its base."""
     made: dict[str, str] = ctx.data.setdefault("made", {})
+    template = ctx.guests.read(ctx.params["vmid"])
+    if template.lock:  # e.g. being destroyed: its bases may be about to go
+        raise Refused(f"guest {template.vmid} is locked ({template.lock})")
     for key, plan in ctx.params["disks"].items():
         drv, base = ctx.volume(plan["source"])
-        drv.require_existing(base)
         drv.require_feature("linked_clone", base)
         if key in made and drv.exists(drv.parse_volname(made[key].split(":", 1)[1])):
             continue
         with ctx.storage_lock(drv):
+            drv.require_existing(base)  # checked under the lock that a destroy frees it under
             vol = drv.next_disk_name(plan["owner"], drv.linked_clone_format)
             made[key] = drv.volid(vol)
             ctx.save()
@@ -218,28 +224,35 @@ def unmake_bases(ctx: StepContext) -> None:
 
 
 def commit_bases(ctx: StepContext) -> None:
-    """Point the guest at its new bases (a template when all disks are), then unlock."""
+    """Point the guest at its new bases and unlock it; a template only when every disk is a
+    base (the commit point of base and template jobs)."""
     vmid = ctx.data.get("locked")
-    if vmid is not None:
-        renamed = dict(ctx.data.get("based", {}).values())
-        with ctx.guests.editing(vmid) as box:
-            guest = box[0]
-            disks = {key: renamed.get(volid, volid) for key, volid in guest.disks.items()}
-            template = guest.template or bool(ctx.params.get("make_template"))
-            box[0] = guest.with_(disks=disks, template=template, lock="", lock_job="")
-        ctx.set_result(vmid=vmid, template=template)
+    if vmid is None:
+        return
+    renamed = dict(ctx.data.get("based", {}).values())
+    with ctx.guests.editing(vmid) as box:
+        guest = box[0]
+        if guest.lock_job != ctx.job.id:
+            return  # redelivered after it finished
+        disks = {key: renamed.get(volid, volid) for key, volid in guest.disks.items()}
+        template = guest.template or bool(ctx.params.get("make_template"))
+        if template and (writable := [v for v in disks.values() if not ctx.volname(v).is_base]):
+            raise Refused(f"guest {vmid} cannot be a template: {', '.join(writable)} is not a base")
+        box[0] = guest.with_(disks=disks, template=template, lock="", lock_job="")
+    ctx.set_result(vmid=vmid, template=template)
 
 
 # ---- guests --------------------------------------------------------------------------
 
 
 def commit_new_guest(ctx: StepContext) -> None:
-    """Attach the made volumes to the new guest and release both guests' locks."""
+    """Release the source guest, then attach the made volumes to the new guest and unlock it:
+    that one atomic write is the job's commit point (before it, an undo removes all)."""
+    unlock_guest(ctx)
     vmid = ctx.params["new_vmid"]
     with ctx.guests.editing(vmid) as box:
         if box[0].lock_job == ctx.job.id:
             box[0] = box[0].with_(disks=dict(ctx.data.get("made", {})), lock="", lock_job="")
-    unlock_guest(ctx)
     ctx.set_result(vmid=vmid, disks=ctx.data.get("made", {}))
 
 
@@ -271,14 +284,23 @@ def unswitch_disks(ctx: StepContext) -> None:
 
 
 def free_sources(ctx: StepContext) -> None:
-    """After a verified move with --delete-source, free the original volumes."""
+    """After a verified move with --delete-source, free the original volumes. The move has
+    been committed by then: what cannot be freed is reported, and kept as unused."""
     if not ctx.params.get("delete_source"):
         return
+    kept = []
     for volid in ctx.data.get("replaced", {}).values():
-        drv, vol = ctx.volume(volid)
-        if drv.exists(vol):
-            with ctx.storage_lock(drv):
-                drv.free(vol)
+        try:
+            drv, vol = ctx.volume(volid)
+            if drv.exists(vol):
+                with ctx.storage_lock(drv):
+                    drv.free(vol)
+        except (StorkError, OSError) as e:
+            kept.append(volid)
+            ctx.set_result(warning=f"kept {volid} as unused: {e}")
+    if kept:
+        with ctx.guests.editing(ctx.params["lock_vmid"]) as box:
+            box[0] = box[0].with_(unused=(*box[0].unused, *kept))
 
 
 def _attached_to(ctx: StepContext, volid: str) -> list[str]:
@@ -307,19 +329,27 @@ def free_volume(ctx: StepContext) -> None:
 
 
 def destroy_guest(ctx: StepContext) -> None:
-    """Free every volume of a guest and remove its config; refused while clones use its bases."""
+    """Free every volume of a guest, dropping each from its config as it goes, then remove
+    the config. Refused, before anything is freed, while linked clones use its bases: the
+    check and the frees happen under the storage locks that a new clone is made under."""
     vmid = ctx.params["lock_vmid"]
-    guest = ctx.guests.read(vmid)
-    volumes = [ctx.volume(v) for v in [*guest.disks.values(), *guest.unused]]
-    for drv, vol in volumes:  # check everything before freeing anything
-        if vol.is_base and drv.exists(vol) and (clones := drv.clones_of(vol)):
-            listed = ", ".join(drv.volid(c) for c in clones)
-            raise Refused(f"guest {vmid}: base {drv.volid(vol)} still has linked clones: {listed}")
-    for drv, vol in volumes:
-        if drv.exists(vol):
-            with ctx.storage_lock(drv):
-                drv.free(vol)
-    ctx.guests.delete(vmid)
-    ctx.data.pop("locked", None)  # nothing left to unlock
+    ctx.data["destroying"] = vmid
     ctx.save()
-    ctx.set_result(destroyed=vmid, freed=[drv.volid(vol) for drv, vol in volumes])
+    try:
+        guest = ctx.guests.read(vmid)
+    except NotFound:
+        return  # redelivered after it finished
+    volumes = {v: ctx.volume(v) for v in [*guest.disks.values(), *guest.unused]}
+    with ctx.storage_locks([drv for drv, _ in volumes.values()]):
+        for drv, vol in volumes.values():
+            if vol.is_base and drv.exists(vol) and (clones := drv.clones_of(vol)):
+                listed = ", ".join(drv.volid(c) for c in clones)
+                raise Refused(f"guest {vmid}: base {drv.volid(vol)} still has linked clones: {listed}")
+        for volid, (drv, vol) in volumes.items():
+            drv.free(vol)
+            with ctx.guests.editing(vmid) as box:
+                g = box[0]
+                box[0] = g.with_(disks={k: v for k, v in g.disks.items() if v != volid},
+                                 unused=tuple(v for v in g.unused if v != volid))
+    ctx.guests.delete(vmid)
+    ctx.set_result(destroyed=vmid, freed=list(volumes))
