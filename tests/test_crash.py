@@ -78,3 +78,20 @@ def test_killing_the_process_running_the_copy_redelivers_and_completes(client, v
     assert volume_path(job.result["disks"]["scsi0"]).stat().st_ino != half_copied
     assert qemu_same(volume_path(source), volume_path(job.result["disks"]["scsi0"]))
     wait_for(lambda: client.guest(g).lock == "", 5, "source unlocked")
+
+
+def test_cancelling_a_job_whose_worker_died_undoes_it_when_the_node_is_back(client, vmid, crash_worker):
+    """Cancel a job whose copying process is dead: it is undone (not just failed) as soon as
+    the node's worker serves its queue again, and ends cancelled with nothing left."""
+    g, c = vmid(), vmid()
+    big_guest(client, g)
+    job = client.submit("full_clone", vmid=g, newid=c)
+    during = copying(client, job.id)
+    crash_worker["worker"].kill()
+    client.cancel(job.id)
+    assert client.job(job.id).state == "undoing"
+    crash_worker["worker"] = Worker("crash", concurrency=1)
+    job = client.wait(job.id, timeout=60)
+    assert job.state == "cancelled" and job.error == "cancelled by user"
+    assert not volume_path(during.ctx["made"]["scsi0"]).exists() and not client.guest_store.exists(c)
+    assert client.guest(g).lock == ""

@@ -160,9 +160,14 @@ def cancel(r: redis.Redis, job_id: str) -> JobRecord:
     if job.state.terminal or job.state == JobState.UNDOING:
         raise Refused(f"job {job.id} is {job.state} already")
     records.request_cancel(r, job_id)
+    holder = (job.current or {}).get("worker")
     if job.current is None:
         start_undo(r, job, job.done - 1, JobState.CANCELLED, "cancelled by user",
                    guard={"idle": True, "done": job.done})
+    elif holder and holder.rpartition(":")[0] == socket.gethostname() and not holder_alive(holder):
+        # the step's process died on this host and nobody redelivered it yet: undo it too
+        start_undo(r, job, job.current["step"], JobState.CANCELLED, "cancelled by user",
+                   guard={"owner": holder, "done": job.done})
     return records.load(r, job_id)
 
 
