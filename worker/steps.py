@@ -7,6 +7,7 @@ and is saved *before* it is made, so an undo after a crash still finds it.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from drivers import qemu
@@ -24,8 +25,6 @@ def lock_guest(ctx: StepContext) -> None:
     vmid = ctx.params.get("lock_vmid")
     if vmid is None:
         return
-    ctx.data["locked"] = vmid  # first: the undo (which checks lock_job) must find it
-    ctx.save()
     with ctx.guests.editing(vmid) as box:
         guest = box[0]
         if guest.lock_job == ctx.job.id:
@@ -41,7 +40,8 @@ def lock_guest(ctx: StepContext) -> None:
 
 
 def unlock_guest(ctx: StepContext) -> None:
-    vmid = ctx.data.get("locked")
+    """Clear the lock if this job holds it (`lock_job` tells, so no record is needed of it)."""
+    vmid = ctx.params.get("lock_vmid")
     if vmid is None:
         return
     try:
@@ -55,8 +55,6 @@ def unlock_guest(ctx: StepContext) -> None:
 def reserve_guest(ctx: StepContext) -> None:
     """Create the new guest's config, locked by this job (refused if the id is taken)."""
     vmid = ctx.params["new_vmid"]
-    ctx.data["reserved"] = vmid  # first: the undo (which checks lock_job) must find it
-    ctx.save()
     guest = Guest(vmid, ctx.params["node"], name=ctx.params.get("name", ""),
                   lock=ctx.job.kind, lock_job=ctx.job.id)
     try:
@@ -67,9 +65,11 @@ def reserve_guest(ctx: StepContext) -> None:
 
 
 def unreserve_guest(ctx: StepContext) -> None:
-    vmid = ctx.data.get("reserved")
-    if vmid is not None and ctx.guests.exists(vmid) and ctx.guests.read(vmid).lock_job == ctx.job.id:
-        ctx.guests.delete(vmid)
+    """Remove the new guest's config if this job still holds it (not yet committed)."""
+    vmid = ctx.params["new_vmid"]
+    with contextlib.suppress(NotFound):
+        if ctx.guests.read(vmid).lock_job == ctx.job.id:
+            ctx.guests.delete(vmid)
 
 
 # ---- volumes -------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def unmake_bases(ctx: StepContext) -> None:
 def commit_bases(ctx: StepContext) -> None:
     """Point the guest at its new bases and unlock it; a template only when every disk is a
     base (the commit point of base and template jobs)."""
-    vmid = ctx.data.get("locked")
+    vmid = ctx.params.get("lock_vmid")
     if vmid is None:
         return
     renamed = dict(ctx.data.get("based", {}).values())
