@@ -108,6 +108,16 @@ class Driver(ABC):
     @abstractmethod
     def resize(self, vol: VolName, size: int) -> None: ...
 
+    def recreate(self, vol: VolName, size: int) -> None:
+        """Make `vol` an empty volume of `size` again (to redo an interrupted copy into it).
+        Backends that can replace it atomically should, so its name is never free."""
+        self.free(vol)
+        self.allocate(vol, size)
+
+    @abstractmethod
+    def protect_base(self, base: VolName) -> None:
+        """Make sure a base is read-only (again); idempotent."""
+
     # ---- written once for all backends ------------------------------------------------
     def parse_volname(self, text: str) -> VolName:
         vol = names.volname(text)

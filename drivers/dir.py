@@ -79,6 +79,13 @@ class DirDriver(Driver):
         if path.exists():
             raise AlreadyExists(f"volume {self.volid(vol)} already exists")
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._create_over(vol, size)
+
+    def recreate(self, vol: VolName, size: int) -> None:
+        self._create_over(vol, size)  # rename(2) replaces it: the name is never free
+
+    def _create_over(self, vol: VolName, size: int) -> None:
+        path = self.path(vol)
         temp = path.with_name(f".{path.name}.tmp")  # a half-made image never has a volume's name
         qemu.create(temp, vol.fmt, size)
         os.rename(temp, path)
@@ -99,8 +106,12 @@ class DirDriver(Driver):
             raise AlreadyExists(f"base image {self.volid(base)} already exists")
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.rename(src, dst)
-        dst.chmod(0o444)
-        _set_immutable(dst, True)
+        self.protect_base(base)
+
+    def protect_base(self, base: VolName) -> None:
+        path = self.path(base)
+        path.chmod(0o444)
+        _set_immutable(path, True)
 
     def unmake_base(self, base: VolName, vol: VolName) -> None:
         src, dst = self.path(base), self.path(vol)

@@ -7,7 +7,7 @@ from typing import Any
 import structlog
 from celery import signals
 
-from worker import logs, runner
+from worker import liveness, logs, runner
 from worker.app import config, redis_client
 
 log = structlog.get_logger("stork.worker")
@@ -17,6 +17,11 @@ log = structlog.get_logger("stork.worker")
 @signals.celeryd_init.connect
 def _configure_logging(**_: Any) -> None:
     logs.configure()
+
+
+@signals.worker_process_init.connect
+def _start_heartbeat(**_: Any) -> None:
+    liveness.start_heartbeat(redis_client())
 
 
 @signals.task_prerun.connect

@@ -63,7 +63,7 @@ SWITCH = Step("switch_disks", steps.switch_disks, steps.unswitch_disks, storage=
 FREE_SOURCES = Step("free_sources", steps.free_sources)
 FREE = Step("free_volume", steps.free_volume)
 DESTROY = Step("destroy", steps.destroy_guest)
-RESIZE = Step("resize", steps.resize_volume)
+RESIZE = Step("resize", steps.resize_volume, commit=True)
 UNLOCK_GUEST = Step("unlock_guest", steps.unlock_guest, storage=False)
 PING_SHARED = Step("pong_shared", steps.pong, storage=False)
 PING_NODE = Step("pong_node", steps.pong)

@@ -12,8 +12,6 @@ of undo tasks on the same queues, ended by `stork.job.finalize`.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from typing import Any
 
@@ -28,6 +26,7 @@ from worker import events, records
 from worker.app import app, config, redis_client
 from worker.context import StepContext
 from worker.jobs import KINDS, JobKind
+from worker.liveness import holder_alive, process_id
 from worker.queues import SHARED_QUEUE
 from worker.records import JobRecord, JobState, StateConflict
 
@@ -64,27 +63,9 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis)
     return record
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def holder_alive(holder: str | None) -> bool:
-    """Is the process recorded as running a step still alive? Only knowable on its own host:
-    a holder on another host counts as gone (its steps there are quick config edits)."""
-    if not holder:
-        return False
-    host, _, pid = holder.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or f"{host}:{pid}" == worker_id():
-        return False
-    try:
-        return b"celery" in open(f"/proc/{pid}/cmdline", "rb").read()
-    except OSError:
-        return False
-
-
 def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     cfg, r = config(), redis_client()
-    step, node, me = kind.steps[index], cfg.node, worker_id()
+    step, node, me = kind.steps[index], cfg.node, process_id()
     try:
         job = records.load(r, job_id)
     except StorkError:
@@ -95,11 +76,12 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     if job.done > index:
         return  # a redelivery or duplicate of a finished step: the chain goes on harmlessly
     holder = (job.current or {}).get("worker")
-    if job.done < index or holder_alive(holder):
+    if job.done < index or holder_alive(r, holder):
         raise Ignore()  # a duplicate ahead of its turn, or the step runs in a live process
-    if job.cancel:
-        start_undo(r, job, index if str(index) in job.attempts else index - 1, JobState.CANCELLED,
-                   "cancelled by user")
+    turn = {"done": index, **({"owner": holder} if holder else {"idle": True})}
+    interrupted = str(index) in job.attempts  # a previous attempt of this step died
+    if job.cancel and not _committed(kind, job) and not (interrupted and step.commit):
+        start_undo(r, job, index if interrupted else index - 1, JobState.CANCELLED, "cancelled by user", turn)
         raise Ignore()
     attempt = job.attempts.get(str(index), 0) + 1
     job.attempts[str(index)] = attempt
@@ -108,32 +90,37 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     structlog.contextvars.bind_contextvars(job_id=job_id, kind=kind.name, step=step.name, node=node)
     try:
         records.transition(
-            r, job_id, (JobState.QUEUED, JobState.RUNNING), JobState.RUNNING,
+            r, job_id, (JobState.QUEUED, JobState.RUNNING), JobState.RUNNING, guard=turn,
             events=[events.make(job_id, kind.name, "start", step=step.name, node=node, attempt=attempt)],
-            guard={"done": index, **({"owner": holder} if holder else {"idle": True})},
             current=job.current, attempts=job.attempts, ran_on=job.ran_on, started=job.started or time.time(),
         )
     except StateConflict:
         raise Ignore() from None  # another process took it first
+    mine = {"owner": me}
     if attempt > MAX_ATTEMPTS:
-        start_undo(r, job, index, JobState.FAILED, f"step {step.name} was interrupted {attempt - 1} times")
+        start_undo(r, job, index, JobState.FAILED, f"step {step.name} was interrupted {attempt - 1} times", mine)
         raise Ignore()
     ctx = StepContext(job=job, cfg=cfg, r=r, node=node, step=step.name, worker=me, attempt=attempt, task=task)
     try:
         step.run(ctx)
     except JobCancelled:
-        start_undo(r, job, index, JobState.CANCELLED, "cancelled by user")
+        start_undo(r, job, index, JobState.CANCELLED, "cancelled by user", mine)
         raise Ignore() from None
     except StateConflict:
         raise Ignore() from None  # the job was taken from this step (reconciled): its undo owns it
     except StorkError as e:
-        start_undo(r, job, index, JobState.FAILED, str(e))
+        start_undo(r, job, index, JobState.FAILED, str(e), mine)
         raise
     except Exception as e:
         log.exception("step_crashed")
-        start_undo(r, job, index, JobState.FAILED, f"internal error in step {step.name}: {e!r}")
+        start_undo(r, job, index, JobState.FAILED, f"internal error in step {step.name}: {e!r}", mine)
         raise
     _finish_step(r, job, kind, index, node, me)
+
+
+def _committed(kind: JobKind, job: JobRecord) -> bool:
+    """Has a commit step completed? From then on the job only goes forward."""
+    return any(kind.steps[i].commit for i in range(job.done))
 
 
 def _finish_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node: str, me: str) -> None:
@@ -155,26 +142,29 @@ def _finish_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node
 
 def cancel(r: redis.Redis, job_id: str) -> JobRecord:
     """Ask a job to stop. A running step sees the flag (long steps between chunks); a job
-    between steps (whose next step may wait for a node that is down) is undone at once."""
+    between steps (whose next step may wait for a node that is down), or whose step's process
+    is gone, is undone at once. Refused once the job has committed (its effect stands)."""
     job = records.load(r, job_id)
+    kind = KINDS[job.kind]
     if job.state.terminal or job.state == JobState.UNDOING:
         raise Refused(f"job {job.id} is {job.state} already")
+    if _committed(kind, job):
+        raise Refused(f"job {job.id} has committed its change: it can no longer be cancelled")
     records.request_cancel(r, job_id)
     holder = (job.current or {}).get("worker")
-    if job.current is None:
-        start_undo(r, job, job.done - 1, JobState.CANCELLED, "cancelled by user",
-                   guard={"idle": True, "done": job.done})
-    elif holder and holder.rpartition(":")[0] == socket.gethostname() and not holder_alive(holder):
-        # the step's process died on this host and nobody redelivered it yet: undo it too
+    if holder is None:
+        start_undo(r, job, job.done - 1, JobState.CANCELLED, "cancelled by user", {"idle": True, "done": job.done})
+    elif not holder_alive(r, holder) and not kind.steps[job.current["step"]].commit:
         start_undo(r, job, job.current["step"], JobState.CANCELLED, "cancelled by user",
-                   guard={"owner": holder, "done": job.done})
+                   {"owner": holder, "done": job.done})
     return records.load(r, job_id)
 
 
 def start_undo(r: redis.Redis, job: JobRecord, upto: int, final: JobState, error: str,
-               guard: dict[str, Any] | None = None) -> None:
+               guard: dict[str, Any]) -> None:
     """Fail or cancel a job: undo steps upto, upto-1, ... (those that have an undo), back to
-    the last commit step that completed. Does nothing if the guard fails (see transition)."""
+    the last commit step that completed. Does nothing if the guard fails (see transition):
+    every caller says which state of the job it decided on."""
     kind = KINDS[job.kind]
     committed = max((i for i in range(min(job.done, upto + 1)) if kind.steps[i].commit), default=-1)
     undo = [i for i in range(upto, committed, -1) if kind.steps[i].undo is not None]
@@ -192,7 +182,8 @@ def start_undo(r: redis.Redis, job: JobRecord, upto: int, final: JobState, error
 
 
 def dispatch_undo(job: JobRecord) -> None:
-    """Send the chain of undo tasks not yet done, ended by finalize."""
+    """Send the chain of undo tasks not yet done, ended by finalize. Sending it twice is
+    harmless: an undo runs only while no other undo of the job does, and once."""
     kind = KINDS[job.kind]
     signatures = [
         app.signature(undo_task_name(kind.name, kind.steps[i].name), args=[job.id, i],
@@ -203,59 +194,89 @@ def dispatch_undo(job: JobRecord) -> None:
     chain(*signatures).apply_async()
 
 
+def resume(job: JobRecord, holder: str) -> None:
+    """Send the job's remaining steps again from the interrupted one (a commit step, or any
+    step after one: the job can only go forward)."""
+    r = redis_client()
+    records.transition(r, job.id, (JobState.RUNNING,), guard={"owner": holder, "done": job.done}, current=None)
+    chain(*[app.signature(task_name(job.kind, step), args=[job.id], queue=queue, immutable=True)
+            for step, queue in list(zip(job.steps, job.queues, strict=True))[job.done:]]).apply_async()
+
+
 def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
-    cfg, r = config(), redis_client()
+    cfg, r, me = config(), redis_client(), process_id()
     job = records.load(r, job_id)
     step = kind.steps[index]
     if job.state != JobState.UNDOING or index in job.undone or step.undo is None:
         return
     structlog.contextvars.bind_contextvars(job_id=job_id, kind=kind.name, step=f"undo_{step.name}", node=cfg.node)
-    current = {"undo": index, "name": step.name, "node": cfg.node, "worker": worker_id()}
-    records.transition(r, job_id, (JobState.UNDOING,), current=current,
-                       events=[events.make(job_id, kind.name, "undo", step=step.name, node=cfg.node)])
-    ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=f"undo_{step.name}", worker=worker_id(), task=task)
+    holder = (job.current or {}).get("worker")
+    if holder_alive(r, holder):
+        raise Ignore()  # another undo of this job runs: its chain goes on
+    current = {"undo": index, "name": step.name, "node": cfg.node, "worker": me}
+    try:
+        records.transition(r, job_id, (JobState.UNDOING,), guard={"owner": holder} if holder else {"idle": True},
+                           current=current,
+                           events=[events.make(job_id, kind.name, "undo", step=step.name, node=cfg.node)])
+    except StateConflict:
+        raise Ignore() from None
+    ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=f"undo_{step.name}", worker=me, task=task)
     errors = list(job.undo_errors)
     try:
         step.undo(ctx)
     except Exception as e:  # keep undoing the rest; the job reports what could not be undone
         log.exception("undo_failed")
         errors.append(f"undo of {step.name}: {e}")
-    records.transition(r, job_id, (JobState.UNDOING,), undone=[*job.undone, index], undo_errors=errors,
-                       current=None)
+    records.transition(r, job_id, (JobState.UNDOING,), guard={"owner": me}, undone=[*job.undone, index],
+                       undo_errors=errors, current=None)
 
 
 def finalize(job_id: str) -> None:
     r = redis_client()
     job = records.load(r, job_id)
-    if job.state != JobState.UNDOING:
-        return
+    if job.state != JobState.UNDOING or set(job.undo) - set(job.undone):
+        return  # not undoing, or an earlier undo chain is still at work and will finalize
     final = JobState(job.final or JobState.FAILED)
     message = job.error + (f" (not undone: {'; '.join(job.undo_errors)})" if job.undo_errors else "")
-    records.transition(r, job_id, (JobState.UNDOING,), final, finished=time.time(), current=None,
-                       events=[events.make(job_id, job.kind, events.FINISHED, state=final, message=message)])
+    try:
+        records.transition(r, job_id, (JobState.UNDOING,), final, guard={"idle": True}, finished=time.time(),
+                           events=[events.make(job_id, job.kind, events.FINISHED, state=final, message=message)])
+    except StateConflict:
+        return
     log.info("job_finished", job_id=job_id, state=str(final), error=job.error)
 
 
 def reconcile(cfg: Config, r: redis.Redis) -> list[str]:
-    """At worker start: jobs whose step was in progress on this node in a process that is gone
-    (its worker died) are failed and undone; interrupted undos are sent again. Returns the
-    ids it acted on."""
+    """At worker start, for jobs whose step or undo was in progress on this node in a process
+    that is gone (the previous worker died): a step before the job's commit is failed and
+    undone; a commit step, or one after it, is sent again (the job only goes forward); an
+    interrupted undo chain is sent again. Returns the ids it acted on."""
     acted = []
     for job_id in records.active_ids(r):
         try:
             job = records.load(r, job_id)
         except StorkError:
             continue
-        if not job.current or job.current.get("node") != cfg.node or holder_alive(job.current.get("worker")):
+        holder = (job.current or {}).get("worker")
+        if job.state == JobState.UNDOING and holder is None:
+            dispatch_undo(job)  # in case whoever started the undo died before sending it
             continue
-        if job.state == JobState.RUNNING:
-            name = job.current.get("name")
-            start_undo(r, job, job.current["step"], JobState.FAILED,
-                       f"the worker on node {cfg.node} died during step {name}")
-        elif job.state == JobState.UNDOING:
-            records.transition(r, job_id, (JobState.UNDOING,), current=None)
-            dispatch_undo(job)
-        else:
+        if not job.current or job.current.get("node") != cfg.node or holder_alive(r, holder):
+            continue
+        kind = KINDS[job.kind]
+        try:
+            if job.state == JobState.RUNNING and (kind.steps[job.current["step"]].commit or _committed(kind, job)):
+                resume(job, holder)
+            elif job.state == JobState.RUNNING:
+                start_undo(r, job, job.current["step"], JobState.FAILED,
+                           f"the worker on node {cfg.node} died during step {job.current.get('name')}",
+                           {"owner": holder, "done": job.done})
+            elif job.state == JobState.UNDOING:
+                records.transition(r, job_id, (JobState.UNDOING,), guard={"owner": holder}, current=None)
+                dispatch_undo(job)
+            else:
+                continue
+        except StateConflict:
             continue
         log.warning("reconciled_job", job_id=job_id, state=str(job.state))
         acted.append(job_id)

@@ -8,9 +8,11 @@ and is saved *before* it is made, so an undo after a crash still finds it.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 from drivers import qemu
+from drivers.base import Driver
 from drivers.errors import AlreadyExists, NotFound, Refused, StorkError
 from drivers.guests import Guest
 from drivers.names import VolName
@@ -83,49 +85,61 @@ def _source_size(ctx: StepContext, plan: dict) -> int:
     return drv.virtual_size(vol)
 
 
+def _make_volume(ctx: StepContext, key: str, drv: Driver, owner: int, fmt: str,
+                 create: Callable[[VolName], None]) -> None:
+    """Name and create a volume under the storage lock. Its name is recorded as pending
+    before and as made after: only what is made is ours to free (a pending name may have
+    been taken by another job after this process died)."""
+    with ctx.storage_lock(drv):
+        vol = drv.next_disk_name(owner, fmt)
+        ctx.data.setdefault("pending", {})[key] = drv.volid(vol)
+        ctx.save()
+        create(vol)
+        ctx.data.setdefault("made", {})[key] = ctx.data["pending"].pop(key)
+        ctx.save()
+
+
 def allocate_disks(ctx: StepContext) -> None:
-    """Allocate one new volume per planned disk, named under the storage lock."""
-    made: dict[str, str] = ctx.data.setdefault("made", {})
+    """Allocate one new volume per planned disk."""
     for key, plan in ctx.params["disks"].items():
-        drv = ctx.driver(plan["storage"])
-        if key in made and drv.exists(drv.parse_volname(made[key].split(":", 1)[1])):
-            continue
-        size = _source_size(ctx, plan)
-        with ctx.storage_lock(drv):
-            vol = drv.next_disk_name(plan["owner"], plan["format"])
-            made[key] = drv.volid(vol)
-            ctx.save()
-            drv.allocate(vol, size)
-    ctx.set_result(volumes=made)
+        if key in ctx.data.get("made", {}):
+            continue  # redelivered: made already
+        drv, size = ctx.driver(plan["storage"]), _source_size(ctx, plan)
+        _make_volume(ctx, key, drv, plan["owner"], plan["format"], lambda vol, d=drv, n=size: d.allocate(vol, n))
+    ctx.set_result(volumes=ctx.data.get("made", {}))
 
 
 def link_disks(ctx: StepContext) -> None:
-    """Create one linked clone per planned disk, reading through its base."""
-    made: dict[str, str] = ctx.data.setdefault("made", {})
+    """Create one linked clone per planned disk, reading through its base; refused while the
+    template is locked (e.g. being destroyed)."""
     template = ctx.guests.read(ctx.params["vmid"])
-    if template.lock:  # e.g. being destroyed: its bases may be about to go
-        raise Refused(f"guest {template.vmid} is locked ({template.lock})")
+    template.require_unlocked()
     for key, plan in ctx.params["disks"].items():
+        if key in ctx.data.get("made", {}):
+            continue
         drv, base = ctx.volume(plan["source"])
         drv.require_feature("linked_clone", base)
-        if key in made and drv.exists(drv.parse_volname(made[key].split(":", 1)[1])):
-            continue
-        with ctx.storage_lock(drv):
-            drv.require_existing(base)  # checked under the lock that a destroy frees it under
-            vol = drv.next_disk_name(plan["owner"], drv.linked_clone_format)
-            made[key] = drv.volid(vol)
-            ctx.save()
-            drv.link_clone(base, vol)
-    ctx.set_result(volumes=made)
+
+        def link(vol: VolName, d: Driver = drv, b: VolName = base) -> None:
+            d.require_existing(b)  # under the storage lock that a destroy frees it under
+            d.link_clone(b, vol)
+
+        _make_volume(ctx, key, drv, plan["owner"], drv.linked_clone_format, link)
+    ctx.set_result(volumes=ctx.data.get("made", {}))
 
 
 def free_made(ctx: StepContext) -> None:
-    """Undo of allocate/link: free every volume this job made."""
+    """Undo of allocate/link: free every volume this job made, except one a guest not held by
+    this job uses (the job committed before it was interrupted). Names that were pending when
+    a process died are reported, not freed: they may be another job's by now."""
+    in_use = {v for g in ctx.guests.list() if g.lock_job != ctx.job.id for v in [*g.disks.values(), *g.unused]}
     for volid in ctx.data.get("made", {}).values():
         drv, vol = ctx.volume(volid)
-        if drv.exists(vol):
+        if volid not in in_use and drv.exists(vol):
             with ctx.storage_lock(drv):
                 drv.free(vol)
+    if pending := [v for v in ctx.data.get("pending", {}).values() if ctx.volume(v)[0].exists(ctx.volume(v)[1])]:
+        raise StorkError(f"may be left over from an interrupted allocation, check by hand: {', '.join(pending)}")
 
 
 def _source(ctx: StepContext, plan: dict) -> tuple[Path, str, int, str]:
@@ -156,8 +170,7 @@ def copy_data(ctx: StepContext) -> None:
         drv, dst = ctx.volume(ctx.data["made"][key])
         if ctx.data.get("copying") == key:  # a previous attempt died mid-copy
             with ctx.storage_lock(drv):
-                drv.free(dst)
-                drv.allocate(dst, size)
+                drv.recreate(dst, size)
         ctx.data["copying"] = key
         ctx.save()
         done_before = base
@@ -202,7 +215,8 @@ def make_bases(ctx: StepContext) -> None:
         drv, vol = ctx.volume(plan["source"])
         base = VolName(None, plan["name"], vol.fmt) if plan.get("name") else drv.default_base_name(vol)
         if key in based and drv.exists(base) and not drv.exists(vol):
-            continue  # redelivered: done already
+            drv.protect_base(base)  # redelivered: done, but perhaps not yet read-only
+            continue
         drv.require_existing(vol)
         drv.require_feature("make_base", vol)
         with ctx.storage_lock(drv):
@@ -267,8 +281,8 @@ def switch_disks(ctx: StepContext) -> None:
         old = {key: guest.disks[key] for key in made}
         ctx.data["replaced"] = old
         ctx.save()
-        keep = () if ctx.params.get("delete_source") else tuple(old.values())
-        box[0] = guest.with_(disks={**guest.disks, **made}, unused=(*guest.unused, *keep),
+        # the originals stay listed (as unused) until free_sources has freed them
+        box[0] = guest.with_(disks={**guest.disks, **made}, unused=(*guest.unused, *old.values()),
                              lock="", lock_job="")
     ctx.set_result(vmid=vmid, disks=made, replaced=old)
 
@@ -284,23 +298,22 @@ def unswitch_disks(ctx: StepContext) -> None:
 
 
 def free_sources(ctx: StepContext) -> None:
-    """After a verified move with --delete-source, free the original volumes. The move has
-    been committed by then: what cannot be freed is reported, and kept as unused."""
+    """After a verified move with --delete-source, free the original volumes and drop them
+    from the guest's unused list. The move is committed by then: a volume that cannot be
+    freed stays listed as unused, with a warning in the result."""
     if not ctx.params.get("delete_source"):
         return
-    kept = []
+    freed = []
     for volid in ctx.data.get("replaced", {}).values():
         try:
             drv, vol = ctx.volume(volid)
-            if drv.exists(vol):
-                with ctx.storage_lock(drv):
-                    drv.free(vol)
+            with ctx.storage_lock(drv):
+                drv.free(vol)
+            freed.append(volid)
         except (StorkError, OSError) as e:
-            kept.append(volid)
             ctx.set_result(warning=f"kept {volid} as unused: {e}")
-    if kept:
-        with ctx.guests.editing(ctx.params["lock_vmid"]) as box:
-            box[0] = box[0].with_(unused=(*box[0].unused, *kept))
+    with ctx.guests.editing(ctx.params["lock_vmid"]) as box:
+        box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v not in freed))
 
 
 def _attached_to(ctx: StepContext, volid: str) -> list[str]:
@@ -316,11 +329,18 @@ def free_volume(ctx: StepContext) -> None:
     """Free a volume no guest uses; a base with linked clones is refused, listing them."""
     volid = ctx.params["volid"]
     drv, vol = ctx.volume(volid)
+    if ctx.data.get("freeing") == volid:
+        return  # redelivered: freed already (the name may be a new volume by now)
     drv.require_existing(vol)
     if users := [u for u in _attached_to(ctx, volid) if not u.endswith("(unused)")]:
         raise Refused(f"{volid} is in use by {', '.join(users)}")
     with ctx.storage_lock(drv):
-        drv.free_volume(vol)
+        if vol.is_base and (clones := drv.clones_of(vol)):
+            listed = ", ".join(drv.volid(c) for c in clones)
+            raise Refused(f"{volid} is a base image with {len(clones)} linked clone(s): {listed}")
+        ctx.data["freeing"] = volid
+        ctx.save()
+        drv.free(vol)
     for guest in ctx.guests.list():  # forget it where it was kept as unused
         if volid in guest.unused:
             with ctx.guests.editing(guest.vmid) as box:
@@ -339,6 +359,8 @@ def destroy_guest(ctx: StepContext) -> None:
         guest = ctx.guests.read(vmid)
     except NotFound:
         return  # redelivered after it finished
+    if guest.lock_job != ctx.job.id:
+        return  # redelivered after it finished, and the id has been used again since
     volumes = {v: ctx.volume(v) for v in [*guest.disks.values(), *guest.unused]}
     with ctx.storage_locks([drv for drv, _ in volumes.values()]):
         for drv, vol in volumes.values():
