@@ -87,16 +87,15 @@ def _source_size(ctx: StepContext, plan: dict) -> int:
 
 def _make_volume(ctx: StepContext, key: str, drv: Driver, owner: int, fmt: str,
                  create: Callable[[VolName], None]) -> None:
-    """Name and create a volume under the storage lock. Its name is recorded as pending
-    before and as made after: only what is made is ours to free (a pending name may have
-    been taken by another job after this process died)."""
+    """Name and create a volume under the storage lock. Its name is saved as pending before
+    and counts as made after (saved with the step's end, or its failure): only what is made is
+    ours to free (a pending name may have been taken by another job after this process died)."""
     with ctx.storage_lock(drv):
         vol = drv.next_disk_name(owner, fmt)
         ctx.data.setdefault("pending", {})[key] = drv.volid(vol)
         ctx.save()
         create(vol)
         ctx.data.setdefault("made", {})[key] = ctx.data["pending"].pop(key)
-        ctx.save()
 
 
 def allocate_disks(ctx: StepContext) -> None:
