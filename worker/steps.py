@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from drivers import qemu
@@ -137,45 +138,65 @@ def free_made(ctx: StepContext) -> None:
         if volid not in in_use and drv.exists(vol):
             with ctx.storage_lock(drv):
                 drv.free(vol)
-    if pending := [v for v in ctx.data.get("pending", {}).values() if ctx.volume(v)[0].exists(ctx.volume(v)[1])]:
-        raise StorkError(f"may be left over from an interrupted allocation, check by hand: {', '.join(pending)}")
+    leftovers = []
+    for volid in ctx.data.get("pending", {}).values():
+        drv, vol = ctx.volume(volid)
+        if drv.exists(vol):
+            leftovers.append(volid)
+    if leftovers:
+        raise StorkError(f"may be left over from an interrupted allocation, check by hand: {', '.join(leftovers)}")
 
 
-def _source(ctx: StepContext, plan: dict) -> tuple[Path, str, int, str]:
-    """(path, format, size, label) of what a planned disk copies from."""
+@dataclass(frozen=True)
+class _Source:
+    """What a planned disk copies from: an image file (import) or a volume."""
+
+    label: str
+    size: int
+    path: Path | None = None
+    fmt: str = ""
+    volume: tuple[Driver, VolName] | None = None
+
+
+def _source(ctx: StepContext, plan: dict) -> _Source:
     if "source_path" in plan:
         path = Path(plan["source_path"])
-        fmt, size = qemu.detect_image(path)
-        return path, fmt, size, str(path)
+        fmt, size = qemu.detect_image(path)  # checked again: the file may have changed
+        return _Source(str(path), size, path=path, fmt=fmt)
     drv, vol = ctx.volume(plan["source"])
     drv.require_existing(vol)
-    return drv.path(vol), vol.fmt, drv.virtual_size(vol), plan["source"]
+    return _Source(plan["source"], drv.virtual_size(vol), volume=(drv, vol))
 
 
 def copy_data(ctx: StepContext) -> None:
     """Copy every planned disk into its allocated volume, reporting bytes as it goes.
 
-    A copy interrupted by a crash is redone into a freshly allocated target, since zero
+    A copy interrupted by a crash is redone into a freshly recreated target, since zero
     areas are skipped on the assumption that the target is all zeros.
     """
     copied: list[str] = ctx.data.setdefault("copied", [])
-    plans = ctx.params["disks"]
-    sources = {key: _source(ctx, plan) for key, plan in plans.items()}
-    total = sum(src[2] for src in sources.values())
-    base = sum(sources[key][2] for key in copied if key in sources)
-    for key, (path, fmt, size, label) in sources.items():
+    sources = {key: _source(ctx, plan) for key, plan in ctx.params["disks"].items()}
+    total = sum(src.size for src in sources.values())
+    offset = sum(sources[key].size for key in copied if key in sources)
+    for key, src in sources.items():
         if key in copied:
             continue
         drv, dst = ctx.volume(ctx.data["made"][key])
         if ctx.data.get("copying") == key:  # a previous attempt died mid-copy
             with ctx.storage_lock(drv):
-                drv.recreate(dst, size)
+                drv.recreate(dst, src.size)
         ctx.data["copying"] = key
         ctx.save()
-        done_before = base
-        drv.copy_in(path, fmt, size, dst,
-                    progress=lambda done, _t, b=done_before, k=key, s=label: ctx.progress(b + done, total, f"{k}: {s}"))
-        base += size
+
+        def progress(done: int, _total: int, before: int = offset, what: str = f"{key}: {src.label}") -> None:
+            ctx.progress(before + done, total, what)
+
+        if src.volume:
+            drv.copy_from(*src.volume, dst, progress)
+        else:
+            assert src.path is not None
+            drv.copy_in(src.path, src.fmt, src.size, dst, progress)
+        offset += src.size
         copied.append(key)
         ctx.data.pop("copying")
         ctx.save()
@@ -333,13 +354,10 @@ def free_volume(ctx: StepContext) -> None:
     drv.require_existing(vol)
     if users := [u for u in _attached_to(ctx, volid) if not u.endswith("(unused)")]:
         raise Refused(f"{volid} is in use by {', '.join(users)}")
+    ctx.data["freeing"] = volid
+    ctx.save()
     with ctx.storage_lock(drv):
-        if vol.is_base and (clones := drv.clones_of(vol)):
-            listed = ", ".join(drv.volid(c) for c in clones)
-            raise Refused(f"{volid} is a base image with {len(clones)} linked clone(s): {listed}")
-        ctx.data["freeing"] = volid
-        ctx.save()
-        drv.free(vol)
+        drv.free_volume(vol)  # refuses a base with linked clones, listing them
     for guest in ctx.guests.list():  # forget it where it was kept as unused
         if volid in guest.unused:
             with ctx.guests.editing(guest.vmid) as box:
