@@ -138,3 +138,13 @@ def test_freeing_a_base_with_linked_clones_lists_them(stork, client, vmid):
     assert (f"{base} is a base image with 2 linked clone(s): local:{c1}/vm-{c1}-disk-0.qcow2, "
             f"local:{c2}/vm-{c2}-disk-0.qcow2") in out
     assert snapshot() == before
+
+
+def test_unknown_options_are_refused_at_submit_naming_the_allowed_ones(client):
+    """The Python client gets the same one-line refusal for an option no job kind knows."""
+    from drivers.errors import StorkError
+
+    with pytest.raises(StorkError, match=r"create: unknown option\(s\) colour \(allowed: disks, name, node, vmid\)"):
+        client.submit("create", vmid=91030, colour="blue", disks={})
+    with pytest.raises(StorkError, match=r"unknown job kind 'teleport' \(known: create, import, "):
+        client.submit("teleport", vmid=91031)
