@@ -25,16 +25,18 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-def ensure_redis_server() -> None:
-    """Install Debian's redis-server where it is missing and we may (root + apt-get)."""
-    if shutil.which("redis-server"):
+def ensure_tool(tool: str, package: str, why: str) -> None:
+    """Install a Debian package where its tool is missing and we may (root + apt-get)."""
+    if shutil.which(tool):
         return
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        print("stork: installing redis-server (apt-get)", file=sys.stderr)
-        subprocess.run(["apt-get", "install", "-y", "-q", "redis-server"], check=False)
-    if not shutil.which("redis-server"):
-        raise StorkError("no Redis answers and redis-server is not installed: "
-                         "install it (Debian: apt-get install redis-server) or set STORK_REDIS_URL")
+        print(f"stork: installing {package} (apt-get)", file=sys.stderr)
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", package]
+        if subprocess.run(install, check=False).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], check=False)
+            subprocess.run(install, check=False)
+    if not shutil.which(tool):
+        raise StorkError(f"{tool} is not installed: {why} (Debian: apt-get install {package})")
 
 
 def main() -> None:
@@ -43,9 +45,10 @@ def main() -> None:
         print(f"stork: wrote the default config to {file}", file=sys.stderr)
     try:
         cfg = config.load()
+        ensure_tool("qemu-img", "qemu-utils", "stork creates and copies disk images with it")
         processes = ["worker", "beat", "flower"]
         if not redis_answers(cfg.redis_url):
-            ensure_redis_server()
+            ensure_tool("redis-server", "redis-server", "no Redis answers; install one or set STORK_REDIS_URL")
             processes.insert(0, "redis")
         for storage in cfg.storages.values():
             if storage.on_node(cfg.node):
