@@ -55,12 +55,16 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis)
         steps=[s.name for s in kind.steps], queues=kind.queues(params, cfg),
     )
     records.create(r, record, events.make(record.id, kind.name, "queued", state=JobState.QUEUED, steps=record.steps))
-    signatures = [
-        app.signature(task_name(kind.name, step), args=[record.id], queue=queue, immutable=True)
-        for step, queue in zip(record.steps, record.queues, strict=True)
-    ]
-    chain(*signatures).apply_async()
+    send_steps(record, 0)
     return record
+
+
+def send_steps(job: JobRecord, start: int) -> None:
+    """Send the job's steps from `start` on as one chain, each signature on its own queue."""
+    chain(*[
+        app.signature(task_name(job.kind, step), args=[job.id], queue=queue, immutable=True)
+        for step, queue in list(zip(job.steps, job.queues, strict=True))[start:]
+    ]).apply_async()
 
 
 def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
@@ -197,10 +201,9 @@ def dispatch_undo(job: JobRecord) -> None:
 def resume(job: JobRecord, holder: str) -> None:
     """Send the job's remaining steps again from the interrupted one (a commit step, or any
     step after one: the job can only go forward)."""
-    r = redis_client()
-    records.transition(r, job.id, (JobState.RUNNING,), guard={"owner": holder, "done": job.done}, current=None)
-    chain(*[app.signature(task_name(job.kind, step), args=[job.id], queue=queue, immutable=True)
-            for step, queue in list(zip(job.steps, job.queues, strict=True))[job.done:]]).apply_async()
+    records.transition(redis_client(), job.id, (JobState.RUNNING,), guard={"owner": holder, "done": job.done},
+                       current=None)
+    send_steps(job, job.done)
 
 
 def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
