@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -360,3 +361,31 @@ def test_progress_bar_shows_bytes_percent_rate_and_eta():
     line = bar_line({"step": "copy_data", "done": 1 << 30, "total": 4 << 30, "rate": 512 << 20},
                     ["lock_guest", "copy_data"], width=8)
     assert line == "[2/2] copy_data [##......]  25.0% 1.0 GiB/4.0 GiB 512.0 MiB/s ETA 6s"
+
+
+def test_copies_send_celery_task_progress_events_for_flower(client, vmid):
+    """Flower reads worker events: a copy step sends `task-progress` events carrying the job."""
+    from worker.app import app
+
+    g, c = vmid(), vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "1G"}})
+    with open(storage_path("local") / f"{g}/vm-{g}-disk-0.raw", "r+b") as f:
+        for _ in range(256):
+            f.write(b"\x11" * (4 * PATTERN_MIB))
+    seen: list[dict] = []
+    ready = threading.Event()
+
+    def capture() -> None:
+        with app.connection() as conn:
+            receiver = app.events.Receiver(conn, handlers={"task-progress": seen.append})
+            ready.set()
+            with contextlib.suppress(Exception):  # its timeout: what was seen is checked below
+                receiver.capture(limit=None, timeout=20, wakeup=False)
+
+    listener = threading.Thread(target=capture, daemon=True)
+    listener.start()
+    ready.wait(5)
+    job = client.run("full_clone", vmid=g, newid=c)
+    wait_for(lambda: any(e.get("job") == job.id for e in seen), 10, "a task-progress event")
+    event = next(e for e in seen if e.get("job") == job.id)
+    assert event["step"] == "copy_data" and event["total"] == 1 << 30 and 0 <= event["done"] <= 1 << 30
