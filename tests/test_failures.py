@@ -54,3 +54,19 @@ def test_a_failed_job_lists_what_it_undid_in_its_events(client, vmid, small_fs):
     assert ("failed", None) in phases
     assert [s for p, s in phases if p == "undo"] == ["allocate", "reserve_guest", "lock_guest"]
     assert seen[-1]["phase"] == "finished" and seen[-1]["state"] == "failed" == job.state
+
+
+def test_worker_logs_are_json_lines_bound_to_job_step_node_and_storage(client, vmid, small_fs):
+    """A failing job's log lines name its job id, step, node and storage."""
+    import json
+
+    g, c = vmid(), vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "64M"}})
+    with open(storage_path("local") / f"{g}/vm-{g}-disk-0.raw", "r+b") as f:
+        f.write(os.urandom(48 * PATTERN_MIB))
+    job = client.run("full_clone", vmid=g, newid=c, storage="small")
+    lines = [json.loads(line) for log in BASE.glob("worker-node*.log") for line in log.read_text().splitlines()
+             if line.startswith("{") and job.id in line]
+    undo = next(line for line in lines if line["event"] == "job_undo")
+    assert undo["job_id"] == job.id and undo["step"] == "copy_data" and undo["storage"] in ("local", "small")
+    assert undo["node"] in ("node1", "node2") and undo["level"] == "info" and "timestamp" in undo
