@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "basic_auth": (_str, "user:password[,user:password...]"),
     },
 }
+STORAGE_TYPES = ("dir",)
 STORAGE_SCHEMA: dict[str, Check] = {
     "type": (lambda v: v in STORAGE_TYPES, "one of: dir"),
     "path": (_str, "a directory path"),
@@ -113,7 +114,6 @@ STORAGE_SCHEMA: dict[str, Check] = {
     "shared": (lambda v: isinstance(v, bool), "true or false"),
     "nodes": (lambda v: _str_list(v) and bool(v), "a non-empty list of node names"),
 }
-STORAGE_TYPES = ("dir",)
 REQUIRED_STORAGE_KEYS = ("type", "path")
 
 
@@ -151,7 +151,7 @@ def _validate(file: Path, data: dict[str, Any]) -> None:
             raise ConfigError(f"{file}: unknown section [{section}] (expected one of: {known})")
 
 
-def parse(text: str, file: Path, env: dict[str, str] | None = None) -> Config:
+def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config:
     """Parse config text; `file` names it in errors and anchors relative paths."""
     env = os.environ if env is None else env
     try:
@@ -207,12 +207,12 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def config_path(env: dict[str, str] | None = None) -> Path:
+def config_path(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     return Path(env.get("STORK_CONFIG") or DEFAULT_PATH).absolute()
 
 
-def load(env: dict[str, str] | None = None) -> Config:
+def load(env: Mapping[str, str] | None = None) -> Config:
     """Load the config named by STORK_CONFIG (default ./stork.toml)."""
     file = config_path(env)
     try:

@@ -7,6 +7,7 @@ flock on the guest's lock file while a config is read, changed and written back.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import os
@@ -168,7 +169,7 @@ class GuestStore:
         return file_lock(lock, self.lock_timeout, f"guest {vmid} config")
 
     @contextlib.contextmanager
-    def editing(self, vmid: int) -> Iterator[list[Guest]]:
+    def editing(self, vmid: int) -> Iterator[builtins.list[Guest]]:
         """Read a guest under its flock; put a changed Guest into the list to write it back.
 
         Usage: `with store.editing(100) as box: box[0] = box[0].with_(lock="clone")`.

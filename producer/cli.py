@@ -8,24 +8,28 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drivers.errors import StorkError
 
-Handler = Callable[[argparse.Namespace, Any], int]
+if TYPE_CHECKING:  # imported for real in main(), once the config is known to load
+    from producer.client import Client
+    from worker.records import JobRecord
+
+Handler = Callable[[argparse.Namespace, "Client"], int]
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=2, default=str) if args.json else text)
 
 
-def _record_dict(job: Any) -> dict[str, Any]:
+def _record_dict(job: JobRecord) -> dict[str, Any]:
     data = job.as_dict()
     data["state"] = str(job.state)
     return data
 
 
-def _job_line(job: Any) -> str:
+def _job_line(job: JobRecord) -> str:
     line = f"job {job.id} {job.kind}: {job.state}"
     if job.error:
         line += f": {job.error}"
@@ -34,7 +38,7 @@ def _job_line(job: Any) -> str:
     return line
 
 
-def _result_text(job: Any) -> str:
+def _result_text(job: JobRecord) -> str:
     lines = [_job_line(job)]
     for key, value in job.result.items():
         if isinstance(value, dict):
@@ -43,7 +47,7 @@ def _result_text(job: Any) -> str:
     return "\n".join(lines)
 
 
-def submit_and_wait(args: argparse.Namespace, client: Any, kind: str, **options: Any) -> int:
+def submit_and_wait(args: argparse.Namespace, client: Client, kind: str, **options: Any) -> int:
     from producer.progress import ProgressView
 
     options = {k: v for k, v in options.items() if v is not None}
@@ -98,7 +102,7 @@ def _disk_specs(values: list[str], first: str) -> dict[str, dict[str, str]]:
 # ---- commands --------------------------------------------------------------------------
 
 
-def cmd_storage_list(args: argparse.Namespace, client: Any) -> int:
+def cmd_storage_list(args: argparse.Namespace, client: Client) -> int:
     rows = [{"id": s.id, "type": s.type, "path": str(s.path), "content": list(s.content),
              "shared": s.shared, "nodes": list(s.nodes) or "all"} for s in client.storages()]
     text = "\n".join(f"{r['id']:<12} {r['type']:<6} {'shared' if r['shared'] else 'local':<7} "
@@ -119,13 +123,13 @@ def _volume_text(v: Any) -> str:
     return f"{v.volid:<45} {v.fmt:<6} {human_bytes(v.virtual_size):>10} {human_bytes(v.allocated):>10}{extra}"
 
 
-def cmd_volume_list(args: argparse.Namespace, client: Any) -> int:
+def cmd_volume_list(args: argparse.Namespace, client: Client) -> int:
     vols = client.volumes(args.storage)
     _emit(args, [v.as_dict() for v in vols], "\n".join(_volume_text(v) for v in vols))
     return 0
 
 
-def cmd_volume_info(args: argparse.Namespace, client: Any) -> int:
+def cmd_volume_info(args: argparse.Namespace, client: Client) -> int:
     v = client.volume(args.volid)
     text = "\n".join(f"{k}: {val}" for k, val in v.as_dict().items())
     _emit(args, v.as_dict(), text)
@@ -137,7 +141,7 @@ def _guest_dict(g: Any) -> dict[str, Any]:
             "disks": g.disks, "unused": list(g.unused)}
 
 
-def cmd_guest_list(args: argparse.Namespace, client: Any) -> int:
+def cmd_guest_list(args: argparse.Namespace, client: Client) -> int:
     guests = client.guests()
     text = "\n".join(f"{g.vmid:<8} {g.name or '-':<16} {g.node:<10} {'template' if g.template else 'guest':<9} "
                      f"{('lock=' + g.lock) if g.lock else ''}" for g in guests)
@@ -145,7 +149,7 @@ def cmd_guest_list(args: argparse.Namespace, client: Any) -> int:
     return 0
 
 
-def cmd_guest_show(args: argparse.Namespace, client: Any) -> int:
+def cmd_guest_show(args: argparse.Namespace, client: Client) -> int:
     g = _guest_dict(client.guest(args.vmid))
     text = "\n".join(f"{k}: {v}" for k, v in g.items() if k != "disks") + "".join(
         f"\n{k}: {v}" for k, v in g["disks"].items())
@@ -153,13 +157,13 @@ def cmd_guest_show(args: argparse.Namespace, client: Any) -> int:
     return 0
 
 
-def cmd_job_list(args: argparse.Namespace, client: Any) -> int:
+def cmd_job_list(args: argparse.Namespace, client: Client) -> int:
     jobs = client.jobs(args.limit)
     _emit(args, [_record_dict(j) for j in jobs], "\n".join(_job_line(j) for j in jobs))
     return 0
 
 
-def cmd_job_show(args: argparse.Namespace, client: Any) -> int:
+def cmd_job_show(args: argparse.Namespace, client: Client) -> int:
     job = client.job(args.id)
     data = _record_dict(job)
     text = "\n".join(f"{k}: {json.dumps(v) if isinstance(v, dict | list) else v}" for k, v in data.items())
@@ -167,10 +171,10 @@ def cmd_job_show(args: argparse.Namespace, client: Any) -> int:
     return 0
 
 
-def cmd_job_watch(args: argparse.Namespace, client: Any) -> int:
+def cmd_job_watch(args: argparse.Namespace, client: Client) -> int:
     from producer.progress import ProgressView
 
-    view = None if args.json else ProgressView()
+    view = ProgressView()
     for event in client.events(args.id):
         if args.json:
             print(json.dumps(event), flush=True)
@@ -182,7 +186,7 @@ def cmd_job_watch(args: argparse.Namespace, client: Any) -> int:
     return 0 if str(job.state) == "succeeded" else 1
 
 
-def cmd_job_cancel(args: argparse.Namespace, client: Any) -> int:
+def cmd_job_cancel(args: argparse.Namespace, client: Client) -> int:
     job = client.cancel(args.id)
     _emit(args, {"job": job.id, "cancel": "requested"}, f"job {job.id}: cancel requested")
     return 0
@@ -207,7 +211,7 @@ SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]
 
 
 def _submitter(name: str) -> Handler:
-    def handler(args: argparse.Namespace, client: Any) -> int:
+    def handler(args: argparse.Namespace, client: Client) -> int:
         kind, options = SUBMITTERS[name](args)
         return submit_and_wait(args, client, kind, **options)
 

@@ -72,7 +72,7 @@ def prepare_create(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     _only(o, {"vmid", "name", "disks", "node"}, "create")
     vmid = _new_vmid(cfg, o.get("vmid"))
     node = o.get("node") or cfg.node
-    disks = {}
+    disks: dict[str, dict[str, Any]] = {}
     for key, spec in (o.get("disks") or {}).items():
         _only(spec, {"storage", "size", "format"}, f"disk {key}")
         storage = _images_storage(cfg, names.storage_id(spec.get("storage", "")))
@@ -88,7 +88,7 @@ def prepare_import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     _only(o, {"vmid", "name", "disks", "node"}, "import")
     vmid = _new_vmid(cfg, o.get("vmid"))
     node = o.get("node") or cfg.node
-    disks = {}
+    disks: dict[str, dict[str, Any]] = {}
     for key, spec in (o.get("disks") or {}).items():
         _only(spec, {"path", "storage", "format"}, f"disk {key}")
         path = Path(spec.get("path", "")).absolute()
@@ -115,7 +115,7 @@ def prepare_linked_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     source, newid = _clone_source(cfg, o)
     if not source.template:
         raise Refused(f"guest {source.vmid} is not a template: a linked clone needs one (use --full)")
-    disks = {}
+    disks: dict[str, dict[str, Any]] = {}
     for key, volid in source.disks.items():
         storage, vol = _volume(cfg, volid)
         if o.get("storage") and o["storage"] != storage:

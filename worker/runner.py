@@ -155,11 +155,12 @@ def cancel(r: redis.Redis, job_id: str) -> JobRecord:
     if _committed(kind, job):
         raise Refused(f"job {job.id} has committed its change: it can no longer be cancelled")
     records.request_cancel(r, job_id)
-    holder = (job.current or {}).get("worker")
+    current = job.current or {}
+    holder = current.get("worker")
     if holder is None:
         start_undo(r, job, job.done - 1, JobState.CANCELLED, "cancelled by user", {"idle": True, "done": job.done})
-    elif not holder_alive(r, holder) and not kind.steps[job.current["step"]].commit:
-        start_undo(r, job, job.current["step"], JobState.CANCELLED, "cancelled by user",
+    elif not holder_alive(r, holder) and not kind.steps[current["step"]].commit:
+        start_undo(r, job, current["step"], JobState.CANCELLED, "cancelled by user",
                    {"owner": holder, "done": job.done})
     return records.load(r, job_id)
 
@@ -264,15 +265,16 @@ def reconcile(cfg: Config, r: redis.Redis) -> list[str]:
         if job.state == JobState.UNDOING and holder is None:
             dispatch_undo(job)  # in case whoever started the undo died before sending it
             continue
-        if not job.current or job.current.get("node") != cfg.node or holder_alive(r, holder):
+        current = job.current or {}
+        if holder is None or current.get("node") != cfg.node or holder_alive(r, holder):
             continue
         kind = KINDS[job.kind]
         try:
-            if job.state == JobState.RUNNING and (kind.steps[job.current["step"]].commit or _committed(kind, job)):
+            if job.state == JobState.RUNNING and (kind.steps[current["step"]].commit or _committed(kind, job)):
                 resume(job, holder)
             elif job.state == JobState.RUNNING:
-                start_undo(r, job, job.current["step"], JobState.FAILED,
-                           f"the worker on node {cfg.node} died during step {job.current.get('name')}",
+                start_undo(r, job, current["step"], JobState.FAILED,
+                           f"the worker on node {cfg.node} died during step {current.get('name')}",
                            {"owner": holder, "done": job.done})
             elif job.state == JobState.UNDOING:
                 records.transition(r, job_id, (JobState.UNDOING,), guard={"owner": holder}, current=None)

@@ -105,7 +105,11 @@ def allocate_disks(ctx: StepContext) -> None:
         if key in ctx.data.get("made", {}):
             continue  # redelivered: made already
         drv, size = ctx.driver(plan["storage"]), _source_size(ctx, plan)
-        _make_volume(ctx, key, drv, plan["owner"], plan["format"], lambda vol, d=drv, n=size: d.allocate(vol, n))
+
+        def allocate(vol: VolName, d: Driver = drv, n: int = size) -> None:
+            d.allocate(vol, n)
+
+        _make_volume(ctx, key, drv, plan["owner"], plan["format"], allocate)
     ctx.set_result(volumes=ctx.data.get("made", {}))
 
 
