@@ -11,6 +11,8 @@ from functools import cache
 
 import redis
 from celery import Celery
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from drivers import config as config_module
 from drivers.config import Config
@@ -22,10 +24,20 @@ def config() -> Config:
     return config_module.load()
 
 
+REDIS_OUTAGE = 60  # seconds a worker keeps retrying Redis (e.g. while it restarts)
+
+
 @cache
 def redis_client() -> redis.Redis:
-    # redis-py's pool notices a fork and reconnects, so one client per process is safe.
-    return redis.Redis.from_url(config().redis_url, decode_responses=True, health_check_interval=30)
+    """This process's Redis client. It rides out a Redis restart: commands are retried with
+    backoff for about REDIS_OUTAGE seconds. A retried state change whose first try went
+    through fails its guard; the runner then checks whether the change is already there.
+    redis-py's pool notices a fork and reconnects, so one client per process is safe."""
+    retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=int(REDIS_OUTAGE / 2) + 5)
+    return redis.Redis.from_url(
+        config().redis_url, decode_responses=True, health_check_interval=30, retry=retry,
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
 
 
 def make_app(cfg: Config) -> Celery:
@@ -47,7 +59,10 @@ def make_app(cfg: Config) -> Celery:
         visibility_timeout=vt,
         task_soft_time_limit=int(vt * 0.8),
         task_time_limit=int(vt * 0.9),
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Cancelling on connection loss makes Celery 5.6 announce the cancel over the lost
+        # connection and die. The step goes on instead; if its message comes back after the
+        # visibility timeout, the step finds itself done and returns (see runner).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
         task_send_sent_event=True,

@@ -99,7 +99,9 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
             current=job.current, attempts=job.attempts, ran_on=job.ran_on, started=job.started or time.time(),
         )
     except StateConflict:
-        raise Ignore() from None  # another process took it first
+        if (records.load(r, job_id).current or {}).get("worker") != me:
+            raise Ignore() from None  # another process took it first
+        # else our start went through and only its reply was lost (a retry after a Redis blip)
     mine = {"owner": me}
     if attempt > MAX_ATTEMPTS:
         start_undo(r, job, index, JobState.FAILED, f"step {step.name} was interrupted {attempt - 1} times", mine)
@@ -139,7 +141,10 @@ def _finish_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node
             **({"finished": time.time()} if last else {}),
         )
     except StateConflict:
-        raise Ignore() from None  # failed by reconciliation while we ran: its undo owns it
+        now = records.load(r, job.id)
+        if now.done <= index or now.state not in (JobState.RUNNING, JobState.SUCCEEDED):
+            raise Ignore() from None  # failed by reconciliation while we ran: its undo owns it
+        # else our finish went through and only its reply was lost: the chain goes on
     if last:
         log.info("job_succeeded")
 

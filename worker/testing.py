@@ -36,20 +36,30 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "con
 
 
 class RedisServer:
-    def __init__(self, port: int, data_dir: Path) -> None:
+    """redis-server on 127.0.0.1:`port`; with `durable`, an append-only file in `data_dir`
+    keeps its data across `restart()`."""
+
+    def __init__(self, port: int, data_dir: Path, durable: bool = False) -> None:
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.port = port
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--maxmemory-policy", "noeviction", "--dir", str(data_dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        self.argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "yes" if durable else "no", "--maxmemory-policy", "noeviction",
+                     "--dir", str(data_dir)]
         import redis
 
         self.client = redis.Redis(port=port, decode_responses=True)
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self._pings, 10, "redis-server")
+
+    def restart(self, down: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down)
+        self.start()
 
     def _pings(self) -> bool:
         try:
@@ -65,10 +75,10 @@ class RedisServer:
 class Worker:
     """A real `celery worker` process group for one node."""
 
-    def __init__(self, node: str, log_dir: Path, concurrency: int = 4) -> None:
+    def __init__(self, node: str, log_dir: Path, concurrency: int = 4, env: dict[str, str] | None = None) -> None:
         self.node = node
         self.log = log_dir / f"worker-{node}-{time.monotonic_ns()}.log"
-        env = {**os.environ, "STORK_NODE": node, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **(env or {}), "STORK_NODE": node, "PYTHONUNBUFFERED": "1"}
         argv = [sys.executable, "-m", "worker.main", "--without-mingle", "--without-gossip", "-c", str(concurrency)]
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
