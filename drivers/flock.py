@@ -8,20 +8,25 @@ import fcntl
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from drivers.errors import LockTimeout
 
 POLL = 0.005
 
 
-@contextlib.contextmanager
-def file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
+def open_making_dirs(path: Path, mode: str) -> IO[str]:
+    """open(), creating the parent directories on first use only (not a stat per call)."""
     try:
-        f = open(path, "a")  # noqa: SIM115
+        return open(path, mode)
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a")  # noqa: SIM115
-    with f:
+        return open(path, mode)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
+    with open_making_dirs(path, "a") as f:
         deadline = time.monotonic() + timeout
         while True:
             try:

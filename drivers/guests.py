@@ -19,7 +19,7 @@ from pathlib import Path
 
 from drivers import names
 from drivers.errors import AlreadyExists, ConfigError, NotFound, Refused
-from drivers.flock import file_lock
+from drivers.flock import file_lock, open_making_dirs
 
 
 @dataclass(frozen=True)
@@ -131,12 +131,7 @@ class GuestStore:
 
     def _write_temp(self, guest: Guest) -> Path:
         temp = self.dir / f".{guest.vmid}.toml.{os.getpid()}.{time.monotonic_ns()}.tmp"
-        try:
-            f = open(temp, "w")  # noqa: SIM115
-        except FileNotFoundError:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            f = open(temp, "w")  # noqa: SIM115
-        with f:
+        with open_making_dirs(temp, "w") as f:
             f.write(dumps(guest))
             f.flush()
             os.fsync(f.fileno())
