@@ -11,6 +11,7 @@ every change goes through a job.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,7 +22,7 @@ from drivers import config as config_module
 from drivers import driver_for, names
 from drivers.base import VolumeInfo
 from drivers.config import Config, StorageConfig
-from drivers.errors import Refused, StorkError
+from drivers.errors import NotFound, Refused, StorkError
 from drivers.guests import Guest, GuestStore
 from worker import events, records, runner
 from worker.jobs import KINDS
@@ -56,7 +57,12 @@ class Client:
         return records.load(self.r, records.resolve(self.r, job_id))
 
     def jobs(self, limit: int = 50) -> list[JobRecord]:
-        return [records.load(self.r, j) for j in records.recent_ids(self.r, limit)]
+        """The most recent jobs, newest first (finished ones are kept for 30 days)."""
+        found = []
+        for job_id in records.recent_ids(self.r, limit):
+            with contextlib.suppress(NotFound):  # expired since it was listed
+                found.append(records.load(self.r, job_id))
+        return found
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a job: its undo runs, and it ends `cancelled`. Refused once it has ended."""

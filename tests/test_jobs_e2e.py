@@ -389,3 +389,16 @@ def test_copies_send_celery_task_progress_events_for_flower(client, vmid):
     wait_for(lambda: any(e.get("job") == job.id for e in seen), 10, "a task-progress event")
     event = next(e for e in seen if e.get("job") == job.id)
     assert event["step"] == "copy_data" and event["total"] == 1 << 30 and 0 <= event["done"] <= 1 << 30
+
+
+def test_finished_jobs_expire_and_running_ones_do_not(client, vmid):
+    """A finished job's record and events are kept for the retention time; an active one has
+    no expiry."""
+    from worker import records
+
+    job = client.run("create", vmid=vmid(), disks={"scsi0": {"storage": "local", "size": "8M"}})
+    assert 0 < client.r.ttl(records.job_key(job.id)) <= records.RETENTION
+    assert 0 < client.r.ttl(records.events_key(job.id)) <= records.RETENTION
+    waiting = client.submit("ping", node="nobody")
+    assert client.r.ttl(records.job_key(waiting.id)) == -1
+    client.cancel(waiting.id)

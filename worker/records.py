@@ -5,11 +5,15 @@ Redis keys used by stork (all of them; keep this list true):
                               raw so a Lua compare-and-set can read it); `cancel` is
                               set to true by the producer when a user asks to cancel
     stork:job:<id>:events     stream of JSON events (capped), replayed by late watchers
+                              (both expire RETENTION after the job ends)
     stork:events              pub/sub channel announcing every event, for live listeners
     stork:jobs                sorted set of all job ids, scored by creation time
     stork:jobs:active         set of job ids not yet succeeded, failed or cancelled
     stork:lock:<name>         lease of a shared-storage lock (value: fencing token)
     stork:lock:<name>:fence   counter handing out fencing tokens
+    stork:alive:<host>:<pid>  a worker process's heartbeat (worker/liveness.py), expiring
+    stork:noop:<token>        list a `stork.noop` task pushes to (benchmark reference chains)
+Celery's own keys (queues `node.<name>` and `shared`, unacked, results) live in the same DB.
 State machine: queued -> running -> succeeded, or running -> undoing -> failed | cancelled
 (queued -> undoing when a job is cancelled before its first step).
 """
@@ -31,6 +35,7 @@ JOBS = "stork:jobs"
 ACTIVE = "stork:jobs:active"
 CHANNEL = "stork:events"
 STREAM_MAXLEN = 2000  # events kept per job (approximately)
+RETENTION = 30 * 86400  # seconds a finished job's record and events are kept
 
 
 def job_key(job_id: str) -> str:
@@ -105,6 +110,7 @@ def create(r: redis.Redis, record: JobRecord, event: dict[str, Any]) -> None:
     """Store a new job with its first event, in one transaction."""
     record.created = record.created or time.time()
     with r.pipeline() as p:
+        p.zremrangebyscore(JOBS, "-inf", record.created - RETENTION)  # ids whose records expired
         p.hset(job_key(record.id), mapping=_encode(record.as_dict()))
         p.zadd(JOBS, {record.id: record.created})
         p.sadd(ACTIVE, record.id)
@@ -153,7 +159,11 @@ if guard.owner and (current == 'null' or cjson.decode(current).worker ~= guard.o
 for _, allowed in ipairs(cjson.decode(ARGV[1])) do
   if allowed == state then
     if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
-    if ARGV[2] == '1' then redis.call('SREM', KEYS[2], KEYS[3]) end
+    if ARGV[2] == '1' then
+      redis.call('SREM', KEYS[2], KEYS[3])
+      redis.call('EXPIRE', KEYS[1], """ + str(RETENTION) + """)
+      redis.call('EXPIRE', KEYS[4], """ + str(RETENTION) + """)
+    end
     for _, event in ipairs(cjson.decode(ARGV[3])) do
       redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'event', event)
       redis.call('PUBLISH', '""" + CHANNEL + """', event)
