@@ -7,6 +7,7 @@ the config file. STORK_REDIS_URL and STORK_NODE override the Redis URL and this 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
@@ -86,6 +87,22 @@ def _pos_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
+def _redis_url(v: Any) -> bool:
+    return isinstance(v, str) and v.startswith(("redis://", "rediss://", "unix://"))
+
+
+def _port(v: Any) -> bool:
+    return _pos_int(v) and v <= 65535
+
+
+def _ip_address(v: Any) -> bool:
+    try:
+        ipaddress.ip_address(v)
+        return True
+    except ValueError:
+        return v == "localhost"
+
+
 def _str_list(v: Any) -> bool:
     return isinstance(v, list) and all(_str(x) for x in v)
 
@@ -93,7 +110,7 @@ def _str_list(v: Any) -> bool:
 # section -> key -> (check, what was expected)
 Check = tuple[Callable[[Any], bool], str]
 SCHEMA: dict[str, dict[str, Check]] = {
-    "redis": {"url": (_str, "a redis:// URL")},
+    "redis": {"url": (_redis_url, "a redis://, rediss:// or unix:// URL")},
     "paths": {"guests": (_str, "a directory path"), "locks": (_str, "a directory path")},
     "locks": {"timeout": (_pos_num, "a number of seconds > 0")},
     "worker": {
@@ -101,8 +118,8 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "visibility_timeout": (_pos_int, "a whole number of seconds > 0"),
     },
     "flower": {
-        "address": (_str, "an IP address"),
-        "port": (_pos_int, "a port number"),
+        "address": (_ip_address, "an IP address or localhost"),
+        "port": (_port, "a port number (1-65535)"),
         "basic_auth": (_str, "user:password[,user:password...]"),
     },
 }
@@ -178,9 +195,9 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
     section = lambda name: data.get(name, {})  # noqa: E731
     node = env.get("STORK_NODE") or socket.gethostname().split(".")[0].lower()
     try:
-        names.storage_id(node)  # node names share the storage id's safe alphabet
-    except InvalidName:
-        raise ConfigError(f"invalid node name {node!r} (STORK_NODE or host name)") from None
+        names.node(node)
+    except InvalidName as e:
+        raise ConfigError(f"{e} (from STORK_NODE or the host name)") from None
     flower = section("flower")
     return Config(
         file=file,

@@ -32,6 +32,13 @@ def storage_id(text: str) -> str:
     return text
 
 
+def node(text: str) -> str:
+    """Return `text` if it is a valid node name (same alphabet as storage ids)."""
+    if not isinstance(text, str) or not _STORAGE_ID.fullmatch(text):
+        raise InvalidName(f"invalid node name {text!r}: expected a lower-case letter, then up to 39 of a-z 0-9 _ -")
+    return text
+
+
 def vmid(value: str | int) -> int:
     """Return a guest id as int; ids run from 100 to 999999999 as in Proxmox VE."""
     text = str(value)

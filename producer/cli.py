@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 from drivers.errors import StorkError
 
 if TYPE_CHECKING:  # imported for real in main(), once the config is known to load
@@ -17,6 +19,10 @@ if TYPE_CHECKING:  # imported for real in main(), once the config is known to lo
     from worker.records import JobRecord
 
 Handler = Callable[[argparse.Namespace, "Client"], int]
+
+
+class UsageError(StorkError):
+    """The command line itself is wrong (exit status 2, like argparse's own errors)."""
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -61,7 +67,10 @@ def submit_and_wait(args: argparse.Namespace, client: Client, kind: str, **optio
         print(f"\nstork: stopped waiting; job {job.id} goes on (stork job watch {job.id})", file=sys.stderr)
         return 130
     _emit(args, _record_dict(job), _result_text(job))
-    return 0 if str(job.state) == "succeeded" else 1
+    if str(job.state) == "succeeded":
+        return 0
+    print(f"stork: {_job_line(job)}", file=sys.stderr)  # the one line saying what went wrong
+    return 1
 
 
 # ---- argument parsing helpers --------------------------------------------------------
@@ -72,7 +81,7 @@ def _pairs(text: str) -> dict[str, str]:
     for item in text.split(","):
         key, sep, value = item.partition("=")
         if not sep:
-            raise StorkError(f"invalid option {item!r}: expected key=value")
+            raise UsageError(f"invalid option {item!r}: expected key=value")
         out[key] = value
     return out
 
@@ -83,19 +92,19 @@ def _disk_specs(values: list[str], first: str) -> dict[str, dict[str, str]]:
     for value in values or []:
         key, sep, rest = value.partition("=")
         if not sep or not rest:
-            raise StorkError(f"invalid --disk {value!r}: expected DISK={first.upper()}[,key=value...]")
+            raise UsageError(f"invalid --disk {value!r}: expected DISK={first.upper()}[,key=value...]")
         head, *more = rest.split(",")
         spec = _pairs(",".join(more)) if more else {}
         if first == "storage:size":
             storage, colon, size = head.partition(":")
             if not colon:
-                raise StorkError(f"invalid --disk {value!r}: expected DISK=STORAGE:SIZE[,format=F]")
+                raise UsageError(f"invalid --disk {value!r}: expected DISK=STORAGE:SIZE[,format=F]")
             spec |= {"storage": storage, "size": size}
         else:
             spec |= {"path": head}
         disks[key] = spec
     if not disks:
-        raise StorkError("at least one --disk is needed")
+        raise UsageError("at least one --disk is needed")
     return disks
 
 
@@ -304,8 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "clone" and not (args.full or args.linked):
             args.full = not Client().guest(args.vmid).template
         return args.handler(args, Client())
+    except UsageError as e:
+        print(f"stork: {e}", file=sys.stderr)
+        return 2
     except StorkError as e:
         print(f"stork: {e}", file=sys.stderr)
+        return 1
+    except redis.RedisError as e:  # Redis went away after the first contact
+        print(f"stork: Redis error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

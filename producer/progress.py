@@ -17,7 +17,7 @@ def human_bytes(n: float) -> str:
 def bar_line(event: dict[str, Any], steps: list[str], width: int = 24) -> str:
     step = event.get("step", "")
     index = steps.index(step) + 1 if step in steps else 0
-    head = f"[{index}/{len(steps)}] {step}"
+    head = f"[{index}/{len(steps)}] {step}" if index else step  # steps unknown: history trimmed
     total, done = event.get("total") or 0, max(event.get("done") or 0, 0)
     if not total:
         return head
@@ -30,7 +30,8 @@ def bar_line(event: dict[str, Any], steps: list[str], width: int = 24) -> str:
 
 
 class ProgressView:
-    """Feeds on job events; draws to `out` (stderr), never to stdout (kept for results)."""
+    """Feeds on job events; draws a live view on `out` (stderr) when it is a terminal, and
+    nothing otherwise (scripts read results on stdout, errors alone on stderr)."""
 
     def __init__(self, out: TextIO | None = None) -> None:
         self.out = out or sys.stderr
@@ -39,13 +40,15 @@ class ProgressView:
         self.drawn = False
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if not self.live:
+            return
         phase = event.get("phase")
         if phase == "queued":
             self.steps = list(event.get("steps", []))
             self._line(f"job {event['job']} queued ({event['kind']})", keep=True)
         elif phase == "start":
-            self._line(bar_line(event, self.steps) + f" on {event.get('node')}", keep=not self.live)
-        elif phase == "progress" and self.live:
+            self._line(bar_line(event, self.steps) + f" on {event.get('node')}", keep=False)
+        elif phase == "progress":
             self._line(bar_line(event, self.steps), keep=False)
         elif phase == "failed":
             self._line(f"failed: {event.get('message')}", keep=True)
@@ -55,14 +58,11 @@ class ProgressView:
             self._finish_line()
 
     def _line(self, text: str, keep: bool) -> None:
-        if self.live:
-            self.out.write("\r\033[K" + text + ("\n" if keep else ""))
-            self.drawn = not keep
-        else:
-            self.out.write(text + "\n")
+        self.out.write("\r\033[K" + text + ("\n" if keep else ""))
+        self.drawn = not keep
         self.out.flush()
 
     def _finish_line(self) -> None:
-        if self.live and self.drawn:
+        if self.drawn:
             self.out.write("\n")
             self.out.flush()

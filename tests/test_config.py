@@ -57,7 +57,10 @@ def test_storages_know_which_nodes_they_exist_on():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[redis]\nurl = 5\n", r"stork.toml: redis.url = 5: expected a redis:// URL"),
+        ("[redis]\nurl = 5\n", r"stork.toml: redis.url = 5: expected a redis://, rediss:// or unix:// URL"),
+        ("[redis]\nurl = 'localhost:6379'\n", r"redis.url = 'localhost:6379': expected a redis://"),
+        ("[flower]\nport = 70000\n", r"flower.port = 70000: expected a port number \(1-65535\)"),
+        ("[flower]\naddress = 'example.org'\n", r"flower.address = 'example.org': expected an IP address"),
         ("[redis]\nhost = 'x'\n", r"stork.toml: unknown key redis.host"),
         ("[bogus]\n", r"unknown section \[bogus\]"),
         ("[storage.x]\ntype = 'nfs'\npath = 'p'\n", r"storage.x.type = 'nfs': expected one of: dir"),

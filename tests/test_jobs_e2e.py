@@ -402,3 +402,27 @@ def test_finished_jobs_expire_and_running_ones_do_not(client, vmid):
     waiting = client.submit("ping", node="nobody")
     assert client.r.ttl(records.job_key(waiting.id)) == -1
     client.cancel(waiting.id)
+
+
+def test_the_live_view_draws_on_a_terminal_and_stays_quiet_elsewhere():
+    """On a terminal the view redraws one line per step and bar; piped, it prints nothing."""
+    import io
+
+    from producer.progress import ProgressView
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    events = [{"phase": "queued", "job": "j", "kind": "copy", "steps": ["allocate", "copy_data"]},
+              {"phase": "start", "step": "copy_data", "node": "n1"},
+              {"phase": "progress", "step": "copy_data", "done": 1 << 30, "total": 2 << 30, "rate": 1 << 30},
+              {"phase": "finished", "state": "succeeded"}]
+    tty, pipe = Terminal(), io.StringIO()
+    for out in (tty, pipe):
+        view = ProgressView(out)
+        for event in events:
+            view(event)
+    assert "job j queued (copy)" in tty.getvalue() and "[2/2] copy_data on n1" in tty.getvalue()
+    assert " 50.0% 1.0 GiB/2.0 GiB 1.0 GiB/s ETA 1s" in tty.getvalue() and tty.getvalue().endswith("\n")
+    assert pipe.getvalue() == ""

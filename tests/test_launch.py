@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,8 +52,9 @@ def test_make_run_starts_a_working_system_from_nothing(tmp_path):
     """The launcher writes the default config, starts Redis, worker, beat and Flower, serves
     a clone through the CLI, and Ctrl-C stops everything it started."""
     cfg_file = tmp_path / "stork.toml"
+    flower_port = free_port()
     cfg_file.write_text(config.DEFAULT_CONFIG.replace("6379", str(free_port()))
-                        + f"\n[flower]\nport = {free_port()}\n")
+                        + f"\n[flower]\nport = {flower_port}\n")
     env = {**os.environ, "STORK_CONFIG": str(cfg_file), "STORK_NODE": "solo", "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "run.log"
     with open(log, "w") as out:
@@ -67,6 +69,9 @@ def test_make_run_starts_a_working_system_from_nothing(tmp_path):
             done = subprocess.run([*stork, *args], env=env, cwd=ROOT, capture_output=True, text=True, check=False)
             assert done.returncode == 0, done.stderr + log.read_text()[-3000:]
         assert (tmp_path / "var/images/101/vm-101-disk-0.qcow2").exists()
+        flower_up = lambda: urllib.request.urlopen(f"http://127.0.0.1:{flower_port}/", timeout=2).status == 200  # noqa: E731
+        wait_for(lambda: _quietly(flower_up), 30, "Flower to answer")
+        assert (tmp_path / "var/celerybeat-schedule").exists() or list(tmp_path.glob("var/celerybeat-schedule*"))
         text = log.read_text()
         assert all(f"{name}.1 started" in text for name in ("redis", "worker", "beat", "flower"))
     finally:
@@ -75,6 +80,13 @@ def test_make_run_starts_a_working_system_from_nothing(tmp_path):
     group_left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True, check=False)
     assert group_left.stdout.strip() == ""
     subprocess.run(["chattr", "-R", "-i", str(tmp_path)], capture_output=True, check=False)
+
+
+def _quietly(check) -> bool:
+    try:
+        return bool(check())
+    except OSError:
+        return False
 
 
 def test_a_missing_config_is_one_line_for_every_entry_point(tmp_path):
@@ -86,13 +98,16 @@ def test_a_missing_config_is_one_line_for_every_entry_point(tmp_path):
         assert "none.toml: config file not found" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
-def test_an_unreachable_redis_is_one_clear_line(tmp_path):
-    """Submitting while Redis does not answer names the URL."""
-    env = {**os.environ, "STORK_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
-    done = subprocess.run([sys.executable, "-m", "producer.cli", "guest", "create", "100", "--disk", "scsi0=local:1G"],
+@pytest.mark.parametrize("args", [["guest", "create", "100", "--disk", "scsi0=local:1G"], ["job", "list"],
+                                  ["job", "show", "0123456789ab"], ["job", "cancel", "0123456789ab"]])
+def test_an_unreachable_redis_is_one_clear_line(args):
+    """Submitting or reading jobs while Redis does not answer: one line naming the address."""
+    port = free_port()
+    env = {**os.environ, "STORK_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+    done = subprocess.run([sys.executable, "-m", "producer.cli", *args],
                           env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     assert done.returncode == 1
-    assert done.stderr.startswith("stork: cannot reach Redis at redis://127.0.0.1:")
+    assert len(done.stderr.strip().splitlines()) == 1 and f"127.0.0.1:{port}" in done.stderr
 
 
 def test_paths_in_the_default_config_are_under_var(tmp_path: Path):

@@ -53,10 +53,12 @@ def main() -> None:
         for storage in cfg.storages.values():
             if storage.on_node(cfg.node):
                 storage.path.mkdir(parents=True, exist_ok=True)
-        (ROOT / "var").mkdir(exist_ok=True)
+        var = cfg.file.parent / "var"
+        var.mkdir(exist_ok=True)
     except StorkError as e:
         sys.exit(f"stork: {e}")
-    env = {**os.environ, "STORK_CONFIG": str(cfg.file), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "STORK_CONFIG": str(cfg.file), "STORK_VAR": str(var),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     print(f"stork: node {cfg.node}, Redis {config.redact(cfg.redis_url)}, Flower http://{cfg.flower_address}:{cfg.flower_port}",
           file=sys.stderr)
     argv = [sys.executable, "-m", "honcho", "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "start", *processes]

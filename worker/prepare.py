@@ -28,6 +28,18 @@ def _guest(cfg: Config, vmid: Any) -> Guest:
     return _store(cfg).read(names.vmid(vmid))
 
 
+def _node(o: dict[str, Any], cfg: Config) -> str:
+    """The node a job's node-local storages are on: the option, else this node."""
+    return names.node(o["node"]) if o.get("node") else cfg.node
+
+
+def _flag(o: dict[str, Any], key: str) -> bool:
+    value = o.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidName(f"invalid {key} {value!r}: expected true or false")
+    return value
+
+
 def _name(o: dict[str, Any]) -> str:
     return names.image_name(o["name"], "guest name") if o.get("name") else ""
 
@@ -71,7 +83,7 @@ def _images_storage(cfg: Config, storage: str) -> str:
 def prepare_create(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     _only(o, {"vmid", "name", "disks", "node"}, "create")
     vmid = _new_vmid(cfg, o.get("vmid"))
-    node = o.get("node") or cfg.node
+    node = _node(o, cfg)
     disks: dict[str, dict[str, Any]] = {}
     for key, spec in (o.get("disks") or {}).items():
         _only(spec, {"storage", "size", "format"}, f"disk {key}")
@@ -87,7 +99,7 @@ def prepare_create(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 def prepare_import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     _only(o, {"vmid", "name", "disks", "node"}, "import")
     vmid = _new_vmid(cfg, o.get("vmid"))
-    node = o.get("node") or cfg.node
+    node = _node(o, cfg)
     disks: dict[str, dict[str, Any]] = {}
     for key, spec in (o.get("disks") or {}).items():
         _only(spec, {"path", "storage", "format"}, f"disk {key}")
@@ -160,7 +172,7 @@ def prepare_base(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     driver_for(cfg.storage(storage)).require_feature("make_base", vol)
     name = names.image_name(o["name"], "base name") if o.get("name") else None
     owner = _owner_of(cfg, volid)
-    node = owner.node if owner else (o.get("node") or cfg.node)
+    node = owner.node if owner else _node(o, cfg)
     return {"lock_vmid": owner.vmid if owner else None, "refuse_template": "converting its disks",
             "expect_disks": owner.disks if owner else None,
             "bases": {"disk": {"source": volid, "name": name}}, "node": node,
@@ -193,7 +205,7 @@ def prepare_copy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     if owner is None:
         raise InvalidName(f"{volid} belongs to no guest: name the owner of the copy with --vmid")
     dest = _images_storage(cfg, names.storage_id(o.get("storage") or ""))
-    node = o.get("node") or cfg.node
+    node = _node(o, cfg)
     disk = {"source": volid, "storage": dest, "owner": owner, "format": _format(cfg, dest, o.get("format"), vol.fmt)}
     return {"disks": {"copy": disk}, "node": node, "storages": _check_nodes(cfg, {storage, dest}, node)}
 
@@ -215,7 +227,7 @@ def prepare_move(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         raise Refused(f"{volid} is already on {dest!r} as {fmt}")
     return {"lock_vmid": guest.vmid, "refuse_template": "moving its disks", "expect_disks": guest.disks,
             "disks": {key: {"source": volid, "storage": dest, "owner": guest.vmid, "format": fmt}},
-            "delete_source": bool(o.get("delete_source")), "node": guest.node,
+            "delete_source": _flag(o, "delete_source"), "node": guest.node,
             "storages": _check_nodes(cfg, {storage, dest}, guest.node)}
 
 
@@ -223,7 +235,7 @@ def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     _only(o, {"volid", "node"}, "free")
     volid = str(o.get("volid"))
     storage, _vol = _volume(cfg, volid)
-    node = o.get("node") or cfg.node
+    node = _node(o, cfg)
     return {"volid": volid, "node": node, "storages": _check_nodes(cfg, {storage}, node)}
 
 
@@ -238,7 +250,7 @@ def prepare_destroy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 def prepare_ping(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     _only(o, {"node"}, "ping")
-    node = names.storage_id(o.get("node") or cfg.node)
+    node = _node(o, cfg)
     return {"node": node, "storages": [], "pinned": True}  # its storage step runs on the node
 
 
@@ -248,7 +260,7 @@ def prepare_resize(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     storage, vol = _volume(cfg, volid)
     driver_for(cfg.storage(storage)).require_feature("resize", vol)
     owner = _owner_of(cfg, volid)
-    node = owner.node if owner else (o.get("node") or cfg.node)
+    node = owner.node if owner else _node(o, cfg)
     return {"volid": volid, "size": names.size(o.get("size", "")), "node": node,
             "lock_vmid": owner.vmid if owner else None, "refuse_template": "writing its disks",
             "expect_disks": owner.disks if owner else None,

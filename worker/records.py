@@ -34,7 +34,7 @@ from drivers.errors import NotFound, StorkError
 JOBS = "stork:jobs"
 ACTIVE = "stork:jobs:active"
 CHANNEL = "stork:events"
-STREAM_MAXLEN = 2000  # events kept per job (approximately)
+STREAM_MAXLEN = 20000  # events kept per job (approximately): some 2.7 hours of copy progress
 RETENTION = 30 * 86400  # seconds a finished job's record and events are kept
 
 
