@@ -133,8 +133,8 @@ def volname(text: str) -> VolName:
         f"invalid volume name {text!r}: expected <vmid>/vm-<vmid>-<name>.<raw|qcow2> "
         "or base/<name>.<raw|qcow2>"
     )
-    if not isinstance(text, str) or text.count("/") != 1 or not text.isascii():
-        raise bad
+    if not isinstance(text, str) or text.count("/") != 1 or not text.isascii() or ".." in text:
+        raise bad  # '..' anywhere, even 'base/a..raw' (a stem ending in '.'), is refused
     folder, file = text.split("/")
     stem, dot, fmt = file.rpartition(".")
     if not dot or fmt not in FORMATS:

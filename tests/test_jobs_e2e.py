@@ -308,7 +308,8 @@ def test_a_guest_changed_after_submit_is_refused_by_the_step(client, vmid):
     client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
     job = JobRecord(id=records.new_id(), kind="template", node="node1", steps=["lock_guest"], queues=["shared"],
                     params={"lock_vmid": g, "expect_disks": {"scsi0": "local:1/vm-1-disk-0.raw"}},
-                    state=JobState.RUNNING, current={"worker": "test:1"})
+                    state=JobState.RUNNING,
+                    current={"step": 0, "name": "lock_guest", "node": "node1", "worker": "test:1", "attempt": 1})
     records.create(client.r, job, {"phase": "queued"})
     ctx = StepContext(job=job, cfg=client.cfg, r=client.r, node="node1", step="lock_guest", worker="test:1")
     with pytest.raises(Refused, match=f"guest {g} changed since the job was submitted"):

@@ -16,6 +16,7 @@ VOLNAMES = [
     ("a Proxmox-style base", "base/base-100-disk-0.qcow2", VolName(None, "base-100-disk-0", "qcow2")),
     ("parent directory", "base/../etc.raw", None),
     ("dot-dot inside a name", "base/a..b.raw", None),
+    ("stem ending in a dot", "base/0..raw", None),
     ("two slashes", "100/x/vm-100-disk-0.raw", None),
     ("no folder", "vm-100-disk-0.raw", None),
     ("leading dash", "base/-rf.raw", None),

@@ -15,13 +15,13 @@ from worker.records import JobRecord, JobState
 DEAD = f"{socket.gethostname()}:999999999"  # a process id that cannot exist
 
 
-def interrupted_job(client, kind: str, params: dict, done: int) -> JobRecord:
-    """A job of `kind` whose step `done` was running in a process that died."""
+def interrupted_job(client, kind: str, params: dict, done: int, holder: str = DEAD) -> JobRecord:
+    """A job of `kind` whose step `done` was running in `holder` (by default a dead process)."""
     spec = KINDS[kind]
     job = JobRecord(
         id=records.new_id(), kind=kind, params=params, node="node1", steps=[s.name for s in spec.steps],
         queues=spec.queues(params, client.cfg), state=JobState.RUNNING, done=done,
-        current={"step": done, "name": spec.steps[done].name, "node": "node1", "worker": DEAD, "attempt": 1},
+        current={"step": done, "name": spec.steps[done].name, "node": "node1", "worker": holder, "attempt": 1},
         attempts={str(done): 1},
     )
     records.create(client.r, job, {"phase": "queued"})
@@ -38,7 +38,7 @@ def test_a_commit_step_interrupted_is_carried_forward_not_undone(client, vmid):
     job = interrupted_job(client, "resize", params, done=1)
     with client.guest_store.editing(g) as box:
         box[0] = box[0].with_(lock="resize", lock_job=job.id)
-    assert job.id in runner.reconcile(client.cfg, client.r)
+    assert job.id in runner.reconcile(client.r, "node1")
     job = client.wait(job.id, timeout=30)
     assert job.state == "succeeded", job.error
     assert client.guest(g).lock == "" and client.volume(volid).virtual_size == 16 << 20
@@ -52,7 +52,7 @@ def test_a_job_interrupted_before_its_commit_is_failed_and_undone(client, vmid):
     job = interrupted_job(client, "resize", params, done=0)
     with client.guest_store.editing(g) as box:
         box[0] = box[0].with_(lock="resize", lock_job=job.id)
-    assert job.id in runner.reconcile(client.cfg, client.r)
+    assert job.id in runner.reconcile(client.r, "node1")
     job = client.wait(job.id, timeout=30)
     assert job.state == "failed" and job.error == "the worker on node node1 died during step lock_guest"
     assert client.guest(g).lock == ""
@@ -67,3 +67,22 @@ def test_a_committed_job_cannot_be_cancelled(client, vmid):
     with pytest.raises(Refused, match=f"job {job.id} has committed its change: it can no longer be cancelled"):
         client.cancel(job.id)
     assert client.job(job.id).state == "running" and not client.job(job.id).cancel
+
+
+def test_the_sweep_recovers_a_job_whose_process_on_another_host_is_gone(client, vmid):
+    """The periodic sweep uses the heartbeat keys: a holder on another host without one is
+    gone, so its job is failed and undone without waiting for that node's worker."""
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    params = KINDS["resize"].prepare({"volid": f"local:{g}/vm-{g}-disk-0.raw", "size": "16M"}, client.cfg)
+    gone = interrupted_job(client, "resize", params, done=0, holder="elsewhere:4242")
+    alive = interrupted_job(client, "resize", params, done=0, holder="elsewhere:4343")
+    client.r.set("stork:alive:elsewhere:4343", 1, ex=30)
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(lock="resize", lock_job=gone.id)
+    acted = runner.sweep()
+    assert gone.id in acted and alive.id not in acted
+    job = client.wait(gone.id, timeout=30)
+    assert job.state == "failed" and job.error == "the process running step lock_guest on node node1 is gone"
+    assert client.guest(g).lock == "" and client.job(alive.id).state == "running"
+    client.r.delete("stork:alive:elsewhere:4343")

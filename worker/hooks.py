@@ -38,5 +38,5 @@ def _unbind_task(**_: Any) -> None:
 @signals.worker_ready.connect
 def _reconcile(**_: Any) -> None:
     cfg = config()
-    acted = runner.reconcile(cfg, redis_client())
+    acted = runner.reconcile(redis_client(), cfg.node)
     log.info("worker_ready", node=cfg.node, reconciled=acted)

@@ -87,6 +87,7 @@ class JobRecord:
     started: float = 0.0
     finished: float = 0.0
     cancel: bool = False  # a user asked to cancel (written by the producer)
+    updated: float = 0.0  # time of the last state change
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -194,6 +195,7 @@ def transition(
     """
     if to is not None:
         values["state"] = to
+    values["updated"] = time.time()
     pairs = [x for kv in _encode(values).items() for x in kv]
     args = [
         json.dumps([str(s) for s in allowed]),

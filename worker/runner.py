@@ -255,39 +255,53 @@ def finalize(job_id: str) -> None:
     log.info("job_finished", job_id=job_id, state=str(final), error=job.error)
 
 
-def reconcile(cfg: Config, r: redis.Redis) -> list[str]:
-    """At worker start, for jobs whose step or undo was in progress on this node in a process
-    that is gone (the previous worker died): a step before the job's commit is failed and
-    undone; a commit step, or one after it, is sent again (the job only goes forward); an
-    interrupted undo chain is sent again. Returns the ids it acted on."""
+STALE_UNDO = 120  # seconds an undoing job may sit between undo steps before it is sent again
+
+
+def reconcile(r: redis.Redis, node: str | None = None) -> list[str]:
+    """Jobs whose step or undo was in progress in a process that is gone: a step before the
+    job's commit is failed and undone; a commit step, or one after it, is sent again (the job
+    only goes forward); an interrupted undo is sent again. With `node` (a worker starting),
+    only that node's jobs; without (the periodic sweep), every node's, and also undos that
+    have not moved for STALE_UNDO seconds. Returns the ids it acted on."""
     acted = []
     for job_id in records.active_ids(r):
         try:
             job = records.load(r, job_id)
         except StorkError:
             continue
-        holder = (job.current or {}).get("worker")
-        if job.state == JobState.UNDOING and holder is None:
-            dispatch_undo(job)  # in case whoever started the undo died before sending it
-            continue
         current = job.current or {}
-        if holder is None or current.get("node") != cfg.node or holder_alive(r, holder):
+        holder = current.get("worker")
+        if holder is None:
+            stale = time.time() - job.updated > STALE_UNDO
+            if job.state == JobState.UNDOING and (node is not None or stale):
+                dispatch_undo(job)  # whoever started the undo may have died before sending it
             continue
-        kind = KINDS[job.kind]
+        if (node is not None and current.get("node") != node) or holder_alive(r, holder):
+            continue
         try:
-            if job.state == JobState.RUNNING and (kind.steps[current["step"]].commit or _committed(kind, job)):
-                resume(job, holder)
-            elif job.state == JobState.RUNNING:
-                start_undo(r, job, current["step"], JobState.FAILED,
-                           f"the worker on node {cfg.node} died during step {current.get('name')}",
-                           {"owner": holder, "done": job.done})
-            elif job.state == JobState.UNDOING:
-                records.transition(r, job_id, (JobState.UNDOING,), guard={"owner": holder}, current=None)
-                dispatch_undo(job)
-            else:
-                continue
+            _recover(r, job, holder, current, starting=node is not None)
         except StateConflict:
             continue
         log.warning("reconciled_job", job_id=job_id, state=str(job.state))
         acted.append(job_id)
     return acted
+
+
+def _recover(r: redis.Redis, job: JobRecord, holder: str, current: dict[str, Any], starting: bool) -> None:
+    kind, where = KINDS[job.kind], current.get("node")
+    if job.state == JobState.RUNNING and (kind.steps[current["step"]].commit or _committed(kind, job)):
+        resume(job, holder)
+    elif job.state == JobState.RUNNING:
+        why = (f"the worker on node {where} died during step {current.get('name')}" if starting
+               else f"the process running step {current.get('name')} on node {where} is gone")
+        start_undo(r, job, current["step"], JobState.FAILED, why, {"owner": holder, "done": job.done})
+    elif job.state == JobState.UNDOING:
+        records.transition(r, job.id, (JobState.UNDOING,), guard={"owner": holder}, current=None)
+        dispatch_undo(job)
+
+
+def sweep() -> list[str]:
+    """The periodic sweep (beat, every SWEEP seconds): recover jobs stuck on a dead process
+    anywhere in the cluster, so none waits for its node's worker to restart."""
+    return reconcile(redis_client())

@@ -8,6 +8,9 @@ from celery import Task
 from worker import runner
 from worker.app import app
 from worker.jobs import KINDS, JobKind
+from worker.queues import SHARED_QUEUE
+
+SWEEP = 60.0  # seconds between sweeps for stuck jobs
 
 
 def _register(kind: JobKind, index: int) -> None:
@@ -32,6 +35,17 @@ for _kind in KINDS.values():
 @app.task(name=runner.FINALIZE)
 def finalize(job_id: str) -> None:
     runner.finalize(job_id)
+
+
+@app.task(name="stork.job.sweep", expires=SWEEP)
+def sweep() -> list[str]:
+    """Recover jobs stuck on a dead process anywhere (sent by beat every SWEEP seconds)."""
+    return runner.sweep()
+
+
+app.conf.beat_schedule = {
+    "stork-sweep": {"task": "stork.job.sweep", "schedule": SWEEP, "options": {"queue": SHARED_QUEUE}},
+}
 
 
 @app.task(name="stork.noop")
