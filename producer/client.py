@@ -26,7 +26,7 @@ from drivers.errors import NotFound, Refused, StorkError
 from drivers.guests import Guest, GuestStore
 from worker import events, records, runner
 from worker.jobs import KINDS
-from worker.records import JobRecord, JobState
+from worker.records import JobRecord
 
 EventHook = Callable[[dict[str, Any]], None]
 
@@ -128,6 +128,3 @@ class Client:
     def guest(self, vmid: int | str) -> Guest:
         return self.guest_store.read(names.vmid(vmid))
 
-
-def job_finished_ok(job: JobRecord) -> bool:
-    return job.state == JobState.SUCCEEDED
