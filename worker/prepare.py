@@ -4,6 +4,7 @@ error, before anything is queued."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,39 +81,39 @@ def _images_storage(cfg: Config, storage: str) -> str:
     return storage
 
 
-def prepare_create(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    _only(o, {"vmid", "name", "disks", "node"}, "create")
+def _new_guest(o: dict[str, Any], cfg: Config, kind: str, disk_options: set[str],
+               plan_disk: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """Params of a job that makes a new guest, one planned disk per `disks` entry."""
+    _only(o, {"vmid", "name", "disks", "node"}, kind)
     vmid = _new_vmid(cfg, o.get("vmid"))
     node = _node(o, cfg)
     disks: dict[str, dict[str, Any]] = {}
     for key, spec in (o.get("disks") or {}).items():
-        _only(spec, {"storage", "size", "format"}, f"disk {key}")
-        storage = _images_storage(cfg, names.storage_id(spec.get("storage", "")))
-        disks[names.disk_key(key)] = {
-            "storage": storage, "size": names.size(spec.get("size", "")),
-            "format": _format(cfg, storage, spec.get("format")), "owner": vmid,
-        }
+        _only(spec, disk_options, f"disk {key}")
+        disks[names.disk_key(key)] = {**plan_disk(spec), "owner": vmid}
     storages = _check_nodes(cfg, {d["storage"] for d in disks.values()}, node)
     return {"new_vmid": vmid, "name": _name(o), "node": node, "disks": disks, "storages": storages}
 
 
+def prepare_create(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    def plan(spec: dict[str, Any]) -> dict[str, Any]:
+        storage = _images_storage(cfg, names.storage_id(spec.get("storage", "")))
+        return {"storage": storage, "size": names.size(spec.get("size", "")),
+                "format": _format(cfg, storage, spec.get("format"))}
+
+    return _new_guest(o, cfg, "create", {"storage", "size", "format"}, plan)
+
+
 def prepare_import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    _only(o, {"vmid", "name", "disks", "node"}, "import")
-    vmid = _new_vmid(cfg, o.get("vmid"))
-    node = _node(o, cfg)
-    disks: dict[str, dict[str, Any]] = {}
-    for key, spec in (o.get("disks") or {}).items():
-        _only(spec, {"path", "storage", "format"}, f"disk {key}")
+    def plan(spec: dict[str, Any]) -> dict[str, Any]:
         path = Path(spec.get("path", "")).absolute()
-        src_fmt, _size = qemu.detect_image(path)
+        src_fmt, size = qemu.detect_image(path)
         storage = _images_storage(cfg, names.storage_id(spec.get("storage") or "local"))
-        disks[names.disk_key(key)] = {
-            "storage": storage, "source_path": str(path), "size": _size,
-            "format": _format(cfg, storage, spec.get("format"), default=src_fmt), "owner": vmid,
-        }
-    storages = _check_nodes(cfg, {d["storage"] for d in disks.values()}, node)
-    # the source file is on this node: every step that reads it runs here
-    return {"new_vmid": vmid, "name": _name(o), "node": node, "disks": disks, "storages": storages, "pinned": True}
+        return {"storage": storage, "source_path": str(path), "size": size,
+                "format": _format(cfg, storage, spec.get("format"), default=src_fmt)}
+
+    # the source files are on this node: every step that reads them runs here
+    return {**_new_guest(o, cfg, "import", {"path", "storage", "format"}, plan), "pinned": True}
 
 
 def _clone_source(cfg: Config, o: dict[str, Any]) -> tuple[Guest, int]:

@@ -78,14 +78,6 @@ def unreserve_guest(ctx: StepContext) -> None:
 # ---- volumes -------------------------------------------------------------------------
 
 
-def _source_size(ctx: StepContext, plan: dict) -> int:
-    if "size" in plan:
-        return int(plan["size"])
-    drv, vol = ctx.volume(plan["source"])
-    drv.require_existing(vol)
-    return drv.virtual_size(vol)
-
-
 def _make_volume(ctx: StepContext, key: str, drv: Driver, owner: int, fmt: str,
                  create: Callable[[VolName], None]) -> None:
     """Name and create a volume under the storage lock. Its name is saved as pending before
@@ -104,7 +96,8 @@ def allocate_disks(ctx: StepContext) -> None:
     for key, plan in ctx.params["disks"].items():
         if key in ctx.data.get("made", {}):
             continue  # redelivered: made already
-        drv, size = ctx.driver(plan["storage"]), _source_size(ctx, plan)
+        drv = ctx.driver(plan["storage"])
+        size = int(plan["size"]) if "size" in plan else _source(ctx, plan).size
 
         def allocate(vol: VolName, d: Driver = drv, n: int = size) -> None:
             d.allocate(vol, n)
