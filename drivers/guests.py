@@ -1,8 +1,13 @@
 """Guest configs: one TOML file per guest (`<vmid>.toml`) in the configured directory.
 
 Writes are atomic (temp file, fsync, rename); a new guest is created with link(2), which
-fails if the id is taken, so two jobs can never both create guest 101. `editing()` holds an
-flock on the guest's lock file while a config is read, changed and written back.
+fails if the id is taken, so two jobs can never both create guest 101. Every writer of a
+guest's config (`create()`, `write()`, `editing()`) holds the flock on the guest's lock file,
+which is also what makes it safe to sweep that guest's stale temp files.
+
+Reading is strict and listing fails closed: the in-use checks ("does any guest use volume
+X?") are built on `list()`, so a config that cannot be read must stop them rather than make
+its disks look free.
 """
 
 from __future__ import annotations
@@ -11,15 +16,17 @@ import builtins
 import contextlib
 import json
 import os
-import time
+import secrets
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from drivers import names
-from drivers.errors import AlreadyExists, ConfigError, NotFound, Refused
+from drivers.errors import AlreadyExists, ConfigError, InvalidName, NotFound, Refused
 from drivers.flock import file_lock, open_making_dirs
+
+KEYS = ("name", "node", "template", "lock", "lock_job", "unused", "disks")
 
 
 @dataclass(frozen=True)
@@ -45,13 +52,27 @@ class Guest:
             raise Refused(f"guest {self.vmid} is a template: {doing} is not allowed")
 
 
+def _toml_string(text: str) -> str:
+    """An ASCII TOML basic string; unlike JSON it spells non-BMP characters as one \\U escape."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        else:  # a lone surrogate comes out invalid: _write_temp's check refuses it
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'
+
+
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):
-        return json.dumps(value)  # a JSON string of ASCII is a valid TOML basic string
+        return _toml_string(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to a guest config")
@@ -63,7 +84,7 @@ def dumps(guest: Guest) -> str:
         f"node = {_toml_value(guest.node)}",
         f"template = {_toml_value(guest.template)}",
     ]
-    if guest.lock:
+    if guest.lock or guest.lock_job:
         lines.append(f"lock = {_toml_value(guest.lock)}")
         lines.append(f"lock_job = {_toml_value(guest.lock_job)}")
     if guest.unused:
@@ -74,21 +95,82 @@ def dumps(guest: Guest) -> str:
     return "\n".join(lines) + "\n"
 
 
-def loads(vmid: int, text: str, file: Path) -> Guest:
+class _Broken(ValueError):
+    """What is wrong inside a config, one line; the caller adds the file."""
+
+
+def _show(value: object) -> str:
+    """A value as one short line (JSON spelling is close to TOML's) for an error message."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _text(where: str, value: object, expected: str, check: Callable[[str], object] | None = None) -> str:
+    if not isinstance(value, str):
+        raise _Broken(f"{where} = {_show(value)}: expected {expected}")
+    if check is not None:
+        try:
+            check(value)
+        except InvalidName as e:
+            raise _Broken(f"{where} = {_show(value)}: {e}") from None
+    return value
+
+
+def _parse(vmid: int, text: str) -> Guest:
     try:
         data = tomllib.loads(text)
-        return Guest(
-            vmid=vmid,
-            node=str(data["node"]),
-            name=str(data.get("name", "")),
-            template=bool(data.get("template", False)),
-            lock=str(data.get("lock", "")),
-            lock_job=str(data.get("lock_job", "")),
-            disks={names.disk_key(k): str(v) for k, v in data.get("disks", {}).items()},
-            unused=tuple(str(v) for v in data.get("unused", ())),
-        )
-    except (tomllib.TOMLDecodeError, KeyError, AttributeError) as e:
+    except tomllib.TOMLDecodeError as e:
+        raise _Broken(f"invalid TOML: {' '.join(str(e).split())}") from None
+    unknown = [key for key in data if key not in KEYS]
+    if unknown:
+        listed = ", ".join(repr(k) for k in unknown)
+        raise _Broken(f"unknown key{'s' if len(unknown) > 1 else ''} {listed} (expected one of: {', '.join(KEYS)})")
+    if "node" not in data:
+        raise _Broken("missing key 'node'")
+    template = data.get("template", False)
+    if not isinstance(template, bool):
+        raise _Broken(f"template = {_show(template)}: expected true or false")
+    disks = data.get("disks", {})
+    if not isinstance(disks, dict):
+        raise _Broken(f"disks = {_show(disks)}: expected a table of disk = volume id")
+    for key, volid in disks.items():
+        try:
+            names.disk_key(key)
+        except InvalidName as e:
+            raise _Broken(f"disks: {e}") from None
+        _text(f"disks.{key}", volid, "a volume id", names.volume_id)
+    unused = data.get("unused", [])
+    if not isinstance(unused, list):
+        raise _Broken(f"unused = {_show(unused)}: expected a list of volume ids")
+    for i, volid in enumerate(unused):
+        _text(f"unused[{i}]", volid, "a volume id", names.volume_id)
+    return Guest(
+        vmid=vmid,
+        node=_text("node", data["node"], "a node name", names.node),
+        name=_text("name", data.get("name", ""), "a string"),
+        template=template,
+        lock=_text("lock", data.get("lock", ""), "a string"),
+        lock_job=_text("lock_job", data.get("lock_job", ""), "a string"),
+        disks=dict(disks),
+        unused=tuple(unused),
+    )
+
+
+def loads(vmid: int, text: str, file: Path) -> Guest:
+    """Parse a config strictly: known keys only, each of its type; else one-line ConfigError."""
+    try:
+        return _parse(vmid, text)
+    except _Broken as e:
         raise ConfigError(f"{file}: broken guest config: {e}") from None
+
+
+def _vmid_of(stem: str) -> int | None:
+    """The guest id a config file name spells, None unless it is the one canonical spelling."""
+    try:
+        vmid = names.vmid(stem)
+    except InvalidName:
+        return None
+    return vmid if stem == str(vmid) else None  # '0100.toml' would read as guest 100
 
 
 def _fsync_dir(path: Path) -> None:
@@ -113,44 +195,113 @@ class GuestStore:
         return self.path(vmid).exists()
 
     def read(self, vmid: int) -> Guest:
-        file = self.path(vmid)
+        return self._read_file(vmid, self.path(vmid))
+
+    @staticmethod
+    def _read_file(vmid: int, file: Path) -> Guest:
         try:
-            text = file.read_text()
+            data = file.read_bytes()
         except FileNotFoundError:
             raise NotFound(f"unknown guest {vmid}") from None
+        except OSError as e:
+            raise ConfigError(f"{file}: broken guest config: cannot read it: {e.strerror or e}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{file}: broken guest config: not UTF-8 text") from None
         return loads(vmid, text, file)
 
-    def list(self) -> list[Guest]:
-        if not self.dir.is_dir():
-            return []
-        found = []
-        for file in sorted(self.dir.glob("*.toml")):
-            with contextlib.suppress(Exception):
-                found.append(self.read(names.vmid(file.stem)))
-        return sorted(found, key=lambda g: g.vmid)
+    def scan(self) -> tuple[builtins.list[Guest], builtins.list[tuple[Path, str]]]:
+        """Every readable guest, and every config that cannot be read with its one-line error.
+
+        For displays; anything deciding whether a volume is in use must call `list()`.
+        """
+        guests: builtins.list[Guest] = []
+        broken: builtins.list[tuple[Path, str]] = []
+        try:
+            entries = sorted(self.dir.iterdir())
+        except FileNotFoundError:
+            return guests, broken  # no guest created yet
+        except OSError as e:
+            raise ConfigError(f"{self.dir}: cannot list guest configs: {e.strerror or e}") from None
+        for file in entries:
+            if file.name.startswith(".") or file.suffix != ".toml":
+                continue  # temp files, the .locks directory
+            vmid = _vmid_of(file.stem)
+            if vmid is None:
+                broken.append((file, f"{file}: broken guest config: file name {file.name!r} is not <vmid>.toml "
+                                     f"(vmid a number from {names.VMID_MIN} to {names.VMID_MAX}, no leading zeros)"))
+                continue
+            try:
+                guests.append(self._read_file(vmid, file))
+            except NotFound:
+                continue  # deleted since the directory was listed: no longer a guest
+            except ConfigError as e:
+                broken.append((file, str(e)))
+        return sorted(guests, key=lambda g: g.vmid), broken
+
+    def list(self) -> builtins.list[Guest]:
+        """Every guest; ConfigError naming the first broken config, as its disks cannot be told free."""
+        guests, broken = self.scan()
+        if broken:
+            raise ConfigError(broken[0][1])
+        return guests
+
+    def _sweep_temps(self, vmid: int) -> None:
+        """Remove temp files left by a crashed writer; the caller holds the guest's flock."""
+        for stale in self.dir.glob(f".{names.vmid(vmid)}.toml.*.tmp"):
+            with contextlib.suppress(OSError):  # best effort: it must not stop the write
+                stale.unlink()
 
     def _write_temp(self, guest: Guest) -> Path:
-        temp = self.dir / f".{guest.vmid}.toml.{os.getpid()}.{time.monotonic_ns()}.tmp"
-        with open_making_dirs(temp, "w") as f:
-            f.write(dumps(guest))
-            f.flush()
-            os.fsync(f.fileno())
+        """Write the config to a new temp file and fsync it; nothing is left behind on failure."""
+        final = self.path(guest.vmid)
+        text = dumps(guest)
+        try:
+            _parse(guest.vmid, text)  # never write a config that list() would then refuse
+        except _Broken as e:
+            raise ConfigError(f"{final}: refusing to write a broken guest config: {e}") from None
+        temp = self.dir / f".{guest.vmid}.toml.{secrets.token_hex(8)}.tmp"
+        f = open_making_dirs(temp, "x")  # O_EXCL: never follows or reuses a planted file
+        try:
+            with f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
         return temp
 
     def create(self, guest: Guest) -> None:
         """Write a new guest config; AlreadyExists if the id is taken (atomic, race-free)."""
-        temp = self._write_temp(guest)
-        try:
-            os.link(temp, self.path(guest.vmid))
-        except FileExistsError:
-            raise AlreadyExists(f"guest {guest.vmid} already exists") from None
-        finally:
-            temp.unlink()
-        _fsync_dir(self.dir)
+        with self.locked(guest.vmid):
+            self._sweep_temps(guest.vmid)
+            temp = self._write_temp(guest)
+            try:
+                os.link(temp, self.path(guest.vmid))
+            except FileExistsError:
+                raise AlreadyExists(f"guest {guest.vmid} already exists") from None
+            finally:
+                temp.unlink()
+            _fsync_dir(self.dir)
 
     def write(self, guest: Guest) -> None:
-        """Replace a guest config atomically."""
-        os.replace(self._write_temp(guest), self.path(guest.vmid))
+        """Replace a guest config atomically, under the guest's flock."""
+        with self.locked(guest.vmid):
+            self._replace(guest)
+
+    def _replace(self, guest: Guest) -> None:
+        """write() for a caller that holds the guest's flock already (flock does not nest)."""
+        self._sweep_temps(guest.vmid)
+        temp = self._write_temp(guest)
+        try:
+            os.replace(temp, self.path(guest.vmid))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
         _fsync_dir(self.dir)
 
     def delete(self, vmid: int) -> None:
@@ -174,4 +325,4 @@ class GuestStore:
             original = box[0]
             yield box
             if box[0] != original:
-                self.write(box[0])
+                self._replace(box[0])

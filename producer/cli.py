@@ -151,10 +151,19 @@ def _guest_dict(g: Any) -> dict[str, Any]:
 
 
 def cmd_guest_list(args: argparse.Namespace, client: Client) -> int:
-    guests = client.guests()
-    text = "\n".join(f"{g.vmid:<8} {g.name or '-':<16} {g.node:<10} {'template' if g.template else 'guest':<9} "
-                     f"{('lock=' + g.lock) if g.lock else ''}" for g in guests)
-    _emit(args, [_guest_dict(g) for g in guests], text)
+    # scan(), not list(): a broken config is shown as a row instead of hiding every guest
+    guests, broken = client.guest_store.scan()
+    rows: list[tuple[tuple[int, int | str], dict[str, Any], str]] = [
+        ((0, g.vmid), _guest_dict(g), f"{g.vmid:<8} {g.name or '-':<16} {g.node:<10} "
+         f"{'template' if g.template else 'guest':<9} {('lock=' + g.lock) if g.lock else ''}")
+        for g in guests]
+    for file, error in broken:
+        stem = file.stem
+        vmid: int | str = int(stem) if stem.isascii() and stem.isdigit() and stem == str(int(stem)) else stem
+        key = (0, vmid) if isinstance(vmid, int) else (1, stem)
+        rows.append((key, {"vmid": vmid, "broken": error}, f"{stem:<8} {'BROKEN':<8} {error}"))
+    rows.sort(key=lambda r: r[0])
+    _emit(args, [r[1] for r in rows], "\n".join(r[2] for r in rows))
     return 0
 
 

@@ -1,11 +1,18 @@
 """Guest configs: one file per guest, atomic writes, exclusive creation, flock while editing."""
 
+import argparse
+import errno
+import json
+import os
+import secrets
 import threading
+from types import SimpleNamespace
 
 import pytest
 
-from drivers.errors import AlreadyExists, LockTimeout, NotFound, Refused
-from drivers.guests import Guest, GuestStore
+from drivers.errors import AlreadyExists, ConfigError, LockTimeout, NotFound, Refused
+from drivers.guests import Guest, GuestStore, dumps, loads
+from producer.cli import cmd_guest_list
 
 
 @pytest.fixture
@@ -66,3 +73,195 @@ def test_the_config_flock_times_out_while_another_holder_edits(store):
     finally:
         release.set()
         t.join()
+
+
+# ---- strict reading, fail-closed listing, no temp files left behind --------------------
+
+GOOD = 'name = "web"\nnode = "node1"\ntemplate = false\n\n[disks]\nscsi0 = "local:101/vm-101-disk-0.raw"\n'
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ('node = "node1"\n[disks\n', "invalid TOML"),
+    ('node = "node1"\n[disk]\nscsi0 = "local:101/vm-101-disk-0.raw"\n', "unknown key 'disk' (expected one of: "),
+    ('name = "web"\n', "missing key 'node'"),
+    ('node = ""\n', 'node = "": invalid node name'),
+    ('node = "Node 1"\n', "invalid node name"),
+    ('node = "node1"\nname = 5\n', "name = 5: expected a string"),
+    ('node = "node1"\ntemplate = "yes"\n', 'template = "yes": expected true or false'),
+    ('node = "node1"\nlock = 1\n', "lock = 1: expected a string"),
+    ('node = "node1"\nlock_job = false\n', "lock_job = false: expected a string"),
+    ('node = "node1"\ndisks = "local:x"\n', 'disks = "local:x": expected a table'),
+    ('node = "node1"\n[disks]\nscsi0 = 5\n', "disks.scsi0 = 5: expected a volume id"),
+    ('node = "node1"\n[disks]\nscsi0 = "nocolon"\n', "disks.scsi0 = \"nocolon\": invalid volume id"),
+    ('node = "node1"\n[disks]\nfloppy0 = "local:101/vm-101-disk-0.raw"\n', "disks: invalid disk 'floppy0'"),
+    ('node = "node1"\nunused = "local:101/vm-101-disk-1.raw"\n', "expected a list of volume ids"),
+    ('node = "node1"\nunused = ["local:101/vm-101-disk-1.raw", ":x"]\n', 'unused[1] = ":x": invalid'),
+])
+def test_a_broken_config_makes_read_raise_one_line_naming_the_file(store, text, problem):
+    """Invalid TOML, an unknown key, a wrong type or a bad volume id is a ConfigError naming the file."""
+    store.dir.mkdir(parents=True)
+    file = store.dir / "101.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        store.read(101)
+    message = str(caught.value)
+    assert message.startswith(f"{file}: broken guest config: ")
+    assert problem in message
+    assert "\n" not in message
+
+
+def test_a_config_that_is_not_utf8_is_a_config_error(store):
+    """Bytes that are not UTF-8 are reported like any broken config, not as a decode traceback."""
+    store.dir.mkdir(parents=True)
+    (store.dir / "101.toml").write_bytes(b'node = "\xff"\n')
+    with pytest.raises(ConfigError, match=r"101\.toml: broken guest config: not UTF-8 text"):
+        store.read(101)
+
+
+def test_every_field_round_trips_including_awkward_strings(store):
+    """dumps() writes what loads() reads back, for quotes, control and non-BMP characters too."""
+    guest = Guest(101, "node-1", name='a "q" \\ \t \U0001f642 é', lock="move", lock_job="j-1",
+                  disks={"scsi0": "local:101/vm-101-disk-0.raw", "virtio1": "other:base/b.qcow2"},
+                  unused=("local:101/vm-101-disk-1.raw",))
+    assert loads(101, dumps(guest), store.path(101)) == guest
+    store.create(guest)
+    assert store.read(101) == guest
+
+
+def test_list_fails_closed_while_scan_reports_the_broken_config(store):
+    """list() raises ConfigError naming the broken file; scan() returns good guests and the broken one."""
+    store.create(Guest(100, "node1", disks={"scsi0": "local:100/vm-100-disk-0.raw"}))
+    store.create(Guest(102, "node1"))
+    broken = store.dir / "101.toml"
+    broken.write_text(GOOD.replace("[disks]", "[disk]"))
+    with pytest.raises(ConfigError, match=rf"^{broken}: broken guest config: unknown key 'disk'"):
+        store.list()
+    guests, bad = store.scan()
+    assert [g.vmid for g in guests] == [100, 102]
+    assert len(bad) == 1 and bad[0][0] == broken
+    assert bad[0][1].startswith(f"{broken}: broken guest config: unknown key 'disk'")
+
+
+@pytest.mark.parametrize("name", ["abc.toml", "0101.toml", "99.toml"])
+def test_a_toml_file_not_named_by_a_guest_id_counts_as_broken(store, name):
+    """`abc.toml` or `0101.toml` cannot be told apart from a guest by a user, so it is broken, not skipped."""
+    store.create(Guest(100, "node1"))
+    (store.dir / name).write_text(GOOD)
+    with pytest.raises(ConfigError, match=rf"{name}: broken guest config: file name '{name}' is not <vmid>\.toml"):
+        store.list()
+    guests, bad = store.scan()
+    assert [g.vmid for g in guests] == [100] and [f.name for f, _ in bad] == [name]
+
+
+def test_hidden_temp_files_are_not_configs(store):
+    """A temp file such as `.101.toml.x.tmp` (even with a broken body) is ignored by list()."""
+    store.create(Guest(100, "node1"))
+    (store.dir / ".101.toml.x.tmp").write_text("not toml [")
+    (store.dir / ".hidden.toml").write_text("not toml [")
+    assert [g.vmid for g in store.list()] == [100]
+    assert store.scan()[1] == []
+
+
+def test_a_missing_directory_lists_no_guests(tmp_path):
+    """Before the first guest is created there is nothing to list and nothing broken."""
+    store = GuestStore(tmp_path / "nowhere")
+    assert store.list() == [] and store.scan() == ([], [])
+
+
+def _temps(store):
+    return sorted(p.name for p in store.dir.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_a_write_failing_at_fsync_leaves_no_temp_file_and_keeps_the_old_config(store, monkeypatch):
+    """ENOSPC while the temp file is synced removes the temp file and re-raises; the config is unchanged."""
+    store.create(Guest(101, "node1", name="old"))
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        store.write(Guest(101, "node1", name="new"))
+    with pytest.raises(OSError, match="No space left"), store.editing(101) as box:
+        box[0] = box[0].with_(name="new")
+    with pytest.raises(OSError, match="No space left"):
+        store.create(Guest(102, "node1"))
+    monkeypatch.undo()
+    assert _temps(store) == []
+    assert store.read(101).name == "old" and not store.exists(102)
+
+
+def test_a_guest_that_cannot_be_written_leaves_no_file(store):
+    """A Guest whose disks dumps() cannot write, or that would read back broken, is refused before any file."""
+    store.create(Guest(101, "node1", name="old"))
+    with pytest.raises(TypeError):
+        store.write(Guest(101, "node1", disks={"scsi0": object()}))  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match=r"101\.toml: refusing to write a broken guest config: disks\.scsi0 = 5"):
+        store.write(Guest(101, "node1", disks={"scsi0": 5}))  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match="refusing to write a broken guest config: disks: invalid disk 'disk0'"):
+        store.create(Guest(102, "node1", disks={"disk0": "local:102/vm-102-disk-0.raw"}))
+    assert _temps(store) == [] and not store.exists(102)
+    assert store.read(101).name == "old"
+
+
+def test_a_stale_temp_file_is_removed_by_the_next_write_of_its_guest(store):
+    """`.101.toml.deadbeef.tmp` left by a crashed writer goes at the next write of 101, not of 102."""
+    store.create(Guest(101, "node1"))
+    store.create(Guest(102, "node1"))
+    (store.dir / ".101.toml.deadbeef.tmp").write_text("half a config")
+    (store.dir / ".1010.toml.deadbeef.tmp").write_text("another guest's")
+    store.write(Guest(102, "node1", name="other"))
+    assert _temps(store) == [".101.toml.deadbeef.tmp", ".1010.toml.deadbeef.tmp"]
+    with store.editing(101) as box:
+        box[0] = box[0].with_(name="new")
+    assert _temps(store) == [".1010.toml.deadbeef.tmp"]
+
+
+def test_a_stale_temp_file_is_removed_when_its_guest_is_created(store):
+    """create() sweeps the new guest's stale temp files too, under the guest's flock."""
+    store.dir.mkdir(parents=True)
+    (store.dir / ".101.toml.deadbeef.tmp").write_text("half a config")
+    store.create(Guest(101, "node1"))
+    assert _temps(store) == []
+
+
+def test_create_waits_for_the_guest_flock(store):
+    """create() takes the guest's flock, so it cannot race an editor of the same id."""
+    with store.locked(101), pytest.raises(LockTimeout, match="guest 101"):
+        store.create(Guest(101, "node1"))
+    assert not store.exists(101) and _temps(store) == []
+
+
+def test_temp_file_names_are_unpredictable_and_never_reused(store, monkeypatch):
+    """The temp name carries a random token, and an existing file at that name is never opened."""
+    store.create(Guest(101, "node1"))
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "0" * (2 * n))
+    planted = store.dir / f".101.toml.{'0' * 16}.tmp"
+    with store.locked(101):  # plant it after the sweep could run: the exclusive open must refuse it
+        planted.write_text("planted")
+        with pytest.raises(FileExistsError):
+            store._write_temp(Guest(101, "node1", name="new"))
+    assert planted.read_text() == "planted" and store.read(101).name == ""
+
+
+def test_guest_list_shows_a_broken_config_as_a_row(store, capsys):
+    """`stork guest list` shows readable guests and a BROKEN row (text and --json) and exits 0."""
+    store.create(Guest(100, "node1", name="web"))
+    broken = store.dir / "101.toml"
+    broken.write_text('node = "node1"\nbogus = 1\n')
+    (store.dir / "abc.toml").write_text(GOOD)
+    client = SimpleNamespace(guest_store=store)
+
+    assert cmd_guest_list(argparse.Namespace(json=False), client) == 0  # type: ignore[arg-type]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["100", "web", "node1", "guest"]
+    assert lines[1] == f"101      BROKEN   {broken}: broken guest config: unknown key 'bogus' (expected one of: " \
+                       "name, node, template, lock, lock_job, unused, disks)"
+    assert lines[2].startswith(f"abc      BROKEN   {store.dir / 'abc.toml'}: broken guest config: file name")
+
+    assert cmd_guest_list(argparse.Namespace(json=True), client) == 0  # type: ignore[arg-type]
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["vmid"] for r in rows] == [100, 101, "abc"]
+    assert rows[0]["name"] == "web"
+    assert rows[1] == {"vmid": 101, "broken": f"{broken}: broken guest config: unknown key 'bogus' (expected one of: "
+                                              "name, node, template, lock, lock_job, unused, disks)"}
