@@ -3,6 +3,7 @@
 Every key is declared below with its type; an unknown key, a wrong type or a bad value is a
 ConfigError naming the file, the key and what was expected. Relative paths are relative to
 the config file. STORK_REDIS_URL and STORK_NODE override the Redis URL and this node's name.
+No two storages may share a directory (equal or nested), nor share one with paths.guests or paths.locks.
 """
 
 from __future__ import annotations
@@ -168,6 +169,43 @@ def _validate(file: Path, data: dict[str, Any]) -> None:
             raise ConfigError(f"{file}: unknown section [{section}] (expected one of: {known})")
 
 
+def _overlaps(paths: Mapping[str, Path]) -> tuple[str, str] | None:
+    """The first two names, in the given order, whose resolved paths are equal or one inside the other."""
+    items = list(paths.items())
+    for i, (a, path_a) in enumerate(items):
+        for b, path_b in items[i + 1 :]:
+            if path_a.is_relative_to(path_b) or path_b.is_relative_to(path_a):
+                return a, b
+    return None
+
+
+# what a storage overlapping these directories would list or free
+DIR_CONTENTS = {"paths.guests": "the guest configs", "paths.locks": "the lock files"}
+
+
+def _overlap_error(file: Path, storages: Mapping[str, Path], dirs: Mapping[str, Path]) -> str | None:
+    """The error for storages sharing a directory with each other or with `dirs` (key -> path), or None.
+
+    The in-use checks compare volume ids, so one file reachable through two storage ids looks unused
+    through the second one, and a free there deletes it.
+    """
+    if pair := _overlaps(storages):
+        a, b = pair
+        return (
+            f"{file}: storages {a!r} and {b!r} overlap: {storages[a]} and {storages[b]} "
+            "(a volume would have two ids; give each storage its own directory)"
+        )
+    for key, directory in dirs.items():
+        for sid, path in storages.items():
+            if _overlaps({sid: path, key: directory}):
+                return (
+                    f"{file}: storage {sid!r} and {key} overlap: {path} and {directory} "
+                    f"(the storage could list or free {DIR_CONTENTS.get(key, key)}; "
+                    "give each storage its own directory)"
+                )
+    return None
+
+
 def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config:
     """Parse config text; `file` names it in errors and anchors relative paths."""
     env = os.environ if env is None else env
@@ -199,11 +237,18 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
     except InvalidName as e:
         raise ConfigError(f"{e} (from STORK_NODE or the host name)") from None
     flower = section("flower")
+    guests_dir = path(section("paths").get("guests", "var/guests"))
+    locks_dir = path(section("paths").get("locks", "var/lock"))
+    # a storage type without a directory (none yet) has nothing to overlap
+    storage_paths = {sid: p for sid, s in storages.items() if (p := getattr(s, "path", None)) is not None}
+    error = _overlap_error(file, storage_paths, {"paths.guests": guests_dir, "paths.locks": locks_dir})
+    if error:
+        raise ConfigError(error)
     return Config(
         file=file,
         redis_url=env.get("STORK_REDIS_URL") or section("redis").get("url", "redis://127.0.0.1:6379/0"),
-        guests_dir=path(section("paths").get("guests", "var/guests")),
-        locks_dir=path(section("paths").get("locks", "var/lock")),
+        guests_dir=guests_dir,
+        locks_dir=locks_dir,
         lock_timeout=float(section("locks").get("timeout", 60)),
         node=node,
         storages=storages,

@@ -98,3 +98,116 @@ def test_default_config_is_written_once_and_is_valid(tmp_path):
     assert config.write_default(file) is False
     cfg = config.load({"STORK_CONFIG": str(file), "STORK_NODE": "n"})
     assert cfg.storage("local").path == tmp_path / "var" / "images"
+
+
+def storages(*paths, guests="g", locks="l"):
+    """A config with paths.guests, paths.locks and dir storages a, b, ... at `paths`."""
+    text = f'[paths]\nguests = "{guests}"\nlocks = "{locks}"\n'
+    for sid, path in zip("abcdefgh", paths, strict=False):
+        text += f'[storage.{sid}]\ntype = "dir"\npath = "{path}"\n'
+    return text
+
+
+OVERLAP = "(a volume would have two ids; give each storage its own directory)"
+GUESTS = "(the storage could list or free the guest configs; give each storage its own directory)"
+LOCKS = "(the storage could list or free the lock files; give each storage its own directory)"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            storages("img", "./img/"),
+            f"storages 'a' and 'b' overlap: /etc/stork/img and /etc/stork/img {OVERLAP}",
+            id="same-path-spelled-two-ways",
+        ),
+        pytest.param(
+            storages("img", "/etc/stork/img"),
+            f"storages 'a' and 'b' overlap: /etc/stork/img and /etc/stork/img {OVERLAP}",
+            id="same-path-relative-and-absolute",
+        ),
+        pytest.param(
+            storages("img", "img/sub"),
+            f"storages 'a' and 'b' overlap: /etc/stork/img and /etc/stork/img/sub {OVERLAP}",
+            id="second-inside-first",
+        ),
+        pytest.param(
+            storages("img/sub", "other", "img/../img"),
+            f"storages 'a' and 'c' overlap: /etc/stork/img/sub and /etc/stork/img {OVERLAP}",
+            id="first-inside-a-later-one",
+        ),
+        pytest.param(
+            storages("g"),
+            f"storage 'a' and paths.guests overlap: /etc/stork/g and /etc/stork/g {GUESTS}",
+            id="storage-is-the-guests-dir",
+        ),
+        pytest.param(
+            storages("g/disks"),
+            f"storage 'a' and paths.guests overlap: /etc/stork/g/disks and /etc/stork/g {GUESTS}",
+            id="storage-inside-the-guests-dir",
+        ),
+        pytest.param(
+            storages("var", guests="var/guests"),
+            f"storage 'a' and paths.guests overlap: /etc/stork/var and /etc/stork/var/guests {GUESTS}",
+            id="storage-contains-the-guests-dir",
+        ),
+        pytest.param(
+            storages("img", "l"),
+            f"storage 'b' and paths.locks overlap: /etc/stork/l and /etc/stork/l {LOCKS}",
+            id="storage-is-the-locks-dir",
+        ),
+        pytest.param(
+            storages("l/x"),
+            f"storage 'a' and paths.locks overlap: /etc/stork/l/x and /etc/stork/l {LOCKS}",
+            id="storage-inside-the-locks-dir",
+        ),
+        pytest.param(
+            storages("run", locks="run/lock"),
+            f"storage 'a' and paths.locks overlap: /etc/stork/run and /etc/stork/run/lock {LOCKS}",
+            id="storage-contains-the-locks-dir",
+        ),
+    ],
+)
+def test_storages_sharing_a_directory_are_refused_naming_file_and_both_sides(text, message):
+    """Storages equal or nested, or overlapping the guests or locks dir, are one ConfigError naming both."""
+    with pytest.raises(ConfigError) as err:
+        parse(text)
+    assert str(err.value) == f"/etc/stork/stork.toml: {message}"
+
+
+def test_sibling_storages_with_a_common_prefix_are_accepted():
+    """img and img2 share a name prefix, not a directory: both storages parse."""
+    cfg = parse(storages("img", "img2", "g2", "l2", guests="g", locks="l"))
+    assert cfg.storage("a").path == Path("/etc/stork/img")
+    assert cfg.storage("b").path == Path("/etc/stork/img2")
+
+
+def test_a_storage_reached_through_a_symlink_overlaps_its_target(tmp_path):
+    """Paths are compared resolved, so a symlinked spelling of another storage is refused."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "img")
+    with pytest.raises(ConfigError, match=r"storages 'a' and 'b' overlap: .*/img and .*/img/sub \(a volume"):
+        config.parse(storages("img", "alias/sub"), tmp_path / "stork.toml", {"STORK_NODE": "n"})
+
+
+@pytest.mark.parametrize(
+    ("paths", "pair"),
+    [
+        pytest.param({"a": Path("/x"), "b": Path("/x2")}, None, id="siblings-with-common-prefix"),
+        pytest.param({"a": Path("/x"), "b": Path("/y"), "c": Path("/x")}, ("a", "c"), id="equal"),
+        pytest.param({"a": Path("/x/y"), "b": Path("/x")}, ("a", "b"), id="first-inside-second"),
+        pytest.param({"a": Path("/"), "b": Path("/srv")}, ("a", "b"), id="root-contains-everything"),
+        pytest.param({"a": Path("/x")}, None, id="one-path"),
+        pytest.param({}, None, id="no-paths"),
+    ],
+)
+def test_overlaps_finds_the_first_pair_of_equal_or_nested_paths(paths, pair):
+    """The pure decision: the first two names, in order, whose paths are equal or nested, else None."""
+    assert config._overlaps(paths) == pair
+
+
+def test_the_default_config_has_no_overlapping_directories(tmp_path):
+    """DEFAULT_CONFIG's var/guests, var/lock and var/images are siblings, so it parses."""
+    cfg = config.parse(config.DEFAULT_CONFIG, tmp_path / "stork.toml", {"STORK_NODE": "n"})
+    assert (cfg.guests_dir, cfg.locks_dir) == (tmp_path / "var" / "guests", tmp_path / "var" / "lock")
+    assert cfg.storage("local").path == tmp_path / "var" / "images"
