@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 from drivers import names, qemu
@@ -65,8 +65,14 @@ class Driver(ABC):
 
     # ---- the method table a backend writes ------------------------------------------
     @abstractmethod
-    def path(self, vol: VolName) -> Path:
-        """Where qemu-img can open the volume."""
+    def image(self, vol: VolName, write: bool = False) -> AbstractContextManager[qemu.Image]:
+        """The volume opened for qemu-img (with its base as backing, for a linked clone). On a
+        clean exit from a writable image, what was written is flushed to stable storage."""
+
+    @abstractmethod
+    def identity(self, vol: VolName) -> str:
+        """A token naming this volume and no volume made after it is freed (to tell, after a
+        crash, whether a name still holds the volume a step meant to act on)."""
 
     @abstractmethod
     def list_volumes(self, owner: int | None = None) -> list[VolName]:
@@ -189,18 +195,20 @@ class Driver(ABC):
             )
         self.free(vol)
 
-    def copy_in(
-        self, src_path: Path, src_fmt: str, size: int, dst: VolName, progress: qemu.Progress | None = None
-    ) -> None:
-        """Copy an image file into the allocated, zero-filled dst (generic path: qemu-img)."""
-        qemu.convert(src_path, src_fmt, self.path(dst), dst.fmt, size, progress)
+    def copy_in(self, src: qemu.Image, size: int, dst: VolName, progress: qemu.Progress | None = None) -> None:
+        """Copy an opened image into the allocated, zero-filled dst (generic path: qemu-img),
+        flushed to stable storage before it returns."""
+        with self.image(dst, write=True) as target:
+            qemu.convert(src, target, size, progress)
 
     def copy_from(
         self, source: Driver, src: VolName, dst: VolName, progress: qemu.Progress | None = None
     ) -> None:
         """Copy src (on any storage) into the allocated dst; a backend may add fast paths."""
-        self.copy_in(source.path(src), src.fmt, source.virtual_size(src), dst, progress)
+        with source.image(src) as image:
+            self.copy_in(image, source.virtual_size(src), dst, progress)
 
     def compare(self, source: Driver, src: VolName, dst: VolName) -> None:
         """Raise ToolFailed unless dst holds the same data as src."""
-        qemu.compare(source.path(src), src.fmt, self.path(dst), dst.fmt)
+        with source.image(src) as a, self.image(dst) as b:
+            qemu.compare(a, b)

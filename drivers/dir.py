@@ -8,35 +8,38 @@ A linked clone is a qcow2 overlay whose backing file is the base, stored as a pa
 relative to the overlay (`../base/<name>.<fmt>`), so the storage can be moved or mounted
 elsewhere. A clone's base is read back from the qcow2 header. `.overlays/` keeps one blank
 overlay per base, copied for each new clone.
+
+Every entry is reached through `SafeDir` (drivers/safedir.py): relative to the storage root,
+never through a symlink, regular files only, each new name flushed with its directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import subprocess
-from pathlib import Path
+import posixpath
+from collections.abc import Iterator
 
 import structlog
 
-from drivers import names, qemu
+from drivers import faults, names, qemu
 from drivers.base import Driver
-from drivers.errors import AlreadyExists
+from drivers.errors import NotFound, Refused
 from drivers.names import FORMATS, VolName
+from drivers.safedir import SafeDir, copy_contents, identity, set_immutable
 
 log = structlog.get_logger(__name__)
 ALL = frozenset(FORMATS)
 OVERLAYS = ".overlays"  # blank overlays of bases, copied to make linked clones
+MAX_CHAIN = 16  # bases made from linked clones read through bases: how deep one may go
 
 
-def _set_immutable(path: Path, on: bool) -> None:
-    """chattr +i/-i; some file systems (tmpfs, overlay) refuse it: warn, do not fail."""
-    proc = subprocess.run(
-        ["chattr", "+i" if on else "-i", "--", str(path)], capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0 and on:
-        log.warning("chattr_failed", path=str(path), error=proc.stderr.strip())
+def _folder(vol: VolName) -> str:
+    return "base" if vol.owner is None else str(vol.owner)
+
+
+def _file(vol: VolName) -> str:
+    return f"{vol.name}.{vol.fmt}"
 
 
 class DirDriver(Driver):
@@ -52,122 +55,208 @@ class DirDriver(Driver):
         "move": {"current": ALL},
     }
 
-    def path(self, vol: VolName) -> Path:
-        return self.storage.path / str(vol)
+    @property
+    def _dir(self) -> SafeDir:
+        return SafeDir(self.storage.path)
 
+    @contextlib.contextmanager
+    def _opened(self, vol: VolName, write: bool = False) -> Iterator[int]:
+        """The volume's regular file, opened without following links; NotFound if absent."""
+        try:
+            with self._dir.folder(_folder(vol)) as folder:
+                fd = self._dir.open(folder, _file(vol), write, label=self.volid(vol))
+        except NotFound:
+            raise NotFound(f"unknown volume {self.volid(vol)}") from None
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    # ---- reading ------------------------------------------------------------------------
     def list_volumes(self, owner: int | None = None) -> list[VolName]:
-        root = self.storage.path
         if owner is not None:
             folders = [str(owner)]
-        elif root.is_dir():
-            folders = [f.name for f in os.scandir(root) if f.is_dir() and (f.name == "base" or f.name.isdigit())]
+        elif self.storage.path.is_dir():
+            with os.scandir(self.storage.path) as entries:
+                folders = [e.name for e in entries
+                           if e.is_dir(follow_symlinks=False) and (e.name == "base" or e.name.isdigit())]
         else:
             folders = []
         found = []
-        for folder in folders:
-            with contextlib.suppress(FileNotFoundError):
-                for entry in os.scandir(root / folder):
-                    with contextlib.suppress(Exception):  # stray files are not volumes
-                        found.append(names.volname(f"{folder}/{entry.name}"))
+        for name in folders:
+            with contextlib.suppress(NotFound, Refused), self._dir.folder(name) as folder:
+                for file in self._dir.regular_files(folder):
+                    with contextlib.suppress(names.InvalidName):  # stray files are not volumes
+                        found.append(names.volname(f"{name}/{file}"))
         return sorted(found, key=str)
 
     def exists(self, vol: VolName) -> bool:
-        return self.path(vol).is_file()
+        """Is anything at the volume's name? (A symlink counts: the name is taken, and every
+        use of it is refused.)"""
+        try:
+            with self._dir.folder(_folder(vol)) as folder:
+                return self._dir.entry_exists(folder, _file(vol))
+        except NotFound:
+            return False
 
+    def identity(self, vol: VolName) -> str:
+        with self._opened(vol) as fd:
+            return identity(fd)
+
+    def virtual_size(self, vol: VolName) -> int:
+        with self._opened(vol) as fd:
+            if vol.fmt == "qcow2" and (header := qemu.read_qcow2_header(fd)):
+                return header.virtual_size
+            return os.fstat(fd).st_size
+
+    def allocated_size(self, vol: VolName) -> int:
+        with self._opened(vol) as fd:
+            return os.fstat(fd).st_blocks * 512
+
+    def parent_of(self, vol: VolName) -> VolName | None:
+        if vol.fmt != "qcow2":
+            return None
+        with self._opened(vol) as fd:
+            header = qemu.read_qcow2_header(fd)
+        if header is None or not header.backing_file:
+            return None
+        return self._volume_at(_folder(vol), header.backing_file)
+
+    def _volume_at(self, folder: str, backing: str) -> VolName | None:
+        """The volume a backing path names, worked out as text (no link is resolved): a
+        relative path is relative to the overlay's folder; a path outside is no stork base."""
+        root = str(self.storage.path)
+        path = posixpath.normpath(backing if backing.startswith("/") else posixpath.join(root, folder, backing))
+        if not path.startswith(root + "/"):
+            return None
+        try:
+            return names.volname(path[len(root) + 1:])
+        except names.InvalidName:
+            return None
+
+    @contextlib.contextmanager
+    def image(self, vol: VolName, write: bool = False) -> Iterator[qemu.Image]:
+        """The volume opened for qemu-img; a linked clone with its base (and the base's own
+        base, ...) opened the same way as its backing. A backing file outside the storage is
+        refused rather than followed."""
+        with contextlib.ExitStack() as stack:
+            top = fd = stack.enter_context(self._opened(vol, write))
+            chain = [(vol, fd)]
+            while (header := qemu.read_qcow2_header(fd)) and header.backing_file:
+                base = self._volume_at(_folder(chain[-1][0]), header.backing_file)
+                if base is None or len(chain) > MAX_CHAIN:
+                    raise Refused(f"{self.volid(vol)} reads {header.backing_file!r}, which is not a base on "
+                                  f"storage {self.storage.id!r}")
+                fd = stack.enter_context(self._opened(base))
+                chain.append((base, fd))
+            image = None
+            for v, f in reversed(chain):
+                image = qemu.Image.of_fd(v.fmt, f, self.volid(v), backing=image)
+            assert image is not None
+            yield image
+            if write:
+                os.fsync(top)  # qemu-img writes with cache=unsafe: the copy is on disk only now
+
+    # ---- making and freeing ---------------------------------------------------------------
     def allocate(self, vol: VolName, size: int) -> None:
-        path = self.path(vol)
-        if path.exists():
-            raise AlreadyExists(f"volume {self.volid(vol)} already exists")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._create_over(vol, size)
+        """Create the volume empty (sparse); a failure leaves no file and no empty folder."""
+        try:
+            with self._dir.folder(_folder(vol), create=True) as folder, \
+                    self._dir.temp_file(folder, _file(vol)) as (fd, temp):
+                qemu.create(fd, vol.fmt, size, self.volid(vol))
+                os.fsync(fd)
+                self._dir.link_new(folder, temp, _file(vol), f"volume {self.volid(vol)}")
+                faults.point("created")
+        except BaseException:
+            if vol.owner is not None:
+                self._dir.remove_folder_if_empty(_folder(vol))
+            raise
 
     def recreate(self, vol: VolName, size: int) -> None:
-        self._create_over(vol, size)  # rename(2) replaces it: the name is never free
-
-    def _create_over(self, vol: VolName, size: int) -> None:
-        path = self.path(vol)
-        temp = path.with_name(f".{path.name}.tmp")  # a half-made image never has a volume's name
-        qemu.create(temp, vol.fmt, size)
-        os.rename(temp, path)
+        """Replace the volume by an empty one of `size` in one rename: the name is never free."""
+        with self._dir.folder(_folder(vol)) as folder, self._dir.temp_file(folder, _file(vol)) as (fd, temp):
+            qemu.create(fd, vol.fmt, size, self.volid(vol))
+            os.fsync(fd)
+            self._dir.replace(folder, temp, _file(vol))
+            faults.point("recreated")
 
     def free(self, vol: VolName) -> None:
-        path = self.path(vol)
-        if vol.is_base:
-            _set_immutable(path, False)
-            self._overlay_path(vol).unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
+        """Delete the volume (absent already: nothing to do); a symlink or special file at
+        its name is refused, never deleted through."""
+        try:
+            with self._dir.folder(_folder(vol)) as folder:
+                if not self._dir.entry_exists(folder, _file(vol)):
+                    return
+                with self._opened(vol) as fd:
+                    if vol.is_base:
+                        set_immutable(fd, False)
+                        self._free_overlay(vol)
+                self._dir.unlink(folder, _file(vol))
+                faults.point("freed")
+        except NotFound:
+            return
         if not vol.is_base:
-            with contextlib.suppress(OSError):
-                path.parent.rmdir()  # the guest's folder, once it holds nothing
+            self._dir.remove_folder_if_empty(_folder(vol))  # the guest's folder, once it holds nothing
 
     def make_base(self, vol: VolName, base: VolName) -> None:
-        src, dst = self.path(vol), self.path(base)
-        if dst.exists():
-            raise AlreadyExists(f"base image {self.volid(base)} already exists")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(src, dst)
-        self.protect_base(base)
+        with self._opened(vol) as fd, self._dir.folder(_folder(vol)) as src, \
+                self._dir.folder("base", create=True) as dst:
+            self._dir.rename(src, _file(vol), dst, _file(base), f"base image {self.volid(base)}")
+            faults.point("based")
+            self._protect(fd)
 
     def protect_base(self, base: VolName) -> None:
-        path = self.path(base)
-        path.chmod(0o444)
-        _set_immutable(path, True)
+        with self._opened(base) as fd:
+            self._protect(fd)
+
+    def _protect(self, fd: int) -> None:
+        os.fchmod(fd, 0o444)
+        if not set_immutable(fd, True):
+            log.warning("immutable_unsupported", storage=self.storage.id)
 
     def unmake_base(self, base: VolName, vol: VolName) -> None:
-        src, dst = self.path(base), self.path(vol)
-        _set_immutable(src, False)
-        self._overlay_path(base).unlink(missing_ok=True)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(src, dst)
-        dst.chmod(0o644)
+        with self._opened(base) as fd, self._dir.folder("base") as src, \
+                self._dir.folder(_folder(vol), create=True) as dst:
+            set_immutable(fd, False)
+            self._free_overlay(base)
+            self._dir.rename(src, _file(base), dst, _file(vol), f"volume {self.volid(vol)}")
+            faults.point("unbased")
+            os.fchmod(fd, 0o644)
 
     def link_clone(self, base: VolName, vol: VolName) -> None:
         """Copy the base's blank overlay: every clone's header is the same, since the
         backing path `../base/<name>` is relative and every guest folder is one level deep,
         and copying 200 KiB is much cheaper than starting qemu-img for each clone."""
-        path = self.path(vol)
-        if path.exists():
-            raise AlreadyExists(f"volume {self.volid(vol)} already exists")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.tmp")
-        shutil.copyfile(self._blank_overlay(base), temp)
-        os.rename(temp, path)
+        with contextlib.ExitStack() as stack:
+            overlay = stack.enter_context(self._blank_overlay(base))
+            folder = stack.enter_context(self._dir.folder(_folder(vol), create=True))
+            fd, temp = stack.enter_context(self._dir.temp_file(folder, _file(vol)))
+            copy_contents(overlay, fd)
+            os.fsync(fd)
+            self._dir.link_new(folder, temp, _file(vol), f"volume {self.volid(vol)}")
+            faults.point("created")
 
-    def _overlay_path(self, base: VolName) -> Path:
-        return self.storage.path / OVERLAYS / f"{base.name}.{base.fmt}.qcow2"
+    @contextlib.contextmanager
+    def _blank_overlay(self, base: VolName) -> Iterator[int]:
+        """An empty qcow2 overlay of `base`, made once (under the storage lock), opened."""
+        name = f"{_file(base)}.qcow2"
+        with self._dir.folder(OVERLAYS, create=True) as folder:
+            if not self._dir.entry_exists(folder, name):
+                size = self.virtual_size(base)
+                with self._dir.temp_file(folder, name) as (fd, temp):
+                    qemu.create(fd, "qcow2", size, self.volid(base), backing=f"../base/{_file(base)}",
+                                backing_fmt=base.fmt)
+                    os.fsync(fd)
+                    self._dir.link_new(folder, temp, name, f"overlay of {self.volid(base)}")
+            with self._dir.opened(folder, name) as fd:
+                yield fd
 
-    def _blank_overlay(self, base: VolName) -> Path:
-        """An empty qcow2 overlay of `base`, made once with qemu-img (under the storage lock)."""
-        proto = self._overlay_path(base)
-        if not proto.exists():
-            proto.parent.mkdir(parents=True, exist_ok=True)
-            temp = proto.with_name(f".{proto.name}.tmp")
-            backing = os.path.relpath(self.path(base), proto.parent)
-            qemu.create(temp, "qcow2", 0, backing=backing, backing_fmt=base.fmt)
-            os.rename(temp, proto)
-        return proto
-
-    def parent_of(self, vol: VolName) -> VolName | None:
-        if vol.fmt != "qcow2":
-            return None
-        header = qemu.read_qcow2_header(self.path(vol))
-        if header is None or not header.backing_file:
-            return None
-        backing = (self.path(vol).parent / header.backing_file).resolve()
-        try:
-            relative = backing.relative_to(self.storage.path.resolve())
-            return names.volname(str(relative))
-        except Exception:
-            return None  # a backing file outside this storage is not a stork base
-
-    def virtual_size(self, vol: VolName) -> int:
-        path = self.path(vol)
-        if vol.fmt == "qcow2" and (header := qemu.read_qcow2_header(path)):
-            return header.virtual_size
-        return path.stat().st_size
-
-    def allocated_size(self, vol: VolName) -> int:
-        return self.path(vol).stat().st_blocks * 512
+    def _free_overlay(self, base: VolName) -> None:
+        with contextlib.suppress(NotFound), self._dir.folder(OVERLAYS) as folder:
+            self._dir.unlink(folder, f"{_file(base)}.qcow2")
 
     def resize(self, vol: VolName, size: int) -> None:
-        qemu.resize(self.path(vol), vol.fmt, size)
+        with self._opened(vol, write=True) as fd:
+            # a linked clone's base is not needed to grow it, and is read-only: open none
+            qemu.resize(qemu.Image.of_fd(vol.fmt, fd, self.volid(vol)), size)
+            os.fsync(fd)

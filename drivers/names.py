@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from drivers.errors import InvalidName
 
 MAX_NAME = 120
+MAX_SIZE = (1 << 63) - (1 << 20)  # what a file offset (and qemu) can address
 VMID_MIN, VMID_MAX = 100, 999_999_999
 FORMATS = ("raw", "qcow2")
 
@@ -84,6 +85,8 @@ def size(text: str | int) -> int:
     value = int(float(match.group(1)) * _UNITS[unit])
     if value <= 0:
         raise InvalidName(f"invalid size {text!r}: must be greater than zero")
+    if value > MAX_SIZE:
+        raise InvalidName(f"invalid size {text!r}: larger than any image can be (8 EiB)")
     # qemu-img works in 512-byte sectors; round up like it does.
     return -(-value // 512) * 512
 
@@ -117,6 +120,16 @@ class VolName:
     owner: int | None
     name: str
     fmt: str
+
+    def __post_init__(self) -> None:
+        # Every VolName is checked where it is made, whatever made it (a parsed volume id, a
+        # job record read from Redis, a name chosen by a step): it becomes a path below.
+        if self.owner is not None and (isinstance(self.owner, bool) or not isinstance(self.owner, int)):
+            raise InvalidName(f"invalid guest id {self.owner!r}: expected a number from {VMID_MIN} to {VMID_MAX}")
+        if self.owner is not None:
+            vmid(self.owner)
+        image_name(self.name, "volume name")
+        image_format(self.fmt)
 
     @property
     def is_base(self) -> bool:

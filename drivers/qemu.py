@@ -1,4 +1,5 @@
-"""qemu-img, always as an argv list, plus a direct reader for the qcow2 header.
+"""qemu-img, always as an argv list and always on opened descriptors, plus a direct reader
+for the qcow2 header.
 
 Reading the header in Python (magic, backing file, virtual size) lets a storage list its
 volumes and find a base's clones without starting one qemu-img per file.
@@ -6,16 +7,20 @@ volumes and find a base's clones without starting one qemu-img per file.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import select
+import stat
 import struct
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from drivers.errors import InvalidName, ToolFailed
 
@@ -31,110 +36,154 @@ Progress = Callable[[int, int], None]
 class Qcow2Header:
     virtual_size: int
     backing_file: str | None
+    external_data_file: bool = False  # incompatible feature bit 2: the data lives in another file
 
 
-def read_qcow2_header(path: Path) -> Qcow2Header | None:
-    """Return the qcow2 header of `path`, or None if the file is not qcow2."""
-    with open(path, "rb") as f:
-        head = f.read(32)
-        if len(head) < 32 or head[:4] != QCOW2_MAGIC:
-            return None
-        backing_offset, backing_size = struct.unpack(">QI", head[8:20])
-        virtual_size = struct.unpack(">Q", head[24:32])[0]
-        backing = None
-        if backing_offset and backing_size:
-            f.seek(backing_offset)
-            backing = f.read(backing_size).decode("utf-8", "replace")
-        return Qcow2Header(virtual_size, backing)
+def read_qcow2_header(fd: int) -> Qcow2Header | None:
+    """The qcow2 header of the opened file `fd`, or None if it is not qcow2."""
+    head = os.pread(fd, 80, 0)
+    if len(head) < 72 or head[:4] != QCOW2_MAGIC:
+        return None
+    version = struct.unpack(">I", head[4:8])[0]
+    backing_offset, backing_size = struct.unpack(">QI", head[8:20])
+    virtual_size = struct.unpack(">Q", head[24:32])[0]
+    incompatible = struct.unpack(">Q", head[72:80])[0] if version >= 3 and len(head) >= 80 else 0
+    backing = None
+    if backing_offset and backing_size:
+        backing = os.pread(fd, min(backing_size, 1023), backing_offset).decode("utf-8", "replace")
+    return Qcow2Header(virtual_size, backing, bool(incompatible & 4))
 
 
-def run(argv: list[str], what: str) -> str:
+@dataclass(frozen=True)
+class Image:
+    """An image as qemu-img is to open it: a format over a protocol layer (for a file, an
+    opened descriptor named /proc/self/fd/N, so qemu opens the very file that was checked),
+    and for qcow2 the backing image to use — None opens no backing file at all, whatever the
+    header says. Commands get it as a `json:` spec, with its descriptors passed along."""
+
+    fmt: str
+    file: dict[str, Any]
+    label: str  # for messages: a volume id or a path
+    fds: tuple[int, ...] = ()
+    backing: Image | None = None
+
+    @classmethod
+    def of_fd(cls, fmt: str, fd: int, label: str, backing: Image | None = None) -> Image:
+        return cls(fmt, {"driver": "file", "filename": f"/proc/self/fd/{fd}"}, label, (fd,), backing)
+
+    def options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"driver": self.fmt, "file": self.file}
+        if self.fmt == "qcow2":
+            opts["backing"] = self.backing.options() if self.backing else None
+        return opts
+
+    @property
+    def spec(self) -> str:
+        return "json:" + json.dumps(self.options())
+
+    @property
+    def all_fds(self) -> tuple[int, ...]:
+        return self.fds + (self.backing.all_fds if self.backing else ())
+
+
+def run(argv: list[str], what: str, fds: tuple[int, ...] = ()) -> str:
     """Run a tool; a non-zero exit becomes ToolFailed with its last stderr line."""
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, pass_fds=fds)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
         raise ToolFailed(f"{what} failed: {last}")
     return proc.stdout
 
 
-def info(path: Path) -> dict:
-    """`qemu-img info` as a dict; ToolFailed when qemu-img cannot read the file."""
-    out = run([QEMU_IMG, "info", "--output=json", "--", str(path)], f"reading {path.name}")
-    return json.loads(out)
+def detect_image(fd: int, label: str) -> tuple[str, int]:
+    """Return (format, virtual size) of the opened file `fd`, which must be a raw or qcow2
+    disk image that reads no other file.
 
-
-def detect_image(path: Path) -> tuple[str, int]:
-    """Return (format, virtual size) of a file that must be a raw or qcow2 disk image.
-
-    A raw image has no header, so qemu-img calls any file raw; a raw image must at least
-    be non-empty and a whole number of 512-byte sectors.
+    qemu-img probes the format (so a vmdk or vdi is not taken for raw); the qcow2 header is
+    read here too, from the same descriptor. A raw image has no header, so qemu-img calls any
+    file raw; a raw image must at least be non-empty and a whole number of 512-byte sectors.
     """
-    if not path.is_file():
-        raise InvalidName(f"{path}: not a regular file")
-    data = info(path)
-    fmt, vsize = data.get("format"), int(data.get("virtual-size", 0))
-    if fmt == "raw":
-        vsize = path.stat().st_size  # qemu-img rounds a raw file's size up to a sector
-    if fmt == "raw" and (vsize == 0 or vsize % 512):
-        raise InvalidName(f"{path}: not a disk image (size {vsize} is not a multiple of 512 bytes)")
+    path = f"/proc/self/fd/{fd}"
+    data = json.loads(run([QEMU_IMG, "info", "--output=json", "--", path], f"reading {label}", (fd,)))
+    fmt = data.get("format")
     if fmt not in ("raw", "qcow2"):
-        raise InvalidName(f"{path}: unsupported image format {fmt!r} (expected raw or qcow2)")
-    # An image that reads another file would let its author copy that file (any the worker
-    # can read) into a guest disk.
-    if data.get("backing-filename") or data.get("format-specific", {}).get("data", {}).get("data-file"):
-        raise InvalidName(f"{path}: images with a backing or data file cannot be imported")
-    return fmt, vsize
+        raise InvalidName(f"{label}: unsupported image format {fmt!r} (expected raw or qcow2)")
+    refuse_external(fd, label)
+    if fmt == "raw":
+        vsize = os.fstat(fd).st_size  # qemu-img rounds a raw file's size up to a sector
+        if vsize == 0 or vsize % 512:
+            raise InvalidName(f"{label}: not a disk image (size {vsize} is not a multiple of 512 bytes)")
+        return fmt, vsize
+    return fmt, int(data.get("virtual-size", 0))
 
 
-def create(path: Path, fmt: str, size: int, backing: str | None = None, backing_fmt: str = "") -> None:
-    argv = [QEMU_IMG, "create", "-q", "-f", fmt]
-    if fmt == "qcow2":
-        argv += ["-o", "lazy_refcounts=on"]
+def refuse_external(fd: int, label: str) -> None:
+    """An image that reads another file (a backing or data file) would let its author copy
+    that file — any the worker can read — into a guest disk."""
+    header = read_qcow2_header(fd)
+    if header and (header.backing_file or header.external_data_file):
+        raise InvalidName(f"{label}: images with a backing or data file cannot be imported")
+
+
+@contextlib.contextmanager
+def open_import(path: Path) -> Iterator[tuple[Image, int]]:
+    """Open an image file to import, once: (Image, virtual size). The checks and the copy read
+    the same descriptor, so swapping the path for a symlink or another file in between has no
+    effect; the path itself must not be a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InvalidName(f"{path}: no such file") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InvalidName(f"{path}: is a symbolic link (name the file it points to)") from None
+        raise InvalidName(f"{path}: cannot be opened: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidName(f"{path}: not a regular file")
+        fmt, size = detect_image(fd, str(path))
+        yield Image.of_fd(fmt, fd, str(path)), size
+    finally:
+        os.close(fd)
+
+
+def create(fd: int, fmt: str, size: int, label: str, backing: str | None = None, backing_fmt: str = "") -> None:
+    """Make the opened, empty file `fd` an image of `size` bytes. A backing path is written
+    into the header without being opened (-u), so nothing outside is followed."""
+    if fmt == "raw":
+        try:
+            os.ftruncate(fd, size)  # what qemu-img does for raw, without a process
+        except OSError as e:  # e.g. larger than the file system allows
+            raise ToolFailed(f"creating {label} failed: {e.strerror}") from None
+        return
+    argv = [QEMU_IMG, "create", "-q", "-f", fmt, "-o", "lazy_refcounts=on"]
     if backing:
-        argv += ["-b", backing, "-F", backing_fmt]
-    argv += ["--", str(path)]
-    if not backing:
-        argv.append(str(size))
-    run(argv, f"creating {path.name}")
+        argv += ["-u", "-b", backing, "-F", backing_fmt]
+    run([*argv, "--", f"/proc/self/fd/{fd}", str(size)], f"creating {label}", (fd,))
 
 
-def resize(path: Path, fmt: str, size: int) -> None:
-    run([QEMU_IMG, "resize", "-q", "-f", fmt, "--", str(path), str(size)], f"resizing {path.name}")
+def resize(image: Image, size: int) -> None:
+    run([QEMU_IMG, "resize", "-q", "--", image.spec, str(size)], f"resizing {image.label}", image.all_fds)
 
 
-def check(path: Path, fmt: str) -> None:
-    if fmt == "qcow2":
-        run([QEMU_IMG, "check", "-q", "-f", fmt, "--", str(path)], f"checking {path.name}")
-
-
-def compare(a: Path, a_fmt: str, b: Path, b_fmt: str) -> None:
+def compare(a: Image, b: Image) -> None:
     """Raise ToolFailed unless the two images hold the same guest-visible data."""
-    run(
-        [QEMU_IMG, "compare", "-q", "-f", a_fmt, "-F", b_fmt, "--", str(a), str(b)],
-        f"comparing {a.name} with {b.name}",
-    )
+    run([QEMU_IMG, "compare", "-q", "--", a.spec, b.spec], f"comparing {a.label} with {b.label}",
+        a.all_fds + b.all_fds)
 
 
-def convert(
-    src: Path,
-    src_fmt: str,
-    dst: Path,
-    dst_fmt: str,
-    size: int,
-    progress: Progress | None = None,
-    interval: float = 0.25,
-) -> None:
+def convert(src: Image, dst: Image, size: int, progress: Progress | None = None, interval: float = 0.25) -> None:
     """Copy src into the existing, zero-filled dst with `qemu-img convert -p -n`.
 
     Zero areas are skipped (--target-is-zero), so a sparse target stays sparse. Progress
     lines are parsed into progress(done, total) at most every `interval` seconds; if the
-    callback raises, qemu-img is stopped and the exception propagates.
+    callback raises, qemu-img is stopped and the exception propagates. qemu-img writes with
+    cache mode `unsafe` (nothing flushed): the caller flushes dst before relying on it.
     """
     argv = [
-        QEMU_IMG, "convert", "-p", "-n", "--target-is-zero", "-W",
-        "-f", src_fmt, "-O", dst_fmt, "--", str(src), str(dst),
+        QEMU_IMG, "convert", "-p", "-n", "--target-is-zero", "-W", "-O", dst.fmt, "--", src.spec, dst.spec,
     ]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=src.all_fds + dst.all_fds)
     assert proc.stdout is not None and proc.stderr is not None
     last_report, done = 0.0, 0
     try:
@@ -157,6 +206,6 @@ def convert(
         raise
     if rc != 0:
         last = (proc.stderr.read().decode(errors="replace").strip().splitlines() or ["?"])[-1]
-        raise ToolFailed(f"copying {src.name} to {dst.name} failed: {last}")
+        raise ToolFailed(f"copying {src.label} to {dst.label} failed: {last}")
     if progress:
         progress(size, size)

@@ -18,6 +18,11 @@ def drv(tmp_path):
     return driver_for(StorageConfig("local", "dir", tmp_path / "images"))
 
 
+def path_of(drv, vol: VolName) -> Path:
+    """Where the test looks at a volume's file (the driver itself hands out no paths)."""
+    return drv.storage.path / str(vol)
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -54,28 +59,29 @@ def test_make_base_renames_into_the_base_namespace_read_only(drv):
     drv.make_base(vol, base)
     assert str(base) == "base/base-100-disk-0.raw"
     assert not drv.exists(vol) and drv.exists(base)
-    path = drv.path(base)
+    path = path_of(drv, base)
     assert path.stat().st_mode & 0o777 == 0o444
     with pytest.raises(PermissionError):
         open(path, "r+b").close()  # immutable: even root cannot write
     drv.unmake_base(base, vol)
     assert drv.exists(vol) and not drv.exists(base)
-    open(drv.path(vol), "r+b").close()
+    open(path_of(drv, vol), "r+b").close()
 
 
 def test_linked_clone_reads_through_the_base_by_relative_path(drv):
     """A clone is a qcow2 overlay of the base; the storage tells parent and clones."""
     vol = VolName(100, "vm-100-disk-0", "raw")
     drv.allocate(vol, 4 << 20)
-    write_pattern(drv.path(vol), 1 << 20, b"stork" * 1000)
+    write_pattern(path_of(drv, vol), 1 << 20, b"stork" * 1000)
     base = drv.default_base_name(vol)
     drv.make_base(vol, base)
     clone = drv.next_disk_name(101, "qcow2")
     drv.link_clone(base, clone)
-    out = subprocess.run(["qemu-img", "info", "--output=json", drv.path(clone)],
+    out = subprocess.run(["qemu-img", "info", "--output=json", path_of(drv, clone)],
                          capture_output=True, text=True, check=True).stdout
     assert '"backing-filename": "../base/base-100-disk-0.raw"' in out
-    subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", drv.path(base), drv.path(clone)], check=True)
+    subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", path_of(drv, base), path_of(drv, clone)],
+                   check=True)
     assert drv.info(clone).parent == "local:base/base-100-disk-0.raw"
     assert drv.info(base).clones == ("local:101/vm-101-disk-0.qcow2",)
 
@@ -109,17 +115,17 @@ def test_copy_from_makes_an_identical_sparse_image_in_another_format(drv, tmp_pa
     """A full copy raw -> qcow2 -> raw keeps the data and stays sparse; progress reaches 100%."""
     src = VolName(100, "vm-100-disk-0", "raw")
     drv.allocate(src, 64 << 20)
-    write_pattern(drv.path(src), 10 << 20, os.urandom(1 << 20))
+    write_pattern(path_of(drv, src), 10 << 20, os.urandom(1 << 20))
     mid, back = VolName(100, "vm-100-disk-1", "qcow2"), VolName(100, "vm-100-disk-2", "raw")
     seen = []
     for a, b in ((src, mid), (mid, back)):
         drv.allocate(b, drv.virtual_size(a))
         drv.copy_from(drv, a, b, progress=lambda done, total: seen.append((done, total)))
     drv.compare(drv, src, back)
-    assert sha256(drv.path(src)) == sha256(drv.path(back))
+    assert sha256(path_of(drv, src)) == sha256(path_of(drv, back))
     assert drv.allocated_size(back) < 4 << 20
     assert seen[-1] == (64 << 20, 64 << 20)
-    subprocess.run(["qemu-img", "check", drv.path(mid)], check=True, capture_output=True)
+    subprocess.run(["qemu-img", "check", path_of(drv, mid)], check=True, capture_output=True)
 
 
 def test_unknown_volume_is_not_found(drv):

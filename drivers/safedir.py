@@ -1,0 +1,218 @@
+"""Files below a storage directory, reached without ever following a symlink.
+
+Anything inside a storage may have been put there by someone else: a guest folder that is a
+symlink to /etc, a FIFO named like a volume, a symlink at a temp name. So every entry is
+opened relative to the storage root with openat(2) and O_NOFOLLOW, only regular files are
+used as files (O_NONBLOCK, so a FIFO cannot block the open), and the checks and the work act
+on the same opened descriptor: fstat, fchmod, the immutable flag, fsync, and qemu-img through
+/proc/self/fd/N. Temp files get random names and are created exclusively. Names are created
+with link(2) (fails if anything holds the name) and replaced with rename(2), and the
+directory is fsync'd after each, so a name is durable before anything points at it.
+
+The storage root itself is followed: it is the administrator's configured path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import stat
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from drivers.errors import AlreadyExists, NotFound, Refused
+
+_FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NOT_FOLLOWED = (errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENXIO)
+
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_IOC_GETVERSION = 0x80086601, 0x40086602, 0x80087601
+FS_IMMUTABLE_FL = 0x10
+
+
+def refused(what: Path | str, why: str) -> Refused:
+    return Refused(f"{what}: {why} (stork never follows a symlink or uses a special file in a storage)")
+
+
+class SafeDir:
+    """A storage directory; `folder()` and `open()` hand out descriptors of its entries."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @contextlib.contextmanager
+    def folder(self, name: str, create: bool = False) -> Iterator[int]:
+        """A descriptor of the directory `name` directly below the root (created if asked,
+        the root too); NotFound if absent, Refused if it is a symlink or not a directory."""
+        try:
+            root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not create:
+                raise NotFound(f"{self.root / name}: no such directory") from None
+            self.root.mkdir(parents=True, exist_ok=True)
+            root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = self._subdir(root, name, create)
+        finally:
+            os.close(root)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _subdir(self, root: int, name: str, create: bool) -> int:
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=root)
+        except FileNotFoundError:
+            if not create:
+                raise NotFound(f"{self.root / name}: no such directory") from None
+        except OSError as e:
+            if e.errno in _NOT_FOLLOWED:
+                raise refused(self.root / name, "not a directory") from None
+            raise
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=root)
+            os.fsync(root)
+        return self._subdir(root, name, create=False)
+
+    def remove_folder_if_empty(self, name: str) -> None:
+        """rmdir a folder that holds nothing (a guest's, after its last volume went)."""
+        with contextlib.suppress(OSError):
+            root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.rmdir(name, dir_fd=root)
+                os.fsync(root)
+            finally:
+                os.close(root)
+
+    def open(self, folder: int, name: str, write: bool = False, label: str = "") -> int:
+        """Open the regular file `name` in `folder`; NotFound if absent, Refused otherwise.
+        `label` names it in messages (e.g. its volume id)."""
+        label = label or name
+        try:
+            fd = os.open(name, (os.O_RDWR if write else os.O_RDONLY) | _FILE_FLAGS, dir_fd=folder)
+        except FileNotFoundError:
+            raise NotFound(f"{label}: no such file") from None
+        except OSError as e:
+            if e.errno in _NOT_FOLLOWED:
+                raise refused(label, "not a regular file") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise refused(label, "not a regular file")
+        return fd
+
+    @contextlib.contextmanager
+    def opened(self, folder: int, name: str, write: bool = False, label: str = "") -> Iterator[int]:
+        fd = self.open(folder, name, write, label)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def entry_exists(folder: int, name: str) -> bool:
+        """Is anything at `name` (a symlink or FIFO counts: the name is taken)?"""
+        try:
+            os.stat(name, dir_fd=folder, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
+    def regular_files(folder: int) -> list[str]:
+        """Names of the regular files in `folder` (symlinks and special files are not listed)."""
+        with os.scandir(folder) as entries:
+            return [e.name for e in entries if e.is_file(follow_symlinks=False)]
+
+    # ---- making names ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def temp_file(self, folder: int, name: str) -> Iterator[tuple[int, str]]:
+        """A new empty file with a random hidden name next to `name`, removed on the way out
+        unless it was linked or renamed into place (then the unlink finds nothing to do)."""
+        temp = f".{name}.{secrets.token_hex(8)}.tmp"
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o644, dir_fd=folder)
+        try:
+            yield fd, temp
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp, dir_fd=folder)
+
+    @staticmethod
+    def link_new(folder: int, temp: str, name: str, what: str) -> None:
+        """Give the flushed temp file its final name, failing if anything holds that name."""
+        try:
+            os.link(temp, name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+        except FileExistsError:
+            raise AlreadyExists(f"{what} already exists") from None
+        os.unlink(temp, dir_fd=folder)
+        os.fsync(folder)
+
+    def replace(self, folder: int, temp: str, name: str) -> None:
+        """Put the flushed temp file in place of the regular file `name` (never free)."""
+        if self.entry_exists(folder, name):
+            os.close(self.open(folder, name))  # refuses a symlink or special file
+        os.rename(temp, name, src_dir_fd=folder, dst_dir_fd=folder)
+        os.fsync(folder)
+
+    @staticmethod
+    def rename(src_folder: int, src: str, dst_folder: int, dst: str, what: str) -> None:
+        """Rename to a free name (callers hold the storage lock), flushing both folders."""
+        if SafeDir.entry_exists(dst_folder, dst):
+            raise AlreadyExists(f"{what} already exists")
+        os.rename(src, dst, src_dir_fd=src_folder, dst_dir_fd=dst_folder)
+        os.fsync(dst_folder)
+        os.fsync(src_folder)
+
+    @staticmethod
+    def unlink(folder: int, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=folder)
+        os.fsync(folder)
+
+
+# ---- what an opened file can tell and be made --------------------------------------------
+
+
+def set_immutable(fd: int, on: bool) -> bool:
+    """chattr +i/-i through the descriptor; False where the file system has no such flag."""
+    try:
+        flags = struct.unpack("i", fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0" * 4))[0]
+        wanted = flags | FS_IMMUTABLE_FL if on else flags & ~FS_IMMUTABLE_FL
+        if wanted != flags:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", wanted))
+        return True
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+            return False
+        raise
+
+
+def identity(fd: int) -> str:
+    """Who this file is, unlike any file made after it was deleted: device, inode and the
+    inode's generation (ext4 and xfs reuse an inode number at once, with a new generation;
+    tmpfs has no generation but does not reuse numbers soon)."""
+    st = os.fstat(fd)
+    try:
+        generation = struct.unpack("i", fcntl.ioctl(fd, FS_IOC_GETVERSION, b"\0" * 4))[0]
+    except OSError:
+        generation = 0
+    return f"{st.st_dev}:{st.st_ino}:{generation & 0xFFFFFFFF}"
+
+
+def copy_contents(src: int, dst: int) -> None:
+    """Copy a whole (small) file between descriptors, in the kernel where it can."""
+    size = os.fstat(src).st_size
+    offset = 0
+    while offset < size:
+        sent = os.copy_file_range(src, dst, size - offset, offset, offset)
+        if sent == 0:
+            break
+        offset += sent
+    if offset < size:
+        raise OSError(errno.EIO, f"short copy ({offset} of {size} bytes)")
