@@ -25,6 +25,7 @@ from drivers.config import Config, StorageConfig
 from drivers.errors import NotFound, Refused, StorkError
 from drivers.guests import Guest, GuestStore
 from worker import events, records, runner
+from worker.app import make_app
 from worker.jobs import KINDS
 from worker.records import JobRecord
 
@@ -39,6 +40,7 @@ class Client:
     def __init__(self, cfg: Config | None = None, r: redis.Redis | None = None) -> None:
         self.cfg = cfg or config_module.load()
         self.r = r or redis.Redis.from_url(self.cfg.redis_url, decode_responses=True)
+        self.app = make_app(self.cfg)  # steps go to the Redis of this config, like the record
         self.guest_store = GuestStore(self.cfg.guests_dir, self.cfg.lock_timeout)
 
     # ---- jobs ----------------------------------------------------------------------
@@ -49,7 +51,7 @@ class Client:
     def submit(self, kind: str, **options: Any) -> JobRecord:
         """Check and enqueue a job; StorkError (nothing changed) when it is refused."""
         try:
-            return runner.submit(kind, options, self.cfg, self.r)
+            return runner.submit(kind, options, self.cfg, self.r, self.app)
         except redis.RedisError as e:
             raise StorkError(f"cannot reach Redis at {config_module.redact(self.cfg.redis_url)}: {e}") from None
 
@@ -66,7 +68,7 @@ class Client:
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a job: its undo runs, and it ends `cancelled`. Refused once it has ended."""
-        return runner.cancel(self.r, records.resolve(self.r, job_id))
+        return runner.cancel(self.r, records.resolve(self.r, job_id), self.app)
 
     def events(self, job_id: str, idle: Callable[[], None] | None = None) -> Iterator[dict[str, Any]]:
         """Every event of the job from its start, then live ones, until it finishes."""

@@ -66,8 +66,8 @@ os.environ["STORK_NODE"] = "node1"
 os.environ.pop("STORK_REDIS_URL", None)
 
 
-def Worker(node: str, concurrency: int = 4) -> testing.Worker:
-    return testing.Worker(node, BASE, concurrency)
+def Worker(node: str, concurrency: int = 4, env: dict[str, str] | None = None) -> testing.Worker:
+    return testing.Worker(node, BASE, concurrency, env)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ def test_a_copy_that_runs_out_of_space_fails_and_frees_its_target(client, vmid, 
     before = snapshot()
     job = client.run("full_clone", vmid=g, newid=c, storage="small")
     assert job.state == "failed"
-    assert "copying vm-" in job.error and "failed" in job.error
+    assert job.error.startswith(f"copying local:{g}/vm-{g}-disk-0.raw to small:") and "No space left" in job.error
     assert [i for i in job.undone] == job.undo and not job.undo_errors
     assert list(small_fs.iterdir()) == []
     assert not client.guest_store.exists(c)

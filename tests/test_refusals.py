@@ -91,7 +91,7 @@ REFUSALS = [
      "invalid volume name '0{G}/vm-{G}-disk-0.raw'"),
     ("linked clone of a locked template", "clone {TL} 91021", "guest {TL} is locked (destroy)"),
     ("bad guest name", "clone {T} 91022 --name a/b", "invalid guest name 'a/b'"),
-    ("missing image file", "guest import 91015 --disk scsi0=/nonexistent.raw", "/nonexistent.raw: not a regular file"),
+    ("missing image file", "guest import 91015 --disk scsi0=/nonexistent.raw", "/nonexistent.raw: no such file"),
     ("storage of another node", "guest create 91016 --disk scsi0=local2:1G",
      "storage 'local2' is local to node(s) node2: it does not exist on node 'node1'"),
     ("storage without images", "guest create 91017 --disk scsi0=backup:1G",

@@ -107,7 +107,8 @@ def prepare_create(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 def prepare_import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     def plan(spec: dict[str, Any]) -> dict[str, Any]:
         path = Path(spec.get("path", "")).absolute()
-        src_fmt, size = qemu.detect_image(path)
+        with qemu.open_import(path) as (image, size):  # checked again, on the same open file, as it is copied
+            src_fmt = image.fmt
         storage = _images_storage(cfg, names.storage_id(spec.get("storage") or "local"))
         return {"storage": storage, "source_path": str(path), "size": size,
                 "format": _format(cfg, storage, spec.get("format"), default=src_fmt)}
@@ -163,7 +164,9 @@ def prepare_full_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 
 def _owner_of(cfg: Config, volid: str) -> Guest | None:
-    return next((g for g in _store(cfg).list() if volid in g.disks.values()), None)
+    """The guest that attaches the volume or keeps it as unused (fails closed: ConfigError
+    naming a broken guest config, which might be the owner)."""
+    return next((g for g in _store(cfg).list() if volid in (*g.disks.values(), *g.unused)), None)
 
 
 def prepare_base(o: dict[str, Any], cfg: Config) -> dict[str, Any]:

@@ -9,6 +9,8 @@ Redis keys used by stork (all of them; keep this list true):
     stork:events              pub/sub channel announcing every event, for live listeners
     stork:jobs                sorted set of all job ids, scored by creation time
     stork:jobs:active         set of job ids not yet succeeded, failed or cancelled
+    stork:claims:<storage>    hash volname -> job id: names a job is making, claimed before they
+                              are created and until the job ends (worker/usage.py)
     stork:lock:<name>         lease of a shared-storage lock (value: fencing token)
     stork:lock:<name>:fence   counter handing out fencing tokens
     stork:alive:<host>:<pid>  a worker process's heartbeat (worker/liveness.py), expiring
@@ -124,6 +126,27 @@ def load(r: redis.Redis, job_id: str) -> JobRecord:
     raw = r.hgetall(job_key(job_id))
     if not raw:
         raise NotFound(f"unknown job {job_id!r}")
+    return _decode(raw)
+
+
+def load_many(r: redis.Redis, job_ids: list[str]) -> list[JobRecord]:
+    """The records of these jobs in one round trip; ones that expired meanwhile are skipped,
+    one that cannot be decoded raises StorkError (callers deciding what is safe fail closed)."""
+    with r.pipeline(transaction=False) as p:
+        for job_id in job_ids:
+            p.hgetall(job_key(job_id))
+        raws = p.execute()
+    found = []
+    for job_id, raw in zip(job_ids, raws, strict=True):
+        if raw:
+            try:
+                found.append(_decode(raw))
+            except (ValueError, TypeError, KeyError) as e:
+                raise StorkError(f"job record {job_id} cannot be read: {e}") from None
+    return found
+
+
+def _decode(raw: dict[str, str]) -> JobRecord:
     values = {k: (v if k == "state" else json.loads(v)) for k, v in raw.items() if k in _FIELDS}
     values["state"] = JobState(values["state"])
     return JobRecord(**values)

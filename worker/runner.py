@@ -17,12 +17,12 @@ from typing import Any
 
 import redis
 import structlog
-from celery import Task, chain
+from celery import Celery, Task, chain
 from celery.exceptions import Ignore
 
 from drivers.config import Config
 from drivers.errors import JobCancelled, Refused, StorkError
-from worker import events, records
+from worker import events, params, records, usage
 from worker.app import app, config, redis_client
 from worker.context import StepContext
 from worker.jobs import KINDS, JobKind
@@ -43,26 +43,28 @@ def undo_task_name(kind: str, step: str) -> str:
     return f"stork.{kind}.undo_{step}"
 
 
-def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis) -> JobRecord:
-    """Check the options, record the job and send its chain. StorkError when refused."""
+def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis, sender: Celery = app) -> JobRecord:
+    """Check the options, record the job and send its chain through `sender` (an app on the
+    same Redis as `r`). StorkError when refused."""
     try:
         kind = KINDS[kind_name]
     except KeyError:
         raise StorkError(f"unknown job kind {kind_name!r} (known: {', '.join(KINDS)})") from None
-    params = kind.prepare(dict(options), cfg)
+    prepared = kind.prepare(dict(options), cfg)
+    params.check(prepared)  # what the worker will check again; a mismatch is caught here, not there
     record = JobRecord(
-        id=records.new_id(), kind=kind.name, params=params, node=params["node"],
-        steps=[s.name for s in kind.steps], queues=kind.queues(params, cfg),
+        id=records.new_id(), kind=kind.name, params=prepared, node=prepared["node"],
+        steps=[s.name for s in kind.steps], queues=kind.queues(prepared, cfg),
     )
     records.create(r, record, events.make(record.id, kind.name, "queued", state=JobState.QUEUED, steps=record.steps))
-    send_steps(record, 0)
+    send_steps(record, 0, sender)
     return record
 
 
-def send_steps(job: JobRecord, start: int) -> None:
+def send_steps(job: JobRecord, start: int, sender: Celery = app) -> None:
     """Send the job's steps from `start` on as one chain, each signature on its own queue."""
     chain(*[
-        app.signature(task_name(job.kind, step), args=[job.id], queue=queue, immutable=True)
+        sender.signature(task_name(job.kind, step), args=[job.id], queue=queue, immutable=True)
         for step, queue in list(zip(job.steps, job.queues, strict=True))[start:]
     ]).apply_async()
 
@@ -83,6 +85,11 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     if job.done < index or holder_alive(r, holder):
         raise Ignore()  # a duplicate ahead of its turn, or the step runs in a live process
     turn = {"done": index, **({"owner": holder} if holder else {"idle": True})}
+    try:
+        params.check(job.params)
+    except StorkError as e:  # a record written to Redis by hand: nothing may act on it
+        start_undo(r, job, index - 1, JobState.FAILED, str(e), turn)
+        raise Ignore() from None
     interrupted = str(index) in job.attempts  # a previous attempt of this step died
     if job.cancel and not _committed(kind, job) and not (interrupted and step.commit):
         start_undo(r, job, index if interrupted else index - 1, JobState.CANCELLED, "cancelled by user", turn)
@@ -146,10 +153,11 @@ def _finish_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node
             raise Ignore() from None  # failed by reconciliation while we ran: its undo owns it
         # else our finish went through and only its reply was lost: the chain goes on
     if last:
+        usage.release_claims(r, job)
         log.info("job_succeeded")
 
 
-def cancel(r: redis.Redis, job_id: str) -> JobRecord:
+def cancel(r: redis.Redis, job_id: str, sender: Celery = app) -> JobRecord:
     """Ask a job to stop. A running step sees the flag (long steps between chunks); a job
     between steps (whose next step may wait for a node that is down), or whose step's process
     is gone, is undone at once. Refused once the job has committed (its effect stands)."""
@@ -163,15 +171,16 @@ def cancel(r: redis.Redis, job_id: str) -> JobRecord:
     current = job.current or {}
     holder = current.get("worker")
     if holder is None:
-        start_undo(r, job, job.done - 1, JobState.CANCELLED, "cancelled by user", {"idle": True, "done": job.done})
+        start_undo(r, job, job.done - 1, JobState.CANCELLED, "cancelled by user", {"idle": True, "done": job.done},
+                   sender)
     elif not holder_alive(r, holder) and not kind.steps[current["step"]].commit:
         start_undo(r, job, current["step"], JobState.CANCELLED, "cancelled by user",
-                   {"owner": holder, "done": job.done})
+                   {"owner": holder, "done": job.done}, sender)
     return records.load(r, job_id)
 
 
 def start_undo(r: redis.Redis, job: JobRecord, upto: int, final: JobState, error: str,
-               guard: dict[str, Any]) -> None:
+               guard: dict[str, Any], sender: Celery = app) -> None:
     """Fail or cancel a job: undo steps upto, upto-1, ... (those that have an undo), back to
     the last commit step that completed. Does nothing if the guard fails (see transition):
     every caller says which state of the job it decided on."""
@@ -188,19 +197,19 @@ def start_undo(r: redis.Redis, job: JobRecord, upto: int, final: JobState, error
         return  # someone else is failing it already, or it moved on
     log.info("job_undo", job_id=job.id, error=error, undo=[kind.steps[i].name for i in undo])
     job.undo, job.undone = undo, []
-    dispatch_undo(job)
+    dispatch_undo(job, sender)
 
 
-def dispatch_undo(job: JobRecord) -> None:
+def dispatch_undo(job: JobRecord, sender: Celery = app) -> None:
     """Send the chain of undo tasks not yet done, ended by finalize. Sending it twice is
     harmless: an undo runs only while no other undo of the job does, and once."""
     kind = KINDS[job.kind]
     signatures = [
-        app.signature(undo_task_name(kind.name, kind.steps[i].name), args=[job.id, i],
+        sender.signature(undo_task_name(kind.name, kind.steps[i].name), args=[job.id, i],
                       queue=job.queues[i], immutable=True)
         for i in job.undo if i not in job.undone
     ]
-    signatures.append(app.signature(FINALIZE, args=[job.id], queue=SHARED_QUEUE, immutable=True))
+    signatures.append(sender.signature(FINALIZE, args=[job.id], queue=SHARED_QUEUE, immutable=True))
     chain(*signatures).apply_async()
 
 
@@ -232,6 +241,7 @@ def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=f"undo_{step.name}", worker=me, task=task)
     errors = list(job.undo_errors)
     try:
+        params.check(job.params)
         step.undo(ctx)
     except Exception as e:  # keep undoing the rest; the job reports what could not be undone
         log.exception("undo_failed")
@@ -252,6 +262,7 @@ def finalize(job_id: str) -> None:
                            events=[events.make(job_id, job.kind, events.FINISHED, state=final, message=message)])
     except StateConflict:
         return
+    usage.release_claims(r, job)
     log.info("job_finished", job_id=job_id, state=str(final), error=job.error)
 
 
@@ -303,5 +314,8 @@ def _recover(r: redis.Redis, job: JobRecord, holder: str, current: dict[str, Any
 
 def sweep() -> list[str]:
     """The periodic sweep (beat, every SWEEP seconds): recover jobs stuck on a dead process
-    anywhere in the cluster, so none waits for its node's worker to restart."""
-    return reconcile(redis_client())
+    anywhere in the cluster, so none waits for its node's worker to restart; and drop the
+    name claims of jobs that ended without releasing them."""
+    r = redis_client()
+    usage.prune_claims(r)
+    return reconcile(r)

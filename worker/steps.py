@@ -12,11 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from drivers import qemu
+from drivers import faults, qemu
 from drivers.base import Driver
 from drivers.errors import AlreadyExists, NotFound, Refused, StorkError
 from drivers.guests import Guest
 from drivers.names import VolName
+from worker import usage
 from worker.context import StepContext
 
 # ---- guest locks ---------------------------------------------------------------------
@@ -80,15 +81,36 @@ def unreserve_guest(ctx: StepContext) -> None:
 
 def _make_volume(ctx: StepContext, key: str, drv: Driver, owner: int, fmt: str,
                  create: Callable[[VolName], None]) -> None:
-    """Name and create a volume under the storage lock. Its name is saved as pending before
-    and counts as made after (saved with the step's end, or its failure): only what is made is
-    ours to free (a pending name may have been taken by another job after this process died)."""
+    """Name and create a volume under the storage lock. The name is saved as pending and
+    claimed for this job before it is created, and counts as made once created (saved with the
+    step's end or failure). A name left pending by a process that died is settled first."""
     with ctx.storage_lock(drv):
-        vol = drv.next_disk_name(owner, fmt)
+        if _adopt_pending(ctx, key):
+            return  # made before the crash: ours
+        taken = usage.claimed_names(ctx.r, drv.storage.id, owner, except_job=ctx.job.id)
+        vol = drv.next_disk_name(owner, fmt, taken)
         ctx.data.setdefault("pending", {})[key] = drv.volid(vol)
         ctx.save()
+        usage.claim(ctx.r, drv.volid(vol), ctx.job.id)
         create(vol)
         ctx.data.setdefault("made", {})[key] = ctx.data["pending"].pop(key)
+
+
+def _made_before_crash(ctx: StepContext, volid: str) -> bool:
+    """Did this job create `volid` in a process that died before saving it as made? Only if
+    the name is present and still claimed by this job: no other job creates a claimed name.
+    Call it under the volume's storage lock."""
+    drv, vol = ctx.volume(volid)
+    return usage.claimed_by(ctx.r, volid) == ctx.job.id and drv.exists(vol)
+
+
+def _adopt_pending(ctx: StepContext, key: str) -> bool:
+    """Settle `key`'s pending name: made (True) or never created, so not ours (False)."""
+    volid = ctx.data.get("pending", {}).pop(key, None)
+    if volid is None or not _made_before_crash(ctx, volid):
+        return False
+    ctx.data.setdefault("made", {})[key] = volid
+    return True
 
 
 def allocate_disks(ctx: StepContext) -> None:
@@ -97,7 +119,7 @@ def allocate_disks(ctx: StepContext) -> None:
         if key in ctx.data.get("made", {}):
             continue  # redelivered: made already
         drv = ctx.driver(plan["storage"])
-        size = int(plan["size"]) if "size" in plan else _source(ctx, plan).size
+        size = int(plan["size"]) if "size" in plan else _volume_size(ctx, plan["source"])
 
         def allocate(vol: VolName, d: Driver = drv, n: int = size) -> None:
             d.allocate(vol, n)
@@ -126,77 +148,90 @@ def link_disks(ctx: StepContext) -> None:
 
 
 def free_made(ctx: StepContext) -> None:
-    """Undo of allocate/link: free every volume this job made, except one a guest not held by
-    this job uses (the job committed before it was interrupted). Names that were pending when
-    a process died are reported, not freed: they may be another job's by now."""
-    in_use = {v for g in ctx.guests.list() if g.lock_job != ctx.job.id for v in [*g.disks.values(), *g.unused]}
-    for volid in ctx.data.get("made", {}).values():
+    """Undo of allocate/link: free every volume this job made, and a pending one it made
+    before its process died; keep one that a guest not held by this job, or another live job,
+    uses (it is reported, not freed)."""
+    made = list(ctx.data.get("made", {}).values())
+    kept = []
+    for volid in [*made, *ctx.data.get("pending", {}).values()]:
         drv, vol = ctx.volume(volid)
-        if volid not in in_use and drv.exists(vol):
-            with ctx.storage_lock(drv):
-                drv.free(vol)
-    leftovers = []
-    for volid in ctx.data.get("pending", {}).values():
-        drv, vol = ctx.volume(volid)
-        if drv.exists(vol):
-            leftovers.append(volid)
-    if leftovers:
-        raise StorkError(f"may be left over from an interrupted allocation, check by hand: {', '.join(leftovers)}")
+        with ctx.storage_lock(drv):
+            if volid not in made and not _made_before_crash(ctx, volid):
+                continue  # never created: the name is not ours
+            if not drv.exists(vol):
+                continue
+            if found := usage.users(ctx, volid):
+                kept.append(f"{volid} (in use by {', '.join(found)})")
+                continue
+            drv.free(vol)
+    if kept:
+        raise StorkError(f"kept {'; '.join(kept)}")
 
 
 @dataclass(frozen=True)
 class _Source:
-    """What a planned disk copies from: an image file (import) or a volume."""
+    """What a planned disk copies from: an opened image file (import) or a volume."""
 
     label: str
     size: int
-    path: Path | None = None
-    fmt: str = ""
+    image: qemu.Image | None = None
     volume: tuple[Driver, VolName] | None = None
 
 
-def _source(ctx: StepContext, plan: dict) -> _Source:
+def _volume_size(ctx: StepContext, volid: str) -> int:
+    drv, vol = ctx.volume(volid)
+    drv.require_existing(vol)
+    return drv.virtual_size(vol)
+
+
+def _open_source(ctx: StepContext, stack: contextlib.ExitStack, plan: dict) -> _Source:
+    """Open an import file once (its checks and its copy read the same descriptor), or name
+    a volume."""
     if "source_path" in plan:
         path = Path(plan["source_path"])
-        fmt, size = qemu.detect_image(path)  # checked again: the file may have changed
-        return _Source(str(path), size, path=path, fmt=fmt)
+        image, size = stack.enter_context(qemu.open_import(path))
+        if size != plan["size"]:
+            raise Refused(f"{path} changed since the job was submitted (its size is now {size} bytes)")
+        return _Source(str(path), size, image=image)
     drv, vol = ctx.volume(plan["source"])
-    drv.require_existing(vol)
-    return _Source(plan["source"], drv.virtual_size(vol), volume=(drv, vol))
+    return _Source(plan["source"], _volume_size(ctx, plan["source"]), volume=(drv, vol))
 
 
 def copy_data(ctx: StepContext) -> None:
-    """Copy every planned disk into its allocated volume, reporting bytes as it goes.
+    """Copy every planned disk into its allocated volume, reporting bytes as it goes; each
+    copy is flushed to stable storage before it counts as copied.
 
     A copy interrupted by a crash is redone into a freshly recreated target, since zero
     areas are skipped on the assumption that the target is all zeros.
     """
     copied: list[str] = ctx.data.setdefault("copied", [])
-    sources = {key: _source(ctx, plan) for key, plan in ctx.params["disks"].items()}
-    total = sum(src.size for src in sources.values())
-    offset = sum(sources[key].size for key in copied if key in sources)
-    for key, src in sources.items():
-        if key in copied:
-            continue
-        drv, dst = ctx.volume(ctx.data["made"][key])
-        if ctx.data.get("copying") == key:  # a previous attempt died mid-copy
-            with ctx.storage_lock(drv):
-                drv.recreate(dst, src.size)
-        ctx.data["copying"] = key
-        ctx.save()
+    with contextlib.ExitStack() as stack:
+        sources = {key: _open_source(ctx, stack, plan) for key, plan in ctx.params["disks"].items()}
+        total = sum(src.size for src in sources.values())
+        offset = sum(sources[key].size for key in copied if key in sources)
+        for key, src in sources.items():
+            if key in copied:
+                continue
+            drv, dst = ctx.volume(ctx.data["made"][key])
+            if ctx.data.get("copying") == key:  # a previous attempt died mid-copy
+                with ctx.storage_lock(drv):
+                    drv.recreate(dst, src.size)
+            ctx.data["copying"] = key
+            ctx.save()
 
-        def progress(done: int, _total: int, before: int = offset, what: str = f"{key}: {src.label}") -> None:
-            ctx.progress(before + done, total, what)
+            def progress(done: int, _total: int, before: int = offset, what: str = f"{key}: {src.label}") -> None:
+                ctx.progress(before + done, total, what)
 
-        if src.volume:
-            drv.copy_from(*src.volume, dst, progress)
-        else:
-            assert src.path is not None
-            drv.copy_in(src.path, src.fmt, src.size, dst, progress)
-        offset += src.size
-        copied.append(key)
-        ctx.data.pop("copying")
-        ctx.save()
+            if src.volume:
+                drv.copy_from(*src.volume, dst, progress)
+            else:
+                assert src.image is not None
+                drv.copy_in(src.image, src.size, dst, progress)
+                qemu.refuse_external(src.image.fds[0], src.label)  # still none after the copy
+            offset += src.size
+            copied.append(key)
+            ctx.data.pop("copying")
+            ctx.save()
 
 
 def verify_copy(ctx: StepContext) -> None:
@@ -239,6 +274,7 @@ def make_bases(ctx: StepContext) -> None:
         with ctx.storage_lock(drv):
             if drv.exists(base):
                 raise AlreadyExists(f"base image {drv.volid(base)} already exists")
+            usage.require_unused(ctx, plan["source"])  # e.g. a clone's target, mid-copy
             based[key] = [plan["source"], drv.volid(base)]
             ctx.save()
             drv.make_base(vol, base)
@@ -269,7 +305,8 @@ def commit_bases(ctx: StepContext) -> None:
         template = guest.template or bool(ctx.params.get("make_template"))
         if template and (writable := [v for v in disks.values() if not ctx.volname(v).is_base]):
             raise Refused(f"guest {vmid} cannot be a template: {', '.join(writable)} is not a base")
-        box[0] = guest.with_(disks=disks, template=template, lock="", lock_job="")
+        unused = tuple(renamed.get(volid, volid) for volid in guest.unused)
+        box[0] = guest.with_(disks=disks, unused=unused, template=template, lock="", lock_job="")
     ctx.set_result(vmid=vmid, template=template)
 
 
@@ -325,6 +362,7 @@ def free_sources(ctx: StepContext) -> None:
         try:
             drv, vol = ctx.volume(volid)
             with ctx.storage_lock(drv):
+                usage.require_unused(ctx, volid, count_unused=False)  # kept as unused by this guest: ours
                 drv.free(vol)
             freed.append(volid)
         except (StorkError, OSError) as e:
@@ -333,28 +371,23 @@ def free_sources(ctx: StepContext) -> None:
         box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v not in freed))
 
 
-def _attached_to(ctx: StepContext, volid: str) -> list[str]:
-    return [
-        f"guest {g.vmid} ({key})"
-        for g in ctx.guests.list()
-        for key, v in [*g.disks.items(), *(("unused", u) for u in g.unused)]
-        if v == volid
-    ]
-
-
 def free_volume(ctx: StepContext) -> None:
-    """Free a volume no guest uses; a base with linked clones is refused, listing them."""
+    """Free a volume that no guest attaches and no live job uses; a base with linked clones
+    is refused, listing them. The volume's identity is saved before it is freed, so a step
+    redelivered after a crash frees it if still there, and never a volume made since."""
     volid = ctx.params["volid"]
     drv, vol = ctx.volume(volid)
-    if ctx.data.get("freeing") == volid:
-        return  # redelivered: freed already (the name may be a new volume by now)
-    drv.require_existing(vol)
-    if users := [u for u in _attached_to(ctx, volid) if not u.endswith("(unused)")]:
-        raise Refused(f"{volid} is in use by {', '.join(users)}")
-    ctx.data["freeing"] = volid
-    ctx.save()
     with ctx.storage_lock(drv):
-        drv.free_volume(vol)  # refuses a base with linked clones, listing them
+        freeing = ctx.data.get("freeing")
+        if freeing is None:
+            drv.require_existing(vol)
+            usage.require_unused(ctx, volid, count_unused=False)  # a volume kept as unused may go
+            ctx.data["freeing"] = drv.identity(vol)
+            ctx.save()
+            faults.point("free_recorded")
+            drv.free_volume(vol)  # refuses a base with linked clones, listing them
+        elif drv.exists(vol) and drv.identity(vol) == freeing:
+            drv.free_volume(vol)  # the process that saved it died before freeing
     for guest in ctx.guests.list():  # forget it where it was kept as unused
         if volid in guest.unused:
             with ctx.guests.editing(guest.vmid) as box:
@@ -377,10 +410,11 @@ def destroy_guest(ctx: StepContext) -> None:
         return  # redelivered after it finished, and the id has been used again since
     volumes = {v: ctx.volume(v) for v in [*guest.disks.values(), *guest.unused]}
     with ctx.storage_locks([drv for drv, _ in volumes.values()]):
-        for drv, vol in volumes.values():
+        for volid, (drv, vol) in volumes.items():
             if vol.is_base and drv.exists(vol) and (clones := drv.clones_of(vol)):
                 listed = ", ".join(drv.volid(c) for c in clones)
                 raise Refused(f"guest {vmid}: base {drv.volid(vol)} still has linked clones: {listed}")
+            usage.require_unused(ctx, volid)
         for volid, (drv, vol) in volumes.items():
             drv.free(vol)
             with ctx.guests.editing(vmid) as box:
