@@ -4,29 +4,44 @@ in the process that does the work and released by the kernel if that process die
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from drivers.errors import LockTimeout
+from drivers.errors import LockTimeout, Refused
 
 POLL = 0.005
 
 
+_MODES = {"a": os.O_WRONLY | os.O_CREAT | os.O_APPEND, "x": os.O_WRONLY | os.O_CREAT | os.O_EXCL}
+
+
 def open_making_dirs(path: Path, mode: str) -> IO[str]:
-    """open(), creating the parent directories on first use only (not a stat per call)."""
+    """open() for appending ("a") or exclusive creation ("x"), never through a symlink (one
+    planted at a lock file's name would make us create its target), creating the parent
+    directories on first use only (not a stat per call)."""
+    flags = _MODES[mode] | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        return open(path, mode)
+        fd = os.open(path, flags, 0o644)
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, mode)
+        fd = os.open(path, flags, 0o644)
+    return os.fdopen(fd, mode)
 
 
 @contextlib.contextmanager
 def file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
-    with open_making_dirs(path, "a") as f:
+    try:
+        f = open_making_dirs(path, "a")
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise Refused(f"{what}: lock file {path} is a symlink (never followed)") from None
+    with f:
         deadline = time.monotonic() + timeout
         while True:
             try:

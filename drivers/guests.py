@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import secrets
+import stat
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -200,11 +201,16 @@ class GuestStore:
     @staticmethod
     def _read_file(vmid: int, file: Path) -> Guest:
         try:
-            data = file.read_bytes()
+            # not through a symlink, and a FIFO planted as a config cannot block the read
+            fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"unknown guest {vmid}") from None
         except OSError as e:
             raise ConfigError(f"{file}: broken guest config: cannot read it: {e.strerror or e}") from None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"{file}: broken guest config: not a regular file")
+            data = f.read()
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:

@@ -265,3 +265,23 @@ def test_guest_list_shows_a_broken_config_as_a_row(store, capsys):
     assert rows[0]["name"] == "web"
     assert rows[1] == {"vmid": 101, "broken": f"{broken}: broken guest config: unknown key 'bogus' (expected one of: "
                                               "name, node, template, lock, lock_job, unused, disks)"}
+
+
+def test_a_config_or_lock_file_that_is_a_symlink_or_fifo_is_never_followed(tmp_path):
+    """A guest config that is a FIFO is broken (not a hang); a lock file planted as a symlink
+    to a missing file is refused, and its target is not created."""
+    import os
+
+    from drivers.errors import Refused
+
+    store = GuestStore(tmp_path / "guests", lock_timeout=1)
+    store.create(Guest(101, "node1"))
+    os.mkfifo(store.path(102))
+    _, broken = store.scan()
+    assert [str(path) for path, _ in broken] == [str(store.path(102))]
+    assert "not a regular file" in broken[0][1]
+    target = tmp_path / "created-through-the-link"
+    (tmp_path / "guests" / ".locks" / "103.lock").symlink_to(target)
+    with pytest.raises(Refused, match=r"guest 103 config: lock file .*103.lock is a symlink"), store.locked(103):
+        pass
+    assert not target.exists()
