@@ -4,11 +4,13 @@ Every key is declared below with its type; an unknown key, a wrong type or a bad
 ConfigError naming the file, the key and what was expected. Relative paths are relative to
 the config file. STORK_REDIS_URL and STORK_NODE override the Redis URL and this node's name.
 No two storages may share a directory (equal or nested), nor share one with paths.guests or paths.locks.
+Values that parse but cannot work are refused too: the bounds below say why.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import socket
 import tomllib
@@ -76,24 +78,52 @@ class Config:
             raise NotFound(f"unknown storage {storage_id!r} (configured: {known})") from None
 
 
+# Bounds of values that parse but cannot work.
+# A storage or guest-config lock is held for moments (never around a copy): waiting longer than
+# an hour means a stuck holder, and the step should fail rather than hang.
+LOCK_TIMEOUT_MAX = 3600
+# Worker processes per node: each is a whole Python process with its Redis connections.
+CONCURRENCY_MAX = 256
+# The steps' time limits are 0.8x / 0.9x of the visibility timeout, and the longest step (a copy)
+# must fit in them; above a week, a step whose worker died waits that long to be redelivered.
+VISIBILITY_TIMEOUT_MIN = 600
+VISIBILITY_TIMEOUT_MAX = 7 * 86400
+
+
 def _str(v: Any) -> bool:
     return isinstance(v, str) and bool(v)
 
 
-def _pos_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+def _path(v: Any) -> bool:
+    return _str(v) and "\x00" not in v  # no file name holds a NUL byte
 
 
-def _pos_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_in(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda v: _int(v) and low <= v <= high
+
+
+def _lock_timeout(v: Any) -> bool:
+    number = isinstance(v, int | float) and not isinstance(v, bool)
+    return number and math.isfinite(v) and 0 < v <= LOCK_TIMEOUT_MAX
 
 
 def _redis_url(v: Any) -> bool:
-    return isinstance(v, str) and v.startswith(("redis://", "rediss://", "unix://"))
-
-
-def _port(v: Any) -> bool:
-    return _pos_int(v) and v <= 65535
+    """A URL redis-py can connect to: a port from 1 to 65535, a database number, a socket path."""
+    if not isinstance(v, str):
+        return False
+    try:
+        parts = urlsplit(v)
+        port = parts.port  # ValueError when not a number from 0 to 65535
+    except ValueError:
+        return False
+    if parts.scheme == "unix":
+        return bool(parts.path)
+    db = parts.path.lstrip("/")
+    return parts.scheme in ("redis", "rediss") and port != 0 and (not db or (db.isascii() and db.isdigit()))
 
 
 def _ip_address(v: Any) -> bool:
@@ -104,35 +134,75 @@ def _ip_address(v: Any) -> bool:
         return v == "localhost"
 
 
+def _basic_auth(v: Any) -> bool:
+    """Flower compares "user:password" as a whole: an entry without both logs nobody in."""
+    return _str(v) and all(user and password for user, _, password in (e.partition(":") for e in v.split(",")))
+
+
 def _str_list(v: Any) -> bool:
     return isinstance(v, list) and all(_str(x) for x in v)
 
 
+def _node_names(v: Any) -> bool:
+    def is_node(x: Any) -> bool:
+        try:
+            names.node(x)
+            return True
+        except InvalidName:
+            return False
+
+    return isinstance(v, list) and bool(v) and all(is_node(x) for x in v) and len(set(v)) == len(v)
+
+
+REDIS_URL = "a redis://, rediss:// or unix:// URL (port 1-65535, database a number, unix:// with a path)"
 # section -> key -> (check, what was expected)
 Check = tuple[Callable[[Any], bool], str]
 SCHEMA: dict[str, dict[str, Check]] = {
-    "redis": {"url": (_redis_url, "a redis://, rediss:// or unix:// URL")},
-    "paths": {"guests": (_str, "a directory path"), "locks": (_str, "a directory path")},
-    "locks": {"timeout": (_pos_num, "a number of seconds > 0")},
+    "redis": {"url": (_redis_url, REDIS_URL)},
+    "paths": {"guests": (_path, "a directory path"), "locks": (_path, "a directory path")},
+    "locks": {"timeout": (_lock_timeout, f"a number of seconds > 0 and <= {LOCK_TIMEOUT_MAX}")},
     "worker": {
-        "concurrency": (_pos_int, "a whole number > 0"),
-        "visibility_timeout": (_pos_int, "a whole number of seconds > 0"),
+        "concurrency": (_int_in(1, CONCURRENCY_MAX), f"a whole number from 1 to {CONCURRENCY_MAX}"),
+        "visibility_timeout": (
+            _int_in(VISIBILITY_TIMEOUT_MIN, VISIBILITY_TIMEOUT_MAX),
+            f"a whole number of seconds from {VISIBILITY_TIMEOUT_MIN} (a step must fit in 0.8x of it) "
+            f"to {VISIBILITY_TIMEOUT_MAX} (7 days)",
+        ),
     },
     "flower": {
         "address": (_ip_address, "an IP address or localhost"),
-        "port": (_port, "a port number (1-65535)"),
-        "basic_auth": (_str, "user:password[,user:password...]"),
+        "port": (_int_in(1, 65535), "a port number (1-65535)"),
+        "basic_auth": (_basic_auth, "user:password[,user:password...], each with a user and a password"),
     },
 }
+SECRET_KEYS = ("flower.basic_auth",)  # never echoed in an error
 STORAGE_TYPES = ("dir",)
 STORAGE_SCHEMA: dict[str, Check] = {
     "type": (lambda v: v in STORAGE_TYPES, "one of: dir"),
-    "path": (_str, "a directory path"),
-    "content": (lambda v: _str_list(v) and set(v) <= {"images", "backup"}, 'a list of "images", "backup"'),
+    "path": (_path, "a directory path"),
+    "content": (
+        lambda v: _str_list(v) and bool(v) and set(v) <= {"images", "backup"},
+        'a non-empty list of "images", "backup"',
+    ),
     "shared": (lambda v: isinstance(v, bool), "true or false"),
-    "nodes": (lambda v: _str_list(v) and bool(v), "a non-empty list of node names"),
+    "nodes": (
+        _node_names,
+        "a non-empty list of distinct node names (a lower-case letter, then up to 39 of a-z 0-9 _ -)",
+    ),
 }
 REQUIRED_STORAGE_KEYS = ("type", "path")
+
+
+def _shown(key: str, value: Any) -> str:
+    """The value as an error shows it: secrets hidden, a Redis URL without its password."""
+    if key in SECRET_KEYS:
+        return "'***'"
+    if key == "redis.url" and isinstance(value, str):
+        try:
+            return repr(redact(value))
+        except ValueError:  # not even a URL: nothing to redact reliably
+            return "'***'"
+    return repr(value)
 
 
 def _check_table(file: Path, prefix: str, table: Any, schema: dict[str, Check]) -> None:
@@ -145,7 +215,24 @@ def _check_table(file: Path, prefix: str, table: Any, schema: dict[str, Check]) 
             )
         check, expected = schema[key]
         if not check(value):
-            raise ConfigError(f"{file}: {prefix}.{key} = {value!r}: expected {expected}")
+            raise ConfigError(f"{file}: {prefix}.{key} = {_shown(f'{prefix}.{key}', value)}: expected {expected}")
+
+
+def _check_storage(file: Path, sid: str, entry: Any) -> None:
+    try:
+        names.storage_id(sid)
+    except InvalidName as e:
+        raise ConfigError(f"{file}: [storage.{sid}]: {e}") from None
+    _check_table(file, f"storage.{sid}", entry, STORAGE_SCHEMA)
+    for key in REQUIRED_STORAGE_KEYS:
+        if key not in entry:
+            raise ConfigError(f"{file}: storage.{sid}.{key} is missing")
+    if entry.get("shared") and "nodes" in entry:
+        # on_node() ignores nodes for a shared storage: it would be used where the list says it is not
+        raise ConfigError(
+            f"{file}: storage.{sid}.nodes: expected no nodes on a shared storage "
+            "(it exists on every node; nodes is for shared = false)"
+        )
 
 
 def _validate(file: Path, data: dict[str, Any]) -> None:
@@ -154,14 +241,7 @@ def _validate(file: Path, data: dict[str, Any]) -> None:
             if not isinstance(table, dict):
                 raise ConfigError(f"{file}: [storage] must hold [storage.<id>] tables")
             for sid, entry in table.items():
-                try:
-                    names.storage_id(sid)
-                except InvalidName as e:
-                    raise ConfigError(f"{file}: [storage.{sid}]: {e}") from None
-                _check_table(file, f"storage.{sid}", entry, STORAGE_SCHEMA)
-                for key in REQUIRED_STORAGE_KEYS:
-                    if key not in entry:
-                        raise ConfigError(f"{file}: storage.{sid}.{key} is missing")
+                _check_storage(file, sid, entry)
         elif section in SCHEMA:
             _check_table(file, section, table, SCHEMA[section])
         else:
@@ -236,6 +316,9 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
         names.node(node)
     except InvalidName as e:
         raise ConfigError(f"{e} (from STORK_NODE or the host name)") from None
+    redis_url = env.get("STORK_REDIS_URL") or section("redis").get("url", "redis://127.0.0.1:6379/0")
+    if not _redis_url(redis_url):  # the file's was checked; this one came from the environment
+        raise ConfigError(f"STORK_REDIS_URL = {_shown('redis.url', redis_url)}: expected {REDIS_URL}")
     flower = section("flower")
     guests_dir = path(section("paths").get("guests", "var/guests"))
     locks_dir = path(section("paths").get("locks", "var/lock"))
@@ -246,7 +329,7 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
         raise ConfigError(error)
     return Config(
         file=file,
-        redis_url=env.get("STORK_REDIS_URL") or section("redis").get("url", "redis://127.0.0.1:6379/0"),
+        redis_url=redis_url,
         guests_dir=guests_dir,
         locks_dir=locks_dir,
         lock_timeout=float(section("locks").get("timeout", 60)),
@@ -284,7 +367,33 @@ def load(env: Mapping[str, str] | None = None) -> Config:
             f"{file}: config file not found (set STORK_CONFIG, or run 'make run' once to "
             "write the default)"
         ) from None
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read the config file: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not valid TOML: not UTF-8 text") from None
     return parse(text, file, env)
+
+
+# Config field -> the key it comes from, as an operator names it (storages are storage.<id>)
+FIELD_KEYS = {
+    "redis_url": "redis.url",
+    "node": "STORK_NODE",
+    "guests_dir": "paths.guests",
+    "locks_dir": "paths.locks",
+    "lock_timeout": "locks.timeout",
+    "worker_concurrency": "worker.concurrency",
+    "visibility_timeout": "worker.visibility_timeout",
+    "flower_address": "flower.address",
+    "flower_port": "flower.port",
+    "flower_basic_auth": "flower.basic_auth",
+}
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The keys whose values differ between two configs, in FIELD_KEYS order, then storage.<id> by id."""
+    keys = [key for name, key in FIELD_KEYS.items() if getattr(old, name) != getattr(new, name)]
+    ids = sorted(old.storages.keys() | new.storages.keys())
+    return keys + [f"storage.{sid}" for sid in ids if old.storages.get(sid) != new.storages.get(sid)]
 
 
 def write_default(file: Path) -> bool:

@@ -1,5 +1,6 @@
 """The cluster config: every wrong key, type or value names the file, the key and what was expected."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,37 @@ def test_storages_know_which_nodes_they_exist_on():
         ("[storage.x]\ntype = 'dir'\npath='p'\ncontent = ['isos']\n", r"storage.x.content"),
         ("[storage.Bad]\ntype = 'dir'\npath='p'\n", r"\[storage.Bad\]: invalid storage id"),
         ("[locks]\ntimeout = -1\n", r"locks.timeout = -1: expected a number of seconds > 0"),
+        ("[locks]\ntimeout = 0\n", r"locks.timeout = 0: expected a number of seconds > 0 and <= 3600"),
+        ("[locks]\ntimeout = inf\n", r"locks.timeout = inf: expected a number of seconds > 0 and <= 3600"),
+        ("[locks]\ntimeout = nan\n", r"locks.timeout = nan: expected a number of seconds > 0 and <= 3600"),
+        ("[locks]\ntimeout = 3601\n", r"locks.timeout = 3601: expected a number of seconds > 0 and <= 3600"),
+        ("[locks]\ntimeout = true\n", r"locks.timeout = True: expected a number of seconds"),
+        ("[worker]\nconcurrency = 0\n", r"worker.concurrency = 0: expected a whole number from 1 to 256"),
+        ("[worker]\nconcurrency = 99999999\n", r"worker.concurrency = 99999999: expected a whole number from 1 to 256"),
+        ("[worker]\nvisibility_timeout = 1\n", r"worker.visibility_timeout = 1: expected a whole number of seconds "
+         r"from 600 \(a step must fit in 0.8x of it\) to 604800 \(7 days\)"),
+        ("[worker]\nvisibility_timeout = 604801\n", r"worker.visibility_timeout = 604801: expected a whole number"),
+        ("[worker]\nvisibility_timeout = 3600.5\n", r"worker.visibility_timeout = 3600.5: expected a whole number"),
+        ("[storage.x]\ntype = 'dir'\npath='p'\nnodes = ['N1!']\n",
+         r"storage.x.nodes = \['N1!'\]: expected a non-empty list of distinct node names \(a lower-case letter"),
+        ("[storage.x]\ntype = 'dir'\npath='p'\nnodes = ['node1', 'node1']\n",
+         r"storage.x.nodes = \['node1', 'node1'\]: expected a non-empty list of distinct node names"),
+        ("[storage.x]\ntype = 'dir'\npath='p'\nnodes = []\n", r"storage.x.nodes = \[\]: expected a non-empty list"),
+        ("[storage.x]\ntype = 'dir'\npath='p'\nshared = true\nnodes = ['node1']\n",
+         r"storage.x.nodes: expected no nodes on a shared storage \(it exists on every node"),
+        ("[storage.x]\ntype = 'dir'\npath='p'\ncontent = []\n",
+         r"storage.x.content = \[\]: expected a non-empty list of \"images\", \"backup\""),
+        ("[storage.x]\ntype = 'dir'\npath=''\n", r"storage.x.path = '': expected a directory path"),
+        ('[storage.x]\ntype = "dir"\npath = "p\\u0000"\n', r"storage.x.path = 'p\\x00': expected a directory path"),
+        ("[paths]\nguests = ''\n", r"paths.guests = '': expected a directory path"),
+        ('[paths]\nlocks = "l\\u0000"\n', r"paths.locks = 'l\\x00': expected a directory path"),
+        ("[redis]\nurl = 'redis://127.0.0.1:99999/0'\n", r"redis.url = 'redis://127.0.0.1:99999/0': expected a redis://"),
+        ("[redis]\nurl = 'redis://127.0.0.1:0/0'\n", r"redis.url = 'redis://127.0.0.1:0/0': expected .*port 1-65535"),
+        ("[redis]\nurl = 'redis://127.0.0.1/zero'\n", r"redis.url = 'redis://127.0.0.1/zero': expected .*database a"),
+        ("[redis]\nurl = 'unix://'\n", r"redis.url = 'unix://': expected .*unix:// with a path"),
+        ("[redis]\nurl = 'redis://:hunter2@h:x/0'\n", r"redis.url = 'redis://:\*\*\*@h:x/0': expected a redis://"),
+        ("[flower]\nbasic_auth = 'admin'\n", r"flower.basic_auth = '\*\*\*': expected user:password\[,user:pass"),
+        ("[flower]\nbasic_auth = 'a:b,:c'\n", r"flower.basic_auth = '\*\*\*': expected .*each with a user and a"),
         ("not toml [", r"not valid TOML"),
     ],
 )
@@ -77,6 +109,34 @@ def test_config_errors_name_file_key_and_expectation(text, message):
     with pytest.raises(ConfigError, match=message) as err:
         parse(text)
     assert "/etc/stork/stork.toml" in str(err.value)
+
+
+def test_values_at_the_bounds_are_accepted():
+    """The edges of every bound parse: a lock timeout of 3600 s, 1 and 256 processes, 600 s and 7 days."""
+    for text in (
+        "[locks]\ntimeout = 3600\n[worker]\nconcurrency = 1\nvisibility_timeout = 600\n",
+        "[locks]\ntimeout = 0.5\n[worker]\nconcurrency = 256\nvisibility_timeout = 604800\n",
+        "[redis]\nurl = 'unix:///run/redis.sock'\n[flower]\nbasic_auth = 'a:b,c:d:e'\n",
+        "[storage.x]\ntype = 'dir'\npath = 'p'\nnodes = ['node1', 'node-2_b']\n",
+    ):
+        parse(text)
+    assert parse("[locks]\ntimeout = 0.5\n").lock_timeout == 0.5
+
+
+def test_a_bad_redis_url_from_the_environment_is_refused_without_its_password():
+    """STORK_REDIS_URL is checked like the file's redis.url, and the error hides its password."""
+    with pytest.raises(ConfigError) as err:
+        parse("", {"STORK_NODE": "node1", "STORK_REDIS_URL": "redis://:hunter2@h:99999/0"})
+    assert str(err.value).startswith("STORK_REDIS_URL = 'redis://:***@h:99999/0': expected a redis://")
+    assert "hunter2" not in str(err.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_config_error(tmp_path):
+    """Bytes that are not UTF-8 are a ConfigError naming the file, not a UnicodeDecodeError."""
+    file = tmp_path / "stork.toml"
+    file.write_bytes(b"[paths]\nguests = '\xff'\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(file))}: not valid TOML: not UTF-8 text"):
+        config.load({"STORK_CONFIG": str(file), "STORK_NODE": "n"})
 
 
 def test_unknown_storage_lists_the_configured_ones():

@@ -1,27 +1,115 @@
-"""The Celery app, configured from the cluster config (STORK_CONFIG).
+"""The Celery app, configured from the cluster config (STORK_CONFIG), and the config steps see.
 
 The settings are the ones long storage jobs need (DESIGN.md "Celery settings"): JSON only,
 late acks with one task prefetched, redelivery when a worker process is lost, a Redis
 visibility timeout above the longest step (in all three places), time limits below it.
+
+`config()` follows the file: when its stat (mtime, size, inode) changed since the last call,
+it is read again, so each step sees the current storages, paths.guests, paths.locks and
+locks.timeout without a restart. The Celery app and the Redis client are built at start from
+redis.url, this node's name (STORK_NODE), worker.concurrency and worker.visibility_timeout:
+those keep their start values, and an edit of one logs `config_needs_restart` naming the keys.
+A changed file that does not load is not used: the last good config stays, and
+`config_reload_failed` is logged once per change of the file (in each worker process).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import threading
+from collections.abc import Iterable, Mapping
 from functools import cache
+from pathlib import Path
 
 import redis
+import structlog
 from celery import Celery
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from structlog.typing import FilteringBoundLogger
 
 from drivers import config as config_module
 from drivers.config import Config
+from drivers.errors import StorkError
 from worker.queues import SHARED_QUEUE
 
+log = structlog.get_logger("stork.config")
 
-@cache
+# what the Celery app, the Redis client and the worker's queues are built from at start
+FIXED_FIELDS = ("redis_url", "node", "worker_concurrency", "visibility_timeout")
+RESTART_KEYS = tuple(config_module.FIELD_KEYS[name] for name in FIXED_FIELDS)
+
+Stamp = tuple[int, int, int] | None  # the file's (st_mtime_ns, st_size, st_ino); None: cannot stat it
+
+
+def stamp(file: Path) -> Stamp:
+    """What tells a changed file: a new inode (an editor's rename), another size, a later mtime. An
+    in-place rewrite of the same size within one kernel clock tick (a few ms) shows at the next edit."""
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None  # gone or unreadable: loading it says why
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def needs_restart(changed: Iterable[str]) -> list[str]:
+    """The changed keys that a running worker cannot take on."""
+    return [key for key in changed if key in RESTART_KEYS]
+
+
+def pinned(start: Config, loaded: Config) -> Config:
+    """`loaded`, with what the process was built from kept at its start values."""
+    return dataclasses.replace(loaded, **{name: getattr(start, name) for name in FIXED_FIELDS})
+
+
+class LiveConfig:
+    """The config file as it is now, minus what needs a restart (see the module docstring)."""
+
+    def __init__(self, env: Mapping[str, str] | None = None, logger: FilteringBoundLogger = log) -> None:
+        self.env, self.log = env, logger
+        self.stamp = stamp(config_module.config_path(env))  # before the read: a later edit is seen next time
+        self.start = self.loaded = self.serving = config_module.load(env)
+        self.failing = False  # the file's last change did not load
+        self.lock = threading.Lock()  # threads of one process reload and log once
+
+    def get(self) -> Config:
+        """The config to serve: one stat, and a reload only when the file changed."""
+        with self.lock:
+            now = stamp(self.start.file)
+            if now != self.stamp:
+                self.stamp = now  # one try per change of the file, good or bad
+                self._reload()
+            return self.serving
+
+    def _reload(self) -> None:
+        file = str(self.start.file)
+        try:
+            loaded = config_module.load(self.env)
+        except StorkError as e:
+            self.log.error("config_reload_failed", file=file, error=str(e), serving="the last good config")
+            self.failing = True
+            return
+        changed = config_module.changed_keys(self.loaded, loaded)
+        if changed or self.failing:  # a repaired file is news even when it says what the last good one did
+            self.log.info("config_reloaded", file=file, changed=changed)
+        self.failing = False
+        pending = needs_restart(config_module.changed_keys(self.start, loaded))
+        if pending and needs_restart(changed):  # said once, when an edit touches one of them
+            self.log.warning("config_needs_restart", file=file, keys=pending)
+        self.loaded, self.serving = loaded, pinned(self.start, loaded)
+
+
+_live: LiveConfig | None = None
+
+
 def config() -> Config:
-    return config_module.load()
+    """This process's config, current as of this call (see the module docstring)."""
+    global _live
+    if _live is None:
+        _live = LiveConfig()
+        return _live.serving
+    return _live.get()
 
 
 REDIS_OUTAGE = 60  # seconds a worker keeps retrying Redis (e.g. while it restarts)
