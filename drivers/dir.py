@@ -141,14 +141,15 @@ class DirDriver(Driver):
         refused rather than followed."""
         with contextlib.ExitStack() as stack:
             top = fd = stack.enter_context(self._opened(vol, write))
-            chain = [(vol, fd)]
-            while (header := qemu.read_qcow2_header(fd)) and header.backing_file:
-                base = self._volume_at(_folder(chain[-1][0]), header.backing_file)
+            chain, at = [(vol, fd)], vol
+            while (header := self._header(at, fd)) and header.backing_file:
+                base = self._volume_at(_folder(at), header.backing_file)
                 if base is None or len(chain) > MAX_CHAIN:
                     raise Refused(f"{self.volid(vol)} reads {header.backing_file!r}, which is not a base on "
                                   f"storage {self.storage.id!r}")
                 fd = stack.enter_context(self._opened(base))
                 chain.append((base, fd))
+                at = base
             image = None
             for v, f in reversed(chain):
                 image = qemu.Image.of_fd(v.fmt, f, self.volid(v), backing=image)
@@ -193,6 +194,7 @@ class DirDriver(Driver):
                         self._free_overlay(vol)
                 self._dir.unlink(folder, _file(vol))
                 faults.point("freed")
+                self._dir.sweep_temps(folder)  # what a crashed writer left would keep the folder
         except NotFound:
             return
         if not vol.is_base:
@@ -255,8 +257,18 @@ class DirDriver(Driver):
         with contextlib.suppress(NotFound), self._dir.folder(OVERLAYS) as folder:
             self._dir.unlink(folder, f"{_file(base)}.qcow2")
 
+    def _header(self, vol: VolName, fd: int) -> qemu.Qcow2Header | None:
+        """The qcow2 header, read from the descriptor qemu-img will get; an image whose data
+        lives in an external file (a path of the header's choosing) is refused: qemu would
+        open that file whatever the json: spec says."""
+        header = qemu.read_qcow2_header(fd)
+        if header and header.external_data_file:
+            raise Refused(f"{self.volid(vol)} keeps its data in an external file: refused (never followed)")
+        return header
+
     def resize(self, vol: VolName, size: int) -> None:
         with self._opened(vol, write=True) as fd:
+            self._header(vol, fd)
             # a linked clone's base is not needed to grow it, and is read-only: open none
             qemu.resize(qemu.Image.of_fd(vol.fmt, fd, self.volid(vol)), size)
             os.fsync(fd)

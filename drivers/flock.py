@@ -7,6 +7,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,12 +25,15 @@ def open_making_dirs(path: Path, mode: str) -> IO[str]:
     """open() for appending ("a") or exclusive creation ("x"), never through a symlink (one
     planted at a lock file's name would make us create its target), creating the parent
     directories on first use only (not a stat per call)."""
-    flags = _MODES[mode] | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = _MODES[mode] | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO there cannot block us
     try:
         fd = os.open(path, flags, 0o644)
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, flags, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
     return os.fdopen(fd, mode)
 
 
@@ -38,9 +42,9 @@ def file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
     try:
         f = open_making_dirs(path, "a")
     except OSError as e:
-        if e.errno != errno.ELOOP:
+        if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.EINVAL):
             raise
-        raise Refused(f"{what}: lock file {path} is a symlink (never followed)") from None
+        raise Refused(f"{what}: lock file {path} is a symlink or not a regular file (never used)") from None
     with f:
         deadline = time.monotonic() + timeout
         while True:

@@ -130,10 +130,22 @@ class SafeDir:
             return [e.name for e in entries if e.is_file(follow_symlinks=False)]
 
     # ---- making names ---------------------------------------------------------------
+    @staticmethod
+    def sweep_temps(folder: int) -> None:
+        """Remove temp files left in `folder` by a writer that died. Call it under the storage
+        lock, which every writer of temp files holds: any temp file there then is stale."""
+        with os.scandir(folder) as entries:
+            stale = [e.name for e in entries if e.name.startswith(".") and e.name.endswith(".tmp")]
+        for name in stale:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(name, dir_fd=folder)
+
     @contextlib.contextmanager
     def temp_file(self, folder: int, name: str) -> Iterator[tuple[int, str]]:
         """A new empty file with a random hidden name next to `name`, removed on the way out
-        unless it was linked or renamed into place (then the unlink finds nothing to do)."""
+        unless it was linked or renamed into place (then the unlink finds nothing to do).
+        Stale temp files of crashed writers in the folder go first (callers hold the lock)."""
+        self.sweep_temps(folder)
         temp = f".{name}.{secrets.token_hex(8)}.tmp"
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o644, dir_fd=folder)
         try:
@@ -188,8 +200,8 @@ def set_immutable(fd: int, on: bool) -> bool:
             fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", wanted))
         return True
     except OSError as e:
-        if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
-            return False
+        if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM, errno.EACCES, errno.ENOSYS):
+            return False  # no such flag here, or no CAP_LINUX_IMMUTABLE: the base is still 0444
         raise
 
 

@@ -282,6 +282,23 @@ def test_a_config_or_lock_file_that_is_a_symlink_or_fifo_is_never_followed(tmp_p
     assert "not a regular file" in broken[0][1]
     target = tmp_path / "created-through-the-link"
     (tmp_path / "guests" / ".locks" / "103.lock").symlink_to(target)
-    with pytest.raises(Refused, match=r"guest 103 config: lock file .*103.lock is a symlink"), store.locked(103):
+    with pytest.raises(Refused, match=r"guest 103 config: lock file .*103.lock is a symlink or not a regular"), \
+            store.locked(103):
         pass
     assert not target.exists()
+
+
+def test_a_fifo_at_a_lock_files_name_is_refused_at_once(tmp_path):
+    """A FIFO planted where a guest's lock file goes cannot block the lock: it is refused."""
+    import os
+    import time
+
+    from drivers.errors import Refused
+
+    store = GuestStore(tmp_path / "guests", lock_timeout=5)
+    store.create(Guest(101, "node1"))
+    os.mkfifo(tmp_path / "guests" / ".locks" / "104.lock")
+    started = time.monotonic()
+    with pytest.raises(Refused, match=r"lock file .*104.lock is a symlink or not a regular file"), store.locked(104):
+        pass
+    assert time.monotonic() - started < 1

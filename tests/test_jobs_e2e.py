@@ -307,7 +307,7 @@ def test_a_guest_changed_after_submit_is_refused_by_the_step(client, vmid):
     g = vmid()
     client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
     job = JobRecord(id=records.new_id(), kind="template", node="node1", steps=["lock_guest"], queues=["shared"],
-                    params={"lock_vmid": g, "expect_disks": {"scsi0": "local:1/vm-1-disk-0.raw"}},
+                    params={"lock_vmid": g, "expect_disks": {"scsi0": f"local:{g}/vm-{g}-disk-9.raw"}},
                     state=JobState.RUNNING,
                     current={"step": 0, "name": "lock_guest", "node": "node1", "worker": "test:1", "attempt": 1})
     records.create(client.r, job, {"phase": "queued"})
@@ -315,6 +315,7 @@ def test_a_guest_changed_after_submit_is_refused_by_the_step(client, vmid):
     with pytest.raises(Refused, match=f"guest {g} changed since the job was submitted"):
         lock_guest(ctx)
     assert client.guest(g).lock == ""
+    client.r.srem(records.ACTIVE, job.id)  # a hand-made record: no worker will ever end it
 
 
 class TestReads:

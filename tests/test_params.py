@@ -54,3 +54,22 @@ def test_a_bad_record_is_refused_naming_the_key(what, record, message):
 def test_a_well_formed_record_passes():
     """What prepare makes for a create job passes the check unchanged."""
     params.check(GOOD)
+
+
+BAD_CTX = [
+    ("a made volume that is not a volume id", {"made": {"scsi0": "../../etc/passwd"}}, "ctx.made.scsi0: invalid"),
+    ("a base pair of the wrong shape", {"based": {"disk": 5}}, "ctx.based.disk: 5: expected [volume id, base"),
+    ("an unknown key", {"exec": 1}, "ctx.exec: unknown key"),
+    ("a guest id that is not one", {"destroying": "100; rm"}, "ctx.destroying: '100; rm': expected a guest id"),
+]
+
+
+@pytest.mark.parametrize(("what", "ctx", "message"), BAD_CTX, ids=[b[0] for b in BAD_CTX])
+def test_what_steps_saved_in_a_record_is_checked_too(what, ctx, message):
+    """The data steps save for later steps and undos (`ctx`) is input as well, checked the same way."""
+    from worker.records import JobRecord
+
+    job = JobRecord(id="j", kind="create", params=GOOD, node="node1", steps=[], queues=[], ctx=ctx)
+    with pytest.raises(InvalidName) as refused:
+        params.check_record(job)
+    assert str(refused.value).startswith(f"job record refused: {message}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from tests.helpers import PATTERN_MIB, guest_data_sha, qemu_same, volume_path
 from worker import events, records, runner, usage
 from worker.jobs import KINDS
 from worker.records import JobRecord
+from worker.testing import wait_for
 
 
 def one_disk_guest(client, vmid: int, storage: str = "local", size: str = "1M", node: str = "node1") -> str:
@@ -106,6 +108,7 @@ def test_a_guest_folder_that_is_a_symlink_is_never_written_into(client, vmid, ou
     """A guest folder replaced by a symlink to another directory: create is refused and
     nothing appears there."""
     g = vmid()
+    storage_path("local").mkdir(parents=True, exist_ok=True)
     (storage_path("local") / str(g)).symlink_to(outside)
     try:
         job = client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "1M"}})
@@ -166,15 +169,15 @@ def test_a_fifo_named_like_a_volume_is_refused_at_once(client, stork, vmid):
 
 
 def test_a_symlink_at_a_temp_name_is_left_alone(client, vmid, outside):
-    """The old predictable temp name, planted as a symlink to an outside file, is ignored:
-    temp files have random names and are created exclusively."""
+    """The old predictable temp name, planted as a symlink to an outside file, is never
+    written through: temp files have random names and are created exclusively, and the stale
+    one is swept (the link itself unlinked, its target untouched)."""
     g = vmid()
-    (storage_path("local") / str(g)).mkdir()
+    (storage_path("local") / str(g)).mkdir(parents=True)
     trap = storage_path("local") / str(g) / f".vm-{g}-disk-0.raw.tmp"
     trap.symlink_to(outside / "precious")
     one_disk_guest(client, g, size="8M")
-    assert untouched(outside) and trap.is_symlink()
-    trap.unlink()
+    assert untouched(outside) and not trap.is_symlink()
 
 
 def test_a_job_record_forged_in_redis_is_refused_before_any_step_acts(client, vmid):
@@ -214,6 +217,7 @@ def test_an_import_copies_the_very_file_it_checked_while_the_path_flips(client, 
 
     flipper = threading.Thread(target=flip)
     flipper.start()
+    wait_for(path.exists, 5, "the first flip")
     outcomes = []
     try:
         for _ in range(12):
@@ -388,3 +392,52 @@ def test_a_client_with_another_config_sends_its_steps_to_that_configs_redis(clie
         assert not client.r.exists(records.job_key(job.id))
     finally:
         other.stop()
+
+
+def test_a_volume_keeping_its_data_in_an_external_file_is_never_read_or_grown(client, stork, vmid, outside):
+    """A qcow2 disk whose header names an outside data file: copy and resize are refused, and
+    the outside file keeps its bytes and size (qemu would follow the header's path)."""
+    g = vmid()
+    one_disk_guest(client, g)
+    disk = f"local:{g}/vm-{g}-disk-1.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={outside / 'precious'}",
+                    str(volume_path(disk)), "4096"], check=True)
+    (outside / "precious").write_bytes(b"p" * 4096)
+    for args in (["disk", "copy", disk, "shared"], ["disk", "resize", disk, "1M"]):
+        code, _, err = stork(*args)
+        assert code == 1 and f"{disk} keeps its data in an external file" in err, (args, err)
+    assert untouched(outside)
+    volume_path(disk).unlink()
+
+
+def test_stale_temp_files_of_a_crashed_writer_are_swept(client, vmid):
+    """A temp file left in a guest's folder by a writer that died goes when that folder is next
+    written under the storage lock, and does not keep a destroyed guest's folder."""
+    g = vmid()
+    one_disk_guest(client, g)
+    stale = storage_path("local") / str(g) / f".vm-{g}-disk-9.raw.0123456789abcdef.tmp"
+    stale.write_bytes(b"half")
+    assert client.run("destroy", vmid=g).state == "succeeded"
+    assert not (storage_path("local") / str(g)).exists()
+
+
+def test_without_the_immutable_capability_a_base_is_still_made(tmp_path):
+    """Where the process may not set the immutable flag (no CAP_LINUX_IMMUTABLE), a base is
+    made read-only (0444) and the driver only warns, as it does on tmpfs."""
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is not installed")
+    script = """
+import sys
+from pathlib import Path
+from drivers import driver_for
+from drivers.config import StorageConfig
+from drivers.names import VolName
+d = driver_for(StorageConfig("s", "dir", Path(sys.argv[1])))
+vol = VolName(100, "vm-100-disk-0", "raw")
+d.allocate(vol, 1 << 20)
+d.make_base(vol, VolName(None, "golden", "raw"))
+"""
+    subprocess.run(["setpriv", "--inh-caps=-linux_immutable", "--bounding-set=-linux_immutable", sys.executable,
+                    "-c", script, str(tmp_path / "s")], check=True, cwd=Path(__file__).parent.parent)
+    base = tmp_path / "s" / "base" / "golden.raw"
+    assert base.stat().st_mode & 0o777 == 0o444

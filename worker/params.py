@@ -144,9 +144,44 @@ PARAMS: dict[str, Check] = {
 }
 
 
-def check(params: Any) -> None:
-    """Refuse a job's params unless every key is known and every value is valid."""
+def _pair_of_volids(value: Any) -> None:
+    if not isinstance(value, list) or len(value) != 2:
+        raise InvalidName(f"{value!r}: expected [volume id, base volume id]")
+    for volid in value:
+        _volid(volid)
+
+
+def _str(value: Any) -> None:
+    if not isinstance(value, str):
+        raise InvalidName(f"{value!r}: expected a string")
+
+
+# What steps save in the record (`ctx`) for later steps and undos: read back as input too.
+CTX: dict[str, Check] = {
+    "pending": _map_of(_disk_key, _volid),
+    "made": _map_of(_disk_key, _volid),
+    "replaced": _map_of(_disk_key, _volid),
+    "based": _map_of(_disk_key, _pair_of_volids),
+    "copied": _list_of(_disk_key),
+    "copying": _disk_key,
+    "freeing": _str,  # a volume's identity token
+    "destroying": _vmid,
+}
+
+
+def _refuse(where: str, schema: Mapping[str, Check], value: Any) -> None:
     try:
-        _at("params", _table(PARAMS), params)
+        _at(where, _table(schema), value)
     except _Bad as bad:
         raise InvalidName(f"job record refused: {'.'.join(bad.path)}: {bad.message}") from None
+
+
+def check(params: Any) -> None:
+    """Refuse a job's params unless every key is known and every value is valid."""
+    _refuse("params", PARAMS, params)
+
+
+def check_record(job: Any) -> None:
+    """Refuse a job record whose params or saved step data (`ctx`) do not check out."""
+    check(job.params)
+    _refuse("ctx", CTX, job.ctx)

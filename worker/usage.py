@@ -19,22 +19,23 @@ import redis
 
 from drivers import names
 from drivers.errors import Refused, StorkError
-from worker import records
+from worker import params, records
 from worker.context import StepContext
 from worker.records import JobRecord
 
 
 def job_volumes(job: JobRecord) -> set[str]:
-    """Every volume id a job reads, makes or renames, from its params and what it made."""
+    """Every volume id a job reads, makes or renames, from its params and what it made (both
+    checked against their schemas by the worker, worker/params.py, before any step uses them)."""
     p, made = job.params, job.ctx
-    found = {p["volid"]} if isinstance(p.get("volid"), str) else set()
+    found = {p["volid"]} if p.get("volid") else set()
     for plans in (p.get("disks"), p.get("bases")):
-        found |= {plan["source"] for plan in (plans or {}).values() if isinstance(plan, dict) and "source" in plan}
+        found |= {plan["source"] for plan in (plans or {}).values() if "source" in plan}
     for table in ("made", "pending", "replaced"):
         found |= set((made.get(table) or {}).values())
     for pair in (made.get("based") or {}).values():
         found |= set(pair)
-    return {v for v in found if isinstance(v, str)}
+    return found
 
 
 def users(ctx: StepContext, volid: str, count_unused: bool = True) -> list[str]:
@@ -43,6 +44,8 @@ def users(ctx: StepContext, volid: str, count_unused: bool = True) -> list[str]:
     try:
         guests = ctx.guests.list()
         jobs = records.load_many(ctx.r, [j for j in records.active_ids(ctx.r) if j != ctx.job.id])
+        for job in jobs:
+            params.check_record(job)  # a record we cannot read might name the volume
     except StorkError as e:
         raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
     found = [
@@ -100,8 +103,10 @@ def _drop(r: redis.Redis, claims: list[tuple[str, str, str]]) -> None:
 
 
 def release_claims(r: redis.Redis, job: JobRecord) -> None:
-    """Drop the job's claims (it has ended: what it made is attached, in its result, or freed)."""
-    volids = {*(job.ctx.get("made") or {}).values(), *(job.ctx.get("pending") or {}).values()}
+    """Drop the job's claims (it has ended: what it made is attached, in its result, or freed,
+    and a name it renamed into base/ is settled)."""
+    volids = {*(job.ctx.get("made") or {}).values(), *(job.ctx.get("pending") or {}).values(),
+              *(pair[0] for pair in (job.ctx.get("based") or {}).values())}
     vids = [names.volume_id(v) for v in volids]
     _drop(r, [(_claims_key(v.storage), v.volname, job.id) for v in vids])
 
