@@ -24,7 +24,7 @@ from drivers.base import VolumeInfo
 from drivers.config import Config, StorageConfig
 from drivers.errors import NotFound, Refused, StorkError
 from drivers.guests import Guest, GuestStore
-from worker import events, records, runner
+from worker import deadletter, events, records, runner
 from worker.app import make_app
 from worker.jobs import KINDS
 from worker.records import JobRecord
@@ -65,6 +65,11 @@ class Client:
             with contextlib.suppress(NotFound):  # expired since it was listed
                 found.append(records.load(self.r, job_id))
         return found
+
+    def dead_letters(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Messages the workers could not turn into a task, newest first: dicts with raw, size,
+        reason, queue, node and time (worker/deadletter.py)."""
+        return deadletter.read(self.r, limit)
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a job: its undo runs, and it ends `cancelled`. Refused once it has ended."""

@@ -15,6 +15,8 @@ Redis keys used by stork (all of them; keep this list true):
     stork:lock:<name>:fence   counter handing out fencing tokens
     stork:alive:<host>:<pid>  a worker process's heartbeat (worker/liveness.py), expiring
     stork:noop:<token>        list a `stork.noop` task pushes to (benchmark reference chains)
+    stork:dead                list of JSON dead letters, newest first, capped: queue messages no
+                              worker could turn into a task, kept for an operator (worker/deadletter.py)
 Celery's own keys (queues `node.<name>` and `shared`, unacked, results) live in the same DB.
 State machine: queued -> running -> succeeded, or running -> undoing -> failed | cancelled
 (queued -> undoing when a job is cancelled before its first step).
@@ -90,6 +92,8 @@ class JobRecord:
     finished: float = 0.0
     cancel: bool = False  # a user asked to cancel (written by the producer)
     updated: float = 0.0  # time of the last state change
+    resends: int = 0  # times the sweep sent the next step again (no worker had taken it)
+    undo_retry: dict[str, Any] = field(default_factory=dict)  # a failed undo: index, attempts, at, error
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
