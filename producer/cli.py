@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -204,6 +205,19 @@ def cmd_job_watch(args: argparse.Namespace, client: Client) -> int:
     return 0 if str(job.state) == "succeeded" else 1
 
 
+def _dead_line(dead: dict[str, Any]) -> str:
+    when = dead.get("time")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)) if isinstance(when, int | float) else "-"
+    raw = json.dumps(str(dead.get("raw", ""))[:120], ensure_ascii=False)  # quoted: control characters escaped
+    return f"{stamp}  {dead.get('queue') or '-':<12}  {dead.get('reason')}  raw: {raw}"
+
+
+def cmd_job_dead(args: argparse.Namespace, client: Client) -> int:
+    found = client.dead_letters(args.limit)
+    _emit(args, found, "\n".join(_dead_line(d) for d in found))
+    return 0
+
+
 def cmd_job_cancel(args: argparse.Namespace, client: Client) -> int:
     job = client.cancel(args.id)
     _emit(args, {"job": job.id, "cancel": "requested"}, f"job {job.id}: cancel requested")
@@ -215,6 +229,7 @@ SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]
                                           "disks": _disk_specs(a.disk, "storage:size")}),
     "guest.import": lambda a: ("import", {"vmid": a.vmid, "name": a.name, "disks": _disk_specs(a.disk, "path")}),
     "guest.destroy": lambda a: ("destroy", {"vmid": a.vmid}),
+    "guest.unlock": lambda a: ("unlock", {"vmid": a.vmid}),
     "base": lambda a: ("base", {"volid": a.volid, "name": a.name}),
     "template": lambda a: ("template", {"vmid": a.vmid}),
     "clone": lambda a: ("full_clone" if a.full else "linked_clone",
@@ -272,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     command(guest, "list", cmd_guest_list, "list guests")
     command(guest, "show", cmd_guest_show, "show a guest").add_argument("vmid")
     command(guest, "destroy", _submitter("guest.destroy"), "destroy a guest and its disks", True).add_argument("vmid")
+    command(guest, "unlock", _submitter("guest.unlock"), "clear a lock left by a job that is no longer live",
+            True).add_argument("vmid")
 
     p = command(sub, "base", _submitter("base"), "turn a volume into a read-only base image", True)
     p.add_argument("volid")
@@ -311,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     command(job, "show", cmd_job_show, "show a job record").add_argument("id")
     command(job, "watch", cmd_job_watch, "follow a job's events from its start").add_argument("id")
     command(job, "cancel", cmd_job_cancel, "cancel a job (its undo runs)").add_argument("id")
+    command(job, "dead", cmd_job_dead, "messages no worker could turn into a task, newest first").add_argument(
+        "--limit", type=int, default=50)
     return parser
 
 

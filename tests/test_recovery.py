@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from drivers.errors import Refused
-from worker import records, runner
+from worker import records, recovery
 from worker.jobs import KINDS
 from worker.records import JobRecord, JobState
 
@@ -38,7 +38,7 @@ def test_a_commit_step_interrupted_is_carried_forward_not_undone(client, vmid):
     job = interrupted_job(client, "resize", params, done=1)
     with client.guest_store.editing(g) as box:
         box[0] = box[0].with_(lock="resize", lock_job=job.id)
-    assert job.id in runner.reconcile(client.r, "node1")
+    assert job.id in recovery.reconcile(client.r, "node1")
     job = client.wait(job.id, timeout=30)
     assert job.state == "succeeded", job.error
     assert client.guest(g).lock == "" and client.volume(volid).virtual_size == 16 << 20
@@ -52,7 +52,7 @@ def test_a_job_interrupted_before_its_commit_is_failed_and_undone(client, vmid):
     job = interrupted_job(client, "resize", params, done=0)
     with client.guest_store.editing(g) as box:
         box[0] = box[0].with_(lock="resize", lock_job=job.id)
-    assert job.id in runner.reconcile(client.r, "node1")
+    assert job.id in recovery.reconcile(client.r, "node1")
     job = client.wait(job.id, timeout=30)
     assert job.state == "failed" and job.error == "the worker on node node1 died during step lock_guest"
     assert client.guest(g).lock == ""
@@ -77,10 +77,10 @@ def test_the_sweep_recovers_a_job_whose_process_on_another_host_is_gone(client, 
     params = KINDS["resize"].prepare({"volid": f"local:{g}/vm-{g}-disk-0.raw", "size": "16M"}, client.cfg)
     gone = interrupted_job(client, "resize", params, done=0, holder="elsewhere:4242")
     alive = interrupted_job(client, "resize", params, done=0, holder="elsewhere:4343")
-    client.r.set("stork:alive:elsewhere:4343", 1, ex=30)
+    client.r.set("stork:alive:elsewhere:4343", alive.id, ex=30)  # alive, and at this job
     with client.guest_store.editing(g) as box:
         box[0] = box[0].with_(lock="resize", lock_job=gone.id)
-    acted = runner.sweep()
+    acted = recovery.sweep()
     assert gone.id in acted and alive.id not in acted
     job = client.wait(gone.id, timeout=30)
     assert job.state == "failed" and job.error == "the process running step lock_guest on node node1 is gone"

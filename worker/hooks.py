@@ -1,4 +1,5 @@
-"""Celery signals, connected once: log context per task, reconciliation at worker start."""
+"""Celery signals, connected once: log context per task, reconciliation at worker start; and
+the consumer bootstep that keeps malformed queue messages aside (worker/deadletter.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,15 @@ from typing import Any
 import structlog
 from celery import signals
 
-from worker import liveness, logs, runner
-from worker.app import config, redis_client
+from worker import deadletter, liveness, logs, recovery
+from worker.app import app, config, redis_client
 
 log = structlog.get_logger("stork.worker")
+
+# A message no worker can turn into a task is kept in stork:dead instead of killing the
+# consumer. Added here, before the worker builds its consumer blueprint (this module is
+# imported through the app's `include` when the worker starts).
+app.steps["consumer"].add(deadletter.DeadLetters)
 
 
 @signals.worker_process_init.connect
@@ -38,5 +44,5 @@ def _unbind_task(**_: Any) -> None:
 @signals.worker_ready.connect
 def _reconcile(**_: Any) -> None:
     cfg = config()
-    acted = runner.reconcile(redis_client(), cfg.node)
+    acted = recovery.reconcile(redis_client(), cfg.node)
     log.info("worker_ready", node=cfg.node, reconciled=acted)

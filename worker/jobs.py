@@ -28,6 +28,7 @@ from worker.prepare import (
     prepare_ping,
     prepare_resize,
     prepare_template,
+    prepare_unlock,
 )
 from worker.queues import SHARED_QUEUE, node_queue
 
@@ -70,13 +71,15 @@ MAKE_BASES = Step("make_bases", steps.make_bases, steps.unmake_bases)
 COMMIT_BASES = Step("commit_guest", steps.commit_bases, storage=False, commit=True)
 SWITCH = Step("switch_disks", steps.switch_disks, steps.unswitch_disks, storage=False, commit=True)
 FREE_SOURCES = Step("free_sources", steps.free_sources)
-FREE = Step("free_volume", steps.free_volume)
-DESTROY = Step("destroy", steps.destroy_guest)
+# idempotent, and their effect is the user's intent: an interrupted one is carried forward
+FREE = Step("free_volume", steps.free_volume, commit=True)
+DESTROY = Step("destroy", steps.destroy_guest, commit=True)
 RESIZE = Step("resize", steps.resize_volume, commit=True)
 UNLOCK_GUEST = Step("unlock_guest", steps.unlock_guest, storage=False)
 PING_SHARED = Step("pong_shared", steps.pong, storage=False)
 PING_NODE = Step("pong_node", steps.pong)
 PING_BACK = Step("pong_back", steps.pong, storage=False)
+FORCE_UNLOCK = Step("unlock", steps.force_unlock, storage=False, commit=True)
 
 
 KINDS: dict[str, JobKind] = {k.name: k for k in [
@@ -104,4 +107,6 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
             (PING_SHARED, PING_NODE, PING_BACK), prepare_ping),
     JobKind("resize", "grow a volume",
             (LOCK_GUEST, RESIZE, UNLOCK_GUEST), prepare_resize),
+    JobKind("unlock", "clear a guest's lock left by a job that is no longer live",
+            (FORCE_UNLOCK,), prepare_unlock),
 ]}

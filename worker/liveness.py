@@ -1,16 +1,27 @@
-"""Is the process that a job record names as running a step still alive?
+"""Is the process that a job record names as running a step still alive, and still at it?
 
-On its own host the kernel says (/proc). Across hosts, each worker process keeps a Redis key
-`stork:alive:<host>:<pid>` fresh from a daemon thread (HEARTBEAT seconds, expiring after
-3x that); the key's absence means the process is gone.
+A holder id names one process start: `<host>:<pid>:<start>:<boot>`, with the process's start
+time (clock ticks since boot, from /proc) and the first 8 characters of the kernel's boot id.
+A worker restarted in a fresh PID namespace (a container restart) or after a reboot that gets
+the same pid is a different holder, so a dead holder never looks alive.
+
+On its own host the kernel says whether the holder lives (/proc/<pid>/stat with that start
+time). Each worker process also keeps a heartbeat key `stork:alive:<holder>` fresh from a
+daemon thread (HEARTBEAT seconds, expiring after 3x that); across hosts, its absence means the
+process is gone. The key's value names the job whose step or undo the process is working on
+("" when idle): set before the step's start is recorded and cleared after its end is, so a
+live process whose heartbeat names another job (or none) has abandoned the step, e.g. after
+giving up on Redis during an outage, and the job can be recovered without a restart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import redis
 import structlog
@@ -18,13 +29,47 @@ import structlog
 HEARTBEAT = 10
 log = structlog.get_logger("stork.liveness")
 
+_me: tuple[int, str] | None = None  # (pid, holder id) of this process
+_working_on = ""  # the job this process runs a step or undo of
+_beat_lock = threading.Lock()  # the value read and the value written are one
+
+
+def _start_ticks(pid: int | str) -> str | None:
+    """The process's start time in clock ticks since boot; None if no such process runs (a
+    zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # from field 3 on: the name before ')' may hold spaces
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip().replace("-", "")[:8]
+    except OSError:
+        return "noboot"
+
 
 def process_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process's holder id (worked out once per process, also in a forked child)."""
+    global _me
+    pid = os.getpid()
+    if _me is None or _me[0] != pid:
+        _me = (pid, f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}:{_boot_id()}")
+    return _me[1]
 
 
 def _key(holder: str) -> str:
     return f"stork:alive:{holder}"
+
+
+def _beat(r: redis.Redis, me: str) -> None:
+    with _beat_lock:
+        r.set(_key(me), _working_on, ex=3 * HEARTBEAT)
 
 
 def start_heartbeat(r: redis.Redis) -> None:
@@ -34,7 +79,7 @@ def start_heartbeat(r: redis.Redis) -> None:
     def beat() -> None:
         while True:
             try:
-                r.set(_key(me), 1, ex=3 * HEARTBEAT)
+                _beat(r, me)
             except redis.RedisError as e:
                 log.warning("heartbeat_failed", error=str(e))
             time.sleep(HEARTBEAT)
@@ -42,15 +87,49 @@ def start_heartbeat(r: redis.Redis) -> None:
     threading.Thread(target=beat, name="stork-heartbeat", daemon=True).start()
 
 
+@contextlib.contextmanager
+def working_on(r: redis.Redis, job_id: str) -> Iterator[None]:
+    """Name `job_id` in this process's heartbeat while the block runs. Enter it before the
+    step's start is recorded and leave it after its end is: the heartbeat never says idle while
+    the record says this process holds the job. If Redis cannot be told now, the heartbeat
+    thread tells it when Redis is back."""
+    _tell(r, job_id)
+    try:
+        yield
+    finally:
+        _tell(r, "")
+
+
+def _tell(r: redis.Redis, job_id: str) -> None:
+    global _working_on
+    with _beat_lock:
+        _working_on = job_id
+        with contextlib.suppress(redis.RedisError):
+            r.set(_key(process_id()), job_id, ex=3 * HEARTBEAT)
+
+
+def _alive_here(holder: str) -> bool | None:
+    """The kernel's word on a holder of this host (None: not of this host)."""
+    host, pid, start, boot = [*holder.split(":"), "", "", ""][:4]
+    if host != socket.gethostname() or boot != _boot_id():
+        return None
+    return start == _start_ticks(pid)
+
+
 def holder_alive(r: redis.Redis, holder: str | None) -> bool:
-    """True if `holder` (host:pid) is another live stork worker process."""
+    """True if `holder` is another stork worker process that is still running."""
     if not holder or holder == process_id():
         return False
-    host, _, pid = holder.rpartition(":")
-    if host == socket.gethostname():
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return b"celery" in f.read()
-        except OSError:
-            return False
-    return bool(r.exists(_key(holder)))
+    here = _alive_here(holder)
+    return here if here is not None else bool(r.exists(_key(holder)))
+
+
+def holding(r: redis.Redis, holder: str | None, job_id: str) -> bool:
+    """True if `holder` is alive and still working on `job_id`. A live holder whose heartbeat
+    names no job or another one has abandoned it; one whose heartbeat cannot be read (its key
+    expired while Redis was away and is not yet refreshed) is taken to hold it."""
+    if not holder_alive(r, holder):
+        return False
+    assert holder is not None
+    value = r.get(_key(holder))
+    return value is None or value == job_id

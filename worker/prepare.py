@@ -269,3 +269,11 @@ def prepare_resize(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
             "lock_vmid": owner.vmid if owner else None, "refuse_template": "writing its disks",
             "expect_disks": owner.disks if owner else None,
             "storages": _check_nodes(cfg, {storage}, node)}
+
+
+def prepare_unlock(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"vmid"}, "unlock")
+    guest = _guest(cfg, o.get("vmid"))
+    if not guest.lock:
+        raise Refused(f"guest {guest.vmid} is not locked")
+    return {"vmid": guest.vmid, "node": guest.node, "storages": []}

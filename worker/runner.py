@@ -21,12 +21,12 @@ from celery import Celery, Task, chain
 from celery.exceptions import Ignore
 
 from drivers.config import Config
-from drivers.errors import JobCancelled, Refused, StorkError
-from worker import events, params, records, usage
+from drivers.errors import InvalidName, JobCancelled, Refused, StorkError
+from worker import events, liveness, params, records, usage
 from worker.app import app, config, redis_client
 from worker.context import StepContext
 from worker.jobs import KINDS, JobKind
-from worker.liveness import holder_alive, process_id
+from worker.liveness import holding, process_id
 from worker.queues import SHARED_QUEUE
 from worker.records import JobRecord, JobState, StateConflict
 
@@ -70,8 +70,25 @@ def send_steps(job: JobRecord, start: int, sender: Celery = app) -> None:
 
 
 def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
-    cfg, r = config(), redis_client()
-    step, node, me = kind.steps[index], cfg.node, process_id()
+    """Run step `index` of a job if it is its turn; undo the job if the step fails."""
+    cfg, r, me = config(), redis_client(), process_id()
+    job = _job_at_step(r, job_id, index)
+    if job is None:
+        return  # a redelivery or duplicate of a finished step: the chain goes on harmlessly
+    holder = (job.current or {}).get("worker")
+    turn = {"done": index, **({"owner": holder} if holder else {"idle": True})}
+    _refuse_or_cancel(r, job, kind, index, turn)
+    with liveness.working_on(r, job_id):  # from before its start is recorded to after its end
+        attempt = _start_step(r, job, kind, index, cfg.node, me, turn)
+        ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=kind.steps[index].name, worker=me,
+                          attempt=attempt, task=task)
+        _run(ctx, kind, index)
+        _finish_step(r, job, kind, index, cfg.node, me)
+
+
+def _job_at_step(r: redis.Redis, job_id: str, index: int) -> JobRecord | None:
+    """The job if step `index` is its turn and no live process holds it; None if the step is
+    done already; Ignore (the chain stops) otherwise."""
     try:
         job = records.load(r, job_id)
     except StorkError:
@@ -80,42 +97,56 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     if job.state not in (JobState.QUEUED, JobState.RUNNING):
         raise Ignore()  # failed, cancelled or being undone meanwhile: stop the chain
     if job.done > index:
-        return  # a redelivery or duplicate of a finished step: the chain goes on harmlessly
-    holder = (job.current or {}).get("worker")
-    if job.done < index or holder_alive(r, holder):
+        return None
+    if job.done < index or holding(r, (job.current or {}).get("worker"), job_id):
         raise Ignore()  # a duplicate ahead of its turn, or the step runs in a live process
-    turn = {"done": index, **({"owner": holder} if holder else {"idle": True})}
+    return job
+
+
+def _refuse_or_cancel(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, turn: dict[str, Any]) -> None:
+    """Undo instead of starting the step when the record is not fit to act on, or cancelled."""
     try:
-        params.check(job.params)
+        params.check_record(job)
     except StorkError as e:  # a record written to Redis by hand: nothing may act on it
         start_undo(r, job, index - 1, JobState.FAILED, str(e), turn)
         raise Ignore() from None
     interrupted = str(index) in job.attempts  # a previous attempt of this step died
-    if job.cancel and not _committed(kind, job) and not (interrupted and step.commit):
+    if job.cancel and not committed(kind, job) and not (interrupted and kind.steps[index].commit):
         start_undo(r, job, index if interrupted else index - 1, JobState.CANCELLED, "cancelled by user", turn)
         raise Ignore()
+
+
+def _start_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node: str, me: str,
+                turn: dict[str, Any]) -> int:
+    """Record that this process runs the step (if it is still its turn); the attempt number."""
+    step = kind.steps[index]
     attempt = job.attempts.get(str(index), 0) + 1
     job.attempts[str(index)] = attempt
     job.ran_on[step.name] = node
     job.current = {"step": index, "name": step.name, "node": node, "worker": me, "attempt": attempt}
-    structlog.contextvars.bind_contextvars(job_id=job_id, kind=kind.name, step=step.name, node=node)
+    structlog.contextvars.bind_contextvars(job_id=job.id, kind=kind.name, step=step.name, node=node)
     try:
         records.transition(
-            r, job_id, (JobState.QUEUED, JobState.RUNNING), JobState.RUNNING, guard=turn,
-            events=[events.make(job_id, kind.name, "start", step=step.name, node=node, attempt=attempt)],
+            r, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.RUNNING, guard=turn,
+            events=[events.make(job.id, kind.name, "start", step=step.name, node=node, attempt=attempt)],
             current=job.current, attempts=job.attempts, ran_on=job.ran_on, started=job.started or time.time(),
         )
     except StateConflict:
-        if (records.load(r, job_id).current or {}).get("worker") != me:
+        if (records.load(r, job.id).current or {}).get("worker") != me:
             raise Ignore() from None  # another process took it first
         # else our start went through and only its reply was lost (a retry after a Redis blip)
-    mine = {"owner": me}
     if attempt > MAX_ATTEMPTS:
-        start_undo(r, job, index, JobState.FAILED, f"step {step.name} was interrupted {attempt - 1} times", mine)
+        start_undo(r, job, index, JobState.FAILED, f"step {step.name} was interrupted {attempt - 1} times",
+                   {"owner": me})
         raise Ignore()
-    ctx = StepContext(job=job, cfg=cfg, r=r, node=node, step=step.name, worker=me, attempt=attempt, task=task)
+    return attempt
+
+
+def _run(ctx: StepContext, kind: JobKind, index: int) -> None:
+    """Run the step's function; on failure or cancel, start the undo."""
+    r, job, mine = ctx.r, ctx.job, {"owner": ctx.worker}
     try:
-        step.run(ctx)
+        kind.steps[index].run(ctx)
     except JobCancelled:
         start_undo(r, job, index, JobState.CANCELLED, "cancelled by user", mine)
         raise Ignore() from None
@@ -126,12 +157,11 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
         raise
     except Exception as e:
         log.exception("step_crashed")
-        start_undo(r, job, index, JobState.FAILED, f"internal error in step {step.name}: {e!r}", mine)
+        start_undo(r, job, index, JobState.FAILED, f"internal error in step {ctx.step}: {e!r}", mine)
         raise
-    _finish_step(r, job, kind, index, node, me)
 
 
-def _committed(kind: JobKind, job: JobRecord) -> bool:
+def committed(kind: JobKind, job: JobRecord) -> bool:
     """Has a commit step completed? From then on the job only goes forward."""
     return any(kind.steps[i].commit for i in range(job.done))
 
@@ -165,7 +195,7 @@ def cancel(r: redis.Redis, job_id: str, sender: Celery = app) -> JobRecord:
     kind = KINDS[job.kind]
     if job.state.terminal or job.state == JobState.UNDOING:
         raise Refused(f"job {job.id} is {job.state} already")
-    if _committed(kind, job):
+    if committed(kind, job):
         raise Refused(f"job {job.id} has committed its change: it can no longer be cancelled")
     records.request_cancel(r, job_id)
     current = job.current or {}
@@ -173,7 +203,7 @@ def cancel(r: redis.Redis, job_id: str, sender: Celery = app) -> JobRecord:
     if holder is None:
         start_undo(r, job, job.done - 1, JobState.CANCELLED, "cancelled by user", {"idle": True, "done": job.done},
                    sender)
-    elif not holder_alive(r, holder) and not kind.steps[current["step"]].commit:
+    elif not holding(r, holder, job.id) and not kind.steps[current["step"]].commit:
         start_undo(r, job, current["step"], JobState.CANCELLED, "cancelled by user",
                    {"owner": holder, "done": job.done}, sender)
     return records.load(r, job_id)
@@ -213,41 +243,56 @@ def dispatch_undo(job: JobRecord, sender: Celery = app) -> None:
     chain(*signatures).apply_async()
 
 
-def resume(job: JobRecord, holder: str) -> None:
-    """Send the job's remaining steps again from the interrupted one (a commit step, or any
-    step after one: the job can only go forward)."""
-    records.transition(redis_client(), job.id, (JobState.RUNNING,), guard={"owner": holder, "done": job.done},
-                       current=None)
-    send_steps(job, job.done)
+UNDO_BACKOFF = (60, 600)  # a failed undo is tried again after 1, 2, 4, ... minutes, at most 10
 
 
 def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
+    """Run undo `index` if it is the job's next one and no live process runs another. A refusal
+    (e.g. a volume kept because something uses it) is noted and the undo goes on; any other
+    failure stops the chain, to be tried again by the sweep after a backoff."""
     cfg, r, me = config(), redis_client(), process_id()
     job = records.load(r, job_id)
     step = kind.steps[index]
     if job.state != JobState.UNDOING or index in job.undone or step.undo is None:
         return
+    if next((i for i in job.undo if i not in job.undone), None) != index or job.undo_retry.get("at", 0) > time.time():
+        raise Ignore()  # undos run in order, and a failed one waits for its retry time
     structlog.contextvars.bind_contextvars(job_id=job_id, kind=kind.name, step=f"undo_{step.name}", node=cfg.node)
     holder = (job.current or {}).get("worker")
-    if holder_alive(r, holder):
+    if holding(r, holder, job_id):
         raise Ignore()  # another undo of this job runs: its chain goes on
-    current = {"undo": index, "name": step.name, "node": cfg.node, "worker": me}
-    try:
-        records.transition(r, job_id, (JobState.UNDOING,), guard={"owner": holder} if holder else {"idle": True},
-                           current=current,
-                           events=[events.make(job_id, kind.name, "undo", step=step.name, node=cfg.node)])
-    except StateConflict:
-        raise Ignore() from None
-    ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=f"undo_{step.name}", worker=me, task=task)
-    errors = list(job.undo_errors)
-    try:
-        params.check(job.params)
-        step.undo(ctx)
-    except Exception as e:  # keep undoing the rest; the job reports what could not be undone
-        log.exception("undo_failed")
-        errors.append(f"undo of {step.name}: {e}")
-    records.transition(r, job_id, (JobState.UNDOING,), guard={"owner": me}, undone=[*job.undone, index],
-                       undo_errors=errors, current=None)
+    with liveness.working_on(r, job_id):
+        try:
+            records.transition(r, job_id, (JobState.UNDOING,), guard={"owner": holder} if holder else {"idle": True},
+                               current={"undo": index, "name": step.name, "node": cfg.node, "worker": me},
+                               events=[events.make(job_id, kind.name, "undo", step=step.name, node=cfg.node)])
+        except StateConflict:
+            raise Ignore() from None
+        ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=f"undo_{step.name}", worker=me, task=task)
+        try:
+            params.check_record(job)
+            step.undo(ctx)
+        except (Refused, InvalidName) as e:  # a decision that stands: noted in the job's error
+            _undone(r, job, index, me, note=f"undo of {step.name}: {e}")
+        except Exception as e:
+            log.exception("undo_failed")
+            _retry_later(r, job, index, me, f"undo of {step.name}: {e}")
+            raise Ignore() from None
+        else:
+            _undone(r, job, index, me)
+
+
+def _undone(r: redis.Redis, job: JobRecord, index: int, me: str, note: str = "") -> None:
+    records.transition(r, job.id, (JobState.UNDOING,), guard={"owner": me}, undone=[*job.undone, index],
+                       undo_errors=[*job.undo_errors, *([note] if note else [])], undo_retry={}, current=None)
+
+
+def _retry_later(r: redis.Redis, job: JobRecord, index: int, me: str, error: str) -> None:
+    attempts = job.undo_retry.get("attempts", 0) + 1 if job.undo_retry.get("index") == index else 1
+    delay = min(UNDO_BACKOFF[0] * 2 ** (attempts - 1), UNDO_BACKOFF[1])
+    retry = {"index": index, "attempts": attempts, "at": time.time() + delay, "error": error}
+    records.transition(r, job.id, (JobState.UNDOING,), guard={"owner": me}, undo_retry=retry, current=None,
+                       events=[events.make(job.id, job.kind, "undo_failed", message=f"{error} (again in {delay}s)")])
 
 
 def finalize(job_id: str) -> None:
@@ -264,58 +309,3 @@ def finalize(job_id: str) -> None:
         return
     usage.release_claims(r, job)
     log.info("job_finished", job_id=job_id, state=str(final), error=job.error)
-
-
-STALE_UNDO = 120  # seconds an undoing job may sit between undo steps before it is sent again
-
-
-def reconcile(r: redis.Redis, node: str | None = None) -> list[str]:
-    """Jobs whose step or undo was in progress in a process that is gone: a step before the
-    job's commit is failed and undone; a commit step, or one after it, is sent again (the job
-    only goes forward); an interrupted undo is sent again. With `node` (a worker starting),
-    only that node's jobs; without (the periodic sweep), every node's, and also undos that
-    have not moved for STALE_UNDO seconds. Returns the ids it acted on."""
-    acted = []
-    for job_id in records.active_ids(r):
-        try:
-            job = records.load(r, job_id)
-        except StorkError:
-            continue
-        current = job.current or {}
-        holder = current.get("worker")
-        if holder is None:
-            stale = time.time() - job.updated > STALE_UNDO
-            if job.state == JobState.UNDOING and (node is not None or stale):
-                dispatch_undo(job)  # whoever started the undo may have died before sending it
-            continue
-        if (node is not None and current.get("node") != node) or holder_alive(r, holder):
-            continue
-        try:
-            _recover(r, job, holder, current, starting=node is not None)
-        except StateConflict:
-            continue
-        log.warning("reconciled_job", job_id=job_id, state=str(job.state))
-        acted.append(job_id)
-    return acted
-
-
-def _recover(r: redis.Redis, job: JobRecord, holder: str, current: dict[str, Any], starting: bool) -> None:
-    kind, where = KINDS[job.kind], current.get("node")
-    if job.state == JobState.RUNNING and (kind.steps[current["step"]].commit or _committed(kind, job)):
-        resume(job, holder)
-    elif job.state == JobState.RUNNING:
-        why = (f"the worker on node {where} died during step {current.get('name')}" if starting
-               else f"the process running step {current.get('name')} on node {where} is gone")
-        start_undo(r, job, current["step"], JobState.FAILED, why, {"owner": holder, "done": job.done})
-    elif job.state == JobState.UNDOING:
-        records.transition(r, job.id, (JobState.UNDOING,), guard={"owner": holder}, current=None)
-        dispatch_undo(job)
-
-
-def sweep() -> list[str]:
-    """The periodic sweep (beat, every SWEEP seconds): recover jobs stuck on a dead process
-    anywhere in the cluster, so none waits for its node's worker to restart; and drop the
-    name claims of jobs that ended without releasing them."""
-    r = redis_client()
-    usage.prune_claims(r)
-    return reconcile(r)

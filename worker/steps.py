@@ -17,7 +17,7 @@ from drivers.base import Driver
 from drivers.errors import AlreadyExists, NotFound, Refused, StorkError
 from drivers.guests import Guest
 from drivers.names import VolName
-from worker import usage
+from worker import liveness, records, usage
 from worker.context import StepContext
 
 # ---- guest locks ---------------------------------------------------------------------
@@ -54,6 +54,36 @@ def unlock_guest(ctx: StepContext) -> None:
                 box[0] = box[0].with_(lock="", lock_job="")
     except NotFound:
         pass  # destroyed: nothing to unlock
+
+
+def force_unlock(ctx: StepContext) -> None:
+    """Clear a guest's lock whose job is no longer live (`qm unlock`): its job ended, or is
+    waiting to retry an undo, or is gone. Refused while that job runs or may still run a step."""
+    vmid = ctx.params["vmid"]
+    with ctx.guests.editing(vmid) as box:
+        guest = box[0]
+        if not guest.lock:
+            raise Refused(f"guest {vmid} is not locked")
+        if holder := _live_job(ctx, guest.lock_job):
+            raise Refused(f"guest {vmid} is locked by job {guest.lock_job} ({guest.lock}), which {holder}: "
+                          "cancel it or wait for it")
+        box[0] = guest.with_(lock="", lock_job="")
+    ctx.set_result(unlocked=vmid, lock=guest.lock, job=guest.lock_job)
+
+
+def _live_job(ctx: StepContext, job_id: str) -> str:
+    """Why the job is live ("" if it is not): queued or running, or an undo in progress."""
+    try:
+        job = records.load(ctx.r, job_id) if job_id else None
+    except NotFound:
+        return ""
+    if job is None or job.state.terminal:
+        return ""
+    if job.state != records.JobState.UNDOING:
+        return f"is {job.state}"
+    if liveness.holding(ctx.r, (job.current or {}).get("worker"), job.id):
+        return "is undoing a step right now"
+    return ""
 
 
 def reserve_guest(ctx: StepContext) -> None:
@@ -165,7 +195,7 @@ def free_made(ctx: StepContext) -> None:
                 continue
             drv.free(vol)
     if kept:
-        raise StorkError(f"kept {'; '.join(kept)}")
+        raise Refused(f"kept {'; '.join(kept)}")  # a decision: the undo goes on
 
 
 @dataclass(frozen=True)
@@ -277,17 +307,26 @@ def make_bases(ctx: StepContext) -> None:
             usage.require_unused(ctx, plan["source"])  # e.g. a clone's target, mid-copy
             based[key] = [plan["source"], drv.volid(base)]
             ctx.save()
+            usage.claim(ctx.r, plan["source"], ctx.job.id)  # its name is not free for others until the job ends
             drv.make_base(vol, base)
     ctx.set_result(bases={key: pair[1] for key, pair in based.items()})
 
 
 def unmake_bases(ctx: StepContext) -> None:
+    """Rename each base made by this job back; one whose old name is taken is reported."""
+    taken = []
     for volid, base_volid in ctx.data.get("based", {}).values():
         drv, vol = ctx.volume(volid)
         _, base = ctx.volume(base_volid)
-        if drv.exists(base) and not drv.exists(vol):
-            with ctx.storage_lock(drv):
-                drv.unmake_base(base, vol)
+        with ctx.storage_lock(drv):
+            if not drv.exists(base):
+                continue  # never renamed, or renamed back already
+            if drv.exists(vol):
+                taken.append(f"{base_volid} (its old name {volid} is taken)")
+                continue
+            drv.unmake_base(base, vol)
+    if taken:
+        raise Refused(f"kept as base: {'; '.join(taken)}")
 
 
 def commit_bases(ctx: StepContext) -> None:
@@ -388,7 +427,8 @@ def free_volume(ctx: StepContext) -> None:
             drv.free_volume(vol)  # refuses a base with linked clones, listing them
         elif drv.exists(vol) and drv.identity(vol) == freeing:
             drv.free_volume(vol)  # the process that saved it died before freeing
-    for guest in ctx.guests.list():  # forget it where it was kept as unused
+    guests, _ = ctx.guests.scan()  # freed already: a broken config must not make it look failed
+    for guest in guests:  # forget it where it was kept as unused
         if volid in guest.unused:
             with ctx.guests.editing(guest.vmid) as box:
                 box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v != volid))

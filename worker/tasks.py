@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from celery import Task
 
-from worker import runner
+from worker import recovery, runner
 from worker.app import app
 from worker.jobs import KINDS, JobKind
 from worker.queues import SHARED_QUEUE
@@ -40,7 +40,7 @@ def finalize(job_id: str) -> None:
 @app.task(name="stork.job.sweep", expires=SWEEP)
 def sweep() -> list[str]:
     """Recover jobs stuck on a dead process anywhere (sent by beat every SWEEP seconds)."""
-    return runner.sweep()
+    return recovery.sweep()
 
 
 app.conf.beat_schedule = {

@@ -1,0 +1,188 @@
+"""Recovery: no job is left without someone to finish it.
+
+Two kinds of job need a hand, found by `reconcile` (when a worker starts, for its node) and by
+`sweep` (beat, every minute, for every node):
+- a job whose step or undo is held by a process that is gone, or alive but no longer at it
+  (worker/liveness.py): a step before the job's commit is failed and undone; a commit step, or
+  one after it, is sent again (the job only goes forward); an interrupted undo is sent again;
+- a job with nothing in progress that has not moved for STALE seconds while its next message
+  is neither waiting in a queue nor recently taken (lost with a worker killed between steps,
+  or sitting in kombu's `unacked` hash of a dead consumer until the 12 h visibility timeout):
+  its next step is sent again (steps are guarded, so a duplicate is harmless), at most
+  MAX_RESENDS times before the job is failed and undone; an undo is sent again, and a failed
+  undo once its retry time has come.
+A job waiting in the queue of a node that is down is waiting, not stuck: it runs when the
+node is back, or is undone at once by `stork job cancel`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import structlog
+
+from drivers.errors import StorkError
+from worker import records, usage
+from worker.app import redis_client
+from worker.jobs import KINDS
+from worker.liveness import holder_alive, holding
+from worker.queues import SHARED_QUEUE
+from worker.records import JobRecord, JobState, StateConflict
+from worker.runner import FINALIZE, committed, dispatch_undo, send_steps, start_undo, task_name, undo_task_name
+
+log = structlog.get_logger("stork.recovery")
+STALE = 120  # seconds a job may sit with nothing in progress and no message on its way
+MAX_RESENDS = 3  # times the next step is sent again before the job is failed
+PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport keeps a queue's priority levels in lists <queue><sep><n>
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A step, undo or finalize message the broker holds for a job."""
+
+    task: str
+    since: float | None  # None: in a queue, waiting for a worker; else taken then, not yet acknowledged
+
+
+def next_task(job: JobRecord) -> str:
+    """The task a job with nothing in progress waits for."""
+    kind = KINDS[job.kind]
+    if job.state == JobState.UNDOING:
+        left = [i for i in job.undo if i not in job.undone]
+        return undo_task_name(job.kind, kind.steps[left[0]].name) if left else FINALIZE
+    return task_name(job.kind, job.steps[job.done])
+
+
+def idle_action(job: JobRecord, now: float, pending: list[Pending]) -> str:
+    """What a job with nothing in progress needs: "wait", "resend" or "fail"."""
+    expected = next_task(job)
+    if any(p.task == expected and (p.since is None or now - p.since < STALE) for p in pending):
+        return "wait"  # queued, or taken a moment ago
+    if job.state == JobState.UNDOING and job.undo_retry:
+        return "resend" if job.undo_retry.get("at", 0) <= now else "wait"
+    if now - job.updated < STALE:
+        return "wait"
+    if job.state != JobState.UNDOING and job.resends >= MAX_RESENDS:
+        return "fail"
+    return "resend"
+
+
+def pending_messages(r: redis.Redis, queues: set[str]) -> dict[str, list[Pending]]:
+    """stork's messages in the broker, by job id: queued in these queues' lists, or taken by
+    a consumer and not yet acknowledged (kombu's `unacked` hash and its `unacked_index`)."""
+    found: dict[str, list[Pending]] = defaultdict(list)
+    for queue in queues:
+        for key in (queue, *(f"{queue}{PRIORITY_SEP}{n}" for n in range(1, 10))):
+            for raw in r.lrange(key, 0, -1):
+                _note(found, raw, None)
+    taken = dict(r.zrange("unacked_index", 0, -1, withscores=True))
+    for tag, raw in r.hgetall("unacked").items():
+        try:
+            message = json.loads(raw)[0]  # [message, exchange, routing key]
+        except (ValueError, IndexError, TypeError):
+            continue
+        _note(found, message, taken.get(tag, 0.0))
+    return found
+
+
+def _note(found: dict[str, list[Pending]], message: Any, since: float | None) -> None:
+    """Add a message of ours (first argument: the job id); skip anything else."""
+    try:
+        if isinstance(message, str):
+            message = json.loads(message)
+        task = message["headers"]["task"]
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        job_id = json.loads(body)[0][0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return
+    if isinstance(task, str) and task.startswith("stork.") and isinstance(job_id, str):
+        found[job_id].append(Pending(task, since))
+
+
+def reconcile(r: redis.Redis, node: str | None = None) -> list[str]:
+    """Recover what needs a hand (see the module docstring); with `node` (a worker starting),
+    held jobs of that node only. Returns the ids it acted on."""
+    acted, idle = [], []
+    for job_id in records.active_ids(r):
+        try:
+            job = records.load(r, job_id)
+        except StorkError:
+            continue
+        current = job.current or {}
+        holder = current.get("worker")
+        if holder is None:
+            idle.append(job)
+        elif (node is None or current.get("node") == node) and not holding(r, holder, job.id):
+            try:
+                _recover(r, job, holder, current, starting=node is not None)
+            except StateConflict:
+                continue
+            log.warning("reconciled_job", job_id=job_id, state=str(job.state))
+            acted.append(job_id)
+    return acted + _nudge(r, idle)
+
+
+def _recover(r: redis.Redis, job: JobRecord, holder: str, current: dict[str, Any], starting: bool) -> None:
+    kind, where, name = KINDS[job.kind], current.get("node"), current.get("name")
+    if job.state == JobState.RUNNING and (kind.steps[current["step"]].commit or committed(kind, job)):
+        records.transition(r, job.id, (JobState.RUNNING,), guard={"owner": holder, "done": job.done}, current=None)
+        send_steps(job, job.done)  # carried forward from the interrupted step
+    elif job.state == JobState.RUNNING:
+        if holder_alive(r, holder):
+            why = f"the process running step {name} on node {where} gave it up"
+        elif starting:
+            why = f"the worker on node {where} died during step {name}"
+        else:
+            why = f"the process running step {name} on node {where} is gone"
+        start_undo(r, job, current["step"], JobState.FAILED, why, {"owner": holder, "done": job.done})
+    elif job.state == JobState.UNDOING:
+        records.transition(r, job.id, (JobState.UNDOING,), guard={"owner": holder}, current=None)
+        dispatch_undo(job)
+
+
+def _nudge(r: redis.Redis, idle: list[JobRecord]) -> list[str]:
+    """Send again what jobs with nothing in progress wait for, where no message is on its way."""
+    now = time.time()
+    candidates = [job for job in idle if idle_action(job, now, []) != "wait"]
+    if not candidates:
+        return []
+    pending = pending_messages(r, {q for job in candidates for q in job.queues} | {SHARED_QUEUE})
+    acted = []
+    for job in candidates:
+        action = idle_action(job, now, pending.get(job.id, []))
+        try:
+            if action == "resend" and job.state == JobState.UNDOING:
+                records.transition(r, job.id, (JobState.UNDOING,), guard={"idle": True})  # marks it moved
+                dispatch_undo(job)
+            elif action == "resend":
+                records.transition(r, job.id, (JobState.QUEUED, JobState.RUNNING),
+                                   guard={"idle": True, "done": job.done}, resends=job.resends + 1)
+                send_steps(job, job.done)
+            elif action == "fail":
+                start_undo(r, job, job.done - 1, JobState.FAILED,
+                           f"no worker took step {job.steps[job.done]} (sent {job.resends + 1} times)",
+                           {"idle": True, "done": job.done})
+            else:
+                continue
+        except StateConflict:
+            continue  # it moved meanwhile
+        log.warning("nudged_job", job_id=job.id, action=action, state=str(job.state))
+        acted.append(job.id)
+    return acted
+
+
+def sweep() -> list[str]:
+    """The periodic sweep (beat, every minute): recover jobs anywhere in the cluster, so none
+    waits for its node's worker to restart; drop name claims of jobs that ended without
+    releasing them."""
+    r = redis_client()
+    usage.prune_claims(r)
+    return reconcile(r)
