@@ -121,6 +121,11 @@ class Driver(ABC):
         self.allocate(vol, size)
 
     @abstractmethod
+    def free_partial(self, vol: VolName) -> None:
+        """Remove what an interrupted creation of `vol` may have left (a temp file, an empty
+        folder); call it under the storage lock, for a name that was never created."""
+
+    @abstractmethod
     def protect_base(self, base: VolName) -> None:
         """Make sure a base is read-only (again); idempotent."""
 

@@ -200,6 +200,12 @@ class DirDriver(Driver):
         if not vol.is_base:
             self._dir.remove_folder_if_empty(_folder(vol))  # the guest's folder, once it holds nothing
 
+    def free_partial(self, vol: VolName) -> None:
+        with contextlib.suppress(NotFound), self._dir.folder(_folder(vol)) as folder:
+            self._dir.sweep_temps(folder)  # under the storage lock: every temp file there is stale
+        if vol.owner is not None:
+            self._dir.remove_folder_if_empty(_folder(vol))
+
     def make_base(self, vol: VolName, base: VolName) -> None:
         with self._opened(vol) as fd, self._dir.folder(_folder(vol)) as src, \
                 self._dir.folder("base", create=True) as dst:

@@ -31,7 +31,7 @@ from structlog.typing import FilteringBoundLogger
 
 from drivers import config as config_module
 from drivers.config import Config
-from drivers.errors import StorkError
+from drivers.errors import ConfigError, StorkError
 from worker.queues import SHARED_QUEUE
 
 log = structlog.get_logger("stork.config")
@@ -112,7 +112,20 @@ def config() -> Config:
     return _live.get()
 
 
-REDIS_OUTAGE = 60  # seconds a worker keeps retrying Redis (e.g. while it restarts)
+def _redis_outage() -> float:
+    """Seconds a worker keeps retrying Redis (e.g. while it restarts) before a step gives up:
+    STORK_REDIS_OUTAGE, default 60. A step given up is recovered by the sweep once Redis is back."""
+    text = os.environ.get("STORK_REDIS_OUTAGE") or "60"
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 1 <= value <= 3600:
+        raise ConfigError(f"STORK_REDIS_OUTAGE = {text!r}: expected a number of seconds from 1 to 3600")
+    return value
+
+
+REDIS_OUTAGE = _redis_outage()
 
 
 @cache

@@ -34,6 +34,7 @@ class StepContext:
     worker: str  # host:pid of the process running the step
     attempt: int = 1
     task: Task | None = None
+    _leases: dict[str, locks.Lease] = field(default_factory=dict, repr=False)
     _last_progress: float = field(default=0.0, repr=False)
     _progress_start: tuple[float, int] = field(default=(0.0, 0), repr=False)
 
@@ -82,8 +83,17 @@ class StepContext:
 
     @contextlib.contextmanager
     def storage_lock(self, drv: Driver) -> Iterator[None]:
-        with locks.storage_lock(self.cfg, self.r, drv.storage):
-            yield
+        with locks.storage_lock(self.cfg, self.r, drv.storage) as lease:
+            self._leases[drv.storage.id] = lease
+            try:
+                yield
+            finally:
+                del self._leases[drv.storage.id]
+
+    def fence(self, drv: Driver) -> None:
+        """Call right before an effect on the storage, under its lock: LeaseLost (the step
+        stops) if a shared storage's lease is no longer this step's."""
+        self._leases[drv.storage.id].check()
 
     @contextlib.contextmanager
     def storage_locks(self, drivers: list[Driver]) -> Iterator[None]:

@@ -11,9 +11,10 @@ Redis keys used by stork (all of them; keep this list true):
     stork:jobs:active         set of job ids not yet succeeded, failed or cancelled
     stork:claims:<storage>    hash volname -> job id: names a job is making, claimed before they
                               are created and until the job ends (worker/usage.py)
-    stork:lock:<name>         lease of a shared-storage lock (value: fencing token)
-    stork:lock:<name>:fence   counter handing out fencing tokens
-    stork:alive:<host>:<pid>  a worker process's heartbeat (worker/liveness.py), expiring
+    stork:lock:<name>         lease of a shared-storage lock (redis-py Lock; value: its holder's token)
+    stork:lock:<name>:fence   counter handing out fencing tokens: the latest one granted (worker/locks.py)
+    stork:alive:<holder>      a worker process's heartbeat (worker/liveness.py), expiring; value: the
+                              job it works on, "" when idle
     stork:noop:<token>        list a `stork.noop` task pushes to (benchmark reference chains)
     stork:dead                list of JSON dead letters, newest first, capped: queue messages no
                               worker could turn into a task, kept for an operator (worker/deadletter.py)

@@ -61,6 +61,8 @@ def next_task(job: JobRecord) -> str:
 
 def idle_action(job: JobRecord, now: float, pending: list[Pending]) -> str:
     """What a job with nothing in progress needs: "wait", "resend" or "fail"."""
+    if job.kind not in KINDS or (job.state != JobState.UNDOING and job.done >= len(job.steps)):
+        return "wait"  # not a record the sweep can reason about: left alone
     expected = next_task(job)
     if any(p.task == expected and (p.since is None or now - p.since < STALE) for p in pending):
         return "wait"  # queued, or taken a moment ago
@@ -114,19 +116,18 @@ def reconcile(r: redis.Redis, node: str | None = None) -> list[str]:
     for job_id in records.active_ids(r):
         try:
             job = records.load(r, job_id)
-        except StorkError:
-            continue
-        current = job.current or {}
-        holder = current.get("worker")
-        if holder is None:
-            idle.append(job)
-        elif (node is None or current.get("node") == node) and not holding(r, holder, job.id):
-            try:
+            current = job.current or {}
+            holder = current.get("worker")
+            if holder is None:
+                idle.append(job)
+            elif (node is None or current.get("node") == node) and not holding(r, holder, job.id):
                 _recover(r, job, holder, current, starting=node is not None)
-            except StateConflict:
-                continue
-            log.warning("reconciled_job", job_id=job_id, state=str(job.state))
-            acted.append(job_id)
+                log.warning("reconciled_job", job_id=job_id, state=str(job.state))
+                acted.append(job_id)
+        except StateConflict:
+            continue  # it moved meanwhile
+        except (StorkError, KeyError, IndexError, TypeError, ValueError) as e:  # one odd record stops no sweep
+            log.warning("sweep_skipped_job", job_id=job_id, error=repr(e))
     return acted + _nudge(r, idle)
 
 

@@ -122,6 +122,7 @@ def _make_volume(ctx: StepContext, key: str, drv: Driver, owner: int, fmt: str,
         ctx.data.setdefault("pending", {})[key] = drv.volid(vol)
         ctx.save()
         usage.claim(ctx.r, drv.volid(vol), ctx.job.id)
+        ctx.fence(drv)
         create(vol)
         ctx.data.setdefault("made", {})[key] = ctx.data["pending"].pop(key)
 
@@ -187,12 +188,14 @@ def free_made(ctx: StepContext) -> None:
         drv, vol = ctx.volume(volid)
         with ctx.storage_lock(drv):
             if volid not in made and not _made_before_crash(ctx, volid):
-                continue  # never created: the name is not ours
+                drv.free_partial(vol)  # never created: the name is not ours, a half-made temp file is
+                continue
             if not drv.exists(vol):
                 continue
             if found := usage.users(ctx, volid):
                 kept.append(f"{volid} (in use by {', '.join(found)})")
                 continue
+            ctx.fence(drv)
             drv.free(vol)
     if kept:
         raise Refused(f"kept {'; '.join(kept)}")  # a decision: the undo goes on
@@ -245,6 +248,7 @@ def copy_data(ctx: StepContext) -> None:
             drv, dst = ctx.volume(ctx.data["made"][key])
             if ctx.data.get("copying") == key:  # a previous attempt died mid-copy
                 with ctx.storage_lock(drv):
+                    ctx.fence(drv)
                     drv.recreate(dst, src.size)
             ctx.data["copying"] = key
             ctx.save()
@@ -308,6 +312,7 @@ def make_bases(ctx: StepContext) -> None:
             based[key] = [plan["source"], drv.volid(base)]
             ctx.save()
             usage.claim(ctx.r, plan["source"], ctx.job.id)  # its name is not free for others until the job ends
+            ctx.fence(drv)
             drv.make_base(vol, base)
     ctx.set_result(bases={key: pair[1] for key, pair in based.items()})
 
@@ -324,6 +329,7 @@ def unmake_bases(ctx: StepContext) -> None:
             if drv.exists(vol):
                 taken.append(f"{base_volid} (its old name {volid} is taken)")
                 continue
+            ctx.fence(drv)
             drv.unmake_base(base, vol)
     if taken:
         raise Refused(f"kept as base: {'; '.join(taken)}")
@@ -402,6 +408,7 @@ def free_sources(ctx: StepContext) -> None:
             drv, vol = ctx.volume(volid)
             with ctx.storage_lock(drv):
                 usage.require_unused(ctx, volid, count_unused=False)  # kept as unused by this guest: ours
+                ctx.fence(drv)
                 drv.free(vol)
             freed.append(volid)
         except (StorkError, OSError) as e:
@@ -424,8 +431,10 @@ def free_volume(ctx: StepContext) -> None:
             ctx.data["freeing"] = drv.identity(vol)
             ctx.save()
             faults.point("free_recorded")
+            ctx.fence(drv)
             drv.free_volume(vol)  # refuses a base with linked clones, listing them
         elif drv.exists(vol) and drv.identity(vol) == freeing:
+            ctx.fence(drv)
             drv.free_volume(vol)  # the process that saved it died before freeing
     guests, _ = ctx.guests.scan()  # freed already: a broken config must not make it look failed
     for guest in guests:  # forget it where it was kept as unused
@@ -456,6 +465,7 @@ def destroy_guest(ctx: StepContext) -> None:
                 raise Refused(f"guest {vmid}: base {drv.volid(vol)} still has linked clones: {listed}")
             usage.require_unused(ctx, volid)
         for volid, (drv, vol) in volumes.items():
+            ctx.fence(drv)
             drv.free(vol)
             with ctx.guests.editing(vmid) as box:
                 g = box[0]
