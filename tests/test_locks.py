@@ -35,9 +35,9 @@ def test_twenty_linked_clones_on_shared_storage_from_two_nodes_all_succeed(clien
 
 def test_a_lease_held_past_its_lifetime_is_renewed(client, monkeypatch):
     """A holder that keeps a lease for three lease lifetimes still owns it: a thread renews it."""
-    monkeypatch.setattr(locks, "LEASE", 0.6)
+    monkeypatch.setattr(locks, "LEASE", 1.5)
     with locks.storage_lock(client.cfg, client.r, shared_storage(client)) as lease:
-        time.sleep(1.8)
+        time.sleep(4.5)
         lease.check()
 
 

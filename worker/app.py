@@ -137,6 +137,7 @@ def redis_client() -> redis.Redis:
     retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=int(REDIS_OUTAGE / 2) + 5)
     return redis.Redis.from_url(
         config().redis_url, decode_responses=True, health_check_interval=30, retry=retry,
+        socket_timeout=15, socket_connect_timeout=5,  # a cut network fails within the retry window, not in 15 min
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
 

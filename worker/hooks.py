@@ -45,4 +45,5 @@ def _unbind_task(**_: Any) -> None:
 def _reconcile(**_: Any) -> None:
     cfg = config()
     acted = recovery.reconcile(redis_client(), cfg.node)
+    recovery.start_sweeper()
     log.info("worker_ready", node=cfg.node, reconciled=acted)

@@ -42,6 +42,7 @@ class Step:
     undo: StepFn | None = None
     storage: bool = True
     commit: bool = False  # once done, the job's effect stands: later failures undo nothing before it
+    release: bool = False  # its undo releases what the job holds (a guest lock): run at any failure, even past a commit
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class JobKind:
         return [node_queue(params["node"]) if s.storage and local else SHARED_QUEUE for s in self.steps]
 
 
-LOCK_GUEST = Step("lock_guest", steps.lock_guest, steps.unlock_guest, storage=False)
+LOCK_GUEST = Step("lock_guest", steps.lock_guest, steps.unlock_guest, storage=False, release=True)
 RESERVE_GUEST = Step("reserve_guest", steps.reserve_guest, steps.unreserve_guest, storage=False)
 ALLOCATE = Step("allocate", steps.allocate_disks, steps.free_made)
 LINK = Step("link_disks", steps.link_disks, steps.free_made)

@@ -1,14 +1,16 @@
 """Is the process that a job record names as running a step still alive, and still at it?
 
-A holder id names one process start: `<host>:<pid>:<start>:<boot>`, with the process's start
-time (clock ticks since boot, from /proc) and the first 8 characters of the kernel's boot id.
+A holder id names one process start: `<host>:<pid>:<start>:<boot>:<pidns>`, with the
+process's start time (clock ticks since boot, from /proc), the first 8 characters of the
+kernel's boot id and its pid namespace.
 A worker restarted in a fresh PID namespace (a container restart) or after a reboot that gets
 the same pid is a different holder, so a dead holder never looks alive.
 
 On its own host the kernel says whether the holder lives (/proc/<pid>/stat with that start
 time). Each worker process also keeps a heartbeat key `stork:alive:<holder>` fresh from a
-daemon thread (HEARTBEAT seconds, expiring after 3x that); across hosts, its absence means the
-process is gone. The key's value names the job whose step or undo the process is working on
+daemon thread (every HEARTBEAT seconds, expiring after the Redis retry window plus 3 beats, so
+a process cut off from Redis but still working never looks gone); across hosts, its absence
+means the process is gone. The key's value names the job whose step or undo the process is working on
 ("" when idle): set before the step's start is recorded and cleared after its end is, so a
 live process whose heartbeat names another job (or none) has abandoned the step, e.g. after
 giving up on Redis during an outage, and the job can be recovered without a restart.
@@ -29,6 +31,15 @@ import structlog
 HEARTBEAT = 10
 log = structlog.get_logger("stork.liveness")
 
+
+def ttl() -> int:
+    """How long a heartbeat key outlives its last beat: longer than a process keeps working
+    without Redis (its retry window), so a live process that is only cut off from Redis never
+    looks dead to another host."""
+    from worker.app import REDIS_OUTAGE
+
+    return int(REDIS_OUTAGE + 3 * HEARTBEAT)
+
 _me: tuple[int, str] | None = None  # (pid, holder id) of this process
 _working_on = ""  # the job this process runs a step or undo of
 _beat_lock = threading.Lock()  # the value read and the value written are one
@@ -46,6 +57,15 @@ def _start_ticks(pid: int | str) -> str | None:
     return None if fields[0] in ("Z", "X") else fields[19]
 
 
+def _pid_namespace() -> str:
+    """Two containers on one kernel (host networking: same host name and boot id) have their
+    own pids; /proc answers only for the namespace it shows."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "nons"
+
+
 def _boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -59,7 +79,7 @@ def process_id() -> str:
     global _me
     pid = os.getpid()
     if _me is None or _me[0] != pid:
-        _me = (pid, f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}:{_boot_id()}")
+        _me = (pid, f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}:{_boot_id()}:{_pid_namespace()}")
     return _me[1]
 
 
@@ -69,7 +89,7 @@ def _key(holder: str) -> str:
 
 def _beat(r: redis.Redis, me: str) -> None:
     with _beat_lock:
-        r.set(_key(me), _working_on, ex=3 * HEARTBEAT)
+        r.set(_key(me), _working_on, ex=ttl())
 
 
 def start_heartbeat(r: redis.Redis) -> None:
@@ -80,7 +100,7 @@ def start_heartbeat(r: redis.Redis) -> None:
         while True:
             try:
                 _beat(r, me)
-            except redis.RedisError as e:
+            except Exception as e:  # the heartbeat must outlive anything
                 log.warning("heartbeat_failed", error=str(e))
             time.sleep(HEARTBEAT)
 
@@ -105,13 +125,13 @@ def _tell(r: redis.Redis, job_id: str) -> None:
     with _beat_lock:
         _working_on = job_id
         with contextlib.suppress(redis.RedisError):
-            r.set(_key(process_id()), job_id, ex=3 * HEARTBEAT)
+            r.set(_key(process_id()), job_id, ex=ttl())
 
 
 def _alive_here(holder: str) -> bool | None:
     """The kernel's word on a holder of this host (None: not of this host)."""
-    host, pid, start, boot = [*holder.split(":"), "", "", ""][:4]
-    if host != socket.gethostname() or boot != _boot_id():
+    host, pid, start, boot, ns = [*holder.split(":"), "", "", "", ""][:5]
+    if host != socket.gethostname() or boot != _boot_id() or ns != _pid_namespace():
         return None
     return start == _start_ticks(pid)
 

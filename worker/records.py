@@ -117,6 +117,7 @@ def new_id() -> str:
 def create(r: redis.Redis, record: JobRecord, event: dict[str, Any]) -> None:
     """Store a new job with its first event, in one transaction."""
     record.created = record.created or time.time()
+    record.updated = record.updated or record.created  # a new job is not stale at birth
     with r.pipeline() as p:
         p.zremrangebyscore(JOBS, "-inf", record.created - RETENTION)  # ids whose records expired
         p.hset(job_key(record.id), mapping=_encode(record.as_dict()))
@@ -184,6 +185,7 @@ local guard = cjson.decode(ARGV[5])
 local current = redis.call('HGET', KEYS[1], 'current')
 if guard.idle and current ~= 'null' then return 0 end
 if guard.done and tonumber(redis.call('HGET', KEYS[1], 'done')) ~= guard.done then return 0 end
+if guard.undone and #cjson.decode(redis.call('HGET', KEYS[1], 'undone')) ~= guard.undone then return 0 end
 if guard.owner and (current == 'null' or cjson.decode(current).worker ~= guard.owner) then return 0 end
 for _, allowed in ipairs(cjson.decode(ARGV[1])) do
   if allowed == state then
@@ -216,7 +218,7 @@ def transition(
     """Atomically set fields (and the state) if the job is in one of `allowed` states and
     passes the guard, publishing `events` with the change (no watcher sees one without the
     other). Guard keys: `idle` (no step in progress), `done` (exactly that many steps done),
-    `owner` (the step in progress is this worker's).
+    `undone` (exactly that many undos done), `owner` (the step in progress is this worker's).
 
     A terminal state also takes the job out of the active set. StateConflict when the job
     has moved on (e.g. reconciliation failed it while a late redelivery ran).

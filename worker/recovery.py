@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -70,8 +71,8 @@ def idle_action(job: JobRecord, now: float, pending: list[Pending]) -> str:
         return "resend" if job.undo_retry.get("at", 0) <= now else "wait"
     if now - job.updated < STALE:
         return "wait"
-    if job.state != JobState.UNDOING and job.resends >= MAX_RESENDS:
-        return "fail"
+    if job.state != JobState.UNDOING and job.resends >= MAX_RESENDS and not committed(KINDS[job.kind], job):
+        return "fail"  # a job past its commit only goes forward: it is sent again instead
     return "resend"
 
 
@@ -181,9 +182,35 @@ def _nudge(r: redis.Redis, idle: list[JobRecord]) -> list[str]:
 
 
 def sweep() -> list[str]:
-    """The periodic sweep (beat, every minute): recover jobs anywhere in the cluster, so none
-    waits for its node's worker to restart; drop name claims of jobs that ended without
-    releasing them."""
+    """Recover jobs anywhere in the cluster, so none waits for its node's worker to restart;
+    drop name claims of jobs that ended without releasing them."""
     r = redis_client()
     usage.prune_claims(r)
     return reconcile(r)
+
+
+SWEEP = 60.0  # seconds between sweeps, cluster-wide
+SWEEP_KEY = "stork:sweep"  # set for SWEEP seconds by whoever swept last
+
+
+def periodic_sweep() -> list[str]:
+    """The sweep as beat's task and each worker's main process run it: at most once per SWEEP
+    seconds in the whole cluster, whoever comes first (so a cluster whose pool processes are
+    all busy with long copies still sweeps, from the workers' main processes)."""
+    if not redis_client().set(SWEEP_KEY, "1", nx=True, ex=int(SWEEP) - 5):
+        return []
+    return sweep()
+
+
+def start_sweeper() -> None:
+    """Sweep from a daemon thread of this (main) worker process, for as long as it lives."""
+
+    def loop() -> None:
+        while True:
+            time.sleep(SWEEP / 2)
+            try:
+                periodic_sweep()
+            except Exception as e:  # a sweep that failed is tried again next time
+                log.warning("sweep_failed", error=repr(e))
+
+    threading.Thread(target=loop, name="stork-sweeper", daemon=True).start()

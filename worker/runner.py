@@ -193,6 +193,8 @@ def cancel(r: redis.Redis, job_id: str, sender: Celery = app) -> JobRecord:
     is gone, is undone at once. Refused once the job has committed (its effect stands)."""
     job = records.load(r, job_id)
     kind = KINDS[job.kind]
+    if job.state == JobState.UNDOING and job.undo_retry and not holding(r, (job.current or {}).get("worker"), job.id):
+        return _stop_retrying(r, job)
     if job.state.terminal or job.state == JobState.UNDOING:
         raise Refused(f"job {job.id} is {job.state} already")
     if committed(kind, job):
@@ -209,14 +211,36 @@ def cancel(r: redis.Redis, job_id: str, sender: Celery = app) -> JobRecord:
     return records.load(r, job_id)
 
 
+def _stop_retrying(r: redis.Redis, job: JobRecord) -> JobRecord:
+    """An operator gives up on an undo that keeps failing: the job ends failed, listing what
+    was not undone (then `stork guest unlock` frees its guests)."""
+    kind = KINDS[job.kind]
+    left = [i for i in job.undo if i not in job.undone]
+    note = (f"not undone (retries stopped by user): {', '.join(kind.steps[i].name for i in left)}; "
+            f"last error: {job.undo_retry.get('error', '?')}")
+    records.transition(r, job.id, (JobState.UNDOING,), guard={"idle": True, "undone": len(job.undone)},
+                       undone=job.undo, undo_errors=[*job.undo_errors, note], undo_retry={})
+    finalize(job.id, r)
+    return records.load(r, job.id)
+
+
+def undo_plan(kind: JobKind, done: int, upto: int) -> list[int]:
+    """The undos a failure at step `upto` runs, in order, when `done` steps are done: each
+    step with an undo back to the last completed commit step, then the steps before that
+    commit whose undo releases what they hold (a guest lock)."""
+    committed = max((i for i in range(min(done, upto + 1)) if kind.steps[i].commit), default=-1)
+    undo = [i for i in range(upto, committed, -1) if kind.steps[i].undo is not None]
+    return undo + [i for i in range(committed, -1, -1) if i < done and kind.steps[i].release]
+
+
 def start_undo(r: redis.Redis, job: JobRecord, upto: int, final: JobState, error: str,
                guard: dict[str, Any], sender: Celery = app) -> None:
     """Fail or cancel a job: undo steps upto, upto-1, ... (those that have an undo), back to
-    the last commit step that completed. Does nothing if the guard fails (see transition):
-    every caller says which state of the job it decided on."""
+    the last commit step that completed; steps before it that hold something (a guest lock)
+    are released all the same. Does nothing if the guard fails (see transition): every caller
+    says which state of the job it decided on."""
     kind = KINDS[job.kind]
-    committed = max((i for i in range(min(job.done, upto + 1)) if kind.steps[i].commit), default=-1)
-    undo = [i for i in range(upto, committed, -1) if kind.steps[i].undo is not None]
+    undo = undo_plan(kind, job.done, upto)
     try:
         records.transition(
             r, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.UNDOING, guard=guard,
@@ -263,7 +287,8 @@ def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
         raise Ignore()  # another undo of this job runs: its chain goes on
     with liveness.working_on(r, job_id):
         try:
-            records.transition(r, job_id, (JobState.UNDOING,), guard={"owner": holder} if holder else {"idle": True},
+            turn = {"undone": len(job.undone), **({"owner": holder} if holder else {"idle": True})}
+            records.transition(r, job_id, (JobState.UNDOING,), guard=turn,
                                current={"undo": index, "name": step.name, "node": cfg.node, "worker": me},
                                events=[events.make(job_id, kind.name, "undo", step=step.name, node=cfg.node)])
         except StateConflict:
@@ -295,8 +320,8 @@ def _retry_later(r: redis.Redis, job: JobRecord, index: int, me: str, error: str
                        events=[events.make(job.id, job.kind, "undo_failed", message=f"{error} (again in {delay}s)")])
 
 
-def finalize(job_id: str) -> None:
-    r = redis_client()
+def finalize(job_id: str, r: redis.Redis | None = None) -> None:
+    r = r or redis_client()
     job = records.load(r, job_id)
     if job.state != JobState.UNDOING or set(job.undo) - set(job.undone):
         return  # not undoing, or an earlier undo chain is still at work and will finalize

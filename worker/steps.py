@@ -83,6 +83,12 @@ def _live_job(ctx: StepContext, job_id: str) -> str:
         return f"is {job.state}"
     if liveness.holding(ctx.r, (job.current or {}).get("worker"), job.id):
         return "is undoing a step right now"
+    from worker.jobs import KINDS  # jobs.py is built from this module
+
+    kind = KINDS.get(job.kind)
+    left = [kind.steps[i] for i in job.undo if i not in job.undone] if kind else []
+    if pending := [step.name for step in left if not step.release]:  # undos that still change guests
+        return f"still has to undo {', '.join(pending)} ('stork job cancel {job.id}' stops its retries)"
     return ""
 
 
@@ -188,6 +194,7 @@ def free_made(ctx: StepContext) -> None:
         drv, vol = ctx.volume(volid)
         with ctx.storage_lock(drv):
             if volid not in made and not _made_before_crash(ctx, volid):
+                ctx.fence(drv)
                 drv.free_partial(vol)  # never created: the name is not ours, a half-made temp file is
                 continue
             if not drv.exists(vol):

@@ -10,7 +10,7 @@ from worker.app import app
 from worker.jobs import KINDS, JobKind
 from worker.queues import SHARED_QUEUE
 
-SWEEP = 60.0  # seconds between sweeps for stuck jobs
+SWEEP = recovery.SWEEP  # seconds between sweeps for stuck jobs
 
 
 def _register(kind: JobKind, index: int) -> None:
@@ -40,7 +40,7 @@ def finalize(job_id: str) -> None:
 @app.task(name="stork.job.sweep", expires=SWEEP)
 def sweep() -> list[str]:
     """Recover jobs stuck on a dead process anywhere (sent by beat every SWEEP seconds)."""
-    return recovery.sweep()
+    return recovery.periodic_sweep()
 
 
 app.conf.beat_schedule = {

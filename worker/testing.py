@@ -35,6 +35,21 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "con
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def _group_running(pgid: int) -> bool:
+    """Does any process of the group still run (zombies do not)?"""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 class RedisServer:
     """redis-server on 127.0.0.1:`port`; with `durable`, an append-only file in `data_dir`
     keeps its data across `restart()`."""
@@ -89,10 +104,13 @@ class Worker:
             raise RuntimeError(f"worker {node} died at start:\n{self.log.read_text()}")
 
     def kill(self) -> None:
-        """SIGKILL the whole process group: the node dies with its step half done."""
+        """SIGKILL the whole process group: the node dies with its step half done. Returns
+        once no process of the group runs any more (a pool process can outlive the main one
+        by a moment)."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+        wait_for(lambda: not _group_running(self.proc.pid), 10, f"worker {self.node}'s processes to die")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
