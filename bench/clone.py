@@ -7,7 +7,7 @@ Starts its own redis-server and one worker (4 processes) in a temporary director
 2. throughput of 200 linked clones submitted at once, and of 200 `ping` jobs (the same
    three steps doing nothing: the job machinery alone), next to 200 bare Celery no-op chains
    of the same step count on the same queues;
-3. full-clone throughput of a 2 GiB image next to `qemu-img convert -t writeback` run
+3. full-clone and template-copy throughput of a 2 GiB template next to `qemu-img convert -t writeback` run
    directly on it (flushed on close, as stork flushes every copy before its step ends), and
    the default unflushed `qemu-img convert` for scale, with the worker's peak RSS.
 """
@@ -200,10 +200,18 @@ def bench_full_clone(client, worker: testing.Worker, base: Path, next_id) -> Non
         assert client.run("destroy", vmid=job.params["new_vmid"]).state == "succeeded"
         return elapsed, times["done"] - times["start"]
 
+    def via_template_copy() -> float:
+        start = time.perf_counter()
+        job = client.run("template_copy", vmid=t, newid=next_id())
+        elapsed = time.perf_counter() - start
+        assert job.state == "succeeded", job.error
+        assert client.run("destroy", vmid=job.params["new_vmid"]).state == "succeeded"
+        return elapsed
+
     direct()  # warm the page cache for both
     sampler = threading.Thread(target=sample)
     sampler.start()
-    stork_runs, direct_runs, unflushed_runs = [], [], []
+    stork_runs, direct_runs, unflushed_runs, copy_runs = [], [], [], []
     for _ in range(RUNS):  # interleaved, each after a sync, so write-back hits all alike
         os.sync()
         direct_runs.append(direct("-t", "writeback"))
@@ -211,6 +219,8 @@ def bench_full_clone(client, worker: testing.Worker, base: Path, next_id) -> Non
         stork_runs.append(via_stork())
         os.sync()
         unflushed_runs.append(direct())
+        os.sync()
+        copy_runs.append(via_template_copy())
     sampling.set()
     sampler.join()
     best_direct, best_unflushed = min(direct_runs), min(unflushed_runs)
@@ -223,6 +233,9 @@ def bench_full_clone(client, worker: testing.Worker, base: Path, next_id) -> Non
           f"{best_direct / best_copy:>13.2f}")
     print(f"   {'stork full clone job, submit -> done':<40}{best_job:>8.2f}s{size_gib / best_job:>9.2f}"
           f"{best_direct / best_job:>13.2f}")
+    best_copy_job = min(copy_runs)
+    print(f"   {'stork template copy (copy + make base)':<40}{best_copy_job:>8.2f}s{size_gib / best_copy_job:>9.2f}"
+          f"{best_direct / best_copy_job:>13.2f}")
     print(f"   {'qemu-img convert (unflushed, for scale)':<40}{best_unflushed:>8.2f}s"
           f"{size_gib / best_unflushed:>9.2f}{best_direct / best_unflushed:>13.2f}")
     print("   peak RSS during the copies: " + ", ".join(f"{k} {v / 1024:.0f} MiB" for k, v in sorted(peaks.items())))

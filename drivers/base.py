@@ -40,6 +40,7 @@ class VolumeInfo:
     is_base: bool
     parent: str | None = None  # volume id of the base a linked clone reads through
     clones: tuple[str, ...] = ()  # volume ids of a base's linked clones
+    users: tuple[str, ...] = ()  # guests that attach it, as <vmid>:<disk> (filled in by the reader of guest configs)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -50,6 +51,7 @@ class VolumeInfo:
             "base": self.is_base,
             "parent": self.parent,
             "clones": list(self.clones),
+            "users": list(self.users),
         }
 
 

@@ -52,7 +52,7 @@ class DirDriver(Driver):
         "linked_clone": {"base": ALL},
         "copy": {"current": ALL, "base": ALL},
         "resize": {"current": ALL},
-        "move": {"current": ALL},
+        "move": {"current": ALL, "base": ALL},  # a base only while no linked clone reads through it
     }
 
     @property

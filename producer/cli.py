@@ -99,8 +99,9 @@ def _disk_specs(values: list[str], first: str) -> dict[str, dict[str, str]]:
         if first == "storage:size":
             storage, colon, size = head.partition(":")
             if not colon:
-                raise UsageError(f"invalid --disk {value!r}: expected DISK=STORAGE:SIZE[,format=F]")
-            spec |= {"storage": storage, "size": size}
+                raise UsageError(f"invalid --disk {value!r}: expected DISK=STORAGE:SIZE[,format=F] or DISK=BASE")
+            # a volume name (base/<name>.<fmt>) where a size would be: a disk from that base image
+            spec |= {"base": head} if "/" in size else {"storage": storage, "size": size}
         else:
             spec |= {"path": head}
         disks[key] = spec
@@ -130,6 +131,8 @@ def _volume_text(v: Any) -> str:
         extra += f" parent={v.parent}"
     if v.clones:
         extra += f" clones={','.join(v.clones)}"
+    if v.users:
+        extra += f" users={','.join(v.users)}"
     return f"{v.volid:<45} {v.fmt:<6} {human_bytes(v.virtual_size):>10} {human_bytes(v.allocated):>10}{extra}"
 
 
@@ -232,6 +235,12 @@ SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]
     "guest.unlock": lambda a: ("unlock", {"vmid": a.vmid}),
     "base": lambda a: ("base", {"volid": a.volid, "name": a.name}),
     "template": lambda a: ("template", {"vmid": a.vmid}),
+    "template.assemble": lambda a: ("assemble", {"vmid": a.vmid, "name": a.name, "disks": _bases(a.disk)}),
+    "template.copy": lambda a: ("template_copy", {"vmid": a.vmid, "newid": a.newid, "name": a.name,
+                                                  "storage": a.storage, "format": a.format}),
+    "disk.add": lambda a: ("add_disk", {"vmid": a.vmid, "disks": _disk_specs(a.specs, "storage:size")}),
+    "disk.detach": lambda a: ("detach", {"vmid": a.vmid, "disk": a.disk}),
+    "disk.remove": lambda a: ("remove_disk", {"vmid": a.vmid, "disk": a.disk}),
     "clone": lambda a: ("full_clone" if a.full else "linked_clone",
                         {"vmid": a.vmid, "newid": a.newid, "name": a.name, "storage": a.storage, "format": a.format}),
     "disk.copy": lambda a: ("copy", {"volid": a.volid, "storage": a.storage, "format": a.format, "vmid": a.vmid}),
@@ -293,7 +302,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "base", _submitter("base"), "turn a volume into a read-only base image", True)
     p.add_argument("volid")
     p.add_argument("--name", help="base name (default: base-<vmid>-disk-<n>)")
-    command(sub, "template", _submitter("template"), "turn a guest into a template", True).add_argument("vmid")
+    command(sub, "template", _submitter("template"), "turn a guest into a template (also: template assemble, "
+            "template copy)", True).add_argument("vmid")
+    p = command(sub, "template-assemble", _submitter("template.assemble"),
+                "= template assemble VMID: a new template of existing base images", True)
+    p.add_argument("vmid")
+    p.add_argument("--disk", action="append", help="DISK=BASE, e.g. scsi0=local:base/os.raw")
+    p.add_argument("--name")
+    p = command(sub, "template-copy", _submitter("template.copy"),
+                "= template copy VMID NEWID: a new template of full copies of the bases", True)
+    p.add_argument("vmid")
+    p.add_argument("newid")
+    p.add_argument("--storage")
+    p.add_argument("--format", choices=["raw", "qcow2"])
+    p.add_argument("--name")
     p = command(sub, "clone", _submitter("clone"), "clone a guest (linked for a template)", True)
     p.add_argument("vmid")
     p.add_argument("newid")
@@ -316,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("storage")
     p.add_argument("--format", choices=["raw", "qcow2"])
     p.add_argument("--delete-source", action="store_true", help="free the old volume once the copy is verified")
+    p = command(disk, "add", _submitter("disk.add"), "add disks: empty, or linked clones of base images", True)
+    p.add_argument("vmid")
+    p.add_argument("specs", nargs="+", metavar="DISK=SPEC", help="scsi1=local:8G[,format=F] or scsi1=local:base/os.raw")
+    for action, help_ in (("detach", "keep a disk as unused instead of attached"),
+                          ("remove", "free a disk and drop it from the guest")):
+        p = command(disk, action, _submitter(f"disk.{action}"), help_, True)
+        p.add_argument("vmid")
+        p.add_argument("disk")
     p = command(disk, "resize", _submitter("disk.resize"), "grow a volume", True)
     p.add_argument("volid")
     p.add_argument("size")
@@ -333,7 +363,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bases(values: list[str] | None) -> dict[str, str]:
+    """`scsi0=local:base/os.raw` -> {"scsi0": "local:base/os.raw"}: base images to attach."""
+    bases = {}
+    for disk, spec in _disk_specs(values or [], "storage:size").items():
+        if set(spec) != {"base"}:
+            raise UsageError(f"invalid --disk {disk}=...: expected DISK=BASE, a base image such as local:base/os.raw")
+        bases[disk] = spec["base"]
+    return bases
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["template"] and argv[1:2] in (["assemble"], ["copy"]):
+        argv = [f"template-{argv[1]}", *argv[2:]]  # `template VMID` and `template copy ...` side by side
     args = build_parser().parse_args(argv)
     try:
         from producer.client import Client  # imports the config: errors are reported below

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -117,17 +118,29 @@ class Client:
         return storage
 
     def volumes(self, storage_id: str | None = None) -> list[VolumeInfo]:
+        """Volumes with the guests that use each (`<vmid>:<disk>`, or `<vmid>:unused`)."""
         ids = [storage_id] if storage_id else [s.id for s in self.storages() if s.on_node(self.cfg.node)]
+        users = self._users()
         found = []
         for sid in ids:
             drv = driver_for(self._storage_here(sid))
-            found += [drv.info(v) for v in drv.list_volumes()]
+            infos = [drv.info(v) for v in drv.list_volumes()]
+            found += [replace(info, users=tuple(users.get(info.volid, ()))) for info in infos]
         return found
 
     def volume(self, volid: str) -> VolumeInfo:
         vid = names.volume_id(volid)
         drv = driver_for(self._storage_here(vid.storage))
-        return drv.info(drv.parse_volname(vid.volname))
+        info = drv.info(drv.parse_volname(vid.volname))
+        return replace(info, users=tuple(self._users().get(info.volid, ())))
+
+    def _users(self) -> dict[str, list[str]]:
+        guests, _broken = self.guest_store.scan()  # a display: broken configs show in `guest list`
+        users: dict[str, list[str]] = {}
+        for g in guests:
+            for key, volid in [*g.disks.items(), *(("unused", v) for v in g.unused)]:
+                users.setdefault(volid, []).append(f"{g.vmid}:{key}")
+        return users
 
     def guests(self) -> list[Guest]:
         return self.guest_store.list()

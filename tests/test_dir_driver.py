@@ -108,7 +108,7 @@ def test_features_refuse_writing_a_base_and_cloning_a_non_base(drv):
     assert drv.has_feature("linked_clone", base) and not drv.has_feature("linked_clone", current)
     assert drv.has_feature("resize", current) and not drv.has_feature("resize", base)
     with pytest.raises(FeatureUnsupported, match=r"read-only base image"):
-        drv.require_feature("move", base)
+        drv.require_feature("resize", base)
 
 
 def test_copy_from_makes_an_identical_sparse_image_in_another_format(drv, tmp_path):

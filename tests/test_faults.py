@@ -204,7 +204,7 @@ def test_cancel_stops_the_retries_of_an_undo_that_keeps_failing(client, stork, v
 UNDO_PLANS = [
     # (kind, steps done, failed at, undos in order)
     ("full_clone", 3, 3, [2, 1, 0]),  # the copy failed: free the target, drop the new guest, unlock
-    ("move", 5, 5, [0]),  # freeing the old copy failed after the switch: only the lock is released
+    ("move", 6, 6, [0]),  # freeing the old copy failed after the switch: only the lock is released
     ("resize", 2, 2, [0]),  # the unlock after the resize failed: the guest is still unlocked
     ("create", 0, 0, [0]),  # the reservation failed: nothing made, its undo checks for itself
 ]

@@ -16,18 +16,23 @@ from drivers.config import Config
 from worker import steps
 from worker.context import StepContext
 from worker.prepare import (
+    prepare_add_disk,
+    prepare_assemble,
     prepare_base,
     prepare_copy,
     prepare_create,
     prepare_destroy,
+    prepare_detach,
     prepare_free,
     prepare_full_clone,
     prepare_import,
     prepare_linked_clone,
     prepare_move,
     prepare_ping,
+    prepare_remove_disk,
     prepare_resize,
     prepare_template,
+    prepare_template_copy,
     prepare_unlock,
 )
 from worker.queues import SHARED_QUEUE, node_queue
@@ -67,6 +72,7 @@ ALLOCATE = Step("allocate", steps.allocate_disks, steps.free_made)
 LINK = Step("link_disks", steps.link_disks, steps.free_made)
 COPY = Step("copy_data", steps.copy_data)  # its target is freed by ALLOCATE's undo
 VERIFY = Step("verify_copy", steps.verify_copy)
+MAKE_MOVED_BASES = Step("make_bases", steps.make_moved_bases, steps.unmake_bases)  # only for a moved base
 COMMIT_NEW = Step("commit_guest", steps.commit_new_guest, storage=False, commit=True)
 MAKE_BASES = Step("make_bases", steps.make_bases, steps.unmake_bases)
 COMMIT_BASES = Step("commit_guest", steps.commit_bases, storage=False, commit=True)
@@ -81,6 +87,12 @@ PING_SHARED = Step("pong_shared", steps.pong, storage=False)
 PING_NODE = Step("pong_node", steps.pong)
 PING_BACK = Step("pong_back", steps.pong, storage=False)
 FORCE_UNLOCK = Step("unlock", steps.force_unlock, storage=False, commit=True)
+ATTACH = Step("attach_disks", steps.attach_disks, storage=False, commit=True)
+DETACH = Step("detach_disk", steps.detach_disk, storage=False, commit=True)
+REMOVE_DISK = Step("remove_disk", steps.remove_disk, commit=True)
+COMMIT_ASSEMBLED = Step("commit_guest", steps.commit_assembled, commit=True)  # reads the bases: on their node
+MAKE_COPY_BASES = Step("make_bases", steps.make_copies_bases, steps.unmake_bases)
+COMMIT_TEMPLATE_COPY = Step("commit_guest", steps.commit_template_copy, storage=False, commit=True)
 
 
 KINDS: dict[str, JobKind] = {k.name: k for k in [
@@ -99,7 +111,7 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
     JobKind("copy", "copy a volume to a storage",
             (ALLOCATE, COPY), prepare_copy),
     JobKind("move", "move a guest's disk to a storage",
-            (LOCK_GUEST, ALLOCATE, COPY, VERIFY, SWITCH, FREE_SOURCES), prepare_move),
+            (LOCK_GUEST, ALLOCATE, COPY, VERIFY, MAKE_MOVED_BASES, SWITCH, FREE_SOURCES), prepare_move),
     JobKind("free", "free a volume",
             (FREE,), prepare_free),
     JobKind("destroy", "destroy a guest and free its disks",
@@ -110,4 +122,14 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
             (LOCK_GUEST, RESIZE, UNLOCK_GUEST), prepare_resize),
     JobKind("unlock", "clear a guest's lock left by a job that is no longer live",
             (FORCE_UNLOCK,), prepare_unlock),
+    JobKind("add_disk", "add disks to a guest: empty ones, or linked clones of base images",
+            (LOCK_GUEST, ALLOCATE, ATTACH), prepare_add_disk),
+    JobKind("detach", "keep a guest's disk as unused instead of attached",
+            (LOCK_GUEST, DETACH), prepare_detach),
+    JobKind("remove_disk", "free a guest's disk and drop it from the guest",
+            (LOCK_GUEST, REMOVE_DISK), prepare_remove_disk),
+    JobKind("assemble", "a new template whose disks are existing base images",
+            (RESERVE_GUEST, COMMIT_ASSEMBLED), prepare_assemble),
+    JobKind("template_copy", "copy a template: full copies of its bases, made bases on the target",
+            (RESERVE_GUEST, ALLOCATE, COPY, MAKE_COPY_BASES, COMMIT_TEMPLATE_COPY), prepare_template_copy),
 ]}

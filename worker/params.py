@@ -122,6 +122,8 @@ PLAN: dict[str, Check] = {
     "owner": _vmid,
     "source": _volid,
     "source_path": _absolute_path,
+    "base": _volid,  # a disk from a base image: a linked clone of it
+    "as_base": _bool,  # a moved base: its copy is made a base on the target
 }
 BASE_PLAN: dict[str, Check] = {"source": _volid, "name": _optional(lambda v: names.image_name(v, "base name"))}
 
@@ -141,6 +143,8 @@ PARAMS: dict[str, Check] = {
     "bases": _map_of(_disk_key, _table(BASE_PLAN)),
     "volid": _volid,
     "size": _positive_int,
+    "disk": names.disk_key,
+    "attach": _map_of(names.disk_key, _volid),
 }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers import driver_for, names, qemu
+from drivers.base import Driver
 from drivers.config import Config
 from drivers.errors import AlreadyExists, InvalidName, NotFound, Refused
 from drivers.guests import Guest, GuestStore
@@ -95,13 +96,95 @@ def _new_guest(o: dict[str, Any], cfg: Config, kind: str, disk_options: set[str]
     return {"new_vmid": vmid, "name": _name(o), "node": node, "disks": disks, "storages": storages}
 
 
-def prepare_create(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    def plan(spec: dict[str, Any]) -> dict[str, Any]:
-        storage = _images_storage(cfg, names.storage_id(spec.get("storage", "")))
-        return {"storage": storage, "size": names.size(spec.get("size", "")),
-                "format": _format(cfg, storage, spec.get("format"))}
+DISK_OPTIONS = {"storage", "size", "format", "base"}
 
-    return _new_guest(o, cfg, "create", {"storage", "size", "format"}, plan)
+
+def _base_here(cfg: Config, volid: str) -> tuple[str, VolName]:
+    """A base image named by the user: refused unless it is one (and, where this node can
+    see its storage, unless it exists)."""
+    storage, vol = _volume(cfg, volid)
+    drv = driver_for(cfg.storage(storage))
+    if not vol.is_base:
+        raise Refused(f"{volid} is not a base image (make one with 'stork base' or 'stork template')")
+    if cfg.storage(storage).on_node(cfg.node):
+        drv.require_existing(vol)
+    return storage, vol
+
+
+def _disk_plan(cfg: Config, spec: dict[str, Any]) -> dict[str, Any]:
+    """A new disk: a linked clone of a base image (`base`), or an empty one of a size."""
+    if spec.get("base"):
+        if extra := set(spec) - {"base"}:
+            raise InvalidName(f"a disk from a base image takes no {', '.join(sorted(extra))}: it is a linked clone")
+        storage, vol = _base_here(cfg, str(spec["base"]))
+        drv = driver_for(cfg.storage(storage))
+        drv.require_feature("linked_clone", vol)
+        return {"storage": _images_storage(cfg, storage), "base": str(spec["base"]),
+                "format": drv.linked_clone_format}
+    storage = _images_storage(cfg, names.storage_id(spec.get("storage", "")))
+    return {"storage": storage, "size": names.size(spec.get("size", "")),
+            "format": _format(cfg, storage, spec.get("format"))}
+
+
+def prepare_create(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    return _new_guest(o, cfg, "create", DISK_OPTIONS, lambda spec: _disk_plan(cfg, spec))
+
+
+def prepare_add_disk(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"vmid", "disks"}, "disk add")
+    guest = _guest(cfg, o.get("vmid"))
+    guest.require_not_template("adding disks")
+    guest.require_unlocked()
+    disks: dict[str, dict[str, Any]] = {}
+    for key, spec in (o.get("disks") or {}).items():
+        key = names.disk_key(key)
+        if key in guest.disks:
+            raise AlreadyExists(f"guest {guest.vmid} has a disk {key} already ({guest.disks[key]})")
+        _only(spec, DISK_OPTIONS, f"disk {key}")
+        disks[key] = {**_disk_plan(cfg, spec), "owner": guest.vmid}
+    if not disks:
+        raise InvalidName("disk add: name at least one disk")
+    return {"lock_vmid": guest.vmid, "refuse_template": "adding disks", "expect_disks": guest.disks,
+            "disks": disks, "node": guest.node,
+            "storages": _check_nodes(cfg, {d["storage"] for d in disks.values()}, guest.node)}
+
+
+def _guest_disk(o: dict[str, Any], cfg: Config, kind: str, doing: str) -> dict[str, Any]:
+    """Params of a job acting on one disk of a guest (not of a template)."""
+    _only(o, {"vmid", "disk"}, kind)
+    guest = _guest(cfg, o.get("vmid"))
+    key = names.disk_key(o.get("disk", ""))
+    if key not in guest.disks:
+        raise NotFound(f"guest {guest.vmid} has no disk {key} (disks: {', '.join(guest.disks) or 'none'})")
+    guest.require_not_template(doing)
+    guest.require_unlocked()
+    storage, _vol = _volume(cfg, guest.disks[key])
+    return {"lock_vmid": guest.vmid, "refuse_template": doing, "expect_disks": guest.disks, "disk": key,
+            "node": guest.node, "storages": _check_nodes(cfg, {storage}, guest.node)}
+
+
+def prepare_detach(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    return _guest_disk(o, cfg, "disk detach", "detaching its disks")
+
+
+def prepare_remove_disk(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    return _guest_disk(o, cfg, "disk remove", "removing its disks")
+
+
+def prepare_assemble(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """A new template whose disks are existing base images, attached as they are."""
+    _only(o, {"vmid", "name", "disks", "node"}, "template assemble")
+    vmid = _new_vmid(cfg, o.get("vmid"))
+    node = _node(o, cfg)
+    attach, storages = {}, set()
+    for key, volid in (o.get("disks") or {}).items():
+        storage, _vol = _base_here(cfg, str(volid))
+        attach[names.disk_key(key)] = str(volid)
+        storages.add(storage)
+    if not attach:
+        raise InvalidName("template assemble: name at least one base image as a disk")
+    return {"new_vmid": vmid, "name": _name(o), "node": node, "attach": attach,
+            "storages": _check_nodes(cfg, storages, node)}
 
 
 def prepare_import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -163,6 +246,14 @@ def prepare_full_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
             "disks": disks, "storages": storages}
 
 
+def prepare_template_copy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """A new template of full copies of a template's bases, made bases on the target storage."""
+    source = _guest(cfg, o.get("vmid"))
+    if not source.template:
+        raise Refused(f"guest {source.vmid} is not a template (copy a guest with 'stork clone --full')")
+    return prepare_full_clone(o, cfg)
+
+
 def _owner_of(cfg: Config, volid: str) -> Guest | None:
     """The guest that attaches the volume or keeps it as unused (fails closed: ConfigError
     naming a broken guest config, which might be the owner)."""
@@ -220,19 +311,31 @@ def prepare_move(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     key = names.disk_key(o.get("disk", ""))
     if key not in guest.disks:
         raise NotFound(f"guest {guest.vmid} has no disk {key} (disks: {', '.join(guest.disks) or 'none'})")
-    guest.require_not_template("moving its disks")
     guest.require_unlocked()
     volid = guest.disks[key]
     storage, vol = _volume(cfg, volid)
-    driver_for(cfg.storage(storage)).require_feature("move", vol)
+    drv = driver_for(cfg.storage(storage))
+    drv.require_feature("move", vol)
+    if vol.is_base and cfg.storage(storage).on_node(cfg.node):
+        _require_no_clones(drv, vol)  # checked again by the step, on the storage's node
     dest = _images_storage(cfg, names.storage_id(o.get("storage") or ""))
     fmt = _format(cfg, dest, o.get("format"), vol.fmt)
     if dest == storage and fmt == vol.fmt:
         raise Refused(f"{volid} is already on {dest!r} as {fmt}")
-    return {"lock_vmid": guest.vmid, "refuse_template": "moving its disks", "expect_disks": guest.disks,
-            "disks": {key: {"source": volid, "storage": dest, "owner": guest.vmid, "format": fmt}},
+    plan = {"source": volid, "storage": dest, "owner": guest.vmid, "format": fmt}
+    if vol.is_base:
+        plan["as_base"] = True  # the verified copy becomes a base on the target
+    return {"lock_vmid": guest.vmid, "expect_disks": guest.disks, "disks": {key: plan},
             "delete_source": _flag(o, "delete_source"), "node": guest.node,
             "storages": _check_nodes(cfg, {storage, dest}, guest.node)}
+
+
+def _require_no_clones(drv: Driver, base: VolName) -> None:
+    """A base that linked clones read through cannot move: their backing paths name it."""
+    if clones := drv.clones_of(base):
+        listed = ", ".join(drv.volid(c) for c in clones)
+        raise Refused(f"{drv.volid(base)} is a base with {len(clones)} linked clone(s), which read through it where "
+                      f"it is: {listed} (move or destroy them first)")
 
 
 def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:

@@ -151,10 +151,14 @@ def _adopt_pending(ctx: StepContext, key: str) -> bool:
 
 
 def allocate_disks(ctx: StepContext) -> None:
-    """Allocate one new volume per planned disk."""
+    """Make one new volume per planned disk: a linked clone of the base a plan names (the
+    seed's disk from a base image), else an empty volume of its size (or its source's)."""
     for key, plan in ctx.params["disks"].items():
         if key in ctx.data.get("made", {}):
             continue  # redelivered: made already
+        if "base" in plan:
+            _link(ctx, key, plan["base"], plan["owner"])
+            continue
         drv = ctx.driver(plan["storage"])
         size = int(plan["size"]) if "size" in plan else _volume_size(ctx, plan["source"])
 
@@ -171,17 +175,21 @@ def link_disks(ctx: StepContext) -> None:
     template = ctx.guests.read(ctx.params["vmid"])
     template.require_unlocked()
     for key, plan in ctx.params["disks"].items():
-        if key in ctx.data.get("made", {}):
-            continue
-        drv, base = ctx.volume(plan["source"])
-        drv.require_feature("linked_clone", base)
-
-        def link(vol: VolName, d: Driver = drv, b: VolName = base) -> None:
-            d.require_existing(b)  # under the storage lock that a destroy frees it under
-            d.link_clone(b, vol)
-
-        _make_volume(ctx, key, drv, plan["owner"], drv.linked_clone_format, link)
+        if key not in ctx.data.get("made", {}):
+            _link(ctx, key, plan["source"], plan["owner"])
     ctx.set_result(volumes=ctx.data.get("made", {}))
+
+
+def _link(ctx: StepContext, key: str, base_volid: str, owner: int) -> None:
+    """Make `key`'s disk a linked clone of the base `base_volid`."""
+    drv, base = ctx.volume(base_volid)
+    drv.require_feature("linked_clone", base)
+
+    def link(vol: VolName) -> None:
+        drv.require_existing(base)  # under the storage lock that a destroy frees it under
+        drv.link_clone(base, vol)
+
+    _make_volume(ctx, key, drv, owner, drv.linked_clone_format, link)
 
 
 def free_made(ctx: StepContext) -> None:
@@ -303,8 +311,31 @@ def pong(ctx: StepContext) -> None:
 
 def make_bases(ctx: StepContext) -> None:
     """Turn each planned volume into a read-only base (rename + protect)."""
+    _make_bases(ctx, ctx.params["bases"])
+
+
+def make_moved_bases(ctx: StepContext) -> None:
+    """Make the verified copy of each moved base a base on its target storage (same name);
+    refused if linked clones read through the source by now."""
+    plans = {}
+    for key, plan in ctx.params["disks"].items():
+        if plan.get("as_base"):
+            drv, source = ctx.volume(plan["source"])
+            if clones := drv.clones_of(source):
+                raise Refused(f"{plan['source']} has {len(clones)} linked clone(s) now: "
+                              f"{', '.join(drv.volid(c) for c in clones)}")
+            plans[key] = {"source": ctx.data["made"][key], "name": source.name}
+    _make_bases(ctx, plans)
+
+
+def make_copies_bases(ctx: StepContext) -> None:
+    """Turn each volume this job made (a template copy's copies) into a base."""
+    _make_bases(ctx, {key: {"source": volid, "name": None} for key, volid in ctx.data.get("made", {}).items()})
+
+
+def _make_bases(ctx: StepContext, plans: dict[str, dict]) -> None:
     based: dict[str, list[str]] = ctx.data.setdefault("based", {})
-    for key, plan in ctx.params["bases"].items():
+    for key, plan in plans.items():
         drv, vol = ctx.volume(plan["source"])
         base = VolName(None, plan["name"], vol.fmt) if plan.get("name") else drv.default_base_name(vol)
         if key in based and drv.exists(base) and not drv.exists(vol):
@@ -376,10 +407,82 @@ def commit_new_guest(ctx: StepContext) -> None:
     ctx.set_result(vmid=vmid, disks=ctx.data.get("made", {}))
 
 
+def attach_disks(ctx: StepContext) -> None:
+    """Attach the volumes this job made to its locked guest, and unlock it (the commit of
+    `disk add`)."""
+    vmid = ctx.params["lock_vmid"]
+    made = ctx.data.get("made", {})
+    with ctx.guests.editing(vmid) as box:
+        guest = box[0]
+        if guest.lock_job == ctx.job.id:
+            box[0] = guest.with_(disks={**guest.disks, **made}, lock="", lock_job="")
+    ctx.set_result(vmid=vmid, disks=made)
+
+
+def detach_disk(ctx: StepContext) -> None:
+    """Keep a guest's disk as `unused` instead of attached, and unlock it."""
+    vmid, key = ctx.params["lock_vmid"], ctx.params["disk"]
+    with ctx.guests.editing(vmid) as box:
+        guest = box[0]
+        if guest.lock_job != ctx.job.id:
+            return  # redelivered after it finished
+        volid = guest.disks[key]
+        box[0] = guest.with_(disks={k: v for k, v in guest.disks.items() if k != key},
+                             unused=(*guest.unused, volid), lock="", lock_job="")
+    ctx.set_result(vmid=vmid, detached={key: volid})
+
+
+def remove_disk(ctx: StepContext) -> None:
+    """Free a guest's disk, then drop it from the guest and unlock it; a base that linked
+    clones read through, or a volume another guest or job uses, is refused first."""
+    vmid, key = ctx.params["lock_vmid"], ctx.params["disk"]
+    guest = ctx.guests.read(vmid)
+    if guest.lock_job != ctx.job.id:
+        return  # redelivered after it finished
+    volid = guest.disks.get(key)
+    if volid is not None:
+        drv, vol = ctx.volume(volid)
+        with ctx.storage_lock(drv):
+            if vol.is_base and drv.exists(vol) and (clones := drv.clones_of(vol)):
+                listed = ", ".join(drv.volid(c) for c in clones)
+                raise Refused(f"{volid} is a base image with {len(clones)} linked clone(s): {listed}")
+            usage.require_unused(ctx, volid)
+            ctx.fence(drv)
+            drv.free(vol)
+    with ctx.guests.editing(vmid) as box:
+        box[0] = box[0].with_(disks={k: v for k, v in box[0].disks.items() if k != key}, lock="", lock_job="")
+    ctx.set_result(vmid=vmid, removed={key: volid})
+
+
+def commit_assembled(ctx: StepContext) -> None:
+    """Attach the named bases to the reserved guest as they are and mark it a template: the
+    seed's template assembled by hand from base images."""
+    vmid = ctx.params["new_vmid"]
+    for volid in ctx.params["attach"].values():
+        drv, vol = ctx.volume(volid)
+        drv.require_existing(vol)
+        if not vol.is_base:
+            raise Refused(f"{volid} is not a base image: a template's disks must all be bases")
+    with ctx.guests.editing(vmid) as box:
+        if box[0].lock_job == ctx.job.id:
+            box[0] = box[0].with_(disks=dict(ctx.params["attach"]), template=True, lock="", lock_job="")
+    ctx.set_result(vmid=vmid, template=True, disks=ctx.params["attach"])
+
+
+def commit_template_copy(ctx: StepContext) -> None:
+    """Attach the copies, made bases, to the new guest as a template and unlock it."""
+    vmid = ctx.params["new_vmid"]
+    disks = {key: pair[1] for key, pair in ctx.data.get("based", {}).items()}
+    with ctx.guests.editing(vmid) as box:
+        if box[0].lock_job == ctx.job.id:
+            box[0] = box[0].with_(disks=disks, template=True, lock="", lock_job="")
+    ctx.set_result(vmid=vmid, template=True, disks=disks)
+
+
 def switch_disks(ctx: StepContext) -> None:
     """Attach the copies in place of the originals; keep those as unused or free them later."""
     vmid = ctx.params["lock_vmid"]
-    made = ctx.data["made"]
+    made = {**ctx.data["made"], **{key: pair[1] for key, pair in ctx.data.get("based", {}).items()}}
     with ctx.guests.editing(vmid) as box:
         guest = box[0]
         if guest.lock_job != ctx.job.id:
@@ -465,13 +568,19 @@ def destroy_guest(ctx: StepContext) -> None:
     if guest.lock_job != ctx.job.id:
         return  # redelivered after it finished, and the id has been used again since
     volumes = {v: ctx.volume(v) for v in [*guest.disks.values(), *guest.unused]}
+    kept = {}
     with ctx.storage_locks([drv for drv, _ in volumes.values()]):
         for volid, (drv, vol) in volumes.items():
             if vol.is_base and drv.exists(vol) and (clones := drv.clones_of(vol)):
                 listed = ", ".join(drv.volid(c) for c in clones)
                 raise Refused(f"guest {vmid}: base {drv.volid(vol)} still has linked clones: {listed}")
-            usage.require_unused(ctx, volid)
+            if found := usage.job_users(ctx, volid):
+                raise Refused(f"{volid} is in use by {', '.join(found)}")
+            if found := usage.guest_users(ctx, volid):
+                kept[volid] = found  # e.g. a base another template shares: it stays theirs
         for volid, (drv, vol) in volumes.items():
+            if volid in kept:
+                continue
             ctx.fence(drv)
             drv.free(vol)
             with ctx.guests.editing(vmid) as box:
@@ -479,4 +588,5 @@ def destroy_guest(ctx: StepContext) -> None:
                 box[0] = g.with_(disks={k: v for k, v in g.disks.items() if v != volid},
                                  unused=tuple(v for v in g.unused if v != volid))
     ctx.guests.delete(vmid)
-    ctx.set_result(destroyed=vmid, freed=list(volumes))
+    ctx.set_result(destroyed=vmid, freed=[v for v in volumes if v not in kept],
+                   **({"kept": {v: ", ".join(u) for v, u in kept.items()}} if kept else {}))

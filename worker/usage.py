@@ -30,7 +30,8 @@ def job_volumes(job: JobRecord) -> set[str]:
     p, made = job.params, job.ctx
     found = {p["volid"]} if p.get("volid") else set()
     for plans in (p.get("disks"), p.get("bases")):
-        found |= {plan["source"] for plan in (plans or {}).values() if "source" in plan}
+        found |= {plan[k] for plan in (plans or {}).values() for k in ("source", "base") if k in plan}
+    found |= set((p.get("attach") or {}).values())
     for table in ("made", "pending", "replaced"):
         found |= set((made.get(table) or {}).values())
     for pair in (made.get("based") or {}).values():
@@ -38,24 +39,34 @@ def job_volumes(job: JobRecord) -> set[str]:
     return found
 
 
-def users(ctx: StepContext, volid: str, count_unused: bool = True) -> list[str]:
-    """Who uses `volid`, besides this job and guests it holds: guests that attach it (or keep
-    it as unused, with `count_unused`) and jobs that have not ended."""
+def guest_users(ctx: StepContext, volid: str, count_unused: bool = True) -> list[str]:
+    """Guests, besides those this job holds, that attach `volid` (or keep it as unused)."""
     try:
         guests = ctx.guests.list()
-        jobs = records.load_many(ctx.r, [j for j in records.active_ids(ctx.r) if j != ctx.job.id])
-        for job in jobs:
-            params.check_record(job)  # a record we cannot read might name the volume
     except StorkError as e:
         raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
-    found = [
+    return [
         f"guest {g.vmid} ({key})"
         for g in guests if g.lock_job != ctx.job.id
         for key, v in [*g.disks.items(), *((("unused", u) for u in g.unused) if count_unused else ())]
         if v == volid
     ]
-    found += [f"job {job.id} ({job.kind})" for job in jobs if volid in job_volumes(job)]
-    return found
+
+
+def job_users(ctx: StepContext, volid: str) -> list[str]:
+    """Jobs, besides this one, that have not ended and read, make or rename `volid`."""
+    try:
+        jobs = records.load_many(ctx.r, [j for j in records.active_ids(ctx.r) if j != ctx.job.id])
+        for job in jobs:
+            params.check_record(job)  # a record we cannot read might name the volume
+    except StorkError as e:
+        raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
+    return [f"job {job.id} ({job.kind})" for job in jobs if volid in job_volumes(job)]
+
+
+def users(ctx: StepContext, volid: str, count_unused: bool = True) -> list[str]:
+    """Who uses `volid`: guests (see guest_users) and jobs that have not ended."""
+    return guest_users(ctx, volid, count_unused) + job_users(ctx, volid)
 
 
 def require_unused(ctx: StepContext, volid: str, count_unused: bool = True) -> None:
