@@ -11,6 +11,7 @@ from typing import Any
 import redis
 import structlog
 from celery import Task
+from kombu.exceptions import OperationalError
 
 from drivers import driver_for
 from drivers.base import Driver
@@ -22,6 +23,7 @@ from worker import events, locks, records
 from worker.records import JobRecord
 
 PROGRESS_INTERVAL = 0.5  # seconds between progress events
+log = structlog.get_logger("stork.context")
 
 
 @dataclass
@@ -122,4 +124,7 @@ class StepContext:
         fields = {"done": done, "total": total, "rate": int(rate), "message": message}
         events.emit(self.r, self.job.id, self.job.kind, "progress", step=self.step, node=self.node, **fields)
         if self.task is not None:
-            self.task.send_event("task-progress", job=self.job.id, step=self.step, **fields)
+            try:
+                self.task.send_event("task-progress", job=self.job.id, step=self.step, **fields)
+            except (OperationalError, OSError, redis.RedisError) as e:  # Flower's view, best effort: the
+                log.warning("progress_event_lost", error=str(e))  # job's own events went out above
