@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from drivers.errors import StorkError
+from worker import logs
 
 if TYPE_CHECKING:  # imported for real in main(), once the config is known to load
     from producer.client import Client
@@ -375,6 +377,7 @@ def _bases(values: list[str] | None) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    logs.configure(logging.WARNING)  # stdout carries only the result; warnings go to stderr
     if argv[:1] == ["template"] and argv[1:2] in (["assemble"], ["copy"]):
         argv = [f"template-{argv[1]}", *argv[2:]]  # `template VMID` and `template copy ...` side by side
     args = build_parser().parse_args(argv)

@@ -180,3 +180,24 @@ def test_a_bad_node_name_is_refused_at_submit(client):
         client.submit("ping", node="Bad Node/..")
     with pytest.raises(InvalidName, match=r"invalid delete_source 'yes': expected true or false"):
         client.submit("move", vmid=90001, disk="scsi0", storage="shared", delete_source="yes")
+
+
+def test_a_job_id_naming_another_key_is_unknown(stork):
+    """`job show <id>:events` names the job's event stream, not a job: one line, exit 1."""
+    code, out, err = stork("job", "show", "0123456789ab:events")
+    assert (code, out, err) == (1, "", "stork: unknown job '0123456789ab:events'\n")
+
+
+def test_job_cancel_with_json_prints_only_json(client, vmid):
+    """`stork --json job cancel` prints the JSON answer and nothing else on stdout."""
+    import json
+    import subprocess
+    import sys
+
+    from worker.testing import ROOT
+
+    job = client.submit("ping", node="nowhere")  # waits on a queue no worker serves
+    done = subprocess.run([sys.executable, "-m", "producer.cli", "--json", "job", "cancel", job.id], cwd=ROOT,
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"job": job.id, "cancel": "requested"}

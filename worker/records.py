@@ -160,10 +160,10 @@ def _decode(raw: dict[str, str]) -> JobRecord:
 
 def resolve(r: redis.Redis, prefix: str) -> str:
     """A full job id from a unique prefix, as users type ids by hand."""
+    if not prefix.isascii() or not prefix.isalnum():
+        raise NotFound(f"unknown job {prefix!r}")  # e.g. '<id>:events' would name another key
     if len(prefix) == ID_LENGTH or r.exists(job_key(prefix)):
         return prefix  # a whole id: load() says if it is unknown
-    if not prefix.isalnum():
-        raise NotFound(f"unknown job {prefix!r}")
     matches = [j for j in r.zrange(JOBS, 0, -1) if j.startswith(prefix)]
     if len(matches) != 1:
         raise NotFound(f"unknown job {prefix!r}" if not matches else f"job id {prefix!r} is ambiguous")
