@@ -18,7 +18,8 @@ FORMATS = ("raw", "qcow2")
 
 _STORAGE_ID = re.compile(r"[a-z][a-z0-9_-]{0,39}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
-_DISK_KEY = re.compile(r"(scsi|virtio|sata|ide|efidisk|tpmstate)[0-9]{1,2}")
+_DISK_KEY = re.compile(r"(scsi|virtio|sata|ide|efidisk|tpmstate)(0|[1-9][0-9]?)")
+DISK_BUSES = {"ide": 4, "sata": 6, "scsi": 31, "virtio": 16, "efidisk": 1, "tpmstate": 1}  # as Proxmox VE
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -71,8 +72,12 @@ def image_format(text: str) -> str:
 
 
 def disk_key(text: str) -> str:
-    if not isinstance(text, str) or not _DISK_KEY.fullmatch(text):
-        raise InvalidName(f"invalid disk {text!r}: expected a bus and number, e.g. scsi0, virtio1")
+    """A disk slot as Proxmox VE numbers them: ide0-3, sata0-5, scsi0-30, virtio0-15,
+    efidisk0, tpmstate0."""
+    match = _DISK_KEY.fullmatch(text) if isinstance(text, str) else None
+    if not match or int(match.group(2)) >= DISK_BUSES[match.group(1)]:
+        raise InvalidName(f"invalid disk {text!r}: expected ide0-3, sata0-5, scsi0-30, virtio0-15, efidisk0 "
+                          "or tpmstate0")
     return text
 
 

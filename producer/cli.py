@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -106,6 +107,8 @@ def _disk_specs(values: list[str], first: str) -> dict[str, dict[str, str]]:
             spec |= {"base": head} if "/" in size else {"storage": storage, "size": size}
         else:
             spec |= {"path": head}
+        if key in disks:
+            raise UsageError(f"disk {key} is given twice")
         disks[key] = spec
     if not disks:
         raise UsageError("at least one --disk is needed")
@@ -398,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `stork job list | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -117,3 +117,16 @@ def test_volume_id_splits_on_the_first_colon():
     for bad in ["local", "local:", ":base/x.raw", "Bad:base/x.raw"]:
         with pytest.raises(InvalidName):
             names.volume_id(bad)
+
+
+@pytest.mark.parametrize("key", ["ide0", "ide3", "sata5", "scsi0", "scsi30", "virtio15", "efidisk0", "tpmstate0"])
+def test_disk_keys_within_proxmox_ranges_are_accepted(key):
+    """Every slot Proxmox VE has is a disk key."""
+    assert names.disk_key(key) == key
+
+
+@pytest.mark.parametrize("key", ["ide4", "sata6", "scsi31", "virtio16", "efidisk1", "scsi00", "scsi01", "nvme0", ""])
+def test_disk_keys_outside_proxmox_ranges_are_refused(key):
+    """A slot no bus has, or a second spelling of one, is refused naming the ranges."""
+    with pytest.raises(InvalidName, match="expected ide0-3, sata0-5, scsi0-30, virtio0-15"):
+        names.disk_key(key)

@@ -201,3 +201,24 @@ def test_job_cancel_with_json_prints_only_json(client, vmid):
                           capture_output=True, text=True, check=False, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"job": job.id, "cancel": "requested"}
+
+
+def test_a_disk_given_twice_is_a_command_line_mistake(stork):
+    """`--disk scsi0=... --disk scsi0=...` is refused (exit 2) instead of keeping the last."""
+    code, out, err = stork("guest", "create", "97001", "--disk", "scsi0=local:1M", "--disk", "scsi0=local:2M")
+    assert (code, out, err) == (2, "", "stork: disk scsi0 is given twice\n")
+
+
+def test_a_closed_pipe_ends_the_listing_quietly(workers):
+    """`stork job list | head`: once the reader has gone, exit 0 and nothing on stderr."""
+    import subprocess
+    import sys
+
+    from worker.testing import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "job", "list"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    assert proc.wait(60) == 0
+    assert proc.stderr.read() == b""
+    proc.stderr.close()
