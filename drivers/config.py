@@ -359,16 +359,42 @@ def config_path(env: Mapping[str, str] | None = None) -> Path:
 
 def load(env: Mapping[str, str] | None = None) -> Config:
     """Load the config named by STORK_CONFIG (default ./stork.toml)."""
+    import stat  # here, not at the top: this change keeps to load()
+
     file = config_path(env)
+    limit = 1 << 20  # a config is a few KiB: more is some other file, not read whole into memory
+    # O_NONBLOCK: a FIFO at the name must not hang a command, nor a worker's step that reloads the file.
+    # A symlink is followed (a config may be linked from a shared place); the opened file is what is checked.
     try:
-        text = file.read_text()
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
+        if os.path.islink(file):
+            raise ConfigError(
+                f"{file}: config file not found: it is a symlink to {os.readlink(file)}, which does not exist"
+            ) from None
         raise ConfigError(
             f"{file}: config file not found (set STORK_CONFIG, or run 'make run' once to "
             "write the default)"
         ) from None
     except OSError as e:
         raise ConfigError(f"{file}: cannot read the config file: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        # a directory, FIFO or device reads as an error, as empty or without end: never taken for a config
+        kinds = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+                 stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+        kind = kinds.get(stat.S_IFMT(mode), "a special file")
+        raise ConfigError(f"{file}: cannot read the config file: it is {kind}, not a regular file")
+    with open(fd, "rb") as f:
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise ConfigError(f"{file}: cannot read the config file: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise ConfigError(f"{file}: cannot read the config file: larger than {limit >> 20} MiB, not a config")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{file}: not valid TOML: not UTF-8 text") from None
     return parse(text, file, env)

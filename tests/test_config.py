@@ -1,12 +1,20 @@
 """The cluster config: every wrong key, type or value names the file, the key and what was expected."""
 
+import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from drivers import config
 from drivers.errors import ConfigError, NotFound
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout, for the CLI's subprocesses
 
 GOOD = """
 [redis]
@@ -271,3 +279,115 @@ def test_the_default_config_has_no_overlapping_directories(tmp_path):
     cfg = config.parse(config.DEFAULT_CONFIG, tmp_path / "stork.toml", {"STORK_NODE": "n"})
     assert (cfg.guests_dir, cfg.locks_dir) == (tmp_path / "var" / "guests", tmp_path / "var" / "lock")
     assert cfg.storage("local").path == tmp_path / "var" / "images"
+
+
+def load_error(file: Path) -> str:
+    with pytest.raises(ConfigError) as err:
+        config.load({"STORK_CONFIG": str(file), "STORK_NODE": "n"})
+    return str(err.value)
+
+
+def test_a_config_path_that_is_a_directory_is_one_config_error(tmp_path):
+    """STORK_CONFIG naming a directory: a ConfigError naming it, not IsADirectoryError."""
+    assert load_error(tmp_path) == f"{tmp_path}: cannot read the config file: it is a directory, not a regular file"
+
+
+def test_a_config_path_that_is_a_fifo_is_refused_at_once(tmp_path):
+    """A FIFO (no writer) would block a plain open forever, and read as empty with one: refused, unread."""
+    fifo = tmp_path / "stork.toml"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    assert load_error(fifo) == f"{fifo}: cannot read the config file: it is a FIFO, not a regular file"
+    assert time.monotonic() - started < 5
+
+
+def test_a_device_is_never_taken_for_an_empty_config():
+    """/dev/null reads as empty (a valid, empty TOML) and /dev/zero without end: both refused."""
+    for device in ("/dev/null", "/dev/zero"):
+        message = f"{device}: cannot read the config file: it is a character device, not a regular file"
+        assert load_error(Path(device)) == message
+
+
+def test_a_dangling_config_symlink_names_its_missing_target(tmp_path):
+    """A symlink to nowhere is "not found", naming where it points; a good symlink is followed."""
+    link = tmp_path / "stork.toml"
+    link.symlink_to(tmp_path / "gone.toml")
+    assert load_error(link) == f"{link}: config file not found: it is a symlink to {tmp_path / 'gone.toml'}, " \
+                               "which does not exist"
+    (tmp_path / "gone.toml").write_text(config.DEFAULT_CONFIG)
+    assert config.load({"STORK_CONFIG": str(link), "STORK_NODE": "n"}).storage("local")
+
+
+def _symlink_loop(d: Path) -> Path:
+    (d / "loop.toml").symlink_to(d / "loop.toml")
+    return d / "loop.toml"
+
+
+def _below_a_file(d: Path) -> Path:
+    (d / "file").write_text("")
+    return d / "file" / "stork.toml"
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        pytest.param(_symlink_loop, "Too many levels of symbolic links", id="symlink-loop"),
+        pytest.param(_below_a_file, "Not a directory", id="path-through-a-file"),
+    ],
+)
+def test_a_config_path_that_cannot_be_opened_is_one_config_error(tmp_path, make, reason):
+    """Errors root meets too (root is not stopped by modes): each one line naming the file and why."""
+    file = make(tmp_path)
+    assert load_error(file) == f"{file}: cannot read the config file: {reason}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_an_unreadable_config_is_one_config_error_for_a_user_without_access():
+    """A mode 0000 config, loaded by an unprivileged user (root reads it anyway): a ConfigError, EACCES.
+    Loaded in a forked child that drops to nobody, as this checkout's Python may be out of nobody's reach."""
+    public = Path(tempfile.mkdtemp(prefix="stork-cfg-"))  # not below tmp_path: its parents are 0700
+    try:
+        public.chmod(0o755)
+        file = public / "stork.toml"
+        file.write_text(config.DEFAULT_CONFIG)
+        file.chmod(0)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never back into pytest
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                config.load({"STORK_CONFIG": str(file), "STORK_NODE": "n"})
+                os.write(write, b"loaded")
+            except BaseException as e:
+                os.write(write, f"{type(e).__name__}: {e}".encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with open(read, "rb") as f:
+            said = f.read().decode()
+        os.waitpid(pid, 0)
+        assert said == f"ConfigError: {file}: cannot read the config file: Permission denied"
+    finally:
+        shutil.rmtree(public)
+
+
+def test_a_large_file_is_not_read_whole(tmp_path):
+    """A file above 1 MiB is not a config (a log named by mistake): refused without reading it into memory."""
+    big = tmp_path / "big.toml"
+    with open(big, "wb") as f:
+        f.truncate(64 << 20)
+    assert load_error(big) == f"{big}: cannot read the config file: larger than 1 MiB, not a config"
+
+
+@pytest.mark.parametrize("url", ["http://x", "redis://h:99999/0", "redis://h/db"])
+def test_a_bad_redis_url_in_the_environment_is_one_line_from_the_cli(tmp_path, url):
+    """STORK_REDIS_URL=http://x through `stork storage list`: one line on stderr, exit 1, no traceback."""
+    file = tmp_path / "stork.toml"
+    file.write_text(config.DEFAULT_CONFIG)
+    env = {**os.environ, "STORK_CONFIG": str(file), "STORK_REDIS_URL": url}
+    done = subprocess.run([sys.executable, "-m", "producer.cli", "storage", "list"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode in (1, 2) and done.stdout == ""
+    assert done.stderr.startswith(f"stork: STORK_REDIS_URL = {url!r}: expected a redis://")
+    assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
