@@ -41,6 +41,7 @@ class VolumeInfo:
     parent: str | None = None  # volume id of the base a linked clone reads through
     clones: tuple[str, ...] = ()  # volume ids of a base's linked clones
     users: tuple[str, ...] = ()  # guests that attach it, as <vmid>:<disk> (filled in by the reader of guest configs)
+    orphan: bool = False  # no guest, no unfinished job and no job result names it (a leftover to look at)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -52,6 +53,7 @@ class VolumeInfo:
             "parent": self.parent,
             "clones": list(self.clones),
             "users": list(self.users),
+            "orphan": self.orphan,
         }
 
 
@@ -121,6 +123,10 @@ class Driver(ABC):
         Backends that can replace it atomically should, so its name is never free."""
         self.free(vol)
         self.allocate(vol, size)
+
+    @abstractmethod
+    def status(self) -> tuple[int, int, int]:
+        """(total, used, available) bytes of the storage; NotFound or OSError if it cannot be read."""
 
     @abstractmethod
     def free_partial(self, vol: VolName) -> None:

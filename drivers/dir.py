@@ -200,6 +200,11 @@ class DirDriver(Driver):
         if not vol.is_base:
             self._dir.remove_folder_if_empty(_folder(vol))  # the guest's folder, once it holds nothing
 
+    def status(self) -> tuple[int, int, int]:
+        st = os.statvfs(self.storage.path)
+        total, avail = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        return total, total - st.f_bfree * st.f_frsize, avail
+
     def free_partial(self, vol: VolName) -> None:
         with contextlib.suppress(NotFound), self._dir.folder(_folder(vol)) as folder:
             self._dir.sweep_temps(folder)  # under the storage lock: every temp file there is stale

@@ -21,7 +21,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 _DISK_KEY = re.compile(r"(scsi|virtio|sata|ide|efidisk|tpmstate)(0|[1-9][0-9]?)")
 DISK_BUSES = {"ide": 4, "sata": 6, "scsi": 31, "virtio": 16, "efidisk": 1, "tpmstate": 1}  # as Proxmox VE
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_UNITS = {"": 1 << 30, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}  # a bare number: GiB
+MIN_SIZE = 1 << 20  # the smallest disk: anything less is a typo (8 for 8 GiB written as bytes, say)
 
 
 def storage_id(text: str) -> str:
@@ -82,18 +83,30 @@ def disk_key(text: str) -> str:
 
 
 def size(text: str | int) -> int:
-    """Parse a size such as '8G', '512M', '1.5GiB' or a byte count into bytes (> 0)."""
-    match = _SIZE.fullmatch(str(text).strip())
-    if not match:
-        raise InvalidName(f"invalid size {text!r}: expected a positive number with K, M, G or T")
-    unit = (match.group(2) or "").upper().rstrip("B").rstrip("I") or ""
-    value = int(float(match.group(1)) * _UNITS[unit])
+    """Parse a size into bytes: '8G', '512M', '1.5GiB', '1048576B', or a bare number of GiB
+    ('8', as Proxmox VE reads it); an int is a byte count. At least 1 MiB, whole 512-byte
+    sectors (what qemu-img works in)."""
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        raise InvalidName(f"invalid size {text!r}: expected a number with K, M, G or T")
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _SIZE.fullmatch(text.strip())
+        if not match:
+            raise InvalidName(f"invalid size {text!r}: expected a positive number with K, M, G or T "
+                              "(a bare number is GiB)")
+        suffix = (match.group(2) or "").upper()
+        unit = "B" if suffix == "B" else suffix.rstrip("B").rstrip("I")
+        value = int(float(match.group(1)) * _UNITS[unit])
     if value <= 0:
         raise InvalidName(f"invalid size {text!r}: must be greater than zero")
     if value > MAX_SIZE:
         raise InvalidName(f"invalid size {text!r}: larger than any image can be (8 EiB)")
-    # qemu-img works in 512-byte sectors; round up like it does.
-    return -(-value // 512) * 512
+    if value < MIN_SIZE:
+        raise InvalidName(f"invalid size {text!r}: below 1 MiB, the smallest disk")
+    if value % 512:
+        raise InvalidName(f"invalid size {text!r}: not a whole number of 512-byte sectors")
+    return value
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ progress; --no-wait prints the job id, --json prints machine-readable output. Ex
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from drivers import names
 from drivers.errors import StorkError
 from worker import logs
 
@@ -27,6 +29,13 @@ Handler = Callable[[argparse.Namespace, "Client"], int]
 
 class UsageError(StorkError):
     """The command line itself is wrong (exit status 2, like argparse's own errors)."""
+
+
+def _views() -> Any:
+    """producer.views, imported once the config is known to load (it imports the client)."""
+    from producer import views
+
+    return views
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -70,7 +79,8 @@ def submit_and_wait(args: argparse.Namespace, client: Client, kind: str, **optio
     except KeyboardInterrupt:
         print(f"\nstork: stopped waiting; job {job.id} goes on (stork job watch {job.id})", file=sys.stderr)
         return 130
-    _emit(args, _record_dict(job), _result_text(job))
+    if str(job.state) == "succeeded" or args.json:
+        _emit(args, _record_dict(job), _result_text(job))
     if str(job.state) == "succeeded":
         return 0
     print(f"stork: {_job_line(job)}", file=sys.stderr)  # the one line saying what went wrong
@@ -119,38 +129,28 @@ def _disk_specs(values: list[str], first: str) -> dict[str, dict[str, str]]:
 
 
 def cmd_storage_list(args: argparse.Namespace, client: Client) -> int:
+    found = client.storages()
     rows = [{"id": s.id, "type": s.type, "path": str(s.path), "content": list(s.content),
-             "shared": s.shared, "nodes": list(s.nodes) or "all"} for s in client.storages()]
-    text = "\n".join(f"{r['id']:<12} {r['type']:<6} {'shared' if r['shared'] else 'local':<7} "
-                     f"nodes={','.join(r['nodes']) if isinstance(r['nodes'], list) else 'all':<10} {r['path']}"
-                     for r in rows)
-    _emit(args, rows, text)
+             "shared": s.shared, "nodes": list(s.nodes) or "all"} for s in found]
+    _emit(args, rows, _views().storages(found))
     return 0
 
 
-def _volume_text(v: Any) -> str:
-    from producer.progress import human_bytes
-
-    extra = " base" if v.is_base else ""
-    if v.parent:
-        extra += f" parent={v.parent}"
-    if v.clones:
-        extra += f" clones={','.join(v.clones)}"
-    if v.users:
-        extra += f" users={','.join(v.users)}"
-    return f"{v.volid:<45} {v.fmt:<6} {human_bytes(v.virtual_size):>10} {human_bytes(v.allocated):>10}{extra}"
+def cmd_storage_status(args: argparse.Namespace, client: Client) -> int:
+    rows = client.storage_status()
+    _emit(args, rows, _views().storage_status(rows))
+    return 0
 
 
 def cmd_volume_list(args: argparse.Namespace, client: Client) -> int:
     vols = client.volumes(args.storage)
-    _emit(args, [v.as_dict() for v in vols], "\n".join(_volume_text(v) for v in vols))
+    _emit(args, [v.as_dict() for v in vols], _views().volumes(vols))
     return 0
 
 
 def cmd_volume_info(args: argparse.Namespace, client: Client) -> int:
     v = client.volume(args.volid)
-    text = "\n".join(f"{k}: {val}" for k, val in v.as_dict().items())
-    _emit(args, v.as_dict(), text)
+    _emit(args, v.as_dict(), _views().volume(v))
     return 0
 
 
@@ -162,39 +162,42 @@ def _guest_dict(g: Any) -> dict[str, Any]:
 def cmd_guest_list(args: argparse.Namespace, client: Client) -> int:
     # scan(), not list(): a broken config is shown as a row instead of hiding every guest
     guests, broken = client.guest_store.scan()
-    rows: list[tuple[tuple[int, int | str], dict[str, Any], str]] = [
-        ((0, g.vmid), _guest_dict(g), f"{g.vmid:<8} {g.name or '-':<16} {g.node:<10} "
-         f"{'template' if g.template else 'guest':<9} {('lock=' + g.lock) if g.lock else ''}")
-        for g in guests]
-    for file, error in broken:
-        stem = file.stem
-        vmid: int | str = int(stem) if stem.isascii() and stem.isdigit() and stem == str(int(stem)) else stem
-        key = (0, vmid) if isinstance(vmid, int) else (1, stem)
-        rows.append((key, {"vmid": vmid, "broken": error}, f"{stem:<8} {'BROKEN':<8} {error}"))
-    rows.sort(key=lambda r: r[0])
-    _emit(args, [r[1] for r in rows], "\n".join(r[2] for r in rows))
+    data = [_guest_dict(g) for g in guests] + [
+        {"vmid": int(f.stem) if f.stem.isdigit() and f.stem == str(int(f.stem)) else f.stem, "broken": why}
+        for f, why in broken]
+    _emit(args, data, _views().guests(guests, broken))
     return 0
 
 
 def cmd_guest_show(args: argparse.Namespace, client: Client) -> int:
-    g = _guest_dict(client.guest(args.vmid))
-    text = "\n".join(f"{k}: {v}" for k, v in g.items() if k != "disks") + "".join(
-        f"\n{k}: {v}" for k, v in g["disks"].items())
-    _emit(args, g, text)
+    g = client.guest(args.vmid)
+    _emit(args, _guest_dict(g), _views().guest(g))
     return 0
 
 
+def _since(text: str | None) -> float | None:
+    """`--since` as an ISO date or time, or a duration ago: 30m, 2h, 3d."""
+    if not text:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[:-1].isdigit() and text[-1] in units:
+        return time.time() - int(text[:-1]) * units[text[-1]]
+    try:
+        return datetime.datetime.fromisoformat(text).astimezone().timestamp()
+    except ValueError:
+        raise UsageError(f"invalid --since {text!r}: expected an ISO date or time, or 30m, 2h, 3d") from None
+
+
 def cmd_job_list(args: argparse.Namespace, client: Client) -> int:
-    jobs = client.jobs(args.limit)
-    _emit(args, [_record_dict(j) for j in jobs], "\n".join(_job_line(j) for j in jobs))
+    vmid = _vmid(args.vmid) if args.vmid else None
+    jobs = client.jobs(args.limit, state=args.state, kind=args.kind, vmid=vmid, since=_since(args.since))
+    _emit(args, [_record_dict(j) for j in jobs], _views().jobs(jobs))
     return 0
 
 
 def cmd_job_show(args: argparse.Namespace, client: Client) -> int:
     job = client.job(args.id)
-    data = _record_dict(job)
-    text = "\n".join(f"{k}: {json.dumps(v) if isinstance(v, dict | list) else v}" for k, v in data.items())
-    _emit(args, data, text)
+    _emit(args, _record_dict(job), "" if args.json else _views().job(job, client.step_times(job.id)))
     return 0
 
 
@@ -251,7 +254,7 @@ SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]
     "disk.copy": lambda a: ("copy", {"volid": a.volid, "storage": a.storage, "format": a.format, "vmid": a.vmid}),
     "disk.move": lambda a: ("move", {"vmid": a.vmid, "disk": a.disk, "storage": a.storage, "format": a.format,
                                      "delete_source": a.delete_source}),
-    "disk.resize": lambda a: ("resize", {"volid": a.volid, "size": a.size}),
+    "disk.resize": lambda a: ("resize", _resize_options(a)),
     "volume.free": lambda a: ("free", {"volid": a.volid}),
     "ping": lambda a: ("ping", {"node": a.node}),
 }
@@ -283,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     storage = group("storage", "storages")
     command(storage, "list", cmd_storage_list, "list configured storages")
+    command(storage, "status", cmd_storage_status, "size, use and state of each storage (as pvesm status)")
 
     volume = group("volume", "volumes")
     command(volume, "list", cmd_volume_list, "list volumes").add_argument("storage", nargs="?")
@@ -351,21 +355,51 @@ def build_parser() -> argparse.ArgumentParser:
         p = command(disk, action, _submitter(f"disk.{action}"), help_, True)
         p.add_argument("vmid")
         p.add_argument("disk")
-    p = command(disk, "resize", _submitter("disk.resize"), "grow a volume", True)
-    p.add_argument("volid")
-    p.add_argument("size")
+    p = command(disk, "resize", _submitter("disk.resize"), "grow a volume: VOLID SIZE, or VMID DISK [+]SIZE", True)
+    p.add_argument("target", metavar="VOLID|VMID")
+    p.add_argument("disk_or_size", metavar="SIZE|DISK")
+    p.add_argument("size", nargs="?", metavar="[+]SIZE", help="with VMID DISK: the new size, or +SIZE to grow by")
 
     p = command(sub, "ping", _submitter("ping"), "check that a node's worker serves jobs", True)
     p.add_argument("--node", help="the node to reach (default: this one)")
 
     job = group("job", "jobs")
-    command(job, "list", cmd_job_list, "recent jobs").add_argument("--limit", type=int, default=50)
+    p = command(job, "list", cmd_job_list, "recent jobs, newest first")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--state", choices=["queued", "running", "undoing", "succeeded", "failed", "cancelled"])
+    p.add_argument("--kind", help="e.g. full_clone, linked_clone, move")
+    p.add_argument("--vmid", help="jobs acting on this guest")
+    p.add_argument("--since", help="an ISO date or time, or 30m, 2h, 3d ago")
     command(job, "show", cmd_job_show, "show a job record").add_argument("id")
     command(job, "watch", cmd_job_watch, "follow a job's events from its start").add_argument("id")
     command(job, "cancel", cmd_job_cancel, "cancel a job (its undo runs)").add_argument("id")
     command(job, "dead", cmd_job_dead, "messages no worker could turn into a task, newest first").add_argument(
         "--limit", type=int, default=50)
     return parser
+
+
+def _vmid(text: str) -> int:
+    """A guest id on the command line: a mistake in it is a command-line mistake (exit 2)."""
+    try:
+        return names.vmid(text)
+    except StorkError as e:
+        raise UsageError(str(e)) from None
+
+
+def _resize_options(a: argparse.Namespace) -> dict[str, Any]:
+    """`disk resize VOLID SIZE`, or `disk resize VMID DISK [+]SIZE` as `qm disk resize`."""
+    if a.size is None:
+        return {"volid": a.target, "size": a.disk_or_size}
+    from producer.client import Client
+
+    client = Client()
+    guest = client.guest(_vmid(a.target))
+    if a.disk_or_size not in guest.disks:
+        raise UsageError(f"guest {guest.vmid} has no disk {a.disk_or_size}")
+    volid = guest.disks[a.disk_or_size]
+    if a.size.startswith("+"):
+        return {"volid": volid, "size": client.volume(volid).virtual_size + names.size(a.size[1:])}
+    return {"volid": volid, "size": a.size}
 
 
 def _bases(values: list[str] | None) -> dict[str, str]:
@@ -387,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from producer.client import Client  # imports the config: errors are reported below
 
+        for given in (getattr(args, "vmid", None), getattr(args, "newid", None)):
+            if given is not None:
+                _vmid(given)  # a bad guest id is a command-line mistake: exit 2
         if args.command == "clone" and not (args.full or args.linked):
             args.full = not Client().guest(args.vmid).template
         return args.handler(args, Client())

@@ -11,7 +11,7 @@ every change goes through a job.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -25,12 +25,20 @@ from drivers.base import VolumeInfo
 from drivers.config import Config, StorageConfig
 from drivers.errors import NotFound, Refused, StorkError
 from drivers.guests import Guest, GuestStore
-from worker import deadletter, events, records, runner
+from worker import deadletter, events, records, runner, usage
 from worker.app import make_app
 from worker.jobs import KINDS
 from worker.records import JobRecord
 
 EventHook = Callable[[dict[str, Any]], None]
+
+
+def job_guests(job: JobRecord) -> list[int]:
+    """The guests a job acts on, from its params (source first)."""
+    p = job.params
+    found = [v for v in (p.get("vmid"), p.get("lock_vmid"), p.get("new_vmid")) if isinstance(v, int)]
+    owners = {plan.get("owner") for plan in (p.get("disks") or {}).values() if isinstance(plan, dict)}
+    return list(dict.fromkeys(found)) or sorted(v for v in owners if isinstance(v, int))
 
 
 class JobTimeout(StorkError):
@@ -59,13 +67,36 @@ class Client:
     def job(self, job_id: str) -> JobRecord:
         return records.load(self.r, records.resolve(self.r, job_id))
 
-    def jobs(self, limit: int = 50) -> list[JobRecord]:
-        """The most recent jobs, newest first (finished ones are kept for 30 days)."""
-        found = []
-        for job_id in records.recent_ids(self.r, limit):
-            with contextlib.suppress(NotFound):  # expired since it was listed
-                found.append(records.load(self.r, job_id))
+    def jobs(self, limit: int = 50, state: str | None = None, kind: str | None = None, vmid: int | None = None,
+             since: float | None = None) -> list[JobRecord]:
+        """The most recent jobs, newest first (finished ones are kept for 30 days), filtered by
+        state, kind, a guest they act on, and creation time."""
+        found: list[JobRecord] = []
+        filtered = bool(state or kind or vmid or since)
+        for job_id in records.recent_ids(self.r, 100_000 if filtered else limit):
+            try:
+                job = records.load(self.r, job_id)
+            except NotFound:
+                continue  # expired since it was listed
+            if since and job.created < since:
+                break  # newest first: the rest are older
+            if (state and str(job.state) != state) or (kind and job.kind != kind) or \
+                    (vmid and vmid not in job_guests(job)):
+                continue
+            found.append(job)
+            if len(found) >= limit:
+                break
         return found
+
+    def step_times(self, job_id: str) -> dict[str, dict[str, float]]:
+        """When each step (and undo) of a job started and ended, from its event history."""
+        times: dict[str, dict[str, float]] = {}
+        for _, values in self.r.xrange(records.events_key(records.resolve(self.r, job_id))):
+            event = json.loads(values["event"])
+            if event.get("phase") in ("start", "done", "undo") and event.get("step"):
+                name = event["step"] if event["phase"] != "undo" else f"undo {event['step']}"
+                times.setdefault(name, {})["end" if event["phase"] == "done" else "start"] = event["time"]
+        return times
 
     def dead_letters(self, limit: int = 50) -> list[dict[str, Any]]:
         """Messages the workers could not turn into a task, newest first: dicts with raw, size,
@@ -117,22 +148,52 @@ class Client:
                           f"it cannot be read from node {self.cfg.node!r}")
         return storage
 
+    def storage_status(self) -> list[dict[str, Any]]:
+        """Per storage, as `pvesm status`: type, shared, active, total, used, available bytes. A
+        storage this node cannot read is listed inactive, with the reason."""
+        rows = []
+        for s in self.storages():
+            row: dict[str, Any] = {"id": s.id, "type": s.type, "shared": s.shared, "active": False,
+                                   "total": None, "used": None, "available": None, "error": ""}
+            if not s.on_node(self.cfg.node):
+                row["error"] = f"not on node {self.cfg.node} (nodes: {', '.join(s.nodes)})"
+            else:
+                try:
+                    row["total"], row["used"], row["available"] = driver_for(s).status()
+                    row["active"] = True
+                except (StorkError, OSError) as e:
+                    row["error"] = str(e) if isinstance(e, StorkError) else f"{s.path}: {e.strerror}"
+            rows.append(row)
+        return rows
+
     def volumes(self, storage_id: str | None = None) -> list[VolumeInfo]:
-        """Volumes with the guests that use each (`<vmid>:<disk>`, or `<vmid>:unused`)."""
+        """Volumes with the guests that use each (`<vmid>:<disk>`, or `<vmid>:unused`), and
+        those that no guest, no unfinished job and no job on record names flagged as orphans."""
         ids = [storage_id] if storage_id else [s.id for s in self.storages() if s.on_node(self.cfg.node)]
-        users = self._users()
+        users, owned = self._users(), self._owned_by_jobs()
         found = []
         for sid in ids:
             drv = driver_for(self._storage_here(sid))
             infos = [drv.info(v) for v in drv.list_volumes()]
-            found += [replace(info, users=tuple(users.get(info.volid, ()))) for info in infos]
+            found += [replace(info, users=tuple(users.get(info.volid, ())),
+                              orphan=info.volid not in users and info.volid not in owned) for info in infos]
         return found
+
+    def _owned_by_jobs(self) -> set[str]:
+        """Volume ids that unfinished jobs use, or that jobs still on record made (a copy's result)."""
+        owned: set[str] = set()
+        for job in records.load_many(self.r, records.recent_ids(self.r, limit=100_000)):
+            if not job.state.terminal:
+                owned |= usage.job_volumes(job)
+            owned |= {v for v in json.dumps(job.result).split('"') if ":" in v and "/" in v}
+        return owned
 
     def volume(self, volid: str) -> VolumeInfo:
         vid = names.volume_id(volid)
         drv = driver_for(self._storage_here(vid.storage))
         info = drv.info(drv.parse_volname(vid.volname))
-        return replace(info, users=tuple(self._users().get(info.volid, ())))
+        users = self._users().get(info.volid, [])
+        return replace(info, users=tuple(users), orphan=not users and info.volid not in self._owned_by_jobs())
 
     def _users(self) -> dict[str, list[str]]:
         guests, _broken = self.guest_store.scan()  # a display: broken configs show in `guest list`

@@ -254,10 +254,13 @@ def test_guest_list_shows_a_broken_config_as_a_row(store, capsys):
 
     assert cmd_guest_list(argparse.Namespace(json=False), client) == 0  # type: ignore[arg-type]
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["100", "web", "node1", "guest"]
-    assert lines[1] == f"101      BROKEN   {broken}: broken guest config: unknown key 'bogus' (expected one of: " \
-                       "name, node, template, lock, lock_job, unused, disks)"
-    assert lines[2].startswith(f"abc      BROKEN   {store.dir / 'abc.toml'}: broken guest config: file name")
+    assert lines[0].split() == ["VMID", "NAME", "NODE", "TYPE", "LOCK", "DISKS", "UNUSED", "PROBLEM"]
+    assert lines[1].split()[:5] == ["100", "web", "node1", "guest", "0"]
+    assert lines[2].split()[:2] == ["101", "BROKEN"] and lines[2].endswith(
+        f"{broken}: broken guest config: unknown key 'bogus' (expected one of: "
+        "name, node, template, lock, lock_job, unused, disks)")
+    assert lines[3].split()[:2] == ["abc", "BROKEN"]
+    assert f"{store.dir / 'abc.toml'}: broken guest config: file name" in lines[3]
 
     assert cmd_guest_list(argparse.Namespace(json=True), client) == 0  # type: ignore[arg-type]
     rows = json.loads(capsys.readouterr().out)

@@ -251,15 +251,18 @@ class TestJobs:
             qemu_check(volume_path(v))
 
     def test_the_installed_stork_command_exits_non_zero_on_failure(self, workers, vmid):
-        """The real entry point: exit 0 on success, 1 with a one-line error on refusal."""
+        """The real entry point: exit 0 on success, 1 with a one-line error on refusal, 2 for a
+        mistake in the command line (a bad guest id)."""
         exe = [sys.executable, "-m", "producer.cli"]
         ok = subprocess.run([*exe, "guest", "create", str(vmid()), "--disk", "scsi0=local:8M"],
                             cwd=ROOT, capture_output=True, text=True, check=False)
         assert ok.returncode == 0, ok.stderr
         bad = subprocess.run([*exe, "guest", "create", "12", "--disk", "scsi0=local:8M"],
                              cwd=ROOT, capture_output=True, text=True, check=False)
-        assert bad.returncode == 1
+        assert (bad.returncode, bad.stdout) == (2, "")
         assert bad.stderr.strip() == "stork: invalid guest id '12': expected a number from 100 to 999999999"
+        refused = subprocess.run([*exe, "template", "99999"], cwd=ROOT, capture_output=True, text=True, check=False)
+        assert (refused.returncode, refused.stdout, refused.stderr) == (1, "", "stork: unknown guest 99999\n")
 
 
 def test_guest_configs_are_replaced_whole_never_rewritten_in_place(client, vmid):

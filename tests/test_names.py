@@ -67,28 +67,33 @@ def test_any_accepted_volname_is_a_safe_relative_path(text):
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("8G", 8 << 30), ("512M", 512 << 20), ("1.5GiB", 3 << 29), ("4096", 4096), ("1K", 1024), ("1", 512)],
+    [("8G", 8 << 30), ("512M", 512 << 20), ("1.5GiB", 3 << 29), ("8", 8 << 30), ("1048576B", 1 << 20),
+     ("1024K", 1 << 20), (1 << 20, 1 << 20), (5 << 30, 5 << 30)],
 )
-def test_sizes_parse_to_whole_sectors(text, expected):
-    """Sizes take K/M/G/T suffixes and round up to 512-byte sectors like qemu-img."""
+def test_sizes_parse_to_bytes(text, expected):
+    """Sizes take K/M/G/T (or B) suffixes; a bare number is GiB, as in Proxmox VE; an int is bytes."""
     assert names.size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "-1G", "0G", "abc", "", "1X", "G"])
-def test_bad_sizes_are_refused(text):
-    """Zero, negative and unparseable sizes are refused."""
-    with pytest.raises(InvalidName, match="invalid size"):
+@pytest.mark.parametrize(("text", "why"), [
+    ("0", "greater than zero"), ("-1G", "expected a positive number"), ("abc", "expected"), ("", "expected"),
+    ("1X", "expected"), ("G", "expected"), ("4K", "below 1 MiB"), ("4096B", "below 1 MiB"), (512, "below 1 MiB"),
+    ("1000000001B", "512-byte sectors"), ("1.1M", "512-byte sectors"), (True, "expected"),
+])
+def test_bad_sizes_are_refused(text, why):
+    """Zero, negative, unparseable, tiny (below 1 MiB) and ragged (not whole sectors) sizes are refused."""
+    with pytest.raises(InvalidName, match=f"invalid size .*{why}"):
         names.size(text)
 
 
 @given(st.text(max_size=20))
 def test_size_parser_never_returns_a_non_positive_size(text):
-    """The size parser either refuses or returns a positive multiple of 512."""
+    """The size parser either refuses or returns at least 1 MiB in whole 512-byte sectors."""
     try:
         value = names.size(text)
     except InvalidName:
         return
-    assert value > 0 and value % 512 == 0
+    assert value >= 1 << 20 and value % 512 == 0
 
 
 @pytest.mark.parametrize("text", ["99", "0", "-5", "abc", "1000000000", "\uff11\uff12\uff13", ""])

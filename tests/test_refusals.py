@@ -59,7 +59,6 @@ REFUSALS = [
     ("no storage part", "volume free vm-100-disk-0.raw", "invalid volume id 'vm-100-disk-0.raw'"),
     ("non-ASCII name", "base {gdisk} --name bäse", "invalid base name 'bäse'"),
     ("over-long name", "base {gdisk} --name " + "x" * 130, "invalid base name 'xxxx"),
-    ("bad guest id", "guest create 12 --disk scsi0=local:1G", "invalid guest id '12'"),
     ("existing target guest", "clone {T} {G}", "guest {G} already exists"),
     ("existing guest on create", "guest create {G} --disk scsi0=local:1G", "guest {G} already exists"),
     ("linked clone of a non-template", "clone {G} 91008 --linked",
@@ -138,10 +137,10 @@ def test_freeing_a_base_with_linked_clones_lists_them(stork, client, vmid):
     (BASE / "guests" / f"{t}.toml").unlink()  # an operator removed the template's config by hand
     base = f"local:base/base-{t}-disk-0.raw"
     before = snapshot()
-    code, out, _ = stork("volume", "free", base)
-    assert code == 1
+    code, out, err = stork("volume", "free", base)
+    assert code == 1 and out == ""  # a failure is said once, on stderr
     assert (f"{base} is a base image with 2 linked clone(s): local:{c1}/vm-{c1}-disk-0.qcow2, "
-            f"local:{c2}/vm-{c2}-disk-0.qcow2") in out
+            f"local:{c2}/vm-{c2}-disk-0.qcow2") in err
     assert snapshot() == before
 
 

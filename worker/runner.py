@@ -25,6 +25,7 @@ from drivers.errors import InvalidName, JobCancelled, Refused, StorkError
 from worker import events, liveness, params, records, usage
 from worker.app import app, config, redis_client
 from worker.context import StepContext
+from worker.flower import task_label
 from worker.jobs import KINDS, JobKind
 from worker.liveness import holding, process_id
 from worker.queues import SHARED_QUEUE
@@ -62,9 +63,14 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis,
 
 
 def send_steps(job: JobRecord, start: int, sender: Celery = app) -> None:
-    """Send the job's steps from `start` on as one chain, each signature on its own queue."""
+    """Send the job's steps from `start` on as one chain, each signature on its own queue.
+    The job id stays the first argument (recovery and the dead-letter check read it); the
+    label is also the kwargs' display form (`kwargsrepr`), so Flower's kwargs column reads
+    as plain words."""
+    label = task_label(job)
     chain(*[
-        sender.signature(task_name(job.kind, step), args=[job.id], queue=queue, immutable=True)
+        sender.signature(task_name(job.kind, step), args=[job.id], kwargs={"label": label}, kwargsrepr=label,
+                         queue=queue, immutable=True)
         for step, queue in list(zip(job.steps, job.queues, strict=True))[start:]
     ]).apply_async()
 
@@ -265,12 +271,14 @@ def dispatch_undo(job: JobRecord, sender: Celery = app) -> None:
     """Send the chain of undo tasks not yet done, ended by finalize. Sending it twice is
     harmless: an undo runs only while no other undo of the job does, and once."""
     kind = KINDS[job.kind]
+    label = task_label(job)
     signatures = [
-        sender.signature(undo_task_name(kind.name, kind.steps[i].name), args=[job.id, i],
-                      queue=job.queues[i], immutable=True)
+        sender.signature(undo_task_name(kind.name, kind.steps[i].name), args=[job.id, i], kwargs={"label": label},
+                         kwargsrepr=label, queue=job.queues[i], immutable=True)
         for i in job.undo if i not in job.undone
     ]
-    signatures.append(sender.signature(FINALIZE, args=[job.id], queue=SHARED_QUEUE, immutable=True))
+    signatures.append(sender.signature(FINALIZE, args=[job.id], kwargs={"label": label}, kwargsrepr=label,
+                                       queue=SHARED_QUEUE, immutable=True))
     chain(*signatures).apply_async()
 
 

@@ -1,0 +1,125 @@
+"""What the CLI prints for people: each listing a table, each record a short summary. Only
+text: `--json` prints the records themselves (bytes, epoch seconds), for scripts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from drivers.base import VolumeInfo
+from drivers.config import StorageConfig
+from drivers.guests import Guest
+from producer.client import job_guests
+from producer.tables import duration, size, table, text, when
+from worker.records import JobRecord
+
+
+def storages(found: Iterable[StorageConfig]) -> str:
+    return table(["ID", "TYPE", "SHARED", "NODES", "CONTENT", "PATH"],
+                 [[s.id, s.type, s.shared, list(s.nodes) or "all", list(s.content), s.path] for s in found])
+
+
+def storage_status(rows: Iterable[Mapping[str, Any]]) -> str:
+    def percent(r: Mapping[str, Any]) -> str:
+        return f"{100 * r['used'] / r['total']:.1f}%" if r["active"] and r["total"] else "-"
+
+    return table(["NAME", "TYPE", "SHARED", "STATUS", "TOTAL", "USED", "AVAILABLE", "%"],
+                 [[r["id"], r["type"], r["shared"], "active" if r["active"] else f"inactive: {r['error']}",
+                   size(r["total"]), size(r["used"]), size(r["available"]), percent(r)] for r in rows],
+                 right=["TOTAL", "USED", "AVAILABLE", "%"])
+
+
+def volumes(found: Iterable[VolumeInfo]) -> str:
+    def used_by(v: VolumeInfo) -> str:
+        return "ORPHAN" if v.orphan else text(list(v.users))
+
+    return table(["VOLID", "FORMAT", "SIZE", "ALLOCATED", "BASE", "PARENT", "CLONES", "USED BY"],
+                 [[v.volid, v.fmt, size(v.virtual_size), size(v.allocated), v.is_base, v.parent, len(v.clones) or "",
+                   used_by(v)] for v in found], right=["SIZE", "ALLOCATED", "CLONES"])
+
+
+def volume(v: VolumeInfo) -> str:
+    return _fields([("volume", v.volid), ("format", v.fmt), ("size", size(v.virtual_size)),
+                    ("allocated", size(v.allocated)), ("base", v.is_base), ("parent", v.parent),
+                    ("clones", list(v.clones)), ("used by", "ORPHAN (no guest, job or job result names it)"
+                                                  if v.orphan else list(v.users))])
+
+
+def guests(found: Iterable[Guest], broken: Iterable[tuple[Path, str]]) -> str:
+    """Guests by id; a config that cannot be read is a BROKEN row saying why."""
+    broken = list(broken)
+    extra = [""] if broken else []
+    rows: list[tuple[tuple[int, str], list[object]]] = [
+        ((g.vmid, ""), [g.vmid, g.name, g.node, "template" if g.template else "guest", g.lock,
+                        len(g.disks), len(g.unused) or "", *extra]) for g in found]
+    rows += [((int(f.stem) if f.stem.isdigit() else 1 << 62, f.stem), [f.stem, "", "", "BROKEN", "", "", "", why])
+             for f, why in broken]
+    return table(["VMID", "NAME", "NODE", "TYPE", "LOCK", "DISKS", "UNUSED", *(["PROBLEM"] if broken else [])],
+                 [r for _, r in sorted(rows)], right=["DISKS", "UNUSED"])
+
+
+def guest(g: Guest) -> str:
+    return _fields([("guest", g.vmid), ("name", g.name), ("node", g.node), ("template", g.template),
+                    ("lock", f"{g.lock} (job {g.lock_job})" if g.lock else ""),
+                    *g.disks.items(), *((f"unused{i}", v) for i, v in enumerate(g.unused))])
+
+
+def _guests(job: JobRecord) -> str:
+    ids = job_guests(job)
+    if "new_vmid" in job.params and len(ids) > 1:
+        return f"{'/'.join(map(str, ids[:-1]))} -> {ids[-1]}"
+    return text([str(i) for i in ids]) if ids else text(job.params.get("volid"))
+
+
+def _took(job: JobRecord) -> float | None:
+    """How long the job has run (so far, if it has not ended)."""
+    end = job.finished or (None if job.state.terminal else time.time())
+    return end - (job.started or job.created) if end else None
+
+
+def jobs(found: Iterable[JobRecord]) -> str:
+    return table(["STARTED", "KIND", "GUESTS", "STATE", "DURATION", "NODE", "ID"],
+                 [[when(j.started or j.created), j.kind, _guests(j), j.state, duration(_took(j)), j.node, j.id]
+                  for j in found], right=["DURATION"])
+
+
+def job(j: JobRecord, times: Mapping[str, Mapping[str, float]]) -> str:
+    """A job as an operator reads it: what, when, each step's node, start, duration and
+    outcome, then the result, the error and what the undo did."""
+    head = _fields([("job", j.id), ("kind", j.kind), ("guests", _guests(j)), ("state", j.state),
+                    ("node", j.node), ("created", when(j.created)), ("finished", when(j.finished)),
+                    ("duration", duration(_took(j)))])
+    steps = []
+    for i, name in enumerate(j.steps):
+        t = times.get(name, {})
+        if i < j.done:
+            outcome = "done"
+        elif (j.current or {}).get("step") == i:
+            outcome = "running"
+        elif j.state in ("failed", "cancelled", "undoing") and t.get("start") and i == j.done:
+            outcome = "failed"
+        else:
+            outcome = "-"
+        if i in j.undone:
+            outcome += ", undone"
+        took = t["end"] - t["start"] if "end" in t and "start" in t else None
+        steps.append([name, j.ran_on.get(name), when(t.get("start")), duration(took), outcome,
+                      j.attempts.get(str(i), "")])
+    parts = [head, "", table(["STEP", "NODE", "STARTED", "DURATION", "OUTCOME", "ATTEMPTS"], steps)]
+    if j.result:
+        parts += ["", _fields([(k, v) for k, v in j.result.items()])]
+    if j.error:
+        parts += ["", f"error: {j.error}"]
+    if j.undo_errors:
+        parts += [f"not undone: {'; '.join(j.undo_errors)}"]
+    if j.undo_retry:
+        parts += [f"undo retry: {j.undo_retry.get('error')} (again at {when(j.undo_retry.get('at'))})"]
+    return "\n".join(parts)
+
+
+def _fields(pairs: Iterable[tuple[str, object]]) -> str:
+    pairs = list(pairs)
+    width = max((len(k) for k, _ in pairs), default=0)
+    return "\n".join(f"{k + ':':<{width + 1}} {text(v)}" for k, v in pairs)

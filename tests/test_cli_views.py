@@ -1,0 +1,93 @@
+"""What an operator reads: tables with a header row, sizes and times for people, filters, a
+job's summary, storage status, orphans flagged; `--json` keeps bytes and the records."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tests.conftest import storage_path
+from tests.helpers import volume_path
+
+PYTHON_REPRS = re.compile(r"\[\'|\bNone\b|\bTrue\b|\bFalse\b|\{\'")
+
+
+def rows(out: str) -> list[list[str]]:
+    return [line.split() for line in out.splitlines()]
+
+
+def test_storage_status_shows_size_use_and_state_of_each_storage(stork, vmid):
+    """As `pvesm status`: every storage, with total/used/available for people; one this node
+    cannot read is listed inactive, saying why; --json has the bytes."""
+    assert stork("guest", "create", vmid(), "--disk", "scsi0=local:8M")[0] == 0  # the storage's directory exists
+    code, out, err = stork("storage", "status")
+    assert code == 0, err
+    table = rows(out)
+    assert table[0] == ["NAME", "TYPE", "SHARED", "STATUS", "TOTAL", "USED", "AVAILABLE", "%"]
+    by_name = {r[0]: r for r in table[1:]}
+    assert by_name["local"][3] == "active" and by_name["local"][5] in ("GiB", "TiB", "MiB")
+    assert "inactive: not on node node1" in out.splitlines()[[r[0] for r in table].index("local2")]
+    code, out, _ = stork("--json", "storage", "status")
+    local = next(r for r in json.loads(out) if r["id"] == "local")
+    assert local["active"] and local["total"] > local["available"] > 0 and isinstance(local["used"], int)
+
+
+def test_listings_are_tables_without_python_reprs(stork, vmid):
+    """storage, volume, guest and job lists have a header row and no Python reprs."""
+    g = vmid()
+    assert stork("guest", "create", g, "--disk", "scsi0=local:1", "--name", "sized")[0] == 0  # a bare number: GiB
+    for args, header in ((["storage", "list"], "ID"), (["volume", "list", "local"], "VOLID"),
+                         (["guest", "list"], "VMID"), (["job", "list"], "STARTED")):
+        code, out, err = stork(*args)
+        assert code == 0, err
+        assert out.split()[0] == header and not PYTHON_REPRS.search(out), out[:400]
+    code, out, _ = stork("volume", "list", "local")
+    [row] = [r for r in rows(out) if r and r[0] == f"local:{g}/vm-{g}-disk-0.raw"]
+    assert row[2:4] == ["1.0", "GiB"] and row[-1] == f"{g}:scsi0"
+
+
+def test_job_list_filters_and_job_show_reads_as_a_summary(stork, client, vmid):
+    """`job list --kind --vmid --state` narrows the list; `job show` has the steps with node,
+    start, duration and outcome, the result, and no raw record."""
+    g = vmid()
+    job = client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    code, out, _ = stork("job", "list", "--kind", "create", "--vmid", str(g), "--state", "succeeded", "--since", "1h")
+    assert code == 0 and [r[-1] for r in rows(out)[1:]] == [job.id]
+    assert stork("job", "list", "--vmid", str(g), "--kind", "destroy")[1].count("\n") == 1  # the header only
+    code, out, _ = stork("job", "show", job.id)
+    assert code == 0 and not PYTHON_REPRS.search(out)
+    assert re.search(rf"^job: +{job.id}$", out, re.M) and re.search(r"^state: +succeeded$", out, re.M)
+    steps = {r[0]: r for r in rows(out) if r and r[0] in job.steps}
+    assert set(steps) == set(job.steps) and all("done" in r for r in steps.values())
+    assert {r[1] for r in steps.values()} <= {"node1", "node2"}  # shared-queue steps run anywhere
+    code, out, _ = stork("--json", "job", "show", job.id)
+    assert json.loads(out)["id"] == job.id
+
+
+def test_a_volume_no_guest_or_job_names_is_flagged_as_an_orphan(stork, vmid):
+    """A leftover volume (made by hand, named by nothing) shows as ORPHAN; a disk does not."""
+    g = vmid()
+    assert stork("guest", "create", g, "--disk", "scsi0=local:8M")[0] == 0
+    stray = storage_path("local") / str(g) / f"vm-{g}-disk-5.raw"
+    stray.write_bytes(b"\0" * (1 << 20))
+    try:
+        _, out, _ = stork("volume", "list", "local")
+        by_id = {r[0]: r for r in rows(out) if r}
+        assert by_id[f"local:{g}/vm-{g}-disk-5.raw"][-1] == "ORPHAN"
+        assert by_id[f"local:{g}/vm-{g}-disk-0.raw"][-1] == f"{g}:scsi0"
+        _, out, _ = stork("--json", "volume", "info", f"local:{g}/vm-{g}-disk-5.raw")
+        assert json.loads(out)["orphan"] is True
+    finally:
+        stray.unlink()
+
+
+def test_disk_resize_takes_a_guest_disk_and_a_size_to_grow_by(stork, client, vmid):
+    """`disk resize VMID DISK +SIZE` grows the disk by SIZE, as `qm disk resize`."""
+    g = vmid()
+    assert stork("guest", "create", g, "--disk", "scsi0=local:8M")[0] == 0
+    code, _, err = stork("disk", "resize", g, "scsi0", "+4M")
+    assert code == 0, err
+    assert client.volume(f"local:{g}/vm-{g}-disk-0.raw").virtual_size == 12 << 20
+    assert volume_path(f"local:{g}/vm-{g}-disk-0.raw").stat().st_size == 12 << 20
+    code, _, err = stork("disk", "resize", g, "scsi9", "+4M")
+    assert (code, err) == (2, f"stork: guest {g} has no disk scsi9\n")
