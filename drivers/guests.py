@@ -311,9 +311,13 @@ class GuestStore:
         _fsync_dir(self.dir)
 
     def delete(self, vmid: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path(vmid).unlink()
-            _fsync_dir(self.dir)
+        """Remove a guest's config, and temp files a failed write of it left (under its flock;
+        callers do not hold it)."""
+        with self.locked(vmid):
+            self._sweep_temps(vmid)
+            with contextlib.suppress(FileNotFoundError):
+                self.path(vmid).unlink()
+                _fsync_dir(self.dir)
 
     def locked(self, vmid: int) -> contextlib.AbstractContextManager[None]:
         """Hold the guest's flock while its config is edited."""
