@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -271,14 +272,19 @@ def _submitter(name: str) -> Handler:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stork", description="VM disk images: bases, templates, clones.")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--no-wait", action="store_true", help="for a command that submits a job: print its id, return")
+    parser.add_argument("--config", metavar="FILE", help="the cluster config (default: STORK_CONFIG, ./stork.toml)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(parent: Any, name: str, handler: Handler, help_: str, submit: bool = False) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help_)
         p.set_defaults(handler=handler)
+        # the global flags work after the subcommand too (SUPPRESS: not given here keeps the global value)
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+        p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="the cluster config")
         if submit:
-            p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+            p.add_argument("--no-wait", action="store_true", default=argparse.SUPPRESS,
+                           help="print the job id and return")
         return p
 
     def group(name: str, help_: str) -> Any:
@@ -418,6 +424,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["template"] and argv[1:2] in (["assemble"], ["copy"]):
         argv = [f"template-{argv[1]}", *argv[2:]]  # `template VMID` and `template copy ...` side by side
     args = build_parser().parse_args(argv)
+    before = os.environ.get("STORK_CONFIG")
+    if args.config:
+        os.environ["STORK_CONFIG"] = str(Path(args.config).absolute())
+    try:
+        return _run(args)
+    finally:  # main() may run in-process (tests, a Python caller): leave the environment as it was
+        if before is None:
+            os.environ.pop("STORK_CONFIG", None)
+        else:
+            os.environ["STORK_CONFIG"] = before
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         from producer.client import Client  # imports the config: errors are reported below
 

@@ -91,3 +91,30 @@ def test_disk_resize_takes_a_guest_disk_and_a_size_to_grow_by(stork, client, vmi
     assert volume_path(f"local:{g}/vm-{g}-disk-0.raw").stat().st_size == 12 << 20
     code, _, err = stork("disk", "resize", g, "scsi9", "+4M")
     assert (code, err) == (2, f"stork: guest {g} has no disk scsi9\n")
+
+
+def test_global_flags_work_before_or_after_the_subcommand(stork, client, vmid, tmp_path):
+    """--json, --no-wait and --config FILE: before the subcommand as after it."""
+    g = vmid()
+    code, out, _ = stork("--no-wait", "--json", "guest", "create", g, "--disk", "scsi0=local:8M")
+    assert code == 0 and set(json.loads(out)) == {"job"}
+    client.wait(json.loads(out)["job"], timeout=60)
+    code, out, _ = stork("guest", "show", g, "--json", "--config", str(client.cfg.file))
+    assert code == 0 and json.loads(out)["vmid"] == g
+    code, _, err = stork("--config", str(tmp_path / "none.toml"), "storage", "list")
+    assert code == 1 and "none.toml: config file not found" in err
+
+
+def test_refusals_that_need_no_other_node_come_before_a_job_exists(stork, client, vmid):
+    """Freeing a disk in use, a shrink and a base of an unknown volume are refused at submit:
+    one line, and no job is made."""
+    g = vmid()
+    assert stork("guest", "create", g, "--disk", "scsi0=local:8M")[0] == 0
+    disk = f"local:{g}/vm-{g}-disk-0.raw"
+    before = len(client.jobs(1000))
+    for args, message in ((["volume", "free", disk], f"{disk} is in use by guest {g} (scsi0)"),
+                          (["disk", "resize", disk, "4M"], f"{disk}: shrinking is not supported"),
+                          (["base", f"local:{g}/vm-{g}-disk-7.raw"], f"unknown volume local:{g}/vm-{g}-disk-7.raw")):
+        code, out, err = stork(*args)
+        assert (code, out) == (1, "") and err.startswith(f"stork: {message}") and err.count("\n") == 1, err
+    assert len(client.jobs(1000)) == before

@@ -265,6 +265,7 @@ def prepare_base(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     volid = str(o.get("volid"))
     storage, vol = _volume(cfg, volid)
     driver_for(cfg.storage(storage)).require_feature("make_base", vol)
+    _existing_here(cfg, storage, vol)
     name = names.image_name(o["name"], "base name") if o.get("name") else None
     owner = _owner_of(cfg, volid)
     node = owner.node if owner else _node(o, cfg)
@@ -338,11 +339,25 @@ def _require_no_clones(drv: Driver, base: VolName) -> None:
                       f"it is: {listed} (move or destroy them first)")
 
 
+def _existing_here(cfg: Config, storage: str, vol: VolName) -> Driver | None:
+    """The volume's driver once the volume is known to exist, where this node can see its
+    storage (elsewhere the step checks, on the storage's node); else None."""
+    if not cfg.storage(storage).on_node(cfg.node):
+        return None
+    drv = driver_for(cfg.storage(storage))
+    drv.require_existing(vol)
+    return drv
+
+
 def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     _only(o, {"volid", "node"}, "free")
     volid = str(o.get("volid"))
-    storage, _vol = _volume(cfg, volid)
+    storage, vol = _volume(cfg, volid)
     node = _node(o, cfg)
+    _existing_here(cfg, storage, vol)
+    # refused before a job exists; the step checks again, under the storage lock, with live jobs too
+    if users := [f"guest {g.vmid} ({key})" for g in _store(cfg).list() for key, v in g.disks.items() if v == volid]:
+        raise Refused(f"{volid} is in use by {', '.join(users)}")
     return {"volid": volid, "node": node, "storages": _check_nodes(cfg, {storage}, node)}
 
 
@@ -366,9 +381,12 @@ def prepare_resize(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     volid = str(o.get("volid"))
     storage, vol = _volume(cfg, volid)
     driver_for(cfg.storage(storage)).require_feature("resize", vol)
+    size = names.size(o.get("size", ""))
+    if (drv := _existing_here(cfg, storage, vol)) and drv.virtual_size(vol) > size:
+        raise Refused(f"{volid}: shrinking is not supported (would lose data)")
     owner = _owner_of(cfg, volid)
     node = owner.node if owner else _node(o, cfg)
-    return {"volid": volid, "size": names.size(o.get("size", "")), "node": node,
+    return {"volid": volid, "size": size, "node": node,
             "lock_vmid": owner.vmid if owner else None, "refuse_template": "writing its disks",
             "expect_disks": owner.disks if owner else None,
             "storages": _check_nodes(cfg, {storage}, node)}
