@@ -96,10 +96,15 @@ def test_redis_away_longer_than_the_workers_retries_still_ends_the_job(tmp_path:
             return job if job["state"] in ("succeeded", "failed", "cancelled") else None
 
         job = testing.wait_for(ended, 90, "the job to end", interval=0.5)
-        # recovered by a sweep ("gave it up"), or by the step's own undo if Redis was back in time for it
-        assert job["state"] == "failed" and ("gave it up" in job["error"] or "lost its connection to Redis"
-                                             in job["error"]), job["error"]
-        assert not (tmp_path / "images/101").exists() and not (tmp_path / "guests/101.toml").exists()
+        # recovered by a sweep ("gave it up"), or by the step's own undo if Redis was back in time for it;
+        # on a loaded machine the copy may also not touch Redis while it is away (a long final flush),
+        # and succeed: the promise is that it ends, which tests/test_faults.py checks deterministically
+        if job["state"] == "succeeded":
+            assert (tmp_path / "guests/101.toml").exists()
+        else:
+            assert job["state"] == "failed" and ("gave it up" in job["error"] or "lost its connection to Redis"
+                                                 in job["error"]), job["error"]
+            assert not (tmp_path / "images/101").exists() and not (tmp_path / "guests/101.toml").exists()
         assert stork(env, "guest", "show", "100")["lock"] == ""
     finally:
         worker.stop()

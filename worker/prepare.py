@@ -11,7 +11,7 @@ from typing import Any
 from drivers import driver_for, names, qemu
 from drivers.base import Driver
 from drivers.config import Config
-from drivers.errors import AlreadyExists, InvalidName, NotFound, Refused
+from drivers.errors import AlreadyExists, ConfigError, InvalidName, NotFound, Refused
 from drivers.guests import Guest, GuestStore
 from drivers.names import VolName
 
@@ -356,7 +356,11 @@ def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     node = _node(o, cfg)
     _existing_here(cfg, storage, vol)
     # refused before a job exists; the step checks again, under the storage lock, with live jobs too
-    if users := [f"guest {g.vmid} ({key})" for g in _store(cfg).list() for key, v in g.disks.items() if v == volid]:
+    try:
+        guests = _store(cfg).list()
+    except ConfigError as e:  # a config that cannot be read might attach it: fail closed
+        raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
+    if users := [f"guest {g.vmid} ({key})" for g in guests for key, v in g.disks.items() if v == volid]:
         raise Refused(f"{volid} is in use by {', '.join(users)}")
     return {"volid": volid, "node": node, "storages": _check_nodes(cfg, {storage}, node)}
 
