@@ -103,11 +103,9 @@ def _base_here(cfg: Config, volid: str) -> tuple[str, VolName]:
     """A base image named by the user: refused unless it is one (and, where this node can
     see its storage, unless it exists)."""
     storage, vol = _volume(cfg, volid)
-    drv = driver_for(cfg.storage(storage))
     if not vol.is_base:
         raise Refused(f"{volid} is not a base image (make one with 'stork base' or 'stork template')")
-    if cfg.storage(storage).on_node(cfg.node):
-        drv.require_existing(vol)
+    _existing_here(cfg, storage, vol)
     return storage, vol
 
 
