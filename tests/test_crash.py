@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import Worker, storage_path
 from tests.helpers import PATTERN_MIB, qemu_same, volume_path
+from worker import recovery
 from worker.testing import wait_for
 
 SIZE_MIB = 2048
@@ -62,7 +63,8 @@ def test_killing_the_whole_worker_mid_copy_fails_the_job_and_undoes_it(client, v
 
 
 def test_killing_the_process_running_the_copy_redelivers_and_completes(client, vmid, crash_worker):
-    """SIGKILL to the pool process only: Celery redelivers the step, which copies afresh."""
+    """SIGKILL to the pool process only: Celery redelivers the step, which copies afresh; a
+    sweep meanwhile (the process is gone) leaves the job to that redelivery."""
     g, c = vmid(), vmid()
     source = big_guest(client, g)
     job = client.submit("full_clone", vmid=g, newid=c)
@@ -71,6 +73,7 @@ def test_killing_the_process_running_the_copy_redelivers_and_completes(client, v
     assert pid != crash_worker["worker"].proc.pid
     half_copied = volume_path(during.ctx["made"]["scsi0"]).stat().st_ino
     os.kill(pid, signal.SIGKILL)
+    assert job.id not in recovery.sweep()  # the step is on its way again: the sweep leaves it be
     job = client.wait(job.id, timeout=120)
     assert job.state == "succeeded", job.error
     assert job.attempts[str(job.steps.index("copy_data"))] == 2

@@ -44,6 +44,7 @@ def _unbind_task(**_: Any) -> None:
 @signals.worker_ready.connect
 def _reconcile(**_: Any) -> None:
     cfg = config()
+    liveness.start_heartbeat(redis_client())  # the main process too: it holds the pool's messages
     acted = recovery.reconcile(redis_client(), cfg.node)
     recovery.start_sweeper()
     log.info("worker_ready", node=cfg.node, reconciled=acted)

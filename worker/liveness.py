@@ -45,6 +45,15 @@ _working_on = ""  # the job this process runs a step or undo of
 _beat_lock = threading.Lock()  # the value read and the value written are one
 
 
+def _after_fork() -> None:
+    """A pool process forked while the main process's heartbeat held the lock gets a free one."""
+    global _beat_lock, _working_on
+    _beat_lock, _working_on = threading.Lock(), ""
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def _start_ticks(pid: int | str) -> str | None:
     """The process's start time in clock ticks since boot; None if no such process runs (a
     zombie, killed but not yet reaped, does not)."""
@@ -81,6 +90,13 @@ def process_id() -> str:
     if _me is None or _me[0] != pid:
         _me = (pid, f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}:{_boot_id()}:{_pid_namespace()}")
     return _me[1]
+
+
+def parent_id() -> str:
+    """The holder id of this process's parent: for a pool process, its worker's main process,
+    which holds the step's message and puts it back in its queue if this process dies."""
+    ppid = os.getppid()
+    return f"{socket.gethostname()}:{ppid}:{_start_ticks(ppid)}:{_boot_id()}:{_pid_namespace()}"
 
 
 def _key(holder: str) -> str:
@@ -142,6 +158,11 @@ def holder_alive(r: redis.Redis, holder: str | None) -> bool:
         return False
     here = _alive_here(holder)
     return here if here is not None else bool(r.exists(_key(holder)))
+
+
+def process_alive(r: redis.Redis, holder: str | None) -> bool:
+    """True if `holder` is this process or another stork worker process still running."""
+    return holder == process_id() or holder_alive(r, holder)
 
 
 def holding(r: redis.Redis, holder: str | None, job_id: str) -> bool:

@@ -4,7 +4,9 @@ Two kinds of job need a hand, found by `reconcile` (when a worker starts, for it
 `sweep` (beat, every minute, for every node):
 - a job whose step or undo is held by a process that is gone, or alive but no longer at it
   (worker/liveness.py): a step before the job's commit is failed and undone; a commit step, or
-  one after it, is sent again (the job only goes forward); an interrupted undo is sent again;
+  one after it, is sent again (the job only goes forward); an interrupted undo is sent again.
+  A step Celery is redelivering (its pool process was killed, the worker lives) is left to
+  that redelivery, which adopts the job;
 - a job with nothing in progress that has not moved for STALE seconds while its next message
   is neither waiting in a queue nor recently taken (lost with a worker killed between steps,
   or sitting in kombu's `unacked` hash of a dead consumer until the 12 h visibility timeout):
@@ -32,7 +34,7 @@ from drivers.errors import StorkError
 from worker import records, usage
 from worker.app import redis_client
 from worker.jobs import KINDS
-from worker.liveness import holder_alive, holding
+from worker.liveness import holder_alive, holding, process_alive
 from worker.queues import SHARED_QUEUE
 from worker.records import JobRecord, JobState, StateConflict
 from worker.runner import FINALIZE, committed, dispatch_undo, send_steps, start_undo, task_name, undo_task_name
@@ -76,6 +78,20 @@ def idle_action(job: JobRecord, now: float, pending: list[Pending]) -> str:
     return "resend"
 
 
+def redelivered(job: JobRecord, pending: list[Pending], parent_alive: bool, now: float) -> bool:
+    """Is the step a gone process held on its way to another one? Celery puts the message of
+    a step whose pool process died back in its queue (reject on worker lost): the message is
+    still held by that process's worker, which lives, or queued, or taken again after the step
+    started and not long ago. A message taken by a consumer that died too is given up after
+    STALE."""
+    current = job.current or {}
+    if "step" not in current:
+        return False  # an undo: sending it again is harmless
+    expected, started = task_name(job.kind, current.get("name", "")), current.get("since", now)
+    return any(p.task == expected and (p.since is None or parent_alive or (started < p.since and now - p.since < STALE))
+               for p in pending)
+
+
 def pending_messages(r: redis.Redis, queues: set[str]) -> dict[str, list[Pending]]:
     """stork's messages in the broker, by job id: queued in these queues' lists, or taken by
     a consumer and not yet acknowledged (kombu's `unacked` hash and its `unacked_index`)."""
@@ -113,23 +129,46 @@ def _note(found: dict[str, list[Pending]], message: Any, since: float | None) ->
 def reconcile(r: redis.Redis, node: str | None = None) -> list[str]:
     """Recover what needs a hand (see the module docstring); with `node` (a worker starting),
     held jobs of that node only. Returns the ids it acted on."""
-    acted, idle = [], []
+    acted, idle, held = [], [], []
     for job_id in records.active_ids(r):
         try:
             job = records.load(r, job_id)
-            current = job.current or {}
-            holder = current.get("worker")
-            if holder is None:
-                idle.append(job)
-            elif (node is None or current.get("node") == node) and not holding(r, holder, job.id):
-                _recover(r, job, holder, current, starting=node is not None)
-                log.warning("reconciled_job", job_id=job_id, state=str(job.state))
-                acted.append(job_id)
-        except StateConflict:
-            continue  # it moved meanwhile
         except (StorkError, KeyError, IndexError, TypeError, ValueError) as e:  # one odd record stops no sweep
             log.warning("sweep_skipped_job", job_id=job_id, error=repr(e))
+            continue
+        current = job.current or {}
+        holder = current.get("worker")
+        if holder is None:
+            idle.append(job)
+        elif (node is None or current.get("node") == node) and not holding(r, holder, job.id):
+            held.append(job)
+    for job in _not_redelivered(r, held):
+        try:
+            _recover(r, job, job.current["worker"], job.current, starting=node is not None)
+            log.warning("reconciled_job", job_id=job.id, state=str(job.state))
+            acted.append(job.id)
+        except StateConflict:
+            continue  # it moved meanwhile
+        except (StorkError, KeyError, IndexError, TypeError, ValueError) as e:
+            log.warning("sweep_skipped_job", job_id=job.id, error=repr(e))
     return acted + _nudge(r, idle)
+
+
+def _not_redelivered(r: redis.Redis, held: list[JobRecord]) -> list[JobRecord]:
+    """The held jobs whose step is not on its way to another process (which adopts the job)."""
+    if not held:
+        return []
+    queues = {q for job in held for q in job.queues} | {SHARED_QUEUE}
+    parents = {job.id: process_alive(r, job.current.get("parent")) for job in held}
+    for look in range(2):
+        pending, now = pending_messages(r, queues), time.time()
+        held = [job for job in held if not redelivered(job, pending.get(job.id, []), parents[job.id], now)]
+        if look or not any(parents[job.id] for job in held):
+            return held
+        # kombu moves a message between the unacked hash and its queue in two steps, and a
+        # consumer takes one before it records it: where its worker lives, look once more
+        time.sleep(1.0)
+    return held
 
 
 def _recover(r: redis.Redis, job: JobRecord, holder: str, current: dict[str, Any], starting: bool) -> None:

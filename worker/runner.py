@@ -129,7 +129,8 @@ def _start_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node:
     attempt = job.attempts.get(str(index), 0) + 1
     job.attempts[str(index)] = attempt
     job.ran_on[step.name] = node
-    job.current = {"step": index, "name": step.name, "node": node, "worker": me, "attempt": attempt}
+    job.current = {"step": index, "name": step.name, "node": node, "worker": me, "attempt": attempt,
+                   "parent": liveness.parent_id(), "since": time.time()}
     structlog.contextvars.bind_contextvars(job_id=job.id, kind=kind.name, step=step.name, node=node)
     try:
         records.transition(
