@@ -69,6 +69,10 @@ class Config:
     flower_port: int = 5555
     flower_basic_auth: str = field(default="", repr=False)
 
+    def known_nodes(self) -> list[str]:
+        """This node and every node a storage names: the cluster as the config knows it."""
+        return sorted({self.node, *(n for s in self.storages.values() for n in s.nodes)})
+
     def storage(self, storage_id: str) -> StorageConfig:
         names.storage_id(storage_id)
         try:

@@ -91,6 +91,17 @@ def submit_and_wait(args: argparse.Namespace, client: Client, kind: str, **optio
 # ---- argument parsing helpers --------------------------------------------------------
 
 
+def _seconds(text: str) -> float:
+    """A positive number of seconds, for argparse (its error names the option and the value)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected seconds, above 0 and at most 3600")
+    return value
+
+
 def _pairs(text: str) -> dict[str, str]:
     out = {}
     for item in text.split(","):
@@ -140,6 +151,15 @@ def cmd_storage_list(args: argparse.Namespace, client: Client) -> int:
 def cmd_storage_status(args: argparse.Namespace, client: Client) -> int:
     rows = client.storage_status()
     _emit(args, rows, _views().storage_status(rows))
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace, client: Client) -> int:
+    answers = client.ping(args.node, args.timeout)
+    _emit(args, answers, _views().pings(answers))
+    if silent := [a["node"] for a in answers if not a["ok"]]:
+        print(f"stork: no answer from {len(silent)} of {len(answers)} node(s): {', '.join(silent)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -257,7 +277,6 @@ SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]
                                      "delete_source": a.delete_source}),
     "disk.resize": lambda a: ("resize", _resize_options(a)),
     "volume.free": lambda a: ("free", {"volid": a.volid}),
-    "ping": lambda a: ("ping", {"node": a.node}),
 }
 
 
@@ -366,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("disk_or_size", metavar="SIZE|DISK")
     p.add_argument("size", nargs="?", metavar="[+]SIZE", help="with VMID DISK: the new size, or +SIZE to grow by")
 
-    p = command(sub, "ping", _submitter("ping"), "check that a node's worker serves jobs", True)
-    p.add_argument("--node", help="the node to reach (default: this one)")
+    p = command(sub, "ping", cmd_ping, "check that nodes' workers serve jobs")
+    p.add_argument("--node", action="append", help="a node to reach (repeatable; default: every node the config names)")
+    p.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for the answers (default 5)")
 
     job = group("job", "jobs")
     p = command(job, "list", cmd_job_list, "recent jobs, newest first")

@@ -11,6 +11,7 @@ every change goes through a job.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from drivers.guests import Guest, GuestStore
 from worker import deadletter, events, records, runner, usage
 from worker.app import make_app
 from worker.jobs import KINDS
-from worker.records import JobRecord
+from worker.records import JobRecord, JobState
 
 EventHook = Callable[[dict[str, Any]], None]
 
@@ -132,6 +133,36 @@ class Client:
                 on_event(event)
             check_deadline()
         return self.job(job_id)
+
+    def ping(self, nodes: list[str] | None = None, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Ask each node's worker (default: every node the config names) to answer a ping job,
+        all at once. Per node: node, ok, seconds, job, error; where none answered within
+        `timeout`, the queue nobody serves, and the job is withdrawn with its message, so a
+        worker that starts later finds nothing left behind."""
+        jobs = {node: self.submit("ping", node=node) for node in dict.fromkeys(nodes or self.cfg.known_nodes())}
+        deadline = time.monotonic() + timeout
+        answers = []
+        for node, job in jobs.items():
+            with contextlib.suppress(JobTimeout):
+                self.wait(job.id, timeout=max(0.0, deadline - time.monotonic()))
+            answers.append(self._answer(node, self.job(job.id), timeout))
+        return answers
+
+    def _answer(self, node: str, job: JobRecord, timeout: float) -> dict[str, Any]:
+        answer = {"node": node, "job": job.id, "ok": job.state == JobState.SUCCEEDED, "queue": None, "error": ""}
+        if job.state.terminal:
+            return {**answer, "seconds": round(job.finished - job.created, 3), "error": job.error}
+        try:
+            runner.withdraw(self.r, job.id)
+        except StorkError:  # a worker took the step a moment ago, or it ended meanwhile
+            late = self.job(job.id)
+            if late.state.terminal:
+                return self._answer(node, late, timeout)
+            step = (late.current or {}).get("name", "?")
+            return {**answer, "seconds": None, "error": f"no answer in {timeout:g} s (step {step} in progress)"}
+        queue = job.queues[job.done]
+        return {**answer, "seconds": None, "queue": queue,
+                "error": f"no worker serves queue {queue} (no answer in {timeout:g} s)"}
 
     def run(self, kind: str, on_event: EventHook | None = None, timeout: float | None = None,
             **options: Any) -> JobRecord:

@@ -21,6 +21,15 @@ def storages(found: Iterable[StorageConfig]) -> str:
                  [[s.id, s.type, s.shared, list(s.nodes) or "all", list(s.content), s.path] for s in found])
 
 
+def pings(answers: Iterable[Mapping[str, Any]]) -> str:
+    def state(a: Mapping[str, Any]) -> str:
+        return "ok" if a["ok"] else a["error"] or "failed"
+
+    return table(["NODE", "ANSWER", "TIME", "JOB"],
+                 [[a["node"], state(a), f"{1000 * a['seconds']:.0f} ms" if a["seconds"] is not None else "-", a["job"]]
+                  for a in answers])
+
+
 def storage_status(rows: Iterable[Mapping[str, Any]]) -> str:
     def percent(r: Mapping[str, Any]) -> str:
         return f"{100 * r['used'] / r['total']:.1f}%" if r["active"] and r["total"] else "-"

@@ -161,7 +161,7 @@ def test_labelled_messages_pass_the_dead_letter_check_and_recovery_reads_their_j
     stays args[0], where recovery and the dead-letter check read it."""
     from kombu.serialization import prepare_accept_content
 
-    from worker import deadletter, records, recovery, runner
+    from worker import broker, deadletter, records, runner
     from worker.app import app
 
     r, queue = redis_server, f"flower-test-{os.getpid()}"
@@ -179,7 +179,7 @@ def test_labelled_messages_pass_the_dead_letter_check_and_recovery_reads_their_j
                 envelope = deadletter.check(raw.encode(), app.tasks, prepare_accept_content(["json"]))
                 args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
                 assert args[0] == job.id and kwargs == {"label": label} and envelope["headers"]["kwargsrepr"] == label
-            pending = recovery.pending_messages(r, {queue})[job.id]
+            pending = broker.pending_messages(r, {queue})[job.id]
             assert sorted(p.task for p in pending) == ["stork.full_clone.copy_data", "stork.full_clone.undo_allocate"]
         finally:
             r.delete(queue, f"_kombu.binding.{queue}")

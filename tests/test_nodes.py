@@ -4,11 +4,13 @@ shared-storage steps on any, and a storage is never used from a node it does not
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from drivers.errors import Refused
 from producer.client import JobTimeout
+from worker import broker
 from worker.runner import KINDS
 
 
@@ -61,13 +63,50 @@ def test_reading_another_nodes_local_storage_is_refused(stork):
     assert err.strip() == "stork: storage 'local2' is local to node(s) node2: it cannot be read from node 'node1'"
 
 
-def test_ping_reaches_the_named_nodes_worker(stork):
+def test_ping_reaches_the_named_nodes_worker(stork, client):
     """`stork ping --node node2` runs its node step on node2 and its shared steps anywhere."""
     code, out, err = stork("--json", "ping", "--node", "node2")
     assert code == 0, err
-    job = json.loads(out)
-    assert job["ran_on"]["pong_node"] == "node2" and job["queues"] == ["shared", "node.node2", "shared"]
-    assert job["result"]["pong_node"] == "node2"
+    [answer] = json.loads(out)
+    assert answer["node"] == "node2" and answer["ok"] and answer["queue"] is None and answer["seconds"] > 0
+    job = client.job(answer["job"])
+    assert job.ran_on["pong_node"] == "node2" and job.queues == ["shared", "node.node2", "shared"]
+    assert job.result["pong_node"] == "node2"
+
+
+def test_a_ping_nobody_answers_names_the_queue_and_leaves_no_message(stork, client):
+    """A node without a worker: the answer comes within --timeout, names the queue nobody
+    serves, and the ping's message is taken back out of that queue (none waits for a worker
+    that starts later); the job ends cancelled, withdrawn."""
+    started = time.monotonic()
+    code, out, err = stork("ping", "--node", "node9", "--timeout", "1.5")
+    assert code == 1 and time.monotonic() - started < 5
+    assert "node9" in out and "no worker serves queue node.node9 (no answer in 1.5 s)" in out
+    assert err == "stork: no answer from 1 of 1 node(s): node9\n"
+    job = client.jobs(kind="ping", vmid=None, limit=1)[0]
+    assert job.state == "cancelled" and job.error == "withdrawn: no worker took step pong_node from queue node.node9"
+    assert job.id not in broker.pending_messages(client.r, {"node.node9"})
+    assert client.r.llen("node.node9") == 0
+
+
+def test_ping_with_no_node_asks_every_node_the_config_names(stork, client):
+    """node1 and node2 answer; `crash` (a storage's node whose worker runs only in the crash
+    tests) does not, and its queue is named."""
+    code, out, err = stork("--json", "ping", "--timeout", "2")
+    answers = {a["node"]: a for a in json.loads(out)}
+    assert set(answers) == set(client.cfg.known_nodes()) == {"node1", "node2", "crash"}
+    assert answers["node1"]["ok"] and answers["node2"]["ok"]
+    assert not answers["crash"]["ok"] and answers["crash"]["queue"] == "node.crash"
+    assert code == 1 and err == "stork: no answer from 1 of 3 node(s): crash\n"
+    assert client.r.llen("node.crash") == 0
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "soon", "nan", "7200"])
+def test_a_ping_timeout_that_is_not_a_number_of_seconds_is_a_usage_error(stork, capsys, timeout):
+    with pytest.raises(SystemExit) as stop:
+        stork("ping", "--timeout", timeout)
+    assert stop.value.code == 2
+    assert f"argument --timeout: invalid value '{timeout}': expected seconds" in capsys.readouterr().err
 
 
 def test_ping_of_a_node_without_a_worker_waits_and_can_be_cancelled(client):

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from worker.broker import Pending
 from worker.jobs import KINDS
 from worker.records import JobRecord, JobState
-from worker.recovery import STALE, Pending, idle_action, redelivered
+from worker.recovery import STALE, idle_action, redelivered
 from worker.runner import task_name
 
 NOW = 1_000_000.0

@@ -19,12 +19,8 @@ node is back, or is undone at once by `stork job cancel`.
 
 from __future__ import annotations
 
-import base64
-import json
 import threading
 import time
-from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -33,6 +29,7 @@ import structlog
 from drivers.errors import StorkError
 from worker import records, usage
 from worker.app import redis_client
+from worker.broker import Pending, pending_messages
 from worker.jobs import KINDS
 from worker.liveness import holder_alive, holding, process_alive
 from worker.queues import SHARED_QUEUE
@@ -42,15 +39,6 @@ from worker.runner import FINALIZE, committed, dispatch_undo, send_steps, start_
 log = structlog.get_logger("stork.recovery")
 STALE = 120  # seconds a job may sit with nothing in progress and no message on its way
 MAX_RESENDS = 3  # times the next step is sent again before the job is failed
-PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport keeps a queue's priority levels in lists <queue><sep><n>
-
-
-@dataclass(frozen=True)
-class Pending:
-    """A step, undo or finalize message the broker holds for a job."""
-
-    task: str
-    since: float | None  # None: in a queue, waiting for a worker; else taken then, not yet acknowledged
 
 
 def next_task(job: JobRecord) -> str:
@@ -90,40 +78,6 @@ def redelivered(job: JobRecord, pending: list[Pending], parent_alive: bool, now:
     expected, started = task_name(job.kind, current.get("name", "")), current.get("since", now)
     return any(p.task == expected and (p.since is None or parent_alive or (started < p.since and now - p.since < STALE))
                for p in pending)
-
-
-def pending_messages(r: redis.Redis, queues: set[str]) -> dict[str, list[Pending]]:
-    """stork's messages in the broker, by job id: queued in these queues' lists, or taken by
-    a consumer and not yet acknowledged (kombu's `unacked` hash and its `unacked_index`)."""
-    found: dict[str, list[Pending]] = defaultdict(list)
-    for queue in queues:
-        for key in (queue, *(f"{queue}{PRIORITY_SEP}{n}" for n in range(1, 10))):
-            for raw in r.lrange(key, 0, -1):
-                _note(found, raw, None)
-    taken = dict(r.zrange("unacked_index", 0, -1, withscores=True))
-    for tag, raw in r.hgetall("unacked").items():
-        try:
-            message = json.loads(raw)[0]  # [message, exchange, routing key]
-        except (ValueError, IndexError, TypeError):
-            continue
-        _note(found, message, taken.get(tag, 0.0))
-    return found
-
-
-def _note(found: dict[str, list[Pending]], message: Any, since: float | None) -> None:
-    """Add a message of ours (first argument: the job id); skip anything else."""
-    try:
-        if isinstance(message, str):
-            message = json.loads(message)
-        task = message["headers"]["task"]
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        job_id = json.loads(body)[0][0]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return
-    if isinstance(task, str) and task.startswith("stork.") and isinstance(job_id, str):
-        found[job_id].append(Pending(task, since))
 
 
 def reconcile(r: redis.Redis, node: str | None = None) -> list[str]:

@@ -22,7 +22,7 @@ from celery.exceptions import Ignore
 
 from drivers.config import Config
 from drivers.errors import InvalidName, JobCancelled, Refused, StorkError
-from worker import events, liveness, params, records, usage
+from worker import broker, events, liveness, params, records, usage
 from worker.app import app, config, redis_client
 from worker.context import StepContext
 from worker.flower import task_label
@@ -223,6 +223,27 @@ def cancel(r: redis.Redis, job_id: str, sender: Celery = app) -> JobRecord:
         start_undo(r, job, current["step"], JobState.CANCELLED, "cancelled by user",
                    {"owner": holder, "done": job.done}, sender)
     return records.load(r, job_id)
+
+
+def withdraw(r: redis.Redis, job_id: str) -> JobRecord:
+    """End at once a job that waits for a step no worker has taken and has nothing to undo (a
+    ping of a node whose worker is down), and take that step's message out of its queue, so
+    nothing is left behind for a worker that starts later. Refused for a job with a step in
+    progress or something to undo: `cancel` is for those."""
+    job = records.load(r, job_id)
+    if job.state not in (JobState.QUEUED, JobState.RUNNING) or job.current:
+        raise Refused(f"job {job.id} is {job.state} with a step in progress: it cannot be withdrawn")
+    if undo_plan(KINDS[job.kind], job.done, job.done - 1):
+        raise Refused(f"job {job.id} has steps to undo: cancel it instead")
+    queue, step = job.queues[job.done], job.steps[job.done]
+    error = f"withdrawn: no worker took step {step} from queue {queue}"
+    records.transition(r, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.CANCELLED,
+                       guard={"idle": True, "done": job.done}, error=error, final=str(JobState.CANCELLED),
+                       finished=time.time(),
+                       events=[events.make(job.id, job.kind, events.FINISHED, state=JobState.CANCELLED, message=error)])
+    broker.drop_queued(r, [queue], job.id)
+    usage.release_claims(r, job)
+    return records.load(r, job.id)
 
 
 def _stop_retrying(r: redis.Redis, job: JobRecord) -> JobRecord:
