@@ -42,6 +42,7 @@ class VolumeInfo:
     clones: tuple[str, ...] = ()  # volume ids of a base's linked clones
     users: tuple[str, ...] = ()  # guests that attach it, as <vmid>:<disk> (filled in by the reader of guest configs)
     orphan: bool = False  # no guest, no unfinished job and no job result names it (a leftover to look at)
+    problem: str = ""  # not a volume at all, only named like one (Driver.strays): what it is instead
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -54,6 +55,7 @@ class VolumeInfo:
             "clones": list(self.clones),
             "users": list(self.users),
             "orphan": self.orphan,
+            "problem": self.problem,
         }
 
 
@@ -81,6 +83,12 @@ class Driver(ABC):
     @abstractmethod
     def list_volumes(self, owner: int | None = None) -> list[VolName]:
         """Every volume on the storage, bases included; with `owner`, that guest's only."""
+
+    def strays(self, owner: int | None = None) -> list[tuple[VolName, str]]:
+        """Entries named like volumes that are not volumes (a directory, a symlink, a FIFO
+        someone left in a storage of files), each with what is wrong with it, naming its path.
+        A backend whose volumes are not files has none."""
+        return []
 
     @abstractmethod
     def exists(self, vol: VolName) -> bool: ...

@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import socket
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from drivers import names
 from drivers.errors import ConfigError, InvalidName, NotFound
+from drivers.safedir import kind_of
 
 DEFAULT_PATH = "stork.toml"
 
@@ -363,8 +365,6 @@ def config_path(env: Mapping[str, str] | None = None) -> Path:
 
 def load(env: Mapping[str, str] | None = None) -> Config:
     """Load the config named by STORK_CONFIG (default ./stork.toml)."""
-    import stat  # here, not at the top: this change keeps to load()
-
     file = config_path(env)
     limit = 1 << 20  # a config is a few KiB: more is some other file, not read whole into memory
     # O_NONBLOCK: a FIFO at the name must not hang a command, nor a worker's step that reloads the file.
@@ -386,10 +386,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     if not stat.S_ISREG(mode):
         os.close(fd)
         # a directory, FIFO or device reads as an error, as empty or without end: never taken for a config
-        kinds = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
-                 stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
-        kind = kinds.get(stat.S_IFMT(mode), "a special file")
-        raise ConfigError(f"{file}: cannot read the config file: it is {kind}, not a regular file")
+        raise ConfigError(f"{file}: cannot read the config file: it is {kind_of(mode)}, not a regular file")
     with open(fd, "rb") as f:
         try:
             data = f.read(limit + 1)

@@ -74,21 +74,35 @@ class DirDriver(Driver):
 
     # ---- reading ------------------------------------------------------------------------
     def list_volumes(self, owner: int | None = None) -> list[VolName]:
+        found = []
+        for name, folder in self._folders(owner):
+            for file in self._dir.regular_files(folder):
+                with contextlib.suppress(names.InvalidName):  # stray files are not volumes
+                    found.append(names.volname(f"{name}/{file}"))
+        return sorted(found, key=str)
+
+    def strays(self, owner: int | None = None) -> list[tuple[VolName, str]]:
+        found = []
+        for name, folder in self._folders(owner):
+            for entry in self._dir.other_entries(folder):
+                with contextlib.suppress(names.InvalidName):
+                    found.append((names.volname(f"{name}/{entry}"), self._dir.problem(folder, entry)))
+        return sorted(found, key=lambda s: str(s[0]))
+
+    def _folders(self, owner: int | None) -> Iterator[tuple[str, int]]:
+        """The volume folders (`base`, and one per guest id), opened; an absent one, or one
+        that is not a directory, is skipped."""
         if owner is not None:
-            folders = [str(owner)]
+            wanted = [str(owner)]
         elif self.storage.path.is_dir():
             with os.scandir(self.storage.path) as entries:
-                folders = [e.name for e in entries
-                           if e.is_dir(follow_symlinks=False) and (e.name == "base" or e.name.isdigit())]
+                wanted = [e.name for e in entries
+                          if e.is_dir(follow_symlinks=False) and (e.name == "base" or e.name.isdigit())]
         else:
-            folders = []
-        found = []
-        for name in folders:
+            wanted = []
+        for name in wanted:
             with contextlib.suppress(NotFound, Refused), self._dir.folder(name) as folder:
-                for file in self._dir.regular_files(folder):
-                    with contextlib.suppress(names.InvalidName):  # stray files are not volumes
-                        found.append(names.volname(f"{name}/{file}"))
-        return sorted(found, key=str)
+                yield name, folder
 
     def exists(self, vol: VolName) -> bool:
         """Is anything at the volume's name? (A symlink counts: the name is taken, and every

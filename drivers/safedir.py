@@ -34,6 +34,15 @@ FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_IOC_GETVERSION = 0x80086601, 0x40086602, 0x
 FS_IMMUTABLE_FL = 0x10
 
 
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symlink", stat.S_IFIFO: "a FIFO",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def kind_of(mode: int) -> str:
+    """What a file that is not a regular one is, for messages: "a directory", "a FIFO", ..."""
+    return _KINDS.get(stat.S_IFMT(mode), "a special file")
+
+
 def refused(what: Path | str, why: str) -> Refused:
     return Refused(f"{what}: {why} (stork never follows a symlink or uses a special file in a storage)")
 
@@ -99,12 +108,24 @@ class SafeDir:
             raise NotFound(f"{label}: no such file") from None
         except OSError as e:
             if e.errno in _NOT_FOLLOWED:
-                raise refused(label, "not a regular file") from None
+                raise refused(label, self.problem(folder, name) or "not a regular file") from None
             raise
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise refused(label, "not a regular file")
+            raise refused(label, self.problem(folder, name) or "not a regular file")
         return fd
+
+    @staticmethod
+    def problem(folder: int, name: str) -> str:
+        """Why the entry `name` in `folder` is not a file stork uses, naming its path; "" for a
+        regular file or no entry."""
+        try:
+            mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+        except FileNotFoundError:
+            return ""
+        if stat.S_ISREG(mode):
+            return ""
+        return f"not a regular file: {os.readlink(f'/proc/self/fd/{folder}')}/{name} is {kind_of(mode)}"
 
     @contextlib.contextmanager
     def opened(self, folder: int, name: str, write: bool = False, label: str = "") -> Iterator[int]:
@@ -128,6 +149,12 @@ class SafeDir:
         """Names of the regular files in `folder` (symlinks and special files are not listed)."""
         with os.scandir(folder) as entries:
             return [e.name for e in entries if e.is_file(follow_symlinks=False)]
+
+    @staticmethod
+    def other_entries(folder: int) -> list[str]:
+        """Names of the entries in `folder` that are not regular files (hidden ones left out)."""
+        with os.scandir(folder) as entries:
+            return [e.name for e in entries if not e.name.startswith(".") and not e.is_file(follow_symlinks=False)]
 
     # ---- making names ---------------------------------------------------------------
     @staticmethod

@@ -199,7 +199,8 @@ class Client:
 
     def volumes(self, storage_id: str | None = None) -> list[VolumeInfo]:
         """Volumes with the guests that use each (`<vmid>:<disk>`, or `<vmid>:unused`), and
-        those that no guest, no unfinished job and no job on record names flagged as orphans."""
+        those that no guest, no unfinished job and no job on record names flagged as orphans;
+        entries only named like volumes (a directory, a symlink) with their `problem`."""
         ids = [storage_id] if storage_id else [s.id for s in self.storages() if s.on_node(self.cfg.node)]
         users, owned = self._users(), self._owned_by_jobs()
         found = []
@@ -208,7 +209,9 @@ class Client:
             infos = [drv.info(v) for v in drv.list_volumes()]
             found += [replace(info, users=tuple(users.get(info.volid, ())),
                               orphan=info.volid not in users and info.volid not in owned) for info in infos]
-        return found
+            found += [VolumeInfo(drv.volid(v), v.fmt, 0, 0, v.is_base, users=tuple(users.get(drv.volid(v), ())),
+                                 problem=problem) for v, problem in drv.strays()]
+        return sorted(found, key=lambda v: v.volid)
 
     def _owned_by_jobs(self) -> set[str]:
         """Volume ids that unfinished jobs use, or that jobs still on record made (a copy's result)."""

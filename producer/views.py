@@ -42,11 +42,16 @@ def storage_status(rows: Iterable[Mapping[str, Any]]) -> str:
 
 def volumes(found: Iterable[VolumeInfo]) -> str:
     def used_by(v: VolumeInfo) -> str:
+        if v.problem:
+            return f"NOT A VOLUME ({v.problem.rpartition(' is ')[2]})"
         return "ORPHAN" if v.orphan else text(list(v.users))
 
+    def sizes(v: VolumeInfo) -> list[str]:
+        return ["-", "-"] if v.problem else [size(v.virtual_size), size(v.allocated)]
+
     return table(["VOLID", "FORMAT", "SIZE", "ALLOCATED", "BASE", "PARENT", "CLONES", "USED BY"],
-                 [[v.volid, v.fmt, size(v.virtual_size), size(v.allocated), v.is_base, v.parent, len(v.clones) or "",
-                   used_by(v)] for v in found], right=["SIZE", "ALLOCATED", "CLONES"])
+                 [[v.volid, v.fmt, *sizes(v), v.is_base, v.parent, len(v.clones) or "", used_by(v)] for v in found],
+                 right=["SIZE", "ALLOCATED", "CLONES"])
 
 
 def volume(v: VolumeInfo) -> str:

@@ -556,7 +556,8 @@ def free_volume(ctx: StepContext) -> None:
 
 def destroy_guest(ctx: StepContext) -> None:
     """Free every volume of a guest, dropping each from its config as it goes, then remove
-    the config. Refused, before anything is freed, while linked clones use its bases: the
+    the config. Refused, before anything is freed, while linked clones use its bases or a
+    disk's name holds something that is not a volume (a directory, a symlink): the
     check and the frees happen under the storage locks that a new clone is made under."""
     vmid = ctx.params["lock_vmid"]
     ctx.data["destroying"] = vmid
@@ -571,6 +572,8 @@ def destroy_guest(ctx: StepContext) -> None:
     kept = {}
     with ctx.storage_locks([drv for drv, _ in volumes.values()]):
         for volid, (drv, vol) in volumes.items():
+            if drv.exists(vol):
+                drv.identity(vol)  # refuses an entry that is not a volume (named, with its path) before any free
             if vol.is_base and drv.exists(vol) and (clones := drv.clones_of(vol)):
                 listed = ", ".join(drv.volid(c) for c in clones)
                 raise Refused(f"guest {vmid}: base {drv.volid(vol)} still has linked clones: {listed}")
