@@ -405,3 +405,35 @@ def test_a_failing_step_ends_failed(flower, client, tmp_path):
     failed = wait_for(lambda: flower.task(job.id, "stork.create.allocate", "FAILURE"), 10, "the failed step")
     assert "not a directory" in failed["exception"]
     wait_for(lambda: {t["state"] for t in flower.tasks(job.id).values()} <= FINAL, 10, "every task to end")
+
+
+def test_a_step_whose_whole_worker_was_killed_ends_failed_in_flower(flower, client):
+    """SIGKILL to a node's whole worker mid-copy: no process is left to end the copy task, so
+    the restarted worker's recovery does, as FAILURE saying what happened; the undos it sends
+    end too."""
+    from tests.conftest import Worker
+
+    worker = Worker("crash", concurrency=1)
+    try:
+        g, c = next(_vmids), next(_vmids)
+        client.run("create", vmid=g, node="crash", disks={"scsi0": {"storage": "crash", "size": "1G"}})
+        with open(storage_path("crash") / f"{g}/vm-{g}-disk-0.raw", "r+b") as f:
+            for i in range(0, 1024, 4):
+                f.seek(i * PATTERN_MIB)
+                f.write(b"\x5a" * PATTERN_MIB)
+        job = client.submit("full_clone", vmid=g, newid=c)
+        next(e for e in client.events(job.id) if e["phase"] == "progress" and e["done"] > 0)
+        pool = int(client.job(job.id).current["worker"].split(":")[1])
+        os.kill(wait_for(lambda: _qemu_img_of(pool), 10, "the copy's qemu-img"), signal.SIGSTOP)
+        running = wait_for(lambda: flower.task(job.id, "stork.full_clone.copy_data", "PROGRESS"), 10,
+                           "Flower to show the copy in progress")
+        worker.kill()  # the stopped qemu-img is in the group: it dies too
+        worker = Worker("crash", concurrency=1)  # reconciles at start
+        assert client.wait(job.id, timeout=60).state == "failed"
+        ended = wait_for(lambda: flower.task(job.id, "stork.full_clone.copy_data", "FAILURE"), 10,
+                         "Flower to end the copy")
+        assert ended["uuid"] == running["uuid"]
+        assert ended["exception"] == "the worker on node crash died during step copy_data"
+        wait_for(lambda: {t["state"] for t in flower.tasks(job.id).values()} <= FINAL, 10, "every task to end")
+    finally:
+        worker.stop()

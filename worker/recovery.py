@@ -28,7 +28,7 @@ import structlog
 
 from drivers.errors import StorkError
 from worker import records, usage
-from worker.app import redis_client
+from worker.app import app, redis_client
 from worker.broker import Pending, pending_messages
 from worker.jobs import KINDS
 from worker.liveness import holder_alive, holding, process_alive
@@ -126,21 +126,38 @@ def _not_redelivered(r: redis.Redis, held: list[JobRecord]) -> list[JobRecord]:
 
 
 def _recover(r: redis.Redis, job: JobRecord, holder: str, current: dict[str, Any], starting: bool) -> None:
-    kind, where, name = KINDS[job.kind], current.get("node"), current.get("name")
+    kind, where = KINDS[job.kind], current.get("node")
+    what = f"{'undo of ' if 'undo' in current else ''}step {current.get('name')}"
+    if holder_alive(r, holder):
+        lost = f"the process running {what} on node {where} gave it up"
+    elif starting:
+        lost = f"the worker on node {where} died during {what}"
+    else:
+        lost = f"the process running {what} on node {where} is gone"
     if job.state == JobState.RUNNING and (kind.steps[current["step"]].commit or committed(kind, job)):
         records.transition(r, job.id, (JobState.RUNNING,), guard={"owner": holder, "done": job.done}, current=None)
         send_steps(job, job.done)  # carried forward from the interrupted step
+        lost += "; the step was sent again"
     elif job.state == JobState.RUNNING:
-        if holder_alive(r, holder):
-            why = f"the process running step {name} on node {where} gave it up"
-        elif starting:
-            why = f"the worker on node {where} died during step {name}"
-        else:
-            why = f"the process running step {name} on node {where} is gone"
-        start_undo(r, job, current["step"], JobState.FAILED, why, {"owner": holder, "done": job.done})
+        start_undo(r, job, current["step"], JobState.FAILED, lost, {"owner": holder, "done": job.done})
     elif job.state == JobState.UNDOING:
         records.transition(r, job.id, (JobState.UNDOING,), guard={"owner": holder}, current=None)
         dispatch_undo(job)
+        lost += "; the undo was sent again"
+    _end_in_flower(current, lost)
+
+
+def _end_in_flower(current: dict[str, Any], why: str) -> None:
+    """End the lost process's task in Flower: a task whose worker died sends no end event of
+    its own, and would show as running for ever. Sent as from that task's worker, where the
+    task belongs. Best effort: the job record is the truth."""
+    if not current.get("task") or not current.get("hostname"):
+        return
+    try:
+        with app.events.default_dispatcher(hostname=current["hostname"]) as dispatcher:
+            dispatcher.send("task-failed", uuid=current["task"], exception=why, traceback="")
+    except Exception as e:
+        log.warning("flower_end_event_lost", task=current["task"], error=str(e))
 
 
 def _nudge(r: redis.Redis, idle: list[JobRecord]) -> list[str]:

@@ -85,7 +85,7 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     turn = {"done": index, **({"owner": holder} if holder else {"idle": True})}
     _refuse_or_cancel(r, job, kind, index, turn)
     with liveness.working_on(r, job_id):  # from before its start is recorded to after its end
-        attempt = _start_step(r, job, kind, index, cfg.node, me, turn)
+        attempt = _start_step(r, job, kind, index, cfg.node, me, turn, _task_of(task))
         ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=kind.steps[index].name, worker=me,
                           attempt=attempt, task=task)
         _run(ctx, kind, index)
@@ -122,15 +122,22 @@ def _refuse_or_cancel(r: redis.Redis, job: JobRecord, kind: JobKind, index: int,
         raise Ignore()
 
 
+def _task_of(task: Task) -> dict[str, str]:
+    """The Celery task running a step or undo, as its record keeps it: should the process die,
+    recovery ends that task in Flower (which otherwise shows it running for ever)."""
+    request = task.request
+    return {"task": request.id, "hostname": request.hostname} if request.id and request.hostname else {}
+
+
 def _start_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node: str, me: str,
-                turn: dict[str, Any]) -> int:
+                turn: dict[str, Any], task: dict[str, str]) -> int:
     """Record that this process runs the step (if it is still its turn); the attempt number."""
     step = kind.steps[index]
     attempt = job.attempts.get(str(index), 0) + 1
     job.attempts[str(index)] = attempt
     job.ran_on[step.name] = node
     job.current = {"step": index, "name": step.name, "node": node, "worker": me, "attempt": attempt,
-                   "parent": liveness.parent_id(), "since": time.time()}
+                   "parent": liveness.parent_id(), "since": time.time(), **task}
     structlog.contextvars.bind_contextvars(job_id=job.id, kind=kind.name, step=step.name, node=node)
     try:
         records.transition(
@@ -326,7 +333,8 @@ def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
         try:
             turn = {"undone": len(job.undone), **({"owner": holder} if holder else {"idle": True})}
             records.transition(r, job_id, (JobState.UNDOING,), guard=turn,
-                               current={"undo": index, "name": step.name, "node": cfg.node, "worker": me},
+                               current={"undo": index, "name": step.name, "node": cfg.node, "worker": me,
+                                        **_task_of(task)},
                                events=[events.make(job_id, kind.name, "undo", step=step.name, node=cfg.node)])
         except StateConflict:
             raise Ignore() from None
