@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from drivers.base import Driver
-from drivers.config import StorageConfig
 from drivers.dir import DirDriver
+from drivers.storage import StorageConfig
 
 DRIVERS: dict[str, type[Driver]] = {
     "dir": DirDriver,

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from drivers import names, qemu
-from drivers.config import StorageConfig
 from drivers.errors import FeatureUnsupported, NotFound
 from drivers.names import VolName
+from drivers.storage import Option, StorageConfig
 
 # What a job may do with a volume: feature -> volume state ("current" | "base") -> formats.
 FeatureTable = Mapping[str, Mapping[str, frozenset[str]]]
@@ -65,6 +65,10 @@ class Driver(ABC):
     formats: ClassVar[tuple[str, ...]]
     default_format: ClassVar[str]
     linked_clone_format: ClassVar[str]  # the format a linked clone of a base gets
+    OPTIONS: ClassVar[Mapping[str, Option]]  # its own keys in [storage.<id>] (drivers/storage.py)
+    # A newly allocated volume reads as zeros (a new file, a thin volume): a copy into it may
+    # skip zero areas. False for a thick LV, which holds whatever blocks it was given.
+    new_volumes_read_zero: ClassVar[bool] = True
 
     def __init__(self, storage: StorageConfig) -> None:
         self.storage = storage
@@ -217,10 +221,11 @@ class Driver(ABC):
         self.free(vol)
 
     def copy_in(self, src: qemu.Image, size: int, dst: VolName, progress: qemu.Progress | None = None) -> None:
-        """Copy an opened image into the allocated, zero-filled dst (generic path: qemu-img),
-        flushed to stable storage before it returns."""
+        """Copy an opened image into the allocated dst (generic path: qemu-img), flushed to
+        stable storage before it returns; zero areas are skipped only where a new volume
+        reads as zeros."""
         with self.image(dst, write=True) as target:
-            qemu.convert(src, target, size, progress)
+            qemu.convert(src, target, size, progress, target_is_zero=self.new_volumes_read_zero)
 
     def copy_from(
         self, source: Driver, src: VolName, dst: VolName, progress: qemu.Progress | None = None

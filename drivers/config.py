@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from drivers import names
+from drivers import DRIVERS, names
 from drivers.errors import ConfigError, InvalidName, NotFound
 from drivers.safedir import kind_of
+from drivers.storage import Option, StorageConfig, is_path_text
 
 DEFAULT_PATH = "stork.toml"
 
@@ -41,19 +42,6 @@ type = "dir"
 path = "var/images"
 content = ["images"]
 """
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    id: str
-    type: str
-    path: Path
-    content: tuple[str, ...] = ("images",)
-    shared: bool = False
-    nodes: tuple[str, ...] = ()  # empty: the storage exists on every node
-
-    def on_node(self, node: str) -> bool:
-        return self.shared or not self.nodes or node in self.nodes
 
 
 @dataclass(frozen=True)
@@ -98,10 +86,6 @@ VISIBILITY_TIMEOUT_MAX = 7 * 86400
 
 def _str(v: Any) -> bool:
     return isinstance(v, str) and bool(v)
-
-
-def _path(v: Any) -> bool:
-    return _str(v) and "\x00" not in v  # no file name holds a NUL byte
 
 
 def _int(v: Any) -> bool:
@@ -165,7 +149,7 @@ REDIS_URL = "a redis://, rediss:// or unix:// URL (port 1-65535, database a numb
 Check = tuple[Callable[[Any], bool], str]
 SCHEMA: dict[str, dict[str, Check]] = {
     "redis": {"url": (_redis_url, REDIS_URL)},
-    "paths": {"guests": (_path, "a directory path"), "locks": (_path, "a directory path")},
+    "paths": {"guests": (is_path_text, "a directory path"), "locks": (is_path_text, "a directory path")},
     "locks": {"timeout": (_lock_timeout, f"a number of seconds > 0 and <= {LOCK_TIMEOUT_MAX}")},
     "worker": {
         "concurrency": (_int_in(1, CONCURRENCY_MAX), f"a whole number from 1 to {CONCURRENCY_MAX}"),
@@ -182,10 +166,9 @@ SCHEMA: dict[str, dict[str, Check]] = {
     },
 }
 SECRET_KEYS = ("flower.basic_auth",)  # never echoed in an error
-STORAGE_TYPES = ("dir",)
+# The keys every storage has; its driver's own (Driver.OPTIONS) come on top.
 STORAGE_SCHEMA: dict[str, Check] = {
-    "type": (lambda v: v in STORAGE_TYPES, "one of: dir"),
-    "path": (_path, "a directory path"),
+    "type": (lambda v: isinstance(v, str) and v in _drivers(), ""),  # message: _check_storage
     "content": (
         lambda v: _str_list(v) and bool(v) and set(v) <= {"images", "backup"},
         'a non-empty list of "images", "backup"',
@@ -196,7 +179,13 @@ STORAGE_SCHEMA: dict[str, Check] = {
         "a non-empty list of distinct node names (a lower-case letter, then up to 39 of a-z 0-9 _ -)",
     ),
 }
-REQUIRED_STORAGE_KEYS = ("type", "path")
+
+
+def _drivers() -> Mapping[str, Mapping[str, Option]]:
+    """Each storage type's own options, from the driver registry."""
+    return {name: cls.OPTIONS for name, cls in DRIVERS.items()}
+
+
 
 
 def _shown(key: str, value: Any) -> str:
@@ -229,16 +218,37 @@ def _check_storage(file: Path, sid: str, entry: Any) -> None:
         names.storage_id(sid)
     except InvalidName as e:
         raise ConfigError(f"{file}: [storage.{sid}]: {e}") from None
-    _check_table(file, f"storage.{sid}", entry, STORAGE_SCHEMA)
-    for key in REQUIRED_STORAGE_KEYS:
-        if key not in entry:
-            raise ConfigError(f"{file}: storage.{sid}.{key} is missing")
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{file}: [storage.{sid}] must be a table")
+    if "type" not in entry:
+        raise ConfigError(f"{file}: storage.{sid}.type is missing")
+    drivers = _drivers()
+    if not STORAGE_SCHEMA["type"][0](entry["type"]):
+        raise ConfigError(f"{file}: storage.{sid}.type = {entry['type']!r}: expected one of: {', '.join(drivers)}")
+    options = drivers[entry["type"]]
+    schema = {**STORAGE_SCHEMA, **{key: (o.check, o.expected) for key, o in options.items()}}
+    _check_table(file, f"storage.{sid}", entry, schema)
+    for key, option in options.items():
+        if option.required and key not in entry:
+            kind = entry["type"]
+            raise ConfigError(f"{file}: storage.{sid}.{key} is missing ({kind} storage needs {option.expected})")
     if entry.get("shared") and "nodes" in entry:
         # on_node() ignores nodes for a shared storage: it would be used where the list says it is not
         raise ConfigError(
             f"{file}: storage.{sid}.nodes: expected no nodes on a shared storage "
             "(it exists on every node; nodes is for shared = false)"
         )
+
+
+def _storage(sid: str, entry: dict[str, Any], path: Callable[[str], Path]) -> StorageConfig:
+    """A checked [storage.<id>] table as a StorageConfig: its driver's options with defaults."""
+    options = {}
+    for key, option in _drivers()[entry["type"]].items():
+        value = entry.get(key, option.default)
+        if value is not None:
+            options[key] = path(value) if option.is_path else value
+    return StorageConfig(id=sid, type=entry["type"], content=tuple(entry.get("content", ["images"])),
+                         shared=entry.get("shared", False), nodes=tuple(entry.get("nodes", ())), options=options)
 
 
 def _validate(file: Path, data: dict[str, Any]) -> None:
@@ -305,17 +315,7 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
     def path(value: str) -> Path:
         return (base / value).resolve()
 
-    storages = {
-        sid: StorageConfig(
-            id=sid,
-            type=entry["type"],
-            path=path(entry["path"]),
-            content=tuple(entry.get("content", ["images"])),
-            shared=entry.get("shared", False),
-            nodes=tuple(entry.get("nodes", ())),
-        )
-        for sid, entry in data.get("storage", {}).items()
-    }
+    storages = {sid: _storage(sid, entry, path) for sid, entry in data.get("storage", {}).items()}
     section = lambda name: data.get(name, {})  # noqa: E731
     node = env.get("STORK_NODE") or socket.gethostname().split(".")[0].lower()
     try:
@@ -328,8 +328,8 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
     flower = section("flower")
     guests_dir = path(section("paths").get("guests", "var/guests"))
     locks_dir = path(section("paths").get("locks", "var/lock"))
-    # a storage type without a directory (none yet) has nothing to overlap
-    storage_paths = {sid: p for sid, s in storages.items() if (p := getattr(s, "path", None)) is not None}
+    # a storage type without a directory (a VG, a pool) has nothing to overlap
+    storage_paths = {sid: p for sid, s in storages.items() if (p := s.path) is not None}
     error = _overlap_error(file, storage_paths, {"paths.guests": guests_dir, "paths.locks": locks_dir})
     if error:
         raise ConfigError(error)

@@ -19,6 +19,7 @@ import contextlib
 import os
 import posixpath
 from collections.abc import Iterator
+from pathlib import Path
 
 import structlog
 
@@ -27,6 +28,7 @@ from drivers.base import Driver
 from drivers.errors import NotFound, Refused
 from drivers.names import FORMATS, VolName
 from drivers.safedir import SafeDir, copy_contents, identity, set_immutable
+from drivers.storage import PATH, StorageConfig
 
 log = structlog.get_logger(__name__)
 ALL = frozenset(FORMATS)
@@ -54,10 +56,16 @@ class DirDriver(Driver):
         "resize": {"current": ALL},
         "move": {"current": ALL, "base": ALL},  # a base only while no linked clone reads through it
     }
+    OPTIONS = {"path": PATH}
+
+    def __init__(self, config: StorageConfig) -> None:
+        super().__init__(config)
+        assert config.path is not None  # a required option: the config checked it
+        self.root: Path = config.path
 
     @property
     def _dir(self) -> SafeDir:
-        return SafeDir(self.storage.path)
+        return SafeDir(self.root)
 
     @contextlib.contextmanager
     def _opened(self, vol: VolName, write: bool = False) -> Iterator[int]:
@@ -94,8 +102,8 @@ class DirDriver(Driver):
         that is not a directory, is skipped."""
         if owner is not None:
             wanted = [str(owner)]
-        elif self.storage.path.is_dir():
-            with os.scandir(self.storage.path) as entries:
+        elif self.root.is_dir():
+            with os.scandir(self.root) as entries:
                 wanted = [e.name for e in entries
                           if e.is_dir(follow_symlinks=False) and (e.name == "base" or e.name.isdigit())]
         else:
@@ -139,7 +147,7 @@ class DirDriver(Driver):
     def _volume_at(self, folder: str, backing: str) -> VolName | None:
         """The volume a backing path names, worked out as text (no link is resolved): a
         relative path is relative to the overlay's folder; a path outside is no stork base."""
-        root = str(self.storage.path)
+        root = str(self.root)
         path = posixpath.normpath(backing if backing.startswith("/") else posixpath.join(root, folder, backing))
         if not path.startswith(root + "/"):
             return None
@@ -215,7 +223,7 @@ class DirDriver(Driver):
             self._dir.remove_folder_if_empty(_folder(vol))  # the guest's folder, once it holds nothing
 
     def status(self) -> tuple[int, int, int]:
-        st = os.statvfs(self.storage.path)
+        st = os.statvfs(self.root)
         total, avail = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
         return total, total - st.f_bfree * st.f_frsize, avail
 

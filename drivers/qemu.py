@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.errors import InvalidName, ToolFailed
+from drivers.tools import ToolError, run
 
 QEMU_IMG = "qemu-img"
 QCOW2_MAGIC = b"QFI\xfb"
@@ -84,15 +85,6 @@ class Image:
     @property
     def all_fds(self) -> tuple[int, ...]:
         return self.fds + (self.backing.all_fds if self.backing else ())
-
-
-def run(argv: list[str], what: str, fds: tuple[int, ...] = ()) -> str:
-    """Run a tool; a non-zero exit becomes ToolFailed with its last stderr line."""
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False, pass_fds=fds)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-        raise ToolFailed(f"{what} failed: {last}")
-    return proc.stdout
 
 
 def detect_image(fd: int, label: str) -> tuple[str, int]:
@@ -172,17 +164,19 @@ def compare(a: Image, b: Image) -> None:
         a.all_fds + b.all_fds)
 
 
-def convert(src: Image, dst: Image, size: int, progress: Progress | None = None, interval: float = 0.25) -> None:
-    """Copy src into the existing, zero-filled dst with `qemu-img convert -p -n`.
+def convert(src: Image, dst: Image, size: int, progress: Progress | None = None, interval: float = 0.25,
+            target_is_zero: bool = True) -> None:
+    """Copy src into the existing dst with `qemu-img convert -p -n`.
 
-    Zero areas are skipped (--target-is-zero), so a sparse target stays sparse. Progress
+    Where dst is known to read as zeros (target_is_zero: a new file, a thin volume), zero
+    areas are skipped, so a sparse target stays sparse; otherwise (a thick LV holding another
+    volume's old blocks) qemu-img writes them, and nothing old shows through. Progress
     lines are parsed into progress(done, total) at most every `interval` seconds; if the
     callback raises, qemu-img is stopped and the exception propagates. qemu-img writes with
     cache mode `unsafe` (nothing flushed): the caller flushes dst before relying on it.
     """
-    argv = [
-        QEMU_IMG, "convert", "-p", "-n", "--target-is-zero", "-W", "-O", dst.fmt, "--", src.spec, dst.spec,
-    ]  # fmt: skip
+    zero = ["--target-is-zero"] if target_is_zero else []
+    argv = [QEMU_IMG, "convert", "-p", "-n", *zero, "-W", "-O", dst.fmt, "--", src.spec, dst.spec]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=src.all_fds + dst.all_fds)
     assert proc.stdout is not None and proc.stderr is not None
     last_report, done = 0.0, 0
@@ -206,6 +200,6 @@ def convert(src: Image, dst: Image, size: int, progress: Progress | None = None,
         raise
     if rc != 0:
         last = (proc.stderr.read().decode(errors="replace").strip().splitlines() or ["?"])[-1]
-        raise ToolFailed(f"copying {src.label} to {dst.label} failed: {last}")
+        raise ToolError(f"copying {src.label} to {dst.label}", argv, rc, last)
     if progress:
         progress(size, size)

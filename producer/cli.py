@@ -142,7 +142,7 @@ def _disk_specs(values: list[str], first: str) -> dict[str, dict[str, str]]:
 
 def cmd_storage_list(args: argparse.Namespace, client: Client) -> int:
     found = client.storages()
-    rows = [{"id": s.id, "type": s.type, "path": str(s.path), "content": list(s.content),
+    rows = [{"id": s.id, "type": s.type, **{k: str(v) for k, v in s.options.items()}, "content": list(s.content),
              "shared": s.shared, "nodes": list(s.nodes) or "all"} for s in found]
     _emit(args, rows, _views().storages(found))
     return 0

@@ -193,7 +193,7 @@ class Client:
                     row["total"], row["used"], row["available"] = driver_for(s).status()
                     row["active"] = True
                 except (StorkError, OSError) as e:
-                    row["error"] = str(e) if isinstance(e, StorkError) else f"{s.path}: {e.strerror}"
+                    row["error"] = str(e) if isinstance(e, StorkError) else f"{e.filename or s.id}: {e.strerror}"
             rows.append(row)
         return rows
 

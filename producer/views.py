@@ -17,8 +17,12 @@ from worker.records import JobRecord
 
 
 def storages(found: Iterable[StorageConfig]) -> str:
-    return table(["ID", "TYPE", "SHARED", "NODES", "CONTENT", "PATH"],
-                 [[s.id, s.type, s.shared, list(s.nodes) or "all", list(s.content), s.path] for s in found])
+    def where(s: StorageConfig) -> str:
+        """The path of a storage of files; the driver's options (a VG, a pool) of another."""
+        return str(s.path) if s.path else " ".join(f"{k}={v}" for k, v in s.options.items())
+
+    return table(["ID", "TYPE", "SHARED", "NODES", "CONTENT", "WHERE"],
+                 [[s.id, s.type, s.shared, list(s.nodes) or "all", list(s.content), where(s)] for s in found])
 
 
 def pings(answers: Iterable[Mapping[str, Any]]) -> str:

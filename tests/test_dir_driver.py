@@ -15,7 +15,7 @@ from drivers.names import VolName
 
 @pytest.fixture
 def drv(tmp_path):
-    return driver_for(StorageConfig("local", "dir", tmp_path / "images"))
+    return driver_for(StorageConfig("local", "dir", options={"path": tmp_path / "images"}))
 
 
 def path_of(drv, vol: VolName) -> Path:

@@ -189,7 +189,7 @@ def test_pinned_keeps_the_start_values_of_what_needs_a_restart():
     start = parsed(BASE)
     loaded = replace(parsed(BASE.replace("6399/0", "6399/1") + "[locks]\ntimeout = 5\n", node="other"),
                      worker_concurrency=9, visibility_timeout=900,
-                     storages={"fast": StorageConfig("fast", "dir", Path("/fast"))})
+                     storages={"fast": StorageConfig("fast", "dir", options={"path": Path("/fast")})})
     served = pinned(start, loaded)
     assert (served.redis_url, served.node, served.worker_concurrency, served.visibility_timeout) == (
         start.redis_url, start.node, start.worker_concurrency, start.visibility_timeout)

@@ -255,7 +255,7 @@ from pathlib import Path
 from drivers import driver_for
 from drivers.config import StorageConfig
 from drivers.names import VolName
-d = driver_for(StorageConfig("s", "dir", Path(sys.argv[1])))
+d = driver_for(StorageConfig("s", "dir", options={"path": Path(sys.argv[1])}))
 a, b = VolName(100, "vm-100-disk-0", "raw"), VolName(100, "vm-100-disk-1", "qcow2")
 d.allocate(a, 1 << 20); d.allocate(b, 1 << 20)
 d.copy_from(d, a, b)
@@ -434,7 +434,7 @@ from pathlib import Path
 from drivers import driver_for
 from drivers.config import StorageConfig
 from drivers.names import VolName
-d = driver_for(StorageConfig("s", "dir", Path(sys.argv[1])))
+d = driver_for(StorageConfig("s", "dir", options={"path": Path(sys.argv[1])}))
 vol = VolName(100, "vm-100-disk-0", "raw")
 d.allocate(vol, 1 << 20)
 d.make_base(vol, VolName(None, "golden", "raw"))

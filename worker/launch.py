@@ -152,7 +152,7 @@ def main() -> None:
             ensure_tool("redis-server", "redis-server", "no Redis answers; install one or set STORK_REDIS_URL")
             processes.insert(0, "redis")
         for storage in cfg.storages.values():
-            if storage.on_node(cfg.node):
+            if storage.on_node(cfg.node) and storage.path:  # a directory storage: made on first run
                 storage.path.mkdir(parents=True, exist_ok=True)
         var = cfg.file.parent / "var"
         var.mkdir(exist_ok=True)

@@ -1,0 +1,70 @@
+"""A storage's configuration: the keys every storage has (type, content, shared, nodes) and the
+options its driver declares for itself (`Driver.OPTIONS`: `path` for dir and btrfs, `vgname`
+for lvm, `pool` for zfs, ...), each with its check, what it expects, whether it is required
+and its default, as Proxmox's storage plugins declare their properties and options.
+
+Options that several drivers take are defined once here, so a key means the same thing on
+every storage type.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Option:
+    """One key a driver takes in its [storage.<id>] table."""
+
+    check: Callable[[Any], bool]
+    expected: str  # what the check wants, for the error naming the file and the key
+    required: bool = False
+    default: Any = None
+    is_path: bool = False  # a relative path is relative to the config file
+
+
+def is_path_text(v: Any) -> bool:
+    return isinstance(v, str) and bool(v) and "\x00" not in v  # no file name holds a NUL byte
+
+
+# A native name a tool is given as one argument (a VG, a pool, a dataset): no leading dash, no
+# spaces, no path tricks.
+_NATIVE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
+
+
+def _native(v: Any) -> bool:
+    return isinstance(v, str) and _NATIVE.fullmatch(v) is not None and ".." not in v
+
+
+def _dataset(v: Any) -> bool:
+    """A ZFS pool or dataset: components as `_native`, joined by '/'."""
+    return isinstance(v, str) and all(_native(part) for part in v.split("/"))
+
+
+PATH = Option(is_path_text, "a directory path", required=True, is_path=True)
+VGNAME = Option(_native, "an LVM volume group name (letters, digits, _ . + -)", required=True)
+THINPOOL = Option(_native, "an LVM thin pool name (letters, digits, _ . + -)", required=True)
+POOL = Option(_dataset, "a pool or dataset name (letters, digits, _ . + -, parts joined by /)", required=True)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    id: str
+    type: str
+    content: tuple[str, ...] = ("images",)
+    shared: bool = False
+    nodes: tuple[str, ...] = ()  # empty: the storage exists on every node
+    options: Mapping[str, Any] = field(default_factory=dict)  # the driver's own keys, checked, defaults filled
+
+    def on_node(self, node: str) -> bool:
+        return self.shared or not self.nodes or node in self.nodes
+
+    @property
+    def path(self) -> Path | None:
+        """The directory of a storage of files (dir, btrfs); None for one without."""
+        value = self.options.get("path")
+        return Path(value) if value is not None else None

@@ -1,0 +1,37 @@
+"""Backend tools (qemu-img, btrfs, lvm, zfs, rbd) run one way: an argv list, never a shell, with
+a time limit, and a failure that keeps what a driver needs to tell one answer from another
+(the exit status and the whole stderr), so it can turn "busy" or "has dependents" into stork's
+own error type without job code ever reading a tool's text."""
+
+from __future__ import annotations
+
+import subprocess
+
+from drivers.errors import ToolFailed
+
+TIMEOUT = 3600.0  # seconds: a data copy may be long; a tool hung on a dead device must still end
+
+
+class ToolError(ToolFailed):
+    """A tool exited non-zero (or did not end in time): its argv, status and stderr."""
+
+    def __init__(self, what: str, argv: list[str], status: int, stderr: str) -> None:
+        last = (stderr.strip().splitlines() or ["no message"])[-1]
+        super().__init__(f"{what} failed: {last}")
+        self.argv, self.status, self.stderr = argv, status, stderr
+
+
+def run(argv: list[str], what: str, fds: tuple[int, ...] = (), timeout: float = TIMEOUT,
+        env: dict[str, str] | None = None) -> str:
+    """Run a tool and return its stdout; ToolError if it exits non-zero or runs out of time.
+    `what` says what was being done, for the message ("creating local:100/vm-100-disk-0.raw")."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, pass_fds=fds, timeout=timeout,
+                              env=env)
+    except subprocess.TimeoutExpired as e:
+        raise ToolError(what, argv, -1, f"{argv[0]} did not end within {timeout:g} s") from e
+    except FileNotFoundError:
+        raise ToolError(what, argv, 127, f"{argv[0]} is not installed") from None
+    if proc.returncode != 0:
+        raise ToolError(what, argv, proc.returncode, proc.stderr)
+    return proc.stdout

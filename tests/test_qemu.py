@@ -1,0 +1,53 @@
+"""qemu-img on opened descriptors: a copy into a target that does not read as zeros writes the
+zeros too (a thick LV keeps old blocks), and a failing tool keeps its status and stderr."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from drivers import qemu, tools
+
+MIB = 1 << 20
+
+
+def image(path: Path, write: bool = False) -> qemu.Image:
+    fd = os.open(path, os.O_RDWR if write else os.O_RDONLY)
+    return qemu.Image.of_fd("raw", fd, str(path))
+
+
+@pytest.mark.parametrize(("target_is_zero", "same"), [(False, True), (True, False)])
+def test_a_copy_skips_zero_areas_only_into_a_target_that_reads_as_zeros(tmp_path, target_is_zero, same):
+    """The source is data then zeros; the target holds old bytes (0xee) everywhere. Declared
+    zero, the target keeps its old bytes where the source has zeros: exactly what a driver
+    whose new volumes do not read as zeros must never declare."""
+    src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
+    src.write_bytes(b"\x11" * MIB + b"\0" * 3 * MIB)
+    dst.write_bytes(b"\xee" * 4 * MIB)
+    a, b = image(src), image(dst, write=True)
+    try:
+        qemu.convert(a, b, 4 * MIB, target_is_zero=target_is_zero)
+    finally:
+        os.close(a.fds[0])
+        os.close(b.fds[0])
+    assert (dst.read_bytes() == src.read_bytes()) is same
+    assert dst.read_bytes()[:MIB] == b"\x11" * MIB
+
+
+def test_a_failing_tool_keeps_its_status_and_stderr(tmp_path):
+    with pytest.raises(tools.ToolError) as failed:
+        tools.run(["qemu-img", "info", "--", str(tmp_path / "none.raw")], "reading none.raw")
+    assert failed.value.status == 1 and "none.raw" in failed.value.stderr
+    assert str(failed.value).startswith("reading none.raw failed: qemu-img: Could not open")
+
+
+@pytest.mark.parametrize(("argv", "status", "says"), [
+    (["/nonexistent-tool"], 127, "/nonexistent-tool is not installed"),
+    (["sleep", "5"], -1, "sleep did not end within 0.2 s"),
+])
+def test_a_tool_that_cannot_run_or_hangs_is_one_error(argv, status, says):
+    with pytest.raises(tools.ToolError) as failed:
+        tools.run(argv, "testing", timeout=0.2)
+    assert failed.value.status == status and str(failed.value) == f"testing failed: {says}"
