@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from drivers.base import Driver
+from drivers.btrfs import BtrfsDriver
 from drivers.dir import DirDriver
 from drivers.storage import StorageConfig
 
 DRIVERS: dict[str, type[Driver]] = {
     "dir": DirDriver,
+    "btrfs": BtrfsDriver,
 }
 
 

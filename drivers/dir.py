@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -245,7 +246,8 @@ class DirDriver(Driver):
             self._protect(fd)
 
     def _protect(self, fd: int) -> None:
-        os.fchmod(fd, 0o444)
+        if stat.S_IMODE(os.fstat(fd).st_mode) != 0o444:  # an immutable base refuses even a chmod to its mode
+            os.fchmod(fd, 0o444)
         if not set_immutable(fd, True):
             log.warning("immutable_unsupported", storage=self.storage.id)
 

@@ -115,6 +115,18 @@ class SafeDir:
             raise refused(label, self.problem(folder, name) or "not a regular file")
         return fd
 
+    def open_dir(self, folder: int, name: str, label: str = "") -> int:
+        """Open the directory `name` in `folder` without following a link; NotFound if
+        absent, Refused for anything else at the name."""
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=folder)
+        except FileNotFoundError:
+            raise NotFound(f"{label or name}: no such directory") from None
+        except OSError as e:
+            if e.errno in _NOT_FOLLOWED:
+                raise refused(label or name, self.problem(folder, name) or "not a directory") from None
+            raise
+
     @staticmethod
     def problem(folder: int, name: str) -> str:
         """Why the entry `name` in `folder` is not a file stork uses, naming its path; "" for a

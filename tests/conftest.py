@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import backends
 from worker import testing
 from worker.testing import free_port
 
@@ -24,6 +25,15 @@ BASE = Path(tempfile.mkdtemp(prefix="stork-test-"))
 
 REDIS_PORT = free_port()
 CONFIG = BASE / "stork.toml"
+# A real btrfs on a loop device, as storage `bt`, where this machine can make one; else the
+# reason, with which the btrfs tests skip. Detached in pytest_sessionfinish.
+BTRFS = backends.make("btrfs", BASE)
+NO_BTRFS = BTRFS if isinstance(BTRFS, str) else ""
+BTRFS_STORAGE = "" if NO_BTRFS else f"""
+[storage.bt]
+type = "btrfs"
+path = "{BTRFS.mount}"
+"""
 CONFIG.write_text(f"""
 [redis]
 url = "redis://127.0.0.1:{REDIS_PORT}/0"
@@ -60,7 +70,7 @@ path = "small"
 type = "dir"
 path = "backup"
 content = ["backup"]
-""")
+{BTRFS_STORAGE}""")
 os.environ["STORK_CONFIG"] = str(CONFIG)
 os.environ["STORK_NODE"] = "node1"
 os.environ.pop("STORK_REDIS_URL", None)
@@ -116,7 +126,7 @@ def stork(workers, capsys):
 
 
 def storage_path(name: str) -> Path:
-    return BASE / {"local": "images", "local1": "node1", "local2": "node2"}.get(name, name)
+    return BASE / {"local": "images", "local1": "node1", "local2": "node2", "bt": "btrfs"}.get(name, name)
 
 
 def files_under(path: Path) -> list[str]:
@@ -124,6 +134,8 @@ def files_under(path: Path) -> list[str]:
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if isinstance(BTRFS, backends.LoopFs):
+        BTRFS.close()  # unmounted and detached before the directory holding it goes
     for mount in ("small",):
         subprocess.run(["umount", str(BASE / mount)], capture_output=True, check=False)
     subprocess.run(["chattr", "-R", "-i", str(BASE)], capture_output=True, check=False)

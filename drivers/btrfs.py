@@ -1,0 +1,431 @@
+"""btrfs storage: each volume a subvolume holding its raw image.
+
+    <path>/<vmid>/vm-<vmid>-disk-<n>.raw/disk.raw   a guest's disk: a subvolume and its image
+    <path>/base/<name>.raw/disk.raw                 a base: the subvolume made read-only
+
+A linked clone is a writable snapshot of its base's subvolume: it shares the base's extents.
+A btrfs snapshot does not depend on its source, so freeing a base would lose no clone's data;
+stork keeps the link all the same (a template's clones are listed, and its base is not freed
+under them), and reads it from btrfs itself: a clone's subvolume has its base's UUID as parent
+UUID. Proxmox's btrfs plugin does not keep this link. A full copy within the filesystem
+shares extents (FICLONE) instead of copying data.
+
+Everything is done by ioctls on opened descriptors — subvolume create, snapshot, delete by id,
+the read-only flag, subvolume info — which is what the `btrfs` tool does, so no path is
+resolved twice and no symlink is followed: the subvolume checked is the one acted on. A new
+subvolume is made under a hidden temp name, renamed into place and the filesystem synced
+(syncfs), so a name is never visible before its subvolume is durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import secrets
+import struct
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from drivers import faults, names, qemu
+from drivers.base import Driver
+from drivers.errors import NotFound, Refused
+from drivers.names import VolName
+from drivers.safedir import SafeDir
+from drivers.storage import PATH, StorageConfig
+
+IMAGE = "disk.raw"  # the image file in each volume's subvolume
+RAW = frozenset({"raw"})
+SUBVOLUME_ROOT_INODE = 256  # every subvolume's top directory has this inode number
+
+
+# ---- btrfs ioctls (linux/btrfs.h) ---------------------------------------------------------
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (0x94 << 8) | nr
+
+
+ARGS_SIZE = 4096  # struct btrfs_ioctl_vol_args and _v2 are both 4 KiB
+INFO_SIZE = 504  # struct btrfs_ioctl_get_subvol_info_args
+SUBVOL_CREATE_V2 = _ioc(1, 24, ARGS_SIZE)
+SNAP_CREATE_V2 = _ioc(1, 23, ARGS_SIZE)
+SUBVOL_GETFLAGS = _ioc(2, 25, 8)
+SUBVOL_SETFLAGS = _ioc(1, 26, 8)
+GET_SUBVOL_INFO = _ioc(2, 60, INFO_SIZE)
+SNAP_DESTROY_V2 = _ioc(1, 63, ARGS_SIZE)
+SUBVOL_RDONLY = 1 << 1
+SUBVOL_SPEC_BY_ID = 1 << 4
+FICLONE = 0x40049409
+
+
+def _name_args(name: str, fd: int = 0) -> bytearray:
+    """btrfs_ioctl_vol_args_v2 naming an entry (and a source subvolume, for a snapshot).
+    A bytearray: Python passes at most 1 KiB of immutable bytes to an ioctl."""
+    encoded = name.encode()
+    return bytearray(struct.pack("qQQ32x", fd, 0, 0) + encoded + b"\0" * (ARGS_SIZE - 56 - len(encoded)))
+
+
+def _id_args(subvolume_id: int) -> bytearray:
+    return bytearray(struct.pack("qQQ32xQ", 0, 0, SUBVOL_SPEC_BY_ID, subvolume_id) + b"\0" * (ARGS_SIZE - 64))
+
+
+@dataclass(frozen=True)
+class Subvolume:
+    id: int
+    uuid: str
+    parent_uuid: str | None  # the subvolume it is a snapshot of
+
+
+def subvolume_info(fd: int) -> Subvolume:
+    buf = bytearray(INFO_SIZE)
+    fcntl.ioctl(fd, GET_SUBVOL_INFO, buf)
+    parent = bytes(buf[312:328])
+    return Subvolume(struct.unpack_from("Q", buf, 0)[0], str(uuid.UUID(bytes=bytes(buf[296:312]))),
+                     str(uuid.UUID(bytes=parent)) if any(parent) else None)
+
+
+def set_readonly(fd: int, on: bool) -> None:
+    flags = struct.unpack("Q", fcntl.ioctl(fd, SUBVOL_GETFLAGS, b"\0" * 8))[0]
+    wanted = flags | SUBVOL_RDONLY if on else flags & ~SUBVOL_RDONLY
+    if wanted != flags:
+        fcntl.ioctl(fd, SUBVOL_SETFLAGS, struct.pack("Q", wanted))
+
+
+def is_readonly(fd: int) -> bool:
+    return bool(struct.unpack("Q", fcntl.ioctl(fd, SUBVOL_GETFLAGS, b"\0" * 8))[0] & SUBVOL_RDONLY)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(fd: int) -> None:
+    """Commit the filesystem's transaction: new and renamed subvolumes are durable then."""
+    if _libc.syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _folder(vol: VolName) -> str:
+    return "base" if vol.owner is None else str(vol.owner)
+
+
+def _entry(vol: VolName) -> str:
+    return f"{vol.name}.{vol.fmt}"
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+class BtrfsDriver(Driver):
+    type_name = "btrfs"
+    formats = ("raw",)
+    default_format = "raw"
+    linked_clone_format = "raw"
+    FEATURES = {
+        "make_base": {"current": RAW},
+        "linked_clone": {"base": RAW},
+        "copy": {"current": RAW, "base": RAW},
+        "resize": {"current": RAW},
+        "move": {"current": RAW, "base": RAW},  # a base only while no linked clone names it
+    }
+    OPTIONS = {"path": PATH}
+
+    def __init__(self, config: StorageConfig) -> None:
+        super().__init__(config)
+        assert config.path is not None  # a required option: the config checked it
+        self.root: Path = config.path
+        self._dir = SafeDir(self.root)
+
+    # ---- opening -------------------------------------------------------------------------
+    def _open_subvolume(self, folder: int, name: str, label: str) -> int:
+        """The subvolume `name` in `folder`, opened without following a link; NotFound if
+        absent, Refused for anything else at the name (a file, a plain directory, a link)."""
+        try:
+            fd = self._dir.open_dir(folder, name, label)
+        except NotFound:
+            raise NotFound(f"unknown volume {label}") from None
+        if os.fstat(fd).st_ino != SUBVOLUME_ROOT_INODE:
+            os.close(fd)
+            raise Refused(f"{label}: not a volume: {self._path(folder, name)} is a directory, not a btrfs subvolume")
+        return fd
+
+    @staticmethod
+    def _path(folder: int, name: str) -> str:
+        return f"{os.readlink(f'/proc/self/fd/{folder}')}/{name}"
+
+    @contextlib.contextmanager
+    def _subvolume(self, vol: VolName) -> Iterator[int]:
+        try:
+            with self._dir.folder(_folder(vol)) as folder:
+                fd = self._open_subvolume(folder, _entry(vol), self.volid(vol))
+        except NotFound:
+            raise NotFound(f"unknown volume {self.volid(vol)}") from None
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _opened(self, vol: VolName, write: bool = False) -> Iterator[int]:
+        """The volume's image file, opened inside its subvolume."""
+        with self._subvolume(vol) as sub, self._dir.opened(sub, IMAGE, write, label=self.volid(vol)) as fd:
+            yield fd
+
+    @contextlib.contextmanager
+    def image(self, vol: VolName, write: bool = False) -> Iterator[qemu.Image]:
+        """The raw image, opened for qemu-img; a linked clone needs no backing (a snapshot
+        holds its data itself)."""
+        with self._opened(vol, write) as fd:
+            yield qemu.Image.of_fd("raw", fd, self.volid(vol))
+            if write:
+                os.fsync(fd)
+
+    # ---- reading -------------------------------------------------------------------------
+    def _folders(self, owner: int | None) -> Iterator[tuple[str, int]]:
+        if owner is not None:
+            wanted = [str(owner)]
+        elif self.root.is_dir():
+            with os.scandir(self.root) as entries:
+                wanted = [e.name for e in entries
+                          if e.is_dir(follow_symlinks=False) and (e.name == "base" or e.name.isdigit())]
+        else:
+            wanted = []
+        for name in wanted:
+            with contextlib.suppress(NotFound, Refused), self._dir.folder(name) as folder:
+                yield name, folder
+
+    def _entries(self, owner: int | None) -> Iterator[tuple[VolName, bool, int, str]]:
+        """Every entry named like a volume: (volume, is a subvolume, folder, entry name)."""
+        for name, folder in self._folders(owner):
+            with os.scandir(folder) as entries:
+                # a subvolume's entry is a directory whose own inode (lstat) is the subvolume root's
+                found = [(e.name, e.is_dir(follow_symlinks=False)
+                          and e.stat(follow_symlinks=False).st_ino == SUBVOLUME_ROOT_INODE)
+                         for e in entries if not e.name.startswith(".")]
+            for entry, subvolume in found:
+                with contextlib.suppress(names.InvalidName):
+                    yield names.volname(f"{name}/{entry}"), subvolume, folder, entry
+
+    def list_volumes(self, owner: int | None = None) -> list[VolName]:
+        return sorted((v for v, subvolume, _, _ in self._entries(owner) if subvolume and v.fmt == "raw"), key=str)
+
+    def strays(self, owner: int | None = None) -> list[tuple[VolName, str]]:
+        found = []
+        for vol, subvolume, folder, entry in self._entries(owner):
+            if not subvolume:
+                why = self._dir.problem(folder, entry) or f"{self._path(folder, entry)} is not a btrfs subvolume"
+                found.append((vol, why.replace("not a regular file: ", "not a subvolume: ")))
+        return sorted(found, key=lambda s: str(s[0]))
+
+    def exists(self, vol: VolName) -> bool:
+        try:
+            with self._dir.folder(_folder(vol)) as folder:
+                return self._dir.entry_exists(folder, _entry(vol))
+        except NotFound:
+            return False
+
+    def identity(self, vol: VolName) -> str:
+        with self._subvolume(vol) as fd:
+            return subvolume_info(fd).uuid  # never reused, unlike inode numbers
+
+    def virtual_size(self, vol: VolName) -> int:
+        with self._opened(vol) as fd:
+            return os.fstat(fd).st_size
+
+    def allocated_size(self, vol: VolName) -> int:
+        with self._opened(vol) as fd:
+            return os.fstat(fd).st_blocks * 512
+
+    def parent_of(self, vol: VolName) -> VolName | None:
+        with self._subvolume(vol) as fd:
+            parent = subvolume_info(fd).parent_uuid
+        if parent is None:
+            return None
+        return next((base for base, uid in self._base_uuids() if uid == parent), None)
+
+    def clones_of(self, base: VolName) -> list[VolName]:
+        """Volumes made as snapshots of the base, by their parent UUID (one ioctl each)."""
+        with self._subvolume(base) as fd:
+            uid = subvolume_info(fd).uuid
+        return [v for v in self.list_volumes() if self._parent_uuid(v) == uid]
+
+    def _parent_uuid(self, vol: VolName) -> str | None:
+        try:
+            with self._subvolume(vol) as fd:
+                return subvolume_info(fd).parent_uuid
+        except (NotFound, Refused):
+            return None  # freed or replaced meanwhile: no clone of anything
+
+    def _base_uuids(self) -> list[tuple[VolName, str]]:
+        found = []
+        for base in self.list_volumes():
+            if base.is_base:
+                with contextlib.suppress(NotFound, Refused), self._subvolume(base) as fd:
+                    found.append((base, subvolume_info(fd).uuid))
+        return found
+
+    def status(self) -> tuple[int, int, int]:
+        st = os.statvfs(self.root)
+        total, avail = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        return total, total - st.f_bfree * st.f_frsize, avail
+
+    # ---- making and freeing ----------------------------------------------------------------
+    def _new_subvolume(self, folder: int, vol: VolName, make: Callable[[int, str], object]) -> None:
+        """Make a subvolume by `make(folder, temp)` under a hidden temp name, then give it the
+        volume's name and commit; a failure leaves no subvolume behind."""
+        self._sweep_temps(folder)
+        temp = f".{_entry(vol)}.{secrets.token_hex(8)}.tmp"
+        make(folder, temp)
+        try:
+            self._dir.rename(folder, temp, folder, _entry(vol), f"volume {self.volid(vol)}")
+        except BaseException:
+            self._destroy(folder, temp)
+            raise
+        syncfs(folder)
+        faults.point("created")
+
+    def allocate(self, vol: VolName, size: int) -> None:
+        """A new subvolume holding a sparse raw image of `size` bytes."""
+        def make(folder: int, temp: str) -> None:
+            fcntl.ioctl(folder, SUBVOL_CREATE_V2, _name_args(temp))
+            try:
+                sub = self._dir.open_dir(folder, temp)
+                try:
+                    fd = os.open(IMAGE, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                                 dir_fd=sub)
+                    try:
+                        os.ftruncate(fd, size)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                finally:
+                    os.close(sub)
+            except BaseException:
+                self._destroy(folder, temp)
+                raise
+
+        try:
+            with self._dir.folder(_folder(vol), create=True) as folder:
+                self._new_subvolume(folder, vol, make)
+        except BaseException:
+            if vol.owner is not None:
+                self._dir.remove_folder_if_empty(_folder(vol))
+            raise
+
+    def recreate(self, vol: VolName, size: int) -> None:
+        """Empty the image in place: the name is never free."""
+        with self._opened(vol, write=True) as fd:
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+
+    def link_clone(self, base: VolName, vol: VolName) -> None:
+        """A writable snapshot of the base's subvolume: it shares every extent."""
+        with contextlib.ExitStack() as stack:
+            source = stack.enter_context(self._subvolume(base))
+            try:
+                folder = stack.enter_context(self._dir.folder(_folder(vol), create=True))
+                self._new_subvolume(folder, vol, lambda f, temp: fcntl.ioctl(f, SNAP_CREATE_V2,
+                                                                              _name_args(temp, source)))
+            except BaseException:
+                self._dir.remove_folder_if_empty(_folder(vol))
+                raise
+
+    def free(self, vol: VolName) -> None:
+        """Delete the volume's subvolume (absent already: nothing to do); anything else at
+        its name is refused, never deleted."""
+        try:
+            with self._dir.folder(_folder(vol)) as folder:
+                if not self._dir.entry_exists(folder, _entry(vol)):
+                    return
+                sub = self._open_subvolume(folder, _entry(vol), self.volid(vol))
+                try:
+                    subvolume_id = subvolume_info(sub).id
+                finally:
+                    os.close(sub)
+                fcntl.ioctl(folder, SNAP_DESTROY_V2, _id_args(subvolume_id))  # the very subvolume opened
+                syncfs(folder)
+                faults.point("freed")
+                self._sweep_temps(folder)
+        except NotFound:
+            return
+        if not vol.is_base:
+            self._dir.remove_folder_if_empty(_folder(vol))
+
+    def free_partial(self, vol: VolName) -> None:
+        with contextlib.suppress(NotFound), self._dir.folder(_folder(vol)) as folder:
+            self._sweep_temps(folder)  # under the storage lock: every temp subvolume there is stale
+        if vol.owner is not None:
+            self._dir.remove_folder_if_empty(_folder(vol))
+
+    def _sweep_temps(self, folder: int) -> None:
+        """Remove the temp subvolumes (and temp files) a creation that died left in `folder`."""
+        with os.scandir(folder) as entries:
+            stale = [e.name for e in entries if _is_temp(e.name)]
+        for name in stale:
+            self._destroy(folder, name)
+
+    def _destroy(self, folder: int, name: str) -> None:
+        try:
+            sub = self._dir.open_dir(folder, name)
+        except NotFound:
+            return
+        except Refused:
+            os.unlink(name, dir_fd=folder)  # a temp file, or a link someone put there
+            return
+        try:
+            if os.fstat(sub).st_ino != SUBVOLUME_ROOT_INODE:
+                return  # a plain directory at a temp name: not ours
+            subvolume_id = subvolume_info(sub).id
+        finally:
+            os.close(sub)
+        fcntl.ioctl(folder, SNAP_DESTROY_V2, _id_args(subvolume_id))
+
+    def make_base(self, vol: VolName, base: VolName) -> None:
+        with self._subvolume(vol) as sub, self._dir.folder(_folder(vol)) as src, \
+                self._dir.folder("base", create=True) as dst:
+            self._dir.rename(src, _entry(vol), dst, _entry(base), f"base image {self.volid(base)}")
+            faults.point("based")
+            set_readonly(sub, True)
+            syncfs(sub)
+
+    def protect_base(self, base: VolName) -> None:
+        with self._subvolume(base) as sub:
+            set_readonly(sub, True)
+            syncfs(sub)
+
+    def unmake_base(self, base: VolName, vol: VolName) -> None:
+        with self._subvolume(base) as sub, self._dir.folder("base") as src, \
+                self._dir.folder(_folder(vol), create=True) as dst:
+            set_readonly(sub, False)
+            self._dir.rename(src, _entry(base), dst, _entry(vol), f"volume {self.volid(vol)}")
+            faults.point("unbased")
+            syncfs(sub)
+
+    def resize(self, vol: VolName, size: int) -> None:
+        with self._opened(vol, write=True) as fd:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+
+    # ---- copying ---------------------------------------------------------------------------
+    def copy_from(self, source: Driver, src: VolName, dst: VolName, progress: qemu.Progress | None = None) -> None:
+        """Within one btrfs filesystem, share the source's extents (FICLONE: no data is
+        copied); anywhere else, the generic copy."""
+        if isinstance(source, BtrfsDriver):
+            size = source.virtual_size(src)
+            with source._opened(src) as a, self._opened(dst, write=True) as b:
+                try:
+                    fcntl.ioctl(b, FICLONE, a)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                else:
+                    os.fsync(b)
+                    if progress:
+                        progress(size, size)
+                    return
+        super().copy_from(source, src, dst, progress)

@@ -1,0 +1,191 @@
+"""The storage driver contract, which every backend must pass: one test module parametrised
+over every driver, each on its real storage (dir: files; btrfs: a real btrfs on a loop
+device, skipped with the reason where this machine cannot make one). Data goes in and comes
+out through the drivers' own `image()` and is checked with the real `qemu-img compare`."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from drivers import DRIVERS, driver_for, qemu
+from drivers.base import Driver
+from drivers.errors import FeatureUnsupported, NotFound
+from drivers.names import VolName
+from drivers.storage import StorageConfig
+from tests.conftest import BTRFS, NO_BTRFS
+
+MIB = 1 << 20
+_fresh = itertools.count()
+
+
+def where(kind: str, tmp_path: Path) -> Path:
+    """A fresh, empty storage directory for one test on a filesystem of this kind."""
+    if kind == "btrfs":
+        if NO_BTRFS:
+            pytest.skip(f"btrfs: {NO_BTRFS}")
+        return BTRFS.mount / "contract" / str(next(_fresh))
+    return tmp_path / "images"
+
+
+@pytest.fixture(params=sorted(DRIVERS))
+def drv(request, tmp_path) -> Driver:
+    path = where(request.param, tmp_path)
+    path.mkdir(parents=True)
+    return driver_for(StorageConfig("s", request.param, options={"path": path}))
+
+
+@pytest.fixture
+def scratch(tmp_path) -> Driver:
+    """A dir storage to copy from and to."""
+    return driver_for(StorageConfig("scratch", "dir", options={"path": tmp_path / "scratch"}))
+
+
+def fill(drv: Driver, vol: VolName, offset: int, data: bytes) -> None:
+    """Write guest data into a volume through the driver's own image."""
+    with drv.image(vol, write=True) as image:
+        fd = image.fds[0]
+        assert image.fmt == "raw", "the contract writes raw volumes"
+        os.pwrite(fd, data, offset)
+
+
+def read(drv: Driver, vol: VolName, offset: int, length: int) -> bytes:
+    """Guest data as qemu-img reads it through the driver's image (a clone through its base)."""
+    with tempfile.TemporaryFile() as flat, drv.image(vol) as image:
+        size = drv.virtual_size(vol)
+        flat.truncate(size)
+        qemu.convert(image, qemu.Image.of_fd("raw", flat.fileno(), "flat"), size)
+        return os.pread(flat.fileno(), length, offset)
+
+
+def disk(drv: Driver, owner: int = 100, n: int = 0) -> VolName:
+    return VolName(owner, f"vm-{owner}-disk-{n}", drv.default_format)
+
+
+@pytest.fixture
+def based(drv) -> Iterator[tuple[VolName, bytes]]:
+    """A base made from a disk holding 1 MiB of data at 4 MiB."""
+    data = os.urandom(MIB)
+    vol = disk(drv)
+    drv.allocate(vol, 16 * MIB)
+    fill(drv, vol, 4 * MIB, data)
+    base = drv.default_base_name(vol)
+    drv.make_base(vol, base)
+    yield base, data
+
+
+def test_allocate_then_free_leaves_nothing(drv):
+    vol = disk(drv)
+    drv.allocate(vol, 32 * MIB)
+    assert drv.exists(vol) and drv.list_volumes() == [vol] and drv.list_volumes(100) == [vol]
+    info = drv.info(vol)
+    assert (info.virtual_size, info.is_base, info.parent, info.clones) == (32 * MIB, False, None, ())
+    assert read(drv, vol, 0, MIB) == b"\0" * MIB
+    assert drv.identity(vol) == drv.identity(vol)
+    drv.free_volume(vol)
+    assert not drv.exists(vol) and drv.list_volumes() == []
+    drv.free(vol)  # freeing what is gone already is nothing to do
+
+
+def test_a_base_keeps_the_data_and_is_read_only(drv, based):
+    base, data = based
+    assert drv.list_volumes() == [base] and not drv.exists(disk(drv))
+    assert drv.info(base).is_base and read(drv, base, 4 * MIB, MIB) == data
+    with pytest.raises(FeatureUnsupported, match="read-only base image"):
+        drv.require_feature("resize", base)
+    drv.protect_base(base)  # idempotent
+
+
+def test_unmake_base_gives_back_a_writable_disk(drv, based):
+    base, data = based
+    vol = disk(drv)
+    drv.unmake_base(base, vol)
+    assert drv.list_volumes() == [vol] and read(drv, vol, 4 * MIB, MIB) == data
+    fill(drv, vol, 0, b"\x01" * 512)
+    assert read(drv, vol, 0, 512) == b"\x01" * 512
+
+
+def test_a_linked_clone_reads_the_base_and_writes_only_itself(drv, based):
+    base, data = based
+    clone = VolName(101, "vm-101-disk-0", drv.linked_clone_format)
+    drv.link_clone(base, clone)
+    assert drv.parent_of(clone) == base and drv.clones_of(base) == [clone]
+    assert drv.info(base).clones == (drv.volid(clone),) and drv.info(clone).parent == drv.volid(base)
+    assert read(drv, clone, 4 * MIB, MIB) == data
+    if drv.linked_clone_format == "raw":
+        fill(drv, clone, 4 * MIB, b"\x02" * MIB)
+        assert read(drv, clone, 4 * MIB, MIB) == b"\x02" * MIB
+    assert read(drv, base, 4 * MIB, MIB) == data
+
+
+def test_a_base_with_clones_is_not_freed_until_they_are(drv, based):
+    base, _ = based
+    clone = VolName(101, "vm-101-disk-0", drv.linked_clone_format)
+    drv.link_clone(base, clone)
+    with pytest.raises(FeatureUnsupported, match=r"is a base image with 1 linked clone\(s\): s:101/vm-101-disk-0"):
+        drv.free_volume(base)
+    assert drv.exists(base)
+    drv.free_volume(clone)
+    drv.free_volume(base)
+    assert drv.list_volumes() == []
+
+
+def test_only_a_base_is_cloned(drv):
+    vol = disk(drv)
+    with pytest.raises(FeatureUnsupported, match="it is not a base image"):
+        drv.require_feature("linked_clone", vol)
+
+
+def test_copies_in_and_out_hold_the_same_data(drv, scratch):
+    """From a dir volume into this storage and back out, each copy equal by qemu-img compare."""
+    src = VolName(100, "vm-100-disk-0", "raw")
+    scratch.allocate(src, 16 * MIB)
+    fill(scratch, src, 3 * MIB, os.urandom(2 * MIB))
+    here, back = disk(drv, 102), VolName(103, "vm-103-disk-0", "qcow2")
+    seen: list[tuple[int, int]] = []
+    drv.allocate(here, 16 * MIB)
+    drv.copy_from(scratch, src, here, progress=lambda done, total: seen.append((done, total)))
+    drv.compare(scratch, src, here)
+    assert seen[-1] == (16 * MIB, 16 * MIB)
+    scratch.allocate(back, 16 * MIB)
+    scratch.copy_from(drv, here, back)
+    scratch.compare(drv, here, back)
+
+
+def test_a_copy_within_the_storage_is_equal_and_independent(drv):
+    src, dst = disk(drv), disk(drv, 100, 1)
+    drv.allocate(src, 16 * MIB)
+    fill(drv, src, 0, os.urandom(MIB))
+    drv.allocate(dst, 16 * MIB)
+    drv.copy_from(drv, src, dst)
+    drv.compare(drv, src, dst)
+    fill(drv, dst, 0, b"\x03" * 512)
+    assert read(drv, src, 0, 512) != b"\x03" * 512
+
+
+def test_resize_grows_and_keeps_the_data(drv):
+    vol = disk(drv)
+    drv.allocate(vol, 8 * MIB)
+    fill(drv, vol, 0, b"\x04" * MIB)
+    drv.resize(vol, 24 * MIB)
+    assert drv.virtual_size(vol) == 24 * MIB and read(drv, vol, 0, MIB) == b"\x04" * MIB
+
+
+def test_an_unknown_volume_is_not_found_by_its_id(drv):
+    with pytest.raises(NotFound, match=r"unknown volume s:100/vm-100-disk-9\.raw"):
+        drv.info(VolName(100, "vm-100-disk-9", "raw"))
+
+
+def test_a_directory_named_like_a_volume_is_a_stray_not_a_volume(drv):
+    vol = disk(drv)
+    drv.allocate(vol, 8 * MIB)
+    stray = disk(drv, 100, 5)
+    (drv.root / "100" / f"{stray.name}.{stray.fmt}").mkdir()
+    assert drv.list_volumes() == [vol]
+    [(found, problem)] = drv.strays()
+    assert found == stray and "is a directory" in problem
