@@ -17,6 +17,7 @@ from typing import ClassVar
 from drivers import names, qemu
 from drivers.errors import FeatureUnsupported, NotFound
 from drivers.names import VolName
+from drivers.safedir import reflink
 from drivers.storage import Option, StorageConfig
 
 # What a job may do with a volume: feature -> volume state ("current" | "base") -> formats.
@@ -230,9 +231,23 @@ class Driver(ABC):
     def copy_from(
         self, source: Driver, src: VolName, dst: VolName, progress: qemu.Progress | None = None
     ) -> None:
-        """Copy src (on any storage) into the allocated dst; a backend may add fast paths."""
+        """Copy src (on any storage) into the allocated dst: by sharing extents where both are
+        files of one format on one filesystem that can (btrfs, XFS with reflink), else through
+        qemu-img. A backend may add its own fast paths."""
+        size = source.virtual_size(src)
         with source.image(src) as image:
-            self.copy_in(image, source.virtual_size(src), dst, progress)
+            if dst.fmt == src.fmt and self._reflink(image, dst):
+                if progress:
+                    progress(size, size)
+                return
+            self.copy_in(image, size, dst, progress)
+
+    def _reflink(self, src: qemu.Image, dst: VolName) -> bool:
+        """FICLONE the whole of a self-contained file image into dst's file, if they can share."""
+        if src.backing is not None or not src.is_file:
+            return False  # a linked clone is flattened by qemu-img, never copied as an overlay
+        with self.image(dst, write=True) as target:
+            return target.is_file and target.backing is None and reflink(src.fds[0], target.fds[0])
 
     def compare(self, source: Driver, src: VolName, dst: VolName) -> None:
         """Raise ToolFailed unless dst holds the same data as src."""

@@ -8,7 +8,7 @@ A btrfs snapshot does not depend on its source, so freeing a base would lose no 
 stork keeps the link all the same (a template's clones are listed, and its base is not freed
 under them), and reads it from btrfs itself: a clone's subvolume has its base's UUID as parent
 UUID. Proxmox's btrfs plugin does not keep this link. A full copy within the filesystem
-shares extents (FICLONE) instead of copying data.
+shares extents (FICLONE, Driver.copy_from) instead of copying data.
 
 Everything is done by ioctls on opened descriptors — subvolume create, snapshot, delete by id,
 the read-only flag, subvolume info — which is what the `btrfs` tool does, so no path is
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import fcntl
 import os
 import secrets
@@ -58,7 +57,6 @@ GET_SUBVOL_INFO = _ioc(2, 60, INFO_SIZE)
 SNAP_DESTROY_V2 = _ioc(1, 63, ARGS_SIZE)
 SUBVOL_RDONLY = 1 << 1
 SUBVOL_SPEC_BY_ID = 1 << 4
-FICLONE = 0x40049409
 
 
 def _name_args(name: str, fd: int = 0) -> bytearray:
@@ -410,22 +408,3 @@ class BtrfsDriver(Driver):
         with self._opened(vol, write=True) as fd:
             os.ftruncate(fd, size)
             os.fsync(fd)
-
-    # ---- copying ---------------------------------------------------------------------------
-    def copy_from(self, source: Driver, src: VolName, dst: VolName, progress: qemu.Progress | None = None) -> None:
-        """Within one btrfs filesystem, share the source's extents (FICLONE: no data is
-        copied); anywhere else, the generic copy."""
-        if isinstance(source, BtrfsDriver):
-            size = source.virtual_size(src)
-            with source._opened(src) as a, self._opened(dst, write=True) as b:
-                try:
-                    fcntl.ioctl(b, FICLONE, a)
-                except OSError as e:
-                    if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
-                        raise
-                else:
-                    os.fsync(b)
-                    if progress:
-                        progress(size, size)
-                    return
-        super().copy_from(source, src, dst, progress)

@@ -72,6 +72,11 @@ class Image:
     def of_fd(cls, fmt: str, fd: int, label: str, backing: Image | None = None) -> Image:
         return cls(fmt, {"driver": "file", "filename": f"/proc/self/fd/{fd}"}, label, (fd,), backing)
 
+    @property
+    def is_file(self) -> bool:
+        """An opened file (not a block device, not a network image)."""
+        return self.file.get("driver") == "file" and len(self.fds) == 1 and stat.S_ISREG(os.fstat(self.fds[0]).st_mode)
+
     def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"driver": self.fmt, "file": self.file}
         if self.fmt == "qcow2":

@@ -256,6 +256,22 @@ def identity(fd: int) -> str:
     return f"{st.st_dev}:{st.st_ino}:{generation & 0xFFFFFFFF}"
 
 
+FICLONE = 0x40049409
+_NO_REFLINK = (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY, errno.ENOSYS)
+
+
+def reflink(src: int, dst: int) -> bool:
+    """Make dst a copy of src that shares its extents (FICLONE: no data is copied); False
+    where the two files cannot share (another filesystem, or one without reflinks)."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+    except OSError as e:
+        if e.errno in _NO_REFLINK:
+            return False
+        raise
+    return True
+
+
 def copy_contents(src: int, dst: int) -> None:
     """Copy a whole (small) file between descriptors, in the kernel where it can."""
     size = os.fstat(src).st_size

@@ -25,15 +25,22 @@ BASE = Path(tempfile.mkdtemp(prefix="stork-test-"))
 
 REDIS_PORT = free_port()
 CONFIG = BASE / "stork.toml"
-# A real btrfs on a loop device, as storage `bt`, where this machine can make one; else the
-# reason, with which the btrfs tests skip. Detached in pytest_sessionfinish.
+# Real filesystems on loop devices where this machine can make them, else the reason, with
+# which their tests skip; detached in pytest_sessionfinish. Storage `bt` is a btrfs storage;
+# `xfs` a dir storage on an XFS with reflinks.
 BTRFS = backends.make("btrfs", BASE)
 NO_BTRFS = BTRFS if isinstance(BTRFS, str) else ""
-BTRFS_STORAGE = "" if NO_BTRFS else f"""
+XFS = backends.make("xfs", BASE, size_mib=512)
+NO_XFS = XFS if isinstance(XFS, str) else ""
+LOOP_STORAGES = ("" if NO_BTRFS else f"""
 [storage.bt]
 type = "btrfs"
 path = "{BTRFS.mount}"
-"""
+""") + ("" if NO_XFS else f"""
+[storage.xfs]
+type = "dir"
+path = "{XFS.mount}"
+""")
 CONFIG.write_text(f"""
 [redis]
 url = "redis://127.0.0.1:{REDIS_PORT}/0"
@@ -70,7 +77,7 @@ path = "small"
 type = "dir"
 path = "backup"
 content = ["backup"]
-{BTRFS_STORAGE}""")
+{LOOP_STORAGES}""")
 os.environ["STORK_CONFIG"] = str(CONFIG)
 os.environ["STORK_NODE"] = "node1"
 os.environ.pop("STORK_REDIS_URL", None)
@@ -134,8 +141,9 @@ def files_under(path: Path) -> list[str]:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if isinstance(BTRFS, backends.LoopFs):
-        BTRFS.close()  # unmounted and detached before the directory holding it goes
+    for fs in (BTRFS, XFS):
+        if isinstance(fs, backends.LoopFs):
+            fs.close()  # unmounted and detached before the directory holding it goes
     for mount in ("small",):
         subprocess.run(["umount", str(BASE / mount)], capture_output=True, check=False)
     subprocess.run(["chattr", "-R", "-i", str(BASE)], capture_output=True, check=False)

@@ -82,7 +82,7 @@ def test_a_full_clone_on_the_same_btrfs_shares_extents(stork, client, vmid, temp
     assert disk.startswith(f"bt:{c}/") and qemu_same(image(base), image(disk))
     assert client.volume(disk).parent is None  # a copy: no link to the base
     usage = btrfs("filesystem", "du", "--raw", str(image(disk)))
-    total, exclusive, shared = (int(x) for x in usage.splitlines()[1].split()[:3])
+    _, exclusive, shared = (int(x) for x in usage.splitlines()[1].split()[:3])
     assert shared >= PATTERN_MIB and exclusive == 0, usage
 
 
@@ -113,7 +113,7 @@ def test_btrfs_refuses_qcow2_in_one_line(stork, vmid):
 
 
 def test_destroying_a_clone_and_its_template_leaves_no_subvolume(stork, client, vmid, template):
-    g, base = template
+    g, _ = template
     c = vmid()
     assert stork("clone", g, c, "--linked")[0] == 0
     assert stork("guest", "destroy", c)[0] == 0
