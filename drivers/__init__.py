@@ -6,10 +6,12 @@ from drivers.base import Driver
 from drivers.btrfs import BtrfsDriver
 from drivers.dir import DirDriver
 from drivers.storage import StorageConfig
+from drivers.zfs import ZfsDriver
 
 DRIVERS: dict[str, type[Driver]] = {
     "dir": DirDriver,
     "btrfs": BtrfsDriver,
+    "zfs": ZfsDriver,
 }
 
 

@@ -1,4 +1,4 @@
-"""Real filesystems on loop devices for the storage tests. Each is made when this machine can
+"""Real filesystems on loop devices (and a zfs-fuse pool) for the storage tests. Each is made when this machine can
 (root, the mkfs tool, the kernel's filesystem); otherwise the reason why is kept, and the tests
 that need it skip with it. The session detaches what it made at its end, also when tests fail."""
 
@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,3 +69,66 @@ def make(kind: str, where: Path, size_mib: int = 1024) -> LoopFs | str:
         fs.close()
         return f"cannot make a {kind} filesystem: {e.stderr.strip()}"
     return fs
+
+
+@dataclass
+class ZfsPool:
+    """A file-backed pool in the zfs-fuse daemon (started here, and stopped at close, if none
+    was running), mounted at `mount`."""
+
+    name: str
+    vdev: Path
+    mount: Path
+    daemon: int | None  # the pid of the daemon this session started
+
+    def close(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _run(["zpool", "destroy", "-f", self.name])
+        if self.daemon is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.daemon, 15)
+            _wait_gone(self.daemon)
+        self.vdev.unlink(missing_ok=True)
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.05)
+
+
+def _zfs_answers() -> bool:
+    return subprocess.run(["zpool", "list"], capture_output=True, timeout=30, check=False).returncode == 0
+
+
+def zfs_pool(where: Path, size_mib: int = 512) -> ZfsPool | str:
+    """A fresh pool on a sparse file in `where`, mounted at `where/zfs`; or why none could be made."""
+    if os.geteuid() != 0:
+        return "needs root (the zfs-fuse daemon)"
+    if not (shutil.which("zfs-fuse") and shutil.which("zpool")):
+        return "zfs-fuse is not installed (.ci/run installs it)"
+    if not Path("/dev/fuse").exists():
+        return "no /dev/fuse"
+    daemon = None
+    if not _zfs_answers():
+        pidfile = where / "zfs-fuse.pid"
+        try:
+            _run(["zfs-fuse", "--pidfile", str(pidfile), "--no-kstat-mount"])
+        except subprocess.CalledProcessError as e:
+            return f"zfs-fuse does not start: {e.stderr.strip()}"
+        deadline = time.monotonic() + 10
+        while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        daemon = int(pidfile.read_text())
+        while not _zfs_answers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    name, vdev, mount = f"stork{os.getpid()}", where / "zfs.vdev", where / "zfs"
+    with open(vdev, "wb") as f:
+        f.truncate(size_mib << 20)
+    pool = ZfsPool(name, vdev, mount, daemon)
+    try:
+        _run(["zpool", "create", "-m", str(mount), name, str(vdev)])
+    except subprocess.CalledProcessError as e:
+        pool.close()
+        return f"cannot make a zfs pool: {e.stderr.strip()}"
+    return pool

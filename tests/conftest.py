@@ -27,11 +27,13 @@ REDIS_PORT = free_port()
 CONFIG = BASE / "stork.toml"
 # Real filesystems on loop devices where this machine can make them, else the reason, with
 # which their tests skip; detached in pytest_sessionfinish. Storage `bt` is a btrfs storage;
-# `xfs` a dir storage on an XFS with reflinks.
+# `xfs` a dir storage on an XFS with reflinks; `zfs` a pool in zfs-fuse.
 BTRFS = backends.make("btrfs", BASE)
 NO_BTRFS = BTRFS if isinstance(BTRFS, str) else ""
 XFS = backends.make("xfs", BASE, size_mib=512)
 NO_XFS = XFS if isinstance(XFS, str) else ""
+ZFS = backends.zfs_pool(BASE)
+NO_ZFS = ZFS if isinstance(ZFS, str) else ""
 LOOP_STORAGES = ("" if NO_BTRFS else f"""
 [storage.bt]
 type = "btrfs"
@@ -40,6 +42,10 @@ path = "{BTRFS.mount}"
 [storage.xfs]
 type = "dir"
 path = "{XFS.mount}"
+""") + ("" if NO_ZFS else f"""
+[storage.zfs]
+type = "zfs"
+pool = "{ZFS.name}"
 """)
 CONFIG.write_text(f"""
 [redis]
@@ -141,8 +147,8 @@ def files_under(path: Path) -> list[str]:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for fs in (BTRFS, XFS):
-        if isinstance(fs, backends.LoopFs):
+    for fs in (BTRFS, XFS, ZFS):
+        if isinstance(fs, backends.LoopFs | backends.ZfsPool):
             fs.close()  # unmounted and detached before the directory holding it goes
     for mount in ("small",):
         subprocess.run(["umount", str(BASE / mount)], capture_output=True, check=False)
