@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import Worker, storage_path
 from tests.helpers import PATTERN_MIB, qemu_same, volume_path
-from worker import recovery
+from worker import liveness, recovery
 from worker.testing import wait_for
 
 SIZE_MIB = 2048
@@ -72,8 +72,16 @@ def test_killing_the_process_running_the_copy_redelivers_and_completes(client, v
     pid = int(during.current["worker"].split(":")[1])  # <host>:<pid>:<start>:<boot>
     assert pid != crash_worker["worker"].proc.pid
     half_copied = volume_path(during.ctx["made"]["scsi0"]).stat().st_ino
-    os.kill(pid, signal.SIGKILL)
-    assert job.id not in recovery.sweep()  # the step is on its way again: the sweep leaves it be
+    main = crash_worker["worker"].proc.pid
+    os.kill(main, signal.SIGSTOP)  # the worker holds the message and cannot put it back yet
+    try:
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not liveness.holder_alive(client.r, during.current["worker"]), 10, "the copy's process to die")
+        # the process is gone and the job still names it: the sweep must leave it to the redelivery
+        assert job.id not in recovery.sweep()
+        assert client.job(job.id).state == "running"
+    finally:
+        os.kill(main, signal.SIGCONT)
     job = client.wait(job.id, timeout=120)
     assert job.state == "succeeded", job.error
     assert job.attempts[str(job.steps.index("copy_data"))] == 2

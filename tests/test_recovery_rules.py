@@ -48,6 +48,8 @@ HELD = {"step": 0, "name": STEPS[0], "node": "node1", "worker": "h:1", "attempt"
     (HELD, [Pending(FIRST, NOW - 10)], False, True),  # taken again since the step started
     (HELD, [Pending(FIRST, NOW - 90)], False, False),  # the original delivery, its worker died too
     ({**HELD, "since": NOW - 3 * STALE}, [Pending(FIRST, NOW - 2 * STALE)], False, False),  # taken again, died
+    ({**HELD, "since": NOW - 3 * STALE}, [Pending(FIRST, NOW - 2 * STALE)], True, False),  # retaken, long ago: died
+    (HELD, [Pending(FIRST, NOW - 10)], True, True),  # taken again a moment ago
     (HELD, [Pending(task_name("resize", STEPS[1]), None)], True, False),  # another step's message
     (HELD, [], True, False),  # acknowledged (a hard time limit): nothing will run it again
     ({"undo": 0, "name": STEPS[0], "worker": "h:1"}, [Pending(FIRST, None)], True, False),  # an undo: sent again

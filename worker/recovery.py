@@ -68,16 +68,24 @@ def idle_action(job: JobRecord, now: float, pending: list[Pending]) -> str:
 
 def redelivered(job: JobRecord, pending: list[Pending], parent_alive: bool, now: float) -> bool:
     """Is the step a gone process held on its way to another one? Celery puts the message of
-    a step whose pool process died back in its queue (reject on worker lost): the message is
-    still held by that process's worker, which lives, or queued, or taken again after the step
-    started and not long ago. A message taken by a consumer that died too is given up after
+    a step whose pool process died back in its queue (reject on worker lost). So: the message
+    is queued; or it is the original delivery (taken before the step started), still held by
+    that process's worker, which lives and will put it back; or it was taken again since the
+    step started, not long ago. A message taken by a consumer that died too is given up after
     STALE."""
     current = job.current or {}
     if "step" not in current:
         return False  # an undo: sending it again is harmless
     expected, started = task_name(job.kind, current.get("name", "")), current.get("since", now)
-    return any(p.task == expected and (p.since is None or parent_alive or (started < p.since and now - p.since < STALE))
-               for p in pending)
+
+    def on_its_way(p: Pending) -> bool:
+        if p.since is None:
+            return True
+        if p.since <= started:
+            return parent_alive
+        return now - p.since < STALE
+
+    return any(p.task == expected and on_its_way(p) for p in pending)
 
 
 def reconcile(r: redis.Redis, node: str | None = None) -> list[str]:
