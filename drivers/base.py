@@ -184,8 +184,9 @@ class Driver(ABC):
         return [v for v in self.list_volumes() if self.parent_of(v) == base]
 
     def next_disk_name(self, owner: int, fmt: str, taken: frozenset[str] = frozenset()) -> VolName:
-        """The first free `vm-<owner>-disk-N`; call it under the storage lock."""
-        used = {v.name for v in self.list_volumes(owner)} | taken
+        """The first free `vm-<owner>-disk-N` (an entry only named like a volume takes its name
+        too); call it under the storage lock."""
+        used = {v.name for v in self.list_volumes(owner)} | {v.name for v, _ in self.strays(owner)} | taken
         n = 0
         while f"vm-{owner}-disk-{n}" in used:
             n += 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import secrets
@@ -75,14 +76,20 @@ class Subvolume:
     id: int
     uuid: str
     parent_uuid: str | None  # the subvolume it is a snapshot of
+    name: str = ""  # its entry's name in the directory that holds it
+    in_subvolume: int = 0  # the id of the subvolume holding that directory
+    in_directory: int = 0  # that directory's inode
 
 
 def subvolume_info(fd: int) -> Subvolume:
+    """What btrfs says of the subvolume `fd` is in (struct btrfs_ioctl_get_subvol_info_args)."""
     buf = bytearray(INFO_SIZE)
     fcntl.ioctl(fd, GET_SUBVOL_INFO, buf)
     parent = bytes(buf[312:328])
-    return Subvolume(struct.unpack_from("Q", buf, 0)[0], str(uuid.UUID(bytes=bytes(buf[296:312]))),
-                     str(uuid.UUID(bytes=parent)) if any(parent) else None)
+    tree, parent_id, dirid = (struct.unpack_from("Q", buf, at)[0] for at in (0, 264, 272))
+    return Subvolume(tree, str(uuid.UUID(bytes=bytes(buf[296:312]))),
+                     str(uuid.UUID(bytes=parent)) if any(parent) else None,
+                     bytes(buf[8:264]).split(b"\0")[0].decode(errors="replace"), parent_id, dirid)
 
 
 def set_readonly(fd: int, on: bool) -> None:
@@ -137,8 +144,28 @@ class BtrfsDriver(Driver):
         assert config.path is not None  # a required option: the config checked it
         self.root: Path = config.path
         self._dir = SafeDir(self.root)
+        self._on_btrfs = False
 
     # ---- opening -------------------------------------------------------------------------
+    def _require_btrfs(self) -> None:
+        """Refuse a storage whose directory is not on a btrfs (an unmounted filesystem leaves
+        a plain directory of the root filesystem there); checked once per driver."""
+        if self._on_btrfs:
+            return
+        try:
+            root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"storage {self.storage.id!r}: {self.root}: no such directory") from None
+        try:
+            subvolume_info(root)
+        except OSError as e:
+            if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+                raise Refused(f"storage {self.storage.id!r}: {self.root} is not on a btrfs filesystem") from None
+            raise
+        finally:
+            os.close(root)
+        self._on_btrfs = True
+
     def _open_subvolume(self, folder: int, name: str, label: str) -> int:
         """The subvolume `name` in `folder`, opened without following a link; NotFound if
         absent, Refused for anything else at the name (a file, a plain directory, a link)."""
@@ -157,6 +184,7 @@ class BtrfsDriver(Driver):
 
     @contextlib.contextmanager
     def _subvolume(self, vol: VolName) -> Iterator[int]:
+        self._require_btrfs()
         try:
             with self._dir.folder(_folder(vol)) as folder:
                 fd = self._open_subvolume(folder, _entry(vol), self.volid(vol))
@@ -184,14 +212,15 @@ class BtrfsDriver(Driver):
 
     # ---- reading -------------------------------------------------------------------------
     def _folders(self, owner: int | None) -> Iterator[tuple[str, int]]:
+        if not self.root.is_dir():
+            return
+        self._require_btrfs()
         if owner is not None:
             wanted = [str(owner)]
-        elif self.root.is_dir():
+        else:
             with os.scandir(self.root) as entries:
                 wanted = [e.name for e in entries
                           if e.is_dir(follow_symlinks=False) and (e.name == "base" or e.name.isdigit())]
-        else:
-            wanted = []
         for name in wanted:
             with contextlib.suppress(NotFound, Refused), self._dir.folder(name) as folder:
                 yield name, folder
@@ -267,6 +296,7 @@ class BtrfsDriver(Driver):
         return found
 
     def status(self) -> tuple[int, int, int]:
+        self._require_btrfs()
         st = os.statvfs(self.root)
         total, avail = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
         return total, total - st.f_bfree * st.f_frsize, avail
@@ -306,6 +336,7 @@ class BtrfsDriver(Driver):
                 self._destroy(folder, temp)
                 raise
 
+        self._require_btrfs()
         try:
             with self._dir.folder(_folder(vol), create=True) as folder:
                 self._new_subvolume(folder, vol, make)
@@ -342,7 +373,7 @@ class BtrfsDriver(Driver):
                     return
                 sub = self._open_subvolume(folder, _entry(vol), self.volid(vol))
                 try:
-                    subvolume_id = subvolume_info(sub).id
+                    subvolume_id = self._held_here(folder, _entry(vol), sub, self.volid(vol))
                 finally:
                     os.close(sub)
                 fcntl.ioctl(folder, SNAP_DESTROY_V2, _id_args(subvolume_id))  # the very subvolume opened
@@ -353,6 +384,15 @@ class BtrfsDriver(Driver):
             return
         if not vol.is_base:
             self._dir.remove_folder_if_empty(_folder(vol))
+
+    @staticmethod
+    def _held_here(folder: int, name: str, sub: int, label: str) -> int:
+        """The id of the opened subvolume `sub` if btrfs says it is the entry `name` of
+        `folder` (a subvolume mounted over the name would be another one, deleted elsewhere)."""
+        info, where = subvolume_info(sub), subvolume_info(folder)
+        if (info.name, info.in_subvolume, info.in_directory) != (name, where.id, os.fstat(folder).st_ino):
+            raise Refused(f"{label}: the subvolume at this name is not held by its folder (a mount?): not deleted")
+        return info.id
 
     def free_partial(self, vol: VolName) -> None:
         with contextlib.suppress(NotFound), self._dir.folder(_folder(vol)) as folder:
@@ -378,18 +418,20 @@ class BtrfsDriver(Driver):
         try:
             if os.fstat(sub).st_ino != SUBVOLUME_ROOT_INODE:
                 return  # a plain directory at a temp name: not ours
-            subvolume_id = subvolume_info(sub).id
+            subvolume_id = self._held_here(folder, name, sub, name)
         finally:
             os.close(sub)
         fcntl.ioctl(folder, SNAP_DESTROY_V2, _id_args(subvolume_id))
 
     def make_base(self, vol: VolName, base: VolName) -> None:
+        """Rename the subvolume into base/, then make it read-only."""
         with self._subvolume(vol) as sub, self._dir.folder(_folder(vol)) as src, \
                 self._dir.folder("base", create=True) as dst:
-            self._dir.rename(src, _entry(vol), dst, _entry(base), f"base image {self.volid(base)}")
+            self._rename(sub, src, _entry(vol), dst, _entry(base), f"base image {self.volid(base)}")
             faults.point("based")
             set_readonly(sub, True)
             syncfs(sub)
+        self._dir.remove_folder_if_empty(_folder(vol))  # the guest's, if that was its last volume
 
     def protect_base(self, base: VolName) -> None:
         with self._subvolume(base) as sub:
@@ -397,12 +439,32 @@ class BtrfsDriver(Driver):
             syncfs(sub)
 
     def unmake_base(self, base: VolName, vol: VolName) -> None:
+        """Make the base writable and rename it back to the guest's folder (a read-only
+        subvolume cannot move to another directory: its `..` changes). A failed rename makes
+        it read-only again; a crash in between is finished by the redelivered undo."""
         with self._subvolume(base) as sub, self._dir.folder("base") as src, \
                 self._dir.folder(_folder(vol), create=True) as dst:
             set_readonly(sub, False)
-            self._dir.rename(src, _entry(base), dst, _entry(vol), f"volume {self.volid(vol)}")
+            try:
+                self._rename(sub, src, _entry(base), dst, _entry(vol), f"volume {self.volid(vol)}")
+            except BaseException:
+                set_readonly(sub, True)
+                raise
             faults.point("unbased")
             syncfs(sub)
+
+    def _rename(self, sub: int, src: int, name: str, dst: int, new: str, what: str) -> None:
+        """Rename the opened subvolume `sub`, at `name` in `src`, to `new` in `dst`; should the
+        name have held another subvolume by then, it is renamed back and refused."""
+        self._dir.rename(src, name, dst, new, what)
+        moved = self._dir.open_dir(dst, new, what)
+        try:
+            same = subvolume_info(moved).id == subvolume_info(sub).id
+        finally:
+            os.close(moved)
+        if not same:
+            self._dir.rename(dst, new, src, name, what)
+            raise Refused(f"{what}: the subvolume at the name changed while it was renamed: left as it was")
 
     def resize(self, vol: VolName, size: int) -> None:
         with self._opened(vol, write=True) as fd:

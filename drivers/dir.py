@@ -240,6 +240,7 @@ class DirDriver(Driver):
             self._dir.rename(src, _file(vol), dst, _file(base), f"base image {self.volid(base)}")
             faults.point("based")
             self._protect(fd)
+        self._dir.remove_folder_if_empty(_folder(vol))  # the guest's, if that was its last volume
 
     def protect_base(self, base: VolName) -> None:
         with self._opened(base) as fd:

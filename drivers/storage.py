@@ -1,6 +1,6 @@
 """A storage's configuration: the keys every storage has (type, content, shared, nodes) and the
-options its driver declares for itself (`Driver.OPTIONS`: `path` for dir and btrfs, `vgname`
-for lvm, `pool` for zfs, ...), each with its check, what it expects, whether it is required
+options its driver declares for itself (`Driver.OPTIONS`: `path` for dir and btrfs, `pool`
+for zfs, ...), each with its check, what it expects, whether it is required
 and its default, as Proxmox's storage plugins declare their properties and options.
 
 Options that several drivers take are defined once here, so a key means the same thing on
@@ -31,24 +31,17 @@ def is_path_text(v: Any) -> bool:
     return isinstance(v, str) and bool(v) and "\x00" not in v  # no file name holds a NUL byte
 
 
-# A native name a tool is given as one argument (a VG, a pool, a dataset): no leading dash, no
-# spaces, no path tricks.
-_NATIVE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
-
-
-def _native(v: Any) -> bool:
-    return isinstance(v, str) and _NATIVE.fullmatch(v) is not None and ".." not in v
+# A ZFS pool or dataset, given to `zfs` as one argument: components of letters, digits and
+# _ . : - (what ZFS allows), starting with a letter or digit (never a dash: not an option).
+_DATASET = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}(/[A-Za-z0-9][A-Za-z0-9_.:-]{0,127})*")
 
 
 def _dataset(v: Any) -> bool:
-    """A ZFS pool or dataset: components as `_native`, joined by '/'."""
-    return isinstance(v, str) and all(_native(part) for part in v.split("/"))
+    return isinstance(v, str) and _DATASET.fullmatch(v) is not None and ".." not in v and len(v) <= 200
 
 
 PATH = Option(is_path_text, "a directory path", required=True, is_path=True)
-VGNAME = Option(_native, "an LVM volume group name (letters, digits, _ . + -)", required=True)
-THINPOOL = Option(_native, "an LVM thin pool name (letters, digits, _ . + -)", required=True)
-POOL = Option(_dataset, "a pool or dataset name (letters, digits, _ . + -, parts joined by /)", required=True)
+POOL = Option(_dataset, "a pool or dataset name (letters, digits, _ . : -, parts joined by /)", required=True)
 
 
 @dataclass(frozen=True)

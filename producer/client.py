@@ -139,7 +139,15 @@ class Client:
         all at once. Per node: node, ok, seconds, job, error; where none answered within
         `timeout`, the queue nobody serves, and the job is withdrawn with its message, so a
         worker that starts later finds nothing left behind."""
-        jobs = {node: self.submit("ping", node=node) for node in dict.fromkeys(nodes or self.cfg.known_nodes())}
+        jobs: dict[str, JobRecord] = {}
+        try:
+            for node in dict.fromkeys(nodes or self.cfg.known_nodes()):
+                jobs[node] = self.submit("ping", node=node)
+        except BaseException:  # a refused node: the pings sent already are taken back
+            for job in jobs.values():
+                with contextlib.suppress(StorkError):
+                    runner.withdraw(self.r, job.id)
+            raise
         deadline = time.monotonic() + timeout
         answers = []
         for node, job in jobs.items():

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from drivers import driver_for
+from drivers.errors import Refused
+from drivers.storage import StorageConfig
 from tests.conftest import NO_BTRFS, storage_path
 from tests.helpers import PATTERN_MIB, qemu_io_write, qemu_same, volume_path
 
@@ -121,3 +124,33 @@ def test_destroying_a_clone_and_its_template_leaves_no_subvolume(stork, client, 
     listed = btrfs("subvolume", "list", "-o", str(storage_path("bt")))
     assert f"{c}/" not in listed and f"base-{g}-disk-0" not in listed
     assert not (storage_path("bt") / str(c)).exists()
+
+
+def test_a_btrfs_storage_on_another_filesystem_is_refused_in_one_line(tmp_path):
+    """An unmounted btrfs leaves a plain directory of the root filesystem at the path: refused,
+    naming it, before anything is made there."""
+    drv = driver_for(StorageConfig("lost", "btrfs", options={"path": tmp_path}))
+    vol = drv.parse_volname("100/vm-100-disk-0.raw")
+    with pytest.raises(Refused, match=rf"storage 'lost': {tmp_path} is not on a btrfs filesystem"):
+        drv.allocate(vol, 1 << 20)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_subvolume_mounted_over_a_volumes_name_is_not_deleted(client, vmid):
+    """A bind mount puts another subvolume at a volume's name: freeing the volume is refused,
+    and the other subvolume (reached through the mount) is not deleted."""
+    drv = driver_for(client.cfg.storage("bt"))
+    g, other = vmid(), vmid()
+    vol, elsewhere = (drv.parse_volname(f"{n}/vm-{n}-disk-0.raw") for n in (g, other))
+    drv.allocate(vol, 1 << 20)
+    drv.allocate(elsewhere, 1 << 20)
+    target = image(f"bt:{vol}").parent
+    subprocess.run(["mount", "--bind", str(image(f"bt:{elsewhere}").parent), str(target)], check=True)
+    try:
+        with pytest.raises(Refused, match="not held by its folder"):
+            drv.free(vol)
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    assert drv.exists(elsewhere) and image(f"bt:{elsewhere}").exists() and drv.exists(vol)
+    drv.free(vol)
+    drv.free(elsewhere)

@@ -88,6 +88,16 @@ def based(drv) -> Iterator[tuple[VolName, bytes]]:
     yield base, data
 
 
+def leftovers(drv: Driver) -> list[str]:
+    """Everything left in the storage, hidden temp entries included: files and folders below
+    a directory storage; datasets below a ZFS one, but for the (empty) guest folder datasets."""
+    if drv.type_name == "zfs":
+        out = subprocess.run(["zfs", "list", "-H", "-o", "name", "-r", drv.pool], check=True, capture_output=True,
+                             text=True).stdout.split()
+        return [name for name in out if name.count("/") > drv.pool.count("/") + 1]
+    return sorted(str(p.relative_to(drv.root)) for p in drv.root.rglob("*"))
+
+
 def test_allocate_then_free_leaves_nothing(drv):
     vol = disk(drv)
     drv.allocate(vol, 32 * MIB)
@@ -97,7 +107,7 @@ def test_allocate_then_free_leaves_nothing(drv):
     assert read(drv, vol, 0, MIB) == b"\0" * MIB
     assert drv.identity(vol) == drv.identity(vol)
     drv.free_volume(vol)
-    assert not drv.exists(vol) and drv.list_volumes() == []
+    assert not drv.exists(vol) and drv.list_volumes() == [] and leftovers(drv) == []
     drv.free(vol)  # freeing what is gone already is nothing to do
 
 
@@ -141,7 +151,7 @@ def test_a_base_with_clones_is_not_freed_until_they_are(drv, based):
     assert drv.exists(base)
     drv.free_volume(clone)
     drv.free_volume(base)
-    assert drv.list_volumes() == []
+    assert drv.list_volumes() == [] and [p for p in leftovers(drv) if p not in ("base", ".overlays")] == []
 
 
 def test_only_a_base_is_cloned(drv):
@@ -204,3 +214,5 @@ def test_a_directory_named_like_a_volume_is_a_stray_not_a_volume(drv):
     else:
         [(found, problem)] = drv.strays()
         assert found == stray and "is a directory" in problem
+        (root / "100" / f"vm-100-disk-1.{drv.default_format}").mkdir()
+        assert drv.next_disk_name(100, drv.default_format).name == "vm-100-disk-2"  # a stray's name is taken

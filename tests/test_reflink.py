@@ -50,7 +50,7 @@ def test_a_copy_to_another_filesystem_is_a_plain_copy(stork, client, vmid):
     assert code == 0, err
     copy = client.guest(c).disks["scsi0"]
     assert copy.startswith(f"local:{c}/") and qemu_same(volume_path(disk), volume_path(copy))
-    assert shared_extents(volume_path(disk)) == 0
+    assert shared_extents(volume_path(copy)) == 0 and shared_extents(volume_path(disk)) == 0
 
 
 def test_a_full_clone_of_a_linked_clone_is_flattened_not_shared(stork, client, vmid):

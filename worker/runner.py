@@ -238,8 +238,10 @@ def withdraw(r: redis.Redis, job_id: str) -> JobRecord:
     nothing is left behind for a worker that starts later. Refused for a job with a step in
     progress or something to undo: `cancel` is for those."""
     job = records.load(r, job_id)
-    if job.state not in (JobState.QUEUED, JobState.RUNNING) or job.current:
-        raise Refused(f"job {job.id} is {job.state} with a step in progress: it cannot be withdrawn")
+    if job.state not in (JobState.QUEUED, JobState.RUNNING):
+        raise Refused(f"job {job.id} is {job.state}: it cannot be withdrawn")
+    if job.current:
+        raise Refused(f"job {job.id} has a step in progress: it cannot be withdrawn")
     if undo_plan(KINDS[job.kind], job.done, job.done - 1):
         raise Refused(f"job {job.id} has steps to undo: cancel it instead")
     queue, step = job.queues[job.done], job.steps[job.done]
