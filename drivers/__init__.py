@@ -5,6 +5,7 @@ from __future__ import annotations
 from drivers.base import Driver
 from drivers.btrfs import BtrfsDriver
 from drivers.dir import DirDriver
+from drivers.rbd import RbdDriver
 from drivers.storage import StorageConfig
 from drivers.zfs import ZfsDriver
 
@@ -12,6 +13,7 @@ DRIVERS: dict[str, type[Driver]] = {
     "dir": DirDriver,
     "btrfs": BtrfsDriver,
     "zfs": ZfsDriver,
+    "rbd": RbdDriver,
 }
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import backends
+from tests import backends, ceph
 from worker import testing
 from worker.testing import free_port
 
@@ -27,13 +27,16 @@ REDIS_PORT = free_port()
 CONFIG = BASE / "stork.toml"
 # Real filesystems on loop devices where this machine can make them, else the reason, with
 # which their tests skip; detached in pytest_sessionfinish. Storage `bt` is a btrfs storage;
-# `xfs` a dir storage on an XFS with reflinks; `zfs` a pool in zfs-fuse.
+# `xfs` a dir storage on an XFS with reflinks; `zfs` a pool in zfs-fuse; `ceph` an RBD
+# pool of a one-node Ceph cluster (tests/ceph.py).
 BTRFS = backends.make("btrfs", BASE)
 NO_BTRFS = BTRFS if isinstance(BTRFS, str) else ""
 XFS = backends.make("xfs", BASE, size_mib=512)
 NO_XFS = XFS if isinstance(XFS, str) else ""
 ZFS = backends.zfs_pool(BASE)
 NO_ZFS = ZFS if isinstance(ZFS, str) else ""
+CEPH = ceph.start(BASE)
+NO_CEPH = CEPH if isinstance(CEPH, str) else ""
 LOOP_STORAGES = ("" if NO_BTRFS else f"""
 [storage.bt]
 type = "btrfs"
@@ -46,6 +49,12 @@ path = "{XFS.mount}"
 [storage.zfs]
 type = "zfs"
 pool = "{ZFS.name}"
+""") + ("" if NO_CEPH else f"""
+[storage.ceph]
+type = "rbd"
+pool = "{CEPH.pool}"
+conf = "{CEPH.conf}"
+shared = true
 """)
 CONFIG.write_text(f"""
 [redis]
@@ -147,8 +156,8 @@ def files_under(path: Path) -> list[str]:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for fs in (BTRFS, XFS, ZFS):
-        if isinstance(fs, backends.LoopFs | backends.ZfsPool):
+    for fs in (BTRFS, XFS, ZFS, CEPH):
+        if isinstance(fs, backends.LoopFs | backends.ZfsPool | ceph.CephCluster):
             fs.close()  # unmounted and detached before the directory holding it goes
     for mount in ("small",):
         subprocess.run(["umount", str(BASE / mount)], capture_output=True, check=False)

@@ -72,7 +72,7 @@ def test_storages_know_which_nodes_they_exist_on():
         ("[flower]\naddress = 'example.org'\n", r"flower.address = 'example.org': expected an IP address"),
         ("[redis]\nhost = 'x'\n", r"stork.toml: unknown key redis.host"),
         ("[bogus]\n", r"unknown section \[bogus\]"),
-        ("[storage.x]\ntype = 'nfs'\npath = 'p'\n", r"storage.x.type = 'nfs': expected one of: dir, btrfs, zfs"),
+        ("[storage.x]\ntype = 'nfs'\npath = 'p'\n", r"storage.x.type = 'nfs': expected one of: dir, btrfs, zfs, rbd"),
         ("[storage.x]\ntype = 'dir'\n", r"storage.x.path is missing \(dir storage needs a directory path\)"),
         ("[storage.x]\npath = 'p'\n", r"storage.x.type is missing"),
         ("[storage.x]\ntype = 'dir'\npath = 'p'\nvgname = 'vg0'\n",

@@ -6,6 +6,7 @@ out through the drivers' own `image()` and is checked with the real `qemu-img co
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import tempfile
@@ -19,7 +20,7 @@ from drivers.base import Driver
 from drivers.errors import FeatureUnsupported, NotFound
 from drivers.names import VolName
 from drivers.storage import StorageConfig
-from tests.conftest import BTRFS, NO_BTRFS, NO_ZFS, ZFS
+from tests.conftest import BTRFS, CEPH, NO_BTRFS, NO_CEPH, NO_ZFS, ZFS
 
 MIB = 1 << 20
 _fresh = itertools.count()
@@ -38,6 +39,12 @@ def storage(kind: str, tmp_path: Path) -> StorageConfig:
         dataset = f"{ZFS.name}/contract{n}"
         subprocess.run(["zfs", "create", dataset], check=True, capture_output=True)
         return StorageConfig("s", kind, options={"pool": dataset})
+    elif kind == "rbd":
+        if NO_CEPH:
+            pytest.skip(f"rbd: {NO_CEPH}")
+        CEPH.rbd("namespace", "create", f"{CEPH.pool}/contract{n}")  # a fresh, empty storage in the pool
+        return StorageConfig("s", kind, options={"pool": CEPH.pool, "namespace": f"contract{n}", "conf": CEPH.conf,
+                                                 "username": "admin"})
     else:
         path = tmp_path / "images"
     path.mkdir(parents=True)
@@ -56,11 +63,16 @@ def scratch(tmp_path) -> Driver:
 
 
 def fill(drv: Driver, vol: VolName, offset: int, data: bytes) -> None:
-    """Write guest data into a volume through the driver's own image."""
-    with drv.image(vol, write=True) as image:
-        fd = image.fds[0]
-        assert image.fmt == "raw", "the contract writes raw volumes"
-        os.pwrite(fd, data, offset)
+    """Write guest data into a volume through the driver's own image: the whole image read
+    out, changed and written back by qemu-img (any volume, a file or not)."""
+    size = drv.virtual_size(vol)
+    with tempfile.TemporaryFile() as flat:
+        flat.truncate(size)
+        with drv.image(vol) as image:
+            qemu.convert(image, qemu.Image.of_fd("raw", flat.fileno(), "flat"), size)
+        os.pwrite(flat.fileno(), data, offset)
+        with drv.image(vol, write=True) as image:
+            qemu.convert(qemu.Image.of_fd("raw", flat.fileno(), "flat"), image, size, target_is_zero=False)
 
 
 def read(drv: Driver, vol: VolName, offset: int, length: int) -> bytes:
@@ -95,6 +107,8 @@ def leftovers(drv: Driver) -> list[str]:
         out = subprocess.run(["zfs", "list", "-H", "-o", "name", "-r", drv.pool], check=True, capture_output=True,
                              text=True).stdout.split()
         return [name for name in out if name.count("/") > drv.pool.count("/") + 1]
+    if drv.type_name == "rbd":
+        return [entry["image"] for entry in json.loads(CEPH.rbd("ls", "-l", "--format", "json", drv.where) or "[]")]
     return sorted(str(p.relative_to(drv.root)) for p in drv.root.rglob("*"))
 
 
@@ -203,6 +217,8 @@ def test_an_unknown_volume_is_not_found_by_its_id(drv):
 def test_a_directory_named_like_a_volume_is_a_stray_not_a_volume(drv):
     """A plain directory where a volume's name would be: never listed as a volume; a storage
     of files lists it as a stray (a ZFS volume is a dataset: a directory is nothing of its)."""
+    if drv.type_name == "rbd":
+        pytest.skip("an RBD pool has no directories")
     vol = disk(drv)
     drv.allocate(vol, 8 * MIB)
     stray = disk(drv, 100, 5)

@@ -1,0 +1,269 @@
+"""Ceph RBD storage: each volume an RBD image in one pool.
+
+    <pool>/<vmid>.vm-<vmid>-disk-<n>.raw    a guest's disk
+    <pool>/base.<name>.raw                  a base, with the protected snapshot @__base__
+
+A storage is a pool, or one RBD namespace of it (option `namespace`). RBD image names are
+flat, so a volume `<folder>/<name>.<fmt>` is the image `<folder>.<name>.<fmt>`: the folder
+(`base` or a guest id) holds no dot, so the first dot splits it off again, and a base and a
+guest's disk never share an image name. A base is the image renamed, with the snapshot
+`__base__` made and protected; a linked clone is `rbd clone <base>@__base__`, and Ceph itself
+keeps the link (the clone's parent): `volume info` lists a base's clones from one `rbd ls -l`,
+stork refuses to free a base with clones, and Ceph refuses too (a protected snapshot with
+children cannot be removed), turned into stork's refusal. Every image is created whole by one
+`rbd` call (`create`, `clone`), so no half-made image shows under a name.
+
+qemu-img reads and writes an image through librbd (Debian's `qemu-block-extra`), given as a
+`json:` spec with the pool, image, ceph.conf and user — never a key: authentication comes
+from the keyring the conf or the `keyring` option names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from drivers import faults, names, qemu
+from drivers.base import Driver
+from drivers.errors import AlreadyExists, NotFound, Refused
+from drivers.names import VolName
+from drivers.storage import Option, StorageConfig, is_path_text
+from drivers.tools import ToolError, run
+
+RBD = "rbd"
+SNAPSHOT = "__base__"
+RAW = frozenset({"raw"})
+TIMEOUT = 300.0  # seconds for one rbd call: a cluster that stops answering must not hang a step
+
+_POOL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_MONHOST = re.compile(r"[A-Za-z0-9_.:\[\]-]+([ ,;][A-Za-z0-9_.:\[\]-]+)*")
+_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+OPTIONS = {
+    "pool": Option(lambda v: isinstance(v, str) and bool(_POOL.fullmatch(v)) and ".." not in v,
+                   "an RBD pool name (letters, digits, _ . -)", required=True),
+    "namespace": Option(lambda v: isinstance(v, str) and bool(_POOL.fullmatch(v)) and ".." not in v,
+                        "an RBD namespace in the pool (letters, digits, _ . -)"),
+    "monhost": Option(lambda v: isinstance(v, str) and bool(_MONHOST.fullmatch(v)),
+                      "monitor addresses, host[:port] separated by spaces or commas"),
+    "conf": Option(is_path_text, "the path of a ceph.conf", default="/etc/ceph/ceph.conf", is_path=True),
+    "username": Option(lambda v: isinstance(v, str) and bool(_USER.fullmatch(v)),
+                       "a Ceph user name without the client. prefix", default="admin"),
+    "keyring": Option(is_path_text, "the path of the user's keyring", is_path=True),
+}
+
+
+def _said(stderr: str) -> str:
+    """rbd's own message: its last line starting `rbd:` (librbd logs timestamped lines too)."""
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("rbd:")]
+    return (lines or stderr.strip().splitlines() or ["no message"])[-1].removeprefix("rbd: ")
+
+
+def image_name(vol: VolName) -> str:
+    return f"{'base' if vol.owner is None else vol.owner}.{vol.name}.{vol.fmt}"
+
+
+def volume_of(image: str) -> VolName | None:
+    folder, dot, rest = image.partition(".")
+    if not dot:
+        return None
+    try:
+        return names.volname(f"{folder}/{rest}")
+    except names.InvalidName:
+        return None  # not one of stork's images
+
+
+class RbdDriver(Driver):
+    type_name = "rbd"
+    formats = ("raw",)
+    default_format = "raw"
+    linked_clone_format = "raw"
+    FEATURES = {
+        "make_base": {"current": RAW},
+        "linked_clone": {"base": RAW},
+        "copy": {"current": RAW, "base": RAW},
+        "resize": {"current": RAW},
+        "move": {"current": RAW, "base": RAW},
+    }
+    OPTIONS = OPTIONS
+
+    def __init__(self, config: StorageConfig) -> None:
+        super().__init__(config)
+        self.pool: str = config.options["pool"]
+        self.namespace: str = config.options.get("namespace", "")
+        self.conf: Path = config.options["conf"]
+        self.where = f"{self.pool}/{self.namespace}" if self.namespace else self.pool  # rbd's pool[/namespace]
+
+    # ---- the tool ------------------------------------------------------------------------
+    def _cluster_args(self) -> list[str]:
+        o = self.storage.options
+        args = ["--conf", str(self.conf), "--id", o["username"]]
+        if o.get("monhost"):
+            args += ["-m", o["monhost"]]
+        if o.get("keyring"):
+            args += ["--keyring", str(o["keyring"])]
+        return args
+
+    def _rbd(self, *args: str, what: str) -> str:
+        """Run `rbd` on this storage's cluster. rbd exits with the errno: ENOENT is NotFound,
+        EEXIST AlreadyExists, EBUSY (a protected snapshot, one with children) and ENOTEMPTY
+        (an image with snapshots) Refused."""
+        try:
+            return run([RBD, *self._cluster_args(), *args], what, timeout=TIMEOUT)
+        except ToolError as e:
+            said = _said(e.stderr)
+            if e.status == errno.ENOENT:
+                raise NotFound(f"{what} failed: {said}") from None
+            if e.status == errno.EEXIST:
+                raise AlreadyExists(f"{what} failed: {said}") from None
+            if e.status in (errno.EBUSY, errno.ENOTEMPTY):
+                raise Refused(f"{what} failed: it has linked clones or snapshots (Ceph: {said})") from None
+            raise ToolError(what, e.argv, e.status, said) from None
+
+    def _spec(self, vol: VolName) -> str:
+        return f"{self.where}/{image_name(vol)}"
+
+    def _images(self) -> list[dict[str, Any]]:
+        """Every image and snapshot of the pool, with parents, from one `rbd ls -l`."""
+        out = self._rbd("ls", "-l", "--format", "json", self.where, what=f"listing pool {self.where}")
+        return json.loads(out or "[]")
+
+    # ---- opening -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def image(self, vol: VolName, write: bool = False) -> Iterator[qemu.Image]:
+        """The image through librbd: qemu-img gets pool, image, conf and user, no key.
+        librbd flushes its cache when qemu-img closes the image."""
+        self.require_existing(vol)
+        o = self.storage.options
+        spec: dict[str, Any] = {"driver": "rbd", "pool": self.pool, "image": image_name(vol),
+                                "conf": str(self.conf), "user": o["username"]}
+        if self.namespace:
+            spec["namespace"] = self.namespace
+        if o.get("monhost"):
+            spec["server"] = [self._server(address) for address in re.split(r"[ ,;]+", o["monhost"])]
+        yield qemu.Image("raw", spec, self.volid(vol))
+
+    @staticmethod
+    def _server(address: str) -> dict[str, str]:
+        host, _, port = address.rpartition(":") if address.count(":") == 1 else (address, "", "")
+        return {"host": host or address, "port": port or "6789"}
+
+    # ---- reading -------------------------------------------------------------------------
+    def list_volumes(self, owner: int | None = None) -> list[VolName]:
+        found = {v for entry in self._images() if "snapshot" not in entry
+                 and (v := volume_of(entry["image"])) is not None}
+        return sorted((v for v in found if owner is None or v.owner == owner), key=str)
+
+    def exists(self, vol: VolName) -> bool:
+        return vol in self.list_volumes(vol.owner if vol.owner is not None else None)
+
+    def _info(self, vol: VolName) -> dict[str, Any]:
+        try:
+            return json.loads(self._rbd("info", "--format", "json", self._spec(vol), what=f"reading {self.volid(vol)}"))
+        except NotFound:
+            raise NotFound(f"unknown volume {self.volid(vol)}") from None
+
+    def identity(self, vol: VolName) -> str:
+        return str(self._info(vol)["id"])  # Ceph's image id: never reused
+
+    def virtual_size(self, vol: VolName) -> int:
+        return int(self._info(vol)["size"])
+
+    def allocated_size(self, vol: VolName) -> int:
+        where = ["--pool", self.pool, *(["--namespace", self.namespace] if self.namespace else [])]
+        what = f"reading {self.volid(vol)}"
+        out = json.loads(self._rbd("du", "--format", "json", *where, image_name(vol), what=what))
+        return sum(int(i.get("used_size", 0)) for i in out.get("images", []) if i.get("name") == image_name(vol)
+                   and "snapshot" not in i)
+
+    def parent_of(self, vol: VolName) -> VolName | None:
+        return self._base_of(self._info(vol).get("parent"))
+
+    def _base_of(self, parent: dict[str, Any] | None) -> VolName | None:
+        if not parent or parent.get("snapshot") != SNAPSHOT or parent.get("pool") != self.pool \
+                or (parent.get("pool_namespace") or "") != self.namespace:
+            return None
+        base = volume_of(parent.get("image", ""))
+        return base if base is not None and base.is_base else None
+
+    def clones_of(self, base: VolName) -> list[VolName]:
+        """From one listing: the images whose parent is the base's snapshot."""
+        return sorted((v for entry in self._images() if "snapshot" not in entry
+                       and self._base_of(entry.get("parent")) == base
+                       and (v := volume_of(entry["image"])) is not None), key=str)
+
+    def status(self) -> tuple[int, int, int]:
+        out = json.loads(run(["ceph", *self._cluster_args(), "df", "--format", "json"],
+                             f"reading the usage of pool {self.pool}", timeout=TIMEOUT))
+        pool = next((p for p in out.get("pools", []) if p.get("name") == self.pool), None)
+        if pool is None:  # the usage of pools comes from ceph-mgr
+            raise NotFound(f"storage {self.storage.id!r}: the cluster reports no usage of pool {self.pool} "
+                           "(no ceph-mgr running?)")
+        used, avail = int(pool["stats"].get("bytes_used", 0)), int(pool["stats"].get("max_avail", 0))
+        return used + avail, used, avail
+
+    # ---- making and freeing ----------------------------------------------------------------
+    def allocate(self, vol: VolName, size: int) -> None:
+        """One `rbd create`: the image exists whole, thin (it reads as zeros), or not at all."""
+        self._rbd("create", "--size", f"{size}B", self._spec(vol), what=f"creating {self.volid(vol)}")
+        faults.point("created")
+
+    def link_clone(self, base: VolName, vol: VolName) -> None:
+        self._rbd("clone", f"{self._spec(base)}@{SNAPSHOT}", self._spec(vol), what=f"cloning {self.volid(base)}")
+        faults.point("created")
+
+    def free(self, vol: VolName) -> None:
+        """Remove the image (a base's snapshot first, which Ceph refuses while clones depend
+        on it); absent already: nothing to do."""
+        if not self.exists(vol):
+            return
+        what = f"freeing {self.volid(vol)}"
+        if vol.is_base:
+            self._drop_snapshot(vol, what)
+        self._rbd("rm", "--no-progress", self._spec(vol), what=what)
+        faults.point("freed")
+
+    def _drop_snapshot(self, base: VolName, what: str) -> None:
+        snap = f"{self._spec(base)}@{SNAPSHOT}"
+        with contextlib.suppress(NotFound):
+            snaps = json.loads(self._rbd("snap", "ls", "--format", "json", self._spec(base), what=what))
+            if not any(s.get("name") == SNAPSHOT for s in snaps):
+                return
+            if json.loads(self._rbd("info", "--format", "json", snap, what=what)).get("protected") == "true":
+                self._rbd("snap", "unprotect", snap, what=what)  # refused while clones depend on it
+            self._rbd("snap", "rm", "--no-progress", snap, what=what)
+
+    def free_partial(self, vol: VolName) -> None:
+        """Nothing: an image is created whole by one call."""
+
+    def make_base(self, vol: VolName, base: VolName) -> None:
+        if self.exists(base):
+            raise Refused(f"base image {self.volid(base)} already exists")
+        self._rbd("rename", self._spec(vol), self._spec(base), what=f"making base {self.volid(base)}")
+        faults.point("based")
+        self.protect_base(base)
+
+    def protect_base(self, base: VolName) -> None:
+        """The snapshot clones are made of, protected; idempotent."""
+        what, snap = f"protecting {self.volid(base)}", f"{self._spec(base)}@{SNAPSHOT}"
+        snaps = json.loads(self._rbd("snap", "ls", "--format", "json", self._spec(base), what=what))
+        if not any(s.get("name") == SNAPSHOT for s in snaps):
+            self._rbd("snap", "create", "--no-progress", snap, what=what)
+        if json.loads(self._rbd("info", "--format", "json", snap, what=what)).get("protected") != "true":
+            self._rbd("snap", "protect", snap, what=what)
+
+    def unmake_base(self, base: VolName, vol: VolName) -> None:
+        what = f"turning {self.volid(base)} back into {self.volid(vol)}"
+        if self.exists(vol):
+            raise Refused(f"volume {self.volid(vol)} already exists")
+        self._drop_snapshot(base, what)
+        self._rbd("rename", self._spec(base), self._spec(vol), what=what)
+        faults.point("unbased")
+
+    def resize(self, vol: VolName, size: int) -> None:
+        self._rbd("resize", "--no-progress", "--size", f"{size}B", self._spec(vol), what=f"resizing {self.volid(vol)}")
