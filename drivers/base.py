@@ -70,6 +70,16 @@ class Driver(ABC):
     # A newly allocated volume reads as zeros (a new file, a thin volume): a copy into it may
     # skip zero areas. False for a thick LV, which holds whatever blocks it was given.
     new_volumes_read_zero: ClassVar[bool] = True
+    # Every node sees the same volumes (a Ceph pool): the storage is shared whatever the config says.
+    always_shared: ClassVar[bool] = False
+
+    @classmethod
+    def place(cls, config: StorageConfig) -> str | None:
+        """Where a storage that is not a directory keeps its volumes (a pool, a namespace), as
+        a '/'-separated name: two storages at the same place, or one inside the other, are
+        refused by the config (one volume would have two ids and pass the other's in-use
+        checks). Storages of files are checked by their paths instead."""
+        return None
 
     def __init__(self, storage: StorageConfig) -> None:
         self.storage = storage

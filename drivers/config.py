@@ -225,14 +225,18 @@ def _check_storage(file: Path, sid: str, entry: Any) -> None:
     drivers = _drivers()
     if not STORAGE_SCHEMA["type"][0](entry["type"]):
         raise ConfigError(f"{file}: storage.{sid}.type = {entry['type']!r}: expected one of: {', '.join(drivers)}")
-    options = drivers[entry["type"]]
+    kind = entry["type"]
+    options = drivers[kind]
     schema = {**STORAGE_SCHEMA, **{key: (o.check, o.expected) for key, o in options.items()}}
     _check_table(file, f"storage.{sid}", entry, schema)
     for key, option in options.items():
         if option.required and key not in entry:
             kind = entry["type"]
             raise ConfigError(f"{file}: storage.{sid}.{key} is missing ({kind} storage needs {option.expected})")
-    if entry.get("shared") and "nodes" in entry:
+    if DRIVERS[kind].always_shared and entry.get("shared") is False:
+        raise ConfigError(f"{file}: storage.{sid}.shared = false: {kind} storage is seen by every node "
+                          "(leave shared out, or set it true)")
+    if (entry.get("shared") or DRIVERS[kind].always_shared) and "nodes" in entry:
         # on_node() ignores nodes for a shared storage: it would be used where the list says it is not
         raise ConfigError(
             f"{file}: storage.{sid}.nodes: expected no nodes on a shared storage "
@@ -248,7 +252,8 @@ def _storage(sid: str, entry: dict[str, Any], path: Callable[[str], Path]) -> St
         if value is not None:
             options[key] = path(value) if option.is_path else value
     return StorageConfig(id=sid, type=entry["type"], content=tuple(entry.get("content", ["images"])),
-                         shared=entry.get("shared", False), nodes=tuple(entry.get("nodes", ())), options=options)
+                         shared=entry.get("shared", DRIVERS[entry["type"]].always_shared),
+                         nodes=tuple(entry.get("nodes", ())), options=options)
 
 
 def _validate(file: Path, data: dict[str, Any]) -> None:
@@ -271,6 +276,16 @@ def _overlaps(paths: Mapping[str, Path]) -> tuple[str, str] | None:
     for i, (a, path_a) in enumerate(items):
         for b, path_b in items[i + 1 :]:
             if path_a.is_relative_to(path_b) or path_b.is_relative_to(path_a):
+                return a, b
+    return None
+
+
+def _nested(places: Mapping[str, str]) -> tuple[str, str] | None:
+    """The first two storages whose places (Driver.place) are equal or one inside the other."""
+    items = list(places.items())
+    for i, (a, place_a) in enumerate(items):
+        for b, place_b in items[i + 1:]:
+            if place_a == place_b or place_a.startswith(place_b + "/") or place_b.startswith(place_a + "/"):
                 return a, b
     return None
 
@@ -333,6 +348,11 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
     error = _overlap_error(file, storage_paths, {"paths.guests": guests_dir, "paths.locks": locks_dir})
     if error:
         raise ConfigError(error)
+    places = {sid: place for sid, s in storages.items() if (place := DRIVERS[s.type].place(s))}
+    if pair := _nested(places):
+        a, b = pair
+        raise ConfigError(f"{file}: storages {a!r} and {b!r} overlap: {places[a]} and {places[b]} "
+                          "(a volume would have two ids; give each storage its own pool or namespace)")
     return Config(
         file=file,
         redis_url=redis_url,

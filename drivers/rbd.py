@@ -92,6 +92,13 @@ class RbdDriver(Driver):
     }
     OPTIONS = OPTIONS
 
+    always_shared = True  # every node reaches the cluster
+
+    @classmethod
+    def place(cls, config: StorageConfig) -> str | None:
+        o = config.options
+        return f"rbd:{o['conf']}:{o['pool']}:{o.get('namespace', '')}"  # a namespace holds only its own images
+
     def __init__(self, config: StorageConfig) -> None:
         super().__init__(config)
         self.pool: str = config.options["pool"]

@@ -73,6 +73,10 @@ class ZfsDriver(Driver):
     }
     OPTIONS = {"pool": POOL}
 
+    @classmethod
+    def place(cls, config: StorageConfig) -> str | None:
+        return f"zfs:{config.options['pool']}"  # a dataset inside another's is inside it
+
     def __init__(self, config: StorageConfig) -> None:
         super().__init__(config)
         self.pool: str = config.options["pool"]

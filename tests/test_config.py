@@ -83,6 +83,13 @@ def test_storages_know_which_nodes_they_exist_on():
         ("[storage.z]\ntype = 'zfs'\npool = '-f'\n", r"storage.z.pool = '-f': expected a pool or dataset name"),
         ("[storage.z]\ntype = 'zfs'\npool = 'tank/a b'\n", r"storage.z.pool = 'tank/a b': expected"),
         ("[storage.z]\ntype = 'zfs'\npool = 'tank/../x'\n", r"storage.z.pool = 'tank/../x': expected"),
+        ("[storage.a]\ntype = 'zfs'\npool = 'tank/a'\n[storage.b]\ntype = 'zfs'\npool = 'tank'\n",
+         r"storages 'a' and 'b' overlap: zfs:tank/a and zfs:tank \(a volume would have two ids"),
+        ("[storage.a]\ntype = 'rbd'\npool = 'p'\n[storage.b]\ntype = 'rbd'\npool = 'p'\n",
+         r"storages 'a' and 'b' overlap: rbd:/etc/ceph/ceph.conf:p: and rbd:/etc/ceph/ceph.conf:p:"),
+        ("[storage.r]\ntype = 'rbd'\npool = 'p'\nshared = false\n",
+         r"storage.r.shared = false: rbd storage is seen by every node"),
+        ("[storage.r]\ntype = 'rbd'\npool = 'p'\nnodes = ['n1']\n", r"storage.r.nodes: expected no nodes on a shared"),
         ("[storage.z]\ntype = 'zfs'\npool = 'tank'\npath = 'p'\n",
          r"unknown key storage.z.path \(expected one of: type, content, shared, nodes, pool\)"),
         ("[storage.x]\ntype = 'dir'\npath='p'\nshared = 'yes'\n", r"storage.x.shared = 'yes': expected true or false"),
@@ -402,3 +409,13 @@ def test_a_bad_redis_url_in_the_environment_is_one_line_from_the_cli(tmp_path, u
     assert done.returncode in (1, 2) and done.stdout == ""
     assert done.stderr.startswith(f"stork: STORK_REDIS_URL = {url!r}: expected a redis://")
     assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_pools_and_namespaces_apart_are_separate_storages_and_rbd_is_shared():
+    """Two RBD namespaces of one pool, and two ZFS datasets side by side, are separate
+    storages; an RBD storage is shared without saying so (every node reaches the cluster)."""
+    cfg = parse("[storage.a]\ntype = 'rbd'\npool = 'p'\nnamespace = 'one'\n"
+                "[storage.b]\ntype = 'rbd'\npool = 'p'\nnamespace = 'two'\n"
+                "[storage.c]\ntype = 'zfs'\npool = 'tank/c'\n[storage.d]\ntype = 'zfs'\npool = 'tank/cd'\n")
+    assert cfg.storage("a").shared and cfg.storage("b").shared and cfg.storage("a").on_node("anywhere")
+    assert not cfg.storage("c").shared and cfg.storage("d").options["pool"] == "tank/cd"
