@@ -14,8 +14,9 @@ children cannot be removed), turned into stork's refusal. Every image is created
 `rbd` call (`create`, `clone`), so no half-made image shows under a name.
 
 qemu-img reads and writes an image through librbd (Debian's `qemu-block-extra`), given as a
-`json:` spec with the pool, image, ceph.conf and user — never a key: authentication comes
-from the keyring the conf or the `keyring` option names.
+`json:` spec with the pool, image, ceph.conf and user — never a key: the monitors and the
+keyring come from the ceph.conf (`conf`), which the rbd tool reads too. A base is read from
+its snapshot, what its clones are made of.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ RAW = frozenset({"raw"})
 TIMEOUT = 300.0  # seconds for one rbd call: a cluster that stops answering must not hang a step
 
 _POOL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_MONHOST = re.compile(r"[A-Za-z0-9_.:\[\]-]+([ ,;][A-Za-z0-9_.:\[\]-]+)*")
 _USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 OPTIONS = {
@@ -49,13 +49,15 @@ OPTIONS = {
                    "an RBD pool name (letters, digits, _ . -)", required=True),
     "namespace": Option(lambda v: isinstance(v, str) and bool(_POOL.fullmatch(v)) and ".." not in v,
                         "an RBD namespace in the pool (letters, digits, _ . -)"),
-    "monhost": Option(lambda v: isinstance(v, str) and bool(_MONHOST.fullmatch(v)),
-                      "monitor addresses, host[:port] separated by spaces or commas"),
+    # the cluster: its monitors and the user's keyring are named in this ceph.conf, which both
+    # the rbd tool and qemu-img (librbd) read; no key ever goes on a command line
     "conf": Option(is_path_text, "the path of a ceph.conf", default="/etc/ceph/ceph.conf", is_path=True),
     "username": Option(lambda v: isinstance(v, str) and bool(_USER.fullmatch(v)),
                        "a Ceph user name without the client. prefix", default="admin"),
-    "keyring": Option(is_path_text, "the path of the user's keyring", is_path=True),
 }
+# rbd's own client timeouts for the metadata calls stork makes, so an unreachable cluster
+# fails a call in seconds instead of holding the storage lease
+CLIENT_TIMEOUTS = ["--client_mount_timeout", "30", "--rados_mon_op_timeout", "30", "--rados_osd_op_timeout", "60"]
 
 
 def _said(stderr: str) -> str:
@@ -108,17 +110,11 @@ class RbdDriver(Driver):
 
     # ---- the tool ------------------------------------------------------------------------
     def _cluster_args(self) -> list[str]:
-        o = self.storage.options
-        args = ["--conf", str(self.conf), "--id", o["username"]]
-        if o.get("monhost"):
-            args += ["-m", o["monhost"]]
-        if o.get("keyring"):
-            args += ["--keyring", str(o["keyring"])]
-        return args
+        return ["--conf", str(self.conf), "--id", self.storage.options["username"], *CLIENT_TIMEOUTS]
 
-    def _rbd(self, *args: str, what: str) -> str:
+    def _rbd(self, *args: str, what: str, busy: str = "it has linked clones or snapshots") -> str:
         """Run `rbd` on this storage's cluster. rbd exits with the errno: ENOENT is NotFound,
-        EEXIST AlreadyExists, EBUSY (a protected snapshot, one with children) and ENOTEMPTY
+        EEXIST AlreadyExists, EBUSY (`busy` says what it means for this call) and ENOTEMPTY
         (an image with snapshots) Refused."""
         try:
             return run([RBD, *self._cluster_args(), *args], what, timeout=TIMEOUT)
@@ -128,42 +124,47 @@ class RbdDriver(Driver):
                 raise NotFound(f"{what} failed: {said}") from None
             if e.status == errno.EEXIST:
                 raise AlreadyExists(f"{what} failed: {said}") from None
-            if e.status in (errno.EBUSY, errno.ENOTEMPTY):
-                raise Refused(f"{what} failed: it has linked clones or snapshots (Ceph: {said})") from None
+            if e.status == errno.EBUSY:
+                raise Refused(f"{what} failed: {busy} (Ceph: {said})") from None
+            if e.status == errno.ENOTEMPTY:
+                raise Refused(f"{what} failed: it has snapshots (Ceph: {said})") from None
             raise ToolError(what, e.argv, e.status, said) from None
+
+    def _json(self, *args: str, what: str) -> Any:
+        """An rbd command's JSON answer; one that does not parse is a one-line error."""
+        out = self._rbd(*args, "--format", "json", what=what)
+        try:
+            return json.loads(out or "null")
+        except ValueError:
+            raise ToolError(what, [RBD, *args], 0, f"rbd answered something that is not JSON: {out[:80]!r}") from None
 
     def _spec(self, vol: VolName) -> str:
         return f"{self.where}/{image_name(vol)}"
 
     def _images(self) -> list[dict[str, Any]]:
         """Every image and snapshot of the pool, with parents, from one `rbd ls -l`."""
-        out = self._rbd("ls", "-l", "--format", "json", self.where, what=f"listing pool {self.where}")
-        return json.loads(out or "[]")
+        found = self._json("ls", "-l", self.where, what=f"listing pool {self.where}")
+        return found if isinstance(found, list) else []
 
     # ---- opening -------------------------------------------------------------------------
     @contextlib.contextmanager
     def image(self, vol: VolName, write: bool = False) -> Iterator[qemu.Image]:
-        """The image through librbd: qemu-img gets pool, image, conf and user, no key.
-        librbd flushes its cache when qemu-img closes the image."""
+        """The image through librbd: qemu-img gets pool, image, conf and user, no key. A base
+        is read from its snapshot __base__, what its linked clones are made of, so a full
+        clone of a template equals a linked one. librbd flushes when qemu-img closes it."""
         self.require_existing(vol)
-        o = self.storage.options
         spec: dict[str, Any] = {"driver": "rbd", "pool": self.pool, "image": image_name(vol),
-                                "conf": str(self.conf), "user": o["username"]}
+                                "conf": str(self.conf), "user": self.storage.options["username"]}
         if self.namespace:
             spec["namespace"] = self.namespace
-        if o.get("monhost"):
-            spec["server"] = [self._server(address) for address in re.split(r"[ ,;]+", o["monhost"])]
+        if vol.is_base and not write:
+            spec["snapshot"] = SNAPSHOT
         yield qemu.Image("raw", spec, self.volid(vol))
-
-    @staticmethod
-    def _server(address: str) -> dict[str, str]:
-        host, _, port = address.rpartition(":") if address.count(":") == 1 else (address, "", "")
-        return {"host": host or address, "port": port or "6789"}
 
     # ---- reading -------------------------------------------------------------------------
     def list_volumes(self, owner: int | None = None) -> list[VolName]:
         found = {v for entry in self._images() if "snapshot" not in entry
-                 and (v := volume_of(entry["image"])) is not None}
+                 and (v := volume_of(str(entry.get("image", "")))) is not None and v.fmt in self.formats}
         return sorted((v for v in found if owner is None or v.owner == owner), key=str)
 
     def exists(self, vol: VolName) -> bool:
@@ -171,20 +172,20 @@ class RbdDriver(Driver):
 
     def _info(self, vol: VolName) -> dict[str, Any]:
         try:
-            return json.loads(self._rbd("info", "--format", "json", self._spec(vol), what=f"reading {self.volid(vol)}"))
+            return self._json("info", self._spec(vol), what=f"reading {self.volid(vol)}")
         except NotFound:
             raise NotFound(f"unknown volume {self.volid(vol)}") from None
 
     def identity(self, vol: VolName) -> str:
-        return str(self._info(vol)["id"])  # Ceph's image id: never reused
+        return str(self._info(vol).get("id", ""))  # Ceph's image id: never reused
 
     def virtual_size(self, vol: VolName) -> int:
-        return int(self._info(vol)["size"])
+        return int(self._info(vol).get("size", 0))
 
     def allocated_size(self, vol: VolName) -> int:
         where = ["--pool", self.pool, *(["--namespace", self.namespace] if self.namespace else [])]
         what = f"reading {self.volid(vol)}"
-        out = json.loads(self._rbd("du", "--format", "json", *where, image_name(vol), what=what))
+        out = self._json("du", *where, image_name(vol), what=what) or {}
         return sum(int(i.get("used_size", 0)) for i in out.get("images", []) if i.get("name") == image_name(vol)
                    and "snapshot" not in i)
 
@@ -202,16 +203,20 @@ class RbdDriver(Driver):
         """From one listing: the images whose parent is the base's snapshot."""
         return sorted((v for entry in self._images() if "snapshot" not in entry
                        and self._base_of(entry.get("parent")) == base
-                       and (v := volume_of(entry["image"])) is not None), key=str)
+                       and (v := volume_of(str(entry.get("image", "")))) is not None), key=str)
 
     def status(self) -> tuple[int, int, int]:
-        out = json.loads(run(["ceph", *self._cluster_args(), "df", "--format", "json"],
-                             f"reading the usage of pool {self.pool}", timeout=TIMEOUT))
+        what = f"reading the usage of pool {self.pool}"
+        try:
+            out = json.loads(run(["ceph", *self._cluster_args(), "df", "--format", "json"], what, timeout=TIMEOUT))
+        except ValueError:
+            raise ToolError(what, ["ceph", "df"], 0, "ceph answered something that is not JSON") from None
         pool = next((p for p in out.get("pools", []) if p.get("name") == self.pool), None)
         if pool is None:  # the usage of pools comes from ceph-mgr
             raise NotFound(f"storage {self.storage.id!r}: the cluster reports no usage of pool {self.pool} "
                            "(no ceph-mgr running?)")
-        used, avail = int(pool["stats"].get("bytes_used", 0)), int(pool["stats"].get("max_avail", 0))
+        stats = pool.get("stats", {})
+        used, avail = int(stats.get("bytes_used", 0)), int(stats.get("max_avail", 0))
         return used + avail, used, avail
 
     # ---- making and freeing ----------------------------------------------------------------
@@ -219,6 +224,12 @@ class RbdDriver(Driver):
         """One `rbd create`: the image exists whole, thin (it reads as zeros), or not at all."""
         self._rbd("create", "--size", f"{size}B", self._spec(vol), what=f"creating {self.volid(vol)}")
         faults.point("created")
+
+    def recreate(self, vol: VolName, size: int) -> None:
+        """Empty the image in place (shrunk to nothing, grown back): its name and id stay."""
+        what = f"emptying {self.volid(vol)}"
+        self._rbd("resize", "--no-progress", "--allow-shrink", "--size", "0B", self._spec(vol), what=what)
+        self._rbd("resize", "--no-progress", "--size", f"{size}B", self._spec(vol), what=what)
 
     def link_clone(self, base: VolName, vol: VolName) -> None:
         self._rbd("clone", f"{self._spec(base)}@{SNAPSHOT}", self._spec(vol), what=f"cloning {self.volid(base)}")
@@ -232,16 +243,21 @@ class RbdDriver(Driver):
         what = f"freeing {self.volid(vol)}"
         if vol.is_base:
             self._drop_snapshot(vol, what)
-        self._rbd("rm", "--no-progress", self._spec(vol), what=what)
+        try:
+            self._rbd("rm", "--no-progress", self._spec(vol), what=what, busy="it is open by a client")
+        except BaseException:
+            if vol.is_base and self.exists(vol):
+                self.protect_base(vol)  # still a base: clonable again
+            raise
         faults.point("freed")
 
     def _drop_snapshot(self, base: VolName, what: str) -> None:
         snap = f"{self._spec(base)}@{SNAPSHOT}"
         with contextlib.suppress(NotFound):
-            snaps = json.loads(self._rbd("snap", "ls", "--format", "json", self._spec(base), what=what))
+            snaps = self._json("snap", "ls", self._spec(base), what=what) or []
             if not any(s.get("name") == SNAPSHOT for s in snaps):
                 return
-            if json.loads(self._rbd("info", "--format", "json", snap, what=what)).get("protected") == "true":
+            if (self._json("info", snap, what=what) or {}).get("protected") == "true":
                 self._rbd("snap", "unprotect", snap, what=what)  # refused while clones depend on it
             self._rbd("snap", "rm", "--no-progress", snap, what=what)
 
@@ -258,10 +274,10 @@ class RbdDriver(Driver):
     def protect_base(self, base: VolName) -> None:
         """The snapshot clones are made of, protected; idempotent."""
         what, snap = f"protecting {self.volid(base)}", f"{self._spec(base)}@{SNAPSHOT}"
-        snaps = json.loads(self._rbd("snap", "ls", "--format", "json", self._spec(base), what=what))
+        snaps = self._json("snap", "ls", self._spec(base), what=what) or []
         if not any(s.get("name") == SNAPSHOT for s in snaps):
             self._rbd("snap", "create", "--no-progress", snap, what=what)
-        if json.loads(self._rbd("info", "--format", "json", snap, what=what)).get("protected") != "true":
+        if (self._json("info", snap, what=what) or {}).get("protected") != "true":
             self._rbd("snap", "protect", snap, what=what)
 
     def unmake_base(self, base: VolName, vol: VolName) -> None:
@@ -269,7 +285,11 @@ class RbdDriver(Driver):
         if self.exists(vol):
             raise Refused(f"volume {self.volid(vol)} already exists")
         self._drop_snapshot(base, what)
-        self._rbd("rename", self._spec(base), self._spec(vol), what=what)
+        try:
+            self._rbd("rename", self._spec(base), self._spec(vol), what=what)
+        except BaseException:
+            self.protect_base(base)
+            raise
         faults.point("unbased")
 
     def resize(self, vol: VolName, size: int) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ SNAPSHOT = "__base__"
 RAW = frozenset({"raw"})
 BUSY_WAIT = 10.0  # seconds a dataset may stay busy after its last file was closed
 TEMP = ":tmp"  # a temp dataset's name ends <entry>:tmp<hex>; no volume name holds a colon
+_TEMP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*:tmp[0-9a-f]{8}")
 
 
 def _folder(vol: VolName) -> str:
@@ -98,7 +100,7 @@ class ZfsDriver(Driver):
         except ToolError as e:
             if "dataset does not exist" in e.stderr:
                 raise NotFound(f"{what} failed: no such dataset") from None
-            if "dependent clones" in e.stderr or "has children" in e.stderr:
+            if "dependent clones" in e.stderr:
                 said = e.stderr.strip().splitlines()[0]
                 raise Refused(f"{what} failed: it has linked clones (ZFS: {said})") from None
             raise
@@ -110,7 +112,7 @@ class ZfsDriver(Driver):
         deadline = time.monotonic() + BUSY_WAIT
         while True:
             try:
-                return run(argv, what, timeout=120)
+                return run(argv, what, timeout=120, env={**os.environ, "LC_ALL": "C"})  # messages as matched
             except ToolError as e:
                 if "busy" not in e.stderr or time.monotonic() > deadline:
                     raise
@@ -144,13 +146,17 @@ class ZfsDriver(Driver):
     # ---- opening -------------------------------------------------------------------------
     @contextlib.contextmanager
     def _opened(self, vol: VolName, write: bool = False) -> Iterator[int]:
-        """The image file in the volume's mounted dataset, opened without following links."""
+        """The image file in the volume's mounted dataset (mounted again if a crash or a
+        daemon restart left it unmounted), opened without following links."""
+        if not self.exists(vol):
+            raise NotFound(f"unknown volume {self.volid(vol)}")
+        self._ensure_mounted(self.dataset(vol))
         files = SafeDir(self._mountpoint())
-        try:
-            with files.folder(_folder(vol)) as folder:
-                sub = files.open_dir(folder, _entry(vol), self.volid(vol))
-        except NotFound:
-            raise NotFound(f"unknown volume {self.volid(vol)}") from None
+        with files.folder(_folder(vol)) as folder:
+            sub = files.open_dir(folder, _entry(vol), self.volid(vol))
+            if os.fstat(sub).st_dev == os.fstat(folder).st_dev:  # the mountpoint's directory, not the dataset
+                os.close(sub)
+                raise Refused(f"{self.volid(vol)}: dataset {self.dataset(vol)} is not mounted at its mountpoint")
         try:
             fd = files.open(sub, IMAGE, write, label=self.volid(vol))
         finally:
@@ -159,6 +165,13 @@ class ZfsDriver(Driver):
             yield fd
         finally:
             os.close(fd)
+
+    def _mounted(self, dataset: str) -> bool:
+        return self._zfs("get", "-H", "-o", "value", "mounted", dataset, what=f"reading {dataset}").strip() == "yes"
+
+    def _ensure_mounted(self, dataset: str) -> None:
+        if not self._mounted(dataset):
+            self._zfs("mount", dataset, what=f"mounting {dataset}")
 
     @contextlib.contextmanager
     def image(self, vol: VolName, write: bool = False) -> Iterator[qemu.Image]:
@@ -169,7 +182,7 @@ class ZfsDriver(Driver):
 
     # ---- reading -------------------------------------------------------------------------
     def list_volumes(self, owner: int | None = None) -> list[VolName]:
-        found = [v for name in self._datasets() if (v := self._volume_of(name)) is not None]
+        found = [v for name in self._datasets() if (v := self._volume_of(name)) is not None and v.fmt in self.formats]
         return sorted((v for v in found if owner is None or v.owner == owner), key=str)
 
     def exists(self, vol: VolName) -> bool:
@@ -216,14 +229,31 @@ class ZfsDriver(Driver):
             self._zfs("create", name, what=f"creating dataset {name}")
 
     def _rename(self, old: str, new: str, what: str) -> None:
-        """zfs-fuse renames only an unmounted dataset."""
-        self._zfs("umount", old, what=what)
+        """zfs-fuse renames only an unmounted dataset: umount, rename, mount, each step skipped
+        where a crash left it done already."""
+        datasets = self._datasets()
+        if old not in datasets and new in datasets:  # renamed before a crash: mount it
+            self._ensure_mounted(new)
+            return
+        if self._mounted(old):
+            self._zfs("umount", old, what=what)
         try:
             self._zfs("rename", old, new, what=what)
         except StorkError:
-            self._zfs("mount", old, what=what)
+            self._ensure_mounted(old)
             raise
-        self._zfs("mount", new, what=what)
+        self._ensure_mounted(new)
+
+    def _drop_folder_if_empty(self, vol: VolName) -> None:
+        """Destroy a guest's folder dataset once it holds no volume (as dir storage removes
+        an emptied guest folder)."""
+        if vol.owner is None:
+            return
+        folder = f"{self.pool}/{_folder(vol)}"
+        datasets = self._datasets()
+        if folder in datasets and not any(name.startswith(folder + "/") for name in datasets):
+            with contextlib.suppress(StorkError):  # taken by a new volume meanwhile: it stays
+                self._destroy(folder, f"removing the empty dataset {folder}")
 
     def allocate(self, vol: VolName, size: int) -> None:
         """A new dataset holding a sparse raw image, made under a temp name and renamed."""
@@ -276,8 +306,14 @@ class ZfsDriver(Driver):
         if vol.is_base:
             with contextlib.suppress(NotFound):
                 self._zfs("destroy", f"{self.dataset(vol)}@{SNAPSHOT}", what=what)  # refused while clones depend
-        self._destroy(self.dataset(vol), what)
+        try:
+            self._destroy(self.dataset(vol), what)
+        except BaseException:
+            if vol.is_base:
+                self.protect_base(vol)  # still a base: clonable again
+            raise
         faults.point("freed")
+        self._drop_folder_if_empty(vol)
 
     def _destroy(self, dataset: str, what: str) -> None:
         """zfs-fuse destroys a dataset only unmounted."""
@@ -293,7 +329,7 @@ class ZfsDriver(Driver):
         hold the storage lock: any temp there is stale)."""
         folder = f"{self.pool}/{_folder(vol)}/"
         for name in self._datasets():
-            if name.startswith(folder) and TEMP in name.removeprefix(folder):
+            if name.startswith(folder) and _TEMP_NAME.fullmatch(name.removeprefix(folder)):
                 self._destroy(name, f"removing the temp dataset {name}")
 
     def make_base(self, vol: VolName, base: VolName) -> None:
@@ -303,6 +339,7 @@ class ZfsDriver(Driver):
         self._rename(self.dataset(vol), self.dataset(base), f"making base {self.volid(base)}")
         faults.point("based")
         self.protect_base(base)
+        self._drop_folder_if_empty(vol)
 
     def protect_base(self, base: VolName) -> None:
         """The snapshot clones are made of, and the dataset read-only; idempotent."""
@@ -313,12 +350,21 @@ class ZfsDriver(Driver):
         self._zfs("set", "readonly=on", self.dataset(base), what=what)
 
     def unmake_base(self, base: VolName, vol: VolName) -> None:
+        """Drop the snapshot (ZFS refuses while clones depend on it), make the dataset writable
+        and rename it back; a failure on the way makes it a protected base again."""
         what = f"turning {self.volid(base)} back into {self.volid(vol)}"
+        if self.exists(vol):
+            raise Refused(f"volume {self.volid(vol)} already exists")
         with contextlib.suppress(NotFound):
-            self._zfs("destroy", f"{self.dataset(base)}@{SNAPSHOT}", what=what)  # refused while clones depend on it
-        self._zfs("set", "readonly=off", self.dataset(base), what=what)
-        self._ensure_folder(vol)
-        self._rename(self.dataset(base), self.dataset(vol), what)
+            self._zfs("destroy", f"{self.dataset(base)}@{SNAPSHOT}", what=what)
+        try:
+            self._zfs("set", "readonly=off", self.dataset(base), what=what)
+            self._ensure_folder(vol)
+            self._rename(self.dataset(base), self.dataset(vol), what)
+        except BaseException:
+            if self.exists(base):
+                self.protect_base(base)
+            raise
         faults.point("unbased")
 
     def resize(self, vol: VolName, size: int) -> None:

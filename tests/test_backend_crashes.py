@@ -36,9 +36,9 @@ def held(storage: str, folder: int | str) -> list[str]:
     if storage == "bt":
         path = BTRFS.mount / str(folder)
         return sorted(os.listdir(path)) if path.exists() else []
-    out = subprocess.run(["zfs", "list", "-H", "-o", "name", "-r", f"{ZFS.name}/{folder}"], capture_output=True,
-                         text=True, check=False).stdout.split()
-    return sorted(name.rpartition("/")[2] for name in out if name != f"{ZFS.name}/{folder}")
+    out = subprocess.run(["zfs", "list", "-H", "-o", "name", "-r", ZFS.name], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return sorted(name.rpartition("/")[2] for name in out if name.startswith(f"{ZFS.name}/{folder}/"))
 
 
 def crash(client, armed: Path, point: str, kind: str, **options):

@@ -102,11 +102,11 @@ def based(drv) -> Iterator[tuple[VolName, bytes]]:
 
 def leftovers(drv: Driver) -> list[str]:
     """Everything left in the storage, hidden temp entries included: files and folders below
-    a directory storage; datasets below a ZFS one, but for the (empty) guest folder datasets."""
+    a directory storage; datasets below a ZFS one; images in an RBD pool or namespace."""
     if drv.type_name == "zfs":
         out = subprocess.run(["zfs", "list", "-H", "-o", "name", "-r", drv.pool], check=True, capture_output=True,
                              text=True).stdout.split()
-        return [name for name in out if name.count("/") > drv.pool.count("/") + 1]
+        return [name.removeprefix(drv.pool + "/") for name in out if name != drv.pool]
     if drv.type_name == "rbd":
         return [entry["image"] for entry in json.loads(CEPH.rbd("ls", "-l", "--format", "json", drv.where) or "[]")]
     return sorted(str(p.relative_to(drv.root)) for p in drv.root.rglob("*"))
@@ -252,3 +252,20 @@ def test_a_copy_between_any_two_storages_in_every_target_format_is_equal(source_
         target.allocate(dst, 8 * MIB)
         target.copy_from(source, src, dst)
         target.compare(source, src, dst)
+
+
+def test_identity_is_never_reused_and_recreate_keeps_the_name_empty(drv):
+    """A volume made again at a freed volume's name is another volume (its identity
+    differs); `recreate` empties a volume in place, keeping its identity."""
+    vol = disk(drv)
+    drv.allocate(vol, 8 * MIB)
+    first = drv.identity(vol)
+    drv.free(vol)
+    drv.allocate(vol, 8 * MIB)
+    second = drv.identity(vol)
+    assert second != first
+    fill(drv, vol, 0, b"\x05" * MIB)
+    drv.recreate(vol, 8 * MIB)
+    assert drv.exists(vol) and read(drv, vol, 0, MIB) == b"\0" * MIB and drv.virtual_size(vol) == 8 * MIB
+    if drv.type_name != "dir":  # dir replaces the file in one rename: a new file, the name never free
+        assert drv.identity(vol) == second

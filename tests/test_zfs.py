@@ -128,4 +128,5 @@ def test_destroying_a_clone_and_its_template_leaves_no_dataset(stork, client, vm
     assert stork("guest", "destroy", g)[0] == 0
     listed = subprocess.run(["zfs", "list", "-H", "-o", "name", "-t", "all", "-r", ZFS.name], check=True,
                             capture_output=True, text=True).stdout
-    assert f"/{c}/" not in listed and f"base-{g}-disk-0" not in listed
+    assert f"{ZFS.name}/{c}\n" not in listed and f"/{c}/" not in listed and f"base-{g}-disk-0" not in listed
+    assert f"{ZFS.name}/{g}\n" not in listed  # the emptied guest folder datasets went too
