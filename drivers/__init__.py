@@ -5,6 +5,7 @@ from __future__ import annotations
 from drivers.base import Driver
 from drivers.btrfs import BtrfsDriver
 from drivers.dir import DirDriver
+from drivers.lvm import LvmDriver
 from drivers.rbd import RbdDriver
 from drivers.storage import StorageConfig
 from drivers.zfs import ZfsDriver
@@ -14,6 +15,7 @@ DRIVERS: dict[str, type[Driver]] = {
     "btrfs": BtrfsDriver,
     "zfs": ZfsDriver,
     "rbd": RbdDriver,
+    "lvm": LvmDriver,
 }
 
 

@@ -182,12 +182,12 @@ class Driver(ABC):
         if self.has_feature(feature, vol):
             return
         words = FEATURE_WORDS.get(feature, feature)
-        if vol.is_base:
-            reason = "it is a read-only base image"
-        elif vol.fmt in self.FEATURES.get(feature, {}).get("base", frozenset()):
-            reason = "it is not a base image (make one with 'stork base' or 'stork template')"
-        else:
+        if not any(vol.fmt in formats for formats in self.FEATURES.get(feature, {}).values()):
             reason = f"{self.type_name} storage does not support it for {vol.fmt} volumes"
+        elif vol.is_base:
+            reason = "it is a read-only base image"
+        else:
+            reason = "it is not a base image (make one with 'stork base' or 'stork template')"
         raise FeatureUnsupported(f"{self.volid(vol)}: {words} is not allowed: {reason}")
 
     def clones_of(self, base: VolName) -> list[VolName]:

@@ -180,3 +180,21 @@ def volname(text: str) -> VolName:
     if owner is None or folder != str(owner) or not stem.startswith(f"vm-{owner}-"):
         raise bad  # one spelling per volume: '0100/...' would dodge the in-use checks
     return VolName(owner, stem, fmt)
+
+
+def flat_name(vol: VolName) -> str:
+    """The volume's name where names are flat (an RBD image, an LV): `<folder>.<name>.<fmt>`.
+    The folder (`base` or a guest id) holds no dot, so the first dot splits it off again, and
+    a base and a guest's disk never share a flat name."""
+    return f"{'base' if vol.owner is None else vol.owner}.{vol.name}.{vol.fmt}"
+
+
+def from_flat_name(text: str) -> VolName | None:
+    """The volume a flat name is of; None for a name that is not one of stork's."""
+    folder, dot, rest = text.partition(".")
+    if not dot:
+        return None
+    try:
+        return volname(f"{folder}/{rest}")
+    except InvalidName:
+        return None

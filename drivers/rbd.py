@@ -66,20 +66,6 @@ def _said(stderr: str) -> str:
     return (lines or stderr.strip().splitlines() or ["no message"])[-1].removeprefix("rbd: ")
 
 
-def image_name(vol: VolName) -> str:
-    return f"{'base' if vol.owner is None else vol.owner}.{vol.name}.{vol.fmt}"
-
-
-def volume_of(image: str) -> VolName | None:
-    folder, dot, rest = image.partition(".")
-    if not dot:
-        return None
-    try:
-        return names.volname(f"{folder}/{rest}")
-    except names.InvalidName:
-        return None  # not one of stork's images
-
-
 class RbdDriver(Driver):
     type_name = "rbd"
     formats = ("raw",)
@@ -139,7 +125,7 @@ class RbdDriver(Driver):
             raise ToolError(what, [RBD, *args], 0, f"rbd answered something that is not JSON: {out[:80]!r}") from None
 
     def _spec(self, vol: VolName) -> str:
-        return f"{self.where}/{image_name(vol)}"
+        return f"{self.where}/{names.flat_name(vol)}"
 
     def _images(self) -> list[dict[str, Any]]:
         """Every image and snapshot of the pool, with parents, from one `rbd ls -l`."""
@@ -153,7 +139,7 @@ class RbdDriver(Driver):
         is read from its snapshot __base__, what its linked clones are made of, so a full
         clone of a template equals a linked one. librbd flushes when qemu-img closes it."""
         self.require_existing(vol)
-        spec: dict[str, Any] = {"driver": "rbd", "pool": self.pool, "image": image_name(vol),
+        spec: dict[str, Any] = {"driver": "rbd", "pool": self.pool, "image": names.flat_name(vol),
                                 "conf": str(self.conf), "user": self.storage.options["username"]}
         if self.namespace:
             spec["namespace"] = self.namespace
@@ -164,7 +150,7 @@ class RbdDriver(Driver):
     # ---- reading -------------------------------------------------------------------------
     def list_volumes(self, owner: int | None = None) -> list[VolName]:
         found = {v for entry in self._images() if "snapshot" not in entry
-                 and (v := volume_of(str(entry.get("image", "")))) is not None and v.fmt in self.formats}
+                 and (v := names.from_flat_name(str(entry.get("image", "")))) is not None and v.fmt in self.formats}
         return sorted((v for v in found if owner is None or v.owner == owner), key=str)
 
     def exists(self, vol: VolName) -> bool:
@@ -185,8 +171,8 @@ class RbdDriver(Driver):
     def allocated_size(self, vol: VolName) -> int:
         where = ["--pool", self.pool, *(["--namespace", self.namespace] if self.namespace else [])]
         what = f"reading {self.volid(vol)}"
-        out = self._json("du", *where, image_name(vol), what=what) or {}
-        return sum(int(i.get("used_size", 0)) for i in out.get("images", []) if i.get("name") == image_name(vol)
+        out = self._json("du", *where, names.flat_name(vol), what=what) or {}
+        return sum(int(i.get("used_size", 0)) for i in out.get("images", []) if i.get("name") == names.flat_name(vol)
                    and "snapshot" not in i)
 
     def parent_of(self, vol: VolName) -> VolName | None:
@@ -196,14 +182,14 @@ class RbdDriver(Driver):
         if not parent or parent.get("snapshot") != SNAPSHOT or parent.get("pool") != self.pool \
                 or (parent.get("pool_namespace") or "") != self.namespace:
             return None
-        base = volume_of(parent.get("image", ""))
+        base = names.from_flat_name(parent.get("image", ""))
         return base if base is not None and base.is_base else None
 
     def clones_of(self, base: VolName) -> list[VolName]:
         """From one listing: the images whose parent is the base's snapshot."""
         return sorted((v for entry in self._images() if "snapshot" not in entry
                        and self._base_of(entry.get("parent")) == base
-                       and (v := volume_of(str(entry.get("image", "")))) is not None), key=str)
+                       and (v := names.from_flat_name(str(entry.get("image", "")))) is not None), key=str)
 
     def status(self) -> tuple[int, int, int]:
         what = f"reading the usage of pool {self.pool}"
