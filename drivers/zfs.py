@@ -257,11 +257,10 @@ class ZfsDriver(Driver):
 
     def allocate(self, vol: VolName, size: int) -> None:
         """A new dataset holding a sparse raw image, made under a temp name and renamed."""
-        self._ensure_folder(vol)
         self._sweep_temps(vol)
         temp = f"{self.dataset(vol)}{TEMP}{secrets.token_hex(4)}"
         what = f"creating {self.volid(vol)}"
-        self._zfs("create", temp, what=what)
+        self._zfs("create", "-p", temp, what=what)  # -p: with the guest's folder dataset, if need be
         try:
             files = SafeDir(self._mountpoint())
             with files.folder(_folder(vol)) as folder:
@@ -282,6 +281,7 @@ class ZfsDriver(Driver):
         except BaseException:
             with contextlib.suppress(StorkError):
                 self._destroy(temp, what)
+                self._drop_folder_if_empty(vol)
             raise
         faults.point("created")
 
@@ -293,8 +293,9 @@ class ZfsDriver(Driver):
 
     def link_clone(self, base: VolName, vol: VolName) -> None:
         """`zfs clone` of the base's snapshot: made whole in one transaction, at its name."""
-        self._ensure_folder(vol)
-        self._zfs("clone", f"{self.dataset(base)}@{SNAPSHOT}", self.dataset(vol), what=f"cloning {self.volid(base)}")
+        # -p: the guest's folder dataset is made with it, where it is not there yet
+        self._zfs("clone", "-p", f"{self.dataset(base)}@{SNAPSHOT}", self.dataset(vol),
+                  what=f"cloning {self.volid(base)}")
         faults.point("created")
 
     def free(self, vol: VolName) -> None:
