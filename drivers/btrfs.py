@@ -145,6 +145,7 @@ class BtrfsDriver(Driver):
         self.root: Path = config.path
         self._dir = SafeDir(self.root)
         self._on_btrfs = False
+        self._bases_seen: tuple[tuple[int, int, int], list[tuple[VolName, str]]] | None = None
 
     # ---- opening -------------------------------------------------------------------------
     def _require_btrfs(self) -> None:
@@ -211,11 +212,14 @@ class BtrfsDriver(Driver):
                 os.fsync(fd)
 
     # ---- reading -------------------------------------------------------------------------
-    def _folders(self, owner: int | None) -> Iterator[tuple[str, int]]:
+    def _folders(self, owner: int | None, folder: str | None = None) -> Iterator[tuple[str, int]]:
+        """The folders to list: `owner`'s, or the one named, or every guest's and base/."""
         if not self.root.is_dir():
             return
         self._require_btrfs()
-        if owner is not None:
+        if folder is not None:
+            wanted = [folder]
+        elif owner is not None:
             wanted = [str(owner)]
         else:
             with os.scandir(self.root) as entries:
@@ -225,9 +229,9 @@ class BtrfsDriver(Driver):
             with contextlib.suppress(NotFound, Refused), self._dir.folder(name) as folder:
                 yield name, folder
 
-    def _entries(self, owner: int | None) -> Iterator[tuple[VolName, bool, int, str]]:
+    def _entries(self, owner: int | None, only: str | None = None) -> Iterator[tuple[VolName, bool, int, str]]:
         """Every entry named like a volume: (volume, is a subvolume, folder, entry name)."""
-        for name, folder in self._folders(owner):
+        for name, folder in self._folders(owner, only):
             with os.scandir(folder) as entries:
                 # a subvolume's entry is a directory whose own inode (lstat) is the subvolume root's
                 found = [(e.name, e.is_dir(follow_symlinks=False)
@@ -288,11 +292,22 @@ class BtrfsDriver(Driver):
             return None  # freed or replaced meanwhile: no clone of anything
 
     def _base_uuids(self) -> list[tuple[VolName, str]]:
+        """The bases and their UUIDs, read once per change of base/ (its directory's times
+        change with every entry made, renamed or removed there): `volume list` asks for
+        every volume's parent, and must not read every base again each time."""
+        try:
+            st = os.stat(self.root / "base", follow_symlinks=False)
+            key = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        except FileNotFoundError:
+            return []
+        if self._bases_seen is not None and self._bases_seen[0] == key:
+            return self._bases_seen[1]
         found = []
-        for base in self.list_volumes():
-            if base.is_base:
+        for base, subvolume, _, _ in self._entries(None, only="base"):
+            if subvolume and base.fmt == "raw":
                 with contextlib.suppress(NotFound, Refused), self._subvolume(base) as fd:
                     found.append((base, subvolume_info(fd).uuid))
+        self._bases_seen = (key, found)
         return found
 
     def status(self) -> tuple[int, int, int]:
