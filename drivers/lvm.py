@@ -85,7 +85,7 @@ class LvmDriver(Driver):
             return run(["lvm", *args], what, timeout=TIMEOUT, env={**os.environ, "LC_ALL": "C"})
         except ToolError as e:
             if "not found" in e.stderr or "Failed to find logical volume" in e.stderr:
-                raise NotFound(f"{what} failed: no such logical volume") from None
+                raise NotFound(f"{what} failed: {e.stderr.strip().splitlines()[-1].strip()}") from None
             raise
 
     def _lv(self, vol: VolName) -> str:
