@@ -58,8 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from drivers import driver_for
 from drivers.base import Driver
 from drivers.btrfs import IMAGE, BtrfsDriver
-from drivers.names import VolName
-from drivers.rbd import RbdDriver, image_name
+from drivers.names import VolName, flat_name
+from drivers.rbd import RbdDriver
 from drivers.storage import StorageConfig
 from drivers.zfs import SNAPSHOT, ZfsDriver
 from tests import ceph
@@ -360,7 +360,7 @@ def native_link(b: Backend, base: VolName) -> tuple[str, Callable[[int], list[st
     if isinstance(b.drv, RbdDriver):
         pool = b.drv.pool
         return f"rbd clone BASE@{SNAPSHOT} NEW", lambda i: rbd_argv(
-            b, "clone", f"{pool}/{image_name(base)}@{SNAPSHOT}", f"{pool}/native.{i}")
+            b, "clone", f"{pool}/{flat_name(base)}@{SNAPSHOT}", f"{pool}/native.{i}")
     return "qemu-img create -f qcow2 -F raw -b BASE NEW", lambda i: [
         "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(b.file(base)),
         str(b.where / "native" / f"{i}.qcow2")]

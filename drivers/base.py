@@ -23,6 +23,18 @@ from drivers.storage import Option, StorageConfig
 # What a job may do with a volume: feature -> volume state ("current" | "base") -> formats.
 FeatureTable = Mapping[str, Mapping[str, frozenset[str]]]
 
+RAW = frozenset({"raw"})
+# The table of a backend of raw volumes with native clones (btrfs, zfs, rbd): bases from
+# disks, linked clones of bases, copies and moves of both, resizing disks. A base moves only
+# while no linked clone names it (the move job checks).
+RAW_WITH_CLONES: FeatureTable = {
+    "make_base": {"current": RAW},
+    "linked_clone": {"base": RAW},
+    "copy": {"current": RAW, "base": RAW},
+    "resize": {"current": RAW},
+    "move": {"current": RAW, "base": RAW},
+}
+
 FEATURE_WORDS = {
     "make_base": "converting to a base image",
     "linked_clone": "a linked clone",

@@ -32,14 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drivers import faults, names, qemu
-from drivers.base import Driver
+from drivers.base import RAW_WITH_CLONES, Driver
 from drivers.errors import NotFound, Refused
 from drivers.names import VolName
 from drivers.safedir import SafeDir
 from drivers.storage import PATH, StorageConfig
 
 IMAGE = "disk.raw"  # the image file in each volume's subvolume
-RAW = frozenset({"raw"})
 SUBVOLUME_ROOT_INODE = 256  # every subvolume's top directory has this inode number
 
 
@@ -130,13 +129,7 @@ class BtrfsDriver(Driver):
     formats = ("raw",)
     default_format = "raw"
     linked_clone_format = "raw"
-    FEATURES = {
-        "make_base": {"current": RAW},
-        "linked_clone": {"base": RAW},
-        "copy": {"current": RAW, "base": RAW},
-        "resize": {"current": RAW},
-        "move": {"current": RAW, "base": RAW},  # a base only while no linked clone names it
-    }
+    FEATURES = RAW_WITH_CLONES
     OPTIONS = {"path": PATH}
 
     def __init__(self, config: StorageConfig) -> None:

@@ -29,13 +29,12 @@ import stat
 from collections.abc import Iterator
 
 from drivers import faults, names, qemu
-from drivers.base import Driver
+from drivers.base import RAW, Driver
 from drivers.errors import InvalidName, NotFound, Refused, StorkError
 from drivers.names import VolName
 from drivers.storage import Option, StorageConfig
 from drivers.tools import ToolError, run
 
-RAW = frozenset({"raw"})
 BASE_TAG = "stork-base"
 TIMEOUT = 300.0
 # LVM reserves these in LV names (its own hidden sub-volumes): a volume named so is refused

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers import faults, names, qemu
-from drivers.base import Driver
+from drivers.base import RAW_WITH_CLONES, Driver
 from drivers.errors import AlreadyExists, NotFound, Refused
 from drivers.names import VolName
 from drivers.storage import Option, StorageConfig, is_path_text
@@ -38,7 +38,6 @@ from drivers.tools import ToolError, run
 
 RBD = "rbd"
 SNAPSHOT = "__base__"
-RAW = frozenset({"raw"})
 TIMEOUT = 300.0  # seconds for one rbd call: a cluster that stops answering must not hang a step
 
 _POOL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -71,13 +70,7 @@ class RbdDriver(Driver):
     formats = ("raw",)
     default_format = "raw"
     linked_clone_format = "raw"
-    FEATURES = {
-        "make_base": {"current": RAW},
-        "linked_clone": {"base": RAW},
-        "copy": {"current": RAW, "base": RAW},
-        "resize": {"current": RAW},
-        "move": {"current": RAW, "base": RAW},
-    }
+    FEATURES = RAW_WITH_CLONES
     OPTIONS = OPTIONS
 
     always_shared = True  # every node reaches the cluster

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drivers import faults, names, qemu
-from drivers.base import Driver
+from drivers.base import RAW_WITH_CLONES, Driver
 from drivers.errors import InvalidName, NotFound, Refused, StorkError
 from drivers.names import VolName
 from drivers.safedir import SafeDir
@@ -41,7 +41,6 @@ from drivers.tools import ToolError, run
 ZFS = "zfs"
 IMAGE = "disk.raw"
 SNAPSHOT = "__base__"
-RAW = frozenset({"raw"})
 BUSY_WAIT = 10.0  # seconds a dataset may stay busy after its last file was closed
 TEMP = ":tmp"  # a temp dataset's name ends <entry>:tmp<hex>; no volume name holds a colon
 _TEMP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*:tmp[0-9a-f]{8}")
@@ -66,13 +65,7 @@ class ZfsDriver(Driver):
     formats = ("raw",)
     default_format = "raw"
     linked_clone_format = "raw"
-    FEATURES = {
-        "make_base": {"current": RAW},
-        "linked_clone": {"base": RAW},
-        "copy": {"current": RAW, "base": RAW},
-        "resize": {"current": RAW},
-        "move": {"current": RAW, "base": RAW},
-    }
+    FEATURES = RAW_WITH_CLONES
     OPTIONS = {"pool": POOL}
 
     @classmethod
