@@ -57,7 +57,10 @@ def test_killing_the_whole_worker_mid_copy_fails_the_job_and_undoes_it(client, v
     crash_worker["worker"] = Worker("crash", concurrency=1)  # reconciles at start
     job = client.wait(job.id, timeout=60)
     assert job.state == "failed"
-    assert job.error == "the worker on node crash died during step copy_data"
+    # the restarted worker reconciles, unless the cluster-wide sweep (other nodes' workers,
+    # once a minute) got to the job first: either says which step died where
+    assert job.error in ("the worker on node crash died during step copy_data",
+                         "the process running step copy_data on node crash is gone")
     assert not target.exists() and not client.guest_store.exists(c)
     assert client.guest(g).lock == ""
 
