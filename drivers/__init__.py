@@ -6,6 +6,7 @@ from drivers.base import Driver
 from drivers.btrfs import BtrfsDriver
 from drivers.dir import DirDriver
 from drivers.lvm import LvmDriver
+from drivers.lvmthin import LvmThinDriver
 from drivers.rbd import RbdDriver
 from drivers.storage import StorageConfig
 from drivers.zfs import ZfsDriver
@@ -16,6 +17,7 @@ DRIVERS: dict[str, type[Driver]] = {
     "zfs": ZfsDriver,
     "rbd": RbdDriver,
     "lvm": LvmDriver,
+    "lvmthin": LvmThinDriver,
 }
 
 

@@ -87,6 +87,15 @@ class LvmDriver(Driver):
                 raise NotFound(f"{what} failed: {e.stderr.strip().splitlines()[-1].strip()}") from None
             raise
 
+    # What `_lvs` reads of each LV; a subclass adds its own fields.
+    LV_FIELDS = "lv_name,lv_size,lv_attr,lv_tags,lv_uuid,lv_kernel_major,lv_kernel_minor,pool_lv"
+
+    UNBASE_ARGS: tuple[str, ...] = ("-prw",)  # lvchange arguments undoing what protect_base set
+
+    def _ours(self, row: dict[str, str]) -> bool:
+        """Whether an LV of the group belongs to this storage: a thick one, not a thin volume."""
+        return not row.get("pool_lv")
+
     def _lv(self, vol: VolName) -> str:
         return f"{self.vg}/{names.flat_name(vol)}"
 
@@ -101,10 +110,10 @@ class LvmDriver(Driver):
 
     def _lvs(self) -> dict[VolName, dict[str, str]]:
         """Every volume of the group with its size, attributes, tags and uuid: one `lvs`."""
-        rows = self._report("lvs", "lv_name,lv_size,lv_attr,lv_tags,lv_uuid,lv_kernel_major,lv_kernel_minor",
-                            self.vg, what=f"listing volume group {self.vg}")
+        rows = self._report("lvs", self.LV_FIELDS, self.vg, what=f"listing volume group {self.vg}")
         return {v: row for row in rows
-                if (v := names.from_flat_name(row.get("lv_name", ""))) is not None and v.fmt in self.formats}
+                if (v := names.from_flat_name(row.get("lv_name", ""))) is not None and v.fmt in self.formats
+                and self._ours(row)}
 
     def _row(self, vol: VolName) -> dict[str, str]:
         row = self._lvs().get(vol)
@@ -151,7 +160,8 @@ class LvmDriver(Driver):
 
     @contextlib.contextmanager
     def _device(self, vol: VolName, write: bool) -> Iterator[int]:
-        self._lvm("lvchange", "-ay", self._lv(vol), what=f"activating {self.volid(vol)}")
+        # -K: a base may carry LVM's activation skip flag (lvmthin sets it, as Proxmox does)
+        self._lvm("lvchange", "-ay", "-K", self._lv(vol), what=f"activating {self.volid(vol)}")
         row = self._row(vol)
         wanted = (int(row.get("lv_kernel_major") or -1), int(row.get("lv_kernel_minor") or -1))
         link = f"/dev/{self.vg}/{names.flat_name(vol)}"
@@ -224,7 +234,7 @@ class LvmDriver(Driver):
         what = f"turning {self.volid(base)} back into {self.volid(vol)}"
         if self.exists(vol):
             raise Refused(f"volume {self.volid(vol)} already exists")
-        self._lvm("lvchange", "-prw", "--deltag", BASE_TAG, self._lv(base), what=what)
+        self._lvm("lvchange", *self.UNBASE_ARGS, "--deltag", BASE_TAG, self._lv(base), what=what)
         try:
             self._lvm("lvrename", self.vg, names.flat_name(base), names.flat_name(vol), what=what)
         except BaseException:

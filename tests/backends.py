@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,3 +133,55 @@ def zfs_pool(where: Path, size_mib: int = 512) -> ZfsPool | str:
         pool.close()
         return f"cannot make a zfs pool: {e.stderr.strip()}"
     return pool
+
+
+def _has_device_mapper() -> bool:
+    """Whether the kernel has device-mapper (not whether /dev/mapper/control exists: lvm makes
+    that node on its own, also where the kernel has no driver behind it)."""
+    with contextlib.suppress(OSError), open("/proc/misc") as f:
+        return any(line.split()[1:] == ["device-mapper"] for line in f)
+    return False
+
+
+DEVICE_MAPPER = _has_device_mapper()
+
+
+def lvm(*args: str) -> str:
+    return _run(["lvm", *args])
+
+
+@contextlib.contextmanager
+def volume_group(where: Path, size_mib: int = 256) -> Iterator[str]:
+    """A volume group on a loop device, seen by LVM through an lvm.conf of its own (through
+    LVM_SYSTEM_DIR, so the machine's LVM never scans it); without device-mapper, with
+    `activation = 0`, under which LVM still creates, renames, tags and removes LVs."""
+    image = where / "pv.img"
+    with open(image, "wb") as f:
+        f.truncate(size_mib << 20)
+    device = _run(["losetup", "-f", "--show", str(image)]).strip()
+    conf = where / "etc"
+    conf.mkdir()
+    activation = "" if DEVICE_MAPPER else "global { activation = 0 }\n"
+    (conf / "lvm.conf").write_text(f'{activation}devices {{ filter = [ "a|^{device}$|", "r|.*|" ] }}\n')
+    before = os.environ.get("LVM_SYSTEM_DIR")
+    os.environ["LVM_SYSTEM_DIR"] = str(conf)
+    name = f"stork{os.getpid()}"
+    control = Path("/dev/mapper/control")
+    had_control = control.exists()
+    try:
+        lvm("pvcreate", "-q", device)
+        lvm("vgcreate", "-q", name, device)
+        yield name
+    finally:
+        for argv in (["vgremove", "-q", "-y", "-f", name], ["pvremove", "-q", "-y", device]):
+            subprocess.run(["lvm", *argv], capture_output=True, check=False)
+        subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
+        image.unlink(missing_ok=True)
+        if not had_control and not DEVICE_MAPPER:  # lvm makes the node even where no driver backs it
+            control.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                control.parent.rmdir()
+        if before is None:
+            os.environ.pop("LVM_SYSTEM_DIR", None)
+        else:
+            os.environ["LVM_SYSTEM_DIR"] = before

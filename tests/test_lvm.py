@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -19,43 +17,15 @@ from drivers.errors import FeatureUnsupported, InvalidName, NotFound, StorkError
 from drivers.lvm import LvmDriver
 from drivers.names import VolName
 from drivers.storage import StorageConfig
+from tests.backends import DEVICE_MAPPER, lvm, volume_group
 
-DEVICE_MAPPER = Path("/dev/mapper/control").exists()
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("lvm"), reason="needs root and lvm2")
-
-
-def lvm(*args: str) -> str:
-    return subprocess.run(["lvm", *args], check=True, capture_output=True, text=True, timeout=60).stdout
 
 
 @pytest.fixture(scope="module")
 def vg(tmp_path_factory) -> Iterator[str]:
-    """A volume group on a loop device, seen by LVM through an lvm.conf of this test only."""
-    where = tmp_path_factory.mktemp("lvm")
-    image = where / "pv.img"
-    with open(image, "wb") as f:
-        f.truncate(256 << 20)
-    device = subprocess.run(["losetup", "-f", "--show", str(image)], check=True, capture_output=True,
-                            text=True).stdout.strip()
-    conf = where / "etc"
-    conf.mkdir()
-    activation = "" if DEVICE_MAPPER else "global { activation = 0 }\n"
-    (conf / "lvm.conf").write_text(f'{activation}devices {{ filter = [ "a|^{device}$|", "r|.*|" ] }}\n')
-    before = os.environ.get("LVM_SYSTEM_DIR")
-    os.environ["LVM_SYSTEM_DIR"] = str(conf)
-    name = f"stork{os.getpid()}"
-    try:
-        lvm("pvcreate", "-q", device)
-        lvm("vgcreate", "-q", name, device)
+    with volume_group(tmp_path_factory.mktemp("lvm")) as name:
         yield name
-    finally:
-        subprocess.run(["lvm", "vgremove", "-q", "-y", name], capture_output=True, check=False)
-        subprocess.run(["lvm", "pvremove", "-q", "-y", device], capture_output=True, check=False)
-        subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
-        if before is None:
-            os.environ.pop("LVM_SYSTEM_DIR", None)
-        else:
-            os.environ["LVM_SYSTEM_DIR"] = before
 
 
 @pytest.fixture
