@@ -28,8 +28,10 @@ skipped with a one-line reason. Then:
    filesystems, to show what sharing saves. 256 MiB on zfs (zfs-fuse is slow) into a file in a
    fresh dataset, stork's and the tool's alike; 256 MiB from a dir storage on ext4 into rbd
    (memstore holds it in RAM), next to `qemu-img convert -n` into an `rbd:` spec and
-   `rbd import`. Stork flushes every copy before it returns, so the tools' rows flush too
-   (`-t writeback` flushes on close; `sync FILE` after cp; `rbd import` flushes on close). The
+   `rbd import`; and 256 MiB within the pool, stork (`rbd deep cp`) next to `rbd deep cp` and
+   `qemu-img convert -n` from one `rbd:` spec to another. Stork flushes every copy before it
+   returns, so the tools' rows flush too (`-t writeback` flushes on close; `sync FILE` after
+   cp; `rbd import` flushes on close). The
    tools' rows include making their target (truncate; `zfs create`; `rbd create`). "space" is
    how much the storage's used space grew by the copy (zfs: the pool's `used`; rbd: `rbd du`).
 
@@ -50,7 +52,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -510,6 +512,34 @@ def rbd_copies(b: Backend, owner: int) -> list[Copy]:
             Copy("rbd import SRC NEW", rbd_import, drop)]
 
 
+def rbd_pool_copies(b: Backend, owner: int) -> list[Copy]:
+    """Copying guest `owner`'s disk within the pool: stork (`rbd deep cp` to a temp name that
+    replaces the allocated image), `rbd deep cp` and qemu-img through librbd on both sides;
+    fills the disk first."""
+    assert b.cluster is not None
+    src, dst = disk(owner), disk(owner + 1)
+    filled_volume(b, src, b.copy_size)
+    pool, image, src_image = b.cluster.pool, "native.copy", flat_name(src)
+
+    def stork_copy() -> None:
+        b.drv.allocate(dst, b.copy_size)
+        b.drv.copy_from(b.drv, src, dst)
+
+    def deep_cp() -> None:
+        run(rbd_argv(b, "deep", "cp", "--no-progress", f"{pool}/{src_image}", f"{pool}/{image}"))
+
+    def qemu_img() -> None:
+        run(rbd_argv(b, "create", "--size", f"{b.copy_size}B", f"{pool}/{image}"))
+        qemu_img_convert(b.cluster.spec(src_image), b.cluster.spec(image))
+
+    def drop() -> None:
+        run(rbd_argv(b, "rm", "--no-progress", f"{pool}/{image}"))
+
+    return [Copy("stork allocate + copy_from (deep cp)", stork_copy, lambda: b.drv.free(dst)),
+            Copy("rbd deep cp SRC NEW", deep_cp, drop),
+            Copy("rbd create; qemu-img convert -n -t writeback", qemu_img, drop)]
+
+
 def bench_copies(b: Backend, rows: list[Copy]) -> list[tuple[str, float, int]]:
     """(label, best seconds, bytes of new space) per way of copying, runs interleaved."""
     best: dict[str, tuple[float, int]] = {}
@@ -524,8 +554,8 @@ def bench_copies(b: Backend, rows: list[Copy]) -> list[tuple[str, float, int]]:
 
 
 def print_copies(results: list[tuple[Backend, list[tuple[str, float, int]]]]) -> None:
-    print(f"\n2. full copy of a raw image of non-zero data, within one storage (rbd: from a dir storage "
-          f"on ext4), flushed (best of {COPY_RUNS})")
+    print(f"\n2. full copy of a raw image of non-zero data, within one storage (\"rbd from ext4\": from a dir "
+          f"storage on ext4), flushed (best of {COPY_RUNS})")
     print(f"   {'storage':<18}{'':<46}{'size':>9}{'time':>9}{'MiB/s':>9}{'space':>10}")
     for b, rows in results:
         for n, (label, seconds, grown) in enumerate(rows):
@@ -559,8 +589,13 @@ def main() -> None:
         more = services(pool, cluster, ext4)
         print_links([(b, bench_links(b, 1000)) for b in (btrfs, xfs, *more)])
         ways = [(btrfs, partial(copies, btrfs, 100, True)), (xfs, partial(copies, xfs, 100, True)),
-                (ext4, partial(copies, ext4, 100, False)),
-                *((b, partial(zfs_copies if isinstance(b.drv, ZfsDriver) else rbd_copies, b, 500)) for b in more)]
+                (ext4, partial(copies, ext4, 100, False))]
+        for b in more:
+            if isinstance(b.drv, ZfsDriver):
+                ways.append((b, partial(zfs_copies, b, 500)))
+            else:
+                ways += [(replace(b, label="rbd from ext4"), partial(rbd_copies, b, 500)),
+                         (replace(b, label="rbd within pool"), partial(rbd_pool_copies, b, 600))]
         print_copies([(b, bench_copies(b, rows())) for b, rows in ways])  # each source filled just before
 
 

@@ -17,6 +17,15 @@ qemu-img reads and writes an image through librbd (Debian's `qemu-block-extra`),
 `json:` spec with the pool, image, ceph.conf and user — never a key: the monitors and the
 keyring come from the ceph.conf (`conf`), which the rbd tool reads too. A base is read from
 its snapshot, what its clones are made of.
+
+A copy within one cluster of an image that is no linked clone (a base's snapshot, a plain
+disk) is `rbd deep cp`: librbd copies the objects, skipping those never written, about 30%
+faster than qemu-img through librbd here (0.95 s against 1.37 s for 256 MiB). deep cp makes
+its target itself, so the copy is made under a temp name (`<image>.copy`, which names no
+volume) and then replaces the empty image the job allocated: that image removed, the copy
+renamed to its name. The job keeps the name claimed throughout, so no other job takes it in
+between; a copy redone after a crash there finds the name free and `recreate` makes it again.
+A clone is copied by qemu-img (deep cp would keep its parent link: a full copy must not).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from typing import Any
 
 from drivers import faults, names, qemu
 from drivers.base import RAW_WITH_CLONES, Driver
-from drivers.errors import AlreadyExists, NotFound, Refused
+from drivers.errors import AlreadyExists, NotFound, Refused, StorkError
 from drivers.names import VolName
 from drivers.storage import Option, StorageConfig, is_path_text
 from drivers.tools import ToolError, run
@@ -205,10 +214,52 @@ class RbdDriver(Driver):
         faults.point("created")
 
     def recreate(self, vol: VolName, size: int) -> None:
-        """Empty the image in place (shrunk to nothing, grown back): its name and id stay."""
+        """Empty the image in place (shrunk to nothing, grown back): its name and id stay. An
+        image a deep copy removed before its copy took the name is made again."""
         what = f"emptying {self.volid(vol)}"
+        if not self.exists(vol):
+            self.allocate(vol, size)
+            return
         self._rbd("resize", "--no-progress", "--allow-shrink", "--size", "0B", self._spec(vol), what=what)
         self._rbd("resize", "--no-progress", "--size", f"{size}B", self._spec(vol), what=what)
+
+    def copy_from(
+        self, source: Driver, src: VolName, dst: VolName, progress: qemu.Progress | None = None
+    ) -> None:
+        """`rbd deep cp` within the cluster (see the module docstring), qemu-img otherwise."""
+        if not (isinstance(source, RbdDriver) and source._cluster_args() == self._cluster_args()
+                and dst.fmt == "raw" and not dst.is_base and source.parent_of(src) is None):
+            super().copy_from(source, src, dst, progress)
+            return
+        what = f"copying {source.volid(src)} to {self.volid(dst)}"
+        temp = f"{self._spec(dst)}.copy"
+        self._remove_copy(temp, what)  # what an interrupted copy left
+        origin = f"{source._spec(src)}@{SNAPSHOT}" if src.is_base else source._spec(src)
+        try:
+            self._rbd("deep", "cp", "--no-progress", origin, temp, what=what)
+            self._drop_snapshots(temp, what)  # deep cp copies them, a base's protected one too
+            self._rbd("rm", "--no-progress", self._spec(dst), what=what, busy="it is open by a client")
+            faults.point("copy-replacing")
+            self._rbd("rename", temp, self._spec(dst), what=what)
+        except BaseException:
+            with contextlib.suppress(StorkError):
+                self._remove_copy(temp, what)
+            raise
+        if progress:
+            size = self.virtual_size(dst)
+            progress(size, size)
+
+    def _drop_snapshots(self, spec: str, what: str) -> None:
+        for snap in self._json("snap", "ls", spec, what=what) or []:
+            name = f"{spec}@{snap.get('name', '')}"
+            if (self._json("info", name, what=what) or {}).get("protected") == "true":
+                self._rbd("snap", "unprotect", name, what=what)
+            self._rbd("snap", "rm", "--no-progress", name, what=what)
+
+    def _remove_copy(self, temp: str, what: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._drop_snapshots(temp, what)
+            self._rbd("rm", "--no-progress", temp, what=what)
 
     def link_clone(self, base: VolName, vol: VolName) -> None:
         self._rbd("clone", f"{self._spec(base)}@{SNAPSHOT}", self._spec(vol), what=f"cloning {self.volid(base)}")

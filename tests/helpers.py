@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import tempfile
 from pathlib import Path
 
+from drivers import qemu
+from drivers.base import Driver
+from drivers.names import VolName
 from tests.conftest import BASE, files_under
 
 PATTERN_MIB = 1 << 20
@@ -57,3 +61,25 @@ def snapshot() -> dict[str, object]:
         + files_under(BASE / "shared"),
         "guests": {p.name: p.read_text() for p in sorted(guests.glob("*.toml"))} if guests.exists() else {},
     }
+
+
+def fill(drv: Driver, vol: VolName, offset: int, data: bytes) -> None:
+    """Write guest data into a volume through the driver's own image: the whole image read
+    out, changed and written back by qemu-img (any volume, a file or not)."""
+    size = drv.virtual_size(vol)
+    with tempfile.TemporaryFile() as flat:
+        flat.truncate(size)
+        with drv.image(vol) as image:
+            qemu.convert(image, qemu.Image.of_fd("raw", flat.fileno(), "flat"), size)
+        os.pwrite(flat.fileno(), data, offset)
+        with drv.image(vol, write=True) as image:
+            qemu.convert(qemu.Image.of_fd("raw", flat.fileno(), "flat"), image, size, target_is_zero=False)
+
+
+def read(drv: Driver, vol: VolName, offset: int, length: int) -> bytes:
+    """Guest data as qemu-img reads it through the driver's image (a clone through its base)."""
+    with tempfile.TemporaryFile() as flat, drv.image(vol) as image:
+        size = drv.virtual_size(vol)
+        flat.truncate(size)
+        qemu.convert(image, qemu.Image.of_fd("raw", flat.fileno(), "flat"), size)
+        return os.pread(flat.fileno(), length, offset)

@@ -9,18 +9,18 @@ import itertools
 import json
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from drivers import DRIVERS, driver_for, qemu
+from drivers import DRIVERS, driver_for
 from drivers.base import Driver
 from drivers.errors import FeatureUnsupported, NotFound
 from drivers.names import VolName
 from drivers.storage import StorageConfig
 from tests.conftest import BTRFS, CEPH, NO_BTRFS, NO_CEPH, NO_ZFS, ZFS
+from tests.helpers import fill, read
 
 MIB = 1 << 20
 _fresh = itertools.count()
@@ -39,8 +39,9 @@ def storage(kind: str, tmp_path: Path) -> StorageConfig:
         dataset = f"{ZFS.name}/contract{n}"
         subprocess.run(["zfs", "create", dataset], check=True, capture_output=True)
         return StorageConfig("s", kind, options={"pool": dataset})
-    elif kind == "lvm":
-        pytest.skip("lvm: its data paths need device-mapper, which this kernel lacks (tests/test_lvm.py runs the rest)")
+    elif kind in ("lvm", "lvmthin"):
+        pytest.skip(f"{kind}: its data paths need device-mapper, which this kernel lacks (tests/test_{kind}.py runs "
+                    "the rest)")
     elif kind == "rbd":
         if NO_CEPH:
             pytest.skip(f"rbd: {NO_CEPH}")
@@ -62,28 +63,6 @@ def drv(request, tmp_path) -> Driver:
 def scratch(tmp_path) -> Driver:
     """A dir storage to copy from and to."""
     return driver_for(StorageConfig("scratch", "dir", options={"path": tmp_path / "scratch"}))
-
-
-def fill(drv: Driver, vol: VolName, offset: int, data: bytes) -> None:
-    """Write guest data into a volume through the driver's own image: the whole image read
-    out, changed and written back by qemu-img (any volume, a file or not)."""
-    size = drv.virtual_size(vol)
-    with tempfile.TemporaryFile() as flat:
-        flat.truncate(size)
-        with drv.image(vol) as image:
-            qemu.convert(image, qemu.Image.of_fd("raw", flat.fileno(), "flat"), size)
-        os.pwrite(flat.fileno(), data, offset)
-        with drv.image(vol, write=True) as image:
-            qemu.convert(qemu.Image.of_fd("raw", flat.fileno(), "flat"), image, size, target_is_zero=False)
-
-
-def read(drv: Driver, vol: VolName, offset: int, length: int) -> bytes:
-    """Guest data as qemu-img reads it through the driver's image (a clone through its base)."""
-    with tempfile.TemporaryFile() as flat, drv.image(vol) as image:
-        size = drv.virtual_size(vol)
-        flat.truncate(size)
-        qemu.convert(image, qemu.Image.of_fd("raw", flat.fileno(), "flat"), size)
-        return os.pread(flat.fileno(), length, offset)
 
 
 def disk(drv: Driver, owner: int = 100, n: int = 0) -> VolName:

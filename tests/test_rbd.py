@@ -13,9 +13,11 @@ import pytest
 
 from drivers import driver_for
 from drivers.errors import Refused, StorkError
+from drivers.names import VolName
+from drivers.rbd import RbdDriver
 from drivers.storage import StorageConfig
 from tests.conftest import CEPH, NO_CEPH
-from tests.helpers import PATTERN_MIB, qemu_io_write, volume_path
+from tests.helpers import PATTERN_MIB, fill, qemu_io_write, volume_path
 
 pytestmark = pytest.mark.skipif(bool(NO_CEPH), reason=f"rbd: {NO_CEPH}")
 
@@ -135,3 +137,69 @@ def test_an_unreachable_cluster_is_one_line_not_a_hang(tmp_path: Path):
     with pytest.raises(StorkError) as failed:
         drv.list_volumes()
     assert str(failed.value).startswith("listing pool stork failed: ") and "\n" not in str(failed.value)
+
+
+_namespaces = iter(range(1_000_000))
+
+
+@pytest.fixture
+def rbd() -> RbdDriver:
+    """A fresh, empty rbd storage: a namespace of its own in the test cluster's pool."""
+    ns = f"copy{next(_namespaces)}"
+    CEPH.rbd("namespace", "create", f"{CEPH.pool}/{ns}")
+    d = driver_for(StorageConfig("r", "rbd", shared=True, options={"pool": CEPH.pool, "namespace": ns,
+                                                                   "conf": CEPH.conf, "username": "admin"}))
+    assert isinstance(d, RbdDriver)
+    return d
+
+
+def images(d: RbdDriver) -> list[str]:
+    return sorted(i["image"] for i in json.loads(CEPH.rbd("ls", "-l", "--format", "json", d.where))
+                  if "snapshot" not in i)
+
+
+BASE, DISK = VolName(None, "base-100-disk-0", "raw"), VolName(100, "vm-100-disk-0", "raw")
+COPY = VolName(101, "vm-101-disk-0", "raw")
+
+
+def test_a_copy_of_a_base_within_the_cluster_is_a_deep_copy_of_its_snapshot_alone(rbd):
+    """`rbd deep cp` brings the base's snapshot along: the copy, a plain disk, has none left,
+    no parent, the base's data, and nothing of the temp image stays."""
+    rbd.allocate(DISK, 16 << 20)
+    fill(rbd, DISK, 0, b"\x5a" * (1 << 20))
+    rbd.make_base(DISK, BASE)
+    rbd.allocate(COPY, 16 << 20)
+    seen: list[tuple[int, int]] = []
+    rbd.copy_from(rbd, BASE, COPY, lambda done, total: seen.append((done, total)))
+    rbd.compare(rbd, BASE, COPY)
+    assert seen == [(16 << 20, 16 << 20)] and rbd.parent_of(COPY) is None
+    assert json.loads(CEPH.rbd("snap", "ls", "--format", "json", f"{rbd.where}/101.vm-101-disk-0.raw")) == []
+    assert images(rbd) == ["101.vm-101-disk-0.raw", "base.base-100-disk-0.raw"]
+    rbd.free_volume(COPY)
+    rbd.free_volume(BASE)  # the copy never was its clone
+
+
+def test_a_copy_of_a_linked_clone_is_flattened_not_a_clone_of_its_base(rbd):
+    rbd.allocate(DISK, 16 << 20)
+    fill(rbd, DISK, 0, b"\x5a" * (1 << 20))
+    rbd.make_base(DISK, BASE)
+    clone = VolName(102, "vm-102-disk-0", "raw")
+    rbd.link_clone(BASE, clone)
+    rbd.allocate(COPY, 16 << 20)
+    rbd.copy_from(rbd, clone, COPY)
+    rbd.compare(rbd, clone, COPY)
+    assert rbd.parent_of(COPY) is None and rbd.clones_of(BASE) == [clone]
+
+
+def test_a_copy_redone_after_a_crash_between_remove_and_rename_is_made_again(rbd):
+    """What a SIGKILL between removing the allocated image and renaming the copy leaves: the
+    name free and the finished copy at its temp name. The redelivered step recreates the
+    volume and copies again; the leftover copy is removed first."""
+    rbd.allocate(DISK, 16 << 20)
+    fill(rbd, DISK, 0, b"\x5a" * (1 << 20))
+    CEPH.rbd("create", "--size", "16M", f"{rbd.where}/101.vm-101-disk-0.raw.copy")  # the crash's leftover
+    rbd.recreate(COPY, 16 << 20)
+    assert rbd.exists(COPY)
+    rbd.copy_from(rbd, DISK, COPY)
+    rbd.compare(rbd, DISK, COPY)
+    assert images(rbd) == ["100.vm-100-disk-0.raw", "101.vm-101-disk-0.raw"]
