@@ -44,3 +44,7 @@ class ToolFailed(StorkError):
 
 class JobCancelled(StorkError):
     """The job was cancelled by a user; raised inside long steps to stop them."""
+
+
+class Corrupt(StorkError):
+    """Stored backup data does not match its checksum or does not parse."""

@@ -1,0 +1,127 @@
+"""A volume into a chunk store, and back: the data path of backup and restore.
+
+A backup reads the guest-visible data of any volume (drivers/nbd.py), chunk by chunk of the
+store's chunk size: a chunk that `qemu-img map` shows all zeros or holes is never read (its
+index entry is null); a linked clone's chunk that holds nothing of the clone's own (every
+extent of it at depth >= 1, read through its base) is taken from the base's index when the
+base was backed up, so only the clone's own data is read. Hashing and compressing run in a
+thread pool (hashlib and zstandard release the GIL) while the next chunk is read, with a
+bounded number of chunks in flight so memory stays a few chunks.
+
+A restore writes every non-null chunk, read back and checked against its digest, and skips
+null ones where the target reads as zeros (a new file or thin volume), writing zeros only
+where it does not (a thick LV). A missing or corrupt chunk stops it with the chunk named.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from drivers import nbd, qemu
+from drivers.backuprecords import BaseRef, Index
+from drivers.chunkstore import ChunkStore, SnapshotWriter
+
+Progress = Callable[[int, int], None]
+THREADS = 2
+IN_FLIGHT = 6  # chunks read but not yet stored (or fetched but not yet written)
+
+
+def _spans(size: int, chunk: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, size, chunk):
+        yield start, min(chunk, size - start)
+
+
+def chunk_plan(extents: list[nbd.Extent], size: int, chunk: int) -> list[str]:
+    """What to do with each chunk: "zero" (nothing but zeros or holes), "base" (nothing of the
+    image's own: read through its base), or "read". A pure function of the map."""
+    plan = []
+    it, current = iter(extents), None
+    pending: list[nbd.Extent] = []
+    for start, length in _spans(size, chunk):
+        end = start + length
+        pending = [e for e in pending if e.start + e.length > start]
+        while (current := next(it, None)) is not None:
+            pending.append(current)
+            if current.start + current.length >= end:
+                break
+        here = [e for e in pending if e.start < end and e.start + e.length > start]
+        if all(e.zero or not e.data for e in here):
+            plan.append("zero")
+        elif all(e.depth > 0 for e in here):
+            plan.append("base")
+        else:
+            plan.append("read")
+    return plan
+
+
+def back_up(image: qemu.Image, fmt: str, writer: SnapshotWriter, base: BaseRef | None = None,
+            base_index: Index | None = None, progress: Progress | None = None) -> Index:
+    """Read `image` into the writer's store; its index (not yet added to the writer)."""
+    chunk = writer.store.chunk_size
+    mapped = nbd.extents(image)
+    size = max((e.start + e.length for e in mapped), default=0)
+    plan = chunk_plan(mapped, size, chunk)
+    usable_base = base_index if base_index and base_index.chunk_size == chunk else None
+    digests: list[str | None] = [None] * len(plan)
+    with nbd.served(image) as client, ThreadPoolExecutor(THREADS) as pool:
+        if client.size != size:
+            raise nbd.NbdError(f"{image.label}: qemu-nbd serves {client.size} bytes, qemu-img maps {size}")
+        flying: deque[tuple[int, Future[tuple[str | None, int]]]] = deque()
+        done = 0
+        for n, ((start, length), what) in enumerate(zip(_spans(size, chunk), plan, strict=True)):
+            if what == "base" and usable_base and n < len(usable_base.chunks):
+                taken = usable_base.chunks[n]
+                if taken is None or writer.reuse_chunk(taken):
+                    digests[n] = taken
+                    what = "zero"  # nothing to read
+                else:
+                    what = "read"  # the base's chunk is gone from the store: read it again
+            elif what == "base":
+                what = "read"
+            if what == "read":
+                flying.append((n, pool.submit(writer.put_chunk, client.read(start, length))))
+                while len(flying) >= IN_FLIGHT:
+                    k, future = flying.popleft()
+                    digests[k] = future.result()[0]
+            done += length
+            if progress:
+                progress(done, size)
+        for k, future in flying:
+            digests[k] = future.result()[0]
+    return Index(format=fmt, virtual_size=size, chunks=digests, chunk_size=chunk, base=base)
+
+
+def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool,
+            progress: Progress | None = None) -> None:
+    """Write the index's data into `image` (as big as the index says), flushed at the end."""
+    zero = bytes(index.chunk_size)
+    with nbd.served(image, write=True) as client, ThreadPoolExecutor(THREADS) as pool:
+        if client.size < index.virtual_size:
+            raise nbd.NbdError(f"{image.label}: {client.size} bytes, the backup holds {index.virtual_size}")
+        flying: deque[tuple[int, int, Future[bytes]]] = deque()
+        done = 0
+
+        def write_oldest() -> None:
+            nonlocal done
+            start, length, future = flying.popleft()
+            data = future.result()
+            if len(data) != length:
+                raise nbd.NbdError(f"{image.label}: a chunk of {len(data)} bytes where {length} belong")
+            client.write(start, data)  # never all zeros: such a chunk is not stored
+            done += length
+            if progress:
+                progress(done, index.virtual_size)
+
+        for (start, length), digest in zip(_spans(index.virtual_size, index.chunk_size), index.chunks, strict=True):
+            if digest is None:
+                if not reads_zero:
+                    client.write(start, zero[:length])
+                done += length
+                continue
+            flying.append((start, length, pool.submit(store.read_chunk, digest)))
+            if len(flying) >= IN_FLIGHT:
+                write_oldest()
+        while flying:
+            write_oldest()

@@ -1,0 +1,184 @@
+"""Guest-visible data of any volume, through `qemu-nbd` and a small NBD client.
+
+A volume is not always a file (an RBD image, an LV), and a qcow2 file's bytes are not the
+guest's data; qemu reads every kind the same way. So a backup reads, and a restore writes,
+through `qemu-nbd` serving the volume's `qemu.Image` on a unix socket in a private temp
+directory (the image's descriptors passed along, as qemu-img gets them). The client speaks
+the fixed-newstyle handshake with NBD_OPT_GO and simple replies, nothing more
+(https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md); requests are sent
+one at a time, each at most 32 MiB, what qemu-nbd accepts.
+
+Which areas hold data comes from `qemu-img map --output=json` of the same image: zero areas
+and holes are never read, and `depth` tells a linked clone's own data (depth 0) from what it
+reads through its base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from drivers import qemu
+from drivers.errors import StorkError
+from drivers.tools import ToolError, run
+
+QEMU_NBD = "qemu-nbd"
+START_TIMEOUT = 30.0
+MAX_REQUEST = 32 << 20
+
+_NBDMAGIC, _IHAVEOPT, _REPLY_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x3E889045565A9
+_REQUEST_MAGIC, _SIMPLE_REPLY_MAGIC = 0x25609513, 0x67446698
+_FLAG_FIXED_NEWSTYLE, _FLAG_NO_ZEROES = 1, 2
+_OPT_GO, _REP_ACK, _REP_INFO, _INFO_EXPORT = 7, 1, 3, 0
+_CMD_READ, _CMD_WRITE, _CMD_DISC, _CMD_FLUSH = 0, 1, 2, 3
+_REP_ERROR_BIT = 1 << 31
+
+
+class NbdError(StorkError):
+    """The NBD server answered something other than what was asked, or an error."""
+
+
+@dataclass(frozen=True)
+class Extent:
+    start: int
+    length: int
+    data: bool  # holds data (not a hole, not known zeros)
+    zero: bool  # reads as zeros
+    depth: int  # 0: the image's own; 1: its backing image's; ...
+
+
+def extents(image: qemu.Image) -> list[Extent]:
+    """The image's areas from `qemu-img map` (one call, the image's descriptors passed)."""
+    out = run([qemu.QEMU_IMG, "map", "--output=json", image.spec], f"mapping {image.label}", image.all_fds)
+    try:
+        return [Extent(int(e["start"]), int(e["length"]), bool(e["data"]), bool(e["zero"]), int(e.get("depth", 0)))
+                for e in json.loads(out)]
+    except (ValueError, KeyError, TypeError):
+        raise NbdError(f"mapping {image.label}: qemu-img map answered something unexpected") from None
+
+
+class Client:
+    """One NBD connection to an export: read, write, flush."""
+
+    def __init__(self, sock: socket.socket, label: str) -> None:
+        self.sock, self.label = sock, label
+        self.size, self.writable = self._handshake()
+        self._cookie = 0
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            k = self.sock.recv_into(view[got:])
+            if not k:
+                raise NbdError(f"{self.label}: the NBD server closed the connection")
+            got += k
+        return bytes(buf)
+
+    def _handshake(self) -> tuple[int, bool]:
+        magic, opt, flags = struct.unpack(">QQH", self._recv(18))
+        if (magic, opt) != (_NBDMAGIC, _IHAVEOPT) or not flags & _FLAG_FIXED_NEWSTYLE:
+            raise NbdError(f"{self.label}: not a fixed-newstyle NBD server")
+        self.sock.sendall(struct.pack(">I", _FLAG_FIXED_NEWSTYLE | _FLAG_NO_ZEROES))
+        name = b""  # qemu-nbd's default export
+        payload = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+        self.sock.sendall(struct.pack(">QII", _IHAVEOPT, _OPT_GO, len(payload)) + payload)
+        size, tflags = -1, 0
+        while True:
+            magic, _, reply, length = struct.unpack(">QIII", self._recv(20))
+            data = self._recv(length)
+            if magic != _REPLY_MAGIC or reply & _REP_ERROR_BIT:
+                raise NbdError(f"{self.label}: the NBD server refused the export ({reply:#x})")
+            if reply == _REP_INFO and len(data) >= 12 and struct.unpack(">H", data[:2])[0] == _INFO_EXPORT:
+                size, tflags = struct.unpack(">QH", data[2:12])
+            elif reply == _REP_ACK:
+                break
+        if size < 0:
+            raise NbdError(f"{self.label}: the NBD server did not say the export's size")
+        return size, not tflags & 2  # NBD_FLAG_READ_ONLY
+
+    def _request(self, cmd: int, offset: int, length: int, data: bytes = b"") -> bytes:
+        self._cookie += 1
+        self.sock.sendall(struct.pack(">IHHQQI", _REQUEST_MAGIC, 0, cmd, self._cookie, offset, length) + data)
+        magic, error, cookie = struct.unpack(">IIQ", self._recv(16))
+        if magic != _SIMPLE_REPLY_MAGIC or cookie != self._cookie:
+            raise NbdError(f"{self.label}: the NBD server's reply is out of order")
+        if error:
+            raise NbdError(f"{self.label}: NBD request failed at offset {offset}: {os.strerror(error)}")
+        return self._recv(length) if cmd == _CMD_READ else b""
+
+    def read(self, offset: int, length: int) -> bytes:
+        parts = [self._request(_CMD_READ, at, min(MAX_REQUEST, offset + length - at))
+                 for at in range(offset, offset + length, MAX_REQUEST)]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def write(self, offset: int, data: bytes) -> None:
+        for at in range(0, len(data), MAX_REQUEST):
+            piece = data[at:at + MAX_REQUEST]
+            self._request(_CMD_WRITE, offset + at, len(piece), piece)
+
+    def flush(self) -> None:
+        self._request(_CMD_FLUSH, 0, 0)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(struct.pack(">IHHQQI", _REQUEST_MAGIC, 0, _CMD_DISC, 0, 0, 0))
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def served(image: qemu.Image, write: bool = False) -> Iterator[Client]:
+    """`image` served by a qemu-nbd of its own, and a client connected to it. On a clean exit
+    from a writable export, what was written is flushed before qemu-nbd stops."""
+    with tempfile.TemporaryDirectory(prefix="stork-nbd-") as where:
+        path = Path(where) / "sock"
+        argv = [QEMU_NBD, "--socket", str(path), "--persistent", "--shared", "1", "--cache", "none" if write
+                else "writeback", "--discard", "unmap", *([] if write else ["--read-only"]), image.spec]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                pass_fds=image.all_fds)
+        try:
+            client = Client(_connect(path, proc, image.label, argv), image.label)
+            try:
+                yield client
+                if write:
+                    client.flush()
+            finally:
+                client.close()
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            assert proc.stderr is not None
+            proc.stderr.close()
+
+
+def _connect(path: Path, proc: subprocess.Popen[bytes], label: str, argv: list[str]) -> socket.socket:
+    """A connection to qemu-nbd's socket, once it listens; its own words if it exits first."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            assert proc.stderr is not None
+            said = (proc.stderr.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+            raise ToolError(f"serving {label}", argv, proc.returncode, said)
+        if path.exists():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(path))
+                return sock
+            except OSError:
+                sock.close()
+        if time.monotonic() > deadline:
+            raise ToolError(f"serving {label}", argv, -1, f"qemu-nbd did not listen within {START_TIMEOUT:g} s")
+        time.sleep(0.02)

@@ -1,0 +1,137 @@
+"""The data path of backup and restore (drivers/backup.py) on real images: qemu-img made
+raw and qcow2 volumes on a dir storage, read through a real qemu-nbd into a real chunk store
+and written back, compared with `qemu-img compare`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from drivers import driver_for
+from drivers.backup import back_up, chunk_plan, restore
+from drivers.backuprecords import BaseRef
+from drivers.chunkstore import ChunkStore
+from drivers.dir import DirDriver
+from drivers.errors import Corrupt
+from drivers.names import VolName
+from drivers.nbd import Extent
+from drivers.storage import StorageConfig
+from tests.helpers import fill
+
+MIB = 1 << 20
+CHUNK = MIB  # small chunks keep the images small
+
+
+@pytest.mark.parametrize(
+    ("extents", "plan"),
+    [
+        pytest.param([(0, 4, True, False, 0)], ["read"] * 4, id="all data"),
+        pytest.param([(0, 4, False, True, 0)], ["zero"] * 4, id="all zeros"),
+        pytest.param([(0, 1, False, False, 0), (1, 3, True, False, 0)], ["zero", "read", "read", "read"], id="a hole"),
+        pytest.param([(0, 4, True, False, 1)], ["base"] * 4, id="a clone reading its base only"),
+        pytest.param([(0, 1, True, False, 1), (1, 1, False, True, 0), (2, 2, True, False, 1)],
+                     ["base", "zero", "base", "base"], id="a clone's own zeros over base data are zeros"),
+        pytest.param([(0, 0.5, True, False, 1), (0.5, 3.5, True, False, 0)], ["read"] * 4,
+                     id="a chunk partly the clone's own is read"),
+        pytest.param([(0, 0.5, False, True, 0), (0.5, 3.5, True, False, 1)], ["read", "base", "base", "base"],
+                     id="own zeros beside base data: read"),
+        pytest.param([(0, 2.5, True, False, 0), (2.5, 1.5, False, True, 0)], ["read", "read", "read", "zero"],
+                     id="an extent ending inside a chunk"),
+    ],
+)
+def test_chunk_plan_reads_only_what_holds_the_images_own_data(extents, plan):
+    mapped = [Extent(int(s * CHUNK), int(n * CHUNK), data, zero, depth) for s, n, data, zero, depth in extents]
+    assert chunk_plan(mapped, 4 * CHUNK, CHUNK) == plan
+
+
+@pytest.fixture
+def dir_storage(tmp_path) -> DirDriver:
+    d = driver_for(StorageConfig("local", "dir", options={"path": tmp_path / "images"}))
+    assert isinstance(d, DirDriver)
+    return d
+
+
+@pytest.fixture
+def store(tmp_path) -> ChunkStore:
+    (tmp_path / "store").mkdir()
+    return ChunkStore(tmp_path / "store", chunk_size=CHUNK)
+
+
+def disk_with_data(drv: DirDriver, vol: VolName) -> None:
+    """8 MiB: random data in chunks 1 and 5, text-like in 2, zeros elsewhere."""
+    drv.allocate(vol, 8 * MIB)
+    fill(drv, vol, 1 * MIB, os.urandom(MIB))
+    fill(drv, vol, 2 * MIB, b"stork backs up " * (MIB // 15))
+    fill(drv, vol, 5 * MIB, os.urandom(MIB // 2))
+
+
+def backed_up(store: ChunkStore, drv: DirDriver, vol: VolName, vmid: int = 100, **base):
+    with store.begin(vmid) as writer, drv.image(vol) as image:
+        index = back_up(image, vol.fmt, writer, **base)
+        writer.add_index("scsi0", index)
+        snap = writer.commit()
+    return snap, index
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("target_fmt", ["raw", "qcow2"])
+def test_a_disk_comes_back_equal_in_any_format_and_zero_chunks_are_neither_stored_nor_read(
+        dir_storage, store, fmt, target_fmt):
+    src = VolName(100, "vm-100-disk-0", fmt)
+    disk_with_data(dir_storage, src)
+    snap, index = backed_up(store, dir_storage, src)
+    assert [d is not None for d in index.chunks] == [False, True, True, False, False, True, False, False]
+    assert index.virtual_size == 8 * MIB and index.format == fmt
+    assert snap.manifest.written < 3 * MIB  # two random chunks and a compressed text one
+    dst = VolName(200, "vm-200-disk-0", target_fmt)
+    dir_storage.allocate(dst, 8 * MIB)
+    with dir_storage.image(dst, write=True) as image:
+        restore(store, store.index(str(snap.id), "scsi0"), image, reads_zero=True)
+    dir_storage.compare(dir_storage, src, dst)
+    assert dir_storage.allocated_size(dst) < 4 * MIB  # sparse: zero chunks were not written
+
+
+def test_an_unchanged_re_backup_writes_nothing_new(dir_storage, store):
+    src = VolName(100, "vm-100-disk-0", "raw")
+    disk_with_data(dir_storage, src)
+    backed_up(store, dir_storage, src)
+    snap, _ = backed_up(store, dir_storage, src, vmid=101)
+    assert snap.manifest.written == 0
+
+
+def test_a_linked_clone_reads_only_its_own_data_and_takes_the_rest_from_its_bases_index(dir_storage, store):
+    disk = VolName(100, "vm-100-disk-0", "raw")
+    disk_with_data(dir_storage, disk)
+    base = VolName(None, "base-100-disk-0", "raw")
+    dir_storage.make_base(disk, base)
+    base_snap, base_index = backed_up(store, dir_storage, base)
+    clone = VolName(101, "vm-101-disk-0", "qcow2")
+    dir_storage.link_clone(base, clone)
+    fill(dir_storage, clone, 6 * MIB + 4096, os.urandom(4096))  # the clone's own: one chunk
+    ref = BaseRef(backup=str(base_snap.id), disk="scsi0", digest=base_index.content)
+    snap, index = backed_up(store, dir_storage, clone, vmid=101, base=ref, base_index=base_index)
+    assert index.base == ref and index.chunks[:6] == base_index.chunks[:6] and index.chunks[6] is not None
+    assert 0 < snap.manifest.written < CHUNK + 4096  # one chunk of its own, compressed or not
+    dst = VolName(300, "vm-300-disk-0", "raw")
+    dir_storage.allocate(dst, 8 * MIB)
+    with dir_storage.image(dst, write=True) as image:
+        restore(store, index, image, reads_zero=True)
+    dir_storage.compare(dir_storage, clone, dst)
+
+
+def test_a_restore_with_a_corrupt_chunk_stops_naming_it(dir_storage, store, tmp_path: Path):
+    src = VolName(100, "vm-100-disk-0", "raw")
+    disk_with_data(dir_storage, src)
+    _, index = backed_up(store, dir_storage, src)
+    digest = index.chunks[1]
+    assert digest is not None
+    chunk = tmp_path / "store" / ".chunks" / digest[:4] / digest
+    blob = bytearray(chunk.read_bytes())
+    blob[-1] ^= 0xFF
+    chunk.write_bytes(bytes(blob))
+    dst = VolName(200, "vm-200-disk-0", "raw")
+    dir_storage.allocate(dst, 8 * MIB)
+    with pytest.raises(Corrupt, match=digest), dir_storage.image(dst, write=True) as image:
+        restore(store, index, image, reads_zero=True)
