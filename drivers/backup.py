@@ -56,6 +56,17 @@ def chunk_plan(extents: list[nbd.Extent], size: int, chunk: int) -> list[str]:
     return plan
 
 
+def find_base(store: ChunkStore, volid: str, identity: str) -> tuple[BaseRef, Index] | None:
+    """The newest backed-up disk read from this very volume (its id and identity token both
+    match: a base freed and made again under its name is another volume), with its index."""
+    for snap in sorted(store.snapshots(), key=lambda s: s.id.time_text, reverse=True):
+        for key, disk in snap.manifest.disks.items():
+            if disk.source == volid and disk.identity == identity:
+                index = store.index(str(snap.id), key)
+                return BaseRef(str(snap.id), key, index.content), index
+    return None
+
+
 def back_up(image: qemu.Image, fmt: str, writer: SnapshotWriter, base: BaseRef | None = None,
             base_index: Index | None = None, progress: Progress | None = None) -> Index:
     """Read `image` into the writer's store; its index (not yet added to the writer)."""

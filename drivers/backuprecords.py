@@ -205,6 +205,8 @@ class DiskSummary:
     format: str
     virtual_size: int
     content: str
+    source: str = ""  # the volume id it was read from
+    identity: str = ""  # that volume's identity token (Driver.identity): never another volume's
 
     def __post_init__(self) -> None:
         if self.format not in names.FORMATS:
@@ -212,6 +214,8 @@ class DiskSummary:
         _check_int(self.virtual_size, "virtual size", 1)
         if not _is_digest(self.content):
             raise ValueError(f"content digest {self.content!r} is not 64 hex digits")
+        if not (isinstance(self.source, str) and isinstance(self.identity, str)):
+            raise ValueError("source and identity must be text")
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ class Driver(ABC):
     default_format: ClassVar[str]
     linked_clone_format: ClassVar[str]  # the format a linked clone of a base gets
     OPTIONS: ClassVar[Mapping[str, Option]]  # its own keys in [storage.<id>] (drivers/storage.py)
+    CONTENT: ClassVar[frozenset[str]] = frozenset({"images"})  # what its storages may hold
     # A newly allocated volume reads as zeros (a new file, a thin volume): a copy into it may
     # skip zero areas. False for a thick LV, which holds whatever blocks it was given.
     new_volumes_read_zero: ClassVar[bool] = True

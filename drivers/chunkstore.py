@@ -344,6 +344,10 @@ class ChunkStore:
                     raise
         return found
 
+    def exists(self, id: str) -> bool:
+        """Whether the committed snapshot `id` is there."""
+        return self._exists(backup_id(id))
+
     def snapshot(self, id: str) -> Snapshot:
         return self._load(backup_id(id))
 
@@ -730,9 +734,11 @@ class SnapshotWriter:
     def add_blob(self, name: str, data: bytes) -> None:
         self._add_file(blob_name(name), bytes(data))
 
-    def add_index(self, key: str, index: Index) -> None:
+    def add_index(self, key: str, index: Index, source: str = "", identity: str = "") -> None:
         """Add a disk's index; every chunk it names must have been put or reused by this writer
-        (which is what keeps gc from removing it before commit)."""
+        (which is what keeps gc from removing it before commit). `source` and `identity` name
+        the volume it was read from (its volume id, and its driver's identity token), so a
+        later backup of a linked clone can find its base's index."""
         disk_key(key)
         if index.chunk_size != self.store.chunk_size:
             raise ValueError(f"index {key} has chunk size {index.chunk_size}, the store {self.store.chunk_size}")
@@ -742,7 +748,7 @@ class SnapshotWriter:
             raise Refused(f"backup {self.id}: index {key} names chunk {unknown}, which this backup "
                           "neither stored nor reused")
         self._add_file(index_file(key), index.to_json())
-        self._disks[key] = DiskSummary(index.format, index.virtual_size, index.content)
+        self._disks[key] = DiskSummary(index.format, index.virtual_size, index.content, source, identity)
 
     def _add_file(self, name: str, data: bytes) -> None:
         self._check_open()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from drivers import DRIVERS, names
+from drivers import STORAGE_TYPES, names
 from drivers.errors import ConfigError, InvalidName, NotFound
 from drivers.safedir import kind_of
 from drivers.storage import Option, StorageConfig, is_path_text
@@ -41,6 +41,11 @@ locks = "var/lock"      # node-local lock files
 type = "dir"
 path = "var/images"
 content = ["images"]
+
+[storage.backup]
+type = "chunkstore"     # deduplicated backups; usually a shared directory in a cluster
+path = "var/backup"
+content = ["backup"]
 """
 
 
@@ -183,7 +188,7 @@ STORAGE_SCHEMA: dict[str, Check] = {
 
 def _drivers() -> Mapping[str, Mapping[str, Option]]:
     """Each storage type's own options, from the driver registry."""
-    return {name: cls.OPTIONS for name, cls in DRIVERS.items()}
+    return {name: cls.OPTIONS for name, cls in STORAGE_TYPES.items()}
 
 
 
@@ -233,10 +238,14 @@ def _check_storage(file: Path, sid: str, entry: Any) -> None:
         if option.required and key not in entry:
             kind = entry["type"]
             raise ConfigError(f"{file}: storage.{sid}.{key} is missing ({kind} storage needs {option.expected})")
-    if DRIVERS[kind].always_shared and entry.get("shared") is False:
+    if not set(entry.get("content", ())) <= STORAGE_TYPES[kind].CONTENT:
+        holds = ", ".join(sorted(STORAGE_TYPES[kind].CONTENT))
+        raise ConfigError(f"{file}: storage.{sid}.content = {entry['content']!r}: a {kind} storage holds {holds} "
+                          '(backups go to a storage of type = "chunkstore", images to the others)')
+    if STORAGE_TYPES[kind].always_shared and entry.get("shared") is False:
         raise ConfigError(f"{file}: storage.{sid}.shared = false: {kind} storage is seen by every node "
                           "(leave shared out, or set it true)")
-    if (entry.get("shared") or DRIVERS[kind].always_shared) and "nodes" in entry:
+    if (entry.get("shared") or STORAGE_TYPES[kind].always_shared) and "nodes" in entry:
         # on_node() ignores nodes for a shared storage: it would be used where the list says it is not
         raise ConfigError(
             f"{file}: storage.{sid}.nodes: expected no nodes on a shared storage "
@@ -251,8 +260,9 @@ def _storage(sid: str, entry: dict[str, Any], path: Callable[[str], Path]) -> St
         value = entry.get(key, option.default)
         if value is not None:
             options[key] = path(value) if option.is_path else value
-    return StorageConfig(id=sid, type=entry["type"], content=tuple(entry.get("content", ["images"])),
-                         shared=entry.get("shared", DRIVERS[entry["type"]].always_shared),
+    kind = STORAGE_TYPES[entry["type"]]
+    return StorageConfig(id=sid, type=entry["type"], content=tuple(entry.get("content", sorted(kind.CONTENT))),
+                         shared=entry.get("shared", kind.always_shared),
                          nodes=tuple(entry.get("nodes", ())), options=options)
 
 
@@ -348,7 +358,7 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
     error = _overlap_error(file, storage_paths, {"paths.guests": guests_dir, "paths.locks": locks_dir})
     if error:
         raise ConfigError(error)
-    places = {sid: place for sid, s in storages.items() if (place := DRIVERS[s.type].place(s))}
+    places = {sid: place for sid, s in storages.items() if (place := STORAGE_TYPES[s.type].place(s))}
     if pair := _nested(places):
         a, b = pair
         raise ConfigError(f"{file}: storages {a!r} and {b!r} overlap: {places[a]} and {places[b]} "

@@ -256,6 +256,85 @@ def cmd_job_cancel(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_backup_run(args: argparse.Namespace, client: Client) -> int:
+    """One backup job per guest, one after another: a guest that is refused or fails does
+    not stop the others' backups."""
+    if args.all == bool(args.vmids):
+        raise UsageError("name the guests to back up, or give --all")
+    if args.exclude and not args.all:
+        raise UsageError("--exclude goes with --all")
+    excluded = {_vmid(v) for v in (args.exclude or "").split(",") if v}
+    vmids = sorted(g.vmid for g in client.guests() if g.vmid not in excluded) if args.all else \
+        [_vmid(v) for v in args.vmids]
+    if not vmids:
+        raise UsageError("no guest to back up")
+    status = 0
+    for vmid in vmids:
+        try:
+            status = max(status, submit_and_wait(args, client, "backup", vmid=vmid, storage=args.storage,
+                                                 notes=args.notes))
+        except StorkError as e:  # refused at submit: said, and the next guest is backed up all the same
+            if len(vmids) == 1:
+                raise
+            print(f"stork: guest {vmid}: {e}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def cmd_backup_list(args: argparse.Namespace, client: Client) -> int:
+    found = client.backups(args.storage, _vmid(args.vmid) if args.vmid else None)
+    _emit(args, [_backup_dict(sid, s) for sid, s in found], _views().backups(found))
+    return 0
+
+
+def _backup_dict(sid: str, s: Any) -> dict[str, Any]:
+    verify = s.state.verify.to_doc() if s.state.verify else None
+    return {"id": str(s.id), "storage": sid, "vmid": s.id.vmid, "time": s.id.time_text, "size": s.manifest.size,
+            "written": s.manifest.written, "protected": s.state.protected, "verify": verify, "notes": s.state.notes,
+            "disks": {k: vars(d) for k, d in s.manifest.disks.items()}}
+
+
+def cmd_backup_show(args: argparse.Namespace, client: Client) -> int:
+    sid, snap = client.backup(args.id)
+    _emit(args, _backup_dict(sid, snap), _views().backup(sid, snap))
+    return 0
+
+
+def cmd_backup_protect(args: argparse.Namespace, client: Client) -> int:
+    protected = args.action == "protect"
+    client.protect_backup(args.id, protected)
+    _emit(args, {"id": args.id, "protected": protected}, f"backup {args.id}: {'' if protected else 'un'}protected")
+    return 0
+
+
+def cmd_backup_forget(args: argparse.Namespace, client: Client) -> int:
+    client.forget_backup(args.id)
+    _emit(args, {"id": args.id, "forgotten": True}, f"backup {args.id}: forgotten (its chunks go at the next gc)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, client: Client) -> int:
+    if args.all == bool(args.id):
+        raise UsageError("name a backup to verify, or give --all")
+    return submit_and_wait(args, client, "verify", backup=args.id, storage=args.storage)
+
+
+def cmd_prune(args: argparse.Namespace, client: Client) -> int:
+    keep = {f"keep-{period}": n for period in KEEP_PERIODS if (n := getattr(args, f"keep_{period}")) is not None}
+    if not args.dry_run or args.json or args.no_wait:
+        return submit_and_wait(args, client, "prune", storage=args.storage, vmid=args.vmid, keep=keep,
+                               dry_run=args.dry_run)
+    job = client.run("prune", storage=args.storage, vmid=args.vmid, keep=keep, dry_run=True)
+    if str(job.state) != "succeeded":
+        print(f"stork: {_job_line(job)}", file=sys.stderr)
+        return 1
+    print(_views().prune_plan(job.result["decisions"]))
+    return 0
+
+
+KEEP_PERIODS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+
 SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]] = {
     "guest.create": lambda a: ("create", {"vmid": a.vmid, "name": a.name,
                                           "disks": _disk_specs(a.disk, "storage:size")}),
@@ -277,6 +356,9 @@ SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]
                                      "delete_source": a.delete_source}),
     "disk.resize": lambda a: ("resize", _resize_options(a)),
     "volume.free": lambda a: ("free", {"volid": a.volid}),
+    "restore": lambda a: ("restore", {"backup": a.id, "newid": a.newid, "storage": a.storage, "format": a.format,
+                                      "name": a.name}),
+    "gc": lambda a: ("gc", {"storage": a.storage}),
 }
 
 
@@ -389,6 +471,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", action="append", help="a node to reach (repeatable; default: every node the config names)")
     p.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for the answers (default 5)")
 
+    p = command(sub, "backup-run", cmd_backup_run, "= backup VMID...: back up guests (one job each)", True)
+    p.add_argument("vmids", nargs="*", metavar="VMID")
+    p.add_argument("--all", action="store_true", help="every guest")
+    p.add_argument("--exclude", metavar="VMID,...", help="with --all: guests to leave out")
+    p.add_argument("--storage", help="the backup storage (default: the only one)")
+    p.add_argument("--notes", help="a line kept with each backup")
+    backup = group("backup", "backups: backup VMID... [--storage B] [--notes T] | backup --all [--exclude ...]")
+    p = command(backup, "list", cmd_backup_list, "backups, oldest first")
+    p.add_argument("vmid", nargs="?")
+    p.add_argument("--storage")
+    command(backup, "show", cmd_backup_show, "show a backup: [STORAGE:]vm/VMID/TIME").add_argument("id")
+    for action, help_ in (("protect", "keep a backup from prune and forget"), ("unprotect", "undo protect")):
+        command(backup, action, cmd_backup_protect, help_).add_argument("id")
+    command(backup, "forget", cmd_backup_forget, "remove a backup (refused while protected)").add_argument("id")
+    p = command(sub, "restore", _submitter("restore"), "restore a backup as a new guest", True)
+    p.add_argument("id", metavar="BACKUP")
+    p.add_argument("newid")
+    p.add_argument("--storage", help="the image storage of every disk (default: each disk's own)")
+    p.add_argument("--format", choices=["raw", "qcow2"])
+    p.add_argument("--name")
+    p = command(sub, "verify", cmd_verify, "read back backups and check every chunk", True)
+    p.add_argument("id", nargs="?", metavar="BACKUP")
+    p.add_argument("--all", action="store_true", help="every backup of the storage")
+    p.add_argument("--storage")
+    p = command(sub, "prune", cmd_prune, "forget the backups a retention does not keep", True)
+    p.add_argument("vmid", nargs="?")
+    p.add_argument("--storage")
+    for period in KEEP_PERIODS:
+        p.add_argument(f"--keep-{period}", type=int, metavar="N")
+    p.add_argument("--dry-run", action="store_true", help="print what would be kept and removed, and why")
+    command(sub, "gc", _submitter("gc"), "remove chunks no backup refers to", True).add_argument("--storage")
+
     job = group("job", "jobs")
     p = command(job, "list", cmd_job_list, "recent jobs, newest first")
     p.add_argument("--limit", type=int, default=50)
@@ -438,11 +552,27 @@ def _bases(values: list[str] | None) -> dict[str, str]:
     return bases
 
 
+BACKUP_ACTIONS = ("list", "show", "protect", "unprotect", "forget", "-h", "--help")
+
+
+def _spelled_out(argv: list[str]) -> list[str]:
+    """`template copy ...` as template-copy (beside `template VMID`), and `backup VMID...` as
+    backup-run (beside `backup list`), wherever the global flags put the command word."""
+    at = 0
+    while at < len(argv) and argv[at].startswith("-"):
+        at += 2 if argv[at] == "--config" else 1
+    word, following = argv[at:at + 1], argv[at + 1:at + 2]
+    if word == ["template"] and following in (["assemble"], ["copy"]):
+        return [*argv[:at], f"template-{following[0]}", *argv[at + 2:]]
+    if word == ["backup"] and not (following and following[0] in BACKUP_ACTIONS):
+        return [*argv[:at], "backup-run", *argv[at + 1:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logs.configure(logging.WARNING)  # stdout carries only the result; warnings go to stderr
-    if argv[:1] == ["template"] and argv[1:2] in (["assemble"], ["copy"]):
-        argv = [f"template-{argv[1]}", *argv[2:]]  # `template VMID` and `template copy ...` side by side
+    argv = _spelled_out(argv)
     args = build_parser().parse_args(argv)
     before = os.environ.get("STORK_CONFIG")
     if args.config:
@@ -460,7 +590,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         from producer.client import Client  # imports the config: errors are reported below
 
-        for given in (getattr(args, "vmid", None), getattr(args, "newid", None)):
+        for given in (getattr(args, "vmid", None), getattr(args, "newid", None), *(getattr(args, "vmids", None) or [])):
             if given is not None:
                 _vmid(given)  # a bad guest id is a command-line mistake: exit 2
         if args.command == "clone" and not (args.full or args.linked):

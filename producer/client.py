@@ -20,8 +20,9 @@ from typing import Any
 
 import redis
 
+from drivers import BACKUP_STORAGES, backup_storage, driver_for, names, status_of
 from drivers import config as config_module
-from drivers import driver_for, names
+from drivers.backuprecords import Snapshot
 from drivers.base import VolumeInfo
 from drivers.config import Config, StorageConfig
 from drivers.errors import NotFound, Refused, StorkError
@@ -29,6 +30,7 @@ from drivers.guests import Guest, GuestStore
 from worker import deadletter, events, records, runner, usage
 from worker.app import make_app
 from worker.jobs import KINDS
+from worker.prepare_backups import backup_storage_id, find_backup
 from worker.records import JobRecord, JobState
 
 EventHook = Callable[[dict[str, Any]], None]
@@ -198,7 +200,7 @@ class Client:
                 row["error"] = f"not on node {self.cfg.node} (nodes: {', '.join(s.nodes)})"
             else:
                 try:
-                    row["total"], row["used"], row["available"] = driver_for(s).status()
+                    row["total"], row["used"], row["available"] = status_of(s)
                     row["active"] = True
                 except (StorkError, OSError) as e:
                     row["error"] = str(e) if isinstance(e, StorkError) else f"{e.filename or s.id}: {e.strerror}"
@@ -209,7 +211,8 @@ class Client:
         """Volumes with the guests that use each (`<vmid>:<disk>`, or `<vmid>:unused`), and
         those that no guest, no unfinished job and no job on record names flagged as orphans;
         entries only named like volumes (a directory, a symlink) with their `problem`."""
-        ids = [storage_id] if storage_id else [s.id for s in self.storages() if s.on_node(self.cfg.node)]
+        ids = [storage_id] if storage_id else [s.id for s in self.storages()
+                                                if s.on_node(self.cfg.node) and "images" in s.content]
         users, owned = self._users(), self._owned_by_jobs()
         found = []
         for sid in ids:
@@ -244,6 +247,28 @@ class Client:
             for key, volid in [*g.disks.items(), *(("unused", v) for v in g.unused)]:
                 users.setdefault(volid, []).append(f"{g.vmid}:{key}")
         return users
+
+    # ---- backups: read and marked here, written and checked by jobs --------------------------
+    def backups(self, storage_id: str | None = None, vmid: int | None = None) -> list[tuple[str, Snapshot]]:
+        """(backup storage id, snapshot) of every backup this node can read, oldest first."""
+        ids = [backup_storage_id(self.cfg, storage_id)] if storage_id else [
+            s.id for s in self.storages() if s.type in BACKUP_STORAGES and s.on_node(self.cfg.node)]
+        found = [(sid, snap) for sid in ids
+                 for snap in backup_storage(self._storage_here(sid)).open().snapshots(vmid)]
+        return sorted(found, key=lambda pair: (pair[1].id.time_text, pair[1].id.vmid))
+
+    def backup(self, text: str) -> tuple[str, Snapshot]:
+        sid, store, bid = find_backup(self.cfg, text)
+        return sid, store.snapshot(bid)
+
+    def protect_backup(self, text: str, protected: bool) -> None:
+        _, store, bid = find_backup(self.cfg, text)
+        store.set_protected(bid, protected)
+
+    def forget_backup(self, text: str) -> None:
+        """Remove a backup (refused while protected); its chunks go at the next gc."""
+        _, store, bid = find_backup(self.cfg, text)
+        store.forget(bid)
 
     def guests(self) -> list[Guest]:
         return self.guest_store.list()

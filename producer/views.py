@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from drivers.backuprecords import Snapshot
 from drivers.base import VolumeInfo
 from drivers.config import StorageConfig
 from drivers.guests import Guest
@@ -141,3 +142,34 @@ def _fields(pairs: Iterable[tuple[str, object]]) -> str:
     pairs = list(pairs)
     width = max((len(k) for k, _ in pairs), default=0)
     return "\n".join(f"{k + ':':<{width + 1}} {text(v)}" for k, v in pairs)
+
+
+def _verified(s: Snapshot) -> str:
+    return "-" if s.state.verify is None else f"{s.state.verify.state} {s.state.verify.time}"
+
+
+def backups(found: Iterable[tuple[str, Snapshot]]) -> str:
+    """Backups oldest first, as `proxmox-backup-client snapshot list`: one row each."""
+    return table(["ID", "STORAGE", "GUEST", "TIME", "SIZE", "NEW DATA", "PROTECTED", "VERIFIED", "NOTES"],
+                 [[str(s.id), sid, s.id.vmid, s.id.time_text, size(s.manifest.size), size(s.manifest.written),
+                   s.state.protected, _verified(s), s.state.notes] for sid, s in found],
+                 right=["SIZE", "NEW DATA"])
+
+
+def backup(sid: str, s: Snapshot) -> str:
+    """A backup: what it holds and its state, then a row per disk."""
+    head = _fields([("backup", str(s.id)), ("storage", sid), ("guest", s.id.vmid), ("started", s.manifest.started),
+                    ("finished", s.manifest.finished), ("size", size(s.manifest.size)),
+                    ("new data", size(s.manifest.written)), ("protected", s.state.protected),
+                    ("verified", _verified(s)), ("notes", s.state.notes)])
+    disks = table(["DISK", "FORMAT", "SIZE", "FROM"],
+                  [[key, d.format, size(d.virtual_size), d.source] for key, d in s.manifest.disks.items()],
+                  right=["SIZE"])
+    problems = [f"problem: {p}" for p in (s.state.verify.problems if s.state.verify else ())]
+    return "\n".join([head, "", disks, *(["", *problems] if problems else [])])
+
+
+def prune_plan(decisions: Iterable[Mapping[str, Any]]) -> str:
+    return table(["ID", "ACTION", "WHY"], [[d["id"], "keep" if d["keep"] else "remove", d["reason"]]
+                                           for d in decisions])
+

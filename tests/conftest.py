@@ -89,9 +89,9 @@ nodes = ["crash"]
 type = "dir"
 path = "small"
 [storage.backup]
-type = "dir"
+type = "chunkstore"
 path = "backup"
-content = ["backup"]
+shared = true
 {LOOP_STORAGES}""")
 os.environ["STORK_CONFIG"] = str(CONFIG)
 os.environ["STORK_NODE"] = "node1"

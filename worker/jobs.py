@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from drivers.config import Config
-from worker import steps
+from worker import backups, steps
 from worker.context import StepContext
 from worker.prepare import (
     prepare_add_disk,
@@ -35,6 +35,7 @@ from worker.prepare import (
     prepare_template_copy,
     prepare_unlock,
 )
+from worker.prepare_backups import prepare_backup, prepare_gc, prepare_prune, prepare_restore, prepare_verify
 from worker.queues import SHARED_QUEUE, node_queue
 
 StepFn = Callable[[StepContext], None]
@@ -93,6 +94,13 @@ REMOVE_DISK = Step("remove_disk", steps.remove_disk, commit=True)
 COMMIT_ASSEMBLED = Step("commit_guest", steps.commit_assembled, commit=True)  # reads the bases: on their node
 MAKE_COPY_BASES = Step("make_bases", steps.make_copies_bases, steps.unmake_bases)
 COMMIT_TEMPLATE_COPY = Step("commit_guest", steps.commit_template_copy, storage=False, commit=True)
+BACKUP = Step("backup", backups.backup_guest, commit=True)  # a snapshot appears whole or not at all
+RESTORE_DATA = Step("restore_data", backups.restore_data)  # its targets are freed by ALLOCATE's undo
+MAKE_RESTORED_BASES = Step("make_bases", backups.make_restored_bases, steps.unmake_bases)  # for a template
+COMMIT_RESTORED = Step("commit_guest", backups.commit_restored, storage=False, commit=True)
+VERIFY_BACKUPS = Step("verify", backups.verify_backups)
+PRUNE = Step("prune", backups.prune_backups, commit=True)  # what it forgot stays forgotten
+GC = Step("gc", backups.collect_garbage, commit=True)
 
 
 KINDS: dict[str, JobKind] = {k.name: k for k in [
@@ -132,4 +140,11 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
             (RESERVE_GUEST, COMMIT_ASSEMBLED), prepare_assemble),
     JobKind("template_copy", "copy a template: full copies of its bases, made bases on the target",
             (RESERVE_GUEST, ALLOCATE, COPY, MAKE_COPY_BASES, COMMIT_TEMPLATE_COPY), prepare_template_copy),
+    JobKind("backup", "back up a guest's config and disks into a backup storage",
+            (LOCK_GUEST, BACKUP, UNLOCK_GUEST), prepare_backup),
+    JobKind("restore", "restore a backup as a new guest (a template as a template)",
+            (RESERVE_GUEST, ALLOCATE, RESTORE_DATA, MAKE_RESTORED_BASES, COMMIT_RESTORED), prepare_restore),
+    JobKind("verify", "read back every chunk of backups and check their digests", (VERIFY_BACKUPS,), prepare_verify),
+    JobKind("prune", "forget the backups a retention does not keep", (PRUNE,), prepare_prune),
+    JobKind("gc", "remove the chunks no backup refers to", (GC,), prepare_gc),
 ]}

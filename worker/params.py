@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from drivers import names
+from drivers import names, retention
+from drivers.backuprecords import backup_id
 from drivers.errors import InvalidName
 
 Check = Callable[[Any], object]  # raises InvalidName when the value is bad
@@ -51,6 +52,22 @@ def _volid(value: Any) -> None:
 def _absolute_path(value: Any) -> None:
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value or len(value) > 4096:
         raise InvalidName(f"{value!r}: expected an absolute path")
+
+
+def _notes(value: Any) -> None:
+    if not isinstance(value, str) or len(value) > 1024 or not value.isprintable():
+        raise InvalidName(f"{value!r}: expected one line of text of at most 1024 characters")
+
+
+def _backup_id(value: Any) -> None:
+    if not isinstance(value, str):
+        raise InvalidName(f"{value!r}: expected a backup id")
+    backup_id(value)
+
+
+def _count(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidName(f"{value!r}: expected a whole number >= 0")
 
 
 def _optional(check: Check) -> Check:
@@ -145,6 +162,15 @@ PARAMS: dict[str, Check] = {
     "size": _positive_int,
     "disk": names.disk_key,
     "attach": _map_of(names.disk_key, _volid),
+    # backups (worker/backups.py)
+    "volumes": _map_of(names.disk_key, _volid),  # a backup's disks
+    "store": names.storage_id,  # the backup storage
+    "notes": _notes,
+    "backup": _backup_id,
+    "backups": _optional(_list_of(_backup_id)),  # verify: these, or all
+    "template": _bool,
+    "keep": _table({period: _count for period in retention.OPTIONS}),
+    "dry_run": _bool,
 }
 
 
@@ -170,6 +196,10 @@ CTX: dict[str, Check] = {
     "copying": _disk_key,
     "freeing": _str,  # a volume's identity token
     "destroying": _vmid,
+    "backup": _backup_id,  # the snapshot a backup step is writing or wrote
+    "time": _str,  # its time (parsed again where used)
+    "restored": _list_of(_disk_key),
+    "restoring": _disk_key,
 }
 
 

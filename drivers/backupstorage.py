@@ -1,0 +1,35 @@
+"""The backup storage type: `type = "chunkstore"` in the config, a directory holding a chunk
+store (drivers/chunkstore.py). It sits in the same registry as the image drivers, so the
+config checks its options, sharing and overlaps the same way, but it holds backups only: an
+image job is refused on it, and a backup job on an image storage (drivers/__init__.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+from drivers.chunkstore import ChunkStore
+from drivers.storage import PATH, Option, StorageConfig
+
+
+class ChunkStoreStorage:
+    type_name: ClassVar[str] = "chunkstore"
+    OPTIONS: ClassVar[Mapping[str, Option]] = {"path": PATH}
+    CONTENT: ClassVar[frozenset[str]] = frozenset({"backup"})
+    always_shared: ClassVar[bool] = False
+
+    @classmethod
+    def place(cls, config: StorageConfig) -> str | None:
+        return None  # a directory: overlaps are checked by path
+
+    def __init__(self, storage: StorageConfig) -> None:
+        self.storage = storage
+
+    def open(self) -> ChunkStore:
+        """The store, its directory made where missing (as a dir storage makes its own)."""
+        assert self.storage.path is not None
+        self.storage.path.mkdir(parents=True, exist_ok=True)
+        return ChunkStore(self.storage.path)
+
+    def status(self) -> tuple[int, int, int]:
+        return self.open().status()

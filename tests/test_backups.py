@@ -1,0 +1,194 @@
+"""Backup and restore end to end, through the CLI, the queue and the workers, into the
+session's chunk store (storage `backup`, type chunkstore): guests, templates and linked
+clones backed up and restored equal (`qemu-img compare`), the store deduplicating across
+them, verify finding damage and restore refusing it, protect/forget, prune and gc; and the
+refusals, each one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BASE
+from tests.helpers import PATTERN_MIB, qemu_io_write, qemu_same, volume_path
+
+STORE = BASE / "backup"
+
+
+def guest_with_data(stork, g: int, fmt: str = "raw", size: str = "16M") -> str:
+    code, _, err = stork("guest", "create", g, "--disk", f"scsi0=local:{size},format={fmt}", "--name", f"g{g}")
+    assert code == 0, err
+    disk = f"local:{g}/vm-{g}-disk-0.{fmt}"
+    # bytes of this guest's own (a byte pattern from its id): no other guest's backup holds them
+    qemu_io_write(volume_path(disk), fmt, PATTERN_MIB, PATTERN_MIB, 1 + g % 250)
+    qemu_io_write(volume_path(disk), fmt, 5 * PATTERN_MIB, PATTERN_MIB // 2, 1 + (g + 7) % 250)
+    return disk
+
+
+def backed_up(stork, g: int, *more: str) -> dict:
+    code, out, err = stork("--json", "backup", g, *more)
+    assert code == 0, err
+    return json.loads(out)["result"]
+
+
+def test_a_guest_comes_back_equal_as_a_new_guest(stork, client, vmid):
+    g, r = vmid(), vmid()
+    disk = guest_with_data(stork, g, "qcow2")
+    result = backed_up(stork, g, "--notes", "before the upgrade")
+    assert result["backup"].startswith(f"vm/{g}/") and result["size"] == 16 << 20
+    assert 0 < result["written"] < 2 << 20  # two MiB of data, compressed; zero chunks not stored
+    assert client.guest(g).lock == ""
+    code, out, _ = stork("backup", "list", g)
+    assert code == 0 and result["backup"] in out and "before the upgrade" in out
+    code, out, _ = stork("backup", "show", result["backup"])
+    assert code == 0 and "scsi0" in out and disk in out
+    code, _, err = stork("restore", result["backup"], r, "--format", "raw")
+    assert code == 0, err
+    restored = client.guest(r)
+    assert restored.name == f"g{g}" and list(restored.disks) == ["scsi0"] and not restored.template
+    assert qemu_same(volume_path(disk), volume_path(restored.disks["scsi0"]))
+    assert restored.disks["scsi0"].endswith(".raw")
+
+
+def test_an_unchanged_re_backup_writes_nothing_and_a_template_with_clones_costs_little_more(stork, client, vmid):
+    t, c1, c2 = vmid(), vmid(), vmid()
+    guest_with_data(stork, t)
+    assert backed_up(stork, t)["written"] > 0
+    assert backed_up(stork, t)["written"] == 0  # unchanged: every chunk is there
+    assert stork("template", t)[0] == 0
+    template_backup = backed_up(stork, t)
+    assert template_backup["written"] == 0  # a base holds the same data as the disk it was
+    for c in (c1, c2):
+        assert stork("clone", t, c)[0] == 0
+        qemu_io_write(volume_path(client.guest(c).disks["scsi0"]), "qcow2", 9 * PATTERN_MIB, 4096, 0x70 + c % 16)
+    clone_backup = backed_up(stork, c1)
+    assert 0 < clone_backup["written"] < 1 << 20  # its own 4 KiB in one chunk, nothing of the base
+    index = json.loads((STORE / clone_backup["backup"] / "scsi0.index.json").read_bytes())
+    assert index["base"]["backup"] == template_backup["backup"]
+
+
+def test_a_template_comes_back_as_a_template_and_a_linked_clone_as_a_full_guest(stork, client, vmid):
+    t, c, rt, rc = vmid(), vmid(), vmid(), vmid()
+    guest_with_data(stork, t)
+    assert stork("template", t)[0] == 0
+    assert stork("clone", t, c)[0] == 0
+    clone_disk = client.guest(c).disks["scsi0"]
+    qemu_io_write(volume_path(clone_disk), "qcow2", 2 * PATTERN_MIB, 4096, 0x7A)
+    tb, cb = backed_up(stork, t)["backup"], backed_up(stork, c)["backup"]
+    assert stork("restore", tb, rt)[0] == 0
+    template = client.guest(rt)
+    assert template.template and client.volume(template.disks["scsi0"]).is_base
+    assert qemu_same(volume_path(client.guest(t).disks["scsi0"]), volume_path(template.disks["scsi0"]))
+    assert stork("clone", rt, vmid())[0] == 0  # a restored template is clonable
+    assert stork("restore", cb, rc)[0] == 0
+    assert qemu_same(volume_path(clone_disk), volume_path(client.guest(rc).disks["scsi0"]))
+    assert client.volume(client.guest(rc).disks["scsi0"]).parent is None
+
+
+def chunk_of(backup: str, disk: str = "scsi0") -> Path:
+    index = json.loads((STORE / backup / f"{disk}.index.json").read_bytes())
+    digest = next(d for d in index["chunks"] if d)
+    return STORE / ".chunks" / digest[:4] / digest
+
+
+def test_verify_names_a_damaged_chunk_and_restore_refuses_it_leaving_nothing(stork, client, vmid):
+    g, r = vmid(), vmid()
+    guest_with_data(stork, g)
+    backup = backed_up(stork, g)["backup"]
+    assert stork("verify", backup)[0] == 0
+    chunk = chunk_of(backup)
+    saved = chunk.read_bytes()
+    try:
+        chunk.write_bytes(saved[:-1] + bytes([saved[-1] ^ 0xFF]))
+        code, _, err = stork("verify", backup)
+        assert code == 1 and chunk.name in err and "scsi0 at byte" in err and err.count("\n") == 1
+        code, out, _ = stork("backup", "show", backup)
+        assert re.search(r"verified:\s+failed", out) and chunk.name in out
+        volumes_before = sorted(os.listdir(BASE / "images"))
+        code, _, err = stork("restore", backup, r)
+        assert code == 1 and chunk.name in err
+        assert not client.guest_store.exists(r) and sorted(os.listdir(BASE / "images")) == volumes_before
+    finally:
+        chunk.write_bytes(saved)
+    chunk.unlink()
+    code, _, err = stork("verify", backup)
+    assert code == 1 and chunk.name in err and "missing" in err.lower()
+    assert stork("backup", "forget", backup)[0] == 0
+
+
+def test_protect_keeps_a_backup_from_forget_and_prune_and_gc_removes_what_nothing_names(stork, client, vmid):
+    g = vmid()
+    guest_with_data(stork, g)
+    first = backed_up(stork, g)["backup"]
+    qemu_io_write(volume_path(client.guest(g).disks["scsi0"]), "raw", 12 * PATTERN_MIB, PATTERN_MIB, 0x55)
+    second = backed_up(stork, g)["backup"]
+    assert stork("backup", "protect", first)[0] == 0
+    code, _, err = stork("backup", "forget", first)
+    assert code == 1 and "protected" in err and err.count("\n") == 1
+    code, out, err = stork("prune", g, "--keep-last", "0", "--keep-daily", "0", "--keep-hourly", "1", "--dry-run")
+    assert code == 0, err
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
+    assert rows == {second: "keep", first: "keep"}  # the newest for its hour; the other protected
+    assert stork("backup", "unprotect", first)[0] == 0
+    code, out, err = stork("--json", "prune", g, "--keep-last", "1")
+    assert code == 0, err
+    assert json.loads(out)["result"]["removed"] == 1
+    code, out, _ = stork("backup", "list", g)
+    assert second in out and first not in out
+    code, out, err = stork("--json", "gc")
+    assert code == 0, err
+    assert json.loads(out)["result"]["chunks_removed"] == 0  # inside gc's safety margin: kept for now
+    assert stork("verify", second)[0] == 0
+
+
+@pytest.fixture
+def locked(client, vmid, stork):
+    from drivers.guests import GuestStore
+
+    g = vmid()
+    guest_with_data(stork, g)
+    with GuestStore(BASE / "guests").editing(g) as box:
+        box[0] = box[0].with_(lock="destroy", lock_job="someone-else")
+    return g
+
+
+REFUSALS = [
+    ("unknown backup", "restore vm/100/2020-01-01T00:00:00Z {new}", "unknown backup vm/100/2020-01-01T00:00:00Z"),
+    ("bad backup id", "backup show vm/x/now", "invalid backup id"),
+    ("restore onto an existing guest", "restore {backup} {g}", "guest {g} already exists"),
+    ("an image storage as the backup storage", "backup {g} --storage local",
+     "storage 'local' holds disk images, not backups"),
+    ("the backup storage as an image storage", "guest create {new} --disk scsi0=backup:4M",
+     "storage 'backup' does not hold disk images"),
+    ("a locked guest", "backup {locked}", "guest {locked} is locked (destroy)"),
+    ("prune without a keep option", "prune {g}", "give at least one keep option"),
+    ("prune with a negative count", "prune {g} --keep-last -1", "keep-last: expected a whole number of 0 or more"),
+    ("backup with nothing named", "backup", "name the guests to back up, or give --all"),
+    ("forget an unknown backup", "backup forget vm/100/2020-01-01T00:00:00Z", "unknown backup"),
+]
+
+
+@pytest.mark.parametrize(("what", "args", "message"), REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_refusals_are_one_line_and_change_nothing(stork, client, vmid, locked, what, args, message):
+    g = vmid()
+    guest_with_data(stork, g)
+    backup = backed_up(stork, g)["backup"]
+    listed = stork("--json", "backup", "list")[1]
+    values = {"g": g, "new": vmid(), "backup": backup, "locked": locked}
+    code, _, err = stork(*args.format(**values).split())
+    assert code in (1, 2) and message.format(**values) in err and err.count("\n") == 1, err
+    assert stork("--json", "backup", "list")[1] == listed
+    assert client.guest(locked).lock == "destroy"
+
+
+def test_one_failing_guest_does_not_stop_the_others_backups(stork, client, vmid, locked):
+    g = vmid()
+    guest_with_data(stork, g)
+    code, _, err = stork("backup", locked, g)
+    assert code == 1 and f"guest {locked} is locked" in err
+    code, out, _ = stork("backup", "list", g)
+    assert f"vm/{g}/" in out

@@ -1,0 +1,168 @@
+"""Step functions of the backup and restore jobs (declared in worker/jobs.py).
+
+A backup reads every disk of a guest, locked with `lock = "backup"`, into a chunk store
+snapshot together with its config; the snapshot appears only at commit. A linked clone's
+disk whose base was backed up before (the same volume: its id and identity token match)
+reads only its own chunks and names the base's index. The snapshot id is saved before the
+commit, so a step redelivered after it finds the snapshot and does not make a second one;
+one redelivered before it starts again (the dead attempt's partial folder is removed by gc).
+
+A restore makes new volumes (ALLOCATE), writes each disk's chunks into them, makes them
+bases for a template, and registers the guest last: a missing or corrupt chunk fails the
+job before that, and the undo frees what it made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import UTC, datetime, timedelta
+
+from drivers import backup_storage, guests, retention
+from drivers.backup import back_up, find_base, restore
+from drivers.backuprecords import format_time, parse_time
+from drivers.chunkstore import ChunkStore
+from drivers.errors import Corrupt, NotFound
+from drivers.retention import Candidate, Keep
+from worker import steps
+from worker.context import StepContext
+
+
+def _store(ctx: StepContext) -> ChunkStore:
+    return backup_storage(ctx.cfg.storage(ctx.params["store"])).open()
+
+
+def backup_guest(ctx: StepContext) -> None:
+    """Read the guest's config and every disk into one snapshot."""
+    store, vmid = _store(ctx), ctx.params["vmid"]
+    if (done := ctx.data.get("backup")) and store.exists(done):
+        _report(ctx, store, done)
+        return  # committed before the process died
+    guest = ctx.guests.read(vmid)
+    disks = {key: (volid, *ctx.volume(volid)) for key, volid in ctx.params["volumes"].items()}
+    total = sum(drv.virtual_size(vol) for _, drv, vol in disks.values())
+    before = 0
+    if "time" not in ctx.data:  # kept: a redelivered step writes the same snapshot
+        ctx.data["time"] = format_time(_backup_time(store, vmid))
+        ctx.save()
+    with store.begin(vmid, parse_time(ctx.data["time"]), ctx.params.get("notes", "")) as writer:
+        for key, (volid, drv, vol) in disks.items():
+            parent = drv.parent_of(vol)
+            found = find_base(store, drv.volid(parent), drv.identity(parent)) if parent else None
+
+            def progress(done: int, _size: int, offset: int = before, what: str = f"{key}: {volid}") -> None:
+                ctx.progress(offset + done, total, what)
+
+            with drv.image(vol) as image:
+                index = back_up(image, vol.fmt, writer, *(found or (None, None)), progress=progress)
+            writer.add_index(key, index, source=volid, identity=drv.identity(vol))
+            before += index.virtual_size
+        writer.add_blob("guest.conf", guests.dumps(guest.with_(lock="", lock_job="")).encode())
+        ctx.data["backup"] = str(writer.id)
+        ctx.save()
+        writer.commit()
+    _report(ctx, store, ctx.data["backup"])
+
+
+def _backup_time(store: ChunkStore, vmid: int) -> datetime:
+    """Now, to the second; or a second after the guest's newest backup, if that is not older
+    (two backups in one second would have one id; a guest's backups run one at a time)."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    newest = max((s.id.time for s in store.snapshots(vmid)), default=None)
+    return max(now, newest + timedelta(seconds=1)) if newest else now
+
+
+def _report(ctx: StepContext, store: ChunkStore, backup_id: str) -> None:
+    manifest = store.snapshot(backup_id).manifest
+    ctx.set_result(backup=backup_id, storage=ctx.params["store"], size=manifest.size, written=manifest.written)
+
+
+def restore_data(ctx: StepContext) -> None:
+    """Write each disk's chunks into its allocated volume; a write interrupted by a crash is
+    redone into the recreated volume (zero chunks are skipped on the assumption it is empty)."""
+    store, backup_id = _store(ctx), ctx.params["backup"]
+    restored: list[str] = ctx.data.setdefault("restored", [])
+    total = sum(int(plan["size"]) for plan in ctx.params["disks"].values())
+    offset = sum(int(ctx.params["disks"][key]["size"]) for key in restored)
+    for key, plan in ctx.params["disks"].items():
+        if key in restored:
+            continue
+        drv, dst = ctx.volume(ctx.data["made"][key])
+        index = store.index(backup_id, key)
+        if ctx.data.get("restoring") == key:
+            with ctx.storage_lock(drv):
+                ctx.fence(drv)
+                drv.recreate(dst, int(plan["size"]))
+        ctx.data["restoring"] = key
+        ctx.save()
+
+        def progress(done: int, _size: int, before: int = offset, what: str = f"{key}: {backup_id}") -> None:
+            ctx.progress(before + done, total, what)
+
+        with drv.image(dst, write=True) as image:
+            restore(store, index, image, drv.new_volumes_read_zero, progress)
+        offset += int(plan["size"])
+        restored.append(key)
+        ctx.data.pop("restoring")
+        ctx.save()
+
+
+def make_restored_bases(ctx: StepContext) -> None:
+    """A template's disks come back as bases."""
+    if ctx.params["template"]:
+        steps.make_copies_bases(ctx)
+
+
+def commit_restored(ctx: StepContext) -> None:
+    """Register the restored guest (a template with its bases): the job's commit point."""
+    if ctx.params["template"]:
+        steps.commit_template_copy(ctx)
+    else:
+        steps.commit_new_guest(ctx)
+
+
+# ---- keeping a backup storage: verify, prune, gc -------------------------------------------
+
+
+def verify_backups(ctx: StepContext) -> None:
+    """Read back every chunk of each backup named (all, where none is) and record the outcome
+    in each; the job fails naming the first problem if any backup is damaged."""
+    store = _store(ctx)
+    ids = ctx.params["backups"] or [str(s.id) for s in store.snapshots()]
+    states, damaged = {}, []
+    for n, bid in enumerate(ids):
+        result = store.verify(bid)
+        states[bid] = result.state
+        if not result.ok:
+            damaged.append(f"{bid}: {result.problems[0]}" + (f" (and {len(result.problems) - 1} more)"
+                                                             if len(result.problems) > 1 else ""))
+        ctx.progress(n + 1, len(ids), bid)
+    ctx.set_result(verified=states)
+    if damaged:
+        raise Corrupt(f"{len(damaged)} of {len(ids)} backup(s) damaged: {damaged[0]}")
+
+
+def prune_backups(ctx: StepContext) -> None:
+    """Apply the retention to each guest's backups (one guest's, if named): forget what it
+    does not keep, or only say so on a dry run."""
+    store, keep = _store(ctx), Keep(**ctx.params["keep"])
+    vmid = ctx.params.get("vmid")
+    vmids = [vmid] if vmid is not None else sorted({s.id.vmid for s in store.snapshots()})
+    decisions = []
+    for guest in vmids:
+        candidates = [Candidate(str(s.id), parse_time(s.id.time_text), s.state.protected)
+                      for s in store.snapshots(guest)]
+        decisions += retention.plan(candidates, keep)
+    removed = [d.id for d in decisions if not d.keep]
+    if not ctx.params["dry_run"]:
+        for bid in removed:
+            with contextlib.suppress(NotFound):  # redelivered: forgotten already
+                store.forget(bid)
+    ctx.set_result(decisions=[{"id": d.id, "keep": d.keep, "reason": d.reason} for d in decisions],
+                   removed=len(removed), dry_run=ctx.params["dry_run"])
+
+
+def collect_garbage(ctx: StepContext) -> None:
+    """Remove the chunks no backup refers to (safe while backups run: see ChunkStore.gc)."""
+    result = _store(ctx).gc()
+    ctx.set_result(chunks_removed=result.chunks_removed, bytes_removed=result.bytes_removed,
+                   chunks_kept=result.chunks_kept, partials_removed=result.partials_removed)

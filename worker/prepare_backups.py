@@ -1,0 +1,132 @@
+"""Submit-time checks of the backup and restore jobs (as worker/prepare.py does for the rest):
+the user's options become the job's params, or one clear refusal before anything is queued."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from drivers import BACKUP_STORAGES, backup_storage, driver_for, guests, names
+from drivers.backuprecords import backup_id
+from drivers.chunkstore import ChunkStore
+from drivers.config import Config
+from drivers.errors import AlreadyExists, InvalidName, NotFound, Refused
+from drivers.names import VolName
+from drivers.retention import Keep
+from worker.prepare import _check_nodes, _format, _guest, _images_storage, _name, _node, _only, _store
+
+MAX_NOTES = 1024
+
+
+def backup_storage_id(cfg: Config, given: Any) -> str:
+    """The backup storage named, or the only one configured."""
+    if given:
+        sid = names.storage_id(str(given))
+        backup_storage(cfg.storage(sid))  # refused, naming it, if it holds images
+        return sid
+    found = sorted(s.id for s in cfg.storages.values() if s.type in BACKUP_STORAGES)
+    if not found:
+        raise Refused('no backup storage is configured (add a storage with type = "chunkstore")')
+    if len(found) > 1:
+        raise Refused(f"several backup storages ({', '.join(found)}): name one with --storage")
+    return found[0]
+
+
+def _notes(o: dict[str, Any]) -> str:
+    notes = o.get("notes") or ""
+    if not isinstance(notes, str) or len(notes) > MAX_NOTES or any(ord(c) < 32 for c in notes):
+        raise InvalidName(f"invalid notes: expected one line of text of at most {MAX_NOTES} characters")
+    return notes
+
+
+def prepare_backup(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """Every disk of one guest (a template, a linked clone: any guest) and its config."""
+    _only(o, {"vmid", "storage", "notes"}, "backup")
+    guest = _guest(cfg, o.get("vmid"))
+    guest.require_unlocked()
+    store = backup_storage_id(cfg, o.get("storage"))
+    used = {names.volume_id(v).storage for v in guest.disks.values()} | {store}
+    return {"vmid": guest.vmid, "lock_vmid": guest.vmid, "expect_disks": guest.disks, "volumes": dict(guest.disks),
+            "store": store, "notes": _notes(o), "node": guest.node,
+            "storages": _check_nodes(cfg, used, guest.node)}
+
+
+def find_backup(cfg: Config, text: Any) -> tuple[str, ChunkStore, str]:
+    """(backup storage id, its store, backup id) of `[STORAGE:]vm/VMID/TIME`, searched in every
+    backup storage where no storage is named."""
+    text = str(text or "")
+    sid, _, bid = text.partition(":") if text.count(":") == 3 else ("", "", text)  # a time holds two colons
+    bid = str(backup_id(bid))
+    candidates = [backup_storage_id(cfg, sid)] if sid else sorted(
+        s.id for s in cfg.storages.values() if s.type in BACKUP_STORAGES and s.on_node(cfg.node))
+    holding = [(c, store) for c in candidates if (store := backup_storage(cfg.storage(c)).open()).exists(bid)]
+    if not holding:
+        raise NotFound(f"unknown backup {bid}")
+    if len(holding) > 1:
+        listed = ", ".join(f"{c}:{bid}" for c, _ in holding)
+        raise Refused(f"backup {bid} is in several backup storages: name one ({listed})")
+    return holding[0][0], holding[0][1], bid
+
+
+def prepare_restore(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """A backup as a new guest: each disk on the named storage (else where it was), in the
+    format named (else its own where the storage holds it); a template as a template."""
+    _only(o, {"backup", "newid", "storage", "format", "name", "node"}, "restore")
+    sid, store, bid = find_backup(cfg, o.get("backup"))
+    newid = names.vmid(o.get("newid"))
+    if _store(cfg).exists(newid):
+        raise AlreadyExists(f"guest {newid} already exists")
+    manifest = store.snapshot(bid).manifest
+    original = guests.loads(newid, store.read_blob(bid, "guest.conf").decode(), Path(f"backup {bid}: guest.conf"))
+    target = names.storage_id(o["storage"]) if o.get("storage") else None
+    disks: dict[str, dict[str, Any]] = {}
+    for key, disk in manifest.disks.items():
+        storage = _images_storage(cfg, target or _original_storage(cfg, original.disks.get(key, ""), key))
+        drv = driver_for(cfg.storage(storage))
+        fmt = _format(cfg, storage, o.get("format"), default=disk.format if disk.format in drv.formats else None)
+        if original.template and not drv.has_feature("make_base", VolName(newid, key, fmt)):
+            raise Refused(f"backup {bid} is of a template: storage {storage!r} cannot hold {fmt} base images")
+        disks[key] = {"storage": storage, "owner": newid, "format": fmt, "size": disk.virtual_size}
+    node = _node(o, cfg)
+    return {"store": sid, "backup": bid, "new_vmid": newid, "name": _name(o) or original.name, "node": node,
+            "template": original.template, "disks": disks,
+            "storages": _check_nodes(cfg, {d["storage"] for d in disks.values()} | {sid}, node)}
+
+
+def _original_storage(cfg: Config, volid: str, key: str) -> str:
+    storage = names.volume_id(volid).storage if volid else ""
+    if storage not in cfg.storages:
+        raise Refused(f"disk {key} was on storage {storage or '?'!r}, which is not configured: name a target "
+                      "storage with --storage")
+    return storage
+
+
+def _backup_storage_here(cfg: Config, o: dict[str, Any]) -> dict[str, Any]:
+    sid = backup_storage_id(cfg, o.get("storage"))
+    return {"store": sid, "node": _node(o, cfg), "storages": _check_nodes(cfg, {sid}, _node(o, cfg))}
+
+
+def prepare_verify(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"backup", "storage", "node"}, "verify")
+    if o.get("backup"):
+        sid, _, bid = find_backup(cfg, o["backup"])
+        return {**_backup_storage_here(cfg, {**o, "storage": sid}), "backups": [bid]}
+    return {**_backup_storage_here(cfg, o), "backups": None}
+
+
+def prepare_prune(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"storage", "vmid", "keep", "dry_run", "node"}, "prune")
+    try:
+        keep = Keep.from_options(o.get("keep") or {})
+    except (ValueError, TypeError) as e:
+        raise InvalidName(f"prune: {e}") from None
+    if not keep.keeps_something:
+        raise InvalidName("prune: give at least one keep option (--keep-last, --keep-daily, ...): without one "
+                          "every backup would be kept")
+    vmid = {"vmid": names.vmid(o["vmid"])} if o.get("vmid") is not None else {}
+    return {**_backup_storage_here(cfg, o), **vmid, "keep": vars(keep), "dry_run": bool(o.get("dry_run"))}
+
+
+def prepare_gc(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"storage", "node"}, "gc")
+    return _backup_storage_here(cfg, o)
