@@ -28,8 +28,8 @@ skipped with a one-line reason. Then:
    filesystems, to show what sharing saves. 256 MiB on zfs (zfs-fuse is slow) into a file in a
    fresh dataset, stork's and the tool's alike; 256 MiB from a dir storage on ext4 into rbd
    (memstore holds it in RAM), next to `qemu-img convert -n` into an `rbd:` spec and
-   `rbd import`; and 256 MiB within the pool, stork (`rbd deep cp`) next to `rbd deep cp` and
-   `qemu-img convert -n` from one `rbd:` spec to another. Stork flushes every copy before it
+   `rbd import`; and 256 MiB within the pool, stork next to `rbd deep cp` and `qemu-img
+   convert -n` from one `rbd:` spec to another. Stork flushes every copy before it
    returns, so the tools' rows flush too (`-t writeback` flushes on close; `sync FILE` after
    cp; `rbd import` flushes on close). The
    tools' rows include making their target (truncate; `zfs create`; `rbd create`). "space" is
@@ -513,9 +513,8 @@ def rbd_copies(b: Backend, owner: int) -> list[Copy]:
 
 
 def rbd_pool_copies(b: Backend, owner: int) -> list[Copy]:
-    """Copying guest `owner`'s disk within the pool: stork (`rbd deep cp` to a temp name that
-    replaces the allocated image), `rbd deep cp` and qemu-img through librbd on both sides;
-    fills the disk first."""
+    """Copying guest `owner`'s disk within the pool: stork (qemu-img through librbd), next to
+    `rbd deep cp` and qemu-img run directly; fills the disk first."""
     assert b.cluster is not None
     src, dst = disk(owner), disk(owner + 1)
     filled_volume(b, src, b.copy_size)
@@ -535,7 +534,7 @@ def rbd_pool_copies(b: Backend, owner: int) -> list[Copy]:
     def drop() -> None:
         run(rbd_argv(b, "rm", "--no-progress", f"{pool}/{image}"))
 
-    return [Copy("stork allocate + copy_from (deep cp)", stork_copy, lambda: b.drv.free(dst)),
+    return [Copy("stork allocate + copy_from (qemu-img)", stork_copy, lambda: b.drv.free(dst)),
             Copy("rbd deep cp SRC NEW", deep_cp, drop),
             Copy("rbd create; qemu-img convert -n -t writeback", qemu_img, drop)]
 

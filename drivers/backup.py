@@ -34,8 +34,17 @@ def _spans(size: int, chunk: int) -> Iterator[tuple[int, int]]:
 
 
 def chunk_plan(extents: list[nbd.Extent], size: int, chunk: int) -> list[str]:
-    """What to do with each chunk: "zero" (nothing but zeros or holes), "base" (nothing of the
-    image's own: read through its base), or "read". A pure function of the map."""
+    """What to do with each chunk: "zero" (known zeros only), "base" (nothing of the image's
+    own: read through its base), or "read". A pure function of the map, which must cover the
+    image from 0 without a gap (qemu-img's does); an area qemu does not know to be zero
+    (`"data": false, "zero": false`) is read."""
+    at = 0
+    for e in extents:
+        if e.start != at or e.length <= 0:
+            raise nbd.NbdError(f"qemu-img map has a gap or an overlap at byte {at}")
+        at += e.length
+    if at != size:
+        raise nbd.NbdError(f"qemu-img map covers {at} bytes of {size}")
     plan = []
     it, current = iter(extents), None
     pending: list[nbd.Extent] = []
@@ -47,7 +56,7 @@ def chunk_plan(extents: list[nbd.Extent], size: int, chunk: int) -> list[str]:
             if current.start + current.length >= end:
                 break
         here = [e for e in pending if e.start < end and e.start + e.length > start]
-        if all(e.zero or not e.data for e in here):
+        if all(e.zero for e in here):
             plan.append("zero")
         elif all(e.depth > 0 for e in here):
             plan.append("base")

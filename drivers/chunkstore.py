@@ -489,8 +489,19 @@ class ChunkStore:
         for digest, where in places.items():
             try:
                 self.read_chunk(digest)
-            except (Corrupt, NotFound, Refused) as e:
+            except Corrupt as e:
+                self._quarantine(digest)
+                yield Problem(digest, f"{e} (moved aside to {digest}.bad)", tuple(where))
+            except (NotFound, Refused) as e:
                 yield Problem(digest, str(e), tuple(where))
+
+    def _quarantine(self, digest: str) -> None:
+        """Move a chunk whose data does not match its digest aside, as <digest>.bad: the next
+        backup holding that data then stores it again (which makes every backup naming it
+        whole again) instead of naming the damaged file."""
+        with self._prefix_locked(digest[:4], exclusive=True) as folder, contextlib.suppress(FileNotFoundError):
+            os.rename(digest, f"{digest}.bad", src_dir_fd=folder, dst_dir_fd=folder)
+            os.fsync(folder)
 
     # ---- garbage collection -------------------------------------------------------------------
     def gc(self, margin: float = 300.0, now: float | None = None) -> GcResult:

@@ -33,7 +33,9 @@ from drivers.tools import ToolError, run
 
 QEMU_NBD = "qemu-nbd"
 START_TIMEOUT = 30.0
+IO_TIMEOUT = 300.0  # one request: a qemu-nbd that stops answering fails the step, not hangs it
 MAX_REQUEST = 32 << 20
+MAX_OPTION_REPLY = 64 << 10
 
 _NBDMAGIC, _IHAVEOPT, _REPLY_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x3E889045565A9
 _REQUEST_MAGIC, _SIMPLE_REPLY_MAGIC = 0x25609513, 0x67446698
@@ -71,6 +73,7 @@ class Client:
 
     def __init__(self, sock: socket.socket, label: str) -> None:
         self.sock, self.label = sock, label
+        sock.settimeout(IO_TIMEOUT)
         self.size, self.writable = self._handshake()
         self._cookie = 0
 
@@ -94,9 +97,11 @@ class Client:
         self.sock.sendall(struct.pack(">QII", _IHAVEOPT, _OPT_GO, len(payload)) + payload)
         size, tflags = -1, 0
         while True:
-            magic, _, reply, length = struct.unpack(">QIII", self._recv(20))
+            magic, option, reply, length = struct.unpack(">QIII", self._recv(20))
+            if magic != _REPLY_MAGIC or option != _OPT_GO or length > MAX_OPTION_REPLY:
+                raise NbdError(f"{self.label}: the NBD server's answer to the export request is malformed")
             data = self._recv(length)
-            if magic != _REPLY_MAGIC or reply & _REP_ERROR_BIT:
+            if reply & _REP_ERROR_BIT:
                 raise NbdError(f"{self.label}: the NBD server refused the export ({reply:#x})")
             if reply == _REP_INFO and len(data) >= 12 and struct.unpack(">H", data[:2])[0] == _INFO_EXPORT:
                 size, tflags = struct.unpack(">QH", data[2:12])
@@ -104,6 +109,7 @@ class Client:
                 break
         if size < 0:
             raise NbdError(f"{self.label}: the NBD server did not say the export's size")
+        self._flushes = bool(tflags & 4)  # NBD_FLAG_SEND_FLUSH
         return size, not tflags & 2  # NBD_FLAG_READ_ONLY
 
     def _request(self, cmd: int, offset: int, length: int, data: bytes = b"") -> bytes:
@@ -122,11 +128,15 @@ class Client:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, offset: int, data: bytes) -> None:
+        if not self.writable:
+            raise NbdError(f"{self.label}: the export is read-only")
         for at in range(0, len(data), MAX_REQUEST):
             piece = data[at:at + MAX_REQUEST]
             self._request(_CMD_WRITE, offset + at, len(piece), piece)
 
     def flush(self) -> None:
+        if not self._flushes:
+            raise NbdError(f"{self.label}: the NBD server cannot flush, so writes cannot be made durable")
         self._request(_CMD_FLUSH, 0, 0)
 
     def close(self) -> None:
@@ -138,11 +148,15 @@ class Client:
 @contextlib.contextmanager
 def served(image: qemu.Image, write: bool = False) -> Iterator[Client]:
     """`image` served by a qemu-nbd of its own, and a client connected to it. On a clean exit
-    from a writable export, what was written is flushed before qemu-nbd stops."""
+    from a writable export, what was written is flushed before qemu-nbd stops. qemu-nbd serves
+    one connection and exits when it closes, also when the process holding it dies, so no
+    server outlives its step holding the volume open."""
     with tempfile.TemporaryDirectory(prefix="stork-nbd-") as where:
         path = Path(where) / "sock"
-        argv = [QEMU_NBD, "--socket", str(path), "--persistent", "--shared", "1", "--cache", "none" if write
-                else "writeback", "--discard", "unmap", *([] if write else ["--read-only"]), image.spec]
+        # writeback: O_DIRECT (cache none) fails on some file systems; the NBD flush, then the
+        # driver's own fsync, make a restore durable
+        argv = [QEMU_NBD, "--socket", str(path), "--shared", "1", "--cache", "writeback", "--discard", "unmap",
+                *([] if write else ["--read-only"]), image.spec]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 pass_fds=image.all_fds)
         try:

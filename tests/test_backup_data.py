@@ -16,7 +16,7 @@ from drivers.chunkstore import ChunkStore
 from drivers.dir import DirDriver
 from drivers.errors import Corrupt
 from drivers.names import VolName
-from drivers.nbd import Extent
+from drivers.nbd import Extent, NbdError
 from drivers.storage import StorageConfig
 from tests.helpers import fill
 
@@ -24,12 +24,21 @@ MIB = 1 << 20
 CHUNK = MIB  # small chunks keep the images small
 
 
+def test_chunk_plan_refuses_a_map_with_a_gap():
+    with pytest.raises(NbdError, match="gap or an overlap at byte 1048576"):
+        chunk_plan([Extent(0, MIB, True, False, 0), Extent(2 * MIB, 2 * MIB, True, False, 0)], 4 * MIB, MIB)
+    with pytest.raises(NbdError, match="covers 1048576 bytes of 4194304"):
+        chunk_plan([Extent(0, MIB, True, False, 0)], 4 * MIB, MIB)
+
+
 @pytest.mark.parametrize(
     ("extents", "plan"),
     [
         pytest.param([(0, 4, True, False, 0)], ["read"] * 4, id="all data"),
         pytest.param([(0, 4, False, True, 0)], ["zero"] * 4, id="all zeros"),
-        pytest.param([(0, 1, False, False, 0), (1, 3, True, False, 0)], ["zero", "read", "read", "read"], id="a hole"),
+        pytest.param([(0, 1, False, True, 0), (1, 3, True, False, 0)], ["zero", "read", "read", "read"], id="a hole"),
+        pytest.param([(0, 1, False, False, 0), (1, 3, True, False, 0)], ["read"] * 4,
+                     id="an area not known to be zero is read"),
         pytest.param([(0, 4, True, False, 1)], ["base"] * 4, id="a clone reading its base only"),
         pytest.param([(0, 1, True, False, 1), (1, 1, False, True, 0), (2, 2, True, False, 1)],
                      ["base", "zero", "base", "base"], id="a clone's own zeros over base data are zeros"),

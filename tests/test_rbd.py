@@ -162,9 +162,9 @@ BASE, DISK = VolName(None, "base-100-disk-0", "raw"), VolName(100, "vm-100-disk-
 COPY = VolName(101, "vm-101-disk-0", "raw")
 
 
-def test_a_copy_of_a_base_within_the_cluster_is_a_deep_copy_of_its_snapshot_alone(rbd):
-    """`rbd deep cp` brings the base's snapshot along: the copy, a plain disk, has none left,
-    no parent, the base's data, and nothing of the temp image stays."""
+def test_a_copy_of_a_base_within_the_cluster_is_a_plain_disk_of_its_data(rbd):
+    """The copy, a plain disk, has the base's data and none of its snapshot, no parent, and
+    nothing else is left in the pool."""
     rbd.allocate(DISK, 16 << 20)
     fill(rbd, DISK, 0, b"\x5a" * (1 << 20))
     rbd.make_base(DISK, BASE)
@@ -172,7 +172,7 @@ def test_a_copy_of_a_base_within_the_cluster_is_a_deep_copy_of_its_snapshot_alon
     seen: list[tuple[int, int]] = []
     rbd.copy_from(rbd, BASE, COPY, lambda done, total: seen.append((done, total)))
     rbd.compare(rbd, BASE, COPY)
-    assert seen == [(16 << 20, 16 << 20)] and rbd.parent_of(COPY) is None
+    assert seen[-1] == (16 << 20, 16 << 20) and rbd.parent_of(COPY) is None
     assert json.loads(CEPH.rbd("snap", "ls", "--format", "json", f"{rbd.where}/101.vm-101-disk-0.raw")) == []
     assert images(rbd) == ["101.vm-101-disk-0.raw", "base.base-100-disk-0.raw"]
     rbd.free_volume(COPY)
@@ -189,17 +189,3 @@ def test_a_copy_of_a_linked_clone_is_flattened_not_a_clone_of_its_base(rbd):
     rbd.copy_from(rbd, clone, COPY)
     rbd.compare(rbd, clone, COPY)
     assert rbd.parent_of(COPY) is None and rbd.clones_of(BASE) == [clone]
-
-
-def test_a_copy_redone_after_a_crash_between_remove_and_rename_is_made_again(rbd):
-    """What a SIGKILL between removing the allocated image and renaming the copy leaves: the
-    name free and the finished copy at its temp name. The redelivered step recreates the
-    volume and copies again; the leftover copy is removed first."""
-    rbd.allocate(DISK, 16 << 20)
-    fill(rbd, DISK, 0, b"\x5a" * (1 << 20))
-    CEPH.rbd("create", "--size", "16M", f"{rbd.where}/101.vm-101-disk-0.raw.copy")  # the crash's leftover
-    rbd.recreate(COPY, 16 << 20)
-    assert rbd.exists(COPY)
-    rbd.copy_from(rbd, DISK, COPY)
-    rbd.compare(rbd, DISK, COPY)
-    assert images(rbd) == ["100.vm-100-disk-0.raw", "101.vm-101-disk-0.raw"]
