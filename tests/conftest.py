@@ -129,6 +129,17 @@ _vmids = itertools.count(1000)
 
 
 @pytest.fixture
+def faulty(workers, tmp_path):
+    """A one-process worker for node `crash` whose fault points (drivers/faults.py) the test
+    arms by writing their names into the returned file."""
+    armed = tmp_path / "faults"
+    armed.write_text("")
+    worker = Worker("crash", concurrency=1, env={"STORK_FAULTS": str(armed)})
+    yield armed
+    worker.stop()
+
+
+@pytest.fixture
 def vmid():
     """A fresh guest id per call: tests share one cluster."""
     return lambda: next(_vmids)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import tempfile
@@ -11,7 +12,7 @@ from pathlib import Path
 from drivers import qemu
 from drivers.base import Driver
 from drivers.names import VolName
-from tests.conftest import BASE, files_under
+from tests.conftest import BASE, files_under, storage_path
 
 PATTERN_MIB = 1 << 20
 
@@ -83,3 +84,21 @@ def read(drv: Driver, vol: VolName, offset: int, length: int) -> bytes:
         flat.truncate(size)
         qemu.convert(image, qemu.Image.of_fd("raw", flat.fileno(), "flat"), size)
         return os.pread(flat.fileno(), length, offset)
+
+
+def crash(client, armed: Path, point: str, kind: str, **options):
+    armed.write_text(point)
+    job = client.run(kind, timeout=120, **options)
+    assert armed.read_text() == "", f"fault point {point} was not reached"
+    assert job.state == "succeeded", job.error
+    assert 2 in job.attempts.values()  # the step was run again after its process died
+    return job
+
+
+def orphans(client, storage: str) -> list[str]:
+    """Files on a storage that no guest and no job result names (temp files included)."""
+    named = {v for g in client.guests() for v in (*g.disks.values(), *g.unused)}
+    for job in client.jobs(500):
+        named |= {v for v in json.dumps(job.result).split('"') if v.startswith(f"{storage}:")}
+    return [f for f in files_under(storage_path(storage)) if not f.startswith(".overlays/")
+            and f"{storage}:{f}" not in named]

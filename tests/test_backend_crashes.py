@@ -8,26 +8,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import BTRFS, NO_BTRFS, NO_ZFS, ZFS, Worker
+from tests.conftest import BTRFS, NO_BTRFS, NO_ZFS, ZFS
+from tests.helpers import crash
 
 STORAGES = [
     pytest.param("bt", marks=pytest.mark.skipif(bool(NO_BTRFS), reason=f"btrfs: {NO_BTRFS}")),
     pytest.param("zfs", marks=pytest.mark.skipif(bool(NO_ZFS), reason=f"zfs: {NO_ZFS}")),
 ]
-
-
-@pytest.fixture
-def faulty(workers, tmp_path):
-    """A one-process worker for node `crash` whose fault points the test arms."""
-    armed = tmp_path / "faults"
-    armed.write_text("")
-    worker = Worker("crash", concurrency=1, env={"STORK_FAULTS": str(armed)})
-    yield armed
-    worker.stop()
 
 
 def held(storage: str, folder: int | str) -> list[str]:
@@ -39,15 +29,6 @@ def held(storage: str, folder: int | str) -> list[str]:
     out = subprocess.run(["zfs", "list", "-H", "-o", "name", "-r", ZFS.name], capture_output=True, text=True,
                          check=True).stdout.split()
     return sorted(name.rpartition("/")[2] for name in out if name.startswith(f"{ZFS.name}/{folder}/"))
-
-
-def crash(client, armed: Path, point: str, kind: str, **options):
-    armed.write_text(point)
-    job = client.run(kind, timeout=120, **options)
-    assert armed.read_text() == "", f"fault point {point} was not reached"
-    assert job.state == "succeeded", job.error
-    assert 2 in job.attempts.values()  # the step was run again after its process died
-    return job
 
 
 def guest(client, g: int, storage: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BASE
-from tests.helpers import PATTERN_MIB, qemu_io_write, qemu_same, volume_path
+from tests.helpers import PATTERN_MIB, crash, orphans, qemu_io_write, qemu_same, volume_path
 
 STORE = BASE / "backup"
 
@@ -194,3 +194,48 @@ def test_one_failing_guest_does_not_stop_the_others_backups(stork, client, vmid,
     assert code == 1 and f"guest {locked} is locked" in err
     code, out, _ = stork("backup", "list", g)
     assert f"vm/{g}/" in out
+
+
+# ---- a worker SIGKILLed mid-backup and mid-restore -------------------------------------------
+
+
+def crash_guest(client, g: int) -> str:
+    """A guest on node `crash`'s storage, so its steps run on the worker with fault points."""
+    job = client.run("create", vmid=g, node="crash", disks={"scsi0": {"storage": "crash", "size": "8M"},
+                                                            "scsi1": {"storage": "crash", "size": "8M"}})
+    assert job.state == "succeeded", job.error
+    disk = job.result["disks"]["scsi0"]
+    qemu_io_write(volume_path(disk), "raw", 0, PATTERN_MIB, 1 + g % 250)
+    return disk
+
+
+def visible(g: int) -> list[str]:
+    """The guest's committed backups and the partial folders of unfinished ones."""
+    folder = STORE / "vm" / str(g)
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+@pytest.mark.parametrize("point", ["backed-up", "committed"])
+def test_a_backup_killed_before_or_after_its_commit_is_made_once(client, stork, vmid, faulty, point):
+    """Killed after its first disk (nothing visible yet) or right after the commit: the
+    redelivered step makes the backup, or finds it made; one backup in all, the guest
+    unlocked, and gc removes the dead attempt's partial folder."""
+    g = vmid()
+    crash_guest(client, g)
+    job = crash(client, faulty, point, "backup", vmid=g)
+    assert client.guest(g).lock == ""
+    assert [e for e in visible(g) if not e.startswith(".")] == [job.result["backup"].rpartition("/")[2]]
+    assert stork("gc")[0] == 0
+    assert [e for e in visible(g) if e.startswith(".partial")] == []
+    assert stork("verify", job.result["backup"])[0] == 0
+
+
+def test_a_restore_killed_after_a_disk_is_written_is_finished_without_an_orphan(client, stork, vmid, faulty):
+    g, r = vmid(), vmid()
+    disk = crash_guest(client, g)
+    backup = client.run("backup", vmid=g).result["backup"]
+    job = crash(client, faulty, "restored", "restore", backup=backup, newid=r, storage="crash", node="crash")
+    restored = client.guest(r)
+    assert sorted(restored.disks) == ["scsi0", "scsi1"] and restored.lock == ""
+    assert qemu_same(volume_path(disk), volume_path(restored.disks["scsi0"]))
+    assert orphans(client, "crash") == [] and job.result["vmid"] == r

@@ -4,7 +4,6 @@ names flushed before anything relies on them, and no orphan after a crash at any
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -15,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from drivers.errors import StorkError
-from tests.conftest import BASE, Worker, files_under, storage_path
-from tests.helpers import PATTERN_MIB, guest_data_sha, qemu_same, volume_path
+from tests.conftest import BASE, files_under, storage_path
+from tests.helpers import PATTERN_MIB, crash, guest_data_sha, orphans, qemu_same, volume_path
 from worker import events, records, runner, usage
 from worker.jobs import KINDS
 from worker.records import JobRecord
@@ -275,34 +274,6 @@ d.make_base(a, VolName(None, "golden", "raw"))
 
 
 # ---- crashes right after each effect ----------------------------------------------------------
-
-
-@pytest.fixture
-def faulty(workers, tmp_path):
-    """A one-process worker for node `crash` whose fault points the test arms."""
-    armed = tmp_path / "faults"
-    armed.write_text("")
-    worker = Worker("crash", concurrency=1, env={"STORK_FAULTS": str(armed)})
-    yield armed
-    worker.stop()
-
-
-def orphans(client, storage: str) -> list[str]:
-    """Files on a storage that no guest and no job result names (temp files included)."""
-    named = {v for g in client.guests() for v in (*g.disks.values(), *g.unused)}
-    for job in client.jobs(500):
-        named |= {v for v in json.dumps(job.result).split('"') if v.startswith(f"{storage}:")}
-    return [f for f in files_under(storage_path(storage)) if not f.startswith(".overlays/")
-            and f"{storage}:{f}" not in named]
-
-
-def crash(client, armed: Path, point: str, kind: str, **options):
-    armed.write_text(point)
-    job = client.run(kind, timeout=120, **options)
-    assert armed.read_text() == "", f"fault point {point} was not reached"
-    assert job.state == "succeeded", job.error
-    assert 2 in job.attempts.values()  # the step was run again after its process died
-    return job
 
 
 @pytest.mark.parametrize("kind", ["create", "full_clone", "linked_clone"])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from datetime import UTC, datetime, timedelta
 
-from drivers import backup_storage, guests, retention
+from drivers import backup_storage, faults, guests, retention
 from drivers.backup import back_up, find_base, restore
 from drivers.backuprecords import format_time, parse_time
 from drivers.chunkstore import ChunkStore
@@ -55,11 +55,13 @@ def backup_guest(ctx: StepContext) -> None:
             with drv.image(vol) as image:
                 index = back_up(image, vol.fmt, writer, *(found or (None, None)), progress=progress)
             writer.add_index(key, index, source=volid, identity=drv.identity(vol))
+            faults.point("backed-up")
             before += index.virtual_size
         writer.add_blob("guest.conf", guests.dumps(guest.with_(lock="", lock_job="")).encode())
         ctx.data["backup"] = str(writer.id)
         ctx.save()
         writer.commit()
+    faults.point("committed")
     _report(ctx, store, ctx.data["backup"])
 
 
@@ -100,6 +102,7 @@ def restore_data(ctx: StepContext) -> None:
 
         with drv.image(dst, write=True) as image:
             restore(store, index, image, drv.new_volumes_read_zero, progress)
+        faults.point("restored")
         offset += int(plan["size"])
         restored.append(key)
         ctx.data.pop("restoring")
