@@ -92,6 +92,10 @@ path = "small"
 type = "chunkstore"
 path = "backup"
 shared = true
+[storage.tiny]
+type = "chunkstore"
+path = "tiny"
+shared = true
 {LOOP_STORAGES}""")
 os.environ["STORK_CONFIG"] = str(CONFIG)
 os.environ["STORK_NODE"] = "node1"
@@ -170,7 +174,7 @@ def pytest_sessionfinish(session, exitstatus):
     for fs in (BTRFS, XFS, ZFS, CEPH):
         if isinstance(fs, backends.LoopFs | backends.ZfsPool | ceph.CephCluster):
             fs.close()  # unmounted and detached before the directory holding it goes
-    for mount in ("small",):
+    for mount in ("small", "tiny"):
         subprocess.run(["umount", str(BASE / mount)], capture_output=True, check=False)
     subprocess.run(["chattr", "-R", "-i", str(BASE)], capture_output=True, check=False)
     shutil.rmtree(BASE, ignore_errors=True)

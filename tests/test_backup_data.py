@@ -5,6 +5,7 @@ and written back, compared with `qemu-img compare`."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,39 @@ def test_a_restore_with_a_corrupt_chunk_stops_naming_it(dir_storage, store, tmp_
     dir_storage.allocate(dst, 8 * MIB)
     with pytest.raises(Corrupt, match=digest), dir_storage.image(dst, write=True) as image:
         restore(store, index, image, reads_zero=True)
+
+
+def test_gc_while_a_backup_runs_keeps_what_it_will_name_and_the_backup_restores_identically(dir_storage, store):
+    """gc runs (with no safety margin) while a backup stands halfway: it removes the chunks of
+    a forgotten backup, but none that the running one stored or reused before or after."""
+    old, src = VolName(100, "vm-100-disk-0", "raw"), VolName(101, "vm-101-disk-0", "raw")
+    disk_with_data(dir_storage, old)
+    forgotten, _ = backed_up(store, dir_storage, old)
+    disk_with_data(dir_storage, src)
+    fill(dir_storage, src, 2 * MIB, b"stork backs up " * (MIB // 15))  # a chunk the old backup holds too
+    store.forget(str(forgotten.id))
+    halfway, go_on = threading.Event(), threading.Event()
+
+    def pause(done: int, size: int) -> None:
+        if done == 4 * MIB:
+            halfway.set()
+            assert go_on.wait(30)
+
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        result["snap"], result["index"] = backed_up(store, dir_storage, src, vmid=101, progress=pause)
+
+    backup = threading.Thread(target=run)
+    backup.start()
+    assert halfway.wait(30)
+    removed = store.gc(margin=0)
+    go_on.set()
+    backup.join(30)
+    assert removed.chunks_removed >= 2  # the forgotten backup's random chunks
+    dst = VolName(200, "vm-200-disk-0", "raw")
+    dir_storage.allocate(dst, 8 * MIB)
+    with dir_storage.image(dst, write=True) as image:
+        restore(store, result["index"], image, reads_zero=True)  # type: ignore[arg-type]
+    dir_storage.compare(dir_storage, src, dst)
+    assert store.verify(str(result["snap"].id)).ok  # type: ignore[attr-defined]

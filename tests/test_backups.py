@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,35 @@ def test_a_restore_killed_after_a_disk_is_written_is_finished_without_an_orphan(
     assert sorted(restored.disks) == ["scsi0", "scsi1"] and restored.lock == ""
     assert qemu_same(volume_path(disk), volume_path(restored.disks["scsi0"]))
     assert orphans(client, "crash") == [] and job.result["vmid"] == r
+
+
+@pytest.fixture
+def tiny_store():
+    """A 6 MiB tmpfs as the backup storage `tiny`, so that a backup runs out of space."""
+    path = BASE / "tiny"
+    path.mkdir(exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(path)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield path
+    subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_backup_storage_running_full_fails_the_backup_and_keeps_the_earlier_ones(stork, client, vmid,
+                                                                                   tiny_store):
+    """Random data does not compress: 2 MiB fits, 12 MiB does not. The failed backup leaves
+    nothing visible and no partial folder; the earlier backup still verifies and restores."""
+    small, big, r = vmid(), vmid(), vmid()
+    for g, mib in ((small, 2), (big, 12)):
+        assert stork("guest", "create", g, "--disk", "scsi0=local:16M")[0] == 0
+        with open(volume_path(f"local:{g}/vm-{g}-disk-0.raw"), "r+b") as f:
+            f.write(os.urandom(mib * PATTERN_MIB))
+    earlier = backed_up(stork, small, "--storage", "tiny")["backup"]
+    code, _, err = stork("backup", big, "--storage", "tiny")
+    assert code == 1 and "No space left on device" in err and err.count("\n") == 1
+    assert not (tiny_store / "vm" / str(big)).exists() or os.listdir(tiny_store / "vm" / str(big)) == []
+    assert client.guest(big).lock == ""
+    assert stork("verify", f"tiny:{earlier}")[0] == 0
+    assert stork("restore", f"tiny:{earlier}", r)[0] == 0
+    assert qemu_same(volume_path(f"local:{small}/vm-{small}-disk-0.raw"), volume_path(client.guest(r).disks["scsi0"]))
