@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from drivers import STORAGE_TYPES, names
+from drivers import BACKUP_STORAGES, STORAGE_TYPES, names
 from drivers.errors import ConfigError, InvalidName, NotFound
 from drivers.safedir import kind_of
 from drivers.storage import Option, StorageConfig, is_path_text
@@ -63,6 +63,8 @@ class Config:
     flower_address: str = "127.0.0.1"
     flower_port: int = 5555
     flower_basic_auth: str = field(default="", repr=False)
+    # [schedule.<name>] tables as checked here; their crontab is parsed by worker/schedules.py
+    schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def known_nodes(self) -> list[str]:
         """This node and every node a storage names: the cluster as the config knows it."""
@@ -172,6 +174,31 @@ SCHEMA: dict[str, dict[str, Check]] = {
 }
 SECRET_KEYS = ("flower.basic_auth",)  # never echoed in an error
 # The keys every storage has; its driver's own (Driver.OPTIONS) come on top.
+def _guest_list(v: Any) -> bool:
+    return isinstance(v, list) and all(_int(x) and 100 <= x <= 999_999_999 for x in v) and len(set(v)) == len(v)
+
+
+# A backup schedule (run by Celery beat, worker/schedules.py); `schedule` is a crontab line of
+# five fields (minute hour day-of-month month day-of-week), parsed by Celery's crontab.
+SCHEDULE_SCHEMA: dict[str, Check] = {
+    "schedule": (lambda v: _str(v) and len(v.split()) == 5, 'a crontab line of five fields, e.g. "0 2 * * *"'),
+    "guests": (lambda v: v == "all" or (_guest_list(v) and bool(v)), '"all" or a non-empty list of guest ids'),
+    "exclude": (_guest_list, "a list of guest ids"),
+    "storage": (lambda v: _str(v) and _storage_id_ok(v), "a storage id"),
+    "enabled": (lambda v: isinstance(v, bool), "true or false"),
+    **{f"keep-{period}": (_int_in(0, 1_000_000), "a whole number from 0")
+       for period in ("last", "hourly", "daily", "weekly", "monthly", "yearly")},
+}
+
+
+def _storage_id_ok(v: str) -> bool:
+    try:
+        names.storage_id(v)
+        return True
+    except InvalidName:
+        return False
+
+
 STORAGE_SCHEMA: dict[str, Check] = {
     "type": (lambda v: isinstance(v, str) and v in _drivers(), ""),  # message: _check_storage
     "content": (
@@ -253,6 +280,17 @@ def _check_storage(file: Path, sid: str, entry: Any) -> None:
         )
 
 
+def _check_schedule(file: Path, name: str, entry: Any) -> None:
+    if not _storage_id_ok(name):
+        raise ConfigError(f"{file}: [schedule.{name}]: invalid schedule name (a lower-case letter, then a-z 0-9 _ -)")
+    _check_table(file, f"schedule.{name}", entry, SCHEDULE_SCHEMA)
+    for key in ("schedule", "guests"):
+        if key not in entry:
+            raise ConfigError(f"{file}: schedule.{name}.{key} is missing ({SCHEDULE_SCHEMA[key][1]})")
+    if "exclude" in entry and entry["guests"] != "all":
+        raise ConfigError(f"{file}: schedule.{name}.exclude: only with guests = \"all\"")
+
+
 def _storage(sid: str, entry: dict[str, Any], path: Callable[[str], Path]) -> StorageConfig:
     """A checked [storage.<id>] table as a StorageConfig: its driver's options with defaults."""
     options = {}
@@ -273,10 +311,15 @@ def _validate(file: Path, data: dict[str, Any]) -> None:
                 raise ConfigError(f"{file}: [storage] must hold [storage.<id>] tables")
             for sid, entry in table.items():
                 _check_storage(file, sid, entry)
+        elif section == "schedule":
+            if not isinstance(table, dict):
+                raise ConfigError(f"{file}: [schedule] must hold [schedule.<name>] tables")
+            for name, entry in table.items():
+                _check_schedule(file, name, entry)
         elif section in SCHEMA:
             _check_table(file, section, table, SCHEMA[section])
         else:
-            known = ", ".join([*SCHEMA, "storage"])
+            known = ", ".join([*SCHEMA, "storage", "schedule"])
             raise ConfigError(f"{file}: unknown section [{section}] (expected one of: {known})")
 
 
@@ -358,6 +401,11 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
     error = _overlap_error(file, storage_paths, {"paths.guests": guests_dir, "paths.locks": locks_dir})
     if error:
         raise ConfigError(error)
+    for name, schedule in section("schedule").items():
+        sid = schedule.get("storage")
+        if sid is not None and (sid not in storages or storages[sid].type not in BACKUP_STORAGES):
+            raise ConfigError(f"{file}: schedule.{name}.storage = {sid!r}: expected a backup storage "
+                              f"(type = \"chunkstore\") of this config")
     places = {sid: place for sid, s in storages.items() if (place := STORAGE_TYPES[s.type].place(s))}
     if pair := _nested(places):
         a, b = pair
@@ -376,6 +424,7 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
         flower_address=flower.get("address", "127.0.0.1"),
         flower_port=flower.get("port", 5555),
         flower_basic_auth=flower.get("basic_auth", ""),
+        schedules=dict(section("schedule")),
     )
 
 

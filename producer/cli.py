@@ -335,6 +335,12 @@ def cmd_prune(args: argparse.Namespace, client: Client) -> int:
 KEEP_PERIODS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
+def cmd_schedule_list(args: argparse.Namespace, client: Client) -> int:
+    rows = client.schedules()
+    _emit(args, rows, _views().schedules(rows))
+    return 0
+
+
 SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]] = {
     "guest.create": lambda a: ("create", {"vmid": a.vmid, "name": a.name,
                                           "disks": _disk_specs(a.disk, "storage:size")}),
@@ -502,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--keep-{period}", type=int, metavar="N")
     p.add_argument("--dry-run", action="store_true", help="print what would be kept and removed, and why")
     command(sub, "gc", _submitter("gc"), "remove chunks no backup refers to", True).add_argument("--storage")
+
+    schedule = group("schedule", "backup schedules ([schedule.<name>] in the config, run by beat)")
+    command(schedule, "list", cmd_schedule_list, "each schedule: its last run and outcome, its next run")
 
     job = group("job", "jobs")
     p = command(job, "list", cmd_job_list, "recent jobs, newest first")

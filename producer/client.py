@@ -27,7 +27,7 @@ from drivers.base import VolumeInfo
 from drivers.config import Config, StorageConfig
 from drivers.errors import NotFound, Refused, StorkError
 from drivers.guests import Guest, GuestStore
-from worker import deadletter, events, records, runner, usage
+from worker import deadletter, events, records, runner, schedules, usage
 from worker.app import make_app
 from worker.jobs import KINDS
 from worker.prepare_backups import backup_storage_id, find_backup
@@ -269,6 +269,10 @@ class Client:
         """Remove a backup (refused while protected); its chunks go at the next gc."""
         _, store, bid = find_backup(self.cfg, text)
         store.forget(bid)
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """Each backup schedule with its last run, that run's outcome, and its next slot."""
+        return schedules.status(self.cfg, self.r)
 
     def guests(self) -> list[Guest]:
         return self.guest_store.list()

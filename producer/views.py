@@ -173,3 +173,15 @@ def prune_plan(decisions: Iterable[Mapping[str, Any]]) -> str:
     return table(["ID", "ACTION", "WHY"], [[d["id"], "keep" if d["keep"] else "remove", d["reason"]]
                                            for d in decisions])
 
+
+def schedules(rows: Iterable[Mapping[str, Any]]) -> str:
+    def guests(r: Mapping[str, Any]) -> str:
+        return "all" if r["guests"] == "all" else text(r["guests"])
+
+    def keep(r: Mapping[str, Any]) -> str:
+        return " ".join(f"{k}={v}" for k, v in r["keep"].items() if v) or "-"
+
+    return table(["NAME", "SCHEDULE", "GUESTS", "STORAGE", "KEEP", "ENABLED", "LAST RUN", "OUTCOME", "NEXT RUN"],
+                 [[r["name"], r["schedule"], guests(r), r["storage"] or "default", keep(r), r["enabled"],
+                   r["last"] or "never", r["outcome"] or "-", r["next"] or "-"] for r in rows])
+

@@ -96,6 +96,14 @@ shared = true
 type = "chunkstore"
 path = "tiny"
 shared = true
+[schedule.nightly]
+schedule = "0 2 * * *"
+guests = "all"
+exclude = [100]
+storage = "backup"
+keep-daily = 7
+keep-weekly = 4
+enabled = false
 {LOOP_STORAGES}""")
 os.environ["STORK_CONFIG"] = str(CONFIG)
 os.environ["STORK_NODE"] = "node1"

@@ -28,13 +28,14 @@ import structlog
 from celery import Task
 from celery.exceptions import Ignore
 
-from worker import records, recovery, runner
-from worker.app import app, redis_client
+from worker import records, recovery, runner, schedules
+from worker.app import app, config, redis_client
 from worker.jobs import KINDS, JobKind
 from worker.queues import SHARED_QUEUE
 from worker.records import JobState
 
 SWEEP = recovery.SWEEP  # seconds between sweeps for stuck jobs
+SCHEDULE_TICK = 60.0  # seconds between looks at the backup schedules
 log = structlog.get_logger("stork.worker")
 
 
@@ -136,8 +137,16 @@ def sweep() -> list[str]:
     return recovery.periodic_sweep()
 
 
+@app.task(name="stork.schedule.tick", expires=SCHEDULE_TICK)
+def schedule_tick() -> list[str]:
+    """Start the scheduled backups that are due, and their prunes (sent by beat every minute;
+    a slot is run once however many beats send it: worker/schedules.py)."""
+    return schedules.tick(config(), redis_client(), app)
+
+
 app.conf.beat_schedule = {
     "stork-sweep": {"task": "stork.job.sweep", "schedule": SWEEP, "options": {"queue": SHARED_QUEUE}},
+    "stork-schedules": {"task": "stork.schedule.tick", "schedule": SCHEDULE_TICK, "options": {"queue": SHARED_QUEUE}},
 }
 
 

@@ -1,0 +1,244 @@
+"""Scheduled backups: `[schedule.<name>]` tables of the config, run by Celery beat.
+
+Beat sends `stork.schedule.tick` every minute (worker/tasks.py); any worker runs it. A tick
+finds, for each enabled schedule, its latest slot (the newest minute at or before now that
+the crontab matches, Celery's crontab parsing the line) and runs the schedule once for it if
+that slot is newer than the last one run: one backup job per guest, then, once they have all
+ended, one prune job with the schedule's retention. Each slot is claimed with SET NX on its
+own key, so two beat processes (two ticks a minute) enqueue it once; after beat was down
+for several slots, only the latest one runs (one catch-up, not one per missed slot). A
+schedule never run before runs only a slot of the last `FIRST_RUN_GRACE` seconds, so adding
+one at noon does not start a 02:00 backup at once.
+
+Slot arithmetic is pure (`latest_slot`, `due_slot`) and table-tested; times are UTC.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.schedules import crontab
+
+from drivers.config import Config
+from drivers.errors import ConfigError, StorkError
+from drivers.guests import GuestStore
+from worker import records
+from worker.runner import submit
+
+FIRST_RUN_GRACE = 300.0
+SLOT_KEY_TTL = 90 * 86400  # a claimed slot's key outlives any catch-up
+SEARCH_DAYS = 4 * 366  # a crontab matching no minute in this long never runs (e.g. 30 Feb)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    line: str
+    cron: crontab
+    guests: str | tuple[int, ...]  # "all" or guest ids
+    exclude: frozenset[int]
+    storage: str | None
+    keep: dict[str, int]  # keep-<period> -> count
+    enabled: bool
+
+
+def parse(cfg: Config) -> list[Schedule]:
+    """The config's schedules; a crontab Celery cannot parse is a ConfigError naming the key."""
+    found = []
+    for name, entry in sorted(cfg.schedules.items()):
+        line = entry["schedule"]
+        minute, hour, day_of_month, month, day_of_week = line.split()
+        try:
+            cron = crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month,
+                           day_of_week=day_of_week)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.file}: schedule.{name}.schedule = {line!r}: {e}") from None
+        guests = entry["guests"]
+        found.append(Schedule(name, line, cron, guests if guests == "all" else tuple(guests),
+                              frozenset(entry.get("exclude", ())), entry.get("storage"),
+                              {k: v for k, v in entry.items() if k.startswith("keep-")}, entry.get("enabled", True)))
+    return found
+
+
+# ---- slots: pure -----------------------------------------------------------------------------
+
+
+def _matches_day(cron: crontab, day: datetime) -> bool:
+    # Celery's crontab counts weekdays from Sunday = 0; Python's isoweekday() has Sunday = 7
+    return day.month in cron.month_of_year and day.day in cron.day_of_month and \
+        day.isoweekday() % 7 in cron.day_of_week
+
+
+def latest_slot(cron: crontab, now: datetime) -> datetime | None:
+    """The newest minute at or before `now` (UTC) that the crontab matches; None if none in
+    the last four years (a crontab that can never match)."""
+    now = now.astimezone(UTC).replace(second=0, microsecond=0)
+    day = now.replace(hour=0, minute=0)
+    for back in range(SEARCH_DAYS):
+        if _matches_day(cron, day):
+            last_hour = now.hour if back == 0 else 23
+            for hour in sorted((h for h in cron.hour if h <= last_hour), reverse=True):
+                last_minute = now.minute if back == 0 and hour == now.hour else 59
+                minutes = [m for m in cron.minute if m <= last_minute]
+                if minutes:
+                    return day.replace(hour=hour, minute=max(minutes))
+        day -= timedelta(days=1)
+    return None
+
+
+def due_slot(cron: crontab, last_run: datetime | None, now: datetime,
+             grace: float = FIRST_RUN_GRACE) -> datetime | None:
+    """The slot to run now: the latest one, if it is newer than the last slot run (however
+    many were missed: one catch-up), or, for a schedule never run, if it is recent."""
+    slot = latest_slot(cron, now)
+    if slot is None:
+        return None
+    if last_run is None:
+        return slot if (now - slot).total_seconds() <= grace else None
+    return slot if slot > last_run else None
+
+
+def next_slot(cron: crontab, now: datetime) -> datetime | None:
+    """The first minute after `now` that the crontab matches (for `stork schedule list`)."""
+    start = now.astimezone(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
+    day = start.replace(hour=0, minute=0)
+    for ahead in range(SEARCH_DAYS):
+        if _matches_day(cron, day):
+            first_hour = start.hour if ahead == 0 else 0
+            for hour in sorted(h for h in cron.hour if h >= first_hour):
+                first_minute = start.minute if ahead == 0 and hour == start.hour else 0
+                minutes = [m for m in cron.minute if m >= first_minute]
+                if minutes:
+                    return day.replace(hour=hour, minute=min(minutes))
+        day += timedelta(days=1)
+    return None
+
+
+# ---- running: a tick -------------------------------------------------------------------------
+
+
+def _key(name: str, what: str) -> str:
+    return f"stork:schedule:{name}:{what}"
+
+
+# Move the schedule's "last slot" pointer forward only (two ticks at a minute's turn may claim
+# two slots; the older must not overwrite the newer). Slots are UTC ISO strings: they sort.
+_ADVANCE = """
+local current = redis.call('GET', KEYS[1])
+if (not current) or current < ARGV[1] then redis.call('SET', KEYS[1], ARGV[1]) end
+"""
+
+
+def _last(r: redis.Redis, name: str) -> dict[str, Any] | None:
+    """The record of the schedule's newest run: its slot, jobs, refusals, prune."""
+    slot = r.get(_key(name, "last"))
+    raw = r.get(_key(name, f"run:{slot}")) if slot else None
+    return json.loads(raw) if raw else None
+
+
+def _save(r: redis.Redis, name: str, run: dict[str, Any]) -> None:
+    r.set(_key(name, f"run:{run['slot']}"), json.dumps(run), ex=SLOT_KEY_TTL)
+
+
+def tick(cfg: Config, r: redis.Redis, sender: Celery, now: datetime | None = None) -> list[str]:
+    """Run what is due; the names of the schedules this tick started or pruned."""
+    now = now or datetime.now(UTC)
+    acted = []
+    for schedule in parse(cfg):
+        if not schedule.enabled:
+            continue
+        last = _last(r, schedule.name)
+        if last and not last.get("pruned") and _prune_when_done(cfg, r, sender, schedule, last):
+            acted.append(schedule.name)
+        slot = due_slot(schedule.cron, datetime.fromisoformat(last["slot"]) if last else None, now)
+        if slot is None or not r.set(_key(schedule.name, f"slot:{slot.isoformat()}"), "1", nx=True,
+                                     ex=SLOT_KEY_TTL):
+            continue  # nothing due, or another tick claimed this slot
+        _save(r, schedule.name, {"slot": slot.isoformat(), "jobs": {}, "refused": {}, "pruned": True})
+        r.eval(_ADVANCE, 1, _key(schedule.name, "last"), slot.isoformat())
+        _save(r, schedule.name, _start(cfg, r, sender, schedule, slot))
+        acted.append(schedule.name)
+    return acted
+
+
+def _guests(cfg: Config, schedule: Schedule) -> list[int]:
+    if schedule.guests == "all":
+        return sorted(vmid for vmid in (g.vmid for g in GuestStore(cfg.guests_dir, cfg.lock_timeout).list())
+                      if vmid not in schedule.exclude)
+    return list(schedule.guests)
+
+
+def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, slot: datetime) -> dict[str, Any]:
+    """One backup job per guest; a guest refused at submit is recorded with the reason."""
+    jobs, refused = {}, {}
+    options = {"storage": schedule.storage} if schedule.storage else {}
+    for vmid in _guests(cfg, schedule):
+        try:
+            jobs[str(vmid)] = submit("backup", {"vmid": vmid, "notes": f"schedule {schedule.name}", **options},
+                                     cfg, r, sender).id
+        except StorkError as e:
+            refused[str(vmid)] = str(e)
+    return {"slot": slot.isoformat(), "jobs": jobs, "refused": refused, "pruned": not any(schedule.keep.values())}
+
+
+def _prune_when_done(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule,
+                     last: dict[str, Any]) -> bool:
+    """Once every backup job of the last run has ended, prune each guest it backed up (one job,
+    claimed with SET NX so two ticks do not both submit it)."""
+    try:
+        states = [records.load(r, job_id).state for job_id in last["jobs"].values()]
+    except StorkError:
+        states = []  # a record expired: the run is long over
+    if any(not state.terminal for state in states):
+        return False
+    if not r.set(_key(schedule.name, f"prune:{last['slot']}"), "1", nx=True, ex=SLOT_KEY_TTL):
+        return False
+    keep = {k: v for k, v in schedule.keep.items() if v}
+    prune_jobs = []
+    for vmid in last["jobs"]:
+        options = {"vmid": int(vmid), "keep": keep, **({"storage": schedule.storage} if schedule.storage else {})}
+        try:
+            prune_jobs.append(submit("prune", options, cfg, r, sender).id)
+        except StorkError:
+            continue  # e.g. the storage is gone from the config: the next run prunes again
+    _save(r, schedule.name, {**last, "pruned": True, "prune_jobs": prune_jobs})
+    return True
+
+
+# ---- reading: stork schedule list ------------------------------------------------------------
+
+
+def status(cfg: Config, r: redis.Redis, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Per schedule: its line, guests, storage, retention, whether enabled, the last slot run
+    and its outcome (each job's state, refusals), and the next slot."""
+    now = now or datetime.now(UTC)
+    rows = []
+    for s in parse(cfg):
+        last = _last(r, s.name)
+        nxt = next_slot(s.cron, now)
+        rows.append({"name": s.name, "schedule": s.line, "guests": s.guests if s.guests == "all" else list(s.guests),
+                     "storage": s.storage, "keep": s.keep, "enabled": s.enabled,
+                     "last": last["slot"] if last else None, "outcome": _outcome(r, last),
+                     "next": nxt.isoformat() if nxt and s.enabled else None})
+    return rows
+
+
+def _outcome(r: redis.Redis, last: dict[str, Any] | None) -> str:
+    if not last:
+        return ""
+    states: dict[str, int] = {}
+    for job_id in last["jobs"].values():
+        try:
+            state = str(records.load(r, job_id).state)
+        except StorkError:
+            state = "expired"
+        states[state] = states.get(state, 0) + 1
+    if last["refused"]:
+        states["refused"] = len(last["refused"])
+    return ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no guest"
+
