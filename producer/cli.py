@@ -363,7 +363,7 @@ SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]
     "disk.resize": lambda a: ("resize", _resize_options(a)),
     "volume.free": lambda a: ("free", {"volid": a.volid}),
     "restore": lambda a: ("restore", {"backup": a.id, "newid": a.newid, "storage": a.storage, "format": a.format,
-                                      "name": a.name}),
+                                      "name": a.name, "force": a.force or None}),
     "gc": lambda a: ("gc", {"storage": a.storage}),
 }
 
@@ -497,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="the image storage of every disk (default: each disk's own)")
     p.add_argument("--format", choices=["raw", "qcow2"])
     p.add_argument("--name")
+    p.add_argument("--force", action="store_true",
+                   help="replace the existing, unlocked guest NEWID once the restore has succeeded")
     p = command(sub, "verify", cmd_verify, "read back backups and check every chunk", True)
     p.add_argument("id", nargs="?", metavar="BACKUP")
     p.add_argument("--all", action="store_true", help="every backup of the storage")

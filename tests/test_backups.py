@@ -31,7 +31,8 @@ def guest_with_data(stork, g: int, fmt: str = "raw", size: str = "16M") -> str:
 
 
 def backed_up(stork, g: int, *more: str) -> dict:
-    code, out, err = stork("--json", "backup", g, *more)
+    where = () if "--storage" in more else ("--storage", "backup")
+    code, out, err = stork("--json", "backup", g, *more, *where)
     assert code == 0, err
     return json.loads(out)["result"]
 
@@ -132,17 +133,18 @@ def test_protect_keeps_a_backup_from_forget_and_prune_and_gc_removes_what_nothin
     assert stork("backup", "protect", first)[0] == 0
     code, _, err = stork("backup", "forget", first)
     assert code == 1 and "protected" in err and err.count("\n") == 1
-    code, out, err = stork("prune", g, "--keep-last", "0", "--keep-daily", "0", "--keep-hourly", "1", "--dry-run")
+    code, out, err = stork("prune", g, "--storage", "backup", "--keep-last", "0", "--keep-daily", "0",
+                           "--keep-hourly", "1", "--dry-run")
     assert code == 0, err
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
     assert rows == {second: "keep", first: "keep"}  # the newest for its hour; the other protected
     assert stork("backup", "unprotect", first)[0] == 0
-    code, out, err = stork("--json", "prune", g, "--keep-last", "1")
+    code, out, err = stork("--json", "prune", g, "--storage", "backup", "--keep-last", "1")
     assert code == 0, err
     assert json.loads(out)["result"]["removed"] == 1
     code, out, _ = stork("backup", "list", g)
     assert second in out and first not in out
-    code, out, err = stork("--json", "gc")
+    code, out, err = stork("--json", "gc", "--storage", "backup")
     assert code == 0, err
     assert json.loads(out)["result"]["chunks_removed"] == 0  # inside gc's safety margin: kept for now
     assert stork("verify", second)[0] == 0
@@ -168,8 +170,12 @@ REFUSALS = [
     ("the backup storage as an image storage", "guest create {new} --disk scsi0=backup:4M",
      "storage 'backup' does not hold disk images"),
     ("a locked guest", "backup {locked}", "guest {locked} is locked (destroy)"),
-    ("prune without a keep option", "prune {g}", "give at least one keep option"),
-    ("prune with a negative count", "prune {g} --keep-last -1", "keep-last: expected a whole number of 0 or more"),
+    ("restore --force over a locked guest", "restore {backup} {locked} --force", "guest {locked} is locked (destroy)"),
+    ("prune without a keep option", "prune {g} --storage backup", "give at least one keep option"),
+    ("prune with a negative count", "prune {g} --storage backup --keep-last -1",
+     "keep-last: expected a whole number of 0 or more"),
+    ("no backup storage named where several are", "backup {g}",
+     "several backup storages (backup, tiny): name one with --storage"),
     ("backup with nothing named", "backup", "name the guests to back up, or give --all"),
     ("forget an unknown backup", "backup forget vm/100/2020-01-01T00:00:00Z", "unknown backup"),
 ]
@@ -191,7 +197,7 @@ def test_refusals_are_one_line_and_change_nothing(stork, client, vmid, locked, w
 def test_one_failing_guest_does_not_stop_the_others_backups(stork, client, vmid, locked):
     g = vmid()
     guest_with_data(stork, g)
-    code, _, err = stork("backup", locked, g)
+    code, _, err = stork("backup", locked, g, "--storage", "backup")
     assert code == 1 and f"guest {locked} is locked" in err
     code, out, _ = stork("backup", "list", g)
     assert f"vm/{g}/" in out
@@ -223,10 +229,10 @@ def test_a_backup_killed_before_or_after_its_commit_is_made_once(client, stork, 
     unlocked, and gc removes the dead attempt's partial folder."""
     g = vmid()
     crash_guest(client, g)
-    job = crash(client, faulty, point, "backup", vmid=g)
+    job = crash(client, faulty, point, "backup", vmid=g, storage="backup")
     assert client.guest(g).lock == ""
     assert [e for e in visible(g) if not e.startswith(".")] == [job.result["backup"].rpartition("/")[2]]
-    assert stork("gc")[0] == 0
+    assert stork("gc", "--storage", "backup")[0] == 0
     assert [e for e in visible(g) if e.startswith(".partial")] == []
     assert stork("verify", job.result["backup"])[0] == 0
 
@@ -234,7 +240,7 @@ def test_a_backup_killed_before_or_after_its_commit_is_made_once(client, stork, 
 def test_a_restore_killed_after_a_disk_is_written_is_finished_without_an_orphan(client, stork, vmid, faulty):
     g, r = vmid(), vmid()
     disk = crash_guest(client, g)
-    backup = client.run("backup", vmid=g).result["backup"]
+    backup = client.run("backup", vmid=g, storage="backup").result["backup"]
     job = crash(client, faulty, "restored", "restore", backup=backup, newid=r, storage="crash", node="crash")
     restored = client.guest(r)
     assert sorted(restored.disks) == ["scsi0", "scsi1"] and restored.lock == ""
@@ -272,3 +278,25 @@ def test_a_backup_storage_running_full_fails_the_backup_and_keeps_the_earlier_on
     assert stork("verify", f"tiny:{earlier}")[0] == 0
     assert stork("restore", f"tiny:{earlier}", r)[0] == 0
     assert qemu_same(volume_path(f"local:{small}/vm-{small}-disk-0.raw"), volume_path(client.guest(r).disks["scsi0"]))
+
+
+def test_restore_force_replaces_a_guest_only_once_the_restore_has_succeeded(stork, client, vmid):
+    g, other = vmid(), vmid()
+    disk = guest_with_data(stork, g)
+    backup = backed_up(stork, g)["backup"]
+    guest_with_data(stork, other, "qcow2")
+    old = client.guest(other).disks["scsi0"]
+    chunk = chunk_of(backup)
+    saved = chunk.read_bytes()
+    chunk.unlink()  # first a restore that fails: the guest stays as it was
+    code, _, err = stork("restore", backup, other, "--force")
+    assert code == 1 and chunk.name in err
+    assert client.guest(other).disks == {"scsi0": old} and client.guest(other).lock == ""
+    assert volume_path(old).exists()
+    chunk.write_bytes(saved)
+    code, _, err = stork("restore", backup, other, "--force")
+    assert code == 0, err
+    replaced = client.guest(other)
+    assert replaced.lock == "" and replaced.unused == () and replaced.disks["scsi0"] != old
+    assert qemu_same(volume_path(disk), volume_path(replaced.disks["scsi0"]))
+    assert not volume_path(old).exists()  # the old disk freed once the new one was in place

@@ -21,9 +21,9 @@ from drivers import backup_storage, faults, guests, retention
 from drivers.backup import back_up, find_base, restore
 from drivers.backuprecords import format_time, parse_time
 from drivers.chunkstore import ChunkStore
-from drivers.errors import Corrupt, NotFound
+from drivers.errors import Corrupt, NotFound, StorkError
 from drivers.retention import Candidate, Keep
-from worker import steps
+from worker import steps, usage
 from worker.context import StepContext
 
 
@@ -109,6 +109,18 @@ def restore_data(ctx: StepContext) -> None:
         ctx.save()
 
 
+def reserve_restored(ctx: StepContext) -> None:
+    """A new guest's config, locked by this job; nothing for a guest being replaced (--force),
+    which LOCK_GUEST holds instead."""
+    if not ctx.params.get("replace"):
+        steps.reserve_guest(ctx)
+
+
+def unreserve_restored(ctx: StepContext) -> None:
+    if not ctx.params.get("replace"):  # never remove the guest being replaced
+        steps.unreserve_guest(ctx)
+
+
 def make_restored_bases(ctx: StepContext) -> None:
     """A template's disks come back as bases."""
     if ctx.params["template"]:
@@ -116,11 +128,53 @@ def make_restored_bases(ctx: StepContext) -> None:
 
 
 def commit_restored(ctx: StepContext) -> None:
-    """Register the restored guest (a template with its bases): the job's commit point."""
-    if ctx.params["template"]:
+    """Register the restored guest (a template with its bases): the job's commit point. A
+    guest replaced (--force) gets the restored disks; its old ones are kept as unused until
+    FREE_REPLACED frees them, so none is ever unnamed."""
+    if ctx.params.get("replace"):
+        _replace_guest(ctx)
+    elif ctx.params["template"]:
         steps.commit_template_copy(ctx)
     else:
         steps.commit_new_guest(ctx)
+
+
+def _replace_guest(ctx: StepContext) -> None:
+    vmid = ctx.params["new_vmid"]
+    disks = {key: pair[1] for key, pair in ctx.data.get("based", {}).items()} or dict(ctx.data.get("made", {}))
+    with ctx.guests.editing(vmid) as box:
+        old = box[0]
+        if old.lock_job == ctx.job.id:
+            ctx.data["replaced"] = dict(old.disks)
+            ctx.save()
+            name = ctx.params.get("name") or old.name
+            box[0] = old.with_(disks=disks, template=ctx.params["template"], name=name, lock="", lock_job="",
+                               unused=(*old.unused, *old.disks.values()))
+    ctx.set_result(vmid=vmid, disks=disks, template=ctx.params["template"],
+                   replaced=ctx.data.get("replaced", {}))
+
+
+def free_replaced(ctx: StepContext) -> None:
+    """Free the replaced guest's old disks and drop them from its unused list; one that cannot
+    be freed (a base that linked clones read through) stays listed as unused, with a warning."""
+    if not ctx.params.get("replace"):
+        return
+    freed, kept = [], []
+    for volid in ctx.data.get("replaced", {}).values():
+        try:
+            drv, vol = ctx.volume(volid)
+            with ctx.storage_lock(drv):
+                usage.require_unused(ctx, volid, count_unused=False)
+                ctx.fence(drv)
+                if drv.exists(vol):
+                    drv.free_volume(vol)  # refuses a base with linked clones
+            freed.append(volid)
+        except (StorkError, OSError) as e:
+            kept.append(f"{volid}: {e}")
+    with ctx.guests.editing(ctx.params["new_vmid"]) as box:
+        box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v not in freed))
+    if kept:
+        ctx.set_result(warning=f"kept as unused: {'; '.join(kept)}")
 
 
 # ---- keeping a backup storage: verify, prune, gc -------------------------------------------

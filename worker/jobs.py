@@ -96,8 +96,10 @@ MAKE_COPY_BASES = Step("make_bases", steps.make_copies_bases, steps.unmake_bases
 COMMIT_TEMPLATE_COPY = Step("commit_guest", steps.commit_template_copy, storage=False, commit=True)
 BACKUP = Step("backup", backups.backup_guest, commit=True)  # a snapshot appears whole or not at all
 RESTORE_DATA = Step("restore_data", backups.restore_data)  # its targets are freed by ALLOCATE's undo
+RESERVE_RESTORED = Step("reserve_guest", backups.reserve_restored, backups.unreserve_restored, storage=False)
 MAKE_RESTORED_BASES = Step("make_bases", backups.make_restored_bases, steps.unmake_bases)  # for a template
 COMMIT_RESTORED = Step("commit_guest", backups.commit_restored, storage=False, commit=True)
+FREE_REPLACED = Step("free_replaced", backups.free_replaced)  # --force: the replaced guest's old disks
 VERIFY_BACKUPS = Step("verify", backups.verify_backups)
 PRUNE = Step("prune", backups.prune_backups, commit=True)  # what it forgot stays forgotten
 GC = Step("gc", backups.collect_garbage, commit=True)
@@ -142,8 +144,9 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
             (RESERVE_GUEST, ALLOCATE, COPY, MAKE_COPY_BASES, COMMIT_TEMPLATE_COPY), prepare_template_copy),
     JobKind("backup", "back up a guest's config and disks into a backup storage",
             (LOCK_GUEST, BACKUP, UNLOCK_GUEST), prepare_backup),
-    JobKind("restore", "restore a backup as a new guest (a template as a template)",
-            (RESERVE_GUEST, ALLOCATE, RESTORE_DATA, MAKE_RESTORED_BASES, COMMIT_RESTORED), prepare_restore),
+    JobKind("restore", "restore a backup as a new guest, or over one with force (a template as a template)",
+            (LOCK_GUEST, RESERVE_RESTORED, ALLOCATE, RESTORE_DATA, MAKE_RESTORED_BASES, COMMIT_RESTORED,
+             FREE_REPLACED), prepare_restore),
     JobKind("verify", "read back every chunk of backups and check their digests", (VERIFY_BACKUPS,), prepare_verify),
     JobKind("prune", "forget the backups a retention does not keep", (PRUNE,), prepare_prune),
     JobKind("gc", "remove the chunks no backup refers to", (GC,), prepare_gc),

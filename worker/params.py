@@ -171,6 +171,7 @@ PARAMS: dict[str, Check] = {
     "template": _bool,
     "keep": _table({period: _count for period in retention.OPTIONS}),
     "dry_run": _bool,
+    "replace": _bool,  # restore --force: over an existing guest
 }
 
 

@@ -11,9 +11,21 @@ from drivers.backuprecords import backup_id
 from drivers.chunkstore import ChunkStore
 from drivers.config import Config
 from drivers.errors import AlreadyExists, InvalidName, NotFound, Refused
+from drivers.guests import Guest
 from drivers.names import VolName
 from drivers.retention import Keep
-from worker.prepare import _check_nodes, _format, _guest, _images_storage, _name, _node, _only, _store
+from worker.prepare import (
+    _check_nodes,
+    _flag,
+    _format,
+    _guest,
+    _images_storage,
+    _name,
+    _node,
+    _only,
+    _store,
+    _volume,
+)
 
 MAX_NOTES = 1024
 
@@ -71,11 +83,10 @@ def find_backup(cfg: Config, text: Any) -> tuple[str, ChunkStore, str]:
 def prepare_restore(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     """A backup as a new guest: each disk on the named storage (else where it was), in the
     format named (else its own where the storage holds it); a template as a template."""
-    _only(o, {"backup", "newid", "storage", "format", "name", "node"}, "restore")
+    _only(o, {"backup", "newid", "storage", "format", "name", "node", "force"}, "restore")
     sid, store, bid = find_backup(cfg, o.get("backup"))
     newid = names.vmid(o.get("newid"))
-    if _store(cfg).exists(newid):
-        raise AlreadyExists(f"guest {newid} already exists")
+    replaced = _replaced(cfg, newid, _flag(o, "force"))
     manifest = store.snapshot(bid).manifest
     original = guests.loads(newid, store.read_blob(bid, "guest.conf").decode(), Path(f"backup {bid}: guest.conf"))
     target = names.storage_id(o["storage"]) if o.get("storage") else None
@@ -87,10 +98,30 @@ def prepare_restore(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         if original.template and not drv.has_feature("make_base", VolName(newid, key, fmt)):
             raise Refused(f"backup {bid} is of a template: storage {storage!r} cannot hold {fmt} base images")
         disks[key] = {"storage": storage, "owner": newid, "format": fmt, "size": disk.virtual_size}
-    node = _node(o, cfg)
+    node = replaced.node if replaced else _node(o, cfg)
+    replacing = {"replace": True, "lock_vmid": newid, "expect_disks": replaced.disks} if replaced else {}
     return {"store": sid, "backup": bid, "new_vmid": newid, "name": _name(o) or original.name, "node": node,
-            "template": original.template, "disks": disks,
+            "template": original.template, "disks": disks, **replacing,
             "storages": _check_nodes(cfg, {d["storage"] for d in disks.values()} | {sid}, node)}
+
+
+def _replaced(cfg: Config, vmid: int, force: bool) -> Guest | None:
+    """The guest a forced restore replaces (unlocked, no template whose bases have linked
+    clones), None where the id is free; AlreadyExists without force."""
+    if not _store(cfg).exists(vmid):
+        return None
+    if not force:
+        raise AlreadyExists(f"guest {vmid} already exists (restore with --force to replace it)")
+    guest = _store(cfg).read(vmid)
+    guest.require_unlocked()
+    for volid in guest.disks.values():
+        storage, vol = _volume(cfg, volid)
+        if vol.is_base and cfg.storage(storage).on_node(cfg.node):
+            drv = driver_for(cfg.storage(storage))
+            if clones := drv.clones_of(vol):
+                raise Refused(f"guest {vmid} cannot be replaced: its base {volid} has {len(clones)} linked "
+                              f"clone(s): {', '.join(drv.volid(c) for c in clones)}")
+    return guest
 
 
 def _original_storage(cfg: Config, volid: str, key: str) -> str:
