@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BASE
-from tests.helpers import PATTERN_MIB, crash, orphans, qemu_io_write, qemu_same, volume_path
+from tests.conftest import BASE, NO_BTRFS, NO_CEPH, NO_XFS, NO_ZFS
+from tests.helpers import PATTERN_MIB, crash, fill, orphans, qemu_io_write, qemu_same, volume_path
 
 STORE = BASE / "backup"
 
@@ -300,3 +300,46 @@ def test_restore_force_replaces_a_guest_only_once_the_restore_has_succeeded(stor
     assert replaced.lock == "" and replaced.unused == () and replaced.disks["scsi0"] != old
     assert qemu_same(volume_path(disk), volume_path(replaced.disks["scsi0"]))
     assert not volume_path(old).exists()  # the old disk freed once the new one was in place
+
+
+STORAGE_TYPES = [
+    pytest.param("xfs", marks=pytest.mark.skipif(bool(NO_XFS), reason=f"xfs: {NO_XFS}")),
+    pytest.param("bt", marks=pytest.mark.skipif(bool(NO_BTRFS), reason=f"btrfs: {NO_BTRFS}")),
+    pytest.param("zfs", marks=pytest.mark.skipif(bool(NO_ZFS), reason=f"zfs: {NO_ZFS}")),
+    pytest.param("ceph", marks=pytest.mark.skipif(bool(NO_CEPH), reason=f"rbd: {NO_CEPH}")),
+]
+
+
+@pytest.mark.parametrize("storage", STORAGE_TYPES)
+def test_backups_read_from_and_restore_to_every_storage_type(stork, client, vmid, storage):
+    """A template and its linked clone on the storage, backed up and restored onto it; the
+    restored disks equal the originals (compared through the drivers, whatever a volume is)."""
+    t, c, rt, rc = vmid(), vmid(), vmid(), vmid()
+    code, _, err = stork("guest", "create", t, "--disk", f"scsi0={storage}:16M")
+    assert code == 0, err
+    drv, vol = client_volume(client, client.guest(t).disks["scsi0"])
+    fill(drv, vol, PATTERN_MIB, os.urandom(PATTERN_MIB))
+    assert stork("template", t)[0] == 0
+    assert stork("clone", t, c)[0] == 0
+    clone_drv, clone_vol = client_volume(client, client.guest(c).disks["scsi0"])
+    fill(clone_drv, clone_vol, 9 * PATTERN_MIB, os.urandom(4096))
+    tb, cb = backed_up(stork, t)["backup"], backed_up(stork, c)
+    assert cb["written"] < PATTERN_MIB  # the clone's own chunk only: the rest from the template's index
+    for backup, new in ((tb, rt), (cb["backup"], rc)):
+        code, _, err = stork("restore", backup, new, "--storage", storage)
+        assert code == 0, err
+    assert client.guest(rt).template
+    for original, restored in ((t, rt), (c, rc)):
+        src_drv, src = client_volume(client, client.guest(original).disks["scsi0"])
+        dst_drv, dst = client_volume(client, client.guest(restored).disks["scsi0"])
+        dst_drv.compare(src_drv, src, dst)
+    for g in (rc, c, rt, t):
+        assert stork("guest", "destroy", g)[0] == 0
+
+
+def client_volume(client, volid: str):
+    from drivers import driver_for, names
+
+    vid = names.volume_id(volid)
+    drv = driver_for(client.cfg.storage(vid.storage))
+    return drv, drv.parse_volname(vid.volname)
