@@ -1,12 +1,15 @@
 """A volume into a chunk store, and back: the data path of backup and restore.
 
-A backup reads the guest-visible data of any volume (drivers/nbd.py), chunk by chunk of the
-store's chunk size: a chunk that `qemu-img map` shows all zeros or holes is never read (its
-index entry is null); a linked clone's chunk that holds nothing of the clone's own (every
-extent of it at depth >= 1, read through its base) is taken from the base's index when the
-base was backed up, so only the clone's own data is read. Hashing and compressing run in a
-thread pool (hashlib and zstandard release the GIL) while the next chunk is read, with a
-bounded number of chunks in flight so memory stays a few chunks.
+A backup reads the guest-visible data of any volume through qemu-nbd (drivers/nbd.py), or a
+raw file directly (its bytes are the guest's), chunk by chunk of the store's chunk size: a
+chunk that `qemu-img map` shows as known zeros is never read (its index entry is null); a
+linked clone's chunk that holds nothing of the clone's own (every extent of it at depth >= 1,
+read through its base) is taken from the base's index when the base was backed up, so only
+the clone's own data is read. A clone that qemu sees as a plain image (a btrfs or ZFS
+snapshot, an RBD clone) is read whole, and deduplication keeps what it shares with its base
+out of the store. Hashing and compressing run in a thread pool (hashlib and zstandard release
+the GIL) while the next chunk is read, with a bounded number of chunks in flight so memory
+stays a few chunks.
 
 A restore writes every non-null chunk, read back and checked against its digest, and skips
 null ones where the target reads as zeros (a new file or thin volume), writing zeros only
@@ -15,9 +18,11 @@ where it does not (a thick LV). A missing or corrupt chunk stops it with the chu
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 from drivers import nbd, qemu
 from drivers.backuprecords import BaseRef, Index
@@ -31,6 +36,40 @@ IN_FLIGHT = 6  # chunks read but not yet stored (or fetched but not yet written)
 def _spans(size: int, chunk: int) -> Iterator[tuple[int, int]]:
     for start in range(0, size, chunk):
         yield start, min(chunk, size - start)
+
+
+class RawFile:
+    """A raw image file without backing, read and written at guest offsets directly (its
+    bytes are the guest's): what qemu-nbd would do, without the socket in between."""
+
+    def __init__(self, fd: int, label: str) -> None:
+        self.fd, self.label = fd, label
+        self.size = os.fstat(fd).st_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        while len(data) < length:  # a short read (a signal): the rest
+            more = os.pread(self.fd, length - len(data), offset + len(data))
+            if not more:
+                raise nbd.NbdError(f"{self.label}: ends at byte {offset + len(data)}")
+            data += more
+        return data
+
+    def write(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(self.fd, view, offset + len(data) - len(view)):]
+
+
+@contextmanager
+def _opened(image: qemu.Image, write: bool = False) -> Iterator[RawFile | nbd.Client]:
+    """Guest data access: a raw file directly, anything else through qemu-nbd. The caller
+    (the driver's image()) flushes a written file when it closes it."""
+    if image.fmt == "raw" and image.backing is None and image.is_file:
+        yield RawFile(image.fds[0], image.label)
+    else:
+        with nbd.served(image, write) as client:
+            yield client
 
 
 def chunk_plan(extents: list[nbd.Extent], size: int, chunk: int) -> list[str]:
@@ -85,9 +124,9 @@ def back_up(image: qemu.Image, fmt: str, writer: SnapshotWriter, base: BaseRef |
     plan = chunk_plan(mapped, size, chunk)
     usable_base = base_index if base_index and base_index.chunk_size == chunk else None
     digests: list[str | None] = [None] * len(plan)
-    with nbd.served(image) as client, ThreadPoolExecutor(THREADS) as pool:
+    with _opened(image) as client, ThreadPoolExecutor(THREADS) as pool:
         if client.size != size:
-            raise nbd.NbdError(f"{image.label}: qemu-nbd serves {client.size} bytes, qemu-img maps {size}")
+            raise nbd.NbdError(f"{image.label}: {client.size} bytes to read, qemu-img maps {size}")
         flying: deque[tuple[int, Future[tuple[str | None, int]]]] = deque()
         done = 0
         for n, ((start, length), what) in enumerate(zip(_spans(size, chunk), plan, strict=True)):
@@ -117,7 +156,7 @@ def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool
             progress: Progress | None = None) -> None:
     """Write the index's data into `image` (as big as the index says), flushed at the end."""
     zero = bytes(index.chunk_size)
-    with nbd.served(image, write=True) as client, ThreadPoolExecutor(THREADS) as pool:
+    with _opened(image, write=True) as client, ThreadPoolExecutor(THREADS) as pool:
         if client.size < index.virtual_size:
             raise nbd.NbdError(f"{image.label}: {client.size} bytes, the backup holds {index.virtual_size}")
         flying: deque[tuple[int, int, Future[bytes]]] = deque()

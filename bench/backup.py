@@ -1,0 +1,270 @@
+"""Backup benchmark: stork's chunk store next to restic and borg, on the same image in one run.
+
+    .venv/bin/python bench/backup.py          (needs restic and borg: apt-get install restic borgbackup)
+
+The image: 2 GiB raw, deterministic (seeded), in 4 MiB regions: about 40% zeros, 25% random
+bytes, 35% text-like (words drawn from a small vocabulary: compressible). The "1% changed"
+image has 1% of it overwritten with new random bytes, in 1 MiB runs at random places. Every
+row runs as a child process of its own, timed by wall clock, its peak RSS from GNU time
+(stork's qemu-nbd, a grandchild, is not counted); each store's size is `du` of its directory.
+Rows: first backup, unchanged re-backup, 1%-changed re-backup, restore into a new file; for
+stork also a template and ten linked clones (qcow2 overlays, 1% changed each) backed up after
+the template: time and store growth. Baselines: `qemu-img convert` and `cp --sparse=always`
+of the image. restic runs encrypted (its only mode: RESTIC_PASSWORD); borg unencrypted
+(`-e none`), once with its defaults and once as `--chunker-params fixed,4194304 -C zstd,1`.
+stork has no encryption yet. Everything lives in one temp directory, removed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+MIB, GIB = 1 << 20, 1 << 30
+SIZE = 2 * GIB
+REGION = 4 * MIB
+SEED = 20261126
+VOCABULARY = ("the quick brown fox jumps over lazy dog disk image chunk store backup restore template clone base "
+              "volume guest node storage job step worker queue redis celery qemu")
+WORDS = [w.encode() for w in VOCABULARY.split(" ")]
+
+
+# ---- the data ----------------------------------------------------------------------------------
+def make_image(path: Path) -> None:
+    rnd = random.Random(SEED)
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+        for offset in range(0, SIZE, REGION):
+            kind = rnd.random()
+            if kind < 0.40:
+                continue  # zeros: a hole
+            f.seek(offset)
+            f.write(rnd.randbytes(REGION) if kind < 0.65 else _text(rnd))
+
+
+def _text(rnd: random.Random) -> bytes:
+    return b" ".join(rnd.choices(WORDS, k=REGION // 5))[:REGION].ljust(REGION, b" ")
+
+
+RUN = 1 * MIB  # a changed area: guests write files and extents, not scattered blocks
+
+
+def changes(seed: int) -> list[tuple[int, bytes]]:
+    """1% of the image as new random bytes in 1 MiB runs at random 64 KiB-aligned offsets."""
+    rnd = random.Random(seed)
+    return [(rnd.randrange(0, SIZE - RUN, 64 << 10), rnd.randbytes(RUN)) for _ in range(SIZE // 100 // RUN)]
+
+
+def change_one_percent(path: Path) -> None:
+    with open(path, "r+b") as f:
+        for offset, data in changes(SEED + 1):
+            f.seek(offset)
+            f.write(data)
+
+
+# ---- running a row -----------------------------------------------------------------------------
+@dataclass
+class Row:
+    tool: str
+    what: str
+    seconds: float
+    rss_mib: float
+    store_mib: float | None
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one child process, which must succeed. GNU time runs it
+    and reports its peak RSS: a child forked from this (large) process directly would count
+    this process's pages too."""
+    with tempfile.NamedTemporaryFile("r") as rss:
+        start = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv], env={**os.environ, **(env or {})},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd, check=False)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(argv[:3])}...: exit {proc.returncode}: {proc.stderr.decode()[-500:]}")
+        return seconds, int(rss.read().split()[-1]) / 1024
+
+
+def du_mib(path: Path) -> float:
+    return int(subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, text=True,
+                              check=True).stdout.split()[0]) / MIB
+
+
+STORK = [sys.executable, str(Path(__file__).resolve())]
+
+
+# ---- stork's rows, each in a child process (`bench/backup.py --stork ...`) ----------------------
+def stork_child(action: str, store_dir: str, image: str, *rest: str) -> None:
+    from drivers import backup, qemu
+    from drivers.chunkstore import ChunkStore
+
+    store = ChunkStore(Path(store_dir))
+    fmt = "qcow2" if image.endswith(".qcow2") else "raw"
+    if action == "backup":
+        vmid, base = int(rest[0]), rest[1] if len(rest) > 1 else ""
+        found = backup.find_base(store, base, "bench") if base else None
+        fd = os.open(image, os.O_RDONLY)
+        backing = None
+        if fmt == "qcow2":
+            base_fd = os.open(base, os.O_RDONLY)
+            backing = qemu.Image.of_fd("raw", base_fd, base)
+        with store.begin(vmid) as writer:
+            index = backup.back_up(qemu.Image.of_fd(fmt, fd, image, backing), fmt, writer,
+                                   *(found or (None, None)))
+            writer.add_index("scsi0", index, source=image, identity="bench")
+            writer.commit()
+    elif action == "restore":
+        snap = store.snapshots(int(rest[0]))[-1]
+        index = store.index(str(snap.id), "scsi0")
+        with open(image, "wb") as f:
+            f.truncate(index.virtual_size)
+        fd = os.open(image, os.O_RDWR)
+        backup.restore(store, index, qemu.Image.of_fd("raw", fd, image), reads_zero=True)
+        os.fsync(fd)
+
+
+def stork_rows(work: Path, image: Path, changed: Path) -> list[Row]:
+    store = work / "stork"
+    store.mkdir()
+    rows = []
+    for what, source, vmid in (("first backup", image, 100), ("unchanged re-backup", image, 101),
+                               ("1%-changed re-backup (raw)", changed, 102)):
+        before = du_mib(store)
+        seconds, rss = timed([*STORK, "--stork", "backup", str(store), str(source), str(vmid)])
+        rows.append(Row("stork", what, seconds, rss, du_mib(store) - before))
+    out = work / "stork-restored.raw"
+    seconds, rss = timed([*STORK, "--stork", "restore", str(store), str(out), "100"])
+    _check_equal(image, out)
+    rows.append(Row("stork", "restore", seconds, rss, None))
+    out.unlink()
+    rows += clone_rows(work, store, image)
+    return rows
+
+
+def clone_rows(work: Path, store: Path, image: Path) -> list[Row]:
+    """The image as a template's base, backed up as such (its chunks are in the store already:
+    a template's base holds what its disk held), then ten qcow2 linked clones of it, 1% of
+    each rewritten through qemu, each backed up reading only its own clusters."""
+    base = work / "base.raw"
+    os.link(image, base)
+    before = du_mib(store)
+    seconds, rss = timed([*STORK, "--stork", "backup", str(store), str(base), "200"])
+    rows = [Row("stork", "template (base) backup", seconds, rss, du_mib(store) - before)]
+    before, total, peak = du_mib(store), 0.0, 0.0
+    for n in range(10):
+        clone = work / f"clone{n}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(clone)],
+                       check=True)
+        for offset, data in changes(SEED + 10 + n):  # through qemu, into the overlay
+            piece = work / "piece"
+            piece.write_bytes(data)
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -s {piece} {offset} {len(data)}", str(clone)],
+                           check=True, capture_output=True)
+        seconds, rss = timed([*STORK, "--stork", "backup", str(store), str(clone), str(300 + n), str(base)])
+        total, peak = total + seconds, max(peak, rss)
+    rows.append(Row("stork", "10 linked clones, 1% changed each", total, peak, du_mib(store) - before))
+    return rows
+
+
+def _check_equal(a: Path, b: Path) -> None:
+    subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(a), str(b)], check=True)
+
+
+# ---- the peers ---------------------------------------------------------------------------------
+def restic_rows(work: Path, image: Path, changed: Path) -> list[Row]:
+    repo = work / "restic"
+    env = {"RESTIC_PASSWORD": "bench", "RESTIC_REPOSITORY": str(repo), "RESTIC_CACHE_DIR": str(work / "rcache")}
+    timed(["restic", "init", "-q"], env)
+    rows = []
+    for what, source in (("first backup", image), ("unchanged re-backup", image),
+                         ("1%-changed re-backup (raw)", changed)):
+        staged = work / "restic-src" / "disk.raw"  # one path, so restic sees one file changing
+        staged.parent.mkdir(exist_ok=True)
+        staged.unlink(missing_ok=True)
+        os.link(source, staged)
+        before = du_mib(repo)
+        seconds, rss = timed(["restic", "backup", "-q", str(staged)], env)
+        rows.append(Row("restic", what, seconds, rss, du_mib(repo) - before))
+    target = work / "restic-restored"
+    seconds, rss = timed(["restic", "restore", "-q", "latest", "--target", str(target)], env)
+    rows.append(Row("restic", "restore", seconds, rss, None))
+    shutil.rmtree(target)
+    return rows
+
+
+def borg_rows(work: Path, image: Path, changed: Path, label: str, create_args: list[str]) -> list[Row]:
+    repo = work / f"borg-{len(create_args)}"
+    env = {"BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes", "BORG_BASE_DIR": str(work / "borg-base")}
+    timed(["borg", "init", "-e", "none", str(repo)], env)
+    staged = work / "borg-src" / "disk.raw"
+    staged.parent.mkdir(exist_ok=True)
+    rows = []
+    for n, (what, source) in enumerate((("first backup", image), ("unchanged re-backup", image),
+                                        ("1%-changed re-backup (raw)", changed))):
+        staged.unlink(missing_ok=True)
+        os.link(source, staged)
+        before = du_mib(repo)
+        seconds, rss = timed(["borg", "create", *create_args, f"{repo}::a{n}", str(staged)], env)
+        rows.append(Row(label, what, seconds, rss, du_mib(repo) - before))
+    target = work / "borg-restored"
+    target.mkdir()
+    seconds, rss = timed(["borg", "extract", "--sparse", f"{repo}::a0"], env, cwd=target)
+    rows.append(Row(label, "restore", seconds, rss, None))
+    shutil.rmtree(target)
+    return rows
+
+
+def baseline_rows(work: Path, image: Path) -> list[Row]:
+    out = work / "copy.raw"
+    seconds, rss = timed(["qemu-img", "convert", "-f", "raw", "-O", "raw", str(image), str(out)])
+    rows = [Row("qemu-img convert", "copy", seconds, rss, du_mib(out))]
+    out.unlink()
+    seconds, rss = timed(["cp", "--sparse=always", str(image), str(out)])
+    rows.append(Row("cp --sparse=always", "copy", seconds, rss, du_mib(out)))
+    out.unlink()
+    return rows
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--stork":
+        stork_child(*sys.argv[2:])
+        return
+    missing = [t for t in ("restic", "borg", "qemu-img", "qemu-nbd", "qemu-io", "/usr/bin/time") if not shutil.which(t)]
+    if missing:
+        sys.exit(f"bench/backup.py needs {', '.join(missing)} (apt-get install restic borgbackup qemu-utils)")
+    work = Path(tempfile.mkdtemp(prefix="stork-backup-bench-", dir=os.environ.get("STORK_BENCH_DIR")))
+    try:
+        image, changed = work / "disk.raw", work / "changed.raw"
+        make_image(image)
+        shutil.copyfile(image, changed)
+        subprocess.run(["fallocate", "--dig-holes", str(changed)], check=True)
+        change_one_percent(changed)
+        print("stork backup benchmark: .venv/bin/python bench/backup.py")
+        print(f"{os.cpu_count()} cores; a {SIZE // GIB} GiB raw image ({du_mib(image):.0f} MiB of it allocated) "
+              f"in {work}")
+        rows = [*baseline_rows(work, image), *stork_rows(work, image, changed), *restic_rows(work, image, changed),
+                *borg_rows(work, image, changed, "borg (defaults)", []),
+                *borg_rows(work, image, changed, "borg (fixed 4M, zstd 1)",
+                           ["--chunker-params", "fixed,4194304", "-C", "zstd,1"])]
+        print(f"\n   {'tool':<26}{'what':<36}{'time':>9}{'MB/s':>8}{'peak RSS':>10}{'store +':>11}")
+        for r in rows:
+            rate = SIZE / 1e6 / r.seconds if "clones" not in r.what else 10 * SIZE / 1e6 / r.seconds
+            store = f"{r.store_mib:.0f} MiB" if r.store_mib is not None else "-"
+            rss = f"{r.rss_mib:.0f} MiB" if r.rss_mib else "-"
+            print(f"   {r.tool:<26}{r.what:<36}{r.seconds:>8.2f}s{rate:>8.0f}{rss:>10}{store:>11}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
