@@ -115,14 +115,55 @@ def find_base(store: ChunkStore, volid: str, identity: str) -> tuple[BaseRef, In
     return None
 
 
+def clean_chunks(dirty: list[nbd.Extent], size: int, chunk: int) -> list[bool]:
+    """Per chunk, whether a dirty bitmap shows it unwritten since the bitmap was added (every
+    extent of it `"data": true`, qemu's way of saying clean). A pure function of the map."""
+    chunk_plan(dirty, size, chunk)  # the same checks: from 0, no gap, the whole image
+    clean, it, pending = [], iter(dirty), []
+    for start, length in _spans(size, chunk):
+        end = start + length
+        pending = [e for e in pending if e.start + e.length > start]
+        while (current := next(it, None)) is not None:
+            pending.append(current)
+            if current.start + current.length >= end:
+                break
+        clean.append(all(e.data for e in pending if e.start < end and e.start + e.length > start))
+    return clean
+
+
+def sources(plan: list[str], base: Index | None, previous: Index | None, clean: list[bool] | None,
+            chunk: int, size: int) -> list[Index | None]:
+    """Per chunk, the earlier index whose entry stands for it (a clone's base's, where the
+    chunk is all the base's; the same disk's previous backup's, where its dirty bitmap shows
+    the chunk unwritten since), or None: read it (or nothing to read, for "zero")."""
+    usable_base = base if base and base.chunk_size == chunk else None
+    usable_previous = previous if previous and clean and previous.chunk_size == chunk and \
+        previous.virtual_size == size and len(clean) == len(plan) else None
+    found: list[Index | None] = []
+    for n, what in enumerate(plan):
+        if what == "zero":
+            found.append(None)
+        elif usable_previous and clean and clean[n]:
+            found.append(usable_previous)
+        elif what == "base" and usable_base and n < len(usable_base.chunks):
+            found.append(usable_base)
+        else:
+            found.append(None)
+    return found
+
+
 def back_up(image: qemu.Image, fmt: str, writer: SnapshotWriter, base: BaseRef | None = None,
-            base_index: Index | None = None, progress: Progress | None = None) -> Index:
-    """Read `image` into the writer's store; its index (not yet added to the writer)."""
+            base_index: Index | None = None, progress: Progress | None = None, previous: Index | None = None,
+            dirty: list[nbd.Extent] | None = None) -> Index:
+    """Read `image` into the writer's store; its index (not yet added to the writer). With the
+    previous backup of this disk and the extents of a dirty bitmap added at that backup, only
+    chunks written since are read."""
     chunk = writer.store.chunk_size
     mapped = nbd.extents(image)
     size = max((e.start + e.length for e in mapped), default=0)
     plan = chunk_plan(mapped, size, chunk)
-    usable_base = base_index if base_index and base_index.chunk_size == chunk else None
+    clean = clean_chunks(dirty, size, chunk) if dirty is not None else None
+    taken_from = sources(plan, base_index, previous, clean, chunk, size)
     digests: list[str | None] = [None] * len(plan)
     with _opened(image) as client, ThreadPoolExecutor(THREADS) as pool:
         if client.size != size:
@@ -130,16 +171,11 @@ def back_up(image: qemu.Image, fmt: str, writer: SnapshotWriter, base: BaseRef |
         flying: deque[tuple[int, Future[tuple[str | None, int]]]] = deque()
         done = 0
         for n, ((start, length), what) in enumerate(zip(_spans(size, chunk), plan, strict=True)):
-            if what == "base" and usable_base and n < len(usable_base.chunks):
-                taken = usable_base.chunks[n]
-                if taken is None or writer.reuse_chunk(taken):
-                    digests[n] = taken
-                    what = "zero"  # nothing to read
-                else:
-                    what = "read"  # the base's chunk is gone from the store: read it again
-            elif what == "base":
-                what = "read"
-            if what == "read":
+            earlier = taken_from[n]
+            taken = earlier.chunks[n] if earlier else None
+            if earlier and (taken is None or writer.reuse_chunk(taken)):
+                digests[n] = taken
+            elif what != "zero":  # read it (also where the earlier chunk is gone from the store)
                 flying.append((n, pool.submit(writer.put_chunk, client.read(start, length))))
                 while len(flying) >= IN_FLIGHT:
                     k, future = flying.popleft()

@@ -8,13 +8,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
+from drivers.chunkcrypt import EncryptedCodec, load_key
 from drivers.chunkstore import ChunkStore
-from drivers.storage import PATH, Option, StorageConfig
+from drivers.storage import PATH, Option, StorageConfig, is_path_text
 
 
 class ChunkStoreStorage:
     type_name: ClassVar[str] = "chunkstore"
-    OPTIONS: ClassVar[Mapping[str, Option]] = {"path": PATH}
+    OPTIONS: ClassVar[Mapping[str, Option]] = {
+        "path": PATH,
+        # chunks encrypted and manifests authenticated with this key (drivers/chunkcrypt.py)
+        "keyfile": Option(is_path_text, "the path of a key file (stork backup key create FILE)", is_path=True),
+    }
     CONTENT: ClassVar[frozenset[str]] = frozenset({"backup"})
     always_shared: ClassVar[bool] = False
 
@@ -26,10 +31,14 @@ class ChunkStoreStorage:
         self.storage = storage
 
     def open(self) -> ChunkStore:
-        """The store, its directory made where missing (as a dir storage makes its own)."""
+        """The store, its directory made where missing (as a dir storage makes its own), with
+        its key where it has one; refused if the key is not the store's."""
         assert self.storage.path is not None
         self.storage.path.mkdir(parents=True, exist_ok=True)
-        return ChunkStore(self.storage.path)
+        keyfile = self.storage.options.get("keyfile")
+        store = ChunkStore(self.storage.path, codec=EncryptedCodec(load_key(keyfile)) if keyfile else None)
+        store.check_key()
+        return store
 
     def status(self) -> tuple[int, int, int]:
         return self.open().status()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hmac
 import os
 import re
 import secrets
@@ -72,6 +73,8 @@ from drivers.errors import AlreadyExists, Corrupt, InvalidName, NotFound, Refuse
 from drivers.safedir import SafeDir, refused
 
 CHUNKS, VM, LOCK = ".chunks", "vm", ".lock"
+KEY_FINGERPRINT = ".key-fingerprint"  # in .chunks: the fingerprint of an encrypted store's key
+MANIFEST_MAC = "manifest.mac"  # beside an encrypted store's manifest: its HMAC
 PARTIAL, TRASH = ".partial-", ".trash-"
 
 _PREFIX = re.compile(r"[0-9a-f]{4}")
@@ -363,7 +366,42 @@ class ChunkStore:
             return False
 
     def _manifest(self, folder: int, id: BackupId) -> Manifest:
-        return Manifest.from_json(self._read(folder, MANIFEST, _MAX_META, f"backup {id}: {MANIFEST}"), id)
+        raw = self._read(folder, MANIFEST, _MAX_META, f"backup {id}: {MANIFEST}")
+        if (expected := self.manifest_mac(raw)) is not None:
+            try:
+                mac = self._read(folder, MANIFEST_MAC, 1024, f"backup {id}: {MANIFEST_MAC}")
+            except NotFound:
+                mac = b""
+            if not hmac.compare_digest(mac, expected):
+                raise Corrupt(f"backup {id}: its manifest fails authentication (tampered with, or another key)")
+        return Manifest.from_json(raw, id)
+
+    def manifest_mac(self, manifest: bytes) -> bytes | None:
+        """The manifest's MAC where the store is encrypted (drivers/chunkcrypt.py), else None."""
+        mac = getattr(self.codec, "manifest_mac", None)
+        return mac(manifest) if mac else None
+
+    # ---- the store's key ----------------------------------------------------------------------
+    def check_key(self) -> None:
+        """Refuse a key that is not the store's, no key for an encrypted store, or a key for a
+        store that holds plain chunks already; a new store records its key's fingerprint."""
+        given = getattr(self.codec, "fingerprint", None)
+        with self._folder(CHUNKS, create=True) as folder:
+            try:
+                recorded = self._read(folder, KEY_FINGERPRINT, 1024, "key fingerprint").decode().strip()
+            except NotFound:
+                recorded = None
+            if recorded == given:
+                return
+            if recorded and not given:
+                raise Refused(f"backup storage {self.root} is encrypted: name its key file (keyfile) in the config")
+            if recorded:
+                raise Refused(f"backup storage {self.root}: the key file is not this store's key (its "
+                              f"fingerprint is {given}, the store's {recorded})")
+            if any(_PREFIX.fullmatch(name) for name in os.listdir(folder)):
+                raise Refused(f"backup storage {self.root} holds unencrypted backups: give an encrypted storage "
+                              "a directory of its own")
+            self._write(folder, KEY_FINGERPRINT, f"{given}\n".encode())
 
     def _state(self, folder: int, id: BackupId) -> State:
         if not SafeDir.entry_exists(folder, STATE):
@@ -784,7 +822,10 @@ class SnapshotWriter:
             self.store._write(self._folder, STATE, State(notes=self.notes).to_json())
         manifest = Manifest(dict(self._files), dict(self._disks), sum(d.virtual_size for d in self._disks.values()),
                             written, format_time(datetime.fromtimestamp(self.started, UTC)), _now_text())
-        self.store._write(self._folder, MANIFEST, manifest.to_json(self.id))
+        manifest_json = manifest.to_json(self.id)
+        if mac := self.store.manifest_mac(manifest_json):
+            self.store._write(self._folder, MANIFEST_MAC, mac)
+        self.store._write(self._folder, MANIFEST, manifest_json)
         os.fsync(self._folder)
         try:
             SafeDir.rename(self._vm, self._name, self._vm, self.id.time_text, what=f"backup {self.id}")

@@ -146,27 +146,18 @@ class Client:
 
 
 @contextlib.contextmanager
-def served(image: qemu.Image, write: bool = False) -> Iterator[Client]:
-    """`image` served by a qemu-nbd of its own, and a client connected to it. On a clean exit
-    from a writable export, what was written is flushed before qemu-nbd stops. qemu-nbd serves
-    one connection and exits when it closes, also when the process holding it dies, so no
-    server outlives its step holding the volume open."""
+def _qemu_nbd(image: qemu.Image, write: bool, *extra: str) -> Iterator[tuple[Path, subprocess.Popen[bytes], list[str]]]:
+    """qemu-nbd serving `image` on a socket in a private temp directory, for one connection."""
     with tempfile.TemporaryDirectory(prefix="stork-nbd-") as where:
         path = Path(where) / "sock"
         # writeback: O_DIRECT (cache none) fails on some file systems; the NBD flush, then the
         # driver's own fsync, make a restore durable
         argv = [QEMU_NBD, "--socket", str(path), "--shared", "1", "--cache", "writeback", "--discard", "unmap",
-                *([] if write else ["--read-only"]), image.spec]
+                *([] if write else ["--read-only"]), *extra, image.spec]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 pass_fds=image.all_fds)
         try:
-            client = Client(_connect(path, proc, image.label, argv), image.label)
-            try:
-                yield client
-                if write:
-                    client.flush()
-            finally:
-                client.close()
+            yield path, proc, argv
         finally:
             proc.terminate()
             try:
@@ -176,6 +167,50 @@ def served(image: qemu.Image, write: bool = False) -> Iterator[Client]:
                 proc.wait()
             assert proc.stderr is not None
             proc.stderr.close()
+
+
+def dirty_extents(image: qemu.Image, bitmap: str) -> list[Extent]:
+    """The image's areas as its persistent dirty bitmap `bitmap` sees them: `data` is False
+    where the area was written since the bitmap was added (qemu reports dirty areas so when a
+    bitmap stands in for block status), True where it was not."""
+    with _qemu_nbd(image, False, "--bitmap", bitmap) as (path, proc, argv):
+        _wait_listening(path, proc, image.label, argv)  # qemu-img map is its one connection
+        spec = f"driver=nbd,server.type=unix,server.path={path},x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}"
+        out = run([qemu.QEMU_IMG, "map", "--output=json", "--image-opts", spec], f"mapping {image.label}'s changes")
+    try:
+        return [Extent(int(e["start"]), int(e["length"]), bool(e["data"]), bool(e["zero"]), 0)
+                for e in json.loads(out)]
+    except (ValueError, KeyError, TypeError):
+        raise NbdError(f"mapping {image.label}'s changes: qemu-img map answered something unexpected") from None
+
+
+@contextlib.contextmanager
+def served(image: qemu.Image, write: bool = False) -> Iterator[Client]:
+    """`image` served by a qemu-nbd of its own, and a client connected to it. On a clean exit
+    from a writable export, what was written is flushed before qemu-nbd stops. qemu-nbd serves
+    one connection and exits when it closes, also when the process holding it dies, so no
+    server outlives its step holding the volume open."""
+    with _qemu_nbd(image, write) as (path, proc, argv):
+        client = Client(_connect(path, proc, image.label, argv), image.label)
+        try:
+            yield client
+            if write:
+                client.flush()
+        finally:
+            client.close()
+
+
+def _wait_listening(path: Path, proc: subprocess.Popen[bytes], label: str, argv: list[str]) -> None:
+    """Until qemu-nbd's socket exists (without connecting: it serves one connection)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while not path.exists():
+        if proc.poll() is not None:
+            assert proc.stderr is not None
+            said = (proc.stderr.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+            raise ToolError(f"serving {label}", argv, proc.returncode, said)
+        if time.monotonic() > deadline:
+            raise ToolError(f"serving {label}", argv, -1, f"qemu-nbd did not listen within {START_TIMEOUT:g} s")
+        time.sleep(0.02)
 
 
 def _connect(path: Path, proc: subprocess.Popen[bytes], label: str, argv: list[str]) -> socket.socket:

@@ -208,3 +208,36 @@ def convert(src: Image, dst: Image, size: int, progress: Progress | None = None,
         raise ToolError(f"copying {src.label} to {dst.label}", argv, rc, last)
     if progress:
         progress(size, size)
+
+
+def _alone(image: Image) -> Image:
+    """The image without its backing chain (`"backing": null`): bitmaps are the top image's
+    own, and `qemu-img info` and `bitmap` refuse backing options they do not open."""
+    return Image(image.fmt, image.file, image.label, image.fds)
+
+
+def bitmaps(image: Image) -> dict[str, list[str]]:
+    """A qcow2 image's persistent dirty bitmaps: name -> flags (`in-use` after an unclean
+    close, `auto` while enabled)."""
+    if image.fmt != "qcow2":
+        return {}
+    top = _alone(image)
+    out = run([QEMU_IMG, "info", "--output=json", "--", top.spec], f"reading {image.label}", top.all_fds)
+    try:
+        found = json.loads(out).get("format-specific", {}).get("data", {}).get("bitmaps", [])
+        return {str(b["name"]): [str(f) for f in b.get("flags", [])] for b in found}
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise ToolFailed(f"reading {image.label}: qemu-img info answered something unexpected") from None
+
+
+def add_bitmap(image: Image, name: str) -> None:
+    """Add an enabled persistent dirty bitmap (it records every write from now on)."""
+    top = _alone(image)
+    run([QEMU_IMG, "bitmap", "--add", "--enable", "--", top.spec, name], f"adding bitmap {name} to {image.label}",
+        top.all_fds)
+
+
+def remove_bitmap(image: Image, name: str) -> None:
+    top = _alone(image)
+    run([QEMU_IMG, "bitmap", "--remove", "--", top.spec, name], f"removing bitmap {name} from {image.label}",
+        top.all_fds)

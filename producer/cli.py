@@ -313,6 +313,17 @@ def cmd_backup_forget(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_backup_key(args: argparse.Namespace, client: Client) -> int:
+    from drivers.chunkcrypt import create_key
+
+    path = Path(args.file).absolute()
+    fingerprint = create_key(path)
+    _emit(args, {"file": str(path), "fingerprint": fingerprint},
+          f"key file {path} made (mode 0600), fingerprint {fingerprint}: keep a copy apart from the backups, "
+          "they cannot be read without it")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace, client: Client) -> int:
     if args.all == bool(args.id):
         raise UsageError("name a backup to verify, or give --all")
@@ -491,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     for action, help_ in (("protect", "keep a backup from prune and forget"), ("unprotect", "undo protect")):
         command(backup, action, cmd_backup_protect, help_).add_argument("id")
     command(backup, "forget", cmd_backup_forget, "remove a backup (refused while protected)").add_argument("id")
+    p = command(backup, "key", cmd_backup_key, "key create FILE: a key file for an encrypted backup storage")
+    p.add_argument("create", choices=["create"])
+    p.add_argument("file")
     p = command(sub, "restore", _submitter("restore"), "restore a backup as a new guest", True)
     p.add_argument("id", metavar="BACKUP")
     p.add_argument("newid")
@@ -563,7 +577,7 @@ def _bases(values: list[str] | None) -> dict[str, str]:
     return bases
 
 
-BACKUP_ACTIONS = ("list", "show", "protect", "unprotect", "forget", "-h", "--help")
+BACKUP_ACTIONS = ("list", "show", "protect", "unprotect", "forget", "key", "-h", "--help")
 
 
 def _spelled_out(argv: list[str]) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from drivers.chunkcrypt import create_key
 from tests import backends, ceph
 from worker import testing
 from worker.testing import free_port
@@ -56,6 +57,7 @@ pool = "{CEPH.pool}"
 conf = "{CEPH.conf}"
 shared = true
 """)
+create_key(BASE / "secret.key")  # the encrypted backup storage `secret`'s key
 CONFIG.write_text(f"""
 [redis]
 url = "redis://127.0.0.1:{REDIS_PORT}/0"
@@ -95,6 +97,11 @@ shared = true
 [storage.tiny]
 type = "chunkstore"
 path = "tiny"
+shared = true
+[storage.secret]
+type = "chunkstore"
+path = "secret"
+keyfile = "secret.key"
 shared = true
 [schedule.nightly]
 schedule = "0 2 * * *"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from drivers import driver_for
-from drivers.backup import back_up, chunk_plan, restore
-from drivers.backuprecords import BaseRef
+from drivers.backup import back_up, chunk_plan, clean_chunks, restore, sources
+from drivers.backuprecords import BaseRef, Index
 from drivers.chunkstore import ChunkStore
 from drivers.dir import DirDriver
 from drivers.errors import Corrupt
@@ -181,3 +181,43 @@ def test_gc_while_a_backup_runs_keeps_what_it_will_name_and_the_backup_restores_
         restore(store, result["index"], image, reads_zero=True)  # type: ignore[arg-type]
     dir_storage.compare(dir_storage, src, dst)
     assert store.verify(str(result["snap"].id)).ok  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("dirty", "clean"),
+    [
+        pytest.param([(0, 4, True)], [True] * 4, id="nothing written since"),
+        pytest.param([(0, 1, True), (1, 1, False), (2, 2, True)], [True, False, True, True], id="one chunk written"),
+        pytest.param([(0, 1.5, True), (1.5, 0.25, False), (1.75, 2.25, True)], [True, False, True, True],
+                     id="a write inside a chunk"),
+        pytest.param([(0, 0.5, True), (0.5, 2, False), (2.5, 1.5, True)], [False, False, False, True],
+                     id="a write across chunks"),
+    ],
+)
+def test_clean_chunks_are_those_a_dirty_bitmap_shows_unwritten(dirty, clean):
+    extents = [Extent(int(s * MIB), int(n * MIB), data, False, 0) for s, n, data in dirty]
+    assert clean_chunks(extents, 4 * MIB, MIB) == clean
+
+
+def index_of(*chunks: str | None) -> Index:
+    return Index("qcow2", len(chunks) * MIB, [c and c * 64 for c in chunks], chunk_size=MIB)
+
+
+@pytest.mark.parametrize(
+    ("plan", "clean", "expected"),
+    [
+        pytest.param(["read", "read"], None, [None, None], id="no bitmap: read all"),
+        pytest.param(["read", "read"], [True, False], ["previous", None], id="clean from the previous backup"),
+        pytest.param(["zero", "read"], [True, True], [None, "previous"], id="zeros stay zeros"),
+        pytest.param(["base", "base"], [False, True], ["base", "previous"], id="a clone: dirty but all base"),
+        pytest.param(["base", "read"], None, ["base", None], id="a clone without a bitmap"),
+    ],
+)
+def test_sources_take_each_chunk_from_the_right_earlier_index(plan, clean, expected):
+    base, previous = index_of("b", "b"), index_of("a", "a")
+    found = sources(plan, base, previous if clean else None, clean, MIB, 2 * MIB)
+    assert [{id(base): "base", id(previous): "previous"}.get(id(i)) if i else None for i in found] == expected
+
+
+def test_a_previous_backup_of_another_size_is_not_used():
+    assert sources(["read"], None, index_of("a", "a"), [True], MIB, MIB) == [None]

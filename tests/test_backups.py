@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import BASE, NO_BTRFS, NO_CEPH, NO_XFS, NO_ZFS
 from tests.helpers import PATTERN_MIB, crash, fill, orphans, qemu_io_write, qemu_same, volume_path
+from worker.backups import bitmap_name
 
 STORE = BASE / "backup"
 
@@ -156,9 +157,12 @@ def locked(client, vmid, stork):
 
     g = vmid()
     guest_with_data(stork, g)
-    with GuestStore(BASE / "guests").editing(g) as box:
+    store = GuestStore(BASE / "guests")
+    with store.editing(g) as box:
         box[0] = box[0].with_(lock="destroy", lock_job="someone-else")
-    return g
+    yield g
+    with store.editing(g) as box:  # other tests look for guests left locked
+        box[0] = box[0].with_(lock="", lock_job="")
 
 
 REFUSALS = [
@@ -175,7 +179,7 @@ REFUSALS = [
     ("prune with a negative count", "prune {g} --storage backup --keep-last -1",
      "keep-last: expected a whole number of 0 or more"),
     ("no backup storage named where several are", "backup {g}",
-     "several backup storages (backup, tiny): name one with --storage"),
+     "several backup storages (backup, secret, tiny): name one with --storage"),
     ("backup with nothing named", "backup", "name the guests to back up, or give --all"),
     ("forget an unknown backup", "backup forget vm/100/2020-01-01T00:00:00Z", "unknown backup"),
 ]
@@ -343,3 +347,60 @@ def client_volume(client, volid: str):
     vid = names.volume_id(volid)
     drv = driver_for(client.cfg.storage(vid.storage))
     return drv, drv.parse_volname(vid.volname)
+
+
+def bitmaps_of(disk: str) -> dict[str, list[str]]:
+    out = subprocess.run(["qemu-img", "info", "--output=json", str(volume_path(disk))], capture_output=True,
+                         text=True, check=True).stdout
+    return {b["name"]: b["flags"] for b in json.loads(out)["format-specific"]["data"].get("bitmaps", [])}
+
+
+def test_a_qcow2_disk_is_read_incrementally_through_its_dirty_bitmap(stork, client, vmid):
+    """The first backup reads it all and adds a bitmap; the next reads only what was written
+    since (its result says so), takes the rest from the first backup's index, restores equal,
+    and leaves only its own bitmap."""
+    g, r = vmid(), vmid()
+    disk = guest_with_data(stork, g, "qcow2", size="64M")
+    first = backed_up(stork, g)
+    assert first["reads"]["scsi0"] == "full read: no earlier backup of this disk in this storage"
+    assert list(bitmaps_of(disk)) == [bitmap_name("backup", first["backup"].rpartition("/")[2])]
+    qemu_io_write(volume_path(disk), "qcow2", 40 * PATTERN_MIB, PATTERN_MIB, 0x3C)
+    second = backed_up(stork, g)
+    assert second["reads"]["scsi0"] == f"incremental: what changed since {first['backup']}"
+    assert 0 < second["written"] < 2 * PATTERN_MIB  # one changed chunk
+    first_index = json.loads((STORE / first["backup"] / "scsi0.index.json").read_bytes())["chunks"]
+    second_index = json.loads((STORE / second["backup"] / "scsi0.index.json").read_bytes())["chunks"]
+    assert [n for n, (a, b) in enumerate(zip(first_index, second_index, strict=True)) if a != b] == [10]
+    assert stork("restore", second["backup"], r)[0] == 0
+    assert qemu_same(volume_path(disk), volume_path(client.guest(r).disks["scsi0"]))
+    assert list(bitmaps_of(disk)) == [bitmap_name("backup", second["backup"].rpartition("/")[2])]
+
+
+def test_a_dirty_bitmap_left_in_use_falls_back_to_a_full_read_and_says_so(stork, client, vmid):
+    """A qemu killed while the image was open leaves its bitmaps flagged in-use: they may miss
+    writes, so the next backup reads the whole disk."""
+    g = vmid()
+    disk = guest_with_data(stork, g, "qcow2")
+    backed_up(stork, g)
+    io = subprocess.Popen(["qemu-io", "-f", "qcow2", str(volume_path(disk))], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert io.stdin is not None and io.stdout is not None
+    io.stdin.write(b"write -P 0x44 0 65536\n")
+    io.stdin.flush()
+    io.stdout.readline()
+    io.kill()  # open read-write, then gone without closing the image
+    io.wait()
+    [flags] = bitmaps_of(disk).values()
+    assert "in-use" in flags
+    again = backed_up(stork, g)
+    assert again["reads"]["scsi0"].startswith("full read: dirty bitmap stork-backup-") and "in use" in \
+        again["reads"]["scsi0"]
+    r = vmid()
+    assert stork("restore", again["backup"], r)[0] == 0
+    assert qemu_same(volume_path(disk), volume_path(client.guest(r).disks["scsi0"]))
+
+
+def test_a_raw_disk_is_read_whole_and_says_why(stork, vmid):
+    g = vmid()
+    guest_with_data(stork, g)
+    assert backed_up(stork, g)["reads"]["scsi0"] == "full read (only a writable qcow2 disk has dirty bitmaps)"

@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 from datetime import UTC, datetime, timedelta
 
-from drivers import backup_storage, faults, guests, retention
+from drivers import backup_storage, faults, guests, nbd, qemu, retention
 from drivers.backup import back_up, find_base, restore
-from drivers.backuprecords import format_time, parse_time
+from drivers.backuprecords import BaseRef, Index, format_time, parse_time
+from drivers.base import Driver
 from drivers.chunkstore import ChunkStore
 from drivers.errors import Corrupt, NotFound, StorkError
+from drivers.names import VolName
+from drivers.nbd import Extent
 from drivers.retention import Candidate, Keep
 from worker import steps, usage
 from worker.context import StepContext
@@ -45,15 +48,19 @@ def backup_guest(ctx: StepContext) -> None:
         ctx.data["time"] = format_time(_backup_time(store, vmid))
         ctx.save()
     with store.begin(vmid, parse_time(ctx.data["time"]), ctx.params.get("notes", "")) as writer:
+        reads = {}
         for key, (volid, drv, vol) in disks.items():
             parent = drv.parent_of(vol)
             found = find_base(store, drv.volid(parent), drv.identity(parent)) if parent else None
+            previous = find_base(store, volid, drv.identity(vol))  # this disk's newest backup here
+            dirty, reads[key] = _changes_since(ctx, drv, vol, previous)
 
             def progress(done: int, _size: int, offset: int = before, what: str = f"{key}: {volid}") -> None:
                 ctx.progress(offset + done, total, what)
 
             with drv.image(vol) as image:
-                index = back_up(image, vol.fmt, writer, *(found or (None, None)), progress=progress)
+                index = back_up(image, vol.fmt, writer, *(found or (None, None)), progress=progress,
+                                previous=previous[1] if previous and dirty is not None else None, dirty=dirty)
             writer.add_index(key, index, source=volid, identity=drv.identity(vol))
             faults.point("backed-up")
             before += index.virtual_size
@@ -62,7 +69,9 @@ def backup_guest(ctx: StepContext) -> None:
         ctx.save()
         writer.commit()
     faults.point("committed")
-    _report(ctx, store, ctx.data["backup"])
+    for _, drv, vol in disks.values():
+        _drop_older_bitmaps(ctx, drv, vol)
+    _report(ctx, store, ctx.data["backup"], reads)
 
 
 def _backup_time(store: ChunkStore, vmid: int) -> datetime:
@@ -73,9 +82,64 @@ def _backup_time(store: ChunkStore, vmid: int) -> datetime:
     return max(now, newest + timedelta(seconds=1)) if newest else now
 
 
-def _report(ctx: StepContext, store: ChunkStore, backup_id: str) -> None:
+def _report(ctx: StepContext, store: ChunkStore, backup_id: str, reads: dict[str, str] | None = None) -> None:
     manifest = store.snapshot(backup_id).manifest
-    ctx.set_result(backup=backup_id, storage=ctx.params["store"], size=manifest.size, written=manifest.written)
+    ctx.set_result(backup=backup_id, storage=ctx.params["store"], size=manifest.size, written=manifest.written,
+                   **({"reads": reads} if reads else {}))
+
+
+# ---- persistent dirty bitmaps: what changed since this disk's previous backup ----------------
+
+
+def bitmap_name(store: str, time_text: str) -> str:
+    """The bitmap a backup into `store` at `time_text` adds to a qcow2 disk: it records every
+    write from that backup on. One per backup storage, so a backup to another storage does
+    not hide changes from this one's next backup."""
+    return f"stork-{store}-{time_text.replace('-', '').replace(':', '')}"
+
+
+def incremental_refusal(marks: dict[str, list[str]], expected: str | None) -> str | None:
+    """Why the disk cannot be read incrementally (None: it can). `expected` is the bitmap the
+    previous backup of this disk into this storage added; `marks` the disk's bitmaps."""
+    if expected is None:
+        return "no earlier backup of this disk in this storage"
+    if expected not in marks:
+        return f"no dirty bitmap {expected} (added by the earlier backup)"
+    if "in-use" in marks[expected]:
+        return f"dirty bitmap {expected} is in use (the image was not closed cleanly)"
+    return None
+
+
+def _changes_since(ctx: StepContext, drv: Driver, vol: VolName,
+                   previous: tuple[BaseRef, Index] | None) -> tuple[list[Extent] | None, str]:
+    """For a writable qcow2 disk: the dirty extents since its previous backup here (None for a
+    full read) and a line saying which; the bitmap for the next backup added before any read."""
+    if vol.fmt != "qcow2" or vol.is_base:
+        return None, "full read (only a writable qcow2 disk has dirty bitmaps)"
+    store = ctx.params["store"]
+    expected = bitmap_name(store, previous[0].backup.rpartition("/")[2]) if previous else None
+    with drv.image(vol, write=True) as image:
+        marks = qemu.bitmaps(image)
+        why = incremental_refusal(marks, expected)
+        if why is None and previous and previous[1].virtual_size != drv.virtual_size(vol):
+            why = "the disk was resized since its earlier backup"
+        dirty = nbd.dirty_extents(image, expected) if why is None and expected else None
+        now = bitmap_name(store, ctx.data["time"])
+        if now not in marks:
+            qemu.add_bitmap(image, now)
+    return dirty, (f"full read: {why}" if why else f"incremental: what changed since {previous[0].backup}"
+                   if previous else "full read")
+
+
+def _drop_older_bitmaps(ctx: StepContext, drv: Driver, vol: VolName) -> None:
+    """After the commit: this storage's bitmaps of earlier backups go (the new one stays)."""
+    if vol.fmt != "qcow2" or vol.is_base:
+        return
+    prefix, keep = f"stork-{ctx.params['store']}-", bitmap_name(ctx.params["store"], ctx.data["time"])
+    with drv.image(vol, write=True) as image:
+        for name in qemu.bitmaps(image):
+            if name.startswith(prefix) and name != keep:
+                qemu.remove_bitmap(image, name)
 
 
 def restore_data(ctx: StepContext) -> None:

@@ -1,0 +1,120 @@
+"""Encrypted backup storages (drivers/chunkcrypt.py) on real files: names keyed, data sealed,
+manifests authenticated; a wrong or missing key, a tampered chunk or manifest, and a key file
+readable by others are each one clear refusal, never garbage restored; and end to end, a
+guest backed up into the session's encrypted storage `secret` and restored equal."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from drivers import backup_storage
+from drivers.chunkcrypt import EncryptedCodec, create_key, load_key
+from drivers.chunkstore import ChunkStore
+from drivers.errors import AlreadyExists, ConfigError, Corrupt, Refused
+from drivers.storage import StorageConfig
+from tests.conftest import BASE
+from tests.helpers import PATTERN_MIB, qemu_io_write, qemu_same, volume_path
+
+DATA = b"the guest's secret data " * 40000
+
+
+def secret_storage(tmp_path: Path, key: Path) -> StorageConfig:
+    return StorageConfig("vault", "chunkstore", content=("backup",), options={"path": tmp_path / "vault",
+                                                                             "keyfile": key})
+
+
+@pytest.fixture
+def key(tmp_path) -> Path:
+    path = tmp_path / "vault.key"
+    create_key(path)
+    return path
+
+
+def committed(store: ChunkStore, data: bytes = DATA) -> tuple[str, str]:
+    with store.begin(100) as writer:
+        digest, _ = writer.put_chunk(data)
+        writer.add_blob("guest.conf", b"node = 'n'\n")
+        snap = writer.commit()
+    assert digest is not None
+    return str(snap.id), digest
+
+
+def test_chunks_are_named_by_a_keyed_hash_and_sealed(tmp_path, key):
+    store = backup_storage(secret_storage(tmp_path, key)).open()
+    _, digest = committed(store)
+    assert digest != hashlib.sha256(DATA).hexdigest()  # the name does not confirm a guess of the data
+    blob = (tmp_path / "vault" / ".chunks" / digest[:4] / digest).read_bytes()
+    assert b"secret data" not in blob and blob[4] == 2
+    assert store.read_chunk(digest) == DATA
+
+
+def test_a_tampered_chunk_or_manifest_is_refused(tmp_path, key):
+    store = backup_storage(secret_storage(tmp_path, key)).open()
+    bid, digest = committed(store)
+    chunk = tmp_path / "vault" / ".chunks" / digest[:4] / digest
+    blob = bytearray(chunk.read_bytes())
+    blob[-20] ^= 1
+    chunk.write_bytes(bytes(blob))
+    with pytest.raises(Corrupt, match=f"chunk {digest}: fails authentication"):
+        store.read_chunk(digest)
+    manifest = tmp_path / "vault" / bid / "manifest.json"
+    doc = json.loads(manifest.read_bytes())
+    doc["size"] += 1
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(Corrupt, match=f"backup {bid}: its manifest fails authentication"):
+        store.snapshot(bid)
+
+
+def test_a_wrong_or_missing_key_is_one_refusal(tmp_path, key):
+    committed(backup_storage(secret_storage(tmp_path, key)).open())
+    other = tmp_path / "other.key"
+    create_key(other)
+    with pytest.raises(Refused, match=r"the key file is not this store's key \(its fingerprint is [0-9a-f]{32}"):
+        backup_storage(secret_storage(tmp_path, other)).open()
+    plain = StorageConfig("vault", "chunkstore", content=("backup",), options={"path": tmp_path / "vault"})
+    with pytest.raises(Refused, match="is encrypted: name its key file"):
+        backup_storage(plain).open()
+
+
+def test_a_key_for_a_store_of_plain_backups_is_refused(tmp_path, key):
+    plain = StorageConfig("vault", "chunkstore", content=("backup",), options={"path": tmp_path / "vault"})
+    committed(backup_storage(plain).open())
+    with pytest.raises(Refused, match="holds unencrypted backups"):
+        backup_storage(secret_storage(tmp_path, key)).open()
+
+
+def test_key_files_are_made_private_never_overwritten_and_checked(tmp_path, key):
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(AlreadyExists, match="is never overwritten"):
+        create_key(key)
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"readable by others \(mode 0644\): chmod 600 it"):
+        load_key(key)
+    key.chmod(0o600)
+    key.write_text("not a key\n")
+    with pytest.raises(ConfigError, match="not a stork key file"):
+        load_key(key)
+
+
+def test_the_same_data_under_two_keys_has_unrelated_names():
+    a, b = EncryptedCodec(os.urandom(32)), EncryptedCodec(os.urandom(32))
+    assert a.digest(DATA) != b.digest(DATA) and a.fingerprint != b.fingerprint
+
+
+def test_a_guest_backed_up_into_an_encrypted_storage_comes_back_equal(stork, client, vmid):
+    g, r = vmid(), vmid()
+    assert stork("guest", "create", g, "--disk", "scsi0=local:8M")[0] == 0
+    disk = client.guest(g).disks["scsi0"]
+    qemu_io_write(volume_path(disk), "raw", PATTERN_MIB, PATTERN_MIB, 0x2B)
+    code, out, err = stork("--json", "backup", g, "--storage", "secret")
+    assert code == 0, err
+    backup = json.loads(out)["result"]["backup"]
+    assert (BASE / "secret" / backup / "manifest.mac").exists()
+    assert stork("verify", f"secret:{backup}")[0] == 0
+    assert stork("restore", f"secret:{backup}", r)[0] == 0
+    assert qemu_same(volume_path(disk), volume_path(client.guest(r).disks["scsi0"]))
