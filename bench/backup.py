@@ -11,8 +11,10 @@ Rows: first backup, unchanged re-backup, 1%-changed re-backup, restore into a ne
 stork also a template and ten linked clones (qcow2 overlays, 1% changed each) backed up after
 the template: time and store growth. Baselines: `qemu-img convert` and `cp --sparse=always`
 of the image. restic runs encrypted (its only mode: RESTIC_PASSWORD); borg unencrypted
-(`-e none`), once with its defaults and once as `--chunker-params fixed,4194304 -C zstd,1`.
-stork has no encryption yet. Everything lives in one temp directory, removed at the end.
+(`-e none`), once with its defaults and once as `--chunker-params fixed,4194304 -C zstd,1`;
+stork both ways (a first backup and a restore into an encrypted store, beside the plain
+rows). A qcow2 copy of the image, backed up once with a dirty bitmap and 1% rewritten, shows
+the incremental read. Everything lives in one temp directory, removed at the end.
 """
 
 from __future__ import annotations
@@ -104,23 +106,34 @@ STORK = [sys.executable, str(Path(__file__).resolve())]
 
 
 # ---- stork's rows, each in a child process (`bench/backup.py --stork ...`) ----------------------
+KEY = Path(tempfile.gettempdir()) / "stork-backup-bench.key"  # made per run, removed at its end
+
+
 def stork_child(action: str, store_dir: str, image: str, *rest: str) -> None:
-    from drivers import backup, qemu
+    """One stork row: `backup IMAGE VMID [BASE]`, `bitmap-backup IMAGE VMID` (a qcow2 image
+    read through its dirty bitmap, as the backup job does) or `restore OUT VMID`."""
+    from drivers import backup, nbd, qemu
+    from drivers.chunkcrypt import EncryptedCodec, load_key
     from drivers.chunkstore import ChunkStore
 
-    store = ChunkStore(Path(store_dir))
+    codec = EncryptedCodec(load_key(KEY)) if store_dir.endswith("-encrypted") else None
+    store = ChunkStore(Path(store_dir), codec=codec)
     fmt = "qcow2" if image.endswith(".qcow2") else "raw"
-    if action == "backup":
+    if action in ("backup", "bitmap-backup"):
         vmid, base = int(rest[0]), rest[1] if len(rest) > 1 else ""
         found = backup.find_base(store, base, "bench") if base else None
-        fd = os.open(image, os.O_RDONLY)
-        backing = None
-        if fmt == "qcow2":
-            base_fd = os.open(base, os.O_RDONLY)
-            backing = qemu.Image.of_fd("raw", base_fd, base)
+        previous = backup.find_base(store, image, "bench") if action == "bitmap-backup" else None
+        fd = os.open(image, os.O_RDWR)
+        backing = qemu.Image.of_fd("raw", os.open(base, os.O_RDONLY), base) if base else None
+        disk = qemu.Image.of_fd(fmt, fd, image, backing)
+        dirty = nbd.dirty_extents(disk, "bench") if previous and "bench" in qemu.bitmaps(disk) else None
+        if action == "bitmap-backup":
+            if "bench" in qemu.bitmaps(disk):
+                qemu.remove_bitmap(disk, "bench")
+            qemu.add_bitmap(disk, "bench")  # before the read: every later write is in it
         with store.begin(vmid) as writer:
-            index = backup.back_up(qemu.Image.of_fd(fmt, fd, image, backing), fmt, writer,
-                                   *(found or (None, None)))
+            index = backup.back_up(disk, fmt, writer, *(found or (None, None)),
+                                   previous=previous[1] if previous and dirty else None, dirty=dirty)
             writer.add_index("scsi0", index, source=image, identity="bench")
             writer.commit()
     elif action == "restore":
@@ -136,7 +149,7 @@ def stork_child(action: str, store_dir: str, image: str, *rest: str) -> None:
 def stork_rows(work: Path, image: Path, changed: Path) -> list[Row]:
     store = work / "stork"
     store.mkdir()
-    rows = []
+    rows = [*encrypted_rows(work, image), *bitmap_rows(work, image)]
     for what, source, vmid in (("first backup", image, 100), ("unchanged re-backup", image, 101),
                                ("1%-changed re-backup (raw)", changed, 102)):
         before = du_mib(store)
@@ -149,6 +162,40 @@ def stork_rows(work: Path, image: Path, changed: Path) -> list[Row]:
     out.unlink()
     rows += clone_rows(work, store, image)
     return rows
+
+
+def encrypted_rows(work: Path, image: Path) -> list[Row]:
+    """A first backup and a restore into an encrypted store (AES-256-GCM, HMAC names)."""
+    from drivers.chunkcrypt import create_key
+
+    store = work / "stork-encrypted"
+    store.mkdir()
+    create_key(KEY)
+    seconds, rss = timed([*STORK, "--stork", "backup", str(store), str(image), "100"])
+    rows = [Row("stork, encrypted", "first backup", seconds, rss, du_mib(store))]
+    out = work / "stork-restored.raw"
+    seconds, rss = timed([*STORK, "--stork", "restore", str(store), str(out), "100"])
+    _check_equal(image, out)
+    out.unlink()
+    return [*rows, Row("stork, encrypted", "restore", seconds, rss, None)]
+
+
+def bitmap_rows(work: Path, image: Path) -> list[Row]:
+    """The image as qcow2: a full backup that adds a dirty bitmap, 1% rewritten through qemu,
+    then the backup that reads only what the bitmap shows written."""
+    store, disk = work / "stork-qcow2", work / "disk.qcow2"
+    store.mkdir()
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(image), str(disk)], check=True)
+    timed([*STORK, "--stork", "bitmap-backup", str(store), str(disk), "100"])
+    for offset, data in changes(SEED + 1):
+        piece = work / "piece"
+        piece.write_bytes(data)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -s {piece} {offset} {len(data)}", str(disk)],
+                       check=True, capture_output=True)
+    before = du_mib(store)
+    seconds, rss = timed([*STORK, "--stork", "bitmap-backup", str(store), str(disk), "101"])
+    disk.unlink()
+    return [Row("stork", "1%-changed re-backup (qcow2, bitmap)", seconds, rss, du_mib(store) - before)]
 
 
 def clone_rows(work: Path, store: Path, image: Path) -> list[Row]:
@@ -264,6 +311,7 @@ def main() -> None:
             print(f"   {r.tool:<26}{r.what:<36}{r.seconds:>8.2f}s{rate:>8.0f}{rss:>10}{store:>11}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        KEY.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

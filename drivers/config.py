@@ -496,10 +496,13 @@ FIELD_KEYS = {
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
-    """The keys whose values differ between two configs, in FIELD_KEYS order, then storage.<id> by id."""
+    """The keys whose values differ between two configs, in FIELD_KEYS order, then storage.<id>
+    and schedule.<name> by id."""
     keys = [key for name, key in FIELD_KEYS.items() if getattr(old, name) != getattr(new, name)]
     ids = sorted(old.storages.keys() | new.storages.keys())
-    return keys + [f"storage.{sid}" for sid in ids if old.storages.get(sid) != new.storages.get(sid)]
+    names_ = sorted(old.schedules.keys() | new.schedules.keys())
+    return keys + [f"storage.{sid}" for sid in ids if old.storages.get(sid) != new.storages.get(sid)] + \
+        [f"schedule.{n}" for n in names_ if old.schedules.get(n) != new.schedules.get(n)]
 
 
 def write_default(file: Path) -> bool:

@@ -101,7 +101,7 @@ shared = true
 [storage.secret]
 type = "chunkstore"
 path = "secret"
-keyfile = "secret.key"
+keyfile = "{BASE / 'secret.key'}"
 shared = true
 [schedule.nightly]
 schedule = "0 2 * * *"

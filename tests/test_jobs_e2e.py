@@ -278,7 +278,7 @@ def test_guest_configs_are_replaced_whole_never_rewritten_in_place(client, vmid)
         old.seek(0)
         assert old.read() == before
     assert client.guest(g).lock == ""
-    assert not [p for p in (BASE / "guests").iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in (BASE / "guests").iterdir() if p.name.startswith(f".{g}.toml") and p.name.endswith(".tmp")]
 
 
 def test_a_move_whose_source_cannot_be_freed_still_stands(client, vmid):

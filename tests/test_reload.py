@@ -34,7 +34,7 @@ _dbs = itertools.count(9)  # one Redis database per test, away from the session'
 def own_config(tmp_path: Path, db: int) -> Path:
     """The session's config text on Redis database `db`, its paths made absolute under tmp_path."""
     text = CONFIG.read_text().replace(f"{REDIS_PORT}/0", f"{REDIS_PORT}/{db}")
-    text = re.sub(r'^(path|guests|locks) = "([^"/]+)"$', lambda m: f'{m[1]} = "{tmp_path / m[2]}"', text,
+    text = re.sub(r'^(path|guests|locks) = "(?!all")([^"/]+)"$', lambda m: f'{m[1]} = "{tmp_path / m[2]}"', text,
                   flags=re.MULTILINE)
     file = tmp_path / "stork.toml"
     file.write_text(text)
@@ -154,6 +154,8 @@ def parsed(text: str, node: str = "node1") -> Config:
         pytest.param(BASE + "[worker]\nconcurrency = 2\nvisibility_timeout = 600\n",
                      ["worker.concurrency", "worker.visibility_timeout"], id="worker-settings"),
         pytest.param(BASE + "[flower]\nbasic_auth = 'a:b'\n", ["flower.basic_auth"], id="flower-auth"),
+        pytest.param(BASE + "[schedule.nightly]\nschedule = '0 2 * * *'\nguests = 'all'\n", ["schedule.nightly"],
+                     id="schedule-added"),
     ],
 )
 def test_changed_keys_names_every_key_whose_value_differs(new: str, keys: list[str]):
@@ -180,7 +182,7 @@ def test_needs_restart_picks_the_keys_a_running_worker_cannot_take_on(changed: l
 
 def test_every_config_field_is_named_by_a_key():
     """A new Config field cannot be forgotten by changed_keys (file is where, not what; storages are per id)."""
-    assert {f.name for f in fields(Config)} - {"file", "storages"} == set(config.FIELD_KEYS)
+    assert {f.name for f in fields(Config)} - {"file", "storages", "schedules"} == set(config.FIELD_KEYS)
     assert set(RESTART_KEYS) <= set(config.FIELD_KEYS.values())
 
 
