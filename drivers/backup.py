@@ -30,6 +30,7 @@ from drivers.chunkstore import ChunkStore, SnapshotWriter
 
 Progress = Callable[[int, int], None]
 THREADS = 2
+CLUSTER = 64 << 10  # qcow2's default cluster: a linked clone restored writes no less
 IN_FLIGHT = 6  # chunks read but not yet stored (or fetched but not yet written)
 
 
@@ -189,33 +190,53 @@ def back_up(image: qemu.Image, fmt: str, writer: SnapshotWriter, base: BaseRef |
 
 
 def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool,
-            progress: Progress | None = None) -> None:
-    """Write the index's data into `image` (as big as the index says), flushed at the end."""
+            progress: Progress | None = None, base: Index | None = None) -> None:
+    """Write the index's data into `image` (as big as the index says), flushed at the end.
+    With `base`, the image is a linked clone of the volume that index was read from: only the
+    chunks that differ from it are written, zeros too (the clone reads the base elsewhere).
+    Every write is a whole chunk, so a restore redone after a crash needs no fresh target."""
     zero = bytes(index.chunk_size)
+    if base is not None and (base.chunk_size, base.virtual_size) != (index.chunk_size, index.virtual_size):
+        raise nbd.NbdError(f"{image.label}: the base's backup has another size or chunk size")
     with _opened(image, write=True) as client, ThreadPoolExecutor(THREADS) as pool:
         if client.size < index.virtual_size:
             raise nbd.NbdError(f"{image.label}: {client.size} bytes, the backup holds {index.virtual_size}")
-        flying: deque[tuple[int, int, Future[bytes]]] = deque()
+        flying: deque[tuple[int, int, Future[tuple[bytes, bytes | None]]]] = deque()
         done = 0
+
+        def fetch(digest: str | None, under: str | None, length: int) -> tuple[bytes, bytes | None]:
+            """The chunk's data and, on a linked clone, the base's data at its place."""
+            data = store.read_chunk(digest) if digest else zero[:length]
+            return data, (store.read_chunk(under) if under else zero[:length]) if base is not None else None
 
         def write_oldest() -> None:
             nonlocal done
             start, length, future = flying.popleft()
-            data = future.result()
+            data, beneath = future.result()
             if len(data) != length:
                 raise nbd.NbdError(f"{image.label}: a chunk of {len(data)} bytes where {length} belong")
-            client.write(start, data)  # never all zeros: such a chunk is not stored
+            if beneath is None:
+                client.write(start, data)
+            else:  # only the clusters that differ from the base: the clone stays thin
+                for at in range(0, length, CLUSTER):
+                    if data[at:at + CLUSTER] != beneath[at:at + CLUSTER]:
+                        client.write(start + at, data[at:at + CLUSTER])
             done += length
             if progress:
                 progress(done, index.virtual_size)
 
-        for (start, length), digest in zip(_spans(index.virtual_size, index.chunk_size), index.chunks, strict=True):
-            if digest is None:
+        for n, ((start, length), digest) in enumerate(zip(_spans(index.virtual_size, index.chunk_size),
+                                                          index.chunks, strict=True)):
+            if base is not None and base.chunks[n] == digest:
+                done += length  # the clone reads it from its base
+                continue
+            if digest is None and base is None:
                 if not reads_zero:
                     client.write(start, zero[:length])
                 done += length
                 continue
-            flying.append((start, length, pool.submit(store.read_chunk, digest)))
+            under = base.chunks[n] if base is not None else None
+            flying.append((start, length, pool.submit(fetch, digest, under, length)))
             if len(flying) >= IN_FLIGHT:
                 write_oldest()
         while flying:

@@ -87,7 +87,7 @@ def test_a_template_comes_back_as_a_template_and_a_linked_clone_as_a_full_guest(
     assert template.template and client.volume(template.disks["scsi0"]).is_base
     assert qemu_same(volume_path(client.guest(t).disks["scsi0"]), volume_path(template.disks["scsi0"]))
     assert stork("clone", rt, vmid())[0] == 0  # a restored template is clonable
-    assert stork("restore", cb, rc)[0] == 0
+    assert stork("restore", cb, rc, "--storage", "shared")[0] == 0  # away from its base: whole
     assert qemu_same(volume_path(clone_disk), volume_path(client.guest(rc).disks["scsi0"]))
     assert client.volume(client.guest(rc).disks["scsi0"]).parent is None
 
@@ -404,3 +404,28 @@ def test_a_raw_disk_is_read_whole_and_says_why(stork, vmid):
     g = vmid()
     guest_with_data(stork, g)
     assert backed_up(stork, g)["reads"]["scsi0"] == "full read (only a writable qcow2 disk has dirty bitmaps)"
+
+
+def test_a_linked_clone_restored_where_its_base_still_is_is_a_linked_clone_again(stork, client, vmid):
+    """Its base (the very volume its backup's base was read from) is still there: the restore
+    makes a linked clone of it and writes only the clone's own chunks; elsewhere (or once the
+    base is another volume) it comes back whole."""
+    t, c, relinked, whole = vmid(), vmid(), vmid(), vmid()
+    guest_with_data(stork, t)
+    assert stork("template", t)[0] == 0
+    assert stork("clone", t, c)[0] == 0
+    clone_disk = client.guest(c).disks["scsi0"]
+    qemu_io_write(volume_path(clone_disk), "qcow2", 9 * PATTERN_MIB, 4096, 0x5C)
+    qemu_io_write(volume_path(clone_disk), "qcow2", 1 * PATTERN_MIB, 4096, 0)  # zeros over the base's data
+    backed_up(stork, t)
+    backup = backed_up(stork, c)["backup"]
+    code, _, err = stork("restore", backup, relinked)
+    assert code == 0, err
+    disk = client.guest(relinked).disks["scsi0"]
+    assert client.volume(disk).parent == client.guest(t).disks["scsi0"]
+    assert qemu_same(volume_path(clone_disk), volume_path(disk))
+    assert volume_path(disk).stat().st_blocks * 512 < 1 << 20  # its two own clusters, not whole chunks
+    code, _, err = stork("restore", backup, whole, "--storage", "xfs" if not NO_XFS else "shared")
+    assert code == 0, err
+    assert client.volume(client.guest(whole).disks["scsi0"]).parent is None
+    assert qemu_same(volume_path(clone_disk), volume_path(client.guest(whole).disks["scsi0"]))

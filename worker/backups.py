@@ -154,7 +154,8 @@ def restore_data(ctx: StepContext) -> None:
             continue
         drv, dst = ctx.volume(ctx.data["made"][key])
         index = store.index(backup_id, key)
-        if ctx.data.get("restoring") == key:
+        base = store.index(index.base.backup, index.base.disk) if "base" in plan and index.base else None
+        if ctx.data.get("restoring") == key and base is None:  # a relinked clone is rewritten whole-chunk
             with ctx.storage_lock(drv):
                 ctx.fence(drv)
                 drv.recreate(dst, int(plan["size"]))
@@ -165,7 +166,7 @@ def restore_data(ctx: StepContext) -> None:
             ctx.progress(before + done, total, what)
 
         with drv.image(dst, write=True) as image:
-            restore(store, index, image, drv.new_volumes_read_zero, progress)
+            restore(store, index, image, drv.new_volumes_read_zero, progress, base=base)
         faults.point("restored")
         offset += int(plan["size"])
         restored.append(key)

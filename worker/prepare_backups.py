@@ -10,7 +10,7 @@ from drivers import BACKUP_STORAGES, backup_storage, driver_for, guests, names
 from drivers.backuprecords import backup_id
 from drivers.chunkstore import ChunkStore
 from drivers.config import Config
-from drivers.errors import AlreadyExists, InvalidName, NotFound, Refused
+from drivers.errors import AlreadyExists, InvalidName, NotFound, Refused, StorkError
 from drivers.guests import Guest
 from drivers.names import VolName
 from drivers.retention import Keep
@@ -92,6 +92,11 @@ def prepare_restore(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     target = names.storage_id(o["storage"]) if o.get("storage") else None
     disks: dict[str, dict[str, Any]] = {}
     for key, disk in manifest.disks.items():
+        if not original.template and (base := _relinkable(cfg, store, bid, key, target, o.get("format"))):
+            storage = names.volume_id(base).storage
+            disks[key] = {"storage": storage, "owner": newid, "base": base, "size": disk.virtual_size,
+                          "format": driver_for(cfg.storage(storage)).linked_clone_format}
+            continue
         storage = _images_storage(cfg, target or _original_storage(cfg, original.disks.get(key, ""), key))
         drv = driver_for(cfg.storage(storage))
         fmt = _format(cfg, storage, o.get("format"), default=disk.format if disk.format in drv.formats else None)
@@ -122,6 +127,32 @@ def _replaced(cfg: Config, vmid: int, force: bool) -> Guest | None:
                 raise Refused(f"guest {vmid} cannot be replaced: its base {volid} has {len(clones)} linked "
                               f"clone(s): {', '.join(drv.volid(c) for c in clones)}")
     return guest
+
+
+def _relinkable(cfg: Config, store: ChunkStore, bid: str, key: str, target: str | None,
+                fmt: str | None) -> str | None:
+    """The base a linked clone's disk can be restored onto as a linked clone again: the very
+    volume its backup's base was read from (same id, same identity token: a base never changes),
+    still a base, on the target storage (or any, where none is named), in the clone format.
+    None: the disk comes back whole."""
+    ref = store.index(bid, key).base
+    if ref is None or not store.exists(ref.backup):
+        return None
+    disk = store.snapshot(ref.backup).manifest.disks.get(ref.disk)
+    if disk is None or not disk.source or disk.virtual_size != store.index(bid, key).virtual_size:
+        return None
+    try:
+        storage, vol = _volume(cfg, disk.source)
+    except StorkError:
+        return None  # its storage is gone from the config
+    config = cfg.storage(storage)
+    if (target and target != storage) or not config.on_node(cfg.node) or "images" not in config.content:
+        return None
+    drv = driver_for(config)
+    if not vol.is_base or not drv.exists(vol) or drv.identity(vol) != disk.identity or \
+            (fmt and fmt != drv.linked_clone_format) or not drv.has_feature("linked_clone", vol):
+        return None
+    return disk.source
 
 
 def _original_storage(cfg: Config, volid: str, key: str) -> str:
