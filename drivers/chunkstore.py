@@ -398,10 +398,17 @@ class ChunkStore:
             if recorded:
                 raise Refused(f"backup storage {self.root}: the key file is not this store's key (its "
                               f"fingerprint is {given}, the store's {recorded})")
-            if any(_PREFIX.fullmatch(name) for name in os.listdir(folder)):
+            if any(_PREFIX.fullmatch(name) for name in os.listdir(folder)) or self._snapshot_ids():
                 raise Refused(f"backup storage {self.root} holds unencrypted backups: give an encrypted storage "
                               "a directory of its own")
-            self._write(folder, KEY_FINGERPRINT, f"{given}\n".encode())
+            with self._dir.temp_file(folder, KEY_FINGERPRINT) as (fd, temp):
+                _write_all(fd, f"{given}\n".encode())
+                os.fsync(fd)
+                # link(2): of two first openers with different keys, one wins, the other is refused
+                with contextlib.suppress(AlreadyExists):
+                    self._dir.link_new(folder, temp, KEY_FINGERPRINT, "key fingerprint")
+            if self._read(folder, KEY_FINGERPRINT, 1024, "key fingerprint").decode().strip() != given:
+                raise Refused(f"backup storage {self.root}: another key was recorded for this store meanwhile")
 
     def _state(self, folder: int, id: BackupId) -> State:
         if not SafeDir.entry_exists(folder, STATE):

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import BASE, NO_BTRFS, NO_CEPH, NO_XFS, NO_ZFS
 from tests.helpers import PATTERN_MIB, crash, fill, orphans, qemu_io_write, qemu_same, volume_path
-from worker.backups import bitmap_name
+from worker.backups import bitmap_name, incremental_refusal
 
 STORE = BASE / "backup"
 
@@ -429,3 +429,18 @@ def test_a_linked_clone_restored_where_its_base_still_is_is_a_linked_clone_again
     assert code == 0, err
     assert client.volume(client.guest(whole).disks["scsi0"]).parent is None
     assert qemu_same(volume_path(clone_disk), volume_path(client.guest(whole).disks["scsi0"]))
+
+
+@pytest.mark.parametrize(
+    ("marks", "expected", "why"),
+    [
+        pytest.param({}, None, "no earlier backup of this disk in this storage", id="first backup"),
+        pytest.param({"stork-b-1": ["auto"]}, "stork-b-2", "no dirty bitmap stork-b-2", id="bitmap gone"),
+        pytest.param({"stork-b-2": ["in-use", "auto"]}, "stork-b-2", "is in use", id="unclean close"),
+        pytest.param({"stork-b-2": []}, "stork-b-2", "is disabled", id="disabled"),
+        pytest.param({"stork-b-2": ["auto"]}, "stork-b-2", None, id="usable"),
+    ],
+)
+def test_which_dirty_bitmap_is_trusted(marks, expected, why):
+    found = incremental_refusal(marks, expected)
+    assert found is None if why is None else why in found

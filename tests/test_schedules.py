@@ -165,3 +165,18 @@ def test_schedule_list_shows_each_schedule(stork):
     assert header.split()[:3] == ["NAME", "SCHEDULE", "GUESTS"]
     assert row.split()[0] == "nightly" and "0 2 * * *" in row and "keep-daily=7 keep-weekly=4" in row
     assert "never" in row and " no " in f" {row} "  # disabled, never run
+
+
+def test_a_schedule_with_a_bad_crontab_does_not_stop_the_others(client, vmid):
+    g = vmid()
+    assert client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "4M"}}).state == "succeeded"
+    good = f"good{g}"
+    cfg = replace(client.cfg, schedules={
+        "bad": {"schedule": "61 2 * * *", "guests": [g], "storage": "backup"},
+        good: {"schedule": "* * * * *", "guests": [g], "storage": "backup"}})
+    now = datetime.now(UTC)
+    assert schedules.tick(cfg, client.r, client.app, now) == [good]
+    rows = {row["name"]: row for row in schedules.status(cfg, client.r, now)}
+    assert rows["bad"]["outcome"].startswith("not run: ") and "Invalid end range" in rows["bad"]["outcome"]
+    run = schedules._last(client.r, good)
+    wait_for(lambda: ended(client, run["jobs"].values()), 120)

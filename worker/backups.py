@@ -15,6 +15,7 @@ job before that, and the undo frees what it made.
 from __future__ import annotations
 
 import contextlib
+import re
 from datetime import UTC, datetime, timedelta
 
 from drivers import backup_storage, faults, guests, nbd, qemu, retention
@@ -22,7 +23,7 @@ from drivers.backup import back_up, find_base, restore
 from drivers.backuprecords import BaseRef, Index, format_time, parse_time
 from drivers.base import Driver
 from drivers.chunkstore import ChunkStore
-from drivers.errors import Corrupt, NotFound, StorkError
+from drivers.errors import Corrupt, NotFound, Refused, StorkError
 from drivers.names import VolName
 from drivers.nbd import Extent
 from drivers.retention import Candidate, Keep
@@ -69,9 +70,10 @@ def backup_guest(ctx: StepContext) -> None:
         ctx.save()
         writer.commit()
     faults.point("committed")
-    for _, drv, vol in disks.values():
-        _drop_older_bitmaps(ctx, drv, vol)
+    warnings = [w for _, drv, vol in disks.values() if (w := _drop_older_bitmaps(ctx, drv, vol))]
     _report(ctx, store, ctx.data["backup"], reads)
+    if warnings:
+        ctx.set_result(warning="; ".join(warnings))
 
 
 def _backup_time(store: ChunkStore, vmid: int) -> datetime:
@@ -107,6 +109,8 @@ def incremental_refusal(marks: dict[str, list[str]], expected: str | None) -> st
         return f"no dirty bitmap {expected} (added by the earlier backup)"
     if "in-use" in marks[expected]:
         return f"dirty bitmap {expected} is in use (the image was not closed cleanly)"
+    if "auto" not in marks[expected]:
+        return f"dirty bitmap {expected} is disabled (it may not hold every write since)"
     return None
 
 
@@ -120,26 +124,33 @@ def _changes_since(ctx: StepContext, drv: Driver, vol: VolName,
     expected = bitmap_name(store, previous[0].backup.rpartition("/")[2]) if previous else None
     with drv.image(vol, write=True) as image:
         marks = qemu.bitmaps(image)
+        now = bitmap_name(store, ctx.data["time"])
+        if now not in marks:  # first: a write from here on is in it, whatever happens next
+            qemu.add_bitmap(image, now)
         why = incremental_refusal(marks, expected)
         if why is None and previous and previous[1].virtual_size != drv.virtual_size(vol):
             why = "the disk was resized since its earlier backup"
-        dirty = nbd.dirty_extents(image, expected) if why is None and expected else None
-        now = bitmap_name(store, ctx.data["time"])
-        if now not in marks:
-            qemu.add_bitmap(image, now)
-    return dirty, (f"full read: {why}" if why else f"incremental: what changed since {previous[0].backup}"
-                   if previous else "full read")
+        if why is not None:
+            return None, f"full read: {why}"
+        assert expected is not None and previous is not None
+        return nbd.dirty_extents(image, expected), f"incremental: what changed since {previous[0].backup}"
 
 
-def _drop_older_bitmaps(ctx: StepContext, drv: Driver, vol: VolName) -> None:
-    """After the commit: this storage's bitmaps of earlier backups go (the new one stays)."""
+def _drop_older_bitmaps(ctx: StepContext, drv: Driver, vol: VolName) -> str | None:
+    """After the commit: this storage's bitmaps of earlier backups go (the new one stays). The
+    backup stands whatever happens here: a failure is a warning (the next backup drops them)."""
     if vol.fmt != "qcow2" or vol.is_base:
-        return
-    prefix, keep = f"stork-{ctx.params['store']}-", bitmap_name(ctx.params["store"], ctx.data["time"])
-    with drv.image(vol, write=True) as image:
-        for name in qemu.bitmaps(image):
-            if name.startswith(prefix) and name != keep:
-                qemu.remove_bitmap(image, name)
+        return None
+    ours = re.compile(rf"stork-{re.escape(ctx.params['store'])}-\d{{8}}T\d{{6}}Z")
+    keep = bitmap_name(ctx.params["store"], ctx.data["time"])
+    try:
+        with drv.image(vol, write=True) as image:
+            for name in qemu.bitmaps(image):
+                if ours.fullmatch(name) and name != keep:
+                    qemu.remove_bitmap(image, name)
+    except (StorkError, OSError) as e:
+        return f"{drv.volid(vol)}: older dirty bitmaps kept: {e}"
+    return None
 
 
 def restore_data(ctx: StepContext) -> None:
@@ -209,11 +220,16 @@ def _replace_guest(ctx: StepContext) -> None:
     disks = {key: pair[1] for key, pair in ctx.data.get("based", {}).items()} or dict(ctx.data.get("made", {}))
     with ctx.guests.editing(vmid) as box:
         old = box[0]
-        if old.lock_job == ctx.job.id:
+        if old.lock_job != ctx.job.id:
+            if "replaced" in ctx.data:
+                return  # redelivered after it was done
+            raise Refused(f"guest {vmid} is no longer locked by this job: not replaced")
+        if "replaced" not in ctx.data:
             ctx.data["replaced"] = dict(old.disks)
             ctx.save()
             name = ctx.params.get("name") or old.name
-            box[0] = old.with_(disks=disks, template=ctx.params["template"], name=name, lock="", lock_job="",
+            # still locked: FREE_REPLACED unlocks it once the old disks are freed
+            box[0] = old.with_(disks=disks, template=ctx.params["template"], name=name,
                                unused=(*old.unused, *old.disks.values()))
     ctx.set_result(vmid=vmid, disks=disks, template=ctx.params["template"],
                    replaced=ctx.data.get("replaced", {}))
@@ -224,20 +240,28 @@ def free_replaced(ctx: StepContext) -> None:
     be freed (a base that linked clones read through) stays listed as unused, with a warning."""
     if not ctx.params.get("replace"):
         return
+    vmid = ctx.params["new_vmid"]
     freed, kept = [], []
+    try:  # fails closed: with a guest config unreadable, nothing is freed
+        others = {v for g in ctx.guests.list() if g.vmid != vmid for v in (*g.disks.values(), *g.unused)}
+    except StorkError as e:
+        others, kept = set(ctx.data.get("replaced", {}).values()), [f"nothing freed: {e}"]
     for volid in ctx.data.get("replaced", {}).values():
         try:
+            if volid in others:
+                raise Refused("another guest names it")
             drv, vol = ctx.volume(volid)
             with ctx.storage_lock(drv):
-                usage.require_unused(ctx, volid, count_unused=False)
+                usage.require_unused(ctx, volid, count_unused=False)  # the replaced guest keeps it as unused
                 ctx.fence(drv)
                 if drv.exists(vol):
                     drv.free_volume(vol)  # refuses a base with linked clones
             freed.append(volid)
         except (StorkError, OSError) as e:
             kept.append(f"{volid}: {e}")
-    with ctx.guests.editing(ctx.params["new_vmid"]) as box:
-        box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v not in freed))
+    with ctx.guests.editing(vmid) as box:
+        if box[0].lock_job == ctx.job.id:
+            box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v not in freed), lock="", lock_job="")
     if kept:
         ctx.set_result(warning=f"kept as unused: {'; '.join(kept)}")
 

@@ -132,6 +132,11 @@ def _disk_key(value: Any) -> None:
         names.disk_key(value)
 
 
+def _str(value: Any) -> None:
+    if not isinstance(value, str):
+        raise InvalidName(f"{value!r}: expected a string")
+
+
 PLAN: dict[str, Check] = {
     "storage": names.storage_id,
     "size": _positive_int,
@@ -140,6 +145,7 @@ PLAN: dict[str, Check] = {
     "source": _volid,
     "source_path": _absolute_path,
     "base": _volid,  # a disk from a base image: a linked clone of it
+    "base_identity": _str,  # a relinked restore: the base must still be this very volume
     "as_base": _bool,  # a moved base: its copy is made a base on the target
 }
 BASE_PLAN: dict[str, Check] = {"source": _volid, "name": _optional(lambda v: names.image_name(v, "base name"))}
@@ -180,11 +186,6 @@ def _pair_of_volids(value: Any) -> None:
         raise InvalidName(f"{value!r}: expected [volume id, base volume id]")
     for volid in value:
         _volid(volid)
-
-
-def _str(value: Any) -> None:
-    if not isinstance(value, str):
-        raise InvalidName(f"{value!r}: expected a string")
 
 
 # What steps save in the record (`ctx`) for later steps and undos: read back as input too.

@@ -91,11 +91,15 @@ def prepare_restore(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     original = guests.loads(newid, store.read_blob(bid, "guest.conf").decode(), Path(f"backup {bid}: guest.conf"))
     target = names.storage_id(o["storage"]) if o.get("storage") else None
     disks: dict[str, dict[str, Any]] = {}
+    node = replaced.node if replaced else _node(o, cfg)
     for key, disk in manifest.disks.items():
-        if not original.template and (base := _relinkable(cfg, store, bid, key, target, o.get("format"))):
+        relink = None if original.template or node != cfg.node else \
+            _relinkable(cfg, store, bid, key, target, o.get("format"))  # checked here: on this node only
+        if relink:
+            base, identity = relink
             storage = names.volume_id(base).storage
-            disks[key] = {"storage": storage, "owner": newid, "base": base, "size": disk.virtual_size,
-                          "format": driver_for(cfg.storage(storage)).linked_clone_format}
+            disks[key] = {"storage": storage, "owner": newid, "base": base, "base_identity": identity,
+                          "size": disk.virtual_size, "format": driver_for(cfg.storage(storage)).linked_clone_format}
             continue
         storage = _images_storage(cfg, target or _original_storage(cfg, original.disks.get(key, ""), key))
         drv = driver_for(cfg.storage(storage))
@@ -103,7 +107,6 @@ def prepare_restore(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         if original.template and not drv.has_feature("make_base", VolName(newid, key, fmt)):
             raise Refused(f"backup {bid} is of a template: storage {storage!r} cannot hold {fmt} base images")
         disks[key] = {"storage": storage, "owner": newid, "format": fmt, "size": disk.virtual_size}
-    node = replaced.node if replaced else _node(o, cfg)
     replacing = {"replace": True, "lock_vmid": newid, "expect_disks": replaced.disks} if replaced else {}
     return {"store": sid, "backup": bid, "new_vmid": newid, "name": _name(o) or original.name, "node": node,
             "template": original.template, "disks": disks, **replacing,
@@ -130,16 +133,17 @@ def _replaced(cfg: Config, vmid: int, force: bool) -> Guest | None:
 
 
 def _relinkable(cfg: Config, store: ChunkStore, bid: str, key: str, target: str | None,
-                fmt: str | None) -> str | None:
+                fmt: str | None) -> tuple[str, str] | None:
     """The base a linked clone's disk can be restored onto as a linked clone again: the very
     volume its backup's base was read from (same id, same identity token: a base never changes),
     still a base, on the target storage (or any, where none is named), in the clone format.
     None: the disk comes back whole."""
-    ref = store.index(bid, key).base
+    index = store.index(bid, key)
+    ref = index.base
     if ref is None or not store.exists(ref.backup):
         return None
     disk = store.snapshot(ref.backup).manifest.disks.get(ref.disk)
-    if disk is None or not disk.source or disk.virtual_size != store.index(bid, key).virtual_size:
+    if disk is None or not disk.source or disk.virtual_size != index.virtual_size:
         return None
     try:
         storage, vol = _volume(cfg, disk.source)
@@ -152,7 +156,7 @@ def _relinkable(cfg: Config, store: ChunkStore, bid: str, key: str, target: str 
     if not vol.is_base or not drv.exists(vol) or drv.identity(vol) != disk.identity or \
             (fmt and fmt != drv.linked_clone_format) or not drv.has_feature("linked_clone", vol):
         return None
-    return disk.source
+    return disk.source, disk.identity
 
 
 def _original_storage(cfg: Config, volid: str, key: str) -> str:
@@ -177,7 +181,7 @@ def prepare_verify(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 
 def prepare_prune(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    _only(o, {"storage", "vmid", "keep", "dry_run", "node"}, "prune")
+    _only(o, {"storage", "vmid", "keep", "dry_run", "node"}, "prune")  # node: where a node-local store is
     try:
         keep = Keep.from_options(o.get("keep") or {})
     except (ValueError, TypeError) as e:

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
+import structlog
 from celery import Celery
 from celery.schedules import crontab
 
@@ -30,6 +31,7 @@ from drivers.guests import GuestStore
 from worker import records
 from worker.runner import submit
 
+log = structlog.get_logger("stork.schedules")
 FIRST_RUN_GRACE = 300.0
 SLOT_KEY_TTL = 90 * 86400  # a claimed slot's key outlives any catch-up
 SEARCH_DAYS = 4 * 366  # a crontab matching no minute in this long never runs (e.g. 30 Feb)
@@ -49,7 +51,16 @@ class Schedule:
 
 def parse(cfg: Config) -> list[Schedule]:
     """The config's schedules; a crontab Celery cannot parse is a ConfigError naming the key."""
-    found = []
+    found, errors = parse_each(cfg)
+    if errors:
+        raise next(iter(errors.values()))
+    return found
+
+
+def parse_each(cfg: Config) -> tuple[list[Schedule], dict[str, ConfigError]]:
+    """The schedules that parse, and for each that does not, its error: one mistyped crontab
+    must not stop the others."""
+    found, errors = [], {}
     for name, entry in sorted(cfg.schedules.items()):
         line = entry["schedule"]
         minute, hour, day_of_month, month, day_of_week = line.split()
@@ -57,12 +68,13 @@ def parse(cfg: Config) -> list[Schedule]:
             cron = crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month,
                            day_of_week=day_of_week)
         except ValueError as e:
-            raise ConfigError(f"{cfg.file}: schedule.{name}.schedule = {line!r}: {e}") from None
+            errors[name] = ConfigError(f"{cfg.file}: schedule.{name}.schedule = {line!r}: {e}")
+            continue
         guests = entry["guests"]
         found.append(Schedule(name, line, cron, guests if guests == "all" else tuple(guests),
                               frozenset(entry.get("exclude", ())), entry.get("storage"),
                               {k: v for k, v in entry.items() if k.startswith("keep-")}, entry.get("enabled", True)))
-    return found
+    return found, errors
 
 
 # ---- slots: pure -----------------------------------------------------------------------------
@@ -149,7 +161,10 @@ def tick(cfg: Config, r: redis.Redis, sender: Celery, now: datetime | None = Non
     """Run what is due; the names of the schedules this tick started or pruned."""
     now = now or datetime.now(UTC)
     acted = []
-    for schedule in parse(cfg):
+    schedules, errors = parse_each(cfg)
+    for error in errors.values():
+        log.error("schedule not run", error=str(error))
+    for schedule in schedules:
         if not schedule.enabled:
             continue
         last = _last(r, schedule.name)
@@ -190,23 +205,28 @@ def _prune_when_done(cfg: Config, r: redis.Redis, sender: Celery, schedule: Sche
                      last: dict[str, Any]) -> bool:
     """Once every backup job of the last run has ended, prune each guest it backed up (one job,
     claimed with SET NX so two ticks do not both submit it)."""
-    try:
-        states = [records.load(r, job_id).state for job_id in last["jobs"].values()]
-    except StorkError:
-        states = []  # a record expired: the run is long over
-    if any(not state.terminal for state in states):
-        return False
+    nodes = {}
+    for vmid, job_id in last["jobs"].items():
+        try:
+            job = records.load(r, job_id)
+        except StorkError:
+            continue  # its record expired: that job is long over
+        if not job.state.terminal:
+            return False
+        nodes[vmid] = job.node
     if not r.set(_key(schedule.name, f"prune:{last['slot']}"), "1", nx=True, ex=SLOT_KEY_TTL):
         return False
     keep = {k: v for k, v in schedule.keep.items() if v}
-    prune_jobs = []
+    prune_jobs, refused = [], {}
     for vmid in last["jobs"]:
-        options = {"vmid": int(vmid), "keep": keep, **({"storage": schedule.storage} if schedule.storage else {})}
+        # on the node its backup ran on: a node-local backup storage is there
+        options = {"vmid": int(vmid), "keep": keep, **({"node": nodes[vmid]} if vmid in nodes else {}),
+                   **({"storage": schedule.storage} if schedule.storage else {})}
         try:
             prune_jobs.append(submit("prune", options, cfg, r, sender).id)
-        except StorkError:
-            continue  # e.g. the storage is gone from the config: the next run prunes again
-    _save(r, schedule.name, {**last, "pruned": True, "prune_jobs": prune_jobs})
+        except StorkError as e:  # e.g. the storage is gone from the config: said, and the next run prunes again
+            refused[vmid] = str(e)
+    _save(r, schedule.name, {**last, "pruned": True, "prune_jobs": prune_jobs, "prune_refused": refused})
     return True
 
 
@@ -217,8 +237,11 @@ def status(cfg: Config, r: redis.Redis, now: datetime | None = None) -> list[dic
     """Per schedule: its line, guests, storage, retention, whether enabled, the last slot run
     and its outcome (each job's state, refusals), and the next slot."""
     now = now or datetime.now(UTC)
-    rows = []
-    for s in parse(cfg):
+    schedules, errors = parse_each(cfg)
+    rows = [{"name": name, "schedule": cfg.schedules[name]["schedule"], "guests": cfg.schedules[name]["guests"],
+             "storage": cfg.schedules[name].get("storage"), "keep": {}, "enabled": False, "last": None,
+             "outcome": f"not run: {error}", "next": None} for name, error in errors.items()]
+    for s in schedules:
         last = _last(r, s.name)
         nxt = next_slot(s.cron, now)
         rows.append({"name": s.name, "schedule": s.line, "guests": s.guests if s.guests == "all" else list(s.guests),
@@ -240,5 +263,7 @@ def _outcome(r: redis.Redis, last: dict[str, Any] | None) -> str:
         states[state] = states.get(state, 0) + 1
     if last["refused"]:
         states["refused"] = len(last["refused"])
+    if last.get("prune_refused"):
+        states["prune refused"] = len(last["prune_refused"])
     return ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no guest"
 

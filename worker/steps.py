@@ -157,7 +157,7 @@ def allocate_disks(ctx: StepContext) -> None:
         if key in ctx.data.get("made", {}):
             continue  # redelivered: made already
         if "base" in plan:
-            _link(ctx, key, plan["base"], plan["owner"])
+            _link(ctx, key, plan["base"], plan["owner"], plan.get("base_identity"))
             continue
         drv = ctx.driver(plan["storage"])
         size = int(plan["size"]) if "size" in plan else _volume_size(ctx, plan["source"])
@@ -180,13 +180,16 @@ def link_disks(ctx: StepContext) -> None:
     ctx.set_result(volumes=ctx.data.get("made", {}))
 
 
-def _link(ctx: StepContext, key: str, base_volid: str, owner: int) -> None:
-    """Make `key`'s disk a linked clone of the base `base_volid`."""
+def _link(ctx: StepContext, key: str, base_volid: str, owner: int, identity: str | None = None) -> None:
+    """Make `key`'s disk a linked clone of the base `base_volid` (which must still be the very
+    volume `identity` names, where the plan gives one: a relinked restore)."""
     drv, base = ctx.volume(base_volid)
     drv.require_feature("linked_clone", base)
 
     def link(vol: VolName) -> None:
         drv.require_existing(base)  # under the storage lock that a destroy frees it under
+        if identity is not None and drv.identity(base) != identity:
+            raise Refused(f"{base_volid} is no longer the base this backup was made against (it was made anew)")
         drv.link_clone(base, vol)
 
     _make_volume(ctx, key, drv, owner, drv.linked_clone_format, link)
