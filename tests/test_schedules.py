@@ -180,3 +180,28 @@ def test_a_schedule_with_a_bad_crontab_does_not_stop_the_others(client, vmid):
     assert rows["bad"]["outcome"].startswith("not run: ") and "Invalid end range" in rows["bad"]["outcome"]
     run = schedules._last(client.r, good)
     wait_for(lambda: ended(client, run["jobs"].values()), 120)
+
+
+def test_a_run_whose_starter_died_is_resumed_once_its_lease_lapses(client, vmid):
+    """A tick killed after submitting the first guest's backup: the run record holds that job
+    and says starting; while its lease lasts nothing else starts it, then a tick submits only
+    the guests not yet recorded."""
+    g1, g2 = vmid(), vmid()
+    for g in (g1, g2):
+        assert client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "4M"}}).state == "succeeded"
+    name = f"resume{g1}"
+    cfg = replace(client.cfg, schedules={name: {"schedule": "* * * * *", "guests": [g1, g2], "storage": "backup"}})
+    now = datetime.now(UTC)
+    slot = schedules.latest_slot(cron("* * * * *"), now).isoformat()
+    first = client.submit("backup", vmid=g1, storage="backup")
+    client.r.set(f"stork:schedule:{name}:slot:{slot}", "1")
+    client.r.set(f"stork:schedule:{name}:last", slot)
+    client.r.set(f"stork:schedule:{name}:starting:{slot}", "1", ex=60)  # the dead starter's lease
+    client.r.set(f"stork:schedule:{name}:run:{slot}", json.dumps(
+        {"slot": slot, "jobs": {str(g1): first.id}, "refused": {}, "pruned": False, "starting": True}))
+    assert schedules.tick(cfg, client.r, client.app, now) == []  # the lease holds
+    client.r.delete(f"stork:schedule:{name}:starting:{slot}")  # as when it lapses
+    assert schedules.tick(cfg, client.r, client.app, now) == [name]
+    run = schedules._last(client.r, name)
+    assert run["jobs"][str(g1)] == first.id and list(run["jobs"]) == [str(g1), str(g2)] and not run["starting"]
+    wait_for(lambda: ended(client, run["jobs"].values()), 120)

@@ -33,6 +33,7 @@ from worker.runner import submit
 
 log = structlog.get_logger("stork.schedules")
 FIRST_RUN_GRACE = 300.0
+START_LEASE = 60.0
 SLOT_KEY_TTL = 90 * 86400  # a claimed slot's key outlives any catch-up
 SEARCH_DAYS = 4 * 366  # a crontab matching no minute in this long never runs (e.g. 30 Feb)
 
@@ -168,17 +169,31 @@ def tick(cfg: Config, r: redis.Redis, sender: Celery, now: datetime | None = Non
         if not schedule.enabled:
             continue
         last = _last(r, schedule.name)
+        if last and last.get("starting"):
+            if _lease(r, schedule.name, last["slot"]):  # its starter died: submit the rest
+                _start(cfg, r, sender, schedule, last)
+                acted.append(schedule.name)
+            continue
         if last and not last.get("pruned") and _prune_when_done(cfg, r, sender, schedule, last):
             acted.append(schedule.name)
         slot = due_slot(schedule.cron, datetime.fromisoformat(last["slot"]) if last else None, now)
         if slot is None or not r.set(_key(schedule.name, f"slot:{slot.isoformat()}"), "1", nx=True,
                                      ex=SLOT_KEY_TTL):
             continue  # nothing due, or another tick claimed this slot
-        _save(r, schedule.name, {"slot": slot.isoformat(), "jobs": {}, "refused": {}, "pruned": True})
+        run = {"slot": slot.isoformat(), "jobs": {}, "refused": {}, "pruned": False, "starting": True}
+        _lease(r, schedule.name, run["slot"])
+        _save(r, schedule.name, run)
         r.eval(_ADVANCE, 1, _key(schedule.name, "last"), slot.isoformat())
-        _save(r, schedule.name, _start(cfg, r, sender, schedule, slot))
+        _start(cfg, r, sender, schedule, run)
         acted.append(schedule.name)
     return acted
+
+
+def _lease(r: redis.Redis, name: str, slot: str, renew: bool = False) -> bool:
+    """The right to submit a run's jobs, for START_LEASE seconds (renewed per guest): a run
+    whose starter died is resumed by a later tick once the lease has lapsed, never beside it."""
+    key = _key(name, f"starting:{slot}")
+    return bool(r.set(key, "1", ex=int(START_LEASE), **({} if renew else {"nx": True})))
 
 
 def _guests(cfg: Config, schedule: Schedule) -> list[int]:
@@ -188,17 +203,26 @@ def _guests(cfg: Config, schedule: Schedule) -> list[int]:
     return list(schedule.guests)
 
 
-def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, slot: datetime) -> dict[str, Any]:
-    """One backup job per guest; a guest refused at submit is recorded with the reason."""
-    jobs, refused = {}, {}
+def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run: dict[str, Any]) -> None:
+    """One backup job per guest not yet in the run; each recorded as it is submitted (a guest
+    refused at submit with the reason), so a starter that dies leaves a run to resume."""
     options = {"storage": schedule.storage} if schedule.storage else {}
-    for vmid in _guests(cfg, schedule):
+    try:
+        guests = _guests(cfg, schedule)
+    except StorkError as e:  # a guest config unreadable: nothing to back up from it this time
+        guests, run["refused"]["all"] = [], str(e)
+    for vmid in guests:
+        if str(vmid) in run["jobs"] or str(vmid) in run["refused"]:
+            continue
+        _lease(r, schedule.name, run["slot"], renew=True)
         try:
-            jobs[str(vmid)] = submit("backup", {"vmid": vmid, "notes": f"schedule {schedule.name}", **options},
-                                     cfg, r, sender).id
+            run["jobs"][str(vmid)] = submit("backup", {"vmid": vmid, "notes": f"schedule {schedule.name}",
+                                                       **options}, cfg, r, sender).id
         except StorkError as e:
-            refused[str(vmid)] = str(e)
-    return {"slot": slot.isoformat(), "jobs": jobs, "refused": refused, "pruned": not any(schedule.keep.values())}
+            run["refused"][str(vmid)] = str(e)
+        _save(r, schedule.name, run)
+    run.update(starting=False, pruned=not any(schedule.keep.values()))
+    _save(r, schedule.name, run)
 
 
 def _prune_when_done(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule,
