@@ -205,3 +205,20 @@ def test_a_run_whose_starter_died_is_resumed_once_its_lease_lapses(client, vmid)
     run = schedules._last(client.r, name)
     assert run["jobs"][str(g1)] == first.id and list(run["jobs"]) == [str(g1), str(g2)] and not run["starting"]
     wait_for(lambda: ended(client, run["jobs"].values()), 120)
+
+
+def test_an_edited_crontab_runs_no_old_slot_at_once(client, vmid):
+    """Edited from 02:00 to 03:00 at 10:00: today's 03:00 slot is newer than the last run, but
+    the edit makes it a new schedule, which runs only a recent slot."""
+    g = vmid()
+    name = f"edited{g}"
+    at_ten = datetime.now(UTC).replace(hour=10, minute=0, second=0, microsecond=0)
+    ran = (at_ten - timedelta(hours=8)).isoformat()  # 02:00 today
+    client.r.set(f"stork:schedule:{name}:last", ran)
+    client.r.set(f"stork:schedule:{name}:run:{ran}", json.dumps(
+        {"slot": ran, "line": "0 2 * * *", "jobs": {}, "refused": {}, "pruned": True}))
+    cfg = replace(client.cfg, schedules={name: {"schedule": "0 3 * * *", "guests": [g], "storage": "backup"}})
+    assert schedules.tick(cfg, client.r, client.app, at_ten) == []
+    unedited = replace(client.cfg, schedules={name: {"schedule": "0 2 * * *", "guests": [g], "storage": "backup"}})
+    assert schedules.tick(unedited, client.r, client.app, at_ten + timedelta(days=1)) == [name]  # the next 02:00
+    client.r.delete(f"stork:schedule:{name}:last")

@@ -176,11 +176,14 @@ def tick(cfg: Config, r: redis.Redis, sender: Celery, now: datetime | None = Non
             continue
         if last and not last.get("pruned") and _prune_when_done(cfg, r, sender, schedule, last):
             acted.append(schedule.name)
-        slot = due_slot(schedule.cron, datetime.fromisoformat(last["slot"]) if last else None, now)
+        # a crontab edited since the last run counts as a new schedule: only a recent slot runs
+        same = last is not None and last.get("line", schedule.line) == schedule.line
+        slot = due_slot(schedule.cron, datetime.fromisoformat(last["slot"]) if last and same else None, now)
         if slot is None or not r.set(_key(schedule.name, f"slot:{slot.isoformat()}"), "1", nx=True,
                                      ex=SLOT_KEY_TTL):
             continue  # nothing due, or another tick claimed this slot
-        run = {"slot": slot.isoformat(), "jobs": {}, "refused": {}, "pruned": False, "starting": True}
+        run = {"slot": slot.isoformat(), "line": schedule.line, "jobs": {}, "refused": {}, "pruned": False,
+               "starting": True}
         _lease(r, schedule.name, run["slot"])
         _save(r, schedule.name, run)
         r.eval(_ADVANCE, 1, _key(schedule.name, "last"), slot.isoformat())
