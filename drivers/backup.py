@@ -78,24 +78,8 @@ def chunk_plan(extents: list[nbd.Extent], size: int, chunk: int) -> list[str]:
     own: read through its base), or "read". A pure function of the map, which must cover the
     image from 0 without a gap (qemu-img's does); an area qemu does not know to be zero
     (`"data": false, "zero": false`) is read."""
-    at = 0
-    for e in extents:
-        if e.start != at or e.length <= 0:
-            raise nbd.NbdError(f"qemu-img map has a gap or an overlap at byte {at}")
-        at += e.length
-    if at != size:
-        raise nbd.NbdError(f"qemu-img map covers {at} bytes of {size}")
     plan = []
-    it, current = iter(extents), None
-    pending: list[nbd.Extent] = []
-    for start, length in _spans(size, chunk):
-        end = start + length
-        pending = [e for e in pending if e.start + e.length > start]
-        while (current := next(it, None)) is not None:
-            pending.append(current)
-            if current.start + current.length >= end:
-                break
-        here = [e for e in pending if e.start < end and e.start + e.length > start]
+    for here in _per_chunk(extents, size, chunk):
         if all(e.zero for e in here):
             plan.append("zero")
         elif all(e.depth > 0 for e in here):
@@ -103,6 +87,27 @@ def chunk_plan(extents: list[nbd.Extent], size: int, chunk: int) -> list[str]:
         else:
             plan.append("read")
     return plan
+
+
+def _per_chunk(extents: list[nbd.Extent], size: int, chunk: int) -> Iterator[list[nbd.Extent]]:
+    """The extents each chunk overlaps, in chunk order, of a map that must cover the image
+    from 0 without a gap or an overlap (qemu-img's does)."""
+    at = 0
+    for e in extents:
+        if e.start != at or e.length <= 0:
+            raise nbd.NbdError(f"qemu-img map has a gap or an overlap at byte {at}")
+        at += e.length
+    if at != size:
+        raise nbd.NbdError(f"qemu-img map covers {at} bytes of {size}")
+    it, pending = iter(extents), []
+    for start, length in _spans(size, chunk):
+        end = start + length
+        pending = [e for e in pending if e.start + e.length > start]
+        while (current := next(it, None)) is not None:
+            pending.append(current)
+            if current.start + current.length >= end:
+                break
+        yield [e for e in pending if e.start < end and e.start + e.length > start]
 
 
 def find_base(store: ChunkStore, volid: str, identity: str) -> tuple[BaseRef, Index] | None:
@@ -119,17 +124,7 @@ def find_base(store: ChunkStore, volid: str, identity: str) -> tuple[BaseRef, In
 def clean_chunks(dirty: list[nbd.Extent], size: int, chunk: int) -> list[bool]:
     """Per chunk, whether a dirty bitmap shows it unwritten since the bitmap was added (every
     extent of it `"data": true`, qemu's way of saying clean). A pure function of the map."""
-    chunk_plan(dirty, size, chunk)  # the same checks: from 0, no gap, the whole image
-    clean, it, pending = [], iter(dirty), []
-    for start, length in _spans(size, chunk):
-        end = start + length
-        pending = [e for e in pending if e.start + e.length > start]
-        while (current := next(it, None)) is not None:
-            pending.append(current)
-            if current.start + current.length >= end:
-                break
-        clean.append(all(e.data for e in pending if e.start < end and e.start + e.length > start))
-    return clean
+    return [all(e.data for e in here) for here in _per_chunk(dirty, size, chunk)]
 
 
 def sources(plan: list[str], base: Index | None, previous: Index | None, clean: list[bool] | None,

@@ -40,11 +40,16 @@ TIMEOUT = 300.0
 # LVM reserves these in LV names (its own hidden sub-volumes): a volume named so is refused
 RESERVED = ("_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_mimage", "_mlog", "_pmspare", "_rimage", "_rmeta",
             "_tdata", "_tmeta", "_vdata", "_vorigin", "_wcorig", "snapshot", "pvmove")
-_VG = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
+_LVM_NAME = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
+
+
+def lvm_name(v: object) -> bool:
+    """A volume group or LV name LVM takes (and no option: it cannot start with a dash)."""
+    return isinstance(v, str) and bool(_LVM_NAME.fullmatch(v)) and v not in (".", "..")
+
 
 OPTIONS = {
-    "vgname": Option(lambda v: isinstance(v, str) and bool(_VG.fullmatch(v)) and v not in (".", ".."),
-                     "an LVM volume group name (letters, digits, + _ . -)", required=True),
+    "vgname": Option(lvm_name, "an LVM volume group name (letters, digits, + _ . -)", required=True),
 }
 
 

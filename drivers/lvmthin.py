@@ -22,23 +22,20 @@ thin): the config refuses a second (`place`).
 
 from __future__ import annotations
 
-import re
 from functools import cached_property
 
 from drivers import faults, names
 from drivers.base import RAW_WITH_CLONES, Driver
 from drivers.errors import NotFound
 from drivers.lvm import OPTIONS as LVM_OPTIONS
-from drivers.lvm import LvmDriver
+from drivers.lvm import LvmDriver, lvm_name
 from drivers.names import VolName
 from drivers.storage import Option, StorageConfig
 
-_LV = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
-
 OPTIONS = {
     **LVM_OPTIONS,
-    "thinpool": Option(lambda v: isinstance(v, str) and bool(_LV.fullmatch(v)) and v not in (".", ".."),
-                       "the name of a thin pool LV in the volume group (letters, digits, + _ . -)", required=True),
+    "thinpool": Option(lvm_name, "the name of a thin pool LV in the volume group (letters, digits, + _ . -)",
+                       required=True),
 }
 
 

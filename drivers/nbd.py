@@ -61,11 +61,15 @@ class Extent:
 def extents(image: qemu.Image) -> list[Extent]:
     """The image's areas from `qemu-img map` (one call, the image's descriptors passed)."""
     out = run([qemu.QEMU_IMG, "map", "--output=json", image.spec], f"mapping {image.label}", image.all_fds)
+    return _parse_map(out, f"mapping {image.label}")
+
+
+def _parse_map(out: str, what: str) -> list[Extent]:
     try:
         return [Extent(int(e["start"]), int(e["length"]), bool(e["data"]), bool(e["zero"]), int(e.get("depth", 0)))
                 for e in json.loads(out)]
     except (ValueError, KeyError, TypeError):
-        raise NbdError(f"mapping {image.label}: qemu-img map answered something unexpected") from None
+        raise NbdError(f"{what}: qemu-img map answered something unexpected") from None
 
 
 class Client:
@@ -177,11 +181,7 @@ def dirty_extents(image: qemu.Image, bitmap: str) -> list[Extent]:
         _wait_listening(path, proc, image.label, argv)  # qemu-img map is its one connection
         spec = f"driver=nbd,server.type=unix,server.path={path},x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}"
         out = run([qemu.QEMU_IMG, "map", "--output=json", "--image-opts", spec], f"mapping {image.label}'s changes")
-    try:
-        return [Extent(int(e["start"]), int(e["length"]), bool(e["data"]), bool(e["zero"]), 0)
-                for e in json.loads(out)]
-    except (ValueError, KeyError, TypeError):
-        raise NbdError(f"mapping {image.label}'s changes: qemu-img map answered something unexpected") from None
+    return _parse_map(out, f"mapping {image.label}'s changes")
 
 
 @contextlib.contextmanager
@@ -204,23 +204,24 @@ def _wait_listening(path: Path, proc: subprocess.Popen[bytes], label: str, argv:
     """Until qemu-nbd's socket exists (without connecting: it serves one connection)."""
     deadline = time.monotonic() + START_TIMEOUT
     while not path.exists():
-        if proc.poll() is not None:
-            assert proc.stderr is not None
-            said = (proc.stderr.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1]
-            raise ToolError(f"serving {label}", argv, proc.returncode, said)
-        if time.monotonic() > deadline:
-            raise ToolError(f"serving {label}", argv, -1, f"qemu-nbd did not listen within {START_TIMEOUT:g} s")
-        time.sleep(0.02)
+        _still_starting(proc, label, argv, deadline)
+
+
+def _still_starting(proc: subprocess.Popen[bytes], label: str, argv: list[str], deadline: float) -> None:
+    """Wait a moment for qemu-nbd; its own words if it exited, a timeout past the deadline."""
+    if proc.poll() is not None:
+        assert proc.stderr is not None
+        said = (proc.stderr.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+        raise ToolError(f"serving {label}", argv, proc.returncode, said)
+    if time.monotonic() > deadline:
+        raise ToolError(f"serving {label}", argv, -1, f"qemu-nbd did not listen within {START_TIMEOUT:g} s")
+    time.sleep(0.02)
 
 
 def _connect(path: Path, proc: subprocess.Popen[bytes], label: str, argv: list[str]) -> socket.socket:
     """A connection to qemu-nbd's socket, once it listens; its own words if it exits first."""
     deadline = time.monotonic() + START_TIMEOUT
     while True:
-        if proc.poll() is not None:
-            assert proc.stderr is not None
-            said = (proc.stderr.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1]
-            raise ToolError(f"serving {label}", argv, proc.returncode, said)
         if path.exists():
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -228,6 +229,4 @@ def _connect(path: Path, proc: subprocess.Popen[bytes], label: str, argv: list[s
                 return sock
             except OSError:
                 sock.close()
-        if time.monotonic() > deadline:
-            raise ToolError(f"serving {label}", argv, -1, f"qemu-nbd did not listen within {START_TIMEOUT:g} s")
-        time.sleep(0.02)
+        _still_starting(proc, label, argv, deadline)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from drivers import qemu
 from drivers.base import Driver
@@ -102,3 +106,18 @@ def orphans(client, storage: str) -> list[str]:
         named |= {v for v in json.dumps(job.result).split('"') if v.startswith(f"{storage}:")}
     return [f for f in files_under(storage_path(storage)) if not f.startswith(".overlays/")
             and f"{storage}:{f}" not in named]
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path` (a storage that runs out of space), unmounted after;
+    the test skips where none can be mounted."""
+    path.mkdir(exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)

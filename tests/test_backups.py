@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BASE, NO_BTRFS, NO_CEPH, NO_XFS, NO_ZFS
-from tests.helpers import PATTERN_MIB, crash, fill, orphans, qemu_io_write, qemu_same, volume_path
+from tests.helpers import PATTERN_MIB, crash, fill, orphans, qemu_io_write, qemu_same, tmpfs, volume_path
 from worker.backups import bitmap_name, incremental_refusal
 
 STORE = BASE / "backup"
@@ -255,14 +255,8 @@ def test_a_restore_killed_after_a_disk_is_written_is_finished_without_an_orphan(
 @pytest.fixture
 def tiny_store():
     """A 6 MiB tmpfs as the backup storage `tiny`, so that a backup runs out of space."""
-    path = BASE / "tiny"
-    path.mkdir(exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(path)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    yield path
-    subprocess.run(["umount", str(path)], check=False)
+    with tmpfs(BASE / "tiny", "6m") as path:
+        yield path
 
 
 def test_a_backup_storage_running_full_fails_the_backup_and_keeps_the_earlier_ones(stork, client, vmid,

@@ -4,25 +4,18 @@ half-written config."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
 from tests.conftest import BASE, storage_path
-from tests.helpers import PATTERN_MIB, snapshot
+from tests.helpers import PATTERN_MIB, snapshot, tmpfs
 
 
 @pytest.fixture(scope="module")
 def small_fs():
     """A 16 MiB tmpfs as the `small` storage, so that a copy runs out of space."""
-    path = BASE / "small"
-    path.mkdir(exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    yield path
-    subprocess.run(["umount", str(path)], check=False)
+    with tmpfs(BASE / "small", "16m") as path:
+        yield path
 
 
 def test_a_copy_that_runs_out_of_space_fails_and_frees_its_target(client, vmid, small_fs):
