@@ -222,3 +222,25 @@ def test_an_edited_crontab_runs_no_old_slot_at_once(client, vmid):
     unedited = replace(client.cfg, schedules={name: {"schedule": "0 2 * * *", "guests": [g], "storage": "backup"}})
     assert schedules.tick(unedited, client.r, client.app, at_ten + timedelta(days=1)) == [name]  # the next 02:00
     client.r.delete(f"stork:schedule:{name}:last")
+
+
+def test_a_re_enabled_schedule_runs_no_slot_that_passed_while_it_was_off(client, vmid):
+    """Disabled over its 02:00 slot with an older run on record: enabled again at 10:00, it
+    does not run that 02:00 slot at once, but the next day's."""
+    g = vmid()
+    name = f"paused{g}"
+    at_ten = datetime.now(UTC).replace(hour=10, minute=0, second=0, microsecond=0)
+    ran = (at_ten - timedelta(days=3, hours=8)).isoformat()  # 02:00 three days ago
+    client.r.set(f"stork:schedule:{name}:last", ran)
+    client.r.set(f"stork:schedule:{name}:run:{ran}", json.dumps(
+        {"slot": ran, "line": "0 2 * * *", "jobs": {}, "refused": {}, "pruned": True}))
+    entry = {"schedule": "0 2 * * *", "guests": [g], "storage": "backup"}
+    off = replace(client.cfg, schedules={name: {**entry, "enabled": False}})
+    on = replace(client.cfg, schedules={name: entry})
+    assert schedules.tick(off, client.r, client.app, at_ten - timedelta(minutes=5)) == []
+    assert schedules.tick(on, client.r, client.app, at_ten) == []  # today's 02:00 passed while off
+    assert schedules._last(client.r, name)["slot"] == ran
+    assert schedules.tick(on, client.r, client.app, at_ten + timedelta(days=1)) == [name]  # the next 02:00
+    assert schedules._last(client.r, name)["slot"] == (at_ten + timedelta(hours=16)).isoformat()
+    for key in client.r.scan_iter(f"stork:schedule:{name}:*"):
+        client.r.delete(key)

@@ -8,7 +8,9 @@ ended, one prune job with the schedule's retention. Each slot is claimed with SE
 own key, so two beat processes (two ticks a minute) enqueue it once; after beat was down
 for several slots, only the latest one runs (one catch-up, not one per missed slot). A
 schedule never run before runs only a slot of the last `FIRST_RUN_GRACE` seconds, so adding
-one at noon does not start a 02:00 backup at once.
+one at noon does not start a 02:00 backup at once; so does one whose crontab line was
+edited. A disabled schedule's slots are recorded as skipped, so enabling it again runs its
+next slot, not one that passed while it was off.
 
 Slot arithmetic is pure (`latest_slot`, `due_slot`) and table-tested; times are UTC.
 """
@@ -167,6 +169,7 @@ def tick(cfg: Config, r: redis.Redis, sender: Celery, now: datetime | None = Non
         log.error("schedule not run", error=str(error))
     for schedule in schedules:
         if not schedule.enabled:
+            _skip_passed_slots(r, schedule, now)
             continue
         last = _last(r, schedule.name)
         if last and last.get("starting"):
@@ -176,9 +179,7 @@ def tick(cfg: Config, r: redis.Redis, sender: Celery, now: datetime | None = Non
             continue
         if last and not last.get("pruned") and _prune_when_done(cfg, r, sender, schedule, last):
             acted.append(schedule.name)
-        # a crontab edited since the last run counts as a new schedule: only a recent slot runs
-        same = last is not None and last.get("line", schedule.line) == schedule.line
-        slot = due_slot(schedule.cron, datetime.fromisoformat(last["slot"]) if last and same else None, now)
+        slot = due_slot(schedule.cron, _since(r, schedule, last), now)
         if slot is None or not r.set(_key(schedule.name, f"slot:{slot.isoformat()}"), "1", nx=True,
                                      ex=SLOT_KEY_TTL):
             continue  # nothing due, or another tick claimed this slot
@@ -190,6 +191,23 @@ def tick(cfg: Config, r: redis.Redis, sender: Celery, now: datetime | None = Non
         _start(cfg, r, sender, schedule, run)
         acted.append(schedule.name)
     return acted
+
+
+def _skip_passed_slots(r: redis.Redis, schedule: Schedule, now: datetime) -> None:
+    """A disabled schedule's slots pass without a run: once enabled again, it runs the next
+    slot, not one that came while it was off."""
+    if (slot := latest_slot(schedule.cron, now)) is not None:
+        r.eval(_ADVANCE, 1, _key(schedule.name, f"skipped:{schedule.line}"), slot.isoformat())
+
+
+def _since(r: redis.Redis, schedule: Schedule, last: dict[str, Any] | None) -> datetime | None:
+    """The slot a run must be newer than: the last run's or the newest one skipped while the
+    schedule was disabled, of its current crontab line only (an edited line is a new schedule:
+    with neither, only a recent slot runs)."""
+    marks = [last["slot"]] if last and last.get("line", schedule.line) == schedule.line else []
+    if skipped := r.get(_key(schedule.name, f"skipped:{schedule.line}")):
+        marks.append(skipped)
+    return datetime.fromisoformat(max(marks)) if marks else None
 
 
 def _lease(r: redis.Redis, name: str, slot: str, renew: bool = False) -> bool:
