@@ -308,9 +308,17 @@ class State:
     protected: bool = False
     verify: VerifyResult | None = None
 
-    def to_json(self) -> bytes:
+    def to_json(self, mac: str | None = None) -> bytes:
+        """The state as stored; with `mac` (an encrypted store's, over to_json() itself)."""
         verify = None if self.verify is None else self.verify.to_doc()
-        return _dump({"version": VERSION, "notes": self.notes, "protected": self.protected, "verify": verify})
+        doc = {"version": VERSION, "notes": self.notes, "protected": self.protected, "verify": verify}
+        return _dump({**doc, "mac": mac} if mac is not None else doc)
+
+    @staticmethod
+    def stated_mac(raw: bytes) -> str | None:
+        """The MAC a state file carries (read after from_json accepted the file)."""
+        mac = json.loads(raw).get("mac")
+        return mac if isinstance(mac, str) else None
 
     @classmethod
     def from_json(cls, raw: bytes, what: str) -> State:

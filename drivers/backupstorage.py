@@ -32,12 +32,13 @@ class ChunkStoreStorage:
 
     def open(self) -> ChunkStore:
         """The store, its directory made where missing (as a dir storage makes its own), with
-        its key where it has one; refused if the key is not the store's."""
+        its key where it has one; refused if the key or the chunk size is not the store's."""
         assert self.storage.path is not None
         self.storage.path.mkdir(parents=True, exist_ok=True)
         keyfile = self.storage.options.get("keyfile")
         store = ChunkStore(self.storage.path, codec=EncryptedCodec(load_key(keyfile)) if keyfile else None)
         store.check_key()
+        store.check_chunk_size()
         return store
 
     def status(self) -> tuple[int, int, int]:

@@ -37,6 +37,8 @@ class Codec(Protocol):
     """How chunk data becomes a chunk file and back. The store knows nothing else of it, so an
     encrypting codec (kind 2, AES-GCM, digests keyed with HMAC-SHA256) can take this one's place."""
 
+    fingerprint: str | None  # of the key, recorded in the store; None: a store without one
+
     def digest(self, data: bytes) -> str: ...
 
     def encode(self, data: bytes) -> bytes: ...
@@ -45,12 +47,17 @@ class Codec(Protocol):
         """The chunk's data, checked against `digest`; Corrupt if it does not match."""
         ...
 
+    def mac(self, record: bytes) -> bytes | None:
+        """A MAC authenticating a record (a manifest, a snapshot's state); None: not kept."""
+        ...
+
 
 class PlainCodec:
     """SHA-256 names; zstd level 1 where that makes the chunk smaller, else the data as it is."""
 
     def __init__(self, max_size: int = CHUNK) -> None:
         self.max_size = max_size
+        self.fingerprint: str | None = None
 
     def digest(self, data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()
@@ -76,6 +83,9 @@ class PlainCodec:
         if len(data) > self.max_size or self.digest(data) != digest:
             raise Corrupt(f"chunk {digest}: its data does not match its digest")
         return data
+
+    def mac(self, record: bytes) -> bytes | None:
+        return None  # a plain store's records are checked by their checksums only
 
     def _decompress(self, payload: bytes, digest: str) -> bytes:
         try:

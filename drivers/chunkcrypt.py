@@ -127,5 +127,5 @@ class EncryptedCodec(PlainCodec):
             raise Corrupt(f"chunk {digest}: its data does not match its name")
         return data
 
-    def manifest_mac(self, manifest: bytes) -> bytes:
-        return hmac.new(self._manifests, manifest, hashlib.sha256).hexdigest().encode()
+    def mac(self, record: bytes) -> bytes:
+        return hmac.new(self._manifests, record, hashlib.sha256).hexdigest().encode()

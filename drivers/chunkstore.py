@@ -74,6 +74,7 @@ from drivers.safedir import SafeDir, refused
 
 CHUNKS, VM, LOCK = ".chunks", "vm", ".lock"
 KEY_FINGERPRINT = ".key-fingerprint"  # in .chunks: the fingerprint of an encrypted store's key
+CHUNK_SIZE = ".chunk-size"  # in .chunks: the chunk size the store was made with
 MANIFEST_MAC = "manifest.mac"  # beside an encrypted store's manifest: its HMAC
 PARTIAL, TRASH = ".partial-", ".trash-"
 
@@ -378,14 +379,19 @@ class ChunkStore:
 
     def manifest_mac(self, manifest: bytes) -> bytes | None:
         """The manifest's MAC where the store is encrypted (drivers/chunkcrypt.py), else None."""
-        mac = getattr(self.codec, "manifest_mac", None)
-        return mac(manifest) if mac else None
+        return self.codec.mac(manifest)
+
+    def _state_mac(self, id: BackupId, state: State) -> str | None:
+        """The MAC of a snapshot's state in an encrypted store: over the snapshot's id too, so
+        the state.json of another (a protected one, say) cannot be copied in."""
+        mac = self.codec.mac(f"{STATE} of {id}\n".encode() + state.to_json())
+        return mac.decode() if mac is not None else None
 
     # ---- the store's key ----------------------------------------------------------------------
     def check_key(self) -> None:
         """Refuse a key that is not the store's, no key for an encrypted store, or a key for a
         store that holds plain chunks already; a new store records its key's fingerprint."""
-        given = getattr(self.codec, "fingerprint", None)
+        given = self.codec.fingerprint
         with self._folder(CHUNKS, create=True) as folder:
             try:
                 recorded = self._read(folder, KEY_FINGERPRINT, 1024, "key fingerprint").decode().strip()
@@ -401,19 +407,44 @@ class ChunkStore:
             if any(_PREFIX.fullmatch(name) for name in os.listdir(folder)) or self._snapshot_ids():
                 raise Refused(f"backup storage {self.root} holds unencrypted backups: give an encrypted storage "
                               "a directory of its own")
-            with self._dir.temp_file(folder, KEY_FINGERPRINT) as (fd, temp):
-                _write_all(fd, f"{given}\n".encode())
-                os.fsync(fd)
-                # link(2): of two first openers with different keys, one wins, the other is refused
-                with contextlib.suppress(AlreadyExists):
-                    self._dir.link_new(folder, temp, KEY_FINGERPRINT, "key fingerprint")
-            if self._read(folder, KEY_FINGERPRINT, 1024, "key fingerprint").decode().strip() != given:
+            if self._record_once(folder, KEY_FINGERPRINT, given) != given:
                 raise Refused(f"backup storage {self.root}: another key was recorded for this store meanwhile")
 
+    def check_chunk_size(self) -> None:
+        """Refuse to open a store made with another chunk size (its chunks would all seem
+        damaged); a store opened first records its own."""
+        with self._folder(CHUNKS, create=True) as folder:
+            recorded = self._record_once(folder, CHUNK_SIZE, str(self.chunk_size))
+        if recorded != str(self.chunk_size):
+            raise Refused(f"backup storage {self.root} holds chunks of {recorded} bytes, not {self.chunk_size}")
+
+    def _record_once(self, folder: int, name: str, value: str) -> str:
+        """The value recorded in `name`, recording `value` if none is. Under the folder's lock
+        (temp_file sweeps other writers' temp files); link(2) never replaces a record."""
+        with contextlib.suppress(NotFound):
+            return self._read(folder, name, 1024, name).decode().strip()
+        with _flocked(folder, LOCK, exclusive=True), self._dir.temp_file(folder, name) as (fd, temp):
+            _write_all(fd, f"{value}\n".encode())
+            os.fsync(fd)
+            with contextlib.suppress(AlreadyExists):
+                self._dir.link_new(folder, temp, name, name)
+        return self._read(folder, name, 1024, name).decode().strip()
+
     def _state(self, folder: int, id: BackupId) -> State:
+        what = f"backup {id}: {STATE}"
         if not SafeDir.entry_exists(folder, STATE):
+            if self.codec.mac(b"") is not None:  # an encrypted store's commit writes one
+                raise Corrupt(f"{what}: missing")
             return State()
-        return State.from_json(self._read(folder, STATE, _MAX_META, f"backup {id}: {STATE}"), f"backup {id}: {STATE}")
+        raw = self._read(folder, STATE, _MAX_META, what)
+        state = State.from_json(raw, what)
+        if (expected := self._state_mac(id, state)) is not None and \
+                not hmac.compare_digest(str(State.stated_mac(raw)).encode(), expected.encode()):
+            raise Corrupt(f"{what}: fails authentication (tampered with, or another key)")
+        return state
+
+    def _write_state(self, folder: int, id: BackupId, state: State) -> None:
+        self._write(folder, STATE, state.to_json(mac=self._state_mac(id, state)))
 
     def read_blob(self, id: str, name: str) -> bytes:
         """A blob of a snapshot (guest.conf, ...), checked against the manifest."""
@@ -476,7 +507,7 @@ class ChunkStore:
     def _change_state(self, id: BackupId, **changes: Any) -> State:
         with self._vm_locked_for(id) as vm, self._dir_of(vm, id) as folder:
             state = replace(self._state(folder, id), **changes)
-            self._write(folder, STATE, state.to_json())
+            self._write_state(folder, id, state)
         return state
 
     @contextlib.contextmanager
@@ -825,8 +856,7 @@ class SnapshotWriter:
         with self._lock:
             prefixes, written = set(self._prefixes), self._written
         self.store._flush_chunk_folders(prefixes)
-        if self.notes:
-            self.store._write(self._folder, STATE, State(notes=self.notes).to_json())
+        self.store._write_state(self._folder, self.id, State(notes=self.notes))
         manifest = Manifest(dict(self._files), dict(self._disks), sum(d.virtual_size for d in self._disks.values()),
                             written, format_time(datetime.fromtimestamp(self.started, UTC)), _now_text())
         manifest_json = manifest.to_json(self.id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,33 @@ def test_a_tampered_chunk_or_manifest_is_refused(tmp_path, key):
     manifest.write_text(json.dumps(doc))
     with pytest.raises(Corrupt, match=f"backup {bid}: its manifest fails authentication"):
         store.snapshot(bid)
+
+
+def test_a_tampered_or_copied_state_is_refused(tmp_path, key):
+    """state.json (protected, notes, the verify result) is outside the manifest: it carries a
+    MAC of its own, over the snapshot's id too, so neither an edit nor another snapshot's
+    state (a protected one's, say) passes."""
+    store = backup_storage(secret_storage(tmp_path, key)).open()
+    first, _ = committed(store)
+    store.set_protected(first, True)
+    assert store.snapshot(first).state.protected
+    with store.begin(100, datetime(2026, 1, 2, tzinfo=UTC)) as writer:
+        second = str(writer.commit().id)
+    state = tmp_path / "vault" / second / "state.json"
+    own = state.read_bytes()
+    doc = json.loads(own)
+    state.write_text(json.dumps({**doc, "protected": True}))
+    with pytest.raises(Corrupt, match=f"backup {second}: state.json: fails authentication"):
+        store.snapshot(second)
+    state.write_bytes((tmp_path / "vault" / first / "state.json").read_bytes())  # a protected one's
+    with pytest.raises(Corrupt, match=f"backup {second}: state.json: fails authentication"):
+        store.snapshot(second)
+    state.unlink()
+    with pytest.raises(Corrupt, match=f"backup {second}: state.json: missing"):
+        store.snapshot(second)
+    state.write_bytes(own)
+    assert not store.snapshot(second).state.protected
+    store.forget(second)
 
 
 def test_a_wrong_or_missing_key_is_one_refusal(tmp_path, key):

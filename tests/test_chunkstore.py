@@ -537,3 +537,14 @@ class TestSafety:
     def test_a_time_without_zone_is_refused(self, store):
         with pytest.raises(InvalidName, match="no time zone"):
             store.begin(100, datetime(2026, 11, 26, 12))
+
+
+def test_a_store_made_with_another_chunk_size_is_refused(tmp_path):
+    """Opened with another chunk size, every stored chunk would seem damaged: the store
+    records its own when first opened, and another is one refusal."""
+    root = tmp_path / "sized"
+    root.mkdir()
+    ChunkStore(root).check_chunk_size()
+    ChunkStore(root).check_chunk_size()  # the same size again: fine
+    with pytest.raises(Refused, match=f"backup storage {root} holds chunks of 4194304 bytes, not 1048576"):
+        ChunkStore(root, chunk_size=1 << 20).check_chunk_size()
