@@ -86,7 +86,8 @@ class Row:
 def timed(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of one child process, which must succeed. GNU time runs it
     and reports its peak RSS: a child forked from this (large) process directly would count
-    this process's pages too."""
+    this process's pages too. Each row starts with nothing dirty in the page cache."""
+    os.sync()  # no row pays for writing back what an earlier one left dirty
     with tempfile.NamedTemporaryFile("r") as rss:
         start = time.perf_counter()
         proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv], env={**os.environ, **(env or {})},

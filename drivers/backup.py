@@ -1,7 +1,10 @@
 """A volume into a chunk store, and back: the data path of backup and restore.
 
-A backup reads the guest-visible data of any volume through qemu-nbd (drivers/nbd.py), or a
-raw file directly (its bytes are the guest's), chunk by chunk of the store's chunk size: a
+A backup reads the guest-visible data of any volume through qemu-nbd (drivers/nbd.py), or,
+for an image made of files (raw, and qcow2 whose data is neither compressed, encrypted nor in
+an external file), straight from the files at the host offsets `qemu-img map` gives for each
+extent: what qemu-nbd would return, without a process and a socket in between. It reads
+chunk by chunk of the store's chunk size: a
 chunk that `qemu-img map` shows as known zeros is never read (its index entry is null); a
 linked clone's chunk that holds nothing of the clone's own (every extent of it at depth >= 1,
 read through its base) is taken from the base's index when the base was backed up, so only
@@ -19,6 +22,7 @@ where it does not (a thick LV). A missing or corrupt chunk stops it with the chu
 from __future__ import annotations
 
 import os
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +31,7 @@ from contextlib import contextmanager
 from drivers import nbd, qemu
 from drivers.backuprecords import BaseRef, Index
 from drivers.chunkstore import ChunkStore, SnapshotWriter
+from drivers.errors import Corrupt, NotFound
 
 Progress = Callable[[int, int], None]
 THREADS = 2
@@ -40,21 +45,12 @@ def _spans(size: int, chunk: int) -> Iterator[tuple[int, int]]:
 
 
 class RawFile:
-    """A raw image file without backing, read and written at guest offsets directly (its
-    bytes are the guest's): what qemu-nbd would do, without the socket in between."""
+    """A raw image file without backing, written at guest offsets directly (its bytes are the
+    guest's): what qemu-nbd would do, without the socket in between."""
 
     def __init__(self, fd: int, label: str) -> None:
         self.fd, self.label = fd, label
         self.size = os.fstat(fd).st_size
-
-    def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        while len(data) < length:  # a short read (a signal): the rest
-            more = os.pread(self.fd, length - len(data), offset + len(data))
-            if not more:
-                raise nbd.NbdError(f"{self.label}: ends at byte {offset + len(data)}")
-            data += more
-        return data
 
     def write(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
@@ -62,14 +58,75 @@ class RawFile:
             view = view[os.pwrite(self.fd, view, offset + len(data) - len(view)):]
 
 
+class MappedFiles:
+    """An image made of files, read through its map: an extent at depth d is read from the
+    d-th file of the backing chain at the extent's host offset, and one qemu knows to be
+    zeros is not read at all."""
+
+    def __init__(self, fds: list[int], extents: list[nbd.Extent], label: str) -> None:
+        self.fds, self.extents, self.label = fds, extents, label
+        self.starts = [e.start for e in extents]
+        self.size = extents[-1].start + extents[-1].length if extents else 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        view, end = memoryview(out), offset + length
+        n = max(bisect_right(self.starts, offset) - 1, 0)
+        while n < len(self.extents) and self.extents[n].start < end:
+            e = self.extents[n]
+            lo, hi = max(e.start, offset), min(e.start + e.length, end)
+            if not e.zero and hi > lo:
+                assert e.offset is not None  # readable() admits no other extent
+                self._read_into(self.fds[e.depth], view[lo - offset:hi - offset], e.offset + lo - e.start)
+            n += 1
+        return bytes(out)
+
+    def _read_into(self, fd: int, into: memoryview, at: int) -> None:
+        while into:
+            got = os.preadv(fd, [into], at)
+            if not got:
+                raise nbd.NbdError(f"{self.label}: a file of it ends at byte {at}")
+            into, at = into[got:], at + got
+
+
+def readable(image: qemu.Image, extents: list[nbd.Extent]) -> list[int] | None:
+    """The descriptors of the image's files, top first, if every extent can be read from them
+    at its host offset (a file chain of raw and plain qcow2, every extent zeros or data with an
+    offset in a file of the chain); None: read it through qemu-nbd."""
+    fds: list[int] = []
+    layer: qemu.Image | None = image
+    while layer is not None:
+        if layer.fmt not in ("raw", "qcow2") or not layer.is_file:
+            return None
+        if layer.fmt == "qcow2":
+            header = qemu.read_qcow2_header(layer.fds[0])
+            if header is None or header.external_data_file or header.encrypted:
+                return None
+        fds.append(layer.fds[0])
+        layer = layer.backing if layer.fmt == "qcow2" else None
+    if all(e.zero or (e.data and e.offset is not None and e.depth < len(fds)) for e in extents):
+        return fds
+    return None
+
+
 @contextmanager
-def _opened(image: qemu.Image, write: bool = False) -> Iterator[RawFile | nbd.Client]:
-    """Guest data access: a raw file directly, anything else through qemu-nbd. The caller
+def _reading(image: qemu.Image, extents: list[nbd.Extent]) -> Iterator[MappedFiles | nbd.Client]:
+    """Guest data to read: from the image's files where its map allows, else through qemu-nbd."""
+    if (fds := readable(image, extents)) is not None:
+        yield MappedFiles(fds, extents, image.label)
+    else:
+        with nbd.served(image) as client:
+            yield client
+
+
+@contextmanager
+def _writing(image: qemu.Image) -> Iterator[RawFile | nbd.Client]:
+    """Guest data to write: a raw file directly, anything else through qemu-nbd. The caller
     (the driver's image()) flushes a written file when it closes it."""
     if image.fmt == "raw" and image.backing is None and image.is_file:
         yield RawFile(image.fds[0], image.label)
     else:
-        with nbd.served(image, write) as client:
+        with nbd.served(image, write=True) as client:
             yield client
 
 
@@ -161,7 +218,7 @@ def back_up(image: qemu.Image, fmt: str, writer: SnapshotWriter, base: BaseRef |
     clean = clean_chunks(dirty, size, chunk) if dirty is not None else None
     taken_from = sources(plan, base_index, previous, clean, chunk, size)
     digests: list[str | None] = [None] * len(plan)
-    with _opened(image) as client, ThreadPoolExecutor(THREADS) as pool:
+    with _reading(image, mapped) as client, ThreadPoolExecutor(THREADS) as pool:
         if client.size != size:
             raise nbd.NbdError(f"{image.label}: {client.size} bytes to read, qemu-img maps {size}")
         flying: deque[tuple[int, Future[tuple[str | None, int]]]] = deque()
@@ -193,16 +250,22 @@ def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool
     zero = bytes(index.chunk_size)
     if base is not None and (base.chunk_size, base.virtual_size) != (index.chunk_size, index.virtual_size):
         raise nbd.NbdError(f"{image.label}: the base's backup has another size or chunk size")
-    with _opened(image, write=True) as client, ThreadPoolExecutor(THREADS) as pool:
+    with _writing(image) as client, ThreadPoolExecutor(THREADS) as pool:
         if client.size < index.virtual_size:
             raise nbd.NbdError(f"{image.label}: {client.size} bytes, the backup holds {index.virtual_size}")
         flying: deque[tuple[int, int, Future[tuple[bytes, bytes | None]]]] = deque()
         done = 0
 
         def fetch(digest: str | None, under: str | None, length: int) -> tuple[bytes, bytes | None]:
-            """The chunk's data and, on a linked clone, the base's data at its place."""
+            """The chunk's data and, on a linked clone, the base's data at its place (None: write
+            the whole chunk, also where the base's chunk is gone from the store or damaged)."""
             data = store.read_chunk(digest) if digest else zero[:length]
-            return data, (store.read_chunk(under) if under else zero[:length]) if base is not None else None
+            if base is None or under is None:
+                return data, None if base is None else zero[:length]
+            try:
+                return data, store.read_chunk(under)
+            except (NotFound, Corrupt):
+                return data, None
 
         def write_oldest() -> None:
             nonlocal done

@@ -22,8 +22,6 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-import structlog
-
 from drivers import faults, names, qemu
 from drivers.base import Driver
 from drivers.errors import NotFound, Refused
@@ -31,7 +29,6 @@ from drivers.names import FORMATS, VolName
 from drivers.safedir import SafeDir, copy_contents, identity, set_immutable
 from drivers.storage import PATH, StorageConfig
 
-log = structlog.get_logger(__name__)
 ALL = frozenset(FORMATS)
 OVERLAYS = ".overlays"  # blank overlays of bases, copied to make linked clones
 MAX_CHAIN = 16  # bases made from linked clones read through bases: how deep one may go
@@ -250,7 +247,7 @@ class DirDriver(Driver):
         if stat.S_IMODE(os.fstat(fd).st_mode) != 0o444:  # an immutable base refuses even a chmod to its mode
             os.fchmod(fd, 0o444)
         if not set_immutable(fd, True):
-            log.warning("immutable_unsupported", storage=self.storage.id)
+            _warn("immutable_unsupported", storage=self.storage.id)
 
     def unmake_base(self, base: VolName, vol: VolName) -> None:
         with self._opened(base) as fd, self._dir.folder("base") as src, \
@@ -308,3 +305,9 @@ class DirDriver(Driver):
             # a linked clone's base is not needed to grow it, and is read-only: open none
             qemu.resize(qemu.Image.of_fd(vol.fmt, fd, self.volid(vol)), size)
             os.fsync(fd)
+
+
+def _warn(event: str, **fields: object) -> None:
+    import structlog  # here, not at the top: it imports rich, 0.15 s for every process importing drivers
+
+    structlog.get_logger(__name__).warning(event, **fields)

@@ -32,6 +32,7 @@ from drivers.errors import StorkError
 from drivers.tools import ToolError, run
 
 QEMU_NBD = "qemu-nbd"
+SETPRIV = "setpriv"  # util-linux: sets the parent-death signal, then execs qemu-nbd
 START_TIMEOUT = 30.0
 IO_TIMEOUT = 300.0  # one request: a qemu-nbd that stops answering fails the step, not hangs it
 MAX_REQUEST = 32 << 20
@@ -56,6 +57,7 @@ class Extent:
     data: bool  # holds data (not a hole, not known zeros)
     zero: bool  # reads as zeros
     depth: int  # 0: the image's own; 1: its backing image's; ...
+    offset: int | None = None  # where a file at that depth holds it (uncompressed data, raw areas)
 
 
 def extents(image: qemu.Image) -> list[Extent]:
@@ -66,7 +68,8 @@ def extents(image: qemu.Image) -> list[Extent]:
 
 def _parse_map(out: str, what: str) -> list[Extent]:
     try:
-        return [Extent(int(e["start"]), int(e["length"]), bool(e["data"]), bool(e["zero"]), int(e.get("depth", 0)))
+        return [Extent(int(e["start"]), int(e["length"]), bool(e["data"]), bool(e["zero"]), int(e.get("depth", 0)),
+                       int(e["offset"]) if e.get("offset") is not None else None)
                 for e in json.loads(out)]
     except (ValueError, KeyError, TypeError):
         raise NbdError(f"{what}: qemu-img map answered something unexpected") from None
@@ -155,9 +158,11 @@ def _qemu_nbd(image: qemu.Image, write: bool, *extra: str) -> Iterator[tuple[Pat
     with tempfile.TemporaryDirectory(prefix="stork-nbd-") as where:
         path = Path(where) / "sock"
         # writeback: O_DIRECT (cache none) fails on some file systems; the NBD flush, then the
-        # driver's own fsync, make a restore durable
-        argv = [QEMU_NBD, "--socket", str(path), "--shared", "1", "--cache", "writeback", "--discard", "unmap",
-                *([] if write else ["--read-only"]), *extra, image.spec]
+        # driver's own fsync, make a restore durable. qemu-nbd exits when its one client goes;
+        # should this process die before a client connects, the parent-death signal ends it
+        # instead (it follows the starting thread: a step starts it from its own)
+        argv = [SETPRIV, "--pdeathsig", "TERM", QEMU_NBD, "--socket", str(path), "--shared", "1",
+                "--cache", "writeback", "--discard", "unmap", *([] if write else ["--read-only"]), *extra, image.spec]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 pass_fds=image.all_fds)
         try:

@@ -4,22 +4,28 @@ and written back, compared with `qemu-img compare`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
 import pytest
 
-from drivers import driver_for
-from drivers.backup import back_up, chunk_plan, clean_chunks, restore, sources
+from drivers import driver_for, qemu
+from drivers.backup import MappedFiles, back_up, chunk_plan, clean_chunks, readable, restore, sources
 from drivers.backuprecords import BaseRef, Index
 from drivers.chunkstore import ChunkStore
 from drivers.dir import DirDriver
 from drivers.errors import Corrupt
 from drivers.names import VolName
-from drivers.nbd import Extent, NbdError
+from drivers.nbd import Extent, NbdError, extents, served
 from drivers.storage import StorageConfig
 from tests.helpers import fill
+from worker.testing import wait_for
 
 MIB = 1 << 20
 CHUNK = MIB  # small chunks keep the images small
@@ -131,6 +137,72 @@ def test_a_linked_clone_reads_only_its_own_data_and_takes_the_rest_from_its_base
     dir_storage.compare(dir_storage, clone, dst)
 
 
+def _image_files(tmp_path: Path) -> dict[str, qemu.Image]:
+    """Files of each kind qemu-img makes: raw with a hole, a qcow2 linked clone of it with
+    data and zeros of its own, that clone opened without its base, a compressed qcow2 and a
+    qcow2 with an external data file."""
+    def run(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True)
+
+    def opened(name: str, backing: qemu.Image | None = None) -> qemu.Image:
+        fd = os.open(tmp_path / name, os.O_RDONLY | os.O_CLOEXEC)
+        return qemu.Image.of_fd("qcow2" if name.endswith(".qcow2") else "raw", fd, name, backing)
+
+    base = tmp_path / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(16 * MIB)
+        f.seek(MIB)
+        f.write(os.urandom(3 * MIB))
+        f.write(b"compressible " * (MIB // 13))  # qemu-img convert -c keeps random clusters as they are
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(tmp_path / "clone.qcow2"))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 7 2M 128k", "-c", "write -z 3M 1M", "-c", "write -P 9 9M 1M",
+        str(tmp_path / "clone.qcow2"))
+    run("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", str(base), str(tmp_path / "compressed.qcow2"))
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'ext.raw'}",
+        str(tmp_path / "external.qcow2"), "16M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 3 0 64k", str(tmp_path / "external.qcow2"))
+    return {"raw": opened("base.raw"), "clone": opened("clone.qcow2", opened("base.raw")),
+            "clone alone": opened("clone.qcow2"), "compressed": opened("compressed.qcow2"),
+            "external data file": opened("external.qcow2")}
+
+
+def test_files_are_read_at_their_mapped_offsets_exactly_as_qemu_nbd_reads_them(tmp_path):
+    """Raw files and plain qcow2 chains are read straight from their files; compressed
+    clusters and an external data file (no host offset in the image's own file) go through
+    qemu-nbd. Either way every read, also one across extents, is what qemu-nbd serves."""
+    direct = {}
+    for kind, image in _image_files(tmp_path).items():
+        mapped = extents(image)
+        fds = readable(image, mapped)
+        direct[kind] = fds is not None
+        if fds is None:
+            continue
+        files = MappedFiles(fds, mapped, image.label)
+        with served(image) as client:
+            assert files.size == client.size
+            for offset, length in ((0, files.size), (MIB - 4096, 2 * MIB + 8192), (3 * MIB + 5, 7 * MIB)):
+                assert files.read(offset, length) == client.read(offset, length), (kind, offset)
+    assert direct == {"raw": True, "clone": True, "clone alone": True, "compressed": False,
+                      "external data file": False}
+
+
+def test_a_compressed_qcow2_is_read_through_qemu_nbd_and_comes_back_equal(tmp_path, store):
+    image = _image_files(tmp_path)["compressed"]
+    with store.begin(100) as writer:
+        index = back_up(image, "qcow2", writer)
+        writer.add_index("scsi0", index)
+        snap = writer.commit()
+    out = tmp_path / "restored.raw"
+    with open(out, "wb") as f:
+        f.truncate(16 * MIB)
+    fd = os.open(out, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        restore(store, store.index(str(snap.id), "scsi0"), qemu.Image.of_fd("raw", fd, "restored"), reads_zero=True)
+    finally:
+        os.close(fd)
+    assert out.read_bytes() == (tmp_path / "base.raw").read_bytes()
+
+
 def test_a_restore_with_a_corrupt_chunk_stops_naming_it(dir_storage, store, tmp_path: Path):
     src = VolName(100, "vm-100-disk-0", "raw")
     disk_with_data(dir_storage, src)
@@ -221,3 +293,37 @@ def test_sources_take_each_chunk_from_the_right_earlier_index(plan, clean, expec
 
 def test_a_previous_backup_of_another_size_is_not_used():
     assert sources(["read"], None, index_of("a", "a"), [True], MIB, MIB) == [None]
+
+
+def test_a_qemu_nbd_whose_starter_dies_before_connecting_exits(tmp_path):
+    """qemu-nbd serves one connection and exits when it closes; a process killed between
+    starting it and connecting must not leave it running, holding the volume open."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(MIB))
+    starter = textwrap.dedent("""
+        import os, signal, sys
+        from drivers import nbd, qemu
+        image = qemu.Image.of_fd("raw", os.open(sys.argv[1], os.O_RDONLY), sys.argv[1])
+        with nbd._qemu_nbd(image, False) as (path, proc, argv):
+            while not path.exists():
+                pass
+            print(proc.pid, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    child = subprocess.run([sys.executable, "-c", starter, str(image)], capture_output=True, text=True,
+                           cwd=Path(__file__).parent.parent, check=False)
+    assert child.returncode == -9, child.stderr
+    pid = int(child.stdout)
+    try:
+        wait_for(lambda: not _running(pid), 10, what=f"qemu-nbd {pid} to exit once its starter died")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

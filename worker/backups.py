@@ -165,8 +165,10 @@ def restore_data(ctx: StepContext) -> None:
             continue
         drv, dst = ctx.volume(ctx.data["made"][key])
         index = store.index(backup_id, key)
-        base = store.index(index.base.backup, index.base.disk) if "base" in plan and index.base else None
-        if ctx.data.get("restoring") == key and base is None:  # a relinked clone is rewritten whole-chunk
+        relinked = "base" in plan and index.base is not None
+        base = _base_index(store, index) if relinked else None
+        reads_zero = drv.new_volumes_read_zero and not relinked  # a clone reads its base where not written
+        if ctx.data.get("restoring") == key and not relinked:  # a relinked clone is rewritten whole-chunk
             with ctx.storage_lock(drv):
                 ctx.fence(drv)
                 drv.recreate(dst, int(plan["size"]))
@@ -177,12 +179,23 @@ def restore_data(ctx: StepContext) -> None:
             ctx.progress(before + done, total, what)
 
         with drv.image(dst, write=True) as image:
-            restore(store, index, image, drv.new_volumes_read_zero, progress, base=base)
+            restore(store, index, image, reads_zero, progress, base=base)
         faults.point("restored")
         offset += int(plan["size"])
         restored.append(key)
         ctx.data.pop("restoring")
         ctx.save()
+
+
+def _base_index(store: ChunkStore, index: Index) -> Index | None:
+    """The index of the base a relinked clone is restored over, to write only what differs;
+    None if that backup was forgotten since the restore was planned: then every chunk is
+    written, zeros too, and the clone is as right, only not as thin."""
+    assert index.base is not None
+    try:
+        return store.index(index.base.backup, index.base.disk)
+    except NotFound:
+        return None
 
 
 def reserve_restored(ctx: StepContext) -> None:
