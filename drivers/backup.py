@@ -3,20 +3,23 @@
 A backup reads the guest-visible data of any volume through qemu-nbd (drivers/nbd.py), or,
 for an image made of files (raw, and qcow2 whose data is neither compressed, encrypted nor in
 an external file), straight from the files at the host offsets `qemu-img map` gives for each
-extent: what qemu-nbd would return, without a process and a socket in between. It reads
-chunk by chunk of the store's chunk size: a
-chunk that `qemu-img map` shows as known zeros is never read (its index entry is null); a
-linked clone's chunk that holds nothing of the clone's own (every extent of it at depth >= 1,
-read through its base) is taken from the base's index when the base was backed up, so only
-the clone's own data is read. A clone that qemu sees as a plain image (a btrfs or ZFS
-snapshot, an RBD clone) is read whole, and deduplication keeps what it shares with its base
-out of the store. Hashing and compressing run in a thread pool (hashlib and zstandard release
-the GIL) while the next chunk is read, with a bounded number of chunks in flight so memory
-stays a few chunks.
+extent: what qemu-nbd would return, without a process and a socket in between. It goes
+chunk by chunk of the store's chunk size and reads the least it can (decide()): a chunk
+that `qemu-img map` shows as known zeros is never read (its index entry is null); a linked
+clone's chunk that holds nothing of the clone's own (every extent at depth >= 1) is the
+base's entry, when the base was backed up, and one with a little of the clone's own is a
+patch: those runs alone, stored over the base's chunk. With a dirty bitmap, a chunk not
+written since the previous backup is that backup's entry, and a written one a patch of what
+was written. A clone that qemu sees as a plain image (a btrfs or ZFS snapshot, an RBD
+clone) is read whole, and deduplication keeps what it shares with its base out of the store.
+Hashing and compressing run in a thread pool (hashlib and zstandard release the GIL) while
+the next chunk is read, with a bounded number of chunks in flight so memory stays a few
+chunks.
 
-A restore writes every non-null chunk, read back and checked against its digest, and skips
-null ones where the target reads as zeros (a new file or thin volume), writing zeros only
-where it does not (a thick LV). A missing or corrupt chunk stops it with the chunk named.
+A restore writes every non-null chunk (a patch laid over its chunk), read back and checked
+against its digest, and skips null ones where the target reads as zeros (a new file or thin
+volume), writing zeros only where it does not (a thick LV). A missing or corrupt chunk stops
+it with the chunk named.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from __future__ import annotations
 import os
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from drivers import nbd, qemu
-from drivers.backuprecords import BaseRef, Index
+from drivers.backuprecords import BaseRef, Entry, Index, Patch, entry_digests
 from drivers.chunkstore import ChunkStore, SnapshotWriter
 from drivers.errors import Corrupt, NotFound
 
@@ -37,6 +41,7 @@ Progress = Callable[[int, int], None]
 THREADS = 2
 CLUSTER = 64 << 10  # qcow2's default cluster: a linked clone restored writes no less
 IN_FLIGHT = 6  # chunks read but not yet stored (or fetched but not yet written)
+PATCH_SHARE = 0.5  # a chunk whose new runs cover at most this share of it is stored as a patch
 
 
 def _spans(size: int, chunk: int) -> Iterator[tuple[int, int]]:
@@ -132,18 +137,59 @@ def _writing(image: qemu.Image) -> Iterator[RawFile | nbd.Client]:
 
 def chunk_plan(extents: list[nbd.Extent], size: int, chunk: int) -> list[str]:
     """What to do with each chunk: "zero" (known zeros only), "base" (nothing of the image's
-    own: read through its base), or "read". A pure function of the map, which must cover the
-    image from 0 without a gap (qemu-img's does); an area qemu does not know to be zero
-    (`"data": false, "zero": false`) is read."""
+    own: read through its base), "patch" (a linked clone's own runs, at most PATCH_SHARE of
+    the chunk, over its base's data: only the runs are read and stored), or "read". A pure
+    function of the map, which must cover the image from 0 without a gap (qemu-img's does);
+    an area qemu does not know to be zero (`"data": false, "zero": false`) is read."""
     plan = []
-    for here in _per_chunk(extents, size, chunk):
+    for here, runs in zip(_per_chunk(extents, size, chunk), own_runs(extents, size, chunk), strict=True):
         if all(e.zero for e in here):
             plan.append("zero")
-        elif all(e.depth > 0 for e in here):
+        elif not runs:
             plan.append("base")
+        elif any(e.depth > 0 for e in here) and sum(n for _, n in runs) <= chunk * PATCH_SHARE:
+            plan.append("patch")
         else:
             plan.append("read")
     return plan
+
+
+Runs = tuple[tuple[int, int], ...]  # areas of a chunk: (offset in it, length), ascending, disjoint
+
+
+def own_runs(extents: list[nbd.Extent], size: int, chunk: int) -> list[Runs]:
+    """Per chunk, the areas that are the image's own (depth 0: data or zeros it wrote)."""
+    return _runs_where(extents, size, chunk, lambda e: e.depth == 0)
+
+
+def dirty_runs(dirty: list[nbd.Extent], size: int, chunk: int) -> list[Runs]:
+    """Per chunk, the areas a dirty bitmap shows written since it was added (qemu reports them
+    `"data": false` when a bitmap stands in for block status)."""
+    return _runs_where(dirty, size, chunk, lambda e: not e.data)
+
+
+def _runs_where(extents: list[nbd.Extent], size: int, chunk: int, pick: Callable[[nbd.Extent], bool]) -> list[Runs]:
+    """Per chunk, the areas of the extents `pick` accepts, adjacent ones merged. Pure."""
+    found = []
+    for (start, length), here in zip(_spans(size, chunk), _per_chunk(extents, size, chunk), strict=True):
+        runs: list[tuple[int, int]] = []
+        for e in here:
+            if pick(e):
+                runs = _merged(runs, [(max(e.start, start) - start, min(e.start + e.length, start + length)
+                                       - max(e.start, start))])
+        found.append(tuple(runs))
+    return found
+
+
+def _merged(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The union of two run lists, touching runs joined."""
+    out: list[tuple[int, int]] = []
+    for offset, length in sorted([*a, *b]):
+        if out and offset <= out[-1][0] + out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], offset + length) - out[-1][0])
+        else:
+            out.append((offset, length))
+    return out
 
 
 def _per_chunk(extents: list[nbd.Extent], size: int, chunk: int) -> Iterator[list[nbd.Extent]]:
@@ -178,31 +224,50 @@ def find_base(store: ChunkStore, volid: str, identity: str) -> tuple[BaseRef, In
     return None
 
 
-def clean_chunks(dirty: list[nbd.Extent], size: int, chunk: int) -> list[bool]:
-    """Per chunk, whether a dirty bitmap shows it unwritten since the bitmap was added (every
-    extent of it `"data": true`, qemu's way of saying clean). A pure function of the map."""
-    return [all(e.data for e in here) for here in _per_chunk(dirty, size, chunk)]
+@dataclass(frozen=True)
+class Action:
+    """What a backup does with one chunk: "zero" (nothing: known zeros), "take" (an earlier
+    backup's entry stands for it), "patch" (read `runs` alone and store them over `entry`, a
+    whole chunk of an earlier backup) or "read" (the whole chunk)."""
+
+    kind: str
+    entry: Entry = None
+    runs: Runs = ()
 
 
-def sources(plan: list[str], base: Index | None, previous: Index | None, clean: list[bool] | None,
-            chunk: int, size: int) -> list[Index | None]:
-    """Per chunk, the earlier index whose entry stands for it (a clone's base's, where the
-    chunk is all the base's; the same disk's previous backup's, where its dirty bitmap shows
-    the chunk unwritten since), or None: read it (or nothing to read, for "zero")."""
-    usable_base = base if base and base.chunk_size == chunk else None
-    usable_previous = previous if previous and clean and previous.chunk_size == chunk and \
-        previous.virtual_size == size and len(clean) == len(plan) else None
-    found: list[Index | None] = []
+def decide(plan: list[str], own: list[Runs], base: Index | None, previous: Index | None,
+           dirty: list[Runs] | None, chunk: int, size: int) -> list[Action]:
+    """Per chunk, the least a backup must read. With the disk's previous backup and what its
+    dirty bitmap shows written since: a clean chunk is the previous entry, a written one a
+    patch of the written runs over the previous chunk (a previous patch's runs joined in, over
+    its own base chunk: a patch never lies over a patch). A linked clone's chunk that is all
+    its base's is the base's entry, and one that is a little of its own a patch of those runs
+    over the base's chunk. A patch covers at most PATCH_SHARE of its chunk; anything else is
+    read whole. A pure function of the maps and the earlier indexes."""
+    usable_base = base if base and base.chunk_size == chunk and len(base.chunks) == len(plan) else None
+    usable_previous = previous if previous and dirty is not None and previous.chunk_size == chunk and \
+        previous.virtual_size == size and len(dirty) == len(plan) else None
+    actions = []
     for n, what in enumerate(plan):
         if what == "zero":
-            found.append(None)
-        elif usable_previous and clean and clean[n]:
-            found.append(usable_previous)
-        elif what == "base" and usable_base and n < len(usable_base.chunks):
-            found.append(usable_base)
-        else:
-            found.append(None)
-    return found
+            actions.append(Action("zero"))
+            continue
+        candidates: list[Action] = []
+        if usable_previous and dirty is not None:
+            before = usable_previous.chunks[n]
+            if not dirty[n]:
+                candidates.append(Action("take", before))
+            elif isinstance(before, Patch):
+                candidates.append(Action("patch", before.base, tuple(_merged(before.runs, dirty[n]))))
+            else:
+                candidates.append(Action("patch", before, dirty[n]))
+        if usable_base and what == "base":
+            candidates.append(Action("take", usable_base.chunks[n]))
+        elif usable_base and what == "patch" and not isinstance(usable_base.chunks[n], Patch):
+            candidates.append(Action("patch", usable_base.chunks[n], own[n]))
+        actions.append(next((a for a in candidates if a.kind == "take" or
+                             sum(k for _, k in a.runs) <= chunk * PATCH_SHARE), Action("read")))
+    return actions
 
 
 def back_up(image: qemu.Image, fmt: str, writer: SnapshotWriter, base: BaseRef | None = None,
@@ -210,91 +275,123 @@ def back_up(image: qemu.Image, fmt: str, writer: SnapshotWriter, base: BaseRef |
             dirty: list[nbd.Extent] | None = None) -> Index:
     """Read `image` into the writer's store; its index (not yet added to the writer). With the
     previous backup of this disk and the extents of a dirty bitmap added at that backup, only
-    chunks written since are read."""
+    what was written since is read (see decide())."""
     chunk = writer.store.chunk_size
     mapped = nbd.extents(image)
     size = max((e.start + e.length for e in mapped), default=0)
     plan = chunk_plan(mapped, size, chunk)
-    clean = clean_chunks(dirty, size, chunk) if dirty is not None else None
-    taken_from = sources(plan, base_index, previous, clean, chunk, size)
-    digests: list[str | None] = [None] * len(plan)
+    actions = decide(plan, own_runs(mapped, size, chunk), base_index, previous,
+                     dirty_runs(dirty, size, chunk) if dirty is not None else None, chunk, size)
+    entries: list[Entry] = [None] * len(plan)
     with _reading(image, mapped) as client, ThreadPoolExecutor(THREADS) as pool:
         if client.size != size:
             raise nbd.NbdError(f"{image.label}: {client.size} bytes to read, qemu-img maps {size}")
-        flying: deque[tuple[int, Future[tuple[str | None, int]]]] = deque()
+        flying: deque[tuple[int, Future[Entry]]] = deque()
         done = 0
-        for n, ((start, length), what) in enumerate(zip(_spans(size, chunk), plan, strict=True)):
-            earlier = taken_from[n]
-            taken = earlier.chunks[n] if earlier else None
-            if earlier and (taken is None or writer.reuse_chunk(taken)):
-                digests[n] = taken
-            elif what != "zero":  # read it (also where the earlier chunk is gone from the store)
-                flying.append((n, pool.submit(writer.put_chunk, client.read(start, length))))
-                while len(flying) >= IN_FLIGHT:
-                    k, future = flying.popleft()
-                    digests[k] = future.result()[0]
+        for n, ((start, length), action) in enumerate(zip(_spans(size, chunk), actions, strict=True)):
+            if action.kind == "take" and _reused(writer, action.entry):
+                entries[n] = action.entry
+            elif action.kind == "patch" and _reused(writer, action.entry):
+                assert not isinstance(action.entry, Patch)  # decide() lays a patch over a whole chunk only
+                own = b"".join(client.read(start + at, k) for at, k in action.runs)
+                flying.append((n, pool.submit(_put_patch, writer, action.entry, action.runs, own)))
+            elif action.kind != "zero":  # read it (also where an earlier chunk is gone from the store)
+                flying.append((n, pool.submit(_put_whole, writer, client.read(start, length))))
+            while len(flying) >= IN_FLIGHT:
+                k, future = flying.popleft()
+                entries[k] = future.result()
             done += length
             if progress:
                 progress(done, size)
         for k, future in flying:
-            digests[k] = future.result()[0]
-    return Index(format=fmt, virtual_size=size, chunks=digests, chunk_size=chunk, base=base)
+            entries[k] = future.result()
+    return Index(format=fmt, virtual_size=size, chunks=entries, chunk_size=chunk, base=base)
+
+
+def _reused(writer: SnapshotWriter, entry: Entry) -> bool:
+    """Name an earlier entry's chunks in this backup; False if one is gone from the store."""
+    return all(writer.reuse_chunk(d) for d in entry_digests(entry))
+
+
+def _put_whole(writer: SnapshotWriter, data: bytes) -> Entry:
+    return writer.put_chunk(data)[0]
+
+
+def _put_patch(writer: SnapshotWriter, under: str | None, runs: tuple[tuple[int, int], ...], own: bytes) -> Entry:
+    return Patch(under, writer.put_chunk(own)[0], runs)
 
 
 def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool,
             progress: Progress | None = None, base: Index | None = None) -> None:
     """Write the index's data into `image` (as big as the index says), flushed at the end.
-    With `base`, the image is a linked clone of the volume that index was read from: only the
-    chunks that differ from it are written, zeros too (the clone reads the base elsewhere).
-    Every write is a whole chunk, so a restore redone after a crash needs no fresh target."""
+    With `base`, the image is a linked clone of the volume that index was read from: only
+    what differs from it is written, zeros too (the clone reads the base elsewhere): a patch
+    over the base's very chunk writes its runs alone, any other chunk the clusters that
+    differ. Each chunk's writes are the same however often they are made, so a restore
+    redone after a crash needs no fresh target."""
     zero = bytes(index.chunk_size)
     if base is not None and (base.chunk_size, base.virtual_size) != (index.chunk_size, index.virtual_size):
         raise nbd.NbdError(f"{image.label}: the base's backup has another size or chunk size")
+
+    def data_of(entry: Entry, length: int) -> bytes:
+        """An entry's chunk data, read back and checked; a patch laid over its base chunk."""
+        if entry is None:
+            return zero[:length]
+        if isinstance(entry, str):
+            data = store.read_chunk(entry)
+        else:
+            own = store.read_chunk(entry.own) if entry.own else bytes(entry.own_size)
+            try:
+                data = entry.apply(data_of(entry.base, length), own)
+            except ValueError as e:
+                raise Corrupt(f"{image.label}: a patch over chunk {entry.base or 'zero'}: {e}") from None
+        if len(data) != length:
+            raise nbd.NbdError(f"{image.label}: a chunk of {len(data)} bytes where {length} belong")
+        return data
+
+    def writes(n: int, entry: Entry, length: int) -> list[tuple[int, bytes]]:
+        """What chunk n needs written, as (offset in the chunk, bytes)."""
+        if base is None:
+            return [(0, data_of(entry, length))]
+        under = base.chunks[n]
+        if isinstance(entry, Patch) and entry.base == under:  # only the runs: the base is beneath
+            own = store.read_chunk(entry.own) if entry.own else bytes(entry.own_size)
+            starts = [sum(k for _, k in entry.runs[:i]) for i in range(len(entry.runs))]
+            return [(at, own[s:s + k]) for (at, k), s in zip(entry.runs, starts, strict=True)]
+        data = data_of(entry, length)
+        try:
+            beneath = data_of(under, length)
+        except (NotFound, Corrupt):  # the base's backup lost it: write the whole chunk
+            return [(0, data)]
+        return [(at, data[at:at + CLUSTER]) for at in range(0, length, CLUSTER)
+                if data[at:at + CLUSTER] != beneath[at:at + CLUSTER]]
+
     with _writing(image) as client, ThreadPoolExecutor(THREADS) as pool:
         if client.size < index.virtual_size:
             raise nbd.NbdError(f"{image.label}: {client.size} bytes, the backup holds {index.virtual_size}")
-        flying: deque[tuple[int, int, Future[tuple[bytes, bytes | None]]]] = deque()
+        flying: deque[tuple[int, int, Future[list[tuple[int, bytes]]]]] = deque()
         done = 0
-
-        def fetch(digest: str | None, under: str | None, length: int) -> tuple[bytes, bytes | None]:
-            """The chunk's data and, on a linked clone, the base's data at its place (None: write
-            the whole chunk, also where the base's chunk is gone from the store or damaged)."""
-            data = store.read_chunk(digest) if digest else zero[:length]
-            if base is None or under is None:
-                return data, None if base is None else zero[:length]
-            try:
-                return data, store.read_chunk(under)
-            except (NotFound, Corrupt):
-                return data, None
 
         def write_oldest() -> None:
             nonlocal done
             start, length, future = flying.popleft()
-            data, beneath = future.result()
-            if len(data) != length:
-                raise nbd.NbdError(f"{image.label}: a chunk of {len(data)} bytes where {length} belong")
-            if beneath is None:
-                client.write(start, data)
-            else:  # only the clusters that differ from the base: the clone stays thin
-                for at in range(0, length, CLUSTER):
-                    if data[at:at + CLUSTER] != beneath[at:at + CLUSTER]:
-                        client.write(start + at, data[at:at + CLUSTER])
+            for at, piece in future.result():
+                client.write(start + at, piece)
             done += length
             if progress:
                 progress(done, index.virtual_size)
 
-        for n, ((start, length), digest) in enumerate(zip(_spans(index.virtual_size, index.chunk_size),
-                                                          index.chunks, strict=True)):
-            if base is not None and base.chunks[n] == digest:
+        for n, ((start, length), entry) in enumerate(zip(_spans(index.virtual_size, index.chunk_size),
+                                                         index.chunks, strict=True)):
+            if base is not None and base.chunks[n] == entry:
                 done += length  # the clone reads it from its base
                 continue
-            if digest is None and base is None:
+            if entry is None and base is None:
                 if not reads_zero:
                     client.write(start, zero[:length])
                 done += length
                 continue
-            under = base.chunks[n] if base is not None else None
-            flying.append((start, length, pool.submit(fetch, digest, under, length)))
+            flying.append((start, length, pool.submit(writes, n, entry, length)))
             if len(flying) >= IN_FLIGHT:
                 write_oldest()
         while flying:

@@ -135,12 +135,85 @@ class BaseRef:
 
 
 @dataclass(frozen=True)
+class Patch:
+    """A chunk that is mostly an earlier one: a whole chunk of an earlier backup (a linked
+    clone's base's, or the same disk's previous one; None: zeros) with runs laid over it, their
+    bytes one after another in the chunk `own` names (None: the runs are zeros). A clone, or an
+    incremental backup, that changed 1 MiB here stores that 1 MiB, not a whole chunk."""
+
+    base: str | None
+    own: str | None
+    runs: tuple[tuple[int, int], ...]  # (offset in the chunk, length): ascending, disjoint
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "runs", tuple(tuple(r) for r in self.runs))
+        for digest in (self.base, self.own):
+            if digest is not None and not _is_digest(digest):
+                raise ValueError(f"chunk digest {digest!r} is not 64 hex digits")
+        end = 0
+        for run in self.runs:
+            if len(run) != 2:
+                raise ValueError(f"patch run {list(run)!r} is not an offset and a length")
+            offset, length = run
+            _check_int(offset, "patch run offset", end, MAX_CHUNK)
+            _check_int(length, "patch run length", 1, MAX_CHUNK)
+            end = offset + length
+        if not self.runs:
+            raise ValueError("a patch without runs")
+
+    @property
+    def own_size(self) -> int:
+        return sum(length for _, length in self.runs)
+
+    @property
+    def digests(self) -> tuple[str, ...]:
+        return tuple(d for d in (self.base, self.own) if d is not None)
+
+    def apply(self, under: bytes, own: bytes) -> bytes:
+        """The chunk: `under` (the base's data here) with the runs of `own` laid over it."""
+        if len(own) != self.own_size or self.runs[-1][0] + self.runs[-1][1] > len(under):
+            raise ValueError(f"a patch of {self.own_size} bytes in runs up to "
+                             f"{self.runs[-1][0] + self.runs[-1][1]} does not fit {len(own)} bytes over {len(under)}")
+        out, at = bytearray(under), 0
+        for offset, length in self.runs:
+            out[offset:offset + length] = own[at:at + length]
+            at += length
+        return bytes(out)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"base": self.base, "own": self.own, "runs": [list(r) for r in self.runs]}
+
+    def __str__(self) -> str:
+        return f"{self.base or 'zero'}+{self.own or 'zero'}@{';'.join(f'{o},{n}' for o, n in self.runs)}"
+
+
+Entry = str | Patch | None  # an index's chunk: its digest, a patch over the base's, or None for zeros
+
+
+def entry_digests(entry: Entry) -> tuple[str, ...]:
+    """The stored chunks an index entry names."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else entry.digests
+
+
+def _entry(value: object) -> Entry:
+    if isinstance(value, dict):
+        if set(value) != {"base", "own", "runs"} or not isinstance(value["runs"], list) or \
+                not all(isinstance(r, list) and len(r) == 2 for r in value["runs"]):
+            raise ValueError(f"patch entry {value!r} is not base, own and runs")
+        return Patch(value["base"], value["own"], tuple(tuple(r) for r in value["runs"]))
+    return value  # type: ignore[return-value]  # checked by Index
+
+
+@dataclass(frozen=True)
 class Index:
-    """One disk of a snapshot: its chunk digests in order, None for an all-zero chunk."""
+    """One disk of a snapshot: its chunks in order, each a digest, a Patch over an earlier
+    backup's chunk, or None for an all-zero chunk."""
 
     format: str
     virtual_size: int
-    chunks: Sequence[str | None]  # kept as a tuple
+    chunks: Sequence[Entry]  # kept as a tuple
     chunk_size: int = CHUNK
     base: BaseRef | None = None
 
@@ -153,24 +226,34 @@ class Index:
         expected = -(-self.virtual_size // self.chunk_size)
         if len(self.chunks) != expected:
             raise ValueError(f"{len(self.chunks)} chunks for {self.virtual_size} bytes, expected {expected}")
-        bad = [c for c in self.chunks if c is not None and not _is_digest(c)]
-        if bad:
-            raise ValueError(f"chunk digest {bad[0]!r} is not 64 hex digits")
+        for n, c in enumerate(self.chunks):
+            if isinstance(c, Patch):
+                end = c.runs[-1][0] + c.runs[-1][1]
+                if end > min(self.chunk_size, self.virtual_size - n * self.chunk_size):
+                    raise ValueError(f"chunk {n}: a patch run ends at {end}, past the chunk")
+            elif c is not None and not _is_digest(c):
+                raise ValueError(f"chunk digest {c!r} is not 64 hex digits")
+
+    def digests(self) -> Iterator[tuple[int, str]]:
+        """(position, digest) of every stored chunk the index names, a patch's two included."""
+        for n, entry in enumerate(self.chunks):
+            for digest in entry_digests(entry):
+                yield n, digest
 
     @functools.cached_property
     def content(self) -> str:
-        """A digest of the disk's data: equal for two indexes exactly when their data is. The
+        """A digest of the disk's data: two indexes that are equal have the same data. The
         sizes go in too: a disk that ends in zeros differs from a shorter one."""
         h = hashlib.sha256(f"{self.chunk_size} {self.virtual_size}\n".encode())
-        for digest in self.chunks:
-            h.update(f"{digest or 'zero'}\n".encode())
+        for entry in self.chunks:
+            h.update(f"{entry or 'zero'}\n".encode())
         return h.hexdigest()
 
     def to_json(self) -> bytes:
         base = None if self.base is None else vars(self.base)
         return _dump({"version": VERSION, "format": self.format, "virtual_size": self.virtual_size,
                       "chunk_size": self.chunk_size, "base": base, "content": self.content,
-                      "chunks": list(self.chunks)})
+                      "chunks": [c.to_doc() if isinstance(c, Patch) else c for c in self.chunks]})
 
     @classmethod
     def from_json(cls, raw: bytes, what: str) -> Index:
@@ -178,8 +261,8 @@ class Index:
         doc = _load(raw, what)
         with _parsing(what):
             base = doc["base"]
-            index = cls(doc["format"], doc["virtual_size"], tuple(doc["chunks"]), doc["chunk_size"],
-                        None if base is None else BaseRef(**base))
+            index = cls(doc["format"], doc["virtual_size"], tuple(_entry(c) for c in doc["chunks"]),
+                        doc["chunk_size"], None if base is None else BaseRef(**base))
             if index.content != doc["content"]:
                 raise ValueError("its content digest does not match its chunks")
         return index

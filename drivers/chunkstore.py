@@ -2,7 +2,8 @@
 
 A disk is cut into fixed-size chunks; each chunk is stored once, named by the digest of its
 data, and a snapshot's index lists the digests in order (None for an all-zero chunk, which is
-never stored). Layout below the root, the administrator's configured directory and the only
+never stored; for a linked clone, a patch: the clone's own runs, stored as one chunk, over
+its base's chunk). Layout below the root, the administrator's configured directory and the only
 path ever followed; everything below it is opened with openat(2) and O_NOFOLLOW:
 
     .chunks/<4 hex>/<64 hex>        a chunk file: b"STKC", a kind byte (0 raw, 1 zstd, 2 kept
@@ -10,9 +11,11 @@ path ever followed; everything below it is opened with openat(2) and O_NOFOLLOW:
     .chunks/<4 hex>/.lock           flock: shared while a chunk is checked, touched or written,
                                     exclusive while gc sweeps the folder
     .chunks/<4 hex>/.<64 hex>.<random>.tmp   a chunk being written
+    .chunks/.chunk-size, .key-fingerprint    recorded when the store is first opened
     vm/<vmid>/.lock                 flock while a snapshot's state.json changes or it is forgotten
     vm/<vmid>/<time>/               a committed snapshot: manifest.json (never changes after
-                                    commit), state.json (notes, protected, last verify), blobs
+                                    commit), state.json (notes, protected, last verify; MACed
+                                    in an encrypted store), blobs
                                     such as guest.conf, one <disk>.index.json per disk
     vm/<vmid>/.partial-<time>-<random>/   a snapshot being written; its writer holds .lock in it
     vm/<vmid>/.trash-<time>-<random>/     a snapshot or dead partial being removed
@@ -559,9 +562,8 @@ class ChunkStore:
         for key in manifest.disks:
             with contextlib.suppress(Corrupt, NotFound, Refused):  # reported by _file_problems
                 index = self.index(str(id), key)
-                for position, digest in enumerate(index.chunks):
-                    if digest is not None:
-                        places.setdefault(digest, []).append((key, position * index.chunk_size))
+                for position, digest in index.digests():
+                    places.setdefault(digest, []).append((key, position * index.chunk_size))
         for digest, where in places.items():
             try:
                 self.read_chunk(digest)
@@ -652,7 +654,7 @@ class ChunkStore:
             if index_key(name) is not None:
                 with contextlib.suppress(StorkError):
                     index = Index.from_json(self._read(folder, name, _MAX_INDEX, name), name)
-                    chunks.update(d for d in index.chunks if d)
+                    chunks.update(d for _, d in index.digests())
         return chunks
 
     def _referenced_chunks(self) -> set[str]:
@@ -668,7 +670,7 @@ class ChunkStore:
     def _chunks_of(self, id: BackupId) -> set[str]:
         with self._snapshot_folder(id) as folder:
             disks = self._manifest(folder, id).disks
-        return {d for key in disks for d in self.index(str(id), key).chunks if d}
+        return {d for key in disks for _, d in self.index(str(id), key).digests()}
 
     def _sweep_chunks(self, marked: set[str], cutoff: float) -> tuple[int, int, int]:
         removed = freed = kept = 0
@@ -830,7 +832,7 @@ class SnapshotWriter:
         if index.chunk_size != self.store.chunk_size:
             raise ValueError(f"index {key} has chunk size {index.chunk_size}, the store {self.store.chunk_size}")
         with self._lock:
-            unknown = next((d for d in index.chunks if d is not None and d not in self._chunks), None)
+            unknown = next((d for _, d in index.digests() if d not in self._chunks), None)
         if unknown is not None:
             raise Refused(f"backup {self.id}: index {key} names chunk {unknown}, which this backup "
                           "neither stored nor reused")

@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 
 from drivers import driver_for, qemu
-from drivers.backup import MappedFiles, back_up, chunk_plan, clean_chunks, readable, restore, sources
-from drivers.backuprecords import BaseRef, Index
+from drivers.backup import Action, MappedFiles, back_up, chunk_plan, decide, dirty_runs, own_runs, readable, restore
+from drivers.backuprecords import BaseRef, Index, Patch
 from drivers.chunkstore import ChunkStore
 from drivers.dir import DirDriver
 from drivers.errors import Corrupt
 from drivers.names import VolName
 from drivers.nbd import Extent, NbdError, extents, served
 from drivers.storage import StorageConfig
-from tests.helpers import fill
+from tests.helpers import fill, qemu_io_write
 from worker.testing import wait_for
 
 MIB = 1 << 20
@@ -49,17 +49,40 @@ def test_chunk_plan_refuses_a_map_with_a_gap():
         pytest.param([(0, 4, True, False, 1)], ["base"] * 4, id="a clone reading its base only"),
         pytest.param([(0, 1, True, False, 1), (1, 1, False, True, 0), (2, 2, True, False, 1)],
                      ["base", "zero", "base", "base"], id="a clone's own zeros over base data are zeros"),
-        pytest.param([(0, 0.5, True, False, 1), (0.5, 3.5, True, False, 0)], ["read"] * 4,
-                     id="a chunk partly the clone's own is read"),
-        pytest.param([(0, 0.5, False, True, 0), (0.5, 3.5, True, False, 1)], ["read", "base", "base", "base"],
-                     id="own zeros beside base data: read"),
+        pytest.param([(0, 0.5, True, False, 1), (0.5, 3.5, True, False, 0)], ["patch", "read", "read", "read"],
+                     id="a chunk half the clone's own is a patch, all its own is read"),
+        pytest.param([(0, 0.25, True, False, 1), (0.25, 0.75, True, False, 0)], ["read", "zero", "zero", "zero"],
+                     id="a chunk mostly the clone's own is read"),
+        pytest.param([(0, 0.5, False, True, 0), (0.5, 3.5, True, False, 1)], ["patch", "base", "base", "base"],
+                     id="own zeros beside base data: a patch"),
         pytest.param([(0, 2.5, True, False, 0), (2.5, 1.5, False, True, 0)], ["read", "read", "read", "zero"],
                      id="an extent ending inside a chunk"),
     ],
 )
 def test_chunk_plan_reads_only_what_holds_the_images_own_data(extents, plan):
     mapped = [Extent(int(s * CHUNK), int(n * CHUNK), data, zero, depth) for s, n, data, zero, depth in extents]
+    if sum(n for _, n, *_ in extents) < 4:  # the rest of the image: zeros of the base
+        end = int(sum(n for _, n, *_ in extents) * CHUNK)
+        mapped.append(Extent(end, 4 * CHUNK - end, False, True, 1))
     assert chunk_plan(mapped, 4 * CHUNK, CHUNK) == plan
+
+
+@pytest.mark.parametrize(
+    ("extents", "runs"),
+    [
+        pytest.param([(0, 2, 1)], [(), ()], id="all the base's"),
+        pytest.param([(0, 2, 0)], [((0, CHUNK),), ((0, CHUNK),)], id="all its own"),
+        pytest.param([(0, 0.25, 0), (0.25, 0.25, 0), (0.5, 1.5, 1)], [((0, CHUNK // 2),), ()],
+                     id="adjacent own extents merge"),
+        pytest.param([(0, 0.25, 1), (0.25, 1, 0), (1.25, 0.75, 1)],
+                     [((CHUNK // 4, 3 * CHUNK // 4),), ((0, CHUNK // 4),)], id="an own extent across chunks is cut"),
+        pytest.param([(0, 0.25, 0), (0.25, 0.5, 1), (0.75, 1.25, 0)],
+                     [((0, CHUNK // 4), (3 * CHUNK // 4, CHUNK // 4)), ((0, CHUNK),)], id="two runs in a chunk"),
+    ],
+)
+def test_own_runs_are_the_clones_own_areas_per_chunk(extents, runs):
+    mapped = [Extent(int(s * CHUNK), int(n * CHUNK), True, False, depth) for s, n, depth in extents]
+    assert own_runs(mapped, 2 * CHUNK, CHUNK) == runs
 
 
 @pytest.fixture
@@ -117,7 +140,12 @@ def test_an_unchanged_re_backup_writes_nothing_new(dir_storage, store):
     assert snap.manifest.written == 0
 
 
-def test_a_linked_clone_reads_only_its_own_data_and_takes_the_rest_from_its_bases_index(dir_storage, store):
+def test_a_linked_clone_stores_only_its_own_clusters_and_comes_back_equal_whole_or_relinked(
+        dir_storage, store, tmp_path):
+    """A clone's chunks that are all its base's are the base's entries; one where it wrote a
+    cluster is a patch: that cluster, over the base's chunk; one mostly its own is whole.
+    Restored elsewhere it is whole; restored as a clone of the same base only its clusters
+    are written, and where the base's chunk under a whole one is gone, that chunk whole."""
     disk = VolName(100, "vm-100-disk-0", "raw")
     disk_with_data(dir_storage, disk)
     base = VolName(None, "base-100-disk-0", "raw")
@@ -125,16 +153,37 @@ def test_a_linked_clone_reads_only_its_own_data_and_takes_the_rest_from_its_base
     base_snap, base_index = backed_up(store, dir_storage, base)
     clone = VolName(101, "vm-101-disk-0", "qcow2")
     dir_storage.link_clone(base, clone)
-    fill(dir_storage, clone, 6 * MIB + 4096, os.urandom(4096))  # the clone's own: one chunk
+    overlay = tmp_path / "images" / "101" / "vm-101-disk-0.qcow2"
+    qemu_io_write(overlay, "qcow2", 1 * MIB + 4096, 4096, 0x5C)  # over the base's random data
+    qemu_io_write(overlay, "qcow2", 6 * MIB + 4096, 4096, 0x5D)  # over the base's zeros
+    qemu_io_write(overlay, "qcow2", 2 * MIB, 768 << 10, 0x5E)  # most of a chunk: stored whole
     ref = BaseRef(backup=str(base_snap.id), disk="scsi0", digest=base_index.content)
     snap, index = backed_up(store, dir_storage, clone, vmid=101, base=ref, base_index=base_index)
-    assert index.base == ref and index.chunks[:6] == base_index.chunks[:6] and index.chunks[6] is not None
-    assert 0 < snap.manifest.written < CHUNK + 4096  # one chunk of its own, compressed or not
-    dst = VolName(300, "vm-300-disk-0", "raw")
-    dir_storage.allocate(dst, 8 * MIB)
-    with dir_storage.image(dst, write=True) as image:
+    cluster = ((0, 64 << 10),)
+    assert index.base == ref and [c for n, c in enumerate(index.chunks) if n not in (1, 2, 6)] == \
+        [c for n, c in enumerate(base_index.chunks) if n not in (1, 2, 6)]
+    assert index.chunks[1] == Patch(base_index.chunks[1], index.chunks[1].own, cluster)
+    assert index.chunks[6] == Patch(None, index.chunks[6].own, cluster)
+    assert isinstance(index.chunks[2], str) and index.chunks[2] != base_index.chunks[2]
+    assert 0 < snap.manifest.written <= 2 * (64 << 10) + MIB  # two clusters and a chunk, compressed or not
+    assert store.verify(str(snap.id)).ok
+    whole = VolName(300, "vm-300-disk-0", "raw")
+    dir_storage.allocate(whole, 8 * MIB)
+    with dir_storage.image(whole, write=True) as image:
         restore(store, index, image, reads_zero=True)
-    dir_storage.compare(dir_storage, clone, dst)
+    dir_storage.compare(dir_storage, clone, whole)
+    beneath = tmp_path / "store" / ".chunks" / base_index.chunks[2][:4] / base_index.chunks[2]
+    for vmid, gone, own in ((301, False, 768 << 10), (302, True, MIB)):
+        relinked = VolName(vmid, f"vm-{vmid}-disk-0", "qcow2")
+        dir_storage.link_clone(base, relinked)
+        if gone:
+            beneath.rename(beneath.with_suffix(".bad"))  # as verify moves a damaged chunk aside
+        with dir_storage.image(relinked, write=True) as image:
+            restore(store, index, image, reads_zero=True, base=base_index)
+        dir_storage.compare(dir_storage, clone, relinked)
+        with dir_storage.image(relinked) as image:
+            written = sum(e.length for e in extents(image) if e.depth == 0)
+        assert written == 2 * (64 << 10) + own  # its two clusters, and its own chunk's clusters or all of it
 
 
 def _image_files(tmp_path: Path) -> dict[str, qemu.Image]:
@@ -256,43 +305,68 @@ def test_gc_while_a_backup_runs_keeps_what_it_will_name_and_the_backup_restores_
 
 
 @pytest.mark.parametrize(
-    ("dirty", "clean"),
+    ("dirty", "runs"),
     [
-        pytest.param([(0, 4, True)], [True] * 4, id="nothing written since"),
-        pytest.param([(0, 1, True), (1, 1, False), (2, 2, True)], [True, False, True, True], id="one chunk written"),
-        pytest.param([(0, 1.5, True), (1.5, 0.25, False), (1.75, 2.25, True)], [True, False, True, True],
+        pytest.param([(0, 4, True)], [()] * 4, id="nothing written since"),
+        pytest.param([(0, 1, True), (1, 1, False), (2, 2, True)], [(), ((0, MIB),), (), ()], id="one chunk written"),
+        pytest.param([(0, 1.5, True), (1.5, 0.25, False), (1.75, 2.25, True)], [(), ((MIB // 2, MIB // 4),), (), ()],
                      id="a write inside a chunk"),
-        pytest.param([(0, 0.5, True), (0.5, 2, False), (2.5, 1.5, True)], [False, False, False, True],
-                     id="a write across chunks"),
+        pytest.param([(0, 0.5, True), (0.5, 2, False), (2.5, 1.5, True)],
+                     [((MIB // 2, MIB // 2),), ((0, MIB),), ((0, MIB // 2),), ()], id="a write across chunks"),
     ],
 )
-def test_clean_chunks_are_those_a_dirty_bitmap_shows_unwritten(dirty, clean):
+def test_dirty_runs_are_what_a_dirty_bitmap_shows_written(dirty, runs):
     extents = [Extent(int(s * MIB), int(n * MIB), data, False, 0) for s, n, data in dirty]
-    assert clean_chunks(extents, 4 * MIB, MIB) == clean
+    assert dirty_runs(extents, 4 * MIB, MIB) == runs
 
 
-def index_of(*chunks: str | None) -> Index:
-    return Index("qcow2", len(chunks) * MIB, [c and c * 64 for c in chunks], chunk_size=MIB)
+def index_of(*chunks, base: bool = False) -> Index:
+    ref = BaseRef("vm/100/2026-01-01T00:00:00Z", "scsi0", "e" * 64) if base else None
+    return Index("qcow2", len(chunks) * MIB, [c * 64 if isinstance(c, str) else c for c in chunks], MIB, ref)
+
+
+SMALL, HALF, MOST = ((0, 4096),), ((0, MIB // 2),), ((0, 3 * MIB // 4),)
+OVER_B = Patch("b" * 64, "c" * 64, ((MIB // 4, 4096),))
 
 
 @pytest.mark.parametrize(
-    ("plan", "clean", "expected"),
+    ("plan", "own", "previous", "dirty", "expected"),
     [
-        pytest.param(["read", "read"], None, [None, None], id="no bitmap: read all"),
-        pytest.param(["read", "read"], [True, False], ["previous", None], id="clean from the previous backup"),
-        pytest.param(["zero", "read"], [True, True], [None, "previous"], id="zeros stay zeros"),
-        pytest.param(["base", "base"], [False, True], ["base", "previous"], id="a clone: dirty but all base"),
-        pytest.param(["base", "read"], None, ["base", None], id="a clone without a bitmap"),
+        pytest.param(["read", "read"], [(), ()], None, None, [Action("read")] * 2, id="no bitmap: read all"),
+        pytest.param(["read", "read"], [(), ()], index_of("a", "a"), [(), SMALL],
+                     [Action("take", "a" * 64), Action("patch", "a" * 64, SMALL)],
+                     id="clean: the previous entry; a little written: a patch over the previous chunk"),
+        pytest.param(["read"], [()], index_of("a"), [MOST], [Action("read")], id="mostly written: read whole"),
+        pytest.param(["read"], [()], index_of(None), [HALF], [Action("patch", None, HALF)],
+                     id="half written over zeros: a patch over zeros"),
+        pytest.param(["zero", "read"], [(), ()], index_of("a", "a"), [SMALL, ()],
+                     [Action("zero"), Action("take", "a" * 64)], id="zeros stay zeros"),
+        pytest.param(["patch"], [SMALL], index_of(OVER_B, base=True), [SMALL],
+                     [Action("patch", "b" * 64, ((0, 4096), (MIB // 4, 4096)))],
+                     id="written over a previous patch: its runs joined in, over its base chunk"),
+        pytest.param(["base", "base"], [(), ()], index_of("a", "a"), [SMALL, ()],
+                     [Action("patch", "a" * 64, SMALL), Action("take", "a" * 64)], id="a clone's dirty chunk"),
+        pytest.param(["base", "read"], [(), ((0, MIB),)], None, None, [Action("take", "b" * 64), Action("read")],
+                     id="a clone without a bitmap: the base's entry, its own read"),
+        pytest.param(["patch", "patch"], [SMALL, HALF], None, None,
+                     [Action("patch", "b" * 64, SMALL), Action("patch", "b" * 64, HALF)],
+                     id="a clone's own runs: a patch over the base's chunk"),
     ],
 )
-def test_sources_take_each_chunk_from_the_right_earlier_index(plan, clean, expected):
-    base, previous = index_of("b", "b"), index_of("a", "a")
-    found = sources(plan, base, previous if clean else None, clean, MIB, 2 * MIB)
-    assert [{id(base): "base", id(previous): "previous"}.get(id(i)) if i else None for i in found] == expected
+def test_decide_reads_the_least_each_chunk_needs(plan, own, previous, dirty, expected):
+    base = index_of(*["b"] * len(plan))
+    assert decide(plan, own, base, previous, dirty, MIB, len(plan) * MIB) == expected
+
+
+def test_a_patch_is_never_laid_over_a_patch_of_the_base():
+    """A base backed up as a clone itself has patches: a clone of it reads such a chunk whole."""
+    base = index_of(OVER_B, base=True)
+    assert decide(["patch"], [SMALL], base, None, None, MIB, MIB) == [Action("read")]
+    assert decide(["base"], [()], base, None, None, MIB, MIB) == [Action("take", OVER_B)]
 
 
 def test_a_previous_backup_of_another_size_is_not_used():
-    assert sources(["read"], None, index_of("a", "a"), [True], MIB, MIB) == [None]
+    assert decide(["read"], [()], None, index_of("a", "a"), [()], MIB, MIB) == [Action("read")]
 
 
 def test_a_qemu_nbd_whose_starter_dies_before_connecting_exits(tmp_path):

@@ -207,6 +207,20 @@ def test_one_failing_guest_does_not_stop_the_others_backups(stork, client, vmid,
     assert f"vm/{g}/" in out
 
 
+def test_backup_all_backs_up_every_guest_not_excluded_and_a_failing_one_stops_none(stork, client, vmid, locked):
+    """`backup --all` on the shared test cluster: every guest but the excluded ones (all the
+    other tests' guests, so the run stays small), the locked one refused and the rest done."""
+    g1, g2 = vmid(), vmid()
+    for g in (g1, g2):
+        guest_with_data(stork, g)
+    others = [g.vmid for g in client.guests() if g.vmid not in (g1, g2, locked)]
+    before = {g: len(client.backups(vmid=g)) for g in others[:3]}
+    code, _, err = stork("backup", "--all", "--exclude", ",".join(map(str, others)), "--storage", "backup")
+    assert code == 1 and f"guest {locked} is locked" in err
+    assert [len(client.backups(vmid=g)) for g in (g1, g2)] == [1, 1]
+    assert {g: len(client.backups(vmid=g)) for g in others[:3]} == before  # the excluded: none
+
+
 # ---- a worker SIGKILLed mid-backup and mid-restore -------------------------------------------
 
 
@@ -351,8 +365,8 @@ def bitmaps_of(disk: str) -> dict[str, list[str]]:
 
 def test_a_qcow2_disk_is_read_incrementally_through_its_dirty_bitmap(stork, client, vmid):
     """The first backup reads it all and adds a bitmap; the next reads only what was written
-    since (its result says so), takes the rest from the first backup's index, restores equal,
-    and leaves only its own bitmap."""
+    since (its result says so), stores it as a patch over the first backup's chunk, takes the
+    rest from the first backup's index, restores equal, and leaves only its own bitmap."""
     g, r = vmid(), vmid()
     disk = guest_with_data(stork, g, "qcow2", size="64M")
     first = backed_up(stork, g)
@@ -361,10 +375,11 @@ def test_a_qcow2_disk_is_read_incrementally_through_its_dirty_bitmap(stork, clie
     qemu_io_write(volume_path(disk), "qcow2", 40 * PATTERN_MIB, PATTERN_MIB, 0x3C)
     second = backed_up(stork, g)
     assert second["reads"]["scsi0"] == f"incremental: what changed since {first['backup']}"
-    assert 0 < second["written"] < 2 * PATTERN_MIB  # one changed chunk
+    assert 0 < second["written"] <= PATTERN_MIB  # the written MiB, not its whole chunk
     first_index = json.loads((STORE / first["backup"] / "scsi0.index.json").read_bytes())["chunks"]
     second_index = json.loads((STORE / second["backup"] / "scsi0.index.json").read_bytes())["chunks"]
     assert [n for n, (a, b) in enumerate(zip(first_index, second_index, strict=True)) if a != b] == [10]
+    assert second_index[10]["base"] == first_index[10] and second_index[10]["runs"] == [[0, PATTERN_MIB]]
     assert stork("restore", second["backup"], r)[0] == 0
     assert qemu_same(volume_path(disk), volume_path(client.guest(r).disks["scsi0"]))
     assert list(bitmaps_of(disk)) == [bitmap_name("backup", second["backup"].rpartition("/")[2])]
@@ -420,7 +435,7 @@ def test_a_linked_clone_restored_where_its_base_still_is_is_a_linked_clone_again
     assert qemu_same(volume_path(clone_disk), volume_path(disk))
     assert volume_path(disk).stat().st_blocks * 512 < 1 << 20  # its two own clusters, not whole chunks
     # the base backup's chunks under the clone's own gone (verify moves a damaged one aside):
-    # the restore cannot compare there, so it writes those chunks whole, and is still right
+    # the clone's patches name only their own runs, so the restore writes those and is right
     clone_chunks = json.loads((STORE / backup / "scsi0.index.json").read_bytes())["chunks"]
     base_ref = json.loads((STORE / backup / "scsi0.index.json").read_bytes())["base"]["backup"]
     base_chunks = json.loads((STORE / base_ref / "scsi0.index.json").read_bytes())["chunks"]

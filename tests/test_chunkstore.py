@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from drivers.backuprecords import BackupId, Index, Snapshot, backup_id, blob_name, disk_key
+from drivers.backuprecords import BackupId, BaseRef, Index, Patch, Snapshot, backup_id, blob_name, disk_key
 from drivers.chunkcodec import KIND_RAW, KIND_ZSTD, MAGIC, PlainCodec, is_zero
 from drivers.chunkstore import ChunkStore
 from drivers.errors import AlreadyExists, Corrupt, InvalidName, NotFound, Refused
@@ -159,6 +159,9 @@ class TestCodec:
             PlainCodec(CS).decode(bomb, "ab" * 32)
 
 
+BASE_REF = BaseRef("vm/100/2026-01-01T00:00:00Z", "scsi0", "ef" * 32)
+
+
 class TestIndex:
     def test_the_content_digest_is_equal_exactly_when_the_data_is(self):
         a = Index("raw", 2 * CS, ["aa" * 32, None], CS)
@@ -169,6 +172,15 @@ class TestIndex:
     def test_an_index_round_trips_through_json(self):
         index = Index("qcow2", CS + 1, ["ab" * 32, None], CS)
         assert Index.from_json(index.to_json(), "x") == index
+        patches = [Patch("ab" * 32, "cd" * 32, ((0, 16), (32, 8))), Patch(None, None, ((8, 8),))]
+        patched = Index("qcow2", 2 * CS, patches, CS, base=BASE_REF)
+        assert Index.from_json(patched.to_json(), "x") == patched
+        assert [d for _, d in patched.digests()] == ["ab" * 32, "cd" * 32]
+
+    def test_a_patch_lays_its_runs_over_the_base_chunk(self):
+        assert Patch(None, None, ((2, 3), (8, 1))).apply(b"abcdefghij", b"XYZW") == b"abXYZfghWj"
+        with pytest.raises(ValueError, match="a patch of 4 bytes"):
+            Patch(None, None, ((2, 3), (8, 1))).apply(b"abcdefghij", b"XYZ")
 
     BAD = [
         ("unknown format", {"format": "vmdk"}, "format 'vmdk'"),
@@ -178,6 +190,16 @@ class TestIndex:
         ("negative size", {"virtual_size": -1}, "virtual size -1"),
         ("chunk size not a power of two", {"chunk_size": 5000}, "chunk size 5000"),
         ("a base with a bad id", {"base": {"backup": "vm/1/x", "disk": "scsi0", "digest": "ab" * 32}}, "backup id"),
+        ("a patch run past its chunk", {"base": vars(BASE_REF), "chunks": [
+            {"base": None, "own": "ab" * 32, "runs": [[0, CS + 1]]}, None]}, "past the chunk"),
+        ("overlapping patch runs", {"base": vars(BASE_REF), "chunks": [
+            {"base": None, "own": "ab" * 32, "runs": [[0, 16], [8, 16]]}, None]}, "patch run offset 8"),
+        ("a patch run that is text", {"base": vars(BASE_REF), "chunks": [
+            {"base": None, "own": "ab" * 32, "runs": [["0", 16]]}, None]}, "patch run offset '0'"),
+        ("a patch naming a path", {"base": vars(BASE_REF), "chunks": [
+            {"base": "../../x", "own": "ab" * 32, "runs": [[0, 16]]}, None]}, "not 64 hex digits"),
+        ("a patch with more fields", {"base": vars(BASE_REF), "chunks": [
+            {"base": None, "own": "ab" * 32, "runs": [[0, 16]], "path": "/etc"}, None]}, "not base, own and runs"),
     ]
 
     @pytest.mark.parametrize(("what", "change", "message"), BAD, ids=[b[0] for b in BAD])
