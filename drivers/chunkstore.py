@@ -21,22 +21,20 @@ path ever followed; everything below it is opened with openat(2) and O_NOFOLLOW:
     vm/<vmid>/.trash-<time>-<random>/     a snapshot or dead partial being removed
 
 Manifests, indexes and state files carry a format version; a reader refuses one it does not know.
-This module holds the store, its snapshot writer, verify, gc and the file-system plumbing under
-them; what the stored JSON means is in drivers.backuprecords, how a chunk is encoded in
-drivers.chunkcodec.
+This module holds the store: its chunks, snapshots and their state, the key and chunk size it
+records, verify and gc. A snapshot is written by drivers.chunkwriter, and both stand on the file
+plumbing in drivers.chunkfiles; what the stored JSON means is in drivers.backuprecords, how a
+chunk is encoded in drivers.chunkcodec.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hmac
 import os
 import re
 import secrets
 import shutil
-import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -52,7 +50,6 @@ from drivers.backuprecords import (
     STATE,
     TIME_PATTERN,
     BackupId,
-    DiskSummary,
     FileSum,
     GcResult,
     Index,
@@ -72,14 +69,27 @@ from drivers.backuprecords import (
     parse_time,
 )
 from drivers.chunkcodec import CHUNK, Codec, PlainCodec, is_zero
+from drivers.chunkfiles import (
+    CHUNK_SIZE,
+    CHUNKS,
+    KEY_FINGERPRINT,
+    LOCK,
+    MANIFEST_MAC,
+    PARTIAL,
+    TRASH,
+    VM,
+    discard,
+    flocked,
+    now_text,
+    open_lock,
+    read_all,
+    write_all,
+)
+from drivers.chunkwriter import SnapshotWriter, recorded_start, writer_is_live
 from drivers.errors import AlreadyExists, Corrupt, InvalidName, NotFound, Refused, StorkError
 from drivers.safedir import SafeDir, refused
 
-CHUNKS, VM, LOCK = ".chunks", "vm", ".lock"
-KEY_FINGERPRINT = ".key-fingerprint"  # in .chunks: the fingerprint of an encrypted store's key
-CHUNK_SIZE = ".chunk-size"  # in .chunks: the chunk size the store was made with
-MANIFEST_MAC = "manifest.mac"  # beside an encrypted store's manifest: its HMAC
-PARTIAL, TRASH = ".partial-", ".trash-"
+__all__ = ["ChunkStore", "SnapshotWriter"]  # SnapshotWriter lives in drivers.chunkwriter; imported from here too
 
 _PREFIX = re.compile(r"[0-9a-f]{4}")
 _MAX_META = 64 << 20  # a manifest or state file; an index may be larger (16 M chunks for 64 TiB)
@@ -89,90 +99,16 @@ _CODEC_OVERHEAD = 4096  # header, and room for a nonce and tag once chunks can b
 
 # flock(2) locks an open file on a local file system, but NFS emulates it with POSIX locks, which
 # never conflict within one process and all drop when any descriptor of the file is closed. So
-# threads of one process also take turns through these, and gc also asks this process's writers.
+# threads of one process also take turns through these (and gc asks this process's writers too:
+# see drivers.chunkwriter.writer_is_live).
 _PREFIX_LOCKS = [threading.Lock() for _ in range(256)]
 _STATE_LOCK = threading.Lock()
-_LIVE_PARTIALS: set[tuple[int, int]] = set()  # (st_dev, st_ino) of partial folders written here
 
 
 def _check_notes(text: str) -> str:
     if not isinstance(text, str) or len(text) > _MAX_NOTES:
         raise InvalidName(f"notes must be text of at most {_MAX_NOTES} characters")
     return text
-
-
-def _now_text() -> str:
-    return format_time(datetime.now(UTC))
-
-
-# ---- file plumbing ----------------------------------------------------------------------------
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _read_all(fd: int, limit: int, what: str) -> bytes:
-    parts, total = [], 0
-    while part := os.read(fd, min(limit + 1 - total, 8 << 20)):
-        total += len(part)
-        if total > limit:
-            raise Corrupt(f"{what}: larger than the {limit} bytes it can be")
-        parts.append(part)
-    return b"".join(parts)
-
-
-def _open_lock(folder: int, name: str) -> int:
-    """Open (or make) a lock file; a symlink or special file at its name is refused."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(name, flags, 0o644, dir_fd=folder)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
-            raise refused(_path_of(folder, name), "a symlink or special file as lock file") from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise refused(_path_of(folder, name), "a special file as lock file")
-    return fd
-
-
-def _path_of(folder: int, name: str) -> str:
-    return f"{os.readlink(f'/proc/self/fd/{folder}')}/{name}"
-
-
-@contextlib.contextmanager
-def _flocked(folder: int, name: str, exclusive: bool) -> Iterator[int]:
-    """Hold flock on a lock file for the block. Holders keep it briefly (a chunk write, one
-    folder's sweep, a state update), so waiting without a timeout is fine."""
-    fd = _open_lock(folder, name)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _still_named(folder: int, name: str, fd: int) -> bool:
-    """Does `name` in `folder` still hold the directory open as `fd`?"""
-    try:
-        st = os.stat(name, dir_fd=folder, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
-
-
-def _discard(folder: int, name: str, label: str) -> None:
-    """Remove a folder's subfolder: first renamed out of sight (so a crash never leaves half of
-    it under its name), then deleted; whatever a failure leaves stays in trash for gc."""
-    trash = f"{TRASH}{label}-{secrets.token_hex(4)}"
-    os.rename(name, trash, src_dir_fd=folder, dst_dir_fd=folder)
-    os.fsync(folder)
-    shutil.rmtree(trash, ignore_errors=True, dir_fd=folder)  # never follows a symlink
-    os.fsync(folder)
 
 
 # ---- the store --------------------------------------------------------------------------------
@@ -230,7 +166,7 @@ class ChunkStore:
     @contextlib.contextmanager
     def _vm_locked(self, vmid: int) -> Iterator[int]:
         """The guest's folder, with the lock every state.json change and forget holds."""
-        with _STATE_LOCK, self._folder(VM, str(vmid)) as vm, _flocked(vm, LOCK, exclusive=True):
+        with _STATE_LOCK, self._folder(VM, str(vmid)) as vm, flocked(vm, LOCK, exclusive=True):
             yield vm
 
     @contextlib.contextmanager
@@ -238,18 +174,18 @@ class ChunkStore:
         """A chunk folder with its lock: shared to check, touch or add a chunk, exclusive to sweep."""
         with (_PREFIX_LOCKS[int(prefix, 16) % len(_PREFIX_LOCKS)],
               self._folder(CHUNKS, prefix, create=True) as folder,
-              _flocked(folder, LOCK, exclusive)):
+              flocked(folder, LOCK, exclusive)):
             yield folder
 
     def _read(self, folder: int, name: str, limit: int, label: str) -> bytes:
         with self._dir.opened(folder, name, label=label) as fd:
-            return _read_all(fd, limit, label)
+            return read_all(fd, limit, label)
 
     def _write(self, folder: int, name: str, data: bytes) -> None:
         """Replace `name` in `folder` with `data`, durably (temp file, fsync, rename, dir fsync).
         Callers are the only writer of the folder at the time (its lock or its partial's)."""
         with self._dir.temp_file(folder, name) as (fd, temp):
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
             self._dir.replace(folder, temp, name)
 
@@ -296,7 +232,7 @@ class ChunkStore:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=folder)
         try:
             try:
-                _write_all(fd, blob)
+                write_all(fd, blob)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -426,8 +362,8 @@ class ChunkStore:
         (temp_file sweeps other writers' temp files); link(2) never replaces a record."""
         with contextlib.suppress(NotFound):
             return self._read(folder, name, 1024, name).decode().strip()
-        with _flocked(folder, LOCK, exclusive=True), self._dir.temp_file(folder, name) as (fd, temp):
-            _write_all(fd, f"{value}\n".encode())
+        with flocked(folder, LOCK, exclusive=True), self._dir.temp_file(folder, name) as (fd, temp):
+            write_all(fd, f"{value}\n".encode())
             os.fsync(fd)
             with contextlib.suppress(AlreadyExists):
                 self._dir.link_new(folder, temp, name, name)
@@ -537,7 +473,7 @@ class ChunkStore:
             with self._dir_of(vm, parsed) as folder:
                 if self._state(folder, parsed).protected:
                     raise Refused(f"backup {parsed} is protected: unprotect it before forgetting it")
-            _discard(vm, parsed.time_text, parsed.time_text)
+            discard(vm, parsed.time_text, parsed.time_text)
 
     # ---- verify -------------------------------------------------------------------------------
     def verify(self, id: str) -> VerifyResult:
@@ -546,7 +482,7 @@ class ChunkStore:
         parsed = backup_id(id)
         snapshot = self._load(parsed)
         problems = [*self._file_problems(parsed, snapshot.manifest), *self._chunk_problems(parsed, snapshot.manifest)]
-        result = VerifyResult("failed" if problems else "ok", _now_text(), tuple(problems))
+        result = VerifyResult("failed" if problems else "ok", now_text(), tuple(problems))
         self._change_state(parsed, verify=result)
         return result
 
@@ -636,11 +572,11 @@ class ChunkStore:
         """A live writer's (start, chunks); None after removing a dead writer's partial."""
         folder = self._dir.open_dir(vm, name)
         try:
-            lock = _open_lock(folder, LOCK)
+            lock = open_lock(folder, LOCK)
             try:
-                if _writer_is_live(folder, lock):
-                    return _recorded_start(lock), self._partial_chunks(folder)
-                _discard(vm, name, "partial")  # still under its lock: see SnapshotWriter._claim
+                if writer_is_live(folder, lock):
+                    return recorded_start(lock), self._partial_chunks(folder)
+                discard(vm, name, "partial")  # still under its lock: see SnapshotWriter._claim
                 return None
             finally:
                 os.close(lock)
@@ -701,28 +637,6 @@ def _is_vmid_name(name: str) -> bool:
         return False
 
 
-def _writer_is_live(folder: int, lock: int) -> bool:
-    """Does a writer hold this partial's lock? Asks this process's own writers first: where flock
-    is emulated with POSIX locks (NFS), a process would get a lock it holds itself."""
-    st = os.fstat(folder)
-    if (st.st_dev, st.st_ino) in _LIVE_PARTIALS:
-        return True
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    return False
-
-
-def _recorded_start(lock: int) -> float:
-    """The start a live writer wrote into its lock file. Empty means it has just taken its lock
-    and put no chunk yet, so any start from now on is safe: +inf leaves the cutoff at gc's own."""
-    try:
-        return float(os.pread(lock, 64, 0).decode().strip())
-    except ValueError:  # UnicodeDecodeError is one
-        return float("inf")
-
-
 def _sweep_prefix(folder: int, marked: set[str], cutoff: float) -> tuple[int, int, int]:
     """Remove the unmarked chunk files and temp files older than `cutoff` from one chunk folder
     (whose exclusive lock the caller holds): (removed, bytes freed, kept)."""
@@ -743,156 +657,3 @@ def _sweep_prefix(folder: int, marked: set[str], cutoff: float) -> tuple[int, in
     if removed:
         os.fsync(folder)
     return removed, freed, kept
-
-
-# ---- the writer -------------------------------------------------------------------------------
-
-
-class SnapshotWriter:
-    """A snapshot being written, made by ChunkStore.begin. Chunks may be put from many threads;
-    the rest is called by one. As a context manager it aborts unless committed."""
-
-    def __init__(self, store: ChunkStore, id: BackupId, notes: str, vm: int) -> None:
-        self.store, self.id, self.notes = store, id, notes
-        self._vm = vm
-        self._lock = threading.Lock()
-        self._chunks: set[str] = set()
-        self._prefixes: set[str] = set()
-        self._written = 0
-        self._files: dict[str, FileSum] = {}
-        self._disks: dict[str, DiskSummary] = {}
-        self._open = True
-        self.started = time.time()
-        self._name, self._folder, self._held = self._make_partial()
-        self._identity = (os.fstat(self._folder).st_dev, os.fstat(self._folder).st_ino)
-        _LIVE_PARTIALS.add(self._identity)
-
-    def _make_partial(self) -> tuple[str, int, int]:
-        """Make the partial folder and take its lock, recording our start in the lock file."""
-        for _ in range(3):
-            name = f"{PARTIAL}{self.id.time_text}-{secrets.token_hex(4)}"
-            os.mkdir(name, 0o755, dir_fd=self._vm)
-            with contextlib.suppress(NotFound, FileNotFoundError):
-                if claimed := self._claim(name):
-                    os.pwrite(claimed[1], f"{self.started}\n".encode(), 0)
-                    os.fsync(self._vm)
-                    return name, *claimed
-        raise Refused(f"backup {self.id}: its partial folder was removed three times while being made")
-
-    def _claim(self, name: str) -> tuple[int, int] | None:
-        """(folder, lock) of the partial `name`, locked; None if gc took it first. gc removes a
-        partial whose lock it gets, and could get this one in the instant before we do; it
-        renames the partial to trash while holding the lock, so once we hold it, the name
-        still holding our folder means it is ours."""
-        folder = self.store._dir.open_dir(self._vm, name)
-        try:
-            lock = _open_lock(folder, LOCK)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(folder)
-            raise
-        if _still_named(self._vm, name, folder):
-            return folder, lock
-        os.close(lock)
-        os.close(folder)
-        return None
-
-    # ---- chunks (any thread) ----------------------------------------------------------------
-    def put_chunk(self, data: bytes) -> tuple[str | None, int]:
-        """ChunkStore.put_chunk, remembered for this snapshot."""
-        digest, written = self.store.put_chunk(data)
-        if digest is not None:
-            self._note(digest, written)
-        return digest, written
-
-    def reuse_chunk(self, digest: str) -> bool:
-        """Name a stored chunk without its data (unchanged since the base backup): touches it so
-        gc keeps it. False if it is not stored: then put its data."""
-        if not self.store.touch_chunk(digest):
-            return False
-        self._note(digest, 0)
-        return True
-
-    def _note(self, digest: str, written: int) -> None:
-        with self._lock:
-            self._chunks.add(digest)
-            self._prefixes.add(digest[:4])
-            self._written += written
-
-    # ---- files --------------------------------------------------------------------------------
-    def add_blob(self, name: str, data: bytes) -> None:
-        self._add_file(blob_name(name), bytes(data))
-
-    def add_index(self, key: str, index: Index, source: str = "", identity: str = "") -> None:
-        """Add a disk's index; every chunk it names must have been put or reused by this writer
-        (which is what keeps gc from removing it before commit). `source` and `identity` name
-        the volume it was read from (its volume id, and its driver's identity token), so a
-        later backup of a linked clone can find its base's index."""
-        disk_key(key)
-        if index.chunk_size != self.store.chunk_size:
-            raise ValueError(f"index {key} has chunk size {index.chunk_size}, the store {self.store.chunk_size}")
-        with self._lock:
-            unknown = next((d for _, d in index.digests() if d not in self._chunks), None)
-        if unknown is not None:
-            raise Refused(f"backup {self.id}: index {key} names chunk {unknown}, which this backup "
-                          "neither stored nor reused")
-        self._add_file(index_file(key), index.to_json())
-        self._disks[key] = DiskSummary(index.format, index.virtual_size, index.content, source, identity)
-
-    def _add_file(self, name: str, data: bytes) -> None:
-        self._check_open()
-        if name in self._files:
-            raise AlreadyExists(f"backup {self.id}: {name} was added already")
-        self.store._write(self._folder, name, data)
-        self._files[name] = FileSum.of(data)
-
-    def _check_open(self) -> None:
-        if not self._open:
-            raise Refused(f"backup {self.id}: already committed or aborted")
-
-    # ---- the end ------------------------------------------------------------------------------
-    def commit(self) -> Snapshot:
-        """Make the snapshot durable, then visible: chunk folders, files and the partial folder
-        are flushed before the rename that publishes it. AlreadyExists if its time is taken."""
-        self._check_open()
-        with self._lock:
-            prefixes, written = set(self._prefixes), self._written
-        self.store._flush_chunk_folders(prefixes)
-        self.store._write_state(self._folder, self.id, State(notes=self.notes))
-        manifest = Manifest(dict(self._files), dict(self._disks), sum(d.virtual_size for d in self._disks.values()),
-                            written, format_time(datetime.fromtimestamp(self.started, UTC)), _now_text())
-        manifest_json = manifest.to_json(self.id)
-        if mac := self.store.manifest_mac(manifest_json):
-            self.store._write(self._folder, MANIFEST_MAC, mac)
-        self.store._write(self._folder, MANIFEST, manifest_json)
-        os.fsync(self._folder)
-        try:
-            SafeDir.rename(self._vm, self._name, self._vm, self.id.time_text, what=f"backup {self.id}")
-        except OSError as e:
-            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):  # another writer committed the same time
-                raise AlreadyExists(f"backup {self.id} already exists") from None
-            raise
-        self._close()
-        return Snapshot(self.id, manifest, State(notes=self.notes))
-
-    def abort(self) -> None:
-        """Remove the partial folder; nothing of this snapshot was ever visible."""
-        if not self._open:
-            return
-        try:
-            _discard(self._vm, self._name, "partial")
-        finally:
-            self._close()
-
-    def _close(self) -> None:
-        self._open = False
-        _LIVE_PARTIALS.discard(self._identity)
-        for fd in (self._held, self._folder, self._vm):
-            os.close(fd)
-
-    def __enter__(self) -> SnapshotWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.abort()
-
