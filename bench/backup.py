@@ -112,10 +112,14 @@ KEY = Path(tempfile.gettempdir()) / "stork-backup-bench.key"  # made per run, re
 
 def stork_child(action: str, store_dir: str, image: str, *rest: str) -> None:
     """One stork row: `backup IMAGE VMID [BASE]`, `bitmap-backup IMAGE VMID` (a qcow2 image
-    read through its dirty bitmap, as the backup job does) or `restore OUT VMID`."""
+    read through its dirty bitmap, as the backup job does), `restore OUT VMID`, or `start-up`
+    (the imports alone: what every row pays before its work, and a worker pays once)."""
     from drivers import backup, nbd, qemu
     from drivers.chunkcrypt import EncryptedCodec, load_key
     from drivers.chunkstore import ChunkStore
+
+    if action == "start-up":
+        return
 
     codec = EncryptedCodec(load_key(KEY)) if store_dir.endswith("-encrypted") else None
     store = ChunkStore(Path(store_dir), codec=codec)
@@ -127,9 +131,10 @@ def stork_child(action: str, store_dir: str, image: str, *rest: str) -> None:
         fd = os.open(image, os.O_RDWR)
         backing = qemu.Image.of_fd("raw", os.open(base, os.O_RDONLY), base) if base else None
         disk = qemu.Image.of_fd(fmt, fd, image, backing)
-        dirty = nbd.dirty_extents(disk, "bench") if previous and "bench" in qemu.bitmaps(disk) else None
+        marked = action == "bitmap-backup" and "bench" in qemu.bitmaps(disk)
+        dirty = nbd.dirty_extents(disk, "bench") if previous and marked else None
         if action == "bitmap-backup":
-            if "bench" in qemu.bitmaps(disk):
+            if marked:
                 qemu.remove_bitmap(disk, "bench")
             qemu.add_bitmap(disk, "bench")  # before the read: every later write is in it
         with store.begin(vmid) as writer:
@@ -151,7 +156,9 @@ def stork_child(action: str, store_dir: str, image: str, *rest: str) -> None:
 def stork_rows(work: Path, image: Path, changed: Path) -> list[Row]:
     store = work / "stork"
     store.mkdir()
-    rows = [*encrypted_rows(work, image), *bitmap_rows(work, image)]
+    seconds, rss = timed([*STORK, "--stork", "start-up", "-", "-"])
+    rows = [Row("stork", "start-up alone (Python, imports)", seconds, rss, None),
+            *encrypted_rows(work, image), *bitmap_rows(work, image)]
     for what, source, vmid in (("first backup", image, 100), ("unchanged re-backup", image, 101),
                                ("1%-changed re-backup (raw)", changed, 102)):
         before = du_mib(store)
@@ -312,9 +319,10 @@ def main() -> None:
         print(f"\n   {'tool':<26}{'what':<36}{'time':>9}{'MB/s':>8}{'peak RSS':>10}{'store +':>11}")
         for r in rows:
             rate = SIZE / 1e6 / r.seconds if "clones" not in r.what else 10 * SIZE / 1e6 / r.seconds
+            rate_text = "-" if "start-up" in r.what else f"{rate:.0f}"
             store = f"{r.store_mib:.0f} MiB" if r.store_mib is not None else "-"
             rss = f"{r.rss_mib:.0f} MiB" if r.rss_mib else "-"
-            print(f"   {r.tool:<26}{r.what:<36}{r.seconds:>8.2f}s{rate:>8.0f}{rss:>10}{store:>11}")
+            print(f"   {r.tool:<26}{r.what:<36}{r.seconds:>8.2f}s{rate_text:>8}{rss:>10}{store:>11}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
         KEY.unlink(missing_ok=True)
