@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import accumulate
 
 from drivers import nbd, qemu
 from drivers.backuprecords import BaseRef, Entry, Index, Patch, entry_digests
@@ -137,8 +138,8 @@ def _writing(image: qemu.Image) -> Iterator[RawFile | nbd.Client]:
 
 def chunk_plan(extents: list[nbd.Extent], size: int, chunk: int) -> list[str]:
     """What to do with each chunk: "zero" (known zeros only), "base" (nothing of the image's
-    own: read through its base), "patch" (a linked clone's own runs, at most PATCH_SHARE of
-    the chunk, over its base's data: only the runs are read and stored), or "read". A pure
+    own: read through its base), "patch" (some of the image's own beside its base's data:
+    decide() stores the own runs alone, if they are few enough), or "read". A pure
     function of the map, which must cover the image from 0 without a gap (qemu-img's does);
     an area qemu does not know to be zero (`"data": false, "zero": false`) is read."""
     plan = []
@@ -147,7 +148,7 @@ def chunk_plan(extents: list[nbd.Extent], size: int, chunk: int) -> list[str]:
             plan.append("zero")
         elif not runs:
             plan.append("base")
-        elif any(e.depth > 0 for e in here) and sum(n for _, n in runs) <= chunk * PATCH_SHARE:
+        elif any(e.depth > 0 for e in here):
             plan.append("patch")
         else:
             plan.append("read")
@@ -224,6 +225,9 @@ def find_base(store: ChunkStore, volid: str, identity: str) -> tuple[BaseRef, In
     return None
 
 
+_NONE = object()  # no entry at all (None is an entry: zeros)
+
+
 @dataclass(frozen=True)
 class Action:
     """What a backup does with one chunk: "zero" (nothing: known zeros), "take" (an earlier
@@ -244,7 +248,7 @@ def decide(plan: list[str], own: list[Runs], base: Index | None, previous: Index
     its base's is the base's entry, and one that is a little of its own a patch of those runs
     over the base's chunk. A patch covers at most PATCH_SHARE of its chunk; anything else is
     read whole. A pure function of the maps and the earlier indexes."""
-    usable_base = base if base and base.chunk_size == chunk and len(base.chunks) == len(plan) else None
+    usable_base = base if base and base.chunk_size == chunk else None
     usable_previous = previous if previous and dirty is not None and previous.chunk_size == chunk and \
         previous.virtual_size == size and len(dirty) == len(plan) else None
     actions = []
@@ -252,6 +256,7 @@ def decide(plan: list[str], own: list[Runs], base: Index | None, previous: Index
         if what == "zero":
             actions.append(Action("zero"))
             continue
+        length = min(chunk, size - n * chunk)
         candidates: list[Action] = []
         if usable_previous and dirty is not None:
             before = usable_previous.chunks[n]
@@ -261,12 +266,15 @@ def decide(plan: list[str], own: list[Runs], base: Index | None, previous: Index
                 candidates.append(Action("patch", before.base, tuple(_merged(before.runs, dirty[n]))))
             else:
                 candidates.append(Action("patch", before, dirty[n]))
-        if usable_base and what == "base":
-            candidates.append(Action("take", usable_base.chunks[n]))
-        elif usable_base and what == "patch" and not isinstance(usable_base.chunks[n], Patch):
-            candidates.append(Action("patch", usable_base.chunks[n], own[n]))
+        # the base's chunk here only if it is as long (a clone grown past its base reads the rest)
+        beneath = usable_base.chunks[n] if usable_base and n < len(usable_base.chunks) and \
+            min(chunk, usable_base.virtual_size - n * chunk) == length else _NONE
+        if beneath is not _NONE and what == "base":
+            candidates.append(Action("take", beneath))
+        elif beneath is not _NONE and what == "patch" and not isinstance(beneath, Patch):
+            candidates.append(Action("patch", beneath, own[n]))
         actions.append(next((a for a in candidates if a.kind == "take" or
-                             sum(k for _, k in a.runs) <= chunk * PATCH_SHARE), Action("read")))
+                             sum(k for _, k in a.runs) <= length * PATCH_SHARE), Action("read")))
     return actions
 
 
@@ -317,8 +325,9 @@ def _put_whole(writer: SnapshotWriter, data: bytes) -> Entry:
     return writer.put_chunk(data)[0]
 
 
-def _put_patch(writer: SnapshotWriter, under: str | None, runs: tuple[tuple[int, int], ...], own: bytes) -> Entry:
-    return Patch(under, writer.put_chunk(own)[0], runs)
+def _put_patch(writer: SnapshotWriter, under: str | None, runs: Runs, own: bytes) -> Entry:
+    digest = writer.put_chunk(own)[0]
+    return None if under is None and digest is None else Patch(under, digest, runs)  # zeros over zeros
 
 
 def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool,
@@ -356,8 +365,10 @@ def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool
         under = base.chunks[n]
         if isinstance(entry, Patch) and entry.base == under:  # only the runs: the base is beneath
             own = store.read_chunk(entry.own) if entry.own else bytes(entry.own_size)
-            starts = [sum(k for _, k in entry.runs[:i]) for i in range(len(entry.runs))]
-            return [(at, own[s:s + k]) for (at, k), s in zip(entry.runs, starts, strict=True)]
+            if len(own) != entry.own_size:
+                raise Corrupt(f"{image.label}: a patch of {entry.own_size} bytes names a chunk of {len(own)}")
+            starts = accumulate((k for _, k in entry.runs), initial=0)
+            return [(at, own[s:s + k]) for (at, k), s in zip(entry.runs, starts, strict=False)]
         data = data_of(entry, length)
         try:
             beneath = data_of(under, length)

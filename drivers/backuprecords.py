@@ -311,6 +311,7 @@ class Manifest:
     written: int  # bytes of new chunk files this backup wrote
     started: str
     finished: str
+    sealed_state: bool = False  # its state.json carries a MAC (an encrypted store's, since they do)
 
     def __post_init__(self) -> None:
         for name in self.files:
@@ -328,7 +329,8 @@ class Manifest:
         return _dump({"version": VERSION, "id": str(id), "vmid": id.vmid, "time": id.time_text,
                       "files": {name: vars(s) for name, s in self.files.items()},
                       "disks": {key: vars(d) for key, d in self.disks.items()},
-                      "size": self.size, "written": self.written, "started": self.started, "finished": self.finished})
+                      "size": self.size, "written": self.written, "started": self.started, "finished": self.finished,
+                      **({"sealed_state": True} if self.sealed_state else {})})
 
     @classmethod
     def from_json(cls, raw: bytes, id: BackupId) -> Manifest:
@@ -339,7 +341,10 @@ class Manifest:
                 raise ValueError(f"it describes {doc['id']!r}")
             files = {name: FileSum(**s) for name, s in doc["files"].items()}
             disks = {key: DiskSummary(**d) for key, d in doc["disks"].items()}
-            return cls(files, disks, doc["size"], doc["written"], doc["started"], doc["finished"])
+            sealed = doc.get("sealed_state", False)
+            if not isinstance(sealed, bool):
+                raise ValueError(f"sealed_state {sealed!r} is not true or false")
+            return cls(files, disks, doc["size"], doc["written"], doc["started"], doc["finished"], sealed)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from drivers.backuprecords import (
     GcResult,
     Index,
     Manifest,
+    Patch,
     Problem,
     Snapshot,
     State,
@@ -296,7 +297,8 @@ class ChunkStore:
 
     def _load(self, id: BackupId) -> Snapshot:
         with self._snapshot_folder(id) as folder:
-            return Snapshot(id, self._manifest(folder, id), self._state(folder, id))
+            manifest = self._manifest(folder, id)
+            return Snapshot(id, manifest, self._state(folder, id, manifest.sealed_state))
 
     def _exists(self, id: BackupId) -> bool:
         try:
@@ -315,6 +317,11 @@ class ChunkStore:
             if not hmac.compare_digest(mac, expected):
                 raise Corrupt(f"backup {id}: its manifest fails authentication (tampered with, or another key)")
         return Manifest.from_json(raw, id)
+
+    @property
+    def seals_records(self) -> bool:
+        """Whether manifests and states carry MACs (an encrypted store's codec makes them)."""
+        return self.codec.mac(b"") is not None
 
     def manifest_mac(self, manifest: bytes) -> bytes | None:
         """The manifest's MAC where the store is encrypted (drivers/chunkcrypt.py), else None."""
@@ -369,16 +376,18 @@ class ChunkStore:
                 self._dir.link_new(folder, temp, name, name)
         return self._read(folder, name, 1024, name).decode().strip()
 
-    def _state(self, folder: int, id: BackupId) -> State:
+    def _state(self, folder: int, id: BackupId, sealed: bool) -> State:
+        """The snapshot's state; `sealed` (its manifest says so) requires it present and its MAC
+        right. Snapshots of an encrypted store made before states were sealed have none."""
         what = f"backup {id}: {STATE}"
         if not SafeDir.entry_exists(folder, STATE):
-            if self.codec.mac(b"") is not None:  # an encrypted store's commit writes one
+            if sealed:  # its commit wrote one
                 raise Corrupt(f"{what}: missing")
             return State()
         raw = self._read(folder, STATE, _MAX_META, what)
         state = State.from_json(raw, what)
-        if (expected := self._state_mac(id, state)) is not None and \
-                not hmac.compare_digest(str(State.stated_mac(raw)).encode(), expected.encode()):
+        if sealed and not hmac.compare_digest(str(State.stated_mac(raw)).encode(),
+                                              str(self._state_mac(id, state)).encode()):
             raise Corrupt(f"{what}: fails authentication (tampered with, or another key)")
         return state
 
@@ -445,7 +454,7 @@ class ChunkStore:
 
     def _change_state(self, id: BackupId, **changes: Any) -> State:
         with self._vm_locked_for(id) as vm, self._dir_of(vm, id) as folder:
-            state = replace(self._state(folder, id), **changes)
+            state = replace(self._state(folder, id, self._manifest(folder, id).sealed_state), **changes)
             self._write_state(folder, id, state)
         return state
 
@@ -471,7 +480,9 @@ class ChunkStore:
         parsed = backup_id(id)
         with self._vm_locked_for(parsed) as vm:
             with self._dir_of(vm, parsed) as folder:
-                if self._state(folder, parsed).protected:
+                # unsealed read: a forged flag could only keep or let go what deleting the folder
+                # would anyway, and a snapshot whose manifest is damaged can still be forgotten
+                if self._state(folder, parsed, sealed=False).protected:
                     raise Refused(f"backup {parsed} is protected: unprotect it before forgetting it")
             discard(vm, parsed.time_text, parsed.time_text)
 
@@ -495,24 +506,29 @@ class ChunkStore:
 
     def _chunk_problems(self, id: BackupId, manifest: Manifest) -> Iterator[Problem]:
         places: dict[str, list[tuple[str, int]]] = {}
+        indexes: dict[str, Index] = {}
         for key in manifest.disks:
             with contextlib.suppress(Corrupt, NotFound, Refused):  # reported by _file_problems
-                index = self.index(str(id), key)
+                indexes[key] = index = self.index(str(id), key)
                 for position, digest in index.digests():
                     places.setdefault(digest, []).append((key, position * index.chunk_size))
+        lengths: dict[str, int] = {}
         for digest, where in places.items():
             try:
-                self.read_chunk(digest)
+                lengths[digest] = len(self.read_chunk(digest))
             except Corrupt as e:
                 self._quarantine(digest)
                 yield Problem(digest, f"{e} (moved aside to {digest}.bad)", tuple(where))
             except (NotFound, Refused) as e:
                 yield Problem(digest, str(e), tuple(where))
+        for key, index in indexes.items():
+            yield from _patch_problems(key, index, lengths)
 
     def _quarantine(self, digest: str) -> None:
         """Move a chunk whose data does not match its digest aside, as <digest>.bad: the next
         backup holding that data then stores it again (which makes every backup naming it
-        whole again) instead of naming the damaged file."""
+        whole again) instead of naming the damaged file. A backup whose patch lies over it
+        stays damaged: the next backup of that disk reads the chunk whole instead."""
         with self._prefix_locked(digest[:4], exclusive=True) as folder, contextlib.suppress(FileNotFoundError):
             os.rename(digest, f"{digest}.bad", src_dir_fd=folder, dst_dir_fd=folder)
             os.fsync(folder)
@@ -628,6 +644,19 @@ class ChunkStore:
         st = os.statvfs(self.root)
         total, avail = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
         return total, total - st.f_bfree * st.f_frsize, avail
+
+
+def _patch_problems(key: str, index: Index, lengths: dict[str, int]) -> Iterator[Problem]:
+    """A patch whose chunks, each sound, do not fit together (its base chunk not as long as its
+    place, or its own chunk not as long as its runs): restore would refuse it."""
+    for n, entry in enumerate(index.chunks):
+        if not isinstance(entry, Patch):
+            continue
+        place = min(index.chunk_size, index.virtual_size - n * index.chunk_size)
+        for digest, expected in ((entry.base, place), (entry.own, entry.own_size)):
+            if digest is not None and digest in lengths and lengths[digest] != expected:
+                yield Problem(digest, f"chunk {digest}: {lengths[digest]} bytes where a patch needs {expected}",
+                              ((key, n * index.chunk_size),))
 
 
 def _is_vmid_name(name: str) -> bool:

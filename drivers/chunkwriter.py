@@ -150,7 +150,8 @@ class SnapshotWriter:
         self.store._flush_chunk_folders(prefixes)
         self.store._write_state(self._folder, self.id, State(notes=self.notes))
         manifest = Manifest(dict(self._files), dict(self._disks), sum(d.virtual_size for d in self._disks.values()),
-                            written, format_time(datetime.fromtimestamp(self.started, UTC)), now_text())
+                            written, format_time(datetime.fromtimestamp(self.started, UTC)), now_text(),
+                            sealed_state=self.store.seals_records)
         manifest_json = manifest.to_json(self.id)
         if mac := self.store.manifest_mac(manifest_json):
             self.store._write(self._folder, MANIFEST_MAC, mac)

@@ -51,8 +51,8 @@ def test_chunk_plan_refuses_a_map_with_a_gap():
                      ["base", "zero", "base", "base"], id="a clone's own zeros over base data are zeros"),
         pytest.param([(0, 0.5, True, False, 1), (0.5, 3.5, True, False, 0)], ["patch", "read", "read", "read"],
                      id="a chunk half the clone's own is a patch, all its own is read"),
-        pytest.param([(0, 0.25, True, False, 1), (0.25, 0.75, True, False, 0)], ["read", "zero", "zero", "zero"],
-                     id="a chunk mostly the clone's own is read"),
+        pytest.param([(0, 0.25, True, False, 1), (0.25, 0.75, True, False, 0)], ["patch", "zero", "zero", "zero"],
+                     id="a chunk mostly the clone's own: decide() reads it whole"),
         pytest.param([(0, 0.5, False, True, 0), (0.5, 3.5, True, False, 1)], ["patch", "base", "base", "base"],
                      id="own zeros beside base data: a patch"),
         pytest.param([(0, 2.5, True, False, 0), (2.5, 1.5, False, True, 0)], ["read", "read", "read", "zero"],
@@ -184,6 +184,29 @@ def test_a_linked_clone_stores_only_its_own_clusters_and_comes_back_equal_whole_
         with dir_storage.image(relinked) as image:
             written = sum(e.length for e in extents(image) if e.depth == 0)
         assert written == 2 * (64 << 10) + own  # its two clusters, and its own chunk's clusters or all of it
+
+
+def test_a_linked_clone_grown_past_its_base_comes_back_equal(dir_storage, store, tmp_path):
+    """The base ends inside a chunk of the grown clone: that chunk is read whole (the grown
+    part is the clone's own zeros), the ones before are the base's."""
+    disk = VolName(100, "vm-100-disk-0", "raw")
+    dir_storage.allocate(disk, 6 * MIB + MIB // 2)
+    fill(dir_storage, disk, 6 * MIB, os.urandom(MIB // 2))
+    base = VolName(None, "base-100-disk-0", "raw")
+    dir_storage.make_base(disk, base)
+    base_snap, base_index = backed_up(store, dir_storage, base)
+    clone = VolName(101, "vm-101-disk-0", "qcow2")
+    dir_storage.link_clone(base, clone)
+    dir_storage.resize(clone, 8 * MIB)
+    ref = BaseRef(backup=str(base_snap.id), disk="scsi0", digest=base_index.content)
+    snap, index = backed_up(store, dir_storage, clone, vmid=101, base=ref, base_index=base_index)
+    assert isinstance(index.chunks[6], str) and index.chunks[6] != base_index.chunks[6]
+    assert store.verify(str(snap.id)).ok
+    whole = VolName(300, "vm-300-disk-0", "raw")
+    dir_storage.allocate(whole, 8 * MIB)
+    with dir_storage.image(whole, write=True) as image:
+        restore(store, index, image, reads_zero=True)
+    dir_storage.compare(dir_storage, clone, whole)
 
 
 def _image_files(tmp_path: Path) -> dict[str, qemu.Image]:
@@ -351,6 +374,7 @@ OVER_B = Patch("b" * 64, "c" * 64, ((MIB // 4, 4096),))
         pytest.param(["patch", "patch"], [SMALL, HALF], None, None,
                      [Action("patch", "b" * 64, SMALL), Action("patch", "b" * 64, HALF)],
                      id="a clone's own runs: a patch over the base's chunk"),
+        pytest.param(["patch"], [MOST], None, None, [Action("read")], id="a clone's own over most of a chunk: read"),
     ],
 )
 def test_decide_reads_the_least_each_chunk_needs(plan, own, previous, dirty, expected):
@@ -363,6 +387,14 @@ def test_a_patch_is_never_laid_over_a_patch_of_the_base():
     base = index_of(OVER_B, base=True)
     assert decide(["patch"], [SMALL], base, None, None, MIB, MIB) == [Action("read")]
     assert decide(["base"], [()], base, None, None, MIB, MIB) == [Action("take", OVER_B)]
+
+
+def test_a_clone_grown_past_its_base_reads_the_chunk_its_base_ends_in():
+    """The base is 1.5 chunks: its last chunk is shorter than the grown clone's, so nothing of
+    the clone's there may lie over it (qemu maps the grown part as the clone's own zeros)."""
+    base = Index("qcow2", MIB + MIB // 2, ["b" * 64, "b" * 64], MIB)
+    grown = decide(["base", "patch", "zero"], [(), ((MIB // 2, MIB // 2),), ()], base, None, None, MIB, 3 * MIB)
+    assert grown == [Action("take", "b" * 64), Action("read"), Action("zero")]
 
 
 def test_a_previous_backup_of_another_size_is_not_used():

@@ -98,6 +98,25 @@ def test_a_tampered_or_copied_state_is_refused(tmp_path, key):
     store.forget(second)
 
 
+def test_a_snapshot_made_before_states_were_sealed_is_read_as_it_is(tmp_path, key):
+    """Its manifest (MACed) does not say its state is sealed: a state without a MAC, or none,
+    is read as it stands, so a store of earlier backups stays usable; a change seals it."""
+    store = backup_storage(secret_storage(tmp_path, key)).open()
+    bid, _ = committed(store)
+    folder = tmp_path / "vault" / bid
+    doc = json.loads((folder / "manifest.json").read_bytes())
+    assert doc.pop("sealed_state") is True
+    raw = json.dumps(doc).encode()
+    (folder / "manifest.json").write_bytes(raw)
+    (folder / "manifest.mac").write_bytes(EncryptedCodec(load_key(key)).mac(raw))
+    (folder / "state.json").unlink()
+    assert store.snapshot(bid).state.protected is False
+    (folder / "state.json").write_text(json.dumps({"version": 1, "notes": "old", "protected": True, "verify": None}))
+    assert store.snapshot(bid).state.notes == "old"
+    store.set_protected(bid, False)
+    assert "mac" in json.loads((folder / "state.json").read_bytes())
+
+
 def test_a_wrong_or_missing_key_is_one_refusal(tmp_path, key):
     committed(backup_storage(secret_storage(tmp_path, key)).open())
     other = tmp_path / "other.key"

@@ -570,3 +570,17 @@ def test_a_store_made_with_another_chunk_size_is_refused(tmp_path):
     ChunkStore(root).check_chunk_size()  # the same size again: fine
     with pytest.raises(Refused, match=f"backup storage {root} holds chunks of 4194304 bytes, not 1048576"):
         ChunkStore(root, chunk_size=1 << 20).check_chunk_size()
+
+
+def test_verify_names_a_patch_whose_chunks_do_not_fit_together(store):
+    """Each chunk sound, but the patch's own chunk is shorter than its runs: verify says so
+    (restore would refuse it) with the disk and offset."""
+    base, own = b"b" * CS, b"o" * 16
+    with store.begin(100) as writer:
+        under, _ = writer.put_chunk(base)
+        patch, _ = writer.put_chunk(own)
+        writer.add_index("scsi0", Index("raw", CS, [Patch(under, patch, ((0, 32),))], CS))
+        snap = writer.commit()
+    result = store.verify(str(snap.id))
+    assert not result.ok and [(p.digest, p.places) for p in result.problems] == [(patch, (("scsi0", 0),))]
+    assert "16 bytes where a patch needs 32" in result.problems[0].error
