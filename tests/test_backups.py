@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import BASE, NO_BTRFS, NO_CEPH, NO_XFS, NO_ZFS
 from tests.helpers import PATTERN_MIB, crash, fill, orphans, qemu_io_write, qemu_same, tmpfs, volume_path
 from worker.backups import bitmap_name, incremental_refusal
+from worker.testing import wait_for
 
 STORE = BASE / "backup"
 
@@ -219,6 +220,26 @@ def test_backup_all_backs_up_every_guest_not_excluded_and_a_failing_one_stops_no
     assert code == 1 and f"guest {locked} is locked" in err
     assert [len(client.backups(vmid=g)) for g in (g1, g2)] == [1, 1]
     assert {g: len(client.backups(vmid=g)) for g in others[:3]} == before  # the excluded: none
+
+
+def test_backups_of_different_guests_at_once_into_one_store_share_chunks_and_restore_equal(stork, client, vmid):
+    """Three guests holding the same MiB besides their own data, backed up by three jobs at
+    once (the workers run four steps each): every backup succeeds and verifies, and each
+    comes back equal."""
+    guests = [vmid() for _ in range(3)]
+    for g in guests:
+        disk = guest_with_data(stork, g)
+        qemu_io_write(volume_path(disk), "raw", 9 * PATTERN_MIB, PATTERN_MIB, 0xAB)  # the same in all three
+    jobs = [client.submit("backup", vmid=g, storage="backup") for g in guests]
+    wait_for(lambda: all(client.job(j.id).state.terminal for j in jobs), 120, what="the three backups")
+    results = [client.job(j.id) for j in jobs]
+    assert [r.state for r in results] == ["succeeded"] * 3, [r.error for r in results]
+    for g, result in zip(guests, results, strict=True):
+        assert stork("verify", result.result["backup"])[0] == 0
+        restored = vmid()
+        assert stork("restore", result.result["backup"], restored)[0] == 0
+        source, back = client.guest(g).disks["scsi0"], client.guest(restored).disks["scsi0"]
+        assert qemu_same(volume_path(source), volume_path(back))
 
 
 # ---- a worker SIGKILLed mid-backup and mid-restore -------------------------------------------
