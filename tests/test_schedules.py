@@ -238,6 +238,7 @@ def test_a_re_enabled_schedule_runs_no_slot_that_passed_while_it_was_off(client,
     off = replace(client.cfg, schedules={name: {**entry, "enabled": False}})
     on = replace(client.cfg, schedules={name: entry})
     assert schedules.tick(off, client.r, client.app, at_ten - timedelta(minutes=5)) == []
+    assert client.r.ttl(f"stork:schedule:{name}:skipped:0 2 * * *") > 0
     assert schedules.tick(on, client.r, client.app, at_ten) == []  # today's 02:00 passed while off
     assert schedules._last(client.r, name)["slot"] == ran
     assert schedules.tick(on, client.r, client.app, at_ten + timedelta(days=1)) == [name]  # the next 02:00

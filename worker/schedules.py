@@ -197,7 +197,9 @@ def _skip_passed_slots(r: redis.Redis, schedule: Schedule, now: datetime) -> Non
     """A disabled schedule's slots pass without a run: once enabled again, it runs the next
     slot, not one that came while it was off."""
     if (slot := latest_slot(schedule.cron, now)) is not None:
-        r.eval(_ADVANCE, 1, _key(schedule.name, f"skipped:{schedule.line}"), slot.isoformat())
+        key = _key(schedule.name, f"skipped:{schedule.line}")
+        r.eval(_ADVANCE, 1, key, slot.isoformat())
+        r.expire(key, SLOT_KEY_TTL)  # gone some time after the schedule or its line is
 
 
 def _since(r: redis.Redis, schedule: Schedule, last: dict[str, Any] | None) -> datetime | None:
