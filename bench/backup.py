@@ -6,7 +6,8 @@ The image: 2 GiB raw, deterministic (seeded), in 4 MiB regions: about 40% zeros,
 bytes, 35% text-like (words drawn from a small vocabulary: compressible). The "1% changed"
 image has 1% of it overwritten with new random bytes, in 1 MiB runs at random places. Every
 row runs as a child process of its own, timed by wall clock, its peak RSS from GNU time
-(stork reads these files directly: no qemu-nbd runs); each store's size is `du` of its directory.
+(stork reads these files directly; the bitmap row's qemu-nbd, which maps the dirty bitmap, is
+a grandchild and not counted); each store's size is `du` of its directory.
 Rows: first backup, unchanged re-backup, 1%-changed re-backup, restore into a new file
 (stork's flushed with fsync, as its restore job does; restic and borg leave theirs in the page
 cache); a start-up row (stork's imports alone, which every stork row pays); for stork also a

@@ -319,10 +319,11 @@ def back_up(image: qemu.Image, fmt: str, writer: SnapshotWriter, base: BaseRef |
 
 class _Writeback:
     """Starts writing a restored file back to disk while the restore goes on: an fdatasync in
-    a thread of its own every WRITEBACK_EVERY bytes written, so the disk works while chunks are
-    decompressed and the caller's final fsync (the durability promise) finds little left. The
-    kernel would start only at its dirty threshold, a share of RAM, or after 30 s. A volume
-    written through qemu-nbd is flushed by its NBD flush at the end instead."""
+    a thread of its own, one at a time, at most every WRITEBACK_EVERY bytes written, so the
+    disk works while chunks are decompressed and the caller's final fsync (the durability
+    promise) finds little left. The kernel would start only at its dirty threshold, a share of
+    RAM, or after 30 s. A volume written through qemu-nbd is flushed by its NBD flush at the
+    end instead."""
 
     def __init__(self, client: RawFile | nbd.Client) -> None:
         self.fd = client.fd if isinstance(client, RawFile) else None
@@ -432,6 +433,7 @@ def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool
             if entry is None and base is None:
                 if not reads_zero:
                     client.write(start, zero[:length])
+                    writeback.wrote(length)
                 done += length
                 continue
             flying.append((start, length, pool.submit(writes, n, entry, length)))

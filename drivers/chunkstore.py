@@ -454,7 +454,11 @@ class ChunkStore:
 
     def _change_state(self, id: BackupId, **changes: Any) -> State:
         with self._vm_locked_for(id) as vm, self._dir_of(vm, id) as folder:
-            state = replace(self._state(folder, id, self._manifest(folder, id).sealed_state), **changes)
+            try:
+                sealed = self._manifest(folder, id).sealed_state
+            except (Corrupt, NotFound):  # damaged: still to be unprotected and forgotten
+                sealed = False
+            state = replace(self._state(folder, id, sealed), **changes)
             self._write_state(folder, id, state)
         return state
 
@@ -482,6 +486,7 @@ class ChunkStore:
             with self._dir_of(vm, parsed) as folder:
                 # unsealed read: a forged flag could only keep or let go what deleting the folder
                 # would anyway, and a snapshot whose manifest is damaged can still be forgotten
+                # (once unprotected: _change_state reads a damaged one's state unsealed too)
                 if self._state(folder, parsed, sealed=False).protected:
                     raise Refused(f"backup {parsed} is protected: unprotect it before forgetting it")
             discard(vm, parsed.time_text, parsed.time_text)
@@ -522,7 +527,7 @@ class ChunkStore:
             except (NotFound, Refused) as e:
                 yield Problem(digest, str(e), tuple(where))
         for key, index in indexes.items():
-            yield from _patch_problems(key, index, lengths)
+            yield from _length_problems(key, index, lengths)
 
     def _quarantine(self, digest: str) -> None:
         """Move a chunk whose data does not match its digest aside, as <digest>.bad: the next
@@ -646,16 +651,21 @@ class ChunkStore:
         return total, total - st.f_bfree * st.f_frsize, avail
 
 
-def _patch_problems(key: str, index: Index, lengths: dict[str, int]) -> Iterator[Problem]:
-    """A patch whose chunks, each sound, do not fit together (its base chunk not as long as its
-    place, or its own chunk not as long as its runs): restore would refuse it."""
+def _length_problems(key: str, index: Index, lengths: dict[str, int]) -> Iterator[Problem]:
+    """Chunks, each sound, that do not fit where the index puts them (a whole chunk or a patch's
+    base not as long as its place, a patch's own chunk not as long as its runs): restore would
+    refuse them."""
     for n, entry in enumerate(index.chunks):
-        if not isinstance(entry, Patch):
-            continue
         place = min(index.chunk_size, index.virtual_size - n * index.chunk_size)
-        for digest, expected in ((entry.base, place), (entry.own, entry.own_size)):
-            if digest is not None and digest in lengths and lengths[digest] != expected:
-                yield Problem(digest, f"chunk {digest}: {lengths[digest]} bytes where a patch needs {expected}",
+        if isinstance(entry, str):
+            expected: tuple[tuple[str | None, int], ...] = ((entry, place),)
+        elif isinstance(entry, Patch):
+            expected = ((entry.base, place), (entry.own, entry.own_size))
+        else:
+            continue
+        for digest, expected_length in expected:
+            if digest is not None and digest in lengths and lengths[digest] != expected_length:
+                yield Problem(digest, f"chunk {digest}: {lengths[digest]} bytes where {expected_length} belong",
                               ((key, n * index.chunk_size),))
 
 

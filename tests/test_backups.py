@@ -222,7 +222,7 @@ def test_backup_all_backs_up_every_guest_not_excluded_and_a_failing_one_stops_no
     assert {g: len(client.backups(vmid=g)) for g in others[:3]} == before  # the excluded: none
 
 
-def test_backups_of_different_guests_at_once_into_one_store_share_chunks_and_restore_equal(stork, client, vmid):
+def test_backups_of_different_guests_at_once_into_one_store_all_verify_and_restore_equal(stork, client, vmid):
     """Three guests holding the same MiB besides their own data, backed up by three jobs at
     once (the workers run four steps each): every backup succeeds and verifies, and each
     comes back equal."""

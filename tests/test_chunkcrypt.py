@@ -100,7 +100,8 @@ def test_a_tampered_or_copied_state_is_refused(tmp_path, key):
 
 def test_a_snapshot_made_before_states_were_sealed_is_read_as_it_is(tmp_path, key):
     """Its manifest (MACed) does not say its state is sealed: a state without a MAC, or none,
-    is read as it stands, so a store of earlier backups stays usable; a change seals it."""
+    is read as it stands, so a store of earlier backups stays usable (a change writes a MAC,
+    which for such a snapshot is not checked)."""
     store = backup_storage(secret_storage(tmp_path, key)).open()
     bid, _ = committed(store)
     folder = tmp_path / "vault" / bid

@@ -318,6 +318,16 @@ class TestSnapshots:
         assert store.snapshots() == []
         assert not [n for n in os.listdir(store.root / "vm" / "100") if n != ".lock"]
 
+    def test_a_protected_snapshot_with_a_damaged_manifest_can_be_unprotected_and_forgotten(self, store):
+        snapshot = back_up(store, 100, T0, {"scsi0": noise(CS)})
+        store.set_protected(str(snapshot.id), True)
+        (store.root / "vm" / "100" / snapshot.id.time_text / "manifest.json").write_text("{ damaged")
+        with pytest.raises(Refused, match="protected"):
+            store.forget(str(snapshot.id))
+        store.set_protected(str(snapshot.id), False)
+        store.forget(str(snapshot.id))
+        assert not [n for n in os.listdir(store.root / "vm" / "100") if n != ".lock"]
+
 
 class TestVerify:
     def test_an_intact_snapshot_verifies_ok_and_says_so_in_its_state(self, store):
@@ -583,4 +593,4 @@ def test_verify_names_a_patch_whose_chunks_do_not_fit_together(store):
         snap = writer.commit()
     result = store.verify(str(snap.id))
     assert not result.ok and [(p.digest, p.places) for p in result.problems] == [(patch, (("scsi0", 0),))]
-    assert "16 bytes where a patch needs 32" in result.problems[0].error
+    assert "16 bytes where 32 belong" in result.problems[0].error
