@@ -114,6 +114,15 @@ def backed_up(store: ChunkStore, drv: DirDriver, vol: VolName, vmid: int = 100, 
     return snap, index
 
 
+def comes_back_whole(drv: DirDriver, store: ChunkStore, index: Index, source: VolName) -> None:
+    """Restore `index` into a new raw volume, sparse, and compare it with `source`."""
+    whole = VolName(300, "vm-300-disk-0", "raw")
+    drv.allocate(whole, index.virtual_size)
+    with drv.image(whole, write=True) as image:
+        restore(store, index, image, reads_zero=True)
+    drv.compare(drv, source, whole)
+
+
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 @pytest.mark.parametrize("target_fmt", ["raw", "qcow2"])
 def test_a_disk_comes_back_equal_in_any_format_and_zero_chunks_are_neither_stored_nor_read(
@@ -167,11 +176,7 @@ def test_a_linked_clone_stores_only_its_own_clusters_and_comes_back_equal_whole_
     assert isinstance(index.chunks[2], str) and index.chunks[2] != base_index.chunks[2]
     assert 0 < snap.manifest.written <= 2 * (64 << 10) + MIB  # two clusters and a chunk, compressed or not
     assert store.verify(str(snap.id)).ok
-    whole = VolName(300, "vm-300-disk-0", "raw")
-    dir_storage.allocate(whole, 8 * MIB)
-    with dir_storage.image(whole, write=True) as image:
-        restore(store, index, image, reads_zero=True)
-    dir_storage.compare(dir_storage, clone, whole)
+    comes_back_whole(dir_storage, store, index, clone)
     beneath = tmp_path / "store" / ".chunks" / base_index.chunks[2][:4] / base_index.chunks[2]
     for vmid, gone, own in ((301, False, 768 << 10), (302, True, MIB)):
         relinked = VolName(vmid, f"vm-{vmid}-disk-0", "qcow2")
@@ -202,11 +207,7 @@ def test_a_linked_clone_grown_past_its_base_comes_back_equal(dir_storage, store,
     snap, index = backed_up(store, dir_storage, clone, vmid=101, base=ref, base_index=base_index)
     assert isinstance(index.chunks[6], str) and index.chunks[6] != base_index.chunks[6]
     assert store.verify(str(snap.id)).ok
-    whole = VolName(300, "vm-300-disk-0", "raw")
-    dir_storage.allocate(whole, 8 * MIB)
-    with dir_storage.image(whole, write=True) as image:
-        restore(store, index, image, reads_zero=True)
-    dir_storage.compare(dir_storage, clone, whole)
+    comes_back_whole(dir_storage, store, index, clone)
 
 
 def _image_files(tmp_path: Path) -> dict[str, qemu.Image]:
