@@ -129,8 +129,9 @@ def stork_child(action: str, store_dir: str, image: str, *rest: str) -> None:
     fmt = "qcow2" if image.endswith(".qcow2") else "raw"
     if action in ("backup", "bitmap-backup"):
         vmid, base = int(rest[0]), rest[1] if len(rest) > 1 else ""
-        found = backup.find_base(store, base, "bench") if base else None
-        previous = backup.find_base(store, image, "bench") if action == "bitmap-backup" else None
+        known = store.snapshots()
+        found = backup.find_base(store, known, base, "bench") if base else None
+        previous = backup.find_base(store, known, image, "bench") if action == "bitmap-backup" else None
         fd = os.open(image, os.O_RDWR)
         backing = qemu.Image.of_fd("raw", os.open(base, os.O_RDONLY), base) if base else None
         disk = qemu.Image.of_fd(fmt, fd, image, backing)

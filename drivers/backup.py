@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from drivers import nbd, qemu
-from drivers.backuprecords import BaseRef, Entry, Index, Patch, entry_digests
+from drivers.backuprecords import BaseRef, Entry, Index, Patch, Snapshot, entry_digests
 from drivers.chunkstore import ChunkStore, SnapshotWriter
 from drivers.errors import Corrupt, NotFound
 
@@ -137,14 +137,16 @@ def _writing(image: qemu.Image) -> Iterator[RawFile | nbd.Client]:
             yield client
 
 
-def chunk_plan(extents: list[nbd.Extent], size: int, chunk: int) -> list[str]:
+def chunk_plan(extents: list[nbd.Extent], size: int, chunk: int, own: list[Runs] | None = None) -> list[str]:
     """What to do with each chunk: "zero" (known zeros only), "base" (nothing of the image's
     own: read through its base), "patch" (some of the image's own beside its base's data:
     decide() stores the own runs alone, if they are few enough), or "read". A pure
     function of the map, which must cover the image from 0 without a gap (qemu-img's does);
-    an area qemu does not know to be zero (`"data": false, "zero": false`) is read."""
+    an area qemu does not know to be zero (`"data": false, "zero": false`) is read. `own` is
+    own_runs() of the same map, where the caller has it already."""
     plan = []
-    for here, runs in zip(_per_chunk(extents, size, chunk), own_runs(extents, size, chunk), strict=True):
+    own = own if own is not None else own_runs(extents, size, chunk)
+    for here, runs in zip(_per_chunk(extents, size, chunk), own, strict=True):
         if all(e.zero for e in here):
             plan.append("zero")
         elif not runs:
@@ -174,12 +176,9 @@ def _runs_where(extents: list[nbd.Extent], size: int, chunk: int, pick: Callable
     """Per chunk, the areas of the extents `pick` accepts, adjacent ones merged. Pure."""
     found = []
     for (start, length), here in zip(_spans(size, chunk), _per_chunk(extents, size, chunk), strict=True):
-        runs: list[tuple[int, int]] = []
-        for e in here:
-            if pick(e):
-                runs = _merged(runs, [(max(e.start, start) - start, min(e.start + e.length, start + length)
-                                       - max(e.start, start))])
-        found.append(tuple(runs))
+        picked = [(max(e.start, start) - start, min(e.start + e.length, start + length) - max(e.start, start))
+                  for e in here if pick(e)]
+        found.append(tuple(_merged([], picked)))
     return found
 
 
@@ -215,10 +214,11 @@ def _per_chunk(extents: list[nbd.Extent], size: int, chunk: int) -> Iterator[lis
         yield [e for e in pending if e.start < end and e.start + e.length > start]
 
 
-def find_base(store: ChunkStore, volid: str, identity: str) -> tuple[BaseRef, Index] | None:
-    """The newest backed-up disk read from this very volume (its id and identity token both
-    match: a base freed and made again under its name is another volume), with its index."""
-    for snap in sorted(store.snapshots(), key=lambda s: s.id.time_text, reverse=True):
+def find_base(store: ChunkStore, snapshots: list[Snapshot], volid: str, identity: str) -> tuple[BaseRef, Index] | None:
+    """The newest of the store's `snapshots` (listed once by the caller: listing reads every
+    manifest) holding a disk read from this very volume (its id and identity token both match:
+    a base freed and made again under its name is another volume), with that disk's index."""
+    for snap in sorted(snapshots, key=lambda s: s.id.time_text, reverse=True):
         for key, disk in snap.manifest.disks.items():
             if disk.source == volid and disk.identity == identity:
                 index = store.index(str(snap.id), key)
@@ -288,8 +288,9 @@ def back_up(image: qemu.Image, fmt: str, writer: SnapshotWriter, base: BaseRef |
     chunk = writer.store.chunk_size
     mapped = nbd.extents(image)
     size = max((e.start + e.length for e in mapped), default=0)
-    plan = chunk_plan(mapped, size, chunk)
-    actions = decide(plan, own_runs(mapped, size, chunk), base_index, previous,
+    own = own_runs(mapped, size, chunk)
+    plan = chunk_plan(mapped, size, chunk, own)
+    actions = decide(plan, own, base_index, previous,
                      dirty_runs(dirty, size, chunk) if dirty is not None else None, chunk, size)
     entries: list[Entry] = [None] * len(plan)
     with _reading(image, mapped) as client, ThreadPoolExecutor(THREADS) as pool:
@@ -364,7 +365,8 @@ def _put_patch(writer: SnapshotWriter, under: str | None, runs: Runs, own: bytes
 
 def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool,
             progress: Progress | None = None, base: Index | None = None) -> None:
-    """Write the index's data into `image` (as big as the index says), flushed at the end.
+    """Write the index's data into `image` (as big as the index says), flushed at the end
+    through qemu-nbd (a raw file is flushed by its caller, the driver's image()).
     With `base`, the image is a linked clone of the volume that index was read from: only
     what differs from it is written, zeros too (the clone reads the base elsewhere): a patch
     over the base's very chunk writes its runs alone, any other chunk the clusters that
@@ -374,6 +376,13 @@ def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool
     if base is not None and (base.chunk_size, base.virtual_size) != (index.chunk_size, index.virtual_size):
         raise nbd.NbdError(f"{image.label}: the base's backup has another size or chunk size")
 
+    def own_of(patch: Patch) -> bytes:
+        """A patch's own bytes, read back and checked against its runs."""
+        own = store.read_chunk(patch.own) if patch.own else bytes(patch.own_size)
+        if len(own) != patch.own_size:
+            raise Corrupt(f"{image.label}: a patch of {patch.own_size} bytes names a chunk of {len(own)}")
+        return own
+
     def data_of(entry: Entry, length: int) -> bytes:
         """An entry's chunk data, read back and checked; a patch laid over its base chunk."""
         if entry is None:
@@ -381,13 +390,12 @@ def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool
         if isinstance(entry, str):
             data = store.read_chunk(entry)
         else:
-            own = store.read_chunk(entry.own) if entry.own else bytes(entry.own_size)
             try:
-                data = entry.apply(data_of(entry.base, length), own)
+                data = entry.apply(data_of(entry.base, length), own_of(entry))
             except ValueError as e:
                 raise Corrupt(f"{image.label}: a patch over chunk {entry.base or 'zero'}: {e}") from None
-        if len(data) != length:
-            raise nbd.NbdError(f"{image.label}: a chunk of {len(data)} bytes where {length} belong")
+        if len(data) != length:  # damage, as verify calls it: a relinked restore writes around it
+            raise Corrupt(f"{image.label}: a chunk of {len(data)} bytes where {length} belong")
         return data
 
     def writes(n: int, entry: Entry, length: int) -> list[tuple[int, bytes]]:
@@ -396,9 +404,7 @@ def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool
             return [(0, data_of(entry, length))]
         under = base.chunks[n]
         if isinstance(entry, Patch) and entry.base == under:  # only the runs: the base is beneath
-            own = store.read_chunk(entry.own) if entry.own else bytes(entry.own_size)
-            if len(own) != entry.own_size:
-                raise Corrupt(f"{image.label}: a patch of {entry.own_size} bytes names a chunk of {len(own)}")
+            own = own_of(entry)
             starts = accumulate((k for _, k in entry.runs), initial=0)
             return [(at, own[s:s + k]) for (at, k), s in zip(entry.runs, starts, strict=False)]
         data = data_of(entry, length)

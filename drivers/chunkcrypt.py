@@ -19,7 +19,6 @@ garbage restored.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from drivers.chunkcodec import CHUNK, KIND_AES_GCM, MAGIC, PlainCodec
+from drivers.chunkfiles import write_all
 from drivers.errors import AlreadyExists, ConfigError, Corrupt
 
 KEY_BYTES = 32
@@ -50,16 +50,15 @@ def create_key(path: Path) -> str:
     except FileExistsError:
         raise AlreadyExists(f"{path} exists: a key file is never overwritten (its backups would be lost)") from None
     try:
-        os.write(fd, text.encode())
+        write_all(fd, text.encode())
         os.fsync(fd)
     finally:
         os.close(fd)
-    with contextlib.suppress(OSError):  # durable before anyone is told it exists
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:  # durable before anyone is told it exists: without it, every backup sealed with it is lost
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
     return EncryptedCodec(key).fingerprint
 
 

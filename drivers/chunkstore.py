@@ -2,9 +2,10 @@
 
 A disk is cut into fixed-size chunks; each chunk is stored once, named by the digest of its
 data, and a snapshot's index lists the digests in order (None for an all-zero chunk, which is
-never stored; for a linked clone, a patch: the clone's own runs, stored as one chunk, over
-its base's chunk). Layout below the root, the administrator's configured directory and the only
-path ever followed; everything below it is opened with openat(2) and O_NOFOLLOW:
+never stored; or a patch: a linked clone's own runs, or what an incremental backup found
+written, stored as one chunk over an earlier backup's chunk). Layout below the root, the
+administrator's configured directory and the only path ever followed; everything below it
+is opened with openat(2) and O_NOFOLLOW:
 
     .chunks/<4 hex>/<64 hex>        a chunk file: b"STKC", a kind byte (0 raw, 1 zstd, 2 kept
                                     for AES-GCM), then the payload (see drivers.chunkcodec)

@@ -148,7 +148,8 @@ class SnapshotWriter:
         with self._lock:
             prefixes, written = set(self._prefixes), self._written
         self.store._flush_chunk_folders(prefixes)
-        self.store._write_state(self._folder, self.id, State(notes=self.notes))
+        if self.notes or self.store.seals_records:  # else no state.json: read as the default
+            self.store._write_state(self._folder, self.id, State(notes=self.notes))
         manifest = Manifest(dict(self._files), dict(self._disks), sum(d.virtual_size for d in self._disks.values()),
                             written, format_time(datetime.fromtimestamp(self.started, UTC)), now_text(),
                             sealed_state=self.store.seals_records)

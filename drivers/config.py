@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from drivers import BACKUP_STORAGES, STORAGE_TYPES, names
+from drivers import BACKUP_STORAGES, STORAGE_TYPES, names, retention
 from drivers.errors import ConfigError, InvalidName, NotFound
 from drivers.safedir import kind_of
 from drivers.storage import Option, StorageConfig, is_path_text
@@ -140,15 +140,17 @@ def _str_list(v: Any) -> bool:
     return isinstance(v, list) and all(_str(x) for x in v)
 
 
-def _node_names(v: Any) -> bool:
-    def is_node(x: Any) -> bool:
-        try:
-            names.node(x)
-            return True
-        except InvalidName:
-            return False
+def _named(check: Callable[[Any], object], v: Any) -> bool:
+    """Whether a names.* check takes `v` (it raises InvalidName where it does not)."""
+    try:
+        check(v)
+        return True
+    except InvalidName:
+        return False
 
-    return isinstance(v, list) and bool(v) and all(is_node(x) for x in v) and len(set(v)) == len(v)
+
+def _node_names(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(_named(names.node, x) for x in v) and len(set(v)) == len(v)
 
 
 REDIS_URL = "a redis://, rediss:// or unix:// URL (port 1-65535, database a number, unix:// with a path)"
@@ -173,9 +175,11 @@ SCHEMA: dict[str, dict[str, Check]] = {
     },
 }
 SECRET_KEYS = ("flower.basic_auth",)  # never echoed in an error
-# The keys every storage has; its driver's own (Driver.OPTIONS) come on top.
+
+
 def _guest_list(v: Any) -> bool:
-    return isinstance(v, list) and all(_int(x) and 100 <= x <= 999_999_999 for x in v) and len(set(v)) == len(v)
+    return isinstance(v, list) and all(_int(x) and names.VMID_MIN <= x <= names.VMID_MAX for x in v) and \
+        len(set(v)) == len(v)
 
 
 # A backup schedule (run by Celery beat, worker/schedules.py); `schedule` is a crontab line of
@@ -184,21 +188,14 @@ SCHEDULE_SCHEMA: dict[str, Check] = {
     "schedule": (lambda v: _str(v) and len(v.split()) == 5, 'a crontab line of five fields, e.g. "0 2 * * *"'),
     "guests": (lambda v: v == "all" or (_guest_list(v) and bool(v)), '"all" or a non-empty list of guest ids'),
     "exclude": (_guest_list, "a list of guest ids"),
-    "storage": (lambda v: _str(v) and _storage_id_ok(v), "a storage id"),
+    "storage": (lambda v: _str(v) and _named(names.storage_id, v), "a storage id"),
     "enabled": (lambda v: isinstance(v, bool), "true or false"),
     **{f"keep-{period}": (_int_in(0, 1_000_000), "a whole number from 0")
-       for period in ("last", "hourly", "daily", "weekly", "monthly", "yearly")},
+       for period in retention.OPTIONS},
 }
 
 
-def _storage_id_ok(v: str) -> bool:
-    try:
-        names.storage_id(v)
-        return True
-    except InvalidName:
-        return False
-
-
+# The keys every storage has; its driver's own (Driver.OPTIONS) come on top.
 STORAGE_SCHEMA: dict[str, Check] = {
     "type": (lambda v: isinstance(v, str) and v in _drivers(), ""),  # message: _check_storage
     "content": (
@@ -281,7 +278,7 @@ def _check_storage(file: Path, sid: str, entry: Any) -> None:
 
 
 def _check_schedule(file: Path, name: str, entry: Any) -> None:
-    if not _storage_id_ok(name):
+    if not _named(names.storage_id, name):
         raise ConfigError(f"{file}: [schedule.{name}]: invalid schedule name (a lower-case letter, then a-z 0-9 _ -)")
     _check_table(file, f"schedule.{name}", entry, SCHEDULE_SCHEMA)
     for key in ("schedule", "guests"):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from drivers import names
+from drivers import names, retention
 from drivers.errors import StorkError
 from worker import logs
 
@@ -331,7 +331,7 @@ def cmd_verify(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_prune(args: argparse.Namespace, client: Client) -> int:
-    keep = {f"keep-{period}": n for period in KEEP_PERIODS if (n := getattr(args, f"keep_{period}")) is not None}
+    keep = {f"keep-{period}": n for period in retention.OPTIONS if (n := getattr(args, f"keep_{period}")) is not None}
     if not args.dry_run or args.json or args.no_wait:
         return submit_and_wait(args, client, "prune", storage=args.storage, vmid=args.vmid, keep=keep,
                                dry_run=args.dry_run)
@@ -343,7 +343,6 @@ def cmd_prune(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
-KEEP_PERIODS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
 def cmd_schedule_list(args: argparse.Namespace, client: Client) -> int:
@@ -520,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "prune", cmd_prune, "forget the backups a retention does not keep", True)
     p.add_argument("vmid", nargs="?")
     p.add_argument("--storage")
-    for period in KEEP_PERIODS:
+    for period in retention.OPTIONS:
         p.add_argument(f"--keep-{period}", type=int, metavar="N")
     p.add_argument("--dry-run", action="store_true", help="print what would be kept and removed, and why")
     command(sub, "gc", _submitter("gc"), "remove chunks no backup refers to", True).add_argument("--storage")

@@ -320,11 +320,7 @@ def test_gc_while_a_backup_runs_keeps_what_it_will_name_and_the_backup_restores_
     go_on.set()
     backup.join(30)
     assert removed.chunks_removed >= 2  # the forgotten backup's random chunks
-    dst = VolName(200, "vm-200-disk-0", "raw")
-    dir_storage.allocate(dst, 8 * MIB)
-    with dir_storage.image(dst, write=True) as image:
-        restore(store, result["index"], image, reads_zero=True)  # type: ignore[arg-type]
-    dir_storage.compare(dir_storage, src, dst)
+    comes_back_whole(dir_storage, store, result["index"], src)  # type: ignore[arg-type]
     assert store.verify(str(result["snap"].id)).ok  # type: ignore[attr-defined]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BASE, NO_BTRFS, NO_CEPH, NO_XFS, NO_ZFS
-from tests.helpers import PATTERN_MIB, crash, fill, orphans, qemu_io_write, qemu_same, tmpfs, volume_path
+from tests.helpers import PATTERN_MIB, crash, fill, orphans, qemu_io_write, qemu_same, snapshot, tmpfs, volume_path
 from worker.backups import bitmap_name, incremental_refusal
 from worker.testing import wait_for
 
@@ -191,11 +191,11 @@ def test_refusals_are_one_line_and_change_nothing(stork, client, vmid, locked, w
     g = vmid()
     guest_with_data(stork, g)
     backup = backed_up(stork, g)["backup"]
-    listed = stork("--json", "backup", "list")[1]
+    listed, before = stork("--json", "backup", "list")[1], snapshot()
     values = {"g": g, "new": vmid(), "backup": backup, "locked": locked}
     code, _, err = stork(*args.format(**values).split())
     assert code in (1, 2) and message.format(**values) in err and err.count("\n") == 1, err
-    assert stork("--json", "backup", "list")[1] == listed
+    assert stork("--json", "backup", "list")[1] == listed and snapshot() == before
     assert client.guest(locked).lock == "destroy"
 
 

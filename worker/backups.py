@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 from drivers import backup_storage, faults, guests, nbd, qemu, retention
 from drivers.backup import back_up, find_base, restore
-from drivers.backuprecords import BaseRef, Index, format_time, parse_time
+from drivers.backuprecords import BaseRef, Index, Snapshot, format_time, parse_time
 from drivers.base import Driver
 from drivers.chunkstore import ChunkStore
 from drivers.errors import Corrupt, NotFound, Refused, StorkError
@@ -45,15 +45,18 @@ def backup_guest(ctx: StepContext) -> None:
     disks = {key: (volid, *ctx.volume(volid)) for key, volid in ctx.params["volumes"].items()}
     total = sum(drv.virtual_size(vol) for _, drv, vol in disks.values())
     before = 0
+    known = store.snapshots()  # once: each listing reads every manifest in the store
     if "time" not in ctx.data:  # kept: a redelivered step writes the same snapshot
-        ctx.data["time"] = format_time(_backup_time(store, vmid))
+        ctx.data["time"] = format_time(_backup_time(known, vmid))
         ctx.save()
     with store.begin(vmid, parse_time(ctx.data["time"]), ctx.params.get("notes", "")) as writer:
         reads = {}
         for key, (volid, drv, vol) in disks.items():
             parent = drv.parent_of(vol)
-            found = find_base(store, drv.volid(parent), drv.identity(parent)) if parent else None
-            previous = find_base(store, volid, drv.identity(vol))  # this disk's newest backup here
+            found = find_base(store, known, drv.volid(parent), drv.identity(parent)) if parent else None
+            bitmapped = vol.fmt == "qcow2" and not vol.is_base  # only these have dirty bitmaps to read by
+            # this disk's newest backup here: what its bitmap's changes lie over
+            previous = find_base(store, known, volid, drv.identity(vol)) if bitmapped else None
             dirty, reads[key] = _changes_since(ctx, drv, vol, previous)
 
             def progress(done: int, _size: int, offset: int = before, what: str = f"{key}: {volid}") -> None:
@@ -76,11 +79,11 @@ def backup_guest(ctx: StepContext) -> None:
         ctx.set_result(warning="; ".join(warnings))
 
 
-def _backup_time(store: ChunkStore, vmid: int) -> datetime:
+def _backup_time(known: list[Snapshot], vmid: int) -> datetime:
     """Now, to the second; or a second after the guest's newest backup, if that is not older
     (two backups in one second would have one id; a guest's backups run one at a time)."""
     now = datetime.now(UTC).replace(microsecond=0)
-    newest = max((s.id.time for s in store.snapshots(vmid)), default=None)
+    newest = max((s.id.time for s in known if s.id.vmid == vmid), default=None)
     return max(now, newest + timedelta(seconds=1)) if newest else now
 
 
@@ -240,10 +243,13 @@ def _replace_guest(ctx: StepContext) -> None:
         if "replaced" not in ctx.data:
             ctx.data["replaced"] = dict(old.disks)
             ctx.save()
+        # decided by the config, not by the saved record: a step killed between the save and
+        # this write finds the guest still naming its old disks, which FREE_REPLACED would free
+        if old.disks != disks:
             name = ctx.params.get("name") or old.name
             # still locked: FREE_REPLACED unlocks it once the old disks are freed
             box[0] = old.with_(disks=disks, template=ctx.params["template"], name=name,
-                               unused=(*old.unused, *old.disks.values()))
+                               unused=(*old.unused, *ctx.data["replaced"].values()))
     ctx.set_result(vmid=vmid, disks=disks, template=ctx.params["template"],
                    replaced=ctx.data.get("replaced", {}))
 
@@ -304,13 +310,10 @@ def prune_backups(ctx: StepContext) -> None:
     """Apply the retention to each guest's backups (one guest's, if named): forget what it
     does not keep, or only say so on a dry run."""
     store, keep = _store(ctx), Keep(**ctx.params["keep"])
-    vmid = ctx.params.get("vmid")
-    vmids = [vmid] if vmid is not None else sorted({s.id.vmid for s in store.snapshots()})
-    decisions = []
-    for guest in vmids:
-        candidates = [Candidate(str(s.id), parse_time(s.id.time_text), s.state.protected)
-                      for s in store.snapshots(guest)]
-        decisions += retention.plan(candidates, keep)
+    by_guest: dict[int, list[Candidate]] = {}
+    for s in store.snapshots(ctx.params.get("vmid")):  # listed once: each listing reads every manifest
+        by_guest.setdefault(s.id.vmid, []).append(Candidate(str(s.id), parse_time(s.id.time_text), s.state.protected))
+    decisions = [d for guest in sorted(by_guest) for d in retention.plan(by_guest[guest], keep)]
     removed = [d.id for d in decisions if not d.keep]
     if not ctx.params["dry_run"]:
         for bid in removed:
