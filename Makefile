@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 run: $(STAMP)
-	$(PY) -m worker.launch
+	$(PY) -m worker.run.launch
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

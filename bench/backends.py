@@ -5,7 +5,7 @@ the same work on the same data in the same run.
 
 It makes three filesystems on loop devices backed by sparse files in a temporary directory:
 btrfs (a btrfs storage), XFS with reflink=1 and ext4 (each a dir storage; ext4 cannot share
-extents); a zfs-fuse pool on a sparse file (a zfs storage; tests/backends.py starts the zfs-fuse
+extents); a zfs-fuse pool on a sparse file (a zfs storage; tests/storages.py starts the zfs-fuse
 daemon if none answers) and a one-node Ceph cluster whose memstore OSD holds its data in RAM,
 1 GiB at most (an rbd storage on its pool; tests/ceph.py). Whatever happens, also on Ctrl-C,
 SIGTERM or a failure, it destroys the pool (and stops the daemon if it started it), stops the
@@ -58,14 +58,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from drivers import driver_for
-from drivers.base import Driver
-from drivers.btrfs import IMAGE, BtrfsDriver
+from drivers.backends.base import Driver
+from drivers.backends.btrfs import IMAGE, BtrfsDriver
+from drivers.backends.rbd import RbdDriver
+from drivers.backends.zfs import SNAPSHOT, ZfsDriver
 from drivers.names import VolName, flat_name
-from drivers.rbd import RbdDriver
 from drivers.storage import StorageConfig
-from drivers.zfs import SNAPSHOT, ZfsDriver
 from tests import ceph
-from tests.backends import ZfsPool, zfs_pool
+from tests.storages import ZfsPool, zfs_pool
 
 MIB, GIB = 1 << 20, 1 << 30
 FS_SIZE = 8 * GIB  # sparse: only what is written takes space

@@ -117,9 +117,10 @@ def stork_child(action: str, store_dir: str, image: str, *rest: str) -> None:
     """One stork row: `backup IMAGE VMID [BASE]`, `bitmap-backup IMAGE VMID` (a qcow2 image
     read through its dirty bitmap, as the backup job does), `restore OUT VMID`, or `start-up`
     (the imports alone: what every row pays before its work, and a worker pays once)."""
-    from drivers import backup, nbd, qemu
-    from drivers.chunkcrypt import EncryptedCodec, load_key
-    from drivers.chunkstore import ChunkStore
+    from drivers import nbd, qemu
+    from drivers.backup import datapath
+    from drivers.backup.crypt import EncryptedCodec, load_key
+    from drivers.backup.store import ChunkStore
 
     if action == "start-up":
         return
@@ -130,8 +131,8 @@ def stork_child(action: str, store_dir: str, image: str, *rest: str) -> None:
     if action in ("backup", "bitmap-backup"):
         vmid, base = int(rest[0]), rest[1] if len(rest) > 1 else ""
         known = store.snapshots()
-        found = backup.find_base(store, known, base, "bench") if base else None
-        previous = backup.find_base(store, known, image, "bench") if action == "bitmap-backup" else None
+        found = datapath.find_base(store, known, base, "bench") if base else None
+        previous = datapath.find_base(store, known, image, "bench") if action == "bitmap-backup" else None
         fd = os.open(image, os.O_RDWR)
         backing = qemu.Image.of_fd("raw", os.open(base, os.O_RDONLY), base) if base else None
         disk = qemu.Image.of_fd(fmt, fd, image, backing)
@@ -142,7 +143,7 @@ def stork_child(action: str, store_dir: str, image: str, *rest: str) -> None:
                 qemu.remove_bitmap(disk, "bench")
             qemu.add_bitmap(disk, "bench")  # before the read: every later write is in it
         with store.begin(vmid) as writer:
-            index = backup.back_up(disk, fmt, writer, *(found or (None, None)),
+            index = datapath.back_up(disk, fmt, writer, *(found or (None, None)),
                                    previous=previous[1] if previous and dirty else None, dirty=dirty)
             writer.add_index("scsi0", index, source=image, identity="bench")
             writer.commit()
@@ -152,7 +153,7 @@ def stork_child(action: str, store_dir: str, image: str, *rest: str) -> None:
         with open(image, "wb") as f:
             f.truncate(index.virtual_size)
         fd = os.open(image, os.O_RDWR)
-        backup.restore(store, index, qemu.Image.of_fd("raw", fd, image), reads_zero=True)
+        datapath.restore(store, index, qemu.Image.of_fd("raw", fd, image), reads_zero=True)
         os.fsync(fd)  # as the restore job does; restic and borg do not
 
 
@@ -178,7 +179,7 @@ def stork_rows(work: Path, image: Path, changed: Path) -> list[Row]:
 
 def encrypted_rows(work: Path, image: Path) -> list[Row]:
     """A first backup and a restore into an encrypted store (AES-256-GCM, HMAC names)."""
-    from drivers.chunkcrypt import create_key
+    from drivers.backup.crypt import create_key
 
     store = work / "stork-encrypted"
     store.mkdir()

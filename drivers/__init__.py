@@ -1,19 +1,26 @@
-"""Storage backends. `driver_for(storage)` picks an image storage's driver from an explicit
-registry; `backup_storage(storage)` a backup storage's; `STORAGE_TYPES` is every type the
-config knows, each with its OPTIONS, CONTENT, always_shared and place()."""
+"""What stork knows of storage; pure Python and each backend's tools, no Celery, no Redis.
+
+Three things: the cluster model and the I/O helpers every wing uses (this folder's modules),
+`backends/` (one module per storage type behind the `Driver` interface) and `backup/` (the
+chunk store and the data path into it). Nothing here imports `worker` or `producer`, and
+`backends/` and `backup/` meet only through the `Driver` interface.
+
+The registry: `driver_for(storage)` picks an image storage's driver, `backup_storage(storage)`
+a backup storage's; `STORAGE_TYPES` is every type the config knows, each with its OPTIONS,
+CONTENT, always_shared and place()."""
 
 from __future__ import annotations
 
-from drivers.backupstorage import ChunkStoreStorage
-from drivers.base import Driver
-from drivers.btrfs import BtrfsDriver
-from drivers.dir import DirDriver
+from drivers.backends.base import Driver
+from drivers.backends.btrfs import BtrfsDriver
+from drivers.backends.dir import DirDriver
+from drivers.backends.lvm import LvmDriver
+from drivers.backends.lvmthin import LvmThinDriver
+from drivers.backends.rbd import RbdDriver
+from drivers.backends.zfs import ZfsDriver
+from drivers.backup.storage import ChunkStoreStorage
 from drivers.errors import Refused
-from drivers.lvm import LvmDriver
-from drivers.lvmthin import LvmThinDriver
-from drivers.rbd import RbdDriver
 from drivers.storage import StorageConfig
-from drivers.zfs import ZfsDriver
 
 DRIVERS: dict[str, type[Driver]] = {
     "dir": DirDriver,

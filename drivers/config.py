@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from drivers import BACKUP_STORAGES, STORAGE_TYPES, names, retention
+from drivers import BACKUP_STORAGES, STORAGE_TYPES, names
+from drivers.backup import retention
 from drivers.errors import ConfigError, InvalidName, NotFound
 from drivers.safedir import kind_of
 from drivers.storage import Option, StorageConfig, is_path_text
@@ -29,7 +30,7 @@ from drivers.storage import Option, StorageConfig, is_path_text
 DEFAULT_PATH = "stork.toml"
 
 DEFAULT_CONFIG = """\
-# stork cluster config; see README.md "Configuration".
+# stork cluster config; see docs/configuration.md.
 [redis]
 url = "redis://127.0.0.1:6379/0"
 
@@ -63,7 +64,7 @@ class Config:
     flower_address: str = "127.0.0.1"
     flower_port: int = 5555
     flower_basic_auth: str = field(default="", repr=False)
-    # [schedule.<name>] tables as checked here; their crontab is parsed by worker/schedules.py
+    # [schedule.<name>] tables as checked here; their crontab is parsed by worker/jobs/schedules.py
     schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def known_nodes(self) -> list[str]:
@@ -182,7 +183,7 @@ def _guest_list(v: Any) -> bool:
         len(set(v)) == len(v)
 
 
-# A backup schedule (run by Celery beat, worker/schedules.py); `schedule` is a crontab line of
+# A backup schedule (run by Celery beat, worker/jobs/schedules.py); `schedule` is a crontab line of
 # five fields (minute hour day-of-month month day-of-week), parsed by Celery's crontab.
 SCHEDULE_SCHEMA: dict[str, Check] = {
     "schedule": (lambda v: _str(v) and len(v.split()) == 5, 'a crontab line of five fields, e.g. "0 2 * * *"'),

@@ -2,7 +2,7 @@
 
 A volume is not always a file (an RBD image, an LV), and a qcow2 file's bytes are not the
 guest's data; qemu reads every kind the same way. So a backup reads, and a restore writes,
-what drivers/backup.py cannot reach as plain files (raw, plain qcow2) through `qemu-nbd`
+what drivers/backup/datapath.py cannot reach as plain files (raw, plain qcow2) through `qemu-nbd`
 serving the volume's `qemu.Image` on a unix socket in a private temp directory (the image's
 descriptors passed along, as qemu-img gets them). The client speaks
 the fixed-newstyle handshake with NBD_OPT_GO and simple replies, nothing more

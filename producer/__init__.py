@@ -1,1 +1,2 @@
-"""The user side of stork: the `stork` CLI and the Python client."""
+"""The user side of stork: the `stork` CLI, the Python client, text views. It imports worker
+(the job protocol: kinds, records) and drivers; nothing imports it."""

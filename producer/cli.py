@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from drivers import names, retention
+from drivers import names
+from drivers.backup import retention
 from drivers.errors import StorkError
 from worker import logs
 
@@ -314,7 +315,7 @@ def cmd_backup_forget(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_backup_key(args: argparse.Namespace, client: Client) -> int:
-    from drivers.chunkcrypt import create_key
+    from drivers.backup.crypt import create_key
 
     path = Path(args.file).absolute()
     fingerprint = create_key(path)

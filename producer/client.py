@@ -22,15 +22,16 @@ import redis
 
 from drivers import BACKUP_STORAGES, backup_storage, driver_for, names, status_of
 from drivers import config as config_module
-from drivers.backuprecords import Snapshot
-from drivers.base import VolumeInfo
+from drivers.backends.base import VolumeInfo
+from drivers.backup.records import Snapshot
 from drivers.config import Config, StorageConfig
 from drivers.errors import NotFound, Refused, StorkError
 from drivers.guests import Guest, GuestStore
-from worker import deadletter, events, records, runner, schedules, usage
+from worker import deadletter, events, records, runner
 from worker.app import make_app
-from worker.jobs import KINDS
-from worker.prepare_backups import backup_storage_id, find_backup
+from worker.jobs import schedules, usage
+from worker.jobs.kinds import KINDS
+from worker.jobs.prepare_backups import backup_storage_id, find_backup
 from worker.records import JobRecord, JobState
 
 EventHook = Callable[[dict[str, Any]], None]

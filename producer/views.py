@@ -8,8 +8,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from drivers.backuprecords import Snapshot
-from drivers.base import VolumeInfo
+from drivers.backends.base import VolumeInfo
+from drivers.backup.records import Snapshot
 from drivers.config import StorageConfig
 from drivers.guests import Guest
 from producer.client import job_guests

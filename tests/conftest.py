@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from drivers.chunkcrypt import create_key
-from tests import backends, ceph
+from drivers.backup.crypt import create_key
+from tests import ceph, storages
 from worker import testing
 from worker.testing import free_port
 
@@ -30,11 +30,11 @@ CONFIG = BASE / "stork.toml"
 # which their tests skip; detached in pytest_sessionfinish. Storage `bt` is a btrfs storage;
 # `xfs` a dir storage on an XFS with reflinks; `zfs` a pool in zfs-fuse; `ceph` an RBD
 # pool of a one-node Ceph cluster (tests/ceph.py).
-BTRFS = backends.make("btrfs", BASE)
+BTRFS = storages.make("btrfs", BASE)
 NO_BTRFS = BTRFS if isinstance(BTRFS, str) else ""
-XFS = backends.make("xfs", BASE, size_mib=512)
+XFS = storages.make("xfs", BASE, size_mib=512)
 NO_XFS = XFS if isinstance(XFS, str) else ""
-ZFS = backends.zfs_pool(BASE)
+ZFS = storages.zfs_pool(BASE)
 NO_ZFS = ZFS if isinstance(ZFS, str) else ""
 CEPH = ceph.qemu_unavailable() or ceph.start(BASE)  # the rbd tests copy through qemu-img's rbd driver
 NO_CEPH = CEPH if isinstance(CEPH, str) else ""
@@ -187,7 +187,7 @@ def files_under(path: Path) -> list[str]:
 
 def pytest_sessionfinish(session, exitstatus):
     for fs in (BTRFS, XFS, ZFS, CEPH):
-        if isinstance(fs, backends.LoopFs | backends.ZfsPool | ceph.CephCluster):
+        if isinstance(fs, storages.LoopFs | storages.ZfsPool | ceph.CephCluster):
             fs.close()  # unmounted and detached before the directory holding it goes
     for mount in ("small", "tiny"):
         subprocess.run(["umount", str(BASE / mount)], capture_output=True, check=False)

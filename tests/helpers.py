@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from drivers import qemu
-from drivers.base import Driver
+from drivers.backends.base import Driver
 from drivers.names import VolName
 from tests.conftest import BASE, files_under, storage_path
 

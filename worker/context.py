@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import structlog
@@ -14,13 +14,16 @@ from celery import Task
 from kombu.exceptions import OperationalError
 
 from drivers import driver_for
-from drivers.base import Driver
+from drivers.backends.base import Driver
 from drivers.config import Config
 from drivers.errors import JobCancelled, Refused
 from drivers.guests import GuestStore
 from drivers.names import VolName, volume_id
 from worker import events, locks, records
 from worker.records import JobRecord
+
+if TYPE_CHECKING:
+    from worker.jobs.kinds import JobKind
 
 PROGRESS_INTERVAL = 0.5  # seconds between progress events
 log = structlog.get_logger("stork.context")
@@ -34,6 +37,7 @@ class StepContext:
     node: str  # the node this step runs on
     step: str
     worker: str  # host:pid of the process running the step
+    kinds: Mapping[str, JobKind]  # the catalogue, from the runner: a step reads another job's kind here
     attempt: int = 1
     task: Task | None = None
     _leases: dict[str, locks.Lease] = field(default_factory=dict, repr=False)

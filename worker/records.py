@@ -10,7 +10,7 @@ Redis keys used by stork (all of them; keep this list true):
     stork:jobs                sorted set of all job ids, scored by creation time
     stork:jobs:active         set of job ids not yet succeeded, failed or cancelled
     stork:claims:<storage>    hash volname -> job id: names a job is making, claimed before they
-                              are created and until the job ends (worker/usage.py)
+                              are created and until the job ends (worker/jobs/usage.py)
     stork:lock:<name>         lease of a shared-storage lock (redis-py Lock; value: its holder's token)
     stork:lock:<name>:fence   counter handing out fencing tokens: the latest one granted (worker/locks.py)
     stork:alive:<holder>      a worker process's heartbeat (worker/liveness.py), expiring; value: the
@@ -265,3 +265,31 @@ def active_ids(r: redis.Redis) -> list[str]:
 
 def recent_ids(r: redis.Redis, limit: int = 50) -> list[str]:
     return list(reversed(r.zrange(JOBS, -limit, -1)))
+
+
+def task_label(job: JobRecord) -> str:
+    """The job in words for Flower's task list (each task's `label` kwarg, which the task
+    ignores): kind, guests, disks, volume, storages (source->target for a copy) and the job
+    id, e.g. "full_clone 100->101 scsi0 local->fast, job 3f2a9c1e0b12". Built from a record
+    that may have been forged, so it never fails and stays short."""
+    try:
+        p = job.params if isinstance(job.params, dict) else {}
+        guests = "->".join(dict.fromkeys(str(p[k]) for k in ("vmid", "lock_vmid", "new_vmid") if p.get(k) is not None))
+        plans = {**(p.get("disks") or {}), **(p.get("bases") or {}), **(p.get("attach") or {})}
+        disks = [str(k) for k in plans if k not in ("copy", "disk")] + ([str(p["disk"])] if p.get("disk") else [])
+        volume = p.get("volid") or next((v.get("source") for k, v in plans.items()
+                                         if k in ("copy", "disk") and isinstance(v, dict)), None)
+        planned = [v for v in plans.values() if isinstance(v, dict)]
+        targets = sorted({str(v["storage"]) for v in planned if v.get("storage")})
+        sources = sorted({str(v.get("source") or v.get("base")).split(":")[0]
+                          for v in planned if v.get("source") or v.get("base")} - set(targets))
+        storages = ",".join(targets) if targets else ",".join(str(s) for s in p.get("storages") or [])
+        if sources and targets:
+            storages = f"{','.join(sources)}->{storages}"
+        words = [str(job.kind), guests, ",".join(disks), str(volume or ""), storages]
+        if not any(words[1:]):
+            words.append(str(p.get("node") or ""))  # ping: which node is asked
+        text = " ".join(w[:80] for w in words if w)
+    except Exception:  # a label is never worth failing a send
+        text = str(job.kind)[:80]
+    return f"{text[:200]}, job {job.id}"

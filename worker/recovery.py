@@ -27,10 +27,11 @@ import redis
 import structlog
 
 from drivers.errors import StorkError
-from worker import records, usage
+from worker import records
 from worker.app import app, redis_client
 from worker.broker import Pending, pending_messages
-from worker.jobs import KINDS
+from worker.jobs import usage
+from worker.jobs.kinds import KINDS
 from worker.liveness import holder_alive, holding, process_alive
 from worker.queues import SHARED_QUEUE
 from worker.records import JobRecord, JobState, StateConflict

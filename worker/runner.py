@@ -22,14 +22,14 @@ from celery.exceptions import Ignore
 
 from drivers.config import Config
 from drivers.errors import InvalidName, JobCancelled, Refused, StorkError
-from worker import broker, events, liveness, params, records, usage
+from worker import broker, events, liveness, records
 from worker.app import app, config, redis_client
 from worker.context import StepContext
-from worker.flower import task_label
-from worker.jobs import KINDS, JobKind
+from worker.jobs import params, usage
+from worker.jobs.kinds import KINDS, JobKind
 from worker.liveness import holding, process_id
 from worker.queues import SHARED_QUEUE
-from worker.records import JobRecord, JobState, StateConflict
+from worker.records import JobRecord, JobState, StateConflict, task_label
 
 log = structlog.get_logger("stork.runner")
 MAX_ATTEMPTS = 3  # a step redelivered more often than this (worker lost each time) fails the job
@@ -87,7 +87,7 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     with liveness.working_on(r, job_id):  # from before its start is recorded to after its end
         attempt = _start_step(r, job, kind, index, cfg.node, me, turn, _task_of(task))
         ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=kind.steps[index].name, worker=me,
-                          attempt=attempt, task=task)
+                          kinds=KINDS, attempt=attempt, task=task)
         _run(ctx, kind, index)
         _finish_step(r, job, kind, index, cfg.node, me)
 
@@ -340,7 +340,8 @@ def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
                                events=[events.make(job_id, kind.name, "undo", step=step.name, node=cfg.node)])
         except StateConflict:
             raise Ignore() from None
-        ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=f"undo_{step.name}", worker=me, task=task)
+        ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=f"undo_{step.name}", worker=me,
+                          kinds=KINDS, task=task)
         try:
             params.check_record(job)
             step.undo(ctx)

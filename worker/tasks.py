@@ -2,7 +2,7 @@
 `stork.<kind>.undo_<step>` for every undo, and `stork.job.finalize`.
 
 Each takes the job id first (recovery and the dead-letter check read `args[0]`) and a
-`label` keyword it ignores: the job in words, for Flower's task list (worker.flower.task_label).
+`label` keyword it ignores: the job in words, for Flower's task list (worker.records.task_label).
 
 What Flower shows of a task is what Celery's event state keeps, and only Celery's own task
 fields (state, args, kwargs, result, exception, times) reach its pages and its API. So:
@@ -28,9 +28,10 @@ import structlog
 from celery import Task
 from celery.exceptions import Ignore
 
-from worker import records, recovery, runner, schedules
+from worker import records, recovery, runner
 from worker.app import app, config, redis_client
-from worker.jobs import KINDS, JobKind
+from worker.jobs import schedules
+from worker.jobs.kinds import KINDS, JobKind
 from worker.queues import SHARED_QUEUE
 from worker.records import JobState
 
@@ -140,7 +141,7 @@ def sweep() -> list[str]:
 @app.task(name="stork.schedule.tick", expires=SCHEDULE_TICK)
 def schedule_tick() -> list[str]:
     """Start the scheduled backups that are due, and their prunes (sent by beat every minute;
-    a slot is run once however many beats send it: worker/schedules.py)."""
+    a slot is run once however many beats send it: worker/jobs/schedules.py)."""
     return schedules.tick(config(), redis_client(), app)
 
 

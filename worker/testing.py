@@ -94,7 +94,7 @@ class Worker:
         self.node = node
         self.log = log_dir / f"worker-{node}-{time.monotonic_ns()}.log"
         env = {**os.environ, **(env or {}), "STORK_NODE": node, "PYTHONUNBUFFERED": "1"}
-        argv = [sys.executable, "-m", "worker.main", "--without-mingle", "--without-gossip", "-c", str(concurrency)]
+        argv = [sys.executable, "-m", "worker.run.main", "--without-mingle", "--without-gossip", "-c", str(concurrency)]
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)

@@ -1,0 +1,313 @@
+"""Directory storage: raw and qcow2 files, the seed's reference case.
+
+    <path>/<vmid>/vm-<vmid>-disk-<n>.<fmt>   a guest's disk
+    <path>/base/<name>.<fmt>                 a base image: mode 0444 and, where the file
+                                             system allows, immutable (chattr +i)
+
+A linked clone is a qcow2 overlay whose backing file is the base, stored as a path
+relative to the overlay (`../base/<name>.<fmt>`), so the storage can be moved or mounted
+elsewhere. A clone's base is read back from the qcow2 header. `.overlays/` keeps one blank
+overlay per base, copied for each new clone.
+
+Every entry is reached through `SafeDir` (drivers/safedir.py): relative to the storage root,
+never through a symlink, regular files only, each new name flushed with its directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from drivers import faults, names, qemu
+from drivers.backends.base import Driver
+from drivers.errors import NotFound, Refused
+from drivers.names import FORMATS, VolName
+from drivers.safedir import SafeDir, copy_contents, identity, set_immutable
+from drivers.storage import PATH, StorageConfig
+
+ALL = frozenset(FORMATS)
+OVERLAYS = ".overlays"  # blank overlays of bases, copied to make linked clones
+MAX_CHAIN = 16  # bases made from linked clones read through bases: how deep one may go
+
+
+def _folder(vol: VolName) -> str:
+    return "base" if vol.owner is None else str(vol.owner)
+
+
+def _file(vol: VolName) -> str:
+    return f"{vol.name}.{vol.fmt}"
+
+
+class DirDriver(Driver):
+    type_name = "dir"
+    formats = FORMATS
+    default_format = "raw"
+    linked_clone_format = "qcow2"
+    FEATURES = {
+        "make_base": {"current": ALL},
+        "linked_clone": {"base": ALL},
+        "copy": {"current": ALL, "base": ALL},
+        "resize": {"current": ALL},
+        "move": {"current": ALL, "base": ALL},  # a base only while no linked clone reads through it
+    }
+    OPTIONS = {"path": PATH}
+
+    def __init__(self, config: StorageConfig) -> None:
+        super().__init__(config)
+        assert config.path is not None  # a required option: the config checked it
+        self.root: Path = config.path
+
+    @property
+    def _dir(self) -> SafeDir:
+        return SafeDir(self.root)
+
+    @contextlib.contextmanager
+    def _opened(self, vol: VolName, write: bool = False) -> Iterator[int]:
+        """The volume's regular file, opened without following links; NotFound if absent."""
+        try:
+            with self._dir.folder(_folder(vol)) as folder:
+                fd = self._dir.open(folder, _file(vol), write, label=self.volid(vol))
+        except NotFound:
+            raise NotFound(f"unknown volume {self.volid(vol)}") from None
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    # ---- reading ------------------------------------------------------------------------
+    def list_volumes(self, owner: int | None = None) -> list[VolName]:
+        found = []
+        for name, folder in self._folders(owner):
+            for file in self._dir.regular_files(folder):
+                with contextlib.suppress(names.InvalidName):  # stray files are not volumes
+                    found.append(names.volname(f"{name}/{file}"))
+        return sorted(found, key=str)
+
+    def strays(self, owner: int | None = None) -> list[tuple[VolName, str]]:
+        found = []
+        for name, folder in self._folders(owner):
+            for entry in self._dir.other_entries(folder):
+                with contextlib.suppress(names.InvalidName):
+                    found.append((names.volname(f"{name}/{entry}"), self._dir.problem(folder, entry)))
+        return sorted(found, key=lambda s: str(s[0]))
+
+    def _folders(self, owner: int | None) -> Iterator[tuple[str, int]]:
+        """The volume folders (`base`, and one per guest id), opened; an absent one, or one
+        that is not a directory, is skipped."""
+        if owner is not None:
+            wanted = [str(owner)]
+        elif self.root.is_dir():
+            with os.scandir(self.root) as entries:
+                wanted = [e.name for e in entries
+                          if e.is_dir(follow_symlinks=False) and (e.name == "base" or e.name.isdigit())]
+        else:
+            wanted = []
+        for name in wanted:
+            with contextlib.suppress(NotFound, Refused), self._dir.folder(name) as folder:
+                yield name, folder
+
+    def exists(self, vol: VolName) -> bool:
+        """Is anything at the volume's name? (A symlink counts: the name is taken, and every
+        use of it is refused.)"""
+        try:
+            with self._dir.folder(_folder(vol)) as folder:
+                return self._dir.entry_exists(folder, _file(vol))
+        except NotFound:
+            return False
+
+    def identity(self, vol: VolName) -> str:
+        with self._opened(vol) as fd:
+            return identity(fd)
+
+    def virtual_size(self, vol: VolName) -> int:
+        with self._opened(vol) as fd:
+            if vol.fmt == "qcow2" and (header := qemu.read_qcow2_header(fd)):
+                return header.virtual_size
+            return os.fstat(fd).st_size
+
+    def allocated_size(self, vol: VolName) -> int:
+        with self._opened(vol) as fd:
+            return os.fstat(fd).st_blocks * 512
+
+    def parent_of(self, vol: VolName) -> VolName | None:
+        if vol.fmt != "qcow2":
+            return None
+        with self._opened(vol) as fd:
+            header = qemu.read_qcow2_header(fd)
+        if header is None or not header.backing_file:
+            return None
+        return self._volume_at(_folder(vol), header.backing_file)
+
+    def _volume_at(self, folder: str, backing: str) -> VolName | None:
+        """The volume a backing path names, worked out as text (no link is resolved): a
+        relative path is relative to the overlay's folder; a path outside is no stork base."""
+        root = str(self.root)
+        path = posixpath.normpath(backing if backing.startswith("/") else posixpath.join(root, folder, backing))
+        if not path.startswith(root + "/"):
+            return None
+        try:
+            return names.volname(path[len(root) + 1:])
+        except names.InvalidName:
+            return None
+
+    @contextlib.contextmanager
+    def image(self, vol: VolName, write: bool = False) -> Iterator[qemu.Image]:
+        """The volume opened for qemu-img; a linked clone with its base (and the base's own
+        base, ...) opened the same way as its backing. A backing file outside the storage is
+        refused rather than followed."""
+        with contextlib.ExitStack() as stack:
+            top = fd = stack.enter_context(self._opened(vol, write))
+            chain, at = [(vol, fd)], vol
+            while (header := self._header(at, fd)) and header.backing_file:
+                base = self._volume_at(_folder(at), header.backing_file)
+                if base is None or len(chain) > MAX_CHAIN:
+                    raise Refused(f"{self.volid(vol)} reads {header.backing_file!r}, which is not a base on "
+                                  f"storage {self.storage.id!r}")
+                fd = stack.enter_context(self._opened(base))
+                chain.append((base, fd))
+                at = base
+            image = None
+            for v, f in reversed(chain):
+                image = qemu.Image.of_fd(v.fmt, f, self.volid(v), backing=image)
+            assert image is not None
+            yield image
+            if write:
+                os.fsync(top)  # qemu-img writes with cache=unsafe: the copy is on disk only now
+
+    # ---- making and freeing ---------------------------------------------------------------
+    def allocate(self, vol: VolName, size: int) -> None:
+        """Create the volume empty (sparse); a failure leaves no file and no empty folder."""
+        try:
+            with self._dir.folder(_folder(vol), create=True) as folder, \
+                    self._dir.temp_file(folder, _file(vol)) as (fd, temp):
+                qemu.create(fd, vol.fmt, size, self.volid(vol))
+                os.fsync(fd)
+                self._dir.link_new(folder, temp, _file(vol), f"volume {self.volid(vol)}")
+                faults.point("created")
+        except BaseException:
+            if vol.owner is not None:
+                self._dir.remove_folder_if_empty(_folder(vol))
+            raise
+
+    def recreate(self, vol: VolName, size: int) -> None:
+        """Replace the volume by an empty one of `size` in one rename: the name is never free."""
+        with self._dir.folder(_folder(vol)) as folder, self._dir.temp_file(folder, _file(vol)) as (fd, temp):
+            qemu.create(fd, vol.fmt, size, self.volid(vol))
+            os.fsync(fd)
+            self._dir.replace(folder, temp, _file(vol))
+            faults.point("recreated")
+
+    def free(self, vol: VolName) -> None:
+        """Delete the volume (absent already: nothing to do); a symlink or special file at
+        its name is refused, never deleted through."""
+        try:
+            with self._dir.folder(_folder(vol)) as folder:
+                if not self._dir.entry_exists(folder, _file(vol)):
+                    return
+                with self._opened(vol) as fd:
+                    if vol.is_base:
+                        set_immutable(fd, False)
+                        self._free_overlay(vol)
+                self._dir.unlink(folder, _file(vol))
+                faults.point("freed")
+                self._dir.sweep_temps(folder)  # what a crashed writer left would keep the folder
+        except NotFound:
+            return
+        if not vol.is_base:
+            self._dir.remove_folder_if_empty(_folder(vol))  # the guest's folder, once it holds nothing
+
+    def status(self) -> tuple[int, int, int]:
+        st = os.statvfs(self.root)
+        total, avail = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        return total, total - st.f_bfree * st.f_frsize, avail
+
+    def free_partial(self, vol: VolName) -> None:
+        with contextlib.suppress(NotFound), self._dir.folder(_folder(vol)) as folder:
+            self._dir.sweep_temps(folder)  # under the storage lock: every temp file there is stale
+        if vol.owner is not None:
+            self._dir.remove_folder_if_empty(_folder(vol))
+
+    def make_base(self, vol: VolName, base: VolName) -> None:
+        with self._opened(vol) as fd, self._dir.folder(_folder(vol)) as src, \
+                self._dir.folder("base", create=True) as dst:
+            self._dir.rename(src, _file(vol), dst, _file(base), f"base image {self.volid(base)}")
+            faults.point("based")
+            self._protect(fd)
+        self._dir.remove_folder_if_empty(_folder(vol))  # the guest's, if that was its last volume
+
+    def protect_base(self, base: VolName) -> None:
+        with self._opened(base) as fd:
+            self._protect(fd)
+
+    def _protect(self, fd: int) -> None:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != 0o444:  # an immutable base refuses even a chmod to its mode
+            os.fchmod(fd, 0o444)
+        if not set_immutable(fd, True):
+            _warn("immutable_unsupported", storage=self.storage.id)
+
+    def unmake_base(self, base: VolName, vol: VolName) -> None:
+        with self._opened(base) as fd, self._dir.folder("base") as src, \
+                self._dir.folder(_folder(vol), create=True) as dst:
+            set_immutable(fd, False)
+            self._free_overlay(base)
+            self._dir.rename(src, _file(base), dst, _file(vol), f"volume {self.volid(vol)}")
+            faults.point("unbased")
+            os.fchmod(fd, 0o644)
+
+    def link_clone(self, base: VolName, vol: VolName) -> None:
+        """Copy the base's blank overlay: every clone's header is the same, since the
+        backing path `../base/<name>` is relative and every guest folder is one level deep,
+        and copying 200 KiB is much cheaper than starting qemu-img for each clone."""
+        with contextlib.ExitStack() as stack:
+            overlay = stack.enter_context(self._blank_overlay(base))
+            folder = stack.enter_context(self._dir.folder(_folder(vol), create=True))
+            fd, temp = stack.enter_context(self._dir.temp_file(folder, _file(vol)))
+            copy_contents(overlay, fd)
+            os.fsync(fd)
+            self._dir.link_new(folder, temp, _file(vol), f"volume {self.volid(vol)}")
+            faults.point("created")
+
+    @contextlib.contextmanager
+    def _blank_overlay(self, base: VolName) -> Iterator[int]:
+        """An empty qcow2 overlay of `base`, made once (under the storage lock), opened."""
+        name = f"{_file(base)}.qcow2"
+        with self._dir.folder(OVERLAYS, create=True) as folder:
+            if not self._dir.entry_exists(folder, name):
+                size = self.virtual_size(base)
+                with self._dir.temp_file(folder, name) as (fd, temp):
+                    qemu.create(fd, "qcow2", size, self.volid(base), backing=f"../base/{_file(base)}",
+                                backing_fmt=base.fmt)
+                    os.fsync(fd)
+                    self._dir.link_new(folder, temp, name, f"overlay of {self.volid(base)}")
+            with self._dir.opened(folder, name) as fd:
+                yield fd
+
+    def _free_overlay(self, base: VolName) -> None:
+        with contextlib.suppress(NotFound), self._dir.folder(OVERLAYS) as folder:
+            self._dir.unlink(folder, f"{_file(base)}.qcow2")
+
+    def _header(self, vol: VolName, fd: int) -> qemu.Qcow2Header | None:
+        """The qcow2 header, read from the descriptor qemu-img will get; an image whose data
+        lives in an external file (a path of the header's choosing) is refused: qemu would
+        open that file whatever the json: spec says."""
+        header = qemu.read_qcow2_header(fd)
+        if header and header.external_data_file:
+            raise Refused(f"{self.volid(vol)} keeps its data in an external file: refused (never followed)")
+        return header
+
+    def resize(self, vol: VolName, size: int) -> None:
+        with self._opened(vol, write=True) as fd:
+            self._header(vol, fd)
+            # a linked clone's base is not needed to grow it, and is read-only: open none
+            qemu.resize(qemu.Image.of_fd(vol.fmt, fd, self.volid(vol)), size)
+            os.fsync(fd)
+
+
+def _warn(event: str, **fields: object) -> None:
+    import structlog  # here, not at the top: it imports rich, 0.15 s for every process importing drivers
+
+    structlog.get_logger(__name__).warning(event, **fields)

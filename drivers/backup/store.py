@@ -1,0 +1,703 @@
+"""A deduplicating chunk store for backups on a directory, in the spirit of Proxmox Backup Server.
+
+A disk is cut into fixed-size chunks; each chunk is stored once, named by the digest of its
+data, and a snapshot's index lists the digests in order (None for an all-zero chunk, which is
+never stored; or a patch: a linked clone's own runs, or what an incremental backup found
+written, stored as one chunk over an earlier backup's chunk). Layout below the root, the
+administrator's configured directory and the only path ever followed; everything below it
+is opened with openat(2) and O_NOFOLLOW:
+
+    .chunks/<4 hex>/<64 hex>        a chunk file: b"STKC", a kind byte (0 raw, 1 zstd, 2 kept
+                                    for AES-GCM), then the payload (see drivers.backup.codec)
+    .chunks/<4 hex>/.lock           flock: shared while a chunk is checked, touched or written,
+                                    exclusive while gc sweeps the folder
+    .chunks/<4 hex>/.<64 hex>.<random>.tmp   a chunk being written
+    .chunks/.chunk-size, .key-fingerprint    recorded when the store is first opened
+    vm/<vmid>/.lock                 flock while a snapshot's state.json changes or it is forgotten
+    vm/<vmid>/<time>/               a committed snapshot: manifest.json (never changes after
+                                    commit), state.json (notes, protected, last verify; MACed
+                                    in an encrypted store), blobs
+                                    such as guest.conf, one <disk>.index.json per disk
+    vm/<vmid>/.partial-<time>-<random>/   a snapshot being written; its writer holds .lock in it
+    vm/<vmid>/.trash-<time>-<random>/     a snapshot or dead partial being removed
+
+Manifests, indexes and state files carry a format version; a reader refuses one it does not know.
+This module holds the store: its chunks, snapshots and their state, the key and chunk size it
+records, verify and gc. A snapshot is written by drivers.backup.writer, and both stand on the file
+plumbing in drivers.backup.files; what the stored JSON means is in drivers.backup.records, how a
+chunk is encoded in drivers.backup.codec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from drivers import names
+from drivers.backup.codec import CHUNK, Codec, PlainCodec, is_zero
+from drivers.backup.files import (
+    CHUNK_SIZE,
+    CHUNKS,
+    KEY_FINGERPRINT,
+    LOCK,
+    MANIFEST_MAC,
+    PARTIAL,
+    TRASH,
+    VM,
+    discard,
+    flocked,
+    now_text,
+    open_lock,
+    read_all,
+    write_all,
+)
+from drivers.backup.records import (
+    DIGEST_PATTERN,
+    MANIFEST,
+    STATE,
+    TIME_PATTERN,
+    BackupId,
+    FileSum,
+    GcResult,
+    Index,
+    Manifest,
+    Patch,
+    Problem,
+    Snapshot,
+    State,
+    VerifyResult,
+    backup_id,
+    blob_name,
+    check_chunk_size,
+    check_digest,
+    disk_key,
+    format_time,
+    index_file,
+    index_key,
+    parse_time,
+)
+from drivers.backup.writer import SnapshotWriter, recorded_start, writer_is_live
+from drivers.errors import AlreadyExists, Corrupt, InvalidName, NotFound, Refused, StorkError
+from drivers.safedir import SafeDir, refused
+
+__all__ = ["ChunkStore", "SnapshotWriter"]  # SnapshotWriter lives in drivers.backup.writer; imported from here too
+
+_PREFIX = re.compile(r"[0-9a-f]{4}")
+_MAX_META = 64 << 20  # a manifest or state file; an index may be larger (16 M chunks for 64 TiB)
+_MAX_INDEX = 2 << 30
+_MAX_NOTES = 64 << 10
+_CODEC_OVERHEAD = 4096  # header, and room for a nonce and tag once chunks can be encrypted
+
+# flock(2) locks an open file on a local file system, but NFS emulates it with POSIX locks, which
+# never conflict within one process and all drop when any descriptor of the file is closed. So
+# threads of one process also take turns through these (and gc asks this process's writers too:
+# see drivers.backup.writer.writer_is_live).
+_PREFIX_LOCKS = [threading.Lock() for _ in range(256)]
+_STATE_LOCK = threading.Lock()
+
+
+def _check_notes(text: str) -> str:
+    if not isinstance(text, str) or len(text) > _MAX_NOTES:
+        raise InvalidName(f"notes must be text of at most {_MAX_NOTES} characters")
+    return text
+
+
+# ---- the store --------------------------------------------------------------------------------
+
+
+class ChunkStore:
+    """A backup storage on the directory `root`. Thread-safe; several processes and nodes may
+    use one root at once (flock must work across them, as on a local file system or NFSv4)."""
+
+    def __init__(self, root: Path | str, chunk_size: int = CHUNK, codec: Codec | None = None) -> None:
+        self.root = Path(root)
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.codec: Codec = codec or PlainCodec(chunk_size)
+        self._dir = SafeDir(self.root)
+
+    # ---- folders ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _folder(self, *parts: str, create: bool = False) -> Iterator[int]:
+        """A descriptor of root/parts..., each step opened without following a symlink (and made
+        first if `create`, its parent flushed so the new name is durable)."""
+        fd = self._open_root()
+        try:
+            for depth, part in enumerate(parts):
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                        os.fsync(fd)
+                child = self._dir.open_dir(fd, part, label=str(self.root.joinpath(*parts[:depth + 1])))
+                os.close(fd)
+                fd = child
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _open_root(self) -> int:
+        try:
+            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"backup storage {self.root}: no such directory") from None
+        except NotADirectoryError:
+            raise Refused(f"backup storage {self.root}: not a directory") from None
+
+    @contextlib.contextmanager
+    def _snapshot_folder(self, id: BackupId) -> Iterator[int]:
+        try:
+            with self._folder(VM, str(id.vmid), id.time_text) as folder:
+                yield folder
+        except NotFound:
+            self._open_root_or_raise()
+            raise NotFound(f"backup {id}: no such backup in {self.root}") from None
+
+    def _open_root_or_raise(self) -> None:
+        os.close(self._open_root())
+
+    @contextlib.contextmanager
+    def _vm_locked(self, vmid: int) -> Iterator[int]:
+        """The guest's folder, with the lock every state.json change and forget holds."""
+        with _STATE_LOCK, self._folder(VM, str(vmid)) as vm, flocked(vm, LOCK, exclusive=True):
+            yield vm
+
+    @contextlib.contextmanager
+    def _prefix_locked(self, prefix: str, exclusive: bool) -> Iterator[int]:
+        """A chunk folder with its lock: shared to check, touch or add a chunk, exclusive to sweep."""
+        with (_PREFIX_LOCKS[int(prefix, 16) % len(_PREFIX_LOCKS)],
+              self._folder(CHUNKS, prefix, create=True) as folder,
+              flocked(folder, LOCK, exclusive)):
+            yield folder
+
+    def _read(self, folder: int, name: str, limit: int, label: str) -> bytes:
+        with self._dir.opened(folder, name, label=label) as fd:
+            return read_all(fd, limit, label)
+
+    def open_dir(self, folder: int, name: str) -> int:
+        """A descriptor of the folder `name` in `folder`, opened without following a symlink."""
+        return self._dir.open_dir(folder, name)
+
+    def write_file(self, folder: int, name: str, data: bytes) -> None:
+        """Replace `name` in `folder` with `data`, durably (temp file, fsync, rename, dir fsync).
+        Callers are the only writer of the folder at the time (its lock or its partial's)."""
+        with self._dir.temp_file(folder, name) as (fd, temp):
+            write_all(fd, data)
+            os.fsync(fd)
+            self._dir.replace(folder, temp, name)
+
+    # ---- chunks -------------------------------------------------------------------------------
+    def put_chunk(self, data: bytes) -> tuple[str | None, int]:
+        """Store a chunk of at most chunk_size bytes: (its digest, bytes written). An all-zero
+        chunk is not stored (digest None, as in an index); a stored one is touched (0 written).
+        The new file's folder is not flushed here: SnapshotWriter does that before its commit."""
+        if not 0 < len(data) <= self.chunk_size:
+            raise ValueError(f"a chunk holds 1 to {self.chunk_size} bytes, not {len(data)}")
+        if is_zero(data):
+            return None, 0
+        digest = self.codec.digest(data)
+        if self.touch_chunk(digest):
+            return digest, 0
+        blob = self.codec.encode(data)  # outside the lock: compressing takes milliseconds
+        with self._prefix_locked(digest[:4], exclusive=False) as folder:
+            if self._touch(folder, digest) or not self._link_new_chunk(folder, digest, blob):
+                return digest, 0
+        return digest, len(blob)
+
+    def touch_chunk(self, digest: str) -> bool:
+        """Refresh a stored chunk's mtime so a running gc keeps it; False if it is not stored."""
+        check_digest(digest)
+        with self._prefix_locked(digest[:4], exclusive=False) as folder:
+            return self._touch(folder, digest)
+
+    def _touch(self, folder: int, digest: str) -> bool:
+        try:
+            fd = self._dir.open(folder, digest, label=f"chunk {digest}")
+        except NotFound:
+            return False
+        try:
+            os.utime(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    @staticmethod
+    def _link_new_chunk(folder: int, digest: str, blob: bytes) -> bool:
+        """Write the chunk to a temp file, flush it, and link it to its name; False if another
+        writer linked the same chunk first (its file is as good as ours)."""
+        temp = f".{digest}.{secrets.token_hex(8)}.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=folder)
+        try:
+            try:
+                write_all(fd, blob)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.link(temp, digest, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(temp, dir_fd=folder)
+
+    def read_chunk(self, digest: str) -> bytes:
+        """A stored chunk's data, checked against its digest; NotFound or Corrupt name the digest."""
+        check_digest(digest)
+        self._open_root_or_raise()
+        try:
+            with self._folder(CHUNKS, digest[:4]) as folder:
+                blob = self._read(folder, digest, self.chunk_size + _CODEC_OVERHEAD, f"chunk {digest}")
+        except NotFound:
+            raise NotFound(f"chunk {digest}: missing from {self.root}") from None
+        return self.codec.decode(blob, digest)
+
+    def flush_chunk_folders(self, prefixes: set[str]) -> None:
+        for prefix in sorted(prefixes):
+            with self._folder(CHUNKS, prefix) as folder:
+                os.fsync(folder)
+
+    # ---- writing a snapshot ---------------------------------------------------------------------
+    def begin(self, vmid: int, time: datetime | None = None, notes: str = "") -> SnapshotWriter:
+        """Start a snapshot of guest `vmid` at `time` (UTC, whole seconds; default now). It is
+        written into a hidden partial folder and appears only at commit."""
+        id = BackupId(names.vmid(vmid), parse_time(format_time(time or datetime.now(UTC))))
+        _check_notes(notes)
+        with self._folder(VM, str(id.vmid), create=True) as vm:
+            if SafeDir.entry_exists(vm, id.time_text):
+                raise AlreadyExists(f"backup {id} already exists")
+            writer_vm = os.dup(vm)
+        try:
+            return SnapshotWriter(self, id, notes, writer_vm)
+        except BaseException:
+            os.close(writer_vm)
+            raise
+
+    # ---- reading ------------------------------------------------------------------------------
+    def snapshots(self, vmid: int | None = None) -> list[Snapshot]:
+        """Committed snapshots sorted by (vmid, time), oldest first; of one guest if given."""
+        found = []
+        for id in self._snapshot_ids(vmid):
+            try:
+                found.append(self._load(id))
+            except NotFound:
+                if self._exists(id):  # else it was forgotten since the listing
+                    raise
+        return found
+
+    def exists(self, id: str) -> bool:
+        """Whether the committed snapshot `id` is there."""
+        return self._exists(backup_id(id))
+
+    def snapshot(self, id: str) -> Snapshot:
+        return self._load(backup_id(id))
+
+    def _load(self, id: BackupId) -> Snapshot:
+        with self._snapshot_folder(id) as folder:
+            manifest = self._manifest(folder, id)
+            return Snapshot(id, manifest, self._state(folder, id, manifest.sealed_state))
+
+    def _exists(self, id: BackupId) -> bool:
+        try:
+            with self._snapshot_folder(id):
+                return True
+        except NotFound:
+            return False
+
+    def _manifest(self, folder: int, id: BackupId) -> Manifest:
+        raw = self._read(folder, MANIFEST, _MAX_META, f"backup {id}: {MANIFEST}")
+        if (expected := self.manifest_mac(raw)) is not None:
+            try:
+                mac = self._read(folder, MANIFEST_MAC, 1024, f"backup {id}: {MANIFEST_MAC}")
+            except NotFound:
+                mac = b""
+            if not hmac.compare_digest(mac, expected):
+                raise Corrupt(f"backup {id}: its manifest fails authentication (tampered with, or another key)")
+        return Manifest.from_json(raw, id)
+
+    @property
+    def seals_records(self) -> bool:
+        """Whether manifests and states carry MACs (an encrypted store's codec makes them)."""
+        return self.codec.mac(b"") is not None
+
+    def manifest_mac(self, manifest: bytes) -> bytes | None:
+        """The manifest's MAC where the store is encrypted (drivers/backup/crypt.py), else None."""
+        return self.codec.mac(manifest)
+
+    def _state_mac(self, id: BackupId, state: State) -> str | None:
+        """The MAC of a snapshot's state in an encrypted store: over the snapshot's id too, so
+        the state.json of another (a protected one, say) cannot be copied in."""
+        mac = self.codec.mac(f"{STATE} of {id}\n".encode() + state.to_json())
+        return mac.decode() if mac is not None else None
+
+    # ---- the store's key ----------------------------------------------------------------------
+    def check_key(self) -> None:
+        """Refuse a key that is not the store's, no key for an encrypted store, or a key for a
+        store that holds plain chunks already; a new store records its key's fingerprint."""
+        given = self.codec.fingerprint
+        with self._folder(CHUNKS, create=True) as folder:
+            try:
+                recorded = self._read(folder, KEY_FINGERPRINT, 1024, "key fingerprint").decode().strip()
+            except NotFound:
+                recorded = None
+            if recorded == given:
+                return
+            if recorded and not given:
+                raise Refused(f"backup storage {self.root} is encrypted: name its key file (keyfile) in the config")
+            if recorded:
+                raise Refused(f"backup storage {self.root}: the key file is not this store's key (its "
+                              f"fingerprint is {given}, the store's {recorded})")
+            if any(_PREFIX.fullmatch(name) for name in os.listdir(folder)) or self._snapshot_ids():
+                raise Refused(f"backup storage {self.root} holds unencrypted backups: give an encrypted storage "
+                              "a directory of its own")
+            if self._record_once(folder, KEY_FINGERPRINT, given) != given:
+                raise Refused(f"backup storage {self.root}: another key was recorded for this store meanwhile")
+
+    def check_chunk_size(self) -> None:
+        """Refuse to open a store made with another chunk size (its chunks would all seem
+        damaged); a store opened first records its own."""
+        with self._folder(CHUNKS, create=True) as folder:
+            recorded = self._record_once(folder, CHUNK_SIZE, str(self.chunk_size))
+        if recorded != str(self.chunk_size):
+            raise Refused(f"backup storage {self.root} holds chunks of {recorded} bytes, not {self.chunk_size}")
+
+    def _record_once(self, folder: int, name: str, value: str) -> str:
+        """The value recorded in `name`, recording `value` if none is. Under the folder's lock
+        (temp_file sweeps other writers' temp files); link(2) never replaces a record."""
+        with contextlib.suppress(NotFound):
+            return self._read(folder, name, 1024, name).decode().strip()
+        with flocked(folder, LOCK, exclusive=True), self._dir.temp_file(folder, name) as (fd, temp):
+            write_all(fd, f"{value}\n".encode())
+            os.fsync(fd)
+            with contextlib.suppress(AlreadyExists):
+                self._dir.link_new(folder, temp, name, name)
+        return self._read(folder, name, 1024, name).decode().strip()
+
+    def _state(self, folder: int, id: BackupId, sealed: bool) -> State:
+        """The snapshot's state; `sealed` (its manifest says so) requires it present and its MAC
+        right. Snapshots of an encrypted store made before states were sealed have none."""
+        what = f"backup {id}: {STATE}"
+        if not SafeDir.entry_exists(folder, STATE):
+            if sealed:  # its commit wrote one
+                raise Corrupt(f"{what}: missing")
+            return State()
+        raw = self._read(folder, STATE, _MAX_META, what)
+        state = State.from_json(raw, what)
+        if sealed and not hmac.compare_digest(str(State.stated_mac(raw)).encode(),
+                                              str(self._state_mac(id, state)).encode()):
+            raise Corrupt(f"{what}: fails authentication (tampered with, or another key)")
+        return state
+
+    def write_state(self, folder: int, id: BackupId, state: State) -> None:
+        self.write_file(folder, STATE, state.to_json(mac=self._state_mac(id, state)))
+
+    def read_blob(self, id: str, name: str) -> bytes:
+        """A blob of a snapshot (guest.conf, ...), checked against the manifest."""
+        return self._read_checked(backup_id(id), blob_name(name))
+
+    def index(self, id: str, key: str) -> Index:
+        """A disk's index, checked against the manifest."""
+        parsed = backup_id(id)
+        name = index_file(disk_key(key))
+        return Index.from_json(self._read_checked(parsed, name), f"backup {parsed}: {name}")
+
+    def _read_checked(self, id: BackupId, name: str) -> bytes:
+        with self._snapshot_folder(id) as folder:
+            expected = self._manifest(folder, id).files.get(name)
+            if expected is None:
+                raise NotFound(f"backup {id} has no {name}")
+            data = self._read(folder, name, expected.size, f"backup {id}: {name}")
+        if FileSum.of(data) != expected:
+            raise Corrupt(f"backup {id}: {name} does not match the checksum in its manifest")
+        return data
+
+    def _snapshot_ids(self, vmid: int | None = None) -> list[BackupId]:
+        vmids = self._vmids() if vmid is None else [names.vmid(vmid)]
+        return sorted(id for guest in vmids for id in self._ids_of(guest))
+
+    def _vmids(self) -> list[int]:
+        try:
+            with self._folder(VM) as folder, os.scandir(folder) as entries:
+                found = [e for e in entries if _is_vmid_name(e.name)]
+        except NotFound:
+            self._open_root_or_raise()
+            return []
+        for entry in found:
+            if not entry.is_dir(follow_symlinks=False):
+                raise refused(self.root / VM / entry.name, "not a directory")
+        return [int(e.name) for e in found]
+
+    def _ids_of(self, vmid: int) -> list[BackupId]:
+        try:
+            with self._folder(VM, str(vmid)) as folder, os.scandir(folder) as entries:
+                found = [e for e in entries if TIME_PATTERN.fullmatch(e.name)]
+        except NotFound:
+            self._open_root_or_raise()
+            return []
+        ids = []
+        for entry in found:
+            if not entry.is_dir(follow_symlinks=False):
+                raise refused(self.root / VM / str(vmid) / entry.name, "not a directory")
+            with contextlib.suppress(InvalidName):  # a look-alike such as 2026-02-30T...: not ours
+                ids.append(BackupId(vmid, parse_time(entry.name)))
+        return ids
+
+    # ---- changing a snapshot ------------------------------------------------------------------
+    def set_protected(self, id: str, protected: bool) -> State:
+        return self._change_state(backup_id(id), protected=bool(protected))
+
+    def set_notes(self, id: str, notes: str) -> State:
+        return self._change_state(backup_id(id), notes=_check_notes(notes))
+
+    def _change_state(self, id: BackupId, **changes: Any) -> State:
+        with self._vm_locked_for(id) as vm, self._dir_of(vm, id) as folder:
+            try:
+                sealed = self._manifest(folder, id).sealed_state
+            except (Corrupt, NotFound):  # damaged: still to be unprotected and forgotten
+                sealed = False
+            state = replace(self._state(folder, id, sealed), **changes)
+            self.write_state(folder, id, state)
+        return state
+
+    @contextlib.contextmanager
+    def _vm_locked_for(self, id: BackupId) -> Iterator[int]:
+        try:
+            with self._vm_locked(id.vmid) as vm:
+                yield vm
+        except NotFound:
+            self._open_root_or_raise()
+            raise NotFound(f"backup {id}: no such backup in {self.root}") from None
+
+    @contextlib.contextmanager
+    def _dir_of(self, vm: int, id: BackupId) -> Iterator[int]:
+        fd = self._dir.open_dir(vm, id.time_text, label=f"backup {id}")
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def forget(self, id: str) -> None:
+        """Remove a snapshot (its chunks stay until gc); Refused while it is protected."""
+        parsed = backup_id(id)
+        with self._vm_locked_for(parsed) as vm:
+            with self._dir_of(vm, parsed) as folder:
+                # unsealed read: a forged flag could only keep or let go what deleting the folder
+                # would anyway, and a snapshot whose manifest is damaged can still be forgotten
+                # (once unprotected: _change_state reads a damaged one's state unsealed too)
+                if self._state(folder, parsed, sealed=False).protected:
+                    raise Refused(f"backup {parsed} is protected: unprotect it before forgetting it")
+            discard(vm, parsed.time_text, parsed.time_text)
+
+    # ---- verify -------------------------------------------------------------------------------
+    def verify(self, id: str) -> VerifyResult:
+        """Read back every blob, index and chunk of a snapshot (each distinct chunk once), check
+        every digest, and record the outcome in its state.json."""
+        parsed = backup_id(id)
+        snapshot = self._load(parsed)
+        problems = [*self._file_problems(parsed, snapshot.manifest), *self._chunk_problems(parsed, snapshot.manifest)]
+        result = VerifyResult("failed" if problems else "ok", now_text(), tuple(problems))
+        self._change_state(parsed, verify=result)
+        return result
+
+    def _file_problems(self, id: BackupId, manifest: Manifest) -> Iterator[Problem]:
+        for name in manifest.files:
+            try:
+                self._read_checked(id, name)
+            except (Corrupt, NotFound, Refused) as e:
+                yield Problem(None, str(e))
+
+    def _chunk_problems(self, id: BackupId, manifest: Manifest) -> Iterator[Problem]:
+        places: dict[str, list[tuple[str, int]]] = {}
+        indexes: dict[str, Index] = {}
+        for key in manifest.disks:
+            with contextlib.suppress(Corrupt, NotFound, Refused):  # reported by _file_problems
+                indexes[key] = index = self.index(str(id), key)
+                for position, digest in index.digests():
+                    places.setdefault(digest, []).append((key, position * index.chunk_size))
+        lengths: dict[str, int] = {}
+        for digest, where in places.items():
+            try:
+                lengths[digest] = len(self.read_chunk(digest))
+            except Corrupt as e:
+                self._quarantine(digest)
+                yield Problem(digest, f"{e} (moved aside to {digest}.bad)", tuple(where))
+            except (NotFound, Refused) as e:
+                yield Problem(digest, str(e), tuple(where))
+        for key, index in indexes.items():
+            yield from _length_problems(key, index, lengths)
+
+    def _quarantine(self, digest: str) -> None:
+        """Move a chunk whose data does not match its digest aside, as <digest>.bad: the next
+        backup holding that data then stores it again (which makes every backup naming it
+        whole again) instead of naming the damaged file. A backup whose patch lies over it
+        stays damaged: the next backup of that disk reads the chunk whole instead."""
+        with self._prefix_locked(digest[:4], exclusive=True) as folder, contextlib.suppress(FileNotFoundError):
+            os.rename(digest, f"{digest}.bad", src_dir_fd=folder, dst_dir_fd=folder)
+            os.fsync(folder)
+
+    # ---- garbage collection -------------------------------------------------------------------
+    def gc(self, margin: float = 300.0, now: float | None = None) -> GcResult:
+        """Remove chunk files no snapshot refers to, and the partial folders of dead writers.
+
+        Safe while backups run. A writer records its start S before it makes its partial folder,
+        and every chunk it will name gets an mtime >= S: put_chunk writes it or touches it, and
+        reuse without the data goes through touch_chunk. gc first notes its own start G, then
+        finds the live partials (their writers hold their locks) and their starts, and only then
+        lists the committed snapshots, so every writer is in one of three cases:
+        - it committed before that listing: its chunks are marked;
+        - its partial was seen live: cutoff <= S - margin, so none of its chunks is old enough;
+        - it started after G (or within the margin before): its chunks are newer than the cutoff.
+        A chunk is removed only if unmarked with mtime < cutoff = min(G, live starts) - margin,
+        checked and removed under the chunk folder's exclusive lock, while put_chunk checks and
+        touches under the shared one: either the touch comes first and gc sees the new mtime, or
+        the unlink does and put_chunk writes the chunk anew (touch_chunk returns False, and its
+        caller must then put the data). The margin covers clock skew between nodes, file
+        timestamps that lag the clock by a tick, and the instant between a writer's start and
+        its lock. A snapshot that cannot be read stops gc
+        before anything is removed: its chunks cannot be told from garbage.
+
+        `now` stands in for gc's start (tests pass a later one to age the whole store).
+        """
+        started = time.time() if now is None else now
+        live, partials_removed = self._live_partials()
+        cutoff = min([started, *(start for start, _ in live)]) - margin
+        marked = self._referenced_chunks()  # listed only now, after the partials: see above
+        for _, chunks in live:
+            marked |= chunks
+        removed, freed, kept = self._sweep_chunks(marked, cutoff)
+        return GcResult(removed, freed, kept, partials_removed)
+
+    def _live_partials(self) -> tuple[list[tuple[float, set[str]]], int]:
+        """(start, chunks named so far) of each live writer; dead writers' partials and leftover
+        trash are removed on the way (their count is returned)."""
+        live, removed = [], 0
+        for vmid in self._vmids():
+            with self._vm_locked(vmid) as vm:
+                with os.scandir(vm) as entries:
+                    folders = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+                for name in folders:
+                    if name.startswith(TRASH):
+                        shutil.rmtree(name, ignore_errors=True, dir_fd=vm)
+                    elif name.startswith(PARTIAL):
+                        with contextlib.suppress(NotFound, FileNotFoundError):  # committed or aborted meanwhile
+                            if partial := self._check_partial(vm, name):
+                                live.append(partial)
+                            else:
+                                removed += 1
+        return live, removed
+
+    def _check_partial(self, vm: int, name: str) -> tuple[float, set[str]] | None:
+        """A live writer's (start, chunks); None after removing a dead writer's partial."""
+        folder = self._dir.open_dir(vm, name)
+        try:
+            lock = open_lock(folder, LOCK)
+            try:
+                if writer_is_live(folder, lock):
+                    return recorded_start(lock), self._partial_chunks(folder)
+                discard(vm, name, "partial")  # still under its lock: see SnapshotWriter._claim
+                return None
+            finally:
+                os.close(lock)
+        finally:
+            os.close(folder)
+
+    def _partial_chunks(self, folder: int) -> set[str]:
+        """Chunks named by the indexes a live writer has added so far (each written whole)."""
+        chunks: set[str] = set()
+        for name in SafeDir.regular_files(folder):
+            if index_key(name) is not None:
+                with contextlib.suppress(StorkError):
+                    index = Index.from_json(self._read(folder, name, _MAX_INDEX, name), name)
+                    chunks.update(d for _, d in index.digests())
+        return chunks
+
+    def _referenced_chunks(self) -> set[str]:
+        chunks: set[str] = set()
+        for id in self._snapshot_ids():
+            try:
+                chunks |= self._chunks_of(id)
+            except StorkError as e:
+                if self._exists(id):  # else it was forgotten meanwhile, and its chunks need no keeping
+                    raise Refused(f"gc stopped before removing anything: {e}") from e
+        return chunks
+
+    def _chunks_of(self, id: BackupId) -> set[str]:
+        with self._snapshot_folder(id) as folder:
+            disks = self._manifest(folder, id).disks
+        return {d for key in disks for _, d in self.index(str(id), key).digests()}
+
+    def _sweep_chunks(self, marked: set[str], cutoff: float) -> tuple[int, int, int]:
+        removed = freed = kept = 0
+        try:
+            with self._folder(CHUNKS) as folder, os.scandir(folder) as entries:
+                prefixes = sorted(e.name for e in entries if _PREFIX.fullmatch(e.name))
+        except NotFound:
+            self._open_root_or_raise()
+            return 0, 0, 0
+        for prefix in prefixes:
+            with self._prefix_locked(prefix, exclusive=True) as folder:
+                r, f, k = _sweep_prefix(folder, marked, cutoff)
+            removed, freed, kept = removed + r, freed + f, kept + k
+        return removed, freed, kept
+
+    def status(self) -> tuple[int, int, int]:
+        """(total, used, available) bytes of the file system holding the store."""
+        self._open_root_or_raise()
+        st = os.statvfs(self.root)
+        total, avail = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        return total, total - st.f_bfree * st.f_frsize, avail
+
+
+def _length_problems(key: str, index: Index, lengths: dict[str, int]) -> Iterator[Problem]:
+    """Chunks, each sound, that do not fit where the index puts them (a whole chunk or a patch's
+    base not as long as its place, a patch's own chunk not as long as its runs): restore would
+    refuse them."""
+    for n, entry in enumerate(index.chunks):
+        place = min(index.chunk_size, index.virtual_size - n * index.chunk_size)
+        if isinstance(entry, str):
+            expected: tuple[tuple[str | None, int], ...] = ((entry, place),)
+        elif isinstance(entry, Patch):
+            expected = ((entry.base, place), (entry.own, entry.own_size))
+        else:
+            continue
+        for digest, expected_length in expected:
+            if digest is not None and digest in lengths and lengths[digest] != expected_length:
+                yield Problem(digest, f"chunk {digest}: {lengths[digest]} bytes where {expected_length} belong",
+                              ((key, n * index.chunk_size),))
+
+
+def _is_vmid_name(name: str) -> bool:
+    try:
+        return str(names.vmid(name)) == name
+    except InvalidName:
+        return False
+
+
+def _sweep_prefix(folder: int, marked: set[str], cutoff: float) -> tuple[int, int, int]:
+    """Remove the unmarked chunk files and temp files older than `cutoff` from one chunk folder
+    (whose exclusive lock the caller holds): (removed, bytes freed, kept)."""
+    removed = freed = kept = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            st = entry.stat(follow_symlinks=False)  # fetched now, under the lock
+            if DIGEST_PATTERN.fullmatch(entry.name):
+                if entry.name in marked or st.st_mtime >= cutoff:
+                    kept += 1
+                    continue
+                removed, freed = removed + 1, freed + st.st_size
+            elif not (entry.name.endswith(".tmp") and st.st_mtime < cutoff):
+                continue
+            os.unlink(entry.name, dir_fd=folder)
+    if removed:
+        os.fsync(folder)
+    return removed, freed, kept

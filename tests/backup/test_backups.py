@@ -1,0 +1,493 @@
+"""Backup and restore end to end, through the CLI, the queue and the workers, into the
+session's chunk store (storage `backup`, type chunkstore): guests, templates and linked
+clones backed up and restored equal (`qemu-img compare`), the store deduplicating across
+them, verify finding damage and restore refusing it, protect/forget, prune and gc; and the
+refusals, each one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BASE, NO_BTRFS, NO_CEPH, NO_XFS, NO_ZFS
+from tests.helpers import PATTERN_MIB, crash, fill, orphans, qemu_io_write, qemu_same, snapshot, tmpfs, volume_path
+from worker.jobs.backups import bitmap_name, incremental_refusal
+from worker.testing import wait_for
+
+STORE = BASE / "backup"
+
+
+def guest_with_data(stork, g: int, fmt: str = "raw", size: str = "16M") -> str:
+    code, _, err = stork("guest", "create", g, "--disk", f"scsi0=local:{size},format={fmt}", "--name", f"g{g}")
+    assert code == 0, err
+    disk = f"local:{g}/vm-{g}-disk-0.{fmt}"
+    # bytes of this guest's own (a byte pattern from its id): no other guest's backup holds them
+    qemu_io_write(volume_path(disk), fmt, PATTERN_MIB, PATTERN_MIB, 1 + g % 250)
+    qemu_io_write(volume_path(disk), fmt, 5 * PATTERN_MIB, PATTERN_MIB // 2, 1 + (g + 7) % 250)
+    return disk
+
+
+def backed_up(stork, g: int, *more: str) -> dict:
+    where = () if "--storage" in more else ("--storage", "backup")
+    code, out, err = stork("--json", "backup", g, *more, *where)
+    assert code == 0, err
+    return json.loads(out)["result"]
+
+
+def test_a_guest_comes_back_equal_as_a_new_guest(stork, client, vmid):
+    g, r = vmid(), vmid()
+    disk = guest_with_data(stork, g, "qcow2")
+    result = backed_up(stork, g, "--notes", "before the upgrade")
+    assert result["backup"].startswith(f"vm/{g}/") and result["size"] == 16 << 20
+    assert 0 < result["written"] < 2 << 20  # two MiB of data, compressed; zero chunks not stored
+    assert client.guest(g).lock == ""
+    code, out, _ = stork("backup", "list", g)
+    assert code == 0 and result["backup"] in out and "before the upgrade" in out
+    code, out, _ = stork("backup", "show", result["backup"])
+    assert code == 0 and "scsi0" in out and disk in out
+    code, _, err = stork("restore", result["backup"], r, "--format", "raw")
+    assert code == 0, err
+    restored = client.guest(r)
+    assert restored.name == f"g{g}" and list(restored.disks) == ["scsi0"] and not restored.template
+    assert qemu_same(volume_path(disk), volume_path(restored.disks["scsi0"]))
+    assert restored.disks["scsi0"].endswith(".raw")
+
+
+def test_an_unchanged_re_backup_writes_nothing_and_a_template_with_clones_costs_little_more(stork, client, vmid):
+    t, c1, c2 = vmid(), vmid(), vmid()
+    guest_with_data(stork, t)
+    assert backed_up(stork, t)["written"] > 0
+    assert backed_up(stork, t)["written"] == 0  # unchanged: every chunk is there
+    assert stork("template", t)[0] == 0
+    template_backup = backed_up(stork, t)
+    assert template_backup["written"] == 0  # a base holds the same data as the disk it was
+    for c in (c1, c2):
+        assert stork("clone", t, c)[0] == 0
+        qemu_io_write(volume_path(client.guest(c).disks["scsi0"]), "qcow2", 9 * PATTERN_MIB, 4096, 0x70 + c % 16)
+    clone_backup = backed_up(stork, c1)
+    assert 0 < clone_backup["written"] < 1 << 20  # its own 4 KiB in one chunk, nothing of the base
+    index = json.loads((STORE / clone_backup["backup"] / "scsi0.index.json").read_bytes())
+    assert index["base"]["backup"] == template_backup["backup"]
+
+
+def test_a_template_comes_back_as_a_template_and_a_linked_clone_as_a_full_guest(stork, client, vmid):
+    t, c, rt, rc = vmid(), vmid(), vmid(), vmid()
+    guest_with_data(stork, t)
+    assert stork("template", t)[0] == 0
+    assert stork("clone", t, c)[0] == 0
+    clone_disk = client.guest(c).disks["scsi0"]
+    qemu_io_write(volume_path(clone_disk), "qcow2", 2 * PATTERN_MIB, 4096, 0x7A)
+    tb, cb = backed_up(stork, t)["backup"], backed_up(stork, c)["backup"]
+    assert stork("restore", tb, rt)[0] == 0
+    template = client.guest(rt)
+    assert template.template and client.volume(template.disks["scsi0"]).is_base
+    assert qemu_same(volume_path(client.guest(t).disks["scsi0"]), volume_path(template.disks["scsi0"]))
+    assert stork("clone", rt, vmid())[0] == 0  # a restored template is clonable
+    assert stork("restore", cb, rc, "--storage", "shared")[0] == 0  # away from its base: whole
+    assert qemu_same(volume_path(clone_disk), volume_path(client.guest(rc).disks["scsi0"]))
+    assert client.volume(client.guest(rc).disks["scsi0"]).parent is None
+
+
+def chunk_of(backup: str, disk: str = "scsi0") -> Path:
+    index = json.loads((STORE / backup / f"{disk}.index.json").read_bytes())
+    digest = next(d for d in index["chunks"] if d)
+    return STORE / ".chunks" / digest[:4] / digest
+
+
+def test_verify_names_a_damaged_chunk_and_restore_refuses_it_leaving_nothing(stork, client, vmid):
+    g, r = vmid(), vmid()
+    guest_with_data(stork, g)
+    backup = backed_up(stork, g)["backup"]
+    assert stork("verify", backup)[0] == 0
+    chunk = chunk_of(backup)
+    saved = chunk.read_bytes()
+    try:
+        chunk.write_bytes(saved[:-1] + bytes([saved[-1] ^ 0xFF]))
+        code, _, err = stork("verify", backup)
+        assert code == 1 and chunk.name in err and "scsi0 at byte" in err and err.count("\n") == 1
+        assert not chunk.exists()  # moved aside: a new backup of the data stores it again
+        code, out, _ = stork("backup", "show", backup)
+        assert re.search(r"verified:\s+failed", out) and chunk.name in out
+        volumes_before = sorted(os.listdir(BASE / "images"))
+        code, _, err = stork("restore", backup, r)
+        assert code == 1 and chunk.name in err
+        assert not client.guest_store.exists(r) and sorted(os.listdir(BASE / "images")) == volumes_before
+    finally:
+        chunk.with_name(chunk.name + ".bad").unlink(missing_ok=True)  # verify moved it aside
+    code, _, err = stork("verify", backup)
+    assert code == 1 and chunk.name in err and "missing" in err.lower()
+    chunk.write_bytes(saved)  # as the next backup of that data stores it again
+    assert stork("verify", backup)[0] == 0 and stork("restore", backup, r)[0] == 0
+    assert qemu_same(volume_path(client.guest(g).disks["scsi0"]), volume_path(client.guest(r).disks["scsi0"]))
+
+
+def test_protect_keeps_a_backup_from_forget_and_prune_and_gc_removes_what_nothing_names(stork, client, vmid):
+    g = vmid()
+    guest_with_data(stork, g)
+    first = backed_up(stork, g)["backup"]
+    qemu_io_write(volume_path(client.guest(g).disks["scsi0"]), "raw", 12 * PATTERN_MIB, PATTERN_MIB, 0x55)
+    second = backed_up(stork, g)["backup"]
+    assert stork("backup", "protect", first)[0] == 0
+    code, _, err = stork("backup", "forget", first)
+    assert code == 1 and "protected" in err and err.count("\n") == 1
+    code, out, err = stork("prune", g, "--storage", "backup", "--keep-last", "0", "--keep-daily", "0",
+                           "--keep-hourly", "1", "--dry-run")
+    assert code == 0, err
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
+    assert rows == {second: "keep", first: "keep"}  # the newest for its hour; the other protected
+    assert stork("backup", "unprotect", first)[0] == 0
+    code, out, err = stork("--json", "prune", g, "--storage", "backup", "--keep-last", "1")
+    assert code == 0, err
+    assert json.loads(out)["result"]["removed"] == 1
+    code, out, _ = stork("backup", "list", g)
+    assert second in out and first not in out
+    code, out, err = stork("--json", "gc", "--storage", "backup")
+    assert code == 0, err
+    assert json.loads(out)["result"]["chunks_removed"] == 0  # inside gc's safety margin: kept for now
+    assert stork("verify", second)[0] == 0
+
+
+@pytest.fixture
+def locked(client, vmid, stork):
+    from drivers.guests import GuestStore
+
+    g = vmid()
+    guest_with_data(stork, g)
+    store = GuestStore(BASE / "guests")
+    with store.editing(g) as box:
+        box[0] = box[0].with_(lock="destroy", lock_job="someone-else")
+    yield g
+    with store.editing(g) as box:  # other tests look for guests left locked
+        box[0] = box[0].with_(lock="", lock_job="")
+
+
+REFUSALS = [
+    ("unknown backup", "restore vm/100/2020-01-01T00:00:00Z {new}", "unknown backup vm/100/2020-01-01T00:00:00Z"),
+    ("bad backup id", "backup show vm/x/now", "invalid backup id"),
+    ("restore onto an existing guest", "restore {backup} {g}", "guest {g} already exists"),
+    ("an image storage as the backup storage", "backup {g} --storage local",
+     "storage 'local' holds disk images, not backups"),
+    ("the backup storage as an image storage", "guest create {new} --disk scsi0=backup:4M",
+     "storage 'backup' does not hold disk images"),
+    ("a locked guest", "backup {locked}", "guest {locked} is locked (destroy)"),
+    ("restore --force over a locked guest", "restore {backup} {locked} --force", "guest {locked} is locked (destroy)"),
+    ("prune without a keep option", "prune {g} --storage backup", "give at least one keep option"),
+    ("prune with a negative count", "prune {g} --storage backup --keep-last -1",
+     "keep-last: expected a whole number of 0 or more"),
+    ("no backup storage named where several are", "backup {g}",
+     "several backup storages (backup, secret, tiny): name one with --storage"),
+    ("backup with nothing named", "backup", "name the guests to back up, or give --all"),
+    ("forget an unknown backup", "backup forget vm/100/2020-01-01T00:00:00Z", "unknown backup"),
+]
+
+
+@pytest.mark.parametrize(("what", "args", "message"), REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_refusals_are_one_line_and_change_nothing(stork, client, vmid, locked, what, args, message):
+    g = vmid()
+    guest_with_data(stork, g)
+    backup = backed_up(stork, g)["backup"]
+    listed, before = stork("--json", "backup", "list")[1], snapshot()
+    values = {"g": g, "new": vmid(), "backup": backup, "locked": locked}
+    code, _, err = stork(*args.format(**values).split())
+    assert code in (1, 2) and message.format(**values) in err and err.count("\n") == 1, err
+    assert stork("--json", "backup", "list")[1] == listed and snapshot() == before
+    assert client.guest(locked).lock == "destroy"
+
+
+def test_one_failing_guest_does_not_stop_the_others_backups(stork, client, vmid, locked):
+    g = vmid()
+    guest_with_data(stork, g)
+    code, _, err = stork("backup", locked, g, "--storage", "backup")
+    assert code == 1 and f"guest {locked} is locked" in err
+    code, out, _ = stork("backup", "list", g)
+    assert f"vm/{g}/" in out
+
+
+def test_backup_all_backs_up_every_guest_not_excluded_and_a_failing_one_stops_none(stork, client, vmid, locked):
+    """`backup --all` on the shared test cluster: every guest but the excluded ones (all the
+    other tests' guests, so the run stays small), the locked one refused and the rest done."""
+    g1, g2 = vmid(), vmid()
+    for g in (g1, g2):
+        guest_with_data(stork, g)
+    others = [g.vmid for g in client.guests() if g.vmid not in (g1, g2, locked)]
+    before = {g: len(client.backups(vmid=g)) for g in others[:3]}
+    code, _, err = stork("backup", "--all", "--exclude", ",".join(map(str, others)), "--storage", "backup")
+    assert code == 1 and f"guest {locked} is locked" in err
+    assert [len(client.backups(vmid=g)) for g in (g1, g2)] == [1, 1]
+    assert {g: len(client.backups(vmid=g)) for g in others[:3]} == before  # the excluded: none
+
+
+def test_backups_of_different_guests_at_once_into_one_store_all_verify_and_restore_equal(stork, client, vmid):
+    """Three guests holding the same MiB besides their own data, backed up by three jobs at
+    once (the workers run four steps each): every backup succeeds and verifies, and each
+    comes back equal."""
+    guests = [vmid() for _ in range(3)]
+    for g in guests:
+        disk = guest_with_data(stork, g)
+        qemu_io_write(volume_path(disk), "raw", 9 * PATTERN_MIB, PATTERN_MIB, 0xAB)  # the same in all three
+    jobs = [client.submit("backup", vmid=g, storage="backup") for g in guests]
+    wait_for(lambda: all(client.job(j.id).state.terminal for j in jobs), 120, what="the three backups")
+    results = [client.job(j.id) for j in jobs]
+    assert [r.state for r in results] == ["succeeded"] * 3, [r.error for r in results]
+    for g, result in zip(guests, results, strict=True):
+        assert stork("verify", result.result["backup"])[0] == 0
+        restored = vmid()
+        assert stork("restore", result.result["backup"], restored)[0] == 0
+        source, back = client.guest(g).disks["scsi0"], client.guest(restored).disks["scsi0"]
+        assert qemu_same(volume_path(source), volume_path(back))
+
+
+# ---- a worker SIGKILLed mid-backup and mid-restore -------------------------------------------
+
+
+def crash_guest(client, g: int) -> str:
+    """A guest on node `crash`'s storage, so its steps run on the worker with fault points."""
+    job = client.run("create", vmid=g, node="crash", disks={"scsi0": {"storage": "crash", "size": "8M"},
+                                                            "scsi1": {"storage": "crash", "size": "8M"}})
+    assert job.state == "succeeded", job.error
+    disk = job.result["disks"]["scsi0"]
+    qemu_io_write(volume_path(disk), "raw", 0, PATTERN_MIB, 1 + g % 250)
+    return disk
+
+
+def visible(g: int) -> list[str]:
+    """The guest's committed backups and the partial folders of unfinished ones."""
+    folder = STORE / "vm" / str(g)
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+@pytest.mark.parametrize("point", ["backed-up", "committed"])
+def test_a_backup_killed_before_or_after_its_commit_is_made_once(client, stork, vmid, faulty, point):
+    """Killed after its first disk (nothing visible yet) or right after the commit: the
+    redelivered step makes the backup, or finds it made; one backup in all, the guest
+    unlocked, and gc removes the dead attempt's partial folder."""
+    g = vmid()
+    crash_guest(client, g)
+    job = crash(client, faulty, point, "backup", vmid=g, storage="backup")
+    assert client.guest(g).lock == ""
+    assert [e for e in visible(g) if not e.startswith(".")] == [job.result["backup"].rpartition("/")[2]]
+    assert stork("gc", "--storage", "backup")[0] == 0
+    assert [e for e in visible(g) if e.startswith(".partial")] == []
+    assert stork("verify", job.result["backup"])[0] == 0
+
+
+def test_a_restore_killed_after_a_disk_is_written_is_finished_without_an_orphan(client, stork, vmid, faulty):
+    g, r = vmid(), vmid()
+    disk = crash_guest(client, g)
+    backup = client.run("backup", vmid=g, storage="backup").result["backup"]
+    job = crash(client, faulty, "restored", "restore", backup=backup, newid=r, storage="crash", node="crash")
+    restored = client.guest(r)
+    assert sorted(restored.disks) == ["scsi0", "scsi1"] and restored.lock == ""
+    assert qemu_same(volume_path(disk), volume_path(restored.disks["scsi0"]))
+    assert orphans(client, "crash") == [] and job.result["vmid"] == r
+
+
+@pytest.fixture
+def tiny_store():
+    """A 6 MiB tmpfs as the backup storage `tiny`, so that a backup runs out of space."""
+    with tmpfs(BASE / "tiny", "6m") as path:
+        yield path
+
+
+def test_a_backup_storage_running_full_fails_the_backup_and_keeps_the_earlier_ones(stork, client, vmid,
+                                                                                   tiny_store):
+    """Random data does not compress: 2 MiB fits, 12 MiB does not. The failed backup leaves
+    nothing visible and no partial folder; the earlier backup still verifies and restores."""
+    small, big, r = vmid(), vmid(), vmid()
+    for g, mib in ((small, 2), (big, 12)):
+        assert stork("guest", "create", g, "--disk", "scsi0=local:16M")[0] == 0
+        with open(volume_path(f"local:{g}/vm-{g}-disk-0.raw"), "r+b") as f:
+            f.write(os.urandom(mib * PATTERN_MIB))
+    earlier = backed_up(stork, small, "--storage", "tiny")["backup"]
+    code, _, err = stork("backup", big, "--storage", "tiny")
+    assert code == 1 and "No space left on device" in err and err.count("\n") == 1
+    assert not (tiny_store / "vm" / str(big)).exists() or os.listdir(tiny_store / "vm" / str(big)) == []
+    assert client.guest(big).lock == ""
+    assert stork("verify", f"tiny:{earlier}")[0] == 0
+    assert stork("restore", f"tiny:{earlier}", r)[0] == 0
+    assert qemu_same(volume_path(f"local:{small}/vm-{small}-disk-0.raw"), volume_path(client.guest(r).disks["scsi0"]))
+
+
+def test_restore_force_replaces_a_guest_only_once_the_restore_has_succeeded(stork, client, vmid):
+    g, other = vmid(), vmid()
+    disk = guest_with_data(stork, g)
+    backup = backed_up(stork, g)["backup"]
+    guest_with_data(stork, other, "qcow2")
+    old = client.guest(other).disks["scsi0"]
+    chunk = chunk_of(backup)
+    saved = chunk.read_bytes()
+    chunk.unlink()  # first a restore that fails: the guest stays as it was
+    code, _, err = stork("restore", backup, other, "--force")
+    assert code == 1 and chunk.name in err
+    assert client.guest(other).disks == {"scsi0": old} and client.guest(other).lock == ""
+    assert volume_path(old).exists()
+    chunk.write_bytes(saved)
+    code, _, err = stork("restore", backup, other, "--force")
+    assert code == 0, err
+    replaced = client.guest(other)
+    assert replaced.lock == "" and replaced.unused == () and replaced.disks["scsi0"] != old
+    assert qemu_same(volume_path(disk), volume_path(replaced.disks["scsi0"]))
+    assert not volume_path(old).exists()  # the old disk freed once the new one was in place
+
+
+STORAGE_TYPES = [
+    pytest.param("xfs", marks=pytest.mark.skipif(bool(NO_XFS), reason=f"xfs: {NO_XFS}")),
+    pytest.param("bt", marks=pytest.mark.skipif(bool(NO_BTRFS), reason=f"btrfs: {NO_BTRFS}")),
+    pytest.param("zfs", marks=pytest.mark.skipif(bool(NO_ZFS), reason=f"zfs: {NO_ZFS}")),
+    pytest.param("ceph", marks=pytest.mark.skipif(bool(NO_CEPH), reason=f"rbd: {NO_CEPH}")),
+]
+
+
+@pytest.mark.parametrize("storage", STORAGE_TYPES)
+def test_backups_read_from_and_restore_to_every_storage_type(stork, client, vmid, storage):
+    """A template and its linked clone on the storage, backed up and restored onto it; the
+    restored disks equal the originals (compared through the drivers, whatever a volume is)."""
+    t, c, rt, rc = vmid(), vmid(), vmid(), vmid()
+    code, _, err = stork("guest", "create", t, "--disk", f"scsi0={storage}:16M")
+    assert code == 0, err
+    drv, vol = client_volume(client, client.guest(t).disks["scsi0"])
+    fill(drv, vol, PATTERN_MIB, os.urandom(PATTERN_MIB))
+    assert stork("template", t)[0] == 0
+    assert stork("clone", t, c)[0] == 0
+    clone_drv, clone_vol = client_volume(client, client.guest(c).disks["scsi0"])
+    fill(clone_drv, clone_vol, 9 * PATTERN_MIB, os.urandom(4096))
+    tb, cb = backed_up(stork, t)["backup"], backed_up(stork, c)
+    assert cb["written"] < PATTERN_MIB  # the clone's own chunk only: the rest from the template's index
+    for backup, new in ((tb, rt), (cb["backup"], rc)):
+        code, _, err = stork("restore", backup, new, "--storage", storage)
+        assert code == 0, err
+    assert client.guest(rt).template
+    for original, restored in ((t, rt), (c, rc)):
+        src_drv, src = client_volume(client, client.guest(original).disks["scsi0"])
+        dst_drv, dst = client_volume(client, client.guest(restored).disks["scsi0"])
+        dst_drv.compare(src_drv, src, dst)
+    for g in (rc, c, rt, t):
+        assert stork("guest", "destroy", g)[0] == 0
+
+
+def client_volume(client, volid: str):
+    from drivers import driver_for, names
+
+    vid = names.volume_id(volid)
+    drv = driver_for(client.cfg.storage(vid.storage))
+    return drv, drv.parse_volname(vid.volname)
+
+
+def bitmaps_of(disk: str) -> dict[str, list[str]]:
+    out = subprocess.run(["qemu-img", "info", "--output=json", str(volume_path(disk))], capture_output=True,
+                         text=True, check=True).stdout
+    return {b["name"]: b["flags"] for b in json.loads(out)["format-specific"]["data"].get("bitmaps", [])}
+
+
+def test_a_qcow2_disk_is_read_incrementally_through_its_dirty_bitmap(stork, client, vmid):
+    """The first backup reads it all and adds a bitmap; the next reads only what was written
+    since (its result says so), stores it as a patch over the first backup's chunk, takes the
+    rest from the first backup's index, restores equal, and leaves only its own bitmap."""
+    g, r = vmid(), vmid()
+    disk = guest_with_data(stork, g, "qcow2", size="64M")
+    first = backed_up(stork, g)
+    assert first["reads"]["scsi0"] == "full read: no earlier backup of this disk in this storage"
+    assert list(bitmaps_of(disk)) == [bitmap_name("backup", first["backup"].rpartition("/")[2])]
+    qemu_io_write(volume_path(disk), "qcow2", 40 * PATTERN_MIB, PATTERN_MIB, 0x3C)
+    second = backed_up(stork, g)
+    assert second["reads"]["scsi0"] == f"incremental: what changed since {first['backup']}"
+    assert 0 < second["written"] <= PATTERN_MIB  # the written MiB, not its whole chunk
+    first_index = json.loads((STORE / first["backup"] / "scsi0.index.json").read_bytes())["chunks"]
+    second_index = json.loads((STORE / second["backup"] / "scsi0.index.json").read_bytes())["chunks"]
+    assert [n for n, (a, b) in enumerate(zip(first_index, second_index, strict=True)) if a != b] == [10]
+    assert second_index[10]["base"] == first_index[10] and second_index[10]["runs"] == [[0, PATTERN_MIB]]
+    assert stork("restore", second["backup"], r)[0] == 0
+    assert qemu_same(volume_path(disk), volume_path(client.guest(r).disks["scsi0"]))
+    assert list(bitmaps_of(disk)) == [bitmap_name("backup", second["backup"].rpartition("/")[2])]
+
+
+def test_a_dirty_bitmap_left_in_use_falls_back_to_a_full_read_and_says_so(stork, client, vmid):
+    """A qemu killed while the image was open leaves its bitmaps flagged in-use: they may miss
+    writes, so the next backup reads the whole disk."""
+    g = vmid()
+    disk = guest_with_data(stork, g, "qcow2")
+    backed_up(stork, g)
+    io = subprocess.Popen(["qemu-io", "-f", "qcow2", str(volume_path(disk))], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert io.stdin is not None and io.stdout is not None
+    io.stdin.write(b"write -P 0x44 0 65536\n")
+    io.stdin.flush()
+    io.stdout.readline()
+    io.kill()  # open read-write, then gone without closing the image
+    io.wait()
+    [flags] = bitmaps_of(disk).values()
+    assert "in-use" in flags
+    again = backed_up(stork, g)
+    assert again["reads"]["scsi0"].startswith("full read: dirty bitmap stork-backup-") and "in use" in \
+        again["reads"]["scsi0"]
+    r = vmid()
+    assert stork("restore", again["backup"], r)[0] == 0
+    assert qemu_same(volume_path(disk), volume_path(client.guest(r).disks["scsi0"]))
+
+
+def test_a_raw_disk_is_read_whole_and_says_why(stork, vmid):
+    g = vmid()
+    guest_with_data(stork, g)
+    assert backed_up(stork, g)["reads"]["scsi0"] == "full read (only a writable qcow2 disk has dirty bitmaps)"
+
+
+def test_a_linked_clone_restored_where_its_base_still_is_is_a_linked_clone_again(stork, client, vmid):
+    """Its base (the very volume its backup's base was read from) is still there: the restore
+    makes a linked clone of it and writes only the clone's own chunks; elsewhere (or once the
+    base is another volume) it comes back whole."""
+    t, c, relinked, again, whole = vmid(), vmid(), vmid(), vmid(), vmid()
+    guest_with_data(stork, t)
+    assert stork("template", t)[0] == 0
+    assert stork("clone", t, c)[0] == 0
+    clone_disk = client.guest(c).disks["scsi0"]
+    qemu_io_write(volume_path(clone_disk), "qcow2", 9 * PATTERN_MIB, 4096, 0x5C)
+    qemu_io_write(volume_path(clone_disk), "qcow2", 1 * PATTERN_MIB, 4096, 0)  # zeros over the base's data
+    backed_up(stork, t)
+    backup = backed_up(stork, c)["backup"]
+    code, _, err = stork("restore", backup, relinked)
+    assert code == 0, err
+    disk = client.guest(relinked).disks["scsi0"]
+    assert client.volume(disk).parent == client.guest(t).disks["scsi0"]
+    assert qemu_same(volume_path(clone_disk), volume_path(disk))
+    assert volume_path(disk).stat().st_blocks * 512 < 1 << 20  # its two own clusters, not whole chunks
+    # the base backup's chunks under the clone's own gone (verify moves a damaged one aside):
+    # the clone's patches name only their own runs, so the restore writes those and is right
+    clone_chunks = json.loads((STORE / backup / "scsi0.index.json").read_bytes())["chunks"]
+    base_ref = json.loads((STORE / backup / "scsi0.index.json").read_bytes())["base"]["backup"]
+    base_chunks = json.loads((STORE / base_ref / "scsi0.index.json").read_bytes())["chunks"]
+    beneath = [STORE / ".chunks" / d[:4] / d for d, own in zip(base_chunks, clone_chunks, strict=True)
+               if d and d != own]
+    assert beneath
+    for chunk in beneath:
+        chunk.rename(chunk.with_suffix(".aside"))
+    try:
+        code, _, err = stork("restore", backup, again)
+    finally:
+        for chunk in beneath:
+            chunk.with_suffix(".aside").rename(chunk)
+    assert code == 0, err
+    assert qemu_same(volume_path(clone_disk), volume_path(client.guest(again).disks["scsi0"]))
+    code, _, err = stork("restore", backup, whole, "--storage", "xfs" if not NO_XFS else "shared")
+    assert code == 0, err
+    assert client.volume(client.guest(whole).disks["scsi0"]).parent is None
+    assert qemu_same(volume_path(clone_disk), volume_path(client.guest(whole).disks["scsi0"]))
+
+
+@pytest.mark.parametrize(
+    ("marks", "expected", "why"),
+    [
+        pytest.param({}, None, "no earlier backup of this disk in this storage", id="first backup"),
+        pytest.param({"stork-b-1": ["auto"]}, "stork-b-2", "no dirty bitmap stork-b-2", id="bitmap gone"),
+        pytest.param({"stork-b-2": ["in-use", "auto"]}, "stork-b-2", "is in use", id="unclean close"),
+        pytest.param({"stork-b-2": []}, "stork-b-2", "is disabled", id="disabled"),
+        pytest.param({"stork-b-2": ["auto"]}, "stork-b-2", None, id="usable"),
+    ],
+)
+def test_which_dirty_bitmap_is_trusted(marks, expected, why):
+    found = incremental_refusal(marks, expected)
+    assert found is None if why is None else why in found

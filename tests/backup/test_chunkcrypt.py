@@ -1,0 +1,168 @@
+"""Encrypted backup storages (drivers/backup/crypt.py) on real files: names keyed, data sealed,
+manifests authenticated; a wrong or missing key, a tampered chunk or manifest, and a key file
+readable by others are each one clear refusal, never garbage restored; and end to end, a
+guest backed up into the session's encrypted storage `secret` and restored equal."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from drivers import backup_storage
+from drivers.backup.crypt import EncryptedCodec, create_key, load_key
+from drivers.backup.store import ChunkStore
+from drivers.errors import AlreadyExists, ConfigError, Corrupt, Refused
+from drivers.storage import StorageConfig
+from tests.conftest import BASE
+from tests.helpers import PATTERN_MIB, qemu_io_write, qemu_same, volume_path
+
+DATA = b"the guest's secret data " * 40000
+
+
+def secret_storage(tmp_path: Path, key: Path) -> StorageConfig:
+    return StorageConfig("vault", "chunkstore", content=("backup",), options={"path": tmp_path / "vault",
+                                                                             "keyfile": key})
+
+
+@pytest.fixture
+def key(tmp_path) -> Path:
+    path = tmp_path / "vault.key"
+    create_key(path)
+    return path
+
+
+def committed(store: ChunkStore, data: bytes = DATA) -> tuple[str, str]:
+    with store.begin(100) as writer:
+        digest, _ = writer.put_chunk(data)
+        writer.add_blob("guest.conf", b"node = 'n'\n")
+        snap = writer.commit()
+    assert digest is not None
+    return str(snap.id), digest
+
+
+def test_chunks_are_named_by_a_keyed_hash_and_sealed(tmp_path, key):
+    store = backup_storage(secret_storage(tmp_path, key)).open()
+    _, digest = committed(store)
+    assert digest != hashlib.sha256(DATA).hexdigest()  # the name does not confirm a guess of the data
+    blob = (tmp_path / "vault" / ".chunks" / digest[:4] / digest).read_bytes()
+    assert b"secret data" not in blob and blob[4] == 2
+    assert store.read_chunk(digest) == DATA
+
+
+def test_a_tampered_chunk_or_manifest_is_refused(tmp_path, key):
+    store = backup_storage(secret_storage(tmp_path, key)).open()
+    bid, digest = committed(store)
+    chunk = tmp_path / "vault" / ".chunks" / digest[:4] / digest
+    blob = bytearray(chunk.read_bytes())
+    blob[-20] ^= 1
+    chunk.write_bytes(bytes(blob))
+    with pytest.raises(Corrupt, match=f"chunk {digest}: fails authentication"):
+        store.read_chunk(digest)
+    manifest = tmp_path / "vault" / bid / "manifest.json"
+    doc = json.loads(manifest.read_bytes())
+    doc["size"] += 1
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(Corrupt, match=f"backup {bid}: its manifest fails authentication"):
+        store.snapshot(bid)
+
+
+def test_a_tampered_or_copied_state_is_refused(tmp_path, key):
+    """state.json (protected, notes, the verify result) is outside the manifest: it carries a
+    MAC of its own, over the snapshot's id too, so neither an edit nor another snapshot's
+    state (a protected one's, say) passes."""
+    store = backup_storage(secret_storage(tmp_path, key)).open()
+    first, _ = committed(store)
+    store.set_protected(first, True)
+    assert store.snapshot(first).state.protected
+    with store.begin(100, datetime(2026, 1, 2, tzinfo=UTC)) as writer:
+        second = str(writer.commit().id)
+    state = tmp_path / "vault" / second / "state.json"
+    own = state.read_bytes()
+    doc = json.loads(own)
+    state.write_text(json.dumps({**doc, "protected": True}))
+    with pytest.raises(Corrupt, match=f"backup {second}: state.json: fails authentication"):
+        store.snapshot(second)
+    state.write_bytes((tmp_path / "vault" / first / "state.json").read_bytes())  # a protected one's
+    with pytest.raises(Corrupt, match=f"backup {second}: state.json: fails authentication"):
+        store.snapshot(second)
+    state.unlink()
+    with pytest.raises(Corrupt, match=f"backup {second}: state.json: missing"):
+        store.snapshot(second)
+    state.write_bytes(own)
+    assert not store.snapshot(second).state.protected
+    store.forget(second)
+
+
+def test_a_snapshot_made_before_states_were_sealed_is_read_as_it_is(tmp_path, key):
+    """Its manifest (MACed) does not say its state is sealed: a state without a MAC, or none,
+    is read as it stands, so a store of earlier backups stays usable (a change writes a MAC,
+    which for such a snapshot is not checked)."""
+    store = backup_storage(secret_storage(tmp_path, key)).open()
+    bid, _ = committed(store)
+    folder = tmp_path / "vault" / bid
+    doc = json.loads((folder / "manifest.json").read_bytes())
+    assert doc.pop("sealed_state") is True
+    raw = json.dumps(doc).encode()
+    (folder / "manifest.json").write_bytes(raw)
+    (folder / "manifest.mac").write_bytes(EncryptedCodec(load_key(key)).mac(raw))
+    (folder / "state.json").unlink()
+    assert store.snapshot(bid).state.protected is False
+    (folder / "state.json").write_text(json.dumps({"version": 1, "notes": "old", "protected": True, "verify": None}))
+    assert store.snapshot(bid).state.notes == "old"
+    store.set_protected(bid, False)
+    assert "mac" in json.loads((folder / "state.json").read_bytes())
+
+
+def test_a_wrong_or_missing_key_is_one_refusal(tmp_path, key):
+    committed(backup_storage(secret_storage(tmp_path, key)).open())
+    other = tmp_path / "other.key"
+    create_key(other)
+    with pytest.raises(Refused, match=r"the key file is not this store's key \(its fingerprint is [0-9a-f]{32}"):
+        backup_storage(secret_storage(tmp_path, other)).open()
+    plain = StorageConfig("vault", "chunkstore", content=("backup",), options={"path": tmp_path / "vault"})
+    with pytest.raises(Refused, match="is encrypted: name its key file"):
+        backup_storage(plain).open()
+
+
+def test_a_key_for_a_store_of_plain_backups_is_refused(tmp_path, key):
+    plain = StorageConfig("vault", "chunkstore", content=("backup",), options={"path": tmp_path / "vault"})
+    committed(backup_storage(plain).open())
+    with pytest.raises(Refused, match="holds unencrypted backups"):
+        backup_storage(secret_storage(tmp_path, key)).open()
+
+
+def test_key_files_are_made_private_never_overwritten_and_checked(tmp_path, key):
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(AlreadyExists, match="is never overwritten"):
+        create_key(key)
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"readable by others \(mode 0644\): chmod 600 it"):
+        load_key(key)
+    key.chmod(0o600)
+    key.write_text("not a key\n")
+    with pytest.raises(ConfigError, match="not a stork key file"):
+        load_key(key)
+
+
+def test_the_same_data_under_two_keys_has_unrelated_names():
+    a, b = EncryptedCodec(os.urandom(32)), EncryptedCodec(os.urandom(32))
+    assert a.digest(DATA) != b.digest(DATA) and a.fingerprint != b.fingerprint
+
+
+def test_a_guest_backed_up_into_an_encrypted_storage_comes_back_equal(stork, client, vmid):
+    g, r = vmid(), vmid()
+    assert stork("guest", "create", g, "--disk", "scsi0=local:8M")[0] == 0
+    disk = client.guest(g).disks["scsi0"]
+    qemu_io_write(volume_path(disk), "raw", PATTERN_MIB, PATTERN_MIB, 0x2B)
+    code, out, err = stork("--json", "backup", g, "--storage", "secret")
+    assert code == 0, err
+    backup = json.loads(out)["result"]["backup"]
+    assert (BASE / "secret" / backup / "manifest.mac").exists()
+    assert stork("verify", f"secret:{backup}")[0] == 0
+    assert stork("restore", f"secret:{backup}", r)[0] == 0
+    assert qemu_same(volume_path(disk), volume_path(client.guest(r).disks["scsi0"]))

@@ -1,0 +1,247 @@
+"""Scheduled backups (worker/jobs/schedules.py): the slot arithmetic as table tests, the config's
+refusals, and ticks against the real Redis and workers: a slot enqueued once by two ticks at
+once, one catch-up after missed slots, the prune after the backups, `stork schedule list`."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from celery.schedules import crontab
+
+from drivers import config
+from drivers.errors import ConfigError
+from worker.jobs import schedules
+from worker.testing import wait_for
+
+
+def cron(line: str) -> crontab:
+    m, h, dom, mon, dow = line.split()
+    return crontab(minute=m, hour=h, day_of_month=dom, month_of_year=mon, day_of_week=dow)
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("line", "now", "latest", "following"),
+    [
+        ("* * * * *", "2026-11-26 13:37:42", "2026-11-26 13:37", "2026-11-26 13:38"),
+        ("0 2 * * *", "2026-11-26 13:37:00", "2026-11-26 02:00", "2026-11-27 02:00"),
+        ("0 2 * * *", "2026-11-26 02:00:59", "2026-11-26 02:00", "2026-11-27 02:00"),
+        ("0 2 * * *", "2026-11-26 01:59:59", "2026-11-25 02:00", "2026-11-26 02:00"),
+        ("*/15 9-17 * * 1-5", "2026-11-28 12:00:00", "2026-11-27 17:45", "2026-11-30 09:00"),  # a Saturday
+        ("30 4 1 * *", "2026-11-26 00:00:00", "2026-11-01 04:30", "2026-12-01 04:30"),
+        ("0 0 1 1 *", "2026-11-26 00:00:00", "2026-01-01 00:00", "2027-01-01 00:00"),
+        ("0 12 * * 0", "2026-11-29 12:00:00", "2026-11-29 12:00", "2026-12-06 12:00"),  # Sunday is 0
+        ("0 0 29 2 *", "2026-11-26 00:00:00", "2024-02-29 00:00", "2028-02-29 00:00"),  # leap days
+    ],
+)
+def test_latest_and_next_slot(line, now, latest, following):
+    assert schedules.latest_slot(cron(line), at(now)) == at(latest)
+    assert schedules.next_slot(cron(line), at(now)) == at(following)
+
+
+def test_a_crontab_that_never_matches_has_no_slot():
+    assert schedules.latest_slot(cron("0 0 30 2 *"), at("2026-11-26 00:00:00")) is None
+    assert schedules.next_slot(cron("0 0 30 2 *"), at("2026-11-26 00:00:00")) is None
+
+
+@pytest.mark.parametrize(
+    ("last", "now", "due"),
+    [
+        pytest.param(None, "2026-11-26 02:03:00", "2026-11-26 02:00", id="never run: a recent slot runs"),
+        pytest.param(None, "2026-11-26 13:00:00", None, id="never run: an old slot does not"),
+        pytest.param("2026-11-26 02:00", "2026-11-26 13:00:00", None, id="this slot ran"),
+        pytest.param("2026-11-25 02:00", "2026-11-26 13:00:00", "2026-11-26 02:00", id="the next slot is due"),
+        pytest.param("2026-11-20 02:00", "2026-11-26 13:00:00", "2026-11-26 02:00",
+                     id="five slots missed: one catch-up, the latest"),
+    ],
+)
+def test_due_slot(last, now, due):
+    found = schedules.due_slot(cron("0 2 * * *"), at(last) if last else None, at(now))
+    assert found == (at(due) if due else None)
+
+
+SCHEDULE = "[schedule.s]\nschedule = '0 2 * * *'\nguests = 'all'\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[schedule.s]\nguests = 'all'\n", r"schedule.s.schedule is missing"),
+        ("[schedule.s]\nschedule = '0 2 * *'\nguests = 'all'\n",
+         r"schedule.s.schedule = '0 2 \* \*': expected a crontab"),
+        ("[schedule.s]\nschedule = '0 2 * * *'\nguests = [5]\n", r"schedule.s.guests = \[5\]: expected \"all\""),
+        ("[schedule.s]\nschedule = '0 2 * * *'\nguests = []\n", r"schedule.s.guests = \[\]: expected"),
+        (SCHEDULE + "keep-daily = -1\n", r"schedule.s.keep-daily = -1: expected a whole number"),
+        (SCHEDULE + "keep-often = 1\n", r"unknown key schedule.s.keep-often"),
+        (SCHEDULE + "storage = 'local'\n", r"schedule.s.storage = 'local': expected a backup storage"),
+        ("[schedule.s]\nschedule = '0 2 * * *'\nguests = [100]\nexclude = [101]\n",
+         r"schedule.s.exclude: only with guests = \"all\""),
+        ("[schedule.Bad]\nschedule = '0 2 * * *'\nguests = 'all'\n", r"\[schedule.Bad\]: invalid schedule name"),
+    ],
+)
+def test_a_bad_schedule_is_one_config_error_naming_the_key(tmp_path, text, message):
+    base = "[storage.local]\ntype = 'dir'\npath = 'images'\n"
+    with pytest.raises(ConfigError, match=message):
+        config.parse(base + text, tmp_path / "stork.toml", {"STORK_NODE": "n"})
+
+
+def test_a_crontab_celery_cannot_parse_names_the_key(tmp_path):
+    cfg = config.parse("[schedule.s]\nschedule = '61 2 * * *'\nguests = 'all'\n", tmp_path / "stork.toml",
+                       {"STORK_NODE": "n"})
+    with pytest.raises(ConfigError, match=r"stork.toml: schedule.s.schedule = '61 2 \* \* \*': Invalid end range"):
+        schedules.parse(cfg)
+
+
+# ---- ticks against the real Redis and workers -------------------------------------------------
+
+
+def with_schedule(client, name: str, guests: list[int], **more) -> config.Config:
+    entry = {"schedule": "* * * * *", "guests": guests, "storage": "backup", **more}
+    return replace(client.cfg, schedules={name: entry})
+
+
+def ended(client, job_ids) -> bool:
+    return all(client.job(j).state.terminal for j in job_ids)
+
+
+def test_two_ticks_at_once_enqueue_a_slot_once_and_the_prune_follows_the_backups(client, vmid):
+    g = vmid()
+    assert client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "4M"}}).state == "succeeded"
+    cfg = with_schedule(client, f"once{g}", [g], **{"keep-last": 1})
+    now = datetime.now(UTC)
+    threads = [threading.Thread(target=schedules.tick, args=(cfg, client.r, client.app, now)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    [row] = schedules.status(cfg, client.r, now)
+    run = schedules._last(client.r, f"once{g}")
+    assert run is not None and list(run["jobs"]) == [str(g)]  # one backup job, not two
+    wait_for(lambda: ended(client, run["jobs"].values()), 120)
+    assert client.job(run["jobs"][str(g)]).state == "succeeded"
+    # the next slot (a minute on): a second backup, then the prune keeps only the newest
+    later = now + timedelta(minutes=1)
+    schedules.tick(cfg, client.r, client.app, later)  # prunes the first run, starts the second
+    second = schedules._last(client.r, f"once{g}")
+    wait_for(lambda: ended(client, second["jobs"].values()), 120)
+    schedules.tick(cfg, client.r, client.app, later)
+    pruned = schedules._last(client.r, f"once{g}")
+    assert pruned["pruned"] and len(pruned["prune_jobs"]) == 1
+    wait_for(lambda: ended(client, pruned["prune_jobs"]), 120)
+    assert [s.id.vmid for _, s in client.backups(vmid=g)] == [g]  # keep-last 1
+    [row] = schedules.status(cfg, client.r, later)
+    assert row["last"] == schedules.latest_slot(cron("* * * * *"), later).isoformat()
+    assert row["outcome"] == "1 succeeded" and row["next"] > row["last"]
+
+
+def test_after_missed_slots_a_tick_runs_one_catch_up(client, vmid):
+    g = vmid()
+    assert client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "4M"}}).state == "succeeded"
+    name = f"late{g}"
+    cfg = replace(client.cfg, schedules={name: {"schedule": "0 * * * *", "guests": [g], "storage": "backup"}})
+    now = datetime.now(UTC)
+    hours_ago = schedules.latest_slot(cron("0 * * * *"), now - timedelta(hours=5))
+    client.r.set(f"stork:schedule:{name}:last", hours_ago.isoformat())
+    client.r.set(f"stork:schedule:{name}:run:{hours_ago.isoformat()}",
+                 json.dumps({"slot": hours_ago.isoformat(), "jobs": {}, "refused": {}, "pruned": True}))
+    assert schedules.tick(cfg, client.r, client.app, now) == [name]
+    assert schedules.tick(cfg, client.r, client.app, now + timedelta(seconds=30)) == []  # ran: not again
+    run = schedules._last(client.r, name)
+    assert run["slot"] == schedules.latest_slot(cron("0 * * * *"), now).isoformat() and len(run["jobs"]) == 1
+    wait_for(lambda: ended(client, run["jobs"].values()), 120)
+
+
+def test_schedule_list_shows_each_schedule(stork):
+    code, out, err = stork("schedule", "list")
+    assert code == 0, err
+    header, row = out.splitlines()
+    assert header.split()[:3] == ["NAME", "SCHEDULE", "GUESTS"]
+    assert row.split()[0] == "nightly" and "0 2 * * *" in row and "keep-daily=7 keep-weekly=4" in row
+    assert "never" in row and " no " in f" {row} "  # disabled, never run
+
+
+def test_a_schedule_with_a_bad_crontab_does_not_stop_the_others(client, vmid):
+    g = vmid()
+    assert client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "4M"}}).state == "succeeded"
+    good = f"good{g}"
+    cfg = replace(client.cfg, schedules={
+        "bad": {"schedule": "61 2 * * *", "guests": [g], "storage": "backup"},
+        good: {"schedule": "* * * * *", "guests": [g], "storage": "backup"}})
+    now = datetime.now(UTC)
+    assert schedules.tick(cfg, client.r, client.app, now) == [good]
+    rows = {row["name"]: row for row in schedules.status(cfg, client.r, now)}
+    assert rows["bad"]["outcome"].startswith("not run: ") and "Invalid end range" in rows["bad"]["outcome"]
+    run = schedules._last(client.r, good)
+    wait_for(lambda: ended(client, run["jobs"].values()), 120)
+
+
+def test_a_run_whose_starter_died_is_resumed_once_its_lease_lapses(client, vmid):
+    """A tick killed after submitting the first guest's backup: the run record holds that job
+    and says starting; while its lease lasts nothing else starts it, then a tick submits only
+    the guests not yet recorded."""
+    g1, g2 = vmid(), vmid()
+    for g in (g1, g2):
+        assert client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "4M"}}).state == "succeeded"
+    name = f"resume{g1}"
+    cfg = replace(client.cfg, schedules={name: {"schedule": "* * * * *", "guests": [g1, g2], "storage": "backup"}})
+    now = datetime.now(UTC)
+    slot = schedules.latest_slot(cron("* * * * *"), now).isoformat()
+    first = client.submit("backup", vmid=g1, storage="backup")
+    client.r.set(f"stork:schedule:{name}:slot:{slot}", "1")
+    client.r.set(f"stork:schedule:{name}:last", slot)
+    client.r.set(f"stork:schedule:{name}:starting:{slot}", "1", ex=60)  # the dead starter's lease
+    client.r.set(f"stork:schedule:{name}:run:{slot}", json.dumps(
+        {"slot": slot, "jobs": {str(g1): first.id}, "refused": {}, "pruned": False, "starting": True}))
+    assert schedules.tick(cfg, client.r, client.app, now) == []  # the lease holds
+    client.r.delete(f"stork:schedule:{name}:starting:{slot}")  # as when it lapses
+    assert schedules.tick(cfg, client.r, client.app, now) == [name]
+    run = schedules._last(client.r, name)
+    assert run["jobs"][str(g1)] == first.id and list(run["jobs"]) == [str(g1), str(g2)] and not run["starting"]
+    wait_for(lambda: ended(client, run["jobs"].values()), 120)
+
+
+def test_an_edited_crontab_runs_no_old_slot_at_once(client, vmid):
+    """Edited from 02:00 to 03:00 at 10:00: today's 03:00 slot is newer than the last run, but
+    the edit makes it a new schedule, which runs only a recent slot."""
+    g = vmid()
+    name = f"edited{g}"
+    at_ten = datetime.now(UTC).replace(hour=10, minute=0, second=0, microsecond=0)
+    ran = (at_ten - timedelta(hours=8)).isoformat()  # 02:00 today
+    client.r.set(f"stork:schedule:{name}:last", ran)
+    client.r.set(f"stork:schedule:{name}:run:{ran}", json.dumps(
+        {"slot": ran, "line": "0 2 * * *", "jobs": {}, "refused": {}, "pruned": True}))
+    cfg = replace(client.cfg, schedules={name: {"schedule": "0 3 * * *", "guests": [g], "storage": "backup"}})
+    assert schedules.tick(cfg, client.r, client.app, at_ten) == []
+    unedited = replace(client.cfg, schedules={name: {"schedule": "0 2 * * *", "guests": [g], "storage": "backup"}})
+    assert schedules.tick(unedited, client.r, client.app, at_ten + timedelta(days=1)) == [name]  # the next 02:00
+    client.r.delete(f"stork:schedule:{name}:last")
+
+
+def test_a_re_enabled_schedule_runs_no_slot_that_passed_while_it_was_off(client, vmid):
+    """Disabled over its 02:00 slot with an older run on record: enabled again at 10:00, it
+    does not run that 02:00 slot at once, but the next day's."""
+    g = vmid()
+    name = f"paused{g}"
+    at_ten = datetime.now(UTC).replace(hour=10, minute=0, second=0, microsecond=0)
+    ran = (at_ten - timedelta(days=3, hours=8)).isoformat()  # 02:00 three days ago
+    client.r.set(f"stork:schedule:{name}:last", ran)
+    client.r.set(f"stork:schedule:{name}:run:{ran}", json.dumps(
+        {"slot": ran, "line": "0 2 * * *", "jobs": {}, "refused": {}, "pruned": True}))
+    entry = {"schedule": "0 2 * * *", "guests": [g], "storage": "backup"}
+    off = replace(client.cfg, schedules={name: {**entry, "enabled": False}})
+    on = replace(client.cfg, schedules={name: entry})
+    assert schedules.tick(off, client.r, client.app, at_ten - timedelta(minutes=5)) == []
+    assert client.r.ttl(f"stork:schedule:{name}:skipped:0 2 * * *") > 0
+    assert schedules.tick(on, client.r, client.app, at_ten) == []  # today's 02:00 passed while off
+    assert schedules._last(client.r, name)["slot"] == ran
+    assert schedules.tick(on, client.r, client.app, at_ten + timedelta(days=1)) == [name]  # the next 02:00
+    assert schedules._last(client.r, name)["slot"] == (at_ten + timedelta(hours=16)).isoformat()
+    for key in client.r.scan_iter(f"stork:schedule:{name}:*"):
+        client.r.delete(key)

@@ -1,0 +1,88 @@
+"""Recovery decisions on job records in the real Redis, with the real workers finishing
+what is sent again: a commit step is never rolled back, only carried forward."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from drivers.errors import Refused
+from worker import records, recovery
+from worker.jobs.kinds import KINDS
+from worker.records import JobRecord, JobState
+
+DEAD = f"{socket.gethostname()}:999999999"  # a process id that cannot exist
+
+
+def interrupted_job(client, kind: str, params: dict, done: int, holder: str = DEAD) -> JobRecord:
+    """A job of `kind` whose step `done` was running in `holder` (by default a dead process)."""
+    spec = KINDS[kind]
+    job = JobRecord(
+        id=records.new_id(), kind=kind, params=params, node="node1", steps=[s.name for s in spec.steps],
+        queues=spec.queues(params, client.cfg), state=JobState.RUNNING, done=done,
+        current={"step": done, "name": spec.steps[done].name, "node": "node1", "worker": holder, "attempt": 1},
+        attempts={str(done): 1},
+    )
+    records.create(client.r, job, {"phase": "queued"})
+    return job
+
+
+def test_a_commit_step_interrupted_is_carried_forward_not_undone(client, vmid):
+    """A resize whose process died in its commit step: the restarted node sends the rest of
+    the job again; it succeeds and the guest is unlocked — nothing is rolled back."""
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    volid = f"local:{g}/vm-{g}-disk-0.raw"
+    params = KINDS["resize"].prepare({"volid": volid, "size": "16M"}, client.cfg)
+    job = interrupted_job(client, "resize", params, done=1)
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(lock="resize", lock_job=job.id)
+    assert job.id in recovery.reconcile(client.r, "node1")
+    job = client.wait(job.id, timeout=30)
+    assert job.state == "succeeded", job.error
+    assert client.guest(g).lock == "" and client.volume(volid).virtual_size == 16 << 20
+
+
+def test_a_job_interrupted_before_its_commit_is_failed_and_undone(client, vmid):
+    """The same interruption one step earlier (the lock step) fails the job and undoes it."""
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    params = KINDS["resize"].prepare({"volid": f"local:{g}/vm-{g}-disk-0.raw", "size": "16M"}, client.cfg)
+    job = interrupted_job(client, "resize", params, done=0)
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(lock="resize", lock_job=job.id)
+    assert job.id in recovery.reconcile(client.r, "node1")
+    job = client.wait(job.id, timeout=30)
+    assert job.state == "failed" and job.error == "the worker on node node1 died during step lock_guest"
+    assert client.guest(g).lock == ""
+
+
+def test_a_committed_job_cannot_be_cancelled(client, vmid):
+    """Once a commit step is done the job's change stands: cancel is refused, nothing changes."""
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    params = KINDS["resize"].prepare({"volid": f"local:{g}/vm-{g}-disk-0.raw", "size": "16M"}, client.cfg)
+    job = interrupted_job(client, "resize", params, done=2)
+    with pytest.raises(Refused, match=f"job {job.id} has committed its change: it can no longer be cancelled"):
+        client.cancel(job.id)
+    assert client.job(job.id).state == "running" and not client.job(job.id).cancel
+
+
+def test_the_sweep_recovers_a_job_whose_process_on_another_host_is_gone(client, vmid):
+    """The periodic sweep uses the heartbeat keys: a holder on another host without one is
+    gone, so its job is failed and undone without waiting for that node's worker."""
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    params = KINDS["resize"].prepare({"volid": f"local:{g}/vm-{g}-disk-0.raw", "size": "16M"}, client.cfg)
+    gone = interrupted_job(client, "resize", params, done=0, holder="elsewhere:4242")
+    alive = interrupted_job(client, "resize", params, done=0, holder="elsewhere:4343")
+    client.r.set("stork:alive:elsewhere:4343", alive.id, ex=30)  # alive, and at this job
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(lock="resize", lock_job=gone.id)
+    acted = recovery.sweep()
+    assert gone.id in acted and alive.id not in acted
+    job = client.wait(gone.id, timeout=30)
+    assert job.state == "failed" and job.error == "the process running step lock_guest on node node1 is gone"
+    assert client.guest(g).lock == "" and client.job(alive.id).state == "running"
+    client.r.delete("stork:alive:elsewhere:4343")

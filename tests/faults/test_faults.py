@@ -1,0 +1,218 @@
+"""Never stuck: after each fault, every job reaches succeeded, failed or cancelled within a
+bound, every guest lock it took is released, nothing is left that no guest names, and every
+node still serves. The sweep that beat sends every minute is called here directly, with its
+staleness bound shortened where a test would otherwise wait for it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import BASE, Worker
+from tests.faults.test_safety import one_disk_guest, orphans
+from worker import liveness, records, recovery
+from worker.jobs.kinds import KINDS
+from worker.records import JobRecord, JobState
+from worker.testing import wait_for
+
+BOUND = 90  # seconds: every job here must end within this of the fault ending
+
+
+def job_record(client, kind: str, params: dict, **fields) -> JobRecord:
+    spec = KINDS[kind]
+    job = JobRecord(id=records.new_id(), kind=kind, params=params, node=params["node"],
+                    steps=[s.name for s in spec.steps], queues=spec.queues(params, client.cfg), **fields)
+    records.create(client.r, job, {"phase": "queued"})
+    return job
+
+
+def holder_of(pid: int, start: str | None = None) -> str:
+    """The holder id of process `pid` on this host (with another start time: a reused pid)."""
+    return (f"{socket.gethostname()}:{pid}:{start or liveness._start_ticks(pid)}:{liveness._boot_id()}:"
+            f"{liveness._pid_namespace()}")
+
+
+def pool_pids(worker) -> list[int]:
+    with open(f"/proc/{worker.proc.pid}/task/{worker.proc.pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def sweep_until_done(client, job_ids: list[str], bound: float = BOUND) -> list[JobRecord]:
+    """Run the sweep each second (as beat would each minute) until every job has ended."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        jobs = [client.job(j) for j in job_ids]
+        if all(j.state.terminal for j in jobs):
+            return jobs
+        recovery.sweep()
+        time.sleep(1)
+    raise AssertionError(f"jobs not ended after {bound}s: {[(j.id, str(j.state)) for j in jobs]}")
+
+
+@pytest.fixture
+def quick_sweep(monkeypatch):
+    monkeypatch.setattr(recovery, "STALE", 2)
+
+
+def test_a_holder_whose_pid_was_reused_is_dead(client, vmid, workers):
+    """A job held by `host:<pid>` of a process that has that pid but another start time (a
+    worker restarted in a fresh PID namespace) is recovered by the sweep, not left running."""
+    g = vmid()
+    one_disk_guest(client, g)
+    params = KINDS["resize"].prepare({"volid": f"local:{g}/vm-{g}-disk-0.raw", "size": "2M"}, client.cfg)
+    reused = holder_of(workers["node1"].proc.pid, start="1")  # a live celery pid, another process start
+    job = job_record(client, "resize", params, state=JobState.RUNNING,
+                     current={"step": 0, "name": "lock_guest", "node": "node1", "worker": reused, "attempt": 1},
+                     attempts={"0": 1})
+    assert not liveness.holder_alive(client.r, reused)
+    assert job.id in recovery.sweep()
+    job = client.wait(job.id, timeout=30)
+    assert job.state == "failed" and "is gone" in job.error
+
+
+def test_a_step_abandoned_by_a_live_process_is_recovered(client, vmid, workers):
+    """A live pool process whose heartbeat names no job (it gave the step up, e.g. Redis was
+    away too long) does not hold the job: the sweep fails and undoes it."""
+    g = vmid()
+    one_disk_guest(client, g)
+    pid = pool_pids(workers["node1"])[0]
+    holder = holder_of(pid)
+    wait_for(lambda: client.r.get(f"stork:alive:{holder}") == "", 30, "the pool process's heartbeat")
+    params = KINDS["resize"].prepare({"volid": f"local:{g}/vm-{g}-disk-0.raw", "size": "2M"}, client.cfg)
+    job = job_record(client, "resize", params, state=JobState.RUNNING,
+                     current={"step": 0, "name": "lock_guest", "node": "node1", "worker": holder, "attempt": 1},
+                     attempts={"0": 1})
+    assert liveness.holder_alive(client.r, holder) and not liveness.holding(client.r, holder, job.id)
+    assert job.id in recovery.sweep()
+    job = client.wait(job.id, timeout=30)
+    assert job.state == "failed" and job.error == "the process running step lock_guest on node node1 gave it up"
+
+
+def test_a_job_whose_message_was_lost_is_sent_again(client, workers, quick_sweep):
+    """A queued job with no message anywhere (lost between steps) is sent again by the sweep and succeeds."""
+    job = job_record(client, "ping", {"node": "node2", "storages": [], "pinned": True}, updated=time.time() - 60)
+    assert job.id in recovery.sweep()
+    job = client.wait(job.id, timeout=30)
+    assert job.state == "succeeded" and job.resends == 1
+
+
+def test_a_job_no_worker_takes_is_failed_after_its_resends(client, workers, quick_sweep):
+    """After MAX_RESENDS sends that no worker took, the sweep fails the job (it does not wait forever)."""
+    job = job_record(client, "ping", {"node": "node1", "storages": [], "pinned": True}, resends=recovery.MAX_RESENDS,
+                     updated=time.time() - 60)
+    assert job.id in recovery.sweep()
+    job = client.wait(job.id, timeout=30)
+    sent = recovery.MAX_RESENDS + 1
+    assert job.state == "failed" and job.error == f"no worker took step pong_shared (sent {sent} times)"
+
+
+def test_a_job_waiting_in_a_queue_is_left_to_wait(client):
+    """A job whose next step waits in the queue of a node that is down is waiting, not stuck."""
+    job = client.submit("ping", node="nowhere")
+    wait_for(lambda: client.r.llen("node.nowhere") == 1, 10, "the node step in its queue")
+    records.update(client.r, job.id, updated=time.time() - 3600)
+    assert job.id not in recovery.sweep()
+    client.cancel(job.id)
+    assert client.wait(job.id, timeout=30).state == "cancelled"
+
+
+def test_a_sigkill_storm_under_queued_clones_leaves_every_job_ended(client, vmid, quick_sweep):
+    """The worker group SIGKILLed while 30 linked clones are queued and taken: after a
+    restart, the sweep sees each job end, with no guest locked and no orphan volume."""
+    worker = Worker("crash", concurrency=2)
+    try:
+        t = vmid()
+        one_disk_guest(client, t, storage="crash", node="crash")
+        assert client.run("template", vmid=t).state == "succeeded"
+        jobs = [client.submit("linked_clone", vmid=t, newid=vmid()) for _ in range(30)]
+        wait_for(lambda: any(client.job(j.id).done for j in jobs), 30, "the first clone steps")
+        worker.kill()
+        worker = Worker("crash", concurrency=2)
+        ended = sweep_until_done(client, [j.id for j in jobs])
+    finally:
+        worker.stop()
+    assert {str(j.state) for j in ended} <= {"succeeded", "failed"} and any(j.state == "succeeded" for j in ended)
+    assert not [g.vmid for g in client.guests() if g.lock], "guests left locked"
+    assert orphans(client, "crash") == []
+    assert client.run("ping", node="node1").state == "succeeded"
+
+
+def test_an_undo_that_failed_is_retried_until_it_succeeds(client, stork, vmid, workers):
+    """With the guests directory immutable while a full clone commits, its undo cannot remove
+    the new guest: the job keeps undoing (retrying) and `guest unlock` is refused while undos
+    that change guests remain; once the directory is writable again the retried undo ends the
+    job with nothing left and both guests unlocked."""
+    g, c = vmid(), vmid()
+    source = one_disk_guest(client, g, size="256M")
+    with open(BASE / "images" / f"{g}/vm-{g}-disk-0.raw", "r+b") as f:
+        f.write(os.urandom(256 << 20))
+    guests = BASE / "guests"
+    job = client.submit("full_clone", vmid=g, newid=c)
+    try:
+        wait_for(lambda: (client.job(job.id).current or {}).get("name") == "copy_data", 30, "the copy")
+        subprocess.run(["chattr", "+i", str(guests)], check=True)
+        wait_for(lambda: client.job(job.id).undo_retry, 60, "the undo to fail")
+        assert client.job(job.id).state == "undoing" and client.guest(g).lock == "full_clone"
+    finally:
+        subprocess.run(["chattr", "-i", str(guests)], check=True)
+    code, _, err = stork("guest", "unlock", str(g))
+    assert code == 1 and "still has to undo reserve_guest" in err and f"stork job cancel {job.id}" in err
+    records.update(client.r, job.id, undo_retry={**client.job(job.id).undo_retry, "at": 0})  # its time has come
+    [job] = sweep_until_done(client, [job.id])
+    assert job.state == "failed" and not client.guest_store.exists(c)
+    assert client.guest(g).lock == "" and orphans(client, "local") == []
+    assert client.volume(source).virtual_size == 256 << 20
+
+
+def test_unlock_is_refused_while_the_locking_job_is_live(client, stork, vmid):
+    """`guest unlock` of a guest whose lock belongs to a queued job is refused, naming it."""
+    g = vmid()
+    one_disk_guest(client, g)
+    job = job_record(client, "ping", {"node": "nowhere", "storages": [], "pinned": True})
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(lock="clone", lock_job=job.id)
+    code, _, err = stork("guest", "unlock", str(g))
+    assert code == 1 and err.endswith(f"guest {g} is locked by job {job.id} (clone), which is queued: "
+                                      "cancel it or wait for it\n")
+    assert client.guest(g).lock == "clone"
+    client.cancel(job.id)
+    assert stork("guest", "unlock", str(g))[0] == 0 and client.guest(g).lock == ""
+
+
+def test_cancel_stops_the_retries_of_an_undo_that_keeps_failing(client, stork, vmid):
+    """An operator's way out of an undo that fails for good: `job cancel` ends the job failed,
+    naming what was not undone, and `guest unlock` then frees its guest."""
+    g = vmid()
+    one_disk_guest(client, g)
+    params = KINDS["resize"].prepare({"volid": f"local:{g}/vm-{g}-disk-0.raw", "size": "2M"}, client.cfg)
+    job = job_record(client, "resize", params, state=JobState.UNDOING, done=1, undo=[0], final="failed",
+                     error="it broke", undo_retry={"index": 0, "attempts": 5, "at": time.time() + 600,
+                                                   "error": "undo of lock_guest: disk on fire"})
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(lock="resize", lock_job=job.id)
+    assert stork("job", "cancel", job.id)[0] == 0
+    job = client.job(job.id)
+    assert job.state == "failed" and job.undo_errors == [
+        "not undone (retries stopped by user): lock_guest; last error: undo of lock_guest: disk on fire"]
+    assert stork("guest", "unlock", str(g))[0] == 0 and client.guest(g).lock == ""
+
+
+UNDO_PLANS = [
+    # (kind, steps done, failed at, undos in order)
+    ("full_clone", 3, 3, [2, 1, 0]),  # the copy failed: free the target, drop the new guest, unlock
+    ("move", 6, 6, [0]),  # freeing the old copy failed after the switch: only the lock is released
+    ("resize", 2, 2, [0]),  # the unlock after the resize failed: the guest is still unlocked
+    ("create", 0, 0, [0]),  # the reservation failed: nothing made, its undo checks for itself
+]
+
+
+@pytest.mark.parametrize(("kind", "done", "upto", "plan"), UNDO_PLANS, ids=[f"{p[0]}-{p[2]}" for p in UNDO_PLANS])
+def test_the_undo_plan_stops_at_a_commit_but_releases_guest_locks(kind, done, upto, plan):
+    """undo_plan: undos back to the last completed commit, then every held guest lock."""
+    from worker.runner import undo_plan
+
+    assert undo_plan(KINDS[kind], done, upto) == plan

@@ -1,0 +1,111 @@
+"""Redis restarting under a running copy: the worker rides it out and the job completes.
+
+A cluster of its own (a durable Redis, one worker, the CLI as a subprocess), since the
+session's Redis keeps no data across a restart and serves every other test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from worker import testing
+from worker.testing import ROOT, free_port
+
+SIZE_MIB = 3072
+
+
+def stork(env: dict[str, str], *args: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "producer.cli", "--json", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_redis_restart_mid_copy_does_not_lose_the_job_or_the_worker(tmp_path: Path):
+    """Redis goes down for a second while a full clone copies; the copy step waits for it,
+    the worker reconnects, and the job ends succeeded with an identical copy."""
+    port = free_port()
+    (tmp_path / "stork.toml").write_text(
+        f'[redis]\nurl = "redis://127.0.0.1:{port}/0"\n[paths]\nguests = "guests"\nlocks = "lock"\n'
+        '[storage.local]\ntype = "dir"\npath = "images"\n')
+    env = {**os.environ, "STORK_CONFIG": str(tmp_path / "stork.toml"), "STORK_NODE": "solo"}
+    redis_server = testing.RedisServer(port, tmp_path, durable=True)
+    worker = testing.Worker("solo", tmp_path, concurrency=2, env=env)
+    try:
+        stork(env, "guest", "create", "100", "--disk", f"scsi0=local:{SIZE_MIB}M")
+        with open(tmp_path / "images/100/vm-100-disk-0.raw", "r+b") as f:
+            for _ in range(SIZE_MIB // 8):
+                f.write(b"\x5c" * (8 << 20))
+        job_id = stork(env, "clone", "100", "101", "--full", "--no-wait")["job"]
+        testing.wait_for(lambda: stork(env, "job", "show", job_id)["current"] not in (None, {})
+                         and stork(env, "job", "show", job_id)["current"]["name"] == "copy_data", 30, "the copy")
+        redis_server.restart(down=1.0)
+
+        def ended() -> dict | None:
+            assert worker.proc.poll() is None, "the worker died with Redis:\n" + worker.log.read_text()[-2000:]
+            job = stork(env, "job", "show", job_id)
+            return job if job["state"] in ("succeeded", "failed", "cancelled") else None
+
+        job = testing.wait_for(ended, 90, "the job to end", interval=0.5)
+        assert job["state"] == "succeeded", job["error"]
+        compare = subprocess.run(["qemu-img", "compare", "-q", str(tmp_path / "images/100/vm-100-disk-0.raw"),
+                                  str(tmp_path / "images/101/vm-101-disk-0.raw")], check=False)
+        assert compare.returncode == 0
+    finally:
+        worker.stop()
+        redis_server.stop()
+
+
+def test_redis_away_longer_than_the_workers_retries_still_ends_the_job(tmp_path: Path):
+    """Redis down for 15 s during a copy, while the worker retries it for 4 s: the step gives
+    up, its process lives on idle; once Redis is back the sweep sees the step abandoned, and
+    the job ends failed and undone (no target left, both guests unlocked) without a restart."""
+    port = free_port()
+    (tmp_path / "stork.toml").write_text(
+        f'[redis]\nurl = "redis://127.0.0.1:{port}/0"\n[paths]\nguests = "guests"\nlocks = "lock"\n'
+        '[storage.local]\ntype = "dir"\npath = "images"\n')
+    env = {**os.environ, "STORK_CONFIG": str(tmp_path / "stork.toml"), "STORK_NODE": "solo",
+           "STORK_REDIS_OUTAGE": "4"}
+    redis_server = testing.RedisServer(port, tmp_path, durable=True)
+    worker = testing.Worker("solo", tmp_path, concurrency=2, env=env)
+    try:
+        stork(env, "guest", "create", "100", "--disk", "scsi0=local:1024M")
+        with open(tmp_path / "images/100/vm-100-disk-0.raw", "r+b") as f:
+            for _ in range(1024 // 8):
+                f.write(b"\x5c" * (8 << 20))
+        job_id = stork(env, "clone", "100", "101", "--full", "--no-wait")["job"]
+        testing.wait_for(lambda: (stork(env, "job", "show", job_id)["current"] or {}).get("name") == "copy_data",
+                         30, "the copy")
+        redis_server.restart(down=15.0)
+        job = stork(env, "job", "show", job_id)
+        if job["state"] == "running" and job["current"]:  # held by a process that gave up
+            holder = job["current"]["worker"]
+            testing.wait_for(lambda: redis_server.client.get(f"stork:alive:{holder}") == "", 30,
+                             "the idle process's heartbeat")
+            # the sweep a worker's main process or beat runs every minute, run now
+            subprocess.run([sys.executable, "-c", "from worker import recovery; recovery.sweep()"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=60)
+
+        def ended() -> dict | None:
+            assert worker.proc.poll() is None, "the worker died with Redis:\n" + worker.log.read_text()[-2000:]
+            job = stork(env, "job", "show", job_id)
+            return job if job["state"] in ("succeeded", "failed", "cancelled") else None
+
+        job = testing.wait_for(ended, 90, "the job to end", interval=0.5)
+        # recovered by a sweep ("gave it up"), or by the step's own undo if Redis was back in time for it;
+        # on a loaded machine the copy may also not touch Redis while it is away (a long final flush),
+        # and succeed: the promise is that it ends, which tests/faults/test_faults.py checks deterministically
+        if job["state"] == "succeeded":
+            assert (tmp_path / "guests/101.toml").exists()
+        else:
+            assert job["state"] == "failed" and ("gave it up" in job["error"] or "lost its connection to Redis"
+                                                 in job["error"]), job["error"]
+            assert not (tmp_path / "images/101").exists() and not (tmp_path / "guests/101.toml").exists()
+        assert stork(env, "guest", "show", "100")["lock"] == ""
+    finally:
+        worker.stop()
+        redis_server.stop()

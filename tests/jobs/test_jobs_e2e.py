@@ -1,0 +1,435 @@
+"""Each CLI command through the queue to real celery workers, real qemu-img and real files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.conftest import BASE, storage_path
+from tests.helpers import PATTERN_MIB, guest_data_sha, qemu_check, qemu_io_write, qemu_same, volume_path
+from worker.testing import ROOT, wait_for
+
+
+def make_guest(stork, vmid, *disks, template=False):
+    args = ["guest", "create", vmid]
+    for d in disks:
+        args += ["--disk", d]
+    code, _, err = stork(*args)
+    assert code == 0, err
+    if template:
+        code, _, err = stork("template", vmid)
+        assert code == 0, err
+    return json.loads(stork("--json", "guest", "show", vmid)[1])
+
+
+class TestGuests:
+    def test_guest_create_makes_sparse_disks_in_each_format(self, stork, vmid):
+        """`guest create` allocates one sparse volume per --disk and records them in the config."""
+        g = vmid()
+        code, out, _ = stork("guest", "create", g, "--disk", "scsi0=local:1G", "--disk",
+                             "scsi1=local:512M,format=qcow2", "--name", "web")
+        assert code == 0 and "succeeded" in out
+        guest = json.loads(stork("--json", "guest", "show", g)[1])
+        assert guest["disks"] == {"scsi0": f"local:{g}/vm-{g}-disk-0.raw", "scsi1": f"local:{g}/vm-{g}-disk-1.qcow2"}
+        assert (guest["name"], guest["template"], guest["lock"]) == ("web", False, "")
+        raw = volume_path(guest["disks"]["scsi0"])
+        assert raw.stat().st_size == 1 << 30 and raw.stat().st_blocks * 512 < 1 << 20
+        qemu_check(volume_path(guest["disks"]["scsi1"]))
+        info = json.loads(stork("--json", "volume", "info", guest["disks"]["scsi1"])[1])
+        assert (info["format"], info["virtual_size"], info["base"]) == ("qcow2", 512 << 20, False)
+
+    def test_guest_import_copies_an_image_file_into_a_new_guest(self, stork, vmid, tmp_path):
+        """`guest import` turns an existing raw or qcow2 file into the guest's disk; the file stays."""
+        g = vmid()
+        image = tmp_path / "disk.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+        qemu_io_write(image, "qcow2", 3 * PATTERN_MIB, PATTERN_MIB, 0x42)
+        code, _, err = stork("guest", "import", g, "--disk", f"virtio0={image}")
+        assert code == 0, err
+        disk = volume_path(json.loads(stork("--json", "guest", "show", g)[1])["disks"]["virtio0"])
+        assert disk.suffix == ".qcow2" and qemu_same(image, disk) and image.exists()
+
+    def test_guest_list_and_destroy(self, stork, vmid):
+        """`guest destroy` frees the disks and removes the config."""
+        g = vmid()
+        guest = make_guest(stork, g, "scsi0=local:64M")
+        assert str(g) in stork("guest", "list")[1]
+        code, _, err = stork("guest", "destroy", g)
+        assert code == 0, err
+        assert not volume_path(guest["disks"]["scsi0"]).exists()
+        assert stork("guest", "show", g)[0] == 1
+
+
+class TestBasesAndTemplates:
+    def test_template_turns_every_disk_into_a_read_only_base(self, stork, vmid):
+        """`template` renames each disk into base/ (0444) and marks the guest a template."""
+        g = vmid()
+        before = make_guest(stork, g, "scsi0=local:64M", "scsi1=local:32M,format=qcow2")
+        qemu_io_write(volume_path(before["disks"]["scsi0"]), "raw", 0, PATTERN_MIB, 0x11)
+        code, _, err = stork("template", g)
+        assert code == 0, err
+        guest = json.loads(stork("--json", "guest", "show", g)[1])
+        assert guest["template"] is True and guest["lock"] == ""
+        assert guest["disks"] == {"scsi0": f"local:base/base-{g}-disk-0.raw",
+                                  "scsi1": f"local:base/base-{g}-disk-1.qcow2"}
+        for volid in guest["disks"].values():
+            assert volume_path(volid).stat().st_mode & 0o777 == 0o444
+        assert not any(volume_path(v).exists() for v in before["disks"].values())
+
+    def test_base_command_takes_a_name_in_the_base_namespace(self, stork, vmid):
+        """`base VOLID --name` is the seed's local:base/<name>.<fmt>; the guest follows the rename."""
+        g = vmid()
+        guest = make_guest(stork, g, "scsi0=local:16M")
+        code, out, err = stork("base", guest["disks"]["scsi0"], "--name", f"golden-{g}")
+        assert code == 0, err
+        assert f"local:base/golden-{g}.raw" in out
+        assert json.loads(stork("--json", "guest", "show", g)[1])["disks"]["scsi0"] == f"local:base/golden-{g}.raw"
+        info = json.loads(stork("--json", "volume", "info", f"local:base/golden-{g}.raw")[1])
+        assert info["base"] is True
+
+    def test_linked_clone_is_a_qcow2_overlay_of_the_base_by_relative_path(self, stork, vmid):
+        """A template clones linked by default: same data, tiny file, base recorded in the image."""
+        t, c = vmid(), vmid()
+        make_guest(stork, t, "scsi0=local:64M")
+        qemu_io_write(storage_path("local") / f"{t}/vm-{t}-disk-0.raw", "raw", 5 * PATTERN_MIB, PATTERN_MIB, 0x33)
+        stork("template", t)
+        code, _, err = stork("clone", t, c, "--name", "linked")
+        assert code == 0, err
+        clone = json.loads(stork("--json", "guest", "show", c)[1])
+        overlay, base = volume_path(clone["disks"]["scsi0"]), storage_path("local") / f"base/base-{t}-disk-0.raw"
+        assert overlay.suffix == ".qcow2" and overlay.stat().st_size < 1 << 20
+        backing = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
+                                            capture_output=True, check=True).stdout)["backing-filename"]
+        assert backing == f"../base/base-{t}-disk-0.raw"
+        assert qemu_same(base, overlay)
+        qemu_check(overlay)
+        info = json.loads(stork("--json", "volume", "info", f"local:base/base-{t}-disk-0.raw")[1])
+        assert info["clones"] == [clone["disks"]["scsi0"]]
+        assert json.loads(stork("--json", "volume", "info", clone["disks"]["scsi0"])[1])["parent"] == \
+            f"local:base/base-{t}-disk-0.raw"
+
+    def test_template_update_cycle_full_clone_change_template_again(self, stork, vmid):
+        """The seed's cycle: full-clone the template, change the clone, template the clone."""
+        t, work, c = vmid(), vmid(), vmid()
+        make_guest(stork, t, "scsi0=local:32M", template=True)
+        assert stork("clone", t, work, "--full")[0] == 0
+        disk = volume_path(json.loads(stork("--json", "guest", "show", work)[1])["disks"]["scsi0"])
+        qemu_io_write(disk, "raw", 0, PATTERN_MIB, 0x77)
+        assert stork("template", work)[0] == 0
+        assert stork("clone", work, c)[0] == 0
+        clone_disk = volume_path(json.loads(stork("--json", "guest", "show", c)[1])["disks"]["scsi0"])
+        original = storage_path("local") / f"base/base-{t}-disk-0.raw"
+        assert not qemu_same(original, clone_disk)  # the change reached the new template's clones
+        assert guest_data_sha(clone_disk) == guest_data_sha(storage_path("local") / f"base/base-{work}-disk-0.raw")
+
+
+class TestCopies:
+    def test_full_clone_converts_between_formats_and_stays_sparse(self, stork, vmid):
+        """--full copies raw -> qcow2 -> raw with identical data and no zero blocks written."""
+        a, b, c = vmid(), vmid(), vmid()
+        src = make_guest(stork, a, "scsi0=local:256M")
+        qemu_io_write(volume_path(src["disks"]["scsi0"]), "raw", 100 * PATTERN_MIB, 4 * PATTERN_MIB, 0x5A)
+        assert stork("clone", a, b, "--format", "qcow2")[0] == 0  # non-template: full by default
+        assert stork("clone", b, c, "--full", "--format", "raw", "--storage", "shared")[0] == 0
+        qcow, raw = (volume_path(json.loads(stork("--json", "guest", "show", g)[1])["disks"]["scsi0"])
+                     for g in (b, c))
+        assert qcow.suffix == ".qcow2" and raw.suffix == ".raw" and "shared" in str(raw)
+        qemu_check(qcow)
+        shas = {guest_data_sha(p) for p in (volume_path(src["disks"]["scsi0"]), qcow, raw)}
+        assert len(shas) == 1
+        assert raw.stat().st_blocks * 512 < 16 * PATTERN_MIB
+
+    def test_disk_copy_makes_an_unattached_volume_on_another_storage(self, stork, vmid):
+        """`disk copy` leaves the source as it was and prints the new volume."""
+        g = vmid()
+        guest = make_guest(stork, g, "scsi0=local:32M")
+        code, out, err = stork("--json", "disk", "copy", guest["disks"]["scsi0"], "shared", "--format", "qcow2")
+        assert code == 0, err
+        new = json.loads(out)["result"]["volumes"]["copy"]
+        assert new == f"shared:{g}/vm-{g}-disk-0.qcow2"
+        assert qemu_same(volume_path(guest["disks"]["scsi0"]), volume_path(new))
+
+    def test_disk_move_keeps_the_source_as_unused_unless_asked_to_delete_it(self, stork, vmid):
+        """`disk move` switches the guest to the verified copy; --delete-source frees the old one."""
+        g = vmid()
+        guest = make_guest(stork, g, "scsi0=local:32M", "scsi1=local:32M")
+        assert stork("disk", "move", g, "scsi0", "shared")[0] == 0
+        moved = json.loads(stork("--json", "guest", "show", g)[1])
+        assert moved["disks"]["scsi0"].startswith("shared:") and moved["unused"] == [guest["disks"]["scsi0"]]
+        assert volume_path(guest["disks"]["scsi0"]).exists()
+        assert stork("disk", "move", g, "scsi1", "shared", "--format", "qcow2", "--delete-source")[0] == 0
+        moved = json.loads(stork("--json", "guest", "show", g)[1])
+        assert moved["disks"]["scsi1"].endswith(".qcow2") and not volume_path(guest["disks"]["scsi1"]).exists()
+        assert stork("volume", "free", guest["disks"]["scsi0"])[0] == 0  # an unused volume may be freed
+        assert json.loads(stork("--json", "guest", "show", g)[1])["unused"] == []
+
+    def test_resize_grows_a_disk(self, stork, vmid):
+        """`disk resize` grows a writable disk."""
+        g = vmid()
+        guest = make_guest(stork, g, "scsi0=local:32M,format=qcow2")
+        assert stork("disk", "resize", guest["disks"]["scsi0"], "64M")[0] == 0
+        assert json.loads(stork("--json", "volume", "info", guest["disks"]["scsi0"])[1])["virtual_size"] == 64 << 20
+
+
+class TestJobs:
+    def test_no_wait_prints_the_job_id_and_watch_replays_every_event(self, stork, vmid):
+        """--no-wait returns at once; a late `job watch` sees the whole history."""
+        g = vmid()
+        code, out, _ = stork("guest", "create", g, "--disk", "scsi0=local:16M", "--no-wait")
+        job_id = out.strip()
+        assert code == 0 and len(job_id) == 12
+        code, out, _ = stork("--json", "job", "watch", job_id)
+        phases = [json.loads(line)["phase"] for line in out.splitlines()]
+        assert code == 0
+        assert phases[0] == "queued" and phases[-1] == "finished"
+        assert phases.count("start") == 3 and phases.count("done") == 3
+        record = json.loads(stork("--json", "job", "show", job_id[:6])[1])
+        assert record["state"] == "succeeded" and record["done"] == 3
+        assert job_id in stork("job", "list")[1]
+
+    def test_copy_progress_is_reported_in_bytes(self, client, vmid):
+        """A full clone's copy step publishes done/total bytes up to the whole size."""
+        g, c = vmid(), vmid()
+        assert client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "512M"}}).state == "succeeded"
+        path = storage_path("local") / f"{g}/vm-{g}-disk-0.raw"
+        with open(path, "r+b") as f:
+            for i in range(0, 512, 2):
+                f.seek(i * PATTERN_MIB)
+                f.write(os.urandom(PATTERN_MIB))
+        seen = []
+        job = client.run("full_clone", vmid=g, newid=c, on_event=seen.append)
+        assert job.state == "succeeded", job.error
+        progress = [e for e in seen if e["phase"] == "progress"]
+        assert progress and progress[-1]["done"] == progress[-1]["total"] == 512 << 20
+        assert all(e["step"] == "copy_data" and e["rate"] >= 0 for e in progress)
+
+    def test_cancel_during_a_copy_undoes_everything(self, client, vmid):
+        """A cancelled full clone stops its copy, frees the target and removes the new guest."""
+        g, c = vmid(), vmid()
+        client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "3G"}})
+        path = storage_path("local") / f"{g}/vm-{g}-disk-0.raw"
+        with open(path, "r+b") as f:
+            for i in range(0, 3072, 4):
+                f.seek(i * PATTERN_MIB)
+                f.write(b"\x5a" * PATTERN_MIB)
+        job = client.submit("full_clone", vmid=g, newid=c)
+        events = client.events(job.id)
+        next(e for e in events if e["phase"] == "progress")
+        client.cancel(job.id)
+        job = client.wait(job.id, timeout=60)
+        assert job.state == "cancelled" and job.error == "cancelled by user"
+        assert not client.guest_store.exists(c)
+        assert not (storage_path("local") / str(c)).exists()
+        assert client.guest(g).lock == ""
+
+    def test_twenty_linked_clones_of_one_template_at_once_all_succeed(self, client, vmid):
+        """20 clones submitted together: no lock timeout, 20 distinct overlays of one base."""
+        t = vmid()
+        client.run("create", vmid=t, disks={"scsi0": {"storage": "local", "size": "1G"}})
+        client.run("template", vmid=t)
+        news = [vmid() for _ in range(20)]
+        jobs = []
+        threads = [threading.Thread(target=lambda n=n: jobs.append(client.submit("linked_clone", vmid=t, newid=n)))
+                   for n in news]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        done = [client.wait(j.id, timeout=120) for j in jobs]
+        assert [j.state for j in done] == ["succeeded"] * 20, [j.error for j in done]
+        volumes = {client.guest(n).disks["scsi0"] for n in news}
+        assert len(volumes) == 20
+        base = f"local:base/base-{t}-disk-0.raw"
+        assert set(client.volume(base).clones) == volumes
+        for v in volumes:
+            qemu_check(volume_path(v))
+
+    def test_the_installed_stork_command_exits_non_zero_on_failure(self, workers, vmid):
+        """The real entry point: exit 0 on success, 1 with a one-line error on refusal, 2 for a
+        mistake in the command line (a bad guest id)."""
+        exe = [sys.executable, "-m", "producer.cli"]
+        ok = subprocess.run([*exe, "guest", "create", str(vmid()), "--disk", "scsi0=local:8M"],
+                            cwd=ROOT, capture_output=True, text=True, check=False)
+        assert ok.returncode == 0, ok.stderr
+        bad = subprocess.run([*exe, "guest", "create", "12", "--disk", "scsi0=local:8M"],
+                             cwd=ROOT, capture_output=True, text=True, check=False)
+        assert (bad.returncode, bad.stdout) == (2, "")
+        assert bad.stderr.strip() == "stork: invalid guest id '12': expected a number from 100 to 999999999"
+        refused = subprocess.run([*exe, "template", "99999"], cwd=ROOT, capture_output=True, text=True, check=False)
+        assert (refused.returncode, refused.stdout, refused.stderr) == (1, "", "stork: unknown guest 99999\n")
+
+
+def test_guest_configs_are_replaced_whole_never_rewritten_in_place(client, vmid):
+    """Each config change is a new file renamed over the old one (a reader never sees half a
+    config), and no temp file stays behind."""
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    path = BASE / "guests" / f"{g}.toml"
+    with open(path) as old:  # a reader holding the config while jobs change it
+        before = old.read()
+        assert client.run("resize", volid=f"local:{g}/vm-{g}-disk-0.raw", size="16M").state == "succeeded"
+        assert os.fstat(old.fileno()).st_nlink == 0  # replaced by rename, not rewritten in place
+        old.seek(0)
+        assert old.read() == before
+    assert client.guest(g).lock == ""
+    assert not [p for p in (BASE / "guests").iterdir() if p.name.startswith(f".{g}.toml") and p.name.endswith(".tmp")]
+
+
+def test_a_move_whose_source_cannot_be_freed_still_stands(client, vmid):
+    """--delete-source runs after the move is committed: a source that cannot be freed is
+    kept as unused and reported; the guest keeps its new disk."""
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    source = storage_path("local") / f"{g}/vm-{g}-disk-0.raw"
+    subprocess.run(["chattr", "+i", str(source)], check=True)
+    try:
+        job = client.run("move", vmid=g, disk="scsi0", storage="shared", delete_source=True)
+    finally:
+        subprocess.run(["chattr", "-i", str(source)], check=True)
+    assert job.state == "succeeded", job.error
+    assert "kept local:" in job.result["warning"]
+    guest = client.guest(g)
+    assert guest.disks["scsi0"].startswith("shared:") and guest.unused == (f"local:{g}/vm-{g}-disk-0.raw",)
+    assert volume_path(guest.disks["scsi0"]).exists() and source.exists()
+
+
+def test_a_guest_changed_after_submit_is_refused_by_the_step(client, vmid):
+    """The step re-reads the guest under its lock: disks that changed since submit stop the job."""
+    from drivers.errors import Refused
+    from worker import records
+    from worker.context import StepContext
+    from worker.jobs.kinds import KINDS
+    from worker.jobs.steps import lock_guest
+    from worker.records import JobRecord, JobState
+
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    job = JobRecord(id=records.new_id(), kind="template", node="node1", steps=["lock_guest"], queues=["shared"],
+                    params={"lock_vmid": g, "expect_disks": {"scsi0": f"local:{g}/vm-{g}-disk-9.raw"}},
+                    state=JobState.RUNNING,
+                    current={"step": 0, "name": "lock_guest", "node": "node1", "worker": "test:1", "attempt": 1})
+    records.create(client.r, job, {"phase": "queued"})
+    ctx = StepContext(job=job, cfg=client.cfg, r=client.r, node="node1", step="lock_guest", worker="test:1",
+                      kinds=KINDS)
+    with pytest.raises(Refused, match=f"guest {g} changed since the job was submitted"):
+        lock_guest(ctx)
+    assert client.guest(g).lock == ""
+    client.r.srem(records.ACTIVE, job.id)  # a hand-made record: no worker will ever end it
+
+
+class TestReads:
+    def test_storage_list_shows_every_configured_storage(self, stork):
+        """`storage list` names each storage with its type, sharing and nodes."""
+        code, out, _ = stork("--json", "storage", "list")
+        rows = {r["id"]: r for r in json.loads(out)}
+        assert code == 0 and {"local", "local1", "local2", "shared"} <= set(rows)
+        assert rows["shared"]["shared"] is True and rows["local2"]["nodes"] == ["node2"]
+        assert "local2" in stork("storage", "list")[1]
+
+    def test_volume_list_shows_bases_with_their_clones(self, stork, vmid):
+        """`volume list STORAGE` lists every volume; a base shows its clones, a clone its parent."""
+        t, c = vmid(), vmid()
+        make_guest(stork, t, "scsi0=local:8M", template=True)
+        assert stork("clone", t, c)[0] == 0
+        code, out, _ = stork("--json", "volume", "list", "local")
+        assert code == 0
+        vols = {v["volid"]: v for v in json.loads(out)}
+        base, clone = f"local:base/base-{t}-disk-0.raw", f"local:{c}/vm-{c}-disk-0.qcow2"
+        assert vols[base]["clones"] == [clone] and vols[clone]["parent"] == base
+        assert f"{base}" in stork("volume", "list")[1]
+
+    def test_cancelling_a_job_waiting_for_a_node_that_is_down_undoes_it(self, stork, client, vmid):
+        """A job whose next step waits on the queue of a node with no worker is not stuck:
+        `job cancel` undoes what it did (the guest it reserved) and it ends cancelled."""
+        g = vmid()
+        job = client.submit("create", vmid=g, node="down", disks={"scsi0": {"storage": "local", "size": "8M"}})
+        wait_for(lambda: client.job(job.id).done == 1, 10, "the first step (shared queue)")
+        assert client.guest_store.exists(g)
+        code, out, _ = stork("job", "cancel", job.id)
+        assert code == 0 and "cancel" in out
+        job = client.wait(job.id, timeout=30)
+        assert job.state == "cancelled" and not client.guest_store.exists(g)
+        code, _, err = stork("job", "cancel", job.id)
+        assert code == 1 and err.strip() == f"stork: job {job.id} is cancelled already"
+        code, _, err = stork("job", "cancel", "ffffffffffff")
+        assert code == 1 and "unknown job" in err
+
+
+def test_progress_bar_shows_bytes_percent_rate_and_eta():
+    """The live bar: step counter, bar, percent, bytes, rate and time left."""
+    from producer.progress import bar_line
+
+    line = bar_line({"step": "copy_data", "done": 1 << 30, "total": 4 << 30, "rate": 512 << 20},
+                    ["lock_guest", "copy_data"], width=8)
+    assert line == "[2/2] copy_data [##......]  25.0% 1.0 GiB/4.0 GiB 512.0 MiB/s ETA 6s"
+
+
+def test_copies_send_celery_task_progress_events_for_flower(client, vmid):
+    """Flower reads worker events: a copy step sends `task-progress` events carrying the job."""
+    from worker.app import app
+
+    g, c = vmid(), vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "1G"}})
+    with open(storage_path("local") / f"{g}/vm-{g}-disk-0.raw", "r+b") as f:
+        for _ in range(256):
+            f.write(b"\x11" * (4 * PATTERN_MIB))
+    seen: list[dict] = []
+    ready = threading.Event()
+
+    def capture() -> None:
+        with app.connection() as conn:
+            receiver = app.events.Receiver(conn, handlers={"task-progress": seen.append})
+            ready.set()
+            with contextlib.suppress(Exception):  # its timeout: what was seen is checked below
+                receiver.capture(limit=None, timeout=20, wakeup=False)
+
+    listener = threading.Thread(target=capture, daemon=True)
+    listener.start()
+    ready.wait(5)
+    job = client.run("full_clone", vmid=g, newid=c)
+    wait_for(lambda: any(e.get("job") == job.id for e in seen), 10, "a task-progress event")
+    event = next(e for e in seen if e.get("job") == job.id)
+    assert event["step"] == "copy_data" and event["total"] == 1 << 30 and 0 <= event["done"] <= 1 << 30
+
+
+def test_finished_jobs_expire_and_running_ones_do_not(client, vmid):
+    """A finished job's record and events are kept for the retention time; an active one has
+    no expiry."""
+    from worker import records
+
+    job = client.run("create", vmid=vmid(), disks={"scsi0": {"storage": "local", "size": "8M"}})
+    assert 0 < client.r.ttl(records.job_key(job.id)) <= records.RETENTION
+    assert 0 < client.r.ttl(records.events_key(job.id)) <= records.RETENTION
+    waiting = client.submit("ping", node="nobody")
+    assert client.r.ttl(records.job_key(waiting.id)) == -1
+    client.cancel(waiting.id)
+
+
+def test_the_live_view_draws_on_a_terminal_and_stays_quiet_elsewhere():
+    """On a terminal the view redraws one line per step and bar; piped, it prints nothing."""
+    import io
+
+    from producer.progress import ProgressView
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    events = [{"phase": "queued", "job": "j", "kind": "copy", "steps": ["allocate", "copy_data"]},
+              {"phase": "start", "step": "copy_data", "node": "n1"},
+              {"phase": "progress", "step": "copy_data", "done": 1 << 30, "total": 2 << 30, "rate": 1 << 30},
+              {"phase": "finished", "state": "succeeded"}]
+    tty, pipe = Terminal(), io.StringIO()
+    for out in (tty, pipe):
+        view = ProgressView(out)
+        for event in events:
+            view(event)
+    assert "job j queued (copy)" in tty.getvalue() and "[2/2] copy_data on n1" in tty.getvalue()
+    assert " 50.0% 1.0 GiB/2.0 GiB 1.0 GiB/s ETA 1s" in tty.getvalue() and tty.getvalue().endswith("\n")
+    assert pipe.getvalue() == ""

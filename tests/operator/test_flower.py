@@ -1,0 +1,439 @@
+"""What an operator sees in Flower: a real Flower process (`python -m worker.run.flower`, with
+basic auth) on the session's Redis and workers, read through its REST API and its pages, and
+rendered by headless Chromium where Debian's `chromium` is installed.
+
+A copy is held mid-way (its qemu-img stopped with SIGSTOP, resumed after) so that what
+Flower shows of a running copy is checked without racing the copy."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from tests.conftest import BASE, CONFIG, _vmids, storage_path
+from tests.helpers import PATTERN_MIB
+from worker.testing import ROOT, free_port, wait_for
+
+USER, PASSWORD = "admin", "s3cret"
+CHROMIUM = shutil.which("chromium")
+FINAL = {"SUCCESS", "FAILURE", "CANCELLED", "IGNORED"}
+
+
+# ---- without a cluster ---------------------------------------------------------------
+
+
+def _job(kind: str, params: Any, job_id: str = "0123456789ab") -> Any:
+    from worker.records import JobRecord
+
+    return JobRecord(id=job_id, kind=kind, params=params, node="node1", steps=[], queues=[])
+
+
+@pytest.mark.parametrize(("kind", "params", "label"), [
+    ("full_clone", {"vmid": 100, "new_vmid": 101, "disks": {"scsi0": {"storage": "local", "source": "local:100/a.raw"}},
+                    "storages": ["local"]}, "full_clone 100->101 scsi0 local"),
+    ("full_clone", {"vmid": 100, "new_vmid": 101, "storages": ["fast", "local"],
+                    "disks": {"scsi0": {"storage": "fast", "source": "local:100/a.raw"},
+                              "virtio1": {"storage": "fast", "source": "local:100/b.raw"}}},
+     "full_clone 100->101 scsi0,virtio1 local->fast"),
+    ("linked_clone", {"vmid": 100, "new_vmid": 102, "storages": ["local"],
+                      "disks": {"scsi0": {"storage": "local", "base": "local:base/base-100-disk-0.raw"}}},
+     "linked_clone 100->102 scsi0 local"),
+    ("move", {"lock_vmid": 7, "storages": ["local", "shared"],
+              "disks": {"scsi0": {"storage": "shared", "source": "local:7/vm-7-disk-0.raw"}}},
+     "move 7 scsi0 local->shared"),
+    ("copy", {"storages": ["local", "shared"], "disks": {"copy": {"storage": "shared", "source": "local:7/d.raw"}}},
+     "copy local:7/d.raw local->shared"),
+    ("base", {"lock_vmid": None, "storages": ["local"], "bases": {"disk": {"source": "local:7/d.raw", "name": None}}},
+     "base local:7/d.raw local"),
+    ("detach", {"lock_vmid": 7, "disk": "scsi1", "storages": ["local"]}, "detach 7 scsi1 local"),
+    ("resize", {"volid": "local:7/d.raw", "size": 1, "storages": ["local"]}, "resize local:7/d.raw local"),
+    ("ping", {"node": "node2", "storages": []}, "ping node2"),
+    ("create", {"new_vmid": 5, "disks": "forged", "storages": ["local"]}, "create"),  # never fails
+    ("create", ["not", "a", "table"], "create"),
+])
+def test_a_task_label_names_the_job_in_words(kind, params, label):
+    """Each task's label: kind, guests, disks, volume, storages (source->target), job id."""
+    from worker.records import task_label
+
+    assert task_label(_job(kind, params)) == f"{label}, job 0123456789ab"
+
+
+def test_a_progress_event_carries_a_line_flower_shows():
+    """Percent first (the task list cuts long cells), then bytes and rate."""
+    from worker.tasks import progress_text
+
+    fields = {"done": 3 << 29, "total": 4 << 30, "rate": 120 << 20, "step": "copy_data", "message": "scsi0: local:1/a"}
+    assert progress_text(fields) == "37.5% 1.5 GiB of 4.0 GiB, 120.0 MiB/s (scsi0: local:1/a)"
+    assert progress_text({"done": 0, "total": 0, "rate": 0}) == "0 B of 0 B, 0 B/s"
+    assert progress_text({"done": "x"}) == ""
+
+
+def test_flower_gets_its_columns_and_says_how_to_reach_its_api(tmp_path):
+    """The task list shows the label (kwargs) and progress (result) columns; the start line
+    says the REST API takes the basic-auth credentials, or needs them configured."""
+    from drivers import config
+    from worker.run import flower
+
+    cfg = config.parse("", tmp_path / "stork.toml", {"STORK_NODE": "n"})
+    assert "--tasks_columns=name,uuid,state,kwargs,result,received,runtime,worker" in flower.flower_argv(cfg, {})
+    assert not any("tasks_columns" in a for a in flower.flower_argv(cfg, {"FLOWER_TASKS_COLUMNS": "name,state"}))
+    assert "needs flower.basic_auth" in flower.api_note(cfg)
+    cfg = config.parse("[flower]\nbasic_auth = 'a:b'\n", tmp_path / "stork.toml", {"STORK_NODE": "n"})
+    assert "curl -u USER:PASSWORD http://127.0.0.1:5555/api/tasks" in flower.api_note(cfg)
+    assert not any("a:b" in a for a in flower.flower_argv(cfg))
+
+
+# ---- a task that raises Ignore gets an end event ---------------------------------------
+
+
+@contextlib.contextmanager
+def _scratch_job(r: Any, job: Any) -> Iterator[None]:
+    """A job record that no sweep may act on: gone again (active set included) at the end."""
+    from worker import events, records
+
+    records.create(r, job, events.make(job.id, job.kind, "queued"))
+    try:
+        yield
+    finally:
+        r.srem(records.ACTIVE, job.id)
+        r.zrem(records.JOBS, job.id)
+        r.delete(records.job_key(job.id), records.events_key(job.id))
+
+
+LATER = 4e9  # a retry time no sweep reaches
+
+
+@pytest.mark.parametrize(("state", "final", "undo", "retried_since_start", "event", "text"), [
+    ("undoing", "cancelled", None, False, "task-cancelled", "cancelled by user at 12.0% 1 B of 8 B, 1 B/s"),
+    ("cancelled", "cancelled", None, False, "task-cancelled", "cancelled by user at 12.0% 1 B of 8 B, 1 B/s"),
+    ("undoing", "failed", None, False, "task-failed", "job failed: it broke"),
+    ("failed", "failed", None, False, "task-failed", "job failed: it broke"),
+    ("running", "", None, False, "task-ignored", "not run: job {id} is running with 1 of 2 steps done"),
+    ("succeeded", "", None, False, "task-ignored", "not run: job {id} is succeeded with 1 of 2 steps done"),
+    ("undoing", "failed", 1, True, "task-failed", "undo of b: disk on fire (tried again later)"),
+    ("undoing", "failed", 1, False, "task-ignored", "not run: job {id} is undoing, this undo is not due here"),
+    ("undoing", "failed", 0, True, "task-ignored", "not run: job {id} is undoing, this undo is not due here"),
+], ids=["cancel-undoing", "cancelled", "failed-undoing", "failed", "duplicate", "late-duplicate", "undo-failed",
+        "undo-waiting", "undo-not-its-turn"])
+def test_a_stopped_task_gets_a_final_state_from_its_job(redis_server, state, final, undo, retried_since_start,
+                                                         event, text):
+    """Celery sends no event for Ignore: the task sends one naming why, from the job record
+    (an undo failed only if its retry was recorded while this task ran)."""
+    from worker import records
+    from worker.tasks import _why_stopped
+
+    r = redis_server
+    job = _job("full_clone", {}, records.new_id())
+    job.steps, job.queues = ["a", "b"], ["shared", "shared"]
+    with _scratch_job(r, job):
+        error = "cancelled by user" if final == "cancelled" else "it broke"
+        retry = {"index": 1, "attempts": 1, "at": LATER, "error": "undo of b: disk on fire"} if undo is not None else {}
+        records.update(r, job.id, state=state, final=final, error=error, done=1, undo_retry=retry)
+        started = 0.0 if retried_since_start else LATER
+        task = SimpleNamespace(request=SimpleNamespace(stork_progress="12.0% 1 B of 8 B, 1 B/s"))
+        got_event, fields = _why_stopped(task, job.id, undo, started)
+        assert got_event == event and text.format(id=job.id) in " ".join(fields.values())
+    assert _why_stopped(task, job.id, None, 0.0) == ("task-ignored", {"result": f"not run: unknown job {job.id!r}"})
+
+
+# ---- the messages still read as ours ---------------------------------------------------
+
+
+def test_labelled_messages_pass_the_dead_letter_check_and_recovery_reads_their_job(redis_server):
+    """The label travels as a kwarg (its text also the kwargs' display form); the job id
+    stays args[0], where recovery and the dead-letter check read it."""
+    from kombu.serialization import prepare_accept_content
+
+    from worker import broker, deadletter, records, runner
+    from worker.app import app
+
+    r, queue = redis_server, f"flower-test-{os.getpid()}"
+    job = _job("full_clone", {"vmid": 1, "new_vmid": 2, "storages": ["local"]}, records.new_id())
+    job.steps = ["lock_guest", "reserve_guest", "allocate", "copy_data", "commit_guest"]
+    job.queues, job.undo = [queue] * len(job.steps), [2, 1, 0]
+    with _scratch_job(r, job):
+        try:
+            runner.send_steps(job, 3)
+            runner.dispatch_undo(job)
+            raws = r.lrange(queue, 0, -1)
+            assert len(raws) == 2
+            label = f"full_clone 1->2 local, job {job.id}"
+            for raw in raws:
+                envelope = deadletter.check(raw.encode(), app.tasks, prepare_accept_content(["json"]))
+                args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+                assert args[0] == job.id and kwargs == {"label": label} and envelope["headers"]["kwargsrepr"] == label
+            pending = broker.pending_messages(r, {queue})[job.id]
+            assert sorted(p.task for p in pending) == ["stork.full_clone.copy_data", "stork.full_clone.undo_allocate"]
+        finally:
+            r.delete(queue, f"_kombu.binding.{queue}")
+
+
+# ---- a real Flower ---------------------------------------------------------------------
+
+
+@dataclass
+class Flower:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def get(self, path: str, auth: tuple[str, str] | None = (USER, PASSWORD)) -> tuple[int, str]:
+        headers = {"Authorization": "Basic " + base64.b64encode(":".join(auth).encode()).decode()} if auth else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.url + path, headers=headers), timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def tasks(self, job_id: str) -> dict[str, dict[str, Any]]:
+        """The job's tasks as Flower's API lists them (each task's kwargs name its job)."""
+        status, body = self.get("/api/tasks")
+        assert status == 200, body
+        return {uuid: t for uuid, t in json.loads(body).items() if job_id in (t.get("kwargs") or "")}
+
+    def task(self, job_id: str, name: str, state: str | None = None) -> dict[str, Any] | None:
+        return next((t for t in self.tasks(job_id).values()
+                     if t["name"] == name and (state is None or t["state"] == state)), None)
+
+    def render(self, path: str) -> str:
+        """The page as headless Chromium renders it (the task list fills in by script)."""
+        assert CHROMIUM
+        url = self.url.replace("://", f"://{USER}:{PASSWORD}@") + path
+        proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000",
+                               "--dump-dom", url], capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def flower(workers, client) -> Iterator[Flower]:
+    """`python -m worker.run.flower` with basic auth on a free port (it execs Flower: one PID)."""
+    port = free_port()
+    conf = BASE / f"flower-{port}.toml"
+    conf.write_text(CONFIG.read_text() + f'\n[flower]\nport = {port}\nbasic_auth = "{USER}:{PASSWORD}"\n')
+    log = BASE / f"flower-{port}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "worker.run.flower"], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "STORK_CONFIG": str(conf)})
+    f = Flower(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        wait_for(lambda: _quietly(lambda: f.get("/healthcheck")[0] == 200) or proc.poll() is not None, 30, "Flower")
+        assert proc.poll() is None, log.read_text()
+        wait_for(lambda: _lists_a_ping(f, client), 30, "Flower to list a ping's tasks")
+        yield f
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _lists_a_ping(f: Flower, client: Any) -> bool:
+    """Flower's event receiver is up once it lists a job sent after it started (it misses
+    the events sent before it connected)."""
+    ping = client.run("ping", node="node1")
+    try:
+        wait_for(lambda: len(f.tasks(ping.id)) == 3, 3)
+    except AssertionError:
+        return False
+    return True
+
+
+def _quietly(check: Any) -> Any:
+    try:
+        return check()
+    except OSError:
+        return False
+
+
+def test_the_rest_api_takes_the_configured_basic_auth(flower):
+    """With flower.basic_auth the API answers the same credentials as the pages (and only those)."""
+    assert flower.get("/api/tasks", auth=None)[0] == 401
+    assert flower.get("/api/tasks", auth=(USER, "wrong"))[0] == 401
+    assert flower.get("/tasks", auth=None)[0] == 401
+    status, body = flower.get("/api/task/types")
+    assert status == 200 and "stork.ping.pong_node" in json.loads(body)["task-types"]
+    assert flower.get("/tasks")[0] == 200
+    assert "REST API with the flower.basic_auth credentials" in flower.log.read_text()
+
+
+def _qemu_img_of(pid: int) -> int | None:
+    """The qemu-img process that pool process `pid` runs, if any."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if (entry.name.isdigit() and (entry / "comm").read_text().strip() == "qemu-img"
+                    and int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid):
+                return int(entry.name)
+    return None
+
+
+@dataclass
+class CopyStory:
+    job: Any = None
+    running: dict[str, Any] = field(default_factory=dict)  # the copy task while its qemu-img was stopped
+    running_page: str = ""
+    rendered: dict[str, str] = field(default_factory=dict)  # page -> DOM from Chromium
+    final: dict[str, dict[str, Any]] = field(default_factory=dict)  # the job's tasks once it ended
+    final_page: str = ""
+
+
+@pytest.fixture(scope="module")
+def cancelled_copy(flower, client) -> CopyStory:
+    """A full clone copying 1 GiB of data: held mid-copy (qemu-img stopped) while Flower is
+    read, then cancelled and let go."""
+    story = CopyStory()
+    g, c = next(_vmids), next(_vmids)
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "2G"}})
+    with open(storage_path("local") / f"{g}/vm-{g}-disk-0.raw", "r+b") as f:
+        for i in range(0, 2048, 2):
+            f.seek(i * PATTERN_MIB)
+            f.write(b"\x6b" * PATTERN_MIB)
+    job = client.submit("full_clone", vmid=g, newid=c)
+    next(e for e in client.events(job.id) if e["phase"] == "progress" and e["done"] > 0)
+    pool = int(client.job(job.id).current["worker"].split(":")[1])
+    qemu = wait_for(lambda: _qemu_img_of(pool), 10, "the copy's qemu-img")
+    os.kill(qemu, signal.SIGSTOP)
+    try:
+        story.running = wait_for(lambda: flower.task(job.id, "stork.full_clone.copy_data", "PROGRESS"), 10,
+                                 "Flower to show the copy in progress")
+        story.running_page = flower.get(f"/task/{story.running['uuid']}")[1]
+        if CHROMIUM:
+            story.rendered["tasks-running"] = flower.render("/tasks")
+        client.cancel(job.id)
+    finally:
+        os.kill(qemu, signal.SIGCONT)
+    story.job = client.wait(job.id, timeout=60)
+    wait_for(lambda: {t["state"] for t in flower.tasks(job.id).values()} <= FINAL, 10, "every task to end")
+    story.final = flower.tasks(job.id)
+    story.final_page = flower.get(f"/task/{story.running['uuid']}")[1]
+    if CHROMIUM:
+        story.rendered["task-cancelled"] = flower.render(f"/task/{story.running['uuid']}")
+    return story
+
+
+PROGRESS = re.compile(r"^\d+\.\d% [\d.]+ (B|KiB|MiB|GiB) of 2\.0 GiB, [\d.]+ (B|KiB|MiB|GiB)/s \(scsi0: local:\d+/")
+
+
+def test_a_running_copy_shows_its_label_and_progress(cancelled_copy):
+    """The copy task is PROGRESS with percent, bytes and rate in its result, and its label
+    (kind, guests, disk, storage, job id) as its kwargs: in the API and on its task page."""
+    task, job = cancelled_copy.running, cancelled_copy.job
+    label = f"full_clone {job.params['vmid']}->{job.params['new_vmid']} scsi0 local, job {job.id}"
+    assert task["state"] == "PROGRESS" and task["kwargs"] == label and task["args"] == f"['{job.id}']"
+    assert PROGRESS.match(task["result"]), task["result"]
+    page = cancelled_copy.running_page  # read a moment later: the copy may have sent one more event
+    assert html.escape(label) in page and ">PROGRESS<" in page
+    assert PROGRESS.match(html.unescape(re.search(r"<dt>Result</dt>\s*<dd><pre[^>]*><code>(.*?)</code>", page)[1]))
+
+
+def test_a_cancelled_copy_ends_cancelled_and_says_where(cancelled_copy):
+    """No task of a cancelled job stays STARTED or PROGRESS: the copy ends CANCELLED with where
+    it stopped, the undos and finalize SUCCESS, all with the job's label."""
+    assert cancelled_copy.job.state == "cancelled"
+    states = {t["name"].rpartition(".")[2]: t["state"] for t in cancelled_copy.final.values()}
+    assert states == {"lock_guest": "SUCCESS", "reserve_guest": "SUCCESS", "allocate": "SUCCESS",
+                      "copy_data": "CANCELLED", "undo_allocate": "SUCCESS", "undo_reserve_guest": "SUCCESS",
+                      "undo_lock_guest": "SUCCESS", "finalize": "SUCCESS"}
+    copy = next(t for t in cancelled_copy.final.values() if t["name"].endswith("copy_data"))
+    assert PROGRESS.match(copy["result"].removeprefix("cancelled by user at ")), copy["result"]
+    assert len({t["kwargs"] for t in cancelled_copy.final.values()}) == 1
+    assert "CANCELLED" in cancelled_copy.final_page and "cancelled by user at" in cancelled_copy.final_page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_headless_chromium_shows_the_label_progress_and_final_state(cancelled_copy):
+    """The pages as a browser renders them: the task list (filled in by script) with the copy
+    in PROGRESS, its label and its percent; the task page once it was cancelled."""
+    job, running = cancelled_copy.job, cancelled_copy.running
+    tasks = cancelled_copy.rendered["tasks-running"]
+    row = next(r for r in tasks.split("<tr") if running["uuid"] in r)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+    assert ">PROGRESS<" in cells[2] and html.unescape(cells[3]) == running["kwargs"] and PROGRESS.match(cells[4]), row
+    page = cancelled_copy.rendered["task-cancelled"]
+    assert "CANCELLED" in page and f"job {job.id}" in page and "cancelled by user at" in page
+
+
+def test_a_clone_lists_every_step_succeeded_and_a_duplicate_ends_ignored(flower, client):
+    """Each step of a finished clone is SUCCESS with the job's label; a duplicate message of a
+    done step ends IGNORED, saying why, instead of STARTED for ever."""
+    from worker import runner
+
+    g, c = next(_vmids), next(_vmids)
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    job = client.run("full_clone", vmid=g, newid=c, storage="shared")
+    assert job.state == "succeeded"
+    steps = ["lock_guest", "reserve_guest", "allocate", "copy_data", "commit_guest"]
+    done = wait_for(lambda: (t := flower.tasks(job.id)) and sorted(x["state"] for x in t.values()) == ["SUCCESS"] * 5
+                    and t, 10, "the clone's steps")
+    assert sorted(t["name"] for t in done.values()) == sorted(f"stork.full_clone.{s}" for s in steps)
+    assert {t["kwargs"] for t in done.values()} == {f"full_clone {g}->{c} scsi0 local->shared, job {job.id}"}
+    runner.send_steps(client.job(job.id), 0)
+    again = wait_for(lambda: flower.task(job.id, "stork.full_clone.lock_guest", "IGNORED"), 10, "the duplicate")
+    assert again["result"] == f"not run: job {job.id} is succeeded with 5 of 5 steps done " \
+                              "(a duplicate, or the step runs elsewhere)"
+
+
+def test_a_failing_step_ends_failed(flower, client, tmp_path):
+    """A step that fails (here: a guest folder that is a symlink) is FAILURE with the reason."""
+    g = next(_vmids)
+    storage_path("local").mkdir(parents=True, exist_ok=True)
+    (storage_path("local") / str(g)).symlink_to(tmp_path)
+    try:
+        job = client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "1M"}})
+    finally:
+        (storage_path("local") / str(g)).unlink()
+    assert job.state == "failed"
+    failed = wait_for(lambda: flower.task(job.id, "stork.create.allocate", "FAILURE"), 10, "the failed step")
+    assert "not a directory" in failed["exception"]
+    wait_for(lambda: {t["state"] for t in flower.tasks(job.id).values()} <= FINAL, 10, "every task to end")
+
+
+def test_a_step_whose_whole_worker_was_killed_ends_failed_in_flower(flower, client):
+    """SIGKILL to a node's whole worker mid-copy: no process is left to end the copy task, so
+    the restarted worker's recovery does, as FAILURE saying what happened; the undos it sends
+    end too."""
+    from tests.conftest import Worker
+
+    worker = Worker("crash", concurrency=1)
+    try:
+        g, c = next(_vmids), next(_vmids)
+        client.run("create", vmid=g, node="crash", disks={"scsi0": {"storage": "crash", "size": "1G"}})
+        with open(storage_path("crash") / f"{g}/vm-{g}-disk-0.raw", "r+b") as f:
+            for i in range(0, 1024, 4):
+                f.seek(i * PATTERN_MIB)
+                f.write(b"\x5a" * PATTERN_MIB)
+        job = client.submit("full_clone", vmid=g, newid=c)
+        next(e for e in client.events(job.id) if e["phase"] == "progress" and e["done"] > 0)
+        pool = int(client.job(job.id).current["worker"].split(":")[1])
+        os.kill(wait_for(lambda: _qemu_img_of(pool), 10, "the copy's qemu-img"), signal.SIGSTOP)
+        running = wait_for(lambda: flower.task(job.id, "stork.full_clone.copy_data", "PROGRESS"), 10,
+                           "Flower to show the copy in progress")
+        worker.kill()  # the stopped qemu-img is in the group: it dies too
+        worker = Worker("crash", concurrency=1)  # reconciles at start
+        assert client.wait(job.id, timeout=60).state == "failed"
+        ended = wait_for(lambda: flower.task(job.id, "stork.full_clone.copy_data", "FAILURE"), 10,
+                         "Flower to end the copy")
+        assert ended["uuid"] == running["uuid"]
+        assert ended["exception"] == "the worker on node crash died during step copy_data"
+        wait_for(lambda: {t["state"] for t in flower.tasks(job.id).values()} <= FINAL, 10, "every task to end")
+    finally:
+        worker.stop()

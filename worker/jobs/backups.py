@@ -1,0 +1,331 @@
+"""Step functions of the backup and restore jobs (declared in worker/jobs/kinds.py).
+
+A backup reads every disk of a guest, locked with `lock = "backup"`, into a chunk store
+snapshot together with its config; the snapshot appears only at commit. A linked clone's
+disk whose base was backed up before (the same volume: its id and identity token match)
+reads only its own chunks and names the base's index. The snapshot id is saved before the
+commit, so a step redelivered after it finds the snapshot and does not make a second one;
+one redelivered before it starts again (the dead attempt's partial folder is removed by gc).
+
+A restore makes new volumes (ALLOCATE), writes each disk's chunks into them, makes them
+bases for a template, and registers the guest last: a missing or corrupt chunk fails the
+job before that, and the undo frees what it made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from datetime import UTC, datetime, timedelta
+
+from drivers import backup_storage, faults, guests, nbd, qemu
+from drivers.backends.base import Driver
+from drivers.backup import retention
+from drivers.backup.datapath import back_up, find_base, restore
+from drivers.backup.records import BaseRef, Index, Snapshot, format_time, parse_time
+from drivers.backup.retention import Candidate, Keep
+from drivers.backup.store import ChunkStore
+from drivers.errors import Corrupt, NotFound, Refused, StorkError
+from drivers.names import VolName
+from drivers.nbd import Extent
+from worker.context import StepContext
+from worker.jobs import steps, usage
+
+
+def _store(ctx: StepContext) -> ChunkStore:
+    return backup_storage(ctx.cfg.storage(ctx.params["store"])).open()
+
+
+def backup_guest(ctx: StepContext) -> None:
+    """Read the guest's config and every disk into one snapshot."""
+    store, vmid = _store(ctx), ctx.params["vmid"]
+    if (done := ctx.data.get("backup")) and store.exists(done):
+        _report(ctx, store, done)
+        return  # committed before the process died
+    guest = ctx.guests.read(vmid)
+    disks = {key: (volid, *ctx.volume(volid)) for key, volid in ctx.params["volumes"].items()}
+    total = sum(drv.virtual_size(vol) for _, drv, vol in disks.values())
+    before = 0
+    known = store.snapshots()  # once: each listing reads every manifest in the store
+    if "time" not in ctx.data:  # kept: a redelivered step writes the same snapshot
+        ctx.data["time"] = format_time(_backup_time(known, vmid))
+        ctx.save()
+    with store.begin(vmid, parse_time(ctx.data["time"]), ctx.params.get("notes", "")) as writer:
+        reads = {}
+        for key, (volid, drv, vol) in disks.items():
+            parent = drv.parent_of(vol)
+            found = find_base(store, known, drv.volid(parent), drv.identity(parent)) if parent else None
+            bitmapped = vol.fmt == "qcow2" and not vol.is_base  # only these have dirty bitmaps to read by
+            # this disk's newest backup here: what its bitmap's changes lie over
+            previous = find_base(store, known, volid, drv.identity(vol)) if bitmapped else None
+            dirty, reads[key] = _changes_since(ctx, drv, vol, previous)
+
+            def progress(done: int, _size: int, offset: int = before, what: str = f"{key}: {volid}") -> None:
+                ctx.progress(offset + done, total, what)
+
+            with drv.image(vol) as image:
+                index = back_up(image, vol.fmt, writer, *(found or (None, None)), progress=progress,
+                                previous=previous[1] if previous and dirty is not None else None, dirty=dirty)
+            writer.add_index(key, index, source=volid, identity=drv.identity(vol))
+            faults.point("backed-up")
+            before += index.virtual_size
+        writer.add_blob("guest.conf", guests.dumps(guest.with_(lock="", lock_job="")).encode())
+        ctx.data["backup"] = str(writer.id)
+        ctx.save()
+        writer.commit()
+    faults.point("committed")
+    warnings = [w for _, drv, vol in disks.values() if (w := _drop_older_bitmaps(ctx, drv, vol))]
+    _report(ctx, store, ctx.data["backup"], reads)
+    if warnings:
+        ctx.set_result(warning="; ".join(warnings))
+
+
+def _backup_time(known: list[Snapshot], vmid: int) -> datetime:
+    """Now, to the second; or a second after the guest's newest backup, if that is not older
+    (two backups in one second would have one id; a guest's backups run one at a time)."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    newest = max((s.id.time for s in known if s.id.vmid == vmid), default=None)
+    return max(now, newest + timedelta(seconds=1)) if newest else now
+
+
+def _report(ctx: StepContext, store: ChunkStore, backup_id: str, reads: dict[str, str] | None = None) -> None:
+    manifest = store.snapshot(backup_id).manifest
+    ctx.set_result(backup=backup_id, storage=ctx.params["store"], size=manifest.size, written=manifest.written,
+                   **({"reads": reads} if reads else {}))
+
+
+# ---- persistent dirty bitmaps: what changed since this disk's previous backup ----------------
+
+
+def bitmap_name(store: str, time_text: str) -> str:
+    """The bitmap a backup into `store` at `time_text` adds to a qcow2 disk: it records every
+    write from that backup on. One per backup storage, so a backup to another storage does
+    not hide changes from this one's next backup."""
+    return f"stork-{store}-{time_text.replace('-', '').replace(':', '')}"
+
+
+def incremental_refusal(marks: dict[str, list[str]], expected: str | None) -> str | None:
+    """Why the disk cannot be read incrementally (None: it can). `expected` is the bitmap the
+    previous backup of this disk into this storage added; `marks` the disk's bitmaps."""
+    if expected is None:
+        return "no earlier backup of this disk in this storage"
+    if expected not in marks:
+        return f"no dirty bitmap {expected} (added by the earlier backup)"
+    if "in-use" in marks[expected]:
+        return f"dirty bitmap {expected} is in use (the image was not closed cleanly)"
+    if "auto" not in marks[expected]:
+        return f"dirty bitmap {expected} is disabled (it may not hold every write since)"
+    return None
+
+
+def _changes_since(ctx: StepContext, drv: Driver, vol: VolName,
+                   previous: tuple[BaseRef, Index] | None) -> tuple[list[Extent] | None, str]:
+    """For a writable qcow2 disk: the dirty extents since its previous backup here (None for a
+    full read) and a line saying which; the bitmap for the next backup added before any read."""
+    if vol.fmt != "qcow2" or vol.is_base:
+        return None, "full read (only a writable qcow2 disk has dirty bitmaps)"
+    store = ctx.params["store"]
+    expected = bitmap_name(store, previous[0].backup.rpartition("/")[2]) if previous else None
+    with drv.image(vol, write=True) as image:
+        marks = qemu.bitmaps(image)
+        now = bitmap_name(store, ctx.data["time"])
+        if now not in marks:  # first: a write from here on is in it, whatever happens next
+            qemu.add_bitmap(image, now)
+        why = incremental_refusal(marks, expected)
+        if why is None and previous and previous[1].virtual_size != drv.virtual_size(vol):
+            why = "the disk was resized since its earlier backup"
+        if why is not None:
+            return None, f"full read: {why}"
+        assert expected is not None and previous is not None
+        return nbd.dirty_extents(image, expected), f"incremental: what changed since {previous[0].backup}"
+
+
+def _drop_older_bitmaps(ctx: StepContext, drv: Driver, vol: VolName) -> str | None:
+    """After the commit: this storage's bitmaps of earlier backups go (the new one stays). The
+    backup stands whatever happens here: a failure is a warning (the next backup drops them)."""
+    if vol.fmt != "qcow2" or vol.is_base:
+        return None
+    ours = re.compile(rf"stork-{re.escape(ctx.params['store'])}-\d{{8}}T\d{{6}}Z")
+    keep = bitmap_name(ctx.params["store"], ctx.data["time"])
+    try:
+        with drv.image(vol, write=True) as image:
+            for name in qemu.bitmaps(image):
+                if ours.fullmatch(name) and name != keep:
+                    qemu.remove_bitmap(image, name)
+    except (StorkError, OSError) as e:
+        return f"{drv.volid(vol)}: older dirty bitmaps kept: {e}"
+    return None
+
+
+def restore_data(ctx: StepContext) -> None:
+    """Write each disk's chunks into its allocated volume; a write interrupted by a crash is
+    redone into the recreated volume (zero chunks are skipped on the assumption it is empty)."""
+    store, backup_id = _store(ctx), ctx.params["backup"]
+    restored: list[str] = ctx.data.setdefault("restored", [])
+    total = sum(int(plan["size"]) for plan in ctx.params["disks"].values())
+    offset = sum(int(ctx.params["disks"][key]["size"]) for key in restored)
+    for key, plan in ctx.params["disks"].items():
+        if key in restored:
+            continue
+        drv, dst = ctx.volume(ctx.data["made"][key])
+        index = store.index(backup_id, key)
+        relinked = "base" in plan and index.base is not None
+        base = _base_index(store, index) if relinked else None
+        reads_zero = drv.new_volumes_read_zero and not relinked  # a clone reads its base where not written
+        if ctx.data.get("restoring") == key and not relinked:  # a relinked clone is rewritten whole-chunk
+            with ctx.storage_lock(drv):
+                ctx.fence(drv)
+                drv.recreate(dst, int(plan["size"]))
+        ctx.data["restoring"] = key
+        ctx.save()
+
+        def progress(done: int, _size: int, before: int = offset, what: str = f"{key}: {backup_id}") -> None:
+            ctx.progress(before + done, total, what)
+
+        with drv.image(dst, write=True) as image:
+            restore(store, index, image, reads_zero, progress, base=base)
+        faults.point("restored")
+        offset += int(plan["size"])
+        restored.append(key)
+        ctx.data.pop("restoring")
+        ctx.save()
+
+
+def _base_index(store: ChunkStore, index: Index) -> Index | None:
+    """The index of the base a relinked clone is restored over, to write only what differs;
+    None if that backup was forgotten since the restore was planned: then every chunk is
+    written, zeros too, and the clone is as right, only not as thin."""
+    assert index.base is not None
+    try:
+        return store.index(index.base.backup, index.base.disk)
+    except NotFound:
+        return None
+
+
+def reserve_restored(ctx: StepContext) -> None:
+    """A new guest's config, locked by this job; nothing for a guest being replaced (--force),
+    which LOCK_GUEST holds instead."""
+    if not ctx.params.get("replace"):
+        steps.reserve_guest(ctx)
+
+
+def unreserve_restored(ctx: StepContext) -> None:
+    if not ctx.params.get("replace"):  # never remove the guest being replaced
+        steps.unreserve_guest(ctx)
+
+
+def make_restored_bases(ctx: StepContext) -> None:
+    """A template's disks come back as bases."""
+    if ctx.params["template"]:
+        steps.make_copies_bases(ctx)
+
+
+def commit_restored(ctx: StepContext) -> None:
+    """Register the restored guest (a template with its bases): the job's commit point. A
+    guest replaced (--force) gets the restored disks; its old ones are kept as unused until
+    FREE_REPLACED frees them, so none is ever unnamed."""
+    if ctx.params.get("replace"):
+        _replace_guest(ctx)
+    elif ctx.params["template"]:
+        steps.commit_template_copy(ctx)
+    else:
+        steps.commit_new_guest(ctx)
+
+
+def _replace_guest(ctx: StepContext) -> None:
+    vmid = ctx.params["new_vmid"]
+    disks = {key: pair[1] for key, pair in ctx.data.get("based", {}).items()} or dict(ctx.data.get("made", {}))
+    with ctx.guests.editing(vmid) as box:
+        old = box[0]
+        if old.lock_job != ctx.job.id:
+            if "replaced" in ctx.data:
+                return  # redelivered after it was done
+            raise Refused(f"guest {vmid} is no longer locked by this job: not replaced")
+        if "replaced" not in ctx.data:
+            ctx.data["replaced"] = dict(old.disks)
+            ctx.save()
+        # decided by the config, not by the saved record: a step killed between the save and
+        # this write finds the guest still naming its old disks, which FREE_REPLACED would free
+        if old.disks != disks:
+            name = ctx.params.get("name") or old.name
+            # still locked: FREE_REPLACED unlocks it once the old disks are freed
+            box[0] = old.with_(disks=disks, template=ctx.params["template"], name=name,
+                               unused=(*old.unused, *ctx.data["replaced"].values()))
+    ctx.set_result(vmid=vmid, disks=disks, template=ctx.params["template"],
+                   replaced=ctx.data.get("replaced", {}))
+
+
+def free_replaced(ctx: StepContext) -> None:
+    """Free the replaced guest's old disks and drop them from its unused list; one that cannot
+    be freed (a base that linked clones read through) stays listed as unused, with a warning."""
+    if not ctx.params.get("replace"):
+        return
+    vmid = ctx.params["new_vmid"]
+    freed, kept = [], []
+    try:  # fails closed: with a guest config unreadable, nothing is freed
+        others = {v for g in ctx.guests.list() if g.vmid != vmid for v in (*g.disks.values(), *g.unused)}
+    except StorkError as e:
+        others, kept = set(ctx.data.get("replaced", {}).values()), [f"nothing freed: {e}"]
+    for volid in ctx.data.get("replaced", {}).values():
+        try:
+            if volid in others:
+                raise Refused("another guest names it")
+            drv, vol = ctx.volume(volid)
+            with ctx.storage_lock(drv):
+                usage.require_unused(ctx, volid, count_unused=False)  # the replaced guest keeps it as unused
+                ctx.fence(drv)
+                if drv.exists(vol):
+                    drv.free_volume(vol)  # refuses a base with linked clones
+            freed.append(volid)
+        except (StorkError, OSError) as e:
+            kept.append(f"{volid}: {e}")
+    with ctx.guests.editing(vmid) as box:
+        if box[0].lock_job == ctx.job.id:
+            box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v not in freed), lock="", lock_job="")
+    if kept:
+        ctx.set_result(warning=f"kept as unused: {'; '.join(kept)}")
+
+
+# ---- keeping a backup storage: verify, prune, gc -------------------------------------------
+
+
+def verify_backups(ctx: StepContext) -> None:
+    """Read back every chunk of each backup named (all, where none is) and record the outcome
+    in each; the job fails naming the first problem if any backup is damaged."""
+    store = _store(ctx)
+    ids = ctx.params["backups"] or [str(s.id) for s in store.snapshots()]
+    states, damaged = {}, []
+    for n, bid in enumerate(ids):
+        result = store.verify(bid)
+        states[bid] = result.state
+        if not result.ok:
+            damaged.append(f"{bid}: {result.problems[0]}" + (f" (and {len(result.problems) - 1} more)"
+                                                             if len(result.problems) > 1 else ""))
+        ctx.progress(n + 1, len(ids), bid)
+    ctx.set_result(verified=states)
+    if damaged:
+        raise Corrupt(f"{len(damaged)} of {len(ids)} backup(s) damaged: {damaged[0]}")
+
+
+def prune_backups(ctx: StepContext) -> None:
+    """Apply the retention to each guest's backups (one guest's, if named): forget what it
+    does not keep, or only say so on a dry run."""
+    store, keep = _store(ctx), Keep(**ctx.params["keep"])
+    by_guest: dict[int, list[Candidate]] = {}
+    for s in store.snapshots(ctx.params.get("vmid")):  # listed once: each listing reads every manifest
+        by_guest.setdefault(s.id.vmid, []).append(Candidate(str(s.id), parse_time(s.id.time_text), s.state.protected))
+    decisions = [d for guest in sorted(by_guest) for d in retention.plan(by_guest[guest], keep)]
+    removed = [d.id for d in decisions if not d.keep]
+    if not ctx.params["dry_run"]:
+        for bid in removed:
+            with contextlib.suppress(NotFound):  # redelivered: forgotten already
+                store.forget(bid)
+    ctx.set_result(decisions=[{"id": d.id, "keep": d.keep, "reason": d.reason} for d in decisions],
+                   removed=len(removed), dry_run=ctx.params["dry_run"])
+
+
+def collect_garbage(ctx: StepContext) -> None:
+    """Remove the chunks no backup refers to (safe while backups run: see ChunkStore.gc)."""
+    result = _store(ctx).gc()
+    ctx.set_result(chunks_removed=result.chunks_removed, bytes_removed=result.bytes_removed,
+                   chunks_kept=result.chunks_kept, partials_removed=result.partials_removed)

@@ -1,0 +1,153 @@
+"""Job kinds, declared as data: each is a list of steps (each with its undo) and a `prepare`
+that checks and normalizes the user's options when the job is submitted.
+
+A step with `storage=True` touches volumes: it runs on the job node's queue when the job
+uses a node-local storage, else anywhere (the shared queue). Guest-config steps run
+anywhere, as guest configs live in a shared directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from drivers.config import Config
+from worker.context import StepContext
+from worker.jobs import backups, steps
+from worker.jobs.prepare import (
+    prepare_add_disk,
+    prepare_assemble,
+    prepare_base,
+    prepare_copy,
+    prepare_create,
+    prepare_destroy,
+    prepare_detach,
+    prepare_free,
+    prepare_full_clone,
+    prepare_import,
+    prepare_linked_clone,
+    prepare_move,
+    prepare_ping,
+    prepare_remove_disk,
+    prepare_resize,
+    prepare_template,
+    prepare_template_copy,
+    prepare_unlock,
+)
+from worker.jobs.prepare_backups import prepare_backup, prepare_gc, prepare_prune, prepare_restore, prepare_verify
+from worker.queues import SHARED_QUEUE, node_queue
+
+StepFn = Callable[[StepContext], None]
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: StepFn
+    undo: StepFn | None = None
+    storage: bool = True
+    commit: bool = False  # once done, the job's effect stands: later failures undo nothing before it
+    release: bool = False  # its undo releases what the job holds (a guest lock): run at any failure, even past a commit
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    summary: str
+    steps: tuple[Step, ...]
+    prepare: Callable[[dict[str, Any], Config], dict[str, Any]]
+
+    def __post_init__(self) -> None:
+        names_ = [s.name for s in self.steps]
+        assert len(set(names_)) == len(names_), f"{self.name}: step names must be unique"
+
+    def queues(self, params: dict[str, Any], cfg: Config) -> list[str]:
+        local = params.get("pinned") or any(not cfg.storage(s).shared for s in params["storages"])
+        return [node_queue(params["node"]) if s.storage and local else SHARED_QUEUE for s in self.steps]
+
+
+LOCK_GUEST = Step("lock_guest", steps.lock_guest, steps.unlock_guest, storage=False, release=True)
+RESERVE_GUEST = Step("reserve_guest", steps.reserve_guest, steps.unreserve_guest, storage=False)
+ALLOCATE = Step("allocate", steps.allocate_disks, steps.free_made)
+LINK = Step("link_disks", steps.link_disks, steps.free_made)
+COPY = Step("copy_data", steps.copy_data)  # its target is freed by ALLOCATE's undo
+VERIFY = Step("verify_copy", steps.verify_copy)
+MAKE_MOVED_BASES = Step("make_bases", steps.make_moved_bases, steps.unmake_bases)  # only for a moved base
+COMMIT_NEW = Step("commit_guest", steps.commit_new_guest, storage=False, commit=True)
+MAKE_BASES = Step("make_bases", steps.make_bases, steps.unmake_bases)
+COMMIT_BASES = Step("commit_guest", steps.commit_bases, storage=False, commit=True)
+SWITCH = Step("switch_disks", steps.switch_disks, steps.unswitch_disks, storage=False, commit=True)
+FREE_SOURCES = Step("free_sources", steps.free_sources)
+# idempotent, and their effect is the user's intent: an interrupted one is carried forward
+FREE = Step("free_volume", steps.free_volume, commit=True)
+DESTROY = Step("destroy", steps.destroy_guest, commit=True)
+RESIZE = Step("resize", steps.resize_volume, commit=True)
+UNLOCK_GUEST = Step("unlock_guest", steps.unlock_guest, storage=False)
+PING_SHARED = Step("pong_shared", steps.pong, storage=False)
+PING_NODE = Step("pong_node", steps.pong)
+PING_BACK = Step("pong_back", steps.pong, storage=False)
+FORCE_UNLOCK = Step("unlock", steps.force_unlock, storage=False, commit=True)
+ATTACH = Step("attach_disks", steps.attach_disks, storage=False, commit=True)
+DETACH = Step("detach_disk", steps.detach_disk, storage=False, commit=True)
+REMOVE_DISK = Step("remove_disk", steps.remove_disk, commit=True)
+COMMIT_ASSEMBLED = Step("commit_guest", steps.commit_assembled, commit=True)  # reads the bases: on their node
+MAKE_COPY_BASES = Step("make_bases", steps.make_copies_bases, steps.unmake_bases)
+COMMIT_TEMPLATE_COPY = Step("commit_guest", steps.commit_template_copy, storage=False, commit=True)
+BACKUP = Step("backup", backups.backup_guest, commit=True)  # a snapshot appears whole or not at all
+RESTORE_DATA = Step("restore_data", backups.restore_data)  # its targets are freed by ALLOCATE's undo
+RESERVE_RESTORED = Step("reserve_guest", backups.reserve_restored, backups.unreserve_restored, storage=False)
+MAKE_RESTORED_BASES = Step("make_bases", backups.make_restored_bases, steps.unmake_bases)  # for a template
+COMMIT_RESTORED = Step("commit_guest", backups.commit_restored, storage=False, commit=True)
+FREE_REPLACED = Step("free_replaced", backups.free_replaced)  # --force: the replaced guest's old disks
+VERIFY_BACKUPS = Step("verify", backups.verify_backups)
+PRUNE = Step("prune", backups.prune_backups, commit=True)  # what it forgot stays forgotten
+GC = Step("gc", backups.collect_garbage, commit=True)
+
+
+KINDS: dict[str, JobKind] = {k.name: k for k in [
+    JobKind("create", "create a guest with new empty disks",
+            (RESERVE_GUEST, ALLOCATE, COMMIT_NEW), prepare_create),
+    JobKind("import", "create a guest from existing image files",
+            (RESERVE_GUEST, ALLOCATE, COPY, COMMIT_NEW), prepare_import),
+    JobKind("linked_clone", "clone a template, sharing its bases",
+            (RESERVE_GUEST, LINK, COMMIT_NEW), prepare_linked_clone),
+    JobKind("full_clone", "clone a guest or template with full copies of its disks",
+            (LOCK_GUEST, RESERVE_GUEST, ALLOCATE, COPY, COMMIT_NEW), prepare_full_clone),
+    JobKind("base", "turn a volume into a read-only base image",
+            (LOCK_GUEST, MAKE_BASES, COMMIT_BASES), prepare_base),
+    JobKind("template", "turn a guest into a template (every disk a base)",
+            (LOCK_GUEST, MAKE_BASES, COMMIT_BASES), prepare_template),
+    JobKind("copy", "copy a volume to a storage",
+            (ALLOCATE, COPY), prepare_copy),
+    JobKind("move", "move a guest's disk to a storage",
+            (LOCK_GUEST, ALLOCATE, COPY, VERIFY, MAKE_MOVED_BASES, SWITCH, FREE_SOURCES), prepare_move),
+    JobKind("free", "free a volume",
+            (FREE,), prepare_free),
+    JobKind("destroy", "destroy a guest and free its disks",
+            (LOCK_GUEST, DESTROY), prepare_destroy),
+    JobKind("ping", "check that a node's worker serves its queue (and the shared one)",
+            (PING_SHARED, PING_NODE, PING_BACK), prepare_ping),
+    JobKind("resize", "grow a volume",
+            (LOCK_GUEST, RESIZE, UNLOCK_GUEST), prepare_resize),
+    JobKind("unlock", "clear a guest's lock left by a job that is no longer live",
+            (FORCE_UNLOCK,), prepare_unlock),
+    JobKind("add_disk", "add disks to a guest: empty ones, or linked clones of base images",
+            (LOCK_GUEST, ALLOCATE, ATTACH), prepare_add_disk),
+    JobKind("detach", "keep a guest's disk as unused instead of attached",
+            (LOCK_GUEST, DETACH), prepare_detach),
+    JobKind("remove_disk", "free a guest's disk and drop it from the guest",
+            (LOCK_GUEST, REMOVE_DISK), prepare_remove_disk),
+    JobKind("assemble", "a new template whose disks are existing base images",
+            (RESERVE_GUEST, COMMIT_ASSEMBLED), prepare_assemble),
+    JobKind("template_copy", "copy a template: full copies of its bases, made bases on the target",
+            (RESERVE_GUEST, ALLOCATE, COPY, MAKE_COPY_BASES, COMMIT_TEMPLATE_COPY), prepare_template_copy),
+    JobKind("backup", "back up a guest's config and disks into a backup storage",
+            (LOCK_GUEST, BACKUP, UNLOCK_GUEST), prepare_backup),
+    JobKind("restore", "restore a backup as a new guest, or over one with force (a template as a template)",
+            (LOCK_GUEST, RESERVE_RESTORED, ALLOCATE, RESTORE_DATA, MAKE_RESTORED_BASES, COMMIT_RESTORED,
+             FREE_REPLACED), prepare_restore),
+    JobKind("verify", "read back every chunk of backups and check their digests", (VERIFY_BACKUPS,), prepare_verify),
+    JobKind("prune", "forget the backups a retention does not keep", (PRUNE,), prepare_prune),
+    JobKind("gc", "remove the chunks no backup refers to", (GC,), prepare_gc),
+]}

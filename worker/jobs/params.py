@@ -1,0 +1,224 @@
+"""Job parameters as the worker reads them back from Redis: checked again before a step acts.
+
+`prepare` normalizes a user's options at submit, but a job record in Redis is input, not
+truth: anyone who can write to Redis can write one. So every key a step may read is declared
+here with its check, one table for all kinds; an unknown key or a bad value refuses the
+whole record before anything touches a storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from drivers import names
+from drivers.backup import retention
+from drivers.backup.records import backup_id
+from drivers.errors import InvalidName
+
+Check = Callable[[Any], object]  # raises InvalidName when the value is bad
+
+
+def _bool(value: Any) -> None:
+    if not isinstance(value, bool):
+        raise InvalidName(f"{value!r}: expected true or false")
+
+
+def _vmid(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidName(f"{value!r}: expected a guest id")
+    names.vmid(value)
+
+
+def _positive_int(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidName(f"{value!r}: expected a whole number > 0")
+
+
+def _text(value: Any) -> None:
+    if not isinstance(value, str) or not value.isprintable() or len(value) > 200:
+        raise InvalidName(f"{value!r}: expected a short line of text")
+
+
+def _guest_name(value: Any) -> None:
+    if value != "":
+        names.image_name(value, "name")
+
+
+def _volid(value: Any) -> None:
+    vid = names.volume_id(value)
+    names.volname(vid.volname)
+
+
+def _absolute_path(value: Any) -> None:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value or len(value) > 4096:
+        raise InvalidName(f"{value!r}: expected an absolute path")
+
+
+def _notes(value: Any) -> None:
+    if not isinstance(value, str) or len(value) > 1024 or not value.isprintable():
+        raise InvalidName(f"{value!r}: expected one line of text of at most 1024 characters")
+
+
+def _backup_id(value: Any) -> None:
+    if not isinstance(value, str):
+        raise InvalidName(f"{value!r}: expected a backup id")
+    backup_id(value)
+
+
+def _count(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidName(f"{value!r}: expected a whole number >= 0")
+
+
+def _optional(check: Check) -> Check:
+    return lambda value: None if value is None else check(value)
+
+
+def _list_of(check: Check) -> Check:
+    def run(value: Any) -> None:
+        if not isinstance(value, list):
+            raise InvalidName(f"{value!r}: expected a list")
+        for item in value:
+            check(item)
+
+    return run
+
+
+class _Bad(Exception):
+    """A bad value and the keys leading to it (outermost first)."""
+
+    def __init__(self, path: list[str], message: str) -> None:
+        self.path, self.message = path, message
+
+
+def _at(key: str, check: Check, value: Any) -> None:
+    """Run a check, adding `key` to the path of the value that fails."""
+    try:
+        check(value)
+    except InvalidName as e:
+        raise _Bad([key], str(e)) from None
+    except _Bad as bad:
+        bad.path.insert(0, key)
+        raise
+
+
+def _table(schema: Mapping[str, Check]) -> Check:
+    """A dict whose keys are all in `schema`, each value passing its check."""
+
+    def run(value: Any) -> None:
+        if not isinstance(value, dict):
+            raise InvalidName(f"{value!r}: expected a table")
+        for key, item in value.items():
+            if key not in schema:
+                raise _Bad([str(key)], "unknown key")
+            _at(key, schema[key], item)
+
+    return run
+
+
+def _map_of(key_check: Check, value_check: Check) -> Check:
+    def run(value: Any) -> None:
+        if not isinstance(value, dict):
+            raise InvalidName(f"{value!r}: expected a table")
+        for key, item in value.items():
+            _at(str(key), key_check, key)
+            _at(str(key), value_check, item)
+
+    return run
+
+
+def _disk_key(value: Any) -> None:
+    if value not in ("copy", "disk"):  # the one planned volume of a copy or a base job
+        names.disk_key(value)
+
+
+def _str(value: Any) -> None:
+    if not isinstance(value, str):
+        raise InvalidName(f"{value!r}: expected a string")
+
+
+PLAN: dict[str, Check] = {
+    "storage": names.storage_id,
+    "size": _positive_int,
+    "format": names.image_format,
+    "owner": _vmid,
+    "source": _volid,
+    "source_path": _absolute_path,
+    "base": _volid,  # a disk from a base image: a linked clone of it
+    "base_identity": _str,  # a relinked restore: the base must still be this very volume
+    "as_base": _bool,  # a moved base: its copy is made a base on the target
+}
+BASE_PLAN: dict[str, Check] = {"source": _volid, "name": _optional(lambda v: names.image_name(v, "base name"))}
+
+PARAMS: dict[str, Check] = {
+    "vmid": _vmid,
+    "new_vmid": _vmid,
+    "lock_vmid": _optional(_vmid),
+    "name": _guest_name,
+    "node": names.node,
+    "storages": _list_of(names.storage_id),
+    "pinned": _bool,
+    "make_template": _bool,
+    "delete_source": _bool,
+    "refuse_template": _text,
+    "expect_disks": _optional(_map_of(names.disk_key, _volid)),
+    "disks": _map_of(_disk_key, _table(PLAN)),
+    "bases": _map_of(_disk_key, _table(BASE_PLAN)),
+    "volid": _volid,
+    "size": _positive_int,
+    "disk": names.disk_key,
+    "attach": _map_of(names.disk_key, _volid),
+    # backups (worker/jobs/backups.py)
+    "volumes": _map_of(names.disk_key, _volid),  # a backup's disks
+    "store": names.storage_id,  # the backup storage
+    "notes": _notes,
+    "backup": _backup_id,
+    "backups": _optional(_list_of(_backup_id)),  # verify: these, or all
+    "template": _bool,
+    "keep": _table({period: _count for period in retention.OPTIONS}),
+    "dry_run": _bool,
+    "replace": _bool,  # restore --force: over an existing guest
+}
+
+
+def _pair_of_volids(value: Any) -> None:
+    if not isinstance(value, list) or len(value) != 2:
+        raise InvalidName(f"{value!r}: expected [volume id, base volume id]")
+    for volid in value:
+        _volid(volid)
+
+
+# What steps save in the record (`ctx`) for later steps and undos: read back as input too.
+CTX: dict[str, Check] = {
+    "pending": _map_of(_disk_key, _volid),
+    "made": _map_of(_disk_key, _volid),
+    "replaced": _map_of(_disk_key, _volid),
+    "based": _map_of(_disk_key, _pair_of_volids),
+    "copied": _list_of(_disk_key),
+    "copying": _disk_key,
+    "freeing": _str,  # a volume's identity token
+    "destroying": _vmid,
+    "backup": _backup_id,  # the snapshot a backup step is writing or wrote
+    "time": _str,  # its time (parsed again where used)
+    "restored": _list_of(_disk_key),
+    "restoring": _disk_key,
+}
+
+
+def _refuse(where: str, schema: Mapping[str, Check], value: Any) -> None:
+    try:
+        _at(where, _table(schema), value)
+    except _Bad as bad:
+        raise InvalidName(f"job record refused: {'.'.join(bad.path)}: {bad.message}") from None
+
+
+def check(params: Any) -> None:
+    """Refuse a job's params unless every key is known and every value is valid."""
+    _refuse("params", PARAMS, params)
+
+
+def check_record(job: Any) -> None:
+    """Refuse a job record whose params or saved step data (`ctx`) do not check out."""
+    check(job.params)
+    _refuse("ctx", CTX, job.ctx)

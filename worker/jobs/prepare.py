@@ -1,0 +1,402 @@
+"""Submit-time checks: each job kind's `prepare` turns the user's options into the job's
+params (normalized, with the node and the storages it uses) or refuses them with one clear
+error, before anything is queued."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from drivers import driver_for, names, qemu
+from drivers.backends.base import Driver
+from drivers.config import Config
+from drivers.errors import AlreadyExists, ConfigError, InvalidName, NotFound, Refused
+from drivers.guests import Guest, GuestStore
+from drivers.names import VolName
+
+
+def _only(options: dict[str, Any], allowed: set[str], kind: str) -> None:
+    if unknown := set(options) - allowed:
+        raise InvalidName(f"{kind}: unknown option(s) {', '.join(sorted(unknown))} "
+                          f"(allowed: {', '.join(sorted(allowed))})")
+
+
+def _store(cfg: Config) -> GuestStore:
+    return GuestStore(cfg.guests_dir, cfg.lock_timeout)
+
+
+def _guest(cfg: Config, vmid: Any) -> Guest:
+    return _store(cfg).read(names.vmid(vmid))
+
+
+def _node(o: dict[str, Any], cfg: Config) -> str:
+    """The node a job's node-local storages are on: the option, else this node."""
+    return names.node(o["node"]) if o.get("node") else cfg.node
+
+
+def _flag(o: dict[str, Any], key: str) -> bool:
+    value = o.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidName(f"invalid {key} {value!r}: expected true or false")
+    return value
+
+
+def _name(o: dict[str, Any]) -> str:
+    return names.image_name(o["name"], "guest name") if o.get("name") else ""
+
+
+def _new_vmid(cfg: Config, vmid: Any) -> int:
+    vmid = names.vmid(vmid)
+    if _store(cfg).exists(vmid):
+        raise AlreadyExists(f"guest {vmid} already exists")
+    return vmid
+
+
+def _check_nodes(cfg: Config, storages: set[str], node: str) -> list[str]:
+    for sid in storages:
+        storage = cfg.storage(sid)
+        if not storage.on_node(node):
+            raise Refused(f"storage {sid!r} is local to node(s) {', '.join(storage.nodes)}: "
+                          f"it does not exist on node {node!r}")
+    return sorted(storages)
+
+
+def _volume(cfg: Config, volid: str) -> tuple[str, VolName]:
+    vid = names.volume_id(volid)
+    drv = driver_for(cfg.storage(vid.storage))
+    return vid.storage, drv.parse_volname(vid.volname)
+
+
+def _format(cfg: Config, storage: str, fmt: str | None, default: str | None = None) -> str:
+    drv = driver_for(cfg.storage(storage))
+    fmt = names.image_format(fmt) if fmt else (default or drv.default_format)
+    if fmt not in drv.formats:
+        raise Refused(f"storage {storage!r} cannot hold {fmt} volumes")
+    return fmt
+
+
+def _images_storage(cfg: Config, storage: str) -> str:
+    if "images" not in cfg.storage(storage).content:
+        raise Refused(f"storage {storage!r} does not hold disk images (content: images)")
+    return storage
+
+
+def _new_guest(o: dict[str, Any], cfg: Config, kind: str, disk_options: set[str],
+               plan_disk: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """Params of a job that makes a new guest, one planned disk per `disks` entry."""
+    _only(o, {"vmid", "name", "disks", "node"}, kind)
+    vmid = _new_vmid(cfg, o.get("vmid"))
+    node = _node(o, cfg)
+    disks: dict[str, dict[str, Any]] = {}
+    for key, spec in (o.get("disks") or {}).items():
+        _only(spec, disk_options, f"disk {key}")
+        disks[names.disk_key(key)] = {**plan_disk(spec), "owner": vmid}
+    storages = _check_nodes(cfg, {d["storage"] for d in disks.values()}, node)
+    return {"new_vmid": vmid, "name": _name(o), "node": node, "disks": disks, "storages": storages}
+
+
+DISK_OPTIONS = {"storage", "size", "format", "base"}
+
+
+def _base_here(cfg: Config, volid: str) -> tuple[str, VolName]:
+    """A base image named by the user: refused unless it is one (and, where this node can
+    see its storage, unless it exists)."""
+    storage, vol = _volume(cfg, volid)
+    if not vol.is_base:
+        raise Refused(f"{volid} is not a base image (make one with 'stork base' or 'stork template')")
+    _existing_here(cfg, storage, vol)
+    return storage, vol
+
+
+def _disk_plan(cfg: Config, spec: dict[str, Any]) -> dict[str, Any]:
+    """A new disk: a linked clone of a base image (`base`), or an empty one of a size."""
+    if spec.get("base"):
+        if extra := set(spec) - {"base"}:
+            raise InvalidName(f"a disk from a base image takes no {', '.join(sorted(extra))}: it is a linked clone")
+        storage, vol = _base_here(cfg, str(spec["base"]))
+        drv = driver_for(cfg.storage(storage))
+        drv.require_feature("linked_clone", vol)
+        return {"storage": _images_storage(cfg, storage), "base": str(spec["base"]),
+                "format": drv.linked_clone_format}
+    storage = _images_storage(cfg, names.storage_id(spec.get("storage", "")))
+    return {"storage": storage, "size": names.size(spec.get("size", "")),
+            "format": _format(cfg, storage, spec.get("format"))}
+
+
+def prepare_create(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    return _new_guest(o, cfg, "create", DISK_OPTIONS, lambda spec: _disk_plan(cfg, spec))
+
+
+def prepare_add_disk(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"vmid", "disks"}, "disk add")
+    guest = _guest(cfg, o.get("vmid"))
+    guest.require_not_template("adding disks")
+    guest.require_unlocked()
+    disks: dict[str, dict[str, Any]] = {}
+    for key, spec in (o.get("disks") or {}).items():
+        key = names.disk_key(key)
+        if key in guest.disks:
+            raise AlreadyExists(f"guest {guest.vmid} has a disk {key} already ({guest.disks[key]})")
+        _only(spec, DISK_OPTIONS, f"disk {key}")
+        disks[key] = {**_disk_plan(cfg, spec), "owner": guest.vmid}
+    if not disks:
+        raise InvalidName("disk add: name at least one disk")
+    return {"lock_vmid": guest.vmid, "refuse_template": "adding disks", "expect_disks": guest.disks,
+            "disks": disks, "node": guest.node,
+            "storages": _check_nodes(cfg, {d["storage"] for d in disks.values()}, guest.node)}
+
+
+def _guest_disk(o: dict[str, Any], cfg: Config, kind: str, doing: str) -> dict[str, Any]:
+    """Params of a job acting on one disk of a guest (not of a template)."""
+    _only(o, {"vmid", "disk"}, kind)
+    guest = _guest(cfg, o.get("vmid"))
+    key = names.disk_key(o.get("disk", ""))
+    if key not in guest.disks:
+        raise NotFound(f"guest {guest.vmid} has no disk {key} (disks: {', '.join(guest.disks) or 'none'})")
+    guest.require_not_template(doing)
+    guest.require_unlocked()
+    storage, _vol = _volume(cfg, guest.disks[key])
+    return {"lock_vmid": guest.vmid, "refuse_template": doing, "expect_disks": guest.disks, "disk": key,
+            "node": guest.node, "storages": _check_nodes(cfg, {storage}, guest.node)}
+
+
+def prepare_detach(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    return _guest_disk(o, cfg, "disk detach", "detaching its disks")
+
+
+def prepare_remove_disk(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    return _guest_disk(o, cfg, "disk remove", "removing its disks")
+
+
+def prepare_assemble(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """A new template whose disks are existing base images, attached as they are."""
+    _only(o, {"vmid", "name", "disks", "node"}, "template assemble")
+    vmid = _new_vmid(cfg, o.get("vmid"))
+    node = _node(o, cfg)
+    attach, storages = {}, set()
+    for key, volid in (o.get("disks") or {}).items():
+        storage, _vol = _base_here(cfg, str(volid))
+        attach[names.disk_key(key)] = str(volid)
+        storages.add(storage)
+    if not attach:
+        raise InvalidName("template assemble: name at least one base image as a disk")
+    return {"new_vmid": vmid, "name": _name(o), "node": node, "attach": attach,
+            "storages": _check_nodes(cfg, storages, node)}
+
+
+def prepare_import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    def plan(spec: dict[str, Any]) -> dict[str, Any]:
+        path = Path(spec.get("path", "")).absolute()
+        with qemu.open_import(path) as (image, size):  # checked again, on the same open file, as it is copied
+            src_fmt = image.fmt
+        storage = _images_storage(cfg, names.storage_id(spec.get("storage") or "local"))
+        return {"storage": storage, "source_path": str(path), "size": size,
+                "format": _format(cfg, storage, spec.get("format"), default=src_fmt)}
+
+    # the source files are on this node: every step that reads them runs here
+    return {**_new_guest(o, cfg, "import", {"path", "storage", "format"}, plan), "pinned": True}
+
+
+def _clone_source(cfg: Config, o: dict[str, Any]) -> tuple[Guest, int]:
+    source = _guest(cfg, o.get("vmid"))
+    newid = _new_vmid(cfg, o.get("newid"))
+    source.require_unlocked()
+    return source, newid
+
+
+def prepare_linked_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"vmid", "newid", "name", "storage", "format"}, "linked clone")
+    source, newid = _clone_source(cfg, o)
+    if not source.template:
+        raise Refused(f"guest {source.vmid} is not a template: a linked clone needs one (use --full)")
+    disks: dict[str, dict[str, Any]] = {}
+    for key, volid in source.disks.items():
+        storage, vol = _volume(cfg, volid)
+        if o.get("storage") and o["storage"] != storage:
+            raise Refused(f"a linked clone must be on the storage of its base: {volid} is on {storage!r}, "
+                          f"not {o['storage']!r} (use --full)")
+        drv = driver_for(cfg.storage(storage))
+        if o.get("format") and o["format"] != drv.linked_clone_format:
+            raise Refused(f"a linked clone on {storage!r} is {drv.linked_clone_format}, not {o['format']} "
+                          "(use --full)")
+        drv.require_feature("linked_clone", vol)
+        disks[key] = {"source": volid, "storage": storage, "owner": newid}
+    storages = _check_nodes(cfg, {d["storage"] for d in disks.values()}, source.node)
+    return {"vmid": source.vmid, "new_vmid": newid, "name": _name(o), "node": source.node,
+            "disks": disks, "storages": storages}
+
+
+def prepare_full_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"vmid", "newid", "name", "storage", "format"}, "full clone")
+    source, newid = _clone_source(cfg, o)
+    target = names.storage_id(o["storage"]) if o.get("storage") else None
+    disks, used = {}, set()
+    for key, volid in source.disks.items():
+        storage, vol = _volume(cfg, volid)
+        dest = _images_storage(cfg, target or storage)
+        disks[key] = {"source": volid, "storage": dest, "owner": newid,
+                      "format": _format(cfg, dest, o.get("format"), default=vol.fmt)}
+        used |= {storage, dest}
+    storages = _check_nodes(cfg, used, source.node)
+    return {"vmid": source.vmid, "new_vmid": newid, "name": _name(o), "node": source.node,
+            "lock_vmid": None if source.template else source.vmid, "expect_disks": source.disks,
+            "disks": disks, "storages": storages}
+
+
+def prepare_template_copy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """A new template of full copies of a template's bases, made bases on the target storage."""
+    source = _guest(cfg, o.get("vmid"))
+    if not source.template:
+        raise Refused(f"guest {source.vmid} is not a template (copy a guest with 'stork clone --full')")
+    return prepare_full_clone(o, cfg)
+
+
+def _owner_of(cfg: Config, volid: str) -> Guest | None:
+    """The guest that attaches the volume or keeps it as unused (fails closed: ConfigError
+    naming a broken guest config, which might be the owner)."""
+    return next((g for g in _store(cfg).list() if volid in (*g.disks.values(), *g.unused)), None)
+
+
+def prepare_base(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"volid", "name", "node"}, "base")
+    volid = str(o.get("volid"))
+    storage, vol = _volume(cfg, volid)
+    driver_for(cfg.storage(storage)).require_feature("make_base", vol)
+    _existing_here(cfg, storage, vol)
+    name = names.image_name(o["name"], "base name") if o.get("name") else None
+    owner = _owner_of(cfg, volid)
+    node = owner.node if owner else _node(o, cfg)
+    return {"lock_vmid": owner.vmid if owner else None, "refuse_template": "converting its disks",
+            "expect_disks": owner.disks if owner else None,
+            "bases": {"disk": {"source": volid, "name": name}}, "node": node,
+            "storages": _check_nodes(cfg, {storage}, node)}
+
+
+def prepare_template(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"vmid"}, "template")
+    guest = _guest(cfg, o.get("vmid"))
+    guest.require_not_template("making it a template again")
+    guest.require_unlocked()
+    bases, used = {}, set()
+    for key, volid in guest.disks.items():
+        storage, vol = _volume(cfg, volid)
+        used.add(storage)
+        if not vol.is_base:
+            driver_for(cfg.storage(storage)).require_feature("make_base", vol)
+            bases[key] = {"source": volid, "name": None}
+    return {"lock_vmid": guest.vmid, "refuse_template": "making it a template again", "make_template": True,
+            "expect_disks": guest.disks, "bases": bases, "node": guest.node,
+            "storages": _check_nodes(cfg, used, guest.node)}
+
+
+def prepare_copy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"volid", "storage", "format", "vmid", "node"}, "copy")
+    volid = str(o.get("volid"))
+    storage, vol = _volume(cfg, volid)
+    driver_for(cfg.storage(storage)).require_feature("copy", vol)
+    owner = names.vmid(o["vmid"]) if o.get("vmid") else vol.owner
+    if owner is None:
+        raise InvalidName(f"{volid} belongs to no guest: name the owner of the copy with --vmid")
+    dest = _images_storage(cfg, names.storage_id(o.get("storage") or ""))
+    node = _node(o, cfg)
+    disk = {"source": volid, "storage": dest, "owner": owner, "format": _format(cfg, dest, o.get("format"), vol.fmt)}
+    return {"disks": {"copy": disk}, "node": node, "storages": _check_nodes(cfg, {storage, dest}, node)}
+
+
+def prepare_move(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"vmid", "disk", "storage", "format", "delete_source"}, "move")
+    guest = _guest(cfg, o.get("vmid"))
+    key = names.disk_key(o.get("disk", ""))
+    if key not in guest.disks:
+        raise NotFound(f"guest {guest.vmid} has no disk {key} (disks: {', '.join(guest.disks) or 'none'})")
+    guest.require_unlocked()
+    volid = guest.disks[key]
+    storage, vol = _volume(cfg, volid)
+    drv = driver_for(cfg.storage(storage))
+    drv.require_feature("move", vol)
+    if vol.is_base and cfg.storage(storage).on_node(cfg.node):
+        _require_no_clones(drv, vol)  # checked again by the step, on the storage's node
+    dest = _images_storage(cfg, names.storage_id(o.get("storage") or ""))
+    fmt = _format(cfg, dest, o.get("format"), vol.fmt)
+    if dest == storage and fmt == vol.fmt:
+        raise Refused(f"{volid} is already on {dest!r} as {fmt}")
+    plan = {"source": volid, "storage": dest, "owner": guest.vmid, "format": fmt}
+    if vol.is_base:
+        plan["as_base"] = True  # the verified copy becomes a base on the target
+    return {"lock_vmid": guest.vmid, "expect_disks": guest.disks, "disks": {key: plan},
+            "delete_source": _flag(o, "delete_source"), "node": guest.node,
+            "storages": _check_nodes(cfg, {storage, dest}, guest.node)}
+
+
+def _require_no_clones(drv: Driver, base: VolName) -> None:
+    """A base that linked clones read through cannot move: their backing paths name it."""
+    if clones := drv.clones_of(base):
+        listed = ", ".join(drv.volid(c) for c in clones)
+        raise Refused(f"{drv.volid(base)} is a base with {len(clones)} linked clone(s), which read through it where "
+                      f"it is: {listed} (move or destroy them first)")
+
+
+def _existing_here(cfg: Config, storage: str, vol: VolName) -> Driver | None:
+    """The volume's driver once the volume is known to exist, where this node can see its
+    storage (elsewhere the step checks, on the storage's node); else None."""
+    if not cfg.storage(storage).on_node(cfg.node):
+        return None
+    drv = driver_for(cfg.storage(storage))
+    drv.require_existing(vol)
+    return drv
+
+
+def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"volid", "node"}, "free")
+    volid = str(o.get("volid"))
+    storage, vol = _volume(cfg, volid)
+    node = _node(o, cfg)
+    _existing_here(cfg, storage, vol)
+    # refused before a job exists; the step checks again, under the storage lock, with live jobs too
+    try:
+        guests = _store(cfg).list()
+    except ConfigError as e:  # a config that cannot be read might attach it: fail closed
+        raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
+    if users := [f"guest {g.vmid} ({key})" for g in guests for key, v in g.disks.items() if v == volid]:
+        raise Refused(f"{volid} is in use by {', '.join(users)}")
+    return {"volid": volid, "node": node, "storages": _check_nodes(cfg, {storage}, node)}
+
+
+def prepare_destroy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"vmid"}, "destroy")
+    guest = _guest(cfg, o.get("vmid"))
+    guest.require_unlocked()
+    used = {names.volume_id(v).storage for v in [*guest.disks.values(), *guest.unused]}
+    return {"lock_vmid": guest.vmid, "node": guest.node, "expect_disks": guest.disks,
+            "storages": _check_nodes(cfg, used, guest.node)}
+
+
+def prepare_ping(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"node"}, "ping")
+    node = _node(o, cfg)
+    return {"node": node, "storages": [], "pinned": True}  # its storage step runs on the node
+
+
+def prepare_resize(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"volid", "size", "node"}, "resize")
+    volid = str(o.get("volid"))
+    storage, vol = _volume(cfg, volid)
+    driver_for(cfg.storage(storage)).require_feature("resize", vol)
+    size = names.size(o.get("size", ""))
+    if (drv := _existing_here(cfg, storage, vol)) and drv.virtual_size(vol) > size:
+        raise Refused(f"{volid}: shrinking is not supported (would lose data)")
+    owner = _owner_of(cfg, volid)
+    node = owner.node if owner else _node(o, cfg)
+    return {"volid": volid, "size": size, "node": node,
+            "lock_vmid": owner.vmid if owner else None, "refuse_template": "writing its disks",
+            "expect_disks": owner.disks if owner else None,
+            "storages": _check_nodes(cfg, {storage}, node)}
+
+
+def prepare_unlock(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    _only(o, {"vmid"}, "unlock")
+    guest = _guest(cfg, o.get("vmid"))
+    if not guest.lock:
+        raise Refused(f"guest {guest.vmid} is not locked")
+    return {"vmid": guest.vmid, "node": guest.node, "storages": []}

@@ -1,0 +1,597 @@
+"""Step functions: each `run` is idempotent given the job (a redelivered step finds its work
+done and returns) and each `undo` removes what its run made, tolerating half-made work.
+
+Params are normalized at submit (worker/jobs/kinds.py); what a step makes goes into `ctx.data`
+and is saved *before* it is made, so an undo after a crash still finds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from drivers import faults, qemu
+from drivers.backends.base import Driver
+from drivers.errors import AlreadyExists, NotFound, Refused, StorkError
+from drivers.guests import Guest
+from drivers.names import VolName
+from worker import liveness, records
+from worker.context import StepContext
+from worker.jobs import usage
+
+# ---- guest locks ---------------------------------------------------------------------
+
+
+def lock_guest(ctx: StepContext) -> None:
+    """Set the guest's `lock` field to this job, refusing a guest that is locked, a template
+    (where params say so) or one whose disks changed since the job was submitted."""
+    vmid = ctx.params.get("lock_vmid")
+    if vmid is None:
+        return
+    with ctx.guests.editing(vmid) as box:
+        guest = box[0]
+        if guest.lock_job == ctx.job.id:
+            return  # redelivered: the lock is ours already
+        guest.require_unlocked()
+        if refusal := ctx.params.get("refuse_template"):
+            guest.require_not_template(refusal)
+        expected = ctx.params.get("expect_disks")
+        if expected is not None and guest.disks != expected:
+            raise Refused(f"guest {vmid} changed since the job was submitted (its disks are now "
+                          f"{', '.join(f'{k}={v}' for k, v in guest.disks.items()) or 'none'})")
+        box[0] = guest.with_(lock=ctx.job.kind, lock_job=ctx.job.id)
+
+
+def unlock_guest(ctx: StepContext) -> None:
+    """Clear the lock if this job holds it (`lock_job` tells, so no record is needed of it)."""
+    vmid = ctx.params.get("lock_vmid")
+    if vmid is None:
+        return
+    try:
+        with ctx.guests.editing(vmid) as box:
+            if box[0].lock_job == ctx.job.id:
+                box[0] = box[0].with_(lock="", lock_job="")
+    except NotFound:
+        pass  # destroyed: nothing to unlock
+
+
+def force_unlock(ctx: StepContext) -> None:
+    """Clear a guest's lock whose job is no longer live (`qm unlock`): its job ended, or is
+    waiting to retry an undo, or is gone. Refused while that job runs or may still run a step."""
+    vmid = ctx.params["vmid"]
+    with ctx.guests.editing(vmid) as box:
+        guest = box[0]
+        if not guest.lock:
+            raise Refused(f"guest {vmid} is not locked")
+        if holder := _live_job(ctx, guest.lock_job):
+            raise Refused(f"guest {vmid} is locked by job {guest.lock_job} ({guest.lock}), which {holder}: "
+                          "cancel it or wait for it")
+        box[0] = guest.with_(lock="", lock_job="")
+    ctx.set_result(unlocked=vmid, lock=guest.lock, job=guest.lock_job)
+
+
+def _live_job(ctx: StepContext, job_id: str) -> str:
+    """Why the job is live ("" if it is not): queued or running, or an undo in progress."""
+    try:
+        job = records.load(ctx.r, job_id) if job_id else None
+    except NotFound:
+        return ""
+    if job is None or job.state.terminal:
+        return ""
+    if job.state != records.JobState.UNDOING:
+        return f"is {job.state}"
+    if liveness.holding(ctx.r, (job.current or {}).get("worker"), job.id):
+        return "is undoing a step right now"
+    kind = ctx.kinds.get(job.kind)
+    left = [kind.steps[i] for i in job.undo if i not in job.undone] if kind else []
+    if pending := [step.name for step in left if not step.release]:  # undos that still change guests
+        return f"still has to undo {', '.join(pending)} ('stork job cancel {job.id}' stops its retries)"
+    return ""
+
+
+def reserve_guest(ctx: StepContext) -> None:
+    """Create the new guest's config, locked by this job (refused if the id is taken)."""
+    vmid = ctx.params["new_vmid"]
+    guest = Guest(vmid, ctx.params["node"], name=ctx.params.get("name", ""),
+                  lock=ctx.job.kind, lock_job=ctx.job.id)
+    try:
+        ctx.guests.create(guest)
+    except AlreadyExists:
+        if ctx.guests.read(vmid).lock_job != ctx.job.id:
+            raise
+
+
+def unreserve_guest(ctx: StepContext) -> None:
+    """Remove the new guest's config if this job still holds it (not yet committed)."""
+    vmid = ctx.params["new_vmid"]
+    with contextlib.suppress(NotFound):
+        if ctx.guests.read(vmid).lock_job == ctx.job.id:
+            ctx.guests.delete(vmid)
+
+
+# ---- volumes -------------------------------------------------------------------------
+
+
+def _make_volume(ctx: StepContext, key: str, drv: Driver, owner: int, fmt: str,
+                 create: Callable[[VolName], None]) -> None:
+    """Name and create a volume under the storage lock. The name is saved as pending and
+    claimed for this job before it is created, and counts as made once created (saved with the
+    step's end or failure). A name left pending by a process that died is settled first."""
+    with ctx.storage_lock(drv):
+        if _adopt_pending(ctx, key):
+            return  # made before the crash: ours
+        taken = usage.claimed_names(ctx.r, drv.storage.id, owner, except_job=ctx.job.id)
+        vol = drv.next_disk_name(owner, fmt, taken)
+        ctx.data.setdefault("pending", {})[key] = drv.volid(vol)
+        ctx.save()
+        usage.claim(ctx.r, drv.volid(vol), ctx.job.id)
+        ctx.fence(drv)
+        create(vol)
+        ctx.data.setdefault("made", {})[key] = ctx.data["pending"].pop(key)
+
+
+def _made_before_crash(ctx: StepContext, volid: str) -> bool:
+    """Did this job create `volid` in a process that died before saving it as made? Only if
+    the name is present and still claimed by this job: no other job creates a claimed name.
+    Call it under the volume's storage lock."""
+    drv, vol = ctx.volume(volid)
+    return usage.claimed_by(ctx.r, volid) == ctx.job.id and drv.exists(vol)
+
+
+def _adopt_pending(ctx: StepContext, key: str) -> bool:
+    """Settle `key`'s pending name: made (True) or never created, so not ours (False)."""
+    volid = ctx.data.get("pending", {}).pop(key, None)
+    if volid is None or not _made_before_crash(ctx, volid):
+        return False
+    ctx.data.setdefault("made", {})[key] = volid
+    return True
+
+
+def allocate_disks(ctx: StepContext) -> None:
+    """Make one new volume per planned disk: a linked clone of the base a plan names (the
+    seed's disk from a base image), else an empty volume of its size (or its source's)."""
+    for key, plan in ctx.params["disks"].items():
+        if key in ctx.data.get("made", {}):
+            continue  # redelivered: made already
+        if "base" in plan:
+            _link(ctx, key, plan["base"], plan["owner"], plan.get("base_identity"))
+            continue
+        drv = ctx.driver(plan["storage"])
+        size = int(plan["size"]) if "size" in plan else _volume_size(ctx, plan["source"])
+
+        def allocate(vol: VolName, d: Driver = drv, n: int = size) -> None:
+            d.allocate(vol, n)
+
+        _make_volume(ctx, key, drv, plan["owner"], plan["format"], allocate)
+    ctx.set_result(volumes=ctx.data.get("made", {}))
+
+
+def link_disks(ctx: StepContext) -> None:
+    """Create one linked clone per planned disk, reading through its base; refused while the
+    template is locked (e.g. being destroyed)."""
+    template = ctx.guests.read(ctx.params["vmid"])
+    template.require_unlocked()
+    for key, plan in ctx.params["disks"].items():
+        if key not in ctx.data.get("made", {}):
+            _link(ctx, key, plan["source"], plan["owner"])
+    ctx.set_result(volumes=ctx.data.get("made", {}))
+
+
+def _link(ctx: StepContext, key: str, base_volid: str, owner: int, identity: str | None = None) -> None:
+    """Make `key`'s disk a linked clone of the base `base_volid` (which must still be the very
+    volume `identity` names, where the plan gives one: a relinked restore)."""
+    drv, base = ctx.volume(base_volid)
+    drv.require_feature("linked_clone", base)
+
+    def link(vol: VolName) -> None:
+        drv.require_existing(base)  # under the storage lock that a destroy frees it under
+        if identity is not None and drv.identity(base) != identity:
+            raise Refused(f"{base_volid} is no longer the base this backup was made against (it was made anew)")
+        drv.link_clone(base, vol)
+
+    _make_volume(ctx, key, drv, owner, drv.linked_clone_format, link)
+
+
+def free_made(ctx: StepContext) -> None:
+    """Undo of allocate/link: free every volume this job made, and a pending one it made
+    before its process died; keep one that a guest not held by this job, or another live job,
+    uses (it is reported, not freed)."""
+    made = list(ctx.data.get("made", {}).values())
+    kept = []
+    for volid in [*made, *ctx.data.get("pending", {}).values()]:
+        drv, vol = ctx.volume(volid)
+        with ctx.storage_lock(drv):
+            if volid not in made and not _made_before_crash(ctx, volid):
+                ctx.fence(drv)
+                drv.free_partial(vol)  # never created: the name is not ours, a half-made temp file is
+                continue
+            if not drv.exists(vol):
+                continue
+            if found := usage.users(ctx, volid):
+                kept.append(f"{volid} (in use by {', '.join(found)})")
+                continue
+            ctx.fence(drv)
+            drv.free(vol)
+    if kept:
+        raise Refused(f"kept {'; '.join(kept)}")  # a decision: the undo goes on
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What a planned disk copies from: an opened image file (import) or a volume."""
+
+    label: str
+    size: int
+    image: qemu.Image | None = None
+    volume: tuple[Driver, VolName] | None = None
+
+
+def _volume_size(ctx: StepContext, volid: str) -> int:
+    drv, vol = ctx.volume(volid)
+    drv.require_existing(vol)
+    return drv.virtual_size(vol)
+
+
+def _open_source(ctx: StepContext, stack: contextlib.ExitStack, plan: dict) -> _Source:
+    """Open an import file once (its checks and its copy read the same descriptor), or name
+    a volume."""
+    if "source_path" in plan:
+        path = Path(plan["source_path"])
+        image, size = stack.enter_context(qemu.open_import(path))
+        if size != plan["size"]:
+            raise Refused(f"{path} changed since the job was submitted (its size is now {size} bytes)")
+        return _Source(str(path), size, image=image)
+    drv, vol = ctx.volume(plan["source"])
+    return _Source(plan["source"], _volume_size(ctx, plan["source"]), volume=(drv, vol))
+
+
+def copy_data(ctx: StepContext) -> None:
+    """Copy every planned disk into its allocated volume, reporting bytes as it goes; each
+    copy is flushed to stable storage before it counts as copied.
+
+    A copy interrupted by a crash is redone into a freshly recreated target, since zero
+    areas are skipped on the assumption that the target is all zeros.
+    """
+    copied: list[str] = ctx.data.setdefault("copied", [])
+    with contextlib.ExitStack() as stack:
+        sources = {key: _open_source(ctx, stack, plan) for key, plan in ctx.params["disks"].items()}
+        total = sum(src.size for src in sources.values())
+        offset = sum(sources[key].size for key in copied if key in sources)
+        for key, src in sources.items():
+            if key in copied:
+                continue
+            drv, dst = ctx.volume(ctx.data["made"][key])
+            if ctx.data.get("copying") == key:  # a previous attempt died mid-copy
+                with ctx.storage_lock(drv):
+                    ctx.fence(drv)
+                    drv.recreate(dst, src.size)
+            ctx.data["copying"] = key
+            ctx.save()
+
+            def progress(done: int, _total: int, before: int = offset, what: str = f"{key}: {src.label}") -> None:
+                ctx.progress(before + done, total, what)
+
+            if src.volume:
+                drv.copy_from(*src.volume, dst, progress)
+            else:
+                assert src.image is not None
+                drv.copy_in(src.image, src.size, dst, progress)
+                qemu.refuse_external(src.image.fds[0], src.label)  # still none after the copy
+            offset += src.size
+            copied.append(key)
+            ctx.data.pop("copying")
+            ctx.save()
+
+
+def verify_copy(ctx: StepContext) -> None:
+    """Compare every copy with its source before the source may go."""
+    for key, plan in ctx.params["disks"].items():
+        src_drv, src = ctx.volume(plan["source"])
+        dst_drv, dst = ctx.volume(ctx.data["made"][key])
+        dst_drv.compare(src_drv, src, dst)
+
+
+def resize_volume(ctx: StepContext) -> None:
+    drv, vol = ctx.volume(ctx.params["volid"])
+    drv.require_existing(vol)
+    drv.require_feature("resize", vol)
+    if drv.virtual_size(vol) > ctx.params["size"]:
+        raise Refused(f"{ctx.params['volid']}: shrinking is not supported (would lose data)")
+    drv.resize(vol, ctx.params["size"])
+    ctx.set_result(volid=ctx.params["volid"], size=ctx.params["size"])
+
+
+def pong(ctx: StepContext) -> None:
+    """A step that does nothing but be recorded (which node ran it): the ping job."""
+    ctx.set_result(**{ctx.step: ctx.node})
+
+
+# ---- bases ---------------------------------------------------------------------------
+
+
+def make_bases(ctx: StepContext) -> None:
+    """Turn each planned volume into a read-only base (rename + protect)."""
+    _make_bases(ctx, ctx.params["bases"])
+
+
+def make_moved_bases(ctx: StepContext) -> None:
+    """Make the verified copy of each moved base a base on its target storage (same name);
+    refused if linked clones read through the source by now."""
+    plans = {}
+    for key, plan in ctx.params["disks"].items():
+        if plan.get("as_base"):
+            drv, source = ctx.volume(plan["source"])
+            if clones := drv.clones_of(source):
+                raise Refused(f"{plan['source']} has {len(clones)} linked clone(s) now: "
+                              f"{', '.join(drv.volid(c) for c in clones)}")
+            plans[key] = {"source": ctx.data["made"][key], "name": source.name}
+    _make_bases(ctx, plans)
+
+
+def make_copies_bases(ctx: StepContext) -> None:
+    """Turn each volume this job made (a template copy's copies) into a base."""
+    _make_bases(ctx, {key: {"source": volid, "name": None} for key, volid in ctx.data.get("made", {}).items()})
+
+
+def _make_bases(ctx: StepContext, plans: dict[str, dict]) -> None:
+    based: dict[str, list[str]] = ctx.data.setdefault("based", {})
+    for key, plan in plans.items():
+        drv, vol = ctx.volume(plan["source"])
+        base = VolName(None, plan["name"], vol.fmt) if plan.get("name") else drv.default_base_name(vol)
+        if key in based and drv.exists(base) and not drv.exists(vol):
+            drv.protect_base(base)  # redelivered: done, but perhaps not yet read-only
+            continue
+        drv.require_existing(vol)
+        drv.require_feature("make_base", vol)
+        with ctx.storage_lock(drv):
+            if drv.exists(base):
+                raise AlreadyExists(f"base image {drv.volid(base)} already exists")
+            usage.require_unused(ctx, plan["source"])  # e.g. a clone's target, mid-copy
+            based[key] = [plan["source"], drv.volid(base)]
+            ctx.save()
+            usage.claim(ctx.r, plan["source"], ctx.job.id)  # its name is not free for others until the job ends
+            ctx.fence(drv)
+            drv.make_base(vol, base)
+    ctx.set_result(bases={key: pair[1] for key, pair in based.items()})
+
+
+def unmake_bases(ctx: StepContext) -> None:
+    """Rename each base made by this job back; one whose old name is taken is reported."""
+    taken = []
+    for volid, base_volid in ctx.data.get("based", {}).values():
+        drv, vol = ctx.volume(volid)
+        _, base = ctx.volume(base_volid)
+        with ctx.storage_lock(drv):
+            if not drv.exists(base):
+                continue  # never renamed, or renamed back already
+            if drv.exists(vol):
+                taken.append(f"{base_volid} (its old name {volid} is taken)")
+                continue
+            ctx.fence(drv)
+            drv.unmake_base(base, vol)
+    if taken:
+        raise Refused(f"kept as base: {'; '.join(taken)}")
+
+
+def commit_bases(ctx: StepContext) -> None:
+    """Point the guest at its new bases and unlock it; a template only when every disk is a
+    base (the commit point of base and template jobs)."""
+    vmid = ctx.params.get("lock_vmid")
+    if vmid is None:
+        return
+    renamed = dict(ctx.data.get("based", {}).values())
+    with ctx.guests.editing(vmid) as box:
+        guest = box[0]
+        if guest.lock_job != ctx.job.id:
+            return  # redelivered after it finished
+        disks = {key: renamed.get(volid, volid) for key, volid in guest.disks.items()}
+        template = guest.template or bool(ctx.params.get("make_template"))
+        if template and (writable := [v for v in disks.values() if not ctx.volname(v).is_base]):
+            raise Refused(f"guest {vmid} cannot be a template: {', '.join(writable)} is not a base")
+        unused = tuple(renamed.get(volid, volid) for volid in guest.unused)
+        box[0] = guest.with_(disks=disks, unused=unused, template=template, lock="", lock_job="")
+    ctx.set_result(vmid=vmid, template=template)
+
+
+# ---- guests --------------------------------------------------------------------------
+
+
+def commit_new_guest(ctx: StepContext) -> None:
+    """Release the source guest, then attach the made volumes to the new guest and unlock it:
+    that one atomic write is the job's commit point (before it, an undo removes all)."""
+    unlock_guest(ctx)
+    vmid = ctx.params["new_vmid"]
+    with ctx.guests.editing(vmid) as box:
+        if box[0].lock_job == ctx.job.id:
+            box[0] = box[0].with_(disks=dict(ctx.data.get("made", {})), lock="", lock_job="")
+    ctx.set_result(vmid=vmid, disks=ctx.data.get("made", {}))
+
+
+def attach_disks(ctx: StepContext) -> None:
+    """Attach the volumes this job made to its locked guest, and unlock it (the commit of
+    `disk add`)."""
+    vmid = ctx.params["lock_vmid"]
+    made = ctx.data.get("made", {})
+    with ctx.guests.editing(vmid) as box:
+        guest = box[0]
+        if guest.lock_job == ctx.job.id:
+            box[0] = guest.with_(disks={**guest.disks, **made}, lock="", lock_job="")
+    ctx.set_result(vmid=vmid, disks=made)
+
+
+def detach_disk(ctx: StepContext) -> None:
+    """Keep a guest's disk as `unused` instead of attached, and unlock it."""
+    vmid, key = ctx.params["lock_vmid"], ctx.params["disk"]
+    with ctx.guests.editing(vmid) as box:
+        guest = box[0]
+        if guest.lock_job != ctx.job.id:
+            return  # redelivered after it finished
+        volid = guest.disks[key]
+        box[0] = guest.with_(disks={k: v for k, v in guest.disks.items() if k != key},
+                             unused=(*guest.unused, volid), lock="", lock_job="")
+    ctx.set_result(vmid=vmid, detached={key: volid})
+
+
+def remove_disk(ctx: StepContext) -> None:
+    """Free a guest's disk, then drop it from the guest and unlock it; a base that linked
+    clones read through, or a volume another guest or job uses, is refused first."""
+    vmid, key = ctx.params["lock_vmid"], ctx.params["disk"]
+    guest = ctx.guests.read(vmid)
+    if guest.lock_job != ctx.job.id:
+        return  # redelivered after it finished
+    volid = guest.disks.get(key)
+    if volid is not None:
+        drv, vol = ctx.volume(volid)
+        with ctx.storage_lock(drv):
+            if vol.is_base and drv.exists(vol) and (clones := drv.clones_of(vol)):
+                listed = ", ".join(drv.volid(c) for c in clones)
+                raise Refused(f"{volid} is a base image with {len(clones)} linked clone(s): {listed}")
+            usage.require_unused(ctx, volid)
+            ctx.fence(drv)
+            drv.free(vol)
+    with ctx.guests.editing(vmid) as box:
+        box[0] = box[0].with_(disks={k: v for k, v in box[0].disks.items() if k != key}, lock="", lock_job="")
+    ctx.set_result(vmid=vmid, removed={key: volid})
+
+
+def commit_assembled(ctx: StepContext) -> None:
+    """Attach the named bases to the reserved guest as they are and mark it a template: the
+    seed's template assembled by hand from base images."""
+    vmid = ctx.params["new_vmid"]
+    for volid in ctx.params["attach"].values():
+        drv, vol = ctx.volume(volid)
+        drv.require_existing(vol)
+        if not vol.is_base:
+            raise Refused(f"{volid} is not a base image: a template's disks must all be bases")
+    with ctx.guests.editing(vmid) as box:
+        if box[0].lock_job == ctx.job.id:
+            box[0] = box[0].with_(disks=dict(ctx.params["attach"]), template=True, lock="", lock_job="")
+    ctx.set_result(vmid=vmid, template=True, disks=ctx.params["attach"])
+
+
+def commit_template_copy(ctx: StepContext) -> None:
+    """Attach the copies, made bases, to the new guest as a template and unlock it."""
+    vmid = ctx.params["new_vmid"]
+    disks = {key: pair[1] for key, pair in ctx.data.get("based", {}).items()}
+    with ctx.guests.editing(vmid) as box:
+        if box[0].lock_job == ctx.job.id:
+            box[0] = box[0].with_(disks=disks, template=True, lock="", lock_job="")
+    ctx.set_result(vmid=vmid, template=True, disks=disks)
+
+
+def switch_disks(ctx: StepContext) -> None:
+    """Attach the copies in place of the originals; keep those as unused or free them later."""
+    vmid = ctx.params["lock_vmid"]
+    made = {**ctx.data["made"], **{key: pair[1] for key, pair in ctx.data.get("based", {}).items()}}
+    with ctx.guests.editing(vmid) as box:
+        guest = box[0]
+        if guest.lock_job != ctx.job.id:
+            return  # redelivered after it finished
+        old = {key: guest.disks[key] for key in made}
+        ctx.data["replaced"] = old
+        ctx.save()
+        # the originals stay listed (as unused) until free_sources has freed them
+        box[0] = guest.with_(disks={**guest.disks, **made}, unused=(*guest.unused, *old.values()),
+                             lock="", lock_job="")
+    ctx.set_result(vmid=vmid, disks=made, replaced=old)
+
+
+def unswitch_disks(ctx: StepContext) -> None:
+    old = ctx.data.get("replaced")
+    if not old:
+        return
+    with ctx.guests.editing(ctx.params["lock_vmid"]) as box:
+        guest = box[0]
+        unused = tuple(v for v in guest.unused if v not in old.values())
+        box[0] = guest.with_(disks={**guest.disks, **old}, unused=unused)
+
+
+def free_sources(ctx: StepContext) -> None:
+    """After a verified move with --delete-source, free the original volumes and drop them
+    from the guest's unused list. The move is committed by then: a volume that cannot be
+    freed stays listed as unused, with a warning in the result."""
+    if not ctx.params.get("delete_source"):
+        return
+    freed = []
+    for volid in ctx.data.get("replaced", {}).values():
+        try:
+            drv, vol = ctx.volume(volid)
+            with ctx.storage_lock(drv):
+                usage.require_unused(ctx, volid, count_unused=False)  # kept as unused by this guest: ours
+                ctx.fence(drv)
+                drv.free(vol)
+            freed.append(volid)
+        except (StorkError, OSError) as e:
+            ctx.set_result(warning=f"kept {volid} as unused: {e}")
+    with ctx.guests.editing(ctx.params["lock_vmid"]) as box:
+        box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v not in freed))
+
+
+def free_volume(ctx: StepContext) -> None:
+    """Free a volume that no guest attaches and no live job uses; a base with linked clones
+    is refused, listing them. The volume's identity is saved before it is freed, so a step
+    redelivered after a crash frees it if still there, and never a volume made since."""
+    volid = ctx.params["volid"]
+    drv, vol = ctx.volume(volid)
+    with ctx.storage_lock(drv):
+        freeing = ctx.data.get("freeing")
+        if freeing is None:
+            drv.require_existing(vol)
+            usage.require_unused(ctx, volid, count_unused=False)  # a volume kept as unused may go
+            ctx.data["freeing"] = drv.identity(vol)
+            ctx.save()
+            faults.point("free_recorded")
+            ctx.fence(drv)
+            drv.free_volume(vol)  # refuses a base with linked clones, listing them
+        elif drv.exists(vol) and drv.identity(vol) == freeing:
+            ctx.fence(drv)
+            drv.free_volume(vol)  # the process that saved it died before freeing
+    guests, _ = ctx.guests.scan()  # freed already: a broken config must not make it look failed
+    for guest in guests:  # forget it where it was kept as unused
+        if volid in guest.unused:
+            with ctx.guests.editing(guest.vmid) as box:
+                box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v != volid))
+    ctx.set_result(freed=volid)
+
+
+def destroy_guest(ctx: StepContext) -> None:
+    """Free every volume of a guest, dropping each from its config as it goes, then remove
+    the config. Refused, before anything is freed, while linked clones use its bases or a
+    disk's name holds something that is not a volume (a directory, a symlink): the
+    check and the frees happen under the storage locks that a new clone is made under."""
+    vmid = ctx.params["lock_vmid"]
+    ctx.data["destroying"] = vmid
+    ctx.save()
+    try:
+        guest = ctx.guests.read(vmid)
+    except NotFound:
+        return  # redelivered after it finished
+    if guest.lock_job != ctx.job.id:
+        return  # redelivered after it finished, and the id has been used again since
+    volumes = {v: ctx.volume(v) for v in [*guest.disks.values(), *guest.unused]}
+    kept = {}
+    with ctx.storage_locks([drv for drv, _ in volumes.values()]):
+        for volid, (drv, vol) in volumes.items():
+            if drv.exists(vol):
+                drv.identity(vol)  # refuses an entry that is not a volume (named, with its path) before any free
+            if vol.is_base and drv.exists(vol) and (clones := drv.clones_of(vol)):
+                listed = ", ".join(drv.volid(c) for c in clones)
+                raise Refused(f"guest {vmid}: base {drv.volid(vol)} still has linked clones: {listed}")
+            if found := usage.job_users(ctx, volid):
+                raise Refused(f"{volid} is in use by {', '.join(found)}")
+            if found := usage.guest_users(ctx, volid):
+                kept[volid] = found  # e.g. a base another template shares: it stays theirs
+        for volid, (drv, vol) in volumes.items():
+            if volid in kept:
+                continue
+            ctx.fence(drv)
+            drv.free(vol)
+            with ctx.guests.editing(vmid) as box:
+                g = box[0]
+                box[0] = g.with_(disks={k: v for k, v in g.disks.items() if v != volid},
+                                 unused=tuple(v for v in g.unused if v != volid))
+    ctx.guests.delete(vmid)
+    ctx.set_result(destroyed=vmid, freed=[v for v in volumes if v not in kept],
+                   **({"kept": {v: ", ".join(u) for v, u in kept.items()}} if kept else {}))

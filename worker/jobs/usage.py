@@ -1,0 +1,136 @@
+"""Which volumes are in use, and by whom: asked under a volume's storage lock before anything
+frees, renames or overwrites it.
+
+A volume is in use when a guest config names it or when a job that has not ended reads,
+makes or renames it (a full clone's target mid-copy belongs to no guest yet, and a template's
+bases are read by every full clone of it). The check fails closed: a guest config or a job
+record that cannot be read might name the volume, so the answer is "refused", naming what
+could not be read.
+
+Names a job is about to create are also *claimed* (`stork:claims:<storage>`, volname -> job
+id) before they are created and until the job ends: no other job picks a claimed name, so
+a redelivered step that finds its pending name present and claimed by its own job knows it
+made that volume before its process died.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from drivers import names
+from drivers.errors import Refused, StorkError
+from worker import records
+from worker.context import StepContext
+from worker.jobs import params
+from worker.records import JobRecord
+
+
+def job_volumes(job: JobRecord) -> set[str]:
+    """Every volume id a job reads, makes or renames, from its params and what it made (both
+    checked against their schemas by the worker, worker/jobs/params.py, before any step uses them)."""
+    p, made = job.params, job.ctx
+    found = {p["volid"]} if p.get("volid") else set()
+    for plans in (p.get("disks"), p.get("bases")):
+        found |= {plan[k] for plan in (plans or {}).values() for k in ("source", "base") if k in plan}
+    found |= set((p.get("attach") or {}).values())
+    for table in ("made", "pending", "replaced"):
+        found |= set((made.get(table) or {}).values())
+    for pair in (made.get("based") or {}).values():
+        found |= set(pair)
+    return found
+
+
+def guest_users(ctx: StepContext, volid: str, count_unused: bool = True) -> list[str]:
+    """Guests, besides those this job holds, that attach `volid` (or keep it as unused)."""
+    try:
+        guests = ctx.guests.list()
+    except StorkError as e:
+        raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
+    return [
+        f"guest {g.vmid} ({key})"
+        for g in guests if g.lock_job != ctx.job.id
+        for key, v in [*g.disks.items(), *((("unused", u) for u in g.unused) if count_unused else ())]
+        if v == volid
+    ]
+
+
+def job_users(ctx: StepContext, volid: str) -> list[str]:
+    """Jobs, besides this one, that have not ended and read, make or rename `volid`."""
+    try:
+        jobs = records.load_many(ctx.r, [j for j in records.active_ids(ctx.r) if j != ctx.job.id])
+        for job in jobs:
+            params.check_record(job)  # a record we cannot read might name the volume
+    except StorkError as e:
+        raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
+    return [f"job {job.id} ({job.kind})" for job in jobs if volid in job_volumes(job)]
+
+
+def users(ctx: StepContext, volid: str, count_unused: bool = True) -> list[str]:
+    """Who uses `volid`: guests (see guest_users) and jobs that have not ended."""
+    return guest_users(ctx, volid, count_unused) + job_users(ctx, volid)
+
+
+def require_unused(ctx: StepContext, volid: str, count_unused: bool = True) -> None:
+    if found := users(ctx, volid, count_unused):
+        raise Refused(f"{volid} is in use by {', '.join(found)}")
+
+
+# ---- claims on names being made ---------------------------------------------------------
+
+
+def _claims_key(storage: str) -> str:
+    return f"stork:claims:{storage}"
+
+
+def claim(r: redis.Redis, volid: str, job_id: str) -> None:
+    vid = names.volume_id(volid)
+    r.hset(_claims_key(vid.storage), vid.volname, job_id)
+
+
+def claimed_by(r: redis.Redis, volid: str) -> str | None:
+    vid = names.volume_id(volid)
+    return r.hget(_claims_key(vid.storage), vid.volname)
+
+
+def claimed_names(r: redis.Redis, storage: str, owner: int, except_job: str) -> frozenset[str]:
+    """Disk names (stems) of `owner` on `storage` that other jobs have claimed."""
+    taken = set()
+    for volname, job_id in r.hgetall(_claims_key(storage)).items():
+        if job_id != except_job and volname.startswith(f"{owner}/"):
+            taken.add(volname.split("/", 1)[1].rsplit(".", 1)[0])
+    return frozenset(taken)
+
+
+# ARGV: triples of claims key, volname, job id; each claim is dropped only if that job still holds it.
+_DROP = """
+for i = 1, #ARGV, 3 do
+  if redis.call('HGET', ARGV[i], ARGV[i + 1]) == ARGV[i + 2] then redis.call('HDEL', ARGV[i], ARGV[i + 1]) end
+end
+"""
+
+
+def _drop(r: redis.Redis, claims: list[tuple[str, str, str]]) -> None:
+    if claims:
+        r.eval(_DROP, 0, *[x for triple in claims for x in triple])
+
+
+def release_claims(r: redis.Redis, job: JobRecord) -> None:
+    """Drop the job's claims (it has ended: what it made is attached, in its result, or freed,
+    and a name it renamed into base/ is settled)."""
+    volids = {*(job.ctx.get("made") or {}).values(), *(job.ctx.get("pending") or {}).values(),
+              *(pair[0] for pair in (job.ctx.get("based") or {}).values())}
+    vids = [names.volume_id(v) for v in volids]
+    _drop(r, [(_claims_key(v.storage), v.volname, job.id) for v in vids])
+
+
+def prune_claims(r: redis.Redis) -> int:
+    """Drop claims of jobs that have ended (a process died between a job's end and its
+    release_claims); run by the sweep. The claims are read before the active set: a job is
+    active before it claims anything, so a claim whose job is not active then is stale."""
+    stale = []
+    for key in r.scan_iter(match=_claims_key("*"), count=100):
+        claims = r.hgetall(key)
+        active = set(records.active_ids(r))
+        stale += [(key, volname, job_id) for volname, job_id in claims.items() if job_id not in active]
+    _drop(r, stale)
+    return len(stale)
