@@ -6,7 +6,8 @@
     a linked clone                       a thin snapshot of a base (lvcreate -s), writable and
                                          activated normally (-kn)
 
-Everything of thick LVM (lvm.py) holds, except where thin volumes differ:
+The group and the `lvm` tool on it are lvmgroup.py's, shared with thick LVM (lvm.py), and
+what is said there of names, bases and devices holds here, except where thin volumes differ:
 - a linked clone's base is its LV's `origin`, which LVM itself keeps in the VG metadata, so
   parents and children come from one `lvs` (no tag of stork's own could disagree with it);
   freeing a base with clones is refused by `Driver.free_volume` (LVM would allow it: its
@@ -22,12 +23,13 @@ thin): the config refuses a second (`place`).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from functools import cached_property
 
-from drivers import faults, names
+from drivers import faults, names, qemu
 from drivers.backends.base import RAW_WITH_CLONES, Driver
 from drivers.backends.lvm import OPTIONS as LVM_OPTIONS
-from drivers.backends.lvm import LvmDriver, lvm_name
+from drivers.backends.lvmgroup import LV_FIELDS, Row, VolumeGroup, check_reserved, lvm_name
 from drivers.errors import NotFound
 from drivers.names import VolName
 from drivers.storage import Option, StorageConfig
@@ -39,23 +41,32 @@ OPTIONS = {
 }
 
 
-class LvmThinDriver(LvmDriver):
+class LvmThinDriver(Driver):
     type_name = "lvmthin"
+    formats = ("raw",)
+    default_format = "raw"
+    linked_clone_format = "raw"
     FEATURES = RAW_WITH_CLONES
     OPTIONS = OPTIONS
-    LV_FIELDS = LvmDriver.LV_FIELDS + ",origin,data_percent"
-    UNBASE_ARGS = ("-prw", "-kn")
 
     def __init__(self, config: StorageConfig) -> None:
         super().__init__(config)
         self.pool: str = config.options["thinpool"]
+        # the thin volumes of our pool, not thick LVs (those are an lvm storage's)
+        self.group = VolumeGroup(config, LV_FIELDS + ",origin,data_percent",
+                                 ours=lambda row: row.get("pool_lv") == self.pool)
+        self.vg = self.group.vg
 
-    def _ours(self, row: dict[str, str]) -> bool:
-        return row.get("pool_lv") == self.pool
+    @classmethod
+    def place(cls, config: StorageConfig) -> str | None:
+        return f"lvm:{config.options['vgname']}"  # the group's, as thick LVM: one storage per group
 
-    def _pool_row(self) -> dict[str, str]:
-        rows = self._report("lvs", "lv_name,lv_size,lv_attr,data_percent,zero", f"{self.vg}/{self.pool}",
-                            what=f"reading thin pool {self.vg}/{self.pool}")
+    def parse_volname(self, text: str) -> VolName:
+        return check_reserved(super().parse_volname(text), text, self.storage.id)
+
+    def _pool_row(self) -> Row:
+        rows = self.group.report("lvs", "lv_name,lv_size,lv_attr,data_percent,zero", f"{self.vg}/{self.pool}",
+                                 what=f"reading thin pool {self.vg}/{self.pool}")
         if not rows or rows[0].get("lv_attr", "")[:1] != "t":
             raise NotFound(f"storage {self.storage.id!r}: {self.vg}/{self.pool} is not a thin pool")
         return rows[0]
@@ -66,25 +77,37 @@ class LvmThinDriver(LvmDriver):
         return self._pool_row().get("zero") == "zero"
 
     # ---- reading -------------------------------------------------------------------------
+    def list_volumes(self, owner: int | None = None) -> list[VolName]:
+        return self.group.list_volumes(owner)
+
+    def exists(self, vol: VolName) -> bool:
+        return vol in self.group.lvs()
+
+    def identity(self, vol: VolName) -> str:
+        return self.group.row(vol)["lv_uuid"]  # never reused
+
+    def virtual_size(self, vol: VolName) -> int:
+        return int(self.group.row(vol)["lv_size"])
+
     def allocated_size(self, vol: VolName) -> int:
         """What the pool has provisioned for it; LVM knows that only of an active volume, and
         an inactive one is counted whole (an upper bound, never an understatement)."""
-        row = self._row(vol)
+        row = self.group.row(vol)
         size = int(row["lv_size"])
         percent = row.get("data_percent") or ""
         return int(size * float(percent) / 100) if percent else size
 
     def parent_of(self, vol: VolName) -> VolName | None:
-        return self._parent(self._row(vol))
+        return self._parent(self.group.row(vol))
 
     @staticmethod
-    def _parent(row: dict[str, str]) -> VolName | None:
+    def _parent(row: Row) -> VolName | None:
         origin = names.from_flat_name(row.get("origin") or "")
         return origin if origin is not None and origin.is_base else None
 
     def clones_of(self, base: VolName) -> list[VolName]:
         """One `lvs` for the whole pool, not one per volume."""
-        return sorted((v for v, row in self._lvs().items() if self._parent(row) == base), key=str)
+        return sorted((v for v, row in self.group.lvs().items() if self._parent(row) == base), key=str)
 
     def status(self) -> tuple[int, int, int]:
         """The thin pool's data space: what guests can still write, not the group's free extents."""
@@ -96,24 +119,41 @@ class LvmThinDriver(LvmDriver):
         used = int(total * float(percent) / 100)
         return total, used, total - used
 
+    def image(self, vol: VolName, write: bool = False) -> AbstractContextManager[qemu.Image]:
+        return self.group.image(vol, write)
+
     # ---- making and freeing ----------------------------------------------------------------
     def allocate(self, vol: VolName, size: int) -> None:
         """A thin volume: nothing provisioned, so it reads as zeros without a zeroing pass."""
-        self._lvm("lvcreate", "--yes", "-V", f"{size}b", "--thinpool", f"{self.vg}/{self.pool}",
-                  "-n", names.flat_name(vol), what=f"creating {self.volid(vol)}")
+        self.group.run("lvcreate", "--yes", "-V", f"{size}b", "--thinpool", f"{self.vg}/{self.pool}",
+                       "-n", names.flat_name(vol), what=f"creating {self.volid(vol)}")
         faults.point("created")
-
-    def recreate(self, vol: VolName, size: int) -> None:
-        Driver.recreate(self, vol, size)  # a fresh thin volume reads as zeros: no zeroing pass
 
     def link_clone(self, base: VolName, vol: VolName) -> None:
         """A thin snapshot of the base, writable and activated normally (the base skips activation)."""
-        self._lvm("lvcreate", "--yes", "-s", "-kn", "-prw", "-n", names.flat_name(vol), self._lv(base),
-                  what=f"cloning {self.volid(base)} to {self.volid(vol)}")
+        self.group.run("lvcreate", "--yes", "-s", "-kn", "-prw", "-n", names.flat_name(vol), self.group.lv(base),
+                       what=f"cloning {self.volid(base)} to {self.volid(vol)}")
         faults.point("created")
+
+    def free(self, vol: VolName) -> None:
+        self.group.free(vol)
+
+    def free_partial(self, vol: VolName) -> None:
+        """Nothing: a thin volume is made by one `lvcreate`, whole or not at all."""
+
+    def make_base(self, vol: VolName, base: VolName) -> None:
+        self.group.rename_to_base(vol, base)
+        self.protect_base(base)
 
     def protect_base(self, base: VolName) -> None:
         """Read-only, tagged and skipped by activation; idempotent."""
-        super().protect_base(base)
-        if self._row(base)["lv_attr"][9:10] != "k":
-            self._lvm("lvchange", "-ky", self._lv(base), what=f"protecting {self.volid(base)}")
+        row = self.group.row(base)
+        self.group.protect(base, row)
+        if row["lv_attr"][9:10] != "k":
+            self.group.run("lvchange", "-ky", self.group.lv(base), what=f"protecting {self.volid(base)}")
+
+    def unmake_base(self, base: VolName, vol: VolName) -> None:
+        self.group.unmake_base(base, vol, ("-prw", "-kn"), self.protect_base)
+
+    def resize(self, vol: VolName, size: int) -> None:
+        self.group.resize(vol, size)
