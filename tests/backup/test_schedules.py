@@ -5,6 +5,7 @@ once, one catch-up after missed slots, the prune after the backups, `stork sched
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -92,10 +93,15 @@ def test_a_bad_schedule_is_one_config_error_naming_the_key(tmp_path, text, messa
         config.parse(base + text, tmp_path / "stork.toml", {"STORK_NODE": "n"})
 
 
-def test_a_crontab_celery_cannot_parse_names_the_key(tmp_path):
-    cfg = config.parse("[schedule.s]\nschedule = '61 2 * * *'\nguests = 'all'\n", tmp_path / "stork.toml",
+@pytest.mark.parametrize(("line", "message"), [
+    pytest.param("61 2 * * *", "Invalid end range", id="out-of-range (ValueError)"),
+    pytest.param("0,,30 3 * * *", "empty part", id="empty-part (ParseException)"),
+    pytest.param("*/ 2 * * *", "empty filter", id="empty-filter (ParseException)"),
+])
+def test_a_crontab_celery_cannot_parse_names_the_key(tmp_path, line, message):
+    cfg = config.parse(f"[schedule.s]\nschedule = '{line}'\nguests = 'all'\n", tmp_path / "stork.toml",
                        {"STORK_NODE": "n"})
-    with pytest.raises(ConfigError, match=r"stork.toml: schedule.s.schedule = '61 2 \* \* \*': Invalid end range"):
+    with pytest.raises(ConfigError, match=rf"stork.toml: schedule.s.schedule = '{re.escape(line)}': {message}"):
         schedules.parse(cfg)
 
 
@@ -173,11 +179,13 @@ def test_a_schedule_with_a_bad_crontab_does_not_stop_the_others(client, vmid):
     good = f"good{g}"
     cfg = replace(client.cfg, schedules={
         "bad": {"schedule": "61 2 * * *", "guests": [g], "storage": "backup"},
+        "worse": {"schedule": "0,,30 3 * * *", "guests": [g], "storage": "backup"},  # Celery's ParseException
         good: {"schedule": "* * * * *", "guests": [g], "storage": "backup"}})
     now = datetime.now(UTC)
     assert schedules.tick(cfg, client.r, client.app, now) == [good]
     rows = {row["name"]: row for row in schedules.status(cfg, client.r, now)}
     assert rows["bad"]["outcome"].startswith("not run: ") and "Invalid end range" in rows["bad"]["outcome"]
+    assert rows["worse"]["outcome"].startswith("not run: ") and "empty part" in rows["worse"]["outcome"]
     run = schedules._last(client.r, good)
     wait_for(lambda: ended(client, run["jobs"].values()), 120)
 

@@ -31,6 +31,7 @@ from drivers.config import Config
 from drivers.errors import ConfigError, StorkError
 from drivers.guests import GuestStore
 from worker import records
+from worker.jobs.crontab import line_errors, parse_line
 from worker.runner import submit
 
 log = structlog.get_logger("stork.schedules")
@@ -63,18 +64,12 @@ def parse(cfg: Config) -> list[Schedule]:
 def parse_each(cfg: Config) -> tuple[list[Schedule], dict[str, ConfigError]]:
     """The schedules that parse, and for each that does not, its error: one mistyped crontab
     must not stop the others."""
-    found, errors = [], {}
+    found, errors = [], line_errors(cfg)
     for name, entry in sorted(cfg.schedules.items()):
-        line = entry["schedule"]
-        minute, hour, day_of_month, month, day_of_week = line.split()
-        try:
-            cron = crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month,
-                           day_of_week=day_of_week)
-        except ValueError as e:
-            errors[name] = ConfigError(f"{cfg.file}: schedule.{name}.schedule = {line!r}: {e}")
+        if name in errors:
             continue
-        guests = entry["guests"]
-        found.append(Schedule(name, line, cron, guests if guests == "all" else tuple(guests),
+        line, guests = entry["schedule"], entry["guests"]
+        found.append(Schedule(name, line, parse_line(line), guests if guests == "all" else tuple(guests),
                               frozenset(entry.get("exclude", ())), entry.get("storage"),
                               {k: v for k, v in entry.items() if k.startswith("keep-")}, entry.get("enabled", True)))
     return found, errors

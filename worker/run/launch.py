@@ -26,6 +26,7 @@ from drivers import config
 from drivers.config import Config
 from drivers.errors import StorkError
 from drivers.flock import open_making_dirs
+from worker.jobs.crontab import line_errors
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -158,6 +159,8 @@ def main() -> None:
         var.mkdir(exist_ok=True)
     except StorkError as e:
         sys.exit(f"stork: {e}")
+    for error in line_errors(cfg).values():  # beat will skip it at every tick: say so before it starts
+        print(f"stork: warning: {error} (that schedule will not run; the others will)", file=sys.stderr)
     env = {**os.environ, "STORK_CONFIG": str(cfg.file), "STORK_VAR": str(var),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     print(f"stork: node {cfg.node}, Redis {config.redact(cfg.redis_url)}, Flower http://{cfg.flower_address}:{cfg.flower_port}",
