@@ -19,6 +19,7 @@ import redis
 
 from drivers import names
 from drivers.backup import retention
+from drivers.backup.records import Damaged
 from drivers.errors import StorkError
 from worker import logs
 
@@ -289,6 +290,8 @@ def cmd_backup_list(args: argparse.Namespace, client: Client) -> int:
 
 
 def _backup_dict(sid: str, s: Any) -> dict[str, Any]:
+    if isinstance(s, Damaged):
+        return {"id": str(s.id), "storage": sid, "vmid": s.id.vmid, "time": s.id.time_text, "damaged": s.reason}
     verify = s.state.verify.to_doc() if s.state.verify else None
     return {"id": str(s.id), "storage": sid, "vmid": s.id.vmid, "time": s.id.time_text, "size": s.manifest.size,
             "written": s.manifest.written, "protected": s.state.protected, "verify": verify, "notes": s.state.notes,
@@ -309,8 +312,12 @@ def cmd_backup_protect(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_backup_forget(args: argparse.Namespace, client: Client) -> int:
-    client.forget_backup(args.id)
-    _emit(args, {"id": args.id, "forgotten": True}, f"backup {args.id}: forgotten (its chunks go at the next gc)")
+    reason = client.forget_backup(args.id, damaged=args.damaged)
+    if reason:  # whatever its state said, protected or not, it is gone: say so where a person reads
+        print(f"stork: warning: backup {args.id} could not be read ({reason}); forgotten whether or not it "
+              "was protected", file=sys.stderr)
+    _emit(args, {"id": args.id, "forgotten": True, **({"damaged": reason} if reason else {})},
+          f"backup {args.id}: forgotten (its chunks go at the next gc)")
     return 0
 
 
@@ -501,7 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     command(backup, "show", cmd_backup_show, "show a backup: [STORAGE:]vm/VMID/TIME").add_argument("id")
     for action, help_ in (("protect", "keep a backup from prune and forget"), ("unprotect", "undo protect")):
         command(backup, action, cmd_backup_protect, help_).add_argument("id")
-    command(backup, "forget", cmd_backup_forget, "remove a backup (refused while protected)").add_argument("id")
+    p = command(backup, "forget", cmd_backup_forget, "remove a backup (refused while protected)")
+    p.add_argument("id")
+    p.add_argument("--damaged", action="store_true",
+                   help="remove a backup that cannot be read (its manifest or state damaged), protected or not; "
+                        "refused for one that can be read")
     p = command(backup, "key", cmd_backup_key, "key create FILE: a key file for an encrypted backup storage")
     p.add_argument("create", choices=["create"])
     p.add_argument("file")

@@ -23,7 +23,7 @@ import redis
 from drivers import BACKUP_STORAGES, backup_storage, driver_for, names, status_of
 from drivers import config as config_module
 from drivers.backends.base import VolumeInfo
-from drivers.backup.records import Snapshot
+from drivers.backup.records import Damaged, Snapshot
 from drivers.config import Config, StorageConfig
 from drivers.errors import NotFound, Refused, StorkError
 from drivers.guests import Guest, GuestStore
@@ -250,12 +250,15 @@ class Client:
         return users
 
     # ---- backups: read and marked here, written and checked by jobs --------------------------
-    def backups(self, storage_id: str | None = None, vmid: int | None = None) -> list[tuple[str, Snapshot]]:
-        """(backup storage id, snapshot) of every backup this node can read, oldest first."""
+    def backups(self, storage_id: str | None = None, vmid: int | None = None) -> list[tuple[str, Snapshot | Damaged]]:
+        """(backup storage id, snapshot) of every backup on the storages this node reaches, oldest
+        first; one that cannot be read is there as Damaged, with the reason."""
         ids = [backup_storage_id(self.cfg, storage_id)] if storage_id else [
             s.id for s in self.storages() if s.type in BACKUP_STORAGES and s.on_node(self.cfg.node)]
-        found = [(sid, snap) for sid in ids
-                 for snap in backup_storage(self._storage_here(sid)).open().snapshots(vmid)]
+        found: list[tuple[str, Snapshot | Damaged]] = []
+        for sid in ids:
+            listing = backup_storage(self._storage_here(sid)).open().listing(vmid)
+            found += [(sid, snap) for snap in [*listing.snapshots, *listing.damaged]]
         return sorted(found, key=lambda pair: (pair[1].id.time_text, pair[1].id.vmid))
 
     def backup(self, text: str) -> tuple[str, Snapshot]:
@@ -266,10 +269,11 @@ class Client:
         _, store, bid = find_backup(self.cfg, text)
         store.set_protected(bid, protected)
 
-    def forget_backup(self, text: str) -> None:
-        """Remove a backup (refused while protected); its chunks go at the next gc."""
+    def forget_backup(self, text: str, damaged: bool = False) -> str:
+        """Remove a backup (refused while protected); its chunks go at the next gc. With
+        `damaged`, one that cannot be read, whatever its state says; returns why it could not."""
         _, store, bid = find_backup(self.cfg, text)
-        store.forget(bid)
+        return store.forget(bid, damaged=damaged)
 
     def schedules(self) -> list[dict[str, Any]]:
         """Each backup schedule with its last run, that run's outcome, and its next slot."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.backends.base import VolumeInfo
-from drivers.backup.records import Snapshot
+from drivers.backup.records import Damaged, Snapshot
 from drivers.config import StorageConfig
 from drivers.guests import Guest
 from producer.client import job_guests
@@ -148,12 +148,18 @@ def _verified(s: Snapshot) -> str:
     return "-" if s.state.verify is None else f"{s.state.verify.state} {s.state.verify.time}"
 
 
-def backups(found: Iterable[tuple[str, Snapshot]]) -> str:
-    """Backups oldest first, as `proxmox-backup-client snapshot list`: one row each."""
+def backups(found: Iterable[tuple[str, Snapshot | Damaged]]) -> str:
+    """Backups oldest first, as `proxmox-backup-client snapshot list`: one row each; one that
+    cannot be read is DAMAGED, with the reason where the notes go."""
     return table(["ID", "STORAGE", "GUEST", "TIME", "SIZE", "NEW DATA", "PROTECTED", "VERIFIED", "NOTES"],
-                 [[str(s.id), sid, s.id.vmid, s.id.time_text, size(s.manifest.size), size(s.manifest.written),
-                   s.state.protected, _verified(s), s.state.notes] for sid, s in found],
-                 right=["SIZE", "NEW DATA"])
+                 [_backup_row(sid, s) for sid, s in found], right=["SIZE", "NEW DATA"])
+
+
+def _backup_row(sid: str, s: Snapshot | Damaged) -> list[object]:
+    if isinstance(s, Damaged):
+        return [str(s.id), sid, s.id.vmid, s.id.time_text, "-", "-", "?", "DAMAGED", s.reason]
+    return [str(s.id), sid, s.id.vmid, s.id.time_text, size(s.manifest.size), size(s.manifest.written),
+            s.state.protected, _verified(s), s.state.notes]
 
 
 def backup(sid: str, s: Snapshot) -> str:

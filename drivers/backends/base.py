@@ -8,6 +8,7 @@ storage lock around naming, allocation, rename and free.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -220,6 +221,21 @@ class Driver(ABC):
         """`100/vm-100-disk-0.raw` becomes `base/base-100-disk-0.raw` (Proxmox-style)."""
         stem = vol.name.removeprefix("vm-") if vol.owner is not None else vol.name
         return VolName(None, f"base-{stem}", vol.fmt)
+
+    def free_base_name(self, vol: VolName) -> VolName:
+        """`default_base_name(vol)`, or where a volume holds that name (the base of a template
+        that a restore replaces, say), the first free one after it: `base-100-disk-1`, ... (a
+        name of another shape gets `-1`, `-2`, ...). Call it under the storage lock."""
+        base = self.default_base_name(vol)
+        taken = {v.name for v in self.list_volumes() if v.owner is None} | \
+                {v.name for v, _ in self.strays() if v.owner is None}
+        numbered = re.fullmatch(r"(base-\d+-disk-)(\d+)", base.name)
+        stem, n = (numbered.group(1), int(numbered.group(2))) if numbered else (f"{base.name}-", 0)
+        name = base.name
+        while name in taken:
+            n += 1
+            name = f"{stem}{n}"
+        return VolName(None, name, vol.fmt)
 
     def info(self, vol: VolName, with_clones: bool = True) -> VolumeInfo:
         self.require_existing(vol)

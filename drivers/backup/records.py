@@ -426,6 +426,28 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class Damaged:
+    """A committed snapshot that cannot be read (its manifest or state damaged, tampered with or
+    missing): listed apart, so one damaged backup never stops the reading of the others."""
+
+    id: BackupId
+    reason: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a store holds: the snapshots it can read, and those it cannot, each oldest first."""
+
+    snapshots: list[Snapshot]
+    damaged: list[Damaged]
+
+    @property
+    def ids(self) -> list[BackupId]:
+        """Every committed snapshot's id, readable or not."""
+        return sorted([s.id for s in self.snapshots] + [d.id for d in self.damaged])
+
+
+@dataclass(frozen=True)
 class GcResult:
     chunks_removed: int
     bytes_removed: int

@@ -68,9 +68,11 @@ from drivers.backup.records import (
     STATE,
     TIME_PATTERN,
     BackupId,
+    Damaged,
     FileSum,
     GcResult,
     Index,
+    Listing,
     Manifest,
     Patch,
     Problem,
@@ -282,16 +284,22 @@ class ChunkStore:
             raise
 
     # ---- reading ------------------------------------------------------------------------------
-    def snapshots(self, vmid: int | None = None) -> list[Snapshot]:
-        """Committed snapshots sorted by (vmid, time), oldest first; of one guest if given."""
-        found = []
+    def listing(self, vmid: int | None = None) -> Listing:
+        """Committed snapshots sorted by (vmid, time), oldest first, of one guest if given: those
+        that can be read, and apart, with the reason, those that cannot (a damaged, tampered or
+        missing manifest or state), so that one damaged snapshot stops no other reader."""
+        found, damaged = [], []
         for id in self._snapshot_ids(vmid):
             try:
                 found.append(self._load(id))
-            except NotFound:
+            except (Corrupt, NotFound, Refused) as e:
                 if self._exists(id):  # else it was forgotten since the listing
-                    raise
-        return found
+                    damaged.append(Damaged(id, str(e)))
+        return Listing(found, damaged)
+
+    def snapshots(self, vmid: int | None = None) -> list[Snapshot]:
+        """The snapshots `listing` can read; the damaged are left out."""
+        return self.listing(vmid).snapshots
 
     def exists(self, id: str) -> bool:
         """Whether the committed snapshot `id` is there."""
@@ -463,7 +471,10 @@ class ChunkStore:
                 sealed = self._manifest(folder, id).sealed_state
             except (Corrupt, NotFound):  # damaged: still to be unprotected and forgotten
                 sealed = False
-            state = replace(self._state(folder, id, sealed), **changes)
+            try:
+                state = replace(self._state(folder, id, sealed), **changes)
+            except Corrupt as e:
+                raise Corrupt(f"{e}: 'stork backup forget --damaged {id}' removes it") from None
             self.write_state(folder, id, state)
         return state
 
@@ -484,17 +495,38 @@ class ChunkStore:
         finally:
             os.close(fd)
 
-    def forget(self, id: str) -> None:
-        """Remove a snapshot (its chunks stay until gc); Refused while it is protected."""
+    def forget(self, id: str, damaged: bool = False) -> str:
+        """Remove a snapshot (its chunks stay until gc); Refused while it is protected. With
+        `damaged`, a snapshot that cannot be read (its manifest or state damaged, tampered with
+        or missing), whatever its state may say, and only such a one; returns why it could not
+        be read ("" without `damaged`)."""
         parsed = backup_id(id)
         with self._vm_locked_for(parsed) as vm:
             with self._dir_of(vm, parsed) as folder:
-                # unsealed read: a forged flag could only keep or let go what deleting the folder
-                # would anyway, and a snapshot whose manifest is damaged can still be forgotten
-                # (once unprotected: _change_state reads a damaged one's state unsealed too)
-                if self._state(folder, parsed, sealed=False).protected:
-                    raise Refused(f"backup {parsed} is protected: unprotect it before forgetting it")
+                reason = self._why_damaged(folder, parsed) if damaged else self._check_unprotected(folder, parsed)
             discard(vm, parsed.time_text, parsed.time_text)
+        return reason
+
+    def _check_unprotected(self, folder: int, id: BackupId) -> str:
+        # unsealed read: a forged flag could only keep or let go what deleting the folder
+        # would anyway, and a snapshot whose manifest is damaged can still be forgotten
+        # (once unprotected: _change_state reads a damaged one's state unsealed too)
+        try:
+            protected = self._state(folder, id, sealed=False).protected
+        except (Corrupt, Refused) as e:
+            raise Corrupt(f"{e}: 'stork backup forget --damaged {id}' removes it") from None
+        if protected:
+            raise Refused(f"backup {id} is protected: unprotect it before forgetting it")
+        return ""
+
+    def _why_damaged(self, folder: int, id: BackupId) -> str:
+        """Why the snapshot cannot be read; Refused if it can (then it is not damaged, and its
+        protection holds: --damaged is no way around it)."""
+        try:
+            self._state(folder, id, self._manifest(folder, id).sealed_state)
+        except (Corrupt, NotFound, Refused) as e:
+            return str(e)
+        raise Refused(f"backup {id} is not damaged: forget it without --damaged")
 
     # ---- verify -------------------------------------------------------------------------------
     def verify(self, id: str) -> VerifyResult:
@@ -611,12 +643,22 @@ class ChunkStore:
 
     def _partial_chunks(self, folder: int) -> set[str]:
         """Chunks named by the indexes a live writer has added so far (each written whole)."""
+        return self._indexed_chunks(folder, "", strict=False)
+
+    def _indexed_chunks(self, folder: int, what: str, strict: bool) -> set[str]:
+        """Chunks named by every index file in `folder`, read as they stand (not checked against
+        a manifest: to keep chunks, naming more is safe). `strict`: one that does not parse is
+        Corrupt, since the chunks it names could not be kept."""
         chunks: set[str] = set()
         for name in SafeDir.regular_files(folder):
             if index_key(name) is not None:
-                with contextlib.suppress(StorkError):
-                    index = Index.from_json(self._read(folder, name, _MAX_INDEX, name), name)
-                    chunks.update(d for _, d in index.digests())
+                try:
+                    index = Index.from_json(self._read(folder, name, _MAX_INDEX, f"{what}{name}"), f"{what}{name}")
+                except StorkError:
+                    if strict:
+                        raise
+                    continue
+                chunks.update(d for _, d in index.digests())
         return chunks
 
     def _referenced_chunks(self) -> set[str]:
@@ -626,13 +668,23 @@ class ChunkStore:
                 chunks |= self._chunks_of(id)
             except StorkError as e:
                 if self._exists(id):  # else it was forgotten meanwhile, and its chunks need no keeping
-                    raise Refused(f"gc stopped before removing anything: {e}") from e
+                    raise Refused(f"gc stopped before removing anything: {e} (the chunks of backup {id} cannot "
+                                  f"be known: 'stork backup forget --damaged {id}' lets gc go on)") from e
         return chunks
 
     def _chunks_of(self, id: BackupId) -> set[str]:
+        """What a snapshot names: the index files in its folder, whatever its manifest or state
+        say (a damaged manifest must not free the chunks of indexes that are sound)."""
         with self._snapshot_folder(id) as folder:
-            disks = self._manifest(folder, id).disks
-        return {d for key in disks for _, d in self.index(str(id), key).digests()}
+            try:
+                disks = set(self._manifest(folder, id).disks)
+            except (Corrupt, NotFound, Refused):
+                disks = set()  # damaged: every index file there counts
+            chunks = self._indexed_chunks(folder, f"backup {id}: ", strict=True)
+            missing = [key for key in disks if not SafeDir.entry_exists(folder, index_file(key))]
+        if missing:
+            raise NotFound(f"backup {id}: {index_file(missing[0])} is missing")
+        return chunks
 
     def _sweep_chunks(self, marked: set[str], cutoff: float) -> tuple[int, int, int]:
         removed = freed = kept = 0

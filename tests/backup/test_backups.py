@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -150,6 +151,42 @@ def test_protect_keeps_a_backup_from_forget_and_prune_and_gc_removes_what_nothin
     assert code == 0, err
     assert json.loads(out)["result"]["chunks_removed"] == 0  # inside gc's safety margin: kept for now
     assert stork("verify", second)[0] == 0
+
+
+def test_one_damaged_backup_stops_no_other_backup_listing_prune_or_verify(stork, client, vmid):
+    """Guest b's manifest loses its version field (a flipped byte): guest a's backups and
+    prunes go on, `backup list` shows b's as DAMAGED with the reason, a prune keeps it, verify
+    counts it, and `backup forget --damaged` removes it with a warning."""
+    a, b = vmid(), vmid()
+    guest_with_data(stork, a)
+    guest_with_data(stork, b)
+    first = backed_up(stork, a)["backup"]
+    damaged = backed_up(stork, b)["backup"]
+    manifest = STORE / damaged / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"version"', b'"versiom"', 1))
+    try:
+        second = backed_up(stork, a)["backup"]
+        assert second != first
+        code, out, err = stork("backup", "list")
+        assert code == 0, err
+        row = next(line for line in out.splitlines() if line.startswith(damaged))
+        assert "DAMAGED" in row and "format version None" in row and second in out
+        code, out, _ = stork("--json", "backup", "list", b)
+        assert [(r["id"], "format version None" in r["damaged"]) for r in json.loads(out)] == [(damaged, True)]
+        code, out, err = stork("--json", "prune", a, "--storage", "backup", "--keep-last", "1")
+        assert code == 0 and json.loads(out)["result"]["removed"] == 1, err
+        code, out, err = stork("prune", b, "--storage", "backup", "--keep-last", "1", "--dry-run")
+        assert code == 0, err
+        assert re.search(rf"^{re.escape(damaged)}\s+keep\s+damaged, kept: .*format version None", out, re.M)
+        code, out, err = stork("verify", "--all", "--storage", "backup")
+        assert code == 1 and re.search(rf"\d+ of \d+ backup\(s\) damaged: {re.escape(damaged)}: .*format version", err)
+        assert client.backup(second)[1].state.verify.ok  # verified, the damaged one notwithstanding
+    finally:
+        code, out, err = stork("backup", "forget", "--damaged", damaged)
+    assert code == 0 and f"backup {damaged} could not be read" in err and "format version None" in err
+    assert damaged not in stork("backup", "list")[1]
+    code, _, err = stork("backup", "forget", "--damaged", second)
+    assert code == 1 and f"backup {second} is not damaged" in err and err.count("\n") == 1
 
 
 @pytest.fixture
@@ -333,6 +370,27 @@ def test_restore_force_replaces_a_guest_only_once_the_restore_has_succeeded(stor
     assert replaced.lock == "" and replaced.unused == () and replaced.disks["scsi0"] != old
     assert qemu_same(volume_path(disk), volume_path(replaced.disks["scsi0"]))
     assert not volume_path(old).exists()  # the old disk freed once the new one was in place
+
+
+def test_restore_force_rolls_a_template_back_to_its_backup(stork, client, vmid, tmp_path):
+    """The old template's bases hold the default base names until they are freed: the restored
+    bases take the next free names, and the old ones go once the guest names the new."""
+    t = vmid()
+    guest_with_data(stork, t)
+    assert stork("template", t)[0] == 0
+    backup = backed_up(stork, t)["backup"]
+    old = client.guest(t).disks["scsi0"]
+    assert old == f"local:base/base-{t}-disk-0.raw"
+    shutil.copyfile(volume_path(old), tmp_path / "was.raw")
+    code, _, err = stork("restore", backup, t, "--force")
+    assert code == 0, err
+    rolled = client.guest(t)
+    assert rolled.template and rolled.lock == "" and rolled.unused == ()
+    assert rolled.disks["scsi0"] == f"local:base/base-{t}-disk-1.raw" and not volume_path(old).exists()
+    assert client.volume(rolled.disks["scsi0"]).is_base
+    assert qemu_same(tmp_path / "was.raw", volume_path(rolled.disks["scsi0"]))
+    c = vmid()
+    assert stork("clone", t, c)[0] == 0  # a template again, clonable
 
 
 STORAGE_TYPES = [

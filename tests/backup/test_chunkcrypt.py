@@ -98,6 +98,22 @@ def test_a_tampered_or_copied_state_is_refused(tmp_path, key):
     store.forget(second)
 
 
+def test_a_snapshot_whose_state_was_forged_protected_is_forgotten_only_as_damaged(tmp_path, key):
+    """An edit that fails authentication: unprotect cannot read the state, a plain forget
+    believes the forged flag; `forget --damaged` removes it, saying why."""
+    store = backup_storage(secret_storage(tmp_path, key)).open()
+    bid, _ = committed(store)
+    state = tmp_path / "vault" / bid / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_bytes()), "protected": True}))
+    with pytest.raises(Corrupt, match=f"state.json: fails authentication.*'stork backup forget --damaged {bid}'"):
+        store.set_protected(bid, False)
+    with pytest.raises(Refused, match="is protected"):
+        store.forget(bid)
+    assert [str(d.id) for d in store.listing().damaged] == [bid]
+    assert "fails authentication" in store.forget(bid, damaged=True)
+    assert store.listing().ids == []
+
+
 def test_a_snapshot_made_before_states_were_sealed_is_read_as_it_is(tmp_path, key):
     """Its manifest (MACed) does not say its state is sealed: a state without a MAC, or none,
     is read as it stands, so a store of earlier backups stays usable (a change writes a MAC,

@@ -329,6 +329,46 @@ class TestSnapshots:
         assert not [n for n in os.listdir(store.root / "vm" / "100") if n != ".lock"]
 
 
+class TestDamaged:
+    """One damaged snapshot is listed apart and stops no reader of the others."""
+
+    @pytest.mark.parametrize(("file", "content", "reason"), [
+        pytest.param("manifest.json", "{ flipped", r"manifest\.json: not valid JSON", id="manifest-garbled"),
+        pytest.param("manifest.json", '{"version": 99}', "format version 99", id="manifest-version"),
+        pytest.param("state.json", '{"version": 1, "prot', r"state\.json: not valid JSON", id="state-truncated"),
+    ])
+    def test_a_damaged_snapshot_is_listed_apart_with_its_reason(self, store, file, content, reason):
+        a = back_up(store, 100, T0, {"scsi0": noise(CS)})
+        b = back_up(store, 101, T0, {"scsi0": noise(CS, seed=2)})
+        c = back_up(store, 101, T0 + timedelta(hours=1), {"scsi0": noise(CS, seed=3)})
+        (store.root / "vm" / "101" / b.id.time_text / file).write_text(content)
+        listing = store.listing()
+        assert [s.id for s in listing.snapshots] == [a.id, c.id] == [s.id for s in store.snapshots()]
+        assert [d.id for d in listing.damaged] == [b.id] and re.search(reason, listing.damaged[0].reason)
+        assert listing.ids == [a.id, b.id, c.id]
+
+    def test_forget_with_damaged_removes_a_snapshot_whose_state_is_truncated(self, store):
+        """Neither unprotect nor a plain forget can read its state; both name the way out."""
+        snapshot = back_up(store, 100, T0, {"scsi0": noise(CS)})
+        store.set_protected(str(snapshot.id), True)
+        state = store.root / "vm" / "100" / snapshot.id.time_text / "state.json"
+        state.write_text(state.read_text()[:10])
+        way_out = rf"state\.json.*'stork backup forget --damaged {snapshot.id}' removes it"
+        for attempt in (lambda: store.set_protected(str(snapshot.id), False), lambda: store.forget(str(snapshot.id))):
+            with pytest.raises(Corrupt, match=way_out):
+                attempt()
+        assert "not valid JSON" in store.forget(str(snapshot.id), damaged=True)
+        assert store.listing().ids == []
+
+    def test_forget_with_damaged_is_refused_for_a_snapshot_that_can_be_read(self, store):
+        """--damaged is no way around protection: a sound, protected snapshot stays."""
+        snapshot = back_up(store, 100, T0, {"scsi0": noise(CS)})
+        store.set_protected(str(snapshot.id), True)
+        with pytest.raises(Refused, match=f"backup {snapshot.id} is not damaged: forget it without --damaged"):
+            store.forget(str(snapshot.id), damaged=True)
+        assert store.snapshot(str(snapshot.id)).state.protected
+
+
 class TestVerify:
     def test_an_intact_snapshot_verifies_ok_and_says_so_in_its_state(self, store):
         snapshot = back_up(store, 100, T0, {"scsi0": noise(2 * CS)})
@@ -388,11 +428,32 @@ class TestGc:
         assert store.gc(now=time.time() + HOUR).chunks_removed == 1
         assert store.verify(str(new.id)).ok
 
-    def test_gc_stops_before_removing_anything_when_a_snapshot_cannot_be_read(self, store):
-        snapshot = back_up(store, 100, T0, {"scsi0": noise(CS)})
+    def test_gc_keeps_what_a_snapshot_with_a_damaged_manifest_indexes_and_goes_on(self, store):
+        """A damaged manifest does not stop gc, nor free the chunks its sound index names."""
+        data = noise(2 * CS)
+        snapshot = back_up(store, 100, T0, {"scsi0": data})
         (store.root / "vm" / "100" / snapshot.id.time_text / "manifest.json").write_text("{")
         orphan, _ = store.put_chunk(noise(CS, seed=9))
-        with pytest.raises(Refused, match=r"gc stopped before removing anything: .*manifest\.json: not valid JSON"):
+        assert store.gc(now=time.time() + HOUR).chunks_removed == 1
+        assert not chunk_path(store, orphan).exists()
+        assert [store.read_chunk(store.codec.digest(c)) for c in chunks(data)] == chunks(data)
+
+    def test_gc_stops_before_removing_anything_when_an_index_cannot_be_read(self, store):
+        """The chunks of an index that does not parse cannot be known: gc removes nothing and
+        names the way out."""
+        snapshot = back_up(store, 100, T0, {"scsi0": noise(CS)})
+        (store.root / "vm" / "100" / snapshot.id.time_text / "scsi0.index.json").write_text("{")
+        orphan, _ = store.put_chunk(noise(CS, seed=9))
+        with pytest.raises(Refused, match=r"gc stopped before removing anything: .*scsi0\.index\.json: not valid "
+                                          r"JSON.*'stork backup forget --damaged vm/100/"):
+            store.gc(now=time.time() + HOUR)
+        assert chunk_path(store, orphan).exists()
+
+    def test_gc_stops_when_an_index_its_manifest_names_is_missing(self, store):
+        snapshot = back_up(store, 100, T0, {"scsi0": noise(CS)})
+        (store.root / "vm" / "100" / snapshot.id.time_text / "scsi0.index.json").unlink()
+        orphan, _ = store.put_chunk(noise(CS, seed=9))
+        with pytest.raises(Refused, match=r"gc stopped before removing anything: .*scsi0\.index\.json is missing"):
             store.gc(now=time.time() + HOUR)
         assert chunk_path(store, orphan).exists()
 

@@ -14,7 +14,6 @@ job before that, and the undo frees what it made.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -22,7 +21,7 @@ from drivers import backup_storage, faults, guests, nbd, qemu
 from drivers.backends.base import Driver
 from drivers.backup import retention
 from drivers.backup.datapath import back_up, find_base, restore
-from drivers.backup.records import BaseRef, Index, Snapshot, format_time, parse_time
+from drivers.backup.records import BackupId, BaseRef, Index, format_time, parse_time
 from drivers.backup.retention import Candidate, Keep
 from drivers.backup.store import ChunkStore
 from drivers.errors import Corrupt, NotFound, Refused, StorkError
@@ -46,9 +45,10 @@ def backup_guest(ctx: StepContext) -> None:
     disks = {key: (volid, *ctx.volume(volid)) for key, volid in ctx.params["volumes"].items()}
     total = sum(drv.virtual_size(vol) for _, drv, vol in disks.values())
     before = 0
-    known = store.snapshots()  # once: each listing reads every manifest in the store
+    listing = store.listing()  # once: each listing reads every manifest in the store
+    known = listing.snapshots  # what a disk may build on; a damaged snapshot is not among them
     if "time" not in ctx.data:  # kept: a redelivered step writes the same snapshot
-        ctx.data["time"] = format_time(_backup_time(known, vmid))
+        ctx.data["time"] = format_time(_backup_time(listing.ids, vmid))
         ctx.save()
     with store.begin(vmid, parse_time(ctx.data["time"]), ctx.params.get("notes", "")) as writer:
         reads = {}
@@ -80,11 +80,11 @@ def backup_guest(ctx: StepContext) -> None:
         ctx.set_result(warning="; ".join(warnings))
 
 
-def _backup_time(known: list[Snapshot], vmid: int) -> datetime:
-    """Now, to the second; or a second after the guest's newest backup, if that is not older
-    (two backups in one second would have one id; a guest's backups run one at a time)."""
+def _backup_time(ids: list[BackupId], vmid: int) -> datetime:
+    """Now, to the second; or a second after the guest's newest backup (damaged or not), if that
+    is not older (two backups in one second would have one id; a guest's backups run one at a time)."""
     now = datetime.now(UTC).replace(microsecond=0)
-    newest = max((s.id.time for s in known if s.id.vmid == vmid), default=None)
+    newest = max((id.time for id in ids if id.vmid == vmid), default=None)
     return max(now, newest + timedelta(seconds=1)) if newest else now
 
 
@@ -291,10 +291,13 @@ def free_replaced(ctx: StepContext) -> None:
 
 def verify_backups(ctx: StepContext) -> None:
     """Read back every chunk of each backup named (all, where none is) and record the outcome
-    in each; the job fails naming the first problem if any backup is damaged."""
+    in each; the job fails naming the first problem if any backup is damaged. With all, a
+    backup whose manifest or state cannot be read counts as damaged and the others go on."""
     store = _store(ctx)
+    unreadable = [] if ctx.params["backups"] else store.listing().damaged
     ids = ctx.params["backups"] or [str(s.id) for s in store.snapshots()]
-    states, damaged = {}, []
+    states = {str(d.id): "damaged" for d in unreadable}
+    damaged = [f"{d.id}: {d.reason}" for d in unreadable]
     for n, bid in enumerate(ids):
         result = store.verify(bid)
         states[bid] = result.state
@@ -304,24 +307,32 @@ def verify_backups(ctx: StepContext) -> None:
         ctx.progress(n + 1, len(ids), bid)
     ctx.set_result(verified=states)
     if damaged:
-        raise Corrupt(f"{len(damaged)} of {len(ids)} backup(s) damaged: {damaged[0]}")
+        raise Corrupt(f"{len(damaged)} of {len(states)} backup(s) damaged: {damaged[0]}")
 
 
 def prune_backups(ctx: StepContext) -> None:
     """Apply the retention to each guest's backups (one guest's, if named): forget what it
     does not keep, or only say so on a dry run."""
     store, keep = _store(ctx), Keep(**ctx.params["keep"])
+    listing = store.listing(ctx.params.get("vmid"))  # listed once: each listing reads every manifest
     by_guest: dict[int, list[Candidate]] = {}
-    for s in store.snapshots(ctx.params.get("vmid")):  # listed once: each listing reads every manifest
+    for s in listing.snapshots:
         by_guest.setdefault(s.id.vmid, []).append(Candidate(str(s.id), parse_time(s.id.time_text), s.state.protected))
-    decisions = [d for guest in sorted(by_guest) for d in retention.plan(by_guest[guest], keep)]
-    removed = [d.id for d in decisions if not d.keep]
+    decisions = [{"id": d.id, "keep": d.keep, "reason": d.reason}
+                 for guest in sorted(by_guest) for d in retention.plan(by_guest[guest], keep)]
+    # a damaged backup is neither counted nor removed: whether it is protected cannot be read
+    decisions += [{"id": str(d.id), "keep": True, "reason": f"damaged, kept: {d.reason}"} for d in listing.damaged]
+    removed, skipped = [d["id"] for d in decisions if not d["keep"]], []
     if not ctx.params["dry_run"]:
         for bid in removed:
-            with contextlib.suppress(NotFound):  # redelivered: forgotten already
+            try:
                 store.forget(bid)
-    ctx.set_result(decisions=[{"id": d.id, "keep": d.keep, "reason": d.reason} for d in decisions],
-                   removed=len(removed), dry_run=ctx.params["dry_run"])
+            except NotFound:  # redelivered: forgotten already
+                pass
+            except Refused as e:  # protected since the listing: it stays, and the others go on
+                skipped.append(f"{bid}: {e}")
+    ctx.set_result(decisions=decisions, removed=len(removed) - len(skipped), dry_run=ctx.params["dry_run"],
+                   **({"warning": f"kept: {'; '.join(skipped)}"} if skipped else {}))
 
 
 def collect_garbage(ctx: StepContext) -> None:

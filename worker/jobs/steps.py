@@ -339,13 +339,16 @@ def _make_bases(ctx: StepContext, plans: dict[str, dict]) -> None:
     based: dict[str, list[str]] = ctx.data.setdefault("based", {})
     for key, plan in plans.items():
         drv, vol = ctx.volume(plan["source"])
-        base = VolName(None, plan["name"], vol.fmt) if plan.get("name") else drv.default_base_name(vol)
-        if key in based and drv.exists(base) and not drv.exists(vol):
-            drv.protect_base(base)  # redelivered: done, but perhaps not yet read-only
-            continue
+        if key in based:  # redelivered: the name chosen then
+            base = ctx.volume(based[key][1])[1]
+            if drv.exists(base) and not drv.exists(vol):
+                drv.protect_base(base)  # done, but perhaps not yet read-only
+                continue
         drv.require_existing(vol)
         drv.require_feature("make_base", vol)
         with ctx.storage_lock(drv):
+            if key not in based:  # a name given is refused when taken; a default one moves on
+                base = VolName(None, plan["name"], vol.fmt) if plan.get("name") else drv.free_base_name(vol)
             if drv.exists(base):
                 raise AlreadyExists(f"base image {drv.volid(base)} already exists")
             usage.require_unused(ctx, plan["source"])  # e.g. a clone's target, mid-copy
