@@ -284,7 +284,9 @@ def cmd_backup_run(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_backup_list(args: argparse.Namespace, client: Client) -> int:
-    found = client.backups(args.storage, _vmid(args.vmid) if args.vmid else None)
+    found, unreadable = client.backup_listing(args.storage, _vmid(args.vmid) if args.vmid else None)
+    for sid, error in unreadable.items():  # the others are listed all the same
+        print(f"stork: warning: backup storage {sid!r} not listed: {error}", file=sys.stderr)
     _emit(args, [_backup_dict(sid, s) for sid, s in found], _views().backups(found))
     return 0
 

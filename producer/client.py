@@ -252,14 +252,29 @@ class Client:
     # ---- backups: read and marked here, written and checked by jobs --------------------------
     def backups(self, storage_id: str | None = None, vmid: int | None = None) -> list[tuple[str, Snapshot | Damaged]]:
         """(backup storage id, snapshot) of every backup on the storages this node reaches, oldest
-        first; one that cannot be read is there as Damaged, with the reason."""
+        first; one that cannot be read is there as Damaged, with the reason. A storage that
+        cannot be opened is left out (`backup_listing` says which and why)."""
+        return self.backup_listing(storage_id, vmid)[0]
+
+    def backup_listing(self, storage_id: str | None = None, vmid: int | None = None
+                       ) -> tuple[list[tuple[str, Snapshot | Damaged]], dict[str, str]]:
+        """`backups`, and each backup storage that could not be opened or listed with its error
+        (a missing key file, an unmounted NAS): one such never hides the others. A storage named
+        is read or refused."""
         ids = [backup_storage_id(self.cfg, storage_id)] if storage_id else [
             s.id for s in self.storages() if s.type in BACKUP_STORAGES and s.on_node(self.cfg.node)]
         found: list[tuple[str, Snapshot | Damaged]] = []
+        unreadable: dict[str, str] = {}
         for sid in ids:
-            listing = backup_storage(self._storage_here(sid)).open().listing(vmid)
+            try:
+                listing = backup_storage(self._storage_here(sid)).open().listing(vmid)
+            except StorkError as e:
+                if storage_id:
+                    raise
+                unreadable[sid] = str(e)
+                continue
             found += [(sid, snap) for snap in [*listing.snapshots, *listing.damaged]]
-        return sorted(found, key=lambda pair: (pair[1].id.time_text, pair[1].id.vmid))
+        return sorted(found, key=lambda pair: (pair[1].id.time_text, pair[1].id.vmid)), unreadable
 
     def backup(self, text: str) -> tuple[str, Snapshot]:
         sid, store, bid = find_backup(self.cfg, text)

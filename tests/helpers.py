@@ -121,3 +121,51 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=False)
+
+
+def qemu_img_of(pid: int) -> int | None:
+    """The qemu-img process that process `pid` (a pool process running a step) runs, if any."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if (entry.name.isdigit() and (entry / "comm").read_text().strip() == "qemu-img"
+                    and int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid):
+                return int(entry.name)
+    return None
+
+
+def _progress_seen(client, job_id: str) -> bool:
+    from worker.records import events_key
+
+    events = [json.loads(fields["event"]) for _, fields in client.r.xrange(events_key(job_id))]
+    return any(e.get("phase") == "progress" and e.get("done", 0) > 0 for e in events)
+
+
+@contextlib.contextmanager
+def held_copy(client, job_id: str, timeout: float = 60.0) -> Iterator[int]:
+    """Hold a job's copy mid-way, whatever the machine's speed: its qemu-img is stopped
+    (SIGSTOP) the moment it appears, then let run in short slices until the job has sent a
+    progress event with bytes done; yields the stopped qemu-img's pid and lets it go after
+    (SIGCONT, if it still lives: the caller may have killed it)."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    qemu = None
+    while qemu is None:
+        assert time.monotonic() < deadline, f"job {job_id}: no copy's qemu-img appeared"
+        worker = (client.job(job_id).current or {}).get("worker", "")  # host:pid:...
+        qemu = qemu_img_of(int(worker.split(":")[1])) if worker else None
+        if qemu is None:
+            time.sleep(0.001)
+    os.kill(qemu, signal.SIGSTOP)
+    try:
+        while not _progress_seen(client, job_id):
+            assert time.monotonic() < deadline, f"job {job_id}: no progress event while its copy ran"
+            time.sleep(0.6)  # past the step's progress interval: the next line qemu-img prints goes out
+            os.kill(qemu, signal.SIGCONT)
+            time.sleep(0.02)
+            os.kill(qemu, signal.SIGSTOP)
+        yield qemu
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(qemu, signal.SIGCONT)

@@ -347,35 +347,59 @@ class ChunkStore:
         return mac.decode() if mac is not None else None
 
     # ---- the store's key ----------------------------------------------------------------------
-    def check_key(self) -> None:
+    def check_key(self, record: bool = True) -> None:
         """Refuse a key that is not the store's, no key for an encrypted store, or a key for a
-        store that holds plain chunks already; a new store records its key's fingerprint."""
+        store that holds plain chunks already; with `record`, a new store records its key's
+        fingerprint (a reader records nothing, and a store with none recorded holds nothing)."""
         given = self.codec.fingerprint
+        recorded = self._recorded(KEY_FINGERPRINT)
+        if recorded == given:
+            return
+        if recorded and not given:
+            raise Refused(f"backup storage {self.root} is encrypted: name its key file (keyfile) in the config")
+        if recorded:
+            raise Refused(f"backup storage {self.root}: the key file is not this store's key (its "
+                          f"fingerprint is {given}, the store's {recorded})")
+        if self._holds_backups():
+            raise Refused(f"backup storage {self.root} holds unencrypted backups: give an encrypted storage "
+                          "a directory of its own")
+        if not record:
+            return
         with self._folder(CHUNKS, create=True) as folder:
-            try:
-                recorded = self._read(folder, KEY_FINGERPRINT, 1024, "key fingerprint").decode().strip()
-            except NotFound:
-                recorded = None
-            if recorded == given:
-                return
-            if recorded and not given:
-                raise Refused(f"backup storage {self.root} is encrypted: name its key file (keyfile) in the config")
-            if recorded:
-                raise Refused(f"backup storage {self.root}: the key file is not this store's key (its "
-                              f"fingerprint is {given}, the store's {recorded})")
-            if any(_PREFIX.fullmatch(name) for name in os.listdir(folder)) or self._snapshot_ids():
-                raise Refused(f"backup storage {self.root} holds unencrypted backups: give an encrypted storage "
-                              "a directory of its own")
-            if self._record_once(folder, KEY_FINGERPRINT, given) != given:
+            if self._record_once(folder, KEY_FINGERPRINT, str(given)) != given:
                 raise Refused(f"backup storage {self.root}: another key was recorded for this store meanwhile")
 
-    def check_chunk_size(self) -> None:
+    def _holds_backups(self) -> bool:
+        """Whether any chunk folder or snapshot is there (False where no store is yet)."""
+        try:
+            with self._folder(CHUNKS) as folder:
+                if any(_PREFIX.fullmatch(name) for name in os.listdir(folder)):
+                    return True
+        except NotFound:
+            pass
+        try:
+            return bool(self._snapshot_ids())
+        except NotFound:
+            return False
+
+    def check_chunk_size(self, record: bool = True) -> None:
         """Refuse to open a store made with another chunk size (its chunks would all seem
-        damaged); a store opened first records its own."""
-        with self._folder(CHUNKS, create=True) as folder:
-            recorded = self._record_once(folder, CHUNK_SIZE, str(self.chunk_size))
-        if recorded != str(self.chunk_size):
+        damaged); with `record`, a store opened first records its own."""
+        if record:
+            with self._folder(CHUNKS, create=True) as folder:
+                recorded: str | None = self._record_once(folder, CHUNK_SIZE, str(self.chunk_size))
+        else:
+            recorded = self._recorded(CHUNK_SIZE)
+        if recorded is not None and recorded != str(self.chunk_size):
             raise Refused(f"backup storage {self.root} holds chunks of {recorded} bytes, not {self.chunk_size}")
+
+    def _recorded(self, name: str) -> str | None:
+        """What the store recorded in .chunks/`name`; None where nothing is (or no store is yet)."""
+        try:
+            with self._folder(CHUNKS) as folder:
+                return self._read(folder, name, 1024, name).decode().strip()
+        except NotFound:
+            return None
 
     def _record_once(self, folder: int, name: str, value: str) -> str:
         """The value recorded in `name`, recording `value` if none is. Under the folder's lock

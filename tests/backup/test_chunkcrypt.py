@@ -46,7 +46,7 @@ def committed(store: ChunkStore, data: bytes = DATA) -> tuple[str, str]:
 
 
 def test_chunks_are_named_by_a_keyed_hash_and_sealed(tmp_path, key):
-    store = backup_storage(secret_storage(tmp_path, key)).open()
+    store = backup_storage(secret_storage(tmp_path, key)).open_for_backup()
     _, digest = committed(store)
     assert digest != hashlib.sha256(DATA).hexdigest()  # the name does not confirm a guess of the data
     blob = (tmp_path / "vault" / ".chunks" / digest[:4] / digest).read_bytes()
@@ -55,7 +55,7 @@ def test_chunks_are_named_by_a_keyed_hash_and_sealed(tmp_path, key):
 
 
 def test_a_tampered_chunk_or_manifest_is_refused(tmp_path, key):
-    store = backup_storage(secret_storage(tmp_path, key)).open()
+    store = backup_storage(secret_storage(tmp_path, key)).open_for_backup()
     bid, digest = committed(store)
     chunk = tmp_path / "vault" / ".chunks" / digest[:4] / digest
     blob = bytearray(chunk.read_bytes())
@@ -75,7 +75,7 @@ def test_a_tampered_or_copied_state_is_refused(tmp_path, key):
     """state.json (protected, notes, the verify result) is outside the manifest: it carries a
     MAC of its own, over the snapshot's id too, so neither an edit nor another snapshot's
     state (a protected one's, say) passes."""
-    store = backup_storage(secret_storage(tmp_path, key)).open()
+    store = backup_storage(secret_storage(tmp_path, key)).open_for_backup()
     first, _ = committed(store)
     store.set_protected(first, True)
     assert store.snapshot(first).state.protected
@@ -101,7 +101,7 @@ def test_a_tampered_or_copied_state_is_refused(tmp_path, key):
 def test_a_snapshot_whose_state_was_forged_protected_is_forgotten_only_as_damaged(tmp_path, key):
     """An edit that fails authentication: unprotect cannot read the state, a plain forget
     believes the forged flag; `forget --damaged` removes it, saying why."""
-    store = backup_storage(secret_storage(tmp_path, key)).open()
+    store = backup_storage(secret_storage(tmp_path, key)).open_for_backup()
     bid, _ = committed(store)
     state = tmp_path / "vault" / bid / "state.json"
     state.write_text(json.dumps({**json.loads(state.read_bytes()), "protected": True}))
@@ -118,7 +118,7 @@ def test_a_snapshot_made_before_states_were_sealed_is_read_as_it_is(tmp_path, ke
     """Its manifest (MACed) does not say its state is sealed: a state without a MAC, or none,
     is read as it stands, so a store of earlier backups stays usable (a change writes a MAC,
     which for such a snapshot is not checked)."""
-    store = backup_storage(secret_storage(tmp_path, key)).open()
+    store = backup_storage(secret_storage(tmp_path, key)).open_for_backup()
     bid, _ = committed(store)
     folder = tmp_path / "vault" / bid
     doc = json.loads((folder / "manifest.json").read_bytes())
@@ -135,7 +135,7 @@ def test_a_snapshot_made_before_states_were_sealed_is_read_as_it_is(tmp_path, ke
 
 
 def test_a_wrong_or_missing_key_is_one_refusal(tmp_path, key):
-    committed(backup_storage(secret_storage(tmp_path, key)).open())
+    committed(backup_storage(secret_storage(tmp_path, key)).open_for_backup())
     other = tmp_path / "other.key"
     create_key(other)
     with pytest.raises(Refused, match=r"the key file is not this store's key \(its fingerprint is [0-9a-f]{32}"):
@@ -147,7 +147,7 @@ def test_a_wrong_or_missing_key_is_one_refusal(tmp_path, key):
 
 def test_a_key_for_a_store_of_plain_backups_is_refused(tmp_path, key):
     plain = StorageConfig("vault", "chunkstore", content=("backup",), options={"path": tmp_path / "vault"})
-    committed(backup_storage(plain).open())
+    committed(backup_storage(plain).open_for_backup())
     with pytest.raises(Refused, match="holds unencrypted backups"):
         backup_storage(secret_storage(tmp_path, key)).open()
 

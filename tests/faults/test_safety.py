@@ -15,7 +15,7 @@ import pytest
 
 from drivers.errors import StorkError
 from tests.conftest import BASE, files_under, storage_path
-from tests.helpers import PATTERN_MIB, crash, guest_data_sha, orphans, qemu_same, volume_path
+from tests.helpers import PATTERN_MIB, crash, guest_data_sha, held_copy, orphans, qemu_same, volume_path
 from worker import events, records, runner
 from worker.jobs import usage
 from worker.jobs.kinds import KINDS
@@ -60,15 +60,13 @@ def test_a_full_clones_target_is_in_use_while_it_copies(client, stork, vmid):
         for _ in range(1536 // 8):
             f.write(b"\x5a" * (8 * PATTERN_MIB))
     job = client.submit("full_clone", vmid=g, newid=c)
-    for event in client.events(job.id):
-        if event["phase"] == "progress" and 0 < event["done"] < event["total"]:
-            break
-    target = client.job(job.id).ctx["made"]["scsi0"]
-    code, _, err = stork("volume", "free", target)
-    assert code == 1 and err.endswith(f"free: failed: {target} is in use by job {job.id} (full_clone)\n")
-    code, _, err = stork("base", target)
-    assert code == 1 and err.endswith(f"{target} is in use by job {job.id} (full_clone)\n")
-    assert client.job(job.id).state == "running"  # all of the above happened mid-copy
+    with held_copy(client, job.id):
+        target = client.job(job.id).ctx["made"]["scsi0"]
+        code, _, err = stork("volume", "free", target)
+        assert code == 1 and err.endswith(f"free: failed: {target} is in use by job {job.id} (full_clone)\n")
+        code, _, err = stork("base", target)
+        assert code == 1 and err.endswith(f"{target} is in use by job {job.id} (full_clone)\n")
+        assert client.job(job.id).state == "running"  # all of the above happened mid-copy
     job = client.wait(job.id, timeout=120)
     assert job.state == "succeeded", job.error
     assert qemu_same(volume_path(source), volume_path(target))

@@ -94,7 +94,7 @@ def test_storages_know_which_nodes_they_exist_on():
          r"storage.b.content = \['images'\]: a chunkstore storage holds backup"),
         ("[storage.b]\ntype = 'chunkstore'\n", r"storage.b.path is missing \(chunkstore storage needs a directory"),
         ("[storage.b]\ntype = 'chunkstore'\npath = 'p'\npool = 'x'\n",
-         r"unknown key storage.b.pool \(expected one of: type, content, shared, nodes, path, keyfile\)"),
+         r"unknown key storage.b.pool \(expected one of: type, content, shared, nodes, path, keyfile, is_mountpoint\)"),
         ("[storage.t]\ntype = 'lvmthin'\nvgname = 'vg0'\n",
          r"storage.t.thinpool is missing \(lvmthin storage needs the name of a thin pool LV"),
         ("[storage.t]\ntype = 'lvmthin'\nvgname = 'vg0'\nthinpool = '-x'\n", r"storage.t.thinpool = '-x': expected"),

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -28,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import BASE, CONFIG, _vmids, storage_path
-from tests.helpers import PATTERN_MIB
+from tests.helpers import PATTERN_MIB, held_copy
 from worker.testing import ROOT, free_port, wait_for
 
 USER, PASSWORD = "admin", "s3cret"
@@ -276,16 +275,6 @@ def test_the_rest_api_takes_the_configured_basic_auth(flower):
     assert "REST API with the flower.basic_auth credentials" in flower.log.read_text()
 
 
-def _qemu_img_of(pid: int) -> int | None:
-    """The qemu-img process that pool process `pid` runs, if any."""
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if (entry.name.isdigit() and (entry / "comm").read_text().strip() == "qemu-img"
-                    and int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid):
-                return int(entry.name)
-    return None
-
-
 @dataclass
 class CopyStory:
     job: Any = None
@@ -308,19 +297,13 @@ def cancelled_copy(flower, client) -> CopyStory:
             f.seek(i * PATTERN_MIB)
             f.write(b"\x6b" * PATTERN_MIB)
     job = client.submit("full_clone", vmid=g, newid=c)
-    next(e for e in client.events(job.id) if e["phase"] == "progress" and e["done"] > 0)
-    pool = int(client.job(job.id).current["worker"].split(":")[1])
-    qemu = wait_for(lambda: _qemu_img_of(pool), 10, "the copy's qemu-img")
-    os.kill(qemu, signal.SIGSTOP)
-    try:
+    with held_copy(client, job.id):
         story.running = wait_for(lambda: flower.task(job.id, "stork.full_clone.copy_data", "PROGRESS"), 10,
                                  "Flower to show the copy in progress")
         story.running_page = flower.get(f"/task/{story.running['uuid']}")[1]
         if CHROMIUM:
             story.rendered["tasks-running"] = flower.render("/tasks")
         client.cancel(job.id)
-    finally:
-        os.kill(qemu, signal.SIGCONT)
     story.job = client.wait(job.id, timeout=60)
     wait_for(lambda: {t["state"] for t in flower.tasks(job.id).values()} <= FINAL, 10, "every task to end")
     story.final = flower.tasks(job.id)
@@ -422,12 +405,10 @@ def test_a_step_whose_whole_worker_was_killed_ends_failed_in_flower(flower, clie
                 f.seek(i * PATTERN_MIB)
                 f.write(b"\x5a" * PATTERN_MIB)
         job = client.submit("full_clone", vmid=g, newid=c)
-        next(e for e in client.events(job.id) if e["phase"] == "progress" and e["done"] > 0)
-        pool = int(client.job(job.id).current["worker"].split(":")[1])
-        os.kill(wait_for(lambda: _qemu_img_of(pool), 10, "the copy's qemu-img"), signal.SIGSTOP)
-        running = wait_for(lambda: flower.task(job.id, "stork.full_clone.copy_data", "PROGRESS"), 10,
-                           "Flower to show the copy in progress")
-        worker.kill()  # the stopped qemu-img is in the group: it dies too
+        with held_copy(client, job.id):
+            running = wait_for(lambda: flower.task(job.id, "stork.full_clone.copy_data", "PROGRESS"), 10,
+                               "Flower to show the copy in progress")
+            worker.kill()  # the stopped qemu-img is in the group: it dies too
         worker = Worker("crash", concurrency=1)  # reconciles at start
         assert client.wait(job.id, timeout=60).state == "failed"
         ended = wait_for(lambda: flower.task(job.id, "stork.full_clone.copy_data", "FAILURE"), 10,

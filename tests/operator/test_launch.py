@@ -257,7 +257,7 @@ def test_the_launch_lock_ignores_a_dead_holder_and_never_follows_a_symlink(tmp_p
     fd = launch.hold_launch_lock(cfg)
     try:
         assert path.read_text().startswith(f"{os.getpid()} ")
-        code = ("from drivers import config\nfrom worker import launch\n"
+        code = ("from drivers import config\nfrom worker.run import launch\n"
                 "try:\n    launch.hold_launch_lock(config.load())\nexcept Exception as e:\n    print(e)\n")
         other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
                                env={**os.environ, "STORK_CONFIG": str(cfg.file), "STORK_NODE": "solo"})

@@ -32,12 +32,13 @@ from worker.jobs import steps, usage
 
 
 def _store(ctx: StepContext) -> ChunkStore:
+    """The job's backup storage, to read and keep (restore, verify, prune, gc): nothing made."""
     return backup_storage(ctx.cfg.storage(ctx.params["store"])).open()
 
 
 def backup_guest(ctx: StepContext) -> None:
     """Read the guest's config and every disk into one snapshot."""
-    store, vmid = _store(ctx), ctx.params["vmid"]
+    store, vmid = backup_storage(ctx.cfg.storage(ctx.params["store"])).open_for_backup(), ctx.params["vmid"]
     if (done := ctx.data.get("backup")) and store.exists(done):
         _report(ctx, store, done)
         return  # committed before the process died

@@ -71,9 +71,18 @@ def find_backup(cfg: Config, text: Any) -> tuple[str, ChunkStore, str]:
     bid = str(backup_id(bid))
     candidates = [backup_storage_id(cfg, sid)] if sid else sorted(
         s.id for s in cfg.storages.values() if s.type in BACKUP_STORAGES and s.on_node(cfg.node))
-    holding = [(c, store) for c in candidates if (store := backup_storage(cfg.storage(c)).open()).exists(bid)]
+    holding, errors = [], []
+    for c in candidates:
+        try:
+            store = backup_storage(cfg.storage(c)).open()
+            if store.exists(bid):
+                holding.append((c, store))
+        except StorkError as e:  # a storage that cannot be opened (its key file missing, say) hides no other
+            if sid:
+                raise
+            errors.append(f"backup storage {c!r}: {e}")
     if not holding:
-        raise NotFound(f"unknown backup {bid}")
+        raise NotFound(f"unknown backup {bid}" + (f" (not searched: {'; '.join(errors)})" if errors else ""))
     if len(holding) > 1:
         listed = ", ".join(f"{c}:{bid}" for c, _ in holding)
         raise Refused(f"backup {bid} is in several backup storages: name one ({listed})")

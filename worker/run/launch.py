@@ -153,7 +153,8 @@ def main() -> None:
             ensure_tool("redis-server", "redis-server", "no Redis answers; install one or set STORK_REDIS_URL")
             processes.insert(0, "redis")
         for storage in cfg.storages.values():
-            if storage.on_node(cfg.node) and storage.path:  # a directory storage: made on first run
+            # a directory storage: made on first run, unless it must be a mount (never beneath one)
+            if storage.on_node(cfg.node) and storage.path and not storage.options.get("is_mountpoint"):
                 storage.path.mkdir(parents=True, exist_ok=True)
         var = cfg.file.parent / "var"
         var.mkdir(exist_ok=True)
