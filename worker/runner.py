@@ -173,8 +173,8 @@ def _run(ctx: StepContext, kind: JobKind, index: int) -> None:
         start_undo(r, job, index, JobState.FAILED, f"step {ctx.step} lost its connection to Redis: {e}", mine)
         raise
     except OSError as e:  # a file system's refusal: say which file, not a Python repr
-        where = f" {e.filename}" if e.filename else ""
-        start_undo(r, job, index, JobState.FAILED, f"step {ctx.step} failed:{where}: {e.strerror or e}", mine)
+        where = f"{e.filename}: " if e.filename else ""
+        start_undo(r, job, index, JobState.FAILED, f"step {ctx.step} failed: {where}{e.strerror or e}", mine)
         raise
     except Exception as e:
         log.exception("step_crashed")

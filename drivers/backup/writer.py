@@ -11,7 +11,9 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Protocol
 
 from drivers.backup.files import LOCK, MANIFEST_MAC, PARTIAL, discard, now_text, open_lock, still_named
@@ -29,7 +31,7 @@ from drivers.backup.records import (
     format_time,
     index_file,
 )
-from drivers.errors import AlreadyExists, NotFound, Refused
+from drivers.errors import AlreadyExists, NotFound, Refused, StorkError
 from drivers.safedir import SafeDir
 
 _LIVE_PARTIALS: set[tuple[int, int]] = set()  # (st_dev, st_ino) of partial folders written here: see writer_is_live
@@ -38,6 +40,7 @@ _LIVE_PARTIALS: set[tuple[int, int]] = set()  # (st_dev, st_ino) of partial fold
 class Store(Protocol):
     """What a writer needs of its chunk store (drivers.backup.store.ChunkStore, which makes it)."""
 
+    root: Path
     chunk_size: int
 
     @property
@@ -74,13 +77,38 @@ class SnapshotWriter:
         """Make the partial folder and take its lock, recording our start in the lock file."""
         for _ in range(3):
             name = f"{PARTIAL}{self.id.time_text}-{secrets.token_hex(4)}"
-            os.mkdir(name, 0o755, dir_fd=self._vm)
+            with self._writing("starting it"):
+                os.mkdir(name, 0o755, dir_fd=self._vm)
             with contextlib.suppress(NotFound, FileNotFoundError):
                 if claimed := self._claim(name):
-                    os.pwrite(claimed[1], f"{self.started}\n".encode(), 0)
-                    os.fsync(self._vm)
+                    self._record_start(name, *claimed)
                     return name, *claimed
         raise Refused(f"backup {self.id}: its partial folder was removed three times while being made")
+
+    def _record_start(self, name: str, folder: int, lock: int) -> None:
+        """Our start into the lock we hold; if that fails (a full store), the partial goes again
+        and its lock is let go, so that gc never takes a writer that gave up for a live one."""
+        try:
+            with self._writing("starting it"):
+                os.pwrite(lock, f"{self.started}\n".encode(), 0)
+                os.fsync(self._vm)
+        except BaseException:
+            with contextlib.suppress(OSError, StorkError):
+                discard(self._vm, name, "partial")
+            os.close(lock)
+            os.close(folder)
+            raise
+
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """An error of the store's file system (full, read-only, failing) as one line naming the
+        store, the backup and what was being written."""
+        try:
+            yield
+        except OSError as e:
+            where = f" ({e.filename})" if isinstance(e.filename, str) else ""
+            raise StorkError(f"backup storage {self.store.root}: backup {self.id}: {what}{where}: "
+                             f"{e.strerror or e}") from e
 
     def _claim(self, name: str) -> tuple[int, int] | None:
         """(folder, lock) of the partial `name`, locked; None if gc took it first. gc removes a
@@ -103,7 +131,8 @@ class SnapshotWriter:
     # ---- chunks (any thread) ----------------------------------------------------------------
     def put_chunk(self, data: bytes) -> tuple[str | None, int]:
         """ChunkStore.put_chunk, remembered for this snapshot."""
-        digest, written = self.store.put_chunk(data)
+        with self._writing("storing a chunk"):
+            digest, written = self.store.put_chunk(data)
         if digest is not None:
             self._note(digest, written)
         return digest, written
@@ -146,7 +175,8 @@ class SnapshotWriter:
         self._check_open()
         if name in self._files:
             raise AlreadyExists(f"backup {self.id}: {name} was added already")
-        self.store.write_file(self._folder, name, data)
+        with self._writing(f"writing {name}"):
+            self.store.write_file(self._folder, name, data)
         self._files[name] = FileSum.of(data)
 
     def _check_open(self) -> None:
@@ -158,6 +188,10 @@ class SnapshotWriter:
         """Make the snapshot durable, then visible: chunk folders, files and the partial folder
         are flushed before the rename that publishes it. AlreadyExists if its time is taken."""
         self._check_open()
+        with self._writing("committing it"):
+            return self._commit()
+
+    def _commit(self) -> Snapshot:
         with self._lock:
             prefixes, written = set(self._prefixes), self._written
         self.store.flush_chunk_folders(prefixes)

@@ -6,6 +6,7 @@ refusals, each one line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -348,6 +349,28 @@ def test_a_backup_storage_running_full_fails_the_backup_and_keeps_the_earlier_on
     assert stork("verify", f"tiny:{earlier}")[0] == 0
     assert stork("restore", f"tiny:{earlier}", r)[0] == 0
     assert qemu_same(volume_path(f"local:{small}/vm-{small}-disk-0.raw"), volume_path(client.guest(r).disks["scsi0"]))
+
+
+def test_a_backup_into_a_store_full_from_the_start_leaves_no_partial_and_names_the_store(stork, client, vmid,
+                                                                                          tiny_store):
+    """Not even the writer's start fits: the backup fails in one line naming the store and the
+    backup, and leaves no partial folder (gc would take its writer, still alive, for a live one)."""
+    first, second = vmid(), vmid()
+    for g in (first, second):
+        assert stork("guest", "create", g, "--disk", "scsi0=local:4M")[0] == 0
+    assert stork("backup", first, "--storage", "tiny")[0] == 0  # the store is made and records its chunk size
+    with open(tiny_store / "filler", "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\xff" * PATTERN_MIB)
+            f.flush()
+    try:
+        code, _, err = stork("backup", second, "--storage", "tiny")
+        assert code == 1 and err.count("\n") == 1, err
+        assert f"backup storage {tiny_store}: backup vm/{second}/" in err and "No space left on device" in err
+        assert [n for n in os.listdir(tiny_store / "vm" / str(second)) if n != ".lock"] == []
+        assert client.guest(second).lock == ""
+    finally:
+        (tiny_store / "filler").unlink()
 
 
 def test_restore_force_replaces_a_guest_only_once_the_restore_has_succeeded(stork, client, vmid):
