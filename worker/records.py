@@ -18,6 +18,14 @@ Redis keys used by stork (all of them; keep this list true):
     stork:noop:<token>        list a `stork.noop` task pushes to (benchmark reference chains)
     stork:dead                list of JSON dead letters, newest first, capped: queue messages no
                               worker could turn into a task, kept for an operator (worker/deadletter.py)
+    stork:sweep               set for a minute by whoever swept last (worker/recovery.py)
+    stork:schedule:<name>:... a backup schedule's runs (worker/jobs/schedules.py), each expiring:
+        :last                 the newest slot run (an ISO time)
+        :slot:<slot>          the slot claimed (SET NX: run once)
+        :run:<slot>           JSON record of that slot's run: its jobs, refusals, prune
+        :starting:<slot>      the lease of the tick submitting its jobs (value: that tick's token)
+        :prune:<slot>         the run's prune claimed
+        :skipped:<line>       the newest slot passed while the schedule was disabled
 Celery's own keys (queues `node.<name>` and `shared`, unacked, results) live in the same DB.
 State machine: queued -> running -> succeeded, or running -> undoing -> failed | cancelled
 (queued -> undoing when a job is cancelled before its first step).

@@ -19,6 +19,7 @@ garbage restored.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -49,16 +50,23 @@ def create_key(path: Path) -> str:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except FileExistsError:
         raise AlreadyExists(f"{path} exists: a key file is never overwritten (its backups would be lost)") from None
+    except OSError as e:
+        raise ConfigError(f"key file {path}: cannot create it: {e.strerror}") from None
     try:
-        write_all(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:  # durable before anyone is told it exists: without it, every backup sealed with it is lost
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        try:
+            write_all(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:  # durable before anyone is told it exists: without it, every backup sealed with it is lost
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:  # a half-written key file would pass for one: it goes
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise ConfigError(f"key file {path}: cannot write it: {e.strerror}") from None
     return EncryptedCodec(key).fingerprint
 
 

@@ -109,6 +109,17 @@ def _check_int(value: object, what: str, minimum: int = 0, maximum: int = names.
     return value
 
 
+MAX_NOTES = 1024
+
+
+def check_notes(text: object) -> str:
+    """A backup's notes, as every writer of them checks them (submit, the worker, the store):
+    one line of printable text of at most MAX_NOTES characters."""
+    if not isinstance(text, str) or len(text) > MAX_NOTES or not text.isprintable():
+        raise InvalidName(f"invalid notes: expected one line of printable text of at most {MAX_NOTES} characters")
+    return text
+
+
 def check_chunk_size(size: int) -> int:
     _check_int(size, "chunk size", MIN_CHUNK, MAX_CHUNK)
     if size & (size - 1):

@@ -83,6 +83,7 @@ from drivers.backup.records import (
     blob_name,
     check_chunk_size,
     check_digest,
+    check_notes,
     disk_key,
     format_time,
     index_file,
@@ -98,7 +99,6 @@ __all__ = ["ChunkStore", "SnapshotWriter"]  # SnapshotWriter lives in drivers.ba
 _PREFIX = re.compile(r"[0-9a-f]{4}")
 _MAX_META = 64 << 20  # a manifest or state file; an index may be larger (16 M chunks for 64 TiB)
 _MAX_INDEX = 2 << 30
-_MAX_NOTES = 64 << 10
 _CODEC_OVERHEAD = 4096  # header, and room for a nonce and tag once chunks can be encrypted
 
 # flock(2) locks an open file on a local file system, but NFS emulates it with POSIX locks, which
@@ -108,11 +108,6 @@ _CODEC_OVERHEAD = 4096  # header, and room for a nonce and tag once chunks can b
 _PREFIX_LOCKS = [threading.Lock() for _ in range(256)]
 _STATE_LOCK = threading.Lock()
 
-
-def _check_notes(text: str) -> str:
-    if not isinstance(text, str) or len(text) > _MAX_NOTES:
-        raise InvalidName(f"notes must be text of at most {_MAX_NOTES} characters")
-    return text
 
 
 # ---- the store --------------------------------------------------------------------------------
@@ -272,7 +267,7 @@ class ChunkStore:
         """Start a snapshot of guest `vmid` at `time` (UTC, whole seconds; default now). It is
         written into a hidden partial folder and appears only at commit."""
         id = BackupId(names.vmid(vmid), parse_time(format_time(time or datetime.now(UTC))))
-        _check_notes(notes)
+        check_notes(notes)
         with self._folder(VM, str(id.vmid), create=True) as vm:
             if SafeDir.entry_exists(vm, id.time_text):
                 raise AlreadyExists(f"backup {id} already exists")
@@ -487,7 +482,7 @@ class ChunkStore:
         return self._change_state(backup_id(id), protected=bool(protected))
 
     def set_notes(self, id: str, notes: str) -> State:
-        return self._change_state(backup_id(id), notes=_check_notes(notes))
+        return self._change_state(backup_id(id), notes=check_notes(notes))
 
     def _change_state(self, id: BackupId, **changes: Any) -> State:
         with self._vm_locked_for(id) as vm, self._dir_of(vm, id) as folder:

@@ -221,6 +221,9 @@ REFUSALS = [
      "several backup storages (backup, secret, tiny): name one with --storage"),
     ("backup with nothing named", "backup", "name the guests to back up, or give --all"),
     ("forget an unknown backup", "backup forget vm/100/2020-01-01T00:00:00Z", "unknown backup"),
+    # once let through at submit and refused by the worker: one rule for both now
+    ("notes with a control character", "backup {g} --storage backup --notes before\x7fupgrade",
+     "invalid notes: expected one line of printable text"),
 ]
 
 

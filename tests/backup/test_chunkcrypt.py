@@ -5,6 +5,7 @@ guest backed up into the session's encrypted storage `secret` and restored equal
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from drivers.backup.store import ChunkStore
 from drivers.errors import AlreadyExists, ConfigError, Corrupt, Refused
 from drivers.storage import StorageConfig
 from tests.conftest import BASE
-from tests.helpers import PATTERN_MIB, qemu_io_write, qemu_same, volume_path
+from tests.helpers import PATTERN_MIB, qemu_io_write, qemu_same, tmpfs, volume_path
 
 DATA = b"the guest's secret data " * 40000
 
@@ -163,6 +164,20 @@ def test_key_files_are_made_private_never_overwritten_and_checked(tmp_path, key)
     key.write_text("not a key\n")
     with pytest.raises(ConfigError, match="not a stork key file"):
         load_key(key)
+
+
+def test_a_key_file_that_cannot_be_made_is_one_line_and_leaves_nothing(stork, tmp_path):
+    code, out, err = stork("backup", "key", "create", tmp_path / "missing-dir" / "k")
+    assert (code, out) == (1, "") and err == (f"stork: key file {tmp_path / 'missing-dir' / 'k'}: cannot create it: "
+                                              "No such file or directory\n")
+    with tmpfs(tmp_path / "full", "1m") as full:
+        with open(full / "filler", "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        with pytest.raises(ConfigError, match="cannot write it: No space left on device"):
+            create_key(full / "k")
+        assert not (full / "k").exists()
 
 
 def test_the_same_data_under_two_keys_has_unrelated_names():

@@ -253,3 +253,40 @@ def test_a_re_enabled_schedule_runs_no_slot_that_passed_while_it_was_off(client,
     assert schedules._last(client.r, name)["slot"] == (at_ten + timedelta(hours=16)).isoformat()
     for key in client.r.scan_iter(f"stork:schedule:{name}:*"):
         client.r.delete(key)
+
+
+def test_a_starters_lease_is_renewed_only_by_its_holder(client, vmid):
+    """A starter that stalled past its lease cannot renew it once another tick took the run
+    over: two starters never submit side by side."""
+    name, slot = f"lease{vmid()}", "2026-11-26T02:00:00+00:00"
+    assert schedules._lease(client.r, name, slot, "a") and not schedules._lease(client.r, name, slot, "b")
+    assert schedules._renew(client.r, name, slot, "a") and not schedules._renew(client.r, name, slot, "b")
+    client.r.delete(f"stork:schedule:{name}:starting:{slot}")  # as when it lapses
+    assert schedules._lease(client.r, name, slot, "b")
+    assert not schedules._renew(client.r, name, slot, "a")
+
+
+def test_a_starter_that_lost_its_lease_submits_nothing_more(client, vmid):
+    g = vmid()
+    name = f"stalled{g}"
+    cfg = replace(client.cfg, schedules={name: {"schedule": "* * * * *", "guests": [g], "storage": "backup"}})
+    schedule = schedules.parse(cfg)[0]
+    slot = "2026-11-26T02:00:00+00:00"
+    run = {"slot": slot, "line": schedule.line, "jobs": {}, "refused": {}, "pruned": False, "starting": True}
+    schedules._lease(client.r, name, slot, "the-other-starter")
+    schedules._start(cfg, client.r, client.app, schedule, run, "me")
+    assert run["jobs"] == {} and run["starting"] and client.r.get(f"stork:schedule:{name}:run:{slot}") is None
+
+
+def test_a_claimed_slot_is_recorded_with_its_run_and_lease_at_once(client, vmid):
+    """Claiming a slot writes its run record, the starter's lease and the last-slot pointer in
+    the same step: a starter dying right after leaves a run to resume, never a lost slot."""
+    name = f"claim{vmid()}"
+    slot = "2026-11-26T02:00:00+00:00"
+    run = {"slot": slot, "line": "0 2 * * *", "jobs": {}, "refused": {}, "pruned": False, "starting": True}
+    assert schedules._claim(client.r, name, run, "me")
+    assert schedules._last(client.r, name) == run
+    assert client.r.get(f"stork:schedule:{name}:starting:{slot}") == "me"
+    assert not schedules._claim(client.r, name, {**run, "line": "other"}, "you")  # claimed once
+    assert schedules._last(client.r, name) == run
+    client.r.delete(f"stork:schedule:{name}:last")

@@ -13,7 +13,7 @@ from typing import Any
 
 from drivers import names
 from drivers.backup import retention
-from drivers.backup.records import backup_id
+from drivers.backup.records import backup_id, check_notes
 from drivers.errors import InvalidName
 
 Check = Callable[[Any], object]  # raises InvalidName when the value is bad
@@ -53,11 +53,6 @@ def _volid(value: Any) -> None:
 def _absolute_path(value: Any) -> None:
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value or len(value) > 4096:
         raise InvalidName(f"{value!r}: expected an absolute path")
-
-
-def _notes(value: Any) -> None:
-    if not isinstance(value, str) or len(value) > 1024 or not value.isprintable():
-        raise InvalidName(f"{value!r}: expected one line of text of at most 1024 characters")
 
 
 def _backup_id(value: Any) -> None:
@@ -172,7 +167,7 @@ PARAMS: dict[str, Check] = {
     # backups (worker/jobs/backups.py)
     "volumes": _map_of(names.disk_key, _volid),  # a backup's disks
     "store": names.storage_id,  # the backup storage
-    "notes": _notes,
+    "notes": check_notes,
     "backup": _backup_id,
     "backups": _optional(_list_of(_backup_id)),  # verify: these, or all
     "template": _bool,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers import BACKUP_STORAGES, backup_storage, driver_for, guests, names
-from drivers.backup.records import backup_id
+from drivers.backup.records import backup_id, check_notes
 from drivers.backup.retention import Keep
 from drivers.backup.store import ChunkStore
 from drivers.config import Config
@@ -27,8 +27,6 @@ from worker.jobs.prepare import (
     _volume,
 )
 
-MAX_NOTES = 1024
-
 
 def backup_storage_id(cfg: Config, given: Any) -> str:
     """The backup storage named, or the only one configured."""
@@ -44,13 +42,6 @@ def backup_storage_id(cfg: Config, given: Any) -> str:
     return found[0]
 
 
-def _notes(o: dict[str, Any]) -> str:
-    notes = o.get("notes") or ""
-    if not isinstance(notes, str) or len(notes) > MAX_NOTES or any(ord(c) < 32 for c in notes):
-        raise InvalidName(f"invalid notes: expected one line of text of at most {MAX_NOTES} characters")
-    return notes
-
-
 def prepare_backup(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     """Every disk of one guest (a template, a linked clone: any guest) and its config."""
     _only(o, {"vmid", "storage", "notes"}, "backup")
@@ -59,7 +50,7 @@ def prepare_backup(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     store = backup_storage_id(cfg, o.get("storage"))
     used = {names.volume_id(v).storage for v in guest.disks.values()} | {store}
     return {"vmid": guest.vmid, "lock_vmid": guest.vmid, "expect_disks": guest.disks, "volumes": dict(guest.disks),
-            "store": store, "notes": _notes(o), "node": guest.node,
+            "store": store, "notes": check_notes(o.get("notes") or ""), "node": guest.node,
             "storages": _check_nodes(cfg, used, guest.node)}
 
 

@@ -18,6 +18,7 @@ Slot arithmetic is pure (`latest_slot`, `due_slot`) and table-tested; times are 
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -144,6 +145,26 @@ if (not current) or current < ARGV[1] then redis.call('SET', KEYS[1], ARGV[1]) e
 """
 
 
+# Claim a slot and record its run in one step: the slot key (SET NX), the run's record, its
+# starter's lease and the "last slot" pointer. A tick that dies right after leaves a run that a
+# later tick resumes once the lease lapses, never a claimed slot without a record (lost).
+# KEYS: slot, run, lease, last; ARGV: run JSON, slot, key TTL, lease seconds, holder.
+_CLAIM = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
+redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[4])
+local current = redis.call('GET', KEYS[4])
+if (not current) or current < ARGV[2] then redis.call('SET', KEYS[4], ARGV[2]) end
+return 1
+"""
+
+# Renew a starter's lease only while it is still that starter's (KEYS: lease; ARGV: holder, seconds).
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
 def _last(r: redis.Redis, name: str) -> dict[str, Any] | None:
     """The record of the schedule's newest run: its slot, jobs, refusals, prune."""
     slot = r.get(_key(name, "last"))
@@ -167,25 +188,31 @@ def tick(cfg: Config, r: redis.Redis, sender: Celery, now: datetime | None = Non
             _skip_passed_slots(r, schedule, now)
             continue
         last = _last(r, schedule.name)
+        holder = secrets.token_hex(8)  # this tick, as the starter of a run
         if last and last.get("starting"):
-            if _lease(r, schedule.name, last["slot"]):  # its starter died: submit the rest
-                _start(cfg, r, sender, schedule, last)
+            if _lease(r, schedule.name, last["slot"], holder):  # its starter died: submit the rest
+                _start(cfg, r, sender, schedule, last, holder)
                 acted.append(schedule.name)
             continue
         if last and not last.get("pruned") and _prune_when_done(cfg, r, sender, schedule, last):
             acted.append(schedule.name)
         slot = due_slot(schedule.cron, _since(r, schedule, last), now)
-        if slot is None or not r.set(_key(schedule.name, f"slot:{slot.isoformat()}"), "1", nx=True,
-                                     ex=SLOT_KEY_TTL):
-            continue  # nothing due, or another tick claimed this slot
+        if slot is None:
+            continue
         run = {"slot": slot.isoformat(), "line": schedule.line, "jobs": {}, "refused": {}, "pruned": False,
                "starting": True}
-        _lease(r, schedule.name, run["slot"])
-        _save(r, schedule.name, run)
-        r.eval(_ADVANCE, 1, _key(schedule.name, "last"), slot.isoformat())
-        _start(cfg, r, sender, schedule, run)
+        if not _claim(r, schedule.name, run, holder):
+            continue  # another tick claimed this slot
+        _start(cfg, r, sender, schedule, run, holder)
         acted.append(schedule.name)
     return acted
+
+
+def _claim(r: redis.Redis, name: str, run: dict[str, Any], holder: str) -> bool:
+    """Claim the run's slot for `holder`, with the run's record and the starter's lease (_CLAIM)."""
+    slot = run["slot"]
+    keys = [_key(name, f"slot:{slot}"), _key(name, f"run:{slot}"), _key(name, f"starting:{slot}"), _key(name, "last")]
+    return bool(r.eval(_CLAIM, 4, *keys, json.dumps(run), slot, SLOT_KEY_TTL, int(START_LEASE), holder))
 
 
 def _skip_passed_slots(r: redis.Redis, schedule: Schedule, now: datetime) -> None:
@@ -207,11 +234,15 @@ def _since(r: redis.Redis, schedule: Schedule, last: dict[str, Any] | None) -> d
     return datetime.fromisoformat(max(marks)) if marks else None
 
 
-def _lease(r: redis.Redis, name: str, slot: str, renew: bool = False) -> bool:
+def _lease(r: redis.Redis, name: str, slot: str, holder: str) -> bool:
     """The right to submit a run's jobs, for START_LEASE seconds (renewed per guest): a run
     whose starter died is resumed by a later tick once the lease has lapsed, never beside it."""
-    key = _key(name, f"starting:{slot}")
-    return bool(r.set(key, "1", ex=int(START_LEASE), **({} if renew else {"nx": True})))
+    return bool(r.set(_key(name, f"starting:{slot}"), holder, ex=int(START_LEASE), nx=True))
+
+
+def _renew(r: redis.Redis, name: str, slot: str, holder: str) -> bool:
+    """Renew `holder`'s lease; False if it lapsed and is another starter's now (or no one's)."""
+    return bool(r.eval(_RENEW, 1, _key(name, f"starting:{slot}"), holder, int(START_LEASE)))
 
 
 def _guests(cfg: Config, schedule: Schedule) -> list[int]:
@@ -221,9 +252,11 @@ def _guests(cfg: Config, schedule: Schedule) -> list[int]:
     return list(schedule.guests)
 
 
-def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run: dict[str, Any]) -> None:
+def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run: dict[str, Any],
+           holder: str) -> None:
     """One backup job per guest not yet in the run; each recorded as it is submitted (a guest
-    refused at submit with the reason), so a starter that dies leaves a run to resume."""
+    refused at submit with the reason), so a starter that dies leaves a run to resume. A
+    starter whose lease another took over (it stalled past it) stops: that one goes on."""
     options = {"storage": schedule.storage} if schedule.storage else {}
     try:
         guests = _guests(cfg, schedule)
@@ -232,7 +265,9 @@ def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run:
     for vmid in guests:
         if str(vmid) in run["jobs"] or str(vmid) in run["refused"]:
             continue
-        _lease(r, schedule.name, run["slot"], renew=True)
+        if not _renew(r, schedule.name, run["slot"], holder):
+            log.warning("schedule_lease_lost", schedule=schedule.name, slot=run["slot"])
+            return
         try:
             run["jobs"][str(vmid)] = submit("backup", {"vmid": vmid, "notes": f"schedule {schedule.name}",
                                                        **options}, cfg, r, sender).id
