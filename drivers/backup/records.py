@@ -464,6 +464,7 @@ class GcResult:
     bytes_removed: int
     chunks_kept: int
     partials_removed: int
+    bad_chunks_removed: int = 0  # damaged chunks verify moved aside, kept for a look until QUARANTINE passed
 
 
 def index_file(key: str) -> str:

@@ -99,6 +99,7 @@ __all__ = ["ChunkStore", "SnapshotWriter"]  # SnapshotWriter lives in drivers.ba
 _PREFIX = re.compile(r"[0-9a-f]{4}")
 _MAX_META = 64 << 20  # a manifest or state file; an index may be larger (16 M chunks for 64 TiB)
 _MAX_INDEX = 2 << 30
+QUARANTINE = 30 * 86400  # seconds a damaged chunk moved aside (<digest>.bad) is kept for a look
 _CODEC_OVERHEAD = 4096  # header, and room for a nonce and tag once chunks can be encrypted
 
 # flock(2) locks an open file on a local file system, but NFS emulates it with POSIX locks, which
@@ -592,6 +593,7 @@ class ChunkStore:
         stays damaged: the next backup of that disk reads the chunk whole instead."""
         with self._prefix_locked(digest[:4], exclusive=True) as folder, contextlib.suppress(FileNotFoundError):
             os.rename(digest, f"{digest}.bad", src_dir_fd=folder, dst_dir_fd=folder)
+            os.utime(f"{digest}.bad", dir_fd=folder)  # its time aside counts from now (see gc)
             os.fsync(folder)
 
     # ---- garbage collection -------------------------------------------------------------------
@@ -612,8 +614,9 @@ class ChunkStore:
         the unlink does and put_chunk writes the chunk anew (touch_chunk returns False, and its
         caller must then put the data). The margin covers clock skew between nodes, file
         timestamps that lag the clock by a tick, and the instant between a writer's start and
-        its lock. A snapshot that cannot be read stops gc
-        before anything is removed: its chunks cannot be told from garbage.
+        its lock. A snapshot whose index files cannot be read stops gc before anything is
+        removed: its chunks cannot be told from garbage. Damaged chunks that verify moved aside
+        are removed once they have been aside for QUARANTINE (counted apart).
 
         `now` stands in for gc's start (tests pass a later one to age the whole store).
         """
@@ -623,8 +626,8 @@ class ChunkStore:
         marked = self._referenced_chunks()  # listed only now, after the partials: see above
         for _, chunks in live:
             marked |= chunks
-        removed, freed, kept = self._sweep_chunks(marked, cutoff)
-        return GcResult(removed, freed, kept, partials_removed)
+        removed, freed, kept, bad = self._sweep_chunks(marked, cutoff, started - QUARANTINE)
+        return GcResult(removed, freed, kept, partials_removed, bad)
 
     def _live_partials(self) -> tuple[list[tuple[float, set[str]]], int]:
         """(start, chunks named so far) of each live writer; dead writers' partials and leftover
@@ -705,19 +708,20 @@ class ChunkStore:
             raise NotFound(f"backup {id}: {index_file(missing[0])} is missing")
         return chunks
 
-    def _sweep_chunks(self, marked: set[str], cutoff: float) -> tuple[int, int, int]:
-        removed = freed = kept = 0
+    def _sweep_chunks(self, marked: set[str], cutoff: float, bad_cutoff: float) -> tuple[int, int, int, int]:
+        """(removed, bytes freed, kept, damaged removed) over every chunk folder."""
+        totals = [0, 0, 0, 0]
         try:
             with self._folder(CHUNKS) as folder, os.scandir(folder) as entries:
                 prefixes = sorted(e.name for e in entries if _PREFIX.fullmatch(e.name))
         except NotFound:
             self._open_root_or_raise()
-            return 0, 0, 0
+            return 0, 0, 0, 0
         for prefix in prefixes:
             with self._prefix_locked(prefix, exclusive=True) as folder:
-                r, f, k = _sweep_prefix(folder, marked, cutoff)
-            removed, freed, kept = removed + r, freed + f, kept + k
-        return removed, freed, kept
+                totals = [a + b for a, b in zip(totals, _sweep_prefix(folder, marked, cutoff, bad_cutoff), strict=True)]
+        removed, freed, kept, bad = totals
+        return removed, freed, kept, bad
 
     def status(self) -> tuple[int, int, int]:
         """(total, used, available) bytes of the file system holding the store."""
@@ -752,10 +756,11 @@ def _is_vmid_name(name: str) -> bool:
         return False
 
 
-def _sweep_prefix(folder: int, marked: set[str], cutoff: float) -> tuple[int, int, int]:
-    """Remove the unmarked chunk files and temp files older than `cutoff` from one chunk folder
-    (whose exclusive lock the caller holds): (removed, bytes freed, kept)."""
-    removed = freed = kept = 0
+def _sweep_prefix(folder: int, marked: set[str], cutoff: float, bad_cutoff: float) -> tuple[int, int, int, int]:
+    """Remove the unmarked chunk files and temp files older than `cutoff`, and damaged chunks
+    moved aside before `bad_cutoff`, from one chunk folder (whose exclusive lock the caller
+    holds): (removed, bytes freed, kept, damaged removed)."""
+    removed = freed = kept = bad = 0
     with os.scandir(folder) as entries:
         for entry in entries:
             if not entry.is_file(follow_symlinks=False):
@@ -766,9 +771,13 @@ def _sweep_prefix(folder: int, marked: set[str], cutoff: float) -> tuple[int, in
                     kept += 1
                     continue
                 removed, freed = removed + 1, freed + st.st_size
+            elif entry.name.endswith(".bad") and DIGEST_PATTERN.fullmatch(entry.name[:-4]):
+                if st.st_mtime >= bad_cutoff:
+                    continue
+                bad, freed = bad + 1, freed + st.st_size
             elif not (entry.name.endswith(".tmp") and st.st_mtime < cutoff):
                 continue
             os.unlink(entry.name, dir_fd=folder)
-    if removed:
+    if removed or bad:
         os.fsync(folder)
-    return removed, freed, kept
+    return removed, freed, kept, bad

@@ -18,7 +18,7 @@ import zstandard
 
 from drivers.backup.codec import KIND_RAW, KIND_ZSTD, MAGIC, PlainCodec, is_zero
 from drivers.backup.records import BackupId, BaseRef, Index, Patch, Snapshot, backup_id, blob_name, disk_key
-from drivers.backup.store import ChunkStore
+from drivers.backup.store import QUARANTINE, ChunkStore
 from drivers.errors import AlreadyExists, Corrupt, InvalidName, NotFound, Refused
 
 CS = 4096
@@ -488,6 +488,20 @@ class TestGc:
             writer.add_index("scsi0", Index("raw", CS, [digest], CS))
             writer.commit()
         assert store.verify("vm/100/2026-11-26T12:00:00Z").ok
+
+    def test_a_damaged_chunk_moved_aside_is_kept_for_a_look_then_removed_by_gc(self, store):
+        """verify moves it aside as <digest>.bad, dated then; gc leaves it for QUARANTINE,
+        then removes it and counts it apart."""
+        snapshot = back_up(store, 100, T0, {"scsi0": noise(CS)})
+        (digest,) = store.index(str(snapshot.id), "scsi0").chunks
+        path = chunk_path(store, digest)
+        age(path, 90 * 86400)  # an old chunk: its age must not count towards its time aside
+        path.write_bytes(path.read_bytes()[:-1] + b"!")
+        assert not store.verify(str(snapshot.id)).ok
+        bad = path.with_name(f"{digest}.bad")
+        assert bad.exists() and not path.exists() and time.time() - bad.stat().st_mtime < 60
+        assert store.gc(now=time.time() + HOUR).bad_chunks_removed == 0 and bad.exists()
+        assert store.gc(now=time.time() + QUARANTINE + HOUR).bad_chunks_removed == 1 and not bad.exists()
 
     def test_gc_running_alongside_backups_never_breaks_one(self, store):
         """Writers re-back-up the same data and forget the previous backup before committing,

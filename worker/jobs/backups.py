@@ -340,4 +340,5 @@ def collect_garbage(ctx: StepContext) -> None:
     """Remove the chunks no backup refers to (safe while backups run: see ChunkStore.gc)."""
     result = _store(ctx).gc()
     ctx.set_result(chunks_removed=result.chunks_removed, bytes_removed=result.bytes_removed,
-                   chunks_kept=result.chunks_kept, partials_removed=result.partials_removed)
+                   chunks_kept=result.chunks_kept, partials_removed=result.partials_removed,
+                   bad_chunks_removed=result.bad_chunks_removed)
