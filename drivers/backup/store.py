@@ -756,6 +756,20 @@ def _is_vmid_name(name: str) -> bool:
         return False
 
 
+def _fresh_mtime(folder: int, name: str) -> float:
+    """A chunk's mtime read on a fresh open: on NFS a stat may answer from attributes cached for
+    up to a minute, so a touch by a writer on another node could go unseen; an open revalidates
+    them with the server (close-to-open consistency). +inf where the file is gone."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+    except FileNotFoundError:
+        return float("inf")
+    try:
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+
+
 def _sweep_prefix(folder: int, marked: set[str], cutoff: float, bad_cutoff: float) -> tuple[int, int, int, int]:
     """Remove the unmarked chunk files and temp files older than `cutoff`, and damaged chunks
     moved aside before `bad_cutoff`, from one chunk folder (whose exclusive lock the caller
@@ -767,7 +781,7 @@ def _sweep_prefix(folder: int, marked: set[str], cutoff: float, bad_cutoff: floa
                 continue
             st = entry.stat(follow_symlinks=False)  # fetched now, under the lock
             if DIGEST_PATTERN.fullmatch(entry.name):
-                if entry.name in marked or st.st_mtime >= cutoff:
+                if entry.name in marked or st.st_mtime >= cutoff or _fresh_mtime(folder, entry.name) >= cutoff:
                     kept += 1
                     continue
                 removed, freed = removed + 1, freed + st.st_size
