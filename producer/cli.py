@@ -355,6 +355,12 @@ def cmd_prune(args: argparse.Namespace, client: Client) -> int:
 
 
 
+def cmd_backup_sync(args: argparse.Namespace, client: Client) -> int:
+    keep = {f"keep-{period}": n for period in retention.OPTIONS if (n := getattr(args, f"keep_{period}")) is not None}
+    return submit_and_wait(args, client, "sync", source=args.source, target=args.target,
+                           vmids=[_vmid(v) for v in args.vmids], keep=keep, node=args.node)
+
+
 def cmd_schedule_list(args: argparse.Namespace, client: Client) -> int:
     rows = client.schedules()
     _emit(args, rows, _views().schedules(rows))
@@ -515,6 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damaged", action="store_true",
                    help="remove a backup that cannot be read (its manifest or state damaged), protected or not; "
                         "refused for one that can be read")
+    p = command(backup, "sync", cmd_backup_sync, "copy backups to another backup storage (an offsite copy)", True)
+    p.add_argument("vmids", nargs="*", metavar="VMID", help="these guests' backups (default: all)")
+    p.add_argument("--from", dest="source", required=True, metavar="STORAGE", help="the backup storage copied from")
+    p.add_argument("--to", dest="target", required=True, metavar="STORAGE", help="the backup storage copied to")
+    for period in retention.OPTIONS:  # then the target is pruned, as `stork prune` does
+        p.add_argument(f"--keep-{period}", type=int, metavar="N")
+    p.add_argument("--node", help="where both storages are (default: this node)")
     p = command(backup, "key", cmd_backup_key, "key create FILE: a key file for an encrypted backup storage")
     p.add_argument("create", choices=["create"])
     p.add_argument("file")
@@ -590,7 +603,7 @@ def _bases(values: list[str] | None) -> dict[str, str]:
     return bases
 
 
-BACKUP_ACTIONS = ("list", "show", "protect", "unprotect", "forget", "key", "-h", "--help")
+BACKUP_ACTIONS = ("list", "show", "protect", "unprotect", "forget", "sync", "key", "-h", "--help")
 
 
 def _spelled_out(argv: list[str]) -> list[str]:

@@ -98,6 +98,10 @@ shared = true
 type = "chunkstore"
 path = "tiny"
 shared = true
+[storage.offsite]
+type = "chunkstore"
+path = "offsite"
+shared = true
 [storage.secret]
 type = "chunkstore"
 path = "secret"

@@ -247,16 +247,33 @@ class ChunkStore:
         finally:
             os.unlink(temp, dir_fd=folder)
 
-    def read_chunk(self, digest: str) -> bytes:
-        """A stored chunk's data, checked against its digest; NotFound or Corrupt name the digest."""
+    def read_stored(self, digest: str) -> bytes:
+        """A chunk file's bytes as stored (encoded, sealed where the store is encrypted), for a
+        store with the same key to take as they are (`put_stored`); not checked here."""
         check_digest(digest)
         self._open_root_or_raise()
         try:
             with self._folder(CHUNKS, digest[:4]) as folder:
-                blob = self._read(folder, digest, self.chunk_size + _CODEC_OVERHEAD, f"chunk {digest}")
+                return self._read(folder, digest, self.chunk_size + _CODEC_OVERHEAD, f"chunk {digest}")
         except NotFound:
             raise NotFound(f"chunk {digest}: missing from {self.root}") from None
-        return self.codec.decode(blob, digest)
+
+    def put_stored(self, digest: str, blob: bytes) -> int:
+        """Store a chunk file as another store of the same key stored it, after checking that it
+        decodes to its digest here (Corrupt naming it if not): bytes written, 0 where the chunk
+        was there already (then touched, as put_chunk does)."""
+        check_digest(digest)
+        if self.touch_chunk(digest):
+            return 0
+        self.codec.decode(blob, digest)
+        with self._prefix_locked(digest[:4], exclusive=False) as folder:
+            if self._touch(folder, digest) or not self._link_new_chunk(folder, digest, blob):
+                return 0
+        return len(blob)
+
+    def read_chunk(self, digest: str) -> bytes:
+        """A stored chunk's data, checked against its digest; NotFound or Corrupt name the digest."""
+        return self.codec.decode(self.read_stored(digest), digest)
 
     def flush_chunk_folders(self, prefixes: set[str]) -> None:
         for prefix in sorted(prefixes):

@@ -218,7 +218,11 @@ REFUSALS = [
     ("prune with a negative count", "prune {g} --storage backup --keep-last -1",
      "keep-last: expected a whole number of 0 or more"),
     ("no backup storage named where several are", "backup {g}",
-     "several backup storages (backup, secret, tiny): name one with --storage"),
+     "several backup storages (backup, offsite, secret, tiny): name one with --storage"),
+    ("sync to a storage of another key", "backup sync --from backup --to secret",
+     "do not have the same key: a sync copies chunks as they are stored"),
+    ("sync to itself", "backup sync --from backup --to backup", "'backup' is both the source and the target"),
+    ("sync to an image storage", "backup sync --from backup --to local", "storage 'local' holds disk images"),
     ("backup with nothing named", "backup", "name the guests to back up, or give --all"),
     ("forget an unknown backup", "backup forget vm/100/2020-01-01T00:00:00Z", "unknown backup"),
     # once let through at submit and refused by the worker: one rule for both now
@@ -374,6 +378,28 @@ def test_a_backup_into_a_store_full_from_the_start_leaves_no_partial_and_names_t
         assert client.guest(second).lock == ""
     finally:
         (tiny_store / "filler").unlink()
+
+
+def test_a_sync_keeps_an_offsite_copy_that_restores_equal(stork, client, vmid):
+    """backup sync copies two guests' backups into `offsite` (only what it lacks: a second sync
+    copies nothing), prunes it with the retention given, and a restore from the copy is equal."""
+    a, b, r = vmid(), vmid(), vmid()
+    disk = guest_with_data(stork, a)
+    guest_with_data(stork, b)
+    older = backed_up(stork, a)["backup"]
+    qemu_io_write(volume_path(disk), "raw", 3 * PATTERN_MIB, PATTERN_MIB, 0x21)
+    newer, other = backed_up(stork, a)["backup"], backed_up(stork, b)["backup"]
+    code, out, err = stork("--json", "backup", "sync", "--from", "backup", "--to", "offsite", a, b, "--keep-last", "1")
+    assert code == 0, err
+    result = json.loads(out)["result"]
+    assert sorted(result["copied"]) == sorted([older, newer, other]) and result["pruned"] == 1
+    assert [str(s.id) for _, s in client.backups("offsite", a)] == [newer]
+    code, out, err = stork("--json", "backup", "sync", "--from", "backup", "--to", "offsite", a, b)
+    assert code == 0 and json.loads(out)["result"]["copied"] == [older], err  # pruned there, so copied again
+    assert stork("verify", f"offsite:{newer}")[0] == 0
+    code, _, err = stork("restore", f"offsite:{newer}", r)
+    assert code == 0, err
+    assert qemu_same(volume_path(disk), volume_path(client.guest(r).disks["scsi0"]))
 
 
 def test_restore_force_replaces_a_guest_only_once_the_restore_has_succeeded(stork, client, vmid):

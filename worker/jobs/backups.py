@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from drivers import backup_storage, faults, guests, nbd, qemu
 from drivers.backends.base import Driver
@@ -24,6 +25,7 @@ from drivers.backup.datapath import back_up, find_base, restore
 from drivers.backup.records import BackupId, BaseRef, Index, format_time, parse_time
 from drivers.backup.retention import Candidate, Keep
 from drivers.backup.store import ChunkStore
+from drivers.backup.sync import sync
 from drivers.errors import Corrupt, NotFound, Refused, StorkError
 from drivers.names import VolName
 from drivers.nbd import Extent
@@ -314,26 +316,53 @@ def verify_backups(ctx: StepContext) -> None:
 def prune_backups(ctx: StepContext) -> None:
     """Apply the retention to each guest's backups (one guest's, if named): forget what it
     does not keep, or only say so on a dry run."""
-    store, keep = _store(ctx), Keep(**ctx.params["keep"])
-    listing = store.listing(ctx.params.get("vmid"))  # listed once: each listing reads every manifest
+    vmid = ctx.params.get("vmid")
+    ctx.set_result(**_prune(_store(ctx), Keep(**ctx.params["keep"]), {vmid} if vmid is not None else None,
+                            ctx.params["dry_run"]))
+
+
+def _prune(store: ChunkStore, keep: Keep, vmids: set[int] | None, dry_run: bool) -> dict[str, Any]:
+    """The retention applied to each guest's backups (of `vmids`, where given): the decisions,
+    how many were removed, and those protected since the listing (kept, and the others go on)."""
+    listing = store.listing(next(iter(vmids)) if vmids and len(vmids) == 1 else None)  # once: it reads manifests
     by_guest: dict[int, list[Candidate]] = {}
     for s in listing.snapshots:
-        by_guest.setdefault(s.id.vmid, []).append(Candidate(str(s.id), parse_time(s.id.time_text), s.state.protected))
+        if vmids is None or s.id.vmid in vmids:
+            by_guest.setdefault(s.id.vmid, []).append(
+                Candidate(str(s.id), parse_time(s.id.time_text), s.state.protected))
     decisions = [{"id": d.id, "keep": d.keep, "reason": d.reason}
                  for guest in sorted(by_guest) for d in retention.plan(by_guest[guest], keep)]
     # a damaged backup is neither counted nor removed: whether it is protected cannot be read
-    decisions += [{"id": str(d.id), "keep": True, "reason": f"damaged, kept: {d.reason}"} for d in listing.damaged]
+    decisions += [{"id": str(d.id), "keep": True, "reason": f"damaged, kept: {d.reason}"}
+                  for d in listing.damaged if vmids is None or d.id.vmid in vmids]
     removed, skipped = [d["id"] for d in decisions if not d["keep"]], []
-    if not ctx.params["dry_run"]:
+    if not dry_run:
         for bid in removed:
             try:
                 store.forget(bid)
             except NotFound:  # redelivered: forgotten already
                 pass
-            except Refused as e:  # protected since the listing: it stays, and the others go on
+            except Refused as e:
                 skipped.append(f"{bid}: {e}")
-    ctx.set_result(decisions=decisions, removed=len(removed) - len(skipped), dry_run=ctx.params["dry_run"],
-                   **({"warning": f"kept: {'; '.join(skipped)}"} if skipped else {}))
+    return {"decisions": decisions, "removed": len(removed) - len(skipped), "dry_run": dry_run,
+            **({"warning": f"kept: {'; '.join(skipped)}"} if skipped else {})}
+
+
+def sync_backups(ctx: StepContext) -> None:
+    """Copy the backups of the source storage (of the guests named, or all) that the target
+    lacks, only the chunks it lacks; then, with a retention, prune the target. The job fails
+    naming the first backup that could not be copied, once the others are."""
+    source = _store(ctx)
+    target = backup_storage(ctx.cfg.storage(ctx.params["target"])).open_for_backup()
+    vmids = set(ctx.params["vmids"]) or None
+    result = sync(source, target, vmids, progress=lambda done, total, what: ctx.progress(done, total, what))
+    ctx.set_result(copied=result.copied, present=result.present, written=result.written)
+    if (keep := Keep(**ctx.params["keep"])).keeps_something:
+        pruned = _prune(target, keep, vmids, dry_run=False)
+        ctx.set_result(pruned=pruned["removed"], **({"warning": pruned["warning"]} if "warning" in pruned else {}))
+    if result.failed:
+        first = next(iter(result.failed.items()))
+        raise Corrupt(f"{len(result.failed)} backup(s) not copied: {first[0]}: {first[1]}")
 
 
 def collect_garbage(ctx: StepContext) -> None:

@@ -35,7 +35,14 @@ from worker.jobs.prepare import (
     prepare_template_copy,
     prepare_unlock,
 )
-from worker.jobs.prepare_backups import prepare_backup, prepare_gc, prepare_prune, prepare_restore, prepare_verify
+from worker.jobs.prepare_backups import (
+    prepare_backup,
+    prepare_gc,
+    prepare_prune,
+    prepare_restore,
+    prepare_sync,
+    prepare_verify,
+)
 from worker.queues import SHARED_QUEUE, node_queue
 
 StepFn = Callable[[StepContext], None]
@@ -103,6 +110,7 @@ FREE_REPLACED = Step("free_replaced", backups.free_replaced)  # --force: the rep
 VERIFY_BACKUPS = Step("verify", backups.verify_backups)
 PRUNE = Step("prune", backups.prune_backups, commit=True)  # what it forgot stays forgotten
 GC = Step("gc", backups.collect_garbage, commit=True)
+SYNC = Step("sync", backups.sync_backups, commit=True)  # what it copied stands, each snapshot whole
 
 
 KINDS: dict[str, JobKind] = {k.name: k for k in [
@@ -150,4 +158,5 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
     JobKind("verify", "read back every chunk of backups and check their digests", (VERIFY_BACKUPS,), prepare_verify),
     JobKind("prune", "forget the backups a retention does not keep", (PRUNE,), prepare_prune),
     JobKind("gc", "remove the chunks no backup refers to", (GC,), prepare_gc),
+    JobKind("sync", "copy backups to another backup storage, only the chunks it lacks", (SYNC,), prepare_sync),
 ]}

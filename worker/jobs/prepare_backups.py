@@ -10,6 +10,7 @@ from drivers import BACKUP_STORAGES, backup_storage, driver_for, guests, names
 from drivers.backup.records import backup_id, check_notes
 from drivers.backup.retention import Keep
 from drivers.backup.store import ChunkStore
+from drivers.backup.sync import check_pair
 from drivers.config import Config
 from drivers.errors import AlreadyExists, InvalidName, NotFound, Refused, StorkError
 from drivers.guests import Guest
@@ -196,3 +197,23 @@ def prepare_prune(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 def prepare_gc(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     _only(o, {"storage", "node"}, "gc")
     return _backup_storage_here(cfg, o)
+
+
+def prepare_sync(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """Copies of one backup storage's backups (of the guests named, or all) in another, run
+    where both are (the node named, or this one); with a retention, the target is pruned after."""
+    _only(o, {"source", "target", "vmids", "keep", "node"}, "sync")
+    if not o.get("source") or not o.get("target"):
+        raise InvalidName("sync: name the backup storage to copy from (--from) and the one to copy to (--to)")
+    source, target = backup_storage_id(cfg, o["source"]), backup_storage_id(cfg, o["target"])
+    if source == target:
+        raise Refused(f"sync: {source!r} is both the source and the target")
+    check_pair(backup_storage(cfg.storage(source)).open(), backup_storage(cfg.storage(target)).open())
+    try:
+        keep = Keep.from_options(o.get("keep") or {})
+    except (ValueError, TypeError) as e:
+        raise InvalidName(f"sync: {e}") from None
+    node = _node(o, cfg)
+    return {"store": source, "target": target, "vmids": sorted({names.vmid(v) for v in o.get("vmids") or []}),
+            "keep": vars(keep), "node": node, **({"pinned": True} if o.get("node") else {}),
+            "storages": _check_nodes(cfg, {source, target}, node)}

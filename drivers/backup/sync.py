@@ -1,0 +1,84 @@
+"""Offsite copies: snapshots copied from one chunk store to another, as Proxmox Backup Server's
+sync jobs and restic's `copy` do.
+
+Only the chunks the target lacks travel, as stored (so both stores must have the same key, or
+none, and the same chunk size); each is checked as it lands (it must decode to its digest with
+the target's key), and a snapshot appears in the target only whole, through the target's own
+snapshot writer. A sync that is killed leaves a partial folder the target's gc removes; run
+again, it finds the chunks that landed already and copies only the rest. A snapshot the
+target holds is not copied again; one the source cannot read is named, never copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from drivers import faults
+from drivers.backup.records import Snapshot, index_key
+from drivers.backup.store import ChunkStore
+from drivers.errors import AlreadyExists, Corrupt, InvalidName, NotFound, Refused
+
+Progress = Callable[[int, int, str], None]  # (snapshots done, snapshots in all, the one at hand)
+
+
+@dataclass
+class SyncResult:
+    copied: list[str] = field(default_factory=list)  # snapshot ids now in the target
+    present: int = 0  # snapshots the target held already
+    written: int = 0  # bytes of chunk files written into the target
+    failed: dict[str, str] = field(default_factory=dict)  # snapshot id -> why it was not copied
+
+
+def check_pair(source: ChunkStore, target: ChunkStore) -> None:
+    """Refuse two stores whose chunk files cannot be copied as they are."""
+    if source.root.resolve() == target.root.resolve():
+        raise Refused(f"backup storage {source.root}: a sync needs two stores, not one")
+    if source.codec.fingerprint != target.codec.fingerprint:
+        keys = " and ".join(f"{s.root} ({f'key {s.codec.fingerprint}' if s.codec.fingerprint else 'no key'})"
+                            for s in (source, target))
+        raise Refused(f"backup storages {keys} do not have the same key: a sync copies chunks as they are stored")
+    if source.chunk_size != target.chunk_size:
+        raise Refused(f"backup storages {source.root} and {target.root} have other chunk sizes")
+
+
+def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
+         progress: Progress | None = None) -> SyncResult:
+    """Copy every snapshot of `source` (of the guests `vmids`, where given) that `target` lacks."""
+    check_pair(source, target)
+    listing = source.listing()
+    wanted = [s for s in listing.snapshots if vmids is None or s.id.vmid in vmids]
+    result = SyncResult(failed={str(d.id): f"not read: {d.reason}" for d in listing.damaged
+                                if vmids is None or d.id.vmid in vmids})
+    held = {str(id) for id in target.listing().ids}
+    for n, snapshot in enumerate(wanted):
+        if str(snapshot.id) in held:
+            result.present += 1
+        else:
+            try:
+                result.written += copy_snapshot(source, target, snapshot)
+                result.copied.append(str(snapshot.id))
+            except AlreadyExists:  # another sync copied it meanwhile
+                result.present += 1
+            except (Corrupt, NotFound, InvalidName) as e:  # this snapshot's own damage: the others go on
+                result.failed[str(snapshot.id)] = str(e)
+        if progress:
+            progress(n + 1, len(wanted), str(snapshot.id))
+    return result
+
+
+def copy_snapshot(source: ChunkStore, target: ChunkStore, snapshot: Snapshot) -> int:
+    """One snapshot into `target` (its chunks, indexes, blobs and notes); bytes written there."""
+    id = str(snapshot.id)
+    with target.begin(snapshot.id.vmid, snapshot.id.time, notes=snapshot.state.notes) as writer:
+        for key, disk in snapshot.manifest.disks.items():
+            index = source.index(id, key)  # checked against the source's manifest
+            for digest in dict.fromkeys(d for _, d in index.digests()):
+                if not writer.reuse_chunk(digest):
+                    writer.put_stored(digest, source.read_stored(digest))
+                    faults.point("synced-chunk")
+            writer.add_index(key, index, source=disk.source, identity=disk.identity)
+        for name in snapshot.manifest.files:
+            if index_key(name) is None:
+                writer.add_blob(name, source.read_blob(id, name))
+        return writer.commit().manifest.written

@@ -1,0 +1,128 @@
+"""Offsite copies (drivers/backup/sync.py) between real chunk stores on real files: only what the
+target lacks travels, the target ends equal chunk for chunk, damage in the source is named and
+stops only its snapshot, stores of other keys are refused, and a sync killed mid-way (a real
+process, SIGKILL at a fault point) is finished by the next one without copying again."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from drivers import faults
+from drivers.backup.crypt import EncryptedCodec
+from drivers.backup.store import ChunkStore
+from drivers.backup.sync import sync
+from drivers.errors import Refused
+from tests.backup.test_chunkstore import CS, HOUR, T0, back_up, chunk_path, noise
+
+FORK = multiprocessing.get_context("fork")
+
+
+def stores(tmp_path: Path, key: bytes | None = None, other_key: bytes | None = None) -> tuple[ChunkStore, ChunkStore]:
+    made = []
+    for name, k in (("here", key), ("offsite", other_key if other_key is not None else key)):
+        (tmp_path / name).mkdir(parents=True)
+        made.append(ChunkStore(tmp_path / name, chunk_size=CS, codec=EncryptedCodec(k) if k else None))
+    return made[0], made[1]
+
+
+def chunk_files(store: ChunkStore) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (store.root / ".chunks").glob("*/*") if not p.name.startswith(".")}
+
+
+def same_backups(a: ChunkStore, b: ChunkStore) -> bool:
+    """Every snapshot of `a` is in `b` with the same indexes, blobs and notes, and its chunks read equal."""
+    for snap in a.snapshots():
+        copy = b.snapshot(str(snap.id))
+        if (copy.manifest.files, copy.manifest.disks, copy.state.notes) != \
+                (snap.manifest.files, snap.manifest.disks, snap.state.notes):
+            return False
+        for key in snap.manifest.disks:
+            if any(a.read_chunk(d) != b.read_chunk(d) for _, d in a.index(str(snap.id), key).digests()):
+                return False
+    return True
+
+
+def test_a_sync_copies_what_the_target_lacks_and_nothing_twice(tmp_path):
+    here, offsite = stores(tmp_path)
+    shared = noise(CS, 1)
+    back_up(here, 100, T0, {"scsi0": shared + noise(CS, 2)}, notes="before the upgrade")
+    back_up(here, 101, T0, {"scsi0": shared + noise(CS, 3)})
+    first = sync(here, offsite)
+    assert (len(first.copied), first.present, first.failed) == (2, 0, {})
+    assert chunk_files(offsite) == chunk_files(here) and same_backups(here, offsite)
+    back_up(here, 100, T0 + timedelta(hours=1), {"scsi0": shared + noise(CS, 4)})
+    second = sync(here, offsite)
+    assert (second.copied, second.present) == ([f"vm/100/{(T0 + timedelta(hours=1)):%Y-%m-%dT%H:%M:%SZ}"], 2)
+    assert 0 < second.written < 2 * CS  # the one new chunk; the shared one stayed
+    assert chunk_files(offsite) == chunk_files(here) and same_backups(here, offsite)
+    assert sync(here, offsite).copied == []
+
+
+def test_a_sync_of_some_guests_copies_only_theirs(tmp_path):
+    here, offsite = stores(tmp_path)
+    back_up(here, 100, T0, {"scsi0": noise(CS, 1)})
+    back_up(here, 101, T0, {"scsi0": noise(CS, 2)})
+    assert sync(here, offsite, vmids={101}).copied == ["vm/101/2026-11-26T12:00:00Z"]
+    assert [s.id.vmid for s in offsite.snapshots()] == [101]
+
+
+def test_damage_in_the_source_is_named_and_stops_only_its_backup(tmp_path):
+    """A chunk that does not decode to its digest never lands; a snapshot whose manifest cannot
+    be read is named; the other backups are copied, and nothing half-copied is visible."""
+    here, offsite = stores(tmp_path)
+    bad = back_up(here, 100, T0, {"scsi0": noise(CS, 1)})
+    unreadable = back_up(here, 101, T0, {"scsi0": noise(CS, 2)})
+    good = back_up(here, 102, T0, {"scsi0": noise(CS, 3)})
+    (digest,) = here.index(str(bad.id), "scsi0").chunks
+    path = chunk_path(here, digest)
+    path.write_bytes(path.read_bytes()[:-1] + b"!")
+    (here.root / "vm" / "101" / unreadable.id.time_text / "manifest.json").write_text("{")
+    result = sync(here, offsite)
+    assert result.copied == [str(good.id)]
+    assert digest in result.failed[str(bad.id)] and "does not match its digest" in result.failed[str(bad.id)]
+    assert "not read" in result.failed[str(unreadable.id)]
+    assert [str(s.id) for s in offsite.snapshots()] == [str(good.id)] and offsite.listing().damaged == []
+    assert not chunk_path(offsite, digest).exists()
+
+
+def test_encrypted_stores_sync_only_under_the_same_key(tmp_path):
+    key = os.urandom(32)
+    here, offsite = stores(tmp_path, key)
+    snap = back_up(here, 100, T0, {"scsi0": noise(2 * CS)})
+    assert sync(here, offsite).copied == [str(snap.id)]
+    assert chunk_files(offsite) == chunk_files(here) and same_backups(here, offsite)  # sealed bytes, as they were
+    assert offsite.verify(str(snap.id)).ok
+    for name, other in (("other", os.urandom(32)), ("plain", b"")):
+        a, b = stores(tmp_path / name, key, other)
+        with pytest.raises(Refused, match="do not have the same key: a sync copies chunks as they are stored"):
+            sync(a, b)
+
+
+def _sync_until_killed(here: str, offsite: str, armed: str) -> None:
+    os.environ[faults.ENV] = armed
+    sync(ChunkStore(here, chunk_size=CS), ChunkStore(offsite, chunk_size=CS))
+
+
+def test_a_sync_killed_mid_way_is_finished_by_the_next_without_copying_again(tmp_path):
+    """SIGKILL right after the first chunk landed: nothing visible in the target but that chunk
+    and a dead writer's partial; the next sync copies the rest only, gc takes the partial."""
+    here, offsite = stores(tmp_path)
+    snap = back_up(here, 100, T0, {"scsi0": noise(3 * CS)})
+    armed = tmp_path / "faults"
+    armed.write_text("synced-chunk")
+    child = FORK.Process(target=_sync_until_killed, args=(str(here.root), str(offsite.root), str(armed)))
+    child.start()
+    child.join(30)
+    assert child.exitcode == -9 and armed.read_text() == ""
+    assert offsite.snapshots() == [] and len(chunk_files(offsite)) == 1
+    result = sync(here, offsite)
+    assert result.copied == [str(snap.id)] and 0 < result.written < sum(map(len, chunk_files(here).values()))
+    assert chunk_files(offsite) == chunk_files(here) and same_backups(here, offsite)
+    assert offsite.gc(now=time.time() + HOUR).partials_removed == 1
+    assert offsite.verify(str(snap.id)).ok
