@@ -64,7 +64,9 @@ class Config:
     flower_address: str = "127.0.0.1"
     flower_port: int = 5555
     flower_basic_auth: str = field(default="", repr=False)
-    # [schedule.<name>] tables as checked here; their crontab is parsed by worker/jobs/schedules.py
+    # [schedule.<name>] tables as checked here, each with its action ("backup" where none is given),
+    # and [sync.<name>] ones as "sync.<name>" (action "sync", storage: from, target: to); their
+    # crontab lines are parsed by worker/jobs/schedules.py
     schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def known_nodes(self) -> list[str]:
@@ -183,17 +185,30 @@ def _guest_list(v: Any) -> bool:
         len(set(v)) == len(v)
 
 
-# A backup schedule (run by Celery beat, worker/jobs/schedules.py); `schedule` is a crontab line of
-# five fields (minute hour day-of-month month day-of-week), parsed by Celery's crontab.
-SCHEDULE_SCHEMA: dict[str, Check] = {
+# A schedule (run by Celery beat, worker/jobs/schedules.py); `schedule` is a crontab line of five
+# fields (minute hour day-of-month month day-of-week), parsed by Celery's crontab. Its `action`
+# backs up guests (the default), verifies or collects the garbage of a backup storage.
+ACTIONS = ("backup", "verify", "gc")
+_COMMON: dict[str, Check] = {
     "schedule": (lambda v: _str(v) and len(v.split()) == 5, 'a crontab line of five fields, e.g. "0 2 * * *"'),
     "guests": (lambda v: v == "all" or (_guest_list(v) and bool(v)), '"all" or a non-empty list of guest ids'),
     "exclude": (_guest_list, "a list of guest ids"),
-    "storage": (lambda v: _str(v) and _named(names.storage_id, v), "a storage id"),
     "enabled": (lambda v: isinstance(v, bool), "true or false"),
     **{f"keep-{period}": (_int_in(0, 1_000_000), "a whole number from 0")
        for period in retention.OPTIONS},
 }
+_STORAGE_ID: Check = (lambda v: _str(v) and _named(names.storage_id, v), "a storage id")
+SCHEDULE_SCHEMA: dict[str, Check] = {
+    **_COMMON,
+    "action": (lambda v: v in ACTIONS, " or ".join(f'"{a}"' for a in ACTIONS)),
+    "storage": _STORAGE_ID,
+    "reverify-after": (_int_in(0, 36500), "a whole number of days from 0"),
+}
+# An offsite copy on a schedule: [sync.<name>], `from` one backup storage `to` another, kept in
+# Config.schedules as "sync.<name>" with action "sync", storage (from) and target (to).
+SYNC_SCHEMA: dict[str, Check] = {**{k: c for k, c in _COMMON.items() if k != "exclude"},
+                                 "from": _STORAGE_ID, "to": _STORAGE_ID}
+_BACKUP_ONLY = ("guests", "exclude", *(f"keep-{period}" for period in retention.OPTIONS))
 
 
 # The keys every storage has; its driver's own (Driver.OPTIONS) come on top.
@@ -278,15 +293,24 @@ def _check_storage(file: Path, sid: str, entry: Any) -> None:
         )
 
 
-def _check_schedule(file: Path, name: str, entry: Any) -> None:
+def _check_schedule(file: Path, section: str, name: str, entry: Any) -> None:
+    prefix = f"{section}.{name}"
     if not _named(names.storage_id, name):
-        raise ConfigError(f"{file}: [schedule.{name}]: invalid schedule name (a lower-case letter, then a-z 0-9 _ -)")
-    _check_table(file, f"schedule.{name}", entry, SCHEDULE_SCHEMA)
-    for key in ("schedule", "guests"):
+        raise ConfigError(f"{file}: [{prefix}]: invalid {section} name (a lower-case letter, then a-z 0-9 _ -)")
+    schema = SYNC_SCHEMA if section == "sync" else SCHEDULE_SCHEMA
+    _check_table(file, prefix, entry, schema)
+    action = entry.get("action", "backup")
+    required = ("schedule", "from", "to") if section == "sync" else \
+        ("schedule", "guests") if action == "backup" else ("schedule",)
+    for key in required:
         if key not in entry:
-            raise ConfigError(f"{file}: schedule.{name}.{key} is missing ({SCHEDULE_SCHEMA[key][1]})")
-    if "exclude" in entry and entry["guests"] != "all":
-        raise ConfigError(f"{file}: schedule.{name}.exclude: only with guests = \"all\"")
+            raise ConfigError(f"{file}: {prefix}.{key} is missing ({schema[key][1]})")
+    if section == "schedule" and action != "backup" and (key := next((k for k in _BACKUP_ONLY if k in entry), None)):
+        raise ConfigError(f"{file}: {prefix}.{key}: only with action = \"backup\" (this one is {action!r})")
+    if "reverify-after" in entry and action != "verify":
+        raise ConfigError(f"{file}: {prefix}.reverify-after: only with action = \"verify\"")
+    if "exclude" in entry and entry.get("guests", "all") != "all":
+        raise ConfigError(f"{file}: {prefix}.exclude: only with guests = \"all\"")
 
 
 def _storage(sid: str, entry: dict[str, Any], path: Callable[[str], Path]) -> StorageConfig:
@@ -309,15 +333,15 @@ def _validate(file: Path, data: dict[str, Any]) -> None:
                 raise ConfigError(f"{file}: [storage] must hold [storage.<id>] tables")
             for sid, entry in table.items():
                 _check_storage(file, sid, entry)
-        elif section == "schedule":
+        elif section in ("schedule", "sync"):
             if not isinstance(table, dict):
-                raise ConfigError(f"{file}: [schedule] must hold [schedule.<name>] tables")
+                raise ConfigError(f"{file}: [{section}] must hold [{section}.<name>] tables")
             for name, entry in table.items():
-                _check_schedule(file, name, entry)
+                _check_schedule(file, section, name, entry)
         elif section in SCHEMA:
             _check_table(file, section, table, SCHEMA[section])
         else:
-            known = ", ".join([*SCHEMA, "storage", "schedule"])
+            known = ", ".join([*SCHEMA, "storage", "schedule", "sync"])
             raise ConfigError(f"{file}: unknown section [{section}] (expected one of: {known})")
 
 
@@ -399,11 +423,20 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
     error = _overlap_error(file, storage_paths, {"paths.guests": guests_dir, "paths.locks": locks_dir})
     if error:
         raise ConfigError(error)
-    for name, schedule in section("schedule").items():
-        sid = schedule.get("storage")
-        if sid is not None and (sid not in storages or storages[sid].type not in BACKUP_STORAGES):
-            raise ConfigError(f"{file}: schedule.{name}.storage = {sid!r}: expected a backup storage "
-                              f"(type = \"chunkstore\") of this config")
+    schedules = {name: {"action": "backup", **entry} for name, entry in section("schedule").items()}
+    for name, entry in section("sync").items():
+        rest = {k: v for k, v in entry.items() if k not in ("from", "to")}
+        schedules[f"sync.{name}"] = {"action": "sync", "guests": "all", "storage": entry["from"], "target": entry["to"],
+                                     **rest}
+    for name, schedule in schedules.items():
+        for key, sid in (("storage", schedule.get("storage")), ("target", schedule.get("target"))):
+            if sid is not None and (sid not in storages or storages[sid].type not in BACKUP_STORAGES):
+                shown = f"sync.{name[5:]}.{'from' if key == 'storage' else 'to'}" if schedule["action"] == "sync" \
+                    else f"schedule.{name}.{key}"
+                raise ConfigError(f"{file}: {shown} = {sid!r}: expected a backup storage "
+                                  f"(type = \"chunkstore\") of this config")
+        if schedule["action"] == "sync" and schedule["storage"] == schedule["target"]:
+            raise ConfigError(f"{file}: {name}: from and to name the same storage {schedule['storage']!r}")
     places = {sid: place for sid, s in storages.items() if (place := STORAGE_TYPES[s.type].place(s))}
     if pair := _nested(places):
         a, b = pair
@@ -422,7 +455,7 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
         flower_address=flower.get("address", "127.0.0.1"),
         flower_port=flower.get("port", 5555),
         flower_basic_auth=flower.get("basic_auth", ""),
-        schedules=dict(section("schedule")),
+        schedules=schedules,
     )
 
 
@@ -500,7 +533,8 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     ids = sorted(old.storages.keys() | new.storages.keys())
     names_ = sorted(old.schedules.keys() | new.schedules.keys())
     return keys + [f"storage.{sid}" for sid in ids if old.storages.get(sid) != new.storages.get(sid)] + \
-        [f"schedule.{n}" for n in names_ if old.schedules.get(n) != new.schedules.get(n)]
+        [n if n.startswith("sync.") else f"schedule.{n}"
+         for n in names_ if old.schedules.get(n) != new.schedules.get(n)]
 
 
 def write_default(file: Path) -> bool:

@@ -337,7 +337,10 @@ def cmd_backup_key(args: argparse.Namespace, client: Client) -> int:
 def cmd_verify(args: argparse.Namespace, client: Client) -> int:
     if args.all == bool(args.id):
         raise UsageError("name a backup to verify, or give --all")
-    return submit_and_wait(args, client, "verify", backup=args.id, storage=args.storage)
+    if args.reverify_after is not None and not args.all:
+        raise UsageError("--reverify-after goes with --all")
+    return submit_and_wait(args, client, "verify", backup=args.id, storage=args.storage,
+                           reverify_after=args.reverify_after)
 
 
 def cmd_prune(args: argparse.Namespace, client: Client) -> int:
@@ -543,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?", metavar="BACKUP")
     p.add_argument("--all", action="store_true", help="every backup of the storage")
     p.add_argument("--storage")
+    p.add_argument("--reverify-after", type=int, metavar="DAYS",
+                   help="with --all: skip backups verified sound within DAYS days")
     p = command(sub, "prune", cmd_prune, "forget the backups a retention does not keep", True)
     p.add_argument("vmid", nargs="?")
     p.add_argument("--storage")

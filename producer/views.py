@@ -187,7 +187,12 @@ def schedules(rows: Iterable[Mapping[str, Any]]) -> str:
     def keep(r: Mapping[str, Any]) -> str:
         return " ".join(f"{k}={v}" for k, v in r["keep"].items() if v) or "-"
 
-    return table(["NAME", "SCHEDULE", "GUESTS", "STORAGE", "KEEP", "ENABLED", "LAST RUN", "OUTCOME", "NEXT RUN"],
-                 [[r["name"], r["schedule"], guests(r), r["storage"] or "default", keep(r), r["enabled"],
+    def storage(r: Mapping[str, Any]) -> str:
+        where = r["storage"] or "default"
+        return f"{where}->{r['target']}" if r.get("target") else where
+
+    return table(["NAME", "SCHEDULE", "ACTION", "GUESTS", "STORAGE", "KEEP", "ENABLED", "LAST RUN", "OUTCOME",
+                  "NEXT RUN"],
+                 [[r["name"], r["schedule"], r["action"], guests(r), storage(r), keep(r), r["enabled"],
                    r["last"] or "never", r["outcome"] or "-", r["next"] or "-"] for r in rows])
 

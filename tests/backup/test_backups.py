@@ -221,6 +221,7 @@ REFUSALS = [
      "several backup storages (backup, offsite, secret, tiny): name one with --storage"),
     ("sync to a storage of another key", "backup sync --from backup --to secret",
      "do not have the same key: a sync copies chunks as they are stored"),
+    ("reverify-after without --all", "verify {backup} --reverify-after 3", "--reverify-after goes with --all"),
     ("sync to itself", "backup sync --from backup --to backup", "'backup' is both the source and the target"),
     ("sync to an image storage", "backup sync --from backup --to local", "storage 'local' holds disk images"),
     ("backup with nothing named", "backup", "name the guests to back up, or give --all"),

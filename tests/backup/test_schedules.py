@@ -15,6 +15,7 @@ from celery.schedules import crontab
 
 from drivers import config
 from drivers.errors import ConfigError
+from tests.conftest import BASE
 from worker.jobs import schedules
 from worker.testing import wait_for
 
@@ -85,10 +86,23 @@ SCHEDULE = "[schedule.s]\nschedule = '0 2 * * *'\nguests = 'all'\n"
         ("[schedule.s]\nschedule = '0 2 * * *'\nguests = [100]\nexclude = [101]\n",
          r"schedule.s.exclude: only with guests = \"all\""),
         ("[schedule.Bad]\nschedule = '0 2 * * *'\nguests = 'all'\n", r"\[schedule.Bad\]: invalid schedule name"),
+        ("[schedule.v]\nschedule = '0 2 * * *'\naction = 'dance'\n",
+         r"schedule.v.action = 'dance': expected \"backup\" or \"verify\" or \"gc\""),
+        ("[schedule.v]\nschedule = '0 2 * * *'\naction = 'verify'\nguests = [500]\n",
+         r"schedule.v.guests: only with action = \"backup\" \(this one is 'verify'\)"),
+        ("[schedule.v]\nschedule = '0 2 * * *'\naction = 'gc'\nkeep-last = 3\n", r"schedule.v.keep-last: only with"),
+        (SCHEDULE + "reverify-after = 30\n", r"schedule.s.reverify-after: only with action = \"verify\""),
+        ("[schedule.v]\nschedule = '0 2 * * *'\naction = 'verify'\nreverify-after = -1\n",
+         r"schedule.v.reverify-after = -1: expected a whole number of days"),
+        ("[sync.o]\nschedule = '0 3 * * *'\nfrom = 'b'\n", r"sync.o.to is missing"),
+        ("[sync.o]\nschedule = '0 3 * * *'\nfrom = 'local'\nto = 'b'\n",
+         r"sync.o.from = 'local': expected a backup storage"),
+        ("[sync.o]\nschedule = '0 3 * * *'\nfrom = 'b'\nto = 'b'\n", r"sync.o: from and to name the same storage 'b'"),
+        ("[sync.o]\nschedule = '0 3 * * *'\nfrom = 'b'\nto = 'c'\nexclude = [1]\n", r"unknown key sync.o.exclude"),
     ],
 )
 def test_a_bad_schedule_is_one_config_error_naming_the_key(tmp_path, text, message):
-    base = "[storage.local]\ntype = 'dir'\npath = 'images'\n"
+    base = "[storage.local]\ntype = 'dir'\npath = 'images'\n[storage.b]\ntype = 'chunkstore'\npath = 'b'\n"
     with pytest.raises(ConfigError, match=message):
         config.parse(base + text, tmp_path / "stork.toml", {"STORK_NODE": "n"})
 
@@ -168,7 +182,7 @@ def test_schedule_list_shows_each_schedule(stork):
     code, out, err = stork("schedule", "list")
     assert code == 0, err
     header, row = out.splitlines()
-    assert header.split()[:3] == ["NAME", "SCHEDULE", "GUESTS"]
+    assert header.split()[:4] == ["NAME", "SCHEDULE", "ACTION", "GUESTS"]
     assert row.split()[0] == "nightly" and "0 2 * * *" in row and "keep-daily=7 keep-weekly=4" in row
     assert "never" in row and " no " in f" {row} "  # disabled, never run
 
@@ -290,3 +304,52 @@ def test_a_claimed_slot_is_recorded_with_its_run_and_lease_at_once(client, vmid)
     assert not schedules._claim(client.r, name, {**run, "line": "other"}, "you")  # claimed once
     assert schedules._last(client.r, name) == run
     client.r.delete(f"stork:schedule:{name}:last")
+
+
+@pytest.mark.parametrize(("verified", "days", "due"), [
+    pytest.param(None, 30, True, id="never verified"),
+    pytest.param(("ok", 10), 30, False, id="sound 10 days ago, re-verify after 30"),
+    pytest.param(("ok", 40), 30, True, id="sound 40 days ago"),
+    pytest.param(("failed", 1), 30, True, id="failed yesterday: again"),
+    pytest.param(("ok", 1), 0, True, id="re-verify after 0 days: every time"),
+    pytest.param(("ok", 1), None, True, id="no re-verify window: all"),
+])
+def test_which_backups_a_verify_with_reverify_after_reads(verified, days, due):
+    from drivers.backup.records import BackupId, Manifest, Snapshot, State, VerifyResult, format_time
+    from worker.jobs.backups import _due
+
+    now = at("2026-11-26 12:00:00")
+    result = VerifyResult(verified[0], format_time(now - timedelta(days=verified[1])), ()) if verified else None
+    snap = Snapshot(BackupId(100, now - timedelta(days=50)), Manifest({}, {}, 0, 0, "2026-10-07T12:00:00Z",
+                                                                      "2026-10-07T12:00:00Z"), State(verify=result))
+    assert _due([snap], days, now) == ([snap] if due else [])
+
+
+def test_verify_gc_and_sync_schedules_each_run_their_one_job(client, vmid):
+    """A verify schedule (re-verifying what was not verified within a day), a gc schedule and a
+    [sync.<name>] copying one guest's backups into offsite, all due now: one tick submits the
+    three jobs, each recorded as its run's one job, and they do their work."""
+    g = vmid()
+    assert client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "4M"}}).state == "succeeded"
+    backup = client.run("backup", vmid=g, storage="backup").result["backup"]
+    (BASE / "offsite").mkdir(exist_ok=True)  # gc of a store that is not there yet fails: it may be a NAS unmounted
+    every = "* * * * *"
+    names = {"verify": f"verify{g}", "gc": f"gc{g}", "sync": f"sync.off{g}"}
+    cfg = replace(client.cfg, schedules={
+        names["verify"]: {"schedule": every, "action": "verify", "storage": "offsite", "reverify-after": 1},
+        names["gc"]: {"schedule": every, "action": "gc", "storage": "offsite"},
+        names["sync"]: {"schedule": every, "action": "sync", "storage": "backup", "target": "offsite",
+                        "guests": [g], "keep-last": 1}})
+    now = datetime.now(UTC)
+    assert sorted(schedules.tick(cfg, client.r, client.app, now)) == sorted(names.values())
+    runs = {action: schedules._last(client.r, name) for action, name in names.items()}
+    assert {action: list(run["jobs"]) for action, run in runs.items()} == {a: [a] for a in names}
+    jobs = {action: client.wait(run["jobs"][action], timeout=120) for action, run in runs.items()}
+    assert {action: str(job.state) for action, job in jobs.items()} == dict.fromkeys(names, "succeeded")
+    assert jobs["sync"].result["copied"] == [backup]
+    assert jobs["verify"].params["reverify_after"] == 1
+    from producer.views import schedules as view
+
+    out = view(schedules.status(cfg, client.r, now))
+    row = next(line for line in out.splitlines() if line.startswith(names["sync"]))
+    assert " sync " in row and "backup->offsite" in row and "1 succeeded" in row

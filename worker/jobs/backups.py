@@ -22,7 +22,7 @@ from drivers import backup_storage, faults, guests, nbd, qemu
 from drivers.backends.base import Driver
 from drivers.backup import retention
 from drivers.backup.datapath import back_up, find_base, restore
-from drivers.backup.records import BackupId, BaseRef, Index, format_time, parse_time
+from drivers.backup.records import BackupId, BaseRef, Index, Snapshot, format_time, parse_time
 from drivers.backup.retention import Candidate, Keep
 from drivers.backup.store import ChunkStore
 from drivers.backup.sync import sync
@@ -297,8 +297,9 @@ def verify_backups(ctx: StepContext) -> None:
     in each; the job fails naming the first problem if any backup is damaged. With all, a
     backup whose manifest or state cannot be read counts as damaged and the others go on."""
     store = _store(ctx)
-    unreadable = [] if ctx.params["backups"] else store.listing().damaged
-    ids = ctx.params["backups"] or [str(s.id) for s in store.snapshots()]
+    listing = None if ctx.params["backups"] else store.listing()
+    unreadable = listing.damaged if listing else []
+    ids = ctx.params["backups"] or [str(s.id) for s in _due(listing.snapshots, ctx.params.get("reverify_after"))]
     states = {str(d.id): "damaged" for d in unreadable}
     damaged = [f"{d.id}: {d.reason}" for d in unreadable]
     for n, bid in enumerate(ids):
@@ -311,6 +312,15 @@ def verify_backups(ctx: StepContext) -> None:
     ctx.set_result(verified=states)
     if damaged:
         raise Corrupt(f"{len(damaged)} of {len(states)} backup(s) damaged: {damaged[0]}")
+
+
+def _due(snapshots: list[Snapshot], days: int | None, now: datetime | None = None) -> list[Snapshot]:
+    """The snapshots to verify: all, or with `days`, those not verified sound within that many days."""
+    if days is None:
+        return snapshots
+    since = (now or datetime.now(UTC)) - timedelta(days=days)
+    return [s for s in snapshots
+            if not (s.state.verify and s.state.verify.ok and parse_time(s.state.verify.time) >= since)]
 
 
 def prune_backups(ctx: StepContext) -> None:

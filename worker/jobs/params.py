@@ -174,6 +174,7 @@ PARAMS: dict[str, Check] = {
     "keep": _table({period: _count for period in retention.OPTIONS}),
     "dry_run": _bool,
     "replace": _bool,  # restore --force: over an existing guest
+    "reverify_after": _count,  # verify: days a sound verify result stands
     "target": names.storage_id,  # sync: the backup storage copied to
     "vmids": _list_of(_vmid),  # sync: these guests' backups (none: all)
 }

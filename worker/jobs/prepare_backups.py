@@ -174,11 +174,19 @@ def _backup_storage_here(cfg: Config, o: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare_verify(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    _only(o, {"backup", "storage", "node"}, "verify")
+    """One backup, or all of a storage; with `reverify_after` (days), all but those verified
+    sound within that many days (as Proxmox Backup Server's re-verify after)."""
+    _only(o, {"backup", "storage", "node", "reverify_after"}, "verify")
     if o.get("backup"):
+        if o.get("reverify_after") is not None:
+            raise InvalidName("verify: reverify_after goes with all of a storage's backups, not one")
         sid, _, bid = find_backup(cfg, o["backup"])
         return {**_backup_storage_here(cfg, {**o, "storage": sid}), "backups": [bid]}
-    return {**_backup_storage_here(cfg, o), "backups": None}
+    days = o.get("reverify_after")
+    if days is not None and (not isinstance(days, int) or isinstance(days, bool) or not 0 <= days <= 36500):
+        raise InvalidName(f"verify: invalid reverify_after {days!r}: expected a whole number of days from 0")
+    return {**_backup_storage_here(cfg, o), "backups": None,
+            **({"reverify_after": days} if days is not None else {})}
 
 
 def prepare_prune(o: dict[str, Any], cfg: Config) -> dict[str, Any]:

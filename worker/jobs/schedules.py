@@ -1,12 +1,14 @@
-"""Scheduled backups: `[schedule.<name>]` tables of the config, run by Celery beat.
+"""Schedules: `[schedule.<name>]` tables of the config (backups of guests, or a backup storage's
+verify or gc, by their `action`) and `[sync.<name>]` ones (offsite copies), run by Celery beat.
 
 Beat sends `stork.schedule.tick` every minute (worker/tasks.py); any worker runs it. A tick
 finds, for each enabled schedule, its latest slot (the newest minute at or before now that
 the crontab matches, Celery's crontab parsing the line) and runs the schedule once for it if
 that slot is newer than the last one run: one backup job per guest, then, once they have all
-ended, one prune job with the schedule's retention. Each slot is claimed with SET NX on its
-own key, so two beat processes (two ticks a minute) enqueue it once; after beat was down
-for several slots, only the latest one runs (one catch-up, not one per missed slot). A
+ended, one prune job with the schedule's retention (or its one verify, gc or sync job). Each
+slot is claimed with SET NX on its own key, so two beat processes (two ticks a minute)
+enqueue it once; after beat was down for several slots, only the latest one runs (one
+catch-up, not one per missed slot). A
 schedule never run before runs only a slot of the last `FIRST_RUN_GRACE` seconds, so adding
 one at noon does not start a 02:00 backup at once; so does one whose crontab line was
 edited. A disabled schedule's slots are recorded as skipped, so enabling it again runs its
@@ -44,14 +46,17 @@ SEARCH_DAYS = 4 * 366  # a crontab matching no minute in this long never runs (e
 
 @dataclass(frozen=True)
 class Schedule:
-    name: str
+    name: str  # [schedule.<name>]'s name, or "sync.<name>" for a [sync.<name>]
     line: str
     cron: crontab
     guests: str | tuple[int, ...]  # "all" or guest ids
     exclude: frozenset[int]
-    storage: str | None
+    storage: str | None  # the backup storage (a sync's source)
     keep: dict[str, int]  # keep-<period> -> count
     enabled: bool
+    action: str = "backup"  # or verify, gc, sync
+    target: str | None = None  # a sync's target storage
+    reverify_after: int | None = None  # verify: days a sound result stands
 
 
 def parse(cfg: Config) -> list[Schedule]:
@@ -69,10 +74,11 @@ def parse_each(cfg: Config) -> tuple[list[Schedule], dict[str, ConfigError]]:
     for name, entry in sorted(cfg.schedules.items()):
         if name in errors:
             continue
-        line, guests = entry["schedule"], entry["guests"]
+        line, guests = entry["schedule"], entry.get("guests", "all")
         found.append(Schedule(name, line, parse_line(line), guests if guests == "all" else tuple(guests),
                               frozenset(entry.get("exclude", ())), entry.get("storage"),
-                              {k: v for k, v in entry.items() if k.startswith("keep-")}, entry.get("enabled", True)))
+                              {k: v for k, v in entry.items() if k.startswith("keep-")}, entry.get("enabled", True),
+                              entry.get("action", "backup"), entry.get("target"), entry.get("reverify-after")))
     return found, errors
 
 
@@ -254,28 +260,45 @@ def _guests(cfg: Config, schedule: Schedule) -> list[int]:
 
 def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run: dict[str, Any],
            holder: str) -> None:
-    """One backup job per guest not yet in the run; each recorded as it is submitted (a guest
-    refused at submit with the reason), so a starter that dies leaves a run to resume. A
-    starter whose lease another took over (it stalled past it) stops: that one goes on."""
-    options = {"storage": schedule.storage} if schedule.storage else {}
+    """The run's jobs (one backup per guest, or one verify, gc or sync) not yet in the run, each
+    recorded as it is submitted (one refused at submit with the reason), so a starter that dies
+    leaves a run to resume. A starter whose lease another took over (it stalled past it) stops:
+    that one goes on."""
     try:
-        guests = _guests(cfg, schedule)
+        submissions = _submissions(cfg, schedule)
     except StorkError as e:  # a guest config unreadable: nothing to back up from it this time
-        guests, run["refused"]["all"] = [], str(e)
-    for vmid in guests:
-        if str(vmid) in run["jobs"] or str(vmid) in run["refused"]:
+        submissions, run["refused"]["all"] = {}, str(e)
+    for key, (kind, options) in submissions.items():
+        if key in run["jobs"] or key in run["refused"]:
             continue
         if not _renew(r, schedule.name, run["slot"], holder):
             log.warning("schedule_lease_lost", schedule=schedule.name, slot=run["slot"])
             return
         try:
-            run["jobs"][str(vmid)] = submit("backup", {"vmid": vmid, "notes": f"schedule {schedule.name}",
-                                                       **options}, cfg, r, sender).id
+            run["jobs"][key] = submit(kind, options, cfg, r, sender).id
         except StorkError as e:
-            run["refused"][str(vmid)] = str(e)
+            run["refused"][key] = str(e)
         _save(r, schedule.name, run)
-    run.update(starting=False, pruned=not any(schedule.keep.values()))
+    # a backup run's prune follows its backups; a sync prunes its target itself
+    run.update(starting=False, pruned=schedule.action != "backup" or not any(schedule.keep.values()))
     _save(r, schedule.name, run)
+
+
+def _submissions(cfg: Config, schedule: Schedule) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The jobs a run of the schedule submits, by the key its run records each under: a guest
+    id per backup, else the action's name."""
+    storage = {"storage": schedule.storage} if schedule.storage else {}
+    if schedule.action == "backup":
+        return {str(vmid): ("backup", {"vmid": vmid, "notes": f"schedule {schedule.name}", **storage})
+                for vmid in _guests(cfg, schedule)}
+    if schedule.action == "verify":
+        days = {"reverify_after": schedule.reverify_after} if schedule.reverify_after is not None else {}
+        return {"verify": ("verify", {**storage, **days})}
+    if schedule.action == "gc":
+        return {"gc": ("gc", storage)}
+    keep = {k: v for k, v in schedule.keep.items() if v}
+    vmids = [] if schedule.guests == "all" else list(schedule.guests)
+    return {"sync": ("sync", {"source": schedule.storage, "target": schedule.target, "vmids": vmids, "keep": keep})}
 
 
 def _prune_when_done(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule,
@@ -315,14 +338,16 @@ def status(cfg: Config, r: redis.Redis, now: datetime | None = None) -> list[dic
     and its outcome (each job's state, refusals), and the next slot."""
     now = now or datetime.now(UTC)
     schedules, errors = parse_each(cfg)
-    rows = [{"name": name, "schedule": cfg.schedules[name]["schedule"], "guests": cfg.schedules[name]["guests"],
-             "storage": cfg.schedules[name].get("storage"), "keep": {}, "enabled": False, "last": None,
-             "outcome": f"not run: {error}", "next": None} for name, error in errors.items()]
+    rows = [{"name": name, "schedule": entry["schedule"], "action": entry.get("action", "backup"),
+             "guests": entry.get("guests", "all"), "storage": entry.get("storage"), "target": entry.get("target"),
+             "keep": {}, "enabled": False, "last": None, "outcome": f"not run: {error}", "next": None}
+            for name, error in errors.items() if (entry := cfg.schedules[name])]
     for s in schedules:
         last = _last(r, s.name)
         nxt = next_slot(s.cron, now)
-        rows.append({"name": s.name, "schedule": s.line, "guests": s.guests if s.guests == "all" else list(s.guests),
-                     "storage": s.storage, "keep": s.keep, "enabled": s.enabled,
+        rows.append({"name": s.name, "schedule": s.line, "action": s.action,
+                     "guests": s.guests if s.guests == "all" else list(s.guests),
+                     "storage": s.storage, "target": s.target, "keep": s.keep, "enabled": s.enabled,
                      "last": last["slot"] if last else None, "outcome": _outcome(r, last),
                      "next": nxt.isoformat() if nxt and s.enabled else None})
     return rows
