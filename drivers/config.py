@@ -68,6 +68,8 @@ class Config:
     # and [sync.<name>] ones as "sync.<name>" (action "sync", storage: from, target: to); their
     # crontab lines are parsed by worker/jobs/schedules.py
     schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # [notify.<name>] alert targets as checked here (worker/notify.py); they hold secrets
+    notify: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def known_nodes(self) -> list[str]:
         """This node and every node a storage names: the cluster as the config knows it."""
@@ -210,6 +212,62 @@ SYNC_SCHEMA: dict[str, Check] = {**{k: c for k, c in _COMMON.items() if k != "ex
                                  "from": _STORAGE_ID, "to": _STORAGE_ID}
 _BACKUP_ONLY = ("guests", "exclude", *(f"keep-{period}" for period in retention.OPTIONS))
 
+# Where alerts go (worker/notify.py): [notify.<name>], a webhook (a JSON POST signed with the
+# shared secret) or a mailbox through SMTP, for the events it lists (default: all).
+NOTIFY_EVENTS = ("job-failed", "schedule-failed", "backup-damaged", "backup-stale")
+
+
+def _http_url(v: Any) -> bool:
+    if not _str(v):
+        return False
+    try:
+        parts = urlsplit(v)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+    except ValueError:
+        return False
+
+
+def _address(v: Any) -> bool:
+    return _str(v) and v.count("@") == 1 and not any(c.isspace() or c in "<>,;" for c in v)
+
+
+NOTIFY_SCHEMA: dict[str, Check] = {
+    "type": (lambda v: v in ("webhook", "smtp"), '"webhook" or "smtp"'),
+    "events": (lambda v: isinstance(v, list) and bool(v) and all(e in NOTIFY_EVENTS for e in v),
+               f"a list of events from: {', '.join(NOTIFY_EVENTS)}"),
+    "stale-after": (_int_in(1, 24 * 366), "a whole number of hours: a guest whose newest backup is older is news"),
+    "url": (_http_url, "an http:// or https:// URL"),
+    "secret": (_str, "the shared secret the signature header is made with"),
+    "host": (lambda v: _str(v) and not any(c.isspace() for c in v), "a host name or address"),
+    "port": (_int_in(1, 65535), "a port number"),
+    "from": (_address, "a mail address"),
+    "to": (lambda v: isinstance(v, list) and bool(v) and all(_address(a) for a in v), "a list of mail addresses"),
+    "username": (_str, "a user name"),
+    "password": (_str, "a password"),
+    "starttls": (lambda v: isinstance(v, bool), "true or false"),
+}
+_NOTIFY_KEYS = {"webhook": ("url",), "smtp": ("host", "from", "to")}  # required, beside type
+_NOTIFY_ONLY = {"webhook": ("url", "secret"), "smtp": ("host", "port", "from", "to", "username", "password",
+                                                       "starttls")}
+
+
+def _check_notify(file: Path, name: str, entry: Any) -> None:
+    prefix = f"notify.{name}"
+    if not _named(names.storage_id, name):
+        raise ConfigError(f"{file}: [{prefix}]: invalid notify name (a lower-case letter, then a-z 0-9 _ -)")
+    _check_table(file, prefix, entry, NOTIFY_SCHEMA)
+    if "type" not in entry:
+        raise ConfigError(f"{file}: {prefix}.type is missing ({NOTIFY_SCHEMA['type'][1]})")
+    kind = entry["type"]
+    for key in _NOTIFY_KEYS[kind]:
+        if key not in entry:
+            raise ConfigError(f"{file}: {prefix}.{key} is missing ({NOTIFY_SCHEMA[key][1]})")
+    other = next((k for k in entry if k not in ("type", "events", "stale-after", *_NOTIFY_ONLY[kind])), None)
+    if other:
+        raise ConfigError(f"{file}: {prefix}.{other}: not a key of a {kind} target")
+    if "backup-stale" in entry.get("events", ()) and "stale-after" not in entry:
+        raise ConfigError(f"{file}: {prefix}: the event backup-stale needs stale-after (hours)")
+
 
 # The keys every storage has; its driver's own (Driver.OPTIONS) come on top.
 STORAGE_SCHEMA: dict[str, Check] = {
@@ -333,6 +391,11 @@ def _validate(file: Path, data: dict[str, Any]) -> None:
                 raise ConfigError(f"{file}: [storage] must hold [storage.<id>] tables")
             for sid, entry in table.items():
                 _check_storage(file, sid, entry)
+        elif section == "notify":
+            if not isinstance(table, dict):
+                raise ConfigError(f"{file}: [notify] must hold [notify.<name>] tables")
+            for name, entry in table.items():
+                _check_notify(file, name, entry)
         elif section in ("schedule", "sync"):
             if not isinstance(table, dict):
                 raise ConfigError(f"{file}: [{section}] must hold [{section}.<name>] tables")
@@ -341,7 +404,7 @@ def _validate(file: Path, data: dict[str, Any]) -> None:
         elif section in SCHEMA:
             _check_table(file, section, table, SCHEMA[section])
         else:
-            known = ", ".join([*SCHEMA, "storage", "schedule", "sync"])
+            known = ", ".join([*SCHEMA, "storage", "schedule", "sync", "notify"])
             raise ConfigError(f"{file}: unknown section [{section}] (expected one of: {known})")
 
 
@@ -456,6 +519,7 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
         flower_port=flower.get("port", 5555),
         flower_basic_auth=flower.get("basic_auth", ""),
         schedules=schedules,
+        notify=dict(section("notify")),
     )
 
 
@@ -527,14 +591,15 @@ FIELD_KEYS = {
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
-    """The keys whose values differ between two configs, in FIELD_KEYS order, then storage.<id>
-    and schedule.<name> by id."""
+    """The keys whose values differ between two configs, in FIELD_KEYS order, then storage.<id>,
+    schedule.<name> (sync.<name>) and notify.<name> by id."""
     keys = [key for name, key in FIELD_KEYS.items() if getattr(old, name) != getattr(new, name)]
     ids = sorted(old.storages.keys() | new.storages.keys())
     names_ = sorted(old.schedules.keys() | new.schedules.keys())
     return keys + [f"storage.{sid}" for sid in ids if old.storages.get(sid) != new.storages.get(sid)] + \
         [n if n.startswith("sync.") else f"schedule.{n}"
-         for n in names_ if old.schedules.get(n) != new.schedules.get(n)]
+         for n in names_ if old.schedules.get(n) != new.schedules.get(n)] + \
+        [f"notify.{n}" for n in sorted(old.notify.keys() | new.notify.keys()) if old.notify.get(n) != new.notify.get(n)]
 
 
 def write_default(file: Path) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from drivers.backup.crypt import create_key
-from tests import ceph, storages
+from tests import alerts, ceph, storages
 from worker import testing
 from worker.testing import free_port
 
@@ -58,6 +58,8 @@ conf = "{CEPH.conf}"
 shared = true
 """)
 create_key(BASE / "secret.key")  # the encrypted backup storage `secret`'s key
+WEBHOOK, MAILBOX = alerts.Webhook(), alerts.Mailbox()  # where the session's alerts go (tests/alerts.py)
+WEBHOOK_SECRET = "the webhook's shared secret"
 CONFIG.write_text(f"""
 [redis]
 url = "redis://127.0.0.1:{REDIS_PORT}/0"
@@ -107,6 +109,17 @@ type = "chunkstore"
 path = "secret"
 keyfile = "{BASE / 'secret.key'}"
 shared = true
+[notify.hook]
+type = "webhook"
+url = "http://127.0.0.1:{WEBHOOK.port}/stork?token=not-for-logs"
+secret = "{WEBHOOK_SECRET}"
+[notify.mail]
+type = "smtp"
+host = "127.0.0.1"
+port = {MAILBOX.port}
+from = "stork@cluster.test"
+to = ["ops@cluster.test"]
+events = ["job-failed", "schedule-failed", "backup-damaged"]
 [schedule.nightly]
 schedule = "0 2 * * *"
 guests = "all"
@@ -190,6 +203,8 @@ def files_under(path: Path) -> list[str]:
 
 
 def pytest_sessionfinish(session, exitstatus):
+    WEBHOOK.close()
+    MAILBOX.close()
     for fs in (BTRFS, XFS, ZFS, CEPH):
         if isinstance(fs, storages.LoopFs | storages.ZfsPool | ceph.CephCluster):
             fs.close()  # unmounted and detached before the directory holding it goes

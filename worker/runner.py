@@ -22,7 +22,7 @@ from celery.exceptions import Ignore
 
 from drivers.config import Config
 from drivers.errors import InvalidName, JobCancelled, Refused, StorkError
-from worker import broker, events, liveness, records
+from worker import broker, events, liveness, notify, records
 from worker.app import app, config, redis_client
 from worker.context import StepContext
 from worker.jobs import params, usage
@@ -382,3 +382,16 @@ def finalize(job_id: str, r: redis.Redis | None = None) -> None:
         return
     usage.release_claims(r, job)
     log.info("job_finished", job_id=job_id, state=str(final), error=job.error)
+    if final == JobState.FAILED:
+        try:
+            _announce_failure(job, message)
+        except Exception:  # an alert is never worth more than the job's own end, recorded above
+            log.exception("alert_failed", job_id=job_id)
+
+
+def _announce_failure(job: JobRecord, message: str) -> None:
+    params = job.params if isinstance(job.params, dict) else {}
+    guests = sorted({v for k in ("vmid", "lock_vmid", "new_vmid") if isinstance(v := params.get(k), int)})
+    notify.announce(config(), app, notify.event(
+        "job-failed", f"job {job.id} {job.kind}{''.join(f' {g}' for g in guests)} failed: {message}"[:300],
+        job=job.id, kind=job.kind, node=job.node, guests=guests, error=message))

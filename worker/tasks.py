@@ -28,7 +28,7 @@ import structlog
 from celery import Task
 from celery.exceptions import Ignore
 
-from worker import records, recovery, runner
+from worker import notify, records, recovery, runner
 from worker.app import app, config, redis_client
 from worker.jobs import schedules
 from worker.jobs.kinds import KINDS, JobKind
@@ -143,6 +143,14 @@ def schedule_tick() -> list[str]:
     """Start the scheduled backups that are due, and their prunes (sent by beat every minute;
     a slot is run once however many beats send it: worker/jobs/schedules.py)."""
     return schedules.tick(config(), redis_client(), app)
+
+
+@app.task(name=notify.TASK, autoretry_for=(notify.DeliveryError,), retry_backoff=5, retry_backoff_max=300,
+          max_retries=8, retry_jitter=False)
+def notify_send(target: str, event: dict) -> None:
+    """Deliver one alert to one target (worker/notify.py); a network error is tried again
+    after 5, 10, 20, ... seconds (at most 5 minutes apart, 8 times)."""
+    notify.deliver(config(), target, event)
 
 
 app.conf.beat_schedule = {

@@ -154,6 +154,11 @@ def parsed(text: str, node: str = "node1") -> Config:
         pytest.param(BASE + "[worker]\nconcurrency = 2\nvisibility_timeout = 600\n",
                      ["worker.concurrency", "worker.visibility_timeout"], id="worker-settings"),
         pytest.param(BASE + "[flower]\nbasic_auth = 'a:b'\n", ["flower.basic_auth"], id="flower-auth"),
+        pytest.param(BASE + "[notify.ops]\ntype = 'webhook'\nurl = 'http://h/x'\n", ["notify.ops"], id="alert-target"),
+        pytest.param(BASE + "[storage.b]\ntype = 'chunkstore'\npath = 'b'\n"
+                     "[storage.c]\ntype = 'chunkstore'\npath = 'c'\n"
+                     "[sync.off]\nschedule = '0 3 * * *'\nfrom = 'b'\nto = 'c'\n",
+                     ["storage.b", "storage.c", "sync.off"], id="sync-schedule"),
         pytest.param(BASE + "[schedule.nightly]\nschedule = '0 2 * * *'\nguests = 'all'\n", ["schedule.nightly"],
                      id="schedule-added"),
     ],
@@ -181,8 +186,9 @@ def test_needs_restart_picks_the_keys_a_running_worker_cannot_take_on(changed: l
 
 
 def test_every_config_field_is_named_by_a_key():
-    """A new Config field cannot be forgotten by changed_keys (file is where, not what; storages are per id)."""
-    assert {f.name for f in fields(Config)} - {"file", "storages", "schedules"} == set(config.FIELD_KEYS)
+    """A new Config field cannot be forgotten by changed_keys (file is where, not what; storages,
+    schedules and alert targets are named one by one)."""
+    assert {f.name for f in fields(Config)} - {"file", "storages", "schedules", "notify"} == set(config.FIELD_KEYS)
     assert set(RESTART_KEYS) <= set(config.FIELD_KEYS.values())
 
 

@@ -29,6 +29,8 @@ from drivers.backup.sync import sync
 from drivers.errors import Corrupt, NotFound, Refused, StorkError
 from drivers.names import VolName
 from drivers.nbd import Extent
+from worker import notify
+from worker.app import app
 from worker.context import StepContext
 from worker.jobs import steps, usage
 
@@ -311,6 +313,9 @@ def verify_backups(ctx: StepContext) -> None:
         ctx.progress(n + 1, len(ids), bid)
     ctx.set_result(verified=states)
     if damaged:
+        summary = f"{len(damaged)} of {len(states)} backup(s) damaged in storage {ctx.params['store']}: {damaged[0]}"
+        notify.announce(ctx.cfg, app, notify.event("backup-damaged", summary[:300], storage=ctx.params["store"],
+                                                   damaged=damaged, job=ctx.job.id))
         raise Corrupt(f"{len(damaged)} of {len(states)} backup(s) damaged: {damaged[0]}")
 
 

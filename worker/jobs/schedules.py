@@ -33,7 +33,8 @@ from celery.schedules import crontab
 from drivers.config import Config
 from drivers.errors import ConfigError, StorkError
 from drivers.guests import GuestStore
-from worker import records
+from worker import notify, records
+from worker.jobs import stale
 from worker.jobs.crontab import line_errors, parse_line
 from worker.runner import submit
 
@@ -187,8 +188,12 @@ def tick(cfg: Config, r: redis.Redis, sender: Celery, now: datetime | None = Non
     now = now or datetime.now(UTC)
     acted = []
     schedules, errors = parse_each(cfg)
-    for error in errors.values():
+    for name, error in errors.items():
         log.error("schedule not run", error=str(error))
+        if notify.once(r, f"schedule-invalid:{name}:{cfg.schedules[name]['schedule']}", 86400):  # daily, not each tick
+            notify.announce(cfg, sender, notify.event("schedule-failed", f"schedule {name} does not run: {error}",
+                                                      schedule=name, error=str(error)))
+    stale.check(cfg, r, sender, now)
     for schedule in schedules:
         if not schedule.enabled:
             _skip_passed_slots(r, schedule, now)
@@ -282,6 +287,11 @@ def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run:
     # a backup run's prune follows its backups; a sync prunes its target itself
     run.update(starting=False, pruned=schedule.action != "backup" or not any(schedule.keep.values()))
     _save(r, schedule.name, run)
+    if run["refused"] and notify.once(r, f"schedule-refused:{schedule.name}:{run['slot']}", SLOT_KEY_TTL):
+        first = next(iter(run["refused"].items()))
+        notify.announce(cfg, sender, notify.event(
+            "schedule-failed", f"schedule {schedule.name}: {len(run['refused'])} refused at {run['slot']}: "
+            f"{first[0]}: {first[1]}"[:300], schedule=schedule.name, slot=run["slot"], refused=run["refused"]))
 
 
 def _submissions(cfg: Config, schedule: Schedule) -> dict[str, tuple[str, dict[str, Any]]]:
