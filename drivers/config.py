@@ -63,6 +63,8 @@ class Config:
     visibility_timeout: int = 43200
     flower_address: str = "127.0.0.1"
     flower_port: int = 5555
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 9840
     flower_basic_auth: str = field(default="", repr=False)
     # [schedule.<name>] tables as checked here, each with its action ("backup" where none is given),
     # and [sync.<name>] ones as "sync.<name>" (action "sync", storage: from, target: to); their
@@ -177,6 +179,11 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "address": (_ip_address, "an IP address or localhost"),
         "port": (_int_in(1, 65535), "a port number (1-65535)"),
         "basic_auth": (_basic_auth, "user:password[,user:password...], each with a user and a password"),
+    },
+    # the node's Prometheus endpoint (worker/run/metrics.py)
+    "metrics": {
+        "address": (_ip_address, "an IP address or localhost"),
+        "port": (_int_in(1, 65535), "a port number (1-65535)"),
     },
 }
 SECRET_KEYS = ("flower.basic_auth",)  # never echoed in an error
@@ -517,6 +524,8 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
         visibility_timeout=section("worker").get("visibility_timeout", 43200),
         flower_address=flower.get("address", "127.0.0.1"),
         flower_port=flower.get("port", 5555),
+        metrics_address=section("metrics").get("address", "127.0.0.1"),
+        metrics_port=section("metrics").get("port", 9840),
         flower_basic_auth=flower.get("basic_auth", ""),
         schedules=schedules,
         notify=dict(section("notify")),
@@ -586,6 +595,8 @@ FIELD_KEYS = {
     "visibility_timeout": "worker.visibility_timeout",
     "flower_address": "flower.address",
     "flower_port": "flower.port",
+    "metrics_address": "metrics.address",
+    "metrics_port": "metrics.port",
     "flower_basic_auth": "flower.basic_auth",
 }
 

@@ -19,6 +19,11 @@ Redis keys used by stork (all of them; keep this list true):
     stork:dead                list of JSON dead letters, newest first, capped: queue messages no
                               worker could turn into a task, kept for an operator (worker/deadletter.py)
     stork:sweep               set for a minute by whoever swept last (worker/recovery.py)
+    stork:metrics:jobs        hash "<kind>|<state>" -> jobs that ended so, counted by the transition that
+                              ended them (worker/metrics.py)
+    stork:metrics:backups     hash vmid -> JSON of the guest's last backup that succeeded: time, storage,
+                              duration, size, bytes written
+    stork:notify:<what>       set once, expiring: an alert already said (worker/notify.py)
     stork:schedule:<name>:... a backup schedule's runs (worker/jobs/schedules.py), each expiring:
         :last                 the newest slot run (an ISO time)
         :slot:<slot>          the slot claimed (SET NX: run once)
@@ -46,6 +51,8 @@ from drivers.errors import NotFound, StorkError
 
 JOBS = "stork:jobs"
 ACTIVE = "stork:jobs:active"
+ENDED = "stork:metrics:jobs"  # jobs that ended, counted by kind and state (worker/metrics.py)
+BACKUPS = "stork:metrics:backups"  # each guest's last backup that succeeded (worker/metrics.py)
 CHANNEL = "stork:events"
 STREAM_MAXLEN = 20000  # events kept per job (approximately): some 2.7 hours of copy progress
 RETENTION = 30 * 86400  # seconds a finished job's record and events are kept
@@ -200,6 +207,10 @@ for _, allowed in ipairs(cjson.decode(ARGV[1])) do
     if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
     if ARGV[2] == '1' then
       redis.call('SREM', KEYS[2], KEYS[3])
+      local ok, kind = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'kind') or 'null')
+      if ok and type(kind) == 'string' then  -- a forged record's kind never stops its end
+        redis.call('HINCRBY', KEYS[5], kind .. '|' .. redis.call('HGET', KEYS[1], 'state'), 1)
+      end
       redis.call('EXPIRE', KEYS[1], """ + str(RETENTION) + """)
       redis.call('EXPIRE', KEYS[4], """ + str(RETENTION) + """)
     end
@@ -243,7 +254,7 @@ def transition(
         json.dumps(guard or {}),
         *pairs,
     ]
-    keys = [job_key(job_id), ACTIVE, job_id, events_key(job_id)]
+    keys = [job_key(job_id), ACTIVE, job_id, events_key(job_id), ENDED]
     result = _cas_script(r)(keys=keys, args=args)
     if result == -1:
         raise NotFound(f"unknown job {job_id!r}")

@@ -51,12 +51,13 @@ def test_a_redis_password_goes_to_a_private_file_not_the_command_line(tmp_path):
 
 
 def test_make_run_starts_a_working_system_from_nothing(tmp_path):
-    """The launcher writes the default config, starts Redis, worker, beat and Flower, serves
-    a clone through the CLI, and Ctrl-C stops everything it started."""
+    """The launcher writes the default config, starts Redis, worker, beat, Flower and the
+    metrics endpoint, serves a clone through the CLI (counted there), and Ctrl-C stops
+    everything it started."""
     cfg_file = tmp_path / "stork.toml"
-    flower_port = free_port()
+    flower_port, metrics_port = free_port(), free_port()
     cfg_file.write_text(config.DEFAULT_CONFIG.replace("6379", str(free_port()))
-                        + f"\n[flower]\nport = {flower_port}\n")
+                        + f"\n[flower]\nport = {flower_port}\n[metrics]\nport = {metrics_port}\n")
     env = {**os.environ, "STORK_CONFIG": str(cfg_file), "STORK_NODE": "solo", "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "run.log"
     with open(log, "w") as out:
@@ -74,8 +75,12 @@ def test_make_run_starts_a_working_system_from_nothing(tmp_path):
         flower_up = lambda: urllib.request.urlopen(f"http://127.0.0.1:{flower_port}/", timeout=2).status == 200  # noqa: E731
         wait_for(lambda: _quietly(flower_up), 30, "Flower to answer")
         assert (tmp_path / "var/celerybeat-schedule").exists() or list(tmp_path.glob("var/celerybeat-schedule*"))
+        metrics = lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()  # noqa: E731
+        wait_for(lambda: _quietly(metrics), 30, "the metrics endpoint to answer")
+        scraped = metrics().decode()
+        assert 'stork_jobs_ended_total{kind="linked_clone",state="succeeded"} 1.0' in scraped, scraped
         text = log.read_text()
-        assert all(f"{name}.1 started" in text for name in ("redis", "worker", "beat", "flower"))
+        assert all(f"{name}.1 started" in text for name in ("redis", "worker", "beat", "flower", "metrics"))
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(60)
@@ -122,9 +127,9 @@ def test_paths_in_the_default_config_are_under_var(tmp_path: Path):
 def _launcher_env(tmp_path: Path) -> tuple[dict[str, str], int]:
     """A config with its own Redis and Flower ports, and the environment that names it; and Flower's port."""
     cfg_file = tmp_path / "stork.toml"
-    flower_port = free_port()
+    flower_port, metrics_port = free_port(), free_port()
     cfg_file.write_text(config.DEFAULT_CONFIG.replace("6379", str(free_port()))
-                        + f"\n[flower]\nport = {flower_port}\n")
+                        + f"\n[flower]\nport = {flower_port}\n[metrics]\nport = {metrics_port}\n")
     env = {**os.environ, "STORK_CONFIG": str(cfg_file), "STORK_NODE": "solo", "PYTHONUNBUFFERED": "1"}
     return env, flower_port
 

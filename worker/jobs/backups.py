@@ -33,6 +33,7 @@ from worker import notify
 from worker.app import app
 from worker.context import StepContext
 from worker.jobs import steps, usage
+from worker.metrics import record_backup
 
 
 def _store(ctx: StepContext) -> ChunkStore:
@@ -97,6 +98,7 @@ def _report(ctx: StepContext, store: ChunkStore, backup_id: str, reads: dict[str
     manifest = store.snapshot(backup_id).manifest
     ctx.set_result(backup=backup_id, storage=ctx.params["store"], size=manifest.size, written=manifest.written,
                    **({"reads": reads} if reads else {}))
+    record_backup(ctx.r, ctx.params["vmid"], ctx.params["store"], manifest)  # for the metrics endpoint
 
 
 # ---- persistent dirty bitmaps: what changed since this disk's previous backup ----------------

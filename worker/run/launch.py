@@ -1,5 +1,5 @@
 """`make run`: write the default config on first run, make sure a Redis answers, then run
-the Procfile (worker, beat, Flower, and Redis when none was running) with honcho.
+the Procfile (worker, beat, Flower, the metrics endpoint, and Redis when none was running) with honcho.
 Ctrl-C stops everything it started.
 
 One launcher per node and config: it holds an flock on `<paths.locks>/launch-<node>.lock` for its
@@ -148,7 +148,7 @@ def main() -> None:
         cfg = config.load()
         lock = hold_launch_lock(cfg)  # before anything is installed or started
         ensure_tool("qemu-img", "qemu-utils", "stork creates and copies disk images with it")
-        processes = ["worker", "beat", "flower"]
+        processes = ["worker", "beat", "flower", "metrics"]
         if not redis_answers(cfg.redis_url):
             ensure_tool("redis-server", "redis-server", "no Redis answers; install one or set STORK_REDIS_URL")
             processes.insert(0, "redis")
