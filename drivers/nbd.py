@@ -39,12 +39,12 @@ IO_TIMEOUT = 300.0  # one request: a qemu-nbd that stops answering fails the ste
 MAX_REQUEST = 32 << 20
 MAX_OPTION_REPLY = 64 << 10
 
-_NBDMAGIC, _IHAVEOPT, _REPLY_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x3E889045565A9
-_REQUEST_MAGIC, _SIMPLE_REPLY_MAGIC = 0x25609513, 0x67446698
-_FLAG_FIXED_NEWSTYLE, _FLAG_NO_ZEROES = 1, 2
-_OPT_GO, _REP_ACK, _REP_INFO, _INFO_EXPORT = 7, 1, 3, 0
-_CMD_READ, _CMD_WRITE, _CMD_DISC, _CMD_FLUSH = 0, 1, 2, 3
-_REP_ERROR_BIT = 1 << 31
+NBDMAGIC, IHAVEOPT, REPLY_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x3E889045565A9
+REQUEST_MAGIC, SIMPLE_REPLY_MAGIC = 0x25609513, 0x67446698
+FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1, 2
+OPT_GO, REP_ACK, REP_INFO, INFO_EXPORT = 7, 1, 3, 0
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH = 0, 1, 2, 3
+REP_ERROR_BIT = 1 << 31
 
 
 class NbdError(StorkError):
@@ -97,23 +97,23 @@ class Client:
 
     def _handshake(self) -> tuple[int, bool]:
         magic, opt, flags = struct.unpack(">QQH", self._recv(18))
-        if (magic, opt) != (_NBDMAGIC, _IHAVEOPT) or not flags & _FLAG_FIXED_NEWSTYLE:
+        if (magic, opt) != (NBDMAGIC, IHAVEOPT) or not flags & FLAG_FIXED_NEWSTYLE:
             raise NbdError(f"{self.label}: not a fixed-newstyle NBD server")
-        self.sock.sendall(struct.pack(">I", _FLAG_FIXED_NEWSTYLE | _FLAG_NO_ZEROES))
+        self.sock.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         name = b""  # qemu-nbd's default export
         payload = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-        self.sock.sendall(struct.pack(">QII", _IHAVEOPT, _OPT_GO, len(payload)) + payload)
+        self.sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_GO, len(payload)) + payload)
         size, tflags = -1, 0
         while True:
             magic, option, reply, length = struct.unpack(">QIII", self._recv(20))
-            if magic != _REPLY_MAGIC or option != _OPT_GO or length > MAX_OPTION_REPLY:
+            if magic != REPLY_MAGIC or option != OPT_GO or length > MAX_OPTION_REPLY:
                 raise NbdError(f"{self.label}: the NBD server's answer to the export request is malformed")
             data = self._recv(length)
-            if reply & _REP_ERROR_BIT:
+            if reply & REP_ERROR_BIT:
                 raise NbdError(f"{self.label}: the NBD server refused the export ({reply:#x})")
-            if reply == _REP_INFO and len(data) >= 12 and struct.unpack(">H", data[:2])[0] == _INFO_EXPORT:
+            if reply == REP_INFO and len(data) >= 12 and struct.unpack(">H", data[:2])[0] == INFO_EXPORT:
                 size, tflags = struct.unpack(">QH", data[2:12])
-            elif reply == _REP_ACK:
+            elif reply == REP_ACK:
                 break
         if size < 0:
             raise NbdError(f"{self.label}: the NBD server did not say the export's size")
@@ -122,16 +122,16 @@ class Client:
 
     def _request(self, cmd: int, offset: int, length: int, data: bytes = b"") -> bytes:
         self._cookie += 1
-        self.sock.sendall(struct.pack(">IHHQQI", _REQUEST_MAGIC, 0, cmd, self._cookie, offset, length) + data)
+        self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, self._cookie, offset, length) + data)
         magic, error, cookie = struct.unpack(">IIQ", self._recv(16))
-        if magic != _SIMPLE_REPLY_MAGIC or cookie != self._cookie:
+        if magic != SIMPLE_REPLY_MAGIC or cookie != self._cookie:
             raise NbdError(f"{self.label}: the NBD server's reply is out of order")
         if error:
             raise NbdError(f"{self.label}: NBD request failed at offset {offset}: {os.strerror(error)}")
-        return self._recv(length) if cmd == _CMD_READ else b""
+        return self._recv(length) if cmd == CMD_READ else b""
 
     def read(self, offset: int, length: int) -> bytes:
-        parts = [self._request(_CMD_READ, at, min(MAX_REQUEST, offset + length - at))
+        parts = [self._request(CMD_READ, at, min(MAX_REQUEST, offset + length - at))
                  for at in range(offset, offset + length, MAX_REQUEST)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -140,16 +140,16 @@ class Client:
             raise NbdError(f"{self.label}: the export is read-only")
         for at in range(0, len(data), MAX_REQUEST):
             piece = data[at:at + MAX_REQUEST]
-            self._request(_CMD_WRITE, offset + at, len(piece), piece)
+            self._request(CMD_WRITE, offset + at, len(piece), piece)
 
     def flush(self) -> None:
         if not self._flushes:
             raise NbdError(f"{self.label}: the NBD server cannot flush, so writes cannot be made durable")
-        self._request(_CMD_FLUSH, 0, 0)
+        self._request(CMD_FLUSH, 0, 0)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            self.sock.sendall(struct.pack(">IHHQQI", _REQUEST_MAGIC, 0, _CMD_DISC, 0, 0, 0))
+            self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
         self.sock.close()
 
 

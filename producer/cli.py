@@ -9,6 +9,7 @@ import datetime
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -323,6 +324,25 @@ def cmd_backup_forget(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_backup_serve(args: argparse.Namespace, client: Client) -> int:
+    """Serve one disk of a backup read-only over NBD until Ctrl-C (or SIGTERM)."""
+    export = client.serve_backup(args.id, args.disk, args.address, args.port)
+    signal.signal(signal.SIGTERM, lambda *_: export.stop())  # before the URL is out: whoever read it may stop us
+    host, port = export.listener.getsockname()[:2]
+    url = f"nbd://{host}:{port}/{args.disk}"
+    _emit(args, {"url": url, "size": export.reader.size}, url)  # what a script reads, on stdout
+    sys.stdout.flush()
+    print(f"stork: serving backup {args.id} disk {args.disk} read-only at {url}; Ctrl-C stops", file=sys.stderr,
+          flush=True)
+    try:
+        export.serve()
+    except KeyboardInterrupt:  # Ctrl-C is how a serve ends
+        pass
+    finally:
+        export.stop()
+    return 0
+
+
 def cmd_backup_key(args: argparse.Namespace, client: Client) -> int:
     from drivers.backup.crypt import create_key
 
@@ -531,6 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
     for period in retention.OPTIONS:  # then the target is pruned, as `stork prune` does
         p.add_argument(f"--keep-{period}", type=int, metavar="N")
     p.add_argument("--node", help="where both storages are (default: this node)")
+    p = command(backup, "serve", cmd_backup_serve, "serve one disk of a backup read-only over NBD (files out "
+                "of a backup without a restore), until Ctrl-C")
+    p.add_argument("id", metavar="BACKUP")
+    p.add_argument("disk", metavar="DISK", help="e.g. scsi0")
+    p.add_argument("--address", default="127.0.0.1", help="where to listen (default 127.0.0.1: this host only)")
+    p.add_argument("--port", type=int, default=10809, help="default 10809, NBD's; 0: any free port")
     p = command(backup, "key", cmd_backup_key, "key create FILE: a key file for an encrypted backup storage")
     p.add_argument("create", choices=["create"])
     p.add_argument("file")
@@ -608,7 +634,7 @@ def _bases(values: list[str] | None) -> dict[str, str]:
     return bases
 
 
-BACKUP_ACTIONS = ("list", "show", "protect", "unprotect", "forget", "sync", "key", "-h", "--help")
+BACKUP_ACTIONS = ("list", "show", "protect", "unprotect", "forget", "sync", "serve", "key", "-h", "--help")
 
 
 def _spelled_out(argv: list[str]) -> list[str]:

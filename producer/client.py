@@ -23,7 +23,9 @@ import redis
 from drivers import BACKUP_STORAGES, backup_storage, driver_for, names, status_of
 from drivers import config as config_module
 from drivers.backends.base import VolumeInfo
+from drivers.backup.datapath import DiskReader
 from drivers.backup.records import Damaged, Snapshot
+from drivers.backup.serve import Export, listen
 from drivers.config import Config, StorageConfig
 from drivers.errors import NotFound, Refused, StorkError
 from drivers.guests import Guest, GuestStore
@@ -279,6 +281,15 @@ class Client:
     def backup(self, text: str) -> tuple[str, Snapshot]:
         sid, store, bid = find_backup(self.cfg, text)
         return sid, store.snapshot(bid)
+
+    def serve_backup(self, text: str, disk: str, address: str, port: int) -> Export:
+        """One disk of a backup, ready to be served read-only over NBD on address:port."""
+        _, store, bid = find_backup(self.cfg, text)
+        disks = store.snapshot(bid).manifest.disks
+        if disk not in disks:
+            raise NotFound(f"backup {bid} has no disk {disk!r} (it has: {', '.join(disks) or 'none'})")
+        reader = DiskReader(store, store.index(bid, disk), f"backup {bid} {disk}")
+        return Export(disk, reader, listen(address, port))
 
     def protect_backup(self, text: str, protected: bool) -> None:
         _, store, bid = find_backup(self.cfg, text)

@@ -25,6 +25,7 @@ it with the chunk named.
 from __future__ import annotations
 
 import os
+import threading
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -363,6 +364,72 @@ def _put_patch(writer: SnapshotWriter, under: str | None, runs: Runs, own: bytes
     return None if under is None and digest is None else Patch(under, digest, runs)  # zeros over zeros
 
 
+class Chunks:
+    """The data of index entries, read back from the store and checked: a chunk, zeros, or a
+    patch laid over its base chunk. `label` names what is read in errors."""
+
+    def __init__(self, store: ChunkStore, chunk_size: int, label: str) -> None:
+        self.store, self.zero, self.label = store, bytes(chunk_size), label
+
+    def own_of(self, patch: Patch) -> bytes:
+        """A patch's own bytes, read back and checked against its runs."""
+        own = self.store.read_chunk(patch.own) if patch.own else bytes(patch.own_size)
+        if len(own) != patch.own_size:
+            raise Corrupt(f"{self.label}: a patch of {patch.own_size} bytes names a chunk of {len(own)}")
+        return own
+
+    def data_of(self, entry: Entry, length: int) -> bytes:
+        """An entry's chunk data (`length` bytes: the last chunk of a disk may be short)."""
+        if entry is None:
+            return self.zero[:length]
+        if isinstance(entry, str):
+            data = self.store.read_chunk(entry)
+        else:
+            try:
+                data = entry.apply(self.data_of(entry.base, length), self.own_of(entry))
+            except ValueError as e:
+                raise Corrupt(f"{self.label}: a patch over chunk {entry.base or 'zero'}: {e}") from None
+        if len(data) != length:  # damage, as verify calls it: a relinked restore writes around it
+            raise Corrupt(f"{self.label}: a chunk of {len(data)} bytes where {length} belong")
+        return data
+
+
+class DiskReader:
+    """A backed-up disk read at any offset, as its guest saw it, straight from the store (the
+    last few chunks kept decoded: reads come in runs)."""
+
+    KEPT = 8
+
+    def __init__(self, store: ChunkStore, index: Index, label: str) -> None:
+        self.index, self.size = index, index.virtual_size
+        self.chunks = Chunks(store, index.chunk_size, label)
+        self._kept: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"{offset}+{length} is outside a disk of {self.size} bytes")
+        out, cs = bytearray(), self.index.chunk_size
+        while length:
+            n, at = divmod(offset, cs)
+            piece = self._chunk(n)[at:at + length]
+            out += piece
+            offset, length = offset + len(piece), length - len(piece)
+        return bytes(out)
+
+    def _chunk(self, n: int) -> bytes:
+        with self._lock:
+            if (data := self._kept.get(n)) is not None:
+                return data
+        cs = self.index.chunk_size
+        data = self.chunks.data_of(self.index.chunks[n], min(cs, self.size - n * cs))
+        with self._lock:
+            self._kept[n] = data
+            while len(self._kept) > self.KEPT:
+                del self._kept[next(iter(self._kept))]
+        return data
+
+
 def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool,
             progress: Progress | None = None, base: Index | None = None) -> None:
     """Write the index's data into `image` (as big as the index says), flushed at the end
@@ -372,31 +439,10 @@ def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool
     over the base's very chunk writes its runs alone, any other chunk the clusters that
     differ. Each chunk's writes are the same however often they are made, so a restore
     redone after a crash needs no fresh target."""
-    zero = bytes(index.chunk_size)
     if base is not None and (base.chunk_size, base.virtual_size) != (index.chunk_size, index.virtual_size):
         raise nbd.NbdError(f"{image.label}: the base's backup has another size or chunk size")
-
-    def own_of(patch: Patch) -> bytes:
-        """A patch's own bytes, read back and checked against its runs."""
-        own = store.read_chunk(patch.own) if patch.own else bytes(patch.own_size)
-        if len(own) != patch.own_size:
-            raise Corrupt(f"{image.label}: a patch of {patch.own_size} bytes names a chunk of {len(own)}")
-        return own
-
-    def data_of(entry: Entry, length: int) -> bytes:
-        """An entry's chunk data, read back and checked; a patch laid over its base chunk."""
-        if entry is None:
-            return zero[:length]
-        if isinstance(entry, str):
-            data = store.read_chunk(entry)
-        else:
-            try:
-                data = entry.apply(data_of(entry.base, length), own_of(entry))
-            except ValueError as e:
-                raise Corrupt(f"{image.label}: a patch over chunk {entry.base or 'zero'}: {e}") from None
-        if len(data) != length:  # damage, as verify calls it: a relinked restore writes around it
-            raise Corrupt(f"{image.label}: a chunk of {len(data)} bytes where {length} belong")
-        return data
+    chunks = Chunks(store, index.chunk_size, image.label)
+    own_of, data_of = chunks.own_of, chunks.data_of
 
     def writes(n: int, entry: Entry, length: int) -> list[tuple[int, bytes]]:
         """What chunk n needs written, as (offset in the chunk, bytes)."""
@@ -438,7 +484,7 @@ def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool
                 continue
             if entry is None and base is None:
                 if not reads_zero:
-                    client.write(start, zero[:length])
+                    client.write(start, chunks.zero[:length])
                     writeback.wrote(length)
                 done += length
                 continue
