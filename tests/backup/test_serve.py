@@ -87,3 +87,25 @@ def test_serving_a_disk_the_backup_does_not_have_is_one_line(stork, vmid):
     backup = backed_up(stork, g)["backup"]
     code, out, err = stork("backup", "serve", backup, "virtio7", "--port", "0")
     assert (code, out) == (1, "") and err == f"stork: backup {backup} has no disk 'virtio7' (it has: scsi0)\n"
+
+
+def test_a_file_comes_out_of_a_served_disk(stork, client, vmid, tmp_path):
+    """An ext4 file system on the guest's disk, a file written into it; from the served backup
+    its file system reads back whole and the file comes out (debugfs reads the image qemu-img
+    takes off the served disk)."""
+    g = vmid()
+    assert stork("guest", "create", g, "--disk", "scsi0=local:64M")[0] == 0
+    image = volume_path(client.guest(g).disks["scsi0"])
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    (tmp_path / "notes.txt").write_text("what the guest wrote before its backup\n" * 100)
+    subprocess.run(["debugfs", "-w", "-R", f"write {tmp_path / 'notes.txt'} notes.txt", str(image)], check=True,
+                   capture_output=True)
+    backup = backed_up(stork, g)["backup"]
+    with served(backup) as url:
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", url, str(tmp_path / "served.raw")],
+                       check=True, capture_output=True)
+    fsck = subprocess.run(["e2fsck", "-fn", str(tmp_path / "served.raw")], capture_output=True, text=True, check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    out = subprocess.run(["debugfs", "-R", "cat notes.txt", str(tmp_path / "served.raw")], capture_output=True,
+                         text=True, check=True).stdout
+    assert out == (tmp_path / "notes.txt").read_text()
