@@ -300,8 +300,8 @@ def _drivers() -> Mapping[str, Mapping[str, Option]]:
 
 def _shown(key: str, value: Any) -> str:
     """The value as an error shows it: secrets hidden, a Redis URL without its password."""
-    if key in SECRET_KEYS:
-        return "'***'"
+    if key in SECRET_KEYS or (key.startswith("notify.") and key.rpartition(".")[2] in ("secret", "password", "url")):
+        return "'***'"  # an alert target's URL may carry a token in its path or query
     if key == "redis.url" and isinstance(value, str):
         try:
             return repr(redact(value))

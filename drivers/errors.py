@@ -48,3 +48,8 @@ class JobCancelled(StorkError):
 
 class Corrupt(StorkError):
     """Stored backup data does not match its checksum or does not parse."""
+
+
+class UnknownFormat(Refused):
+    """Stored backup data of a format version this stork does not read (a newer stork's): not damage."""
+

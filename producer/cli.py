@@ -329,7 +329,7 @@ def cmd_backup_serve(args: argparse.Namespace, client: Client) -> int:
     export = client.serve_backup(args.id, args.disk, args.address, args.port)
     signal.signal(signal.SIGTERM, lambda *_: export.stop())  # before the URL is out: whoever read it may stop us
     host, port = export.listener.getsockname()[:2]
-    url = f"nbd://{host}:{port}/{args.disk}"
+    url = f"nbd://{f'[{host}]' if ':' in host else host}:{port}/{args.disk}"
     _emit(args, {"url": url, "size": export.reader.size}, url)  # what a script reads, on stdout
     sys.stdout.flush()
     print(f"stork: serving backup {args.id} disk {args.disk} read-only at {url}; Ctrl-C stops", file=sys.stderr,

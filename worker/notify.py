@@ -20,6 +20,7 @@ import hmac
 import json
 import smtplib
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -106,7 +107,7 @@ def _where(url: str) -> str:
 
 def _mail(target: dict[str, Any], ev: Event) -> None:
     message = EmailMessage()
-    message["Subject"] = f"stork: {ev['summary']}"[:200]
+    message["Subject"] = " ".join(f"stork: {ev['summary']}".split())[:200]  # a header is one line
     message["From"] = target["from"]
     message["To"] = ", ".join(target["to"])
     message.set_content(f"{ev['summary']}\n\n{json.dumps(ev, indent=1, sort_keys=True)}\n")
@@ -114,7 +115,7 @@ def _mail(target: dict[str, Any], ev: Event) -> None:
     try:
         with smtplib.SMTP(host, port, timeout=TIMEOUT) as smtp:
             if target.get("starttls"):
-                smtp.starttls()
+                smtp.starttls(context=ssl.create_default_context())  # the server's certificate checked
             if target.get("username"):
                 smtp.login(target["username"], target.get("password", ""))
             smtp.send_message(message)

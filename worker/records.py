@@ -208,8 +208,8 @@ for _, allowed in ipairs(cjson.decode(ARGV[1])) do
     if ARGV[2] == '1' then
       redis.call('SREM', KEYS[2], KEYS[3])
       local ok, kind = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'kind') or 'null')
-      if ok and type(kind) == 'string' then  -- a forged record's kind never stops its end
-        redis.call('HINCRBY', KEYS[5], kind .. '|' .. redis.call('HGET', KEYS[1], 'state'), 1)
+      if ok and type(kind) == 'string' then  -- a forged record's kind, or a broken count, never stops its end
+        redis.pcall('HINCRBY', KEYS[5], kind .. '|' .. redis.call('HGET', KEYS[1], 'state'), 1)
       end
       redis.call('EXPIRE', KEYS[1], """ + str(RETENTION) + """)
       redis.call('EXPIRE', KEYS[4], """ + str(RETENTION) + """)

@@ -21,7 +21,7 @@ from typing import Any
 
 from drivers import names
 from drivers.backup.codec import CHUNK, MAX_CHUNK, MIN_CHUNK
-from drivers.errors import Corrupt, InvalidName, Refused
+from drivers.errors import Corrupt, InvalidName, UnknownFormat
 
 VERSION = 1
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -487,8 +487,11 @@ def _load(raw: bytes, what: str) -> dict[str, Any]:
         raise Corrupt(f"{what}: not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise Corrupt(f"{what}: not a JSON object")
-    if doc.get("version") != VERSION:
-        raise Refused(f"{what}: format version {doc.get('version')!r}; this stork reads version {VERSION}")
+    version = doc.get("version")
+    if version != VERSION:
+        damaged = not isinstance(version, int) or isinstance(version, bool) or version < 1
+        raise (Corrupt if damaged else UnknownFormat)(f"{what}: format version {version!r}; this stork reads "
+                                                      f"version {VERSION}")
     return doc
 
 

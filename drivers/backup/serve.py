@@ -49,7 +49,9 @@ REP_SERVER = 2
 REP_ERR_UNSUP, REP_ERR_INVALID, REP_ERR_UNKNOWN = REP_ERROR_BIT | 1, REP_ERROR_BIT | 3, REP_ERROR_BIT | 6
 FLAG_HAS_FLAGS, FLAG_READ_ONLY, FLAG_CAN_MULTI_CONN = 1, 2, 256
 MAX_OPTION = 4096
-MAX_READ = 32 << 20  # what one read may ask, as qemu-nbd allows
+MAX_READ = 32 << 20  # what one read (or refused write) may carry, as qemu-nbd allows
+MAX_CLIENTS = 16  # more at once are turned away: each holds a thread and a descriptor
+IDLE = 600.0  # seconds a client may stay silent before its connection ends
 
 
 class _Closed(Exception):
@@ -62,6 +64,7 @@ class Export:
     def __init__(self, name: str, reader: DiskReader, listener: socket.socket) -> None:
         self.name, self.reader, self.listener = name, reader, listener
         self._stopping = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
 
     def serve(self, accepted: Callable[[str], None] | None = None) -> None:
         """Accept clients until `stop` (each in a thread of its own); `accepted` hears each peer."""
@@ -72,6 +75,9 @@ class Export:
                 if self._stopping.is_set():
                     return
                 raise
+            if not self._slots.acquire(blocking=False):
+                conn.close()  # too many at once: this one is turned away
+                continue
             if accepted:
                 accepted(str(peer))
             threading.Thread(target=self._client, args=(conn,), daemon=True).start()
@@ -84,7 +90,9 @@ class Export:
 
     # ---- one client ---------------------------------------------------------------------------
     def _client(self, conn: socket.socket) -> None:
-        with conn:
+        conn.settimeout(IDLE)
+        with conn, contextlib.ExitStack() as stack:
+            stack.callback(self._slots.release)
             try:
                 if self._handshake(conn) is not None:
                     self._transmit(conn)
@@ -154,6 +162,8 @@ class Export:
                 conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, handle))
             else:  # a write carries its data: read it off the wire before refusing
                 if kind == CMD_WRITE:
+                    if length > MAX_READ:
+                        raise _Closed("a write larger than any request may be")
                     _recv(conn, length)
                 conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, errno.EPERM, handle))
 

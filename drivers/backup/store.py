@@ -91,7 +91,7 @@ from drivers.backup.records import (
     parse_time,
 )
 from drivers.backup.writer import SnapshotWriter, recorded_start, writer_is_live
-from drivers.errors import AlreadyExists, Corrupt, InvalidName, NotFound, Refused, StorkError
+from drivers.errors import AlreadyExists, Corrupt, InvalidName, NotFound, Refused, StorkError, UnknownFormat
 from drivers.safedir import SafeDir, refused
 
 __all__ = ["ChunkStore", "SnapshotWriter"]  # SnapshotWriter lives in drivers.backup.writer; imported from here too
@@ -153,12 +153,15 @@ class ChunkStore:
 
     @contextlib.contextmanager
     def _snapshot_folder(self, id: BackupId) -> Iterator[int]:
-        try:
-            with self._folder(VM, str(id.vmid), id.time_text) as folder:
-                yield folder
-        except NotFound:
-            self._open_root_or_raise()
-            raise NotFound(f"backup {id}: no such backup in {self.root}") from None
+        """The snapshot's folder; NotFound naming the backup where there is none (a file missing
+        in it is named by whoever reads it)."""
+        with contextlib.ExitStack() as stack:
+            try:
+                folder = stack.enter_context(self._folder(VM, str(id.vmid), id.time_text))
+            except NotFound:
+                self._open_root_or_raise()
+                raise NotFound(f"backup {id}: no such backup in {self.root}") from None
+            yield folder
 
     def _open_root_or_raise(self) -> None:
         os.close(self._open_root())
@@ -557,10 +560,16 @@ class ChunkStore:
         return ""
 
     def _why_damaged(self, folder: int, id: BackupId) -> str:
-        """Why the snapshot cannot be read; Refused if it can (then it is not damaged, and its
-        protection holds: --damaged is no way around it)."""
+        """Why the snapshot cannot be read (its manifest, state or an index); Refused if it can
+        (then it is not damaged, and its protection holds: --damaged is no way around it), and
+        for one a newer stork wrote (not damaged either: a newer stork reads it)."""
         try:
-            self._state(folder, id, self._manifest(folder, id).sealed_state)
+            manifest = self._manifest(folder, id)
+            self._state(folder, id, manifest.sealed_state)
+            for key in manifest.disks:
+                self.index(str(id), key)
+        except UnknownFormat as e:
+            raise Refused(f"backup {id} is not damaged: {e} (a newer stork wrote it)") from None
         except (Corrupt, NotFound, Refused) as e:
             return str(e)
         raise Refused(f"backup {id} is not damaged: forget it without --damaged")
@@ -609,6 +618,9 @@ class ChunkStore:
         whole again) instead of naming the damaged file. A backup whose patch lies over it
         stays damaged: the next backup of that disk reads the chunk whole instead."""
         with self._prefix_locked(digest[:4], exclusive=True) as folder, contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(Corrupt, NotFound, Refused):  # gone, or unreadable: it goes aside
+                self.codec.decode(self._read(folder, digest, self.chunk_size + _CODEC_OVERHEAD, digest), digest)
+                return  # stored anew since verify read it (gc took it, a backup wrote it back): sound
             os.rename(digest, f"{digest}.bad", src_dir_fd=folder, dst_dir_fd=folder)
             os.utime(f"{digest}.bad", dir_fd=folder)  # its time aside counts from now (see gc)
             os.fsync(folder)
@@ -689,7 +701,8 @@ class ChunkStore:
         a manifest: to keep chunks, naming more is safe). `strict`: one that does not parse is
         Corrupt, since the chunks it names could not be kept."""
         chunks: set[str] = set()
-        for name in SafeDir.regular_files(folder):
+        # strict: every entry named like an index, a symlink or a folder too (refused when read)
+        for name in sorted(os.listdir(folder)) if strict else SafeDir.regular_files(folder):
             if index_key(name) is not None:
                 try:
                     index = Index.from_json(self._read(folder, name, _MAX_INDEX, f"{what}{name}"), f"{what}{name}")
@@ -712,17 +725,17 @@ class ChunkStore:
         return chunks
 
     def _chunks_of(self, id: BackupId) -> set[str]:
-        """What a snapshot names: the index files in its folder, whatever its manifest or state
-        say (a damaged manifest must not free the chunks of indexes that are sound)."""
+        """What a snapshot names: every index file in its folder, whatever its state says; those
+        its manifest names checked against it, where it can be read (a damaged manifest must not
+        free the chunks of indexes that are sound, nor a flipped digest the chunk it meant)."""
         with self._snapshot_folder(id) as folder:
             try:
-                disks = set(self._manifest(folder, id).disks)
+                disks = list(self._manifest(folder, id).disks)
             except (Corrupt, NotFound, Refused):
-                disks = set()  # damaged: every index file there counts
+                disks = []  # damaged: every index file there counts, as it stands
             chunks = self._indexed_chunks(folder, f"backup {id}: ", strict=True)
-            missing = [key for key in disks if not SafeDir.entry_exists(folder, index_file(key))]
-        if missing:
-            raise NotFound(f"backup {id}: {index_file(missing[0])} is missing")
+        for key in disks:  # each present, a regular file, and the very one the manifest sealed
+            chunks.update(d for _, d in self.index(str(id), key).digests())
         return chunks
 
     def _sweep_chunks(self, marked: set[str], cutoff: float, bad_cutoff: float) -> tuple[int, int, int, int]:

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from drivers import faults
-from drivers.backup.records import Snapshot, index_key
+from drivers.backup.records import MAX_NOTES, Snapshot, check_notes, index_key
+from drivers.backup.retention import Candidate, Keep, plan
 from drivers.backup.store import ChunkStore
 from drivers.errors import AlreadyExists, Corrupt, InvalidName, NotFound, Refused
 
@@ -43,11 +44,16 @@ def check_pair(source: ChunkStore, target: ChunkStore) -> None:
 
 
 def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
-         progress: Progress | None = None) -> SyncResult:
-    """Copy every snapshot of `source` (of the guests `vmids`, where given) that `target` lacks."""
+         progress: Progress | None = None, keep: Keep | None = None) -> SyncResult:
+    """Copy every snapshot of `source` (of the guests `vmids`, where given) that `target` lacks;
+    with `keep`, only those the retention keeps among the source's and the target's together
+    (what a prune of the target would remove right after is not copied)."""
     check_pair(source, target)
     listing = source.listing()
     wanted = [s for s in listing.snapshots if vmids is None or s.id.vmid in vmids]
+    if keep is not None and keep.keeps_something:
+        kept = retained([*wanted, *target.snapshots()], keep)
+        wanted = [s for s in wanted if str(s.id) in kept]
     result = SyncResult(failed={str(d.id): f"not read: {d.reason}" for d in listing.damaged
                                 if vmids is None or d.id.vmid in vmids})
     held = {str(id) for id in target.listing().ids}
@@ -60,17 +66,25 @@ def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
                 result.copied.append(str(snapshot.id))
             except AlreadyExists:  # another sync copied it meanwhile
                 result.present += 1
-            except (Corrupt, NotFound, InvalidName) as e:  # this snapshot's own damage: the others go on
+            except (Corrupt, NotFound, Refused, InvalidName) as e:  # its own damage (or a symlink): the others go on
                 result.failed[str(snapshot.id)] = str(e)
         if progress:
             progress(n + 1, len(wanted), str(snapshot.id))
     return result
 
 
+def retained(snapshots: list[Snapshot], keep: Keep) -> set[str]:
+    """The ids the retention keeps, guest by guest (a snapshot in both stores counted once)."""
+    by_guest: dict[int, dict[str, Candidate]] = {}
+    for s in snapshots:
+        by_guest.setdefault(s.id.vmid, {})[str(s.id)] = Candidate(str(s.id), s.id.time, s.state.protected)
+    return {d.id for guest in by_guest.values() for d in plan(list(guest.values()), keep) if d.keep}
+
+
 def copy_snapshot(source: ChunkStore, target: ChunkStore, snapshot: Snapshot) -> int:
     """One snapshot into `target` (its chunks, indexes, blobs and notes); bytes written there."""
     id = str(snapshot.id)
-    with target.begin(snapshot.id.vmid, snapshot.id.time, notes=snapshot.state.notes) as writer:
+    with target.begin(snapshot.id.vmid, snapshot.id.time, notes=_notes(snapshot.state.notes)) as writer:
         for key, disk in snapshot.manifest.disks.items():
             index = source.index(id, key)  # checked against the source's manifest
             for digest in dict.fromkeys(d for _, d in index.digests()):
@@ -82,3 +96,12 @@ def copy_snapshot(source: ChunkStore, target: ChunkStore, snapshot: Snapshot) ->
             if index_key(name) is None:
                 writer.add_blob(name, source.read_blob(id, name))
         return writer.commit().manifest.written
+
+
+def _notes(notes: str) -> str:
+    """Notes as the target takes them: those an older stork (or a hand) wrote may hold what
+    today's check refuses (a line break, a control character, more than MAX_NOTES characters)."""
+    try:
+        return check_notes(notes)
+    except InvalidName:
+        return " ".join("".join(c if c.isprintable() else " " for c in notes).split())[:MAX_NOTES]

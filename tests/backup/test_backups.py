@@ -382,8 +382,8 @@ def test_a_backup_into_a_store_full_from_the_start_leaves_no_partial_and_names_t
 
 
 def test_a_sync_keeps_an_offsite_copy_that_restores_equal(stork, client, vmid):
-    """backup sync copies two guests' backups into `offsite` (only what it lacks: a second sync
-    copies nothing), prunes it with the retention given, and a restore from the copy is equal."""
+    """backup sync copies two guests' backups into `offsite` (only what it lacks, and only what
+    the retention given keeps: a second sync copies nothing), and a restore from the copy is equal."""
     a, b, r = vmid(), vmid(), vmid()
     disk = guest_with_data(stork, a)
     guest_with_data(stork, b)
@@ -393,10 +393,10 @@ def test_a_sync_keeps_an_offsite_copy_that_restores_equal(stork, client, vmid):
     code, out, err = stork("--json", "backup", "sync", "--from", "backup", "--to", "offsite", a, b, "--keep-last", "1")
     assert code == 0, err
     result = json.loads(out)["result"]
-    assert sorted(result["copied"]) == sorted([older, newer, other]) and result["pruned"] == 1
-    assert [str(s.id) for _, s in client.backups("offsite", a)] == [newer]
-    code, out, err = stork("--json", "backup", "sync", "--from", "backup", "--to", "offsite", a, b)
-    assert code == 0 and json.loads(out)["result"]["copied"] == [older], err  # pruned there, so copied again
+    assert sorted(result["copied"]) == sorted([newer, other]) and result["pruned"] == 0  # the older one: not kept
+    assert [str(s.id) for _, s in client.backups("offsite", a)] == [newer] != [older]
+    code, out, err = stork("--json", "backup", "sync", "--from", "backup", "--to", "offsite", a, b, "--keep-last", "1")
+    assert code == 0 and json.loads(out)["result"]["copied"] == [], err  # what the retention removes is not copied
     assert stork("verify", f"offsite:{newer}")[0] == 0
     code, _, err = stork("restore", f"offsite:{newer}", r)
     assert code == 0, err

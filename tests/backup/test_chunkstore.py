@@ -449,11 +449,35 @@ class TestGc:
             store.gc(now=time.time() + HOUR)
         assert chunk_path(store, orphan).exists()
 
+    def test_gc_stops_at_an_index_that_is_a_symlink_and_forget_damaged_lets_it_go_on(self, store):
+        """A symlink is never followed, so its index's chunks cannot be known: gc removes
+        nothing, and the backup, damaged so, goes with forget --damaged (then gc runs)."""
+        snapshot = back_up(store, 100, T0, {"scsi0": noise(CS)})
+        index = store.root / "vm" / "100" / snapshot.id.time_text / "scsi0.index.json"
+        (store.root / "elsewhere.json").write_bytes(index.read_bytes())
+        index.unlink()
+        index.symlink_to(store.root / "elsewhere.json")
+        orphan, _ = store.put_chunk(noise(CS, seed=9))
+        with pytest.raises(Refused, match=r"gc stopped before removing anything: .*scsi0\.index\.json"):
+            store.gc(now=time.time() + HOUR)
+        assert chunk_path(store, orphan).exists()
+        assert "scsi0.index.json" in store.forget(str(snapshot.id), damaged=True)
+        assert store.gc(now=time.time() + HOUR).chunks_removed == 2
+
+    def test_forget_damaged_refuses_a_backup_a_newer_stork_wrote(self, store):
+        """Not damaged, only newer: its protection holds against --damaged."""
+        snapshot = back_up(store, 100, T0, {"scsi0": noise(CS)})
+        manifest = store.root / "vm" / "100" / snapshot.id.time_text / "manifest.json"
+        manifest.write_text(manifest.read_text().replace('"version": 1', '"version": 2', 1))
+        assert [d.id for d in store.listing().damaged] == [snapshot.id]  # this stork cannot read it
+        with pytest.raises(Refused, match=r"is not damaged: .*format version 2.*a newer stork wrote it"):
+            store.forget(str(snapshot.id), damaged=True)
+
     def test_gc_stops_when_an_index_its_manifest_names_is_missing(self, store):
         snapshot = back_up(store, 100, T0, {"scsi0": noise(CS)})
         (store.root / "vm" / "100" / snapshot.id.time_text / "scsi0.index.json").unlink()
         orphan, _ = store.put_chunk(noise(CS, seed=9))
-        with pytest.raises(Refused, match=r"gc stopped before removing anything: .*scsi0\.index\.json is missing"):
+        with pytest.raises(Refused, match=r"gc stopped before removing anything: .*scsi0\.index\.json: no such file"):
             store.gc(now=time.time() + HOUR)
         assert chunk_path(store, orphan).exists()
 
@@ -502,6 +526,14 @@ class TestGc:
         assert bad.exists() and not path.exists() and time.time() - bad.stat().st_mtime < 60
         assert store.gc(now=time.time() + HOUR).bad_chunks_removed == 0 and bad.exists()
         assert store.gc(now=time.time() + QUARANTINE + HOUR).bad_chunks_removed == 1 and not bad.exists()
+
+    def test_a_chunk_stored_anew_since_verify_read_it_is_not_moved_aside(self, store):
+        """Between verify's read and its quarantine, gc may take the damaged file and a backup
+        store the chunk anew: the quarantine reads it again under the lock and leaves it."""
+        snapshot = back_up(store, 100, T0, {"scsi0": noise(CS)})
+        (digest,) = store.index(str(snapshot.id), "scsi0").chunks
+        store._quarantine(digest)
+        assert chunk_path(store, digest).exists() and not chunk_path(store, digest).with_name(f"{digest}.bad").exists()
 
     def test_gc_running_alongside_backups_never_breaks_one(self, store):
         """Writers re-back-up the same data and forget the previous backup before committing,

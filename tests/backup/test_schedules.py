@@ -353,3 +353,36 @@ def test_verify_gc_and_sync_schedules_each_run_their_one_job(client, vmid):
     out = view(schedules.status(cfg, client.r, now))
     row = next(line for line in out.splitlines() if line.startswith(names["sync"]))
     assert " sync " in row and "backup->offsite" in row and "1 succeeded" in row
+
+
+@pytest.mark.parametrize(("storages", "home"), [
+    pytest.param({"b": {"shared": True}}, {}, id="a shared store: anywhere"),
+    pytest.param({"b": {"nodes": ("node2",)}}, {"node": "node2"}, id="local to one node: there"),
+    pytest.param({"b": {"nodes": ("node1", "node2")}}, {}, id="on two nodes: where the tick is"),
+    pytest.param({"b": {}}, {}, id="on every node: where the tick is"),
+])
+def test_where_a_scheduled_verify_gc_or_sync_runs(storages, home):
+    from drivers.storage import StorageConfig
+
+    cfg = replace(config.parse("", BASE / "x.toml", {"STORK_NODE": "node1"}),
+                  storages={sid: StorageConfig(sid, "chunkstore", **opts) for sid, opts in storages.items()})
+    assert schedules._home(cfg, [None, "b"]) == home
+
+
+def test_a_schedule_whose_job_cannot_be_submitted_stops_no_other(client, vmid, tmp_path):
+    """A sync schedule from a storage whose key file is gone: its run records the refusal,
+    and the backup schedule beside it runs."""
+    from drivers.storage import StorageConfig
+
+    g = vmid()
+    assert client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "4M"}}).state == "succeeded"
+    gone = StorageConfig("gone", "chunkstore", content=("backup",), shared=True,
+                         options={"path": tmp_path / "gone", "keyfile": tmp_path / "no.key"})
+    broken, good = f"sync.broken{g}", f"fine{g}"
+    cfg = replace(client.cfg, storages={**client.cfg.storages, "gone": gone}, schedules={
+        broken: {"schedule": "* * * * *", "action": "sync", "storage": "gone", "target": "offsite", "guests": "all"},
+        good: {"schedule": "* * * * *", "guests": [g], "storage": "backup"}})
+    assert sorted(schedules.tick(cfg, client.r, client.app, datetime.now(UTC))) == sorted([broken, good])
+    assert "no.key" in schedules._last(client.r, broken)["refused"]["sync"]
+    run = schedules._last(client.r, good)
+    wait_for(lambda: ended(client, run["jobs"].values()), 120)

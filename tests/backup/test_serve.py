@@ -109,3 +109,70 @@ def test_a_file_comes_out_of_a_served_disk(stork, client, vmid, tmp_path):
     out = subprocess.run(["debugfs", "-R", "cat notes.txt", str(tmp_path / "served.raw")], capture_output=True,
                          text=True, check=True).stdout
     assert out == (tmp_path / "notes.txt").read_text()
+
+
+def test_hostile_clients_end_only_their_own_connections(tmp_path):
+    """An export in this process on a small store: garbage options, a write claiming 4 GiB and
+    a crowd beyond MAX_CLIENTS each end only their own connection; a polite client reads on."""
+    import socket
+    import struct
+    import threading
+    import time
+
+    from drivers import nbd
+    from drivers.backup import serve
+    from drivers.backup.datapath import DiskReader
+    from drivers.backup.store import ChunkStore
+    from tests.backup.test_chunkstore import CS, T0, back_up, noise
+
+    (tmp_path / "store").mkdir()
+    store = ChunkStore(tmp_path / "store", chunk_size=CS)
+    data = noise(3 * CS)
+    snap = back_up(store, 100, T0, {"scsi0": data})
+    export = serve.Export("scsi0", DiskReader(store, store.index(str(snap.id), "scsi0"), "t"),
+                          serve.listen("127.0.0.1", 0))
+    threading.Thread(target=export.serve, daemon=True).start()
+    port = export.listener.getsockname()[1]
+
+    def handshake() -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert len(conn.recv(18)) == 18  # magic, IHAVEOPT, flags
+        conn.sendall(struct.pack(">I", nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES))
+        return conn
+
+    def closed(conn: socket.socket) -> bool:
+        try:
+            return conn.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    try:
+        bad = handshake()
+        bad.sendall(b"not an option at all!")
+        assert closed(bad)
+        huge = handshake()
+        huge.sendall(struct.pack(">QII", nbd.IHAVEOPT, serve.OPT_EXPORT_NAME, 5) + b"scsi0")
+        assert struct.unpack(">QH", huge.recv(10))[0] == len(data)
+        huge.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 1, 0, 0xFFFFFFFF))
+        assert closed(huge)
+        crowd = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(serve.MAX_CLIENTS)]
+        extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert closed(extra)
+        for conn in crowd:
+            conn.close()
+        polite = None
+        for _ in range(50):  # the crowd's slots come back as their threads see them go
+            try:
+                polite = handshake()
+                polite.sendall(struct.pack(">QII", nbd.IHAVEOPT, serve.OPT_EXPORT_NAME, 5) + b"scsi0")
+                if len(polite.recv(10)) == 10:
+                    break
+            except (AssertionError, OSError):
+                time.sleep(0.1)
+        polite.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 7, CS, CS))
+        reply = b""
+        while len(reply) < 16 + CS:
+            reply += polite.recv(16 + CS - len(reply))
+        assert struct.unpack(">IIQ", reply[:16]) == (nbd.SIMPLE_REPLY_MAGIC, 0, 7) and reply[16:] == data[CS:2 * CS]
+    finally:
+        export.stop()

@@ -15,6 +15,7 @@ import pytest
 
 from drivers import faults
 from drivers.backup.crypt import EncryptedCodec
+from drivers.backup.retention import Keep
 from drivers.backup.store import ChunkStore
 from drivers.backup.sync import sync
 from drivers.errors import Refused
@@ -126,3 +127,14 @@ def test_a_sync_killed_mid_way_is_finished_by_the_next_without_copying_again(tmp
     assert chunk_files(offsite) == chunk_files(here) and same_backups(here, offsite)
     assert offsite.gc(now=time.time() + HOUR).partials_removed == 1
     assert offsite.verify(str(snap.id)).ok
+
+
+def test_a_sync_with_a_retention_copies_only_what_it_keeps(tmp_path):
+    """keep-last 1: of a guest's three backups only the newest is copied (a prune of the target
+    would remove the others right after), and a later sync copies nothing again."""
+    here, offsite = stores(tmp_path)
+    made = [back_up(here, 100, T0 + timedelta(hours=h), {"scsi0": noise(CS, h + 1)}) for h in range(3)]
+    keep = Keep.from_options({"keep-last": 1})
+    assert sync(here, offsite, keep=keep).copied == [str(made[-1].id)]
+    assert sync(here, offsite, keep=keep).copied == []
+    assert [str(s.id) for s in offsite.snapshots()] == [str(made[-1].id)]

@@ -121,7 +121,7 @@ NOTIFY = "[notify.n]\n"
     (NOTIFY + "url = 'http://h/x'\n", r"notify.n.type is missing"),
     (NOTIFY + "type = 'pager'\n", r"notify.n.type = 'pager': expected \"webhook\" or \"smtp\""),
     (NOTIFY + "type = 'webhook'\n", r"notify.n.url is missing"),
-    (NOTIFY + "type = 'webhook'\nurl = 'ftp://h/x'\n", r"notify.n.url = 'ftp://h/x': expected an http"),
+    (NOTIFY + "type = 'webhook'\nurl = 'ftp://h/x'\n", r"notify.n.url = '\*\*\*': expected an http"),
     (NOTIFY + "type = 'webhook'\nurl = 'http://h/x'\nhost = 'h'\n", r"notify.n.host: not a key of a webhook target"),
     (NOTIFY + "type = 'smtp'\nhost = 'h'\nfrom = 'a@b'\n", r"notify.n.to is missing"),
     (NOTIFY + "type = 'smtp'\nhost = 'h'\nfrom = 'a@b'\nto = ['not an address']\n",
@@ -133,3 +133,20 @@ NOTIFY = "[notify.n]\n"
 def test_a_bad_notify_target_is_one_config_error_naming_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         config.parse(text, tmp_path / "stork.toml", {"STORK_NODE": "n"})
+
+
+def test_a_notify_secret_is_never_echoed_in_a_config_error(tmp_path):
+    for key, value in (("url", "'ftp://hooks.example/token-123'"), ("secret", "987654321"), ("password", "12345678")):
+        rest = "url = 'http://h/x'\n" if key != "url" else ""
+        kind = "type = 'smtp'\nhost = 'h'\nfrom = 'a@b'\nto = ['o@p']\n" if key == "password" else "type = 'webhook'\n"
+        with pytest.raises(ConfigError) as caught:
+            config.parse(NOTIFY + kind + (rest if key != "password" else "") + f"{key} = {value}\n",
+                         tmp_path / "stork.toml", {"STORK_NODE": "n"})
+        assert f"notify.n.{key} = '***'" in str(caught.value) and value.strip("'") not in str(caught.value)
+
+
+def test_a_summary_with_line_breaks_still_makes_a_one_line_subject(client):
+    ev = notify.event("job-failed", "job x failed:\nline two\r\nline three", job="multi-line")
+    notify.deliver(client.cfg, "mail", ev)
+    mail = wait_for(lambda: next((m for m in MAILBOX.mails if "line two" in m["Subject"]), None), 10, "the mail")
+    assert mail["Subject"] == "stork: job x failed: line two line three"

@@ -371,10 +371,11 @@ def sync_backups(ctx: StepContext) -> None:
     naming the first backup that could not be copied, once the others are."""
     source = _store(ctx)
     target = backup_storage(ctx.cfg.storage(ctx.params["target"])).open_for_backup()
-    vmids = set(ctx.params["vmids"]) or None
-    result = sync(source, target, vmids, progress=lambda done, total, what: ctx.progress(done, total, what))
+    vmids, keep = set(ctx.params["vmids"]) or None, Keep(**ctx.params["keep"])
+    result = sync(source, target, vmids, progress=lambda done, total, what: ctx.progress(done, total, what),
+                  keep=keep)
     ctx.set_result(copied=result.copied, present=result.present, written=result.written)
-    if (keep := Keep(**ctx.params["keep"])).keeps_something:
+    if keep.keeps_something:
         pruned = _prune(target, keep, vmids, dry_run=False)
         ctx.set_result(pruned=pruned["removed"], **({"warning": pruned["warning"]} if "warning" in pruned else {}))
     if result.failed:

@@ -29,5 +29,6 @@ def line_errors(cfg: Config) -> dict[str, ConfigError]:
         try:
             parse_line(entry["schedule"])
         except ValueError as e:
-            errors[name] = ConfigError(f"{cfg.file}: schedule.{name}.schedule = {entry['schedule']!r}: {e}")
+            key = name if name.startswith("sync.") else f"schedule.{name}"  # a [sync.<name>] is named as written
+            errors[name] = ConfigError(f"{cfg.file}: {key}.schedule = {entry['schedule']!r}: {e}")
     return errors

@@ -165,6 +165,15 @@ if (not current) or current < ARGV[2] then redis.call('SET', KEYS[4], ARGV[2]) e
 return 1
 """
 
+# Save a run's record only while its starter's lease is `holder`'s: a starter that stalled past its
+# lease never overwrites the record of the tick that took the run over.
+# KEYS: lease, run; ARGV: holder, run JSON, key TTL.
+_SAVE_HELD = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
 # Renew a starter's lease only while it is still that starter's (KEYS: lease; ARGV: holder, seconds).
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
@@ -177,6 +186,12 @@ def _last(r: redis.Redis, name: str) -> dict[str, Any] | None:
     slot = r.get(_key(name, "last"))
     raw = r.get(_key(name, f"run:{slot}")) if slot else None
     return json.loads(raw) if raw else None
+
+
+def _save_held(r: redis.Redis, name: str, run: dict[str, Any], holder: str) -> bool:
+    """Save the run's record if `holder` still holds its lease (_SAVE_HELD)."""
+    keys = [_key(name, f"starting:{run['slot']}"), _key(name, f"run:{run['slot']}")]
+    return bool(r.eval(_SAVE_HELD, 2, *keys, holder, json.dumps(run), SLOT_KEY_TTL))
 
 
 def _save(r: redis.Redis, name: str, run: dict[str, Any]) -> None:
@@ -195,28 +210,42 @@ def tick(cfg: Config, r: redis.Redis, sender: Celery, now: datetime | None = Non
                                                       schedule=name, error=str(error)))
     stale.check(cfg, r, sender, now)
     for schedule in schedules:
-        if not schedule.enabled:
-            _skip_passed_slots(r, schedule, now)
-            continue
-        last = _last(r, schedule.name)
-        holder = secrets.token_hex(8)  # this tick, as the starter of a run
-        if last and last.get("starting"):
-            if _lease(r, schedule.name, last["slot"], holder):  # its starter died: submit the rest
-                _start(cfg, r, sender, schedule, last, holder)
+        try:
+            if _tick_one(cfg, r, sender, schedule, now):
                 acted.append(schedule.name)
-            continue
-        if last and not last.get("pruned") and _prune_when_done(cfg, r, sender, schedule, last):
-            acted.append(schedule.name)
-        slot = due_slot(schedule.cron, _since(r, schedule, last), now)
-        if slot is None:
-            continue
-        run = {"slot": slot.isoformat(), "line": schedule.line, "jobs": {}, "refused": {}, "pruned": False,
-               "starting": True}
-        if not _claim(r, schedule.name, run, holder):
-            continue  # another tick claimed this slot
-        _start(cfg, r, sender, schedule, run, holder)
-        acted.append(schedule.name)
+        except redis.RedisError:
+            raise  # Redis away: no schedule can run; beat's next tick tries again
+        except Exception as e:  # one schedule's trouble (an unreadable store, say) stops no other
+            log.exception("schedule_failed", schedule=schedule.name)
+            if notify.once(r, f"schedule-error:{schedule.name}:{type(e).__name__}", 3600):
+                notify.announce(cfg, sender, notify.event(
+                    "schedule-failed", f"schedule {schedule.name} failed: {e}"[:300], schedule=schedule.name,
+                    error=str(e)))
     return acted
+
+
+def _tick_one(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, now: datetime) -> bool:
+    """Run what is due of one schedule; whether this tick started or pruned something of it."""
+    if not schedule.enabled:
+        _skip_passed_slots(r, schedule, now)
+        return False
+    last = _last(r, schedule.name)
+    holder = secrets.token_hex(8)  # this tick, as the starter of a run
+    if last and last.get("starting"):
+        if _lease(r, schedule.name, last["slot"], holder):  # its starter died: submit the rest
+            _start(cfg, r, sender, schedule, last, holder)
+            return True
+        return False
+    pruned = bool(last and not last.get("pruned") and _prune_when_done(cfg, r, sender, schedule, last))
+    slot = due_slot(schedule.cron, _since(r, schedule, last), now)
+    if slot is None:
+        return pruned
+    run = {"slot": slot.isoformat(), "line": schedule.line, "jobs": {}, "refused": {}, "pruned": False,
+           "starting": True}
+    if not _claim(r, schedule.name, run, holder):
+        return pruned  # another tick claimed this slot
+    _start(cfg, r, sender, schedule, run, holder)
+    return True
 
 
 def _claim(r: redis.Redis, name: str, run: dict[str, Any], holder: str) -> bool:
@@ -281,12 +310,17 @@ def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run:
             return
         try:
             run["jobs"][key] = submit(kind, options, cfg, r, sender).id
-        except StorkError as e:
-            run["refused"][key] = str(e)
-        _save(r, schedule.name, run)
+        except redis.RedisError:
+            raise
+        except Exception as e:  # refused, or its storage unreadable (an OSError of an NFS mount, say)
+            run["refused"][key] = str(e) or type(e).__name__
+        if not _save_held(r, schedule.name, run, holder):
+            log.warning("schedule_lease_lost", schedule=schedule.name, slot=run["slot"])
+            return
     # a backup run's prune follows its backups; a sync prunes its target itself
     run.update(starting=False, pruned=schedule.action != "backup" or not any(schedule.keep.values()))
-    _save(r, schedule.name, run)
+    if not _save_held(r, schedule.name, run, holder):
+        return
     if run["refused"] and notify.once(r, f"schedule-refused:{schedule.name}:{run['slot']}", SLOT_KEY_TTL):
         first = next(iter(run["refused"].items()))
         notify.announce(cfg, sender, notify.event(
@@ -301,14 +335,25 @@ def _submissions(cfg: Config, schedule: Schedule) -> dict[str, tuple[str, dict[s
     if schedule.action == "backup":
         return {str(vmid): ("backup", {"vmid": vmid, "notes": f"schedule {schedule.name}", **storage})
                 for vmid in _guests(cfg, schedule)}
+    node = _home(cfg, [schedule.storage, schedule.target])
     if schedule.action == "verify":
         days = {"reverify_after": schedule.reverify_after} if schedule.reverify_after is not None else {}
-        return {"verify": ("verify", {**storage, **days})}
+        return {"verify": ("verify", {**storage, **days, **node})}
     if schedule.action == "gc":
-        return {"gc": ("gc", storage)}
+        return {"gc": ("gc", {**storage, **node})}
     keep = {k: v for k, v in schedule.keep.items() if v}
     vmids = [] if schedule.guests == "all" else list(schedule.guests)
-    return {"sync": ("sync", {"source": schedule.storage, "target": schedule.target, "vmids": vmids, "keep": keep})}
+    return {"sync": ("sync", {"source": schedule.storage, "target": schedule.target, "vmids": vmids, "keep": keep,
+                              **node})}
+
+
+def _home(cfg: Config, storage_ids: list[str | None]) -> dict[str, str]:
+    """{"node": N} where a storage named is local to the one node N (its job must run there,
+    whichever node's tick submits it); else nothing: the job runs where the tick is."""
+    for sid in storage_ids:
+        if sid and sid in cfg.storages and len(cfg.storages[sid].nodes) == 1 and not cfg.storages[sid].shared:
+            return {"node": cfg.storages[sid].nodes[0]}
+    return {}
 
 
 def _prune_when_done(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule,
