@@ -216,7 +216,8 @@ SCHEDULE_SCHEMA: dict[str, Check] = {
 # An offsite copy on a schedule: [sync.<name>], `from` one backup storage `to` another, kept in
 # Config.schedules as "sync.<name>" with action "sync", storage (from) and target (to).
 SYNC_SCHEMA: dict[str, Check] = {**{k: c for k, c in _COMMON.items() if k != "exclude"},
-                                 "from": _STORAGE_ID, "to": _STORAGE_ID}
+                                 "from": _STORAGE_ID, "to": _STORAGE_ID,
+                                 "reencrypt": (lambda v: isinstance(v, bool), "true or false")}
 _BACKUP_ONLY = ("guests", "exclude", *(f"keep-{period}" for period in retention.OPTIONS))
 
 # Where alerts go (worker/notify.py): [notify.<name>], a webhook (a JSON POST signed with the

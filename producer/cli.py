@@ -381,7 +381,7 @@ def cmd_prune(args: argparse.Namespace, client: Client) -> int:
 def cmd_backup_sync(args: argparse.Namespace, client: Client) -> int:
     keep = {f"keep-{period}": n for period in retention.OPTIONS if (n := getattr(args, f"keep_{period}")) is not None}
     return submit_and_wait(args, client, "sync", source=args.source, target=args.target,
-                           vmids=[_vmid(v) for v in args.vmids], keep=keep, node=args.node)
+                           vmids=[_vmid(v) for v in args.vmids], keep=keep, node=args.node, reencrypt=args.reencrypt)
 
 
 def cmd_schedule_list(args: argparse.Namespace, client: Client) -> int:
@@ -551,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     for period in retention.OPTIONS:  # then the target is pruned, as `stork prune` does
         p.add_argument(f"--keep-{period}", type=int, metavar="N")
     p.add_argument("--node", help="where both storages are (default: this node)")
+    p.add_argument("--reencrypt", action="store_true",
+                   help="between storages of other keys: read each chunk under the source's key, seal it under the "
+                        "target's (never into a storage without a key)")
     p = command(backup, "serve", cmd_backup_serve, "serve one disk of a backup read-only over NBD (files out "
                 "of a backup without a restore), until Ctrl-C")
     p.add_argument("id", metavar="BACKUP")

@@ -2,7 +2,8 @@
 sync jobs and restic's `copy` do.
 
 Only the chunks the target lacks travel, as stored (so both stores must have the same key, or
-none, and the same chunk size); each is checked as it lands (it must decode to its digest with
+none, and the same chunk size; or, asked to re-encrypt, each chunk is read under the source's
+key and sealed under the target's); each is checked as it lands (it must decode to its digest with
 the target's key), and a snapshot appears in the target only whole, through the target's own
 snapshot writer. A sync that is killed leaves a partial folder the target's gc removes; run
 again, it finds the chunks that landed already and copies only the rest. A snapshot the
@@ -12,12 +13,12 @@ target holds is not copied again; one the source cannot read is named, never cop
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from drivers import faults
-from drivers.backup.records import MAX_NOTES, Snapshot, check_notes, index_key
+from drivers.backup.records import MAX_NOTES, Index, Patch, Snapshot, check_notes, index_key
 from drivers.backup.retention import Candidate, Keep, plan
-from drivers.backup.store import ChunkStore
+from drivers.backup.store import ChunkStore, SnapshotWriter
 from drivers.errors import AlreadyExists, Corrupt, InvalidName, NotFound, Refused
 
 Progress = Callable[[int, int, str], None]  # (snapshots done, snapshots in all, the one at hand)
@@ -31,24 +32,32 @@ class SyncResult:
     failed: dict[str, str] = field(default_factory=dict)  # snapshot id -> why it was not copied
 
 
-def check_pair(source: ChunkStore, target: ChunkStore) -> None:
-    """Refuse two stores whose chunk files cannot be copied as they are."""
+def check_pair(source: ChunkStore, target: ChunkStore, reencrypt: bool = False) -> None:
+    """Refuse two stores whose chunk files cannot be copied as they are, unless `reencrypt`
+    (each chunk decoded under the source's key and sealed under the target's); never into a
+    store without a key from one with a key (the backups would lose their encryption)."""
     if source.root.resolve() == target.root.resolve():
         raise Refused(f"backup storage {source.root}: a sync needs two stores, not one")
-    if source.codec.fingerprint != target.codec.fingerprint:
-        keys = " and ".join(f"{s.root} ({f'key {s.codec.fingerprint}' if s.codec.fingerprint else 'no key'})"
-                            for s in (source, target))
-        raise Refused(f"backup storages {keys} do not have the same key: a sync copies chunks as they are stored")
     if source.chunk_size != target.chunk_size:
         raise Refused(f"backup storages {source.root} and {target.root} have other chunk sizes")
+    if source.codec.fingerprint == target.codec.fingerprint:
+        return
+    keys = " and ".join(f"{s.root} ({f'key {s.codec.fingerprint}' if s.codec.fingerprint else 'no key'})"
+                        for s in (source, target))
+    if not reencrypt:
+        raise Refused(f"backup storages {keys} do not have the same key: a sync copies chunks as they are stored "
+                      "(--reencrypt seals each anew under the target's key)")
+    if target.codec.fingerprint is None:
+        raise Refused(f"backup storages {keys}: a sync never copies encrypted backups into a store without a key")
 
 
 def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
-         progress: Progress | None = None, keep: Keep | None = None) -> SyncResult:
+         progress: Progress | None = None, keep: Keep | None = None, reencrypt: bool = False) -> SyncResult:
     """Copy every snapshot of `source` (of the guests `vmids`, where given) that `target` lacks;
     with `keep`, only those the retention keeps among the source's and the target's together
     (what a prune of the target would remove right after is not copied)."""
-    check_pair(source, target)
+    check_pair(source, target, reencrypt)
+    reseal = source.codec.fingerprint != target.codec.fingerprint
     listing = source.listing()
     wanted = [s for s in listing.snapshots if vmids is None or s.id.vmid in vmids]
     if keep is not None and keep.keeps_something:
@@ -62,7 +71,7 @@ def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
             result.present += 1
         else:
             try:
-                result.written += copy_snapshot(source, target, snapshot)
+                result.written += copy_snapshot(source, target, snapshot, reseal)
                 result.copied.append(str(snapshot.id))
             except AlreadyExists:  # another sync copied it meanwhile
                 result.present += 1
@@ -81,14 +90,18 @@ def retained(snapshots: list[Snapshot], keep: Keep) -> set[str]:
     return {d.id for guest in by_guest.values() for d in plan(list(guest.values()), keep) if d.keep}
 
 
-def copy_snapshot(source: ChunkStore, target: ChunkStore, snapshot: Snapshot) -> int:
-    """One snapshot into `target` (its chunks, indexes, blobs and notes); bytes written there."""
+def copy_snapshot(source: ChunkStore, target: ChunkStore, snapshot: Snapshot, reseal: bool = False) -> int:
+    """One snapshot into `target` (its chunks, indexes, blobs and notes); bytes written there.
+    With `reseal`, each chunk is decoded under the source's key and stored under the target's,
+    so its name (a keyed hash) changes, and the index names the new ones."""
     id = str(snapshot.id)
     with target.begin(snapshot.id.vmid, snapshot.id.time, notes=_notes(snapshot.state.notes)) as writer:
         for key, disk in snapshot.manifest.disks.items():
             index = source.index(id, key)  # checked against the source's manifest
+            if reseal:
+                index = _resealed(index, source, writer)
             for digest in dict.fromkeys(d for _, d in index.digests()):
-                if not writer.reuse_chunk(digest):
+                if not reseal and not writer.reuse_chunk(digest):
                     writer.put_stored(digest, source.read_stored(digest))
                     faults.point("synced-chunk")
             writer.add_index(key, index, source=disk.source, identity=disk.identity)
@@ -96,6 +109,23 @@ def copy_snapshot(source: ChunkStore, target: ChunkStore, snapshot: Snapshot) ->
             if index_key(name) is None:
                 writer.add_blob(name, source.read_blob(id, name))
         return writer.commit().manifest.written
+
+
+def _resealed(index: Index, source: ChunkStore, writer: SnapshotWriter) -> Index:
+    """The index with each chunk stored under the target's key (read and checked under the
+    source's), named by its new name; a patch's two chunks too."""
+    names: dict[str, str] = {}
+
+    def anew(digest: str | None) -> str | None:
+        if digest is not None and digest not in names:
+            new, _ = writer.put_chunk(source.read_chunk(digest))
+            assert new is not None  # a stored chunk is never all zeros: those are not stored
+            names[digest] = new
+            faults.point("synced-chunk")
+        return None if digest is None else names[digest]
+
+    return replace(index, chunks=[Patch(anew(e.base), anew(e.own), e.runs) if isinstance(e, Patch) else anew(e)
+                                  for e in index.chunks])
 
 
 def _notes(notes: str) -> str:

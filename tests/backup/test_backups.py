@@ -403,6 +403,20 @@ def test_a_sync_keeps_an_offsite_copy_that_restores_equal(stork, client, vmid):
     assert qemu_same(volume_path(disk), volume_path(client.guest(r).disks["scsi0"]))
 
 
+def test_a_reencrypting_sync_copies_plain_backups_into_an_encrypted_storage(stork, client, vmid):
+    g, r = vmid(), vmid()
+    disk = guest_with_data(stork, g)
+    backup = backed_up(stork, g)["backup"]
+    code, out, err = stork("--json", "backup", "sync", "--from", "backup", "--to", "secret", g, "--reencrypt")
+    assert code == 0 and json.loads(out)["result"]["copied"] == [backup], err
+    assert stork("verify", f"secret:{backup}")[0] == 0
+    code, _, err = stork("restore", f"secret:{backup}", r)
+    assert code == 0, err
+    assert qemu_same(volume_path(disk), volume_path(client.guest(r).disks["scsi0"]))
+    code, _, err = stork("backup", "sync", "--from", "secret", "--to", "offsite", g, "--reencrypt")
+    assert code == 1 and "never copies encrypted backups into a store without a key" in err
+
+
 def test_restore_force_replaces_a_guest_only_once_the_restore_has_succeeded(stork, client, vmid):
     g, other = vmid(), vmid()
     disk = guest_with_data(stork, g)

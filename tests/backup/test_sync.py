@@ -15,6 +15,7 @@ import pytest
 
 from drivers import faults
 from drivers.backup.crypt import EncryptedCodec
+from drivers.backup.datapath import DiskReader
 from drivers.backup.retention import Keep
 from drivers.backup.store import ChunkStore
 from drivers.backup.sync import sync
@@ -103,6 +104,45 @@ def test_encrypted_stores_sync_only_under_the_same_key(tmp_path):
         a, b = stores(tmp_path / name, key, other)
         with pytest.raises(Refused, match="do not have the same key: a sync copies chunks as they are stored"):
             sync(a, b)
+    a, b = stores(tmp_path / "downgrade", key, b"")
+    with pytest.raises(Refused, match="never copies encrypted backups into a store without a key"):
+        sync(a, b, reencrypt=True)
+
+
+def disk_data(store: ChunkStore, id: str, key: str = "scsi0") -> bytes:
+    reader = DiskReader(store, store.index(id, key), id)
+    return reader.read(0, reader.size)
+
+
+@pytest.mark.parametrize("source_key", [b"", os.urandom(32)], ids=["from a plain store", "from another key"])
+def test_a_reencrypting_sync_seals_each_chunk_anew_under_the_targets_key(tmp_path, source_key):
+    """Names and sealed bytes all change, patches' chunks too; the data does not."""
+    here, offsite = stores(tmp_path, source_key, os.urandom(32))
+    base = back_up(here, 100, T0, {"scsi0": noise(2 * CS, 1)})
+    snap = here.snapshot(str(base.id))
+    result = sync(here, offsite, reencrypt=True)
+    assert result.copied == [str(snap.id)] and result.failed == {}
+    assert not set(chunk_files(offsite)) & set(chunk_files(here))
+    assert disk_data(offsite, str(snap.id)) == disk_data(here, str(snap.id)) == noise(2 * CS, 1)
+    assert offsite.verify(str(snap.id)).ok and sync(here, offsite, reencrypt=True).copied == []
+
+
+def test_a_reencrypted_patch_lays_the_same_runs_over_its_resealed_base(tmp_path):
+    from drivers.backup.records import Index, Patch
+
+    here, offsite = stores(tmp_path, os.urandom(32), os.urandom(32))
+    under, own = noise(CS, 1), noise(512, 2)
+    with here.begin(100, T0) as writer:
+        base_digest, _ = writer.put_chunk(under)
+        own_digest, _ = writer.put_chunk(own)
+        writer.add_index("scsi0", Index("raw", CS, [Patch(base_digest, own_digest, ((1024, 512),))], CS))
+        snap = writer.commit()
+    sync(here, offsite, reencrypt=True)
+    expected = under[:1024] + own + under[1536:]
+    assert disk_data(here, str(snap.id)) == expected == disk_data(offsite, str(snap.id))
+    [patch] = offsite.index(str(snap.id), "scsi0").chunks
+    assert isinstance(patch, Patch) and patch.runs == ((1024, 512),) and {patch.base, patch.own}.isdisjoint(
+        {base_digest, own_digest})
 
 
 def _sync_until_killed(here: str, offsite: str, armed: str) -> None:

@@ -373,7 +373,7 @@ def sync_backups(ctx: StepContext) -> None:
     target = backup_storage(ctx.cfg.storage(ctx.params["target"])).open_for_backup()
     vmids, keep = set(ctx.params["vmids"]) or None, Keep(**ctx.params["keep"])
     result = sync(source, target, vmids, progress=lambda done, total, what: ctx.progress(done, total, what),
-                  keep=keep)
+                  keep=keep, reencrypt=ctx.params.get("reencrypt", False))
     ctx.set_result(copied=result.copied, present=result.present, written=result.written)
     if keep.keeps_something:
         pruned = _prune(target, keep, vmids, dry_run=False)

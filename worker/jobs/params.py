@@ -177,6 +177,7 @@ PARAMS: dict[str, Check] = {
     "reverify_after": _count,  # verify: days a sound verify result stands
     "target": names.storage_id,  # sync: the backup storage copied to
     "vmids": _list_of(_vmid),  # sync: these guests' backups (none: all)
+    "reencrypt": _bool,  # sync: between stores of other keys, each chunk sealed anew
 }
 
 

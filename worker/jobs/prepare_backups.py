@@ -210,18 +210,19 @@ def prepare_gc(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 def prepare_sync(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     """Copies of one backup storage's backups (of the guests named, or all) in another, run
     where both are (the node named, or this one); with a retention, the target is pruned after."""
-    _only(o, {"source", "target", "vmids", "keep", "node"}, "sync")
+    _only(o, {"source", "target", "vmids", "keep", "node", "reencrypt"}, "sync")
     if not o.get("source") or not o.get("target"):
         raise InvalidName("sync: name the backup storage to copy from (--from) and the one to copy to (--to)")
     source, target = backup_storage_id(cfg, o["source"]), backup_storage_id(cfg, o["target"])
     if source == target:
         raise Refused(f"sync: {source!r} is both the source and the target")
-    check_pair(backup_storage(cfg.storage(source)).open(), backup_storage(cfg.storage(target)).open())
+    reencrypt = _flag(o, "reencrypt")
+    check_pair(backup_storage(cfg.storage(source)).open(), backup_storage(cfg.storage(target)).open(), reencrypt)
     try:
         keep = Keep.from_options(o.get("keep") or {})
     except (ValueError, TypeError) as e:
         raise InvalidName(f"sync: {e}") from None
     node = _node(o, cfg)
     return {"store": source, "target": target, "vmids": sorted({names.vmid(v) for v in o.get("vmids") or []}),
-            "keep": vars(keep), "node": node, **({"pinned": True} if o.get("node") else {}),
+            "keep": vars(keep), "reencrypt": reencrypt, "node": node, **({"pinned": True} if o.get("node") else {}),
             "storages": _check_nodes(cfg, {source, target}, node)}

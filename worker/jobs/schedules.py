@@ -58,6 +58,7 @@ class Schedule:
     action: str = "backup"  # or verify, gc, sync
     target: str | None = None  # a sync's target storage
     reverify_after: int | None = None  # verify: days a sound result stands
+    reencrypt: bool = False  # sync: between stores of other keys
 
 
 def parse(cfg: Config) -> list[Schedule]:
@@ -79,7 +80,8 @@ def parse_each(cfg: Config) -> tuple[list[Schedule], dict[str, ConfigError]]:
         found.append(Schedule(name, line, parse_line(line), guests if guests == "all" else tuple(guests),
                               frozenset(entry.get("exclude", ())), entry.get("storage"),
                               {k: v for k, v in entry.items() if k.startswith("keep-")}, entry.get("enabled", True),
-                              entry.get("action", "backup"), entry.get("target"), entry.get("reverify-after")))
+                              entry.get("action", "backup"), entry.get("target"), entry.get("reverify-after"),
+                              entry.get("reencrypt", False)))
     return found, errors
 
 
@@ -343,8 +345,9 @@ def _submissions(cfg: Config, schedule: Schedule) -> dict[str, tuple[str, dict[s
         return {"gc": ("gc", {**storage, **node})}
     keep = {k: v for k, v in schedule.keep.items() if v}
     vmids = [] if schedule.guests == "all" else list(schedule.guests)
+    reencrypt = {"reencrypt": True} if schedule.reencrypt else {}
     return {"sync": ("sync", {"source": schedule.storage, "target": schedule.target, "vmids": vmids, "keep": keep,
-                              **node})}
+                              **reencrypt, **node})}
 
 
 def _home(cfg: Config, storage_ids: list[str | None]) -> dict[str, str]:
