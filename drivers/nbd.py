@@ -30,10 +30,9 @@ from pathlib import Path
 
 from drivers import qemu
 from drivers.errors import StorkError
-from drivers.tools import ToolError, run
+from drivers.tools import ToolError, dying_with_caller, run
 
 QEMU_NBD = "qemu-nbd"
-SETPRIV = "setpriv"  # util-linux: sets the parent-death signal, then execs qemu-nbd
 START_TIMEOUT = 30.0
 IO_TIMEOUT = 300.0  # one request: a qemu-nbd that stops answering fails the step, not hangs it
 MAX_REQUEST = 32 << 20
@@ -162,8 +161,9 @@ def _qemu_nbd(image: qemu.Image, write: bool, *extra: str) -> Iterator[tuple[Pat
         # driver's own fsync, make a restore durable. qemu-nbd exits when its one client goes;
         # should this process die before a client connects, the parent-death signal ends it
         # instead (it follows the starting thread: a step starts it from its own)
-        argv = [SETPRIV, "--pdeathsig", "TERM", QEMU_NBD, "--socket", str(path), "--shared", "1",
-                "--cache", "writeback", "--discard", "unmap", *([] if write else ["--read-only"]), *extra, image.spec]
+        argv = dying_with_caller([QEMU_NBD, "--socket", str(path), "--shared", "1", "--cache", "writeback",
+                                  "--discard", "unmap", *([] if write else ["--read-only"]), *extra, image.spec],
+                                 "TERM")  # TERM: qemu-nbd removes its socket
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 pass_fds=image.all_fds)
         try:

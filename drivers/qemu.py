@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.errors import InvalidName, ToolFailed
-from drivers.tools import ToolError, run
+from drivers.tools import ToolError, dying_with_caller, run
 
 QEMU_IMG = "qemu-img"
 QCOW2_MAGIC = b"QFI\xfb"
@@ -183,7 +183,8 @@ def convert(src: Image, dst: Image, size: int, progress: Progress | None = None,
     """
     zero = ["--target-is-zero"] if target_is_zero else []
     argv = [QEMU_IMG, "convert", "-p", "-n", *zero, "-W", "-O", dst.fmt, "--", src.spec, dst.spec]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=src.all_fds + dst.all_fds)
+    proc = subprocess.Popen(dying_with_caller(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            pass_fds=src.all_fds + dst.all_fds)
     assert proc.stdout is not None and proc.stderr is not None
     last_report, done = 0.0, 0
     try:

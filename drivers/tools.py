@@ -5,11 +5,14 @@ own error type without job code ever reading a tool's text."""
 
 from __future__ import annotations
 
+import functools
+import shutil
 import subprocess
 
 from drivers.errors import ToolFailed
 
 TIMEOUT = 3600.0  # seconds: a data copy may be long; a tool hung on a dead device must still end
+SETPRIV = "setpriv"  # util-linux: sets the parent-death signal, then execs the tool
 
 
 class ToolError(ToolFailed):
@@ -21,13 +24,29 @@ class ToolError(ToolFailed):
         self.argv, self.status, self.stderr = argv, status, stderr
 
 
+@functools.cache
+def _setpriv() -> str | None:
+    return shutil.which(SETPRIV)
+
+
+def dying_with_caller(argv: list[str], signal: str = "KILL") -> list[str]:
+    """`argv` run so that the tool gets `signal` when the thread that started it dies: a step
+    SIGKILLed mid-copy never leaves a qemu-img writing into a target its undo has freed.
+    (Through setpriv, not a preexec_fn: that is not safe in a process with threads.)"""
+    setpriv = _setpriv()
+    return [setpriv, "--pdeathsig", signal, "--", *argv] if setpriv else argv
+
+
 def run(argv: list[str], what: str, fds: tuple[int, ...] = (), timeout: float = TIMEOUT,
         env: dict[str, str] | None = None) -> str:
     """Run a tool and return its stdout; ToolError if it exits non-zero or runs out of time.
-    `what` says what was being done, for the message ("creating local:100/vm-100-disk-0.raw")."""
+    `what` says what was being done, for the message ("creating local:100/vm-100-disk-0.raw").
+    The tool dies with its caller (dying_with_caller)."""
+    if shutil.which(argv[0], path=(env or {}).get("PATH")) is None:
+        raise ToolError(what, argv, 127, f"{argv[0]} is not installed")
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False, pass_fds=fds, timeout=timeout,
-                              env=env)
+        proc = subprocess.run(dying_with_caller(argv), capture_output=True, text=True, check=False, pass_fds=fds,
+                              timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         raise ToolError(what, argv, -1, f"{argv[0]} did not end within {timeout:g} s") from e
     except FileNotFoundError:

@@ -51,3 +51,35 @@ def test_a_tool_that_cannot_run_or_hangs_is_one_error(argv, status, says):
     with pytest.raises(tools.ToolError) as failed:
         tools.run(argv, "testing", timeout=0.2)
     assert failed.value.status == status and str(failed.value) == f"testing failed: {says}"
+
+
+def _run_long_tool() -> None:
+    tools.run(["sleep", "60"], "sleeping")
+
+
+def test_a_tool_dies_with_the_process_that_started_it():
+    """A step's process SIGKILLed mid-tool (a qemu-img mid-copy, say) leaves no tool running on
+    behind it: the tool gets the parent-death signal."""
+    import multiprocessing
+    import signal
+
+    from worker.testing import wait_for
+
+    child = multiprocessing.get_context("fork").Process(target=_run_long_tool)
+    child.start()
+
+    def its_tool() -> int | None:
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and (entry / "comm").read_text().strip() == "sleep" and \
+                        int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == child.pid:
+                    return int(entry.name)
+            except (OSError, ValueError, IndexError):
+                continue
+        return None
+
+    tool = wait_for(its_tool, 10, "the tool to start")
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(10)
+    wait_for(lambda: not Path(f"/proc/{tool}").exists() or "Z" in Path(f"/proc/{tool}/stat").read_text().split()[2],
+             5, "the tool to die with its caller")
