@@ -395,6 +395,7 @@ def test_a_step_whose_whole_worker_was_killed_ends_failed_in_flower(flower, clie
     the restarted worker's recovery does, as FAILURE saying what happened; the undos it sends
     end too."""
     from tests.conftest import Worker
+    from worker.recovery import SWEEP_KEY
 
     worker = Worker("crash", concurrency=1)
     try:
@@ -408,6 +409,9 @@ def test_a_step_whose_whole_worker_was_killed_ends_failed_in_flower(flower, clie
         with held_copy(client, job.id):
             running = wait_for(lambda: flower.task(job.id, "stork.full_clone.copy_data", "PROGRESS"), 10,
                                "Flower to show the copy in progress")
+            # the other nodes' periodic sweep would find the dead process too, saying so in its own
+            # words: held off for a minute, the restarted worker's own recovery is what this test sees
+            client.r.set(SWEEP_KEY, "held off by the test", ex=60)
             worker.kill()  # the stopped qemu-img is in the group: it dies too
         worker = Worker("crash", concurrency=1)  # reconciles at start
         assert client.wait(job.id, timeout=60).state == "failed"
@@ -417,4 +421,5 @@ def test_a_step_whose_whole_worker_was_killed_ends_failed_in_flower(flower, clie
         assert ended["exception"] == "the worker on node crash died during step copy_data"
         wait_for(lambda: {t["state"] for t in flower.tasks(job.id).values()} <= FINAL, 10, "every task to end")
     finally:
+        client.r.delete(SWEEP_KEY)  # the sweep as it was
         worker.stop()
