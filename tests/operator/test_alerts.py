@@ -150,3 +150,24 @@ def test_a_summary_with_line_breaks_still_makes_a_one_line_subject(client):
     notify.deliver(client.cfg, "mail", ev)
     mail = wait_for(lambda: next((m for m in MAILBOX.mails if "line two" in m["Subject"]), None), 10, "the mail")
     assert mail["Subject"] == "stork: job x failed: line two line three"
+
+
+def test_a_guest_backed_up_on_another_node_is_not_stale(client, vmid):
+    """Its backup is in a storage this node does not reach, but its backup step recorded it
+    (as every backup does, for the metrics): no alert."""
+    import time as clock
+
+    from worker.records import BACKUPS
+
+    g, never = vmid(), vmid()
+    for guest in (g, never):
+        job = client.run("create", vmid=guest, disks={"scsi0": {"storage": "local", "size": "4M"}})
+        assert job.state == "succeeded"
+    client.r.hset(BACKUPS, str(g), json.dumps({"time": clock.time(), "storage": "elsewhere", "duration": 1.0,
+                                               "size": 4 << 20, "written": 0}))
+    cfg = replace(client.cfg, notify={"hook": {**client.cfg.notify["hook"], "stale-after": 24}})
+    now = datetime.now(UTC)
+    client.r.delete(f"stork:notify:stale-check:{int(now.timestamp()) // stale.CHECK_EVERY}")  # this hour's look: ours
+    stale.check(cfg, client.r, client.app, now)
+    wait_for(lambda: posted("backup-stale", vmid=never), 60, "the look to run: the guest never backed up is news")
+    assert posted("backup-stale", vmid=g) == []  # the same look: its alert would have gone with the other

@@ -1,9 +1,11 @@
 """The alert for a guest whose newest backup is older than a target's `stale-after` hours (or
 that has none): checked by the schedule tick at most once an hour (it reads every manifest of
-every backup storage this node reaches), and said at most once a day per guest and target."""
+every backup storage this node reaches, and what every node's backups recorded in Redis), and
+said at most once a day per guest and target."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import redis
@@ -15,6 +17,7 @@ from drivers.config import Config
 from drivers.errors import StorkError
 from drivers.guests import GuestStore
 from worker import notify
+from worker.records import BACKUPS
 
 log = structlog.get_logger("stork.stale")
 CHECK_EVERY = 3600  # seconds between two looks at the backup storages
@@ -26,10 +29,12 @@ def stale_guests(guests: list[int], newest: dict[int, float], hours: int, now: f
     return [g for g in guests if newest.get(g, 0.0) < now - hours * 3600]
 
 
-def newest_backups(cfg: Config) -> dict[int, float]:
-    """Each guest's newest readable backup (epoch seconds) in the backup storages this node
-    reaches; a storage that cannot be read is logged and left out."""
-    newest: dict[int, float] = {}
+def newest_backups(cfg: Config, r: redis.Redis) -> dict[int, float]:
+    """Each guest's newest backup (epoch seconds): the last one that succeeded on any node (as
+    the backup step records it for the metrics), and the newest readable one in the backup
+    storages this node reaches (backups from before that record, or copied there by a sync);
+    a storage that cannot be read is logged and left out."""
+    newest: dict[int, float] = {int(vmid): json.loads(raw)["time"] for vmid, raw in r.hgetall(BACKUPS).items()}
     for storage in cfg.storages.values():
         if storage.type not in BACKUP_STORAGES or not storage.on_node(cfg.node):
             continue
@@ -51,7 +56,7 @@ def check(cfg: Config, r: redis.Redis, sender: Celery, now: datetime) -> None:
         return
     try:
         guests, _broken = GuestStore(cfg.guests_dir, cfg.lock_timeout).scan()  # broken ones: `guest list`'s news
-        newest = newest_backups(cfg)
+        newest = newest_backups(cfg, r)
     except (StorkError, OSError) as e:
         log.error("stale_check_failed", error=str(e))
         return
