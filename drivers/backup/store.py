@@ -38,7 +38,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -696,16 +696,20 @@ class ChunkStore:
         """Chunks named by the indexes a live writer has added so far (each written whole)."""
         return self._indexed_chunks(folder, "", strict=False)
 
-    def _indexed_chunks(self, folder: int, what: str, strict: bool) -> set[str]:
-        """Chunks named by every index file in `folder`, read as they stand (not checked against
-        a manifest: to keep chunks, naming more is safe). `strict`: one that does not parse is
-        Corrupt, since the chunks it names could not be kept."""
+    def _indexed_chunks(self, folder: int, what: str, strict: bool, sealed: Mapping[str, FileSum] | None = None
+                        ) -> set[str]:
+        """Chunks named by every index file in `folder`, each read once (to keep chunks, naming
+        more is safe). `strict`: one that does not parse is Corrupt, since the chunks it names
+        could not be kept; one `sealed` names (a manifest's checksums) must match it."""
         chunks: set[str] = set()
         # strict: every entry named like an index, a symlink or a folder too (refused when read)
         for name in sorted(os.listdir(folder)) if strict else SafeDir.regular_files(folder):
             if index_key(name) is not None:
                 try:
-                    index = Index.from_json(self._read(folder, name, _MAX_INDEX, f"{what}{name}"), f"{what}{name}")
+                    raw = self._read(folder, name, _MAX_INDEX, f"{what}{name}")
+                    index = Index.from_json(raw, f"{what}{name}")
+                    if sealed and name in sealed and FileSum.of(raw) != sealed[name]:
+                        raise Corrupt(f"{what}{name} does not match the checksum in its manifest")
                 except StorkError:
                     if strict:
                         raise
@@ -730,13 +734,14 @@ class ChunkStore:
         free the chunks of indexes that are sound, nor a flipped digest the chunk it meant)."""
         with self._snapshot_folder(id) as folder:
             try:
-                disks = list(self._manifest(folder, id).disks)
+                manifest: Manifest | None = self._manifest(folder, id)
             except (Corrupt, NotFound, Refused):
-                disks = []  # damaged: every index file there counts, as it stands
-            chunks = self._indexed_chunks(folder, f"backup {id}: ", strict=True)
-        for key in disks:  # each present, a regular file, and the very one the manifest sealed
-            chunks.update(d for _, d in self.index(str(id), key).digests())
-        return chunks
+                manifest = None  # damaged: every index file there counts, as it stands
+            sealed = {index_file(key): manifest.files[index_file(key)] for key in manifest.disks} if manifest else {}
+            # each one the manifest names present (a regular file: others are refused when read) and sealed by it
+            if missing := sorted(set(sealed) - set(SafeDir.regular_files(folder))):
+                raise NotFound(f"backup {id}: {missing[0]}: no such file")
+            return self._indexed_chunks(folder, f"backup {id}: ", strict=True, sealed=sealed)
 
     def _sweep_chunks(self, marked: set[str], cutoff: float, bad_cutoff: float) -> tuple[int, int, int, int]:
         """(removed, bytes freed, kept, damaged removed) over every chunk folder."""

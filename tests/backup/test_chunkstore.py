@@ -473,6 +473,15 @@ class TestGc:
         with pytest.raises(Refused, match=r"is not damaged: .*format version 2.*a newer stork wrote it"):
             store.forget(str(snapshot.id), damaged=True)
 
+    def test_gc_stops_at_an_index_that_parses_but_is_not_the_one_its_manifest_sealed(self, store):
+        snapshot = back_up(store, 100, T0, {"scsi0": noise(CS)})
+        index = store.root / "vm" / "100" / snapshot.id.time_text / "scsi0.index.json"
+        index.write_bytes(index.read_bytes() + b"\n")  # still an index, no longer the sealed one
+        orphan, _ = store.put_chunk(noise(CS, seed=9))
+        with pytest.raises(Refused, match=r"scsi0\.index\.json does not match the checksum in its manifest"):
+            store.gc(now=time.time() + HOUR)
+        assert chunk_path(store, orphan).exists()
+
     def test_gc_stops_when_an_index_its_manifest_names_is_missing(self, store):
         snapshot = back_up(store, 100, T0, {"scsi0": noise(CS)})
         (store.root / "vm" / "100" / snapshot.id.time_text / "scsi0.index.json").unlink()
