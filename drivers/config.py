@@ -72,10 +72,19 @@ class Config:
     schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
     # [notify.<name>] alert targets as checked here (worker/notify.py); they hold secrets
     notify: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    # [nodes.<name>] address: where the node serves volumes to the others (drivers/transfer.py)
+    node_addresses: dict[str, str] = field(default_factory=dict)
+    # [cluster] tls_psk_file: the cluster key that authenticates and encrypts transfers between nodes
+    cluster_key: Path | None = None
+
+    def address_of(self, node: str) -> str:
+        """The address `node` serves volumes on: its [nodes.<name>] address, else 127.0.0.1
+        (every node on one machine)."""
+        return self.node_addresses.get(node, "127.0.0.1")
 
     def known_nodes(self) -> list[str]:
         """This node and every node a storage names: the cluster as the config knows it."""
-        return sorted({self.node, *(n for s in self.storages.values() for n in s.nodes)})
+        return sorted({self.node, *self.node_addresses, *(n for s in self.storages.values() for n in s.nodes)})
 
     def storage(self, storage_id: str) -> StorageConfig:
         names.storage_id(storage_id)
@@ -185,7 +194,11 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "address": (_ip_address, "an IP address or localhost"),
         "port": (_int_in(1, 65535), "a port number (1-65535)"),
     },
+    # what the nodes share to move volumes between them (drivers/transfer.py)
+    "cluster": {"tls_psk_file": (is_path_text, "a file path (the cluster key, 'stork cluster key' makes one)")},
 }
+# [nodes.<name>]: where each node is reached by the others
+NODE_SCHEMA: dict[str, Check] = {"address": (lambda v: _ip_address(v) and v != "localhost", "an IP address")}
 SECRET_KEYS = ("flower.basic_auth",)  # never echoed in an error
 
 
@@ -404,6 +417,14 @@ def _validate(file: Path, data: dict[str, Any]) -> None:
                 raise ConfigError(f"{file}: [notify] must hold [notify.<name>] tables")
             for name, entry in table.items():
                 _check_notify(file, name, entry)
+        elif section == "nodes":
+            if not isinstance(table, dict):
+                raise ConfigError(f"{file}: [nodes] must hold [nodes.<name>] tables")
+            for name, entry in table.items():
+                if not _named(names.node, name):
+                    raise ConfigError(f"{file}: [nodes.{name}]: invalid node name (a lower-case letter, then up to "
+                                      "39 of a-z 0-9 _ -)")
+                _check_table(file, f"nodes.{name}", entry, NODE_SCHEMA)
         elif section in ("schedule", "sync"):
             if not isinstance(table, dict):
                 raise ConfigError(f"{file}: [{section}] must hold [{section}.<name>] tables")
@@ -412,7 +433,7 @@ def _validate(file: Path, data: dict[str, Any]) -> None:
         elif section in SCHEMA:
             _check_table(file, section, table, SCHEMA[section])
         else:
-            known = ", ".join([*SCHEMA, "storage", "schedule", "sync", "notify"])
+            known = ", ".join([*SCHEMA, "storage", "nodes", "schedule", "sync", "notify"])
             raise ConfigError(f"{file}: unknown section [{section}] (expected one of: {known})")
 
 
@@ -530,6 +551,8 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
         flower_basic_auth=flower.get("basic_auth", ""),
         schedules=schedules,
         notify=dict(section("notify")),
+        node_addresses={name: entry["address"] for name, entry in section("nodes").items() if "address" in entry},
+        cluster_key=path(key) if (key := section("cluster").get("tls_psk_file")) else None,
     )
 
 
@@ -599,6 +622,8 @@ FIELD_KEYS = {
     "metrics_address": "metrics.address",
     "metrics_port": "metrics.port",
     "flower_basic_auth": "flower.basic_auth",
+    "node_addresses": "nodes",
+    "cluster_key": "cluster.tls_psk_file",
 }
 
 

@@ -68,6 +68,7 @@ class Image:
     label: str  # for messages: a volume id or a path
     fds: tuple[int, ...] = ()
     backing: Image | None = None
+    objects: tuple[str, ...] = ()  # --object definitions it needs (TLS credentials of an NBD image)
 
     @classmethod
     def of_fd(cls, fmt: str, fd: int, label: str, backing: Image | None = None) -> Image:
@@ -91,6 +92,12 @@ class Image:
     @property
     def all_fds(self) -> tuple[int, ...]:
         return self.fds + (self.backing.all_fds if self.backing else ())
+
+
+def _objects(*images: Image) -> list[str]:
+    """The `--object` arguments the images need, each once."""
+    defined = dict.fromkeys(o for image in images for o in image.objects)
+    return [arg for o in defined for arg in ("--object", o)]
 
 
 def detect_image(fd: int, label: str) -> tuple[str, int]:
@@ -166,7 +173,7 @@ def resize(image: Image, size: int) -> None:
 
 def compare(a: Image, b: Image) -> None:
     """Raise ToolFailed unless the two images hold the same guest-visible data."""
-    run([QEMU_IMG, "compare", "-q", "--", a.spec, b.spec], f"comparing {a.label} with {b.label}",
+    run([QEMU_IMG, "compare", "-q", *_objects(a, b), "--", a.spec, b.spec], f"comparing {a.label} with {b.label}",
         a.all_fds + b.all_fds)
 
 
@@ -182,7 +189,7 @@ def convert(src: Image, dst: Image, size: int, progress: Progress | None = None,
     cache mode `unsafe` (nothing flushed): the caller flushes dst before relying on it.
     """
     zero = ["--target-is-zero"] if target_is_zero else []
-    argv = [QEMU_IMG, "convert", "-p", "-n", *zero, "-W", "-O", dst.fmt, "--", src.spec, dst.spec]
+    argv = [QEMU_IMG, "convert", "-p", "-n", *zero, "-W", "-O", dst.fmt, *_objects(src, dst), "--", src.spec, dst.spec]
     proc = subprocess.Popen(dying_with_caller(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             pass_fds=src.all_fds + dst.all_fds)
     assert proc.stdout is not None and proc.stderr is not None

@@ -37,6 +37,19 @@ def dying_with_caller(argv: list[str], signal: str = "KILL") -> list[str]:
     return [setpriv, "--pdeathsig", signal, "--", *argv] if setpriv else argv
 
 
+def process_start(pid: int | str) -> str | None:
+    """The process's start time in clock ticks since boot, which tells it from a later process
+    given the same pid; None if no such process runs (a zombie, killed but not yet reaped,
+    does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # from field 3 on: the name before ')' may hold spaces
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
 def run(argv: list[str], what: str, fds: tuple[int, ...] = (), timeout: float = TIMEOUT,
         env: dict[str, str] | None = None) -> str:
     """Run a tool and return its stdout; ToolError if it exits non-zero or runs out of time.

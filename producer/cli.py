@@ -354,6 +354,21 @@ def cmd_backup_key(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_cluster_key(args: argparse.Namespace, client: Client) -> int:
+    from drivers.transfer import make_key
+
+    path = Path(args.file).absolute()
+    try:
+        make_key(path)
+    except FileExistsError:
+        raise StorkError(f"{path} exists already: a new key would lock out the nodes that hold the old one") from None
+    except OSError as e:
+        raise StorkError(f"{path}: cannot be written: {e.strerror}") from None
+    _emit(args, {"file": str(path)}, f"cluster key {path} made (mode 0600): copy it to every node, name it in "
+          "[cluster] tls_psk_file")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace, client: Client) -> int:
     if args.all == bool(args.id):
         raise UsageError("name a backup to verify, or give --all")
@@ -396,6 +411,8 @@ SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]
     "guest.import": lambda a: ("import", {"vmid": a.vmid, "name": a.name, "disks": _disk_specs(a.disk, "path")}),
     "guest.destroy": lambda a: ("destroy", {"vmid": a.vmid}),
     "guest.unlock": lambda a: ("unlock", {"vmid": a.vmid}),
+    "guest.migrate": lambda a: ("migrate", {"vmid": a.vmid, "node": a.node, "storage": a.storage,
+                                            "storage_map": a.storage_map, "keep_source": a.keep_source}),
     "base": lambda a: ("base", {"volid": a.volid, "name": a.name}),
     "template": lambda a: ("template", {"vmid": a.vmid}),
     "template.assemble": lambda a: ("assemble", {"vmid": a.vmid, "name": a.name, "disks": _bases(a.disk)}),
@@ -469,6 +486,17 @@ def build_parser() -> argparse.ArgumentParser:
     command(guest, "destroy", _submitter("guest.destroy"), "destroy a guest and its disks", True).add_argument("vmid")
     command(guest, "unlock", _submitter("guest.unlock"), "clear a lock left by a job that is no longer live",
             True).add_argument("vmid")
+    p = command(guest, "migrate", _submitter("guest.migrate"), "move a guest and its node-local disks to another node",
+                True)
+    p.add_argument("vmid")
+    p.add_argument("node")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--storage", help="every moved disk to this storage of NODE (default: one of the same name)")
+    where.add_argument("--storage-map", metavar="OLD=NEW,...", help="disks on OLD go to NEW")
+    p.add_argument("--keep-source", action="store_true", help="keep the old volumes on the source node")
+
+    cluster = group("cluster", "what the nodes share")
+    command(cluster, "key", cmd_cluster_key, "make the cluster key ([cluster] tls_psk_file)").add_argument("file")
 
     p = command(sub, "base", _submitter("base"), "turn a volume into a read-only base image", True)
     p.add_argument("volid")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from drivers.backup.crypt import create_key
+from drivers.transfer import make_key as make_cluster_key
 from tests import alerts, ceph, storages
 from worker import testing
 from worker.testing import free_port
@@ -58,6 +59,7 @@ conf = "{CEPH.conf}"
 shared = true
 """)
 create_key(BASE / "secret.key")  # the encrypted backup storage `secret`'s key
+make_cluster_key(BASE / "cluster.psk")  # authenticates and encrypts copies between node1 and node2
 WEBHOOK, MAILBOX = alerts.Webhook(), alerts.Mailbox()  # where the session's alerts go (tests/alerts.py)
 WEBHOOK_SECRET = "the webhook's shared secret"
 CONFIG.write_text(f"""
@@ -68,6 +70,8 @@ guests = "guests"
 locks = "lock"
 [locks]
 timeout = 30
+[cluster]
+tls_psk_file = "{BASE / 'cluster.psk'}"
 [worker]
 concurrency = 4
 [storage.local]

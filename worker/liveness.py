@@ -28,6 +28,8 @@ from collections.abc import Iterator
 import redis
 import structlog
 
+from drivers.tools import process_start
+
 HEARTBEAT = 10
 log = structlog.get_logger("stork.liveness")
 
@@ -54,18 +56,6 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def _start_ticks(pid: int | str) -> str | None:
-    """The process's start time in clock ticks since boot; None if no such process runs (a
-    zombie, killed but not yet reaped, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()  # from field 3 on: the name before ')' may hold spaces
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
 def _pid_namespace() -> str:
     """Two containers on one kernel (host networking: same host name and boot id) have their
     own pids; /proc answers only for the namespace it shows."""
@@ -88,7 +78,7 @@ def process_id() -> str:
     global _me
     pid = os.getpid()
     if _me is None or _me[0] != pid:
-        _me = (pid, f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}:{_boot_id()}:{_pid_namespace()}")
+        _me = (pid, f"{socket.gethostname()}:{pid}:{process_start(pid)}:{_boot_id()}:{_pid_namespace()}")
     return _me[1]
 
 
@@ -96,7 +86,7 @@ def parent_id() -> str:
     """The holder id of this process's parent: for a pool process, its worker's main process,
     which holds the step's message and puts it back in its queue if this process dies."""
     ppid = os.getppid()
-    return f"{socket.gethostname()}:{ppid}:{_start_ticks(ppid)}:{_boot_id()}:{_pid_namespace()}"
+    return f"{socket.gethostname()}:{ppid}:{process_start(ppid)}:{_boot_id()}:{_pid_namespace()}"
 
 
 def _key(holder: str) -> str:
@@ -149,7 +139,7 @@ def _alive_here(holder: str) -> bool | None:
     host, pid, start, boot, ns = [*holder.split(":"), "", "", "", ""][:5]
     if host != socket.gethostname() or boot != _boot_id() or ns != _pid_namespace():
         return None
-    return start == _start_ticks(pid)
+    return start == process_start(pid)
 
 
 def holder_alive(r: redis.Redis, holder: str | None) -> bool:

@@ -291,5 +291,10 @@ class Driver(ABC):
 
     def compare(self, source: Driver, src: VolName, dst: VolName) -> None:
         """Raise ToolFailed unless dst holds the same data as src."""
-        with source.image(src) as a, self.image(dst) as b:
-            qemu.compare(a, b)
+        with source.image(src) as image:
+            self.compare_with(image, dst)
+
+    def compare_with(self, image: qemu.Image, dst: VolName) -> None:
+        """Raise ToolFailed unless dst holds the same data as `image` (another node's export)."""
+        with self.image(dst) as b:
+            qemu.compare(image, b)

@@ -43,16 +43,16 @@ def test_shared_storage_jobs_run_on_any_node(client, vmid):
     assert {q for j in jobs for q in j.queues} == {"shared"}
 
 
-def test_cloning_from_one_nodes_local_storage_to_the_others_is_refused(client, vmid, stork):
-    """A template on node1's local storage cannot be cloned onto node2's."""
-    t = vmid()
-    assert client.run("create", vmid=t, node="node1",
-                      disks={"scsi0": {"storage": "local1", "size": "8M"}}).state == "succeeded"
-    assert client.run("template", vmid=t).state == "succeeded"
+def test_a_guest_on_one_node_gets_no_disk_on_another_nodes_local_storage(client, vmid, stork):
+    """A new disk of a guest on node1 cannot be made on node2's storage (copies between nodes
+    are tests/engine/test_between_nodes.py's)."""
     message = r"storage 'local2' is local to node\(s\) node2: it does not exist on node 'node1'"
     with pytest.raises(Refused, match=message):
-        client.submit("full_clone", vmid=t, newid=vmid(), storage="local2")
-    code, _, err = stork("clone", t, vmid(), "--full", "--storage", "local2")
+        client.submit("create", vmid=vmid(), node="node1", disks={"scsi0": {"storage": "local2", "size": "8M"}})
+    g = vmid()
+    assert client.run("create", vmid=g, node="node1", disks={"scsi0": {"storage": "local1", "size": "8M"}}).state \
+        == "succeeded"
+    code, _, err = stork("disk", "add", g, "scsi1=local2:8M")
     assert code == 1 and "does not exist on node 'node1'" in err
 
 

@@ -32,7 +32,7 @@ def job_record(client, kind: str, params: dict, **fields) -> JobRecord:
 
 def holder_of(pid: int, start: str | None = None) -> str:
     """The holder id of process `pid` on this host (with another start time: a reused pid)."""
-    return (f"{socket.gethostname()}:{pid}:{start or liveness._start_ticks(pid)}:{liveness._boot_id()}:"
+    return (f"{socket.gethostname()}:{pid}:{start or liveness.process_start(pid)}:{liveness._boot_id()}:"
             f"{liveness._pid_namespace()}")
 
 

@@ -3,7 +3,9 @@ that checks and normalizes the user's options when the job is submitted.
 
 A step with `storage=True` touches volumes: it runs on the job node's queue when the job
 uses a node-local storage, else anywhere (the shared queue). Guest-config steps run
-anywhere, as guest configs live in a shared directory.
+anywhere, as guest configs live in a shared directory. A job between nodes (its params name
+a `source_node` and a `target_node`) runs each storage step on its side's node: the source
+node exports what the target node copies (drivers/transfer.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from worker.jobs.prepare import (
     prepare_full_clone,
     prepare_import,
     prepare_linked_clone,
+    prepare_migrate,
     prepare_move,
     prepare_ping,
     prepare_remove_disk,
@@ -56,6 +59,7 @@ class Step:
     storage: bool = True
     commit: bool = False  # once done, the job's effect stands: later failures undo nothing before it
     release: bool = False  # its undo releases what the job holds (a guest lock): run at any failure, even past a commit
+    side: str = ""  # "source" or "target": in a job between nodes, the node it runs on (else the job's node)
 
 
 @dataclass(frozen=True)
@@ -71,21 +75,33 @@ class JobKind:
 
     def queues(self, params: dict[str, Any], cfg: Config) -> list[str]:
         local = params.get("pinned") or any(not cfg.storage(s).shared for s in params["storages"])
-        return [node_queue(params["node"]) if s.storage and local else SHARED_QUEUE for s in self.steps]
+        return [_queue(step, params, local) for step in self.steps]
+
+
+def _queue(step: Step, params: dict[str, Any], local: bool) -> str:
+    if not step.storage:
+        return SHARED_QUEUE
+    if step.side and (node := params.get(f"{step.side}_node")):
+        return node_queue(node)
+    return node_queue(params["node"]) if local else SHARED_QUEUE
 
 
 LOCK_GUEST = Step("lock_guest", steps.lock_guest, steps.unlock_guest, storage=False, release=True)
 RESERVE_GUEST = Step("reserve_guest", steps.reserve_guest, steps.unreserve_guest, storage=False)
-ALLOCATE = Step("allocate", steps.allocate_disks, steps.free_made)
+ALLOCATE = Step("allocate", steps.allocate_disks, steps.free_made, side="target")
 LINK = Step("link_disks", steps.link_disks, steps.free_made)
-COPY = Step("copy_data", steps.copy_data)  # its target is freed by ALLOCATE's undo
-VERIFY = Step("verify_copy", steps.verify_copy)
-MAKE_MOVED_BASES = Step("make_bases", steps.make_moved_bases, steps.unmake_bases)  # only for a moved base
+# a copy between nodes: the source node exports, the target node copies, the export ends
+EXPORT = Step("export", steps.export_sources, steps.end_exports, side="source")
+COPY = Step("copy_data", steps.copy_data, side="target")  # its target is freed by ALLOCATE's undo
+VERIFY = Step("verify_copy", steps.verify_copy, side="target")
+END_EXPORT = Step("end_export", steps.end_exports, side="source")
+MAKE_MOVED_BASES = Step("make_bases", steps.make_moved_bases, steps.unmake_bases, side="target")  # a moved base
 COMMIT_NEW = Step("commit_guest", steps.commit_new_guest, storage=False, commit=True)
 MAKE_BASES = Step("make_bases", steps.make_bases, steps.unmake_bases)
 COMMIT_BASES = Step("commit_guest", steps.commit_bases, storage=False, commit=True)
 SWITCH = Step("switch_disks", steps.switch_disks, steps.unswitch_disks, storage=False, commit=True)
-FREE_SOURCES = Step("free_sources", steps.free_sources)
+SWITCH_NODE = Step("switch_node", steps.switch_node, storage=False, commit=True)
+FREE_SOURCES = Step("free_sources", steps.free_sources, side="source")
 # idempotent, and their effect is the user's intent: an interrupted one is carried forward
 FREE = Step("free_volume", steps.free_volume, commit=True)
 DESTROY = Step("destroy", steps.destroy_guest, commit=True)
@@ -99,7 +115,7 @@ ATTACH = Step("attach_disks", steps.attach_disks, storage=False, commit=True)
 DETACH = Step("detach_disk", steps.detach_disk, storage=False, commit=True)
 REMOVE_DISK = Step("remove_disk", steps.remove_disk, commit=True)
 COMMIT_ASSEMBLED = Step("commit_guest", steps.commit_assembled, commit=True)  # reads the bases: on their node
-MAKE_COPY_BASES = Step("make_bases", steps.make_copies_bases, steps.unmake_bases)
+MAKE_COPY_BASES = Step("make_bases", steps.make_copies_bases, steps.unmake_bases, side="target")
 COMMIT_TEMPLATE_COPY = Step("commit_guest", steps.commit_template_copy, storage=False, commit=True)
 BACKUP = Step("backup", backups.backup_guest, commit=True)  # a snapshot appears whole or not at all
 RESTORE_DATA = Step("restore_data", backups.restore_data)  # its targets are freed by ALLOCATE's undo
@@ -121,15 +137,18 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
     JobKind("linked_clone", "clone a template, sharing its bases",
             (RESERVE_GUEST, LINK, COMMIT_NEW), prepare_linked_clone),
     JobKind("full_clone", "clone a guest or template with full copies of its disks",
-            (LOCK_GUEST, RESERVE_GUEST, ALLOCATE, COPY, COMMIT_NEW), prepare_full_clone),
+            (LOCK_GUEST, RESERVE_GUEST, EXPORT, ALLOCATE, COPY, END_EXPORT, COMMIT_NEW), prepare_full_clone),
     JobKind("base", "turn a volume into a read-only base image",
             (LOCK_GUEST, MAKE_BASES, COMMIT_BASES), prepare_base),
     JobKind("template", "turn a guest into a template (every disk a base)",
             (LOCK_GUEST, MAKE_BASES, COMMIT_BASES), prepare_template),
     JobKind("copy", "copy a volume to a storage",
-            (ALLOCATE, COPY), prepare_copy),
+            (EXPORT, ALLOCATE, COPY, END_EXPORT), prepare_copy),
     JobKind("move", "move a guest's disk to a storage",
             (LOCK_GUEST, ALLOCATE, COPY, VERIFY, MAKE_MOVED_BASES, SWITCH, FREE_SOURCES), prepare_move),
+    JobKind("migrate", "move a guest to another node: its disks on node-local storages copied there, verified",
+            (LOCK_GUEST, EXPORT, ALLOCATE, COPY, VERIFY, END_EXPORT, MAKE_MOVED_BASES, SWITCH_NODE, FREE_SOURCES),
+            prepare_migrate),
     JobKind("free", "free a volume",
             (FREE,), prepare_free),
     JobKind("destroy", "destroy a guest and free its disks",
@@ -149,7 +168,8 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
     JobKind("assemble", "a new template whose disks are existing base images",
             (RESERVE_GUEST, COMMIT_ASSEMBLED), prepare_assemble),
     JobKind("template_copy", "copy a template: full copies of its bases, made bases on the target",
-            (RESERVE_GUEST, ALLOCATE, COPY, MAKE_COPY_BASES, COMMIT_TEMPLATE_COPY), prepare_template_copy),
+            (RESERVE_GUEST, EXPORT, ALLOCATE, COPY, END_EXPORT, MAKE_COPY_BASES, COMMIT_TEMPLATE_COPY),
+            prepare_template_copy),
     JobKind("backup", "back up a guest's config and disks into a backup storage",
             (LOCK_GUEST, BACKUP, UNLOCK_GUEST), prepare_backup),
     JobKind("restore", "restore a backup as a new guest, or over one with force (a template as a template)",

@@ -8,6 +8,8 @@ whole record before anything touches a storage.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -80,6 +82,26 @@ def _list_of(check: Check) -> Check:
     return run
 
 
+def _ip(value: Any) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise InvalidName(f"{value!r}: expected an IP address") from None
+
+
+def _port(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise InvalidName(f"{value!r}: expected a port number")
+
+
+def _matching(pattern: str, what: str) -> Check:
+    def run(value: Any) -> None:
+        if not isinstance(value, str) or not re.fullmatch(pattern, value):
+            raise InvalidName(f"{value!r}: expected {what}")
+
+    return run
+
+
 class _Bad(Exception):
     """A bad value and the keys leading to it (outermost first)."""
 
@@ -143,6 +165,7 @@ PLAN: dict[str, Check] = {
     "base": _volid,  # a disk from a base image: a linked clone of it
     "base_identity": _str,  # a relinked restore: the base must still be this very volume
     "as_base": _bool,  # a moved base: its copy is made a base on the target
+    "across": _bool,  # its source is on another node than its target: copied through an export
 }
 BASE_PLAN: dict[str, Check] = {"source": _volid, "name": _optional(lambda v: names.image_name(v, "base name"))}
 
@@ -152,6 +175,8 @@ PARAMS: dict[str, Check] = {
     "lock_vmid": _optional(_vmid),
     "name": _guest_name,
     "node": names.node,
+    "source_node": names.node,  # a job between nodes: where its sources are read (and exported)
+    "target_node": names.node,  # ... and where its targets are made
     "storages": _list_of(names.storage_id),
     "pinned": _bool,
     "make_template": _bool,
@@ -188,6 +213,16 @@ def _pair_of_volids(value: Any) -> None:
         _volid(volid)
 
 
+# A running export as the source node records it: where the target connects, and what `stop` checks.
+EXPORT: dict[str, Check] = {
+    "host": _ip,
+    "port": _port,
+    "name": _matching("[0-9a-f]{32}", "an export name"),
+    "pid": _positive_int,
+    "started": _matching("[0-9]{1,20}", "a process start time"),
+    "size": _positive_int,
+}
+
 # What steps save in the record (`ctx`) for later steps and undos: read back as input too.
 CTX: dict[str, Check] = {
     "pending": _map_of(_disk_key, _volid),
@@ -202,6 +237,7 @@ CTX: dict[str, Check] = {
     "time": _str,  # its time (parsed again where used)
     "restored": _list_of(_disk_key),
     "restoring": _disk_key,
+    "exports": _map_of(_disk_key, _table(EXPORT)),  # a source node's exports (drivers/transfer.py)
 }
 
 

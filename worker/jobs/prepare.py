@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from drivers import driver_for, names, qemu
+from drivers import driver_for, names, qemu, transfer
 from drivers.backends.base import Driver
 from drivers.config import Config
 from drivers.errors import AlreadyExists, ConfigError, InvalidName, NotFound, Refused
@@ -231,17 +231,124 @@ def prepare_full_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     _only(o, {"vmid", "newid", "name", "storage", "format"}, "full clone")
     source, newid = _clone_source(cfg, o)
     target = names.storage_id(o["storage"]) if o.get("storage") else None
-    disks, used = {}, set()
+    disks = {}
     for key, volid in source.disks.items():
         storage, vol = _volume(cfg, volid)
         dest = _images_storage(cfg, target or storage)
         disks[key] = {"source": volid, "storage": dest, "owner": newid,
                       "format": _format(cfg, dest, o.get("format"), default=vol.fmt)}
-        used |= {storage, dest}
-    storages = _check_nodes(cfg, used, source.node)
-    return {"vmid": source.vmid, "new_vmid": newid, "name": _name(o), "node": source.node,
+    return {"vmid": source.vmid, "new_vmid": newid, "name": _name(o),
             "lock_vmid": None if source.template else source.vmid, "expect_disks": source.disks,
-            "disks": disks, "storages": storages}
+            "disks": disks, **_placed(cfg, disks, source.node)}
+
+
+# ---- between nodes -------------------------------------------------------------------
+
+
+def target_node(cfg: Config, targets: set[str], source_node: str) -> str | None:
+    """The node a copy's targets are made on when that is not `source_node` (the copy crosses
+    nodes: the source node exports, the target node copies), else None. Refused when no one
+    node holds every target storage."""
+    if all(cfg.storage(t).on_node(source_node) for t in targets):
+        return None
+    nodes = [n for n in cfg.known_nodes() if all(cfg.storage(t).on_node(n) for t in targets)]
+    if len(nodes) != 1:
+        where = f"node(s) {', '.join(nodes)}" if nodes else "no one node"
+        raise Refused(f"storage(s) {', '.join(sorted(targets))} are on {where}, not on node {source_node!r} of "
+                      "the source: copy to storages of one other node")
+    return nodes[0]
+
+
+def _placed(cfg: Config, disks: dict[str, dict[str, Any]], source_node: str) -> dict[str, Any]:
+    """Where a copying job runs: on `source_node`, or, where its targets are on another node,
+    between the two (each disk whose source that node cannot read marked `across`)."""
+    sources = {names.volume_id(d["source"]).storage for d in disks.values()}
+    targets = {d["storage"] for d in disks.values()}
+    target = target_node(cfg, targets, source_node)
+    if target is None:
+        return {"node": source_node, "storages": _check_nodes(cfg, sources | targets, source_node)}
+    _require_cluster_key(cfg)
+    _check_nodes(cfg, sources, source_node)
+    for plan in disks.values():
+        plan["across"] = not cfg.storage(names.volume_id(plan["source"]).storage).on_node(target)
+    return {"node": target, "source_node": source_node, "target_node": target, "storages": sorted(sources | targets)}
+
+
+def _require_cluster_key(cfg: Config) -> None:
+    if cfg.cluster_key is None:
+        raise Refused(transfer.NO_KEY)
+
+
+def _source_node(cfg: Config, storage: str, node: str) -> str:
+    """The node to read a volume of `storage` on: `node` where it can, else the storage's one node."""
+    config = cfg.storage(storage)
+    if config.on_node(node):
+        return node
+    if len(config.nodes) != 1:
+        raise Refused(f"storage {storage!r} is local to node(s) {', '.join(config.nodes)}: name the node "
+                      "to read it on with --node")
+    return config.nodes[0]
+
+
+def _storage_map(o: dict[str, Any]) -> dict[str, str]:
+    """--storage-map OLD=NEW,...: where each storage's disks go."""
+    text = o.get("storage_map") or ""
+    if not isinstance(text, str):
+        raise InvalidName(f"invalid storage map {text!r}: expected OLD=NEW,...")
+    mapping = {}
+    for pair in filter(None, text.split(",")):
+        old, sep, new = pair.partition("=")
+        if not sep:
+            raise InvalidName(f"invalid storage map entry {pair!r}: expected OLD=NEW")
+        mapping[names.storage_id(old.strip())] = names.storage_id(new.strip())
+    return mapping
+
+
+def prepare_migrate(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """A guest to another node: each disk on a node-local storage copied to a storage of that
+    node (--storage, else --storage-map's, else one of the same name), verified, then the
+    guest moved there at one commit and the originals freed (kept with --keep-source)."""
+    _only(o, {"vmid", "node", "storage", "storage_map", "keep_source"}, "migrate")
+    guest = _guest(cfg, o.get("vmid"))
+    guest.require_unlocked()
+    target = names.node(o.get("node") or "")
+    if target == guest.node:
+        raise Refused(f"guest {guest.vmid} is on node {target!r} already")
+    if target not in cfg.known_nodes():
+        raise NotFound(f"unknown node {target!r} (known: {', '.join(cfg.known_nodes())})")
+    if o.get("storage") and o.get("storage_map"):
+        raise InvalidName("migrate: give --storage or --storage-map, not both")
+    mapping = _storage_map(o)
+    if unused := [v for v in guest.unused if not cfg.storage(names.volume_id(v).storage).shared]:
+        raise Refused(f"guest {guest.vmid} keeps unused volumes on node {guest.node}: {', '.join(unused)} "
+                      "(free them with 'stork volume free', or attach them, first)")
+    disks: dict[str, dict[str, Any]] = {}
+    for key, volid in guest.disks.items():
+        storage, vol = _volume(cfg, volid)
+        if cfg.storage(storage).shared:
+            continue  # seen from every node: it stays
+        if vol.owner is not None and vol.owner != guest.vmid:
+            raise Refused(f"guest {guest.vmid}'s disk {key} is {volid}, which belongs to guest {vol.owner}")
+        if (drv := _existing_here(cfg, storage, vol)) and drv.parent_of(vol) is not None:
+            raise Refused(f"guest {guest.vmid}'s disk {key} ({volid}) is a linked clone of "
+                          f"{drv.volid(drv.parent_of(vol))}, a base on node {guest.node}: it cannot move without it "
+                          "(clone it with --full first)")
+        dest = names.storage_id(o["storage"]) if o.get("storage") else mapping.get(storage, storage)
+        dest = _images_storage(cfg, dest)
+        if not cfg.storage(dest).on_node(target):
+            raise Refused(f"storage {dest!r} does not exist on node {target!r} (map {storage} to one that does with "
+                          f"--storage-map {storage}=STORAGE)")
+        disks[key] = {"source": volid, "storage": dest, "owner": guest.vmid,
+                      "format": _format(cfg, dest, None, vol.fmt), "across": True,
+                      **({"as_base": True} if vol.is_base else {})}
+    if disks:
+        _require_cluster_key(cfg)
+    sources = {names.volume_id(d["source"]).storage for d in disks.values()}
+    targets = {d["storage"] for d in disks.values()}
+    _check_nodes(cfg, sources, guest.node)
+    return {"lock_vmid": guest.vmid, "expect_disks": guest.disks, "disks": disks, "node": guest.node,
+            "source_node": guest.node, "target_node": target, "delete_source": not _flag(o, "keep_source"),
+            "storages": sorted(sources | targets)}
 
 
 def prepare_template_copy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -299,9 +406,9 @@ def prepare_copy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     if owner is None:
         raise InvalidName(f"{volid} belongs to no guest: name the owner of the copy with --vmid")
     dest = _images_storage(cfg, names.storage_id(o.get("storage") or ""))
-    node = _node(o, cfg)
     disk = {"source": volid, "storage": dest, "owner": owner, "format": _format(cfg, dest, o.get("format"), vol.fmt)}
-    return {"disks": {"copy": disk}, "node": node, "storages": _check_nodes(cfg, {storage, dest}, node)}
+    disks = {"copy": disk}
+    return {"disks": disks, **_placed(cfg, disks, _source_node(cfg, storage, _node(o, cfg)))}
 
 
 def prepare_move(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -321,6 +428,9 @@ def prepare_move(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     fmt = _format(cfg, dest, o.get("format"), vol.fmt)
     if dest == storage and fmt == vol.fmt:
         raise Refused(f"{volid} is already on {dest!r} as {fmt}")
+    if target_node(cfg, {dest}, guest.node) is not None:
+        raise Refused(f"storage {dest!r} is not on node {guest.node!r}, where guest {guest.vmid} is: a guest's disks "
+                      f"stay on its node (move the guest with 'stork guest migrate {guest.vmid} NODE')")
     plan = {"source": volid, "storage": dest, "owner": guest.vmid, "format": fmt}
     if vol.is_base:
         plan["as_base"] = True  # the verified copy becomes a base on the target

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from drivers import faults, qemu
+from drivers import faults, qemu, transfer
 from drivers.backends.base import Driver
 from drivers.errors import AlreadyExists, NotFound, Refused, StorkError
 from drivers.guests import Guest
@@ -159,7 +159,7 @@ def allocate_disks(ctx: StepContext) -> None:
             _link(ctx, key, plan["base"], plan["owner"], plan.get("base_identity"))
             continue
         drv = ctx.driver(plan["storage"])
-        size = int(plan["size"]) if "size" in plan else _volume_size(ctx, plan["source"])
+        size = int(plan["size"]) if "size" in plan else _source_size(ctx, key, plan)
 
         def allocate(vol: VolName, d: Driver = drv, n: int = size) -> None:
             d.allocate(vol, n)
@@ -220,12 +220,14 @@ def free_made(ctx: StepContext) -> None:
 
 @dataclass(frozen=True)
 class _Source:
-    """What a planned disk copies from: an opened image file (import) or a volume."""
+    """What a planned disk copies from: an opened image file (import), another node's export
+    of a volume, or a volume."""
 
     label: str
     size: int
     image: qemu.Image | None = None
     volume: tuple[Driver, VolName] | None = None
+    imported: bool = False
 
 
 def _volume_size(ctx: StepContext, volid: str) -> int:
@@ -234,15 +236,23 @@ def _volume_size(ctx: StepContext, volid: str) -> int:
     return drv.virtual_size(vol)
 
 
-def _open_source(ctx: StepContext, stack: contextlib.ExitStack, plan: dict) -> _Source:
-    """Open an import file once (its checks and its copy read the same descriptor), or name
-    a volume."""
+def _source_size(ctx: StepContext, key: str, plan: dict) -> int:
+    """The size of a planned disk's source: its export's, where it is on another node."""
+    return _export(ctx, key).size if plan.get("across") else _volume_size(ctx, plan["source"])
+
+
+def _open_source(ctx: StepContext, stack: contextlib.ExitStack, key: str, plan: dict) -> _Source:
+    """Open an import file once (its checks and its copy read the same descriptor), reach a
+    volume of another node through its export, or name a volume."""
     if "source_path" in plan:
         path = Path(plan["source_path"])
         image, size = stack.enter_context(qemu.open_import(path))
         if size != plan["size"]:
             raise Refused(f"{path} changed since the job was submitted (its size is now {size} bytes)")
-        return _Source(str(path), size, image=image)
+        return _Source(str(path), size, image=image, imported=True)
+    if plan.get("across"):
+        export = _export(ctx, key)
+        return _Source(plan["source"], export.size, image=transfer.source(export, _cluster_key(ctx), plan["source"]))
     drv, vol = ctx.volume(plan["source"])
     return _Source(plan["source"], _volume_size(ctx, plan["source"]), volume=(drv, vol))
 
@@ -256,7 +266,7 @@ def copy_data(ctx: StepContext) -> None:
     """
     copied: list[str] = ctx.data.setdefault("copied", [])
     with contextlib.ExitStack() as stack:
-        sources = {key: _open_source(ctx, stack, plan) for key, plan in ctx.params["disks"].items()}
+        sources = {key: _open_source(ctx, stack, key, plan) for key, plan in ctx.params["disks"].items()}
         total = sum(src.size for src in sources.values())
         offset = sum(sources[key].size for key in copied if key in sources)
         for key, src in sources.items():
@@ -278,6 +288,8 @@ def copy_data(ctx: StepContext) -> None:
             else:
                 assert src.image is not None
                 drv.copy_in(src.image, src.size, dst, progress)
+            if src.imported:
+                assert src.image is not None
                 qemu.refuse_external(src.image.fds[0], src.label)  # still none after the copy
             offset += src.size
             copied.append(key)
@@ -286,11 +298,62 @@ def copy_data(ctx: StepContext) -> None:
 
 
 def verify_copy(ctx: StepContext) -> None:
-    """Compare every copy with its source before the source may go."""
+    """Compare every copy with its source (through its export, from another node) before the
+    source may go."""
     for key, plan in ctx.params["disks"].items():
-        src_drv, src = ctx.volume(plan["source"])
         dst_drv, dst = ctx.volume(ctx.data["made"][key])
-        dst_drv.compare(src_drv, src, dst)
+        if plan.get("across"):
+            dst_drv.compare_with(transfer.source(_export(ctx, key), _cluster_key(ctx), plan["source"]), dst)
+        else:
+            dst_drv.compare(*ctx.volume(plan["source"]), dst)
+
+
+# ---- between nodes -------------------------------------------------------------------
+
+
+def _cluster_key(ctx: StepContext) -> Path:
+    if ctx.cfg.cluster_key is None:
+        raise Refused(transfer.NO_KEY)
+    return ctx.cfg.cluster_key
+
+
+def _export(ctx: StepContext, key: str) -> transfer.Export:
+    try:
+        return transfer.Export.from_dict(ctx.data["exports"][key])
+    except KeyError:
+        raise Refused(f"disk {key} has no export to copy from (the export step did not record one)") from None
+
+
+def export_sources(ctx: StepContext) -> None:
+    """On the source node: export each planned disk that another node copies (`across`),
+    read-only, on this node's address, for holders of the cluster key. Recorded before the
+    step ends; an export whose recording fails is stopped at once. A redelivered step starts
+    anew what died with its process."""
+    exports: dict[str, dict] = ctx.data.setdefault("exports", {})
+    for key, plan in ctx.params["disks"].items():
+        if not plan.get("across") or (key in exports and transfer.running(_export(ctx, key))):
+            continue
+        drv, vol = ctx.volume(plan["source"])
+        drv.require_existing(vol)
+        if plan.get("as_base") and (clones := drv.clones_of(vol)):
+            raise Refused(f"{plan['source']} is a base with {len(clones)} linked clone(s) on node {ctx.node}, which "
+                          f"read through it where it is: {', '.join(drv.volid(c) for c in clones)} "
+                          "(move or destroy them first)")
+        with drv.image(vol) as image:
+            export = transfer.start(image, drv.virtual_size(vol), ctx.cfg.address_of(ctx.node), _cluster_key(ctx))
+        exports[key] = export.as_dict()
+        try:
+            ctx.save()
+        except BaseException:
+            transfer.stop(export)
+            raise
+    ctx.set_result(exported=sorted(exports))
+
+
+def end_exports(ctx: StepContext) -> None:
+    """Stop this job's exports (the copies are made, or the job is undone); idempotent."""
+    for key in ctx.data.get("exports", {}):
+        transfer.stop(_export(ctx, key))
 
 
 def resize_volume(ctx: StepContext) -> None:
@@ -321,12 +384,15 @@ def make_moved_bases(ctx: StepContext) -> None:
     refused if linked clones read through the source by now."""
     plans = {}
     for key, plan in ctx.params["disks"].items():
-        if plan.get("as_base"):
+        if not plan.get("as_base"):
+            continue
+        source = ctx.volname(plan["source"])
+        if not plan.get("across"):  # on another node, the export step checked (and the free refuses)
             drv, source = ctx.volume(plan["source"])
             if clones := drv.clones_of(source):
                 raise Refused(f"{plan['source']} has {len(clones)} linked clone(s) now: "
                               f"{', '.join(drv.volid(c) for c in clones)}")
-            plans[key] = {"source": ctx.data["made"][key], "name": source.name}
+        plans[key] = {"source": ctx.data["made"][key], "name": source.name}
     _make_bases(ctx, plans)
 
 
@@ -511,18 +577,41 @@ def unswitch_disks(ctx: StepContext) -> None:
         box[0] = guest.with_(disks={**guest.disks, **old}, unused=unused)
 
 
+def switch_node(ctx: StepContext) -> None:
+    """Move a migrated guest to its target node, attached to the verified copies there: one
+    write of its config, the migration's commit. The originals, on the source node, are not
+    the guest's to reach from there: free_sources frees them, or the result names them kept."""
+    vmid = ctx.params["lock_vmid"]
+    made = {**ctx.data.get("made", {}), **{key: pair[1] for key, pair in ctx.data.get("based", {}).items()}}
+    with ctx.guests.editing(vmid) as box:
+        guest = box[0]
+        if guest.lock_job != ctx.job.id:
+            return  # redelivered after it finished
+        old = {key: guest.disks[key] for key in made}
+        ctx.data["replaced"] = old
+        ctx.save()
+        box[0] = guest.with_(node=ctx.params["target_node"], disks={**guest.disks, **made}, lock="", lock_job="")
+    ctx.set_result(vmid=vmid, node=ctx.params["target_node"], disks=made, replaced=old)
+    if not ctx.params.get("delete_source"):
+        ctx.set_result(kept={"node": ctx.params["source_node"], "volumes": sorted(old.values())})
+
+
 def free_sources(ctx: StepContext) -> None:
-    """After a verified move with --delete-source, free the original volumes and drop them
-    from the guest's unused list. The move is committed by then: a volume that cannot be
-    freed stays listed as unused, with a warning in the result."""
+    """After a verified move with --delete-source (or a migration without --keep-source),
+    free the original volumes and drop them from the guest's unused list. The move is
+    committed by then: a volume that cannot be freed stays listed as unused, with a warning
+    in the result."""
     if not ctx.params.get("delete_source"):
         return
+    # a migrated guest's copy may have its original's name, on its new node: not a use of the original
+    migrated = ctx.params["lock_vmid"] if ctx.params.get("target_node") else None
     freed = []
     for volid in ctx.data.get("replaced", {}).values():
         try:
             drv, vol = ctx.volume(volid)
             with ctx.storage_lock(drv):
-                usage.require_unused(ctx, volid, count_unused=False)  # kept as unused by this guest: ours
+                # kept as unused by this guest: ours
+                usage.require_unused(ctx, volid, count_unused=False, but=migrated)
                 ctx.fence(drv)
                 drv.free(vol)
             freed.append(volid)

@@ -40,15 +40,15 @@ def job_volumes(job: JobRecord) -> set[str]:
     return found
 
 
-def guest_users(ctx: StepContext, volid: str, count_unused: bool = True) -> list[str]:
-    """Guests, besides those this job holds, that attach `volid` (or keep it as unused)."""
+def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None) -> list[str]:
+    """Guests, besides those this job holds (and `but`), that attach `volid` (or keep it as unused)."""
     try:
         guests = ctx.guests.list()
     except StorkError as e:
         raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
     return [
         f"guest {g.vmid} ({key})"
-        for g in guests if g.lock_job != ctx.job.id
+        for g in guests if g.lock_job != ctx.job.id and g.vmid != but
         for key, v in [*g.disks.items(), *((("unused", u) for u in g.unused) if count_unused else ())]
         if v == volid
     ]
@@ -65,13 +65,13 @@ def job_users(ctx: StepContext, volid: str) -> list[str]:
     return [f"job {job.id} ({job.kind})" for job in jobs if volid in job_volumes(job)]
 
 
-def users(ctx: StepContext, volid: str, count_unused: bool = True) -> list[str]:
+def users(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None) -> list[str]:
     """Who uses `volid`: guests (see guest_users) and jobs that have not ended."""
-    return guest_users(ctx, volid, count_unused) + job_users(ctx, volid)
+    return guest_users(ctx, volid, count_unused, but) + job_users(ctx, volid)
 
 
-def require_unused(ctx: StepContext, volid: str, count_unused: bool = True) -> None:
-    if found := users(ctx, volid, count_unused):
+def require_unused(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None) -> None:
+    if found := users(ctx, volid, count_unused, but):
         raise Refused(f"{volid} is in use by {', '.join(found)}")
 
 

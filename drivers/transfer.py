@@ -1,0 +1,215 @@
+"""A volume from one node to another: the source node's `qemu-nbd` exports it read-only over
+TCP, authenticated and encrypted with TLS (a pre-shared key, the cluster key), and the
+target node's `qemu-img` reads it from there as it reads any image. No data protocol of
+stork's own, no ssh.
+
+An export serves one client at a time and stays up until stopped (`--persistent`: the
+target reads it twice when it verifies the copy). Its process dies with the process that
+started it (parent-death signal), so a worker that dies takes its exports along; `stop` ends
+one from any process of the node, acting only on the very process that was started (its pid
+opened as a pidfd, then its start time and export name checked), never on a reused pid.
+
+The key file holds one line `stork:<hex key>` (qemu's `keys.psk` format, identity `stork`);
+qemu reads it as `keys.psk` in a directory, so each process links it into a private one.
+The key never travels: not in a job, not on a command line, not in a log.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from drivers import qemu
+from drivers.errors import Refused
+from drivers.nbd import QEMU_NBD
+from drivers.tools import ToolError, dying_with_caller, process_start
+
+IDENTITY = "stork"
+KEY_LINE = re.compile(rf"{IDENTITY}:[0-9a-fA-F]{{32,256}}\n?")
+START_TIMEOUT = 30.0
+PORT_TRIES = 5  # a port picked free may be taken before qemu-nbd binds it: pick another
+CREDS = "stork-tls"
+NO_KEY = ("copying between nodes needs the cluster key: set [cluster] tls_psk_file "
+          "('stork cluster key FILE' makes one)")  # the id of the TLS credentials object on qemu's command lines
+
+
+@dataclass(frozen=True)
+class Export:
+    """A running export, as the job records it (no secret in it: the key authenticates)."""
+
+    host: str
+    port: int
+    name: str  # random: names the export on the server and finds its process again
+    pid: int
+    started: str  # the process's start time (clock ticks since boot): tells it from a reused pid
+    size: int  # the volume's virtual size
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Export:
+        return cls(str(data["host"]), int(data["port"]), str(data["name"]), int(data["pid"]), str(data["started"]),
+                   int(data["size"]))
+
+
+def make_key(path: Path) -> None:
+    """Write a new cluster key to `path` (which must not exist), readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{IDENTITY}:{secrets.token_hex(32)}\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_key(path: Path) -> None:
+    """Refuse a key file that is missing, not a regular file, readable by others than its
+    owner, or not one `stork:<hex>` line: a transfer never starts on a key it cannot trust."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise Refused(f"cluster key {path}: cannot be read: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused(f"cluster key {path}: not a regular file")
+        if st.st_mode & 0o077:
+            raise Refused(f"cluster key {path}: readable by others than its owner (chmod 600 it)")
+        text = f.read(1024).decode("ascii", "replace")
+    if not KEY_LINE.fullmatch(text):
+        raise Refused(f"cluster key {path}: expected one line {IDENTITY}:<hex digits> ('stork cluster key' makes one)")
+
+
+@functools.cache
+def _key_dir(key: Path) -> str:
+    """A private directory holding `keys.psk`, a link to the key (removed at exit; the link
+    only points, the key stays where it is)."""
+    where = tempfile.mkdtemp(prefix="stork-psk-")
+    os.symlink(key, Path(where) / "keys.psk")
+    atexit.register(shutil.rmtree, where, True)
+    return where
+
+
+def _creds(key: Path, endpoint: str) -> str:
+    check_key(key)
+    user = f",username={IDENTITY}" if endpoint == "client" else ""
+    return f"tls-creds-psk,id={CREDS},endpoint={endpoint},dir={_key_dir(key)}{user}"
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def start(image: qemu.Image, size: int, host: str, key: Path) -> Export:
+    """Export `image` read-only on `host` (a free port), for clients holding the key."""
+    _reap()
+    name = secrets.token_hex(16)
+    creds = _creds(key, "server")
+    for _ in range(PORT_TRIES):
+        port = _free_port(host)
+        try:
+            return _start(image, size, host, port, name, creds)
+        except ToolError as e:
+            if "in use" not in e.stderr:
+                raise
+    raise ToolError(f"exporting {image.label}", [QEMU_NBD], -1, f"no free port on {host} after {PORT_TRIES} tries")
+
+
+def _start(image: qemu.Image, size: int, host: str, port: int, name: str, creds: str) -> Export:
+    with tempfile.TemporaryDirectory(prefix="stork-export-") as where:
+        pid_file, errors = Path(where) / "pid", Path(where) / "stderr"
+        argv = [QEMU_NBD, "--read-only", "--persistent", "--shared", "1", "--bind", host, "--port", str(port),
+                "--export-name", name, "--object", creds, "--tls-creds", CREDS, "--pid-file", str(pid_file),
+                "--", image.spec]
+        with open(errors, "wb") as err:
+            # TERM: the export ends with the process that started it (the step's worker process)
+            proc = subprocess.Popen(dying_with_caller(argv, "TERM"), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=err, pass_fds=image.all_fds)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not pid_file.exists():  # written once the export listens
+            if proc.poll() is not None:
+                said = (errors.read_text(errors="replace").strip().splitlines() or ["no message"])[-1]
+                raise ToolError(f"exporting {image.label}", argv, proc.returncode, said)
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise ToolError(f"exporting {image.label}", argv, -1, f"qemu-nbd did not listen in {START_TIMEOUT:g} s")
+            time.sleep(0.01)
+    started = process_start(proc.pid)
+    if started is None:
+        raise ToolError(f"exporting {image.label}", argv, -1, "qemu-nbd ended as it started")
+    _children[name] = proc  # reaped when stopped from this process
+    return Export(host, port, name, proc.pid, started, size)
+
+
+_children: dict[str, subprocess.Popen[bytes]] = {}
+
+
+def _reap() -> None:
+    """Collect this process's exports that ended (stopped from another process of the node)."""
+    for name, proc in list(_children.items()):
+        if proc.poll() is not None:
+            del _children[name]
+
+
+def running(export: Export) -> bool:
+    """Is the export's own process still running (not a process that got its pid since)?"""
+    return process_start(export.pid) == export.started and _is_export(export)
+
+
+def _is_export(export: Export) -> bool:
+    try:
+        argv = Path(f"/proc/{export.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(argv) and Path(argv[0].decode(errors="replace")).name == QEMU_NBD and export.name.encode() in argv
+
+
+def stop(export: Export) -> None:
+    """End the export if it still runs; idempotent, from any process of its node."""
+    proc = _children.pop(export.name, None)
+    try:
+        pidfd = os.pidfd_open(export.pid)
+    except ProcessLookupError:
+        pidfd = None
+    if pidfd is not None:
+        try:
+            if running(export):  # checked after opening: the pidfd is the process checked, or a dead one
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+                _wait_gone(export)
+        finally:
+            os.close(pidfd)
+    if proc is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+
+
+def _wait_gone(export: Export, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while running(export) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def source(export: Export, key: Path, label: str) -> qemu.Image:
+    """The export as qemu-img reads it: raw guest data over NBD, with TLS."""
+    server = {"type": "inet", "host": export.host, "port": str(export.port)}
+    return qemu.Image("raw", {"driver": "nbd", "server": server, "export": export.name, "tls-creds": CREDS},
+                      label, objects=(_creds(key, "client"),))

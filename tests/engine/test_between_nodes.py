@@ -1,0 +1,209 @@
+"""Copies between nodes: node1's and node2's workers, each with its own node-local storage
+(local1, local2), a volume of one copied to the other through a qemu-nbd export over TLS
+(drivers/transfer.py) — full clones, disk copies, template copies and migrations, through
+the CLI, the data compared with qemu-img compare."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from drivers.errors import Refused
+from tests.helpers import qemu_io_write, qemu_same, volume_path
+
+
+def _make(client, vmid: int, node: str, storage: str, mib: int = 64, fmt: str = "raw") -> str:
+    """A guest with one disk holding a recognisable pattern; its volume id."""
+    job = client.run("create", vmid=vmid, node=node, disks={"scsi0": {"storage": storage, "size": f"{mib}M",
+                                                                      "format": fmt}})
+    assert job.state == "succeeded", job.error
+    volid = client.guest(vmid).disks["scsi0"]
+    qemu_io_write(volume_path(volid), fmt, 3 << 20, 2 << 20, 0x5A)
+    qemu_io_write(volume_path(volid), fmt, (mib - 1) << 20, 1 << 20, 0x17)
+    return volid
+
+
+def _exports_running() -> list[str]:
+    """qemu-nbd processes serving over TCP (the unix-socket ones of backups are not exports)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"qemu-nbd") and b"--tls-creds" in argv:
+            found.append(pid)
+    return found
+
+
+def _sides(job) -> tuple[set[str], set[str]]:
+    """The nodes the job's export steps and its copy steps ran on."""
+    return ({job.ran_on[s] for s in ("export", "end_export")}, {job.ran_on[s] for s in ("allocate", "copy_data")})
+
+
+def test_a_full_clone_onto_another_nodes_storage_is_copied_there_through_an_export(client, vmid, stork):
+    """A template on node1's local storage, cloned in full onto node2's: node1 exports, node2
+    copies, the new guest lives on node2, its disk equals the base, and no export is left."""
+    t, c = vmid(), vmid()
+    _make(client, t, "node1", "local1", fmt="qcow2")
+    assert client.run("template", vmid=t).state == "succeeded"
+    code, out, err = stork("--json", "clone", t, c, "--full", "--storage", "local2")
+    assert code == 0, err
+    job = client.job(json.loads(out)["id"])
+    assert _sides(job) == ({"node1"}, {"node2"})
+    clone = client.guest(c)
+    assert clone.node == "node2" and clone.disks["scsi0"].startswith("local2:")
+    assert qemu_same(volume_path(client.guest(t).disks["scsi0"]), volume_path(clone.disks["scsi0"]))
+    assert _exports_running() == []
+
+
+def test_a_disk_copy_and_a_template_copy_cross_nodes(client, vmid, stork):
+    g, t2 = vmid(), vmid()
+    volid = _make(client, g, "node1", "local1")
+    code, out, err = stork("--json", "disk", "copy", volid, "local2")
+    assert code == 0, err
+    job = client.job(json.loads(out)["id"])
+    copy = job.result["volumes"]["copy"]
+    assert copy.startswith("local2:") and qemu_same(volume_path(volid), volume_path(copy))
+    assert _sides(job) == ({"node1"}, {"node2"})
+
+    assert client.run("template", vmid=g).state == "succeeded"
+    code, _, err = stork("template", "copy", g, t2, "--storage", "local2")
+    assert code == 0, err
+    copied = client.guest(t2)
+    assert copied.template and copied.node == "node2" and "/base-" in copied.disks["scsi0"]
+    assert qemu_same(volume_path(client.guest(g).disks["scsi0"]), volume_path(copied.disks["scsi0"]))
+
+
+def test_a_guest_migrates_to_another_node_and_back(client, vmid, stork):
+    """Every disk copied, verified, the guest switched to node2, the originals freed; then
+    back to node1 with --keep-source, which leaves the copies on node2 and says so."""
+    g = vmid()
+    volid = _make(client, g, "node1", "local1")
+    first = volume_path(volid).read_bytes()
+    code, out, err = stork("--json", "guest", "migrate", g, "node2", "--storage-map", "local1=local2")
+    assert code == 0, err
+    guest = client.guest(g)
+    assert guest.node == "node2" and guest.disks["scsi0"].startswith("local2:") and guest.unused == ()
+    assert volume_path(guest.disks["scsi0"]).read_bytes() == first
+    assert not volume_path(volid).exists()  # freed on node1
+
+    code, out, err = stork("--json", "guest", "migrate", g, "node1", "--storage", "local1", "--keep-source")
+    assert code == 0, err
+    job = client.job(json.loads(out)["id"])
+    back = client.guest(g)
+    assert back.node == "node1" and back.disks["scsi0"].startswith("local1:")
+    assert job.result["kept"] == {"node": "node2", "volumes": [guest.disks["scsi0"]]}
+    assert volume_path(guest.disks["scsi0"]).exists()
+    assert volume_path(back.disks["scsi0"]).read_bytes() == first
+
+
+def test_a_template_migrates_with_its_bases(client, vmid, stork):
+    t = vmid()
+    _make(client, t, "node1", "local1")
+    assert client.run("template", vmid=t).state == "succeeded"
+    base = client.guest(t).disks["scsi0"]
+    code, _, err = stork("guest", "migrate", t, "node2", "--storage-map", "local1=local2")
+    assert code == 0, err
+    moved = client.guest(t)
+    assert moved.template and moved.node == "node2"
+    assert moved.disks["scsi0"] == base.replace("local1:", "local2:")  # a base keeps its name
+    assert not volume_path(base).exists()
+    code, _, err = stork("clone", t, vmid())  # linked, on node2 now
+    assert code == 0, err
+
+
+def test_a_template_whose_bases_have_linked_clones_does_not_migrate(client, vmid, stork):
+    """Refused by the export step on node1, which lists the clones; nothing is left on node2."""
+    t, c = vmid(), vmid()
+    _make(client, t, "node1", "local1")
+    assert client.run("template", vmid=t).state == "succeeded"
+    assert client.run("linked_clone", vmid=t, newid=c).state == "succeeded"
+    before = sorted(p.name for p in volume_path("local2:x").parent.glob("**/*"))
+    code, _, err = stork("guest", "migrate", t, "node2", "--storage-map", "local1=local2")
+    assert code == 1
+    assert "linked clone(s) on node node1" in err and client.guest(c).disks["scsi0"] in err
+    assert client.guest(t).node == "node1" and not client.guest(t).lock
+    assert sorted(p.name for p in volume_path("local2:x").parent.glob("**/*")) == before
+    assert _exports_running() == []
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["node1"], "is on node 'node1' already"),
+    (["node7"], "unknown node 'node7'"),
+    (["node2"], "storage 'local1' does not exist on node 'node2' (map local1 to one that does"),
+    (["node2", "--storage-map", "local1"], "invalid storage map entry 'local1': expected OLD=NEW"),
+])
+def test_a_migration_that_cannot_work_is_refused_before_anything_runs(client, vmid, stork, args, message):
+    g = vmid()
+    _make(client, g, "node1", "local1", mib=8)
+    code, _, err = stork("guest", "migrate", g, *args)
+    assert code in (1, 2) and message in err, err
+    assert client.guest(g).node == "node1" and client.jobs(vmid=g, kind="migrate") == []
+
+
+def test_a_linked_clone_does_not_migrate_away_from_its_base(client, vmid, stork):
+    t, c = vmid(), vmid()
+    _make(client, t, "node1", "local1", mib=8)
+    assert client.run("template", vmid=t).state == "succeeded"
+    assert client.run("linked_clone", vmid=t, newid=c).state == "succeeded"
+    code, _, err = stork("guest", "migrate", c, "node2", "--storage-map", "local1=local2")
+    assert code == 1 and "is a linked clone of" in err and "clone it with --full first" in err
+
+
+def test_a_disk_move_onto_another_nodes_storage_points_to_migrate(client, vmid):
+    g = vmid()
+    _make(client, g, "node1", "local1", mib=8)
+    with pytest.raises(Refused, match=f"disks stay on its node \\(move the guest with 'stork guest migrate {g}"):
+        client.submit("move", vmid=g, disk="scsi0", storage="local2")
+
+
+def test_without_a_cluster_key_copies_between_nodes_are_refused(client, vmid):
+    """A config without [cluster] tls_psk_file: refused at submit, naming the key to set."""
+    from dataclasses import replace
+
+    from worker.jobs.kinds import KINDS
+
+    t = vmid()
+    _make(client, t, "node1", "local1", mib=8)
+    keyless = replace(client.cfg, cluster_key=None)
+    with pytest.raises(Refused, match=r"needs the cluster key: set \[cluster\] tls_psk_file"):
+        KINDS["full_clone"].prepare({"vmid": t, "newid": vmid(), "storage": "local2"}, keyless)
+    with pytest.raises(Refused, match=r"needs the cluster key"):
+        KINDS["migrate"].prepare({"vmid": t, "node": "node2", "storage": "local2"}, keyless)
+
+
+def test_the_export_refuses_a_reader_without_the_key(tmp_path):
+    """qemu-nbd serves the cluster key's holders only: another key, or no TLS, is refused."""
+    from drivers import qemu, transfer
+
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\x42" * (1 << 20))
+    key, other = tmp_path / "cluster.psk", tmp_path / "other.psk"
+    transfer.make_key(key)
+    transfer.make_key(other)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        export = transfer.start(qemu.Image.of_fd("raw", fd, "disk"), 1 << 20, "127.0.0.1", key)
+    finally:
+        os.close(fd)
+    try:
+        copy = tmp_path / "copy.raw"
+        copy.write_bytes(b"\0" * (1 << 20))
+        target_fd = os.open(copy, os.O_RDWR)
+        target = qemu.Image.of_fd("raw", target_fd, "copy")
+        with pytest.raises(Exception, match="TLS"):
+            qemu.convert(transfer.source(export, other, "disk"), target, 1 << 20)
+        plain = subprocess.run(["qemu-img", "info", f"nbd://127.0.0.1:{export.port}/{export.name}"],
+                               capture_output=True, text=True, check=False)
+        assert plain.returncode == 1 and "TLS" in plain.stderr
+        qemu.convert(transfer.source(export, key, "disk"), target, 1 << 20)  # the key's holder reads it
+        os.close(target_fd)
+        assert copy.read_bytes() == image.read_bytes()
+    finally:
+        transfer.stop(export)
+    assert not transfer.running(export)
