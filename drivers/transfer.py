@@ -83,13 +83,15 @@ def check_key(path: Path) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise Refused(f"cluster key {path}: cannot be read: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise Refused(f"cluster key {path}: not a regular file")
         if st.st_mode & 0o077:
             raise Refused(f"cluster key {path}: readable by others than its owner (chmod 600 it)")
-        text = f.read(1024).decode("ascii", "replace")
+        text = os.read(fd, 1024).decode("ascii", "replace")
+    finally:
+        os.close(fd)
     if not KEY_LINE.fullmatch(text):
         raise Refused(f"cluster key {path}: expected one line {IDENTITY}:<hex digits> ('stork cluster key' makes one)")
 

@@ -113,7 +113,9 @@ def job(j: JobRecord, times: Mapping[str, Mapping[str, float]]) -> str:
     steps = []
     for i, name in enumerate(j.steps):
         t = times.get(name, {})
-        if i < j.done:
+        if i < j.done and name not in j.ran_on:
+            outcome = "not needed"  # a step only a job between nodes runs (worker/jobs/kinds.py)
+        elif i < j.done:
             outcome = "done"
         elif (j.current or {}).get("step") == i:
             outcome = "running"

@@ -169,3 +169,16 @@ def held_copy(client, job_id: str, timeout: float = 60.0) -> Iterator[int]:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(qemu, signal.SIGCONT)
+
+
+def exports_running() -> list[str]:
+    """qemu-nbd processes serving over TCP (the unix-socket ones of backups are not exports)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"qemu-nbd") and b"--tls-creds" in argv:
+            found.append(pid)
+    return found

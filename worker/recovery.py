@@ -26,6 +26,7 @@ from typing import Any
 import redis
 import structlog
 
+from drivers import transfer
 from drivers.errors import StorkError
 from worker import records
 from worker.app import app, redis_client
@@ -221,13 +222,38 @@ def periodic_sweep() -> list[str]:
     return sweep()
 
 
+def end_exports_of_failed_jobs(r: redis.Redis) -> int:
+    """Stop this machine's exports (drivers/transfer.py) of jobs being undone: the undo that
+    stops them may wait behind one on a node that is down, and an export serves nobody once
+    its job fails. Every node runs it (only the node holding an export can stop it; stop
+    acts only on the very process the record names, so another node's record is a no-op).
+    Returns how many it stopped."""
+    stopped = 0
+    for job_id in records.active_ids(r):
+        try:
+            job = records.load(r, job_id)
+            if job.state != JobState.UNDOING:
+                continue
+            for data in (job.ctx.get("exports") or {}).values():
+                export = transfer.Export.from_dict(data)
+                if transfer.running(export):
+                    transfer.stop(export)
+                    stopped += 1
+                    log.warning("export_stopped", job_id=job.id, export=export.name)
+        except (StorkError, KeyError, TypeError, ValueError, AttributeError) as e:  # one odd record stops no sweep
+            log.warning("sweep_skipped_job", job_id=job_id, error=repr(e))
+    return stopped
+
+
 def start_sweeper() -> None:
-    """Sweep from a daemon thread of this (main) worker process, for as long as it lives."""
+    """Sweep from a daemon thread of this (main) worker process, for as long as it lives;
+    this node's exports of failed jobs are ended every time (not once per cluster)."""
 
     def loop() -> None:
         while True:
             time.sleep(SWEEP / 2)
             try:
+                end_exports_of_failed_jobs(redis_client())
                 periodic_sweep()
             except Exception as e:  # a sweep that failed is tried again next time
                 log.warning("sweep_failed", error=repr(e))

@@ -55,10 +55,10 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis,
     params.check(prepared)  # what the worker will check again; a mismatch is caught here, not there
     record = JobRecord(
         id=records.new_id(), kind=kind.name, params=prepared, node=prepared["node"],
-        steps=[s.name for s in kind.steps], queues=kind.queues(prepared, cfg),
+        steps=[s.name for s in kind.steps], queues=kind.queues(prepared, cfg), done=kind.next_step(prepared, -1),
     )
     records.create(r, record, events.make(record.id, kind.name, "queued", state=JobState.QUEUED, steps=record.steps))
-    send_steps(record, 0, sender)
+    send_steps(record, record.done, sender)
     return record
 
 
@@ -68,10 +68,12 @@ def send_steps(job: JobRecord, start: int, sender: Celery = app) -> None:
     label is also the kwargs' display form (`kwargsrepr`), so Flower's kwargs column reads
     as plain words."""
     label = task_label(job)
+    skipped = KINDS[job.kind].skipped(job.params)
     chain(*[
         sender.signature(task_name(job.kind, step), args=[job.id], kwargs={"label": label}, kwargsrepr=label,
                          queue=queue, immutable=True)
-        for step, queue in list(zip(job.steps, job.queues, strict=True))[start:]
+        for index, (step, queue) in enumerate(zip(job.steps, job.queues, strict=True))
+        if index >= start and index not in skipped
     ]).apply_async()
 
 
@@ -188,14 +190,15 @@ def committed(kind: JobKind, job: JobRecord) -> bool:
 
 
 def _finish_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node: str, me: str) -> None:
-    last = index == len(kind.steps) - 1
+    after = kind.next_step(job.params, index)
+    last = after >= len(kind.steps)
     done = [events.make(job.id, kind.name, "done", step=kind.steps[index].name, node=node)]
     if last:
         done.append(events.make(job.id, kind.name, events.FINISHED, state=JobState.SUCCEEDED, result=job.result))
     try:
         records.transition(
             r, job.id, (JobState.RUNNING,), JobState.SUCCEEDED if last else None, events=done,
-            guard={"owner": me}, done=index + 1, current=None, ctx=job.ctx, result=job.result,
+            guard={"owner": me}, done=after, current=None, ctx=job.ctx, result=job.result,
             **({"finished": time.time()} if last else {}),
         )
     except StateConflict:
@@ -242,7 +245,7 @@ def withdraw(r: redis.Redis, job_id: str) -> JobRecord:
         raise Refused(f"job {job.id} is {job.state}: it cannot be withdrawn")
     if job.current:
         raise Refused(f"job {job.id} has a step in progress: it cannot be withdrawn")
-    if undo_plan(KINDS[job.kind], job.done, job.done - 1):
+    if undo_plan(KINDS[job.kind], job.done, job.done - 1, KINDS[job.kind].skipped(job.params)):
         raise Refused(f"job {job.id} has steps to undo: cancel it instead")
     queue, step = job.queues[job.done], job.steps[job.done]
     error = f"withdrawn: no worker took step {step} from queue {queue}"
@@ -268,12 +271,13 @@ def _stop_retrying(r: redis.Redis, job: JobRecord) -> JobRecord:
     return records.load(r, job.id)
 
 
-def undo_plan(kind: JobKind, done: int, upto: int) -> list[int]:
+def undo_plan(kind: JobKind, done: int, upto: int, skipped: frozenset[int] = frozenset()) -> list[int]:
     """The undos a failure at step `upto` runs, in order, when `done` steps are done: each
     step with an undo back to the last completed commit step, then the steps before that
-    commit whose undo releases what they hold (a guest lock)."""
+    commit whose undo releases what they hold (a guest lock). Steps the job went without
+    (`skipped`) have nothing to undo."""
     committed = max((i for i in range(min(done, upto + 1)) if kind.steps[i].commit), default=-1)
-    undo = [i for i in range(upto, committed, -1) if kind.steps[i].undo is not None]
+    undo = [i for i in range(upto, committed, -1) if kind.steps[i].undo is not None and i not in skipped]
     return undo + [i for i in range(committed, -1, -1) if i < done and kind.steps[i].release]
 
 
@@ -284,7 +288,7 @@ def start_undo(r: redis.Redis, job: JobRecord, upto: int, final: JobState, error
     are released all the same. Does nothing if the guard fails (see transition): every caller
     says which state of the job it decided on."""
     kind = KINDS[job.kind]
-    undo = undo_plan(kind, job.done, upto)
+    undo = undo_plan(kind, job.done, upto, kind.skipped(job.params))
     try:
         records.transition(
             r, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.UNDOING, guard=guard,

@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from drivers.errors import Refused
-from tests.helpers import qemu_io_write, qemu_same, volume_path
+from tests.helpers import exports_running, qemu_io_write, qemu_same, volume_path
 
 
 def _make(client, vmid: int, node: str, storage: str, mib: int = 64, fmt: str = "raw") -> str:
@@ -25,19 +24,6 @@ def _make(client, vmid: int, node: str, storage: str, mib: int = 64, fmt: str = 
     qemu_io_write(volume_path(volid), fmt, 3 << 20, 2 << 20, 0x5A)
     qemu_io_write(volume_path(volid), fmt, (mib - 1) << 20, 1 << 20, 0x17)
     return volid
-
-
-def _exports_running() -> list[str]:
-    """qemu-nbd processes serving over TCP (the unix-socket ones of backups are not exports)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"qemu-nbd") and b"--tls-creds" in argv:
-            found.append(pid)
-    return found
 
 
 def _sides(job) -> tuple[set[str], set[str]]:
@@ -58,7 +44,7 @@ def test_a_full_clone_onto_another_nodes_storage_is_copied_there_through_an_expo
     clone = client.guest(c)
     assert clone.node == "node2" and clone.disks["scsi0"].startswith("local2:")
     assert qemu_same(volume_path(client.guest(t).disks["scsi0"]), volume_path(clone.disks["scsi0"]))
-    assert _exports_running() == []
+    assert exports_running() == []
 
 
 def test_a_disk_copy_and_a_template_copy_cross_nodes(client, vmid, stork):
@@ -129,7 +115,7 @@ def test_a_template_whose_bases_have_linked_clones_does_not_migrate(client, vmid
     assert "linked clone(s) on node node1" in err and client.guest(c).disks["scsi0"] in err
     assert client.guest(t).node == "node1" and not client.guest(t).lock
     assert sorted(p.name for p in volume_path("local2:x").parent.glob("**/*")) == before
-    assert _exports_running() == []
+    assert exports_running() == []
 
 
 @pytest.mark.parametrize(("args", "message"), [

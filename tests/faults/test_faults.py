@@ -201,18 +201,24 @@ def test_cancel_stops_the_retries_of_an_undo_that_keeps_failing(client, stork, v
     assert stork("guest", "unlock", str(g))[0] == 0 and client.guest(g).lock == ""
 
 
+ACROSS = {"source_node": "node1", "target_node": "node2"}
 UNDO_PLANS = [
-    # (kind, steps done, failed at, undos in order)
-    ("full_clone", 3, 3, [2, 1, 0]),  # the copy failed: free the target, drop the new guest, unlock
-    ("move", 6, 6, [0]),  # freeing the old copy failed after the switch: only the lock is released
-    ("resize", 2, 2, [0]),  # the unlock after the resize failed: the guest is still unlocked
-    ("create", 0, 0, [0]),  # the reservation failed: nothing made, its undo checks for itself
+    # (kind, its params' nodes, steps done, failed at, undos in order)
+    ("full_clone", {}, 4, 4, [3, 1, 0]),  # the copy failed: free the target, drop the new guest, unlock
+    ("full_clone", ACROSS, 4, 4, [3, 2, 1, 0]),  # ... and, between nodes, end the export too
+    ("migrate", ACROSS, 6, 6, [6, 2, 1, 0]),  # making the copied bases failed: unmake, free, end the export
+    ("migrate", ACROSS, 8, 8, [0]),  # freeing the originals failed after the switch: only the lock
+    ("move", {}, 6, 6, [0]),  # freeing the old copy failed after the switch: only the lock is released
+    ("resize", {}, 2, 2, [0]),  # the unlock after the resize failed: the guest is still unlocked
+    ("create", {}, 0, 0, [0]),  # the reservation failed: nothing made, its undo checks for itself
 ]
 
 
-@pytest.mark.parametrize(("kind", "done", "upto", "plan"), UNDO_PLANS, ids=[f"{p[0]}-{p[2]}" for p in UNDO_PLANS])
-def test_the_undo_plan_stops_at_a_commit_but_releases_guest_locks(kind, done, upto, plan):
-    """undo_plan: undos back to the last completed commit, then every held guest lock."""
+@pytest.mark.parametrize(("kind", "nodes", "done", "upto", "plan"), UNDO_PLANS,
+                         ids=[f"{p[0]}-{p[3]}{'-across' if p[1] else ''}" for p in UNDO_PLANS])
+def test_the_undo_plan_stops_at_a_commit_but_releases_guest_locks(kind, nodes, done, upto, plan):
+    """undo_plan: undos back to the last completed commit, then every held guest lock; a
+    step a job on one node goes without has nothing to undo."""
     from worker.runner import undo_plan
 
-    assert undo_plan(KINDS[kind], done, upto) == plan
+    assert undo_plan(KINDS[kind], done, upto, KINDS[kind].skipped(nodes)) == plan

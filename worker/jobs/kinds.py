@@ -60,6 +60,7 @@ class Step:
     commit: bool = False  # once done, the job's effect stands: later failures undo nothing before it
     release: bool = False  # its undo releases what the job holds (a guest lock): run at any failure, even past a commit
     side: str = ""  # "source" or "target": in a job between nodes, the node it runs on (else the job's node)
+    across_only: bool = False  # needed only by a job between nodes: one on one node goes without it
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,21 @@ class JobKind:
     def __post_init__(self) -> None:
         names_ = [s.name for s in self.steps]
         assert len(set(names_)) == len(names_), f"{self.name}: step names must be unique"
+
+    def skipped(self, params: dict[str, Any]) -> frozenset[int]:
+        """The steps this job goes without (never sent, never undone): those only a job
+        between nodes needs, in a job on one node."""
+        if not isinstance(params, dict) or params.get("target_node"):
+            return frozenset()  # (a record that is not fit to act on skips nothing: every undo checks it)
+        return frozenset(i for i, step in enumerate(self.steps) if step.across_only)
+
+    def next_step(self, params: dict[str, Any], after: int) -> int:
+        """The index of the job's first step after `after` (-1: its first step; len(steps): none left)."""
+        skipped = self.skipped(params)
+        index = after + 1
+        while index in skipped:
+            index += 1
+        return index
 
     def queues(self, params: dict[str, Any], cfg: Config) -> list[str]:
         local = params.get("pinned") or any(not cfg.storage(s).shared for s in params["storages"])
@@ -91,10 +107,10 @@ RESERVE_GUEST = Step("reserve_guest", steps.reserve_guest, steps.unreserve_guest
 ALLOCATE = Step("allocate", steps.allocate_disks, steps.free_made, side="target")
 LINK = Step("link_disks", steps.link_disks, steps.free_made)
 # a copy between nodes: the source node exports, the target node copies, the export ends
-EXPORT = Step("export", steps.export_sources, steps.end_exports, side="source")
+EXPORT = Step("export", steps.export_sources, steps.end_exports, side="source", across_only=True)
 COPY = Step("copy_data", steps.copy_data, side="target")  # its target is freed by ALLOCATE's undo
 VERIFY = Step("verify_copy", steps.verify_copy, side="target")
-END_EXPORT = Step("end_export", steps.end_exports, side="source")
+END_EXPORT = Step("end_export", steps.end_exports, side="source", across_only=True)
 MAKE_MOVED_BASES = Step("make_bases", steps.make_moved_bases, steps.unmake_bases, side="target")  # a moved base
 COMMIT_NEW = Step("commit_guest", steps.commit_new_guest, storage=False, commit=True)
 MAKE_BASES = Step("make_bases", steps.make_bases, steps.unmake_bases)
