@@ -27,7 +27,8 @@ from drivers import names
 from drivers.errors import AlreadyExists, ConfigError, InvalidName, NotFound, Refused
 from drivers.flock import file_lock, open_making_dirs
 
-KEYS = ("name", "node", "template", "lock", "lock_job", "unused", "disks")
+KEYS = ("name", "node", "template", "lock", "lock_job", "unused", "disks", "replicas")
+REPLICA_KEYS = ("of", "identity", "node")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Guest:
     lock_job: str = ""  # the id of the job holding the lock
     disks: dict[str, str] = field(default_factory=dict)  # disk key -> volume id
     unused: tuple[str, ...] = ()  # volumes kept after a move, no longer attached
+    # a template's replicas: read-only copies of its bases on other nodes' storages, each
+    # {"of": the base's volume id, "identity": that base's identity token, "node": where it is}
+    replicas: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def with_(self, **changes: object) -> Guest:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -93,6 +97,9 @@ def dumps(guest: Guest) -> str:
     lines.append("")
     lines.append("[disks]")
     lines += [f"{key} = {_toml_value(vol)}" for key, vol in sorted(guest.disks.items())]
+    for volid, replica in sorted(guest.replicas.items()):
+        lines += ["", f"[replicas.{_toml_string(volid)}]"]
+        lines += [f"{key} = {_toml_value(replica[key])}" for key in REPLICA_KEYS]
     return "\n".join(lines) + "\n"
 
 
@@ -145,6 +152,16 @@ def _parse(vmid: int, text: str) -> Guest:
         raise _Broken(f"unused = {_show(unused)}: expected a list of volume ids")
     for i, volid in enumerate(unused):
         _text(f"unused[{i}]", volid, "a volume id", names.volume_id)
+    replicas = data.get("replicas", {})
+    if not isinstance(replicas, dict):
+        raise _Broken(f"replicas = {_show(replicas)}: expected tables of replicas")
+    for volid, replica in replicas.items():
+        _text(f"replicas key {_show(volid)}", volid, "a volume id", names.volume_id)
+        if not isinstance(replica, dict) or set(replica) != set(REPLICA_KEYS):
+            raise _Broken(f"replicas.{_show(volid)} = {_show(replica)}: expected {', '.join(REPLICA_KEYS)}")
+        _text(f"replicas.{_show(volid)}.of", replica["of"], "a volume id", names.volume_id)
+        _text(f"replicas.{_show(volid)}.node", replica["node"], "a node name", names.node)
+        _text(f"replicas.{_show(volid)}.identity", replica["identity"], "an identity token")
     return Guest(
         vmid=vmid,
         node=_text("node", data["node"], "a node name", names.node),
@@ -154,6 +171,7 @@ def _parse(vmid: int, text: str) -> Guest:
         lock_job=_text("lock_job", data.get("lock_job", ""), "a string"),
         disks=dict(disks),
         unused=tuple(unused),
+        replicas={volid: dict(replica) for volid, replica in replicas.items()},
     )
 
 

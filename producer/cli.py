@@ -180,7 +180,14 @@ def cmd_volume_info(args: argparse.Namespace, client: Client) -> int:
 
 def _guest_dict(g: Any) -> dict[str, Any]:
     return {"vmid": g.vmid, "name": g.name, "node": g.node, "template": g.template, "lock": g.lock,
-            "disks": g.disks, "unused": list(g.unused)}
+            "disks": g.disks, "unused": list(g.unused), "replicas": g.replicas}
+
+
+def cmd_template_replicas(args: argparse.Namespace, client: Client) -> int:
+    g = client.guest(args.vmid)
+    rows = [{"replica": volid, **replica} for volid, replica in sorted(g.replicas.items())]
+    _emit(args, rows, _views().replicas(rows))
+    return 0
 
 
 def cmd_guest_list(args: argparse.Namespace, client: Client) -> int:
@@ -508,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vmid")
     p.add_argument("--disk", action="append", help="DISK=BASE, e.g. scsi0=local:base/os.raw")
     p.add_argument("--name")
+    command(sub, "template-replicas", cmd_template_replicas,
+            "= template replicas VMID: the template's replicas on other nodes").add_argument("vmid")
     p = command(sub, "template-copy", _submitter("template.copy"),
                 "= template copy VMID NEWID: a new template of full copies of the bases", True)
     p.add_argument("vmid")
@@ -675,7 +684,7 @@ def _spelled_out(argv: list[str]) -> list[str]:
     while at < len(argv) and argv[at].startswith("-"):
         at += 2 if argv[at] == "--config" else 1
     word, following = argv[at:at + 1], argv[at + 1:at + 2]
-    if word == ["template"] and following in (["assemble"], ["copy"]):
+    if word == ["template"] and following in (["assemble"], ["copy"], ["replicas"]):
         return [*argv[:at], f"template-{following[0]}", *argv[at + 2:]]
     if word == ["backup"] and not (following and following[0] in BACKUP_ACTIONS):
         return [*argv[:at], "backup-run", *argv[at + 1:]]

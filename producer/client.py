@@ -241,13 +241,17 @@ class Client:
         drv = driver_for(self._storage_here(vid.storage))
         info = drv.info(drv.parse_volname(vid.volname))
         users = self._users().get(info.volid, [])
-        return replace(info, users=tuple(users), orphan=not users and info.volid not in self._owned_by_jobs())
+        guests, _broken = self.guest_store.scan()
+        replicas = sorted(f"{v} (node {r['node']})" for g in guests for v, r in g.replicas.items() if r["of"] == volid)
+        return replace(info, users=tuple(users), replicas=tuple(replicas),
+                       orphan=not users and info.volid not in self._owned_by_jobs())
 
     def _users(self) -> dict[str, list[str]]:
         guests, _broken = self.guest_store.scan()  # a display: broken configs show in `guest list`
         users: dict[str, list[str]] = {}
         for g in guests:
-            for key, volid in [*g.disks.items(), *(("unused", v) for v in g.unused)]:
+            named = [*g.disks.items(), *(("unused", v) for v in g.unused), *(("replica", v) for v in g.replicas)]
+            for key, volid in named:
                 users.setdefault(volid, []).append(f"{g.vmid}:{key}")
         return users
 

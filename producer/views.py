@@ -62,8 +62,13 @@ def volumes(found: Iterable[VolumeInfo]) -> str:
 def volume(v: VolumeInfo) -> str:
     return _fields([("volume", v.volid), ("format", v.fmt), ("size", size(v.virtual_size)),
                     ("allocated", size(v.allocated)), ("base", v.is_base), ("parent", v.parent),
-                    ("clones", list(v.clones)), ("used by", "ORPHAN (no guest, job or job result names it)"
-                                                  if v.orphan else list(v.users))])
+                    ("clones", list(v.clones)), ("replicas", list(v.replicas)),
+                    ("used by", "ORPHAN (no guest, job or job result names it)" if v.orphan else list(v.users))])
+
+
+def replicas(rows: list[dict[str, str]]) -> str:
+    """A template's replicas: each a read-only copy of one of its bases on another node."""
+    return table(["REPLICA", "OF", "NODE"], [[r["replica"], r["of"], r["node"]] for r in rows])
 
 
 def guests(found: Iterable[Guest], broken: Iterable[tuple[Path, str]]) -> str:
@@ -82,7 +87,8 @@ def guests(found: Iterable[Guest], broken: Iterable[tuple[Path, str]]) -> str:
 def guest(g: Guest) -> str:
     return _fields([("guest", g.vmid), ("name", g.name), ("node", g.node), ("template", g.template),
                     ("lock", f"{g.lock} (job {g.lock_job})" if g.lock else ""),
-                    *g.disks.items(), *((f"unused{i}", v) for i, v in enumerate(g.unused))])
+                    *g.disks.items(), *((f"unused{i}", v) for i, v in enumerate(g.unused)),
+                    *((f"replica of {r['of']}", f"{v} (node {r['node']})") for v, r in sorted(g.replicas.items()))])
 
 
 def _guests(job: JobRecord) -> str:

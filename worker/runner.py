@@ -52,6 +52,8 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis,
     except KeyError:
         raise StorkError(f"unknown job kind {kind_name!r} (known: {', '.join(KINDS)})") from None
     prepared = kind.prepare(dict(options), cfg)
+    if (other := prepared.pop("runs_as", None)) is not None:
+        kind = KINDS[other]  # e.g. a linked clone onto another node's storage runs as a replica_clone
     params.check(prepared)  # what the worker will check again; a mismatch is caught here, not there
     record = JobRecord(
         id=records.new_id(), kind=kind.name, params=prepared, node=prepared["node"],

@@ -57,6 +57,7 @@ class VolumeInfo:
     users: tuple[str, ...] = ()  # guests that attach it, as <vmid>:<disk> (filled in by the reader of guest configs)
     orphan: bool = False  # no guest, no unfinished job and no job result names it (a leftover to look at)
     problem: str = ""  # not a volume at all, only named like one (Driver.strays): what it is instead
+    replicas: tuple[str, ...] = ()  # a base's replicas on other nodes, as "<volid> (node <node>)" (from templates)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -70,6 +71,7 @@ class VolumeInfo:
             "users": list(self.users),
             "orphan": self.orphan,
             "problem": self.problem,
+            "replicas": list(self.replicas),
         }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -193,3 +194,88 @@ def test_the_export_refuses_a_reader_without_the_key(tmp_path):
     finally:
         transfer.stop(export)
     assert not transfer.running(export)
+
+
+# ---- template replicas -------------------------------------------------------------------
+
+
+def _parent(volid: str) -> str | None:
+    """The base a volume reads through, read from its storage (every node's is on this machine)."""
+    from drivers import driver_for
+    from producer.client import Client
+
+    storage, volname = volid.split(":", 1)
+    drv = driver_for(Client().cfg.storage(storage))
+    parent = drv.parent_of(drv.parse_volname(volname))
+    return drv.volid(parent) if parent else None
+
+
+def test_a_linked_clone_onto_another_node_copies_each_base_there_once_as_a_replica(client, vmid, stork):
+    """The first linked clone of a node1 template onto local2 copies its base there as a
+    replica (recorded in the template, verified, read-only) and clones that; the second
+    reuses it: an ordinary linked clone on node2, no copy, no export."""
+    t, c1, c2 = vmid(), vmid(), vmid()
+    _make(client, t, "node1", "local1", fmt="qcow2")
+    assert client.run("template", vmid=t).state == "succeeded"
+    base = client.guest(t).disks["scsi0"]
+    code, out, err = stork("--json", "clone", t, c1, "--storage", "local2")
+    assert code == 0, err
+    first = client.job(json.loads(out)["id"])
+    assert first.kind == "replica_clone" and _sides(first) == ({"node1"}, {"node2"})
+    [(replica, record)] = client.guest(t).replicas.items()
+    assert replica.startswith("local2:base/") and record["of"] == base and record["node"] == "node2"
+    clone = client.guest(c1)
+    assert clone.node == "node2" and _parent(clone.disks["scsi0"]) == replica
+    assert qemu_same(volume_path(base), volume_path(clone.disks["scsi0"]))
+    assert client.guest(t).lock == "" and exports_running() == []
+
+    code, out, err = stork("--json", "clone", t, c2, "--storage", "local2")
+    assert code == 0, err
+    second = client.job(json.loads(out)["id"])
+    assert second.kind == "linked_clone" and "export" not in second.ran_on and second.ran_on["link_disks"] == "node2"
+    assert _parent(client.guest(c2).disks["scsi0"]) == replica and len(client.guest(t).replicas) == 1
+
+    code, out, _ = stork("--json", "template", "replicas", t)
+    assert code == 0 and json.loads(out) == [{"replica": replica, "of": base, "identity": record["identity"],
+                                              "node": "node2"}]
+    code, out, _ = stork("--json", "volume", "info", base)
+    assert code == 0 and json.loads(out)["replicas"] == [f"{replica} (node node2)"]
+    on_node2 = subprocess.run([sys.executable, "-m", "producer.cli", "--json", "volume", "list", "local2"],
+                              env={**os.environ, "STORK_NODE": "node2"}, capture_output=True, text=True, check=True)
+    listed = next(v for v in json.loads(on_node2.stdout) if v["volid"] == replica)
+    assert listed["users"] == [f"{t}:replica"] and not listed["orphan"] and listed["base"]
+
+
+def test_a_template_with_replicas_is_destroyed_with_them_but_not_while_one_has_clones(client, vmid, stork):
+    t, c = vmid(), vmid()
+    _make(client, t, "node1", "local1", mib=16)
+    assert client.run("template", vmid=t).state == "succeeded"
+    assert stork("clone", t, c, "--storage", "local2")[0] == 0
+    [replica] = client.guest(t).replicas
+    clone_disk = client.guest(c).disks["scsi0"]
+    code, _, err = stork("guest", "destroy", t)
+    assert code == 1 and f"replica {replica} on node node2 still has linked clones: {clone_disk}" in err
+    assert client.guest(t).replicas and volume_path(replica).exists() and client.guest(t).lock == ""
+    assert stork("guest", "destroy", c)[0] == 0
+    code, out, err = stork("--json", "guest", "destroy", t)
+    assert code == 0, err
+    assert not volume_path(replica).exists() and not client.guest_store.exists(t)
+    assert json.loads(out)["result"]["freed_replicas"] == [replica]
+
+
+def test_freeing_a_replica_drops_it_from_its_template(client, vmid, stork):
+    """`volume free` of a replica runs on its node and forgets it; the next clone there makes
+    a new one."""
+    t, c = vmid(), vmid()
+    _make(client, t, "node1", "local1", mib=16)
+    assert client.run("template", vmid=t).state == "succeeded"
+    assert stork("clone", t, c, "--storage", "local2")[0] == 0
+    [replica] = client.guest(t).replicas
+    code, _, err = stork("volume", "free", replica)
+    assert code == 1 and "linked clone" in err  # its clone reads through it
+    assert stork("guest", "destroy", c)[0] == 0
+    code, _, err = stork("volume", "free", replica)
+    assert code == 0, err
+    assert client.guest(t).replicas == {} and not volume_path(replica).exists()
+    code, out, err = stork("--json", "clone", t, vmid(), "--storage", "local2")
+    assert code == 0 and client.job(json.loads(out)["id"]).kind == "replica_clone"

@@ -89,3 +89,25 @@ def test_cancelling_a_transfer_ends_it_on_both_sides(client, vmid, workers):
     assert not volume_path(during.ctx["made"]["scsi0"]).exists() and not client.guest_store.exists(c)
     assert exports_running() == [] and client.guest(g).lock == ""
     assert sorted(p.name for p in storage_path("local2").glob(f"{c}/*")) == []
+
+
+def test_a_replica_clone_cancelled_mid_copy_leaves_no_replica(client, vmid, workers):
+    """Cancelled while the base is copied to node2: the half-made replica is freed, the
+    template records none and is unlocked, and the next clone there makes one whole."""
+    t, c = vmid(), vmid()
+    filled_guest(client, t, "node1", "local1")
+    assert client.run("template", vmid=t).state == "succeeded"
+    job = client.submit("linked_clone", vmid=t, newid=c, storage="local2")
+    assert job.kind == "replica_clone"
+    with held_copy(client, job.id):
+        during = client.job(job.id)
+        assert client.guest(t).lock == "replica_clone"
+        client.cancel(job.id)
+    job = client.wait(job.id, timeout=60)
+    assert job.state == "cancelled"
+    assert not volume_path(during.ctx["made"]["scsi0"]).exists()
+    assert client.guest(t).replicas == {} and client.guest(t).lock == "" and not client.guest_store.exists(c)
+    assert exports_running() == []
+    again = client.run("linked_clone", vmid=t, newid=c, storage="local2")
+    assert again.state == "succeeded", again.error
+    assert len(client.guest(t).replicas) == 1

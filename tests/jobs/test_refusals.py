@@ -64,7 +64,8 @@ REFUSALS = [
     ("linked clone of a non-template", "clone {G} 91008 --linked",
      "guest {G} is not a template: a linked clone needs one (use --full)"),
     ("linked clone to another storage", "clone {T} 91009 --storage shared",
-     "a linked clone must be on the storage of its base: {base} is on 'local', not 'shared' (use --full)"),
+     "a linked clone must be on the storage of its base: {base} is on 'local', not 'shared' (use --full, or a "
+     "storage of another node: a replica is made there)"),
     ("linked clone as raw", "clone {T} 91010 --format raw", "a linked clone on 'local' is qcow2, not raw (use --full)"),
     ("converting a locked guest", "template {L}", "guest {L} is locked (backup)"),
     ("converting a template again", "template {T}",

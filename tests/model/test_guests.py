@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -258,7 +259,7 @@ def test_guest_list_shows_a_broken_config_as_a_row(store, capsys):
     assert lines[1].split()[:5] == ["100", "web", "node1", "guest", "0"]
     assert lines[2].split()[:2] == ["101", "BROKEN"] and lines[2].endswith(
         f"{broken}: broken guest config: unknown key 'bogus' (expected one of: "
-        "name, node, template, lock, lock_job, unused, disks)")
+        "name, node, template, lock, lock_job, unused, disks, replicas)")
     assert lines[3].split()[:2] == ["abc", "BROKEN"]
     assert f"{store.dir / 'abc.toml'}: broken guest config: file name" in lines[3]
 
@@ -267,7 +268,7 @@ def test_guest_list_shows_a_broken_config_as_a_row(store, capsys):
     assert [r["vmid"] for r in rows] == [100, 101, "abc"]
     assert rows[0]["name"] == "web"
     assert rows[1] == {"vmid": 101, "broken": f"{broken}: broken guest config: unknown key 'bogus' (expected one of: "
-                                              "name, node, template, lock, lock_job, unused, disks)"}
+                                              "name, node, template, lock, lock_job, unused, disks, replicas)"}
 
 
 def test_a_config_or_lock_file_that_is_a_symlink_or_fifo_is_never_followed(tmp_path):
@@ -305,3 +306,28 @@ def test_a_fifo_at_a_lock_files_name_is_refused_at_once(tmp_path):
     with pytest.raises(Refused, match=r"lock file .*104.lock is a symlink or not a regular file"), store.locked(104):
         pass
     assert time.monotonic() - started < 1
+
+
+def test_a_templates_replicas_are_written_and_read_back():
+
+
+    guest = Guest(100, "node1", template=True, disks={"scsi0": "local1:base/base-100-disk-0.raw"},
+                  replicas={"local2:base/base-100-disk-0.raw": {"of": "local1:base/base-100-disk-0.raw",
+                                                                "identity": "2049:12", "node": "node2"}})
+    assert loads(100, dumps(guest), Path("100.toml")) == guest
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ('[replicas."local2:base/b.raw"]\nof = "local1:base/b.raw"\nnode = "node2"',
+     'replicas."local2:base/b.raw" = {"of": "local1:base/b.raw", "node": "node2"}: expected of, identity, node'),
+    ('[replicas."local2:base/b.raw"]\nof = "local1:base/b.raw"\nidentity = "1"\nnode = "Node 2"',
+     'replicas."local2:base/b.raw".node = "Node 2": invalid node name'),
+    ('[replicas."not a volume"]\nof = "local1:base/b.raw"\nidentity = "1"\nnode = "node2"',
+     'replicas key "not a volume" = "not a volume": invalid volume id'),
+])
+def test_a_broken_replica_record_is_a_broken_config(table, message):
+
+
+    with pytest.raises(ConfigError) as broken:
+        loads(100, f'node = "node1"\ntemplate = true\n{table}\n', Path("100.toml"))
+    assert message in str(broken.value)

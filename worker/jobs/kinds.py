@@ -33,6 +33,7 @@ from worker.jobs.prepare import (
     prepare_move,
     prepare_ping,
     prepare_remove_disk,
+    prepare_replica_clone,
     prepare_resize,
     prepare_template,
     prepare_template_copy,
@@ -113,6 +114,11 @@ VERIFY = Step("verify_copy", steps.verify_copy, side="target")
 END_EXPORT = Step("end_export", steps.end_exports, side="source", across_only=True)
 MAKE_MOVED_BASES = Step("make_bases", steps.make_moved_bases, steps.unmake_bases, side="target")  # a moved base
 COMMIT_NEW = Step("commit_guest", steps.commit_new_guest, storage=False, commit=True)
+# a linked clone on another node: the bases copied there once, as replicas (their record is a commit: they stand)
+RECORD_REPLICAS = Step("record_replicas", steps.record_replicas, storage=False, commit=True)
+LINK_REPLICAS = Step("link_disks", steps.link_replicas, steps.free_linked, side="target")
+COMMIT_LINKED = Step("commit_guest", steps.commit_linked, storage=False, commit=True)
+FREE_REPLICAS = Step("free_replicas", steps.free_replicas, side="target", across_only=True)
 MAKE_BASES = Step("make_bases", steps.make_bases, steps.unmake_bases)
 COMMIT_BASES = Step("commit_guest", steps.commit_bases, storage=False, commit=True)
 SWITCH = Step("switch_disks", steps.switch_disks, steps.unswitch_disks, storage=False, commit=True)
@@ -152,6 +158,9 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
             (RESERVE_GUEST, ALLOCATE, COPY, COMMIT_NEW), prepare_import),
     JobKind("linked_clone", "clone a template, sharing its bases",
             (RESERVE_GUEST, LINK, COMMIT_NEW), prepare_linked_clone),
+    JobKind("replica_clone", "a linked clone on another node: each base copied there once, as a replica, then cloned",
+            (LOCK_GUEST, EXPORT, ALLOCATE, COPY, VERIFY, END_EXPORT, MAKE_MOVED_BASES, RECORD_REPLICAS, RESERVE_GUEST,
+             LINK_REPLICAS, COMMIT_LINKED), prepare_replica_clone),
     JobKind("full_clone", "clone a guest or template with full copies of its disks",
             (LOCK_GUEST, RESERVE_GUEST, EXPORT, ALLOCATE, COPY, END_EXPORT, COMMIT_NEW), prepare_full_clone),
     JobKind("base", "turn a volume into a read-only base image",
@@ -168,7 +177,7 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
     JobKind("free", "free a volume",
             (FREE,), prepare_free),
     JobKind("destroy", "destroy a guest and free its disks",
-            (LOCK_GUEST, DESTROY), prepare_destroy),
+            (LOCK_GUEST, FREE_REPLICAS, DESTROY), prepare_destroy),
     JobKind("ping", "check that a node's worker serves its queue (and the shared one)",
             (PING_SHARED, PING_NODE, PING_BACK), prepare_ping),
     JobKind("resize", "grow a volume",

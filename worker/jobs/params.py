@@ -184,6 +184,7 @@ PARAMS: dict[str, Check] = {
     "refuse_template": _text,
     "expect_disks": _optional(_map_of(names.disk_key, _volid)),
     "disks": _map_of(_disk_key, _table(PLAN)),
+    "links": _map_of(names.disk_key, _table({"storage": names.storage_id, "replica": _volid})),  # a replica clone
     "bases": _map_of(_disk_key, _table(BASE_PLAN)),
     "volid": _volid,
     "size": _positive_int,
@@ -227,6 +228,8 @@ EXPORT: dict[str, Check] = {
 CTX: dict[str, Check] = {
     "pending": _map_of(_disk_key, _volid),
     "made": _map_of(_disk_key, _volid),
+    "linked": _map_of(_disk_key, _volid),  # a replica clone's linked clones
+    "identities": _map_of(_disk_key, _str),  # the identity of each base a job copied whole
     "replaced": _map_of(_disk_key, _volid),
     "based": _map_of(_disk_key, _pair_of_volids),
     "copied": _list_of(_disk_key),

@@ -210,12 +210,14 @@ def prepare_linked_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     source, newid = _clone_source(cfg, o)
     if not source.template:
         raise Refused(f"guest {source.vmid} is not a template: a linked clone needs one (use --full)")
+    if o.get("storage") and target_node(cfg, {names.storage_id(o["storage"])}, source.node):
+        return _onto_replicas(o, cfg, source, newid)
     disks: dict[str, dict[str, Any]] = {}
     for key, volid in source.disks.items():
         storage, vol = _volume(cfg, volid)
         if o.get("storage") and o["storage"] != storage:
             raise Refused(f"a linked clone must be on the storage of its base: {volid} is on {storage!r}, "
-                          f"not {o['storage']!r} (use --full)")
+                          f"not {o['storage']!r} (use --full, or a storage of another node: a replica is made there)")
         drv = driver_for(cfg.storage(storage))
         if o.get("format") and o["format"] != drv.linked_clone_format:
             raise Refused(f"a linked clone on {storage!r} is {drv.linked_clone_format}, not {o['format']} "
@@ -225,6 +227,53 @@ def prepare_linked_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     storages = _check_nodes(cfg, {d["storage"] for d in disks.values()}, source.node)
     return {"vmid": source.vmid, "new_vmid": newid, "name": _name(o), "node": source.node,
             "disks": disks, "storages": storages}
+
+
+def prepare_replica_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """A linked clone onto a storage of another node than the template's bases (what
+    prepare_linked_clone hands on to)."""
+    _only(o, {"vmid", "newid", "name", "storage", "format"}, "linked clone")
+    source, newid = _clone_source(cfg, o)
+    if not source.template or not o.get("storage"):
+        raise Refused("a replica clone is a linked clone of a template onto a storage of another node")
+    return _onto_replicas(o, cfg, source, newid)
+
+
+def replicas_on(guests: list[Guest], storage: str) -> dict[str, str]:
+    """The replicas on `storage` that templates record: base volume id -> replica volume id."""
+    return {r["of"]: volid for g in guests for volid, r in g.replicas.items()
+            if names.volume_id(volid).storage == storage}
+
+
+def _onto_replicas(o: dict[str, Any], cfg: Config, template: Guest, newid: int) -> dict[str, Any]:
+    """A linked clone of `template` on another node's storage S: each disk a linked clone of
+    its base's replica on S, the replicas that are missing first copied there (a replica_clone
+    job, locking the template meanwhile), else an ordinary linked clone there."""
+    target = _images_storage(cfg, names.storage_id(o["storage"]))
+    drv = driver_for(cfg.storage(target))
+    if o.get("format") and o["format"] != drv.linked_clone_format:
+        raise Refused(f"a linked clone on {target!r} is {drv.linked_clone_format}, not {o['format']} (use --full)")
+    found = replicas_on(_store(cfg).list(), target)
+    copies: dict[str, dict[str, Any]] = {}
+    links: dict[str, dict[str, Any]] = {}
+    for key, volid in template.disks.items():
+        _storage, vol = _volume(cfg, volid)
+        if volid in found:
+            links[key] = {"storage": target, "replica": found[volid]}
+            continue
+        fmt = _format(cfg, target, None, vol.fmt)
+        drv.require_feature("linked_clone", VolName(None, vol.name, fmt))
+        copies[key] = {"source": volid, "storage": target, "owner": template.vmid, "format": fmt, "as_base": True}
+        links[key] = {"storage": target}
+    common = {"vmid": template.vmid, "new_vmid": newid, "name": _name(o)}
+    if not copies:  # every replica is there: a linked clone on that node like any other
+        node = target_node(cfg, {target}, template.node)
+        assert node is not None
+        disks = {key: {"source": link["replica"], "storage": target, "owner": newid} for key, link in links.items()}
+        return {**common, "disks": disks, "node": node, "storages": _check_nodes(cfg, {target}, node)}
+    template.require_unlocked()
+    return {**common, "runs_as": "replica_clone", "lock_vmid": template.vmid, "expect_disks": template.disks,
+            "disks": copies, "links": links, **_placed(cfg, copies, template.node)}
 
 
 def prepare_full_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -461,7 +510,7 @@ def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     _only(o, {"volid", "node"}, "free")
     volid = str(o.get("volid"))
     storage, vol = _volume(cfg, volid)
-    node = _node(o, cfg)
+    node = _source_node(cfg, storage, _node(o, cfg))
     _existing_here(cfg, storage, vol)
     # refused before a job exists; the step checks again, under the storage lock, with live jobs too
     try:
@@ -474,12 +523,24 @@ def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 
 def prepare_destroy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """A guest and its disks; a template's replicas too (on one other node at most: the job's
+    target side), refused while one has linked clones (checked there, by free_replicas)."""
     _only(o, {"vmid"}, "destroy")
     guest = _guest(cfg, o.get("vmid"))
     guest.require_unlocked()
     used = {names.volume_id(v).storage for v in [*guest.disks.values(), *guest.unused]}
-    return {"lock_vmid": guest.vmid, "node": guest.node, "expect_disks": guest.disks,
-            "storages": _check_nodes(cfg, used, guest.node)}
+    params = {"lock_vmid": guest.vmid, "node": guest.node, "expect_disks": guest.disks,
+              "storages": _check_nodes(cfg, used, guest.node)}
+    nodes = sorted({r["node"] for r in guest.replicas.values()})
+    if len(nodes) > 1:
+        listed = ", ".join(f"{v} (node {r['node']})" for v, r in sorted(guest.replicas.items()))
+        raise Refused(f"guest {guest.vmid} has replicas on {len(nodes)} nodes: {listed} (free those of all but one "
+                      "node with 'stork volume free VOLID' first)")
+    if nodes:
+        replica_storages = {names.volume_id(v).storage for v in guest.replicas}
+        params |= {"source_node": guest.node, "target_node": nodes[0],
+                   "storages": sorted({*params["storages"], *replica_storages})}
+    return params
 
 
 def prepare_ping(o: dict[str, Any], cfg: Config) -> dict[str, Any]:

@@ -115,12 +115,12 @@ def unreserve_guest(ctx: StepContext) -> None:
 
 
 def _make_volume(ctx: StepContext, key: str, drv: Driver, owner: int, fmt: str,
-                 create: Callable[[VolName], None]) -> None:
+                 create: Callable[[VolName], None], table: str = "made") -> None:
     """Name and create a volume under the storage lock. The name is saved as pending and
     claimed for this job before it is created, and counts as made once created (saved with the
     step's end or failure). A name left pending by a process that died is settled first."""
     with ctx.storage_lock(drv):
-        if _adopt_pending(ctx, key):
+        if _adopt_pending(ctx, key, table):
             return  # made before the crash: ours
         taken = usage.claimed_names(ctx.r, drv.storage.id, owner, except_job=ctx.job.id)
         vol = drv.next_disk_name(owner, fmt, taken)
@@ -129,7 +129,7 @@ def _make_volume(ctx: StepContext, key: str, drv: Driver, owner: int, fmt: str,
         usage.claim(ctx.r, drv.volid(vol), ctx.job.id)
         ctx.fence(drv)
         create(vol)
-        ctx.data.setdefault("made", {})[key] = ctx.data["pending"].pop(key)
+        ctx.data.setdefault(table, {})[key] = ctx.data["pending"].pop(key)
 
 
 def _made_before_crash(ctx: StepContext, volid: str) -> bool:
@@ -140,12 +140,12 @@ def _made_before_crash(ctx: StepContext, volid: str) -> bool:
     return usage.claimed_by(ctx.r, volid) == ctx.job.id and drv.exists(vol)
 
 
-def _adopt_pending(ctx: StepContext, key: str) -> bool:
+def _adopt_pending(ctx: StepContext, key: str, table: str = "made") -> bool:
     """Settle `key`'s pending name: made (True) or never created, so not ours (False)."""
     volid = ctx.data.get("pending", {}).pop(key, None)
     if volid is None or not _made_before_crash(ctx, volid):
         return False
-    ctx.data.setdefault("made", {})[key] = volid
+    ctx.data.setdefault(table, {})[key] = volid
     return True
 
 
@@ -179,7 +179,8 @@ def link_disks(ctx: StepContext) -> None:
     ctx.set_result(volumes=ctx.data.get("made", {}))
 
 
-def _link(ctx: StepContext, key: str, base_volid: str, owner: int, identity: str | None = None) -> None:
+def _link(ctx: StepContext, key: str, base_volid: str, owner: int, identity: str | None = None,
+          table: str = "made") -> None:
     """Make `key`'s disk a linked clone of the base `base_volid` (which must still be the very
     volume `identity` names, where the plan gives one: a relinked restore)."""
     drv, base = ctx.volume(base_volid)
@@ -191,14 +192,23 @@ def _link(ctx: StepContext, key: str, base_volid: str, owner: int, identity: str
             raise Refused(f"{base_volid} is no longer the base this backup was made against (it was made anew)")
         drv.link_clone(base, vol)
 
-    _make_volume(ctx, key, drv, owner, drv.linked_clone_format, link)
+    _make_volume(ctx, key, drv, owner, drv.linked_clone_format, link, table)
 
 
 def free_made(ctx: StepContext) -> None:
     """Undo of allocate/link: free every volume this job made, and a pending one it made
     before its process died; keep one that a guest not held by this job, or another live job,
     uses (it is reported, not freed)."""
-    made = list(ctx.data.get("made", {}).values())
+    _free_made(ctx, "made")
+
+
+def free_linked(ctx: StepContext) -> None:
+    """Undo of link_replicas: free the linked clones it made (as free_made)."""
+    _free_made(ctx, "linked")
+
+
+def _free_made(ctx: StepContext, table: str) -> None:
+    made = list(ctx.data.get(table, {}).values())
     kept = []
     for volid in [*made, *ctx.data.get("pending", {}).values()]:
         drv, vol = ctx.volume(volid)
@@ -331,11 +341,13 @@ def export_sources(ctx: StepContext) -> None:
     anew what died with its process."""
     exports: dict[str, dict] = ctx.data.setdefault("exports", {})
     for key, plan in ctx.params["disks"].items():
+        drv, vol = ctx.volume(plan["source"])
+        if plan.get("as_base"):  # a base copied whole: which volume it was, for a replica's record
+            ctx.data.setdefault("identities", {})[key] = drv.identity(vol)
         if not plan.get("across") or (key in exports and transfer.running(_export(ctx, key))):
             continue
-        drv, vol = ctx.volume(plan["source"])
         drv.require_existing(vol)
-        if plan.get("as_base") and (clones := drv.clones_of(vol)):
+        if plan.get("as_base") and not ctx.params.get("links") and (clones := drv.clones_of(vol)):
             raise Refused(f"{plan['source']} is a base with {len(clones)} linked clone(s) on node {ctx.node}, which "
                           f"read through it where it is: {', '.join(drv.volid(c) for c in clones)} "
                           "(move or destroy them first)")
@@ -354,6 +366,67 @@ def end_exports(ctx: StepContext) -> None:
     """Stop this job's exports (the copies are made, or the job is undone); idempotent."""
     for key in ctx.data.get("exports", {}):
         transfer.stop(_export(ctx, key))
+
+
+# ---- template replicas ---------------------------------------------------------------
+
+
+def record_replicas(ctx: StepContext) -> None:
+    """Record the bases this job copied onto the target node, verified and made bases, as
+    replicas of the template's bases (by volume id and identity), and unlock the template:
+    the replicas stand from here on, whatever happens to the clone (later clones reuse them)."""
+    vmid = ctx.params["lock_vmid"]
+    with ctx.guests.editing(vmid) as box:
+        template = box[0]
+        if template.lock_job != ctx.job.id:
+            return  # redelivered after it finished
+        made = {pair[1]: {"of": ctx.params["disks"][key]["source"], "identity": ctx.data["identities"][key],
+                          "node": ctx.params["target_node"]}
+                for key, pair in ctx.data.get("based", {}).items()}
+        box[0] = template.with_(replicas={**template.replicas, **made}, lock="", lock_job="")
+    ctx.set_result(replicas=sorted(made))
+
+
+def free_replicas(ctx: StepContext) -> None:
+    """On the replicas' node, before a template is destroyed: free each replica of its bases
+    and drop it from the template's record; refused, before any is freed, while a replica
+    has linked clones (listing them)."""
+    vmid = ctx.params["lock_vmid"]
+    template = ctx.guests.read(vmid)
+    volumes = {volid: ctx.volume(volid) for volid in template.replicas}
+    with ctx.storage_locks([drv for drv, _ in volumes.values()]):
+        for volid, (drv, vol) in volumes.items():
+            if drv.exists(vol) and (clones := drv.clones_of(vol)):
+                raise Refused(f"guest {vmid}: replica {volid} on node {ctx.node} still has linked clones: "
+                              f"{', '.join(drv.volid(c) for c in clones)}")
+        for volid, (drv, vol) in volumes.items():
+            if drv.exists(vol):
+                usage.require_unused(ctx, volid)
+                ctx.fence(drv)
+                drv.free(vol)
+            with ctx.guests.editing(vmid) as box:
+                box[0] = box[0].with_(replicas={v: r for v, r in box[0].replicas.items() if v != volid})
+    ctx.set_result(freed_replicas=sorted(volumes))
+
+
+def link_replicas(ctx: StepContext) -> None:
+    """Make each disk of the new guest a linked clone of its base's replica on the target
+    node: one that was there, or the one this job made."""
+    based = ctx.data.get("based", {})
+    for key, plan in ctx.params["links"].items():
+        if key not in ctx.data.get("linked", {}):
+            replica = plan.get("replica") or based[key][1]
+            _link(ctx, key, replica, ctx.params["new_vmid"], table="linked")
+    ctx.set_result(volumes=ctx.data.get("linked", {}))
+
+
+def commit_linked(ctx: StepContext) -> None:
+    """Attach the linked clones to the new guest and unlock it (the clone's commit)."""
+    vmid = ctx.params["new_vmid"]
+    with ctx.guests.editing(vmid) as box:
+        if box[0].lock_job == ctx.job.id:
+            box[0] = box[0].with_(disks=dict(ctx.data.get("linked", {})), lock="", lock_job="")
+    ctx.set_result(vmid=vmid, disks=ctx.data.get("linked", {}))
 
 
 def resize_volume(ctx: StepContext) -> None:
@@ -641,10 +714,11 @@ def free_volume(ctx: StepContext) -> None:
             ctx.fence(drv)
             drv.free_volume(vol)  # the process that saved it died before freeing
     guests, _ = ctx.guests.scan()  # freed already: a broken config must not make it look failed
-    for guest in guests:  # forget it where it was kept as unused
-        if volid in guest.unused:
+    for guest in guests:  # forget it where it was kept as unused, or recorded as a replica
+        if volid in guest.unused or volid in guest.replicas:
             with ctx.guests.editing(guest.vmid) as box:
-                box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v != volid))
+                box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v != volid),
+                                      replicas={v: r for v, r in box[0].replicas.items() if v != volid})
     ctx.set_result(freed=volid)
 
 
@@ -662,6 +736,8 @@ def destroy_guest(ctx: StepContext) -> None:
         return  # redelivered after it finished
     if guest.lock_job != ctx.job.id:
         return  # redelivered after it finished, and the id has been used again since
+    if guest.replicas:  # recorded since the job was submitted
+        raise Refused(f"guest {vmid} has replicas on other nodes now: {', '.join(sorted(guest.replicas))}")
     volumes = {v: ctx.volume(v) for v in [*guest.disks.values(), *guest.unused]}
     kept = {}
     with ctx.storage_locks([drv for drv, _ in volumes.values()]):

@@ -33,7 +33,8 @@ def job_volumes(job: JobRecord) -> set[str]:
     for plans in (p.get("disks"), p.get("bases")):
         found |= {plan[k] for plan in (plans or {}).values() for k in ("source", "base") if k in plan}
     found |= set((p.get("attach") or {}).values())
-    for table in ("made", "pending", "replaced"):
+    found |= {plan["replica"] for plan in (p.get("links") or {}).values() if "replica" in plan}
+    for table in ("made", "pending", "replaced", "linked"):
         found |= set((made.get(table) or {}).values())
     for pair in (made.get("based") or {}).values():
         found |= set(pair)
@@ -118,6 +119,7 @@ def release_claims(r: redis.Redis, job: JobRecord) -> None:
     """Drop the job's claims (it has ended: what it made is attached, in its result, or freed,
     and a name it renamed into base/ is settled)."""
     volids = {*(job.ctx.get("made") or {}).values(), *(job.ctx.get("pending") or {}).values(),
+              *(job.ctx.get("linked") or {}).values(),
               *(pair[0] for pair in (job.ctx.get("based") or {}).values())}
     vids = [names.volume_id(v) for v in volids]
     _drop(r, [(_claims_key(v.storage), v.volname, job.id) for v in vids])
