@@ -72,6 +72,7 @@ def mixed_guest(client, vmid: int, base: Path) -> Path:
 def hand_run(src: Path, base: Path, tls: bool) -> float:
     """qemu-nbd + qemu-img convert as an operator would run them: seconds for the copy."""
     name, port, dst = secrets.token_hex(16), testing.free_port(), base / "node2/direct.raw"
+    dst.parent.mkdir(exist_ok=True)
     keys = base / "psk"
     keys.mkdir(mode=0o700, exist_ok=True)
     (keys / "keys.psk").unlink(missing_ok=True)

@@ -41,6 +41,7 @@ from drivers.tools import ToolError, dying_with_caller, process_start
 IDENTITY = "stork"
 KEY_LINE = re.compile(rf"{IDENTITY}:[0-9a-fA-F]{{32,256}}\n?")
 START_TIMEOUT = 30.0
+STOP_WAIT = 10.0  # seconds an export gets to end on SIGTERM, then on SIGKILL
 PORT_TRIES = 5  # a port picked free may be taken before qemu-nbd binds it: pick another
 CREDS = "stork-tls"
 NO_KEY = ("copying between nodes needs the cluster key: set [cluster] tls_psk_file "
@@ -181,7 +182,8 @@ def _is_export(export: Export) -> bool:
         argv = Path(f"/proc/{export.pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return bool(argv) and Path(argv[0].decode(errors="replace")).name == QEMU_NBD and export.name.encode() in argv
+    named = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == b"--export-name"]
+    return bool(argv) and Path(argv[0].decode(errors="replace")).name == QEMU_NBD and named == [export.name.encode()]
 
 
 def stop(export: Export) -> None:
@@ -194,9 +196,14 @@ def stop(export: Export) -> None:
     if pidfd is not None:
         try:
             if running(export):  # checked after opening: the pidfd is the process checked, or a dead one
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-                _wait_gone(export)
+                for sig in (signal.SIGTERM, signal.SIGKILL):  # KILL: one that does not end on TERM
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, sig)
+                    if _gone(export):
+                        break
+                else:
+                    raise ToolError(f"stopping export {export.name}", [QEMU_NBD], -1,
+                                    f"qemu-nbd (pid {export.pid}) did not end on SIGKILL")
         finally:
             os.close(pidfd)
     if proc is not None:
@@ -204,10 +211,13 @@ def stop(export: Export) -> None:
             proc.wait(5)
 
 
-def _wait_gone(export: Export, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while running(export) and time.monotonic() < deadline:
+def _gone(export: Export) -> bool:
+    deadline = time.monotonic() + STOP_WAIT
+    while running(export):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.01)
+    return True
 
 
 def source(export: Export, key: Path, label: str) -> qemu.Image:

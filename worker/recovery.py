@@ -31,7 +31,7 @@ from drivers.errors import StorkError
 from worker import records
 from worker.app import app, redis_client
 from worker.broker import Pending, pending_messages
-from worker.jobs import usage
+from worker.jobs import params, usage
 from worker.jobs.kinds import KINDS
 from worker.liveness import holder_alive, holding, process_alive
 from worker.queues import SHARED_QUEUE
@@ -234,6 +234,7 @@ def end_exports_of_failed_jobs(r: redis.Redis) -> int:
             job = records.load(r, job_id)
             if job.state != JobState.UNDOING:
                 continue
+            params.check_record(job)  # a record is input: what it names is checked before a signal is sent
             for data in (job.ctx.get("exports") or {}).values():
                 export = transfer.Export.from_dict(data)
                 if transfer.running(export):

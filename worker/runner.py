@@ -12,6 +12,7 @@ of undo tasks on the same queues, ended by `stork.job.finalize`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -115,6 +116,9 @@ def _job_at_step(r: redis.Redis, job_id: str, index: int) -> JobRecord | None:
 
 def _refuse_or_cancel(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, turn: dict[str, Any]) -> None:
     """Undo instead of starting the step when the record is not fit to act on, or cancelled."""
+    if unaligned(kind, job):
+        end_unaligned(r, job, (JobState.QUEUED, JobState.RUNNING), turn)
+        raise Ignore()
     try:
         params.check_record(job)
     except StorkError as e:  # a record written to Redis by hand: nothing may act on it
@@ -124,6 +128,23 @@ def _refuse_or_cancel(r: redis.Redis, job: JobRecord, kind: JobKind, index: int,
     if job.cancel and not committed(kind, job) and not (interrupted and kind.steps[index].commit):
         start_undo(r, job, index if interrupted else index - 1, JobState.CANCELLED, "cancelled by user", turn)
         raise Ignore()
+
+
+def unaligned(kind: JobKind, job: JobRecord) -> bool:
+    """Was the job recorded with other steps than its kind has now (by another version of
+    stork, before an upgrade)? Its step numbers then name other steps: none may be run or undone."""
+    return job.steps != [step.name for step in kind.steps]
+
+
+def end_unaligned(r: redis.Redis, job: JobRecord, states: tuple[JobState, ...], guard: dict[str, Any]) -> None:
+    """End such a job failed, undoing nothing, and say what it had done (for a hand to clean up)."""
+    error = (f"job recorded by another version of stork (steps {', '.join(job.steps)}): not run on, not undone; "
+             f"it had done {', '.join(job.steps[:job.done]) or 'nothing'}, made {job.ctx.get('made') or 'nothing'}")
+    with contextlib.suppress(StateConflict):
+        ended = events.make(job.id, job.kind, events.FINISHED, state=JobState.FAILED, message=error)
+        records.transition(r, job.id, states, JobState.FAILED, guard=guard, error=error, final=str(JobState.FAILED),
+                           finished=time.time(), current=None, events=[ended])
+    log.warning("job_unaligned", job_id=job.id, steps=job.steps)
 
 
 def _task_of(task: Task) -> dict[str, str]:
@@ -328,6 +349,10 @@ def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     failure stops the chain, to be tried again by the sweep after a backoff."""
     cfg, r, me = config(), redis_client(), process_id()
     job = records.load(r, job_id)
+    if job.state == JobState.UNDOING and unaligned(kind, job):
+        end_unaligned(r, job, (JobState.UNDOING,), {"idle": True} if not (job.current or {}).get("worker") else
+                      {"owner": job.current["worker"]})
+        return
     step = kind.steps[index]
     if job.state != JobState.UNDOING or index in job.undone or step.undo is None:
         return

@@ -279,3 +279,81 @@ def test_freeing_a_replica_drops_it_from_its_template(client, vmid, stork):
     assert client.guest(t).replicas == {} and not volume_path(replica).exists()
     code, out, err = stork("--json", "clone", t, vmid(), "--storage", "local2")
     assert code == 0 and client.job(json.loads(out)["id"]).kind == "replica_clone"
+
+
+# ---- what the review of this wing found ----------------------------------------------------
+
+
+def test_a_disk_on_a_storage_every_node_has_is_exported_by_its_own_node(client, vmid):
+    """`local` exists on every node, each with its own volumes: a full clone of a node1 guest's
+    `local` disk onto node2's storage reads node1's volume through node1's export, never
+    node2's volume of the same name."""
+    g, c = vmid(), vmid()
+    _make(client, g, "node1", "local", mib=8)
+    job = client.run("full_clone", vmid=g, newid=c, storage="local2")
+    assert job.state == "succeeded", job.error
+    assert job.params["disks"]["scsi0"]["across"] is True and job.ran_on["export"] == "node1"
+    assert qemu_same(volume_path(client.guest(g).disks["scsi0"]), volume_path(client.guest(c).disks["scsi0"]))
+
+
+def _submitted_but_held(client, monkeypatch, kind: str, **options):
+    """A job recorded, its steps held back (as if its queue were long) until the test sends them."""
+    from worker import runner
+
+    with monkeypatch.context() as m:
+        m.setattr(runner, "send_steps", lambda *args, **kwargs: None)
+        return runner.submit(kind, options, client.cfg, client.r)
+
+
+def test_a_job_submitted_before_its_guest_moved_to_another_node_is_refused(client, vmid, monkeypatch):
+    """A second migration prepared while the guest was on node1 runs after it moved: refused
+    by the lock step, the guest and its disks untouched."""
+    from worker import runner
+
+    g = vmid()
+    _make(client, g, "node1", "local1", mib=8)
+    late = _submitted_but_held(client, monkeypatch, "migrate", vmid=g, node="node2", storage="local2")
+    assert client.run("migrate", vmid=g, node="node2", storage="local2", keep_source=True).state == "succeeded"
+    moved = client.guest(g)
+    runner.send_steps(late, late.done)
+    job = client.wait(late.id, timeout=30)
+    assert job.state == "failed" and f"guest {g} moved to node node2 since the job was submitted" in job.error
+    assert client.guest(g) == moved
+
+
+def test_a_job_recorded_by_another_version_is_failed_without_running_or_undoing(client, vmid, monkeypatch):
+    """A record whose steps are not its kind's (written before an upgrade): its step numbers
+    name other steps now, so nothing runs and nothing is undone; the error says what it had made."""
+    from worker import records, runner
+
+    g = vmid()
+    _make(client, g, "node1", "local1", mib=8)
+    old = _submitted_but_held(client, monkeypatch, "full_clone", vmid=g, newid=vmid())
+    before = sorted(p.name for p in volume_path(client.guest(g).disks["scsi0"]).parent.iterdir())
+    steps = ["lock_guest", "reserve_guest", "allocate", "copy_data", "commit_guest"]  # full_clone before this wing
+    records.update(client.r, old.id, steps=steps, queues=[old.queues[old.steps.index(s)] for s in steps])
+    runner.send_steps(records.load(client.r, old.id), old.done)
+    job = client.wait(old.id, timeout=30)
+    assert job.state == "failed" and job.error.startswith("job recorded by another version of stork")
+    assert job.ran_on == {} and client.guest(g).lock == ""
+    assert sorted(p.name for p in volume_path(client.guest(g).disks["scsi0"]).parent.iterdir()) == before
+
+
+def test_a_replica_made_from_an_earlier_volume_of_its_bases_name_is_not_used(client, vmid, stork):
+    t = vmid()
+    _make(client, t, "node1", "local1", mib=8)
+    assert client.run("template", vmid=t).state == "succeeded"
+    assert stork("clone", t, vmid(), "--storage", "local2")[0] == 0
+    [replica] = client.guest(t).replicas
+    with client.guest_store.editing(t) as box:  # as if the base had been made anew since
+        box[0] = box[0].with_(replicas={replica: {**box[0].replicas[replica], "identity": "0:0"}})
+    code, _, err = stork("clone", t, vmid(), "--storage", "local2")
+    assert code == 1 and f"replica {replica} was made from an earlier volume named" in err
+
+
+def test_a_replica_clone_onto_the_templates_own_node_is_refused(client, vmid):
+    t = vmid()
+    _make(client, t, "node1", "local1", mib=8)
+    assert client.run("template", vmid=t).state == "succeeded"
+    with pytest.raises(Refused, match="needs no replica"):
+        client.submit("replica_clone", vmid=t, newid=vmid(), storage="local1")

@@ -136,7 +136,8 @@ def test_a_sigkill_storm_under_queued_clones_leaves_every_job_ended(client, vmid
     finally:
         worker.stop()
     assert {str(j.state) for j in ended} <= {"succeeded", "failed"} and any(j.state == "succeeded" for j in ended)
-    assert not [g.vmid for g in client.guests() if g.lock], "guests left locked"
+    ours = {t, *(j.params["new_vmid"] for j in jobs)}  # (other modules keep guests locked on purpose)
+    assert not [g.vmid for g in client.guests() if g.lock and g.vmid in ours], "guests left locked"
     assert orphans(client, "crash") == []
     assert client.run("ping", node="node1").state == "succeeded"
 

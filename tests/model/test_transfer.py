@@ -68,6 +68,38 @@ def test_stop_leaves_alone_a_process_that_is_not_the_export_named(tmp_path):
         other.wait()
 
 
+def _export_of(tmp_path):
+    key = tmp_path / "cluster.psk"
+    transfer.make_key(key)
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\0" * 65536)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        return transfer.start(qemu.Image.of_fd("raw", fd, "disk"), 65536, "127.0.0.1", key)
+    finally:
+        os.close(fd)
+
+
+def test_stop_acts_on_the_export_name_it_records_not_on_any_word_of_the_command_line(tmp_path):
+    export = _export_of(tmp_path)
+    try:
+        for word in ("--read-only", "--persistent"):  # words of its argv, not its export name
+            assert not transfer.running(transfer.Export(export.host, export.port, word, export.pid, export.started, 1))
+        assert transfer.running(export)
+    finally:
+        transfer.stop(export)
+
+
+def test_an_export_that_does_not_end_on_sigterm_is_killed(tmp_path, monkeypatch):
+    import signal
+
+    export = _export_of(tmp_path)
+    os.kill(export.pid, signal.SIGSTOP)  # a stopped process does not act on TERM
+    monkeypatch.setattr(transfer, "STOP_WAIT", 0.5)
+    transfer.stop(export)
+    assert not transfer.running(export)
+
+
 def test_an_export_runs_until_stopped_and_dies_with_the_process_that_started_it(tmp_path):
     key = tmp_path / "cluster.psk"
     transfer.make_key(key)

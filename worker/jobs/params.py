@@ -183,6 +183,7 @@ PARAMS: dict[str, Check] = {
     "delete_source": _bool,
     "refuse_template": _text,
     "expect_disks": _optional(_map_of(names.disk_key, _volid)),
+    "expect_node": _optional(names.node),  # the locked guest's node when the job was submitted
     "disks": _map_of(_disk_key, _table(PLAN)),
     "links": _map_of(names.disk_key, _table({"storage": names.storage_id, "replica": _volid})),  # a replica clone
     "bases": _map_of(_disk_key, _table(BASE_PLAN)),

@@ -143,6 +143,7 @@ def prepare_add_disk(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     if not disks:
         raise InvalidName("disk add: name at least one disk")
     return {"lock_vmid": guest.vmid, "refuse_template": "adding disks", "expect_disks": guest.disks,
+            "expect_node": guest.node,
             "disks": disks, "node": guest.node,
             "storages": _check_nodes(cfg, {d["storage"] for d in disks.values()}, guest.node)}
 
@@ -158,6 +159,7 @@ def _guest_disk(o: dict[str, Any], cfg: Config, kind: str, doing: str) -> dict[s
     guest.require_unlocked()
     storage, _vol = _volume(cfg, guest.disks[key])
     return {"lock_vmid": guest.vmid, "refuse_template": doing, "expect_disks": guest.disks, "disk": key,
+            "expect_node": guest.node,
             "node": guest.node, "storages": _check_nodes(cfg, {storage}, guest.node)}
 
 
@@ -239,9 +241,9 @@ def prepare_replica_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     return _onto_replicas(o, cfg, source, newid)
 
 
-def replicas_on(guests: list[Guest], storage: str) -> dict[str, str]:
-    """The replicas on `storage` that templates record: base volume id -> replica volume id."""
-    return {r["of"]: volid for g in guests for volid, r in g.replicas.items()
+def replicas_on(guests: list[Guest], storage: str) -> dict[str, tuple[str, dict[str, str]]]:
+    """The replicas on `storage` that templates record: base volume id -> (replica volume id, record)."""
+    return {r["of"]: (volid, r) for g in guests for volid, r in g.replicas.items()
             if names.volume_id(volid).storage == storage}
 
 
@@ -257,22 +259,30 @@ def _onto_replicas(o: dict[str, Any], cfg: Config, template: Guest, newid: int) 
     copies: dict[str, dict[str, Any]] = {}
     links: dict[str, dict[str, Any]] = {}
     for key, volid in template.disks.items():
-        _storage, vol = _volume(cfg, volid)
+        storage, vol = _volume(cfg, volid)
         if volid in found:
-            links[key] = {"storage": target, "replica": found[volid]}
+            replica, record = found[volid]
+            if (here := _existing_here(cfg, storage, vol)) and here.identity(vol) != record["identity"]:
+                raise Refused(f"replica {replica} was made from an earlier volume named {volid}: free it "
+                              f"('stork volume free {replica}') and clone again")
+            links[key] = {"storage": target, "replica": replica}
             continue
         fmt = _format(cfg, target, None, vol.fmt)
         drv.require_feature("linked_clone", VolName(None, vol.name, fmt))
         copies[key] = {"source": volid, "storage": target, "owner": template.vmid, "format": fmt, "as_base": True}
         links[key] = {"storage": target}
     common = {"vmid": template.vmid, "new_vmid": newid, "name": _name(o)}
+    node = target_node(cfg, {target}, template.node)
+    if node is None:
+        raise Refused(f"storage {target!r} is on node {template.node!r}, where the template's bases are: a linked "
+                      "clone there needs no replica")
     if not copies:  # every replica is there: a linked clone on that node like any other
-        node = target_node(cfg, {target}, template.node)
-        assert node is not None
         disks = {key: {"source": link["replica"], "storage": target, "owner": newid} for key, link in links.items()}
-        return {**common, "disks": disks, "node": node, "storages": _check_nodes(cfg, {target}, node)}
+        return {**common, "runs_as": "linked_clone", "disks": disks, "node": node,
+                "storages": _check_nodes(cfg, {target}, node)}
     template.require_unlocked()
     return {**common, "runs_as": "replica_clone", "lock_vmid": template.vmid, "expect_disks": template.disks,
+            "expect_node": template.node,
             "disks": copies, "links": links, **_placed(cfg, copies, template.node)}
 
 
@@ -288,6 +298,7 @@ def prepare_full_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
                       "format": _format(cfg, dest, o.get("format"), default=vol.fmt)}
     return {"vmid": source.vmid, "new_vmid": newid, "name": _name(o),
             "lock_vmid": None if source.template else source.vmid, "expect_disks": source.disks,
+            "expect_node": source.node,
             "disks": disks, **_placed(cfg, disks, source.node)}
 
 
@@ -318,8 +329,8 @@ def _placed(cfg: Config, disks: dict[str, dict[str, Any]], source_node: str) -> 
         return {"node": source_node, "storages": _check_nodes(cfg, sources | targets, source_node)}
     _require_cluster_key(cfg)
     _check_nodes(cfg, sources, source_node)
-    for plan in disks.values():
-        plan["across"] = not cfg.storage(names.volume_id(plan["source"]).storage).on_node(target)
+    for plan in disks.values():  # a node-local storage's volume is read on its own node, whatever its name
+        plan["across"] = not cfg.storage(names.volume_id(plan["source"]).storage).shared
     return {"node": target, "source_node": source_node, "target_node": target, "storages": sorted(sources | targets)}
 
 
@@ -395,7 +406,8 @@ def prepare_migrate(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     sources = {names.volume_id(d["source"]).storage for d in disks.values()}
     targets = {d["storage"] for d in disks.values()}
     _check_nodes(cfg, sources, guest.node)
-    return {"lock_vmid": guest.vmid, "expect_disks": guest.disks, "disks": disks, "node": guest.node,
+    return {"lock_vmid": guest.vmid, "expect_disks": guest.disks, "expect_node": guest.node, "disks": disks,
+            "node": guest.node,
             "source_node": guest.node, "target_node": target, "delete_source": not _flag(o, "keep_source"),
             "storages": sorted(sources | targets)}
 
@@ -424,7 +436,7 @@ def prepare_base(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     owner = _owner_of(cfg, volid)
     node = owner.node if owner else _node(o, cfg)
     return {"lock_vmid": owner.vmid if owner else None, "refuse_template": "converting its disks",
-            "expect_disks": owner.disks if owner else None,
+            "expect_disks": owner.disks if owner else None, "expect_node": owner.node if owner else None,
             "bases": {"disk": {"source": volid, "name": name}}, "node": node,
             "storages": _check_nodes(cfg, {storage}, node)}
 
@@ -442,7 +454,7 @@ def prepare_template(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
             driver_for(cfg.storage(storage)).require_feature("make_base", vol)
             bases[key] = {"source": volid, "name": None}
     return {"lock_vmid": guest.vmid, "refuse_template": "making it a template again", "make_template": True,
-            "expect_disks": guest.disks, "bases": bases, "node": guest.node,
+            "expect_disks": guest.disks, "expect_node": guest.node, "bases": bases, "node": guest.node,
             "storages": _check_nodes(cfg, used, guest.node)}
 
 
@@ -483,7 +495,7 @@ def prepare_move(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     plan = {"source": volid, "storage": dest, "owner": guest.vmid, "format": fmt}
     if vol.is_base:
         plan["as_base"] = True  # the verified copy becomes a base on the target
-    return {"lock_vmid": guest.vmid, "expect_disks": guest.disks, "disks": {key: plan},
+    return {"lock_vmid": guest.vmid, "expect_disks": guest.disks, "expect_node": guest.node, "disks": {key: plan},
             "delete_source": _flag(o, "delete_source"), "node": guest.node,
             "storages": _check_nodes(cfg, {storage, dest}, guest.node)}
 
@@ -529,7 +541,7 @@ def prepare_destroy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     guest = _guest(cfg, o.get("vmid"))
     guest.require_unlocked()
     used = {names.volume_id(v).storage for v in [*guest.disks.values(), *guest.unused]}
-    params = {"lock_vmid": guest.vmid, "node": guest.node, "expect_disks": guest.disks,
+    params = {"lock_vmid": guest.vmid, "node": guest.node, "expect_disks": guest.disks, "expect_node": guest.node,
               "storages": _check_nodes(cfg, used, guest.node)}
     nodes = sorted({r["node"] for r in guest.replicas.values()})
     if len(nodes) > 1:
@@ -561,7 +573,7 @@ def prepare_resize(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     node = owner.node if owner else _node(o, cfg)
     return {"volid": volid, "size": size, "node": node,
             "lock_vmid": owner.vmid if owner else None, "refuse_template": "writing its disks",
-            "expect_disks": owner.disks if owner else None,
+            "expect_disks": owner.disks if owner else None, "expect_node": owner.node if owner else None,
             "storages": _check_nodes(cfg, {storage}, node)}
 
 

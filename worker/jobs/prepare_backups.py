@@ -50,7 +50,8 @@ def prepare_backup(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     guest.require_unlocked()
     store = backup_storage_id(cfg, o.get("storage"))
     used = {names.volume_id(v).storage for v in guest.disks.values()} | {store}
-    return {"vmid": guest.vmid, "lock_vmid": guest.vmid, "expect_disks": guest.disks, "volumes": dict(guest.disks),
+    return {"vmid": guest.vmid, "lock_vmid": guest.vmid, "expect_disks": guest.disks, "expect_node": guest.node,
+            "volumes": dict(guest.disks),
             "store": store, "notes": check_notes(o.get("notes") or ""), "node": guest.node,
             "storages": _check_nodes(cfg, used, guest.node)}
 
@@ -108,7 +109,8 @@ def prepare_restore(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         if original.template and not drv.has_feature("make_base", VolName(newid, key, fmt)):
             raise Refused(f"backup {bid} is of a template: storage {storage!r} cannot hold {fmt} base images")
         disks[key] = {"storage": storage, "owner": newid, "format": fmt, "size": disk.virtual_size}
-    replacing = {"replace": True, "lock_vmid": newid, "expect_disks": replaced.disks} if replaced else {}
+    replacing = {"replace": True, "lock_vmid": newid, "expect_disks": replaced.disks,
+                 "expect_node": replaced.node} if replaced else {}
     return {"store": sid, "backup": bid, "new_vmid": newid, "name": _name(o) or original.name, "node": node,
             "template": original.template, "disks": disks, **replacing,
             "storages": _check_nodes(cfg, {d["storage"] for d in disks.values()} | {sid}, node)}
@@ -123,6 +125,9 @@ def _replaced(cfg: Config, vmid: int, force: bool) -> Guest | None:
         raise AlreadyExists(f"guest {vmid} already exists (restore with --force to replace it)")
     guest = _store(cfg).read(vmid)
     guest.require_unlocked()
+    if guest.replicas:  # they copy its bases: a restore over it would leave them copies of nothing
+        raise Refused(f"guest {vmid} has replicas of its bases on other nodes: {', '.join(sorted(guest.replicas))} "
+                      "(free them with 'stork volume free VOLID' first)")
     for volid in guest.disks.values():
         storage, vol = _volume(cfg, volid)
         if vol.is_base and cfg.storage(storage).on_node(cfg.node):

@@ -37,6 +37,8 @@ def lock_guest(ctx: StepContext) -> None:
         guest.require_unlocked()
         if refusal := ctx.params.get("refuse_template"):
             guest.require_not_template(refusal)
+        if (node := ctx.params.get("expect_node")) and guest.node != node:
+            raise Refused(f"guest {vmid} moved to node {guest.node} since the job was submitted (it was on {node})")
         expected = ctx.params.get("expect_disks")
         if expected is not None and guest.disks != expected:
             raise Refused(f"guest {vmid} changed since the job was submitted (its disks are now "
@@ -339,6 +341,9 @@ def export_sources(ctx: StepContext) -> None:
     read-only, on this node's address, for holders of the cluster key. Recorded before the
     step ends; an export whose recording fails is stopped at once. A redelivered step starts
     anew what died with its process."""
+    vmid, node = ctx.params.get("vmid", ctx.params.get("lock_vmid")), ctx.params.get("expect_node")
+    if vmid is not None and node and (moved := ctx.guests.read(vmid).node) != node:
+        raise Refused(f"guest {vmid} moved to node {moved} since the job was submitted (it was on {node})")
     exports: dict[str, dict] = ctx.data.setdefault("exports", {})
     for key, plan in ctx.params["disks"].items():
         drv, vol = ctx.volume(plan["source"])
@@ -678,18 +683,23 @@ def free_sources(ctx: StepContext) -> None:
         return
     # a migrated guest's copy may have its original's name, on its new node: not a use of the original
     migrated = ctx.params["lock_vmid"] if ctx.params.get("target_node") else None
-    freed = []
+    freed, kept = [], []
     for volid in ctx.data.get("replaced", {}).values():
         try:
             drv, vol = ctx.volume(volid)
             with ctx.storage_lock(drv):
                 # kept as unused by this guest: ours
                 usage.require_unused(ctx, volid, count_unused=False, but=migrated)
-                ctx.fence(drv)
-                drv.free(vol)
+                if drv.exists(vol):  # (not: freed by an earlier attempt of this step)
+                    ctx.fence(drv)
+                    drv.free_volume(vol)  # a base that linked clones read through by now is refused
             freed.append(volid)
         except (StorkError, OSError) as e:
-            ctx.set_result(warning=f"kept {volid} as unused: {e}")
+            kept.append(volid)
+            where = f"on node {ctx.node}" if migrated is not None else "as unused"
+            ctx.set_result(warning=f"kept {volid} {where}: {e}")
+    if migrated is not None and kept:  # not the guest's to list from its new node: said in the result
+        ctx.set_result(kept={"node": ctx.node, "volumes": kept})
     with ctx.guests.editing(ctx.params["lock_vmid"]) as box:
         box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v not in freed))
 
