@@ -8,9 +8,13 @@ each after a sync:
 - a full clone of a 2 GiB mixed image (1 GiB random data, 512 MiB of one byte repeated,
   512 MiB zeros) from node1's storage onto node2's: the copy step and the whole job;
 - the peer: the same volume exported by a hand-run `qemu-nbd` with the same TLS PSK
-  credentials on the same loopback, read by a hand-run `qemu-img convert -t writeback`
-  (flushed on close, as stork flushes every copy) into a fresh sparse file;
-- the same hand-run pair without TLS, and stork's full clone on node1 alone, for scale.
+  credentials and cipher priority on the same loopback, read by a hand-run `qemu-img convert
+  -t writeback` (flushed on close, as stork flushes every copy) into a fresh sparse file;
+- for scale: the hand-run pair with GnuTLS's default priority and without TLS, and stork's
+  full clone on node1 alone.
+Then linked clones of a 1 GiB template of node1: the first onto node2 (which copies the base
+there as a replica), and LATENCY_SAMPLES more onto node2 (linked clones of the replica) next to
+as many on node1 (linked clones of the base), submit -> succeeded, one at a time.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from worker import testing
 
 GIB = 1 << 30
 RUNS = 3
+LATENCY_SAMPLES = 30
 
 
 def setup() -> tuple[Path, testing.RedisServer, list[testing.Worker]]:
@@ -69,7 +74,7 @@ def mixed_guest(client, vmid: int, base: Path) -> Path:
     return path
 
 
-def hand_run(src: Path, base: Path, tls: bool) -> float:
+def hand_run(src: Path, base: Path, tls: bool, priority: str = transfer.PRIORITY) -> float:
     """qemu-nbd + qemu-img convert as an operator would run them: seconds for the copy."""
     name, port, dst = secrets.token_hex(16), testing.free_port(), base / "node2/direct.raw"
     dst.parent.mkdir(exist_ok=True)
@@ -77,7 +82,8 @@ def hand_run(src: Path, base: Path, tls: bool) -> float:
     keys.mkdir(mode=0o700, exist_ok=True)
     (keys / "keys.psk").unlink(missing_ok=True)
     (keys / "keys.psk").symlink_to(base / "cluster.psk")
-    server_tls = ["--object", f"tls-creds-psk,id=t,endpoint=server,dir={keys}", "--tls-creds", "t"] if tls else []
+    prio = f",priority={priority}" if priority else ""
+    server_tls = ["--object", f"tls-creds-psk,id=t,endpoint=server,dir={keys}{prio}", "--tls-creds", "t"] if tls else []
     pid_file = base / "nbd.pid"
     pid_file.unlink(missing_ok=True)
     server = subprocess.Popen(["qemu-nbd", "--read-only", "--persistent", "--shared", "1", "--bind", "127.0.0.1",
@@ -90,7 +96,7 @@ def hand_run(src: Path, base: Path, tls: bool) -> float:
         spec = ("json:{\"driver\":\"raw\",\"file\":{\"driver\":\"nbd\",\"server\":{\"type\":\"inet\","
                 f"\"host\":\"127.0.0.1\",\"port\":\"{port}\"}},\"export\":\"{name}\""
                 + (",\"tls-creds\":\"t\"" if tls else "") + "}}")
-        client_tls = ["--object", f"tls-creds-psk,id=t,endpoint=client,dir={keys},username=stork"] if tls else []
+        client_tls = ["--object", f"tls-creds-psk,id=t,endpoint=client,dir={keys},username=stork{prio}"] if tls else []
         start = time.perf_counter()
         subprocess.run(["qemu-img", "convert", "-n", "--target-is-zero", "-W", "-t", "writeback", "-O", "raw",
                         *client_tls, spec, str(dst)], check=True)
@@ -116,6 +122,37 @@ def via_stork(client, t: int, newid: int, storage: str) -> tuple[float, float]:
     return elapsed, times["done"] - times["start"]
 
 
+def bench_replica_clones(client, base: Path, ids) -> None:
+    t = next(ids)
+    mixed_guest(client, t, base)  # 2 GiB; the first clone onto node2 copies it
+    assert client.run("template", vmid=t).state == "succeeded"
+    steps: dict[str, dict[str, float]] = {}
+
+    def on_event(e: dict) -> None:
+        if e["phase"] in ("start", "done"):
+            steps.setdefault(e["step"], {})[e["phase"]] = e["time"]
+
+    start = time.perf_counter()
+    first = client.run("linked_clone", vmid=t, newid=next(ids), storage="local2", on_event=on_event)
+    made = time.perf_counter() - start
+    assert first.state == "succeeded" and first.kind == "replica_clone", first.error
+    times: dict[str, list[float]] = {"node1": [], "node2": []}
+    for _ in range(LATENCY_SAMPLES):
+        for node, storage in (("node1", "local1"), ("node2", "local2")):
+            start = time.perf_counter()
+            job = client.run("linked_clone", vmid=t, newid=next(ids), storage=storage)
+            times[node].append(time.perf_counter() - start)
+            assert job.state == "succeeded" and job.kind == "linked_clone", job.error
+    p50 = {node: sorted(v)[len(v) // 2] for node, v in times.items()}
+    print(f"\nlinked clones of a 2 GiB template of node1, submit -> succeeded, p50 of {LATENCY_SAMPLES}")
+    print(f"   {'':<52}{'time':>9}{'vs local':>10}")
+    print(f"   {'first onto node2 (copies the base: a replica)':<52}{made:>8.2f}s")
+    print("      its steps: " + ", ".join(f"{name} {t['done'] - t['start']:.2f}s" for name, t in steps.items()
+                                        if "done" in t and t["done"] - t["start"] >= 0.05))
+    print(f"   {'on node1, of the base (local)':<52}{p50['node1'] * 1000:>7.1f}ms{1:>10.2f}")
+    print(f"   {'on node2, of the replica':<52}{p50['node2'] * 1000:>7.1f}ms{p50['node2'] / p50['node1']:>10.2f}")
+
+
 def main() -> None:
     base, redis_server, workers = setup()
     try:
@@ -129,7 +166,7 @@ def main() -> None:
         print(f"stork between-nodes benchmark: {os.cpu_count()} cores, two workers on this machine, "
               f"storages under {base}")
         hand_run(src, base, tls=True)  # warm the page cache for all
-        rows: dict[str, list[float]] = {k: [] for k in ("hand", "plain", "step", "job", "local")}
+        rows: dict[str, list[float]] = {k: [] for k in ("hand", "default", "plain", "step", "job", "local")}
         for _ in range(RUNS):
             os.sync()
             rows["hand"].append(hand_run(src, base, tls=True))
@@ -138,6 +175,8 @@ def main() -> None:
             rows["job"].append(job)
             rows["step"].append(step)
             os.sync()
+            rows["default"].append(hand_run(src, base, tls=True, priority=""))
+            os.sync()
             rows["plain"].append(hand_run(src, base, tls=False))
             os.sync()
             rows["local"].append(via_stork(client, t, next(ids), "local1")[0])
@@ -145,16 +184,19 @@ def main() -> None:
         print(f"\nfull clone of a {size_gib:.0f} GiB mixed image (1 GiB random, 512 MiB one byte, 512 MiB zeros), "
               f"node1 -> node2 over loopback (best of {RUNS})")
         print(f"   {'':<52}{'time':>9}{'GiB/s':>9}{'vs hand-run':>13}")
-        for label, key in (("hand-run qemu-nbd (TLS PSK) + qemu-img convert", "hand"),
+        for label, key in (("hand-run qemu-nbd + qemu-img convert, same TLS", "hand"),
                            ("stork copy_data step (node2 reading node1's export)", "step"),
                            ("stork full clone job node1 -> node2, submit -> done", "job"),
-                           ("hand-run qemu-nbd + qemu-img convert, no TLS", "plain"),
+                           ("hand-run pair, GnuTLS's default TLS priority", "default"),
+                           ("hand-run pair, no TLS", "plain"),
                            ("stork full clone job on node1 alone (local copy)", "local")):
             print(f"   {label:<52}{best[key]:>8.2f}s{size_gib / best[key]:>9.2f}{best['hand'] / best[key]:>13.2f}")
+        bench_replica_clones(client, base, ids)
     finally:
         for worker in workers:
             worker.stop()
         redis_server.stop()
+        subprocess.run(["chattr", "-R", "-i", str(base)], capture_output=True, check=False)  # bases are immutable
         subprocess.run(["rm", "-rf", str(base)], check=False)
 
 
