@@ -18,7 +18,7 @@ import pytest
 
 from drivers.backup.crypt import create_key
 from drivers.transfer import make_key as make_cluster_key
-from tests import alerts, ceph, storages
+from tests import alerts, ceph, netns, storages
 from worker import testing
 from worker.testing import free_port
 
@@ -58,6 +58,16 @@ pool = "{CEPH.pool}"
 conf = "{CEPH.conf}"
 shared = true
 """)
+# node `far` in a network namespace of its own, over a veth pair (tests/netns.py): node1's
+# exports listen on the host end, far's inside; without one, every node is on 127.0.0.1
+NETNS = netns.make()
+NO_NETNS = NETNS if isinstance(NETNS, str) else ""
+NODE_ADDRESSES = "" if NO_NETNS else f"""
+[nodes.node1]
+address = "{netns.HOST_IP}"
+[nodes.far]
+address = "{netns.NS_IP}"
+"""
 create_key(BASE / "secret.key")  # the encrypted backup storage `secret`'s key
 make_cluster_key(BASE / "cluster.psk")  # authenticates and encrypts copies between node1 and node2
 WEBHOOK, MAILBOX = alerts.Webhook(), alerts.Mailbox()  # where the session's alerts go (tests/alerts.py)
@@ -93,6 +103,10 @@ shared = true
 type = "dir"
 path = "crash"
 nodes = ["crash"]
+[storage.far]
+type = "dir"
+path = "far"
+nodes = ["far"]
 [storage.small]
 type = "dir"
 path = "small"
@@ -132,19 +146,20 @@ storage = "backup"
 keep-daily = 7
 keep-weekly = 4
 enabled = false
-{LOOP_STORAGES}""")
+{LOOP_STORAGES}{NODE_ADDRESSES}""")
 os.environ["STORK_CONFIG"] = str(CONFIG)
 os.environ["STORK_NODE"] = "node1"
 os.environ.pop("STORK_REDIS_URL", None)
 
 
-def Worker(node: str, concurrency: int = 4, env: dict[str, str] | None = None) -> testing.Worker:
-    return testing.Worker(node, BASE, concurrency, env)
+def Worker(node: str, concurrency: int = 4, env: dict[str, str] | None = None,
+           prefix: tuple[str, ...] = ()) -> testing.Worker:
+    return testing.Worker(node, BASE, concurrency, env, prefix)
 
 
 @pytest.fixture(scope="session")
 def redis_server():
-    server = testing.RedisServer(REDIS_PORT, BASE)
+    server = testing.RedisServer(REDIS_PORT, BASE, also_on=() if NO_NETNS else (netns.HOST_IP,))
     yield server.client
     server.stop()
 
@@ -209,6 +224,8 @@ def files_under(path: Path) -> list[str]:
 def pytest_sessionfinish(session, exitstatus):
     WEBHOOK.close()
     MAILBOX.close()
+    if isinstance(NETNS, netns.Netns):
+        NETNS.close()
     for fs in (BTRFS, XFS, ZFS, CEPH):
         if isinstance(fs, storages.LoopFs | storages.ZfsPool | ceph.CephCluster):
             fs.close()  # unmounted and detached before the directory holding it goes

@@ -51,15 +51,17 @@ def _group_running(pgid: int) -> bool:
 
 
 class RedisServer:
-    """redis-server on 127.0.0.1:`port`; with `durable`, an append-only file in `data_dir`
-    keeps its data across `restart()`."""
+    """redis-server on 127.0.0.1:`port` (and the addresses `also_on`); with `durable`, an
+    append-only file in `data_dir` keeps its data across `restart()`."""
 
-    def __init__(self, port: int, data_dir: Path, durable: bool = False) -> None:
+    def __init__(self, port: int, data_dir: Path, durable: bool = False, also_on: tuple[str, ...] = ()) -> None:
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.port = port
-        self.argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        # off the loopback only on a test's own link (a veth pair to a namespace): no password needed
+        protected = ["--protected-mode", "no"] if also_on else []
+        self.argv = [exe, "--port", str(port), "--bind", "127.0.0.1", *also_on, *protected, "--save", "",
                      "--appendonly", "yes" if durable else "no", "--maxmemory-policy", "noeviction",
                      "--dir", str(data_dir)]
         import redis
@@ -90,11 +92,14 @@ class RedisServer:
 class Worker:
     """A real `celery worker` process group for one node."""
 
-    def __init__(self, node: str, log_dir: Path, concurrency: int = 4, env: dict[str, str] | None = None) -> None:
+    def __init__(self, node: str, log_dir: Path, concurrency: int = 4, env: dict[str, str] | None = None,
+                 prefix: tuple[str, ...] = ()) -> None:
+        """`prefix` runs it through another command (`ip netns exec NS`: a node of its own network)."""
         self.node = node
         self.log = log_dir / f"worker-{node}-{time.monotonic_ns()}.log"
         env = {**os.environ, **(env or {}), "STORK_NODE": node, "PYTHONUNBUFFERED": "1"}
-        argv = [sys.executable, "-m", "worker.run.main", "--without-mingle", "--without-gossip", "-c", str(concurrency)]
+        argv = [*prefix, sys.executable, "-m", "worker.run.main", "--without-mingle", "--without-gossip",
+                "-c", str(concurrency)]
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)

@@ -91,15 +91,16 @@ def test_a_ping_nobody_answers_names_the_queue_and_leaves_no_message(stork, clie
 
 
 def test_ping_with_no_node_asks_every_node_the_config_names(stork, client):
-    """node1 and node2 answer; `crash` (a storage's node whose worker runs only in the crash
-    tests) does not, and its queue is named."""
+    """node1 and node2 answer; `crash` and `far` (storages' nodes whose workers run only in
+    the crash and namespace tests) do not, and their queues are named."""
     code, out, err = stork("--json", "ping", "--timeout", "2")
     answers = {a["node"]: a for a in json.loads(out)}
-    assert set(answers) == set(client.cfg.known_nodes()) == {"node1", "node2", "crash"}
+    assert set(answers) == set(client.cfg.known_nodes()) == {"node1", "node2", "crash", "far"}
     assert answers["node1"]["ok"] and answers["node2"]["ok"]
-    assert not answers["crash"]["ok"] and answers["crash"]["queue"] == "node.crash"
-    assert code == 1 and err == "stork: no answer from 1 of 3 node(s): crash\n"
-    assert client.r.llen("node.crash") == 0
+    for silent in ("crash", "far"):
+        assert not answers[silent]["ok"] and answers[silent]["queue"] == f"node.{silent}"
+        assert client.r.llen(f"node.{silent}") == 0
+    assert code == 1 and err == "stork: no answer from 2 of 4 node(s): crash, far\n"
 
 
 @pytest.mark.parametrize("timeout", ["0", "-1", "soon", "nan", "7200"])
