@@ -118,3 +118,18 @@ def test_refusals_that_need_no_other_node_come_before_a_job_exists(stork, client
         code, out, err = stork(*args)
         assert (code, out) == (1, "") and err.startswith(f"stork: {message}") and err.count("\n") == 1, err
     assert len(client.jobs(1000)) == before
+
+
+def test_job_show_of_a_copy_on_one_node_says_its_export_steps_were_not_needed(stork, client, vmid):
+    """A disk copy on one node goes without the steps only a copy between nodes runs: they
+    are listed `not needed`, with no node, and every other step `done`."""
+    g = vmid()
+    job = client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    copy = client.run("copy", volid=job.result["disks"]["scsi0"], storage="local")
+    assert copy.state == "succeeded", copy.error
+    code, out, _ = stork("job", "show", copy.id)
+    outcome = {r[0]: " ".join(r[1:]) for r in rows(out) if r and r[0] in copy.steps}
+    assert code == 0 and set(outcome) == {"export", "allocate", "copy_data", "verify_copy", "end_export"}
+    for skipped in ("export", "verify_copy", "end_export"):
+        assert "not needed" in outcome[skipped] and "node" not in outcome[skipped], outcome
+    assert all("done" in outcome[s].split() for s in ("allocate", "copy_data")), outcome

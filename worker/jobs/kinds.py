@@ -111,6 +111,7 @@ LINK = Step("link_disks", steps.link_disks, steps.free_made)
 EXPORT = Step("export", steps.export_sources, steps.end_exports, side="source", across_only=True)
 COPY = Step("copy_data", steps.copy_data, side="target")  # its target is freed by ALLOCATE's undo
 VERIFY = Step("verify_copy", steps.verify_copy, side="target")
+VERIFY_ACROSS = Step("verify_copy", steps.verify_copy, side="target", across_only=True)  # a copy from another node
 END_EXPORT = Step("end_export", steps.end_exports, side="source", across_only=True)
 MAKE_MOVED_BASES = Step("make_bases", steps.make_moved_bases, steps.unmake_bases, side="target")  # a moved base
 COMMIT_NEW = Step("commit_guest", steps.commit_new_guest, storage=False, commit=True)
@@ -162,13 +163,14 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
             (LOCK_GUEST, EXPORT, ALLOCATE, COPY, VERIFY, END_EXPORT, MAKE_MOVED_BASES, RECORD_REPLICAS, RESERVE_GUEST,
              LINK_REPLICAS, COMMIT_LINKED), prepare_replica_clone),
     JobKind("full_clone", "clone a guest or template with full copies of its disks",
-            (LOCK_GUEST, RESERVE_GUEST, EXPORT, ALLOCATE, COPY, END_EXPORT, COMMIT_NEW), prepare_full_clone),
+            (LOCK_GUEST, RESERVE_GUEST, EXPORT, ALLOCATE, COPY, VERIFY_ACROSS, END_EXPORT, COMMIT_NEW),
+            prepare_full_clone),
     JobKind("base", "turn a volume into a read-only base image",
             (LOCK_GUEST, MAKE_BASES, COMMIT_BASES), prepare_base),
     JobKind("template", "turn a guest into a template (every disk a base)",
             (LOCK_GUEST, MAKE_BASES, COMMIT_BASES), prepare_template),
     JobKind("copy", "copy a volume to a storage",
-            (EXPORT, ALLOCATE, COPY, END_EXPORT), prepare_copy),
+            (EXPORT, ALLOCATE, COPY, VERIFY_ACROSS, END_EXPORT), prepare_copy),
     JobKind("move", "move a guest's disk to a storage",
             (LOCK_GUEST, ALLOCATE, COPY, VERIFY, MAKE_MOVED_BASES, SWITCH, FREE_SOURCES), prepare_move),
     JobKind("migrate", "move a guest to another node: its disks on node-local storages copied there, verified",
@@ -193,7 +195,7 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
     JobKind("assemble", "a new template whose disks are existing base images",
             (RESERVE_GUEST, COMMIT_ASSEMBLED), prepare_assemble),
     JobKind("template_copy", "copy a template: full copies of its bases, made bases on the target",
-            (RESERVE_GUEST, EXPORT, ALLOCATE, COPY, END_EXPORT, MAKE_COPY_BASES, COMMIT_TEMPLATE_COPY),
+            (RESERVE_GUEST, EXPORT, ALLOCATE, COPY, VERIFY_ACROSS, END_EXPORT, MAKE_COPY_BASES, COMMIT_TEMPLATE_COPY),
             prepare_template_copy),
     JobKind("backup", "back up a guest's config and disks into a backup storage",
             (LOCK_GUEST, BACKUP, UNLOCK_GUEST), prepare_backup),
