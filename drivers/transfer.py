@@ -119,7 +119,10 @@ def _creds(key: Path, endpoint: str) -> str:
 def _free_port(host: str) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
+        try:
+            s.bind((host, 0))
+        except OSError as e:  # the config names an address this machine does not have
+            raise Refused(f"cannot serve on {host}, this node's [nodes.<name>] address: {e.strerror}") from None
         return int(s.getsockname()[1])
 
 

@@ -101,15 +101,8 @@ def test_an_export_that_does_not_end_on_sigterm_is_killed(tmp_path, monkeypatch)
 
 
 def test_an_export_runs_until_stopped_and_dies_with_the_process_that_started_it(tmp_path):
-    key = tmp_path / "cluster.psk"
-    transfer.make_key(key)
-    image = tmp_path / "disk.raw"
-    image.write_bytes(b"\0" * 65536)
-    fd = os.open(image, os.O_RDONLY)
-    try:
-        export = transfer.start(qemu.Image.of_fd("raw", fd, "disk"), 65536, "127.0.0.1", key)
-    finally:
-        os.close(fd)
+    export = _export_of(tmp_path)
+    key, image = tmp_path / "cluster.psk", tmp_path / "disk.raw"
     assert transfer.running(export)
     transfer.stop(export)
     transfer.stop(export)  # idempotent
@@ -127,3 +120,10 @@ def test_an_export_runs_until_stopped_and_dies_with_the_process_that_started_it(
     while transfer.running(orphan) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not transfer.running(orphan)
+
+
+def test_an_address_this_machine_does_not_have_is_refused_naming_the_config_key(tmp_path):
+    key = tmp_path / "cluster.psk"
+    transfer.make_key(key)
+    with pytest.raises(Refused, match=r"cannot serve on 203\.0\.113\.7, this node's \[nodes\.<name>\] address: "):
+        transfer.start(qemu.Image("raw", {"driver": "null-co"}, "nothing"), 1 << 20, "203.0.113.7", key)

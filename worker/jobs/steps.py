@@ -630,19 +630,27 @@ def commit_template_copy(ctx: StepContext) -> None:
 
 def switch_disks(ctx: StepContext) -> None:
     """Attach the copies in place of the originals; keep those as unused or free them later."""
-    vmid = ctx.params["lock_vmid"]
-    made = {**ctx.data["made"], **{key: pair[1] for key, pair in ctx.data.get("based", {}).items()}}
-    with ctx.guests.editing(vmid) as box:
+    if switched := _switch_to_copies(ctx, moved_to=None):
+        ctx.set_result(vmid=ctx.params["lock_vmid"], disks=switched[0], replaced=switched[1])
+
+
+def _switch_to_copies(ctx: StepContext, moved_to: str | None) -> tuple[dict[str, str], dict[str, str]] | None:
+    """Attach the copies (the bases made of them, for bases) in place of the originals and
+    unlock the guest, in one write, the originals saved as `replaced` first: (copies, originals).
+    On its own node the originals stay listed as unused until free_sources has freed them; a
+    guest moved to another node (`moved_to`) goes there with its copies. None: redelivered
+    after it finished."""
+    made = {**ctx.data.get("made", {}), **{key: pair[1] for key, pair in ctx.data.get("based", {}).items()}}
+    with ctx.guests.editing(ctx.params["lock_vmid"]) as box:
         guest = box[0]
         if guest.lock_job != ctx.job.id:
-            return  # redelivered after it finished
+            return None
         old = {key: guest.disks[key] for key in made}
         ctx.data["replaced"] = old
         ctx.save()
-        # the originals stay listed (as unused) until free_sources has freed them
-        box[0] = guest.with_(disks={**guest.disks, **made}, unused=(*guest.unused, *old.values()),
-                             lock="", lock_job="")
-    ctx.set_result(vmid=vmid, disks=made, replaced=old)
+        where = {"node": moved_to} if moved_to else {"unused": (*guest.unused, *old.values())}
+        box[0] = guest.with_(disks={**guest.disks, **made}, lock="", lock_job="", **where)
+    return made, old
 
 
 def unswitch_disks(ctx: StepContext) -> None:
@@ -659,17 +667,11 @@ def switch_node(ctx: StepContext) -> None:
     """Move a migrated guest to its target node, attached to the verified copies there: one
     write of its config, the migration's commit. The originals, on the source node, are not
     the guest's to reach from there: free_sources frees them, or the result names them kept."""
-    vmid = ctx.params["lock_vmid"]
-    made = {**ctx.data.get("made", {}), **{key: pair[1] for key, pair in ctx.data.get("based", {}).items()}}
-    with ctx.guests.editing(vmid) as box:
-        guest = box[0]
-        if guest.lock_job != ctx.job.id:
-            return  # redelivered after it finished
-        old = {key: guest.disks[key] for key in made}
-        ctx.data["replaced"] = old
-        ctx.save()
-        box[0] = guest.with_(node=ctx.params["target_node"], disks={**guest.disks, **made}, lock="", lock_job="")
-    ctx.set_result(vmid=vmid, node=ctx.params["target_node"], disks=made, replaced=old)
+    node = ctx.params["target_node"]
+    if not (switched := _switch_to_copies(ctx, moved_to=node)):
+        return
+    made, old = switched
+    ctx.set_result(vmid=ctx.params["lock_vmid"], node=node, disks=made, replaced=old)
     if not ctx.params.get("delete_source"):
         ctx.set_result(kept={"node": ctx.params["source_node"], "volumes": sorted(old.values())})
 
