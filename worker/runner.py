@@ -139,11 +139,12 @@ def unaligned(kind: JobKind, job: JobRecord) -> bool:
 def end_unaligned(r: redis.Redis, job: JobRecord, states: tuple[JobState, ...], guard: dict[str, Any]) -> None:
     """End such a job failed, undoing nothing, and say what it had done (for a hand to clean up)."""
     error = (f"job recorded by another version of stork (steps {', '.join(job.steps)}): not run on, not undone; "
-             f"it had done {', '.join(job.steps[:job.done]) or 'nothing'}, made {job.ctx.get('made') or 'nothing'}")
+             f"it had done {', '.join(job.steps[:job.done]) or 'nothing'}; its record: {job.ctx or 'nothing made'}")
     with contextlib.suppress(StateConflict):
         ended = events.make(job.id, job.kind, events.FINISHED, state=JobState.FAILED, message=error)
         records.transition(r, job.id, states, JobState.FAILED, guard=guard, error=error, final=str(JobState.FAILED),
                            finished=time.time(), current=None, events=[ended])
+    usage.release_claims(r, job)
     log.warning("job_unaligned", job_id=job.id, steps=job.steps)
 
 

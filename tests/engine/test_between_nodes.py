@@ -357,3 +357,16 @@ def test_a_replica_clone_onto_the_templates_own_node_is_refused(client, vmid):
     assert client.run("template", vmid=t).state == "succeeded"
     with pytest.raises(Refused, match="needs no replica"):
         client.submit("replica_clone", vmid=t, newid=vmid(), storage="local1")
+
+
+def test_a_template_on_shared_storage_with_linked_clones_gets_a_replica_on_another_nodes_storage(client, vmid):
+    """Its base stays where it is, clones and all: only a copy of it is made a base on node2."""
+    t = vmid()
+    job = client.run("create", vmid=t, disks={"scsi0": {"storage": "shared", "size": "16M"}})
+    assert job.state == "succeeded", job.error
+    assert client.run("template", vmid=t).state == "succeeded"
+    assert client.run("linked_clone", vmid=t, newid=vmid()).state == "succeeded"  # on shared, beside its base
+    job = client.run("linked_clone", vmid=t, newid=vmid(), storage="local2")
+    assert job.state == "succeeded" and job.kind == "replica_clone", job.error
+    assert job.params["disks"]["scsi0"]["across"] is False  # node2 reads the shared base itself
+    assert len(client.guest(t).replicas) == 1

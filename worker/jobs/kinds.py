@@ -119,7 +119,10 @@ COMMIT_NEW = Step("commit_guest", steps.commit_new_guest, storage=False, commit=
 RECORD_REPLICAS = Step("record_replicas", steps.record_replicas, storage=False, commit=True)
 LINK_REPLICAS = Step("link_disks", steps.link_replicas, steps.free_linked, side="target")
 COMMIT_LINKED = Step("commit_guest", steps.commit_linked, storage=False, commit=True)
+CHECK_REPLICAS = Step("check_replicas", steps.check_replicas, side="target", across_only=True)
 FREE_REPLICAS = Step("free_replicas", steps.free_replicas, side="target", across_only=True)
+# a replica clone's new guest: reserved first, and removed at any failure while still the job's, even past its commit
+RESERVE_NEW = Step("reserve_guest", steps.reserve_guest, steps.unreserve_guest, storage=False, release=True)
 MAKE_BASES = Step("make_bases", steps.make_bases, steps.unmake_bases)
 COMMIT_BASES = Step("commit_guest", steps.commit_bases, storage=False, commit=True)
 SWITCH = Step("switch_disks", steps.switch_disks, steps.unswitch_disks, storage=False, commit=True)
@@ -160,7 +163,7 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
     JobKind("linked_clone", "clone a template, sharing its bases",
             (RESERVE_GUEST, LINK, COMMIT_NEW), prepare_linked_clone),
     JobKind("replica_clone", "a linked clone on another node: each base copied there once, as a replica, then cloned",
-            (LOCK_GUEST, EXPORT, ALLOCATE, COPY, VERIFY, END_EXPORT, MAKE_MOVED_BASES, RECORD_REPLICAS, RESERVE_GUEST,
+            (RESERVE_NEW, LOCK_GUEST, EXPORT, ALLOCATE, COPY, VERIFY, END_EXPORT, MAKE_MOVED_BASES, RECORD_REPLICAS,
              LINK_REPLICAS, COMMIT_LINKED), prepare_replica_clone),
     JobKind("full_clone", "clone a guest or template with full copies of its disks",
             (LOCK_GUEST, RESERVE_GUEST, EXPORT, ALLOCATE, COPY, VERIFY_ACROSS, END_EXPORT, COMMIT_NEW),
@@ -179,7 +182,7 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
     JobKind("free", "free a volume",
             (FREE,), prepare_free),
     JobKind("destroy", "destroy a guest and free its disks",
-            (LOCK_GUEST, FREE_REPLICAS, DESTROY), prepare_destroy),
+            (LOCK_GUEST, CHECK_REPLICAS, DESTROY, FREE_REPLICAS), prepare_destroy),
     JobKind("ping", "check that a node's worker serves its queue (and the shared one)",
             (PING_SHARED, PING_NODE, PING_BACK), prepare_ping),
     JobKind("resize", "grow a volume",

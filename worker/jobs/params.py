@@ -231,6 +231,7 @@ CTX: dict[str, Check] = {
     "made": _map_of(_disk_key, _volid),
     "linked": _map_of(_disk_key, _volid),  # a replica clone's linked clones
     "identities": _map_of(_disk_key, _str),  # the identity of each base a job copied whole
+    "replicas": _map_of(_volid, _str),  # a destroyed template's replicas, each with its identity
     "replaced": _map_of(_disk_key, _volid),
     "based": _map_of(_disk_key, _pair_of_volids),
     "copied": _list_of(_disk_key),

@@ -255,14 +255,15 @@ def _onto_replicas(o: dict[str, Any], cfg: Config, template: Guest, newid: int) 
     drv = driver_for(cfg.storage(target))
     if o.get("format") and o["format"] != drv.linked_clone_format:
         raise Refused(f"a linked clone on {target!r} is {drv.linked_clone_format}, not {o['format']} (use --full)")
-    found = replicas_on(_store(cfg).list(), target)
+    found = replicas_on([template], target)  # its own: another template's base may have the same id elsewhere
     copies: dict[str, dict[str, Any]] = {}
     links: dict[str, dict[str, Any]] = {}
     for key, volid in template.disks.items():
         storage, vol = _volume(cfg, volid)
         if volid in found:
             replica, record = found[volid]
-            if (here := _existing_here(cfg, storage, vol)) and here.identity(vol) != record["identity"]:
+            here = _existing_here(cfg, storage, vol) if cfg.node == template.node else None  # the very base
+            if here and here.identity(vol) != record["identity"]:
                 raise Refused(f"replica {replica} was made from an earlier volume named {volid}: free it "
                               f"('stork volume free {replica}') and clone again")
             links[key] = {"storage": target, "replica": replica}

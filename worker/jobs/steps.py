@@ -37,6 +37,9 @@ def lock_guest(ctx: StepContext) -> None:
         guest.require_unlocked()
         if refusal := ctx.params.get("refuse_template"):
             guest.require_not_template(refusal)
+        if ctx.params.get("replace") and guest.replicas:  # recorded since the restore was submitted
+            raise Refused(f"guest {vmid} has replicas of its bases on other nodes: {', '.join(sorted(guest.replicas))}"
+                          " (free them with 'stork volume free VOLID' first)")
         if (node := ctx.params.get("expect_node")) and guest.node != node:
             raise Refused(f"guest {vmid} moved to node {guest.node} since the job was submitted (it was on {node})")
         expected = ctx.params.get("expect_disks")
@@ -392,26 +395,42 @@ def record_replicas(ctx: StepContext) -> None:
     ctx.set_result(replicas=sorted(made))
 
 
-def free_replicas(ctx: StepContext) -> None:
-    """On the replicas' node, before a template is destroyed: free each replica of its bases
-    and drop it from the template's record; refused, before any is freed, while a replica
-    has linked clones (listing them)."""
+def check_replicas(ctx: StepContext) -> None:
+    """On the replicas' node, before a template is destroyed: refused while a replica has
+    linked clones (listing them); else each replica's identity is saved, for free_replicas to
+    free that very volume once the template is gone (the template stays locked meanwhile, so
+    no clone of a replica is made: linked clones need the template unlocked)."""
     vmid = ctx.params["lock_vmid"]
-    template = ctx.guests.read(vmid)
-    volumes = {volid: ctx.volume(volid) for volid in template.replicas}
-    with ctx.storage_locks([drv for drv, _ in volumes.values()]):
-        for volid, (drv, vol) in volumes.items():
-            if drv.exists(vol) and (clones := drv.clones_of(vol)):
+    identities: dict[str, str] = {}
+    for volid in ctx.guests.read(vmid).replicas:
+        drv, vol = ctx.volume(volid)
+        with ctx.storage_lock(drv):
+            if not drv.exists(vol):
+                continue
+            if clones := drv.clones_of(vol):
                 raise Refused(f"guest {vmid}: replica {volid} on node {ctx.node} still has linked clones: "
                               f"{', '.join(drv.volid(c) for c in clones)}")
-        for volid, (drv, vol) in volumes.items():
-            if drv.exists(vol):
-                usage.require_unused(ctx, volid)
-                ctx.fence(drv)
-                drv.free(vol)
-            with ctx.guests.editing(vmid) as box:
-                box[0] = box[0].with_(replicas={v: r for v, r in box[0].replicas.items() if v != volid})
-    ctx.set_result(freed_replicas=sorted(volumes))
+            identities[volid] = drv.identity(vol)
+    ctx.data["replicas"] = identities
+    ctx.save()
+
+
+def free_replicas(ctx: StepContext) -> None:
+    """After the template is destroyed: free each replica check_replicas saw, if its name
+    still holds that very volume. The destroy stands: one that cannot be freed is a warning."""
+    freed, kept = [], []
+    for volid, identity in ctx.data.get("replicas", {}).items():
+        drv, vol = ctx.volume(volid)
+        try:
+            with ctx.storage_lock(drv):
+                if drv.exists(vol) and drv.identity(vol) == identity:
+                    usage.require_unused(ctx, volid)
+                    ctx.fence(drv)
+                    drv.free_volume(vol)  # refuses one with linked clones
+            freed.append(volid)
+        except (StorkError, OSError) as e:
+            kept.append(f"{volid}: {e}")
+    ctx.set_result(freed_replicas=sorted(freed), **({"warning": f"kept replicas: {'; '.join(kept)}"} if kept else {}))
 
 
 def link_replicas(ctx: StepContext) -> None:
@@ -465,7 +484,8 @@ def make_moved_bases(ctx: StepContext) -> None:
         if not plan.get("as_base"):
             continue
         source = ctx.volname(plan["source"])
-        if not plan.get("across"):  # on another node, the export step checked (and the free refuses)
+        if not plan.get("across") and not ctx.params.get("links"):  # (a replica's base does not move; on
+            # another node the export step checked, and the free refuses)
             drv, source = ctx.volume(plan["source"])
             if clones := drv.clones_of(source):
                 raise Refused(f"{plan['source']} has {len(clones)} linked clone(s) now: "
@@ -515,6 +535,9 @@ def unmake_bases(ctx: StepContext) -> None:
                 continue  # never renamed, or renamed back already
             if drv.exists(vol):
                 taken.append(f"{base_volid} (its old name {volid} is taken)")
+                continue
+            if found := usage.guest_users(ctx, base_volid):  # e.g. a replica a template recorded
+                taken.append(f"{base_volid} (in use by {', '.join(found)})")
                 continue
             ctx.fence(drv)
             drv.unmake_base(base, vol)
@@ -748,8 +771,8 @@ def destroy_guest(ctx: StepContext) -> None:
         return  # redelivered after it finished
     if guest.lock_job != ctx.job.id:
         return  # redelivered after it finished, and the id has been used again since
-    if guest.replicas:  # recorded since the job was submitted
-        raise Refused(f"guest {vmid} has replicas on other nodes now: {', '.join(sorted(guest.replicas))}")
+    if unchecked := sorted(set(guest.replicas) - set(ctx.data.get("replicas", {}))):  # recorded since submit
+        raise Refused(f"guest {vmid} has replicas on other nodes now: {', '.join(unchecked)}")
     volumes = {v: ctx.volume(v) for v in [*guest.disks.values(), *guest.unused]}
     kept = {}
     with ctx.storage_locks([drv for drv, _ in volumes.values()]):

@@ -42,7 +42,8 @@ def job_volumes(job: JobRecord) -> set[str]:
 
 
 def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None) -> list[str]:
-    """Guests, besides those this job holds (and `but`), that attach `volid` (or keep it as unused)."""
+    """Guests, besides those this job holds (and `but`), that attach `volid` (or, with
+    count_unused, keep it as unused or record it as a replica of their bases)."""
     try:
         guests = ctx.guests.list()
     except StorkError as e:
@@ -50,7 +51,8 @@ def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: in
     return [
         f"guest {g.vmid} ({key})"
         for g in guests if g.lock_job != ctx.job.id and g.vmid != but
-        for key, v in [*g.disks.items(), *((("unused", u) for u in g.unused) if count_unused else ())]
+        for key, v in [*g.disks.items(), *((("unused", u) for u in g.unused) if count_unused else ()),
+                       *((("replica", r) for r in g.replicas) if count_unused else ())]
         if v == volid
     ]
 
