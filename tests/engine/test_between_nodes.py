@@ -370,3 +370,49 @@ def test_a_template_on_shared_storage_with_linked_clones_gets_a_replica_on_anoth
     assert job.state == "succeeded" and job.kind == "replica_clone", job.error
     assert job.params["disks"]["scsi0"]["across"] is False  # node2 reads the shared base itself
     assert len(client.guest(t).replicas) == 1
+
+
+def test_a_guest_keeping_unused_volumes_on_its_node_does_not_migrate(client, vmid, stork):
+    g = vmid()
+    _make(client, g, "node1", "local1", mib=8)
+    assert client.run("add_disk", vmid=g, disks={"scsi1": {"storage": "local1", "size": "8M"}}).state == "succeeded"
+    assert client.run("detach", vmid=g, disk="scsi1").state == "succeeded"
+    [unused] = client.guest(g).unused
+    code, _, err = stork("guest", "migrate", g, "node2", "--storage", "local2")
+    assert code == 1 and f"keeps unused volumes on node node1: {unused}" in err
+    assert client.guest(g).node == "node1"
+
+
+def test_a_template_with_replicas_is_not_restored_over_nor_destroyed_with_replicas_on_two_nodes(client, vmid, stork):
+    t = vmid()
+    _make(client, t, "node1", "local1", mib=8)
+    assert client.run("template", vmid=t).state == "succeeded"
+    assert stork("clone", t, vmid(), "--storage", "local2")[0] == 0
+    [replica] = client.guest(t).replicas
+    code, out, err = stork("--json", "backup", t, "--storage", "backup")
+    assert code == 0, err
+    backup = json.loads(out)["result"]["backup"]
+    code, _, err = stork("restore", backup, t, "--force")
+    assert code == 1 and f"guest {t} has replicas of its bases on other nodes: {replica}" in err
+    far = "crash:base/base-1-disk-0.raw"  # a second node's replica, as a record (no volume is read)
+    with client.guest_store.editing(t) as box:
+        box[0] = box[0].with_(replicas={**box[0].replicas, far: {**box[0].replicas[replica], "node": "crash"}})
+    code, _, err = stork("guest", "destroy", t)
+    assert code == 1 and f"has replicas on 2 nodes: {far} (node crash), {replica} (node node2)" in err
+    assert client.guest_store.exists(t) and volume_path(replica).exists()
+
+
+def test_a_cluster_key_is_never_written_over(stork, tmp_path):
+    key = tmp_path / "cluster.psk"
+    code, _, err = stork("cluster", "key", key)
+    assert code == 0 and key.read_text().startswith("stork:"), err
+    before = key.read_text()
+    code, _, err = stork("cluster", "key", key)
+    assert code == 1 and "exists already: a new key would lock out the nodes that hold the old one" in err
+    assert key.read_text() == before
+
+
+def test_migrate_takes_a_storage_or_a_storage_map_not_both(stork, capsys):
+    with pytest.raises(SystemExit) as stop:
+        stork("guest", "migrate", "100", "node2", "--storage", "local2", "--storage-map", "local1=local2")
+    assert stop.value.code == 2 and "not allowed with argument --storage" in capsys.readouterr().err
