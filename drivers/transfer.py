@@ -43,12 +43,12 @@ KEY_LINE = re.compile(rf"{IDENTITY}:[0-9a-fA-F]{{32,256}}\n?")
 START_TIMEOUT = 30.0
 STOP_WAIT = 10.0  # seconds an export gets to end on SIGTERM, then on SIGKILL
 PORT_TRIES = 5  # a port picked free may be taken before qemu-nbd binds it: pick another
-CREDS = "stork-tls"
+CREDS = "stork-tls"  # the id of the TLS credentials object on qemu's command lines
 # AEAD suites with hardware or fast software paths, TLS 1.2 or 1.3: GnuTLS's default for a PSK
 # session copied 1 GiB over loopback in 5.7 s, this in 1.6-2.3 s (no TLS: 0.9 s; bench/nodes.py)
 PRIORITY = "NORMAL:-CIPHER-ALL:+AES-128-GCM:+CHACHA20-POLY1305"
 NO_KEY = ("copying between nodes needs the cluster key: set [cluster] tls_psk_file "
-          "('stork cluster key FILE' makes one)")  # the id of the TLS credentials object on qemu's command lines
+          "('stork cluster key FILE' makes one)")
 
 
 @dataclass(frozen=True)

@@ -416,3 +416,17 @@ def test_migrate_takes_a_storage_or_a_storage_map_not_both(stork, capsys):
     with pytest.raises(SystemExit) as stop:
         stork("guest", "migrate", "100", "node2", "--storage", "local2", "--storage-map", "local1=local2")
     assert stop.value.code == 2 and "not allowed with argument --storage" in capsys.readouterr().err
+
+
+def test_a_template_whose_replica_was_removed_by_hand_is_still_destroyed(client, vmid, stork):
+    t = vmid()
+    _make(client, t, "node1", "local1", mib=8)
+    assert client.run("template", vmid=t).state == "succeeded"
+    assert stork("clone", t, c := vmid(), "--storage", "local2")[0] == 0
+    assert stork("guest", "destroy", c)[0] == 0
+    [replica] = client.guest(t).replicas
+    subprocess.run(["chattr", "-i", str(volume_path(replica))], check=True)  # bases are immutable
+    volume_path(replica).unlink()
+    code, out, err = stork("--json", "guest", "destroy", t)
+    assert code == 0, err
+    assert not client.guest_store.exists(t) and json.loads(out)["result"]["freed_replicas"] == []

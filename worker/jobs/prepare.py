@@ -281,7 +281,6 @@ def _onto_replicas(o: dict[str, Any], cfg: Config, template: Guest, newid: int) 
         disks = {key: {"source": link["replica"], "storage": target, "owner": newid} for key, link in links.items()}
         return {**common, "runs_as": "linked_clone", "disks": disks, "node": node,
                 "storages": _check_nodes(cfg, {target}, node)}
-    template.require_unlocked()
     return {**common, "runs_as": "replica_clone", "lock_vmid": template.vmid, "expect_disks": template.disks,
             "expect_node": template.node,
             "disks": copies, "links": links, **_placed(cfg, copies, template.node)}
@@ -328,16 +327,20 @@ def _placed(cfg: Config, disks: dict[str, dict[str, Any]], source_node: str) -> 
     target = target_node(cfg, targets, source_node)
     if target is None:
         return {"node": source_node, "storages": _check_nodes(cfg, sources | targets, source_node)}
-    _require_cluster_key(cfg)
-    _check_nodes(cfg, sources, source_node)
     for plan in disks.values():  # a node-local storage's volume is read on its own node, whatever its name
         plan["across"] = not cfg.storage(names.volume_id(plan["source"]).storage).shared
-    return {"node": target, "source_node": source_node, "target_node": target, "storages": sorted(sources | targets)}
+    return {"node": target, **_between(cfg, disks, source_node, target)}
 
 
-def _require_cluster_key(cfg: Config) -> None:
-    if cfg.cluster_key is None:
+def _between(cfg: Config, disks: dict[str, dict[str, Any]], source_node: str, target: str) -> dict[str, Any]:
+    """The params of a job between two nodes: its sources on `source_node`, the cluster key
+    there to copy any of them."""
+    sources = {names.volume_id(d["source"]).storage for d in disks.values()}
+    if disks and cfg.cluster_key is None:
         raise Refused(transfer.NO_KEY)
+    _check_nodes(cfg, sources, source_node)
+    return {"source_node": source_node, "target_node": target,
+            "storages": sorted(sources | {d["storage"] for d in disks.values()})}
 
 
 def _source_node(cfg: Config, storage: str, node: str) -> str:
@@ -402,15 +405,9 @@ def prepare_migrate(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         disks[key] = {"source": volid, "storage": dest, "owner": guest.vmid,
                       "format": _format(cfg, dest, None, vol.fmt), "across": True,
                       **({"as_base": True} if vol.is_base else {})}
-    if disks:
-        _require_cluster_key(cfg)
-    sources = {names.volume_id(d["source"]).storage for d in disks.values()}
-    targets = {d["storage"] for d in disks.values()}
-    _check_nodes(cfg, sources, guest.node)
     return {"lock_vmid": guest.vmid, "expect_disks": guest.disks, "expect_node": guest.node, "disks": disks,
-            "node": guest.node,
-            "source_node": guest.node, "target_node": target, "delete_source": not _flag(o, "keep_source"),
-            "storages": sorted(sources | targets)}
+            "node": guest.node, "delete_source": not _flag(o, "keep_source"),
+            **_between(cfg, disks, guest.node, target)}
 
 
 def prepare_template_copy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -537,7 +534,7 @@ def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 def prepare_destroy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     """A guest and its disks; a template's replicas too (on one other node at most: the job's
-    target side), refused while one has linked clones (checked there, by free_replicas)."""
+    target side), refused while one has linked clones (checked there, by check_replicas)."""
     _only(o, {"vmid"}, "destroy")
     guest = _guest(cfg, o.get("vmid"))
     guest.require_unlocked()

@@ -406,6 +406,7 @@ def check_replicas(ctx: StepContext) -> None:
         drv, vol = ctx.volume(volid)
         with ctx.storage_lock(drv):
             if not drv.exists(vol):
+                identities[volid] = ""  # gone already (freed by hand): checked, nothing to free
                 continue
             if clones := drv.clones_of(vol):
                 raise Refused(f"guest {vmid}: replica {volid} on node {ctx.node} still has linked clones: "
@@ -423,10 +424,13 @@ def free_replicas(ctx: StepContext) -> None:
         drv, vol = ctx.volume(volid)
         try:
             with ctx.storage_lock(drv):
-                if drv.exists(vol) and drv.identity(vol) == identity:
-                    usage.require_unused(ctx, volid)
-                    ctx.fence(drv)
-                    drv.free_volume(vol)  # refuses one with linked clones
+                if not drv.exists(vol):
+                    continue  # gone before the destroy, or freed by an earlier attempt of this step
+                if drv.identity(vol) != identity:
+                    raise Refused("its name holds another volume now")
+                usage.require_unused(ctx, volid)
+                ctx.fence(drv)
+                drv.free_volume(vol)  # refuses one with linked clones
             freed.append(volid)
         except (StorkError, OSError) as e:
             kept.append(f"{volid}: {e}")
@@ -484,8 +488,8 @@ def make_moved_bases(ctx: StepContext) -> None:
         if not plan.get("as_base"):
             continue
         source = ctx.volname(plan["source"])
-        if not plan.get("across") and not ctx.params.get("links"):  # (a replica's base does not move; on
-            # another node the export step checked, and the free refuses)
+        # a replica's base does not move; one on another node was checked by the export step (and the free refuses)
+        if not plan.get("across") and not ctx.params.get("links"):
             drv, source = ctx.volume(plan["source"])
             if clones := drv.clones_of(source):
                 raise Refused(f"{plan['source']} has {len(clones)} linked clone(s) now: "
