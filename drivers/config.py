@@ -9,6 +9,7 @@ Values that parse but cannot work are refused too: the bounds below say why.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -19,11 +20,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from drivers import BACKUP_STORAGES, STORAGE_TYPES, names
+from drivers import BACKUP_STORAGES, STORAGE_TYPES, names, redis_settings
 from drivers.backup import retention
 from drivers.errors import ConfigError, InvalidName, NotFound
+from drivers.redis_settings import RedisSettings
 from drivers.safedir import kind_of
 from drivers.storage import Option, StorageConfig, is_path_text
 
@@ -66,6 +68,8 @@ class Config:
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9840
     flower_basic_auth: str = field(default="", repr=False)
+    # [redis]: sentinels, a Redis user per role, TLS (drivers/redis_settings.py); redis_url is its url
+    redis: RedisSettings = field(default_factory=RedisSettings)
     # [schedule.<name>] tables as checked here, each with its action ("backup" where none is given),
     # and [sync.<name>] ones as "sync.<name>" (action "sync", storage: from, target: to); their
     # crontab lines are parsed by worker/jobs/schedules.py
@@ -124,21 +128,6 @@ def _lock_timeout(v: Any) -> bool:
     return number and math.isfinite(v) and 0 < v <= LOCK_TIMEOUT_MAX
 
 
-def _redis_url(v: Any) -> bool:
-    """A URL redis-py can connect to: a port from 1 to 65535, a database number, a socket path."""
-    if not isinstance(v, str):
-        return False
-    try:
-        parts = urlsplit(v)
-        port = parts.port  # ValueError when not a number from 0 to 65535
-    except ValueError:
-        return False
-    if parts.scheme == "unix":
-        return bool(parts.path)
-    db = parts.path.lstrip("/")
-    return parts.scheme in ("redis", "rediss") and port != 0 and (not db or (db.isascii() and db.isdigit()))
-
-
 def _ip_address(v: Any) -> bool:
     try:
         ipaddress.ip_address(v)
@@ -169,11 +158,9 @@ def _node_names(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(_named(names.node, x) for x in v) and len(set(v)) == len(v)
 
 
-REDIS_URL = "a redis://, rediss:// or unix:// URL (port 1-65535, database a number, unix:// with a path)"
 # section -> key -> (check, what was expected)
 Check = tuple[Callable[[Any], bool], str]
 SCHEMA: dict[str, dict[str, Check]] = {
-    "redis": {"url": (_redis_url, REDIS_URL)},
     "paths": {"guests": (is_path_text, "a directory path"), "locks": (is_path_text, "a directory path")},
     "locks": {"timeout": (_lock_timeout, f"a number of seconds > 0 and <= {LOCK_TIMEOUT_MAX}")},
     "worker": {
@@ -316,11 +303,6 @@ def _shown(key: str, value: Any) -> str:
     """The value as an error shows it: secrets hidden, a Redis URL without its password."""
     if key in SECRET_KEYS or (key.startswith("notify.") and key.rpartition(".")[2] in ("secret", "password", "url")):
         return "'***'"  # an alert target's URL may carry a token in its path or query
-    if key == "redis.url" and isinstance(value, str):
-        try:
-            return repr(redact(value))
-        except ValueError:  # not even a URL: nothing to redact reliably
-            return "'***'"
     return repr(value)
 
 
@@ -430,10 +412,12 @@ def _validate(file: Path, data: dict[str, Any]) -> None:
                 raise ConfigError(f"{file}: [{section}] must hold [{section}.<name>] tables")
             for name, entry in table.items():
                 _check_schedule(file, section, name, entry)
+        elif section == "redis":
+            redis_settings.validate(file, table)
         elif section in SCHEMA:
             _check_table(file, section, table, SCHEMA[section])
         else:
-            known = ", ".join([*SCHEMA, "storage", "nodes", "schedule", "sync", "notify"])
+            known = ", ".join(["redis", *SCHEMA, "storage", "nodes", "schedule", "sync", "notify"])
             raise ConfigError(f"{file}: unknown section [{section}] (expected one of: {known})")
 
 
@@ -504,9 +488,7 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
         names.node(node)
     except InvalidName as e:
         raise ConfigError(f"{e} (from STORK_NODE or the host name)") from None
-    redis_url = env.get("STORK_REDIS_URL") or section("redis").get("url", "redis://127.0.0.1:6379/0")
-    if not _redis_url(redis_url):  # the file's was checked; this one came from the environment
-        raise ConfigError(f"STORK_REDIS_URL = {_shown('redis.url', redis_url)}: expected {REDIS_URL}")
+    redis = redis_settings.parse(file, section("redis"), env, path)
     flower = section("flower")
     guests_dir = path(section("paths").get("guests", "var/guests"))
     locks_dir = path(section("paths").get("locks", "var/lock"))
@@ -536,7 +518,8 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
                           "(a volume would have two ids; give each storage its own pool or namespace)")
     return Config(
         file=file,
-        redis_url=redis_url,
+        redis_url=redis.url,
+        redis=redis,
         guests_dir=guests_dir,
         locks_dir=locks_dir,
         lock_timeout=float(section("locks").get("timeout", 60)),
@@ -554,15 +537,6 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
         node_addresses={name: entry["address"] for name, entry in section("nodes").items() if "address" in entry},
         cluster_key=path(key) if (key := section("cluster").get("tls_psk_file")) else None,
     )
-
-
-def redact(url: str) -> str:
-    """A URL fit for messages and logs: any password replaced by ***."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -605,12 +579,24 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{file}: not valid TOML: not UTF-8 text") from None
-    return parse(text, file, env)
+    cfg = parse(text, file, env)
+    if mode & stat.S_IROTH and (secrets := inline_secrets(cfg)):
+        raise ConfigError(f"{file}: holds {', '.join(secrets)} but every user of this machine can read it "
+                          f"(mode {stat.S_IMODE(mode):04o}): chmod o-r it")
+    return cfg
+
+
+def inline_secrets(cfg: Config) -> list[str]:
+    """The keys of the config file that hold a password or a shared secret themselves."""
+    found = list(cfg.redis.inline_secrets) + (["flower.basic_auth"] if cfg.flower_basic_auth else [])
+    return found + [f"notify.{name}.{key}" for name, entry in cfg.notify.items()
+                    for key in ("secret", "password") if key in entry]
 
 
 # Config field -> the key it comes from, as an operator names it (storages are storage.<id>)
 FIELD_KEYS = {
     "redis_url": "redis.url",
+    "redis": "redis",
     "node": "STORK_NODE",
     "guests_dir": "paths.guests",
     "locks_dir": "paths.locks",
@@ -627,10 +613,16 @@ FIELD_KEYS = {
 }
 
 
+def _compared(cfg: Config, name: str) -> Any:
+    """The field as changed_keys compares it: [redis] without its url, which redis.url names."""
+    value = getattr(cfg, name)
+    return dataclasses.replace(value, url="") if name == "redis" else value
+
+
 def changed_keys(old: Config, new: Config) -> list[str]:
     """The keys whose values differ between two configs, in FIELD_KEYS order, then storage.<id>,
     schedule.<name> (sync.<name>) and notify.<name> by id."""
-    keys = [key for name, key in FIELD_KEYS.items() if getattr(old, name) != getattr(new, name)]
+    keys = [key for name, key in FIELD_KEYS.items() if _compared(old, name) != _compared(new, name)]
     ids = sorted(old.storages.keys() | new.storages.keys())
     names_ = sorted(old.schedules.keys() | new.schedules.keys())
     return keys + [f"storage.{sid}" for sid in ids if old.storages.get(sid) != new.storages.get(sid)] + \

@@ -29,7 +29,7 @@ from drivers.backup.serve import Export, listen
 from drivers.config import Config, StorageConfig
 from drivers.errors import NotFound, Refused, StorkError
 from drivers.guests import Guest, GuestStore
-from worker import deadletter, events, records, runner
+from worker import connect, deadletter, events, records, runner
 from worker.app import make_app
 from worker.jobs import schedules, usage
 from worker.jobs.kinds import KINDS
@@ -54,8 +54,9 @@ class JobTimeout(StorkError):
 class Client:
     def __init__(self, cfg: Config | None = None, r: redis.Redis | None = None) -> None:
         self.cfg = cfg or config_module.load()
-        self.r = r or redis.Redis.from_url(self.cfg.redis_url, decode_responses=True)
-        self.app = make_app(self.cfg)  # steps go to the Redis of this config, like the record
+        self.role = connect.role("producer")
+        self.r = r or connect.client(self.cfg.redis, self.role)
+        self.app = make_app(self.cfg, self.role)  # steps go to the Redis of this config, like the record
         self.guest_store = GuestStore(self.cfg.guests_dir, self.cfg.lock_timeout)
 
     # ---- jobs ----------------------------------------------------------------------
@@ -68,7 +69,7 @@ class Client:
         try:
             return runner.submit(kind, options, self.cfg, self.r, self.app)
         except redis.RedisError as e:
-            raise StorkError(f"cannot reach Redis at {config_module.redact(self.cfg.redis_url)}: {e}") from None
+            raise StorkError(f"cannot reach {self.cfg.redis.where()}: {e}") from None
 
     def job(self, job_id: str) -> JobRecord:
         return records.load(self.r, records.resolve(self.r, job_id))

@@ -147,6 +147,7 @@ keep-daily = 7
 keep-weekly = 4
 enabled = false
 {LOOP_STORAGES}{NODE_ADDRESSES}""")
+CONFIG.chmod(0o600)  # it holds the webhook's secret: stork refuses a world-readable one
 os.environ["STORK_CONFIG"] = str(CONFIG)
 os.environ["STORK_NODE"] = "node1"
 os.environ.pop("STORK_REDIS_URL", None)

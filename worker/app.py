@@ -32,12 +32,13 @@ from structlog.typing import FilteringBoundLogger
 from drivers import config as config_module
 from drivers.config import Config
 from drivers.errors import ConfigError, StorkError
+from worker import connect
 from worker.queues import SHARED_QUEUE
 
 log = structlog.get_logger("stork.config")
 
 # what the Celery app, the Redis client and the worker's queues are built from at start
-FIXED_FIELDS = ("redis_url", "node", "worker_concurrency", "visibility_timeout")
+FIXED_FIELDS = ("redis_url", "redis", "node", "worker_concurrency", "visibility_timeout")
 RESTART_KEYS = tuple(config_module.FIELD_KEYS[name] for name in FIXED_FIELDS)
 
 Stamp = tuple[int, int, int] | None  # the file's (st_mtime_ns, st_size, st_ino); None: cannot stat it
@@ -130,24 +131,21 @@ REDIS_OUTAGE = _redis_outage()
 
 @cache
 def redis_client() -> redis.Redis:
-    """This process's Redis client. It rides out a Redis restart: commands are retried with
-    backoff for about REDIS_OUTAGE seconds. A retried state change whose first try went
+    """This process's Redis client (worker/connect.py: one URL or the sentinels' master, as
+    this process's role). It rides out a Redis restart or a failover: commands are retried
+    with backoff for about REDIS_OUTAGE seconds. A retried state change whose first try went
     through fails its guard; the runner then checks whether the change is already there.
     redis-py's pool notices a fork and reconnects, so one client per process is safe."""
     retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=int(REDIS_OUTAGE / 2) + 5)
-    return redis.Redis.from_url(
-        config().redis_url, decode_responses=True, health_check_interval=30, retry=retry,
-        socket_timeout=15, socket_connect_timeout=5,  # a cut network fails within the retry window, not in 15 min
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
+    return connect.client(config().redis, connect.role("worker"), retry=retry)
 
 
-def make_app(cfg: Config) -> Celery:
-    app = Celery("stork", include=["worker.tasks", "worker.hooks"])
+def make_app(cfg: Config, role: str | None = None) -> Celery:
+    """The Celery app for `cfg`, speaking to Redis as `role` (default: this process's, a worker's)."""
+    app = Celery("stork", include=["worker.tasks", "worker.hooks"], amqp="worker.failover:AMQP")
     vt = cfg.visibility_timeout
     app.conf.update(
-        broker_url=cfg.redis_url,
-        result_backend=cfg.redis_url,
+        **connect.celery_settings(cfg.redis, role or connect.role("worker"), vt),
         task_serializer="json",
         result_serializer="json",
         event_serializer="json",
@@ -156,8 +154,6 @@ def make_app(cfg: Config) -> Celery:
         task_acks_late=True,
         worker_prefetch_multiplier=1,
         task_reject_on_worker_lost=True,
-        broker_transport_options={"visibility_timeout": vt},
-        result_backend_transport_options={"visibility_timeout": vt},
         visibility_timeout=vt,
         task_soft_time_limit=int(vt * 0.8),
         task_time_limit=int(vt * 0.9),
@@ -169,9 +165,9 @@ def make_app(cfg: Config) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         task_track_started=True,
-        # The job record in Redis is the truth; Celery's results would only cost writes.
+        # The job record in Redis is the truth: no result backend (Celery's results would only
+        # cost writes, and one more connection to fail over).
         task_ignore_result=True,
-        result_expires=86400,
         task_default_queue=SHARED_QUEUE,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,  # structlog writes JSON lines to stderr itself

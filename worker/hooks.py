@@ -8,7 +8,7 @@ from typing import Any
 import structlog
 from celery import signals
 
-from worker import deadletter, liveness, logs, recovery
+from worker import deadletter, failover, liveness, logs, recovery
 from worker.app import app, config, redis_client
 
 log = structlog.get_logger("stork.worker")
@@ -17,6 +17,8 @@ log = structlog.get_logger("stork.worker")
 # consumer. Added here, before the worker builds its consumer blueprint (this module is
 # imported through the app's `include` when the worker starts).
 app.steps["consumer"].add(deadletter.DeadLetters)
+# A consumer left talking to a replaced master (one that hangs rather than resets) is cut loose
+app.steps["consumer"].add(failover.MasterWatch)
 
 
 @signals.worker_process_init.connect

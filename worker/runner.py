@@ -22,8 +22,8 @@ from celery import Celery, Task, chain
 from celery.exceptions import Ignore
 
 from drivers.config import Config
-from drivers.errors import InvalidName, JobCancelled, Refused, StorkError
-from worker import broker, events, liveness, notify, records
+from drivers.errors import InvalidName, JobCancelled, NotFound, Refused, StorkError
+from worker import broker, connect, events, liveness, notify, records
 from worker.app import app, config, redis_client
 from worker.context import StepContext
 from worker.jobs import params, usage
@@ -60,7 +60,9 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis,
         id=records.new_id(), kind=kind.name, params=prepared, node=prepared["node"],
         steps=[s.name for s in kind.steps], queues=kind.queues(prepared, cfg), done=kind.next_step(prepared, -1),
     )
-    records.create(r, record, events.make(record.id, kind.name, "queued", state=JobState.QUEUED, steps=record.steps))
+    queued = events.make(record.id, kind.name, "queued", state=JobState.QUEUED, steps=record.steps)
+    # replicated before the job is sent or its id shown: a failover must not take back a job a user was told of
+    connect.write_replicated(r, cfg.redis, lambda: records.create(r, record, queued))
     send_steps(record, record.done, sender)
     return record
 
@@ -77,7 +79,7 @@ def send_steps(job: JobRecord, start: int, sender: Celery = app) -> None:
                          queue=queue, immutable=True)
         for index, (step, queue) in enumerate(zip(job.steps, job.queues, strict=True))
         if index >= start and index not in skipped
-    ]).apply_async()
+    ]).apply_async()  # retried through a failover (worker/failover.py)
 
 
 def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
@@ -94,14 +96,18 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
         ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=kind.steps[index].name, worker=me,
                           kinds=KINDS, attempt=attempt, task=task)
         _run(ctx, kind, index)
-        _finish_step(r, job, kind, index, cfg.node, me)
+        finish = lambda: _finish_step(r, job, kind, index, cfg.node, me)  # noqa: E731
+        if kind.steps[index].commit:  # its record must outlive a failover, or the step runs again
+            connect.write_replicated(r, cfg.redis, finish)
+        else:
+            finish()
 
 
 def _job_at_step(r: redis.Redis, job_id: str, index: int) -> JobRecord | None:
     """The job if step `index` is its turn and no live process holds it; None if the step is
     done already; Ignore (the chain stops) otherwise."""
     try:
-        job = records.load(r, job_id)
+        job = _load_sent(r, job_id)
     except StorkError:
         log.warning("step_for_unknown_job", job_id=job_id)
         raise Ignore() from None
@@ -112,6 +118,20 @@ def _job_at_step(r: redis.Redis, job_id: str, index: int) -> JobRecord | None:
     if job.done < index or holding(r, (job.current or {}).get("worker"), job_id):
         raise Ignore()  # a duplicate ahead of its turn, or the step runs in a live process
     return job
+
+
+SECOND_LOOK = 2.0  # seconds: longer than a client takes to find a new master (worker/connect.py)
+
+
+def _load_sent(r: redis.Redis, job_id: str) -> JobRecord:
+    """The record of a job whose message we hold. Every job is recorded (and replicated) before
+    its message is sent, so a record not found may only not have reached the node we read from
+    yet, in the moment after a failover: look once more before calling the job unknown."""
+    try:
+        return records.load(r, job_id)
+    except NotFound:
+        time.sleep(SECOND_LOOK)
+        return records.load(r, job_id)
 
 
 def _refuse_or_cancel(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, turn: dict[str, Any]) -> None:
@@ -338,7 +358,7 @@ def dispatch_undo(job: JobRecord, sender: Celery = app) -> None:
     ]
     signatures.append(sender.signature(FINALIZE, args=[job.id], kwargs={"label": label}, kwargsrepr=label,
                                        queue=SHARED_QUEUE, immutable=True))
-    chain(*signatures).apply_async()
+    chain(*signatures).apply_async()  # retried through a failover (worker/failover.py)
 
 
 UNDO_BACKOFF = (60, 600)  # a failed undo is tried again after 1, 2, 4, ... minutes, at most 10

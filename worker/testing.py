@@ -54,7 +54,8 @@ class RedisServer:
     """redis-server on 127.0.0.1:`port` (and the addresses `also_on`); with `durable`, an
     append-only file in `data_dir` keeps its data across `restart()`."""
 
-    def __init__(self, port: int, data_dir: Path, durable: bool = False, also_on: tuple[str, ...] = ()) -> None:
+    def __init__(self, port: int, data_dir: Path, durable: bool = False, also_on: tuple[str, ...] = (),
+                 extra: tuple[str, ...] = ()) -> None:
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
@@ -63,7 +64,7 @@ class RedisServer:
         protected = ["--protected-mode", "no"] if also_on else []
         self.argv = [exe, "--port", str(port), "--bind", "127.0.0.1", *also_on, *protected, "--save", "",
                      "--appendonly", "yes" if durable else "no", "--maxmemory-policy", "noeviction",
-                     "--dir", str(data_dir)]
+                     "--dir", str(data_dir), *extra]
         import redis
 
         self.client = redis.Redis(port=port, decode_responses=True)
@@ -124,3 +125,99 @@ class Worker:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class SentinelGroup:
+    """A replicated Redis on loopback as production runs it: a master and `replicas` replicas
+    (append-only, each write refused unless one replica has it), watched by three sentinels
+    that fail the master over one second after it stops answering. Members keep their port
+    for life; `master()` says which one is the master now."""
+
+    NAME = "stork"
+
+    def __init__(self, data_dir: Path, replicas: int = 2, sentinels: int = 3, down_after_ms: int = 1000) -> None:
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
+        self.dir = data_dir
+        ports = [free_port() for _ in range(replicas + 1)]
+        safety = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10")
+        self.members: dict[int, RedisServer] = {}
+        for i, port in enumerate(ports):
+            home = data_dir / f"redis-{port}"
+            home.mkdir(parents=True, exist_ok=True)
+            follow = ("--replicaof", "127.0.0.1", str(ports[0])) if i else ()
+            self.members[port] = RedisServer(port, home, durable=True, extra=(*follow, *safety))
+        self.sentinels: dict[int, subprocess.Popen[bytes]] = {}
+        for _ in range(sentinels):
+            port = free_port()
+            conf = data_dir / f"sentinel-{port}.conf"
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {data_dir}\n"
+                            f"sentinel monitor {self.NAME} 127.0.0.1 {ports[0]} 2\n"
+                            f"sentinel down-after-milliseconds {self.NAME} {down_after_ms}\n"
+                            f"sentinel failover-timeout {self.NAME} 10000\n")
+            self.sentinels[port] = subprocess.Popen([exe, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                                                    stderr=subprocess.DEVNULL)
+        wait_for(lambda: all(self._sentinel(p).sentinel_master(self.NAME)["num-slaves"] == replicas
+                             for p in self.sentinels), 30, "the sentinels to see every replica", interval=0.2)
+
+    def _sentinel(self, port: int):  # type: ignore[no-untyped-def]
+        import redis
+
+        return redis.Redis(port=port, decode_responses=True, socket_timeout=2)
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.sentinels]
+
+    def master(self) -> int:
+        """The port of the member the sentinels name master now."""
+        for port in self.sentinels:
+            try:
+                return int(self._sentinel(port).sentinel_get_master_addr_by_name(self.NAME)[1])
+            except Exception:
+                continue
+        raise AssertionError("no sentinel answers")
+
+    def failover(self) -> int:
+        """SENTINEL FAILOVER: promote a replica; returns the new master's port once it is master."""
+        old = self.master()
+        self._sentinel(next(iter(self.sentinels))).execute_command("SENTINEL", "FAILOVER", self.NAME)
+        return self.wait_for_new_master(old)
+
+    def wait_for_new_master(self, old: int, timeout: float = 30.0) -> int:
+        def promoted() -> int:
+            port = self.master()
+            if port == old:
+                return 0
+            try:
+                return port if self.members[port].client.role()[0] == "master" else 0
+            except Exception:
+                return 0
+        return wait_for(promoted, timeout, "a new master", interval=0.1)
+
+    def settled(self, replicas: int, timeout: float = 60.0) -> int:
+        """Wait until every sentinel names one master, none has a failover in progress, and
+        the master has `replicas` replicas online; its port."""
+        def agreed() -> int:
+            try:
+                states = [self._sentinel(p).sentinel_master(self.NAME) for p in self.sentinels]
+                ports = {int(s["port"]) for s in states}
+                if len(ports) != 1 or any("failover_in_progress" in s["flags"] for s in states):
+                    return 0
+                port = ports.pop()
+                online = self.members[port].client.info("replication").get("connected_slaves", 0)
+                return port if online >= replicas else 0
+            except Exception:
+                return 0
+        return wait_for(agreed, timeout, "the sentinels to settle", interval=0.2)
+
+    def stop(self) -> None:
+        for proc in self.sentinels.values():
+            proc.terminate()
+        for proc in self.sentinels.values():
+            proc.wait(10)
+        for member in self.members.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member.proc.pid, signal.SIGCONT)  # a test may have left one stopped
+            member.stop()

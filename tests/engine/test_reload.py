@@ -38,6 +38,7 @@ def own_config(tmp_path: Path, db: int) -> Path:
                   flags=re.MULTILINE)
     file = tmp_path / "stork.toml"
     file.write_text(text)
+    file.chmod(0o600)  # it holds a secret
     return file
 
 

@@ -227,6 +227,7 @@ def flower(workers, client) -> Iterator[Flower]:
     port = free_port()
     conf = BASE / f"flower-{port}.toml"
     conf.write_text(CONFIG.read_text() + f'\n[flower]\nport = {port}\nbasic_auth = "{USER}:{PASSWORD}"\n')
+    conf.chmod(0o600)
     log = BASE / f"flower-{port}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "worker.run.flower"], cwd=ROOT, stdout=out,

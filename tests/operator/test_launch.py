@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers import config
+from drivers import config, redis_settings
 from drivers.errors import StorkError
 from worker.run import flower, launch, redis_server
 from worker.testing import ROOT, free_port, wait_for
@@ -47,7 +47,7 @@ def test_a_redis_password_goes_to_a_private_file_not_the_command_line(tmp_path):
     conf = Path(argv[1])
     assert not any("hunter2" in a for a in argv)
     assert conf.read_text() == "requirepass hunter2\n" and conf.stat().st_mode & 0o777 == 0o600
-    assert config.redact("redis://user:hunter2@host:1/0") == "redis://user:***@host:1/0"
+    assert redis_settings.redact("redis://user:hunter2@host:1/0") == "redis://user:***@host:1/0"
 
 
 def test_make_run_starts_a_working_system_from_nothing(tmp_path):

@@ -43,6 +43,7 @@ def endpoint():
     port = free_port()
     conf = BASE / f"metrics-{port}.toml"
     conf.write_text(CONFIG.read_text() + f"\n[metrics]\nport = {port}\n")
+    conf.chmod(0o600)
     log = BASE / f"metrics-{port}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "worker.run.metrics"], cwd=ROOT, stdout=out,

@@ -26,14 +26,15 @@ from drivers import config
 from drivers.config import Config
 from drivers.errors import StorkError
 from drivers.flock import open_making_dirs
+from worker import connect
 from worker.jobs.crontab import line_errors
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def redis_answers(url: str) -> bool:
+def redis_answers(cfg: Config) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+        return bool(connect.client(cfg.redis, connect.role("worker"), socket_connect_timeout=1).ping())
     except redis.RedisError:
         return False
 
@@ -149,7 +150,7 @@ def main() -> None:
         lock = hold_launch_lock(cfg)  # before anything is installed or started
         ensure_tool("qemu-img", "qemu-utils", "stork creates and copies disk images with it")
         processes = ["worker", "beat", "flower", "metrics"]
-        if not redis_answers(cfg.redis_url):
+        if not redis_answers(cfg):
             ensure_tool("redis-server", "redis-server", "no Redis answers; install one or set STORK_REDIS_URL")
             processes.insert(0, "redis")
         for storage in cfg.storages.values():
@@ -164,7 +165,7 @@ def main() -> None:
         print(f"stork: warning: {error} (that schedule will not run; the others will)", file=sys.stderr)
     env = {**os.environ, "STORK_CONFIG": str(cfg.file), "STORK_VAR": str(var),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    print(f"stork: node {cfg.node}, Redis {config.redact(cfg.redis_url)}, Flower http://{cfg.flower_address}:{cfg.flower_port}",
+    print(f"stork: node {cfg.node}, {cfg.redis.where()}, Flower http://{cfg.flower_address}:{cfg.flower_port}",
           file=sys.stderr)
     argv = [sys.executable, "-m", "honcho", "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "start", *processes]
     # honcho runs as this pid and holds the lock until it exits; it starts its processes with

@@ -13,8 +13,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from drivers import config
-from drivers.config import redact
 from drivers.errors import StorkError
+from drivers.redis_settings import redact
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 

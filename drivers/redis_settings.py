@@ -1,0 +1,231 @@
+"""The [redis] section: where Redis is (one URL, or the sentinels that know its master), who
+each role of stork is to it (a Redis ACL user and its password), and TLS. Checked at load;
+worker/connect.py builds the clients from it. Nothing here opens a connection.
+
+    [redis]
+    sentinels = ["10.0.0.1:26379", "10.0.0.2:26379", "10.0.0.3:26379"]  # instead of url
+    master_name = "stork"
+    tls = true                         # TLS to the sentinels and the master (rediss:// for a url)
+    ca_file = "redis-ca.pem"           # the CA that signed their certificates
+    wait_replicas = 1                  # replicas a job's commit waits for (Redis WAIT)
+    [redis.users.worker]               # one Redis ACL user per role: worker, producer, operator
+    user = "stork-worker"
+    password_file = "redis-worker.pass"
+
+A password comes from `password_file` (a file no other user can read) or inline `password`,
+which load() refuses in a config file that every user of the machine can read.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from drivers.errors import ConfigError
+
+# worker: the worker processes and beat; producer: whoever submits, reads and cancels jobs (the
+# CLI, the Python client); operator: a read-only view (`stork job list`, the metrics endpoint)
+ROLES = ("worker", "producer", "operator")
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+PASSWORD_FILE_MAX = 4096
+URL_EXPECTED = "a redis://, rediss:// or unix:// URL (port 1-65535, database a number, unix:// with a path)"
+
+
+def url_ok(v: Any) -> bool:
+    """A URL redis-py can connect to: a port from 1 to 65535, a database number, a socket path."""
+    if not isinstance(v, str):
+        return False
+    try:
+        parts = urlsplit(v)
+        port = parts.port  # ValueError when not a number from 0 to 65535
+    except ValueError:
+        return False
+    if parts.scheme == "unix":
+        return bool(parts.path)
+    db = parts.path.lstrip("/")
+    return parts.scheme in ("redis", "rediss") and port != 0 and (not db or (db.isascii() and db.isdigit()))
+
+
+def redact(url: str) -> str:
+    """A URL fit for messages and logs: any password replaced by ***."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _host_port(v: Any) -> bool:
+    if not isinstance(v, str) or v.count(":") != 1:
+        return False
+    host, _, port = v.partition(":")
+    return bool(host) and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535 and \
+        not any(c.isspace() or c in "/@;?#" for c in host)
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and bool(v) and v.isprintable() and "\n" not in v
+
+
+Check = tuple[Callable[[Any], bool], str]
+SCHEMA: dict[str, Check] = {
+    "url": (url_ok, URL_EXPECTED),
+    "sentinels": (lambda v: isinstance(v, list) and bool(v) and all(_host_port(x) for x in v) and
+                  len(set(v)) == len(v), 'a non-empty list of distinct "host:port" sentinels'),
+    "master_name": (lambda v: _text(v) and " " not in v, "the name the sentinels monitor the master by"),
+    "db": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1023, "a database number"),
+    "tls": (lambda v: isinstance(v, bool), "true or false"),
+    "ca_file": (_text, "a file path (PEM certificates)"),
+    "sentinel_user": (_text, "a user name"),
+    "sentinel_password": (_text, "a password"),
+    "sentinel_password_file": (_text, "a file path"),
+    "wait_replicas": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 16,
+                      "a number of replicas from 0 to 16"),
+    "users": (lambda v: isinstance(v, dict), "[redis.users.<role>] tables"),
+}
+LOGIN_SCHEMA: dict[str, Check] = {
+    "user": (_text, "a Redis user name"),
+    "password": (_text, "a password"),
+    "password_file": (_text, "a file path"),
+}
+SECRET_KEYS = ("sentinel_password", "password")  # never echoed in an error
+
+
+@dataclass(frozen=True)
+class Login:
+    """Who a role is to Redis: None, None is Redis's default user without a password."""
+
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = DEFAULT_URL  # the one Redis, when there are no sentinels
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str = ""
+    db: int = 0
+    tls: bool = False  # sentinels: TLS to them and to the master (a url says so by rediss://)
+    ca_file: Path | None = None
+    logins: Mapping[str, Login] = field(default_factory=dict, repr=False)  # role -> login; empty: the url's
+    sentinel_login: Login = field(default_factory=Login, repr=False)
+    wait_replicas: int = 0
+    inline_secrets: tuple[str, ...] = ()  # the keys that hold a password in the config file itself
+
+    def where(self) -> str:
+        """Where Redis is, for messages and logs (no password)."""
+        if self.sentinels:
+            listed = ", ".join(f"{h}:{p}" for h, p in self.sentinels)
+            return f"Redis master {self.master_name!r} (sentinels {listed})"
+        return f"Redis at {redact(self.url)}"
+
+    def login(self, role: str) -> Login:
+        """The role's login: its [redis.users.<role>], or the url's when no users are configured.
+        ConfigError when users are configured but not this role (never a fallback to another)."""
+        if not self.logins:
+            parts = urlsplit(self.url)
+            return Login(parts.username or None, parts.password or None)
+        if role not in self.logins:
+            raise ConfigError(f"no Redis user for the {role} role: add [redis.users.{role}] "
+                              f"(configured: {', '.join(sorted(self.logins))})")
+        return self.logins[role]
+
+
+def _shown(key: str, value: Any) -> str:
+    """The value as an error shows it: passwords hidden, a URL without its password."""
+    if key in SECRET_KEYS:
+        return "'***'"
+    if key == "url" and isinstance(value, str):
+        try:
+            return repr(redact(value))
+        except ValueError:  # not even a URL: nothing to redact reliably
+            return "'***'"
+    return repr(value)
+
+
+def _check(file: Path, prefix: str, table: Any, schema: Mapping[str, Check]) -> None:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{file}: [{prefix}] must be a table")
+    for key, value in table.items():
+        if key not in schema:
+            raise ConfigError(f"{file}: unknown key {prefix}.{key} (expected one of: {', '.join(schema)})")
+        check, expected = schema[key]
+        if not check(value):
+            raise ConfigError(f"{file}: {prefix}.{key} = {_shown(key, value)}: expected {expected}")
+
+
+def validate(file: Path, table: Any) -> None:
+    """Every key of [redis] and [redis.users.*] known and well-formed, and the combinations sound."""
+    _check(file, "redis", table, SCHEMA)
+    for role, entry in table.get("users", {}).items():
+        if role not in ROLES:
+            raise ConfigError(f"{file}: [redis.users.{role}]: unknown role (expected one of: {', '.join(ROLES)})")
+        _check(file, f"redis.users.{role}", entry, LOGIN_SCHEMA)
+        if "password" in entry and "password_file" in entry:
+            raise ConfigError(f"{file}: redis.users.{role}: password and password_file both set (keep one)")
+    if "sentinel_password" in table and "sentinel_password_file" in table:
+        raise ConfigError(f"{file}: redis: sentinel_password and sentinel_password_file both set (keep one)")
+    if "sentinels" in table:
+        if "url" in table:
+            raise ConfigError(f"{file}: redis.url and redis.sentinels both set: Redis is one or the other")
+        if "master_name" not in table:
+            raise ConfigError(f"{file}: redis.master_name is missing (the sentinels need the master's name)")
+    else:
+        for key in ("master_name", "db", "tls", "sentinel_user", "sentinel_password", "sentinel_password_file"):
+            if key in table:
+                raise ConfigError(f"{file}: redis.{key}: only with redis.sentinels "
+                                  "(a url carries its database, and rediss:// for TLS)")
+
+
+def read_secret(file: Path, key: str, path: Path) -> str:
+    """The password in `path`: its first line. Refused unless it is a regular file that no
+    other user can read (the check and the read on one descriptor)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"{file}: {key} = {str(path)!r}: cannot read it: {e.strerror or e}") from None
+    with open(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{file}: {key} = {str(path)!r}: not a regular file")
+        if st.st_mode & stat.S_IROTH:
+            raise ConfigError(f"{file}: {key} = {str(path)!r}: every user of this machine can read it "
+                              f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod o-r it")
+        data = f.read(PASSWORD_FILE_MAX + 1)
+    line = data.decode("utf-8", "replace").split("\n", 1)[0].strip()
+    if len(data) > PASSWORD_FILE_MAX or not line:
+        raise ConfigError(f"{file}: {key} = {str(path)!r}: expected one line holding the password")
+    return line
+
+
+def _login(file: Path, prefix: str, entry: Mapping[str, Any], path: Callable[[str], Path],
+           user_key: str = "user", password_key: str = "password") -> Login:
+    password = entry.get(password_key)
+    if f"{password_key}_file" in entry:
+        password = read_secret(file, f"{prefix}.{password_key}_file", path(entry[f"{password_key}_file"]))
+    return Login(entry.get(user_key), password)
+
+
+def parse(file: Path, table: Mapping[str, Any], env: Mapping[str, str], path: Callable[[str], Path]) -> RedisSettings:
+    """The settings of a validated [redis] table; STORK_REDIS_URL overrides the url."""
+    url = env.get("STORK_REDIS_URL") or table.get("url", DEFAULT_URL)
+    if not url_ok(url):  # the file's was checked; this one came from the environment
+        raise ConfigError(f"STORK_REDIS_URL = {_shown('url', url)}: expected {URL_EXPECTED}")
+    users = table.get("users", {})
+    inline = [f"redis.users.{role}.password" for role, entry in users.items() if "password" in entry]
+    inline += ["redis.sentinel_password"] if "sentinel_password" in table else []
+    inline += ["redis.url"] if urlsplit(table.get("url", "")).password else []
+    sentinels = tuple((h, int(p)) for h, _, p in (s.partition(":") for s in table.get("sentinels", ())))
+    return RedisSettings(
+        url=url, sentinels=() if env.get("STORK_REDIS_URL") else sentinels, master_name=table.get("master_name", ""),
+        db=table.get("db", 0), tls=table.get("tls", False),
+        ca_file=path(table["ca_file"]) if "ca_file" in table else None,
+        logins={role: _login(file, f"redis.users.{role}", entry, path) for role, entry in users.items()},
+        sentinel_login=_login(file, "redis", table, path, "sentinel_user", "sentinel_password"),
+        wait_replicas=table.get("wait_replicas", 0), inline_secrets=tuple(inline),
+    )

@@ -1,0 +1,242 @@
+"""How every stork process reaches Redis: one URL, or the master its sentinels name; as the
+Redis user of the process's role; over TLS where configured (drivers/redis_settings.py).
+
+Two kinds of client come out of one config, and both fail over the same way:
+- stork's own (job records, Lua transitions, events, leases, schedules): redis-py; with
+  sentinels, `Sentinel(...).master_for(...)`, whose connections ask the sentinels for the
+  master each time they connect, and drop a connection that finds a demoted master
+  (READONLY) so the retry reaches the new one;
+- Celery's broker: kombu's `sentinel://` transport with `master_name`. Its channels retry
+  on the same errors (`broker_channel_error_retry`, celery#7946), and socket timeouts and
+  TCP keepalive make a master that stopped answering (a hung host, no RST) an error within
+  seconds instead of a hang (celery#6348: a lost connection is not a refused one).
+
+A process's role comes from STORK_ROLE, else from what the process is: a worker or beat is
+`worker`, the CLI and the Python client `producer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import redis
+import structlog
+from redis._parsers.base import BaseParser
+from redis.backoff import ExponentialBackoff
+from redis.connection import SSLConnection
+from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
+
+from drivers.errors import ConfigError
+from drivers.redis_settings import ROLES, Login, RedisSettings
+
+
+class NoReplicasError(redis.ConnectionError):
+    """NOREPLICAS: the master refuses writes until a replica is with it (min-replicas-to-write),
+    as a new master does for a moment after a failover. Nothing was written: like a lost
+    connection, it is retried (redis-py and kombu retry connection errors), not a failure."""
+
+
+def _master_state_usable(self: Sentinel, state: dict[str, Any], service_name: str) -> bool:
+    """redis-py's check, and not a master whose failover is in progress: the sentinel leading
+    a failover names the old master in SENTINEL MASTERS until every replica follows the new
+    one (seconds to tens of seconds), and a client sent there meets NOREPLICAS, then READONLY,
+    for that long. The other sentinels name the new master meanwhile."""
+    return _redis_check_master_state(self, state, service_name) and "failover_in_progress" not in state["flags"]
+
+
+# Two corrections to redis-py, for every client in the process, kombu's included (it builds its
+# own Sentinel and pools, with no hook for either): the error class of NOREPLICAS (redis-py
+# picks a class by an error's first word, from its parser's table), and the master check.
+BaseParser.EXCEPTION_CLASSES["NOREPLICAS"] = NoReplicasError
+_redis_check_master_state = Sentinel.check_master_state
+Sentinel.check_master_state = _master_state_usable  # type: ignore[method-assign]
+
+class MasterConnection(SentinelManagedConnection):
+    """A connection to the master the sentinels name *now*, on every (re)connect. redis-py's
+    own asks them only for a connection new to the pool: a command retried after a failover
+    reconnects to the host it had, the old master, and fails there until its retries run out."""
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if not self._sock:
+            self.host, self.port = self.connection_pool.get_master_address()
+        super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+
+class MasterSSLConnection(MasterConnection, SSLConnection):
+    pass
+
+
+class MasterPool(SentinelConnectionPool):
+    """A pool that asks the sentinels who the master is at most once per DISCOVERY_INTERVAL as
+    it hands out a connection, and drops connections to any other host. A demoted master still
+    answers reads (as a replica, a step behind): without this a client that only reads would
+    be served from it until its first write meets READONLY."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._asked = 0.0
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now - self._asked > DISCOVERY_INTERVAL:
+            self._asked = now
+            with contextlib.suppress(redis.RedisError):  # no sentinel answers: the connect says so
+                self.get_master_address()  # a new master: idle connections are dropped
+        connection = super().get_connection(*args, **kwargs)
+        if self.master_address and (connection.host, connection.port) != self.master_address:
+            connection.disconnect()  # reconnects to the master on its first command
+        return connection
+
+
+log = structlog.get_logger("stork.connect")
+DISCOVERY_INTERVAL = 1.0  # seconds a client goes on with the master it knows before asking the sentinels again
+SOCKET_TIMEOUT = 10.0  # above any blocking read stork or kombu makes (1-2 s), far below a step
+CONNECT_TIMEOUT = 5.0
+HEALTH_CHECK = 10  # seconds a pooled connection may sit idle before a PING checks it
+WAIT_TIMEOUT_MS = 2000  # how long one WAIT waits for the replicas
+REPLICATION_PATIENCE = 60.0  # seconds a write is made again until the replicas hold it
+
+
+def role(default: str) -> str:
+    """This process's role: STORK_ROLE, else `default`."""
+    name = os.environ.get("STORK_ROLE") or default
+    if name not in ROLES:
+        raise ConfigError(f"STORK_ROLE = {name!r}: expected one of: {', '.join(ROLES)}")
+    return name
+
+
+def _keepalive() -> dict[int, int]:
+    """TCP keepalive that notices a dead peer within about 10 s of silence (Linux)."""
+    options = {}
+    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            options[getattr(socket, name)] = value
+    return options
+
+
+def _tls(settings: RedisSettings) -> dict[str, Any]:
+    """redis-py's TLS arguments: the server's certificate checked against the CA file (or the
+    system's CAs), and its host name."""
+    if not (settings.tls or (urlsplit(settings.url).scheme == "rediss" and not settings.sentinels)):
+        return {}
+    found: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    if settings.ca_file:
+        found["ssl_ca_certs"] = str(settings.ca_file)
+    return found
+
+
+def _auth(login: Login) -> dict[str, Any]:
+    return {k: v for k, v in (("username", login.user), ("password", login.password)) if v is not None}
+
+
+def sentinel_auth(settings: RedisSettings) -> dict[str, Any]:
+    """How to log in to the sentinels themselves (redis.sentinel_user / sentinel_password)."""
+    return _auth(settings.sentinel_login)
+
+
+def client_options(settings: RedisSettings) -> dict[str, Any]:
+    """Socket behaviour every connection of stork's own client gets."""
+    return {"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT,
+            "socket_keepalive": True, "socket_keepalive_options": _keepalive(),
+            "health_check_interval": HEALTH_CHECK, **_tls(settings)}
+
+
+def client(settings: RedisSettings, role_name: str, retry: Retry | None = None, **extra: Any) -> redis.Redis:
+    """A client of stork's own keys, as `role_name`, retrying connection errors and timeouts
+    with `retry`. The default suits a command line: a few quick tries at one Redis, and some
+    15 s (a failover's length) where sentinels name the master."""
+    if retry is None:
+        retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=12 if settings.sentinels else 3)
+    options: dict[str, Any] = {
+        **client_options(settings), **_auth(settings.login(role_name)), "decode_responses": True, "retry": retry,
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError], **extra,
+    }
+    if not settings.sentinels:
+        return redis.Redis.from_url(settings.url, **options)
+    sentinel_options = {k: v for k, v in client_options(settings).items() if k != "health_check_interval"}
+    sentinels = Sentinel(list(settings.sentinels),
+                         sentinel_kwargs={**sentinel_options, **sentinel_auth(settings)},
+                         **{k: v for k, v in options.items() if k.startswith(("socket_", "ssl"))})
+    connection_class = MasterSSLConnection if options.pop("ssl", False) else MasterConnection
+    return sentinels.master_for(settings.master_name, connection_pool_class=MasterPool, db=settings.db,
+                                connection_class=connection_class, **options)
+
+
+def _url(settings: RedisSettings, login: Login) -> str:
+    """kombu's URL: the url with the role's login, or one sentinel:// per sentinel."""
+    auth = ""
+    if login.user or login.password:
+        auth = f"{quote(login.user or '', safe='')}{':' + quote(login.password, safe='') if login.password else ''}@"
+    if settings.sentinels:
+        return ";".join(f"sentinel://{auth}{host}:{port}/{settings.db}" for host, port in settings.sentinels)
+    parts = urlsplit(settings.url)
+    if parts.scheme == "unix":
+        return settings.url if not auth else urlunsplit(parts._replace(netloc=auth.rstrip("@") + "@"))
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname or "127.0.0.1"
+    netloc = f"{auth}{host}{':' + str(parts.port) if parts.port else ''}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def celery_settings(settings: RedisSettings, role_name: str, visibility_timeout: int) -> dict[str, Any]:
+    """The Celery app's broker settings for this Redis and role."""
+    options: dict[str, Any] = {
+        "visibility_timeout": visibility_timeout, "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": CONNECT_TIMEOUT, "socket_keepalive": True,
+        "socket_keepalive_options": _keepalive(), "health_check_interval": HEALTH_CHECK,
+        "retry_on_timeout": True,
+    }
+    if settings.sentinels:
+        sentinel_options = {k: v for k, v in client_options(settings).items() if k != "health_check_interval"}
+        options["master_name"] = settings.master_name
+        options["sentinel_kwargs"] = {**sentinel_options, **sentinel_auth(settings)}
+    found: dict[str, Any] = {
+        "broker_url": _url(settings, settings.login(role_name)),
+        "broker_transport_options": options,
+        "broker_channel_error_retry": True,  # a READONLY (demoted master) reconnects instead of killing the consumer
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,  # a worker outlives any outage; the sweep catches up after
+        # a message sent while the master fails over is sent again for some 15 s, then the send fails
+        "task_publish_retry_policy": {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5,
+                                      "interval_max": 2.0},
+    }
+    tls = _tls(settings)
+    if tls:
+        found["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True,
+                                   **({"ssl_ca_certs": tls["ssl_ca_certs"]} if "ssl_ca_certs" in tls else {})}
+    return found
+
+
+def write_replicated(r: redis.Redis, settings: RedisSettings, write: Callable[[], None],
+                     patience: float = REPLICATION_PATIENCE) -> bool:
+    """Do `write` so that a failover does not take it back. Redis replicates asynchronously,
+    and a master being replaced still takes writes until it is demoted: what it took then is
+    lost. So after `write`, WAIT until `redis.wait_replicas` replicas hold it, and while they
+    do not, `write` again (it must be idempotent), landing on whichever master the sentinels
+    name by then. False (and logged) when `patience` ran out first; the write stands on the
+    master it reached."""
+    write()
+    if not settings.wait_replicas:
+        return True
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            acked = int(r.execute_command("WAIT", settings.wait_replicas, WAIT_TIMEOUT_MS))
+            if acked >= settings.wait_replicas:
+                return True
+        except redis.RedisError as e:
+            acked, error = None, str(e)
+        else:
+            error = ""
+        if time.monotonic() > deadline:
+            log.warning("write_not_replicated", replicas=acked, wanted=settings.wait_replicas, error=error)
+            return False
+        time.sleep(0.5)
+        write()

@@ -1,0 +1,120 @@
+"""A worker's consumer through a Redis failover (Sentinel).
+
+A master that dies outright resets its connections: kombu's BRPOP fails, Celery's consumer
+reconnects, and the sentinels name the new master. A master whose host stops answering
+(a hang, a cut network, SIGSTOP) resets nothing, and TCP keepalive cannot tell, since the
+kernel still answers for the socket: the consumer waits on its BRPOP for ever, and the node
+takes no step again (celery#6348, celery#10096). So a consumer bootstep asks the sentinels
+every WATCH_INTERVAL seconds who the master is; a consumer connection to any other host is
+shut down, which the consumer sees as a lost connection, and it reconnects to the master.
+Sending a message rides out a failover too (`AMQP`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from typing import Any
+
+import redis
+import structlog
+from celery import bootsteps
+from celery.app import amqp
+from kombu.exceptions import OperationalError
+from kombu.utils.objects import cached_property
+from redis.sentinel import Sentinel
+
+from worker import connect
+
+log = structlog.get_logger("stork.failover")
+WATCH_INTERVAL = 2.0  # seconds between asks; a sentinel answers from memory
+
+
+def stale_connections(channel: Any, master: tuple[str, int]) -> list[Any]:
+    """The channel's connections (its BRPOP in flight, its pub/sub) to a host that is not `master`."""
+    found = [channel._in_poll or None, getattr(getattr(channel, "subclient", None), "connection", None)]
+    return [c for c in found if c is not None and getattr(c, "_sock", None) is not None and
+            (str(c.host), int(c.port)) != (str(master[0]), int(master[1]))]
+
+
+def cut(connection: Any) -> None:
+    """End the connection so its reader sees EOF (closing the fd under kombu's hub would not)."""
+    with contextlib.suppress(OSError, AttributeError):
+        connection._sock.shutdown(socket.SHUT_RDWR)
+
+
+class AMQP(amqp.AMQP):
+    """Celery's message sending, made to ride out a failover. Every message stork sends (a
+    job's first steps, the next step of a chain, an undo) goes through here. kombu retries a
+    send on a lost connection, but without a pause while reconnecting works, so a new master
+    that takes no write until a replica is with it (NOREPLICAS, a few seconds) fails the send;
+    and a send whose retries ran out can leave the pooled producer on a closed channel, so the
+    next send through it fails with AttributeError. Here a failed send is tried again for
+    SEND_PATIENCE seconds, each time through a new connection pool. A message sent twice is
+    harmless: a step runs once, at its turn."""
+
+    @cached_property
+    def send_task_message(self) -> Any:
+        send = self._create_task_sender()
+
+        def send_patiently(producer: Any, name: str, message: Any, **options: Any) -> Any:
+            deadline = time.monotonic() + SEND_PATIENCE
+            pause = 0.1
+            with contextlib.ExitStack() as fresh:
+                while True:
+                    try:
+                        return send(producer, name, message, **options)
+                    except (OperationalError, redis.RedisError, AttributeError) as e:
+                        if time.monotonic() > deadline:
+                            raise
+                        log.warning("send_retried", task=name, error=str(e) or type(e).__name__)
+                    time.sleep(pause)
+                    pause = min(pause * 2, 2.0)
+                    self.app._after_fork()  # new connection and producer pools: the old ones may hold dead channels
+                    producer = fresh.enter_context(self.app.producer_or_acquire())
+
+        return send_patiently
+
+
+SEND_PATIENCE = 30.0  # seconds a message is sent again while Redis fails over
+
+
+class MasterWatch(bootsteps.StartStopStep):
+    """Consumer bootstep: on every (re)connection, watch that the task consumer's channel
+    talks to the master the sentinels name."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.timer: Any = None
+
+    def start(self, c: Any) -> None:
+        from worker.app import config
+
+        settings = config().redis
+        if not settings.sentinels:
+            return
+        sentinel_options = {k: v for k, v in connect.client_options(settings).items() if k != "health_check_interval"}
+        sentinels = Sentinel(list(settings.sentinels),
+                             sentinel_kwargs={**sentinel_options, "socket_timeout": 1.0,
+                                              **connect.sentinel_auth(settings)})
+        channel = c.task_consumer.channel
+
+        def check() -> None:
+            try:
+                master = sentinels.discover_master(settings.master_name)
+            except redis.RedisError:
+                return  # no sentinel knows a master now: nothing to move to
+            for connection in stale_connections(channel, master):
+                log.warning("consumer_master_replaced", old=f"{connection.host}:{connection.port}",
+                            master=f"{master[0]}:{master[1]}")
+                cut(connection)
+
+        self.timer = c.timer.call_repeatedly(WATCH_INTERVAL, check)
+
+    def stop(self, c: Any) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
