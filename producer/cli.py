@@ -361,6 +361,14 @@ def cmd_backup_key(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_redis_users(args: argparse.Namespace, client: Client) -> int:
+    from worker import acl
+
+    lines = acl.user_lines(client.cfg.redis)
+    _emit(args, {"acl": lines}, "\n".join(lines))
+    return 0
+
+
 def cmd_cluster_key(args: argparse.Namespace, client: Client) -> int:
     from drivers.transfer import make_key
 
@@ -502,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--storage-map", metavar="OLD=NEW,...", help="disks on OLD go to NEW")
     p.add_argument("--keep-source", action="store_true", help="keep the old volumes on the source node")
 
+    redis_group = group("redis", "what stork is to Redis")
+    command(redis_group, "users", cmd_redis_users,
+            "print the Redis ACL users of [redis.users.*] (ACL file lines, passwords as SHA-256)")
     cluster = group("cluster", "what the nodes share")
     command(cluster, "key", cmd_cluster_key, "make the cluster key ([cluster] tls_psk_file)").add_argument("file")
 
@@ -723,6 +734,11 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except StorkError as e:
         print(f"stork: {e}", file=sys.stderr)
+        return 1
+    except redis.exceptions.NoPermissionError as e:  # an ACL user asked for what its role may not do
+        from worker.connect import role
+
+        print(f"stork: Redis refused it to the {role('producer')} role's user: {e}", file=sys.stderr)
         return 1
     except redis.RedisError as e:  # Redis went away after the first contact
         print(f"stork: Redis error: {e}", file=sys.stderr)

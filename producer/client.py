@@ -68,6 +68,8 @@ class Client:
         """Check and enqueue a job; StorkError (nothing changed) when it is refused."""
         try:
             return runner.submit(kind, options, self.cfg, self.r, self.app)
+        except redis.exceptions.NoPermissionError as e:
+            raise StorkError(f"Redis refused it to the {self.role} role's user: {e}") from None
         except redis.RedisError as e:
             raise StorkError(f"cannot reach {self.cfg.redis.where()}: {e}") from None
 

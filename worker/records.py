@@ -190,7 +190,8 @@ def update(r: redis.Redis, job_id: str, **values: Any) -> None:
     r.hset(job_key(job_id), mapping=_encode(values))
 
 
-# KEYS: job hash, active set, job id, event stream. ARGV: allowed states (JSON), "1" when
+# KEYS: job hash, active set, event stream, ended counts (every KEYS entry a key: ACLs check
+# them). The job id is the hash's name after "stork:job:". ARGV: allowed states (JSON), "1" when
 # the new state is terminal, events (JSON list of JSON strings), stream cap, guard (JSON,
 # see transition), then the fields to set.
 _CAS = """
@@ -206,16 +207,16 @@ for _, allowed in ipairs(cjson.decode(ARGV[1])) do
   if allowed == state then
     if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
     if ARGV[2] == '1' then
-      redis.call('SREM', KEYS[2], KEYS[3])
+      redis.call('SREM', KEYS[2], string.sub(KEYS[1], """ + str(len(job_key("")) + 1) + """))
       local ok, kind = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'kind') or 'null')
       if ok and type(kind) == 'string' then  -- a forged record's kind, or a broken count, never stops its end
-        redis.pcall('HINCRBY', KEYS[5], kind .. '|' .. redis.call('HGET', KEYS[1], 'state'), 1)
+        redis.pcall('HINCRBY', KEYS[4], kind .. '|' .. redis.call('HGET', KEYS[1], 'state'), 1)
       end
       redis.call('EXPIRE', KEYS[1], """ + str(RETENTION) + """)
-      redis.call('EXPIRE', KEYS[4], """ + str(RETENTION) + """)
+      redis.call('EXPIRE', KEYS[3], """ + str(RETENTION) + """)
     end
     for _, event in ipairs(cjson.decode(ARGV[3])) do
-      redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'event', event)
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', event)
       redis.call('PUBLISH', '""" + CHANNEL + """', event)
     end
     return 1
@@ -254,7 +255,7 @@ def transition(
         json.dumps(guard or {}),
         *pairs,
     ]
-    keys = [job_key(job_id), ACTIVE, job_id, events_key(job_id), ENDED]
+    keys = [job_key(job_id), ACTIVE, events_key(job_id), ENDED]
     result = _cas_script(r)(keys=keys, args=args)
     if result == -1:
         raise NotFound(f"unknown job {job_id!r}")

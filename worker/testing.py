@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -55,7 +55,8 @@ class RedisServer:
     append-only file in `data_dir` keeps its data across `restart()`."""
 
     def __init__(self, port: int, data_dir: Path, durable: bool = False, also_on: tuple[str, ...] = (),
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), **client: Any) -> None:
+        """`client`: how the suite's own client connects (username, password, ssl options)."""
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
@@ -67,12 +68,14 @@ class RedisServer:
                      "--dir", str(data_dir), *extra]
         import redis
 
-        self.client = redis.Redis(port=port, decode_responses=True)
+        self.client = redis.Redis(port=port, decode_responses=True, **client)
         self.start()
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self._pings, 10, "redis-server")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited at start ({self.proc.returncode}): {' '.join(self.argv)}")
 
     def restart(self, down: float = 0.0) -> None:
         self.stop()

@@ -55,7 +55,7 @@ def main() -> None:
         argv = flower_argv(cfg)
     except (StorkError, ValueError) as e:
         sys.exit(f"stork flower: {e}")
-    env = dict(os.environ)
+    env = {"STORK_ROLE": "operator", **os.environ}  # Flower watches: the operator's Redis user where there are users
     if cfg.flower_basic_auth:
         env["FLOWER_BASIC_AUTH"] = cfg.flower_basic_auth
     print(api_note(cfg), file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ put it where your Prometheus alone reaches it."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -19,6 +20,7 @@ def main() -> None:
         cfg = config.load()
     except StorkError as e:
         sys.exit(f"stork metrics: {e}")
+    os.environ.setdefault("STORK_ROLE", "operator")  # it only reads: the read-only Redis user where there are users
     from worker.app import config as live_config  # the app loads the config: after the check above
     from worker.app import redis_client
     from worker.jobs import schedules

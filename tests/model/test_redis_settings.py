@@ -1,0 +1,149 @@
+"""[redis]: sentinels, users per role, TLS, and what each process makes of them (tables of
+config text and of the URLs and options worker/connect.py derives; no Redis needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from drivers import config
+from drivers.errors import ConfigError
+from worker import acl, connect
+
+FILE = Path("/etc/stork/stork.toml")
+SENTINELS = '[redis]\nsentinels = ["10.0.0.1:26379", "10.0.0.2:26379"]\nmaster_name = "stork"\n'
+
+
+def parse(text: str, env: dict[str, str] | None = None) -> config.Config:
+    return config.parse(text, FILE, env or {"STORK_NODE": "node1"})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[redis]\nsentinels = []\nmaster_name = 'm'\n", r"redis.sentinels = \[\]: expected a non-empty list"),
+        ("[redis]\nsentinels = ['h']\nmaster_name = 'm'\n", r"redis.sentinels = \['h'\]: expected .*\"host:port\""),
+        ("[redis]\nsentinels = ['h:0']\nmaster_name = 'm'\n", r"redis.sentinels = \['h:0'\]"),
+        ("[redis]\nsentinels = ['h:1', 'h:1']\nmaster_name = 'm'\n", r"expected a non-empty list of distinct"),
+        ("[redis]\nsentinels = ['h:1']\n", r"redis.master_name is missing"),
+        ("[redis]\nsentinels = ['h:1']\nmaster_name = 'm'\nurl = 'redis://h:1/0'\n",
+         r"redis.url and redis.sentinels both set"),
+        ("[redis]\nmaster_name = 'm'\n", r"redis.master_name: only with redis.sentinels"),
+        ("[redis]\ntls = true\n", r"redis.tls: only with redis.sentinels \(.*rediss:// for TLS\)"),
+        (SENTINELS + "db = -1\n", r"redis.db = -1: expected a database number"),
+        (SENTINELS + "wait_replicas = 17\n", r"redis.wait_replicas = 17: expected a number of replicas"),
+        (SENTINELS + "sentinel_password = 5\n", r"redis.sentinel_password = '\*\*\*': expected a password"),
+        (SENTINELS + "sentinel_password = 'a'\nsentinel_password_file = 'f'\n", r"both set \(keep one\)"),
+        ("[redis]\nbogus = 1\n", r"unknown key redis.bogus \(expected one of: url, sentinels"),
+        ("[redis.users.admin]\nuser = 'x'\n", r"\[redis.users.admin\]: unknown role \(expected one of: worker, "),
+        ("[redis.users.worker]\nuser = 'x'\nrole = 'y'\n", r"unknown key redis.users.worker.role"),
+        ("[redis.users.worker]\npassword = ''\n", r"redis.users.worker.password = '\*\*\*': expected a password"),
+        ("[redis.users.worker]\npassword = 'a'\npassword_file = 'f'\n", r"password and password_file both set"),
+        ("[redis.users.worker]\npassword_file = '/nonexistent/pass'\n",
+         r"redis.users.worker.password_file = '/nonexistent/pass': cannot read it: No such file"),
+    ],
+)
+def test_redis_settings_refused_name_the_key(text, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        parse(text)
+    assert str(FILE) in str(err.value) and "'a'" not in str(err.value)
+
+
+def test_sentinels_users_and_tls_parse(tmp_path):
+    secret = tmp_path / "worker.pass"
+    secret.write_text("s3cret\nignored\n")
+    secret.chmod(0o600)
+    cfg = config.parse(SENTINELS + f'tls = true\nca_file = "ca.pem"\nwait_replicas = 1\ndb = 2\n'
+                       f'[redis.users.worker]\nuser = "w"\npassword_file = "{secret}"\n', tmp_path / "stork.toml",
+                       {"STORK_NODE": "node1"})
+    settings = cfg.redis
+    assert settings.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26379)) and settings.db == 2
+    assert settings.ca_file == tmp_path / "ca.pem" and settings.tls and settings.wait_replicas == 1
+    assert settings.login("worker").password == "s3cret" and "s3cret" not in repr(cfg)
+    with pytest.raises(ConfigError, match=r"no Redis user for the producer role: add \[redis.users.producer\]"):
+        settings.login("producer")
+    assert settings.where() == "Redis master 'stork' (sentinels 10.0.0.1:26379, 10.0.0.2:26379)"
+
+
+def test_stork_redis_url_in_the_environment_wins_over_sentinels():
+    cfg = parse(SENTINELS, {"STORK_NODE": "n", "STORK_REDIS_URL": "redis://127.0.0.1:7/0"})
+    assert not cfg.redis.sentinels and cfg.redis.url == "redis://127.0.0.1:7/0"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604])
+def test_a_password_file_others_can_read_is_refused(tmp_path, mode):
+    secret = tmp_path / "p"
+    secret.write_text("x\n")
+    secret.chmod(mode)
+    with pytest.raises(ConfigError, match=r"password_file = .*every user of this machine can read it \(mode 0"):
+        config.parse(f'[redis.users.worker]\npassword_file = "{secret}"\n', tmp_path / "s.toml", {"STORK_NODE": "n"})
+
+
+@pytest.mark.parametrize("secret", [
+    '[redis]\nurl = "redis://:pw@127.0.0.1:6379/0"\n',
+    '[redis.users.producer]\nuser = "p"\npassword = "pw"\n',
+    '[redis]\nsentinels = ["h:1"]\nmaster_name = "m"\nsentinel_password = "pw"\n',
+    '[flower]\nbasic_auth = "a:pw"\n',
+])
+def test_a_config_holding_a_password_is_refused_when_world_readable(tmp_path, secret):
+    """load() refuses it with the key and the mode; the same file at 0600 loads."""
+    file = tmp_path / "stork.toml"
+    file.write_text(secret)
+    file.chmod(0o644)
+    env = {"STORK_CONFIG": str(file), "STORK_NODE": "n"}
+    with pytest.raises(ConfigError, match=r"holds .* but every user of this machine can read it \(mode 0644\)"):
+        config.load(env)
+    file.chmod(0o600)
+    config.load(env)
+
+
+@pytest.mark.parametrize(
+    ("text", "role", "url"),
+    [
+        ("", "producer", "redis://127.0.0.1:6379/0"),
+        ('[redis]\nurl = "redis://:pw@10.0.0.5:6380/3"\n', "worker", "redis://:pw@10.0.0.5:6380/3"),
+        ('[redis]\nurl = "rediss://10.0.0.5/1"\n[redis.users.producer]\nuser = "p"\npassword = "a b/@:"\n',
+         "producer", "rediss://p:a%20b%2F%40%3A@10.0.0.5/1"),
+        (SENTINELS + "db = 2\n[redis.users.worker]\nuser = \"w\"\npassword = \"x\"\n", "worker",
+         "sentinel://w:x@10.0.0.1:26379/2;sentinel://w:x@10.0.0.2:26379/2"),
+    ],
+)
+def test_the_broker_url_carries_the_roles_login(text, role, url):
+    settings = parse(text).redis
+    options = connect.celery_settings(settings, role, 3600)
+    assert options["broker_url"] == url
+    assert options["broker_channel_error_retry"] and options["broker_transport_options"]["socket_timeout"]
+    if settings.sentinels:
+        assert options["broker_transport_options"]["master_name"] == "stork"
+
+
+def test_tls_checks_the_servers_certificate_against_the_ca_file(tmp_path):
+    settings = config.parse('[redis]\nurl = "rediss://h:1/0"\nca_file = "ca.pem"\n', tmp_path / "s.toml",
+                            {"STORK_NODE": "n"}).redis
+    assert connect.client_options(settings)["ssl_ca_certs"] == str(tmp_path / "ca.pem")
+    assert connect.client_options(settings)["ssl_cert_reqs"] == "required"
+    broker_tls = connect.celery_settings(settings, "worker", 3600)["broker_use_ssl"]
+    assert broker_tls["ssl_ca_certs"] == str(tmp_path / "ca.pem")
+    assert "ssl" not in connect.client_options(parse("").redis)
+
+
+def test_the_role_comes_from_stork_role(monkeypatch):
+    monkeypatch.setenv("STORK_ROLE", "operator")
+    assert connect.role("producer") == "operator"
+    monkeypatch.setenv("STORK_ROLE", "root")
+    with pytest.raises(ConfigError, match=r"STORK_ROLE = 'root': expected one of: worker, producer, operator"):
+        connect.role("producer")
+    monkeypatch.delenv("STORK_ROLE")
+    assert connect.role("worker") == "worker"
+
+
+def test_acl_lines_need_users_and_hold_only_hashes():
+    with pytest.raises(ConfigError, match=r"no \[redis.users.<role>\] in the config"):
+        acl.user_lines(parse("").redis)
+    with pytest.raises(ConfigError, match=r"redis.users.worker: a user and a password are needed"):
+        acl.user_lines(parse('[redis.users.worker]\nuser = "w"\n').redis)
+    lines = acl.user_lines(parse('[redis.users.producer]\nuser = "p"\npassword = "pw"\n').redis)
+    assert lines[0].startswith("user p on #") and "pw " not in lines[0] and lines[-1] == "user default off"
+    assert all(os.linesep not in line for line in lines)

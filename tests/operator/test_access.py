@@ -1,0 +1,133 @@
+"""Who may talk to stork's Redis, with real Redis ACL users: the config names a user per role
+(worker, producer, operator), `stork redis users` prints their ACL lines, and a Redis started
+with them serves a worker and the CLI. A producer submits, reads and cancels, and cannot do
+what a worker does (take a message, hold a lease, beat); the operator reads and cannot
+submit; nobody gets in without a password."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from worker import testing
+from worker.testing import ROOT, free_port
+
+PASSWORDS = {"worker": "w-secret-1", "producer": "p-secret-2", "operator": "o-secret-3"}
+
+
+class Secured:
+    def __init__(self, base: Path) -> None:
+        self.base, self.port = base, free_port()
+        users = ""
+        for role, password in PASSWORDS.items():
+            (base / f"{role}.pass").write_text(password + "\n")
+            (base / f"{role}.pass").chmod(0o600)
+            users += f'[redis.users.{role}]\nuser = "stork-{role}"\npassword_file = "{role}.pass"\n'
+        self.file = base / "stork.toml"
+        self.file.write_text(f'[redis]\nurl = "redis://127.0.0.1:{self.port}/0"\n{users}'
+                             '[paths]\nguests = "guests"\nlocks = "lock"\n'
+                             '[storage.local]\ntype = "dir"\npath = "images"\n')
+        self.env = {**os.environ, "STORK_CONFIG": str(self.file), "STORK_NODE": "acl1"}
+        self.env.pop("STORK_REDIS_URL", None)
+        lines = self.stork("redis", "users")["acl"]
+        (base / "users.acl").write_text("\n".join(lines) + "\n")
+        self.redis = testing.RedisServer(self.port, base, extra=("--aclfile", str(base / "users.acl")),
+                                         username="stork-worker", password=PASSWORDS["worker"])
+        self.worker = testing.Worker("acl1", base, concurrency=2, env=self.env)
+
+    def run(self, *args: str, role: str = "producer") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "producer.cli", "--json", *args], cwd=ROOT,
+                              env={**self.env, "STORK_ROLE": role}, capture_output=True, text=True, timeout=120,
+                              check=False)
+
+    def stork(self, *args: str, role: str = "producer") -> dict:
+        done = self.run(*args, role=role)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def as_role(self, role: str) -> redis.Redis:
+        return redis.Redis(port=self.port, username=f"stork-{role}", password=PASSWORDS[role], decode_responses=True)
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.redis.stop()
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory) -> Iterator[Secured]:
+    cluster = Secured(tmp_path_factory.mktemp("acl"))
+    yield cluster
+    cluster.stop()
+
+
+def test_the_acl_file_holds_no_password_and_switches_the_default_user_off(secured):
+    text = (secured.base / "users.acl").read_text()
+    assert not any(p in text for p in PASSWORDS.values())
+    assert "user default off" in text and text.count("#") == 3
+
+
+def test_a_producer_submits_reads_and_cancels_through_a_worker(secured):
+    """The whole path under ACLs: the CLI (producer) creates a guest, a worker (worker user)
+    runs it, the CLI lists and shows the job, clones, and cancels a job it queued for a node
+    nobody serves."""
+    secured.stork("guest", "create", "100", "--disk", "scsi0=local:16M")
+    assert secured.stork("clone", "100", "101", "--full")["state"] == "succeeded"
+    assert len(secured.stork("job", "list")) >= 2
+    unserved = secured.run("ping", "--node", "nobody", "--timeout", "1")
+    assert unserved.returncode == 1, unserved.stderr
+    [answer] = json.loads(unserved.stdout)
+    assert answer["queue"] == "node.nobody"  # withdrawn by the producer: it may take its own message back
+    assert secured.stork("job", "show", answer["job"])["state"] == "cancelled"
+
+
+def test_a_producer_cannot_do_what_a_worker_does(secured):
+    """Taking a message from a queue, holding a storage lease, a worker's heartbeat, kombu's
+    unacked messages, and Redis's administration: each refused (NOPERM) to the producer."""
+    producer = secured.as_role("producer")
+    refused = [
+        lambda: producer.brpop(["node.acl1"], timeout=1),
+        lambda: producer.rpop("shared"),
+        lambda: producer.lmove("node.acl1", "mine"),
+        lambda: producer.set("stork:lock:local", "mine"),
+        lambda: producer.set("stork:alive:host:1", ""),
+        lambda: producer.hset("unacked", "tag", "x"),
+        lambda: producer.delete("stork:dead"),
+        lambda: producer.config_get("*"),
+        lambda: producer.flushall(),
+    ]
+    for attempt in refused:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+    assert producer.lpush("node.acl1-test", "x") == 1  # what submitting does stays allowed
+
+
+def test_the_operator_reads_and_cannot_submit(secured):
+    assert isinstance(secured.stork("job", "list", role="operator"), list)
+    done = secured.run("guest", "create", "102", "--disk", "scsi0=local:16M", role="operator")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert "Redis refused it to the operator role's user" in done.stderr and "NOPERM" not in done.stdout
+    operator = secured.as_role("operator")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        operator.hset("stork:job:x", "state", "succeeded")
+
+
+def test_the_worker_user_cannot_administer_redis(secured):
+    worker = secured.as_role("worker")
+    for attempt in (lambda: worker.config_set("appendonly", "no"), lambda: worker.flushall(),
+                    lambda: worker.keys("*")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+
+
+def test_nobody_gets_in_without_a_password(secured):
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(port=secured.port).ping()
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(port=secured.port, username="stork-producer", password="guess").ping()
