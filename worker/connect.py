@@ -160,6 +160,7 @@ def client(settings: RedisSettings, role_name: str, retry: Retry | None = None, 
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError], **extra,
     }
     if not settings.sentinels:
+        options.pop("ssl", None)  # rediss:// says so, and picks the connection class
         return redis.Redis.from_url(settings.url, **options)
     sentinel_options = {k: v for k, v in client_options(settings).items() if k != "health_check_interval"}
     sentinels = Sentinel(list(settings.sentinels),

@@ -151,6 +151,8 @@ def main() -> None:
         ensure_tool("qemu-img", "qemu-utils", "stork creates and copies disk images with it")
         processes = ["worker", "beat", "flower", "metrics"]
         if not redis_answers(cfg):
+            if cfg.redis.sentinels:  # a replicated Redis is the operator's to run: none is started here
+                raise StorkError(f"{cfg.redis.where()} does not answer: start the sentinels and their Redis first")
             ensure_tool("redis-server", "redis-server", "no Redis answers; install one or set STORK_REDIS_URL")
             processes.insert(0, "redis")
         for storage in cfg.storages.values():

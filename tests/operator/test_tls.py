@@ -1,0 +1,72 @@
+"""Redis over TLS: a redis-server that speaks only TLS, with a certificate from the suite's own
+CA; the config names it by rediss:// and the CA file. A worker and the CLI run a job through
+it; a client that does not trust the CA, or speaks plain Redis, gets nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from worker import testing
+from worker.testing import ROOT, free_port
+
+
+class TlsCluster:
+    def __init__(self, base: Path) -> None:
+        self.base, self.port = base, free_port()
+        self.ca, cert, key = testing.make_tls(base, names=("localhost",), addresses=())
+        tls = ("--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+               "--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "no")
+        self.redis = testing.RedisServer(self.port, base, extra=tls, ssl=True, ssl_ca_certs=str(self.ca))
+        self.file = base / "stork.toml"
+        self.file.write_text(f'[redis]\nurl = "rediss://localhost:{self.port}/0"\nca_file = "ca.pem"\n'
+                             '[paths]\nguests = "guests"\nlocks = "lock"\n'
+                             '[storage.local]\ntype = "dir"\npath = "images"\n')
+        self.env = {**os.environ, "STORK_CONFIG": str(self.file), "STORK_NODE": "tls1"}
+        self.env.pop("STORK_REDIS_URL", None)
+        self.worker = testing.Worker("tls1", base, concurrency=2, env=self.env)
+
+    def stork(self, *args: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "producer.cli", "--json", *args], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.redis.stop()
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory) -> Iterator[TlsCluster]:
+    cluster = TlsCluster(tmp_path_factory.mktemp("tls"))
+    yield cluster
+    cluster.stop()
+
+
+def test_a_worker_and_the_cli_work_over_tls(tls):
+    tls.stork("guest", "create", "100", "--disk", "scsi0=local:16M")
+    assert tls.stork("clone", "100", "101", "--full")["state"] == "succeeded"
+    assert [a["ok"] for a in tls.stork("ping")] == [True]
+
+
+def test_a_client_that_does_not_trust_the_ca_or_speaks_plain_redis_gets_nothing(tls):
+    with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+        redis.Redis(host="localhost", port=tls.port, ssl=True, ssl_cert_reqs=ssl.CERT_REQUIRED).ping()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(host="localhost", port=tls.port, socket_timeout=3).ping()
+
+
+def test_a_wrong_host_name_is_refused(tls):
+    """The certificate names localhost only: a client that asked for 127.0.0.1 stops."""
+    with pytest.raises(redis.ConnectionError, match=r"match|mismatch|not valid"):
+        redis.Redis(host="127.0.0.1", port=tls.port, ssl=True, ssl_ca_certs=str(tls.ca), ssl_check_hostname=True,
+                    socket_timeout=3).ping()
