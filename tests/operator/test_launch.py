@@ -278,3 +278,18 @@ def test_the_launch_lock_ignores_a_dead_holder_and_never_follows_a_symlink(tmp_p
     with pytest.raises(StorkError, match=rf"lock file {re.escape(str(path))} is a symlink or not a regular file"):
         launch.hold_launch_lock(cfg)
     assert target.read_text() == "keep"
+
+
+def test_make_run_with_sentinels_that_do_not_answer_starts_nothing(tmp_path):
+    """A replicated Redis is the operator's: with sentinels configured and none answering, the
+    launcher says so in one line and starts no local Redis (nor anything else)."""
+    file = tmp_path / "stork.toml"
+    file.write_text(f'[redis]\nsentinels = ["127.0.0.1:{free_port()}"]\nmaster_name = "stork"\n'
+                    '[paths]\nguests = "guests"\nlocks = "lock"\n')
+    env = {**os.environ, "STORK_CONFIG": str(file), "STORK_NODE": "solo"}
+    env.pop("STORK_REDIS_URL", None)
+    done = subprocess.run([sys.executable, "-m", "worker.run.launch"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "Redis master 'stork' (sentinels 127.0.0.1:" in done.stderr and "does not answer" in done.stderr
+    assert not (tmp_path / "var" / "redis").exists()

@@ -21,6 +21,8 @@ from datetime import datetime
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from drivers import config
 from drivers.config import Config
@@ -34,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def redis_answers(cfg: Config) -> bool:
     try:
-        return bool(connect.client(cfg.redis, connect.role("worker"), socket_connect_timeout=1).ping())
+        once = Retry(NoBackoff(), 0)  # a probe: one try, no riding out of a failover
+        return bool(connect.client(cfg.redis, connect.role("worker"), retry=once, socket_connect_timeout=1).ping())
     except redis.RedisError:
         return False
 
