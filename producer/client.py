@@ -41,10 +41,7 @@ EventHook = Callable[[dict[str, Any]], None]
 
 def job_guests(job: JobRecord) -> list[int]:
     """The guests a job acts on, from its params (source first)."""
-    p = job.params
-    found = [v for v in (p.get("vmid"), p.get("lock_vmid"), p.get("new_vmid")) if isinstance(v, int)]
-    owners = {plan.get("owner") for plan in (p.get("disks") or {}).values() if isinstance(plan, dict)}
-    return list(dict.fromkeys(found)) or sorted(v for v in owners if isinstance(v, int))
+    return records.guests_of(job.params)
 
 
 class JobTimeout(StorkError):
@@ -79,16 +76,13 @@ class Client:
     def jobs(self, limit: int = 50, state: str | None = None, kind: str | None = None, vmid: int | None = None,
              since: float | None = None) -> list[JobRecord]:
         """The most recent jobs, newest first (finished ones are kept for 30 days), filtered by
-        state, kind, a guest they act on, and creation time."""
+        state, kind, a guest they act on, and creation time. Read from the narrowest index the
+        filters name (a guest's, a kind's, a state's), so the cost follows the jobs shown, not
+        the jobs on record."""
+        index = records.guest_index(vmid) if vmid else records.kind_index(kind) if kind else \
+            records.state_index(state) if state else records.JOBS
         found: list[JobRecord] = []
-        filtered = bool(state or kind or vmid or since)
-        for job_id in records.recent_ids(self.r, 100_000 if filtered else limit):
-            try:
-                job = records.load(self.r, job_id)
-            except NotFound:
-                continue  # expired since it was listed
-            if since and job.created < since:
-                break  # newest first: the rest are older
+        for job in records.newest(self.r, index, since, page=max(limit, 50)):
             if (state and str(job.state) != state) or (kind and job.kind != kind) or \
                     (vmid and vmid not in job_guests(job)):
                 continue

@@ -23,7 +23,7 @@ from drivers.redis_settings import ROLES, RedisSettings
 
 # Keys a producer writes (records.py lists every key stork uses), and kombu's: a queue is a list
 # per priority level (`<queue>` and `<queue>\x06\x16<n>`), a binding the set `_kombu.binding.<exchange>`.
-PRODUCER_WRITES = ("stork:job:*", "stork:jobs", "stork:jobs:active", "stork:metrics:jobs", "stork:claims:*",
+PRODUCER_WRITES = ("stork:job:*", "stork:jobs", "stork:jobs:*", "stork:metrics:jobs", "stork:claims:*",
                    "stork:schedule:*",
                    "node.*", "shared*", "_kombu.binding.*")
 # A pop of any kind takes a message from a queue: a worker's act.

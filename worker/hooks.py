@@ -8,7 +8,7 @@ from typing import Any
 import structlog
 from celery import signals
 
-from worker import deadletter, failover, liveness, logs, recovery
+from worker import deadletter, failover, liveness, logs, records, recovery
 from worker.app import app, config, redis_client
 
 log = structlog.get_logger("stork.worker")
@@ -47,6 +47,7 @@ def _unbind_task(**_: Any) -> None:
 def _reconcile(**_: Any) -> None:
     cfg = config()
     liveness.start_heartbeat(redis_client())  # the main process too: it holds the pool's messages
+    records.index_all(redis_client())  # jobs recorded before the job indexes existed, once per cluster
     acted = recovery.reconcile(redis_client(), cfg.node)
     recovery.start_sweeper()
     log.info("worker_ready", node=cfg.node, reconciled=acted)

@@ -9,6 +9,13 @@ Redis keys used by stork (all of them; keep this list true):
     stork:events              pub/sub channel announcing every event, for live listeners
     stork:jobs                sorted set of all job ids, scored by creation time
     stork:jobs:active         set of job ids not yet succeeded, failed or cancelled
+    stork:jobs:ids            the same ids, all scored 0: ZRANGEBYLEX finds an id by its prefix
+    stork:jobs:state:<state>  job ids by state, scored by creation time (moved by each transition)
+    stork:jobs:kind:<kind>    job ids by kind, scored by creation time
+    stork:jobs:guest:<vmid>   job ids by a guest they act on, scored by creation time
+                              (the indexes lose ids with JOBS: trimmed at each create, RETENTION
+                              after creation, and an id whose record expired is dropped when met)
+    stork:jobs:indexed        set once every job on record is in the indexes above
     stork:claims:<storage>    hash volname -> job id: names a job is making, claimed before they
                               are created and until the job ends (worker/jobs/usage.py)
     stork:lock:<name>         lease of a shared-storage lock (redis-py Lock; value: its holder's token)
@@ -41,6 +48,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
@@ -51,11 +59,38 @@ from drivers.errors import NotFound, StorkError
 
 JOBS = "stork:jobs"
 ACTIVE = "stork:jobs:active"
+IDS = "stork:jobs:ids"
+INDEXED = "stork:jobs:indexed"
 ENDED = "stork:metrics:jobs"  # jobs that ended, counted by kind and state (worker/metrics.py)
 BACKUPS = "stork:metrics:backups"  # each guest's last backup that succeeded (worker/metrics.py)
 CHANNEL = "stork:events"
 STREAM_MAXLEN = 20000  # events kept per job (approximately): some 2.7 hours of copy progress
 RETENTION = 30 * 86400  # seconds a finished job's record and events are kept
+
+
+def state_index(state: str) -> str:
+    return f"stork:jobs:state:{state}"
+
+
+def kind_index(kind: str) -> str:
+    return f"stork:jobs:kind:{kind}"
+
+
+def guest_index(vmid: int) -> str:
+    return f"stork:jobs:guest:{vmid}"
+
+
+def guests_of(params: dict[str, Any]) -> list[int]:
+    """The guests a job acts on, from its params (source first)."""
+    found = [v for v in (params.get("vmid"), params.get("lock_vmid"), params.get("new_vmid")) if isinstance(v, int)]
+    owners = {plan.get("owner") for plan in (params.get("disks") or {}).values() if isinstance(plan, dict)}
+    return list(dict.fromkeys(found)) or sorted(v for v in owners if isinstance(v, int))
+
+
+def indexes_of(record: JobRecord) -> list[str]:
+    """The index sets a job is in besides its state's: its kind's and its guests'."""
+    params = record.params if isinstance(record.params, dict) else {}
+    return [kind_index(record.kind), *(guest_index(v) for v in guests_of(params))]
 
 
 def job_key(job_id: str) -> str:
@@ -130,13 +165,21 @@ def new_id() -> str:
 
 
 def create(r: redis.Redis, record: JobRecord, event: dict[str, Any]) -> None:
-    """Store a new job with its first event, in one transaction."""
+    """Store a new job with its first event and its index entries, in one transaction."""
     record.created = record.created or time.time()
     record.updated = record.updated or record.created  # a new job is not stale at birth
+    cutoff = record.created - RETENTION
+    expired = r.zrangebyscore(JOBS, "-inf", cutoff, start=0, num=1000)  # ids whose records expired
+    indexes = indexes_of(record)
     with r.pipeline() as p:
-        p.zremrangebyscore(JOBS, "-inf", record.created - RETENTION)  # ids whose records expired
+        if expired:
+            p.zrem(IDS, *expired)
+        for key in (JOBS, *indexes, *(state_index(s) for s in JobState)):
+            p.zremrangebyscore(key, "-inf", cutoff)
         p.hset(job_key(record.id), mapping=_encode(record.as_dict()))
-        p.zadd(JOBS, {record.id: record.created})
+        for key in (JOBS, *indexes, state_index(record.state)):
+            p.zadd(key, {record.id: record.created})
+        p.zadd(IDS, {record.id: 0})
         p.sadd(ACTIVE, record.id)
         p.xadd(events_key(record.id), {"event": json.dumps(event)}, maxlen=STREAM_MAXLEN, approximate=True)
         p.publish(CHANNEL, json.dumps(event))
@@ -179,7 +222,7 @@ def resolve(r: redis.Redis, prefix: str) -> str:
         raise NotFound(f"unknown job {prefix!r}")  # e.g. '<id>:events' would name another key
     if len(prefix) == ID_LENGTH or r.exists(job_key(prefix)):
         return prefix  # a whole id: load() says if it is unknown
-    matches = [j for j in r.zrange(JOBS, 0, -1) if j.startswith(prefix)]
+    matches = r.zrangebylex(IDS, f"[{prefix}", f"[{prefix}\xff", start=0, num=2)
     if len(matches) != 1:
         raise NotFound(f"unknown job {prefix!r}" if not matches else f"job id {prefix!r} is ambiguous")
     return matches[0]
@@ -193,7 +236,8 @@ def update(r: redis.Redis, job_id: str, **values: Any) -> None:
 # KEYS: job hash, active set, event stream, ended counts (every KEYS entry a key: ACLs check
 # them). The job id is the hash's name after "stork:job:". ARGV: allowed states (JSON), "1" when
 # the new state is terminal, events (JSON list of JSON strings), stream cap, guard (JSON,
-# see transition), then the fields to set.
+# see transition), the new state ("" to keep it; its index, stork:jobs:state:<state>, moves
+# with it), then the fields to set.
 _CAS = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return -1 end
@@ -205,7 +249,13 @@ if guard.undone and #cjson.decode(redis.call('HGET', KEYS[1], 'undone')) ~= guar
 if guard.owner and (current == 'null' or cjson.decode(current).worker ~= guard.owner) then return 0 end
 for _, allowed in ipairs(cjson.decode(ARGV[1])) do
   if allowed == state then
-    if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+    if #ARGV > 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 7)) end
+    if ARGV[6] ~= '' and ARGV[6] ~= state then
+      local id = string.sub(KEYS[1], """ + str(len(job_key("")) + 1) + """)
+      local created = tonumber(redis.call('HGET', KEYS[1], 'created')) or 0
+      redis.call('ZREM', '""" + state_index("") + """' .. state, id)
+      redis.call('ZADD', '""" + state_index("") + """' .. ARGV[6], created, id)
+    end
     if ARGV[2] == '1' then
       redis.call('SREM', KEYS[2], string.sub(KEYS[1], """ + str(len(job_key("")) + 1) + """))
       local ok, kind = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'kind') or 'null')
@@ -253,6 +303,7 @@ def transition(
         json.dumps([json.dumps(e) for e in events]),
         STREAM_MAXLEN,
         json.dumps(guard or {}),
+        str(to) if to is not None else "",
         *pairs,
     ]
     keys = [job_key(job_id), ACTIVE, events_key(job_id), ENDED]
@@ -285,6 +336,40 @@ def active_ids(r: redis.Redis) -> list[str]:
 
 def recent_ids(r: redis.Redis, limit: int = 50) -> list[str]:
     return list(reversed(r.zrange(JOBS, -limit, -1)))
+
+
+def newest(r: redis.Redis, index: str = JOBS, since: float | None = None, page: int = 200) -> Iterator[JobRecord]:
+    """The records of an index's jobs (JOBS, or a state, kind or guest index), newest first,
+    created at `since` or later, read a page at a time; an id whose record expired is dropped."""
+    low = since if since is not None else "-inf"
+    offset = 0
+    while ids := r.zrevrangebyscore(index, "+inf", low, start=offset, num=page):
+        offset += len(ids)
+        found = load_many(r, ids)
+        if len(found) < len(ids):
+            gone = set(ids) - {job.id for job in found}
+            r.zrem(index, *gone)
+            offset -= len(gone)
+        yield from found
+
+
+def index_all(r: redis.Redis, page: int = 500) -> int:
+    """Put every job on record into the indexes (those made before the indexes existed); once,
+    then INDEXED says so. How many were indexed."""
+    if r.exists(INDEXED):
+        return 0
+    count = 0
+    for offset in range(0, r.zcard(JOBS), page):
+        jobs = load_many(r, r.zrange(JOBS, offset, offset + page - 1))
+        with r.pipeline(transaction=False) as p:
+            for job in jobs:
+                for key in (*indexes_of(job), state_index(job.state)):
+                    p.zadd(key, {job.id: job.created})
+                p.zadd(IDS, {job.id: 0})
+            p.execute()
+        count += len(jobs)
+    r.set(INDEXED, "1")
+    return count
 
 
 def task_label(job: JobRecord) -> str:

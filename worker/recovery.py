@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -29,7 +30,7 @@ import structlog
 from drivers import transfer
 from drivers.errors import StorkError
 from worker import records
-from worker.app import app, redis_client
+from worker.app import app, config, redis_client
 from worker.broker import Pending, pending_messages
 from worker.jobs import params, usage
 from worker.jobs.kinds import KINDS
@@ -94,12 +95,7 @@ def reconcile(r: redis.Redis, node: str | None = None) -> list[str]:
     """Recover what needs a hand (see the module docstring); with `node` (a worker starting),
     held jobs of that node only. Returns the ids it acted on."""
     acted, idle, held = [], [], []
-    for job_id in records.active_ids(r):
-        try:
-            job = records.load(r, job_id)
-        except (StorkError, KeyError, IndexError, TypeError, ValueError) as e:  # one odd record stops no sweep
-            log.warning("sweep_skipped_job", job_id=job_id, error=repr(e))
-            continue
+    for job in _active_jobs(r):
         current = job.current or {}
         holder = current.get("worker")
         if holder is None:
@@ -116,6 +112,24 @@ def reconcile(r: redis.Redis, node: str | None = None) -> list[str]:
         except (StorkError, KeyError, IndexError, TypeError, ValueError) as e:
             log.warning("sweep_skipped_job", job_id=job.id, error=repr(e))
     return acted + _nudge(r, idle)
+
+
+def _active_jobs(r: redis.Redis, page: int = 200) -> Iterator[JobRecord]:
+    """Every active job's record, a page per round trip; a record that cannot be read is
+    skipped and logged (one odd record stops no sweep)."""
+    ids = records.active_ids(r)
+    for start in range(0, len(ids), page):
+        chunk = ids[start:start + page]
+        try:
+            yield from records.load_many(r, chunk)
+            continue
+        except StorkError:
+            pass  # one record of the page is odd: read them one by one to skip only it
+        for job_id in chunk:
+            try:
+                yield records.load(r, job_id)
+            except (StorkError, KeyError, IndexError, TypeError, ValueError) as e:
+                log.warning("sweep_skipped_job", job_id=job_id, error=repr(e))
 
 
 def _not_redelivered(r: redis.Redis, held: list[JobRecord]) -> list[JobRecord]:
@@ -205,7 +219,7 @@ def sweep() -> list[str]:
     """Recover jobs anywhere in the cluster, so none waits for its node's worker to restart;
     drop name claims of jobs that ended without releasing them."""
     r = redis_client()
-    usage.prune_claims(r)
+    usage.prune_claims(r, config().storages)
     return reconcile(r)
 
 
@@ -229,7 +243,7 @@ def end_exports_of_failed_jobs(r: redis.Redis) -> int:
     acts only on the very process the record names, so another node's record is a no-op).
     Returns how many it stopped."""
     stopped = 0
-    for job_id in records.active_ids(r):
+    for job_id in r.zrange(records.state_index(JobState.UNDOING), 0, -1):  # the few being undone, not every job
         try:
             job = records.load(r, job_id)
             if job.state != JobState.UNDOING:

@@ -15,6 +15,8 @@ made that volume before its process died.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import redis
 
 from drivers import names
@@ -127,14 +129,18 @@ def release_claims(r: redis.Redis, job: JobRecord) -> None:
     _drop(r, [(_claims_key(v.storage), v.volname, job.id) for v in vids])
 
 
-def prune_claims(r: redis.Redis) -> int:
+def prune_claims(r: redis.Redis, storages: Iterable[str]) -> int:
     """Drop claims of jobs that have ended (a process died between a job's end and its
-    release_claims); run by the sweep. The claims are read before the active set: a job is
-    active before it claims anything, so a claim whose job is not active then is stale."""
-    stale = []
-    for key in r.scan_iter(match=_claims_key("*"), count=100):
-        claims = r.hgetall(key)
-        active = set(records.active_ids(r))
-        stale += [(key, volname, job_id) for volname, job_id in claims.items() if job_id not in active]
+    release_claims) on these storages; run by the sweep. The claims are read before the active
+    set: a job is active before it claims anything, so a claim whose job is not active then is
+    stale. (One hash per storage, read by name: no scan of the keyspace, which holds every job.)"""
+    keys = [_claims_key(sid) for sid in storages]
+    with r.pipeline(transaction=False) as p:
+        for key in keys:
+            p.hgetall(key)
+        claimed = p.execute()
+    active = set(records.active_ids(r))
+    stale = [(key, volname, job_id) for key, claims in zip(keys, claimed, strict=True)
+             for volname, job_id in claims.items() if job_id not in active]
     _drop(r, stale)
     return len(stale)
