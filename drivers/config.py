@@ -55,7 +55,6 @@ content = ["backup"]
 @dataclass(frozen=True)
 class Config:
     file: Path
-    redis_url: str
     guests_dir: Path
     locks_dir: Path
     lock_timeout: float
@@ -68,8 +67,13 @@ class Config:
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9840
     flower_basic_auth: str = field(default="", repr=False)
-    # [redis]: sentinels, a Redis user per role, TLS (drivers/redis_settings.py); redis_url is its url
+    # [redis]: its url, or sentinels; a Redis user per role; TLS (drivers/redis_settings.py)
     redis: RedisSettings = field(default_factory=RedisSettings)
+
+    @property
+    def redis_url(self) -> str:
+        """The one Redis's URL (redis.url, or STORK_REDIS_URL); unused where sentinels are named."""
+        return self.redis.url
     # [schedule.<name>] tables as checked here, each with its action ("backup" where none is given),
     # and [sync.<name>] ones as "sync.<name>" (action "sync", storage: from, target: to); their
     # crontab lines are parsed by worker/jobs/schedules.py
@@ -518,7 +522,6 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
                           "(a volume would have two ids; give each storage its own pool or namespace)")
     return Config(
         file=file,
-        redis_url=redis.url,
         redis=redis,
         guests_dir=guests_dir,
         locks_dir=locks_dir,

@@ -89,7 +89,8 @@ SCHEMA: dict[str, Check] = {
     "users": (lambda v: isinstance(v, dict), "[redis.users.<role>] tables"),
 }
 LOGIN_SCHEMA: dict[str, Check] = {
-    "user": (_text, "a Redis user name"),
+    "user": (lambda v: isinstance(v, str) and bool(v) and v.isascii() and all(c.isalnum() or c in "._@-" for c in v),
+             "a Redis user name (letters, digits, . _ @ -)"),
     "password": (_text, "a password"),
     "password_file": (_text, "a file path"),
 }
@@ -106,7 +107,8 @@ class Login:
 
 @dataclass(frozen=True)
 class RedisSettings:
-    url: str = DEFAULT_URL  # the one Redis, when there are no sentinels
+    # the one Redis, when there are no sentinels; it may hold a password: no repr
+    url: str = field(default=DEFAULT_URL, repr=False)
     sentinels: tuple[tuple[str, int], ...] = ()
     master_name: str = ""
     db: int = 0
@@ -175,7 +177,10 @@ def validate(file: Path, table: Any) -> None:
             raise ConfigError(f"{file}: redis.url and redis.sentinels both set: Redis is one or the other")
         if "master_name" not in table:
             raise ConfigError(f"{file}: redis.master_name is missing (the sentinels need the master's name)")
-    else:
+    tls = table.get("tls", False) if "sentinels" in table else urlsplit(table.get("url", "")).scheme == "rediss"
+    if "ca_file" in table and not tls:
+        raise ConfigError(f"{file}: redis.ca_file: only with TLS (a rediss:// url, or tls = true beside sentinels)")
+    if "sentinels" not in table:
         for key in ("master_name", "db", "tls", "sentinel_user", "sentinel_password", "sentinel_password_file"):
             if key in table:
                 raise ConfigError(f"{file}: redis.{key}: only with redis.sentinels "
@@ -221,10 +226,13 @@ def parse(file: Path, table: Mapping[str, Any], env: Mapping[str, str], path: Ca
     inline += ["redis.sentinel_password"] if "sentinel_password" in table else []
     inline += ["redis.url"] if urlsplit(table.get("url", "")).password else []
     sentinels = tuple((h, int(p)) for h, _, p in (s.partition(":") for s in table.get("sentinels", ())))
+    if env.get("STORK_REDIS_URL"):  # one Redis: its URL's scheme says whether it is TLS
+        sentinels = ()
+    tls = table.get("tls", False) if sentinels else urlsplit(url).scheme == "rediss"
     return RedisSettings(
-        url=url, sentinels=() if env.get("STORK_REDIS_URL") else sentinels, master_name=table.get("master_name", ""),
-        db=table.get("db", 0), tls=table.get("tls", False),
-        ca_file=path(table["ca_file"]) if "ca_file" in table else None,
+        url=url, sentinels=sentinels, master_name=table.get("master_name", ""),
+        db=table.get("db", 0), tls=tls,
+        ca_file=path(table["ca_file"]) if "ca_file" in table and tls else None,
         logins={role: _login(file, f"redis.users.{role}", entry, path) for role, entry in users.items()},
         sentinel_login=_login(file, "redis", table, path, "sentinel_user", "sentinel_password"),
         wait_replicas=table.get("wait_replicas", 0), inline_secrets=tuple(inline),

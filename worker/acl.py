@@ -21,26 +21,33 @@ import hashlib
 from drivers.errors import ConfigError
 from drivers.redis_settings import ROLES, RedisSettings
 
-# Keys a producer writes (records.py lists every key stork uses), and kombu's: a queue is a list
-# per priority level (`<queue>` and `<queue>\x06\x16<n>`), a binding the set `_kombu.binding.<exchange>`.
-PRODUCER_WRITES = ("stork:job:*", "stork:jobs", "stork:jobs:*", "stork:metrics:jobs", "stork:claims:*",
-                   "stork:schedule:*",
-                   "node.*", "shared*", "_kombu.binding.*")
+# Keys a producer writes (records.py lists every key stork uses). A key pattern grants its access
+# whole: an update (a Lua transition) needs one that reads and writes (~), not a read-everything
+# pattern plus a write-only one.
+PRODUCER_WRITES = ("stork:job:*", "stork:jobs", "stork:jobs:*", "stork:metrics:jobs", "stork:claims:*")
+# kombu's keys: a queue is a list per priority level (`<queue>` and `<queue>\x06\x16<n>`), a binding
+# the set `_kombu.binding.<exchange>`. A producer pushes a message, takes its own back (withdraw)
+# and declares a binding: nothing else, by a selector of its own (no DEL, LTRIM, RENAME, pop).
+QUEUE_SELECTOR = "(~node.* ~shared* ~_kombu.binding.* +lpush +lrem +sadd)"
 # A pop of any kind takes a message from a queue: a worker's act.
 POPS = ("brpop", "blpop", "rpop", "lpop", "brpoplpush", "rpoplpush", "lmove", "blmove", "lmpop", "blmpop")
-# Flower's inspect: it waits for the workers' replies on a queue of its own.
-FLOWER_WRITES = ("_kombu.binding.*", "*.reply.celery.pidbox*")
+# Channels a producer publishes or listens on: stork's events and Celery's task events, never
+# Celery's control channel (pidbox: shutdown, revoke, pool restarts).
+PRODUCER_CHANNELS = ("stork:events", "/*.celeryev/*")
+# Flower's inspect waits for the workers' replies on a queue of its own, and kombu takes its
+# restore mutex; a restore of old unacked messages beyond that is refused to it (and only logged).
+FLOWER_WRITES = ("_kombu.binding.*", "*.reply.celery.pidbox*", "unacked_mutex")
 
 RULES: dict[str, tuple[str, ...]] = {
     "worker": ("resetkeys", "~*", "resetchannels", "&*", "+@all", "-@dangerous", "+info"),
-    # a key pattern grants its access whole: an update (a Lua transition, a pop) needs one that reads and
-    # writes (~), not a read-everything pattern plus a write-only one
-    "producer": ("resetkeys", "%R~*", *(f"~{pattern}" for pattern in PRODUCER_WRITES), "resetchannels", "&*",
-                 "-@all", "+@read", "+@write", "+@connection", "+@pubsub", "+@scripting", "+@transaction",
-                 "-@dangerous", *(f"-{cmd}" for cmd in POPS)),
+    "producer": ("resetkeys", "%R~*", *(f"~{pattern}" for pattern in PRODUCER_WRITES), "resetchannels",
+                 *(f"&{channel}" for channel in PRODUCER_CHANNELS), "-@all", "+@read", "+@write", "+@connection",
+                 "+@pubsub", "+@scripting", "+@transaction", "-@dangerous", *(f"-{cmd}" for cmd in POPS),
+                 QUEUE_SELECTOR),
+    # Flower's inspect and its control commands share one channel: the operator's Flower can send both
     "operator": ("resetkeys", "%R~*", *(f"~{pattern}" for pattern in FLOWER_WRITES), "resetchannels", "&*",
-                 "-@all", "+@read", "+@connection", "+@pubsub", "-@dangerous",
-                 "+sadd", "+srem", "+brpop", "+lpush", "+del", "+expire"),
+                 "-@all", "+@read", "+@connection", "+@pubsub", "+@transaction", "-@dangerous",
+                 "+sadd", "+srem", "+brpop", "+lpush", "+del", "+expire", "+set"),
 }
 
 

@@ -38,8 +38,8 @@ from worker.queues import SHARED_QUEUE
 log = structlog.get_logger("stork.config")
 
 # what the Celery app, the Redis client and the worker's queues are built from at start
-FIXED_FIELDS = ("redis_url", "redis", "node", "worker_concurrency", "visibility_timeout")
-RESTART_KEYS = tuple(config_module.FIELD_KEYS[name] for name in FIXED_FIELDS)
+FIXED_FIELDS = ("redis", "node", "worker_concurrency", "visibility_timeout")
+RESTART_KEYS = ("redis.url", *(config_module.FIELD_KEYS[name] for name in FIXED_FIELDS))
 
 Stamp = tuple[int, int, int] | None  # the file's (st_mtime_ns, st_size, st_ino); None: cannot stat it
 

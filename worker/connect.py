@@ -17,7 +17,6 @@ A process's role comes from STORK_ROLE, else from what the process is: a worker 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import ssl
@@ -88,8 +87,11 @@ class MasterPool(SentinelConnectionPool):
         now = time.monotonic()
         if now - self._asked > DISCOVERY_INTERVAL:
             self._asked = now
-            with contextlib.suppress(redis.RedisError):  # no sentinel answers: the connect says so
+            try:
                 self.get_master_address()  # a new master: idle connections are dropped
+            except redis.RedisError:  # none named a master now: the connect says so if it matters
+                if time.monotonic() - now > SENTINEL_TIMEOUT:  # they did not even answer: do not
+                    self._asked = now + SENTINELS_AWAY  # stall every command on them, ask in a while
         connection = super().get_connection(*args, **kwargs)
         if self.master_address and (connection.host, connection.port) != self.master_address:
             connection.disconnect()  # reconnects to the master on its first command
@@ -97,6 +99,8 @@ class MasterPool(SentinelConnectionPool):
 
 
 log = structlog.get_logger("stork.connect")
+SENTINELS_AWAY = 10.0  # seconds before a client that found no sentinel asks again while it runs
+SENTINEL_TIMEOUT = 1.0  # a sentinel answers from memory: one that takes longer is away
 DISCOVERY_INTERVAL = 1.0  # seconds a client goes on with the master it knows before asking the sentinels again
 SOCKET_TIMEOUT = 10.0  # above any blocking read stork or kombu makes (1-2 s), far below a step
 CONNECT_TIMEOUT = 5.0
@@ -125,7 +129,7 @@ def _keepalive() -> dict[int, int]:
 def _tls(settings: RedisSettings) -> dict[str, Any]:
     """redis-py's TLS arguments: the server's certificate checked against the CA file (or the
     system's CAs), and its host name."""
-    if not (settings.tls or (urlsplit(settings.url).scheme == "rediss" and not settings.sentinels)):
+    if not (settings.tls if settings.sentinels else urlsplit(settings.url).scheme == "rediss"):
         return {}
     found: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True}
     if settings.ca_file:
@@ -162,7 +166,8 @@ def client(settings: RedisSettings, role_name: str, retry: Retry | None = None, 
     if not settings.sentinels:
         options.pop("ssl", None)  # rediss:// says so, and picks the connection class
         return redis.Redis.from_url(settings.url, **options)
-    sentinel_options = {k: v for k, v in client_options(settings).items() if k != "health_check_interval"}
+    sentinel_options = {**{k: v for k, v in client_options(settings).items() if k != "health_check_interval"},
+                        "socket_timeout": SENTINEL_TIMEOUT, "socket_connect_timeout": SENTINEL_TIMEOUT}
     sentinels = Sentinel(list(settings.sentinels),
                          sentinel_kwargs={**sentinel_options, **sentinel_auth(settings)},
                          **{k: v for k, v in options.items() if k.startswith(("socket_", "ssl"))})
@@ -215,29 +220,36 @@ def celery_settings(settings: RedisSettings, role_name: str, visibility_timeout:
     return found
 
 
-def write_replicated(r: redis.Redis, settings: RedisSettings, write: Callable[[], None],
+def write_replicated(r: redis.Redis, settings: RedisSettings, write: Callable[[redis.Redis], object],
                      patience: float = REPLICATION_PATIENCE) -> bool:
     """Do `write` so that a failover does not take it back. Redis replicates asynchronously,
     and a master being replaced still takes writes until it is demoted: what it took then is
-    lost. So after `write`, WAIT until `redis.wait_replicas` replicas hold it, and while they
-    do not, `write` again (it must be idempotent), landing on whichever master the sentinels
-    name by then. False (and logged) when `patience` ran out first; the write stands on the
-    master it reached."""
-    write()
+    lost. So `write` (one command, idempotent: a Lua script) is sent on a connection of its
+    own, and WAIT on that same connection, with no retry (WAIT counts only the writes of its
+    connection: a retry on a new one would count nothing and say yes), until `redis.wait_replicas`
+    replicas hold it; while they do not, or anything fails, `write` again, landing on whichever
+    master the sentinels name by then. False (and logged) when `patience` ran out first; the
+    write stands on the master it reached."""
     if not settings.wait_replicas:
+        write(r)
         return True
     deadline = time.monotonic() + patience
     while True:
+        pinned = redis.Redis(connection_pool=r.connection_pool, single_connection_client=True)
+        acked: int | None = None
+        error = ""
         try:
-            acked = int(r.execute_command("WAIT", settings.wait_replicas, WAIT_TIMEOUT_MS))
+            write(pinned)
+            connection = pinned.connection
+            connection.send_command("WAIT", settings.wait_replicas, WAIT_TIMEOUT_MS)
+            acked = int(connection.read_response())
             if acked >= settings.wait_replicas:
                 return True
-        except redis.RedisError as e:
-            acked, error = None, str(e)
-        else:
-            error = ""
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            error = str(e)
+        finally:
+            pinned.close()
         if time.monotonic() > deadline:
             log.warning("write_not_replicated", replicas=acked, wanted=settings.wait_replicas, error=error)
             return False
         time.sleep(0.5)
-        write()

@@ -6,7 +6,8 @@ reconnects, and the sentinels name the new master. A master whose host stops ans
 kernel still answers for the socket: the consumer waits on its BRPOP for ever, and the node
 takes no step again (celery#6348, celery#10096). So a consumer bootstep asks the sentinels
 every WATCH_INTERVAL seconds who the master is; a consumer connection to any other host is
-shut down, which the consumer sees as a lost connection, and it reconnects to the master.
+shut down, and a connection error raised out of the event loop's timer makes Celery restart
+the consumer (Celery propagates connection errors out of its loop), which reconnects to the master.
 Sending a message rides out a failover too (`AMQP`).
 """
 
@@ -65,16 +66,25 @@ class AMQP(amqp.AMQP):
                 while True:
                     try:
                         return send(producer, name, message, **options)
-                    except (OperationalError, redis.RedisError, AttributeError) as e:
+                    # a lost connection, NOREPLICAS, kombu's closed channel; never a refusal (NOPERM, WRONGTYPE)
+                    except (OperationalError, redis.ConnectionError, redis.TimeoutError, AttributeError) as e:
                         if time.monotonic() > deadline:
                             raise
                         log.warning("send_retried", task=name, error=str(e) or type(e).__name__)
                     time.sleep(pause)
                     pause = min(pause * 2, 2.0)
-                    self.app._after_fork()  # new connection and producer pools: the old ones may hold dead channels
+                    self._fresh_pools()
                     producer = fresh.enter_context(self.app.producer_or_acquire())
 
         return send_patiently
+
+    def _fresh_pools(self) -> None:
+        """New connection and producer pools: the old ones may hold dead channels. Closed, not
+        just dropped (Celery's own after-fork reset would also fire its signal)."""
+        with contextlib.suppress(Exception):
+            self.app.pool.force_close_all()
+        self.app._pool = None
+        self._producer_pool = None
 
 
 SEND_PATIENCE = 30.0  # seconds a message is sent again while Redis fails over
@@ -98,7 +108,7 @@ class MasterWatch(bootsteps.StartStopStep):
             return
         sentinel_options = {k: v for k, v in connect.client_options(settings).items() if k != "health_check_interval"}
         sentinels = Sentinel(list(settings.sentinels),
-                             sentinel_kwargs={**sentinel_options, "socket_timeout": 1.0,
+                             sentinel_kwargs={**sentinel_options, "socket_timeout": 1.0, "socket_connect_timeout": 1.0,
                                               **connect.sentinel_auth(settings)})
         channel = c.task_consumer.channel
 
@@ -107,10 +117,13 @@ class MasterWatch(bootsteps.StartStopStep):
                 master = sentinels.discover_master(settings.master_name)
             except redis.RedisError:
                 return  # no sentinel knows a master now: nothing to move to
-            for connection in stale_connections(channel, master):
+            stale = stale_connections(channel, master)
+            for connection in stale:
                 log.warning("consumer_master_replaced", old=f"{connection.host}:{connection.port}",
                             master=f"{master[0]}:{master[1]}")
                 cut(connection)
+            if stale:  # a connection error out of a timer ends the event loop: the consumer reconnects
+                raise redis.ConnectionError(f"the master moved to {master[0]}:{master[1]}")
 
         self.timer = c.timer.call_repeatedly(WATCH_INTERVAL, check)
 

@@ -164,25 +164,40 @@ def new_id() -> str:
     return uuid.uuid4().hex[:ID_LENGTH]
 
 
+# KEYS: job hash, event stream, JOBS, IDS, ACTIVE, then the indexes the job is in (its state's
+# first). ARGV: job id, created, cutoff (older ids leave the lists), event, stream cap, then the
+# record's fields. Nothing happens where the record exists already: writing it again is a no-op.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[3], 'LIMIT', 0, 1000)
+if #expired > 0 then redis.call('ZREM', KEYS[4], unpack(expired)) end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[3])
+for i = 6, #KEYS do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[3]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+for i = 6, #KEYS do redis.call('ZADD', KEYS[i], ARGV[2], ARGV[1]) end
+redis.call('ZADD', KEYS[4], 0, ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[4])
+redis.call('PUBLISH', '""" + CHANNEL + """', ARGV[4])
+return 1
+"""
+
+
 def create(r: redis.Redis, record: JobRecord, event: dict[str, Any]) -> None:
-    """Store a new job with its first event and its index entries, in one transaction."""
+    """Store a new job with its first event and its index entries: one Lua script, so one
+    command (what `WAIT` after it covers), and a no-op where the record exists already."""
     record.created = record.created or time.time()
     record.updated = record.updated or record.created  # a new job is not stale at birth
-    cutoff = record.created - RETENTION
-    expired = r.zrangebyscore(JOBS, "-inf", cutoff, start=0, num=1000)  # ids whose records expired
-    indexes = indexes_of(record)
-    with r.pipeline() as p:
-        if expired:
-            p.zrem(IDS, *expired)
-        for key in (JOBS, *indexes, *(state_index(s) for s in JobState)):
-            p.zremrangebyscore(key, "-inf", cutoff)
-        p.hset(job_key(record.id), mapping=_encode(record.as_dict()))
-        for key in (JOBS, *indexes, state_index(record.state)):
-            p.zadd(key, {record.id: record.created})
-        p.zadd(IDS, {record.id: 0})
-        p.sadd(ACTIVE, record.id)
-        p.xadd(events_key(record.id), {"event": json.dumps(event)}, maxlen=STREAM_MAXLEN, approximate=True)
-        p.publish(CHANNEL, json.dumps(event))
+    # the job's state index first, then the other states' (trimmed only), then its kind's and guests'
+    states = [state_index(record.state), *(state_index(s) for s in JobState if s != record.state)]
+    keys = [job_key(record.id), events_key(record.id), JOBS, IDS, ACTIVE, states[0], *indexes_of(record)]
+    pairs = [x for kv in _encode(record.as_dict()).items() for x in kv]
+    args = [record.id, record.created, record.created - RETENTION, json.dumps(event), STREAM_MAXLEN, *pairs]
+    _script(r, "_stork_create", _CREATE)(keys=keys, args=args)
+    with r.pipeline(transaction=False) as p:  # the other states' lists lose their expired ids too
+        for key in states[1:]:
+            p.zremrangebyscore(key, "-inf", record.created - RETENTION)
         p.execute()
 
 
@@ -307,18 +322,19 @@ def transition(
         *pairs,
     ]
     keys = [job_key(job_id), ACTIVE, events_key(job_id), ENDED]
-    result = _cas_script(r)(keys=keys, args=args)
+    result = _script(r, "_stork_cas", _CAS)(keys=keys, args=args)
     if result == -1:
         raise NotFound(f"unknown job {job_id!r}")
     if result == 0:
         raise StateConflict(f"job {job_id} is no longer {' or '.join(allowed)}" + (f" ({guard})" if guard else ""))
 
 
-def _cas_script(r: redis.Redis) -> Any:
-    script = getattr(r, "_stork_cas", None)
+def _script(r: redis.Redis, name: str, source: str) -> Any:
+    """A Lua script registered once per client (kept on it as `name`)."""
+    script = getattr(r, name, None)
     if script is None:
-        script = r.register_script(_CAS)
-        r._stork_cas = script  # type: ignore[attr-defined]
+        script = r.register_script(source)
+        setattr(r, name, script)
     return script
 
 

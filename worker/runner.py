@@ -62,7 +62,7 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis,
     )
     queued = events.make(record.id, kind.name, "queued", state=JobState.QUEUED, steps=record.steps)
     # replicated before the job is sent or its id shown: a failover must not take back a job a user was told of
-    connect.write_replicated(r, cfg.redis, lambda: records.create(r, record, queued))
+    connect.write_replicated(r, cfg.redis, lambda client: records.create(client, record, queued))
     send_steps(record, record.done, sender)
     return record
 
@@ -92,15 +92,15 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     turn = {"done": index, **({"owner": holder} if holder else {"idle": True})}
     _refuse_or_cancel(r, job, kind, index, turn)
     with liveness.working_on(r, job_id):  # from before its start is recorded to after its end
-        attempt = _start_step(r, job, kind, index, cfg.node, me, turn, _task_of(task))
+        attempt = _start_step(r, cfg, job, kind, index, me, turn, _task_of(task))
         ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=kind.steps[index].name, worker=me,
                           kinds=KINDS, attempt=attempt, task=task)
         _run(ctx, kind, index)
-        finish = lambda: _finish_step(r, job, kind, index, cfg.node, me)  # noqa: E731
+        finish = lambda client: _finish_step(client, job, kind, index, cfg.node, me)  # noqa: E731
         if kind.steps[index].commit:  # its record must outlive a failover, or the step runs again
             connect.write_replicated(r, cfg.redis, finish)
         else:
-            finish()
+            finish(r)
 
 
 def _job_at_step(r: redis.Redis, job_id: str, index: int) -> JobRecord | None:
@@ -175,26 +175,36 @@ def _task_of(task: Task) -> dict[str, str]:
     return {"task": request.id, "hostname": request.hostname} if request.id and request.hostname else {}
 
 
-def _start_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node: str, me: str,
+def _start_step(r: redis.Redis, cfg: Config, job: JobRecord, kind: JobKind, index: int, me: str,
                 turn: dict[str, Any], task: dict[str, str]) -> int:
-    """Record that this process runs the step (if it is still its turn); the attempt number."""
-    step = kind.steps[index]
+    """Record that this process runs the step (if it is still its turn); the attempt number.
+    A commit step's start is replicated first: lost in a failover, it would let a second
+    worker take the step's message again and run the commit beside this one."""
+    step, node = kind.steps[index], cfg.node
     attempt = job.attempts.get(str(index), 0) + 1
     job.attempts[str(index)] = attempt
     job.ran_on[step.name] = node
     job.current = {"step": index, "name": step.name, "node": node, "worker": me, "attempt": attempt,
                    "parent": liveness.parent_id(), "since": time.time(), **task}
     structlog.contextvars.bind_contextvars(job_id=job.id, kind=kind.name, step=step.name, node=node)
-    try:
-        records.transition(
-            r, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.RUNNING, guard=turn,
-            events=[events.make(job.id, kind.name, "start", step=step.name, node=node, attempt=attempt)],
-            current=job.current, attempts=job.attempts, ran_on=job.ran_on, started=job.started or time.time(),
-        )
-    except StateConflict:
-        if (records.load(r, job.id).current or {}).get("worker") != me:
-            raise Ignore() from None  # another process took it first
-        # else our start went through and only its reply was lost (a retry after a Redis blip)
+    started = job.started or time.time()
+
+    def start(client: redis.Redis) -> None:  # the same values each time: writing it again is a no-op
+        try:
+            records.transition(
+                client, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.RUNNING, guard=turn,
+                events=[events.make(job.id, kind.name, "start", step=step.name, node=node, attempt=attempt)],
+                current=job.current, attempts=job.attempts, ran_on=job.ran_on, started=started,
+            )
+        except StateConflict:
+            if (records.load(client, job.id).current or {}).get("worker") != me:
+                raise Ignore() from None  # another process took it first
+            # else our start went through and only its reply was lost (a retry after a Redis blip)
+
+    if step.commit:
+        connect.write_replicated(r, cfg.redis, start)
+    else:
+        start(r)
     if attempt > MAX_ATTEMPTS:
         start_undo(r, job, index, JobState.FAILED, f"step {step.name} was interrupted {attempt - 1} times",
                    {"owner": me})

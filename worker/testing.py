@@ -132,9 +132,11 @@ class Worker:
 
 class SentinelGroup:
     """A replicated Redis on loopback as production runs it: a master and `replicas` replicas
-    (append-only, each write refused unless one replica has it), watched by three sentinels
-    that fail the master over one second after it stops answering. Members keep their port
-    for life; `master()` says which one is the master now."""
+    (append-only), watched by three sentinels that fail the master over one second after it
+    stops answering. Members keep their port for life; `master()` says which one is the
+    master now. (No min-replicas-to-write: stork WAITs for a replica where it matters, and a
+    new master refusing every write until its replicas resync only makes Celery's consumers
+    restart in a storm.)"""
 
     NAME = "stork"
 
@@ -144,13 +146,12 @@ class SentinelGroup:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.dir = data_dir
         ports = [free_port() for _ in range(replicas + 1)]
-        safety = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10")
         self.members: dict[int, RedisServer] = {}
         for i, port in enumerate(ports):
             home = data_dir / f"redis-{port}"
             home.mkdir(parents=True, exist_ok=True)
             follow = ("--replicaof", "127.0.0.1", str(ports[0])) if i else ()
-            self.members[port] = RedisServer(port, home, durable=True, extra=(*follow, *safety))
+            self.members[port] = RedisServer(port, home, durable=True, extra=follow)
         self.sentinels: dict[int, subprocess.Popen[bytes]] = {}
         for _ in range(sentinels):
             port = free_port()

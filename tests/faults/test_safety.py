@@ -358,7 +358,7 @@ def test_a_client_with_another_config_sends_its_steps_to_that_configs_redis(clie
 
     other = RedisServer(free_port(), tmp_path)
     try:
-        mine = Client(replace(client.cfg, redis_url=f"redis://127.0.0.1:{other.port}/0"))
+        mine = Client(replace(client.cfg, redis=replace(client.cfg.redis, url=f"redis://127.0.0.1:{other.port}/0")))
         job = mine.submit("ping", node="node2")
         assert other.client.exists(records.job_key(job.id)) and other.client.llen("shared") == 1
         assert not client.r.exists(records.job_key(job.id))

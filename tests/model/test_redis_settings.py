@@ -147,3 +147,26 @@ def test_acl_lines_need_users_and_hold_only_hashes():
     lines = acl.user_lines(parse('[redis.users.producer]\nuser = "p"\npassword = "pw"\n').redis)
     assert lines[0].startswith("user p on #") and "pw " not in lines[0] and lines[-1] == "user default off"
     assert all(os.linesep not in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[redis]\nurl = "redis://h:1/0"\nca_file = "ca.pem"\n', r"redis.ca_file: only with TLS \(a rediss:// url"),
+        (SENTINELS + 'ca_file = "ca.pem"\n', r"redis.ca_file: only with TLS"),
+        ('[redis.users.worker]\nuser = "x nopass ~* +@all"\n',
+         r"redis.users.worker.user = .*expected a Redis user name"),
+    ],
+)
+def test_settings_that_would_be_ignored_or_inject_acl_rules_are_refused(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(text)
+
+
+def test_the_environments_url_takes_tls_from_its_scheme_and_the_url_stays_out_of_repr():
+    text = SENTINELS + 'tls = true\nca_file = "ca.pem"\n'
+    plain = parse(text, {"STORK_NODE": "n", "STORK_REDIS_URL": "redis://:pw@127.0.0.1:7/0"})
+    assert not plain.redis.tls and plain.redis.ca_file is None and "ssl" not in connect.client_options(plain.redis)
+    assert "pw" not in repr(plain.redis) and "broker_use_ssl" not in connect.celery_settings(plain.redis, "worker", 600)
+    secure = parse(text, {"STORK_NODE": "n", "STORK_REDIS_URL": "rediss://127.0.0.1:7/0"})
+    assert secure.redis.tls and connect.client_options(secure.redis)["ssl_ca_certs"].endswith("ca.pem")
