@@ -88,8 +88,9 @@ def test_a_producer_submits_reads_and_cancels_through_a_worker(secured):
 
 
 def test_a_producer_cannot_do_what_a_worker_does(secured):
-    """Taking a message from a queue, holding a storage lease, a worker's heartbeat, kombu's
-    unacked messages, and Redis's administration: each refused (NOPERM) to the producer."""
+    """Taking a message from a queue (or dropping a queue), holding a storage lease, a worker's
+    heartbeat, kombu's unacked messages, Celery's control channel, beat's schedule runs, and
+    Redis's administration: each refused (NOPERM) to the producer."""
     producer = secured.as_role("producer")
     refused = [
         lambda: producer.brpop(["node.acl1"], timeout=1),
@@ -99,6 +100,10 @@ def test_a_producer_cannot_do_what_a_worker_does(secured):
         lambda: producer.set("stork:alive:host:1", ""),
         lambda: producer.hset("unacked", "tag", "x"),
         lambda: producer.delete("stork:dead"),
+        lambda: producer.delete("node.acl1"),  # a queue: it may push and take back its own, nothing else
+        lambda: producer.ltrim("node.acl1", 0, 0),
+        lambda: producer.publish("/0.celery.pidbox", "shutdown"),  # Celery's control channel
+        lambda: producer.set("stork:schedule:nightly:last", "x"),  # beat's
         lambda: producer.config_get("*"),
         lambda: producer.flushall(),
     ]
