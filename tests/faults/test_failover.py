@@ -46,9 +46,14 @@ class Cluster:
             f'[storage.backup]\ntype = "chunkstore"\npath = "backup"\ncontent = ["backup"]\n')
         self.env = {**os.environ, "STORK_CONFIG": str(self.file), "STORK_NODE": NODES[0]}
         self.env.pop("STORK_REDIS_URL", None)
-        self.workers = {node: testing.Worker(node, base, concurrency=2, env={**self.env, "STORK_NODE": node})
-                        for node in NODES}
-        self.client = Client(config.load(self.env))
+        self.workers: dict[str, testing.Worker] = {}
+        try:
+            for node in NODES:
+                self.workers[node] = testing.Worker(node, base, concurrency=2, env={**self.env, "STORK_NODE": node})
+            self.client = Client(config.load(self.env))
+        except BaseException:  # nothing left running behind a fixture that failed to start
+            self.stop()
+            raise
 
     def stop(self) -> None:
         for worker in self.workers.values():

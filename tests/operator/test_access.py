@@ -40,7 +40,11 @@ class Secured:
         (base / "users.acl").write_text("\n".join(lines) + "\n")
         self.redis = testing.RedisServer(self.port, base, extra=("--aclfile", str(base / "users.acl")),
                                          username="stork-worker", password=PASSWORDS["worker"])
-        self.worker = testing.Worker("acl1", base, concurrency=2, env=self.env)
+        try:
+            self.worker = testing.Worker("acl1", base, concurrency=2, env=self.env)
+        except BaseException:  # no Redis left running behind a fixture that failed to start
+            self.redis.stop()
+            raise
 
     def run(self, *args: str, role: str = "producer") -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "producer.cli", "--json", *args], cwd=ROOT,

@@ -32,7 +32,11 @@ class TlsCluster:
                              '[storage.local]\ntype = "dir"\npath = "images"\n')
         self.env = {**os.environ, "STORK_CONFIG": str(self.file), "STORK_NODE": "tls1"}
         self.env.pop("STORK_REDIS_URL", None)
-        self.worker = testing.Worker("tls1", base, concurrency=2, env=self.env)
+        try:
+            self.worker = testing.Worker("tls1", base, concurrency=2, env=self.env)
+        except BaseException:  # no Redis left running behind a fixture that failed to start
+            self.redis.stop()
+            raise
 
     def stork(self, *args: str) -> dict:
         done = subprocess.run([sys.executable, "-m", "producer.cli", "--json", *args], cwd=ROOT, env=self.env,
