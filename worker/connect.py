@@ -141,9 +141,13 @@ def _auth(login: Login) -> dict[str, Any]:
     return {k: v for k, v in (("username", login.user), ("password", login.password)) if v is not None}
 
 
-def sentinel_auth(settings: RedisSettings) -> dict[str, Any]:
-    """How to log in to the sentinels themselves (redis.sentinel_user / sentinel_password)."""
-    return _auth(settings.sentinel_login)
+def sentinel_kwargs(settings: RedisSettings) -> dict[str, Any]:
+    """How every client talks to the sentinels themselves: their login (redis.sentinel_user /
+    sentinel_password), TLS as for the members, and short timeouts (a sentinel answers from
+    memory: one that takes longer is away, and the next is asked)."""
+    options = {k: v for k, v in client_options(settings).items() if k != "health_check_interval"}
+    return {**options, "socket_timeout": SENTINEL_TIMEOUT, "socket_connect_timeout": SENTINEL_TIMEOUT,
+            **_auth(settings.sentinel_login)}
 
 
 def client_options(settings: RedisSettings) -> dict[str, Any]:
@@ -166,10 +170,7 @@ def client(settings: RedisSettings, role_name: str, retry: Retry | None = None, 
     if not settings.sentinels:
         options.pop("ssl", None)  # rediss:// says so, and picks the connection class
         return redis.Redis.from_url(settings.url, **options)
-    sentinel_options = {**{k: v for k, v in client_options(settings).items() if k != "health_check_interval"},
-                        "socket_timeout": SENTINEL_TIMEOUT, "socket_connect_timeout": SENTINEL_TIMEOUT}
-    sentinels = Sentinel(list(settings.sentinels),
-                         sentinel_kwargs={**sentinel_options, **sentinel_auth(settings)},
+    sentinels = Sentinel(list(settings.sentinels), sentinel_kwargs=sentinel_kwargs(settings),
                          **{k: v for k, v in options.items() if k.startswith(("socket_", "ssl"))})
     connection_class = MasterSSLConnection if options.pop("ssl", False) else MasterConnection
     return sentinels.master_for(settings.master_name, connection_pool_class=MasterPool, db=settings.db,
@@ -200,9 +201,8 @@ def celery_settings(settings: RedisSettings, role_name: str, visibility_timeout:
         "retry_on_timeout": True,
     }
     if settings.sentinels:
-        sentinel_options = {k: v for k, v in client_options(settings).items() if k != "health_check_interval"}
         options["master_name"] = settings.master_name
-        options["sentinel_kwargs"] = {**sentinel_options, **sentinel_auth(settings)}
+        options["sentinel_kwargs"] = sentinel_kwargs(settings)
     found: dict[str, Any] = {
         "broker_url": _url(settings, settings.login(role_name)),
         "broker_transport_options": options,

@@ -106,10 +106,7 @@ class MasterWatch(bootsteps.StartStopStep):
         settings = config().redis
         if not settings.sentinels:
             return
-        sentinel_options = {k: v for k, v in connect.client_options(settings).items() if k != "health_check_interval"}
-        sentinels = Sentinel(list(settings.sentinels),
-                             sentinel_kwargs={**sentinel_options, "socket_timeout": 1.0, "socket_connect_timeout": 1.0,
-                                              **connect.sentinel_auth(settings)})
+        sentinels = Sentinel(list(settings.sentinels), sentinel_kwargs=connect.sentinel_kwargs(settings))
         channel = c.task_consumer.channel
 
         def check() -> None:
