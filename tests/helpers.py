@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import sys
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +24,7 @@ from drivers import qemu
 from drivers.backends.base import Driver
 from drivers.names import VolName
 from tests.conftest import BASE, files_under, storage_path
+from worker.testing import ROOT, wait_for
 
 PATTERN_MIB = 1 << 20
 
@@ -182,3 +190,72 @@ def exports_running() -> list[str]:
         if argv and argv[0].endswith(b"qemu-nbd") and b"--tls-creds" in argv:
             found.append(pid)
     return found
+
+
+# ---- a real Flower ---------------------------------------------------------------------
+
+FLOWER_LOGIN = ("admin", "s3cret")  # the basic_auth the tests give Flower
+CHROMIUM = shutil.which("chromium")
+
+
+@dataclass
+class Flower:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def get(self, path: str, auth: tuple[str, str] | None = FLOWER_LOGIN) -> tuple[int, str]:
+        headers = {"Authorization": "Basic " + base64.b64encode(":".join(auth).encode()).decode()} if auth else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.url + path, headers=headers), timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def tasks(self, job_id: str) -> dict[str, dict[str, Any]]:
+        """The job's tasks as Flower's API lists them (each task's kwargs name its job)."""
+        status, body = self.get("/api/tasks")
+        assert status == 200, body
+        return {uuid: t for uuid, t in json.loads(body).items() if job_id in (t.get("kwargs") or "")}
+
+    def task(self, job_id: str, name: str, state: str | None = None) -> dict[str, Any] | None:
+        return next((t for t in self.tasks(job_id).values()
+                     if t["name"] == name and (state is None or t["state"] == state)), None)
+
+    def render(self, path: str) -> str:
+        """The page as headless Chromium renders it (the task list fills in by script)."""
+        assert CHROMIUM
+        url = self.url.replace("://", "://{}:{}@".format(*FLOWER_LOGIN)) + path
+        proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000",
+                               "--dump-dom", url], capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+
+
+@contextlib.contextmanager
+def running_flower(port: int, env: dict[str, str], log: Path) -> Iterator[Flower]:
+    """`python -m worker.run.flower` (it execs Flower: one PID) with the config in `env`, which
+    names `port`; stopped after."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "worker.run.flower"], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
+    f = Flower(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        wait_for(lambda: _answers(f) or proc.poll() is not None, 30, "Flower")
+        assert proc.poll() is None, log.read_text()
+        yield f
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _answers(f: Flower) -> bool:
+    try:
+        return f.get("/healthcheck")[0] == 200
+    except OSError:
+        return False

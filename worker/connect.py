@@ -213,6 +213,11 @@ def celery_settings(settings: RedisSettings, role_name: str, visibility_timeout:
         "task_publish_retry_policy": {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5,
                                       "interval_max": 2.0},
     }
+    if settings.sentinels or urlsplit(settings.url).scheme in ("redis", "rediss"):
+        # kombu's transport, with every message held by the replicas before it counts as sent
+        found["broker_transport"] = f"worker.failover:{'Sentinel' if settings.sentinels else ''}Transport"
+    if settings.wait_replicas:
+        options["wait_replicas"] = settings.wait_replicas
     tls = _tls(settings)
     if tls:
         found["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True,
@@ -220,36 +225,87 @@ def celery_settings(settings: RedisSettings, role_name: str, visibility_timeout:
     return found
 
 
-def write_replicated(r: redis.Redis, settings: RedisSettings, write: Callable[[redis.Redis], object],
+def replicas_to_wait_for(pool: Any, wanted: int) -> int:
+    """How many replicas a write must reach: `wanted` (redis.wait_replicas), less the replicas
+    every sentinel that answers calls down (s_down, o_down). The sentinels never promote one of
+    those, so waiting for it would only stall each write until it came back, while one they may
+    promote is always waited for. Without sentinels, or where none answers, `wanted`. Asked at
+    most once per DISCOVERY_INTERVAL per pool."""
+    manager = getattr(pool, "sentinel_manager", None)
+    if manager is None or not wanted:
+        return wanted
+    now = time.monotonic()
+    asked, count = getattr(pool, "_stork_replicas", (-DISCOVERY_INTERVAL, wanted))
+    if now - asked < DISCOVERY_INTERVAL:
+        return count
+    views = []
+    for sentinel in manager.sentinels:
+        try:
+            views.append(sentinel.sentinel_slaves(pool.service_name))
+        except redis.RedisError:
+            continue  # a sentinel that does not answer cannot lead a failover either
+    count = wanted if not views else min(wanted, promotable(views))
+    pool._stork_replicas = (now, count)
+    return count
+
+
+def promotable(views: list[list[dict[str, Any]]]) -> int:
+    """How many replicas some sentinel could promote, from each answering sentinel's SENTINEL
+    REPLICAS: all they know of, but those every one of them calls down (s_down or o_down)."""
+    known = {(r["ip"], r["port"]) for view in views for r in view}
+    down = set.intersection(*({(r["ip"], r["port"]) for r in view if r["is_sdown"] or r["is_odown"]}
+                              for view in views))
+    return len(known - down)
+
+
+def write_replicated(r: redis.Redis, wanted: int, write: Callable[[redis.Redis], object],
                      patience: float = REPLICATION_PATIENCE) -> bool:
     """Do `write` so that a failover does not take it back. Redis replicates asynchronously,
     and a master being replaced still takes writes until it is demoted: what it took then is
-    lost. So `write` (one command, idempotent: a Lua script) is sent on a connection of its
-    own, and WAIT on that same connection, with no retry (WAIT counts only the writes of its
-    connection: a retry on a new one would count nothing and say yes), until `redis.wait_replicas`
-    replicas hold it; while they do not, or anything fails, `write` again, landing on whichever
-    master the sentinels name by then. False (and logged) when `patience` ran out first; the
-    write stands on the master it reached."""
-    if not settings.wait_replicas:
+    lost. So `write` is sent on a connection of its own, then WAIT on that same connection
+    (WAIT counts only the writes of its connection), until the replicas the sentinels may
+    promote hold it (`replicas_to_wait_for`, at most `wanted`: redis.wait_replicas). While the
+    connection lives and leads to the master, only WAIT is repeated; when it breaks or the
+    sentinels name another master, `write` is made again there, so it must be harmless twice
+    (a Lua script that is a no-op the second time, or a message: a step runs once at its turn).
+    False (and logged) when `patience` ran out first; the write stands on the master it reached."""
+    if not wanted:
         write(r)
         return True
+    pool = r.connection_pool
     deadline = time.monotonic() + patience
-    while True:
-        pinned = redis.Redis(connection_pool=r.connection_pool, single_connection_client=True)
-        acked: int | None = None
-        error = ""
+    acked: int | None = None
+    error = ""
+    while time.monotonic() < deadline:
+        pinned = redis.Redis(connection_pool=pool, single_connection_client=True)
         try:
             write(pinned)
             connection = pinned.connection
-            connection.send_command("WAIT", settings.wait_replicas, WAIT_TIMEOUT_MS)
-            acked = int(connection.read_response())
-            if acked >= settings.wait_replicas:
-                return True
-        except (redis.ConnectionError, redis.TimeoutError) as e:
+            while time.monotonic() < deadline:
+                needed = replicas_to_wait_for(pool, wanted)
+                connection.send_command("WAIT", needed, WAIT_TIMEOUT_MS)
+                try:
+                    acked = int(connection.read_response())
+                except redis.ResponseError as e:  # WAIT on a replica: the master was demoted
+                    raise redis.ConnectionError(str(e)) from e
+                if acked >= needed:
+                    return True
+                if _master_moved(pool, connection):
+                    break
+        except (redis.ConnectionError, redis.TimeoutError) as e:  # lost, demoted or NOREPLICAS: write again
             error = str(e)
+            time.sleep(0.5)
         finally:
             pinned.close()
-        if time.monotonic() > deadline:
-            log.warning("write_not_replicated", replicas=acked, wanted=settings.wait_replicas, error=error)
-            return False
-        time.sleep(0.5)
+    log.warning("write_not_replicated", replicas=acked, wanted=wanted, error=error)
+    return False
+
+
+def _master_moved(pool: Any, connection: Any) -> bool:
+    """Whether the sentinels now name a master other than the one `connection` leads to."""
+    if not hasattr(pool, "get_master_address"):
+        return False
+    try:
+        return tuple(pool.get_master_address()) != (connection.host, connection.port)
+    except redis.RedisError:
+        return False

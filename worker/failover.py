@@ -8,7 +8,8 @@ takes no step again (celery#6348, celery#10096). So a consumer bootstep asks the
 every WATCH_INTERVAL seconds who the master is; a consumer connection to any other host is
 shut down, and a connection error raised out of the event loop's timer makes Celery restart
 the consumer (Celery propagates connection errors out of its loop), which reconnects to the master.
-Sending a message rides out a failover too (`AMQP`).
+Sending a message rides out a failover too (`AMQP`), and is held by the replicas before it
+counts as sent (`SentinelTransport`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import structlog
 from celery import bootsteps
 from celery.app import amqp
 from kombu.exceptions import OperationalError
+from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps
 from kombu.utils.objects import cached_property
 from redis.sentinel import Sentinel
 
@@ -88,6 +91,63 @@ class AMQP(amqp.AMQP):
 
 
 SEND_PATIENCE = 30.0  # seconds a message is sent again while Redis fails over
+
+
+class _ReplicatedSends:
+    """A channel whose every message is held by the replicas before the send returns
+    (`connect.write_replicated`, with the transport option `wait_replicas`). A message pushed
+    to a master in its last moments is otherwise lost with it, and its job waits for the sweep."""
+
+    wait_replicas = 0
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        if not self.wait_replicas:
+            return super()._put(queue, message, **kwargs)  # type: ignore[misc]
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))  # type: ignore[attr-defined]
+        body = dumps(message)
+        with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+            connect.write_replicated(client, self.wait_replicas, lambda pinned: pinned.lpush(key, body))
+        return None
+
+
+class Channel(_ReplicatedSends, kombu_redis.Channel):
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, "wait_replicas")
+
+
+class SentinelChannel(_ReplicatedSends, kombu_redis.SentinelChannel):
+    from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options, "wait_replicas")
+
+
+class _Poller(kombu_redis.MultiChannelPoller):
+    def maybe_check_subclient_health(self) -> None:
+        """kombu's periodic health check of each channel's pub/sub client, but not of one that
+        has subscribed to nothing since the consumer reconnected: redis-py raises for that
+        (RuntimeError), which Celery logs as a traceback every 10 s for the worker's life."""
+        for channel in self._channels:
+            client = channel.__dict__.get("subclient")
+            if client is not None and getattr(client, "connection", None) is not None:
+                client.check_health()
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport, its sends replicated (`_ReplicatedSends`), its pub/sub health
+    check fixed (`_Poller`)."""
+
+    Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = _Poller()
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport, as `Transport`."""
+
+    Channel = SentinelChannel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = _Poller()
 
 
 class MasterWatch(bootsteps.StartStopStep):

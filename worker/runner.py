@@ -62,7 +62,7 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis,
     )
     queued = events.make(record.id, kind.name, "queued", state=JobState.QUEUED, steps=record.steps)
     # replicated before the job is sent or its id shown: a failover must not take back a job a user was told of
-    connect.write_replicated(r, cfg.redis, lambda client: records.create(client, record, queued))
+    connect.write_replicated(r, cfg.redis.wait_replicas, lambda client: records.create(client, record, queued))
     send_steps(record, record.done, sender)
     return record
 
@@ -98,7 +98,7 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
         _run(ctx, kind, index)
         finish = lambda client: _finish_step(client, job, kind, index, cfg.node, me)  # noqa: E731
         if kind.steps[index].commit:  # its record must outlive a failover, or the step runs again
-            connect.write_replicated(r, cfg.redis, finish)
+            connect.write_replicated(r, cfg.redis.wait_replicas, finish)
         else:
             finish(r)
 
@@ -202,7 +202,7 @@ def _start_step(r: redis.Redis, cfg: Config, job: JobRecord, kind: JobKind, inde
             # else our start went through and only its reply was lost (a retry after a Redis blip)
 
     if step.commit:
-        connect.write_replicated(r, cfg.redis, start)
+        connect.write_replicated(r, cfg.redis.wait_replicas, start)
     else:
         start(r)
     if attempt > MAX_ATTEMPTS:

@@ -164,6 +164,7 @@ class SentinelGroup:
                                                     stderr=subprocess.DEVNULL)
         wait_for(lambda: all(self._sentinel(p).sentinel_master(self.NAME)["num-slaves"] == replicas
                              for p in self.sentinels), 30, "the sentinels to see every replica", interval=0.2)
+        self.settled(replicas)  # and every replica synced (the first sync waits repl-diskless-sync-delay)
 
     def _sentinel(self, port: int):  # type: ignore[no-untyped-def]
         import redis
@@ -202,7 +203,7 @@ class SentinelGroup:
 
     def settled(self, replicas: int, timeout: float = 60.0) -> int:
         """Wait until every sentinel names one master, none has a failover in progress, and
-        the master has `replicas` replicas online; its port."""
+        the master has `replicas` replicas synced and online; its port."""
         def agreed() -> int:
             try:
                 states = [self._sentinel(p).sentinel_master(self.NAME) for p in self.sentinels]
@@ -210,7 +211,9 @@ class SentinelGroup:
                 if len(ports) != 1 or any("failover_in_progress" in s["flags"] for s in states):
                     return 0
                 port = ports.pop()
-                online = self.members[port].client.info("replication").get("connected_slaves", 0)
+                info = self.members[port].client.info("replication")
+                online = sum(1 for key, value in info.items()
+                             if key.startswith("slave") and isinstance(value, dict) and value.get("state") == "online")
                 return port if online >= replicas else 0
             except Exception:
                 return 0

@@ -170,3 +170,34 @@ def test_the_environments_url_takes_tls_from_its_scheme_and_the_url_stays_out_of
     assert "pw" not in repr(plain.redis) and "broker_use_ssl" not in connect.celery_settings(plain.redis, "worker", 600)
     secure = parse(text, {"STORK_NODE": "n", "STORK_REDIS_URL": "rediss://127.0.0.1:7/0"})
     assert secure.redis.tls and connect.client_options(secure.redis)["ssl_ca_certs"].endswith("ca.pem")
+
+
+def _replica(port: int, *flags: str) -> dict:
+    return {"ip": "10.0.0.9", "port": port, "is_sdown": "s_down" in flags, "is_odown": "o_down" in flags}
+
+
+@pytest.mark.parametrize(
+    ("views", "count"),
+    [
+        ([[_replica(1), _replica(2)]], 2),
+        ([[_replica(1), _replica(2, "s_down")]], 1),  # down: the sentinels never promote it
+        ([[_replica(1), _replica(2, "o_down")]], 1),
+        ([[_replica(1), _replica(2, "s_down")], [_replica(1), _replica(2)]], 2),  # one sentinel still sees it
+        ([[_replica(1), _replica(2, "s_down")], [_replica(1), _replica(2, "s_down")]], 1),
+        ([[_replica(1)], [_replica(1), _replica(2)]], 2),  # one sentinel does not know it yet
+        ([[_replica(1, "s_down"), _replica(2, "s_down")]], 0),  # none to promote: nothing to wait for
+        ([[]], 0),
+    ],
+)
+def test_a_write_waits_for_every_replica_a_sentinel_could_promote(views, count):
+    assert connect.promotable(views) == count
+
+
+def test_sends_are_replicated_only_where_replicas_are_waited_for():
+    assert "wait_replicas" not in connect.celery_settings(parse(SENTINELS).redis, "worker", 60)[
+        "broker_transport_options"]
+    waited = connect.celery_settings(parse(SENTINELS + "wait_replicas = 2\n").redis, "worker", 60)
+    assert waited["broker_transport"] == "worker.failover:SentinelTransport"
+    assert waited["broker_transport_options"]["wait_replicas"] == 2
+    plain = connect.celery_settings(parse('[redis]\nwait_replicas = 1\n').redis, "worker", 60)
+    assert plain["broker_transport"] == "worker.failover:Transport"

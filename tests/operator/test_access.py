@@ -2,7 +2,7 @@
 (worker, producer, operator), `stork redis users` prints their ACL lines, and a Redis started
 with them serves a worker and the CLI. A producer submits, reads and cancels, and cannot do
 what a worker does (take a message, hold a lease, beat); the operator reads and cannot
-submit; nobody gets in without a password."""
+submit, and Flower runs as the operator; nobody gets in without a password."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.helpers import FLOWER_LOGIN, running_flower
 from worker import testing
 from worker.testing import ROOT, free_port
 
@@ -140,3 +141,28 @@ def test_nobody_gets_in_without_a_password(secured):
         redis.Redis(port=secured.port).ping()
     with pytest.raises(redis.exceptions.AuthenticationError):
         redis.Redis(port=secured.port, username="stork-producer", password="guess").ping()
+
+
+def test_flower_watches_as_the_operator(secured):
+    """Flower runs as the operator's user (worker.run.flower's default role): it lists a job's
+    tasks from the workers' events, and its inspect reaches the worker, with nothing refused."""
+    port = free_port()
+    conf = secured.base / "flower.toml"
+    login = ":".join(FLOWER_LOGIN)
+    conf.write_text(secured.file.read_text() + f'[flower]\nport = {port}\nbasic_auth = "{login}"\n')
+    conf.chmod(0o600)
+    env = {**secured.env, "STORK_CONFIG": str(conf)}
+    env.pop("STORK_ROLE", None)
+    with running_flower(port, env, secured.base / "flower.log") as flower:
+        def lists_a_ping() -> bool:  # Flower misses the events sent before it subscribed: ping until one shows
+            [answer] = secured.stork("ping", "--node", "acl1")
+            try:
+                testing.wait_for(lambda: flower.tasks(answer["job"]), 3)
+            except AssertionError:
+                return False
+            return True
+        testing.wait_for(lists_a_ping, 60, "Flower to list a ping's tasks")
+        status, body = flower.get("/api/workers?refresh=1")
+        assert status == 200 and any("acl1" in name for name in json.loads(body)), body
+    log = (secured.base / "flower.log").read_text()
+    assert "NOPERM" not in log and "NoPermission" not in log, log[-3000:]

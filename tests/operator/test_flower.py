@@ -13,25 +13,18 @@ import html
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from tests.conftest import BASE, CONFIG, _vmids, storage_path
-from tests.helpers import PATTERN_MIB, held_copy
-from worker.testing import ROOT, free_port, wait_for
+from tests.helpers import CHROMIUM, FLOWER_LOGIN, PATTERN_MIB, Flower, held_copy, running_flower
+from worker.testing import free_port, wait_for
 
-USER, PASSWORD = "admin", "s3cret"
-CHROMIUM = shutil.which("chromium")
+USER, PASSWORD = FLOWER_LOGIN
 FINAL = {"SUCCESS", "FAILURE", "CANCELLED", "IGNORED"}
 
 
@@ -187,40 +180,6 @@ def test_labelled_messages_pass_the_dead_letter_check_and_recovery_reads_their_j
 # ---- a real Flower ---------------------------------------------------------------------
 
 
-@dataclass
-class Flower:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
-    def get(self, path: str, auth: tuple[str, str] | None = (USER, PASSWORD)) -> tuple[int, str]:
-        headers = {"Authorization": "Basic " + base64.b64encode(":".join(auth).encode()).decode()} if auth else {}
-        try:
-            with urllib.request.urlopen(urllib.request.Request(self.url + path, headers=headers), timeout=10) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    def tasks(self, job_id: str) -> dict[str, dict[str, Any]]:
-        """The job's tasks as Flower's API lists them (each task's kwargs name its job)."""
-        status, body = self.get("/api/tasks")
-        assert status == 200, body
-        return {uuid: t for uuid, t in json.loads(body).items() if job_id in (t.get("kwargs") or "")}
-
-    def task(self, job_id: str, name: str, state: str | None = None) -> dict[str, Any] | None:
-        return next((t for t in self.tasks(job_id).values()
-                     if t["name"] == name and (state is None or t["state"] == state)), None)
-
-    def render(self, path: str) -> str:
-        """The page as headless Chromium renders it (the task list fills in by script)."""
-        assert CHROMIUM
-        url = self.url.replace("://", f"://{USER}:{PASSWORD}@") + path
-        proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000",
-                               "--dump-dom", url], capture_output=True, text=True, timeout=60, check=False)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc.stdout
-
-
 @pytest.fixture(scope="module")
 def flower(workers, client) -> Iterator[Flower]:
     """`python -m worker.run.flower` with basic auth on a free port (it execs Flower: one PID)."""
@@ -228,23 +187,9 @@ def flower(workers, client) -> Iterator[Flower]:
     conf = BASE / f"flower-{port}.toml"
     conf.write_text(CONFIG.read_text() + f'\n[flower]\nport = {port}\nbasic_auth = "{USER}:{PASSWORD}"\n')
     conf.chmod(0o600)
-    log = BASE / f"flower-{port}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "worker.run.flower"], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "STORK_CONFIG": str(conf)})
-    f = Flower(f"http://127.0.0.1:{port}", proc, log)
-    try:
-        wait_for(lambda: _quietly(lambda: f.get("/healthcheck")[0] == 200) or proc.poll() is not None, 30, "Flower")
-        assert proc.poll() is None, log.read_text()
+    with running_flower(port, {**os.environ, "STORK_CONFIG": str(conf)}, BASE / f"flower-{port}.log") as f:
         wait_for(lambda: _lists_a_ping(f, client), 30, "Flower to list a ping's tasks")
         yield f
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _lists_a_ping(f: Flower, client: Any) -> bool:
@@ -256,13 +201,6 @@ def _lists_a_ping(f: Flower, client: Any) -> bool:
     except AssertionError:
         return False
     return True
-
-
-def _quietly(check: Any) -> Any:
-    try:
-        return check()
-    except OSError:
-        return False
 
 
 def test_the_rest_api_takes_the_configured_basic_auth(flower):

@@ -1,0 +1,84 @@
+"""What a failover may not take back, on a real replicated Redis (a master, two replicas, three
+sentinels on loopback): a protected write and every Celery message are held by the replicas
+before they count as done, and a replica the sentinels call down stops being waited for (it
+cannot be promoted), while one they still see up is always waited for."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from kombu import Connection
+
+from drivers import config
+from drivers.redis_settings import RedisSettings
+from worker import connect, testing
+
+DOWN_AFTER_MS = 2000
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory) -> Iterator[testing.SentinelGroup]:
+    found = testing.SentinelGroup(tmp_path_factory.mktemp("replicated"), down_after_ms=DOWN_AFTER_MS)
+    yield found
+    found.stop()
+
+
+def settings(group: testing.SentinelGroup, wait: int = 2) -> RedisSettings:
+    sentinels = ", ".join(f'"{a}"' for a in group.addresses)
+    text = f'[redis]\nsentinels = [{sentinels}]\nmaster_name = "{group.NAME}"\nwait_replicas = {wait}\n'
+    return config.parse(text, Path("stork.toml"), {"STORK_NODE": "n"}).redis
+
+
+def replicas(group: testing.SentinelGroup) -> list[testing.RedisServer]:
+    master = group.master()
+    return [m for port, m in group.members.items() if port != master]
+
+
+def waits(group: testing.SentinelGroup) -> int:
+    return int(group.members[group.master()].client.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+
+
+def test_a_celery_message_is_held_by_every_replica_when_the_send_returns(group):
+    s = settings(group)
+    options = connect.celery_settings(s, "worker", 60)
+    before = waits(group)
+    with Connection(options["broker_url"], transport=options["broker_transport"],
+                    transport_options=options["broker_transport_options"]) as conn:
+        queue = conn.SimpleQueue("replicated-send")
+        queue.put({"step": 1})
+        queue.close()
+    assert waits(group) == before + 1
+    for replica in replicas(group):
+        assert replica.client.llen("replicated-send") == 1
+
+
+def test_a_replica_still_up_is_waited_for(group):
+    """Stopped just now, the sentinels have not called it down yet: the write is not acknowledged."""
+    r = connect.client(s := settings(group), "worker")
+    victim = replicas(group)[0]
+    os.kill(victim.proc.pid, signal.SIGSTOP)
+    try:
+        assert not connect.write_replicated(r, s.wait_replicas, lambda c: c.set("waited", 1), patience=0.5)
+    finally:
+        os.kill(victim.proc.pid, signal.SIGCONT)
+
+
+def test_a_replica_the_sentinels_call_down_is_not_waited_for(group):
+    r = connect.client(s := settings(group), "worker")
+    victim, other = replicas(group)
+    os.kill(victim.proc.pid, signal.SIGSTOP)
+    try:
+        sentinel = redis.Redis(port=next(iter(group.sentinels)), decode_responses=True)
+        testing.wait_for(lambda: any(x["port"] == victim.port and x["is_sdown"]
+                                     for x in sentinel.sentinel_slaves(group.NAME)), 30, "the replica called down")
+        assert connect.write_replicated(r, s.wait_replicas, lambda c: c.set("while-down", 1), patience=10)
+        assert other.client.get("while-down") == "1"
+    finally:
+        os.kill(victim.proc.pid, signal.SIGCONT)
+    testing.wait_for(lambda: victim.client.get("while-down") == "1", 30, "the replica to catch up")
+    assert connect.write_replicated(r, s.wait_replicas, lambda c: c.set("both-again", 1), patience=10)
