@@ -140,23 +140,33 @@ class SentinelGroup:
 
     NAME = "stork"
 
-    def __init__(self, data_dir: Path, replicas: int = 2, sentinels: int = 3, down_after_ms: int = 1000) -> None:
+    def __init__(self, data_dir: Path, replicas: int = 2, sentinels: int = 3, down_after_ms: int = 1000,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
+        """`tls`: (CA, certificate, key) from `make_tls`: every member and sentinel then speaks
+        only TLS, to clients and to each other."""
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.dir = data_dir
+        self.tls = tls
         ports = [free_port() for _ in range(replicas + 1)]
         self.members: dict[int, RedisServer] = {}
         for i, port in enumerate(ports):
             home = data_dir / f"redis-{port}"
             home.mkdir(parents=True, exist_ok=True)
             follow = ("--replicaof", "127.0.0.1", str(ports[0])) if i else ()
-            self.members[port] = RedisServer(port, home, durable=True, extra=follow)
+            secure = ("--port", "0", "--tls-port", str(port), *self._tls_args()) if tls else ()
+            self.members[port] = RedisServer(port, home, durable=True, extra=(*follow, *secure), **self._client_tls())
         self.sentinels: dict[int, subprocess.Popen[bytes]] = {}
         for _ in range(sentinels):
             port = free_port()
             conf = data_dir / f"sentinel-{port}.conf"
-            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {data_dir}\n"
+            listen = f"port {port}\n"
+            if tls:  # the members' TLS arguments as config lines ("--tls-port 1" -> "tls-port 1")
+                args = self._tls_args()
+                pairs = zip(args[::2], args[1::2], strict=True)
+                listen = f"port 0\ntls-port {port}\n" + "".join(f"{k[2:]} {v}\n" for k, v in pairs)
+            conf.write_text(f"{listen}bind 127.0.0.1\ndir {data_dir}\n"
                             f"sentinel monitor {self.NAME} 127.0.0.1 {ports[0]} 2\n"
                             f"sentinel down-after-milliseconds {self.NAME} {down_after_ms}\n"
                             f"sentinel failover-timeout {self.NAME} 10000\n")
@@ -166,10 +176,19 @@ class SentinelGroup:
                              for p in self.sentinels), 30, "the sentinels to see every replica", interval=0.2)
         self.settled(replicas)  # and every replica synced (the first sync waits repl-diskless-sync-delay)
 
+    def _tls_args(self) -> tuple[str, ...]:
+        assert self.tls
+        ca, cert, key = self.tls
+        return ("--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                "--tls-auth-clients", "no", "--tls-replication", "yes")
+
+    def _client_tls(self) -> dict[str, Any]:
+        return {"ssl": True, "ssl_ca_certs": str(self.tls[0]), "host": "127.0.0.1"} if self.tls else {}
+
     def _sentinel(self, port: int):  # type: ignore[no-untyped-def]
         import redis
 
-        return redis.Redis(port=port, decode_responses=True, socket_timeout=2)
+        return redis.Redis(port=port, decode_responses=True, socket_timeout=2, **self._client_tls())
 
     @property
     def addresses(self) -> list[str]:

@@ -1,6 +1,7 @@
 """Redis over TLS: a redis-server that speaks only TLS, with a certificate from the suite's own
 CA; the config names it by rediss:// and the CA file. A worker and the CLI run a job through
-it; a client that does not trust the CA, or speaks plain Redis, gets nothing."""
+it; a client that does not trust the CA, or speaks plain Redis, gets nothing. The same through
+three sentinels and three members that speak only TLS, across a failover."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker import testing
+from worker import records, testing
 from worker.testing import ROOT, free_port
 
 
@@ -74,3 +75,59 @@ def test_a_wrong_host_name_is_refused(tls):
     with pytest.raises(redis.ConnectionError, match=r"match|mismatch|not valid"):
         redis.Redis(host="127.0.0.1", port=tls.port, ssl=True, ssl_ca_certs=str(tls.ca), ssl_check_hostname=True,
                     socket_timeout=3).ping()
+
+
+class SentinelTlsCluster:
+    """Three members and three sentinels that speak only TLS (replication too); a worker and
+    the CLI find the master through the sentinels with `tls = true` and the CA file."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.ca, cert, key = testing.make_tls(base)  # localhost and 127.0.0.1: the sentinels name members by IP
+        self.group = testing.SentinelGroup(base / "redis", tls=(self.ca, cert, key))
+        sentinels = ", ".join(f'"{a}"' for a in self.group.addresses)
+        self.file = base / "stork.toml"
+        self.file.write_text(f'[redis]\nsentinels = [{sentinels}]\nmaster_name = "{self.group.NAME}"\n'
+                             'tls = true\nca_file = "ca.pem"\nwait_replicas = 2\n'
+                             '[paths]\nguests = "guests"\nlocks = "lock"\n'
+                             '[storage.local]\ntype = "dir"\npath = "images"\n')
+        self.env = {**os.environ, "STORK_CONFIG": str(self.file), "STORK_NODE": "stls1"}
+        self.env.pop("STORK_REDIS_URL", None)
+        try:
+            self.worker = testing.Worker("stls1", base, concurrency=2, env=self.env)
+        except BaseException:
+            self.group.stop()
+            raise
+
+    def stork(self, *args: str) -> dict:
+        return TlsCluster.stork(self, *args)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.group.stop()
+
+
+@pytest.fixture(scope="module")
+def sentinel_tls(tmp_path_factory) -> Iterator[SentinelTlsCluster]:
+    cluster = SentinelTlsCluster(tmp_path_factory.mktemp("sentinel-tls"))
+    yield cluster
+    cluster.stop()
+
+
+def test_a_worker_and_the_cli_work_through_sentinels_over_tls_and_a_failover(sentinel_tls):
+    """Jobs run with every connection (to the sentinels, the members, between members) over
+    TLS, and again after the sentinels fail the master over."""
+    s = sentinel_tls
+    s.stork("guest", "create", "100", "--disk", "scsi0=local:16M")
+    assert s.stork("clone", "100", "101", "--full")["state"] == "succeeded"
+    old = s.group.master()
+    s.group.failover()
+    assert s.group.master() != old
+    job = s.stork("clone", "100", "102", "--full")
+    assert job["state"] == "succeeded"
+    assert [a["ok"] for a in s.stork("ping")] == [True]
+    for port, member in s.group.members.items():  # replicated to every member, over TLS
+        testing.wait_for(lambda m=member: m.client.hget(records.job_key(job["id"]), "state") == "succeeded", 10,
+                         f"member {port} to hold the job")
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(port=next(iter(s.group.sentinels)), socket_timeout=3).ping()  # a sentinel without TLS: nothing
