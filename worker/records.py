@@ -34,7 +34,9 @@ Redis keys used by stork (all of them; keep this list true):
     stork:schedule:<name>:... a backup schedule's runs (worker/jobs/schedules.py), each expiring:
         :last                 the newest slot run (an ISO time)
         :slot:<slot>          the slot claimed (SET NX: run once)
-        :run:<slot>           JSON record of that slot's run: its jobs, refusals, prune
+        :run:<slot>           JSON record of that slot's run: its line, prune, whether it is starting
+        :run:<slot>:jobs      hash guest (or action) -> the job the run submitted for it
+        :run:<slot>:refused   hash guest -> why its job was refused at submit
         :starting:<slot>      the lease of the tick submitting its jobs (value: that tick's token)
         :prune:<slot>         the run's prune claimed
         :skipped:<line>       the newest slot passed while the schedule was disabled

@@ -176,6 +176,17 @@ redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 return 1
 """
 
+# Record one guest's job (or refusal) in its run, on the same terms. One field per guest: a run
+# of 10,000 guests writes 10,000 small fields, not its whole record once per guest (quadratic).
+# KEYS: lease, the run's jobs or refused hash; ARGV: holder, guest key, job id or reason, key TTL.
+_RECORD_HELD = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+LISTED = ("jobs", "refused")  # the parts of a run kept as hashes beside its record
+
 # Renew a starter's lease only while it is still that starter's (KEYS: lease; ARGV: holder, seconds).
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
@@ -187,17 +198,56 @@ def _last(r: redis.Redis, name: str) -> dict[str, Any] | None:
     """The record of the schedule's newest run: its slot, jobs, refusals, prune."""
     slot = r.get(_key(name, "last"))
     raw = r.get(_key(name, f"run:{slot}")) if slot else None
-    return json.loads(raw) if raw else None
+    if not raw:
+        return None
+    run = json.loads(raw)
+    with r.pipeline(transaction=False) as p:
+        for part in LISTED:
+            p.hgetall(_key(name, f"run:{slot}:{part}"))
+        listed = p.execute()
+    for part, entries in zip(LISTED, listed, strict=True):  # (a record saved before the hashes holds them inline)
+        run[part] = {**run.get(part, {}), **entries}
+    return run
+
+
+def _record_only(run: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in run.items() if k not in LISTED})
 
 
 def _save_held(r: redis.Redis, name: str, run: dict[str, Any], holder: str) -> bool:
-    """Save the run's record if `holder` still holds its lease (_SAVE_HELD)."""
+    """Save the run's record (not its jobs: `_record_held`) if `holder` still holds its lease."""
     keys = [_key(name, f"starting:{run['slot']}"), _key(name, f"run:{run['slot']}")]
-    return bool(r.eval(_SAVE_HELD, 2, *keys, holder, json.dumps(run), SLOT_KEY_TTL))
+    return bool(r.eval(_SAVE_HELD, 2, *keys, holder, _record_only(run), SLOT_KEY_TTL))
+
+
+def _record_held(r: redis.Redis, name: str, slot: str, holder: str, part: str, key: str, value: str) -> bool:
+    """Record a guest's job or refusal in the run if `holder` still holds its lease."""
+    keys = [_key(name, f"starting:{slot}"), _key(name, f"run:{slot}:{part}")]
+    return bool(r.eval(_RECORD_HELD, 2, *keys, holder, key, value, SLOT_KEY_TTL))
 
 
 def _save(r: redis.Redis, name: str, run: dict[str, Any]) -> None:
-    r.set(_key(name, f"run:{run['slot']}"), json.dumps(run), ex=SLOT_KEY_TTL)
+    r.set(_key(name, f"run:{run['slot']}"), _record_only(run), ex=SLOT_KEY_TTL)
+
+
+def _jobs_of(r: redis.Redis, job_ids: list[str], page: int = 1000) -> dict[str, records.JobRecord]:
+    """The records of a run's jobs by id, a page per round trip; an expired one is left out."""
+    found: dict[str, records.JobRecord] = {}
+    for start in range(0, len(job_ids), page):
+        ids = job_ids[start:start + page]
+        try:
+            jobs = records.load_many(r, ids)
+        except StorkError:  # a record that cannot be read: the page one by one, leaving that one out
+            jobs = [job for job_id in ids if (job := _readable(r, job_id))]
+        found.update((job.id, job) for job in jobs)
+    return found
+
+
+def _readable(r: redis.Redis, job_id: str) -> records.JobRecord | None:
+    try:
+        return records.load(r, job_id)
+    except StorkError:
+        return None
 
 
 def tick(cfg: Config, r: redis.Redis, sender: Celery, now: datetime | None = None) -> list[str]:
@@ -254,7 +304,7 @@ def _claim(r: redis.Redis, name: str, run: dict[str, Any], holder: str) -> bool:
     """Claim the run's slot for `holder`, with the run's record and the starter's lease (_CLAIM)."""
     slot = run["slot"]
     keys = [_key(name, f"slot:{slot}"), _key(name, f"run:{slot}"), _key(name, f"starting:{slot}"), _key(name, "last")]
-    return bool(r.eval(_CLAIM, 4, *keys, json.dumps(run), slot, SLOT_KEY_TTL, int(START_LEASE), holder))
+    return bool(r.eval(_CLAIM, 4, *keys, _record_only(run), slot, SLOT_KEY_TTL, int(START_LEASE), holder))
 
 
 def _skip_passed_slots(r: redis.Redis, schedule: Schedule, now: datetime) -> None:
@@ -300,10 +350,16 @@ def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run:
     recorded as it is submitted (one refused at submit with the reason), so a starter that dies
     leaves a run to resume. A starter whose lease another took over (it stalled past it) stops:
     that one goes on."""
+    for part in LISTED:  # resumed: what it holds goes on (a record saved before the hashes held it inline)
+        for key, value in run[part].items():
+            if not _record_held(r, schedule.name, run["slot"], holder, part, key, value):
+                return
     try:
         submissions = _submissions(cfg, schedule)
     except StorkError as e:  # a guest config unreadable: nothing to back up from it this time
         submissions, run["refused"]["all"] = {}, str(e)
+        if not _record_held(r, schedule.name, run["slot"], holder, "refused", "all", str(e)):
+            return
     for key, (kind, options) in submissions.items():
         if key in run["jobs"] or key in run["refused"]:
             continue
@@ -311,12 +367,12 @@ def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run:
             log.warning("schedule_lease_lost", schedule=schedule.name, slot=run["slot"])
             return
         try:
-            run["jobs"][key] = submit(kind, options, cfg, r, sender).id
+            part, run["jobs"][key] = "jobs", submit(kind, options, cfg, r, sender).id
         except redis.RedisError:
             raise
         except Exception as e:  # refused, or its storage unreadable (an OSError of an NFS mount, say)
-            run["refused"][key] = str(e) or type(e).__name__
-        if not _save_held(r, schedule.name, run, holder):
+            part, run["refused"][key] = "refused", str(e) or type(e).__name__
+        if not _record_held(r, schedule.name, run["slot"], holder, part, key, run[part][key]):
             log.warning("schedule_lease_lost", schedule=schedule.name, slot=run["slot"])
             return
     # a backup run's prune follows its backups; a sync prunes its target itself
@@ -364,10 +420,9 @@ def _prune_when_done(cfg: Config, r: redis.Redis, sender: Celery, schedule: Sche
     """Once every backup job of the last run has ended, prune each guest it backed up (one job,
     claimed with SET NX so two ticks do not both submit it)."""
     nodes = {}
+    found = _jobs_of(r, list(last["jobs"].values()))
     for vmid, job_id in last["jobs"].items():
-        try:
-            job = records.load(r, job_id)
-        except StorkError:
+        if (job := found.get(job_id)) is None:
             continue  # its record expired: that job is long over
         if not job.state.terminal:
             return False
@@ -415,11 +470,9 @@ def _outcome(r: redis.Redis, last: dict[str, Any] | None) -> str:
     if not last:
         return ""
     states: dict[str, int] = {}
+    found = _jobs_of(r, list(last["jobs"].values()))
     for job_id in last["jobs"].values():
-        try:
-            state = str(records.load(r, job_id).state)
-        except StorkError:
-            state = "expired"
+        state = str(found[job_id].state) if job_id in found else "expired"
         states[state] = states.get(state, 0) + 1
     if last["refused"]:
         states["refused"] = len(last["refused"])
