@@ -93,12 +93,36 @@ class AMQP(amqp.AMQP):
 SEND_PATIENCE = 30.0  # seconds a message is sent again while Redis fails over
 
 
-class _ReplicatedSends:
+class _PubSub(redis.client.PubSub):
+    """The pub/sub client a channel consumes fanout messages with (Celery's remote control).
+    kombu reads it when its socket is readable, calling parse_response(), which in redis-py 8
+    blocks with no timeout. After a failover that read meets the closed socket, reconnects
+    inside redis-py's retry (to the new master, subscribing again on a new socket) and waits
+    there for a message, for ever: the worker's event loop with it, so the node takes no task
+    again. Here it never blocks, and a subscription moved to a new socket, which kombu's poller
+    does not watch, is a connection error: Celery restarts the consumer, as after any loss."""
+
+    def parse_response(self, block: bool = False, timeout: float = 0) -> Any:
+        before = getattr(self.connection, "_sock", None)
+        response = super().parse_response(block=block, timeout=timeout)
+        if before is not None and getattr(self.connection, "_sock", None) is not before:
+            raise redis.ConnectionError("the pub/sub connection was made again on a new socket")
+        return response
+
+
+class _FailoverChannel:
     """A channel whose every message is held by the replicas before the send returns
-    (`connect.write_replicated`, with the transport option `wait_replicas`). A message pushed
-    to a master in its last moments is otherwise lost with it, and its job waits for the sweep."""
+    (`connect.write_replicated`, with the transport option `wait_replicas`; a message pushed
+    to a master in its last moments is otherwise lost with it, and its job waits for the
+    sweep), and whose fanout reads never block (`_PubSub`)."""
 
     wait_replicas = 0
+
+    @cached_property
+    def subclient(self) -> _PubSub:
+        pubsub = self._create_client(asynchronous=True).pubsub()  # type: ignore[attr-defined]
+        pubsub.__class__ = _PubSub  # kombu builds it through the client: the same object, never blocking
+        return pubsub
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         if not self.wait_replicas:
@@ -110,11 +134,11 @@ class _ReplicatedSends:
         return None
 
 
-class Channel(_ReplicatedSends, kombu_redis.Channel):
+class Channel(_FailoverChannel, kombu_redis.Channel):
     from_transport_options = (*kombu_redis.Channel.from_transport_options, "wait_replicas")
 
 
-class SentinelChannel(_ReplicatedSends, kombu_redis.SentinelChannel):
+class SentinelChannel(_FailoverChannel, kombu_redis.SentinelChannel):
     from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options, "wait_replicas")
 
 
@@ -130,8 +154,8 @@ class _Poller(kombu_redis.MultiChannelPoller):
 
 
 class Transport(kombu_redis.Transport):
-    """kombu's Redis transport, its sends replicated (`_ReplicatedSends`), its pub/sub health
-    check fixed (`_Poller`)."""
+    """kombu's Redis transport, its sends replicated and its fanout reads never blocking
+    (`_FailoverChannel`), its pub/sub health check fixed (`_Poller`)."""
 
     Channel = Channel
 

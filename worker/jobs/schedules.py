@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -230,24 +231,10 @@ def _save(r: redis.Redis, name: str, run: dict[str, Any]) -> None:
     r.set(_key(name, f"run:{run['slot']}"), _record_only(run), ex=SLOT_KEY_TTL)
 
 
-def _jobs_of(r: redis.Redis, job_ids: list[str], page: int = 1000) -> dict[str, records.JobRecord]:
-    """The records of a run's jobs by id, a page per round trip; an expired one is left out."""
-    found: dict[str, records.JobRecord] = {}
+def _jobs_of(r: redis.Redis, job_ids: list[str], page: int = 500) -> Iterator[dict[str, tuple[records.JobState, str]]]:
+    """The state and node of a run's jobs by id, a page per round trip; an expired one is left out."""
     for start in range(0, len(job_ids), page):
-        ids = job_ids[start:start + page]
-        try:
-            jobs = records.load_many(r, ids)
-        except StorkError:  # a record that cannot be read: the page one by one, leaving that one out
-            jobs = [job for job_id in ids if (job := _readable(r, job_id))]
-        found.update((job.id, job) for job in jobs)
-    return found
-
-
-def _readable(r: redis.Redis, job_id: str) -> records.JobRecord | None:
-    try:
-        return records.load(r, job_id)
-    except StorkError:
-        return None
+        yield records.states_and_nodes(r, job_ids[start:start + page])
 
 
 def tick(cfg: Config, r: redis.Redis, sender: Celery, now: datetime | None = None) -> list[str]:
@@ -419,14 +406,13 @@ def _prune_when_done(cfg: Config, r: redis.Redis, sender: Celery, schedule: Sche
                      last: dict[str, Any]) -> bool:
     """Once every backup job of the last run has ended, prune each guest it backed up (one job,
     claimed with SET NX so two ticks do not both submit it)."""
+    guest_of = {job_id: vmid for vmid, job_id in last["jobs"].items()}
     nodes = {}
-    found = _jobs_of(r, list(last["jobs"].values()))
-    for vmid, job_id in last["jobs"].items():
-        if (job := found.get(job_id)) is None:
-            continue  # its record expired: that job is long over
-        if not job.state.terminal:
+    # newest first: while the run goes on, its last jobs are the ones not ended (one page read)
+    for found in _jobs_of(r, list(guest_of)[::-1]):
+        if any(not state.terminal for state, _ in found.values()):
             return False
-        nodes[vmid] = job.node
+        nodes.update((guest_of[job_id], node) for job_id, (_, node) in found.items())  # an expired one: long over
     if not r.set(_key(schedule.name, f"prune:{last['slot']}"), "1", nx=True, ex=SLOT_KEY_TTL):
         return False
     keep = {k: v for k, v in schedule.keep.items() if v}
@@ -470,9 +456,9 @@ def _outcome(r: redis.Redis, last: dict[str, Any] | None) -> str:
     if not last:
         return ""
     states: dict[str, int] = {}
-    found = _jobs_of(r, list(last["jobs"].values()))
+    found = {job_id: known for page in _jobs_of(r, list(last["jobs"].values())) for job_id, known in page.items()}
     for job_id in last["jobs"].values():
-        state = str(found[job_id].state) if job_id in found else "expired"
+        state = str(found[job_id][0]) if job_id in found else "expired"
         states[state] = states.get(state, 0) + 1
     if last["refused"]:
         states["refused"] = len(last["refused"])
