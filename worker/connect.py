@@ -27,6 +27,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 import structlog
+from kombu.transport import TRANSPORT_ALIASES
 from redis._parsers.base import BaseParser
 from redis.backoff import ExponentialBackoff
 from redis.connection import SSLConnection
@@ -57,6 +58,12 @@ def _master_state_usable(self: Sentinel, state: dict[str, Any], service_name: st
 BaseParser.EXCEPTION_CLASSES["NOREPLICAS"] = NoReplicasError
 _redis_check_master_state = Sentinel.check_master_state
 Sentinel.check_master_state = _master_state_usable  # type: ignore[method-assign]
+
+# kombu picks a connection's transport by its URL's scheme, and again on each switch to the next
+# sentinel's URL after a lost connection: stork's Sentinel transport (worker/failover.py) has a
+# scheme of its own, or the first failover would hand the worker back to kombu's.
+SENTINEL_SCHEME = "stork-sentinel"
+TRANSPORT_ALIASES[SENTINEL_SCHEME] = "worker.failover:SentinelTransport"
 
 class MasterConnection(SentinelManagedConnection):
     """A connection to the master the sentinels name *now*, on every (re)connect. redis-py's
@@ -178,12 +185,12 @@ def client(settings: RedisSettings, role_name: str, retry: Retry | None = None, 
 
 
 def _url(settings: RedisSettings, login: Login) -> str:
-    """kombu's URL: the url with the role's login, or one sentinel:// per sentinel."""
+    """kombu's URL: the url with the role's login, or one per sentinel (SENTINEL_SCHEME)."""
     auth = ""
     if login.user or login.password:
         auth = f"{quote(login.user or '', safe='')}{':' + quote(login.password, safe='') if login.password else ''}@"
     if settings.sentinels:
-        return ";".join(f"sentinel://{auth}{host}:{port}/{settings.db}" for host, port in settings.sentinels)
+        return ";".join(f"{SENTINEL_SCHEME}://{auth}{host}:{port}/{settings.db}" for host, port in settings.sentinels)
     parts = urlsplit(settings.url)
     if parts.scheme == "unix":
         return settings.url if not auth else urlunsplit(parts._replace(netloc=auth.rstrip("@") + "@"))
@@ -213,9 +220,8 @@ def celery_settings(settings: RedisSettings, role_name: str, visibility_timeout:
         "task_publish_retry_policy": {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5,
                                       "interval_max": 2.0},
     }
-    if settings.sentinels or urlsplit(settings.url).scheme in ("redis", "rediss"):
-        # kombu's transport, with every message held by the replicas before it counts as sent
-        found["broker_transport"] = f"worker.failover:{'Sentinel' if settings.sentinels else ''}Transport"
+    if not settings.sentinels and urlsplit(settings.url).scheme in ("redis", "rediss"):
+        found["broker_transport"] = "worker.failover:Transport"  # (with sentinels, the URL's scheme names it)
     if settings.wait_replicas:
         options["wait_replicas"] = settings.wait_replicas
     tls = _tls(settings)

@@ -47,8 +47,7 @@ def test_a_celery_message_is_held_by_every_replica_when_the_send_returns(group):
     s = settings(group)
     options = connect.celery_settings(s, "worker", 60)
     before = waits(group)
-    with Connection(options["broker_url"], transport=options["broker_transport"],
-                    transport_options=options["broker_transport_options"]) as conn:
+    with Connection(options["broker_url"], transport_options=options["broker_transport_options"]) as conn:
         queue = conn.SimpleQueue("replicated-send")
         queue.put({"step": 1})
         queue.close()
