@@ -231,6 +231,11 @@ def celery_settings(settings: RedisSettings, role_name: str, visibility_timeout:
     return found
 
 
+def fails_over(r: redis.Redis) -> bool:
+    """Whether `r` finds its master through sentinels (and may meet one that just took over)."""
+    return isinstance(r.connection_pool, SentinelConnectionPool)
+
+
 def replicas_to_wait_for(pool: Any, wanted: int) -> int:
     """How many replicas a write must reach: `wanted` (redis.wait_replicas), less the replicas
     every sentinel that answers calls down (s_down, o_down). The sentinels never promote one of

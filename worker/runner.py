@@ -130,6 +130,8 @@ def _load_sent(r: redis.Redis, job_id: str) -> JobRecord:
     try:
         return records.load(r, job_id)
     except NotFound:
+        if not connect.fails_over(r):  # one Redis: what is not there was never written
+            raise
         time.sleep(SECOND_LOOK)
         return records.load(r, job_id)
 
