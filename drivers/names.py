@@ -84,8 +84,9 @@ def disk_key(text: str) -> str:
 
 def size(text: str | int) -> int:
     """Parse a size into bytes: '8G', '512M', '1.5GiB', '1048576B', or a bare number of GiB
-    ('8', as Proxmox VE reads it); an int is a byte count. At least 1 MiB, whole 512-byte
-    sectors (what qemu-img works in)."""
+    ('8', as Proxmox VE reads it); an int is a byte count. K, M, G, T and KiB... are powers of
+    1024; KB, MB, GB, TB are refused as ambiguous. At least 1 MiB, whole 512-byte sectors (what
+    qemu-img works in)."""
     if isinstance(text, bool) or not isinstance(text, str | int):
         raise InvalidName(f"invalid size {text!r}: expected a number with K, M, G or T")
     if isinstance(text, int):
@@ -96,6 +97,10 @@ def size(text: str | int) -> int:
             raise InvalidName(f"invalid size {text!r}: expected a positive number with K, M, G or T "
                               "(a bare number is GiB)")
         suffix = (match.group(2) or "").upper()
+        if len(suffix) == 2:  # KB, MB, GB, TB: decimal to some, binary to others
+            raise InvalidName(f"invalid size {text!r}: {match.group(2)} is ambiguous (powers of 1000 or of 1024?): "
+                              f"write {match.group(1)}{suffix[0]} or {match.group(1)}{suffix[0]}iB (powers of "
+                              "1024, as qemu-img and Proxmox VE read them), or a byte count with B")
         unit = "B" if suffix == "B" else suffix.rstrip("B").rstrip("I")
         value = int(float(match.group(1)) * _UNITS[unit])
     if value <= 0:

@@ -68,7 +68,7 @@ def test_any_accepted_volname_is_a_safe_relative_path(text):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("8G", 8 << 30), ("512M", 512 << 20), ("1.5GiB", 3 << 29), ("8", 8 << 30), ("1048576B", 1 << 20),
-     ("1024K", 1 << 20), (1 << 20, 1 << 20), (5 << 30, 5 << 30)],
+     ("1024K", 1 << 20), (1 << 20, 1 << 20), (5 << 30, 5 << 30), ("2TiB", 2 << 40), ("64mib", 64 << 20)],
 )
 def test_sizes_parse_to_bytes(text, expected):
     """Sizes take K/M/G/T (or B) suffixes; a bare number is GiB, as in Proxmox VE; an int is bytes."""
@@ -79,9 +79,12 @@ def test_sizes_parse_to_bytes(text, expected):
     ("0", "greater than zero"), ("-1G", "expected a positive number"), ("abc", "expected"), ("", "expected"),
     ("1X", "expected"), ("G", "expected"), ("4K", "below 1 MiB"), ("4096B", "below 1 MiB"), (512, "below 1 MiB"),
     ("1000000001B", "512-byte sectors"), ("1.1M", "512-byte sectors"), (True, "expected"),
+    ("8GB", "GB is ambiguous .* write 8G or 8GiB"), ("512mb", "mb is ambiguous .* write 512M or 512MiB"),
+    ("1TB", "ambiguous"), ("64KB", "ambiguous"),
 ])
 def test_bad_sizes_are_refused(text, why):
-    """Zero, negative, unparseable, tiny (below 1 MiB) and ragged (not whole sectors) sizes are refused."""
+    """Zero, negative, unparseable, tiny (below 1 MiB), ragged (not whole sectors) and ambiguous
+    (GB: 10^9 or 2^30?) sizes are refused."""
     with pytest.raises(InvalidName, match=f"invalid size .*{why}"):
         names.size(text)
 
