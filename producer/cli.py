@@ -134,6 +134,9 @@ def _disk_specs(values: list[str], first: str) -> dict[str, dict[str, str]]:
             spec |= {"path": head}
         if key in disks:
             raise UsageError(f"disk {key} is given twice")
+        _usage(names.disk_key, key)  # a typo in a slot or a size is the command line's: exit 2
+        if "size" in spec:
+            _usage(names.size, spec["size"])
         disks[key] = spec
     if not disks:
         raise UsageError("at least one --disk is needed")
@@ -653,8 +656,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _vmid(text: str) -> int:
     """A guest id on the command line: a mistake in it is a command-line mistake (exit 2)."""
+    return _usage(names.vmid, text)
+
+
+def _usage(check: Callable[[Any], Any], value: Any) -> Any:
+    """`check(value)`, a refusal of it being a command-line mistake (exit 2)."""
     try:
-        return names.vmid(text)
+        return check(value)
     except StorkError as e:
         raise UsageError(str(e)) from None
 

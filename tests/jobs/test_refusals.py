@@ -162,6 +162,12 @@ def test_unknown_options_are_refused_at_submit_naming_the_allowed_ones(client):
         (["guest", "create", "91041", "--disk", "scsi0"], "stork: invalid --disk 'scsi0'"),
         (["guest", "create", "91042", "--disk", "scsi0=local"], "stork: invalid --disk 'scsi0=local'"),
         (["guest", "create", "91043", "--disk", "scsi0=local:1G,qcow2"], "stork: invalid option 'qcow2'"),
+        (["guest", "create", "91044", "--disk", "scsi99=local:8"], "stork: invalid disk 'scsi99'"),
+        (["guest", "create", "91045", "--disk", "scsi0=local:8GB"], "stork: invalid size '8GB': GB is ambiguous"),
+        (["guest", "create", "91046", "--disk", "scsi0=local:4K"], "stork: invalid size '4K': below 1 MiB"),
+        (["guest", "create", "9x", "--disk", "scsi0=local:8"], "stork: invalid guest id"),
+        (["guest", "create", "91047", "--disk", "scsi0=local:8", "--disk", "scsi0=local:8"],
+         "stork: disk scsi0 is given twice"),
     ],
 )
 def test_command_line_mistakes_exit_2(stork, args, message):
