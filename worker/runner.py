@@ -224,7 +224,8 @@ def _run(ctx: StepContext, kind: JobKind, index: int) -> None:
         raise Ignore() from None
     except StateConflict:
         raise Ignore() from None  # the job was taken from this step (reconciled): its undo owns it
-    except StorkError as e:
+    except StorkError as e:  # refused or failed as stork says why: one line, no traceback (StorkTask.throws)
+        log.warning("step_failed", error=str(e))
         start_undo(r, job, index, JobState.FAILED, str(e), mine)
         raise
     except redis.RedisError as e:  # Redis away longer than the client's retries

@@ -28,6 +28,7 @@ import structlog
 from celery import Task
 from celery.exceptions import Ignore
 
+from drivers.errors import StorkError
 from worker import notify, records, recovery, runner
 from worker.app import app, config, redis_client
 from worker.jobs import schedules
@@ -61,7 +62,11 @@ def progress_text(fields: dict[str, Any]) -> str:
 
 
 class StorkTask(Task):
-    """Base of every job task: its progress events carry a line that Flower shows."""
+    """Base of every job task: its progress events carry a line that Flower shows, and a
+    refusal or failure stork explains (StorkError) is expected: Celery logs it in one line
+    ("raised expected"), keeping tracebacks for bugs."""
+
+    throws = (StorkError,)
 
     def send_event(self, type_: str, retry: bool = True, retry_policy: Any = None, **fields: Any) -> Any:
         if type_ == "task-progress" and "result" not in fields:

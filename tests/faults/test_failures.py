@@ -63,3 +63,18 @@ def test_worker_logs_are_json_lines_bound_to_job_step_node_and_storage(client, v
     undo = next(line for line in lines if line["event"] == "job_undo")
     assert undo["job_id"] == job.id and undo["step"] == "copy_data" and undo["storage"] in ("local", "small")
     assert undo["node"] in ("node1", "node2") and undo["level"] == "info" and "timestamp" in undo
+
+
+def test_a_failed_step_is_logged_in_one_line_without_a_traceback(client, workers, vmid, small_fs):
+    """A failure stork explains (here: no space left) is a structured warning and Celery's one
+    'raised expected' line; tracebacks are kept for bugs."""
+    g, c = vmid(), vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "64M"}})
+    with open(storage_path("local") / f"{g}/vm-{g}-disk-0.raw", "r+b") as f:
+        f.write(os.urandom(48 * PATTERN_MIB))
+    job = client.run("full_clone", vmid=g, newid=c, storage="small")
+    assert job.state == "failed"
+    lines = [line for w in workers.values() for line in w.log.read_text().splitlines() if f"local:{g}/" in line]
+    assert any('"step_failed"' in line and job.id in line and "No space left" in line for line in lines), lines
+    assert any("raised expected" in line for line in lines), lines
+    assert not any("raised unexpected" in line for line in lines), lines
