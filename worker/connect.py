@@ -6,10 +6,11 @@ Two kinds of client come out of one config, and both fail over the same way:
   sentinels, `Sentinel(...).master_for(...)`, whose connections ask the sentinels for the
   master each time they connect, and drop a connection that finds a demoted master
   (READONLY) so the retry reaches the new one;
-- Celery's broker: kombu's `sentinel://` transport with `master_name`. Its channels retry
-  on the same errors (`broker_channel_error_retry`, celery#7946), and socket timeouts and
-  TCP keepalive make a master that stopped answering (a hung host, no RST) an error within
-  seconds instead of a hang (celery#6348: a lost connection is not a refused one).
+- Celery's broker: kombu's `sentinel://` transport (stork's subclass, worker/failover.py)
+  with `master_name`. Its channels retry on the same errors (`broker_channel_error_retry`,
+  celery#7946), and socket timeouts and TCP keepalive make a master that stopped answering
+  (a hung host, no RST) an error within seconds instead of a hang (celery#6348: a lost
+  connection is not a refused one).
 
 A process's role comes from STORK_ROLE, else from what the process is: a worker or beat is
 `worker`, the CLI and the Python client `producer`.
@@ -60,10 +61,12 @@ _redis_check_master_state = Sentinel.check_master_state
 Sentinel.check_master_state = _master_state_usable  # type: ignore[method-assign]
 
 # kombu picks a connection's transport by its URL's scheme, and again on each switch to the next
-# sentinel's URL after a lost connection: stork's Sentinel transport (worker/failover.py) has a
-# scheme of its own, or the first failover would hand the worker back to kombu's.
-SENTINEL_SCHEME = "stork-sentinel"
-TRANSPORT_ALIASES[SENTINEL_SCHEME] = "worker.failover:SentinelTransport"
+# sentinel's URL after a lost connection: its schemes name stork's transports (worker/failover.py)
+# in stork's processes, or the first failover would hand a worker back to kombu's own. (The
+# schemes stay kombu's: its Sentinel channel reads the sentinels from URLs named sentinel://,
+# and Flower knows brokers by them.)
+TRANSPORT_ALIASES.update({"redis": "worker.failover:Transport", "rediss": "worker.failover:Transport",
+                          "sentinel": "worker.failover:SentinelTransport"})
 
 class MasterConnection(SentinelManagedConnection):
     """A connection to the master the sentinels name *now*, on every (re)connect. redis-py's
@@ -185,12 +188,12 @@ def client(settings: RedisSettings, role_name: str, retry: Retry | None = None, 
 
 
 def _url(settings: RedisSettings, login: Login) -> str:
-    """kombu's URL: the url with the role's login, or one per sentinel (SENTINEL_SCHEME)."""
+    """kombu's URL: the url with the role's login, or one sentinel:// per sentinel."""
     auth = ""
     if login.user or login.password:
         auth = f"{quote(login.user or '', safe='')}{':' + quote(login.password, safe='') if login.password else ''}@"
     if settings.sentinels:
-        return ";".join(f"{SENTINEL_SCHEME}://{auth}{host}:{port}/{settings.db}" for host, port in settings.sentinels)
+        return ";".join(f"sentinel://{auth}{host}:{port}/{settings.db}" for host, port in settings.sentinels)
     parts = urlsplit(settings.url)
     if parts.scheme == "unix":
         return settings.url if not auth else urlunsplit(parts._replace(netloc=auth.rstrip("@") + "@"))
@@ -220,8 +223,6 @@ def celery_settings(settings: RedisSettings, role_name: str, visibility_timeout:
         "task_publish_retry_policy": {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5,
                                       "interval_max": 2.0},
     }
-    if not settings.sentinels and urlsplit(settings.url).scheme in ("redis", "rediss"):
-        found["broker_transport"] = "worker.failover:Transport"  # (with sentinels, the URL's scheme names it)
     if settings.wait_replicas:
         options["wait_replicas"] = settings.wait_replicas
     tls = _tls(settings)
@@ -238,10 +239,11 @@ def fails_over(r: redis.Redis) -> bool:
 
 def replicas_to_wait_for(pool: Any, wanted: int) -> int:
     """How many replicas a write must reach: `wanted` (redis.wait_replicas), less the replicas
-    every sentinel that answers calls down (s_down, o_down). The sentinels never promote one of
-    those, so waiting for it would only stall each write until it came back, while one they may
-    promote is always waited for. Without sentinels, or where none answers, `wanted`. Asked at
-    most once per DISCOVERY_INTERVAL per pool."""
+    every sentinel that answers calls down (s_down, o_down), when a majority of the sentinels
+    answer. The sentinels never promote one of those, so waiting for it would only stall each
+    write until it came back, while one they may promote is always waited for. Without
+    sentinels, or without a majority's answer, `wanted`. Asked at most once per
+    DISCOVERY_INTERVAL per pool."""
     manager = getattr(pool, "sentinel_manager", None)
     if manager is None or not wanted:
         return wanted
@@ -254,9 +256,11 @@ def replicas_to_wait_for(pool: Any, wanted: int) -> int:
         try:
             views.append(sentinel.sentinel_slaves(pool.service_name))
         except redis.RedisError:
-            continue  # a sentinel that does not answer cannot lead a failover either
-    count = wanted if not views else min(wanted, promotable(views))
-    pool._stork_replicas = (now, count)
+            continue
+    # only a majority's word lowers it: a client cut off with one sentinel would hear that every
+    # replica is down while the others promote one
+    count = min(wanted, promotable(views)) if 2 * len(views) > len(manager.sentinels) else wanted
+    pool._stork_replicas = (now if views else now + SENTINELS_AWAY, count)  # none answered: ask in a while
     return count
 
 
@@ -288,8 +292,9 @@ def write_replicated(r: redis.Redis, wanted: int, write: Callable[[redis.Redis],
     acked: int | None = None
     error = ""
     while time.monotonic() < deadline:
-        pinned = redis.Redis(connection_pool=pool, single_connection_client=True)
-        try:
+        pinned = None
+        try:  # the client connects as it is made (to the master the sentinels name): inside the retry
+            pinned = redis.Redis(connection_pool=pool, single_connection_client=True)
             write(pinned)
             connection = pinned.connection
             while time.monotonic() < deadline:
@@ -307,7 +312,8 @@ def write_replicated(r: redis.Redis, wanted: int, write: Callable[[redis.Redis],
             error = str(e)
             time.sleep(0.5)
         finally:
-            pinned.close()
+            if pinned is not None:
+                pinned.close()
     log.warning("write_not_replicated", replicas=acked, wanted=wanted, error=error)
     return False
 

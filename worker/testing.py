@@ -151,18 +151,26 @@ class SentinelGroup:
         self.tls = tls
         ports = [free_port() for _ in range(replicas + 1)]
         self.members: dict[int, RedisServer] = {}
+        self.sentinels: dict[int, subprocess.Popen[bytes]] = {}
+        try:
+            self._start(exe, data_dir, ports, sentinels, down_after_ms)
+        except BaseException:  # nothing left running behind a group that failed to start
+            self.stop()
+            raise
+
+    def _start(self, exe: str, data_dir: Path, ports: list[int], sentinels: int, down_after_ms: int) -> None:
+        replicas = len(ports) - 1
         for i, port in enumerate(ports):
             home = data_dir / f"redis-{port}"
             home.mkdir(parents=True, exist_ok=True)
             follow = ("--replicaof", "127.0.0.1", str(ports[0])) if i else ()
-            secure = ("--port", "0", "--tls-port", str(port), *self._tls_args()) if tls else ()
+            secure = ("--port", "0", "--tls-port", str(port), *self._tls_args()) if self.tls else ()
             self.members[port] = RedisServer(port, home, durable=True, extra=(*follow, *secure), **self._client_tls())
-        self.sentinels: dict[int, subprocess.Popen[bytes]] = {}
         for _ in range(sentinels):
             port = free_port()
             conf = data_dir / f"sentinel-{port}.conf"
             listen = f"port {port}\n"
-            if tls:  # the members' TLS arguments as config lines ("--tls-port 1" -> "tls-port 1")
+            if self.tls:  # the members' TLS arguments as config lines ("--tls-port 1" -> "tls-port 1")
                 args = self._tls_args()
                 pairs = zip(args[::2], args[1::2], strict=True)
                 listen = f"port 0\ntls-port {port}\n" + "".join(f"{k[2:]} {v}\n" for k, v in pairs)

@@ -293,6 +293,11 @@ def test_a_starter_that_lost_its_lease_submits_nothing_more(client, vmid):
     schedules._lease(client.r, name, slot, "the-other-starter")
     schedules._start(cfg, client.r, client.app, schedule, run, "me")
     assert run["jobs"] == {} and run["starting"] and client.r.get(f"stork:schedule:{name}:run:{slot}") is None
+    jobs = f"stork:schedule:{name}:run:{slot}:jobs"
+    assert not schedules._record_held(client.r, name, slot, "me", "jobs", str(g), "job-of-me")  # not its lease
+    assert not client.r.exists(jobs)
+    assert schedules._record_held(client.r, name, slot, "the-other-starter", "jobs", str(g), "job-of-other")
+    assert client.r.hgetall(jobs) == {str(g): "job-of-other"} and client.r.ttl(jobs) > 0
 
 
 def test_a_claimed_slot_is_recorded_with_its_run_and_lease_at_once(client, vmid):
@@ -389,3 +394,27 @@ def test_a_schedule_whose_job_cannot_be_submitted_stops_no_other(client, vmid, t
     assert "no.key" in schedules._last(client.r, broken)["refused"]["sync"]
     run = schedules._last(client.r, good)
     wait_for(lambda: ended(client, run["jobs"].values()), 120)
+
+
+def test_a_run_recorded_inline_keeps_its_jobs_when_pruned(client, vmid):
+    """A run recorded before runs kept their jobs in hashes (inline in its record), pruned after
+    the upgrade: its jobs move to the hash and `schedule list` still counts them."""
+    g = vmid()
+    name = f"inline{g}"
+    now = datetime.now(UTC)
+    slot = schedules.latest_slot(cron("* * * * *"), now).isoformat()
+    done = client.run("ping", node="node1")
+    client.r.set(f"stork:schedule:{name}:slot:{slot}", "1")
+    client.r.set(f"stork:schedule:{name}:last", slot)
+    client.r.set(f"stork:schedule:{name}:run:{slot}", json.dumps(
+        {"slot": slot, "line": "* * * * *", "jobs": {str(g): done.id}, "refused": {}, "pruned": False}))
+    cfg = replace(client.cfg, schedules={name: {"schedule": "* * * * *", "guests": [g], "storage": "backup",
+                                                "keep-last": 1}})
+    assert schedules.tick(cfg, client.r, client.app, now) == [name]  # it prunes
+    run = schedules._last(client.r, name)
+    assert run["pruned"] and run["jobs"] == {str(g): done.id}
+    assert "jobs" not in json.loads(client.r.get(f"stork:schedule:{name}:run:{slot}"))
+    [row] = [r for r in schedules.status(cfg, client.r, now) if r["name"] == name]
+    assert row["outcome"].startswith("1 succeeded")
+    for key in client.r.scan_iter(f"stork:schedule:{name}:*"):
+        client.r.delete(key)

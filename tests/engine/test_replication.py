@@ -16,7 +16,7 @@ from kombu import Connection
 
 from drivers import config
 from drivers.redis_settings import RedisSettings
-from worker import connect, testing
+from worker import connect, failover, testing
 
 DOWN_AFTER_MS = 2000
 
@@ -48,6 +48,9 @@ def test_a_celery_message_is_held_by_every_replica_when_the_send_returns(group):
     options = connect.celery_settings(s, "worker", 60)
     before = waits(group)
     with Connection(options["broker_url"], transport_options=options["broker_transport_options"]) as conn:
+        channel = conn.default_channel
+        assert isinstance(channel, failover.SentinelChannel)  # picked by the sentinel:// scheme
+        assert len(channel.client.connection_pool.sentinel_manager.sentinels) == len(group.sentinels)
         queue = conn.SimpleQueue("replicated-send")
         queue.put({"step": 1})
         queue.close()
@@ -80,4 +83,6 @@ def test_a_replica_the_sentinels_call_down_is_not_waited_for(group):
     finally:
         os.kill(victim.proc.pid, signal.SIGCONT)
     testing.wait_for(lambda: victim.client.get("while-down") == "1", 30, "the replica to catch up")
+    testing.wait_for(lambda: connect.replicas_to_wait_for(r.connection_pool, 2) == 2, 30, "the sentinels to see it up")
     assert connect.write_replicated(r, s.wait_replicas, lambda c: c.set("both-again", 1), patience=10)
+    assert victim.client.get("both-again") == "1"  # waited for again: it holds the write when the call returns

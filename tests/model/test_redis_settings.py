@@ -108,7 +108,7 @@ def test_a_config_holding_a_password_is_refused_when_world_readable(tmp_path, se
         ('[redis]\nurl = "rediss://10.0.0.5/1"\n[redis.users.producer]\nuser = "p"\npassword = "a b/@:"\n',
          "producer", "rediss://p:a%20b%2F%40%3A@10.0.0.5/1"),
         (SENTINELS + "db = 2\n[redis.users.worker]\nuser = \"w\"\npassword = \"x\"\n", "worker",
-         "stork-sentinel://w:x@10.0.0.1:26379/2;stork-sentinel://w:x@10.0.0.2:26379/2"),
+         "sentinel://w:x@10.0.0.1:26379/2;sentinel://w:x@10.0.0.2:26379/2"),
     ],
 )
 def test_the_broker_url_carries_the_roles_login(text, role, url):
@@ -198,8 +198,10 @@ def test_sends_are_replicated_only_where_replicas_are_waited_for():
     assert "wait_replicas" not in connect.celery_settings(parse(SENTINELS).redis, "worker", 60)[
         "broker_transport_options"]
     waited = connect.celery_settings(parse(SENTINELS + "wait_replicas = 2\n").redis, "worker", 60)
-    assert waited["broker_url"].startswith("stork-sentinel://")  # each sentinel's URL names stork's transport
-    assert resolve_transport("stork-sentinel") is failover.SentinelTransport
     assert waited["broker_transport_options"]["wait_replicas"] == 2
-    plain = connect.celery_settings(parse('[redis]\nwait_replicas = 1\n').redis, "worker", 60)
-    assert plain["broker_transport"] == "worker.failover:Transport"
+
+
+def test_kombus_schemes_name_storks_transports():
+    """Each URL kombu switches to after a lost connection picks its transport by scheme again."""
+    assert resolve_transport("sentinel") is failover.SentinelTransport
+    assert resolve_transport("redis") is resolve_transport("rediss") is failover.Transport

@@ -228,7 +228,20 @@ def _record_held(r: redis.Redis, name: str, slot: str, holder: str, part: str, k
 
 
 def _save(r: redis.Redis, name: str, run: dict[str, Any]) -> None:
-    r.set(_key(name, f"run:{run['slot']}"), _record_only(run), ex=SLOT_KEY_TTL)
+    """Save the run's record, and its jobs and refusals with it (a run recorded before they had
+    hashes of their own holds them inline: they move there)."""
+    with r.pipeline(transaction=False) as p:
+        for part in LISTED:
+            if run.get(part):
+                p.hset(_key(name, f"run:{run['slot']}:{part}"), mapping=run[part])
+                p.expire(_key(name, f"run:{run['slot']}:{part}"), SLOT_KEY_TTL)
+        p.set(_key(name, f"run:{run['slot']}"), _record_only(run), ex=SLOT_KEY_TTL)
+        p.execute()
+
+
+def _submitted_order(key: str) -> tuple[int, str]:
+    """A run's guest key in the order its jobs were submitted (guest ids ascending)."""
+    return (int(key), "") if key.isdigit() else (-1, key)
 
 
 def _jobs_of(r: redis.Redis, job_ids: list[str], page: int = 500) -> Iterator[dict[str, tuple[records.JobState, str]]]:
@@ -328,7 +341,7 @@ def _guests(cfg: Config, schedule: Schedule) -> list[int]:
     if schedule.guests == "all":
         return sorted(vmid for vmid in (g.vmid for g in GuestStore(cfg.guests_dir, cfg.lock_timeout).list())
                       if vmid not in schedule.exclude)
-    return list(schedule.guests)
+    return sorted(schedule.guests)  # in id order, as "all": the prune check reads the last first
 
 
 def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run: dict[str, Any],
@@ -408,8 +421,9 @@ def _prune_when_done(cfg: Config, r: redis.Redis, sender: Celery, schedule: Sche
     claimed with SET NX so two ticks do not both submit it)."""
     guest_of = {job_id: vmid for vmid, job_id in last["jobs"].items()}
     nodes = {}
-    # newest first: while the run goes on, its last jobs are the ones not ended (one page read)
-    for found in _jobs_of(r, list(guest_of)[::-1]):
+    # the last submitted first (guests go in id order): while the run goes on, they are the ones
+    # not ended, found in the first page read
+    for found in _jobs_of(r, sorted(guest_of, key=lambda job_id: _submitted_order(guest_of[job_id]), reverse=True)):
         if any(not state.terminal for state, _ in found.values()):
             return False
         nodes.update((guest_of[job_id], node) for job_id, (_, node) in found.items())  # an expired one: long over
