@@ -62,12 +62,9 @@ def _job_line(job: JobRecord) -> str:
 
 
 def _result_text(job: JobRecord) -> str:
-    lines = [_job_line(job)]
-    for key, value in job.result.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
-        lines.append(f"  {key}: {value}")
-    return "\n".join(lines)
+    from producer import results
+
+    return "\n".join([_job_line(job), *results.render(job.result)])
 
 
 def submit_and_wait(args: argparse.Namespace, client: Client, kind: str, **options: Any) -> int:

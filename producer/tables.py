@@ -59,6 +59,20 @@ def when(epoch: float | None) -> str:
     return datetime.datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
 
 
+def when_text(iso: str | None) -> str:
+    """An ISO time as stored (UTC, `Z` or an offset) as `when` shows times: local, to the
+    second; text that is not a time is left as it is."""
+    if not iso:
+        return "-"
+    try:
+        moment = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return iso
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return when(moment.timestamp())
+
+
 def duration(seconds: float | None) -> str:
     """1.2s, 4m05s, 2h03m: a duration as people read it."""
     if seconds is None or seconds < 0:

@@ -12,8 +12,9 @@ from drivers.backends.base import VolumeInfo
 from drivers.backup.records import Damaged, Snapshot
 from drivers.config import StorageConfig
 from drivers.guests import Guest
+from producer import results
 from producer.client import job_guests
-from producer.tables import duration, size, table, text, when
+from producer.tables import duration, size, table, text, when, when_text
 from worker.records import JobRecord
 
 
@@ -135,8 +136,10 @@ def job(j: JobRecord, times: Mapping[str, Mapping[str, float]]) -> str:
         steps.append([name, j.ran_on.get(name), when(t.get("start")), duration(took), outcome,
                       j.attempts.get(str(i), "")])
     parts = [head, "", table(["STEP", "NODE", "STARTED", "DURATION", "OUTCOME", "ATTEMPTS"], steps)]
-    if j.result:
-        parts += ["", _fields([(k, v) for k, v in j.result.items()])]
+    if shown := results.render(j.result, indent=""):
+        # a job that failed or was cancelled never committed: its undo removed what it had made
+        parts += ["", *(["undone:", *(f"  {line}" for line in shown)] if j.state.terminal and j.state != "succeeded"
+                        else shown)]
     if j.error:
         parts += ["", f"error: {j.error}"]
     if j.undo_errors:
@@ -153,7 +156,7 @@ def _fields(pairs: Iterable[tuple[str, object]]) -> str:
 
 
 def _verified(s: Snapshot) -> str:
-    return "-" if s.state.verify is None else f"{s.state.verify.state} {s.state.verify.time}"
+    return "-" if s.state.verify is None else f"{s.state.verify.state} {when_text(s.state.verify.time)}"
 
 
 def backups(found: Iterable[tuple[str, Snapshot | Damaged]]) -> str:
@@ -165,15 +168,16 @@ def backups(found: Iterable[tuple[str, Snapshot | Damaged]]) -> str:
 
 def _backup_row(sid: str, s: Snapshot | Damaged) -> list[object]:
     if isinstance(s, Damaged):
-        return [str(s.id), sid, s.id.vmid, s.id.time_text, "-", "-", "?", "DAMAGED", s.reason]
-    return [str(s.id), sid, s.id.vmid, s.id.time_text, size(s.manifest.size), size(s.manifest.written),
+        return [str(s.id), sid, s.id.vmid, when_text(s.id.time_text), "-", "-", "?", "DAMAGED", s.reason]
+    return [str(s.id), sid, s.id.vmid, when_text(s.id.time_text), size(s.manifest.size), size(s.manifest.written),
             s.state.protected, _verified(s), s.state.notes]
 
 
 def backup(sid: str, s: Snapshot) -> str:
     """A backup: what it holds and its state, then a row per disk."""
-    head = _fields([("backup", str(s.id)), ("storage", sid), ("guest", s.id.vmid), ("started", s.manifest.started),
-                    ("finished", s.manifest.finished), ("size", size(s.manifest.size)),
+    head = _fields([("backup", str(s.id)), ("storage", sid), ("guest", s.id.vmid),
+                    ("started", when_text(s.manifest.started)), ("finished", when_text(s.manifest.finished)),
+                    ("size", size(s.manifest.size)),
                     ("new data", size(s.manifest.written)), ("protected", s.state.protected),
                     ("verified", _verified(s)), ("notes", s.state.notes)])
     disks = table(["DISK", "FORMAT", "SIZE", "FROM"],
@@ -184,8 +188,7 @@ def backup(sid: str, s: Snapshot) -> str:
 
 
 def prune_plan(decisions: Iterable[Mapping[str, Any]]) -> str:
-    return table(["ID", "ACTION", "WHY"], [[d["id"], "keep" if d["keep"] else "remove", d["reason"]]
-                                           for d in decisions])
+    return "\n".join(results.render_value("decisions", list(decisions)))
 
 
 def schedules(rows: Iterable[Mapping[str, Any]]) -> str:
@@ -202,5 +205,6 @@ def schedules(rows: Iterable[Mapping[str, Any]]) -> str:
     return table(["NAME", "SCHEDULE", "ACTION", "GUESTS", "STORAGE", "KEEP", "ENABLED", "LAST RUN", "OUTCOME",
                   "NEXT RUN"],
                  [[r["name"], r["schedule"], r["action"], guests(r), storage(r), keep(r), r["enabled"],
-                   r["last"] or "never", r["outcome"] or "-", r["next"] or "-"] for r in rows])
+                   when_text(r["last"]) if r["last"] else "never", r["outcome"] or "-", when_text(r["next"])]
+                  for r in rows])
 

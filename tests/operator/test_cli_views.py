@@ -133,3 +133,31 @@ def test_job_show_of_a_copy_on_one_node_says_its_export_steps_were_not_needed(st
     for skipped in ("export", "verify_copy", "end_export"):
         assert "not needed" in outcome[skipped] and "node" not in outcome[skipped], outcome
     assert all("done" in outcome[s].split() for s in ("allocate", "copy_data")), outcome
+
+
+def test_results_read_as_text_and_times_are_local_everywhere(stork, vmid, monkeypatch):
+    """A backup's result in KiB/MiB/GiB, a destroy's freed volumes a line each, and backup
+    list's TIME and VERIFIED in the local time zone, as job list's (TZ honoured); no reprs."""
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        g = vmid()
+        assert stork("guest", "create", g, "--disk", "scsi0=local:16M", "--disk", "scsi1=local:16M")[0] == 0
+        code, out, err = stork("backup", g, "--storage", "backup")
+        assert code == 0, err
+        assert re.search(r"^  size: +32\.0 MiB$", out, re.M) and not PYTHON_REPRS.search(out), out
+        backup_id = re.search(r"^  backup: +(\S+)$", out, re.M).group(1)
+        assert stork("verify", backup_id, "--storage", "backup")[0] == 0
+        code, out, _ = stork("backup", "list", g, "--storage", "backup")
+        [row] = [r for r in rows(out) if r and r[0] == backup_id]
+        assert row[3].endswith("+09:00") and row[-1].endswith("+09:00"), row  # TIME and VERIFIED
+        code, out, err = stork("guest", "destroy", g)
+        assert code == 0, err
+        freed = re.search(r"^  freed: +(\S+)\n +(\S+)$", out, re.M)
+        assert freed and {freed.group(1), freed.group(2)} == {f"local:{g}/vm-{g}-disk-0.raw",
+                                                              f"local:{g}/vm-{g}-disk-1.raw"}, out
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -525,7 +525,20 @@ def _make_bases(ctx: StepContext, plans: dict[str, dict]) -> None:
             usage.claim(ctx.r, plan["source"], ctx.job.id)  # its name is not free for others until the job ends
             ctx.fence(drv)
             drv.make_base(vol, base)
-    ctx.set_result(bases={key: pair[1] for key, pair in based.items()})
+    # the volumes made into bases are gone by their old names: the result names the bases only
+    sources = {pair[0] for pair in based.values()}
+    left = {k: v for k, v in ctx.job.result.pop("volumes", {}).items() if v not in sources}
+    ctx.set_result(bases={_base_label(ctx, key, pair[0]): pair[1] for key, pair in based.items()},
+                   **({"volumes": left} if left else {}))
+
+
+def _base_label(ctx: StepContext, key: str, source: str) -> str:
+    """How a base reads in the result: its disk slot; a lone volume made a base (`stork base`,
+    planned as "disk") by its owner's slot, else by the volume it was."""
+    if key != "disk":
+        return key
+    owner_disks = ctx.params.get("expect_disks") or {}
+    return next((slot for slot, volid in owner_disks.items() if volid == source), source)
 
 
 def unmake_bases(ctx: StepContext) -> None:
