@@ -14,6 +14,7 @@ from drivers.config import Config
 from drivers.errors import AlreadyExists, ConfigError, InvalidName, NotFound, Refused
 from drivers.guests import Guest, GuestStore
 from drivers.names import VolName
+from worker.jobs import usage
 
 
 def _only(options: dict[str, Any], allowed: set[str], kind: str) -> None:
@@ -539,6 +540,10 @@ def prepare_destroy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     guest = _guest(cfg, o.get("vmid"))
     guest.require_unlocked()
     used = {names.volume_id(v).storage for v in [*guest.disks.values(), *guest.unused]}
+    for volid in [*guest.disks.values(), *guest.unused]:  # before a job exists, where this node sees it
+        storage, vol = _volume(cfg, volid)
+        if vol.is_base and cfg.storage(storage).on_node(cfg.node):
+            usage.require_base_unread(driver_for(cfg.storage(storage)), vol, guest.vmid)
     params = {"lock_vmid": guest.vmid, "node": guest.node, "expect_disks": guest.disks, "expect_node": guest.node,
               "storages": _check_nodes(cfg, used, guest.node)}
     nodes = sorted({r["node"] for r in guest.replicas.values()})

@@ -796,9 +796,7 @@ def destroy_guest(ctx: StepContext) -> None:
         for volid, (drv, vol) in volumes.items():
             if drv.exists(vol):
                 drv.identity(vol)  # refuses an entry that is not a volume (named, with its path) before any free
-            if vol.is_base and drv.exists(vol) and (clones := drv.clones_of(vol)):
-                listed = ", ".join(drv.volid(c) for c in clones)
-                raise Refused(f"guest {vmid}: base {drv.volid(vol)} still has linked clones: {listed}")
+            usage.require_base_unread(drv, vol, vmid)
             if found := usage.job_users(ctx, volid):
                 raise Refused(f"{volid} is in use by {', '.join(found)}")
             if found := usage.guest_users(ctx, volid):

@@ -20,7 +20,9 @@ from collections.abc import Iterable
 import redis
 
 from drivers import names
+from drivers.backends.base import Driver
 from drivers.errors import Refused, StorkError
+from drivers.names import VolName
 from worker import records
 from worker.context import StepContext
 from worker.jobs import params
@@ -144,3 +146,11 @@ def prune_claims(r: redis.Redis, storages: Iterable[str]) -> int:
              for volname, job_id in claims.items() if job_id not in active]
     _drop(r, stale)
     return len(stale)
+
+
+def require_base_unread(drv: Driver, vol: VolName, vmid: int) -> None:
+    """Refuse to free guest `vmid`'s base while linked clones read through it (at submit, where
+    the storage is on this node, and again in the step, under the storage lock)."""
+    if vol.is_base and drv.exists(vol) and (clones := drv.clones_of(vol)):
+        listed = ", ".join(drv.volid(c) for c in clones)
+        raise Refused(f"guest {vmid}: base {drv.volid(vol)} still has linked clones: {listed}")
