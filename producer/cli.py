@@ -84,6 +84,10 @@ def submit_and_wait(args: argparse.Namespace, client: Client, kind: str, **optio
         _emit(args, _record_dict(job), _result_text(job))
     if str(job.state) == "succeeded":
         return 0
+    from producer import results
+
+    if found := results.render(results.split_undone(job.result, False)[0]):  # e.g. each backup a verify read
+        print("\n".join(found))
     print(f"stork: {_job_line(job)}", file=sys.stderr)  # the one line saying what went wrong
     return 1
 

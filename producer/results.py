@@ -21,6 +21,8 @@ SCALARS = frozenset({
     "vmid", "node", "template", "volid", "unlocked", "lock", "job", "backup", "storage", "warning", "destroyed",
     "dry_run", "pruned", "present", "chunks_removed", "chunks_kept", "partials_removed", "bad_chunks_removed",
 })
+# what a job made: a job that failed or was cancelled never committed, so its undo removed these
+MADE = frozenset({"volumes", "disks", "bases", "replicas", "exported"})
 # what the ping job records: the node that ran each of its steps
 PING_STEPS = frozenset({"pong_node", "pong_back", "pong_shared"})
 
@@ -72,3 +74,11 @@ def render(result: Mapping[str, Any], indent: str = INDENT) -> list[str]:
         out.append(f"{indent}{label + ':':<{width + 1}} {lines[0]}")
         out += [f"{indent}{' ' * (width + 2)}{line}" for line in lines[1:]]
     return out
+
+
+def split_undone(result: Mapping[str, Any], ended_well: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what stands, what the undo removed): of a job that did not succeed, what it had made
+    (MADE) was undone; what it found (a verify's states, a warning) stands either way."""
+    if ended_well:
+        return dict(result), {}
+    return ({k: v for k, v in result.items() if k not in MADE}, {k: v for k, v in result.items() if k in MADE})

@@ -136,10 +136,9 @@ def job(j: JobRecord, times: Mapping[str, Mapping[str, float]]) -> str:
         steps.append([name, j.ran_on.get(name), when(t.get("start")), duration(took), outcome,
                       j.attempts.get(str(i), "")])
     parts = [head, "", table(["STEP", "NODE", "STARTED", "DURATION", "OUTCOME", "ATTEMPTS"], steps)]
-    if shown := results.render(j.result, indent=""):
-        # a job that failed or was cancelled never committed: its undo removed what it had made
-        parts += ["", *(["undone:", *(f"  {line}" for line in shown)] if j.state.terminal and j.state != "succeeded"
-                        else shown)]
+    stands, undone = results.split_undone(j.result, not j.state.terminal or j.state == "succeeded")
+    if shown := [*results.render(stands, indent=""), *(["undone:", *results.render(undone)] if undone else [])]:
+        parts += ["", *shown]
     if j.error:
         parts += ["", f"error: {j.error}"]
     if j.undo_errors:

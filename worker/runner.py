@@ -351,6 +351,7 @@ def start_undo(r: redis.Redis, job: JobRecord, upto: int, final: JobState, error
             r, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.UNDOING, guard=guard,
             events=[events.make(job.id, job.kind, "failed", state=JobState.UNDOING, message=error)],
             error=error, final=str(final), undo=undo, undone=[], current=None, ctx=job.ctx,
+            result=job.result,  # with what the failing step found (a verify's damaged backups, each named)
         )
     except StateConflict:
         return  # someone else is failing it already, or it moved on

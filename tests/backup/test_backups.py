@@ -181,6 +181,7 @@ def test_one_damaged_backup_stops_no_other_backup_listing_prune_or_verify(stork,
         assert re.search(rf"^{re.escape(damaged)}\s+keep\s+damaged, kept: .*format version None", out, re.M)
         code, out, err = stork("verify", "--all", "--storage", "backup")
         assert code == 1 and re.search(rf"\d+ of \d+ backup\(s\) damaged: {re.escape(damaged)}: .*format version", err)
+        assert re.search(rf"{re.escape(damaged)} += damaged: .*format version", out), out  # each one named on stdout
         assert client.backup(second)[1].state.verify.ok  # verified, the damaged one notwithstanding
     finally:
         code, out, err = stork("backup", "forget", "--damaged", damaged)

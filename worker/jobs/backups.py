@@ -304,14 +304,16 @@ def verify_backups(ctx: StepContext) -> None:
     listing = None if ctx.params["backups"] else store.listing()
     unreadable = listing.damaged if listing else []
     ids = ctx.params["backups"] or [str(s.id) for s in _due(listing.snapshots, ctx.params.get("reverify_after"))]
-    states = {str(d.id): "damaged" for d in unreadable}
+    states = {str(d.id): f"damaged: {d.reason}" for d in unreadable}
     damaged = [f"{d.id}: {d.reason}" for d in unreadable]
     for n, bid in enumerate(ids):
         result = store.verify(bid)
         states[bid] = result.state
         if not result.ok:
-            damaged.append(f"{bid}: {result.problems[0]}" + (f" (and {len(result.problems) - 1} more)"
-                                                             if len(result.problems) > 1 else ""))
+            why = f"{result.problems[0]}" + (f" (and {len(result.problems) - 1} more)" if len(result.problems) > 1
+                                             else "")
+            states[bid] = f"{result.state}: {why}"  # each damaged backup named with its first problem
+            damaged.append(f"{bid}: {why}")
         ctx.progress(n + 1, len(ids), bid)
     ctx.set_result(verified=states)
     if damaged:
