@@ -260,7 +260,7 @@ def _dead_line(dead: dict[str, Any]) -> str:
 
 def cmd_job_dead(args: argparse.Namespace, client: Client) -> int:
     found = client.dead_letters(args.limit)
-    _emit(args, found, "\n".join(_dead_line(d) for d in found))
+    _emit(args, found, "\n".join(_dead_line(d) for d in found) or "no dead letters")
     return 0
 
 

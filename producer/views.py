@@ -192,7 +192,8 @@ def prune_plan(decisions: Iterable[Mapping[str, Any]]) -> str:
 
 def schedules(rows: Iterable[Mapping[str, Any]]) -> str:
     def guests(r: Mapping[str, Any]) -> str:
-        return "all" if r["guests"] == "all" else text(r["guests"])
+        chosen = "all" if r["guests"] == "all" else text(r["guests"])
+        return f"{chosen} except {text(r['exclude'])}" if r.get("exclude") else chosen
 
     def keep(r: Mapping[str, Any]) -> str:
         return " ".join(f"{k}={v}" for k, v in r["keep"].items() if v) or "-"

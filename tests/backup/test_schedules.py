@@ -202,6 +202,13 @@ def test_a_schedule_with_a_bad_crontab_does_not_stop_the_others(client, vmid):
     assert rows["worse"]["outcome"].startswith("not run: ") and "empty part" in rows["worse"]["outcome"]
     run = schedules._last(client.r, good)
     wait_for(lambda: ended(client, run["jobs"].values()), 120)
+    # its crontab broken later: not run now, its history still shown, enabled as configured
+    broken = replace(cfg, schedules={good: {**cfg.schedules[good], "schedule": "61 * * * *", "exclude": [7]}})
+    [row] = schedules.status(broken, client.r, now)
+    assert row["enabled"] and row["last"] == run["slot"] and "(last run: 1 succeeded)" in row["outcome"]
+    from producer import views
+
+    assert f"{g} except 7" in views.schedules([row])
 
 
 def test_a_run_whose_starter_died_is_resumed_once_its_lease_lapses(client, vmid):

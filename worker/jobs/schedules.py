@@ -451,15 +451,20 @@ def status(cfg: Config, r: redis.Redis, now: datetime | None = None) -> list[dic
     and its outcome (each job's state, refusals), and the next slot."""
     now = now or datetime.now(UTC)
     schedules, errors = parse_each(cfg)
-    rows = [{"name": name, "schedule": entry["schedule"], "action": entry.get("action", "backup"),
-             "guests": entry.get("guests", "all"), "storage": entry.get("storage"), "target": entry.get("target"),
-             "keep": {}, "enabled": False, "last": None, "outcome": f"not run: {error}", "next": None}
-            for name, error in errors.items() if (entry := cfg.schedules[name])]
+    rows = []
+    for name, error in errors.items():  # not run now, but its history stands
+        entry, last = cfg.schedules[name], _last(r, name)
+        rows.append({"name": name, "schedule": entry.get("schedule"), "action": entry.get("action", "backup"),
+                     "guests": entry.get("guests", "all"), "exclude": entry.get("exclude", []),
+                     "storage": entry.get("storage"), "target": entry.get("target"), "keep": {},
+                     "enabled": entry.get("enabled", True), "last": last["slot"] if last else None,
+                     "outcome": f"not run: {error}" + (f" (last run: {_outcome(r, last)})" if last else ""),
+                     "next": None})
     for s in schedules:
         last = _last(r, s.name)
         nxt = next_slot(s.cron, now)
         rows.append({"name": s.name, "schedule": s.line, "action": s.action,
-                     "guests": s.guests if s.guests == "all" else list(s.guests),
+                     "guests": s.guests if s.guests == "all" else list(s.guests), "exclude": sorted(s.exclude),
                      "storage": s.storage, "target": s.target, "keep": s.keep, "enabled": s.enabled,
                      "last": last["slot"] if last else None, "outcome": _outcome(r, last),
                      "next": nxt.isoformat() if nxt and s.enabled else None})
