@@ -461,15 +461,79 @@ def _submitter(name: str) -> Handler:
     return handler
 
 
+# each command's help ends with these (`stork COMMAND --help`), as `qm help` shows a command's use
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "storage list": ("stork storage list",),
+    "storage status": ("stork storage status",),
+    "volume list": ("stork volume list local",),
+    "volume info": ("stork volume info local:100/vm-100-disk-0.raw",),
+    "volume free": ("stork volume free local:100/vm-100-disk-1.raw",),
+    "guest create": ("stork guest create 100 --disk scsi0=local:8G --disk efidisk0=local:4M --name web",),
+    "guest import": ("stork guest import 100 --disk scsi0=/srv/images/debian.qcow2,storage=local",),
+    "guest list": ("stork guest list",),
+    "guest show": ("stork guest show 100",),
+    "guest destroy": ("stork guest destroy 100",),
+    "guest unlock": ("stork guest unlock 100",),
+    "guest migrate": ("stork guest migrate 100 node2", "stork guest migrate 100 node2 --storage-map local=fast"),
+    "redis users": ("stork redis users > /etc/redis/users.acl",),
+    "cluster key": ("stork cluster key /etc/stork/cluster.psk",),
+    "base": ("stork base local:100/vm-100-disk-0.raw --name debian-12",),
+    "template": ("stork template 9000",),
+    "template assemble": ("stork template assemble 9001 --disk scsi0=local:base/debian-12.raw",),
+    "template replicas": ("stork template replicas 9000",),
+    "template copy": ("stork template copy 9000 9002 --storage fast",),
+    "clone": ("stork clone 9000 101            (a template: a linked clone)",
+              "stork clone 100 102 --full --storage fast"),
+    "disk copy": ("stork disk copy local:100/vm-100-disk-0.raw fast --format qcow2",),
+    "disk move": ("stork disk move 100 scsi0 fast --delete-source",),
+    "disk add": ("stork disk add 100 scsi1=local:16G scsi2=local:base/data.raw",),
+    "disk detach": ("stork disk detach 100 scsi1",),
+    "disk remove": ("stork disk remove 100 scsi1",),
+    "disk resize": ("stork disk resize 100 scsi0 +4G", "stork disk resize local:100/vm-100-disk-0.raw 16G"),
+    "ping": ("stork ping --node node2",),
+    "backup run": ("stork backup 100 101 --storage backup --notes 'before the upgrade'",
+                   "stork backup --all --exclude 9000"),
+    "backup list": ("stork backup list 100",),
+    "backup show": ("stork backup show backup:vm/100/2026-12-06T02:00:00Z",),
+    "backup protect": ("stork backup protect vm/100/2026-12-06T02:00:00Z",),
+    "backup unprotect": ("stork backup unprotect vm/100/2026-12-06T02:00:00Z",),
+    "backup forget": ("stork backup forget vm/100/2026-12-06T02:00:00Z",),
+    "backup sync": ("stork backup sync --from backup --to offsite --keep-daily 7",),
+    "backup serve": ("stork backup serve vm/100/2026-12-06T02:00:00Z scsi0 --port 10809",),
+    "backup key": ("stork backup key create /etc/stork/backup.key",),
+    "restore": ("stork restore vm/100/2026-12-06T02:00:00Z 200 --storage fast",),
+    "verify": ("stork verify vm/100/2026-12-06T02:00:00Z", "stork verify --all --storage backup --reverify-after 30"),
+    "prune": ("stork prune 100 --keep-daily 7 --keep-weekly 4 --dry-run",),
+    "gc": ("stork gc --storage backup",),
+    "schedule list": ("stork schedule list",),
+    "job list": ("stork job list --state failed --since 1d",),
+    "job show": ("stork job show 3f2a9c",),
+    "job watch": ("stork job watch 3f2a9c",),
+    "job cancel": ("stork job cancel 3f2a9c",),
+    "job dead": ("stork job dead --limit 10",),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stork", description="VM disk images: bases, templates, clones.")
+    parser = argparse.ArgumentParser(prog="stork", description="VM disk images: bases, templates, clones, backups.",
+                                     epilog="`stork COMMAND --help` shows a command's forms, with an example.")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--no-wait", action="store_true", help="for a command that submits a job: print its id, return")
     parser.add_argument("--config", metavar="FILE", help="the cluster config (default: STORK_CONFIG, ./stork.toml)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(parent: Any, name: str, handler: Handler, help_: str, submit: bool = False) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, help=help_)
+    def command(parent: Any, name: str, handler: Handler, help_: str, submit: bool = False,
+                description: str | None = None) -> argparse.ArgumentParser:
+        """A command; its help ends with its example (EXAMPLES). One whose name holds a dash is
+        the second word of another (`template copy` is template-copy): shown as such, not listed."""
+        shown_as = f"{parent_name(parent)} {name}".strip()
+        internal = "-" in name
+        if internal:
+            shown_as = name.replace("-", " ")
+        p = parent.add_parser(name, **({} if internal else {"help": help_}), description=description or help_,
+                              prog=f"stork {shown_as.removesuffix(' run')}",
+                              epilog="example:\n  " + "\n  ".join(EXAMPLES[shown_as]),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(handler=handler)
         # the global flags work after the subcommand too (SUPPRESS: not given here keeps the global value)
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
@@ -479,8 +543,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="print the job id and return")
         return p
 
-    def group(name: str, help_: str) -> Any:
-        return sub.add_parser(name, help=help_).add_subparsers(dest="action", required=True)
+    def group(name: str, help_: str, description: str | None = None, usage: str | None = None) -> Any:
+        p = sub.add_parser(name, help=help_, description=description or help_, usage=usage,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+        actions.stork_name = name  # type: ignore[attr-defined]
+        return actions
+
+    def parent_name(parent: Any) -> str:
+        return getattr(parent, "stork_name", "")
 
     storage = group("storage", "storages")
     command(storage, "list", cmd_storage_list, "list configured storages")
@@ -523,17 +594,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "base", _submitter("base"), "turn a volume into a read-only base image", True)
     p.add_argument("volid")
     p.add_argument("--name", help="base name (default: base-<vmid>-disk-<n>)")
-    command(sub, "template", _submitter("template"), "turn a guest into a template (also: template assemble, "
-            "template copy)", True).add_argument("vmid")
+    command(sub, "template", _submitter("template"), "turn a guest into a template; also template assemble, copy, "
+            "replicas", True, "turn a guest into a template (its disks become read-only base images); also:\n"
+            "  stork template assemble VMID --disk DISK=BASE...  a new template of existing base images\n"
+            "  stork template copy VMID NEWID [--storage S]       a new template of full copies of the bases\n"
+            "  stork template replicas VMID                       its replicas on other nodes"
+            ).add_argument("vmid")
     p = command(sub, "template-assemble", _submitter("template.assemble"),
-                "= template assemble VMID: a new template of existing base images", True)
+                "a new template of existing base images", True)
     p.add_argument("vmid")
     p.add_argument("--disk", action="append", help="DISK=BASE, e.g. scsi0=local:base/os.raw")
     p.add_argument("--name")
     command(sub, "template-replicas", cmd_template_replicas,
-            "= template replicas VMID: the template's replicas on other nodes").add_argument("vmid")
+            "the template's replicas on other nodes").add_argument("vmid")
     p = command(sub, "template-copy", _submitter("template.copy"),
-                "= template copy VMID NEWID: a new template of full copies of the bases", True)
+                "a new template of full copies of the bases", True)
     p.add_argument("vmid")
     p.add_argument("newid")
     p.add_argument("--storage")
@@ -578,13 +653,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", action="append", help="a node to reach (repeatable; default: every node the config names)")
     p.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait for the answers (default 5)")
 
-    p = command(sub, "backup-run", cmd_backup_run, "= backup VMID...: back up guests (one job each)", True)
+    p = command(sub, "backup-run", cmd_backup_run, "back up guests (one job each)", True)
     p.add_argument("vmids", nargs="*", metavar="VMID")
     p.add_argument("--all", action="store_true", help="every guest")
     p.add_argument("--exclude", metavar="VMID,...", help="with --all: guests to leave out")
     p.add_argument("--storage", help="the backup storage (default: the only one)")
     p.add_argument("--notes", help="a line kept with each backup")
-    backup = group("backup", "backups: backup VMID... [--storage B] [--notes T] | backup --all [--exclude ...]")
+    backup = group("backup", "back up guests, and the backups: list, show, protect, forget, sync, serve, key",
+                   "  stork backup VMID... [--storage B] [--notes T]   back up guests (one job each)\n"
+                   "  stork backup --all [--exclude VMID,...]          back up every guest\n"
+                   "  stork backup ACTION ...                          the backups (below)\n\n"
+                   "example:\n  stork backup 100 101 --storage backup\n  stork backup list 100",
+                   "stork backup VMID... | --all | ACTION ...")
     p = command(backup, "list", cmd_backup_list, "backups, oldest first")
     p.add_argument("vmid", nargs="?")
     p.add_argument("--storage")

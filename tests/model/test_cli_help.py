@@ -1,0 +1,49 @@
+"""What `--help` shows: every command's forms with an example, and no internal name (the
+parser's template-copy is `template copy`, backup-run is `backup VMID`)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from producer import cli
+
+Parsers = dict[tuple[str, ...], argparse.ArgumentParser]
+
+
+def _leaves(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()) -> Parsers:
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                found |= _leaves(child, (*words, name))
+            return found
+    return {words: parser}
+
+
+LEAVES = _leaves(cli.build_parser())
+
+
+def test_every_command_has_an_example():
+    shown = {" ".join(words).replace("-", " ") for words in LEAVES}
+    assert shown == set(cli.EXAMPLES), (shown ^ set(cli.EXAMPLES))
+
+
+@pytest.mark.parametrize("words", sorted(LEAVES), ids=[" ".join(w) for w in sorted(LEAVES)])
+def test_a_commands_help_ends_with_its_example(words):
+    text = LEAVES[words].format_help()
+    assert "\nexample:\n  stork " in text and "-" not in LEAVES[words].prog.removeprefix("stork")
+
+
+def test_the_top_help_names_no_internal_command():
+    text = cli.build_parser().format_help()
+    assert "template-" not in text and "backup-run" not in text and "COMMAND" in text
+
+
+def test_backup_and_templates_show_all_their_forms():
+    parser = cli.build_parser()
+    backup = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["backup"]
+    assert "stork backup VMID..." in backup.format_help() and "stork backup --all" in backup.format_help()
+    template = LEAVES[("template",)].format_help()
+    assert "stork template assemble VMID" in template and "stork template copy VMID NEWID" in template
