@@ -409,9 +409,10 @@ def index_all(r: redis.Redis, page: int = 500) -> int:
 
 def task_label(job: JobRecord) -> str:
     """The job in words for Flower's task list (each task's `label` kwarg, which the task
-    ignores): kind, guests, disks, volume, storages (source->target for a copy) and the job
-    id, e.g. "full_clone 100->101 scsi0 local->fast, job 3f2a9c1e0b12". Built from a record
-    that may have been forged, so it never fails and stays short."""
+    ignores): the job id first (what an operator searches for, and Flower cuts a long cell
+    at its end), then kind, guests, disks, volume, storages (source->target for a copy), e.g.
+    "job 3f2a9c1e0b12: full_clone 100->101 scsi0 local->fast". Built from a record that may
+    have been forged, so it never fails and stays short."""
     try:
         p = job.params if isinstance(job.params, dict) else {}
         guests = "->".join(dict.fromkeys(str(p[k]) for k in ("vmid", "lock_vmid", "new_vmid") if p.get(k) is not None))
@@ -432,4 +433,4 @@ def task_label(job: JobRecord) -> str:
         text = " ".join(w[:80] for w in words if w)
     except Exception:  # a label is never worth failing a send
         text = str(job.kind)[:80]
-    return f"{text[:200]}, job {job.id}"
+    return f"job {job.id}: {text[:200]}"

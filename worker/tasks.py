@@ -68,6 +68,12 @@ class StorkTask(Task):
 
     throws = (StorkError,)
 
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Flower's RESULT column shows a task's last progress line: a failed step says its error
+        there instead (an event that changes no state, as progress does)."""
+        with contextlib.suppress(Exception):  # an event is never worth more than the failure itself
+            self.send_event("task-progress", result=f"failed: {exc}"[:300])
+
     def send_event(self, type_: str, retry: bool = True, retry_policy: Any = None, **fields: Any) -> Any:
         if type_ == "task-progress" and "result" not in fields:
             fields["result"] = progress_text(fields)

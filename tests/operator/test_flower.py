@@ -61,10 +61,10 @@ def _job(kind: str, params: Any, job_id: str = "0123456789ab") -> Any:
     ("create", ["not", "a", "table"], "create"),
 ])
 def test_a_task_label_names_the_job_in_words(kind, params, label):
-    """Each task's label: kind, guests, disks, volume, storages (source->target), job id."""
+    """Each task's label: the job id first, then kind, guests, disks, volume, storages (source->target)."""
     from worker.records import task_label
 
-    assert task_label(_job(kind, params)) == f"{label}, job 0123456789ab"
+    assert task_label(_job(kind, params)) == f"job 0123456789ab: {label}"
 
 
 def test_a_progress_event_carries_a_line_flower_shows():
@@ -166,7 +166,7 @@ def test_labelled_messages_pass_the_dead_letter_check_and_recovery_reads_their_j
             runner.dispatch_undo(job)
             raws = r.lrange(queue, 0, -1)
             assert len(raws) == 2
-            label = f"full_clone 1->2 local, job {job.id}"
+            label = f"job {job.id}: full_clone 1->2 local"
             for raw in raws:
                 envelope = deadletter.check(raw.encode(), app.tasks, prepare_accept_content(["json"]))
                 args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
@@ -259,7 +259,7 @@ def test_a_running_copy_shows_its_label_and_progress(cancelled_copy):
     """The copy task is PROGRESS with percent, bytes and rate in its result, and its label
     (kind, guests, disk, storage, job id) as its kwargs: in the API and on its task page."""
     task, job = cancelled_copy.running, cancelled_copy.job
-    label = f"full_clone {job.params['vmid']}->{job.params['new_vmid']} scsi0 local, job {job.id}"
+    label = f"job {job.id}: full_clone {job.params['vmid']}->{job.params['new_vmid']} scsi0 local"
     assert task["state"] == "PROGRESS" and task["kwargs"] == label and task["args"] == f"['{job.id}']"
     assert PROGRESS.match(task["result"]), task["result"]
     page = cancelled_copy.running_page  # read a moment later: the copy may have sent one more event
@@ -307,7 +307,7 @@ def test_a_clone_lists_every_step_succeeded_and_a_duplicate_ends_ignored(flower,
     done = wait_for(lambda: (t := flower.tasks(job.id)) and sorted(x["state"] for x in t.values()) == ["SUCCESS"] * 5
                     and t, 10, "the clone's steps")
     assert sorted(t["name"] for t in done.values()) == sorted(f"stork.full_clone.{s}" for s in steps)
-    assert {t["kwargs"] for t in done.values()} == {f"full_clone {g}->{c} scsi0 local->shared, job {job.id}"}
+    assert {t["kwargs"] for t in done.values()} == {f"job {job.id}: full_clone {g}->{c} scsi0 local->shared"}
     runner.send_steps(client.job(job.id), 0)
     again = wait_for(lambda: flower.task(job.id, "stork.full_clone.lock_guest", "IGNORED"), 10, "the duplicate")
     assert again["result"] == f"not run: job {job.id} is succeeded with 8 of 8 steps done " \
@@ -315,7 +315,8 @@ def test_a_clone_lists_every_step_succeeded_and_a_duplicate_ends_ignored(flower,
 
 
 def test_a_failing_step_ends_failed(flower, client, tmp_path):
-    """A step that fails (here: a guest folder that is a symlink) is FAILURE with the reason."""
+    """A step that fails (here: a guest folder that is a symlink) is FAILURE with the reason,
+    in its exception and in the RESULT column."""
     g = next(_vmids)
     storage_path("local").mkdir(parents=True, exist_ok=True)
     (storage_path("local") / str(g)).symlink_to(tmp_path)
@@ -326,6 +327,9 @@ def test_a_failing_step_ends_failed(flower, client, tmp_path):
     assert job.state == "failed"
     failed = wait_for(lambda: flower.task(job.id, "stork.create.allocate", "FAILURE"), 10, "the failed step")
     assert "not a directory" in failed["exception"]
+    # its RESULT column says the error, not a progress line
+    wait_for(lambda: "not a directory" in (flower.task(job.id, "stork.create.allocate")["result"] or ""), 10,
+             "the error in the result column")
     wait_for(lambda: {t["state"] for t in flower.tasks(job.id).values()} <= FINAL, 10, "every task to end")
 
 
