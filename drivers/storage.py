@@ -41,6 +41,10 @@ def _dataset(v: Any) -> bool:
 
 
 PATH = Option(is_path_text, "a directory path", required=True, is_path=True)
+# as Proxmox VE's dir storage: make the directory when it is missing; refuse a directory that
+# should be a mounted file system and is not (nothing is written onto the disk under the mount)
+MKDIR = Option(lambda v: isinstance(v, bool), "true or false", default=True)
+IS_MOUNTPOINT = Option(lambda v: isinstance(v, bool), "true or false", default=False)
 POOL = Option(_dataset, "a pool or dataset name (letters, digits, _ . : -, parts joined by /)", required=True)
 
 

@@ -100,6 +100,11 @@ class Driver(ABC):
     def __init__(self, storage: StorageConfig) -> None:
         self.storage = storage
 
+    @property
+    def preferred_format(self) -> str:
+        """The format of a new volume when none is given: the storage's `format`, else the driver's."""
+        return str(self.storage.options.get("format") or self.default_format)
+
     # ---- the method table a backend writes ------------------------------------------
     @abstractmethod
     def image(self, vol: VolName, write: bool = False) -> AbstractContextManager[qemu.Image]:

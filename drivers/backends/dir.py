@@ -27,7 +27,7 @@ from drivers.backends.base import Driver
 from drivers.errors import NotFound, Refused
 from drivers.names import FORMATS, VolName
 from drivers.safedir import SafeDir, copy_contents, identity, set_immutable
-from drivers.storage import PATH, StorageConfig
+from drivers.storage import IS_MOUNTPOINT, MKDIR, PATH, Option, StorageConfig
 
 ALL = frozenset(FORMATS)
 OVERLAYS = ".overlays"  # blank overlays of bases, copied to make linked clones
@@ -54,7 +54,8 @@ class DirDriver(Driver):
         "resize": {"current": ALL},
         "move": {"current": ALL, "base": ALL},  # a base only while no linked clone reads through it
     }
-    OPTIONS = {"path": PATH}
+    OPTIONS = {"path": PATH, "mkdir": MKDIR, "is_mountpoint": IS_MOUNTPOINT,
+               "format": Option(lambda v: v in FORMATS, f"the format of new volumes: {' or '.join(FORMATS)}")}
 
     def __init__(self, config: StorageConfig) -> None:
         super().__init__(config)
@@ -63,7 +64,20 @@ class DirDriver(Driver):
 
     @property
     def _dir(self) -> SafeDir:
+        self.activate()
         return SafeDir(self.root)
+
+    def activate(self) -> None:
+        """Ready the directory for use, as Proxmox VE activates a dir storage, the same for a
+        status and a job: refused when `is_mountpoint` and nothing is mounted there (what would
+        be written goes onto the disk under the mount), made when missing and `mkdir` (the
+        default), else refused."""
+        if self.storage.options.get("is_mountpoint") and not os.path.ismount(self.root):
+            raise Refused(f"storage {self.storage.id!r}: {self.root} is not a mounted file system (is_mountpoint)")
+        if not self.root.is_dir():
+            if not self.storage.options.get("mkdir", True):
+                raise Refused(f"storage {self.storage.id!r}: {self.root} does not exist (and mkdir = false)")
+            self.root.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
     def _opened(self, vol: VolName, write: bool = False) -> Iterator[int]:
@@ -221,6 +235,7 @@ class DirDriver(Driver):
             self._dir.remove_folder_if_empty(_folder(vol))  # the guest's folder, once it holds nothing
 
     def status(self) -> tuple[int, int, int]:
+        self.activate()
         st = os.statvfs(self.root)
         total, avail = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
         return total, total - st.f_bfree * st.f_frsize, avail

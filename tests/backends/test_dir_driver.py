@@ -9,8 +9,9 @@ import pytest
 
 from drivers import driver_for
 from drivers.config import StorageConfig
-from drivers.errors import AlreadyExists, FeatureUnsupported, NotFound
+from drivers.errors import AlreadyExists, FeatureUnsupported, NotFound, Refused
 from drivers.names import VolName
+from tests.helpers import tmpfs
 
 
 @pytest.fixture
@@ -132,3 +133,50 @@ def test_unknown_volume_is_not_found(drv):
     """Info on a volume that is not there names it."""
     with pytest.raises(NotFound, match=r"unknown volume local:100/vm-100-disk-9\.raw"):
         drv.info(VolName(100, "vm-100-disk-9", "raw"))
+
+
+# ---- the storage's own keys: format, mkdir, is_mountpoint (as Proxmox VE's dir storage) ----------
+
+
+def _dir(tmp_path: Path, **options) -> object:
+    return driver_for(StorageConfig("d", "dir", options={"path": tmp_path / "d", **options}))
+
+
+def test_a_missing_directory_is_made_by_status_and_jobs_alike(tmp_path):
+    """mkdir (the default): the first status makes it, as the first job would; both agree."""
+    drv = _dir(tmp_path, mkdir=True)
+    assert drv.status()[0] > 0 and (tmp_path / "d").is_dir()
+
+
+def test_with_mkdir_false_a_missing_directory_is_refused_everywhere(tmp_path):
+    drv = _dir(tmp_path, mkdir=False)
+    for use in (drv.status, lambda: drv.allocate(drv.next_disk_name(100, "raw"), 1 << 20)):
+        with pytest.raises(Refused, match=r"storage 'd': .*/d does not exist \(and mkdir = false\)"):
+            use()
+    assert not (tmp_path / "d").exists()
+
+
+def test_is_mountpoint_refuses_a_directory_with_nothing_mounted(tmp_path):
+    """Nothing is written onto the disk under an unmounted mount point; once mounted, it serves."""
+    (tmp_path / "d").mkdir()
+    drv = _dir(tmp_path, is_mountpoint=True)
+    with pytest.raises(Refused, match=r"is not a mounted file system \(is_mountpoint\)"):
+        drv.allocate(drv.next_disk_name(100, "raw"), 1 << 20)
+    assert list((tmp_path / "d").iterdir()) == []
+    with tmpfs(tmp_path / "d", "8m"):
+        vol = drv.next_disk_name(100, "raw")
+        drv.allocate(vol, 1 << 20)
+        assert drv.exists(vol)
+        drv.free(vol)
+
+
+def test_a_storages_format_is_the_default_of_new_volumes(tmp_path):
+    from drivers import config
+    from worker.jobs import prepare
+
+    text = ('[storage.q]\ntype = "dir"\npath = "q"\nformat = "qcow2"\n'
+            '[storage.r]\ntype = "dir"\npath = "r"\n')
+    cfg = config.parse(text, tmp_path / "s.toml", {"STORK_NODE": "n"})
+    assert prepare._format(cfg, "q", None) == "qcow2" and prepare._format(cfg, "r", None) == "raw"
+    assert prepare._format(cfg, "q", "raw") == "raw"  # said on the command line: that one
+    assert prepare._format(cfg, "q", None, default="raw") == "raw"  # a copy keeps its source's format

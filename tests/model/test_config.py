@@ -76,7 +76,11 @@ def test_storages_know_which_nodes_they_exist_on():
         ("[storage.x]\ntype = 'dir'\n", r"storage.x.path is missing \(dir storage needs a directory path\)"),
         ("[storage.x]\npath = 'p'\n", r"storage.x.type is missing"),
         ("[storage.x]\ntype = 'dir'\npath = 'p'\nvgname = 'vg0'\n",
-         r"unknown key storage.x.vgname \(expected one of: type, content, shared, nodes, path\)"),
+         r"unknown key storage.x.vgname \(expected one of: type, content, shared, nodes, path, mkdir, is_mountpoint, "
+         r"format\)"),
+        ("[storage.x]\ntype = 'dir'\npath = 'p'\nformat = 'vmdk'\n",
+         r"storage.x.format = 'vmdk': expected the format of new volumes: raw or qcow2"),
+        ("[storage.x]\ntype = 'dir'\npath = 'p'\nmkdir = 'yes'\n", r"storage.x.mkdir = 'yes': expected true or false"),
         ("[storage.x]\ntype = 5\npath = 'p'\n", r"storage.x.type = 5: expected one of: dir"),
         ("[storage]\nx = 5\n", r"\[storage.x\] must be a table"),
         ("[storage.z]\ntype = 'zfs'\n", r"storage.z.pool is missing \(zfs storage needs a pool or dataset name"),

@@ -71,7 +71,7 @@ def _volume(cfg: Config, volid: str) -> tuple[str, VolName]:
 
 def _format(cfg: Config, storage: str, fmt: str | None, default: str | None = None) -> str:
     drv = driver_for(cfg.storage(storage))
-    fmt = names.image_format(fmt) if fmt else (default or drv.default_format)
+    fmt = names.image_format(fmt) if fmt else (default or drv.preferred_format)
     if fmt not in drv.formats:
         raise Refused(f"storage {storage!r} cannot hold {fmt} volumes")
     return fmt
