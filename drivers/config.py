@@ -426,13 +426,29 @@ def _validate(file: Path, data: dict[str, Any]) -> None:
 
 
 def _overlaps(paths: Mapping[str, Path]) -> tuple[str, str] | None:
-    """The first two names, in the given order, whose resolved paths are equal or one inside the other."""
+    """The first two names, in the given order, whose resolved paths are equal or one inside the
+    other, by name or as the file system sees them (a bind mount: another path, one directory)."""
     items = list(paths.items())
     for i, (a, path_a) in enumerate(items):
         for b, path_b in items[i + 1 :]:
-            if path_a.is_relative_to(path_b) or path_b.is_relative_to(path_a):
+            if path_a.is_relative_to(path_b) or path_b.is_relative_to(path_a) \
+                    or _inside_by_identity(path_a, path_b) or _inside_by_identity(path_b, path_a):
                 return a, b
     return None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:  # not there yet: only its name can overlap
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _inside_by_identity(inner: Path, outer: Path) -> bool:
+    """Whether `inner`, or a directory above it, is the directory `outer` (device and inode)."""
+    target = _identity(outer)
+    return target is not None and any(_identity(p) == target for p in (inner, *inner.parents))
 
 
 def _nested(places: Mapping[str, str]) -> tuple[str, str] | None:

@@ -436,3 +436,22 @@ def test_pools_and_namespaces_apart_are_separate_storages_and_rbd_is_shared():
                 "[storage.c]\ntype = 'zfs'\npool = 'tank/c'\n[storage.d]\ntype = 'zfs'\npool = 'tank/cd'\n")
     assert cfg.storage("a").shared and cfg.storage("b").shared and cfg.storage("a").on_node("anywhere")
     assert not cfg.storage("c").shared and cfg.storage("d").options["pool"] == "tank/cd"
+
+
+def test_a_bind_mount_of_one_storage_under_another_path_is_the_same_storage(tmp_path):
+    """Two paths, one directory (mount --bind): refused as one directory by name would be, and a
+    storage inside that other path too (compared by device and inode)."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "alias").mkdir()
+    (tmp_path / "images" / "sub").mkdir()
+    done = subprocess.run(["mount", "--bind", str(tmp_path / "images"), str(tmp_path / "alias")],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {done.stderr.strip()}")
+    try:
+        for other in ("alias", "alias/sub"):
+            text = f'[storage.a]\ntype = "dir"\npath = "images"\n[storage.b]\ntype = "dir"\npath = "{other}"\n'
+            with pytest.raises(ConfigError, match=r"storages 'a' and 'b' overlap"):
+                config.parse(text, tmp_path / "stork.toml", {"STORK_NODE": "n"})
+    finally:
+        subprocess.run(["umount", str(tmp_path / "alias")], check=False)
