@@ -222,6 +222,8 @@ class Client:
                               orphan=info.volid not in users and info.volid not in owned) for info in infos]
             found += [VolumeInfo(drv.volid(v), v.fmt, 0, 0, v.is_base, users=tuple(users.get(drv.volid(v), ())),
                                  problem=problem) for v, problem in drv.strays()]
+            found += [VolumeInfo(f"{sid}:{name}/", "-", 0, 0, name == "base", problem=problem)
+                      for name, problem in drv.stray_folders()]  # a guest folder that is a symlink, say
         return sorted(found, key=lambda v: v.volid)
 
     def _owned_by_jobs(self) -> set[str]:

@@ -126,6 +126,12 @@ class Driver(ABC):
         A backend whose volumes are not files has none."""
         return []
 
+    def stray_folders(self) -> list[tuple[str, str]]:
+        """Entries named like a folder of volumes (a guest's, `base`) that are not directories (a
+        symlink to elsewhere, a file), each with what is wrong with it: their volumes are not
+        the storage's, and are listed as such. A backend whose volumes are not files has none."""
+        return []
+
     @abstractmethod
     def exists(self, vol: VolName) -> bool: ...
 

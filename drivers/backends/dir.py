@@ -26,7 +26,7 @@ from drivers import faults, names, qemu
 from drivers.backends.base import Driver
 from drivers.errors import NotFound, Refused
 from drivers.names import FORMATS, VolName
-from drivers.safedir import SafeDir, copy_contents, identity, set_immutable
+from drivers.safedir import SafeDir, copy_contents, identity, kind_of, set_immutable
 from drivers.storage import IS_MOUNTPOINT, MKDIR, PATH, Option, StorageConfig
 
 ALL = frozenset(FORMATS)
@@ -108,6 +108,14 @@ class DirDriver(Driver):
                 with contextlib.suppress(names.InvalidName):
                     found.append((names.volname(f"{name}/{entry}"), self._dir.problem(folder, entry)))
         return sorted(found, key=lambda s: str(s[0]))
+
+    def stray_folders(self) -> list[tuple[str, str]]:
+        if not self.root.is_dir():
+            return []
+        with os.scandir(self.root) as entries:
+            odd = [e for e in entries if (e.name == "base" or e.name.isdigit()) and not e.is_dir(follow_symlinks=False)]
+            kinds = {e.name: kind_of(e.stat(follow_symlinks=False).st_mode) for e in odd}
+        return sorted((name, f"not a directory: {self.root / name} is {kind}") for name, kind in kinds.items())
 
     def _folders(self, owner: int | None) -> Iterator[tuple[str, int]]:
         """The volume folders (`base`, and one per guest id), opened; an absent one, or one

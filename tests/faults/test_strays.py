@@ -112,3 +112,22 @@ def test_guest_destroy_of_a_disk_replaced_by_a_stray_entry_is_refused_naming_its
         assert (storage_path("local") / str(g) / f"vm-{g}-disk-0.raw").is_file()
     finally:
         remove(path)
+
+
+def test_a_guest_folder_that_is_a_symlink_is_listed_as_not_a_volume(stork, vmid, tmp_path):
+    """local/<vmid> a symlink to a directory elsewhere: its files are not the storage's, and
+    `volume list` says so as `volume info` does, instead of leaving it out."""
+    g = vmid()
+    (tmp_path / f"vm-{g}-disk-0.raw").write_bytes(b"\0" * 4096)
+    folder = storage_path("local") / str(g)
+    folder.symlink_to(tmp_path)
+    try:
+        code, out, err = stork("volume", "list", "local")
+        assert code == 0, err
+        [row] = [line for line in out.splitlines() if line.startswith(f"local:{g}/")]
+        assert row.split()[0] == f"local:{g}/" and row.endswith("NOT A VOLUME (a symlink)"), row
+        code, _, err = stork("volume", "info", f"local:{g}/vm-{g}-disk-0.raw")
+        assert code == 1 and str(folder) in err
+    finally:
+        folder.unlink()
+    assert (tmp_path / f"vm-{g}-disk-0.raw").exists()  # never followed, never touched
