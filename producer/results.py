@@ -8,18 +8,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from producer.tables import size, table, text
+from producer.tables import size, table, text, when
 
 INDENT = "  "
 
 BYTES = frozenset({"size", "written", "bytes_removed"})
+TIMES = frozenset({"removable_after"})  # epoch seconds
 # keys whose value is a list of names, or a mapping of names (a disk slot to a volume, a backup
 # to its state): every one a line of its own
 LISTS = frozenset({"freed", "freed_replicas", "replicas", "exported", "copied"})
 MAPPINGS = frozenset({"disks", "volumes", "bases", "detached", "removed", "replaced", "reads", "verified", "kept"})
 SCALARS = frozenset({
     "vmid", "node", "template", "volid", "unlocked", "lock", "job", "backup", "storage", "warning", "destroyed",
-    "dry_run", "pruned", "present", "chunks_removed", "chunks_kept", "partials_removed", "bad_chunks_removed",
+    "dry_run", "pruned", "present", "chunks_too_new", "chunks_removed", "chunks_kept", "partials_removed",
+    "bad_chunks_removed",
 })
 # what a job made: a job that failed or was cancelled never committed, so its undo removed these
 MADE = frozenset({"volumes", "disks", "bases", "replicas", "exported"})
@@ -33,7 +35,7 @@ def _decisions(value: Any) -> list[str]:
 
 
 TABLES: dict[str, Callable[[Any], list[str]]] = {"decisions": _decisions}  # shown under their key
-KNOWN: frozenset[str] = BYTES | LISTS | MAPPINGS | SCALARS | PING_STEPS | frozenset(TABLES)
+KNOWN: frozenset[str] = BYTES | TIMES | LISTS | MAPPINGS | SCALARS | PING_STEPS | frozenset(TABLES)
 
 
 def _lines(value: Any) -> list[str]:
@@ -51,6 +53,8 @@ def render_value(key: str, value: Any) -> list[str]:
         return TABLES[key](value)
     if key in BYTES and isinstance(value, int) and not isinstance(value, bool):
         return [size(value)]
+    if key in TIMES and isinstance(value, int | float) and not isinstance(value, bool):
+        return [when(value)]
     if key in LISTS or key in MAPPINGS:
         return _lines(value)
     return [text(value)]

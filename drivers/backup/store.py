@@ -655,8 +655,8 @@ class ChunkStore:
         marked = self._referenced_chunks()  # listed only now, after the partials: see above
         for _, chunks in live:
             marked |= chunks
-        removed, freed, kept, bad = self._sweep_chunks(marked, cutoff, started - QUARANTINE)
-        return GcResult(removed, freed, kept, partials_removed, bad)
+        removed, freed, kept, bad, recent, newest = self._sweep_chunks(marked, cutoff, started - QUARANTINE)
+        return GcResult(removed, freed, kept, partials_removed, bad, recent, newest + margin if recent else None)
 
     def _live_partials(self) -> tuple[list[tuple[float, set[str]]], int]:
         """(start, chunks named so far) of each live writer; dead writers' partials and leftover
@@ -743,20 +743,25 @@ class ChunkStore:
                 raise NotFound(f"backup {id}: {missing[0]}: no such file")
             return self._indexed_chunks(folder, f"backup {id}: ", strict=True, sealed=sealed)
 
-    def _sweep_chunks(self, marked: set[str], cutoff: float, bad_cutoff: float) -> tuple[int, int, int, int]:
-        """(removed, bytes freed, kept, damaged removed) over every chunk folder."""
-        totals = [0, 0, 0, 0]
+    def _sweep_chunks(self, marked: set[str], cutoff: float, bad_cutoff: float
+                      ) -> tuple[int, int, int, int, int, float]:
+        """(removed, bytes freed, kept, damaged removed, kept only for being newer than the
+        cutoff, the newest of those's mtime) over every chunk folder."""
+        totals = [0, 0, 0, 0, 0]
+        newest = 0.0
         try:
             with self._folder(CHUNKS) as folder, os.scandir(folder) as entries:
                 prefixes = sorted(e.name for e in entries if _PREFIX.fullmatch(e.name))
         except NotFound:
             self._open_root_or_raise()
-            return 0, 0, 0, 0
+            return 0, 0, 0, 0, 0, 0.0
         for prefix in prefixes:
             with self._prefix_locked(prefix, exclusive=True) as folder:
-                totals = [a + b for a, b in zip(totals, _sweep_prefix(folder, marked, cutoff, bad_cutoff), strict=True)]
-        removed, freed, kept, bad = totals
-        return removed, freed, kept, bad
+                *counts, latest = _sweep_prefix(folder, marked, cutoff, bad_cutoff)
+                totals = [a + b for a, b in zip(totals, counts, strict=True)]
+                newest = max(newest, latest)
+        removed, freed, kept, bad, recent = totals
+        return removed, freed, kept, bad, recent, newest
 
     def status(self) -> tuple[int, int, int]:
         """(total, used, available) bytes of the file system holding the store."""
@@ -805,19 +810,28 @@ def _fresh_mtime(folder: int, name: str) -> float:
         os.close(fd)
 
 
-def _sweep_prefix(folder: int, marked: set[str], cutoff: float, bad_cutoff: float) -> tuple[int, int, int, int]:
+def _sweep_prefix(folder: int, marked: set[str], cutoff: float, bad_cutoff: float
+                  ) -> tuple[int, int, int, int, int, float]:
     """Remove the unmarked chunk files and temp files older than `cutoff`, and damaged chunks
     moved aside before `bad_cutoff`, from one chunk folder (whose exclusive lock the caller
-    holds): (removed, bytes freed, kept, damaged removed)."""
-    removed = freed = kept = bad = 0
+    holds): (removed, bytes freed, kept, damaged removed, kept unmarked for being newer than
+    `cutoff`, the newest such mtime)."""
+    removed = freed = kept = bad = recent = 0
+    newest = 0.0
     with os.scandir(folder) as entries:
         for entry in entries:
             if not entry.is_file(follow_symlinks=False):
                 continue
             st = entry.stat(follow_symlinks=False)  # fetched now, under the lock
             if DIGEST_PATTERN.fullmatch(entry.name):
-                if entry.name in marked or st.st_mtime >= cutoff or _fresh_mtime(folder, entry.name) >= cutoff:
+                if entry.name in marked:
                     kept += 1
+                    continue
+                mtime = st.st_mtime if st.st_mtime >= cutoff else _fresh_mtime(folder, entry.name)
+                if mtime >= cutoff:  # no backup names it yet, but a writer may be about to
+                    kept += 1
+                    if mtime != float("inf"):  # (gone meanwhile: nothing to wait for)
+                        recent, newest = recent + 1, max(newest, mtime)
                     continue
                 removed, freed = removed + 1, freed + st.st_size
             elif entry.name.endswith(".bad") and DIGEST_PATTERN.fullmatch(entry.name[:-4]):
@@ -829,4 +843,4 @@ def _sweep_prefix(folder: int, marked: set[str], cutoff: float, bad_cutoff: floa
             os.unlink(entry.name, dir_fd=folder)
     if removed or bad:
         os.fsync(folder)
-    return removed, freed, kept, bad
+    return removed, freed, kept, bad, recent, newest

@@ -410,6 +410,9 @@ class TestGc:
         age(stale, 2 * HOUR)
         result = store.gc(now=time.time() - 1)
         assert (result.chunks_removed, result.chunks_kept, stale.exists(), fresh.exists()) == (0, 3, False, True)
+        # the orphan is kept for being new, and said so: when a gc will take it
+        mtime = chunk_path(store, orphan).stat().st_mtime
+        assert (result.chunks_too_new, result.removable_after) == (1, mtime + 300.0)
         result = store.gc(now=time.time() + HOUR)
         assert (result.chunks_removed, result.bytes_removed, result.chunks_kept) == (1, orphan_size, 2)
         assert not chunk_path(store, orphan).exists()
