@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -83,13 +84,17 @@ class TestBasesAndTemplates:
         assert not any(volume_path(v).exists() for v in before["disks"].values())
 
     def test_base_command_takes_a_name_in_the_base_namespace(self, stork, vmid):
-        """`base VOLID --name` is the seed's local:base/<name>.<fmt>; the guest follows the rename."""
+        """`base VOLID --name` is the seed's local:base/<name>.<fmt>; the guest that ran from the
+        disk keeps running, from a writable linked clone of the new base in the same slot."""
         g = vmid()
         guest = make_guest(stork, g, "scsi0=local:16M")
         code, out, err = stork("base", guest["disks"]["scsi0"], "--name", f"golden-{g}")
         assert code == 0, err
-        assert f"local:base/golden-{g}.raw" in out
-        assert json.loads(stork("--json", "guest", "show", g)[1])["disks"]["scsi0"] == f"local:base/golden-{g}.raw"
+        assert re.search(rf"^  bases: +scsi0 = local:base/golden-{g}.raw$", out, re.M), out
+        disk = json.loads(stork("--json", "guest", "show", g)[1])["disks"]["scsi0"]
+        assert disk == f"local:{g}/vm-{g}-disk-0.qcow2"  # the name the disk left free
+        clone = json.loads(stork("--json", "volume", "info", disk)[1])
+        assert clone["parent"] == f"local:base/golden-{g}.raw" and clone["base"] is False
         info = json.loads(stork("--json", "volume", "info", f"local:base/golden-{g}.raw")[1])
         assert info["base"] is True
 

@@ -125,6 +125,7 @@ FREE_REPLICAS = Step("free_replicas", steps.free_replicas, side="target", across
 RESERVE_NEW = Step("reserve_guest", steps.reserve_guest, steps.unreserve_guest, storage=False, release=True)
 MAKE_BASES = Step("make_bases", steps.make_bases, steps.unmake_bases)
 COMMIT_BASES = Step("commit_guest", steps.commit_bases, storage=False, commit=True)
+LINK_OWNER = Step("link_owner", steps.link_owner, steps.free_made)
 SWITCH = Step("switch_disks", steps.switch_disks, steps.unswitch_disks, storage=False, commit=True)
 SWITCH_NODE = Step("switch_node", steps.switch_node, storage=False, commit=True)
 FREE_SOURCES = Step("free_sources", steps.free_sources, side="source")
@@ -168,8 +169,8 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
     JobKind("full_clone", "clone a guest or template with full copies of its disks",
             (LOCK_GUEST, RESERVE_GUEST, EXPORT, ALLOCATE, COPY, VERIFY_ACROSS, END_EXPORT, COMMIT_NEW),
             prepare_full_clone),
-    JobKind("base", "turn a volume into a read-only base image",
-            (LOCK_GUEST, MAKE_BASES, COMMIT_BASES), prepare_base),
+    JobKind("base", "turn a volume into a read-only base image (a guest running from it keeps a linked clone)",
+            (LOCK_GUEST, MAKE_BASES, LINK_OWNER, COMMIT_BASES), prepare_base),
     JobKind("template", "turn a guest into a template (every disk a base)",
             (LOCK_GUEST, MAKE_BASES, COMMIT_BASES), prepare_template),
     JobKind("copy", "copy a volume to a storage",

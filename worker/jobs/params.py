@@ -187,6 +187,7 @@ PARAMS: dict[str, Check] = {
     "disks": _map_of(_disk_key, _table(PLAN)),
     "links": _map_of(names.disk_key, _table({"storage": names.storage_id, "replica": _volid})),  # a replica clone
     "bases": _map_of(_disk_key, _table(BASE_PLAN)),
+    "link_owner": _map_of(names.disk_key, _disk_key),  # base: the owner's slot -> the base it gets a clone of
     "volid": _volid,
     "size": _positive_int,
     "disk": names.disk_key,

@@ -434,9 +434,12 @@ def prepare_base(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     name = names.image_name(o["name"], "base name") if o.get("name") else None
     owner = _owner_of(cfg, volid)
     node = owner.node if owner else _node(o, cfg)
+    # a guest that runs from the disk keeps running: its slot gets a writable linked clone of the
+    # new base (a template's disks are bases already; an unused volume has no slot)
+    link = {slot: "disk" for slot, v in owner.disks.items() if v == volid} if owner and not owner.template else {}
     return {"lock_vmid": owner.vmid if owner else None, "refuse_template": "converting its disks",
             "expect_disks": owner.disks if owner else None, "expect_node": owner.node if owner else None,
-            "bases": {"disk": {"source": volid, "name": name}}, "node": node,
+            "bases": {"disk": {"source": volid, "name": name}}, "link_owner": link, "node": node,
             "storages": _check_nodes(cfg, {storage}, node)}
 
 

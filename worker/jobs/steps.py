@@ -562,6 +562,15 @@ def unmake_bases(ctx: StepContext) -> None:
         raise Refused(f"kept as base: {'; '.join(taken)}")
 
 
+def link_owner(ctx: StepContext) -> None:
+    """A base made of a disk a guest runs from (not a template's): that slot gets a writable
+    linked clone of the new base, so the guest still runs (committed by commit_bases)."""
+    guest_id = ctx.params.get("lock_vmid")
+    for slot, planned in ctx.params.get("link_owner", {}).items():
+        if guest_id is not None and slot not in ctx.data.get("made", {}):
+            _link(ctx, slot, ctx.data["based"][planned][1], guest_id)
+
+
 def commit_bases(ctx: StepContext) -> None:
     """Point the guest at its new bases and unlock it; a template only when every disk is a
     base (the commit point of base and template jobs)."""
@@ -573,13 +582,14 @@ def commit_bases(ctx: StepContext) -> None:
         guest = box[0]
         if guest.lock_job != ctx.job.id:
             return  # redelivered after it finished
-        disks = {key: renamed.get(volid, volid) for key, volid in guest.disks.items()}
+        made = ctx.data.get("made", {})  # a running guest's clones of its new bases (link_owner)
+        disks = {key: made.get(key) or renamed.get(volid, volid) for key, volid in guest.disks.items()}
         template = guest.template or bool(ctx.params.get("make_template"))
         if template and (writable := [v for v in disks.values() if not ctx.volname(v).is_base]):
             raise Refused(f"guest {vmid} cannot be a template: {', '.join(writable)} is not a base")
         unused = tuple(renamed.get(volid, volid) for volid in guest.unused)
         box[0] = guest.with_(disks=disks, unused=unused, template=template, lock="", lock_job="")
-    ctx.set_result(vmid=vmid, template=template)
+    ctx.set_result(vmid=vmid, template=template, **({"disks": dict(made)} if made else {}))
 
 
 # ---- guests --------------------------------------------------------------------------
