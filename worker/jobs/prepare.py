@@ -436,7 +436,13 @@ def prepare_base(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     node = owner.node if owner else _node(o, cfg)
     # a guest that runs from the disk keeps running: its slot gets a writable linked clone of the
     # new base (a template's disks are bases already; an unused volume has no slot)
-    link = {slot: "disk" for slot, v in owner.disks.items() if v == volid} if owner and not owner.template else {}
+    link: dict[str, str] = {}
+    if owner and not owner.template:
+        link = {slot: "disk" for slot, v in owner.disks.items() if v == volid}
+        if link and not driver_for(cfg.storage(storage)).has_feature("linked_clone", VolName(None, vol.name, vol.fmt)):
+            raise Refused(f"guest {owner.vmid} runs from {volid}, and storage {storage!r} cannot give it a linked "
+                          f"clone of a base to run from: make the guest a template ('stork template {owner.vmid}'), "
+                          "or detach the disk first")
     return {"lock_vmid": owner.vmid if owner else None, "refuse_template": "converting its disks",
             "expect_disks": owner.disks if owner else None, "expect_node": owner.node if owner else None,
             "bases": {"disk": {"source": volid, "name": name}}, "link_owner": link, "node": node,
