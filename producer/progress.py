@@ -23,10 +23,13 @@ def bar_line(event: dict[str, Any], steps: list[str], width: int = 24) -> str:
         return head
     frac = min(done / total, 1.0)
     filled = int(frac * width)
-    rate = event.get("rate") or 0
-    eta = f" ETA {int((total - done) / rate)}s" if rate > 0 and done < total else ""
+    rate = event.get("rate") or 0  # of data moved where the copy knows its data (holes go fast)
+    left = (event["data_total"] - (event.get("data_done") or 0)) if "data_total" in event else total - done
+    eta = f" ETA {int(left / rate)}s" if rate > 0 and done < total else ""
+    data = f" (data {human_bytes(event.get('data_done') or 0)}/{human_bytes(event['data_total'])})" \
+        if "data_total" in event else ""
     return (f"{head} [{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}% "
-            f"{human_bytes(done)}/{human_bytes(total)} {human_bytes(rate)}/s{eta}")
+            f"{human_bytes(done)}/{human_bytes(total)}{data} {human_bytes(rate)}/s{eta}")
 
 
 class ProgressView:

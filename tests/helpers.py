@@ -131,12 +131,14 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", str(path)], check=False)
 
 
-def qemu_img_of(pid: int) -> int | None:
-    """The qemu-img process that process `pid` (a pool process running a step) runs, if any."""
+def qemu_img_of(pid: int, command: str = "convert") -> int | None:
+    """The `qemu-img <command>` process that process `pid` (a pool process running a step) runs,
+    if any (a copy maps its source first: that one is not the copy)."""
     for entry in Path("/proc").iterdir():
         with contextlib.suppress(OSError, ValueError, IndexError):
             if (entry.name.isdigit() and (entry / "comm").read_text().strip() == "qemu-img"
-                    and int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid):
+                    and int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid
+                    and (entry / "cmdline").read_bytes().split(b"\0")[1] == command.encode()):
                 return int(entry.name)
     return None
 

@@ -114,18 +114,22 @@ class StepContext:
         if records.cancel_requested(self.r, self.job.id):
             raise JobCancelled(f"job {self.job.id} cancelled")
 
-    def progress(self, done: int, total: int, message: str = "") -> None:
-        """Report bytes done (throttled) and stop the step if the job was cancelled."""
+    def progress(self, done: int, total: int, message: str = "", data: tuple[int, int] | None = None) -> None:
+        """Report bytes done (throttled) and stop the step if the job was cancelled. `data`:
+        (bytes of data done, of data in all), where a copy knows them: the rate is then of data
+        moved, not of holes skipped."""
         now = time.monotonic()
+        moved = data[0] if data else done
         if not self._progress_start[0]:
-            self._progress_start = (now, done)
+            self._progress_start = (now, moved)
         if now - self._last_progress < PROGRESS_INTERVAL and done < total:
             return
         self._last_progress = now
         self.check_cancel()
         t0, d0 = self._progress_start
-        rate = (done - d0) / (now - t0) if now > t0 else 0.0
-        fields = {"done": done, "total": total, "rate": int(rate), "message": message}
+        rate = (moved - d0) / (now - t0) if now > t0 else 0.0
+        fields = {"done": done, "total": total, "rate": int(rate), "message": message,
+                  **({"data_done": data[0], "data_total": data[1]} if data else {})}
         events.emit(self.r, self.job.id, self.job.kind, "progress", step=self.step, node=self.node, **fields)
         if self.task is not None:
             try:

@@ -56,7 +56,9 @@ def progress_text(fields: dict[str, Any]) -> str:
         done, total, rate = int(fields.get("done", 0)), int(fields.get("total", 0)), int(fields.get("rate", 0))
         percent = f"{100 * done / total:.1f}% " if total > 0 else ""
         message = f" ({fields['message']})" if fields.get("message") else ""
-        return f"{percent}{human_bytes(done)} of {human_bytes(total)}, {human_bytes(rate)}/s{message}"
+        data = f" (data {human_bytes(int(fields['data_done']))} of {human_bytes(int(fields['data_total']))})" \
+            if "data_total" in fields else ""
+        return f"{percent}{human_bytes(done)} of {human_bytes(total)}{data}, {human_bytes(rate)}/s{message}"
     except (TypeError, ValueError):
         return ""
 

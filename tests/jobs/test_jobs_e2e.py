@@ -213,6 +213,8 @@ class TestJobs:
         progress = [e for e in seen if e["phase"] == "progress"]
         assert progress and progress[-1]["done"] == progress[-1]["total"] == 512 << 20
         assert all(e["step"] == "copy_data" and e["rate"] >= 0 for e in progress)
+        # the rate is of data moved: half the disk holds data, the other half holes
+        assert progress[-1]["data_done"] == progress[-1]["data_total"] == 256 << 20
 
     def test_cancel_during_a_copy_undoes_everything(self, client, vmid):
         """A cancelled full clone stops its copy, frees the target and removes the new guest."""
@@ -373,6 +375,10 @@ def test_progress_bar_shows_bytes_percent_rate_and_eta():
     line = bar_line({"step": "copy_data", "done": 1 << 30, "total": 4 << 30, "rate": 512 << 20},
                     ["lock_guest", "copy_data"], width=8)
     assert line == "[2/2] copy_data [##......]  25.0% 1.0 GiB/4.0 GiB 512.0 MiB/s ETA 6s"
+    # a copy that knows its data: the rate and the time left are of data, not of holes
+    line = bar_line({"step": "copy_data", "done": 8 << 30, "total": 16 << 30, "rate": 256 << 20,
+                     "data_done": 1 << 30, "data_total": 3 << 30}, ["copy_data"], width=8)
+    assert line == "[1/1] copy_data [####....]  50.0% 8.0 GiB/16.0 GiB (data 1.0 GiB/3.0 GiB) 256.0 MiB/s ETA 8s"
 
 
 def test_copies_send_celery_task_progress_events_for_flower(client, vmid):

@@ -74,6 +74,8 @@ def test_a_progress_event_carries_a_line_flower_shows():
     fields = {"done": 3 << 29, "total": 4 << 30, "rate": 120 << 20, "step": "copy_data", "message": "scsi0: local:1/a"}
     assert progress_text(fields) == "37.5% 1.5 GiB of 4.0 GiB, 120.0 MiB/s (scsi0: local:1/a)"
     assert progress_text({"done": 0, "total": 0, "rate": 0}) == "0 B of 0 B, 0 B/s"
+    assert progress_text({"done": 8 << 30, "total": 16 << 30, "rate": 1 << 30, "data_done": 1 << 30,
+                          "data_total": 3 << 30}) == "50.0% 8.0 GiB of 16.0 GiB (data 1.0 GiB of 3.0 GiB), 1.0 GiB/s"
     assert progress_text({"done": "x"}) == ""
 
 
@@ -252,7 +254,8 @@ def cancelled_copy(flower, client) -> CopyStory:
     return story
 
 
-PROGRESS = re.compile(r"^\d+\.\d% [\d.]+ (B|KiB|MiB|GiB) of 2\.0 GiB, [\d.]+ (B|KiB|MiB|GiB)/s \(scsi0: local:\d+/")
+PROGRESS = re.compile(r"^\d+\.\d% [\d.]+ (B|KiB|MiB|GiB) of 2\.0 GiB \(data [\d.]+ (B|KiB|MiB|GiB) of [\d.]+ GiB\), "
+                      r"[\d.]+ (B|KiB|MiB|GiB)/s \(scsi0: local:\d+/")
 
 
 def test_a_running_copy_shows_its_label_and_progress(cancelled_copy):

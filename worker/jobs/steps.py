@@ -272,6 +272,19 @@ def _open_source(ctx: StepContext, stack: contextlib.ExitStack, key: str, plan: 
     return _Source(plan["source"], _volume_size(ctx, plan["source"]), volume=(drv, vol))
 
 
+def _data_map(src: _Source) -> qemu.DataDone | None:
+    """Where the source's data lies, for a rate of data moved; None where it cannot be read
+    (the copy goes on all the same, its rate counting holes)."""
+    try:
+        if src.volume:
+            drv, vol = src.volume
+            with drv.image(vol) as image:
+                return qemu.DataDone(qemu.data_extents(image))
+        return qemu.DataDone(qemu.data_extents(src.image)) if src.image is not None else None
+    except (StorkError, OSError):
+        return None
+
+
 def copy_data(ctx: StepContext) -> None:
     """Copy every planned disk into its allocated volume, reporting bytes as it goes; each
     copy is flushed to stable storage before it counts as copied.
@@ -284,6 +297,9 @@ def copy_data(ctx: StepContext) -> None:
         sources = {key: _open_source(ctx, stack, key, plan) for key, plan in ctx.params["disks"].items()}
         total = sum(src.size for src in sources.values())
         offset = sum(sources[key].size for key in copied if key in sources)
+        maps = {key: _data_map(src) for key, src in sources.items()}
+        data_total = sum(m.total for m in maps.values() if m) if all(maps.values()) else None
+        data_offset = sum(m.total for key in copied if key in sources and (m := maps[key]))
         for key, src in sources.items():
             if key in copied:
                 continue
@@ -295,8 +311,10 @@ def copy_data(ctx: StepContext) -> None:
             ctx.data["copying"] = key
             ctx.save()
 
-            def progress(done: int, _total: int, before: int = offset, what: str = f"{key}: {src.label}") -> None:
-                ctx.progress(before + done, total, what)
+            def progress(done: int, _total: int, before: int = offset, data_before: int = data_offset,
+                         data: qemu.DataDone | None = maps[key], what: str = f"{key}: {src.label}") -> None:
+                moved = (data_before + data.at(done), data_total) if data and data_total is not None else None
+                ctx.progress(before + done, total, what, moved)
 
             if src.volume:
                 drv.copy_from(*src.volume, dst, progress)
@@ -307,6 +325,7 @@ def copy_data(ctx: StepContext) -> None:
                 assert src.image is not None
                 qemu.refuse_external(src.image.fds[0], src.label)  # still none after the copy
             offset += src.size
+            data_offset += m.total if (m := maps[key]) else 0
             copied.append(key)
             ctx.data.pop("copying")
             ctx.save()
