@@ -99,9 +99,10 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize(("what", "args", "message"), REFUSALS, ids=[r[0] for r in REFUSALS])
-def test_refusal(stork, world, what, args, message):
-    """The command exits 1 with one line naming what is wrong; nothing on disk changes."""
-    before = snapshot()
+def test_refusal(stork, world, client, what, args, message):
+    """The command exits 1 with one line naming what is wrong, before a job exists (each of
+    these needs no other node to tell); nothing on disk changes."""
+    before, jobs = snapshot(), [j.id for j in client.jobs(10)]
     code, out, err = stork(*args.format(**world).split(" "))
     after = snapshot()
     text = (err + out).strip()
@@ -109,6 +110,7 @@ def test_refusal(stork, world, what, args, message):
     assert message.format(**world) in text
     assert len(err.strip().splitlines()) == 1 and err.startswith("stork: ")
     assert before == after
+    assert [j.id for j in client.jobs(10)] == jobs, "refused by a job, not at submit"
 
 
 def test_a_refusal_at_submit_creates_no_job(stork, world, client):
