@@ -732,7 +732,18 @@ def build_parser() -> argparse.ArgumentParser:
     command(job, "cancel", cmd_job_cancel, "cancel a job (its undo runs)").add_argument("id")
     command(job, "dead", cmd_job_dead, "messages no worker could turn into a task, newest first").add_argument(
         "--limit", type=int, default=50)
+    _name_positionals(parser)
     return parser
+
+
+def _name_positionals(parser: argparse.ArgumentParser) -> None:
+    """Positional arguments as help shows them: VMID, NEWID, VOLID (as `qm help` does)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _name_positionals(child)
+        elif not action.option_strings and action.metavar is None:
+            action.metavar = action.dest.upper()
 
 
 def _vmid(text: str) -> int:
