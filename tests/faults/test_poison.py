@@ -255,6 +255,7 @@ def test_job_dead_lists_dead_letters_newest_first_and_as_json(
     assert second[:121] not in lines[0]  # the first 120 characters of raw
     assert " shared " in lines[0] and " node.node2 " in lines[1] and "not JSON" in lines[0]
 
+    assert stork("job", "dead", "--limit", "0")[1] == "no dead letters\n"  # never a blank line
     code, out, _ = stork("job", "dead", "--json", "--limit", "2")
     assert code == 0
     found = json.loads(out)

@@ -73,3 +73,29 @@ def test_every_key_a_step_records_is_one_the_renderer_knows():
     keys |= {"decisions", "removed", "dry_run", "warning"}  # what backups._prune returns, spread into the result
     keys |= {step.name for kind in KINDS.values() for step in kind.steps if step.name.startswith("pong")}
     assert keys and keys <= results.KNOWN, sorted(keys - results.KNOWN)
+
+
+def test_a_failed_jobs_made_volumes_read_as_undone_and_its_findings_stand():
+    result = {"volumes": {"scsi0": "local:1/a.raw"}, "verified": {"vm/1/a": "ok"}, "warning": "kept x"}
+    assert results.split_undone(result, True) == (result, {})
+    stands, undone = results.split_undone(result, False)
+    assert undone == {"volumes": {"scsi0": "local:1/a.raw"}} and stands == {"verified": {"vm/1/a": "ok"},
+                                                                             "warning": "kept x"}
+
+
+def test_schedule_list_shows_times_in_the_local_zone(monkeypatch):
+    import time
+
+    from producer import views
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        row = {"name": "nightly", "schedule": "0 2 * * *", "action": "backup", "guests": "all", "exclude": [7],
+               "storage": "backup", "target": None, "keep": {}, "enabled": True, "last": "2026-12-05T02:00:00+00:00",
+               "outcome": "1 succeeded", "next": "2026-12-06T02:00:00+00:00"}
+        text = views.schedules([row])
+        assert "2026-12-05T11:00:00+09:00" in text and "2026-12-06T11:00:00+09:00" in text and "all except 7" in text
+    finally:
+        monkeypatch.undo()
+        time.tzset()
