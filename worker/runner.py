@@ -229,10 +229,12 @@ def _run(ctx: StepContext, kind: JobKind, index: int) -> None:
         start_undo(r, job, index, JobState.FAILED, str(e), mine)
         raise
     except redis.RedisError as e:  # Redis away longer than the client's retries
+        log.warning("step_failed", error=f"lost Redis: {e}")
         start_undo(r, job, index, JobState.FAILED, f"step {ctx.step} lost its connection to Redis: {e}", mine)
         raise
     except OSError as e:  # a file system's refusal: say which file, not a Python repr
         where = f"{e.filename}: " if e.filename else ""
+        log.warning("step_failed", error=f"{where}{e.strerror or e}")
         start_undo(r, job, index, JobState.FAILED, f"step {ctx.step} failed: {where}{e.strerror or e}", mine)
         raise
     except Exception as e:

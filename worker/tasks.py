@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import redis
 import structlog
 from celery import Task
 from celery.exceptions import Ignore
@@ -65,10 +66,10 @@ def progress_text(fields: dict[str, Any]) -> str:
 
 class StorkTask(Task):
     """Base of every job task: its progress events carry a line that Flower shows, and a
-    refusal or failure stork explains (StorkError) is expected: Celery logs it in one line
-    ("raised expected"), keeping tracebacks for bugs."""
+    refusal or failure stork explains (StorkError, a file system's error, Redis away) is expected:
+    Celery logs it in one line ("raised expected"), keeping tracebacks for bugs."""
 
-    throws = (StorkError,)
+    throws = (StorkError, OSError, redis.RedisError)  # a file system's refusal, Redis away: said, not bugs
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Flower's RESULT column shows a task's last progress line: a failed step says its error
