@@ -429,26 +429,32 @@ def _overlaps(paths: Mapping[str, Path]) -> tuple[str, str] | None:
     """The first two names, in the given order, whose resolved paths are equal or one inside the
     other, by name or as the file system sees them (a bind mount: another path, one directory)."""
     items = list(paths.items())
+    chains = {name: _identities(path) for name, path in items}  # each path's and its parents', once
     for i, (a, path_a) in enumerate(items):
         for b, path_b in items[i + 1 :]:
             if path_a.is_relative_to(path_b) or path_b.is_relative_to(path_a) \
-                    or _inside_by_identity(path_a, path_b) or _inside_by_identity(path_b, path_a):
+                    or _inside(chains[a], chains[b]) or _inside(chains[b], chains[a]):
                 return a, b
     return None
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:  # not there yet: only its name can overlap
-        return None
-    return st.st_dev, st.st_ino
+def _identities(path: Path) -> list[tuple[int, int] | None]:
+    """(device, inode) of the path and of each directory above it; None for one not there yet
+    (only its name can overlap)."""
+    found: list[tuple[int, int] | None] = []
+    for p in (path, *path.parents):
+        try:
+            st = os.stat(p)
+        except OSError:
+            found.append(None)
+            continue
+        found.append((st.st_dev, st.st_ino))
+    return found
 
 
-def _inside_by_identity(inner: Path, outer: Path) -> bool:
-    """Whether `inner`, or a directory above it, is the directory `outer` (device and inode)."""
-    target = _identity(outer)
-    return target is not None and any(_identity(p) == target for p in (inner, *inner.parents))
+def _inside(inner: list[tuple[int, int] | None], outer: list[tuple[int, int] | None]) -> bool:
+    """Whether the first path, or a directory above it, is the second one (device and inode)."""
+    return outer[0] is not None and outer[0] in inner
 
 
 def _nested(places: Mapping[str, str]) -> tuple[str, str] | None:

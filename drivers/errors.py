@@ -34,6 +34,11 @@ class FeatureUnsupported(Refused):
     """The backend cannot do this with a volume in this state or format."""
 
 
+class StorageUnavailable(StorkError):
+    """A storage that cannot be used now but may be later (a mount point with nothing mounted):
+    not a decision that stands, so an undo meeting it is tried again."""
+
+
 class LockTimeout(StorkError):
     """A storage or guest lock could not be had in time."""
 

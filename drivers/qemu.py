@@ -7,7 +7,6 @@ volumes and find a base's clones without starting one qemu-img per file.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import errno
 import json
@@ -220,36 +219,18 @@ def convert(src: Image, dst: Image, size: int, progress: Progress | None = None,
         progress(size, size)
 
 
-def data_extents(image: Image) -> list[tuple[int, int]]:
-    """(offset, length) of each range of the image that holds data, in order, its backing
-    chain's included (`qemu-img map`): what a copy moves, where holes and zeros go fast."""
+MAP_TIMEOUT = 60.0  # seconds a map may take before a copy goes on without knowing its data
+
+
+def data_bytes(image: Image) -> int:
+    """Bytes of the image that hold data, its backing chain's included (`qemu-img map`): what
+    a copy moves; holes and zeros go fast. qemu-img's own progress is of these."""
     out = run([QEMU_IMG, "map", "--output=json", *_objects(image), "--", image.spec], f"mapping {image.label}",
-              image.all_fds)
+              image.all_fds, timeout=MAP_TIMEOUT)
     try:
-        return [(int(e["start"]), int(e["length"])) for e in json.loads(out) if e.get("data") and not e.get("zero")]
+        return sum(int(e["length"]) for e in json.loads(out) if e.get("data") and not e.get("zero"))
     except (ValueError, KeyError, TypeError):
         raise ToolFailed(f"mapping {image.label}: qemu-img map answered something unexpected") from None
-
-
-class DataDone:
-    """How many bytes of data lie below an offset of an image, from its `data_extents`: a
-    copy that has passed offset N has moved that much data (qemu-img goes front to back)."""
-
-    def __init__(self, extents: list[tuple[int, int]]) -> None:
-        self.starts = [start for start, _ in extents]
-        self.ends = [start + length for start, length in extents]
-        self.before: list[int] = []  # data in the extents before each one
-        total = 0
-        for _, length in extents:
-            self.before.append(total)
-            total += length
-        self.total = total
-
-    def at(self, offset: int) -> int:
-        i = bisect.bisect_right(self.starts, offset) - 1
-        if i < 0:
-            return 0
-        return self.before[i] + min(offset, self.ends[i]) - self.starts[i]
 
 
 def _alone(image: Image) -> Image:

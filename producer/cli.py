@@ -84,9 +84,10 @@ def submit_and_wait(args: argparse.Namespace, client: Client, kind: str, **optio
         _emit(args, _record_dict(job), _result_text(job))
     if str(job.state) == "succeeded":
         return 0
-    from producer import results
+    from producer import results, views
 
-    if found := results.render(results.split_undone(job.result, False)[0]):  # e.g. each backup a verify read
+    stands = results.split_undone(job.result, not views.undone(job))[0]
+    if not args.json and (found := results.render(stands)):  # e.g. each backup a verify read
         print("\n".join(found))
     print(f"stork: {_job_line(job)}", file=sys.stderr)  # the one line saying what went wrong
     return 1
@@ -742,7 +743,7 @@ def _name_positionals(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
                 _name_positionals(child)
-        elif not action.option_strings and action.metavar is None:
+        elif not action.option_strings and action.metavar is None and not action.choices:  # a literal word stays
             action.metavar = action.dest.upper()
 
 

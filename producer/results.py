@@ -80,9 +80,10 @@ def render(result: Mapping[str, Any], indent: str = INDENT) -> list[str]:
     return out
 
 
-def split_undone(result: Mapping[str, Any], ended_well: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(what stands, what the undo removed): of a job that did not succeed, what it had made
-    (MADE) was undone; what it found (a verify's states, a warning) stands either way."""
-    if ended_well:
+def split_undone(result: Mapping[str, Any], stands: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what stands, what the undo removed): of a job whose undo ran back past everything it
+    made (`stands` False: producer/views.undone), what it had made (MADE) was undone; what it
+    found (a verify's states, a warning) stands either way."""
+    if stands:
         return dict(result), {}
     return ({k: v for k, v in result.items() if k not in MADE}, {k: v for k, v in result.items() if k in MADE})

@@ -15,6 +15,7 @@ from drivers.guests import Guest
 from producer import results
 from producer.client import job_guests
 from producer.tables import duration, size, table, text, when, when_text
+from worker.jobs.kinds import KINDS
 from worker.records import JobRecord
 
 
@@ -136,8 +137,8 @@ def job(j: JobRecord, times: Mapping[str, Mapping[str, float]]) -> str:
         steps.append([name, j.ran_on.get(name), when(t.get("start")), duration(took), outcome,
                       j.attempts.get(str(i), "")])
     parts = [head, "", table(["STEP", "NODE", "STARTED", "DURATION", "OUTCOME", "ATTEMPTS"], steps)]
-    stands, undone = results.split_undone(j.result, not j.state.terminal or j.state == "succeeded")
-    if shown := [*results.render(stands, indent=""), *(["undone:", *results.render(undone)] if undone else [])]:
+    stands, removed = results.split_undone(j.result, not undone(j))
+    if shown := [*results.render(stands, indent=""), *(["undone:", *results.render(removed)] if removed else [])]:
         parts += ["", *shown]
     if j.error:
         parts += ["", f"error: {j.error}"]
@@ -146,6 +147,15 @@ def job(j: JobRecord, times: Mapping[str, Mapping[str, float]]) -> str:
     if j.undo_retry:
         parts += [f"undo retry: {j.undo_retry.get('error')} (again at {when(j.undo_retry.get('at'))})"]
     return "\n".join(parts)
+
+
+def undone(job: JobRecord) -> bool:
+    """Whether the job's undo removed what it had made: it failed or was cancelled before any
+    commit step completed (after one, a job only goes forward, and what it made stands)."""
+    if job.state not in ("failed", "cancelled"):
+        return False
+    kind = KINDS.get(job.kind)
+    return kind is None or not any(kind.steps[i].commit for i in range(min(job.done, len(kind.steps))))
 
 
 def _fields(pairs: Iterable[tuple[str, object]]) -> str:

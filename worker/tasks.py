@@ -75,7 +75,7 @@ class StorkTask(Task):
         """Flower's RESULT column shows a task's last progress line: a failed step says its error
         there instead (an event that changes no state, as progress does)."""
         with contextlib.suppress(Exception):  # an event is never worth more than the failure itself
-            self.send_event("task-progress", result=f"failed: {exc}"[:300])
+            self.send_event("task-progress", retry=False, result=f"failed: {exc}"[:300])  # Redis away: no wait
 
     def send_event(self, type_: str, retry: bool = True, retry_policy: Any = None, **fields: Any) -> Any:
         if type_ == "task-progress" and "result" not in fields:

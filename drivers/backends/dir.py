@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from drivers import faults, names, qemu
 from drivers.backends.base import Driver
-from drivers.errors import NotFound, Refused
+from drivers.errors import NotFound, Refused, StorageUnavailable
 from drivers.names import FORMATS, VolName
 from drivers.safedir import SafeDir, copy_contents, identity, kind_of, set_immutable
 from drivers.storage import IS_MOUNTPOINT, MKDIR, PATH, Option, StorageConfig
@@ -36,6 +37,19 @@ MAX_CHAIN = 16  # bases made from linked clones read through bases: how deep one
 
 def _folder(vol: VolName) -> str:
     return "base" if vol.owner is None else str(vol.owner)
+
+
+def is_mount_point(path: Path) -> bool:
+    """Whether `path` is where a file system is mounted, as the mount table says (a bind mount
+    of a directory of the same file system included, which os.path.ismount misses)."""
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as table:
+            points = [line.split()[4] for line in table if len(line.split()) > 4]
+    except OSError:
+        return os.path.ismount(target)
+    # the table escapes space, tab, newline and backslash as octal (\040, ...)
+    return any(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), p) == target for p in points)
 
 
 def _file(vol: VolName) -> str:
@@ -72,11 +86,12 @@ class DirDriver(Driver):
         status and a job: refused when `is_mountpoint` and nothing is mounted there (what would
         be written goes onto the disk under the mount), made when missing and `mkdir` (the
         default), else refused."""
-        if self.storage.options.get("is_mountpoint") and not os.path.ismount(self.root):
-            raise Refused(f"storage {self.storage.id!r}: {self.root} is not a mounted file system (is_mountpoint)")
+        if self.storage.options.get("is_mountpoint") and not is_mount_point(self.root):
+            raise StorageUnavailable(f"storage {self.storage.id!r}: {self.root} is not a mounted file system "
+                                     "(is_mountpoint)")
         if not self.root.is_dir():
             if not self.storage.options.get("mkdir", True):
-                raise Refused(f"storage {self.storage.id!r}: {self.root} does not exist (and mkdir = false)")
+                raise StorageUnavailable(f"storage {self.storage.id!r}: {self.root} does not exist (and mkdir = false)")
             self.root.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
@@ -112,14 +127,18 @@ class DirDriver(Driver):
     def stray_folders(self) -> list[tuple[str, str]]:
         if not self.root.is_dir():
             return []
+        kinds = {}
         with os.scandir(self.root) as entries:
-            odd = [e for e in entries if (e.name == "base" or e.name.isdigit()) and not e.is_dir(follow_symlinks=False)]
-            kinds = {e.name: kind_of(e.stat(follow_symlinks=False).st_mode) for e in odd}
+            for e in entries:
+                if (e.name == "base" or e.name.isdigit()) and not e.is_dir(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):  # gone meanwhile: nothing to say
+                        kinds[e.name] = kind_of(e.stat(follow_symlinks=False).st_mode)
         return sorted((name, f"not a directory: {self.root / name} is {kind}") for name, kind in kinds.items())
 
     def _folders(self, owner: int | None) -> Iterator[tuple[str, int]]:
         """The volume folders (`base`, and one per guest id), opened; an absent one, or one
         that is not a directory, is skipped."""
+        self.activate()  # an unmounted mount point lists nothing: refused, not empty
         if owner is not None:
             wanted = [str(owner)]
         elif self.root.is_dir():

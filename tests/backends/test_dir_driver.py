@@ -9,7 +9,7 @@ import pytest
 
 from drivers import driver_for
 from drivers.config import StorageConfig
-from drivers.errors import AlreadyExists, FeatureUnsupported, NotFound, Refused
+from drivers.errors import AlreadyExists, FeatureUnsupported, NotFound, StorageUnavailable
 from drivers.names import VolName
 from tests.helpers import tmpfs
 
@@ -151,7 +151,7 @@ def test_a_missing_directory_is_made_by_status_and_jobs_alike(tmp_path):
 def test_with_mkdir_false_a_missing_directory_is_refused_everywhere(tmp_path):
     drv = _dir(tmp_path, mkdir=False)
     for use in (drv.status, lambda: drv.allocate(drv.next_disk_name(100, "raw"), 1 << 20)):
-        with pytest.raises(Refused, match=r"storage 'd': .*/d does not exist \(and mkdir = false\)"):
+        with pytest.raises(StorageUnavailable, match=r"storage 'd': .*/d does not exist \(and mkdir = false\)"):
             use()
     assert not (tmp_path / "d").exists()
 
@@ -160,14 +160,22 @@ def test_is_mountpoint_refuses_a_directory_with_nothing_mounted(tmp_path):
     """Nothing is written onto the disk under an unmounted mount point; once mounted, it serves."""
     (tmp_path / "d").mkdir()
     drv = _dir(tmp_path, is_mountpoint=True)
-    with pytest.raises(Refused, match=r"is not a mounted file system \(is_mountpoint\)"):
-        drv.allocate(drv.next_disk_name(100, "raw"), 1 << 20)
+    for use in (lambda: drv.allocate(VolName(100, "vm-100-disk-0", "raw"), 1 << 20), drv.list_volumes, drv.status):
+        with pytest.raises(StorageUnavailable, match=r"is not a mounted file system \(is_mountpoint\)"):
+            use()  # refused, listing included (an empty list would say the volumes are gone)
     assert list((tmp_path / "d").iterdir()) == []
     with tmpfs(tmp_path / "d", "8m"):
         vol = drv.next_disk_name(100, "raw")
         drv.allocate(vol, 1 << 20)
         assert drv.exists(vol)
         drv.free(vol)
+    (tmp_path / "same-fs").mkdir()  # a bind mount of a directory of the same file system counts too
+    done = subprocess.run(["mount", "--bind", str(tmp_path / "same-fs"), str(tmp_path / "d")], check=False)
+    if done.returncode == 0:
+        try:
+            assert drv.status()[0] > 0
+        finally:
+            subprocess.run(["umount", str(tmp_path / "d")], check=False)
 
 
 def test_a_storages_format_is_the_default_of_new_volumes(tmp_path):

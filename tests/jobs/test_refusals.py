@@ -231,3 +231,19 @@ def test_a_closed_pipe_ends_the_listing_quietly(workers):
     assert proc.wait(60) == 0
     assert proc.stderr.read() == b""
     proc.stderr.close()
+
+
+def test_a_base_of_a_disk_attached_twice_is_refused_at_submit(stork, client, vmid):
+    """A guest that runs from a disk keeps a linked clone of its new base: one clone for two
+    slots would diverge from the one volume they shared, so that is refused, before any job."""
+    g = vmid()
+    assert client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "4M"}}).state == "succeeded"
+    disk = client.guest(g).disks["scsi0"]
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(disks={"scsi0": disk, "scsi1": disk})
+    jobs = [j.id for j in client.jobs(10)]
+    code, _, err = stork("base", disk)
+    assert code == 1 and err == f"stork: guest {g} attaches {disk} twice (scsi0, scsi1): detach one first\n"
+    assert [j.id for j in client.jobs(10)] == jobs
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(disks={"scsi0": disk})

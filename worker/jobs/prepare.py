@@ -439,6 +439,8 @@ def prepare_base(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     link: dict[str, str] = {}
     if owner and not owner.template:
         link = {slot: "disk" for slot, v in owner.disks.items() if v == volid}
+        if len(link) > 1:  # one clone for two slots would diverge from the volume they shared
+            raise Refused(f"guest {owner.vmid} attaches {volid} twice ({', '.join(link)}): detach one first")
         if link and not driver_for(cfg.storage(storage)).has_feature("linked_clone", VolName(None, vol.name, vol.fmt)):
             raise Refused(f"guest {owner.vmid} runs from {volid}, and storage {storage!r} cannot give it a linked "
                           f"clone of a base to run from: make the guest a template ('stork template {owner.vmid}'), "
@@ -549,10 +551,14 @@ def prepare_destroy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     guest = _guest(cfg, o.get("vmid"))
     guest.require_unlocked()
     used = {names.volume_id(v).storage for v in [*guest.disks.values(), *guest.unused]}
-    for volid in [*guest.disks.values(), *guest.unused]:  # before a job exists, where this node sees it
+    for volid in [*guest.disks.values(), *guest.unused]:  # before a job exists, where this node sees that storage
         storage, vol = _volume(cfg, volid)
-        if vol.is_base and cfg.storage(storage).on_node(cfg.node):
-            usage.require_base_unread(driver_for(cfg.storage(storage)), vol, guest.vmid)
+        here = cfg.storage(storage).shared or (guest.node == cfg.node and cfg.storage(storage).on_node(cfg.node))
+        if vol.is_base and here:
+            try:
+                usage.require_base_unread(driver_for(cfg.storage(storage)), vol, guest.vmid)
+            except OSError:  # this process cannot look: the step, which decides under the lock, will
+                continue
     params = {"lock_vmid": guest.vmid, "node": guest.node, "expect_disks": guest.disks, "expect_node": guest.node,
               "storages": _check_nodes(cfg, used, guest.node)}
     nodes = sorted({r["node"] for r in guest.replicas.values()})

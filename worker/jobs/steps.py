@@ -272,15 +272,15 @@ def _open_source(ctx: StepContext, stack: contextlib.ExitStack, key: str, plan: 
     return _Source(plan["source"], _volume_size(ctx, plan["source"]), volume=(drv, vol))
 
 
-def _data_map(src: _Source) -> qemu.DataDone | None:
-    """Where the source's data lies, for a rate of data moved; None where it cannot be read
-    (the copy goes on all the same, its rate counting holes)."""
+def _data_bytes(src: _Source) -> int | None:
+    """How much of the source holds data, for a rate of data moved; None where it cannot be
+    told in time (the copy goes on all the same, its rate then counting holes)."""
     try:
         if src.volume:
             drv, vol = src.volume
             with drv.image(vol) as image:
-                return qemu.DataDone(qemu.data_extents(image))
-        return qemu.DataDone(qemu.data_extents(src.image)) if src.image is not None else None
+                return qemu.data_bytes(image)
+        return qemu.data_bytes(src.image) if src.image is not None else None
     except (StorkError, OSError):
         return None
 
@@ -297,9 +297,10 @@ def copy_data(ctx: StepContext) -> None:
         sources = {key: _open_source(ctx, stack, key, plan) for key, plan in ctx.params["disks"].items()}
         total = sum(src.size for src in sources.values())
         offset = sum(sources[key].size for key in copied if key in sources)
-        maps = {key: _data_map(src) for key, src in sources.items()}
-        data_total = sum(m.total for m in maps.values() if m) if all(maps.values()) else None
-        data_offset = sum(m.total for key in copied if key in sources and (m := maps[key]))
+        # qemu-img reports percent of the data it moved: of the data, the rate and time left are
+        data = {key: _data_bytes(src) for key, src in sources.items() if key not in copied}
+        data_total = None if None in data.values() else sum(data.values())  # of what is left to copy
+        data_offset = 0
         for key, src in sources.items():
             if key in copied:
                 continue
@@ -312,8 +313,10 @@ def copy_data(ctx: StepContext) -> None:
             ctx.save()
 
             def progress(done: int, _total: int, before: int = offset, data_before: int = data_offset,
-                         data: qemu.DataDone | None = maps[key], what: str = f"{key}: {src.label}") -> None:
-                moved = (data_before + data.at(done), data_total) if data and data_total is not None else None
+                         size: int = src.size, held: int | None = data.get(key), what: str = f"{key}: {src.label}"
+                         ) -> None:
+                moved = None if held is None or data_total is None else \
+                    (data_before + (done * held // size if size else 0), data_total)
                 ctx.progress(before + done, total, what, moved)
 
             if src.volume:
@@ -325,7 +328,7 @@ def copy_data(ctx: StepContext) -> None:
                 assert src.image is not None
                 qemu.refuse_external(src.image.fds[0], src.label)  # still none after the copy
             offset += src.size
-            data_offset += m.total if (m := maps[key]) else 0
+            data_offset += data.get(key) or 0
             copied.append(key)
             ctx.data.pop("copying")
             ctx.save()
