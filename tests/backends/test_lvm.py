@@ -111,3 +111,22 @@ def test_allocate_zeroes_and_copies_land_on_the_lv(drv, tmp_path):
     drv.allocate(vol, 8 << 20)
     with drv.image(vol) as image:
         assert os.pread(image.fds[0], 1 << 20, 0) == b"\0" * (1 << 20)
+
+
+def test_a_base_of_a_disk_a_guest_runs_from_is_refused_where_no_linked_clone_can_be_made(drv, vg, tmp_path):
+    """`stork base` gives a running guest a linked clone of its new base; thick LVM makes none,
+    so it is refused before a job exists, naming `stork template` (the data stays as it was)."""
+    from drivers import config
+    from drivers.errors import Refused
+    from drivers.guests import Guest, GuestStore
+    from worker.jobs import prepare
+
+    vol = VolName(100, "vm-100-disk-0", "raw")
+    made(drv, vol)
+    cfg = config.parse(f'[paths]\nguests = "g"\nlocks = "l"\n[storage.thick]\ntype = "lvm"\nvgname = "{vg}"\n',
+                       tmp_path / "stork.toml", {"STORK_NODE": "n"})
+    GuestStore(cfg.guests_dir).create(Guest(100, "n", disks={"scsi0": "thick:100/vm-100-disk-0.raw"}))
+    with pytest.raises(Refused, match=r"guest 100 runs from thick:100/vm-100-disk-0.raw, .* cannot give it a linked "
+                                      r"clone .*'stork template 100'"):
+        prepare.prepare_base({"volid": "thick:100/vm-100-disk-0.raw"}, cfg)
+    assert drv.list_volumes() == [vol]
