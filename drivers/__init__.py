@@ -11,44 +11,60 @@ CONTENT, always_shared and place()."""
 
 from __future__ import annotations
 
-from drivers.backends.base import Driver
-from drivers.backends.btrfs import BtrfsDriver
-from drivers.backends.dir import DirDriver
-from drivers.backends.lvm import LvmDriver
-from drivers.backends.lvmthin import LvmThinDriver
-from drivers.backends.rbd import RbdDriver
-from drivers.backends.zfs import ZfsDriver
-from drivers.backup.storage import ChunkStoreStorage
-from drivers.errors import Refused
-from drivers.storage import StorageConfig
+import functools
+from typing import TYPE_CHECKING, Any
 
-DRIVERS: dict[str, type[Driver]] = {
-    "dir": DirDriver,
-    "btrfs": BtrfsDriver,
-    "zfs": ZfsDriver,
-    "rbd": RbdDriver,
-    "lvm": LvmDriver,
-    "lvmthin": LvmThinDriver,
-}
-BACKUP_STORAGES: dict[str, type[ChunkStoreStorage]] = {"chunkstore": ChunkStoreStorage}
-STORAGE_TYPES: dict[str, type[Driver] | type[ChunkStoreStorage]] = {**DRIVERS, **BACKUP_STORAGES}
+from drivers.errors import Refused
+
+if TYPE_CHECKING:
+    from drivers.backends.base import Driver
+    from drivers.backup.storage import ChunkStoreStorage
+    from drivers.storage import StorageConfig
+
+
+@functools.cache
+def _registry() -> dict[str, dict[str, Any]]:
+    """The backends, imported on first use: a command that touches no storage (`stork --help`)
+    loads none of them, nor what they need (cryptography, for the chunk store)."""
+    from drivers.backends.btrfs import BtrfsDriver
+    from drivers.backends.dir import DirDriver
+    from drivers.backends.lvm import LvmDriver
+    from drivers.backends.lvmthin import LvmThinDriver
+    from drivers.backends.rbd import RbdDriver
+    from drivers.backends.zfs import ZfsDriver
+    from drivers.backup.storage import ChunkStoreStorage
+
+    drivers = {"dir": DirDriver, "btrfs": BtrfsDriver, "zfs": ZfsDriver, "rbd": RbdDriver, "lvm": LvmDriver,
+               "lvmthin": LvmThinDriver}
+    backups = {"chunkstore": ChunkStoreStorage}
+    return {"DRIVERS": drivers, "BACKUP_STORAGES": backups, "STORAGE_TYPES": {**drivers, **backups}}
+
+
+def __getattr__(name: str) -> Any:
+    """DRIVERS (type -> Driver class), BACKUP_STORAGES (type -> ChunkStoreStorage) and
+    STORAGE_TYPES (both), built on first use (`_registry`)."""
+    if name in ("DRIVERS", "BACKUP_STORAGES", "STORAGE_TYPES"):
+        return _registry()[name]
+    raise AttributeError(f"module 'drivers' has no attribute {name!r}")
 
 
 def driver_for(storage: StorageConfig) -> Driver:
-    if storage.type not in DRIVERS:
+    drivers = _registry()["DRIVERS"]
+    if storage.type not in drivers:
         raise Refused(f"storage {storage.id!r} holds backups, not disk images")
-    return DRIVERS[storage.type](storage)
+    return drivers[storage.type](storage)  # type: ignore[no-any-return]
 
 
 def backup_storage(storage: StorageConfig) -> ChunkStoreStorage:
-    if storage.type not in BACKUP_STORAGES:
+    backups = _registry()["BACKUP_STORAGES"]
+    if storage.type not in backups:
         raise Refused(f"storage {storage.id!r} holds disk images, not backups (a backup storage is "
                       "type = \"chunkstore\")")
-    return BACKUP_STORAGES[storage.type](storage)
+    return backups[storage.type](storage)  # type: ignore[no-any-return]
 
 
 def status_of(storage: StorageConfig) -> tuple[int, int, int]:
     """(total, used, available) bytes of any storage."""
-    if storage.type in BACKUP_STORAGES:
+    if storage.type in _registry()["BACKUP_STORAGES"]:
         return backup_storage(storage).status()
     return driver_for(storage).status()

@@ -16,13 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import redis
-
 from drivers import names
 from drivers.backup import retention
-from drivers.backup.records import Damaged
 from drivers.errors import StorkError
-from worker import logs
 
 if TYPE_CHECKING:  # imported for real in main(), once the config is known to load
     from producer.client import Client
@@ -305,6 +301,8 @@ def cmd_backup_list(args: argparse.Namespace, client: Client) -> int:
 
 
 def _backup_dict(sid: str, s: Any) -> dict[str, Any]:
+    from drivers.backup.records import Damaged
+
     if isinstance(s, Damaged):
         return {"id": str(s.id), "storage": sid, "vmid": s.id.vmid, "time": s.id.time_text, "damaged": s.reason}
     verify = s.state.verify.to_doc() if s.state.verify else None
@@ -805,9 +803,11 @@ def _spelled_out(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logs.configure(logging.WARNING)  # stdout carries only the result; warnings go to stderr
     argv = _spelled_out(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and usage mistakes end here: nothing else imported
+    from worker import logs
+
+    logs.configure(logging.WARNING)  # stdout carries only the result; warnings go to stderr
     before = os.environ.get("STORK_CONFIG")
     if args.config:
         os.environ["STORK_CONFIG"] = str(Path(args.config).absolute())
@@ -821,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import redis
+
     try:
         from producer.client import Client  # imports the config: errors are reported below
 

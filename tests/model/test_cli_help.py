@@ -47,3 +47,18 @@ def test_backup_and_templates_show_all_their_forms():
     assert "stork backup VMID..." in backup.format_help() and "stork backup --all" in backup.format_help()
     template = LEAVES[("template",)].format_help()
     assert "stork template assemble VMID" in template and "stork template copy VMID NEWID" in template
+
+
+def test_help_imports_no_heavy_module():
+    """`stork --help` starts at once: it loads neither Celery, kombu, Redis's client, nor
+    cryptography or a storage backend (measured in bench/cli.py)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, contextlib\nfrom producer import cli\nwith contextlib.suppress(SystemExit):\n"
+             "    cli.main(['--help'])\n"
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'celery', 'kombu', 'redis', 'cryptography',"
+             " 'structlog'}), 'drivers.backends.dir' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=cli.Path(__file__).parent,
+                          check=True, env={"PYTHONPATH": str(cli.Path(cli.__file__).resolve().parents[1])})
+    assert done.stdout.strip().splitlines()[-1] == "[] False", done.stdout
