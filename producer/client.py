@@ -16,25 +16,28 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from drivers import BACKUP_STORAGES, backup_storage, driver_for, names, status_of
 from drivers import config as config_module
 from drivers.backends.base import VolumeInfo
-from drivers.backup.datapath import DiskReader
 from drivers.backup.records import Damaged, Snapshot
-from drivers.backup.serve import Export, listen
 from drivers.config import Config, StorageConfig
 from drivers.errors import NotFound, Refused, StorkError
 from drivers.guests import Guest, GuestStore
-from worker import connect, deadletter, events, records, runner
-from worker.app import make_app
-from worker.jobs import schedules, usage
-from worker.jobs.kinds import KINDS
-from worker.jobs.prepare_backups import backup_storage_id, find_backup
+from worker import connect, events, records
 from worker.records import JobRecord, JobState
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from drivers.backup.serve import Export
+
+# What sends jobs (Celery's app, the job kinds, the runner) is imported where it is used: a
+# client that only reads (`stork job list`) starts without it.
 
 EventHook = Callable[[dict[str, Any]], None]
 
@@ -53,16 +56,26 @@ class Client:
         self.cfg = cfg or config_module.load()
         self.role = connect.role("producer")
         self.r = r or connect.client(self.cfg.redis, self.role)
-        self.app = make_app(self.cfg, self.role)  # steps go to the Redis of this config, like the record
         self.guest_store = GuestStore(self.cfg.guests_dir, self.cfg.lock_timeout)
+
+    @cached_property
+    def app(self) -> Celery:
+        """Celery's app on the Redis of this config: steps go where the record goes."""
+        from worker.app import make_app
+
+        return make_app(self.cfg, self.role)
 
     # ---- jobs ----------------------------------------------------------------------
     @staticmethod
     def kinds() -> dict[str, str]:
+        from worker.jobs.kinds import KINDS
+
         return {name: kind.summary for name, kind in KINDS.items()}
 
     def submit(self, kind: str, **options: Any) -> JobRecord:
         """Check and enqueue a job; StorkError (nothing changed) when it is refused."""
+        from worker import runner
+
         try:
             return runner.submit(kind, options, self.cfg, self.r, self.app)
         except redis.exceptions.NoPermissionError as e:
@@ -104,10 +117,14 @@ class Client:
     def dead_letters(self, limit: int = 50) -> list[dict[str, Any]]:
         """Messages the workers could not turn into a task, newest first: dicts with raw, size,
         reason, queue, node and time (worker/deadletter.py)."""
+        from worker import deadletter
+
         return deadletter.read(self.r, limit)
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a job: its undo runs, and it ends `cancelled`. Refused once it has ended."""
+        from worker import runner
+
         return runner.cancel(self.r, records.resolve(self.r, job_id), self.app)
 
     def events(self, job_id: str, idle: Callable[[], None] | None = None) -> Iterator[dict[str, Any]]:
@@ -141,6 +158,8 @@ class Client:
         all at once. Per node: node, ok, seconds, job, error; where none answered within
         `timeout`, the queue nobody serves, and the job is withdrawn with its message, so a
         worker that starts later finds nothing left behind."""
+        from worker import runner
+
         jobs: dict[str, JobRecord] = {}
         try:
             for node in dict.fromkeys(nodes or self.cfg.known_nodes()):
@@ -159,6 +178,8 @@ class Client:
         return answers
 
     def _answer(self, node: str, job: JobRecord, timeout: float) -> dict[str, Any]:
+        from worker import runner
+
         answer = {"node": node, "job": job.id, "ok": job.state == JobState.SUCCEEDED, "queue": None, "error": ""}
         if job.state.terminal:
             return {**answer, "seconds": round(job.finished - job.created, 3), "error": job.error}
@@ -228,6 +249,8 @@ class Client:
 
     def _owned_by_jobs(self) -> set[str]:
         """Volume ids that unfinished jobs use, or that jobs still on record made (a copy's result)."""
+        from worker.jobs import usage
+
         owned: set[str] = set()
         for job in records.load_many(self.r, records.recent_ids(self.r, limit=100_000)):
             if not job.state.terminal:
@@ -266,6 +289,8 @@ class Client:
         """`backups`, and each backup storage that could not be opened or listed with its error
         (a missing key file, an unmounted NAS): one such never hides the others. A storage named
         is read or refused."""
+        from worker.jobs.prepare_backups import backup_storage_id
+
         ids = [backup_storage_id(self.cfg, storage_id)] if storage_id else [
             s.id for s in self.storages() if s.type in BACKUP_STORAGES and s.on_node(self.cfg.node)]
         found: list[tuple[str, Snapshot | Damaged]] = []
@@ -282,11 +307,17 @@ class Client:
         return sorted(found, key=lambda pair: (pair[1].id.time_text, pair[1].id.vmid)), unreadable
 
     def backup(self, text: str) -> tuple[str, Snapshot]:
+        from worker.jobs.prepare_backups import find_backup
+
         sid, store, bid = find_backup(self.cfg, text)
         return sid, store.snapshot(bid)
 
     def serve_backup(self, text: str, disk: str, address: str, port: int) -> Export:
         """One disk of a backup, ready to be served read-only over NBD on address:port."""
+        from drivers.backup.datapath import DiskReader
+        from drivers.backup.serve import Export, listen
+        from worker.jobs.prepare_backups import find_backup
+
         _, store, bid = find_backup(self.cfg, text)
         disks = store.snapshot(bid).manifest.disks
         if disk not in disks:
@@ -295,17 +326,23 @@ class Client:
         return Export(disk, reader, listen(address, port))
 
     def protect_backup(self, text: str, protected: bool) -> None:
+        from worker.jobs.prepare_backups import find_backup
+
         _, store, bid = find_backup(self.cfg, text)
         store.set_protected(bid, protected)
 
     def forget_backup(self, text: str, damaged: bool = False) -> str:
         """Remove a backup (refused while protected); its chunks go at the next gc. With
         `damaged`, one that cannot be read, whatever its state says; returns why it could not."""
+        from worker.jobs.prepare_backups import find_backup
+
         _, store, bid = find_backup(self.cfg, text)
         return store.forget(bid, damaged=damaged)
 
     def schedules(self) -> list[dict[str, Any]]:
         """Each backup schedule with its last run, that run's outcome, and its next slot."""
+        from worker.jobs import schedules
+
         return schedules.status(self.cfg, self.r)
 
     def guests(self) -> list[Guest]:

@@ -15,7 +15,6 @@ from drivers.guests import Guest
 from producer import results
 from producer.client import job_guests
 from producer.tables import duration, size, table, text, when, when_text
-from worker.jobs.kinds import KINDS
 from worker.records import JobRecord
 
 
@@ -154,6 +153,8 @@ def undone(job: JobRecord) -> bool:
     commit step completed (after one, a job only goes forward, and what it made stands)."""
     if job.state not in ("failed", "cancelled"):
         return False
+    from worker.jobs.kinds import KINDS  # the job catalogue: only for a job that did not succeed
+
     kind = KINDS.get(job.kind)
     return kind is None or not any(kind.steps[i].commit for i in range(min(job.done, len(kind.steps))))
 
