@@ -161,3 +161,19 @@ def test_results_read_as_text_and_times_are_local_everywhere(stork, vmid, monkey
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_job_list_reads_jobs_without_celery(redis_server):
+    """Reading jobs needs no Celery: the client builds its app only to send one."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import CONFIG
+
+    probe = ("import sys, contextlib\nfrom producer import cli\nwith contextlib.suppress(SystemExit):\n"
+             "    code = cli.main(['job', 'list', '--limit', '3'])\n"
+             "print(code, 'celery' in sys.modules, 'worker.app' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "STORK_CONFIG": str(CONFIG)})
+    assert done.stderr.strip().splitlines()[-1] == "0 False False", done.stderr[-2000:]
