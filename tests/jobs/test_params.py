@@ -73,3 +73,23 @@ def test_what_steps_saved_in_a_record_is_checked_too(what, ctx, message):
     with pytest.raises(InvalidName) as refused:
         params.check_record(job)
     assert str(refused.value).startswith(f"job record refused: {message}")
+
+
+def test_a_volume_is_checked_at_submit_only_where_this_node_sees_the_jobs_storage(tmp_path):
+    """A node-local storage of the same name on another node holds other volumes: a command on
+    node2 for node1's guest leaves the check to the step, on node1 (it never looks, or makes
+    a directory, on node2); on node1 the same command checks at once."""
+    from drivers import config
+    from drivers.errors import NotFound
+    from drivers.guests import Guest, GuestStore
+    from worker.jobs import prepare
+
+    text = '[paths]\nguests = "g"\nlocks = "l"\n[storage.loc]\ntype = "dir"\npath = "images"\n'
+    (tmp_path / "stork.toml").write_text(text)
+    on = {node: config.parse(text, tmp_path / "stork.toml", {"STORK_NODE": node}) for node in ("node1", "node2")}
+    GuestStore(on["node1"].guests_dir).create(Guest(100, "node1", disks={"scsi0": "loc:100/vm-100-disk-0.raw"}))
+    options = {"volid": "loc:100/vm-100-disk-0.raw", "size": "1G"}
+    assert prepare.prepare_resize(dict(options), on["node2"])["node"] == "node1"
+    assert not (tmp_path / "images").exists()
+    with pytest.raises(NotFound, match=r"unknown volume loc:100/vm-100-disk-0.raw"):
+        prepare.prepare_resize(dict(options), on["node1"])

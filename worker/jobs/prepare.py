@@ -100,22 +100,22 @@ def _new_guest(o: dict[str, Any], cfg: Config, kind: str, disk_options: set[str]
 DISK_OPTIONS = {"storage", "size", "format", "base"}
 
 
-def _base_here(cfg: Config, volid: str) -> tuple[str, VolName]:
-    """A base image named by the user: refused unless it is one (and, where this node can
-    see its storage, unless it exists)."""
+def _base_here(cfg: Config, volid: str, node: str) -> tuple[str, VolName]:
+    """A base image named by the user for a job on `node`: refused unless it is one (and,
+    where this node is that one or the storage is shared, unless it exists)."""
     storage, vol = _volume(cfg, volid)
     if not vol.is_base:
         raise Refused(f"{volid} is not a base image (make one with 'stork base' or 'stork template')")
-    _existing_here(cfg, storage, vol)
+    _existing_here(cfg, storage, vol, node)
     return storage, vol
 
 
-def _disk_plan(cfg: Config, spec: dict[str, Any]) -> dict[str, Any]:
+def _disk_plan(cfg: Config, spec: dict[str, Any], node: str) -> dict[str, Any]:
     """A new disk: a linked clone of a base image (`base`), or an empty one of a size."""
     if spec.get("base"):
         if extra := set(spec) - {"base"}:
             raise InvalidName(f"a disk from a base image takes no {', '.join(sorted(extra))}: it is a linked clone")
-        storage, vol = _base_here(cfg, str(spec["base"]))
+        storage, vol = _base_here(cfg, str(spec["base"]), node)
         drv = driver_for(cfg.storage(storage))
         drv.require_feature("linked_clone", vol)
         return {"storage": _images_storage(cfg, storage), "base": str(spec["base"]),
@@ -126,7 +126,7 @@ def _disk_plan(cfg: Config, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare_create(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    return _new_guest(o, cfg, "create", DISK_OPTIONS, lambda spec: _disk_plan(cfg, spec))
+    return _new_guest(o, cfg, "create", DISK_OPTIONS, lambda spec: _disk_plan(cfg, spec, _node(o, cfg)))
 
 
 def prepare_add_disk(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -140,7 +140,7 @@ def prepare_add_disk(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         if key in guest.disks:
             raise AlreadyExists(f"guest {guest.vmid} has a disk {key} already ({guest.disks[key]})")
         _only(spec, DISK_OPTIONS, f"disk {key}")
-        disks[key] = {**_disk_plan(cfg, spec), "owner": guest.vmid}
+        disks[key] = {**_disk_plan(cfg, spec, guest.node), "owner": guest.vmid}
     if not disks:
         raise InvalidName("disk add: name at least one disk")
     return {"lock_vmid": guest.vmid, "refuse_template": "adding disks", "expect_disks": guest.disks,
@@ -179,7 +179,7 @@ def prepare_assemble(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     node = _node(o, cfg)
     attach, storages = {}, set()
     for key, volid in (o.get("disks") or {}).items():
-        storage, _vol = _base_here(cfg, str(volid))
+        storage, _vol = _base_here(cfg, str(volid), node)
         attach[names.disk_key(key)] = str(volid)
         storages.add(storage)
     if not attach:
@@ -263,7 +263,7 @@ def _onto_replicas(o: dict[str, Any], cfg: Config, template: Guest, newid: int) 
         storage, vol = _volume(cfg, volid)
         if volid in found:
             replica, record = found[volid]
-            here = _existing_here(cfg, storage, vol) if cfg.node == template.node else None  # the very base
+            here = _existing_here(cfg, storage, vol, template.node)  # the very base, where this node sees it
             if here and here.identity(vol) != record["identity"]:
                 raise Refused(f"replica {replica} was made from an earlier volume named {volid}: free it "
                               f"('stork volume free {replica}') and clone again")
@@ -394,7 +394,7 @@ def prepare_migrate(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
             continue  # seen from every node: it stays
         if vol.owner is not None and vol.owner != guest.vmid:
             raise Refused(f"guest {guest.vmid}'s disk {key} is {volid}, which belongs to guest {vol.owner}")
-        if (drv := _existing_here(cfg, storage, vol)) and drv.parent_of(vol) is not None:
+        if (drv := _existing_here(cfg, storage, vol, guest.node)) and drv.parent_of(vol) is not None:
             raise Refused(f"guest {guest.vmid}'s disk {key} ({volid}) is a linked clone of "
                           f"{drv.volid(drv.parent_of(vol))}, a base on node {guest.node}: it cannot move without it "
                           "(clone it with --full first)")
@@ -430,10 +430,10 @@ def prepare_base(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     volid = str(o.get("volid"))
     storage, vol = _volume(cfg, volid)
     driver_for(cfg.storage(storage)).require_feature("make_base", vol)
-    _existing_here(cfg, storage, vol)
     name = names.image_name(o["name"], "base name") if o.get("name") else None
     owner = _owner_of(cfg, volid)
     node = owner.node if owner else _node(o, cfg)
+    _existing_here(cfg, storage, vol, node)
     # a guest that runs from the disk keeps running: its slot gets a writable linked clone of the
     # new base (a template's disks are bases already; an unused volume has no slot)
     link: dict[str, str] = {}
@@ -493,7 +493,7 @@ def prepare_move(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     storage, vol = _volume(cfg, volid)
     drv = driver_for(cfg.storage(storage))
     drv.require_feature("move", vol)
-    if vol.is_base and cfg.storage(storage).on_node(cfg.node):
+    if vol.is_base and _existing_here(cfg, storage, vol, guest.node):
         _require_no_clones(drv, vol)  # checked again by the step, on the storage's node
     dest = _images_storage(cfg, names.storage_id(o.get("storage") or ""))
     fmt = _format(cfg, dest, o.get("format"), vol.fmt)
@@ -518,10 +518,13 @@ def _require_no_clones(drv: Driver, base: VolName) -> None:
                       f"it is: {listed} (move or destroy them first)")
 
 
-def _existing_here(cfg: Config, storage: str, vol: VolName) -> Driver | None:
-    """The volume's driver once the volume is known to exist, where this node can see its
-    storage (elsewhere the step checks, on the storage's node); else None."""
-    if not cfg.storage(storage).on_node(cfg.node):
+def _existing_here(cfg: Config, storage: str, vol: VolName, node: str) -> Driver | None:
+    """The volume's driver once the volume is known to exist, where this process sees the
+    storage the job on `node` uses: a shared one, or a node-local one when this node is
+    `node` (another node's storage of the same name holds other volumes). Elsewhere None:
+    the step checks, on its node."""
+    here = cfg.storage(storage)
+    if not here.on_node(cfg.node) or not (here.shared or node == cfg.node):
         return None
     drv = driver_for(cfg.storage(storage))
     drv.require_existing(vol)
@@ -533,7 +536,7 @@ def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     volid = str(o.get("volid"))
     storage, vol = _volume(cfg, volid)
     node = _source_node(cfg, storage, _node(o, cfg))
-    _existing_here(cfg, storage, vol)
+    _existing_here(cfg, storage, vol, node)
     # refused before a job exists; the step checks again, under the storage lock, with live jobs too
     try:
         guests = _store(cfg).list()
@@ -585,10 +588,10 @@ def prepare_resize(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     storage, vol = _volume(cfg, volid)
     driver_for(cfg.storage(storage)).require_feature("resize", vol)
     size = names.size(o.get("size", ""))
-    if (drv := _existing_here(cfg, storage, vol)) and drv.virtual_size(vol) > size:
-        raise Refused(f"{volid}: shrinking is not supported (would lose data)")
     owner = _owner_of(cfg, volid)
     node = owner.node if owner else _node(o, cfg)
+    if (drv := _existing_here(cfg, storage, vol, node)) and drv.virtual_size(vol) > size:
+        raise Refused(f"{volid}: shrinking is not supported (would lose data)")
     return {"volid": volid, "size": size, "node": node,
             "lock_vmid": owner.vmid if owner else None, "refuse_template": "writing its disks",
             "expect_disks": owner.disks if owner else None, "expect_node": owner.node if owner else None,
