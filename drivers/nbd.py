@@ -30,7 +30,7 @@ from pathlib import Path
 
 from drivers import qemu
 from drivers.errors import StorkError
-from drivers.tools import ToolError, dying_with_caller, run
+from drivers.tools import ToolError, dying_with_caller, run, stop
 
 QEMU_NBD = "qemu-nbd"
 START_TIMEOUT = 30.0
@@ -169,12 +169,7 @@ def _qemu_nbd(image: qemu.Image, write: bool, *extra: str) -> Iterator[tuple[Pat
         try:
             yield path, proc, argv
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
             assert proc.stderr is not None
             proc.stderr.close()
 

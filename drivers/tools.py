@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
+from typing import Any
 
 from drivers.errors import ToolFailed
 
@@ -48,6 +49,17 @@ def process_start(pid: int | str) -> str | None:
         return None
     fields = stat.rpartition(")")[2].split()  # from field 3 on: the name before ')' may hold spaces
     return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def stop(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """End a process we started: SIGTERM (it may clean up, as qemu-nbd removes its socket),
+    SIGKILL if it is still there after `grace` seconds; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def run(argv: list[str], what: str, fds: tuple[int, ...] = (), timeout: float = TIMEOUT,

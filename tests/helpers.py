@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from drivers import qemu
+from drivers import qemu, tools
 from drivers.backends.base import Driver
 from drivers.names import VolName
 from tests.conftest import BASE, files_under, storage_path
@@ -248,12 +248,7 @@ def running_flower(port: int, env: dict[str, str], log: Path) -> Iterator[Flower
         assert proc.poll() is None, log.read_text()
         yield f
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        tools.stop(proc)
 
 
 def _answers(f: Flower) -> bool:
