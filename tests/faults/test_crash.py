@@ -3,17 +3,20 @@ redelivery — never a hanging job, never an orphan volume or a guest left locke
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import Worker, storage_path
-from tests.helpers import PATTERN_MIB, qemu_same, volume_path
+from tests.helpers import PATTERN_MIB, held_copy, qemu_same, volume_path
 from worker import liveness, recovery
+from worker.records import JobRecord
 from worker.testing import wait_for
 
-SIZE_MIB = 2048
+SIZE_MIB = 512
 
 
 @pytest.fixture
@@ -35,13 +38,12 @@ def big_guest(client, vmid: int) -> str:
     return job.result["disks"]["scsi0"]
 
 
-def copying(client, job_id: str):
-    """Wait until the copy step has reported progress; return the job record then."""
-    for event in client.events(job_id):
-        if event["phase"] == "progress" and 0 < event["done"] < event["total"]:
-            return client.job(job_id)
-        assert event["phase"] != "finished", "the copy finished before the kill"
-    raise AssertionError("no progress")
+@contextlib.contextmanager
+def copying(client, job_id: str) -> Iterator[JobRecord]:
+    """Hold the job's copy mid-way (its qemu-img stopped, progress reported: tests/helpers.py)
+    and give its record then; the copy goes on after, if its process still lives."""
+    with held_copy(client, job_id):
+        yield client.job(job_id)
 
 
 def test_killing_the_whole_worker_mid_copy_fails_the_job_and_undoes_it(client, vmid, crash_worker):
@@ -49,9 +51,9 @@ def test_killing_the_whole_worker_mid_copy_fails_the_job_and_undoes_it(client, v
     g, c = vmid(), vmid()
     big_guest(client, g)
     job = client.submit("full_clone", vmid=g, newid=c)
-    during = copying(client, job.id)
-    assert during.current["name"] == "copy_data" and client.guest(g).lock == "full_clone"
-    crash_worker["worker"].kill()
+    with copying(client, job.id) as during:
+        assert during.current["name"] == "copy_data" and client.guest(g).lock == "full_clone"
+        crash_worker["worker"].kill()
     target = volume_path(during.ctx["made"]["scsi0"])
     assert target.exists()  # half-copied, owned by a dead worker
     crash_worker["worker"] = Worker("crash", concurrency=1)  # reconciles at start
@@ -71,20 +73,21 @@ def test_killing_the_process_running_the_copy_redelivers_and_completes(client, v
     g, c = vmid(), vmid()
     source = big_guest(client, g)
     job = client.submit("full_clone", vmid=g, newid=c)
-    during = copying(client, job.id)
-    pid = int(during.current["worker"].split(":")[1])  # <host>:<pid>:<start>:<boot>
-    assert pid != crash_worker["worker"].proc.pid
-    half_copied = volume_path(during.ctx["made"]["scsi0"]).stat().st_ino
-    main = crash_worker["worker"].proc.pid
-    os.kill(main, signal.SIGSTOP)  # the worker holds the message and cannot put it back yet
-    try:
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not liveness.holder_alive(client.r, during.current["worker"]), 10, "the copy's process to die")
-        # the process is gone and the job still names it: the sweep must leave it to the redelivery
-        assert job.id not in recovery.sweep()
-        assert client.job(job.id).state == "running"
-    finally:
-        os.kill(main, signal.SIGCONT)
+    with copying(client, job.id) as during:
+        pid = int(during.current["worker"].split(":")[1])  # <host>:<pid>:<start>:<boot>
+        assert pid != crash_worker["worker"].proc.pid
+        half_copied = volume_path(during.ctx["made"]["scsi0"]).stat().st_ino
+        main = crash_worker["worker"].proc.pid
+        os.kill(main, signal.SIGSTOP)  # the worker holds the message and cannot put it back yet
+        try:
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not liveness.holder_alive(client.r, during.current["worker"]), 10,
+                     "the copy's process to die")
+            # the process is gone and the job still names it: the sweep must leave it to the redelivery
+            assert job.id not in recovery.sweep()
+            assert client.job(job.id).state == "running"
+        finally:
+            os.kill(main, signal.SIGCONT)
     job = client.wait(job.id, timeout=120)
     assert job.state == "succeeded", job.error
     assert job.attempts[str(job.steps.index("copy_data"))] == 2
@@ -100,8 +103,8 @@ def test_cancelling_a_job_whose_worker_died_undoes_it_when_the_node_is_back(clie
     g, c = vmid(), vmid()
     big_guest(client, g)
     job = client.submit("full_clone", vmid=g, newid=c)
-    during = copying(client, job.id)
-    crash_worker["worker"].kill()
+    with copying(client, job.id) as during:
+        crash_worker["worker"].kill()
     client.cancel(job.id)
     assert client.job(job.id).state == "undoing"
     crash_worker["worker"] = Worker("crash", concurrency=1)
