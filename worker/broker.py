@@ -23,6 +23,7 @@ class Pending:
 
     task: str
     since: float | None  # None: in a queue, waiting for a worker; else taken then, not yet acknowledged
+    through: int | None = None  # a fused run (worker.runner.send_steps): its last step's index
 
 
 def _queue_keys(queues: Iterable[str]) -> Iterator[str]:
@@ -57,11 +58,12 @@ def _note(found: dict[str, list[Pending]], message: Any, since: float | None) ->
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        job_id = json.loads(body)[0][0]
-    except (ValueError, KeyError, IndexError, TypeError):
+        args, kwargs, _ = json.loads(body)
+        job_id, through = args[0], kwargs.get("through")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return
     if isinstance(task, str) and task.startswith("stork.") and isinstance(job_id, str):
-        found[job_id].append(Pending(task, since))
+        found[job_id].append(Pending(task, since, through if type(through) is int else None))
 
 
 def drop_queued(r: redis.Redis, queues: Iterable[str], job_id: str) -> int:

@@ -45,7 +45,7 @@ MAX_RESENDS = 3  # times the next step is sent again before the job is failed
 
 
 def next_task(job: JobRecord) -> str:
-    """The task a job with nothing in progress waits for."""
+    """The task a job with nothing in progress waits for (a fused run may carry its step too)."""
     kind = KINDS[job.kind]
     if job.state == JobState.UNDOING:
         left = [i for i in job.undo if i not in job.undone]
@@ -53,12 +53,29 @@ def next_task(job: JobRecord) -> str:
     return task_name(job.kind, job.steps[job.done])
 
 
+def runs_step(p: Pending, job: JobRecord, step: str) -> bool:
+    """Does the message run this step of the job: the step's own task, or a fused run that
+    starts at an earlier step and goes through it?"""
+    if p.task == task_name(job.kind, step):
+        return True
+    if p.through is None or step not in job.steps:
+        return False
+    names = [task_name(job.kind, s) for s in job.steps]
+    return p.task in names and names.index(p.task) < job.steps.index(step) <= p.through
+
+
+def awaited(job: JobRecord, p: Pending) -> bool:
+    """Is the message what a job with nothing in progress waits for?"""
+    if job.state == JobState.UNDOING:
+        return p.task == next_task(job)
+    return runs_step(p, job, job.steps[job.done])
+
+
 def idle_action(job: JobRecord, now: float, pending: list[Pending]) -> str:
     """What a job with nothing in progress needs: "wait", "resend" or "fail"."""
     if job.kind not in KINDS or (job.state != JobState.UNDOING and job.done >= len(job.steps)):
         return "wait"  # not a record the sweep can reason about: left alone
-    expected = next_task(job)
-    if any(p.task == expected and (p.since is None or now - p.since < STALE) for p in pending):
+    if any(awaited(job, p) and (p.since is None or now - p.since < STALE) for p in pending):
         return "wait"  # queued, or taken a moment ago
     if job.state == JobState.UNDOING and job.undo_retry:
         return "resend" if job.undo_retry.get("at", 0) <= now else "wait"
@@ -79,7 +96,7 @@ def redelivered(job: JobRecord, pending: list[Pending], parent_alive: bool, now:
     current = job.current or {}
     if "step" not in current:
         return False  # an undo: sending it again is harmless
-    expected, started = task_name(job.kind, current.get("name", "")), current.get("since", now)
+    step, started = current.get("name", ""), current.get("since", now)
 
     def on_its_way(p: Pending) -> bool:
         if p.since is None:
@@ -88,7 +105,7 @@ def redelivered(job: JobRecord, pending: list[Pending], parent_alive: bool, now:
             return parent_alive
         return now - p.since < STALE
 
-    return any(p.task == expected and on_its_way(p) for p in pending)
+    return any(runs_step(p, job, step) and on_its_way(p) for p in pending)
 
 
 def reconcile(r: redis.Redis, node: str | None = None) -> list[str]:

@@ -68,22 +68,47 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis,
 
 
 def send_steps(job: JobRecord, start: int, sender: Celery = app) -> None:
-    """Send the job's steps from `start` on as one chain, each signature on its own queue.
-    The job id stays the first argument (recovery and the dead-letter check read it); the
-    label is also the kwargs' display form (`kwargsrepr`), so Flower's kwargs column reads
-    as plain words."""
+    """Send the job's steps from `start` on as one chain of tasks, each on its own queue, each
+    running a run of steps (JobKind.runs): the task of the run's first step, told the last one
+    (`through`). The job id stays the first argument (recovery and the dead-letter check read
+    it); the label is also the kwargs' display form (`kwargsrepr`), so Flower's kwargs column
+    reads as plain words, naming the steps a task runs when it runs more than one."""
     label = task_label(job)
-    skipped = KINDS[job.kind].skipped(job.params)
-    chain(*[
-        sender.signature(task_name(job.kind, step), args=[job.id], kwargs={"label": label}, kwargsrepr=label,
-                         queue=queue, immutable=True)
-        for index, (step, queue) in enumerate(zip(job.steps, job.queues, strict=True))
-        if index >= start and index not in skipped
-    ]).apply_async()  # retried through a failover (worker/failover.py)
+    signatures = []
+    for steps, queue in _runs(job, start):
+        first, through = steps[0], steps[-1]
+        shown = f"{label} (steps {', '.join(job.steps[i] for i in steps)})" if len(steps) > 1 else label
+        kwargs = {"label": shown, **({"through": through} if through > first else {})}
+        signatures.append(sender.signature(task_name(job.kind, job.steps[first]), args=[job.id], kwargs=kwargs,
+                                           kwargsrepr=shown, queue=queue, immutable=True))
+    chain(*signatures).apply_async()  # retried through a failover (worker/failover.py)
+
+
+def _runs(job: JobRecord, start: int) -> list[tuple[list[int], str]]:
+    """The tasks that run the job's steps from `start` on (JobKind.runs); for a record written
+    by another version of stork, whose steps are not its kind's, one task per recorded step,
+    each on its recorded queue: the first to run ends the job (`end_unaligned`)."""
+    kind = KINDS[job.kind]
+    if unaligned(kind, job) or len(job.queues) != len(job.steps):
+        return [([i], job.queues[i]) for i in range(start, min(len(job.steps), len(job.queues)))]
+    return kind.runs(job.params, job.queues, start)
+
+
+def run_steps(task: Task, job_id: str, kind: JobKind, first: int, through: int) -> None:
+    """Run steps `first` to `through` one after the other, each as `run_step` runs it (its own
+    turn check, start, record, events and undo on failure); steps the job goes without, or
+    done already (a redelivery), are passed over. A step that stops (failed, cancelled, taken
+    elsewhere) raises, which ends the run. The heartbeat names the job for the whole run (from
+    before the first start is recorded to after the last end is): between two steps the record
+    names no holder, so that costs nothing, and it saves two Redis writes per step."""
+    with liveness.working_on(redis_client(), job_id):
+        for index in range(first, max(first, min(through, len(kind.steps) - 1)) + 1):
+            run_step(task, job_id, kind, index)
 
 
 def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
-    """Run step `index` of a job if it is its turn; undo the job if the step fails."""
+    """Run step `index` of a job if it is its turn; undo the job if the step fails. Called by
+    run_steps, whose heartbeat names the job throughout."""
     cfg, r, me = config(), redis_client(), process_id()
     job = _job_at_step(r, job_id, index)
     if job is None:
@@ -91,16 +116,15 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     holder = (job.current or {}).get("worker")
     turn = {"done": index, **({"owner": holder} if holder else {"idle": True})}
     _refuse_or_cancel(r, job, kind, index, turn)
-    with liveness.working_on(r, job_id):  # from before its start is recorded to after its end
-        attempt = _start_step(r, cfg, job, kind, index, me, turn, _task_of(task))
-        ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=kind.steps[index].name, worker=me,
-                          kinds=KINDS, attempt=attempt, task=task)
-        _run(ctx, kind, index)
-        finish = lambda client: _finish_step(client, job, kind, index, cfg.node, me)  # noqa: E731
-        if kind.steps[index].commit:  # its record must outlive a failover, or the step runs again
-            connect.write_replicated(r, cfg.redis.wait_replicas, finish)
-        else:
-            finish(r)
+    attempt = _start_step(r, cfg, job, kind, index, me, turn, _task_of(task))  # inside run_steps' working_on
+    ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=kind.steps[index].name, worker=me,
+                      kinds=KINDS, attempt=attempt, task=task)
+    _run(ctx, kind, index)
+    finish = lambda client: _finish_step(client, job, kind, index, cfg.node, me)  # noqa: E731
+    if kind.steps[index].commit:  # its record must outlive a failover, or the step runs again
+        connect.write_replicated(r, cfg.redis.wait_replicas, finish)
+    else:
+        finish(r)
 
 
 def _job_at_step(r: redis.Redis, job_id: str, index: int) -> JobRecord | None:
@@ -195,7 +219,8 @@ def _start_step(r: redis.Redis, cfg: Config, job: JobRecord, kind: JobKind, inde
         try:
             records.transition(
                 client, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.RUNNING, guard=turn,
-                events=[events.make(job.id, kind.name, "start", step=step.name, node=node, attempt=attempt)],
+                events=[events.make(job.id, kind.name, "start", step=step.name, node=node, attempt=attempt,
+                                    **({"task": task["task"]} if task else {}))],  # which Celery task: Flower's
                 current=job.current, attempts=job.attempts, ran_on=job.ran_on, started=started,
             )
         except StateConflict:
@@ -306,7 +331,7 @@ def withdraw(r: redis.Redis, job_id: str) -> JobRecord:
         raise Refused(f"job {job.id} has a step in progress: it cannot be withdrawn")
     if undo_plan(KINDS[job.kind], job.done, job.done - 1, KINDS[job.kind].skipped(job.params)):
         raise Refused(f"job {job.id} has steps to undo: cancel it instead")
-    queue, step = job.queues[job.done], job.steps[job.done]
+    queue, step = _runs(job, job.done)[0][1], job.steps[job.done]  # the queue its task waits in
     error = f"withdrawn: no worker took step {step} from queue {queue}"
     records.transition(r, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.CANCELLED,
                        guard={"idle": True, "done": job.done}, error=error, final=str(JobState.CANCELLED),

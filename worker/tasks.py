@@ -1,4 +1,5 @@
-"""Celery tasks, generated from the job kinds: `stork.<kind>.<step>` for every step,
+"""Celery tasks, generated from the job kinds: `stork.<kind>.<step>` for every step (which
+also runs the steps after it up to a `through` index: a fused run, worker.runner.send_steps),
 `stork.<kind>.undo_<step>` for every undo, and `stork.job.finalize`.
 
 Each takes the job id first (recovery and the dead-letter check read `args[0]`) and a
@@ -124,9 +125,10 @@ def _register(kind: JobKind, index: int) -> None:
     step = kind.steps[index]
 
     @app.task(name=runner.task_name(kind.name, step.name), bind=True, base=StorkTask)
-    def run(self: Task, job_id: str, label: str = "") -> None:
+    def run(self: Task, job_id: str, label: str = "", through: int | None = None) -> None:
         with _final_state(self, job_id):
-            runner.run_step(self, job_id, kind, index)
+            last = through if isinstance(through, int) and not isinstance(through, bool) else index
+            runner.run_steps(self, job_id, kind, index, last)
 
     if step.undo is not None:
 

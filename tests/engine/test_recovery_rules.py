@@ -28,6 +28,11 @@ def job(state: JobState = JobState.RUNNING, done: int = 0, updated: float = NOW 
     (job(), [Pending(FIRST, NOW - 5)], "wait"),  # taken a moment ago
     (job(), [Pending(FIRST, NOW - 2 * STALE)], "resend"),  # taken long ago by a consumer that is gone
     (job(), [Pending(task_name("resize", STEPS[1]), None)], "resend"),  # only another step queued
+    (job(done=1), [Pending(FIRST, None, through=2)], "wait"),  # a fused run from an earlier step carries it
+    (job(done=1), [Pending(task_name("resize", STEPS[1]), NOW - 5, through=2)], "wait"),  # a run from it, taken
+    (job(done=1), [Pending(FIRST, None)], "resend"),  # an earlier step's message that stops before it
+    (job(done=2), [Pending(FIRST, None, through=1)], "resend"),  # a fused run that ends before it
+    (job(done=1), [Pending(FIRST, NOW - 2 * STALE, through=2)], "resend"),  # carried by a consumer long gone
     (job(), [], "resend"),
     (job(resends=3), [], "fail"),  # sent often enough: nobody takes it
     (job(resends=3, done=2), [], "resend"),  # past its commit: it only goes forward
@@ -51,6 +56,9 @@ HELD = {"step": 0, "name": STEPS[0], "node": "node1", "worker": "h:1", "attempt"
     ({**HELD, "since": NOW - 3 * STALE}, [Pending(FIRST, NOW - 2 * STALE)], True, False),  # retaken, long ago: died
     (HELD, [Pending(FIRST, NOW - 10)], True, True),  # taken again a moment ago
     (HELD, [Pending(task_name("resize", STEPS[1]), None)], True, False),  # another step's message
+    ({**HELD, "step": 1, "name": STEPS[1]}, [Pending(FIRST, None, through=2)], False, True),  # a fused run, put back
+    ({**HELD, "step": 1, "name": STEPS[1]}, [Pending(FIRST, None, through=0)], False, False),  # ends before it
+    (HELD, [Pending(task_name("resize", STEPS[1]), None, through=2)], False, False),  # a run from a later step
     (HELD, [], True, False),  # acknowledged (a hard time limit): nothing will run it again
     ({"undo": 0, "name": STEPS[0], "worker": "h:1"}, [Pending(FIRST, None)], True, False),  # an undo: sent again
 ])

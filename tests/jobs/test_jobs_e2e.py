@@ -13,7 +13,15 @@ import threading
 import pytest
 
 from tests.conftest import BASE, storage_path
-from tests.helpers import PATTERN_MIB, guest_data_sha, qemu_check, qemu_io_write, qemu_same, volume_path
+from tests.helpers import (
+    PATTERN_MIB,
+    exports_running,
+    guest_data_sha,
+    qemu_check,
+    qemu_io_write,
+    qemu_same,
+    volume_path,
+)
 from worker.testing import ROOT, wait_for
 
 
@@ -259,6 +267,25 @@ class TestJobs:
         for v in volumes:
             qemu_check(volume_path(v))
 
+    def test_steps_one_node_can_run_in_a_row_are_one_task_each_step_still_recorded(self, client, vmid):
+        """A linked clone on a node-local storage is one Celery task on that node, its three steps
+        each started, recorded and evented on their own; a full clone's copy is a task of its own."""
+        t, linked, full = vmid(), vmid(), vmid()
+        client.run("create", vmid=t, disks={"scsi0": {"storage": "local", "size": "64M"}})
+        client.run("template", vmid=t)
+        job = client.run("linked_clone", vmid=t, newid=linked)
+        assert job.state == "succeeded", job.error
+        seen = list(client.events(job.id))
+        starts = [e for e in seen if e["phase"] == "start"]
+        assert [e["step"] for e in starts] == ["reserve_guest", "link_disks", "commit_guest"]
+        assert [e["step"] for e in seen if e["phase"] == "done"] == ["reserve_guest", "link_disks", "commit_guest"]
+        assert len({e["task"] for e in starts}) == 1 and {e["node"] for e in starts} == {"node1"}
+        job = client.run("full_clone", vmid=t, newid=full)
+        assert job.state == "succeeded", job.error
+        task = {e["step"]: e["task"] for e in client.events(job.id) if e["phase"] == "start"}
+        assert task["lock_guest"] == task["reserve_guest"] == task["allocate"]
+        assert len({task["allocate"], task["copy_data"], task["commit_guest"]}) == 3
+
     def test_the_installed_stork_command_exits_non_zero_on_failure(self, workers, vmid):
         """The real entry point: exit 0 on success, 1 with a one-line error on refusal, 2 for a
         mistake in the command line (a bad guest id)."""
@@ -355,15 +382,22 @@ class TestReads:
 
     def test_cancelling_a_job_waiting_for_a_node_that_is_down_undoes_it(self, stork, client, vmid):
         """A job whose next step waits on the queue of a node with no worker is not stuck:
-        `job cancel` undoes what it did (the guest it reserved) and it ends cancelled."""
-        g = vmid()
-        job = client.submit("create", vmid=g, node="down", disks={"scsi0": {"storage": "local", "size": "8M"}})
-        wait_for(lambda: client.job(job.id).done == 1, 10, "the first step (shared queue)")
-        assert client.guest_store.exists(g)
+        `job cancel` undoes what it did (here a full clone onto node `crash`, whose worker is
+        not running: node1 locked the source, reserved the clone and exported the disk) and it
+        ends cancelled."""
+        g, c = vmid(), vmid()
+        assert client.run("create", vmid=g, node="node1",
+                          disks={"scsi0": {"storage": "local1", "size": "8M"}}).state == "succeeded"
+        job = client.submit("full_clone", vmid=g, newid=c, storage="crash")
+        wait_for(lambda: client.job(job.id).done == job.steps.index("allocate"), 10, "node1's steps")
+        assert client.guest_store.exists(c) and client.guest(g).lock == "full_clone" and exports_running()
         code, out, _ = stork("job", "cancel", job.id)
         assert code == 0 and "cancel" in out
         job = client.wait(job.id, timeout=30)
-        assert job.state == "cancelled" and not client.guest_store.exists(g)
+        assert job.state == "cancelled" and not client.guest_store.exists(c) and client.guest(g).lock == ""
+        assert [i for i in job.undone] == job.undo == [job.steps.index(s) for s in ("export", "reserve_guest",
+                                                                                    "lock_guest")]
+        wait_for(lambda: not exports_running(), 10, "the export to end")
         code, _, err = stork("job", "cancel", job.id)
         assert code == 1 and err.strip() == f"stork: job {job.id} is cancelled already"
         code, _, err = stork("job", "cancel", "ffffffffffff")

@@ -152,7 +152,8 @@ def test_a_stopped_task_gets_a_final_state_from_its_job(redis_server, state, fin
 
 def test_labelled_messages_pass_the_dead_letter_check_and_recovery_reads_their_job(redis_server):
     """The label travels as a kwarg (its text also the kwargs' display form); the job id
-    stays args[0], where recovery and the dead-letter check read it."""
+    stays args[0], where recovery and the dead-letter check read it, and a fused run's last
+    step as `through`, which recovery reads too."""
     from kombu.serialization import prepare_accept_content
 
     from worker import broker, deadletter, records, runner
@@ -166,15 +167,22 @@ def test_labelled_messages_pass_the_dead_letter_check_and_recovery_reads_their_j
         try:
             runner.send_steps(job, job.steps.index("copy_data"))
             runner.dispatch_undo(job)
+            runner.send_steps(job, 0)  # lock_guest, reserve_guest and allocate: one task (export is skipped)
             raws = r.lrange(queue, 0, -1)
-            assert len(raws) == 2
+            assert len(raws) == 3
             label = f"job {job.id}: full_clone 1->2 local"
+            fused = f"{label} (steps lock_guest, reserve_guest, allocate)"
+            seen = []
             for raw in raws:
                 envelope = deadletter.check(raw.encode(), app.tasks, prepare_accept_content(["json"]))
                 args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
-                assert args[0] == job.id and kwargs == {"label": label} and envelope["headers"]["kwargsrepr"] == label
+                assert args[0] == job.id and envelope["headers"]["kwargsrepr"] == kwargs["label"]
+                seen.append(kwargs)
+            assert sorted(seen, key=len) == [{"label": label}, {"label": label}, {"label": fused, "through": 3}]
             pending = broker.pending_messages(r, {queue})[job.id]
-            assert sorted(p.task for p in pending) == ["stork.full_clone.copy_data", "stork.full_clone.undo_allocate"]
+            assert sorted((p.task, p.through) for p in pending) == [
+                ("stork.full_clone.copy_data", None), ("stork.full_clone.lock_guest", 3),
+                ("stork.full_clone.undo_allocate", None)]
         finally:
             r.delete(queue, f"_kombu.binding.{queue}")
 
@@ -272,15 +280,17 @@ def test_a_running_copy_shows_its_label_and_progress(cancelled_copy):
 
 def test_a_cancelled_copy_ends_cancelled_and_says_where(cancelled_copy):
     """No task of a cancelled job stays STARTED or PROGRESS: the copy ends CANCELLED with where
-    it stopped, the undos and finalize SUCCESS, all with the job's label."""
+    it stopped, the undos and finalize SUCCESS, all with the job's label (the steps before the
+    copy ran as one task, which names them)."""
     assert cancelled_copy.job.state == "cancelled"
     states = {t["name"].rpartition(".")[2]: t["state"] for t in cancelled_copy.final.values()}
-    assert states == {"lock_guest": "SUCCESS", "reserve_guest": "SUCCESS", "allocate": "SUCCESS",
-                      "copy_data": "CANCELLED", "undo_allocate": "SUCCESS", "undo_reserve_guest": "SUCCESS",
-                      "undo_lock_guest": "SUCCESS", "finalize": "SUCCESS"}
+    assert states == {"lock_guest": "SUCCESS", "copy_data": "CANCELLED", "undo_allocate": "SUCCESS",
+                      "undo_reserve_guest": "SUCCESS", "undo_lock_guest": "SUCCESS", "finalize": "SUCCESS"}
     copy = next(t for t in cancelled_copy.final.values() if t["name"].endswith("copy_data"))
     assert PROGRESS.match(copy["result"].removeprefix("cancelled by user at ")), copy["result"]
-    assert len({t["kwargs"] for t in cancelled_copy.final.values()}) == 1
+    label = cancelled_copy.running["kwargs"]
+    assert {t["kwargs"] for t in cancelled_copy.final.values()} == {
+        label, f"{label} (steps lock_guest, reserve_guest, allocate)"}
     assert "CANCELLED" in cancelled_copy.final_page and "cancelled by user at" in cancelled_copy.final_page
 
 
@@ -297,20 +307,22 @@ def test_headless_chromium_shows_the_label_progress_and_final_state(cancelled_co
     assert "CANCELLED" in page and f"job {job.id}" in page and "cancelled by user at" in page
 
 
-def test_a_clone_lists_every_step_succeeded_and_a_duplicate_ends_ignored(flower, client):
-    """Each step of a finished clone is SUCCESS with the job's label; a duplicate message of a
-    done step ends IGNORED, saying why, instead of STARTED for ever."""
+def test_a_clone_lists_every_task_succeeded_and_a_duplicate_ends_ignored(flower, client):
+    """Each task of a finished clone is SUCCESS with the job's label, a task that ran several
+    steps naming them; a duplicate message of a done step ends IGNORED, saying why, instead of
+    STARTED for ever."""
     from worker import runner
 
     g, c = next(_vmids), next(_vmids)
     client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
     job = client.run("full_clone", vmid=g, newid=c, storage="shared")
     assert job.state == "succeeded"
-    steps = ["lock_guest", "reserve_guest", "allocate", "copy_data", "commit_guest"]
-    done = wait_for(lambda: (t := flower.tasks(job.id)) and sorted(x["state"] for x in t.values()) == ["SUCCESS"] * 5
-                    and t, 10, "the clone's steps")
-    assert sorted(t["name"] for t in done.values()) == sorted(f"stork.full_clone.{s}" for s in steps)
-    assert {t["kwargs"] for t in done.values()} == {f"job {job.id}: full_clone {g}->{c} scsi0 local->shared"}
+    done = wait_for(lambda: (t := flower.tasks(job.id)) and sorted(x["state"] for x in t.values()) == ["SUCCESS"] * 3
+                    and t, 10, "the clone's tasks")
+    label = f"job {job.id}: full_clone {g}->{c} scsi0 local->shared"
+    assert {t["name"]: t["kwargs"] for t in done.values()} == {
+        "stork.full_clone.lock_guest": f"{label} (steps lock_guest, reserve_guest, allocate)",
+        "stork.full_clone.copy_data": label, "stork.full_clone.commit_guest": label}
     runner.send_steps(client.job(job.id), 0)
     again = wait_for(lambda: flower.task(job.id, "stork.full_clone.lock_guest", "IGNORED"), 10, "the duplicate")
     assert again["result"] == f"not run: job {job.id} is succeeded with 8 of 8 steps done " \
@@ -328,10 +340,11 @@ def test_a_failing_step_ends_failed(flower, client, tmp_path):
     finally:
         (storage_path("local") / str(g)).unlink()
     assert job.state == "failed"
-    failed = wait_for(lambda: flower.task(job.id, "stork.create.allocate", "FAILURE"), 10, "the failed step")
+    # the create's steps run as one task on node1 (worker/jobs/kinds.py: fuse), which ends FAILURE
+    failed = wait_for(lambda: flower.task(job.id, "stork.create.reserve_guest", "FAILURE"), 10, "the failed step")
     assert "not a directory" in failed["exception"]
     # its RESULT column says the error, not a progress line
-    wait_for(lambda: "not a directory" in (flower.task(job.id, "stork.create.allocate")["result"] or ""), 10,
+    wait_for(lambda: "not a directory" in (flower.task(job.id, "stork.create.reserve_guest")["result"] or ""), 10,
              "the error in the result column")
     wait_for(lambda: {t["state"] for t in flower.tasks(job.id).values()} <= FINAL, 10, "every task to end")
 

@@ -6,6 +6,12 @@ uses a node-local storage, else anywhere (the shared queue). Guest-config steps 
 anywhere, as guest configs live in a shared directory. A job between nodes (its params name
 a `source_node` and a `target_node`) runs each storage step on its side's node: the source
 node exports what the target node copies (drivers/transfer.py).
+
+Consecutive steps that can run on one queue are sent as one task (`runs`): a guest-config step
+(shared queue) joins the node steps beside it, so a linked clone on a node-local storage is one
+task on that node's queue. Each step is still started, recorded, evented and undone on its own;
+a step that runs `alone` (a copy, which is long; a ping, whose queue is the point) is a task of
+its own.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ class Step:
     release: bool = False  # its undo releases what the job holds (a guest lock): run at any failure, even past a commit
     side: str = ""  # "source" or "target": in a job between nodes, the node it runs on (else the job's node)
     across_only: bool = False  # needed only by a job between nodes: one on one node goes without it
+    alone: bool = False  # sent as a task of its own, never with the steps beside it: long, or its queue is the point
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,30 @@ class JobKind:
         local = params.get("pinned") or any(not cfg.storage(s).shared for s in params["storages"])
         return [_queue(step, params, local) for step in self.steps]
 
+    def runs(self, params: dict[str, Any], queues: list[str], start: int) -> list[tuple[list[int], str]]:
+        """The job's steps from `start` on (those it does not go without), as the tasks that
+        run them: each a run of steps and the queue it is sent to."""
+        skipped = self.skipped(params)
+        wanted = [i for i in range(start, len(self.steps)) if i not in skipped]
+        return fuse(wanted, queues, frozenset(i for i, step in enumerate(self.steps) if step.alone))
+
+
+def fuse(indexes: list[int], queues: list[str], alone: frozenset[int]) -> list[tuple[list[int], str]]:
+    """Group consecutive steps into runs that one worker can do in one go: steps on the same
+    queue, and shared-queue steps with the node steps beside them (any node may run those),
+    but never two nodes' steps, nor a step that runs alone. A run is sent to its node's queue
+    if it has node steps, else to the shared queue."""
+    runs: list[tuple[list[int], str]] = []
+    for index in indexes:
+        queue = queues[index]
+        if runs and index not in alone and runs[-1][0][-1] not in alone:
+            steps, run_queue = runs[-1]
+            if SHARED_QUEUE in (queue, run_queue) or queue == run_queue:
+                runs[-1] = ([*steps, index], run_queue if queue == SHARED_QUEUE else queue)
+                continue
+        runs.append(([index], queue))
+    return runs
+
 
 def _queue(step: Step, params: dict[str, Any], local: bool) -> str:
     if not step.storage:
@@ -109,9 +140,10 @@ ALLOCATE = Step("allocate", steps.allocate_disks, steps.free_made, side="target"
 LINK = Step("link_disks", steps.link_disks, steps.free_made)
 # a copy between nodes: the source node exports, the target node copies, the export ends
 EXPORT = Step("export", steps.export_sources, steps.end_exports, side="source", across_only=True)
-COPY = Step("copy_data", steps.copy_data, side="target")  # its target is freed by ALLOCATE's undo
-VERIFY = Step("verify_copy", steps.verify_copy, side="target")
-VERIFY_ACROSS = Step("verify_copy", steps.verify_copy, side="target", across_only=True)  # a copy from another node
+COPY = Step("copy_data", steps.copy_data, side="target", alone=True)  # its target is freed by ALLOCATE's undo
+VERIFY = Step("verify_copy", steps.verify_copy, side="target", alone=True)
+# a copy from another node
+VERIFY_ACROSS = Step("verify_copy", steps.verify_copy, side="target", across_only=True, alone=True)
 END_EXPORT = Step("end_export", steps.end_exports, side="source", across_only=True)
 MAKE_MOVED_BASES = Step("make_bases", steps.make_moved_bases, steps.unmake_bases, side="target")  # a moved base
 COMMIT_NEW = Step("commit_guest", steps.commit_new_guest, storage=False, commit=True)
@@ -134,9 +166,9 @@ FREE = Step("free_volume", steps.free_volume, commit=True)
 DESTROY = Step("destroy", steps.destroy_guest, commit=True)
 RESIZE = Step("resize", steps.resize_volume, commit=True)
 UNLOCK_GUEST = Step("unlock_guest", steps.unlock_guest, storage=False)
-PING_SHARED = Step("pong_shared", steps.pong, storage=False)
-PING_NODE = Step("pong_node", steps.pong)
-PING_BACK = Step("pong_back", steps.pong, storage=False)
+PING_SHARED = Step("pong_shared", steps.pong, storage=False, alone=True)
+PING_NODE = Step("pong_node", steps.pong, alone=True)
+PING_BACK = Step("pong_back", steps.pong, storage=False, alone=True)
 FORCE_UNLOCK = Step("unlock", steps.force_unlock, storage=False, commit=True)
 ATTACH = Step("attach_disks", steps.attach_disks, storage=False, commit=True)
 DETACH = Step("detach_disk", steps.detach_disk, storage=False, commit=True)
@@ -144,16 +176,16 @@ REMOVE_DISK = Step("remove_disk", steps.remove_disk, commit=True)
 COMMIT_ASSEMBLED = Step("commit_guest", steps.commit_assembled, commit=True)  # reads the bases: on their node
 MAKE_COPY_BASES = Step("make_bases", steps.make_copies_bases, steps.unmake_bases, side="target")
 COMMIT_TEMPLATE_COPY = Step("commit_guest", steps.commit_template_copy, storage=False, commit=True)
-BACKUP = Step("backup", backups.backup_guest, commit=True)  # a snapshot appears whole or not at all
-RESTORE_DATA = Step("restore_data", backups.restore_data)  # its targets are freed by ALLOCATE's undo
+BACKUP = Step("backup", backups.backup_guest, commit=True, alone=True)  # a snapshot appears whole or not at all
+RESTORE_DATA = Step("restore_data", backups.restore_data, alone=True)  # its targets are freed by ALLOCATE's undo
 RESERVE_RESTORED = Step("reserve_guest", backups.reserve_restored, backups.unreserve_restored, storage=False)
 MAKE_RESTORED_BASES = Step("make_bases", backups.make_restored_bases, steps.unmake_bases)  # for a template
 COMMIT_RESTORED = Step("commit_guest", backups.commit_restored, storage=False, commit=True)
 FREE_REPLACED = Step("free_replaced", backups.free_replaced)  # --force: the replaced guest's old disks
-VERIFY_BACKUPS = Step("verify", backups.verify_backups)
-PRUNE = Step("prune", backups.prune_backups, commit=True)  # what it forgot stays forgotten
-GC = Step("gc", backups.collect_garbage, commit=True)
-SYNC = Step("sync", backups.sync_backups, commit=True)  # what it copied stands, each snapshot whole
+VERIFY_BACKUPS = Step("verify", backups.verify_backups, alone=True)
+PRUNE = Step("prune", backups.prune_backups, commit=True, alone=True)  # what it forgot stays forgotten
+GC = Step("gc", backups.collect_garbage, commit=True, alone=True)
+SYNC = Step("sync", backups.sync_backups, commit=True, alone=True)  # what it copied stands, each snapshot whole
 
 
 KINDS: dict[str, JobKind] = {k.name: k for k in [
