@@ -16,6 +16,7 @@ import builtins
 import contextlib
 import json
 import os
+import re
 import secrets
 import stat
 import tomllib
@@ -124,11 +125,62 @@ def _text(where: str, value: object, expected: str, check: Callable[[str], objec
     return value
 
 
+_PLAIN = r'"[^"\\\x00-\x1f\x7f]*"'  # a basic string without escapes: its text is what it says
+_LINE = re.compile(
+    rf'(?P<key>[a-z0-9_]+) = (?:(?P<string>{_PLAIN})|(?P<boolean>true|false)|\[(?P<items>(?:{_PLAIN}(?:, )?)*)\])'
+    rf'|\[(?P<table>disks|replicas\.(?P<replica>{_PLAIN}))\]|')
+
+
+def _canonical(text: str) -> dict[str, object] | None:
+    """The data of a config exactly as `dumps` writes it, read line by line without a TOML
+    parser (several times faster, for listings of many guests); None for anything else, which
+    tomllib then reads. The caller accepts the result only if `dumps` gives back the same text,
+    so what this reads is always what tomllib would."""
+    data: dict[str, object] = {}
+    table = data
+    for line in text.split("\n"):
+        match = _LINE.fullmatch(line)
+        if match is None:
+            return None
+        if match["table"] == "disks":
+            table = data.setdefault("disks", {})  # type: ignore[assignment]
+        elif match["table"]:
+            table = data.setdefault("replicas", {}).setdefault(match["replica"][1:-1], {})  # type: ignore[union-attr]
+        elif match["key"]:
+            table[match["key"]] = _canonical_value(match)
+    return data
+
+
+def _canonical_value(match: re.Match[str]) -> object:
+    if match["string"] is not None:
+        return match["string"][1:-1]
+    if match["boolean"]:
+        return match["boolean"] == "true"
+    return [item[1:-1] for item in re.findall(_PLAIN, match["items"])]
+
+
 def _parse(vmid: int, text: str) -> Guest:
+    quick = _canonical(text)
+    if quick is not None:
+        try:
+            guest = _checked(vmid, quick)
+            if dumps(guest) == text:
+                return guest
+        except (_Broken, TypeError, ValueError):
+            pass  # not canonical after all: tomllib reads it, and says what is wrong
+    return _parse_toml(vmid, text)
+
+
+def _parse_toml(vmid: int, text: str) -> Guest:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _Broken(f"invalid TOML: {' '.join(str(e).split())}") from None
+    return _checked(vmid, data)
+
+
+def _checked(vmid: int, data: dict[str, object]) -> Guest:
+    """A config's data as a Guest: known keys only, each of its type; else _Broken."""
     unknown = [key for key in data if key not in KEYS]
     if unknown:
         listed = ", ".join(repr(k) for k in unknown)

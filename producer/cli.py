@@ -38,8 +38,10 @@ def _views() -> Any:
     return views
 
 
-def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    print(json.dumps(data, indent=2, default=str) if args.json else text)
+def _emit(args: argparse.Namespace, data: Any, text: str | Callable[[], str]) -> None:
+    """`data` as JSON with --json, else the text for people (made only then: a table of
+    10,000 rows is not free)."""
+    print(json.dumps(data, indent=2, default=str) if args.json else text() if callable(text) else text)
 
 
 def _record_dict(job: JobRecord) -> dict[str, Any]:
@@ -148,19 +150,19 @@ def cmd_storage_list(args: argparse.Namespace, client: Client) -> int:
     found = client.storages()
     rows = [{"id": s.id, "type": s.type, **{k: str(v) for k, v in s.options.items()}, "content": list(s.content),
              "shared": s.shared, "nodes": list(s.nodes) or "all"} for s in found]
-    _emit(args, rows, _views().storages(found))
+    _emit(args, rows, lambda: _views().storages(found))
     return 0
 
 
 def cmd_storage_status(args: argparse.Namespace, client: Client) -> int:
     rows = client.storage_status()
-    _emit(args, rows, _views().storage_status(rows))
+    _emit(args, rows, lambda: _views().storage_status(rows))
     return 0
 
 
 def cmd_ping(args: argparse.Namespace, client: Client) -> int:
     answers = client.ping(args.node, args.timeout)
-    _emit(args, answers, _views().pings(answers))
+    _emit(args, answers, lambda: _views().pings(answers))
     if silent := [a["node"] for a in answers if not a["ok"]]:
         print(f"stork: no answer from {len(silent)} of {len(answers)} node(s): {', '.join(silent)}", file=sys.stderr)
         return 1
@@ -169,13 +171,13 @@ def cmd_ping(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_volume_list(args: argparse.Namespace, client: Client) -> int:
     vols = client.volumes(args.storage)
-    _emit(args, [v.as_dict() for v in vols], _views().volumes(vols))
+    _emit(args, [v.as_dict() for v in vols], lambda: _views().volumes(vols))
     return 0
 
 
 def cmd_volume_info(args: argparse.Namespace, client: Client) -> int:
     v = client.volume(args.volid)
-    _emit(args, v.as_dict(), _views().volume(v))
+    _emit(args, v.as_dict(), lambda: _views().volume(v))
     return 0
 
 
@@ -187,7 +189,7 @@ def _guest_dict(g: Any) -> dict[str, Any]:
 def cmd_template_replicas(args: argparse.Namespace, client: Client) -> int:
     g = client.guest(args.vmid)
     rows = [{"replica": volid, **replica} for volid, replica in sorted(g.replicas.items())]
-    _emit(args, rows, _views().replicas(rows))
+    _emit(args, rows, lambda: _views().replicas(rows))
     return 0
 
 
@@ -197,13 +199,13 @@ def cmd_guest_list(args: argparse.Namespace, client: Client) -> int:
     data = [_guest_dict(g) for g in guests] + [
         {"vmid": int(f.stem) if f.stem.isdigit() and f.stem == str(int(f.stem)) else f.stem, "broken": why}
         for f, why in broken]
-    _emit(args, data, _views().guests(guests, broken))
+    _emit(args, data, lambda: _views().guests(guests, broken))
     return 0
 
 
 def cmd_guest_show(args: argparse.Namespace, client: Client) -> int:
     g = client.guest(args.vmid)
-    _emit(args, _guest_dict(g), _views().guest(g))
+    _emit(args, _guest_dict(g), lambda: _views().guest(g))
     return 0
 
 
@@ -223,13 +225,13 @@ def _since(text: str | None) -> float | None:
 def cmd_job_list(args: argparse.Namespace, client: Client) -> int:
     vmid = _vmid(args.vmid) if args.vmid else None
     jobs = client.jobs(args.limit, state=args.state, kind=args.kind, vmid=vmid, since=_since(args.since))
-    _emit(args, [_record_dict(j) for j in jobs], _views().jobs(jobs))
+    _emit(args, [_record_dict(j) for j in jobs], lambda: _views().jobs(jobs))
     return 0
 
 
 def cmd_job_show(args: argparse.Namespace, client: Client) -> int:
     job = client.job(args.id)
-    _emit(args, _record_dict(job), "" if args.json else _views().job(job, client.step_times(job.id)))
+    _emit(args, _record_dict(job), lambda: _views().job(job, client.step_times(job.id)))
     return 0
 
 
@@ -296,7 +298,7 @@ def cmd_backup_list(args: argparse.Namespace, client: Client) -> int:
     found, unreadable = client.backup_listing(args.storage, _vmid(args.vmid) if args.vmid else None)
     for sid, error in unreadable.items():  # the others are listed all the same
         print(f"stork: warning: backup storage {sid!r} not listed: {error}", file=sys.stderr)
-    _emit(args, [_backup_dict(sid, s) for sid, s in found], _views().backups(found))
+    _emit(args, [_backup_dict(sid, s) for sid, s in found], lambda: _views().backups(found))
     return 0
 
 
@@ -313,7 +315,7 @@ def _backup_dict(sid: str, s: Any) -> dict[str, Any]:
 
 def cmd_backup_show(args: argparse.Namespace, client: Client) -> int:
     sid, snap = client.backup(args.id)
-    _emit(args, _backup_dict(sid, snap), _views().backup(sid, snap))
+    _emit(args, _backup_dict(sid, snap), lambda: _views().backup(sid, snap))
     return 0
 
 
@@ -419,7 +421,7 @@ def cmd_backup_sync(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_schedule_list(args: argparse.Namespace, client: Client) -> int:
     rows = client.schedules()
-    _emit(args, rows, _views().schedules(rows))
+    _emit(args, rows, lambda: _views().schedules(rows))
     return 0
 
 

@@ -5,26 +5,42 @@ bytes, epoch seconds and the records' own fields, for scripts."""
 from __future__ import annotations
 
 import datetime
-import io
+import unicodedata
 from collections.abc import Iterable, Sequence
 
-from rich.console import Console
-from rich.table import Table
+GAP = "  "  # between columns, as `pvesm status` prints them
 
 
 def table(columns: Sequence[str], rows: Iterable[Sequence[object]], right: Iterable[str] = ()) -> str:
-    """Render rows under a header row; cells are plain text (no markup), `right` columns are
-    right-aligned (numbers, sizes). Wide tables are not wrapped when the output is a pipe."""
-    aligned = set(right)
-    grid = Table(box=None, show_edge=False, pad_edge=False, highlight=False, header_style="")  # as pvesm status
-    for name in columns:
-        grid.add_column(name, justify="right" if name in aligned else "left", no_wrap=True, overflow="ignore")
-    for row in rows:
-        grid.add_row(*(text(cell) for cell in row))
-    out = io.StringIO()
-    # never cut a path or a reason short: as wide as the rows need, whatever the terminal
-    Console(file=out, width=100_000, no_color=True, highlight=False, markup=False, emoji=False).print(grid)
-    return "\n".join(line.rstrip() for line in out.getvalue().splitlines() if line.strip())
+    """Render rows under a header row; cells are plain text, `right` columns are right-aligned
+    (numbers, sizes). Never wrapped or cut short, whatever the terminal: a path or a reason is
+    read whole. Linear in the cells (10,000 guests in tens of milliseconds)."""
+    aligned = [name in set(right) for name in columns]
+    grid = [list(columns), *([_one_line(text(cell)) for cell in row] for row in rows)]
+    for row in grid:
+        if len(row) > len(columns):
+            raise ValueError(f"a row of {len(row)} cells under {len(columns)} columns")
+        row.extend([""] * (len(columns) - len(row)))
+    widths = [max(_width(row[i]) for row in grid) for i in range(len(columns))]
+    lines = (GAP.join(_pad(cell, width, right_aligned) for cell, width, right_aligned
+                      in zip(row, widths, aligned, strict=True)).rstrip() for row in grid)
+    return "\n".join(line for line in lines if line)
+
+
+def _one_line(cell: str) -> str:
+    return " ".join(cell.splitlines()) if "\n" in cell or "\r" in cell else cell
+
+
+def _width(cell: str) -> int:
+    """The columns a terminal gives the text: East Asian wide characters take two, combining marks none."""
+    if cell.isascii():
+        return len(cell)
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in cell)
+
+
+def _pad(cell: str, width: int, right_aligned: bool) -> str:
+    fill = " " * (width - _width(cell))
+    return fill + cell if right_aligned else cell + fill
 
 
 def text(value: object) -> str:

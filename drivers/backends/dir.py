@@ -350,6 +350,6 @@ class DirDriver(Driver):
 
 
 def _warn(event: str, **fields: object) -> None:
-    import structlog  # here, not at the top: it imports rich, 0.15 s for every process importing drivers
+    import structlog  # here, not at the top: tens of ms for every process importing drivers (the CLI)
 
     structlog.get_logger(__name__).warning(event, **fields)

@@ -6,11 +6,15 @@ import json
 import os
 import secrets
 import threading
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from drivers import guests
 from drivers.errors import AlreadyExists, ConfigError, LockTimeout, NotFound, Refused
 from drivers.guests import Guest, GuestStore, dumps, loads
 from producer.cli import cmd_guest_list
@@ -331,3 +335,52 @@ def test_a_broken_replica_record_is_a_broken_config(table, message):
     with pytest.raises(ConfigError) as broken:
         loads(100, f'node = "node1"\ntemplate = true\n{table}\n', Path("100.toml"))
     assert message in str(broken.value)
+
+
+# ---- the quick reading of configs as stork writes them (guests._canonical) -----------------
+
+_names = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+_volids = st.builds(lambda s, v, n: f"{s}:{v}/vm-{v}-disk-{n}.raw", st.sampled_from(["local", "s-2"]),
+                    st.integers(100, 999), st.integers(0, 3))
+_guests = st.builds(
+    Guest, vmid=st.integers(100, 999), node=st.sampled_from(["node1", "n-2"]), name=_names,
+    template=st.booleans(), lock=_names, lock_job=_names,
+    disks=st.dictionaries(st.sampled_from(["scsi0", "virtio1", "sata2"]), _volids, max_size=3),
+    unused=st.lists(_volids, max_size=3).map(tuple),
+    replicas=st.dictionaries(_volids, st.fixed_dictionaries(
+        {"of": _volids, "identity": _names, "node": st.sampled_from(["node1", "n-2"])}), max_size=2))
+
+
+@given(_guests)
+def test_a_config_as_stork_writes_it_is_read_quickly_and_as_tomllib_reads_it(guest):
+    """The quick reading gives tomllib's data, or stands aside (None) for text with escapes."""
+    text = dumps(guest)
+    assert guests._canonical(text) in (None, tomllib.loads(text))
+    assert guests._parse(guest.vmid, text) == guests._parse_toml(guest.vmid, text) == guest
+
+
+NOT_AS_WRITTEN = [
+    'name = "a"\nname = "b"\nnode = "n1"\ntemplate = false\n\n[disks]\n',  # a key twice: invalid TOML
+    'name = "a"\nnode = "n1"\ntemplate = false\n\n[disks]\n\n[disks]\n',  # a table twice
+    'node = "n1"\nname = "x" # a comment\n',
+    'node = "n1"\n',  # valid, only not in the order and form stork writes
+    'name = "a"\nnode = "n1"\ntemplate = false\n\n[disks]\nscsi0 = "local:1/vm-1-disk-0.raw"\nscsi0 = "x:y"\n',
+    'name = "a"\nnode = "n1"\ntemplate = false\nunused = ["local:1/a.raw", "local:1/a.raw",]\n\n[disks]\n',
+    'name = "a"\nnode = "n1"\ntemplate = "yes"\n\n[disks]\n',  # a wrong type
+    'name = "a"\nnode = "../n1"\ntemplate = false\n\n[disks]\n',  # a bad node name
+    'name = "a"\nnode = "n1"\ntemplate = false\n\n[disks]\nbogus = "local:1/vm-1-disk-0.raw"\n',
+    'name = "a"\nnode = "n1"\ntemplate = false\nextra = "x"\n\n[disks]\n',
+    'name = "a"\nnode = "n1"\ntemplate = false\n\n[disks]\n\n[replicas."local:base/b.raw"]\nof = "x:y"\n',
+    'name = "a"\r\nnode = "n1"\r\ntemplate = false\r\n\r\n[disks]\r\n',
+]
+
+
+@pytest.mark.parametrize("text", NOT_AS_WRITTEN)
+def test_a_config_not_as_stork_writes_it_reads_as_tomllib_reads_it(text):
+    """Whatever the quick reading makes of it, the answer (a guest, or the error) is tomllib's."""
+    def outcome(parse):
+        try:
+            return parse(1, text)
+        except guests._Broken as e:
+            return f"broken: {e}"
+    assert outcome(guests._parse) == outcome(guests._parse_toml)
