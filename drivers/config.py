@@ -171,7 +171,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "concurrency": (_int_in(1, CONCURRENCY_MAX), f"a whole number from 1 to {CONCURRENCY_MAX}"),
         "visibility_timeout": (
             _int_in(VISIBILITY_TIMEOUT_MIN, VISIBILITY_TIMEOUT_MAX),
-            f"a whole number of seconds from {VISIBILITY_TIMEOUT_MIN} (a step must fit in 0.8x of it) "
+            f"a whole number of seconds from {VISIBILITY_TIMEOUT_MIN} (a task must fit in 0.8x of it) "
             f"to {VISIBILITY_TIMEOUT_MAX} (7 days)",
         ),
     },

@@ -63,8 +63,8 @@ class StepContext:
         if self.job.state == records.JobState.UNDOING:
             records.update(self.r, self.job.id, ctx=self.job.ctx)  # an undo step: the job is ours
         else:
-            records.transition(self.r, self.job.id, (records.JobState.RUNNING,), guard={"owner": self.worker},
-                               ctx=self.job.ctx)
+            records.transition(self.r, self.job.id, (records.JobState.RUNNING,),
+                               guard={"owner": self.worker, "done": self.job.done}, ctx=self.job.ctx)
 
     def set_result(self, **values: Any) -> None:
         """Add to the job's result (stored when the step ends)."""

@@ -29,7 +29,7 @@ from worker.context import StepContext
 from worker.jobs import params, usage
 from worker.jobs.kinds import KINDS, JobKind
 from worker.liveness import holding, process_id
-from worker.queues import SHARED_QUEUE
+from worker.queues import SHARED_QUEUE, node_queue
 from worker.records import JobRecord, JobState, StateConflict, task_label
 
 log = structlog.get_logger("stork.runner")
@@ -116,15 +116,18 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     holder = (job.current or {}).get("worker")
     turn = {"done": index, **({"owner": holder} if holder else {"idle": True})}
     _refuse_or_cancel(r, job, kind, index, turn)
+    if job.queues[index] not in (SHARED_QUEUE, node_queue(cfg.node)):
+        log.warning("step_not_for_this_node", job_id=job_id, step=kind.steps[index].name, queue=job.queues[index])
+        raise Ignore()  # a message that carries it here was not sent by stork (`through` is input)
     attempt = _start_step(r, cfg, job, kind, index, me, turn, _task_of(task))  # inside run_steps' working_on
     ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=kind.steps[index].name, worker=me,
                       kinds=KINDS, attempt=attempt, task=task)
     _run(ctx, kind, index)
-    finish = lambda client: _finish_step(client, job, kind, index, cfg.node, me)  # noqa: E731
-    if kind.steps[index].commit:  # its record must outlive a failover, or the step runs again
-        connect.write_replicated(r, cfg.redis.wait_replicas, finish)
-    else:
-        finish(r)
+    # replicated (where replicas are configured): a commit's record must outlive a failover, or
+    # the step runs again; any other step's too, as the next step of a fused run starts at once
+    # (a chain's next message, sent and waited for, used to carry it onto the replicas)
+    connect.write_replicated(r, cfg.redis.wait_replicas, lambda client: _finish_step(client, job, kind, index,
+                                                                                    cfg.node, me))
 
 
 def _job_at_step(r: redis.Redis, job_id: str, index: int) -> JobRecord | None:
@@ -224,8 +227,11 @@ def _start_step(r: redis.Redis, cfg: Config, job: JobRecord, kind: JobKind, inde
                 current=job.current, attempts=job.attempts, ran_on=job.ran_on, started=started,
             )
         except StateConflict:
-            if (records.load(client, job.id).current or {}).get("worker") != me:
-                raise Ignore() from None  # another process took it first
+            now = records.load(client, job.id).current or {}
+            if (now.get("worker"), now.get("step"), now.get("attempt")) != (me, index, attempt):
+                # another process took it first; or the record still shows this process on the
+                # step before (a fused run whose finish a failover took back): not ours to run
+                raise Ignore() from None
             # else our start went through and only its reply was lost (a retry after a Redis blip)
 
     if step.commit:
@@ -282,7 +288,7 @@ def _finish_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node
     try:
         records.transition(
             r, job.id, (JobState.RUNNING,), JobState.SUCCEEDED if last else None, events=done,
-            guard={"owner": me}, done=after, current=None, ctx=job.ctx, result=job.result,
+            guard={"owner": me, "done": index}, done=after, current=None, ctx=job.ctx, result=job.result,
             **({"finished": time.time()} if last else {}),
         )
     except StateConflict:

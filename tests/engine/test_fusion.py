@@ -59,3 +59,34 @@ def test_every_step_of_every_kind_is_sent_once_and_in_order(kind):
         sent = [i for run, _ in runs for i in run]
         assert sent == [i for i in range(n) if i not in KINDS[kind].skipped({"node": "a"})]
         assert all(queues[i] in (queue, S) for run, queue in runs for i in run)
+
+
+def test_a_step_does_not_start_while_the_record_shows_its_process_on_the_step_before(redis_server):
+    """A failover may take back the finish of a fused run's step k (its write was not yet on a
+    replica): the record then still names this process on step k. Starting step k+1 is refused
+    (the run stops, the sweep decides), not taken for this process's own start whose reply was
+    lost; that one, the record naming it on step k+1, goes on."""
+    from celery.exceptions import Ignore
+
+    from worker import events, liveness, records, runner
+    from worker.app import config
+    from worker.records import JobRecord
+
+    r, me, kind = redis_server, liveness.process_id(), KINDS["linked_clone"]
+    job = JobRecord(id=records.new_id(), kind=kind.name, params={"node": "node1"}, node="node1",
+                    steps=[s.name for s in kind.steps], queues=[S, node_queue("node1"), S])
+    records.create(r, job, events.make(job.id, job.kind, "queued"))
+    try:
+        records.update(r, job.id, current={"step": 0, "name": "reserve_guest", "worker": me, "attempt": 1})
+        read_before = records.load(r, job.id)  # what this process read on the old master: step 0 finished
+        read_before.done, read_before.current = 1, None
+        with pytest.raises(Ignore):
+            runner._start_step(r, config(), read_before, kind, 1, me, {"done": 1, "idle": True}, {})
+        assert records.load(r, job.id).current["step"] == 0  # left as it was, for the sweep
+        records.update(r, job.id, done=1, current={"step": 1, "name": "link_disks", "worker": me, "attempt": 1})
+        read_before.current, read_before.attempts = None, {}
+        assert runner._start_step(r, config(), read_before, kind, 1, me, {"done": 1, "idle": True}, {}) == 1
+    finally:
+        r.srem(records.ACTIVE, job.id)
+        r.zrem(records.JOBS, job.id)
+        r.delete(records.job_key(job.id), records.events_key(job.id))

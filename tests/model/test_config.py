@@ -121,7 +121,7 @@ def test_storages_know_which_nodes_they_exist_on():
         ("[worker]\nconcurrency = 0\n", r"worker.concurrency = 0: expected a whole number from 1 to 256"),
         ("[worker]\nconcurrency = 99999999\n", r"worker.concurrency = 99999999: expected a whole number from 1 to 256"),
         ("[worker]\nvisibility_timeout = 1\n", r"worker.visibility_timeout = 1: expected a whole number of seconds "
-         r"from 600 \(a step must fit in 0.8x of it\) to 604800 \(7 days\)"),
+         r"from 600 \(a task must fit in 0.8x of it\) to 604800 \(7 days\)"),
         ("[worker]\nvisibility_timeout = 604801\n", r"worker.visibility_timeout = 604801: expected a whole number"),
         ("[worker]\nvisibility_timeout = 3600.5\n", r"worker.visibility_timeout = 3600.5: expected a whole number"),
         ("[storage.x]\ntype = 'dir'\npath='p'\nnodes = ['N1!']\n",
