@@ -3,7 +3,8 @@
 Writes are atomic (temp file, fsync, rename); a new guest is created with link(2), which
 fails if the id is taken, so two jobs can never both create guest 101. Every writer of a
 guest's config (`create()`, `write()`, `editing()`) holds the flock on the guest's lock file,
-which is also what makes it safe to sweep that guest's stale temp files.
+which is also what makes it safe to sweep that guest's stale temp files (`sweep_temps`, run
+by the cluster's periodic sweep, takes it before it removes one).
 
 Reading is strict and listing fails closed: the in-use checks ("does any guest use volume
 X?") are built on `list()`, so a config that cannot be read must stop them rather than make
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from drivers import names
-from drivers.errors import AlreadyExists, ConfigError, InvalidName, NotFound, Refused
+from drivers.errors import AlreadyExists, ConfigError, InvalidName, LockTimeout, NotFound, Refused
 from drivers.flock import file_lock, open_making_dirs
 
 KEYS = ("name", "node", "template", "lock", "lock_job", "unused", "disks", "replicas")
@@ -235,6 +236,9 @@ def loads(vmid: int, text: str, file: Path) -> Guest:
         raise ConfigError(f"{file}: broken guest config: {e}") from None
 
 
+_TEMP = re.compile(r"\.([0-9]+)\.toml\.[0-9a-f]+\.tmp")  # `_write_temp`'s names: .<vmid>.toml.<token>.tmp
+
+
 def _vmid_of(stem: str) -> int | None:
     """The guest id a config file name spells, None unless it is the one canonical spelling."""
     try:
@@ -323,11 +327,30 @@ class GuestStore:
             raise ConfigError(broken[0][1])
         return guests
 
-    def _sweep_temps(self, vmid: int) -> None:
-        """Remove temp files left by a crashed writer; the caller holds the guest's flock."""
-        for stale in self.dir.glob(f".{names.vmid(vmid)}.toml.*.tmp"):
-            with contextlib.suppress(OSError):  # best effort: it must not stop the write
-                stale.unlink()
+    def sweep_temps(self) -> int:
+        """Remove the temp files crashed writers left, of each guest whose flock is free now (a
+        live writer holds its guest's); how many. One listing of the directory, run by the
+        cluster's periodic sweep: before every write, as it was, it cost each write a listing
+        of every guest (7.6 ms with 10,000 guests, for a write of 0.9 ms)."""
+        stale: dict[int, builtins.list[str]] = {}
+        try:
+            with os.scandir(self.dir) as entries:
+                for entry in entries:
+                    if (match := _TEMP.fullmatch(entry.name)) and (vmid := _vmid_of(match[1])) is not None:
+                        stale.setdefault(vmid, []).append(entry.name)
+        except FileNotFoundError:
+            return 0
+        removed = 0
+        for vmid, temps in stale.items():
+            try:
+                with file_lock(self._lock_path(vmid), 0, f"guest {vmid} config"):
+                    for name in temps:  # gone already if its writer finished since the listing
+                        with contextlib.suppress(FileNotFoundError):
+                            (self.dir / name).unlink()
+                            removed += 1
+            except LockTimeout:
+                continue  # its writer is at work: its temp file is not stale
+        return removed
 
     def _write_temp(self, guest: Guest) -> Path:
         """Write the config to a new temp file and fsync it; nothing is left behind on failure."""
@@ -353,7 +376,6 @@ class GuestStore:
     def create(self, guest: Guest) -> None:
         """Write a new guest config; AlreadyExists if the id is taken (atomic, race-free)."""
         with self.locked(guest.vmid):
-            self._sweep_temps(guest.vmid)
             temp = self._write_temp(guest)
             try:
                 os.link(temp, self.path(guest.vmid))
@@ -370,7 +392,6 @@ class GuestStore:
 
     def _replace(self, guest: Guest) -> None:
         """write() for a caller that holds the guest's flock already (flock does not nest)."""
-        self._sweep_temps(guest.vmid)
         temp = self._write_temp(guest)
         try:
             os.replace(temp, self.path(guest.vmid))
@@ -381,18 +402,17 @@ class GuestStore:
         _fsync_dir(self.dir)
 
     def delete(self, vmid: int) -> None:
-        """Remove a guest's config, and temp files a failed write of it left (under its flock;
-        callers do not hold it)."""
-        with self.locked(vmid):
-            self._sweep_temps(vmid)
-            with contextlib.suppress(FileNotFoundError):
-                self.path(vmid).unlink()
-                _fsync_dir(self.dir)
+        """Remove a guest's config (under its flock; callers do not hold it)."""
+        with self.locked(vmid), contextlib.suppress(FileNotFoundError):
+            self.path(vmid).unlink()
+            _fsync_dir(self.dir)
 
     def locked(self, vmid: int) -> contextlib.AbstractContextManager[None]:
         """Hold the guest's flock while its config is edited."""
-        lock = self.dir / ".locks" / f"{names.vmid(vmid)}.lock"
-        return file_lock(lock, self.lock_timeout, f"guest {vmid} config")
+        return file_lock(self._lock_path(vmid), self.lock_timeout, f"guest {vmid} config")
+
+    def _lock_path(self, vmid: int) -> Path:
+        return self.dir / ".locks" / f"{names.vmid(vmid)}.lock"
 
     @contextlib.contextmanager
     def editing(self, vmid: int) -> Iterator[builtins.list[Guest]]:

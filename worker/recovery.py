@@ -29,6 +29,7 @@ import structlog
 
 from drivers import transfer
 from drivers.errors import StorkError
+from drivers.guests import GuestStore
 from worker import records
 from worker.app import app, config, redis_client
 from worker.broker import Pending, pending_messages
@@ -234,9 +235,14 @@ def _nudge(r: redis.Redis, idle: list[JobRecord]) -> list[str]:
 
 def sweep() -> list[str]:
     """Recover jobs anywhere in the cluster, so none waits for its node's worker to restart;
-    drop name claims of jobs that ended without releasing them."""
-    r = redis_client()
-    usage.prune_claims(r, config().storages)
+    drop name claims of jobs that ended without releasing them; remove the temp files crashed
+    writers left among the guest configs (a shared directory: one node sweeps it for all)."""
+    r, cfg = redis_client(), config()
+    usage.prune_claims(r, cfg.storages)
+    try:
+        GuestStore(cfg.guests_dir, cfg.lock_timeout).sweep_temps()
+    except OSError as e:  # litter, never worth a sweep: jobs are recovered all the same
+        log.warning("guest_temps_not_swept", error=str(e))
     return reconcile(r)
 
 

@@ -209,25 +209,25 @@ def test_a_guest_that_cannot_be_written_leaves_no_file(store):
     assert store.read(101).name == "old"
 
 
-def test_a_stale_temp_file_is_removed_by_the_next_write_of_its_guest(store):
-    """`.101.toml.deadbeef.tmp` left by a crashed writer goes at the next write of 101, not of 102."""
+def test_stale_temp_files_are_swept_unless_their_guests_writer_is_at_work(store):
+    """`.101.toml.deadbeef.tmp` left by a crashed writer goes at the sweep; one of a guest whose
+    flock is held (a live writer's) stays; a write lists no directory (one listing per sweep)."""
     store.create(Guest(101, "node1"))
     store.create(Guest(102, "node1"))
     (store.dir / ".101.toml.deadbeef.tmp").write_text("half a config")
-    (store.dir / ".1010.toml.deadbeef.tmp").write_text("another guest's")
-    store.write(Guest(102, "node1", name="other"))
-    assert _temps(store) == [".101.toml.deadbeef.tmp", ".1010.toml.deadbeef.tmp"]
-    with store.editing(101) as box:
-        box[0] = box[0].with_(name="new")
-    assert _temps(store) == [".1010.toml.deadbeef.tmp"]
+    (store.dir / ".1010.toml.0123abcd.tmp").write_text("another guest's")
+    (store.dir / ".0101.toml.deadbeef.tmp").write_text("not a name stork writes: left alone")
+    store.write(Guest(101, "node1", name="other"))
+    assert _temps(store) == [".0101.toml.deadbeef.tmp", ".101.toml.deadbeef.tmp", ".1010.toml.0123abcd.tmp"]
+    with store.locked(1010):
+        assert store.sweep_temps() == 1
+        assert _temps(store) == [".0101.toml.deadbeef.tmp", ".1010.toml.0123abcd.tmp"]
+    assert store.sweep_temps() == 1 and _temps(store) == [".0101.toml.deadbeef.tmp"]
+    assert store.read(101).name == "other" and store.sweep_temps() == 0
 
 
-def test_a_stale_temp_file_is_removed_when_its_guest_is_created(store):
-    """create() sweeps the new guest's stale temp files too, under the guest's flock."""
-    store.dir.mkdir(parents=True)
-    (store.dir / ".101.toml.deadbeef.tmp").write_text("half a config")
-    store.create(Guest(101, "node1"))
-    assert _temps(store) == []
+def test_a_sweep_of_a_missing_directory_removes_nothing(tmp_path):
+    assert GuestStore(tmp_path / "nowhere").sweep_temps() == 0
 
 
 def test_create_waits_for_the_guest_flock(store):
