@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,21 +85,25 @@ class Row:
     seconds: float
     rss_mib: float
     store_mib: float | None
+    cpu_seconds: float = 0.0  # user + system, of the process and the children it waited for
 
 
-def timed(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one child process, which must succeed. GNU time runs it
-    and reports its peak RSS: a child forked from this (large) process directly would count
-    this process's pages too. Each row starts with nothing dirty in the page cache."""
+def timed(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MiB, CPU seconds) of one child process, which must succeed. GNU
+    time runs it and reports its peak RSS and CPU time: a child forked from this (large)
+    process directly would count this process's pages too. Each row starts with nothing dirty
+    in the page cache."""
     os.sync()  # no row pays for writing back what an earlier one left dirty
-    with tempfile.NamedTemporaryFile("r") as rss:
+    with tempfile.NamedTemporaryFile("r") as report:
         start = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv], env={**os.environ, **(env or {})},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd, check=False)
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", report.name, *argv],
+                              env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              cwd=cwd, check=False)
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(argv[:3])}...: exit {proc.returncode}: {proc.stderr.decode()[-500:]}")
-        return seconds, int(rss.read().split()[-1]) / 1024
+        rss_kib, user, system = report.read().split()[-3:]
+        return seconds, int(rss_kib) / 1024, float(user) + float(system)
 
 
 def du_mib(path: Path) -> float:
@@ -160,18 +165,18 @@ def stork_child(action: str, store_dir: str, image: str, *rest: str) -> None:
 def stork_rows(work: Path, image: Path, changed: Path) -> list[Row]:
     store = work / "stork"
     store.mkdir()
-    seconds, rss = timed([*STORK, "--stork", "start-up", "-", "-"])
-    rows = [Row("stork", "start-up alone (Python, imports)", seconds, rss, None),
+    seconds, rss, cpu = timed([*STORK, "--stork", "start-up", "-", "-"])
+    rows = [Row("stork", "start-up alone (Python, imports)", seconds, rss, None, cpu),
             *encrypted_rows(work, image), *bitmap_rows(work, image)]
     for what, source, vmid in (("first backup", image, 100), ("unchanged re-backup", image, 101),
                                ("1%-changed re-backup (raw)", changed, 102)):
         before = du_mib(store)
-        seconds, rss = timed([*STORK, "--stork", "backup", str(store), str(source), str(vmid)])
-        rows.append(Row("stork", what, seconds, rss, du_mib(store) - before))
+        seconds, rss, cpu = timed([*STORK, "--stork", "backup", str(store), str(source), str(vmid)])
+        rows.append(Row("stork", what, seconds, rss, du_mib(store) - before, cpu))
     out = work / "stork-restored.raw"
-    seconds, rss = timed([*STORK, "--stork", "restore", str(store), str(out), "100"])
+    seconds, rss, cpu = timed([*STORK, "--stork", "restore", str(store), str(out), "100"])
     _check_equal(image, out)
-    rows.append(Row("stork", "restore (flushed)", seconds, rss, None))
+    rows.append(Row("stork", "restore (flushed)", seconds, rss, None, cpu))
     out.unlink()
     rows += clone_rows(work, store, image)
     return rows
@@ -184,13 +189,13 @@ def encrypted_rows(work: Path, image: Path) -> list[Row]:
     store = work / "stork-encrypted"
     store.mkdir()
     create_key(KEY)
-    seconds, rss = timed([*STORK, "--stork", "backup", str(store), str(image), "100"])
-    rows = [Row("stork, encrypted", "first backup", seconds, rss, du_mib(store))]
+    seconds, rss, cpu = timed([*STORK, "--stork", "backup", str(store), str(image), "100"])
+    rows = [Row("stork, encrypted", "first backup", seconds, rss, du_mib(store), cpu)]
     out = work / "stork-restored.raw"
-    seconds, rss = timed([*STORK, "--stork", "restore", str(store), str(out), "100"])
+    seconds, rss, cpu = timed([*STORK, "--stork", "restore", str(store), str(out), "100"])
     _check_equal(image, out)
     out.unlink()
-    return [*rows, Row("stork, encrypted", "restore (flushed)", seconds, rss, None)]
+    return [*rows, Row("stork, encrypted", "restore (flushed)", seconds, rss, None, cpu)]
 
 
 def bitmap_rows(work: Path, image: Path) -> list[Row]:
@@ -206,9 +211,9 @@ def bitmap_rows(work: Path, image: Path) -> list[Row]:
         subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -s {piece} {offset} {len(data)}", str(disk)],
                        check=True, capture_output=True)
     before = du_mib(store)
-    seconds, rss = timed([*STORK, "--stork", "bitmap-backup", str(store), str(disk), "101"])
+    seconds, rss, cpu = timed([*STORK, "--stork", "bitmap-backup", str(store), str(disk), "101"])
     disk.unlink()
-    return [Row("stork", "1%-changed re-backup (qcow2, bitmap)", seconds, rss, du_mib(store) - before)]
+    return [Row("stork", "1%-changed re-backup (qcow2, bitmap)", seconds, rss, du_mib(store) - before, cpu)]
 
 
 def clone_rows(work: Path, store: Path, image: Path) -> list[Row]:
@@ -218,9 +223,9 @@ def clone_rows(work: Path, store: Path, image: Path) -> list[Row]:
     base = work / "base.raw"
     os.link(image, base)
     before = du_mib(store)
-    seconds, rss = timed([*STORK, "--stork", "backup", str(store), str(base), "200"])
-    rows = [Row("stork", "template (base) backup", seconds, rss, du_mib(store) - before)]
-    before, total, peak = du_mib(store), 0.0, 0.0
+    seconds, rss, cpu = timed([*STORK, "--stork", "backup", str(store), str(base), "200"])
+    rows = [Row("stork", "template (base) backup", seconds, rss, du_mib(store) - before, cpu)]
+    before, total, peak, cpus = du_mib(store), 0.0, 0.0, 0.0
     for n in range(10):
         clone = work / f"clone{n}.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(clone)],
@@ -230,9 +235,9 @@ def clone_rows(work: Path, store: Path, image: Path) -> list[Row]:
             piece.write_bytes(data)
             subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -s {piece} {offset} {len(data)}", str(clone)],
                            check=True, capture_output=True)
-        seconds, rss = timed([*STORK, "--stork", "backup", str(store), str(clone), str(300 + n), str(base)])
-        total, peak = total + seconds, max(peak, rss)
-    rows.append(Row("stork", "10 linked clones, 1% changed each", total, peak, du_mib(store) - before))
+        seconds, rss, cpu = timed([*STORK, "--stork", "backup", str(store), str(clone), str(300 + n), str(base)])
+        total, peak, cpus = total + seconds, max(peak, rss), cpus + cpu
+    rows.append(Row("stork", "10 linked clones, 1% changed each", total, peak, du_mib(store) - before, cpus))
     return rows
 
 
@@ -253,11 +258,11 @@ def restic_rows(work: Path, image: Path, changed: Path) -> list[Row]:
         staged.unlink(missing_ok=True)
         os.link(source, staged)
         before = du_mib(repo)
-        seconds, rss = timed(["restic", "backup", "-q", str(staged)], env)
-        rows.append(Row("restic", what, seconds, rss, du_mib(repo) - before))
+        seconds, rss, cpu = timed(["restic", "backup", "-q", str(staged)], env)
+        rows.append(Row("restic", what, seconds, rss, du_mib(repo) - before, cpu))
     target = work / "restic-restored"
-    seconds, rss = timed(["restic", "restore", "-q", "latest", "--target", str(target)], env)
-    rows.append(Row("restic", "restore", seconds, rss, None))
+    seconds, rss, cpu = timed(["restic", "restore", "-q", "latest", "--target", str(target)], env)
+    rows.append(Row("restic", "restore", seconds, rss, None, cpu))
     shutil.rmtree(target)
     return rows
 
@@ -274,25 +279,88 @@ def borg_rows(work: Path, image: Path, changed: Path, label: str, create_args: l
         staged.unlink(missing_ok=True)
         os.link(source, staged)
         before = du_mib(repo)
-        seconds, rss = timed(["borg", "create", *create_args, f"{repo}::a{n}", str(staged)], env)
-        rows.append(Row(label, what, seconds, rss, du_mib(repo) - before))
+        seconds, rss, cpu = timed(["borg", "create", *create_args, f"{repo}::a{n}", str(staged)], env)
+        rows.append(Row(label, what, seconds, rss, du_mib(repo) - before, cpu))
     target = work / "borg-restored"
     target.mkdir()
-    seconds, rss = timed(["borg", "extract", "--sparse", f"{repo}::a0"], env, cwd=target)
-    rows.append(Row(label, "restore", seconds, rss, None))
+    seconds, rss, cpu = timed(["borg", "extract", "--sparse", f"{repo}::a0"], env, cwd=target)
+    rows.append(Row(label, "restore", seconds, rss, None, cpu))
     shutil.rmtree(target)
     return rows
 
 
 def baseline_rows(work: Path, image: Path) -> list[Row]:
     out = work / "copy.raw"
-    seconds, rss = timed(["qemu-img", "convert", "-f", "raw", "-O", "raw", str(image), str(out)])
-    rows = [Row("qemu-img convert", "copy", seconds, rss, du_mib(out))]
+    seconds, rss, cpu = timed(["qemu-img", "convert", "-f", "raw", "-O", "raw", str(image), str(out)])
+    rows = [Row("qemu-img convert", "copy", seconds, rss, du_mib(out), cpu)]
     out.unlink()
-    seconds, rss = timed(["cp", "--sparse=always", str(image), str(out)])
-    rows.append(Row("cp --sparse=always", "copy", seconds, rss, du_mib(out)))
+    seconds, rss, cpu = timed(["cp", "--sparse=always", str(image), str(out)])
+    rows.append(Row("cp --sparse=always", "copy", seconds, rss, du_mib(out), cpu))
     out.unlink()
     return rows
+
+
+# ---- what stork is held to, and what the machine allows ---------------------------------------
+GOALS = (  # (stork's row, restic's row, at least this many times restic's speed)
+    (("stork, encrypted", "first backup"), ("restic", "first backup"), 2.5),
+    (("stork", "first backup"), ("restic", "first backup"), 3.0),
+    (("stork", "restore (flushed)"), ("restic", "restore"), 2.0),
+    (("stork", "unchanged re-backup"), ("restic", "unchanged re-backup"), 4.0),
+)
+
+
+def print_against_restic(rows: list[Row]) -> None:
+    by = {(r.tool, r.what): r for r in rows}
+    print("\n   against restic (same run)                  speed    goal   peak RSS (goal 200 MiB)")
+    for ours, theirs, goal in GOALS:
+        mine, peer = by[ours], by[theirs]
+        ratio = peer.seconds / mine.seconds
+        print(f"   {ours[0] + ' ' + ours[1]:<40}{ratio:>7.2f}x{goal:>7.1f}x{mine.rss_mib:>8.0f} MiB")
+
+
+def _per_second(work: Callable[[], int], at_least: float = 1.0) -> float:
+    """MB/s of `work` (which returns the bytes it did), run for at least `at_least` seconds on one core."""
+    done, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < at_least:
+        done += work()
+    return done / 1e6 / elapsed
+
+
+def print_limits(work: Path, image: Path) -> None:
+    """What one core does of each part of a first backup, on this image's own data, and what
+    the disk reads: the distance from each stork row to what this machine can do."""
+    import hashlib
+
+    import zstandard
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    with open(image, "rb") as f:  # a 64 MiB sample of the data a backup reads (holes left out)
+        sample = b"".join(block for block in iter(lambda: f.read(4 * MIB), b"") if any(block))[:64 * MIB]
+    blocks = [sample[i:i + 4 * MIB] for i in range(0, len(sample), 4 * MIB)]
+    compressor, aead = zstandard.ZstdCompressor(level=1), AESGCM(AESGCM.generate_key(bit_length=256))
+    nonce = os.urandom(12)
+    sha = _per_second(lambda: sum(len(b) for b in blocks if hashlib.sha256(b).digest()))
+    zstd = _per_second(lambda: sum(len(b) for b in blocks if compressor.compress(b) is not None))
+    aes = _per_second(lambda: sum(len(b) for b in blocks if aead.encrypt(nonce, b, None)))
+    probe = work / "disk-read.probe"  # the disk itself: written, flushed, dropped from the cache, read direct
+    with open(probe, "wb") as f:
+        for _ in range(512 // 4):
+            f.write(os.urandom(4 * MIB))
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    start = time.perf_counter()
+    subprocess.run(["dd", f"if={probe}", "of=/dev/null", "bs=4M", "iflag=direct", "status=none"], check=True)
+    disk = 512 * MIB / 1e6 / (time.perf_counter() - start)
+    probe.unlink()
+    cores, allocated = os.cpu_count() or 1, du_mib(image) * MIB
+    plain = cores / (1 / sha + 1 / zstd)  # every core hashing and compressing, all of the time
+    limit_plain = min(plain, disk) * SIZE / allocated  # in the table's unit: MB/s of the whole image
+    limit_encrypted = min(cores / (1 / sha + 1 / zstd + 1 / aes), disk) * SIZE / allocated
+    print(f"\n   this machine, on the image's data: one core SHA-256 {sha:.0f} MB/s, zstd level 1 {zstd:.0f} MB/s, "
+          f"AES-256-GCM {aes:.0f} MB/s; the disk reads {disk:.0f} MB/s (O_DIRECT)")
+    print(f"   so a first backup can go at most {limit_plain:.0f} MB/s plain, {limit_encrypted:.0f} MB/s encrypted "
+          f"({cores} cores, {allocated / SIZE:.0%} of the image allocated)")
 
 
 def main() -> None:
@@ -316,13 +384,16 @@ def main() -> None:
                 *borg_rows(work, image, changed, "borg (defaults)", []),
                 *borg_rows(work, image, changed, "borg (fixed 4M, zstd 1)",
                            ["--chunker-params", "fixed,4194304", "-C", "zstd,1"])]
-        print(f"\n   {'tool':<26}{'what':<36}{'time':>9}{'MB/s':>8}{'peak RSS':>10}{'store +':>11}")
+        print(f"\n   {'tool':<26}{'what':<36}{'time':>9}{'MB/s':>8}{'cores':>7}{'peak RSS':>10}{'store +':>11}")
         for r in rows:
             rate = SIZE / 1e6 / r.seconds if "clones" not in r.what else 10 * SIZE / 1e6 / r.seconds
             rate_text = "-" if "start-up" in r.what else f"{rate:.0f}"
             store = f"{r.store_mib:.0f} MiB" if r.store_mib is not None else "-"
             rss = f"{r.rss_mib:.0f} MiB" if r.rss_mib else "-"
-            print(f"   {r.tool:<26}{r.what:<36}{r.seconds:>8.2f}s{rate_text:>8}{rss:>10}{store:>11}")
+            print(f"   {r.tool:<26}{r.what:<36}{r.seconds:>8.2f}s{rate_text:>8}{r.cpu_seconds / r.seconds:>7.2f}"
+                  f"{rss:>10}{store:>11}")
+        print_against_restic(rows)
+        print_limits(work, image)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         KEY.unlink(missing_ok=True)
