@@ -55,9 +55,9 @@ def test_a_full_clones_target_is_in_use_while_it_copies(client, stork, vmid):
     """While a full clone copies into its target, freeing or basing that target is refused
     naming the job, and the clone then succeeds with an identical disk."""
     g, c = vmid(), vmid()
-    source = one_disk_guest(client, g, size="1536M")
+    source = one_disk_guest(client, g, size="512M")
     with open(volume_path(source), "r+b") as f:
-        for _ in range(1536 // 8):
+        for _ in range(512 // 8):
             f.write(b"\x5a" * (8 * PATTERN_MIB))
     job = client.submit("full_clone", vmid=g, newid=c)
     with held_copy(client, job.id):
