@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from worker import testing
 
 MIB, GIB = 1 << 20, 1 << 30
 SIZE = GIB
@@ -67,12 +67,6 @@ def serve_child(store_dir: str, backup: str, port: str) -> None:
     Export("scsi0", DiskReader(store, store.index(backup, "scsi0"), backup), listen("127.0.0.1", int(port))).serve()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def timed_read(server: list[str], port: int, export: str, out: Path) -> float:
     proc = subprocess.Popen(server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -86,8 +80,9 @@ def timed_read(server: list[str], port: int, export: str, out: Path) -> float:
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", url, str(out)], check=True)
         return time.monotonic() - began
     finally:
-        proc.terminate()
-        proc.wait(10)
+        from drivers.tools import stop
+
+        stop(proc)  # SIGTERM, SIGKILL if it lingers: no server outlives its row
         out.unlink(missing_ok=True)
 
 
@@ -110,7 +105,7 @@ def main() -> None:
         }
         rows = []
         for name, argv in servers.items():
-            ports = [free_port() for _ in range(REPEATS)]
+            ports = [testing.free_port() for _ in range(REPEATS)]
             rows.append((name, min(timed_read(argv(port), port, "scsi0", work / "out.raw") for port in ports)))
         print(f"stork serve benchmark: {SIZE // MIB} MiB raw disk (40% zeros), {os.cpu_count()} cores; "
               "qemu-img convert reading the whole disk over NBD on loopback, best of 3")
