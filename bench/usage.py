@@ -1,0 +1,112 @@
+"""The in-use checks at cluster size, in one run: a linked clone, a destroy and a free, each
+submit -> finished, with 10 guests, then with 10,000 guests and 1,000 active jobs present.
+
+    .venv/bin/python bench/usage.py
+
+Starts its own redis-server and one worker (node `bench`, 2 processes). The 9,990 more guests
+are configs as stork writes them, each naming two disks (their files are not made: the checks
+read configs, not volumes); the 1,000 active jobs are `ping` jobs to a node no worker serves,
+waiting in its queue, as jobs queued behind a busy node do. A destroy and a free ask "is this
+volume in use?" of every guest config and every active job record (worker/jobs/usage.py); the
+issue "Faster than a bare Celery chain" wants each row within 1.2x of its 10-guest figure.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from worker import testing
+
+REPEAT = 7
+GUESTS, JOBS = 10_000, 1_000
+
+
+def setup() -> tuple[Path, testing.RedisServer, testing.Worker]:
+    base = Path(tempfile.mkdtemp(prefix="stork-bench-", dir=os.environ.get("STORK_BENCH_DIR")))
+    port = testing.free_port()
+    (base / "stork.toml").write_text(
+        f'[redis]\nurl = "redis://127.0.0.1:{port}/0"\n[paths]\nguests = "guests"\nlocks = "lock"\n'
+        '[storage.local]\ntype = "dir"\npath = "images"\n[nodes.nowhere]\naddress = "127.0.0.1"\n')
+    os.environ.update(STORK_CONFIG=str(base / "stork.toml"), STORK_NODE="bench")
+    os.environ.pop("STORK_REDIS_URL", None)
+    redis_server = testing.RedisServer(port, base)
+    return base, redis_server, testing.Worker("bench", base, concurrency=2)
+
+
+def succeeded(job):  # type: ignore[no-untyped-def]
+    assert job.state == "succeeded", job.error
+    return job
+
+
+def timed_run(client, kind: str, **options: object) -> float:  # type: ignore[no-untyped-def]
+    """Seconds from submit to the job's end; it must succeed."""
+    start = time.perf_counter()
+    succeeded(client.run(kind, **options))
+    return time.perf_counter() - start
+
+
+def measure(client, template: int, ids: Iterator[int]) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Median seconds of each action, submit -> finished."""
+    times: dict[str, list[float]] = {"linked clone": [], "destroy (one disk)": [], "free (a volume)": []}
+    disk = {"scsi0": {"storage": "local", "size": "16M"}}
+    for _ in range(REPEAT):
+        times["linked clone"].append(timed_run(client, "linked_clone", vmid=template, newid=next(ids)))
+        doomed = next(ids)
+        succeeded(client.run("create", vmid=doomed, disks=disk))
+        times["destroy (one disk)"].append(timed_run(client, "destroy", vmid=doomed))
+        source = next(ids)
+        volid = succeeded(client.run("create", vmid=source, disks=disk)).result["disks"]["scsi0"]
+        copy = succeeded(client.run("copy", volid=volid, storage="local")).result["volumes"]["copy"]
+        times["free (a volume)"].append(timed_run(client, "free", volid=copy))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def fill(client, guests: int, jobs: int) -> None:  # type: ignore[no-untyped-def]
+    from drivers.guests import Guest, dumps
+    from worker import runner
+    from worker.app import app, config, redis_client
+
+    for vmid in range(500_000, 500_000 + guests):
+        disks = {"scsi0": f"local:{vmid}/vm-{vmid}-disk-0.raw", "scsi1": f"local:{vmid}/vm-{vmid}-disk-1.raw"}
+        (client.guest_store.dir / f"{vmid}.toml").write_text(dumps(Guest(vmid, "bench", name=f"g{vmid}", disks=disks)))
+    for _ in range(jobs):
+        runner.submit("ping", {"node": "nowhere"}, config(), redis_client(), app)
+
+
+def main() -> None:
+    base, redis_server, worker = setup()
+    try:
+        from producer.client import Client
+
+        client = Client()
+        ids = iter(range(1000, 10**5))
+        template = next(ids)
+        succeeded(client.run("create", vmid=template, disks={"scsi0": {"storage": "local", "size": "64M"}}))
+        succeeded(client.run("template", vmid=template))
+        small = measure(client, template, ids)
+        present = len(client.guest_store.list())
+        fill(client, GUESTS - present, JOBS)
+        large = measure(client, template, ids)
+        print(f"stork in-use checks at cluster size: {os.cpu_count()} cores, worker concurrency 2, "
+              f"median of {REPEAT}, submit -> finished")
+        print(f"   {'':<22}{f'{present} guests':>12}{f'{GUESTS:,} guests, {JOBS:,} jobs':>26}{'ratio':>8}  (goal 1.2x)")
+        for name in small:
+            print(f"   {name:<22}{small[name] * 1000:>9.0f} ms{large[name] * 1000:>23.0f} ms"
+                  f"{large[name] / small[name]:>7.1f}x")
+    finally:
+        worker.stop()
+        redis_server.stop()
+        subprocess.run(["chattr", "-R", "-i", str(base)], capture_output=True, check=False)
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+if __name__ == "__main__":
+    main()
