@@ -124,30 +124,6 @@ class _FailoverChannel:
         pubsub.__class__ = _PubSub  # kombu builds it through the client: the same object, never blocking
         return pubsub
 
-    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
-        """A task that ends after its consumer restarted (a failover) acks on the channel the
-        restart closed. Closing it gave its unacked messages back already (kombu's
-        restore_unacked, or the visibility timeout where Redis was away), and an ack there reaches
-        for a connection that is gone, which kills the worker's main process (AttributeError
-        'hostname'). So it is dropped: the message, delivered again, finds its step done."""
-        if self._gone():
-            log.info("ack_on_closed_channel", delivery_tag=str(delivery_tag))
-            return
-        super().basic_ack(delivery_tag, multiple)  # type: ignore[misc]
-
-    def _gone(self) -> bool:
-        """Closed, or its transport or the transport's connection dropped (by the close)."""
-        transport = getattr(self, "connection", None)
-        closing = getattr(self, "closed", False) or getattr(self, "_closing", False)
-        return bool(closing) or transport is None or transport.client is None
-
-    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        """As basic_ack: a closed channel gave its messages back already."""
-        if self._gone():
-            log.info("reject_on_closed_channel", delivery_tag=str(delivery_tag))
-            return
-        super().basic_reject(delivery_tag, requeue)  # type: ignore[misc]
-
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         if not self.wait_replicas:
             return super()._put(queue, message, **kwargs)  # type: ignore[misc]

@@ -86,31 +86,3 @@ def test_a_replica_the_sentinels_call_down_is_not_waited_for(group):
     testing.wait_for(lambda: connect.replicas_to_wait_for(r.connection_pool, 2) == 2, 30, "the sentinels to see it up")
     assert connect.write_replicated(r, s.wait_replicas, lambda c: c.set("both-again", 1), patience=10)
     assert victim.client.get("both-again") == "1"  # waited for again: it holds the write when the call returns
-
-
-def test_a_task_ending_after_its_consumer_restarted_does_not_kill_the_worker(redis_server):
-    """A failover restarts the consumer while a step runs: Celery collects the old connection,
-    whose channel close fails half-way on the gone master, and the transport loses its client.
-    The step then ends and its ack goes to that channel; kombu's own channel reached for the
-    client and raised AttributeError ('hostname'), an unrecoverable error that stopped the whole
-    worker (a CI run, after a failover during a backup). stork's channel drops that ack and
-    reject: the message is given back by the close, or by the visibility timeout, and taken again
-    it finds its step done."""
-    port = redis_server.connection_pool.connection_kwargs["port"]
-    queue = f"closed-channel-{os.getpid()}"
-    with Connection(f"redis://127.0.0.1:{port}/0") as conn:
-        assert isinstance(conn.transport, failover.Transport)  # stork's processes name kombu's aliases so
-        channel = conn.channel()
-        conn.Producer(channel).publish({"step": 1}, routing_key=queue, declare=[conn.SimpleQueue(queue).queue])
-        message = channel.basic_get(queue, no_ack=False)
-        transport = conn.transport
-        try:
-            # the state the CI run's traceback shows: the channel open, its pools dropped, the
-            # transport's client gone (kombu's Connection.collect after a close that failed)
-            channel._disconnect_pools()
-            client, transport.client = transport.client, None
-            channel.basic_ack(message.delivery_tag)  # no AttributeError: the consumer's loop lives on
-            channel.basic_reject(message.delivery_tag, requeue=True)
-        finally:
-            transport.client = client
-    redis_server.delete(queue, f"_kombu.binding.{queue}", "unacked", "unacked_index")
