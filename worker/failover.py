@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -117,6 +118,42 @@ class _FailoverChannel:
     sweep), and whose fanout reads never block (`_PubSub`)."""
 
     wait_replicas = 0
+
+    def __init__(self, connection: Any, **kwargs: Any) -> None:
+        self._opened_on = connection  # kept: a close after a failover drops it (see `_reachable`)
+        self._opened_for = connection.client
+        super().__init__(connection, **kwargs)
+
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        with self._reachable():
+            super().basic_ack(delivery_tag, multiple)  # type: ignore[misc]
+
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        with self._reachable():
+            super().basic_reject(delivery_tag, requeue)  # type: ignore[misc]
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """A step that ends after a failover restarted its consumer acks on the channel that
+        restart closed, and a close that failed half-way on the gone master leaves the channel
+        without its transport, or the transport without its connection. kombu's ack then
+        reaches for them to reach Redis and raises AttributeError ('hostname'), which Celery
+        calls unrecoverable: the worker lives on and takes no task again. Dropping the ack
+        instead would leave the message in kombu's unacked hash until the visibility timeout
+        (12 h) while the sweep waits for its live worker to give it back. So for the ack the
+        channel gets its transport and connection back, reaches the master there is now
+        (through the sentinels, or the URL), and lets go of that connection again."""
+        transport = self.connection  # type: ignore[attr-defined]
+        if transport is not None and transport.client is not None:
+            yield
+            return
+        client = self._opened_on.client
+        self.connection, self._opened_on.client = self._opened_on, self._opened_for
+        try:
+            yield
+        finally:
+            self._disconnect_pools()  # type: ignore[attr-defined]
+            self.connection, self._opened_on.client = transport, client
 
     @cached_property
     def subclient(self) -> _PubSub:

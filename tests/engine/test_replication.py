@@ -86,3 +86,48 @@ def test_a_replica_the_sentinels_call_down_is_not_waited_for(group):
     testing.wait_for(lambda: connect.replicas_to_wait_for(r.connection_pool, 2) == 2, 30, "the sentinels to see it up")
     assert connect.write_replicated(r, s.wait_replicas, lambda c: c.set("both-again", 1), patience=10)
     assert victim.client.get("both-again") == "1"  # waited for again: it holds the write when the call returns
+
+
+def _half_closed(channel) -> None:
+    """As a close that failed on the gone master leaves it: pools dropped, the transport's
+    connection gone (kombu's Connection.collect after a failover restarted the consumer)."""
+    channel._disconnect_pools()
+    channel.connection.client = None
+
+
+def _closed(channel) -> None:
+    """As a close that got as far as leaving its transport, its unacked messages not given back."""
+    channel._disconnect_pools()
+    channel.connection.close_channel(channel)
+
+
+@pytest.mark.parametrize("close", [_half_closed, _closed])
+def test_a_step_ending_after_its_consumer_restarted_still_acks(group, close):
+    """A failover restarts the consumer while a step runs (a backup, in a CI run); the step then
+    ends and acks on the channel that restart closed. kombu's channel reached for the gone
+    connection and raised AttributeError ('hostname'), an unrecoverable error after which the
+    worker took no task again. stork's channel acks through the master there is now: the
+    message leaves kombu's unacked hash (or a reject puts it back on its queue) at once, rather
+    than after the visibility timeout while the sweep waits for the live worker to give it back."""
+    options = connect.celery_settings(settings(group), "worker", 60)
+    queue = f"acked-after-restart-{close.__name__}"
+    with Connection(options["broker_url"], transport_options=options["broker_transport_options"]) as conn:
+        channel = conn.channel()
+        conn.SimpleQueue(queue).put({"step": 1})
+        first = channel.basic_get(queue, no_ack=False)
+        conn.SimpleQueue(queue).put({"step": 2})
+        second = channel.basic_get(queue, no_ack=False)
+        transport, client = channel.connection, conn.transport.client
+        master = group.members[group.master()].client
+        assert master.hexists("unacked", first.delivery_tag) and master.hexists("unacked", second.delivery_tag)
+        close(channel)
+        try:
+            channel.basic_ack(first.delivery_tag)  # no AttributeError: the consumer's loop lives on
+            channel.basic_reject(second.delivery_tag, requeue=True)
+        finally:
+            transport.client = client
+        assert not master.hexists("unacked", first.delivery_tag)
+        assert not master.hexists("unacked", second.delivery_tag)
+        assert master.llen(queue) == 1  # the rejected one, back for the next worker
+        assert channel._pool is None  # the connection the ack made is let go again
+    master.delete(queue, f"_kombu.binding.{queue}")
