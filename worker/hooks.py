@@ -8,6 +8,7 @@ from typing import Any
 import structlog
 from celery import signals
 
+from drivers.errors import StorkError
 from worker import deadletter, failover, liveness, logs, records, recovery
 from worker.app import app, config, redis_client
 
@@ -48,6 +49,10 @@ def _reconcile(**_: Any) -> None:
     cfg = config()
     liveness.start_heartbeat(redis_client())  # the main process too: it holds the pool's messages
     records.index_all(redis_client())  # jobs recorded before the job indexes existed, once per cluster
+    try:
+        records.index_volumes(redis_client())  # and before the volume sets: until then checks read every job
+    except StorkError as e:
+        log.error("volume_index_not_built", error=str(e))
     acted = recovery.reconcile(redis_client(), cfg.node)
     recovery.start_sweeper()
     log.info("worker_ready", node=cfg.node, reconciled=acted)

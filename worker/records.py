@@ -16,6 +16,13 @@ Redis keys used by stork (all of them; keep this list true):
                               (the indexes lose ids with JOBS: trimmed at each create, RETENTION
                               after creation, and an id whose record expired is dropped when met)
     stork:jobs:indexed        set once every job on record is in the indexes above
+    stork:jobs:volume:<volid> set of ids of jobs that name the volume (read, make or rename it):
+                              every job that has not ended is in the set of each volume its
+                              params and ctx name, added by the same Lua script that writes them
+                              and taken out when it ends; an id found there of a job that ended
+                              is dropped when met (worker/jobs/usage.py asks it "who uses X?")
+    stork:job:<id>:volumes    set of the volume ids the job was added under (so its end takes it out)
+    stork:jobs:volumes-indexed set once every job that has not ended is in the volume sets
     stork:claims:<storage>    hash volname -> job id: names a job is making, claimed before they
                               are created and until the job ends (worker/jobs/usage.py)
     stork:lock:<name>         lease of a shared-storage lock (redis-py Lock; value: its holder's token)
@@ -63,6 +70,8 @@ JOBS = "stork:jobs"
 ACTIVE = "stork:jobs:active"
 IDS = "stork:jobs:ids"
 INDEXED = "stork:jobs:indexed"
+VOLUMES_INDEXED = "stork:jobs:volumes-indexed"
+_VOLUME_PREFIX = "stork:jobs:volume:"
 ENDED = "stork:metrics:jobs"  # jobs that ended, counted by kind and state (worker/metrics.py)
 BACKUPS = "stork:metrics:backups"  # each guest's last backup that succeeded (worker/metrics.py)
 CHANNEL = "stork:events"
@@ -97,6 +106,35 @@ def indexes_of(record: JobRecord) -> list[str]:
 
 def job_key(job_id: str) -> str:
     return f"stork:job:{job_id}"
+
+
+def volume_index(volid: str) -> str:
+    return f"{_VOLUME_PREFIX}{volid}"
+
+
+def volumes_key(job_id: str) -> str:
+    return f"{job_key(job_id)}:volumes"
+
+
+def params_volumes(params: dict[str, Any]) -> set[str]:
+    """Every volume id a job's params name: the volume it acts on, the sources and bases of its
+    disk plans, what it attaches, its replicas."""
+    found = {params["volid"]} if params.get("volid") else set()
+    for plans in (params.get("disks"), params.get("bases")):
+        found |= {plan[k] for plan in (plans or {}).values() for k in ("source", "base") if k in plan}
+    found |= set((params.get("attach") or {}).values())
+    found |= {plan["replica"] for plan in (params.get("links") or {}).values() if "replica" in plan}
+    return found
+
+
+def ctx_volumes(ctx: dict[str, Any]) -> set[str]:
+    """Every volume id a job's steps recorded: made, pending, replaced, linked, renamed into base/."""
+    found: set[str] = set()
+    for table in ("made", "pending", "replaced", "linked"):
+        found |= set((ctx.get(table) or {}).values())
+    for pair in (ctx.get("based") or {}).values():
+        found |= set(pair)
+    return found
 
 
 def events_key(job_id: str) -> str:
@@ -166,16 +204,28 @@ def new_id() -> str:
     return uuid.uuid4().hex[:ID_LENGTH]
 
 
+# Lua: put job `id` (its hash `record`) into the set of each volume of the JSON list `volumes`,
+# and remember them under the job (its end takes it out of those sets again, see _CAS).
+_NAME_VOLUMES = """
+local function name_volumes(record, id, volumes)
+  local found = cjson.decode(volumes)
+  for _, volid in ipairs(found) do redis.call('SADD', '""" + _VOLUME_PREFIX + """' .. volid, id) end
+  if #found > 0 then redis.call('SADD', record .. ':volumes', unpack(found)) end
+end
+"""
+
 # KEYS: job hash, event stream, JOBS, IDS, ACTIVE, then the indexes the job is in (its state's
-# first). ARGV: job id, created, cutoff (older ids leave the lists), event, stream cap, then the
-# record's fields. Nothing happens where the record exists already: writing it again is a no-op.
-_CREATE = """
+# first). ARGV: job id, created, cutoff (older ids leave the lists), event, stream cap, the
+# volumes it names (JSON), then the record's fields. Nothing happens where the record exists
+# already: writing it again is a no-op.
+_CREATE = _NAME_VOLUMES + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[3], 'LIMIT', 0, 1000)
 if #expired > 0 then redis.call('ZREM', KEYS[4], unpack(expired)) end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[3])
 for i = 6, #KEYS do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[3]) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+name_volumes(KEYS[1], ARGV[1], ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 for i = 6, #KEYS do redis.call('ZADD', KEYS[i], ARGV[2], ARGV[1]) end
 redis.call('ZADD', KEYS[4], 0, ARGV[1])
@@ -195,7 +245,8 @@ def create(r: redis.Redis, record: JobRecord, event: dict[str, Any]) -> None:
     states = [state_index(record.state), *(state_index(s) for s in JobState if s != record.state)]
     keys = [job_key(record.id), events_key(record.id), JOBS, IDS, ACTIVE, states[0], *indexes_of(record)]
     pairs = [x for kv in _encode(record.as_dict()).items() for x in kv]
-    args = [record.id, record.created, record.created - RETENTION, json.dumps(event), STREAM_MAXLEN, *pairs]
+    volumes = json.dumps(sorted(params_volumes(record.params) | ctx_volumes(record.ctx)))
+    args = [record.id, record.created, record.created - RETENTION, json.dumps(event), STREAM_MAXLEN, volumes, *pairs]
     _script(r, "_stork_create", _CREATE)(keys=keys, args=args)
     with r.pipeline(transaction=False) as p:  # the other states' lists lose their expired ids too
         for key in states[1:]:
@@ -262,17 +313,70 @@ def resolve(r: redis.Redis, prefix: str) -> str:
     return matches[0]
 
 
+# KEYS: job hash, ACTIVE. ARGV: the volumes (JSON). The job is put into those volumes' sets
+# only while it has not ended (its end took it out of them).
+_NAME_IF_ACTIVE = _NAME_VOLUMES + """
+local id = string.sub(KEYS[1], """ + str(len(job_key("")) + 1) + """)
+if redis.call('SISMEMBER', KEYS[2], id) == 1 then name_volumes(KEYS[1], id, ARGV[1]) end
+"""
+# as _NAME_IF_ACTIVE, ARGV then the fields to set first
+_UPDATE = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+""" + _NAME_IF_ACTIVE
+
+# KEYS: a volume's set, ACTIVE, VOLUMES_INDEXED. The ids in the set of jobs that have not ended
+# (those that ended leave it), or nil where the sets are not built yet.
+_NAMING = """
+if redis.call('EXISTS', KEYS[3]) == 0 then return false end
+local found = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('SISMEMBER', KEYS[2], id) == 1 then table.insert(found, id) else redis.call('SREM', KEYS[1], id) end
+end
+return found
+"""
+
+
+def naming(r: redis.Redis, volid: str) -> list[str]:
+    """Ids of the jobs that have not ended and may name `volid` (their records say for sure),
+    read from the volume's set: O(its users), not O(jobs). Every job that has not ended where
+    the sets are not built yet (a cluster before `index_volumes` ran)."""
+    found = _script(r, "_stork_naming", _NAMING)(keys=[volume_index(volid), ACTIVE, VOLUMES_INDEXED])
+    return active_ids(r) if found is None else sorted(found)
+
+
+def index_volumes(r: redis.Redis, page: int = 500) -> int:
+    """Put every job that has not ended into the sets of the volumes it names (jobs recorded
+    before the sets existed); once, then VOLUMES_INDEXED says so, and `naming` reads the sets.
+    A record that cannot be read leaves the sets unused: `naming` then answers every job, and
+    the check reading their records refuses, naming it. How many jobs were indexed."""
+    if r.exists(VOLUMES_INDEXED):
+        return 0
+    ids = active_ids(r)
+    name = _script(r, "_stork_name_if_active", _NAME_IF_ACTIVE)
+    for start in range(0, len(ids), page):
+        for job in load_many(r, ids[start:start + page]):
+            try:
+                volumes = sorted(params_volumes(job.params) | ctx_volumes(job.ctx))
+            except (AttributeError, TypeError, KeyError) as e:  # not a record stork wrote
+                raise StorkError(f"job record {job.id} cannot be read: {e!r}") from None
+            name(keys=[job_key(job.id), ACTIVE], args=[json.dumps(volumes)])
+    r.set(VOLUMES_INDEXED, "1")
+    return len(ids)
+
+
 def update(r: redis.Redis, job_id: str, **values: Any) -> None:
     """Set fields of a job that only its running step writes (ctx, result, ran_on)."""
-    r.hset(job_key(job_id), mapping=_encode(values))
+    volumes = json.dumps(sorted(ctx_volumes(values["ctx"]))) if "ctx" in values else "[]"
+    pairs = [x for kv in _encode(values).items() for x in kv]
+    _script(r, "_stork_update", _UPDATE)(keys=[job_key(job_id), ACTIVE], args=[volumes, *pairs])
 
 
 # KEYS: job hash, active set, event stream, ended counts (every KEYS entry a key: ACLs check
 # them). The job id is the hash's name after "stork:job:". ARGV: allowed states (JSON), "1" when
 # the new state is terminal, events (JSON list of JSON strings), stream cap, guard (JSON,
 # see transition), the new state ("" to keep it; its index, stork:jobs:state:<state>, moves
-# with it), then the fields to set.
-_CAS = """
+# with it), the volumes the fields name (JSON), then the fields to set.
+_CAS = _NAME_VOLUMES + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return -1 end
 local guard = cjson.decode(ARGV[5])
@@ -283,15 +387,20 @@ if guard.undone and #cjson.decode(redis.call('HGET', KEYS[1], 'undone')) ~= guar
 if guard.owner and (current == 'null' or cjson.decode(current).worker ~= guard.owner) then return 0 end
 for _, allowed in ipairs(cjson.decode(ARGV[1])) do
   if allowed == state then
-    if #ARGV > 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 7)) end
+    local id = string.sub(KEYS[1], """ + str(len(job_key("")) + 1) + """)
+    if #ARGV > 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
+    name_volumes(KEYS[1], id, ARGV[7])
     if ARGV[6] ~= '' and ARGV[6] ~= state then
-      local id = string.sub(KEYS[1], """ + str(len(job_key("")) + 1) + """)
       local created = tonumber(redis.call('HGET', KEYS[1], 'created')) or 0
       redis.call('ZREM', '""" + state_index("") + """' .. state, id)
       redis.call('ZADD', '""" + state_index("") + """' .. ARGV[6], created, id)
     end
     if ARGV[2] == '1' then
-      redis.call('SREM', KEYS[2], string.sub(KEYS[1], """ + str(len(job_key("")) + 1) + """))
+      redis.call('SREM', KEYS[2], id)
+      for _, volid in ipairs(redis.call('SMEMBERS', KEYS[1] .. ':volumes')) do
+        redis.call('SREM', '""" + _VOLUME_PREFIX + """' .. volid, id)
+      end
+      redis.call('DEL', KEYS[1] .. ':volumes')
       local ok, kind = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'kind') or 'null')
       if ok and type(kind) == 'string' then  -- a forged record's kind, or a broken count, never stops its end
         redis.pcall('HINCRBY', KEYS[4], kind .. '|' .. redis.call('HGET', KEYS[1], 'state'), 1)
@@ -338,6 +447,7 @@ def transition(
         STREAM_MAXLEN,
         json.dumps(guard or {}),
         str(to) if to is not None else "",
+        json.dumps(sorted(ctx_volumes(values["ctx"]))) if "ctx" in values else "[]",
         *pairs,
     ]
     keys = [job_key(job_id), ACTIVE, events_key(job_id), ENDED]

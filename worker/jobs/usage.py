@@ -32,17 +32,7 @@ from worker.records import JobRecord
 def job_volumes(job: JobRecord) -> set[str]:
     """Every volume id a job reads, makes or renames, from its params and what it made (both
     checked against their schemas by the worker, worker/jobs/params.py, before any step uses them)."""
-    p, made = job.params, job.ctx
-    found = {p["volid"]} if p.get("volid") else set()
-    for plans in (p.get("disks"), p.get("bases")):
-        found |= {plan[k] for plan in (plans or {}).values() for k in ("source", "base") if k in plan}
-    found |= set((p.get("attach") or {}).values())
-    found |= {plan["replica"] for plan in (p.get("links") or {}).values() if "replica" in plan}
-    for table in ("made", "pending", "replaced", "linked"):
-        found |= set((made.get(table) or {}).values())
-    for pair in (made.get("based") or {}).values():
-        found |= set(pair)
-    return found
+    return records.params_volumes(job.params) | records.ctx_volumes(job.ctx)
 
 
 def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None) -> list[str]:
@@ -62,9 +52,10 @@ def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: in
 
 
 def job_users(ctx: StepContext, volid: str) -> list[str]:
-    """Jobs, besides this one, that have not ended and read, make or rename `volid`."""
+    """Jobs, besides this one, that have not ended and read, make or rename `volid`: those the
+    volume's index names (records.naming), each confirmed by its record."""
     try:
-        jobs = records.load_many(ctx.r, [j for j in records.active_ids(ctx.r) if j != ctx.job.id])
+        jobs = records.load_many(ctx.r, [j for j in records.naming(ctx.r, volid) if j != ctx.job.id])
         for job in jobs:
             params.check_record(job)  # a record we cannot read might name the volume
     except StorkError as e:
