@@ -37,6 +37,15 @@ def open_making_dirs(path: Path, mode: str) -> IO[str]:
     return os.fdopen(fd, mode)
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the directory's entries (a name just created, renamed or removed) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
     try:

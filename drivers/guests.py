@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import stat
+import time
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -27,7 +28,8 @@ from pathlib import Path
 
 from drivers import names
 from drivers.errors import AlreadyExists, ConfigError, InvalidName, LockTimeout, NotFound, Refused
-from drivers.flock import file_lock, open_making_dirs
+from drivers.flock import file_lock, fsync_dir, open_making_dirs
+from drivers.guest_index import VolumeIndex, stat_is_fresh
 
 KEYS = ("name", "node", "template", "lock", "lock_job", "unused", "disks", "replicas")
 REPLICA_KEYS = ("of", "identity", "node")
@@ -49,6 +51,10 @@ class Guest:
 
     def with_(self, **changes: object) -> Guest:
         return replace(self, **changes)  # type: ignore[arg-type]
+
+    def volumes(self) -> set[str]:
+        """Every volume id the config names: attached, kept as unused, recorded as a replica."""
+        return {*self.disks.values(), *self.unused, *self.replicas}
 
     def require_unlocked(self) -> None:
         if self.lock:
@@ -239,6 +245,26 @@ def loads(vmid: int, text: str, file: Path) -> Guest:
 _TEMP = re.compile(r"\.([0-9]+)\.toml\.[0-9a-f]+\.tmp")  # `_write_temp`'s names: .<vmid>.toml.<token>.tmp
 
 
+def _stat_ctime(entry: os.DirEntry[str]) -> int:
+    return entry.stat(follow_symlinks=False).st_ctime_ns
+
+
+def _fresh_ctime(entry: os.DirEntry[str]) -> int:
+    """The file's ctime as it is now: through an open, which makes an NFS client ask its server
+    (a stat may answer from its attribute cache, and a refresh that trusted a stale ctime would
+    leave a changed config out of the index for good)."""
+    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        return os.fstat(fd).st_ctime_ns
+    finally:
+        os.close(fd)
+
+
+def _misnamed(file: Path) -> str:
+    return (f"{file}: broken guest config: file name {file.name!r} is not <vmid>.toml "
+            f"(vmid a number from {names.VMID_MIN} to {names.VMID_MAX}, no leading zeros)")
+
+
 def _vmid_of(stem: str) -> int | None:
     """The guest id a config file name spells, None unless it is the one canonical spelling."""
     try:
@@ -246,14 +272,6 @@ def _vmid_of(stem: str) -> int | None:
     except InvalidName:
         return None
     return vmid if stem == str(vmid) else None  # '0100.toml' would read as guest 100
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class GuestStore:
@@ -309,8 +327,7 @@ class GuestStore:
                 continue  # temp files, the .locks directory
             vmid = _vmid_of(file.stem)
             if vmid is None:
-                broken.append((file, f"{file}: broken guest config: file name {file.name!r} is not <vmid>.toml "
-                                     f"(vmid a number from {names.VMID_MIN} to {names.VMID_MAX}, no leading zeros)"))
+                broken.append((file, _misnamed(file)))
                 continue
             try:
                 guests.append(self._read_file(vmid, file))
@@ -326,6 +343,80 @@ class GuestStore:
         if broken:
             raise ConfigError(broken[0][1])
         return guests
+
+    def candidates(self, volid: str) -> builtins.list[Guest]:
+        """Every guest whose config may name `volid` (a superset: callers test each guest): those
+        the volume index marks, and every config changed since the index was refreshed; every
+        guest where it never was (drivers/guest_index.py). ConfigError, as list(), naming a
+        config that cannot be read, or a file name that is not a guest's."""
+        index = VolumeIndex(self.dir)
+        since = index.since()
+        if since is None or since > time.time_ns():  # a refresh by a clock ahead of ours: trust none of it
+            return self.list()
+        wanted = index.marked(volid)
+        ctime = _stat_ctime if stat_is_fresh(self.dir) else _fresh_ctime
+        for name, vmid, entry in self._entries():
+            if vmid is None:
+                raise ConfigError(_misnamed(self.dir / name))
+            try:
+                if ctime(entry) >= since:
+                    wanted.add(vmid)
+            except FileNotFoundError:  # removed since the listing: no longer a guest
+                continue
+            except OSError:  # a symlink or FIFO planted as a config, say: read() names it
+                wanted.add(vmid)
+        found = []
+        for vmid in sorted(wanted):
+            with contextlib.suppress(NotFound):  # a marker of a guest destroyed since the refresh
+                found.append(self.read(vmid))
+        return found
+
+    def refresh_index(self) -> int | None:
+        """Bring the volume index up to the configs (run by the cluster's periodic sweep): read
+        each config changed since the last refresh and set its markers. How many were read;
+        None when another process is refreshing. A config that cannot be read leaves `since`
+        where it was, so the checks go on reading it (and refusing)."""
+        index = VolumeIndex(self.dir)
+        with index.refreshing() as refresh:
+            if refresh is None:
+                return None
+            read, broken, present = 0, False, set()
+            for name, vmid, entry in self._entries():
+                if vmid is None:
+                    broken = True
+                    continue
+                present.add(vmid)
+                try:
+                    if refresh.unchanged_before is not None and _fresh_ctime(entry) < refresh.unchanged_before:
+                        continue
+                    guest = self._read_file(vmid, self.dir / name)
+                except (NotFound, FileNotFoundError):
+                    present.discard(vmid)
+                    continue
+                except (ConfigError, OSError):  # a symlink or FIFO planted as a config, say
+                    broken = True
+                    continue
+                refresh.set(vmid, guest.volumes())  # an error writing the index ends the refresh
+                read += 1
+            for vmid in index.indexed_guests() - present:
+                refresh.set(vmid, ())
+            if not broken:
+                refresh.commit()
+            return read
+
+    def _entries(self) -> Iterator[tuple[str, int | None, os.DirEntry[str]]]:
+        """Each config file in the directory: its name, the guest id it spells (None when it
+        spells none), its directory entry. (No Path per file: that was half of a check's time.)"""
+        try:
+            with os.scandir(self.dir) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if name.endswith(".toml") and not name.startswith("."):
+                        yield name, _vmid_of(name[:-5]), entry
+        except FileNotFoundError:
+            return  # no guest created yet
+        except OSError as e:
+            raise ConfigError(f"{self.dir}: cannot list guest configs: {e.strerror or e}") from None
 
     def sweep_temps(self) -> int:
         """Remove the temp files crashed writers left, of each guest whose flock is free now (a
@@ -383,7 +474,7 @@ class GuestStore:
                 raise AlreadyExists(f"guest {guest.vmid} already exists") from None
             finally:
                 temp.unlink()
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
 
     def write(self, guest: Guest) -> None:
         """Replace a guest config atomically, under the guest's flock."""
@@ -399,13 +490,13 @@ class GuestStore:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def delete(self, vmid: int) -> None:
         """Remove a guest's config (under its flock; callers do not hold it)."""
         with self.locked(vmid), contextlib.suppress(FileNotFoundError):
             self.path(vmid).unlink()
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
 
     def locked(self, vmid: int) -> contextlib.AbstractContextManager[None]:
         """Hold the guest's flock while its config is edited."""

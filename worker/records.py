@@ -336,7 +336,7 @@ return found
 """
 
 
-def naming(r: redis.Redis, volid: str) -> list[str]:
+def candidates(r: redis.Redis, volid: str) -> list[str]:
     """Ids of the jobs that have not ended and may name `volid` (their records say for sure),
     read from the volume's set: O(its users), not O(jobs). Every job that has not ended where
     the sets are not built yet (a cluster before `index_volumes` ran)."""
@@ -346,8 +346,8 @@ def naming(r: redis.Redis, volid: str) -> list[str]:
 
 def index_volumes(r: redis.Redis, page: int = 500) -> int:
     """Put every job that has not ended into the sets of the volumes it names (jobs recorded
-    before the sets existed); once, then VOLUMES_INDEXED says so, and `naming` reads the sets.
-    A record that cannot be read leaves the sets unused: `naming` then answers every job, and
+    before the sets existed); once, then VOLUMES_INDEXED says so, and `candidates` reads the sets.
+    A record that cannot be read leaves the sets unused: `candidates` then answers every job, and
     the check reading their records refuses, naming it. How many jobs were indexed."""
     if r.exists(VOLUMES_INDEXED):
         return 0
@@ -426,12 +426,14 @@ def transition(
     to: JobState | None = None,
     events: list[dict[str, Any]] | tuple[dict[str, Any], ...] = (),
     guard: dict[str, Any] | None = None,
+    volumes: set[str] | frozenset[str] = frozenset(),
     **values: Any,
 ) -> None:
     """Atomically set fields (and the state) if the job is in one of `allowed` states and
     passes the guard, publishing `events` with the change (no watcher sees one without the
     other). Guard keys: `idle` (no step in progress), `done` (exactly that many steps done),
     `undone` (exactly that many undos done), `owner` (the step in progress is this worker's).
+    The job is put into the volume sets of `volumes` and of those a `ctx` field names.
 
     A terminal state also takes the job out of the active set. StateConflict when the job
     has moved on (e.g. reconciliation failed it while a late redelivery ran).
@@ -447,7 +449,7 @@ def transition(
         STREAM_MAXLEN,
         json.dumps(guard or {}),
         str(to) if to is not None else "",
-        json.dumps(sorted(ctx_volumes(values["ctx"]))) if "ctx" in values else "[]",
+        json.dumps(sorted(volumes | (ctx_volumes(values["ctx"]) if "ctx" in values else set()))),
         *pairs,
     ]
     keys = [job_key(job_id), ACTIVE, events_key(job_id), ENDED]

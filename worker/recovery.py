@@ -236,13 +236,19 @@ def _nudge(r: redis.Redis, idle: list[JobRecord]) -> list[str]:
 def sweep() -> list[str]:
     """Recover jobs anywhere in the cluster, so none waits for its node's worker to restart;
     drop name claims of jobs that ended without releasing them; remove the temp files crashed
-    writers left among the guest configs (a shared directory: one node sweeps it for all)."""
+    writers left among the guest configs and bring their volume index up to them (a shared
+    directory: one node sweeps it for all)."""
     r, cfg = redis_client(), config()
     usage.prune_claims(r, cfg.storages)
+    guests = GuestStore(cfg.guests_dir, cfg.lock_timeout)
     try:
-        GuestStore(cfg.guests_dir, cfg.lock_timeout).sweep_temps()
+        guests.sweep_temps()
     except OSError as e:  # litter, never worth a sweep: jobs are recovered all the same
         log.warning("guest_temps_not_swept", error=str(e))
+    try:
+        guests.refresh_index()
+    except (OSError, StorkError) as e:  # the checks read more configs until a refresh works: never unsafe
+        log.warning("guest_index_not_refreshed", error=str(e))
     return reconcile(r)
 
 

@@ -225,6 +225,7 @@ def _start_step(r: redis.Redis, cfg: Config, job: JobRecord, kind: JobKind, inde
                 events=[events.make(job.id, kind.name, "start", step=step.name, node=node, attempt=attempt,
                                     **({"task": task["task"]} if task else {}))],  # which Celery task: Flower's
                 current=job.current, attempts=job.attempts, ran_on=job.ran_on, started=started,
+                volumes=records.params_volumes(job.params),  # again: a job an older producer made is in no set
             )
         except StateConflict:
             now = records.load(client, job.id).current or {}

@@ -116,9 +116,9 @@ def test_the_volume_sets_name_every_job_that_has_not_ended_and_only_those(r):
     volumes = {v for j in jobs for v in records.params_volumes(j.params)} | {
         "t:0/made.raw", "t:1/made.raw", "t:x/y.raw", "t:base/y.raw", "t:undo/r.raw"}
     for volid in volumes:
-        assert records.naming(r, volid) == users_by_scan(r, volid), volid
-    assert records.naming(r, "t:undo/r.raw") == [jobs[1].id]
-    assert records.naming(r, "t:x/y.raw") == []  # jobs[0] ended: its end took it out
+        assert records.candidates(r, volid) == users_by_scan(r, volid), volid
+    assert records.candidates(r, "t:undo/r.raw") == [jobs[1].id]
+    assert records.candidates(r, "t:x/y.raw") == []  # jobs[0] ended: its end took it out
     for job in jobs[::3]:
         assert not r.exists(records.volumes_key(job.id))
     assert not r.exists(records.volume_index("t:x/y.raw"))  # no set is left for a volume no job names
@@ -131,7 +131,7 @@ def test_a_job_that_ended_is_not_put_back_by_a_late_write_nor_kept_when_met(r):
     records.update(r, job.id, ctx={"made": {"scsi0": "t:late/x.raw"}})  # a late step's save, after the end
     assert not r.exists(records.volume_index("t:late/x.raw")) and not r.exists(records.volumes_key(job.id))
     r.sadd(records.volume_index("s:1/vm-1-disk-0.raw"), job.id)  # an id left by a process from before the end
-    assert records.naming(r, "s:1/vm-1-disk-0.raw") == []
+    assert records.candidates(r, "s:1/vm-1-disk-0.raw") == []
     assert not r.exists(records.volume_index("s:1/vm-1-disk-0.raw"))  # dropped when met
 
 
@@ -144,10 +144,11 @@ def test_jobs_recorded_before_the_volume_sets_are_put_in_them_once(r):
     for job in jobs:
         r.delete(records.volumes_key(job.id))
     # until they are built, every job that has not ended may name the volume: its record says
-    assert records.naming(r, "t:1/m.raw") == sorted(j.id for j in jobs[:5])
+    assert records.candidates(r, "t:1/m.raw") == sorted(j.id for j in jobs[:5])
     assert records.index_volumes(r) == 5 and records.index_volumes(r) == 0
-    assert records.naming(r, "t:1/m.raw") == [jobs[0].id]
-    assert records.naming(r, "s:base/b1.raw") == users_by_scan(r, "s:base/b1.raw") == sorted([jobs[1].id, jobs[4].id])
+    assert records.candidates(r, "t:1/m.raw") == [jobs[0].id]
+    users = sorted([jobs[1].id, jobs[4].id])
+    assert records.candidates(r, "s:base/b1.raw") == users_by_scan(r, "s:base/b1.raw") == users
 
 
 def test_a_record_that_cannot_be_read_leaves_the_volume_sets_unbuilt(r):
@@ -157,4 +158,4 @@ def test_a_record_that_cannot_be_read_leaves_the_volume_sets_unbuilt(r):
     with pytest.raises(StorkError, match=f"job record {job.id} cannot be read"):
         records.index_volumes(r)
     assert not r.exists(records.VOLUMES_INDEXED)
-    assert records.naming(r, "s:base/b1.raw") == [job.id]
+    assert records.candidates(r, "s:base/b1.raw") == [job.id]

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from drivers import guest_index
 from drivers.errors import StorkError
+from drivers.guest_index import VolumeIndex
 from tests.conftest import BASE, files_under, storage_path
 from tests.helpers import PATTERN_MIB, crash, guest_data_sha, held_copy, orphans, qemu_same, volume_path
 from worker import events, records, runner
@@ -49,6 +51,30 @@ def test_a_broken_guest_config_refuses_a_free_and_is_listed_as_broken(client, st
         assert code == 0 and any(line.startswith(f"{g} ") and "BROKEN" in line for line in out.splitlines())
     finally:
         config.write_text(original)
+
+
+def test_a_disk_a_config_names_by_a_hand_edit_after_the_index_refresh_is_in_use(client, stork, vmid, monkeypatch):
+    """The guest volume index (drivers/guest_index.py) is refreshed, then a config is edited in
+    place to attach a free disk, its times set back: the free is refused naming that guest
+    (its ctime changed), and goes through once the edit is undone. (The refresh, run here,
+    trusts configs up to its start, not two minutes before: the test's configs are new.)"""
+    monkeypatch.setattr(guest_index, "MARGIN", 0)
+    g, h = vmid(), vmid()
+    disk = one_disk_guest(client, g)
+    one_disk_guest(client, h)
+    client.guest_store.write(client.guest_store.read(g).with_(disks={}))  # the disk is no guest's now
+    assert client.guest_store.refresh_index() is not None and VolumeIndex(client.guest_store.dir).since()
+    config = client.guest_store.path(h)
+    original, before = config.read_text(), config.stat()
+    config.write_text(original + f'scsi9 = "{disk}"\n')
+    os.utime(config, ns=(before.st_atime_ns, before.st_mtime_ns))
+    code, _, err = stork("volume", "free", disk)
+    assert code == 1 and err.endswith(f"{disk} is in use by guest {h} (scsi9)\n") and volume_path(disk).exists()
+    config.write_text(original)
+    client.guest_store.refresh_index()
+    code, _, err = stork("volume", "free", disk)
+    assert code == 0, err
+    assert not volume_path(disk).exists()
 
 
 def test_a_full_clones_target_is_in_use_while_it_copies(client, stork, vmid):

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drivers import guests
+from drivers import guest_index, guests
 from drivers.errors import AlreadyExists, ConfigError, LockTimeout, NotFound, Refused
+from drivers.guest_index import VolumeIndex
 from drivers.guests import Guest, GuestStore, dumps, loads
 from producer.cli import cmd_guest_list
 
@@ -384,3 +385,146 @@ def test_a_config_not_as_stork_writes_it_reads_as_tomllib_reads_it(text):
         except guests._Broken as e:
             return f"broken: {e}"
     assert outcome(guests._parse) == outcome(guests._parse_toml)
+
+
+# ---- the volume index: which guests name a volume ------------------------------------------
+
+
+def _disk(n: int) -> str:
+    return f"local:{n}/vm-{n}-disk-0.raw"
+
+
+def _truth(store: GuestStore, volid: str) -> list[int]:
+    return [g.vmid for g in store.list() if volid in g.volumes()]
+
+
+def _named(store: GuestStore, volid: str) -> list[int]:
+    """What a check concludes: the index's candidates, each confirmed by its config."""
+    return [g.vmid for g in store.candidates(volid) if volid in g.volumes()]
+
+
+@pytest.fixture
+def no_margin(monkeypatch):
+    """A refresh trusts every config older than its own start to the index (normally two
+    minutes older: guest_index.MARGIN), so a test needs no configs two minutes old."""
+    monkeypatch.setattr(guest_index, "MARGIN", 0)
+
+
+class _Counting(GuestStore):
+    reads = 0
+
+    def read(self, vmid: int) -> Guest:
+        type(self).reads += 1
+        return super().read(vmid)
+
+
+def test_a_check_reads_the_volumes_users_and_the_configs_changed_since_the_refresh(tmp_path, no_margin):
+    store = _Counting(tmp_path / "guests")
+    for n in range(100, 140):  # each its own disk; 100..104 also share a base
+        store.create(Guest(n, "n1", disks={"scsi0": _disk(n), **({"scsi1": "local:base/b.raw"} if n < 105 else {})}))
+    assert store.refresh_index() == 40 and store.refresh_index() == 0  # nothing changed since
+    _Counting.reads = 0
+    assert _named(store, "local:base/b.raw") == [100, 101, 102, 103, 104] and _Counting.reads == 5
+    store.write(store.read(120).with_(unused=("local:base/b.raw",)))  # a stork write since the refresh
+    _Counting.reads = 0
+    assert _named(store, "local:base/b.raw") == [100, 101, 102, 103, 104, 120] and _Counting.reads == 6
+    assert store.refresh_index() == 1  # only the changed config is read again
+    assert _named(store, _disk(139)) == [139]
+
+
+def _hand_edit_in_place(store: GuestStore, vmid: int, volid: str) -> None:
+    """An editor that writes the file in place, then sets its times back (a restore that
+    keeps times does as much): only its ctime tells it changed."""
+    path = store.path(vmid)
+    before = path.stat()
+    with open(path, "a") as f:
+        f.write(f'scsi9 = "{volid}"\n')
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+@pytest.mark.parametrize("change", ["stork write", "hand edit, times kept", "new guest", "replaced by rename",
+                                    "guest destroyed", "template replica"])
+def test_every_change_to_the_configs_is_seen_by_a_check_before_the_next_refresh(tmp_path, no_margin, change):
+    store = GuestStore(tmp_path / "guests")
+    for n in range(100, 110):
+        store.create(Guest(n, "n1", disks={"scsi0": _disk(n)}))
+    store.refresh_index()
+    volid = _disk(105)
+    if change == "stork write":
+        store.write(store.read(101).with_(unused=(volid,)))
+    elif change == "hand edit, times kept":
+        _hand_edit_in_place(store, 102, volid)
+    elif change == "new guest":
+        store.create(Guest(200, "n1", disks={"virtio0": volid}))
+    elif change == "replaced by rename":
+        temp = store.dir / "elsewhere.tmp"
+        temp.write_text(dumps(Guest(103, "n1", disks={"scsi0": _disk(103), "scsi1": volid})))
+        os.utime(temp, ns=(0, 0))  # an old file moved in: its rename still sets the ctime
+        temp.rename(store.path(103))
+    elif change == "guest destroyed":
+        store.delete(105)
+    else:
+        store.write(store.read(104).with_(template=True, replicas={volid: {"of": _disk(1), "identity": "i",
+                                                                            "node": "n2"}}))
+    assert _named(store, volid) == _truth(store, volid)  # before the refresh
+    store.refresh_index()
+    assert _named(store, volid) == _truth(store, volid)  # after it, from the markers
+    assert sorted(VolumeIndex(store.dir).marked(volid)) == _truth(store, volid)
+
+
+def test_a_broken_config_keeps_the_checks_reading_it_and_refusing(tmp_path, no_margin):
+    store = GuestStore(tmp_path / "guests")
+    store.create(Guest(100, "n1", disks={"scsi0": _disk(100)}))
+    store.refresh_index()
+    since = VolumeIndex(store.dir).since()
+    store.path(101).write_text("disks = not toml\n")
+    store.refresh_index()
+    assert VolumeIndex(store.dir).since() == since  # not moved past a config it could not read
+    with pytest.raises(ConfigError, match=r"101\.toml: broken guest config"):
+        store.candidates(_disk(100))
+    (store.dir / "0100.toml").write_text(dumps(Guest(100, "n1")))
+    with pytest.raises(ConfigError, match=r"'0100\.toml' is not <vmid>\.toml"):
+        store.candidates(_disk(100))
+
+
+def test_a_directory_never_indexed_is_read_whole(tmp_path):
+    store = GuestStore(tmp_path / "guests")
+    store.create(Guest(100, "n1", disks={"scsi0": _disk(100)}))
+    store.create(Guest(101, "n1"))
+    assert VolumeIndex(store.dir).since() is None
+    assert [g.vmid for g in store.candidates(_disk(100))] == [100, 101]  # every guest: none trusted to an index
+    (store.dir / ".index").mkdir()
+    (store.dir / ".index" / "since").write_text("not json")
+    assert [g.vmid for g in store.candidates(_disk(100))] == [100, 101]
+
+
+def test_a_refresh_already_under_way_elsewhere_is_left_to_it(tmp_path):
+    store = GuestStore(tmp_path / "guests")
+    store.create(Guest(100, "n1", disks={"scsi0": _disk(100)}))
+    index = VolumeIndex(store.dir)
+    with index.refreshing() as held:
+        assert held is not None and store.refresh_index() is None
+    assert store.refresh_index() == 1
+
+
+def test_configs_changed_within_the_margin_before_a_refresh_are_still_read(tmp_path):
+    """A config written just before a refresh (on another node whose clock is behind, say) is
+    not trusted to the markers yet: a check reads it until a refresh two minutes later."""
+    store = _Counting(tmp_path / "guests")
+    for n in range(100, 110):
+        store.create(Guest(n, "n1", disks={"scsi0": _disk(n)}))
+    assert store.refresh_index() == 10 and store.refresh_index() == 10  # all within the margin
+    _Counting.reads = 0
+    assert _named(store, _disk(100)) == [100] and _Counting.reads == 10
+
+
+def test_a_clock_that_went_back_makes_the_next_refresh_read_every_config(tmp_path, no_margin):
+    store = GuestStore(tmp_path / "guests")
+    for n in range(100, 105):
+        store.create(Guest(n, "n1", disks={"scsi0": _disk(n)}))
+    assert store.refresh_index() == 5 and store.refresh_index() == 0
+    stamp = store.dir / ".index" / "since"
+    future = json.loads(stamp.read_text())["clock"] + 3600 * 10**9  # written by a clock an hour ahead
+    stamp.write_text(json.dumps({"clock": future, "since": future}))
+    assert store.refresh_index() == 5
+    assert VolumeIndex(store.dir).since() < future

@@ -270,7 +270,9 @@ def free_replaced(ctx: StepContext) -> None:
     vmid = ctx.params["new_vmid"]
     freed, kept = [], []
     try:  # fails closed: with a guest config unreadable, nothing is freed
-        others = {v for g in ctx.guests.list() if g.vmid != vmid for v in (*g.disks.values(), *g.unused)}
+        replaced = set(ctx.data.get("replaced", {}).values())
+        others = {v for volid in replaced for g in ctx.guests.candidates(volid) if g.vmid != vmid
+                  for v in (*g.disks.values(), *g.unused)}
     except StorkError as e:
         others, kept = set(ctx.data.get("replaced", {}).values()), [f"nothing freed: {e}"]
     for volid in ctx.data.get("replaced", {}).values():

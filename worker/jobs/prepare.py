@@ -422,7 +422,7 @@ def prepare_template_copy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 def _owner_of(cfg: Config, volid: str) -> Guest | None:
     """The guest that attaches the volume or keeps it as unused (fails closed: ConfigError
     naming a broken guest config, which might be the owner)."""
-    return next((g for g in _store(cfg).list() if volid in (*g.disks.values(), *g.unused)), None)
+    return next((g for g in _store(cfg).candidates(volid) if volid in (*g.disks.values(), *g.unused)), None)
 
 
 def prepare_base(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -539,7 +539,7 @@ def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     _existing_here(cfg, storage, vol, node)
     # refused before a job exists; the step checks again, under the storage lock, with live jobs too
     try:
-        guests = _store(cfg).list()
+        guests = _store(cfg).candidates(volid)
     except ConfigError as e:  # a config that cannot be read might attach it: fail closed
         raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
     if users := [f"guest {g.vmid} ({key})" for g in guests for key, v in g.disks.items() if v == volid]:

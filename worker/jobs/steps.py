@@ -14,7 +14,7 @@ from pathlib import Path
 
 from drivers import faults, qemu, transfer
 from drivers.backends.base import Driver
-from drivers.errors import AlreadyExists, NotFound, Refused, StorkError
+from drivers.errors import AlreadyExists, ConfigError, NotFound, Refused, StorkError
 from drivers.guests import Guest
 from drivers.names import VolName
 from worker import liveness, records
@@ -797,7 +797,10 @@ def free_volume(ctx: StepContext) -> None:
         elif drv.exists(vol) and drv.identity(vol) == freeing:
             ctx.fence(drv)
             drv.free_volume(vol)  # the process that saved it died before freeing
-    guests, _ = ctx.guests.scan()  # freed already: a broken config must not make it look failed
+    try:
+        guests = ctx.guests.candidates(volid)
+    except ConfigError:  # freed already: a broken config must not make it look failed
+        guests, _ = ctx.guests.scan()
     for guest in guests:  # forget it where it was kept as unused, or recorded as a replica
         if volid in guest.unused or volid in guest.replicas:
             with ctx.guests.editing(guest.vmid) as box:

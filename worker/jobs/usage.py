@@ -37,9 +37,10 @@ def job_volumes(job: JobRecord) -> set[str]:
 
 def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None) -> list[str]:
     """Guests, besides those this job holds (and `but`), that attach `volid` (or, with
-    count_unused, keep it as unused or record it as a replica of their bases)."""
+    count_unused, keep it as unused or record it as a replica of their bases): those the guest
+    volume index names (GuestStore.candidates), each confirmed by its config."""
     try:
-        guests = ctx.guests.list()
+        guests = ctx.guests.candidates(volid)
     except StorkError as e:
         raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
     return [
@@ -53,9 +54,9 @@ def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: in
 
 def job_users(ctx: StepContext, volid: str) -> list[str]:
     """Jobs, besides this one, that have not ended and read, make or rename `volid`: those the
-    volume's index names (records.naming), each confirmed by its record."""
+    volume's index names (records.candidates), each confirmed by its record."""
     try:
-        jobs = records.load_many(ctx.r, [j for j in records.naming(ctx.r, volid) if j != ctx.job.id])
+        jobs = records.load_many(ctx.r, [j for j in records.candidates(ctx.r, volid) if j != ctx.job.id])
         for job in jobs:
             params.check_record(job)  # a record we cannot read might name the volume
     except StorkError as e:

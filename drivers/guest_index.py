@@ -1,0 +1,186 @@
+"""Which guest configs name which volume: "is this volume in use?" reads the configs of that
+volume's users and of the guests changed lately, not every config.
+
+The index lives beside the configs, in the guests directory (shared like them):
+
+    .index/volumes/<h>/<vmid>   a marker: guest <vmid> names the volume whose id hashes to <h>
+    .index/guests/<vmid>        JSON list of the volume ids guest <vmid> has markers for
+    .index/clock                written to read the file system's own time (its ctime)
+    .index/since                JSON {"clock": ..., "since": ...} (ns): every config whose ctime
+                                is older than `since` had its markers made durable before this
+                                file was written
+    .index/lock                 flock of whoever refreshes the index
+
+Only a refresh writes it (the cluster's periodic sweep, GuestStore.refresh_index), never a
+config write, so a write pays nothing. The kernel sets a file's ctime on every change to it,
+by stork or by hand (an editor, a restore that sets its mtime back, a rename into place on the
+local file systems Linux has), and nothing can set it back. So a check reads the markers of the
+volume plus every config whose ctime is not older than `since`: a stat of each config, a read
+of few. `since` is the refresh's clock less MARGIN, so a config changed shortly before a
+refresh stays read by the checks until a later one: that covers the clocks of nodes that set
+ctime themselves (cluster file systems) and listings a network file system answered from its
+cache, within MARGIN. A clock that went back since the last refresh makes the next one read
+every config. Without `since` (never refreshed, or a refresh met a config it could not read) a
+check reads every config, as before the index. Two refreshes never run at once: they hold the
+flock, as every writer of a guest config already does on this directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from drivers.errors import ConfigError, LockTimeout
+from drivers.flock import file_lock, fsync_dir, open_making_dirs
+
+MARGIN = 120 * 10**9  # ns a refresh leaves to the checks: configs changed this long before it
+# file systems whose stat(2) answers from the inode itself; on any other (NFS, CIFS, FUSE) a
+# check opens each config to read its ctime, which makes a network client ask its server
+LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "overlay"})
+
+
+def _key(volid: str) -> str:
+    return hashlib.sha256(volid.encode()).hexdigest()[:32]
+
+
+class VolumeIndex:
+    def __init__(self, guests_dir: Path) -> None:
+        self.root = guests_dir / ".index"
+
+    # ---- read by the checks ------------------------------------------------------------
+
+    def since(self) -> int | None:
+        """The ctime (ns) before which every config is in the index; None: trust none of it."""
+        return self._stamp().get("since")
+
+    def _stamp(self) -> dict[str, int]:
+        try:
+            stamp = json.loads((self.root / "since").read_text())
+            return {"clock": int(stamp["clock"]), "since": int(stamp["since"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+
+    def marked(self, volid: str) -> set[int]:
+        """Guests the markers say name `volid` (as of `since`)."""
+        try:
+            names = os.listdir(self.root / "volumes" / _key(volid))
+        except FileNotFoundError:
+            return set()
+        except OSError as e:
+            raise ConfigError(f"{self.root}: cannot read the guest volume index: {e.strerror or e}") from None
+        return {int(name) for name in names if name.isascii() and name.isdigit() and not name.startswith("0")}
+
+    # ---- written by a refresh ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def refreshing(self) -> Iterator[Refresh | None]:
+        """A refresh under the index's lock; None when another process holds it."""
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(file_lock(self.root / "lock", 0, "guest volume index"))
+            except LockTimeout:
+                yield None
+                return
+            yield Refresh(self, self._stamp())
+
+    def indexed_guests(self) -> set[int]:
+        try:
+            return {int(n) for n in os.listdir(self.root / "guests") if n.isdigit()}
+        except FileNotFoundError:
+            return set()
+
+
+class Refresh:
+    """One refresh: the file system's time read first, then each changed guest's markers set
+    (`set`), made durable, and `since` moved (`commit`)."""
+
+    def __init__(self, index: VolumeIndex, last: dict[str, int]) -> None:
+        self.index = index
+        self.touched: set[Path] = set()
+        self.clock = self._clock()
+        # configs older than this are in the index already; None: read them all (never refreshed,
+        # or the clock went back since the last refresh)
+        self.unchanged_before = last["since"] if last and self.clock >= last["clock"] else None
+
+    def _clock(self) -> int:
+        with open_making_dirs(self.index.root / "clock", "a") as f:
+            f.write("t")
+            f.flush()
+            os.ftruncate(f.fileno(), 0)
+            return os.fstat(f.fileno()).st_ctime_ns
+
+    def set(self, vmid: int, volumes: Iterable[str]) -> None:
+        """Guest `vmid` names exactly `volumes` now (none: it is gone). Every marker it needs is
+        made (again: one left by a refresh that never committed may not be durable)."""
+        wanted = set(volumes)
+        record = self.index.root / "guests" / str(vmid)
+        try:
+            had = set(json.loads(record.read_text()))
+        except (OSError, ValueError, TypeError):
+            had = set()  # none yet, or unreadable: stale markers stay, which only makes a check read more
+        for volid in wanted:
+            folder = self.index.root / "volumes" / _key(volid)
+            open_making_dirs(folder / str(vmid), "a").close()
+            self.touched |= {folder, folder.parent}
+        for volid in had - wanted:
+            with contextlib.suppress(FileNotFoundError):
+                (self.index.root / "volumes" / _key(volid) / str(vmid)).unlink()
+        if wanted:
+            self._replace(record, json.dumps(sorted(wanted)))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                record.unlink()
+        self.touched.add(record.parent)
+
+    def commit(self) -> None:
+        """Every marker set is durable, then configs older than MARGIN before this refresh's
+        start are trusted to the markers."""
+        for folder in sorted(self.touched, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(FileNotFoundError):
+                fsync_dir(folder)
+        self._replace(self.index.root / "since", json.dumps({"clock": self.clock, "since": self.clock - MARGIN}))
+        fsync_dir(self.index.root)
+
+    @staticmethod
+    def _replace(path: Path, text: str) -> None:
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            with open_making_dirs(temp, "x") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
+
+
+_stat_is_fresh: dict[int, bool] = {}
+
+
+def stat_is_fresh(path: Path) -> bool:
+    """Whether stat(2) of a file under `path` tells its ctime as it is (a local file system),
+    rather than from a network client's cache. Unknown counts as not."""
+    device = os.stat(path).st_dev
+    if device not in _stat_is_fresh:
+        _stat_is_fresh[device] = _file_system_type(device) in LOCAL_FILE_SYSTEMS
+    return _stat_is_fresh[device]
+
+
+def _file_system_type(device: int) -> str:
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields, _, rest = line.partition(" - ")
+                if fields.split()[2] == wanted:
+                    return rest.split()[0]
+    except (OSError, IndexError):
+        pass
+    return ""
