@@ -16,12 +16,14 @@ config write, so a write pays nothing. The kernel sets a file's ctime on every c
 by stork or by hand (an editor, a restore that sets its mtime back, a rename into place on the
 local file systems Linux has), and nothing can set it back. So a check reads the markers of the
 volume plus every config whose ctime is not older than `since`: a stat of each config, a read
-of few. `since` is the refresh's clock less MARGIN, so a config changed shortly before a
-refresh stays read by the checks until a later one: that covers the clocks of nodes that set
-ctime themselves (cluster file systems) and listings a network file system answered from its
-cache, within MARGIN. A clock that went back since the last refresh makes the next one read
-every config. Without `since` (never refreshed, or a refresh met a config it could not read) a
-check reads every config, as before the index. Two refreshes never run at once: they hold the
+of few. `since` is the refresh's clock less MARGIN, and never past the refresh before's clock,
+so a config changed shortly before a refresh stays read by the checks until a later one, and
+only markers an earlier refresh made are trusted: that covers the clocks of nodes that set
+ctime themselves (cluster file systems) and what a network file system's client cached,
+within MARGIN and a sweep's interval. A clock that went back since the last refresh (its
+`clock` ahead of the checking node's) makes the checks read every config until a refresh has
+read them all again. Without `since` (never refreshed, or a refresh met a config it could not
+read) a check reads every config, as before the index. Two refreshes never run at once: they hold the
 flock, as every writer of a guest config already does on this directory.
 """
 
@@ -56,9 +58,10 @@ class VolumeIndex:
 
     def since(self) -> int | None:
         """The ctime (ns) before which every config is in the index; None: trust none of it."""
-        return self._stamp().get("since")
+        return self.stamp().get("since")
 
-    def _stamp(self) -> dict[str, int]:
+    def stamp(self) -> dict[str, int]:
+        """The last committed refresh: its `clock` and `since` (ns); empty when there is none."""
         try:
             stamp = json.loads((self.root / "since").read_text())
             return {"clock": int(stamp["clock"]), "since": int(stamp["since"])}
@@ -73,7 +76,7 @@ class VolumeIndex:
             return set()
         except OSError as e:
             raise ConfigError(f"{self.root}: cannot read the guest volume index: {e.strerror or e}") from None
-        return {int(name) for name in names if name.isascii() and name.isdigit() and not name.startswith("0")}
+        return {int(name) for name in names if _guest_id(name)}
 
     # ---- written by a refresh ----------------------------------------------------------
 
@@ -86,13 +89,18 @@ class VolumeIndex:
             except LockTimeout:
                 yield None
                 return
-            yield Refresh(self, self._stamp())
+            yield Refresh(self, self.stamp())
 
     def indexed_guests(self) -> set[int]:
         try:
-            return {int(n) for n in os.listdir(self.root / "guests") if n.isdigit()}
+            return {int(name) for name in os.listdir(self.root / "guests") if _guest_id(name)}
         except FileNotFoundError:
             return set()
+
+
+def _guest_id(name: str) -> bool:
+    """A marker's or record's name as a refresh writes it: a guest id (anything else is not ours)."""
+    return name.isascii() and name.isdigit() and not name.startswith("0")
 
 
 class Refresh:
@@ -103,9 +111,18 @@ class Refresh:
         self.index = index
         self.touched: set[Path] = set()
         self.clock = self._clock()
+        went_back = bool(last) and self.clock < last["clock"]
+        if went_back:  # configs changed since have ctimes below `since`: trust none until this commits
+            with contextlib.suppress(FileNotFoundError):
+                (index.root / "since").unlink()
+            fsync_dir(index.root)
         # configs older than this are in the index already; None: read them all (never refreshed,
         # or the clock went back since the last refresh)
-        self.unchanged_before = last["since"] if last and self.clock >= last["clock"] else None
+        self.unchanged_before = last["since"] if last and not went_back else None
+        # what this refresh may commit: MARGIN before its clock, and never past the last refresh's
+        # clock, so only markers an earlier refresh made are trusted (a network file system's
+        # client may remember for a while that a marker folder made just now did not exist)
+        self.since = self.clock - MARGIN if not last or went_back else min(self.clock - MARGIN, last["clock"])
 
     def _clock(self) -> int:
         with open_making_dirs(self.index.root / "clock", "a") as f:
@@ -138,12 +155,11 @@ class Refresh:
         self.touched.add(record.parent)
 
     def commit(self) -> None:
-        """Every marker set is durable, then configs older than MARGIN before this refresh's
-        start are trusted to the markers."""
+        """Every marker set is durable, then configs older than `since` are trusted to the markers."""
         for folder in sorted(self.touched, key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(FileNotFoundError):
                 fsync_dir(folder)
-        self._replace(self.index.root / "since", json.dumps({"clock": self.clock, "since": self.clock - MARGIN}))
+        self._replace(self.index.root / "since", json.dumps({"clock": self.clock, "since": self.since}))
         fsync_dir(self.index.root)
 
     @staticmethod

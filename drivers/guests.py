@@ -350,11 +350,14 @@ class GuestStore:
         guest where it never was (drivers/guest_index.py). ConfigError, as list(), naming a
         config that cannot be read, or a file name that is not a guest's."""
         index = VolumeIndex(self.dir)
-        since = index.since()
-        if since is None or since > time.time_ns():  # a refresh by a clock ahead of ours: trust none of it
+        stamp = index.stamp()
+        if not stamp or stamp["clock"] > time.time_ns():  # a refresh by a clock ahead of ours: trust none of it
             return self.list()
-        wanted = index.marked(volid)
-        ctime = _stat_ctime if stat_is_fresh(self.dir) else _fresh_ctime
+        since, wanted = stamp["since"], index.marked(volid)
+        try:
+            ctime = _stat_ctime if stat_is_fresh(self.dir) else _fresh_ctime
+        except OSError as e:
+            raise ConfigError(f"{self.dir}: cannot read the guest configs: {e.strerror or e}") from None
         for name, vmid, entry in self._entries():
             if vmid is None:
                 raise ConfigError(_misnamed(self.dir / name))

@@ -63,7 +63,8 @@ def test_a_disk_a_config_names_by_a_hand_edit_after_the_index_refresh_is_in_use(
     disk = one_disk_guest(client, g)
     one_disk_guest(client, h)
     client.guest_store.write(client.guest_store.read(g).with_(disks={}))  # the disk is no guest's now
-    assert client.guest_store.refresh_index() is not None and VolumeIndex(client.guest_store.dir).since()
+    wait_for(lambda: client.guest_store.refresh_index() is not None, 30, "a worker's sweep to let go of the index")
+    assert VolumeIndex(client.guest_store.dir).since()
     config = client.guest_store.path(h)
     original, before = config.read_text(), config.stat()
     config.write_text(original + f'scsi9 = "{disk}"\n')
