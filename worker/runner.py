@@ -100,26 +100,41 @@ def run_steps(task: Task, job_id: str, kind: JobKind, first: int, through: int) 
     done already (a redelivery), are passed over. A step that stops (failed, cancelled, taken
     elsewhere) raises, which ends the run. The heartbeat names the job for the whole run (from
     before the first start is recorded to after the last end is): between two steps the record
-    names no holder, so that costs nothing, and it saves two Redis writes per step."""
+    names no holder, so that costs nothing, and it saves two Redis writes per step. Each step
+    after the first starts from the record as the step before left it (`carried`), not read
+    again: its start's guard says whether anything changed it meanwhile."""
+    carried: JobRecord | None = None
     with liveness.working_on(redis_client(), job_id):
         for index in range(first, max(first, min(through, len(kind.steps) - 1)) + 1):
-            run_step(task, job_id, kind, index)
+            carried = run_step(task, job_id, kind, index, carried)
 
 
-def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
+def run_step(task: Task, job_id: str, kind: JobKind, index: int, carried: JobRecord | None = None) -> JobRecord | None:
     """Run step `index` of a job if it is its turn; undo the job if the step fails. Called by
-    run_steps, whose heartbeat names the job throughout."""
+    run_steps, whose heartbeat names the job throughout. `carried`: the record as this process
+    finished the step before, to start from without reading it (None: read it). Returns the
+    record as this step finished it."""
     cfg, r, me = config(), redis_client(), process_id()
-    job = _job_at_step(r, job_id, index)
-    if job is None:
-        return  # a redelivery or duplicate of a finished step: the chain goes on harmlessly
-    holder = (job.current or {}).get("worker")
-    turn = {"done": index, **({"owner": holder} if holder else {"idle": True})}
+    if carried is not None and carried.done > index:
+        return carried  # a step the job goes without (kind.next_step passed it over)
+    if carried is not None and carried.done == index and carried.current is None:
+        # the step before left the job idle at this step: the start's guard checks that it still
+        # is, and that no cancel came meanwhile (else the record is read, and acted on, as below)
+        job, turn = carried, {"done": index, "idle": True, "uncancelled": True}
+    else:
+        job = _job_at_step(r, job_id, index)
+        if job is None:
+            return None  # a redelivery or duplicate of a finished step: the chain goes on harmlessly
+        holder = (job.current or {}).get("worker")
+        turn = {"done": index, **({"owner": holder} if holder else {"idle": True})}
     _refuse_or_cancel(r, job, kind, index, turn)
     if job.queues[index] not in (SHARED_QUEUE, node_queue(cfg.node)):
         log.warning("step_not_for_this_node", job_id=job_id, step=kind.steps[index].name, queue=job.queues[index])
         raise Ignore()  # a message that carries it here was not sent by stork (`through` is input)
-    attempt = _start_step(r, cfg, job, kind, index, me, turn, _task_of(task))  # inside run_steps' working_on
+    try:
+        attempt = _start_step(r, cfg, job, kind, index, me, turn, _task_of(task))  # inside run_steps' working_on
+    except _ReadAgain:
+        return run_step(task, job_id, kind, index)
     ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=kind.steps[index].name, worker=me,
                       kinds=KINDS, attempt=attempt, task=task)
     _run(ctx, kind, index)
@@ -128,6 +143,12 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     # (a chain's next message, sent and waited for, used to carry it onto the replicas)
     connect.write_replicated(r, cfg.redis.wait_replicas, lambda client: _finish_step(client, job, kind, index,
                                                                                     cfg.node, me))
+    job.done, job.current = kind.next_step(job.params, index), None  # as the finish wrote them
+    return job
+
+
+class _ReadAgain(Exception):
+    """A carried record's start was refused: something changed the job since (a cancel, say)."""
 
 
 def _job_at_step(r: redis.Redis, job_id: str, index: int) -> JobRecord | None:
@@ -228,12 +249,15 @@ def _start_step(r: redis.Redis, cfg: Config, job: JobRecord, kind: JobKind, inde
                 volumes=records.params_volumes(job.params),  # again: a job an older producer made is in no set
             )
         except StateConflict:
-            now = records.load(client, job.id).current or {}
-            if (now.get("worker"), now.get("step"), now.get("attempt")) != (me, index, attempt):
-                # another process took it first; or the record still shows this process on the
-                # step before (a fused run whose finish a failover took back): not ours to run
-                raise Ignore() from None
-            # else our start went through and only its reply was lost (a retry after a Redis blip)
+            now = records.load(client, job.id)
+            holder = now.current or {}
+            if (holder.get("worker"), holder.get("step"), holder.get("attempt")) == (me, index, attempt):
+                return  # our start went through and only its reply was lost (a retry after a Redis blip)
+            if turn.get("uncancelled") and now.done == index and now.current is None:
+                raise _ReadAgain() from None  # idle at this step still: cancelled, or its state moved
+            # another process took it first; or the record still shows this process on the
+            # step before (a fused run whose finish a failover took back): not ours to run
+            raise Ignore() from None
 
     if step.commit:
         connect.write_replicated(r, cfg.redis.wait_replicas, start)

@@ -90,3 +90,33 @@ def test_a_step_does_not_start_while_the_record_shows_its_process_on_the_step_be
         r.srem(records.ACTIVE, job.id)
         r.zrem(records.JOBS, job.id)
         r.delete(records.job_key(job.id), records.events_key(job.id))
+
+
+def test_a_step_started_from_the_record_the_step_before_left_reads_it_again_after_a_cancel(redis_server):
+    """In a fused run, step k+1 starts from the record as step k finished it, without reading
+    it; its start's guard refuses if a cancel came meanwhile (the run then reads the record and
+    undoes the job, as any step does), and starts it otherwise."""
+    from worker import events, liveness, records, runner
+    from worker.app import config
+    from worker.records import JobRecord
+
+    r, me, kind = redis_server, liveness.process_id(), KINDS["linked_clone"]
+    job = JobRecord(id=records.new_id(), kind=kind.name, params={"node": "node1"}, node="node1",
+                    steps=[s.name for s in kind.steps], queues=[S, node_queue("node1"), S])
+    records.create(r, job, events.make(job.id, job.kind, "queued"))
+    carried_turn = {"done": 1, "idle": True, "uncancelled": True}
+    try:
+        records.update(r, job.id, done=1)  # step 0 finished: idle at step 1
+        carried = records.load(r, job.id)
+        records.request_cancel(r, job.id)  # after step 0's finish, before step 1's start
+        with pytest.raises(runner._ReadAgain):
+            runner._start_step(r, config(), carried, kind, 1, me, carried_turn, {})
+        assert records.load(r, job.id).current is None  # not started: the record is read again
+        r.hset(records.job_key(job.id), "cancel", "false")
+        carried.attempts = {}
+        assert runner._start_step(r, config(), carried, kind, 1, me, carried_turn, {}) == 1
+        assert records.load(r, job.id).current["worker"] == me
+    finally:
+        r.srem(records.ACTIVE, job.id)
+        r.zrem(records.JOBS, job.id)
+        r.delete(records.job_key(job.id), records.events_key(job.id), records.volumes_key(job.id))
