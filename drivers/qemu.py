@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from drivers import sniff
 from drivers.errors import InvalidName, ToolFailed
 from drivers.tools import ToolError, dying_with_caller, run
 
 QEMU_IMG = "qemu-img"
+BACKED_FORMATS = ("qcow2", "qcow", "vmdk")  # formats whose header may name a backing file: opened as given, or none
 QCOW2_MAGIC = b"QFI\xfb"
 _PROGRESS = re.compile(rb"\(\s*([0-9.]+)/100%\)")
 
@@ -81,7 +83,7 @@ class Image:
 
     def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"driver": self.fmt, "file": self.file}
-        if self.fmt == "qcow2":
+        if self.fmt in BACKED_FORMATS:
             opts["backing"] = self.backing.options() if self.backing else None
         return opts
 
@@ -101,18 +103,20 @@ def _objects(*images: Image) -> list[str]:
 
 
 def detect_image(fd: int, label: str) -> tuple[str, int]:
-    """Return (format, virtual size) of the opened file `fd`, which must be a raw or qcow2
-    disk image that reads no other file.
+    """Return (format, virtual size) of the opened file `fd`, which must be a disk image of a
+    format stork imports (sniff.IMPORTABLE) that reads no other file.
 
-    qemu-img probes the format (so a vmdk or vdi is not taken for raw); the qcow2 header is
-    read here too, from the same descriptor. A raw image has no header, so qemu-img calls any
-    file raw; a raw image must at least be non-empty and a whole number of 512-byte sectors.
+    The format is told from the file's bytes here (drivers/sniff.py), never by qemu's probe,
+    which opens the files a VMDK descriptor names; qemu-img is then told it, and reads the
+    virtual size from the same descriptor. A raw image has no header: it must at least be
+    non-empty and a whole number of 512-byte sectors.
     """
-    path = f"/proc/self/fd/{fd}"
-    data = json.loads(run([QEMU_IMG, "info", "--output=json", "--", path], f"reading {label}", (fd,)))
-    fmt = data.get("format")
-    if fmt not in ("raw", "qcow2"):
-        raise InvalidName(f"{label}: unsupported image format {fmt!r} (expected raw or qcow2)")
+    found = sniff.sniff_file(fd)
+    if found.refusal:
+        raise InvalidName(f"{label}: {found.fmt} image refused: {found.refusal}")
+    fmt = found.fmt
+    image = Image.of_fd(fmt, fd, label)
+    data = json.loads(run([QEMU_IMG, "info", "--output=json", "--", image.spec], f"reading {label}", (fd,)))
     refuse_external(fd, label)
     if fmt == "raw":
         vsize = os.fstat(fd).st_size  # qemu-img rounds a raw file's size up to a sector

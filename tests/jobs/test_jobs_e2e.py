@@ -65,6 +65,25 @@ class TestGuests:
         disk = volume_path(json.loads(stork("--json", "guest", "show", g)[1])["disks"]["virtio0"])
         assert disk.suffix == ".qcow2" and qemu_same(image, disk) and image.exists()
 
+    @pytest.mark.parametrize(("fmt", "options"), [
+        ("vmdk", []), ("vmdk", ["-o", "subformat=streamOptimized"]), ("vhdx", []), ("vpc", []),
+        ("vpc", ["-o", "subformat=fixed"]), ("vdi", []), ("qcow", [])],
+        ids=["vmdk", "vmdk-streamOptimized", "vhdx", "vhd", "vhd-fixed", "vdi", "qcow"])
+    def test_guest_import_reads_the_formats_of_other_hypervisors(self, stork, vmid, tmp_path, fmt, options):
+        """A disk from VMware, Hyper-V, VirtualBox or an old qemu comes in with the same data,
+        in a format the storage keeps (raw on a dir storage); the format is told by stork
+        from the file's bytes (drivers/sniff.py), not guessed by qemu."""
+        g = vmid()
+        source = tmp_path / "source.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source), "64M"], check=True)
+        qemu_io_write(source, "qcow2", 5 * PATTERN_MIB, PATTERN_MIB, 0x37)
+        image = tmp_path / f"disk.{fmt}"
+        subprocess.run(["qemu-img", "convert", "-q", "-O", fmt, *options, str(source), str(image)], check=True)
+        code, _, err = stork("guest", "import", g, "--disk", f"scsi0={image}")
+        assert code == 0, err
+        disk = volume_path(json.loads(stork("--json", "guest", "show", g)[1])["disks"]["scsi0"])
+        assert disk.suffix == ".raw" and qemu_same(source, disk)
+
     def test_guest_list_and_destroy(self, stork, vmid):
         """`guest destroy` frees the disks and removes the config."""
         g = vmid()

@@ -38,7 +38,30 @@ def world(client):
     not_an_image.write_text("these are not the sectors you are looking for\n")
     return {**ids, "base": f"local:base/base-{ids['T']}-disk-0.raw",
             "gdisk": f"local:{ids['G']}/vm-{ids['G']}-disk-0.raw", "text": str(not_an_image),
-            "backed": str(backed), "external": str(external)}
+            "backed": str(backed), "external": str(external), **hostile_images(BASE / "hostile")}
+
+
+def hostile_images(folder) -> dict[str, str]:
+    """Images that name other files, or that stork does not import, made by qemu-img (and one
+    VMDK descriptor by hand). qemu's own probe of the descriptor would open the FIFO it names
+    as an extent and hang: stork tells the format itself, so it is refused at once."""
+    import os
+
+    folder.mkdir(exist_ok=True)
+    fifo = folder / "extent.fifo"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    descriptor = folder / "flat.vmdk"
+    descriptor.write_text(f'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
+                          f'createType="monolithicFlat"\n\nRW 2048 FLAT "{fifo}" 0\nRW 2048 FLAT "/etc/hostname" 0\n')
+    made = {"descriptor": descriptor, "qcow1": folder / "backed.qcow", "delta": folder / "delta.vmdk",
+            "qed": folder / "disk.qed"}
+    for argv in (["-f", "vmdk", str(folder / "parent.vmdk"), "1M"],
+                 ["-f", "qcow", "-b", "/etc/hostname", "-F", "raw", str(made["qcow1"])],
+                 ["-f", "vmdk", "-b", str(folder / "parent.vmdk"), "-F", "vmdk", str(made["delta"])],
+                 ["-f", "qed", str(made["qed"]), "1M"]):
+        subprocess.run(["qemu-img", "create", "-q", *argv], check=True)
+    return {name: str(path) for name, path in made.items()}
 
 
 REFUSALS = [
@@ -89,6 +112,14 @@ REFUSALS = [
     ("linked clone of a locked template", "clone {TL} 91021", "guest {TL} is locked (destroy)"),
     ("bad guest name", "clone {T} 91022 --name a/b", "invalid guest name 'a/b'"),
     ("missing image file", "guest import 91015 --disk scsi0=/nonexistent.raw", "/nonexistent.raw: no such file"),
+    ("VMDK descriptor naming a FIFO and /etc/hostname", "guest import 91024 --disk scsi0={descriptor}",
+     "{descriptor}: vmdk descriptor image refused: a VMDK descriptor names its extents as files"),
+    ("qcow (v1) reading another file", "guest import 91025 --disk scsi0={qcow1}",
+     "{qcow1}: images with a backing or data file cannot be imported"),
+    ("delta VMDK reading its parent", "guest import 91026 --disk scsi0={delta}",
+     "{delta}: vmdk image refused: a delta VMDK reads its parent disk"),
+    ("format stork does not import", "guest import 91027 --disk scsi0={qed}",
+     "{qed}: qed image refused: qed images are not imported"),
     ("storage of another node", "guest create 91016 --disk scsi0=local2:1G",
      "storage 'local2' is local to node(s) node2: it does not exist on node 'node1'"),
     ("storage without images", "guest create 91017 --disk scsi0=backup:1G",

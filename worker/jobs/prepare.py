@@ -194,8 +194,9 @@ def prepare_import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         with qemu.open_import(path) as (image, size):  # checked again, on the same open file, as it is copied
             src_fmt = image.fmt
         storage = _images_storage(cfg, names.storage_id(spec.get("storage") or "local"))
+        kept = src_fmt if src_fmt in driver_for(cfg.storage(storage)).formats else None  # else the storage's own
         return {"storage": storage, "source_path": str(path), "size": size,
-                "format": _format(cfg, storage, spec.get("format"), default=src_fmt)}
+                "format": _format(cfg, storage, spec.get("format"), default=kept)}
 
     # the source files are on this node: every step that reads them runs here
     return {**_new_guest(o, cfg, "import", {"path", "storage", "format"}, plan), "pinned": True}
