@@ -192,7 +192,7 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
     JobKind("create", "create a guest with new empty disks",
             (RESERVE_GUEST, ALLOCATE, COMMIT_NEW), prepare_create),
     JobKind("import", "create a guest from existing image files",
-            (RESERVE_GUEST, ALLOCATE, COPY, COMMIT_NEW), prepare_import),
+            (RESERVE_GUEST, ALLOCATE, COPY, VERIFY, COMMIT_NEW), prepare_import),
     JobKind("linked_clone", "clone a template, sharing its bases",
             (RESERVE_GUEST, LINK, COMMIT_NEW), prepare_linked_clone),
     JobKind("replica_clone", "a linked clone on another node: each base copied there once, as a replica, then cloned",

@@ -335,11 +335,14 @@ def copy_data(ctx: StepContext) -> None:
 
 
 def verify_copy(ctx: StepContext) -> None:
-    """Compare every copy with its source (through its export, from another node) before the
-    source may go."""
+    """Compare every copy with its source (through its export, from another node; an imported
+    file opened and checked again) before the source may go, or the guest is made of it."""
     for key, plan in ctx.params["disks"].items():
         dst_drv, dst = ctx.volume(ctx.data["made"][key])
-        if plan.get("across"):
+        if "source_path" in plan:
+            with contextlib.ExitStack() as stack:
+                dst_drv.compare_with(_open_source(ctx, stack, key, plan).image, dst)  # type: ignore[arg-type]
+        elif plan.get("across"):
             dst_drv.compare_with(transfer.source(_export(ctx, key), _cluster_key(ctx), plan["source"]), dst)
         else:
             dst_drv.compare(*ctx.volume(plan["source"]), dst)
