@@ -428,7 +428,8 @@ def cmd_schedule_list(args: argparse.Namespace, client: Client) -> int:
 SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]] = {
     "guest.create": lambda a: ("create", {"vmid": a.vmid, "name": a.name,
                                           "disks": _disk_specs(a.disk, "storage:size")}),
-    "guest.import": lambda a: ("import", {"vmid": a.vmid, "name": a.name, "disks": _disk_specs(a.disk, "path")}),
+    "guest.import": lambda a: ("import", {"vmid": a.vmid, "name": a.name, "disks": _disk_specs(a.disk, "path"),
+                                          **({"as_template": True} if a.as_template else {})}),
     "guest.destroy": lambda a: ("destroy", {"vmid": a.vmid}),
     "guest.unlock": lambda a: ("unlock", {"vmid": a.vmid}),
     "guest.migrate": lambda a: ("migrate", {"vmid": a.vmid, "node": a.node, "storage": a.storage,
@@ -572,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vmid")
     p.add_argument("--disk", action="append", help="DISK=PATH[,storage=S][,format=F]")
     p.add_argument("--name")
+    p.add_argument("--as-template", action="store_true", help="make the new guest a template (every disk a base)")
     command(guest, "list", cmd_guest_list, "list guests")
     command(guest, "show", cmd_guest_show, "show a guest").add_argument("vmid")
     command(guest, "destroy", _submitter("guest.destroy"), "destroy a guest and its disks", True).add_argument("vmid")

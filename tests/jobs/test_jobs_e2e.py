@@ -84,6 +84,28 @@ class TestGuests:
         disk = volume_path(json.loads(stork("--json", "guest", "show", g)[1])["disks"]["scsi0"])
         assert disk.suffix == ".raw" and qemu_same(source, disk)
 
+    def test_a_vendor_appliance_becomes_a_template_and_its_clones_in_two_commands(self, stork, vmid, tmp_path):
+        """The seed's workflow from a VMware disk: `guest import --as-template`, then `clone`:
+        the template's disk is a base holding the image's data, the clone reads through it."""
+        t, c = vmid(), vmid()
+        source = tmp_path / "appliance.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source), "32M"], check=True)
+        qemu_io_write(source, "qcow2", 2 * PATTERN_MIB, PATTERN_MIB, 0x5A)
+        image = tmp_path / "appliance.vmdk"
+        subprocess.run(["qemu-img", "convert", "-q", "-O", "vmdk", "-o", "subformat=streamOptimized", str(source),
+                        str(image)], check=True)
+        code, _, err = stork("guest", "import", t, "--disk", f"scsi0={image}", "--as-template", "--name", "appliance")
+        assert code == 0, err
+        template = json.loads(stork("--json", "guest", "show", t)[1])
+        assert template["template"] is True and template["name"] == "appliance"
+        base = template["disks"]["scsi0"]
+        assert base.startswith("local:base/") and volume_path(base).stat().st_mode & 0o777 == 0o444
+        assert qemu_same(source, volume_path(base))
+        code, _, err = stork("clone", t, c)
+        assert code == 0, err
+        clone = volume_path(json.loads(stork("--json", "guest", "show", c)[1])["disks"]["scsi0"])
+        assert clone.suffix == ".qcow2" and qemu_same(source, clone)
+
     def test_guest_list_and_destroy(self, stork, vmid):
         """`guest destroy` frees the disks and removes the config."""
         g = vmid()

@@ -278,3 +278,10 @@ def test_a_base_of_a_disk_attached_twice_is_refused_at_submit(stork, client, vmi
     assert [j.id for j in client.jobs(10)] == jobs
     with client.guest_store.editing(g) as box:
         box[0] = box[0].with_(disks={"scsi0": disk})
+
+
+def test_an_import_as_template_takes_only_true_or_false(client):
+    from drivers.errors import InvalidName
+
+    with pytest.raises(InvalidName, match="import: as_template must be true or false, not 'yes'"):
+        client.submit("import", vmid=91028, disks={"scsi0": {"path": "/nonexistent.raw"}}, as_template="yes")

@@ -189,6 +189,19 @@ def prepare_assemble(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 
 def prepare_import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """A new guest of copies of image files; with `as_template`, a template of them, each made
+    a base (it runs as an `import_template`)."""
+    if o.get("as_template") not in (None, False, True):
+        raise InvalidName(f"import: as_template must be true or false, not {o['as_template']!r}")
+    params = _import({k: v for k, v in o.items() if k != "as_template"}, cfg)
+    return {**params, "runs_as": "import_template"} if o.get("as_template") else params
+
+
+def prepare_import_template(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    return _import(o, cfg)
+
+
+def _import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     def plan(spec: dict[str, Any]) -> dict[str, Any]:
         path = Path(spec.get("path", "")).absolute()
         with qemu.open_import(path) as (image, size):  # checked again, on the same open file, as it is copied
