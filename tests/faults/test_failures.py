@@ -78,3 +78,25 @@ def test_a_failed_step_is_logged_in_one_line_without_a_traceback(client, workers
     assert any('"step_failed"' in line and job.id in line and "No space left" in line for line in lines), lines
     assert any("raised expected" in line for line in lines), lines
     assert not any("raised unexpected" in line for line in lines), lines
+
+
+def test_an_import_whose_data_does_not_fit_its_storage_is_refused_at_submit(client, stork, vmid, small_fs,
+                                                                           tmp_path):
+    """48 MiB of data into the 16 MiB `small` storage: refused before a job exists, naming the
+    room there is; a sparse image of a larger virtual size but little data goes in."""
+    g = vmid()
+    image = tmp_path / "full.raw"
+    with open(image, "wb") as f:
+        f.write(os.urandom(48 * PATTERN_MIB))
+    before = snapshot()
+    code, _, err = stork("guest", "import", g, "--disk", f"scsi0={image},storage=small")
+    assert code == 1 and err.count("\n") == 1
+    assert "storage 'small' has 1" in err and "MiB free: the image(s) to import hold 48 MiB of data" in err
+    assert snapshot() == before and not client.guest_store.exists(g)
+    sparse = tmp_path / "sparse.raw"
+    with open(sparse, "wb") as f:
+        f.truncate(256 * PATTERN_MIB)
+        f.write(os.urandom(PATTERN_MIB))
+    code, _, err = stork("guest", "import", g, "--disk", f"scsi0={sparse},storage=small")
+    assert code == 0, err
+    assert client.run("destroy", vmid=g).state == "succeeded"

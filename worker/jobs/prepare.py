@@ -11,7 +11,7 @@ from typing import Any
 from drivers import driver_for, names, qemu, transfer
 from drivers.backends.base import Driver
 from drivers.config import Config
-from drivers.errors import AlreadyExists, ConfigError, InvalidName, NotFound, Refused
+from drivers.errors import AlreadyExists, ConfigError, InvalidName, NotFound, Refused, StorkError
 from drivers.guests import Guest, GuestStore
 from drivers.names import VolName
 from worker.jobs import usage
@@ -202,17 +202,39 @@ def prepare_import_template(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 
 def _import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    data: dict[str, int] = {}  # bytes of data each target storage is to take
+
     def plan(spec: dict[str, Any]) -> dict[str, Any]:
         path = Path(spec.get("path", "")).absolute()
         with qemu.open_import(path) as (image, size):  # checked again, on the same open file, as it is copied
             src_fmt = image.fmt
-        storage = _images_storage(cfg, names.storage_id(spec.get("storage") or "local"))
+            storage = _images_storage(cfg, names.storage_id(spec.get("storage") or "local"))
+            data[storage] = data.get(storage, 0) + qemu.data_bytes(image)
         kept = src_fmt if src_fmt in driver_for(cfg.storage(storage)).formats else None  # else the storage's own
         return {"storage": storage, "source_path": str(path), "size": size,
                 "format": _format(cfg, storage, spec.get("format"), default=kept)}
 
     # the source files are on this node: every step that reads them runs here
-    return {**_new_guest(o, cfg, "import", {"path", "storage", "format"}, plan), "pinned": True}
+    params = _new_guest(o, cfg, "import", {"path", "storage", "format"}, plan)
+    for storage, needed in data.items():
+        _require_room(cfg, storage, params["node"], needed)
+    return {**params, "pinned": True}
+
+
+def _require_room(cfg: Config, storage: str, node: str, needed: int) -> None:
+    """Refuse a copy of `needed` bytes of data into a storage that has less room, where this
+    process sees the storage the job on `node` writes (elsewhere the copy's own ENOSPC says
+    so, and its undo frees what it made). The data, not the virtual size: a copy stays sparse."""
+    here = cfg.storage(storage)
+    if not here.on_node(cfg.node) or not (here.shared or node == cfg.node):
+        return
+    try:
+        available = driver_for(here).status()[2]
+    except (StorkError, OSError):
+        return  # cannot tell now: the copy itself fails cleanly if it runs out
+    if needed > available:
+        raise Refused(f"storage {storage!r} has {available >> 20} MiB free: the image(s) to import hold "
+                      f"{needed >> 20} MiB of data")
 
 
 def _clone_source(cfg: Config, o: dict[str, Any]) -> tuple[Guest, int]:
