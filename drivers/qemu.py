@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers import sniff
+from drivers import ova, sniff
 from drivers.errors import InvalidName, ToolFailed
 from drivers.tools import ToolError, dying_with_caller, run
 
@@ -43,9 +43,9 @@ class Qcow2Header:
     encrypted: bool = False  # crypt_method: its clusters hold ciphertext
 
 
-def read_qcow2_header(fd: int) -> Qcow2Header | None:
-    """The qcow2 header of the opened file `fd`, or None if it is not qcow2."""
-    head = os.pread(fd, 80, 0)
+def read_qcow2_header(fd: int, offset: int = 0) -> Qcow2Header | None:
+    """The qcow2 header of the opened file `fd` (of the image at `offset` in it), or None if it is not qcow2."""
+    head = os.pread(fd, 80, offset)
     if len(head) < 72 or head[:4] != QCOW2_MAGIC:
         return None
     version = struct.unpack(">I", head[4:8])[0]
@@ -54,7 +54,7 @@ def read_qcow2_header(fd: int) -> Qcow2Header | None:
     incompatible = struct.unpack(">Q", head[72:80])[0] if version >= 3 and len(head) >= 80 else 0
     backing = None
     if backing_offset and backing_size:
-        backing = os.pread(fd, min(backing_size, 1023), backing_offset).decode("utf-8", "replace")
+        backing = os.pread(fd, min(backing_size, 1023), offset + backing_offset).decode("utf-8", "replace")
     return Qcow2Header(virtual_size, backing, bool(incompatible & 4), crypt_method != 0)
 
 
@@ -73,8 +73,13 @@ class Image:
     objects: tuple[str, ...] = ()  # --object definitions it needs (TLS credentials of an NBD image)
 
     @classmethod
-    def of_fd(cls, fmt: str, fd: int, label: str, backing: Image | None = None) -> Image:
-        return cls(fmt, {"driver": "file", "filename": f"/proc/self/fd/{fd}"}, label, (fd,), backing)
+    def of_fd(cls, fmt: str, fd: int, label: str, backing: Image | None = None,
+              window: tuple[int, int] | None = None) -> Image:
+        """The image in the opened file `fd`; or in its (offset, size) `window` (an archive's member)."""
+        file: dict[str, Any] = {"driver": "file", "filename": f"/proc/self/fd/{fd}"}
+        if window is not None:
+            file = {"driver": "raw", "offset": window[0], "size": window[1], "file": file}
+        return cls(fmt, file, label, (fd,), backing)
 
     @property
     def is_file(self) -> bool:
@@ -102,43 +107,60 @@ def _objects(*images: Image) -> list[str]:
     return [arg for o in defined for arg in ("--object", o)]
 
 
-def detect_image(fd: int, label: str) -> tuple[str, int]:
+def detect_image(fd: int, label: str, window: tuple[int, int] | None = None) -> tuple[str, int]:
     """Return (format, virtual size) of the opened file `fd`, which must be a disk image of a
     format stork imports (sniff.IMPORTABLE) that reads no other file.
 
     The format is told from the file's bytes here (drivers/sniff.py), never by qemu's probe,
     which opens the files a VMDK descriptor names; qemu-img is then told it, and reads the
     virtual size from the same descriptor. A raw image has no header: it must at least be
-    non-empty and a whole number of 512-byte sectors.
+    non-empty and a whole number of 512-byte sectors. `window`: the (offset, size) of the file
+    that holds the image (a member of an archive).
     """
-    found = sniff.sniff_file(fd)
+    found = sniff.sniff_file(fd, window)
     if found.refusal:
         raise InvalidName(f"{label}: {found.fmt} image refused: {found.refusal}")
     fmt = found.fmt
-    image = Image.of_fd(fmt, fd, label)
+    image = Image.of_fd(fmt, fd, label, window=window)
     data = json.loads(run([QEMU_IMG, "info", "--output=json", "--", image.spec], f"reading {label}", (fd,)))
-    refuse_external(fd, label)
+    refuse_external(fd, label, window[0] if window else 0)
     if fmt == "raw":
-        vsize = os.fstat(fd).st_size  # qemu-img rounds a raw file's size up to a sector
+        vsize = window[1] if window else os.fstat(fd).st_size  # qemu-img rounds a raw file's size up to a sector
         if vsize == 0 or vsize % 512:
             raise InvalidName(f"{label}: not a disk image (size {vsize} is not a multiple of 512 bytes)")
         return fmt, vsize
     return fmt, int(data.get("virtual-size", 0))
 
 
-def refuse_external(fd: int, label: str) -> None:
+def refuse_external(fd: int, label: str, offset: int = 0) -> None:
     """An image that reads another file (a backing or data file) would let its author copy
     that file — any the worker can read — into a guest disk."""
-    header = read_qcow2_header(fd)
+    header = read_qcow2_header(fd, offset)
     if header and (header.backing_file or header.external_data_file):
         raise InvalidName(f"{label}: images with a backing or data file cannot be imported")
 
 
 @contextlib.contextmanager
-def open_import(path: Path) -> Iterator[tuple[Image, int]]:
+def open_import(path: Path, member: str | None = None) -> Iterator[tuple[Image, int]]:
     """Open an image file to import, once: (Image, virtual size). The checks and the copy read
     the same descriptor, so swapping the path for a symlink or another file in between has no
-    effect; the path itself must not be a symlink."""
+    effect; the path itself must not be a symlink. `member`: the image is that member of the
+    file, an OVA (a tar), found in the member table read from the same descriptor."""
+    with opened_input(path) as fd:
+        window, label = None, str(path)
+        if member is not None:
+            found = ova.members(fd, label).get(member)
+            if found is None:
+                raise InvalidName(f"{path}: the archive has no member {member!r}")
+            window, label = (found.offset, found.size), f"{path}:{member}"
+        fmt, size = detect_image(fd, label, window)
+        yield Image.of_fd(fmt, fd, label, window=window), size
+
+
+@contextlib.contextmanager
+def opened_input(path: Path) -> Iterator[int]:
+    """The regular file `path` (an image or archive to import), opened read-only without
+    following a link and without blocking on a FIFO."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -150,8 +172,7 @@ def open_import(path: Path) -> Iterator[tuple[Image, int]]:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise InvalidName(f"{path}: not a regular file")
-        fmt, size = detect_image(fd, str(path))
-        yield Image.of_fd(fmt, fd, str(path)), size
+        yield fd
     finally:
         os.close(fd)
 

@@ -55,9 +55,10 @@ def sniff(head: bytes, tail: bytes) -> Sniffed:
     return Sniffed("raw")
 
 
-def sniff_file(fd: int) -> Sniffed:
-    size = os.fstat(fd).st_size
-    return sniff(os.pread(fd, HEAD, 0), os.pread(fd, 512, size - 512) if size >= 1024 else b"")
+def sniff_file(fd: int, window: tuple[int, int] | None = None) -> Sniffed:
+    """sniff() of the opened file `fd`, or of the (offset, size) window of it an archive's member is."""
+    offset, size = window or (0, os.fstat(fd).st_size)
+    return sniff(os.pread(fd, min(HEAD, size), offset), os.pread(fd, 512, offset + size - 512) if size >= 1024 else b"")
 
 
 def _vpc(footer: bytes) -> Sniffed:

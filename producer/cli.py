@@ -115,6 +115,17 @@ def _pairs(text: str) -> dict[str, str]:
     return out
 
 
+def _import_source(a: argparse.Namespace) -> dict[str, Any]:
+    """`--disk` image files, or one `--ova` (with the storage and format of all its disks)."""
+    if bool(a.disk) == bool(a.ova):
+        raise UsageError("guest import: give --disk DISK=PATH (one or more) or --ova FILE, not both")
+    if a.disk:
+        if a.storage or a.format:
+            raise UsageError("guest import: --storage and --format go with --ova; with --disk: DISK=PATH,storage=S")
+        return {"disks": _disk_specs(a.disk, "path")}
+    return {"ova": a.ova, **({"storage": a.storage} if a.storage else {}), **({"format": a.format} if a.format else {})}
+
+
 def _disk_specs(values: list[str], first: str) -> dict[str, dict[str, str]]:
     """`scsi0=local:8G,format=qcow2` -> {"scsi0": {"storage": "local", "size": "8G", ...}}."""
     disks = {}
@@ -428,7 +439,7 @@ def cmd_schedule_list(args: argparse.Namespace, client: Client) -> int:
 SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]] = {
     "guest.create": lambda a: ("create", {"vmid": a.vmid, "name": a.name,
                                           "disks": _disk_specs(a.disk, "storage:size")}),
-    "guest.import": lambda a: ("import", {"vmid": a.vmid, "name": a.name, "disks": _disk_specs(a.disk, "path"),
+    "guest.import": lambda a: ("import", {"vmid": a.vmid, "name": a.name, **_import_source(a),
                                           **({"as_template": True} if a.as_template else {})}),
     "guest.destroy": lambda a: ("destroy", {"vmid": a.vmid}),
     "guest.unlock": lambda a: ("unlock", {"vmid": a.vmid}),
@@ -572,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(guest, "import", _submitter("guest.import"), "create a guest from image files", True)
     p.add_argument("vmid")
     p.add_argument("--disk", action="append", help="DISK=PATH[,storage=S][,format=F]")
+    p.add_argument("--ova", help="an OVA archive: the guest it describes, its disks in their slots")
+    p.add_argument("--storage", help="with --ova: the storage of its disks (default local)")
+    p.add_argument("--format", help="with --ova: the format of its disks (default: the storage's)")
     p.add_argument("--name")
     p.add_argument("--as-template", action="store_true", help="make the new guest a template (every disk a base)")
     command(guest, "list", cmd_guest_list, "list guests")

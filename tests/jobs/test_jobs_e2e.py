@@ -18,6 +18,8 @@ from tests.helpers import (
     exports_running,
     guest_data_sha,
     held_copy,
+    make_ova,
+    ovf_text,
     qemu_check,
     qemu_io_write,
     qemu_same,
@@ -105,6 +107,32 @@ class TestGuests:
         assert code == 0, err
         clone = volume_path(json.loads(stork("--json", "guest", "show", c)[1])["disks"]["scsi0"])
         assert clone.suffix == ".qcow2" and qemu_same(source, clone)
+
+    def test_an_ova_becomes_the_guest_it_describes_read_in_place(self, stork, vmid, tmp_path):
+        """`guest import --ova`: the OVF's disks in their slots, read from the archive where
+        they are (nothing extracted), its name, and notes on what stork does not use."""
+        g = vmid()
+        disks = []
+        for n, pattern in enumerate((0x21, 0x22)):
+            source = tmp_path / f"source{n}.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source), f"{16 * (n + 1)}M"], check=True)
+            qemu_io_write(source, "qcow2", n * PATTERN_MIB, PATTERN_MIB, pattern)
+            vmdk = tmp_path / f"disk{n}.vmdk"
+            subprocess.run(["qemu-img", "convert", "-q", "-O", "vmdk", "-o", "subformat=streamOptimized",
+                            str(source), str(vmdk)], check=True)
+            disks.append((source, vmdk))
+        ovf = ovf_text([("disk0.vmdk", 16 << 20, "6", "0"), ("disk1.vmdk", 32 << 20, "20", "2")], name="vendor-app")
+        archive = make_ova(tmp_path / "vendor.ova", [("vendor.ovf", ovf.encode()), ("disk0.vmdk", disks[0][1]),
+                                                      ("disk1.vmdk", disks[1][1])])
+        for _, vmdk in disks:
+            vmdk.unlink()  # only the archive is read
+        code, out, err = stork("--json", "guest", "import", g, "--ova", str(archive))
+        assert code == 0, err
+        assert json.loads(out)["result"]["notes"] == "OVF: 2 CPUs, memory 4096 byte * 2^20, network VM Network (E1000)"
+        guest = json.loads(stork("--json", "guest", "show", g)[1])
+        assert guest["name"] == "vendor-app" and sorted(guest["disks"]) == ["sata2", "scsi0"]
+        assert qemu_same(disks[0][0], volume_path(guest["disks"]["scsi0"]))
+        assert qemu_same(disks[1][0], volume_path(guest["disks"]["sata2"]))
 
     def test_guest_list_and_destroy(self, stork, vmid):
         """`guest destroy` frees the disks and removes the config."""

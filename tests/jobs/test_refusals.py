@@ -61,6 +61,33 @@ def hostile_images(folder) -> dict[str, str]:
                  ["-f", "vmdk", "-b", str(folder / "parent.vmdk"), "-F", "vmdk", str(made["delta"])],
                  ["-f", "qed", str(made["qed"]), "1M"]):
         subprocess.run(["qemu-img", "create", "-q", *argv], check=True)
+    return {**{name: str(path) for name, path in made.items()}, **hostile_ovas(folder)}
+
+
+def hostile_ovas(folder) -> dict[str, str]:
+    """OVAs that must not be imported: an OVF reading /etc/passwd through an entity, a disk
+    member that is a symlink, a capacity the image does not have, a disk the archive lacks."""
+    import io
+    import tarfile
+
+    from tests.helpers import make_ova, ovf_text
+
+    disk = folder / "parent.vmdk"  # 1 MiB
+    one = [("disk.vmdk", 1 << 20, "6", "0")]
+    xxe = ovf_text(one, prolog='<!DOCTYPE e [<!ENTITY x SYSTEM "file:///etc/passwd">]>', name="&x;")
+    made = {"ova_xxe": make_ova(folder / "xxe.ova", [("a.ovf", xxe.encode()), ("disk.vmdk", disk)]),
+            "ova_size": make_ova(folder / "size.ova", [("a.ovf", ovf_text([("disk.vmdk", 2 << 20, "6", "0")]).encode()),
+                                                       ("disk.vmdk", disk)]),
+            "ova_lacking": make_ova(folder / "lacking.ova", [("a.ovf", ovf_text(one).encode())])}
+    with tarfile.open(folder / "symlink.ova", "w") as tar:
+        text = ovf_text(one).encode()
+        info = tarfile.TarInfo("a.ovf")
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text))
+        link = tarfile.TarInfo("disk.vmdk")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/shadow"
+        tar.addfile(link)
+    made["ova_symlink"] = folder / "symlink.ova"
     return {name: str(path) for name, path in made.items()}
 
 
@@ -120,6 +147,14 @@ REFUSALS = [
      "{delta}: vmdk image refused: a delta VMDK reads its parent disk"),
     ("format stork does not import", "guest import 91027 --disk scsi0={qed}",
      "{qed}: qed image refused: qed images are not imported"),
+    ("OVF reading a file through an entity", "guest import 91029 --ova {ova_xxe}",
+     "{ova_xxe}:a.ovf: OVF refused: DTDForbidden"),
+    ("OVA disk that is a symlink", "guest import 91030 --ova {ova_symlink}",
+     "{ova_symlink}: member 'disk.vmdk' is not a regular file"),
+    ("OVF capacity the image does not have", "guest import 91031 --ova {ova_size}",
+     "{ova_size}:disk.vmdk: the OVF says the disk holds 2097152 bytes, the image 1048576"),
+    ("OVA lacking the disk its OVF names", "guest import 91032 --ova {ova_lacking}",
+     "{ova_lacking}: the archive has no member 'disk.vmdk'"),
     ("storage of another node", "guest create 91016 --disk scsi0=local2:1G",
      "storage 'local2' is local to node(s) node2: it does not exist on node 'node1'"),
     ("storage without images", "guest create 91017 --disk scsi0=backup:1G",
@@ -202,6 +237,11 @@ def test_unknown_options_are_refused_at_submit_naming_the_allowed_ones(client):
         (["guest", "create", "9x", "--disk", "scsi0=local:8"], "stork: invalid guest id"),
         (["guest", "create", "91047", "--disk", "scsi0=local:8", "--disk", "scsi0=local:8"],
          "stork: disk scsi0 is given twice"),
+        (["guest", "import", "91048"], "stork: guest import: give --disk DISK=PATH (one or more) or --ova FILE"),
+        (["guest", "import", "91048", "--disk", "scsi0=/a.raw", "--ova", "/a.ova"],
+         "stork: guest import: give --disk DISK=PATH (one or more) or --ova FILE, not both"),
+        (["guest", "import", "91048", "--disk", "scsi0=/a.raw", "--storage", "local"],
+         "stork: guest import: --storage and --format go with --ova"),
     ],
 )
 def test_command_line_mistakes_exit_2(stork, args, message):

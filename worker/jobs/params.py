@@ -150,6 +150,11 @@ def _disk_key(value: Any) -> None:
         names.disk_key(value)
 
 
+def _member(value: Any) -> None:
+    if not isinstance(value, str) or not value or "/" in value or value in (".", "..") or not value.isprintable():
+        raise InvalidName(f"{value!r}: expected a file name in an archive")
+
+
 def _str(value: Any) -> None:
     if not isinstance(value, str):
         raise InvalidName(f"{value!r}: expected a string")
@@ -162,6 +167,7 @@ PLAN: dict[str, Check] = {
     "owner": _vmid,
     "source": _volid,
     "source_path": _absolute_path,
+    "member": _member,  # the disk is this member of the archive at source_path (an OVA)
     "base": _volid,  # a disk from a base image: a linked clone of it
     "base_identity": _str,  # a relinked restore: the base must still be this very volume
     "as_base": _bool,  # a moved base: its copy is made a base on the target

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from drivers import driver_for, names, qemu, transfer
+from drivers import driver_for, names, ova, qemu, transfer
 from drivers.backends.base import Driver
 from drivers.config import Config
 from drivers.errors import AlreadyExists, ConfigError, InvalidName, NotFound, Refused, StorkError
@@ -202,23 +202,51 @@ def prepare_import_template(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 
 def _import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """Image files as a new guest's disks: named one by one (`disks`), or the guest an OVA
+    describes (`ova`: its disks in their slots, its name, notes on what stork does not use)."""
+    notes, from_ova = "", o.get("ova") is not None
+    if from_ova:
+        o, notes = _from_ova(o)
     data: dict[str, int] = {}  # bytes of data each target storage is to take
 
     def plan(spec: dict[str, Any]) -> dict[str, Any]:
         path = Path(spec.get("path", "")).absolute()
-        with qemu.open_import(path) as (image, size):  # checked again, on the same open file, as it is copied
+        member = spec.get("member")  # a disk in an OVA
+        with qemu.open_import(path, member) as (image, size):  # checked again, on the same open file, as copied
+            if spec.get("capacity", size) != size:
+                raise InvalidName(f"{image.label}: the OVF says the disk holds {spec['capacity']} bytes, "
+                                  f"the image {size}")
             src_fmt = image.fmt
             storage = _images_storage(cfg, names.storage_id(spec.get("storage") or "local"))
             data[storage] = data.get(storage, 0) + qemu.data_bytes(image)
         kept = src_fmt if src_fmt in driver_for(cfg.storage(storage)).formats else None  # else the storage's own
-        return {"storage": storage, "source_path": str(path), "size": size,
-                "format": _format(cfg, storage, spec.get("format"), default=kept)}
+        return {"storage": storage, "source_path": str(path), **({"member": member} if member else {}),
+                "size": size, "format": _format(cfg, storage, spec.get("format"), default=kept)}
 
     # the source files are on this node: every step that reads them runs here
-    params = _new_guest(o, cfg, "import", {"path", "storage", "format"}, plan)
+    options = {"path", "storage", "format"} | ({"member", "capacity"} if from_ova else set())
+    params = _new_guest(o, cfg, "import", options, plan)
     for storage, needed in data.items():
         _require_room(cfg, storage, params["node"], needed)
-    return {**params, "pinned": True}
+    return {**params, "pinned": True, **({"notes": notes} if notes else {})}
+
+
+def _from_ova(o: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The options of an import of the guest an OVA describes, and the notes it leaves."""
+    _only(o, {"vmid", "name", "node", "ova", "storage", "format"}, "import")
+    if o.get("disks"):
+        raise InvalidName("import: name disks or an OVA, not both")
+    path = Path(str(o["ova"])).absolute()
+    with qemu.opened_input(path) as fd:
+        table = ova.members(fd, str(path))
+        descriptors = [m for m in table.values() if m.name.lower().endswith(".ovf")]
+        if len(descriptors) != 1:
+            raise InvalidName(f"{path}: an OVA holds one .ovf, this one {len(descriptors)}")
+        described = ova.parse(ova.read_member(fd, descriptors[0], ova.MAX_OVF), f"{path}:{descriptors[0].name}")
+    target = {k: o[k] for k in ("storage", "format") if o.get(k)}
+    disks = {d.key: {"path": str(path), "member": d.href, "capacity": d.capacity, **target} for d in described.disks}
+    chosen = {k: o[k] for k in ("vmid", "node") if k in o}
+    return {**chosen, "name": o.get("name") or described.name, "disks": disks}, described.notes
 
 
 def _require_room(cfg: Config, storage: str, node: str, needed: int) -> None:

@@ -261,7 +261,7 @@ def _open_source(ctx: StepContext, stack: contextlib.ExitStack, key: str, plan: 
     volume of another node through its export, or name a volume."""
     if "source_path" in plan:
         path = Path(plan["source_path"])
-        image, size = stack.enter_context(qemu.open_import(path))
+        image, size = stack.enter_context(qemu.open_import(path, plan.get("member")))
         if size != plan["size"]:
             raise Refused(f"{path} changed since the job was submitted (its size is now {size} bytes)")
         return _Source(str(path), size, image=image, imported=True)
@@ -628,7 +628,12 @@ def commit_new_guest(ctx: StepContext) -> None:
     with ctx.guests.editing(vmid) as box:
         if box[0].lock_job == ctx.job.id:
             box[0] = box[0].with_(disks=dict(ctx.data.get("made", {})), lock="", lock_job="")
-    ctx.set_result(vmid=vmid, disks=ctx.data.get("made", {}))
+    ctx.set_result(vmid=vmid, disks=ctx.data.get("made", {}), **_notes(ctx))
+
+
+def _notes(ctx: StepContext) -> dict[str, str]:
+    """What an imported OVA described that stork does not use (memory, CPUs, networks)."""
+    return {"notes": ctx.params["notes"]} if ctx.params.get("notes") else {}
 
 
 def attach_disks(ctx: StepContext) -> None:
@@ -700,7 +705,7 @@ def commit_template_copy(ctx: StepContext) -> None:
     with ctx.guests.editing(vmid) as box:
         if box[0].lock_job == ctx.job.id:
             box[0] = box[0].with_(disks=disks, template=True, lock="", lock_job="")
-    ctx.set_result(vmid=vmid, template=True, disks=disks)
+    ctx.set_result(vmid=vmid, template=True, disks=disks, **_notes(ctx))
 
 
 def switch_disks(ctx: StepContext) -> None:
