@@ -70,8 +70,14 @@ def members(fd: int, label: str) -> dict[str, Member]:
 def _check_member(info: tarfile.TarInfo, label: str) -> None:
     if not info.isreg():
         raise InvalidName(f"{label}: member {info.name!r} is not a regular file (a link, folder or device)")
-    if "/" in info.name or info.name in ("", ".", "..") or "\0" in info.name:
-        raise InvalidName(f"{label}: member name {info.name!r} is not a plain file name")
+    plain_name(info.name, label, "member name")
+
+
+def plain_name(name: str, label: str, what: str = "disk file") -> str:
+    """A file name an OVF or OVA may use: no folder, not `.` or `..`, no NUL."""
+    if "/" in name or name in ("", ".", "..") or "\0" in name:
+        raise InvalidName(f"{label}: {what} {name!r} is not a plain file name")
+    return name
 
 
 def read_member(fd: int, member: Member, limit: int) -> bytes:

@@ -116,14 +116,16 @@ def _pairs(text: str) -> dict[str, str]:
 
 
 def _import_source(a: argparse.Namespace) -> dict[str, Any]:
-    """`--disk` image files, or one `--ova` (with the storage and format of all its disks)."""
-    if bool(a.disk) == bool(a.ova):
-        raise UsageError("guest import: give --disk DISK=PATH (one or more) or --ova FILE, not both")
+    """`--disk` image files, or one `--ova` or `--ovf` (with the storage and format of all its disks)."""
+    if [bool(a.disk), bool(a.ova), bool(a.ovf)].count(True) != 1:
+        raise UsageError("guest import: give --disk DISK=PATH (one or more), --ova FILE or --ovf FILE: one of them")
     if a.disk:
         if a.storage or a.format:
-            raise UsageError("guest import: --storage and --format go with --ova; with --disk: DISK=PATH,storage=S")
+            raise UsageError("guest import: --storage and --format go with --ova or --ovf; with --disk: "
+                             "DISK=PATH,storage=S")
         return {"disks": _disk_specs(a.disk, "path")}
-    return {"ova": a.ova, **({"storage": a.storage} if a.storage else {}), **({"format": a.format} if a.format else {})}
+    source = {"ova": a.ova} if a.ova else {"ovf": a.ovf}
+    return {**source, **({"storage": a.storage} if a.storage else {}), **({"format": a.format} if a.format else {})}
 
 
 def _disk_specs(values: list[str], first: str) -> dict[str, dict[str, str]]:
@@ -584,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vmid")
     p.add_argument("--disk", action="append", help="DISK=PATH[,storage=S][,format=F]")
     p.add_argument("--ova", help="an OVA archive: the guest it describes, its disks in their slots")
+    p.add_argument("--ovf", help="an OVF file, its disk files beside it: the guest it describes")
     p.add_argument("--storage", help="with --ova: the storage of its disks (default local)")
     p.add_argument("--format", help="with --ova: the format of its disks (default: the storage's)")
     p.add_argument("--name")

@@ -134,6 +134,23 @@ class TestGuests:
         assert qemu_same(disks[0][0], volume_path(guest["disks"]["scsi0"]))
         assert qemu_same(disks[1][0], volume_path(guest["disks"]["sata2"]))
 
+    def test_an_ovf_with_its_disk_files_beside_it_becomes_the_guest_it_describes(self, stork, vmid, tmp_path):
+        """`guest import --ovf`: an export folder (the OVF, its disks next to it), as a template."""
+        g = vmid()
+        source = tmp_path / "source.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source), "8M"], check=True)
+        qemu_io_write(source, "qcow2", PATTERN_MIB, PATTERN_MIB, 0x44)
+        export = tmp_path / "export"
+        export.mkdir()
+        subprocess.run(["qemu-img", "convert", "-q", "-O", "vmdk", "-o", "subformat=streamOptimized", str(source),
+                        str(export / "app-disk1.vmdk")], check=True)
+        (export / "app.ovf").write_text(ovf_text([("app-disk1.vmdk", 8 << 20, "5", "0")], name="app"))
+        code, _, err = stork("guest", "import", g, "--ovf", str(export / "app.ovf"), "--as-template")
+        assert code == 0, err
+        guest = json.loads(stork("--json", "guest", "show", g)[1])
+        assert guest["template"] is True and list(guest["disks"]) == ["ide0"]
+        assert qemu_same(source, volume_path(guest["disks"]["ide0"]))
+
     def test_guest_list_and_destroy(self, stork, vmid):
         """`guest destroy` frees the disks and removes the config."""
         g = vmid()

@@ -88,6 +88,14 @@ def hostile_ovas(folder) -> dict[str, str]:
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/shadow"
         tar.addfile(link)
     made["ova_symlink"] = folder / "symlink.ova"
+    (folder / "escape.ovf").write_text(ovf_text([("../parent.vmdk", 1 << 20, "6", "0")]))
+    made["ovf_escape"] = folder / "escape.ovf"
+    linked = folder / "linked"
+    linked.mkdir(exist_ok=True)
+    (linked / "linked.ovf").write_text(ovf_text([("disk.vmdk", 1 << 20, "6", "0")]))
+    if not (linked / "disk.vmdk").is_symlink():
+        (linked / "disk.vmdk").symlink_to(disk)
+    made["ovf_linked"] = linked / "linked.ovf"
     return {name: str(path) for name, path in made.items()}
 
 
@@ -155,6 +163,10 @@ REFUSALS = [
      "{ova_size}:disk.vmdk: the OVF says the disk holds 2097152 bytes, the image 1048576"),
     ("OVA lacking the disk its OVF names", "guest import 91032 --ova {ova_lacking}",
      "{ova_lacking}: the archive has no member 'disk.vmdk'"),
+    ("OVF naming a disk outside its folder", "guest import 91033 --ovf {ovf_escape}",
+     "{ovf_escape}: disk file '../parent.vmdk' is not a plain file name"),
+    ("OVF whose disk file is a symlink", "guest import 91034 --ovf {ovf_linked}",
+     "disk.vmdk: is a symbolic link"),
     ("storage of another node", "guest create 91016 --disk scsi0=local2:1G",
      "storage 'local2' is local to node(s) node2: it does not exist on node 'node1'"),
     ("storage without images", "guest create 91017 --disk scsi0=backup:1G",
@@ -237,9 +249,11 @@ def test_unknown_options_are_refused_at_submit_naming_the_allowed_ones(client):
         (["guest", "create", "9x", "--disk", "scsi0=local:8"], "stork: invalid guest id"),
         (["guest", "create", "91047", "--disk", "scsi0=local:8", "--disk", "scsi0=local:8"],
          "stork: disk scsi0 is given twice"),
-        (["guest", "import", "91048"], "stork: guest import: give --disk DISK=PATH (one or more) or --ova FILE"),
+        (["guest", "import", "91048"], "stork: guest import: give --disk DISK=PATH (one or more), --ova FILE or --ovf"),
         (["guest", "import", "91048", "--disk", "scsi0=/a.raw", "--ova", "/a.ova"],
-         "stork: guest import: give --disk DISK=PATH (one or more) or --ova FILE, not both"),
+         "stork: guest import: give --disk DISK=PATH (one or more), --ova FILE or --ovf FILE: one of them"),
+        (["guest", "import", "91048", "--ovf", "/a.ovf", "--ova", "/a.ova"],
+         "stork: guest import: give --disk DISK=PATH (one or more), --ova FILE or --ovf FILE: one of them"),
         (["guest", "import", "91048", "--disk", "scsi0=/a.raw", "--storage", "local"],
          "stork: guest import: --storage and --format go with --ova"),
     ],

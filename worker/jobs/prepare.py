@@ -4,6 +4,7 @@ error, before anything is queued."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -202,11 +203,12 @@ def prepare_import_template(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 
 def _import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    """Image files as a new guest's disks: named one by one (`disks`), or the guest an OVA
-    describes (`ova`: its disks in their slots, its name, notes on what stork does not use)."""
-    notes, from_ova = "", o.get("ova") is not None
+    """Image files as a new guest's disks: named one by one (`disks`), or the guest an OVA or
+    OVF describes (`ova`, `ovf`: its disks in their slots, its name, notes on what stork does
+    not use)."""
+    notes, from_ova = "", o.get("ova") is not None or o.get("ovf") is not None
     if from_ova:
-        o, notes = _from_ova(o)
+        o, notes = _from_ovf(o)
     data: dict[str, int] = {}  # bytes of data each target storage is to take
 
     def plan(spec: dict[str, Any]) -> dict[str, Any]:
@@ -231,20 +233,30 @@ def _import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     return {**params, "pinned": True, **({"notes": notes} if notes else {})}
 
 
-def _from_ova(o: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """The options of an import of the guest an OVA describes, and the notes it leaves."""
-    _only(o, {"vmid", "name", "node", "ova", "storage", "format"}, "import")
-    if o.get("disks"):
-        raise InvalidName("import: name disks or an OVA, not both")
-    path = Path(str(o["ova"])).absolute()
-    with qemu.opened_input(path) as fd:
-        table = ova.members(fd, str(path))
-        descriptors = [m for m in table.values() if m.name.lower().endswith(".ovf")]
-        if len(descriptors) != 1:
-            raise InvalidName(f"{path}: an OVA holds one .ovf, this one {len(descriptors)}")
-        described = ova.parse(ova.read_member(fd, descriptors[0], ova.MAX_OVF), f"{path}:{descriptors[0].name}")
+def _from_ovf(o: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The options of an import of the guest an OVA (`ova`), or an OVF with its disk files
+    beside it (`ovf`), describes, and the notes it leaves."""
+    _only(o, {"vmid", "name", "node", "ova", "ovf", "storage", "format"}, "import")
+    if o.get("disks") or (o.get("ova") is not None and o.get("ovf") is not None):
+        raise InvalidName("import: name disks, an OVA or an OVF, one of them")
     target = {k: o[k] for k in ("storage", "format") if o.get(k)}
-    disks = {d.key: {"path": str(path), "member": d.href, "capacity": d.capacity, **target} for d in described.disks}
+    if o.get("ova") is not None:
+        path = Path(str(o["ova"])).absolute()
+        with qemu.opened_input(path) as fd:
+            table = ova.members(fd, str(path))
+            descriptors = [m for m in table.values() if m.name.lower().endswith(".ovf")]
+            if len(descriptors) != 1:
+                raise InvalidName(f"{path}: an OVA holds one .ovf, this one {len(descriptors)}")
+            described = ova.parse(ova.read_member(fd, descriptors[0], ova.MAX_OVF), f"{path}:{descriptors[0].name}")
+        disks = {d.key: {"path": str(path), "member": d.href, "capacity": d.capacity, **target}
+                 for d in described.disks}
+    else:
+        path = Path(str(o["ovf"])).absolute()
+        with qemu.opened_input(path) as fd:
+            described = ova.parse(os.pread(fd, ova.MAX_OVF + 1, 0), str(path))
+        # each disk a file beside the OVF, named plainly (no folder, no ..): opened as any import is
+        disks = {d.key: {"path": str(path.parent / ova.plain_name(d.href, str(path))), "capacity": d.capacity,
+                         **target} for d in described.disks}
     chosen = {k: o[k] for k in ("vmid", "node") if k in o}
     return {**chosen, "name": o.get("name") or described.name, "disks": disks}, described.notes
 
