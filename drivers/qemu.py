@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers import ova, sniff
+from drivers import ova, sniff, vmdk
 from drivers.errors import InvalidName, ToolFailed
 from drivers.tools import ToolError, dying_with_caller, run
 
@@ -153,8 +153,38 @@ def open_import(path: Path, member: str | None = None) -> Iterator[tuple[Image, 
             if found is None:
                 raise InvalidName(f"{path}: the archive has no member {member!r}")
             window, label = (found.offset, found.size), f"{path}:{member}"
+        elif sniff.sniff_file(fd).fmt == sniff.VMDK_DESCRIPTOR:
+            with _described_vmdk(fd, path) as opened:
+                yield opened
+            return
         fmt, size = detect_image(fd, label, window)
         yield Image.of_fd(fmt, fd, label, window=window), size
+
+
+@contextlib.contextmanager
+def _described_vmdk(fd: int, path: Path) -> Iterator[tuple[Image, int]]:
+    """A VMDK whose descriptor `fd` names its extents as files beside it (drivers/vmdk.py):
+    each opened here, checked, and read by qemu through a descriptor stork writes."""
+    descriptor = vmdk.parse(os.pread(fd, vmdk.MAX_DESCRIPTOR + 1, 0), str(path))
+    with contextlib.ExitStack() as stack:
+        fds = []
+        for extent in descriptor.extents:
+            if extent.kind == "ZERO":
+                fds.append(-1)
+                continue
+            extent_fd = stack.enter_context(opened_input(path.parent / extent.name))
+            label = f"{path}: extent {extent.name}"
+            if extent.kind == "SPARSE" and sniff.sniff_file(extent_fd) != sniff.Sniffed("vmdk"):
+                raise InvalidName(f"{label}: a SPARSE extent is a sparse VMDK of its own, with no parent")
+            if extent.kind == "FLAT" and os.fstat(extent_fd).st_size < (extent.offset + extent.sectors) * 512:
+                raise InvalidName(f"{label}: shorter than the {extent.sectors} sectors the descriptor says")
+            fds.append(extent_fd)
+        written = stack.enter_context(vmdk.private_descriptor(descriptor, fds))
+        image = Image("vmdk", {"driver": "file", "filename": str(written)}, str(path), tuple(f for f in fds if f >= 0))
+        data = json.loads(run([QEMU_IMG, "info", "--output=json", "--", image.spec], f"reading {path}", image.fds))
+        if (read := int(data.get("virtual-size", 0))) != descriptor.size:  # qemu read another disk than stork did
+            raise InvalidName(f"{path}: qemu reads {read} bytes, its extents hold {descriptor.size}")
+        yield image, descriptor.size
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 # formats stork imports (qemu's names); "raw" is what has none of the magics below
 IMPORTABLE = ("raw", "qcow2", "qcow", "vmdk", "vhdx", "vpc", "vdi")
 HEAD = 65536  # bytes read from the start: every probe's magic, a VMDK's embedded descriptor
+VMDK_DESCRIPTOR = "vmdk descriptor"  # text naming extent files: drivers/vmdk.py reads it, never qemu's probe
 _VDI_SIGNATURE = 0xBEDA107F
 _CLOOP = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
 # magic at offset 0 -> qemu's format name, for the formats stork does not import
@@ -47,9 +48,8 @@ def sniff(head: bytes, tail: bytes) -> Sniffed:
     for magic, name in _OTHERS:
         if head.startswith(magic):
             return Sniffed(name, f"{name} images are not imported (import raw, qcow2, qcow, vmdk, vhdx, vpc or vdi)")
-    if _vmdk_text(head):
-        return Sniffed("vmdk descriptor", "a VMDK descriptor names its extents as files: import a "
-                                          "monolithicSparse or streamOptimized VMDK, or a flat extent as raw")
+    if _vmdk_text(head):  # read as a file of its own, its extents beside it: qemu.open_import
+        return Sniffed(VMDK_DESCRIPTOR, "a VMDK descriptor is read from a file of its own, its extents beside it")
     if len(tail) == 512 and tail[:8] == b"conectix" and _vhd_footer_valid(tail):
         return _vpc(tail)  # a fixed VHD: the data, then its footer
     return Sniffed("raw")

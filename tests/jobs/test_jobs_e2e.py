@@ -68,9 +68,11 @@ class TestGuests:
         assert disk.suffix == ".qcow2" and qemu_same(image, disk) and image.exists()
 
     @pytest.mark.parametrize(("fmt", "options"), [
-        ("vmdk", []), ("vmdk", ["-o", "subformat=streamOptimized"]), ("vhdx", []), ("vpc", []),
-        ("vpc", ["-o", "subformat=fixed"]), ("vdi", []), ("qcow", [])],
-        ids=["vmdk", "vmdk-streamOptimized", "vhdx", "vhd", "vhd-fixed", "vdi", "qcow"])
+        ("vmdk", []), ("vmdk", ["-o", "subformat=streamOptimized"]), ("vmdk", ["-o", "subformat=monolithicFlat"]),
+        ("vmdk", ["-o", "subformat=twoGbMaxExtentFlat"]), ("vmdk", ["-o", "subformat=twoGbMaxExtentSparse"]),
+        ("vhdx", []), ("vpc", []), ("vpc", ["-o", "subformat=fixed"]), ("vdi", []), ("qcow", [])],
+        ids=["vmdk", "vmdk-streamOptimized", "vmdk-monolithicFlat", "vmdk-twoGbMaxExtentFlat",
+             "vmdk-twoGbMaxExtentSparse", "vhdx", "vhd", "vhd-fixed", "vdi", "qcow"])
     def test_guest_import_reads_the_formats_of_other_hypervisors(self, stork, vmid, tmp_path, fmt, options):
         """A disk from VMware, Hyper-V, VirtualBox or an old qemu comes in with the same data,
         in a format the storage keeps (raw on a dir storage); the format is told by stork

@@ -54,8 +54,13 @@ def hostile_images(folder) -> dict[str, str]:
     descriptor = folder / "flat.vmdk"
     descriptor.write_text(f'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
                           f'createType="monolithicFlat"\n\nRW 2048 FLAT "{fifo}" 0\nRW 2048 FLAT "/etc/hostname" 0\n')
+    linked = folder / "linked.vmdk"
+    linked.write_text('version=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
+                      'RW 2048 FLAT "linked-flat.vmdk" 0\n')
+    if not (folder / "linked-flat.vmdk").is_symlink():
+        (folder / "linked-flat.vmdk").symlink_to("/etc/hostname")
     made = {"descriptor": descriptor, "qcow1": folder / "backed.qcow", "delta": folder / "delta.vmdk",
-            "qed": folder / "disk.qed"}
+            "qed": folder / "disk.qed", "linked_extent": linked, "hostile_dir": folder}
     for argv in (["-f", "vmdk", str(folder / "parent.vmdk"), "1M"],
                  ["-f", "qcow", "-b", "/etc/hostname", "-F", "raw", str(made["qcow1"])],
                  ["-f", "vmdk", "-b", str(folder / "parent.vmdk"), "-F", "vmdk", str(made["delta"])],
@@ -148,7 +153,9 @@ REFUSALS = [
     ("bad guest name", "clone {T} 91022 --name a/b", "invalid guest name 'a/b'"),
     ("missing image file", "guest import 91015 --disk scsi0=/nonexistent.raw", "/nonexistent.raw: no such file"),
     ("VMDK descriptor naming a FIFO and /etc/hostname", "guest import 91024 --disk scsi0={descriptor}",
-     "{descriptor}: vmdk descriptor image refused: a VMDK descriptor names its extents as files"),
+     "{descriptor}: VMDK extent '{hostile_dir}/extent.fifo' is not a file beside the descriptor"),
+    ("VMDK descriptor whose extent beside it is a symlink", "guest import 91035 --disk scsi0={linked_extent}",
+     "linked-flat.vmdk: is a symbolic link"),
     ("qcow (v1) reading another file", "guest import 91025 --disk scsi0={qcow1}",
      "{qcow1}: images with a backing or data file cannot be imported"),
     ("delta VMDK reading its parent", "guest import 91026 --disk scsi0={delta}",
