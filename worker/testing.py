@@ -291,3 +291,48 @@ def make_tls(directory: Path, names: tuple[str, ...] = ("localhost",), addresses
     paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return paths
+
+
+def ovf_text(disks: list[tuple[str, int, str, int]], name: str = "appliance", extra: str = "",
+             prolog: str = "") -> str:
+    """An OVF as VMware writes one: `disks` of (file name, capacity in bytes, controller kind:
+    "6" SCSI, "5" IDE, "20" SATA, address on it), 2 CPUs, 4096 MB, one NIC."""
+    files = "".join(f'<File ovf:href="{f}" ovf:id="file{i}"/>' for i, (f, _, _, _) in enumerate(disks))
+    sections = "".join(f'<Disk ovf:capacity="{c}" ovf:capacityAllocationUnits="byte" ovf:diskId="vmdisk{i}" '
+                       f'ovf:fileRef="file{i}" ovf:format="http://www.vmware.com/interfaces/specifications/'
+                       f'vmdk.html#streamOptimized"/>' for i, (_, c, _, _) in enumerate(disks))
+    controllers = "".join(f"<Item><rasd:InstanceID>{10 + int(kind)}</rasd:InstanceID><rasd:ResourceType>{kind}"
+                          f"</rasd:ResourceType></Item>" for kind in sorted({k for _, _, k, _ in disks}))
+    drives = "".join(f"<Item><rasd:AddressOnParent>{a}</rasd:AddressOnParent><rasd:ElementName>Hard disk {i}"
+                     f"</rasd:ElementName><rasd:HostResource>ovf:/disk/vmdisk{i}</rasd:HostResource>"
+                     f"<rasd:InstanceID>{100 + i}</rasd:InstanceID><rasd:Parent>{10 + int(k)}</rasd:Parent>"
+                     f"<rasd:ResourceType>17</rasd:ResourceType></Item>" for i, (_, _, k, a) in enumerate(disks))
+    return f"""<?xml version="1.0" encoding="UTF-8"?>{prolog}
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"
+ xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData">
+<References>{files}</References><DiskSection><Info>disks</Info>{sections}</DiskSection>
+<VirtualSystem ovf:id="vm"><Info>a VM</Info><Name>{name}</Name><VirtualHardwareSection><Info>hw</Info>
+<Item><rasd:AllocationUnits>hertz * 10^6</rasd:AllocationUnits><rasd:InstanceID>1</rasd:InstanceID>
+<rasd:ResourceType>3</rasd:ResourceType><rasd:VirtualQuantity>2</rasd:VirtualQuantity></Item>
+<Item><rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits><rasd:InstanceID>2</rasd:InstanceID>
+<rasd:ResourceType>4</rasd:ResourceType><rasd:VirtualQuantity>4096</rasd:VirtualQuantity></Item>
+<Item><rasd:Connection>VM Network</rasd:Connection><rasd:InstanceID>3</rasd:InstanceID>
+<rasd:ResourceSubType>E1000</rasd:ResourceSubType><rasd:ResourceType>10</rasd:ResourceType></Item>
+{controllers}{drives}{extra}</VirtualHardwareSection></VirtualSystem></Envelope>
+"""
+
+
+def make_ova(path: Path, members: list[tuple[str, bytes | Path]]) -> Path:
+    """A tar of these members (name, content or a file to add), the .ovf first as the spec wants."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, content in members:
+            if isinstance(content, Path):
+                tar.add(content, arcname=name)
+            else:
+                info = tarfile.TarInfo(name)
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    return path

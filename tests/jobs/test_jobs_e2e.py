@@ -18,14 +18,12 @@ from tests.helpers import (
     exports_running,
     guest_data_sha,
     held_copy,
-    make_ova,
-    ovf_text,
     qemu_check,
     qemu_io_write,
     qemu_same,
     volume_path,
 )
-from worker.testing import ROOT, wait_for
+from worker.testing import ROOT, make_ova, ovf_text, wait_for
 
 
 def make_guest(stork, vmid, *disks, template=False):

@@ -75,7 +75,7 @@ def hostile_ovas(folder) -> dict[str, str]:
     import io
     import tarfile
 
-    from tests.helpers import make_ova, ovf_text
+    from worker.testing import make_ova, ovf_text
 
     disk = folder / "parent.vmdk"  # 1 MiB
     one = [("disk.vmdk", 1 << 20, "6", "0")]

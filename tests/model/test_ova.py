@@ -12,7 +12,7 @@ import pytest
 
 from drivers import ova
 from drivers.errors import InvalidName
-from tests.helpers import make_ova, ovf_text
+from worker.testing import make_ova, ovf_text
 
 GIB = 1 << 30
 
