@@ -68,21 +68,22 @@ def members(fd: int, label: str) -> dict[str, Member]:
 
 
 def _check_member(info: tarfile.TarInfo, label: str) -> None:
-    if not info.isreg():
+    if not info.isreg() or info.issparse():  # a sparse member's data is not where its window would be
         raise InvalidName(f"{label}: member {info.name!r} is not a regular file (a link, folder or device)")
     plain_name(info.name, label, "member name")
 
 
 def plain_name(name: str, label: str, what: str = "disk file") -> str:
-    """A file name an OVF or OVA may use: no folder, not `.` or `..`, no NUL."""
-    if "/" in name or name in ("", ".", "..") or "\0" in name:
+    """A file name an OVF or OVA may use: no folder, not `.` or `..`, printable."""
+    if "/" in name or name in ("", ".", "..") or not name.isprintable():
         raise InvalidName(f"{label}: {what} {name!r} is not a plain file name")
     return name
 
 
-def read_member(fd: int, member: Member, limit: int) -> bytes:
+def read_member(fd: int, member: Member, limit: int, label: str = "") -> bytes:
     if member.size > limit:
-        raise InvalidName(f"member {member.name!r} is {member.size} bytes: more than the {limit} an OVF may have")
+        raise InvalidName(f"{label}: member {member.name!r} is {member.size} bytes, more than the {limit} "
+                          "an OVF may have")
     return os.pread(fd, member.size, member.offset)
 
 
@@ -99,6 +100,8 @@ def parse(text: bytes, label: str) -> Ovf:
     files = {f.get(f"{OVF}id"): f.get(f"{OVF}href") for f in root.iter(f"{OVF}File")}
     disks = {d.get(f"{OVF}diskId"): d for d in root.iter(f"{OVF}Disk")}
     system = next(root.iter(f"{OVF}VirtualSystem"), None)
+    if root.tag.startswith("{http://schemas.dmtf.org/ovf/envelope/2}"):
+        raise InvalidName(f"{label}: OVF 2.0 is not read (OVF 1.x is: what VMware and VirtualBox export)")
     if system is None:
         raise InvalidName(f"{label}: the OVF describes no virtual system")
     items = [_item(i) for i in system.iter(f"{OVF}Item")]
@@ -130,7 +133,7 @@ def _item(element: Element) -> dict[str, str]:
 def _slot(prefix: str, address: str, taken: list[OvfDisk], label: str) -> str:
     """The disk's key: its bus and address, or the next free one on its bus when two disks
     of different controllers of one kind share an address."""
-    number = int(address) if address.isdigit() else 0
+    number = int(address) if address.isascii() and address.isdigit() and len(address) < 4 else 0
     used = {d.key for d in taken}
     while f"{prefix}{number}" in used:
         number += 1
@@ -140,13 +143,13 @@ def _slot(prefix: str, address: str, taken: list[OvfDisk], label: str) -> str:
         raise InvalidName(f"{label}: too many disks on the {prefix} bus") from None
 
 
-_UNITS = re.compile(r"byte(?:\s*\*\s*2\^(\d+))?")
+_UNITS = re.compile(r"byte(?:\s*\*\s*2\^([1-6]?\d))?")  # at most 2^69: sizes, not numbers to build
 
 
 def _capacity(disk: Element, label: str) -> int:
     raw, units = disk.get(f"{OVF}capacity", ""), disk.get(f"{OVF}capacityAllocationUnits", "byte")
     match = _UNITS.fullmatch(units.strip())
-    if not raw.isdigit() or match is None:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 20) or match is None:
         raise InvalidName(f"{label}: disk capacity {raw!r} in {units!r} is not a size stork reads")
     return int(raw) << int(match[1] or 0)
 

@@ -132,6 +132,13 @@ def detect_image(fd: int, label: str, window: tuple[int, int] | None = None) -> 
     return fmt, int(data.get("virtual-size", 0))
 
 
+def recheck_external(image: Image) -> None:
+    """refuse_external() of an opened import again (a qcow or qcow2: what it examines), at
+    its offset in an archive."""
+    if image.fmt in ("qcow", "qcow2") and image.fds:
+        refuse_external(image.fds[0], image.label, int(image.file.get("offset", 0)))
+
+
 def refuse_external(fd: int, label: str, offset: int = 0) -> None:
     """An image that reads another file (a backing or data file) would let its author copy
     that file — any the worker can read — into a guest disk."""
@@ -167,20 +174,18 @@ def _described_vmdk(fd: int, path: Path) -> Iterator[tuple[Image, int]]:
     each opened here, checked, and read by qemu through a descriptor stork writes."""
     descriptor = vmdk.parse(os.pread(fd, vmdk.MAX_DESCRIPTOR + 1, 0), str(path))
     with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(_folder_holding(fd, path))
         fds = []
         for extent in descriptor.extents:
-            if extent.kind == "ZERO":
-                fds.append(-1)
-                continue
-            extent_fd = stack.enter_context(opened_input(path.parent / extent.name))
             label = f"{path}: extent {extent.name}"
+            extent_fd = stack.enter_context(opened_input(Path(extent.name), folder, label))
             if extent.kind == "SPARSE" and sniff.sniff_file(extent_fd) != sniff.Sniffed("vmdk"):
                 raise InvalidName(f"{label}: a SPARSE extent is a sparse VMDK of its own, with no parent")
             if extent.kind == "FLAT" and os.fstat(extent_fd).st_size < (extent.offset + extent.sectors) * 512:
                 raise InvalidName(f"{label}: shorter than the {extent.sectors} sectors the descriptor says")
             fds.append(extent_fd)
         written = stack.enter_context(vmdk.private_descriptor(descriptor, fds))
-        image = Image("vmdk", {"driver": "file", "filename": str(written)}, str(path), tuple(f for f in fds if f >= 0))
+        image = Image("vmdk", {"driver": "file", "filename": str(written)}, str(path), tuple(fds))
         data = json.loads(run([QEMU_IMG, "info", "--output=json", "--", image.spec], f"reading {path}", image.fds))
         if (read := int(data.get("virtual-size", 0))) != descriptor.size:  # qemu read another disk than stork did
             raise InvalidName(f"{path}: qemu reads {read} bytes, its extents hold {descriptor.size}")
@@ -188,23 +193,38 @@ def _described_vmdk(fd: int, path: Path) -> Iterator[tuple[Image, int]]:
 
 
 @contextlib.contextmanager
-def opened_input(path: Path) -> Iterator[int]:
-    """The regular file `path` (an image or archive to import), opened read-only without
-    following a link and without blocking on a FIFO."""
+def opened_input(path: Path, folder: int | None = None, label: str = "") -> Iterator[int]:
+    """The regular file `path` (an image or archive to import; with `folder`, a name in that
+    opened directory), opened read-only without following a link and without blocking on a FIFO."""
+    label = label or str(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
     except FileNotFoundError:
-        raise InvalidName(f"{path}: no such file") from None
+        raise InvalidName(f"{label}: no such file") from None
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise InvalidName(f"{path}: is a symbolic link (name the file it points to)") from None
-        raise InvalidName(f"{path}: cannot be opened: {e.strerror}") from None
+            raise InvalidName(f"{label}: is a symbolic link (name the file it points to)") from None
+        raise InvalidName(f"{label}: cannot be opened: {e.strerror}") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InvalidName(f"{path}: not a regular file")
+            raise InvalidName(f"{label}: not a regular file")
         yield fd
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _folder_holding(fd: int, path: Path) -> Iterator[int]:
+    """The directory `path` is in, opened, and holding the very file `fd` is (not one swapped in
+    for it since): files beside it are then opened in it, by name, never through a path again."""
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        there = os.stat(path.name, dir_fd=folder, follow_symlinks=False)
+        if (there.st_dev, there.st_ino) != (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+            raise InvalidName(f"{path}: changed while it was read")
+        yield folder
+    finally:
+        os.close(folder)
 
 
 def create(fd: int, fmt: str, size: int, label: str, backing: str | None = None, backing_fmt: str = "") -> None:

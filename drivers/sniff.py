@@ -75,10 +75,14 @@ def _vhd_footer_valid(footer: bytes) -> bool:
 
 
 def _vmdk_sparse_refusal(head: bytes) -> str:
-    """A sparse VMDK carries a descriptor in itself; one that names a parent is a delta disk."""
+    """A sparse VMDK carries a descriptor in itself; one that names a parent is a delta disk.
+    One of capacity 0 is worse: qemu then reads its embedded descriptor as a descriptor file,
+    and opens the extents it names, any path on the host."""
     if len(head) < 44:
         return "a VMDK header cut short"
-    desc_offset, desc_size = struct.unpack("<QQ", head[28:44])
+    capacity, desc_offset, desc_size = struct.unpack("<Q", head[12:20])[0], *struct.unpack("<QQ", head[28:44])
+    if capacity == 0:
+        return "a sparse VMDK of capacity 0 is read by its embedded descriptor, whose extents are other files"
     text = head[desc_offset * 512:(desc_offset + desc_size) * 512].split(b"\x00", 1)[0] if desc_offset else b""
     match = re.search(rb'^\s*parentFileNameHint\s*=\s*"([^"]*)"', text, re.MULTILINE)
     if match and match[1].strip():

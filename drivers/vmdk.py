@@ -2,7 +2,7 @@
 
 A text descriptor names its extents as files, and qemu opens whatever path it names. So stork
 parses it here, strictly: every extent a plain file name beside the descriptor, of a kind qemu
-reads (FLAT, SPARSE, ZERO), and no parent (a delta disk). Each extent is then opened by stork,
+reads (RW FLAT or SPARSE), and no parent (a delta disk). Each extent is then opened by stork,
 without following a link, and qemu is given a descriptor stork writes into a private folder,
 whose extents are links to those opened descriptors (`/proc/self/fd/N`): qemu reads exactly
 the files that were checked, and nothing else.
@@ -23,7 +23,8 @@ from drivers.errors import InvalidName
 
 CREATE_TYPES = ("monolithicFlat", "twoGbMaxExtentFlat", "twoGbMaxExtentSparse", "vmfs")
 MAX_DESCRIPTOR = 65536
-_EXTENT = re.compile(r'(RW|RDONLY|NOACCESS)\s+(\d+)\s+(FLAT|SPARSE|ZERO|VMFS)(?:\s+"([^"]*)"(?:\s+(\d+))?)?\s*')
+_EXTENT = re.compile(r'(RW|RDONLY|NOACCESS)\s+(\d{1,18})\s+(FLAT|SPARSE|ZERO|VMFS)'
+                     r'(?:\s+"([^"]*)"(?:\s+(\d{1,18}))?)?\s*')
 _KEY = re.compile(r'\s*([A-Za-z.]+)\s*=\s*"?([^"]*)"?\s*')
 
 
@@ -31,8 +32,8 @@ _KEY = re.compile(r'\s*([A-Za-z.]+)\s*=\s*"?([^"]*)"?\s*')
 class Extent:
     access: str
     sectors: int
-    kind: str  # FLAT, SPARSE or ZERO (VMFS is FLAT)
-    name: str  # "" for ZERO
+    kind: str  # FLAT or SPARSE (VMFS is FLAT)
+    name: str
     offset: int  # sectors into a FLAT file
 
 
@@ -81,7 +82,9 @@ def parse(text: bytes, label: str) -> Descriptor:
 def _extent(match: re.Match[str], label: str) -> Extent:
     access, sectors, kind, name, offset = match[1], int(match[2]), match[3], match[4] or "", int(match[5] or 0)
     kind = "FLAT" if kind == "VMFS" else kind
-    if kind != "ZERO" and ("/" in name or name in ("", ".", "..") or "\0" in name):
+    if access != "RW" or kind == "ZERO":  # qemu reads only RW extents of a file, and skips the rest
+        raise InvalidName(f"{label}: VMDK extent {access} {kind} is not read by qemu: only RW FLAT and SPARSE ones")
+    if "/" in name or name in ("", ".", "..") or not name.isprintable():
         raise InvalidName(f"{label}: VMDK extent {name!r} is not a file beside the descriptor")
     if sectors <= 0:
         raise InvalidName(f"{label}: VMDK extent {name!r} of {sectors} sectors")
@@ -94,8 +97,8 @@ def text(descriptor: Descriptor, names: list[str]) -> str:
     lines = ["# Disk DescriptorFile", "version=1", "CID=fffffffe", "parentCID=ffffffff",
              f'createType="{descriptor.create_type}"', "# Extent description"]
     for extent, name in zip(descriptor.extents, names, strict=True):
-        where = f' "{name}"' + (f" {extent.offset}" if extent.kind == "FLAT" else "") if extent.kind != "ZERO" else ""
-        lines.append(f"{extent.access} {extent.sectors} {extent.kind}{where}")
+        offset = f" {extent.offset}" if extent.kind == "FLAT" else ""
+        lines.append(f'{extent.access} {extent.sectors} {extent.kind} "{name}"{offset}')
     return "\n".join(lines) + "\n"
 
 
@@ -106,11 +109,9 @@ def private_descriptor(descriptor: Descriptor, fds: list[int]) -> Iterator[Path]
     process, which inherits it). Removed when done."""
     folder = Path(tempfile.mkdtemp(prefix="stork-vmdk-"))  # mode 0700
     try:
-        names = []
-        for i, (extent, fd) in enumerate(zip(descriptor.extents, fds, strict=True)):
-            names.append(f"extent{i}")
-            if extent.kind != "ZERO":
-                os.symlink(f"/proc/self/fd/{fd}", folder / f"extent{i}")
+        names = [f"extent{i}" for i in range(len(fds))]
+        for name, fd in zip(names, fds, strict=True):
+            os.symlink(f"/proc/self/fd/{fd}", folder / name)
         (folder / "disk.vmdk").write_text(text(descriptor, names))
         yield folder / "disk.vmdk"
     finally:

@@ -59,7 +59,14 @@ def hostile_images(folder) -> dict[str, str]:
                       'RW 2048 FLAT "linked-flat.vmdk" 0\n')
     if not (folder / "linked-flat.vmdk").is_symlink():
         (folder / "linked-flat.vmdk").symlink_to("/etc/hostname")
+    import struct
+
+    zero_capacity = folder / "zero-capacity.vmdk"  # qemu reads its embedded descriptor as a file's: any extent
+    header = bytearray(b"KDMV" + b"\x00" * 508)
+    header[28:44] = struct.pack("<QQ", 1, 1)
+    zero_capacity.write_bytes(bytes(header) + b'version=1\ncreateType="monolithicFlat"\nRW 8 FLAT "/etc/hostname" 0\n')
     made = {"descriptor": descriptor, "qcow1": folder / "backed.qcow", "delta": folder / "delta.vmdk",
+            "zero_capacity": zero_capacity,
             "qed": folder / "disk.qed", "linked_extent": linked, "hostile_dir": folder}
     for argv in (["-f", "vmdk", str(folder / "parent.vmdk"), "1M"],
                  ["-f", "qcow", "-b", "/etc/hostname", "-F", "raw", str(made["qcow1"])],
@@ -160,6 +167,8 @@ REFUSALS = [
      "{qcow1}: images with a backing or data file cannot be imported"),
     ("delta VMDK reading its parent", "guest import 91026 --disk scsi0={delta}",
      "{delta}: vmdk image refused: a delta VMDK reads its parent disk"),
+    ("sparse VMDK of capacity 0 naming /etc/hostname", "guest import 91036 --disk scsi0={zero_capacity}",
+     "{zero_capacity}: vmdk image refused: a sparse VMDK of capacity 0 is read by its embedded descriptor"),
     ("format stork does not import", "guest import 91027 --disk scsi0={qed}",
      "{qed}: qed image refused: qed images are not imported"),
     ("OVF reading a file through an entity", "guest import 91029 --ova {ova_xxe}",

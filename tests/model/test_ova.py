@@ -47,6 +47,11 @@ def test_two_controllers_of_a_kind_at_one_address_get_the_next_free_slot():
     assert [d.key for d in parsed(text).disks] == ["scsi0", "scsi1"]
 
 
+def test_an_address_that_is_no_plain_number_takes_the_first_free_slot():
+    text = ovf_text([("a.vmdk", GIB, "6", "0")]).replace("<rasd:AddressOnParent>0<", "<rasd:AddressOnParent>\u00b2<")
+    assert [d.key for d in parsed(text).disks] == ["scsi0"]
+
+
 def test_a_name_stork_does_not_take_is_left_out():
     assert parsed(ovf_text([("a.vmdk", GIB, "6", "0")], name="../etc")).name == ""
 
@@ -69,6 +74,12 @@ BOMB = '<!DOCTYPE e [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a
     (ovf_text([("a.vmdk", GIB, "6", "0")]).replace('ovf:capacityAllocationUnits="byte"',
                                                    'ovf:capacityAllocationUnits="furlongs"'), "not a size stork reads"),
     ('<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"/>', "describes no virtual system"),
+    ('<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/2"/>', "OVF 2.0 is not read"),
+    (ovf_text([("a.vmdk", GIB, "6", "0")]).replace('ovf:capacity="1073741824"', f'ovf:capacity="{"9" * 5000}"'),
+     "not a size stork reads"),
+    (ovf_text([("a.vmdk", GIB, "6", "0")]).replace('ovf:capacityAllocationUnits="byte"',
+                                                   'ovf:capacityAllocationUnits="byte * 2^99999"'),
+     "not a size stork reads"),
     ("<a>" + "x" * (ova.MAX_OVF + 1) + "</a>", "more than 1048576"),
 ])
 def test_a_hostile_or_broken_ovf_is_refused_naming_why(text, message):
@@ -104,6 +115,7 @@ def _link(kind: bytes, name: str, target: str):
     (_link(tarfile.LNKTYPE, "disk.vmdk", "other"), "member 'disk.vmdk' is not a regular file"),
     (_link(tarfile.CHRTYPE, "disk.vmdk", ""), "member 'disk.vmdk' is not a regular file"),
     (lambda tar: (_file(tar, "a.vmdk"), _file(tar, "a.vmdk")), "member 'a.vmdk' appears twice"),
+    (lambda tar: _file(tar, "a\nb.vmdk"), "member name 'a.+b.vmdk' is not a plain file name"),
 ])
 def test_an_archive_member_that_is_a_link_a_device_or_escapes_is_refused(tmp_path, add, message):
     fd = _archive(tmp_path, add)

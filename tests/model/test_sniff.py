@@ -61,9 +61,20 @@ def test_a_header_is_told_apart_and_refused_where_it_reads_another_file(head, ta
     assert (found.fmt, bool(found.refusal)) == (fmt, refused)
 
 
+def test_a_sparse_vmdk_of_capacity_0_is_refused_as_qemu_reads_its_descriptor_as_a_file():
+    """qemu opens the extents the embedded descriptor of such a file names: any path."""
+    descriptor = b'version=1\ncreateType="monolithicFlat"\nRW 8 FLAT "/etc/shadow" 0\n'
+    head = bytearray(b"KDMV" + b"\x00" * 508 + descriptor)
+    head[28:44] = struct.pack("<QQ", 1, 1)  # capacity (12:20) left 0
+    assert "capacity 0" in sniff.sniff(bytes(head), b"").refusal
+    head[12:20] = struct.pack("<Q", 8)
+    assert sniff.sniff(bytes(head), b"") == Sniffed("vmdk")  # a disk of 8 sectors: its extent lines are not read
+
+
 def test_a_sparse_vmdk_whose_descriptor_names_a_parent_is_refused():
     descriptor = b'version=1\ncreateType="monolithicSparse"\nparentFileNameHint="/etc/shadow"\n'
     head = bytearray(b"KDMV" + b"\x00" * 1020 + descriptor)
+    head[12:20] = struct.pack("<Q", 2048)  # capacity
     head[28:44] = struct.pack("<QQ", 2, 1)  # the embedded descriptor: sector 2, one sector
     assert "parent" in sniff.sniff(bytes(head), b"").refusal
     head[1024 + descriptor.index(b"/etc/shadow"):1024 + descriptor.index(b"/etc/shadow") + 11] = b" " * 11

@@ -25,8 +25,7 @@ def descriptor(create_type: str, *extents: str, extra: str = "") -> bytes:
      [Extent("RW", 4194304, "FLAT", "a-f001.vmdk", 0), Extent("RW", 2048, "FLAT", "a-f002.vmdk", 0)]),
     (descriptor("twoGbMaxExtentSparse", 'RW 4192256 SPARSE "a-s001.vmdk"'),
      [Extent("RW", 4192256, "SPARSE", "a-s001.vmdk", 0)]),
-    (descriptor("vmfs", 'RW 2048 VMFS "a-flat.vmdk"', "RW 2048 ZERO"),
-     [Extent("RW", 2048, "FLAT", "a-flat.vmdk", 0), Extent("RW", 2048, "ZERO", "", 0)]),
+    (descriptor("vmfs", 'RW 2048 VMFS "a-flat.vmdk"'), [Extent("RW", 2048, "FLAT", "a-flat.vmdk", 0)]),
 ])
 def test_the_extents_of_each_descriptor_kind_stork_imports(text, extents):
     found = vmdk.parse(text, "a.vmdk")
@@ -47,6 +46,10 @@ def test_the_extents_of_each_descriptor_kind_stork_imports(text, extents):
     (descriptor("monolithicFlat", 'RW 8 FLAT "a.vmdk" 0', extra="this is not a key\n"), "line not read"),
     (descriptor("monolithicFlat", 'RW 8 FLAT "\u00e9.vmdk" 0'.encode().decode("latin-1")), "ASCII text"),
     (b"#" * (vmdk.MAX_DESCRIPTOR + 1), "is not read"),
+    (descriptor("monolithicFlat", 'RDONLY 8 FLAT "a.vmdk" 0'), "RDONLY FLAT is not read by qemu"),
+    (descriptor("monolithicFlat", "RW 8 ZERO"), "RW ZERO is not read by qemu"),
+    (descriptor("monolithicFlat", 'RW 8 FLAT "a\tb.vmdk" 0'), "is not a file beside the descriptor"),
+    (descriptor("monolithicFlat", f'RW {"9" * 5000} FLAT "a.vmdk" 0'), "line not read"),
 ])
 def test_a_descriptor_that_would_read_another_file_or_is_not_understood_is_refused(text, message):
     with pytest.raises(InvalidName, match=message):
@@ -54,9 +57,9 @@ def test_a_descriptor_that_would_read_another_file_or_is_not_understood_is_refus
 
 
 def test_the_descriptor_qemu_is_given_names_only_the_links_stork_made():
-    found = vmdk.parse(descriptor("twoGbMaxExtentFlat", 'RW 8 FLAT "x.vmdk" 2', "RW 8 ZERO"), "a.vmdk")
+    found = vmdk.parse(descriptor("twoGbMaxExtentSparse", 'RW 8 FLAT "x.vmdk" 2', 'RW 8 SPARSE "y.vmdk"'), "a.vmdk")
     text = vmdk.text(found, ["extent0", "extent1"])
-    assert 'RW 8 FLAT "extent0" 2\nRW 8 ZERO\n' in text and "x.vmdk" not in text
+    assert 'RW 8 FLAT "extent0" 2\nRW 8 SPARSE "extent1"\n' in text and "x.vmdk" not in text
     assert "\n\n" not in text  # qemu reads an extent after a blank line twice
     assert vmdk.parse(text.encode(), "again").extents[0] == Extent("RW", 8, "FLAT", "extent0", 2)
 

@@ -220,7 +220,7 @@ def _import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
                                   f"the image {size}")
             src_fmt = image.fmt
             storage = _images_storage(cfg, names.storage_id(spec.get("storage") or "local"))
-            data[storage] = data.get(storage, 0) + qemu.data_bytes(image)
+            data[storage] = data.get(storage, 0) + _data_of(image)
         kept = src_fmt if src_fmt in driver_for(cfg.storage(storage)).formats else None  # else the storage's own
         return {"storage": storage, "source_path": str(path), **({"member": member} if member else {}),
                 "size": size, "format": _format(cfg, storage, spec.get("format"), default=kept)}
@@ -247,7 +247,8 @@ def _from_ovf(o: dict[str, Any]) -> tuple[dict[str, Any], str]:
             descriptors = [m for m in table.values() if m.name.lower().endswith(".ovf")]
             if len(descriptors) != 1:
                 raise InvalidName(f"{path}: an OVA holds one .ovf, this one {len(descriptors)}")
-            described = ova.parse(ova.read_member(fd, descriptors[0], ova.MAX_OVF), f"{path}:{descriptors[0].name}")
+            described = ova.parse(ova.read_member(fd, descriptors[0], ova.MAX_OVF, str(path)),
+                                  f"{path}:{descriptors[0].name}")
         disks = {d.key: {"path": str(path), "member": d.href, "capacity": d.capacity, **target}
                  for d in described.disks}
     else:
@@ -259,6 +260,15 @@ def _from_ovf(o: dict[str, Any]) -> tuple[dict[str, Any], str]:
                          **target} for d in described.disks}
     chosen = {k: o[k] for k in ("vmid", "node") if k in o}
     return {**chosen, "name": o.get("name") or described.name, "disks": disks}, described.notes
+
+
+def _data_of(image: qemu.Image) -> int:
+    """Bytes of data of an image to import; 0 where qemu-img map cannot tell in time (the
+    room is then not checked: the copy itself fails cleanly if it runs out)."""
+    try:
+        return qemu.data_bytes(image)
+    except StorkError:
+        return 0
 
 
 def _require_room(cfg: Config, storage: str, node: str, needed: int) -> None:

@@ -326,7 +326,7 @@ def copy_data(ctx: StepContext) -> None:
                 drv.copy_in(src.image, src.size, dst, progress)
             if src.imported:
                 assert src.image is not None
-                qemu.refuse_external(src.image.fds[0], src.label)  # still none after the copy
+                qemu.recheck_external(src.image)  # still none after the copy
             offset += src.size
             data_offset += data.get(key) or 0
             copied.append(key)
