@@ -121,9 +121,9 @@ def detect_image(fd: int, label: str, window: tuple[int, int] | None = None) -> 
     if found.refusal:
         raise InvalidName(f"{label}: {found.fmt} image refused: {found.refusal}")
     fmt = found.fmt
+    refuse_external(fd, label, window[0] if window else 0)  # before qemu opens it at all
     image = Image.of_fd(fmt, fd, label, window=window)
     data = json.loads(run([QEMU_IMG, "info", "--output=json", "--", image.spec], f"reading {label}", (fd,)))
-    refuse_external(fd, label, window[0] if window else 0)
     if fmt == "raw":
         vsize = window[1] if window else os.fstat(fd).st_size  # qemu-img rounds a raw file's size up to a sector
         if vsize == 0 or vsize % 512:
