@@ -19,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,24 +30,6 @@ GIB = 1 << 30
 LATENCY_SAMPLES = 40
 BURST = 200
 RUNS = 5
-
-
-def setup() -> tuple[Path, testing.RedisServer, testing.Worker]:
-    base = Path(tempfile.mkdtemp(prefix="stork-bench-", dir=os.environ.get("STORK_BENCH_DIR")))
-    port = testing.free_port()
-    (base / "stork.toml").write_text(f"""
-[redis]
-url = "redis://127.0.0.1:{port}/0"
-[paths]
-guests = "guests"
-locks = "lock"
-[storage.local]
-type = "dir"
-path = "images"
-""")
-    os.environ.update(STORK_CONFIG=str(base / "stork.toml"), STORK_NODE="bench")
-    redis_server = testing.RedisServer(port, base)
-    return base, redis_server, testing.Worker("bench", base, concurrency=4)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -259,8 +240,7 @@ def bench_full_clone(client, worker: testing.Worker, base: Path, next_id) -> Non
 
 
 def main() -> None:
-    base, redis_server, worker = setup()
-    try:
+    with testing.bench_node('[storage.local]\ntype = "dir"\npath = "images"\n', concurrency=4) as (base, worker):
         from producer.client import Client
 
         client = Client()
@@ -269,12 +249,6 @@ def main() -> None:
         bench_latency(client, lambda: next(ids))
         bench_burst(client, lambda: next(ids))
         bench_full_clone(client, worker, base, lambda: next(ids))
-    finally:
-        worker.stop()
-        redis_server.stop()
-        subprocess.run(["chattr", "-R", "-i", str(base)], capture_output=True, check=False)
-        subprocess.run(["rm", "-rf", str(base)], check=False)
-
 
 if __name__ == "__main__":
     main()

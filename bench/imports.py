@@ -18,7 +18,6 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,16 +28,6 @@ from worker.testing import ovf_text
 MIB = 1 << 20
 SIZE_MIB = 1024
 RUNS = 3
-
-
-def setup() -> tuple[Path, testing.RedisServer, testing.Worker]:
-    base = Path(tempfile.mkdtemp(prefix="stork-bench-", dir=os.environ.get("STORK_BENCH_DIR")))
-    port = testing.free_port()
-    (base / "stork.toml").write_text(f'[redis]\nurl = "redis://127.0.0.1:{port}/0"\n[paths]\nguests = "guests"\n'
-                                     'locks = "lock"\n[storage.local]\ntype = "dir"\npath = "images"\n')
-    os.environ.update(STORK_CONFIG=str(base / "stork.toml"), STORK_NODE="bench")
-    os.environ.pop("STORK_REDIS_URL", None)
-    return base, testing.RedisServer(port, base), testing.Worker("bench", base, concurrency=2)
 
 
 def source_images(folder: Path) -> dict[str, tuple[Path, list[str]]]:
@@ -92,8 +81,7 @@ def via_stork(client, path: Path, vmid: int) -> float:  # type: ignore[no-untype
 
 
 def main() -> None:
-    base, redis_server, worker = setup()
-    try:
+    with testing.bench_node('[storage.local]\ntype = "dir"\npath = "images"\n', concurrency=2) as (base, _):
         from producer.client import Client
 
         client = Client()
@@ -119,11 +107,6 @@ def main() -> None:
             best, verified, mine = min(t[0] for t in times), min(t[1] for t in times), min(stork_times)
             print(f"   {name:<34}{best:>8.2f}s{verified:>18.2f}s{mine:>13.2f}s{verified / mine:>21.2f}x")
         print("   (qemu-img of the OVA row: of the loose VMDK it holds; stork reads it from the archive in place)")
-    finally:
-        worker.stop()
-        redis_server.stop()
-        subprocess.run(["rm", "-rf", str(base)], check=False)
-
 
 if __name__ == "__main__":
     main()

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,18 +28,7 @@ from worker import testing
 
 REPEAT = 7
 GUESTS, JOBS = 10_000, 1_000
-
-
-def setup() -> tuple[Path, testing.RedisServer, testing.Worker]:
-    base = Path(tempfile.mkdtemp(prefix="stork-bench-", dir=os.environ.get("STORK_BENCH_DIR")))
-    port = testing.free_port()
-    (base / "stork.toml").write_text(
-        f'[redis]\nurl = "redis://127.0.0.1:{port}/0"\n[paths]\nguests = "guests"\nlocks = "lock"\n'
-        '[storage.local]\ntype = "dir"\npath = "images"\n[nodes.nowhere]\naddress = "127.0.0.1"\n')
-    os.environ.update(STORK_CONFIG=str(base / "stork.toml"), STORK_NODE="bench")
-    os.environ.pop("STORK_REDIS_URL", None)
-    redis_server = testing.RedisServer(port, base)
-    return base, redis_server, testing.Worker("bench", base, concurrency=2)
+STORAGES = '[storage.local]\ntype = "dir"\npath = "images"\n[nodes.nowhere]\naddress = "127.0.0.1"\n'
 
 
 def succeeded(job):  # type: ignore[no-untyped-def]
@@ -85,8 +72,7 @@ def fill(client, guests: int, jobs: int) -> None:  # type: ignore[no-untyped-def
 
 
 def main() -> None:
-    base, redis_server, worker = setup()
-    try:
+    with testing.bench_node(STORAGES, concurrency=2):
         from producer.client import Client
 
         client = Client()
@@ -111,11 +97,6 @@ def main() -> None:
         for name in small:
             print(f"   {name:<22}{small[name] * 1000:>9.0f} ms{large[name] * 1000:>23.0f} ms"
                   f"{large[name] / small[name]:>7.1f}x")
-    finally:
-        worker.stop()
-        redis_server.stop()
-        subprocess.run(["chattr", "-R", "-i", str(base)], capture_output=True, check=False)
-        subprocess.run(["rm", "-rf", str(base)], check=False)
 
 
 if __name__ == "__main__":

@@ -312,20 +312,13 @@ class GuestStore:
     def scan(self) -> tuple[builtins.list[Guest], builtins.list[tuple[Path, str]]]:
         """Every readable guest, and every config that cannot be read with its one-line error.
 
-        For displays; anything deciding whether a volume is in use must call `list()`.
+        For displays; anything deciding whether a volume is in use must call `list()` or
+        `candidates()`.
         """
         guests: builtins.list[Guest] = []
         broken: builtins.list[tuple[Path, str]] = []
-        try:
-            entries = sorted(self.dir.iterdir())
-        except FileNotFoundError:
-            return guests, broken  # no guest created yet
-        except OSError as e:
-            raise ConfigError(f"{self.dir}: cannot list guest configs: {e.strerror or e}") from None
-        for file in entries:
-            if file.name.startswith(".") or file.suffix != ".toml":
-                continue  # temp files, the .locks directory
-            vmid = _vmid_of(file.stem)
+        for name, vmid, _ in sorted(self._entries()):
+            file = self.dir / name
             if vmid is None:
                 broken.append((file, _misnamed(file)))
                 continue

@@ -107,7 +107,8 @@ def _objects(*images: Image) -> list[str]:
     return [arg for o in defined for arg in ("--object", o)]
 
 
-def detect_image(fd: int, label: str, window: tuple[int, int] | None = None) -> tuple[str, int]:
+def detect_image(fd: int, label: str, window: tuple[int, int] | None = None,
+                 found: sniff.Sniffed | None = None) -> tuple[str, int]:
     """Return (format, virtual size) of the opened file `fd`, which must be a disk image of a
     format stork imports (sniff.IMPORTABLE) that reads no other file.
 
@@ -115,9 +116,9 @@ def detect_image(fd: int, label: str, window: tuple[int, int] | None = None) -> 
     which opens the files a VMDK descriptor names; qemu-img is then told it, and reads the
     virtual size from the same descriptor. A raw image has no header: it must at least be
     non-empty and a whole number of 512-byte sectors. `window`: the (offset, size) of the file
-    that holds the image (a member of an archive).
+    that holds the image (a member of an archive); `found`: what sniff told of it already.
     """
-    found = sniff.sniff_file(fd, window)
+    found = found or sniff.sniff_file(fd, window)
     if found.refusal:
         raise InvalidName(f"{label}: {found.fmt} image refused: {found.refusal}")
     fmt = found.fmt
@@ -160,11 +161,12 @@ def open_import(path: Path, member: str | None = None) -> Iterator[tuple[Image, 
             if found is None:
                 raise InvalidName(f"{path}: the archive has no member {member!r}")
             window, label = (found.offset, found.size), f"{path}:{member}"
-        elif sniff.sniff_file(fd).fmt == sniff.VMDK_DESCRIPTOR:
+        sniffed = sniff.sniff_file(fd, window)
+        if sniffed.fmt == sniff.VMDK_DESCRIPTOR and member is None:
             with _described_vmdk(fd, path) as opened:
                 yield opened
             return
-        fmt, size = detect_image(fd, label, window)
+        fmt, size = detect_image(fd, label, window, sniffed)
         yield Image.of_fd(fmt, fd, label, window=window), size
 
 

@@ -10,8 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -336,3 +337,27 @@ def make_ova(path: Path, members: list[tuple[str, bytes | Path]]) -> Path:
                 info.size = len(content)
                 tar.addfile(info, io.BytesIO(content))
     return path
+
+
+@contextlib.contextmanager
+def bench_node(storages: str, concurrency: int) -> Iterator[tuple[Path, Worker]]:
+    """One node for a benchmark: a folder of its own (under STORK_BENCH_DIR, else the temp
+    folder) whose stork.toml is its own Redis, guests and locks there, then `storages` (TOML
+    sections), with a redis-server and one worker (node `bench`); all stopped and removed after."""
+    base = Path(tempfile.mkdtemp(prefix="stork-bench-", dir=os.environ.get("STORK_BENCH_DIR")))
+    port = free_port()
+    (base / "stork.toml").write_text(f'[redis]\nurl = "redis://127.0.0.1:{port}/0"\n[paths]\nguests = "guests"\n'
+                                     f'locks = "lock"\n{storages}')
+    os.environ.update(STORK_CONFIG=str(base / "stork.toml"), STORK_NODE="bench")
+    os.environ.pop("STORK_REDIS_URL", None)
+    redis_server = RedisServer(port, base)
+    try:
+        worker = Worker("bench", base, concurrency=concurrency)
+        try:
+            yield base, worker
+        finally:
+            worker.stop()
+    finally:
+        redis_server.stop()
+        subprocess.run(["chattr", "-R", "-i", str(base)], capture_output=True, check=False)
+        shutil.rmtree(base, ignore_errors=True)

@@ -206,8 +206,8 @@ def _import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     """Image files as a new guest's disks: named one by one (`disks`), or the guest an OVA or
     OVF describes (`ova`, `ovf`: its disks in their slots, its name, notes on what stork does
     not use)."""
-    notes, from_ova = "", o.get("ova") is not None or o.get("ovf") is not None
-    if from_ova:
+    notes, described = "", o.get("ova") is not None or o.get("ovf") is not None
+    if described:
         o, notes = _from_ovf(o)
     data: dict[str, int] = {}  # bytes of data each target storage is to take
 
@@ -226,7 +226,7 @@ def _import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
                 "size": size, "format": _format(cfg, storage, spec.get("format"), default=kept)}
 
     # the source files are on this node: every step that reads them runs here
-    options = {"path", "storage", "format"} | ({"member", "capacity"} if from_ova else set())
+    options = {"path", "storage", "format"} | ({"member", "capacity"} if described else set())
     params = _new_guest(o, cfg, "import", options, plan)
     for storage, needed in data.items():
         _require_room(cfg, storage, params["node"], needed)
