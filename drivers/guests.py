@@ -205,20 +205,20 @@ def _checked(vmid: int, data: dict[str, object]) -> Guest:
             names.disk_key(key)
         except InvalidName as e:
             raise _Broken(f"disks: {e}") from None
-        _text(f"disks.{key}", volid, "a volume id", names.volume_id)
+        _text(f"disks.{key}", volid, "a volume id", names.stored_volid)
     unused = data.get("unused", [])
     if not isinstance(unused, list):
         raise _Broken(f"unused = {_show(unused)}: expected a list of volume ids")
     for i, volid in enumerate(unused):
-        _text(f"unused[{i}]", volid, "a volume id", names.volume_id)
+        _text(f"unused[{i}]", volid, "a volume id", names.stored_volid)
     replicas = data.get("replicas", {})
     if not isinstance(replicas, dict):
         raise _Broken(f"replicas = {_show(replicas)}: expected tables of replicas")
     for volid, replica in replicas.items():
-        _text(f"replicas key {_show(volid)}", volid, "a volume id", names.volume_id)
+        _text(f"replicas key {_show(volid)}", volid, "a volume id", names.stored_volid)
         if not isinstance(replica, dict) or set(replica) != set(REPLICA_KEYS):
             raise _Broken(f"replicas.{_show(volid)} = {_show(replica)}: expected {', '.join(REPLICA_KEYS)}")
-        _text(f"replicas.{_show(volid)}.of", replica["of"], "a volume id", names.volume_id)
+        _text(f"replicas.{_show(volid)}.of", replica["of"], "a volume id", names.stored_volid)
         _text(f"replicas.{_show(volid)}.node", replica["node"], "a node name", names.node)
         _text(f"replicas.{_show(volid)}.identity", replica["identity"], "an identity token")
     return Guest(

@@ -1,11 +1,14 @@
 """Validation of every user-supplied name before it reaches a path or a command line.
 
 Volume ids are `<storage>:<volname>`; a dir-style volname is `<vmid>/<name>.<fmt>` for a
-guest's disk or `base/<name>.<fmt>` for a base image (the seed's naming).
+guest's disk or `base/<name>.<fmt>` for a base image (the seed's naming). A directory storage
+of Proxmox VE's layout names its bases `<vmid>/base-<vmid>-<name>.<fmt>` instead, as Proxmox VE
+does (see `pve_volname`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
@@ -203,3 +206,96 @@ def from_flat_name(text: str) -> VolName | None:
         return volname(f"{folder}/{rest}")
     except InvalidName:
         return None
+
+
+# ---- Proxmox VE's names (a directory storage of `layout = "pve"`) ------------------------
+# Proxmox VE keeps a guest's disks and its template's bases side by side in `images/<vmid>/`,
+# tells a base by its `base-` prefix, and spells a linked clone's volume id with its base in
+# front: `100/base-100-disk-0.qcow2/101/vm-101-disk-0.qcow2` (pve-storage's parse_volname).
+# stork reads both spellings and stores the short one (`101/vm-101-disk-0.qcow2`: the file's
+# own path), so a volume has one spelling in guest configs, job records and in-use checks.
+
+_PVE_FILE = re.compile(r"(?P<folder>[0-9]+)/(?P<stem>(?P<prefix>vm|base)-(?P<vmid>[0-9]+)-[^/]+)\.(?P<fmt>[a-z0-9]+)")
+_PVE_LONG = re.compile(r"(?P<base>[0-9]+/base-[^/]+)/(?P<own>[0-9]+/[^/]+)")
+
+
+def pve_volname(text: str) -> VolName:
+    """Parse a volname of Proxmox VE's layout: `<vmid>/vm-<vmid>-<name>.<fmt>` (a disk),
+    `<vmid>/base-<vmid>-<name>.<fmt>` (a base), or a linked clone's long form
+    `<vmid>/base-<vmid>-<name>.<fmt>/<vmid>/vm-<vmid>-<name>.<fmt>` (read as its short form, the
+    second half; the base is read from the image). Stricter than Proxmox VE: a disk's and a
+    base's name carry the guest id of their folder, and the format is one stork writes."""
+    if not isinstance(text, str) or not text.isascii():
+        raise _pve_bad(text)
+    if (long := _PVE_LONG.fullmatch(text)) is not None:
+        pve_volname(long["base"])  # a base that is not a base: the long form names no volume
+        vol = pve_volname(long["own"])
+        if vol.is_base:
+            raise _pve_bad(text)  # a base is no linked clone
+        return vol
+    match = _PVE_FILE.fullmatch(text)
+    if match is None or match["fmt"] not in FORMATS or ".." in text or match["folder"] != match["vmid"]:
+        raise _pve_bad(text)
+    owner = vmid(match["folder"]) if match["folder"].isdigit() else None
+    if str(owner) != match["folder"]:
+        raise _pve_bad(text)  # '0100/...': one spelling per volume
+    try:
+        image_name(match["stem"])
+    except InvalidName:
+        raise _pve_bad(text) from None
+    return VolName(None if match["prefix"] == "base" else owner, match["stem"], match["fmt"])
+
+
+def _pve_bad(text: object) -> InvalidName:
+    return InvalidName(f"invalid volume name {text!r} on a storage of Proxmox VE's layout: expected "
+                       "<vmid>/vm-<vmid>-<name>.<raw|qcow2>, <vmid>/base-<vmid>-<name>.<raw|qcow2>, or a "
+                       "linked clone's <vmid>/base-<vmid>-<name>.<fmt>/<vmid>/vm-<vmid>-<name>.qcow2")
+
+
+def pve_folder(vol: VolName) -> str:
+    """The folder of `images/` a volume of Proxmox VE's layout is in: its guest's, and for a
+    base the guest id its name carries (`base-100-disk-0`: 100). InvalidName for a base named
+    otherwise (Proxmox VE would not read it as a base)."""
+    if vol.owner is not None:
+        return str(vol.owner)
+    match = re.fullmatch(r"base-([1-9][0-9]*)-.+", vol.name)
+    if match is None or not VMID_MIN <= int(match.group(1)) <= VMID_MAX:
+        raise InvalidName(f"invalid base name {vol.name!r} on a storage of Proxmox VE's layout: expected "
+                          "base-<vmid>-<name>, the guest id of the template it belongs to first")
+    return match.group(1)
+
+
+def pve_text(vol: VolName, base: VolName | None = None) -> str:
+    """A volume's volname in Proxmox VE's layout: its short form, or with `base`, the long form
+    Proxmox VE shows for a linked clone of it."""
+    own = f"{pve_folder(vol)}/{vol.name}.{vol.fmt}"
+    return own if base is None else f"{pve_text(base)}/{own}"
+
+
+def stored_volid(text: str) -> VolumeId:
+    """A volume id as guest configs and job records keep it: one spelling per volume, so a
+    linked clone's long form (Proxmox VE's) is refused there, naming the short form."""
+    vid = volume_id(text)
+    if (long := _PVE_LONG.fullmatch(vid.volname)) is not None:
+        raise InvalidName(f"{text!r} is the long form of a linked clone's volume id: write it "
+                          f"{vid.storage}:{long['own']}")
+    return vid
+
+
+def short_volid(text: str) -> str:
+    """A volume id as the user typed it, with a linked clone's long form (Proxmox VE's) folded
+    into the short one that guest configs and job records keep; the rest is checked later."""
+    vid = volume_id(text)
+    long = _PVE_LONG.fullmatch(vid.volname)
+    return f"{vid.storage}:{long['own']}" if long is not None else text
+
+
+def any_volname(text: str) -> VolName:
+    """A volname of either layout (a job record is checked before its storage is known)."""
+    try:
+        return volname(text)
+    except InvalidName:
+        if _PVE_LONG.fullmatch(text) is None:
+            with contextlib.suppress(InvalidName):
+                return pve_volname(text)
+        raise

@@ -443,6 +443,7 @@ SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]
                                           "disks": _disk_specs(a.disk, "storage:size")}),
     "guest.import": lambda a: ("import", {"vmid": a.vmid, "name": a.name, **_import_source(a),
                                           **({"as_template": True} if a.as_template else {})}),
+    "guest.import-pve": lambda a: ("import_pve", {"config": a.guest_config, "vmid": a.vmid}),
     "guest.destroy": lambda a: ("destroy", {"vmid": a.vmid}),
     "guest.unlock": lambda a: ("unlock", {"vmid": a.vmid}),
     "guest.migrate": lambda a: ("migrate", {"vmid": a.vmid, "node": a.node, "storage": a.storage,
@@ -485,6 +486,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "volume free": ("stork volume free local:100/vm-100-disk-1.raw",),
     "guest create": ("stork guest create 100 --disk scsi0=local:8G --disk efidisk0=local:4M --name web",),
     "guest import": ("stork guest import 100 --disk scsi0=/srv/images/debian.qcow2,storage=local",),
+    "guest import-pve": ("stork guest import-pve /etc/pve/qemu-server/9000.conf",),
     "guest list": ("stork guest list",),
     "guest show": ("stork guest show 100",),
     "guest destroy": ("stork guest destroy 100",),
@@ -540,9 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
     def command(parent: Any, name: str, handler: Handler, help_: str, submit: bool = False,
                 description: str | None = None) -> argparse.ArgumentParser:
         """A command; its help ends with its example (EXAMPLES). One whose name holds a dash is
-        the second word of another (`template copy` is template-copy): shown as such, not listed."""
+        the second word of another (`template copy` is template-copy): shown as such, not listed.
+        (Only at the top: in a group, `guest import-pve` is the command's own name.)"""
         shown_as = f"{parent_name(parent)} {name}".strip()
-        internal = "-" in name
+        internal = "-" in name and not parent_name(parent)  # `guest import-pve` is a command of its own
         if internal:
             shown_as = name.replace("-", " ")
         p = parent.add_parser(name, **({} if internal else {"help": help_}), description=description or help_,
@@ -574,8 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     volume = group("volume", "volumes")
     command(volume, "list", cmd_volume_list, "list volumes").add_argument("storage", nargs="?")
-    command(volume, "info", cmd_volume_info, "show a volume").add_argument("volid")
-    command(volume, "free", _submitter("volume.free"), "free a volume", True).add_argument("volid")
+    command(volume, "info", cmd_volume_info, "show a volume").add_argument("volid", type=_volid)
+    command(volume, "free", _submitter("volume.free"), "free a volume", True).add_argument("volid", type=_volid)
 
     guest = group("guest", "guests")
     p = command(guest, "create", _submitter("guest.create"), "create a guest with new disks", True)
@@ -591,6 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", help="with --ova or --ovf: the format of its disks (default: the storage's)")
     p.add_argument("--name")
     p.add_argument("--as-template", action="store_true", help="make the new guest a template (every disk a base)")
+    p = command(guest, "import-pve", _submitter("guest.import-pve"),
+                "adopt a Proxmox VE guest: its disks attached where they are (a storage of layout pve)", True)
+    p.add_argument("guest_config", metavar="CONF", help="its config, /etc/pve/qemu-server/<vmid>.conf")
+    p.add_argument("--vmid", help="the guest's id in stork (default: the one the file name says)")
     command(guest, "list", cmd_guest_list, "list guests")
     command(guest, "show", cmd_guest_show, "show a guest").add_argument("vmid")
     command(guest, "destroy", _submitter("guest.destroy"), "destroy a guest and its disks", True).add_argument("vmid")
@@ -612,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     command(cluster, "key", cmd_cluster_key, "make the cluster key ([cluster] tls_psk_file)").add_argument("file")
 
     p = command(sub, "base", _submitter("base"), "turn a volume into a read-only base image", True)
-    p.add_argument("volid")
+    p.add_argument("volid", type=_volid)
     p.add_argument("--name", help="base name (default: base-<vmid>-disk-<n>)")
     command(sub, "template", _submitter("template"), "turn a guest into a template; also template assemble, copy, "
             "replicas", True, "turn a guest into a template (its disks become read-only base images); also:\n"
@@ -646,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     disk = group("disk", "disks")
     p = command(disk, "copy", _submitter("disk.copy"), "copy a volume to a storage", True)
-    p.add_argument("volid")
+    p.add_argument("volid", type=_volid)
     p.add_argument("storage")
     p.add_argument("--format", choices=["raw", "qcow2"])
     p.add_argument("--vmid", help="owner of the copy (default: the source's)")
@@ -771,6 +778,15 @@ def _vmid(text: str) -> int:
     return _usage(names.vmid, text)
 
 
+def _volid(text: str) -> str:
+    """A volume id on the command line; a linked clone's long form, as Proxmox VE shows it
+    (`local:100/base-100-disk-0.qcow2/101/vm-101-disk-0.qcow2`), is read as its short form."""
+    try:
+        return names.short_volid(text)
+    except StorkError:
+        return text  # the job's own checks name what is wrong with it
+
+
 def _usage(check: Callable[[Any], Any], value: Any) -> Any:
     """`check(value)`, a refusal of it being a command-line mistake (exit 2)."""
     try:
@@ -782,7 +798,7 @@ def _usage(check: Callable[[Any], Any], value: Any) -> Any:
 def _resize_options(a: argparse.Namespace) -> dict[str, Any]:
     """`disk resize VOLID SIZE`, or `disk resize VMID DISK [+]SIZE` as `qm disk resize`."""
     if a.size is None:
-        return {"volid": a.target, "size": a.disk_or_size}
+        return {"volid": _volid(a.target), "size": a.disk_or_size}
     from producer.client import Client
 
     client = Client()

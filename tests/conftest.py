@@ -68,6 +68,10 @@ address = "{netns.HOST_IP}"
 [nodes.far]
 address = "{netns.NS_IP}"
 """
+# Proxmox VE's /etc/pve for storage `pve` (a dir storage of its layout, known there as `local`):
+# guest configs the tests write name volumes stork must leave alone
+PVE_ETC = BASE / "pve-etc"
+(PVE_ETC / "nodes" / "node1" / "qemu-server").mkdir(parents=True)
 create_key(BASE / "secret.key")  # the encrypted backup storage `secret`'s key
 make_cluster_key(BASE / "cluster.psk")  # authenticates and encrypts copies between node1 and node2
 WEBHOOK, MAILBOX = alerts.Webhook(), alerts.Mailbox()  # where the session's alerts go (tests/alerts.py)
@@ -110,6 +114,12 @@ nodes = ["far"]
 [storage.small]
 type = "dir"
 path = "small"
+[storage.pve]
+type = "dir"
+path = "pve"
+layout = "pve"
+pve_id = "local"
+pve_config = "{PVE_ETC}"
 [storage.backup]
 type = "chunkstore"
 path = "backup"

@@ -122,7 +122,7 @@ def params_volumes(params: dict[str, Any]) -> set[str]:
     found = {params["volid"]} if params.get("volid") else set()
     for plans in (params.get("disks"), params.get("bases")):
         found |= {plan[k] for plan in (plans or {}).values() for k in ("source", "base") if k in plan}
-    found |= set((params.get("attach") or {}).values())
+    found |= set((params.get("attach") or {}).values()) | set(params.get("attach_unused") or ())
     found |= {plan["replica"] for plan in (params.get("links") or {}).values() if "replica" in plan}
     return found
 

@@ -197,6 +197,16 @@ class Driver(ABC):
     def volid(self, vol: VolName) -> str:
         return f"{self.storage.id}:{vol}"
 
+    def foreign_id(self) -> str | None:
+        """The id another manager of the same volumes knows this storage by (Proxmox VE's, on a
+        directory of its layout), for guests adopted from it; None where there is none."""
+        return None
+
+    def foreign_users(self, vol: VolName) -> list[str]:
+        """Users of the volume that stork does not manage but the storage knows of (Proxmox VE's
+        guests, on a directory of its layout), each named; StorkError when they cannot be read."""
+        return []
+
     def require_existing(self, vol: VolName) -> None:
         if not self.exists(vol):
             raise NotFound(f"unknown volume {self.volid(vol)}")

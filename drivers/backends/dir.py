@@ -9,6 +9,17 @@ relative to the overlay (`../base/<name>.<fmt>`), so the storage can be moved or
 elsewhere. A clone's base is read back from the qcow2 header. `.overlays/` keeps one blank
 overlay per base, copied for each new clone.
 
+With `layout = "pve"` the storage is a Proxmox VE directory storage, read and written in
+place with Proxmox VE's names (drivers/names.py, `pve_volname`):
+
+    <path>/images/<vmid>/vm-<vmid>-disk-<n>.<fmt>     a guest's disk
+    <path>/images/<vmid>/base-<vmid>-disk-<n>.<fmt>   a base of template <vmid>: mode 0444
+                                                      (never immutable: Proxmox VE could not
+                                                      delete its own template's disk)
+
+and a linked clone's backing file is `../<vmid>/base-...`, as Proxmox VE writes it
+(`images/.overlays/` is not a guest's folder: Proxmox VE passes over it).
+
 Every entry is reached through `SafeDir` (drivers/safedir.py): relative to the storage root,
 never through a symlink, regular files only, each new name flushed with its directory.
 """
@@ -20,12 +31,13 @@ import os
 import posixpath
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from drivers import faults, names, qemu
+from drivers import faults, names, pve, qemu
 from drivers.backends.base import Driver
-from drivers.errors import NotFound, Refused, StorageUnavailable
+from drivers.errors import FeatureUnsupported, NotFound, Refused, StorageUnavailable
 from drivers.names import FORMATS, VolName
 from drivers.safedir import SafeDir, copy_contents, identity, kind_of, set_immutable
 from drivers.storage import IS_MOUNTPOINT, MKDIR, PATH, Option, StorageConfig
@@ -35,8 +47,32 @@ OVERLAYS = ".overlays"  # blank overlays of bases, copied to make linked clones
 MAX_CHAIN = 16  # bases made from linked clones read through bases: how deep one may go
 
 
-def _folder(vol: VolName) -> str:
-    return "base" if vol.owner is None else str(vol.owner)
+@dataclass(frozen=True)
+class Layout:
+    """Where a volume's file is and how its volname is spelt: stork's or Proxmox VE's."""
+
+    subdir: str  # the folder under `path` that holds the volume folders
+    folder: Callable[[VolName], str]  # the volume folder a volume is in
+    is_folder: Callable[[str], bool]  # a directory name that may be a volume folder
+    parse: Callable[[str], VolName]  # a volname as a user writes it
+    text: Callable[[VolName], str]  # the one spelling of a volname kept in configs and records
+    immutable_bases: bool  # chattr +i on bases (no other tool needs to delete them)
+
+    def at(self, path: str) -> VolName:
+        """The volume at `<folder>/<file>` (a path, not a volname: exactly one '/')."""
+        if path.count("/") != 1:
+            raise names.InvalidName(f"not a volume's path: {path!r}")
+        vol = self.parse(path)
+        if self.text(vol) != path:
+            raise names.InvalidName(f"not a volume's path: {path!r}")
+        return vol
+
+
+LAYOUTS = {
+    "stork": Layout("", lambda v: "base" if v.owner is None else str(v.owner),
+                    lambda name: name == "base" or name.isdigit(), names.volname, str, True),
+    "pve": Layout("images", names.pve_folder, str.isdigit, names.pve_volname, names.pve_text, False),
+}
 
 
 def is_mount_point(path: Path) -> bool:
@@ -56,6 +92,21 @@ def _file(vol: VolName) -> str:
     return f"{vol.name}.{vol.fmt}"
 
 
+def _layout(v: object) -> bool:
+    return v in LAYOUTS
+
+
+def _pve_config(v: object) -> bool:
+    return v is False or (isinstance(v, str) and v.startswith("/") and "\0" not in v)
+
+
+def _pve_id(v: object) -> bool:
+    try:
+        return names.storage_id(v) == v  # type: ignore[arg-type]
+    except names.InvalidName:
+        return False
+
+
 class DirDriver(Driver):
     type_name = "dir"
     formats = FORMATS
@@ -69,12 +120,51 @@ class DirDriver(Driver):
         "move": {"current": ALL, "base": ALL},  # a base only while no linked clone reads through it
     }
     OPTIONS = {"path": PATH, "mkdir": MKDIR, "is_mountpoint": IS_MOUNTPOINT,
-               "format": Option(lambda v: v in FORMATS, f"the format of new volumes: {' or '.join(FORMATS)}")}
+               "format": Option(lambda v: v in FORMATS, f"the format of new volumes: {' or '.join(FORMATS)}"),
+               "layout": Option(_layout, "stork or pve (a Proxmox VE directory storage, used in place)",
+                                default="stork"),
+               # layout pve: where Proxmox VE's guest configs are (a volume one names is never changed by
+               # stork), or false on a storage no Proxmox VE uses any more; and this storage's id there
+               "pve_config": Option(_pve_config, "an absolute path (Proxmox VE's /etc/pve) or false",
+                                    default="/etc/pve"),
+               "pve_id": Option(_pve_id, "a Proxmox VE storage id")}
 
     def __init__(self, config: StorageConfig) -> None:
         super().__init__(config)
         assert config.path is not None  # a required option: the config checked it
-        self.root: Path = config.path
+        self.path: Path = config.path
+        self.layout = LAYOUTS[str(config.options.get("layout") or "stork")]
+        self.root: Path = config.path / self.layout.subdir if self.layout.subdir else config.path
+
+    def _folder(self, vol: VolName) -> str:
+        return self.layout.folder(vol)
+
+    def _guest_folder(self, vol: VolName) -> str | None:
+        """The volume's folder, if it is one to remove once empty (a guest's, not `base`)."""
+        folder = self._folder(vol)
+        return None if folder == "base" else folder
+
+    def parse_volname(self, text: str) -> VolName:
+        vol = self.layout.parse(text)
+        if vol.fmt not in self.formats:
+            raise FeatureUnsupported(f"storage {self.storage.id!r} cannot hold {vol.fmt} volumes")
+        self.layout.text(vol)  # a base name the layout cannot place is refused here, not at its first use
+        return vol
+
+    def volid(self, vol: VolName) -> str:
+        return f"{self.storage.id}:{self.layout.text(vol)}"
+
+    def foreign_id(self) -> str | None:
+        if self.layout is not LAYOUTS["pve"]:
+            return None
+        return str(self.storage.options.get("pve_id") or self.storage.id)
+
+    def foreign_users(self, vol: VolName) -> list[str]:
+        """Proxmox VE guests whose configs name the volume, on a storage of its layout."""
+        where, pve_id = self.storage.options.get("pve_config"), self.foreign_id()
+        if pve_id is None or not where:
+            return []
+        return pve.users(Path(where), pve_id, self.layout.text(vol))
 
     @property
     def _dir(self) -> SafeDir:
@@ -86,19 +176,19 @@ class DirDriver(Driver):
         status and a job: refused when `is_mountpoint` and nothing is mounted there (what would
         be written goes onto the disk under the mount), made when missing and `mkdir` (the
         default), else refused."""
-        if self.storage.options.get("is_mountpoint") and not is_mount_point(self.root):
-            raise StorageUnavailable(f"storage {self.storage.id!r}: {self.root} is not a mounted file system "
+        if self.storage.options.get("is_mountpoint") and not is_mount_point(self.path):
+            raise StorageUnavailable(f"storage {self.storage.id!r}: {self.path} is not a mounted file system "
                                      "(is_mountpoint)")
+        if not self.path.is_dir() and not self.storage.options.get("mkdir", True):
+            raise StorageUnavailable(f"storage {self.storage.id!r}: {self.path} does not exist (and mkdir = false)")
         if not self.root.is_dir():
-            if not self.storage.options.get("mkdir", True):
-                raise StorageUnavailable(f"storage {self.storage.id!r}: {self.root} does not exist (and mkdir = false)")
             self.root.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
     def _opened(self, vol: VolName, write: bool = False) -> Iterator[int]:
         """The volume's regular file, opened without following links; NotFound if absent."""
         try:
-            with self._dir.folder(_folder(vol)) as folder:
+            with self._dir.folder(self._folder(vol)) as folder:
                 fd = self._dir.open(folder, _file(vol), write, label=self.volid(vol))
         except NotFound:
             raise NotFound(f"unknown volume {self.volid(vol)}") from None
@@ -113,16 +203,26 @@ class DirDriver(Driver):
         for name, folder in self._folders(owner):
             for file in self._dir.regular_files(folder):
                 with contextlib.suppress(names.InvalidName):  # stray files are not volumes
-                    found.append(names.volname(f"{name}/{file}"))
-        return sorted(found, key=str)
+                    found.append(self.layout.at(f"{name}/{file}"))
+        # a folder of Proxmox VE's layout holds its template's bases too: not the guest's volumes
+        return sorted((v for v in found if owner is None or v.owner == owner), key=str)
+
+    def next_disk_name(self, owner: int, fmt: str, taken: frozenset[str] = frozenset()) -> VolName:
+        """As Proxmox VE numbers them: any entry `vm-<owner>-disk-N.*` or `base-<owner>-disk-N.*`
+        in the guest's folder takes N (a template's base was that guest's disk N; a vmdk is a disk
+        stork does not read, but a disk)."""
+        numbered = re.compile(rf"(?:vm|base)-{owner}-disk-([0-9]+)\..*")
+        found = {f"vm-{owner}-disk-{int(m.group(1))}" for _, folder in self._folders(owner)
+                 for entry in os.listdir(folder) if (m := numbered.fullmatch(entry))}
+        return super().next_disk_name(owner, fmt, taken | found)
 
     def strays(self, owner: int | None = None) -> list[tuple[VolName, str]]:
         found = []
         for name, folder in self._folders(owner):
             for entry in self._dir.other_entries(folder):
                 with contextlib.suppress(names.InvalidName):
-                    found.append((names.volname(f"{name}/{entry}"), self._dir.problem(folder, entry)))
-        return sorted(found, key=lambda s: str(s[0]))
+                    found.append((self.layout.at(f"{name}/{entry}"), self._dir.problem(folder, entry)))
+        return sorted(((v, p) for v, p in found if owner is None or v.owner == owner), key=lambda s: str(s[0]))
 
     def stray_folders(self) -> list[tuple[str, str]]:
         if not self.root.is_dir():
@@ -130,7 +230,7 @@ class DirDriver(Driver):
         kinds = {}
         with os.scandir(self.root) as entries:
             for e in entries:
-                if (e.name == "base" or e.name.isdigit()) and not e.is_dir(follow_symlinks=False):
+                if self.layout.is_folder(e.name) and not e.is_dir(follow_symlinks=False):
                     with contextlib.suppress(FileNotFoundError):  # gone meanwhile: nothing to say
                         kinds[e.name] = kind_of(e.stat(follow_symlinks=False).st_mode)
         return sorted((name, f"not a directory: {self.root / name} is {kind}") for name, kind in kinds.items())
@@ -144,7 +244,7 @@ class DirDriver(Driver):
         elif self.root.is_dir():
             with os.scandir(self.root) as entries:
                 wanted = [e.name for e in entries
-                          if e.is_dir(follow_symlinks=False) and (e.name == "base" or e.name.isdigit())]
+                          if e.is_dir(follow_symlinks=False) and self.layout.is_folder(e.name)]
         else:
             wanted = []
         for name in wanted:
@@ -155,7 +255,7 @@ class DirDriver(Driver):
         """Is anything at the volume's name? (A symlink counts: the name is taken, and every
         use of it is refused.)"""
         try:
-            with self._dir.folder(_folder(vol)) as folder:
+            with self._dir.folder(self._folder(vol)) as folder:
                 return self._dir.entry_exists(folder, _file(vol))
         except NotFound:
             return False
@@ -181,7 +281,7 @@ class DirDriver(Driver):
             header = qemu.read_qcow2_header(fd)
         if header is None or not header.backing_file:
             return None
-        return self._volume_at(_folder(vol), header.backing_file)
+        return self._volume_at(self._folder(vol), header.backing_file)
 
     def _volume_at(self, folder: str, backing: str) -> VolName | None:
         """The volume a backing path names, worked out as text (no link is resolved): a
@@ -191,7 +291,7 @@ class DirDriver(Driver):
         if not path.startswith(root + "/"):
             return None
         try:
-            return names.volname(path[len(root) + 1:])
+            return self.layout.at(path[len(root) + 1:])
         except names.InvalidName:
             return None
 
@@ -204,7 +304,7 @@ class DirDriver(Driver):
             top = fd = stack.enter_context(self._opened(vol, write))
             chain, at = [(vol, fd)], vol
             while (header := self._header(at, fd)) and header.backing_file:
-                base = self._volume_at(_folder(at), header.backing_file)
+                base = self._volume_at(self._folder(at), header.backing_file)
                 if base is None or len(chain) > MAX_CHAIN:
                     raise Refused(f"{self.volid(vol)} reads {header.backing_file!r}, which is not a base on "
                                   f"storage {self.storage.id!r}")
@@ -223,20 +323,20 @@ class DirDriver(Driver):
     def allocate(self, vol: VolName, size: int) -> None:
         """Create the volume empty (sparse); a failure leaves no file and no empty folder."""
         try:
-            with self._dir.folder(_folder(vol), create=True) as folder, \
+            with self._dir.folder(self._folder(vol), create=True) as folder, \
                     self._dir.temp_file(folder, _file(vol)) as (fd, temp):
                 qemu.create(fd, vol.fmt, size, self.volid(vol))
                 os.fsync(fd)
                 self._dir.link_new(folder, temp, _file(vol), f"volume {self.volid(vol)}")
                 faults.point("created")
         except BaseException:
-            if vol.owner is not None:
-                self._dir.remove_folder_if_empty(_folder(vol))
+            if guest_folder := self._guest_folder(vol):
+                self._dir.remove_folder_if_empty(guest_folder)
             raise
 
     def recreate(self, vol: VolName, size: int) -> None:
         """Replace the volume by an empty one of `size` in one rename: the name is never free."""
-        with self._dir.folder(_folder(vol)) as folder, self._dir.temp_file(folder, _file(vol)) as (fd, temp):
+        with self._dir.folder(self._folder(vol)) as folder, self._dir.temp_file(folder, _file(vol)) as (fd, temp):
             qemu.create(fd, vol.fmt, size, self.volid(vol))
             os.fsync(fd)
             self._dir.replace(folder, temp, _file(vol))
@@ -246,7 +346,7 @@ class DirDriver(Driver):
         """Delete the volume (absent already: nothing to do); a symlink or special file at
         its name is refused, never deleted through."""
         try:
-            with self._dir.folder(_folder(vol)) as folder:
+            with self._dir.folder(self._folder(vol)) as folder:
                 if not self._dir.entry_exists(folder, _file(vol)):
                     return
                 with self._opened(vol) as fd:
@@ -258,8 +358,8 @@ class DirDriver(Driver):
                 self._dir.sweep_temps(folder)  # what a crashed writer left would keep the folder
         except NotFound:
             return
-        if not vol.is_base:
-            self._dir.remove_folder_if_empty(_folder(vol))  # the guest's folder, once it holds nothing
+        if guest_folder := self._guest_folder(vol):
+            self._dir.remove_folder_if_empty(guest_folder)  # the guest's folder, once it holds nothing
 
     def status(self) -> tuple[int, int, int]:
         self.activate()
@@ -268,18 +368,18 @@ class DirDriver(Driver):
         return total, total - st.f_bfree * st.f_frsize, avail
 
     def free_partial(self, vol: VolName) -> None:
-        with contextlib.suppress(NotFound), self._dir.folder(_folder(vol)) as folder:
+        with contextlib.suppress(NotFound), self._dir.folder(self._folder(vol)) as folder:
             self._dir.sweep_temps(folder)  # under the storage lock: every temp file there is stale
-        if vol.owner is not None:
-            self._dir.remove_folder_if_empty(_folder(vol))
+        if guest_folder := self._guest_folder(vol):
+            self._dir.remove_folder_if_empty(guest_folder)
 
     def make_base(self, vol: VolName, base: VolName) -> None:
-        with self._opened(vol) as fd, self._dir.folder(_folder(vol)) as src, \
-                self._dir.folder("base", create=True) as dst:
+        with self._opened(vol) as fd, self._dir.folder(self._folder(vol)) as src, \
+                self._dir.folder(self._folder(base), create=True) as dst:
             self._dir.rename(src, _file(vol), dst, _file(base), f"base image {self.volid(base)}")
             faults.point("based")
             self._protect(fd)
-        self._dir.remove_folder_if_empty(_folder(vol))  # the guest's, if that was its last volume
+        self._dir.remove_folder_if_empty(self._folder(vol))  # the guest's, if that was its last volume
 
     def protect_base(self, base: VolName) -> None:
         with self._opened(base) as fd:
@@ -288,12 +388,12 @@ class DirDriver(Driver):
     def _protect(self, fd: int) -> None:
         if stat.S_IMODE(os.fstat(fd).st_mode) != 0o444:  # an immutable base refuses even a chmod to its mode
             os.fchmod(fd, 0o444)
-        if not set_immutable(fd, True):
+        if self.layout.immutable_bases and not set_immutable(fd, True):
             _warn("immutable_unsupported", storage=self.storage.id)
 
     def unmake_base(self, base: VolName, vol: VolName) -> None:
-        with self._opened(base) as fd, self._dir.folder("base") as src, \
-                self._dir.folder(_folder(vol), create=True) as dst:
+        with self._opened(base) as fd, self._dir.folder(self._folder(base)) as src, \
+                self._dir.folder(self._folder(vol), create=True) as dst:
             set_immutable(fd, False)
             self._free_overlay(base)
             self._dir.rename(src, _file(base), dst, _file(vol), f"volume {self.volid(vol)}")
@@ -306,7 +406,7 @@ class DirDriver(Driver):
         and copying 200 KiB is much cheaper than starting qemu-img for each clone."""
         with contextlib.ExitStack() as stack:
             overlay = stack.enter_context(self._blank_overlay(base))
-            folder = stack.enter_context(self._dir.folder(_folder(vol), create=True))
+            folder = stack.enter_context(self._dir.folder(self._folder(vol), create=True))
             fd, temp = stack.enter_context(self._dir.temp_file(folder, _file(vol)))
             copy_contents(overlay, fd)
             os.fsync(fd)
@@ -321,7 +421,7 @@ class DirDriver(Driver):
             if not self._dir.entry_exists(folder, name):
                 size = self.virtual_size(base)
                 with self._dir.temp_file(folder, name) as (fd, temp):
-                    qemu.create(fd, "qcow2", size, self.volid(base), backing=f"../base/{_file(base)}",
+                    qemu.create(fd, "qcow2", size, self.volid(base), backing=f"../{self._folder(base)}/{_file(base)}",
                                 backing_fmt=base.fmt)
                     os.fsync(fd)
                     self._dir.link_new(folder, temp, name, f"overlay of {self.volid(base)}")

@@ -48,13 +48,17 @@ def storage(kind: str, tmp_path: Path) -> StorageConfig:
         CEPH.rbd("namespace", "create", f"{CEPH.pool}/contract{n}")  # a fresh, empty storage in the pool
         return StorageConfig("s", kind, options={"pool": CEPH.pool, "namespace": f"contract{n}", "conf": CEPH.conf,
                                                  "username": "admin"})
+    elif kind == "dir-pve":  # a Proxmox VE directory storage, used in place (drivers/backends/dir.py)
+        path = tmp_path / "vz" / str(n)
+        path.mkdir(parents=True)
+        return StorageConfig("s", "dir", options={"path": path, "layout": "pve", "pve_config": False})
     else:
         path = tmp_path / "images" / str(n)
     path.mkdir(parents=True)
     return StorageConfig("s", kind, options={"path": path})
 
 
-@pytest.fixture(params=sorted(DRIVERS))
+@pytest.fixture(params=[*sorted(DRIVERS), "dir-pve"])
 def drv(request, tmp_path) -> Driver:
     return driver_for(storage(request.param, tmp_path))
 

@@ -26,14 +26,16 @@ LEAVES = _leaves(cli.build_parser())
 
 
 def test_every_command_has_an_example():
-    shown = {" ".join(words).replace("-", " ") for words in LEAVES}
+    # a top-level name with a dash is the second word of another (template-copy: `template copy`);
+    # in a group, a dash is part of the command's name (`guest import-pve`)
+    shown = {" ".join([words[0].replace("-", " "), *words[1:]]) for words in LEAVES}
     assert shown == set(cli.EXAMPLES), (shown ^ set(cli.EXAMPLES))
 
 
 @pytest.mark.parametrize("words", sorted(LEAVES), ids=[" ".join(w) for w in sorted(LEAVES)])
 def test_a_commands_help_ends_with_its_example(words):
     text = LEAVES[words].format_help()
-    assert "\nexample:\n  stork " in text and "-" not in LEAVES[words].prog.removeprefix("stork")
+    assert "\nexample:\n  stork " in text and "-" not in LEAVES[words].prog.removeprefix("stork").split()[0]
 
 
 def test_the_top_help_names_no_internal_command():

@@ -77,7 +77,11 @@ def test_storages_know_which_nodes_they_exist_on():
         ("[storage.x]\npath = 'p'\n", r"storage.x.type is missing"),
         ("[storage.x]\ntype = 'dir'\npath = 'p'\nvgname = 'vg0'\n",
          r"unknown key storage.x.vgname \(expected one of: type, content, shared, nodes, path, mkdir, is_mountpoint, "
-         r"format\)"),
+         r"format, layout, pve_config, pve_id\)"),
+        ("[storage.x]\ntype = 'dir'\npath = 'p'\nlayout = 'vmware'\n",
+         r"storage.x.layout = 'vmware': expected stork or pve"),
+        ("[storage.x]\ntype = 'dir'\npath = 'p'\nlayout = 'pve'\npve_config = 'etc/pve'\n",
+         r"storage.x.pve_config = 'etc/pve': expected an absolute path \(Proxmox VE's /etc/pve\) or false"),
         ("[storage.x]\ntype = 'dir'\npath = 'p'\nformat = 'vmdk'\n",
          r"storage.x.format = 'vmdk': expected the format of new volumes: raw or qcow2"),
         ("[storage.x]\ntype = 'dir'\npath = 'p'\nmkdir = 'yes'\n", r"storage.x.mkdir = 'yes': expected true or false"),

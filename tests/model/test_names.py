@@ -138,3 +138,86 @@ def test_disk_keys_outside_proxmox_ranges_are_refused(key):
     """A slot no bus has, or a second spelling of one, is refused naming the ranges."""
     with pytest.raises(InvalidName, match="expected ide0-3, sata0-5, scsi0-30, virtio0-15"):
         names.disk_key(key)
+
+
+# ---- Proxmox VE's names (a dir storage of layout "pve") -----------------------------------
+# pve-storage's own cases (test/parse_volname_test.pm, vmid 1234): the volname, and what
+# PVE::Storage::Plugin->parse_volname returns for it, (vtype, name, vmid, basename, basevmid,
+# isBase, format); or its error. stork must read each disk image case as Proxmox VE does, and
+# write back the very same text; it refuses more (the last column says why), never less.
+_V = "1234"
+PVE_CASES = [
+    *[row for s in ("raw", "qcow2") for row in (
+        (f"{_V}/vm-{_V}-disk-1.{s}", ("images", f"vm-{_V}-disk-1.{s}", _V, None, None, None, s), ""),
+        (f"{_V}/base-{_V}-disk-0.{s}/{_V}/vm-{_V}-disk-0.{s}",
+         ("images", f"vm-{_V}-disk-0.{s}", _V, f"base-{_V}-disk-0.{s}", _V, None, s), ""),
+        (f"{_V}/base-{_V}-disk-0.{s}", ("images", f"base-{_V}-disk-0.{s}", _V, None, None, "base-", s), ""),
+    )],
+    # what Proxmox VE reads and stork does not
+    (f"{_V}/vm-{_V}-disk-1.vmdk", ("images", f"vm-{_V}-disk-1.vmdk", _V, None, None, None, "vmdk"), "a format stork"),
+    (f"{_V}/base-{_V}-disk-0.vmdk", ("images", f"base-{_V}-disk-0.vmdk", _V, None, None, "base-", "vmdk"),
+     "a format stork"),
+    (f"{_V}/vm-{_V}-disk-0.qcow2/{_V}/vm-{_V}-disk-0.qcow2",
+     ("images", f"vm-{_V}-disk-0.qcow2", _V, f"vm-{_V}-disk-0.qcow2", _V, None, "qcow2"), "a base that is no base"),
+    (f"{_V}/subvol-{_V}-disk-0.subvol", ("images", f"subvol-{_V}-disk-0.subvol", _V, None, None, None, "subvol"),
+     "a container's subvolume"),
+    ("iso/some-installation-disk.iso", ("iso", "some-installation-disk.iso"), "not a disk image"),
+    ("vztmpl/debian-10.0-standard_10.0-1_amd64.tar.gz", ("vztmpl", "debian-10.0-standard_10.0-1_amd64.tar.gz"),
+     "not a disk image"),
+    (f"rootdir/{_V}", ("rootdir", _V, _V), "not a disk image"),
+    (f"backup/vzdump-qemu-{_V}-2020_03_30-21_12_40.vma", ("backup", f"vzdump-qemu-{_V}-2020_03_30-21_12_40.vma", _V),
+     "not a disk image"),
+    ("snippets/userconfig.yaml", ("snippets", "userconfig.yaml"), "not a disk image"),
+    # what Proxmox VE refuses too
+    (f"ssss/base-{_V}-disk-0.raw", None, "refused by both"),
+    (f"{_V}/base-{_V}-disk-0.vhdx/{_V}/vm-{_V}-disk-0.vhdx", None, "refused by both"),
+    (f"ssss/base-{_V}-disk-0.qcow2/{_V}/vm-{_V}-disk-0.qcow2", None, "refused by both"),
+    (f"{_V}/base-{_V}-disk-0.qcow2/ssss/vm-{_V}-disk-0.qcow2", None, "refused by both"),
+]
+
+
+@pytest.mark.parametrize(("text", "pve_reads", "refused"), PVE_CASES, ids=[c[0] for c in PVE_CASES])
+def test_proxmox_ve_volnames_read_and_written_as_pve_storage_does(text, pve_reads, refused):
+    if refused:
+        with pytest.raises(InvalidName, match="Proxmox VE's layout"):
+            names.pve_volname(text)
+        return
+    vol = names.pve_volname(text)
+    base = names.pve_volname(text.rsplit("/", 2)[0]) if text.count("/") == 3 else None
+    got = ("images", f"{vol.name}.{vol.fmt}", names.pve_folder(vol), f"{base.name}.{base.fmt}" if base else None,
+           names.pve_folder(base) if base else None, "base-" if vol.is_base else None, vol.fmt)
+    assert got == pve_reads
+    assert names.pve_text(vol, base) == text  # and written back the same: a name Proxmox VE reads
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("100/vm-101-disk-0.raw", "a disk in another guest's folder"),
+    ("100/base-101-disk-0.raw", "a base in another guest's folder"),
+    ("0100/vm-100-disk-0.raw", "a second spelling of a folder"),
+    ("100/vm-100-a..b.raw", "dot-dot"),
+    ("100/vm-100-disk-0.raw/101/vm-101-disk-0.raw", "a long form whose base is no base"),
+    ("100/base-100-disk-0.raw/101/base-101-disk-0.qcow2", "a base as a linked clone"),
+    ("base/base-100-disk-0.raw", "stork's own layout"),
+    ("100/foo.raw", "a name Proxmox VE allows but does not number"),
+])
+def test_proxmox_ve_volnames_stork_refuses(text, why):
+    with pytest.raises(InvalidName, match="Proxmox VE's layout"):
+        names.pve_volname(text)
+
+
+def test_a_linked_clones_long_form_is_folded_for_the_cli_and_refused_where_stored():
+    long = "local:100/base-100-disk-0.qcow2/101/vm-101-disk-0.qcow2"
+    assert names.short_volid(long) == "local:101/vm-101-disk-0.qcow2"
+    assert names.short_volid("local:101/vm-101-disk-0.qcow2") == "local:101/vm-101-disk-0.qcow2"
+    with pytest.raises(InvalidName, match=r"write it local:101/vm-101-disk-0\.qcow2"):
+        names.stored_volid(long)
+    assert names.any_volname("100/base-100-disk-0.qcow2") == VolName(None, "base-100-disk-0", "qcow2")
+    with pytest.raises(InvalidName):
+        names.any_volname("100/base-100-disk-0.qcow2/101/vm-101-disk-0.qcow2")
+
+
+def test_a_base_of_proxmox_ves_layout_carries_its_templates_id():
+    assert names.pve_folder(VolName(None, "base-100-disk-0", "raw")) == "100"
+    for name in ("debian-12", "base-0100-disk-0", "base-99-disk-0"):
+        with pytest.raises(InvalidName, match="base-<vmid>-<name>"):
+            names.pve_folder(VolName(None, name, "raw"))

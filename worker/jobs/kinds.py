@@ -34,6 +34,7 @@ from worker.jobs.prepare import (
     prepare_free,
     prepare_full_clone,
     prepare_import,
+    prepare_import_pve,
     prepare_import_template,
     prepare_linked_clone,
     prepare_migrate,
@@ -175,6 +176,7 @@ ATTACH = Step("attach_disks", steps.attach_disks, storage=False, commit=True)
 DETACH = Step("detach_disk", steps.detach_disk, storage=False, commit=True)
 REMOVE_DISK = Step("remove_disk", steps.remove_disk, commit=True)
 COMMIT_ASSEMBLED = Step("commit_guest", steps.commit_assembled, commit=True)  # reads the bases: on their node
+COMMIT_ADOPTED = Step("commit_guest", steps.commit_adopted, commit=True)  # reads the volumes: on their node
 MAKE_COPY_BASES = Step("make_bases", steps.make_copies_bases, steps.unmake_bases, side="target")
 COMMIT_TEMPLATE_COPY = Step("commit_guest", steps.commit_template_copy, storage=False, commit=True)
 BACKUP = Step("backup", backups.backup_guest, commit=True, alone=True)  # a snapshot appears whole or not at all
@@ -233,6 +235,8 @@ KINDS: dict[str, JobKind] = {k.name: k for k in [
             (LOCK_GUEST, REMOVE_DISK), prepare_remove_disk),
     JobKind("assemble", "a new template whose disks are existing base images",
             (RESERVE_GUEST, COMMIT_ASSEMBLED), prepare_assemble),
+    JobKind("import_pve", "adopt a Proxmox VE guest: its disks attached where they are, on a storage of its layout",
+            (RESERVE_GUEST, COMMIT_ADOPTED), prepare_import_pve),
     JobKind("template_copy", "copy a template: full copies of its bases, made bases on the target",
             (RESERVE_GUEST, EXPORT, ALLOCATE, COPY, VERIFY_ACROSS, END_EXPORT, MAKE_COPY_BASES, COMMIT_TEMPLATE_COPY),
             prepare_template_copy),

@@ -48,8 +48,8 @@ def _guest_name(value: Any) -> None:
 
 
 def _volid(value: Any) -> None:
-    vid = names.volume_id(value)
-    names.volname(vid.volname)
+    vid = names.stored_volid(value)
+    names.any_volname(vid.volname)
 
 
 def _absolute_path(value: Any) -> None:
@@ -198,6 +198,7 @@ PARAMS: dict[str, Check] = {
     "size": _positive_int,
     "disk": names.disk_key,
     "attach": _map_of(names.disk_key, _volid),
+    "attach_unused": _list_of(_volid),  # import-pve: volumes the adopted guest keeps as unused
     # backups (worker/jobs/backups.py)
     "volumes": _map_of(names.disk_key, _volid),  # a backup's disks
     "store": names.storage_id,  # the backup storage

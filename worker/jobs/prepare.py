@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from drivers import driver_for, names, ova, qemu, transfer
+from drivers import driver_for, names, ova, pve, qemu, transfer
 from drivers.backends.base import Driver
 from drivers.config import Config
 from drivers.errors import AlreadyExists, ConfigError, InvalidName, NotFound, Refused, StorkError
@@ -65,7 +65,7 @@ def _check_nodes(cfg: Config, storages: set[str], node: str) -> list[str]:
 
 
 def _volume(cfg: Config, volid: str) -> tuple[str, VolName]:
-    vid = names.volume_id(volid)
+    vid = names.stored_volid(volid)
     drv = driver_for(cfg.storage(vid.storage))
     return vid.storage, drv.parse_volname(vid.volname)
 
@@ -260,6 +260,58 @@ def _from_ovf(o: dict[str, Any]) -> tuple[dict[str, Any], str]:
                          **target} for d in described.disks}
     chosen = {k: o[k] for k in ("vmid", "node") if k in o}
     return {**chosen, "name": o.get("name") or described.name, "disks": disks}, described.notes
+
+
+def prepare_import_pve(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """A guest adopted from a Proxmox VE config (`config`, read here, where it was named): its
+    disks attached where they are, on storages of Proxmox VE's layout, no copy; a template when
+    it says `template: 1`; its other keys kept as notes."""
+    _only(o, {"config", "vmid", "node"}, "import-pve")
+    path = Path(str(o.get("config") or "")).absolute()
+    described = pve.read(path, names.vmid(o["vmid"]) if o.get("vmid") is not None else None)
+    if described.devices:
+        slot, value = next(iter(described.devices.items()))
+        raise Refused(f"{path}: {slot} = {value.split(',', 1)[0]} is no volume (a host device or path): stork "
+                      "adopts a guest with every disk")
+    vmid = _new_vmid(cfg, described.vmid)
+    node = _node(o, cfg)
+    storages = {d.foreign_id(): sid for sid, s in cfg.storages.items()
+                if "images" in s.content and (d := driver_for(s)).foreign_id()}
+    adopted: dict[str, Any] = {"disks": {}, "unused": []}
+    for where, volid in [*described.disks.items(), *(("unused", v) for v in described.unused)]:
+        ours = _adopted_volid(cfg, storages, path, where, volid)
+        storage, vol = _volume(cfg, ours)
+        _existing_here(cfg, storage, vol, node)
+        if described.template and where != "unused" and not vol.is_base:
+            raise Refused(f"{path}: {where} = {volid} is not a base image, and the guest is a template")
+        if where == "unused":
+            adopted["unused"].append(ours)
+        else:
+            adopted["disks"][names.disk_key(where)] = ours
+    if not adopted["disks"]:
+        raise InvalidName(f"{path}: the guest has no disk on a storage stork adopts")
+    notes = pve.notes_text(described.notes)
+    return {"new_vmid": vmid, "name": _pve_name(described.name), "node": node, "attach": adopted["disks"],
+            "attach_unused": adopted["unused"], "template": described.template, **({"notes": notes} if notes else {}),
+            "storages": _check_nodes(cfg, {names.volume_id(v).storage for v in [*adopted["disks"].values(),
+                                                                                 *adopted["unused"]]}, node)}
+
+
+def _adopted_volid(cfg: Config, storages: dict[str | None, str], path: Path, where: str, volid: str) -> str:
+    """A Proxmox VE volume id as stork's: its storage the one that adopts it."""
+    vid = names.volume_id(volid)
+    if vid.storage not in storages:
+        raise Refused(f"{path}: {where} = {volid} is on storage {vid.storage!r}, which no storage of stork adopts "
+                      "(a dir storage with layout = \"pve\" and that pve_id)")
+    return f"{storages[vid.storage]}:{vid.volname}"
+
+
+def _pve_name(name: str) -> str:
+    """The guest's name where stork takes it (else none: Proxmox VE allows DNS names with dots)."""
+    try:
+        return names.image_name(name, "guest name") if name else ""
+    except InvalidName:
+        return ""
 
 
 def _data_of(image: qemu.Image) -> int:

@@ -488,6 +488,8 @@ def resize_volume(ctx: StepContext) -> None:
     drv.require_feature("resize", vol)
     if drv.virtual_size(vol) > ctx.params["size"]:
         raise Refused(f"{ctx.params['volid']}: shrinking is not supported (would lose data)")
+    if found := usage.foreign_users(ctx, ctx.params["volid"]):  # it may be running there: not ours to write
+        raise Refused(f"{ctx.params['volid']} is in use by {', '.join(found)}")
     drv.resize(vol, ctx.params["size"])
     ctx.set_result(volid=ctx.params["volid"], size=ctx.params["size"])
 
@@ -696,6 +698,27 @@ def commit_assembled(ctx: StepContext) -> None:
         if box[0].lock_job == ctx.job.id:
             box[0] = box[0].with_(disks=dict(ctx.params["attach"]), template=True, lock="", lock_job="")
     ctx.set_result(vmid=vmid, template=True, disks=ctx.params["attach"])
+
+
+def commit_adopted(ctx: StepContext) -> None:
+    """Attach a Proxmox VE guest's volumes to the reserved guest where they are (import-pve),
+    a template if it was one; refused for a disk another guest of stork or a live job uses (a
+    writable disk in two guests would be written by both; a base may be shared)."""
+    vmid, attach, unused = ctx.params["new_vmid"], ctx.params["attach"], ctx.params.get("attach_unused", [])
+    template = ctx.params.get("template", False)
+    for volid in [*attach.values(), *unused]:
+        drv, vol = ctx.volume(volid)
+        with ctx.storage_lock(drv):
+            drv.require_existing(vol)
+            if template and volid in attach.values() and not vol.is_base:
+                raise Refused(f"{volid} is not a base image: a template's disks must all be bases")
+            if not vol.is_base and (found := usage.guest_users(ctx, volid, outside=False) +
+                                    usage.job_users(ctx, volid)):
+                raise Refused(f"{volid} is in use by {', '.join(found)}")
+    with ctx.guests.editing(vmid) as box:
+        if box[0].lock_job == ctx.job.id:
+            box[0] = box[0].with_(disks=dict(attach), unused=tuple(unused), template=template, lock="", lock_job="")
+    ctx.set_result(vmid=vmid, template=template, disks=attach, **_notes(ctx))
 
 
 def commit_template_copy(ctx: StepContext) -> None:

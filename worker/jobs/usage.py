@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import redis
 
-from drivers import names
+from drivers import driver_for, names
 from drivers.backends.base import Driver
 from drivers.errors import Refused, StorkError
 from drivers.names import VolName
@@ -35,12 +35,16 @@ def job_volumes(job: JobRecord) -> set[str]:
     return records.params_volumes(job.params) | records.ctx_volumes(job.ctx)
 
 
-def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None) -> list[str]:
+def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None,
+                outside: bool = True) -> list[str]:
     """Guests, besides those this job holds (and `but`), that attach `volid` (or, with
     count_unused, keep it as unused or record it as a replica of their bases): those the guest
-    volume index names (GuestStore.candidates), each confirmed by its config."""
+    volume index names (GuestStore.candidates), each confirmed by its config; and, with
+    `outside`, guests of another manager its storage knows of (Proxmox VE's, whose configs name
+    a volume in every way, unused ones too: stork leaves such a volume as it is)."""
     try:
         guests = ctx.guests.candidates(volid)
+        found = foreign_users(ctx, volid) if outside else []
     except StorkError as e:
         raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
     return [
@@ -49,7 +53,14 @@ def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: in
         for key, v in [*g.disks.items(), *((("unused", u) for u in g.unused) if count_unused else ()),
                        *((("replica", r) for r in g.replicas) if count_unused else ())]
         if v == volid
-    ]
+    ] + found
+
+
+def foreign_users(ctx: StepContext, volid: str) -> list[str]:
+    """Users of `volid` outside stork that its storage knows of (Driver.foreign_users)."""
+    vid = names.volume_id(volid)
+    drv = driver_for(ctx.cfg.storage(vid.storage))
+    return drv.foreign_users(drv.parse_volname(vid.volname))
 
 
 def job_users(ctx: StepContext, volid: str) -> list[str]:

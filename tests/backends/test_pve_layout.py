@@ -1,0 +1,128 @@
+"""A dir storage of Proxmox VE's layout (`layout = "pve"`), against a tree made the way
+Proxmox VE makes it (qemu-img run in `images/`, as pve-storage's clone_image runs it) and the
+real qemu-img: stork reads what is there and writes names and backing paths Proxmox VE reads."""
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from drivers import driver_for, pve
+from drivers.config import StorageConfig
+from drivers.errors import InvalidName, Refused
+from drivers.names import VolName
+
+BASE = VolName(None, "base-100-disk-0", "qcow2")
+CLONE = VolName(101, "vm-101-disk-0", "qcow2")
+
+
+def qemu_img(cwd: Path, *args: str) -> None:
+    subprocess.run(["qemu-img", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """Proxmox VE's /var/lib/vz after `qm template 100` and `qm clone 100 101`, plus a VM 102
+    with a raw disk, a vmdk it imported and a file named as Proxmox VE allows but does not number."""
+    images = tmp_path / "vz" / "images"
+    for vmid in ("100", "101", "102"):
+        (images / vmid).mkdir(parents=True)
+    qemu_img(images, "create", "-f", "qcow2", "100/base-100-disk-0.qcow2", "64M")
+    os.chmod(images / "100/base-100-disk-0.qcow2", 0o444)  # as create_base leaves it
+    qemu_img(images, "create", "-b", "../100/base-100-disk-0.qcow2", "-F", "qcow2", "-f", "qcow2",
+             "101/vm-101-disk-0.qcow2")
+    qemu_img(images, "create", "-f", "raw", "102/vm-102-disk-0.raw", "32M")
+    qemu_img(images, "create", "-f", "vmdk", "102/vm-102-disk-1.vmdk", "32M")
+    (images / "102" / "notes.raw").write_bytes(b"")
+    return tmp_path / "vz"
+
+
+@pytest.fixture
+def drv(tree, tmp_path):
+    return driver_for(StorageConfig("local", "dir", options={"path": tree, "layout": "pve", "pve_config": False}))
+
+
+def backing_of(path: Path) -> str:
+    out = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(path)], capture_output=True, check=True)
+    return json.loads(out.stdout).get("backing-filename", "")
+
+
+def test_what_proxmox_ve_made_is_listed_with_its_parents_and_clones(drv):
+    assert sorted(drv.volid(v) for v in drv.list_volumes()) == [
+        "local:100/base-100-disk-0.qcow2", "local:101/vm-101-disk-0.qcow2", "local:102/vm-102-disk-0.raw"]
+    assert drv.info(BASE).is_base and drv.info(BASE).clones == ("local:101/vm-101-disk-0.qcow2",)
+    assert drv.info(CLONE).parent == "local:100/base-100-disk-0.qcow2"
+    assert drv.list_volumes(100) == []  # a template's base is not one of the guest's writable disks
+    assert drv.parse_volname("100/base-100-disk-0.qcow2/101/vm-101-disk-0.qcow2") == CLONE
+
+
+def test_a_linked_clone_stork_makes_is_the_one_proxmox_ve_makes(drv, tree):
+    vol = drv.next_disk_name(103, "qcow2")
+    drv.link_clone(BASE, vol)
+    path = tree / "images" / "103" / "vm-103-disk-0.qcow2"
+    assert backing_of(path) == "../100/base-100-disk-0.qcow2"  # what pve-storage's list_images reads as a clone
+    assert drv.parent_of(vol) == BASE
+    assert sorted(drv.volid(c) for c in drv.clones_of(BASE)) == [
+        "local:101/vm-101-disk-0.qcow2", "local:103/vm-103-disk-0.qcow2"]
+    assert not [e for e in os.listdir(tree / "images" / "103") if e != "vm-103-disk-0.qcow2"]
+
+
+def test_a_base_is_made_beside_the_guests_disks_read_only_but_deletable_by_proxmox_ve(drv, tree):
+    vol = VolName(102, "vm-102-disk-0", "raw")
+    base = drv.free_base_name(vol)
+    assert drv.volid(base) == "local:102/base-102-disk-0.raw"
+    drv.make_base(vol, base)
+    path = tree / "images" / "102" / "base-102-disk-0.raw"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    flags = subprocess.run(["lsattr", "-d", str(path)], capture_output=True, text=True)
+    assert flags.returncode != 0 or "i" not in flags.stdout.split()[0]  # never immutable: Proxmox VE unlinks it
+    # disk-0 is taken by the template's base, disk-1 by the vmdk, as Proxmox VE numbers disks
+    assert drv.next_disk_name(102, "raw") == VolName(102, "vm-102-disk-2", "raw")
+    drv.unmake_base(base, vol)
+    assert drv.exists(vol) and not drv.exists(base)
+
+
+def test_names_stork_cannot_place_in_proxmox_ves_layout_are_refused(drv):
+    with pytest.raises(InvalidName, match="base-<vmid>-<name>"):
+        drv.volid(VolName(None, "debian-12", "raw"))
+    with pytest.raises(InvalidName):
+        drv.parse_volname("base/base-100-disk-0.qcow2")  # stork's own layout
+    with pytest.raises(InvalidName, match=r"raw\|qcow2"):
+        drv.parse_volname("102/vm-102-disk-1.vmdk")  # Proxmox VE writes vmdk too: stork reads none
+
+
+def test_the_volumes_a_proxmox_ve_guest_names_are_its_in_every_section(tmp_path):
+    etc = tmp_path / "etc-pve"
+    (etc / "nodes" / "pve1" / "qemu-server").mkdir(parents=True)
+    (etc / "nodes" / "pve2" / "lxc").mkdir(parents=True)
+    (etc / "nodes" / "pve1" / "qemu-server" / "101.conf").write_text(
+        "boot: order=scsi0\nscsi0: local:100/base-100-disk-0.qcow2/101/vm-101-disk-0.qcow2,size=64M\n"
+        "ide2: local:iso/debian.iso,media=cdrom\nunused0: local:101/vm-101-disk-3.raw\n"
+        "\n[before]\nscsi1: file=local:101/vm-101-disk-2.raw,size=1G\nvmstate: local:101/vm-101-state-before.raw\n")
+    (etc / "nodes" / "pve2" / "lxc" / "200.conf").write_text("rootfs: local:200/vm-200-disk-0.raw,size=8G\n")
+    assert pve.users(etc, "local", "101/vm-101-disk-0.qcow2") == ["Proxmox VE guest 101 (scsi0)"]
+    assert pve.users(etc, "local", "101/vm-101-disk-2.raw") == ["Proxmox VE guest 101 (before scsi1)"]
+    assert pve.users(etc, "local", "101/vm-101-disk-3.raw") == ["Proxmox VE guest 101 (unused0)"]
+    assert pve.users(etc, "local", "200/vm-200-disk-0.raw") == ["Proxmox VE guest 200 (rootfs)"]
+    assert pve.users(etc, "other", "200/vm-200-disk-0.raw") == []
+    (etc / "nodes" / "pve2" / "lxc" / "201.conf").write_text("rootfs local:201/vm-201-disk-0.raw\n")
+    with pytest.raises(InvalidName, match=r"201\.conf:1: not a Proxmox VE guest config line"):
+        pve.users(etc, "local", "200/vm-200-disk-0.raw")  # fails closed: it might name the volume
+    with pytest.raises(Refused, match="pve_config = \"\""):
+        pve.users(tmp_path / "absent", "local", "200/vm-200-disk-0.raw")
+
+
+def test_a_proxmox_ve_config_is_read_as_a_guest_with_notes():
+    guest = pve.parse(9000, "name: debian\ntemplate: 1\ncores: 2\nmemory: 2048\n"
+                            "scsi0: local:9000/base-9000-disk-0.qcow2,size=8G\n"
+                            "efidisk0: local:9000/base-9000-disk-1.raw,efitype=4m\n"
+                            "ide2: none,media=cdrom\nnet0: virtio=BC:24:11:00:00:01,bridge=vmbr0\n"
+                            "sata1: /dev/disk/by-id/ata-X\n", "9000.conf")
+    assert (guest.name, guest.template) == ("debian", True)
+    assert guest.disks == {"scsi0": "local:9000/base-9000-disk-0.qcow2", "efidisk0": "local:9000/base-9000-disk-1.raw"}
+    assert guest.notes == {"cores": "2", "memory": "2048", "ide2": "none,media=cdrom",
+                           "net0": "virtio=BC:24:11:00:00:01,bridge=vmbr0"}
+    assert guest.devices == {"sata1": "/dev/disk/by-id/ata-X"}  # import-pve refuses it: no volume to attach

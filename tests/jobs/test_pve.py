@@ -1,0 +1,159 @@
+"""A Proxmox VE directory storage adopted in place (storage `pve`: `layout = "pve"`, known to
+Proxmox VE as `local`, its guest configs in tests/conftest.py's PVE_ETC), through the CLI,
+the queue and real workers: a Proxmox VE template adopted, cloned, backed up and restored;
+every volume a Proxmox VE guest config names left as it is; every refusal of import-pve."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BASE, PVE_ETC
+from tests.helpers import PATTERN_MIB, qemu_io_write, qemu_same
+
+IMAGES = BASE / "pve" / "images"
+CONFIGS = PVE_ETC / "nodes" / "node1" / "qemu-server"
+
+
+def path_of(volid: str) -> Path:
+    return IMAGES / volid.split(":", 1)[1]
+
+
+def pve_disk(vmid: int, name: str, fmt: str = "qcow2", pattern: int = 0x5A, base: bool = False) -> Path:
+    """A disk as Proxmox VE makes it (a template's base read-only, as create_base leaves it)."""
+    (IMAGES / str(vmid)).mkdir(parents=True, exist_ok=True)
+    path = IMAGES / str(vmid) / f"{name}.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), "32M"], check=True)
+    qemu_io_write(path, fmt, 2 * PATTERN_MIB, PATTERN_MIB, pattern)
+    if base:
+        path.chmod(0o444)
+    return path
+
+
+@pytest.fixture
+def pve_config():
+    """Write a Proxmox VE guest config; removed after the test."""
+    written: list[Path] = []
+
+    def write(vmid: int, text: str, folder: Path = CONFIGS) -> Path:
+        path = folder / f"{vmid}.conf"
+        path.write_text(text)
+        written.append(path)
+        return path
+
+    yield write
+    for path in written:
+        path.unlink(missing_ok=True)
+
+
+def backing_of(path: Path) -> str:
+    out = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(path)], capture_output=True, check=True)
+    return json.loads(out.stdout).get("backing-filename", "")
+
+
+def test_a_proxmox_ve_template_is_adopted_cloned_backed_up_and_restored_in_place(stork, client, vmid, pve_config):
+    t, linked, full, restored = vmid(), vmid(), vmid(), vmid()
+    base = pve_disk(t, f"base-{t}-disk-0", base=True)
+    conf = pve_config(t, f"name: debian\ntemplate: 1\ncores: 2\nmemory: 2048\n"
+                         f"scsi0: local:{t}/base-{t}-disk-0.qcow2,size=32M\nnet0: virtio=BC:24:11:00:00:01\n")
+    code, out, err = stork("--json", "guest", "import-pve", conf)
+    assert code == 0, err
+    result = json.loads(out)["result"]
+    assert "cores: 2" in result["notes"] and "net0: virtio=BC:24:11:00:00:01" in result["notes"]
+    template = client.guest(t)
+    assert (template.template, template.name) == (True, "debian")
+    assert template.disks == {"scsi0": f"pve:{t}/base-{t}-disk-0.qcow2"}
+    assert base.stat().st_mode & 0o777 == 0o444  # attached where it is: no copy, no rename
+
+    code, _, err = stork("clone", t, linked)
+    assert code == 0, err
+    clone = client.guest(linked).disks["scsi0"]
+    assert clone == f"pve:{linked}/vm-{linked}-disk-0.qcow2"
+    assert backing_of(path_of(clone)) == f"../{t}/base-{t}-disk-0.qcow2"  # as `qm clone` writes it
+    assert qemu_same(base, path_of(clone))
+    code, out, _ = stork("--json", "volume", "info", f"pve:{t}/base-{t}-disk-0.qcow2/{linked}/vm-{linked}-disk-0.qcow2")
+    assert code == 0 and json.loads(out)["parent"] == f"pve:{t}/base-{t}-disk-0.qcow2"  # the long form, folded
+    code, out, _ = stork("--json", "volume", "list", "pve")
+    listed = {v["volid"]: v for v in json.loads(out)}
+    assert listed[f"pve:{t}/base-{t}-disk-0.qcow2"]["clones"] == [clone]
+
+    assert stork("clone", t, full, "--full")[0] == 0
+    copy = client.guest(full).disks["scsi0"]
+    assert copy.startswith(f"pve:{full}/vm-{full}-disk-0.") and qemu_same(base, path_of(copy))
+
+    code, out, err = stork("--json", "backup", linked, "--storage", "backup")
+    assert code == 0, err
+    code, _, err = stork("restore", json.loads(out)["result"]["backup"], restored)
+    assert code == 0, err
+    back = client.guest(restored).disks["scsi0"]
+    assert back.startswith(f"pve:{restored}/vm-{restored}-disk-0.") and qemu_same(base, path_of(back))
+
+    code, _, err = stork("volume", "free", f"pve:{t}/base-{t}-disk-0.qcow2")
+    assert code != 0 and f"in use by guest {t} (scsi0)" in err and base.exists()
+
+
+def test_a_volume_a_proxmox_ve_guest_names_is_never_freed_resized_or_made_a_base(stork, vmid, pve_config):
+    g = vmid()
+    disk = pve_disk(g, f"vm-{g}-disk-0", "raw")
+    volid = f"pve:{g}/vm-{g}-disk-0.raw"
+    before = disk.read_bytes()
+    pve_config(g, f"scsi0: local:{g}/vm-{g}-disk-0.raw,size=32M\n")
+    for args in (("volume", "free", volid), ("disk", "resize", volid, "64M"), ("base", volid)):
+        code, _, err = stork(*args)
+        assert code != 0 and f"in use by Proxmox VE guest {g} (scsi0)" in err, (args, err)
+    assert disk.read_bytes() == before
+    # a config that cannot be read might name it: refused, naming the config
+    broken = pve_config(vmid(), "this is no config line\n")
+    code, _, err = stork("volume", "free", volid)
+    assert code != 0 and "cannot tell whether" in err and str(broken) in err
+    broken.unlink()
+    (CONFIGS / f"{g}.conf").unlink()  # Proxmox VE forgot the guest: the volume is stork's to free
+    code, _, err = stork("volume", "free", volid)
+    assert code == 0, err
+    assert not disk.exists()
+
+
+def test_an_adopted_disk_cannot_be_adopted_twice(stork, vmid, pve_config):
+    g, again = vmid(), vmid()
+    pve_disk(g, f"vm-{g}-disk-0", "raw")
+    conf = pve_config(g, f"scsi0: local:{g}/vm-{g}-disk-0.raw\n")
+    assert stork("guest", "import-pve", conf)[0] == 0
+    code, _, err = stork("guest", "import-pve", conf, "--vmid", again)
+    assert code != 0 and f"is in use by guest {g} (scsi0)" in err
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ("scsi0: local-lvm:vm-{g}-disk-0,size=8G\n", "on storage 'local-lvm', which no storage of stork adopts"),
+    ("scsi0: local:{g}/vm-{g}-disk-0.raw\nsata1: /dev/disk/by-id/ata-X\n",
+     "sata1 = /dev/disk/by-id/ata-X is no volume"),
+    ("template: 1\nscsi0: local:{g}/vm-{g}-disk-0.raw\n", "is not a base image, and the guest is a template"),
+    ("scsi0: local:{g}/vm-{g}-disk-7.raw\n", "unknown volume pve:{g}/vm-{g}-disk-7.raw"),
+    ("scsi0: local:{g}/vm-{g}-disk-1.vmdk\n", "invalid volume name"),
+    ("cores: 2\nide2: none,media=cdrom\n", "the guest has no disk on a storage stork adopts"),
+    ("scsi0 local:{g}/vm-{g}-disk-0.raw\n", ":1: not a Proxmox VE guest config line"),
+], ids=["unknown-storage", "host-device", "template-of-no-base", "missing-volume", "vmdk", "no-disk", "broken"])
+def test_import_pve_refuses_with_one_line_and_changes_nothing(stork, client, vmid, pve_config, config, message):
+    g = vmid()
+    pve_disk(g, f"vm-{g}-disk-0", "raw")
+    conf = pve_config(g, config.format(g=g))
+    before = sorted(os.listdir(IMAGES / str(g)))
+    code, _, err = stork("guest", "import-pve", conf)
+    assert code != 0 and message.format(g=g) in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(IMAGES / str(g))) == before
+    assert stork("guest", "show", g)[0] != 0  # no guest made
+
+
+def test_import_pve_wants_a_guest_id_and_a_free_one(stork, vmid, tmp_path, pve_config):
+    g = vmid()
+    pve_disk(g, f"vm-{g}-disk-0", "raw")
+    named = tmp_path / "exported.conf"
+    named.write_text(f"scsi0: local:{g}/vm-{g}-disk-0.raw\n")
+    code, _, err = stork("guest", "import-pve", named)
+    assert code != 0 and "not named <vmid>.conf: give the guest id (--vmid)" in err
+    assert stork("guest", "import-pve", named, "--vmid", g)[0] == 0
+    code, _, err = stork("guest", "import-pve", pve_config(g, f"scsi0: local:{g}/vm-{g}-disk-0.raw\n"))
+    assert code != 0 and f"guest {g} already exists" in err
