@@ -31,7 +31,8 @@ from drivers.errors import AlreadyExists, ConfigError, InvalidName, LockTimeout,
 from drivers.flock import file_lock, fsync_dir, open_making_dirs
 from drivers.guest_index import VolumeIndex, stat_is_fresh
 
-KEYS = ("name", "node", "template", "lock", "lock_job", "unused", "disks", "replicas")
+KEYS = ("name", "node", "template", "lock", "lock_job", "notes", "unused", "disks", "replicas")
+MAX_NOTES = 1024
 REPLICA_KEYS = ("of", "identity", "node")
 
 
@@ -43,6 +44,7 @@ class Guest:
     template: bool = False
     lock: str = ""  # the job kind holding the guest, "" when free
     lock_job: str = ""  # the id of the job holding the lock
+    notes: str = ""  # what an import read of the guest that stork does not use (CPUs, memory, networks)
     disks: dict[str, str] = field(default_factory=dict)  # disk key -> volume id
     unused: tuple[str, ...] = ()  # volumes kept after a move, no longer attached
     # a template's replicas: read-only copies of its bases on other nodes' storages, each
@@ -100,6 +102,8 @@ def dumps(guest: Guest) -> str:
     if guest.lock or guest.lock_job:
         lines.append(f"lock = {_toml_value(guest.lock)}")
         lines.append(f"lock_job = {_toml_value(guest.lock_job)}")
+    if guest.notes:
+        lines.append(f"notes = {_toml_value(guest.notes)}")
     if guest.unused:
         lines.append(f"unused = {_toml_value(list(guest.unused))}")
     lines.append("")
@@ -228,10 +232,16 @@ def _checked(vmid: int, data: dict[str, object]) -> Guest:
         template=template,
         lock=_text("lock", data.get("lock", ""), "a string"),
         lock_job=_text("lock_job", data.get("lock_job", ""), "a string"),
+        notes=_text("notes", data.get("notes", ""), f"one line of at most {MAX_NOTES} printable characters", _notes),
         disks=dict(disks),
         unused=tuple(unused),
         replicas={volid: dict(replica) for volid, replica in replicas.items()},
     )
+
+
+def _notes(text: str) -> None:
+    if len(text) > MAX_NOTES or not text.isprintable():
+        raise InvalidName(f"expected one line of at most {MAX_NOTES} printable characters")
 
 
 def loads(vmid: int, text: str, file: Path) -> Guest:

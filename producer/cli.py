@@ -196,7 +196,7 @@ def cmd_volume_info(args: argparse.Namespace, client: Client) -> int:
 
 def _guest_dict(g: Any) -> dict[str, Any]:
     return {"vmid": g.vmid, "name": g.name, "node": g.node, "template": g.template, "lock": g.lock,
-            "disks": g.disks, "unused": list(g.unused), "replicas": g.replicas}
+            "disks": g.disks, "unused": list(g.unused), "replicas": g.replicas, "notes": g.notes}
 
 
 def cmd_template_replicas(args: argparse.Namespace, client: Client) -> int:

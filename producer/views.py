@@ -88,6 +88,7 @@ def guests(found: Iterable[Guest], broken: Iterable[tuple[Path, str]]) -> str:
 def guest(g: Guest) -> str:
     return _fields([("guest", g.vmid), ("name", g.name), ("node", g.node), ("template", g.template),
                     ("lock", f"{g.lock} (job {g.lock_job})" if g.lock else ""),
+                    ("notes", g.notes),
                     *g.disks.items(), *((f"unused{i}", v) for i, v in enumerate(g.unused)),
                     *((f"replica of {r['of']}", f"{v} (node {r['node']})") for v, r in sorted(g.replicas.items()))])
 

@@ -131,6 +131,7 @@ class TestGuests:
         assert json.loads(out)["result"]["notes"] == "OVF: 2 CPUs, memory 4096 byte * 2^20, network VM Network (E1000)"
         guest = json.loads(stork("--json", "guest", "show", g)[1])
         assert guest["name"] == "vendor-app" and sorted(guest["disks"]) == ["sata2", "scsi0"]
+        assert guest["notes"].startswith("OVF: 2 CPUs")  # kept in the guest's config
         assert qemu_same(disks[0][0], volume_path(guest["disks"]["scsi0"]))
         assert qemu_same(disks[1][0], volume_path(guest["disks"]["sata2"]))
 

@@ -65,7 +65,8 @@ def test_a_proxmox_ve_template_is_adopted_cloned_backed_up_and_restored_in_place
     result = json.loads(out)["result"]
     assert "cores: 2" in result["notes"] and "net0: virtio=BC:24:11:00:00:01" in result["notes"]
     template = client.guest(t)
-    assert (template.template, template.name) == (True, "debian")
+    assert (template.template, template.name) == (True, "debian") and "memory: 2048" in template.notes
+    assert "memory: 2048" in stork("guest", "show", t)[1]  # kept in its config, and shown
     assert template.disks == {"scsi0": f"pve:{t}/base-{t}-disk-0.qcow2"}
     assert base.stat().st_mode & 0o777 == 0o444  # attached where it is: no copy, no rename
 

@@ -103,6 +103,9 @@ GOOD = 'name = "web"\nnode = "node1"\ntemplate = false\n\n[disks]\nscsi0 = "loca
     ('node = "node1"\n[disks]\nfloppy0 = "local:101/vm-101-disk-0.raw"\n', "disks: invalid disk 'floppy0'"),
     ('node = "node1"\nunused = "local:101/vm-101-disk-1.raw"\n', "expected a list of volume ids"),
     ('node = "node1"\nunused = ["local:101/vm-101-disk-1.raw", ":x"]\n', 'unused[1] = ":x": invalid'),
+    ('node = "node1"\nnotes = "a\\nb"\n', 'notes = "a\\nb": expected one line of at most 1024 printable'),
+    ('node = "node1"\n[disks]\nscsi0 = "pve:100/base-100-disk-0.qcow2/101/vm-101-disk-0.qcow2"\n',
+     "the long form of a linked clone's volume id: write it pve:101/vm-101-disk-0.qcow2"),
 ])
 def test_a_broken_config_makes_read_raise_one_line_naming_the_file(store, text, problem):
     """Invalid TOML, an unknown key, a wrong type or a bad volume id is a ConfigError naming the file."""
@@ -265,7 +268,7 @@ def test_guest_list_shows_a_broken_config_as_a_row(store, capsys):
     assert lines[1].split()[:5] == ["100", "web", "node1", "guest", "0"]
     assert lines[2].split()[:2] == ["101", "BROKEN"] and lines[2].endswith(
         f"{broken}: broken guest config: unknown key 'bogus' (expected one of: "
-        "name, node, template, lock, lock_job, unused, disks, replicas)")
+        "name, node, template, lock, lock_job, notes, unused, disks, replicas)")
     assert lines[3].split()[:2] == ["abc", "BROKEN"]
     assert f"{store.dir / 'abc.toml'}: broken guest config: file name" in lines[3]
 
@@ -274,7 +277,7 @@ def test_guest_list_shows_a_broken_config_as_a_row(store, capsys):
     assert [r["vmid"] for r in rows] == [100, 101, "abc"]
     assert rows[0]["name"] == "web"
     assert rows[1] == {"vmid": 101, "broken": f"{broken}: broken guest config: unknown key 'bogus' (expected one of: "
-                                              "name, node, template, lock, lock_job, unused, disks, replicas)"}
+                                              "name, node, template, lock, lock_job, notes, unused, disks, replicas)"}
 
 
 def test_a_config_or_lock_file_that_is_a_symlink_or_fifo_is_never_followed(tmp_path):

@@ -629,12 +629,13 @@ def commit_new_guest(ctx: StepContext) -> None:
     vmid = ctx.params["new_vmid"]
     with ctx.guests.editing(vmid) as box:
         if box[0].lock_job == ctx.job.id:
-            box[0] = box[0].with_(disks=dict(ctx.data.get("made", {})), lock="", lock_job="")
+            box[0] = box[0].with_(disks=dict(ctx.data.get("made", {})), lock="", lock_job="", **_notes(ctx))
     ctx.set_result(vmid=vmid, disks=ctx.data.get("made", {}), **_notes(ctx))
 
 
 def _notes(ctx: StepContext) -> dict[str, str]:
-    """What an imported OVA described that stork does not use (memory, CPUs, networks)."""
+    """What an imported OVA or Proxmox VE config described that stork does not use (memory,
+    CPUs, networks): kept in the new guest's config and shown in the job's result."""
     return {"notes": ctx.params["notes"]} if ctx.params.get("notes") else {}
 
 
@@ -717,7 +718,8 @@ def commit_adopted(ctx: StepContext) -> None:
                 raise Refused(f"{volid} is in use by {', '.join(found)}")
     with ctx.guests.editing(vmid) as box:
         if box[0].lock_job == ctx.job.id:
-            box[0] = box[0].with_(disks=dict(attach), unused=tuple(unused), template=template, lock="", lock_job="")
+            box[0] = box[0].with_(disks=dict(attach), unused=tuple(unused), template=template, lock="", lock_job="",
+                                  **_notes(ctx))
     ctx.set_result(vmid=vmid, template=template, disks=attach, **_notes(ctx))
 
 
@@ -727,7 +729,7 @@ def commit_template_copy(ctx: StepContext) -> None:
     disks = {key: pair[1] for key, pair in ctx.data.get("based", {}).items()}
     with ctx.guests.editing(vmid) as box:
         if box[0].lock_job == ctx.job.id:
-            box[0] = box[0].with_(disks=disks, template=True, lock="", lock_job="")
+            box[0] = box[0].with_(disks=disks, template=True, lock="", lock_job="", **_notes(ctx))
     ctx.set_result(vmid=vmid, template=True, disks=disks, **_notes(ctx))
 
 
