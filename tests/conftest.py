@@ -120,6 +120,7 @@ path = "pve"
 layout = "pve"
 pve_id = "local"
 pve_config = "{PVE_ETC}"
+pve_locks = "{BASE / 'pve-locks'}"
 [storage.backup]
 type = "chunkstore"
 path = "backup"

@@ -23,6 +23,7 @@ import redis
 import structlog
 from redis.exceptions import LockError
 
+from drivers import driver_for
 from drivers.config import Config, StorageConfig
 from drivers.errors import LockTimeout, StorkError
 from drivers.flock import POLL, file_lock
@@ -86,7 +87,11 @@ class RedisLease(Lease):
 def storage_lock(cfg: Config, r: redis.Redis, storage: StorageConfig) -> Iterator[Lease]:
     what = f"storage {storage.id!r}"
     if not storage.shared:
-        with file_lock(cfg.locks_dir / f"storage-{storage.id}.lock", cfg.lock_timeout, what):
+        with contextlib.ExitStack() as held:
+            held.enter_context(file_lock(cfg.locks_dir / f"storage-{storage.id}.lock", cfg.lock_timeout, what))
+            # another manager's lock of the same volumes (Proxmox VE's), after ours: no cycle
+            if "images" in storage.content and (theirs := driver_for(storage).foreign_lock()) is not None:
+                held.enter_context(file_lock(theirs, cfg.lock_timeout, f"{what} (Proxmox VE's lock {theirs})"))
             yield Lease()
         return
     lease = RedisLease(r, f"storage:{storage.id}", cfg.lock_timeout, what)

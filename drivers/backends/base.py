@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from drivers import names, qemu
@@ -200,6 +201,11 @@ class Driver(ABC):
     def foreign_id(self) -> str | None:
         """The id another manager of the same volumes knows this storage by (Proxmox VE's, on a
         directory of its layout), for guests adopted from it; None where there is none."""
+        return None
+
+    def foreign_lock(self) -> Path | None:
+        """The lock file another manager of the same volumes holds while it names, makes or
+        frees one (Proxmox VE's, on a directory of its layout): taken with stork's own."""
         return None
 
     def foreign_users(self, vol: VolName) -> list[str]:

@@ -127,7 +127,10 @@ class DirDriver(Driver):
                # stork), or false on a storage no Proxmox VE uses any more; and this storage's id there
                "pve_config": Option(_pve_config, "an absolute path (Proxmox VE's /etc/pve) or false",
                                     default="/etc/pve"),
-               "pve_id": Option(_pve_id, "a Proxmox VE storage id")}
+               "pve_id": Option(_pve_id, "a Proxmox VE storage id"),
+               # layout pve, a storage of one node: Proxmox VE's lock of it is taken with stork's
+               "pve_locks": Option(_pve_config, "an absolute path (Proxmox VE's /var/lock/pve-manager) or false",
+                                   default="/var/lock/pve-manager")}
 
     def __init__(self, config: StorageConfig) -> None:
         super().__init__(config)
@@ -158,6 +161,14 @@ class DirDriver(Driver):
         if self.layout is not LAYOUTS["pve"]:
             return None
         return str(self.storage.options.get("pve_id") or self.storage.id)
+
+    def foreign_lock(self) -> Path | None:
+        """Proxmox VE's lock of a storage of one node (pve-storage's cluster_lock_storage): it
+        holds it while it names, allocates, clones or frees a volume, as stork holds its own."""
+        where, pve_id = self.storage.options.get("pve_locks"), self.foreign_id()
+        if pve_id is None or not where or self.storage.shared:
+            return None
+        return Path(where) / f"pve-storage-{pve_id}"
 
     def foreign_users(self, vol: VolName) -> list[str]:
         """Proxmox VE guests whose configs name the volume, on a storage of its layout."""

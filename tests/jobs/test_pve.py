@@ -5,9 +5,11 @@ every volume a Proxmox VE guest config names left as it is; every refusal of imp
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,21 @@ def test_import_pve_wants_a_guest_id_and_a_free_one(stork, vmid, tmp_path, pve_c
     assert stork("guest", "import-pve", named, "--vmid", g)[0] == 0
     code, _, err = stork("guest", "import-pve", pve_config(g, f"scsi0: local:{g}/vm-{g}-disk-0.raw\n"))
     assert code != 0 and f"guest {g} already exists" in err
+
+
+def test_stork_takes_proxmox_ves_lock_of_the_storage_with_its_own(stork, client, vmid):
+    """Proxmox VE holds /var/lock/pve-manager/pve-storage-<id> while it names and makes a volume
+    (and qemu-img create would truncate one stork had just made): a job waits for it."""
+    g = vmid()
+    lock = BASE / "pve-locks" / "pve-storage-local"
+    lock.parent.mkdir(exist_ok=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, out, err = stork("guest", "create", g, "--disk", "scsi0=pve:32M", "--no-wait")
+        assert code == 0, err
+        job = out.strip()
+        time.sleep(3)  # a create takes well under a second here: it is waiting for the lock
+        assert client.job(job).state == "running" and not (IMAGES / str(g)).exists()
+    code, _, err = stork("job", "watch", job)
+    assert code == 0, err
+    assert client.job(job).state == "succeeded" and client.guest(g).disks == {"scsi0": f"pve:{g}/vm-{g}-disk-0.raw"}
