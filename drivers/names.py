@@ -216,23 +216,21 @@ def from_flat_name(text: str) -> VolName | None:
 # own path), so a volume has one spelling in guest configs, job records and in-use checks.
 
 _PVE_FILE = re.compile(r"(?P<folder>[0-9]+)/(?P<stem>(?P<prefix>vm|base)-(?P<vmid>[0-9]+)-[^/]+)\.(?P<fmt>[a-z0-9]+)")
-_PVE_LONG = re.compile(r"(?P<base>[0-9]+/base-[^/]+)/(?P<own>[0-9]+/[^/]+)")
+_PVE_LONG = re.compile(r"(?P<base>[0-9]+/[^/]+)/(?P<own>[0-9]+/[^/]+)")
 
 
 def pve_volname(text: str) -> VolName:
     """Parse a volname of Proxmox VE's layout: `<vmid>/vm-<vmid>-<name>.<fmt>` (a disk),
     `<vmid>/base-<vmid>-<name>.<fmt>` (a base), or a linked clone's long form
-    `<vmid>/base-<vmid>-<name>.<fmt>/<vmid>/vm-<vmid>-<name>.<fmt>` (read as its short form, the
-    second half; the base is read from the image). Stricter than Proxmox VE: a disk's and a
+    `<vmid>/base-<vmid>-<name>.<fmt>/<vmid>/<vm|base>-<vmid>-<name>.<fmt>` (read as its short
+    form, the second half; the base is read from the image). Stricter than Proxmox VE: a disk's and a
     base's name carry the guest id of their folder, and the format is one stork writes."""
     if not isinstance(text, str) or not text.isascii():
         raise _pve_bad(text)
     if (long := _PVE_LONG.fullmatch(text)) is not None:
-        pve_volname(long["base"])  # a base that is not a base: the long form names no volume
-        vol = pve_volname(long["own"])
-        if vol.is_base:
-            raise _pve_bad(text)  # a base is no linked clone
-        return vol
+        if not pve_volname(long["base"]).is_base:
+            raise _pve_bad(text)  # a base that is no base (Proxmox VE reads it): the long form names no clone
+        return pve_volname(long["own"])  # a disk, or a base made of a linked clone (a template's of a clone)
     match = _PVE_FILE.fullmatch(text)
     if match is None or match["fmt"] not in FORMATS or ".." in text or match["folder"] != match["vmid"]:
         raise _pve_bad(text)

@@ -25,9 +25,11 @@ MAX_CONFIG = 1 << 20  # Proxmox VE's own limit on a config file is 512 KiB
 # every key whose value may name a volume: a qemu guest's disks, an LXC's root and mount
 # points, unused volumes, a snapshot's saved RAM
 _VOLUME_KEY = re.compile(r"(?:ide|sata|scsi|virtio|efidisk|tpmstate|unused|mp)[0-9]+|rootfs|vmstate")
-_LINE = re.compile(r"(?P<key>[a-z][a-z0-9_-]*):\s*(?P<value>.*)")
+_LINE = re.compile(r"(?P<key>[a-z][a-z0-9_.-]*):\s*(?P<value>.*)")  # lxc.cgroup2.devices.allow: ...
 _SECTION = re.compile(r"\[(?P<name>[^\]]+)\]")
 _PVE_STORAGE = re.compile(r"[a-z][a-z0-9._-]*[a-z0-9]")
+_STORAGE_HEAD = re.compile(r"(?P<type>[a-z0-9]+):\s*(?P<id>\S+)\s*")  # storage.cfg: `dir: local`
+_NO_VOLUME = ("", "none", "cdrom")
 
 
 @dataclass(frozen=True)
@@ -40,28 +42,40 @@ class PveGuest:
     disks: dict[str, str] = field(default_factory=dict)  # slot -> volume id (short form), disks only
     unused: tuple[str, ...] = ()
     notes: dict[str, str] = field(default_factory=dict)  # every other key of the current config, as written
-    volumes: tuple[tuple[str, str], ...] = ()  # (where, volume id) of every section: what it keeps in use
+    references: tuple[tuple[str, str], ...] = ()  # (where, value) of every volume key in every section
     devices: dict[str, str] = field(default_factory=dict)  # disk slots of no volume: a host device or path
 
 
+def target_of(value: str) -> str:
+    """What a disk's value (a property string) names: its `file=`, else its first item without a
+    key: a volume id, a path, or `none`/`cdrom`."""
+    items = [item.strip() for item in value.split(",")]
+    for item in items:
+        if item.startswith("file="):
+            return item.removeprefix("file=")
+    return "" if "=" in items[0] else items[0]
+
+
+def _short(volname: str) -> str:
+    """A volname in its short form: a linked clone's `<base>/<own>` is its own half (as
+    Proxmox VE's path of it is), whatever the first half says."""
+    parts = volname.split("/")
+    return "/".join(parts[2:]) if len(parts) == 4 else volname
+
+
 def volume_of(value: str) -> str | None:
-    """The volume id a disk's value names, in its short form; None for none (`none`, a CD-ROM
-    drive without a medium, a host device `/dev/...`)."""
-    first = value.split(",", 1)[0].strip()
-    first = first.removeprefix("file=")
-    storage, colon, volname = first.partition(":")
+    """The volume id a disk's value names, in its short form; None for no volume (`none`, an
+    empty CD-ROM drive, a host device or path)."""
+    storage, colon, volname = target_of(value).partition(":")
     if not colon or not _PVE_STORAGE.fullmatch(storage) or not volname:
         return None
-    try:
-        return names.short_volid(first)
-    except InvalidName:
-        return None
+    return f"{storage}:{_short(volname)}"
 
 
 def parse(vmid: int, text: str, where: str) -> PveGuest:
     """A config's text; InvalidName naming `where` and the line for one that does not parse."""
     current: dict[str, str] = {}
-    volumes: list[tuple[str, str]] = []
+    references: list[tuple[str, str]] = []
     section = ""
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -74,22 +88,21 @@ def parse(vmid: int, text: str, where: str) -> PveGuest:
         if match is None:
             raise InvalidName(f"{where}:{n}: not a Proxmox VE guest config line: {raw[:80]!r}")
         key, value = match["key"], match["value"]
-        if _VOLUME_KEY.fullmatch(key) and (volid := volume_of(value)) is not None:
-            volumes.append((f"{section} {key}" if section else key, volid))
+        if _VOLUME_KEY.fullmatch(key):
+            references.append((f"{section} {key}" if section else key, value))
         if not section:
             current[key] = value
     slots = {key: value for key, value in current.items()
              if _VOLUME_KEY.fullmatch(key) and not key.startswith("unused") and key != "vmstate"
              and "media=cdrom" not in value}
     disks = {key: volid for key, value in slots.items() if (volid := volume_of(value)) is not None}
-    devices = {key: value for key, value in slots.items()
-               if key not in disks and value.split(",", 1)[0].removeprefix("file=") != "none"}
+    devices = {key: value for key, value in slots.items() if key not in disks and target_of(value) not in _NO_VOLUME}
     unused = tuple(volid for key, value in sorted(current.items())
                    if key.startswith("unused") and (volid := volume_of(value)) is not None)
     kept = {"name", "template"} | set(disks) | set(devices) | {k for k in current if k.startswith("unused")}
     return PveGuest(vmid=vmid, name=current.get("name", ""), template=current.get("template", "0").strip() == "1",
                     disks=disks, unused=unused, notes={k: v for k, v in current.items() if k not in kept},
-                    volumes=tuple(volumes), devices=devices)
+                    references=tuple(references), devices=devices)
 
 
 def notes_text(notes: dict[str, str]) -> str:
@@ -121,18 +134,59 @@ def read(path: Path, vmid: int | None = None) -> PveGuest:
     return parse(vmid, text, str(path))
 
 
-def users(config_dir: Path, storage: str, volname: str) -> list[str]:
-    """The Proxmox VE guests (of every node) whose configs name `storage:volname` (short form),
+def storage_ids(config_dir: Path, path: Path) -> tuple[str, ...]:
+    """Proxmox VE's ids of the storage at `path`: each section of `<config_dir>/storage.cfg`
+    whose `path` is it (as the file system resolves both). Fails closed: Refused when the file
+    cannot be read, or names no storage there."""
+    cfg = config_dir / "storage.cfg"
+    try:
+        text = cfg.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise Refused(f"cannot read Proxmox VE's storages in {cfg}: {getattr(e, 'strerror', None) or e} (set "
+                      "pve_config = false on a storage no Proxmox VE uses)") from None
+    sections: dict[str, str] = {}  # storage id -> its path
+    current = None
+    for line in text.splitlines():
+        if (head := _STORAGE_HEAD.fullmatch(line)) is not None:
+            current = head["id"]
+        elif current is not None and line[:1] in (" ", "\t"):  # a property of the section: `<tab>path /x`
+            key, _, value = line.strip().partition(" ")
+            if key == "path":
+                sections[current] = value.strip()
+    here = os.path.realpath(path)
+    found = tuple(sorted(sid for sid, where in sections.items() if where and os.path.realpath(where) == here))
+    if not found:
+        raise Refused(f"no storage in {cfg} has path {path}: set pve_config = false on a storage no Proxmox VE uses")
+    return found
+
+
+def _names(value: str, ids: tuple[str, ...], file: str, volname: str) -> bool:
+    """Whether a volume key's value names the volume (`ids:volname`, or its file by path);
+    Refused for a value that is none of a volume id, a path or no volume (it might name it)."""
+    target = target_of(value)
+    if target in _NO_VOLUME:
+        return False
+    if target.startswith("/"):
+        return os.path.realpath(target) == file
+    storage, colon, rest = target.partition(":")
+    if colon and _PVE_STORAGE.fullmatch(storage) and rest:
+        return storage in ids and _short(rest) == volname
+    raise Refused(f"cannot read {value!r} as a volume")
+
+
+def users(config_dir: Path, ids: tuple[str, ...], images: Path, volname: str) -> list[str]:
+    """The Proxmox VE guests (of every node) whose configs name `volname`, the volume at
+    `images/<volname>`, by a volume id of one of Proxmox VE's `ids` of its storage or by path,
     each as `Proxmox VE guest <vmid> (<where>)`. Fails closed: Refused naming what could not be
     read (a config that cannot be read might name the volume)."""
-    wanted = f"{storage}:{volname}"
+    file = os.path.join(os.path.realpath(images), volname)
     nodes = config_dir / "nodes"
     found = []
     try:
         node_names = sorted(os.listdir(nodes))
     except OSError as e:
-        raise Refused(f"cannot read Proxmox VE's guest configs in {nodes}: {e.strerror or e} (set pve_config = \"\" "
-                      "on a storage no Proxmox VE uses any more)") from None
+        raise Refused(f"cannot read Proxmox VE's guest configs in {nodes}: {e.strerror or e} (set pve_config = false "
+                      "on a storage no Proxmox VE uses)") from None
     for node in node_names:
         for kind in ("qemu-server", "lxc"):
             folder = nodes / node / kind
@@ -142,11 +196,35 @@ def users(config_dir: Path, storage: str, volname: str) -> list[str]:
                 continue
             except OSError as e:
                 raise Refused(f"cannot read Proxmox VE's guest configs in {folder}: {e.strerror or e}") from None
-            for file in files:
-                if not file.endswith(".conf"):
+            for conf in files:
+                if not conf.endswith(".conf"):
                     continue
-                vmid = file.removesuffix(".conf")
+                vmid = conf.removesuffix(".conf")
                 with contextlib.suppress(NotFound):  # removed since the listing
-                    guest = read(folder / file, int(vmid) if vmid.isdigit() else 0)
-                    found += [f"Proxmox VE guest {vmid} ({where})" for where, volid in guest.volumes if volid == wanted]
+                    guest = read(folder / conf, int(vmid) if vmid.isdigit() else 0)
+                    try:
+                        found += [f"Proxmox VE guest {vmid} ({where})" for where, value in guest.references
+                                  if _names(value, ids, file, volname)]
+                    except Refused as e:
+                        raise Refused(f"{folder / conf}: {e}") from None
     return found
+
+
+def guest_config(config_dir: Path, vmid: int) -> Path | None:
+    """The config of Proxmox VE's guest `vmid` on any node, if there is one (fails closed)."""
+    nodes = config_dir / "nodes"
+    try:
+        node_names = sorted(os.listdir(nodes))
+    except OSError as e:
+        raise Refused(f"cannot read Proxmox VE's guest configs in {nodes}: {e.strerror or e}") from None
+    for node in node_names:
+        for kind in ("qemu-server", "lxc"):
+            path = nodes / node / kind / f"{vmid}.conf"
+            try:
+                os.lstat(path)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise Refused(f"cannot read {path}: {e.strerror or e}") from None
+            return path
+    return None

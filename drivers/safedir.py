@@ -18,6 +18,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import secrets
 import stat
 import struct
@@ -27,6 +28,8 @@ from pathlib import Path
 from drivers.errors import AlreadyExists, NotFound, Refused
 
 _FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# temp_file's names, `.<name>.<token>.tmp`, and an older stork's of a volume, without the token
+_TEMP = re.compile(r"\..+\.[0-9a-f]{16}\.tmp|\..+\.(?:raw|qcow2)\.tmp")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOT_FOLLOWED = (errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENXIO)
 
@@ -173,8 +176,8 @@ class SafeDir:
     def sweep_temps(folder: int) -> None:
         """Remove temp files left in `folder` by a writer that died. Call it under the storage
         lock, which every writer of temp files holds: any temp file there then is stale."""
-        with os.scandir(folder) as entries:
-            stale = [e.name for e in entries if e.name.startswith(".") and e.name.endswith(".tmp")]
+        with os.scandir(folder) as entries:  # stork's own names only: a folder may be Proxmox VE's too
+            stale = [e.name for e in entries if _TEMP.fullmatch(e.name)]
         for name in stale:
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.unlink(name, dir_fd=folder)

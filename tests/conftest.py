@@ -68,10 +68,12 @@ address = "{netns.HOST_IP}"
 [nodes.far]
 address = "{netns.NS_IP}"
 """
-# Proxmox VE's /etc/pve for storage `pve` (a dir storage of its layout, known there as `local`):
+# Proxmox VE's /etc/pve for storage `pve` (a dir storage of its layout, `local` in its storage.cfg):
 # guest configs the tests write name volumes stork must leave alone
 PVE_ETC = BASE / "pve-etc"
 (PVE_ETC / "nodes" / "node1" / "qemu-server").mkdir(parents=True)
+(PVE_ETC / "storage.cfg").write_text(f"dir: local\n\tpath {BASE / 'pve'}\n\tcontent images,rootdir\n\n"
+                                     "lvmthin: local-lvm\n\tthinpool data\n\tvgname pve\n\tcontent images\n")
 create_key(BASE / "secret.key")  # the encrypted backup storage `secret`'s key
 make_cluster_key(BASE / "cluster.psk")  # authenticates and encrypts copies between node1 and node2
 WEBHOOK, MAILBOX = alerts.Webhook(), alerts.Mailbox()  # where the session's alerts go (tests/alerts.py)
@@ -118,7 +120,6 @@ path = "small"
 type = "dir"
 path = "pve"
 layout = "pve"
-pve_id = "local"
 pve_config = "{PVE_ETC}"
 pve_locks = "{BASE / 'pve-locks'}"
 [storage.backup]

@@ -89,9 +89,9 @@ def storage_lock(cfg: Config, r: redis.Redis, storage: StorageConfig) -> Iterato
     if not storage.shared:
         with contextlib.ExitStack() as held:
             held.enter_context(file_lock(cfg.locks_dir / f"storage-{storage.id}.lock", cfg.lock_timeout, what))
-            # another manager's lock of the same volumes (Proxmox VE's), after ours: no cycle
-            if "images" in storage.content and (theirs := driver_for(storage).foreign_lock()) is not None:
-                held.enter_context(file_lock(theirs, cfg.lock_timeout, f"{what} (Proxmox VE's lock {theirs})"))
+            # another manager's locks of the same volumes (Proxmox VE's), after ours: no cycle
+            for theirs in driver_for(storage).foreign_locks() if "images" in storage.content else ():
+                held.enter_context(file_lock(theirs, cfg.lock_timeout, f"{what} (lock {theirs})"))
             yield Lease()
         return
     lease = RedisLease(r, f"storage:{storage.id}", cfg.lock_timeout, what)

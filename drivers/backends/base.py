@@ -198,20 +198,23 @@ class Driver(ABC):
     def volid(self, vol: VolName) -> str:
         return f"{self.storage.id}:{vol}"
 
-    def foreign_id(self) -> str | None:
-        """The id another manager of the same volumes knows this storage by (Proxmox VE's, on a
-        directory of its layout), for guests adopted from it; None where there is none."""
-        return None
+    # ---- another manager of the same volumes (Proxmox VE, on a directory of its layout) ----
+    def foreign_ids(self) -> tuple[str, ...]:
+        """The ids the other manager knows this storage by (for guests adopted from it)."""
+        return ()
 
-    def foreign_lock(self) -> Path | None:
-        """The lock file another manager of the same volumes holds while it names, makes or
-        frees one (Proxmox VE's, on a directory of its layout): taken with stork's own."""
-        return None
+    def foreign_locks(self) -> list[Path]:
+        """Lock files it holds while it names, makes or frees a volume: taken with stork's own."""
+        return []
 
     def foreign_users(self, vol: VolName) -> list[str]:
-        """Users of the volume that stork does not manage but the storage knows of (Proxmox VE's
-        guests, on a directory of its layout), each named; StorkError when they cannot be read."""
+        """Its guests that use the volume, each named; StorkError when they cannot be read."""
         return []
+
+    def foreign_guest(self, vmid: int) -> str | None:
+        """Whose the guest id is, if the other manager has a guest of that id (its volumes would
+        share a folder with stork's guest's)."""
+        return None
 
     def require_existing(self, vol: VolName) -> None:
         if not self.exists(vol):
@@ -250,6 +253,11 @@ class Driver(ABC):
         """`100/vm-100-disk-0.raw` becomes `base/base-100-disk-0.raw` (Proxmox-style)."""
         stem = vol.name.removeprefix("vm-") if vol.owner is not None else vol.name
         return VolName(None, f"base-{stem}", vol.fmt)
+
+    def named_base(self, vol: VolName, name: str) -> VolName:
+        """The base `vol` becomes under a name the user chose; InvalidName where the storage
+        cannot give it that name."""
+        return VolName(None, name, vol.fmt)
 
     def free_base_name(self, vol: VolName) -> VolName:
         """`default_base_name(vol)`, or where a volume holds that name (the base of a template

@@ -100,11 +100,6 @@ def _pve_config(v: object) -> bool:
     return v is False or (isinstance(v, str) and v.startswith("/") and "\0" not in v)
 
 
-def _pve_id(v: object) -> bool:
-    try:
-        return names.storage_id(v) == v  # type: ignore[arg-type]
-    except names.InvalidName:
-        return False
 
 
 class DirDriver(Driver):
@@ -127,7 +122,6 @@ class DirDriver(Driver):
                # stork), or false on a storage no Proxmox VE uses any more; and this storage's id there
                "pve_config": Option(_pve_config, "an absolute path (Proxmox VE's /etc/pve) or false",
                                     default="/etc/pve"),
-               "pve_id": Option(_pve_id, "a Proxmox VE storage id"),
                # layout pve, a storage of one node: Proxmox VE's lock of it is taken with stork's
                "pve_locks": Option(_pve_config, "an absolute path (Proxmox VE's /var/lock/pve-manager) or false",
                                    default="/var/lock/pve-manager")}
@@ -157,25 +151,42 @@ class DirDriver(Driver):
     def volid(self, vol: VolName) -> str:
         return f"{self.storage.id}:{self.layout.text(vol)}"
 
-    def foreign_id(self) -> str | None:
-        if self.layout is not LAYOUTS["pve"]:
-            return None
-        return str(self.storage.options.get("pve_id") or self.storage.id)
+    def named_base(self, vol: VolName, name: str) -> VolName:
+        """In Proxmox VE's layout a base stays in its guest's folder, named for that guest
+        (`base-<vmid>-<name>`): Proxmox VE counts what is in a folder as that guest's."""
+        base = super().named_base(vol, name)
+        if self.layout.folder(base) != self.layout.folder(vol):  # InvalidName for a name it cannot place
+            raise names.InvalidName(f"invalid base name {name!r} for {self.volid(vol)}: on a storage of Proxmox VE's "
+                                    f"layout its base is named base-{self.layout.folder(vol)}-<name>")
+        return base
 
-    def foreign_lock(self) -> Path | None:
-        """Proxmox VE's lock of a storage of one node (pve-storage's cluster_lock_storage): it
-        holds it while it names, allocates, clones or frees a volume, as stork holds its own."""
-        where, pve_id = self.storage.options.get("pve_locks"), self.foreign_id()
-        if pve_id is None or not where or self.storage.shared:
-            return None
-        return Path(where) / f"pve-storage-{pve_id}"
+    def _pve_config(self) -> Path | None:
+        """Where Proxmox VE's configs are, on a storage of its layout that Proxmox VE uses."""
+        where = self.storage.options.get("pve_config")
+        return Path(where) if self.layout is LAYOUTS["pve"] and where else None
+
+    def foreign_ids(self) -> tuple[str, ...]:
+        """Proxmox VE's ids of this storage (its storage.cfg entries of this path)."""
+        config = self._pve_config()
+        return pve.storage_ids(config, self.path) if config else ()
+
+    def foreign_locks(self) -> list[Path]:
+        """Proxmox VE's locks of a storage of one node (pve-storage's cluster_lock_storage): it
+        holds one while it names, allocates, clones or frees a volume, as stork holds its own."""
+        where = self.storage.options.get("pve_locks")
+        if not where or self.storage.shared:
+            return []
+        return [Path(where) / f"pve-storage-{sid}" for sid in self.foreign_ids()]
 
     def foreign_users(self, vol: VolName) -> list[str]:
-        """Proxmox VE guests whose configs name the volume, on a storage of its layout."""
-        where, pve_id = self.storage.options.get("pve_config"), self.foreign_id()
-        if pve_id is None or not where:
-            return []
-        return pve.users(Path(where), pve_id, self.layout.text(vol))
+        """Proxmox VE guests whose configs name the volume (by any of the storage's ids, or by path)."""
+        config = self._pve_config()
+        return pve.users(config, self.foreign_ids(), self.root, self.layout.text(vol)) if config else []
+
+    def foreign_guest(self, vmid: int) -> str | None:
+        config = self._pve_config()
+        found = pve.guest_config(config, vmid) if config else None
+        return f"Proxmox VE's (its config {found})" if found else None
 
     @property
     def _dir(self) -> SafeDir:
@@ -426,18 +437,26 @@ class DirDriver(Driver):
 
     @contextlib.contextmanager
     def _blank_overlay(self, base: VolName) -> Iterator[int]:
-        """An empty qcow2 overlay of `base`, made once (under the storage lock), opened."""
-        name = f"{_file(base)}.qcow2"
+        """An empty qcow2 overlay of `base`, made once (under the storage lock), opened; made
+        again where the one there is not of this base's size (a base of that name freed and made
+        anew outside stork, by Proxmox VE on a storage of its layout, say)."""
+        name, size = f"{_file(base)}.qcow2", self.virtual_size(base)
+        backing = f"../{self._folder(base)}/{_file(base)}"
         with self._dir.folder(OVERLAYS, create=True) as folder:
-            if not self._dir.entry_exists(folder, name):
-                size = self.virtual_size(base)
+            if not self._overlay_fits(folder, name, size, backing):
                 with self._dir.temp_file(folder, name) as (fd, temp):
-                    qemu.create(fd, "qcow2", size, self.volid(base), backing=f"../{self._folder(base)}/{_file(base)}",
-                                backing_fmt=base.fmt)
+                    qemu.create(fd, "qcow2", size, self.volid(base), backing=backing, backing_fmt=base.fmt)
                     os.fsync(fd)
-                    self._dir.link_new(folder, temp, name, f"overlay of {self.volid(base)}")
+                    self._dir.replace(folder, temp, name)
             with self._dir.opened(folder, name) as fd:
                 yield fd
+
+    def _overlay_fits(self, folder: int, name: str, size: int, backing: str) -> bool:
+        if not self._dir.entry_exists(folder, name):
+            return False
+        with self._dir.opened(folder, name) as fd:
+            header = qemu.read_qcow2_header(fd)
+        return header is not None and header.virtual_size == size and header.backing_file == backing
 
     def _free_overlay(self, base: VolName) -> None:
         with contextlib.suppress(NotFound), self._dir.folder(OVERLAYS) as folder:

@@ -94,25 +94,66 @@ def test_names_stork_cannot_place_in_proxmox_ves_layout_are_refused(drv):
         drv.parse_volname("102/vm-102-disk-1.vmdk")  # Proxmox VE writes vmdk too: stork reads none
 
 
-def test_the_volumes_a_proxmox_ve_guest_names_are_its_in_every_section(tmp_path):
+@pytest.fixture
+def etc(tmp_path, tree):
+    """Proxmox VE's /etc/pve: its storage.cfg names the tree `local` (and `again`, a second id
+    of the same folder through a symlink), and guests of two nodes."""
     etc = tmp_path / "etc-pve"
     (etc / "nodes" / "pve1" / "qemu-server").mkdir(parents=True)
     (etc / "nodes" / "pve2" / "lxc").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tree)
+    (etc / "storage.cfg").write_text(f"dir: local\n\tpath {tree}\n\tcontent images\n\n"
+                                     f"dir: again\n\tpath {tmp_path / 'link'}\n\tshared 0\n\n"
+                                     "nfs: other\n\tpath /mnt/pve/other\n\tserver 10.0.0.9\n")
+    return etc
+
+
+def test_proxmox_ves_ids_of_the_storage_are_those_of_its_path(etc, tree, tmp_path):
+    assert pve.storage_ids(etc, tree) == ("again", "local")
+    with pytest.raises(Refused, match=r"no storage in .* has path"):
+        pve.storage_ids(etc, tmp_path)
+    with pytest.raises(Refused, match="pve_config = false"):
+        pve.storage_ids(tmp_path / "absent", tree)
+
+
+def test_the_volumes_a_proxmox_ve_guest_names_are_its_in_every_section_by_any_name(etc, tree):
+    ids, images = ("again", "local"), tree / "images"
     (etc / "nodes" / "pve1" / "qemu-server" / "101.conf").write_text(
         "boot: order=scsi0\nscsi0: local:100/base-100-disk-0.qcow2/101/vm-101-disk-0.qcow2,size=64M\n"
-        "ide2: local:iso/debian.iso,media=cdrom\nunused0: local:101/vm-101-disk-3.raw\n"
-        "\n[before]\nscsi1: file=local:101/vm-101-disk-2.raw,size=1G\nvmstate: local:101/vm-101-state-before.raw\n")
-    (etc / "nodes" / "pve2" / "lxc" / "200.conf").write_text("rootfs: local:200/vm-200-disk-0.raw,size=8G\n")
-    assert pve.users(etc, "local", "101/vm-101-disk-0.qcow2") == ["Proxmox VE guest 101 (scsi0)"]
-    assert pve.users(etc, "local", "101/vm-101-disk-2.raw") == ["Proxmox VE guest 101 (before scsi1)"]
-    assert pve.users(etc, "local", "101/vm-101-disk-3.raw") == ["Proxmox VE guest 101 (unused0)"]
-    assert pve.users(etc, "local", "200/vm-200-disk-0.raw") == ["Proxmox VE guest 200 (rootfs)"]
-    assert pve.users(etc, "other", "200/vm-200-disk-0.raw") == []
+        "ide2: local:iso/debian.iso,media=cdrom\nunused0: again:101/vm-101-disk-3.raw\n"
+        "\n[before]\nscsi1: size=1G,file=local:101/vm-101-disk-2.raw\nvmstate: local:101/vm-101-state-before.raw\n")
+    (etc / "nodes" / "pve2" / "lxc" / "200.conf").write_text(
+        f"rootfs: {images}/102/vm-102-disk-0.raw,size=8G\nlxc.cgroup2.devices.allow: c 10:200 rwm\n"
+        "mp0: /srv/data,mp=/data\n")
+    assert pve.users(etc, ids, images, "101/vm-101-disk-0.qcow2") == ["Proxmox VE guest 101 (scsi0)"]
+    assert pve.users(etc, ids, images, "101/vm-101-disk-2.raw") == ["Proxmox VE guest 101 (before scsi1)"]
+    assert pve.users(etc, ids, images, "101/vm-101-disk-3.raw") == ["Proxmox VE guest 101 (unused0)"]
+    assert pve.users(etc, ids, images, "102/vm-102-disk-0.raw") == ["Proxmox VE guest 200 (rootfs)"]  # by path
+    assert pve.users(etc, ("other",), images, "101/vm-101-disk-3.raw") == []
     (etc / "nodes" / "pve2" / "lxc" / "201.conf").write_text("rootfs local:201/vm-201-disk-0.raw\n")
     with pytest.raises(InvalidName, match=r"201\.conf:1: not a Proxmox VE guest config line"):
-        pve.users(etc, "local", "200/vm-200-disk-0.raw")  # fails closed: it might name the volume
-    with pytest.raises(Refused, match="pve_config = \"\""):
-        pve.users(tmp_path / "absent", "local", "200/vm-200-disk-0.raw")
+        pve.users(etc, ids, images, "102/vm-102-disk-0.raw")  # fails closed: it might name the volume
+    (etc / "nodes" / "pve2" / "lxc" / "201.conf").write_text("rootfs: images/102/vm-102-disk-0.raw\n")
+    with pytest.raises(Refused, match=r"201\.conf: cannot read 'images/102/vm-102-disk-0.raw' as a volume"):
+        pve.users(etc, ids, images, "102/vm-102-disk-0.raw")
+    (etc / "nodes" / "pve2" / "lxc" / "201.conf").unlink()
+    assert pve.guest_config(etc, 200) == etc / "nodes" / "pve2" / "lxc" / "200.conf"
+    assert pve.guest_config(etc, 203) is None
+    with pytest.raises(Refused, match="pve_config = false"):
+        pve.users(etc / "absent", ids, images, "102/vm-102-disk-0.raw")
+
+
+def test_a_storage_of_proxmox_ves_layout_takes_its_locks_and_asks_its_guests(etc, tree):
+    drv = driver_for(StorageConfig("vz", "dir", options={"path": tree, "layout": "pve", "pve_config": str(etc),
+                                                         "pve_locks": "/run/lock/pve-manager"}))
+    assert drv.foreign_ids() == ("again", "local")
+    assert drv.foreign_locks() == [Path("/run/lock/pve-manager/pve-storage-again"),
+                                   Path("/run/lock/pve-manager/pve-storage-local")]
+    (etc / "nodes" / "pve1" / "qemu-server" / "101.conf").write_text("scsi0: again:101/vm-101-disk-0.qcow2\n")
+    assert drv.foreign_users(CLONE) == ["Proxmox VE guest 101 (scsi0)"]
+    assert drv.foreign_guest(101) and drv.foreign_guest(104) is None
+    with pytest.raises(InvalidName, match="its base is named base-101-<name>"):
+        drv.named_base(CLONE, "base-100-mine")  # a base in another guest's folder would be that guest's
 
 
 def test_a_proxmox_ve_config_is_read_as_a_guest_with_notes():

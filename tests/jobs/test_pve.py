@@ -178,3 +178,44 @@ def test_stork_takes_proxmox_ves_lock_of_the_storage_with_its_own(stork, client,
     code, _, err = stork("job", "watch", job)
     assert code == 0, err
     assert client.job(job).state == "succeeded" and client.guest(g).disks == {"scsi0": f"pve:{g}/vm-{g}-disk-0.raw"}
+
+
+def test_a_guest_id_proxmox_ve_uses_is_not_given_to_a_new_guest_of_storks(stork, vmid, pve_config):
+    """Its disks would land in the folder Proxmox VE counts as that guest's (and `qm destroy`
+    would take them along)."""
+    g = vmid()
+    pve_config(g, "cores: 1\n")
+    code, _, err = stork("guest", "create", g, "--disk", "scsi0=local:8M")
+    assert code != 0 and f"guest id {g} is Proxmox VE's" in err and str(CONFIGS / f"{g}.conf") in err
+    assert stork("guest", "show", g)[0] != 0
+
+
+def test_a_base_on_a_proxmox_ve_storage_is_named_for_its_own_guest(stork, vmid):
+    g, other = vmid(), vmid()
+    assert stork("guest", "create", g, "--disk", "scsi0=pve:8M")[0] == 0
+    code, _, err = stork("base", f"pve:{g}/vm-{g}-disk-0.raw", "--name", f"base-{other}-mine")
+    assert code != 0 and f"its base is named base-{g}-<name>" in err
+    assert (IMAGES / str(g) / f"vm-{g}-disk-0.raw").exists() and not (IMAGES / str(other)).exists()
+
+
+def test_a_disk_a_proxmox_ve_guest_uses_is_backed_up_without_a_bitmap_written_into_it(stork, client, vmid,
+                                                                                      pve_config):
+    """A running qemu may have the qcow2 open: stork reads it whole and writes nothing into it."""
+    g, r = vmid(), vmid()
+    disk = pve_disk(g, f"vm-{g}-disk-0")
+    conf = pve_config(g, f"scsi0: local:{g}/vm-{g}-disk-0.qcow2,size=32M\n")
+    assert stork("guest", "import-pve", conf)[0] == 0
+    code, out, err = stork("--json", "backup", g, "--storage", "backup")
+    assert code == 0, err
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", str(disk)], capture_output=True,
+                                     check=True).stdout)
+    assert not info.get("format-specific", {}).get("data", {}).get("bitmaps")
+    assert stork("restore", json.loads(out)["result"]["backup"], r)[0] == 0
+    assert qemu_same(disk, path_of(client.guest(r).disks["scsi0"]))
+
+
+def test_a_base_disk_of_a_guest_that_is_no_template_is_not_adopted(stork, vmid, pve_config):
+    g = vmid()
+    pve_disk(g, f"base-{g}-disk-0", base=True)
+    code, _, err = stork("guest", "import-pve", pve_config(g, f"scsi0: local:{g}/base-{g}-disk-0.qcow2\n"))
+    assert code != 0 and "is a base image, and the guest is not a template" in err

@@ -77,7 +77,7 @@ def test_storages_know_which_nodes_they_exist_on():
         ("[storage.x]\npath = 'p'\n", r"storage.x.type is missing"),
         ("[storage.x]\ntype = 'dir'\npath = 'p'\nvgname = 'vg0'\n",
          r"unknown key storage.x.vgname \(expected one of: type, content, shared, nodes, path, mkdir, is_mountpoint, "
-         r"format, layout, pve_config, pve_id, pve_locks\)"),
+         r"format, layout, pve_config, pve_locks\)"),
         ("[storage.x]\ntype = 'dir'\npath = 'p'\nlayout = 'vmware'\n",
          r"storage.x.layout = 'vmware': expected stork or pve"),
         ("[storage.x]\ntype = 'dir'\npath = 'p'\nlayout = 'pve'\npve_config = 'etc/pve'\n",

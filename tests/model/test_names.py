@@ -196,13 +196,19 @@ def test_proxmox_ve_volnames_read_and_written_as_pve_storage_does(text, pve_read
     ("0100/vm-100-disk-0.raw", "a second spelling of a folder"),
     ("100/vm-100-a..b.raw", "dot-dot"),
     ("100/vm-100-disk-0.raw/101/vm-101-disk-0.raw", "a long form whose base is no base"),
-    ("100/base-100-disk-0.raw/101/base-101-disk-0.qcow2", "a base as a linked clone"),
     ("base/base-100-disk-0.raw", "stork's own layout"),
     ("100/foo.raw", "a name Proxmox VE allows but does not number"),
 ])
 def test_proxmox_ve_volnames_stork_refuses(text, why):
     with pytest.raises(InvalidName, match="Proxmox VE's layout"):
         names.pve_volname(text)
+
+
+def test_a_template_made_of_a_linked_clone_keeps_its_long_form():
+    """Proxmox VE lists a base whose qcow2 still reads through another base in the long form."""
+    text = "100/base-100-disk-0.qcow2/101/base-101-disk-0.qcow2"
+    assert names.pve_volname(text) == VolName(None, "base-101-disk-0", "qcow2")
+    assert names.short_volid(f"local:{text}") == "local:101/base-101-disk-0.qcow2"
 
 
 def test_a_linked_clones_long_form_is_folded_for_the_cli_and_refused_where_stored():

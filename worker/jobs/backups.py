@@ -131,6 +131,8 @@ def _changes_since(ctx: StepContext, drv: Driver, vol: VolName,
     full read) and a line saying which; the bitmap for the next backup added before any read."""
     if vol.fmt != "qcow2" or vol.is_base:
         return None, "full read (only a writable qcow2 disk has dirty bitmaps)"
+    if theirs := _used_outside(drv, vol):
+        return None, f"full read (stork adds no dirty bitmap to a disk {theirs})"
     store = ctx.params["store"]
     expected = bitmap_name(store, previous[0].backup.rpartition("/")[2]) if previous else None
     with drv.image(vol, write=True) as image:
@@ -147,10 +149,20 @@ def _changes_since(ctx: StepContext, drv: Driver, vol: VolName,
         return nbd.dirty_extents(image, expected), f"incremental: what changed since {previous[0].backup}"
 
 
+def _used_outside(drv: Driver, vol: VolName) -> str:
+    """Whose the disk is besides stork's, if anyone's (a Proxmox VE guest may be running from
+    it: stork only reads it); one that cannot be told counts as used."""
+    try:
+        found = drv.foreign_users(vol)
+    except StorkError as e:
+        return f"that may be in use outside stork ({e})"
+    return f"in use by {', '.join(found)}" if found else ""
+
+
 def _drop_older_bitmaps(ctx: StepContext, drv: Driver, vol: VolName) -> str | None:
     """After the commit: this storage's bitmaps of earlier backups go (the new one stays). The
     backup stands whatever happens here: a failure is a warning (the next backup drops them)."""
-    if vol.fmt != "qcow2" or vol.is_base:
+    if vol.fmt != "qcow2" or vol.is_base or _used_outside(drv, vol):
         return None
     ours = re.compile(rf"stork-{re.escape(ctx.params['store'])}-\d{{8}}T\d{{6}}Z")
     keep = bitmap_name(ctx.params["store"], ctx.data["time"])

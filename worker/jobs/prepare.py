@@ -48,10 +48,18 @@ def _name(o: dict[str, Any]) -> str:
     return names.image_name(o["name"], "guest name") if o.get("name") else ""
 
 
-def _new_vmid(cfg: Config, vmid: Any) -> int:
+def _new_vmid(cfg: Config, vmid: Any, adopting: int | None = None) -> int:
+    """A guest id for a new guest: refused when stork has a guest of that id, or Proxmox VE has
+    one on a storage of its layout (their disks would share a folder; `adopting` that guest is
+    the exception)."""
     vmid = names.vmid(vmid)
     if _store(cfg).exists(vmid):
         raise AlreadyExists(f"guest {vmid} already exists")
+    if vmid != adopting:
+        for s in cfg.storages.values():
+            if "images" in s.content and (whose := driver_for(s).foreign_guest(vmid)):
+                raise AlreadyExists(f"guest id {vmid} is {whose}: its disks would share a folder of storage "
+                                    f"{s.id!r} with that guest's")
     return vmid
 
 
@@ -273,17 +281,20 @@ def prepare_import_pve(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         slot, value = next(iter(described.devices.items()))
         raise Refused(f"{path}: {slot} = {value.split(',', 1)[0]} is no volume (a host device or path): stork "
                       "adopts a guest with every disk")
-    vmid = _new_vmid(cfg, described.vmid)
+    stem = path.name.removesuffix(".conf")
+    vmid = _new_vmid(cfg, described.vmid, adopting=int(stem) if stem.isdigit() else None)
     node = _node(o, cfg)
-    storages = {d.foreign_id(): sid for sid, s in cfg.storages.items()
-                if "images" in s.content and (d := driver_for(s)).foreign_id()}
+    storages = _adopting_storages(cfg, node)
     adopted: dict[str, Any] = {"disks": {}, "unused": []}
     for where, volid in [*described.disks.items(), *(("unused", v) for v in described.unused)]:
-        ours = _adopted_volid(cfg, storages, path, where, volid)
+        ours = _adopted_volid(storages, path, where, volid)
         storage, vol = _volume(cfg, ours)
         _existing_here(cfg, storage, vol, node)
-        if described.template and where != "unused" and not vol.is_base:
-            raise Refused(f"{path}: {where} = {volid} is not a base image, and the guest is a template")
+        if where != "unused" and vol.is_base != described.template:
+            raise Refused(f"{path}: {where} = {volid} is {'not ' if described.template else ''}a base image, and "
+                          f"the guest is {'' if described.template else 'not '}a template")
+        if ours in (*adopted["disks"].values(), *adopted["unused"]):
+            raise Refused(f"{path}: {volid} is named twice")
         if where == "unused":
             adopted["unused"].append(ours)
         else:
@@ -297,12 +308,27 @@ def prepare_import_pve(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
                                                                                  *adopted["unused"]]}, node)}
 
 
-def _adopted_volid(cfg: Config, storages: dict[str | None, str], path: Path, where: str, volid: str) -> str:
+def _adopting_storages(cfg: Config, node: str) -> dict[str, str]:
+    """Proxmox VE's storage ids -> the storage of stork on `node` that is that storage (a dir
+    storage of its layout whose path Proxmox VE's storage.cfg gives that id)."""
+    found: dict[str, str] = {}
+    for sid, s in sorted(cfg.storages.items()):
+        if "images" not in s.content or not s.on_node(node):
+            continue
+        for theirs in driver_for(s).foreign_ids():
+            if theirs in found:
+                raise Refused(f"storages {found[theirs]!r} and {sid!r} are both Proxmox VE's {theirs!r} "
+                              f"on node {node!r}")
+            found[theirs] = sid
+    return found
+
+
+def _adopted_volid(storages: dict[str, str], path: Path, where: str, volid: str) -> str:
     """A Proxmox VE volume id as stork's: its storage the one that adopts it."""
     vid = names.volume_id(volid)
     if vid.storage not in storages:
         raise Refused(f"{path}: {where} = {volid} is on storage {vid.storage!r}, which no storage of stork adopts "
-                      "(a dir storage with layout = \"pve\" and that pve_id)")
+                      "(a dir storage with layout = \"pve\" at the path Proxmox VE's storage.cfg gives it)")
     return f"{storages[vid.storage]}:{vid.volname}"
 
 
@@ -569,6 +595,8 @@ def prepare_base(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     storage, vol = _volume(cfg, volid)
     driver_for(cfg.storage(storage)).require_feature("make_base", vol)
     name = names.image_name(o["name"], "base name") if o.get("name") else None
+    if name:
+        driver_for(cfg.storage(storage)).named_base(vol, name)  # a name the storage cannot give: refused now
     owner = _owner_of(cfg, volid)
     node = owner.node if owner else _node(o, cfg)
     _existing_here(cfg, storage, vol, node)

@@ -543,7 +543,7 @@ def _make_bases(ctx: StepContext, plans: dict[str, dict]) -> None:
         drv.require_feature("make_base", vol)
         with ctx.storage_lock(drv):
             if key not in based:  # a name given is refused when taken; a default one moves on
-                base = VolName(None, plan["name"], vol.fmt) if plan.get("name") else drv.free_base_name(vol)
+                base = drv.named_base(vol, plan["name"]) if plan.get("name") else drv.free_base_name(vol)
             if drv.exists(base):
                 raise AlreadyExists(f"base image {drv.volid(base)} already exists")
             usage.require_unused(ctx, plan["source"])  # e.g. a clone's target, mid-copy
@@ -711,8 +711,9 @@ def commit_adopted(ctx: StepContext) -> None:
         drv, vol = ctx.volume(volid)
         with ctx.storage_lock(drv):
             drv.require_existing(vol)
-            if template and volid in attach.values() and not vol.is_base:
-                raise Refused(f"{volid} is not a base image: a template's disks must all be bases")
+            if volid in attach.values() and vol.is_base != template:  # a template's disks are bases, others' not
+                raise Refused(f"{volid} is {'not ' if template else ''}a base image, and guest {vmid} is "
+                              f"{'' if template else 'not '}a template")
             if not vol.is_base and (found := usage.guest_users(ctx, volid, outside=False) +
                                     usage.job_users(ctx, volid)):
                 raise Refused(f"{volid} is in use by {', '.join(found)}")

@@ -44,9 +44,9 @@ def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: in
     a volume in every way, unused ones too: stork leaves such a volume as it is)."""
     try:
         guests = ctx.guests.candidates(volid)
-        found = foreign_users(ctx, volid) if outside else []
     except StorkError as e:
         raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
+    found = foreign_users(ctx, volid) if outside else []
     return [
         f"guest {g.vmid} ({key})"
         for g in guests if g.lock_job != ctx.job.id and g.vmid != but
@@ -57,10 +57,14 @@ def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: in
 
 
 def foreign_users(ctx: StepContext, volid: str) -> list[str]:
-    """Users of `volid` outside stork that its storage knows of (Driver.foreign_users)."""
-    vid = names.volume_id(volid)
-    drv = driver_for(ctx.cfg.storage(vid.storage))
-    return drv.foreign_users(drv.parse_volname(vid.volname))
+    """Users of `volid` outside stork that its storage knows of (Driver.foreign_users); Refused
+    when they cannot be told."""
+    try:
+        vid = names.volume_id(volid)
+        drv = driver_for(ctx.cfg.storage(vid.storage))
+        return drv.foreign_users(drv.parse_volname(vid.volname))
+    except StorkError as e:
+        raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
 
 
 def job_users(ctx: StepContext, volid: str) -> list[str]:
