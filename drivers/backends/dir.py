@@ -57,6 +57,7 @@ class Layout:
     parse: Callable[[str], VolName]  # a volname as a user writes it
     text: Callable[[VolName], str]  # the one spelling of a volname kept in configs and records
     immutable_bases: bool  # chattr +i on bases (no other tool needs to delete them)
+    bases_beside_disks: bool  # a base stays in its guest's folder (named for that guest)
 
     def at(self, path: str) -> VolName:
         """The volume at `<folder>/<file>` (a path, not a volname: exactly one '/')."""
@@ -70,8 +71,8 @@ class Layout:
 
 LAYOUTS = {
     "stork": Layout("", lambda v: "base" if v.owner is None else str(v.owner),
-                    lambda name: name == "base" or name.isdigit(), names.volname, str, True),
-    "pve": Layout("images", names.pve_folder, str.isdigit, names.pve_volname, names.pve_text, False),
+                    lambda name: name == "base" or name.isdigit(), names.volname, str, True, False),
+    "pve": Layout("images", names.pve_folder, str.isdigit, names.pve_volname, names.pve_text, False, True),
 }
 
 
@@ -155,7 +156,8 @@ class DirDriver(Driver):
         """In Proxmox VE's layout a base stays in its guest's folder, named for that guest
         (`base-<vmid>-<name>`): Proxmox VE counts what is in a folder as that guest's."""
         base = super().named_base(vol, name)
-        if self.layout.folder(base) != self.layout.folder(vol):  # InvalidName for a name it cannot place
+        self.layout.text(base)  # InvalidName for a name it cannot place
+        if self.layout.bases_beside_disks and self.layout.folder(base) != self.layout.folder(vol):
             raise names.InvalidName(f"invalid base name {name!r} for {self.volid(vol)}: on a storage of Proxmox VE's "
                                     f"layout its base is named base-{self.layout.folder(vol)}-<name>")
         return base

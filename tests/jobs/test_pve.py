@@ -219,3 +219,15 @@ def test_a_base_disk_of_a_guest_that_is_no_template_is_not_adopted(stork, vmid, 
     pve_disk(g, f"base-{g}-disk-0", base=True)
     code, _, err = stork("guest", "import-pve", pve_config(g, f"scsi0: local:{g}/base-{g}-disk-0.qcow2\n"))
     assert code != 0 and "is a base image, and the guest is not a template" in err
+
+
+def test_a_base_that_cannot_keep_its_name_on_a_proxmox_ve_storage_is_not_moved_there(stork, vmid):
+    """Refused at submit, before any copy: Proxmox VE names a base for its template."""
+    g, t = vmid(), vmid()
+    assert stork("guest", "create", g, "--disk", "scsi0=local:8M")[0] == 0
+    assert stork("base", f"local:{g}/vm-{g}-disk-0.raw", "--name", f"golden-{g}")[0] == 0
+    assert stork("template", "assemble", t, "--disk", f"scsi0=local:base/golden-{g}.raw")[0] == 0
+    assert stork("guest", "destroy", g)[0] == 0  # its linked clone of the base goes: the base may move
+    code, _, err = stork("disk", "move", t, "scsi0", "pve")
+    assert code != 0 and f"invalid base name 'golden-{g}'" in err and "Proxmox VE's layout" in err
+    assert not (IMAGES / str(t)).exists()

@@ -436,6 +436,7 @@ def _onto_replicas(o: dict[str, Any], cfg: Config, template: Guest, newid: int) 
         fmt = _format(cfg, target, None, vol.fmt)
         drv.require_feature("linked_clone", VolName(None, vol.name, fmt))
         copies[key] = {"source": volid, "storage": target, "owner": template.vmid, "format": fmt, "as_base": True}
+        _base_lands(cfg, copies[key], vol)
         links[key] = {"storage": target}
     common = {"vmid": template.vmid, "new_vmid": newid, "name": _name(o)}
     node = target_node(cfg, {target}, template.node)
@@ -570,6 +571,8 @@ def prepare_migrate(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         disks[key] = {"source": volid, "storage": dest, "owner": guest.vmid,
                       "format": _format(cfg, dest, None, vol.fmt), "across": True,
                       **({"as_base": True} if vol.is_base else {})}
+        if vol.is_base:
+            _base_lands(cfg, disks[key], vol)
     return {"lock_vmid": guest.vmid, "expect_disks": guest.disks, "expect_node": guest.node, "disks": disks,
             "node": guest.node, "delete_source": not _flag(o, "keep_source"),
             **_between(cfg, disks, guest.node, target)}
@@ -671,9 +674,18 @@ def prepare_move(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     plan = {"source": volid, "storage": dest, "owner": guest.vmid, "format": fmt}
     if vol.is_base:
         plan["as_base"] = True  # the verified copy becomes a base on the target
+        _base_lands(cfg, plan, vol)
     return {"lock_vmid": guest.vmid, "expect_disks": guest.disks, "expect_node": guest.node, "disks": {key: plan},
             "delete_source": _flag(o, "delete_source"), "node": guest.node,
             "storages": _check_nodes(cfg, {storage, dest}, guest.node)}
+
+
+def _base_lands(cfg: Config, plan: dict[str, Any], base: VolName) -> None:
+    """Refuse now a base whose copy cannot be a base of its name on the target (a base named
+    other than base-<vmid>-... onto a storage of Proxmox VE's layout), not after the copy."""
+    owner = plan["owner"]
+    copy = VolName(owner, f"vm-{owner}-disk-0", plan["format"])
+    driver_for(cfg.storage(plan["storage"])).named_base(copy, base.name)
 
 
 def _require_no_clones(drv: Driver, base: VolName) -> None:
