@@ -65,3 +65,25 @@ def file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
                     raise LockTimeout(f"{what}: lock not free after {timeout:g}s") from None
                 time.sleep(POLL)
         yield
+
+
+@contextlib.contextmanager
+def dir_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
+    """A lock held by having made the directory `path` (mkdir is atomic, and on Proxmox VE's
+    cluster file system cluster-wide: its cfs_lock), removed again on the way out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.mkdir(path)
+            break
+        except FileExistsError:
+            if time.monotonic() > deadline:
+                raise LockTimeout(f"{what}: lock not free after {timeout:g}s") from None
+            time.sleep(POLL)
+        except OSError as e:
+            raise Refused(f"{what}: cannot take lock {path}: {e.strerror or e}") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)

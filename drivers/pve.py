@@ -27,8 +27,13 @@ MAX_CONFIG = 1 << 20  # Proxmox VE's own limit on a config file is 512 KiB
 _VOLUME_KEY = re.compile(r"(?:ide|sata|scsi|virtio|efidisk|tpmstate|unused|mp)[0-9]+|rootfs|vmstate")
 _LINE = re.compile(r"(?P<key>[a-z][a-z0-9_.-]*):\s*(?P<value>.*)")  # lxc.cgroup2.devices.allow: ...
 _SECTION = re.compile(r"\[(?P<name>[^\]]+)\]")
-_PVE_STORAGE = re.compile(r"[a-z][a-z0-9._-]*[a-z0-9]")
-_STORAGE_HEAD = re.compile(r"(?P<type>[a-z0-9]+):\s*(?P<id>\S+)\s*")  # storage.cfg: `dir: local`
+_PVE_STORAGE = re.compile(r"[a-z][a-z0-9._-]*[a-z0-9]", re.IGNORECASE)  # as pve-storage's parse_volume_id
+# storage.cfg as pve-storage's SectionConfig reads it: `type: id`, then indented `key value`
+# lines up to a blank one; `#` comments
+_STORAGE_HEAD = re.compile(r"(?P<type>\S+):\s*(?P<id>\S+)\s*")
+_STORAGE_PROPERTY = re.compile(r"\s+(?P<key>\S+)(?:\s+(?P<value>.*\S))?\s*")
+_SHARED_TYPES = ("nfs", "cifs", "cephfs", "glusterfs")  # Proxmox VE sets shared on these, whatever the section says
+PVE_LOCAL = ("local", "/var/lib/vz")  # Proxmox VE's `local` is always a dir storage there
 _NO_VOLUME = ("", "none", "cdrom")
 
 
@@ -47,13 +52,15 @@ class PveGuest:
 
 
 def target_of(value: str) -> str:
-    """What a disk's value (a property string) names: its `file=`, else its first item without a
-    key: a volume id, a path, or `none`/`cdrom`."""
+    """What a disk's value (a property string) names: its `file=` (a qemu disk's) or `volume=`
+    (an LXC mount point's), else its first item without a key: a volume id, a path, or
+    `none`/`cdrom`; `?` when it names none of them (read as a volume it cannot tell)."""
     items = [item.strip() for item in value.split(",")]
     for item in items:
-        if item.startswith("file="):
-            return item.removeprefix("file=")
-    return "" if "=" in items[0] else items[0]
+        key, eq, rest = item.partition("=")
+        if eq and key in ("file", "volume"):
+            return rest
+    return "?" if "=" in items[0] else items[0]
 
 
 def _short(volname: str) -> str:
@@ -134,54 +141,114 @@ def read(path: Path, vmid: int | None = None) -> PveGuest:
     return parse(vmid, text, str(path))
 
 
-def storage_ids(config_dir: Path, path: Path) -> tuple[str, ...]:
-    """Proxmox VE's ids of the storage at `path`: each section of `<config_dir>/storage.cfg`
-    whose `path` is it (as the file system resolves both). Fails closed: Refused when the file
-    cannot be read, or names no storage there."""
+@dataclass(frozen=True)
+class PveStorage:
+    """A storage of Proxmox VE's storage.cfg that has a path."""
+
+    id: str
+    type: str
+    path: str
+    shared: bool  # locked by Proxmox VE in its cluster file system, not with a local flock
+    options: dict[str, str]
+
+
+def read_storages(text: str) -> list[PveStorage]:
+    """storage.cfg's storages with a path, read as Proxmox VE reads them (its `local` always
+    the dir storage at /var/lib/vz); sections with an id Proxmox VE would refuse are skipped."""
+    sections: dict[str, tuple[str, dict[str, str]]] = {}
+    current: dict[str, str] | None = None
+    for line in text.splitlines():
+        if not line.strip():
+            current = None  # a blank line ends a section
+        elif line.lstrip().startswith("#"):
+            continue
+        elif (head := _STORAGE_HEAD.fullmatch(line)) is not None:
+            current = None
+            if _PVE_STORAGE.fullmatch(head["id"]):
+                current = {}
+                sections[head["id"]] = (head["type"].lower(), current)
+        elif current is not None and (prop := _STORAGE_PROPERTY.fullmatch(line)) is not None:
+            current[prop["key"]] = prop["value"] or ""
+    local = sections.get(PVE_LOCAL[0])
+    if local is None or local[0] != "dir" or local[1].get("path", PVE_LOCAL[1]) != PVE_LOCAL[1]:
+        sections[PVE_LOCAL[0]] = ("dir", {"path": PVE_LOCAL[1]})
+    elif "path" not in local[1]:
+        local[1]["path"] = PVE_LOCAL[1]
+    return [PveStorage(sid, kind, options["path"], kind in _SHARED_TYPES or options.get("shared") == "1", options)
+            for sid, (kind, options) in sorted(sections.items()) if options.get("path")]
+
+
+def storages_at(config_dir: Path, path: Path) -> list[PveStorage]:
+    """Proxmox VE's storages at `path` (as the file system resolves both paths). Fails closed:
+    Refused when storage.cfg cannot be read, names no storage there, or keeps its images
+    elsewhere (content-dirs)."""
     cfg = config_dir / "storage.cfg"
     try:
         text = cfg.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise Refused(f"cannot read Proxmox VE's storages in {cfg}: {getattr(e, 'strerror', None) or e} (set "
                       "pve_config = false on a storage no Proxmox VE uses)") from None
-    sections: dict[str, str] = {}  # storage id -> its path
-    current = None
-    for line in text.splitlines():
-        if (head := _STORAGE_HEAD.fullmatch(line)) is not None:
-            current = head["id"]
-        elif current is not None and line[:1] in (" ", "\t"):  # a property of the section: `<tab>path /x`
-            key, _, value = line.strip().partition(" ")
-            if key == "path":
-                sections[current] = value.strip()
     here = os.path.realpath(path)
-    found = tuple(sorted(sid for sid, where in sections.items() if where and os.path.realpath(where) == here))
+    found = [s for s in read_storages(text) if os.path.realpath(s.path) == here]
     if not found:
         raise Refused(f"no storage in {cfg} has path {path}: set pve_config = false on a storage no Proxmox VE uses")
+    for s in found:
+        if "images=" in s.options.get("content-dirs", ""):
+            raise Refused(f"Proxmox VE's storage {s.id!r} keeps its images elsewhere (content-dirs): not read")
     return found
 
 
-def _names(value: str, ids: tuple[str, ...], file: str, volname: str) -> bool:
-    """Whether a volume key's value names the volume (`ids:volname`, or its file by path);
-    Refused for a value that is none of a volume id, a path or no volume (it might name it)."""
+class _Files:
+    """The volumes of `images` by their files' (device, inode), read once when first asked: a
+    path through a bind mount names a volume its text does not show."""
+
+    def __init__(self, images: str) -> None:
+        self.images = images
+        self._known: dict[tuple[int, int], str] | None = None
+
+    def volname_of(self, path: str) -> str | None:
+        real = os.path.realpath(path)
+        if real.startswith(self.images + "/"):
+            return real[len(self.images) + 1:]
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None  # no such file on this node: none of this storage's here
+        if self._known is None:
+            self._known = {}
+            with contextlib.suppress(OSError):
+                for folder in os.scandir(self.images):
+                    if folder.is_dir(follow_symlinks=False):
+                        for entry in os.scandir(folder.path):
+                            with contextlib.suppress(OSError):
+                                found = entry.stat(follow_symlinks=False)
+                                self._known[(found.st_dev, found.st_ino)] = f"{folder.name}/{entry.name}"
+        return self._known.get((st.st_dev, st.st_ino))
+
+
+def _named(value: str, ids: tuple[str, ...], files: _Files) -> str | None:
+    """The volname of this storage a volume key's value names (by one of its `ids` or by a path
+    to its file), None for none of its volumes; Refused for a value that is none of a volume
+    id, a path or no volume (it might name one)."""
     target = target_of(value)
     if target in _NO_VOLUME:
-        return False
+        return None
     if target.startswith("/"):
-        return os.path.realpath(target) == file
+        return files.volname_of(target)
     storage, colon, rest = target.partition(":")
     if colon and _PVE_STORAGE.fullmatch(storage) and rest:
-        return storage in ids and _short(rest) == volname
+        return _short(rest) if storage in ids else None
     raise Refused(f"cannot read {value!r} as a volume")
 
 
-def users(config_dir: Path, ids: tuple[str, ...], images: Path, volname: str) -> list[str]:
-    """The Proxmox VE guests (of every node) whose configs name `volname`, the volume at
-    `images/<volname>`, by a volume id of one of Proxmox VE's `ids` of its storage or by path,
-    each as `Proxmox VE guest <vmid> (<where>)`. Fails closed: Refused naming what could not be
-    read (a config that cannot be read might name the volume)."""
-    file = os.path.join(os.path.realpath(images), volname)
+def users_by_volume(config_dir: Path, ids: tuple[str, ...], images: Path) -> dict[str, list[str]]:
+    """The Proxmox VE guests (of every node) whose configs name each volume of this storage
+    (its `images` folder, known to Proxmox VE as `ids`), by volname: `Proxmox VE guest <vmid>
+    (<where>)`. Fails closed: Refused naming what could not be read (a config that cannot be
+    read might name any volume)."""
+    files = _Files(os.path.realpath(images))
     nodes = config_dir / "nodes"
-    found = []
+    found: dict[str, list[str]] = {}
     try:
         node_names = sorted(os.listdir(nodes))
     except OSError as e:
@@ -191,23 +258,30 @@ def users(config_dir: Path, ids: tuple[str, ...], images: Path, volname: str) ->
         for kind in ("qemu-server", "lxc"):
             folder = nodes / node / kind
             try:
-                files = sorted(os.listdir(folder))
+                confs = sorted(os.listdir(folder))
             except FileNotFoundError:
                 continue
             except OSError as e:
                 raise Refused(f"cannot read Proxmox VE's guest configs in {folder}: {e.strerror or e}") from None
-            for conf in files:
+            for conf in confs:
                 if not conf.endswith(".conf"):
                     continue
                 vmid = conf.removesuffix(".conf")
                 with contextlib.suppress(NotFound):  # removed since the listing
                     guest = read(folder / conf, int(vmid) if vmid.isdigit() else 0)
-                    try:
-                        found += [f"Proxmox VE guest {vmid} ({where})" for where, value in guest.references
-                                  if _names(value, ids, file, volname)]
-                    except Refused as e:
-                        raise Refused(f"{folder / conf}: {e}") from None
+                    for where, value in guest.references:
+                        try:
+                            volname = _named(value, ids, files)
+                        except Refused as e:
+                            raise Refused(f"{folder / conf}: {e}") from None
+                        if volname is not None:
+                            found.setdefault(volname, []).append(f"Proxmox VE guest {vmid} ({where})")
     return found
+
+
+def users(config_dir: Path, ids: tuple[str, ...], images: Path, volname: str) -> list[str]:
+    """The Proxmox VE guests whose configs name the volume `volname` (users_by_volume)."""
+    return users_by_volume(config_dir, ids, images).get(volname, [])
 
 
 def guest_config(config_dir: Path, vmid: int) -> Path | None:

@@ -23,7 +23,7 @@ import redis
 
 from drivers import BACKUP_STORAGES, backup_storage, driver_for, names, status_of
 from drivers import config as config_module
-from drivers.backends.base import VolumeInfo
+from drivers.backends.base import Driver, VolumeInfo
 from drivers.backup.records import Damaged, Snapshot
 from drivers.config import Config, StorageConfig
 from drivers.errors import NotFound, Refused, StorkError
@@ -239,13 +239,26 @@ class Client:
         for sid in ids:
             drv = driver_for(self._storage_here(sid))
             infos = [drv.info(v) for v in drv.list_volumes()]
-            found += [replace(info, users=tuple(users.get(info.volid, ())),
-                              orphan=info.volid not in users and info.volid not in owned) for info in infos]
+            theirs = self._foreign_users(drv)
+            found += [replace(info, users=(*users.get(info.volid, ()), *theirs(info.volid)),
+                              orphan=info.volid not in users and info.volid not in owned and not theirs(info.volid))
+                      for info in infos]
             found += [VolumeInfo(drv.volid(v), v.fmt, 0, 0, v.is_base, users=tuple(users.get(drv.volid(v), ())),
                                  problem=problem) for v, problem in drv.strays()]
             found += [VolumeInfo(f"{sid}:{name}/", "-", 0, 0, name == "base", problem=problem)
                       for name, problem in drv.stray_folders()]  # a guest folder that is a symlink, say
         return sorted(found, key=lambda v: v.volid)
+
+    @staticmethod
+    def _foreign_users(drv: Driver) -> Callable[[str], tuple[str, ...]]:
+        """Who outside stork uses each volume (Proxmox VE's guests, on a storage of its layout),
+        by volume id; where that cannot be read, every volume says so (none is an orphan)."""
+        try:
+            by_name = drv.foreign_users_by_volume()
+        except StorkError as e:
+            unknown = (f"? ({e})",)
+            return lambda volid: unknown
+        return lambda volid: tuple(by_name.get(volid.split(":", 1)[1], ()))
 
     def _owned_by_jobs(self) -> set[str]:
         """Volume ids that unfinished jobs use, or that jobs still on record made (a copy's result)."""
@@ -262,7 +275,7 @@ class Client:
         vid = names.volume_id(volid)
         drv = driver_for(self._storage_here(vid.storage))
         info = drv.info(drv.parse_volname(vid.volname))
-        users = self._users().get(info.volid, [])
+        users = [*self._users().get(info.volid, []), *self._foreign_users(drv)(info.volid)]
         guests, _broken = self.guest_store.scan()
         replicas = sorted(f"{v} (node {r['node']})" for g in guests for v, r in g.replicas.items() if r["of"] == volid)
         return replace(info, users=tuple(users), replicas=tuple(replicas),

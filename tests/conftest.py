@@ -7,6 +7,7 @@ CLI (in-process and as a subprocess) and the workers all share one config.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import shutil
@@ -68,11 +69,11 @@ address = "{netns.HOST_IP}"
 [nodes.far]
 address = "{netns.NS_IP}"
 """
-# Proxmox VE's /etc/pve for storage `pve` (a dir storage of its layout, `local` in its storage.cfg):
+# Proxmox VE's /etc/pve for storage `pve` (a dir storage of its layout, `tank` in its storage.cfg):
 # guest configs the tests write name volumes stork must leave alone
 PVE_ETC = BASE / "pve-etc"
 (PVE_ETC / "nodes" / "node1" / "qemu-server").mkdir(parents=True)
-(PVE_ETC / "storage.cfg").write_text(f"dir: local\n\tpath {BASE / 'pve'}\n\tcontent images,rootdir\n\n"
+(PVE_ETC / "storage.cfg").write_text(f"dir: tank\n\tpath {BASE / 'pve'}\n\tcontent images,rootdir\n\n"
                                      "lvmthin: local-lvm\n\tthinpool data\n\tvgname pve\n\tcontent images\n")
 create_key(BASE / "secret.key")  # the encrypted backup storage `secret`'s key
 make_cluster_key(BASE / "cluster.psk")  # authenticates and encrypts copies between node1 and node2
@@ -159,6 +160,8 @@ keep-daily = 7
 keep-weekly = 4
 enabled = false
 {LOOP_STORAGES}{NODE_ADDRESSES}""")
+_released: list[bool] = []
+atexit.register(lambda: _release())  # what the session made goes even when pytest stops before it starts
 CONFIG.chmod(0o600)  # it holds the webhook's secret: stork refuses a world-readable one
 os.environ["STORK_CONFIG"] = str(CONFIG)
 os.environ["STORK_NODE"] = "node1"
@@ -235,6 +238,16 @@ def files_under(path: Path) -> list[str]:
 
 
 def pytest_sessionfinish(session, exitstatus):
+    _release()
+
+
+def _release(owner: int = os.getpid()) -> None:
+    """Stop and remove what the session made, once: at its end, or at exit when pytest stops
+    before it has a session (a usage error after this module was imported) — never in a
+    forked child (its exit would take the session's storages from under it)."""
+    if os.getpid() != owner or _released:
+        return
+    _released.append(True)
     WEBHOOK.close()
     MAILBOX.close()
     if isinstance(NETNS, netns.Netns):

@@ -26,7 +26,7 @@ from redis.exceptions import LockError
 from drivers import driver_for
 from drivers.config import Config, StorageConfig
 from drivers.errors import LockTimeout, StorkError
-from drivers.flock import POLL, file_lock
+from drivers.flock import POLL, dir_lock, file_lock
 
 LEASE = 60.0  # seconds a shared-storage lease lasts unless renewed
 log = structlog.get_logger("stork.locks")
@@ -87,18 +87,27 @@ class RedisLease(Lease):
 def storage_lock(cfg: Config, r: redis.Redis, storage: StorageConfig) -> Iterator[Lease]:
     what = f"storage {storage.id!r}"
     if not storage.shared:
-        with contextlib.ExitStack() as held:
-            held.enter_context(file_lock(cfg.locks_dir / f"storage-{storage.id}.lock", cfg.lock_timeout, what))
-            # another manager's locks of the same volumes (Proxmox VE's), after ours: no cycle
-            for theirs in driver_for(storage).foreign_locks() if "images" in storage.content else ():
-                held.enter_context(file_lock(theirs, cfg.lock_timeout, f"{what} (lock {theirs})"))
+        with file_lock(cfg.locks_dir / f"storage-{storage.id}.lock", cfg.lock_timeout, what), \
+                foreign_locks(cfg, storage, what):
             yield Lease()
         return
     lease = RedisLease(r, f"storage:{storage.id}", cfg.lock_timeout, what)
     try:
-        yield lease
+        with foreign_locks(cfg, storage, what):
+            yield lease
     except BaseException:
         with contextlib.suppress(LeaseLost):
             lease.release()  # the step's own error is the one to report
         raise
     lease.release()
+
+
+@contextlib.contextmanager
+def foreign_locks(cfg: Config, storage: StorageConfig, what: str) -> Iterator[None]:
+    """The locks another manager of the same volumes takes (Proxmox VE's), after ours: it never
+    takes ours, so no cycle."""
+    with contextlib.ExitStack() as held:
+        for theirs in driver_for(storage).foreign_locks() if "images" in storage.content else ():
+            lock = file_lock if theirs.kind == "flock" else dir_lock
+            held.enter_context(lock(theirs.path, cfg.lock_timeout, f"{what} (lock {theirs.path})"))
+        yield

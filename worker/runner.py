@@ -28,6 +28,7 @@ from worker.app import app, config, redis_client
 from worker.context import StepContext
 from worker.jobs import params, usage
 from worker.jobs.kinds import KINDS, JobKind
+from worker.jobs.prepare import refuse_foreign_folders
 from worker.liveness import holding, process_id
 from worker.queues import SHARED_QUEUE, node_queue
 from worker.records import JobRecord, JobState, StateConflict, task_label
@@ -56,6 +57,7 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis,
     if (other := prepared.pop("runs_as", None)) is not None:
         kind = KINDS[other]  # e.g. a linked clone onto another node's storage runs as a replica_clone
     params.check(prepared)  # what the worker will check again; a mismatch is caught here, not there
+    refuse_foreign_folders(prepared, cfg)
     record = JobRecord(
         id=records.new_id(), kind=kind.name, params=prepared, node=prepared["node"],
         steps=[s.name for s in kind.steps], queues=kind.queues(prepared, cfg), done=kind.next_step(prepared, -1),

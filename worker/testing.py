@@ -108,8 +108,12 @@ class Worker:
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
-        wait_for(lambda: '"worker_ready"' in self.log.read_text() or self.proc.poll() is not None,
-                 60, f"worker {node} to start")
+        try:
+            wait_for(lambda: '"worker_ready"' in self.log.read_text() or self.proc.poll() is not None,
+                     60, f"worker {node} to start")
+        except AssertionError:
+            self.kill()  # a worker that never came up must not outlive the test that started it
+            raise
         if self.proc.poll() is not None:
             raise RuntimeError(f"worker {node} died at start:\n{self.log.read_text()}")
 

@@ -47,6 +47,14 @@ FEATURE_WORDS = {
 
 
 @dataclass(frozen=True)
+class ForeignLock:
+    """A lock another manager of the same volumes takes (Proxmox VE's), taken with stork's."""
+
+    path: Path
+    kind: str  # "flock": a file flock'd (its lock_file); "mkdir": a directory made (its cluster file system's)
+
+
+@dataclass(frozen=True)
 class VolumeInfo:
     volid: str
     fmt: str
@@ -203,13 +211,17 @@ class Driver(ABC):
         """The ids the other manager knows this storage by (for guests adopted from it)."""
         return ()
 
-    def foreign_locks(self) -> list[Path]:
-        """Lock files it holds while it names, makes or frees a volume: taken with stork's own."""
+    def foreign_locks(self) -> list[ForeignLock]:
+        """The locks it holds while it names, makes or frees a volume: taken with stork's own."""
         return []
 
     def foreign_users(self, vol: VolName) -> list[str]:
         """Its guests that use the volume, each named; StorkError when they cannot be read."""
         return []
+
+    def foreign_users_by_volume(self) -> dict[str, list[str]]:
+        """foreign_users of every volume it names, by volname (one read for a listing)."""
+        return {}
 
     def foreign_guest(self, vmid: int) -> str | None:
         """Whose the guest id is, if the other manager has a guest of that id (its volumes would

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drivers import faults, names, pve, qemu
-from drivers.backends.base import Driver
+from drivers.backends.base import Driver, ForeignLock
 from drivers.errors import FeatureUnsupported, NotFound, Refused, StorageUnavailable
 from drivers.names import FORMATS, VolName
 from drivers.safedir import SafeDir, copy_contents, identity, kind_of, set_immutable
@@ -167,23 +167,33 @@ class DirDriver(Driver):
         where = self.storage.options.get("pve_config")
         return Path(where) if self.layout is LAYOUTS["pve"] and where else None
 
-    def foreign_ids(self) -> tuple[str, ...]:
-        """Proxmox VE's ids of this storage (its storage.cfg entries of this path)."""
+    def _pve_storages(self) -> list[pve.PveStorage]:
+        """Proxmox VE's storages at this path (its storage.cfg)."""
         config = self._pve_config()
-        return pve.storage_ids(config, self.path) if config else ()
+        return pve.storages_at(config, self.path) if config else []
 
-    def foreign_locks(self) -> list[Path]:
-        """Proxmox VE's locks of a storage of one node (pve-storage's cluster_lock_storage): it
-        holds one while it names, allocates, clones or frees a volume, as stork holds its own."""
-        where = self.storage.options.get("pve_locks")
-        if not where or self.storage.shared:
+    def foreign_ids(self) -> tuple[str, ...]:
+        return tuple(s.id for s in self._pve_storages())
+
+    def foreign_locks(self) -> list[ForeignLock]:
+        """Proxmox VE's lock of each of its storages here, as pve-storage's cluster_lock_storage
+        takes it while it names, allocates, clones or frees a volume: a shared one's in its
+        cluster file system (`priv/lock/storage-<id>`, made as a directory), another's a flock
+        on `<pve_locks>/pve-storage-<id>`. Which, Proxmox VE's own shared flag says."""
+        config, flocks = self._pve_config(), self.storage.options.get("pve_locks")
+        if config is None:
             return []
-        return [Path(where) / f"pve-storage-{sid}" for sid in self.foreign_ids()]
+        return [ForeignLock(config / "priv" / "lock" / f"storage-{s.id}", "mkdir") if s.shared
+                else ForeignLock(Path(flocks) / f"pve-storage-{s.id}", "flock")
+                for s in self._pve_storages() if s.shared or flocks]
 
     def foreign_users(self, vol: VolName) -> list[str]:
         """Proxmox VE guests whose configs name the volume (by any of the storage's ids, or by path)."""
+        return self.foreign_users_by_volume().get(self.layout.text(vol), [])
+
+    def foreign_users_by_volume(self) -> dict[str, list[str]]:
         config = self._pve_config()
-        return pve.users(config, self.foreign_ids(), self.root, self.layout.text(vol)) if config else []
+        return pve.users_by_volume(config, self.foreign_ids(), self.root) if config else {}
 
     def foreign_guest(self, vmid: int) -> str | None:
         config = self._pve_config()
@@ -458,7 +468,8 @@ class DirDriver(Driver):
             return False
         with self._dir.opened(folder, name) as fd:
             header = qemu.read_qcow2_header(fd)
-        return header is not None and header.virtual_size == size and header.backing_file == backing
+        rounded = -(-size // 512) * 512  # qcow2 holds whole sectors: a raw base of 1000 bytes is 1024 there
+        return header is not None and header.virtual_size in (size, rounded) and header.backing_file == backing
 
     def _free_overlay(self, base: VolName) -> None:
         with contextlib.suppress(NotFound), self._dir.folder(OVERLAYS) as folder:

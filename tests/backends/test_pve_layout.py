@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from drivers import driver_for, pve
+from drivers.backends.base import ForeignLock
 from drivers.config import StorageConfig
 from drivers.errors import InvalidName, Refused
 from drivers.names import VolName
@@ -96,32 +97,32 @@ def test_names_stork_cannot_place_in_proxmox_ves_layout_are_refused(drv):
 
 @pytest.fixture
 def etc(tmp_path, tree):
-    """Proxmox VE's /etc/pve: its storage.cfg names the tree `local` (and `again`, a second id
+    """Proxmox VE's /etc/pve: its storage.cfg names the tree `tank` (and `again`, a second id
     of the same folder through a symlink), and guests of two nodes."""
     etc = tmp_path / "etc-pve"
     (etc / "nodes" / "pve1" / "qemu-server").mkdir(parents=True)
     (etc / "nodes" / "pve2" / "lxc").mkdir(parents=True)
     (tmp_path / "link").symlink_to(tree)
-    (etc / "storage.cfg").write_text(f"dir: local\n\tpath {tree}\n\tcontent images\n\n"
+    (etc / "storage.cfg").write_text(f"dir: tank\n\tpath {tree}\n\tcontent images\n\n"
                                      f"dir: again\n\tpath {tmp_path / 'link'}\n\tshared 0\n\n"
                                      "nfs: other\n\tpath /mnt/pve/other\n\tserver 10.0.0.9\n")
     return etc
 
 
 def test_proxmox_ves_ids_of_the_storage_are_those_of_its_path(etc, tree, tmp_path):
-    assert pve.storage_ids(etc, tree) == ("again", "local")
+    assert [s.id for s in pve.storages_at(etc, tree)] == ["again", "tank"]
     with pytest.raises(Refused, match=r"no storage in .* has path"):
-        pve.storage_ids(etc, tmp_path)
+        pve.storages_at(etc, tmp_path)
     with pytest.raises(Refused, match="pve_config = false"):
-        pve.storage_ids(tmp_path / "absent", tree)
+        pve.storages_at(tmp_path / "absent", tree)
 
 
 def test_the_volumes_a_proxmox_ve_guest_names_are_its_in_every_section_by_any_name(etc, tree):
-    ids, images = ("again", "local"), tree / "images"
+    ids, images = ("again", "tank"), tree / "images"
     (etc / "nodes" / "pve1" / "qemu-server" / "101.conf").write_text(
-        "boot: order=scsi0\nscsi0: local:100/base-100-disk-0.qcow2/101/vm-101-disk-0.qcow2,size=64M\n"
-        "ide2: local:iso/debian.iso,media=cdrom\nunused0: again:101/vm-101-disk-3.raw\n"
-        "\n[before]\nscsi1: size=1G,file=local:101/vm-101-disk-2.raw\nvmstate: local:101/vm-101-state-before.raw\n")
+        "boot: order=scsi0\nscsi0: tank:100/base-100-disk-0.qcow2/101/vm-101-disk-0.qcow2,size=64M\n"
+        "ide2: tank:iso/debian.iso,media=cdrom\nunused0: again:101/vm-101-disk-3.raw\n"
+        "\n[before]\nscsi1: size=1G,file=tank:101/vm-101-disk-2.raw\nvmstate: tank:101/vm-101-state-before.raw\n")
     (etc / "nodes" / "pve2" / "lxc" / "200.conf").write_text(
         f"rootfs: {images}/102/vm-102-disk-0.raw,size=8G\nlxc.cgroup2.devices.allow: c 10:200 rwm\n"
         "mp0: /srv/data,mp=/data\n")
@@ -130,7 +131,7 @@ def test_the_volumes_a_proxmox_ve_guest_names_are_its_in_every_section_by_any_na
     assert pve.users(etc, ids, images, "101/vm-101-disk-3.raw") == ["Proxmox VE guest 101 (unused0)"]
     assert pve.users(etc, ids, images, "102/vm-102-disk-0.raw") == ["Proxmox VE guest 200 (rootfs)"]  # by path
     assert pve.users(etc, ("other",), images, "101/vm-101-disk-3.raw") == []
-    (etc / "nodes" / "pve2" / "lxc" / "201.conf").write_text("rootfs local:201/vm-201-disk-0.raw\n")
+    (etc / "nodes" / "pve2" / "lxc" / "201.conf").write_text("rootfs tank:201/vm-201-disk-0.raw\n")
     with pytest.raises(InvalidName, match=r"201\.conf:1: not a Proxmox VE guest config line"):
         pve.users(etc, ids, images, "102/vm-102-disk-0.raw")  # fails closed: it might name the volume
     (etc / "nodes" / "pve2" / "lxc" / "201.conf").write_text("rootfs: images/102/vm-102-disk-0.raw\n")
@@ -146,9 +147,9 @@ def test_the_volumes_a_proxmox_ve_guest_names_are_its_in_every_section_by_any_na
 def test_a_storage_of_proxmox_ves_layout_takes_its_locks_and_asks_its_guests(etc, tree):
     drv = driver_for(StorageConfig("vz", "dir", options={"path": tree, "layout": "pve", "pve_config": str(etc),
                                                          "pve_locks": "/run/lock/pve-manager"}))
-    assert drv.foreign_ids() == ("again", "local")
-    assert drv.foreign_locks() == [Path("/run/lock/pve-manager/pve-storage-again"),
-                                   Path("/run/lock/pve-manager/pve-storage-local")]
+    assert drv.foreign_ids() == ("again", "tank")
+    assert drv.foreign_locks() == [ForeignLock(Path("/run/lock/pve-manager/pve-storage-again"), "flock"),
+                                   ForeignLock(Path("/run/lock/pve-manager/pve-storage-tank"), "flock")]
     (etc / "nodes" / "pve1" / "qemu-server" / "101.conf").write_text("scsi0: again:101/vm-101-disk-0.qcow2\n")
     assert drv.foreign_users(CLONE) == ["Proxmox VE guest 101 (scsi0)"]
     assert drv.foreign_guest(101) and drv.foreign_guest(104) is None
@@ -167,3 +168,45 @@ def test_a_proxmox_ve_config_is_read_as_a_guest_with_notes():
     assert guest.notes == {"cores": "2", "memory": "2048", "ide2": "none,media=cdrom",
                            "net0": "virtio=BC:24:11:00:00:01,bridge=vmbr0"}
     assert guest.devices == {"sata1": "/dev/disk/by-id/ata-X"}  # import-pve refuses it: no volume to attach
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("dir: tank\n\tpath /srv/tank\n\tcontent images\n", [("tank", "dir", "/srv/tank", False)]),
+    ("dir: tank\n\tpath\t/srv/tank\n\tshared 1\n", [("tank", "dir", "/srv/tank", True)]),  # tabs; shared
+    ("nfs: nas\n\tpath /mnt/pve/nas\n\tserver 10.0.0.9\n", [("nas", "nfs", "/mnt/pve/nas", True)]),  # shared by type
+    ("Dir: aa\n\tpath /a\n\nDir: bb\n\tpath /b\n", [("aa", "dir", "/a", False), ("bb", "dir", "/b", False)]),
+    ("dir: aa\n\tpath /a\n\n\tpath /elsewhere\n", [("aa", "dir", "/a", False)]),  # a blank line ends a section
+    ("# a comment\ndir: aa\n  # another\n\tpath /a\n", [("aa", "dir", "/a", False)]),
+    ("dir: ../x\n\tpath /x\n", []),  # an id Proxmox VE refuses is no storage (nor a lock file's name)
+    ("dir: local\n\tpath /srv/elsewhere\n", [("local", "dir", "/var/lib/vz", False)]),  # local is always there
+    ("lvmthin: local\n\tvgname pve\n", [("local", "dir", "/var/lib/vz", False)]),
+], ids=["dir", "tabs-shared", "nfs", "uppercase-type", "blank-line", "comments", "bad-id", "local-elsewhere",
+        "local-other-type"])
+def test_storage_cfg_is_read_as_proxmox_ve_reads_it(text, expected):
+    found = [(s.id, s.type, s.path, s.shared) for s in pve.read_storages(text) if s.id != "local" or "local" in text]
+    assert found == expected
+
+
+def test_a_storage_whose_images_proxmox_ve_keeps_elsewhere_is_refused(tmp_path, tree):
+    (tmp_path / "storage.cfg").write_text(f"dir: tank\n\tpath {tree}\n\tcontent-dirs images=vms\n")
+    with pytest.raises(Refused, match="content-dirs"):
+        pve.storages_at(tmp_path, tree)
+
+
+def test_a_shared_storage_is_locked_in_proxmox_ves_cluster_file_system(tmp_path, tree):
+    (tmp_path / "storage.cfg").write_text(f"dir: tank\n\tpath {tree}\n\tshared 1\n")
+    drv = driver_for(StorageConfig("vz", "dir", options={"path": tree, "layout": "pve", "pve_config": str(tmp_path),
+                                                         "pve_locks": "/run/lock/pve-manager"}))
+    assert drv.foreign_locks() == [ForeignLock(tmp_path / "priv" / "lock" / "storage-tank", "mkdir")]
+
+
+def test_a_lxc_mount_points_volume_is_read_and_a_value_it_cannot_read_refuses(tmp_path, tree):
+    etc, images = tmp_path / "etc", tree / "images"
+    (etc / "nodes" / "n" / "lxc").mkdir(parents=True)
+    (etc / "nodes" / "n" / "lxc" / "300.conf").write_text("mp0: mp=/data,volume=tank:102/vm-102-disk-0.raw,size=8G\n"
+                                                         "mp1: mp=/x,size=8G\n")
+    with pytest.raises(Refused, match="cannot read 'mp=/x,size=8G' as a volume"):
+        pve.users(etc, ("tank",), images, "102/vm-102-disk-0.raw")
+    (etc / "nodes" / "n" / "lxc" / "300.conf").write_text("mp0: mp=/data,volume=TANK2:102/vm-102-disk-0.raw\n"
+                                                         "mp1: mp=/data,volume=tank:102/vm-102-disk-0.raw\n")
+    assert pve.users(etc, ("tank",), images, "102/vm-102-disk-0.raw") == ["Proxmox VE guest 300 (mp1)"]

@@ -1,5 +1,5 @@
 """A Proxmox VE directory storage adopted in place (storage `pve`: `layout = "pve"`, known to
-Proxmox VE as `local`, its guest configs in tests/conftest.py's PVE_ETC), through the CLI,
+Proxmox VE as `tank`, its guest configs in tests/conftest.py's PVE_ETC), through the CLI,
 the queue and real workers: a Proxmox VE template adopted, cloned, backed up and restored;
 every volume a Proxmox VE guest config names left as it is; every refusal of import-pve."""
 
@@ -61,7 +61,7 @@ def test_a_proxmox_ve_template_is_adopted_cloned_backed_up_and_restored_in_place
     t, linked, full, restored = vmid(), vmid(), vmid(), vmid()
     base = pve_disk(t, f"base-{t}-disk-0", base=True)
     conf = pve_config(t, f"name: debian\ntemplate: 1\ncores: 2\nmemory: 2048\n"
-                         f"scsi0: local:{t}/base-{t}-disk-0.qcow2,size=32M\nnet0: virtio=BC:24:11:00:00:01\n")
+                         f"scsi0: tank:{t}/base-{t}-disk-0.qcow2,size=32M\nnet0: virtio=BC:24:11:00:00:01\n")
     code, out, err = stork("--json", "guest", "import-pve", conf)
     assert code == 0, err
     result = json.loads(out)["result"]
@@ -104,7 +104,9 @@ def test_a_volume_a_proxmox_ve_guest_names_is_never_freed_resized_or_made_a_base
     disk = pve_disk(g, f"vm-{g}-disk-0", "raw")
     volid = f"pve:{g}/vm-{g}-disk-0.raw"
     before = disk.read_bytes()
-    pve_config(g, f"scsi0: local:{g}/vm-{g}-disk-0.raw,size=32M\n")
+    pve_config(g, f"scsi0: tank:{g}/vm-{g}-disk-0.raw,size=32M\n")
+    listed = {v["volid"]: v for v in json.loads(stork("--json", "volume", "list", "pve")[1])}
+    assert listed[volid]["users"] == [f"Proxmox VE guest {g} (scsi0)"] and not listed[volid]["orphan"]
     for args in (("volume", "free", volid), ("disk", "resize", volid, "64M"), ("base", volid)):
         code, _, err = stork(*args)
         assert code != 0 and f"in use by Proxmox VE guest {g} (scsi0)" in err, (args, err)
@@ -123,7 +125,7 @@ def test_a_volume_a_proxmox_ve_guest_names_is_never_freed_resized_or_made_a_base
 def test_an_adopted_disk_cannot_be_adopted_twice(stork, vmid, pve_config):
     g, again = vmid(), vmid()
     pve_disk(g, f"vm-{g}-disk-0", "raw")
-    conf = pve_config(g, f"scsi0: local:{g}/vm-{g}-disk-0.raw\n")
+    conf = pve_config(g, f"scsi0: tank:{g}/vm-{g}-disk-0.raw\n")
     assert stork("guest", "import-pve", conf)[0] == 0
     code, _, err = stork("guest", "import-pve", conf, "--vmid", again)
     assert code != 0 and f"is in use by guest {g} (scsi0)" in err
@@ -131,13 +133,13 @@ def test_an_adopted_disk_cannot_be_adopted_twice(stork, vmid, pve_config):
 
 @pytest.mark.parametrize(("config", "message"), [
     ("scsi0: local-lvm:vm-{g}-disk-0,size=8G\n", "on storage 'local-lvm', which no storage of stork adopts"),
-    ("scsi0: local:{g}/vm-{g}-disk-0.raw\nsata1: /dev/disk/by-id/ata-X\n",
+    ("scsi0: tank:{g}/vm-{g}-disk-0.raw\nsata1: /dev/disk/by-id/ata-X\n",
      "sata1 = /dev/disk/by-id/ata-X is no volume"),
-    ("template: 1\nscsi0: local:{g}/vm-{g}-disk-0.raw\n", "is not a base image, and the guest is a template"),
-    ("scsi0: local:{g}/vm-{g}-disk-7.raw\n", "unknown volume pve:{g}/vm-{g}-disk-7.raw"),
-    ("scsi0: local:{g}/vm-{g}-disk-1.vmdk\n", "invalid volume name"),
+    ("template: 1\nscsi0: tank:{g}/vm-{g}-disk-0.raw\n", "is not a base image, and the guest is a template"),
+    ("scsi0: tank:{g}/vm-{g}-disk-7.raw\n", "unknown volume pve:{g}/vm-{g}-disk-7.raw"),
+    ("scsi0: tank:{g}/vm-{g}-disk-1.vmdk\n", "invalid volume name"),
     ("cores: 2\nide2: none,media=cdrom\n", "the guest has no disk on a storage stork adopts"),
-    ("scsi0 local:{g}/vm-{g}-disk-0.raw\n", ":1: not a Proxmox VE guest config line"),
+    ("scsi0 tank:{g}/vm-{g}-disk-0.raw\n", ":1: not a Proxmox VE guest config line"),
 ], ids=["unknown-storage", "host-device", "template-of-no-base", "missing-volume", "vmdk", "no-disk", "broken"])
 def test_import_pve_refuses_with_one_line_and_changes_nothing(stork, client, vmid, pve_config, config, message):
     g = vmid()
@@ -154,11 +156,11 @@ def test_import_pve_wants_a_guest_id_and_a_free_one(stork, vmid, tmp_path, pve_c
     g = vmid()
     pve_disk(g, f"vm-{g}-disk-0", "raw")
     named = tmp_path / "exported.conf"
-    named.write_text(f"scsi0: local:{g}/vm-{g}-disk-0.raw\n")
+    named.write_text(f"scsi0: tank:{g}/vm-{g}-disk-0.raw\n")
     code, _, err = stork("guest", "import-pve", named)
     assert code != 0 and "not named <vmid>.conf: give the guest id (--vmid)" in err
     assert stork("guest", "import-pve", named, "--vmid", g)[0] == 0
-    code, _, err = stork("guest", "import-pve", pve_config(g, f"scsi0: local:{g}/vm-{g}-disk-0.raw\n"))
+    code, _, err = stork("guest", "import-pve", pve_config(g, f"scsi0: tank:{g}/vm-{g}-disk-0.raw\n"))
     assert code != 0 and f"guest {g} already exists" in err
 
 
@@ -166,7 +168,7 @@ def test_stork_takes_proxmox_ves_lock_of_the_storage_with_its_own(stork, client,
     """Proxmox VE holds /var/lock/pve-manager/pve-storage-<id> while it names and makes a volume
     (and qemu-img create would truncate one stork had just made): a job waits for it."""
     g = vmid()
-    lock = BASE / "pve-locks" / "pve-storage-local"
+    lock = BASE / "pve-locks" / "pve-storage-tank"
     lock.parent.mkdir(exist_ok=True)
     with open(lock, "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
@@ -180,14 +182,23 @@ def test_stork_takes_proxmox_ves_lock_of_the_storage_with_its_own(stork, client,
     assert client.job(job).state == "succeeded" and client.guest(g).disks == {"scsi0": f"pve:{g}/vm-{g}-disk-0.raw"}
 
 
-def test_a_guest_id_proxmox_ve_uses_is_not_given_to_a_new_guest_of_storks(stork, vmid, pve_config):
-    """Its disks would land in the folder Proxmox VE counts as that guest's (and `qm destroy`
-    would take them along)."""
-    g = vmid()
+def test_no_volume_of_storks_is_made_in_a_proxmox_ve_guests_folder(stork, client, vmid, pve_config):
+    """Proxmox VE counts everything in images/<vmid>/ as that guest's (and `qm destroy` would
+    take it along): a new disk, a clone's, a restored one of guest N is refused where Proxmox
+    VE has a guest N; on another storage it is made."""
+    g, r = vmid(), vmid()
     pve_config(g, "cores: 1\n")
-    code, _, err = stork("guest", "create", g, "--disk", "scsi0=local:8M")
+    code, _, err = stork("guest", "create", g, "--disk", "scsi0=pve:8M")
     assert code != 0 and f"guest id {g} is Proxmox VE's" in err and str(CONFIGS / f"{g}.conf") in err
-    assert stork("guest", "show", g)[0] != 0
+    assert stork("guest", "show", g)[0] != 0 and not (IMAGES / str(g)).exists()
+    assert stork("guest", "create", g, "--disk", "scsi0=local:8M")[0] == 0  # a folder Proxmox VE does not read
+    code, _, err = stork("disk", "add", g, "scsi1=pve:8M")
+    assert code != 0 and f"guest id {g} is Proxmox VE's" in err and not (IMAGES / str(g)).exists()
+    code, out, err = stork("--json", "backup", g, "--storage", "backup")
+    assert code == 0, err
+    pve_config(r, "cores: 1\n")
+    code, _, err = stork("restore", json.loads(out)["result"]["backup"], r, "--storage", "pve")
+    assert code != 0 and f"guest id {r} is Proxmox VE's" in err and not (IMAGES / str(r)).exists()
 
 
 def test_a_base_on_a_proxmox_ve_storage_is_named_for_its_own_guest(stork, vmid):
@@ -203,7 +214,7 @@ def test_a_disk_a_proxmox_ve_guest_uses_is_backed_up_without_a_bitmap_written_in
     """A running qemu may have the qcow2 open: stork reads it whole and writes nothing into it."""
     g, r = vmid(), vmid()
     disk = pve_disk(g, f"vm-{g}-disk-0")
-    conf = pve_config(g, f"scsi0: local:{g}/vm-{g}-disk-0.qcow2,size=32M\n")
+    conf = pve_config(g, f"scsi0: tank:{g}/vm-{g}-disk-0.qcow2,size=32M\n")
     assert stork("guest", "import-pve", conf)[0] == 0
     code, out, err = stork("--json", "backup", g, "--storage", "backup")
     assert code == 0, err
@@ -217,7 +228,7 @@ def test_a_disk_a_proxmox_ve_guest_uses_is_backed_up_without_a_bitmap_written_in
 def test_a_base_disk_of_a_guest_that_is_no_template_is_not_adopted(stork, vmid, pve_config):
     g = vmid()
     pve_disk(g, f"base-{g}-disk-0", base=True)
-    code, _, err = stork("guest", "import-pve", pve_config(g, f"scsi0: local:{g}/base-{g}-disk-0.qcow2\n"))
+    code, _, err = stork("guest", "import-pve", pve_config(g, f"scsi0: tank:{g}/base-{g}-disk-0.qcow2\n"))
     assert code != 0 and "is a base image, and the guest is not a template" in err
 
 

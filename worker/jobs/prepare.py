@@ -48,19 +48,23 @@ def _name(o: dict[str, Any]) -> str:
     return names.image_name(o["name"], "guest name") if o.get("name") else ""
 
 
-def _new_vmid(cfg: Config, vmid: Any, adopting: int | None = None) -> int:
-    """A guest id for a new guest: refused when stork has a guest of that id, or Proxmox VE has
-    one on a storage of its layout (their disks would share a folder; `adopting` that guest is
-    the exception)."""
+def _new_vmid(cfg: Config, vmid: Any) -> int:
     vmid = names.vmid(vmid)
     if _store(cfg).exists(vmid):
         raise AlreadyExists(f"guest {vmid} already exists")
-    if vmid != adopting:
-        for s in cfg.storages.values():
-            if "images" in s.content and (whose := driver_for(s).foreign_guest(vmid)):
-                raise AlreadyExists(f"guest id {vmid} is {whose}: its disks would share a folder of storage "
-                                    f"{s.id!r} with that guest's")
     return vmid
+
+
+def refuse_foreign_folders(params: dict[str, Any], cfg: Config) -> None:
+    """Refuse a job that would make a volume of guest N in a folder another manager of the
+    storage counts as its own guest N's (Proxmox VE's `images/N/`: its destroy would take the
+    volume along), where this node sees the storage; the step checks again on its node."""
+    for plan in (params.get("disks") or {}).values():
+        sid, owner = plan.get("storage"), plan.get("owner")
+        if sid is None or owner is None or not cfg.storage(sid).on_node(cfg.node):
+            continue
+        if whose := driver_for(cfg.storage(sid)).foreign_guest(owner):
+            raise Refused(usage.foreign_folder(sid, owner, whose))
 
 
 def _check_nodes(cfg: Config, storages: set[str], node: str) -> list[str]:
@@ -281,8 +285,7 @@ def prepare_import_pve(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         slot, value = next(iter(described.devices.items()))
         raise Refused(f"{path}: {slot} = {value.split(',', 1)[0]} is no volume (a host device or path): stork "
                       "adopts a guest with every disk")
-    stem = path.name.removesuffix(".conf")
-    vmid = _new_vmid(cfg, described.vmid, adopting=int(stem) if stem.isdigit() else None)
+    vmid = _new_vmid(cfg, described.vmid)
     node = _node(o, cfg)
     storages = _adopting_storages(cfg, node)
     adopted: dict[str, Any] = {"disks": {}, "unused": []}

@@ -127,6 +127,8 @@ def _make_volume(ctx: StepContext, key: str, drv: Driver, owner: int, fmt: str,
     with ctx.storage_lock(drv):
         if _adopt_pending(ctx, key, table):
             return  # made before the crash: ours
+        if whose := drv.foreign_guest(owner):
+            raise Refused(usage.foreign_folder(drv.storage.id, owner, whose))
         taken = usage.claimed_names(ctx.r, drv.storage.id, owner, except_job=ctx.job.id)
         vol = drv.next_disk_name(owner, fmt, taken)
         ctx.data.setdefault("pending", {})[key] = drv.volid(vol)

@@ -67,6 +67,12 @@ def foreign_users(ctx: StepContext, volid: str) -> list[str]:
         raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
 
 
+def foreign_folder(storage: str, owner: int, whose: str) -> str:
+    """Why a volume of guest `owner` is not made on `storage`: another manager's guest of that id."""
+    return (f"guest id {owner} is {whose}: a volume of stork's for guest {owner} on storage {storage!r} would be "
+            "in that guest's folder")
+
+
 def job_users(ctx: StepContext, volid: str) -> list[str]:
     """Jobs, besides this one, that have not ended and read, make or rename `volid`: those the
     volume's index names (records.candidates), each confirmed by its record."""
