@@ -15,6 +15,7 @@ from typing import IO
 
 from drivers.errors import LockTimeout, Refused
 
+DIR_LOCK_POLL = 1.0  # each mkdir of a cluster file system lock is a message to every node
 POLL = 0.005
 
 
@@ -69,9 +70,16 @@ def file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def dir_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
-    """A lock held by having made the directory `path` (mkdir is atomic, and on Proxmox VE's
-    cluster file system cluster-wide: its cfs_lock), removed again on the way out."""
+    """A lock held by having made the directory `path`, removed again on the way out: Proxmox
+    VE's cluster file system lock (its cfs_lock), taken as it takes it: the lock folder made
+    first (else the cluster file system is not online), then each second a mkdir, and after a
+    failed one an unlock request (utime 0), which expires a lock older than 120 s."""
     deadline = time.monotonic() + timeout
+    with contextlib.suppress(OSError):
+        os.mkdir(path.parent)
+    if not path.parent.is_dir():
+        raise Refused(f"{what}: cannot take lock {path}: {path.parent} is not there (is the cluster file system "
+                      "online?)")
     while True:
         try:
             os.mkdir(path)
@@ -79,7 +87,9 @@ def dir_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
         except FileExistsError:
             if time.monotonic() > deadline:
                 raise LockTimeout(f"{what}: lock not free after {timeout:g}s") from None
-            time.sleep(POLL)
+            with contextlib.suppress(OSError):
+                os.utime(path, (0, 0))  # the unlock request
+            time.sleep(DIR_LOCK_POLL)
         except OSError as e:
             raise Refused(f"{what}: cannot take lock {path}: {e.strerror or e}") from None
     try:

@@ -153,43 +153,68 @@ class PveStorage:
 
 
 def read_storages(text: str) -> list[PveStorage]:
-    """storage.cfg's storages with a path, read as Proxmox VE reads them (its `local` always
-    the dir storage at /var/lib/vz); sections with an id Proxmox VE would refuse are skipped."""
-    sections: dict[str, tuple[str, dict[str, str]]] = {}
-    current: dict[str, str] | None = None
-    for line in text.splitlines():
-        if not line.strip():
-            current = None  # a blank line ends a section
-        elif line.lstrip().startswith("#"):
-            continue
-        elif (head := _STORAGE_HEAD.fullmatch(line)) is not None:
-            current = None
-            if _PVE_STORAGE.fullmatch(head["id"]):
-                current = {}
-                sections[head["id"]] = (head["type"].lower(), current)
-        elif current is not None and (prop := _STORAGE_PROPERTY.fullmatch(line)) is not None:
-            current[prop["key"]] = prop["value"] or ""
+    """storage.cfg's storages with a path, read as Proxmox VE's SectionConfig reads it: `#`
+    lines skipped; a `type: id` header (type in any case) starts a section, whose indented
+    `key value` lines run to the next empty line (another line in it is ignored, a header too);
+    a section whose id Proxmox VE refuses is skipped whole; a bare boolean is true; its `local`
+    is always the dir storage at /var/lib/vz."""
+    lines = iter(line for line in text.split("\n") if not line.lstrip().startswith("#"))
+    sections: dict[str, tuple[str, dict[str, str | None]]] = {}
+    for line in lines:
+        head = _STORAGE_HEAD.fullmatch(line) if line else None
+        if head is None:
+            continue  # an empty line between sections, or one Proxmox VE ignores
+        options: dict[str, str | None] = {}
+        for prop_line in lines:
+            if prop_line in ("", "0"):  # what ends Perl's `while ($line = $nextline->())`
+                break
+            if (prop := _STORAGE_PROPERTY.fullmatch(prop_line)) is not None:
+                options.setdefault(prop["key"], prop["value"])  # a duplicate is refused: the first stays
+        if _PVE_STORAGE.fullmatch(head["id"]):
+            sections[head["id"]] = (head["type"].lower(), options)
     local = sections.get(PVE_LOCAL[0])
-    if local is None or local[0] != "dir" or local[1].get("path", PVE_LOCAL[1]) != PVE_LOCAL[1]:
+    if local is None or local[0] != "dir" or (local[1].get("path") or PVE_LOCAL[1]) != PVE_LOCAL[1]:
         sections[PVE_LOCAL[0]] = ("dir", {"path": PVE_LOCAL[1]})
-    elif "path" not in local[1]:
+    else:
         local[1]["path"] = PVE_LOCAL[1]
-    return [PveStorage(sid, kind, options["path"], kind in _SHARED_TYPES or options.get("shared") == "1", options)
+    return [PveStorage(sid, kind, str(options["path"]), kind in _SHARED_TYPES or _true(options, "shared"),
+                       {k: v or "" for k, v in options.items()})
             for sid, (kind, options) in sorted(sections.items()) if options.get("path")]
 
 
+def _true(options: dict[str, str | None], key: str) -> bool:
+    """A boolean property as Proxmox VE reads it (a bare key is true)."""
+    return key in options and (options[key] is None or str(options[key]).lower() in ("1", "yes", "on", "true"))
+
+
+def _same_place(storage: PveStorage, path: Path) -> bool:
+    """Whether a storage of Proxmox VE is at `path`: the same text, or, for a storage of local
+    disks, the same directory (a symlink or bind mount to it). A network one's mount point is
+    not stat'ed: on a dead NFS server that would hang while stork holds its storage lock."""
+    if os.path.normpath(storage.path) == os.path.normpath(path):
+        return True
+    if storage.type in _SHARED_TYPES:
+        return False
+    try:
+        theirs, ours = os.stat(storage.path), os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise Refused(f"cannot tell whether Proxmox VE's storage {storage.id!r} ({storage.path}) is {path}: "
+                      f"{e.strerror or e}") from None
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
 def storages_at(config_dir: Path, path: Path) -> list[PveStorage]:
-    """Proxmox VE's storages at `path` (as the file system resolves both paths). Fails closed:
-    Refused when storage.cfg cannot be read, names no storage there, or keeps its images
-    elsewhere (content-dirs)."""
+    """Proxmox VE's storages at `path` (_same_place). Fails closed: Refused when storage.cfg
+    cannot be read, names no storage there, or keeps its images elsewhere (content-dirs)."""
     cfg = config_dir / "storage.cfg"
     try:
         text = cfg.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise Refused(f"cannot read Proxmox VE's storages in {cfg}: {getattr(e, 'strerror', None) or e} (set "
                       "pve_config = false on a storage no Proxmox VE uses)") from None
-    here = os.path.realpath(path)
-    found = [s for s in read_storages(text) if os.path.realpath(s.path) == here]
+    found = [s for s in read_storages(text) if _same_place(s, path)]
     if not found:
         raise Refused(f"no storage in {cfg} has path {path}: set pve_config = false on a storage no Proxmox VE uses")
     for s in found:
@@ -207,23 +232,35 @@ class _Files:
         self._known: dict[tuple[int, int], str] | None = None
 
     def volname_of(self, path: str) -> str | None:
+        """The volname of the file at `path`, None for none of this storage's; Refused where it
+        cannot be told (a file that cannot be stat'ed, a folder that cannot be read)."""
         real = os.path.realpath(path)
         if real.startswith(self.images + "/"):
             return real[len(self.images) + 1:]
         try:
             st = os.stat(path)
-        except OSError:
+        except FileNotFoundError:
             return None  # no such file on this node: none of this storage's here
+        except OSError as e:
+            raise Refused(f"cannot tell which file {path} is: {e.strerror or e}") from None
+        return self._by_inode().get((st.st_dev, st.st_ino))
+
+    def _by_inode(self) -> dict[tuple[int, int], str]:
         if self._known is None:
-            self._known = {}
-            with contextlib.suppress(OSError):
-                for folder in os.scandir(self.images):
-                    if folder.is_dir(follow_symlinks=False):
-                        for entry in os.scandir(folder.path):
-                            with contextlib.suppress(OSError):
-                                found = entry.stat(follow_symlinks=False)
-                                self._known[(found.st_dev, found.st_ino)] = f"{folder.name}/{entry.name}"
-        return self._known.get((st.st_dev, st.st_ino))
+            known: dict[tuple[int, int], str] = {}
+            try:
+                folders = [e for e in os.scandir(self.images) if e.is_dir(follow_symlinks=False)]
+                for folder in folders:
+                    for entry in os.scandir(folder.path):
+                        with contextlib.suppress(FileNotFoundError):  # removed meanwhile: no volume
+                            found = entry.stat(follow_symlinks=False)
+                            known[(found.st_dev, found.st_ino)] = f"{folder.name}/{entry.name}"
+            except FileNotFoundError:
+                pass  # no images folder yet: no volume
+            except OSError as e:
+                raise Refused(f"cannot read {self.images}: {e.strerror or e}") from None
+            self._known = known
+        return self._known
 
 
 def _named(value: str, ids: tuple[str, ...], files: _Files) -> str | None:

@@ -172,6 +172,7 @@ def test_a_proxmox_ve_config_is_read_as_a_guest_with_notes():
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("dir: tank\n\tpath /srv/tank\n\tcontent images\n", [("tank", "dir", "/srv/tank", False)]),
+    ("dir: tank\n\tpath /srv/tank\n\tpath /srv/other\n", [("tank", "dir", "/srv/tank", False)]),  # the first stays
     ("dir: tank\n\tpath\t/srv/tank\n\tshared 1\n", [("tank", "dir", "/srv/tank", True)]),  # tabs; shared
     ("nfs: nas\n\tpath /mnt/pve/nas\n\tserver 10.0.0.9\n", [("nas", "nfs", "/mnt/pve/nas", True)]),  # shared by type
     ("Dir: aa\n\tpath /a\n\nDir: bb\n\tpath /b\n", [("aa", "dir", "/a", False), ("bb", "dir", "/b", False)]),
@@ -180,8 +181,11 @@ def test_a_proxmox_ve_config_is_read_as_a_guest_with_notes():
     ("dir: ../x\n\tpath /x\n", []),  # an id Proxmox VE refuses is no storage (nor a lock file's name)
     ("dir: local\n\tpath /srv/elsewhere\n", [("local", "dir", "/var/lib/vz", False)]),  # local is always there
     ("lvmthin: local\n\tvgname pve\n", [("local", "dir", "/var/lib/vz", False)]),
-], ids=["dir", "tabs-shared", "nfs", "uppercase-type", "blank-line", "comments", "bad-id", "local-elsewhere",
-        "local-other-type"])
+    ("dir: aa\n\tpath /a\n  \n\tshared\n\tcontent-dirs images=img\n", [("aa", "dir", "/a", True)]),  # spaces: no end
+    ("dir: aa\n\tpath /a\ndir: bb\n\tpath /b\n", [("aa", "dir", "/a", False)]),  # a header inside: ignored
+    ("dir: ../x\n\tpath /x\ndir: cc\n\tpath /c\n\ndir: dd\n\tpath /d\n", [("dd", "dir", "/d", False)]),
+], ids=["dir", "duplicate-key", "tabs-shared", "nfs", "uppercase-type", "blank-line", "comments", "bad-id",
+        "local-elsewhere", "local-other-type", "spaces-bare-shared", "header-inside", "bad-section-skipped-whole"])
 def test_storage_cfg_is_read_as_proxmox_ve_reads_it(text, expected):
     found = [(s.id, s.type, s.path, s.shared) for s in pve.read_storages(text) if s.id != "local" or "local" in text]
     assert found == expected
