@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,14 +279,10 @@ def _named(value: str, ids: tuple[str, ...], files: _Files) -> str | None:
     raise Refused(f"cannot read {value!r} as a volume")
 
 
-def users_by_volume(config_dir: Path, ids: tuple[str, ...], images: Path) -> dict[str, list[str]]:
-    """The Proxmox VE guests (of every node) whose configs name each volume of this storage
-    (its `images` folder, known to Proxmox VE as `ids`), by volname: `Proxmox VE guest <vmid>
-    (<where>)`. Fails closed: Refused naming what could not be read (a config that cannot be
-    read might name any volume)."""
-    files = _Files(os.path.realpath(images))
+def _guest_folders(config_dir: Path) -> Iterator[Path]:
+    """Each node's folder of guest configs (qemu-server, lxc) that exists. Fails closed:
+    Refused for one that cannot be listed."""
     nodes = config_dir / "nodes"
-    found: dict[str, list[str]] = {}
     try:
         node_names = sorted(os.listdir(nodes))
     except OSError as e:
@@ -295,24 +292,37 @@ def users_by_volume(config_dir: Path, ids: tuple[str, ...], images: Path) -> dic
         for kind in ("qemu-server", "lxc"):
             folder = nodes / node / kind
             try:
-                confs = sorted(os.listdir(folder))
+                os.lstat(folder)
             except FileNotFoundError:
                 continue
             except OSError as e:
                 raise Refused(f"cannot read Proxmox VE's guest configs in {folder}: {e.strerror or e}") from None
-            for conf in confs:
-                if not conf.endswith(".conf"):
-                    continue
-                vmid = conf.removesuffix(".conf")
-                with contextlib.suppress(NotFound):  # removed since the listing
-                    guest = read(folder / conf, int(vmid) if vmid.isdigit() else 0)
-                    for where, value in guest.references:
-                        try:
-                            volname = _named(value, ids, files)
-                        except Refused as e:
-                            raise Refused(f"{folder / conf}: {e}") from None
-                        if volname is not None:
-                            found.setdefault(volname, []).append(f"Proxmox VE guest {vmid} ({where})")
+            yield folder
+
+
+def users_by_volume(config_dir: Path, ids: tuple[str, ...], images: Path) -> dict[str, list[str]]:
+    """The Proxmox VE guests (of every node) whose configs name each volume of this storage
+    (its `images` folder, known to Proxmox VE as `ids`), by volname: `Proxmox VE guest <vmid>
+    (<where>)`. Fails closed: Refused naming what could not be read (a config that cannot be
+    read might name any volume)."""
+    files = _Files(os.path.realpath(images))
+    found: dict[str, list[str]] = {}
+    for folder in _guest_folders(config_dir):
+        try:
+            confs = sorted(name for name in os.listdir(folder) if name.endswith(".conf"))
+        except OSError as e:
+            raise Refused(f"cannot read Proxmox VE's guest configs in {folder}: {e.strerror or e}") from None
+        for conf in confs:
+            vmid = conf.removesuffix(".conf")
+            with contextlib.suppress(NotFound):  # removed since the listing
+                guest = read(folder / conf, int(vmid) if vmid.isdigit() else 0)
+                for where, value in guest.references:
+                    try:
+                        volname = _named(value, ids, files)
+                    except Refused as e:
+                        raise Refused(f"{folder / conf}: {e}") from None
+                    if volname is not None:
+                        found.setdefault(volname, []).append(f"Proxmox VE guest {vmid} ({where})")
     return found
 
 
@@ -323,19 +333,13 @@ def users(config_dir: Path, ids: tuple[str, ...], images: Path, volname: str) ->
 
 def guest_config(config_dir: Path, vmid: int) -> Path | None:
     """The config of Proxmox VE's guest `vmid` on any node, if there is one (fails closed)."""
-    nodes = config_dir / "nodes"
-    try:
-        node_names = sorted(os.listdir(nodes))
-    except OSError as e:
-        raise Refused(f"cannot read Proxmox VE's guest configs in {nodes}: {e.strerror or e}") from None
-    for node in node_names:
-        for kind in ("qemu-server", "lxc"):
-            path = nodes / node / kind / f"{vmid}.conf"
-            try:
-                os.lstat(path)
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                raise Refused(f"cannot read {path}: {e.strerror or e}") from None
-            return path
+    for folder in _guest_folders(config_dir):
+        path = folder / f"{vmid}.conf"
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise Refused(f"cannot read {path}: {e.strerror or e}") from None
+        return path
     return None
