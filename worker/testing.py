@@ -217,10 +217,22 @@ class SentinelGroup:
         raise AssertionError("no sentinel answers")
 
     def failover(self) -> int:
-        """SENTINEL FAILOVER: promote a replica; returns the new master's port once it is master."""
+        """SENTINEL FAILOVER: promote a replica; returns the new master's port once it is master.
+        Asked again (up to three times) when no new master came of it: on a machine busy with a
+        backup's writes the sentinels can give up on a promotion (failover-timeout) or find no
+        replica in sync yet (NOGOODSLAVE), and a forced failover is not retried by them."""
+        import redis
+
         old = self.master()
-        self._sentinel(next(iter(self.sentinels))).execute_command("SENTINEL", "FAILOVER", self.NAME)
-        return self.wait_for_new_master(old)
+        for attempt in range(3):
+            with contextlib.suppress(redis.ResponseError):  # INPROG, NOGOODSLAVE: wait, then ask again
+                self._sentinel(next(iter(self.sentinels))).execute_command("SENTINEL", "FAILOVER", self.NAME)
+            try:
+                return self.wait_for_new_master(old, timeout=20.0)
+            except AssertionError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def wait_for_new_master(self, old: int, timeout: float = 30.0) -> int:
         def promoted() -> int:
