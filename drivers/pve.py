@@ -1,7 +1,8 @@
-"""Proxmox VE's guest configs, as stork reads them: to adopt a guest whose disks are on a
-storage of Proxmox VE's layout (`stork guest import-pve`), and to leave alone every volume a
-Proxmox VE guest names (the in-use checks of such a storage). Its volume names are in
-drivers/names.py (`pve_volname`).
+"""Proxmox VE's storage.cfg and guest configs, as stork reads them: which of its storages a
+directory of its layout is (their ids, and whether it locks them cluster-wide), a guest to
+adopt whose disks are there (`stork guest import-pve`), and every volume a Proxmox VE guest
+names, which stork leaves alone (the in-use checks of such a storage). Its volume names are
+in drivers/names.py (`pve_volname`).
 
 A config (`/etc/pve/nodes/<node>/qemu-server/<vmid>.conf`, `.../lxc/<vmid>.conf`) is lines of
 `key: value`, a description as `#` lines, and after them sections (`[snapshot]`, `[PENDING]`,
@@ -29,8 +30,8 @@ _VOLUME_KEY = re.compile(r"(?:ide|sata|scsi|virtio|efidisk|tpmstate|unused|mp)[0
 _LINE = re.compile(r"(?P<key>[a-z][a-z0-9_.-]*):\s*(?P<value>.*)")  # lxc.cgroup2.devices.allow: ...
 _SECTION = re.compile(r"\[(?P<name>[^\]]+)\]")
 _PVE_STORAGE = re.compile(r"[a-z][a-z0-9._-]*[a-z0-9]", re.IGNORECASE)  # as pve-storage's parse_volume_id
-# storage.cfg as pve-storage's SectionConfig reads it: `type: id`, then indented `key value`
-# lines up to a blank one; `#` comments
+# storage.cfg as pve-common's SectionConfig reads it: `type: id`, then indented `key value`
+# lines up to an empty one; `#` comments
 _STORAGE_HEAD = re.compile(r"(?P<type>\S+):\s*(?P<id>\S+)\s*")
 _STORAGE_PROPERTY = re.compile(r"\s+(?P<key>\S+)(?:\s+(?P<value>.*\S))?\s*")
 _SHARED_TYPES = ("nfs", "cifs", "cephfs", "glusterfs")  # Proxmox VE sets shared on these, whatever the section says
