@@ -16,13 +16,12 @@ The key never travels: not in a job, not on a command line, not in a log.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
+import hashlib
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import stat
@@ -102,12 +101,28 @@ def check_key(path: Path) -> None:
 
 @functools.cache
 def _key_dir(key: Path) -> str:
-    """A private directory holding `keys.psk`, a link to the key (removed at exit; the link
-    only points, the key stays where it is)."""
-    where = tempfile.mkdtemp(prefix="stork-psk-")
-    os.symlink(key, Path(where) / "keys.psk")
-    atexit.register(shutil.rmtree, where, True)
-    return where
+    """A private directory holding `keys.psk`, a link to the key (the link only points: the
+    key stays where it is), which qemu reads the key through. One per user and key, made once
+    and used again by every process: a Celery pool process ends with os._exit and a killed one
+    with nothing, so a directory per process (removed at exit) was left behind by nearly all.
+    One that is not this user's own private directory is refused, never used."""
+    digest = hashlib.sha256(str(key).encode()).hexdigest()[:16]
+    where = Path(tempfile.gettempdir()) / f"stork-psk-{os.getuid()}-{digest}"
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(where, 0o700)
+    st = os.lstat(where)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        raise Refused(f"{where}: not a private directory of this user: not used for the cluster key")
+    link = where / "keys.psk"
+    try:
+        if os.readlink(link) == str(key):
+            return str(where)
+    except OSError:
+        pass  # none yet (or not a link): made below
+    temp = where / f".keys.psk.{secrets.token_hex(8)}"
+    os.symlink(key, temp)
+    os.replace(temp, link)  # whole, for a process reading it meanwhile
+    return str(where)
 
 
 def _creds(key: Path, endpoint: str) -> str:

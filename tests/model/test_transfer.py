@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -50,6 +51,24 @@ def test_a_key_that_cannot_be_trusted_is_refused(tmp_path, setup, message):
     with pytest.raises(Refused) as refused:
         transfer.check_key(key)
     assert str(refused.value) == f"cluster key {key}: {message}"
+
+
+def test_the_keys_folder_is_one_per_key_used_again_by_every_process_and_never_anothers(tmp_path, monkeypatch):
+    """qemu reads the key through <tmp>/stork-psk-<uid>-<hash>/keys.psk: made once, found again
+    (no folder left behind per process), and refused where it is not this user's own."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    make = transfer._key_dir.__wrapped__  # not the per-process cache: as another process
+    key = tmp_path / "cluster.psk"
+    transfer.make_key(key)
+    where = make(key)
+    assert make(key) == where and os.readlink(os.path.join(where, "keys.psk")) == str(key)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cluster.psk", os.path.basename(where)]
+    other = tmp_path / "other.psk"
+    transfer.make_key(other)
+    assert make(other) != where
+    os.chmod(where, 0o777)  # a folder others could swap the link in
+    with pytest.raises(Refused, match="not a private directory of this user"):
+        make(key)
 
 
 def test_stop_leaves_alone_a_process_that_is_not_the_export_named(tmp_path):
