@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from drivers import names
-from drivers.errors import InvalidName, NotFound, Refused
+from drivers.errors import InvalidName, NotFound, Refused, StorkError
 
 MAX_CONFIG = 1 << 20  # Proxmox VE's own limit on a config file is 512 KiB
 # every key whose value may name a volume: a qemu guest's disks, an LXC's root and mount
@@ -120,6 +121,31 @@ def notes_text(notes: dict[str, str]) -> str:
     return "".join(c for c in text if c.isprintable())[:1000]
 
 
+def _read_text(path: Path, what: str) -> str:
+    """A config file's text: NotFound if it is not there; refused (InvalidName, Refused) if it
+    cannot be read, is not a regular file (a FIFO would block the reader for good), is larger
+    than any config or is not UTF-8."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"{path}: no such file") from None
+    except OSError as e:
+        raise Refused(f"{path}: cannot read it: {e.strerror or e}") from None
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise InvalidName(f"{path}: not a regular file: not {what}")
+        try:
+            data = f.read(MAX_CONFIG + 1)
+        except OSError as e:
+            raise Refused(f"{path}: cannot read it: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG:
+        raise InvalidName(f"{path}: larger than {what} can be")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidName(f"{path}: not UTF-8 text: not {what}") from None
+
+
 def read(path: Path, vmid: int | None = None) -> PveGuest:
     """A config file; its guest id from its name (`<vmid>.conf`) unless given."""
     if vmid is None:
@@ -127,19 +153,7 @@ def read(path: Path, vmid: int | None = None) -> PveGuest:
         if not path.name.endswith(".conf") or not stem.isdigit():
             raise InvalidName(f"{path}: not named <vmid>.conf: give the guest id (--vmid)")
         vmid = names.vmid(stem)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG + 1)
-    except FileNotFoundError:
-        raise NotFound(f"{path}: no such file") from None
-    except OSError as e:
-        raise Refused(f"{path}: cannot read it: {e.strerror or e}") from None
-    if len(data) > MAX_CONFIG:
-        raise InvalidName(f"{path}: larger than any Proxmox VE guest config")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidName(f"{path}: not UTF-8 text: not a Proxmox VE guest config") from None
+    text = _read_text(path, "a Proxmox VE guest config")
     return parse(vmid, text, str(path))
 
 
@@ -212,10 +226,10 @@ def storages_at(config_dir: Path, path: Path) -> list[PveStorage]:
     cannot be read, names no storage there, or keeps its images elsewhere (content-dirs)."""
     cfg = config_dir / "storage.cfg"
     try:
-        text = cfg.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise Refused(f"cannot read Proxmox VE's storages in {cfg}: {getattr(e, 'strerror', None) or e} (set "
-                      "pve_config = false on a storage no Proxmox VE uses)") from None
+        text = _read_text(cfg, "Proxmox VE's storage.cfg")
+    except StorkError as e:
+        raise Refused(f"cannot read Proxmox VE's storages: {e} (set pve_config = false on a storage no Proxmox VE "
+                      "uses)") from None
     found = [s for s in read_storages(text) if _same_place(s, path)]
     if not found:
         raise Refused(f"no storage in {cfg} has path {path}: set pve_config = false on a storage no Proxmox VE uses")
@@ -292,13 +306,19 @@ def _guest_folders(config_dir: Path) -> Iterator[Path]:
     for node in node_names:
         for kind in ("qemu-server", "lxc"):
             folder = nodes / node / kind
-            try:
-                os.lstat(folder)
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                raise Refused(f"cannot read Proxmox VE's guest configs in {folder}: {e.strerror or e}") from None
-            yield folder
+            if _there(folder):
+                yield folder
+
+
+def _there(path: Path) -> bool:
+    """Whether anything is at `path`; Refused where that cannot be told (fails closed)."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise Refused(f"cannot tell whether {path} is there: {e.strerror or e}") from None
+    return True
 
 
 def users_by_volume(config_dir: Path, ids: tuple[str, ...], images: Path) -> dict[str, list[str]]:
@@ -334,13 +354,4 @@ def users(config_dir: Path, ids: tuple[str, ...], images: Path, volname: str) ->
 
 def guest_config(config_dir: Path, vmid: int) -> Path | None:
     """The config of Proxmox VE's guest `vmid` on any node, if there is one (fails closed)."""
-    for folder in _guest_folders(config_dir):
-        path = folder / f"{vmid}.conf"
-        try:
-            os.lstat(path)
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            raise Refused(f"cannot read {path}: {e.strerror or e}") from None
-        return path
-    return None
+    return next((path for folder in _guest_folders(config_dir) if _there(path := folder / f"{vmid}.conf")), None)

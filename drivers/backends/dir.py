@@ -119,8 +119,8 @@ class DirDriver(Driver):
                "format": Option(lambda v: v in FORMATS, f"the format of new volumes: {' or '.join(FORMATS)}"),
                "layout": Option(_layout, "stork or pve (a Proxmox VE directory storage, used in place)",
                                 default="stork"),
-               # layout pve: where Proxmox VE's guest configs are (a volume one names is never changed by
-               # stork), or false on a storage no Proxmox VE uses any more; and this storage's id there
+               # layout pve: where Proxmox VE's storage.cfg and guest configs are (a volume one names is
+               # never changed by stork), or false on a storage no Proxmox VE uses any more
                "pve_config": Option(_pve_config, "an absolute path (Proxmox VE's /etc/pve) or false",
                                     default="/etc/pve"),
                # layout pve, a storage of one node: Proxmox VE's lock of it is taken with stork's
@@ -455,21 +455,16 @@ class DirDriver(Driver):
         name, size = f"{_file(base)}.qcow2", self.virtual_size(base)
         backing = f"../{self._folder(base)}/{_file(base)}"
         with self._dir.folder(OVERLAYS, create=True) as folder:
-            if not self._overlay_fits(folder, name, size, backing):
-                with self._dir.temp_file(folder, name) as (fd, temp):
-                    qemu.create(fd, "qcow2", size, self.volid(base), backing=backing, backing_fmt=base.fmt)
-                    os.fsync(fd)
-                    self._dir.replace(folder, temp, name)
-            with self._dir.opened(folder, name) as fd:
-                yield fd
-
-    def _overlay_fits(self, folder: int, name: str, size: int, backing: str) -> bool:
-        if not self._dir.entry_exists(folder, name):
-            return False
-        with self._dir.opened(folder, name) as fd:
-            header = qemu.read_qcow2_header(fd)
-        rounded = -(-size // 512) * 512  # qcow2 holds whole sectors: a raw base of 1000 bytes is 1024 there
-        return header is not None and header.virtual_size in (size, rounded) and header.backing_file == backing
+            if self._dir.entry_exists(folder, name):
+                with self._dir.opened(folder, name) as fd:
+                    if _overlay_fits(fd, size, backing):  # checked on the very file that is copied
+                        yield fd
+                        return
+            with self._dir.temp_file(folder, name) as (fd, temp):
+                qemu.create(fd, "qcow2", size, self.volid(base), backing=backing, backing_fmt=base.fmt)
+                os.fsync(fd)
+                self._dir.replace(folder, temp, name)
+                yield fd  # the new overlay, flushed and in place
 
     def _free_overlay(self, base: VolName) -> None:
         with contextlib.suppress(NotFound), self._dir.folder(OVERLAYS) as folder:
@@ -490,6 +485,13 @@ class DirDriver(Driver):
             # a linked clone's base is not needed to grow it, and is read-only: open none
             qemu.resize(qemu.Image.of_fd(vol.fmt, fd, self.volid(vol)), size)
             os.fsync(fd)
+
+
+def _overlay_fits(fd: int, size: int, backing: str) -> bool:
+    """Whether a blank overlay is one of this base (its backing path) at its size now."""
+    header = qemu.read_qcow2_header(fd)
+    rounded = -(-size // 512) * 512  # qcow2 holds whole sectors: a raw base of 1000 bytes is 1024 there
+    return header is not None and header.virtual_size in (size, rounded) and header.backing_file == backing
 
 
 def _warn(event: str, **fields: object) -> None:

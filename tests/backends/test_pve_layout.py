@@ -214,3 +214,18 @@ def test_a_lxc_mount_points_volume_is_read_and_a_value_it_cannot_read_refuses(tm
     (etc / "nodes" / "n" / "lxc" / "300.conf").write_text("mp0: mp=/data,volume=TANK2:102/vm-102-disk-0.raw\n"
                                                          "mp1: mp=/data,volume=tank:102/vm-102-disk-0.raw\n")
     assert pve.users(etc, ("tank",), images, "102/vm-102-disk-0.raw") == ["Proxmox VE guest 300 (mp1)"]
+
+
+def test_a_config_that_is_no_regular_file_is_refused_without_blocking(tmp_path):
+    """A FIFO given as CONF (or planted among the configs) would block a plain open for good."""
+    fifo = tmp_path / "100.conf"
+    os.mkfifo(fifo)
+    with pytest.raises(InvalidName, match="not a regular file: not a Proxmox VE guest config"):
+        pve.read(fifo)
+    (tmp_path / "nodes" / "n" / "qemu-server").mkdir(parents=True)
+    os.mkfifo(tmp_path / "nodes" / "n" / "qemu-server" / "101.conf")
+    with pytest.raises(InvalidName, match="not a regular file"):
+        pve.users(tmp_path, ("tank",), tmp_path / "images", "101/vm-101-disk-0.raw")
+    os.mkfifo(tmp_path / "storage.cfg")
+    with pytest.raises(Refused, match="not a regular file"):
+        pve.storages_at(tmp_path, tmp_path)
