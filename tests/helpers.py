@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -33,6 +35,27 @@ def qemu_io_write(path: Path, fmt: str, offset: int, length: int, pattern: int) 
     """Write through qemu (so qcow2 overlays get real guest writes)."""
     subprocess.run(["qemu-io", "-f", fmt, "-c", f"write -P {pattern} {offset} {length}", str(path)],
                    check=True, capture_output=True)
+
+
+def resident_pages(path: Path) -> int:
+    """How many of the file's pages are in the page cache now (mincore(2) of a mapping of it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                               ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    size, page = path.stat().st_size, mmap.PAGESIZE
+    vector = (ctypes.c_ubyte * ((size + page - 1) // page))()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            failed = libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vector)
+            assert failed == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vector)
 
 
 def qemu_check(path: Path) -> None:

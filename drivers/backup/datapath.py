@@ -25,7 +25,9 @@ it with the chunk named.
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
+import mmap
 import os
 import threading
 from bisect import bisect_right
@@ -58,16 +60,75 @@ def _spans(size: int, chunk: int) -> Iterator[tuple[int, int]]:
 
 class RawFile:
     """A raw image file without backing, written at guest offsets directly (its bytes are the
-    guest's): what qemu-nbd would do, without the socket in between."""
+    guest's): what qemu-nbd would do, without the socket in between.
+
+    Whole aligned blocks go to the disk directly (O_DIRECT, through a page-aligned buffer of
+    its own), the rest through the page cache, written back as it goes (see _Writeback). A
+    restore writes gigabytes once: through the page cache each new page is a copy and, on a
+    virtual machine whose host takes back freed memory, a fault in the host too (measured
+    here: 5 s of kernel time for 1.2 GiB, 0.1 s direct), and the host's cache is flushed out
+    by data nobody reads soon. A file system without direct I/O gets every write buffered.
+    Not thread-safe: one writer. The caller (the driver's image()) flushes the file."""
 
     def __init__(self, fd: int, label: str) -> None:
         self.fd, self.label = fd, label
         self.size = os.fstat(fd).st_size
+        self.direct = _reopened_direct(fd)
+        self._aligned = mmap.mmap(-1, _DIRECT_BUFFER) if self.direct is not None else None
+        self._writeback = _Writeback(fd)
 
     def write(self, offset: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.pwrite(self.fd, view, offset + len(data) - len(view)):]
+        if self.direct is not None and offset % _ALIGN == 0 and len(data) % _ALIGN == 0:
+            try:
+                self._write_direct(offset, memoryview(data))
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._stop_direct()  # a block size above _ALIGN, or no direct I/O after all
+        _write_all(self.fd, memoryview(data), offset)
+        self._writeback.wrote(len(data))
+
+    def _write_direct(self, offset: int, view: memoryview) -> None:
+        assert self.direct is not None and self._aligned is not None
+        with memoryview(self._aligned) as aligned:
+            for at in range(0, len(view), _DIRECT_BUFFER):
+                piece = view[at:at + _DIRECT_BUFFER]
+                aligned[:len(piece)] = piece
+                _write_all(self.direct, aligned[:len(piece)], offset + at)
+
+    def _stop_direct(self) -> None:
+        if self.direct is not None:
+            os.close(self.direct)
+            self.direct = None
+
+    def __enter__(self) -> RawFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop_direct()
+        if self._aligned is not None:
+            self._aligned.close()
+        self._writeback.close(failed=exc[0] is not None)
+
+
+_ALIGN = 4096  # offsets, lengths and memory of direct writes: a page, at least any disk's block
+_DIRECT_BUFFER = 4 << 20  # a chunk of the store's default size: one copy, one write
+
+
+def _reopened_direct(fd: int) -> int | None:
+    """A second descriptor of fd's very file (through /proc/self/fd, which names the open file,
+    not a path) that writes past the page cache; None where the file system has no direct I/O."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _write_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
 
 
 class MappedFiles:
@@ -136,7 +197,8 @@ def _writing(image: qemu.Image) -> Iterator[RawFile | nbd.Client]:
     """Guest data to write: a raw file directly, anything else through qemu-nbd. The caller
     (the driver's image()) flushes a written file when it closes it."""
     if image.fmt == "raw" and image.backing is None and image.is_file:
-        yield RawFile(image.fds[0], image.label)
+        with RawFile(image.fds[0], image.label) as raw:
+            yield raw
     else:
         with nbd.served(image, write=True) as client:
             yield client
@@ -340,34 +402,36 @@ def back_up(image: qemu.Image, fmt: str, writer: SnapshotWriter, base: BaseRef |
 
 
 class _Writeback:
-    """Starts writing a restored file back to disk while the restore goes on: an fdatasync in
-    a thread of its own, one at a time, at most every WRITEBACK_EVERY bytes written, so the
-    disk works while chunks are decompressed and the caller's final fsync (the durability
-    promise) finds little left. The kernel would start only at its dirty threshold, a share of
-    RAM, or after 30 s. A volume written through qemu-nbd is flushed by its NBD flush at the
-    end instead."""
+    """Starts writing a file's buffered writes back to disk while the writing goes on: an
+    fdatasync in a thread of its own, one at a time, at most every WRITEBACK_EVERY bytes
+    written, so the disk works while chunks are decompressed and the caller's final fsync (the
+    durability promise) finds little left; the pages written back are then dropped from the
+    cache, to be used again for the next ones. The kernel would start only at its dirty
+    threshold, a share of RAM, or after 30 s."""
 
-    def __init__(self, client: RawFile | nbd.Client) -> None:
-        self.fd = client.fd if isinstance(client, RawFile) else None
-        self.pool = ThreadPoolExecutor(1) if self.fd is not None else None
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pool: ThreadPoolExecutor | None = None
         self.pending: Future[None] | None = None
         self.unflushed = 0
 
     def wrote(self, n: int) -> None:
         self.unflushed += n
-        if self.pool and self.unflushed >= WRITEBACK_EVERY and (self.pending is None or self.pending.done()):
+        if self.unflushed >= WRITEBACK_EVERY and (self.pending is None or self.pending.done()):
             if self.pending is not None:
                 self.pending.result()  # an error writing back fails the restore
-            self.pending, self.unflushed = self.pool.submit(os.fdatasync, self.fd), 0
+            self.pool = self.pool or ThreadPoolExecutor(1)
+            self.pending, self.unflushed = self.pool.submit(self._write_back), 0
 
-    def __enter__(self) -> _Writeback:
-        return self
+    def _write_back(self) -> None:
+        os.fdatasync(self.fd)
+        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages only: a dirty one stays
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self, failed: bool) -> None:
         if self.pool:
             self.pool.shutdown(wait=True)
-            if self.pending is not None and exc[0] is None:
-                self.pending.result()
+        if self.pending is not None and not failed:
+            self.pending.result()
 
 
 def _reused(writer: SnapshotWriter, entry: Entry) -> bool:
@@ -482,7 +546,7 @@ def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool
         return [(at, data[at:at + CLUSTER]) for at in range(0, length, CLUSTER)
                 if data[at:at + CLUSTER] != beneath[at:at + CLUSTER]]
 
-    with _writing(image) as client, ThreadPoolExecutor(THREADS) as pool, _Writeback(client) as writeback:
+    with _writing(image) as client, ThreadPoolExecutor(THREADS) as pool:
         if client.size < index.virtual_size:
             raise nbd.NbdError(f"{image.label}: {client.size} bytes, the backup holds {index.virtual_size}")
         flying: deque[tuple[int, int, Future[list[tuple[int, bytes]]]]] = deque()
@@ -493,7 +557,6 @@ def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool
             start, length, future = flying.popleft()
             for at, piece in future.result():
                 client.write(start + at, piece)
-                writeback.wrote(len(piece))
             done += length
             if progress:
                 progress(done, index.virtual_size)
@@ -506,7 +569,6 @@ def restore(store: ChunkStore, index: Index, image: qemu.Image, reads_zero: bool
             if entry is None and base is None:
                 if not reads_zero:
                     client.write(start, chunks.zero[:length])
-                    writeback.wrote(length)
                 done += length
                 continue
             flying.append((start, length, pool.submit(writes, n, entry, length)))

@@ -241,6 +241,7 @@ class ChunkStore:
             try:
                 write_all(fd, blob)
                 os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # flushed: its pages serve the next chunk
             finally:
                 os.close(fd)
             os.link(temp, digest, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)

@@ -20,6 +20,7 @@ from drivers.backends.dir import DirDriver
 from drivers.backup.datapath import (
     Action,
     MappedFiles,
+    RawFile,
     back_up,
     chunk_plan,
     decide,
@@ -34,7 +35,7 @@ from drivers.errors import Corrupt
 from drivers.names import VolName
 from drivers.nbd import Extent, NbdError, extents, served
 from drivers.storage import StorageConfig
-from tests.helpers import fill, qemu_io_write
+from tests.helpers import fill, qemu_io_write, resident_pages
 from worker.testing import ROOT, wait_for
 
 MIB = 1 << 20
@@ -284,6 +285,34 @@ def test_a_compressed_qcow2_is_read_through_qemu_nbd_and_comes_back_equal(tmp_pa
     finally:
         os.close(fd)
     assert out.read_bytes() == (tmp_path / "base.raw").read_bytes()
+
+
+def test_a_restored_raw_file_is_written_past_the_page_cache_where_aligned(tmp_path: Path):
+    """Whole aligned blocks go to the disk directly and leave nothing in the page cache; pieces
+    that are not aligned go through it, also over pages written directly, and the file reads
+    back exactly as written, at its size."""
+    path = tmp_path / "restored.raw"
+    with open(path, "wb") as f:
+        f.truncate(16 * MIB)
+    expected = bytearray(16 * MIB)
+    writes = [(0, os.urandom(4 * MIB)), (8 * MIB, os.urandom(6 * MIB)), (4 * MIB, os.urandom(64 << 10))]
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        with RawFile(fd, "restored") as raw:
+            assert raw.direct is not None  # this file system writes direct
+            for offset, data in writes:
+                raw.write(offset, data)
+                expected[offset:offset + len(data)] = data
+        assert resident_pages(path) == 0
+        with RawFile(fd, "restored") as raw:
+            for offset, data in ((4 * MIB + 100, b"x" * 5000), (8 * MIB + 4095, b"y" * 2)):
+                raw.write(offset, data)
+                expected[offset:offset + len(data)] = data
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert path.stat().st_size == 16 * MIB
+    assert path.read_bytes() == bytes(expected)
 
 
 def test_a_restore_with_a_corrupt_chunk_stops_naming_it(dir_storage, store, tmp_path: Path):

@@ -20,6 +20,7 @@ from drivers.backup.codec import KIND_RAW, KIND_ZSTD, MAGIC, PlainCodec, is_zero
 from drivers.backup.records import BackupId, BaseRef, Index, Patch, Snapshot, backup_id, blob_name, disk_key
 from drivers.backup.store import QUARANTINE, ChunkStore
 from drivers.errors import AlreadyExists, Corrupt, InvalidName, NotFound, Refused
+from tests.helpers import resident_pages
 
 CS = 4096
 T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
@@ -76,6 +77,13 @@ class TestChunks:
             assert written == len(blob)
             assert store.read_chunk(digest) == data
         assert chunk_path(store, store.codec.digest(text)).stat().st_size < CS / 10
+
+    def test_a_new_chunk_is_flushed_and_leaves_the_page_cache(self, store):
+        """A backup writes gigabytes nobody reads soon: each chunk file, once flushed, gives its
+        pages back for the next one (on a virtual machine a new page can cost the host a fault)."""
+        digest, _ = store.put_chunk(noise(CS))
+        assert resident_pages(chunk_path(store, digest)) == 0
+        assert store.read_chunk(digest) == noise(CS)
 
     def test_the_last_chunk_of_a_disk_may_be_short(self, store):
         digest, _ = store.put_chunk(b"tail")
