@@ -11,7 +11,8 @@ CONTENT, always_shared and place()."""
 
 from __future__ import annotations
 
-import functools
+import importlib
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from drivers.errors import Refused
@@ -22,49 +23,53 @@ if TYPE_CHECKING:
     from drivers.storage import StorageConfig
 
 
-@functools.cache
-def _registry() -> dict[str, dict[str, Any]]:
-    """The backends, imported on first use: a command that touches no storage (`stork --help`)
-    loads none of them, nor what they need (cryptography, for the chunk store)."""
-    from drivers.backends.btrfs import BtrfsDriver
-    from drivers.backends.dir import DirDriver
-    from drivers.backends.lvm import LvmDriver
-    from drivers.backends.lvmthin import LvmThinDriver
-    from drivers.backends.rbd import RbdDriver
-    from drivers.backends.zfs import ZfsDriver
-    from drivers.backup.storage import ChunkStoreStorage
+class _Backends(Mapping[str, Any]):
+    """Storage type -> its class, each backend's module imported when its type is first looked
+    up: a command imports only the backends of the storages it touches (`stork --help` none,
+    `job list` those its config names), nor what they alone need (cryptography, for an
+    encrypted chunk store). `in` and the type names import nothing."""
 
-    drivers = {"dir": DirDriver, "btrfs": BtrfsDriver, "zfs": ZfsDriver, "rbd": RbdDriver, "lvm": LvmDriver,
-               "lvmthin": LvmThinDriver}
-    backups = {"chunkstore": ChunkStoreStorage}
-    return {"DRIVERS": drivers, "BACKUP_STORAGES": backups, "STORAGE_TYPES": {**drivers, **backups}}
+    def __init__(self, table: dict[str, tuple[str, str]]) -> None:
+        self._table = table
+
+    def __getitem__(self, type_name: str) -> Any:
+        module, name = self._table[type_name]
+        return getattr(importlib.import_module(module), name)
+
+    def __contains__(self, type_name: object) -> bool:
+        return type_name in self._table
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
 
 
-def __getattr__(name: str) -> Any:
-    """DRIVERS (type -> Driver class), BACKUP_STORAGES (type -> ChunkStoreStorage) and
-    STORAGE_TYPES (both), built on first use (`_registry`)."""
-    if name in ("DRIVERS", "BACKUP_STORAGES", "STORAGE_TYPES"):
-        return _registry()[name]
-    raise AttributeError(f"module 'drivers' has no attribute {name!r}")
+_IMAGES = {"dir": ("drivers.backends.dir", "DirDriver"), "btrfs": ("drivers.backends.btrfs", "BtrfsDriver"),
+           "zfs": ("drivers.backends.zfs", "ZfsDriver"), "rbd": ("drivers.backends.rbd", "RbdDriver"),
+           "lvm": ("drivers.backends.lvm", "LvmDriver"), "lvmthin": ("drivers.backends.lvmthin", "LvmThinDriver")}
+_BACKUPS = {"chunkstore": ("drivers.backup.storage", "ChunkStoreStorage")}
+DRIVERS: Mapping[str, type[Driver]] = _Backends(_IMAGES)
+BACKUP_STORAGES: Mapping[str, type[ChunkStoreStorage]] = _Backends(_BACKUPS)
+STORAGE_TYPES: Mapping[str, Any] = _Backends({**_IMAGES, **_BACKUPS})
 
 
 def driver_for(storage: StorageConfig) -> Driver:
-    drivers = _registry()["DRIVERS"]
-    if storage.type not in drivers:
+    if storage.type not in DRIVERS:
         raise Refused(f"storage {storage.id!r} holds backups, not disk images")
-    return drivers[storage.type](storage)  # type: ignore[no-any-return]
+    return DRIVERS[storage.type](storage)
 
 
 def backup_storage(storage: StorageConfig) -> ChunkStoreStorage:
-    backups = _registry()["BACKUP_STORAGES"]
-    if storage.type not in backups:
+    if storage.type not in BACKUP_STORAGES:
         raise Refused(f"storage {storage.id!r} holds disk images, not backups (a backup storage is "
                       "type = \"chunkstore\")")
-    return backups[storage.type](storage)  # type: ignore[no-any-return]
+    return BACKUP_STORAGES[storage.type](storage)
 
 
 def status_of(storage: StorageConfig) -> tuple[int, int, int]:
     """(total, used, available) bytes of any storage."""
-    if storage.type in _registry()["BACKUP_STORAGES"]:
+    if storage.type in BACKUP_STORAGES:
         return backup_storage(storage).status()
     return driver_for(storage).status()

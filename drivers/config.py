@@ -283,7 +283,7 @@ def _check_notify(file: Path, name: str, entry: Any) -> None:
 
 # The keys every storage has; its driver's own (Driver.OPTIONS) come on top.
 STORAGE_SCHEMA: dict[str, Check] = {
-    "type": (lambda v: isinstance(v, str) and v in _drivers(), ""),  # message: _check_storage
+    "type": (lambda v: isinstance(v, str) and v in STORAGE_TYPES, ""),  # message: _check_storage
     "content": (
         lambda v: _str_list(v) and bool(v) and set(v) <= {"images", "backup"},
         'a non-empty list of "images", "backup"',
@@ -296,9 +296,9 @@ STORAGE_SCHEMA: dict[str, Check] = {
 }
 
 
-def _drivers() -> Mapping[str, Mapping[str, Option]]:
-    """Each storage type's own options, from the driver registry."""
-    return {name: cls.OPTIONS for name, cls in STORAGE_TYPES.items()}
+def _options(type_name: str) -> Mapping[str, Option]:
+    """A storage type's own options, from the driver registry (importing that backend only)."""
+    return STORAGE_TYPES[type_name].OPTIONS  # type: ignore[no-any-return]
 
 
 
@@ -332,11 +332,11 @@ def _check_storage(file: Path, sid: str, entry: Any) -> None:
         raise ConfigError(f"{file}: [storage.{sid}] must be a table")
     if "type" not in entry:
         raise ConfigError(f"{file}: storage.{sid}.type is missing")
-    drivers = _drivers()
     if not STORAGE_SCHEMA["type"][0](entry["type"]):
-        raise ConfigError(f"{file}: storage.{sid}.type = {entry['type']!r}: expected one of: {', '.join(drivers)}")
+        raise ConfigError(f"{file}: storage.{sid}.type = {entry['type']!r}: expected one of: "
+                          f"{', '.join(STORAGE_TYPES)}")
     kind = entry["type"]
-    options = drivers[kind]
+    options = _options(kind)
     schema = {**STORAGE_SCHEMA, **{key: (o.check, o.expected) for key, o in options.items()}}
     _check_table(file, f"storage.{sid}", entry, schema)
     for key, option in options.items():
@@ -381,7 +381,7 @@ def _check_schedule(file: Path, section: str, name: str, entry: Any) -> None:
 def _storage(sid: str, entry: dict[str, Any], path: Callable[[str], Path]) -> StorageConfig:
     """A checked [storage.<id>] table as a StorageConfig: its driver's options with defaults."""
     options = {}
-    for key, option in _drivers()[entry["type"]].items():
+    for key, option in _options(entry["type"]).items():
         value = entry.get(key, option.default)
         if value is not None:
             options[key] = path(value) if option.is_path else value

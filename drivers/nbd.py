@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
+import stat
 import struct
 import subprocess
 import tempfile
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from drivers import qemu
 from drivers.errors import StorkError
-from drivers.tools import ToolError, dying_with_caller, run, stop
+from drivers.tools import ToolError, dying_with_caller, process_start, run, stop
 
 QEMU_NBD = "qemu-nbd"
 START_TIMEOUT = 30.0
@@ -155,7 +157,7 @@ class Client:
 @contextlib.contextmanager
 def _qemu_nbd(image: qemu.Image, write: bool, *extra: str) -> Iterator[tuple[Path, subprocess.Popen[bytes], list[str]]]:
     """qemu-nbd serving `image` on a socket in a private temp directory, for one connection."""
-    with tempfile.TemporaryDirectory(prefix="stork-nbd-") as where:
+    with tempfile.TemporaryDirectory(prefix=_folder_prefix()) as where:
         path = Path(where) / "sock"
         # writeback: O_DIRECT (cache none) fails on some file systems; the NBD flush, then the
         # driver's own fsync, make a restore durable. qemu-nbd exits when its one client goes;
@@ -172,6 +174,48 @@ def _qemu_nbd(image: qemu.Image, write: bool, *extra: str) -> Iterator[tuple[Pat
             stop(proc)
             assert proc.stderr is not None
             proc.stderr.close()
+
+
+_FOLDER = "stork-nbd-"  # then the pid and start time of the process that serves from it
+_FOLDER_NAME = re.compile(_FOLDER + r"(\d+)-(\d+)-[A-Za-z0-9_]+\Z")
+
+
+def _folder_prefix() -> str:
+    pid = os.getpid()
+    return f"{_FOLDER}{pid}-{process_start(pid)}-"
+
+
+def remove_stale_folders(where: str | None = None) -> int:
+    """Remove this user's qemu-nbd socket folders (in the temp folder) whose process is gone:
+    a step killed while it served never ran its cleanup. One whose process lives (the same pid
+    and start time) is left, and so is anything not a private folder of this user's, never
+    followed. How many were removed; a folder that cannot be removed now is tried next time."""
+    where = where or tempfile.gettempdir()
+    removed = 0
+    for name in os.listdir(where):
+        found = _FOLDER_NAME.match(name)
+        if found and process_start(found[1]) != found[2]:
+            with contextlib.suppress(OSError):
+                removed += _remove_private_folder(where, name)
+    return removed
+
+
+def _remove_private_folder(parent: str, name: str) -> int:
+    parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            info = os.fstat(fd)
+            if info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) & 0o077:
+                return 0  # not what TemporaryDirectory made for this user
+            for entry in os.listdir(fd):
+                os.unlink(entry, dir_fd=fd)  # the socket; never a folder's contents elsewhere
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=parent_fd)
+        return 1
+    finally:
+        os.close(parent_fd)
 
 
 def dirty_extents(image: qemu.Image, bitmap: str) -> list[Extent]:

@@ -27,7 +27,7 @@ from typing import Any
 import redis
 import structlog
 
-from drivers import transfer
+from drivers import nbd, transfer
 from drivers.errors import StorkError
 from drivers.guests import GuestStore
 from worker import records
@@ -291,7 +291,8 @@ def end_exports_of_failed_jobs(r: redis.Redis) -> int:
 
 def start_sweeper() -> None:
     """Sweep from a daemon thread of this (main) worker process, for as long as it lives;
-    this node's exports of failed jobs are ended every time (not once per cluster)."""
+    this node's exports of failed jobs are ended, and its steps' stale qemu-nbd socket folders
+    removed, every time (not once per cluster)."""
 
     def loop() -> None:
         while True:
@@ -299,6 +300,7 @@ def start_sweeper() -> None:
             try:
                 end_exports_of_failed_jobs(redis_client())
                 periodic_sweep()
+                nbd.remove_stale_folders()
             except Exception as e:  # a sweep that failed is tried again next time
                 log.warning("sweep_failed", error=repr(e))
 

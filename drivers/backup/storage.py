@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from drivers.backup.crypt import EncryptedCodec, load_key
 from drivers.backup.store import ChunkStore
 from drivers.errors import Refused
 from drivers.storage import PATH, Option, StorageConfig, is_path_text
@@ -63,7 +62,11 @@ class ChunkStoreStorage:
         assert self.storage.path is not None
         self._check_mounted(self.storage.path)
         keyfile = self.storage.options.get("keyfile")
-        return ChunkStore(self.storage.path, codec=EncryptedCodec(load_key(keyfile)) if keyfile else None)
+        if not keyfile:
+            return ChunkStore(self.storage.path)
+        from drivers.backup.crypt import EncryptedCodec, load_key  # cryptography: for an encrypted store only
+
+        return ChunkStore(self.storage.path, codec=EncryptedCodec(load_key(keyfile)))
 
     def _check_mounted(self, path: Path) -> None:
         wanted = self.storage.options.get("is_mountpoint")

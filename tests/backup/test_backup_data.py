@@ -437,6 +437,34 @@ def test_a_previous_backup_of_another_size_is_not_used():
     assert decide(["read"], [()], None, index_of("a", "a"), [()], MIB, MIB) == [Action("read")]
 
 
+def test_the_socket_folders_of_dead_steps_are_removed_and_nothing_else(tmp_path):
+    """A step killed while qemu-nbd served leaves its socket folder; the worker's sweep removes
+    those whose process is gone, and leaves a live process's, another owner's or a public one,
+    a symlink (never followed) and any other name."""
+    from drivers.nbd import remove_stale_folders
+    from drivers.tools import process_start
+
+    ended = subprocess.Popen(["true"])
+    gone = f"stork-nbd-{ended.pid}-{process_start(ended.pid)}"
+    ended.wait()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("kept")
+    stale, live, public, others = (f"{gone}-abc_1", f"stork-nbd-{os.getpid()}-{process_start(os.getpid())}-def_2",
+                                   f"{gone}-pub", f"{gone}-other")
+    for name in (stale, live, public, others, "stork-nbd-legacy"):
+        (tmp_path / name).mkdir(mode=0o700)
+        (tmp_path / name / "sock").write_text("")
+    (tmp_path / public).chmod(0o755)
+    os.chown(tmp_path / others, 65534, 65534)
+    (tmp_path / f"{gone}-link").symlink_to(outside)
+
+    assert remove_stale_folders(str(tmp_path)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live, public, others, "stork-nbd-legacy", f"{gone}-link", "outside"])
+    assert (outside / "keep").read_text() == "kept"
+
+
 def test_a_qemu_nbd_whose_starter_dies_before_connecting_exits(tmp_path):
     """qemu-nbd serves one connection and exits when it closes; a process killed between
     starting it and connecting must not leave it running, holding the volume open."""

@@ -163,6 +163,30 @@ def test_results_read_as_text_and_times_are_local_everywhere(stork, vmid, monkey
         time.tzset()
 
 
+def test_a_command_imports_only_the_backends_its_config_names(redis_server, tmp_path):
+    """A config's storages import their own backends only: with a dir storage and a plain
+    chunk store, `job list` loads no other backend, nor the ciphers (an encrypted store's).
+    (Redis's client imports cryptography's top module, to know whether it is there.)"""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REDIS_PORT
+
+    config = tmp_path / "stork.toml"
+    config.write_text(f'[redis]\nurl = "redis://127.0.0.1:{REDIS_PORT}/0"\n[paths]\nguests = "{tmp_path}/guests"\n'
+                      f'locks = "{tmp_path}/locks"\n[storage.local]\ntype = "dir"\npath = "{tmp_path}/images"\n'
+                      f'[storage.backup]\ntype = "chunkstore"\npath = "{tmp_path}/backup"\n')
+    probe = ("import sys, contextlib\nfrom producer import cli\nwith contextlib.suppress(SystemExit):\n"
+             "    code = cli.main(['job', 'list', '--limit', '3'])\n"
+             "print(code, sorted(m for m in sys.modules if m.startswith('drivers.backends.')),"
+             " 'cryptography.hazmat.primitives.ciphers.aead' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "STORK_CONFIG": str(config)})
+    assert done.stderr.strip().splitlines()[-1] == "0 ['drivers.backends.base', 'drivers.backends.dir'] False", \
+        done.stderr[-2000:]
+
+
 def test_job_list_reads_jobs_without_celery(redis_server):
     """Reading jobs needs no Celery: the client builds its app only to send one."""
     import os
