@@ -74,7 +74,7 @@ class RawFile:
         self.fd, self.label = fd, label
         self.size = os.fstat(fd).st_size
         self.direct = _reopened_direct(fd)
-        self._aligned = mmap.mmap(-1, _DIRECT_BUFFER) if self.direct is not None else None
+        self._aligned: mmap.mmap | None = None  # made at the first direct write; unmapped when collected
         self._writeback = _Writeback(fd)
 
     def write(self, offset: int, data: bytes) -> None:
@@ -90,7 +90,9 @@ class RawFile:
         self._writeback.wrote(len(data))
 
     def _write_direct(self, offset: int, view: memoryview) -> None:
-        assert self.direct is not None and self._aligned is not None
+        assert self.direct is not None
+        if self._aligned is None:
+            self._aligned = mmap.mmap(-1, _DIRECT_BUFFER)
         with memoryview(self._aligned) as aligned:
             for at in range(0, len(view), _DIRECT_BUFFER):
                 piece = view[at:at + _DIRECT_BUFFER]
@@ -99,17 +101,19 @@ class RawFile:
 
     def _stop_direct(self) -> None:
         if self.direct is not None:
-            os.close(self.direct)
-            self.direct = None
+            direct, self.direct = self.direct, None
+            os.close(direct)
 
     def __enter__(self) -> RawFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop_direct()
-        if self._aligned is not None:
-            self._aligned.close()
-        self._writeback.close(failed=exc[0] is not None)
+        # the buffer is not closed here: a failed write's traceback may still hold a view of it
+        # (closing would raise BufferError over the write's own error); it goes with this object
+        try:
+            self._stop_direct()
+        finally:
+            self._writeback.close(failed=exc[0] is not None)
 
 
 _ALIGN = 4096  # offsets, lengths and memory of direct writes: a page, at least any disk's block
@@ -118,11 +122,17 @@ _DIRECT_BUFFER = 4 << 20  # a chunk of the store's default size: one copy, one w
 
 def _reopened_direct(fd: int) -> int | None:
     """A second descriptor of fd's very file (through /proc/self/fd, which names the open file,
-    not a path) that writes past the page cache; None where the file system has no direct I/O."""
+    not a path; checked to be the same inode) that writes past the page cache; None where the
+    file system has no direct I/O or /proc cannot tell."""
     try:
-        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        direct = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     except OSError:
         return None
+    mine, reopened = os.fstat(fd), os.fstat(direct)
+    if (mine.st_dev, mine.st_ino) != (reopened.st_dev, reopened.st_ino):
+        os.close(direct)
+        return None
+    return direct
 
 
 def _write_all(fd: int, view: memoryview, offset: int) -> None:

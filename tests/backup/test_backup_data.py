@@ -5,6 +5,8 @@ and written back, compared with `qemu-img compare`."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import mmap
 import os
 import signal
 import subprocess
@@ -35,7 +37,7 @@ from drivers.errors import Corrupt
 from drivers.names import VolName
 from drivers.nbd import Extent, NbdError, extents, served
 from drivers.storage import StorageConfig
-from tests.helpers import fill, qemu_io_write, resident_pages
+from tests.helpers import fill, qemu_io_write, resident_pages, tmpfs
 from worker.testing import ROOT, wait_for
 
 MIB = 1 << 20
@@ -287,10 +289,17 @@ def test_a_compressed_qcow2_is_read_through_qemu_nbd_and_comes_back_equal(tmp_pa
     assert out.read_bytes() == (tmp_path / "base.raw").read_bytes()
 
 
+def _file_system(path: Path) -> str:
+    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def test_a_restored_raw_file_is_written_past_the_page_cache_where_aligned(tmp_path: Path):
     """Whole aligned blocks go to the disk directly and leave nothing in the page cache; pieces
     that are not aligned go through it, also over pages written directly, and the file reads
     back exactly as written, at its size."""
+    if _file_system(tmp_path) == "tmpfs":
+        pytest.skip("tmpfs has no disk beneath its cache: its direct writes are cached")
     path = tmp_path / "restored.raw"
     with open(path, "wb") as f:
         f.truncate(16 * MIB)
@@ -313,6 +322,45 @@ def test_a_restored_raw_file_is_written_past_the_page_cache_where_aligned(tmp_pa
         os.close(fd)
     assert path.stat().st_size == 16 * MIB
     assert path.read_bytes() == bytes(expected)
+
+
+def test_a_direct_write_the_kernel_refuses_is_made_buffered_and_lands_whole(tmp_path: Path):
+    """EINVAL from a direct write (here the kernel's own, for a buffer at an odd address; on a
+    disk, a block larger than a page) ends direct writing: that piece and the rest are buffered."""
+    if _file_system(tmp_path) == "tmpfs":
+        pytest.skip("tmpfs takes a direct write from any address")
+    path = tmp_path / "restored.raw"
+    with open(path, "wb") as f:
+        f.truncate(8 * MIB)
+    data = os.urandom(8 * MIB)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        with RawFile(fd, "restored") as raw:
+            assert raw.direct is not None
+            raw._aligned = memoryview(mmap.mmap(-1, 8 * MIB))[1:4 * MIB + 1]  # type: ignore[assignment]
+            raw.write(0, data[:4 * MIB])
+            assert raw.direct is None
+            raw.write(4 * MIB, data[4 * MIB:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+
+
+def test_a_restore_that_fills_its_disk_says_so_and_stops_writing(tmp_path: Path):
+    """A write that fails (here the disk full) is the error the restore reports, as itself,
+    whether it was a direct write or a buffered one, and RawFile lets go of what it holds."""
+    with tmpfs(tmp_path / "small", "4m") as small:
+        path = small / "restored.raw"
+        with open(path, "wb") as f:
+            f.truncate(16 * MIB)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            with pytest.raises(OSError) as raised, RawFile(fd, "restored") as raw:
+                raw.write(0, os.urandom(8 * MIB))
+            assert raised.value.errno == errno.ENOSPC and raw.direct is None
+        finally:
+            os.close(fd)
 
 
 def test_a_restore_with_a_corrupt_chunk_stops_naming_it(dir_storage, store, tmp_path: Path):
