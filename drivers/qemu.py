@@ -262,11 +262,16 @@ def convert(src: Image, dst: Image, size: int, progress: Progress | None = None,
     areas are skipped, so a sparse target stays sparse; otherwise (a thick LV holding another
     volume's old blocks) qemu-img writes them, and nothing old shows through. Progress
     lines are parsed into progress(done, total) at most every `interval` seconds; if the
-    callback raises, qemu-img is stopped and the exception propagates. qemu-img writes with
-    cache mode `unsafe` (nothing flushed): the caller flushes dst before relying on it.
+    callback raises, qemu-img is stopped and the exception propagates. qemu-img writes past the
+    page cache (cache mode `none`) into a file or device that takes direct writes: a copy of
+    gigabytes neither copies every page into the cache (on a virtual machine whose host takes
+    back freed memory, 8-9 s against 1.6-1.8 s for 2 GiB measured here) nor flushes the host's
+    cache out; elsewhere with `unsafe`. Either way the caller flushes dst before relying on it.
     """
     zero = ["--target-is-zero"] if target_is_zero else []
-    argv = [QEMU_IMG, "convert", "-p", "-n", *zero, "-W", "-O", dst.fmt, *_objects(src, dst), "--", src.spec, dst.spec]
+    cache = ["-t", "none"] if takes_direct_writes(dst) else []
+    argv = [QEMU_IMG, "convert", "-p", "-n", *zero, *cache, "-W", "-O", dst.fmt, *_objects(src, dst), "--", src.spec,
+            dst.spec]
     proc = subprocess.Popen(dying_with_caller(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             pass_fds=src.all_fds + dst.all_fds)
     assert proc.stdout is not None and proc.stderr is not None
@@ -294,6 +299,32 @@ def convert(src: Image, dst: Image, size: int, progress: Progress | None = None,
         raise ToolError(f"copying {src.label} to {dst.label}", argv, rc, last)
     if progress:
         progress(size, size)
+
+
+def takes_direct_writes(image: Image) -> bool:
+    """An image in one opened file or device, without backing, that can be written with O_DIRECT."""
+    if image.file.get("driver") not in ("file", "host_device") or len(image.fds) != 1 or image.backing is not None:
+        return False
+    direct = reopen_direct(image.fds[0])
+    if direct is None:
+        return False
+    os.close(direct)
+    return True
+
+
+def reopen_direct(fd: int) -> int | None:
+    """A second descriptor of fd's very file (through /proc/self/fd, which names the open file,
+    not a path; checked to be the same inode) that writes past the page cache; None where the
+    file system has no direct I/O or /proc cannot tell."""
+    try:
+        direct = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return None
+    mine, reopened = os.fstat(fd), os.fstat(direct)
+    if (mine.st_dev, mine.st_ino) != (reopened.st_dev, reopened.st_ino):
+        os.close(direct)
+        return None
+    return direct
 
 
 MAP_TIMEOUT = 60.0  # seconds a map may take before a copy goes on without knowing its data

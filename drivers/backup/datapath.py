@@ -73,7 +73,7 @@ class RawFile:
     def __init__(self, fd: int, label: str) -> None:
         self.fd, self.label = fd, label
         self.size = os.fstat(fd).st_size
-        self.direct = _reopened_direct(fd)
+        self.direct = qemu.reopen_direct(fd)
         self._aligned: mmap.mmap | None = None  # made at the first direct write; unmapped when collected
         self._writeback = _Writeback(fd)
 
@@ -118,21 +118,6 @@ class RawFile:
 
 _ALIGN = 4096  # offsets, lengths and memory of direct writes: a page, at least any disk's block
 _DIRECT_BUFFER = 4 << 20  # a chunk of the store's default size: one copy, one write
-
-
-def _reopened_direct(fd: int) -> int | None:
-    """A second descriptor of fd's very file (through /proc/self/fd, which names the open file,
-    not a path; checked to be the same inode) that writes past the page cache; None where the
-    file system has no direct I/O or /proc cannot tell."""
-    try:
-        direct = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError:
-        return None
-    mine, reopened = os.fstat(fd), os.fstat(direct)
-    if (mine.st_dev, mine.st_ino) != (reopened.st_dev, reopened.st_ino):
-        os.close(direct)
-        return None
-    return direct
 
 
 def _write_all(fd: int, view: memoryview, offset: int) -> None:

@@ -36,6 +36,35 @@ def test_a_copy_skips_zero_areas_only_into_a_target_that_reads_as_zeros(tmp_path
     assert dst.read_bytes()[:MIB] == b"\x11" * MIB
 
 
+def test_a_copy_into_a_file_is_written_past_the_page_cache(tmp_path):
+    """Where the target takes direct writes, qemu-img writes it with cache mode none: the copy
+    is right and leaves none of the target's pages in the cache. An image with a backing file,
+    or one that is no file or device of ours (say NBD), is written as before."""
+    import subprocess
+
+    from tests.helpers import resident_pages
+
+    if subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip() \
+            == "tmpfs":
+        pytest.skip("tmpfs has no disk beneath its cache: its direct writes are cached")
+    src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
+    src.write_bytes(os.urandom(8 * MIB))
+    with open(dst, "wb") as f:
+        f.truncate(8 * MIB)
+    a, b = image(src), image(dst, write=True)
+    try:
+        assert qemu.takes_direct_writes(b)
+        assert not qemu.takes_direct_writes(qemu.Image.of_fd("qcow2", b.fds[0], "top", backing=a))
+        assert not qemu.takes_direct_writes(qemu.Image("raw", {"driver": "nbd", "path": "/nowhere"}, "nbd"))
+        qemu.convert(a, b, 8 * MIB)
+        os.fsync(b.fds[0])
+    finally:
+        os.close(a.fds[0])
+        os.close(b.fds[0])
+    assert resident_pages(dst) == 0
+    assert dst.read_bytes() == src.read_bytes()
+
+
 def test_a_failing_tool_keeps_its_status_and_stderr(tmp_path):
     with pytest.raises(tools.ToolError) as failed:
         tools.run(["qemu-img", "info", "--", str(tmp_path / "none.raw")], "reading none.raw")
