@@ -7,7 +7,9 @@ bytes, 35% text-like (words drawn from a small vocabulary: compressible). The "1
 image has 1% of it overwritten with new random bytes, in 1 MiB runs at random places. Every
 row runs as a child process of its own, timed by wall clock, its peak RSS from GNU time
 (stork reads these files directly; the bitmap row's qemu-nbd, which maps the dirty bitmap, is
-a grandchild and not counted); each store's size is `du` of its directory.
+a grandchild and not counted); each store's size is `du` of its directory. Each row starts
+with nothing dirty and, run as root, nothing in the page cache: every tool reads its source
+and its store from disk, as a nightly backup does.
 Rows: first backup, unchanged re-backup, 1%-changed re-backup, restore into a new file
 (stork's flushed with fsync, as its restore job does; restic and borg leave theirs in the page
 cache); a start-up row (stork's imports alone, which every stork row pays); for stork also a
@@ -22,6 +24,7 @@ Everything lives in one temp directory, removed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -92,8 +95,9 @@ def timed(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None =
     """(wall seconds, peak RSS MiB, CPU seconds) of one child process, which must succeed. GNU
     time runs it and reports its peak RSS and CPU time: a child forked from this (large)
     process directly would count this process's pages too. Each row starts with nothing dirty
-    in the page cache."""
+    in the page cache, and as root with nothing cached at all."""
     os.sync()  # no row pays for writing back what an earlier one left dirty
+    drop_caches()
     with tempfile.NamedTemporaryFile("r") as report:
         start = time.perf_counter()
         proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", report.name, *argv],
@@ -104,6 +108,13 @@ def timed(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None =
             raise SystemExit(f"{' '.join(argv[:3])}...: exit {proc.returncode}: {proc.stderr.decode()[-500:]}")
         rss_kib, user, system = report.read().split()[-3:]
         return seconds, int(rss_kib) / 1024, float(user) + float(system)
+
+
+def drop_caches() -> None:
+    """Empty the page cache (as root), so that each row reads its source and store from disk,
+    as a nightly backup or a restore on a busy host does; elsewhere rows read what is cached."""
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
 
 
 def du_mib(path: Path) -> float:

@@ -159,13 +159,13 @@ def _qemu_nbd(image: qemu.Image, write: bool, *extra: str) -> Iterator[tuple[Pat
     """qemu-nbd serving `image` on a socket in a private temp directory, for one connection."""
     with tempfile.TemporaryDirectory(prefix=_folder_prefix()) as where:
         path = Path(where) / "sock"
-        # written past the page cache (cache none: O_DIRECT) where the volume takes it, as
-        # qemu.convert writes; else writeback. The NBD flush, then the driver's own fsync, make
-        # a restore durable. qemu-nbd exits when its one client goes; should this process die
-        # before a client connects, the parent-death signal ends it instead (it follows the
-        # starting thread: a step starts it from its own)
-        cache = "none" if write and qemu.takes_direct_writes(image) else "writeback"
-        argv = dying_with_caller([QEMU_NBD, "--socket", str(path), "--shared", "1", "--cache", cache,
+        # writeback, not none (O_DIRECT): with none, qemu-nbd's start takes longer after its
+        # socket exists, and a TERM from the parent-death signal in that window was lost (2 of
+        # 40 tries here: it then served on, holding the volume open). The NBD flush, then the
+        # driver's own fsync, make a restore durable. qemu-nbd exits when its one client goes;
+        # should this process die before a client connects, the parent-death signal ends it
+        # instead (it follows the starting thread: a step starts it from its own)
+        argv = dying_with_caller([QEMU_NBD, "--socket", str(path), "--shared", "1", "--cache", "writeback",
                                   "--discard", "unmap", *([] if write else ["--read-only"]), *extra, image.spec],
                                  "TERM")  # TERM: qemu-nbd removes its socket
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -269,7 +269,7 @@ def convert(src: Image, dst: Image, size: int, progress: Progress | None = None,
     cache out; elsewhere with `unsafe`. Either way the caller flushes dst before relying on it.
     """
     zero = ["--target-is-zero"] if target_is_zero else []
-    cache = ["-t", "none"] if takes_direct_writes(dst) else []
+    cache = ["-t", "none"] if takes_direct_io(dst, write=True) else []
     argv = [QEMU_IMG, "convert", "-p", "-n", *zero, *cache, "-W", "-O", dst.fmt, *_objects(src, dst), "--", src.spec,
             dst.spec]
     proc = subprocess.Popen(dying_with_caller(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -301,23 +301,24 @@ def convert(src: Image, dst: Image, size: int, progress: Progress | None = None,
         progress(size, size)
 
 
-def takes_direct_writes(image: Image) -> bool:
-    """An image in one opened file or device, without backing, that can be written with O_DIRECT."""
+def takes_direct_io(image: Image, write: bool) -> bool:
+    """An image in one opened file or device, without backing, that can be read (or written)
+    with O_DIRECT."""
     if image.file.get("driver") not in ("file", "host_device") or len(image.fds) != 1 or image.backing is not None:
         return False
-    direct = reopen_direct(image.fds[0])
+    direct = reopen_direct(image.fds[0], write)
     if direct is None:
         return False
     os.close(direct)
     return True
 
 
-def reopen_direct(fd: int) -> int | None:
+def reopen_direct(fd: int, write: bool) -> int | None:
     """A second descriptor of fd's very file (through /proc/self/fd, which names the open file,
-    not a path; checked to be the same inode) that writes past the page cache; None where the
-    file system has no direct I/O or /proc cannot tell."""
+    not a path; checked to be the same inode) that reads or writes past the page cache; None
+    where the file system has no direct I/O or /proc cannot tell."""
     try:
-        direct = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        direct = os.open(f"/proc/self/fd/{fd}", (os.O_WRONLY if write else os.O_RDONLY) | os.O_DIRECT | os.O_CLOEXEC)
     except OSError:
         return None
     mine, reopened = os.fstat(fd), os.fstat(direct)

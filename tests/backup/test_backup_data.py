@@ -263,13 +263,40 @@ def test_files_are_read_at_their_mapped_offsets_exactly_as_qemu_nbd_reads_them(t
         direct[kind] = fds is not None
         if fds is None:
             continue
-        files = MappedFiles(fds, mapped, image.label)
-        with served(image) as client:
+        with MappedFiles(fds, mapped, image.label) as files, served(image) as client:
             assert files.size == client.size
+            assert all(files.direct) or _file_system(tmp_path) == "tmpfs"  # past the page cache, where it can
             for offset, length in ((0, files.size), (MIB - 4096, 2 * MIB + 8192), (3 * MIB + 5, 7 * MIB)):
                 assert files.read(offset, length) == client.read(offset, length), (kind, offset)
+            files.close()  # buffered from here on: the same bytes
+            assert files.read(3 * MIB + 5, 7 * MIB) == client.read(3 * MIB + 5, 7 * MIB), kind
     assert direct == {"raw": True, "clone": True, "clone alone": True, "compressed": False,
                       "external data file": False}
+
+
+def test_a_backup_reads_its_files_past_the_page_cache_to_their_last_byte(tmp_path):
+    """A file not in the cache is read direct and stays out of it; its last bytes, short of a
+    whole page, are read too; a direct read the kernel refuses (EINVAL: here a buffer at an
+    odd address) makes that file's reads buffered, with the same bytes."""
+    if _file_system(tmp_path) == "tmpfs":
+        pytest.skip("tmpfs has no disk beneath its cache: its direct reads are cached")
+    path = tmp_path / "disk.raw"
+    data = os.urandom(3 * MIB + 1000)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        whole = [Extent(0, len(data), data=True, zero=False, offset=0, depth=0)]
+        with MappedFiles([fd], whole, "disk") as files:
+            assert files.read(0, len(data)) == data
+            assert files.read(3 * MIB + 5, 995) == data[3 * MIB + 5:]
+            assert resident_pages(path) == 0
+            files._aligned = memoryview(mmap.mmap(-1, 8 * MIB))[1:4 * MIB + 1]  # type: ignore[assignment]
+            assert files.read(4097, MIB) == data[4097:4097 + MIB]
+            assert files.direct == [None]
+    finally:
+        os.close(fd)
 
 
 def test_a_compressed_qcow2_is_read_through_qemu_nbd_and_comes_back_equal(tmp_path, store):

@@ -53,9 +53,9 @@ def test_a_copy_into_a_file_is_written_past_the_page_cache(tmp_path):
         f.truncate(8 * MIB)
     a, b = image(src), image(dst, write=True)
     try:
-        assert qemu.takes_direct_writes(b)
-        assert not qemu.takes_direct_writes(qemu.Image.of_fd("qcow2", b.fds[0], "top", backing=a))
-        assert not qemu.takes_direct_writes(qemu.Image("raw", {"driver": "nbd", "path": "/nowhere"}, "nbd"))
+        assert qemu.takes_direct_io(b, write=True)
+        assert not qemu.takes_direct_io(qemu.Image.of_fd("qcow2", b.fds[0], "top", backing=a), write=True)
+        assert not qemu.takes_direct_io(qemu.Image("raw", {"driver": "nbd", "path": "/nowhere"}, "nbd"), write=True)
         qemu.convert(a, b, 8 * MIB)
         os.fsync(b.fds[0])
     finally:
