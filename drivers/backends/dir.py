@@ -351,7 +351,7 @@ class DirDriver(Driver):
             assert image is not None
             yield image
             if write:
-                os.fsync(top)  # qemu-img writes with cache=unsafe: the copy is on disk only now
+                os.fsync(top)  # qemu-img's writes (cache none or unsafe) are surely on disk only now
 
     # ---- making and freeing ---------------------------------------------------------------
     def allocate(self, vol: VolName, size: int) -> None:

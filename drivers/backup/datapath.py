@@ -116,7 +116,7 @@ class RawFile:
             self._writeback.close(failed=exc[0] is not None)
 
 
-_ALIGN = 4096  # offsets, lengths and memory of direct writes: a page, at least any disk's block
+_ALIGN = qemu.DIRECT_ALIGN
 _DIRECT_BUFFER = 4 << 20  # a chunk of the store's default size: one copy, one write
 
 
@@ -161,32 +161,33 @@ class MappedFiles:
     def _read_into(self, depth: int, into: memoryview, at: int) -> None:
         if (direct := self.direct[depth]) is not None:
             try:
-                self._read_direct(direct, into, at)
-                return
+                into, at = self._read_direct(direct, into, at)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 self.direct[depth] = None  # a block larger than a page: buffered from now on
                 os.close(direct)
-        while into:
+        while into:  # buffered: all of it, or what a direct read came back short of
             got = os.preadv(self.fds[depth], [into], at)
             if not got:
                 raise nbd.NbdError(f"{self.label}: a file of it ends at byte {at}")
             into, at = into[got:], at + got
 
-    def _read_direct(self, fd: int, into: memoryview, at: int) -> None:
+    def _read_direct(self, fd: int, into: memoryview, at: int) -> tuple[memoryview, int]:
+        """Read what it can direct; what is left (at the file's end, or after a short read)."""
         if self._aligned is None:
             self._aligned = mmap.mmap(-1, _DIRECT_BUFFER)
         with memoryview(self._aligned) as aligned:
             while into:
                 start = at - at % _ALIGN
                 span = min(_DIRECT_BUFFER, -(-(at + len(into) - start) // _ALIGN) * _ALIGN)
-                got = os.preadv(fd, [aligned[:span]], start) - (at - start)  # short at the file's end
+                got = os.preadv(fd, [aligned[:span]], start) - (at - start)
                 if got <= 0:
-                    raise nbd.NbdError(f"{self.label}: a file of it ends at byte {at}")
+                    break
                 n = min(got, len(into))
                 into[:n] = aligned[at - start:at - start + n]
                 into, at = into[n:], at + n
+        return into, at
 
     def close(self) -> None:
         for n, fd in enumerate(self.direct):

@@ -292,6 +292,7 @@ def test_a_backup_reads_its_files_past_the_page_cache_to_their_last_byte(tmp_pat
             assert files.read(0, len(data)) == data
             assert files.read(3 * MIB + 5, 995) == data[3 * MIB + 5:]
             assert resident_pages(path) == 0
+            assert files.read(MIB + 100, 10) == data[MIB + 100:MIB + 110]
             files._aligned = memoryview(mmap.mmap(-1, 8 * MIB))[1:4 * MIB + 1]  # type: ignore[assignment]
             assert files.read(4097, MIB) == data[4097:4097 + MIB]
             assert files.direct == [None]

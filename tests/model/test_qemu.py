@@ -39,7 +39,9 @@ def test_a_copy_skips_zero_areas_only_into_a_target_that_reads_as_zeros(tmp_path
 def test_a_copy_into_a_file_is_written_past_the_page_cache(tmp_path):
     """Where the target takes direct writes, qemu-img writes it with cache mode none: the copy
     is right and leaves none of the target's pages in the cache. An image with a backing file,
-    or one that is no file or device of ours (say NBD), is written as before."""
+    a qcow2, one that is no file or device of ours (say NBD), and a raw file that does not end
+    on a whole page (qemu would pad its last write, growing the guest's disk) are written as
+    before, and that last one keeps its size."""
     import subprocess
 
     from tests.helpers import resident_pages
@@ -53,9 +55,10 @@ def test_a_copy_into_a_file_is_written_past_the_page_cache(tmp_path):
         f.truncate(8 * MIB)
     a, b = image(src), image(dst, write=True)
     try:
-        assert qemu.takes_direct_io(b, write=True)
-        assert not qemu.takes_direct_io(qemu.Image.of_fd("qcow2", b.fds[0], "top", backing=a), write=True)
-        assert not qemu.takes_direct_io(qemu.Image("raw", {"driver": "nbd", "path": "/nowhere"}, "nbd"), write=True)
+        assert qemu.writes_direct(b)
+        assert not qemu.writes_direct(qemu.Image.of_fd("raw", b.fds[0], "top", backing=a))
+        assert not qemu.writes_direct(qemu.Image.of_fd("qcow2", b.fds[0], "top"))
+        assert not qemu.writes_direct(qemu.Image("raw", {"driver": "nbd", "path": "/nowhere"}, "nbd"))
         qemu.convert(a, b, 8 * MIB)
         os.fsync(b.fds[0])
     finally:
@@ -63,6 +66,19 @@ def test_a_copy_into_a_file_is_written_past_the_page_cache(tmp_path):
         os.close(b.fds[0])
     assert resident_pages(dst) == 0
     assert dst.read_bytes() == src.read_bytes()
+
+    odd_src, odd = tmp_path / "odd-src.raw", tmp_path / "odd.raw"
+    odd_src.write_bytes(os.urandom(MIB + 512))
+    with open(odd, "wb") as f:
+        f.truncate(MIB + 512)
+    a, b = image(odd_src), image(odd, write=True)
+    try:
+        assert not qemu.writes_direct(b)
+        qemu.convert(a, b, MIB + 512)
+    finally:
+        os.close(a.fds[0])
+        os.close(b.fds[0])
+    assert odd.read_bytes() == odd_src.read_bytes()
 
 
 def test_a_failing_tool_keeps_its_status_and_stderr(tmp_path):
