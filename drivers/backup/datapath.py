@@ -14,7 +14,8 @@ was written. A clone that qemu sees as a plain image (a btrfs or ZFS snapshot, a
 clone) is read whole, and deduplication keeps what it shares with its base out of the store.
 Hashing and compressing run in a thread pool (hashlib and zstandard release the GIL) while
 the next chunk is read, with a bounded number of chunks in flight so memory stays a few
-chunks.
+chunks. Files are read, and a restored raw file written, past the page cache where the file
+system allows (MappedFiles, RawFile): gigabytes read or written once need no cache.
 
 A restore writes every non-null chunk (a patch laid over its chunk), read back and checked
 against its digest, and skips null ones where the target reads as zeros (a new file or thin
