@@ -817,14 +817,18 @@ def free_sources(ctx: StepContext) -> None:
 def free_volume(ctx: StepContext) -> None:
     """Free a volume that no guest attaches and no live job uses; a base with linked clones
     is refused, listing them. The volume's identity is saved before it is freed, so a step
-    redelivered after a crash frees it if still there, and never a volume made since."""
+    redelivered after a crash frees it if still there, and never a volume made since. It is
+    then dropped from the guests that keep it as unused: those the check read (under the
+    storage lock; each config read again as it is edited), or after a crash, read anew."""
     volid = ctx.params["volid"]
     drv, vol = ctx.volume(volid)
+    guests: list[Guest] | None = None
     with ctx.storage_lock(drv):
         freeing = ctx.data.get("freeing")
         if freeing is None:
             drv.require_existing(vol)
-            usage.require_unused(ctx, volid, count_unused=False)  # a volume kept as unused may go
+            guests = usage.candidates(ctx, volid)
+            usage.require_unused(ctx, volid, count_unused=False, guests=guests)  # a volume kept as unused may go
             ctx.data["freeing"] = drv.identity(vol)
             ctx.save()
             faults.point("free_recorded")
@@ -833,10 +837,11 @@ def free_volume(ctx: StepContext) -> None:
         elif drv.exists(vol) and drv.identity(vol) == freeing:
             ctx.fence(drv)
             drv.free_volume(vol)  # the process that saved it died before freeing
-    try:
-        guests = ctx.guests.candidates(volid)
-    except ConfigError:  # freed already: a broken config must not make it look failed
-        guests, _ = ctx.guests.scan()
+    if guests is None:
+        try:
+            guests = ctx.guests.candidates(volid)
+        except ConfigError:  # freed already: a broken config must not make it look failed
+            guests, _ = ctx.guests.scan()
     for guest in guests:  # forget it where it was kept as unused, or recorded as a replica
         if volid in guest.unused or volid in guest.replicas:
             with ctx.guests.editing(guest.vmid) as box:

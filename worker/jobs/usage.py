@@ -22,6 +22,7 @@ import redis
 from drivers import driver_for, names
 from drivers.backends.base import Driver
 from drivers.errors import Refused, StorkError
+from drivers.guests import Guest
 from drivers.names import VolName
 from worker import records
 from worker.context import StepContext
@@ -35,17 +36,25 @@ def job_volumes(job: JobRecord) -> set[str]:
     return records.params_volumes(job.params) | records.ctx_volumes(job.ctx)
 
 
-def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None,
-                outside: bool = True) -> list[str]:
-    """Guests, besides those this job holds (and `but`), that attach `volid` (or, with
-    count_unused, keep it as unused or record it as a replica of their bases): those the guest
-    volume index names (GuestStore.candidates), each confirmed by its config; and, with
-    `outside`, guests of another manager its storage knows of (Proxmox VE's, whose configs name
-    a volume in every way, unused ones too: stork leaves such a volume as it is)."""
+def candidates(ctx: StepContext, volid: str) -> list[Guest]:
+    """The guests whose configs may name `volid` (GuestStore.candidates, a superset); Refused
+    when they cannot be told."""
     try:
-        guests = ctx.guests.candidates(volid)
+        return ctx.guests.candidates(volid)
     except StorkError as e:
         raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
+
+
+def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None,
+                outside: bool = True, guests: list[Guest] | None = None) -> list[str]:
+    """Guests, besides those this job holds (and `but`), that attach `volid` (or, with
+    count_unused, keep it as unused or record it as a replica of their bases): those the guest
+    volume index names (`candidates`, or the `guests` a caller read so), each confirmed by its
+    config; and, with `outside`, guests of another manager its storage knows of (Proxmox VE's,
+    whose configs name a volume in every way, unused ones too: stork leaves such a volume as
+    it is)."""
+    if guests is None:
+        guests = candidates(ctx, volid)
     found = foreign_users(ctx, volid) if outside else []
     return [
         f"guest {g.vmid} ({key})"
@@ -85,13 +94,15 @@ def job_users(ctx: StepContext, volid: str) -> list[str]:
     return [f"job {job.id} ({job.kind})" for job in jobs if volid in job_volumes(job)]
 
 
-def users(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None) -> list[str]:
+def users(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None,
+          guests: list[Guest] | None = None) -> list[str]:
     """Who uses `volid`: guests (see guest_users) and jobs that have not ended."""
-    return guest_users(ctx, volid, count_unused, but) + job_users(ctx, volid)
+    return guest_users(ctx, volid, count_unused, but, guests=guests) + job_users(ctx, volid)
 
 
-def require_unused(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None) -> None:
-    if found := users(ctx, volid, count_unused, but):
+def require_unused(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None,
+                   guests: list[Guest] | None = None) -> None:
+    if found := users(ctx, volid, count_unused, but, guests):
         raise Refused(f"{volid} is in use by {', '.join(found)}")
 
 
