@@ -301,6 +301,9 @@ def convert(src: Image, dst: Image, size: int, progress: Progress | None = None,
         progress(size, size)
 
 
+DIRECT_ALIGN = 4096  # offsets, lengths and memory of direct I/O: a page, at least any disk's block
+
+
 def writes_direct(image: Image) -> bool:
     """A raw image in one opened file or device, without backing, that opens with O_DIRECT and
     ends on a whole page: qemu pads a direct write out to a page, so the last one would grow a
@@ -316,9 +319,6 @@ def writes_direct(image: Image) -> bool:
         return False
     os.close(direct)
     return True
-
-
-DIRECT_ALIGN = 4096  # offsets, lengths and memory of direct I/O: a page, at least any disk's block
 
 
 def reopen_direct(fd: int, write: bool) -> int | None:
