@@ -8,8 +8,9 @@ are configs as stork writes them, each naming two disks (their files are not mad
 read configs, not volumes); the 1,000 active jobs are `ping` jobs to a node no worker serves,
 waiting in its queue, as jobs queued behind a busy node do. A destroy and a free ask "is this
 volume in use?" (worker/jobs/usage.py) of the jobs in the volume's Redis set and of the guests
-the guest volume index names, plus every config changed since its last refresh (a stat of each
-config); the index is refreshed as the periodic sweep does once a minute, after the guests were
+the guest volume index names, plus every config changed since its last refresh (found by a stat
+of each config, or of those a process's inotify watch names as changed since it stat'd them
+all); the index is refreshed as the periodic sweep does once a minute, after the guests were
 written and the sweep's two-minute margin has passed (the steady state: configs older than that;
 within the margin a config counts as changed and is read, so the benchmark waits it out). The
 issue "Faster than a bare Celery chain" wants each row within 1.2x of its 10-guest figure.

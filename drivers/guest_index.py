@@ -15,16 +15,18 @@ Only a refresh writes it (the cluster's periodic sweep, GuestStore.refresh_index
 config write, so a write pays nothing. The kernel sets a file's ctime on every change to it,
 by stork or by hand (an editor, a restore that sets its mtime back, a rename into place on the
 local file systems Linux has), and nothing can set it back. So a check reads the markers of the
-volume plus every config whose ctime is not older than `since`: a stat of each config, a read
-of few. `since` is the refresh's clock less MARGIN, and never past the refresh before's clock,
-so a config changed shortly before a refresh stays read by the checks until a later one, and
-only markers an earlier refresh made are trusted: that covers the clocks of nodes that set
-ctime themselves (cluster file systems) and what a network file system's client cached,
-within MARGIN and a sweep's interval. A clock that went back since the last refresh (its
-`clock` ahead of the checking node's) makes the checks read every config until a refresh has
-read them all again. Without `since` (never refreshed, or a refresh met a config it could not
-read) a check reads every config, as before the index. Two refreshes never run at once: they hold the
-flock, as every writer of a guest config already does on this directory.
+volume plus every config whose ctime is not older than `since`: a read of few, found by a stat
+of each config, or on a local file system by a stat of the few the process's watch names as
+changed since it stat'd them all (drivers/guest_watch.py). `since` is the refresh's clock less
+MARGIN, and never past the refresh before's clock, so a config changed shortly before a refresh
+stays read by the checks until a later one, and only markers an earlier refresh made are
+trusted: that covers the clocks of nodes that set ctime themselves (cluster file systems) and
+what a network file system's client cached, within MARGIN and a sweep's interval. A clock that
+went back since the last refresh (its `clock` ahead of the checking node's) makes the checks
+read every config until a refresh has read them all again. Without `since` (never refreshed,
+or a refresh met a config it could not read) a check reads every config, as before the index.
+Two refreshes never run at once: they hold the flock, as every writer of a guest config
+already does on this directory.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ MARGIN = 120 * 10**9  # ns a refresh leaves to the checks: configs changed this 
 # file systems whose stat(2) answers from the inode itself; on any other (NFS, CIFS, FUSE) a
 # check opens each config to read its ctime, which makes a network client ask its server
 LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "overlay"})
+# where every change to a config reaches a watch in this kernel (drivers/guest_watch.py); not an
+# overlay, whose layers can be written beneath it
+WATCHED_FILE_SYSTEMS = LOCAL_FILE_SYSTEMS - {"overlay"}
 
 
 def _key(volid: str) -> str:
@@ -177,16 +182,15 @@ class Refresh:
             raise
 
 
-_stat_is_fresh: dict[int, bool] = {}
+_file_systems: dict[int, str] = {}
 
 
-def stat_is_fresh(path: Path) -> bool:
-    """Whether stat(2) of a file under `path` tells its ctime as it is (a local file system),
-    rather than from a network client's cache. Unknown counts as not."""
+def file_system(path: Path) -> str:
+    """The type of the file system `path` is on ("ext4", "nfs4", ...; "" when unknown)."""
     device = os.stat(path).st_dev
-    if device not in _stat_is_fresh:
-        _stat_is_fresh[device] = _file_system_type(device) in LOCAL_FILE_SYSTEMS
-    return _stat_is_fresh[device]
+    if device not in _file_systems:
+        _file_systems[device] = _file_system_type(device)
+    return _file_systems[device]
 
 
 def _file_system_type(device: int) -> str:

@@ -22,14 +22,14 @@ import secrets
 import stat
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from drivers import names
 from drivers.errors import AlreadyExists, ConfigError, InvalidName, LockTimeout, NotFound, Refused
 from drivers.flock import file_lock, fsync_dir, open_making_dirs
-from drivers.guest_index import VolumeIndex, stat_is_fresh
+from drivers.guest_index import LOCAL_FILE_SYSTEMS, WATCHED_FILE_SYSTEMS, VolumeIndex, file_system
 
 KEYS = ("name", "node", "template", "lock", "lock_job", "notes", "unused", "disks", "replicas")
 MAX_NOTES = 1024
@@ -252,20 +252,16 @@ def loads(vmid: int, text: str, file: Path) -> Guest:
         raise ConfigError(f"{file}: broken guest config: {e}") from None
 
 
-_TEMP = re.compile(r"\.([0-9]+)\.toml\.[0-9a-f]+\.tmp")  # `_write_temp`'s names: .<vmid>.toml.<token>.tmp
+TEMP_NAME = re.compile(r"\.([0-9]+)\.toml\.[0-9a-f]+\.tmp")  # `_write_temp`'s names: .<vmid>.toml.<token>.tmp
 
 
-def _stat_ctime(entry: os.DirEntry[str]) -> int:
-    return entry.stat(follow_symlinks=False).st_ctime_ns
-
-
-def _fresh_ctime(entry: os.DirEntry[str]) -> int:
-    """The file's ctime as it is now: through an open, which makes an NFS client ask its server
+def _fresh_stat(path: str) -> os.stat_result:
+    """The file's status as it is now: through an open, which makes an NFS client ask its server
     (a stat may answer from its attribute cache, and a refresh that trusted a stale ctime would
     leave a changed config out of the index for good)."""
-    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        return os.fstat(fd).st_ctime_ns
+        return os.fstat(fd)
     finally:
         os.close(fd)
 
@@ -273,6 +269,10 @@ def _fresh_ctime(entry: os.DirEntry[str]) -> int:
 def _misnamed(file: Path) -> str:
     return (f"{file}: broken guest config: file name {file.name!r} is not <vmid>.toml "
             f"(vmid a number from {names.VMID_MIN} to {names.VMID_MAX}, no leading zeros)")
+
+
+def _vmid_of_file(name: str) -> int | None:
+    return _vmid_of(name[:-5])  # <vmid>.toml
 
 
 def _vmid_of(stem: str) -> int | None:
@@ -356,26 +356,67 @@ class GuestStore:
         stamp = index.stamp()
         if not stamp or stamp["clock"] > time.time_ns():  # a refresh by a clock ahead of ours: trust none of it
             return self.list()
-        since, wanted = stamp["since"], index.marked(volid)
-        try:
-            ctime = _stat_ctime if stat_is_fresh(self.dir) else _fresh_ctime
-        except OSError as e:
-            raise ConfigError(f"{self.dir}: cannot read the guest configs: {e.strerror or e}") from None
-        for name, vmid, entry in self._entries():
-            if vmid is None:
-                raise ConfigError(_misnamed(self.dir / name))
-            try:
-                if ctime(entry) >= since:
-                    wanted.add(vmid)
-            except FileNotFoundError:  # removed since the listing: no longer a guest
-                continue
-            except OSError:  # a symlink or FIFO planted as a config, say: read() names it
-                wanted.add(vmid)
+        wanted = index.marked(volid) | {vmid for vmid in map(_vmid_of_file, self._changed_since(stamp["since"]))
+                                        if vmid is not None}
         found = []
         for vmid in sorted(wanted):
             with contextlib.suppress(NotFound):  # a marker of a guest destroyed since the refresh
                 found.append(self.read(vmid))
         return found
+
+    def _changed_since(self, since: int) -> set[str]:
+        """The configs (file names) whose ctime is not older than `since`: on a local file system,
+        those this process's watch names since it last stat'd them all (drivers/guest_watch.py);
+        elsewhere, or when the watch cannot tell, a stat of each."""
+        try:
+            kind = file_system(self.dir)
+        except OSError as e:
+            raise ConfigError(f"{self.dir}: cannot read the guest configs: {e.strerror or e}") from None
+        if kind not in WATCHED_FILE_SYSTEMS:
+            return self._stat_every(since, fresh=kind not in LOCAL_FILE_SYSTEMS)
+        from drivers import guest_watch  # here: ctypes only for the processes that check
+
+        with guest_watch.lock:
+            watch = guest_watch.watching(self.dir)
+            names = watch.changed_since(since) if watch is not None else None
+            if names is None:
+                started = time.monotonic()
+                changed = self._stat_every(since)
+                if watch is not None:
+                    watch.listed(since, changed, started)
+                return changed
+            folder = str(self.dir)
+            changed = self._changed(since, ((n, lambda n=n: os.lstat(os.path.join(folder, n))) for n in names))
+            watch.settled(since, names - changed)
+            return changed
+
+    def _stat_every(self, since: int, fresh: bool = False) -> set[str]:
+        """`_changed` of every config; `fresh`: through an open of each (a network file system's
+        client may answer a stat from its cache)."""
+        if fresh:
+            found = ((name, lambda e=entry: _fresh_stat(e.path)) for name, _, entry in self._entries())
+        else:
+            found = ((name, lambda e=entry: e.stat(follow_symlinks=False)) for name, _, entry in self._entries())
+        return self._changed(since, found)
+
+    def _changed(self, since: int, found: Iterable[tuple[str, Callable[[], os.stat_result]]]) -> set[str]:
+        """Of these config files (each with how to stat it), those that may have changed since
+        `since`: a ctime not older, more than one link (written through another name, no event
+        tells the watch), or no status to be had (a FIFO planted as a config, say: read() names
+        it). ConfigError for a name that is not a guest's; a file gone is no guest."""
+        changed = set()
+        for name, status in found:
+            try:
+                st = status()
+            except FileNotFoundError:  # removed since the listing or the event
+                continue
+            except OSError:
+                st = None
+            if _vmid_of_file(name) is None:
+                raise ConfigError(_misnamed(self.dir / name))
+            if st is None or st.st_ctime_ns >= since or st.st_nlink > 1:
+                changed.add(name)
+        return changed
 
     def refresh_index(self) -> int | None:
         """Bring the volume index up to the configs (run by the cluster's periodic sweep): read
@@ -393,7 +434,8 @@ class GuestStore:
                     continue
                 present.add(vmid)
                 try:
-                    if refresh.unchanged_before is not None and _fresh_ctime(entry) < refresh.unchanged_before:
+                    if (refresh.unchanged_before is not None
+                            and _fresh_stat(entry.path).st_ctime_ns < refresh.unchanged_before):
                         continue
                     guest = self._read_file(vmid, self.dir / name)
                 except (NotFound, FileNotFoundError):
@@ -433,7 +475,7 @@ class GuestStore:
         try:
             with os.scandir(self.dir) as entries:
                 for entry in entries:
-                    if (match := _TEMP.fullmatch(entry.name)) and (vmid := _vmid_of(match[1])) is not None:
+                    if (match := TEMP_NAME.fullmatch(entry.name)) and (vmid := _vmid_of(match[1])) is not None:
                         stale.setdefault(vmid, []).append(entry.name)
         except FileNotFoundError:
             return 0

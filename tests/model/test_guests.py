@@ -1,13 +1,18 @@
 """Guest configs: one file per guest, atomic writes, exclusive creation, flock while editing."""
 
 import argparse
+import contextlib
 import errno
 import json
+import mmap
 import os
 import secrets
+import shutil
+import subprocess
 import threading
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drivers import guest_index, guests
+from drivers import guest_index, guest_watch, guests
 from drivers.errors import AlreadyExists, ConfigError, LockTimeout, NotFound, Refused
 from drivers.guest_index import VolumeIndex
 from drivers.guests import Guest, GuestStore, dumps, loads
@@ -457,14 +462,19 @@ def _hand_edit_in_place(store: GuestStore, vmid: int, volid: str) -> None:
 
 
 @pytest.mark.parametrize("change", ["stork write", "hand edit, times kept", "new guest", "replaced by rename",
-                                    "guest destroyed", "template replica"])
+                                    "guest destroyed", "template replica", "written through its other name",
+                                    "truncated and rewritten"])
 def test_every_change_to_the_configs_is_seen_by_a_check_before_the_next_refresh(tmp_path, no_margin, change):
     store = GuestStore(tmp_path / "guests")
     for n in range(100, 110):
         store.create(Guest(n, "n1", disks={"scsi0": _disk(n)}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.link(store.path(106), elsewhere / "106.toml")  # a second name, in a directory nobody watches
     _settled()
     store.refresh_index()
     volid = _disk(105)
+    assert _named(store, volid) == [105]  # this process now watches the directory: the change must reach it
     if change == "stork write":
         store.write(store.read(101).with_(unused=(volid,)))
     elif change == "hand edit, times kept":
@@ -478,9 +488,17 @@ def test_every_change_to_the_configs_is_seen_by_a_check_before_the_next_refresh(
         temp.rename(store.path(103))
     elif change == "guest destroyed":
         store.delete(105)
+    elif change == "written through its other name":
+        with open(elsewhere / "106.toml", "a") as f:
+            f.write(f'scsi9 = "{volid}"\n')
+    elif change == "truncated and rewritten":
+        text = store.path(107).read_text()
+        with open(store.path(107), "w") as f:
+            f.write(text + f'scsi9 = "{volid}"\n')
     else:
         store.write(store.read(104).with_(template=True, replicas={volid: {"of": _disk(1), "identity": "i",
                                                                             "node": "n2"}}))
+    assert _truth(store, volid) != [105]  # the change changed who names the volume
     assert _named(store, volid) == _truth(store, volid)  # before the refresh
     store.refresh_index()
     assert _named(store, volid) == _truth(store, volid)  # after it, from the markers
@@ -547,3 +565,180 @@ def test_a_clock_that_went_back_makes_the_checks_and_the_next_refresh_read_every
     assert _named(store, _disk(100)) == [100] and _Counting.reads == 5  # its markers are trusted by none
     assert store.refresh_index() == 5  # read whole again
     assert VolumeIndex(store.dir).stamp()["clock"] < future
+
+
+# ---- the watch: after one full stat, a check stats only the configs changed since ---------------
+
+
+class _Listing(GuestStore):
+    """Counts the full listings of the directory (each a stat of every config)."""
+
+    listings = 0
+
+    def _entries(self):  # type: ignore[no-untyped-def]
+        _Listing.listings += 1
+        return GuestStore._entries(self)
+
+
+def _indexed(tmp_path: Path, count: int = 20) -> GuestStore:
+    store = _Listing(tmp_path / "guests")
+    for n in range(100, 100 + count):
+        store.create(Guest(n, "n1", disks={"scsi0": _disk(n)}))
+    _settled()
+    store.refresh_index()
+    return store
+
+
+def _refreshed_twice(store: GuestStore) -> None:
+    """Two refreshes: `since` reaches the first one's clock (never past the refresh before)."""
+    for _ in range(2):
+        _settled()
+        store.refresh_index()
+
+
+def test_after_one_full_stat_a_check_stats_only_the_configs_the_watch_names(tmp_path, no_margin):
+    store = _indexed(tmp_path)
+    _Listing.listings = 0
+    assert _named(store, _disk(105)) == [105] and _Listing.listings == 1
+    store.write(store.read(110).with_(unused=(_disk(105),)))
+    assert _named(store, _disk(105)) == [105, 110] and _Listing.listings == 1  # the watch named 110.toml
+    assert guest_watch._current is not None and guest_watch._current.names == {"110.toml"}
+    (store.dir / ".110.toml.swp").write_text("an editor's swap file")  # one link: no config by another name
+    assert _named(store, _disk(105)) == [105, 110] and _Listing.listings == 1
+    _refreshed_twice(store)  # 110's change indexed: its ctime is behind `since` now
+    _Listing.listings = 0
+    assert _named(store, _disk(105)) == [105, 110] and _Listing.listings == 0  # from the markers
+    assert guest_watch._current.names == set()  # stat'd older than `since`: no longer stat'd
+
+
+def test_a_config_that_appears_broken_after_the_full_stat_is_refused(tmp_path, no_margin):
+    store = _indexed(tmp_path)
+    assert _named(store, _disk(105)) == [105]
+    _Listing.listings = 0
+    (store.dir / "0100.toml").write_text(dumps(Guest(100, "n1")))
+    with pytest.raises(ConfigError, match=r"'0100\.toml' is not <vmid>\.toml"):
+        store.candidates(_disk(105))
+    (store.dir / "0100.toml").unlink()
+    os.mkfifo(store.path(150))
+    with pytest.raises(ConfigError, match=r"150\.toml: broken guest config: not a regular file"):
+        store.candidates(_disk(105))
+    store.path(150).unlink()
+    assert _named(store, _disk(105)) == [105] and _Listing.listings == 0  # all told by the watch
+
+
+@contextlib.contextmanager
+def _retargeted_in_place(path: Path, old: int, new: int) -> Iterator[None]:
+    """Point the config's disk at guest `new`'s through a writable mapping, bytes of the same
+    length, held open while the caller checks: no event tells a write through a mapping (only
+    the ctime does; closing the file would tell, so it is closed only after)."""
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mapped:
+        at = mapped.find(f"{old}/vm-{old}".encode())
+        mapped[at:at + len(f"{old}/vm-{old}")] = f"{new}/vm-{new}".encode()
+        mapped.flush()
+        yield
+
+
+def _overflow_the_events(directory: Path) -> None:
+    """More events than the kernel queues for a watch (alternating, so none merges with the last)."""
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    files = [directory / ".a", directory / ".b"]
+    for f in files:
+        f.touch()
+    for i in range(limit + 2):
+        os.utime(files[i % 2], ns=(i, i))
+
+
+@pytest.mark.parametrize("loss", ["events overflowed", "moved, another put in its place", "another mounted over it",
+                                  "linked under another name in it", "revalidation due", "since went back"])
+def test_where_the_watch_cannot_tell_a_check_stats_every_config_again(tmp_path, no_margin, monkeypatch, loss):
+    if loss == "another mounted over it" and os.geteuid() != 0:
+        pytest.skip("mount needs root")
+    store = _indexed(tmp_path)
+    assert _named(store, _disk(105)) == [105]
+    _Listing.listings = 0
+    with contextlib.ExitStack() as cleanup:
+        if loss == "events overflowed":
+            _overflow_the_events(store.dir)
+            _hand_edit_in_place(store, 107, _disk(105))  # its event is not queued: the queue is full
+        elif loss == "moved, another put in its place":
+            store.dir.rename(tmp_path / "old")
+            shutil.copytree(tmp_path / "old", store.dir)
+            _hand_edit_in_place(store, 107, _disk(105))
+        elif loss == "another mounted over it":
+            other = tmp_path / "other"
+            shutil.copytree(store.dir, other)
+            _hand_edit_in_place(GuestStore(other), 107, _disk(105))
+            subprocess.run(["mount", "--bind", str(other), str(store.dir)], check=True)
+            cleanup.callback(subprocess.run, ["umount", str(store.dir)], check=True)
+        elif loss == "linked under another name in it":  # its events name the other name only
+            os.link(store.path(107), store.dir / "107.toml.orig")
+            with open(store.dir / "107.toml.orig", "a") as f:
+                f.write(f'scsi9 = "{_disk(105)}"\n')
+        elif loss == "revalidation due":
+            cleanup.enter_context(_retargeted_in_place(store.path(107), 107, 105))  # no event tells this
+            monkeypatch.setattr(guest_watch, "REVALIDATE", 0)
+        else:
+            cleanup.enter_context(_retargeted_in_place(store.path(107), 107, 105))  # no event tells this
+            stamp = store.dir / ".index" / "since"
+            old = json.loads(stamp.read_text())
+            stamp.write_text(json.dumps({**old, "since": old["since"] - 1}))
+        named = _named(store, _disk(105))
+        assert _Listing.listings == 1
+        assert named == _truth(store, _disk(105)) == [105, 107]
+
+
+def test_a_config_written_through_a_descriptor_of_no_name_in_the_directory_is_seen(tmp_path, no_margin):
+    """A file made with O_TMPFILE and linked in as a config: writes through its descriptor name
+    no config (the kernel calls it #<inode>), so the watch cannot tell which config changed."""
+    store = _indexed(tmp_path)
+    fd = os.open(store.dir, os.O_TMPFILE | os.O_RDWR)
+    try:
+        os.write(fd, dumps(Guest(200, "n1", disks={"scsi0": _disk(200)})).encode())
+        folder = os.open(store.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:  # linkat(2) with AT_SYMLINK_FOLLOW (which a dir_fd makes os.link use): the file, not the /proc link
+            os.link(f"/proc/self/fd/{fd}", "200.toml", dst_dir_fd=folder)
+        finally:
+            os.close(folder)
+        _refreshed_twice(store)  # 200 indexed as it was
+        assert _named(store, _disk(105)) == [105]  # and settled: no longer stat'd
+        _Listing.listings = 0
+        os.write(fd, f'scsi9 = "{_disk(105)}"\n'.encode())
+    finally:
+        os.close(fd)
+    named = _named(store, _disk(105))
+    assert _Listing.listings == 1
+    assert named == _truth(store, _disk(105)) == [105, 200]
+
+
+def test_a_forked_process_watches_for_itself(tmp_path, no_margin):
+    """Celery's pool forks its processes: parent and child must not share one queue of events
+    (each would drain what the other needs)."""
+    store = _indexed(tmp_path)
+    assert _named(store, _disk(105)) == [105]
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child checks after the edit, draining what its watch saw
+        try:
+            os.close(reader)
+            time.sleep(0.2)
+            os.write(writer, json.dumps(_named(store, _disk(105))).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    _hand_edit_in_place(store, 107, _disk(105))
+    with os.fdopen(reader) as f:
+        assert json.loads(f.read()) == [105, 107]
+    os.waitpid(child, 0)
+    assert _named(store, _disk(105)) == [105, 107]  # the parent's watch saw it too
+
+
+EXPORTS = b"# Version 1.1\n# Path Client(Flags) # IPs\n/srv/nfs\t*(rw,sync)\n/srv/with\\040blank\t10.0.0.0/8(rw)\n"
+
+
+@pytest.mark.parametrize(("directory", "exported"), [
+    ("/srv/nfs", True), ("/srv/nfs/guests", True), ("/srv/with blank/guests", True),
+    ("/srv/nfsx/guests", False), ("/srv", False), ("/var/lib/stork/guests", False),
+])
+def test_a_directory_the_nfs_server_exports_is_not_watched(directory, exported):
+    """Its clients' writes reach the files through handles tied to no directory: no event."""
+    assert guest_watch.exported(Path(directory), EXPORTS) is exported
