@@ -13,23 +13,26 @@ The watch is not trusted, and the next check stats every config anew, when:
 - the kernel's event queue overflowed, or the directory was removed, moved or unmounted, or
   another directory stands at its path now (compared on each check: one stat);
 - a file that is no config was made or written in the directory and may be a config under
-  another name: one with a second link, or one gone by the check (a temp file of stork's own
-  writes, gone, is not: its config's rename or link into place is an event of its own);
+  another name: one with a second link, or one gone by the check (stork's own temp files
+  excepted: see `_told_apart`);
 - `since` went back (a clock that went back; the index is being rebuilt);
 - the process forked (a child gets a new watch: a shared queue would give each only part of it);
-- REVALIDATE seconds have passed since the last full stat, which bounds what no event on the
-  directory tells: a write through a writable mapping, or through a descriptor opened under a
-  name in another directory (a hard link there, even one removed since), or to a file mounted
-  over a config.
-Only on a local file system (guest_index.WATCHED_FILE_SYSTEMS) that this kernel's NFS server
-does not export: other clients of a network or cluster file system, an overlay's layers beneath
-it, and the NFS server's writes through file handles, whose files are not tied to a directory,
-are not seen by a watch. Where inotify cannot be had (its limits reached), every check stats
-every config.
+- REVALIDATE seconds have passed since the last full stat. That bounds what no event naming a
+  config tells: a write through a writable mapping; through a descriptor opened under a name
+  in another directory (a hard link there, even one removed since); through a second name in
+  this directory that is reused before the check (linked, written, then removed and made
+  again, or renamed over); a file mounted over a config.
+Only on a local file system (guest_index.WATCHED_FILE_SYSTEMS) on which the kernel's NFS server
+exports nothing: other clients of a network or cluster file system, an overlay's layers beneath
+it, and an NFS server's writes through file handles, whose files are tied to no directory, reach
+no watch. A user-space NFS server (nfs-ganesha) writes through handles too and is not
+detected: what it writes to a config whose name is not in the kernel's cache is seen within
+REVALIDATE. Where inotify cannot be had (its limits reached), every check stats every config.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -42,7 +45,8 @@ from pathlib import Path
 from drivers.guests import TEMP_NAME
 
 REVALIDATE = 30.0  # s between full stats of every config, for what no event tells (see above)
-NFS_EXPORTS = Path("/proc/fs/nfsd/exports")  # what the kernel's NFS server exports, when it runs
+# what the kernel's NFS server exports (its cache, filled as clients come) and is set to export
+NFS_EXPORT_TABLES = (Path("/proc/fs/nfsd/exports"), Path("/var/lib/nfs/etab"))
 
 _IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
 _IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE, _IN_DELETE = 0x40, 0x80, 0x100, 0x200
@@ -132,21 +136,31 @@ class Watch:
                     names.add(name)
                 elif mask & _WRITTEN:
                     others.add(name)
-        if not all(self._no_config(name) for name in others):
+        if not all(self._told_apart(name, names) for name in others):
             self.lost = True
         return names
 
-    def _no_config(self, name: str) -> bool:
-        """Whether a file made or written in the directory under a name that is no config's
-        cannot be a config's inode under another name: a link (or what was one) would change a
-        config with no event naming it."""
+    def _told_apart(self, name: str, names: set[str]) -> bool:
+        """Whether a file made or written in the directory under a name that is no config's is
+        told apart from the configs: one with a second link may be a config's inode under
+        another name, written with no event naming the config, and one gone may have been. Two
+        exceptions, stork's own temp files: gone (renamed or linked into place: its config's own
+        event tells), and linked to its own config, not yet removed (that config is stat'd)."""
         try:
             st = os.lstat(os.path.join(self.directory, name))
-        except FileNotFoundError:  # only stork's own temp file, gone once renamed or linked into place
+        except FileNotFoundError:
             return TEMP_NAME.fullmatch(name) is not None
         except OSError:
             return False
-        return not stat.S_ISREG(st.st_mode) or st.st_nlink == 1
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink == 1:
+            return True
+        if (temp := TEMP_NAME.fullmatch(name)) and st.st_nlink == 2:
+            config = f"{temp[1]}.toml"
+            with contextlib.suppress(OSError):
+                if os.lstat(os.path.join(self.directory, config)).st_ino == st.st_ino:
+                    names.add(config)
+                    return True
+        return False
 
     def close(self) -> None:
         os.close(self.fd)
@@ -165,23 +179,30 @@ def _os_error(directory: Path) -> OSError:
     return OSError(number, os.strerror(number), str(directory))
 
 
-def exported(directory: Path, exports: bytes) -> bool:
-    """Whether `directory` is at or under a path in the NFS server's export table (the bytes of
-    /proc/fs/nfsd/exports: a path first on each line, octal escapes for blanks, # comments)."""
-    real = Path(os.path.realpath(directory))
-    for line in exports.splitlines():
-        if line.strip() and not line.startswith(b"#"):
-            path = Path(os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), line.split()[0])))
-            if real == path or path in real.parents:
-                return True
-    return False
+def exported_paths(table: bytes) -> list[Path]:
+    """The paths of an NFS export table (/proc/fs/nfsd/exports, /var/lib/nfs/etab): the first
+    field of each line, octal escapes for blanks, # comments."""
+    return [Path(os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), line.split()[0])))
+            for line in table.splitlines() if line.strip() and not line.startswith(b"#")]
 
 
 def _nfs_exported(directory: Path) -> bool:
-    try:
-        return exported(directory, NFS_EXPORTS.read_bytes())
-    except FileNotFoundError:
-        return False  # no NFS server in this kernel
+    """Whether the kernel's NFS server exports, or is set to export, any path on the file system
+    of `directory` (an export elsewhere on it, or a bind mount of it, takes file handles of its
+    files too). A table that cannot be read counts as exporting."""
+    device = os.stat(directory).st_dev
+    for table in NFS_EXPORT_TABLES:
+        try:
+            paths = exported_paths(table.read_bytes())
+        except FileNotFoundError:
+            continue  # no NFS server here
+        except OSError:
+            return True
+        for path in paths:
+            with contextlib.suppress(OSError):  # an export not there exports nothing of ours
+                if os.stat(path).st_dev == device:
+                    return True
+    return False
 
 
 _current: Watch | None = None  # one per process: a worker's processes each check one directory

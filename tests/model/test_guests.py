@@ -605,9 +605,16 @@ def test_after_one_full_stat_a_check_stats_only_the_configs_the_watch_names(tmp_
     assert guest_watch._current is not None and guest_watch._current.names == {"110.toml"}
     (store.dir / ".110.toml.swp").write_text("an editor's swap file")  # one link: no config by another name
     assert _named(store, _disk(105)) == [105, 110] and _Listing.listings == 1
+    temp = store.dir / ".111.toml.0123abcd.tmp"  # stork's create, between its link and its temp's removal
+    temp.write_text(store.path(111).read_text().replace(_disk(111), _disk(105)))
+    store.path(111).unlink()
+    os.link(temp, store.path(111))
+    assert _named(store, _disk(105)) == [105, 110, 111] and _Listing.listings == 1  # 111.toml stat'd
+    temp.unlink()
+    assert _named(store, _disk(105)) == [105, 110, 111] and _Listing.listings == 1
     _refreshed_twice(store)  # 110's change indexed: its ctime is behind `since` now
     _Listing.listings = 0
-    assert _named(store, _disk(105)) == [105, 110] and _Listing.listings == 0  # from the markers
+    assert _named(store, _disk(105)) == [105, 110, 111] and _Listing.listings == 0  # from the markers
     assert guest_watch._current.names == set()  # stat'd older than `since`: no longer stat'd
 
 
@@ -735,10 +742,22 @@ def test_a_forked_process_watches_for_itself(tmp_path, no_margin):
 EXPORTS = b"# Version 1.1\n# Path Client(Flags) # IPs\n/srv/nfs\t*(rw,sync)\n/srv/with\\040blank\t10.0.0.0/8(rw)\n"
 
 
-@pytest.mark.parametrize(("directory", "exported"), [
-    ("/srv/nfs", True), ("/srv/nfs/guests", True), ("/srv/with blank/guests", True),
-    ("/srv/nfsx/guests", False), ("/srv", False), ("/var/lib/stork/guests", False),
-])
-def test_a_directory_the_nfs_server_exports_is_not_watched(directory, exported):
-    """Its clients' writes reach the files through handles tied to no directory: no event."""
-    assert guest_watch.exported(Path(directory), EXPORTS) is exported
+def test_the_nfs_export_tables_are_read_as_the_kernel_writes_them():
+    assert guest_watch.exported_paths(EXPORTS) == [Path("/srv/nfs"), Path("/srv/with blank")]
+    assert guest_watch.exported_paths(b"") == []
+
+
+@pytest.mark.parametrize("exports", ["the guests directory", "another folder on its file system", "nothing of it"])
+def test_a_file_system_the_nfs_server_exports_is_not_watched(tmp_path, no_margin, monkeypatch, exports):
+    """Its clients' writes reach the files through handles tied to no directory: no event. An
+    export of any folder on the same file system takes handles of every file on it."""
+    store = _indexed(tmp_path)
+    exported = {"the guests directory": store.dir, "another folder on its file system": tmp_path,
+                "nothing of it": Path("/proc")}[exports]
+    table = tmp_path / "etab"
+    table.write_bytes(str(exported).replace(" ", "\\040").encode() + b"\t*(rw,sync)\n")
+    monkeypatch.setattr(guest_watch, "NFS_EXPORT_TABLES", (tmp_path / "absent", table))
+    _Listing.listings = 0
+    for _ in range(2):
+        assert _named(store, _disk(105)) == [105]
+    assert _Listing.listings == (1 if exports == "nothing of it" else 2)
