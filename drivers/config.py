@@ -62,6 +62,7 @@ class Config:
     storages: dict[str, StorageConfig]
     worker_concurrency: int = 4
     visibility_timeout: int = 43200
+    job_keep_days: int = 30  # [jobs] keep_days: how long a finished job's record and events stay
     flower_address: str = "127.0.0.1"
     flower_port: int = 5555
     metrics_address: str = "127.0.0.1"
@@ -113,6 +114,8 @@ CONCURRENCY_MAX = 256
 # must fit in them; above a week, a step whose worker died waits that long to be redelivered.
 VISIBILITY_TIMEOUT_MIN = 600
 VISIBILITY_TIMEOUT_MAX = 7 * 86400
+# Finished jobs kept: each costs Redis about 5 KiB (docs/benchmarks.md); ten years is a bound, not advice.
+KEEP_DAYS_MAX = 3650
 
 
 def _str(v: Any) -> bool:
@@ -175,6 +178,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
             f"to {VISIBILITY_TIMEOUT_MAX} (7 days)",
         ),
     },
+    "jobs": {"keep_days": (_int_in(1, KEEP_DAYS_MAX), f"a whole number of days from 1 to {KEEP_DAYS_MAX}")},
     "flower": {
         "address": (_ip_address, "an IP address or localhost"),
         "port": (_int_in(1, 65535), "a port number (1-65535)"),
@@ -552,6 +556,7 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
         storages=storages,
         worker_concurrency=section("worker").get("concurrency", 4),
         visibility_timeout=section("worker").get("visibility_timeout", 43200),
+        job_keep_days=section("jobs").get("keep_days", 30),
         flower_address=flower.get("address", "127.0.0.1"),
         flower_port=flower.get("port", 5555),
         metrics_address=section("metrics").get("address", "127.0.0.1"),
@@ -628,6 +633,7 @@ FIELD_KEYS = {
     "lock_timeout": "locks.timeout",
     "worker_concurrency": "worker.concurrency",
     "visibility_timeout": "worker.visibility_timeout",
+    "job_keep_days": "jobs.keep_days",
     "flower_address": "flower.address",
     "flower_port": "flower.port",
     "metrics_address": "metrics.address",

@@ -48,6 +48,7 @@ def _unbind_task(**_: Any) -> None:
 def _reconcile(**_: Any) -> None:
     cfg = config()
     liveness.start_heartbeat(redis_client())  # the main process too: it holds the pool's messages
+    records.set_keep(redis_client(), cfg.job_keep_days)
     records.index_all(redis_client())  # jobs recorded before the job indexes existed, once per cluster
     try:
         records.index_volumes(redis_client())  # and before the volume sets: until then checks read every job

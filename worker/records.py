@@ -5,7 +5,10 @@ Redis keys used by stork (all of them; keep this list true):
                               raw so a Lua compare-and-set can read it); `cancel` is
                               set to true by the producer when a user asks to cancel
     stork:job:<id>:events     stream of JSON events (capped), replayed by late watchers
-                              (both expire RETENTION after the job ends)
+                              (both expire after the job ends: the seconds in KEEP,
+                              else RETENTION)
+    stork:settings:keep       seconds a finished job is kept: jobs.keep_days of the config of the
+                              worker that started last (each sets it at its start)
     stork:events              pub/sub channel announcing every event, for live listeners
     stork:jobs                sorted set of all job ids, scored by creation time
     stork:jobs:active         set of job ids not yet succeeded, failed or cancelled
@@ -76,7 +79,11 @@ ENDED = "stork:metrics:jobs"  # jobs that ended, counted by kind and state (work
 BACKUPS = "stork:metrics:backups"  # each guest's last backup that succeeded (worker/metrics.py)
 CHANNEL = "stork:events"
 STREAM_MAXLEN = 20000  # events kept per job (approximately): some 2.7 hours of copy progress
-RETENTION = 30 * 86400  # seconds a finished job's record and events are kept
+RETENTION = 30 * 86400  # seconds a finished job's record and events are kept, where KEEP is not set
+KEEP = "stork:settings:keep"
+# Lua: the seconds a finished job is kept (KEEP, read where it is used, so a change reaches every
+# producer and worker at once)
+_KEEP = f"(tonumber(redis.call('GET', '{KEEP}')) or {RETENTION})"
 
 
 def state_index(state: str) -> str:
@@ -218,16 +225,17 @@ end
 """
 
 # KEYS: job hash, event stream, JOBS, IDS, ACTIVE, then the indexes the job is in (its state's
-# first), then the other states' (trimmed only). ARGV: job id, created, cutoff (older ids leave
-# the lists), event, stream cap, the volumes it names (JSON), how many indexes the job is in,
-# then the record's fields. Nothing happens where the record exists already: writing it again
-# is a no-op.
+# first), then the other states' (trimmed only). ARGV: job id, created, (unused), event, stream
+# cap, the volumes it names (JSON), how many indexes the job is in, then the record's fields.
+# Ids older than `created` less the seconds jobs are kept leave the lists. Nothing happens where
+# the record exists already: writing it again is a no-op.
 _CREATE = _NAME_VOLUMES + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[3], 'LIMIT', 0, 1000)
+local cutoff = tostring(tonumber(ARGV[2]) - """ + _KEEP + """)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', cutoff, 'LIMIT', 0, 1000)
 if #expired > 0 then redis.call('ZREM', KEYS[4], unpack(expired)) end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[3])
-for i = 6, #KEYS do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[3]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', cutoff)
+for i = 6, #KEYS do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', cutoff) end
 redis.call('HSET', KEYS[1], unpack(ARGV, 8))
 name_volumes(KEYS[1], ARGV[1], ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
@@ -252,7 +260,7 @@ def create(r: redis.Redis, record: JobRecord, event: dict[str, Any]) -> None:
     keys = [job_key(record.id), events_key(record.id), JOBS, IDS, ACTIVE, *own, *others]
     pairs = [x for kv in _encode(record.as_dict()).items() for x in kv]
     volumes = json.dumps(sorted(params_volumes(record.params) | ctx_volumes(record.ctx)))
-    args = [record.id, record.created, record.created - RETENTION, json.dumps(event), STREAM_MAXLEN, volumes,
+    args = [record.id, record.created, "", json.dumps(event), STREAM_MAXLEN, volumes,
             len(own), *pairs]
     _script(r, "_stork_create", _CREATE)(keys=keys, args=args)
 
@@ -409,8 +417,9 @@ for _, allowed in ipairs(cjson.decode(ARGV[1])) do
       if ok and type(kind) == 'string' then  -- a forged record's kind, or a broken count, never stops its end
         redis.pcall('HINCRBY', KEYS[4], kind .. '|' .. redis.call('HGET', KEYS[1], 'state'), 1)
       end
-      redis.call('EXPIRE', KEYS[1], """ + str(RETENTION) + """)
-      redis.call('EXPIRE', KEYS[3], """ + str(RETENTION) + """)
+      local keep = """ + _KEEP + """
+      redis.call('EXPIRE', KEYS[1], keep)
+      redis.call('EXPIRE', KEYS[3], keep)
     end
     for _, event in ipairs(cjson.decode(ARGV[3])) do
       redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', event)
@@ -503,6 +512,12 @@ def newest(r: redis.Redis, index: str = JOBS, since: float | None = None, page: 
             r.zrem(index, *gone)
             offset -= len(gone)
         yield from found
+
+
+def set_keep(r: redis.Redis, days: int) -> None:
+    """Keep the jobs that end from now on this many days (KEEP; each worker sets its config's
+    jobs.keep_days at its start). Jobs ended before keep the time they were given."""
+    r.set(KEEP, days * 86400)
 
 
 def index_all(r: redis.Redis, page: int = 500) -> int:

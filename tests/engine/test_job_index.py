@@ -75,6 +75,23 @@ def test_an_expired_record_leaves_the_listings(r):
     assert not r.zrangebylex(records.IDS, f"[{old.id}", f"[{old.id}")
 
 
+@pytest.mark.parametrize("days", [None, 2])
+def test_finished_jobs_are_kept_as_long_as_the_workers_config_says(r, days):
+    """jobs.keep_days, set by each worker at its start (stork:settings:keep), reaches every
+    producer's and worker's scripts: the expiry of a job that ends, and the trim at each create."""
+    keep = records.RETENTION if days is None else days * 86400
+    if days is not None:
+        records.set_keep(r, days)
+    job = make(r, 0, time.time())
+    assert r.ttl(records.job_key(job.id)) == -1  # active: no expiry
+    records.transition(r, job.id, (JobState.QUEUED,), JobState.SUCCEEDED, finished=time.time())
+    for key in (records.job_key(job.id), records.events_key(job.id)):
+        assert keep - 5 < r.ttl(key) <= keep
+    older, newer = make(r, 0, time.time() - keep - 10), make(r, 0, time.time() - keep + 3600)
+    make(r, 0, time.time())  # a create trims the indexes of what is older than jobs are kept
+    assert r.zscore(records.JOBS, older.id) is None and r.zscore(records.JOBS, newer.id) is not None
+
+
 def test_records_made_before_the_indexes_are_indexed_once(r):
     jobs = [make(r, n, time.time() - 100 + n) for n in range(12)]
     for key in (records.IDS, *(records.kind_index(k) for k in KINDS), records.state_index(JobState.QUEUED)):

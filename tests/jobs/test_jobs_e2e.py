@@ -533,10 +533,11 @@ def test_copies_send_celery_task_progress_events_for_flower(client, vmid):
 
 
 def test_finished_jobs_expire_and_running_ones_do_not(client, vmid):
-    """A finished job's record and events are kept for the retention time; an active one has
-    no expiry."""
+    """A finished job's record and events are kept for the time the workers' config gives
+    (jobs.keep_days, 30 days here); an active one has no expiry."""
     from worker import records
 
+    assert client.r.get(records.KEEP) == str(client.cfg.job_keep_days * 86400)  # set by each worker at its start
     job = client.run("create", vmid=vmid(), disks={"scsi0": {"storage": "local", "size": "8M"}})
     assert 0 < client.r.ttl(records.job_key(job.id)) <= records.RETENTION
     assert 0 < client.r.ttl(records.events_key(job.id)) <= records.RETENTION

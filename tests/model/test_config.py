@@ -128,6 +128,10 @@ def test_storages_know_which_nodes_they_exist_on():
          r"from 600 \(a task must fit in 0.8x of it\) to 604800 \(7 days\)"),
         ("[worker]\nvisibility_timeout = 604801\n", r"worker.visibility_timeout = 604801: expected a whole number"),
         ("[worker]\nvisibility_timeout = 3600.5\n", r"worker.visibility_timeout = 3600.5: expected a whole number"),
+        ("[jobs]\nkeep_days = 0\n", r"jobs.keep_days = 0: expected a whole number of days from 1 to 3650"),
+        ("[jobs]\nkeep_days = 3651\n", r"jobs.keep_days = 3651: expected a whole number of days from 1 to 3650"),
+        ("[jobs]\nkeep_days = 1.5\n", r"jobs.keep_days = 1.5: expected a whole number of days"),
+        ("[jobs]\nkeep = 5\n", r"unknown key jobs.keep \(expected one of: keep_days\)"),
         ("[storage.x]\ntype = 'dir'\npath='p'\nnodes = ['N1!']\n",
          r"storage.x.nodes = \['N1!'\]: expected a non-empty list of distinct node names \(a lower-case letter"),
         ("[storage.x]\ntype = 'dir'\npath='p'\nnodes = ['node1', 'node1']\n",
@@ -163,11 +167,13 @@ def test_values_at_the_bounds_are_accepted():
     for text in (
         "[locks]\ntimeout = 3600\n[worker]\nconcurrency = 1\nvisibility_timeout = 600\n",
         "[locks]\ntimeout = 0.5\n[worker]\nconcurrency = 256\nvisibility_timeout = 604800\n",
+        "[jobs]\nkeep_days = 1\n", "[jobs]\nkeep_days = 3650\n",
         "[redis]\nurl = 'unix:///run/redis.sock'\n[flower]\nbasic_auth = 'a:b,c:d:e'\n",
         "[storage.x]\ntype = 'dir'\npath = 'p'\nnodes = ['node1', 'node-2_b']\n",
     ):
         parse(text)
     assert parse("[locks]\ntimeout = 0.5\n").lock_timeout == 0.5
+    assert parse("[jobs]\nkeep_days = 7\n").job_keep_days == 7 and parse("").job_keep_days == 30
 
 
 def test_a_bad_redis_url_from_the_environment_is_refused_without_its_password():
