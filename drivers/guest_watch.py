@@ -27,7 +27,8 @@ exports nothing: other clients of a network or cluster file system, an overlay's
 it, and an NFS server's writes through file handles, whose files are tied to no directory, reach
 no watch. A user-space NFS server (nfs-ganesha) writes through handles too and is not
 detected: what it writes to a config whose name is not in the kernel's cache is seen within
-REVALIDATE. Where inotify cannot be had (its limits reached), every check stats every config.
+REVALIDATE. Where inotify cannot be had (fs.inotify.max_user_instances reached, say), every
+check stats every config.
 """
 
 from __future__ import annotations
