@@ -722,17 +722,22 @@ def test_a_forked_process_watches_for_itself(tmp_path, no_margin):
     (each would drain what the other needs)."""
     store = _indexed(tmp_path)
     assert _named(store, _disk(105)) == [105]
+    go_read, go_write = os.pipe()
     reader, writer = os.pipe()
     child = os.fork()
-    if child == 0:  # the child checks after the edit, draining what its watch saw
+    if child == 0:  # the child checks once the parent has edited, draining what its watch saw
         try:
             os.close(reader)
-            time.sleep(0.2)
+            os.close(go_write)
+            os.read(go_read, 1)
             os.write(writer, json.dumps(_named(store, _disk(105))).encode())
         finally:
             os._exit(0)
     os.close(writer)
+    os.close(go_read)
     _hand_edit_in_place(store, 107, _disk(105))
+    os.write(go_write, b"x")
+    os.close(go_write)
     with os.fdopen(reader) as f:
         assert json.loads(f.read()) == [105, 107]
     os.waitpid(child, 0)
