@@ -82,8 +82,15 @@ STREAM_MAXLEN = 20000  # events kept per job (approximately): some 2.7 hours of 
 RETENTION = 30 * 86400  # seconds a finished job's record and events are kept, where KEEP is not set
 KEEP = "stork:settings:keep"
 # Lua: the seconds a finished job is kept (KEEP, read where it is used, so a change reaches every
-# producer and worker at once)
-_KEEP = f"(tonumber(redis.call('GET', '{KEEP}')) or {RETENTION})"
+# producer and worker at once); RETENTION where it is not set, or not a whole day or more (a value
+# written by hand: an expiry of 0 would drop a record the moment its job ends)
+_KEPT = f"""
+local function kept()
+  local keep = tonumber(redis.call('GET', '{KEEP}'))
+  if keep and keep >= 86400 then return keep end
+  return {RETENTION}
+end
+"""
 
 
 def state_index(state: str) -> str:
@@ -229,9 +236,9 @@ end
 # cap, the volumes it names (JSON), how many indexes the job is in, then the record's fields.
 # Ids older than `created` less the seconds jobs are kept leave the lists. Nothing happens where
 # the record exists already: writing it again is a no-op.
-_CREATE = _NAME_VOLUMES + """
+_CREATE = _NAME_VOLUMES + _KEPT + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local cutoff = tostring(tonumber(ARGV[2]) - """ + _KEEP + """)
+local cutoff = tostring(tonumber(ARGV[2]) - kept())
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', cutoff, 'LIMIT', 0, 1000)
 if #expired > 0 then redis.call('ZREM', KEYS[4], unpack(expired)) end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', cutoff)
@@ -387,7 +394,7 @@ def update(r: redis.Redis, job_id: str, **values: Any) -> None:
 # the new state is terminal, events (JSON list of JSON strings), stream cap, guard (JSON,
 # see transition), the new state ("" to keep it; its index, stork:jobs:state:<state>, moves
 # with it), the volumes the fields name (JSON), then the fields to set.
-_CAS = _NAME_VOLUMES + """
+_CAS = _NAME_VOLUMES + _KEPT + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return -1 end
 local guard = cjson.decode(ARGV[5])
@@ -417,7 +424,7 @@ for _, allowed in ipairs(cjson.decode(ARGV[1])) do
       if ok and type(kind) == 'string' then  -- a forged record's kind, or a broken count, never stops its end
         redis.pcall('HINCRBY', KEYS[4], kind .. '|' .. redis.call('HGET', KEYS[1], 'state'), 1)
       end
-      local keep = """ + _KEEP + """
+      local keep = kept()
       redis.call('EXPIRE', KEYS[1], keep)
       redis.call('EXPIRE', KEYS[3], keep)
     end

@@ -75,13 +75,16 @@ def test_an_expired_record_leaves_the_listings(r):
     assert not r.zrangebylex(records.IDS, f"[{old.id}", f"[{old.id}")
 
 
-@pytest.mark.parametrize("days", [None, 2])
+@pytest.mark.parametrize("days", [None, 2, "0", "soon"])
 def test_finished_jobs_are_kept_as_long_as_the_workers_config_says(r, days):
     """jobs.keep_days, set by each worker at its start (stork:settings:keep), reaches every
-    producer's and worker's scripts: the expiry of a job that ends, and the trim at each create."""
-    keep = records.RETENTION if days is None else days * 86400
-    if days is not None:
+    producer's and worker's scripts: the expiry of a job that ends, and the trim at each create.
+    A value written there by hand that is not a whole day or more counts as unset."""
+    keep = days * 86400 if isinstance(days, int) else records.RETENTION
+    if isinstance(days, int):
         records.set_keep(r, days)
+    elif days is not None:
+        r.set(records.KEEP, days)
     job = make(r, 0, time.time())
     assert r.ttl(records.job_key(job.id)) == -1  # active: no expiry
     records.transition(r, job.id, (JobState.QUEUED,), JobState.SUCCEEDED, finished=time.time())
