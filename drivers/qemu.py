@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers import ova, sniff, vmdk
+from drivers import sniff
 from drivers.errors import InvalidName, ToolFailed
 from drivers.tools import ToolError, dying_with_caller, run
 
@@ -157,6 +157,8 @@ def open_import(path: Path, member: str | None = None) -> Iterator[tuple[Image, 
     with opened_input(path) as fd:
         window, label = None, str(path)
         if member is not None:
+            from drivers import ova  # here: an XML parser only for a command that reads an OVA
+
             found = ova.members(fd, label).get(member)
             if found is None:
                 raise InvalidName(f"{path}: the archive has no member {member!r}")
@@ -174,6 +176,8 @@ def open_import(path: Path, member: str | None = None) -> Iterator[tuple[Image, 
 def _described_vmdk(fd: int, path: Path) -> Iterator[tuple[Image, int]]:
     """A VMDK whose descriptor `fd` names its extents as files beside it (drivers/vmdk.py):
     each opened here, checked, and read by qemu through a descriptor stork writes."""
+    from drivers import vmdk  # here, as ova: only an import reads a descriptor
+
     descriptor = vmdk.parse(os.pread(fd, vmdk.MAX_DESCRIPTOR + 1, 0), str(path))
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(_folder_holding(fd, path))

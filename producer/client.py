@@ -23,8 +23,6 @@ import redis
 
 from drivers import BACKUP_STORAGES, backup_storage, driver_for, names, status_of
 from drivers import config as config_module
-from drivers.backends.base import Driver, VolumeInfo
-from drivers.backup.records import Damaged, Snapshot
 from drivers.config import Config, StorageConfig
 from drivers.errors import NotFound, Refused, StorkError
 from drivers.guests import Guest, GuestStore
@@ -34,10 +32,12 @@ from worker.records import JobRecord, JobState
 if TYPE_CHECKING:
     from celery import Celery
 
+    from drivers.backends.base import Driver, VolumeInfo
+    from drivers.backup.records import Damaged, Snapshot
     from drivers.backup.serve import Export
 
-# What sends jobs (Celery's app, the job kinds, the runner) is imported where it is used: a
-# client that only reads (`stork job list`) starts without it.
+# What sends jobs (Celery's app, the job kinds, the runner), and what reads volumes and backups,
+# is imported where it is used: a client that only reads jobs (`stork job list`) starts without it.
 
 EventHook = Callable[[dict[str, Any]], None]
 
@@ -232,6 +232,8 @@ class Client:
         """Volumes with the guests that use each (`<vmid>:<disk>`, or `<vmid>:unused`), and
         those that no guest, no unfinished job and no job on record names flagged as orphans;
         entries only named like volumes (a directory, a symlink) with their `problem`."""
+        from drivers.backends.base import VolumeInfo
+
         ids = [storage_id] if storage_id else [s.id for s in self.storages()
                                                 if s.on_node(self.cfg.node) and "images" in s.content]
         users, owned = self._users(), self._owned_by_jobs()

@@ -6,16 +6,18 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from drivers.backends.base import VolumeInfo
-from drivers.backup.records import Damaged, Snapshot
 from drivers.config import StorageConfig
 from drivers.guests import Guest
 from producer import results
 from producer.client import job_guests
 from producer.tables import duration, size, table, text, when, when_text
 from worker.records import JobRecord
+
+if TYPE_CHECKING:  # read where they are shown: `stork job list` imports neither
+    from drivers.backends.base import VolumeInfo
+    from drivers.backup.records import Damaged, Snapshot
 
 
 def storages(found: Iterable[StorageConfig]) -> str:
@@ -178,6 +180,8 @@ def backups(found: Iterable[tuple[str, Snapshot | Damaged]]) -> str:
 
 
 def _backup_row(sid: str, s: Snapshot | Damaged) -> list[object]:
+    from drivers.backup.records import Damaged
+
     if isinstance(s, Damaged):
         return [str(s.id), sid, s.id.vmid, when_text(s.id.time_text), "-", "-", "?", "DAMAGED", s.reason]
     return [str(s.id), sid, s.id.vmid, when_text(s.id.time_text), size(s.manifest.size), size(s.manifest.written),

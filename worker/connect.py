@@ -28,7 +28,6 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 import structlog
-from kombu.transport import TRANSPORT_ALIASES
 from redis._parsers.base import BaseParser
 from redis.backoff import ExponentialBackoff
 from redis.connection import SSLConnection
@@ -60,13 +59,6 @@ BaseParser.EXCEPTION_CLASSES["NOREPLICAS"] = NoReplicasError
 _redis_check_master_state = Sentinel.check_master_state
 Sentinel.check_master_state = _master_state_usable  # type: ignore[method-assign]
 
-# kombu picks a connection's transport by its URL's scheme, and again on each switch to the next
-# sentinel's URL after a lost connection: its schemes name stork's transports (worker/failover.py)
-# in stork's processes, or the first failover would hand a worker back to kombu's own. (The
-# schemes stay kombu's: its Sentinel channel reads the sentinels from URLs named sentinel://,
-# and Flower knows brokers by them.)
-TRANSPORT_ALIASES.update({"redis": "worker.failover:Transport", "rediss": "worker.failover:Transport",
-                          "sentinel": "worker.failover:SentinelTransport"})
 
 class MasterConnection(SentinelManagedConnection):
     """A connection to the master the sentinels name *now*, on every (re)connect. redis-py's
@@ -202,8 +194,22 @@ def _url(settings: RedisSettings, login: Login) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _use_stork_transports() -> None:
+    """kombu picks a connection's transport by its URL's scheme, and again on each switch to the
+    next sentinel's URL after a lost connection: its schemes name stork's transports
+    (worker/failover.py) in a process that makes a Celery app, or the first failover would hand
+    a worker back to kombu's own. (The schemes stay kombu's: its Sentinel channel reads the
+    sentinels from URLs named sentinel://, and Flower knows brokers by them.) Done here, where
+    every app's settings are made, not on import: a client that only reads needs no kombu."""
+    from kombu.transport import TRANSPORT_ALIASES
+
+    TRANSPORT_ALIASES.update({"redis": "worker.failover:Transport", "rediss": "worker.failover:Transport",
+                              "sentinel": "worker.failover:SentinelTransport"})
+
+
 def celery_settings(settings: RedisSettings, role_name: str, visibility_timeout: int) -> dict[str, Any]:
     """The Celery app's broker settings for this Redis and role."""
+    _use_stork_transports()
     options: dict[str, Any] = {
         "visibility_timeout": visibility_timeout, "socket_timeout": SOCKET_TIMEOUT,
         "socket_connect_timeout": CONNECT_TIMEOUT, "socket_keepalive": True,

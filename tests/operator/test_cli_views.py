@@ -185,19 +185,28 @@ def test_a_command_imports_only_the_backends_its_config_names(redis_server, tmp_
                           env={**os.environ, "STORK_CONFIG": str(config)})
     assert done.stderr.strip().splitlines()[-1] == "0 ['drivers.backends.base', 'drivers.backends.dir'] False", \
         done.stderr[-2000:]
+    probe = ("import sys, contextlib\nfrom producer import cli\nwith contextlib.suppress(SystemExit):\n"
+             "    code = cli.main(['job', 'list', '--limit', '3'])\n"
+             "print(code, 'drivers.backup.records' in sys.modules, file=sys.stderr)")
+    config.write_text(config.read_text().split("[storage.backup]")[0])  # no backup storage: no backup code
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "STORK_CONFIG": str(config)})
+    assert done.stderr.strip().splitlines()[-1] == "0 False", done.stderr[-2000:]
 
 
 def test_job_list_reads_jobs_without_celery(redis_server):
-    """Reading jobs needs no Celery: the client builds its app only to send one."""
+    """Reading jobs needs no Celery: the client builds its app only to send one; nor kombu (its
+    transports are named where an app is made) or the OVA and VMDK readers."""
     import os
     import subprocess
     import sys
 
     from tests.conftest import CONFIG
 
+    unneeded = ["celery", "worker.app", "kombu", "drivers.ova", "drivers.vmdk"]
     probe = ("import sys, contextlib\nfrom producer import cli\nwith contextlib.suppress(SystemExit):\n"
              "    code = cli.main(['job', 'list', '--limit', '3'])\n"
-             "print(code, 'celery' in sys.modules, 'worker.app' in sys.modules, file=sys.stderr)")
+             f"print(code, [m for m in {unneeded!r} if m in sys.modules], file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False,
                           env={**os.environ, "STORK_CONFIG": str(CONFIG)})
-    assert done.stderr.strip().splitlines()[-1] == "0 False False", done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == "0 []", done.stderr[-2000:]
