@@ -7,8 +7,9 @@ visibility timeout above the longest step (in all three places), time limits bel
 `config()` follows the file: when its stat (mtime, size, inode) changed since the last call,
 it is read again, so each step sees the current storages, paths.guests, paths.locks and
 locks.timeout without a restart. The Celery app and the Redis client are built at start from
-redis.url, this node's name (STORK_NODE), worker.concurrency and worker.visibility_timeout:
-those keep their start values, and an edit of one logs `config_needs_restart` naming the keys.
+redis.url, this node's name (STORK_NODE), worker.concurrency and worker.visibility_timeout, and
+jobs.keep_days is written into Redis then: those keep their start values, and an edit of one
+logs `config_needs_restart` naming the keys.
 A changed file that does not load is not used: the last good config stays, and
 `config_reload_failed` is logged once per change of the file (in each worker process).
 """
@@ -37,8 +38,9 @@ from worker.queues import SHARED_QUEUE
 
 log = structlog.get_logger("stork.config")
 
-# what the Celery app, the Redis client and the worker's queues are built from at start
-FIXED_FIELDS = ("redis", "node", "worker_concurrency", "visibility_timeout")
+# what the Celery app, the Redis client and the worker's queues are built from at start, and
+# how long jobs are kept (written into Redis at the worker's start)
+FIXED_FIELDS = ("redis", "node", "worker_concurrency", "visibility_timeout", "job_keep_days")
 RESTART_KEYS = ("redis.url", *(config_module.FIELD_KEYS[name] for name in FIXED_FIELDS))
 
 Stamp = tuple[int, int, int] | None  # the file's (st_mtime_ns, st_size, st_ino); None: cannot stat it

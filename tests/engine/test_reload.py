@@ -178,11 +178,13 @@ def test_changed_keys_names_every_key_whose_value_differs(new: str, keys: list[s
         pytest.param(["worker.concurrency", "worker.visibility_timeout"],
                      ["worker.concurrency", "worker.visibility_timeout"], id="worker-settings"),
         pytest.param(["STORK_NODE"], ["STORK_NODE"], id="node-name"),
+        pytest.param(["jobs.keep_days"], ["jobs.keep_days"], id="keep-days-set-at-start"),
         pytest.param(["flower.port"], [], id="flower-is-not-the-workers"),
     ],
 )
 def test_needs_restart_picks_the_keys_a_running_worker_cannot_take_on(changed: list[str], restart: list[str]):
-    """The pure decision: redis.url, the node's name, concurrency and visibility timeout need a restart."""
+    """The pure decision: redis.url, the node's name, concurrency, visibility timeout and the days
+    jobs are kept need a restart."""
     assert needs_restart(changed) == restart
 
 
@@ -199,11 +201,12 @@ def test_pinned_keeps_the_start_values_of_what_needs_a_restart():
     """The served config has the file's storages and lock timeout, and the start Redis, node and worker settings."""
     start = parsed(BASE)
     loaded = replace(parsed(BASE.replace("6399/0", "6399/1") + "[locks]\ntimeout = 5\n", node="other"),
-                     worker_concurrency=9, visibility_timeout=900,
+                     worker_concurrency=9, visibility_timeout=900, job_keep_days=7,
                      storages={"fast": StorageConfig("fast", "dir", options={"path": Path("/fast")})})
     served = pinned(start, loaded)
-    assert (served.redis_url, served.node, served.worker_concurrency, served.visibility_timeout) == (
-        start.redis_url, start.node, start.worker_concurrency, start.visibility_timeout)
+    assert (served.redis_url, served.node, served.worker_concurrency, served.visibility_timeout,
+            served.job_keep_days) == (start.redis_url, start.node, start.worker_concurrency,
+                                      start.visibility_timeout, start.job_keep_days)
     assert served.storages == loaded.storages and served.lock_timeout == 5
 
 
