@@ -232,10 +232,10 @@ end
 """
 
 # KEYS: job hash, event stream, JOBS, IDS, ACTIVE, then the indexes the job is in (its state's
-# first), then the other states' (trimmed only). ARGV: job id, created, (unused), event, stream
-# cap, the volumes it names (JSON), how many indexes the job is in, then the record's fields.
-# Ids older than `created` less the seconds jobs are kept leave the lists. Nothing happens where
-# the record exists already: writing it again is a no-op.
+# first), then the other states' (trimmed only). ARGV: job id, created, event, stream cap, the
+# volumes it names (JSON), how many indexes the job is in, then the record's fields. Ids older
+# than `created` less the seconds jobs are kept leave the lists. Nothing happens where the
+# record exists already: writing it again is a no-op.
 _CREATE = _NAME_VOLUMES + _KEPT + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local cutoff = tostring(tonumber(ARGV[2]) - kept())
@@ -243,14 +243,14 @@ local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', cutoff, 'LIMIT', 0,
 if #expired > 0 then redis.call('ZREM', KEYS[4], unpack(expired)) end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', cutoff)
 for i = 6, #KEYS do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', cutoff) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 8))
-name_volumes(KEYS[1], ARGV[1], ARGV[6])
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+name_volumes(KEYS[1], ARGV[1], ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-for i = 6, 5 + tonumber(ARGV[7]) do redis.call('ZADD', KEYS[i], ARGV[2], ARGV[1]) end
+for i = 6, 5 + tonumber(ARGV[6]) do redis.call('ZADD', KEYS[i], ARGV[2], ARGV[1]) end
 redis.call('ZADD', KEYS[4], 0, ARGV[1])
 redis.call('SADD', KEYS[5], ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'event', ARGV[4])
-redis.call('PUBLISH', '""" + CHANNEL + """', ARGV[4])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[3])
+redis.call('PUBLISH', '""" + CHANNEL + """', ARGV[3])
 return 1
 """
 
@@ -267,8 +267,7 @@ def create(r: redis.Redis, record: JobRecord, event: dict[str, Any]) -> None:
     keys = [job_key(record.id), events_key(record.id), JOBS, IDS, ACTIVE, *own, *others]
     pairs = [x for kv in _encode(record.as_dict()).items() for x in kv]
     volumes = json.dumps(sorted(params_volumes(record.params) | ctx_volumes(record.ctx)))
-    args = [record.id, record.created, "", json.dumps(event), STREAM_MAXLEN, volumes,
-            len(own), *pairs]
+    args = [record.id, record.created, json.dumps(event), STREAM_MAXLEN, volumes, len(own), *pairs]
     _script(r, "_stork_create", _CREATE)(keys=keys, args=args)
 
 
