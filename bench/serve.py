@@ -105,7 +105,7 @@ def main() -> None:
         }
         rows = []
         for name, argv in servers.items():
-            ports = [testing.free_port() for _ in range(REPEATS)]
+            ports = testing.free_ports(REPEATS)
             rows.append((name, min(timed_read(argv(port), port, "scsi0", work / "out.raw") for port in ports)))
         print(f"stork serve benchmark: {SIZE // MIB} MiB raw disk (40% zeros), {os.cpu_count()} cores; "
               "qemu-img convert reading the whole disk over NBD on loopback, best of 3")

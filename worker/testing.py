@@ -21,9 +21,17 @@ T = TypeVar("T")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports. Each socket stays bound until all are picked: asked one at a
+    time, the kernel may hand a port just released out again (two members of a group on one port)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition",
@@ -154,16 +162,17 @@ class SentinelGroup:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.dir = data_dir
         self.tls = tls
-        ports = [free_port() for _ in range(replicas + 1)]
+        ports = free_ports(replicas + 1 + sentinels)
         self.members: dict[int, RedisServer] = {}
         self.sentinels: dict[int, subprocess.Popen[bytes]] = {}
         try:
-            self._start(exe, data_dir, ports, sentinels, down_after_ms)
+            self._start(exe, data_dir, ports[:replicas + 1], ports[replicas + 1:], down_after_ms)
         except BaseException:  # nothing left running behind a group that failed to start
             self.stop()
             raise
 
-    def _start(self, exe: str, data_dir: Path, ports: list[int], sentinels: int, down_after_ms: int) -> None:
+    def _start(self, exe: str, data_dir: Path, ports: list[int], sentinel_ports: list[int],
+               down_after_ms: int) -> None:
         replicas = len(ports) - 1
         for i, port in enumerate(ports):
             home = data_dir / f"redis-{port}"
@@ -171,8 +180,7 @@ class SentinelGroup:
             follow = ("--replicaof", "127.0.0.1", str(ports[0])) if i else ()
             secure = ("--port", "0", "--tls-port", str(port), *self._tls_args()) if self.tls else ()
             self.members[port] = RedisServer(port, home, durable=True, extra=(*follow, *secure), **self._client_tls())
-        for _ in range(sentinels):
-            port = free_port()
+        for port in sentinel_ports:
             conf = data_dir / f"sentinel-{port}.conf"
             listen = f"port {port}\n"
             if self.tls:  # the members' TLS arguments as config lines ("--tls-port 1" -> "tls-port 1")
