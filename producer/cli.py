@@ -5,24 +5,21 @@ progress; --no-wait prints the job id, --json prints machine-readable output. Ex
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import logging
 import os
-import signal
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from drivers import names
-from drivers.backup import retention
 from drivers.errors import StorkError
 
-if TYPE_CHECKING:  # imported for real in main(), once the config is known to load
-    from producer.client import Client
+TYPE_CHECKING = False  # as typing's, whose import is a tenth of `stork --help`; type checkers take it as true
+if TYPE_CHECKING:
+    from typing import Any
+
+    from producer.client import Client  # imported for real in main(), once the config is known to load
     from worker.records import JobRecord
+
+# What a command needs beyond argparse (json, logging, datetime, the name checks, the retention
+# periods) is imported where it is used: `stork --help` and a usage mistake start without it.
 
 Handler = Callable[[argparse.Namespace, "Client"], int]
 
@@ -41,6 +38,8 @@ def _views() -> Any:
 def _emit(args: argparse.Namespace, data: Any, text: str | Callable[[], str]) -> None:
     """`data` as JSON with --json, else the text for people (made only then: a table of
     10,000 rows is not free)."""
+    import json
+
     print(json.dumps(data, indent=2, default=str) if args.json else text() if callable(text) else text)
 
 
@@ -147,6 +146,8 @@ def _disk_specs(values: list[str], first: str) -> dict[str, dict[str, str]]:
             spec |= {"path": head}
         if key in disks:
             raise UsageError(f"disk {key} is given twice")
+        from drivers import names
+
         _usage(names.disk_key, key)  # a typo in a slot or a size is the command line's: exit 2
         if "size" in spec:
             _usage(names.size, spec["size"])
@@ -226,6 +227,9 @@ def _since(text: str | None) -> float | None:
     """`--since` as an ISO date or time, or a duration ago: 30m, 2h, 3d."""
     if not text:
         return None
+    import datetime
+    import time
+
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if text[:-1].isdigit() and text[-1] in units:
         return time.time() - int(text[:-1]) * units[text[-1]]
@@ -249,6 +253,8 @@ def cmd_job_show(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_job_watch(args: argparse.Namespace, client: Client) -> int:
+    import json
+
     from producer.progress import ProgressView
 
     view = ProgressView()
@@ -264,6 +270,9 @@ def cmd_job_watch(args: argparse.Namespace, client: Client) -> int:
 
 
 def _dead_line(dead: dict[str, Any]) -> str:
+    import json
+    import time
+
     when = dead.get("time")
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)) if isinstance(when, int | float) else "-"
     raw = json.dumps(str(dead.get("raw", ""))[:120], ensure_ascii=False)  # quoted: control characters escaped
@@ -351,6 +360,8 @@ def cmd_backup_forget(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_backup_serve(args: argparse.Namespace, client: Client) -> int:
     """Serve one disk of a backup read-only over NBD until Ctrl-C (or SIGTERM)."""
+    import signal
+
     export = client.serve_backup(args.id, args.disk, args.address, args.port)
     signal.signal(signal.SIGTERM, lambda *_: export.stop())  # before the URL is out: whoever read it may stop us
     host, port = export.listener.getsockname()[:2]
@@ -369,6 +380,8 @@ def cmd_backup_serve(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_backup_key(args: argparse.Namespace, client: Client) -> int:
+    from pathlib import Path
+
     from drivers.backup.crypt import create_key
 
     path = Path(args.file).absolute()
@@ -388,6 +401,8 @@ def cmd_redis_users(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_cluster_key(args: argparse.Namespace, client: Client) -> int:
+    from pathlib import Path
+
     from drivers.transfer import make_key
 
     path = Path(args.file).absolute()
@@ -411,8 +426,15 @@ def cmd_verify(args: argparse.Namespace, client: Client) -> int:
                            reverify_after=args.reverify_after)
 
 
+def _keep(args: argparse.Namespace) -> dict[str, int]:
+    """The retention the --keep-PERIOD options give (`stork prune`, `backup sync`)."""
+    from drivers.backup.retention import OPTIONS
+
+    return {f"keep-{period}": n for period in OPTIONS if (n := getattr(args, f"keep_{period}")) is not None}
+
+
 def cmd_prune(args: argparse.Namespace, client: Client) -> int:
-    keep = {f"keep-{period}": n for period in retention.OPTIONS if (n := getattr(args, f"keep_{period}")) is not None}
+    keep = _keep(args)
     if not args.dry_run or args.json or args.no_wait:
         return submit_and_wait(args, client, "prune", storage=args.storage, vmid=args.vmid, keep=keep,
                                dry_run=args.dry_run)
@@ -427,9 +449,9 @@ def cmd_prune(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_backup_sync(args: argparse.Namespace, client: Client) -> int:
-    keep = {f"keep-{period}": n for period in retention.OPTIONS if (n := getattr(args, f"keep_{period}")) is not None}
     return submit_and_wait(args, client, "sync", source=args.source, target=args.target,
-                           vmids=[_vmid(v) for v in args.vmids], keep=keep, node=args.node, reencrypt=args.reencrypt)
+                           vmids=[_vmid(v) for v in args.vmids], keep=_keep(args), node=args.node,
+                           reencrypt=args.reencrypt)
 
 
 def cmd_schedule_list(args: argparse.Namespace, client: Client) -> int:
@@ -531,7 +553,26 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unbuilt:
+    """Stands for the parser (or group of commands) of a command this command line does not
+    name: what is added to it is dropped. Only the named command's parser is built, as parsing
+    the line and printing its help need no other; all 70 cost a third of the CLI's start."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def add_mutually_exclusive_group(self, **kwargs: Any) -> _Unbuilt:
+        return self
+
+
+UNBUILT = _Unbuilt()
+EVERY = "*"  # build_parser's `only` for every command's parser
+
+
+def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
+    """The command line's parser. `only`: the command word the line names, whose parser is
+    built; the others are listed, not built (None: none named; EVERY: all built, as the help
+    tests read them)."""
     parser = argparse.ArgumentParser(prog="stork", description="VM disk images: bases, templates, clones, backups.",
                                      epilog="`stork COMMAND --help` shows a command's forms, with an example.")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -539,13 +580,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="the cluster config (default: STORK_CONFIG, ./stork.toml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def unbuilt(name: str, help_: str, listed: bool = True) -> Any:
+        """A top-level command the line does not name: listed in the help, not built."""
+        if listed:
+            sub.add_parser(name, help=help_)
+        return UNBUILT
+
     def command(parent: Any, name: str, handler: Handler, help_: str, submit: bool = False,
-                description: str | None = None) -> argparse.ArgumentParser:
+                description: str | None = None) -> Any:
         """A command; its help ends with its example (EXAMPLES). One whose name holds a dash is
         the second word of another (`template copy` is template-copy): shown as such, not listed.
         (Only at the top: in a group, `guest import-pve` is the command's own name.)"""
-        shown_as = f"{parent_name(parent)} {name}".strip()
+        if parent is UNBUILT:
+            return UNBUILT
         internal = "-" in name and not parent_name(parent)  # `guest import-pve` is a command of its own
+        if parent is sub and only not in (EVERY, name):
+            return unbuilt(name, help_, listed=not internal)
+        shown_as = f"{parent_name(parent)} {name}".strip()
         if internal:
             shown_as = name.replace("-", " ")
         p = parent.add_parser(name, **({} if internal else {"help": help_}), description=description or help_,
@@ -562,6 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def group(name: str, help_: str, description: str | None = None, usage: str | None = None) -> Any:
+        if only not in (EVERY, name):
+            return unbuilt(name, help_)
         p = sub.add_parser(name, help=help_, description=description or help_, usage=usage,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -570,6 +623,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def parent_name(parent: Any) -> str:
         return getattr(parent, "stork_name", "")
+
+    def keep_options(p: Any) -> None:
+        """--keep-PERIOD, one per retention period (`prune`, `backup sync`)."""
+        if p is not UNBUILT:
+            from drivers.backup.retention import OPTIONS
+
+            for period in OPTIONS:
+                p.add_argument(f"--keep-{period}", type=int, metavar="N")
 
     storage = group("storage", "storages")
     command(storage, "list", cmd_storage_list, "list configured storages")
@@ -707,8 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vmids", nargs="*", metavar="VMID", help="these guests' backups (default: all)")
     p.add_argument("--from", dest="source", required=True, metavar="STORAGE", help="the backup storage copied from")
     p.add_argument("--to", dest="target", required=True, metavar="STORAGE", help="the backup storage copied to")
-    for period in retention.OPTIONS:  # then the target is pruned, as `stork prune` does
-        p.add_argument(f"--keep-{period}", type=int, metavar="N")
+    keep_options(p)  # then the target is pruned, as `stork prune` does
     p.add_argument("--node", help="where both storages are (default: this node)")
     p.add_argument("--reencrypt", action="store_true",
                    help="between storages of other keys: read each chunk under the source's key, seal it under the "
@@ -739,8 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "prune", cmd_prune, "forget the backups a retention does not keep", True)
     p.add_argument("vmid", nargs="?")
     p.add_argument("--storage")
-    for period in retention.OPTIONS:
-        p.add_argument(f"--keep-{period}", type=int, metavar="N")
+    keep_options(p)
     p.add_argument("--dry-run", action="store_true", help="print what would be kept and removed, and why")
     command(sub, "gc", _submitter("gc"), "remove chunks no backup refers to", True).add_argument("--storage")
 
@@ -775,12 +834,16 @@ def _name_positionals(parser: argparse.ArgumentParser) -> None:
 
 def _vmid(text: str) -> int:
     """A guest id on the command line: a mistake in it is a command-line mistake (exit 2)."""
+    from drivers import names
+
     return _usage(names.vmid, text)
 
 
 def _volid(text: str) -> str:
     """A volume id on the command line; a linked clone's long form, as Proxmox VE shows it
     (`local:100/base-100-disk-0.qcow2/101/vm-101-disk-0.qcow2`), is read as its short form."""
+    from drivers import names
+
     try:
         return names.short_volid(text)
     except StorkError:
@@ -807,6 +870,8 @@ def _resize_options(a: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"guest {guest.vmid} has no disk {a.disk_or_size}")
     volid = guest.disks[a.disk_or_size]
     if a.size.startswith("+"):
+        from drivers import names
+
         return {"volid": volid, "size": client.volume(volid).virtual_size + names.size(a.size[1:])}
     return {"volid": volid, "size": a.size}
 
@@ -824,12 +889,24 @@ def _bases(values: list[str] | None) -> dict[str, str]:
 BACKUP_ACTIONS = ("list", "show", "protect", "unprotect", "forget", "sync", "serve", "key", "-h", "--help")
 
 
-def _spelled_out(argv: list[str]) -> list[str]:
-    """`template copy ...` as template-copy (beside `template VMID`), and `backup VMID...` as
-    backup-run (beside `backup list`), wherever the global flags put the command word."""
+def _command_at(argv: list[str]) -> int:
+    """Where the command word is: after the global flags (--config takes a value)."""
     at = 0
     while at < len(argv) and argv[at].startswith("-"):
         at += 2 if argv[at] == "--config" else 1
+    return at
+
+
+def _command_word(argv: list[str]) -> str | None:
+    """The command a (spelled-out) command line names, if any: the one parser to build."""
+    at = _command_at(argv)
+    return argv[at] if at < len(argv) else None
+
+
+def _spelled_out(argv: list[str]) -> list[str]:
+    """`template copy ...` as template-copy (beside `template VMID`), and `backup VMID...` as
+    backup-run (beside `backup list`), wherever the global flags put the command word."""
+    at = _command_at(argv)
     word, following = argv[at:at + 1], argv[at + 1:at + 2]
     if word == ["template"] and following in (["assemble"], ["copy"], ["replicas"]):
         return [*argv[:at], f"template-{following[0]}", *argv[at + 2:]]
@@ -841,7 +918,10 @@ def _spelled_out(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = _spelled_out(argv)
-    args = build_parser().parse_args(argv)  # --help and usage mistakes end here: nothing else imported
+    args = build_parser(_command_word(argv)).parse_args(argv)  # --help and usage mistakes end here
+    import logging
+    from pathlib import Path
+
     from worker import logs
 
     logs.configure(logging.WARNING)  # stdout carries only the result; warnings go to stderr

@@ -4,6 +4,7 @@ parser's template-copy is `template copy`, backup-run is `backup VMID`)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -38,6 +39,37 @@ def test_a_commands_help_ends_with_its_example(words):
     assert "\nexample:\n  stork " in text and "-" not in LEAVES[words].prog.removeprefix("stork").split()[0]
 
 
+def _child(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> argparse.ArgumentParser:
+    for word in words:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+    return parser
+
+
+@pytest.mark.parametrize("words", sorted(LEAVES), ids=[" ".join(w) for w in sorted(LEAVES)])
+def test_the_parser_built_for_one_command_parses_and_helps_as_the_whole(words):
+    """main() builds only the parser of the command the line names: that one is whole."""
+    alone = cli.build_parser(words[0])
+    assert _child(alone, words).format_help() == LEAVES[words].format_help()
+    assert _child(alone, words).format_usage() == LEAVES[words].format_usage()
+
+
+@pytest.mark.parametrize("only", [None, "job", "template-copy"])
+def test_the_top_help_is_the_same_whatever_command_is_built(only):
+    assert cli.build_parser(only).format_help() == cli.build_parser().format_help()
+
+
+def test_a_line_naming_no_known_command_is_refused_as_before(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--json", "nosuch"])
+    assert stop.value.code == 2 and "invalid choice: 'nosuch'" in capsys.readouterr().err
+
+
+def test_the_command_word_is_found_after_the_global_flags():
+    assert cli._command_word(["--json", "--config", "x.toml", "job", "list"]) == "job"
+    assert cli._command_word(["--config=x.toml", "backup-run", "100"]) == "backup-run"
+    assert cli._command_word(["--json"]) is None and cli._command_word([]) is None
+
+
 def test_the_top_help_names_no_internal_command():
     text = cli.build_parser().format_help()
     assert "template-" not in text and "backup-run" not in text and "COMMAND" in text
@@ -53,14 +85,16 @@ def test_backup_and_templates_show_all_their_forms():
 
 def test_help_imports_no_heavy_module():
     """`stork --help` starts at once: it loads neither Celery, kombu, Redis's client, nor
-    cryptography or a storage backend (measured in bench/cli.py)."""
+    cryptography or a storage backend, nor what only a command needs (json, logging, typing,
+    the name checks; measured in bench/cli.py)."""
     import subprocess
     import sys
 
     probe = ("import sys, contextlib\nfrom producer import cli\nwith contextlib.suppress(SystemExit):\n"
              "    cli.main(['--help'])\n"
              "print(sorted({m.split('.')[0] for m in sys.modules} & {'celery', 'kombu', 'redis', 'cryptography',"
-             " 'structlog'}), 'drivers.backends.dir' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=cli.Path(__file__).parent,
-                          check=True, env={"PYTHONPATH": str(cli.Path(cli.__file__).resolve().parents[1])})
-    assert done.stdout.strip().splitlines()[-1] == "[] False", done.stdout
+             " 'structlog', 'json', 'logging', 'typing', 'dataclasses'}),"
+             " sorted({'drivers.backends.dir', 'drivers.names', 'drivers.backup.retention'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=Path(__file__).parent,
+                          check=True, env={"PYTHONPATH": str(Path(cli.__file__).resolve().parents[1])})
+    assert done.stdout.strip().splitlines()[-1] == "[] []", done.stdout
