@@ -7,13 +7,16 @@ worker/connect.py builds the clients from it. Nothing here opens a connection.
     master_name = "stork"
     tls = true                         # TLS to the sentinels and the master (rediss:// for a url)
     ca_file = "redis-ca.pem"           # the CA that signed their certificates
+    cert_file = "stork-client.pem"     # a client certificate, for a Redis that asks for one
+    key_file = "stork-client.key"      # (tls-auth-clients yes, Redis's default) and its key
     wait_replicas = 1                  # replicas a job's commit waits for (Redis WAIT)
     [redis.users.worker]               # one Redis ACL user per role: worker, producer, operator
     user = "stork-worker"
     password_file = "redis-worker.pass"
 
 A password comes from `password_file` (a file no other user can read) or inline `password`,
-which load() refuses in a config file that every user of the machine can read.
+which load() refuses in a config file that every user of the machine can read. A client
+certificate's key file, too, must be a file no other user can read.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ SCHEMA: dict[str, Check] = {
     "db": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1023, "a database number"),
     "tls": (lambda v: isinstance(v, bool), "true or false"),
     "ca_file": (_text, "a file path (PEM certificates)"),
+    "cert_file": (_text, "a file path (the PEM client certificate Redis checks)"),
+    "key_file": (_text, "a file path (the client certificate's PEM private key)"),
     "sentinel_user": (_text, "a user name"),
     "sentinel_password": (_text, "a password"),
     "sentinel_password_file": (_text, "a file path"),
@@ -114,6 +119,10 @@ class RedisSettings:
     db: int = 0
     tls: bool = False  # sentinels: TLS to them and to the master (a url says so by rediss://)
     ca_file: Path | None = None
+    cert_file: Path | None = None  # the client certificate, with key_file
+    # the client certificate's key as the TLS library opens it: the key file as checked at load
+    # (/proc/self/fd/N of the descriptor the check used, kept open for the process's life)
+    key_file: str | None = field(default=None, repr=False)
     logins: Mapping[str, Login] = field(default_factory=dict, repr=False)  # role -> login; empty: the url's
     sentinel_login: Login = field(default_factory=Login, repr=False)
     wait_replicas: int = 0
@@ -178,8 +187,12 @@ def validate(file: Path, table: Any) -> None:
         if "master_name" not in table:
             raise ConfigError(f"{file}: redis.master_name is missing (the sentinels need the master's name)")
     tls = table.get("tls", False) if "sentinels" in table else urlsplit(table.get("url", "")).scheme == "rediss"
-    if "ca_file" in table and not tls:
-        raise ConfigError(f"{file}: redis.ca_file: only with TLS (a rediss:// url, or tls = true beside sentinels)")
+    for key in ("ca_file", "cert_file", "key_file"):
+        if key in table and not tls:
+            raise ConfigError(f"{file}: redis.{key}: only with TLS (a rediss:// url, or tls = true beside sentinels)")
+    if ("cert_file" in table) != ("key_file" in table):
+        given, missing = ("cert_file", "key_file") if "cert_file" in table else ("key_file", "cert_file")
+        raise ConfigError(f"{file}: redis.{given} without redis.{missing}: a client certificate needs both")
     if "sentinels" not in table:
         for key in ("master_name", "db", "tls", "sentinel_user", "sentinel_password", "sentinel_password_file"):
             if key in table:
@@ -208,6 +221,35 @@ def read_secret(file: Path, key: str, path: Path) -> str:
     return line
 
 
+KEY_FILE_MAX = 1 << 20  # a PEM private key is a few KiB
+_opened_keys: dict[tuple[int, int, int], int] = {}  # (device, inode, mtime) of a checked key file -> its descriptor
+
+
+def open_key(file: Path, key: str, path: Path) -> str:
+    """A client certificate's key file, checked: a regular file that no other user can read.
+    Returned as /proc/self/fd/N of the descriptor the check looked at, which the TLS library
+    then opens: the key it reads is the file that was checked, not whatever the name points to
+    by then. One descriptor per version of the file, kept for the life of the process (a
+    worker's pool processes inherit it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"{file}: {key} = {str(path)!r}: cannot read it: {e.strerror or e}") from None
+    st = os.fstat(fd)
+    problem = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
+               f"every user of this machine can read it (mode {stat.S_IMODE(st.st_mode):04o}): chmod o-r it"
+               if st.st_mode & stat.S_IROTH else "larger than a key file" if st.st_size > KEY_FILE_MAX else "")
+    if problem:
+        os.close(fd)
+        raise ConfigError(f"{file}: {key} = {str(path)!r}: {problem}")
+    version = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    if version in _opened_keys:
+        os.close(fd)
+        fd = _opened_keys[version]
+    _opened_keys[version] = fd
+    return f"/proc/self/fd/{fd}"
+
+
 def _login(file: Path, prefix: str, entry: Mapping[str, Any], path: Callable[[str], Path],
            user_key: str = "user", password_key: str = "password") -> Login:
     password = entry.get(password_key)
@@ -233,6 +275,8 @@ def parse(file: Path, table: Mapping[str, Any], env: Mapping[str, str], path: Ca
         url=url, sentinels=sentinels, master_name=table.get("master_name", ""),
         db=table.get("db", 0), tls=tls,
         ca_file=path(table["ca_file"]) if "ca_file" in table and tls else None,
+        cert_file=path(table["cert_file"]) if "cert_file" in table and tls else None,
+        key_file=open_key(file, "redis.key_file", path(table["key_file"])) if "key_file" in table and tls else None,
         logins={role: _login(file, f"redis.users.{role}", entry, path) for role, entry in users.items()},
         sentinel_login=_login(file, "redis", table, path, "sentinel_user", "sentinel_password"),
         wait_replicas=table.get("wait_replicas", 0), inline_secrets=tuple(inline),

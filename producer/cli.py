@@ -940,15 +940,17 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import redis
 
+    client = None
     try:
         from producer.client import Client  # imports the config: errors are reported below
 
         for given in (getattr(args, "vmid", None), getattr(args, "newid", None), *(getattr(args, "vmids", None) or [])):
             if given is not None:
                 _vmid(given)  # a bad guest id is a command-line mistake: exit 2
+        client = Client()
         if args.command == "clone" and not (args.full or args.linked):
-            args.full = not Client().guest(args.vmid).template
-        return args.handler(args, Client())
+            args.full = not client.guest(args.vmid).template
+        return args.handler(args, client)
     except UsageError as e:
         print(f"stork: {e}", file=sys.stderr)
         return 2
@@ -960,8 +962,10 @@ def _run(args: argparse.Namespace) -> int:
 
         print(f"stork: Redis refused it to the {role('producer')} role's user: {e}", file=sys.stderr)
         return 1
-    except redis.RedisError as e:  # Redis went away after the first contact
-        print(f"stork: Redis error: {e}", file=sys.stderr)
+    except redis.RedisError as e:  # Redis went away after the first contact, or never answered
+        from worker.connect import trouble
+
+        print(f"stork: {trouble(client.cfg.redis, e) if client else f'Redis error: {e}'}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -81,7 +81,7 @@ class Client:
         except redis.exceptions.NoPermissionError as e:
             raise StorkError(f"Redis refused it to the {self.role} role's user: {e}") from None
         except redis.RedisError as e:
-            raise StorkError(f"cannot reach {self.cfg.redis.where()}: {e}") from None
+            raise StorkError(f"cannot reach {connect.trouble(self.cfg.redis, e)}") from None
 
     def job(self, job_id: str) -> JobRecord:
         return records.load(self.r, records.resolve(self.r, job_id))

@@ -130,12 +130,14 @@ def _keepalive() -> dict[int, int]:
 
 def _tls(settings: RedisSettings) -> dict[str, Any]:
     """redis-py's TLS arguments: the server's certificate checked against the CA file (or the
-    system's CAs), and its host name."""
+    system's CAs), and its host name; this client's certificate where one is configured."""
     if not (settings.tls if settings.sentinels else urlsplit(settings.url).scheme == "rediss"):
         return {}
     found: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True}
     if settings.ca_file:
         found["ssl_ca_certs"] = str(settings.ca_file)
+    if settings.cert_file and settings.key_file:
+        found |= {"ssl_certfile": str(settings.cert_file), "ssl_keyfile": settings.key_file}
     return found
 
 
@@ -233,9 +235,22 @@ def celery_settings(settings: RedisSettings, role_name: str, visibility_timeout:
         options["wait_replicas"] = settings.wait_replicas
     tls = _tls(settings)
     if tls:
-        found["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True,
-                                   **({"ssl_ca_certs": tls["ssl_ca_certs"]} if "ssl_ca_certs" in tls else {})}
+        files = {k: tls[k] for k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") if k in tls}
+        found["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True, **files}
     return found
+
+
+TLS_REFUSALS = ("EOF occurred", "certificate required", "Connection reset by peer")  # how a handshake's end reads
+
+
+def trouble(settings: RedisSettings, error: redis.RedisError) -> str:
+    """A Redis error as one line for a user: where Redis is and what went wrong; and where a
+    TLS connection of a client that shows no certificate was cut (a Redis that asks for one,
+    tls-auth-clients yes, its default, ends the handshake so), the keys that give it one."""
+    line = f"{settings.where()}: {error}"
+    if _tls(settings) and not settings.cert_file and any(text in str(error) for text in TLS_REFUSALS):
+        line += " (a Redis that asks for client certificates needs redis.cert_file and redis.key_file)"
+    return line
 
 
 def fails_over(r: redis.Redis) -> bool:

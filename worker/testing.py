@@ -156,7 +156,8 @@ class SentinelGroup:
     def __init__(self, data_dir: Path, replicas: int = 2, sentinels: int = 3, down_after_ms: int = 1000,
                  tls: tuple[Path, Path, Path] | None = None) -> None:
         """`tls`: (CA, certificate, key) from `make_tls`: every member and sentinel then speaks
-        only TLS, to clients and to each other."""
+        only TLS, to clients and to each other, and asks each for a certificate the CA signed
+        (Redis's default, tls-auth-clients yes; the suite's own clients show the server's)."""
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
@@ -201,10 +202,14 @@ class SentinelGroup:
         assert self.tls
         ca, cert, key = self.tls
         return ("--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
-                "--tls-auth-clients", "no", "--tls-replication", "yes")
+                "--tls-auth-clients", "yes", "--tls-replication", "yes")
 
     def _client_tls(self) -> dict[str, Any]:
-        return {"ssl": True, "ssl_ca_certs": str(self.tls[0]), "host": "127.0.0.1"} if self.tls else {}
+        if not self.tls:
+            return {}
+        ca, cert, key = self.tls
+        return {"ssl": True, "ssl_ca_certs": str(ca), "ssl_certfile": str(cert), "ssl_keyfile": str(key),
+                "host": "127.0.0.1"}
 
     def _sentinel(self, port: int):  # type: ignore[no-untyped-def]
         import redis
@@ -282,10 +287,11 @@ class SentinelGroup:
             member.stop()
 
 
-def make_tls(directory: Path, names: tuple[str, ...] = ("localhost",), addresses: tuple[str, ...] = ("127.0.0.1",)
-             ) -> tuple[Path, Path, Path]:
+def make_tls(directory: Path, names: tuple[str, ...] = ("localhost",), addresses: tuple[str, ...] = ("127.0.0.1",),
+             client: bool = False) -> tuple[Path, Path, Path]:
     """A CA of the test's own and a server certificate it signed for `names` and `addresses`:
-    the CA's certificate file, the server's certificate and its key (PEM, the key 0600)."""
+    the CA's certificate file, the server's certificate and its key (PEM, the key 0600). With
+    `client`, also a client certificate it signed, `client.pem` and `client.key` beside them."""
     import datetime
     import ipaddress
 
@@ -302,20 +308,27 @@ def make_tls(directory: Path, names: tuple[str, ...] = ("localhost",), addresses
           .not_valid_after(now + datetime.timedelta(days=1))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
+    (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+
+    def issue(name: str, alt: list[x509.GeneralName], stem: str) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        cert_file, key_file = directory / f"{stem}.pem", directory / f"{stem}.key"
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file.touch(mode=0o600)
+        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return cert_file, key_file
+
     alt = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].touch(mode=0o600)
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return paths
+    server = issue(names[0], alt, "server")
+    if client:
+        issue("stork client", [x509.DNSName("stork-client")], "client")
+    return directory / "ca.pem", *server
 
 
 def ovf_text(disks: list[tuple[str, int, str, int]], name: str = "appliance", extra: str = "",

@@ -130,6 +130,75 @@ def test_tls_checks_the_servers_certificate_against_the_ca_file(tmp_path):
     assert "ssl" not in connect.client_options(parse("").redis)
 
 
+CLIENT_CERT = '[redis]\nurl = "rediss://h:1/0"\ncert_file = "client.pem"\nkey_file = "client.key"\n'
+
+
+def test_a_client_certificate_goes_to_every_connection(tmp_path):
+    """stork's client, the sentinels' connections and Celery's broker show the certificate; the
+    key is the file checked at load, by its descriptor."""
+    (tmp_path / "client.key").touch(mode=0o600)
+    (tmp_path / "client.key").write_text("KEY")
+    settings = config.parse(CLIENT_CERT, tmp_path / "s.toml", {"STORK_NODE": "n"}).redis
+    options = connect.client_options(settings)
+    assert options["ssl_certfile"] == str(tmp_path / "client.pem")
+    assert options["ssl_keyfile"].startswith("/proc/self/fd/") and "KEY" not in repr(settings)
+    assert connect.sentinel_kwargs(settings)["ssl_keyfile"] == options["ssl_keyfile"]
+    broker_tls = connect.celery_settings(settings, "worker", 3600)["broker_use_ssl"]
+    assert (broker_tls["ssl_certfile"], broker_tls["ssl_keyfile"]) == (options["ssl_certfile"], options["ssl_keyfile"])
+
+
+def test_the_tls_library_reads_the_key_file_that_was_checked(tmp_path):
+    """A key file replaced after the check (by a readable one, or a link elsewhere) is not what
+    is read: the descriptor of the checked file is."""
+    key = tmp_path / "client.key"
+    key.touch(mode=0o600)
+    key.write_text("CHECKED")
+    settings = config.parse(CLIENT_CERT, tmp_path / "s.toml", {"STORK_NODE": "n"}).redis
+    key.rename(tmp_path / "old.key")
+    (tmp_path / "other").write_text("OTHER")
+    key.symlink_to(tmp_path / "other")
+    with open(settings.key_file) as f:
+        assert f.read() == "CHECKED"
+    again = config.parse(CLIENT_CERT.replace("client.key", "old.key"), tmp_path / "s.toml", {"STORK_NODE": "n"}).redis
+    assert again.key_file == settings.key_file  # the same file again: no second descriptor
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: (p.touch(mode=0o644), p.chmod(0o644)),
+     r"every user of this machine can read it \(mode 0644\): chmod o-r"),
+    (lambda p: p.mkdir(), r"not a regular file"),
+    (lambda p: os.mkfifo(p, 0o600), r"not a regular file"),
+    (lambda p: None, r"cannot read it: No such file or directory"),
+    (lambda p: (p.touch(mode=0o600), os.truncate(p, (1 << 20) + 1)), r"larger than a key file"),
+])
+def test_a_key_file_that_is_not_a_private_file_is_refused(tmp_path, make, message):
+    make(tmp_path / "client.key")
+    with pytest.raises(ConfigError, match=rf"s.toml: redis.key_file = '.*client.key': {message}"):
+        config.parse(CLIENT_CERT, tmp_path / "s.toml", {"STORK_NODE": "n"})
+
+
+@pytest.mark.parametrize(("text", "error", "hinted"), [
+    ('[redis]\nurl = "rediss://h:1/0"\n', "EOF occurred in violation of protocol (_ssl.c:2427)", True),
+    ('[redis]\nurl = "rediss://h:1/0"\n', "tlsv13 alert certificate required (_ssl.c:2580)", True),
+    ('[redis]\nurl = "rediss://h:1/0"\n', "Connection refused", False),  # nothing listens: no handshake
+    ('[redis]\nurl = "redis://h:1/0"\n', "Connection reset by peer", False),  # no TLS: no certificate to show
+])
+def test_a_tls_handshake_cut_short_names_the_client_certificate_keys(text, error, hinted):
+    import redis
+
+    line = connect.trouble(parse(text).redis, redis.ConnectionError(error))
+    assert line.startswith("Redis at redis") and error in line
+    assert ("needs redis.cert_file and redis.key_file" in line) == hinted
+
+
+def test_a_client_with_a_certificate_is_not_told_to_get_one(tmp_path):
+    import redis
+
+    (tmp_path / "client.key").touch(mode=0o600)
+    settings = config.parse(CLIENT_CERT, tmp_path / "s.toml", {"STORK_NODE": "n"}).redis
+    assert "cert_file" not in connect.trouble(settings, redis.ConnectionError("EOF occurred in violation of protocol"))
+
+
 def test_the_role_comes_from_stork_role(monkeypatch):
     monkeypatch.setenv("STORK_ROLE", "operator")
     assert connect.role("producer") == "operator"
@@ -155,6 +224,14 @@ def test_acl_lines_need_users_and_hold_only_hashes():
     [
         ('[redis]\nurl = "redis://h:1/0"\nca_file = "ca.pem"\n', r"redis.ca_file: only with TLS \(a rediss:// url"),
         (SENTINELS + 'ca_file = "ca.pem"\n', r"redis.ca_file: only with TLS"),
+        ('[redis]\nurl = "redis://h:1/0"\ncert_file = "c.pem"\nkey_file = "c.key"\n',
+         r"redis.cert_file: only with TLS"),
+        (SENTINELS + 'key_file = "c.key"\n', r"redis.key_file: only with TLS"),
+        ('[redis]\nurl = "rediss://h:1/0"\ncert_file = "c.pem"\n',
+         r"redis.cert_file without redis.key_file: a client certificate needs both"),
+        (SENTINELS + 'tls = true\nkey_file = "c.key"\n', r"redis.key_file without redis.cert_file"),
+        ('[redis]\nurl = "rediss://h:1/0"\ncert_file = ""\nkey_file = "c.key"\n',
+         r"redis.cert_file = '': expected a file"),
         ('[redis.users.worker]\nuser = "x nopass ~* +@all"\n',
          r"redis.users.worker.user = .*expected a Redis user name"),
     ],
