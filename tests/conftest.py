@@ -24,6 +24,9 @@ from worker import testing
 from worker.testing import free_port
 
 BASE = Path(tempfile.mkdtemp(prefix="stork-test-"))
+# the cluster-key folders that were there before the session (drivers/transfer._key_dir keeps
+# one per key path, for good): those the session's own keys made are removed at its end
+PSK_FOLDERS = set(Path(tempfile.gettempdir()).glob(f"stork-psk-{os.getuid()}-*"))
 
 
 REDIS_PORT = free_port()
@@ -259,3 +262,5 @@ def _release(owner: int = os.getpid()) -> None:
         subprocess.run(["umount", str(BASE / mount)], capture_output=True, check=False)
     subprocess.run(["chattr", "-R", "-i", str(BASE)], capture_output=True, check=False)
     shutil.rmtree(BASE, ignore_errors=True)
+    for folder in set(Path(tempfile.gettempdir()).glob(f"stork-psk-{os.getuid()}-*")) - PSK_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
