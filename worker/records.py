@@ -268,7 +268,7 @@ def create(r: redis.Redis, record: JobRecord, event: dict[str, Any]) -> None:
     pairs = [x for kv in _encode(record.as_dict()).items() for x in kv]
     volumes = json.dumps(sorted(params_volumes(record.params) | ctx_volumes(record.ctx)))
     args = [record.id, record.created, json.dumps(event), STREAM_MAXLEN, volumes, len(own), *pairs]
-    _script(r, "_stork_create", _CREATE)(keys=keys, args=args)
+    script(r, "_stork_create", _CREATE)(keys=keys, args=args)
 
 
 def load(r: redis.Redis, job_id: str) -> JobRecord:
@@ -357,7 +357,7 @@ def candidates(r: redis.Redis, volid: str) -> list[str]:
     """Ids of the jobs that have not ended and may name `volid` (their records say for sure),
     read from the volume's set: O(its users), not O(jobs). Every job that has not ended where
     the sets are not built yet (a cluster before `index_volumes` ran)."""
-    found = _script(r, "_stork_naming", _NAMING)(keys=[volume_index(volid), ACTIVE, VOLUMES_INDEXED])
+    found = script(r, "_stork_naming", _NAMING)(keys=[volume_index(volid), ACTIVE, VOLUMES_INDEXED])
     return active_ids(r) if found is None else sorted(found)
 
 
@@ -369,7 +369,7 @@ def index_volumes(r: redis.Redis, page: int = 500) -> int:
     if r.exists(VOLUMES_INDEXED):
         return 0
     ids = active_ids(r)
-    name = _script(r, "_stork_name_if_active", _NAME_IF_ACTIVE)
+    name = script(r, "_stork_name_if_active", _NAME_IF_ACTIVE)
     for start in range(0, len(ids), page):
         for job in load_many(r, ids[start:start + page]):
             try:
@@ -385,7 +385,7 @@ def update(r: redis.Redis, job_id: str, **values: Any) -> None:
     """Set fields of a job that only its running step writes (ctx, result, ran_on)."""
     volumes = json.dumps(sorted(ctx_volumes(values["ctx"]))) if "ctx" in values else "[]"
     pairs = [x for kv in _encode(values).items() for x in kv]
-    _script(r, "_stork_update", _UPDATE)(keys=[job_key(job_id), ACTIVE], args=[volumes, *pairs])
+    script(r, "_stork_update", _UPDATE)(keys=[job_key(job_id), ACTIVE], args=[volumes, *pairs])
 
 
 # KEYS: job hash, active set, event stream, ended counts (every KEYS entry a key: ACLs check
@@ -473,20 +473,21 @@ def transition(
         *pairs,
     ]
     keys = [job_key(job_id), ACTIVE, events_key(job_id), ENDED]
-    result = _script(r, "_stork_cas", _CAS)(keys=keys, args=args)
+    result = script(r, "_stork_cas", _CAS)(keys=keys, args=args)
     if result == -1:
         raise NotFound(f"unknown job {job_id!r}")
     if result == 0:
         raise StateConflict(f"job {job_id} is no longer {' or '.join(allowed)}" + (f" ({guard})" if guard else ""))
 
 
-def _script(r: redis.Redis, name: str, source: str) -> Any:
-    """A Lua script registered once per client (kept on it as `name`)."""
-    script = getattr(r, name, None)
-    if script is None:
-        script = r.register_script(source)
-        setattr(r, name, script)
-    return script
+def script(r: redis.Redis, name: str, source: str) -> Any:
+    """A Lua script registered once per client (kept on it as `name`): run by EVALSHA, its
+    text sent again only when Redis has not seen it (NOSCRIPT)."""
+    registered = getattr(r, name, None)
+    if registered is None:
+        registered = r.register_script(source)
+        setattr(r, name, registered)
+    return registered
 
 
 def request_cancel(r: redis.Redis, job_id: str) -> None:

@@ -47,6 +47,9 @@ OVERLAYS = ".overlays"  # blank overlays of bases, copied to make linked clones
 MAX_CHAIN = 16  # bases made from linked clones read through bases: how deep one may go
 
 
+_NUMBERED = re.compile(r"(?:vm|base)-([0-9]+)-disk-([0-9]+)\..*")  # a disk's entry: its owner and number
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where a volume's file is and how its volname is spelt: stork's or Proxmox VE's."""
@@ -245,9 +248,8 @@ class DirDriver(Driver):
         """As Proxmox VE numbers them: any entry `vm-<owner>-disk-N.*` or `base-<owner>-disk-N.*`
         in the guest's folder takes N (a template's base was that guest's disk N; a vmdk is a disk
         stork does not read, but a disk)."""
-        numbered = re.compile(rf"(?:vm|base)-{owner}-disk-([0-9]+)\..*")
-        found = {f"vm-{owner}-disk-{int(m.group(1))}" for _, folder in self._folders(owner)
-                 for entry in os.listdir(folder) if (m := numbered.fullmatch(entry))}
+        found = {f"vm-{owner}-disk-{int(m.group(2))}" for _, folder in self._folders(owner)
+                 for entry in os.listdir(folder) if (m := _NUMBERED.fullmatch(entry)) and m.group(1) == str(owner)}
         return super().next_disk_name(owner, fmt, taken | found)
 
     def strays(self, owner: int | None = None) -> list[tuple[VolName, str]]:

@@ -142,7 +142,7 @@ end
 
 def _drop(r: redis.Redis, claims: list[tuple[str, str, str]]) -> None:
     if claims:
-        r.eval(_DROP, 0, *[x for triple in claims for x in triple])
+        records.script(r, "_stork_drop_claims", _DROP)(args=[x for triple in claims for x in triple])
 
 
 def release_claims(r: redis.Redis, job: JobRecord) -> None:
