@@ -16,11 +16,12 @@ worker/connect.py builds the clients from it. Nothing here opens a connection.
 
 A password comes from `password_file` (a file no other user can read) or inline `password`,
 which load() refuses in a config file that every user of the machine can read. A client
-certificate's key file, too, must be a file no other user can read.
+certificate's key file, too, must be one that not every user can read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable, Mapping
@@ -119,10 +120,8 @@ class RedisSettings:
     db: int = 0
     tls: bool = False  # sentinels: TLS to them and to the master (a url says so by rediss://)
     ca_file: Path | None = None
-    cert_file: Path | None = None  # the client certificate, with key_file
-    # the client certificate's key as the TLS library opens it: the key file as checked at load
-    # (/proc/self/fd/N of the descriptor the check used, kept open for the process's life)
-    key_file: str | None = field(default=None, repr=False)
+    cert_file: Path | None = None  # a client certificate and its key (read through client_certificate())
+    key_file: Path | None = None
     logins: Mapping[str, Login] = field(default_factory=dict, repr=False)  # role -> login; empty: the url's
     sentinel_login: Login = field(default_factory=Login, repr=False)
     wait_replicas: int = 0
@@ -221,33 +220,47 @@ def read_secret(file: Path, key: str, path: Path) -> str:
     return line
 
 
-KEY_FILE_MAX = 1 << 20  # a PEM private key is a few KiB
-_opened_keys: dict[tuple[int, int, int], int] = {}  # (device, inode, mtime) of a checked key file -> its descriptor
+PINNED_MAX = 1 << 20  # a PEM certificate or key is a few KiB
+_pinned: dict[Path, tuple[int, int, int]] = {}  # a checked file's path -> its descriptor, device and inode
 
 
-def open_key(file: Path, key: str, path: Path) -> str:
-    """A client certificate's key file, checked: a regular file that no other user can read.
-    Returned as /proc/self/fd/N of the descriptor the check looked at, which the TLS library
-    then opens: the key it reads is the file that was checked, not whatever the name points to
-    by then. One descriptor per version of the file, kept for the life of the process (a
-    worker's pool processes inherit it)."""
+def pinned(path: Path, key: str, private: bool = False) -> str:
+    """The file at `path` as the TLS library is to open it: /proc/self/fd/N of a descriptor
+    opened and checked here (a regular file, not huge; `private`: one that not every user can
+    read), so the library reads the file that was checked, wherever the name leads later. One
+    descriptor per path, kept for the process's life (a worker's pool processes inherit it);
+    one found closed or reused (a process that closes every descriptor as it daemonizes) is
+    opened and checked again. So a process keeps the certificate and key it started with, a
+    matching pair: new ones at those paths are taken at its next start."""
+    held = _pinned.get(path)
+    if held is not None:
+        fd, device, inode = held
+        with contextlib.suppress(OSError):
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (device, inode):
+                return f"/proc/self/fd/{fd}"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise ConfigError(f"{file}: {key} = {str(path)!r}: cannot read it: {e.strerror or e}") from None
+        raise ConfigError(f"{key} = {str(path)!r}: cannot read it: {e.strerror or e}") from None
     st = os.fstat(fd)
     problem = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
                f"every user of this machine can read it (mode {stat.S_IMODE(st.st_mode):04o}): chmod o-r it"
-               if st.st_mode & stat.S_IROTH else "larger than a key file" if st.st_size > KEY_FILE_MAX else "")
+               if private and st.st_mode & stat.S_IROTH else
+               f"larger than {PINNED_MAX >> 20} MiB: not a PEM file" if st.st_size > PINNED_MAX else "")
     if problem:
         os.close(fd)
-        raise ConfigError(f"{file}: {key} = {str(path)!r}: {problem}")
-    version = (st.st_dev, st.st_ino, st.st_mtime_ns)
-    if version in _opened_keys:
-        os.close(fd)
-        fd = _opened_keys[version]
-    _opened_keys[version] = fd
+        raise ConfigError(f"{key} = {str(path)!r}: {problem}")
+    _pinned[path] = (fd, st.st_dev, st.st_ino)
     return f"/proc/self/fd/{fd}"
+
+
+def client_certificate(settings: RedisSettings) -> tuple[str, str] | None:
+    """The client certificate and its key as the TLS library is to open them (`pinned`), or
+    None where none is configured."""
+    if settings.cert_file is None or settings.key_file is None:
+        return None
+    return pinned(settings.cert_file, "redis.cert_file"), pinned(settings.key_file, "redis.key_file", private=True)
 
 
 def _login(file: Path, prefix: str, entry: Mapping[str, Any], path: Callable[[str], Path],
@@ -271,13 +284,18 @@ def parse(file: Path, table: Mapping[str, Any], env: Mapping[str, str], path: Ca
     if env.get("STORK_REDIS_URL"):  # one Redis: its URL's scheme says whether it is TLS
         sentinels = ()
     tls = table.get("tls", False) if sentinels else urlsplit(url).scheme == "rediss"
-    return RedisSettings(
+    settings = RedisSettings(
         url=url, sentinels=sentinels, master_name=table.get("master_name", ""),
         db=table.get("db", 0), tls=tls,
         ca_file=path(table["ca_file"]) if "ca_file" in table and tls else None,
         cert_file=path(table["cert_file"]) if "cert_file" in table and tls else None,
-        key_file=open_key(file, "redis.key_file", path(table["key_file"])) if "key_file" in table and tls else None,
+        key_file=path(table["key_file"]) if "key_file" in table and tls else None,
         logins={role: _login(file, f"redis.users.{role}", entry, path) for role, entry in users.items()},
         sentinel_login=_login(file, "redis", table, path, "sentinel_user", "sentinel_password"),
         wait_replicas=table.get("wait_replicas", 0), inline_secrets=tuple(inline),
     )
+    try:
+        client_certificate(settings)  # checked (and held) at load: a bad file is the config's error
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+    return settings

@@ -35,7 +35,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from drivers.errors import ConfigError
-from drivers.redis_settings import ROLES, Login, RedisSettings
+from drivers.redis_settings import ROLES, Login, RedisSettings, client_certificate
 
 
 class NoReplicasError(redis.ConnectionError):
@@ -136,8 +136,8 @@ def _tls(settings: RedisSettings) -> dict[str, Any]:
     found: dict[str, Any] = {"ssl": True, "ssl_cert_reqs": "required", "ssl_check_hostname": True}
     if settings.ca_file:
         found["ssl_ca_certs"] = str(settings.ca_file)
-    if settings.cert_file and settings.key_file:
-        found |= {"ssl_certfile": str(settings.cert_file), "ssl_keyfile": settings.key_file}
+    if (certificate := client_certificate(settings)) is not None:
+        found["ssl_certfile"], found["ssl_keyfile"] = certificate
     return found
 
 
@@ -240,16 +240,18 @@ def celery_settings(settings: RedisSettings, role_name: str, visibility_timeout:
     return found
 
 
-TLS_REFUSALS = ("EOF occurred", "certificate required", "Connection reset by peer")  # how a handshake's end reads
+# how a TLS handshake ends that a server cut for want of a client certificate: TLS 1.3's alert,
+# TLS 1.2's, or (the alert unread, as a first write meets the closed connection) an EOF
+TLS_REFUSALS = ("alert certificate required", "alert handshake failure", "EOF occurred in violation of protocol")
 
 
 def trouble(settings: RedisSettings, error: redis.RedisError) -> str:
     """A Redis error as one line for a user: where Redis is and what went wrong; and where a
-    TLS connection of a client that shows no certificate was cut (a Redis that asks for one,
-    tls-auth-clients yes, its default, ends the handshake so), the keys that give it one."""
+    TLS connection of a client that shows no certificate was cut as a Redis that asks for one
+    cuts it (tls-auth-clients yes, its default), the keys that would give it one."""
     line = f"{settings.where()}: {error}"
-    if _tls(settings) and not settings.cert_file and any(text in str(error) for text in TLS_REFUSALS):
-        line += " (a Redis that asks for client certificates needs redis.cert_file and redis.key_file)"
+    if not settings.cert_file and _tls(settings) and any(text in str(error) for text in TLS_REFUSALS):
+        line += " (if this Redis asks for client certificates: set redis.cert_file and redis.key_file)"
     return line
 
 

@@ -131,36 +131,76 @@ def test_tls_checks_the_servers_certificate_against_the_ca_file(tmp_path):
 
 
 CLIENT_CERT = '[redis]\nurl = "rediss://h:1/0"\ncert_file = "client.pem"\nkey_file = "client.key"\n'
+SENTINEL_CERT = SENTINELS + 'tls = true\ncert_file = "client.pem"\nkey_file = "client.key"\n'
 
 
-def test_a_client_certificate_goes_to_every_connection(tmp_path):
-    """stork's client, the sentinels' connections and Celery's broker show the certificate; the
-    key is the file checked at load, by its descriptor."""
-    (tmp_path / "client.key").touch(mode=0o600)
-    (tmp_path / "client.key").write_text("KEY")
-    settings = config.parse(CLIENT_CERT, tmp_path / "s.toml", {"STORK_NODE": "n"}).redis
+def _certificate(where: Path, key: str = "KEY", mode: int = 0o600) -> None:
+    (where / "client.pem").write_text("CERT")
+    (where / "client.key").touch(mode=mode)
+    (where / "client.key").chmod(mode)
+    (where / "client.key").write_text(key)
+
+
+def _parse(text: str, where: Path) -> config.Config:
+    return config.parse(text, where / "s.toml", {"STORK_NODE": "n"})
+
+
+@pytest.mark.parametrize("text", [CLIENT_CERT, SENTINEL_CERT], ids=["url", "sentinels"])
+def test_a_client_certificate_goes_to_every_connection(tmp_path, text):
+    """stork's client, the sentinels' connections and Celery's broker (its sentinels too) show
+    the certificate and its key, each read from the descriptor the check at load opened."""
+    _certificate(tmp_path)
+    settings = _parse(text, tmp_path).redis
     options = connect.client_options(settings)
-    assert options["ssl_certfile"] == str(tmp_path / "client.pem")
-    assert options["ssl_keyfile"].startswith("/proc/self/fd/") and "KEY" not in repr(settings)
+    with open(options["ssl_certfile"]) as cert, open(options["ssl_keyfile"]) as key:
+        assert (cert.read(), key.read()) == ("CERT", "KEY")
+    assert options["ssl_keyfile"].startswith("/proc/self/fd/")
     assert connect.sentinel_kwargs(settings)["ssl_keyfile"] == options["ssl_keyfile"]
-    broker_tls = connect.celery_settings(settings, "worker", 3600)["broker_use_ssl"]
-    assert (broker_tls["ssl_certfile"], broker_tls["ssl_keyfile"]) == (options["ssl_certfile"], options["ssl_keyfile"])
+    celery = connect.celery_settings(settings, "worker", 3600)
+    shown = (celery["broker_use_ssl"]["ssl_certfile"], celery["broker_use_ssl"]["ssl_keyfile"])
+    assert shown == (options["ssl_certfile"], options["ssl_keyfile"])
+    if settings.sentinels:
+        assert celery["broker_transport_options"]["sentinel_kwargs"]["ssl_certfile"] == options["ssl_certfile"]
 
 
-def test_the_tls_library_reads_the_key_file_that_was_checked(tmp_path):
-    """A key file replaced after the check (by a readable one, or a link elsewhere) is not what
-    is read: the descriptor of the checked file is."""
-    key = tmp_path / "client.key"
-    key.touch(mode=0o600)
-    key.write_text("CHECKED")
-    settings = config.parse(CLIENT_CERT, tmp_path / "s.toml", {"STORK_NODE": "n"}).redis
-    key.rename(tmp_path / "old.key")
+def test_the_tls_library_reads_the_files_that_were_checked(tmp_path):
+    """Certificate and key replaced after the check (the key by a link to a file every user
+    can read): what a connection opens is still the pair that was checked, as it was. A reload
+    of the config naming the same paths keeps that pair (a new one is taken at the next start)."""
+    _certificate(tmp_path, "CHECKED")
+    settings = _parse(CLIENT_CERT, tmp_path).redis
+    (tmp_path / "client.key").rename(tmp_path / "old.key")
     (tmp_path / "other").write_text("OTHER")
-    key.symlink_to(tmp_path / "other")
-    with open(settings.key_file) as f:
-        assert f.read() == "CHECKED"
-    again = config.parse(CLIENT_CERT.replace("client.key", "old.key"), tmp_path / "s.toml", {"STORK_NODE": "n"}).redis
-    assert again.key_file == settings.key_file  # the same file again: no second descriptor
+    (tmp_path / "client.key").symlink_to(tmp_path / "other")
+    (tmp_path / "client.pem").unlink()
+    (tmp_path / "client.pem").write_text("NEW CERT")
+
+    def pair(settings: config.RedisSettings) -> tuple[str, str]:
+        options = connect.client_options(settings)
+        with open(options["ssl_certfile"]) as c, open(options["ssl_keyfile"]) as k:
+            return c.read(), k.read()
+
+    assert pair(settings) == ("CERT", "CHECKED")
+    (tmp_path / "client.key").unlink()
+    (tmp_path / "client.key").touch(mode=0o600)
+    (tmp_path / "client.key").write_text("NEW KEY")
+    assert pair(_parse(CLIENT_CERT, tmp_path).redis) == ("CERT", "CHECKED")
+
+
+def test_a_descriptor_closed_behind_stork_is_opened_and_checked_again(tmp_path):
+    """A process that closes every descriptor (as one does when it daemonizes) leaves no
+    /proc/self/fd path naming another file: the next connection opens the key again, checked."""
+    _certificate(tmp_path)
+    settings = _parse(CLIENT_CERT, tmp_path).redis
+    held = connect.client_options(settings)["ssl_keyfile"]
+    os.close(int(held.rsplit("/", 1)[1]))
+    again = connect.client_options(settings)["ssl_keyfile"]
+    with open(again) as key:
+        assert key.read() == "KEY"
+    os.close(int(again.rsplit("/", 1)[1]))
+    (tmp_path / "client.key").chmod(0o644)  # the file now open to all: the new open refuses it
+    with pytest.raises(ConfigError, match=r"redis.key_file = .*every user of this machine can read it"):
+        connect.client_options(settings)
 
 
 @pytest.mark.parametrize(("make", "message"), [
@@ -169,33 +209,49 @@ def test_the_tls_library_reads_the_key_file_that_was_checked(tmp_path):
     (lambda p: p.mkdir(), r"not a regular file"),
     (lambda p: os.mkfifo(p, 0o600), r"not a regular file"),
     (lambda p: None, r"cannot read it: No such file or directory"),
-    (lambda p: (p.touch(mode=0o600), os.truncate(p, (1 << 20) + 1)), r"larger than a key file"),
+    (lambda p: (p.touch(mode=0o600), os.truncate(p, (1 << 20) + 1)), r"larger than 1 MiB: not a PEM file"),
 ])
 def test_a_key_file_that_is_not_a_private_file_is_refused(tmp_path, make, message):
+    (tmp_path / "client.pem").write_text("CERT")
     make(tmp_path / "client.key")
     with pytest.raises(ConfigError, match=rf"s.toml: redis.key_file = '.*client.key': {message}"):
-        config.parse(CLIENT_CERT, tmp_path / "s.toml", {"STORK_NODE": "n"})
+        _parse(CLIENT_CERT, tmp_path)
+
+
+def test_a_key_file_its_group_can_read_is_taken(tmp_path):
+    """As for password files: refused when every user can read it (a group may: root:ssl-cert 0640)."""
+    _certificate(tmp_path, mode=0o640)
+    assert _parse(CLIENT_CERT, tmp_path).redis.key_file == tmp_path / "client.key"
+
+
+def test_a_missing_certificate_file_is_refused(tmp_path):
+    (tmp_path / "client.key").touch(mode=0o600)
+    with pytest.raises(ConfigError, match=r"s.toml: redis.cert_file = '.*client.pem': cannot read it"):
+        _parse(CLIENT_CERT, tmp_path)
 
 
 @pytest.mark.parametrize(("text", "error", "hinted"), [
     ('[redis]\nurl = "rediss://h:1/0"\n', "EOF occurred in violation of protocol (_ssl.c:2427)", True),
-    ('[redis]\nurl = "rediss://h:1/0"\n', "tlsv13 alert certificate required (_ssl.c:2580)", True),
+    ('[redis]\nurl = "rediss://h:1/0"\n', "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required",
+     True),
+    ('[redis]\nurl = "rediss://h:1/0"\n', "[SSL: SSLV3_ALERT_HANDSHAKE_FAILURE] sslv3 alert handshake failure", True),
     ('[redis]\nurl = "rediss://h:1/0"\n', "Connection refused", False),  # nothing listens: no handshake
-    ('[redis]\nurl = "redis://h:1/0"\n', "Connection reset by peer", False),  # no TLS: no certificate to show
+    ('[redis]\nurl = "rediss://h:1/0"\n', "Connection reset by peer", False),  # a restart, say: no sign of a want
+    ('[redis]\nurl = "redis://h:1/0"\n', "EOF occurred in violation of protocol", False),  # no TLS: no certificate
 ])
 def test_a_tls_handshake_cut_short_names_the_client_certificate_keys(text, error, hinted):
     import redis
 
     line = connect.trouble(parse(text).redis, redis.ConnectionError(error))
     assert line.startswith("Redis at redis") and error in line
-    assert ("needs redis.cert_file and redis.key_file" in line) == hinted
+    assert ("set redis.cert_file and redis.key_file" in line) == hinted
 
 
 def test_a_client_with_a_certificate_is_not_told_to_get_one(tmp_path):
     import redis
 
-    (tmp_path / "client.key").touch(mode=0o600)
-    settings = config.parse(CLIENT_CERT, tmp_path / "s.toml", {"STORK_NODE": "n"}).redis
+    _certificate(tmp_path)
+    settings = _parse(CLIENT_CERT, tmp_path).redis
     assert "cert_file" not in connect.trouble(settings, redis.ConnectionError("EOF occurred in violation of protocol"))
 
 

@@ -166,3 +166,18 @@ def test_flower_watches_as_the_operator(secured):
         assert status == 200 and any("acl1" in name for name in json.loads(body)), body
     log = (secured.base / "flower.log").read_text()
     assert "NOPERM" not in log and "NoPermission" not in log, log[-3000:]
+
+
+def test_make_run_names_a_redis_that_refuses_the_workers_login(secured, tmp_path):
+    """The launcher starts a Redis only where none answers: one that refuses the worker's
+    password is an error saying so, and none is started beside it."""
+    from drivers import config
+    from drivers.errors import StorkError
+    from worker.run import launch
+
+    (tmp_path / "worker.pass").write_text("not-the-password\n")
+    (tmp_path / "worker.pass").chmod(0o600)
+    text = (f'[redis]\nurl = "redis://127.0.0.1:{secured.port}/0"\n'
+            '[redis.users.worker]\nuser = "stork-worker"\npassword_file = "worker.pass"\n')
+    with pytest.raises(StorkError, match=rf"Redis at redis://127.0.0.1:{secured.port}/0: .*(invalid|WRONGPASS)"):
+        launch.redis_answers(config.parse(text, tmp_path / "stork.toml", {"STORK_NODE": "acl1"}))

@@ -86,10 +86,26 @@ def test_a_client_without_a_certificate_gets_nothing(tls):
     done = tls.run("job", "list", env={**tls.env, "STORK_CONFIG": str(tls.base / "nocert.toml")})
     assert done.returncode == 1 and done.stdout == "", done
     assert done.stderr.startswith("stork: ") and f"localhost:{tls.port}" in done.stderr, done.stderr
-    assert "needs redis.cert_file and redis.key_file" in done.stderr, done.stderr
+    assert "set redis.cert_file and redis.key_file" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     with pytest.raises(redis.ConnectionError):
         redis.Redis(host="localhost", port=tls.port, ssl=True, ssl_ca_certs=str(tls.ca), socket_timeout=3).ping()
+
+
+def test_make_run_says_why_a_redis_that_wants_a_certificate_refused_it(tls):
+    """The launcher starts a Redis only where none answers: one that cut the handshake for want
+    of a certificate is named, with the keys to set, and none is started beside it."""
+    from drivers import config
+    from drivers.errors import StorkError
+    from worker.run import launch
+
+    env = {"STORK_NODE": "tls1"}
+    assert launch.redis_answers(config.parse(tls.config(cert_file="client.pem", key_file="client.key"),
+                                             tls.file, env))
+    with pytest.raises(StorkError, match=rf"localhost:{tls.port}/0: .*set redis.cert_file and redis.key_file"):
+        launch.redis_answers(config.parse(tls.config(), tls.file, env))
+    nobody = tls.config().replace(f":{tls.port}/", f":{free_port()}/")
+    assert not launch.redis_answers(config.parse(nobody, tls.file, env))
 
 
 def test_a_wrong_host_name_is_refused(tls):

@@ -35,11 +35,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def redis_answers(cfg: Config) -> bool:
+    """Whether a Redis answers where the config says; False when none does (one to start). A
+    Redis that answers but refuses this node (its login, its TLS handshake) is an error saying
+    why: starting another one there would only fail to take its port."""
     try:
         once = Retry(NoBackoff(), 0)  # a probe: one try, no riding out of a failover
         return bool(connect.client(cfg.redis, connect.role("worker"), retry=once, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
+    except redis.AuthenticationError as e:  # (a ConnectionError to redis-py)
+        raise StorkError(connect.trouble(cfg.redis, e)) from None
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        if any(text in str(e) for text in connect.TLS_REFUSALS):
+            raise StorkError(connect.trouble(cfg.redis, e)) from None
+        return False  # nothing listens there, or nothing answers
+    except redis.RedisError as e:  # it answered, and refused: a user without the rights, say
+        raise StorkError(connect.trouble(cfg.redis, e)) from None
 
 
 def ensure_tool(tool: str, package: str, why: str) -> None:
