@@ -67,8 +67,17 @@ class Guest:
             raise Refused(f"guest {self.vmid} is a template: {doing} is not allowed")
 
 
+_NEEDS_NO_ESCAPE = re.compile(r'[ !#-\[\]-~]*')  # printable ASCII but the quote and the backslash: as it is
+
+
 def _toml_string(text: str) -> str:
     """An ASCII TOML basic string; unlike JSON it spells non-BMP characters as one \\U escape."""
+    if _NEEDS_NO_ESCAPE.fullmatch(text):  # nearly every name and volume id: no walk through its characters
+        return f'"{text}"'
+    return _escaped(text)
+
+
+def _escaped(text: str) -> str:
     out = []
     for ch in text:
         code = ord(ch)

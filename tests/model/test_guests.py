@@ -369,6 +369,11 @@ def test_a_config_as_stork_writes_it_is_read_quickly_and_as_tomllib_reads_it(gue
     assert guests._parse(guest.vmid, text) == guests._parse_toml(guest.vmid, text) == guest
 
 
+@given(st.text())
+def test_a_string_needing_no_escape_is_written_as_the_escaping_writes_it(text):
+    assert guests._toml_string(text) == guests._escaped(text)
+
+
 NOT_AS_WRITTEN = [
     'name = "a"\nname = "b"\nnode = "n1"\ntemplate = false\n\n[disks]\n',  # a key twice: invalid TOML
     'name = "a"\nnode = "n1"\ntemplate = false\n\n[disks]\n\n[disks]\n',  # a table twice
