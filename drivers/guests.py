@@ -67,6 +67,14 @@ class Guest:
             raise Refused(f"guest {self.vmid} is a template: {doing} is not allowed")
 
 
+def base_mismatch(is_base: bool, template: bool, guest: str = "the guest") -> str:
+    """Why a disk does not fit as an attached disk of a guest ("" when it does): a template's
+    disks are base images, and any other guest's are not."""
+    if is_base == template:
+        return ""
+    return f"is {'not ' if template else ''}a base image, and {guest} is {'' if template else 'not '}a template"
+
+
 _NEEDS_NO_ESCAPE = re.compile(r'[ !#-\[\]-~]*')  # printable ASCII but the quote and the backslash: as it is
 
 

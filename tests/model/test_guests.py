@@ -369,6 +369,16 @@ def test_a_config_as_stork_writes_it_is_read_quickly_and_as_tomllib_reads_it(gue
     assert guests._parse(guest.vmid, text) == guests._parse_toml(guest.vmid, text) == guest
 
 
+@pytest.mark.parametrize(("is_base", "template", "why"), [
+    (True, True, ""),
+    (False, False, ""),
+    (False, True, "is not a base image, and guest 7 is a template"),
+    (True, False, "is a base image, and guest 7 is not a template"),
+])
+def test_a_templates_disks_are_bases_and_no_other_guests_are(is_base, template, why):
+    assert guests.base_mismatch(is_base, template, "guest 7") == why
+
+
 @given(st.text())
 def test_a_string_needing_no_escape_is_written_as_the_escaping_writes_it(text):
     assert guests._toml_string(text) == guests._escaped(text)

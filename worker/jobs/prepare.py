@@ -13,7 +13,7 @@ from drivers import driver_for, names, ova, pve, qemu, transfer
 from drivers.backends.base import Driver
 from drivers.config import Config
 from drivers.errors import AlreadyExists, ConfigError, InvalidName, NotFound, Refused, StorkError
-from drivers.guests import Guest, GuestStore
+from drivers.guests import Guest, GuestStore, base_mismatch
 from drivers.names import VolName
 from worker.jobs import usage
 
@@ -293,9 +293,8 @@ def prepare_import_pve(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         ours = _adopted_volid(storages, path, where, volid)
         storage, vol = _volume(cfg, ours)
         _existing_here(cfg, storage, vol, node)
-        if where != "unused" and vol.is_base != described.template:
-            raise Refused(f"{path}: {where} = {volid} is {'not ' if described.template else ''}a base image, and "
-                          f"the guest is {'' if described.template else 'not '}a template")
+        if where != "unused" and (mismatch := base_mismatch(vol.is_base, described.template)):
+            raise Refused(f"{path}: {where} = {volid} {mismatch}")
         if ours in (*adopted["disks"].values(), *adopted["unused"]):
             raise Refused(f"{path}: {volid} is named twice")
         if where == "unused":

@@ -15,7 +15,7 @@ from pathlib import Path
 from drivers import faults, qemu, transfer
 from drivers.backends.base import Driver
 from drivers.errors import AlreadyExists, ConfigError, NotFound, Refused, StorkError
-from drivers.guests import Guest
+from drivers.guests import Guest, base_mismatch
 from drivers.names import VolName
 from worker import liveness, records
 from worker.context import StepContext
@@ -713,9 +713,8 @@ def commit_adopted(ctx: StepContext) -> None:
         drv, vol = ctx.volume(volid)
         with ctx.storage_lock(drv):
             drv.require_existing(vol)
-            if volid in attach.values() and vol.is_base != template:  # a template's disks are bases, others' not
-                raise Refused(f"{volid} is {'not ' if template else ''}a base image, and guest {vmid} is "
-                              f"{'' if template else 'not '}a template")
+            if volid in attach.values() and (mismatch := base_mismatch(vol.is_base, template, f"guest {vmid}")):
+                raise Refused(f"{volid} {mismatch}")
             if not vol.is_base and (found := usage.guest_users(ctx, volid, outside=False) +
                                     usage.job_users(ctx, volid)):
                 raise Refused(f"{volid} is in use by {', '.join(found)}")
