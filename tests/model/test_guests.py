@@ -285,6 +285,17 @@ def test_guest_list_shows_a_broken_config_as_a_row(store, capsys):
                                               "name, node, template, lock, lock_job, notes, unused, disks, replicas)"}
 
 
+def test_a_config_larger_than_any_is_broken_and_not_read_whole(tmp_path):
+    store = GuestStore(tmp_path / "guests", lock_timeout=1)
+    store.create(Guest(101, "node1"))
+    with open(store.path(102), "w") as f:
+        f.write('node = "node1"\nnotes = "' + "x" * guests.MAX_CONFIG + '"\n')
+    found, broken = store.scan()
+    assert [g.vmid for g in found] == [101]
+    assert broken == [(store.path(102), f"{store.path(102)}: broken guest config: larger than 1 MiB, "
+                                         "not a guest config")]
+
+
 def test_a_config_or_lock_file_that_is_a_symlink_or_fifo_is_never_followed(tmp_path):
     """A guest config that is a FIFO is broken (not a hang); a lock file planted as a symlink
     to a missing file is refused, and its target is not created."""
