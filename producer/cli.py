@@ -582,8 +582,8 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
 
     def unbuilt(name: str, help_: str, listed: bool = True) -> Any:
         """A top-level command the line does not name: listed in the help, not built."""
-        if listed:
-            sub.add_parser(name, help=help_)
+        if listed:  # no -h of its own: `COMMAND -h` is left over, and the whole parser answers it
+            sub.add_parser(name, help=help_, add_help=False)
         return UNBUILT
 
     def command(parent: Any, name: str, handler: Handler, help_: str, submit: bool = False,
@@ -890,10 +890,12 @@ BACKUP_ACTIONS = ("list", "show", "protect", "unprotect", "forget", "sync", "ser
 
 
 def _command_at(argv: list[str]) -> int:
-    """Where the command word is: after the global flags (--config takes a value)."""
+    """Where the command word is: after the global flags (--config, or as argparse takes it
+    abbreviated, --conf, takes the next word as its value)."""
     at = 0
     while at < len(argv) and argv[at].startswith("-"):
-        at += 2 if argv[at] == "--config" else 1
+        takes_value = len(argv[at]) > 2 and "--config".startswith(argv[at])
+        at += 2 if takes_value else 1
     return at
 
 
@@ -915,10 +917,21 @@ def _spelled_out(argv: list[str]) -> list[str]:
     return argv
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The command line, parsed by the parser of the command it names alone. Where argparse
+    finds another command there (the word was misread), or anything is left over, the whole
+    parser parses it again: the same result, the same errors and help as always."""
+    only = _command_word(argv)
+    args, left = build_parser(only).parse_known_args(argv)
+    if left or args.command != only:
+        return build_parser().parse_args(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = _spelled_out(argv)
-    args = build_parser(_command_word(argv)).parse_args(argv)  # --help and usage mistakes end here
+    args = _parse(argv)  # --help and usage mistakes end here
     import logging
     from pathlib import Path
 

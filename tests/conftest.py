@@ -25,8 +25,9 @@ from worker.testing import free_port
 
 BASE = Path(tempfile.mkdtemp(prefix="stork-test-"))
 # the cluster-key folders that were there before the session (drivers/transfer._key_dir keeps
-# one per key path, for good): those the session's own keys made are removed at its end
+# one per key path, for good): those made since for the session's own keys are removed at its end
 PSK_FOLDERS = set(Path(tempfile.gettempdir()).glob(f"stork-psk-{os.getuid()}-*"))
+SESSION_DIRS: list[Path] = [BASE]  # and pytest's base temp dir, once known
 
 
 REDIS_PORT = free_port()
@@ -176,6 +177,11 @@ def Worker(node: str, concurrency: int = 4, env: dict[str, str] | None = None,
     return testing.Worker(node, BASE, concurrency, env, prefix)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_dirs(tmp_path_factory):
+    SESSION_DIRS.append(tmp_path_factory.getbasetemp())
+
+
 @pytest.fixture(scope="session")
 def redis_server():
     server = testing.RedisServer(REDIS_PORT, BASE, also_on=() if NO_NETNS else (netns.HOST_IP,))
@@ -263,4 +269,9 @@ def _release(owner: int = os.getpid()) -> None:
     subprocess.run(["chattr", "-R", "-i", str(BASE)], capture_output=True, check=False)
     shutil.rmtree(BASE, ignore_errors=True)
     for folder in set(Path(tempfile.gettempdir()).glob(f"stork-psk-{os.getuid()}-*")) - PSK_FOLDERS:
-        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            key = Path(os.readlink(folder / "keys.psk"))
+        except OSError:
+            continue
+        if any(key.is_relative_to(d) for d in SESSION_DIRS):  # never another session's, or a worker's
+            shutil.rmtree(folder, ignore_errors=True)

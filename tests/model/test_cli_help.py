@@ -64,9 +64,44 @@ def test_a_line_naming_no_known_command_is_refused_as_before(capsys):
     assert stop.value.code == 2 and "invalid choice: 'nosuch'" in capsys.readouterr().err
 
 
+LINES = [
+    ["job", "list", "--limit", "3"], ["--json", "job", "list"], ["--config", "x.toml", "job", "list"],
+    ["--conf", "x.toml", "job", "list"], ["--c", "x.toml", "ping"], ["--co=x.toml", "gc"],
+    ["--config=x.toml", "--json", "backup-run", "100"], ["template-copy", "100", "101", "--storage", "s"],
+    ["clone", "100", "101", "--json", "--config", "y.toml"], ["--no-w", "guest", "destroy", "100"],
+    ["--conf", "x.toml", "--js", "template-copy", "1", "2"],
+]
+
+
+@pytest.mark.parametrize("argv", LINES, ids=[" ".join(a) for a in LINES])
+def test_a_line_parses_as_the_whole_parser_parses_it(argv):
+    """Global flags before the command, abbreviated or not, with or without `=`: the parser
+    built for the command found parses the line as the whole parser does."""
+    assert _plain(cli._parse(argv)) == _plain(cli.build_parser().parse_args(argv))
+
+
+def _plain(args: argparse.Namespace) -> dict:
+    """The parsed values, the handler named by what it is (a submitter is made per parser)."""
+    handler = args.handler
+    cells = tuple(c.cell_contents for c in handler.__closure__ or ())
+    return {**vars(args), "handler": (handler.__qualname__, cells)}
+
+
+@pytest.mark.parametrize("argv", [["--conf", "x.toml", "job", "--help"], ["job", "list", "--bogus"],
+                                  ["--c", "x.toml", "job"]])
+def test_a_line_the_parser_refuses_or_helps_with_ends_as_with_the_whole_parser(argv, capsys):
+    with pytest.raises(SystemExit) as alone:
+        cli._parse(argv)
+    said = capsys.readouterr()
+    with pytest.raises(SystemExit) as whole:
+        cli.build_parser().parse_args(argv)
+    assert alone.value.code == whole.value.code and said == capsys.readouterr()
+
+
 def test_the_command_word_is_found_after_the_global_flags():
     assert cli._command_word(["--json", "--config", "x.toml", "job", "list"]) == "job"
     assert cli._command_word(["--config=x.toml", "backup-run", "100"]) == "backup-run"
+    assert cli._command_word(["--conf", "x.toml", "job"]) == cli._command_word(["--c", "x", "job"]) == "job"
     assert cli._command_word(["--json"]) is None and cli._command_word([]) is None
 
 

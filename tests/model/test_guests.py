@@ -286,10 +286,13 @@ def test_guest_list_shows_a_broken_config_as_a_row(store, capsys):
 
 
 def test_a_config_larger_than_any_is_broken_and_not_read_whole(tmp_path):
+    """A config of MAX_CONFIG bytes is read (padded by a TOML comment); one byte more is broken."""
     store = GuestStore(tmp_path / "guests", lock_timeout=1)
-    store.create(Guest(101, "node1"))
-    with open(store.path(102), "w") as f:
-        f.write('node = "node1"\nnotes = "' + "x" * guests.MAX_CONFIG + '"\n')
+    head = 'node = "node1"\n# '
+    for vmid, size in ((101, guests.MAX_CONFIG), (102, guests.MAX_CONFIG + 1)):
+        store.path(vmid).parent.mkdir(exist_ok=True)
+        store.path(vmid).write_text(head + "x" * (size - len(head) - 1) + "\n")
+        assert store.path(vmid).stat().st_size == size
     found, broken = store.scan()
     assert [g.vmid for g in found] == [101]
     assert broken == [(store.path(102), f"{store.path(102)}: broken guest config: larger than 1 MiB, "
