@@ -440,6 +440,124 @@ def test_restore_force_replaces_a_guest_only_once_the_restore_has_succeeded(stor
     assert not volume_path(old).exists()  # the old disk freed once the new one was in place
 
 
+def _restore_holding(client, g: int, made: str, disks: dict[str, str], unused: tuple[str, ...]):
+    """A restore --force job at its commit step, hand-made, holding guest `g` whose config reads
+    `disks` and `unused`: the state after a crash, for the steps to be run on directly."""
+    from worker import records
+    from worker.context import StepContext
+    from worker.jobs.kinds import KINDS
+    from worker.records import JobRecord, JobState
+
+    kind = KINDS["restore"]
+    commit = [s.name for s in kind.steps].index("commit_guest")
+    job = JobRecord(id=records.new_id(), kind="restore", node="node1", steps=[s.name for s in kind.steps],
+                    queues=["shared"] * len(kind.steps), state=JobState.RUNNING, done=commit,
+                    params={"new_vmid": g, "replace": True, "template": False, "node": "node1"},
+                    ctx={"made": {"scsi0": made}},
+                    current={"step": commit, "name": "commit_guest", "node": "node1", "worker": "test:1",
+                             "attempt": 2})
+    records.create(client.r, job, {"phase": "queued"})
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(disks=disks, unused=unused, lock="restore", lock_job=job.id)
+    ctx = StepContext(job=job, cfg=client.cfg, r=client.r, node="node1", step="commit_guest", worker="test:1",
+                      kinds=KINDS)
+    return job, ctx
+
+
+def test_a_restore_force_whose_record_of_the_replaced_disks_was_lost_frees_none_of_the_restored(client, vmid):
+    """The commit wrote the config (the restored disk attached, the old one kept as unused) and
+    the save of what it replaced was lost with its process (a failover, or a power loss that
+    took Redis's last second too). Run again, the commit must not take the restored disk for
+    the replaced one: nothing is freed, the restored disk stays attached, the old one unused."""
+    from worker import records
+    from worker.jobs import backups
+
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"},
+                                        "scsi1": {"storage": "local", "size": "8M"}})
+    old, restored = client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
+    job, ctx = _restore_holding(client, g, restored, {"scsi0": restored}, (old,))
+    try:
+        backups.commit_restored(ctx)
+        assert ctx.data["replaced"] == {}
+        backups.free_replaced(ctx)
+        guest = client.guest(g)
+        assert guest.disks == {"scsi0": restored} and guest.unused == (old,) and guest.lock == ""
+        assert volume_path(restored).exists() and volume_path(old).exists()
+    finally:
+        client.r.srem(records.ACTIVE, job.id)
+
+
+def test_free_replaced_never_frees_a_disk_the_guest_attaches(client, vmid):
+    """Whatever the record says was replaced, a disk the guest attaches is kept (and said)."""
+    from worker import records
+    from worker.jobs import backups
+
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"},
+                                        "scsi1": {"storage": "local", "size": "8M"}})
+    old, restored = client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
+    job, ctx = _restore_holding(client, g, restored, {"scsi0": restored}, (old,))
+    try:
+        ctx.data["replaced"] = {"scsi0": restored, "scsi1": old}  # a record that names the restored disk
+        backups.free_replaced(ctx)
+        assert volume_path(restored).exists() and not volume_path(old).exists()
+        assert f"{restored}: guest {g} attaches it" in ctx.job.result["warning"]
+        assert client.guest(g).disks == {"scsi0": restored} and client.guest(g).unused == ()
+    finally:
+        client.r.srem(records.ACTIVE, job.id)
+
+
+def test_a_free_run_again_after_a_crash_never_frees_a_volume_made_since_under_the_name(client, vmid):
+    """The try before freed the replaced disk and died before its end was recorded; another job
+    has since made a volume under the freed name. Run again, the step leaves that volume alone:
+    it frees a name only while it holds the volume whose identity was saved before the free."""
+    from drivers import driver_for
+    from worker import records
+    from worker.jobs import backups
+
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"},
+                                        "scsi1": {"storage": "local", "size": "8M"}})
+    old, restored = client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
+    job, ctx = _restore_holding(client, g, restored, {"scsi0": restored}, (old,))
+    try:
+        drv = driver_for(client.cfg.storage("local"))
+        vol = drv.parse_volname(old.split(":", 1)[1])
+        ctx.data["replaced"] = {"scsi0": old}
+        ctx.data["freed"] = {"scsi0": drv.identity(vol)}  # saved, then freed by the try that died
+        drv.free_volume(vol)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(volume_path(old)), "4M"], check=True)
+        backups.free_replaced(ctx)
+        assert volume_path(old).exists() and volume_path(old).stat().st_size == 4 << 20  # another's, kept
+        assert client.guest(g).unused == () and client.guest(g).lock == ""
+    finally:
+        client.r.srem(records.ACTIVE, job.id)
+        volume_path(old).unlink(missing_ok=True)
+
+
+def test_an_undo_never_frees_a_volume_the_jobs_own_guest_attaches(client, vmid):
+    """A commit that wrote the config and then failed (its directory's fsync, say) is undone
+    without its write taken back: the volume the held guest now attaches is kept, and said."""
+    from drivers.errors import Refused
+    from worker import records
+    from worker.jobs import steps
+
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"},
+                                        "scsi1": {"storage": "local", "size": "8M"}})
+    old, restored = client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
+    job, ctx = _restore_holding(client, g, restored, {"scsi0": restored}, (old,))
+    try:
+        with pytest.raises(Refused, match=rf"kept {restored} \(in use by guest {g} \(scsi0\), held by this job\)"):
+            steps.free_made(ctx)
+        assert volume_path(restored).exists()
+    finally:
+        client.r.srem(records.ACTIVE, job.id)
+        with client.guest_store.editing(g) as box:
+            box[0] = box[0].with_(lock="", lock_job="")
+
+
 def test_restore_force_rolls_a_template_back_to_its_backup(stork, client, vmid, tmp_path):
     """The old template's bases hold the default base names until they are freed: the restored
     bases take the next free names, and the old ones go once the guest names the new."""

@@ -120,3 +120,37 @@ def test_a_step_started_from_the_record_the_step_before_left_reads_it_again_afte
         r.srem(records.ACTIVE, job.id)
         r.zrem(records.JOBS, job.id)
         r.delete(records.job_key(job.id), records.events_key(job.id), records.volumes_key(job.id))
+
+
+@pytest.mark.parametrize(("kind", "step", "undone", "why"), [
+    # a linked clone's commit tried a fourth time: a try may have written the config, which names the
+    # overlay the link step made; nothing before the commit is undone (what it left is the
+    # operator's: the error says so)
+    ("linked_clone", 2, [], "its change may stand, so nothing before it was undone"),
+    ("linked_clone", 1, [1, 0], "step link_disks was interrupted 3 times"),  # not a commit: undone back
+])
+def test_a_step_interrupted_too_often_fails_the_job_and_a_commits_undoes_nothing_before_it(
+        redis_server, monkeypatch, kind, step, undone, why):
+    from celery.exceptions import Ignore
+
+    from worker import events, liveness, records, runner
+    from worker.app import config
+    from worker.records import JobRecord
+
+    r, me, k = redis_server, liveness.process_id(), KINDS[kind]
+    job = JobRecord(id=records.new_id(), kind=kind, params={"node": "node1"}, node="node1",
+                    steps=[s.name for s in k.steps], queues=[S, node_queue("node1"), S], done=step,
+                    attempts={str(step): runner.MAX_ATTEMPTS})
+    records.create(r, job, events.make(job.id, job.kind, "queued"))
+    sent: list[list[int]] = []
+    monkeypatch.setattr(runner, "dispatch_undo", lambda job, sender=None: sent.append(list(job.undo)))
+    try:
+        with pytest.raises(Ignore):
+            runner._start_step(r, config(), records.load(r, job.id), k, step, me, {"done": step, "idle": True}, {})
+        now = records.load(r, job.id)
+        assert now.state == "undoing" and now.final == "failed" and why in now.error
+        assert now.undo == undone == sent[0]
+    finally:
+        r.srem(records.ACTIVE, job.id)
+        r.zrem(records.JOBS, job.id)
+        r.delete(records.job_key(job.id), records.events_key(job.id), records.volumes_key(job.id))

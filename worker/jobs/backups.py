@@ -261,7 +261,10 @@ def _replace_guest(ctx: StepContext) -> None:
                 return  # redelivered after it was done
             raise Refused(f"guest {vmid} is no longer locked by this job: not replaced")
         if "replaced" not in ctx.data:
-            ctx.data["replaced"] = dict(old.disks)
+            # the config names the restored disks already: an attempt before wrote it, and the
+            # record of what it replaced was lost (a failover or a power loss took back the save).
+            # Which unused entries were the old disks cannot be told: none is freed (kept as unused)
+            ctx.data["replaced"] = {} if old.disks == disks else dict(old.disks)
             ctx.save()
         # decided by the config, not by the saved record: a step killed between the save and
         # this write finds the guest still naming its old disks, which FREE_REPLACED would free
@@ -287,16 +290,20 @@ def free_replaced(ctx: StepContext) -> None:
                   for v in (*g.disks.values(), *g.unused)}
     except StorkError as e:
         others, kept = set(ctx.data.get("replaced", {}).values()), [f"nothing freed: {e}"]
-    for volid in ctx.data.get("replaced", {}).values():
+    try:  # what the guest attaches is never freed, whatever the record says it replaced
+        attached = set(ctx.guests.read(vmid).disks.values())
+    except StorkError:
+        attached = set(ctx.data.get("replaced", {}).values())  # cannot tell: none is freed
+    for key, volid in ctx.data.get("replaced", {}).items():
         try:
             if volid in others:
                 raise Refused("another guest names it")
+            if volid in attached:
+                raise Refused(f"guest {vmid} attaches it")
             drv, vol = ctx.volume(volid)
             with ctx.storage_lock(drv):
                 usage.require_unused(ctx, volid, count_unused=False)  # the replaced guest keeps it as unused
-                ctx.fence(drv)
-                if drv.exists(vol):
-                    drv.free_volume(vol)  # refuses a base with linked clones
+                steps.free_replaced_volume(ctx, drv, vol, key)  # refuses a base with linked clones
             freed.append(volid)
         except (StorkError, OSError) as e:
             kept.append(f"{volid}: {e}")

@@ -245,6 +245,7 @@ CTX: dict[str, Check] = {
     "copied": _list_of(_disk_key),
     "copying": _disk_key,
     "freeing": _str,  # a volume's identity token
+    "freed": _map_of(_disk_key, _str),  # the identity of each replaced disk's volume, saved before it is freed
     "destroying": _vmid,
     "backup": _backup_id,  # the snapshot a backup step is writing or wrote
     "time": _str,  # its time (parsed again where used)

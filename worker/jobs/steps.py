@@ -226,7 +226,7 @@ def _free_made(ctx: StepContext, table: str) -> None:
                 continue
             if not drv.exists(vol):
                 continue
-            if found := usage.users(ctx, volid):
+            if found := usage.users(ctx, volid) + usage.held_guest_users(ctx, volid):
                 kept.append(f"{volid} (in use by {', '.join(found)})")
                 continue
             ctx.fence(drv)
@@ -783,6 +783,23 @@ def switch_node(ctx: StepContext) -> None:
         ctx.set_result(kept={"node": ctx.params["source_node"], "volumes": sorted(old.values())})
 
 
+def free_replaced_volume(ctx: StepContext, drv: Driver, vol: VolName, key: str) -> None:
+    """Free `vol`, the volume disk `key` had before the job replaced it (under its storage lock,
+    its use checked), its identity saved first: a step run again after its process died frees
+    it only if the name still holds that volume, never one another job made under the name
+    since (a name freed is free for any job to take)."""
+    freeing = ctx.data.setdefault("freed", {})  # disk key -> the identity of its volume, as freed
+    if key not in freeing:
+        if not drv.exists(vol):
+            return
+        freeing[key] = drv.identity(vol)
+        ctx.save()
+    elif not drv.exists(vol) or drv.identity(vol) != freeing[key]:
+        return  # freed by the try before: what holds the name now is not the job's
+    ctx.fence(drv)
+    drv.free_volume(vol)  # a base that linked clones read through by now is refused
+
+
 def free_sources(ctx: StepContext) -> None:
     """After a verified move with --delete-source (or a migration without --keep-source),
     free the original volumes and drop them from the guest's unused list. The move is
@@ -793,15 +810,13 @@ def free_sources(ctx: StepContext) -> None:
     # a migrated guest's copy may have its original's name, on its new node: not a use of the original
     migrated = ctx.params["lock_vmid"] if ctx.params.get("target_node") else None
     freed, kept = [], []
-    for volid in ctx.data.get("replaced", {}).values():
+    for key, volid in ctx.data.get("replaced", {}).items():
         try:
             drv, vol = ctx.volume(volid)
             with ctx.storage_lock(drv):
                 # kept as unused by this guest: ours
                 usage.require_unused(ctx, volid, count_unused=False, but=migrated)
-                if drv.exists(vol):  # (not: freed by an earlier attempt of this step)
-                    ctx.fence(drv)
-                    drv.free_volume(vol)  # a base that linked clones read through by now is refused
+                free_replaced_volume(ctx, drv, vol, key)
             freed.append(volid)
         except (StorkError, OSError) as e:
             kept.append(volid)
