@@ -265,13 +265,9 @@ def _start_step(r: redis.Redis, cfg: Config, job: JobRecord, kind: JobKind, inde
         connect.write_replicated(r, cfg.redis.wait_replicas, start)
     else:
         start(r)
-    if attempt > MAX_ATTEMPTS:
-        if step.commit:  # one of its tries may have made its change: what it stands on stays
-            start_undo(r, job, index, JobState.FAILED, f"step {step.name} was interrupted {attempt - 1} times; its "
-                       "change may stand, so nothing before it was undone", {"owner": me}, past=index)
-        else:
-            start_undo(r, job, index, JobState.FAILED, f"step {step.name} was interrupted {attempt - 1} times",
-                       {"owner": me})
+    if attempt > MAX_ATTEMPTS:  # (a commit's tries may have made its change: each undo checks what stands)
+        start_undo(r, job, index, JobState.FAILED, f"step {step.name} was interrupted {attempt - 1} times",
+                   {"owner": me})
         raise Ignore()
     return attempt
 
@@ -403,15 +399,13 @@ def undo_plan(kind: JobKind, done: int, upto: int, skipped: frozenset[int] = fro
 
 
 def start_undo(r: redis.Redis, job: JobRecord, upto: int, final: JobState, error: str,
-               guard: dict[str, Any], sender: Celery = app, past: int | None = None) -> None:
+               guard: dict[str, Any], sender: Celery = app) -> None:
     """Fail or cancel a job: undo steps upto, upto-1, ... (those that have an undo), back to
-    the last commit step that completed (`past`: a commit step taken as completed, whose
-    change may stand); steps before it that hold something (a guest lock) are released all
-    the same. Does nothing if the guard fails (see transition): every caller says which state
-    of the job it decided on."""
+    the last commit step that completed; steps before it that hold something (a guest lock)
+    are released all the same. Does nothing if the guard fails (see transition): every caller
+    says which state of the job it decided on."""
     kind = KINDS[job.kind]
-    done = job.done if past is None else max(job.done, past + 1)
-    undo = undo_plan(kind, done, upto, kind.skipped(job.params))
+    undo = undo_plan(kind, job.done, upto, kind.skipped(job.params))
     try:
         records.transition(
             r, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.UNDOING, guard=guard,

@@ -479,7 +479,7 @@ def test_a_restore_force_whose_record_of_the_replaced_disks_was_lost_frees_none_
     job, ctx = _restore_holding(client, g, restored, {"scsi0": restored}, (old,))
     try:
         backups.commit_restored(ctx)
-        assert ctx.data["replaced"] == {}
+        assert ctx.data["replaced"] == {} and "were not freed" in ctx.job.result["warning"]
         backups.free_replaced(ctx)
         guest = client.guest(g)
         assert guest.disks == {"scsi0": restored} and guest.unused == (old,) and guest.lock == ""
@@ -528,12 +528,42 @@ def test_a_free_run_again_after_a_crash_never_frees_a_volume_made_since_under_th
         ctx.data["freed"] = {"scsi0": drv.identity(vol)}  # saved, then freed by the try that died
         drv.free_volume(vol)
         subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(volume_path(old)), "4M"], check=True)
+        h = vmid()  # another guest attaches the new volume: not this job's to check, nor to keep listing
+        client.run("create", vmid=h, disks={})
+        with client.guest_store.editing(h) as box:
+            box[0] = box[0].with_(disks={"scsi0": old})
         backups.free_replaced(ctx)
         assert volume_path(old).exists() and volume_path(old).stat().st_size == 4 << 20  # another's, kept
-        assert client.guest(g).unused == () and client.guest(g).lock == ""
+        assert client.guest(g).unused == () and client.guest(g).lock == "" and "warning" not in ctx.job.result
     finally:
         client.r.srem(records.ACTIVE, job.id)
+        with client.guest_store.editing(h) as box:
+            box[0] = box[0].with_(disks={})
         volume_path(old).unlink(missing_ok=True)
+
+
+def test_an_undo_never_renames_back_a_base_the_jobs_own_guest_attaches(client, vmid):
+    """A template restore --force whose commit wrote the config (its bases attached) and then
+    failed: the undo keeps each base the held guest attaches as a base (and says so)."""
+    from drivers.errors import Refused
+    from worker import records
+    from worker.jobs import steps
+
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    made = client.guest(g).disks["scsi0"]
+    client.run("template", vmid=g)
+    base = client.guest(g).disks["scsi0"]
+    job, ctx = _restore_holding(client, g, made, {"scsi0": base}, ())
+    try:
+        ctx.data["based"] = {"scsi0": [made, base]}
+        with pytest.raises(Refused, match=rf"kept as base: {base} \(in use by guest {g} \(scsi0\), held by this job"):
+            steps.unmake_bases(ctx)
+        assert volume_path(base).exists() and not volume_path(made).exists()
+    finally:
+        client.r.srem(records.ACTIVE, job.id)
+        with client.guest_store.editing(g) as box:
+            box[0] = box[0].with_(lock="", lock_job="")
 
 
 def test_an_undo_never_frees_a_volume_the_jobs_own_guest_attaches(client, vmid):

@@ -446,6 +446,40 @@ def test_a_guest_changed_after_submit_is_refused_by_the_step(client, vmid):
     client.r.srem(records.ACTIVE, job.id)  # a hand-made record: no worker will ever end it
 
 
+def test_a_move_whose_switch_stood_is_not_switched_back_by_its_undo(client, vmid):
+    """The switch wrote the guest's config (its copy attached, the guest unlocked in the same
+    write) and then its step failed: the undo leaves the guest as the switch made it (it may
+    have run from the copy since), and the copy stays, as the guest names it."""
+    from drivers.errors import Refused
+    from worker import records
+    from worker.context import StepContext
+    from worker.jobs.kinds import KINDS
+    from worker.jobs.steps import free_made, unswitch_disks
+    from worker.records import JobRecord, JobState
+
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"},
+                                        "scsi1": {"storage": "local", "size": "8M"}})
+    old, copy = client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
+    with client.guest_store.editing(g) as box:  # as the switch left it
+        box[0] = box[0].with_(disks={"scsi0": copy}, unused=(old,))
+    kind = KINDS["move"]
+    job = JobRecord(id=records.new_id(), kind="move", node="node1", steps=[s.name for s in kind.steps],
+                    queues=["shared"] * len(kind.steps), state=JobState.UNDOING, params={"lock_vmid": g},
+                    ctx={"made": {"scsi0": copy}, "replaced": {"scsi0": old}})
+    records.create(client.r, job, {"phase": "queued"})
+    ctx = StepContext(job=job, cfg=client.cfg, r=client.r, node="node1", step="undo_switch_disks",
+                      worker="test:1", kinds=KINDS)
+    try:
+        unswitch_disks(ctx)
+        assert client.guest(g).disks == {"scsi0": copy} and client.guest(g).unused == (old,)
+        with pytest.raises(Refused, match=rf"kept {copy} \(in use by guest {g} \(scsi0\)"):
+            free_made(ctx)
+        assert volume_path(copy).exists()
+    finally:
+        client.r.srem(records.ACTIVE, job.id)
+
+
 class TestReads:
     def test_storage_list_shows_every_configured_storage(self, stork):
         """`storage list` names each storage with its type, sharing and nodes."""

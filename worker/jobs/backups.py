@@ -266,6 +266,9 @@ def _replace_guest(ctx: StepContext) -> None:
             # Which unused entries were the old disks cannot be told: none is freed (kept as unused)
             ctx.data["replaced"] = {} if old.disks == disks else dict(old.disks)
             ctx.save()
+            if old.disks == disks and old.disks:
+                ctx.set_result(warning=f"the replaced disks of guest {vmid} were not freed (the record of which they "
+                                       "were was lost): they stay listed as unused")
         # decided by the config, not by the saved record: a step killed between the save and
         # this write finds the guest still naming its old disks, which FREE_REPLACED would free
         if old.disks != disks:
@@ -296,14 +299,15 @@ def free_replaced(ctx: StepContext) -> None:
         attached = set(ctx.data.get("replaced", {}).values())  # cannot tell: none is freed
     for key, volid in ctx.data.get("replaced", {}).items():
         try:
-            if volid in others:
-                raise Refused("another guest names it")
-            if volid in attached:
-                raise Refused(f"guest {vmid} attaches it")
             drv, vol = ctx.volume(volid)
             with ctx.storage_lock(drv):
-                usage.require_unused(ctx, volid, count_unused=False)  # the replaced guest keeps it as unused
-                steps.free_replaced_volume(ctx, drv, vol, key)  # refuses a base with linked clones
+                if not steps.freed_before(ctx, drv, vol, key):  # (what holds the name since is not ours to check)
+                    if volid in others:
+                        raise Refused("another guest names it")
+                    if volid in attached:
+                        raise Refused(f"guest {vmid} attaches it")
+                    usage.require_unused(ctx, volid, count_unused=False)  # the replaced guest keeps it as unused
+                    steps.free_replaced_volume(ctx, drv, vol, key)  # refuses a base with linked clones
             freed.append(volid)
         except (StorkError, OSError) as e:
             kept.append(f"{volid}: {e}")

@@ -226,7 +226,8 @@ def _free_made(ctx: StepContext, table: str) -> None:
                 continue
             if not drv.exists(vol):
                 continue
-            if found := usage.users(ctx, volid) + usage.held_guest_users(ctx, volid):
+            guests = usage.candidates(ctx, volid)
+            if found := usage.users(ctx, volid, guests=guests) + usage.held_guest_users(ctx, volid, guests):
                 kept.append(f"{volid} (in use by {', '.join(found)})")
                 continue
             ctx.fence(drv)
@@ -582,7 +583,9 @@ def unmake_bases(ctx: StepContext) -> None:
             if drv.exists(vol):
                 taken.append(f"{base_volid} (its old name {volid} is taken)")
                 continue
-            if found := usage.guest_users(ctx, base_volid):  # e.g. a replica a template recorded
+            guests = usage.candidates(ctx, base_volid)  # e.g. a replica a template recorded; a restored template
+            if found := usage.guest_users(ctx, base_volid, guests=guests) + \
+                    usage.held_guest_users(ctx, base_volid, guests):
                 taken.append(f"{base_volid} (in use by {', '.join(found)})")
                 continue
             ctx.fence(drv)
@@ -761,11 +764,16 @@ def _switch_to_copies(ctx: StepContext, moved_to: str | None) -> tuple[dict[str,
 
 
 def unswitch_disks(ctx: StepContext) -> None:
+    """Give the guest its old disks back, while the job holds it: a switch that was written
+    unlocked the guest in the same write, and stands (the guest may have run from its copies
+    since; free_made then keeps them, as the guest names them)."""
     old = ctx.data.get("replaced")
     if not old:
         return
     with ctx.guests.editing(ctx.params["lock_vmid"]) as box:
         guest = box[0]
+        if guest.lock_job != ctx.job.id:
+            return
         unused = tuple(v for v in guest.unused if v not in old.values())
         box[0] = guest.with_(disks={**guest.disks, **old}, unused=unused)
 
@@ -783,19 +791,23 @@ def switch_node(ctx: StepContext) -> None:
         ctx.set_result(kept={"node": ctx.params["source_node"], "volumes": sorted(old.values())})
 
 
+def freed_before(ctx: StepContext, drv: Driver, vol: VolName, key: str) -> bool:
+    """Whether a try before freed `vol`, the volume disk `key` had before the job replaced it:
+    its identity was saved, and the name holds no volume now, or another one (another job's,
+    made under the freed name since: neither the job's to free nor to check)."""
+    saved = ctx.data.get("freed", {}).get(key)
+    return saved is not None and (not drv.exists(vol) or drv.identity(vol) != saved)
+
+
 def free_replaced_volume(ctx: StepContext, drv: Driver, vol: VolName, key: str) -> None:
-    """Free `vol`, the volume disk `key` had before the job replaced it (under its storage lock,
-    its use checked), its identity saved first: a step run again after its process died frees
-    it only if the name still holds that volume, never one another job made under the name
-    since (a name freed is free for any job to take)."""
+    """Free `vol` (not `freed_before`; under its storage lock, its use checked), its identity
+    saved first, so that a try after a crash frees the name only while it still holds it."""
     freeing = ctx.data.setdefault("freed", {})  # disk key -> the identity of its volume, as freed
     if key not in freeing:
         if not drv.exists(vol):
             return
         freeing[key] = drv.identity(vol)
         ctx.save()
-    elif not drv.exists(vol) or drv.identity(vol) != freeing[key]:
-        return  # freed by the try before: what holds the name now is not the job's
     ctx.fence(drv)
     drv.free_volume(vol)  # a base that linked clones read through by now is refused
 
@@ -814,9 +826,10 @@ def free_sources(ctx: StepContext) -> None:
         try:
             drv, vol = ctx.volume(volid)
             with ctx.storage_lock(drv):
-                # kept as unused by this guest: ours
-                usage.require_unused(ctx, volid, count_unused=False, but=migrated)
-                free_replaced_volume(ctx, drv, vol, key)
+                if not freed_before(ctx, drv, vol, key):
+                    # kept as unused by this guest: ours
+                    usage.require_unused(ctx, volid, count_unused=False, but=migrated)
+                    free_replaced_volume(ctx, drv, vol, key)
             freed.append(volid)
         except (StorkError, OSError) as e:
             kept.append(volid)

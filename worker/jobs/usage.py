@@ -65,14 +65,14 @@ def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: in
     ] + found
 
 
-def held_guest_users(ctx: StepContext, volid: str) -> list[str]:
-    """The guests this job holds (locked by it) whose configs name `volid`. An undo never frees
-    such a volume: a commit that wrote its config and then failed (a directory's fsync, say), or
-    whose step was tried too often, is undone without its write being taken back, and freeing
-    what the config names would leave the guest naming a volume that is gone."""
+def held_guest_users(ctx: StepContext, volid: str, guests: list[Guest] | None = None) -> list[str]:
+    """The guests this job holds (locked by it) that attach `volid`. An undo never frees or
+    renames such a volume: a commit that wrote its config and then failed (a directory's fsync,
+    say), or whose step was tried too often, is undone without its write taken back (restore
+    --force keeps its guest locked past its commit), and the guest would name a volume gone."""
     return [f"guest {g.vmid} ({key}), held by this job"
-            for g in candidates(ctx, volid) if g.lock_job == ctx.job.id
-            for key, v in [*g.disks.items(), *(("unused", u) for u in g.unused)] if v == volid]
+            for g in (candidates(ctx, volid) if guests is None else guests) if g.lock_job == ctx.job.id
+            for key, v in g.disks.items() if v == volid]
 
 
 def foreign_users(ctx: StepContext, volid: str) -> list[str]:
