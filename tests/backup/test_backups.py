@@ -440,9 +440,11 @@ def test_restore_force_replaces_a_guest_only_once_the_restore_has_succeeded(stor
     assert not volume_path(old).exists()  # the old disk freed once the new one was in place
 
 
+@contextlib.contextmanager
 def _restore_holding(client, g: int, made: str, disks: dict[str, str], unused: tuple[str, ...]):
     """A restore --force job at its commit step, hand-made, holding guest `g` whose config reads
-    `disks` and `unused`: the state after a crash, for the steps to be run on directly."""
+    `disks` and `unused`: the state after a crash, for the steps to be run on directly (its
+    StepContext). Afterwards the record leaves the active set and the guest is unlocked."""
     from worker import records
     from worker.context import StepContext
     from worker.jobs.kinds import KINDS
@@ -459,9 +461,21 @@ def _restore_holding(client, g: int, made: str, disks: dict[str, str], unused: t
     records.create(client.r, job, {"phase": "queued"})
     with client.guest_store.editing(g) as box:
         box[0] = box[0].with_(disks=disks, unused=unused, lock="restore", lock_job=job.id)
-    ctx = StepContext(job=job, cfg=client.cfg, r=client.r, node="node1", step="commit_guest", worker="test:1",
-                      kinds=KINDS)
-    return job, ctx
+    try:
+        yield StepContext(job=job, cfg=client.cfg, r=client.r, node="node1", step="commit_guest", worker="test:1",
+                          kinds=KINDS)
+    finally:
+        client.r.srem(records.ACTIVE, job.id)
+        with client.guest_store.editing(g) as box:
+            box[0] = box[0].with_(lock="", lock_job="")
+
+
+def _two_disks(client, vmid) -> tuple[int, str, str]:
+    """A new guest with two disks: its id, its scsi0 (the old disk) and scsi1 (as restored)."""
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"},
+                                        "scsi1": {"storage": "local", "size": "8M"}})
+    return g, client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
 
 
 def test_a_restore_force_whose_record_of_the_replaced_disks_was_lost_frees_none_of_the_restored(client, vmid):
@@ -469,43 +483,29 @@ def test_a_restore_force_whose_record_of_the_replaced_disks_was_lost_frees_none_
     the save of what it replaced was lost with its process (a failover, or a power loss that
     took Redis's last second too). Run again, the commit must not take the restored disk for
     the replaced one: nothing is freed, the restored disk stays attached, the old one unused."""
-    from worker import records
     from worker.jobs import backups
 
-    g = vmid()
-    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"},
-                                        "scsi1": {"storage": "local", "size": "8M"}})
-    old, restored = client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
-    job, ctx = _restore_holding(client, g, restored, {"scsi0": restored}, (old,))
-    try:
+    g, old, restored = _two_disks(client, vmid)
+    with _restore_holding(client, g, restored, {"scsi0": restored}, (old,)) as ctx:
         backups.commit_restored(ctx)
         assert ctx.data["replaced"] == {} and "were not freed" in ctx.job.result["warning"]
         backups.free_replaced(ctx)
         guest = client.guest(g)
         assert guest.disks == {"scsi0": restored} and guest.unused == (old,) and guest.lock == ""
         assert volume_path(restored).exists() and volume_path(old).exists()
-    finally:
-        client.r.srem(records.ACTIVE, job.id)
 
 
 def test_free_replaced_never_frees_a_disk_the_guest_attaches(client, vmid):
     """Whatever the record says was replaced, a disk the guest attaches is kept (and said)."""
-    from worker import records
     from worker.jobs import backups
 
-    g = vmid()
-    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"},
-                                        "scsi1": {"storage": "local", "size": "8M"}})
-    old, restored = client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
-    job, ctx = _restore_holding(client, g, restored, {"scsi0": restored}, (old,))
-    try:
+    g, old, restored = _two_disks(client, vmid)
+    with _restore_holding(client, g, restored, {"scsi0": restored}, (old,)) as ctx:
         ctx.data["replaced"] = {"scsi0": restored, "scsi1": old}  # a record that names the restored disk
         backups.free_replaced(ctx)
         assert volume_path(restored).exists() and not volume_path(old).exists()
         assert f"{restored}: guest {g} attaches it" in ctx.job.result["warning"]
         assert client.guest(g).disks == {"scsi0": restored} and client.guest(g).unused == ()
-    finally:
-        client.r.srem(records.ACTIVE, job.id)
 
 
 def test_a_free_run_again_after_a_crash_never_frees_a_volume_made_since_under_the_name(client, vmid):
@@ -513,30 +513,25 @@ def test_a_free_run_again_after_a_crash_never_frees_a_volume_made_since_under_th
     has since made a volume under the freed name. Run again, the step leaves that volume alone:
     it frees a name only while it holds the volume whose identity was saved before the free."""
     from drivers import driver_for
-    from worker import records
     from worker.jobs import backups
 
-    g = vmid()
-    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"},
-                                        "scsi1": {"storage": "local", "size": "8M"}})
-    old, restored = client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
-    job, ctx = _restore_holding(client, g, restored, {"scsi0": restored}, (old,))
+    g, old, restored = _two_disks(client, vmid)
+    h = vmid()  # another guest attaches the new volume: not this job's to check, nor to keep listing
+    client.run("create", vmid=h, disks={})
     try:
-        drv = driver_for(client.cfg.storage("local"))
-        vol = drv.parse_volname(old.split(":", 1)[1])
-        ctx.data["replaced"] = {"scsi0": old}
-        ctx.data["freed"] = {"scsi0": drv.identity(vol)}  # saved, then freed by the try that died
-        drv.free_volume(vol)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(volume_path(old)), "4M"], check=True)
-        h = vmid()  # another guest attaches the new volume: not this job's to check, nor to keep listing
-        client.run("create", vmid=h, disks={})
-        with client.guest_store.editing(h) as box:
-            box[0] = box[0].with_(disks={"scsi0": old})
-        backups.free_replaced(ctx)
-        assert volume_path(old).exists() and volume_path(old).stat().st_size == 4 << 20  # another's, kept
-        assert client.guest(g).unused == () and client.guest(g).lock == "" and "warning" not in ctx.job.result
+        with _restore_holding(client, g, restored, {"scsi0": restored}, (old,)) as ctx:
+            drv = driver_for(client.cfg.storage("local"))
+            vol = drv.parse_volname(old.split(":", 1)[1])
+            ctx.data["replaced"] = {"scsi0": old}
+            ctx.data["freed"] = {"scsi0": drv.identity(vol)}  # saved, then freed by the try that died
+            drv.free_volume(vol)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(volume_path(old)), "4M"], check=True)
+            with client.guest_store.editing(h) as box:
+                box[0] = box[0].with_(disks={"scsi0": old})
+            backups.free_replaced(ctx)
+            assert volume_path(old).exists() and volume_path(old).stat().st_size == 4 << 20  # another's, kept
+            assert client.guest(g).unused == () and client.guest(g).lock == "" and "warning" not in ctx.job.result
     finally:
-        client.r.srem(records.ACTIVE, job.id)
         with client.guest_store.editing(h) as box:
             box[0] = box[0].with_(disks={})
         volume_path(old).unlink(missing_ok=True)
@@ -546,7 +541,6 @@ def test_an_undo_never_renames_back_a_base_the_jobs_own_guest_attaches(client, v
     """A template restore --force whose commit wrote the config (its bases attached) and then
     failed: the undo keeps each base the held guest attaches as a base (and says so)."""
     from drivers.errors import Refused
-    from worker import records
     from worker.jobs import steps
 
     g = vmid()
@@ -554,38 +548,24 @@ def test_an_undo_never_renames_back_a_base_the_jobs_own_guest_attaches(client, v
     made = client.guest(g).disks["scsi0"]
     client.run("template", vmid=g)
     base = client.guest(g).disks["scsi0"]
-    job, ctx = _restore_holding(client, g, made, {"scsi0": base}, ())
-    try:
+    with _restore_holding(client, g, made, {"scsi0": base}, ()) as ctx:
         ctx.data["based"] = {"scsi0": [made, base]}
         with pytest.raises(Refused, match=rf"kept as base: {base} \(in use by guest {g} \(scsi0\), held by this job"):
             steps.unmake_bases(ctx)
         assert volume_path(base).exists() and not volume_path(made).exists()
-    finally:
-        client.r.srem(records.ACTIVE, job.id)
-        with client.guest_store.editing(g) as box:
-            box[0] = box[0].with_(lock="", lock_job="")
 
 
 def test_an_undo_never_frees_a_volume_the_jobs_own_guest_attaches(client, vmid):
     """A commit that wrote the config and then failed (its directory's fsync, say) is undone
     without its write taken back: the volume the held guest now attaches is kept, and said."""
     from drivers.errors import Refused
-    from worker import records
     from worker.jobs import steps
 
-    g = vmid()
-    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"},
-                                        "scsi1": {"storage": "local", "size": "8M"}})
-    old, restored = client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
-    job, ctx = _restore_holding(client, g, restored, {"scsi0": restored}, (old,))
-    try:
+    g, old, restored = _two_disks(client, vmid)
+    with _restore_holding(client, g, restored, {"scsi0": restored}, (old,)) as ctx:
         with pytest.raises(Refused, match=rf"kept {restored} \(in use by guest {g} \(scsi0\), held by this job\)"):
             steps.free_made(ctx)
         assert volume_path(restored).exists()
-    finally:
-        client.r.srem(records.ACTIVE, job.id)
-        with client.guest_store.editing(g) as box:
-            box[0] = box[0].with_(lock="", lock_job="")
 
 
 def test_restore_force_rolls_a_template_back_to_its_backup(stork, client, vmid, tmp_path):
