@@ -221,7 +221,9 @@ def read_secret(file: Path, key: str, path: Path) -> str:
 
 
 PINNED_MAX = 1 << 20  # a PEM certificate or key is a few KiB
-_pinned: dict[Path, tuple[int, int, int]] = {}  # a checked file's path -> its descriptor, device and inode
+# (a checked file's path, whether it had to be private) -> its descriptor, device and inode: one
+# PEM file may hold both certificate and key, and its check as the key must not be skipped
+_pinned: dict[tuple[Path, bool], tuple[int, int, int]] = {}
 
 
 def pinned(path: Path, key: str, private: bool = False) -> str:
@@ -232,7 +234,7 @@ def pinned(path: Path, key: str, private: bool = False) -> str:
     one found closed or reused (a process that closes every descriptor as it daemonizes) is
     opened and checked again. So a process keeps the certificate and key it started with, a
     matching pair: new ones at those paths are taken at its next start."""
-    held = _pinned.get(path)
+    held = _pinned.get((path, private))
     if held is not None:
         fd, device, inode = held
         with contextlib.suppress(OSError):
@@ -251,7 +253,7 @@ def pinned(path: Path, key: str, private: bool = False) -> str:
     if problem:
         os.close(fd)
         raise ConfigError(f"{key} = {str(path)!r}: {problem}")
-    _pinned[path] = (fd, st.st_dev, st.st_ino)
+    _pinned[(path, private)] = (fd, st.st_dev, st.st_ino)
     return f"/proc/self/fd/{fd}"
 
 

@@ -245,12 +245,17 @@ def celery_settings(settings: RedisSettings, role_name: str, visibility_timeout:
 TLS_REFUSALS = ("alert certificate required", "alert handshake failure", "EOF occurred in violation of protocol")
 
 
+def tls_refusal(error: redis.RedisError) -> bool:
+    """Whether `error` reads as a TLS handshake that the server cut (TLS_REFUSALS)."""
+    return any(text in str(error) for text in TLS_REFUSALS)
+
+
 def trouble(settings: RedisSettings, error: redis.RedisError) -> str:
     """A Redis error as one line for a user: where Redis is and what went wrong; and where a
     TLS connection of a client that shows no certificate was cut as a Redis that asks for one
     cuts it (tls-auth-clients yes, its default), the keys that would give it one."""
     line = f"{settings.where()}: {error}"
-    if not settings.cert_file and _tls(settings) and any(text in str(error) for text in TLS_REFUSALS):
+    if not settings.cert_file and _tls(settings) and tls_refusal(error):
         line += " (if this Redis asks for client certificates: set redis.cert_file and redis.key_file)"
     return line
 

@@ -218,6 +218,16 @@ def test_a_key_file_that_is_not_a_private_file_is_refused(tmp_path, make, messag
         _parse(CLIENT_CERT, tmp_path)
 
 
+def test_one_pem_file_holding_certificate_and_key_is_checked_as_the_key(tmp_path):
+    """cert_file and key_file may name one file: read first as the certificate, it is still
+    refused as the key when every user can read it."""
+    (tmp_path / "both.pem").write_text("CERT\nKEY\n")
+    (tmp_path / "both.pem").chmod(0o644)
+    text = '[redis]\nurl = "rediss://h:1/0"\ncert_file = "both.pem"\nkey_file = "both.pem"\n'
+    with pytest.raises(ConfigError, match=r"redis.key_file = '.*both.pem': every user of this machine can read it"):
+        _parse(text, tmp_path)
+
+
 def test_a_key_file_its_group_can_read_is_taken(tmp_path):
     """As for password files: refused when every user can read it (a group may: root:ssl-cert 0640)."""
     _certificate(tmp_path, mode=0o640)

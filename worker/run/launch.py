@@ -44,7 +44,7 @@ def redis_answers(cfg: Config) -> bool:
     except redis.AuthenticationError as e:  # (a ConnectionError to redis-py)
         raise StorkError(connect.trouble(cfg.redis, e)) from None
     except (redis.ConnectionError, redis.TimeoutError) as e:
-        if any(text in str(e) for text in connect.TLS_REFUSALS):
+        if connect.tls_refusal(e):
             raise StorkError(connect.trouble(cfg.redis, e)) from None
         return False  # nothing listens there, or nothing answers
     except redis.RedisError as e:  # it answered, and refused: a user without the rights, say
