@@ -517,12 +517,14 @@ def test_the_socket_folders_of_dead_steps_are_removed_and_nothing_else(tmp_path)
     """A step killed while qemu-nbd served leaves its socket folder; the worker's sweep removes
     those whose process is gone, and leaves a live process's, another owner's or a public one,
     a symlink (never followed) and any other name."""
-    from drivers.nbd import remove_stale_folders
+    from drivers.nbd import _FOLDER_NAME, remove_stale_folders
     from drivers.tools import process_start
 
-    ended = subprocess.Popen(["true"])
+    ended = subprocess.Popen(["sleep", "60"])  # alive until its start time is read: a zombie has none
     gone = f"stork-nbd-{ended.pid}-{process_start(ended.pid)}"
+    ended.kill()
     ended.wait()
+    assert _FOLDER_NAME.match(f"{gone}-x"), gone
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "keep").write_text("kept")
