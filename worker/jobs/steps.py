@@ -181,20 +181,24 @@ def link_disks(ctx: StepContext) -> None:
     template = ctx.guests.read(ctx.params["vmid"])
     template.require_unlocked()
     for key, plan in ctx.params["disks"].items():
-        if key not in ctx.data.get("made", {}):
-            _link(ctx, key, plan["source"], plan["owner"])
+        if key not in ctx.data.get("made", {}):  # a template names its bases from its commit on
+            _link(ctx, key, plan["source"], plan["owner"], settled=plan["source"] in template.disks.values())
     ctx.set_result(volumes=ctx.data.get("made", {}))
 
 
 def _link(ctx: StepContext, key: str, base_volid: str, owner: int, identity: str | None = None,
-          table: str = "made") -> None:
+          table: str = "made", settled: bool = False) -> None:
     """Make `key`'s disk a linked clone of the base `base_volid` (which must still be the very
-    volume `identity` names, where the plan gives one: a relinked restore)."""
+    volume `identity` names, where the plan gives one: a relinked restore). `settled`: no job
+    may rename the base back (an unlocked template names it, a template records it as a
+    replica, this job made it), else the jobs naming it are asked (usage.require_base_made)."""
     drv, base = ctx.volume(base_volid)
     drv.require_feature("linked_clone", base)
 
     def link(vol: VolName) -> None:
         drv.require_existing(base)  # under the storage lock that a destroy frees it under
+        if not settled:
+            usage.require_base_made(ctx, base_volid)
         if identity is not None and drv.identity(base) != identity:
             raise Refused(f"{base_volid} is no longer the base this backup was made against (it was made anew)")
         drv.link_clone(base, vol)
@@ -472,7 +476,7 @@ def link_replicas(ctx: StepContext) -> None:
     for key, plan in ctx.params["links"].items():
         if key not in ctx.data.get("linked", {}):
             replica = plan.get("replica") or based[key][1]
-            _link(ctx, key, replica, ctx.params["new_vmid"], table="linked")
+            _link(ctx, key, replica, ctx.params["new_vmid"], table="linked", settled=True)
     ctx.set_result(volumes=ctx.data.get("linked", {}))
 
 
@@ -584,8 +588,10 @@ def unmake_bases(ctx: StepContext) -> None:
                 taken.append(f"{base_volid} (its old name {volid} is taken)")
                 continue
             guests = usage.candidates(ctx, base_volid)  # e.g. a replica a template recorded; a restored template
+            # linked clones read through it (the guest's own, link_owner's, once a commit wrote it)
+            clones = [f"linked clone {drv.volid(c)}" for c in drv.clones_of(base)]
             if found := usage.guest_users(ctx, base_volid, guests=guests) + \
-                    usage.held_guest_users(ctx, base_volid, guests):
+                    usage.held_guest_users(ctx, base_volid, guests) + clones:
                 taken.append(f"{base_volid} (in use by {', '.join(found)})")
                 continue
             ctx.fence(drv)
@@ -600,7 +606,7 @@ def link_owner(ctx: StepContext) -> None:
     guest_id = ctx.params.get("lock_vmid")
     for slot, planned in ctx.params.get("link_owner", {}).items():
         if guest_id is not None and slot not in ctx.data.get("made", {}):
-            _link(ctx, slot, ctx.data["based"][planned][1], guest_id)
+            _link(ctx, slot, ctx.data["based"][planned][1], guest_id, settled=True)
 
 
 def commit_bases(ctx: StepContext) -> None:
@@ -697,9 +703,11 @@ def commit_assembled(ctx: StepContext) -> None:
     vmid = ctx.params["new_vmid"]
     for volid in ctx.params["attach"].values():
         drv, vol = ctx.volume(volid)
-        drv.require_existing(vol)
-        if not vol.is_base:
-            raise Refused(f"{volid} is not a base image: a template's disks must all be bases")
+        with ctx.storage_lock(drv):  # the lock a destroy or free checks and frees it under
+            drv.require_existing(vol)
+            if not vol.is_base:
+                raise Refused(f"{volid} is not a base image: a template's disks must all be bases")
+            usage.require_base_made(ctx, volid)
     with ctx.guests.editing(vmid) as box:
         if box[0].lock_job == ctx.job.id:
             box[0] = box[0].with_(disks=dict(ctx.params["attach"]), template=True, lock="", lock_job="")
@@ -791,11 +799,12 @@ def switch_node(ctx: StepContext) -> None:
         ctx.set_result(kept={"node": ctx.params["source_node"], "volumes": sorted(old.values())})
 
 
-def freed_before(ctx: StepContext, drv: Driver, vol: VolName, key: str) -> bool:
-    """Whether a try before freed `vol`, the volume disk `key` had before the job replaced it:
-    its identity was saved, and the name holds no volume now, or another one (another job's,
-    made under the freed name since: neither the job's to free nor to check)."""
-    saved = ctx.data.get("freed", {}).get(key)
+def freed_before(ctx: StepContext, drv: Driver, vol: VolName, key: str, table: str = "freed") -> bool:
+    """Whether a try before freed `vol` (the volume disk `key` had before the job replaced it,
+    or, in the table "freed_volumes", the volume id `key`): its identity was saved, and the name
+    holds no volume now, or another one (another job's, made under the freed name since:
+    neither the job's to free nor to check)."""
+    saved = ctx.data.get(table, {}).get(key)
     return saved is not None and (not drv.exists(vol) or drv.identity(vol) != saved)
 
 
@@ -861,9 +870,11 @@ def free_volume(ctx: StepContext) -> None:
             faults.point("free_recorded")
             ctx.fence(drv)
             drv.free_volume(vol)  # refuses a base with linked clones, listing them
-        elif drv.exists(vol) and drv.identity(vol) == freeing:
+        elif drv.exists(vol) and drv.identity(vol) == freeing:  # the process that saved it died before freeing
+            # checked again: the storage lock was let go meanwhile, and a guest may attach it by now (assemble)
+            usage.require_unused(ctx, volid, count_unused=False)
             ctx.fence(drv)
-            drv.free_volume(vol)  # the process that saved it died before freeing
+            drv.free_volume(vol)
     if guests is None:
         try:
             guests = ctx.guests.candidates(volid)
@@ -896,7 +907,12 @@ def destroy_guest(ctx: StepContext) -> None:
     volumes = {v: ctx.volume(v) for v in [*guest.disks.values(), *guest.unused]}
     kept = {}
     with ctx.storage_locks([drv for drv, _ in volumes.values()]):
+        # freed by a try before whose process died; or the name holds another job's volume by now
+        gone = {volid for volid, (drv, vol) in volumes.items() if freed_before(ctx, drv, vol, volid, "freed_volumes")}
+        others = {volid for volid in gone if volumes[volid][0].exists(volumes[volid][1])}  # left as they are
         for volid, (drv, vol) in volumes.items():
+            if volid in gone:
+                continue
             if drv.exists(vol):
                 drv.identity(vol)  # refuses an entry that is not a volume (named, with its path) before any free
             usage.require_base_unread(drv, vol, vmid)
@@ -904,15 +920,21 @@ def destroy_guest(ctx: StepContext) -> None:
                 raise Refused(f"{volid} is in use by {', '.join(found)}")
             if found := usage.guest_users(ctx, volid):
                 kept[volid] = found  # e.g. a base another template shares: it stays theirs
+        identities = ctx.data.setdefault("freed_volumes", {})  # saved before any is freed, for a try after a crash
+        for volid, (drv, vol) in volumes.items():
+            if volid not in kept and volid not in gone and volid not in identities:
+                identities[volid] = drv.identity(vol) if drv.exists(vol) else ""
+        ctx.save()
         for volid, (drv, vol) in volumes.items():
             if volid in kept:
                 continue
-            ctx.fence(drv)
-            drv.free(vol)
+            if volid not in gone:
+                ctx.fence(drv)
+                drv.free(vol)
             with ctx.guests.editing(vmid) as box:
                 g = box[0]
                 box[0] = g.with_(disks={k: v for k, v in g.disks.items() if v != volid},
                                  unused=tuple(v for v in g.unused if v != volid))
     ctx.guests.delete(vmid)
-    ctx.set_result(destroyed=vmid, freed=[v for v in volumes if v not in kept],
+    ctx.set_result(destroyed=vmid, freed=[v for v in volumes if v not in kept and v not in others],
                    **({"kept": {v: ", ".join(u) for v, u in kept.items()}} if kept else {}))

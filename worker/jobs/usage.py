@@ -92,16 +92,39 @@ def foreign_folder(storage: str, owner: int, whose: str) -> str:
             "in that guest's folder")
 
 
-def job_users(ctx: StepContext, volid: str) -> list[str]:
-    """Jobs, besides this one, that have not ended and read, make or rename `volid`: those the
-    volume's index names (records.candidates), each confirmed by its record."""
+def _other_jobs_naming(ctx: StepContext, volid: str) -> list[JobRecord]:
+    """Jobs, besides this one, that have not ended and whose records may name `volid` (the
+    volume's index, records.candidates), each record checked: one that cannot be read might
+    name it, so the answer is Refused."""
     try:
         jobs = records.load_many(ctx.r, [j for j in records.candidates(ctx.r, volid) if j != ctx.job.id])
         for job in jobs:
-            params.check_record(job)  # a record we cannot read might name the volume
+            params.check_record(job)
     except StorkError as e:
         raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
-    return [f"job {job.id} ({job.kind})" for job in jobs if volid in job_volumes(job)]
+    return jobs
+
+
+def job_users(ctx: StepContext, volid: str) -> list[str]:
+    """Jobs, besides this one, that have not ended and read, make or rename `volid`, each
+    confirmed by its record."""
+    return [f"job {job.id} ({job.kind})" for job in _other_jobs_naming(ctx, volid) if volid in job_volumes(job)]
+
+
+def require_base_made(ctx: StepContext, base_volid: str) -> None:
+    """Refuse to read through, or attach, a base that a job made which may still rename it
+    back to the disk it was: one that has not ended nor passed its commit (every kind makes
+    its bases before its commit, and nothing at or before a commit is undone). A linked clone
+    or a template naming it would lose it."""
+    def may_rename_back(job: JobRecord) -> bool:
+        kind = ctx.kinds.get(job.kind)
+        return kind is None or not any(kind.steps[i].commit for i in range(min(job.done, len(kind.steps))))
+
+    if makers := [job for job in _other_jobs_naming(ctx, base_volid)
+                  if any(pair[1] == base_volid for pair in (job.ctx.get("based") or {}).values())
+                  and may_rename_back(job)]:
+        raise Refused(f"{base_volid} is being made a base by job {makers[0].id} ({makers[0].kind}): "
+                      "use it once that job has ended")
 
 
 def users(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None,

@@ -1,0 +1,173 @@
+"""A base while the job that made it has not ended, and a volume freed across a crash: a
+linked clone or an assembled template never reads through a base that an undo may still rename
+back, that undo keeps a base clones read through, and a free or destroy tried again after its
+process died neither frees a volume a guest attached meanwhile nor one another job made under
+the freed name since. Each acts on a hand-made record through the real steps, with real volumes
+and configs on the session cluster."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers import qemu_same, volume_path
+from tests.jobs.test_templates import template_of
+
+
+@contextlib.contextmanager
+def recorded(client, kind: str, state: str, at: str | None = None, **fields) -> Iterator[object]:
+    """A job record made by hand, as a job of `kind` left it (running step `at`, in this
+    process); no worker ever runs it."""
+    from worker import liveness, records
+    from worker.jobs.kinds import KINDS
+    from worker.records import JobRecord
+
+    steps = [s.name for s in KINDS[kind].steps]
+    if at is not None:  # held by this live process: the sweep leaves it alone
+        fields |= {"done": steps.index(at), "current": {"step": steps.index(at), "name": at, "node": "node1",
+                                                         "worker": liveness.process_id(), "attempt": 2}}
+    job = JobRecord(id=records.new_id(), kind=kind, node="node1", steps=steps, queues=["shared"] * len(steps),
+                    state=state, **fields)
+    records.create(client.r, job, {"phase": "queued"})
+    try:
+        yield job
+    finally:
+        client.r.srem(records.ACTIVE, job.id)
+
+
+def step_context(client, job, step: str):
+    from worker import liveness
+    from worker.context import StepContext
+    from worker.jobs.kinds import KINDS
+
+    return StepContext(job=job, cfg=client.cfg, r=client.r, node="node1", step=step, worker=liveness.process_id(),
+                       kinds=KINDS)
+
+
+def test_an_undo_keeps_a_base_that_linked_clones_read_through(stork, client, vmid):
+    """A template job undone after a linked clone was made of its new base (its guest not yet
+    committed, so no config names the base): renamed back, the clone's backing would be gone."""
+    from drivers.errors import Refused
+    from worker.jobs.steps import unmake_bases
+
+    t, c = vmid(), vmid()
+    base = template_of(stork, t)
+    code, _, err = stork("guest", "create", c, "--disk", f"scsi0={base}")
+    assert code == 0, err
+    clone = client.guest(c).disks["scsi0"]
+    disk = f"local:{t}/vm-{t}-disk-0.raw"
+    with recorded(client, "template", "undoing", params={"lock_vmid": t},
+                  ctx={"based": {"scsi0": [disk, base]}}) as job:
+        with client.guest_store.editing(t) as box:  # as the job left it before its commit
+            box[0] = box[0].with_(disks={"scsi0": disk}, template=False, lock="template", lock_job=job.id)
+        try:
+            with pytest.raises(Refused, match=f"kept as base: {base} .*linked clone {clone}"):
+                unmake_bases(step_context(client, job, "undo_make_bases"))
+            assert volume_path(base).exists() and not volume_path(disk).exists()
+            assert qemu_same(volume_path(base), volume_path(clone))
+        finally:
+            with client.guest_store.editing(t) as box:
+                box[0] = box[0].with_(disks={"scsi0": base}, template=True, lock="", lock_job="")
+
+
+@pytest.mark.parametrize("how", ["linked clone", "assemble"])
+def test_a_base_whose_job_has_not_ended_is_not_read_through(stork, client, vmid, how):
+    """Until the job that made a base ends, its undo may rename it back: a linked clone of it,
+    or a template assembled of it, is refused by the step, under the storage lock."""
+    t, g = vmid(), vmid()
+    base = template_of(stork, t)
+    with recorded(client, "template", "running", params={"lock_vmid": t},
+                  ctx={"based": {"scsi0": [f"local:{t}/vm-{t}-disk-0.raw", base]}}) as maker:
+        if how == "linked clone":
+            job = client.run("create", vmid=g, disks={"scsi0": {"base": base}})
+        else:
+            job = client.run("assemble", vmid=g, disks={"scsi0": base})
+    assert job.state == "failed"
+    assert f"{base} is being made a base by job {maker.id} (template): use it once that job has ended" in job.error
+    assert not client.guest_store.exists(g) and volume_path(base).exists()
+
+
+def test_a_base_whose_job_passed_its_commit_is_read_through(stork, client, vmid):
+    """Nothing at or before a commit is undone: a base whose job has committed (and is still
+    ending, say undoing a later step) can no longer be renamed back, and is cloned."""
+    t, g = vmid(), vmid()
+    base = template_of(stork, t)
+    with recorded(client, "template", "undoing", done=3, params={"lock_vmid": t},
+                  ctx={"based": {"scsi0": [f"local:{t}/vm-{t}-disk-0.raw", base]}}):
+        job = client.run("create", vmid=g, disks={"scsi0": {"base": base}})
+    assert job.state == "succeeded", job.error
+    assert client.volume(client.guest(g).disks["scsi0"]).parent == base
+
+
+def test_a_free_tried_again_after_a_crash_checks_its_volume_again(stork, client, vmid):
+    """A free whose process died between saving the volume's identity and freeing it had let
+    the storage lock go: a template assembled of the base meanwhile attaches it, and the free
+    tried again refuses rather than leave that template naming a volume gone."""
+    from drivers import driver_for
+    from drivers.errors import Refused
+    from worker.jobs.steps import free_volume
+
+    t, a = vmid(), vmid()
+    base = template_of(stork, t)
+    with client.guest_store.editing(t) as box:  # a base no guest names: free to free
+        box[0] = box[0].with_(disks={})
+    drv = driver_for(client.cfg.storage("local"))
+    identity = drv.identity(drv.parse_volname(base.split(":", 1)[1]))
+    with recorded(client, "free", "running", at="free_volume", params={"volid": base, "node": "node1"},
+                  ctx={"freeing": identity}) as job:
+        assembled = client.run("assemble", vmid=a, disks={"scsi0": base})
+        assert assembled.state == "succeeded", assembled.error
+        with pytest.raises(Refused, match=rf"{base} is in use by guest {a} \(scsi0\)"):
+            free_volume(step_context(client, job, "free_volume"))
+    assert volume_path(base).exists()
+
+
+def test_a_destroy_saves_its_volumes_before_freeing_and_frees_only_those_when_tried_again(
+        stork, client, vmid, monkeypatch):
+    """A destroy whose process dies after its first free: by its next try another job may have
+    made a new volume under the name it freed (a copy for the same owner), or under that of a
+    disk whose volume was missing. The identities saved before the first free tell them
+    apart: those volumes stay, the rest are freed, and the config goes."""
+    from drivers import driver_for
+    from drivers.backends.dir import DirDriver
+    from worker import records
+    from worker.jobs.steps import destroy_guest
+
+    g = vmid()
+    code, _, err = stork("guest", "create", g, *(f"--disk=scsi{i}=local:8M" for i in range(4)))
+    assert code == 0, err
+    first, second, third, missing = (client.guest(g).disks[f"scsi{i}"] for i in range(4))
+    volume_path(missing).unlink()
+    drv = driver_for(client.cfg.storage("local"))
+    free = DirDriver.free
+
+    def dies_after_the_first(self, vol):  # before the config drops it
+        free(self, vol)
+        raise OSError(5, "the process dies here")
+
+    with recorded(client, "destroy", "running", at="destroy", params={"lock_vmid": g, "node": "node1"},
+                  ctx={"destroying": g}) as job:
+        with client.guest_store.editing(g) as box:
+            box[0] = box[0].with_(lock="destroy", lock_job=job.id)
+        monkeypatch.setattr(DirDriver, "free", dies_after_the_first)
+        with pytest.raises(OSError, match="the process dies here"):
+            destroy_guest(step_context(client, job, "destroy"))
+        monkeypatch.undo()
+        saved = records.load(client.r, job.id).ctx["freed_volumes"]
+        assert set(saved) == {first, second, third, missing} and saved[missing] == ""
+        assert not volume_path(first).exists() and volume_path(second).exists()
+        for volid in (first, missing):  # made since, by another job
+            drv.allocate(drv.parse_volname(volid.split(":", 1)[1]), 1 << 20)
+        retry = records.load(client.r, job.id)
+        ctx = step_context(client, retry, "destroy")
+        destroy_guest(ctx)
+    try:
+        assert volume_path(first).exists() and volume_path(missing).exists()
+        assert not volume_path(second).exists() and not volume_path(third).exists()
+        assert not client.guest_store.exists(g)
+        assert ctx.job.result["freed"] == [second, third]
+    finally:
+        for volid in (first, missing):  # no guest names them: the orphan checks of other tests
+            volume_path(volid).unlink(missing_ok=True)
