@@ -5,7 +5,9 @@ the backups newest first and keeps the newest backup of each new period (an hour
 ISO week, ...) until it has kept as many periods as it was asked for. A period already
 covered by a backup an earlier rule kept is not counted again, and a backup whose period a
 newer backup took in this rule's walk is marked for removal. Protected backups are always
-kept and never count. What no rule keeps is removed; with no rule at all, everything is kept.
+kept and never count; so are, unlike PBS, backups whose last verify failed (`failed`): a
+damaged backup must not stand for a sound one. What no rule keeps is removed; with no rule
+at all, everything is kept.
 All periods are taken in UTC (PBS uses the server's local time).
 """
 
@@ -15,6 +17,10 @@ import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+
+TYPE_CHECKING = False  # typing's own is not imported: the command line reads Keep at startup
+if TYPE_CHECKING:
+    from drivers.backup.records import Snapshot
 
 OPTIONS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -59,6 +65,14 @@ class Candidate:
     id: str
     time: datetime  # timezone-aware
     protected: bool = False
+    failed: bool = False  # its last verify found it damaged
+
+
+def candidate(snapshot: Snapshot) -> Candidate:
+    """A committed snapshot as prune and sync weigh it."""
+    verify = snapshot.state.verify
+    return Candidate(str(snapshot.id), snapshot.id.time, snapshot.state.protected,
+                     failed=verify is not None and not verify.ok)
 
 
 @dataclass(frozen=True)
@@ -109,7 +123,7 @@ def _newest_first(backups: Sequence[Candidate]) -> list[Candidate]:
         if backup.id in seen:
             raise ValueError(f"backup {backup.id} is listed twice")
         seen.add(backup.id)
-    utc = [Candidate(b.id, b.time.astimezone(UTC), b.protected) for b in backups]
+    utc = [Candidate(b.id, b.time.astimezone(UTC), b.protected, b.failed) for b in backups]
     return sorted(utc, key=lambda b: b.time, reverse=True)
 
 
@@ -121,7 +135,7 @@ def _apply(option: str, count: int, ordered: list[Candidate], marks: dict[str, t
     for backup in ordered:
         if backup.id in marks:
             continue
-        if backup.protected:
+        if backup.protected or backup.failed:
             marks[backup.id] = (_Mark.PROTECTED, "protected")
             continue
         slot = period(backup)
@@ -139,6 +153,8 @@ def _apply(option: str, count: int, ordered: list[Candidate], marks: dict[str, t
 def _decide(backup: Candidate, mark: tuple[_Mark, str] | None) -> Decision:
     if backup.protected:
         return Decision(backup.id, True, "protected")
+    if backup.failed:
+        return Decision(backup.id, True, "its verify failed: kept, not counted (forget it by hand)")
     if mark is None:
         return Decision(backup.id, False, "kept by no retention option")
     return Decision(backup.id, mark[0] is not _Mark.REMOVE, mark[1])

@@ -648,9 +648,14 @@ class ChunkStore:
         removed: its chunks cannot be told from garbage. Damaged chunks that verify moved aside
         are removed once they have been aside for QUARANTINE (counted apart).
 
+        Every time compared is the store's clock or earlier: chunk times are the store file
+        system's (an NFS server's), so gc's start and each writer's are the earlier of their own
+        clock's and the store's (a new file's time). A node whose clock runs ahead of the
+        store's, by more than the margin too, never makes a chunk that was just touched look old.
+
         `now` stands in for gc's start (tests pass a later one to age the whole store).
         """
-        started = time.time() if now is None else now
+        started = min(time.time(), self._store_clock()) if now is None else now
         live, partials_removed = self._live_partials()
         cutoff = min([started, *(start for start, _ in live)]) - margin
         marked = self._referenced_chunks()  # listed only now, after the partials: see above
@@ -658,6 +663,17 @@ class ChunkStore:
             marked |= chunks
         removed, freed, kept, bad, recent, newest = self._sweep_chunks(marked, cutoff, started - QUARANTINE)
         return GcResult(removed, freed, kept, partials_removed, bad, recent, newest + margin if recent else None)
+
+    def _store_clock(self) -> float:
+        """The store file system's clock now: the time of a file made for the purpose."""
+        name = f".clock.{secrets.token_hex(8)}"
+        with self._folder() as root:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=root)
+            try:
+                return os.fstat(fd).st_mtime
+            finally:
+                os.close(fd)
+                os.unlink(name, dir_fd=root)
 
     def _live_partials(self) -> tuple[list[tuple[float, set[str]]], int]:
         """(start, chunks named so far) of each live writer; dead writers' partials and leftover

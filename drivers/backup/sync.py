@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from drivers import faults
 from drivers.backup.records import MAX_NOTES, Index, Patch, Snapshot, check_notes, index_key
-from drivers.backup.retention import Candidate, Keep, plan
+from drivers.backup.retention import Candidate, Keep, candidate, plan
 from drivers.backup.store import ChunkStore, SnapshotWriter
 from drivers.errors import AlreadyExists, Corrupt, InvalidName, NotFound, Refused
 
@@ -86,7 +86,7 @@ def retained(snapshots: list[Snapshot], keep: Keep) -> set[str]:
     """The ids the retention keeps, guest by guest (a snapshot in both stores counted once)."""
     by_guest: dict[int, dict[str, Candidate]] = {}
     for s in snapshots:
-        by_guest.setdefault(s.id.vmid, {})[str(s.id)] = Candidate(str(s.id), s.id.time, s.state.protected)
+        by_guest.setdefault(s.id.vmid, {})[str(s.id)] = candidate(s)
     return {d.id for guest in by_guest.values() for d in plan(list(guest.values()), keep) if d.keep}
 
 

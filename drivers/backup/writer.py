@@ -91,7 +91,10 @@ class SnapshotWriter:
         and its lock is let go, so that gc never takes a writer that gave up for a live one."""
         try:
             with self._writing("starting it"):
-                os.pwrite(lock, f"{self.started}\n".encode(), 0)
+                # the earlier of this node's clock and the store's (the folder's time): the one
+                # its chunks' times are written in (ChunkStore.gc)
+                start = min(self.started, os.fstat(folder).st_mtime)
+                os.pwrite(lock, f"{start}\n".encode(), 0)
                 os.fsync(self._vm)
         except BaseException:
             with contextlib.suppress(OSError, StorkError):

@@ -191,6 +191,62 @@ def test_one_damaged_backup_stops_no_other_backup_listing_prune_or_verify(stork,
     assert code == 1 and f"backup {second} is not damaged" in err and err.count("\n") == 1
 
 
+def test_a_prune_does_not_count_a_backup_its_verify_found_damaged(stork, client, vmid):
+    """The newest backup's own chunk rots and verify says so: keep-last 1 keeps it (never
+    removed by a prune) and the older, sound one too, which it must not stand for. Once the
+    chunk is whole again and verified, it counts, and the older one goes."""
+    g = vmid()
+    guest_with_data(stork, g)
+    first = backed_up(stork, g)["backup"]
+    qemu_io_write(volume_path(client.guest(g).disks["scsi0"]), "raw", 13 * PATTERN_MIB, PATTERN_MIB, 0xA0 + g % 16)
+    second = backed_up(stork, g)["backup"]
+    index = json.loads((STORE / second / "scsi0.index.json").read_bytes())
+    digest = index["chunks"][13 * PATTERN_MIB // index["chunk_size"]]  # this backup's own data (no other test's)
+    chunk = STORE / ".chunks" / digest[:4] / digest
+    saved = chunk.read_bytes()
+    try:
+        chunk.write_bytes(saved[:-1] + bytes([saved[-1] ^ 0xFF]))
+        assert stork("verify", second)[0] == 1
+        code, out, err = stork("--json", "prune", g, "--storage", "backup", "--keep-last", "1")
+        assert code == 0, err
+        result = json.loads(out)["result"]
+        reasons = {d["id"]: (d["keep"], d["reason"]) for d in result["decisions"]}
+        assert result["removed"] == 0 and reasons[first][0] and reasons[second][0]
+        assert reasons[second][1] == "its verify failed: kept, not counted (forget it by hand)"
+    finally:
+        chunk.with_name(chunk.name + ".bad").unlink(missing_ok=True)  # verify moved it aside
+        chunk.write_bytes(saved)
+    assert stork("verify", second)[0] == 0
+    code, out, err = stork("--json", "prune", g, "--storage", "backup", "--keep-last", "1")
+    assert code == 0 and json.loads(out)["result"]["removed"] == 1, err
+    assert first not in stork("backup", "list", g)[1]
+
+
+def test_a_damaged_earlier_backup_is_not_built_on_and_stops_no_backup(stork, client, vmid):
+    """The index of a template's backup, which its linked clone's backups build on, is
+    damaged: the clone's next backup reads those chunks itself instead of failing, says so,
+    and restores equal."""
+    t, c, r = vmid(), vmid(), vmid()
+    guest_with_data(stork, t)
+    assert stork("template", t)[0] == 0
+    assert stork("clone", t, c)[0] == 0
+    template_backup = backed_up(stork, t)["backup"]
+    backed_up(stork, c)
+    clone_disk = client.guest(c).disks["scsi0"]
+    qemu_io_write(volume_path(clone_disk), "qcow2", 3 * PATTERN_MIB, 4096, 0x33)
+    index = STORE / template_backup / "scsi0.index.json"
+    saved = index.read_bytes()
+    index.write_bytes(saved.replace(b'"chunks"', b'"chunkz"', 1))
+    try:
+        result = backed_up(stork, c)
+    finally:
+        index.write_bytes(saved)
+    assert re.search(rf"{re.escape(client.guest(t).disks['scsi0'])} read whole, not built on its earlier backup: "
+                     rf"backup {re.escape(template_backup)}: scsi0.index.json does not match", result["warning"])
+    assert stork("restore", result["backup"], r)[0] == 0
+    assert qemu_same(volume_path(clone_disk), volume_path(client.guest(r).disks["scsi0"]))
+
+
 @pytest.fixture
 def locked(client, vmid, stork):
     from drivers.guests import GuestStore

@@ -406,6 +406,23 @@ class TestVerify:
         assert store.snapshot(str(snapshot.id)).state.verify == result
 
 
+class _Ahead:
+    """`time` as a node whose clock runs 600 s ahead of the store's sees it."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    @staticmethod
+    def time() -> float:
+        return time.time() + 600
+
+
+def _commit_one(writer, digest: str) -> Snapshot:
+    writer.add_index("scsi0", Index("raw", CS, [digest], CS))
+    writer.add_blob("guest.conf", b"memory: 512\n")
+    return writer.commit()
+
+
 class TestGc:
     def test_gc_removes_unreferenced_old_chunks_and_keeps_referenced_ones(self, store):
         """Also a dead writer's temp file goes once it is older than the cutoff; a fresh one stays."""
@@ -425,6 +442,46 @@ class TestGc:
         assert (result.chunks_removed, result.bytes_removed, result.chunks_kept) == (1, orphan_size, 2)
         assert not chunk_path(store, orphan).exists()
         assert store.verify(str(kept.id)).ok
+
+    def test_gc_keeps_what_a_long_backup_reused_where_its_clock_runs_ahead_of_the_store(self, store, monkeypatch):
+        """The backup's node runs 10 minutes ahead of the store's clock (an NFS server's), beyond
+        gc's margin. Early on, the backup reuses an old chunk no snapshot names, which sets the
+        chunk's time to the store's now; a gc an hour later, while the backup still runs, must
+        not take it for older than the backup's start."""
+        from drivers.backup import writer as writer_module
+
+        data = noise(CS, seed=11)
+        orphan, _ = store.put_chunk(data)
+        age(chunk_path(store, orphan), 2 * HOUR)
+        monkeypatch.setattr(writer_module, "time", _Ahead())
+        with store.begin(100, T0) as writer:
+            assert writer.put_chunk(data) == (orphan, 0)  # reused
+            assert store.gc(now=time.time() + HOUR).chunks_removed == 0
+            snapshot = _commit_one(writer, orphan)
+        assert store.verify(str(snapshot.id)).ok
+
+    def test_gc_keeps_what_a_backup_begun_after_its_scan_reused_where_its_clock_runs_ahead(self, store, monkeypatch):
+        """gc's node runs 10 minutes ahead of the store's clock: a backup begun after gc looked
+        for running ones reuses an old chunk no snapshot names; gc must not take it for old."""
+        from drivers.backup import store as store_module
+
+        data = noise(CS, seed=12)
+        orphan, _ = store.put_chunk(data)
+        age(chunk_path(store, orphan), 2 * HOUR)
+        monkeypatch.setattr(store_module, "time", _Ahead())
+        scan, begun = store._live_partials, []
+
+        def scan_then_begin() -> tuple:
+            found = scan()
+            begun.append(store.begin(100, T0))
+            assert begun[0].put_chunk(data) == (orphan, 0)  # reused
+            return found
+
+        monkeypatch.setattr(store, "_live_partials", scan_then_begin)
+        assert store.gc().chunks_removed == 0
+        with begun[0] as writer:
+            snapshot = _commit_one(writer, orphan)
+        assert store.verify(str(snapshot.id)).ok
 
     def test_gc_keeps_an_unreferenced_chunk_younger_than_the_margin(self, store):
         orphan, _ = store.put_chunk(noise(CS))

@@ -14,9 +14,10 @@ def at(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def candidates(times: list[str], protected: frozenset[str] = frozenset()) -> list[Candidate]:
+def candidates(times: list[str], protected: frozenset[str] = frozenset(),
+               failed: frozenset[str] = frozenset()) -> list[Candidate]:
     """Backups named by their times (ids are the time strings), given in a shuffled order."""
-    found = [Candidate(t, at(t), t in protected) for t in times]
+    found = [Candidate(t, at(t), t in protected, t in failed) for t in times]
     random.Random(len(times)).shuffle(found)
     return found
 
@@ -37,7 +38,7 @@ NEW_YEAR_2021 = ["2020-12-31T12:00:00Z", "2021-01-01T12:00:00Z", "2021-01-03T12:
 NEW_YEAR_2025 = ["2024-12-29T12:00:00Z", "2024-12-30T12:00:00Z", "2025-01-05T12:00:00Z"]
 
 CASES = [
-    # (description, backups, protected ids, keep, ids kept)
+    # (description, backups, protected ids, keep, ids kept[, ids whose verify failed])
     ("keep-last 4 of 4 keeps all", FOUR, (), Keep(last=4), set(FOUR)),
     ("keep-last 3 drops the oldest", FOUR, (), Keep(last=3), set(FOUR[1:])),
     ("keep-last 1 keeps the newest", FOUR, (), Keep(last=1), {FOUR[3]}),
@@ -76,14 +77,21 @@ CASES = [
     ("ISO weeks: 2024-12-30 belongs to 2025's first week", NEW_YEAR_2025, (), Keep(weekly=3),
      {"2024-12-29T12:00:00Z", "2025-01-05T12:00:00Z"}),
     ("no backups", [], (), Keep(last=3), set()),
+    ("a backup whose verify failed is kept and does not use up a keep-last slot", FOUR, (), Keep(last=1),
+     {FOUR[2], FOUR[3]}, {FOUR[3]}),
+    ("a backup whose verify failed does not cover its day for keep-daily", FOUR, (), Keep(daily=1),
+     {FOUR[2], FOUR[3]}, {FOUR[3]}),
+    ("with every backup failed, all are kept", FOUR, (), Keep(last=1), set(FOUR), set(FOUR)),
     ("all options 0 keep everything", SPREAD, (), Keep(), set(SPREAD)),
 ]
 
 
-@pytest.mark.parametrize(("what", "times", "protected", "keep", "expected"), CASES, ids=[c[0] for c in CASES])
-def test_prune_table(what, times, protected, keep, expected):
-    """Each case's surviving backups are exactly those PBS's rules keep, in any input order."""
-    decisions = plan(candidates(times, frozenset(protected)), keep)
+@pytest.mark.parametrize(("what", "times", "protected", "keep", "expected", "failed"),
+                         [(*c, ()) if len(c) == 5 else c for c in CASES], ids=[c[0] for c in CASES])
+def test_prune_table(what, times, protected, keep, expected, failed):
+    """Each case's surviving backups are exactly those PBS's rules keep, in any input order
+    (and those whose verify failed, kept and not counted, as PBS does not)."""
+    decisions = plan(candidates(times, frozenset(protected), frozenset(failed)), keep)
     assert kept(decisions) == expected
     assert sorted(d.id for d in decisions) == sorted(times)
 

@@ -56,14 +56,15 @@ def backup_guest(ctx: StepContext) -> None:
     if "time" not in ctx.data:  # kept: a redelivered step writes the same snapshot
         ctx.data["time"] = format_time(_backup_time(listing.ids, vmid))
         ctx.save()
+    unread: list[str] = []  # earlier backups a disk could not build on: said in the result
     with store.begin(vmid, parse_time(ctx.data["time"]), ctx.params.get("notes", "")) as writer:
         reads = {}
         for key, (volid, drv, vol) in disks.items():
             parent = drv.parent_of(vol)
-            found = find_base(store, known, drv.volid(parent), drv.identity(parent)) if parent else None
+            found = _readable_base(store, known, drv.volid(parent), drv.identity(parent), unread) if parent else None
             bitmapped = vol.fmt == "qcow2" and not vol.is_base  # only these have dirty bitmaps to read by
             # this disk's newest backup here: what its bitmap's changes lie over
-            previous = find_base(store, known, volid, drv.identity(vol)) if bitmapped else None
+            previous = _readable_base(store, known, volid, drv.identity(vol), unread) if bitmapped else None
             dirty, reads[key] = _changes_since(ctx, drv, vol, previous)
 
             def progress(done: int, _size: int, offset: int = before, what: str = f"{key}: {volid}") -> None:
@@ -80,10 +81,22 @@ def backup_guest(ctx: StepContext) -> None:
         ctx.save()
         writer.commit()
     faults.point("committed")
-    warnings = [w for _, drv, vol in disks.values() if (w := _drop_older_bitmaps(ctx, drv, vol))]
+    warnings = unread + [w for _, drv, vol in disks.values() if (w := _drop_older_bitmaps(ctx, drv, vol))]
     _report(ctx, store, ctx.data["backup"], reads)
     if warnings:
         ctx.set_result(warning="; ".join(warnings))
+
+
+def _readable_base(store: ChunkStore, known: list[Snapshot], volid: str, identity: str,
+                   unread: list[str]) -> tuple[BaseRef, Index] | None:
+    """find_base; None where the index it finds cannot be read (damaged, or gone): a backup
+    builds only on what it can read, so that disk is read whole, and `unread` says why, rather
+    than one damaged backup stopping every later backup of the disk and of its clones."""
+    try:
+        return find_base(store, known, volid, identity)
+    except (Corrupt, NotFound) as e:
+        unread.append(f"{volid} read whole, not built on its earlier backup: {e}")
+        return None
 
 
 def _backup_time(ids: list[BackupId], vmid: int) -> datetime:
@@ -372,8 +385,7 @@ def _prune(store: ChunkStore, keep: Keep, vmids: set[int] | None, dry_run: bool)
     by_guest: dict[int, list[Candidate]] = {}
     for s in listing.snapshots:
         if vmids is None or s.id.vmid in vmids:
-            by_guest.setdefault(s.id.vmid, []).append(
-                Candidate(str(s.id), parse_time(s.id.time_text), s.state.protected))
+            by_guest.setdefault(s.id.vmid, []).append(retention.candidate(s))
     decisions = [{"id": d.id, "keep": d.keep, "reason": d.reason}
                  for guest in sorted(by_guest) for d in retention.plan(by_guest[guest], keep)]
     # a damaged backup is neither counted nor removed: whether it is protected cannot be read
