@@ -648,10 +648,11 @@ class ChunkStore:
         removed: its chunks cannot be told from garbage. Damaged chunks that verify moved aside
         are removed once they have been aside for QUARANTINE (counted apart).
 
-        Every time compared is the store's clock or earlier: chunk times are the store file
-        system's (an NFS server's), so gc's start and each writer's are the earlier of their own
-        clock's and the store's (a new file's time). A node whose clock runs ahead of the
-        store's, by more than the margin too, never makes a chunk that was just touched look old.
+        Chunk times are set by the store's file system (on NFS, by the server's clock), so gc's
+        start and each writer's are the earlier of their node's clock and the store's (a new
+        file's time): a node whose clock runs ahead of the store's, by more than the margin too,
+        never makes a chunk that was just touched look old. (A file system that stamps times by
+        its client's clock, as sshfs does, is left to the margin.)
 
         `now` stands in for gc's start (tests pass a later one to age the whole store).
         """
@@ -665,10 +666,15 @@ class ChunkStore:
         return GcResult(removed, freed, kept, partials_removed, bad, recent, newest + margin if recent else None)
 
     def _store_clock(self) -> float:
-        """The store file system's clock now: the time of a file made for the purpose."""
+        """The store file system's clock now: the time of a file made for the purpose; this
+        node's where none can be made (a full store, which gc is run to free, must not stop it)."""
         name = f".clock.{secrets.token_hex(8)}"
         with self._folder() as root:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=root)
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=root)
+            except OSError:
+                return time.time()
             try:
                 return os.fstat(fd).st_mtime
             finally:

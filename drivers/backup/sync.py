@@ -62,7 +62,8 @@ def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
     wanted = [s for s in listing.snapshots if vmids is None or s.id.vmid in vmids]
     if keep is not None and keep.keeps_something:
         kept = retained([*wanted, *target.snapshots()], keep)
-        wanted = [s for s in wanted if str(s.id) in kept]
+        # one whose verify failed is kept where it is but not copied: the copy would count as sound there
+        wanted = [s for s in wanted if str(s.id) in kept and not candidate(s).failed]
     result = SyncResult(failed={str(d.id): f"not read: {d.reason}" for d in listing.damaged
                                 if vmids is None or d.id.vmid in vmids})
     held = {str(id) for id in target.listing().ids}

@@ -74,6 +74,22 @@ def test_a_sync_of_some_guests_copies_only_theirs(tmp_path):
     assert [s.id.vmid for s in offsite.snapshots()] == [101]
 
 
+def test_a_sync_with_a_retention_neither_counts_nor_copies_a_backup_its_verify_found_damaged(tmp_path):
+    """keep-last 1 over a guest whose newest backup failed its verify: the older, sound one is
+    copied (the damaged one must not stand for it), and the damaged one is not (its copy would
+    count as sound offsite)."""
+    here, offsite = stores(tmp_path)
+    sound = back_up(here, 100, T0, {"scsi0": noise(CS, 1)})
+    damaged = back_up(here, 100, T0 + timedelta(hours=1), {"scsi0": noise(CS, 2)})
+    (digest,) = here.index(str(damaged.id), "scsi0").chunks
+    path = chunk_path(here, digest)
+    path.write_bytes(path.read_bytes()[:-1] + b"!")
+    assert not here.verify(str(damaged.id)).ok
+    result = sync(here, offsite, keep=Keep(last=1))
+    assert (result.copied, result.failed) == ([str(sound.id)], {})
+    assert [str(s.id) for s in offsite.snapshots()] == [str(sound.id)]
+
+
 def test_damage_in_the_source_is_named_and_stops_only_its_backup(tmp_path):
     """A chunk that does not decode to its digest never lands; a snapshot whose manifest cannot
     be read is named; the other backups are copied, and nothing half-copied is visible."""

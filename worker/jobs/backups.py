@@ -94,7 +94,7 @@ def _readable_base(store: ChunkStore, known: list[Snapshot], volid: str, identit
     than one damaged backup stopping every later backup of the disk and of its clones."""
     try:
         return find_base(store, known, volid, identity)
-    except (Corrupt, NotFound) as e:
+    except (Corrupt, NotFound, Refused) as e:  # Refused: not a file it reads (a symlink), or a newer stork's format
         unread.append(f"{volid} read whole, not built on its earlier backup: {e}")
         return None
 
