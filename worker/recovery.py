@@ -38,7 +38,16 @@ from worker.jobs.kinds import KINDS
 from worker.liveness import holder_alive, holding, process_alive
 from worker.queues import SHARED_QUEUE
 from worker.records import JobRecord, JobState, StateConflict
-from worker.runner import FINALIZE, committed, dispatch_undo, send_steps, start_undo, task_name, undo_task_name
+from worker.runner import (
+    FINALIZE,
+    commit_tried,
+    committed,
+    dispatch_undo,
+    send_steps,
+    start_undo,
+    task_name,
+    undo_task_name,
+)
 
 log = structlog.get_logger("stork.recovery")
 STALE = 120  # seconds a job may sit with nothing in progress and no message on its way
@@ -82,8 +91,9 @@ def idle_action(job: JobRecord, now: float, pending: list[Pending]) -> str:
         return "resend" if job.undo_retry.get("at", 0) <= now else "wait"
     if now - job.updated < STALE:
         return "wait"
-    if job.state != JobState.UNDOING and job.resends >= MAX_RESENDS and not committed(KINDS[job.kind], job):
-        return "fail"  # a job past its commit only goes forward: it is sent again instead
+    if job.state != JobState.UNDOING and job.resends >= MAX_RESENDS and not committed(KINDS[job.kind], job) \
+            and not commit_tried(KINDS[job.kind], job):
+        return "fail"  # a job past its commit, or in one, only goes forward: it is sent again instead
     return "resend"
 
 

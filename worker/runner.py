@@ -306,6 +306,13 @@ def committed(kind: JobKind, job: JobRecord) -> bool:
     return any(kind.steps[i].commit for i in range(job.done))
 
 
+def commit_tried(kind: JobKind, job: JobRecord) -> bool:
+    """Is the job's next step a commit that a process started and did not finish? It may have
+    made its change (remove_disk frees the volume before its config drops it): the job goes
+    forward, as an interrupted commit step is sent again, and is not cancelled or failed."""
+    return job.done < len(kind.steps) and kind.steps[job.done].commit and str(job.done) in job.attempts
+
+
 def _finish_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node: str, me: str) -> None:
     after = kind.next_step(job.params, index)
     last = after >= len(kind.steps)
@@ -340,6 +347,9 @@ def cancel(r: redis.Redis, job_id: str, sender: Celery = app) -> JobRecord:
         raise Refused(f"job {job.id} is {job.state} already")
     if committed(kind, job):
         raise Refused(f"job {job.id} has committed its change: it can no longer be cancelled")
+    if commit_tried(kind, job) and not job.current:
+        raise Refused(f"job {job.id} was interrupted in its commit step {job.steps[job.done]}, which may have made "
+                      "its change: it goes forward, and can no longer be cancelled")
     records.request_cancel(r, job_id)
     current = job.current or {}
     holder = current.get("worker")

@@ -36,6 +36,8 @@ def job(state: JobState = JobState.RUNNING, done: int = 0, updated: float = NOW 
     (job(), [], "resend"),
     (job(resends=3), [], "fail"),  # sent often enough: nobody takes it
     (job(resends=3, done=2), [], "resend"),  # past its commit: it only goes forward
+    (job(resends=3, done=1, attempts={"1": 1}), [], "resend"),  # in its commit, tried: it may have made its change
+    (job(resends=3, done=1), [], "fail"),  # its commit never started: nothing made, undone
     (job(done=len(STEPS)), [], "wait"),  # done: not the sweep's business
     (job(state=JobState.UNDOING, undo=[0], undone=[], undo_retry={"at": NOW + 30}), [], "wait"),
     (job(state=JobState.UNDOING, undo=[0], undone=[], undo_retry={"at": NOW - 1}), [], "resend"),

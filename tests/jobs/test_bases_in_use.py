@@ -171,3 +171,56 @@ def test_a_destroy_saves_its_volumes_before_freeing_and_frees_only_those_when_tr
     finally:
         for volid in (first, missing):  # no guest names them: the orphan checks of other tests
             volume_path(volid).unlink(missing_ok=True)
+
+
+def test_a_remove_disk_tried_again_leaves_a_volume_made_under_the_name_it_freed(stork, client, vmid, monkeypatch):
+    """remove_disk frees the disk, then drops it from the config: a process that dies between
+    the two leaves the config naming the freed name, where another job may make a new volume
+    before the step is tried again. The identity saved before the free tells them apart: the
+    new volume stays, and the config drops the disk."""
+    from drivers import driver_for
+    from drivers.backends.dir import DirDriver
+    from worker import records
+    from worker.jobs.steps import remove_disk
+
+    g = vmid()
+    code, _, err = stork("guest", "create", g, "--disk=scsi0=local:8M", "--disk=scsi1=local:8M")
+    assert code == 0, err
+    kept, removed = client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
+    free = DirDriver.free
+
+    def dies_after_freeing(self, vol):
+        free(self, vol)
+        raise OSError(5, "the process dies here")
+
+    with recorded(client, "remove_disk", "running", at="remove_disk",
+                  params={"lock_vmid": g, "disk": "scsi1", "node": "node1"}) as job:
+        with client.guest_store.editing(g) as box:
+            box[0] = box[0].with_(lock="remove_disk", lock_job=job.id)
+        monkeypatch.setattr(DirDriver, "free", dies_after_freeing)
+        with pytest.raises(OSError, match="the process dies here"):
+            remove_disk(step_context(client, job, "remove_disk"))
+        monkeypatch.undo()
+        assert not volume_path(removed).exists() and client.guest(g).disks["scsi1"] == removed
+        drv = driver_for(client.cfg.storage("local"))
+        drv.allocate(drv.parse_volname(removed.split(":", 1)[1]), 1 << 20)  # made since, by another job
+        remove_disk(step_context(client, records.load(client.r, job.id), "remove_disk"))
+    try:
+        assert volume_path(removed).exists() and volume_path(kept).exists()
+        assert client.guest(g).disks == {"scsi0": kept} and client.guest(g).lock == ""
+    finally:
+        volume_path(removed).unlink(missing_ok=True)  # no guest names it: the orphan checks of other tests
+
+
+def test_a_job_interrupted_in_its_commit_step_is_not_cancelled(client, vmid):
+    """Its commit may have made its change (remove_disk's free): a cancel of the job, waiting
+    for its step to be sent again, is refused rather than undo it back."""
+    from drivers.errors import Refused
+    from worker import records, runner
+
+    with recorded(client, "remove_disk", "running", done=1, attempts={"1": 1},
+                  params={"lock_vmid": vmid(), "disk": "scsi1", "node": "node1"}) as job:
+        with pytest.raises(Refused, match=f"job {job.id} was interrupted in its commit step remove_disk"):
+            runner.cancel(client.r, job.id)
+        after = records.load(client.r, job.id)
+        assert (after.state, after.cancel, after.undo) == ("running", False, [])

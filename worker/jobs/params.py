@@ -247,7 +247,7 @@ CTX: dict[str, Check] = {
     "freeing": _str,  # a volume's identity token
     "freed": _map_of(_disk_key, _str),  # the identity of each replaced disk's volume, saved before it is freed
     "destroying": _vmid,
-    "freed_volumes": _map_of(_volid, _str),  # a destroyed guest's volumes, each with its identity ("" for none)
+    "freed_volumes": _map_of(_volid, _str),  # volumes a destroy or remove_disk frees, each with its identity ("" none)
     "backup": _backup_id,  # the snapshot a backup step is writing or wrote
     "time": _str,  # its time (parsed again where used)
     "restored": _list_of(_disk_key),

@@ -677,7 +677,10 @@ def detach_disk(ctx: StepContext) -> None:
 
 def remove_disk(ctx: StepContext) -> None:
     """Free a guest's disk, then drop it from the guest and unlock it; a base that linked
-    clones read through, or a volume another guest or job uses, is refused first."""
+    clones read through, or a volume another guest or job uses, is refused first. The
+    volume's identity is saved before it is freed: a try after a crash between the free and
+    the config's write frees the name only while it still holds that volume (another job may
+    have made a new one under the freed name since)."""
     vmid, key = ctx.params["lock_vmid"], ctx.params["disk"]
     guest = ctx.guests.read(vmid)
     if guest.lock_job != ctx.job.id:
@@ -686,12 +689,17 @@ def remove_disk(ctx: StepContext) -> None:
     if volid is not None:
         drv, vol = ctx.volume(volid)
         with ctx.storage_lock(drv):
-            if vol.is_base and drv.exists(vol) and (clones := drv.clones_of(vol)):
-                listed = ", ".join(drv.volid(c) for c in clones)
-                raise Refused(f"{volid} is a base image with {len(clones)} linked clone(s): {listed}")
-            usage.require_unused(ctx, volid)
-            ctx.fence(drv)
-            drv.free(vol)
+            if not freed_before(ctx, drv, vol, volid, "freed_volumes"):
+                if vol.is_base and drv.exists(vol) and (clones := drv.clones_of(vol)):
+                    listed = ", ".join(drv.volid(c) for c in clones)
+                    raise Refused(f"{volid} is a base image with {len(clones)} linked clone(s): {listed}")
+                usage.require_unused(ctx, volid)
+                identities = ctx.data.setdefault("freed_volumes", {})
+                if volid not in identities:
+                    identities[volid] = drv.identity(vol) if drv.exists(vol) else ""
+                    ctx.save()
+                ctx.fence(drv)
+                drv.free(vol)
     with ctx.guests.editing(vmid) as box:
         box[0] = box[0].with_(disks={k: v for k, v in box[0].disks.items() if k != key}, lock="", lock_job="")
     ctx.set_result(vmid=vmid, removed={key: volid})
