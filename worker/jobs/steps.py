@@ -490,15 +490,25 @@ def commit_linked(ctx: StepContext) -> None:
 
 
 def resize_volume(ctx: StepContext) -> None:
-    drv, vol = ctx.volume(ctx.params["volid"])
+    """Grow a volume to the size asked (a backend may round it up: LVM to whole extents). The
+    size it had is saved first, so a try after a crash that finds it grown by the try before
+    reports it done rather than take the rounded size for a shrink."""
+    volid, size = ctx.params["volid"], ctx.params["size"]
+    drv, vol = ctx.volume(volid)
     drv.require_existing(vol)
     drv.require_feature("resize", vol)
-    if drv.virtual_size(vol) > ctx.params["size"]:
-        raise Refused(f"{ctx.params['volid']}: shrinking is not supported (would lose data)")
-    if found := usage.foreign_users(ctx, ctx.params["volid"]):  # it may be running there: not ours to write
-        raise Refused(f"{ctx.params['volid']} is in use by {', '.join(found)}")
-    drv.resize(vol, ctx.params["size"])
-    ctx.set_result(volid=ctx.params["volid"], size=ctx.params["size"])
+    now = drv.virtual_size(vol)
+    if now == size or ("resized_from" in ctx.data and now > size):
+        ctx.set_result(volid=volid, size=size)
+        return  # as asked already, or grown by a try before
+    if now > size:
+        raise Refused(f"{volid}: shrinking is not supported (would lose data)")
+    if found := usage.foreign_users(ctx, volid):  # it may be running there: not ours to write
+        raise Refused(f"{volid} is in use by {', '.join(found)}")
+    ctx.data["resized_from"] = now
+    ctx.save()
+    drv.resize(vol, size)
+    ctx.set_result(volid=volid, size=size)
 
 
 def pong(ctx: StepContext) -> None:

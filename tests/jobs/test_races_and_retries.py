@@ -1,13 +1,15 @@
-"""A base while the job that made it has not ended, and a volume freed across a crash: a
-linked clone or an assembled template never reads through a base that an undo may still rename
-back, that undo keeps a base clones read through, and a free or destroy tried again after its
-process died neither frees a volume a guest attached meanwhile nor one another job made under
-the freed name since. Each acts on a hand-made record through the real steps, with real volumes
-and configs on the session cluster."""
+"""Where a job's steps meet another job's, or a step tried again after a crash meets what the
+try before left: a linked clone or an assembled template never reads through a base that an
+undo may still rename back, and that undo keeps a base clones read through; a free, destroy or
+disk remove tried again neither frees a volume a guest attached meanwhile nor one another job
+made under the freed name since; a resize tried again takes its own rounding for no shrink; a
+job in its commit step is not cancelled. Each acts on a hand-made record through the real
+steps, with real volumes and configs on the session cluster."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -224,3 +226,23 @@ def test_a_job_interrupted_in_its_commit_step_is_not_cancelled(client, vmid):
             runner.cancel(client.r, job.id)
         after = records.load(client.r, job.id)
         assert (after.state, after.cancel, after.undo) == ("running", False, [])
+
+
+def test_a_resize_tried_again_after_its_volume_grew_is_done(stork, client, vmid):
+    """A backend may round a size up (LVM, to whole extents): a resize whose process died after
+    the volume grew finds it larger than asked, which is the try before's work, not a shrink."""
+    from worker.jobs.steps import resize_volume
+
+    g = vmid()
+    code, _, err = stork("guest", "create", g, "--disk=scsi0=local:8M")
+    assert code == 0, err
+    volid = client.guest(g).disks["scsi0"]
+    asked = (8 << 20) + 512
+    with recorded(client, "resize", "running", at="resize", params={"volid": volid, "size": asked, "node": "node1",
+                                                                     "lock_vmid": g},
+                  ctx={"resized_from": 8 << 20}) as job:
+        os.truncate(volume_path(volid), 12 << 20)  # as the try before left it, rounded up
+        ctx = step_context(client, job, "resize")
+        resize_volume(ctx)
+    assert ctx.job.result == {"volid": volid, "size": asked}
+    assert volume_path(volid).stat().st_size == 12 << 20
