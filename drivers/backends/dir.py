@@ -320,16 +320,19 @@ class DirDriver(Driver):
         return self._volume_at(self._folder(vol), header.backing_file)
 
     def _volume_at(self, folder: str, backing: str) -> VolName | None:
-        """The volume a backing path names, worked out as text (no link is resolved): a
-        relative path is relative to the overlay's folder; a path outside is no stork base."""
+        """The base a backing path names, worked out as text (no link is resolved): a relative
+        path is relative to the overlay's folder. A path outside the storage, or to a volume
+        that is not a base (another guest's disk, which nothing keeps from being written,
+        freed or renamed under the overlay), is no stork base: None."""
         root = str(self.root)
         path = posixpath.normpath(backing if backing.startswith("/") else posixpath.join(root, folder, backing))
         if not path.startswith(root + "/"):
             return None
         try:
-            return self.layout.at(path[len(root) + 1:])
+            vol = self.layout.at(path[len(root) + 1:])
         except names.InvalidName:
             return None
+        return vol if vol.is_base else None
 
     @contextlib.contextmanager
     def image(self, vol: VolName, write: bool = False) -> Iterator[qemu.Image]:

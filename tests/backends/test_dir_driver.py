@@ -87,6 +87,24 @@ def test_linked_clone_reads_through_the_base_by_relative_path(drv):
     assert drv.info(base).clones == ("local:101/vm-101-disk-0.qcow2",)
 
 
+def test_an_overlay_whose_backing_is_another_guests_disk_is_not_read_through(drv):
+    """A qcow2 put or adopted in the storage whose backing file is guest 101's disk, not a base:
+    nothing would keep that disk from being written, freed or renamed under it, so it is no
+    linked clone (no parent, not among any clones) and opening it is refused, not followed."""
+    from drivers.errors import Refused
+
+    other = VolName(101, "vm-101-disk-0", "qcow2")
+    drv.allocate(other, 4 << 20)
+    overlay = VolName(100, "vm-100-disk-0", "qcow2")
+    path_of(drv, overlay).parent.mkdir(exist_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "../101/vm-101-disk-0.qcow2", "-F", "qcow2",
+                    str(path_of(drv, overlay))], check=True, capture_output=True)
+    assert drv.info(overlay).parent is None and drv.clones_of(other) == []
+    refused = r"reads '\.\./101/vm-101-disk-0\.qcow2', which is not a base"
+    with pytest.raises(Refused, match=refused), drv.image(overlay):
+        pass
+
+
 def test_a_base_with_clones_cannot_be_freed_and_the_error_lists_them(drv):
     """Freeing a base that clones read through is refused, naming every clone."""
     base = VolName(None, "golden", "raw")

@@ -5,6 +5,7 @@ every volume a Proxmox VE guest config names left as it is; every refusal of imp
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -199,6 +200,49 @@ def test_no_volume_of_storks_is_made_in_a_proxmox_ve_guests_folder(stork, client
     pve_config(r, "cores: 1\n")
     code, _, err = stork("restore", json.loads(out)["result"]["backup"], r, "--storage", "pve")
     assert code != 0 and f"guest id {r} is Proxmox VE's" in err and not (IMAGES / str(r)).exists()
+
+
+def test_a_name_left_pending_by_a_crash_is_not_taken_from_a_proxmox_ve_guest_made_since(client, vmid, pve_config):
+    """A step saved a disk's name as pending (and claimed it), and its process died before
+    making it. Meanwhile Proxmox VE made a guest of that id, and that very disk, which knows
+    nothing of claims: the step tried again refuses rather than take the disk for its own
+    (and copy into it), and the undo leaves it."""
+    from drivers.errors import Refused
+    from worker import liveness, records
+    from worker.context import StepContext
+    from worker.jobs import usage
+    from worker.jobs.kinds import KINDS
+    from worker.jobs.steps import allocate_disks, free_made
+    from worker.records import JobRecord
+
+    g = vmid()
+    volid = f"pve:{g}/vm-{g}-disk-0.qcow2"
+    steps = [s.name for s in KINDS["create"].steps]
+    at = steps.index("allocate")
+    job = JobRecord(id=records.new_id(), kind="create", node="node1", steps=steps, queues=["shared"] * len(steps),
+                    state="running", done=at, params={"new_vmid": g, "node": "node1", "disks": {
+                        "scsi0": {"storage": "pve", "size": 8 << 20, "format": "qcow2", "owner": g}}},
+                    ctx={"pending": {"scsi0": volid}},
+                    current={"step": at, "name": "allocate", "node": "node1", "worker": liveness.process_id(),
+                             "attempt": 2})
+    records.create(client.r, job, {"phase": "queued"})
+    usage.claim(client.r, volid, job.id)
+    try:
+        pve_config(g, f"scsi0: tank:{g}/vm-{g}-disk-0.qcow2,size=32M\n")
+        disk = pve_disk(g, f"vm-{g}-disk-0", pattern=0x6B)
+        ctx = StepContext(job=job, cfg=client.cfg, r=client.r, node="node1", step="allocate",
+                          worker=liveness.process_id(), kinds=KINDS)
+        with pytest.raises(Refused, match=f"guest id {g} is Proxmox VE's"):
+            allocate_disks(ctx)
+        assert "made" not in ctx.data and disk.exists()
+        pve_config(g, "cores: 1\n")  # its config names the disk no longer: only the folder says whose it is
+        with contextlib.suppress(Refused):
+            free_made(ctx)
+        assert disk.exists()
+    finally:
+        usage.release_claims(client.r, job)
+        client.r.srem(records.ACTIVE, job.id)
+        subprocess.run(["rm", "-rf", str(IMAGES / str(g))], check=True)
 
 
 def test_a_base_on_a_proxmox_ve_storage_is_named_for_its_own_guest(stork, vmid):

@@ -142,9 +142,12 @@ def _make_volume(ctx: StepContext, key: str, drv: Driver, owner: int, fmt: str,
 def _made_before_crash(ctx: StepContext, volid: str) -> bool:
     """Did this job create `volid` in a process that died before saving it as made? Only if
     the name is present and still claimed by this job: no other job creates a claimed name.
-    Call it under the volume's storage lock."""
+    Not where the name's folder is another manager's guest's by now: Proxmox VE knows nothing
+    of claims, and a guest it made of that id since may have made that very name. Call it
+    under the volume's storage lock."""
     drv, vol = ctx.volume(volid)
-    return usage.claimed_by(ctx.r, volid) == ctx.job.id and drv.exists(vol)
+    return usage.claimed_by(ctx.r, volid) == ctx.job.id and drv.exists(vol) and \
+        (vol.owner is None or not drv.foreign_guest(vol.owner))
 
 
 def _adopt_pending(ctx: StepContext, key: str, table: str = "made") -> bool:
