@@ -191,7 +191,7 @@ def _recover(r: redis.Redis, job: JobRecord, holder: str, current: dict[str, Any
         send_steps(job, job.done)  # carried forward from the interrupted step
         lost += "; the step was sent again"
     elif job.state == JobState.RUNNING:
-        start_undo(r, job, current["step"], JobState.FAILED, lost, {"owner": holder, "done": job.done})
+        start_undo(r, job, current["step"], JobState.FAILED, lost, {"owner": holder, "done": job.done}, own=False)
     elif job.state == JobState.UNDOING:
         records.transition(r, job.id, (JobState.UNDOING,), guard={"owner": holder}, current=None)
         dispatch_undo(job)
@@ -233,7 +233,7 @@ def _nudge(r: redis.Redis, idle: list[JobRecord]) -> list[str]:
             elif action == "fail":
                 start_undo(r, job, job.done - 1, JobState.FAILED,
                            f"no worker took step {job.steps[job.done]} (sent {job.resends + 1} times)",
-                           {"idle": True, "done": job.done})
+                           {"idle": True, "done": job.done}, own=False)
             else:
                 continue
         except StateConflict:

@@ -355,10 +355,10 @@ def cancel(r: redis.Redis, job_id: str, sender: Celery = app) -> JobRecord:
     holder = current.get("worker")
     if holder is None:
         start_undo(r, job, job.done - 1, JobState.CANCELLED, "cancelled by user", {"idle": True, "done": job.done},
-                   sender)
+                   sender, own=False)
     elif not holding(r, holder, job.id) and not kind.steps[current["step"]].commit:
         start_undo(r, job, current["step"], JobState.CANCELLED, "cancelled by user",
-                   {"owner": holder, "done": job.done}, sender)
+                   {"owner": holder, "done": job.done}, sender, own=False)
     return records.load(r, job_id)
 
 
@@ -409,19 +409,23 @@ def undo_plan(kind: JobKind, done: int, upto: int, skipped: frozenset[int] = fro
 
 
 def start_undo(r: redis.Redis, job: JobRecord, upto: int, final: JobState, error: str,
-               guard: dict[str, Any], sender: Celery = app) -> None:
+               guard: dict[str, Any], sender: Celery = app, own: bool = True) -> None:
     """Fail or cancel a job: undo steps upto, upto-1, ... (those that have an undo), back to
     the last commit step that completed; steps before it that hold something (a guest lock)
     are released all the same. Does nothing if the guard fails (see transition): every caller
-    says which state of the job it decided on."""
+    says which state of the job it decided on. `own`: the caller is the process that ran the
+    step, and its ctx and result go with the failure; any other (the sweep, a cancel) leaves
+    them as the record has them, since its copy may be older than a save the step made
+    after it was read (the guard does not see a save), and the undo must know all it made."""
     kind = KINDS[job.kind]
     undo = undo_plan(kind, job.done, upto, kind.skipped(job.params))
+    # with what the failing step found (a verify's damaged backups, each named)
+    found = {"ctx": job.ctx, "result": job.result} if own else {}
     try:
         records.transition(
             r, job.id, (JobState.QUEUED, JobState.RUNNING), JobState.UNDOING, guard=guard,
             events=[events.make(job.id, job.kind, "failed", state=JobState.UNDOING, message=error)],
-            error=error, final=str(final), undo=undo, undone=[], current=None, ctx=job.ctx,
-            result=job.result,  # with what the failing step found (a verify's damaged backups, each named)
+            error=error, final=str(final), undo=undo, undone=[], current=None, **found,
         )
     except StateConflict:
         return  # someone else is failing it already, or it moved on

@@ -58,6 +58,34 @@ def test_a_job_interrupted_before_its_commit_is_failed_and_undone(client, vmid):
     assert client.guest(g).lock == ""
 
 
+@pytest.mark.parametrize("by", ["sweep", "cancel"])
+def test_a_failure_decided_elsewhere_keeps_what_the_step_saved_since_it_was_read(client, vmid, monkeypatch, by):
+    """The sweep (or a cancel) reads a job whose process looks gone; before it fails the job,
+    that process saves what it is about to make (a template's disk about to become a base).
+    The failure must not write back the older record: the undo would not know the base."""
+    from worker import runner
+
+    g = vmid()
+    params = {"lock_vmid": g, "bases": {}, "node": "node1", "storages": ["local"]}
+    job = interrupted_job(client, "template", params, done=1)
+    read = records.load(client.r, job.id)  # as the sweep or the cancel read it
+    based = {"scsi0": [f"local:{g}/vm-{g}-disk-0.raw", f"local:base/base-{g}-disk-0.raw"]}
+    records.transition(client.r, job.id, (JobState.RUNNING,), guard={"owner": DEAD, "done": 1}, ctx={"based": based})
+    monkeypatch.setattr(runner, "dispatch_undo", lambda job, sender=None: None)  # the record is what is checked
+    monkeypatch.setattr(runner, "holding", lambda r, holder, job_id: False)
+    monkeypatch.setattr(records, "load", lambda r, job_id: read)  # cancel's read, the stale copy
+    try:
+        if by == "sweep":
+            recovery._recover(client.r, read, DEAD, read.current, False)
+        else:
+            runner.cancel(client.r, job.id)
+        monkeypatch.undo()
+        now = records.load(client.r, job.id)
+        assert now.state == "undoing" and now.ctx == {"based": based}
+    finally:
+        client.r.srem(records.ACTIVE, job.id)
+
+
 def test_a_committed_job_cannot_be_cancelled(client, vmid):
     """Once a commit step is done the job's change stands: cancel is refused, nothing changes."""
     g = vmid()
