@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
@@ -129,16 +130,43 @@ def _redis_outage() -> float:
 
 
 REDIS_OUTAGE = _redis_outage()
+BACKOFF_CAP = 2.0  # seconds between two tries of a command, at most
+# The longest one command of a worker's lasts: tries for REDIS_OUTAGE, then one more (the wait
+# before it, the sentinels asked, the connect, the reply), each bounded by connect.py's timeouts.
+# A heartbeat outlives it (liveness.ttl).
+COMMAND_LIMIT = REDIS_OUTAGE + BACKOFF_CAP + 3 * connect.SENTINEL_TIMEOUT + connect.CONNECT_TIMEOUT + \
+    connect.SOCKET_TIMEOUT
+
+
+class OutageBackoff(ExponentialBackoff):
+    """Exponential backoff that ends one command's tries once `window` seconds have passed since
+    its first. Counting tries alone is not enough: a try may hang until a socket timeout
+    rather than be refused at once, and 35 of them had outlasted the heartbeat, so that another
+    host took a process for gone while it still ran its step. (redis-py calls reset() as a
+    command starts; a backoff may serve several threads.)"""
+
+    def __init__(self, window: float) -> None:
+        super().__init__(cap=BACKOFF_CAP, base=0.05)
+        self._window = window
+        self._first: dict[int, float] = {}  # thread -> when its command's first try began (a dict: redis-py copies it)
+
+    def reset(self) -> None:
+        self._first[threading.get_ident()] = time.monotonic()
+
+    def compute(self, failures: int) -> float:
+        if time.monotonic() - self._first.get(threading.get_ident(), time.monotonic()) > self._window:
+            raise redis.ConnectionError(f"Redis did not answer for {self._window:.0f} s")
+        return super().compute(failures)
 
 
 @cache
 def redis_client() -> redis.Redis:
     """This process's Redis client (worker/connect.py: one URL or the sentinels' master, as
-    this process's role). It rides out a Redis restart or a failover: commands are retried
-    with backoff for about REDIS_OUTAGE seconds. A retried state change whose first try went
-    through fails its guard; the runner then checks whether the change is already there.
-    redis-py's pool notices a fork and reconnects, so one client per process is safe."""
-    retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=int(REDIS_OUTAGE / 2) + 5)
+    this process's role). It rides out a Redis restart or a failover: each command is tried
+    again with backoff for REDIS_OUTAGE seconds (OutageBackoff). A retried state change whose
+    first try went through fails its guard; the runner then checks whether the change is
+    already there. redis-py's pool notices a fork and reconnects, so one client per process is safe."""
+    retry = Retry(OutageBackoff(REDIS_OUTAGE), retries=1 << 20)  # the window, not a count, ends the tries
     return connect.client(config().redis, connect.role("worker"), retry=retry)
 
 

@@ -36,11 +36,11 @@ log = structlog.get_logger("stork.liveness")
 
 def ttl() -> int:
     """How long a heartbeat key outlives its last beat: longer than a process keeps working
-    without Redis (its retry window), so a live process that is only cut off from Redis never
-    looks dead to another host."""
-    from worker.app import REDIS_OUTAGE
+    without Redis (the longest one command lasts, app.COMMAND_LIMIT, after which its step
+    stops), so a live process that is only cut off from Redis never looks dead to another host."""
+    from worker.app import COMMAND_LIMIT
 
-    return int(REDIS_OUTAGE + 3 * HEARTBEAT)
+    return int(COMMAND_LIMIT + 3 * HEARTBEAT)
 
 _me: tuple[int, str] | None = None  # (pid, holder id) of this process
 _working_on = ""  # the job this process runs a step or undo of

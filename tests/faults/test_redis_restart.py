@@ -116,3 +116,29 @@ def test_redis_away_longer_than_the_workers_retries_still_ends_the_job(tmp_path:
     finally:
         worker.stop()
         redis_server.stop()
+
+
+def test_one_command_gives_up_within_the_outage_window_where_every_try_hangs():
+    """A Redis that takes connections and never answers (a partition that drops packets, not
+    one that refuses them): each try lasts its socket timeout, and the command still gives up
+    once the window has passed, not after a count of tries; the heartbeat outlives the longest
+    command, so another host never takes a process that is only waiting for Redis for gone."""
+    import socket
+
+    import pytest
+    import redis
+    from redis.retry import Retry
+
+    from worker import app, liveness
+
+    silent = socket.create_server(("127.0.0.1", 0), backlog=64)  # the kernel completes connects: nothing answers
+    try:
+        client = redis.Redis(port=silent.getsockname()[1], socket_timeout=0.2, socket_connect_timeout=0.2,
+                             retry=Retry(app.OutageBackoff(1.0), retries=1 << 20))
+        start = time.monotonic()
+        with pytest.raises(redis.RedisError):
+            client.get("anything")
+        assert time.monotonic() - start < 1.0 + app.BACKOFF_CAP + 2 * 0.2 + 0.5
+    finally:
+        silent.close()
+    assert liveness.ttl() >= app.COMMAND_LIMIT + liveness.HEARTBEAT
