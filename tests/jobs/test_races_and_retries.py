@@ -246,3 +246,39 @@ def test_a_resize_tried_again_after_its_volume_grew_is_done(stork, client, vmid)
         resize_volume(ctx)
     assert ctx.job.result == {"volid": volid, "size": asked}
     assert volume_path(volid).stat().st_size == 12 << 20
+
+
+def test_a_remove_disk_whose_config_write_fails_after_the_free_drops_the_volume_in_its_undo(
+        stork, client, vmid, monkeypatch):
+    """The free went through and the config's write failed (a full disk, say): the job fails,
+    and its undo drops the freed volume from the guest, which would otherwise name a volume
+    gone (a name another job may give a new volume) once unlocked."""
+    from drivers.guests import GuestStore
+    from worker import records, runner
+    from worker.jobs.kinds import KINDS
+    from worker.jobs.steps import forget_freed
+
+    g = vmid()
+    code, _, err = stork("guest", "create", g, "--disk=scsi0=local:8M", "--disk=scsi1=local:8M")
+    assert code == 0, err
+    kept, removed = client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
+    with recorded(client, "remove_disk", "running", at="remove_disk",
+                  params={"lock_vmid": g, "disk": "scsi1", "node": "node1"}) as job:
+        with client.guest_store.editing(g) as box:
+            box[0] = box[0].with_(lock="remove_disk", lock_job=job.id)
+        sent: list[list[int]] = []
+        monkeypatch.setattr(runner, "dispatch_undo", lambda job, sender=None: sent.append(list(job.undo)))
+
+        def full(self, vmid):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(GuestStore, "editing", full)
+        with pytest.raises(OSError):
+            runner._run(step_context(client, job, "remove_disk"), KINDS["remove_disk"], 1)
+        monkeypatch.undo()
+        failed = records.load(client.r, job.id)
+        assert failed.state == "undoing" and sent == [[1, 0]] and not volume_path(removed).exists()
+        forget_freed(step_context(client, failed, "undo_remove_disk"))
+    assert client.guest(g).disks == {"scsi0": kept}
+    with client.guest_store.editing(g) as box:  # as the undo of lock_guest, next, leaves it
+        box[0] = box[0].with_(lock="", lock_job="")

@@ -165,7 +165,7 @@ SWITCH_NODE = Step("switch_node", steps.switch_node, storage=False, commit=True)
 FREE_SOURCES = Step("free_sources", steps.free_sources, side="source")
 # idempotent, and their effect is the user's intent: an interrupted one is carried forward
 FREE = Step("free_volume", steps.free_volume, commit=True)
-DESTROY = Step("destroy", steps.destroy_guest, commit=True)
+DESTROY = Step("destroy", steps.destroy_guest, steps.forget_freed, commit=True)
 RESIZE = Step("resize", steps.resize_volume, commit=True)
 UNLOCK_GUEST = Step("unlock_guest", steps.unlock_guest, storage=False)
 PING_SHARED = Step("pong_shared", steps.pong, storage=False, alone=True)
@@ -174,7 +174,7 @@ PING_BACK = Step("pong_back", steps.pong, storage=False, alone=True)
 FORCE_UNLOCK = Step("unlock", steps.force_unlock, storage=False, commit=True)
 ATTACH = Step("attach_disks", steps.attach_disks, storage=False, commit=True)
 DETACH = Step("detach_disk", steps.detach_disk, storage=False, commit=True)
-REMOVE_DISK = Step("remove_disk", steps.remove_disk, commit=True)
+REMOVE_DISK = Step("remove_disk", steps.remove_disk, steps.forget_freed, commit=True)
 COMMIT_ASSEMBLED = Step("commit_guest", steps.commit_assembled, commit=True)  # reads the bases: on their node
 COMMIT_ADOPTED = Step("commit_guest", steps.commit_adopted, commit=True)  # reads the volumes: on their node
 MAKE_COPY_BASES = Step("make_bases", steps.make_copies_bases, steps.unmake_bases, side="target")

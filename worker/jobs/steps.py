@@ -718,6 +718,27 @@ def remove_disk(ctx: StepContext) -> None:
     ctx.set_result(vmid=vmid, removed={key: volid})
 
 
+def forget_freed(ctx: StepContext) -> None:
+    """Undo of destroy and remove_disk, which free volumes before the config drops them: one
+    that failed between the two (its config's write, say) would leave the guest naming a
+    volume gone, a name that another job may give a new volume. The volumes it freed (their
+    identity saved, and the name holding nothing now, or another volume) leave the config;
+    those cannot come back, and the job's error says why it stopped."""
+    saved = ctx.data.get("freed_volumes", {})
+    gone = set()
+    for volid in saved:
+        drv, vol = ctx.volume(volid)
+        with ctx.storage_lock(drv):
+            if freed_before(ctx, drv, vol, volid, "freed_volumes"):
+                gone.add(volid)
+    if not gone:
+        return
+    with contextlib.suppress(NotFound), ctx.guests.editing(ctx.params["lock_vmid"]) as box:
+        if box[0].lock_job == ctx.job.id:
+            box[0] = box[0].with_(disks={k: v for k, v in box[0].disks.items() if v not in gone},
+                                  unused=tuple(v for v in box[0].unused if v not in gone))
+
+
 def commit_assembled(ctx: StepContext) -> None:
     """Attach the named bases to the reserved guest as they are and mark it a template: the
     seed's template assembled by hand from base images."""
