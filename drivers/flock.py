@@ -47,6 +47,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_held: set[int] = set()  # the descriptors of the file locks this process holds now
+
+
+def _let_go_of_held() -> None:
+    """In a forked child: a flock belongs to the open file description, which the child's
+    copies of its parent's descriptors keep, so a lock another thread held at the fork (the
+    worker's sweep, as Celery's pool forks a process) would outlive its `with` for as long as
+    the child lives. The copies are pointed at /dev/null instead (not closed: the parent's
+    file objects, copied too, close their numbers when collected)."""
+    if not _held:
+        return
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    for fd in _held:
+        with contextlib.suppress(OSError):
+            os.dup2(null, fd, inheritable=False)
+    os.close(null)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_of_held)
+
+
 @contextlib.contextmanager
 def file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
     try:
@@ -65,7 +87,11 @@ def file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
                 if time.monotonic() > deadline:
                     raise LockTimeout(f"{what}: lock not free after {timeout:g}s") from None
                 time.sleep(POLL)
-        yield
+        _held.add(f.fileno())
+        try:
+            yield
+        finally:
+            _held.discard(f.fileno())
 
 
 @contextlib.contextmanager

@@ -72,3 +72,43 @@ def test_a_lease_not_granted_in_time_is_a_lock_timeout(client):
         with pytest.raises(LockTimeout, match=r"storage 'contended': lock not free after 0.3s"):
             locks.RedisLease(client.r, "storage:shared", 0.3, "storage 'contended'")
         assert time.monotonic() - started < 2
+
+
+def test_a_file_lock_another_thread_holds_at_a_fork_is_not_kept_by_the_child(tmp_path):
+    """The worker's sweep holds a guest's lock in a thread while Celery's pool forks a process:
+    the child's copy of the descriptor would keep the lock for the child's whole life. Once
+    the holder lets go, the lock is free, the child still running."""
+    import fcntl
+    import os
+    import threading
+    import time
+
+    from drivers.flock import file_lock
+
+    path, held, forked = tmp_path / "guest.lock", threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with file_lock(path, 1, "a guest's config"):
+            held.set()
+            forked.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert held.wait(10)
+    running, started = os.pipe()
+    child = os.fork()
+    if child == 0:  # the pool's new process: runs on, never touching the lock
+        os.write(started, b"x")
+        time.sleep(3)
+        os._exit(0)
+    try:
+        assert os.read(running, 1) == b"x"  # past the fork's handlers, in the child
+        forked.set()
+        thread.join(10)
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the child kept it
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+        os.close(running)
+        os.close(started)
