@@ -223,12 +223,18 @@ class DirDriver(Driver):
 
     @contextlib.contextmanager
     def _opened(self, vol: VolName, write: bool = False) -> Iterator[int]:
-        """The volume's regular file, opened without following links; NotFound if absent."""
+        """The volume's regular file, opened without following links; NotFound if absent. One
+        with a second name is not opened to be written: a hard link, which O_NOFOLLOW does not
+        see, may be a file outside the storage (stork makes each volume with one name)."""
         try:
             with self._dir.folder(self._folder(vol)) as folder:
                 fd = self._dir.open(folder, _file(vol), write, label=self.volid(vol))
         except NotFound:
             raise NotFound(f"unknown volume {self.volid(vol)}") from None
+        if write and os.fstat(fd).st_nlink > 1:
+            os.close(fd)
+            raise Refused(f"{self.volid(vol)} has another name (a hard link): not written, it may be a file "
+                          "outside the storage")
         try:
             yield fd
         finally:

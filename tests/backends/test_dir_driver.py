@@ -105,6 +105,22 @@ def test_an_overlay_whose_backing_is_another_guests_disk_is_not_read_through(drv
         pass
 
 
+def test_a_volume_with_a_second_name_is_not_written(drv, tmp_path):
+    """A hard link at a volume's name (O_NOFOLLOW does not see one) may be a file outside the
+    storage: it is read as a volume, never written, resized or restored into."""
+    from drivers.errors import Refused
+
+    outside = tmp_path / "outside.raw"
+    outside.write_bytes(b"\0" * (1 << 20))
+    vol = VolName(100, "vm-100-disk-0", "raw")
+    path_of(drv, vol).parent.mkdir(parents=True)
+    os.link(outside, path_of(drv, vol))
+    assert drv.virtual_size(vol) == 1 << 20
+    with pytest.raises(Refused, match=r"local:100/vm-100-disk-0.raw has another name \(a hard link\)"):
+        drv.resize(vol, 2 << 20)
+    assert outside.stat().st_size == 1 << 20
+
+
 def test_a_base_with_clones_cannot_be_freed_and_the_error_lists_them(drv):
     """Freeing a base that clones read through is refused, naming every clone."""
     base = VolName(None, "golden", "raw")
