@@ -78,20 +78,24 @@ def file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
             raise
         raise Refused(f"{what}: lock file {path} is a symlink or not a regular file (never used)") from None
     with f:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LockTimeout(f"{what}: lock not free after {timeout:g}s") from None
-                time.sleep(POLL)
-        _held.add(f.fileno())
+        fd = f.fileno()
+        _held.add(fd)  # from before the lock is ours to after it is let go: a fork between leaves none behind
         try:
-            yield
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise LockTimeout(f"{what}: lock not free after {timeout:g}s") from None
+                    time.sleep(POLL)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)  # for every copy of the descriptor
         finally:
-            _held.discard(f.fileno())
+            _held.discard(fd)
 
 
 @contextlib.contextmanager

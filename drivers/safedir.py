@@ -198,6 +198,19 @@ class SafeDir:
                 os.unlink(temp, dir_fd=folder)
 
     @staticmethod
+    def drop_temp_links(folder: int, name: str, fd: int) -> None:
+        """Unlink the temp names of `name` (temp_file's) that are the very file `fd` is: a writer
+        that died between link_new's link(2) and its unlink of the temp name left a second
+        name on a file of its own making."""
+        opened = os.fstat(fd)
+        for entry in os.listdir(folder):
+            if entry.startswith(f".{name}.") and entry.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    found = os.stat(entry, dir_fd=folder, follow_symlinks=False)
+                    if (found.st_dev, found.st_ino) == (opened.st_dev, opened.st_ino):
+                        os.unlink(entry, dir_fd=folder)
+
+    @staticmethod
     def link_new(folder: int, temp: str, name: str, what: str) -> None:
         """Give the flushed temp file its final name, failing if anything holds that name."""
         try:

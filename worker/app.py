@@ -139,22 +139,31 @@ COMMAND_LIMIT = REDIS_OUTAGE + BACKOFF_CAP + 3 * connect.SENTINEL_TIMEOUT + conn
 
 
 class OutageBackoff(ExponentialBackoff):
-    """Exponential backoff that ends one command's tries once `window` seconds have passed since
-    its first. Counting tries alone is not enough: a try may hang until a socket timeout
+    """Exponential backoff that ends a run of failed tries once `window` seconds have passed
+    since its first. Counting tries alone is not enough: a try may hang until a socket timeout
     rather than be refused at once, and 35 of them had outlasted the heartbeat, so that another
-    host took a process for gone while it still ran its step. (redis-py calls reset() as a
-    command starts; a backoff may serve several threads.)"""
+    host took a process for gone while it still ran its step. The run is kept per thread
+    across redis-py's reset() calls, which come with every command and with every reconnect
+    inside one (each try of a command stuck on an open connection reconnects): it ends only
+    when a reset comes QUIET seconds after the last failure, the command before having done."""
+
+    QUIET = BACKOFF_CAP + 1.0  # longer than the wait between two tries of one command
 
     def __init__(self, window: float) -> None:
         super().__init__(cap=BACKOFF_CAP, base=0.05)
         self._window = window
-        self._first: dict[int, float] = {}  # thread -> when its command's first try began (a dict: redis-py copies it)
+        self._runs: dict[int, tuple[float, float]] = {}  # thread -> (first, last failure) (a dict: redis-py copies it)
 
     def reset(self) -> None:
-        self._first[threading.get_ident()] = time.monotonic()
+        run = self._runs.get(threading.get_ident())
+        if run is not None and time.monotonic() - run[1] > self.QUIET:
+            del self._runs[threading.get_ident()]
 
     def compute(self, failures: int) -> float:
-        if time.monotonic() - self._first.get(threading.get_ident(), time.monotonic()) > self._window:
+        now = time.monotonic()
+        first = self._runs.get(threading.get_ident(), (now, now))[0]
+        self._runs[threading.get_ident()] = (first, now)
+        if now - first > self._window:
             raise redis.ConnectionError(f"Redis did not answer for {self._window:.0f} s")
         return super().compute(failures)
 

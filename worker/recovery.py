@@ -40,9 +40,9 @@ from worker.queues import SHARED_QUEUE
 from worker.records import JobRecord, JobState, StateConflict
 from worker.runner import (
     FINALIZE,
-    commit_tried,
     committed,
     dispatch_undo,
+    idle_undo_from,
     send_steps,
     start_undo,
     task_name,
@@ -91,9 +91,8 @@ def idle_action(job: JobRecord, now: float, pending: list[Pending]) -> str:
         return "resend" if job.undo_retry.get("at", 0) <= now else "wait"
     if now - job.updated < STALE:
         return "wait"
-    if job.state != JobState.UNDOING and job.resends >= MAX_RESENDS and not committed(KINDS[job.kind], job) \
-            and not commit_tried(KINDS[job.kind], job):
-        return "fail"  # a job past its commit, or in one, only goes forward: it is sent again instead
+    if job.state != JobState.UNDOING and job.resends >= MAX_RESENDS and not committed(KINDS[job.kind], job):
+        return "fail"  # a job past its commit only goes forward: it is sent again instead
     return "resend"
 
 
@@ -231,7 +230,7 @@ def _nudge(r: redis.Redis, idle: list[JobRecord]) -> list[str]:
                                    guard={"idle": True, "done": job.done}, resends=job.resends + 1)
                 send_steps(job, job.done)
             elif action == "fail":
-                start_undo(r, job, job.done - 1, JobState.FAILED,
+                start_undo(r, job, idle_undo_from(KINDS[job.kind], job), JobState.FAILED,
                            f"no worker took step {job.steps[job.done]} (sent {job.resends + 1} times)",
                            {"idle": True, "done": job.done}, own=False)
             else:

@@ -306,11 +306,13 @@ def committed(kind: JobKind, job: JobRecord) -> bool:
     return any(kind.steps[i].commit for i in range(job.done))
 
 
-def commit_tried(kind: JobKind, job: JobRecord) -> bool:
-    """Is the job's next step a commit that a process started and did not finish? It may have
-    made its change (remove_disk frees the volume before its config drops it): the job goes
-    forward, as an interrupted commit step is sent again, and is not cancelled or failed."""
-    return job.done < len(kind.steps) and kind.steps[job.done].commit and str(job.done) in job.attempts
+def idle_undo_from(kind: JobKind, job: JobRecord) -> int:
+    """The step the undo of a job between steps starts at: the step before its next one; or,
+    where that next one is a commit a process started and did not finish (it may have made
+    its change: remove_disk frees the volume before its config drops it), that commit
+    itself, whose own undo checks what stands, as for a step tried too often."""
+    tried = job.done < len(kind.steps) and kind.steps[job.done].commit and str(job.done) in job.attempts
+    return job.done if tried else job.done - 1
 
 
 def _finish_step(r: redis.Redis, job: JobRecord, kind: JobKind, index: int, node: str, me: str) -> None:
@@ -347,15 +349,12 @@ def cancel(r: redis.Redis, job_id: str, sender: Celery = app) -> JobRecord:
         raise Refused(f"job {job.id} is {job.state} already")
     if committed(kind, job):
         raise Refused(f"job {job.id} has committed its change: it can no longer be cancelled")
-    if commit_tried(kind, job) and not job.current:
-        raise Refused(f"job {job.id} was interrupted in its commit step {job.steps[job.done]}, which may have made "
-                      "its change: it goes forward, and can no longer be cancelled")
     records.request_cancel(r, job_id)
     current = job.current or {}
     holder = current.get("worker")
     if holder is None:
-        start_undo(r, job, job.done - 1, JobState.CANCELLED, "cancelled by user", {"idle": True, "done": job.done},
-                   sender, own=False)
+        start_undo(r, job, idle_undo_from(kind, job), JobState.CANCELLED, "cancelled by user",
+                   {"idle": True, "done": job.done}, sender, own=False)
     elif not holding(r, holder, job.id) and not kind.steps[current["step"]].commit:
         start_undo(r, job, current["step"], JobState.CANCELLED, "cancelled by user",
                    {"owner": holder, "done": job.done}, sender, own=False)

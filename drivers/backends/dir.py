@@ -229,12 +229,14 @@ class DirDriver(Driver):
         try:
             with self._dir.folder(self._folder(vol)) as folder:
                 fd = self._dir.open(folder, _file(vol), write, label=self.volid(vol))
+                if write and os.fstat(fd).st_nlink > 1:
+                    self._dir.drop_temp_links(folder, _file(vol), fd)  # a crashed maker's temp name: not a link out
+                    if os.fstat(fd).st_nlink > 1:
+                        os.close(fd)
+                        raise Refused(f"{self.volid(vol)} has another name (a hard link): not written, it may be "
+                                      "a file outside the storage")
         except NotFound:
             raise NotFound(f"unknown volume {self.volid(vol)}") from None
-        if write and os.fstat(fd).st_nlink > 1:
-            os.close(fd)
-            raise Refused(f"{self.volid(vol)} has another name (a hard link): not written, it may be a file "
-                          "outside the storage")
         try:
             yield fd
         finally:

@@ -119,6 +119,12 @@ def test_a_volume_with_a_second_name_is_not_written(drv, tmp_path):
     with pytest.raises(Refused, match=r"local:100/vm-100-disk-0.raw has another name \(a hard link\)"):
         drv.resize(vol, 2 << 20)
     assert outside.stat().st_size == 1 << 20
+    # the second name a maker killed between link(2) and its temp name's unlink leaves is its own
+    mine = VolName(100, "vm-100-disk-1", "raw")
+    drv.allocate(mine, 1 << 20)
+    os.link(path_of(drv, mine), path_of(drv, mine).with_name(".vm-100-disk-1.raw.0123456789abcdef.tmp"))
+    drv.resize(mine, 2 << 20)
+    assert drv.virtual_size(mine) == 2 << 20 and os.stat(path_of(drv, mine)).st_nlink == 1
 
 
 def test_a_base_with_clones_cannot_be_freed_and_the_error_lists_them(drv):

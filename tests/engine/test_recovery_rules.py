@@ -9,7 +9,7 @@ from worker.broker import Pending
 from worker.jobs.kinds import KINDS
 from worker.records import JobRecord, JobState
 from worker.recovery import STALE, idle_action, redelivered
-from worker.runner import task_name
+from worker.runner import idle_undo_from, task_name
 
 NOW = 1_000_000.0
 STEPS = [s.name for s in KINDS["resize"].steps]
@@ -36,14 +36,23 @@ def job(state: JobState = JobState.RUNNING, done: int = 0, updated: float = NOW 
     (job(), [], "resend"),
     (job(resends=3), [], "fail"),  # sent often enough: nobody takes it
     (job(resends=3, done=2), [], "resend"),  # past its commit: it only goes forward
-    (job(resends=3, done=1, attempts={"1": 1}), [], "resend"),  # in its commit, tried: it may have made its change
-    (job(resends=3, done=1), [], "fail"),  # its commit never started: nothing made, undone
+    (job(resends=3, done=1, attempts={"1": 1}), [], "fail"),  # in its commit: undone from it (idle_undo_from)
     (job(done=len(STEPS)), [], "wait"),  # done: not the sweep's business
     (job(state=JobState.UNDOING, undo=[0], undone=[], undo_retry={"at": NOW + 30}), [], "wait"),
     (job(state=JobState.UNDOING, undo=[0], undone=[], undo_retry={"at": NOW - 1}), [], "resend"),
 ])
 def test_what_an_idle_job_needs(record, pending, action):
     assert idle_action(record, NOW, pending) == action
+
+
+@pytest.mark.parametrize(("record", "start"), [
+    (job(done=1), 0),  # between steps: the undo starts at the step before
+    (job(done=1, attempts={"1": 1}), 1),  # its commit was tried: that commit's own undo checks what stands
+    (job(done=2, attempts={"2": 1}), 1),  # a step tried that is no commit made nothing it keeps
+    (job(done=0), -1),
+])
+def test_where_the_undo_of_a_job_between_steps_starts(record, start):
+    assert idle_undo_from(KINDS["resize"], record) == start
 
 
 HELD = {"step": 0, "name": STEPS[0], "node": "node1", "worker": "h:1", "attempt": 1, "since": NOW - 60}

@@ -118,12 +118,13 @@ def test_redis_away_longer_than_the_workers_retries_still_ends_the_job(tmp_path:
         redis_server.stop()
 
 
-def test_one_command_gives_up_within_the_outage_window_where_every_try_hangs():
-    """A Redis that takes connections and never answers (a partition that drops packets, not
-    one that refuses them): each try lasts its socket timeout, and the command still gives up
-    once the window has passed, not after a count of tries; the heartbeat outlives the longest
-    command, so another host never takes a process that is only waiting for Redis for gone."""
-    import socket
+def test_one_command_gives_up_within_the_outage_window_where_every_try_hangs(tmp_path: Path):
+    """A Redis that takes connections and never answers (stopped by SIGSTOP, as one stuck on its
+    disk, or a partition that drops packets): each try lasts its socket timeout and reconnects,
+    and the command still gives up once the window has passed, not after a count of tries;
+    the heartbeat outlives the longest command, so another host never takes a process that is
+    only waiting for Redis for gone."""
+    import signal
 
     import pytest
     import redis
@@ -131,14 +132,20 @@ def test_one_command_gives_up_within_the_outage_window_where_every_try_hangs():
 
     from worker import app, liveness
 
-    silent = socket.create_server(("127.0.0.1", 0), backlog=64)  # the kernel completes connects: nothing answers
+    port = free_port()
+    server = testing.RedisServer(port, tmp_path)
     try:
-        client = redis.Redis(port=silent.getsockname()[1], socket_timeout=0.2, socket_connect_timeout=0.2,
+        client = redis.Redis(port=port, socket_timeout=0.2, socket_connect_timeout=0.2,
                              retry=Retry(app.OutageBackoff(1.0), retries=1 << 20))
-        start = time.monotonic()
-        with pytest.raises(redis.RedisError):
-            client.get("anything")
-        assert time.monotonic() - start < 1.0 + app.BACKOFF_CAP + 2 * 0.2 + 0.5
+        assert client.ping()  # a pooled connection, open
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(redis.RedisError):
+                client.get("anything")
+            assert time.monotonic() - start < 1.0 + app.BACKOFF_CAP + 3 * 0.2 + 0.5
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
     finally:
-        silent.close()
+        server.stop()
     assert liveness.ttl() >= app.COMMAND_LIMIT + liveness.HEARTBEAT

@@ -247,7 +247,7 @@ CTX: dict[str, Check] = {
     "freeing": _str,  # a volume's identity token
     "freed": _map_of(_disk_key, _str),  # the identity of each replaced disk's volume, saved before it is freed
     "destroying": _vmid,
-    "resized_from": _positive_int,  # a volume's size before a resize grew it
+    "resized_from": _count,  # a volume's size before a resize grew it (an empty one: 0)
     "freed_volumes": _map_of(_volid, _str),  # volumes a destroy or remove_disk frees, each with its identity ("" none)
     "backup": _backup_id,  # the snapshot a backup step is writing or wrote
     "time": _str,  # its time (parsed again where used)
