@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import redis
 import structlog
@@ -138,44 +139,45 @@ COMMAND_LIMIT = REDIS_OUTAGE + BACKOFF_CAP + 3 * connect.SENTINEL_TIMEOUT + conn
     connect.SOCKET_TIMEOUT
 
 
-class OutageBackoff(ExponentialBackoff):
-    """Exponential backoff that ends a run of failed tries once `window` seconds have passed
-    since its first. Counting tries alone is not enough: a try may hang until a socket timeout
-    rather than be refused at once, and 35 of them had outlasted the heartbeat, so that another
-    host took a process for gone while it still ran its step. The run is kept per thread
-    across redis-py's reset() calls, which come with every command and with every reconnect
-    inside one (each try of a command stuck on an open connection reconnects): it ends only
-    when a reset comes QUIET seconds after the last failure, the command before having done."""
-
-    QUIET = BACKOFF_CAP + 1.0  # longer than the wait between two tries of one command
+class OutageRetry(Retry):
+    """Retry that ends a command's tries once `window` seconds have passed since it began.
+    Counting tries alone is not enough: a try may hang until a socket timeout rather than be
+    refused at once, and 35 of them had outlasted the heartbeat, so that another host took a
+    process for gone while it still ran its step. The clock starts with a thread's outermost
+    command on this Retry (redis-py gives each connection a copy) and holds for the tries
+    nested in it (a reconnect, the sentinels asked); a command that ends, in either way, stops it."""
 
     def __init__(self, window: float) -> None:
-        super().__init__(cap=BACKOFF_CAP, base=0.05)
+        super().__init__(ExponentialBackoff(cap=BACKOFF_CAP, base=0.05), retries=1 << 20)  # the window ends the tries
         self._window = window
-        self._runs: dict[int, tuple[float, float]] = {}  # thread -> (first, last failure) (a dict: redis-py copies it)
+        self._ends: dict[int, float] = {}  # thread -> when its command's tries end
 
-    def reset(self) -> None:
-        run = self._runs.get(threading.get_ident())
-        if run is not None and time.monotonic() - run[1] > self.QUIET:
-            del self._runs[threading.get_ident()]
+    def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        me = threading.get_ident()
+        outermost = me not in self._ends
+        if outermost:
+            self._ends[me] = time.monotonic() + self._window
 
-    def compute(self, failures: int) -> float:
-        now = time.monotonic()
-        first = self._runs.get(threading.get_ident(), (now, now))[0]
-        self._runs[threading.get_ident()] = (first, now)
-        if now - first > self._window:
-            raise redis.ConnectionError(f"Redis did not answer for {self._window:.0f} s")
-        return super().compute(failures)
+        def failed(error: Exception, *count: Any) -> None:
+            fail(error, *count)
+            if time.monotonic() > self._ends[me]:  # raised here, before the wait for the next try
+                raise redis.ConnectionError(f"Redis did not answer for {self._window:.0f} s: {error}") from error
+
+        try:
+            return super().call_with_retry(do, failed, *args, **kwargs)
+        finally:
+            if outermost:
+                del self._ends[me]
 
 
 @cache
 def redis_client() -> redis.Redis:
     """This process's Redis client (worker/connect.py: one URL or the sentinels' master, as
     this process's role). It rides out a Redis restart or a failover: each command is tried
-    again with backoff for REDIS_OUTAGE seconds (OutageBackoff). A retried state change whose
+    again with backoff for REDIS_OUTAGE seconds (OutageRetry). A retried state change whose
     first try went through fails its guard; the runner then checks whether the change is
     already there. redis-py's pool notices a fork and reconnects, so one client per process is safe."""
-    retry = Retry(OutageBackoff(REDIS_OUTAGE), retries=1 << 20)  # the window, not a count, ends the tries
+    retry = OutageRetry(REDIS_OUTAGE)
     return connect.client(config().redis, connect.role("worker"), retry=retry)
 
 

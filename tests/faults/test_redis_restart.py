@@ -128,7 +128,6 @@ def test_one_command_gives_up_within_the_outage_window_where_every_try_hangs(tmp
 
     import pytest
     import redis
-    from redis.retry import Retry
 
     from worker import app, liveness
 
@@ -136,7 +135,7 @@ def test_one_command_gives_up_within_the_outage_window_where_every_try_hangs(tmp
     server = testing.RedisServer(port, tmp_path)
     try:
         client = redis.Redis(port=port, socket_timeout=0.2, socket_connect_timeout=0.2,
-                             retry=Retry(app.OutageBackoff(1.0), retries=1 << 20))
+                             retry=app.OutageRetry(1.0))
         assert client.ping()  # a pooled connection, open
         os.kill(server.proc.pid, signal.SIGSTOP)
         try:
@@ -149,3 +148,28 @@ def test_one_command_gives_up_within_the_outage_window_where_every_try_hangs(tmp
     finally:
         server.stop()
     assert liveness.ttl() >= app.COMMAND_LIMIT + liveness.HEARTBEAT
+
+
+def test_a_command_that_got_through_leaves_no_clock_running_for_the_next():
+    """Two commands, each failing once and then getting through, the second a while after the
+    first: the window is each command's own, so a Redis that flaps never makes a working
+    client give up early."""
+    import redis
+
+    from worker import app
+
+    retry = app.OutageRetry(0.3)
+
+    def once_then_through() -> callable:
+        tries = []
+
+        def do() -> str:
+            tries.append(1)
+            if len(tries) == 1:
+                raise redis.ConnectionError("a blip")
+            return "through"
+        return do
+
+    assert retry.call_with_retry(once_then_through(), lambda error: None) == "through"
+    time.sleep(0.4)  # past the window, counted from the first command's failure
+    assert retry.call_with_retry(once_then_through(), lambda error: None) == "through"
