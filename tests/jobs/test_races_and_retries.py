@@ -283,3 +283,27 @@ def test_a_remove_disk_whose_config_write_fails_after_the_free_drops_the_volume_
     assert client.guest(g).disks == {"scsi0": kept}
     with client.guest_store.editing(g) as box:  # as the undo of lock_guest, next, leaves it
         box[0] = box[0].with_(lock="", lock_job="")
+
+
+def test_a_free_stopped_after_its_free_drops_the_volume_from_the_guests_in_its_undo(stork, client, vmid):
+    """A free cancelled (or failed) while it waited to be sent again after its free: its undo
+    drops the volume from the guest that kept it as unused, which would otherwise name a volume
+    gone; where the volume it saved still stands, nothing was freed and nothing changes."""
+    from drivers import driver_for
+    from worker.jobs.steps import forget_free
+
+    g = vmid()
+    code, _, err = stork("guest", "create", g, *(f"--disk=scsi{i}=local:8M" for i in range(3)))
+    assert code == 0, err
+    disks = client.guest(g).disks
+    gone, kept = disks["scsi1"], disks["scsi2"]
+    with client.guest_store.editing(g) as box:  # both kept as unused
+        box[0] = box[0].with_(disks={"scsi0": disks["scsi0"]}, unused=(gone, kept))
+    drv = driver_for(client.cfg.storage("local"))
+    saved = {v: drv.identity(drv.parse_volname(v.split(":", 1)[1])) for v in (gone, kept)}
+    volume_path(gone).unlink()  # freed by the step's first try
+    for volid in (gone, kept):
+        with recorded(client, "free", "undoing", params={"volid": volid, "node": "node1"},
+                      ctx={"freeing": saved[volid]}) as job:
+            forget_free(step_context(client, job, "undo_free_volume"))
+    assert client.guest(g).unused == (kept,) and volume_path(kept).exists()

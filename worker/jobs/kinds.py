@@ -164,7 +164,7 @@ SWITCH = Step("switch_disks", steps.switch_disks, steps.unswitch_disks, storage=
 SWITCH_NODE = Step("switch_node", steps.switch_node, storage=False, commit=True)
 FREE_SOURCES = Step("free_sources", steps.free_sources, side="source")
 # idempotent, and their effect is the user's intent: an interrupted one is carried forward
-FREE = Step("free_volume", steps.free_volume, commit=True)
+FREE = Step("free_volume", steps.free_volume, steps.forget_free, commit=True)
 DESTROY = Step("destroy", steps.destroy_guest, steps.forget_freed, commit=True)
 RESIZE = Step("resize", steps.resize_volume, commit=True)
 UNLOCK_GUEST = Step("unlock_guest", steps.unlock_guest, storage=False)

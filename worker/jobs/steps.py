@@ -917,17 +917,39 @@ def free_volume(ctx: StepContext) -> None:
             usage.require_unused(ctx, volid, count_unused=False)
             ctx.fence(drv)
             drv.free_volume(vol)
+    _forget_listed(ctx, volid, guests)
+    ctx.set_result(freed=volid)
+
+
+def _forget_listed(ctx: StepContext, volid: str, guests: list[Guest] | None = None) -> None:
+    """Drop a freed volume from the guests that keep it as unused or record it as a replica:
+    `guests` (read under the storage lock; each config read again as it is edited), or, where
+    none were read, those the index names now."""
     if guests is None:
         try:
             guests = ctx.guests.candidates(volid)
         except ConfigError:  # freed already: a broken config must not make it look failed
             guests, _ = ctx.guests.scan()
-    for guest in guests:  # forget it where it was kept as unused, or recorded as a replica
+    for guest in guests:
         if volid in guest.unused or volid in guest.replicas:
             with ctx.guests.editing(guest.vmid) as box:
                 box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v != volid),
                                       replicas={v: r for v, r in box[0].replicas.items() if v != volid})
-    ctx.set_result(freed=volid)
+
+
+def forget_free(ctx: StepContext) -> None:
+    """Undo of free_volume, which frees the volume before the guests that list it drop it: one
+    that stopped between the two (cancelled while it waited to be sent again, say) would leave
+    them naming a volume gone. Where the volume it saved is gone (its name holds nothing now,
+    or another volume), they drop it; else nothing was freed, and nothing is done."""
+    volid, saved = ctx.params["volid"], ctx.data.get("freeing")
+    if saved is None:
+        return
+    drv, vol = ctx.volume(volid)
+    with ctx.storage_lock(drv):
+        if drv.exists(vol) and drv.identity(vol) == saved:
+            return
+    _forget_listed(ctx, volid)
 
 
 def destroy_guest(ctx: StepContext) -> None:
