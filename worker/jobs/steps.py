@@ -184,8 +184,9 @@ def link_disks(ctx: StepContext) -> None:
     template = ctx.guests.read(ctx.params["vmid"])
     template.require_unlocked()
     for key, plan in ctx.params["disks"].items():
-        if key not in ctx.data.get("made", {}):  # a template names its bases from its commit on
-            _link(ctx, key, plan["source"], plan["owner"], settled=plan["source"] in template.disks.values())
+        if key not in ctx.data.get("made", {}):  # a template names its bases, and records replicas, once committed
+            _link(ctx, key, plan["source"], plan["owner"],
+                  settled=plan["source"] in template.disks.values() or plan["source"] in template.replicas)
     ctx.set_result(volumes=ctx.data.get("made", {}))
 
 
@@ -974,20 +975,21 @@ def destroy_guest(ctx: StepContext) -> None:
         # freed by a try before whose process died; or the name holds another job's volume by now
         gone = {volid for volid, (drv, vol) in volumes.items() if freed_before(ctx, drv, vol, volid, "freed_volumes")}
         others = {volid for volid in gone if volumes[volid][0].exists(volumes[volid][1])}  # left as they are
+        seen = {}  # each volume's identity ("" for none), read once
         for volid, (drv, vol) in volumes.items():
             if volid in gone:
                 continue
-            if drv.exists(vol):
-                drv.identity(vol)  # refuses an entry that is not a volume (named, with its path) before any free
+            # identity() refuses an entry that is not a volume (named, with its path) before any free
+            seen[volid] = drv.identity(vol) if drv.exists(vol) else ""
             usage.require_base_unread(drv, vol, vmid)
             if found := usage.job_users(ctx, volid):
                 raise Refused(f"{volid} is in use by {', '.join(found)}")
             if found := usage.guest_users(ctx, volid):
                 kept[volid] = found  # e.g. a base another template shares: it stays theirs
         identities = ctx.data.setdefault("freed_volumes", {})  # saved before any is freed, for a try after a crash
-        for volid, (drv, vol) in volumes.items():
-            if volid not in kept and volid not in gone and volid not in identities:
-                identities[volid] = drv.identity(vol) if drv.exists(vol) else ""
+        for volid, identity in seen.items():
+            if volid not in kept:
+                identities.setdefault(volid, identity)
         ctx.save()
         for volid, (drv, vol) in volumes.items():
             if volid in kept:
