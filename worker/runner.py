@@ -302,8 +302,8 @@ def _run(ctx: StepContext, kind: JobKind, index: int) -> None:
 
 
 def committed(kind: JobKind, job: JobRecord) -> bool:
-    """Has a commit step completed? From then on the job only goes forward."""
-    return any(kind.steps[i].commit for i in range(job.done))
+    """Has a commit step of the job completed? (JobKind.committed)"""
+    return kind.committed(job.done)
 
 
 def idle_undo_from(kind: JobKind, job: JobRecord) -> int:

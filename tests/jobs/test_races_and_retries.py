@@ -48,6 +48,29 @@ def step_context(client, job, step: str):
                        kinds=KINDS)
 
 
+def held_by(client, g: int, job) -> None:
+    """Guest `g` locked by the hand-made job, as its lock step leaves it."""
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(lock=job.kind, lock_job=job.id)
+
+
+def dies_after_its_first_free(monkeypatch, step, ctx) -> None:
+    """Run `step` in a process that dies right after its first free (an OSError stands for
+    the death), before its config drops the volume."""
+    from drivers.backends.dir import DirDriver
+
+    free = DirDriver.free
+
+    def dies(self, vol):
+        free(self, vol)
+        raise OSError(5, "the process dies here")
+
+    monkeypatch.setattr(DirDriver, "free", dies)
+    with pytest.raises(OSError, match="the process dies here"):
+        step(ctx)
+    monkeypatch.undo()
+
+
 def test_an_undo_keeps_a_base_that_linked_clones_read_through(stork, client, vmid):
     """A template job undone after a linked clone was made of its new base (its guest not yet
     committed, so no config names the base): renamed back, the clone's backing would be gone."""
@@ -133,7 +156,6 @@ def test_a_destroy_saves_its_volumes_before_freeing_and_frees_only_those_when_tr
     disk whose volume was missing. The identities saved before the first free tell them
     apart: those volumes stay, the rest are freed, and the config goes."""
     from drivers import driver_for
-    from drivers.backends.dir import DirDriver
     from worker import records
     from worker.jobs.steps import destroy_guest
 
@@ -143,20 +165,10 @@ def test_a_destroy_saves_its_volumes_before_freeing_and_frees_only_those_when_tr
     first, second, third, missing = (client.guest(g).disks[f"scsi{i}"] for i in range(4))
     volume_path(missing).unlink()
     drv = driver_for(client.cfg.storage("local"))
-    free = DirDriver.free
-
-    def dies_after_the_first(self, vol):  # before the config drops it
-        free(self, vol)
-        raise OSError(5, "the process dies here")
-
     with recorded(client, "destroy", "running", at="destroy", params={"lock_vmid": g, "node": "node1"},
                   ctx={"destroying": g}) as job:
-        with client.guest_store.editing(g) as box:
-            box[0] = box[0].with_(lock="destroy", lock_job=job.id)
-        monkeypatch.setattr(DirDriver, "free", dies_after_the_first)
-        with pytest.raises(OSError, match="the process dies here"):
-            destroy_guest(step_context(client, job, "destroy"))
-        monkeypatch.undo()
+        held_by(client, g, job)
+        dies_after_its_first_free(monkeypatch, destroy_guest, step_context(client, job, "destroy"))
         saved = records.load(client.r, job.id).ctx["freed_volumes"]
         assert set(saved) == {first, second, third, missing} and saved[missing] == ""
         assert not volume_path(first).exists() and volume_path(second).exists()
@@ -181,7 +193,6 @@ def test_a_remove_disk_tried_again_leaves_a_volume_made_under_the_name_it_freed(
     before the step is tried again. The identity saved before the free tells them apart: the
     new volume stays, and the config drops the disk."""
     from drivers import driver_for
-    from drivers.backends.dir import DirDriver
     from worker import records
     from worker.jobs.steps import remove_disk
 
@@ -189,20 +200,10 @@ def test_a_remove_disk_tried_again_leaves_a_volume_made_under_the_name_it_freed(
     code, _, err = stork("guest", "create", g, "--disk=scsi0=local:8M", "--disk=scsi1=local:8M")
     assert code == 0, err
     kept, removed = client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
-    free = DirDriver.free
-
-    def dies_after_freeing(self, vol):
-        free(self, vol)
-        raise OSError(5, "the process dies here")
-
     with recorded(client, "remove_disk", "running", at="remove_disk",
                   params={"lock_vmid": g, "disk": "scsi1", "node": "node1"}) as job:
-        with client.guest_store.editing(g) as box:
-            box[0] = box[0].with_(lock="remove_disk", lock_job=job.id)
-        monkeypatch.setattr(DirDriver, "free", dies_after_freeing)
-        with pytest.raises(OSError, match="the process dies here"):
-            remove_disk(step_context(client, job, "remove_disk"))
-        monkeypatch.undo()
+        held_by(client, g, job)
+        dies_after_its_first_free(monkeypatch, remove_disk, step_context(client, job, "remove_disk"))
         assert not volume_path(removed).exists() and client.guest(g).disks["scsi1"] == removed
         drv = driver_for(client.cfg.storage("local"))
         drv.allocate(drv.parse_volname(removed.split(":", 1)[1]), 1 << 20)  # made since, by another job
@@ -265,8 +266,7 @@ def test_a_remove_disk_whose_config_write_fails_after_the_free_drops_the_volume_
     kept, removed = client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
     with recorded(client, "remove_disk", "running", at="remove_disk",
                   params={"lock_vmid": g, "disk": "scsi1", "node": "node1"}) as job:
-        with client.guest_store.editing(g) as box:
-            box[0] = box[0].with_(lock="remove_disk", lock_job=job.id)
+        held_by(client, g, job)
         sent: list[list[int]] = []
         monkeypatch.setattr(runner, "dispatch_undo", lambda job, sender=None: sent.append(list(job.undo)))
 

@@ -84,6 +84,10 @@ class JobKind:
         names_ = [s.name for s in self.steps]
         assert len(set(names_)) == len(names_), f"{self.name}: step names must be unique"
 
+    def committed(self, done: int) -> bool:
+        """Has a commit step completed, once `done` steps are? From then on the job only goes forward."""
+        return any(step.commit for step in self.steps[:done])
+
     def skipped(self, params: dict[str, Any]) -> frozenset[int]:
         """The steps this job goes without (never sent, never undone): those only a job
         between nodes needs, in a job on one node."""

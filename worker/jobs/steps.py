@@ -710,7 +710,7 @@ def remove_disk(ctx: StepContext) -> None:
                 usage.require_unused(ctx, volid)
                 identities = ctx.data.setdefault("freed_volumes", {})
                 if volid not in identities:
-                    identities[volid] = drv.identity(vol) if drv.exists(vol) else ""
+                    identities[volid] = identity_now(drv, vol)
                     ctx.save()
                 ctx.fence(drv)
                 drv.free(vol)
@@ -842,6 +842,11 @@ def switch_node(ctx: StepContext) -> None:
         ctx.set_result(kept={"node": ctx.params["source_node"], "volumes": sorted(old.values())})
 
 
+def identity_now(drv: Driver, vol: VolName) -> str:
+    """The identity of the volume `vol` names now, "" where it names none."""
+    return drv.identity(vol) if drv.exists(vol) else ""
+
+
 def freed_before(ctx: StepContext, drv: Driver, vol: VolName, key: str, table: str = "freed") -> bool:
     """Whether a try before freed `vol` (the volume disk `key` had before the job replaced it,
     or, in the table "freed_volumes", the volume id `key`): its identity was saved, and the name
@@ -948,7 +953,7 @@ def forget_free(ctx: StepContext) -> None:
         return
     drv, vol = ctx.volume(volid)
     with ctx.storage_lock(drv):
-        if drv.exists(vol) and drv.identity(vol) == saved:
+        if identity_now(drv, vol) == saved:
             return
     _forget_listed(ctx, volid)
 
@@ -980,7 +985,7 @@ def destroy_guest(ctx: StepContext) -> None:
             if volid in gone:
                 continue
             # identity() refuses an entry that is not a volume (named, with its path) before any free
-            seen[volid] = drv.identity(vol) if drv.exists(vol) else ""
+            seen[volid] = identity_now(drv, vol)
             usage.require_base_unread(drv, vol, vmid)
             if found := usage.job_users(ctx, volid):
                 raise Refused(f"{volid} is in use by {', '.join(found)}")

@@ -118,7 +118,7 @@ def require_base_made(ctx: StepContext, base_volid: str) -> None:
     or a template naming it would lose it."""
     def may_rename_back(job: JobRecord) -> bool:
         kind = ctx.kinds.get(job.kind)
-        return kind is None or not any(kind.steps[i].commit for i in range(min(job.done, len(kind.steps))))
+        return kind is None or not kind.committed(job.done)
 
     if makers := [job for job in _other_jobs_naming(ctx, base_volid)
                   if any(pair[1] == base_volid for pair in (job.ctx.get("based") or {}).values())
