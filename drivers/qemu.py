@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from drivers import sniff
 from drivers.errors import InvalidName, ToolFailed
-from drivers.tools import ToolError, dying_with_caller, run
+from drivers.tools import Reader, ToolError, dying_with_caller, run
 
 QEMU_IMG = "qemu-img"
 BACKED_FORMATS = ("qcow2", "qcow", "vmdk")  # formats whose header may name a backing file: opened as given, or none
@@ -108,7 +108,7 @@ def _objects(*images: Image) -> list[str]:
 
 
 def detect_image(fd: int, label: str, window: tuple[int, int] | None = None,
-                 found: sniff.Sniffed | None = None) -> tuple[str, int]:
+                 found: sniff.Sniffed | None = None, reader: Reader | None = None) -> tuple[str, int]:
     """Return (format, virtual size) of the opened file `fd`, which must be a disk image of a
     format stork imports (sniff.IMPORTABLE) that reads no other file.
 
@@ -116,7 +116,8 @@ def detect_image(fd: int, label: str, window: tuple[int, int] | None = None,
     which opens the files a VMDK descriptor names; qemu-img is then told it, and reads the
     virtual size from the same descriptor. A raw image has no header: it must at least be
     non-empty and a whole number of 512-byte sectors. `window`: the (offset, size) of the file
-    that holds the image (a member of an archive); `found`: what sniff told of it already.
+    that holds the image (a member of an archive); `found`: what sniff told of it already;
+    `reader`: the user qemu-img reads it as (reader_for).
     """
     found = found or sniff.sniff_file(fd, window)
     if found.refusal:
@@ -124,7 +125,8 @@ def detect_image(fd: int, label: str, window: tuple[int, int] | None = None,
     fmt = found.fmt
     refuse_external(fd, label, window[0] if window else 0)  # before qemu opens it at all
     image = Image.of_fd(fmt, fd, label, window=window)
-    data = json.loads(run([QEMU_IMG, "info", "--output=json", "--", image.spec], f"reading {label}", (fd,)))
+    data = json.loads(run([QEMU_IMG, "info", "--output=json", "--", image.spec], f"reading {label}", (fd,),
+                          reader=reader))
     if fmt == "raw":
         vsize = window[1] if window else os.fstat(fd).st_size  # qemu-img rounds a raw file's size up to a sector
         if vsize == 0 or vsize % 512:
@@ -148,14 +150,26 @@ def refuse_external(fd: int, label: str, offset: int = 0) -> None:
         raise InvalidName(f"{label}: images with a backing or data file cannot be imported")
 
 
+class Imported(NamedTuple):
+    image: Image  # what qemu-img reads: the file itself, or its owner's qemu-nbd serving it (reader_for)
+    size: int  # bytes the guest sees
+    fmt: str  # the file's own format
+
+
 @contextlib.contextmanager
-def open_import(path: Path, member: str | None = None) -> Iterator[tuple[Image, int]]:
-    """Open an image file to import, once: (Image, virtual size). The checks and the copy read
-    the same descriptor, so swapping the path for a symlink or another file in between has no
-    effect; the path itself must not be a symlink. `member`: the image is that member of the
-    file, an OVA (a tar), found in the member table read from the same descriptor."""
-    with opened_input(path) as fd:
+def open_import(path: Path, member: str | None = None) -> Iterator[Imported]:
+    """Open an image file to import, once. The checks and the copy read the same descriptor, so
+    swapping the path for a symlink or another file in between has no effect; the path itself
+    must not be a symlink. `member`: the image is that member of the file, an OVA (a tar),
+    found in the member table read from the same descriptor.
+
+    The file's owner can still write it after the checks, and qemu reads its header again at
+    each open: it could then name another file (a qcow2 data file, a VMDK's extents). So a file
+    the worker reads with more rights than its owner has is read by its owner's rights alone,
+    through a qemu-nbd run as that user (reader_for)."""
+    with opened_input(path) as fd, contextlib.ExitStack() as stack:
         window, label = None, str(path)
+        reader = reader_for(fd, label)
         if member is not None:
             from drivers import ova  # here: an XML parser only for a command that reads an OVA
 
@@ -165,26 +179,53 @@ def open_import(path: Path, member: str | None = None) -> Iterator[tuple[Image, 
             window, label = (found.offset, found.size), f"{path}:{member}"
         sniffed = sniff.sniff_file(fd, window)
         if sniffed.fmt == sniff.VMDK_DESCRIPTOR and member is None:
-            with _described_vmdk(fd, path) as opened:
-                yield opened
-            return
-        fmt, size = detect_image(fd, label, window, sniffed)
-        yield Image.of_fd(fmt, fd, label, window=window), size
+            image, size = stack.enter_context(_described_vmdk(fd, path, reader))
+        else:
+            fmt, size = detect_image(fd, label, window, sniffed, reader)
+            image = Image.of_fd(fmt, fd, label, window=window)
+        fmt = image.fmt
+        if reader is not None:
+            from drivers import nbd  # here: nbd serves qemu's images, and imports this module
+
+            image = stack.enter_context(nbd.read_as(image, reader))
+        yield Imported(image, size, fmt)
+
+
+def reader_for(fd: int, label: str, owner: int | None = None) -> Reader | None:
+    """Who reads the opened import file `fd`, and every file its header names: its owner, where
+    this process is root and the owner is not; None where this process reads it as itself (its
+    own file, or root's). Refused where another user could change it during the import: one
+    that others than its owner may write, or, with `owner` (a VMDK's extents), not that user's
+    or root's."""
+    info = os.fstat(fd)
+    if info.st_mode & 0o022:
+        raise InvalidName(f"{label}: others than its owner may write it (mode {stat.S_IMODE(info.st_mode):04o}); "
+                          "import a copy only its owner can write")
+    if owner is not None and info.st_uid not in (owner, 0):
+        raise InvalidName(f"{label}: belongs to uid {info.st_uid}, the file naming it to uid {owner}")
+    if info.st_uid in (0, os.geteuid()):
+        return None
+    if os.geteuid() != 0:
+        raise InvalidName(f"{label}: belongs to uid {info.st_uid}, whose rights uid {os.geteuid()} cannot take "
+                          "to read it")
+    return Reader.of(info.st_uid)
 
 
 @contextlib.contextmanager
-def _described_vmdk(fd: int, path: Path) -> Iterator[tuple[Image, int]]:
+def _described_vmdk(fd: int, path: Path, reader: Reader | None) -> Iterator[tuple[Image, int]]:
     """A VMDK whose descriptor `fd` names its extents as files beside it (drivers/vmdk.py):
     each opened here, checked, and read by qemu through a descriptor stork writes."""
     from drivers import vmdk  # here, as ova: only an import reads a descriptor
 
     descriptor = vmdk.parse(os.pread(fd, vmdk.MAX_DESCRIPTOR + 1, 0), str(path))
+    owner = os.fstat(fd).st_uid
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(_folder_holding(fd, path))
         fds = []
         for extent in descriptor.extents:
             label = f"{path}: extent {extent.name}"
             extent_fd = stack.enter_context(opened_input(Path(extent.name), folder, label))
+            reader_for(extent_fd, label, owner)
             if extent.kind == "SPARSE" and sniff.sniff_file(extent_fd) != sniff.Sniffed("vmdk"):
                 raise InvalidName(f"{label}: a SPARSE extent is a sparse VMDK of its own, with no parent")
             if extent.kind == "FLAT" and os.fstat(extent_fd).st_size < (extent.offset + extent.sectors) * 512:
@@ -192,7 +233,8 @@ def _described_vmdk(fd: int, path: Path) -> Iterator[tuple[Image, int]]:
             fds.append(extent_fd)
         written = stack.enter_context(vmdk.private_descriptor(descriptor, fds))
         image = Image("vmdk", {"driver": "file", "filename": str(written)}, str(path), tuple(fds))
-        data = json.loads(run([QEMU_IMG, "info", "--output=json", "--", image.spec], f"reading {path}", image.fds))
+        data = json.loads(run([QEMU_IMG, "info", "--output=json", "--", image.spec], f"reading {path}", image.fds,
+                              reader=reader))
         if (read := int(data.get("virtual-size", 0))) != descriptor.size:  # qemu read another disk than stork did
             raise InvalidName(f"{path}: qemu reads {read} bytes, its extents hold {descriptor.size}")
         yield image, descriptor.size

@@ -6,14 +6,17 @@ own error type without job code ever reading a tool's text."""
 from __future__ import annotations
 
 import functools
+import pwd
 import shutil
 import subprocess
+from dataclasses import dataclass
 from typing import Any
 
 from drivers.errors import ToolFailed
 
 TIMEOUT = 3600.0  # seconds: a data copy may be long; a tool hung on a dead device must still end
-SETPRIV = "setpriv"  # util-linux: sets the parent-death signal, then execs the tool
+SETPRIV = "setpriv"  # util-linux: sets the parent-death signal (and the user to run as), then execs the tool
+NO_GROUP = 65534  # the group of a user with no passwd entry: nogroup
 
 
 class ToolError(ToolFailed):
@@ -30,11 +33,38 @@ def _setpriv() -> str | None:
     return shutil.which(SETPRIV)
 
 
-def dying_with_caller(argv: list[str], signal: str = "KILL") -> list[str]:
+@dataclass(frozen=True)
+class Reader:
+    """A user a tool runs as, to read what a user handed in (an image to import) and whatever
+    that names with the user's own rights and groups, never the worker's."""
+
+    uid: int
+    gid: int
+    name: str | None  # its passwd name, whose groups it gets; None: no entry, and no groups
+
+    @classmethod
+    def of(cls, uid: int) -> Reader:
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            return cls(uid, NO_GROUP, None)
+        return cls(uid, entry.pw_gid, entry.pw_name)
+
+    def setpriv_options(self) -> list[str]:
+        groups = "--init-groups" if self.name else "--clear-groups"
+        return ["--reuid", str(self.uid), "--regid", str(self.gid), groups]
+
+
+def dying_with_caller(argv: list[str], signal: str = "KILL", reader: Reader | None = None) -> list[str]:
     """`argv` run so that the tool gets `signal` when the thread that started it dies: a step
     SIGKILLed mid-copy never leaves a qemu-img writing into a target its undo has freed.
-    (Through setpriv, not a preexec_fn: that is not safe in a process with threads.)"""
+    (Through setpriv, not a preexec_fn: that is not safe in a process with threads.) With a
+    `reader`, it runs as that user; setpriv sets the signal after the user, which clears it."""
     setpriv = _setpriv()
+    if reader is not None:
+        if setpriv is None:
+            raise ToolError(f"running {argv[0]} as uid {reader.uid}", argv, 127, f"{SETPRIV} is not installed")
+        return [setpriv, *reader.setpriv_options(), "--pdeathsig", signal, "--", *argv]
     return [setpriv, "--pdeathsig", signal, "--", *argv] if setpriv else argv
 
 
@@ -63,15 +93,15 @@ def stop(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
 
 
 def run(argv: list[str], what: str, fds: tuple[int, ...] = (), timeout: float = TIMEOUT,
-        env: dict[str, str] | None = None) -> str:
+        env: dict[str, str] | None = None, reader: Reader | None = None) -> str:
     """Run a tool and return its stdout; ToolError if it exits non-zero or runs out of time.
     `what` says what was being done, for the message ("creating local:100/vm-100-disk-0.raw").
-    The tool dies with its caller (dying_with_caller)."""
+    The tool dies with its caller (dying_with_caller), as `reader` where one is given."""
     if shutil.which(argv[0], path=(env or {}).get("PATH")) is None:
         raise ToolError(what, argv, 127, f"{argv[0]} is not installed")
     try:
-        proc = subprocess.run(dying_with_caller(argv), capture_output=True, text=True, check=False, pass_fds=fds,
-                              timeout=timeout, env=env)
+        proc = subprocess.run(dying_with_caller(argv, reader=reader), capture_output=True, text=True, check=False,
+                              pass_fds=fds, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         raise ToolError(what, argv, -1, f"{argv[0]} did not end within {timeout:g} s") from e
     except FileNotFoundError:

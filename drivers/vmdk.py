@@ -104,15 +104,18 @@ def text(descriptor: Descriptor, names: list[str]) -> str:
 
 @contextlib.contextmanager
 def private_descriptor(descriptor: Descriptor, fds: list[int]) -> Iterator[Path]:
-    """A folder only this user can enter, holding the descriptor qemu is to open, each extent
+    """A folder only this user can change, holding the descriptor qemu is to open, each extent
     a link to the descriptor stork opened it as (`/proc/self/fd/N`, resolved in qemu's own
-    process, which inherits it). Removed when done."""
+    process, which inherits it). Others may enter it and read the descriptor (it names no
+    more than that), so a qemu run as the image's owner can. Removed when done."""
     folder = Path(tempfile.mkdtemp(prefix="stork-vmdk-"))  # mode 0700
     try:
         names = [f"extent{i}" for i in range(len(fds))]
         for name, fd in zip(names, fds, strict=True):
             os.symlink(f"/proc/self/fd/{fd}", folder / name)
         (folder / "disk.vmdk").write_text(text(descriptor, names))
+        (folder / "disk.vmdk").chmod(0o644)
+        folder.chmod(0o711)  # entered, not listed
         yield folder / "disk.vmdk"
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -273,6 +273,63 @@ def test_an_import_copies_the_very_file_it_checked_while_the_path_flips(client, 
     assert all("cannot be imported" in why or "changed since" in why for why in refusals), refusals
 
 
+REWRITE = """
+import os, random, sys, time
+path, good, bad = sys.argv[1:]
+contents = [(open(good, "rb").read(), 0.012), (open(bad, "rb").read(), 0.004)]
+fd = os.open(path, os.O_WRONLY)
+while True:
+    for data, stay in contents:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        time.sleep(random.uniform(0, stay))  # not in step with the imports
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes a file of another user's")
+def test_an_import_file_rewritten_after_its_checks_is_read_with_its_owners_rights(tmp_path):
+    """The owner of an import file can still write it once stork has checked it, and qemu reads
+    its header again at each open: here it is rewritten in place every millisecond, a qcow2 of
+    data, then one whose data file is a secret only root may read. Every qemu that reads it runs
+    as its owner (nobody), so a copy holds the data or fails for want of rights, never the
+    secret. Both outcomes must be seen (the rewrites race the opens): up to 300 tries."""
+    from drivers import qemu
+
+    secret, good, bad = tmp_path / "secret", tmp_path / "good.qcow2", tmp_path / "bad.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on",
+                    str(bad), "1M"], check=True)
+    secret.write_bytes(b"^" * (1 << 20))  # after: qemu-img create makes the data file anew
+    secret.chmod(0o600)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(good), "1M"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x11 0 1M", str(good)], check=True, capture_output=True)
+    path = tmp_path / "disk.qcow2"
+    shutil.copyfile(good, path)
+    os.chown(path, 65534, 65534)
+    target = os.open(tmp_path / "copy.raw", os.O_RDWR | os.O_CREAT, 0o600)
+    rewriter = subprocess.Popen([sys.executable, "-c", REWRITE, str(path), str(good), str(bad)])
+    copied, denied, other = 0, 0, []
+    try:
+        for _ in range(300):
+            if copied and denied:
+                break
+            os.ftruncate(target, 0)
+            os.ftruncate(target, 1 << 20)
+            try:
+                with qemu.open_import(path) as (image, size, _):
+                    qemu.convert(image, qemu.Image.of_fd("raw", target, "the copy"), size)
+            except StorkError as e:
+                denied += "Permission denied" in str(e)
+                other.append(str(e))
+                continue
+            assert b"^" * 512 not in os.pread(target, 1 << 20, 0), "the secret was copied"
+            copied += 1
+    finally:
+        rewriter.kill()
+        rewriter.wait()
+        os.close(target)
+    assert copied and denied, (copied, denied, other[-5:])
+
+
 # ---- durable before visible ----------------------------------------------------------------
 
 

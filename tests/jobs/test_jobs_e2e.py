@@ -86,6 +86,28 @@ class TestGuests:
         disk = volume_path(json.loads(stork("--json", "guest", "show", g)[1])["disks"]["scsi0"])
         assert disk.suffix == ".raw" and qemu_same(source, disk)
 
+    @pytest.mark.skipif(os.geteuid() != 0, reason="makes files of another user's")
+    @pytest.mark.parametrize("options", [["qcow2"], ["vmdk", "-o", "subformat=twoGbMaxExtentFlat"]],
+                             ids=["qcow2", "vmdk-descriptor-and-extents"])
+    def test_an_image_of_another_user_is_imported_through_its_owners_reader(self, stork, vmid, tmp_path, options):
+        """A file of a user other than root, which the worker (root) imports, is read by a
+        qemu-nbd run as its owner (docs/security.md): the same data comes in, from a qcow2 and
+        from a VMDK descriptor with its extents beside it, which that qemu reads through the
+        descriptor stork writes."""
+        g = vmid()
+        source = tmp_path / "source.raw"
+        source.write_bytes(os.urandom(PATTERN_MIB) + bytes(PATTERN_MIB) + b"\x3c" * PATTERN_MIB)
+        folder = tmp_path / "user"
+        folder.mkdir()
+        image = folder / "disk.img"
+        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", *options, str(source), str(image)], check=True)
+        for file in folder.iterdir():
+            os.chown(file, 65534, 65534)
+        code, _, err = stork("guest", "import", g, "--disk", f"scsi0={image}")
+        assert code == 0, err
+        disk = volume_path(json.loads(stork("--json", "guest", "show", g)[1])["disks"]["scsi0"])
+        assert qemu_same(source, disk)
+
     def test_a_vendor_appliance_becomes_a_template_and_its_clones_in_two_commands(self, stork, vmid, tmp_path):
         """The seed's workflow from a VMware disk: `guest import --as-template`, then `clone`:
         the template's disk is a base holding the image's data, the clone reads through it."""

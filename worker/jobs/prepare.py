@@ -226,11 +226,11 @@ def _import(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     def plan(spec: dict[str, Any]) -> dict[str, Any]:
         path = Path(spec.get("path", "")).absolute()
         member = spec.get("member")  # a disk in an OVA
-        with qemu.open_import(path, member) as (image, size):  # checked again, on the same open file, as copied
+        # checked again by the copy, on the same open file
+        with qemu.open_import(path, member) as (image, size, src_fmt):
             if spec.get("capacity", size) != size:
                 raise InvalidName(f"{image.label}: the OVF says the disk holds {spec['capacity']} bytes, "
                                   f"the image {size}")
-            src_fmt = image.fmt
             storage = _images_storage(cfg, names.storage_id(spec.get("storage") or "local"))
             data[storage] = data.get(storage, 0) + _data_of(image)
         kept = src_fmt if src_fmt in driver_for(cfg.storage(storage)).formats else None  # else the storage's own

@@ -272,7 +272,7 @@ def _open_source(ctx: StepContext, stack: contextlib.ExitStack, key: str, plan: 
     volume of another node through its export, or name a volume."""
     if "source_path" in plan:
         path = Path(plan["source_path"])
-        image, size = stack.enter_context(qemu.open_import(path, plan.get("member")))
+        image, size, _ = stack.enter_context(qemu.open_import(path, plan.get("member")))
         if size != plan["size"]:
             raise Refused(f"{path} changed since the job was submitted (its size is now {size} bytes)")
         return _Source(str(path), size, image=image, imported=True)
