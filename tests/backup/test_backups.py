@@ -740,6 +740,24 @@ def test_a_dirty_bitmap_left_in_use_falls_back_to_a_full_read_and_says_so(stork,
     assert qemu_same(volume_path(disk), volume_path(client.guest(r).disks["scsi0"]))
 
 
+def test_a_qcow2_disk_with_a_hard_link_is_read_whole_without_a_bitmap(stork, client, vmid):
+    """A volume with a second name (`cp -al`, rsnapshot) is not written, so no dirty bitmap is
+    added to it: its backup reads it whole, says why, and restores equal; it is not refused."""
+    g, r = vmid(), vmid()
+    disk = guest_with_data(stork, g, "qcow2")
+    link = volume_path(disk).parent.parent / f"hard-link-of-{g}.qcow2"
+    os.link(volume_path(disk), link)
+    try:
+        backup = backed_up(stork, g)
+        assert backup["reads"]["scsi0"].startswith("full read (no dirty bitmap added: ") and \
+            "has another name (a hard link)" in backup["reads"]["scsi0"], backup["reads"]
+        assert bitmaps_of(disk) == {}
+        assert stork("restore", backup["backup"], r)[0] == 0
+        assert qemu_same(volume_path(disk), volume_path(client.guest(r).disks["scsi0"]))
+    finally:
+        link.unlink()
+
+
 def test_a_raw_disk_is_read_whole_and_says_why(stork, vmid):
     g = vmid()
     guest_with_data(stork, g)

@@ -146,6 +146,14 @@ def _changes_since(ctx: StepContext, drv: Driver, vol: VolName,
         return None, "full read (only a writable qcow2 disk has dirty bitmaps)"
     if theirs := _used_outside(drv, vol):
         return None, f"full read (stork adds no dirty bitmap to a disk {theirs})"
+    try:
+        return _through_bitmap(ctx, drv, vol, previous)
+    except Refused as e:  # not to be written (a volume with a hard link): read whole, and not marked
+        return None, f"full read (no dirty bitmap added: {e})"
+
+
+def _through_bitmap(ctx: StepContext, drv: Driver, vol: VolName,
+                    previous: tuple[BaseRef, Index] | None) -> tuple[list[Extent] | None, str]:
     store = ctx.params["store"]
     expected = bitmap_name(store, previous[0].backup.rpartition("/")[2]) if previous else None
     with drv.image(vol, write=True) as image:
