@@ -168,14 +168,71 @@ def _qemu_nbd(image: qemu.Image, write: bool, *extra: str) -> Iterator[tuple[Pat
         argv = dying_with_caller([QEMU_NBD, "--socket", str(path), "--shared", "1", "--cache", "writeback",
                                   "--discard", "unmap", *([] if write else ["--read-only"]), *extra, image.spec],
                                  "TERM")  # TERM: qemu-nbd removes its socket
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                pass_fds=image.all_fds)
-        try:
+        with _running(argv, image.all_fds) as proc:
             yield path, proc, argv
-        finally:
-            stop(proc)
-            assert proc.stderr is not None
-            proc.stderr.close()
+
+
+@contextlib.contextmanager
+def _running(argv: list[str], fds: tuple[int, ...]) -> Iterator[subprocess.Popen[bytes]]:
+    """A qemu-nbd started with `argv`, stopped (and reaped) when done."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            pass_fds=fds)
+    try:
+        yield proc
+    finally:
+        stop(proc)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+@contextlib.contextmanager
+def read_as(image: qemu.Image, reader: Reader) -> Iterator[qemu.Image]:
+    """`image` served read-only by a qemu-nbd run as `reader`, with that user's rights alone:
+    the raw image it serves, which any number of qemu-img of this process then read (map, copy,
+    compare) without opening a file the image's header names. An import's owner could rewrite
+    that header after stork's checks; what it names is then read with the owner's rights.
+
+    qemu-nbd makes its socket in a folder that is the reader's only until the socket is there;
+    then it is this process's again, mode 0700, so nobody can change what is in it, and the
+    socket found there must be qemu-nbd's own: a probe connection's peer is its very process
+    (SO_PEERCRED), not a socket the reader bound and renamed into place. The reader is given no
+    descriptor but the image's, which are its own files (reader_for); qemu-img reaches the
+    socket through the opened folder (`/proc/self/fd/N`), so a folder renamed meanwhile
+    changes nothing."""
+    where = Path(tempfile.mkdtemp(prefix=_folder_prefix()))
+    folder = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchown(folder, reader.uid, reader.gid)
+        argv = dying_with_caller([QEMU_NBD, "--socket", str(where / "sock"), "--persistent", "--shared", "0",
+                                  "--read-only", image.spec], "TERM", reader)
+        with _running(argv, image.all_fds) as proc:
+            path = Path(f"/proc/self/fd/{folder}/sock")
+            _wait_listening(path, proc, image.label, argv)
+            _take_back(folder)
+            _require_served_by(path, proc, reader, image.label, argv)
+            yield qemu.Image("raw", {"driver": "nbd", "server": {"type": "unix", "path": str(path)}}, image.label,
+                             (folder,))
+    finally:
+        with contextlib.suppress(OSError):
+            _take_back(folder)
+        os.close(folder)
+        with contextlib.suppress(OSError):
+            _remove_private_folder(str(where.parent), where.name)
+
+
+def _take_back(folder: int) -> None:
+    os.fchown(folder, os.geteuid(), os.getegid())
+    os.fchmod(folder, 0o700)
+
+
+def _require_served_by(path: Path, proc: subprocess.Popen[bytes], reader: Reader, label: str,
+                       argv: list[str]) -> None:
+    """The socket at `path` (in a folder nobody else can change now) is `proc`'s, run as `reader`."""
+    with _connect(path, proc, label, argv) as probe:
+        pid, uid, _ = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                           struct.calcsize("3i")))
+    if (pid, uid) != (proc.pid, reader.uid):  # setpriv execs qemu-nbd: the same pid
+        raise NbdError(f"serving {label}: the socket is not qemu-nbd's (its peer is pid {pid}, uid {uid})")
 
 
 _FOLDER = "stork-nbd-"  # then the pid and start time of the process that serves from it
@@ -245,60 +302,6 @@ def served(image: qemu.Image, write: bool = False) -> Iterator[Client]:
                 client.flush()
         finally:
             client.close()
-
-
-@contextlib.contextmanager
-def read_as(image: qemu.Image, reader: Reader) -> Iterator[qemu.Image]:
-    """`image` served read-only by a qemu-nbd run as `reader`, with that user's rights alone:
-    the raw image it serves, which any number of qemu-img of this process then read (map, copy,
-    compare) without opening a file the image's header names. An import's owner could rewrite
-    that header after stork's checks; what it names is then read with the owner's rights.
-
-    The socket's folder is the reader's only while qemu-nbd makes the socket in it, then this
-    process's again, mode 0700, before anything connects: the socket found there is then the
-    one qemu-nbd made, never a link the reader left. Every path to it goes through the opened
-    folder (`/proc/self/fd/N`), so a folder renamed meanwhile changes nothing."""
-    where = tempfile.mkdtemp(prefix=_folder_prefix())
-    folder = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fchown(folder, reader.uid, reader.gid)
-        path = Path(f"/proc/self/fd/{folder}/sock")
-        argv = dying_with_caller([QEMU_NBD, "--socket", str(path), "--persistent", "--shared", "0", "--read-only",
-                                  image.spec], "TERM", reader)
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                pass_fds=(*image.all_fds, folder))
-        try:
-            _wait_listening(path, proc, image.label, argv)
-            os.fchown(folder, os.geteuid(), os.getegid())
-            os.fchmod(folder, 0o700)
-            if not stat.S_ISSOCK(os.stat("sock", dir_fd=folder, follow_symlinks=False).st_mode):
-                raise NbdError(f"serving {image.label}: qemu-nbd's socket was replaced")
-            _connect(path, proc, image.label, argv).close()  # it listens: qemu-img may connect
-            yield qemu.Image("raw", {"driver": "nbd", "server": {"type": "unix", "path": str(path)}}, image.label,
-                             (folder,))
-        finally:
-            stop(proc)
-            assert proc.stderr is not None
-            proc.stderr.close()
-    finally:
-        _remove_opened_folder(where, folder)
-
-
-def _remove_opened_folder(where: str, folder: int) -> None:
-    """Remove the folder `where`, opened as `folder`, and what is in it; what the reader may
-    have added while it was theirs is left where it cannot be removed, and so is a folder
-    found under that name that is not this one."""
-    try:
-        for entry in os.listdir(folder):
-            with contextlib.suppress(OSError):
-                os.unlink(entry, dir_fd=folder)
-        there, mine = os.stat(where, follow_symlinks=False), os.fstat(folder)
-        if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
-            os.rmdir(where)
-    except OSError:
-        pass
-    finally:
-        os.close(folder)
 
 
 def _wait_listening(path: Path, proc: subprocess.Popen[bytes], label: str, argv: list[str]) -> None:

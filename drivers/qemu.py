@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import json
 import os
+import pwd
 import re
 import select
 import stat
@@ -191,24 +193,55 @@ def open_import(path: Path, member: str | None = None) -> Iterator[Imported]:
         yield Imported(image, size, fmt)
 
 
-def reader_for(fd: int, label: str, owner: int | None = None) -> Reader | None:
+def reader_for(fd: int, label: str) -> Reader | None:
     """Who reads the opened import file `fd`, and every file its header names: its owner, where
     this process is root and the owner is not; None where this process reads it as itself (its
-    own file, or root's). Refused where another user could change it during the import: one
-    that others than its owner may write, or, with `owner` (a VMDK's extents), not that user's
-    or root's."""
+    own file, or root's). Refused where another user could change it during the import, or
+    where it cannot be read so."""
+    refuse_other_writers(fd, label)
     info = os.fstat(fd)
-    if info.st_mode & 0o022:
-        raise InvalidName(f"{label}: others than its owner may write it (mode {stat.S_IMODE(info.st_mode):04o}); "
-                          "import a copy only its owner can write")
-    if owner is not None and info.st_uid not in (owner, 0):
-        raise InvalidName(f"{label}: belongs to uid {info.st_uid}, the file naming it to uid {owner}")
     if info.st_uid in (0, os.geteuid()):
         return None
     if os.geteuid() != 0:
         raise InvalidName(f"{label}: belongs to uid {info.st_uid}, whose rights uid {os.geteuid()} cannot take "
                           "to read it")
+    if not info.st_mode & stat.S_IRUSR:
+        raise InvalidName(f"{label}: its owner (uid {info.st_uid}) may not read it, and a user's file is read with "
+                          "that user's rights")
     return Reader.of(info.st_uid)
+
+
+def refuse_other_writers(fd: int, label: str) -> None:
+    """Refuse a file that a user other than its owner may write (and so rewrite once checked):
+    writable by others, or by a group with other members than the owner (a user's own group,
+    as umask 002 leaves a file, is the owner alone; a POSIX ACL's writers show in the group
+    bits, as its mask)."""
+    info = os.fstat(fd)
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & stat.S_IWOTH or (mode & stat.S_IWGRP and not _owners_own_group(info.st_uid, info.st_gid)):
+        raise InvalidName(f"{label}: others than its owner may write it (mode {mode:04o}); "
+                          "import a copy only its owner can write")
+
+
+def _owners_own_group(uid: int, gid: int) -> bool:
+    """Whether group `gid` is user `uid`'s primary group and names no other member."""
+    try:
+        user, group = pwd.getpwuid(uid), grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return user.pw_gid == gid and set(group.gr_mem) <= {user.pw_name}
+
+
+def _require_extent_owner(fd: int, label: str, reader: Reader | None) -> None:
+    """A VMDK extent must be the reader's own file (a root-opened descriptor of root's file
+    handed to a process of the reader's could be taken from it), or, read as this process,
+    root's or this process's: another user could rewrite it once checked."""
+    refuse_other_writers(fd, label)
+    owner, me = os.fstat(fd).st_uid, os.geteuid()
+    if reader is not None and owner != reader.uid:
+        raise InvalidName(f"{label}: belongs to uid {owner}, not to uid {reader.uid}, whose descriptor names it")
+    if reader is None and owner not in (0, me):
+        raise InvalidName(f"{label}: belongs to uid {owner}, not to root{f' or uid {me}' if me else ''}")
 
 
 @contextlib.contextmanager
@@ -218,14 +251,13 @@ def _described_vmdk(fd: int, path: Path, reader: Reader | None) -> Iterator[tupl
     from drivers import vmdk  # here, as ova: only an import reads a descriptor
 
     descriptor = vmdk.parse(os.pread(fd, vmdk.MAX_DESCRIPTOR + 1, 0), str(path))
-    owner = os.fstat(fd).st_uid
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(_folder_holding(fd, path))
         fds = []
         for extent in descriptor.extents:
             label = f"{path}: extent {extent.name}"
             extent_fd = stack.enter_context(opened_input(Path(extent.name), folder, label))
-            reader_for(extent_fd, label, owner)
+            _require_extent_owner(extent_fd, label, reader)
             if extent.kind == "SPARSE" and sniff.sniff_file(extent_fd) != sniff.Sniffed("vmdk"):
                 raise InvalidName(f"{label}: a SPARSE extent is a sparse VMDK of its own, with no parent")
             if extent.kind == "FLAT" and os.fstat(extent_fd).st_size < (extent.offset + extent.sectors) * 512:

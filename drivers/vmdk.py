@@ -108,7 +108,7 @@ def private_descriptor(descriptor: Descriptor, fds: list[int]) -> Iterator[Path]
     a link to the descriptor stork opened it as (`/proc/self/fd/N`, resolved in qemu's own
     process, which inherits it). Others may enter it and read the descriptor (it names no
     more than that), so a qemu run as the image's owner can. Removed when done."""
-    folder = Path(tempfile.mkdtemp(prefix="stork-vmdk-"))  # mode 0700
+    folder = Path(tempfile.mkdtemp(prefix="stork-vmdk-"))
     try:
         names = [f"extent{i}" for i in range(len(fds))]
         for name, fd in zip(names, fds, strict=True):

@@ -289,7 +289,7 @@ while True:
 @pytest.mark.skipif(os.geteuid() != 0, reason="makes a file of another user's")
 def test_an_import_file_rewritten_after_its_checks_is_read_with_its_owners_rights(tmp_path):
     """The owner of an import file can still write it once stork has checked it, and qemu reads
-    its header again at each open: here it is rewritten in place every millisecond, a qcow2 of
+    its header again at each open: here it is rewritten in place every few ms, a qcow2 of
     data, then one whose data file is a secret only root may read. Every qemu that reads it runs
     as its owner (nobody), so a copy holds the data or fails for want of rights, never the
     secret. Both outcomes must be seen (the rewrites race the opens): up to 300 tries."""
@@ -328,6 +328,52 @@ def test_an_import_file_rewritten_after_its_checks_is_read_with_its_owners_right
         rewriter.wait()
         os.close(target)
     assert copied and denied, (copied, denied, other[-5:])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs qemu-nbd as another user")
+def test_a_socket_renamed_over_qemu_nbds_own_is_never_read_through(tmp_path):
+    """qemu-nbd run as an import's owner makes its socket in a folder that is the owner's until
+    then: the owner could bind a socket of their own there and rename it over qemu-nbd's. stork
+    refuses to read through a socket whose peer is not qemu-nbd's process, rather than let its
+    qemu-img (root) talk to whatever serves there."""
+    import socket
+    import tempfile
+    import threading
+
+    from drivers import nbd, qemu
+    from drivers.tools import Reader
+
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"\x11" * (1 << 20))
+    os.chown(disk, 65534, 65534)
+    done, squatters = threading.Event(), []
+
+    def squat() -> None:  # as fast as it can: the moment qemu-nbd's socket is there
+        prefix = f"stork-nbd-{os.getpid()}-"
+        while not done.is_set() and not squatters:
+            for name in os.listdir(tempfile.gettempdir()):
+                folder = Path(tempfile.gettempdir(), name)
+                if name.startswith(prefix) and (folder / "sock").exists():
+                    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    squatter.bind(str(folder / "mine"))
+                    squatter.listen()
+                    os.rename(folder / "mine", folder / "sock")
+                    squatters.append(squatter)
+
+    thread = threading.Thread(target=squat)
+    thread.start()
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        with pytest.raises(StorkError, match="the socket is not qemu-nbd's"), \
+                nbd.read_as(qemu.Image.of_fd("raw", fd, "disk"), Reader(65534, 65534, "nobody")) as served:
+            qemu.data_bytes(served)
+    finally:
+        done.set()
+        thread.join()
+        os.close(fd)
+        for squatter in squatters:
+            squatter.close()
+    assert squatters
 
 
 # ---- durable before visible ----------------------------------------------------------------

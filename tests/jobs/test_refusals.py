@@ -37,19 +37,26 @@ def world(client):
                     str(external), "1M"], check=True)
     not_an_image = BASE / "notes.txt"
     not_an_image.write_text("these are not the sectors you are looking for\n")
-    shared = BASE / "group-writable.raw"  # another user could rewrite it once it is checked
+    shared = BASE / "world-writable.raw"  # another user could rewrite it once it is checked
     shared.write_bytes(bytes(1 << 20))
-    shared.chmod(0o664)
+    shared.chmod(0o646)
     users = BASE / "users"  # root's descriptor, naming an extent another user could rewrite
     users.mkdir(exist_ok=True)
     (users / "disk-flat.vmdk").write_bytes(bytes(1 << 20))
     os.chown(users / "disk-flat.vmdk", 65534, 65534)
     (users / "disk.vmdk").write_text('version=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
                                      'RW 2048 FLAT "disk-flat.vmdk" 0\n')
+    theirs = BASE / "theirs"  # a user's descriptor naming root's file: its descriptor would reach their qemu
+    theirs.mkdir(exist_ok=True)
+    (theirs / "disk-flat.vmdk").write_bytes(bytes(1 << 20))
+    (theirs / "disk-flat.vmdk").chmod(0o600)
+    (theirs / "disk.vmdk").write_text((users / "disk.vmdk").read_text())
+    os.chown(theirs / "disk.vmdk", 65534, 65534)
     return {**ids, "base": f"local:base/base-{ids['T']}-disk-0.raw",
             "gdisk": f"local:{ids['G']}/vm-{ids['G']}-disk-0.raw", "text": str(not_an_image),
             "backed": str(backed), "external": str(external), "shared": str(shared),
-            "users_extent": str(users / "disk.vmdk"), **hostile_images(BASE / "hostile")}
+            "users_extent": str(users / "disk.vmdk"), "roots_extent": str(theirs / "disk.vmdk"),
+            **hostile_images(BASE / "hostile")}
 
 
 def hostile_images(folder) -> dict[str, str]:
@@ -166,9 +173,11 @@ REFUSALS = [
     ("image with an external data file", "guest import 91023 --disk scsi0={external}",
      "{external}: images with a backing or data file cannot be imported"),
     ("image others than its owner may write", "guest import 91037 --disk scsi0={shared}",
-     "{shared}: others than its owner may write it (mode 0664); import a copy only its owner can write"),
+     "{shared}: others than its owner may write it (mode 0646); import a copy only its owner can write"),
     ("VMDK extent of another user than its descriptor's", "guest import 91038 --disk scsi0={users_extent}",
-     "{users_extent}: extent disk-flat.vmdk: belongs to uid 65534, the file naming it to uid 0"),
+     "{users_extent}: extent disk-flat.vmdk: belongs to uid 65534, not to root"),
+    ("a user's VMDK naming an extent of root's", "guest import 91039 --disk scsi0={roots_extent}",
+     "{roots_extent}: extent disk-flat.vmdk: belongs to uid 0, not to uid 65534, whose descriptor names it"),
     ("zero-padded guest id in a volume", "volume free local:0{G}/vm-{G}-disk-0.raw",
      "invalid volume name '0{G}/vm-{G}-disk-0.raw'"),
     ("linked clone of a locked template", "clone {TL} 91021", "guest {TL} is locked (destroy)"),

@@ -1,0 +1,51 @@
+"""Who reads an image to import (drivers/qemu.py: reader_for), decided on real files: a user's
+file by that user, root's by root; and the files refused because another user could rewrite
+them between stork's checks and qemu's reads."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+
+import pytest
+
+from drivers import qemu
+from drivers.errors import InvalidName
+from drivers.tools import Reader
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="makes files of other users'")
+
+NOBODY = pwd.getpwnam("nobody")
+
+
+@pytest.mark.parametrize(("uid", "gid", "mode", "expected"), [
+    (0, 0, 0o644, None),  # root's: read as root
+    (0, 0, 0o600, None),
+    (0, 0, 0o664, None),  # root's own group, no other member
+    (NOBODY.pw_uid, NOBODY.pw_gid, 0o644, Reader(NOBODY.pw_uid, NOBODY.pw_gid, "nobody")),
+    (NOBODY.pw_uid, NOBODY.pw_gid, 0o664, Reader(NOBODY.pw_uid, NOBODY.pw_gid, "nobody")),  # umask 002
+    (NOBODY.pw_uid, 0, 0o640, Reader(NOBODY.pw_uid, NOBODY.pw_gid, "nobody")),  # the owner's groups, not the file's
+    (4242, 4242, 0o644, Reader(4242, 65534, None)),  # no passwd entry: no groups
+    (0, 0, 0o646, "others than its owner may write it (mode 0646)"),
+    (NOBODY.pw_uid, NOBODY.pw_gid, 0o666, "others than its owner may write it (mode 0666)"),
+    (NOBODY.pw_uid, 0, 0o664, "others than its owner may write it (mode 0664)"),  # not the owner's group
+    (NOBODY.pw_uid, NOBODY.pw_gid, 0o044, "its owner (uid 65534) may not read it"),
+], ids=["root", "root-private", "root-group-writable", "user", "user-umask-002", "user-file-in-root-group",
+        "uid-without-passwd", "root-world-writable", "user-world-writable", "user-group-writable-root-group",
+        "user-unreadable-to-owner"])
+def test_who_reads_an_import(tmp_path, uid, gid, mode, expected):
+    path = tmp_path / "disk.raw"
+    path.write_bytes(bytes(4096))
+    os.chown(path, uid, gid)
+    path.chmod(mode)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if isinstance(expected, str):
+            with pytest.raises(InvalidName, match="^" + re.escape(f"{path}: {expected}")):
+                qemu.reader_for(fd, str(path))
+        else:
+            assert qemu.reader_for(fd, str(path)) == expected
+    finally:
+        os.close(fd)
+
