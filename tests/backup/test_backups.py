@@ -510,7 +510,7 @@ def _restore_holding(client, g: int, made: str, disks: dict[str, str], unused: t
     commit = [s.name for s in kind.steps].index("commit_guest")
     job = JobRecord(id=records.new_id(), kind="restore", node="node1", steps=[s.name for s in kind.steps],
                     queues=["shared"] * len(kind.steps), state=JobState.RUNNING, done=commit,
-                    params={"new_vmid": g, "replace": True, "template": False, "node": "node1"},
+                    params={"new_vmid": g, "lock_vmid": g, "replace": True, "template": False, "node": "node1"},
                     ctx={"made": {"scsi0": made}},
                     current={"step": commit, "name": "commit_guest", "node": "node1", "worker": "test:1",
                              "attempt": 2})
@@ -591,6 +591,45 @@ def test_a_free_run_again_after_a_crash_never_frees_a_volume_made_since_under_th
         with client.guest_store.editing(h) as box:
             box[0] = box[0].with_(disks={})
         volume_path(old).unlink(missing_ok=True)
+
+
+def test_a_restore_force_stopped_after_freeing_an_old_disk_drops_it_in_its_undo(client, vmid):
+    """free_replaced frees the old disk, then drops it from the guest's unused list; stopped in
+    between (its config's write failed, or its process died and the job was failed), the job is
+    undone past its commit, and that undo drops the freed disk: the guest never lists as unused
+    a volume gone, whose name a new disk of it may take."""
+    from drivers import driver_for
+    from worker import runner
+    from worker.jobs import steps
+    from worker.jobs.kinds import KINDS
+
+    kind = KINDS["restore"]
+    free_replaced = [s.name for s in kind.steps].index("free_replaced")
+    assert free_replaced in runner.undo_plan(kind, free_replaced, free_replaced)
+    g, old, restored = _two_disks(client, vmid)
+    with _restore_holding(client, g, restored, {"scsi0": restored}, (old,)) as ctx:
+        drv = driver_for(client.cfg.storage("local"))
+        vol = drv.parse_volname(old.split(":", 1)[1])
+        ctx.data["replaced"] = {"scsi0": old}
+        ctx.data["freed"] = {"scsi0": drv.identity(vol)}  # saved, then freed: the config not written after
+        drv.free_volume(vol)
+        steps.forget_freed_sources(ctx)
+        assert client.guest(g).unused == () and client.guest(g).disks == {"scsi0": restored}
+
+
+def test_free_replaced_tried_again_after_its_config_write_frees_nothing(client, vmid):
+    """A try kept an old disk (a passing error), wrote the config (that disk still unused, the
+    guest unlocked) and died before its end was recorded. Tried again, the step frees nothing:
+    it can no longer drop a volume from the config, which would then list one gone."""
+    from worker.jobs import backups
+
+    g, old, restored = _two_disks(client, vmid)
+    with _restore_holding(client, g, restored, {"scsi0": restored}, (old,)) as ctx:
+        ctx.data["replaced"] = {"scsi0": old}
+        with client.guest_store.editing(g) as box:  # as the try before left it
+            box[0] = box[0].with_(lock="", lock_job="")
+        backups.free_replaced(ctx)
+        assert volume_path(old).exists() and client.guest(g).unused == (old,)
 
 
 def test_an_undo_never_renames_back_a_base_the_jobs_own_guest_attaches(client, vmid):

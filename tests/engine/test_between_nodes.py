@@ -430,3 +430,53 @@ def test_a_template_whose_replica_was_removed_by_hand_is_still_destroyed(client,
     code, out, err = stork("--json", "guest", "destroy", t)
     assert code == 0, err
     assert not client.guest_store.exists(t) and json.loads(out)["result"]["freed_replicas"] == []
+
+
+def test_a_free_on_one_node_leaves_the_guests_of_another_listing_their_own_volume_of_that_id(client, vmid, stork):
+    """`local` is each node's own storage: one volume id names a volume on every node. The
+    free of node2's drops it from no guest of node1, which keeps its own volume of that id as
+    unused (here both nodes' `local` are one folder, so the step is run as node2 directly)."""
+    from worker import records
+    from worker.context import StepContext
+    from worker.jobs.kinds import KINDS
+    from worker.jobs.steps import free_volume
+    from worker.records import JobRecord
+
+    g = vmid()
+    _make(client, g, "node1", "local", mib=8)
+    volid = client.guest(g).disks["scsi0"]
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(disks={}, unused=(volid,))
+    job = JobRecord(id=records.new_id(), kind="free", node="node2", steps=["free_volume"], queues=["node.node2"],
+                    state="running", params={"volid": volid, "node": "node2"}, done=0,
+                    current={"step": 0, "name": "free_volume", "node": "node2", "worker": "test:1", "attempt": 1})
+    records.create(client.r, job, {"phase": "queued"})
+    try:
+        ctx = StepContext(job=job, cfg=client.cfg, r=client.r, node="node2", step="free_volume", worker="test:1",
+                          kinds=KINDS)
+        free_volume(ctx)
+    finally:
+        client.r.srem(records.ACTIVE, job.id)
+    assert client.guest(g).unused == (volid,)  # node1's, which a free there would drop
+
+
+def test_a_replica_another_template_is_assembled_of_stays_when_that_template_moves_away(client, vmid, stork):
+    """A replica is a base like any other: a template assembled of it on node2 that then
+    migrates to node1 frees its old disks there, but not the replica, which the template it was
+    copied for still records (and clones onto node2 read through): kept, and said."""
+    t, c, assembled = vmid(), vmid(), vmid()
+    _make(client, t, "node1", "local1", mib=16)
+    assert client.run("template", vmid=t).state == "succeeded"
+    assert stork("clone", t, c, "--storage", "local2")[0] == 0
+    [replica] = client.guest(t).replicas
+    assert stork("guest", "destroy", c)[0] == 0
+    job = client.run("assemble", vmid=assembled, disks={"scsi0": replica}, node="node2")
+    assert job.state == "succeeded", job.error
+    code, out, err = stork("--json", "guest", "migrate", assembled, "node1", "--storage", "shared")
+    assert code == 0, err
+    assert f"kept {replica} on node node2" in json.loads(out)["result"]["warning"], out
+    assert volume_path(replica).exists() and replica in client.guest(t).replicas
+    code, out, err = stork("--json", "clone", t, c, "--storage", "local2")
+    assert code == 0, err
+    assert client.job(json.loads(out)["id"]).kind == "linked_clone"
+    assert _parent(client.guest(c).disks["scsi0"]) == replica

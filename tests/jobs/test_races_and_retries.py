@@ -307,3 +307,43 @@ def test_a_free_stopped_after_its_free_drops_the_volume_from_the_guests_in_its_u
                       ctx={"freeing": saved[volid]}) as job:
             forget_free(step_context(client, job, "undo_free_volume"))
     assert client.guest(g).unused == (kept,) and volume_path(kept).exists()
+
+
+def test_a_move_whose_config_write_fails_after_freeing_its_source_drops_it_in_its_undo(
+        stork, client, vmid, monkeypatch):
+    """A disk move with --delete-source frees the original, then drops it from the guest's
+    unused list. The config's write failing in between (a full disk), the job is undone past
+    its commit: its undo drops the freed original, which the guest would otherwise list as
+    unused, a name a later disk of it may take."""
+    from drivers.guests import GuestStore
+    from worker import records, runner
+    from worker.jobs.kinds import KINDS
+    from worker.jobs.steps import forget_freed_sources
+
+    g = vmid()
+    code, _, err = stork("guest", "create", g, "--disk=scsi0=local:8M", "--disk=scsi1=local:8M")
+    assert code == 0, err
+    moved, original = client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
+    with client.guest_store.editing(g) as box:  # switched to the copy, the original kept as unused
+        box[0] = box[0].with_(disks={"scsi0": moved}, unused=(original,))
+    steps = [s.name for s in KINDS["move"].steps]
+    with recorded(client, "move", "running", at="free_sources", ctx={"replaced": {"scsi0": original}},
+                  params={"lock_vmid": g, "delete_source": True, "node": "node1"}) as job:
+        held_by(client, g, job)
+        sent: list[list[int]] = []
+        monkeypatch.setattr(runner, "dispatch_undo", lambda job, sender=None: sent.append(list(job.undo)))
+
+        def full(self, vmid):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(GuestStore, "editing", full)
+        with pytest.raises(OSError):
+            runner._run(step_context(client, job, "free_sources"), KINDS["move"], steps.index("free_sources"))
+        monkeypatch.undo()
+        failed = records.load(client.r, job.id)
+        assert failed.state == "undoing" and sent == [[steps.index("free_sources"), 0]]
+        assert not volume_path(original).exists() and client.guest(g).unused == (original,)
+        forget_freed_sources(step_context(client, failed, "undo_free_sources"))
+    assert client.guest(g).unused == () and client.guest(g).disks == {"scsi0": moved}
+    with client.guest_store.editing(g) as box:  # as the undo of lock_guest, next, leaves it
+        box[0] = box[0].with_(lock="", lock_job="")

@@ -307,6 +307,12 @@ def free_replaced(ctx: StepContext) -> None:
     if not ctx.params.get("replace"):
         return
     vmid = ctx.params["new_vmid"]
+    try:
+        guest: guests.Guest | None = ctx.guests.read(vmid)
+    except StorkError:
+        guest = None
+    if guest is not None and guest.lock_job != ctx.job.id:
+        return  # tried again after its config's write unlocked the guest: what that try kept stays
     freed, kept = [], []
     try:  # fails closed: with a guest config unreadable, nothing is freed
         replaced = set(ctx.data.get("replaced", {}).values())
@@ -314,10 +320,8 @@ def free_replaced(ctx: StepContext) -> None:
                   for v in (*g.disks.values(), *g.unused)}
     except StorkError as e:
         others, kept = set(ctx.data.get("replaced", {}).values()), [f"nothing freed: {e}"]
-    try:  # what the guest attaches is never freed, whatever the record says it replaced
-        attached = set(ctx.guests.read(vmid).disks.values())
-    except StorkError:
-        attached = set(ctx.data.get("replaced", {}).values())  # cannot tell: none is freed
+    # what the guest attaches is never freed, whatever the record says it replaced (cannot tell: none is)
+    attached = set(guest.disks.values()) if guest is not None else set(ctx.data.get("replaced", {}).values())
     for key, volid in ctx.data.get("replaced", {}).items():
         try:
             drv, vol = ctx.volume(volid)

@@ -166,7 +166,7 @@ COMMIT_BASES = Step("commit_guest", steps.commit_bases, storage=False, commit=Tr
 LINK_OWNER = Step("link_owner", steps.link_owner, steps.free_made)
 SWITCH = Step("switch_disks", steps.switch_disks, steps.unswitch_disks, storage=False, commit=True)
 SWITCH_NODE = Step("switch_node", steps.switch_node, storage=False, commit=True)
-FREE_SOURCES = Step("free_sources", steps.free_sources, side="source")
+FREE_SOURCES = Step("free_sources", steps.free_sources, steps.forget_freed_sources, side="source")
 # idempotent, and their effect is the user's intent: an interrupted one is carried forward
 FREE = Step("free_volume", steps.free_volume, steps.forget_free, commit=True)
 DESTROY = Step("destroy", steps.destroy_guest, steps.forget_freed, commit=True)
@@ -188,7 +188,7 @@ RESTORE_DATA = Step("restore_data", backups.restore_data, alone=True)  # its tar
 RESERVE_RESTORED = Step("reserve_guest", backups.reserve_restored, backups.unreserve_restored, storage=False)
 MAKE_RESTORED_BASES = Step("make_bases", backups.make_restored_bases, steps.unmake_bases)  # for a template
 COMMIT_RESTORED = Step("commit_guest", backups.commit_restored, storage=False, commit=True)
-FREE_REPLACED = Step("free_replaced", backups.free_replaced)  # --force: the replaced guest's old disks
+FREE_REPLACED = Step("free_replaced", backups.free_replaced, steps.forget_freed_sources)  # --force: the old disks
 VERIFY_BACKUPS = Step("verify", backups.verify_backups, alone=True)
 PRUNE = Step("prune", backups.prune_backups, commit=True, alone=True)  # what it forgot stays forgotten
 GC = Step("gc", backups.collect_garbage, commit=True, alone=True)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from drivers import faults, qemu, transfer
+from drivers import faults, names, qemu, transfer
 from drivers.backends.base import Driver
 from drivers.errors import AlreadyExists, ConfigError, NotFound, Refused, StorkError
 from drivers.guests import Guest, base_mismatch
@@ -898,6 +898,25 @@ def free_sources(ctx: StepContext) -> None:
         box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v not in freed))
 
 
+def forget_freed_sources(ctx: StepContext) -> None:
+    """Undo of free_sources and of a forced restore's free_replaced, which free the volumes the
+    guest's disks had before the job replaced them, then drop them from its unused list: one
+    that failed between the two (the config's write, say) would leave the guest listing as
+    unused volumes gone, whose names a later disk may take. Those it freed (their identity
+    saved, and the name holding nothing now, or another volume) leave the list."""
+    gone = set()
+    for key, volid in ctx.data.get("replaced", {}).items():
+        drv, vol = ctx.volume(volid)
+        with ctx.storage_lock(drv):
+            if freed_before(ctx, drv, vol, key):
+                gone.add(volid)
+    if not gone:
+        return
+    with contextlib.suppress(NotFound), ctx.guests.editing(ctx.params["lock_vmid"]) as box:
+        if box[0].lock_job == ctx.job.id:
+            box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v not in gone))
+
+
 def free_volume(ctx: StepContext) -> None:
     """Free a volume that no guest attaches and no live job uses; a base with linked clones
     is refused, listing them. The volume's identity is saved before it is freed, so a step
@@ -912,7 +931,8 @@ def free_volume(ctx: StepContext) -> None:
         if freeing is None:
             drv.require_existing(vol)
             guests = usage.candidates(ctx, volid)
-            usage.require_unused(ctx, volid, count_unused=False, guests=guests)  # a volume kept as unused may go
+            # a volume kept as unused, or recorded as a replica, may go: they forget it after
+            usage.require_unused(ctx, volid, count_unused=False, guests=guests, count_replicas=False)
             ctx.data["freeing"] = drv.identity(vol)
             ctx.save()
             faults.point("free_recorded")
@@ -920,7 +940,7 @@ def free_volume(ctx: StepContext) -> None:
             drv.free_volume(vol)  # refuses a base with linked clones, listing them
         elif drv.exists(vol) and drv.identity(vol) == freeing:  # the process that saved it died before freeing
             # checked again: the storage lock was let go meanwhile, and a guest may attach it by now (assemble)
-            usage.require_unused(ctx, volid, count_unused=False)
+            usage.require_unused(ctx, volid, count_unused=False, count_replicas=False)
             ctx.fence(drv)
             drv.free_volume(vol)
     _forget_listed(ctx, volid, guests)
@@ -930,17 +950,22 @@ def free_volume(ctx: StepContext) -> None:
 def _forget_listed(ctx: StepContext, volid: str, guests: list[Guest] | None = None) -> None:
     """Drop a freed volume from the guests that keep it as unused or record it as a replica:
     `guests` (read under the storage lock; each config read again as it is edited), or, where
-    none were read, those the index names now."""
+    none were read, those the index names now. On a storage each node has its own of (`local`),
+    one id names a volume on every node: only a guest on this node keeps this one as unused,
+    and only a replica recorded on this node is this one."""
     if guests is None:
         try:
             guests = ctx.guests.candidates(volid)
         except ConfigError:  # freed already: a broken config must not make it look failed
             guests, _ = ctx.guests.scan()
+    shared = ctx.cfg.storage(names.volume_id(volid).storage).shared
     for guest in guests:
-        if volid in guest.unused or volid in guest.replicas:
+        unused = volid in guest.unused and (shared or guest.node == ctx.node)
+        replica = volid in guest.replicas and (shared or guest.replicas[volid].get("node") == ctx.node)
+        if unused or replica:
             with ctx.guests.editing(guest.vmid) as box:
-                box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v != volid),
-                                      replicas={v: r for v, r in box[0].replicas.items() if v != volid})
+                box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v != volid or not unused),
+                                      replicas={v: r for v, r in box[0].replicas.items() if v != volid or not replica})
 
 
 def forget_free(ctx: StepContext) -> None:

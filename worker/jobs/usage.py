@@ -46,13 +46,14 @@ def candidates(ctx: StepContext, volid: str) -> list[Guest]:
 
 
 def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None,
-                outside: bool = True, guests: list[Guest] | None = None) -> list[str]:
-    """Guests, besides those this job holds (and `but`), that attach `volid` (or, with
-    count_unused, keep it as unused or record it as a replica of their bases): those the guest
-    volume index names (`candidates`, or the `guests` a caller read so), each confirmed by its
-    config; and, with `outside`, guests of another manager its storage knows of (Proxmox VE's,
-    whose configs name a volume in every way, unused ones too: stork leaves such a volume as
-    it is)."""
+                outside: bool = True, guests: list[Guest] | None = None, count_replicas: bool = True) -> list[str]:
+    """Guests, besides those this job holds (and `but`), that attach `volid`, or, with
+    count_unused, keep it as unused, or, with count_replicas, record it as a replica of their
+    bases (only `volume free`, which then drops it from them, frees one that is): those the
+    guest volume index names (`candidates`, or the `guests` a caller read so), each confirmed
+    by its config; and, with `outside`, guests of another manager its storage knows of (Proxmox
+    VE's, whose configs name a volume in every way, unused ones too: stork leaves such a volume
+    as it is)."""
     if guests is None:
         guests = candidates(ctx, volid)
     found = foreign_users(ctx, volid) if outside else []
@@ -60,7 +61,7 @@ def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: in
         f"guest {g.vmid} ({key})"
         for g in guests if g.lock_job != ctx.job.id and g.vmid != but
         for key, v in [*g.disks.items(), *((("unused", u) for u in g.unused) if count_unused else ()),
-                       *((("replica", r) for r in g.replicas) if count_unused else ())]
+                       *((("replica", r) for r in g.replicas) if count_replicas else ())]
         if v == volid
     ] + found
 
@@ -128,14 +129,15 @@ def require_base_made(ctx: StepContext, base_volid: str) -> None:
 
 
 def users(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None,
-          guests: list[Guest] | None = None) -> list[str]:
+          guests: list[Guest] | None = None, count_replicas: bool = True) -> list[str]:
     """Who uses `volid`: guests (see guest_users) and jobs that have not ended."""
-    return guest_users(ctx, volid, count_unused, but, guests=guests) + job_users(ctx, volid)
+    return guest_users(ctx, volid, count_unused, but, guests=guests, count_replicas=count_replicas) + \
+        job_users(ctx, volid)
 
 
 def require_unused(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None,
-                   guests: list[Guest] | None = None) -> None:
-    if found := users(ctx, volid, count_unused, but, guests):
+                   guests: list[Guest] | None = None, count_replicas: bool = True) -> None:
+    if found := users(ctx, volid, count_unused, but, guests, count_replicas):
         raise Refused(f"{volid} is in use by {', '.join(found)}")
 
 
