@@ -208,8 +208,9 @@ UNDO_PLANS = [
     ("full_clone", {}, 4, 4, [3, 1, 0]),  # the copy failed: free the target, drop the new guest, unlock
     ("full_clone", ACROSS, 4, 4, [3, 2, 1, 0]),  # ... and, between nodes, end the export too
     ("migrate", ACROSS, 6, 6, [6, 2, 1, 0]),  # making the copied bases failed: unmake, free, end the export
-    ("migrate", ACROSS, 8, 8, [0]),  # freeing the originals failed after the switch: only the lock
-    ("move", {}, 6, 6, [0]),  # freeing the old copy failed after the switch: only the lock is released
+    # freeing the originals failed after the switch: those it freed leave the unused list, then the lock
+    ("migrate", ACROSS, 8, 8, [8, 0]),
+    ("move", {}, 6, 6, [6, 0]),  # the same for the old copy of a moved disk
     ("resize", {}, 2, 2, [0]),  # the unlock after the resize failed: the guest is still unlocked
     ("create", {}, 0, 0, [0]),  # the reservation failed: nothing made, its undo checks for itself
 ]
