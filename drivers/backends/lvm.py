@@ -15,7 +15,10 @@ thick LVM gets full clones (the feature table says so, and the job refuses a lin
 A new LV holds whatever its extents held before, another guest's data perhaps. So a new
 volume does not read as zeros (`new_volumes_read_zero`: a copy writes the zeros too), and
 `allocate` zeroes the whole new LV (blkdiscard --zeroout) before it counts as made; if that
-fails, the LV is removed again. Data I/O needs the LV active (device-mapper): `image()`
+fails, the LV is removed again. Until it is zeroed it carries the tag stork-zeroing and is no
+volume (neither listed nor found): one left so by a process killed mid-zeroing is never taken
+for made by the step tried again, which removes it (free_partial, or allocate of that name)
+and makes it anew. Data I/O needs the LV active (device-mapper): `image()`
 activates it and opens the block device it resolves to, checking it is the LV's own device
 (major:minor from LVM) on the opened descriptor.
 """
@@ -28,11 +31,18 @@ from contextlib import AbstractContextManager
 
 from drivers import faults, names, qemu
 from drivers.backends.base import RAW, Driver
-from drivers.backends.lvmgroup import LV_FIELDS, TIMEOUT, VolumeGroup, check_reserved, lvm_name
-from drivers.errors import Refused, StorkError
+from drivers.backends.lvmgroup import LV_FIELDS, TIMEOUT, Row, VolumeGroup, check_reserved, lvm_name
+from drivers.errors import NotFound, Refused, StorkError
 from drivers.names import VolName
 from drivers.storage import Option, StorageConfig
 from drivers.tools import run
+
+ZEROING_TAG = "stork-zeroing"  # on a new LV until it is zeroed whole
+
+
+def _zeroing(row: Row) -> bool:
+    return ZEROING_TAG in row.get("lv_tags", "").split(",")
+
 
 OPTIONS = {
     "vgname": Option(lvm_name, "an LVM volume group name (letters, digits, + _ . -)", required=True),
@@ -56,7 +66,7 @@ class LvmDriver(Driver):
     def __init__(self, config: StorageConfig) -> None:
         super().__init__(config)
         # a thick LV of the group, not a thin volume (those are an lvmthin storage's)
-        self.group = VolumeGroup(config, LV_FIELDS, ours=lambda row: not row.get("pool_lv"))
+        self.group = VolumeGroup(config, LV_FIELDS, ours=lambda row: not row.get("pool_lv") and not _zeroing(row))
         self.vg = self.group.vg
 
     @classmethod
@@ -94,21 +104,25 @@ class LvmDriver(Driver):
 
     # ---- making and freeing ----------------------------------------------------------------
     def allocate(self, vol: VolName, size: int) -> None:
-        """A new LV, zeroed whole before it counts as made; removed again if that fails."""
+        """A new LV, zeroed whole before it counts as made (tagged until then); removed again
+        if that fails. One of that name left unzeroed by a process killed meanwhile goes first."""
         what = f"creating {self.volid(vol)}"
-        self.group.run("lvcreate", "--yes", "-an", "-Zn", "-L", f"{size}b", "-n", names.flat_name(vol), self.vg,
-                       what=what)
+        self.free_partial(vol)
+        self.group.run("lvcreate", "--yes", "-an", "-Zn", "--addtag", ZEROING_TAG, "-L", f"{size}b", "-n",
+                       names.flat_name(vol), self.vg, what=what)
         try:
-            self._zero(vol)
+            self._zero(vol, made=False)
+            self.group.run("lvchange", "--deltag", ZEROING_TAG, self.group.lv(vol), what=what)
         except BaseException:
             with contextlib.suppress(StorkError):
                 self.group.run("lvremove", "--yes", self.group.lv(vol), what=what)
             raise
         faults.point("created")
 
-    def _zero(self, vol: VolName) -> None:
-        """Zero the whole LV (another guest's old data must never show through)."""
-        with self.group.device(vol, write=True) as fd:
+    def _zero(self, vol: VolName, made: bool = True) -> None:
+        """Zero the whole LV (another guest's old data must never show through): a volume, or
+        (not `made`) the LV allocate made, tagged and no volume yet."""
+        with self.group.device(vol, write=True, find=None if made else self._unzeroed) as fd:
             run(["blkdiscard", "--zeroout", f"/proc/self/fd/{fd}"], f"zeroing {self.volid(vol)}", (fd,),
                 timeout=TIMEOUT)
             os.fsync(fd)
@@ -123,7 +137,20 @@ class LvmDriver(Driver):
         self.group.free(vol)
 
     def free_partial(self, vol: VolName) -> None:
-        """Nothing: `allocate` removes an LV it could not zero."""
+        """Remove the LV of that name if it was never zeroed whole (its process killed while
+        zeroing): no volume, whatever it holds."""
+        try:
+            self._unzeroed(vol)
+        except NotFound:
+            return
+        self.group.run("lvremove", "--yes", self.group.lv(vol), what=f"removing {self.volid(vol)}, never zeroed whole")
+
+    def _unzeroed(self, vol: VolName) -> Row:
+        """The row of the thick LV of that name that allocate has not zeroed whole yet."""
+        rows = self.group.report("lvs", LV_FIELDS, self.group.lv(vol), what=f"reading {self.volid(vol)}")
+        if not (found := [row for row in rows if _zeroing(row) and not row.get("pool_lv")]):
+            raise NotFound(f"{self.volid(vol)}: no LV being made")
+        return found[0]
 
     def make_base(self, vol: VolName, base: VolName) -> None:
         self.group.rename_to_base(vol, base)

@@ -115,10 +115,12 @@ class VolumeGroup:
                 os.fsync(fd)
 
     @contextlib.contextmanager
-    def device(self, vol: VolName, write: bool) -> Iterator[int]:
+    def device(self, vol: VolName, write: bool, find: Callable[[VolName], Row] | None = None) -> Iterator[int]:
+        """The LV's block device, activated, opened and checked to be its device (major:minor
+        from `find`, the storage's volume rows by default, read once it is active)."""
         # -K: a base may carry LVM's activation skip flag (lvmthin sets it, as Proxmox does)
         self.run("lvchange", "-ay", "-K", self.lv(vol), what=f"activating {self.volid(vol)}")
-        row = self.row(vol)
+        row = (find or self.row)(vol)
         wanted = (int(row.get("lv_kernel_major") or -1), int(row.get("lv_kernel_minor") or -1))
         link = f"/dev/{self.vg}/{names.flat_name(vol)}"
         path = os.path.realpath(link)  # a udev link to /dev/dm-N
