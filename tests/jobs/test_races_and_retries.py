@@ -97,6 +97,31 @@ def test_an_undo_keeps_a_base_that_linked_clones_read_through(stork, client, vmi
                 box[0] = box[0].with_(disks={"scsi0": base}, template=True, lock="", lock_job="")
 
 
+def test_an_undo_keeps_a_base_that_another_live_job_reads(stork, client, vmid):
+    """A template job undone while a copy of its new base runs: renamed back, the base would be
+    gone under the copy. It stays a base, and the undo says why."""
+    from drivers.errors import Refused
+    from worker.jobs.prepare import prepare_copy
+    from worker.jobs.steps import unmake_bases
+
+    t = vmid()
+    base = template_of(stork, t)
+    disk = f"local:{t}/vm-{t}-disk-0.raw"
+    with recorded(client, "copy", "running", params=prepare_copy({"volid": base, "vmid": t, "storage": "local"},
+                                                                 client.cfg)) as copy, \
+            recorded(client, "template", "undoing", params={"lock_vmid": t},
+                     ctx={"based": {"scsi0": [disk, base]}}) as job:
+        with client.guest_store.editing(t) as box:  # as the job left it before its commit
+            box[0] = box[0].with_(disks={"scsi0": disk}, template=False, lock="template", lock_job=job.id)
+        try:
+            with pytest.raises(Refused, match=f"kept as base: {base} .*job {copy.id} \\(copy\\)"):
+                unmake_bases(step_context(client, job, "undo_make_bases"))
+            assert volume_path(base).exists() and not volume_path(disk).exists()
+        finally:
+            with client.guest_store.editing(t) as box:
+                box[0] = box[0].with_(disks={"scsi0": base}, template=True, lock="", lock_job="")
+
+
 @pytest.mark.parametrize("how", ["linked clone", "assemble"])
 def test_a_base_whose_job_has_not_ended_is_not_read_through(stork, client, vmid, how):
     """Until the job that made a base ends, its undo may rename it back: a linked clone of it,

@@ -604,8 +604,9 @@ def unmake_bases(ctx: StepContext) -> None:
             guests = usage.candidates(ctx, base_volid)  # e.g. a replica a template recorded; a restored template
             # linked clones read through it (the guest's own, link_owner's, once a commit wrote it)
             clones = [f"linked clone {drv.volid(c)}" for c in drv.clones_of(base)]
+            # and live jobs that read it (a copy of it, say): renamed, it would be gone under them
             if found := usage.guest_users(ctx, base_volid, guests=guests) + \
-                    usage.held_guest_users(ctx, base_volid, guests) + clones:
+                    usage.held_guest_users(ctx, base_volid, guests) + clones + usage.job_users(ctx, base_volid):
                 taken.append(f"{base_volid} (in use by {', '.join(found)})")
                 continue
             ctx.fence(drv)
