@@ -198,17 +198,51 @@ def reader_for(fd: int, label: str) -> Reader | None:
     this process is root and the owner is not; None where this process reads it as itself (its
     own file, or root's). Refused where another user could change it during the import, or
     where it cannot be read so."""
-    refuse_other_writers(fd, label)
+    mounted_by = _fuse_mounter(fd, label)
+    if mounted_by is None:
+        refuse_other_writers(fd, label)
     info = os.fstat(fd)
-    if info.st_uid in (0, os.geteuid()):
+    owner = info.st_uid if mounted_by is None else mounted_by  # whoever answers for the file's bytes
+    if owner in (0, os.geteuid()):
         return None
     if os.geteuid() != 0:
-        raise InvalidName(f"{label}: belongs to uid {info.st_uid}, whose rights uid {os.geteuid()} cannot take "
-                          "to read it")
-    if not info.st_mode & stat.S_IRUSR:
-        raise InvalidName(f"{label}: its owner (uid {info.st_uid}) may not read it, and a user's file is read with "
+        raise InvalidName(f"{label}: belongs to uid {owner}, whose rights uid {os.geteuid()} cannot take to read it")
+    if mounted_by is None and not info.st_mode & stat.S_IRUSR:
+        raise InvalidName(f"{label}: its owner (uid {owner}) may not read it, and a user's file is read with "
                           "that user's rights")
-    return Reader.of(info.st_uid)
+    return Reader.of(owner)
+
+
+def _fuse_mounter(fd: int, label: str) -> int | None:
+    """The user (not root) who mounted the FUSE file system holding `fd`: its daemon, theirs,
+    makes up every file's owner, mode and bytes, root's too. None on any other file system."""
+    st = os.fstat(fd)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            return fuse_mounter(f.read().splitlines(), f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    except OSError as e:
+        raise InvalidName(f"{label}: cannot tell which file system holds it: {e.strerror}") from None
+    except ValueError:
+        raise InvalidName(f"{label}: on a FUSE file system that does not say who mounted it") from None
+
+
+def fuse_mounter(mountinfo: list[str], device: str) -> int | None:
+    """In /proc/self/mountinfo's lines, the `user_id` of the FUSE mount of `device` ("major:minor"),
+    where it is not root's; None for another file system, or root's FUSE. ValueError: a FUSE
+    mount without a user_id that reads as one."""
+    for line in mountinfo:
+        fields = line.split(" ")
+        if len(fields) < 10 or fields[2] != device or "-" not in fields[6:]:
+            continue
+        after = fields.index("-", 6)
+        kind, options = fields[after + 1], fields[after + 3] if len(fields) > after + 3 else ""
+        if kind not in ("fuse", "fuseblk") and not kind.startswith(("fuse.", "fuseblk.")):
+            return None
+        found = [o.removeprefix("user_id=") for o in options.split(",") if o.startswith("user_id=")]
+        if len(found) != 1 or not found[0].isdigit():
+            raise ValueError(f"no user_id in {options!r}")
+        return int(found[0]) or None
+    return None
 
 
 def refuse_other_writers(fd: int, label: str) -> None:

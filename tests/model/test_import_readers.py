@@ -49,3 +49,29 @@ def test_who_reads_an_import(tmp_path, uid, gid, mode, expected):
     finally:
         os.close(fd)
 
+
+
+MOUNTS = [
+    "27 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw",
+    "40 27 0:45 / /mnt/user\\040files rw,nosuid,nodev,relatime shared:20 - fuse.sshfs me@host:/ "
+    "rw,user_id=1000,group_id=1000,allow_other",
+    "41 27 0:46 / /mnt/ntfs rw,relatime - fuseblk /dev/sdb1 rw,user_id=0,group_id=0,allow_other",
+    "42 27 0:47 / /mnt/odd rw - fuse.thing thing rw,group_id=0",
+    "43 27 0:48 / /zfs/pool rw - fuse zfs-fuse rw,user_id=0,group_id=0,default_permissions,allow_other",
+]
+
+
+@pytest.mark.parametrize(("device", "expected"), [
+    ("254:1", None),  # ext4: the files' owners are the kernel's word
+    ("0:45", 1000),  # a user's sshfs: that user's daemon makes up every owner, root's too
+    ("0:46", None),  # root's FUSE
+    ("0:48", None),
+    ("0:99", None),  # not mounted: not a FUSE file system
+])
+def test_who_answers_for_a_fuse_file_system(device, expected):
+    assert qemu.fuse_mounter(MOUNTS, device) == expected
+
+
+def test_a_fuse_mount_that_does_not_say_who_mounted_it_cannot_be_told():
+    with pytest.raises(ValueError):
+        qemu.fuse_mounter(MOUNTS, "0:47")
