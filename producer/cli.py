@@ -291,6 +291,13 @@ def cmd_job_cancel(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_job_abandon(args: argparse.Namespace, client: Client) -> int:
+    job = client.abandon(args.id)
+    _emit(args, {"job": job.id, "state": str(job.state), "undo_errors": job.undo_errors},
+          f"job {job.id}: {job.state}; {job.undo_errors[-1]}")
+    return 0
+
+
 def cmd_backup_run(args: argparse.Namespace, client: Client) -> int:
     """One backup job per guest, one after another: a guest that is refused or fails does
     not stop the others' backups."""
@@ -549,6 +556,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "job show": ("stork job show 3f2a9c",),
     "job watch": ("stork job watch 3f2a9c",),
     "job cancel": ("stork job cancel 3f2a9c",),
+    "job abandon": ("stork job abandon 3f2a9c",),
     "job dead": ("stork job dead --limit 10",),
 }
 
@@ -816,6 +824,8 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
     command(job, "show", cmd_job_show, "show a job record").add_argument("id")
     command(job, "watch", cmd_job_watch, "follow a job's events from its start").add_argument("id")
     command(job, "cancel", cmd_job_cancel, "cancel a job (its undo runs)").add_argument("id")
+    command(job, "abandon", cmd_job_abandon,
+            "end an undoing job whose undos wait for a node gone for good (they are not run)").add_argument("id")
     command(job, "dead", cmd_job_dead, "messages no worker could turn into a task, newest first").add_argument(
         "--limit", type=int, default=50)
     _name_positionals(parser)

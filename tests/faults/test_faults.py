@@ -202,6 +202,47 @@ def test_cancel_stops_the_retries_of_an_undo_that_keeps_failing(client, stork, v
     assert stork("guest", "unlock", str(g))[0] == 0 and client.guest(g).lock == ""
 
 
+def test_abandon_ends_a_job_whose_undo_waits_for_a_node_gone_for_good(client, stork, vmid):
+    """An undo sent to the queue of a node that never comes back waits there, and the job with
+    it, its guest locked: `job abandon` ends it failed, naming the undo not run and where it
+    waited, takes its message out of that queue, and `guest unlock` then frees the guest."""
+    from worker import broker, runner
+
+    g = vmid()
+    one_disk_guest(client, g)
+    spec = KINDS["move"]  # failed after its copy: the copy's volume to free, then the guest's lock
+    job = JobRecord(id=records.new_id(), kind="move", params={"lock_vmid": g, "node": "gone"}, node="gone",
+                    steps=[s.name for s in spec.steps], queues=["node.gone"] * len(spec.steps),
+                    state=JobState.UNDOING, done=2, undo=runner.undo_plan(spec, 2, 2), final="failed",
+                    error="its node went away")
+    records.create(client.r, job, {"phase": "queued"})
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(lock="move", lock_job=job.id)
+    runner.dispatch_undo(job, client.app)
+    assert job.id in broker.pending_messages(client.r, {"node.gone"})
+    code, _, err = stork("guest", "unlock", str(g))
+    assert code == 1 and f"'stork job abandon {job.id}' ends it without them" in err
+    code, out, err = stork("job", "abandon", job.id)
+    assert code == 0, err
+    job = client.job(job.id)
+    assert job.state == "failed" and job.undo_errors == [
+        "not undone (abandoned by user, waiting in node.gone): allocate, lock_guest"]
+    assert out == f"job {job.id}: failed; {job.undo_errors[0]}\n"
+    assert job.id not in broker.pending_messages(client.r, {"node.gone"})
+    assert stork("guest", "unlock", str(g))[0] == 0 and client.guest(g).lock == ""
+
+
+def test_abandon_is_refused_for_a_job_that_is_not_undoing(client, stork):
+    """A running job is cancelled (its undo runs), an ended one is left as it is: one line each."""
+    running = job_record(client, "ping", {"node": "nowhere", "storages": [], "pinned": True})
+    code, _, err = stork("job", "abandon", running.id)
+    assert (code, err) == (1, f"stork: job {running.id} is queued: only an undoing job can be abandoned "
+                              "(`stork job cancel` undoes it)\n")
+    client.cancel(running.id)
+    code, _, err = stork("job", "abandon", running.id)
+    assert (code, err) == (1, f"stork: job {running.id} is cancelled: only an undoing job can be abandoned\n")
+
+
 ACROSS = {"source_node": "node1", "target_node": "node2"}
 UNDO_PLANS = [
     # (kind, its params' nodes, steps done, failed at, undos in order)

@@ -92,7 +92,8 @@ def _live_job(ctx: StepContext, job_id: str) -> str:
     kind = ctx.kinds.get(job.kind)
     left = [kind.steps[i] for i in job.undo if i not in job.undone] if kind else []
     if pending := [step.name for step in left if not step.release]:  # undos that still change guests
-        return f"still has to undo {', '.join(pending)} ('stork job cancel {job.id}' stops its retries)"
+        return (f"still has to undo {', '.join(pending)} ('stork job cancel {job.id}' stops its retries; "
+                f"'stork job abandon {job.id}' ends it without them, where their node is gone)")
     return ""
 
 
