@@ -213,23 +213,42 @@ def reader_for(fd: int, label: str) -> Reader | None:
     return Reader.of(owner)
 
 
+FUSE_MAGIC = 0x65735546  # statfs f_type of every FUSE file system (fuseblk's too)
+
+
 def _fuse_mounter(fd: int, label: str) -> int | None:
     """The user (not root) who mounted the FUSE file system holding `fd`: its daemon, theirs,
     makes up every file's owner, mode and bytes, root's too. None on any other file system."""
-    st = os.fstat(fd)
     try:
+        if _fs_magic(fd) != FUSE_MAGIC:
+            return None
+        st = os.fstat(fd)
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            return fuse_mounter(f.read().splitlines(), f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+            return fuse_mounter(f.read().split("\n"), f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
     except OSError as e:
         raise InvalidName(f"{label}: cannot tell which file system holds it: {e.strerror}") from None
+    except LookupError:
+        raise InvalidName(f"{label}: on a FUSE file system this process's mount table does not list") from None
     except ValueError:
         raise InvalidName(f"{label}: on a FUSE file system that does not say who mounted it") from None
 
 
+def _fs_magic(fd: int) -> int:
+    """fstatfs(2)'s f_type of the file system holding `fd`."""
+    import ctypes  # here: only an import asks
+
+    buf = ctypes.create_string_buffer(256)  # a struct statfs, f_type (a long) first
+    if ctypes.CDLL(None, use_errno=True).fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(struct.unpack_from("l", buf.raw)[0]) & 0xFFFFFFFF
+
+
 def fuse_mounter(mountinfo: list[str], device: str) -> int | None:
-    """In /proc/self/mountinfo's lines, the `user_id` of the FUSE mount of `device` ("major:minor"),
-    where it is not root's; None for another file system, or root's FUSE. ValueError: a FUSE
-    mount without a user_id that reads as one."""
+    """In /proc/self/mountinfo's lines (split on newlines alone: the kernel escapes those in a
+    path, not other line breaks), the `user_id` of the FUSE mount of `device` ("major:minor"),
+    where it is not root's; None for another file system, or root's FUSE. LookupError: no
+    line for `device`; ValueError: a FUSE mount without one user_id that reads as a number."""
     for line in mountinfo:
         fields = line.split(" ")
         if len(fields) < 10 or fields[2] != device or "-" not in fields[6:]:
@@ -242,7 +261,7 @@ def fuse_mounter(mountinfo: list[str], device: str) -> int | None:
         if len(found) != 1 or not found[0].isdigit():
             raise ValueError(f"no user_id in {options!r}")
         return int(found[0]) or None
-    return None
+    raise LookupError(device)
 
 
 def refuse_other_writers(fd: int, label: str) -> None:
@@ -270,6 +289,11 @@ def _require_extent_owner(fd: int, label: str, reader: Reader | None) -> None:
     """A VMDK extent must be the reader's own file (a root-opened descriptor of root's file
     handed to a process of the reader's could be taken from it), or, read as this process,
     root's or this process's: another user could rewrite it once checked."""
+    if (mounted_by := _fuse_mounter(fd, label)) is not None:  # its owner and mode are made up there
+        if reader is None or mounted_by != reader.uid:
+            raise InvalidName(f"{label}: on a FUSE file system of uid {mounted_by}'s, not of the user whose "
+                              "descriptor names it")
+        return
     refuse_other_writers(fd, label)
     owner, me = os.fstat(fd).st_uid, os.geteuid()
     if reader is not None and owner != reader.uid:

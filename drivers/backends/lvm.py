@@ -16,9 +16,9 @@ A new LV holds whatever its extents held before, another guest's data perhaps. S
 volume does not read as zeros (`new_volumes_read_zero`: a copy writes the zeros too), and
 `allocate` zeroes the whole new LV (blkdiscard --zeroout) before it counts as made; if that
 fails, the LV is removed again. Until it is zeroed it carries the tag stork-zeroing and is no
-volume (neither listed nor found): one left so by a process killed mid-zeroing is never taken
-for made by the step tried again, which removes it (free_partial, or allocate of that name)
-and makes it anew. Data I/O needs the LV active (device-mapper): `image()`
+volume (not found, listed as a stray): one left so by a process killed mid-zeroing is never
+taken for made by the step tried again; its name is not given again, and the operator removes
+it (free_partial and an allocate of that name do too). Data I/O needs the LV active (device-mapper): `image()`
 activates it and opens the block device it resolves to, checking it is the LV's own device
 (major:minor from LVM) on the opened descriptor.
 """
@@ -79,6 +79,16 @@ class LvmDriver(Driver):
     # ---- reading -------------------------------------------------------------------------
     def list_volumes(self, owner: int | None = None) -> list[VolName]:
         return self.group.list_volumes(owner)
+
+    def strays(self, owner: int | None = None) -> list[tuple[VolName, str]]:
+        """LVs a worker killed while making them left before they were zeroed whole: no volumes,
+        listed as such (and their names not given again) for the operator to remove."""
+        rows = self.group.report("lvs", LV_FIELDS, self.vg, what=f"listing volume group {self.vg}")
+        return [(vol, f"LV {self.vg}/{row['lv_name']} was never zeroed whole (its maker was killed): "
+                      "remove it with lvremove")
+                for row in rows if _zeroing(row) and not row.get("pool_lv")
+                and (vol := names.from_flat_name(row.get("lv_name", ""))) is not None
+                and (owner is None or vol.owner == owner)]
 
     def exists(self, vol: VolName) -> bool:
         return vol in self.group.lvs()

@@ -113,8 +113,9 @@ def lv_tags(vg: str) -> dict[str, str]:
 def test_an_lv_a_killed_allocate_left_unzeroed_is_no_volume_and_goes_before_its_name_is_made(drv, vg):
     """allocate tags a new LV until it is zeroed whole. One a killed process left so (made here
     by hand, as its lvcreate left it: another guest's old data in it) is neither listed nor
-    found, so a step tried again never takes it for made; free_partial removes it, and so does
-    an allocate of that name, before its own lvcreate."""
+    found (listed as a stray, its name not given again), so a step tried again never takes it
+    for made; free_partial removes it, and so does an allocate of that name, before its own
+    lvcreate."""
     vol, flat = VolName(100, "vm-100-disk-0", "raw"), "100.vm-100-disk-0.raw"
 
     def left_unzeroed() -> None:
@@ -122,6 +123,9 @@ def test_an_lv_a_killed_allocate_left_unzeroed_is_no_volume_and_goes_before_its_
 
     left_unzeroed()
     assert lv_tags(vg) == {flat: "stork-zeroing"} and not drv.exists(vol) and drv.list_volumes() == []
+    [(stray, problem)] = drv.strays()
+    assert stray == vol and problem.startswith(f"LV {vg}/{flat} was never zeroed whole")
+    assert drv.next_disk_name(100, "raw", set()).name == "vm-100-disk-1"  # its name not given again
     drv.free_partial(vol)
     assert lv_tags(vg) == {}
     left_unzeroed()

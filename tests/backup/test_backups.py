@@ -630,6 +630,7 @@ def test_free_replaced_tried_again_after_its_config_write_frees_nothing(client, 
             box[0] = box[0].with_(lock="", lock_job="")
         backups.free_replaced(ctx)
         assert volume_path(old).exists() and client.guest(g).unused == (old,)
+        assert ctx.job.result["warning"] == f"kept as unused: {old}"
 
 
 def test_an_undo_never_renames_back_a_base_the_jobs_own_guest_attaches(client, vmid):

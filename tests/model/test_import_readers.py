@@ -66,10 +66,30 @@ MOUNTS = [
     ("0:45", 1000),  # a user's sshfs: that user's daemon makes up every owner, root's too
     ("0:46", None),  # root's FUSE
     ("0:48", None),
-    ("0:99", None),  # not mounted: not a FUSE file system
 ])
 def test_who_answers_for_a_fuse_file_system(device, expected):
     assert qemu.fuse_mounter(MOUNTS, device) == expected
+
+
+def test_a_fuse_file_system_missing_from_the_mount_table_cannot_be_told():
+    """Reached through another mount namespace (/proc/PID/root/...), or a line split by a form
+    feed in its mount point had the table been split on every line break: refused, not trusted."""
+    with pytest.raises(LookupError):
+        qemu.fuse_mounter(MOUNTS, "0:99")
+    split = "40 27 0:45 / /mnt/a\fb rw - fuse.sshfs me@host:/ rw,user_id=1000,group_id=1000"
+    assert qemu.fuse_mounter(split.split("\n"), "0:45") == 1000
+    with pytest.raises(LookupError):
+        qemu.fuse_mounter(split.splitlines(), "0:45")
+
+
+def test_the_file_system_of_an_ordinary_file_is_no_fuse(tmp_path):
+    path = tmp_path / "disk.raw"
+    path.write_bytes(bytes(512))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert qemu._fs_magic(fd) != qemu.FUSE_MAGIC and qemu._fuse_mounter(fd, str(path)) is None
+    finally:
+        os.close(fd)
 
 
 def test_a_fuse_mount_that_does_not_say_who_mounted_it_cannot_be_told():

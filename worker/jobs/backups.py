@@ -311,8 +311,10 @@ def free_replaced(ctx: StepContext) -> None:
         guest: guests.Guest | None = ctx.guests.read(vmid)
     except StorkError:
         guest = None
-    if guest is not None and guest.lock_job != ctx.job.id:
-        return  # tried again after its config's write unlocked the guest: what that try kept stays
+    if guest is not None and guest.lock_job != ctx.job.id:  # tried again after its config's write unlocked it
+        if kept_before := [v for v in ctx.data.get("replaced", {}).values() if v in guest.unused]:
+            ctx.set_result(warning=f"kept as unused: {'; '.join(kept_before)}")  # said again: that try's is lost
+        return
     freed, kept = [], []
     try:  # fails closed: with a guest config unreadable, nothing is freed
         replaced = set(ctx.data.get("replaced", {}).values())

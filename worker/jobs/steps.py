@@ -14,7 +14,7 @@ from pathlib import Path
 
 from drivers import faults, names, qemu, transfer
 from drivers.backends.base import Driver
-from drivers.errors import AlreadyExists, ConfigError, NotFound, Refused, StorkError
+from drivers.errors import AlreadyExists, ConfigError, NotFound, Refused, StorageUnavailable, StorkError
 from drivers.guests import Guest, base_mismatch
 from drivers.names import VolName
 from worker import liveness, records
@@ -605,15 +605,27 @@ def unmake_bases(ctx: StepContext) -> None:
             guests = usage.candidates(ctx, base_volid)  # e.g. a replica a template recorded; a restored template
             # linked clones read through it (the guest's own, link_owner's, once a commit wrote it)
             clones = [f"linked clone {drv.volid(c)}" for c in drv.clones_of(base)]
-            # and live jobs that read it (a copy of it, say): renamed, it would be gone under them
             if found := usage.guest_users(ctx, base_volid, guests=guests) + \
-                    usage.held_guest_users(ctx, base_volid, guests) + clones + usage.job_users(ctx, base_volid):
+                    usage.held_guest_users(ctx, base_volid, guests) + clones:
                 taken.append(f"{base_volid} (in use by {', '.join(found)})")
                 continue
+            _require_no_readers(ctx, base_volid)
             ctx.fence(drv)
             drv.unmake_base(base, vol)
     if taken:
         raise Refused(f"kept as base: {'; '.join(taken)}")
+
+
+def _require_no_readers(ctx: StepContext, base_volid: str) -> None:
+    """A base that a live job reads (a copy of it, say) is renamed back once they end, not
+    before (it would be gone under them), nor left a base (the guest, still naming the disk it
+    was, would name a volume gone): the undo is tried again later, its guest still locked."""
+    try:
+        readers = usage.job_users(ctx, base_volid)
+    except Refused as e:  # a record that cannot be read may be one: later, too
+        raise StorageUnavailable(str(e)) from None
+    if readers:
+        raise StorageUnavailable(f"{base_volid} is read by {', '.join(readers)}: renamed back once they end")
 
 
 def link_owner(ctx: StepContext) -> None:
@@ -905,17 +917,19 @@ def forget_freed_sources(ctx: StepContext) -> None:
     guest's disks had before the job replaced them, then drop them from its unused list: one
     that failed between the two (the config's write, say) would leave the guest listing as
     unused volumes gone, whose names a later disk may take. Those it freed (their identity
-    saved, and the name holding nothing now, or another volume) leave the list."""
+    saved) whose name holds nothing now leave the list, whether or not the job still holds the
+    guest (a move's switch unlocked it). A migration lists no original as unused (the list is
+    the guest's new node's, where a copy may have the same id): nothing to do there."""
+    if ctx.params.get("target_node"):
+        return
     gone = set()
     for key, volid in ctx.data.get("replaced", {}).items():
         drv, vol = ctx.volume(volid)
         with ctx.storage_lock(drv):
-            if freed_before(ctx, drv, vol, key):
+            if freed_before(ctx, drv, vol, key) and not drv.exists(vol):
                 gone.add(volid)
-    if not gone:
-        return
-    with contextlib.suppress(NotFound), ctx.guests.editing(ctx.params["lock_vmid"]) as box:
-        if box[0].lock_job == ctx.job.id:
+    if gone:
+        with contextlib.suppress(NotFound), ctx.guests.editing(ctx.params["lock_vmid"]) as box:
             box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v not in gone))
 
 
