@@ -491,7 +491,7 @@ SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]
     "disk.move": lambda a: ("move", {"vmid": a.vmid, "disk": a.disk, "storage": a.storage, "format": a.format,
                                      "delete_source": a.delete_source}),
     "disk.resize": lambda a: ("resize", _resize_options(a)),
-    "volume.free": lambda a: ("free", {"volid": a.volid}),
+    "volume.free": lambda a: ("free", {"volid": a.volid, **({"forget": True} if a.forget else {})}),
     "restore": lambda a: ("restore", {"backup": a.id, "newid": a.newid, "storage": a.storage, "format": a.format,
                                       "name": a.name, "force": a.force or None}),
     "gc": lambda a: ("gc", {"storage": a.storage}),
@@ -647,7 +647,10 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
     volume = group("volume", "volumes")
     command(volume, "list", cmd_volume_list, "list volumes").add_argument("storage", nargs="?")
     command(volume, "info", cmd_volume_info, "show a volume").add_argument("volid", type=_volid)
-    command(volume, "free", _submitter("volume.free"), "free a volume", True).add_argument("volid", type=_volid)
+    p = command(volume, "free", _submitter("volume.free"), "free a volume", True)
+    p.add_argument("volid", type=_volid)
+    p.add_argument("--forget", action="store_true",
+                   help="the volume is gone already: drop it from the guests that list it as unused or as a replica")
 
     guest = group("guest", "guests")
     p = command(guest, "create", _submitter("guest.create"), "create a guest with new disks", True)

@@ -131,3 +131,29 @@ def test_a_guest_folder_that_is_a_symlink_is_listed_as_not_a_volume(stork, vmid,
     finally:
         folder.unlink()
     assert (tmp_path / f"vm-{g}-disk-0.raw").exists()  # never followed, never touched
+
+
+def test_a_volume_removed_by_hand_that_a_guest_lists_is_forgotten_with_forget(stork, client, vmid):
+    """A volume removed by hand while its guest keeps it as unused: `volume free` calls it
+    unknown and names `--forget`, which drops it from the guest. `--forget` of a volume that
+    exists, or that no guest lists, is refused in one line, and changes nothing."""
+    g = vmid()
+    code, _, err = stork("guest", "create", g, *(f"--disk=scsi{i}=local:8M" for i in range(3)))
+    assert code == 0, err
+    disks = client.guest(g).disks
+    for key in ("scsi1", "scsi2"):
+        assert stork("disk", "detach", g, key)[0] == 0
+    gone, kept = disks["scsi1"], disks["scsi2"]
+    (storage_path("local") / gone.split(":", 1)[1]).unlink()
+    code, _, err = stork("volume", "free", gone)
+    assert (code, err) == (1, f"stork: unknown volume {gone} (guest {g} still lists it: "
+                              f"'stork volume free --forget {gone}' drops it)\n")
+    code, _, err = stork("volume", "free", "--forget", kept)
+    assert (code, err) == (1, f"stork: {kept} exists: free it (--forget is for a volume gone already)\n")
+    assert client.guest(g).unused == (gone, kept)
+    code, out, err = stork("--json", "volume", "free", "--forget", gone)
+    assert code == 0, err
+    assert json.loads(out)["result"] == {"forgot": gone, "guests": [g]}
+    assert client.guest(g).unused == (kept,) and (storage_path("local") / kept.split(":", 1)[1]).exists()
+    code, _, err = stork("volume", "free", "--forget", gone)
+    assert (code, err) == (1, f"stork: unknown volume {gone}: no guest lists it\n")

@@ -187,6 +187,7 @@ PARAMS: dict[str, Check] = {
     "pinned": _bool,
     "make_template": _bool,
     "delete_source": _bool,
+    "forget": _bool,  # free: a volume gone already, dropped from the guests that list it
     "refuse_template": _text,
     "expect_disks": _optional(_map_of(names.disk_key, _volid)),
     "expect_node": _optional(names.node),  # the locked guest's node when the job was submitted

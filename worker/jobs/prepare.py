@@ -700,23 +700,31 @@ def _require_no_clones(drv: Driver, base: VolName) -> None:
 
 def _existing_here(cfg: Config, storage: str, vol: VolName, node: str) -> Driver | None:
     """The volume's driver once the volume is known to exist, where this process sees the
-    storage the job on `node` uses: a shared one, or a node-local one when this node is
-    `node` (another node's storage of the same name holds other volumes). Elsewhere None:
-    the step checks, on its node."""
-    here = cfg.storage(storage)
-    if not here.on_node(cfg.node) or not (here.shared or node == cfg.node):
-        return None
-    drv = driver_for(cfg.storage(storage))
-    drv.require_existing(vol)
+    storage the job on `node` uses (_here). Elsewhere None: the step checks, on its node."""
+    if (drv := _here(cfg, storage, node)) is not None:
+        drv.require_existing(vol)
     return drv
 
 
+def _here(cfg: Config, storage: str, node: str) -> Driver | None:
+    """The storage's driver where this process sees the storage the job on `node` uses: a
+    shared one, or a node-local one when this node is `node` (another node's storage of the
+    same name holds other volumes); else None."""
+    here = cfg.storage(storage)
+    if not here.on_node(cfg.node) or not (here.shared or node == cfg.node):
+        return None
+    return driver_for(here)
+
+
 def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    _only(o, {"volid", "node"}, "free")
-    volid = str(o.get("volid"))
+    """A volume to free; with `forget`, one gone already (removed by hand, say) that guests
+    still list as unused or as a replica: they drop it."""
+    _only(o, {"volid", "node", "forget"}, "free")
+    if o.get("forget") not in (None, False, True):
+        raise InvalidName(f"free: forget must be true or false, not {o['forget']!r}")
+    volid, forget = str(o.get("volid")), bool(o.get("forget"))
     storage, vol = _volume(cfg, volid)
     node = _source_node(cfg, storage, _node(o, cfg))
-    _existing_here(cfg, storage, vol, node)
     # refused before a job exists; the step checks again, under the storage lock, with live jobs too
     try:
         guests = _store(cfg).candidates(volid)
@@ -724,7 +732,18 @@ def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
     if users := [f"guest {g.vmid} ({key})" for g in guests for key, v in g.disks.items() if v == volid]:
         raise Refused(f"{volid} is in use by {', '.join(users)}")
-    return {"volid": volid, "node": node, "storages": _check_nodes(cfg, {storage}, node)}
+    if forget:
+        if not any(volid in g.unused or volid in g.replicas for g in guests):
+            raise NotFound(f"unknown volume {volid}: no guest lists it")
+        if (drv := _here(cfg, storage, node)) is not None and drv.exists(vol):
+            raise Refused(f"{volid} exists: free it (--forget is for a volume gone already)")
+    elif (drv := _here(cfg, storage, node)) is not None and not drv.exists(vol):
+        listing = [g.vmid for g in guests if volid in g.unused or volid in g.replicas]
+        raise NotFound(f"unknown volume {volid}" + (
+            f" (guest {', '.join(map(str, listing))} still lists it: 'stork volume free --forget {volid}' "
+            "drops it)" if listing else ""))
+    return {"volid": volid, "node": node, "storages": _check_nodes(cfg, {storage}, node),
+            **({"forget": True} if forget else {})}
 
 
 def prepare_destroy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:

@@ -942,6 +942,8 @@ def free_volume(ctx: StepContext) -> None:
     volid = ctx.params["volid"]
     drv, vol = ctx.volume(volid)
     guests: list[Guest] | None = None
+    if ctx.params.get("forget"):
+        return _forget_gone(ctx, drv, vol, volid)
     with ctx.storage_lock(drv):
         freeing = ctx.data.get("freeing")
         if freeing is None:
@@ -963,18 +965,32 @@ def free_volume(ctx: StepContext) -> None:
     ctx.set_result(freed=volid)
 
 
-def _forget_listed(ctx: StepContext, volid: str, guests: list[Guest] | None = None) -> None:
+def _forget_gone(ctx: StepContext, drv: Driver, vol: VolName, volid: str) -> None:
+    """`volume free --forget`: a volume gone already (removed by hand, say) leaves the guests
+    of this node that list it as unused, and the replica records made here. Checked under the
+    storage lock, where nothing makes or frees it meanwhile: refused while it exists, or a guest
+    attaches it, or a live job names it (one may be making it)."""
+    with ctx.storage_lock(drv):
+        if drv.exists(vol):
+            raise Refused(f"{volid} exists: free it (--forget is for a volume gone already)")
+        usage.require_unused(ctx, volid, count_unused=False, count_replicas=False)
+        if not (forgotten := _forget_listed(ctx, volid)):
+            raise NotFound(f"unknown volume {volid}: no guest of node {ctx.node} lists it")
+    ctx.set_result(forgot=volid, guests=forgotten)
+
+
+def _forget_listed(ctx: StepContext, volid: str, guests: list[Guest] | None = None) -> list[int]:
     """Drop a freed volume from the guests that keep it as unused or record it as a replica:
     `guests` (read under the storage lock; each config read again as it is edited), or, where
     none were read, those the index names now. On a storage each node has its own of (`local`),
     one id names a volume on every node: only a guest on this node keeps this one as unused,
-    and only a replica recorded on this node is this one."""
+    and only a replica recorded on this node is this one. The guests edited."""
     if guests is None:
         try:
             guests = ctx.guests.candidates(volid)
         except ConfigError:  # freed already: a broken config must not make it look failed
             guests, _ = ctx.guests.scan()
-    shared = ctx.cfg.storage(names.volume_id(volid).storage).shared
+    shared, edited = ctx.cfg.storage(names.volume_id(volid).storage).shared, []
     for guest in guests:
         unused = volid in guest.unused and (shared or guest.node == ctx.node)
         replica = volid in guest.replicas and (shared or guest.replicas[volid].get("node") == ctx.node)
@@ -982,6 +998,8 @@ def _forget_listed(ctx: StepContext, volid: str, guests: list[Guest] | None = No
             with ctx.guests.editing(guest.vmid) as box:
                 box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v != volid or not unused),
                                       replicas={v: r for v, r in box[0].replicas.items() if v != volid or not replica})
+            edited.append(guest.vmid)
+    return edited
 
 
 def forget_free(ctx: StepContext) -> None:
