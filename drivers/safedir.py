@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -262,14 +263,34 @@ def set_immutable(fd: int, on: bool) -> bool:
 
 def identity(fd: int) -> str:
     """Who this file is, unlike any file made after it was deleted: device, inode and the
-    inode's generation (ext4 and xfs reuse an inode number at once, with a new generation;
-    tmpfs has no generation but does not reuse numbers soon)."""
+    inode's generation (ext4 and xfs reuse an inode number at once, with a new generation).
+    Where the file system gives no generation (NFS, CIFS, tmpfs), its own file handle stands
+    in for it: an NFS client's is the server's, which holds the server's generation, so a name
+    freed and made again on the server's reused inode is another file here too."""
     st = os.fstat(fd)
     try:
-        generation = struct.unpack("i", fcntl.ioctl(fd, FS_IOC_GETVERSION, b"\0" * 4))[0]
+        generation = str(struct.unpack("i", fcntl.ioctl(fd, FS_IOC_GETVERSION, b"\0" * 4))[0] & 0xFFFFFFFF)
     except OSError:
-        generation = 0
-    return f"{st.st_dev}:{st.st_ino}:{generation & 0xFFFFFFFF}"
+        generation = _handle_digest(fd)
+    return f"{st.st_dev}:{st.st_ino}:{generation}"
+
+
+AT_EMPTY_PATH = 0x1000
+MAX_HANDLE = 128  # MAX_HANDLE_SZ
+
+
+def _handle_digest(fd: int) -> str:
+    """A digest of the file handle of `fd` (name_to_handle_at(2)), "h" first; "0" where the
+    file system has none (as before handles stood in: a file told by device and inode alone)."""
+    import ctypes  # here: only a file system without a generation asks
+
+    buf = ctypes.create_string_buffer(8 + MAX_HANDLE)
+    struct.pack_into("I", buf, 0, MAX_HANDLE)
+    mount_id = ctypes.c_int()
+    if ctypes.CDLL(None, use_errno=True).name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH):
+        return "0"
+    size, kind = struct.unpack_from("Ii", buf.raw)
+    return "h" + hashlib.sha256(struct.pack("i", kind) + buf.raw[8:8 + min(size, MAX_HANDLE)]).hexdigest()[:24]
 
 
 FICLONE = 0x40049409

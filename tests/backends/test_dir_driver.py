@@ -228,3 +228,28 @@ def test_a_storages_format_is_the_default_of_new_volumes(tmp_path):
     assert prepare._format(cfg, "q", None) == "qcow2" and prepare._format(cfg, "r", None) == "raw"
     assert prepare._format(cfg, "q", "raw") == "raw"  # said on the command line: that one
     assert prepare._format(cfg, "q", None, default="raw") == "raw"  # a copy keeps its source's format
+
+
+def test_where_a_file_system_gives_no_generation_its_file_handle_tells_a_volume_from_a_later_one(tmp_path):
+    """tmpfs gives no inode generation (neither do NFS and CIFS, whose servers reuse an inode
+    number at once): the file handle stands in for it (on NFS, the server's, which holds the
+    server's generation). A volume keeps its identity when renamed into base/ and when opened
+    again; a volume made under its name after it was freed has another."""
+    from drivers import safedir
+
+    with tmpfs(tmp_path / "d", "8m"):
+        drv = _dir(tmp_path)
+        vol, base = VolName(100, "vm-100-disk-0", "raw"), VolName(None, "golden", "raw")
+        drv.allocate(vol, 1 << 20)
+        first = drv.identity(vol)
+        assert first.split(":")[2].startswith("h") and drv.identity(vol) == first
+        drv.make_base(vol, base)
+        assert drv.identity(base) == first
+        drv.free(base)
+        drv.allocate(vol, 1 << 20)
+        assert drv.identity(vol) != first
+        fd = os.open(tmp_path / "d" / "100" / "vm-100-disk-0.raw", os.O_RDONLY)
+        try:
+            assert safedir._handle_digest(fd) == drv.identity(vol).split(":")[2]
+        finally:
+            os.close(fd)
