@@ -292,7 +292,7 @@ def cmd_job_cancel(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_job_abandon(args: argparse.Namespace, client: Client) -> int:
-    job = client.abandon(args.id)
+    job = client.abandon(args.id, args.node)
     _emit(args, {"job": job.id, "state": str(job.state), "undo_errors": job.undo_errors},
           f"job {job.id}: {job.state}; {job.undo_errors[-1]}")
     return 0
@@ -556,7 +556,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "job show": ("stork job show 3f2a9c",),
     "job watch": ("stork job watch 3f2a9c",),
     "job cancel": ("stork job cancel 3f2a9c",),
-    "job abandon": ("stork job abandon 3f2a9c",),
+    "job abandon": ("stork job abandon 3f2a9c --node node2",),
     "job dead": ("stork job dead --limit 10",),
 }
 
@@ -827,8 +827,10 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
     command(job, "show", cmd_job_show, "show a job record").add_argument("id")
     command(job, "watch", cmd_job_watch, "follow a job's events from its start").add_argument("id")
     command(job, "cancel", cmd_job_cancel, "cancel a job (its undo runs)").add_argument("id")
-    command(job, "abandon", cmd_job_abandon,
-            "end an undoing job whose undos wait for a node gone for good (they are not run)").add_argument("id")
+    p = command(job, "abandon", cmd_job_abandon, "give up a node gone for good for an undoing job: its undos "
+                "there are not run, the rest are")
+    p.add_argument("id")
+    p.add_argument("--node", required=True, help="the node that is gone for good")
     command(job, "dead", cmd_job_dead, "messages no worker could turn into a task, newest first").add_argument(
         "--limit", type=int, default=50)
     _name_positionals(parser)

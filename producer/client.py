@@ -127,12 +127,12 @@ class Client:
 
         return runner.cancel(self.r, records.resolve(self.r, job_id), self.app)
 
-    def abandon(self, job_id: str) -> JobRecord:
-        """End an undoing job without the undos it waits for (on a node gone for good): it ends
-        failed, naming each. Refused for a job not undoing, or while one of its undos runs."""
+    def abandon(self, job_id: str, node: str) -> JobRecord:
+        """Give up `node` (gone for good) for an undoing job: its undos there are not run, each
+        named in its error; the others run, and the job ends as its undo would have."""
         from worker import runner
 
-        return runner.abandon(self.r, records.resolve(self.r, job_id))
+        return runner.abandon(self.r, records.resolve(self.r, job_id), names.node(node), self.app)
 
     def events(self, job_id: str, idle: Callable[[], None] | None = None) -> Iterator[dict[str, Any]]:
         """Every event of the job from its start, then live ones, until it finishes."""

@@ -385,43 +385,53 @@ def withdraw(r: redis.Redis, job_id: str) -> JobRecord:
 
 
 def _stop_retrying(r: redis.Redis, job: JobRecord) -> JobRecord:
-    """An operator gives up on an undo that keeps failing: the job ends failed, listing what
-    was not undone (then `stork guest unlock` frees its guests)."""
-    return _end_undoing(r, job, {"idle": True}, f"not undone (retries stopped by user): {_undos_left(job)}; "
-                                                 f"last error: {job.undo_retry.get('error', '?')}")
+    """An operator gives up on an undo that keeps failing: the job ends (failed, or cancelled
+    if it was), listing what was not undone (then `stork guest unlock` frees its guests)."""
+    kind = KINDS[job.kind]
+    left = [i for i in job.undo if i not in job.undone]
+    note = (f"not undone (retries stopped by user): {', '.join(kind.steps[i].name for i in left)}; "
+            f"last error: {job.undo_retry.get('error', '?')}")
+    records.transition(r, job.id, (JobState.UNDOING,), guard={"idle": True, "undone": len(job.undone)},
+                       undone=job.undo, undo_errors=[*job.undo_errors, note], undo_retry={})
+    finalize(job.id, r)
+    return records.load(r, job.id)
 
 
-def abandon(r: redis.Redis, job_id: str) -> JobRecord:
-    """An operator ends an undoing job without the undos it still waits for: sent to the queue
-    of a node that is gone for good, they would wait there, and the job and its guests' locks
-    with them. It ends failed, naming each undo not run (what those would have undone is left
-    to the operator), its messages are taken out of their queues, and `stork guest unlock` then
-    frees its guests. Refused for a job not undoing, and while one of its undos runs. Should
-    the node come back, an undo of it that was taken already finds the job ended, and does nothing."""
+def abandon(r: redis.Redis, job_id: str, node: str, sender: Celery = app) -> JobRecord:
+    """An operator gives up a node that is gone for good for an undoing job: the undos it still
+    has to run on that node's queue would wait there, and the job and its guests' locks with
+    them. Those are dropped from its plan, each named in its error (what they would have undone
+    there is left to the operator), their messages taken out of that queue; the others are sent
+    again, and the job ends as its undo would have. Refused for a job not undoing, while one of
+    its undos runs, and where none waits for that node. An undo of that node's that a worker
+    took already, should the node come back, finds it not the job's next and does nothing."""
     job = records.load(r, job_id)
     if job.state != JobState.UNDOING:
-        raise Refused(f"job {job.id} is {job.state}: only an undoing job can be abandoned"
-                      + (" (`stork job cancel` undoes it)" if not job.state.terminal else ""))
+        hint = " (`stork job cancel` undoes it)" if not job.state.terminal and not committed(KINDS[job.kind], job) \
+            else ""
+        raise Refused(f"job {job.id} is {job.state}: only the undos of an undoing job can be given up{hint}")
     holder = (job.current or {}).get("worker")
     if holding(r, holder, job.id):
-        raise Refused(f"job {job.id} is running its undo of {job.current['name']} now: it cannot be abandoned")
-    queues = sorted({job.queues[i] for i in job.undo if i not in job.undone})
-    return _end_undoing(r, job, {"idle": True} if holder is None else {"owner": holder},
-                        f"not undone (abandoned by user, waiting in {', '.join(queues)}): {_undos_left(job)}")
-
-
-def _undos_left(job: JobRecord) -> str:
+        raise Refused(f"job {job.id} is running its undo of {job.current['name']} now: try again once it ended")
+    queue = node_queue(node)
+    dropped = [i for i in job.undo if i not in job.undone and job.queues[i] == queue]
+    if not dropped:
+        raise Refused(f"job {job.id} has no undo left to run on node {node}")
     kind = KINDS[job.kind]
-    return ", ".join(kind.steps[i].name for i in job.undo if i not in job.undone)
-
-
-def _end_undoing(r: redis.Redis, job: JobRecord, guard: dict[str, Any], note: str) -> JobRecord:
-    """End an undoing job failed with the undos it has not run noted, none of them sent again."""
-    left = [i for i in job.undo if i not in job.undone]
-    records.transition(r, job.id, (JobState.UNDOING,), guard={**guard, "undone": len(job.undone)},
-                       undone=job.undo, undo_errors=[*job.undo_errors, note], undo_retry={}, current=None)
-    broker.drop_queued(r, {job.queues[i] for i in left}, job.id)
-    finalize(job.id, r)
+    note = f"not undone (node {node} given up by user): {', '.join(kind.steps[i].name for i in dropped)}"
+    turn = {"undone": len(job.undone), **({"idle": True} if holder is None else {"owner": holder})}
+    try:
+        records.transition(r, job.id, (JobState.UNDOING,), guard=turn,
+                           undo=[i for i in job.undo if i not in dropped], undo_errors=[*job.undo_errors, note],
+                           undo_retry={}, current=None)
+    except StateConflict:
+        raise Refused(f"job {job.id} changed meanwhile (an undo started or ended): try again") from None
+    broker.drop_queued(r, [queue], job.id)
+    job = records.load(r, job.id)
+    if set(job.undo) - set(job.undone):
+        dispatch_undo(job, sender)  # the rest, on queues that are served
+    else:
+        finalize(job.id, r)
     return records.load(r, job.id)
 
 

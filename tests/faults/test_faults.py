@@ -202,45 +202,60 @@ def test_cancel_stops_the_retries_of_an_undo_that_keeps_failing(client, stork, v
     assert stork("guest", "unlock", str(g))[0] == 0 and client.guest(g).lock == ""
 
 
-def test_abandon_ends_a_job_whose_undo_waits_for_a_node_gone_for_good(client, stork, vmid):
-    """An undo sent to the queue of a node that never comes back waits there, and the job with
-    it, its guest locked: `job abandon` ends it failed, naming the undo not run and where it
-    waited, takes its message out of that queue, and `guest unlock` then frees the guest."""
+def test_abandon_gives_up_a_node_gone_for_good_for_a_job_whose_undo_waits_there(client, stork, vmid):
+    """A move's undo waits in the queue of its target node, which never comes back, and the
+    job with it, its guest locked. `job abandon --node` drops that node's undos from the plan,
+    naming each, takes their message out of its queue, and sends the rest again: the guest's
+    unlock runs on the shared queue, and the job ends failed."""
     from worker import broker, runner
 
     g = vmid()
     one_disk_guest(client, g)
-    spec = KINDS["move"]  # failed after its copy: the copy's volume to free, then the guest's lock
-    job = JobRecord(id=records.new_id(), kind="move", params={"lock_vmid": g, "node": "gone"}, node="gone",
-                    steps=[s.name for s in spec.steps], queues=["node.gone"] * len(spec.steps),
-                    state=JobState.UNDOING, done=2, undo=runner.undo_plan(spec, 2, 2), final="failed",
-                    error="its node went away")
+    spec = KINDS["move"]  # failed in its copy: free what it allocated (on node gone), then unlock
+    queues = ["shared"] + ["node.gone"] * (len(spec.steps) - 1)
+    job = JobRecord(id=records.new_id(), kind="move", params={"lock_vmid": g, "node": "node1"}, node="node1",
+                    steps=[s.name for s in spec.steps], queues=queues, state=JobState.UNDOING, done=2,
+                    undo=runner.undo_plan(spec, 2, 2), final="failed", error="its target node went away")
     records.create(client.r, job, {"phase": "queued"})
     with client.guest_store.editing(g) as box:
         box[0] = box[0].with_(lock="move", lock_job=job.id)
     runner.dispatch_undo(job, client.app)
-    assert job.id in broker.pending_messages(client.r, {"node.gone"})
+
+    def waiting_there() -> list[str]:  # the tasks of the job's messages in node gone's queue
+        return [p.task for p in broker.pending_messages(client.r, {"node.gone"}).get(job.id, []) if p.since is None]
+
+    assert waiting_there() == ["stork.move.undo_allocate"]
     code, _, err = stork("guest", "unlock", str(g))
-    assert code == 1 and f"'stork job abandon {job.id}' ends it without them" in err
-    code, out, err = stork("job", "abandon", job.id)
-    assert code == 0, err
-    job = client.job(job.id)
-    assert job.state == "failed" and job.undo_errors == [
-        "not undone (abandoned by user, waiting in node.gone): allocate, lock_guest"]
-    assert out == f"job {job.id}: failed; {job.undo_errors[0]}\n"
-    assert job.id not in broker.pending_messages(client.r, {"node.gone"})
-    assert stork("guest", "unlock", str(g))[0] == 0 and client.guest(g).lock == ""
+    assert code == 1 and f"'stork job abandon {job.id} --node NODE' gives up a node gone for good" in err
+    code, out, err = stork("job", "abandon", job.id, "--node", "gone")
+    assert code == 0 and out.startswith(f"job {job.id}: undoing; not undone (node gone given up by user)"), err
+    assert waiting_there() == []
+    ended = client.wait(job.id, timeout=30)
+    assert ended.state == "failed" and ended.undo_errors == ["not undone (node gone given up by user): allocate"]
+    assert client.guest(g).lock == ""  # its unlock ran on the shared queue
 
 
-def test_abandon_is_refused_for_a_job_that_is_not_undoing(client, stork):
-    """A running job is cancelled (its undo runs), an ended one is left as it is: one line each."""
+def test_abandon_is_refused_for_a_job_not_undoing_or_with_nothing_on_that_node(client, stork, vmid):
+    """One line each: a queued job is cancelled (its undo runs), an ended one is left as it is,
+    and a node none of its undos waits for is not given up."""
     running = job_record(client, "ping", {"node": "nowhere", "storages": [], "pinned": True})
-    code, _, err = stork("job", "abandon", running.id)
-    assert (code, err) == (1, f"stork: job {running.id} is queued: only an undoing job can be abandoned "
-                              "(`stork job cancel` undoes it)\n")
+    code, _, err = stork("job", "abandon", running.id, "--node", "nowhere")
+    assert (code, err) == (1, f"stork: job {running.id} is queued: only the undos of an undoing job can be given "
+                              "up (`stork job cancel` undoes it)\n")
     client.cancel(running.id)
-    code, _, err = stork("job", "abandon", running.id)
-    assert (code, err) == (1, f"stork: job {running.id} is cancelled: only an undoing job can be abandoned\n")
+    code, _, err = stork("job", "abandon", running.id, "--node", "nowhere")
+    assert (code, err) == (1, f"stork: job {running.id} is cancelled: only the undos of an undoing job can be "
+                              "given up\n")
+    g = vmid()
+    one_disk_guest(client, g)
+    params = KINDS["resize"].prepare({"volid": f"local:{g}/vm-{g}-disk-0.raw", "size": "2M"}, client.cfg)
+    undoing = job_record(client, "resize", params, state=JobState.UNDOING, done=1, undo=[0], final="failed",
+                         error="it broke", undo_retry={"index": 0, "attempts": 1, "at": time.time() + 600,
+                                                       "error": "undo of lock_guest: disk on fire"})
+    code, _, err = stork("job", "abandon", undoing.id, "--node", "node2")
+    assert (code, err) == (1, f"stork: job {undoing.id} has no undo left to run on node node2\n")
+    assert client.job(undoing.id).state == "undoing"
+    assert stork("job", "cancel", undoing.id)[0] == 0  # stops its retries: it ends
 
 
 ACROSS = {"source_node": "node1", "target_node": "node2"}

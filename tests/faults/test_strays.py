@@ -156,4 +156,23 @@ def test_a_volume_removed_by_hand_that_a_guest_lists_is_forgotten_with_forget(st
     assert json.loads(out)["result"] == {"forgot": gone, "guests": [g]}
     assert client.guest(g).unused == (kept,) and (storage_path("local") / kept.split(":", 1)[1]).exists()
     code, _, err = stork("volume", "free", "--forget", gone)
-    assert (code, err) == (1, f"stork: unknown volume {gone}: no guest lists it\n")
+    assert (code, err) == (1, f"stork: unknown volume {gone}: no guest of node node1 lists it\n")
+
+
+def test_a_volume_on_a_storage_not_mounted_is_neither_called_unknown_nor_forgotten(tmp_path):
+    """Its storage unmounted, a volume looks gone: `volume free` and `volume free --forget` are
+    refused for the storage (is_mountpoint), and the guest listing it keeps it."""
+    from drivers import config
+    from drivers.errors import StorageUnavailable
+    from drivers.guests import Guest, GuestStore
+    from worker.jobs.prepare import prepare_free
+
+    (tmp_path / "m").mkdir()
+    cfg = config.parse('[paths]\nguests = "g"\nlocks = "l"\n[storage.m]\ntype = "dir"\npath = "m"\n'
+                       "is_mountpoint = true\n", tmp_path / "stork.toml", {"STORK_NODE": "n"})
+    volid = "m:100/vm-100-disk-1.raw"
+    GuestStore(cfg.guests_dir).create(Guest(100, "n", unused=(volid,)))
+    for options in ({}, {"forget": True}):
+        with pytest.raises(StorageUnavailable, match=r"is not a mounted file system \(is_mountpoint\)"):
+            prepare_free({"volid": volid, **options}, cfg)
+    assert GuestStore(cfg.guests_dir).read(100).unused == (volid,)

@@ -250,6 +250,7 @@ CTX: dict[str, Check] = {
     "destroying": _vmid,
     "resized_from": _count,  # a volume's size before a resize grew it (an empty one: 0)
     "freed_volumes": _map_of(_volid, _str),  # volumes a destroy or remove_disk frees, each with its identity ("" none)
+    "forgetting": _bool,  # volume free --forget: dropping a volume gone from the guests that list it
     "backup": _backup_id,  # the snapshot a backup step is writing or wrote
     "time": _str,  # its time (parsed again where used)
     "restored": _list_of(_disk_key),

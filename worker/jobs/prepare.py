@@ -732,16 +732,19 @@ def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
     if users := [f"guest {g.vmid} ({key})" for g in guests for key, v in g.disks.items() if v == volid]:
         raise Refused(f"{volid} is in use by {', '.join(users)}")
-    if forget:
-        if not any(volid in g.unused or volid in g.replicas for g in guests):
-            raise NotFound(f"unknown volume {volid}: no guest lists it")
-        if (drv := _here(cfg, storage, node)) is not None and drv.exists(vol):
+    shared = cfg.storage(storage).shared  # else each node has its own volume of that id
+    listing = [g.vmid for g in guests if (volid in g.unused and (shared or g.node == node))
+               or (volid in g.replicas and (shared or g.replicas[volid].get("node") == node))]
+    if forget and not listing:
+        raise NotFound(f"unknown volume {volid}: no guest of node {node} lists it")
+    if (drv := _here(cfg, storage, node)) is not None:
+        drv.status()  # an unmounted storage has no volume to show: it is refused, not taken for gone
+        if forget and drv.exists(vol):
             raise Refused(f"{volid} exists: free it (--forget is for a volume gone already)")
-    elif (drv := _here(cfg, storage, node)) is not None and not drv.exists(vol):
-        listing = [g.vmid for g in guests if volid in g.unused or volid in g.replicas]
-        raise NotFound(f"unknown volume {volid}" + (
-            f" (guest {', '.join(map(str, listing))} still lists it: 'stork volume free --forget {volid}' "
-            "drops it)" if listing else ""))
+        if not forget and not drv.exists(vol):
+            raise NotFound(f"unknown volume {volid}" + (
+                f" (guest {', '.join(map(str, listing))} still lists it: 'stork volume free --forget {volid}' "
+                "drops it)" if listing else ""))
     return {"volid": volid, "node": node, "storages": _check_nodes(cfg, {storage}, node),
             **({"forget": True} if forget else {})}
 

@@ -93,7 +93,7 @@ def _live_job(ctx: StepContext, job_id: str) -> str:
     left = [kind.steps[i] for i in job.undo if i not in job.undone] if kind else []
     if pending := [step.name for step in left if not step.release]:  # undos that still change guests
         return (f"still has to undo {', '.join(pending)} ('stork job cancel {job.id}' stops its retries; "
-                f"'stork job abandon {job.id}' ends it without them, where their node is gone)")
+                f"'stork job abandon {job.id} --node NODE' gives up a node gone for good)")
     return ""
 
 
@@ -971,11 +971,13 @@ def _forget_gone(ctx: StepContext, drv: Driver, vol: VolName, volid: str) -> Non
     storage lock, where nothing makes or frees it meanwhile: refused while it exists, or a guest
     attaches it, or a live job names it (one may be making it)."""
     with ctx.storage_lock(drv):
+        drv.status()  # an unmounted storage has no volume to show: refused, not taken for gone
         if drv.exists(vol):
             raise Refused(f"{volid} exists: free it (--forget is for a volume gone already)")
         usage.require_unused(ctx, volid, count_unused=False, count_replicas=False)
-        if not (forgotten := _forget_listed(ctx, volid)):
-            raise NotFound(f"unknown volume {volid}: no guest of node {ctx.node} lists it")
+        ctx.data.setdefault("forgetting", True)  # a try after a crash that forgets none is done all the same
+        ctx.save()
+        forgotten = _forget_listed(ctx, volid)
     ctx.set_result(forgot=volid, guests=forgotten)
 
 
