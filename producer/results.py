@@ -16,12 +16,12 @@ BYTES = frozenset({"size", "written", "bytes_removed"})
 TIMES = frozenset({"removable_after"})  # epoch seconds
 # keys whose value is a list of names, or a mapping of names (a disk slot to a volume, a backup
 # to its state): every one a line of its own
-LISTS = frozenset({"freed", "freed_replicas", "replicas", "exported", "copied"})
+LISTS = frozenset({"freed", "freed_replicas", "replicas", "exported", "copied", "guests"})
 MAPPINGS = frozenset({"disks", "volumes", "bases", "detached", "removed", "replaced", "reads", "verified", "kept"})
 SCALARS = frozenset({
     "vmid", "node", "template", "volid", "unlocked", "lock", "job", "backup", "storage", "warning", "destroyed",
     "dry_run", "pruned", "present", "chunks_too_new", "chunks_removed", "chunks_kept", "partials_removed",
-    "bad_chunks_removed",
+    "bad_chunks_removed", "forgot",
 })
 # what a job made: a job that failed or was cancelled never committed, so its undo removed these
 MADE = frozenset({"volumes", "disks", "bases", "replicas", "exported"})

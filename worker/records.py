@@ -401,6 +401,7 @@ local current = redis.call('HGET', KEYS[1], 'current')
 if guard.idle and current ~= 'null' then return 0 end
 if guard.done and tonumber(redis.call('HGET', KEYS[1], 'done')) ~= guard.done then return 0 end
 if guard.undone and #cjson.decode(redis.call('HGET', KEYS[1], 'undone')) ~= guard.undone then return 0 end
+if guard.undos and #cjson.decode(redis.call('HGET', KEYS[1], 'undo')) ~= guard.undos then return 0 end
 if guard.owner and (current == 'null' or cjson.decode(current).worker ~= guard.owner) then return 0 end
 if guard.uncancelled and redis.call('HGET', KEYS[1], 'cancel') == 'true' then return 0 end
 for _, allowed in ipairs(cjson.decode(ARGV[1])) do
@@ -451,8 +452,9 @@ def transition(
     """Atomically set fields (and the state) if the job is in one of `allowed` states and
     passes the guard, publishing `events` with the change (no watcher sees one without the
     other). Guard keys: `idle` (no step in progress), `done` (exactly that many steps done),
-    `undone` (exactly that many undos done), `owner` (the step in progress is this worker's),
-    `uncancelled` (no cancel asked for).
+    `undone` (exactly that many undos done), `undos` (exactly that many undos planned: a plan
+    an operator shortened since, job abandon, is seen), `owner` (the step in progress is this
+    worker's), `uncancelled` (no cancel asked for).
     The job is put into the volume sets of `volumes` and of those a `ctx` field names.
 
     A terminal state also takes the job out of the active set. StateConflict when the job

@@ -419,11 +419,13 @@ def abandon(r: redis.Redis, job_id: str, node: str, sender: Celery = app) -> Job
         raise Refused(f"job {job.id} has no undo left to run on node {node}")
     kind = KINDS[job.kind]
     note = f"not undone (node {node} given up by user): {', '.join(kind.steps[i].name for i in dropped)}"
-    turn = {"undone": len(job.undone), **({"idle": True} if holder is None else {"owner": holder})}
+    turn = {"undone": len(job.undone), "undos": len(job.undo),
+            **({"idle": True} if holder is None else {"owner": holder})}
+    retry = {"undo_retry": {}} if job.undo_retry.get("index") in dropped else {}  # another's backoff stands
     try:
         records.transition(r, job.id, (JobState.UNDOING,), guard=turn,
                            undo=[i for i in job.undo if i not in dropped], undo_errors=[*job.undo_errors, note],
-                           undo_retry={}, current=None)
+                           current=None, **retry)
     except StateConflict:
         raise Refused(f"job {job.id} changed meanwhile (an undo started or ended): try again") from None
     broker.drop_queued(r, [queue], job.id)
@@ -510,7 +512,8 @@ def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
         raise Ignore()  # another undo of this job runs: its chain goes on
     with liveness.working_on(r, job_id):
         try:
-            turn = {"undone": len(job.undone), **({"owner": holder} if holder else {"idle": True})}
+            turn = {"undone": len(job.undone), "undos": len(job.undo),  # a plan shortened since (abandon) is seen
+                    **({"owner": holder} if holder else {"idle": True})}
             records.transition(r, job_id, (JobState.UNDOING,), guard=turn,
                                current={"undo": index, "name": step.name, "node": cfg.node, "worker": me,
                                         **_task_of(task)},

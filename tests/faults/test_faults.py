@@ -235,6 +235,33 @@ def test_abandon_gives_up_a_node_gone_for_good_for_a_job_whose_undo_waits_there(
     assert client.guest(g).lock == ""  # its unlock ran on the shared queue
 
 
+def test_an_undo_that_read_the_record_before_an_abandon_does_not_start_after_it(client):
+    """run_undo reads the record, then starts the undo it picked by a guarded transition. An
+    abandon in between shortened the plan: the start is refused (the `undos` guard), so a
+    dropped undo never runs and the abandon's note is never written over by that copy."""
+    from worker import runner
+
+    spec = KINDS["move"]
+    queues = ["node.gone2"] + ["node.gone"] * (len(spec.steps) - 1)  # nothing runs the rest here
+    job = JobRecord(id=records.new_id(), kind="move", params={"node": "node1"}, node="node1",
+                    steps=[s.name for s in spec.steps], queues=queues, state=JobState.UNDOING, done=2,
+                    undo=runner.undo_plan(spec, 2, 2), final="failed", error="its target node went away")
+    records.create(client.r, job, {"phase": "queued"})
+    try:
+        read_before = records.load(client.r, job.id)
+        runner.abandon(client.r, job.id, "gone", client.app)
+        start = {"current": {"undo": 1, "name": "allocate", "node": "gone", "worker": "test:1"}}
+        with pytest.raises(records.StateConflict):
+            records.transition(client.r, job.id, (JobState.UNDOING,), guard={
+                "undone": 0, "undos": len(read_before.undo), "idle": True}, **start)
+        now = records.load(client.r, job.id)
+        assert now.undo == [0] and now.undo_errors == ["not undone (node gone given up by user): allocate"]
+        records.transition(client.r, job.id, (JobState.UNDOING,), guard={"undone": 0, "undos": 1, "idle": True},
+                           **start)  # the same start from the record as it is now passes
+    finally:
+        client.r.srem(records.ACTIVE, job.id)
+
+
 def test_abandon_is_refused_for_a_job_not_undoing_or_with_nothing_on_that_node(client, stork, vmid):
     """One line each: a queued job is cancelled (its undo runs), an ended one is left as it is,
     and a node none of its undos waits for is not given up."""
