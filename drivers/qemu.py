@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from drivers import sniff
+from drivers import safedir, sniff
 from drivers.errors import InvalidName, ToolFailed
 from drivers.tools import Reader, ToolError, dying_with_caller, run
 
@@ -220,7 +220,7 @@ def _fuse_mounter(fd: int, label: str) -> int | None:
     """The user (not root) who mounted the FUSE file system holding `fd`: its daemon, theirs,
     makes up every file's owner, mode and bytes, root's too. None on any other file system."""
     try:
-        if _fs_magic(fd) != FUSE_MAGIC:
+        if safedir.fs_magic(fd) != FUSE_MAGIC:
             return None
         st = os.fstat(fd)
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
@@ -231,17 +231,6 @@ def _fuse_mounter(fd: int, label: str) -> int | None:
         raise InvalidName(f"{label}: on a FUSE file system this process's mount table does not list") from None
     except ValueError:
         raise InvalidName(f"{label}: on a FUSE file system that does not say who mounted it") from None
-
-
-def _fs_magic(fd: int) -> int:
-    """fstatfs(2)'s f_type of the file system holding `fd`."""
-    import ctypes  # here: only an import asks
-
-    buf = ctypes.create_string_buffer(256)  # a struct statfs, f_type (a long) first
-    if ctypes.CDLL(None, use_errno=True).fstatfs(fd, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int(struct.unpack_from("l", buf.raw)[0]) & 0xFFFFFFFF
 
 
 def fuse_mounter(mountinfo: list[str], device: str) -> int | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -25,6 +26,7 @@ import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from drivers.errors import AlreadyExists, NotFound, Refused
 
@@ -287,7 +289,7 @@ def _handle_digest(fd: int) -> str:
     buf = ctypes.create_string_buffer(8 + MAX_HANDLE)
     struct.pack_into("I", buf, 0, MAX_HANDLE)
     mount_id = ctypes.c_int()
-    if ctypes.CDLL(None, use_errno=True).name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH):
+    if _libc().name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH):
         return "0"
     size, kind = struct.unpack_from("Ii", buf.raw)
     return "h" + hashlib.sha256(struct.pack("i", kind) + buf.raw[8:8 + min(size, MAX_HANDLE)]).hexdigest()[:24]
@@ -320,3 +322,22 @@ def copy_contents(src: int, dst: int) -> None:
         offset += sent
     if offset < size:
         raise OSError(errno.EIO, f"short copy ({offset} of {size} bytes)")
+
+
+def fs_magic(fd: int) -> int:
+    """fstatfs(2)'s f_type of the file system holding `fd` (OSError if it cannot be had)."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)  # a struct statfs, f_type (a long) first
+    if _libc().fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(struct.unpack_from("l", buf.raw)[0]) & 0xFFFFFFFF
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library, for the calls Python's os module lacks (errno kept for ctypes.get_errno)."""
+    import ctypes  # here: imported by the few calls that need it, not by every command
+
+    return ctypes.CDLL(None, use_errno=True)

@@ -406,9 +406,9 @@ def abandon(r: redis.Redis, job_id: str, node: str, sender: Celery = app) -> Job
     its undos runs, and where none waits for that node. An undo of that node's that a worker
     took already, should the node come back, finds it not the job's next and does nothing."""
     job = records.load(r, job_id)
+    kind = KINDS[job.kind]
     if job.state != JobState.UNDOING:
-        hint = " (`stork job cancel` undoes it)" if not job.state.terminal and not committed(KINDS[job.kind], job) \
-            else ""
+        hint = " (`stork job cancel` undoes it)" if not job.state.terminal and not committed(kind, job) else ""
         raise Refused(f"job {job.id} is {job.state}: only the undos of an undoing job can be given up{hint}")
     holder = (job.current or {}).get("worker")
     if holding(r, holder, job.id):
@@ -417,7 +417,6 @@ def abandon(r: redis.Redis, job_id: str, node: str, sender: Celery = app) -> Job
     dropped = [i for i in job.undo if i not in job.undone and job.queues[i] == queue]
     if not dropped:
         raise Refused(f"job {job.id} has no undo left to run on node {node}")
-    kind = KINDS[job.kind]
     note = f"not undone (node {node} given up by user): {', '.join(kind.steps[i].name for i in dropped)}"
     turn = {"undone": len(job.undone), "undos": len(job.undo),
             **({"idle": True} if holder is None else {"owner": holder})}

@@ -184,15 +184,20 @@ def test_unlock_is_refused_while_the_locking_job_is_live(client, stork, vmid):
     assert stork("guest", "unlock", str(g))[0] == 0 and client.guest(g).lock == ""
 
 
+def an_undo_retrying(client, g: int, attempts: int) -> JobRecord:
+    """A resize of guest `g`'s disk, undoing, its unlock failed `attempts` times and waiting to be tried again."""
+    params = KINDS["resize"].prepare({"volid": f"local:{g}/vm-{g}-disk-0.raw", "size": "2M"}, client.cfg)
+    return job_record(client, "resize", params, state=JobState.UNDOING, done=1, undo=[0], final="failed",
+                      error="it broke", undo_retry={"index": 0, "attempts": attempts, "at": time.time() + 600,
+                                                    "error": "undo of lock_guest: disk on fire"})
+
+
 def test_cancel_stops_the_retries_of_an_undo_that_keeps_failing(client, stork, vmid):
     """An operator's way out of an undo that fails for good: `job cancel` ends the job failed,
     naming what was not undone, and `guest unlock` then frees its guest."""
     g = vmid()
     one_disk_guest(client, g)
-    params = KINDS["resize"].prepare({"volid": f"local:{g}/vm-{g}-disk-0.raw", "size": "2M"}, client.cfg)
-    job = job_record(client, "resize", params, state=JobState.UNDOING, done=1, undo=[0], final="failed",
-                     error="it broke", undo_retry={"index": 0, "attempts": 5, "at": time.time() + 600,
-                                                   "error": "undo of lock_guest: disk on fire"})
+    job = an_undo_retrying(client, g, attempts=5)
     with client.guest_store.editing(g) as box:
         box[0] = box[0].with_(lock="resize", lock_job=job.id)
     assert stork("job", "cancel", job.id)[0] == 0
@@ -275,10 +280,7 @@ def test_abandon_is_refused_for_a_job_not_undoing_or_with_nothing_on_that_node(c
                               "given up\n")
     g = vmid()
     one_disk_guest(client, g)
-    params = KINDS["resize"].prepare({"volid": f"local:{g}/vm-{g}-disk-0.raw", "size": "2M"}, client.cfg)
-    undoing = job_record(client, "resize", params, state=JobState.UNDOING, done=1, undo=[0], final="failed",
-                         error="it broke", undo_retry={"index": 0, "attempts": 1, "at": time.time() + 600,
-                                                       "error": "undo of lock_guest: disk on fire"})
+    undoing = an_undo_retrying(client, g, attempts=1)
     code, _, err = stork("job", "abandon", undoing.id, "--node", "node2")
     assert (code, err) == (1, f"stork: job {undoing.id} has no undo left to run on node node2\n")
     assert client.job(undoing.id).state == "undoing"

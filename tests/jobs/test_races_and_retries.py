@@ -71,6 +71,26 @@ def dies_after_its_first_free(monkeypatch, step, ctx) -> None:
     monkeypatch.undo()
 
 
+def fails_at_its_config_write(client, monkeypatch, job, step: str):
+    """Run `step` of the hand-made `job` through the runner with every guest config write
+    failing (a full disk): the job fails; (its record now, the undo plans it sent)."""
+    from drivers.guests import GuestStore
+    from worker import records, runner
+    from worker.jobs.kinds import KINDS
+
+    sent: list[list[int]] = []
+    monkeypatch.setattr(runner, "dispatch_undo", lambda job, sender=None: sent.append(list(job.undo)))
+
+    def full(self, vmid):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(GuestStore, "editing", full)
+    with pytest.raises(OSError):
+        runner._run(step_context(client, job, step), KINDS[job.kind], job.steps.index(step))
+    monkeypatch.undo()
+    return records.load(client.r, job.id), sent
+
+
 def test_an_undo_keeps_a_base_that_linked_clones_read_through(stork, client, vmid):
     """A template job undone after a linked clone was made of its new base (its guest not yet
     committed, so no config names the base): renamed back, the clone's backing would be gone."""
@@ -287,9 +307,6 @@ def test_a_remove_disk_whose_config_write_fails_after_the_free_drops_the_volume_
     """The free went through and the config's write failed (a full disk, say): the job fails,
     and its undo drops the freed volume from the guest, which would otherwise name a volume
     gone (a name another job may give a new volume) once unlocked."""
-    from drivers.guests import GuestStore
-    from worker import records, runner
-    from worker.jobs.kinds import KINDS
     from worker.jobs.steps import forget_freed
 
     g = vmid()
@@ -299,17 +316,7 @@ def test_a_remove_disk_whose_config_write_fails_after_the_free_drops_the_volume_
     with recorded(client, "remove_disk", "running", at="remove_disk",
                   params={"lock_vmid": g, "disk": "scsi1", "node": "node1"}) as job:
         held_by(client, g, job)
-        sent: list[list[int]] = []
-        monkeypatch.setattr(runner, "dispatch_undo", lambda job, sender=None: sent.append(list(job.undo)))
-
-        def full(self, vmid):
-            raise OSError(28, "No space left on device")
-
-        monkeypatch.setattr(GuestStore, "editing", full)
-        with pytest.raises(OSError):
-            runner._run(step_context(client, job, "remove_disk"), KINDS["remove_disk"], 1)
-        monkeypatch.undo()
-        failed = records.load(client.r, job.id)
+        failed, sent = fails_at_its_config_write(client, monkeypatch, job, "remove_disk")
         assert failed.state == "undoing" and sent == [[1, 0]] and not volume_path(removed).exists()
         forget_freed(step_context(client, failed, "undo_remove_disk"))
     assert client.guest(g).disks == {"scsi0": kept}
@@ -348,8 +355,6 @@ def test_a_move_whose_config_write_fails_after_freeing_its_source_drops_it_in_it
     its commit: its undo drops the freed original, which the guest would otherwise list as
     unused, a name a later disk of it may take. The guest is no longer the job's by then: the
     switch unlocked it."""
-    from drivers.guests import GuestStore
-    from worker import records, runner
     from worker.jobs.kinds import KINDS
     from worker.jobs.steps import forget_freed_sources
 
@@ -362,17 +367,7 @@ def test_a_move_whose_config_write_fails_after_freeing_its_source_drops_it_in_it
     steps = [s.name for s in KINDS["move"].steps]
     with recorded(client, "move", "running", at="free_sources", ctx={"replaced": {"scsi0": original}},
                   params={"lock_vmid": g, "delete_source": True, "node": "node1"}) as job:
-        sent: list[list[int]] = []
-        monkeypatch.setattr(runner, "dispatch_undo", lambda job, sender=None: sent.append(list(job.undo)))
-
-        def full(self, vmid):
-            raise OSError(28, "No space left on device")
-
-        monkeypatch.setattr(GuestStore, "editing", full)
-        with pytest.raises(OSError):
-            runner._run(step_context(client, job, "free_sources"), KINDS["move"], steps.index("free_sources"))
-        monkeypatch.undo()
-        failed = records.load(client.r, job.id)
+        failed, sent = fails_at_its_config_write(client, monkeypatch, job, "free_sources")
         assert failed.state == "undoing" and sent == [[steps.index("free_sources"), 0]]
         assert not volume_path(original).exists() and client.guest(g).unused == (original,)
         forget_freed_sources(step_context(client, failed, "undo_free_sources"))

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from drivers import qemu
+from drivers import qemu, safedir
 from drivers.errors import InvalidName
 from drivers.tools import Reader
 
@@ -87,7 +87,7 @@ def test_the_file_system_of_an_ordinary_file_is_no_fuse(tmp_path):
     path.write_bytes(bytes(512))
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert qemu._fs_magic(fd) != qemu.FUSE_MAGIC and qemu._fuse_mounter(fd, str(path)) is None
+        assert safedir.fs_magic(fd) != qemu.FUSE_MAGIC and qemu._fuse_mounter(fd, str(path)) is None
     finally:
         os.close(fd)
 

@@ -926,7 +926,7 @@ def forget_freed_sources(ctx: StepContext) -> None:
     for key, volid in ctx.data.get("replaced", {}).items():
         drv, vol = ctx.volume(volid)
         with ctx.storage_lock(drv):
-            if freed_before(ctx, drv, vol, key) and not drv.exists(vol):
+            if key in ctx.data.get("freed", {}) and not drv.exists(vol):  # saved before its free, and gone
                 gone.add(volid)
     if gone:
         with contextlib.suppress(NotFound), ctx.guests.editing(ctx.params["lock_vmid"]) as box:
