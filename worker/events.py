@@ -3,7 +3,8 @@ announced on one pub/sub channel for live listeners (pub/sub alone drops message
 is subscribed to, so it is only a wake-up).
 
 An event: {"job", "kind", "step", "phase", "state", "done", "total", "rate", "message",
-"node", "time"}; phases: queued, start, progress, done, failed, undo, finished.
+"node", "time"}; phases: queued, start, progress, done, failed, undo, abandon (an operator gave up a
+node's undos: `stork job abandon`), finished.
 """
 
 from __future__ import annotations

@@ -423,6 +423,7 @@ def abandon(r: redis.Redis, job_id: str, node: str, sender: Celery = app) -> Job
     retry = {"undo_retry": {}} if job.undo_retry.get("index") in dropped else {}  # another's backoff stands
     try:
         records.transition(r, job.id, (JobState.UNDOING,), guard=turn,
+                           events=[events.make(job.id, job.kind, "abandon", node=node, message=note)],
                            undo=[i for i in job.undo if i not in dropped], undo_errors=[*job.undo_errors, note],
                            current=None, **retry)
     except StateConflict:

@@ -238,6 +238,8 @@ def test_abandon_gives_up_a_node_gone_for_good_for_a_job_whose_undo_waits_there(
     ended = client.wait(job.id, timeout=30)
     assert ended.state == "failed" and ended.undo_errors == ["not undone (node gone given up by user): allocate"]
     assert client.guest(g).lock == ""  # its unlock ran on the shared queue
+    said = [e for e in client.events(job.id) if e["phase"] == "abandon"]  # `job watch` shows it when it happens
+    assert [(e["node"], e["message"]) for e in said] == [("gone", ended.undo_errors[0])]
 
 
 def test_an_undo_that_read_the_record_before_an_abandon_does_not_start_after_it(client):
