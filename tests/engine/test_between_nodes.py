@@ -460,6 +460,84 @@ def test_a_free_on_one_node_leaves_the_guests_of_another_listing_their_own_volum
     assert client.guest(g).unused == (volid,)  # node1's, which a free there would drop
 
 
+def _as_node2_with_its_own_local(client, tmp_path, kind: str, step: str, params: dict, ctx: dict | None = None):
+    """A step context of node2 whose `local` is a folder of its own (in this cluster both nodes'
+    `local` are one folder), for a job recorded as running that step there."""
+    from dataclasses import replace
+
+    from worker import records
+    from worker.context import StepContext
+    from worker.jobs.kinds import KINDS
+    from worker.records import JobRecord
+
+    local = client.cfg.storage("local")
+    cfg = replace(client.cfg, node="node2", storages={
+        **client.cfg.storages, "local": replace(local, options={**local.options, "path": str(tmp_path)})})
+    steps = [s.name for s in KINDS[kind].steps]
+    job = JobRecord(id=records.new_id(), kind=kind, node="node2", steps=steps, queues=["node.node2"] * len(steps),
+                    state="running", params={"node": "node2", **params}, done=steps.index(step), ctx=ctx or {},
+                    current={"step": steps.index(step), "name": step, "node": "node2", "worker": "test:1",
+                             "attempt": 1})
+    records.create(client.r, job, {"phase": "queued"})
+    return StepContext(job=job, cfg=cfg, r=client.r, node="node2", step=step, worker="test:1", kinds=KINDS)
+
+
+def _node2_copy(tmp_path, volid: str):
+    """node2's volume of the id `volid` names on node1: a copy of node1's, in node2's `local`."""
+    path = tmp_path / volid.split(":", 1)[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(volume_path(volid).read_bytes())
+    return path
+
+
+def test_a_failed_migration_frees_its_copies_on_the_target_node_that_have_the_originals_names(client, vmid,
+                                                                                              tmp_path):
+    """`local` is each node's own, and a migration copies a disk there under its name on node1.
+    Undone (its copy failed, say), it frees its copy on node2: the guest it holds attaches node1's
+    volume of that id, not node2's (which was kept for ever, and no `volume free` could free it)."""
+    from worker import records
+    from worker.jobs.steps import free_made
+
+    g = vmid()
+    volid = _make(client, g, "node1", "local", mib=8)
+    original = volume_path(volid).read_bytes()
+    copy = _node2_copy(tmp_path, volid)
+    ctx = _as_node2_with_its_own_local(
+        client, tmp_path, "migrate", "allocate",
+        {"lock_vmid": g, "source_node": "node1", "target_node": "node2", "delete_source": True},
+        ctx={"made": {"scsi0": volid}})
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(lock="migrate", lock_job=ctx.job.id)
+    try:
+        free_made(ctx)
+    finally:
+        client.r.srem(records.ACTIVE, ctx.job.id)
+    assert not copy.exists()
+    assert volume_path(volid).read_bytes() == original and client.guest(g).disks["scsi0"] == volid
+
+
+def test_a_copy_kept_on_another_node_under_the_guests_disk_name_is_freed_there(client, vmid, tmp_path):
+    """A migration back with --keep-source keeps the copies on the node left, which may have the
+    names of the guest's disks on its node now: `volume free` there frees that node's volume
+    (refused before: in use by the guest, which never uses it), and leaves the guest's alone."""
+    from worker import records
+    from worker.jobs.prepare import prepare_free
+    from worker.jobs.steps import free_volume
+
+    g = vmid()
+    volid = _make(client, g, "node1", "local", mib=8)
+    original = volume_path(volid).read_bytes()
+    copy = _node2_copy(tmp_path, volid)
+    ctx = _as_node2_with_its_own_local(client, tmp_path, "free", "free_volume", {"volid": volid})
+    assert prepare_free({"volid": volid}, ctx.cfg)["node"] == "node2"  # not refused at submit either
+    try:
+        free_volume(ctx)
+    finally:
+        client.r.srem(records.ACTIVE, ctx.job.id)
+    assert not copy.exists() and ctx.job.result == {"freed": volid}
+    assert volume_path(volid).read_bytes() == original and client.guest(g).disks["scsi0"] == volid
+
+
 def test_a_replica_another_template_is_assembled_of_stays_when_that_template_moves_away(client, vmid, stork):
     """A replica is a base like any other: a template assembled of it on node2 that then
     migrates to node1 frees its old disks there, but not the replica, which the template it was

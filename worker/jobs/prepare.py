@@ -730,11 +730,12 @@ def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         guests = _store(cfg).candidates(volid)
     except ConfigError as e:  # a config that cannot be read might attach it: fail closed
         raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
-    if users := [f"guest {g.vmid} ({key})" for g in guests for key, v in g.disks.items() if v == volid]:
-        raise Refused(f"{volid} is in use by {', '.join(users)}")
     shared = cfg.storage(storage).shared  # else each node has its own volume of that id
-    listing = [g.vmid for g in guests if (volid in g.unused and (shared or g.node == node))
-               or (volid in g.replicas and (shared or g.replicas[volid].get("node") == node))]
+    named = {g.vmid: usage.named_here(g, volid, node, shared) for g in guests}
+    if users := [f"guest {vmid} ({key})" for vmid, keys in named.items() for key in keys
+                 if key not in ("unused", "replica")]:
+        raise Refused(f"{volid} is in use by {', '.join(users)}")
+    listing = [vmid for vmid, keys in named.items() if keys]
     if forget and not listing:
         raise NotFound(f"unknown volume {volid}: no guest of node {node} lists it")
     if (drv := _here(cfg, storage, node)) is not None:

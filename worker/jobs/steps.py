@@ -994,8 +994,8 @@ def _forget_listed(ctx: StepContext, volid: str, guests: list[Guest] | None = No
             guests, _ = ctx.guests.scan()
     shared, edited = ctx.cfg.storage(names.volume_id(volid).storage).shared, []
     for guest in guests:
-        unused = volid in guest.unused and (shared or guest.node == ctx.node)
-        replica = volid in guest.replicas and (shared or guest.replicas[volid].get("node") == ctx.node)
+        keys = usage.named_here(guest, volid, ctx.node, shared)
+        unused, replica = "unused" in keys, "replica" in keys
         if unused or replica:
             with ctx.guests.editing(guest.vmid) as box:
                 box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v != volid or not unused),
