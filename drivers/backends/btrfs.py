@@ -33,7 +33,7 @@ from pathlib import Path
 
 from drivers import faults, names, qemu
 from drivers.backends.base import RAW_WITH_CLONES, Driver
-from drivers.errors import NotFound, Refused
+from drivers.errors import NotFound, Refused, StorageUnavailable
 from drivers.names import VolName
 from drivers.safedir import SafeDir
 from drivers.storage import PATH, StorageConfig
@@ -136,25 +136,34 @@ class BtrfsDriver(Driver):
         super().__init__(config)
         assert config.path is not None  # a required option: the config checked it
         self.root: Path = config.path
-        self._dir = SafeDir(self.root)
+        self._safedir = SafeDir(self.root)
         self._on_btrfs = False
         self._bases_seen: tuple[tuple[int, int, int], list[tuple[VolName, str]]] | None = None
 
     # ---- opening -------------------------------------------------------------------------
+    @property
+    def _dir(self) -> SafeDir:
+        """The storage's directory, on a btrfs: every use checks, so an unmounted storage is
+        never read as empty (a volume not there, nothing to free, a base never renamed)."""
+        self._require_btrfs()
+        return self._safedir
+
     def _require_btrfs(self) -> None:
         """Refuse a storage whose directory is not on a btrfs (an unmounted filesystem leaves
-        a plain directory of the root filesystem there); checked once per driver."""
+        a plain directory of the root filesystem there), as unavailable: an undo meeting it is
+        tried again, once it is mounted. Checked once per driver."""
         if self._on_btrfs:
             return
         try:
             root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise NotFound(f"storage {self.storage.id!r}: {self.root}: no such directory") from None
+            raise StorageUnavailable(f"storage {self.storage.id!r}: {self.root}: no such directory") from None
         try:
             subvolume_info(root)
         except OSError as e:
             if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
-                raise Refused(f"storage {self.storage.id!r}: {self.root} is not on a btrfs filesystem") from None
+                raise StorageUnavailable(f"storage {self.storage.id!r}: {self.root} is not on a btrfs filesystem") \
+                    from None
             raise
         finally:
             os.close(root)

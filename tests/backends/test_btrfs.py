@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from drivers import driver_for
-from drivers.errors import Refused
+from drivers.errors import Refused, StorageUnavailable
 from drivers.storage import StorageConfig
 from tests.conftest import NO_BTRFS, storage_path
 from tests.helpers import PATTERN_MIB, qemu_io_write, qemu_same, volume_path
@@ -126,14 +126,21 @@ def test_destroying_a_clone_and_its_template_leaves_no_subvolume(stork, client, 
     assert not (storage_path("bt") / str(c)).exists()
 
 
-def test_a_btrfs_storage_on_another_filesystem_is_refused_in_one_line(tmp_path):
-    """An unmounted btrfs leaves a plain directory of the root filesystem at the path: refused,
-    naming it, before anything is made there."""
+@pytest.mark.parametrize("call", ["allocate", "exists", "identity", "free", "free_partial", "free_volume",
+                                  "unmake_base"])
+def test_a_btrfs_storage_on_another_filesystem_is_unavailable_in_one_line(tmp_path, call):
+    """An unmounted btrfs leaves a plain directory of the root filesystem at the path: every
+    call is refused as unavailable (an undo is tried again), naming it, before anything is made
+    there; none reads the empty directory as the storage (a volume gone, nothing to free, a base
+    never renamed), and none of the plain directory's entries is removed."""
     drv = driver_for(StorageConfig("lost", "btrfs", options={"path": tmp_path}))
     vol = drv.parse_volname("100/vm-100-disk-0.raw")
-    with pytest.raises(Refused, match=rf"storage 'lost': {tmp_path} is not on a btrfs filesystem"):
-        drv.allocate(vol, 1 << 20)
-    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "100").mkdir()
+    (tmp_path / "100" / "vm-100-disk-0.raw").mkdir()  # what a copy of the tree there would hold
+    args = {"allocate": (vol, 1 << 20), "unmake_base": (drv.parse_volname("base/base-100-disk-0.raw"), vol)}
+    with pytest.raises(StorageUnavailable, match=rf"storage 'lost': {tmp_path} is not on a btrfs filesystem"):
+        getattr(drv, call)(*args.get(call, (vol,)))
+    assert [p.name for p in tmp_path.rglob("*")] == ["100", "vm-100-disk-0.raw"]
 
 
 def test_a_subvolume_mounted_over_a_volumes_name_is_not_deleted(client, vmid):
