@@ -72,6 +72,27 @@ def make(kind: str, where: Path, size_mib: int = 1024) -> LoopFs | str:
     return fs
 
 
+def damage_on_disk(fs: LoopFs, path: Path) -> None:
+    """Overwrite the first block of `path`'s data on a btrfs's device, beneath the file system
+    (unmounted meanwhile): its checksum no longer matches, and reading the file fails with EIO,
+    as it does at a bad sector. `path` must be past btrfs's inline size (a few KiB)."""
+    os.sync()
+    extents = _run(["filefrag", "-v", "-b4096", str(path)]).splitlines()
+    first = next(line for line in extents if line.strip().startswith("0:"))
+    logical = int(first.split(":")[2].split("..")[0]) * 4096  # the physical column: btrfs's logical address
+    _run(["umount", str(fs.mount)])
+    try:
+        mapped = _run(["btrfs-map-logical", "-l", str(logical), fs.device])
+        physical = int(mapped.split("physical ")[1].split()[0])
+        with open(fs.device, "r+b") as device:
+            device.seek(physical)
+            device.write(b"\xa5" * 4096)
+            device.flush()
+            os.fsync(device.fileno())
+    finally:
+        _run(["mount", fs.device, str(fs.mount)])
+
+
 @dataclass
 class ZfsPool:
     """A file-backed pool in the zfs-fuse daemon (started here, and stopped at close, if none

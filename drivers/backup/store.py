@@ -31,11 +31,13 @@ chunk is encoded in drivers.backup.codec.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -92,7 +94,7 @@ from drivers.backup.records import (
 )
 from drivers.backup.writer import SnapshotWriter, recorded_start, writer_is_live
 from drivers.errors import AlreadyExists, Corrupt, InvalidName, NotFound, Refused, StorkError, UnknownFormat
-from drivers.safedir import SafeDir, refused
+from drivers.safedir import SafeDir, kind_of, refused
 
 __all__ = ["ChunkStore", "SnapshotWriter"]  # SnapshotWriter lives in drivers.backup.writer; imported from here too
 
@@ -276,8 +278,15 @@ class ChunkStore:
         return len(blob)
 
     def read_chunk(self, digest: str) -> bytes:
-        """A stored chunk's data, checked against its digest; NotFound or Corrupt name the digest."""
-        return self.codec.decode(self.read_stored(digest), digest)
+        """A stored chunk's data, checked against its digest; NotFound or Corrupt name the digest
+        (Corrupt too where the file system cannot read it back: a bad sector, a checksum of
+        btrfs or ZFS that does not match)."""
+        try:
+            return self.codec.decode(self.read_stored(digest), digest)
+        except OSError as e:
+            if e.errno not in MEDIA_ERRORS:
+                raise
+            raise Corrupt(f"chunk {digest}: cannot be read back: {e.strerror}") from None
 
     def flush_chunk_folders(self, prefixes: set[str]) -> None:
         for prefix in sorted(prefixes):
@@ -306,12 +315,12 @@ class ChunkStore:
         that can be read, and apart, with the reason, those that cannot (a damaged, tampered or
         missing manifest or state), so that one damaged snapshot stops no other reader."""
         found, damaged = [], []
-        for id in self._snapshot_ids(vmid):
+        for id in self._snapshot_ids(vmid, strict=False):
             try:
                 found.append(self._load(id))
-            except (Corrupt, NotFound, Refused) as e:
-                if self._exists(id):  # else it was forgotten since the listing
-                    damaged.append(Damaged(id, str(e)))
+            except (Corrupt, NotFound, Refused, OSError) as e:
+                if self._entry_exists(id):  # else it was forgotten since the listing
+                    damaged.append(Damaged(id, _why(e)))
         return Listing(found, damaged)
 
     def snapshots(self, vmid: int | None = None) -> list[Snapshot]:
@@ -334,6 +343,14 @@ class ChunkStore:
         try:
             with self._snapshot_folder(id):
                 return True
+        except NotFound:
+            return False
+
+    def _entry_exists(self, id: BackupId) -> bool:
+        """Whether anything is at the snapshot's name (a folder, or what is there instead)."""
+        try:
+            with self._folder(VM, str(id.vmid)) as vm:
+                return SafeDir.entry_exists(vm, id.time_text)
         except NotFound:
             return False
 
@@ -468,21 +485,25 @@ class ChunkStore:
             raise Corrupt(f"backup {id}: {name} does not match the checksum in its manifest")
         return data
 
-    def _snapshot_ids(self, vmid: int | None = None) -> list[BackupId]:
-        vmids = self._vmids() if vmid is None else [names.vmid(vmid)]
+    def _snapshot_ids(self, vmid: int | None = None, strict: bool = True) -> list[BackupId]:
+        """Every snapshot's id, one at each name that looks like one (a snapshot's name where a
+        folder should be, a link say, is read as a damaged snapshot). `strict` (gc): a guest's
+        name that is not a folder is refused, as it might hold snapshots whose chunks must not
+        be taken for garbage; else (the readers) it is passed over, so it stops no backup."""
+        vmids = self._vmids(strict) if vmid is None else [names.vmid(vmid)]
         return sorted(id for guest in vmids for id in self._ids_of(guest))
 
-    def _vmids(self) -> list[int]:
+    def _vmids(self, strict: bool = True) -> list[int]:
         try:
             with self._folder(VM) as folder, os.scandir(folder) as entries:
                 found = [e for e in entries if _is_vmid_name(e.name)]
         except NotFound:
             self._open_root_or_raise()
             return []
-        for entry in found:
-            if not entry.is_dir(follow_symlinks=False):
-                raise refused(self.root / VM / entry.name, "not a directory")
-        return [int(e.name) for e in found]
+        odd = [entry for entry in found if not entry.is_dir(follow_symlinks=False)]
+        if odd and strict:
+            raise refused(self.root / VM / odd[0].name, "not a directory")
+        return [int(e.name) for e in found if e not in odd]
 
     def _ids_of(self, vmid: int) -> list[BackupId]:
         try:
@@ -493,8 +514,6 @@ class ChunkStore:
             return []
         ids = []
         for entry in found:
-            if not entry.is_dir(follow_symlinks=False):
-                raise refused(self.root / VM / str(vmid) / entry.name, "not a directory")
             with contextlib.suppress(InvalidName):  # a look-alike such as 2026-02-30T...: not ours
                 ids.append(BackupId(vmid, parse_time(entry.name)))
         return ids
@@ -543,6 +562,10 @@ class ChunkStore:
         be read ("" without `damaged`)."""
         parsed = backup_id(id)
         with self._vm_locked_for(parsed) as vm:
+            if damaged and (odd := _not_a_folder(vm, parsed.time_text)):
+                os.unlink(parsed.time_text, dir_fd=vm)  # a link is removed, never what it points to
+                os.fsync(vm)
+                return f"backup {parsed}: {odd}"
             with self._dir_of(vm, parsed) as folder:
                 reason = self._why_damaged(folder, parsed) if damaged else self._check_unprotected(folder, parsed)
             discard(vm, parsed.time_text, parsed.time_text)
@@ -571,8 +594,8 @@ class ChunkStore:
                 self.index(str(id), key)
         except UnknownFormat as e:
             raise Refused(f"backup {id} is not damaged: {e} (a newer stork wrote it)") from None
-        except (Corrupt, NotFound, Refused) as e:
-            return str(e)
+        except (Corrupt, NotFound, Refused, OSError) as e:
+            return _why(e)
         raise Refused(f"backup {id} is not damaged: forget it without --damaged")
 
     # ---- verify -------------------------------------------------------------------------------
@@ -581,10 +604,31 @@ class ChunkStore:
         every digest, and record the outcome in its state.json."""
         parsed = backup_id(id)
         snapshot = self._load(parsed)
-        problems = [*self._file_problems(parsed, snapshot.manifest), *self._chunk_problems(parsed, snapshot.manifest)]
+        lost: set[str] = set()
+        problems = [*self._file_problems(parsed, snapshot.manifest),
+                    *self._chunk_problems(parsed, snapshot.manifest, lost)]
         result = VerifyResult("failed" if problems else "ok", now_text(), tuple(problems))
         self._change_state(parsed, verify=result)
+        if lost:
+            self._fail_others_naming(parsed, lost)
         return result
+
+    def _fail_others_naming(self, found_by: BackupId, lost: set[str]) -> None:
+        """Record every other snapshot that names a chunk verify found damaged or missing as
+        failed too: an "ok" of its own last verify no longer holds, and prune and sync, which do
+        not count a failed backup, would let an older one that restores go for it."""
+        for id in self._snapshot_ids(strict=False):
+            if id == found_by:
+                continue
+            try:
+                named = sorted(self._chunks_of(id) & lost)
+            except (StorkError, OSError):
+                continue  # damaged itself: listed apart, never counted
+            if named:
+                problems = tuple(Problem(d, f"chunk {d}: damaged or missing, found by the verify of backup "
+                                            f"{found_by}") for d in named)
+                with contextlib.suppress(NotFound):  # forgotten meanwhile
+                    self._change_state(id, verify=VerifyResult("failed", now_text(), problems))
 
     def _file_problems(self, id: BackupId, manifest: Manifest) -> Iterator[Problem]:
         for name in manifest.files:
@@ -593,7 +637,9 @@ class ChunkStore:
             except (Corrupt, NotFound, Refused) as e:
                 yield Problem(None, str(e))
 
-    def _chunk_problems(self, id: BackupId, manifest: Manifest) -> Iterator[Problem]:
+    def _chunk_problems(self, id: BackupId, manifest: Manifest, lost: set[str]) -> Iterator[Problem]:
+        """What is wrong with the chunks the snapshot names; those damaged (moved aside) or
+        missing are added to `lost`."""
         places: dict[str, list[tuple[str, int]]] = {}
         indexes: dict[str, Index] = {}
         for key in manifest.disks:
@@ -607,8 +653,10 @@ class ChunkStore:
                 lengths[digest] = len(self.read_chunk(digest))
             except Corrupt as e:
                 self._quarantine(digest)
+                lost.add(digest)
                 yield Problem(digest, f"{e} (moved aside to {digest}.bad)", tuple(where))
             except (NotFound, Refused) as e:
+                lost.add(digest)
                 yield Problem(digest, str(e), tuple(where))
         for key, index in indexes.items():
             yield from _length_problems(key, index, lengths)
@@ -619,9 +667,14 @@ class ChunkStore:
         whole again) instead of naming the damaged file. A backup whose patch lies over it
         stays damaged: the next backup of that disk reads the chunk whole instead."""
         with self._prefix_locked(digest[:4], exclusive=True) as folder, contextlib.suppress(FileNotFoundError):
-            with contextlib.suppress(Corrupt, NotFound, Refused):  # gone, or unreadable: it goes aside
+            try:
                 self.codec.decode(self._read(folder, digest, self.chunk_size + _CODEC_OVERHEAD, digest), digest)
                 return  # stored anew since verify read it (gc took it, a backup wrote it back): sound
+            except (Corrupt, NotFound, Refused):
+                pass  # gone, or unreadable: it goes aside
+            except OSError as e:
+                if e.errno not in MEDIA_ERRORS:
+                    raise
             os.rename(digest, f"{digest}.bad", src_dir_fd=folder, dst_dir_fd=folder)
             os.utime(f"{digest}.bad", dir_fd=folder)  # its time aside counts from now (see gc)
             os.fsync(folder)
@@ -746,7 +799,7 @@ class ChunkStore:
             try:
                 chunks |= self._chunks_of(id)
             except StorkError as e:
-                if self._exists(id):  # else it was forgotten meanwhile, and its chunks need no keeping
+                if self._entry_exists(id):  # else it was forgotten meanwhile, and its chunks need no keeping
                     raise Refused(f"gc stopped before removing anything: {e} (the chunks of backup {id} cannot "
                                   f"be known: 'stork backup forget --damaged {id}' lets gc go on)") from e
         return chunks
@@ -810,6 +863,25 @@ def _length_problems(key: str, index: Index, lengths: dict[str, int]) -> Iterato
             if digest is not None and digest in lengths and lengths[digest] != expected_length:
                 yield Problem(digest, f"chunk {digest}: {lengths[digest]} bytes where {expected_length} belong",
                               ((key, n * index.chunk_size),))
+
+
+MEDIA_ERRORS = frozenset({errno.EIO, errno.EUCLEAN, errno.EBADMSG})  # data the file system cannot give back
+
+
+def _why(e: BaseException) -> str:
+    """Why a snapshot cannot be read, in one line (a file system's error names its file)."""
+    if isinstance(e, OSError):
+        return f"{e.filename or 'a file'}: {e.strerror or e}"
+    return str(e)
+
+
+def _not_a_folder(folder: int, name: str) -> str:
+    """What is at `name` in `folder` where a folder belongs ("" for a folder or nothing)."""
+    try:
+        mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return ""
+    return "" if stat.S_ISDIR(mode) else f"not a directory: it is {kind_of(mode)}"
 
 
 def _is_vmid_name(name: str) -> bool:

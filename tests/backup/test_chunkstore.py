@@ -20,6 +20,7 @@ from drivers.backup.codec import KIND_RAW, KIND_ZSTD, MAGIC, PlainCodec, is_zero
 from drivers.backup.records import BackupId, BaseRef, Index, Patch, Snapshot, backup_id, blob_name, disk_key
 from drivers.backup.store import QUARANTINE, ChunkStore
 from drivers.errors import AlreadyExists, Corrupt, InvalidName, NotFound, Refused
+from tests import storages
 from tests.helpers import resident_pages
 
 CS = 4096
@@ -376,6 +377,38 @@ class TestDamaged:
             store.forget(str(snapshot.id), damaged=True)
         assert store.snapshot(str(snapshot.id)).state.protected
 
+    def test_a_link_at_a_snapshots_name_is_listed_damaged_and_forget_damaged_removes_only_the_link(self, store,
+                                                                                                 tmp_path):
+        """Something other than a folder at a snapshot's name (a link, here to a copy of a sound
+        snapshot elsewhere) is a damaged snapshot: the others are listed and backed up onto, gc
+        stops and names the way out, and forget --damaged removes the link, not what it names."""
+        a = back_up(store, 100, T0, {"scsi0": noise(CS)})
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "kept").write_text("not stork's to remove")
+        stray = store.root / "vm" / "100" / (T0 + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stray.symlink_to(elsewhere)
+        listing = store.listing()
+        assert [s.id for s in listing.snapshots] == [a.id]
+        assert [str(d.id) for d in listing.damaged] == [f"vm/100/{stray.name}"]
+        assert "is a symlink" in listing.damaged[0].reason
+        with pytest.raises(Refused, match=rf"gc stopped before removing anything: .*'stork backup forget --damaged "
+                                          rf"vm/100/{stray.name}' lets gc go on"):
+            store.gc(margin=0)
+        assert "not a directory: it is a symlink" in store.forget(f"vm/100/{stray.name}", damaged=True)
+        assert not stray.is_symlink() and (elsewhere / "kept").exists()
+        assert store.listing().damaged == [] and store.gc(margin=0).chunks_kept == 1
+
+    def test_a_link_at_a_guests_name_stops_no_listing_but_stops_gc(self, store, tmp_path):
+        """A guest's folder that is a link may hold snapshots whose chunks gc cannot see:
+        gc refuses, naming it; the listings (and the backups that read them) pass it over."""
+        a = back_up(store, 100, T0, {"scsi0": noise(CS)})
+        (tmp_path / "elsewhere").mkdir()
+        (store.root / "vm" / "200").symlink_to(tmp_path / "elsewhere")
+        assert [s.id for s in store.listing().snapshots] == [a.id] and store.listing().damaged == []
+        with pytest.raises(Refused, match=r"vm/200: not a directory"):
+            store.gc(margin=0)
+
 
 class TestVerify:
     def test_an_intact_snapshot_verifies_ok_and_says_so_in_its_state(self, store):
@@ -404,6 +437,64 @@ class TestVerify:
         assert problems[other].places == (("virtio1", 0),) and "missing" in problems[other].error
         assert f"{other}" in str(problems[other]) and "virtio1 at byte 0" in str(problems[other])
         assert store.snapshot(str(snapshot.id)).state.verify == result
+
+    def test_a_chunk_found_lost_fails_every_backup_naming_it_not_only_the_one_verified(self, store):
+        """A backup verified ok earlier that names a chunk found damaged or missing since is
+        failed too: prune and sync would count its stale "ok" as sound and let an older backup
+        that restores go for it. One that does not name it keeps its state."""
+        from drivers.backup.retention import candidate
+
+        shared = noise(CS, 1)
+        old = back_up(store, 100, T0, {"scsi0": shared + noise(CS, 2)})
+        new = back_up(store, 100, T0 + timedelta(days=1), {"scsi0": shared + noise(CS, 3)})
+        other = back_up(store, 101, T0, {"scsi0": noise(CS, 4)})
+        assert store.verify(str(new.id)).ok and store.verify(str(other.id)).ok
+        lost = store.index(str(old.id), "scsi0").chunks[0]
+        chunk_path(store, lost).unlink()
+
+        assert store.verify(str(old.id)).state == "failed"
+        stale = store.snapshot(str(new.id)).state.verify
+        assert stale.state == "failed" and [p.digest for p in stale.problems] == [lost]
+        assert f"found by the verify of backup {old.id}" in stale.problems[0].error
+        assert candidate(store.snapshot(str(new.id))).failed
+        assert store.snapshot(str(other.id)).state.verify.ok
+
+    def test_a_chunk_the_disk_cannot_read_back_is_set_aside_and_stored_again_by_the_next_backup(self, tmp_path):
+        """A chunk whose block btrfs finds damaged (its checksum, as a bad sector) reads as EIO:
+        verify records it damaged and moves it aside, like a chunk whose data does not match its
+        digest; the backups naming it are failed; the next backup of that data stores it again
+        (before, verify stopped at the error and every later backup named the unreadable file)."""
+        fs = storages.make("btrfs", tmp_path, size_mib=256)
+        if isinstance(fs, str):
+            pytest.skip(fs)
+        try:
+            size = 1 << 20  # past btrfs's inline size
+            data = noise(2 * size)
+            (fs.mount / "backup").mkdir()
+
+            def back_up_whole(store: ChunkStore, when: datetime) -> Snapshot:
+                with store.begin(100, when) as writer:
+                    digests = [writer.put_chunk(data[i:i + size])[0] for i in (0, size)]
+                    writer.add_index("scsi0", Index("raw", len(data), digests, size))
+                    return writer.commit()
+
+            store = ChunkStore(fs.mount / "backup", chunk_size=size)
+            old, new = back_up_whole(store, T0), back_up_whole(store, T0 + timedelta(days=1))
+            assert store.verify(str(new.id)).ok
+            victim = store.index(str(old.id), "scsi0").chunks[1]
+            storages.damage_on_disk(fs, chunk_path(store, victim))
+            with pytest.raises(Corrupt, match=f"chunk {victim}: cannot be read back: Input/output error"):
+                store.read_chunk(victim)
+
+            result = store.verify(str(old.id))
+            assert result.state == "failed" and [p.digest for p in result.problems] == [victim]
+            assert "moved aside" in result.problems[0].error
+            assert not chunk_path(store, victim).exists() and chunk_path(store, victim + ".bad").exists()
+            assert store.snapshot(str(new.id)).state.verify.state == "failed"
+            third = back_up_whole(store, T0 + timedelta(days=2))
+            assert store.read_chunk(victim) == data[size:] and store.verify(str(third.id)).ok
+        finally:
+            fs.close()
 
 
 class _Ahead:
@@ -678,14 +769,17 @@ def _die_while_writing(root: str) -> None:
 
 class TestSafety:
     def test_a_symlinked_guest_folder_is_refused_and_not_followed(self, store, tmp_path):
+        """Every use of that guest's folder is refused; the listing of every guest passes it
+        over (one guest's odd folder stops no other guest's backups), and gc stops at it."""
         elsewhere = tmp_path / "elsewhere"
         (elsewhere / "2026-11-26T12:00:00Z").mkdir(parents=True)
         (store.root / "vm").mkdir()
         (store.root / "vm" / "100").symlink_to(elsewhere)
-        for attempt in (store.snapshots, lambda: store.snapshot("vm/100/2026-11-26T12:00:00Z"),
+        for attempt in (lambda: store.snapshots(100), lambda: store.snapshot("vm/100/2026-11-26T12:00:00Z"),
                         lambda: store.begin(100, T0 + timedelta(hours=1)), lambda: store.gc()):
-            with pytest.raises(Refused, match="symlink"):
+            with pytest.raises(Refused, match=r"symlink|not a directory"):
                 attempt()
+        assert store.snapshots() == []
         assert os.listdir(elsewhere) == ["2026-11-26T12:00:00Z"]
 
     def test_a_symlink_at_a_chunk_path_is_refused_and_not_followed(self, store, tmp_path):
