@@ -372,3 +372,35 @@ def test_a_move_whose_config_write_fails_after_freeing_its_source_drops_it_in_it
         assert not volume_path(original).exists() and client.guest(g).unused == (original,)
         forget_freed_sources(step_context(client, failed, "undo_free_sources"))
     assert client.guest(g).unused == () and client.guest(g).disks == {"scsi0": moved}
+
+
+def test_a_linked_clone_cut_off_midway_under_its_name_is_freed_and_made_again(stork, client, vmid):
+    """A step saved its clone's name as pending (and claimed it), and its process died in the
+    clone: an `rbd clone` makes the whole image under its name before it links it to its base,
+    so the name holds a volume that reads zeros. Tried again, the step takes only a clone of
+    its base for made: that one is freed, and the disk is cloned anew (here a dir storage's
+    volume of that name, not linked to the base, stands for what rbd leaves)."""
+    from drivers import driver_for
+    from worker.jobs import usage
+    from worker.jobs.kinds import KINDS
+    from worker.jobs.steps import free_made, link_disks
+
+    t, c = vmid(), vmid()
+    base = template_of(stork, t)
+    drv = driver_for(client.cfg.storage("local"))
+    volid = f"local:{c}/vm-{c}-disk-0.qcow2"
+    vol = drv.parse_volname(volid.split(":", 1)[1])
+    params = KINDS["linked_clone"].prepare({"vmid": t, "newid": c}, client.cfg)
+    with recorded(client, "linked_clone", "running", at="link_disks", params=params,
+                  ctx={"pending": {"scsi0": volid}}) as job:
+        usage.claim(client.r, volid, job.id)
+        drv.allocate(vol, 16 << 20)  # the image made, not yet linked to its base
+        ctx = step_context(client, job, "link_disks")
+        try:
+            link_disks(ctx)
+            made = ctx.data["made"]["scsi0"]
+            assert drv.parent_of(drv.parse_volname(made.split(":", 1)[1])) == drv.parse_volname(base.split(":", 1)[1])
+            assert qemu_same(volume_path(base), volume_path(made))  # the base's data, not zeros
+        finally:
+            free_made(ctx)
+            usage.release_claims(client.r, ctx.job)

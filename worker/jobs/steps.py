@@ -121,12 +121,14 @@ def unreserve_guest(ctx: StepContext) -> None:
 
 
 def _make_volume(ctx: StepContext, key: str, drv: Driver, owner: int, fmt: str,
-                 create: Callable[[VolName], None], table: str = "made") -> None:
+                 create: Callable[[VolName], None], table: str = "made",
+                 whole: Callable[[VolName], bool] | None = None) -> None:
     """Name and create a volume under the storage lock. The name is saved as pending and
     claimed for this job before it is created, and counts as made once created (saved with the
-    step's end or failure). A name left pending by a process that died is settled first."""
+    step's end or failure). A name left pending by a process that died is settled first: made
+    whole (`whole`, where a creation can be cut off midway under its name), it is ours."""
     with ctx.storage_lock(drv):
-        if _adopt_pending(ctx, key, table):
+        if _adopt_pending(ctx, key, table, whole):
             return  # made before the crash: ours
         if whose := drv.foreign_guest(owner):
             raise Refused(usage.foreign_folder(drv.storage.id, owner, whose))
@@ -151,13 +153,23 @@ def _made_before_crash(ctx: StepContext, volid: str) -> bool:
         (vol.owner is None or not drv.foreign_guest(vol.owner))
 
 
-def _adopt_pending(ctx: StepContext, key: str, table: str = "made") -> bool:
-    """Settle `key`'s pending name: made (True) or never created, so not ours (False)."""
-    volid = ctx.data.get("pending", {}).pop(key, None)
-    if volid is None or not _made_before_crash(ctx, volid):
+def _adopt_pending(ctx: StepContext, key: str, table: str = "made",
+                   whole: Callable[[VolName], bool] | None = None) -> bool:
+    """Settle `key`'s pending name: made (True); never created, so not ours (False); or made
+    by this job but not whole (False, once freed: an `rbd clone` cut off makes a whole image
+    under its name, reading zeros, before it links it to its base)."""
+    volid = ctx.data.get("pending", {}).get(key)
+    if volid is None:
         return False
-    ctx.data.setdefault(table, {})[key] = volid
-    return True
+    if _made_before_crash(ctx, volid):
+        drv, vol = ctx.volume(volid)
+        if whole is None or whole(vol):
+            ctx.data.setdefault(table, {})[key] = ctx.data["pending"].pop(key)
+            return True
+        ctx.fence(drv)
+        drv.free(vol)  # ours (claimed, and made by this job), cut off midway
+    ctx.data["pending"].pop(key)
+    return False
 
 
 def allocate_disks(ctx: StepContext) -> None:
@@ -208,7 +220,10 @@ def _link(ctx: StepContext, key: str, base_volid: str, owner: int, identity: str
             raise Refused(f"{base_volid} is no longer the base this backup was made against (it was made anew)")
         drv.link_clone(base, vol)
 
-    _make_volume(ctx, key, drv, owner, drv.linked_clone_format, link, table)
+    def linked(vol: VolName) -> bool:
+        return drv.parent_of(vol) == base
+
+    _make_volume(ctx, key, drv, owner, drv.linked_clone_format, link, table, whole=linked)
 
 
 def free_made(ctx: StepContext) -> None:
