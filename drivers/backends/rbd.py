@@ -153,7 +153,16 @@ class RbdDriver(Driver):
         return sorted((v for v in found if owner is None or v.owner == owner), key=str)
 
     def exists(self, vol: VolName) -> bool:
-        return vol in self.list_volumes(vol.owner if vol.owner is not None else None)
+        """Asked of the image itself (`rbd info`), never of a listing: `rbd ls -l` leaves out an
+        image it cannot open (a timeout, a permission), saying so on stderr only, and exits 0,
+        which would read as gone (an undo then skips its rename back, a free its volume).
+        Where the image is not found, the pool's listing tells a missing pool (NotFound)."""
+        try:
+            self._json("info", self._spec(vol), what=f"reading {self.volid(vol)}")
+            return True
+        except NotFound:
+            self._images()  # NotFound where the pool itself is not there
+            return False
 
     def _info(self, vol: VolName) -> dict[str, Any]:
         try:

@@ -189,3 +189,19 @@ def test_a_copy_of_a_linked_clone_is_flattened_not_a_clone_of_its_base(rbd):
     rbd.copy_from(rbd, clone, COPY)
     rbd.compare(rbd, clone, COPY)
     assert rbd.parent_of(COPY) is None and rbd.clones_of(BASE) == [clone]
+
+
+def test_exists_asks_the_image_and_a_missing_namespace_is_not_taken_for_an_empty_one(rbd):
+    """exists() asks the image itself (`rbd info`, not a listing, which leaves out an image it
+    cannot open and exits 0): present, absent; and where the storage's namespace is not there,
+    NotFound, never "gone"."""
+    from drivers.errors import NotFound
+
+    vol = rbd.parse_volname("100/vm-100-disk-0.raw")
+    assert not rbd.exists(vol)
+    rbd.allocate(vol, 4 << 20)
+    assert rbd.exists(vol)
+    CEPH.rbd("rm", f"{rbd.where}/{image('ceph:100/vm-100-disk-0.raw').split('/', 1)[1]}")
+    CEPH.rbd("namespace", "remove", rbd.where)
+    with pytest.raises(NotFound):
+        rbd.exists(vol)
