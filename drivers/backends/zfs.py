@@ -298,8 +298,7 @@ class ZfsDriver(Driver):
             return
         what = f"freeing {self.volid(vol)}"
         if vol.is_base:
-            with contextlib.suppress(NotFound):
-                self._zfs("destroy", f"{self.dataset(vol)}@{SNAPSHOT}", what=what)  # refused while clones depend
+            self._drop_base_snapshot(vol, what)  # refused while clones depend
         try:
             self._destroy(self.dataset(vol), what)
         except BaseException:
@@ -338,10 +337,20 @@ class ZfsDriver(Driver):
     def protect_base(self, base: VolName) -> None:
         """The snapshot clones are made of, and the dataset read-only; idempotent."""
         what = f"protecting {self.volid(base)}"
-        snapshots = self._zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", self.dataset(base), what=what)
-        if f"{self.dataset(base)}@{SNAPSHOT}" not in snapshots.split():
+        if not self._has_base_snapshot(base, what):
             self._zfs("snapshot", f"{self.dataset(base)}@{SNAPSHOT}", what=what)
         self._zfs("set", "readonly=on", self.dataset(base), what=what)
+
+    def _has_base_snapshot(self, base: VolName, what: str) -> bool:
+        snapshots = self._zfs("list", "-H", "-t", "snapshot", "-o", "name", "-r", self.dataset(base), what=what)
+        return f"{self.dataset(base)}@{SNAPSHOT}" in snapshots.split()
+
+    def _drop_base_snapshot(self, base: VolName, what: str) -> None:
+        """Destroy the base's snapshot, where it has one: a make_base cut off before its
+        protect_base left none, and `zfs destroy` of a missing snapshot fails with a message
+        of its own on OpenZFS ("could not find any snapshots to destroy"), not zfs-fuse's."""
+        if self._has_base_snapshot(base, what):
+            self._zfs("destroy", f"{self.dataset(base)}@{SNAPSHOT}", what=what)
 
     def unmake_base(self, base: VolName, vol: VolName) -> None:
         """Drop the snapshot (ZFS refuses while clones depend on it), make the dataset writable
@@ -350,7 +359,7 @@ class ZfsDriver(Driver):
         if self.exists(vol):
             raise Refused(f"volume {self.volid(vol)} already exists")
         with contextlib.suppress(NotFound):
-            self._zfs("destroy", f"{self.dataset(base)}@{SNAPSHOT}", what=what)
+            self._drop_base_snapshot(base, what)
         try:
             self._zfs("set", "readonly=off", self.dataset(base), what=what)
             self._ensure_folder(vol)
