@@ -177,6 +177,12 @@ class Driver(ABC):
     @abstractmethod
     def resize(self, vol: VolName, size: int) -> None: ...
 
+    def zero_grown(self, vol: VolName, old_size: int) -> None:
+        """Make what a resize added past `old_size` read as zeros, where growing does not (a
+        thick LV's new extents hold what they held before); idempotent, for a resize tried
+        again after a crash. Nothing to do where new space reads as zeros."""
+        return None
+
     def recreate(self, vol: VolName, size: int) -> None:
         """Make `vol` an empty volume of `size` again (to redo an interrupted copy into it).
         Backends that can replace it atomically should, so its name is never free."""

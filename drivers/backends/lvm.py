@@ -18,7 +18,8 @@ volume does not read as zeros (`new_volumes_read_zero`: a copy writes the zeros 
 fails, the LV is removed again. Until it is zeroed it carries the tag stork-zeroing and is no
 volume (not found, listed as a stray): one left so by a process killed mid-zeroing is never
 taken for made by the step tried again; its name is not given again, and the operator removes
-it (free_partial and an allocate of that name do too). Data I/O needs the LV active (device-mapper): `image()`
+it (free_partial and an allocate of that name do too). A resize zeroes what lvextend added
+(`zero_grown`, again by a resize tried after a crash), else shrinks the LV back. Data I/O needs the LV active (device-mapper): `image()`
 activates it and opens the block device it resolves to, checking it is the LV's own device
 (major:minor from LVM) on the opened descriptor.
 """
@@ -129,6 +130,28 @@ class LvmDriver(Driver):
             raise
         faults.point("created")
 
+    def resize(self, vol: VolName, size: int) -> None:
+        """Grow the LV and zero what it gained; where that fails, shrink it back to its old
+        size (the tail is what lvextend added, never yet shown to anyone)."""
+        old = self.virtual_size(vol)
+        self.group.resize(vol, size)
+        try:
+            self.zero_grown(vol, old)
+        except BaseException:
+            with contextlib.suppress(StorkError):
+                self.group.run("lvreduce", "--yes", "-L", f"{old}b", self.group.lv(vol),
+                               what=f"shrinking {self.volid(vol)} back to {old} bytes")
+            raise
+
+    def zero_grown(self, vol: VolName, old_size: int) -> None:
+        """Zero the LV past `old_size`: the extents lvextend added hold another guest's old data."""
+        with self.group.device(vol, write=True) as fd:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            if end > old_size:
+                run(["blkdiscard", "--zeroout", "-o", str(old_size), "-l", str(end - old_size), f"/proc/self/fd/{fd}"],
+                    f"zeroing what {self.volid(vol)} grew by", (fd,), timeout=TIMEOUT)
+                os.fsync(fd)
+
     def _zero(self, vol: VolName, made: bool = True) -> None:
         """Zero the whole LV (another guest's old data must never show through): a volume, or
         (not `made`) the LV allocate made, tagged and no volume yet."""
@@ -173,5 +196,3 @@ class LvmDriver(Driver):
     def unmake_base(self, base: VolName, vol: VolName) -> None:
         self.group.unmake_base(base, vol, ("-prw",), self.protect_base)
 
-    def resize(self, vol: VolName, size: int) -> None:
-        self.group.resize(vol, size)

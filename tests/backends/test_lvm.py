@@ -146,6 +146,42 @@ def test_allocate_zeroes_and_copies_land_on_the_lv(drv, tmp_path):
         assert os.pread(image.fds[0], 1 << 20, 0) == b"\0" * (1 << 20)
 
 
+def test_a_resize_that_cannot_zero_what_it_added_shrinks_the_lv_back_in_one_line(drv):
+    """The extents lvextend adds hold another guest's old data: resize zeroes them before it
+    ends. Where that fails (no device-mapper here to activate the LV), the LV is shrunk back
+    to its old size, and the error is one line."""
+    vol = VolName(100, "vm-100-disk-0", "raw")
+    made(drv, vol, 8 << 20)
+    with pytest.raises(StorkError) as failed:
+        drv.resize(vol, 16 << 20)
+    if DEVICE_MAPPER:
+        pytest.fail("resized where it should not have been tested")
+    assert "activating thick:100/vm-100-disk-0.raw failed" in str(failed.value) and "\n" not in str(failed.value)
+    assert drv.virtual_size(vol) == 8 << 20
+
+
+@pytest.mark.skipif(not DEVICE_MAPPER, reason="this kernel has no device-mapper: no LV can be activated for data")
+def test_what_a_resize_adds_reads_as_zeros_also_when_tried_again_after_a_crash(drv, vg):
+    """An LV filled with a pattern is removed; a new LV grows into its old extents: what it
+    gains reads as zeros, after a resize and after a try that died between lvextend and the
+    zeroing (resize_volume tried again zeroes past the size it saved)."""
+    old = VolName(100, "vm-100-disk-9", "raw")
+    drv.allocate(old, 64 << 20)
+    with drv.image(old, write=True) as image:
+        os.pwrite(image.fds[0], b"\xaa" * (64 << 20), 0)
+    drv.free(old)
+    for n in range(2):
+        vol = VolName(100, f"vm-100-disk-{n}", "raw")
+        drv.allocate(vol, 8 << 20)
+        if n == 0:
+            drv.resize(vol, 32 << 20)
+        else:
+            drv.group.resize(vol, 32 << 20)  # the try before died here
+            drv.zero_grown(vol, 8 << 20)  # what resize_volume does when tried again
+        with drv.image(vol) as image:
+            assert os.pread(image.fds[0], 24 << 20, 8 << 20) == b"\0" * (24 << 20)
+
+
 def test_a_base_of_a_disk_a_guest_runs_from_is_refused_where_no_linked_clone_can_be_made(drv, vg, tmp_path):
     """`stork base` gives a running guest a linked clone of its new base; thick LVM makes none,
     so it is refused before a job exists, naming `stork template` (the data stays as it was)."""

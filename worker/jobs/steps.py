@@ -518,9 +518,13 @@ def resize_volume(ctx: StepContext) -> None:
     drv.require_existing(vol)
     drv.require_feature("resize", vol)
     now = drv.virtual_size(vol)
-    if now == size or ("resized_from" in ctx.data and now > size):
+    if "resized_from" in ctx.data and now >= size:  # grown by a try before, which may have died before zeroing
+        drv.zero_grown(vol, ctx.data["resized_from"])
         ctx.set_result(volid=volid, size=size)
-        return  # as asked already, or grown by a try before
+        return
+    if now == size:
+        ctx.set_result(volid=volid, size=size)
+        return  # as asked already
     if now > size:
         raise Refused(f"{volid}: shrinking is not supported (would lose data)")
     if found := usage.foreign_users(ctx, volid):  # it may be running there: not ours to write
