@@ -19,9 +19,10 @@ fails, the LV is removed again. Until it is zeroed it carries the tag stork-zero
 volume (not found, listed as a stray): one left so by a process killed mid-zeroing is never
 taken for made by the step tried again; its name is not given again, and the operator removes
 it (free_partial and an allocate of that name do too). A resize zeroes what lvextend added
-(`zero_grown`, again by a resize tried after a crash), else shrinks the LV back. Data I/O needs the LV active (device-mapper): `image()`
-activates it and opens the block device it resolves to, checking it is the LV's own device
-(major:minor from LVM) on the opened descriptor.
+(`zero_grown`, again by a resize tried after a crash), else shrinks the LV back. Data I/O
+needs the LV active (device-mapper): `image()` activates it and opens the block device it
+resolves to, checking it is the LV's own device (major:minor from LVM) on the opened
+descriptor.
 """
 
 from __future__ import annotations

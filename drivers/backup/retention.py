@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 TYPE_CHECKING = False  # typing's own is not imported: the command line reads Keep at startup
 if TYPE_CHECKING:
@@ -103,11 +103,22 @@ _PERIODS: dict[str, Callable[[Candidate], str]] = {
 }
 
 
-def plan(backups: Sequence[Candidate], keep: Keep) -> list[Decision]:
-    """What to do with each backup of one guest, newest first."""
+AHEAD = timedelta(minutes=10)  # a backup dated further past now was stamped by a clock that ran ahead
+
+
+def plan(backups: Sequence[Candidate], keep: Keep, now: datetime | None = None) -> list[Decision]:
+    """What to do with each backup of one guest, newest first. Where one is dated more than
+    AHEAD past `now` (a node's clock ran ahead when it was made), every later backup of the
+    guest is dated just after it (ids follow the newest), so the retention's periods cannot
+    be told apart: all are kept, naming it, until it is forgotten by hand or time catches up."""
     ordered = _newest_first(backups)
     if not keep.keeps_something:
         return [Decision(b.id, True, "no retention options given") for b in ordered]
+    if ahead := [b for b in ordered if b.time > (now or datetime.now(UTC)) + AHEAD]:
+        why = (f"kept: backup {ahead[-1].id} is dated past this node's clock (the clock of its node ran ahead), "
+               "and the backups after it are dated after it: nothing of this guest is pruned until it is "
+               "forgotten or its time has come")
+        return [Decision(b.id, True, why) for b in ordered]
     marks: dict[str, tuple[_Mark, str]] = {}
     for option in OPTIONS:
         if count := getattr(keep, option):

@@ -859,3 +859,32 @@ def test_a_linked_clone_restored_where_its_base_still_is_is_a_linked_clone_again
 def test_which_dirty_bitmap_is_trusted(marks, expected, why):
     found = incremental_refusal(marks, expected)
     assert found is None if why is None else why in found
+
+
+def test_a_backup_dated_past_the_clock_is_said_and_stops_the_guests_prunes(stork, client, vmid):
+    """A node whose clock ran a year ahead made a backup: the next one is dated just after it
+    (ids follow the newest), which its result says, and prune keeps every backup of the guest,
+    naming that one, until it is forgotten; then prune goes on as before."""
+    from datetime import UTC, datetime, timedelta
+
+    from drivers import backup_storage
+
+    g = vmid()
+    guest_with_data(stork, g)
+    first = backed_up(stork, g)["backup"]
+    store = backup_storage(client.cfg.storage("backup")).open_for_backup()
+    ahead = (datetime.now(UTC) + timedelta(days=365)).replace(microsecond=0)
+    with store.begin(g, ahead) as writer:
+        writer.add_blob("guest.conf", b"made by a node whose clock ran ahead\n")
+        future = str(writer.commit().id)
+    result = backed_up(stork, g)
+    assert result["backup"] > future and "after an earlier backup dated past this node's clock" in result["warning"]
+    code, out, err = stork("--json", "prune", g, "--storage", "backup", "--keep-last", "1")
+    assert code == 0, err
+    decisions = json.loads(out)["result"]["decisions"]
+    assert sorted(d["id"] for d in decisions) == sorted([first, future, result["backup"]])
+    assert all(d["keep"] and f"backup {future} is dated past this node's clock" in d["reason"] for d in decisions)
+    for dated in (result["backup"], future):
+        assert stork("backup", "forget", dated)[0] == 0
+    code, out, err = stork("--json", "prune", g, "--storage", "backup", "--keep-last", "1")
+    assert code == 0 and [d["id"] for d in json.loads(out)["result"]["decisions"]] == [first], err

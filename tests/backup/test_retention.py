@@ -154,3 +154,21 @@ def test_bad_candidates_are_refused():
     twice = Candidate("a", datetime(2026, 1, 1, tzinfo=UTC))
     with pytest.raises(ValueError, match="listed twice"):
         plan([twice, twice], Keep(last=1))
+
+
+@pytest.mark.parametrize(("newest", "pruned"), [
+    ("2026-11-05T02:09:00Z", True),  # 9 minutes past the clock: a clock's drift, not a wrong clock
+    ("2026-11-05T02:11:00Z", False),  # past AHEAD: every later backup is dated just after it
+    ("2027-11-04T02:00:00Z", False),  # a year ahead, as a node whose clock was set a year on made it
+])
+def test_nothing_is_pruned_while_a_backup_is_dated_past_the_clock(newest, pruned):
+    """A backup stamped by a node whose clock ran ahead dates every later one just after it
+    (ids follow the newest): their periods cannot be told apart, and keep-daily would take ten
+    nights for one. While the newest is dated more than AHEAD past now, all are kept, naming it."""
+    now = at("2026-11-05T02:00:00Z")
+    nights = [f"2026-11-0{d}T02:00:00Z" for d in range(1, 5)] + [newest]
+    decisions = plan(candidates(nights), Keep(last=1), now=now)
+    assert (kept(decisions) == {newest}) is pruned
+    if not pruned:
+        assert kept(decisions) == set(nights)
+        assert all(f"backup {newest} is dated past this node's clock" in d.reason for d in decisions)

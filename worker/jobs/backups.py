@@ -53,10 +53,13 @@ def backup_guest(ctx: StepContext) -> None:
     before = 0
     listing = store.listing()  # once: each listing reads every manifest in the store
     known = listing.snapshots  # what a disk may build on; a damaged snapshot is not among them
+    unread: list[str] = []  # earlier backups a disk could not build on, a time past the clock: said in the result
     if "time" not in ctx.data:  # kept: a redelivered step writes the same snapshot
         ctx.data["time"] = format_time(_backup_time(listing.ids, vmid))
         ctx.save()
-    unread: list[str] = []  # earlier backups a disk could not build on: said in the result
+    if parse_time(ctx.data["time"]) > datetime.now(UTC) + retention.AHEAD:
+        unread.append(f"dated {ctx.data['time']}, after an earlier backup dated past this node's clock (its node's "
+                      "clock ran ahead): prune keeps every backup of this guest until that one is forgotten")
     with store.begin(vmid, parse_time(ctx.data["time"]), ctx.params.get("notes", "")) as writer:
         reads = {}
         for key, (volid, drv, vol) in disks.items():
