@@ -71,6 +71,29 @@ def _said(stderr: str) -> str:
     return (lines or stderr.strip().splitlines() or ["no message"])[-1].removeprefix("rbd: ")
 
 
+def cluster_of(conf: Path) -> str:
+    """Which cluster a ceph.conf names, as far as the file says: its `fsid`, else its monitors
+    (`mon_host`, in any order), else the file's path (not readable here). Two storages reaching
+    one pool through two files of one cluster are then one place."""
+    try:
+        text = conf.read_text(errors="replace")[:1 << 20]
+    except OSError:
+        return str(conf)
+    section, found = "global", {}
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].split(";", 1)[0].strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip().lower()
+        elif "=" in line and section == "global":
+            key, value = (part.strip() for part in line.split("=", 1))
+            found[re.sub(r"[ -]+", "_", key.lower())] = value
+    if found.get("fsid"):
+        return f"fsid {found['fsid'].lower()}"
+    if mons := sorted(filter(None, re.split(r"[\s,;]+", found.get("mon_host", "")))):
+        return f"monitors {','.join(mons)}"
+    return str(conf)
+
+
 class RbdDriver(Driver):
     type_name = "rbd"
     formats = ("raw",)
@@ -83,8 +106,8 @@ class RbdDriver(Driver):
 
     @classmethod
     def place(cls, config: StorageConfig) -> str | None:
-        o = config.options
-        return f"rbd:{o['conf']}:{o['pool']}:{o.get('namespace', '')}"  # a namespace holds only its own images
+        o = config.options  # a namespace holds only its own images
+        return f"rbd:{cluster_of(Path(o['conf']))}:{o['pool']}:{o.get('namespace', '')}"
 
     def __init__(self, config: StorageConfig) -> None:
         super().__init__(config)

@@ -465,3 +465,28 @@ def test_a_bind_mount_of_one_storage_under_another_path_is_the_same_storage(tmp_
                 config.parse(text, tmp_path / "stork.toml", {"STORK_NODE": "n"})
     finally:
         subprocess.run(["umount", str(tmp_path / "alias")], check=False)
+
+
+@pytest.mark.parametrize(("first", "second", "overlap"), [
+    ("[global]\nfsid = 8d8e2c1a-0000-4000-8000-000000000001\n",
+     "[global]\nfsid = 8D8E2C1A-0000-4000-8000-000000000001\nmon host = 10.0.0.9\n",
+     "fsid 8d8e2c1a-0000-4000-8000-000000000001"),
+    ("[global]\nmon_host = 10.0.0.1, 10.0.0.2\n", "# a copy\n[global]\nmon-host = 10.0.0.2 10.0.0.1  ; reordered\n",
+     "monitors 10.0.0.1,10.0.0.2"),
+    ("[global]\nfsid = a\n", "[global]\nfsid = b\n", None),  # two clusters: two places, whatever their pools
+    ("[global]\nmon_host = 10.0.0.1\n", "[client]\nmon_host = 10.0.0.1\n", None),  # not [global]: not told
+])
+def test_two_rbd_storages_on_one_pool_of_one_cluster_through_two_conf_files_are_refused(tmp_path, first, second,
+                                                                                        overlap):
+    """A pool is one place whichever ceph.conf reaches it: two storages on one pool and
+    namespace through two files naming one cluster (its fsid, else its monitors) are refused,
+    as through one file (a volume would have two ids, and pass the other's in-use checks)."""
+    (tmp_path / "one.conf").write_text(first)
+    (tmp_path / "two.conf").write_text(second)
+    text = (f"[storage.a]\ntype = 'rbd'\npool = 'p'\nconf = '{tmp_path / 'one.conf'}'\n"
+            f"[storage.b]\ntype = 'rbd'\npool = 'p'\nconf = '{tmp_path / 'two.conf'}'\n")
+    if overlap is None:
+        assert parse(text).storage("b").options["pool"] == "p"
+    else:
+        with pytest.raises(ConfigError, match=rf"storages 'a' and 'b' overlap: rbd:{overlap}:p: and rbd:{overlap}:p:"):
+            parse(text)
