@@ -341,3 +341,16 @@ def _libc() -> Any:
     import ctypes  # here: imported by the few calls that need it, not by every command
 
     return ctypes.CDLL(None, use_errno=True)
+
+
+def is_mount_point(path: Path) -> bool:
+    """Whether `path` is where a file system is mounted, as the mount table says (a bind mount
+    of a directory of the same file system included, which os.path.ismount misses)."""
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as table:
+            points = [line.split()[4] for line in table if len(line.split()) > 4]
+    except OSError:
+        return os.path.ismount(target)
+    # the table escapes space, tab, newline and backslash as octal (\040, ...)
+    return any(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), p) == target for p in points)

@@ -291,16 +291,12 @@ class Client:
                        orphan=not users and info.volid not in self._owned_by_jobs())
 
     def _users(self) -> dict[str, list[str]]:
-        """Per volume id, the guests naming the volume of that id on this node (usage.named_here)."""
-        from worker.jobs.usage import named_here
-
         guests, _broken = self.guest_store.scan()  # a display: broken configs show in `guest list`
         users: dict[str, list[str]] = {}
         for g in guests:
-            for volid in dict.fromkeys([*g.disks.values(), *g.unused, *g.replicas]):
-                storage = self.cfg.storages.get(names.volume_id(volid).storage)
-                for key in named_here(g, volid, self.cfg.node, storage is None or storage.shared):
-                    users.setdefault(volid, []).append(f"{g.vmid}:{key}")
+            named = [*g.disks.items(), *(("unused", v) for v in g.unused), *(("replica", v) for v in g.replicas)]
+            for key, volid in named:
+                users.setdefault(volid, []).append(f"{g.vmid}:{key}")
         return users
 
     # ---- backups: read and marked here, written and checked by jobs --------------------------

@@ -35,8 +35,8 @@ from drivers import faults, names, qemu
 from drivers.backends.base import RAW_WITH_CLONES, Driver
 from drivers.errors import NotFound, Refused, StorageUnavailable
 from drivers.names import VolName
-from drivers.safedir import SafeDir
-from drivers.storage import PATH, StorageConfig
+from drivers.safedir import SafeDir, is_mount_point
+from drivers.storage import IS_MOUNTPOINT, PATH, StorageConfig
 
 IMAGE = "disk.raw"  # the image file in each volume's subvolume
 SUBVOLUME_ROOT_INODE = 256  # every subvolume's top directory has this inode number
@@ -130,7 +130,9 @@ class BtrfsDriver(Driver):
     default_format = "raw"
     linked_clone_format = "raw"
     FEATURES = RAW_WITH_CLONES
-    OPTIONS = {"path": PATH}
+    # is_mountpoint: the path is where the btrfs is mounted; where the host's own root is a btrfs,
+    # a plain directory left by an unmount is on a btrfs too, and only the mount table tells
+    OPTIONS = {"path": PATH, "is_mountpoint": IS_MOUNTPOINT}
 
     def __init__(self, config: StorageConfig) -> None:
         super().__init__(config)
@@ -154,6 +156,9 @@ class BtrfsDriver(Driver):
         tried again, once it is mounted. Checked once per driver."""
         if self._on_btrfs:
             return
+        if self.storage.options.get("is_mountpoint") and not is_mount_point(self.root):
+            raise StorageUnavailable(f"storage {self.storage.id!r}: {self.root} is not a mounted file system "
+                                     "(is_mountpoint)")
         try:
             root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:

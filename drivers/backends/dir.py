@@ -39,7 +39,7 @@ from drivers import faults, names, pve, qemu
 from drivers.backends.base import Driver, ForeignLock
 from drivers.errors import FeatureUnsupported, NotFound, Refused, StorageUnavailable
 from drivers.names import FORMATS, VolName
-from drivers.safedir import SafeDir, copy_contents, identity, kind_of, set_immutable
+from drivers.safedir import SafeDir, copy_contents, identity, is_mount_point, kind_of, set_immutable
 from drivers.storage import IS_MOUNTPOINT, MKDIR, PATH, Option, StorageConfig
 
 ALL = frozenset(FORMATS)
@@ -77,19 +77,6 @@ LAYOUTS = {
                     lambda name: name == "base" or name.isdigit(), names.volname, str, True, False),
     "pve": Layout("images", names.pve_folder, str.isdigit, names.pve_volname, names.pve_text, False, True),
 }
-
-
-def is_mount_point(path: Path) -> bool:
-    """Whether `path` is where a file system is mounted, as the mount table says (a bind mount
-    of a directory of the same file system included, which os.path.ismount misses)."""
-    target = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as table:
-            points = [line.split()[4] for line in table if len(line.split()) > 4]
-    except OSError:
-        return os.path.ismount(target)
-    # the table escapes space, tab, newline and backslash as octal (\040, ...)
-    return any(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), p) == target for p in points)
 
 
 def _file(vol: VolName) -> str:

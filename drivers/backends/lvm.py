@@ -132,26 +132,26 @@ class LvmDriver(Driver):
         faults.point("created")
 
     def resize(self, vol: VolName, size: int) -> None:
-        """Grow the LV and zero what it gained; where that fails, shrink it back to its old
-        size (the tail is what lvextend added, never yet shown to anyone)."""
         old = self.virtual_size(vol)
         self.group.resize(vol, size)
-        try:
-            self.zero_grown(vol, old)
-        except BaseException:
-            with contextlib.suppress(StorkError):
-                self.group.run("lvreduce", "--yes", "-L", f"{old}b", self.group.lv(vol),
-                               what=f"shrinking {self.volid(vol)} back to {old} bytes")
-            raise
+        self.zero_grown(vol, old)
 
     def zero_grown(self, vol: VolName, old_size: int) -> None:
-        """Zero the LV past `old_size`: the extents lvextend added hold another guest's old data."""
-        with self.group.device(vol, write=True) as fd:
-            end = os.lseek(fd, 0, os.SEEK_END)
-            if end > old_size:
-                run(["blkdiscard", "--zeroout", "-o", str(old_size), "-l", str(end - old_size), f"/proc/self/fd/{fd}"],
-                    f"zeroing what {self.volid(vol)} grew by", (fd,), timeout=TIMEOUT)
-                os.fsync(fd)
+        """Zero the LV past `old_size`: the extents lvextend added hold another guest's old
+        data. Where that fails, the LV is shrunk back to `old_size` (that tail was never shown
+        to anyone), so no later resize takes the grown LV for done."""
+        try:
+            with self.group.device(vol, write=True) as fd:
+                end = os.lseek(fd, 0, os.SEEK_END)
+                if end > old_size:
+                    run(["blkdiscard", "--zeroout", "-o", str(old_size), "-l", str(end - old_size),
+                         f"/proc/self/fd/{fd}"], f"zeroing what {self.volid(vol)} grew by", (fd,), timeout=TIMEOUT)
+                    os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(StorkError):
+                self.group.run("lvreduce", "--yes", "-L", f"{old_size}b", self.group.lv(vol),
+                               what=f"shrinking {self.volid(vol)} back to {old_size} bytes")
+            raise
 
     def _zero(self, vol: VolName, made: bool = True) -> None:
         """Zero the whole LV (another guest's old data must never show through): a volume, or

@@ -30,7 +30,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,8 +77,14 @@ def cluster_of(conf: Path) -> str:
     """Which cluster a ceph.conf names, as far as the file says: its `fsid`, else its monitors
     (`mon_host`, in any order), else the file's path (not readable here). Two storages reaching
     one pool through two files of one cluster are then one place."""
-    try:
-        text = conf.read_text(errors="replace")[:1 << 20]
+    try:  # read as the config's own files are: a FIFO or a device there must not hang a command
+        fd = os.open(conf, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return str(conf)
+            text = os.read(fd, 1 << 20).decode(errors="replace")
+        finally:
+            os.close(fd)
     except OSError:
         return str(conf)
     section, found = "global", {}

@@ -109,15 +109,16 @@ AHEAD = timedelta(minutes=10)  # a backup dated further past now was stamped by 
 def plan(backups: Sequence[Candidate], keep: Keep, now: datetime | None = None) -> list[Decision]:
     """What to do with each backup of one guest, newest first. Where one is dated more than
     AHEAD past `now` (a node's clock ran ahead when it was made), every later backup of the
-    guest is dated just after it (ids follow the newest), so the retention's periods cannot
-    be told apart: all are kept, naming it, until it is forgotten by hand or time catches up."""
+    guest is dated just after it (ids follow the newest, which keeps them in the order they were
+    made), so the retention's periods cannot be told apart: all are kept, naming it, until time
+    catches up or those backups are forgotten by hand."""
     ordered = _newest_first(backups)
     if not keep.keeps_something:
         return [Decision(b.id, True, "no retention options given") for b in ordered]
     if ahead := [b for b in ordered if b.time > (now or datetime.now(UTC)) + AHEAD]:
         why = (f"kept: backup {ahead[-1].id} is dated past this node's clock (the clock of its node ran ahead), "
-               "and the backups after it are dated after it: nothing of this guest is pruned until it is "
-               "forgotten or its time has come")
+               "and the backups after it are dated after it: nothing of this guest is pruned until their time "
+               "has come, or they are forgotten")
         return [Decision(b.id, True, why) for b in ordered]
     marks: dict[str, tuple[_Mark, str]] = {}
     for option in OPTIONS:

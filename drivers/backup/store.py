@@ -125,6 +125,7 @@ class ChunkStore:
         self.chunk_size = check_chunk_size(chunk_size)
         self.codec: Codec = codec or PlainCodec(chunk_size)
         self._dir = SafeDir(self.root)
+        self._lost_told: set[str] = set()  # chunks whose backups this process has marked failed
 
     # ---- folders ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -319,6 +320,8 @@ class ChunkStore:
             try:
                 found.append(self._load(id))
             except (Corrupt, NotFound, Refused, OSError) as e:
+                if not _is_damage(e):
+                    raise  # a file system's passing trouble (a stale handle, a timeout): no damage to list
                 if self._entry_exists(id):  # else it was forgotten since the listing
                     damaged.append(Damaged(id, _why(e)))
         return Listing(found, damaged)
@@ -595,6 +598,8 @@ class ChunkStore:
         except UnknownFormat as e:
             raise Refused(f"backup {id} is not damaged: {e} (a newer stork wrote it)") from None
         except (Corrupt, NotFound, Refused, OSError) as e:
+            if not _is_damage(e):
+                raise  # passing trouble is no reason to remove a backup
             return _why(e)
         raise Refused(f"backup {id} is not damaged: forget it without --damaged")
 
@@ -609,8 +614,9 @@ class ChunkStore:
                     *self._chunk_problems(parsed, snapshot.manifest, lost)]
         result = VerifyResult("failed" if problems else "ok", now_text(), tuple(problems))
         self._change_state(parsed, verify=result)
-        if lost:
-            self._fail_others_naming(parsed, lost)
+        if new := lost - self._lost_told:  # once per chunk in a process: a verify --all meets it in many
+            self._fail_others_naming(parsed, new)
+            self._lost_told |= new
         return result
 
     def _fail_others_naming(self, found_by: BackupId, lost: set[str]) -> None:
@@ -622,13 +628,12 @@ class ChunkStore:
                 continue
             try:
                 named = sorted(self._chunks_of(id) & lost)
-            except (StorkError, OSError):
-                continue  # damaged itself: listed apart, never counted
-            if named:
-                problems = tuple(Problem(d, f"chunk {d}: damaged or missing, found by the verify of backup "
-                                            f"{found_by}") for d in named)
-                with contextlib.suppress(NotFound):  # forgotten meanwhile
+                if named:
+                    problems = tuple(Problem(d, f"chunk {d}: damaged or missing, found by the verify of backup "
+                                                f"{found_by}") for d in named)
                     self._change_state(id, verify=VerifyResult("failed", now_text(), problems))
+            except (StorkError, OSError):
+                continue  # damaged itself (listed apart, never counted), or forgotten meanwhile
 
     def _file_problems(self, id: BackupId, manifest: Manifest) -> Iterator[Problem]:
         for name in manifest.files:
@@ -652,8 +657,8 @@ class ChunkStore:
             try:
                 lengths[digest] = len(self.read_chunk(digest))
             except Corrupt as e:
-                self._quarantine(digest)
-                lost.add(digest)
+                if self._quarantine(digest):
+                    lost.add(digest)
                 yield Problem(digest, f"{e} (moved aside to {digest}.bad)", tuple(where))
             except (NotFound, Refused) as e:
                 lost.add(digest)
@@ -661,15 +666,16 @@ class ChunkStore:
         for key, index in indexes.items():
             yield from _length_problems(key, index, lengths)
 
-    def _quarantine(self, digest: str) -> None:
+    def _quarantine(self, digest: str) -> bool:
         """Move a chunk whose data does not match its digest aside, as <digest>.bad: the next
         backup holding that data then stores it again (which makes every backup naming it
         whole again) instead of naming the damaged file. A backup whose patch lies over it
-        stays damaged: the next backup of that disk reads the chunk whole instead."""
+        stays damaged: the next backup of that disk reads the chunk whole instead. False where
+        it is sound by now."""
         with self._prefix_locked(digest[:4], exclusive=True) as folder, contextlib.suppress(FileNotFoundError):
             try:
                 self.codec.decode(self._read(folder, digest, self.chunk_size + _CODEC_OVERHEAD, digest), digest)
-                return  # stored anew since verify read it (gc took it, a backup wrote it back): sound
+                return False  # stored anew since verify read it (gc took it, a backup wrote it back): sound
             except (Corrupt, NotFound, Refused):
                 pass  # gone, or unreadable: it goes aside
             except OSError as e:
@@ -678,6 +684,7 @@ class ChunkStore:
             os.rename(digest, f"{digest}.bad", src_dir_fd=folder, dst_dir_fd=folder)
             os.utime(f"{digest}.bad", dir_fd=folder)  # its time aside counts from now (see gc)
             os.fsync(folder)
+        return True
 
     # ---- garbage collection -------------------------------------------------------------------
     def gc(self, margin: float = 300.0, now: float | None = None) -> GcResult:
@@ -866,6 +873,12 @@ def _length_problems(key: str, index: Index, lengths: dict[str, int]) -> Iterato
 
 
 MEDIA_ERRORS = frozenset({errno.EIO, errno.EUCLEAN, errno.EBADMSG})  # data the file system cannot give back
+
+
+def _is_damage(e: BaseException) -> bool:
+    """Is the error a snapshot's own damage, not trouble that may pass? A file system's error
+    only where the disk cannot give the data back (MEDIA_ERRORS)."""
+    return not isinstance(e, OSError) or e.errno in MEDIA_ERRORS
 
 
 def _why(e: BaseException) -> str:

@@ -13,6 +13,7 @@ import pytest
 
 from drivers import driver_for
 from drivers.errors import Refused, StorageUnavailable
+from drivers.names import VolName
 from drivers.storage import StorageConfig
 from tests.conftest import NO_BTRFS, storage_path
 from tests.helpers import PATTERN_MIB, qemu_io_write, qemu_same, volume_path
@@ -161,3 +162,19 @@ def test_a_subvolume_mounted_over_a_volumes_name_is_not_deleted(client, vmid):
     assert drv.exists(elsewhere) and image(f"bt:{elsewhere}").exists() and drv.exists(vol)
     drv.free(vol)
     drv.free(elsewhere)
+
+
+def test_with_is_mountpoint_a_directory_of_a_btrfs_that_is_no_mount_is_unavailable(client):
+    """Where the host's root file system is a btrfs, an unmounted storage leaves a plain
+    directory that is on a btrfs too: `is_mountpoint` tells it apart by the mount table (a
+    directory inside the test's btrfs stands for it); the mount itself is the storage."""
+    root = storage_path("bt")
+    inside = root / "not-a-mount"
+    inside.mkdir(exist_ok=True)
+    vol = VolName(100, "vm-100-disk-0", "raw")
+    unmounted = driver_for(StorageConfig("lost", "btrfs", options={"path": inside, "is_mountpoint": True}))
+    with pytest.raises(StorageUnavailable, match=rf"storage 'lost': {inside} is not a mounted file system"):
+        unmounted.exists(vol)
+    mounted = driver_for(StorageConfig("bt2", "btrfs", options={"path": root, "is_mountpoint": True}))
+    assert not mounted.exists(vol)  # asked of the mounted btrfs: no such volume there
+    inside.rmdir()

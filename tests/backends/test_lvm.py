@@ -146,16 +146,19 @@ def test_allocate_zeroes_and_copies_land_on_the_lv(drv, tmp_path):
         assert os.pread(image.fds[0], 1 << 20, 0) == b"\0" * (1 << 20)
 
 
+@pytest.mark.skipif(DEVICE_MAPPER, reason="with device-mapper the zeroing works: the test after this one runs")
 def test_a_resize_that_cannot_zero_what_it_added_shrinks_the_lv_back_in_one_line(drv):
     """The extents lvextend adds hold another guest's old data: resize zeroes them before it
     ends. Where that fails (no device-mapper here to activate the LV), the LV is shrunk back
-    to its old size, and the error is one line."""
+    to its old size, and the error is one line; so does the zeroing of a resize tried again."""
     vol = VolName(100, "vm-100-disk-0", "raw")
     made(drv, vol, 8 << 20)
     with pytest.raises(StorkError) as failed:
         drv.resize(vol, 16 << 20)
-    if DEVICE_MAPPER:
-        pytest.fail("resized where it should not have been tested")
+    assert drv.virtual_size(vol) == 8 << 20
+    drv.group.resize(vol, 16 << 20)  # a try that died after its lvextend
+    with pytest.raises(StorkError):
+        drv.zero_grown(vol, 8 << 20)
     assert "activating thick:100/vm-100-disk-0.raw failed" in str(failed.value) and "\n" not in str(failed.value)
     assert drv.virtual_size(vol) == 8 << 20
 

@@ -864,7 +864,7 @@ def test_which_dirty_bitmap_is_trusted(marks, expected, why):
 def test_a_backup_dated_past_the_clock_is_said_and_stops_the_guests_prunes(stork, client, vmid):
     """A node whose clock ran a year ahead made a backup: the next one is dated just after it
     (ids follow the newest), which its result says, and prune keeps every backup of the guest,
-    naming that one, until it is forgotten; then prune goes on as before."""
+    naming that one, until their time has come or they are forgotten; then prune goes on."""
     from datetime import UTC, datetime, timedelta
 
     from drivers import backup_storage

@@ -516,28 +516,6 @@ def test_a_failed_migration_frees_its_copies_on_the_target_node_that_have_the_or
     assert volume_path(volid).read_bytes() == original and client.guest(g).disks["scsi0"] == volid
 
 
-def test_a_copy_kept_on_another_node_under_the_guests_disk_name_is_freed_there(client, vmid, tmp_path):
-    """A migration back with --keep-source keeps the copies on the node left, which may have the
-    names of the guest's disks on its node now: `volume free` there frees that node's volume
-    (refused before: in use by the guest, which never uses it), and leaves the guest's alone."""
-    from worker import records
-    from worker.jobs.prepare import prepare_free
-    from worker.jobs.steps import free_volume
-
-    g = vmid()
-    volid = _make(client, g, "node1", "local", mib=8)
-    original = volume_path(volid).read_bytes()
-    copy = _node2_copy(tmp_path, volid)
-    ctx = _as_node2_with_its_own_local(client, tmp_path, "free", "free_volume", {"volid": volid})
-    assert prepare_free({"volid": volid}, ctx.cfg)["node"] == "node2"  # not refused at submit either
-    try:
-        free_volume(ctx)
-    finally:
-        client.r.srem(records.ACTIVE, ctx.job.id)
-    assert not copy.exists() and ctx.job.result == {"freed": volid}
-    assert volume_path(volid).read_bytes() == original and client.guest(g).disks["scsi0"] == volid
-
-
 def test_a_replica_another_template_is_assembled_of_stays_when_that_template_moves_away(client, vmid, stork):
     """A replica is a base like any other: a template assembled of it on node2 that then
     migrates to node1 frees its old disks there, but not the replica, which the template it was

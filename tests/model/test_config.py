@@ -490,3 +490,12 @@ def test_two_rbd_storages_on_one_pool_of_one_cluster_through_two_conf_files_are_
     else:
         with pytest.raises(ConfigError, match=rf"storages 'a' and 'b' overlap: rbd:{overlap}:p: and rbd:{overlap}:p:"):
             parse(text)
+
+
+def test_a_ceph_conf_that_is_a_fifo_is_not_read_and_hangs_nothing(tmp_path):
+    """The config reads each rbd storage's ceph.conf for its cluster: a FIFO there (nobody
+    writing) is passed over, told by its path, as an unreadable file is."""
+    fifo = tmp_path / "ceph.conf"
+    os.mkfifo(fifo)
+    cfg = parse(f"[storage.a]\ntype = 'rbd'\npool = 'p'\nconf = '{fifo}'\n")
+    assert cfg.storage("a").options["conf"] == fifo

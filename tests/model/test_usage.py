@@ -1,5 +1,6 @@
-"""Which guest config names which volume, on which node (worker.jobs.usage.named_here): on a
-storage each node has its own of (`local`), one volume id names a volume on every node."""
+"""Which guest config names which volume, on which node (worker.jobs.usage.named_here, read
+by an undo of the guest its job holds, and by a free's drop of unused volumes and replicas):
+on a storage each node has its own of (`local`), one volume id names a volume on every node."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def backup_guest(ctx: StepContext) -> None:
         ctx.save()
     if parse_time(ctx.data["time"]) > datetime.now(UTC) + retention.AHEAD:
         unread.append(f"dated {ctx.data['time']}, after an earlier backup dated past this node's clock (its node's "
-                      "clock ran ahead): prune keeps every backup of this guest until that one is forgotten")
+                      "clock ran ahead): prune keeps every backup of this guest until that time has come")
     with store.begin(vmid, parse_time(ctx.data["time"]), ctx.params.get("notes", "")) as writer:
         reads = {}
         for key, (volid, drv, vol) in disks.items():

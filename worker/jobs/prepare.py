@@ -730,12 +730,10 @@ def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         guests = _store(cfg).candidates(volid)
     except ConfigError as e:  # a config that cannot be read might attach it: fail closed
         raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
-    shared = cfg.storage(storage).shared  # else each node has its own volume of that id
-    named = {g.vmid: usage.named_here(g, volid, node, shared) for g in guests}
-    if users := [f"guest {vmid} ({key})" for vmid, keys in named.items() for key in keys
-                 if key not in ("unused", "replica")]:
+    if users := [f"guest {g.vmid} ({key})" for g in guests for key, v in g.disks.items() if v == volid]:
         raise Refused(f"{volid} is in use by {', '.join(users)}")
-    listing = [vmid for vmid, keys in named.items() if keys]
+    shared = cfg.storage(storage).shared  # else each node has its own volume of that id
+    listing = [g.vmid for g in guests if {"unused", "replica"} & set(usage.named_here(g, volid, node, shared))]
     if forget and not listing:
         raise NotFound(f"unknown volume {volid}: no guest of node {node} lists it")
     if (drv := _here(cfg, storage, node)) is not None:

@@ -50,9 +50,9 @@ def named_here(guest: Guest, volid: str, node: str, shared: bool, unused: bool =
     """Where `guest`'s config names the volume `volid` is on `node`: its disk keys, "unused"
     (with `unused`), "replica" (with `replicas`). On a storage each node has its own of (not
     `shared`: `local`), one id names a volume on every node: a guest's disks and unused volumes
-    are those on its own node, a replica is the one on the node its record names. So a guest
-    that migrated (or was cloned) from one node to another with a copy of the same name does
-    not hold the other node's volume of that name."""
+    are those on its own node, a replica is the one on the node its record names. Only where
+    the storage truly is each node's own: one declared so that is one folder for all (an NFS
+    export without `shared = true`) would make a guest's disk look unused from another node."""
     here = shared or guest.node == node
     keys = [key for key, v in guest.disks.items() if v == volid and here]
     if unused and here and volid in guest.unused:
@@ -62,37 +62,38 @@ def named_here(guest: Guest, volid: str, node: str, shared: bool, unused: bool =
     return keys
 
 
-def _shared(ctx: StepContext, volid: str) -> bool:
-    return ctx.cfg.storage(names.volume_id(volid).storage).shared
-
-
 def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: int | None = None,
                 outside: bool = True, guests: list[Guest] | None = None, count_replicas: bool = True) -> list[str]:
     """Guests, besides those this job holds (and `but`), that attach `volid`, or, with
     count_unused, keep it as unused, or, with count_replicas, record it as a replica of their
     bases (only `volume free`, which then drops it from them, frees one that is): those the
     guest volume index names (`candidates`, or the `guests` a caller read so), each confirmed
-    by its config as naming the volume of that id on this node (`named_here`); and, with
-    `outside`, guests of another manager its storage knows of (Proxmox VE's, whose configs name
-    a volume in every way, unused ones too: stork leaves such a volume as it is)."""
+    by its config; and, with `outside`, guests of another manager its storage knows of (Proxmox
+    VE's, whose configs name a volume in every way, unused ones too: stork leaves such a volume
+    as it is). A guest of any node counts, also on a storage each node has its own of: a
+    storage declared so that is in truth one for all must not let a guest's disk go."""
     if guests is None:
         guests = candidates(ctx, volid)
     found = foreign_users(ctx, volid) if outside else []
-    shared = _shared(ctx, volid)
     return [
         f"guest {g.vmid} ({key})"
         for g in guests if g.lock_job != ctx.job.id and g.vmid != but
-        for key in named_here(g, volid, ctx.node, shared, count_unused, count_replicas)
+        for key, v in [*g.disks.items(), *((("unused", u) for u in g.unused) if count_unused else ()),
+                       *((("replica", r) for r in g.replicas) if count_replicas else ())]
+        if v == volid
     ] + found
 
 
 def held_guest_users(ctx: StepContext, volid: str, guests: list[Guest] | None = None) -> list[str]:
-    """The guests this job holds (locked by it) that attach `volid` (on this node: a migration's
-    copy may have its original's name). An undo never frees or renames such a volume: a commit
-    that wrote its config and then failed (a directory's fsync, say), or whose step was tried
-    too often, is undone without its write taken back (restore --force keeps its guest locked
-    past its commit), and the guest would name a volume gone."""
-    shared = _shared(ctx, volid)
+    """The guests this job holds (locked by it) that attach `volid`. An undo never frees or
+    renames such a volume: a commit that wrote its config and then failed (a directory's fsync,
+    say), or whose step was tried too often, is undone without its write taken back (restore
+    --force keeps its guest locked past its commit), and the guest would name a volume gone.
+    Only the volume of that id on the guest's node: a migration's copy on the target node may
+    have its original's name, which a job can make only where the target's storage is not the
+    source's (there the name is taken), so this holds also for a storage misdeclared as each
+    node's own."""
+    shared = ctx.cfg.storage(names.volume_id(volid).storage).shared
     return [f"guest {g.vmid} ({key}), held by this job"
             for g in (candidates(ctx, volid) if guests is None else guests) if g.lock_job == ctx.job.id
             for key in named_here(g, volid, ctx.node, shared, unused=False, replicas=False)]
