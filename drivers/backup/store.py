@@ -726,15 +726,22 @@ class ChunkStore:
         return GcResult(removed, freed, kept, partials_removed, bad, recent, newest + margin if recent else None)
 
     def _store_clock(self) -> float:
-        """The store file system's clock now: the time of a file made for the purpose; this
-        node's where none can be made (a full store, which gc is run to free, must not stop it)."""
+        """The store file system's clock now: the time of a file made for the purpose; where none
+        can be made (a full store, which gc is run to free, must not stop it), the time it gives
+        the store's folder touched (no room needed). Never this node's clock, which may run ahead
+        of the store's: Refused where neither can be had."""
         name = f".clock.{secrets.token_hex(8)}"
         with self._folder() as root:
             try:
                 fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                              dir_fd=root)
             except OSError:
-                return time.time()
+                try:
+                    os.utime(root)
+                    return os.fstat(root).st_mtime
+                except OSError as e:
+                    raise Refused(f"gc stopped before removing anything: the clock of {self.root} cannot be read "
+                                  f"({e.strerror})") from None
             try:
                 return os.fstat(fd).st_mtime
             finally:

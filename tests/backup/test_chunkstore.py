@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import random
 import re
+import shutil
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -573,6 +576,36 @@ class TestGc:
         with begun[0] as writer:
             snapshot = _commit_one(writer, orphan)
         assert store.verify(str(snapshot.id)).ok
+
+    def test_gc_reads_the_store_clock_without_room_and_stops_where_it_cannot(self, tmp_path):
+        """gc dates its start by the store's clock (a node's may run ahead of it): by a file it
+        makes, or where the store has no room for one (no inode left), by touching its folder;
+        where it can do neither (a read-only store), it stops before removing anything (it took
+        the node's clock before)."""
+        from tests.helpers import tmpfs
+
+        with tmpfs(tmp_path / "store", "4m,nr_inodes=64") as path:
+            store = ChunkStore(path, chunk_size=CS)
+            orphan, _ = store.put_chunk(noise(CS, seed=13))
+            age(chunk_path(store, orphan), 2 * HOUR)
+            filler = path / "filler"
+            filler.mkdir()
+            with contextlib.suppress(OSError):
+                for n in range(100):
+                    (filler / str(n)).touch()
+            with pytest.raises(OSError):
+                (path / "one-more").touch()  # no inode left: gc's clock file cannot be made
+            assert store.gc().chunks_removed == 1
+            shutil.rmtree(filler)
+            orphan, _ = store.put_chunk(noise(CS, seed=14))
+            age(chunk_path(store, orphan), 2 * HOUR)
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+            try:
+                with pytest.raises(Refused, match=rf"gc stopped before removing anything: the clock of {path} "
+                                                  r"cannot be read \(Read-only file system\)"):
+                    store.gc()
+            finally:
+                subprocess.run(["mount", "-o", "remount,rw", str(path)], check=True)
 
     def test_gc_keeps_an_unreferenced_chunk_younger_than_the_margin(self, store):
         orphan, _ = store.put_chunk(noise(CS))
