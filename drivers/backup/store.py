@@ -40,7 +40,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -315,8 +315,11 @@ class ChunkStore:
         """Committed snapshots sorted by (vmid, time), oldest first, of one guest if given: those
         that can be read, and apart, with the reason, those that cannot (a damaged, tampered or
         missing manifest or state), so that one damaged snapshot stops no other reader."""
+        return self._listing_of(self._snapshot_ids(vmid, strict=False))
+
+    def _listing_of(self, ids: list[BackupId]) -> Listing:
         found, damaged = [], []
-        for id in self._snapshot_ids(vmid, strict=False):
+        for id in ids:
             try:
                 found.append(self._load(id))
             except (Corrupt, NotFound, Refused, OSError) as e:
@@ -573,6 +576,30 @@ class ChunkStore:
                 reason = self._why_damaged(folder, parsed) if damaged else self._check_unprotected(folder, parsed)
             discard(vm, parsed.time_text, parsed.time_text)
         return reason
+
+    def forget_chosen(self, vmid: int, choose: Callable[[Listing], list[str]]) -> tuple[list[str], list[str]]:
+        """Forget the snapshots of guest `vmid` that `choose` picks from the guest's listing as
+        it stands under the guest's lock, which every change of a state (a verify's outcome, a
+        protection) holds too: a prune decides on states nothing changes before its forgets
+        (a verify that marked the newest backup failed just after prune's own listing let prune
+        forget the older, sound one kept for it). (forgotten, refused with the reason)."""
+        forgotten, refused_ = [], []
+        try:
+            with self._vm_locked(vmid) as vm:
+                for id in choose(self._listing_of(self._ids_of(vmid))):
+                    if (parsed := backup_id(id)).vmid != vmid:
+                        raise ValueError(f"{id} is not a backup of guest {vmid}")
+                    try:
+                        with self._dir_of(vm, parsed) as folder:
+                            self._check_unprotected(folder, parsed)
+                    except (Refused, Corrupt) as e:
+                        refused_.append(f"{id}: {e}")
+                        continue
+                    discard(vm, parsed.time_text, parsed.time_text)
+                    forgotten.append(id)
+        except NotFound:  # no backup of that guest (any more)
+            pass
+        return forgotten, refused_
 
     def _check_unprotected(self, folder: int, id: BackupId) -> str:
         # unsealed read: a forged flag could only keep or let go what deleting the folder

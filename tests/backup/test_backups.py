@@ -888,3 +888,38 @@ def test_a_backup_dated_past_the_clock_is_said_and_stops_the_guests_prunes(stork
         assert stork("backup", "forget", dated)[0] == 0
     code, out, err = stork("--json", "prune", g, "--storage", "backup", "--keep-last", "1")
     assert code == 0 and [d["id"] for d in json.loads(out)["result"]["decisions"]] == [first], err
+
+
+def test_a_prune_decides_on_the_states_as_they_stand_under_the_guests_lock(tmp_path, monkeypatch):
+    """A verify marks the newest backup failed just after prune listed the store: prune
+    decides again under the guest's lock, which a verify's state change holds too, so keep-last
+    1 keeps the older, sound backup (deciding on its listing, it forgot it)."""
+    from datetime import UTC, datetime, timedelta
+
+    from drivers.backup.records import Index
+    from drivers.backup.retention import Keep
+    from drivers.backup.store import ChunkStore
+    from worker.jobs.backups import _prune
+
+    (tmp_path / "store").mkdir()
+    store = ChunkStore(tmp_path / "store", chunk_size=4096)
+    made = []
+    for n in range(2):
+        with store.begin(100, datetime(2026, 11, 26, tzinfo=UTC) + timedelta(days=n)) as writer:
+            digest, _ = writer.put_chunk(bytes([n + 1]) * 4096)
+            writer.add_index("scsi0", Index("raw", 4096, [digest], 4096))
+            made.append(str(writer.commit().id))
+    older, newest = made
+    listing = store.listing
+
+    def then_a_verify_fails_the_newest(vmid=None):
+        seen = listing(vmid)
+        (chunk,) = store.index(newest, "scsi0").chunks
+        (store.root / ".chunks" / chunk[:4] / chunk).unlink()
+        assert store.verify(newest).state == "failed"
+        return seen
+
+    monkeypatch.setattr(store, "listing", then_a_verify_fails_the_newest)
+    result = _prune(store, Keep(last=1), {100}, dry_run=False)
+    assert result["removed"] == 0 and store.exists(older) and store.exists(newest)
+    assert {d["id"]: d["keep"] for d in result["decisions"]} == {older: True, newest: True}

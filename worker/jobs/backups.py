@@ -22,8 +22,8 @@ from drivers import backup_storage, faults, guests, nbd, qemu
 from drivers.backends.base import Driver
 from drivers.backup import retention
 from drivers.backup.datapath import back_up, find_base, restore
-from drivers.backup.records import BackupId, BaseRef, Index, Snapshot, format_time, parse_time
-from drivers.backup.retention import Candidate, Keep
+from drivers.backup.records import BackupId, BaseRef, Index, Listing, Snapshot, format_time, parse_time
+from drivers.backup.retention import Keep
 from drivers.backup.store import ChunkStore
 from drivers.backup.sync import sync
 from drivers.errors import Corrupt, NotFound, Refused, StorkError
@@ -397,27 +397,32 @@ def prune_backups(ctx: StepContext) -> None:
 
 def _prune(store: ChunkStore, keep: Keep, vmids: set[int] | None, dry_run: bool) -> dict[str, Any]:
     """The retention applied to each guest's backups (of `vmids`, where given): the decisions,
-    how many were removed, and those protected since the listing (kept, and the others go on)."""
+    how many were removed, and those protected since the listing (kept, and the others go on).
+    Each guest's backups are decided again, and forgotten, under the guest's lock, on their
+    states as they stand then (ChunkStore.forget_chosen); a dry run decides on the listing."""
     listing = store.listing(next(iter(vmids)) if vmids and len(vmids) == 1 else None)  # once: it reads manifests
-    by_guest: dict[int, list[Candidate]] = {}
-    for s in listing.snapshots:
-        if vmids is None or s.id.vmid in vmids:
-            by_guest.setdefault(s.id.vmid, []).append(retention.candidate(s))
-    decisions = [{"id": d.id, "keep": d.keep, "reason": d.reason}
-                 for guest in sorted(by_guest) for d in retention.plan(by_guest[guest], keep)]
+    guests = sorted({s.id.vmid for s in listing.snapshots if vmids is None or s.id.vmid in vmids})
+    decisions: list[dict[str, Any]] = []
+    removed, skipped = 0, []
+    for guest in guests:
+        decided: list[retention.Decision] = []
+
+        def choose(now: Listing, decided: list[retention.Decision] = decided) -> list[str]:
+            decided[:] = retention.plan([retention.candidate(s) for s in now.snapshots], keep)
+            return [d.id for d in decided if not d.keep]
+
+        if dry_run:
+            choose(Listing([s for s in listing.snapshots if s.id.vmid == guest], []))
+        else:
+            forgotten, refused = store.forget_chosen(guest, choose)
+            removed, skipped = removed + len(forgotten), skipped + refused
+        decisions += [{"id": d.id, "keep": d.keep, "reason": d.reason} for d in decided]
     # a damaged backup is neither counted nor removed: whether it is protected cannot be read
     decisions += [{"id": str(d.id), "keep": True, "reason": f"damaged, kept: {d.reason}"}
                   for d in listing.damaged if vmids is None or d.id.vmid in vmids]
-    removed, skipped = [d["id"] for d in decisions if not d["keep"]], []
-    if not dry_run:
-        for bid in removed:
-            try:
-                store.forget(bid)
-            except NotFound:  # redelivered: forgotten already
-                pass
-            except Refused as e:
-                skipped.append(f"{bid}: {e}")
-    return {"decisions": decisions, "removed": len(removed) - len(skipped), "dry_run": dry_run,
+    if dry_run:
+        removed = sum(not d["keep"] for d in decisions)
+    return {"decisions": decisions, "removed": removed, "dry_run": dry_run,
             **({"warning": f"kept: {'; '.join(skipped)}"} if skipped else {})}
 
 
