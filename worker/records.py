@@ -403,6 +403,7 @@ if guard.done and tonumber(redis.call('HGET', KEYS[1], 'done')) ~= guard.done th
 if guard.undone and #cjson.decode(redis.call('HGET', KEYS[1], 'undone')) ~= guard.undone then return 0 end
 if guard.undos and #cjson.decode(redis.call('HGET', KEYS[1], 'undo')) ~= guard.undos then return 0 end
 if guard.owner and (current == 'null' or cjson.decode(current).worker ~= guard.owner) then return 0 end
+if guard.since and (current == 'null' or cjson.decode(current).since ~= guard.since) then return 0 end
 if guard.uncancelled and redis.call('HGET', KEYS[1], 'cancel') == 'true' then return 0 end
 for _, allowed in ipairs(cjson.decode(ARGV[1])) do
   if allowed == state then
@@ -454,7 +455,8 @@ def transition(
     other). Guard keys: `idle` (no step in progress), `done` (exactly that many steps done),
     `undone` (exactly that many undos done), `undos` (exactly that many undos planned: a plan
     an operator shortened since, job abandon, is seen), `owner` (the step in progress is this
-    worker's), `uncancelled` (no cancel asked for).
+    worker's), `since` (the step or undo in progress is the very start read: its `since`;
+    one process's next undo has the same owner), `uncancelled` (no cancel asked for).
     The job is put into the volume sets of `volumes` and of those a `ctx` field names.
 
     A terminal state also takes the job out of the active set. StateConflict when the job

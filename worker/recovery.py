@@ -185,14 +185,18 @@ def _recover(r: redis.Redis, job: JobRecord, holder: str, current: dict[str, Any
         lost = f"the worker on node {where} died during {what}"
     else:
         lost = f"the process running {what} on node {where} is gone"
+    # the very start judged lost (its `since`): the same process may have ended it and started
+    # the next undo meanwhile, which a guard on the holder alone would take over too
+    very = {"owner": holder, **({"since": current["since"]} if "since" in current else {})}
     if job.state == JobState.RUNNING and (kind.steps[current["step"]].commit or committed(kind, job)):
-        records.transition(r, job.id, (JobState.RUNNING,), guard={"owner": holder, "done": job.done}, current=None)
+        records.transition(r, job.id, (JobState.RUNNING,), guard={**very, "done": job.done}, current=None)
         send_steps(job, job.done)  # carried forward from the interrupted step
         lost += "; the step was sent again"
     elif job.state == JobState.RUNNING:
-        start_undo(r, job, current["step"], JobState.FAILED, lost, {"owner": holder, "done": job.done}, own=False)
+        start_undo(r, job, current["step"], JobState.FAILED, lost, {**very, "done": job.done}, own=False)
     elif job.state == JobState.UNDOING:
-        records.transition(r, job.id, (JobState.UNDOING,), guard={"owner": holder}, current=None)
+        records.transition(r, job.id, (JobState.UNDOING,), current=None,
+                           guard={**very, "undone": len(job.undone), "undos": len(job.undo)})
         dispatch_undo(job)
         lost += "; the undo was sent again"
     _end_in_flower(current, lost)

@@ -516,7 +516,7 @@ def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
                     **({"owner": holder} if holder else {"idle": True})}
             records.transition(r, job_id, (JobState.UNDOING,), guard=turn,
                                current={"undo": index, "name": step.name, "node": cfg.node, "worker": me,
-                                        **_task_of(task)},
+                                        "since": time.time(), **_task_of(task)},
                                events=[events.make(job_id, kind.name, "undo", step=step.name, node=cfg.node)])
         except StateConflict:
             raise Ignore() from None

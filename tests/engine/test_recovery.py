@@ -114,3 +114,35 @@ def test_the_sweep_recovers_a_job_whose_process_on_another_host_is_gone(client, 
     assert job.state == "failed" and job.error == "the process running step lock_guest on node node1 is gone"
     assert client.guest(g).lock == "" and client.job(alive.id).state == "running"
     client.r.delete("stork:alive:elsewhere:4343")
+
+
+def test_the_sweep_takes_over_only_the_very_undo_it_found_lost(client):
+    """The sweep read a job whose undo of one step a process ran, and found that process no
+    longer at it: meanwhile the same process ended that undo and started the next one. The
+    takeover's guard (the start's `since`, and the undos done) refuses it: before, the guard
+    named the holder only, and the sweep cleared the running undo and sent the chain again, so
+    another process ran that undo beside it and the job ended while it still ran."""
+    from worker import runner
+
+    spec = KINDS["move"]
+    queues = ["node.gone"] * len(spec.steps)  # nothing here runs what would be sent
+    plan = runner.undo_plan(spec, 2, 2)
+    job = JobRecord(id=records.new_id(), kind="move", params={"node": "node1"}, node="node1",
+                    steps=[s.name for s in spec.steps], queues=queues, state=JobState.UNDOING, done=2,
+                    undo=plan, final="failed", error="failed in its copy",
+                    current={"undo": plan[0], "name": spec.steps[plan[0]].name, "node": "node1", "worker": DEAD,
+                             "since": 1000.0})
+    records.create(client.r, job, {"phase": "queued"})
+    try:
+        read_by_the_sweep = records.load(client.r, job.id)
+        next_undo = {"undo": plan[1], "name": spec.steps[plan[1]].name, "node": "node1", "worker": DEAD,
+                     "since": 1001.5}
+        records.transition(client.r, job.id, (JobState.UNDOING,), guard={"owner": DEAD}, undone=[plan[0]],
+                           current=next_undo)  # the same process: one undo ended, the next begun
+        with pytest.raises(records.StateConflict):
+            recovery._recover(client.r, read_by_the_sweep, DEAD, read_by_the_sweep.current, starting=False)
+        assert records.load(client.r, job.id).current == next_undo
+        recovery._recover(client.r, records.load(client.r, job.id), DEAD, next_undo, starting=False)
+        assert records.load(client.r, job.id).current is None  # the undo it finds lost now, it takes over
+    finally:
+        client.r.srem(records.ACTIVE, job.id)
