@@ -117,21 +117,27 @@ def start_heartbeat(r: redis.Redis) -> None:
 def working_on(r: redis.Redis, job_id: str) -> Iterator[None]:
     """Name `job_id` in this process's heartbeat while the block runs. Enter it before the
     step's start is recorded and leave it after its end is: the heartbeat never says idle while
-    the record says this process holds the job. If Redis cannot be told now, the heartbeat
-    thread tells it when Redis is back."""
-    _tell(r, job_id)
+    the record says this process holds the job. Where Redis cannot be told on the way in, the
+    block does not run (RedisError): a start recorded once Redis is back, with the heartbeat
+    still saying idle until its next beat, would let a cancel or the sweep take the step from
+    this live process. On the way out, the heartbeat thread tells it when Redis is back."""
+    _tell(r, job_id, must=True)
     try:
         yield
     finally:
         _tell(r, "")
 
 
-def _tell(r: redis.Redis, job_id: str) -> None:
+def _tell(r: redis.Redis, job_id: str, must: bool = False) -> None:
     global _working_on
     with _beat_lock:
         _working_on = job_id
-        with contextlib.suppress(redis.RedisError):
+        try:
             r.set(_key(process_id()), job_id, ex=ttl())
+        except redis.RedisError:
+            if must:
+                _working_on = ""
+                raise
 
 
 def _alive_here(holder: str) -> bool | None:

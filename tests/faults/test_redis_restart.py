@@ -173,3 +173,21 @@ def test_a_command_that_got_through_leaves_no_clock_running_for_the_next():
     assert retry.call_with_retry(once_then_through(), lambda error: None) == "through"
     time.sleep(0.4)  # past the window, counted from the first command's failure
     assert retry.call_with_retry(once_then_through(), lambda error: None) == "through"
+
+
+def test_a_step_does_not_begin_where_its_heartbeat_cannot_be_told():
+    """A process names its job in its heartbeat before it records a step's start. Where Redis
+    cannot be told then (away, here a port nothing listens on), the step does not begin: a start
+    recorded once Redis is back, with the heartbeat still saying idle until its next beat, would
+    let a cancel or the sweep take the step from a live process and undo it beside it."""
+    import pytest
+    import redis
+
+    from worker import liveness
+
+    away = redis.Redis(port=free_port(), socket_connect_timeout=1)
+    ran = []
+    with pytest.raises(redis.ConnectionError):
+        with liveness.working_on(away, "0123456789ab"):
+            ran.append(True)
+    assert ran == [] and liveness._working_on == ""
