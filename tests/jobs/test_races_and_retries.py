@@ -404,3 +404,28 @@ def test_a_linked_clone_cut_off_midway_under_its_name_is_freed_and_made_again(st
         finally:
             free_made(ctx)
             usage.release_claims(client.r, ctx.job)
+
+
+def test_a_disk_remove_never_frees_a_volume_its_guest_names_in_another_slot(stork, client, vmid):
+    """A config edited by hand names one volume in two slots: `disk remove` of one is refused
+    at submit and, where the edit came after the submit, by the step, naming the other slot;
+    the volume stays (the in-use check passes over the guest its job holds)."""
+    from drivers.errors import Refused
+    from worker.jobs.steps import remove_disk
+
+    g = vmid()
+    code, _, err = stork("guest", "create", g, "--disk=scsi0=local:8M", "--disk=scsi1=local:8M")
+    assert code == 0, err
+    shared, own = client.guest(g).disks["scsi0"], client.guest(g).disks["scsi1"]
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(disks={"scsi0": shared, "scsi1": shared})
+    code, _, err = stork("disk", "remove", str(g), "scsi0")
+    assert (code, err) == (1, f"stork: guest {g} names {shared} also as scsi1: remove that first\n")
+    with recorded(client, "remove_disk", "running", at="remove_disk",
+                  params={"lock_vmid": g, "disk": "scsi0", "node": "node1"}) as job:
+        held_by(client, g, job)
+        with pytest.raises(Refused, match=f"guest {g} names {shared} also as scsi1"):
+            remove_disk(step_context(client, job, "remove_disk"))
+    assert volume_path(shared).exists() and client.guest(g).disks == {"scsi0": shared, "scsi1": shared}
+    with client.guest_store.editing(g) as box:  # as it was: no orphan, no lock for the checks of other tests
+        box[0] = box[0].with_(disks={"scsi0": shared, "scsi1": own}, lock="", lock_job="")

@@ -182,7 +182,11 @@ def prepare_detach(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 
 def prepare_remove_disk(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    return _guest_disk(o, cfg, "disk remove", "removing its disks")
+    params = _guest_disk(o, cfg, "disk remove", "removing its disks")
+    volid, guest = params["expect_disks"][params["disk"]], _guest(cfg, params["lock_vmid"])
+    if also := usage.also_named(guest, volid, params["disk"]):
+        raise Refused(f"guest {guest.vmid} names {volid} also as {', '.join(also)}: remove that first")
+    return params
 
 
 def prepare_assemble(o: dict[str, Any], cfg: Config) -> dict[str, Any]:

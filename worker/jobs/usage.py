@@ -84,6 +84,13 @@ def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: in
     ] + found
 
 
+def also_named(guest: Guest, volid: str, key: str) -> list[str]:
+    """Where else than its disk `key` the guest's config names `volid` (another slot, hand-edited;
+    unused; a replica): removing that disk must not free what the guest still uses."""
+    return [k for k, v in guest.disks.items() if v == volid and k != key] + \
+        (["unused"] if volid in guest.unused else []) + (["replica"] if volid in guest.replicas else [])
+
+
 def held_guest_users(ctx: StepContext, volid: str, guests: list[Guest] | None = None) -> list[str]:
     """The guests this job holds (locked by it) that attach `volid`. An undo never frees or
     renames such a volume: a commit that wrote its config and then failed (a directory's fsync,
