@@ -83,6 +83,25 @@ class VolumeIndex:
             raise ConfigError(f"{self.root}: cannot read the guest volume index: {e.strerror or e}") from None
         return {int(name) for name in names if _guest_id(name)}
 
+    # ---- written by stork's own delete of a config ---------------------------------------
+
+    def forget(self, vmid: int) -> None:
+        """Drop the markers of a guest whose config stork removed: a check then never meets a
+        marker of a guest gone, and takes a missing config a marker names for one being
+        replaced (refused). Not under the refresh's lock: one that read the config before it
+        went may set its markers again, which the next refresh drops (meanwhile a check of
+        those volumes refuses)."""
+        record = self.root / "guests" / str(vmid)
+        try:
+            had = json.loads(record.read_text())
+        except (OSError, ValueError):
+            return
+        for volid in had if isinstance(had, list) else ():
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / "volumes" / _key(str(volid)) / str(vmid)).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            record.unlink()
+
     # ---- written by a refresh ----------------------------------------------------------
 
     @contextlib.contextmanager

@@ -387,12 +387,17 @@ class GuestStore:
         stamp = index.stamp()
         if not stamp or stamp["clock"] > time.time_ns():  # a refresh by a clock ahead of ours: trust none of it
             return self.list()
-        wanted = index.marked(volid) | {vmid for vmid in map(_vmid_of_file, self._changed_since(stamp["since"]))
-                                        if vmid is not None}
+        marked = index.marked(volid)
+        wanted = marked | {vmid for vmid in map(_vmid_of_file, self._changed_since(stamp["since"])) if vmid is not None}
         found = []
         for vmid in sorted(wanted):
-            with contextlib.suppress(NotFound):  # a marker of a guest destroyed since the refresh
+            try:
                 found.append(self.read(vmid))
+            except NotFound:
+                if vmid in marked:  # stork's delete drops a guest's markers: another tool took the file away
+                    raise ConfigError(f"guest {vmid}'s config is missing, though the volume index says it names "
+                                      f"{volid} (being replaced by an editor, or removed by hand: the next sweep "
+                                      "forgets it)") from None
         return found
 
     def _changed_since(self, since: int) -> set[str]:
@@ -576,6 +581,7 @@ class GuestStore:
         with self.locked(vmid), contextlib.suppress(FileNotFoundError):
             self.path(vmid).unlink()
             fsync_dir(self.dir)
+            VolumeIndex(self.dir).forget(vmid)
 
     def locked(self, vmid: int) -> contextlib.AbstractContextManager[None]:
         """Hold the guest's flock while its config is edited."""

@@ -6,6 +6,7 @@ import errno
 import json
 import mmap
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -795,3 +796,26 @@ def test_a_file_system_the_nfs_server_exports_is_not_watched(tmp_path, no_margin
     for _ in range(2):
         assert _named(store, _disk(105)) == [105]
     assert _Listing.listings == (1 if exports == "nothing of it" else 2)
+
+
+def test_a_config_a_marker_names_that_is_missing_is_refused_and_one_stork_deleted_is_not(tmp_path, no_margin):
+    """An editor that saves by renaming the old file away before it writes the new one (emacs,
+    vim with backupcopy=no) leaves a moment with no config: a check then refuses (a guest the
+    index says names the volume may name it still), where it took the guest for gone and the
+    volume for unused. stork's own delete drops the guest's markers: no refusal after it."""
+    from drivers.errors import ConfigError
+
+    store = GuestStore(tmp_path / "guests")
+    for n in (100, 101):
+        store.create(Guest(n, "n1", disks={"scsi0": _disk(n)}))
+    _settled()
+    store.refresh_index()
+    path = store.path(100)
+    path.rename(path.with_name("100.toml~"))  # the editor's save, halfway
+    with pytest.raises(ConfigError, match=rf"guest 100's config is missing, though the volume index says it names "
+                                          rf"{re.escape(_disk(100))}"):
+        store.candidates(_disk(100))
+    path.with_name("100.toml~").rename(path)  # and done
+    assert _named(store, _disk(100)) == [100]
+    store.delete(101)
+    assert _named(store, _disk(101)) == []  # its markers went with it: no refusal
