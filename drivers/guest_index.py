@@ -73,6 +73,10 @@ class VolumeIndex:
         except (OSError, ValueError, KeyError, TypeError):
             return {}
 
+    def indexed(self, vmid: int) -> bool:
+        """Whether a refresh recorded guest `vmid` (its record of the volumes it has markers for)."""
+        return (self.root / "guests" / str(vmid)).exists()
+
     def marked(self, volid: str) -> set[int]:
         """Guests the markers say name `volid` (as of `since`)."""
         try:

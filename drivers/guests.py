@@ -394,7 +394,10 @@ class GuestStore:
             try:
                 found.append(self.read(vmid))
             except NotFound:
-                if vmid in marked:  # stork's delete drops a guest's markers: another tool took the file away
+                # indexed (its record), yet gone: another tool took the file away (stork's delete
+                # drops the record and markers); a marker without a record was left by a refresh
+                # cut off, or raced by a delete, and names a guest gone
+                if vmid in marked and index.indexed(vmid):
                     raise ConfigError(f"guest {vmid}'s config is missing, though the volume index says it names "
                                       f"{volid} (being replaced by an editor, or removed by hand: the next sweep "
                                       "forgets it)") from None
@@ -480,7 +483,11 @@ class GuestStore:
                 except (ConfigError, OSError):  # a symlink or FIFO planted as a config, say
                     broken = True
                     continue
-                refresh.set(vmid, guest.volumes())  # an error writing the index ends the refresh
+                try:
+                    refresh.set(vmid, guest.volumes())
+                except OSError:  # the index cannot be written (a full disk): no commit, the guests gone still go
+                    broken = True
+                    continue
                 read += 1
             for vmid in index.indexed_guests() - present:
                 refresh.set(vmid, ())
@@ -578,10 +585,12 @@ class GuestStore:
 
     def delete(self, vmid: int) -> None:
         """Remove a guest's config (under its flock; callers do not hold it)."""
-        with self.locked(vmid), contextlib.suppress(FileNotFoundError):
-            self.path(vmid).unlink()
-            fsync_dir(self.dir)
-            VolumeIndex(self.dir).forget(vmid)
+        with self.locked(vmid):
+            with contextlib.suppress(FileNotFoundError):
+                self.path(vmid).unlink()
+                fsync_dir(self.dir)
+            with contextlib.suppress(OSError):  # a refresh drops them too
+                VolumeIndex(self.dir).forget(vmid)
 
     def locked(self, vmid: int) -> contextlib.AbstractContextManager[None]:
         """Hold the guest's flock while its config is edited."""

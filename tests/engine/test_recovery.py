@@ -4,6 +4,7 @@ what is sent again: a commit step is never rolled back, only carried forward."""
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -142,7 +143,12 @@ def test_the_sweep_takes_over_only_the_very_undo_it_found_lost(client):
         with pytest.raises(records.StateConflict):
             recovery._recover(client.r, read_by_the_sweep, DEAD, read_by_the_sweep.current, starting=False)
         assert records.load(client.r, job.id).current == next_undo
-        recovery._recover(client.r, records.load(client.r, job.id), DEAD, next_undo, starting=False)
+        read_again = records.load(client.r, job.id)
+        again = {**next_undo, "since": time.time()}  # that undo failed and was begun again: only `since` tells
+        records.transition(client.r, job.id, (JobState.UNDOING,), guard={"owner": DEAD}, current=again)
+        with pytest.raises(records.StateConflict):
+            recovery._recover(client.r, read_again, DEAD, read_again.current, starting=False)
+        recovery._recover(client.r, records.load(client.r, job.id), DEAD, again, starting=False)
         assert records.load(client.r, job.id).current is None  # the undo it finds lost now, it takes over
     finally:
         client.r.srem(records.ACTIVE, job.id)

@@ -420,7 +420,8 @@ def test_a_disk_remove_never_frees_a_volume_its_guest_names_in_another_slot(stor
     with client.guest_store.editing(g) as box:
         box[0] = box[0].with_(disks={"scsi0": shared, "scsi1": shared})
     code, _, err = stork("disk", "remove", str(g), "scsi0")
-    assert (code, err) == (1, f"stork: guest {g} names {shared} also as scsi1: remove that first\n")
+    assert (code, err) == (1, f"stork: guest {g} names {shared} also as scsi1: edit its config so that one slot "
+                              "names it, then remove that one\n")
     with recorded(client, "remove_disk", "running", at="remove_disk",
                   params={"lock_vmid": g, "disk": "scsi0", "node": "node1"}) as job:
         held_by(client, g, job)

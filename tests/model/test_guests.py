@@ -819,3 +819,9 @@ def test_a_config_a_marker_names_that_is_missing_is_refused_and_one_stork_delete
     assert _named(store, _disk(100)) == [100]
     store.delete(101)
     assert _named(store, _disk(101)) == []  # its markers went with it: no refusal
+    store.create(Guest(102, "n1", disks={"scsi0": _disk(102)}))
+    _settled()
+    store.refresh_index()
+    (tmp_path / "guests" / ".index" / "guests" / "102").unlink()  # a refresh cut off before its record, say
+    store.path(102).unlink()
+    assert _named(store, _disk(102)) == []  # a marker no record backs names a guest gone: no refusal for ever

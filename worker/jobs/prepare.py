@@ -185,7 +185,8 @@ def prepare_remove_disk(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     params = _guest_disk(o, cfg, "disk remove", "removing its disks")
     volid, guest = params["expect_disks"][params["disk"]], _guest(cfg, params["lock_vmid"])
     if also := usage.also_named(guest, volid, params["disk"]):
-        raise Refused(f"guest {guest.vmid} names {volid} also as {', '.join(also)}: remove that first")
+        raise Refused(f"guest {guest.vmid} names {volid} also as {', '.join(also)}: edit its config so that "
+                      "one slot names it, then remove that one")
     return params
 
 

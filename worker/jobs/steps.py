@@ -742,7 +742,8 @@ def remove_disk(ctx: StepContext) -> None:
                     raise Refused(f"{volid} is a base image with {len(clones)} linked clone(s): {listed}")
                 usage.require_unused(ctx, volid)
                 if also := usage.also_named(guest, volid, key):  # this job's guest: not among the users above
-                    raise Refused(f"guest {vmid} names {volid} also as {', '.join(also)}: remove that first")
+                    raise Refused(f"guest {vmid} names {volid} also as {', '.join(also)}: edit its config so "
+                                  "that one slot names it, then remove that one")
                 identities = ctx.data.setdefault("freed_volumes", {})
                 if volid not in identities:
                     identities[volid] = identity_now(drv, vol)
