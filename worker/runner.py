@@ -371,7 +371,8 @@ def withdraw(r: redis.Redis, job_id: str) -> JobRecord:
         raise Refused(f"job {job.id} is {job.state}: it cannot be withdrawn")
     if job.current:
         raise Refused(f"job {job.id} has a step in progress: it cannot be withdrawn")
-    if undo_plan(KINDS[job.kind], job.done, job.done - 1, KINDS[job.kind].skipped(job.params)):
+    kind = KINDS[job.kind]  # a commit a process began and did not finish may have made its change: its undo is due
+    if undo_plan(kind, job.done, idle_undo_from(kind, job), kind.skipped(job.params)):
         raise Refused(f"job {job.id} has steps to undo: cancel it instead")
     queue, step = _runs(job, job.done)[0][1], job.steps[job.done]  # the queue its task waits in
     error = f"withdrawn: no worker took step {step} from queue {queue}"

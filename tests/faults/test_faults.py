@@ -311,3 +311,20 @@ def test_the_undo_plan_stops_at_a_commit_but_releases_guest_locks(kind, nodes, d
     from worker.runner import undo_plan
 
     assert undo_plan(KINDS[kind], done, upto, KINDS[kind].skipped(nodes)) == plan
+
+
+def test_withdraw_is_refused_for_a_job_whose_commit_a_process_began(client):
+    """A free whose commit step a process began and did not finish (it may have freed the
+    volume, not yet dropped it from the guests), sent again and waiting: withdrawing it would end
+    it with nothing undone; refused, as cancel runs that commit's undo (forget_free)."""
+    from drivers.errors import Refused
+    from worker import runner
+
+    job = job_record(client, "free", {"volid": "local:91900/vm-91900-disk-0.raw", "node": "nowhere",
+                                      "storages": ["local"]}, attempts={"0": 1})
+    try:
+        with pytest.raises(Refused, match=f"job {job.id} has steps to undo: cancel it instead"):
+            runner.withdraw(client.r, job.id)
+        assert client.job(job.id).state == "queued"
+    finally:
+        client.r.srem(records.ACTIVE, job.id)
