@@ -6,6 +6,9 @@ The index lives beside the configs, in the guests directory (shared like them):
     .index/volumes/<h>/<vmid>   a marker: guest <vmid> names the volume whose id hashes to <h>
     .index/guests/<vmid>        JSON list of the volume ids guest <vmid> has markers for
     .index/clock                written to read the file system's own time (its ctime)
+    .index/ctimes               JSON {vmid: ctime ns} of each config as its markers were set: a
+                                refresh reads a config again whose ctime is another, however
+                                old (a clock set back gives an edit a ctime below `since`)
     .index/since                JSON {"clock": ..., "since": ...} (ns): every config whose ctime
                                 is older than `since` had its markers made durable before this
                                 file was written
@@ -119,6 +122,14 @@ class VolumeIndex:
                 return
             yield Refresh(self, self.stamp())
 
+    def ctimes(self) -> dict[int, int]:
+        """Each config's ctime (ns) when a refresh last set its markers; empty where unknown."""
+        try:
+            found = json.loads((self.root / "ctimes").read_text())
+            return {int(vmid): int(ctime) for vmid, ctime in found.items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
+
     def indexed_guests(self) -> set[int]:
         try:
             return {int(name) for name in os.listdir(self.root / "guests") if _guest_id(name)}
@@ -181,6 +192,12 @@ class Refresh:
             with contextlib.suppress(FileNotFoundError):
                 record.unlink()
         self.touched.add(record.parent)
+
+    def record_ctimes(self, ctimes: dict[int, int]) -> None:
+        """Each config's ctime as its markers now stand: a refresh rereads a config whose ctime
+        differs, however old (a clock stepped back since gives a hand edit a ctime below `since`,
+        which no comparison with `since` tells). Lost in a crash: every config is read once."""
+        self._replace(self.index.root / "ctimes", json.dumps({str(k): v for k, v in sorted(ctimes.items())}))
 
     def commit(self) -> None:
         """Every marker set is durable, then configs older than `since` are trusted to the markers."""

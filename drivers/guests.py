@@ -467,14 +467,17 @@ class GuestStore:
             if refresh is None:
                 return None
             read, broken, present = 0, False, set()
+            known, seen = index.ctimes(), {}  # each config's ctime as its markers stand
             for _, vmid, entry in self._entries():
                 if vmid is None:
                     broken = True
                     continue
                 present.add(vmid)
                 try:
-                    if (refresh.unchanged_before is not None
-                            and _fresh_stat(entry.path).st_ctime_ns < refresh.unchanged_before):
+                    ctime = _fresh_stat(entry.path).st_ctime_ns
+                    if refresh.unchanged_before is not None and ctime < refresh.unchanged_before \
+                            and known.get(vmid) == ctime:
+                        seen[vmid] = ctime
                         continue
                     guest = self._read_file(vmid, entry.path)
                 except (NotFound, FileNotFoundError):
@@ -488,9 +491,12 @@ class GuestStore:
                 except OSError:  # the index cannot be written (a full disk): no commit, the guests gone still go
                     broken = True
                     continue
+                seen[vmid] = ctime
                 read += 1
             for vmid in index.indexed_guests() - present:
                 refresh.set(vmid, ())
+            if seen != known:
+                refresh.record_ctimes(seen)
             if not broken:
                 refresh.commit()
             return read

@@ -825,3 +825,24 @@ def test_a_config_a_marker_names_that_is_missing_is_refused_and_one_stork_delete
     (tmp_path / "guests" / ".index" / "guests" / "102").unlink()  # a refresh cut off before its record, say
     store.path(102).unlink()
     assert _named(store, _disk(102)) == []  # a marker no record backs names a guest gone: no refusal for ever
+
+
+def test_a_hand_edit_made_while_the_clock_was_set_back_is_read_by_the_next_refresh(tmp_path, no_margin,
+                                                                                   monkeypatch):
+    """Two sweeps by a clock running ahead, then the clock stepped back with no sweep while it
+    is behind (the workers stopped), and a hand edit attaching a volume: its ctime is below the
+    stamp's `since`. The next refresh, once time has passed the stamp, reads it all the same: a
+    config whose ctime is not the one its markers were set at is read again, however old (it
+    was skipped, and the index never learned of the disk)."""
+    store = _Counting(tmp_path / "guests")
+    for n in (100, 101):
+        store.create(Guest(n, "n1", disks={"scsi0": _disk(n)}))
+    _settled()
+    real_clock = guest_index.Refresh._clock
+    monkeypatch.setattr(guest_index.Refresh, "_clock", lambda self: real_clock(self) + 130 * 10**9)
+    assert store.refresh_index() == 2 and store.refresh_index() == 0
+    _hand_edit_in_place(store, 101, _disk(200))  # the clock is right again: the edit's ctime is below since
+    ahead = VolumeIndex(store.dir).stamp()["clock"]
+    monkeypatch.setattr(guest_index.Refresh, "_clock", lambda self: ahead + 10**9)  # time has caught up
+    assert store.refresh_index() == 1
+    assert VolumeIndex(store.dir).marked(_disk(200)) == {101}
