@@ -189,7 +189,7 @@ class RbdDriver(Driver):
         which would read as gone (an undo then skips its rename back, a free its volume).
         Where the image is not found, the pool's listing tells a missing pool (NotFound)."""
         try:
-            self._json("info", self._spec(vol), what=f"reading {self.volid(vol)}")
+            self._info(vol)
             return True
         except NotFound:
             self._images()  # NotFound where the pool itself is not there

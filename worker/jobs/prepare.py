@@ -183,10 +183,7 @@ def prepare_detach(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 def prepare_remove_disk(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     params = _guest_disk(o, cfg, "disk remove", "removing its disks")
-    volid, guest = params["expect_disks"][params["disk"]], _guest(cfg, params["lock_vmid"])
-    if also := usage.also_named(guest, volid, params["disk"]):
-        raise Refused(f"guest {guest.vmid} names {volid} also as {', '.join(also)}: edit its config so that "
-                      "one slot names it, then remove that one")
+    usage.require_named_once(_guest(cfg, params["lock_vmid"]), params["expect_disks"][params["disk"]], params["disk"])
     return params
 
 

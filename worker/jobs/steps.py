@@ -741,9 +741,7 @@ def remove_disk(ctx: StepContext) -> None:
                     listed = ", ".join(drv.volid(c) for c in clones)
                     raise Refused(f"{volid} is a base image with {len(clones)} linked clone(s): {listed}")
                 usage.require_unused(ctx, volid)
-                if also := usage.also_named(guest, volid, key):  # this job's guest: not among the users above
-                    raise Refused(f"guest {vmid} names {volid} also as {', '.join(also)}: edit its config so "
-                                  "that one slot names it, then remove that one")
+                usage.require_named_once(guest, volid, key)  # this job's guest: not among the users above
                 identities = ctx.data.setdefault("freed_volumes", {})
                 if volid not in identities:
                     identities[volid] = identity_now(drv, vol)

@@ -84,11 +84,14 @@ def guest_users(ctx: StepContext, volid: str, count_unused: bool = True, but: in
     ] + found
 
 
-def also_named(guest: Guest, volid: str, key: str) -> list[str]:
-    """Where else than its disk `key` the guest's config names `volid` (another slot, hand-edited;
-    unused; a replica): removing that disk must not free what the guest still uses."""
-    return [k for k, v in guest.disks.items() if v == volid and k != key] + \
+def require_named_once(guest: Guest, volid: str, key: str) -> None:
+    """Refuse where the guest's config names `volid` elsewhere than its disk `key` (another slot,
+    hand-edited; unused; a replica): removing that disk must not free what the guest still uses."""
+    also = [k for k, v in guest.disks.items() if v == volid and k != key] + \
         (["unused"] if volid in guest.unused else []) + (["replica"] if volid in guest.replicas else [])
+    if also:
+        raise Refused(f"guest {guest.vmid} names {volid} also as {', '.join(also)}: edit its config so that one "
+                      "slot names it, then remove that one")
 
 
 def held_guest_users(ctx: StepContext, volid: str, guests: list[Guest] | None = None) -> list[str]:
