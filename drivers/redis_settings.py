@@ -9,7 +9,7 @@ worker/connect.py builds the clients from it. Nothing here opens a connection.
     ca_file = "redis-ca.pem"           # the CA that signed their certificates
     cert_file = "stork-client.pem"     # a client certificate, for a Redis that asks for one
     key_file = "stork-client.key"      # (tls-auth-clients yes, Redis's default) and its key
-    wait_replicas = 1                  # replicas a job's commit waits for (Redis WAIT)
+    wait_replicas = 2                  # the number of replicas: records a step acts on wait for them (WAIT)
     [redis.users.worker]               # one Redis ACL user per role: worker, producer, operator
     user = "stork-worker"
     password_file = "redis-worker.pass"

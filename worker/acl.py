@@ -34,9 +34,12 @@ POPS = ("brpop", "blpop", "rpop", "lpop", "brpoplpush", "rpoplpush", "lmove", "b
 # Channels a producer publishes or listens on: stork's events and Celery's task events, never
 # Celery's control channel (pidbox: shutdown, revoke, pool restarts).
 PRODUCER_CHANNELS = ("stork:events", "/*.celeryev/*")
-# Flower's inspect waits for the workers' replies on a queue of its own, and kombu takes its
-# restore mutex; a restore of old unacked messages beyond that is refused to it (and only logged).
-FLOWER_WRITES = ("_kombu.binding.*", "*.reply.celery.pidbox*", "unacked_mutex")
+# Flower's inspect waits for the workers' replies on a queue of its own (bound to the reply
+# exchange), its events arrive on a queue bound to celeryev, and kombu takes its restore mutex; a
+# restore of old unacked messages beyond that is refused to it (and only logged). No other
+# binding: one of a node's queue (`_kombu.binding.node.<name>`) routes that node's steps.
+FLOWER_WRITES = ("_kombu.binding.reply.celery.pidbox", "_kombu.binding.celeryev", "*.reply.celery.pidbox*",
+                 "unacked_mutex")
 
 RULES: dict[str, tuple[str, ...]] = {
     "worker": ("resetkeys", "~*", "resetchannels", "&*", "+@all", "-@dangerous", "+info"),

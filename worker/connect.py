@@ -301,8 +301,23 @@ def promotable(views: list[list[dict[str, Any]]]) -> int:
     return len(known - down)
 
 
+class NotReplicated(redis.RedisError):
+    """A write the replicas did not confirm in time: it stands on the master it reached, and a
+    failover may still take it back (a master cut off from its replicas and sentinels)."""
+
+
+def require_replicated(r: redis.Redis, wanted: int, write: Callable[[redis.Redis], object], what: str) -> None:
+    """`write_replicated`, or NotReplicated naming `what`: for a record that what follows acts
+    on (a step's start, what it saves before it makes or renames a volume, its end before the
+    next step). Going on unconfirmed would let a failover take the record back from under an
+    action already taken: the step run again from an older record, over what it did."""
+    if not write_replicated(r, wanted, write):
+        raise NotReplicated(f"{what} was not confirmed by Redis's replicas within {REPLICATION_PATIENCE:g} s "
+                            "(a failover now would lose it): not going on")
+
+
 def write_replicated(r: redis.Redis, wanted: int, write: Callable[[redis.Redis], object],
-                     patience: float = REPLICATION_PATIENCE) -> bool:
+                     patience: float | None = None) -> bool:
     """Do `write` so that a failover does not take it back. Redis replicates asynchronously,
     and a master being replaced still takes writes until it is demoted: what it took then is
     lost. So `write` is sent on a connection of its own, then WAIT on that same connection
@@ -316,7 +331,7 @@ def write_replicated(r: redis.Redis, wanted: int, write: Callable[[redis.Redis],
         write(r)
         return True
     pool = r.connection_pool
-    deadline = time.monotonic() + patience
+    deadline = time.monotonic() + (REPLICATION_PATIENCE if patience is None else patience)
     acked: int | None = None
     error = ""
     while time.monotonic() < deadline:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ from drivers.config import Config
 from drivers.errors import JobCancelled, Refused
 from drivers.guests import GuestStore
 from drivers.names import VolName, volume_id
-from worker import events, locks, records
+from worker import connect, events, locks, records
 from worker.records import JobRecord
 
 if TYPE_CHECKING:
@@ -57,14 +57,24 @@ class StepContext:
     def guests(self) -> GuestStore:
         return GuestStore(self.cfg.guests_dir, self.cfg.lock_timeout)
 
-    def save(self) -> None:
-        """Persist `data` now: call it before creating anything, so undo can find it.
-        StateConflict (the step stops) if the job was taken from this step meanwhile."""
-        if self.job.state == records.JobState.UNDOING:
-            records.update(self.r, self.job.id, ctx=self.job.ctx)  # an undo step: the job is ours
-        else:
-            records.transition(self.r, self.job.id, (records.JobState.RUNNING,),
-                               guard={"owner": self.worker, "done": self.job.done}, ctx=self.job.ctx)
+    def save(self, then: Callable[[redis.Redis], object] | None = None) -> None:
+        """Persist `data` now: call it before creating anything, so undo can find it; `then`, a
+        write made with it (a claim on the name about to be made). Held by Redis's replicas
+        before it returns, where they are configured (NotReplicated where not in time): a
+        failover that took it back would leave the step's next effect (a disk renamed into a
+        base) unknown to the job, its undo and its retry. StateConflict (the step stops) if
+        the job was taken from this step meanwhile."""
+        def write(client: redis.Redis) -> None:
+            if self.job.state == records.JobState.UNDOING:
+                records.update(client, self.job.id, ctx=self.job.ctx)  # an undo step: the job is ours
+            else:
+                records.transition(client, self.job.id, (records.JobState.RUNNING,),
+                                   guard={"owner": self.worker, "done": self.job.done}, ctx=self.job.ctx)
+            if then is not None:
+                then(client)
+
+        connect.require_replicated(self.r, self.cfg.redis.wait_replicas, write,
+                                   f"what step {self.step} of job {self.job.id} saved")
 
     def set_result(self, **values: Any) -> None:
         """Add to the job's result (stored when the step ends)."""

@@ -63,8 +63,10 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis,
         steps=[s.name for s in kind.steps], queues=kind.queues(prepared, cfg), done=kind.next_step(prepared, -1),
     )
     queued = events.make(record.id, kind.name, "queued", state=JobState.QUEUED, steps=record.steps)
-    # replicated before the job is sent or its id shown: a failover must not take back a job a user was told of
-    connect.write_replicated(r, cfg.redis.wait_replicas, lambda client: records.create(client, record, queued))
+    # replicated before the job is sent or its id shown: a failover must not take back a job a user was told of.
+    # Not confirmed in time, it is not sent (NotReplicated, naming it): where it stands, the sweep sends it
+    connect.require_replicated(r, cfg.redis.wait_replicas, lambda client: records.create(client, record, queued),
+                               f"new job {record.id}")
     send_steps(record, record.done, sender)
     return record
 
@@ -140,11 +142,14 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int, carried: JobRec
     ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=kind.steps[index].name, worker=me,
                       kinds=KINDS, attempt=attempt, task=task)
     _run(ctx, kind, index)
-    # replicated (where replicas are configured): a commit's record must outlive a failover, or
-    # the step runs again; any other step's too, as the next step of a fused run starts at once
-    # (a chain's next message, sent and waited for, used to carry it onto the replicas)
-    connect.write_replicated(r, cfg.redis.wait_replicas, lambda client: _finish_step(client, job, kind, index,
-                                                                                    cfg.node, me))
+    # replicated (where replicas are configured) before the next step acts on it: a failover that
+    # took it back would run this step again, from the record before it, over what the steps after
+    # it made of its work (a copy over the disk a committed move switched a guest to). Not
+    # confirmed in time, the run stops here (NotReplicated): the sweep goes on from the record
+    # the master has, once the process no longer holds the job
+    connect.require_replicated(r, cfg.redis.wait_replicas,
+                               lambda client: _finish_step(client, job, kind, index, cfg.node, me),
+                               f"the end of step {kind.steps[index].name} of job {job_id}")
     job.done, job.current = kind.next_step(job.params, index), None  # as the finish wrote them
     return job
 
@@ -230,8 +235,10 @@ def _task_of(task: Task) -> dict[str, str]:
 def _start_step(r: redis.Redis, cfg: Config, job: JobRecord, kind: JobKind, index: int, me: str,
                 turn: dict[str, Any], task: dict[str, str]) -> int:
     """Record that this process runs the step (if it is still its turn); the attempt number.
-    A commit step's start is replicated first: lost in a failover, it would let a second
-    worker take the step's message again and run the commit beside this one."""
+    Held by Redis's replicas before the step acts, where they are configured (NotReplicated,
+    the step not begun, where not in time): lost in a failover, a start would let a second
+    worker take the step's message again and run it beside this one, and this process's saves
+    and end would then be refused (the record no longer names it) while its effects stand."""
     step, node = kind.steps[index], cfg.node
     attempt = job.attempts.get(str(index), 0) + 1
     job.attempts[str(index)] = attempt
@@ -261,10 +268,7 @@ def _start_step(r: redis.Redis, cfg: Config, job: JobRecord, kind: JobKind, inde
             # step before (a fused run whose finish a failover took back): not ours to run
             raise Ignore() from None
 
-    if step.commit:
-        connect.write_replicated(r, cfg.redis.wait_replicas, start)
-    else:
-        start(r)
+    connect.require_replicated(r, cfg.redis.wait_replicas, start, f"the start of step {step.name} of job {job.id}")
     if attempt > MAX_ATTEMPTS:  # (a commit's tries may have made its change: each undo checks what stands)
         start_undo(r, job, index, JobState.FAILED, f"step {step.name} was interrupted {attempt - 1} times",
                    {"owner": me})
@@ -286,9 +290,10 @@ def _run(ctx: StepContext, kind: JobKind, index: int) -> None:
         log.warning("step_failed", error=str(e))
         start_undo(r, job, index, JobState.FAILED, str(e), mine)
         raise
-    except redis.RedisError as e:  # Redis away longer than the client's retries
-        log.warning("step_failed", error=f"lost Redis: {e}")
-        start_undo(r, job, index, JobState.FAILED, f"step {ctx.step} lost its connection to Redis: {e}", mine)
+    except redis.RedisError as e:  # Redis away longer than the client's retries, or its replicas
+        lost = str(e) if isinstance(e, connect.NotReplicated) else f"lost its connection to Redis: {e}"
+        log.warning("step_failed", error=lost)
+        start_undo(r, job, index, JobState.FAILED, f"step {ctx.step} stopped: {lost}", mine)
         raise
     except OSError as e:  # a file system's refusal: say which file, not a Python repr
         where = f"{e.filename}: " if e.filename else ""
@@ -507,6 +512,11 @@ def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
         return
     if next((i for i in job.undo if i not in job.undone), None) != index or job.undo_retry.get("at", 0) > time.time():
         raise Ignore()  # undos run in order, and a failed one waits for its retry time
+    if job.queues[index] not in (SHARED_QUEUE, node_queue(cfg.node)):
+        # as for a step: a message that carries it here was not sent by stork; run here, it would
+        # read the step's node-local volume ids as this node's (and free a same-named volume)
+        log.warning("undo_not_for_this_node", job_id=job_id, step=step.name, queue=job.queues[index])
+        raise Ignore()
     structlog.contextvars.bind_contextvars(job_id=job_id, kind=kind.name, step=f"undo_{step.name}", node=cfg.node)
     holder = (job.current or {}).get("worker")
     if holding(r, holder, job_id):

@@ -134,8 +134,11 @@ def _register(kind: JobKind, index: int) -> None:
 
         @app.task(name=runner.undo_task_name(kind.name, step.name), bind=True, base=StorkTask)
         def undo(self: Task, job_id: str, step_index: int, label: str = "") -> None:
-            with _final_state(self, job_id, step_index):
-                runner.run_undo(self, job_id, kind, step_index)
+            with _final_state(self, job_id, index):
+                if step_index != index:  # the message is input: it undoes this task's own step, or nothing
+                    log.warning("undo_of_another_step", job_id=job_id, task=self.name, step_index=step_index)
+                    raise Ignore()
+                runner.run_undo(self, job_id, kind, index)
 
 
 for _kind in KINDS.values():

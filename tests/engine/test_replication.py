@@ -131,3 +131,97 @@ def test_a_step_ending_after_its_consumer_restarted_still_acks(group, close):
         assert master.llen(queue) == 1  # the rejected one, back for the next worker
         assert channel._pool is None  # the connection the ack made is let go again
     master.delete(queue, f"_kombu.binding.{queue}")
+
+
+# ---- a record that a step acts on is held by the replicas, or the step does not act -------------
+
+
+@pytest.fixture
+def one_replica_stopped(group, monkeypatch) -> Iterator[None]:
+    """A replica stopped just now (the sentinels still count on it), and half a second's
+    patience instead of a minute: no write is confirmed."""
+    monkeypatch.setattr(connect, "REPLICATION_PATIENCE", 0.5)
+    victim = replicas(group)[0]
+    os.kill(victim.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(victim.proc.pid, signal.SIGCONT)
+
+
+def node_config(group: testing.SentinelGroup, base: Path):
+    sentinels = ", ".join(f'"{a}"' for a in group.addresses)
+    text = (f'[redis]\nsentinels = [{sentinels}]\nmaster_name = "{group.NAME}"\nwait_replicas = 2\n'
+            f'[paths]\nguests = "guests"\nlocks = "lock"\n[storage.local]\ntype = "dir"\npath = "images"\n')
+    (base / "stork.toml").write_text(text)
+    return config.parse(text, base / "stork.toml", {"STORK_NODE": "n"})
+
+
+def create_job(r: redis.Redis, vmid: int, running: bool):
+    """A `create` job of one 1 MiB disk, recorded at its allocate step: idle, or run by this process."""
+    from worker import liveness, records
+    from worker.jobs.kinds import KINDS
+    from worker.records import JobRecord, JobState
+
+    steps = [s.name for s in KINDS["create"].steps]
+    at = steps.index("allocate")
+    plan = {"storage": "local", "size": 1 << 20, "format": "raw", "owner": vmid}
+    held = {"current": {"step": at, "name": "allocate", "node": "n", "worker": liveness.process_id(),
+                        "attempt": 1}} if running else {}
+    job = JobRecord(id=records.new_id(), kind="create", node="n", steps=steps, queues=["node.n"] * len(steps),
+                    params={"node": "n", "vmid": vmid, "disks": {"scsi0": plan}}, done=at,
+                    state=JobState.RUNNING if running else JobState.QUEUED, **held)
+    records.create(r, job, {"phase": "queued"})
+    return job
+
+
+def test_a_step_makes_no_volume_its_saved_name_is_not_replicated_for(group, tmp_path, one_replica_stopped):
+    """A step saves what it is about to make (a name, a disk about to be renamed into a base)
+    before it makes it. Taken back by a failover, that save would leave the made volume unknown
+    to the job: its retry fails on the old name, its undo has nothing to turn back, and the
+    guest names a disk that is gone (its data in a base no one knows of). So a save the
+    replicas do not confirm stops the step before it acts."""
+    from worker import liveness
+    from worker.context import StepContext
+    from worker.jobs import steps
+    from worker.jobs.kinds import KINDS
+
+    cfg = node_config(group, tmp_path)
+    r = connect.client(cfg.redis, "worker")
+    job = create_job(r, 7001, running=True)
+    ctx = StepContext(job=job, cfg=cfg, r=r, node="n", step="allocate", worker=liveness.process_id(), kinds=KINDS)
+    with pytest.raises(connect.NotReplicated, match=f"what step allocate of job {job.id} saved"):
+        steps.allocate_disks(ctx)
+    assert not list((tmp_path / "images").rglob("*.raw"))
+
+
+def test_a_step_does_not_begin_where_its_start_is_not_replicated(group, tmp_path, one_replica_stopped):
+    """Any step's start, not only a commit's: lost in a failover, it lets a second process take
+    the step beside this one, and this one's saves and end are then refused while its effects stand."""
+    from worker import liveness, runner
+    from worker.jobs.kinds import KINDS
+
+    cfg = node_config(group, tmp_path)
+    r = connect.client(cfg.redis, "worker")
+    job = create_job(r, 7002, running=False)
+    with pytest.raises(connect.NotReplicated, match=f"the start of step allocate of job {job.id}"):
+        runner._start_step(r, cfg, job, KINDS["create"], job.done, liveness.process_id(),
+                           {"done": job.done, "idle": True}, {})
+
+
+def test_a_new_job_the_replicas_do_not_confirm_is_not_sent(group, tmp_path, one_replica_stopped):
+    """The submit fails naming the job, and sends nothing: where the record stands (no failover
+    came), the sweep sends it; where a failover took it back, no step runs for a job not known."""
+    from worker import runner
+    from worker.app import make_app
+    from worker.records import load
+
+    cfg = node_config(group, tmp_path)
+    r = connect.client(cfg.redis, "producer")
+    master = group.members[group.master()].client
+    before = {q: master.llen(q) for q in ("node.n", "shared")}
+    with pytest.raises(connect.NotReplicated, match=r"new job .* was not confirmed") as refused:
+        runner.submit("ping", {"node": "n"}, cfg, r, make_app(cfg, "producer"))
+    job_id = str(refused.value).split()[2]
+    assert load(master, job_id).state == "queued"  # it stands on the master it reached
+    assert {q: master.llen(q) for q in ("node.n", "shared")} == before

@@ -269,6 +269,67 @@ def test_an_undo_that_read_the_record_before_an_abandon_does_not_start_after_it(
         client.r.srem(records.ACTIVE, job.id)
 
 
+def _undoing_create(client, vmid: int, node: str) -> tuple[JobRecord, str]:
+    """A `create` job failed after its allocate step ran on `node`, its undo (free_made) due;
+    the disk it names made on node1's local storage, claimed for the job."""
+    from drivers import driver_for
+    from worker.jobs import usage
+
+    volid = f"local:{vmid}/vm-{vmid}-disk-0.raw"
+    drv = driver_for(client.cfg.storage("local"))
+    drv.allocate(drv.parse_volname(volid.split(":", 1)[1]), 1 << 20)
+    names = [s.name for s in KINDS["create"].steps]
+    at = names.index("allocate")
+    job = JobRecord(id=records.new_id(), kind="create", params={"node": node}, node=node, steps=names,
+                    queues=[f"node.{node}"] * len(names), state=JobState.UNDOING, done=at + 1, undo=[at],
+                    final="failed", error=f"failed on {node}", ctx={"made": {"scsi0": volid}})
+    records.create(client.r, job, {"phase": "queued"})
+    usage.claim(client.r, volid, job.id)
+    return job, volid
+
+
+def test_an_undo_carried_to_a_node_its_step_is_not_for_does_not_run(client, vmid):
+    """An undo reads its step's node-local volume ids as its own node's. One carried to another
+    node (a message stork did not send there: anyone who can write the broker's bindings can
+    route node2's queue to node1) would free a same-named volume on that node: it is refused
+    there, as a step is."""
+    from celery.exceptions import Ignore
+
+    from tests.helpers import volume_path
+    from worker import runner, tasks
+
+    job, volid = _undoing_create(client, vmid(), "node2")
+    try:
+        with pytest.raises(Ignore):
+            tasks.app.tasks[runner.undo_task_name("create", "allocate")].run(job.id, job.undo[0])
+        assert volume_path(volid).exists()
+        now = records.load(client.r, job.id)
+        assert now.undone == [] and now.current is None
+    finally:
+        client.r.srem(records.ACTIVE, job.id)
+        volume_path(volid).unlink()
+
+
+def test_an_undo_task_runs_its_own_step_only(client, vmid):
+    """The step index an undo's message carries is input: the undo task of one step told
+    another's index runs nothing; the right task runs it."""
+    from celery.exceptions import Ignore
+
+    from tests.helpers import volume_path
+    from worker import runner, tasks
+
+    job, volid = _undoing_create(client, vmid(), "node1")
+    try:
+        with pytest.raises(Ignore):
+            tasks.app.tasks[runner.undo_task_name("create", "reserve_guest")].run(job.id, job.undo[0])
+        assert volume_path(volid).exists() and records.load(client.r, job.id).undone == []
+        tasks.app.tasks[runner.undo_task_name("create", "allocate")].run(job.id, job.undo[0])
+        assert not volume_path(volid).exists() and records.load(client.r, job.id).undone == job.undo
+    finally:
+        client.r.srem(records.ACTIVE, job.id)
+        volume_path(volid).unlink(missing_ok=True)
+
+
 def test_abandon_is_refused_for_a_job_not_undoing_or_with_nothing_on_that_node(client, stork, vmid):
     """One line each: a queued job is cancelled (its undo runs), an ended one is left as it is,
     and a node none of its undos waits for is not given up."""

@@ -126,6 +126,9 @@ def test_the_operator_reads_and_cannot_submit(secured):
     operator = secured.as_role("operator")
     with pytest.raises(redis.exceptions.NoPermissionError):
         operator.hset("stork:job:x", "state", "succeeded")
+    for binding in ("_kombu.binding.node.acl1", "_kombu.binding.shared"):  # where node queues' messages go
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            operator.sadd(binding, "node.acl2\x06\x16\x06\x16node.acl2")
 
 
 def test_the_worker_user_cannot_administer_redis(secured):

@@ -135,8 +135,7 @@ def _make_volume(ctx: StepContext, key: str, drv: Driver, owner: int, fmt: str,
         taken = usage.claimed_names(ctx.r, drv.storage.id, owner, except_job=ctx.job.id)
         vol = drv.next_disk_name(owner, fmt, taken)
         ctx.data.setdefault("pending", {})[key] = drv.volid(vol)
-        ctx.save()
-        usage.claim(ctx.r, drv.volid(vol), ctx.job.id)
+        ctx.save(then=lambda client: usage.claim(client, drv.volid(vol), ctx.job.id))
         ctx.fence(drv)
         create(vol)
         ctx.data.setdefault(table, {})[key] = ctx.data["pending"].pop(key)
@@ -589,8 +588,8 @@ def _make_bases(ctx: StepContext, plans: dict[str, dict]) -> None:
                 raise AlreadyExists(f"base image {drv.volid(base)} already exists")
             usage.require_unused(ctx, plan["source"])  # e.g. a clone's target, mid-copy
             based[key] = [plan["source"], drv.volid(base)]
-            ctx.save()
-            usage.claim(ctx.r, plan["source"], ctx.job.id)  # its name is not free for others until the job ends
+            # its name is not free for others until the job ends
+            ctx.save(then=lambda client, source=plan["source"]: usage.claim(client, source, ctx.job.id))
             ctx.fence(drv)
             drv.make_base(vol, base)
     # the volumes made into bases are gone by their old names: the result names the bases only
