@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hmac
+import itertools
 import os
 import re
 import secrets
@@ -393,6 +394,11 @@ class ChunkStore:
         fingerprint (a reader records nothing, and a store with none recorded holds nothing)."""
         given = self.codec.fingerprint
         recorded = self._recorded(KEY_FINGERPRINT)
+        if not recorded and self._sealed_backups_found(given):
+            if record:  # the record was lost (a copy of the store that left out dot-files): the key proved it
+                with self._folder(CHUNKS, create=True) as folder:
+                    self._record_once(folder, KEY_FINGERPRINT, str(given))
+            return
         if recorded == given:
             return
         if recorded and not given:
@@ -408,6 +414,37 @@ class ChunkStore:
         with self._folder(CHUNKS, create=True) as folder:
             if self._record_once(folder, KEY_FINGERPRINT, str(given)) != given:
                 raise Refused(f"backup storage {self.root}: another key was recorded for this store meanwhile")
+
+    def _sealed_backups_found(self, given: str | None) -> bool:
+        """For a store whose key fingerprint record is missing: False where its first backup is
+        a plain store's (no manifest MAC), or it holds none; True where `given`'s key
+        authenticates one of its backups; else Refused. Without this, an encrypted store that
+        lost the record was taken for a plain one: every backup listed damaged (`forget
+        --damaged` would remove them), and plain chunks written among the encrypted ones."""
+        ids = (id for vmid in self._vmids(strict=False) for id in sorted(self._ids_of(vmid)))
+        try:  # the first backup decides, a plain store opened no slower for want of a record
+            first = next((id for id in ids if self._has(id, MANIFEST)), None)
+        except NotFound:
+            return False  # no store there yet
+        if first is None or not self._has(first, MANIFEST_MAC):
+            return False
+        missing = f"its key's fingerprint record, .chunks/{KEY_FINGERPRINT}, is missing"
+        if not given:
+            raise Refused(f"backup storage {self.root} holds encrypted backups ({missing}): name its key file "
+                          "(keyfile) in the config")
+        for id in itertools.chain([first], ids):
+            with contextlib.suppress(Corrupt, NotFound, Refused):
+                self._load(id)  # its manifest's MAC, under the given key
+                return True
+        raise Refused(f"backup storage {self.root}: the key file is not this store's key ({missing}, and no "
+                      "backup's manifest authenticates with it)")
+
+    def _has(self, id: BackupId, name: str) -> bool:
+        try:
+            with self._snapshot_folder(id) as folder:
+                return SafeDir.entry_exists(folder, name)
+        except (NotFound, Refused):
+            return False
 
     def _holds_backups(self) -> bool:
         """Whether any chunk folder or snapshot is there (False where no store is yet)."""
@@ -661,6 +698,13 @@ class ChunkStore:
                     self._change_state(id, verify=VerifyResult("failed", now_text(), problems))
             except (StorkError, OSError):
                 continue  # damaged itself (listed apart, never counted), or forgotten meanwhile
+
+    def fail_for_lost(self, id: BackupId, lost: list[str]) -> State:
+        """Record a backup just committed as failed for chunks it names that are gone by now
+        (SnapshotWriter's check after its commit), as a verify finding them would."""
+        problems = tuple(Problem(d, f"chunk {d}: damaged or missing (moved aside by a verify while this "
+                                    "backup was made)") for d in lost)
+        return self._change_state(id, verify=VerifyResult("failed", now_text(), problems))
 
     def _file_problems(self, id: BackupId, manifest: Manifest) -> Iterator[Problem]:
         for name in manifest.files:

@@ -53,6 +53,7 @@ class Store(Protocol):
     def write_state(self, folder: int, id: BackupId, state: State) -> None: ...
     def flush_chunk_folders(self, prefixes: set[str]) -> None: ...
     def manifest_mac(self, manifest: bytes) -> bytes | None: ...
+    def fail_for_lost(self, id: BackupId, lost: list[str]) -> State: ...
 
 
 class SnapshotWriter:
@@ -204,7 +205,7 @@ class SnapshotWriter:
 
     def _commit(self) -> Snapshot:
         with self._lock:
-            prefixes, written = set(self._prefixes), self._written
+            prefixes, written, chunks = set(self._prefixes), self._written, sorted(self._chunks)
         self.store.flush_chunk_folders(prefixes)
         if self.notes or self.store.seals_records:  # else no state.json: read as the default
             self.store.write_state(self._folder, self.id, State(notes=self.notes))
@@ -223,6 +224,12 @@ class SnapshotWriter:
                 raise AlreadyExists(f"backup {self.id} already exists") from None
             raise
         self._close()
+        # A verify may have moved a chunk this backup reused aside as damaged while it ran, and
+        # listed the store to fail every backup naming it before this one was there (prune would
+        # count it sound). Looked at after the rename: that listing saw this backup, or this
+        # sees the chunk gone (stored again since, by another backup, it is sound: present).
+        if lost := [digest for digest in chunks if not self.store.touch_chunk(digest)]:
+            return Snapshot(self.id, manifest, self.store.fail_for_lost(self.id, lost))
         return Snapshot(self.id, manifest, State(notes=self.notes))
 
     def abort(self) -> None:

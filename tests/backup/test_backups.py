@@ -846,6 +846,34 @@ def test_a_linked_clone_restored_where_its_base_still_is_is_a_linked_clone_again
     assert qemu_same(volume_path(clone_disk), volume_path(client.guest(whole).disks["scsi0"]))
 
 
+def test_a_linked_clone_whose_base_backup_is_damaged_still_restores(stork, client, vmid):
+    """The clone's own backup holds every chunk it needs; its base's backup only lets the
+    restore write less. That backup's index damaged: the relinked restore writes every chunk;
+    its manifest damaged too: the clone comes back whole. Neither refuses the restore."""
+    t, c, index_damaged, manifest_damaged = vmid(), vmid(), vmid(), vmid()
+    guest_with_data(stork, t)
+    assert stork("template", t)[0] == 0
+    assert stork("clone", t, c)[0] == 0
+    clone_disk = client.guest(c).disks["scsi0"]
+    qemu_io_write(volume_path(clone_disk), "qcow2", 9 * PATTERN_MIB, 4096, 0x5C)
+    backed_up(stork, t)
+    backup = backed_up(stork, c)["backup"]
+    base_backup = STORE / json.loads((STORE / backup / "scsi0.index.json").read_bytes())["base"]["backup"]
+    sound = {name: (base_backup / name).read_bytes() for name in ("scsi0.index.json", "manifest.json")}
+    try:
+        for name, restored in (("scsi0.index.json", index_damaged), ("manifest.json", manifest_damaged)):
+            (base_backup / name).write_bytes(sound[name][:-2] + b"!}")
+            code, _, err = stork("restore", backup, restored)
+            assert code == 0, err
+            disk = client.guest(restored).disks["scsi0"]
+            assert qemu_same(volume_path(clone_disk), volume_path(disk))
+            relinked = client.volume(disk).parent == client.guest(t).disks["scsi0"]
+            assert relinked == (name == "scsi0.index.json")
+    finally:  # the store is the session's: other tests list and verify it
+        for name, data in sound.items():
+            (base_backup / name).write_bytes(data)
+
+
 @pytest.mark.parametrize(
     ("marks", "expected", "why"),
     [

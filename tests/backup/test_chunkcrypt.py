@@ -146,6 +146,33 @@ def test_a_wrong_or_missing_key_is_one_refusal(tmp_path, key):
         backup_storage(plain).open()
 
 
+def test_an_encrypted_store_that_lost_its_key_record_is_not_taken_for_a_plain_one(tmp_path, key):
+    """Its key's fingerprint record gone (a copy of the store that left out dot-files): with no
+    key named it was taken for a plain store, every backup listed damaged (for `forget
+    --damaged` to remove) and plain chunks written among the sealed ones. Now it is refused,
+    naming the missing record; so is another key; its own key proves itself on a backup's
+    manifest, and the record is written again."""
+    from drivers.backup.files import KEY_FINGERPRINT
+
+    bid, _ = committed(backup_storage(secret_storage(tmp_path, key)).open_for_backup())
+    record = tmp_path / "vault" / ".chunks" / KEY_FINGERPRINT
+    recorded = record.read_text()
+    record.unlink()
+    plain = StorageConfig("vault", "chunkstore", content=("backup",), options={"path": tmp_path / "vault"})
+    for opening in (backup_storage(plain).open, backup_storage(plain).open_for_backup):
+        with pytest.raises(Refused, match=f"holds encrypted backups \\(its key's fingerprint record, .chunks/"
+                                          f"{KEY_FINGERPRINT}, is missing\\): name its key file"):
+            opening()
+    other = tmp_path / "other.key"
+    create_key(other)
+    with pytest.raises(Refused, match=r"not this store's key .*no backup's manifest authenticates with it"):
+        backup_storage(secret_storage(tmp_path, other)).open_for_backup()
+    assert not record.exists()
+    store = backup_storage(secret_storage(tmp_path, key)).open_for_backup()
+    assert record.read_text().strip() == recorded.strip()
+    assert store.snapshot(bid).state.verify is None and not store.listing().damaged
+
+
 def test_a_key_for_a_store_of_plain_backups_is_refused(tmp_path, key):
     plain = StorageConfig("vault", "chunkstore", content=("backup",), options={"path": tmp_path / "vault"})
     committed(backup_storage(plain).open_for_backup())

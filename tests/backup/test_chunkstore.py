@@ -462,6 +462,32 @@ class TestVerify:
         assert candidate(store.snapshot(str(new.id))).failed
         assert store.snapshot(str(other.id)).state.verify.ok
 
+    def test_a_backup_that_reused_a_chunk_a_verify_set_aside_meanwhile_is_recorded_failed(self, store):
+        """A backup reusing a chunk names it without reading it. A verify that sets it aside while
+        that backup runs fails every committed backup naming it, and this one was not committed
+        yet: it would be counted sound, and prune would let the older backup that restores go
+        for it. Its commit finds the chunk gone and records it failed; a chunk stored again
+        meanwhile (sound) is no loss."""
+        from drivers.backup.retention import candidate
+
+        shared = noise(CS, 1)
+        old = back_up(store, 100, T0, {"scsi0": shared + noise(CS, 2)})
+        lost = store.index(str(old.id), "scsi0").chunks[0]
+        with store.begin(100, T0 + timedelta(days=1)) as writer:
+            assert writer.reuse_chunk(lost)
+            own, _ = writer.put_chunk(noise(CS, 3))
+            writer.add_index("scsi0", Index("raw", 2 * CS, [lost, own], CS))
+            chunk_path(store, lost).write_bytes(b"rot")  # the verify of the older backup runs now
+            assert store.verify(str(old.id)).state == "failed"
+            made = writer.commit()
+        assert [p.digest for p in made.state.verify.problems] == [lost]
+        assert candidate(store.snapshot(str(made.id))).failed
+        with store.begin(100, T0 + timedelta(days=2)) as writer:  # one whose chunk was stored again since
+            assert not writer.reuse_chunk(lost)
+            assert writer.put_chunk(shared)[0] == lost
+            writer.add_index("scsi0", Index("raw", CS, [lost], CS))
+            assert writer.commit().state.verify is None
+
     def test_a_chunk_the_disk_cannot_read_back_is_set_aside_and_stored_again_by_the_next_backup(self, tmp_path):
         """A chunk whose block btrfs finds damaged (its checksum, as a bad sector) reads as EIO:
         verify records it damaged and moves it aside, like a chunk whose data does not match its

@@ -82,8 +82,11 @@ def backup_guest(ctx: StepContext) -> None:
         writer.add_blob("guest.conf", guests.dumps(guest.with_(lock="", lock_job="")).encode())
         ctx.data["backup"] = str(writer.id)
         ctx.save()
-        writer.commit()
+        made = writer.commit()
     faults.point("committed")
+    if made.state.verify is not None and not made.state.verify.ok:  # a chunk it reused was moved aside meanwhile
+        unread.append(f"recorded failed: {len(made.state.verify.problems)} chunk(s) it names were found damaged by "
+                      "a verify while it ran; the next backup stores them again")
     warnings = unread + [w for _, drv, vol in disks.values() if (w := _drop_older_bitmaps(ctx, drv, vol))]
     _report(ctx, store, ctx.data["backup"], reads)
     if warnings:
@@ -236,12 +239,12 @@ def restore_data(ctx: StepContext) -> None:
 
 def _base_index(store: ChunkStore, index: Index) -> Index | None:
     """The index of the base a relinked clone is restored over, to write only what differs;
-    None if that backup was forgotten since the restore was planned: then every chunk is
-    written, zeros too, and the clone is as right, only not as thin."""
+    None if that backup was forgotten since the restore was planned, or cannot be read (damaged):
+    then every chunk is written, zeros too, and the clone is as right, only not as thin."""
     assert index.base is not None
     try:
         return store.index(index.base.backup, index.base.disk)
-    except NotFound:
+    except (Corrupt, NotFound, Refused):
         return None
 
 

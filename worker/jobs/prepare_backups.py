@@ -12,7 +12,7 @@ from drivers.backup.retention import Keep
 from drivers.backup.store import ChunkStore
 from drivers.backup.sync import check_pair
 from drivers.config import Config
-from drivers.errors import AlreadyExists, InvalidName, NotFound, Refused, StorkError
+from drivers.errors import AlreadyExists, Corrupt, InvalidName, NotFound, Refused, StorkError
 from drivers.guests import Guest
 from drivers.names import VolName
 from worker.jobs.prepare import (
@@ -148,7 +148,10 @@ def _relinkable(cfg: Config, store: ChunkStore, bid: str, key: str, target: str 
     ref = index.base
     if ref is None or not store.exists(ref.backup):
         return None
-    disk = store.snapshot(ref.backup).manifest.disks.get(ref.disk)
+    try:
+        disk = store.snapshot(ref.backup).manifest.disks.get(ref.disk)
+    except (Corrupt, NotFound, Refused):
+        return None  # the base's backup damaged: the clone's own backup holds every chunk it needs
     if disk is None or not disk.source or disk.virtual_size != index.virtual_size:
         return None
     try:
