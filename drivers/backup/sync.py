@@ -66,10 +66,17 @@ def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
         wanted = [s for s in wanted if str(s.id) in kept and not candidate(s).failed]
     result = SyncResult(failed={str(d.id): f"not read: {d.reason}" for d in listing.damaged
                                 if vmids is None or d.id.vmid in vmids})
-    held = {str(id) for id in target.listing().ids}
+    there = target.listing()
+    held = {str(s.id): s for s in there.snapshots}
+    unreadable = {str(d.id): d.reason for d in there.damaged}
     for n, snapshot in enumerate(wanted):
-        if str(snapshot.id) in held:
+        id = str(snapshot.id)
+        if id in held and same_backup(snapshot, held[id], reseal):
             result.present += 1
+        elif id in held or id in unreadable:  # made there, or synced from another store with a clashing guest id
+            result.failed[id] = (f"the target holds another backup under this id: {unreadable[id]}" if id in
+                                 unreadable else "the target holds another backup under this id (its config or "
+                                 "disks differ): not copied")
         else:
             try:
                 result.written += copy_snapshot(source, target, snapshot, reseal)
@@ -81,6 +88,18 @@ def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
         if progress:
             progress(n + 1, len(wanted), str(snapshot.id))
     return result
+
+
+def same_backup(source: Snapshot, target: Snapshot, resealed: bool) -> bool:
+    """Is the target's snapshot under this id a copy of the source's: the same blobs (a guest
+    config is copied as it is), the same disks and sizes, and, where chunks keep their names
+    (no re-encryption), the same data?"""
+    mine, theirs = source.manifest, target.manifest
+    blobs = {name: s for name, s in mine.files.items() if index_key(name) is None}
+    return blobs == {name: s for name, s in theirs.files.items() if index_key(name) is None} and \
+        mine.disks.keys() == theirs.disks.keys() and \
+        all(d.virtual_size == theirs.disks[k].virtual_size and (resealed or d.content == theirs.disks[k].content)
+            for k, d in mine.disks.items())
 
 
 def retained(snapshots: list[Snapshot], keep: Keep) -> set[str]:

@@ -66,6 +66,21 @@ def test_a_sync_copies_what_the_target_lacks_and_nothing_twice(tmp_path):
     assert sync(here, offsite).copied == []
 
 
+def test_another_backup_under_the_same_id_in_the_target_is_named_not_taken_for_a_copy(tmp_path):
+    """The target may hold a backup of that id made there, or synced from another store whose
+    guest ids clash: it was counted present, and the offsite copy of the source's backup never
+    existed. It is named failed and left as it is; a copy synced before still counts present."""
+    here, offsite = stores(tmp_path)
+    back_up(here, 100, T0, {"scsi0": noise(CS, 1)})
+    back_up(here, 101, T0, {"scsi0": noise(CS, 2)})
+    back_up(offsite, 100, T0, {"scsi0": noise(CS, 3)})  # another guest 100's, the same second
+    assert sync(here, offsite, vmids={101}).copied == ["vm/101/2026-11-26T12:00:00Z"]
+    result = sync(here, offsite)
+    assert (result.copied, result.present) == ([], 1)
+    assert "the target holds another backup under this id" in result.failed["vm/100/2026-11-26T12:00:00Z"]
+    assert offsite.read_chunk(offsite.index("vm/100/2026-11-26T12:00:00Z", "scsi0").chunks[0]) == noise(CS, 3)
+
+
 def test_a_sync_of_some_guests_copies_only_theirs(tmp_path):
     here, offsite = stores(tmp_path)
     back_up(here, 100, T0, {"scsi0": noise(CS, 1)})
