@@ -80,6 +80,8 @@ class Client:
             return runner.submit(kind, options, self.cfg, self.r, self.app)
         except redis.exceptions.NoPermissionError as e:
             raise StorkError(f"Redis refused it to the {self.role} role's user: {e}") from None
+        except connect.NotReplicated as e:  # Redis answered: its replicas did not
+            raise StorkError(str(e)) from None
         except redis.RedisError as e:
             raise StorkError(f"cannot reach {connect.trouble(self.cfg.redis, e)}") from None
 

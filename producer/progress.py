@@ -57,7 +57,7 @@ class ProgressView:
             self._line(f"failed: {event.get('message')}", keep=True)
         elif phase == "undo":
             self._line(f"undo {event.get('step')}", keep=True)
-        elif phase == "abandon":
+        elif phase in ("abandon", "not_begun"):
             self._line(event.get("message", ""), keep=True)
         elif phase == "finished":
             self._finish_line()

@@ -311,9 +311,9 @@ def require_replicated(r: redis.Redis, wanted: int, write: Callable[[redis.Redis
     on (a step's start, what it saves before it makes or renames a volume, its end before the
     next step). Going on unconfirmed would let a failover take the record back from under an
     action already taken: the step run again from an older record, over what it did."""
-    if not write_replicated(r, wanted, write):
+    if (missing := _write_and_wait(r, wanted, write, REPLICATION_PATIENCE)) is not None:
         raise NotReplicated(f"{what} was not confirmed by Redis's replicas within {REPLICATION_PATIENCE:g} s "
-                            "(a failover now would lose it): not going on")
+                            f"({missing}): a failover now would lose it")
 
 
 def write_replicated(r: redis.Redis, wanted: int, write: Callable[[redis.Redis], object],
@@ -326,19 +326,27 @@ def write_replicated(r: redis.Redis, wanted: int, write: Callable[[redis.Redis],
     connection lives and leads to the master, only WAIT is repeated; when it breaks or the
     sentinels name another master, `write` is made again there, so it must be harmless twice
     (a Lua script that is a no-op the second time, or a message: a step runs once at its turn).
-    False (and logged) when `patience` ran out first; the write stands on the master it reached."""
+    False (and logged) when `patience` ran out first; the write stands on the master it
+    reached, if it reached one."""
+    return _write_and_wait(r, wanted, write, REPLICATION_PATIENCE if patience is None else patience) is None
+
+
+def _write_and_wait(r: redis.Redis, wanted: int, write: Callable[[redis.Redis], object],
+                    patience: float) -> str | None:
+    """write_replicated's work: None once confirmed, else what was missing (logged)."""
     if not wanted:
         write(r)
-        return True
+        return None
     pool = r.connection_pool
-    deadline = time.monotonic() + (REPLICATION_PATIENCE if patience is None else patience)
+    deadline = time.monotonic() + patience
     acked: int | None = None
-    error = ""
+    needed, error, written = wanted, "", False
     while time.monotonic() < deadline:
         pinned = None
         try:  # the client connects as it is made (to the master the sentinels name): inside the retry
             pinned = redis.Redis(connection_pool=pool, single_connection_client=True)
             write(pinned)
+            written = True
             connection = pinned.connection
             while time.monotonic() < deadline:
                 needed = replicas_to_wait_for(pool, wanted)
@@ -348,7 +356,7 @@ def write_replicated(r: redis.Redis, wanted: int, write: Callable[[redis.Redis],
                 except redis.ResponseError as e:  # WAIT on a replica: the master was demoted
                     raise redis.ConnectionError(str(e)) from e
                 if acked >= needed:
-                    return True
+                    return None
                 if _master_moved(pool, connection):
                     break
         except (redis.ConnectionError, redis.TimeoutError) as e:  # lost, demoted or NOREPLICAS: write again
@@ -358,7 +366,9 @@ def write_replicated(r: redis.Redis, wanted: int, write: Callable[[redis.Redis],
             if pinned is not None:
                 pinned.close()
     log.warning("write_not_replicated", replicas=acked, wanted=wanted, error=error)
-    return False
+    if not written:
+        return f"not written: {error or 'no master answered'}"
+    return f"held by {acked or 0} of {needed} replicas" + (f"; then {error}" if error else "")
 
 
 def _master_moved(pool: Any, connection: Any) -> bool:

@@ -4,7 +4,8 @@ is subscribed to, so it is only a wake-up).
 
 An event: {"job", "kind", "step", "phase", "state", "done", "total", "rate", "message",
 "node", "time"}; phases: queued, start, progress, done, failed, undo, abandon (an operator gave up a
-node's undos: `stork job abandon`), finished.
+node's undos: `stork job abandon`), not_begun (a step's start its Redis replicas did not
+confirm: given back, sent again by the sweep), finished.
 """
 
 from __future__ import annotations

@@ -63,12 +63,26 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis,
         steps=[s.name for s in kind.steps], queues=kind.queues(prepared, cfg), done=kind.next_step(prepared, -1),
     )
     queued = events.make(record.id, kind.name, "queued", state=JobState.QUEUED, steps=record.steps)
-    # replicated before the job is sent or its id shown: a failover must not take back a job a user was told of.
-    # Not confirmed in time, it is not sent (NotReplicated, naming it): where it stands, the sweep sends it
-    connect.require_replicated(r, cfg.redis.wait_replicas, lambda client: records.create(client, record, queued),
-                               f"new job {record.id}")
+    # replicated before the job is sent or its id shown: a failover must not take back a job a user was told of
+    try:
+        connect.require_replicated(r, cfg.redis.wait_replicas, lambda client: records.create(client, record, queued),
+                                   f"new job {record.id}")
+    except connect.NotReplicated as e:
+        _end_unsent(r, record, str(e))
+        raise connect.NotReplicated(f"{e}; it was not sent, and is cancelled") from None
     send_steps(record, record.done, sender)
     return record
+
+
+def _end_unsent(r: redis.Redis, record: JobRecord, why: str) -> None:
+    """End a job that is not sent cancelled, where its record stands (best effort: Redis may be
+    away too), so that the sweep, which sends again what an idle job waits for, never runs a
+    job its user was told failed."""
+    ended = events.make(record.id, record.kind, events.FINISHED, state=JobState.CANCELLED, message=why)
+    with contextlib.suppress(StorkError, redis.RedisError):
+        records.transition(r, record.id, (JobState.QUEUED,), JobState.CANCELLED,
+                           guard={"idle": True, "done": record.done}, error=f"not sent: {why}",
+                           final=str(JobState.CANCELLED), finished=time.time(), events=[ended])
 
 
 def send_steps(job: JobRecord, start: int, sender: Celery = app) -> None:
@@ -268,7 +282,14 @@ def _start_step(r: redis.Redis, cfg: Config, job: JobRecord, kind: JobKind, inde
             # step before (a fused run whose finish a failover took back): not ours to run
             raise Ignore() from None
 
-    connect.require_replicated(r, cfg.redis.wait_replicas, start, f"the start of step {step.name} of job {job.id}")
+    try:
+        connect.require_replicated(r, cfg.redis.wait_replicas, start, f"the start of step {step.name} of job {job.id}")
+    except connect.NotReplicated as e:  # not begun: given back, for the sweep to send again (as a lost message)
+        with contextlib.suppress(StorkError, redis.RedisError):
+            records.transition(r, job.id, (JobState.RUNNING,), guard={"owner": me, "done": index}, current=None,
+                               events=[events.make(job.id, kind.name, "not_begun", step=step.name, node=node,
+                                                   message=str(e))])
+        raise
     if attempt > MAX_ATTEMPTS:  # (a commit's tries may have made its change: each undo checks what stands)
         start_undo(r, job, index, JobState.FAILED, f"step {step.name} was interrupted {attempt - 1} times",
                    {"owner": me})

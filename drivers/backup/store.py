@@ -41,7 +41,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -421,11 +421,13 @@ class ChunkStore:
         authenticates one of its backups; else Refused. Without this, an encrypted store that
         lost the record was taken for a plain one: every backup listed damaged (`forget
         --damaged` would remove them), and plain chunks written among the encrypted ones."""
-        ids = (id for vmid in self._vmids(strict=False) for id in sorted(self._ids_of(vmid)))
-        try:  # the first backup decides, a plain store opened no slower for want of a record
-            first = next((id for id in ids if self._has(id, MANIFEST)), None)
+        try:
+            vmids = self._vmids(strict=False)
         except NotFound:
             return False  # no store there yet
+        ids = (id for vmid in vmids for id in sorted(self._ids_of(vmid)))
+        # the first backup decides: a plain store is opened no slower for want of a record
+        first = next((id for id in ids if self._has(id, MANIFEST)), None)
         if first is None or not self._has(first, MANIFEST_MAC):
             return False
         missing = f"its key's fingerprint record, .chunks/{KEY_FINGERPRINT}, is missing"
@@ -699,12 +701,24 @@ class ChunkStore:
             except (StorkError, OSError):
                 continue  # damaged itself (listed apart, never counted), or forgotten meanwhile
 
-    def fail_for_lost(self, id: BackupId, lost: list[str]) -> State:
-        """Record a backup just committed as failed for chunks it names that are gone by now
-        (SnapshotWriter's check after its commit), as a verify finding them would."""
+    def fail_for_lost(self, id: str, named: Iterable[str] | None = None) -> State | None:
+        """After a backup's commit: record it failed, as a verify finding them would, where
+        chunks it names (`named`, which its writer knows; else read from its indexes) are gone
+        by now: a verify set them aside while it was made. Its new state; None where none is gone."""
+        parsed = backup_id(id)
+        if not (lost := self._missing_chunks(self._chunks_of(parsed) if named is None else named)):
+            return None
         problems = tuple(Problem(d, f"chunk {d}: damaged or missing (moved aside by a verify while this "
                                     "backup was made)") for d in lost)
-        return self._change_state(id, verify=VerifyResult("failed", now_text(), problems))
+        return self._change_state(parsed, verify=VerifyResult("failed", now_text(), problems))
+
+    def _missing_chunks(self, digests: Iterable[str]) -> list[str]:
+        """Those of `digests` no chunk file is at: a shared lock per chunk folder, a stat per chunk."""
+        missing = []
+        for prefix, group in itertools.groupby(sorted(digests), key=lambda digest: digest[:4]):
+            with self._prefix_locked(prefix, exclusive=False) as folder:
+                missing += [digest for digest in group if not SafeDir.entry_exists(folder, digest)]
+        return missing
 
     def _file_problems(self, id: BackupId, manifest: Manifest) -> Iterator[Problem]:
         for name in manifest.files:

@@ -53,7 +53,7 @@ class Store(Protocol):
     def write_state(self, folder: int, id: BackupId, state: State) -> None: ...
     def flush_chunk_folders(self, prefixes: set[str]) -> None: ...
     def manifest_mac(self, manifest: bytes) -> bytes | None: ...
-    def fail_for_lost(self, id: BackupId, lost: list[str]) -> State: ...
+    def fail_for_lost(self, id: str, named: list[str]) -> State | None: ...
 
 
 class SnapshotWriter:
@@ -228,9 +228,8 @@ class SnapshotWriter:
         # listed the store to fail every backup naming it before this one was there (prune would
         # count it sound). Looked at after the rename: that listing saw this backup, or this
         # sees the chunk gone (stored again since, by another backup, it is sound: present).
-        if lost := [digest for digest in chunks if not self.store.touch_chunk(digest)]:
-            return Snapshot(self.id, manifest, self.store.fail_for_lost(self.id, lost))
-        return Snapshot(self.id, manifest, State(notes=self.notes))
+        failed = self.store.fail_for_lost(str(self.id), chunks)
+        return Snapshot(self.id, manifest, failed or State(notes=self.notes))
 
     def abort(self) -> None:
         """Remove the partial folder; nothing of this snapshot was ever visible."""

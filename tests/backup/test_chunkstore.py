@@ -486,7 +486,13 @@ class TestVerify:
             assert not writer.reuse_chunk(lost)
             assert writer.put_chunk(shared)[0] == lost
             writer.add_index("scsi0", Index("raw", CS, [lost], CS))
-            assert writer.commit().state.verify is None
+            again = writer.commit()
+            assert again.state.verify is None
+        # a backup step sent again after a crash right after the commit looks again, from its indexes
+        assert store.fail_for_lost(str(again.id)) is None
+        chunk_path(store, lost).unlink()
+        assert [p.digest for p in store.fail_for_lost(str(again.id)).verify.problems] == [lost]
+        assert candidate(store.snapshot(str(again.id))).failed
 
     def test_a_chunk_the_disk_cannot_read_back_is_set_aside_and_stored_again_by_the_next_backup(self, tmp_path):
         """A chunk whose block btrfs finds damaged (its checksum, as a bad sector) reads as EIO:
@@ -867,6 +873,13 @@ class TestSafety:
         with pytest.raises(Refused, match="not a directory"):
             ChunkStore(tmp_path / "file").put_chunk(b"x")
         assert not (tmp_path / "nowhere").exists()
+
+    def test_a_store_not_made_yet_opens_to_be_read_and_holds_nothing(self, tmp_path):
+        """A sync's new target, say: nothing is made or recorded, and nothing refused."""
+        store = ChunkStore(tmp_path / "not-yet")
+        store.check_key(record=False)
+        store.check_chunk_size(record=False)
+        assert not (tmp_path / "not-yet").exists()
 
     BAD_IDS = [
         ("no time", "vm/100"),

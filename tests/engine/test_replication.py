@@ -200,6 +200,7 @@ def test_a_step_does_not_begin_where_its_start_is_not_replicated(group, tmp_path
     the step beside this one, and this one's saves and end are then refused while its effects stand."""
     from worker import liveness, runner
     from worker.jobs.kinds import KINDS
+    from worker.records import load
 
     cfg = node_config(group, tmp_path)
     r = connect.client(cfg.redis, "worker")
@@ -207,6 +208,7 @@ def test_a_step_does_not_begin_where_its_start_is_not_replicated(group, tmp_path
     with pytest.raises(connect.NotReplicated, match=f"the start of step allocate of job {job.id}"):
         runner._start_step(r, cfg, job, KINDS["create"], job.done, liveness.process_id(),
                            {"done": job.done, "idle": True}, {})
+    assert load(r, job.id).current is None  # given back: the sweep sends it again, as a lost message
 
 
 def test_a_new_job_the_replicas_do_not_confirm_is_not_sent(group, tmp_path, one_replica_stopped):
@@ -223,5 +225,6 @@ def test_a_new_job_the_replicas_do_not_confirm_is_not_sent(group, tmp_path, one_
     with pytest.raises(connect.NotReplicated, match=r"new job .* was not confirmed") as refused:
         runner.submit("ping", {"node": "n"}, cfg, r, make_app(cfg, "producer"))
     job_id = str(refused.value).split()[2]
-    assert load(master, job_id).state == "queued"  # it stands on the master it reached
+    assert str(refused.value).endswith("it was not sent, and is cancelled")
+    assert load(master, job_id).state == "cancelled"  # where it stands, the sweep does not send it later
     assert {q: master.llen(q) for q in ("node.n", "shared")} == before

@@ -304,7 +304,7 @@ def test_an_undo_carried_to_a_node_its_step_is_not_for_does_not_run(client, vmid
             tasks.app.tasks[runner.undo_task_name("create", "allocate")].run(job.id, job.undo[0])
         assert volume_path(volid).exists()
         now = records.load(client.r, job.id)
-        assert now.undone == [] and now.current is None
+        assert now.undone == [] and now.current is None and now.undo_retry == {}  # refused, not failed
     finally:
         client.r.srem(records.ACTIVE, job.id)
         volume_path(volid).unlink()

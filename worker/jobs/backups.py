@@ -44,9 +44,11 @@ def _store(ctx: StepContext) -> ChunkStore:
 def backup_guest(ctx: StepContext) -> None:
     """Read the guest's config and every disk into one snapshot."""
     store, vmid = backup_storage(ctx.cfg.storage(ctx.params["store"])).open_for_backup(), ctx.params["vmid"]
-    if (done := ctx.data.get("backup")) and store.exists(done):
-        _report(ctx, store, done)
-        return  # committed before the process died
+    if (done := ctx.data.get("backup")) and store.exists(done):  # committed before the process died
+        store.fail_for_lost(done)  # perhaps before its writer looked at its chunks
+        if warnings := _report(ctx, store, done):
+            ctx.set_result(warning="; ".join(warnings))
+        return
     guest = ctx.guests.read(vmid)
     disks = {key: (volid, *ctx.volume(volid)) for key, volid in ctx.params["volumes"].items()}
     total = sum(drv.virtual_size(vol) for _, drv, vol in disks.values())
@@ -82,13 +84,10 @@ def backup_guest(ctx: StepContext) -> None:
         writer.add_blob("guest.conf", guests.dumps(guest.with_(lock="", lock_job="")).encode())
         ctx.data["backup"] = str(writer.id)
         ctx.save()
-        made = writer.commit()
+        writer.commit()
     faults.point("committed")
-    if made.state.verify is not None and not made.state.verify.ok:  # a chunk it reused was moved aside meanwhile
-        unread.append(f"recorded failed: {len(made.state.verify.problems)} chunk(s) it names were found damaged by "
-                      "a verify while it ran; the next backup stores them again")
     warnings = unread + [w for _, drv, vol in disks.values() if (w := _drop_older_bitmaps(ctx, drv, vol))]
-    _report(ctx, store, ctx.data["backup"], reads)
+    warnings += _report(ctx, store, ctx.data["backup"], reads)
     if warnings:
         ctx.set_result(warning="; ".join(warnings))
 
@@ -113,11 +112,18 @@ def _backup_time(ids: list[BackupId], vmid: int) -> datetime:
     return max(now, newest + timedelta(seconds=1)) if newest else now
 
 
-def _report(ctx: StepContext, store: ChunkStore, backup_id: str, reads: dict[str, str] | None = None) -> None:
-    manifest = store.snapshot(backup_id).manifest
-    ctx.set_result(backup=backup_id, storage=ctx.params["store"], size=manifest.size, written=manifest.written,
+def _report(ctx: StepContext, store: ChunkStore, made: str, reads: dict[str, str] | None = None) -> list[str]:
+    """The backup's result; the warning where it was recorded failed at its commit (a chunk it
+    reused set aside by a verify meanwhile), which then does not count as the guest's last backup."""
+    snapshot = store.snapshot(made)
+    manifest = snapshot.manifest
+    ctx.set_result(backup=made, storage=ctx.params["store"], size=manifest.size, written=manifest.written,
                    **({"reads": reads} if reads else {}))
+    if (verify := snapshot.state.verify) is not None and not verify.ok:
+        return [f"recorded failed: {len(verify.problems)} chunk(s) it names were found damaged by a verify while it "
+                "ran; the next backup stores them again"]
     record_backup(ctx.r, ctx.params["vmid"], ctx.params["store"], manifest)  # for the metrics endpoint
+    return []
 
 
 # ---- persistent dirty bitmaps: what changed since this disk's previous backup ----------------
