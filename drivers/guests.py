@@ -174,9 +174,12 @@ def _canonical(text: str) -> dict[str, object] | None:
         if match["table"] == "disks":
             table = data.setdefault("disks", {})  # type: ignore[assignment]
         elif match["table"]:
-            table = data.setdefault("replicas", {}).setdefault(match["replica"][1:-1], {})  # type: ignore[union-attr]
+            replicas = data.setdefault("replicas", {})
+            table = replicas.setdefault(match["replica"][1:-1], {}) if isinstance(replicas, dict) else None
         elif match["key"]:
             table[match["key"]] = _canonical_value(match)
+        if not isinstance(table, dict):
+            return None  # a table over a key of that name (`disks = "x"` then `[disks]`): tomllib says what is wrong
     return data
 
 

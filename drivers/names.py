@@ -54,17 +54,19 @@ def vmid(value: str | int) -> int:
 
 
 def image_name(text: str, what: str = "name") -> str:
-    """Return `text` if it is a safe file-name stem: ASCII, no '/', no '..', no leading '-'."""
+    """Return `text` if it is a safe file-name stem: ASCII, no '/', no '..', no leading '-', no
+    trailing '.' (`<stem>.<fmt>` would hold '..': a volume no volume id can name)."""
     if (
         not isinstance(text, str)
         or not text.isascii()
         or len(text) > MAX_NAME
         or ".." in text
+        or text.endswith(".")
         or not _NAME.fullmatch(text)
     ):
         raise InvalidName(
             f"invalid {what} {text!r}: expected 1-{MAX_NAME} ASCII letters, digits or _.+- "
-            "starting with a letter or digit, without '..'"
+            "starting with a letter or digit, without '..' or a '.' at the end"
         )
     return text
 

@@ -55,15 +55,19 @@ class PveGuest:
 
 
 def target_of(value: str) -> str:
-    """What a disk's value (a property string) names: its `file=` (a qemu disk's) or `volume=`
-    (an LXC mount point's), else its first item without a key: a volume id, a path, or
-    `none`/`cdrom`; `?` when it names none of them (read as a volume it cannot tell)."""
-    items = [item.strip() for item in value.split(",")]
-    for item in items:
-        key, eq, rest = item.partition("=")
-        if eq and key in ("file", "volume"):
-            return rest
-    return "?" if "=" in items[0] else items[0]
+    """What a disk's value (a property string) names, as pve-common's parse_property_string
+    reads it: empty items skipped; its `file=` (a qemu disk's) or `volume=` (an LXC mount
+    point's, and an alias of `file`), the last one given; else its one item without a key (a
+    volume id, a path, or `none`/`cdrom`). `?` when it names none, or both kinds, or two
+    items without a key (Proxmox VE refuses those: read as a volume stork cannot tell)."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    keyed = [rest for key, eq, rest in (item.partition("=") for item in items) if eq and key in ("file", "volume")]
+    bare = [item for item in items if "=" not in item]
+    if keyed and not bare:
+        return keyed[-1]
+    if len(bare) == 1 and not keyed:
+        return bare[0]
+    return "?" if items else ""
 
 
 def _short(volname: str) -> str:
@@ -98,6 +102,7 @@ def parse(vmid: int, text: str, where: str) -> PveGuest:
         if match is None:
             raise InvalidName(f"{where}:{n}: not a Proxmox VE guest config line: {raw[:80]!r}")
         key, value = match["key"], match["value"]
+        key = "ide2" if key == "cdrom" else key  # as Proxmox VE reads it (parse_vm_config): a disk there too
         if _VOLUME_KEY.fullmatch(key):
             references.append((f"{section} {key}" if section else key, value))
         if not section:

@@ -144,6 +144,33 @@ def test_the_volumes_a_proxmox_ve_guest_names_are_its_in_every_section_by_any_na
         pve.users(etc / "absent", ids, images, "102/vm-102-disk-0.raw")
 
 
+@pytest.mark.parametrize(("value", "target"), [
+    ("tank:100/vm-100-disk-0.qcow2,size=1G", "tank:100/vm-100-disk-0.qcow2"),
+    (",tank:100/vm-100-disk-0.qcow2,size=1G", "tank:100/vm-100-disk-0.qcow2"),  # an empty item, skipped
+    ("size=1G,tank:100/vm-100-disk-0.qcow2", "tank:100/vm-100-disk-0.qcow2"),  # the item without a key, anywhere
+    ("file=tank:101/vm-101-disk-0.qcow2,volume=tank:100/vm-100-disk-0.qcow2", "tank:100/vm-100-disk-0.qcow2"),
+    ("volume=tank:1/a.raw,volume=tank:2/b.raw", "tank:2/b.raw"),  # the last one given, as Proxmox VE keeps it
+    ("tank:1/a.raw,file=tank:2/b.raw", "?"),  # both kinds, or two without a key: Proxmox VE refuses them
+    ("tank:1/a.raw,tank:2/b.raw", "?"),
+    ("size=1G", "?"),
+    ("none,media=cdrom", "none"),
+    ("", ""),
+])
+def test_a_disk_value_names_what_proxmox_ve_reads_in_it(value, target):
+    """What stork reads a Proxmox VE guest to use is what Proxmox VE reads (pve-common's
+    parse_property_string): reading another volume, stork would take the one the guest runs
+    from for unused, and free it."""
+    assert pve.target_of(value) == target
+
+
+def test_a_cdrom_line_is_a_disk_as_proxmox_ve_reads_it(etc, tree):
+    """Proxmox VE reads `cdrom:` as `ide2:` (parse_vm_config), a disk where no media=cdrom says otherwise."""
+    (etc / "nodes" / "pve1" / "qemu-server" / "101.conf").write_text("cdrom: tank:101/vm-101-disk-0.qcow2\n")
+    assert pve.users(etc, ("tank",), tree / "images", "101/vm-101-disk-0.qcow2") == ["Proxmox VE guest 101 (ide2)"]
+    assert pve.parse(101, "cdrom: tank:101/vm-101-disk-0.qcow2\n", "101.conf").disks == \
+        {"ide2": "tank:101/vm-101-disk-0.qcow2"}
+
+
 def test_a_storage_of_proxmox_ves_layout_takes_its_locks_and_asks_its_guests(etc, tree):
     drv = driver_for(StorageConfig("vz", "dir", options={"path": tree, "layout": "pve", "pve_config": str(etc),
                                                          "pve_locks": "/run/lock/pve-manager"}))

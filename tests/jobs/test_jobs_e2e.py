@@ -216,6 +216,15 @@ class TestBasesAndTemplates:
         info = json.loads(stork("--json", "volume", "info", f"local:base/golden-{g}.raw")[1])
         assert info["base"] is True
 
+    def test_a_base_name_no_volume_id_could_name_is_refused(self, stork, vmid):
+        """`foo.` would make base/foo..raw: one line, nothing renamed."""
+        g = vmid()
+        guest = make_guest(stork, g, "scsi0=local:16M")
+        code, _, err = stork("base", guest["disks"]["scsi0"], "--name", f"golden-{g}.")
+        assert code != 0 and err.count("\n") == 1 and f"invalid base name 'golden-{g}.'" in err, err
+        assert volume_path(guest["disks"]["scsi0"]).exists()
+        assert json.loads(stork("--json", "guest", "show", g)[1])["disks"] == guest["disks"]
+
     def test_linked_clone_is_a_qcow2_overlay_of_the_base_by_relative_path(self, stork, vmid):
         """A template clones linked by default: same data, tiny file, base recorded in the image."""
         t, c = vmid(), vmid()

@@ -412,6 +412,10 @@ NOT_AS_WRITTEN = [
     'name = "a"\nnode = "n1"\ntemplate = false\nextra = "x"\n\n[disks]\n',
     'name = "a"\nnode = "n1"\ntemplate = false\n\n[disks]\n\n[replicas."local:base/b.raw"]\nof = "x:y"\n',
     'name = "a"\r\nnode = "n1"\r\ntemplate = false\r\n\r\n[disks]\r\n',
+    # a table over a key of its name: invalid TOML (the quick reading raised TypeError, which
+    # stopped the sweep for the whole cluster while the file was there)
+    'node = "n1"\ndisks = "x"\n[disks]\nscsi0 = "local:1/vm-1-disk-0.raw"\n',
+    'node = "n1"\nreplicas = "x"\n[replicas."a:b"]\nof = "x:y"\n',
 ]
 
 
