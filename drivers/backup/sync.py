@@ -74,13 +74,18 @@ def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
         if id in held and same_backup(snapshot, held[id], reseal):
             result.present += 1
         elif id in held or id in unreadable:  # made there, or synced from another store with a clashing guest id
-            result.failed[id] = (f"the target holds another backup under this id: {unreadable[id]}" if id in
+            result.failed[id] = (f"the target's backup under this id cannot be read: {unreadable[id]}" if id in
                                  unreadable else "the target holds another backup under this id (its config or "
                                  "disks differ): not copied")
         else:
             try:
-                result.written += copy_snapshot(source, target, snapshot, reseal)
-                result.copied.append(str(snapshot.id))
+                made = copy_snapshot(source, target, snapshot, reseal)
+                result.written += made.manifest.written
+                if made.state.verify is not None and not made.state.verify.ok:  # a chunk set aside meanwhile
+                    result.failed[id] = "its copy is recorded failed in the target: a chunk it names was found " \
+                                        "damaged there meanwhile (forget that copy, and the next sync copies it again)"
+                else:
+                    result.copied.append(id)
             except AlreadyExists:  # another sync copied it meanwhile
                 result.present += 1
             except (Corrupt, NotFound, Refused, InvalidName) as e:  # its own damage (or a symlink): the others go on
@@ -110,8 +115,8 @@ def retained(snapshots: list[Snapshot], keep: Keep) -> set[str]:
     return {d.id for guest in by_guest.values() for d in plan(list(guest.values()), keep) if d.keep}
 
 
-def copy_snapshot(source: ChunkStore, target: ChunkStore, snapshot: Snapshot, reseal: bool = False) -> int:
-    """One snapshot into `target` (its chunks, indexes, blobs and notes); bytes written there.
+def copy_snapshot(source: ChunkStore, target: ChunkStore, snapshot: Snapshot, reseal: bool = False) -> Snapshot:
+    """One snapshot into `target` (its chunks, indexes, blobs and notes), as committed there.
     With `reseal`, each chunk is decoded under the source's key and stored under the target's,
     so its name (a keyed hash) changes, and the index names the new ones."""
     id = str(snapshot.id)
@@ -128,7 +133,7 @@ def copy_snapshot(source: ChunkStore, target: ChunkStore, snapshot: Snapshot, re
         for name in snapshot.manifest.files:
             if index_key(name) is None:
                 writer.add_blob(name, source.read_blob(id, name))
-        return writer.commit().manifest.written
+        return writer.commit()
 
 
 def _resealed(index: Index, source: ChunkStore, writer: SnapshotWriter) -> Index:

@@ -81,6 +81,22 @@ def test_another_backup_under_the_same_id_in_the_target_is_named_not_taken_for_a
     assert offsite.read_chunk(offsite.index("vm/100/2026-11-26T12:00:00Z", "scsi0").chunks[0]) == noise(CS, 3)
 
 
+def test_a_copy_whose_reused_chunk_was_set_aside_meanwhile_is_named_failed_not_copied(tmp_path, monkeypatch):
+    """A chunk the target held, reused by the copy without reading it, set aside by a verify
+    of the target while the copy ran: the copy is recorded failed at its commit there, and
+    the sync says so instead of counting it copied."""
+    here, offsite = stores(tmp_path)
+    shared = noise(CS, 1)
+    back_up(here, 100, T0, {"scsi0": shared + noise(CS, 2)})
+    assert len(sync(here, offsite).copied) == 1
+    later = back_up(here, 100, T0 + timedelta(hours=1), {"scsi0": shared + noise(CS, 3)})
+    reused = here.index(str(later.id), "scsi0").chunks[0]
+    monkeypatch.setattr(faults, "point", lambda name: chunk_path(offsite, reused).unlink(missing_ok=True))
+    result = sync(here, offsite)
+    assert result.copied == [] and "its copy is recorded failed in the target" in result.failed[str(later.id)]
+    assert not offsite.snapshot(str(later.id)).state.verify.ok
+
+
 def test_a_sync_of_some_guests_copies_only_theirs(tmp_path):
     here, offsite = stores(tmp_path)
     back_up(here, 100, T0, {"scsi0": noise(CS, 1)})
