@@ -54,20 +54,27 @@ def vmid(value: str | int) -> int:
 
 
 def image_name(text: str, what: str = "name") -> str:
-    """Return `text` if it is a safe file-name stem: ASCII, no '/', no '..', no leading '-', no
-    trailing '.' (`<stem>.<fmt>` would hold '..': a volume no volume id can name)."""
+    """Return `text` if it is a safe file-name stem: ASCII, no '/', no '..', no leading '-'."""
     if (
         not isinstance(text, str)
         or not text.isascii()
         or len(text) > MAX_NAME
         or ".." in text
-        or text.endswith(".")
         or not _NAME.fullmatch(text)
     ):
         raise InvalidName(
             f"invalid {what} {text!r}: expected 1-{MAX_NAME} ASCII letters, digits or _.+- "
-            "starting with a letter or digit, without '..' or a '.' at the end"
+            "starting with a letter or digit, without '..'"
         )
+    return text
+
+
+def volume_stem(text: str, what: str = "volume name") -> str:
+    """An image_name that a volume can have: none ending in '.', as `<stem>.<fmt>` would then
+    hold '..', a volume no volume id names (a base made so could not be turned back)."""
+    image_name(text, what)
+    if text.endswith("."):
+        raise InvalidName(f"invalid {what} {text!r}: a volume's name cannot end in '.'")
     return text
 
 
@@ -156,7 +163,7 @@ class VolName:
             raise InvalidName(f"invalid guest id {self.owner!r}: expected a number from {VMID_MIN} to {VMID_MAX}")
         if self.owner is not None:
             vmid(self.owner)
-        image_name(self.name, "volume name")
+        volume_stem(self.name)
         image_format(self.fmt)
 
     @property

@@ -57,13 +57,16 @@ class PveGuest:
 def target_of(value: str) -> str:
     """What a disk's value (a property string) names, as pve-common's parse_property_string
     reads it: empty items skipped; its `file=` (a qemu disk's) or `volume=` (an LXC mount
-    point's, and an alias of `file`), the last one given; else its one item without a key (a
-    volume id, a path, or `none`/`cdrom`). `?` when it names none, or both kinds, or two
-    items without a key (Proxmox VE refuses those: read as a volume stork cannot tell)."""
+    point's, and qemu's alias of `file`), the last one given; else its one item without a key
+    (a volume id, a path, or `none`/`cdrom`). `?` when it names none, or a key twice, or a
+    keyed and an unkeyed one, or two unkeyed ones (Proxmox VE refuses those, but for qemu's
+    `volume` twice: read as a volume stork cannot tell)."""
     items = [item.strip() for item in value.split(",") if item.strip()]
-    keyed = [rest for key, eq, rest in (item.partition("=") for item in items) if eq and key in ("file", "volume")]
+    pairs = [(key, rest) for key, eq, rest in (item.partition("=") for item in items) if eq]
+    keyed = [rest for key, rest in pairs if key in ("file", "volume")]
     bare = [item for item in items if "=" not in item]
-    if keyed and not bare:
+    twice = any(sum(key == name for key, _ in pairs) > 1 for name in ("file", "volume"))
+    if keyed and not bare and not twice:
         return keyed[-1]
     if len(bare) == 1 and not keyed:
         return bare[0]

@@ -68,21 +68,32 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis,
         connect.require_replicated(r, cfg.redis.wait_replicas, lambda client: records.create(client, record, queued),
                                    f"new job {record.id}")
     except connect.NotReplicated as e:
-        _end_unsent(r, record, str(e))
-        raise connect.NotReplicated(f"{e}; it was not sent, and is cancelled") from None
+        raise connect.NotReplicated(f"{e}; {_end_unsent(r, cfg, record, str(e))}") from None
     send_steps(record, record.done, sender)
     return record
 
 
-def _end_unsent(r: redis.Redis, record: JobRecord, why: str) -> None:
-    """End a job that is not sent cancelled, where its record stands (best effort: Redis may be
-    away too), so that the sweep, which sends again what an idle job waits for, never runs a
-    job its user was told failed."""
-    ended = events.make(record.id, record.kind, events.FINISHED, state=JobState.CANCELLED, message=why)
-    with contextlib.suppress(StorkError, redis.RedisError):
-        records.transition(r, record.id, (JobState.QUEUED,), JobState.CANCELLED,
-                           guard={"idle": True, "done": record.done}, error=f"not sent: {why}",
-                           final=str(JobState.CANCELLED), finished=time.time(), events=[ended])
+def _end_unsent(r: redis.Redis, cfg: Config, record: JobRecord, why: str) -> str:
+    """End a job that is not sent cancelled, where its record stands (the sweep sends again
+    what an idle job waits for: it would run a job its user was told failed); what became of
+    it, for that user. Best effort: Redis, or its replicas, may be away still."""
+    error = f"not sent: {why}"
+    ended = events.make(record.id, record.kind, events.FINISHED, state=JobState.CANCELLED, message=error)
+
+    def cancel(client: redis.Redis) -> None:
+        with contextlib.suppress(StateConflict):  # made again after a reconnect: cancelled by the first try
+            records.transition(client, record.id, (JobState.QUEUED,), JobState.CANCELLED,
+                               guard={"idle": True, "done": record.done}, error=error,
+                               final=str(JobState.CANCELLED), finished=time.time(), events=[ended])
+
+    try:
+        connect.write_replicated(r, cfg.redis.wait_replicas, cancel)
+        now = records.load(r, record.id)
+    except (StorkError, redis.RedisError):
+        return "it was not sent; if its record stands, it may still run: see `stork job show`"
+    if now.state == JobState.CANCELLED and now.error == error:
+        return "it was not sent, and is cancelled"
+    return f"it was sent since, and is {now.state}: see `stork job show {record.id}`"
 
 
 def send_steps(job: JobRecord, start: int, sender: Celery = app) -> None:
@@ -254,6 +265,7 @@ def _start_step(r: redis.Redis, cfg: Config, job: JobRecord, kind: JobKind, inde
     worker take the step's message again and run it beside this one, and this process's saves
     and end would then be refused (the record no longer names it) while its effects stand."""
     step, node = kind.steps[index], cfg.node
+    before = {"attempts": dict(job.attempts), "ran_on": dict(job.ran_on)}  # what a start given back leaves
     attempt = job.attempts.get(str(index), 0) + 1
     job.attempts[str(index)] = attempt
     job.ran_on[step.name] = node
@@ -284,11 +296,11 @@ def _start_step(r: redis.Redis, cfg: Config, job: JobRecord, kind: JobKind, inde
 
     try:
         connect.require_replicated(r, cfg.redis.wait_replicas, start, f"the start of step {step.name} of job {job.id}")
-    except connect.NotReplicated as e:  # not begun: given back, for the sweep to send again (as a lost message)
-        with contextlib.suppress(StorkError, redis.RedisError):
+    except connect.NotReplicated as e:  # not begun: given back, for the sweep to send again (as a lost message),
+        with contextlib.suppress(StorkError, redis.RedisError):  # as if never started (no attempt counted)
             records.transition(r, job.id, (JobState.RUNNING,), guard={"owner": me, "done": index}, current=None,
                                events=[events.make(job.id, kind.name, "not_begun", step=step.name, node=node,
-                                                   message=str(e))])
+                                                   message=str(e))], **before)
         raise
     if attempt > MAX_ATTEMPTS:  # (a commit's tries may have made its change: each undo checks what stands)
         start_undo(r, job, index, JobState.FAILED, f"step {step.name} was interrupted {attempt - 1} times",

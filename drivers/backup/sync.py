@@ -86,13 +86,25 @@ def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
                                         "damaged there meanwhile (forget that copy, and the next sync copies it again)"
                 else:
                     result.copied.append(id)
-            except AlreadyExists:  # another sync copied it meanwhile
-                result.present += 1
+            except AlreadyExists:  # another sync copied it meanwhile, or a backup was made there under the id
+                _present_or_other(result, snapshot, target, reseal)
             except (Corrupt, NotFound, Refused, InvalidName) as e:  # its own damage (or a symlink): the others go on
                 result.failed[str(snapshot.id)] = str(e)
         if progress:
             progress(n + 1, len(wanted), str(snapshot.id))
     return result
+
+
+def _present_or_other(result: SyncResult, snapshot: Snapshot, target: ChunkStore, reseal: bool) -> None:
+    """Count a snapshot the target came to hold meanwhile as present, where it is a copy."""
+    id = str(snapshot.id)
+    try:
+        if same_backup(snapshot, target.snapshot(id), reseal):
+            result.present += 1
+            return
+        result.failed[id] = "the target holds another backup under this id (made meanwhile): not copied"
+    except (Corrupt, NotFound, Refused) as e:
+        result.failed[id] = f"the target's backup under this id cannot be read: {e}"
 
 
 def same_backup(source: Snapshot, target: Snapshot, resealed: bool) -> bool:

@@ -149,7 +149,8 @@ def test_the_volumes_a_proxmox_ve_guest_names_are_its_in_every_section_by_any_na
     (",tank:100/vm-100-disk-0.qcow2,size=1G", "tank:100/vm-100-disk-0.qcow2"),  # an empty item, skipped
     ("size=1G,tank:100/vm-100-disk-0.qcow2", "tank:100/vm-100-disk-0.qcow2"),  # the item without a key, anywhere
     ("file=tank:101/vm-101-disk-0.qcow2,volume=tank:100/vm-100-disk-0.qcow2", "tank:100/vm-100-disk-0.qcow2"),
-    ("volume=tank:1/a.raw,volume=tank:2/b.raw", "tank:2/b.raw"),  # the last one given, as Proxmox VE keeps it
+    ("file=tank:1/a.raw,file=tank:2/b.raw", "?"),  # a key twice: Proxmox VE refuses it (an LXC's volume too)
+    ("volume=tank:1/a.raw,volume=tank:2/b.raw", "?"),
     ("tank:1/a.raw,file=tank:2/b.raw", "?"),  # both kinds, or two without a key: Proxmox VE refuses them
     ("tank:1/a.raw,tank:2/b.raw", "?"),
     ("size=1G", "?"),

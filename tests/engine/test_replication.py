@@ -208,7 +208,8 @@ def test_a_step_does_not_begin_where_its_start_is_not_replicated(group, tmp_path
     with pytest.raises(connect.NotReplicated, match=f"the start of step allocate of job {job.id}"):
         runner._start_step(r, cfg, job, KINDS["create"], job.done, liveness.process_id(),
                            {"done": job.done, "idle": True}, {})
-    assert load(r, job.id).current is None  # given back: the sweep sends it again, as a lost message
+    given_back = load(r, job.id)  # the sweep sends it again, as a lost message, and it counts no attempt
+    assert given_back.current is None and given_back.attempts == {} and given_back.ran_on == {}
 
 
 def test_a_new_job_the_replicas_do_not_confirm_is_not_sent(group, tmp_path, one_replica_stopped):

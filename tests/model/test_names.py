@@ -58,6 +58,13 @@ def test_every_name_a_base_can_take_is_one_a_volume_id_names_again(stem, fmt):
     assert names.from_flat_name(names.flat_name(vol)) == vol
 
 
+def test_a_guest_name_may_end_in_a_dot_a_volume_name_not():
+    """A guest's name is no file name: one ending in '.' (a backup's config may hold one) is kept."""
+    assert names.image_name("web.") == "web."
+    with pytest.raises(InvalidName, match=r"a volume's name cannot end in '\.'"):
+        names.volume_stem("golden.", "base name")
+
+
 VOLNAME_LIKE = st.one_of(
     st.text(max_size=60),
     st.from_regex(r"(base|0?[1-9][0-9]{1,9}|\.\.)/(vm-[0-9]{2,4}-)?[-A-Za-z0-9_.+/]{0,20}\.(raw|qcow2|img)",

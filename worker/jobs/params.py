@@ -173,7 +173,7 @@ PLAN: dict[str, Check] = {
     "as_base": _bool,  # a moved base: its copy is made a base on the target
     "across": _bool,  # its source is on another node than its target: copied through an export
 }
-BASE_PLAN: dict[str, Check] = {"source": _volid, "name": _optional(lambda v: names.image_name(v, "base name"))}
+BASE_PLAN: dict[str, Check] = {"source": _volid, "name": _optional(lambda v: names.volume_stem(v, "base name"))}
 
 PARAMS: dict[str, Check] = {
     "vmid": _vmid,

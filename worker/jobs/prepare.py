@@ -601,7 +601,7 @@ def prepare_base(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     volid = str(o.get("volid"))
     storage, vol = _volume(cfg, volid)
     driver_for(cfg.storage(storage)).require_feature("make_base", vol)
-    name = names.image_name(o["name"], "base name") if o.get("name") else None
+    name = names.volume_stem(o["name"], "base name") if o.get("name") else None
     if name:
         driver_for(cfg.storage(storage)).named_base(vol, name)  # a name the storage cannot give: refused now
     owner = _owner_of(cfg, volid)
