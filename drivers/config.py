@@ -238,7 +238,8 @@ def _http_url(v: Any) -> bool:
         return False
     try:
         parts = urlsplit(v)
-        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0 and \
+            "@" not in parts.netloc  # a login before the host would be shown where the URL is
     except ValueError:
         return False
 
@@ -252,7 +253,7 @@ NOTIFY_SCHEMA: dict[str, Check] = {
     "events": (lambda v: isinstance(v, list) and bool(v) and all(e in NOTIFY_EVENTS for e in v),
                f"a list of events from: {', '.join(NOTIFY_EVENTS)}"),
     "stale-after": (_int_in(1, 24 * 366), "a whole number of hours: a guest whose newest backup is older is news"),
-    "url": (_http_url, "an http:// or https:// URL"),
+    "url": (_http_url, "an http:// or https:// URL, with no login before its host (secret signs each request)"),
     "secret": (_str, "the shared secret the signature header is made with"),
     "host": (lambda v: _str(v) and not any(c.isspace() for c in v), "a host name or address"),
     "port": (_int_in(1, 65535), "a port number"),
@@ -283,6 +284,8 @@ def _check_notify(file: Path, name: str, entry: Any) -> None:
         raise ConfigError(f"{file}: {prefix}.{other}: not a key of a {kind} target")
     if "backup-stale" in entry.get("events", ()) and "stale-after" not in entry:
         raise ConfigError(f"{file}: {prefix}: the event backup-stale needs stale-after (hours)")
+    if kind == "smtp" and ("username" in entry or "password" in entry) and not entry.get("starttls"):
+        raise ConfigError(f"{file}: {prefix}: a login is sent only over TLS: set starttls = true")
 
 
 # The keys every storage has; its driver's own (Driver.OPTIONS) come on top.

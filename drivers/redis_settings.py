@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from drivers.errors import ConfigError
 
@@ -37,7 +38,9 @@ from drivers.errors import ConfigError
 ROLES = ("worker", "producer", "operator")
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 PASSWORD_FILE_MAX = 4096
-URL_EXPECTED = "a redis://, rediss:// or unix:// URL (port 1-65535, database a number, unix:// with a path)"
+URL_EXPECTED = ("a redis://, rediss:// or unix:// URL (port 1-65535, database a number, unix:// with a path; "
+                "no password in its query: [redis.users.<role>] with a password_file)")
+_QUERY_PASSWORD = re.compile(r"(?i)((?:^|&)password=)[^&]*")
 
 
 def url_ok(v: Any) -> bool:
@@ -49,6 +52,8 @@ def url_ok(v: Any) -> bool:
         port = parts.port  # ValueError when not a number from 0 to 65535
     except ValueError:
         return False
+    if _QUERY_PASSWORD.search(parts.query):  # redis-py takes one there: unchecked, unredacted, in every line
+        return False
     if parts.scheme == "unix":
         return bool(parts.path)
     db = parts.path.lstrip("/")
@@ -56,7 +61,9 @@ def url_ok(v: Any) -> bool:
 
 
 def redact(url: str) -> str:
-    """A URL fit for messages and logs: any password replaced by ***."""
+    """A URL fit for messages and logs: any password (before its host, or in its query) replaced by ***."""
+    before, mark, query = url.partition("?")
+    url = before + mark + _QUERY_PASSWORD.sub(r"\1***", query)
     parts = urlsplit(url)
     if not parts.password:
         return url
@@ -138,8 +145,9 @@ class RedisSettings:
         """The role's login: its [redis.users.<role>], or the url's when no users are configured.
         ConfigError when users are configured but not this role (never a fallback to another)."""
         if not self.logins:
-            parts = urlsplit(self.url)
-            return Login(parts.username or None, parts.password or None)
+            parts = urlsplit(self.url)  # percent-encoded there, as redis-py decodes it
+            return Login(unquote(parts.username) if parts.username else None,
+                         unquote(parts.password) if parts.password else None)
         if role not in self.logins:
             raise ConfigError(f"no Redis user for the {role} role: add [redis.users.{role}] "
                               f"(configured: {', '.join(sorted(self.logins))})")

@@ -1,5 +1,6 @@
-"""Celery signals, connected once: log context per task, reconciliation at worker start; and
-the consumer bootstep that keeps malformed queue messages aside (worker/deadletter.py)."""
+"""Celery signals, connected once: log context per task, reconciliation at worker start; the
+consumer bootstep that keeps malformed queue messages aside (worker/deadletter.py); and a
+worker's `stats` reply without the broker's passwords."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 import structlog
 from celery import signals
+from celery.app.utils import filter_hidden_settings
+from celery.worker.consumer.connection import Connection as BrokerConnectionStep
 
 from drivers.errors import StorkError
 from worker import deadletter, failover, liveness, logs, records, recovery
@@ -20,6 +23,22 @@ log = structlog.get_logger("stork.worker")
 app.steps["consumer"].add(deadletter.DeadLetters)
 # A consumer left talking to a replaced master (one that hangs rather than resets) is cut loose
 app.steps["consumer"].add(failover.MasterWatch)
+_celery_broker_info = BrokerConnectionStep.info
+
+
+def _broker_info(step: Any, c: Any) -> dict[str, Any]:
+    """The broker connection as a worker's `stats` reply shows it (`inspect stats`, Flower's
+    Broker tab): Celery leaves out its `password` only, and stork's sentinel URLs (kombu's
+    alternates) and sentinel login (in the transport options) hold passwords too."""
+    shown = _celery_broker_info(step, c)
+    if isinstance(params := shown.get("broker"), dict):
+        params.pop("alternates", None)
+        params.pop("credential_provider", None)
+        params["transport_options"] = filter_hidden_settings(params.get("transport_options") or {})
+    return shown
+
+
+BrokerConnectionStep.info = _broker_info  # type: ignore[method-assign]
 
 
 @signals.worker_process_init.connect

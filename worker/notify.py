@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
 import smtplib
 import socket
@@ -97,6 +98,8 @@ def _post(target: dict[str, Any], ev: Event) -> None:
         raise DeliveryError(f"webhook {_where(target['url'])} answered {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
         raise DeliveryError(f"webhook {_where(target['url'])}: {getattr(e, 'reason', e)}") from None
+    except (http.client.HTTPException, ValueError) as e:  # their text may quote the URL: its kind only
+        raise DeliveryError(f"webhook {_where(target['url'])}: {type(e).__name__}") from None
 
 
 def _where(url: str) -> str:

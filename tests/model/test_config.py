@@ -150,6 +150,11 @@ def test_storages_know_which_nodes_they_exist_on():
         ("[redis]\nurl = 'redis://127.0.0.1/zero'\n", r"redis.url = 'redis://127.0.0.1/zero': expected .*database a"),
         ("[redis]\nurl = 'unix://'\n", r"redis.url = 'unix://': expected .*unix:// with a path"),
         ("[redis]\nurl = 'redis://:hunter2@h:x/0'\n", r"redis.url = 'redis://:\*\*\*@h:x/0': expected a redis://"),
+        # redis-py takes a password from the query too: it escaped the readable-file check and every redaction
+        ("[redis]\nurl = 'redis://h:1/0?password=hunter2'\n",
+         r"redis.url = 'redis://h:1/0\?password=\*\*\*': expected .*no password in its query"),
+        ("[redis]\nurl = 'unix:///run/redis.sock?db=1&Password=hunter2'\n",
+         r"redis.url = 'unix:///run/redis.sock\?db=1&Password=\*\*\*': expected"),
         ("[flower]\nbasic_auth = 'admin'\n", r"flower.basic_auth = '\*\*\*': expected user:password\[,user:pass"),
         ("[flower]\nbasic_auth = 'a:b,:c'\n", r"flower.basic_auth = '\*\*\*': expected .*each with a user and a"),
         ("not toml [", r"not valid TOML"),

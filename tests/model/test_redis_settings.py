@@ -68,6 +68,39 @@ def test_sentinels_users_and_tls_parse(tmp_path):
     assert settings.where() == "Redis master 'stork' (sentinels 10.0.0.1:26379, 10.0.0.2:26379)"
 
 
+def test_a_workers_stats_reply_shows_no_password(tmp_path):
+    """Celery's `inspect stats` reply, which Flower shows on a worker's Broker tab, carries the
+    broker connection's parameters with only `password` dropped: stork's sentinel URLs (kombu's
+    alternates) and sentinel login (transport options) held the worker's and the sentinels'
+    passwords, for anyone who reaches Flower or may send inspect (the operator's user)."""
+    import json
+
+    from celery.worker.consumer.connection import Connection as ConnectionStep
+    from kombu import Connection
+
+    import worker.hooks  # noqa: F401  (installs the censored reply, as a worker's start does)
+
+    for name, word in (("worker.pass", "w-SECRET"), ("sentinel.pass", "s-SECRET")):
+        (tmp_path / name).write_text(word + "\n")
+        (tmp_path / name).chmod(0o600)
+    cfg = config.parse(SENTINELS.replace('"10.0.0.2:26379"]', '"10.0.0.2:26379", "10.0.0.3:26379"]') +
+                       f'sentinel_password_file = "{tmp_path / "sentinel.pass"}"\n'
+                       f'[redis.users.worker]\nuser = "w"\npassword_file = "{tmp_path / "worker.pass"}"\n',
+                       tmp_path / "stork.toml", {"STORK_NODE": "node1"})
+    options = connect.celery_settings(cfg.redis, "worker", 60)
+    broker = Connection(options["broker_url"], transport_options=options["broker_transport_options"])
+    shown = json.dumps(ConnectionStep.info(None, type("Consumer", (), {"connection": broker})()), default=str)
+    assert "10.0.0.1" in shown and "SECRET" not in shown, shown
+
+
+def test_a_percent_encoded_url_password_is_the_one_redis_py_sends():
+    """redis-py decodes a URL's password: the broker's URL had it encoded twice (p%2540ss), and
+    kombu logged in with another password than stork's own client."""
+    cfg = parse("", {"STORK_NODE": "n", "STORK_REDIS_URL": "redis://u%2F1:p%40ss@127.0.0.1:7/0"})
+    assert cfg.redis.login("worker").user == "u/1" and cfg.redis.login("worker").password == "p@ss"
+    assert connect.celery_settings(cfg.redis, "worker", 60)["broker_url"] == "redis://u%2F1:p%40ss@127.0.0.1:7/0"
+
+
 def test_stork_redis_url_in_the_environment_wins_over_sentinels():
     cfg = parse(SENTINELS, {"STORK_NODE": "n", "STORK_REDIS_URL": "redis://127.0.0.1:7/0"})
     assert not cfg.redis.sentinels and cfg.redis.url == "redis://127.0.0.1:7/0"

@@ -114,6 +114,14 @@ def test_a_target_that_cannot_be_reached_is_one_line_without_its_path(client):
     assert "secret" not in str(caught.value) and "token" not in str(caught.value)
 
 
+def test_a_url_that_http_cannot_even_parse_is_one_line_without_its_login():
+    """Not through the config, which refuses a login before the host: urlopen's InvalidURL
+    (no URLError, no OSError) quoted it, and went out whole as the task's failure."""
+    with pytest.raises(notify.DeliveryError, match=r"^webhook https://hooks\.example: InvalidURL$") as caught:
+        notify._post({"url": "https://u:tok3n@hooks.example/x"}, notify.event("job-failed", "x"))
+    assert "tok3n" not in str(caught.value)
+
+
 NOTIFY = "[notify.n]\n"
 
 
@@ -129,6 +137,12 @@ NOTIFY = "[notify.n]\n"
     (NOTIFY + "type = 'webhook'\nurl = 'http://h/x'\nevents = ['job-failed', 'coffee']\n", r"notify.n.events = "),
     (NOTIFY + "type = 'webhook'\nurl = 'http://h/x'\nevents = ['backup-stale']\n", r"backup-stale needs stale-after"),
     ("[notify.N]\ntype = 'webhook'\nurl = 'http://h/x'\n", r"\[notify.N\]: invalid notify name"),
+    # a login before the host: urlopen's error quoted it (a token) in the task's failure, and Flower
+    (NOTIFY + "type = 'webhook'\nurl = 'https://u:tok3n@hooks.example/x'\n",
+     r"notify.n.url = '\*\*\*': expected .*no login before its host"),
+    # a mail login over plain TCP would send the password in the clear
+    (NOTIFY + "type = 'smtp'\nhost = 'h'\nfrom = 'a@b'\nto = ['o@p']\nusername = 'u'\npassword = 'p'\n",
+     r"notify.n: a login is sent only over TLS: set starttls = true"),
 ])
 def test_a_bad_notify_target_is_one_config_error_naming_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):

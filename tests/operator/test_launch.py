@@ -42,12 +42,41 @@ def test_the_local_redis_is_only_started_for_a_local_url(tmp_path):
 
 
 def test_a_redis_password_goes_to_a_private_file_not_the_command_line(tmp_path):
-    """The local Redis gets the URL's password through a 0600 config file."""
-    argv = redis_server.argv_for("redis://:hunter2@127.0.0.1:6399/0", str(tmp_path))
+    """The local Redis gets the URL's password through a 0600 config file: decoded, as redis-py
+    sends it (a percent-encoded one was written encoded, and no login matched), and quoted, so
+    that no character of it (a quote, a line break) ends it or starts another directive."""
+    import subprocess
+
+    import redis
+
+    from worker.testing import free_port, wait_for
+
+    port = free_port()
+    url = f"redis://:p%40ss%20w%22rd%0Areplicaof%20127.0.0.1%201@127.0.0.1:{port}/0"
+    argv = redis_server.argv_for(url, str(tmp_path))
     conf = Path(argv[1])
-    assert not any("hunter2" in a for a in argv)
-    assert conf.read_text() == "requirepass hunter2\n" and conf.stat().st_mode & 0o777 == 0o600
+    assert not any("p@ss" in a or "%40" in a for a in argv)
+    assert conf.stat().st_mode & 0o777 == 0o600 and "replicaof" not in conf.read_text()
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis.from_url(url)
+        wait_for(lambda: _answers(client), 10, "the local Redis to answer")
+        assert client.info("replication")["role"] == "master"  # the password's "line" is no directive
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, password="p@ss").ping()
+    finally:
+        server.kill()
+        server.wait()
     assert redis_settings.redact("redis://user:hunter2@host:1/0") == "redis://user:***@host:1/0"
+
+
+def _answers(client) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
 
 
 def test_make_run_starts_a_working_system_from_nothing(tmp_path):
@@ -74,7 +103,8 @@ def test_make_run_starts_a_working_system_from_nothing(tmp_path):
         assert (tmp_path / "var/images/101/vm-101-disk-0.qcow2").exists()
         flower_up = lambda: urllib.request.urlopen(f"http://127.0.0.1:{flower_port}/", timeout=2).status == 200  # noqa: E731
         wait_for(lambda: _quietly(flower_up), 30, "Flower to answer")
-        assert (tmp_path / "var/celerybeat-schedule").exists() or list(tmp_path.glob("var/celerybeat-schedule*"))
+        wait_for(lambda: "beat: Starting" in log.read_text(), 30, "beat to start")
+        assert not list(tmp_path.glob("var/celerybeat-schedule*"))  # kept in memory: no pickle (shelve) file to load
         metrics = lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()  # noqa: E731
         wait_for(lambda: _quietly(metrics), 30, "the metrics endpoint to answer")
         scraped = metrics().decode()

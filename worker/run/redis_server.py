@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from drivers import config
 from drivers.errors import StorkError
@@ -30,9 +30,16 @@ def argv_for(url: str, data_dir: str) -> list[str]:
     if not exe:
         raise StorkError("redis-server is not installed (Debian: apt-get install redis-server)")
     conf = Path(data_dir) / "stork-redis.conf"
-    conf.touch(mode=0o600)
-    conf.chmod(0o600)
-    conf.write_text(f"requirepass {parsed.password}\n" if parsed.password else "")
+    # the password as redis-py sends it (decoded), each byte an escape in a quoted string: no
+    # character of it can end the value or start another directive
+    text = 'requirepass "' + "".join(f"\\x{b:02x}" for b in unquote(parsed.password).encode()) + '"\n' \
+        if parsed.password else ""
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
     return [exe, str(conf), "--bind", host, "--port", str(port), "--dir", data_dir,
             "--maxmemory-policy", "noeviction", "--appendonly", "yes", "--save", ""]
 
