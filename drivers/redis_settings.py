@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 from drivers.errors import ConfigError
 
@@ -40,7 +39,11 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 PASSWORD_FILE_MAX = 4096
 URL_EXPECTED = ("a redis://, rediss:// or unix:// URL (port 1-65535, database a number, unix:// with a path; "
                 "no password in its query: [redis.users.<role>] with a password_file)")
-_QUERY_PASSWORD = re.compile(r"(?i)((?:^|&)password=)[^&]*")
+_QUERY_SECRETS = ("password", "ssl_password")  # redis-py takes both from a URL's query, its keys decoded
+
+
+def _query_secret(item: str) -> bool:
+    return unquote_plus(item.partition("=")[0]).lower() in _QUERY_SECRETS
 
 
 def url_ok(v: Any) -> bool:
@@ -52,7 +55,7 @@ def url_ok(v: Any) -> bool:
         port = parts.port  # ValueError when not a number from 0 to 65535
     except ValueError:
         return False
-    if _QUERY_PASSWORD.search(parts.query):  # redis-py takes one there: unchecked, unredacted, in every line
+    if any(_query_secret(item) for item in parts.query.split("&")):  # unchecked, unredacted, in every line
         return False
     if parts.scheme == "unix":
         return bool(parts.path)
@@ -63,7 +66,8 @@ def url_ok(v: Any) -> bool:
 def redact(url: str) -> str:
     """A URL fit for messages and logs: any password (before its host, or in its query) replaced by ***."""
     before, mark, query = url.partition("?")
-    url = before + mark + _QUERY_PASSWORD.sub(r"\1***", query)
+    url = before + mark + "&".join(f"{item.partition('=')[0]}=***" if _query_secret(item) else item
+                                   for item in query.split("&"))
     parts = urlsplit(url)
     if not parts.password:
         return url

@@ -155,6 +155,8 @@ def test_storages_know_which_nodes_they_exist_on():
          r"redis.url = 'redis://h:1/0\?password=\*\*\*': expected .*no password in its query"),
         ("[redis]\nurl = 'unix:///run/redis.sock?db=1&Password=hunter2'\n",
          r"redis.url = 'unix:///run/redis.sock\?db=1&Password=\*\*\*': expected"),
+        ("[redis]\nurl = 'rediss://h:1/0?%70assword=hunter2'\n", r"redis.url = 'rediss://h:1/0\?%70assword=\*\*\*'"),
+        ("[redis]\nurl = 'rediss://h:1/0?ssl_password=hunter2'\n", r"redis.url = 'rediss://h:1/0\?ssl_password=\*\*\*'"),
         ("[flower]\nbasic_auth = 'admin'\n", r"flower.basic_auth = '\*\*\*': expected user:password\[,user:pass"),
         ("[flower]\nbasic_auth = 'a:b,:c'\n", r"flower.basic_auth = '\*\*\*': expected .*each with a user and a"),
         ("not toml [", r"not valid TOML"),
