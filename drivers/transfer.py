@@ -81,7 +81,15 @@ def make_key(path: Path) -> None:
 
 def check_key(path: Path) -> None:
     """Refuse a key file that is missing, not a regular file, readable by others than its
-    owner, or not one `stork:<hex>` line: a transfer never starts on a key it cannot trust."""
+    owner, in a folder others may replace it in, or not one `stork:<hex>` line: a transfer
+    never starts on a key it cannot trust. (qemu reads the key by its name later: the folder
+    rule keeps what it reads the file checked here.)"""
+    try:
+        folder = os.stat(path.parent)
+    except OSError as e:
+        raise Refused(f"cluster key {path}: cannot be read: {e.strerror}") from None
+    if folder.st_mode & 0o022 and not folder.st_mode & stat.S_ISVTX:
+        raise Refused(f"cluster key {path}: its folder is writable by others than its owner, who could replace it")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:

@@ -34,10 +34,14 @@ def test_a_made_key_is_one_line_for_its_owner_only_and_is_never_overwritten(tmp_
     ("directory", "not a regular file"),
     ("garbage", "expected one line stork:<hex digits> ('stork cluster key' makes one)"),
     ("other identity", "expected one line stork:<hex digits> ('stork cluster key' makes one)"),
+    ("open folder", "its folder is writable by others than its owner, who could replace it"),
 ])
 def test_a_key_that_cannot_be_trusted_is_refused(tmp_path, setup, message):
     key = tmp_path / "cluster.psk"
-    if setup == "loose":
+    if setup == "open folder":  # the key is checked, then read by qemu by its name: it must stay the one checked
+        transfer.make_key(key)
+        tmp_path.chmod(0o777)
+    elif setup == "loose":
         transfer.make_key(key)
         key.chmod(0o644)
     elif setup == "symlink":
