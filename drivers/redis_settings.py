@@ -291,6 +291,11 @@ def parse(file: Path, table: Mapping[str, Any], env: Mapping[str, str], path: Ca
     if not url_ok(url):  # the file's was checked; this one came from the environment
         raise ConfigError(f"STORK_REDIS_URL = {_shown('url', url)}: expected {URL_EXPECTED}")
     users = table.get("users", {})
+    if users and (urlsplit(url).username or urlsplit(url).password):
+        # redis-py takes the URL's login over any it is given: stork's own client would log in
+        # as the URL's user, and Celery's as the role's
+        where = "STORK_REDIS_URL" if env.get("STORK_REDIS_URL") else "redis.url"
+        raise ConfigError(f"{file}: {where} holds a login and [redis.users] are configured: keep one")
     inline = [f"redis.users.{role}.password" for role, entry in users.items() if "password" in entry]
     inline += ["redis.sentinel_password"] if "sentinel_password" in table else []
     inline += ["redis.url"] if urlsplit(table.get("url", "")).password else []

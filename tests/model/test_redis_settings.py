@@ -37,6 +37,9 @@ def parse(text: str, env: dict[str, str] | None = None) -> config.Config:
         (SENTINELS + "wait_replicas = 17\n", r"redis.wait_replicas = 17: expected a number of replicas"),
         (SENTINELS + "sentinel_password = 5\n", r"redis.sentinel_password = '\*\*\*': expected a password"),
         (SENTINELS + "sentinel_password = 'a'\nsentinel_password_file = 'f'\n", r"both set \(keep one\)"),
+        # redis-py would log stork's own client in as the URL's user, and Celery as the role's
+        ("[redis]\nurl = 'redis://u:p@127.0.0.1:1/0'\n[redis.users.worker]\nuser = 'w'\npassword = 'x'\n",
+         r"redis.url holds a login and \[redis.users\] are configured: keep one"),
         ("[redis]\nbogus = 1\n", r"unknown key redis.bogus \(expected one of: url, sentinels"),
         ("[redis.users.admin]\nuser = 'x'\n", r"\[redis.users.admin\]: unknown role \(expected one of: worker, "),
         ("[redis.users.worker]\nuser = 'x'\nrole = 'y'\n", r"unknown key redis.users.worker.role"),
