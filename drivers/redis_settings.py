@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit, urlunsplit
 
 from drivers.errors import ConfigError
 
@@ -57,8 +57,9 @@ def url_ok(v: Any) -> bool:
         return False
     if any(_query_secret(item) for item in parts.query.split("&")):  # unchecked, unredacted, in every line
         return False
-    if parts.scheme == "unix":
-        return bool(parts.path)
+    if parts.scheme == "unix":  # its database in the query (?db=N), as redis-py reads it
+        dbs = [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == "db"]
+        return bool(parts.path) and all(v.isascii() and v.isdigit() for v in dbs)
     db = parts.path.lstrip("/")
     return parts.scheme in ("redis", "rediss") and port != 0 and (not db or (db.isascii() and db.isdigit()))
 

@@ -24,7 +24,7 @@ import ssl
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 import redis
 import structlog
@@ -173,6 +173,9 @@ def client(settings: RedisSettings, role_name: str, retry: Retry | None = None, 
     }
     if not settings.sentinels:
         options.pop("ssl", None)  # rediss:// says so, and picks the connection class
+        if urlsplit(settings.url).scheme == "unix":  # a socket has no TCP keepalive (redis-py refuses the options)
+            options.pop("socket_keepalive")
+            options.pop("socket_keepalive_options")
         return redis.Redis.from_url(settings.url, **options)
     sentinels = Sentinel(list(settings.sentinels), sentinel_kwargs=sentinel_kwargs(settings),
                          **{k: v for k, v in options.items() if k.startswith(("socket_", "ssl"))})
@@ -189,8 +192,9 @@ def _url(settings: RedisSettings, login: Login) -> str:
     if settings.sentinels:
         return ";".join(f"sentinel://{auth}{host}:{port}/{settings.db}" for host, port in settings.sentinels)
     parts = urlsplit(settings.url)
-    if parts.scheme == "unix":
-        return settings.url if not auth else urlunsplit(parts._replace(netloc=auth.rstrip("@") + "@"))
+    if parts.scheme == "unix":  # kombu has no unix://: its name is redis+socket://, the database its virtual host
+        db = next((v for k, v in parse_qsl(parts.query) if k == "db"), "0")
+        return f"redis+socket://{auth}{parts.path}?virtual_host={db}"
     host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname or "127.0.0.1"
     netloc = f"{auth}{host}{':' + str(parts.port) if parts.port else ''}"
     return urlunsplit(parts._replace(netloc=netloc))

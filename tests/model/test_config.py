@@ -149,6 +149,7 @@ def test_storages_know_which_nodes_they_exist_on():
         ("[redis]\nurl = 'redis://127.0.0.1:0/0'\n", r"redis.url = 'redis://127.0.0.1:0/0': expected .*port 1-65535"),
         ("[redis]\nurl = 'redis://127.0.0.1/zero'\n", r"redis.url = 'redis://127.0.0.1/zero': expected .*database a"),
         ("[redis]\nurl = 'unix://'\n", r"redis.url = 'unix://': expected .*unix:// with a path"),
+        ("[redis]\nurl = 'unix:///run/redis.sock?db=x'\n", r"redis.url = 'unix:///run/redis.sock\?db=x': expected"),
         ("[redis]\nurl = 'redis://:hunter2@h:x/0'\n", r"redis.url = 'redis://:\*\*\*@h:x/0': expected a redis://"),
         # redis-py takes a password from the query too: it escaped the readable-file check and every redaction
         ("[redis]\nurl = 'redis://h:1/0?password=hunter2'\n",

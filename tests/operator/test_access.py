@@ -184,3 +184,31 @@ def test_make_run_names_a_redis_that_refuses_the_workers_login(secured, tmp_path
             '[redis.users.worker]\nuser = "stork-worker"\npassword_file = "worker.pass"\n')
     with pytest.raises(StorkError, match=rf"Redis at redis://127.0.0.1:{secured.port}/0: .*(invalid|WRONGPASS)"):
         launch.redis_answers(config.parse(text, tmp_path / "stork.toml", {"STORK_NODE": "acl1"}))
+
+
+def test_a_worker_and_the_cli_work_through_a_unix_socket(tmp_path):
+    """A unix:// URL, which the config takes and redis-py speaks, left a worker unable to start:
+    kombu has no unix:// transport (its name for a socket is redis+socket://). Its database
+    (?db=3) is the worker's and the CLI's alike."""
+    from drivers import config
+    from producer.client import Client
+
+    sock = tmp_path / "redis.sock"
+    server = testing.RedisServer(free_port(), tmp_path, extra=("--unixsocket", str(sock), "--unixsocketperm", "700"))
+    try:
+        (tmp_path / "stork.toml").write_text(f'[redis]\nurl = "unix://{sock}?db=3"\n[paths]\nguests = "guests"\n'
+                                             'locks = "lock"\n[storage.local]\ntype = "dir"\npath = "images"\n')
+        env = {**os.environ, "STORK_CONFIG": str(tmp_path / "stork.toml"), "STORK_NODE": "sock1"}
+        env.pop("STORK_REDIS_URL", None)
+        env.pop("STORK_ROLE", None)
+        worker = testing.Worker("sock1", tmp_path, concurrency=1, env=env)
+        try:
+            answers = Client(config.load(env)).ping(["sock1"], timeout=30)
+            assert [a["ok"] for a in answers] == [True], answers
+        finally:
+            worker.stop()
+        in_db = redis.Redis(unix_socket_path=str(sock), db=3)
+        assert in_db.exists("stork:jobs") and not redis.Redis(unix_socket_path=str(sock)).exists("stork:jobs")
+    finally:
+        server.stop()
+

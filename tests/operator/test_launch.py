@@ -39,6 +39,8 @@ def test_the_local_redis_is_only_started_for_a_local_url(tmp_path):
     assert "noeviction" in argv
     with pytest.raises(StorkError, match=r"Redis at redis://:\*\*\*@10.1.2.3:6379/0 is not local"):
         redis_server.argv_for("redis://:hunter2@10.1.2.3:6379/0", str(tmp_path))
+    with pytest.raises(StorkError, match=r"Redis at unix:///run/r.sock is not running: start it there"):
+        redis_server.argv_for("unix:///run/r.sock", str(tmp_path))  # not a TCP Redis on 6379 in its place
 
 
 def test_a_redis_password_goes_to_a_private_file_not_the_command_line(tmp_path):

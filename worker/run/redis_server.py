@@ -24,6 +24,9 @@ def argv_for(url: str, data_dir: str) -> list[str]:
     `data_dir` (never onto the command line, which every local user can read)."""
     parsed = urlparse(url)
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
+    if parsed.scheme == "unix":
+        raise StorkError(f"Redis at {redact(url)} is not running: start it there, stork only starts one on a "
+                         "local port")
     if host not in LOCAL_HOSTS:
         raise StorkError(f"Redis at {redact(url)} is not local: start it there, stork only starts a local one")
     exe = shutil.which("redis-server")
