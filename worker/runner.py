@@ -157,9 +157,7 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int, carried: JobRec
         holder = (job.current or {}).get("worker")
         turn = {"done": index, **({"owner": holder} if holder else {"idle": True})}
     _refuse_or_cancel(r, job, kind, index, turn)
-    if job.queues[index] not in (SHARED_QUEUE, node_queue(cfg.node)):
-        log.warning("step_not_for_this_node", job_id=job_id, step=kind.steps[index].name, queue=job.queues[index])
-        raise Ignore()  # a message that carries it here was not sent by stork (`through` is input)
+    _refuse_elsewhere(job, index, cfg.node, "step")  # `through` is input
     try:
         attempt = _start_step(r, cfg, job, kind, index, me, turn, _task_of(task))  # inside run_steps' working_on
     except _ReadAgain:
@@ -177,6 +175,15 @@ def run_step(task: Task, job_id: str, kind: JobKind, index: int, carried: JobRec
                                f"the end of step {kind.steps[index].name} of job {job_id}")
     job.done, job.current = kind.next_step(job.params, index), None  # as the finish wrote them
     return job
+
+
+def _refuse_elsewhere(job: JobRecord, index: int, node: str, what: str) -> None:
+    """Ignore a step or undo whose queue is another node's: a message that carries it here was
+    not sent by stork, and run here it would read the step's node-local volume ids as this
+    node's (an undo would free a same-named volume)."""
+    if job.queues[index] not in (SHARED_QUEUE, node_queue(node)):
+        log.warning(f"{what}_not_for_this_node", job_id=job.id, step=job.steps[index], queue=job.queues[index])
+        raise Ignore()
 
 
 class _ReadAgain(Exception):
@@ -545,11 +552,7 @@ def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
         return
     if next((i for i in job.undo if i not in job.undone), None) != index or job.undo_retry.get("at", 0) > time.time():
         raise Ignore()  # undos run in order, and a failed one waits for its retry time
-    if job.queues[index] not in (SHARED_QUEUE, node_queue(cfg.node)):
-        # as for a step: a message that carries it here was not sent by stork; run here, it would
-        # read the step's node-local volume ids as this node's (and free a same-named volume)
-        log.warning("undo_not_for_this_node", job_id=job_id, step=step.name, queue=job.queues[index])
-        raise Ignore()
+    _refuse_elsewhere(job, index, cfg.node, "undo")
     structlog.contextvars.bind_contextvars(job_id=job_id, kind=kind.name, step=f"undo_{step.name}", node=cfg.node)
     holder = (job.current or {}).get("worker")
     if holding(r, holder, job_id):
