@@ -81,7 +81,7 @@ def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
             try:
                 made = copy_snapshot(source, target, snapshot, reseal)
                 result.written += made.manifest.written
-                if made.state.verify is not None and not made.state.verify.ok:  # a chunk set aside meanwhile
+                if candidate(made).failed:  # recorded so at its commit: a chunk set aside meanwhile
                     result.failed[id] = "its copy is recorded failed in the target: a chunk it names was found " \
                                         "damaged there meanwhile (forget that copy, and the next sync copies it again)"
                 else:
