@@ -706,13 +706,13 @@ class ChunkStore:
         chunks it names (`named`, which its writer knows; else read from its indexes) are gone
         by now: a verify set them aside while it was made. Its new state; None where none is gone."""
         parsed = backup_id(id)
-        if not (lost := self._missing_chunks(self._chunks_of(parsed) if named is None else named)):
+        if not (lost := self.missing_chunks(self._chunks_of(parsed) if named is None else named)):
             return None
         problems = tuple(Problem(d, f"chunk {d}: damaged or missing (moved aside by a verify while this "
                                     "backup was made)") for d in lost)
         return self._change_state(parsed, verify=VerifyResult("failed", now_text(), problems))
 
-    def _missing_chunks(self, digests: Iterable[str]) -> list[str]:
+    def missing_chunks(self, digests: Iterable[str]) -> list[str]:
         """Those of `digests` no chunk file is at: a shared lock per chunk folder, a stat per chunk."""
         missing = []
         for prefix, group in itertools.groupby(sorted(digests), key=lambda digest: digest[:4]):

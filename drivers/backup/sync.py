@@ -28,6 +28,7 @@ Progress = Callable[[int, int, str], None]  # (snapshots done, snapshots in all,
 class SyncResult:
     copied: list[str] = field(default_factory=list)  # snapshot ids now in the target
     present: int = 0  # snapshots the target held already
+    mended: list[str] = field(default_factory=list)  # copies the target recorded failed, now whole and verified
     written: int = 0  # bytes of chunk files written into the target
     failed: dict[str, str] = field(default_factory=dict)  # snapshot id -> why it was not copied
 
@@ -72,7 +73,10 @@ def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
     for n, snapshot in enumerate(wanted):
         id = str(snapshot.id)
         if id in held and same_backup(snapshot, held[id], reseal):
-            result.present += 1
+            if candidate(held[id]).failed:  # never counted present: the offsite copy would not restore
+                _mend(result, source, target, snapshot, reseal)
+            else:
+                result.present += 1
         elif id in held or id in unreadable:  # made there, or synced from another store with a clashing guest id
             result.failed[id] = (f"the target's backup under this id cannot be read: {unreadable[id]}" if id in
                                  unreadable else "the target holds another backup under this id (its config or "
@@ -83,7 +87,7 @@ def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
                 result.written += made.manifest.written
                 if candidate(made).failed:  # recorded so at its commit: a chunk set aside meanwhile
                     result.failed[id] = "its copy is recorded failed in the target: a chunk it names was found " \
-                                        "damaged there meanwhile (forget that copy, and the next sync copies it again)"
+                                        "damaged there meanwhile (the next sync writes it again)"
                 else:
                     result.copied.append(id)
             except AlreadyExists:  # another sync copied it meanwhile, or a backup was made there under the id
@@ -105,6 +109,56 @@ def _present_or_other(result: SyncResult, snapshot: Snapshot, target: ChunkStore
         result.failed[id] = "the target holds another backup under this id (made meanwhile): not copied"
     except (Corrupt, NotFound, Refused) as e:
         result.failed[id] = f"the target's backup under this id cannot be read: {e}"
+
+
+def _mend(result: SyncResult, source: ChunkStore, target: ChunkStore, snapshot: Snapshot, reseal: bool) -> None:
+    """A copy the target records failed (a verify there found chunks it names damaged or
+    missing): each chunk it lacks written again from the source, then the copy verified there,
+    which records it sound again. As Proxmox Backup Server's resync of corrupt snapshots, but
+    the copy stays where it is meanwhile: it is only ever added to."""
+    id = str(snapshot.id)
+    try:
+        written, prefixes = 0, set()
+        for key in snapshot.manifest.disks:
+            pairs = _chunk_pairs(source.index(id, key), target.index(id, key))
+            for digest in target.missing_chunks(pairs):
+                written += _put_again(source, target, digest, pairs[digest], reseal)
+                prefixes.add(digest[:4])
+        target.flush_chunk_folders(prefixes)  # durable before the verify's "ok" points at them
+        result.written += written
+        verdict = target.verify(id)
+    except (Corrupt, NotFound, Refused, InvalidName) as e:
+        result.failed[id] = f"its copy in the target is recorded failed and could not be mended from here: {e}"
+        return
+    if verdict.ok:
+        result.mended.append(id)
+    else:
+        result.failed[id] = (f"its copy in the target is recorded failed and is still damaged after a mend from here: "
+                             f"{verdict.problems[0].error} ('stork backup forget' that copy, and the next sync copies "
+                             "it again)")
+
+
+def _chunk_pairs(source: Index, target: Index) -> dict[str, str]:
+    """Each chunk the target's index names -> the source's chunk at the same place (the same
+    digest, unless the copy was re-encrypted); Corrupt where the two are not laid out alike."""
+    pairs: dict[str, str] = {}
+    mine, theirs = list(source.digests()), list(target.digests())
+    if len(mine) != len(theirs) or any(a[0] != b[0] for a, b in zip(mine, theirs, strict=True)):
+        raise Corrupt("its index in the target does not lay out its chunks as the source's does")
+    for (_, here), (_, there) in zip(mine, theirs, strict=True):
+        if pairs.setdefault(there, here) != here:
+            raise Corrupt(f"chunk {there}: stands for two chunks of the source")
+    return pairs
+
+
+def _put_again(source: ChunkStore, target: ChunkStore, digest: str, from_digest: str, reseal: bool) -> int:
+    """Chunk `digest` of the target written again from the source's `from_digest`: bytes written."""
+    if not reseal:
+        return target.put_stored(digest, source.read_stored(from_digest))
+    made, written = target.put_chunk(source.read_chunk(from_digest))
+    if made != digest:
+        raise Corrupt(f"chunk {digest}: the source's data at its place seals under another name ({made})")
+    return written
 
 
 def same_backup(source: Snapshot, target: Snapshot, resealed: bool) -> bool:

@@ -95,6 +95,52 @@ def test_a_copy_whose_reused_chunk_was_set_aside_meanwhile_is_named_failed_not_c
     result = sync(here, offsite)
     assert result.copied == [] and "its copy is recorded failed in the target" in result.failed[str(later.id)]
     assert not offsite.snapshot(str(later.id)).state.verify.ok
+    monkeypatch.undo()
+    again = sync(here, offsite)  # the next one mends it: the lost chunk written again, the copy verified
+    assert (again.mended, again.present, again.failed) == ([str(later.id)], 1, {})
+    assert offsite.snapshot(str(later.id)).state.verify.ok and same_backups(here, offsite)
+
+
+@pytest.mark.parametrize("keys", ["plain", "same key", "re-encrypted"])
+def test_a_copy_a_verify_of_the_target_found_damaged_is_mended_from_the_source_never_counted_present(tmp_path, keys):
+    """One chunk of the target's copy rots and the target's verify sets it aside: the next
+    sync writes that chunk again from the source (sealed anew under the target's key where it
+    re-encrypts), verifies the copy there, and only then counts it; the sync after counts it
+    present. A copy recorded failed never counts as present: the offsite copy would not restore."""
+    key = os.urandom(32)
+    here, offsite = stores(tmp_path, *{"plain": (None, None), "same key": (key, None),
+                                       "re-encrypted": (key, os.urandom(32))}[keys])
+    reencrypt = keys == "re-encrypted"
+    snap = back_up(here, 100, T0, {"scsi0": noise(3 * CS, 1)})
+    assert sync(here, offsite, reencrypt=reencrypt).copied == [str(snap.id)]
+    rotten = offsite.index(str(snap.id), "scsi0").chunks[1]
+    path = chunk_path(offsite, rotten)
+    path.write_bytes(path.read_bytes()[:-1] + b"!")
+    assert not offsite.verify(str(snap.id)).ok and not path.exists()  # set aside as .bad
+    result = sync(here, offsite, reencrypt=reencrypt)
+    assert (result.mended, result.present, result.copied, result.failed) == ([str(snap.id)], 0, [], {})
+    assert result.written > 0 and path.exists() and offsite.snapshot(str(snap.id)).state.verify.ok
+    assert disk_data(offsite, str(snap.id)) == noise(3 * CS, 1)
+    after = sync(here, offsite, reencrypt=reencrypt)
+    assert (after.mended, after.present, after.written) == ([], 1, 0)
+
+
+def test_a_failed_copy_the_source_cannot_mend_is_named_at_every_sync_and_left_as_it_is(tmp_path):
+    """The chunk is gone from the source too: the copy is named failed, sync after sync (never
+    counted present), and nothing of it is removed: what of it still reads stays."""
+    here, offsite = stores(tmp_path)
+    snap = back_up(here, 100, T0, {"scsi0": noise(2 * CS, 1)})
+    assert sync(here, offsite).copied == [str(snap.id)]
+    lost = offsite.index(str(snap.id), "scsi0").chunks[0]
+    chunk_path(offsite, lost).unlink()
+    chunk_path(here, lost).unlink()
+    assert not offsite.verify(str(snap.id)).ok
+    for _ in range(2):
+        result = sync(here, offsite)
+        assert (result.mended, result.present) == ([], 0)
+        why = result.failed[str(snap.id)]
+        assert f"recorded failed and could not be mended from here: chunk {lost}: missing" in why
+    assert offsite.exists(str(snap.id)) and not offsite.snapshot(str(snap.id)).state.verify.ok
 
 
 def test_a_sync_of_some_guests_copies_only_theirs(tmp_path):

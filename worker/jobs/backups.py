@@ -444,7 +444,7 @@ def sync_backups(ctx: StepContext) -> None:
     vmids, keep = set(ctx.params["vmids"]) or None, Keep(**ctx.params["keep"])
     result = sync(source, target, vmids, progress=lambda done, total, what: ctx.progress(done, total, what),
                   keep=keep, reencrypt=ctx.params.get("reencrypt", False))
-    ctx.set_result(copied=result.copied, present=result.present, written=result.written)
+    ctx.set_result(copied=result.copied, present=result.present, mended=result.mended, written=result.written)
     if keep.keeps_something:
         pruned = _prune(target, keep, vmids, dry_run=False)
         ctx.set_result(pruned=pruned["removed"], **({"warning": pruned["warning"]} if "warning" in pruned else {}))
