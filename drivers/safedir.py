@@ -163,6 +163,24 @@ class SafeDir:
             return False
 
     @staticmethod
+    def spelled_so(folder: int, name: str) -> bool:
+        """Is the entry `name` finds in `folder` spelled `name`? A file system that folds case
+        (CIFS, ZFS with casesensitivity=insensitive, an ext4 folder with casefold) finds
+        `Vm-100-disk-0.raw` for `vm-100-disk-0.raw`: a volume id typed in another case would then
+        free or rename a volume that guest configs, job records and clones name in its own case,
+        each checked as spelled. Only where the name's other case finds the same file is the
+        folder listed; an absent name is spelled so (the caller finds it absent)."""
+        other = name.swapcase()
+        if other == name:
+            return True
+        try:
+            mine = os.stat(name, dir_fd=folder, follow_symlinks=False)
+            theirs = os.stat(other, dir_fd=folder, follow_symlinks=False)
+        except FileNotFoundError:
+            return True  # no entry, or a file system that tells the two cases apart
+        return (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino) or name in os.listdir(folder)
+
+    @staticmethod
     def regular_files(folder: int) -> list[str]:
         """Names of the regular files in `folder` (symlinks and special files are not listed)."""
         with os.scandir(folder) as entries:

@@ -216,6 +216,9 @@ class DirDriver(Driver):
         try:
             with self._dir.folder(self._folder(vol)) as folder:
                 fd = self._dir.open(folder, _file(vol), write, label=self.volid(vol))
+                if not self._dir.spelled_so(folder, _file(vol)):  # another case's file, on a file system that folds it
+                    os.close(fd)
+                    raise NotFound(self.volid(vol))
                 if write and os.fstat(fd).st_nlink > 1:
                     self._dir.drop_temp_links(folder, _file(vol), fd)  # a crashed maker's temp name: not a link out
                     if os.fstat(fd).st_nlink > 1:
@@ -287,7 +290,7 @@ class DirDriver(Driver):
         use of it is refused.)"""
         try:
             with self._dir.folder(self._folder(vol)) as folder:
-                return self._dir.entry_exists(folder, _file(vol))
+                return self._dir.entry_exists(folder, _file(vol)) and self._dir.spelled_so(folder, _file(vol))
         except NotFound:
             return False
 

@@ -253,3 +253,42 @@ def test_where_a_file_system_gives_no_generation_its_file_handle_tells_a_volume_
             assert safedir._handle_digest(fd) == drv.identity(vol).split(":")[2]
         finally:
             os.close(fd)
+
+
+@pytest.fixture
+def folding(tmp_path):
+    """A dir storage on a file system that folds case: a ZFS dataset with casesensitivity=
+    insensitive in the session's zfs-fuse pool (as a CIFS share is)."""
+    from tests.conftest import NO_ZFS, ZFS
+
+    if NO_ZFS:
+        pytest.skip(f"zfs: {NO_ZFS}")
+    dataset = f"{ZFS.name}/folds{tmp_path.name[-12:].replace('-', '')}"
+    subprocess.run(["zfs", "create", "-o", "casesensitivity=insensitive", dataset], check=True, capture_output=True)
+    try:
+        yield driver_for(StorageConfig("cifs", "dir", options={"path": ZFS.mount / dataset.split("/", 1)[1]}))
+    finally:
+        subprocess.run(["zfs", "destroy", "-r", dataset], check=False, capture_output=True)
+
+
+def test_a_volume_id_in_another_case_is_unknown_where_the_file_system_folds_case(folding):
+    """`VM-100-DISK-0` finds the file of `vm-100-disk-0` there, but guest configs, job records and
+    the clones' headers name it as spelled: an id in another case is no volume, and freeing,
+    basing or opening it is refused, the volume and the base its clone reads through kept."""
+    drv = folding
+    disk, base = VolName(100, "vm-100-disk-0", "raw"), VolName(None, "golden", "raw")
+    drv.allocate(disk, 1 << 20)
+    drv.allocate(VolName(101, "vm-101-disk-0", "raw"), 1 << 20)
+    drv.make_base(VolName(101, "vm-101-disk-0", "raw"), base)
+    clone = drv.next_disk_name(102, "qcow2")
+    drv.link_clone(base, clone)
+    assert (drv.storage.path / "100" / "VM-100-DISK-0.raw").exists()  # the file system folds case
+    for other in (VolName(100, "VM-100-DISK-0", "raw"), VolName(None, "Golden", "raw")):
+        assert not drv.exists(other)
+        with pytest.raises(NotFound, match="unknown volume"):
+            drv.free_volume(other)
+        with pytest.raises(NotFound, match="unknown volume"):
+            drv.identity(other)
+    drv.free(VolName(None, "GOLDEN", "raw"))  # an undo's free of a name it never made: nothing to do
+    assert drv.exists(disk) and drv.exists(base) and drv.parent_of(clone) == base
+    assert drv.clones_of(base) == [clone]

@@ -435,6 +435,23 @@ def test_guest_configs_are_replaced_whole_never_rewritten_in_place(client, vmid)
     assert not [p for p in (BASE / "guests").iterdir() if p.name.startswith(f".{g}.toml") and p.name.endswith(".tmp")]
 
 
+def test_a_new_disk_never_takes_a_name_its_guest_names_though_the_storage_lists_nothing_there(client, vmid):
+    """The guest's disk is away from the storage (its file system not mounted, say): a disk
+    added meanwhile takes the next name, not the one the guest names already, so once the old
+    disk is back the guest has two disks, not one named twice (written over by its "new" one)."""
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M", "format": "raw"}})
+    disk = storage_path("local") / f"{g}/vm-{g}-disk-0.raw"
+    away = disk.with_name("away")
+    disk.rename(away)
+    try:
+        job = client.run("add_disk", vmid=g, disks={"scsi1": {"storage": "local", "size": "8M", "format": "raw"}})
+    finally:
+        away.rename(disk)
+    assert job.state == "succeeded", job.error
+    assert client.guest(g).disks == {"scsi0": f"local:{g}/vm-{g}-disk-0.raw", "scsi1": f"local:{g}/vm-{g}-disk-1.raw"}
+
+
 def test_a_move_whose_source_cannot_be_freed_still_stands(client, vmid):
     """--delete-source runs after the move is committed: a source that cannot be freed is
     kept as unused and reported; the guest keeps its new disk."""

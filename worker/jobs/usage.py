@@ -174,6 +174,16 @@ def require_unused(ctx: StepContext, volid: str, count_unused: bool = True, but:
         raise Refused(f"{volid} is in use by {', '.join(found)}")
 
 
+def named_by_a_guest(ctx: StepContext, volid: str) -> bool:
+    """Does any guest config name `volid` (a disk, unused, a replica; this job's own guests too)
+    where it stands on this node? A new volume never takes such a name, though the storage
+    lists nothing under it (a storage whose file system is not mounted, a volume removed by
+    hand): the guest would name one volume twice, and, once the storage is back, write its new
+    disk over its old one."""
+    shared = ctx.cfg.storage(names.volume_id(volid).storage).shared
+    return any(named_here(g, volid, ctx.node, shared) for g in candidates(ctx, volid))
+
+
 # ---- claims on names being made ---------------------------------------------------------
 
 
