@@ -52,6 +52,11 @@ LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs",
 # where every change to a config reaches a watch in this kernel (drivers/guest_watch.py); not an
 # overlay, whose layers can be written beneath it
 WATCHED_FILE_SYSTEMS = LOCAL_FILE_SYSTEMS - {"overlay"}
+# where a config's ctime is its inode's own, set by the kernel or the server at every change:
+# the index is trusted only there. A user-space file system may make it up (sshfs, rclone and
+# s3fs give the mtime, which `cp -p`, `rsync -a` or `tar x` set back): there every check reads
+# every config, as where the type is unknown
+CTIME_KEPT = LOCAL_FILE_SYSTEMS | {"nfs", "nfs4", "cifs", "smb3", "ceph", "ocfs2", "gfs2"}
 
 
 def _key(volid: str) -> str:

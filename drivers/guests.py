@@ -29,7 +29,7 @@ from pathlib import Path
 from drivers import names
 from drivers.errors import AlreadyExists, ConfigError, InvalidName, LockTimeout, NotFound, Refused
 from drivers.flock import file_lock, fsync_dir, open_making_dirs
-from drivers.guest_index import LOCAL_FILE_SYSTEMS, WATCHED_FILE_SYSTEMS, VolumeIndex, file_system
+from drivers.guest_index import CTIME_KEPT, LOCAL_FILE_SYSTEMS, WATCHED_FILE_SYSTEMS, VolumeIndex, file_system
 
 KEYS = ("name", "node", "template", "lock", "lock_job", "notes", "unused", "disks", "replicas")
 MAX_NOTES = 1024
@@ -390,6 +390,8 @@ class GuestStore:
         stamp = index.stamp()
         if not stamp or stamp["clock"] > time.time_ns():  # a refresh by a clock ahead of ours: trust none of it
             return self.list()
+        if self._file_system() not in CTIME_KEPT:  # a ctime that may be made up tells nothing
+            return self.list()
         marked = index.marked(volid)
         wanted = marked | {vmid for vmid in map(_vmid_of_file, self._changed_since(stamp["since"])) if vmid is not None}
         found = []
@@ -410,10 +412,7 @@ class GuestStore:
         """The configs (file names) whose ctime is not older than `since`: on a local file system,
         those this process's watch names since it last stat'd them all (drivers/guest_watch.py);
         elsewhere, or when the watch cannot tell, a stat of each."""
-        try:
-            kind = file_system(self.dir)
-        except OSError as e:
-            raise ConfigError(f"{self.dir}: cannot read the guest configs: {e.strerror or e}") from None
+        kind = self._file_system()
         if kind not in WATCHED_FILE_SYSTEMS:
             return self._stat_every(since, fresh=kind not in LOCAL_FILE_SYSTEMS)
         from drivers import guest_watch  # here: ctypes only for the processes that check
@@ -431,6 +430,12 @@ class GuestStore:
             changed = self._changed(since, ((n, lambda n=n: os.lstat(os.path.join(folder, n))) for n in names))
             watch.settled(since, names - changed)
             return changed
+
+    def _file_system(self) -> str:
+        try:
+            return file_system(self.dir)
+        except OSError as e:
+            raise ConfigError(f"{self.dir}: cannot read the guest configs: {e.strerror or e}") from None
 
     def _stat_every(self, since: int, fresh: bool = False) -> set[str]:
         """`_changed` of every config; `fresh`: through an open of each (a network file system's

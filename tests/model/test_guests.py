@@ -565,6 +565,28 @@ def test_a_directory_never_indexed_is_read_whole(tmp_path):
     assert [g.vmid for g in store.candidates(_disk(100))] == [100, 101]
 
 
+def test_on_a_user_space_file_system_every_check_reads_every_config(tmp_path, no_margin):
+    """The same two guests, indexed, on a local file system and on a FUSE one (zfs-fuse here;
+    sshfs, rclone and s3fs give a config the mtime for its ctime, which `cp -p` or `rsync -a`
+    set back): only the first trusts the index, and the second reads every config."""
+    from tests.conftest import NO_ZFS, ZFS
+
+    if NO_ZFS:
+        pytest.skip(f"zfs: {NO_ZFS}")
+    dataset = f"{ZFS.name}/guests{tmp_path.name[-12:].replace('-', '')}"
+    subprocess.run(["zfs", "create", dataset], check=True, capture_output=True)
+    try:
+        for where, expected in ((tmp_path, [100]), (ZFS.mount / dataset.split("/", 1)[1], [100, 101])):
+            store = GuestStore(where / "guests")
+            store.create(Guest(100, "n1", disks={"scsi0": _disk(100)}))
+            store.create(Guest(101, "n1", disks={"scsi0": _disk(101)}))
+            time.sleep(1.1)  # zfs-fuse's times are whole seconds
+            store.refresh_index()
+            assert [g.vmid for g in store.candidates(_disk(100))] == expected, guest_index.file_system(where)
+    finally:
+        subprocess.run(["zfs", "destroy", "-r", dataset], check=False, capture_output=True)
+
+
 def test_a_refresh_already_under_way_elsewhere_is_left_to_it(tmp_path):
     store = GuestStore(tmp_path / "guests")
     store.create(Guest(100, "n1", disks={"scsi0": _disk(100)}))
