@@ -198,6 +198,10 @@ def validate(file: Path, table: Any) -> None:
             raise ConfigError(f"{file}: redis.url and redis.sentinels both set: Redis is one or the other")
         if "master_name" not in table:
             raise ConfigError(f"{file}: redis.master_name is missing (the sentinels need the master's name)")
+        if "wait_replicas" not in table:  # 0 unsaid would let a failover take back what a step acts on
+            raise ConfigError(f"{file}: redis.wait_replicas is missing: with sentinels, set it to the number of "
+                              "replicas (0 accepts that a failover can lose a job, or what a step saved before it "
+                              "made or freed a volume; docs/redis.md)")
     tls = table.get("tls", False) if "sentinels" in table else urlsplit(table.get("url", "")).scheme == "rediss"
     for key in ("ca_file", "cert_file", "key_file"):
         if key in table and not tls:

@@ -14,7 +14,8 @@ from drivers.errors import ConfigError
 from worker import acl, connect, failover
 
 FILE = Path("/etc/stork/stork.toml")
-SENTINELS = '[redis]\nsentinels = ["10.0.0.1:26379", "10.0.0.2:26379"]\nmaster_name = "stork"\n'
+BARE_SENTINELS = '[redis]\nsentinels = ["10.0.0.1:26379", "10.0.0.2:26379"]\nmaster_name = "stork"\n'
+SENTINELS = BARE_SENTINELS + "wait_replicas = 0\n"  # said outright: a failover may lose what a step saved
 
 
 def parse(text: str, env: dict[str, str] | None = None) -> config.Config:
@@ -34,7 +35,8 @@ def parse(text: str, env: dict[str, str] | None = None) -> config.Config:
         ("[redis]\nmaster_name = 'm'\n", r"redis.master_name: only with redis.sentinels"),
         ("[redis]\ntls = true\n", r"redis.tls: only with redis.sentinels \(.*rediss:// for TLS\)"),
         (SENTINELS + "db = -1\n", r"redis.db = -1: expected a database number"),
-        (SENTINELS + "wait_replicas = 17\n", r"redis.wait_replicas = 17: expected a number of replicas"),
+        (BARE_SENTINELS + "wait_replicas = 17\n", r"redis.wait_replicas = 17: expected a number of replicas"),
+        (BARE_SENTINELS, r"redis.wait_replicas is missing: with sentinels, set it to the number of replicas \(0 "),
         (SENTINELS + "sentinel_password = 5\n", r"redis.sentinel_password = '\*\*\*': expected a password"),
         (SENTINELS + "sentinel_password = 'a'\nsentinel_password_file = 'f'\n", r"both set \(keep one\)"),
         # redis-py would log stork's own client in as the URL's user, and Celery as the role's
@@ -59,7 +61,7 @@ def test_sentinels_users_and_tls_parse(tmp_path):
     secret = tmp_path / "worker.pass"
     secret.write_text("s3cret\nignored\n")
     secret.chmod(0o600)
-    cfg = config.parse(SENTINELS + f'tls = true\nca_file = "ca.pem"\nwait_replicas = 1\ndb = 2\n'
+    cfg = config.parse(BARE_SENTINELS + f'tls = true\nca_file = "ca.pem"\nwait_replicas = 1\ndb = 2\n'
                        f'[redis.users.worker]\nuser = "w"\npassword_file = "{secret}"\n', tmp_path / "stork.toml",
                        {"STORK_NODE": "node1"})
     settings = cfg.redis
@@ -121,7 +123,7 @@ def test_a_password_file_others_can_read_is_refused(tmp_path, mode):
 @pytest.mark.parametrize("secret", [
     '[redis]\nurl = "redis://:pw@127.0.0.1:6379/0"\n',
     '[redis.users.producer]\nuser = "p"\npassword = "pw"\n',
-    '[redis]\nsentinels = ["h:1"]\nmaster_name = "m"\nsentinel_password = "pw"\n',
+    '[redis]\nsentinels = ["h:1"]\nmaster_name = "m"\nwait_replicas = 0\nsentinel_password = "pw"\n',
     '[flower]\nbasic_auth = "a:pw"\n',
 ])
 def test_a_config_holding_a_password_is_refused_when_world_readable(tmp_path, secret):
@@ -376,7 +378,7 @@ def test_a_write_waits_for_every_replica_a_sentinel_could_promote(views, count):
 def test_sends_are_replicated_only_where_replicas_are_waited_for():
     assert "wait_replicas" not in connect.celery_settings(parse(SENTINELS).redis, "worker", 60)[
         "broker_transport_options"]
-    waited = connect.celery_settings(parse(SENTINELS + "wait_replicas = 2\n").redis, "worker", 60)
+    waited = connect.celery_settings(parse(BARE_SENTINELS + "wait_replicas = 2\n").redis, "worker", 60)
     assert waited["broker_transport_options"]["wait_replicas"] == 2
 
 

@@ -316,7 +316,7 @@ def test_make_run_with_sentinels_that_do_not_answer_starts_nothing(tmp_path):
     """A replicated Redis is the operator's: with sentinels configured and none answering, the
     launcher says so in one line and starts no local Redis (nor anything else)."""
     file = tmp_path / "stork.toml"
-    file.write_text(f'[redis]\nsentinels = ["127.0.0.1:{free_port()}"]\nmaster_name = "stork"\n'
+    file.write_text(f'[redis]\nsentinels = ["127.0.0.1:{free_port()}"]\nmaster_name = "stork"\nwait_replicas = 0\n'
                     '[paths]\nguests = "guests"\nlocks = "lock"\n')
     env = {**os.environ, "STORK_CONFIG": str(file), "STORK_NODE": "solo"}
     env.pop("STORK_REDIS_URL", None)
