@@ -17,7 +17,9 @@ The index lives beside the configs, in the guests directory (shared like them):
 Only a refresh writes it (the cluster's periodic sweep, GuestStore.refresh_index), never a
 config write, so a write pays nothing. The kernel sets a file's ctime on every change to it,
 by stork or by hand (an editor, a restore that sets its mtime back, a rename into place on the
-local file systems Linux has), and nothing can set it back. So a check reads the markers of the
+local file systems Linux has), and nothing can set it back; a network file system's server
+does the same. A user-space file system may make a ctime up (sshfs gives the mtime): on one,
+and on a type not known (CTIME_KEPT), the index is not used at all. So a check reads the markers of the
 volume plus every config whose ctime is not older than `since`: a read of few, found by a stat
 of each config, or on a local file system by a stat of the few the process's watch names as
 changed since it stat'd them all (drivers/guest_watch.py). `since` is the refresh's clock less
@@ -56,7 +58,7 @@ WATCHED_FILE_SYSTEMS = LOCAL_FILE_SYSTEMS - {"overlay"}
 # the index is trusted only there. A user-space file system may make it up (sshfs, rclone and
 # s3fs give the mtime, which `cp -p`, `rsync -a` or `tar x` set back): there every check reads
 # every config, as where the type is unknown
-CTIME_KEPT = LOCAL_FILE_SYSTEMS | {"nfs", "nfs4", "cifs", "smb3", "ceph", "ocfs2", "gfs2"}
+CTIME_KEPT = LOCAL_FILE_SYSTEMS | {"nfs", "nfs4", "cifs", "smb3", "ceph", "fuse.ceph-fuse", "ocfs2", "gfs2", "virtiofs"}
 
 
 def _key(volid: str) -> str:

@@ -73,10 +73,7 @@ def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
     for n, snapshot in enumerate(wanted):
         id = str(snapshot.id)
         if id in held and same_backup(snapshot, held[id], reseal):
-            if candidate(held[id]).failed:  # never counted present: the offsite copy would not restore
-                _mend(result, source, target, snapshot, reseal)
-            else:
-                result.present += 1
+            _count_held(result, source, target, snapshot, held[id], reseal)
         elif id in held or id in unreadable:  # made there, or synced from another store with a clashing guest id
             result.failed[id] = (f"the target's backup under this id cannot be read: {unreadable[id]}" if id in
                                  unreadable else "the target holds another backup under this id (its config or "
@@ -91,7 +88,7 @@ def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
                 else:
                     result.copied.append(id)
             except AlreadyExists:  # another sync copied it meanwhile, or a backup was made there under the id
-                _present_or_other(result, snapshot, target, reseal)
+                _present_or_other(result, source, snapshot, target, reseal)
             except (Corrupt, NotFound, Refused, InvalidName) as e:  # its own damage (or a symlink): the others go on
                 result.failed[str(snapshot.id)] = str(e)
         if progress:
@@ -99,16 +96,28 @@ def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
     return result
 
 
-def _present_or_other(result: SyncResult, snapshot: Snapshot, target: ChunkStore, reseal: bool) -> None:
-    """Count a snapshot the target came to hold meanwhile as present, where it is a copy."""
+def _present_or_other(result: SyncResult, source: ChunkStore, snapshot: Snapshot, target: ChunkStore,
+                      reseal: bool) -> None:
+    """Count a snapshot the target came to hold meanwhile as present, where it is a copy (mended
+    first, where it is recorded failed)."""
     id = str(snapshot.id)
     try:
-        if same_backup(snapshot, target.snapshot(id), reseal):
-            result.present += 1
+        if same_backup(snapshot, theirs := target.snapshot(id), reseal):
+            _count_held(result, source, target, snapshot, theirs, reseal)
             return
         result.failed[id] = "the target holds another backup under this id (made meanwhile): not copied"
     except (Corrupt, NotFound, Refused) as e:
         result.failed[id] = f"the target's backup under this id cannot be read: {e}"
+
+
+def _count_held(result: SyncResult, source: ChunkStore, target: ChunkStore, snapshot: Snapshot, copy: Snapshot,
+                reseal: bool) -> None:
+    """The target's copy of `snapshot`: present, or, where it is recorded failed, mended first
+    (counted present, it would stand for an offsite copy that does not restore)."""
+    if candidate(copy).failed:
+        _mend(result, source, target, snapshot, reseal)
+    else:
+        result.present += 1
 
 
 def _mend(result: SyncResult, source: ChunkStore, target: ChunkStore, snapshot: Snapshot, reseal: bool) -> None:

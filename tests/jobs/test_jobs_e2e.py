@@ -445,11 +445,13 @@ def test_a_new_disk_never_takes_a_name_its_guest_names_though_the_storage_lists_
     away = disk.with_name("away")
     disk.rename(away)
     try:
-        job = client.run("add_disk", vmid=g, disks={"scsi1": {"storage": "local", "size": "8M", "format": "raw"}})
+        job = client.run("add_disk", vmid=g, disks={"scsi1": {"storage": "local", "size": "8M", "format": "raw"},
+                                                    "scsi2": {"storage": "local", "size": "8M", "format": "qcow2"}})
     finally:
         away.rename(disk)
     assert job.state == "succeeded", job.error
-    assert client.guest(g).disks == {"scsi0": f"local:{g}/vm-{g}-disk-0.raw", "scsi1": f"local:{g}/vm-{g}-disk-1.raw"}
+    assert client.guest(g).disks == {"scsi0": f"local:{g}/vm-{g}-disk-0.raw", "scsi1": f"local:{g}/vm-{g}-disk-1.raw",
+                                     "scsi2": f"local:{g}/vm-{g}-disk-2.qcow2"}  # a number, whatever the format
 
 
 def test_a_move_whose_source_cannot_be_freed_still_stands(client, vmid):

@@ -132,9 +132,9 @@ def _make_volume(ctx: StepContext, key: str, drv: Driver, owner: int, fmt: str,
             return  # made before the crash: ours
         if whose := drv.foreign_guest(owner):
             raise Refused(usage.foreign_folder(drv.storage.id, owner, whose))
-        taken = set(usage.claimed_names(ctx.r, drv.storage.id, owner, except_job=ctx.job.id))
-        while usage.named_by_a_guest(ctx, drv.volid(vol := drv.next_disk_name(owner, fmt, frozenset(taken)))):
-            taken.add(vol.name)
+        taken = usage.claimed_names(ctx.r, drv.storage.id, owner, except_job=ctx.job.id) | \
+            usage.names_its_config_holds(ctx, drv, owner)
+        vol = drv.next_disk_name(owner, fmt, taken)
         ctx.data.setdefault("pending", {})[key] = drv.volid(vol)
         ctx.save(then=lambda client: usage.claim(client, drv.volid(vol), ctx.job.id))
         ctx.fence(drv)

@@ -15,13 +15,14 @@ made that volume before its process died.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import redis
 
 from drivers import driver_for, names
 from drivers.backends.base import Driver
-from drivers.errors import Refused, StorkError
+from drivers.errors import NotFound, Refused, StorkError
 from drivers.guests import Guest
 from drivers.names import VolName
 from worker import records
@@ -174,14 +175,27 @@ def require_unused(ctx: StepContext, volid: str, count_unused: bool = True, but:
         raise Refused(f"{volid} is in use by {', '.join(found)}")
 
 
-def named_by_a_guest(ctx: StepContext, volid: str) -> bool:
-    """Does any guest config name `volid` (a disk, unused, a replica; this job's own guests too)
-    where it stands on this node? A new volume never takes such a name, though the storage
-    lists nothing under it (a storage whose file system is not mounted, a volume removed by
-    hand): the guest would name one volume twice, and, once the storage is back, write its new
-    disk over its old one."""
-    shared = ctx.cfg.storage(names.volume_id(volid).storage).shared
-    return any(named_here(g, volid, ctx.node, shared) for g in candidates(ctx, volid))
+def names_its_config_holds(ctx: StepContext, drv: Driver, owner: int) -> frozenset[str]:
+    """The disk names (stems, any format) on `drv`'s storage that guest `owner`'s config names
+    where it stands on this node (disks, unused, replicas). A new volume of that guest never
+    takes one, though the storage lists nothing under it (its file system not mounted, a volume
+    removed by hand): the guest would name one volume twice and, once the storage is back,
+    write its new disk over its old one. Only its own config is read, as cheap as one file, and
+    refused only where that one cannot be read. A volume this job renamed into a base is gone
+    by its own doing: its name is free (`stork base` gives the guest a linked clone in its place)."""
+    try:
+        guest = ctx.guests.read(owner)
+    except NotFound:
+        return frozenset()
+    renamed = {pair[0] for pair in ctx.data.get("based", {}).values()}
+    found = set()
+    for volid in guest.volumes() - renamed:
+        vid = names.volume_id(volid)
+        if vid.storage == drv.storage.id and named_here(guest, volid, ctx.node, drv.storage.shared):
+            with contextlib.suppress(names.InvalidName):
+                if (vol := drv.parse_volname(vid.volname)).owner == owner:
+                    found.add(vol.name)
+    return frozenset(found)
 
 
 # ---- claims on names being made ---------------------------------------------------------
