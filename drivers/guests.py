@@ -35,6 +35,8 @@ KEYS = ("name", "node", "template", "lock", "lock_job", "notes", "unused", "disk
 MAX_NOTES = 1024
 MAX_CONFIG = 1 << 20  # a config is a few hundred bytes: a larger file is not one, and is not read whole
 REPLICA_KEYS = ("of", "identity", "node")
+# the replica's own identity token: recorded since 2026-12-08 (a replica recorded before has none)
+REPLICA_OPTIONAL = ("own_identity",)
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class Guest:
     disks: dict[str, str] = field(default_factory=dict)  # disk key -> volume id
     unused: tuple[str, ...] = ()  # volumes kept after a move, no longer attached
     # a template's replicas: read-only copies of its bases on other nodes' storages, each
-    # {"of": the base's volume id, "identity": that base's identity token, "node": where it is}
+    # {"of": the base's volume id, "identity": that base's identity token, "node": where it is,
+    # "own_identity": the replica's own, where recorded}
     replicas: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def with_(self, **changes: object) -> Guest:
@@ -129,7 +132,8 @@ def dumps(guest: Guest) -> str:
     lines += [f"{key} = {_toml_value(vol)}" for key, vol in sorted(guest.disks.items())]
     for volid, replica in sorted(guest.replicas.items()):
         lines += ["", f"[replicas.{_toml_string(volid)}]"]
-        lines += [f"{key} = {_toml_value(replica[key])}" for key in REPLICA_KEYS]
+        lines += [f"{key} = {_toml_value(replica[key])}" for key in (*REPLICA_KEYS, *REPLICA_OPTIONAL)
+                  if key in replica]
     return "\n".join(lines) + "\n"
 
 
@@ -241,11 +245,13 @@ def _checked(vmid: int, data: dict[str, object]) -> Guest:
         raise _Broken(f"replicas = {_show(replicas)}: expected tables of replicas")
     for volid, replica in replicas.items():
         _text(f"replicas key {_show(volid)}", volid, "a volume id", names.stored_volid)
-        if not isinstance(replica, dict) or set(replica) != set(REPLICA_KEYS):
-            raise _Broken(f"replicas.{_show(volid)} = {_show(replica)}: expected {', '.join(REPLICA_KEYS)}")
+        if not isinstance(replica, dict) or not set(REPLICA_KEYS) <= set(replica) <= {*REPLICA_KEYS, *REPLICA_OPTIONAL}:
+            raise _Broken(f"replicas.{_show(volid)} = {_show(replica)}: expected {', '.join(REPLICA_KEYS)} "
+                          f"(and {', '.join(REPLICA_OPTIONAL)})")
         _text(f"replicas.{_show(volid)}.of", replica["of"], "a volume id", names.stored_volid)
         _text(f"replicas.{_show(volid)}.node", replica["node"], "a node name", names.node)
-        _text(f"replicas.{_show(volid)}.identity", replica["identity"], "an identity token")
+        for key in ("identity", *(k for k in REPLICA_OPTIONAL if k in replica)):
+            _text(f"replicas.{_show(volid)}.{key}", replica[key], "an identity token")
     return Guest(
         vmid=vmid,
         node=_text("node", data["node"], "a node name", names.node),

@@ -237,7 +237,7 @@ def test_a_linked_clone_onto_another_node_copies_each_base_there_once_as_a_repli
 
     code, out, _ = stork("--json", "template", "replicas", t)
     assert code == 0 and json.loads(out) == [{"replica": replica, "of": base, "identity": record["identity"],
-                                              "node": "node2"}]
+                                              "node": "node2", "own_identity": record["own_identity"]}]
     code, out, _ = stork("--json", "volume", "info", base)
     assert code == 0 and json.loads(out)["replicas"] == [f"{replica} (node node2)"]
     on_node2 = subprocess.run([sys.executable, "-m", "producer.cli", "--json", "volume", "list", "local2"],
@@ -349,6 +349,29 @@ def test_a_replica_made_from_an_earlier_volume_of_its_bases_name_is_not_used(cli
         box[0] = box[0].with_(replicas={replica: {**box[0].replicas[replica], "identity": "0:0"}})
     code, _, err = stork("clone", t, vmid(), "--storage", "local2")
     assert code == 1 and f"replica {replica} was made from an earlier volume named" in err
+
+
+def test_a_volume_that_took_a_replicas_name_since_is_neither_cloned_nor_freed_as_the_replica(client, vmid, stork):
+    """node2's replica is removed by hand (its storage rebuilt, say) and another base made
+    there under its name: a linked clone onto node2 is refused, naming it, and the template's
+    destroy leaves it where it is (a warning), where both took it for the replica by its name."""
+    t = vmid()
+    _make(client, t, "node1", "local1", mib=8)
+    assert client.run("template", vmid=t).state == "succeeded"
+    assert stork("clone", t, c := vmid(), "--storage", "local2")[0] == 0
+    assert stork("guest", "destroy", c)[0] == 0
+    [replica] = client.guest(t).replicas
+    path = volume_path(replica)
+    subprocess.run(["chattr", "-i", str(path)], check=True)  # bases are immutable
+    path.unlink()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(path), "8M"], check=True)  # another base, that name
+    code, _, err = stork("clone", t, vmid(), "--storage", "local2")
+    assert code == 1 and f"{replica} is no longer the base recorded as a replica of guest {t}'s base" in err, err
+    code, out, err = stork("--json", "guest", "destroy", t)
+    assert code == 0, err
+    result = json.loads(out)["result"]
+    assert result["freed_replicas"] == [] and f"{replica}: its name holds another volume now" in result["warning"]
+    assert path.exists() and not client.guest_store.exists(t)
 
 
 def test_a_replica_clone_onto_the_templates_own_node_is_refused(client, vmid):

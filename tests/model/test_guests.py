@@ -342,13 +342,20 @@ def test_a_templates_replicas_are_written_and_read_back():
 
     guest = Guest(100, "node1", template=True, disks={"scsi0": "local1:base/base-100-disk-0.raw"},
                   replicas={"local2:base/base-100-disk-0.raw": {"of": "local1:base/base-100-disk-0.raw",
-                                                                "identity": "2049:12", "node": "node2"}})
-    assert loads(100, dumps(guest), Path("100.toml")) == guest
+                                                                "identity": "2049:12", "node": "node2"},
+                            "local3:base/base-100-disk-0.raw": {"of": "local1:base/base-100-disk-0.raw",
+                                                                "identity": "2049:12", "node": "node3",
+                                                                "own_identity": "2050:7:1"}})
+    assert loads(100, dumps(guest), Path("100.toml")) == guest  # recorded before own_identity was, and since
 
 
 @pytest.mark.parametrize(("table", "message"), [
     ('[replicas."local2:base/b.raw"]\nof = "local1:base/b.raw"\nnode = "node2"',
      'replicas."local2:base/b.raw" = {"of": "local1:base/b.raw", "node": "node2"}: expected of, identity, node'),
+    ('[replicas."local2:base/b.raw"]\nof = "local1:base/b.raw"\nidentity = "1"\nnode = "node2"\nsize = "2"',
+     ': expected of, identity, node (and own_identity)'),
+    ('[replicas."local2:base/b.raw"]\nof = "local1:base/b.raw"\nidentity = "1"\nnode = "node2"\nown_identity = 2',
+     'replicas."local2:base/b.raw".own_identity = 2: expected an identity token'),
     ('[replicas."local2:base/b.raw"]\nof = "local1:base/b.raw"\nidentity = "1"\nnode = "Node 2"',
      'replicas."local2:base/b.raw".node = "Node 2": invalid node name'),
     ('[replicas."not a volume"]\nof = "local1:base/b.raw"\nidentity = "1"\nnode = "node2"',
@@ -373,7 +380,8 @@ _guests = st.builds(
     disks=st.dictionaries(st.sampled_from(["scsi0", "virtio1", "sata2"]), _volids, max_size=3),
     unused=st.lists(_volids, max_size=3).map(tuple),
     replicas=st.dictionaries(_volids, st.fixed_dictionaries(
-        {"of": _volids, "identity": _names, "node": st.sampled_from(["node1", "n-2"])}), max_size=2))
+        {"of": _volids, "identity": _names, "node": st.sampled_from(["node1", "n-2"])},
+        optional={"own_identity": _names}), max_size=2))
 
 
 @given(_guests)

@@ -192,7 +192,8 @@ PARAMS: dict[str, Check] = {
     "expect_disks": _optional(_map_of(names.disk_key, _volid)),
     "expect_node": _optional(names.node),  # the locked guest's node when the job was submitted
     "disks": _map_of(_disk_key, _table(PLAN)),
-    "links": _map_of(names.disk_key, _table({"storage": names.storage_id, "replica": _volid})),  # a replica clone
+    # a replica clone: each disk linked to a replica there (with its own identity, where recorded) or made
+    "links": _map_of(names.disk_key, _table({"storage": names.storage_id, "replica": _volid, "base_identity": _str})),
     "bases": _map_of(_disk_key, _table(BASE_PLAN)),
     "link_owner": _map_of(names.disk_key, _disk_key),  # base: the owner's slot -> the base it gets a clone of
     "volid": _volid,
@@ -240,6 +241,7 @@ CTX: dict[str, Check] = {
     "made": _map_of(_disk_key, _volid),
     "linked": _map_of(_disk_key, _volid),  # a replica clone's linked clones
     "identities": _map_of(_disk_key, _str),  # the identity of each base a job copied whole
+    "base_identities": _map_of(_disk_key, _str),  # the identity of each base a job made of a copy (a replica)
     "replicas": _map_of(_volid, _str),  # a destroyed template's replicas, each with its identity
     "replaced": _map_of(_disk_key, _volid),
     "based": _map_of(_disk_key, _pair_of_volids),

@@ -435,7 +435,9 @@ def _onto_replicas(o: dict[str, Any], cfg: Config, template: Guest, newid: int) 
             if here and here.identity(vol) != record["identity"]:
                 raise Refused(f"replica {replica} was made from an earlier volume named {volid}: free it "
                               f"('stork volume free {replica}') and clone again")
-            links[key] = {"storage": target, "replica": replica}
+            # the very replica made (a volume its name came to hold since is not the template's)
+            links[key] = {"storage": target, "replica": replica,
+                          **({"base_identity": record["own_identity"]} if "own_identity" in record else {})}
             continue
         fmt = _format(cfg, target, None, vol.fmt)
         drv.require_feature("linked_clone", VolName(None, vol.name, fmt))
@@ -448,7 +450,9 @@ def _onto_replicas(o: dict[str, Any], cfg: Config, template: Guest, newid: int) 
         raise Refused(f"storage {target!r} is on node {template.node!r}, where the template's bases are: a linked "
                       "clone there needs no replica")
     if not copies:  # every replica is there: a linked clone on that node like any other
-        disks = {key: {"source": link["replica"], "storage": target, "owner": newid} for key, link in links.items()}
+        disks = {key: {"source": link["replica"], "storage": target, "owner": newid,
+                       **({"base_identity": link["base_identity"]} if "base_identity" in link else {})}
+                 for key, link in links.items()}
         return {**common, "runs_as": "linked_clone", "disks": disks, "node": node,
                 "storages": _check_nodes(cfg, {target}, node)}
     return {**common, "runs_as": "replica_clone", "lock_vmid": template.vmid, "expect_disks": template.disks,

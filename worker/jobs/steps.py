@@ -198,15 +198,17 @@ def link_disks(ctx: StepContext) -> None:
     template.require_unlocked()
     for key, plan in ctx.params["disks"].items():
         if key not in ctx.data.get("made", {}):  # a template names its bases, and records replicas, once committed
-            _link(ctx, key, plan["source"], plan["owner"],
-                  settled=plan["source"] in template.disks.values() or plan["source"] in template.replicas)
+            _link(ctx, key, plan["source"], plan["owner"], plan.get("base_identity"),
+                  settled=plan["source"] in template.disks.values() or plan["source"] in template.replicas,
+                  what=f"recorded as a replica of guest {template.vmid}'s base")
     ctx.set_result(volumes=ctx.data.get("made", {}))
 
 
 def _link(ctx: StepContext, key: str, base_volid: str, owner: int, identity: str | None = None,
-          table: str = "made", settled: bool = False) -> None:
+          table: str = "made", settled: bool = False, what: str = "this backup was made against") -> None:
     """Make `key`'s disk a linked clone of the base `base_volid` (which must still be the very
-    volume `identity` names, where the plan gives one: a relinked restore). `settled`: no job
+    volume `identity` names, where the plan gives one: a relinked restore's base, a template's
+    replica). `settled`: no job
     may rename the base back (an unlocked template names it, a template records it as a
     replica, this job made it), else the jobs naming it are asked (usage.require_base_made)."""
     drv, base = ctx.volume(base_volid)
@@ -217,7 +219,7 @@ def _link(ctx: StepContext, key: str, base_volid: str, owner: int, identity: str
         if not settled:
             usage.require_base_made(ctx, base_volid)
         if identity is not None and drv.identity(base) != identity:
-            raise Refused(f"{base_volid} is no longer the base this backup was made against (it was made anew)")
+            raise Refused(f"{base_volid} is no longer the base {what} (its name holds another volume now)")
         drv.link_clone(base, vol)
 
     def linked(vol: VolName) -> bool:
@@ -441,7 +443,8 @@ def record_replicas(ctx: StepContext) -> None:
         if template.lock_job != ctx.job.id:
             return  # redelivered after it finished
         made = {pair[1]: {"of": ctx.params["disks"][key]["source"], "identity": ctx.data["identities"][key],
-                          "node": ctx.params["target_node"]}
+                          "node": ctx.params["target_node"],
+                          **({"own_identity": own} if (own := ctx.data.get("base_identities", {}).get(key)) else {})}
                 for key, pair in ctx.data.get("based", {}).items()}
         box[0] = template.with_(replicas={**template.replicas, **made}, lock="", lock_job="")
     ctx.set_result(replicas=sorted(made))
@@ -454,16 +457,20 @@ def check_replicas(ctx: StepContext) -> None:
     no clone of a replica is made: linked clones need the template unlocked)."""
     vmid = ctx.params["lock_vmid"]
     identities: dict[str, str] = {}
-    for volid in ctx.guests.read(vmid).replicas:
+    for volid, record in ctx.guests.read(vmid).replicas.items():
         drv, vol = ctx.volume(volid)
         with ctx.storage_lock(drv):
             if not drv.exists(vol):
                 identities[volid] = ""  # gone already (freed by hand): checked, nothing to free
                 continue
+            identity = drv.identity(vol)
+            if record.get("own_identity", identity) != identity:
+                identities[volid] = ""  # gone, and its name taken by another volume since: not the template's
+                continue
             if clones := drv.clones_of(vol):
                 raise Refused(f"guest {vmid}: replica {volid} on node {ctx.node} still has linked clones: "
                               f"{', '.join(drv.volid(c) for c in clones)}")
-            identities[volid] = drv.identity(vol)
+            identities[volid] = identity
     ctx.data["replicas"] = identities
     ctx.save()
 
@@ -496,7 +503,8 @@ def link_replicas(ctx: StepContext) -> None:
     for key, plan in ctx.params["links"].items():
         if key not in ctx.data.get("linked", {}):
             replica = plan.get("replica") or based[key][1]
-            _link(ctx, key, replica, ctx.params["new_vmid"], table="linked", settled=True)
+            _link(ctx, key, replica, ctx.params["new_vmid"], plan.get("base_identity"), table="linked", settled=True,
+                  what=f"recorded as a replica of guest {ctx.params['vmid']}'s base")
     ctx.set_result(volumes=ctx.data.get("linked", {}))
 
 
@@ -564,6 +572,9 @@ def make_moved_bases(ctx: StepContext) -> None:
                               f"{', '.join(drv.volid(c) for c in clones)}")
         plans[key] = {"source": ctx.data["made"][key], "name": source.name}
     _make_bases(ctx, plans)
+    for key in plans:  # each made base's own identity, read on its node: a replica's is recorded (record_replicas)
+        drv, base = ctx.volume(ctx.data["based"][key][1])
+        ctx.data.setdefault("base_identities", {})[key] = drv.identity(base)
 
 
 def make_copies_bases(ctx: StepContext) -> None:
