@@ -250,8 +250,10 @@ def _checked(vmid: int, data: dict[str, object]) -> Guest:
                           f"(and {', '.join(REPLICA_OPTIONAL)})")
         _text(f"replicas.{_show(volid)}.of", replica["of"], "a volume id", names.stored_volid)
         _text(f"replicas.{_show(volid)}.node", replica["node"], "a node name", names.node)
-        for key in ("identity", *(k for k in REPLICA_OPTIONAL if k in replica)):
-            _text(f"replicas.{_show(volid)}.{key}", replica[key], "an identity token")
+        _text(f"replicas.{_show(volid)}.identity", replica["identity"], "an identity token")
+        if "own_identity" in replica and not _text(f"replicas.{_show(volid)}.own_identity", replica["own_identity"],
+                                                   "an identity token"):
+            raise _Broken(f"replicas.{_show(volid)}.own_identity = \"\": expected an identity token")
     return Guest(
         vmid=vmid,
         node=_text("node", data["node"], "a node name", names.node),

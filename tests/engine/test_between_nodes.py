@@ -366,12 +366,33 @@ def test_a_volume_that_took_a_replicas_name_since_is_neither_cloned_nor_freed_as
     path.unlink()
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(path), "8M"], check=True)  # another base, that name
     code, _, err = stork("clone", t, vmid(), "--storage", "local2")
-    assert code == 1 and f"{replica} is no longer the base recorded as a replica of guest {t}'s base" in err, err
+    assert code == 1 and f"{replica} is no longer the replica guest {t} records" in err, err
     code, out, err = stork("--json", "guest", "destroy", t)
     assert code == 0, err
     result = json.loads(out)["result"]
     assert result["freed_replicas"] == [] and f"{replica}: its name holds another volume now" in result["warning"]
     assert path.exists() and not client.guest_store.exists(t)
+
+
+def test_a_replica_record_whose_volume_another_took_is_dropped_by_forget_the_volume_kept(client, vmid, stork):
+    """`volume free` of the name would free the other volume: refused, naming --forget, which
+    drops the template's record and leaves the volume."""
+    t = vmid()
+    _make(client, t, "node1", "local1", mib=8)
+    assert client.run("template", vmid=t).state == "succeeded"
+    assert stork("clone", t, c := vmid(), "--storage", "local2")[0] == 0
+    assert stork("guest", "destroy", c)[0] == 0
+    [replica] = client.guest(t).replicas
+    path = volume_path(replica)
+    subprocess.run(["chattr", "-i", str(path)], check=True)
+    path.unlink()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(path), "8M"], check=True)
+    code, _, err = stork("volume", "free", replica)
+    assert code == 1 and f"{replica} is not the replica guest {t} records" in err and "--forget" in err, err
+    assert path.exists() and client.guest(t).replicas
+    code, out, err = stork("--json", "volume", "free", "--forget", replica)
+    assert code == 0, err
+    assert json.loads(out)["result"]["guests"] == [t] and client.guest(t).replicas == {} and path.exists()
 
 
 def test_a_replica_clone_onto_the_templates_own_node_is_refused(client, vmid):

@@ -200,12 +200,13 @@ def link_disks(ctx: StepContext) -> None:
         if key not in ctx.data.get("made", {}):  # a template names its bases, and records replicas, once committed
             _link(ctx, key, plan["source"], plan["owner"], plan.get("base_identity"),
                   settled=plan["source"] in template.disks.values() or plan["source"] in template.replicas,
-                  what=f"recorded as a replica of guest {template.vmid}'s base")
+                  what=_replica_recorded(template.vmid, plan["source"]))
     ctx.set_result(volumes=ctx.data.get("made", {}))
 
 
 def _link(ctx: StepContext, key: str, base_volid: str, owner: int, identity: str | None = None,
-          table: str = "made", settled: bool = False, what: str = "this backup was made against") -> None:
+          table: str = "made", settled: bool = False,
+          what: str = "the base this backup was made against (it was made anew)") -> None:
     """Make `key`'s disk a linked clone of the base `base_volid` (which must still be the very
     volume `identity` names, where the plan gives one: a relinked restore's base, a template's
     replica). `settled`: no job
@@ -219,13 +220,18 @@ def _link(ctx: StepContext, key: str, base_volid: str, owner: int, identity: str
         if not settled:
             usage.require_base_made(ctx, base_volid)
         if identity is not None and drv.identity(base) != identity:
-            raise Refused(f"{base_volid} is no longer the base {what} (its name holds another volume now)")
+            raise Refused(f"{base_volid} is no longer {what}")
         drv.link_clone(base, vol)
 
     def linked(vol: VolName) -> bool:
         return drv.parent_of(vol) == base
 
     _make_volume(ctx, key, drv, owner, drv.linked_clone_format, link, table, whole=linked)
+
+
+def _replica_recorded(vmid: int, replica: str) -> str:
+    return (f"the replica guest {vmid} records (its name holds another volume now): 'stork volume free --forget "
+            f"{replica}' drops the record and leaves that volume")
 
 
 def free_made(ctx: StepContext) -> None:
@@ -504,7 +510,7 @@ def link_replicas(ctx: StepContext) -> None:
         if key not in ctx.data.get("linked", {}):
             replica = plan.get("replica") or based[key][1]
             _link(ctx, key, replica, ctx.params["new_vmid"], plan.get("base_identity"), table="linked", settled=True,
-                  what=f"recorded as a replica of guest {ctx.params['vmid']}'s base")
+                  what=_replica_recorded(ctx.params["vmid"], replica))
     ctx.set_result(volumes=ctx.data.get("linked", {}))
 
 
@@ -982,6 +988,7 @@ def free_volume(ctx: StepContext) -> None:
             guests = usage.candidates(ctx, volid)
             # a volume kept as unused, or recorded as a replica, may go: they forget it after
             usage.require_unused(ctx, volid, count_unused=False, guests=guests, count_replicas=False)
+            _refuse_stale_replica(ctx, drv, vol, volid, guests)
             ctx.data["freeing"] = drv.identity(vol)
             ctx.save()
             faults.point("free_recorded")
@@ -996,15 +1003,34 @@ def free_volume(ctx: StepContext) -> None:
     ctx.set_result(freed=volid)
 
 
+def _refuse_stale_replica(ctx: StepContext, drv: Driver, vol: VolName, volid: str, guests: list[Guest]) -> None:
+    shared = ctx.cfg.storage(names.volume_id(volid).storage).shared
+    if stale := usage.stale_replica_records(guests, volid, ctx.node, shared, drv.identity(vol)):
+        raise Refused(usage.not_the_replica(volid, stale[0]))
+
+
 def _forget_gone(ctx: StepContext, drv: Driver, vol: VolName, volid: str) -> None:
     """`volume free --forget`: a volume gone already (removed by hand, say) leaves the guests
     of this node that list it as unused, and the replica records made here. Checked under the
     storage lock, where nothing makes or frees it meanwhile: refused while it exists, or a guest
-    attaches it, or a live job names it (one may be making it)."""
+    attaches it, or a live job names it (one may be making it). Where a replica recorded here
+    is gone and another volume took its name, only the records go: that volume stays."""
     with ctx.storage_lock(drv):
         drv.status()  # an unmounted storage has no volume to show: refused, not taken for gone
         if drv.exists(vol):
-            raise Refused(f"{volid} exists: free it (--forget is for a volume gone already)")
+            shared = ctx.cfg.storage(names.volume_id(volid).storage).shared
+            stale = usage.stale_replica_records(usage.candidates(ctx, volid), volid, ctx.node, shared,
+                                                drv.identity(vol))
+            if not stale and not ctx.data.get("forgetting"):
+                raise Refused(f"{volid} exists: free it (--forget is for a volume gone already)")
+            ctx.data.setdefault("forgetting", True)
+            ctx.save()
+            for vmid in stale:
+                with ctx.guests.editing(vmid) as box:
+                    box[0] = box[0].with_(replicas={v: r for v, r in box[0].replicas.items() if v != volid})
+            ctx.set_result(forgot=volid, guests=stale, warning=f"{volid} holds another volume than the replica "
+                                                               "recorded: that volume is kept")
+            return
         usage.require_unused(ctx, volid, count_unused=False, count_replicas=False)
         ctx.data.setdefault("forgetting", True)  # a try after a crash that forgets none is done all the same
         ctx.save()

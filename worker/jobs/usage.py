@@ -175,6 +175,19 @@ def require_unused(ctx: StepContext, volid: str, count_unused: bool = True, but:
         raise Refused(f"{volid} is in use by {', '.join(found)}")
 
 
+def stale_replica_records(guests: Iterable[Guest], volid: str, node: str, shared: bool, identity: str) -> list[int]:
+    """The guests recording `volid` as a replica on `node` whose replica it is no longer: the
+    replica's own identity recorded, and the volume at the name another (the replica removed
+    by hand, its name taken since). Such a volume is not theirs to free, nor to clone from."""
+    return [g.vmid for g in guests if "replica" in named_here(g, volid, node, shared, unused=False)
+            and g.replicas[volid].get("own_identity", identity) != identity]
+
+
+def not_the_replica(volid: str, vmid: int) -> str:
+    return (f"{volid} is not the replica guest {vmid} records (its name holds another volume since): not freed; "
+            f"'stork volume free --forget {volid}' drops the record and leaves the volume")
+
+
 def names_its_config_holds(ctx: StepContext, drv: Driver, owner: int) -> frozenset[str]:
     """The disk names (stems, any format) on `drv`'s storage that guest `owner`'s config names
     where it stands on this node (disks, unused, replicas). A new volume of that guest never
