@@ -496,6 +496,23 @@ def test_restore_force_replaces_a_guest_only_once_the_restore_has_succeeded(stor
     assert not volume_path(old).exists()  # the old disk freed once the new one was in place
 
 
+def test_restore_force_keeps_a_disk_the_backup_does_not_have_as_unused(stork, client, vmid):
+    """A disk added after the backup was made is no disk the backup replaces: it stays, as
+    unused, and the result says so; the disk the backup has is replaced and freed."""
+    g = vmid()
+    guest_with_data(stork, g)
+    backup = backed_up(stork, g)["backup"]
+    old = client.guest(g).disks["scsi0"]
+    assert client.run("add_disk", vmid=g, disks={"scsi1": {"storage": "local", "size": "8M"}}).state == "succeeded"
+    added = client.guest(g).disks["scsi1"]
+    code, out, err = stork("--json", "restore", backup, g, "--force")
+    assert code == 0, err
+    restored = client.guest(g)
+    assert list(restored.disks) == ["scsi0"] and restored.unused == (added,) and restored.lock == ""
+    assert volume_path(added).exists() and not volume_path(old).exists()
+    assert f"kept as unused, not in the backup: {added}" in json.loads(out)["result"]["warning"]
+
+
 @contextlib.contextmanager
 def _restore_holding(client, g: int, made: str, disks: dict[str, str], unused: tuple[str, ...]):
     """A restore --force job at its commit step, hand-made, holding guest `g` whose config reads

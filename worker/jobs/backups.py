@@ -296,8 +296,10 @@ def _replace_guest(ctx: StepContext) -> None:
         if "replaced" not in ctx.data:
             # the config names the restored disks already: an attempt before wrote it, and the
             # record of what it replaced was lost (a failover or a power loss took back the save).
-            # Which unused entries were the old disks cannot be told: none is freed (kept as unused)
-            ctx.data["replaced"] = {} if old.disks == disks else dict(old.disks)
+            # Which unused entries were the old disks cannot be told: none is freed (kept as unused).
+            # A disk in a slot the backup does not have (added since it was made) is not replaced:
+            # it stays, as unused
+            ctx.data["replaced"] = {} if old.disks == disks else {k: v for k, v in old.disks.items() if k in disks}
             ctx.save()
             if old.disks == disks and old.disks:
                 ctx.set_result(warning=f"the replaced disks of guest {vmid} were not freed (the record of which they "
@@ -306,9 +308,12 @@ def _replace_guest(ctx: StepContext) -> None:
         # this write finds the guest still naming its old disks, which FREE_REPLACED would free
         if old.disks != disks:
             name = ctx.params.get("name") or old.name
+            kept = [v for k, v in old.disks.items() if k not in ctx.data["replaced"]]
             # still locked: FREE_REPLACED unlocks it once the old disks are freed
             box[0] = old.with_(disks=disks, template=ctx.params["template"], name=name,
-                               unused=(*old.unused, *ctx.data["replaced"].values()))
+                               unused=(*old.unused, *ctx.data["replaced"].values(), *kept))
+            if kept:
+                ctx.set_result(warning=f"kept as unused, not in the backup: {', '.join(kept)}")
     ctx.set_result(vmid=vmid, disks=disks, template=ctx.params["template"],
                    replaced=ctx.data.get("replaced", {}))
 
@@ -353,8 +358,9 @@ def free_replaced(ctx: StepContext) -> None:
     with ctx.guests.editing(vmid) as box:
         if box[0].lock_job == ctx.job.id:
             box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v not in freed), lock="", lock_job="")
-    if kept:
-        ctx.set_result(warning=f"kept as unused: {'; '.join(kept)}")
+    if kept:  # after the commit's own warning (the disks the backup does not have), where it gave one
+        said = ctx.job.result.get("warning")
+        ctx.set_result(warning=f"{said + '; ' if said else ''}kept as unused: {'; '.join(kept)}")
 
 
 # ---- keeping a backup storage: verify, prune, gc -------------------------------------------
