@@ -43,6 +43,7 @@ class Qcow2Header:
     backing_file: str | None
     external_data_file: bool = False  # incompatible feature bit 2: the data lives in another file
     encrypted: bool = False  # crypt_method: its clusters hold ciphertext
+    snapshots: int = 0  # internal snapshots (nb_snapshots): a copy through qemu-img convert has none
 
 
 def read_qcow2_header(fd: int, offset: int = 0) -> Qcow2Header | None:
@@ -53,11 +54,12 @@ def read_qcow2_header(fd: int, offset: int = 0) -> Qcow2Header | None:
     version = struct.unpack(">I", head[4:8])[0]
     backing_offset, backing_size = struct.unpack(">QI", head[8:20])
     virtual_size, crypt_method = struct.unpack(">QI", head[24:36])
+    snapshots = struct.unpack(">I", head[60:64])[0]
     incompatible = struct.unpack(">Q", head[72:80])[0] if version >= 3 and len(head) >= 80 else 0
     backing = None
     if backing_offset and backing_size:
         backing = os.pread(fd, min(backing_size, 1023), offset + backing_offset).decode("utf-8", "replace")
-    return Qcow2Header(virtual_size, backing, bool(incompatible & 4), crypt_method != 0)
+    return Qcow2Header(virtual_size, backing, bool(incompatible & 4), crypt_method != 0, snapshots)
 
 
 @dataclass(frozen=True)

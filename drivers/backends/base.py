@@ -141,6 +141,12 @@ class Driver(ABC):
         the storage's, and are listed as such. A backend whose volumes are not files has none."""
         return []
 
+    def internal_snapshots(self, vol: VolName) -> int:
+        """Snapshots the volume holds inside itself (a qcow2 file's), which a copy of its data
+        does not carry: a move's source that has any is not freed. A backend whose snapshots
+        are volumes of their own (ZFS, RBD: their destroy refuses while any exist) has none."""
+        return 0
+
     @abstractmethod
     def exists(self, vol: VolName) -> bool: ...
 

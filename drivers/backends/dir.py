@@ -308,6 +308,13 @@ class DirDriver(Driver):
         with self._opened(vol) as fd:
             return os.fstat(fd).st_blocks * 512
 
+    def internal_snapshots(self, vol: VolName) -> int:
+        if vol.fmt != "qcow2":
+            return 0
+        with self._opened(vol) as fd:
+            header = qemu.read_qcow2_header(fd)
+        return header.snapshots if header else 0
+
     def parent_of(self, vol: VolName) -> VolName | None:
         if vol.fmt != "qcow2":
             return None

@@ -454,6 +454,24 @@ def test_a_new_disk_never_takes_a_name_its_guest_names_though_the_storage_lists_
                                      "scsi2": f"local:{g}/vm-{g}-disk-2.qcow2"}  # a number, whatever the format
 
 
+def test_a_moved_qcow2_holding_internal_snapshots_is_kept_not_freed(client, vmid):
+    """The copy carries the disk's data, not the snapshots inside its qcow2 file (made by Proxmox
+    VE, libvirt or qemu-img): --delete-source keeps such a source as unused, with a warning, as
+    Proxmox VE's move_disk refuses to delete it."""
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M", "format": "qcow2"}})
+    source = client.guest(g).disks["scsi0"]
+    subprocess.run(["qemu-img", "snapshot", "-c", "before-upgrade", str(volume_path(source))], check=True)
+    job = client.run("move", vmid=g, disk="scsi0", storage="shared", delete_source=True)
+    assert job.state == "succeeded", job.error
+    assert "it holds 1 internal snapshot(s), which its copy does not carry" in job.result["warning"]
+    guest = client.guest(g)
+    assert guest.disks["scsi0"].startswith("shared:") and guest.unused == (source,)
+    listed = subprocess.run(["qemu-img", "snapshot", "-l", str(volume_path(source))], capture_output=True, text=True,
+                            check=True).stdout
+    assert "before-upgrade" in listed
+
+
 def test_a_move_whose_source_cannot_be_freed_still_stands(client, vmid):
     """--delete-source runs after the move is committed: a source that cannot be freed is
     kept as unused and reported; the guest keeps its new disk."""

@@ -937,6 +937,8 @@ def free_sources(ctx: StepContext) -> None:
                 if not freed_before(ctx, drv, vol, key):
                     # kept as unused by this guest: ours
                     usage.require_unused(ctx, volid, count_unused=False, but=migrated)
+                    if snapshots := drv.internal_snapshots(vol):  # as Proxmox VE's move_disk refuses to
+                        raise Refused(f"it holds {snapshots} internal snapshot(s), which its copy does not carry")
                     free_replaced_volume(ctx, drv, vol, key)
             freed.append(volid)
         except (StorkError, OSError) as e:
