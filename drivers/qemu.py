@@ -92,6 +92,11 @@ class Image:
 
     def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"driver": self.fmt, "file": self.file}
+        if self.fmt == "vpc":
+            # the size a VHD's footer gives, not one qemu works out from its cylinders, heads and
+            # sectors for a creator it does not know (VirtualBox's, say): that is smaller, by up
+            # to a few MiB, and a copy of it loses the disk's end (a GPT's backup header)
+            opts["force_size_calc"] = "current_size"
         if self.fmt in BACKED_FORMATS:
             opts["backing"] = self.backing.options() if self.backing else None
         return opts

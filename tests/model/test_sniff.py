@@ -28,6 +28,35 @@ def test_the_format_of_each_image_qemu_img_makes_is_told_from_its_bytes(tmp_path
     assert bool(found.refusal) == (expected not in sniff.IMPORTABLE)
 
 
+@pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
+def test_a_vhd_of_a_creator_qemu_does_not_know_is_imported_at_its_footers_size(tmp_path, subformat):
+    """VirtualBox writes `vbox` as the creator and geometry for fewer sectors than the disk
+    has: qemu, left alone, sizes it by that geometry and a copy loses the disk's end. Its
+    footer's size is what an import reads, and the data at the very end comes across."""
+    from drivers import qemu
+
+    image = tmp_path / "disk.vhd"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vpc", "-o", f"subformat={subformat},force_size=on", str(image),
+                    "64M"], check=True)
+    subprocess.run(["qemu-io", "-f", "vpc", "-c", "write -P 0x5a 67104768 4096", str(image)], check=True,
+                   capture_output=True)
+    data = bytearray(image.read_bytes())
+    for at in [len(data) - 512, *([0] if subformat == "dynamic" else [])]:  # a dynamic VHD's footer is copied first
+        footer = data[at:at + 512]
+        footer[28:32] = b"vbox"
+        footer[56:60] = struct.pack(">HBB", 963, 8, 17)  # the VHD spec's geometry for 64 MiB: 67,054,592 bytes
+        footer[64:68] = b"\0\0\0\0"
+        footer[64:68] = struct.pack(">I", ~sum(footer) & 0xFFFFFFFF)
+        data[at:at + 512] = footer
+    image.write_bytes(data)
+    with qemu.open_import(image) as (opened, size, fmt):
+        assert (fmt, size) == ("vpc", 64 << 20)
+        out = tmp_path / "out.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", opened.spec, str(out)], check=True,
+                       pass_fds=opened.all_fds)
+    assert out.stat().st_size == 64 << 20 and out.read_bytes()[-4096:] == b"\x5a" * 4096
+
+
 def _vhd_footer(disk_type: int) -> bytes:
     footer = bytearray(512)
     footer[:8] = b"conectix"
