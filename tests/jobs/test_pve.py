@@ -123,6 +123,45 @@ def test_a_volume_a_proxmox_ve_guest_names_is_never_freed_resized_or_made_a_base
     assert not disk.exists()
 
 
+def test_a_disk_a_proxmox_ve_guest_still_names_is_not_moved(stork, client, vmid, pve_config):
+    """An adopted guest whose Proxmox VE config still names its disk: that guest may run and
+    write the original, which a move's copy would miss. Refused at submit, and by the switch
+    (the step that would give the guest the copy) where Proxmox VE named it only since."""
+    from drivers.errors import Refused
+    from worker import records
+    from worker.context import StepContext
+    from worker.jobs.kinds import KINDS
+    from worker.jobs.steps import switch_disks
+    from worker.records import JobRecord, JobState
+
+    g = vmid()
+    disk = pve_disk(g, f"vm-{g}-disk-0", "raw")
+    conf = pve_config(g, f"scsi0: tank:{g}/vm-{g}-disk-0.raw\n")
+    assert stork("guest", "import-pve", conf)[0] == 0
+    volid = client.guest(g).disks["scsi0"]
+    code, _, err = stork("disk", "move", g, "scsi0", "local")
+    assert code != 0 and f"{volid} is in use by Proxmox VE guest {g} (scsi0): not moved" in err, err
+    assert client.guest(g).disks == {"scsi0": volid} and disk.exists()
+
+    job = JobRecord(id=records.new_id(), kind="move", node="node1", steps=["switch_disks"], queues=["shared"],
+                    params={"lock_vmid": g}, ctx={"made": {"scsi0": f"local:{g}/vm-{g}-disk-0.raw"}},
+                    state=JobState.RUNNING,
+                    current={"step": 0, "name": "switch_disks", "node": "node1", "worker": "test:1", "attempt": 1})
+    records.create(client.r, job, {"phase": "queued"})
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(lock="move", lock_job=job.id)
+    try:
+        ctx = StepContext(job=job, cfg=client.cfg, r=client.r, node="node1", step="switch_disks", worker="test:1",
+                          kinds=KINDS)
+        with pytest.raises(Refused, match=f"in use by Proxmox VE guest {g} \\(scsi0\\): not moved"):
+            switch_disks(ctx)
+        assert client.guest(g).disks == {"scsi0": volid}
+    finally:
+        with client.guest_store.editing(g) as box:
+            box[0] = box[0].with_(lock="", lock_job="")
+        client.r.srem(records.ACTIVE, job.id)  # a hand-made record: no worker will ever end it
+
+
 def test_an_adopted_disk_cannot_be_adopted_twice(stork, vmid, pve_config):
     g, again = vmid(), vmid()
     pve_disk(g, f"vm-{g}-disk-0", "raw")

@@ -567,6 +567,7 @@ def prepare_migrate(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
             continue  # seen from every node: it stays
         if vol.owner is not None and vol.owner != guest.vmid:
             raise Refused(f"guest {guest.vmid}'s disk {key} is {volid}, which belongs to guest {vol.owner}")
+        _refuse_foreign_users(driver_for(cfg.storage(storage)), vol, volid)  # checked again at the switch
         if (drv := _existing_here(cfg, storage, vol, guest.node)) and drv.parent_of(vol) is not None:
             raise Refused(f"guest {guest.vmid}'s disk {key} ({volid}) is a linked clone of "
                           f"{drv.volid(drv.parent_of(vol))}, a base on node {guest.node}: it cannot move without it "
@@ -670,6 +671,7 @@ def prepare_move(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     storage, vol = _volume(cfg, volid)
     drv = driver_for(cfg.storage(storage))
     drv.require_feature("move", vol)
+    _refuse_foreign_users(drv, vol, volid)  # checked again at the switch
     if vol.is_base and _existing_here(cfg, storage, vol, guest.node):
         _require_no_clones(drv, vol)  # checked again by the step, on the storage's node
     dest = _images_storage(cfg, names.storage_id(o.get("storage") or ""))
@@ -686,6 +688,13 @@ def prepare_move(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     return {"lock_vmid": guest.vmid, "expect_disks": guest.disks, "expect_node": guest.node, "disks": {key: plan},
             "delete_source": _flag(o, "delete_source"), "node": guest.node,
             "storages": _check_nodes(cfg, {storage, dest}, guest.node)}
+
+
+def _refuse_foreign_users(drv: Driver, vol: VolName, volid: str) -> None:
+    """A volume another manager's guest names (Proxmox VE's) is not moved: that guest goes on
+    writing the original, and the copy would miss what it writes."""
+    if found := drv.foreign_users(vol):
+        raise Refused(f"{volid} is in use by {', '.join(found)}: not moved (its writes would miss the copy)")
 
 
 def _base_lands(cfg: Config, plan: dict[str, Any], base: VolName) -> None:

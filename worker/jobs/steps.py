@@ -858,6 +858,9 @@ def _switch_to_copies(ctx: StepContext, moved_to: str | None) -> tuple[dict[str,
         if guest.lock_job != ctx.job.id:
             return None
         old = {key: guest.disks[key] for key in made}
+        for volid in old.values():  # another manager's guest writing the original would miss the copy
+            if found := usage.foreign_users(ctx, volid):
+                raise Refused(f"{volid} is in use by {', '.join(found)}: not moved (its writes would miss the copy)")
         ctx.data["replaced"] = old
         ctx.save()
         where = {"node": moved_to} if moved_to else {"unused": (*guest.unused, *old.values())}
