@@ -125,13 +125,13 @@ def test_a_volume_a_proxmox_ve_guest_names_is_never_freed_resized_or_made_a_base
 
 def test_a_disk_a_proxmox_ve_guest_still_names_is_not_moved(stork, client, vmid, pve_config):
     """An adopted guest whose Proxmox VE config still names its disk: that guest may run and
-    write the original, which a move's copy would miss. Refused at submit, and by the switch
-    (the step that would give the guest the copy) where Proxmox VE named it only since."""
+    write the original, which a move's copy would miss. Refused at submit, and by the copy
+    step on the disk's node (where Proxmox VE named it only since the submit)."""
     from drivers.errors import Refused
     from worker import records
     from worker.context import StepContext
     from worker.jobs.kinds import KINDS
-    from worker.jobs.steps import switch_disks
+    from worker.jobs.steps import copy_data
     from worker.records import JobRecord, JobState
 
     g = vmid()
@@ -143,22 +143,18 @@ def test_a_disk_a_proxmox_ve_guest_still_names_is_not_moved(stork, client, vmid,
     assert code != 0 and f"{volid} is in use by Proxmox VE guest {g} (scsi0): not moved" in err, err
     assert client.guest(g).disks == {"scsi0": volid} and disk.exists()
 
-    job = JobRecord(id=records.new_id(), kind="move", node="node1", steps=["switch_disks"], queues=["shared"],
-                    params={"lock_vmid": g}, ctx={"made": {"scsi0": f"local:{g}/vm-{g}-disk-0.raw"}},
+    plan = {"source": volid, "storage": "local", "owner": g, "format": "raw", "moves": True}
+    job = JobRecord(id=records.new_id(), kind="move", node="node1", steps=["copy_data"], queues=["node.node1"],
+                    params={"lock_vmid": g, "disks": {"scsi0": plan}}, ctx={"made": {"scsi0": f"local:{g}/x.raw"}},
                     state=JobState.RUNNING,
-                    current={"step": 0, "name": "switch_disks", "node": "node1", "worker": "test:1", "attempt": 1})
+                    current={"step": 0, "name": "copy_data", "node": "node1", "worker": "test:1", "attempt": 1})
     records.create(client.r, job, {"phase": "queued"})
-    with client.guest_store.editing(g) as box:
-        box[0] = box[0].with_(lock="move", lock_job=job.id)
     try:
-        ctx = StepContext(job=job, cfg=client.cfg, r=client.r, node="node1", step="switch_disks", worker="test:1",
+        ctx = StepContext(job=job, cfg=client.cfg, r=client.r, node="node1", step="copy_data", worker="test:1",
                           kinds=KINDS)
         with pytest.raises(Refused, match=f"in use by Proxmox VE guest {g} \\(scsi0\\): not moved"):
-            switch_disks(ctx)
-        assert client.guest(g).disks == {"scsi0": volid}
+            copy_data(ctx)
     finally:
-        with client.guest_store.editing(g) as box:
-            box[0] = box[0].with_(lock="", lock_job="")
         client.r.srem(records.ACTIVE, job.id)  # a hand-made record: no worker will ever end it
 
 

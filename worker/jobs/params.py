@@ -172,6 +172,7 @@ PLAN: dict[str, Check] = {
     "base_identity": _str,  # a relinked restore: the base must still be this very volume
     "as_base": _bool,  # a moved base: its copy is made a base on the target
     "across": _bool,  # its source is on another node than its target: copied through an export
+    "moves": _bool,  # its source is the guest's own disk, which the copy replaces (a move, a migration)
 }
 BASE_PLAN: dict[str, Check] = {"source": _volid, "name": _optional(lambda v: names.volume_stem(v, "base name"))}
 

@@ -567,7 +567,6 @@ def prepare_migrate(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
             continue  # seen from every node: it stays
         if vol.owner is not None and vol.owner != guest.vmid:
             raise Refused(f"guest {guest.vmid}'s disk {key} is {volid}, which belongs to guest {vol.owner}")
-        _refuse_foreign_users(driver_for(cfg.storage(storage)), vol, volid)  # checked again at the switch
         if (drv := _existing_here(cfg, storage, vol, guest.node)) and drv.parent_of(vol) is not None:
             raise Refused(f"guest {guest.vmid}'s disk {key} ({volid}) is a linked clone of "
                           f"{drv.volid(drv.parent_of(vol))}, a base on node {guest.node}: it cannot move without it "
@@ -577,8 +576,10 @@ def prepare_migrate(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         if not cfg.storage(dest).on_node(target):
             raise Refused(f"storage {dest!r} does not exist on node {target!r} (map {storage} to one that does with "
                           f"--storage-map {storage}=STORAGE)")
+        if drv:  # checked again on its node, by the export
+            _refuse_foreign_users(drv, vol, volid)
         disks[key] = {"source": volid, "storage": dest, "owner": guest.vmid,
-                      "format": _format(cfg, dest, None, vol.fmt), "across": True,
+                      "format": _format(cfg, dest, None, vol.fmt), "across": True, "moves": True,
                       **({"as_base": True} if vol.is_base else {})}
         if vol.is_base:
             _base_lands(cfg, disks[key], vol)
@@ -671,7 +672,6 @@ def prepare_move(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     storage, vol = _volume(cfg, volid)
     drv = driver_for(cfg.storage(storage))
     drv.require_feature("move", vol)
-    _refuse_foreign_users(drv, vol, volid)  # checked again at the switch
     if vol.is_base and _existing_here(cfg, storage, vol, guest.node):
         _require_no_clones(drv, vol)  # checked again by the step, on the storage's node
     dest = _images_storage(cfg, names.storage_id(o.get("storage") or ""))
@@ -681,7 +681,9 @@ def prepare_move(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     if target_node(cfg, {dest}, guest.node) is not None:
         raise Refused(f"storage {dest!r} is not on node {guest.node!r}, where guest {guest.vmid} is: a guest's disks "
                       f"stay on its node (move the guest with 'stork guest migrate {guest.vmid} NODE')")
-    plan = {"source": volid, "storage": dest, "owner": guest.vmid, "format": fmt}
+    if _existing_here(cfg, storage, vol, guest.node):  # checked again on its node, before the copy
+        _refuse_foreign_users(drv, vol, volid)
+    plan = {"source": volid, "storage": dest, "owner": guest.vmid, "format": fmt, "moves": True}
     if vol.is_base:
         plan["as_base"] = True  # the verified copy becomes a base on the target
         _base_lands(cfg, plan, vol)

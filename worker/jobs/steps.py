@@ -300,11 +300,20 @@ def _open_source(ctx: StepContext, stack: contextlib.ExitStack, key: str, plan: 
         if size != plan["size"]:
             raise Refused(f"{path} changed since the job was submitted (its size is now {size} bytes)")
         return _Source(str(path), size, image=image, imported=True)
-    if plan.get("across"):
+    if plan.get("across"):  # a moved one checked where it is, by export_sources
         export = _export(ctx, key)
         return _Source(plan["source"], export.size, image=transfer.source(export, _cluster_key(ctx), plan["source"]))
     drv, vol = ctx.volume(plan["source"])
+    _refuse_moving_foreign(ctx, plan)
     return _Source(plan["source"], _volume_size(ctx, plan["source"]), volume=(drv, vol))
+
+
+def _refuse_moving_foreign(ctx: StepContext, plan: dict) -> None:
+    """A guest's disk that another manager's guest names (Proxmox VE's, which may run it) is not
+    moved: that guest would go on writing the original, and the copy miss it. Asked on the
+    source's node, whose view of that manager is the one that counts."""
+    if plan.get("moves") and (found := usage.foreign_users(ctx, plan["source"])):
+        raise Refused(f"{plan['source']} is in use by {', '.join(found)}: not moved (its writes would miss the copy)")
 
 
 def _data_bytes(src: _Source) -> int | None:
@@ -415,6 +424,7 @@ def export_sources(ctx: StepContext) -> None:
         if not plan.get("across") or (key in exports and transfer.running(_export(ctx, key))):
             continue
         drv.require_existing(vol)
+        _refuse_moving_foreign(ctx, plan)
         if plan.get("as_base") and not ctx.params.get("links") and (clones := drv.clones_of(vol)):
             raise Refused(f"{plan['source']} is a base with {len(clones)} linked clone(s) on node {ctx.node}, which "
                           f"read through it where it is: {', '.join(drv.volid(c) for c in clones)} "
@@ -858,9 +868,6 @@ def _switch_to_copies(ctx: StepContext, moved_to: str | None) -> tuple[dict[str,
         if guest.lock_job != ctx.job.id:
             return None
         old = {key: guest.disks[key] for key in made}
-        for volid in old.values():  # another manager's guest writing the original would miss the copy
-            if found := usage.foreign_users(ctx, volid):
-                raise Refused(f"{volid} is in use by {', '.join(found)}: not moved (its writes would miss the copy)")
         ctx.data["replaced"] = old
         ctx.save()
         where = {"node": moved_to} if moved_to else {"unused": (*guest.unused, *old.values())}
