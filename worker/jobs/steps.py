@@ -939,7 +939,7 @@ def free_sources(ctx: StepContext) -> None:
         return
     # a migrated guest's copy may have its original's name, on its new node: not a use of the original
     migrated = ctx.params["lock_vmid"] if ctx.params.get("target_node") else None
-    freed, kept = [], []
+    freed, kept, why = [], [], []
     for key, volid in ctx.data.get("replaced", {}).items():
         try:
             drv, vol = ctx.volume(volid)
@@ -954,7 +954,9 @@ def free_sources(ctx: StepContext) -> None:
         except (StorkError, OSError) as e:
             kept.append(volid)
             where = f"on node {ctx.node}" if migrated is not None else "as unused"
-            ctx.set_result(warning=f"kept {volid} {where}: {e}")
+            why.append(f"kept {volid} {where}: {e}")
+    if why:
+        ctx.set_result(warning="; ".join(why))
     if migrated is not None and kept:  # not the guest's to list from its new node: said in the result
         ctx.set_result(kept={"node": ctx.node, "volumes": kept})
     with ctx.guests.editing(ctx.params["lock_vmid"]) as box:
