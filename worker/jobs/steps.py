@@ -209,9 +209,9 @@ def _link(ctx: StepContext, key: str, base_volid: str, owner: int, identity: str
           what: str = "the base this backup was made against (it was made anew)") -> None:
     """Make `key`'s disk a linked clone of the base `base_volid` (which must still be the very
     volume `identity` names, where the plan gives one: a relinked restore's base, a template's
-    replica). `settled`: no job
-    may rename the base back (an unlocked template names it, a template records it as a
-    replica, this job made it), else the jobs naming it are asked (usage.require_base_made)."""
+    replica; else it is no longer `what`). `settled`: no job may rename the base back (an
+    unlocked template names it, a template records it as a replica, this job made it), else the
+    jobs naming it are asked (usage.require_base_made)."""
     drv, base = ctx.volume(base_volid)
     drv.require_feature("linked_clone", base)
 
