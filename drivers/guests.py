@@ -398,10 +398,11 @@ class GuestStore:
         stamp = index.stamp()
         if not stamp or stamp["clock"] > time.time_ns():  # a refresh by a clock ahead of ours: trust none of it
             return self.list()
-        if self._file_system() not in CTIME_KEPT:  # a ctime that may be made up tells nothing
+        if (kind := self._file_system()) not in CTIME_KEPT:  # a ctime that may be made up tells nothing
             return self.list()
         marked = index.marked(volid)
-        wanted = marked | {vmid for vmid in map(_vmid_of_file, self._changed_since(stamp["since"])) if vmid is not None}
+        changed = self._changed_since(stamp["since"], kind)
+        wanted = marked | {vmid for vmid in map(_vmid_of_file, changed) if vmid is not None}
         found = []
         for vmid in sorted(wanted):
             try:
@@ -416,11 +417,10 @@ class GuestStore:
                                       "forgets it)") from None
         return found
 
-    def _changed_since(self, since: int) -> set[str]:
-        """The configs (file names) whose ctime is not older than `since`: on a local file system,
-        those this process's watch names since it last stat'd them all (drivers/guest_watch.py);
-        elsewhere, or when the watch cannot tell, a stat of each."""
-        kind = self._file_system()
+    def _changed_since(self, since: int, kind: str) -> set[str]:
+        """The configs (file names) whose ctime is not older than `since`, on a file system of
+        type `kind`: on a local one, those this process's watch names since it last stat'd them
+        all (drivers/guest_watch.py); elsewhere, or when the watch cannot tell, a stat of each."""
         if kind not in WATCHED_FILE_SYSTEMS:
             return self._stat_every(since, fresh=kind not in LOCAL_FILE_SYSTEMS)
         from drivers import guest_watch  # here: ctypes only for the processes that check

@@ -112,8 +112,8 @@ def _present_or_other(result: SyncResult, source: ChunkStore, snapshot: Snapshot
 
 def _count_held(result: SyncResult, source: ChunkStore, target: ChunkStore, snapshot: Snapshot, copy: Snapshot,
                 reseal: bool) -> None:
-    """The target's copy of `snapshot`: present, or, where it is recorded failed, mended first
-    (counted present, it would stand for an offsite copy that does not restore)."""
+    """The target's copy of `snapshot`: present; or, where it is recorded failed, mended (counted
+    present, it would stand for an offsite copy that does not restore)."""
     if candidate(copy).failed:
         _mend(result, source, target, snapshot, reseal)
     else:

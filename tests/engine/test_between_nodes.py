@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -351,10 +352,9 @@ def test_a_replica_made_from_an_earlier_volume_of_its_bases_name_is_not_used(cli
     assert code == 1 and f"replica {replica} was made from an earlier volume named" in err
 
 
-def test_a_volume_that_took_a_replicas_name_since_is_neither_cloned_nor_freed_as_the_replica(client, vmid, stork):
-    """node2's replica is removed by hand (its storage rebuilt, say) and another base made
-    there under its name: a linked clone onto node2 is refused, naming it, and the template's
-    destroy leaves it where it is (a warning), where both took it for the replica by its name."""
+def _replica_taken_over(client, vmid, stork) -> tuple[int, str, Path]:
+    """A node1 template whose replica on node2 was removed by hand (its storage rebuilt, say)
+    and another base made there under its name: (the template, the replica's id, its path)."""
     t = vmid()
     _make(client, t, "node1", "local1", mib=8)
     assert client.run("template", vmid=t).state == "succeeded"
@@ -365,6 +365,14 @@ def test_a_volume_that_took_a_replicas_name_since_is_neither_cloned_nor_freed_as
     subprocess.run(["chattr", "-i", str(path)], check=True)  # bases are immutable
     path.unlink()
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(path), "8M"], check=True)  # another base, that name
+    return t, replica, path
+
+
+def test_a_volume_that_took_a_replicas_name_since_is_neither_cloned_nor_freed_as_the_replica(client, vmid, stork):
+    """node2's replica is removed by hand (its storage rebuilt, say) and another base made
+    there under its name: a linked clone onto node2 is refused, naming it, and the template's
+    destroy leaves it where it is (a warning), where both took it for the replica by its name."""
+    t, replica, path = _replica_taken_over(client, vmid, stork)
     code, _, err = stork("clone", t, vmid(), "--storage", "local2")
     assert code == 1 and f"{replica} is no longer the replica guest {t} records" in err, err
     code, out, err = stork("--json", "guest", "destroy", t)
@@ -377,16 +385,7 @@ def test_a_volume_that_took_a_replicas_name_since_is_neither_cloned_nor_freed_as
 def test_a_replica_record_whose_volume_another_took_is_dropped_by_forget_the_volume_kept(client, vmid, stork):
     """`volume free` of the name would free the other volume: refused, naming --forget, which
     drops the template's record and leaves the volume."""
-    t = vmid()
-    _make(client, t, "node1", "local1", mib=8)
-    assert client.run("template", vmid=t).state == "succeeded"
-    assert stork("clone", t, c := vmid(), "--storage", "local2")[0] == 0
-    assert stork("guest", "destroy", c)[0] == 0
-    [replica] = client.guest(t).replicas
-    path = volume_path(replica)
-    subprocess.run(["chattr", "-i", str(path)], check=True)
-    path.unlink()
-    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(path), "8M"], check=True)
+    t, replica, path = _replica_taken_over(client, vmid, stork)
     code, _, err = stork("volume", "free", replica)
     assert code == 1 and f"{replica} is not the replica guest {t} records" in err and "--forget" in err, err
     assert path.exists() and client.guest(t).replicas

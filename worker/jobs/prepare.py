@@ -755,12 +755,13 @@ def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         raise NotFound(f"unknown volume {volid}: no guest of node {node} lists it")
     if (drv := _here(cfg, storage, node)) is not None:
         drv.status()  # an unmounted storage has no volume to show: it is refused, not taken for gone
-        stale = usage.stale_replica_records(guests, volid, node, shared, drv.identity(vol)) if drv.exists(vol) else []
-        if forget and drv.exists(vol) and not stale:
+        exists = drv.exists(vol)
+        stale = usage.stale_replica_records(guests, volid, node, shared, drv.identity(vol)) if exists else []
+        if forget and exists and not stale:
             raise Refused(f"{volid} exists: free it (--forget is for a volume gone already)")
         if not forget and stale:
             raise Refused(usage.not_the_replica(volid, stale[0]))
-        if not forget and not drv.exists(vol):
+        if not forget and not exists:
             raise NotFound(f"unknown volume {volid}" + (
                 f" (guest {', '.join(map(str, listing))} still lists it: 'stork volume free --forget {volid}' "
                 "drops it)" if listing else ""))

@@ -1017,9 +1017,14 @@ def free_volume(ctx: StepContext) -> None:
     ctx.set_result(freed=volid)
 
 
+def _stale_replica_records(ctx: StepContext, drv: Driver, vol: VolName, volid: str,
+                           guests: list[Guest] | None = None) -> list[int]:
+    return usage.stale_replica_records(usage.candidates(ctx, volid) if guests is None else guests, volid, ctx.node,
+                                       drv.storage.shared, drv.identity(vol))
+
+
 def _refuse_stale_replica(ctx: StepContext, drv: Driver, vol: VolName, volid: str, guests: list[Guest]) -> None:
-    shared = ctx.cfg.storage(names.volume_id(volid).storage).shared
-    if stale := usage.stale_replica_records(guests, volid, ctx.node, shared, drv.identity(vol)):
+    if stale := _stale_replica_records(ctx, drv, vol, volid, guests):
         raise Refused(usage.not_the_replica(volid, stale[0]))
 
 
@@ -1032,18 +1037,16 @@ def _forget_gone(ctx: StepContext, drv: Driver, vol: VolName, volid: str) -> Non
     with ctx.storage_lock(drv):
         drv.status()  # an unmounted storage has no volume to show: refused, not taken for gone
         if drv.exists(vol):
-            shared = ctx.cfg.storage(names.volume_id(volid).storage).shared
-            stale = usage.stale_replica_records(usage.candidates(ctx, volid), volid, ctx.node, shared,
-                                                drv.identity(vol))
-            if not stale and not ctx.data.get("forgetting"):
+            stale = _stale_replica_records(ctx, drv, vol, volid)
+            if not stale and not ctx.data.get("forgetting"):  # (set: a try before dropped them, then died)
                 raise Refused(f"{volid} exists: free it (--forget is for a volume gone already)")
             ctx.data.setdefault("forgetting", True)
             ctx.save()
             for vmid in stale:
                 with ctx.guests.editing(vmid) as box:
                     box[0] = box[0].with_(replicas={v: r for v, r in box[0].replicas.items() if v != volid})
-            ctx.set_result(forgot=volid, guests=stale, warning=f"{volid} holds another volume than the replica "
-                                                               "recorded: that volume is kept")
+            ctx.set_result(forgot=volid, guests=stale, **({"warning": f"{volid} holds another volume than the "
+                                                          "replica recorded: that volume is kept"} if stale else {}))
             return
         usage.require_unused(ctx, volid, count_unused=False, count_replicas=False)
         ctx.data.setdefault("forgetting", True)  # a try after a crash that forgets none is done all the same
