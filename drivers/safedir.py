@@ -194,11 +194,16 @@ class SafeDir:
 
     # ---- making names ---------------------------------------------------------------
     @staticmethod
+    def is_temp(name: str) -> bool:
+        """Is `name` a temp file's, as temp_file makes them (gone or linked by the time the lock ends)?"""
+        return _TEMP.fullmatch(name) is not None
+
+    @staticmethod
     def sweep_temps(folder: int) -> None:
         """Remove temp files left in `folder` by a writer that died. Call it under the storage
         lock, which every writer of temp files holds: any temp file there then is stale."""
         with os.scandir(folder) as entries:  # stork's own names only: a folder may be Proxmox VE's too
-            stale = [e.name for e in entries if _TEMP.fullmatch(e.name)]
+            stale = [e.name for e in entries if SafeDir.is_temp(e.name)]
         for name in stale:
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.unlink(name, dir_fd=folder)

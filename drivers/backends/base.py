@@ -263,6 +263,18 @@ class Driver(ABC):
     def clones_of(self, base: VolName) -> list[VolName]:
         return [v for v in self.list_volumes() if self.parent_of(v) == base]
 
+    def readers_of(self, base: VolName) -> list[str]:
+        """What reads through `base`, as a refusal to free, move or replace it names it: each
+        linked clone's volume id, and each file in the storage that is no volume and reads
+        through it (unlisted_readers)."""
+        return [self.volid(c) for c in self.clones_of(base)] + self.unlisted_readers(base)
+
+    def unlisted_readers(self, base: VolName) -> list[str]:
+        """Files no volume id names whose data reads through `base` (a storage of files: a copy
+        of a clone kept as `vm-101-disk-0.qcow2.bak`), each as `file <path>`. None where every
+        image the storage holds is a volume."""
+        return []
+
     def next_disk_name(self, owner: int, fmt: str, taken: frozenset[str] = frozenset()) -> VolName:
         """The first free `vm-<owner>-disk-N` (an entry only named like a volume takes its name
         too); call it under the storage lock."""
@@ -315,10 +327,9 @@ class Driver(ABC):
     def free_volume(self, vol: VolName) -> None:
         """Free a volume, refusing a base that linked clones still read through."""
         self.require_existing(vol)
-        if vol.is_base and (clones := self.clones_of(vol)):
-            listed = ", ".join(self.volid(c) for c in clones)
+        if vol.is_base and (readers := self.readers_of(vol)):
             raise FeatureUnsupported(
-                f"{self.volid(vol)} is a base image with {len(clones)} linked clone(s): {listed}"
+                f"{self.volid(vol)} is a base image with {len(readers)} linked clone(s): {', '.join(readers)}"
             )
         self.free(vol)
 

@@ -324,6 +324,29 @@ class DirDriver(Driver):
             return None
         return self._volume_at(self._folder(vol), header.backing_file)
 
+    def unlisted_readers(self, base: VolName) -> list[str]:
+        """The guest and base folders' files that are no volume by name (a clone copied to
+        `vm-101-disk-0.qcow2.bak`, a disk put there by hand) whose qcow2 header reads through
+        `base`, each named by its path. Read only where a base is to be freed or moved, a header
+        each; a folder stork does not use is not looked in."""
+        found = []
+        for name, folder in self._folders(None):
+            for file in self._dir.regular_files(folder):
+                if self._dir.is_temp(file) or self._is_volume(f"{name}/{file}"):
+                    continue
+                with contextlib.suppress(NotFound), self._dir.opened(folder, file) as fd:
+                    header = qemu.read_qcow2_header(fd)
+                if header and header.backing_file and self._volume_at(name, header.backing_file) == base:
+                    found.append(f"file {self.root / name / file}")
+        return sorted(found)
+
+    def _is_volume(self, path: str) -> bool:
+        try:
+            self.layout.at(path)
+        except names.InvalidName:
+            return False
+        return True
+
     def _volume_at(self, folder: str, backing: str) -> VolName | None:
         """The base a backing path names, worked out as text (no link is resolved): a relative
         path is relative to the overlay's folder. A path outside the storage, or to a volume

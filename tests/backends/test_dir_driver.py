@@ -105,6 +105,34 @@ def test_an_overlay_whose_backing_is_another_guests_disk_is_not_read_through(drv
         pass
 
 
+def test_files_that_are_no_volume_but_read_through_a_base_keep_it(drv):
+    """A qcow2 under a name no volume id gives (a clone's copy kept as `.bak`, an image put in
+    the guest's folder by hand) that reads through a base is named among the base's readers, and
+    the base is not freed; files that read no base, or another one, and stork's own temp files
+    (stale under the storage lock, swept by its next writer) are not."""
+    vols = [VolName(100, "vm-100-disk-0", "raw"), VolName(102, "vm-102-disk-0", "raw")]
+    for vol in vols:
+        drv.allocate(vol, 4 << 20)
+        drv.make_base(vol, drv.default_base_name(vol))
+    base, other = (drv.default_base_name(vol) for vol in vols)
+    clone = drv.next_disk_name(101, "qcow2")
+    drv.link_clone(base, clone)
+    folder = path_of(drv, clone).parent
+    for name in ("vm-101-disk-0.qcow2.bak", ".vm-101-disk-0.qcow2.0123456789abcdef.tmp", "old disk.img"):
+        subprocess.run(["cp", "-p", str(path_of(drv, clone)), str(folder / name)], check=True)
+    (folder / "notes.raw").write_bytes(b"\0" * 4096)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(folder / "scratch.qcow2"), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "../base/base-102-disk-0.raw", "-F", "raw",
+                    str(folder / "other.qcow2")], check=True)
+    drv.free(clone)
+    assert drv.clones_of(base) == []  # no volume reads it
+    assert drv.readers_of(base) == [f"file {folder / 'old disk.img'}", f"file {folder / 'vm-101-disk-0.qcow2.bak'}"]
+    assert drv.readers_of(other) == [f"file {folder / 'other.qcow2'}"]
+    with pytest.raises(FeatureUnsupported, match=r"1 linked clone\(s\): file .*/other\.qcow2$"):
+        drv.free_volume(other)
+    assert drv.exists(other)
+
+
 def test_a_volume_with_a_second_name_is_not_written(drv, tmp_path):
     """A hard link at a volume's name (O_NOFOLLOW does not see one) may be a file outside the
     storage: it is read as a volume, never written, resized or restored into."""

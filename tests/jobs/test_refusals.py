@@ -262,6 +262,30 @@ def test_freeing_a_base_with_linked_clones_lists_them(stork, client, vmid):
     assert snapshot() == before
 
 
+def test_a_base_a_copied_clone_reads_through_is_kept(stork, client, vmid):
+    """A copy of a linked clone that an operator kept beside it (`cp -p disk.qcow2 disk.qcow2.bak`,
+    before trying something) reads through the base as the clone does, by its relative path, but
+    no volume id names it: the template's destroy, and a free of the base once the template is
+    gone, are refused naming the file, and the copy still reads its data."""
+    t, c = vmid(), vmid()
+    assert client.run("create", vmid=t, disks={"scsi0": {"storage": "local", "size": "8M"}}).state == "succeeded"
+    assert client.run("template", vmid=t).state == "succeeded"
+    assert client.run("linked_clone", vmid=t, newid=c).state == "succeeded"
+    kept = BASE / "images" / str(c) / f"vm-{c}-disk-0.qcow2.bak"
+    subprocess.run(["cp", "-p", str(kept.with_suffix("")), str(kept)], check=True)
+    assert client.run("destroy", vmid=c).state == "succeeded"
+    base = f"local:base/base-{t}-disk-0.raw"
+    before = snapshot()
+    code, _, err = stork("guest", "destroy", str(t))
+    assert (code, err) == (1, f"stork: guest {t}: base {base} still has linked clones: file {kept}\n")
+    (BASE / "guests" / f"{t}.toml").unlink()  # an operator removed the template's config by hand
+    del before["guests"][f"{t}.toml"]
+    code, _, err = stork("volume", "free", base)
+    assert code == 1 and err.endswith(f"{base} is a base image with 1 linked clone(s): file {kept}\n")  # in its step
+    assert snapshot() == before
+    subprocess.run(["qemu-img", "check", "-q", str(kept)], check=True)  # its backing file is there still
+
+
 def test_unknown_options_are_refused_at_submit_naming_the_allowed_ones(client):
     """The Python client gets the same one-line refusal for an option no job kind knows."""
     from drivers.errors import StorkError

@@ -709,10 +709,9 @@ def _base_lands(cfg: Config, plan: dict[str, Any], base: VolName) -> None:
 
 def _require_no_clones(drv: Driver, base: VolName) -> None:
     """A base that linked clones read through cannot move: their backing paths name it."""
-    if clones := drv.clones_of(base):
-        listed = ", ".join(drv.volid(c) for c in clones)
-        raise Refused(f"{drv.volid(base)} is a base with {len(clones)} linked clone(s), which read through it where "
-                      f"it is: {listed} (move or destroy them first)")
+    if readers := drv.readers_of(base):
+        raise Refused(f"{drv.volid(base)} is a base with {len(readers)} linked clone(s), which read through it where "
+                      f"it is: {', '.join(readers)} (move or destroy them first)")
 
 
 def _existing_here(cfg: Config, storage: str, vol: VolName, node: str) -> Driver | None:

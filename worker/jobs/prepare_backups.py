@@ -132,9 +132,9 @@ def _replaced(cfg: Config, vmid: int, force: bool) -> Guest | None:
         storage, vol = _volume(cfg, volid)
         if vol.is_base and cfg.storage(storage).on_node(cfg.node):
             drv = driver_for(cfg.storage(storage))
-            if clones := drv.clones_of(vol):
-                raise Refused(f"guest {vmid} cannot be replaced: its base {volid} has {len(clones)} linked "
-                              f"clone(s): {', '.join(drv.volid(c) for c in clones)}")
+            if readers := drv.readers_of(vol):
+                raise Refused(f"guest {vmid} cannot be replaced: its base {volid} has {len(readers)} linked "
+                              f"clone(s): {', '.join(readers)}")
     return guest
 
 

@@ -425,9 +425,9 @@ def export_sources(ctx: StepContext) -> None:
             continue
         drv.require_existing(vol)
         _refuse_moving_foreign(ctx, plan)
-        if plan.get("as_base") and not ctx.params.get("links") and (clones := drv.clones_of(vol)):
-            raise Refused(f"{plan['source']} is a base with {len(clones)} linked clone(s) on node {ctx.node}, which "
-                          f"read through it where it is: {', '.join(drv.volid(c) for c in clones)} "
+        if plan.get("as_base") and not ctx.params.get("links") and (readers := drv.readers_of(vol)):
+            raise Refused(f"{plan['source']} is a base with {len(readers)} linked clone(s) on node {ctx.node}, which "
+                          f"read through it where it is: {', '.join(readers)} "
                           "(move or destroy them first)")
         with drv.image(vol) as image:
             export = transfer.start(image, drv.virtual_size(vol), ctx.cfg.address_of(ctx.node), _cluster_key(ctx))
@@ -483,9 +483,9 @@ def check_replicas(ctx: StepContext) -> None:
             if record.get("own_identity", identity) != identity:
                 identities[volid] = ""  # gone, and its name taken by another volume since: not the template's
                 continue
-            if clones := drv.clones_of(vol):
+            if readers := drv.readers_of(vol):
                 raise Refused(f"guest {vmid}: replica {volid} on node {ctx.node} still has linked clones: "
-                              f"{', '.join(drv.volid(c) for c in clones)}")
+                              f"{', '.join(readers)}")
             identities[volid] = identity
     ctx.data["replicas"] = identities
     ctx.save()
@@ -583,9 +583,8 @@ def make_moved_bases(ctx: StepContext) -> None:
         # a replica's base does not move; one on another node was checked by the export step (and the free refuses)
         if not plan.get("across") and not ctx.params.get("links"):
             drv, source = ctx.volume(plan["source"])
-            if clones := drv.clones_of(source):
-                raise Refused(f"{plan['source']} has {len(clones)} linked clone(s) now: "
-                              f"{', '.join(drv.volid(c) for c in clones)}")
+            if readers := drv.readers_of(source):
+                raise Refused(f"{plan['source']} has {len(readers)} linked clone(s) now: {', '.join(readers)}")
         plans[key] = {"source": ctx.data["made"][key], "name": source.name}
     _make_bases(ctx, plans)
     for key in plans:  # each made base's own identity, read on its node: a replica's is recorded (record_replicas)
@@ -650,7 +649,7 @@ def unmake_bases(ctx: StepContext) -> None:
                 continue
             guests = usage.candidates(ctx, base_volid)  # e.g. a replica a template recorded; a restored template
             # linked clones read through it (the guest's own, link_owner's, once a commit wrote it)
-            clones = [f"linked clone {drv.volid(c)}" for c in drv.clones_of(base)]
+            clones = [f"linked clone {reader}" for reader in drv.readers_of(base)]
             if found := usage.guest_users(ctx, base_volid, guests=guests) + \
                     usage.held_guest_users(ctx, base_volid, guests) + clones:
                 taken.append(f"{base_volid} (in use by {', '.join(found)})")
@@ -764,9 +763,8 @@ def remove_disk(ctx: StepContext) -> None:
         drv, vol = ctx.volume(volid)
         with ctx.storage_lock(drv):
             if not freed_before(ctx, drv, vol, volid, "freed_volumes"):
-                if vol.is_base and drv.exists(vol) and (clones := drv.clones_of(vol)):
-                    listed = ", ".join(drv.volid(c) for c in clones)
-                    raise Refused(f"{volid} is a base image with {len(clones)} linked clone(s): {listed}")
+                if vol.is_base and drv.exists(vol) and (readers := drv.readers_of(vol)):
+                    raise Refused(f"{volid} is a base image with {len(readers)} linked clone(s): {', '.join(readers)}")
                 usage.require_unused(ctx, volid)
                 usage.require_named_once(guest, volid, key)  # this job's guest: not among the users above
                 identities = ctx.data.setdefault("freed_volumes", {})

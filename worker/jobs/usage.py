@@ -280,6 +280,5 @@ def prune_claims(r: redis.Redis, storages: Iterable[str]) -> int:
 def require_base_unread(drv: Driver, vol: VolName, vmid: int) -> None:
     """Refuse to free guest `vmid`'s base while linked clones read through it (at submit, where
     the storage is on this node, and again in the step, under the storage lock)."""
-    if vol.is_base and drv.exists(vol) and (clones := drv.clones_of(vol)):
-        listed = ", ".join(drv.volid(c) for c in clones)
-        raise Refused(f"guest {vmid}: base {drv.volid(vol)} still has linked clones: {listed}")
+    if vol.is_base and drv.exists(vol) and (readers := drv.readers_of(vol)):
+        raise Refused(f"guest {vmid}: base {drv.volid(vol)} still has linked clones: {', '.join(readers)}")
