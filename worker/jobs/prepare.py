@@ -396,7 +396,7 @@ def prepare_linked_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         drv.require_feature("linked_clone", vol)
         disks[key] = {"source": volid, "storage": storage, "owner": newid}
     storages = _check_nodes(cfg, {d["storage"] for d in disks.values()}, source.node)
-    return {"vmid": source.vmid, "new_vmid": newid, "name": _name(o), "node": source.node,
+    return {"vmid": source.vmid, "new_vmid": newid, "name": _name(o), "node": source.node, "expect_node": source.node,
             "disks": disks, "storages": storages}
 
 

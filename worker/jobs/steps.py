@@ -193,9 +193,14 @@ def allocate_disks(ctx: StepContext) -> None:
 
 def link_disks(ctx: StepContext) -> None:
     """Create one linked clone per planned disk, reading through its base; refused while the
-    template is locked (e.g. being destroyed)."""
+    template is locked (e.g. being destroyed), and where it moved to another node since the job
+    was submitted: the bases of the names it holds are there, and a copy here of the same name
+    is one `guest migrate --keep-source` left behind, for the operator to free."""
     template = ctx.guests.read(ctx.params["vmid"])
     template.require_unlocked()
+    if (node := ctx.params.get("expect_node")) and template.node != node:
+        raise Refused(f"guest {template.vmid} moved to node {template.node} since the job was submitted (it was on "
+                      f"{node})")
     for key, plan in ctx.params["disks"].items():
         if key not in ctx.data.get("made", {}):  # a template names its bases, and records replicas, once committed
             _link(ctx, key, plan["source"], plan["owner"], plan.get("base_identity"),
@@ -955,8 +960,10 @@ def free_sources(ctx: StepContext) -> None:
             why.append(f"kept {volid} {where}: {e}")
     if why:
         ctx.set_result(warning="; ".join(why))
-    if migrated is not None and kept:  # not the guest's to list from its new node: said in the result
-        ctx.set_result(kept={"node": ctx.node, "volumes": kept})
+    if migrated is not None:  # its unused list is its new node's, where a volume may have an original's id
+        if kept:  # not the guest's to list from there: said in the result
+            ctx.set_result(kept={"node": ctx.node, "volumes": kept})
+        return
     with ctx.guests.editing(ctx.params["lock_vmid"]) as box:
         box[0] = box[0].with_(unused=tuple(v for v in box[0].unused if v not in freed))
 
