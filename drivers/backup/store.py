@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from drivers import names
+from drivers import faults, names
 from drivers.backup.codec import CHUNK, Codec, PlainCodec, is_zero
 from drivers.backup.files import (
     CHUNK_SIZE,
@@ -672,17 +672,23 @@ class ChunkStore:
     # ---- verify -------------------------------------------------------------------------------
     def verify(self, id: str) -> VerifyResult:
         """Read back every blob, index and chunk of a snapshot (each distinct chunk once), check
-        every digest, and record the outcome in its state.json."""
+        every digest, and record the outcome in its state.json. Damaged chunks are moved aside
+        only once it, and every other snapshot naming them, is recorded failed: a verify that dies
+        before leaves them where they are, for the next to find, never an "ok" naming a chunk
+        gone (prune would count that backup sound)."""
         parsed = backup_id(id)
         snapshot = self._load(parsed)
         lost: set[str] = set()
+        damaged: set[str] = set()
         problems = [*self._file_problems(parsed, snapshot.manifest),
-                    *self._chunk_problems(parsed, snapshot.manifest, lost)]
+                    *self._chunk_problems(parsed, snapshot.manifest, lost, damaged)]
         result = VerifyResult("failed" if problems else "ok", now_text(), tuple(problems))
         self._change_state(parsed, verify=result)
-        if new := lost - self._lost_told:  # once per chunk in a process: a verify --all meets it in many
+        if new := (lost | damaged) - self._lost_told:  # once per chunk in a process: a verify --all meets it in many
             self._fail_others_naming(parsed, new)
             self._lost_told |= new
+        for digest in sorted(damaged):
+            self._quarantine(digest)
         return result
 
     def _fail_others_naming(self, found_by: BackupId, lost: set[str]) -> None:
@@ -727,9 +733,10 @@ class ChunkStore:
             except (Corrupt, NotFound, Refused) as e:
                 yield Problem(None, str(e))
 
-    def _chunk_problems(self, id: BackupId, manifest: Manifest, lost: set[str]) -> Iterator[Problem]:
-        """What is wrong with the chunks the snapshot names; those damaged (moved aside) or
-        missing are added to `lost`."""
+    def _chunk_problems(self, id: BackupId, manifest: Manifest, lost: set[str], damaged: set[str]
+                        ) -> Iterator[Problem]:
+        """What is wrong with the chunks the snapshot names: those missing are added to `lost`,
+        those that do not read back as their digest to `damaged` (for the caller to move aside)."""
         places: dict[str, list[tuple[str, int]]] = {}
         indexes: dict[str, Index] = {}
         for key in manifest.disks:
@@ -742,8 +749,7 @@ class ChunkStore:
             try:
                 lengths[digest] = len(self.read_chunk(digest))
             except Corrupt as e:
-                if self._quarantine(digest):
-                    lost.add(digest)
+                damaged.add(digest)
                 yield Problem(digest, f"{e} (moved aside to {digest}.bad)", tuple(where))
             except (NotFound, Refused) as e:
                 lost.add(digest)
@@ -751,25 +757,25 @@ class ChunkStore:
         for key, index in indexes.items():
             yield from _length_problems(key, index, lengths)
 
-    def _quarantine(self, digest: str) -> bool:
+    def _quarantine(self, digest: str) -> None:
         """Move a chunk whose data does not match its digest aside, as <digest>.bad: the next
         backup holding that data then stores it again (which makes every backup naming it
         whole again) instead of naming the damaged file. A backup whose patch lies over it
-        stays damaged: the next backup of that disk reads the chunk whole instead. False where
-        it is sound by now."""
+        stays damaged: the next backup of that disk reads the chunk whole instead. Left where it
+        is sound by now."""
         with self._prefix_locked(digest[:4], exclusive=True) as folder, contextlib.suppress(FileNotFoundError):
             try:
                 self.codec.decode(self._read(folder, digest, self.chunk_size + _CODEC_OVERHEAD, digest), digest)
-                return False  # stored anew since verify read it (gc took it, a backup wrote it back): sound
+                return  # stored anew since verify read it (gc took it, a backup wrote it back): sound
             except (Corrupt, NotFound, Refused):
                 pass  # gone, or unreadable: it goes aside
             except OSError as e:
                 if e.errno not in MEDIA_ERRORS:
                     raise
+            faults.point("quarantine")
             os.rename(digest, f"{digest}.bad", src_dir_fd=folder, dst_dir_fd=folder)
             os.utime(f"{digest}.bad", dir_fd=folder)  # its time aside counts from now (see gc)
             os.fsync(folder)
-        return True
 
     # ---- garbage collection -------------------------------------------------------------------
     def gc(self, margin: float = 300.0, now: float | None = None) -> GcResult:

@@ -462,6 +462,38 @@ class TestVerify:
         assert candidate(store.snapshot(str(new.id))).failed
         assert store.snapshot(str(other.id)).state.verify.ok
 
+    def test_a_verify_killed_as_it_sets_a_damaged_chunk_aside_has_recorded_every_backup_naming_it(
+            self, store, tmp_path):
+        """The move aside comes after the records: a verify killed (SIGKILL) at it leaves the
+        chunk where it was, and both backups naming it recorded failed, where it had left the
+        chunk gone and both "ok" (until their next verify, prune would count them sound). The
+        next verify finds it again and moves it."""
+        import sys
+
+        shared = noise(CS, 1)
+        old = back_up(store, 100, T0, {"scsi0": shared + noise(CS, 2)})
+        new = back_up(store, 100, T0 + timedelta(days=1), {"scsi0": shared + noise(CS, 3)})
+        assert store.verify(str(old.id)).ok and store.verify(str(new.id)).ok
+        digest = store.index(str(old.id), "scsi0").chunks[0]
+        path = chunk_path(store, digest)
+        rotted = bytearray(path.read_bytes())
+        rotted[len(rotted) // 2] ^= 0xFF
+        path.write_bytes(bytes(rotted))
+        armed = tmp_path / "faults"
+        armed.write_text("quarantine")
+        child = subprocess.run(
+            [sys.executable, "-c", "import sys; from pathlib import Path; from drivers.backup.store import ChunkStore; "
+             "ChunkStore(Path(sys.argv[1]), chunk_size=int(sys.argv[2])).verify(sys.argv[3])",
+             str(store.root), str(CS), str(old.id)],
+            env={**os.environ, "STORK_FAULTS": str(armed)}, capture_output=True, text=True)
+        assert child.returncode == -9, child.stderr
+        assert path.exists() and not path.with_name(f"{digest}.bad").exists()
+        for snapshot in (old, new):
+            verified = store.snapshot(str(snapshot.id)).state.verify
+            assert verified.state == "failed" and [p.digest for p in verified.problems] == [digest]
+        assert store.verify(str(old.id)).state == "failed"
+        assert not path.exists() and path.with_name(f"{digest}.bad").exists()
+
     def test_a_backup_that_reused_a_chunk_a_verify_set_aside_meanwhile_is_recorded_failed(self, store):
         """A backup reusing a chunk names it without reading it. A verify that sets it aside while
         that backup runs fails every committed backup naming it, and this one was not committed
