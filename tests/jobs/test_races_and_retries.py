@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.conftest import BASE
 from tests.helpers import qemu_same, volume_path
 from tests.jobs.test_templates import template_of
 
@@ -145,6 +146,39 @@ def test_an_undo_renames_back_a_base_that_another_live_job_reads_only_once_it_en
             unmake_bases(step_context(client, job, "undo_make_bases"))
             assert volume_path(disk).exists() and not volume_path(base).exists()
         finally:
+            with client.guest_store.editing(t) as box:
+                box[0] = box[0].with_(lock="", lock_job="")
+
+
+def test_an_undo_that_cannot_tell_whether_a_guest_uses_the_base_tries_again_later(stork, client, vmid):
+    """A template job undone while another guest's config cannot be read (a hand edit with a
+    typo): whether that guest names the base cannot be told. Taken as a decision, the undo was
+    noted done and the guest unlocked naming a disk gone, its data in a base nothing named. It
+    is tried again later instead, the base and the lock as they were; once the config reads,
+    the base is renamed back."""
+    from drivers.errors import Refused, StorageUnavailable
+    from worker.jobs.steps import unmake_bases
+
+    t, other = vmid(), vmid()
+    base = template_of(stork, t)
+    disk = f"local:{t}/vm-{t}-disk-0.raw"
+    broken = BASE / "guests" / f"{other}.toml"
+    with recorded(client, "template", "undoing", params={"lock_vmid": t},
+                  ctx={"based": {"scsi0": [disk, base]}}) as job:
+        with client.guest_store.editing(t) as box:  # as the job left it before its commit
+            box[0] = box[0].with_(disks={"scsi0": disk}, template=False, lock="template", lock_job=job.id)
+        try:
+            broken.write_text("[disk]\nscsi0 = 'local:1/vm-1-disk-0.raw'\n")
+            with pytest.raises(StorageUnavailable, match=f"{base} not renamed back yet: cannot tell whether {base} is "
+                                                         f"in use: {broken}: broken guest config") as raised:
+                unmake_bases(step_context(client, job, "undo_make_bases"))
+            assert not isinstance(raised.value, Refused)  # not a decision: run_undo tries it again
+            assert volume_path(base).exists() and not volume_path(disk).exists()
+            broken.unlink()
+            unmake_bases(step_context(client, job, "undo_make_bases"))
+            assert volume_path(disk).exists() and not volume_path(base).exists()
+        finally:
+            broken.unlink(missing_ok=True)
             with client.guest_store.editing(t) as box:
                 box[0] = box[0].with_(lock="", lock_job="")
 

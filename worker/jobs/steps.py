@@ -641,7 +641,11 @@ def _base_label(ctx: StepContext, key: str, source: str) -> str:
 
 
 def unmake_bases(ctx: StepContext) -> None:
-    """Rename each base made by this job back; one whose old name is taken is reported."""
+    """Rename each base made by this job back; one whose old name is taken, or that a guest or
+    a clone uses, is reported (a decision that stands). Where that cannot be told (a guest
+    config that cannot be read, a storage that refuses for now), the undo is tried again later,
+    its guest still locked: noted as done, the guest would be unlocked naming a disk gone, its
+    data in a base nothing names (which a `volume free` then frees)."""
     taken = []
     for volid, base_volid in ctx.data.get("based", {}).values():
         drv, vol = ctx.volume(volid)
@@ -652,18 +656,25 @@ def unmake_bases(ctx: StepContext) -> None:
             if drv.exists(vol):
                 taken.append(f"{base_volid} (its old name {volid} is taken)")
                 continue
-            guests = usage.candidates(ctx, base_volid)  # e.g. a replica a template recorded; a restored template
-            # linked clones read through it (the guest's own, link_owner's, once a commit wrote it)
-            clones = [f"linked clone {reader}" for reader in drv.readers_of(base)]
-            if found := usage.guest_users(ctx, base_volid, guests=guests) + \
-                    usage.held_guest_users(ctx, base_volid, guests) + clones:
-                taken.append(f"{base_volid} (in use by {', '.join(found)})")
-                continue
-            _require_no_readers(ctx, base_volid)
-            ctx.fence(drv)
-            drv.unmake_base(base, vol)
+            try:
+                if found := _base_users(ctx, drv, base, base_volid):
+                    taken.append(f"{base_volid} (in use by {', '.join(found)})")
+                    continue
+                _require_no_readers(ctx, base_volid)
+                ctx.fence(drv)
+                drv.unmake_base(base, vol)
+            except Refused as e:
+                raise StorageUnavailable(f"{base_volid} not renamed back yet: {e}") from None
     if taken:
         raise Refused(f"kept as base: {'; '.join(taken)}")
+
+
+def _base_users(ctx: StepContext, drv: Driver, base: VolName, base_volid: str) -> list[str]:
+    """The guests (a replica a template recorded, a restored template, a commit written) and
+    linked clones (the guest's own, link_owner's) that use a base this job made."""
+    guests = usage.candidates(ctx, base_volid)
+    clones = [f"linked clone {reader}" for reader in drv.readers_of(base)]
+    return usage.guest_users(ctx, base_volid, guests=guests) + usage.held_guest_users(ctx, base_volid, guests) + clones
 
 
 def _require_no_readers(ctx: StepContext, base_volid: str) -> None:
