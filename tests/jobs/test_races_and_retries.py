@@ -183,6 +183,23 @@ def test_an_undo_that_cannot_tell_whether_a_guest_uses_the_base_tries_again_late
                 box[0] = box[0].with_(lock="", lock_job="")
 
 
+def test_an_undo_keeps_a_base_with_linked_clones_that_a_record_written_by_hand_names_as_made(stork, client, vmid):
+    """A job record is input: one written into Redis by hand that names a base among what its job
+    made would have the undo free it (no guest names it once its template's config is gone)
+    under the linked clones that read through it. Kept, naming them."""
+    from drivers.errors import Refused
+    from worker.jobs.steps import free_made
+
+    t, c = vmid(), vmid()
+    base = template_of(stork, t)
+    assert client.run("linked_clone", vmid=t, newid=c).state == "succeeded"
+    (BASE / "guests" / f"{t}.toml").unlink()  # an operator removed the template's config by hand
+    with recorded(client, "create", "undoing", params={"new_vmid": vmid()}, ctx={"made": {"scsi0": base}}) as job, \
+            pytest.raises(Refused, match=f"kept {base} \\(in use by linked clone local:{c}/vm-{c}-disk-0.qcow2\\)"):
+        free_made(step_context(client, job, "undo_allocate"))
+    assert volume_path(base).exists()
+
+
 @pytest.mark.parametrize("how", ["linked clone", "assemble"])
 def test_a_base_whose_job_has_not_ended_is_not_read_through(stork, client, vmid, how):
     """Until the job that made a base ends, its undo may rename it back: a linked clone of it,
