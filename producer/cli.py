@@ -293,8 +293,9 @@ def cmd_job_cancel(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_job_abandon(args: argparse.Namespace, client: Client) -> int:
     job = client.abandon(args.id, args.node)
-    _emit(args, {"job": job.id, "state": str(job.state), "undo_errors": job.undo_errors},
-          f"job {job.id}: {job.state}; {job.undo_errors[-1]}")
+    note = job.result.get("not_run") or job.undo_errors[-1]  # steps past its commit, or undos
+    _emit(args, {"job": job.id, "state": str(job.state), "undo_errors": job.undo_errors, "note": note},
+          f"job {job.id}: {job.state}; {note}")
     return 0
 
 
@@ -827,8 +828,8 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
     command(job, "show", cmd_job_show, "show a job record").add_argument("id")
     command(job, "watch", cmd_job_watch, "follow a job's events from its start").add_argument("id")
     command(job, "cancel", cmd_job_cancel, "cancel a job (its undo runs)").add_argument("id")
-    p = command(job, "abandon", cmd_job_abandon, "give up a node gone for good for an undoing job: its undos "
-                "there are not run, the rest are")
+    p = command(job, "abandon", cmd_job_abandon, "give up a node gone for good for an undoing job (its undos "
+                "there are not run, the rest are), or a job past its commit whose steps left all wait there")
     p.add_argument("id")
     p.add_argument("--node", required=True, help="the node that is gone for good")
     command(job, "dead", cmd_job_dead, "messages no worker could turn into a task, newest first").add_argument(

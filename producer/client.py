@@ -131,7 +131,9 @@ class Client:
 
     def abandon(self, job_id: str, node: str) -> JobRecord:
         """Give up `node` (gone for good) for an undoing job: its undos there are not run, each
-        named in its error; the others run, and the job ends as its undo would have."""
+        named in its error; the others run, and the job ends as its undo would have. For a running
+        job past its commit whose steps left all wait there: not run, the job ends succeeded,
+        its result's `not_run` naming them."""
         from worker import runner
 
         return runner.abandon(self.r, records.resolve(self.r, job_id), names.node(node), self.app)

@@ -453,6 +453,8 @@ def abandon(r: redis.Redis, job_id: str, node: str, sender: Celery = app) -> Job
     took already, should the node come back, finds it not the job's next and does nothing."""
     job = records.load(r, job_id)
     kind = KINDS[job.kind]
+    if job.state == JobState.RUNNING and committed(kind, job):
+        return _abandon_committed(r, job, kind, node)
     if job.state != JobState.UNDOING:
         hint = " (`stork job cancel` undoes it)" if not job.state.terminal and not committed(kind, job) else ""
         raise Refused(f"job {job.id} is {job.state}: only the undos of an undoing job can be given up{hint}")
@@ -481,6 +483,47 @@ def abandon(r: redis.Redis, job_id: str, node: str, sender: Celery = app) -> Job
     else:
         finalize(job.id, r)
     return records.load(r, job.id)
+
+
+def _abandon_committed(r: redis.Redis, job: JobRecord, kind: JobKind, node: str) -> JobRecord:
+    """A running job past its commit, whose steps left all wait on a node gone for good (a
+    migration's free of the originals on the node it left): it can be neither cancelled nor
+    undone, and would hold its claims, and name the volumes it made as its own, for ever. Those
+    steps are not run, their messages taken out of that queue, and the job ends succeeded, its
+    commit standing; its result's `not_run` names them (what they would have done there, such
+    as the volumes it would have freed, is left to the operator: `job show` lists them)."""
+    holder = (job.current or {}).get("worker")
+    if holding(r, holder, job.id):
+        raise Refused(f"job {job.id} is running step {job.current['name']} now: try again once it ended")
+    queue, left = node_queue(node), _steps_left(kind, job)
+    if not any(job.queues[i] == queue for i in left):
+        raise Refused(f"job {job.id} has no step left to run on node {node}")
+    if elsewhere := [f"{job.steps[i]} ({job.queues[i]})" for i in left if job.queues[i] != queue]:
+        raise Refused(f"job {job.id} has steps left on other queues than node {node}'s: {', '.join(elsewhere)}")
+    note = (f"{', '.join(job.steps[i] for i in left)} not run (node {node} given up by user): what "
+            f"{'they' if len(left) > 1 else 'it'} would have done there is left to you")
+    result = {**job.result, "not_run": note}
+    turn = {"done": job.done, **({"owner": holder} if holder else {"idle": True})}
+    try:
+        records.transition(r, job.id, (JobState.RUNNING,), JobState.SUCCEEDED, guard=turn, current=None,
+                           result=result, finished=time.time(),
+                           events=[events.make(job.id, job.kind, "abandon", node=node, message=note),
+                                   events.make(job.id, job.kind, events.FINISHED, state=JobState.SUCCEEDED,
+                                               result=result)])
+    except StateConflict:
+        raise Refused(f"job {job.id} changed meanwhile (a step started or ended): try again") from None
+    broker.drop_queued(r, [queue], job.id)
+    usage.release_claims(r, job)
+    return records.load(r, job.id)
+
+
+def _steps_left(kind: JobKind, job: JobRecord) -> list[int]:
+    """The steps a job has still to run, in order (those it goes without passed over)."""
+    left, index = [], job.done
+    while index < len(kind.steps):
+        left.append(index)
+        index = kind.next_step(job.params, index)
+    return left
 
 
 def undo_plan(kind: JobKind, done: int, upto: int, skipped: frozenset[int] = frozenset()) -> list[int]:

@@ -242,6 +242,41 @@ def test_abandon_gives_up_a_node_gone_for_good_for_a_job_whose_undo_waits_there(
     assert [(e["node"], e["message"]) for e in said] == [("gone", ended.undo_errors[0])]
 
 
+def test_abandon_ends_a_job_past_its_commit_whose_last_steps_wait_on_a_node_gone_for_good(client, stork, vmid):
+    """A migration switched its guest to node2, then its source node died for good before the
+    free of the originals ran there: the job could neither be cancelled (committed) nor end, and
+    named the guest's new disks as its own for ever (a destroy of the guest refused). `job abandon
+    --node` ends it succeeded, its commit standing, the step named as not run, its message out
+    of that queue; refused for a node it has no step left on."""
+    from worker import broker, runner
+
+    g = vmid()
+    disk = one_disk_guest(client, g)
+    spec = KINDS["migrate"]
+    steps = [s.name for s in spec.steps]
+    queues = ["shared"] * (len(steps) - 1) + ["node.gone"]  # free_sources, on the node the guest left
+    job = JobRecord(id=records.new_id(), kind="migrate", node="node1", steps=steps, queues=queues,
+                    params={"lock_vmid": g, "node": "node1", "source_node": "gone", "target_node": "node1"},
+                    state=JobState.RUNNING, done=steps.index("free_sources"),
+                    ctx={"replaced": {"scsi0": disk.replace("local:", "gone:")}}, result={"node": "node1"})
+    records.create(client.r, job, {"phase": "queued"})
+    runner.send_steps(job, job.done, client.app)
+    waiting = lambda: [p.task for p in broker.pending_messages(client.r, {"node.gone"}).get(job.id, [])]  # noqa: E731
+    assert waiting() == ["stork.migrate.free_sources"]
+    code, _, err = stork("job", "cancel", job.id)
+    assert code == 1 and "has committed its change" in err
+    code, _, err = stork("job", "abandon", job.id, "--node", "node2")
+    assert (code, err) == (1, f"stork: job {job.id} has no step left to run on node node2\n")
+    code, out, err = stork("job", "abandon", job.id, "--node", "gone")
+    note = "free_sources not run (node gone given up by user): what it would have done there is left to you"
+    assert (code, out) == (0, f"job {job.id}: succeeded; {note}\n"), err
+    assert waiting() == []
+    ended = client.job(job.id)
+    assert ended.state == "succeeded" and ended.result == {"node": "node1", "not_run": note}
+    assert [e["message"] for e in client.events(job.id) if e["phase"] == "abandon"] == [note]
+    assert client.r.sismember(records.ACTIVE, job.id) == 0
+
+
 def test_an_undo_that_read_the_record_before_an_abandon_does_not_start_after_it(client):
     """run_undo reads the record, then starts the undo it picked by a guarded transition. An
     abandon in between shortened the plan: the start is refused (the `undos` guard), so a
