@@ -21,7 +21,7 @@ MAPPINGS = frozenset({"disks", "volumes", "bases", "detached", "removed", "repla
 SCALARS = frozenset({
     "vmid", "node", "template", "volid", "unlocked", "lock", "job", "backup", "storage", "warning", "destroyed",
     "dry_run", "pruned", "present", "chunks_too_new", "chunks_removed", "chunks_kept", "partials_removed",
-    "bad_chunks_removed", "forgot", "not_run",
+    "bad_chunks_removed", "bad_chunks_restored", "forgot", "not_run",
 })
 # what a job made: a job that failed or was cancelled never committed, so its undo removed these
 MADE = frozenset({"volumes", "disks", "bases", "replicas", "exported"})

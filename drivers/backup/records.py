@@ -465,6 +465,7 @@ class GcResult:
     chunks_kept: int
     partials_removed: int
     bad_chunks_removed: int = 0  # damaged chunks verify moved aside, kept for a look until QUARANTINE passed
+    bad_chunks_restored: int = 0  # of those, sound when read again (a passing read error), put back
     chunks_too_new: int = 0  # of those kept, named by no backup but newer than the margin (a writer may name them)
     removable_after: float | None = None  # when a gc will remove those of them no backup names by then
 

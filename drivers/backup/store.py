@@ -813,8 +813,9 @@ class ChunkStore:
         marked = self._referenced_chunks()  # listed only now, after the partials: see above
         for _, chunks in live:
             marked |= chunks
-        removed, freed, kept, bad, recent, newest = self._sweep_chunks(marked, cutoff, started - QUARANTINE)
-        return GcResult(removed, freed, kept, partials_removed, bad, recent, newest + margin if recent else None)
+        removed, freed, kept, bad, restored, recent, newest = self._sweep_chunks(marked, cutoff, started - QUARANTINE)
+        return GcResult(removed, freed, kept, partials_removed, bad, restored, recent,
+                        newest + margin if recent else None)
 
     def _store_clock(self) -> float:
         """The store file system's clock now: the time of a file made for the purpose; where none
@@ -925,24 +926,37 @@ class ChunkStore:
             return self._indexed_chunks(folder, f"backup {id}: ", strict=True, sealed=sealed)
 
     def _sweep_chunks(self, marked: set[str], cutoff: float, bad_cutoff: float
-                      ) -> tuple[int, int, int, int, int, float]:
-        """(removed, bytes freed, kept, damaged removed, kept only for being newer than the
-        cutoff, the newest of those's mtime) over every chunk folder."""
-        totals = [0, 0, 0, 0, 0]
+                      ) -> tuple[int, int, int, int, int, int, float]:
+        """(removed, bytes freed, kept, damaged removed, damaged restored, kept only for being
+        newer than the cutoff, the newest of those's mtime) over every chunk folder."""
+        totals = [0, 0, 0, 0, 0, 0]
         newest = 0.0
         try:
             with self._folder(CHUNKS) as folder, os.scandir(folder) as entries:
                 prefixes = sorted(e.name for e in entries if _PREFIX.fullmatch(e.name))
         except NotFound:
             self._open_root_or_raise()
-            return 0, 0, 0, 0, 0, 0.0
+            return 0, 0, 0, 0, 0, 0, 0.0
         for prefix in prefixes:
             with self._prefix_locked(prefix, exclusive=True) as folder:
-                *counts, latest = _sweep_prefix(folder, marked, cutoff, bad_cutoff)
+                *counts, latest = _sweep_prefix(folder, marked, cutoff, bad_cutoff, self._reads_sound)
                 totals = [a + b for a, b in zip(totals, counts, strict=True)]
                 newest = max(newest, latest)
-        removed, freed, kept, bad, recent = totals
-        return removed, freed, kept, bad, recent, newest
+        removed, freed, kept, bad, restored, recent = totals
+        return removed, freed, kept, bad, restored, recent, newest
+
+    def _reads_sound(self, folder: int, name: str, digest: str) -> bool:
+        """Does the file `name` in the chunk folder read back as the chunk `digest`? (A chunk
+        verify set aside for a read error that has passed: a soft NFS mount's timeout, say.)"""
+        try:
+            self.codec.decode(self._read(folder, name, self.chunk_size + _CODEC_OVERHEAD, digest), digest)
+        except (Corrupt, NotFound, Refused):
+            return False
+        except OSError as e:
+            if e.errno not in MEDIA_ERRORS:
+                raise
+            return False
+        return True
 
     def status(self) -> tuple[int, int, int]:
         """(total, used, available) bytes of the file system holding the store."""
@@ -1016,13 +1030,15 @@ def _fresh_mtime(folder: int, name: str) -> float:
         os.close(fd)
 
 
-def _sweep_prefix(folder: int, marked: set[str], cutoff: float, bad_cutoff: float
-                  ) -> tuple[int, int, int, int, int, float]:
+def _sweep_prefix(folder: int, marked: set[str], cutoff: float, bad_cutoff: float,
+                  reads_sound: Callable[[int, str, str], bool]) -> tuple[int, int, int, int, int, int, float]:
     """Remove the unmarked chunk files and temp files older than `cutoff`, and damaged chunks
     moved aside before `bad_cutoff`, from one chunk folder (whose exclusive lock the caller
-    holds): (removed, bytes freed, kept, damaged removed, kept unmarked for being newer than
-    `cutoff`, the newest such mtime)."""
-    removed = freed = kept = bad = recent = 0
+    holds): (removed, bytes freed, kept, damaged removed, damaged restored, kept unmarked for
+    being newer than `cutoff`, the newest such mtime). A damaged chunk that a backup names and
+    that is not stored anew is read again first: where it reads back sound (its verify met a
+    passing read error), it is put back, not removed."""
+    removed = freed = kept = bad = restored = recent = 0
     newest = 0.0
     with os.scandir(folder) as entries:
         for entry in entries:
@@ -1040,13 +1056,18 @@ def _sweep_prefix(folder: int, marked: set[str], cutoff: float, bad_cutoff: floa
                         recent, newest = recent + 1, max(newest, mtime)
                     continue
                 removed, freed = removed + 1, freed + st.st_size
-            elif entry.name.endswith(".bad") and DIGEST_PATTERN.fullmatch(entry.name[:-4]):
+            elif entry.name.endswith(".bad") and DIGEST_PATTERN.fullmatch(digest := entry.name[:-4]):
                 if st.st_mtime >= bad_cutoff:
+                    continue
+                if digest in marked and not SafeDir.entry_exists(folder, digest) and \
+                        reads_sound(folder, entry.name, digest):
+                    os.rename(entry.name, digest, src_dir_fd=folder, dst_dir_fd=folder)
+                    restored += 1
                     continue
                 bad, freed = bad + 1, freed + st.st_size
             elif not (entry.name.endswith(".tmp") and st.st_mtime < cutoff):
                 continue
             os.unlink(entry.name, dir_fd=folder)
-    if removed or bad:
+    if removed or bad or restored:
         os.fsync(folder)
-    return removed, freed, kept, bad, recent, newest
+    return removed, freed, kept, bad, restored, recent, newest

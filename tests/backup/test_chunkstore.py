@@ -792,6 +792,26 @@ class TestGc:
         assert store.gc(now=time.time() + HOUR).bad_chunks_removed == 0 and bad.exists()
         assert store.gc(now=time.time() + QUARANTINE + HOUR).bad_chunks_removed == 1 and not bad.exists()
 
+    def test_a_chunk_set_aside_for_a_read_error_that_passed_is_put_back_not_removed(self, store):
+        """A soft NFS mount turns a read's timeout into EIO: verify set a sound chunk aside.
+        Once its time aside is over, gc reads it again: sound, and named by a backup, it is
+        put back (the backup verifies sound again), where it would have been removed with the
+        only copy of that data. One that reads damaged still, or that no backup names, goes."""
+        snapshot = back_up(store, 100, T0, {"scsi0": noise(CS, 1) + noise(CS, 2)})
+        sound, rotten = store.index(str(snapshot.id), "scsi0").chunks
+        for digest in (sound, rotten):
+            path = chunk_path(store, digest)
+            path.rename(path.with_name(f"{digest}.bad"))  # as verify moves it aside
+        bad = chunk_path(store, rotten).with_name(f"{rotten}.bad")
+        bad.write_bytes(bad.read_bytes()[:-1] + b"!")
+        orphan, _ = store.put_chunk(noise(CS, 3))
+        chunk_path(store, orphan).rename(chunk_path(store, orphan).with_name(f"{orphan}.bad"))
+        result = store.gc(now=time.time() + QUARANTINE + HOUR)
+        assert (result.bad_chunks_restored, result.bad_chunks_removed) == (1, 2)
+        assert chunk_path(store, sound).exists() and not chunk_path(store, sound).with_name(f"{sound}.bad").exists()
+        assert not bad.exists() and not chunk_path(store, rotten).exists()
+        assert [p.digest for p in store.verify(str(snapshot.id)).problems] == [rotten]
+
     def test_a_chunk_stored_anew_since_verify_read_it_is_not_moved_aside(self, store):
         """Between verify's read and its quarantine, gc may take the damaged file and a backup
         store the chunk anew: the quarantine reads it again under the lock and leaves it."""

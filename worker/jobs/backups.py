@@ -464,5 +464,6 @@ def collect_garbage(ctx: StepContext) -> None:
     result = _store(ctx).gc()
     ctx.set_result(chunks_removed=result.chunks_removed, bytes_removed=result.bytes_removed,
                    chunks_kept=result.chunks_kept, partials_removed=result.partials_removed,
-                   bad_chunks_removed=result.bad_chunks_removed, chunks_too_new=result.chunks_too_new,
+                   bad_chunks_removed=result.bad_chunks_removed, bad_chunks_restored=result.bad_chunks_restored,
+                   chunks_too_new=result.chunks_too_new,
                    removable_after=result.removable_after)
