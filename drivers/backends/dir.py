@@ -329,13 +329,16 @@ class DirDriver(Driver):
         `vm-101-disk-0.qcow2.bak`, a disk put there by hand) whose qcow2 header reads through
         `base`, each named by its path. Read only where a base is to be freed or moved, a header
         each; a folder stork does not use is not looked in."""
-        found = []
+        found, safe = [], self._dir  # (each look at _dir checks the storage is there)
         for name, folder in self._folders(None):
-            for file in self._dir.regular_files(folder):
-                if self._dir.is_temp(file) or self._is_volume(f"{name}/{file}"):
+            for file in safe.regular_files(folder):
+                if SafeDir.is_temp(file) or self._is_volume(f"{name}/{file}"):
                     continue
-                with contextlib.suppress(NotFound), self._dir.opened(folder, file) as fd:
-                    header = qemu.read_qcow2_header(fd)
+                try:
+                    with safe.opened(folder, file) as fd:
+                        header = qemu.read_qcow2_header(fd)
+                except NotFound:
+                    continue  # gone since the listing
                 if header and header.backing_file and self._volume_at(name, header.backing_file) == base:
                     found.append(f"file {self.root / name / file}")
         return sorted(found)

@@ -684,28 +684,40 @@ class ChunkStore:
                     *self._chunk_problems(parsed, snapshot.manifest, lost, damaged)]
         result = VerifyResult("failed" if problems else "ok", now_text(), tuple(problems))
         self._change_state(parsed, verify=result)
+        damaged = {digest for digest in damaged if not self._sound_now(digest)}  # else a read error that passed
+        seen, unrecorded = {parsed}, set()
         if new := (lost | damaged) - self._lost_told:  # once per chunk in a process: a verify --all meets it in many
-            self._fail_others_naming(parsed, new)
+            unrecorded = self._fail_others_naming(new, parsed, seen)
             self._lost_told |= new
-        for digest in sorted(damaged):
-            self._quarantine(digest)
+        # a chunk a backup that could not be recorded names stays (the next verify finds it again); a
+        # backup committed between the listing and the move, reusing one, was in neither: failed now
+        if moved := {digest for digest in sorted(damaged - unrecorded) if self._quarantine(digest)}:
+            self._fail_others_naming(moved, parsed, seen)
         return result
 
-    def _fail_others_naming(self, found_by: BackupId, lost: set[str]) -> None:
-        """Record every other snapshot that names a chunk verify found damaged or missing as
-        failed too: an "ok" of its own last verify no longer holds, and prune and sync, which do
-        not count a failed backup, would let an older one that restores go for it."""
+    def _fail_others_naming(self, lost: set[str], found_by: BackupId, seen: set[BackupId]) -> set[str]:
+        """Record every snapshot not `seen` yet (each added) that names a chunk verify found
+        damaged or missing as failed too: an "ok" of its own last verify no longer holds, and
+        prune and sync, which do not count a failed backup, would let an older one that restores
+        go for it. The chunks named by one whose state could not be written (a full store)."""
+        unrecorded: set[str] = set()
         for id in self._snapshot_ids(strict=False):
-            if id == found_by:
+            if id in seen:
                 continue
+            seen.add(id)
             try:
                 named = sorted(self._chunks_of(id) & lost)
-                if named:
-                    problems = tuple(Problem(d, f"chunk {d}: damaged or missing, found by the verify of backup "
-                                                f"{found_by}") for d in named)
-                    self._change_state(id, verify=VerifyResult("failed", now_text(), problems))
             except (StorkError, OSError):
                 continue  # damaged itself (listed apart, never counted), or forgotten meanwhile
+            if not named:
+                continue
+            problems = tuple(Problem(d, f"chunk {d}: damaged or missing, found by the verify of backup {found_by}")
+                             for d in named)
+            try:
+                self._change_state(id, verify=VerifyResult("failed", now_text(), problems))
+            except (StorkError, OSError):
+                unrecorded.update(named)
+        return unrecorded
 
     def fail_for_lost(self, id: str, named: Iterable[str] | None = None) -> State | None:
         """After a backup's commit: record it failed, as a verify finding them would, where
@@ -750,23 +762,28 @@ class ChunkStore:
                 lengths[digest] = len(self.read_chunk(digest))
             except Corrupt as e:
                 damaged.add(digest)
-                yield Problem(digest, f"{e} (moved aside to {digest}.bad)", tuple(where))
+                yield Problem(digest, f"{e} (set aside as {digest}.bad unless it reads sound again)", tuple(where))
             except (NotFound, Refused) as e:
                 lost.add(digest)
                 yield Problem(digest, str(e), tuple(where))
         for key, index in indexes.items():
             yield from _length_problems(key, index, lengths)
 
-    def _quarantine(self, digest: str) -> None:
+    def _sound_now(self, digest: str) -> bool:
+        """Does chunk `digest` read back as its digest now (under its folder's lock)?"""
+        with self._prefix_locked(digest[:4], exclusive=False) as folder:
+            return self._reads_sound(folder, digest, digest)
+
+    def _quarantine(self, digest: str) -> bool:
         """Move a chunk whose data does not match its digest aside, as <digest>.bad: the next
         backup holding that data then stores it again (which makes every backup naming it
         whole again) instead of naming the damaged file. A backup whose patch lies over it
-        stays damaged: the next backup of that disk reads the chunk whole instead. Left where it
-        is sound by now."""
+        stays damaged: the next backup of that disk reads the chunk whole instead. False where it
+        is sound by now, or gone."""
         with self._prefix_locked(digest[:4], exclusive=True) as folder, contextlib.suppress(FileNotFoundError):
             try:
                 self.codec.decode(self._read(folder, digest, self.chunk_size + _CODEC_OVERHEAD, digest), digest)
-                return  # stored anew since verify read it (gc took it, a backup wrote it back): sound
+                return False  # stored anew since verify read it (gc took it, a backup wrote it back): sound
             except (Corrupt, NotFound, Refused):
                 pass  # gone, or unreadable: it goes aside
             except OSError as e:
@@ -776,6 +793,8 @@ class ChunkStore:
             os.rename(digest, f"{digest}.bad", src_dir_fd=folder, dst_dir_fd=folder)
             os.utime(f"{digest}.bad", dir_fd=folder)  # its time aside counts from now (see gc)
             os.fsync(folder)
+            return True
+        return False
 
     # ---- garbage collection -------------------------------------------------------------------
     def gc(self, margin: float = 300.0, now: float | None = None) -> GcResult:

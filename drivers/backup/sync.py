@@ -127,15 +127,13 @@ def _mend(result: SyncResult, source: ChunkStore, target: ChunkStore, snapshot: 
     the copy stays where it is meanwhile: it is only ever added to."""
     id = str(snapshot.id)
     try:
-        written, prefixes = 0, set()
-        for key in snapshot.manifest.disks:
-            pairs = _chunk_pairs(source.index(id, key), target.index(id, key))
-            for digest in target.missing_chunks(pairs):
-                written += _put_again(source, target, digest, pairs[digest], reseal)
-                prefixes.add(digest[:4])
-        target.flush_chunk_folders(prefixes)  # durable before the verify's "ok" points at them
-        result.written += written
+        result.written += _write_missing(source, target, id, snapshot, reseal)[0]
         verdict = target.verify(id)
+        if not verdict.ok:  # a chunk there but damaged (a verify killed before it set it aside): aside now
+            written, count = _write_missing(source, target, id, snapshot, reseal)
+            result.written += written
+            if count:
+                verdict = target.verify(id)
     except (Corrupt, NotFound, Refused, InvalidName) as e:
         result.failed[id] = f"its copy in the target is recorded failed and could not be mended from here: {e}"
         return
@@ -145,6 +143,21 @@ def _mend(result: SyncResult, source: ChunkStore, target: ChunkStore, snapshot: 
         result.failed[id] = (f"its copy in the target is recorded failed and is still damaged after a mend from here: "
                              f"{verdict.problems[0].error} ('stork backup forget' that copy, and the next sync copies "
                              "it again)")
+
+
+def _write_missing(source: ChunkStore, target: ChunkStore, id: str, snapshot: Snapshot, reseal: bool
+                   ) -> tuple[int, int]:
+    """Write again, from the source, each chunk the target's copy names that the target lacks,
+    durably (before a verify's "ok" points at them): (bytes written, chunks written)."""
+    written, count, prefixes = 0, 0, set()
+    for key in snapshot.manifest.disks:
+        pairs = _chunk_pairs(source.index(id, key), target.index(id, key))
+        for digest in target.missing_chunks(pairs):
+            written += _put_again(source, target, digest, pairs[digest], reseal)
+            count += 1
+            prefixes.add(digest[:4])
+    target.flush_chunk_folders(prefixes)
+    return written, count
 
 
 def _chunk_pairs(source: Index, target: Index) -> dict[str, str]:

@@ -494,6 +494,47 @@ class TestVerify:
         assert store.verify(str(old.id)).state == "failed"
         assert not path.exists() and path.with_name(f"{digest}.bad").exists()
 
+    def test_a_backup_committed_between_a_verifys_records_and_its_move_is_recorded_failed(self, store):
+        """Verify records the backups naming a damaged chunk, then moves it aside. A backup that
+        reused the chunk and committed in between found it in place at its commit, and was in
+        no listing: it is recorded failed once the chunk is moved."""
+        shared = noise(CS, 1)
+        old = back_up(store, 100, T0, {"scsi0": shared + noise(CS, 2)})
+        digest = store.index(str(old.id), "scsi0").chunks[0]
+        path = chunk_path(store, digest)
+        path.write_bytes(path.read_bytes()[:-1] + b"!")
+        move, late = store._quarantine, []
+
+        def commit_first(d: str) -> bool:  # the backup's commit, in the moment before the move
+            late.append(back_up(store, 100, T0 + timedelta(days=1), {"scsi0": shared}))
+            return move(d)
+
+        store._quarantine = commit_first
+        assert store.verify(str(old.id)).state == "failed" and not path.exists()
+        verified = store.snapshot(str(late[0].id)).state.verify
+        assert verified.state == "failed" and [p.digest for p in verified.problems] == [digest]
+
+    def test_a_chunk_that_reads_sound_again_fails_no_other_backup_and_stays(self, store):
+        """A read error that passed by the time verify looks again (a soft NFS mount's timeout):
+        the backup verified is recorded failed, as its read met it, but no other backup naming
+        the chunk is, and the chunk is not set aside."""
+        shared = noise(CS, 1)
+        old = back_up(store, 100, T0, {"scsi0": shared + noise(CS, 2)})
+        new = back_up(store, 100, T0 + timedelta(days=1), {"scsi0": shared})
+        assert store.verify(str(new.id)).ok
+        digest = store.index(str(old.id), "scsi0").chunks[0]
+        read, failing = store.read_chunk, [digest]
+
+        def once_unreadable(d: str) -> bytes:
+            if d in failing:
+                failing.remove(d)
+                raise Corrupt(f"chunk {d}: cannot be read back: Input/output error")
+            return read(d)
+
+        store.read_chunk = once_unreadable
+        assert store.verify(str(old.id)).state == "failed"
+        assert store.snapshot(str(new.id)).state.verify.ok and chunk_path(store, digest).exists()
+
     def test_a_backup_that_reused_a_chunk_a_verify_set_aside_meanwhile_is_recorded_failed(self, store):
         """A backup reusing a chunk names it without reading it. A verify that sets it aside while
         that backup runs fails every committed backup naming it, and this one was not committed
@@ -555,7 +596,7 @@ class TestVerify:
 
             result = store.verify(str(old.id))
             assert result.state == "failed" and [p.digest for p in result.problems] == [victim]
-            assert "moved aside" in result.problems[0].error
+            assert f"set aside as {victim}.bad" in result.problems[0].error
             assert not chunk_path(store, victim).exists() and chunk_path(store, victim + ".bad").exists()
             assert store.snapshot(str(new.id)).state.verify.state == "failed"
             third = back_up_whole(store, T0 + timedelta(days=2))

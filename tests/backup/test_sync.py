@@ -125,6 +125,26 @@ def test_a_copy_a_verify_of_the_target_found_damaged_is_mended_from_the_source_n
     assert (after.mended, after.present, after.written) == ([], 1, 0)
 
 
+def test_a_failed_copy_whose_damaged_chunk_is_still_in_place_is_mended_in_one_sync(tmp_path):
+    """A verify of the target killed before it set the damaged chunk aside leaves the copy
+    recorded failed and the chunk where it was: nothing is missing to write. The mend's own
+    verify sets it aside; the chunk is then written from the source and the copy verified sound
+    (not named still damaged, with advice to forget it)."""
+    from drivers.backup.records import Problem, VerifyResult
+
+    here, offsite = stores(tmp_path)
+    snap = back_up(here, 100, T0, {"scsi0": noise(2 * CS, 1)})
+    assert sync(here, offsite).copied == [str(snap.id)]
+    rotten = offsite.index(str(snap.id), "scsi0").chunks[1]
+    path = chunk_path(offsite, rotten)
+    path.write_bytes(path.read_bytes()[:-1] + b"!")
+    offsite._change_state(snap.id, verify=VerifyResult("failed", "2026-11-27T00:00:00Z",
+                                                       (Problem(rotten, "damaged"),)))  # as the killed verify left it
+    result = sync(here, offsite)
+    assert (result.mended, result.failed) == ([str(snap.id)], {})
+    assert offsite.snapshot(str(snap.id)).state.verify.ok and disk_data(offsite, str(snap.id)) == noise(2 * CS, 1)
+
+
 def test_a_failed_copy_the_source_cannot_mend_is_named_at_every_sync_and_left_as_it_is(tmp_path):
     """The chunk is gone from the source too: the copy is named failed, sync after sync (never
     counted present), and nothing of it is removed: what of it still reads stays."""

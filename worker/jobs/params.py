@@ -191,7 +191,7 @@ PARAMS: dict[str, Check] = {
     "forget": _bool,  # free: a volume gone already, dropped from the guests that list it
     "refuse_template": _text,
     "expect_disks": _optional(_map_of(names.disk_key, _volid)),
-    "expect_node": _optional(names.node),  # the locked guest's node when the job was submitted
+    "expect_node": _optional(names.node),  # the node of the guest it locks or reads (a template) at submit
     "disks": _map_of(_disk_key, _table(PLAN)),
     # a replica clone: each disk linked to a replica there (with its own identity, where recorded) or made
     "links": _map_of(names.disk_key, _table({"storage": names.storage_id, "replica": _volid, "base_identity": _str})),

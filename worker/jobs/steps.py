@@ -266,7 +266,7 @@ def _free_made(ctx: StepContext, table: str) -> None:
             guests = usage.candidates(ctx, volid)
             found = usage.users(ctx, volid, guests=guests) + usage.held_guest_users(ctx, volid, guests)
             if vol.is_base:  # no job makes one under this table: a record written by hand may name one
-                found += [f"linked clone {reader}" for reader in drv.readers_of(vol)]
+                found += _read_through(drv, vol)
             if found:
                 kept.append(f"{volid} (in use by {', '.join(found)})")
                 continue
@@ -676,8 +676,13 @@ def _base_users(ctx: StepContext, drv: Driver, base: VolName, base_volid: str) -
     """The guests (a replica a template recorded, a restored template, a commit written) and
     linked clones (the guest's own, link_owner's) that use a base this job made."""
     guests = usage.candidates(ctx, base_volid)
-    clones = [f"linked clone {reader}" for reader in drv.readers_of(base)]
-    return usage.guest_users(ctx, base_volid, guests=guests) + usage.held_guest_users(ctx, base_volid, guests) + clones
+    return usage.guest_users(ctx, base_volid, guests=guests) + usage.held_guest_users(ctx, base_volid, guests) + \
+        _read_through(drv, base)
+
+
+def _read_through(drv: Driver, base: VolName) -> list[str]:
+    """What reads through `base`, as a use of it: each linked clone, and each file (Driver.readers_of)."""
+    return [reader if reader.startswith("file ") else f"linked clone {reader}" for reader in drv.readers_of(base)]
 
 
 def _require_no_readers(ctx: StepContext, base_volid: str) -> None:
@@ -949,8 +954,9 @@ def free_replaced_volume(ctx: StepContext, drv: Driver, vol: VolName, key: str) 
 
 def free_sources(ctx: StepContext) -> None:
     """After a verified move with --delete-source (or a migration without --keep-source),
-    free the original volumes and drop them from the guest's unused list. The move is
-    committed by then: a volume that cannot be freed stays listed as unused, with a warning
+    free the original volumes; a move drops them from the guest's unused list (a migrated
+    guest's list is its new node's, where they were never listed). The job is committed by
+    then: a volume that cannot be freed stays (listed as unused after a move), with a warning
     in the result."""
     if not ctx.params.get("delete_source"):
         return
