@@ -502,6 +502,8 @@ def _abandon_committed(r: redis.Redis, job: JobRecord, kind: JobKind, node: str)
         raise Refused(f"job {job.id} has steps left on other queues than node {node}'s: {', '.join(elsewhere)}")
     note = (f"{', '.join(job.steps[i] for i in left)} not run (node {node} given up by user): what "
             f"{'they' if len(left) > 1 else 'it'} would have done there is left to you")
+    if isinstance(vmid := job.params.get("lock_vmid"), int):  # a restore --force unlocks its guest last
+        note += f"; guest {vmid}, where it is still locked by this job, is freed by 'stork guest unlock {vmid}'"
     result = {**job.result, "not_run": note}
     turn = {"done": job.done, **({"owner": holder} if holder else {"idle": True})}
     try:

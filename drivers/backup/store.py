@@ -688,7 +688,7 @@ class ChunkStore:
         seen, unrecorded = {parsed}, set()
         if new := (lost | damaged) - self._lost_told:  # once per chunk in a process: a verify --all meets it in many
             unrecorded = self._fail_others_naming(new, parsed, seen)
-            self._lost_told |= new
+            self._lost_told |= new - unrecorded  # those are tried again by the next verify that meets them
         # a chunk a backup that could not be recorded names stays (the next verify finds it again); a
         # backup committed between the listing and the move, reusing one, was in neither: failed now
         if moved := {digest for digest in sorted(damaged - unrecorded) if self._quarantine(digest)}:
@@ -699,7 +699,8 @@ class ChunkStore:
         """Record every snapshot not `seen` yet (each added) that names a chunk verify found
         damaged or missing as failed too: an "ok" of its own last verify no longer holds, and
         prune and sync, which do not count a failed backup, would let an older one that restores
-        go for it. The chunks named by one whose state could not be written (a full store)."""
+        go for it. The chunks named by one whose state could not be written (a full store), all
+        of `lost` where one's chunks could not be read for a reason that may pass."""
         unrecorded: set[str] = set()
         for id in self._snapshot_ids(strict=False):
             if id in seen:
@@ -707,8 +708,10 @@ class ChunkStore:
             seen.add(id)
             try:
                 named = sorted(self._chunks_of(id) & lost)
-            except (StorkError, OSError):
-                continue  # damaged itself (listed apart, never counted), or forgotten meanwhile
+            except (StorkError, OSError) as e:
+                if not _is_damage(e) and self._entry_exists(id):  # a passing error (ESTALE): it may name any
+                    unrecorded.update(lost)
+                continue  # else damaged itself (listed apart, never counted), or forgotten meanwhile
             if not named:
                 continue
             problems = tuple(Problem(d, f"chunk {d}: damaged or missing, found by the verify of backup {found_by}")
@@ -772,7 +775,12 @@ class ChunkStore:
     def _sound_now(self, digest: str) -> bool:
         """Does chunk `digest` read back as its digest now (under its folder's lock)?"""
         with self._prefix_locked(digest[:4], exclusive=False) as folder:
-            return self._reads_sound(folder, digest, digest)
+            try:
+                return self._reads_sound(folder, digest, digest)
+            except OSError as e:
+                if e.errno not in MEDIA_ERRORS:
+                    raise
+                return False  # as verify's own read found it
 
     def _quarantine(self, digest: str) -> bool:
         """Move a chunk whose data does not match its digest aside, as <digest>.bad: the next
@@ -966,14 +974,11 @@ class ChunkStore:
 
     def _reads_sound(self, folder: int, name: str, digest: str) -> bool:
         """Does the file `name` in the chunk folder read back as the chunk `digest`? (A chunk
-        verify set aside for a read error that has passed: a soft NFS mount's timeout, say.)"""
+        verify set aside for a read error that has passed: a soft NFS mount's timeout, say.)
+        OSError where it cannot be read: the caller says what that means."""
         try:
             self.codec.decode(self._read(folder, name, self.chunk_size + _CODEC_OVERHEAD, digest), digest)
         except (Corrupt, NotFound, Refused):
-            return False
-        except OSError as e:
-            if e.errno not in MEDIA_ERRORS:
-                raise
             return False
         return True
 
@@ -1078,11 +1083,17 @@ def _sweep_prefix(folder: int, marked: set[str], cutoff: float, bad_cutoff: floa
             elif entry.name.endswith(".bad") and DIGEST_PATTERN.fullmatch(digest := entry.name[:-4]):
                 if st.st_mtime >= bad_cutoff:
                     continue
-                if digest in marked and not SafeDir.entry_exists(folder, digest) and \
-                        reads_sound(folder, entry.name, digest):
-                    os.rename(entry.name, digest, src_dir_fd=folder, dst_dir_fd=folder)
-                    restored += 1
-                    continue
+                if digest in marked and not SafeDir.entry_exists(folder, digest):
+                    try:
+                        sound = reads_sound(folder, entry.name, digest)
+                    except OSError as e:
+                        if e.errno not in MEDIA_ERRORS:
+                            raise
+                        continue  # it may read at the next gc: only a chunk that reads damaged goes
+                    if sound:
+                        os.rename(entry.name, digest, src_dir_fd=folder, dst_dir_fd=folder)
+                        restored += 1
+                        continue
                 bad, freed = bad + 1, freed + st.st_size
             elif not (entry.name.endswith(".tmp") and st.st_mtime < cutoff):
                 continue

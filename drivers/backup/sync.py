@@ -127,13 +127,11 @@ def _mend(result: SyncResult, source: ChunkStore, target: ChunkStore, snapshot: 
     the copy stays where it is meanwhile: it is only ever added to."""
     id = str(snapshot.id)
     try:
-        result.written += _write_missing(source, target, id, snapshot, reseal)[0]
+        result.written += _write_missing(source, target, id, snapshot, reseal)
         verdict = target.verify(id)
-        if not verdict.ok:  # a chunk there but damaged (a verify killed before it set it aside): aside now
-            written, count = _write_missing(source, target, id, snapshot, reseal)
-            result.written += written
-            if count:
-                verdict = target.verify(id)
+        if not verdict.ok:  # a chunk there but damaged (a verify killed before it set it aside): aside now;
+            result.written += _write_missing(source, target, id, snapshot, reseal)  # or a read error that passed
+            verdict = target.verify(id)
     except (Corrupt, NotFound, Refused, InvalidName) as e:
         result.failed[id] = f"its copy in the target is recorded failed and could not be mended from here: {e}"
         return
@@ -145,19 +143,17 @@ def _mend(result: SyncResult, source: ChunkStore, target: ChunkStore, snapshot: 
                              "it again)")
 
 
-def _write_missing(source: ChunkStore, target: ChunkStore, id: str, snapshot: Snapshot, reseal: bool
-                   ) -> tuple[int, int]:
+def _write_missing(source: ChunkStore, target: ChunkStore, id: str, snapshot: Snapshot, reseal: bool) -> int:
     """Write again, from the source, each chunk the target's copy names that the target lacks,
-    durably (before a verify's "ok" points at them): (bytes written, chunks written)."""
-    written, count, prefixes = 0, 0, set()
+    durably (before a verify's "ok" points at them): the bytes written."""
+    written, prefixes = 0, set()
     for key in snapshot.manifest.disks:
         pairs = _chunk_pairs(source.index(id, key), target.index(id, key))
         for digest in target.missing_chunks(pairs):
             written += _put_again(source, target, digest, pairs[digest], reseal)
-            count += 1
             prefixes.add(digest[:4])
     target.flush_chunk_folders(prefixes)
-    return written, count
+    return written
 
 
 def _chunk_pairs(source: Index, target: Index) -> dict[str, str]:

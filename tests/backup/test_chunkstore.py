@@ -514,6 +514,31 @@ class TestVerify:
         verified = store.snapshot(str(late[0].id)).state.verify
         assert verified.state == "failed" and [p.digest for p in verified.problems] == [digest]
 
+    def test_a_damaged_chunk_a_backup_that_cannot_be_recorded_names_stays_in_place(self, store):
+        """The other backup's state cannot be written (a full store): the chunk is not set
+        aside (that backup would stay "ok" naming a chunk gone), and the next verify that meets
+        it tries again, in the same process too; once it can be recorded, the chunk goes."""
+        shared = noise(CS, 1)
+        old = back_up(store, 100, T0, {"scsi0": shared + noise(CS, 2)})
+        new = back_up(store, 100, T0 + timedelta(days=1), {"scsi0": shared})
+        assert store.verify(str(new.id)).ok
+        digest = store.index(str(old.id), "scsi0").chunks[0]
+        path = chunk_path(store, digest)
+        path.write_bytes(path.read_bytes()[:-1] + b"!")
+        change = store._change_state
+
+        def full_for_new(id, **fields):
+            if id == new.id:
+                raise OSError(28, "No space left on device")
+            return change(id, **fields)
+
+        store._change_state = full_for_new
+        assert store.verify(str(old.id)).state == "failed"
+        assert path.exists() and store.snapshot(str(new.id)).state.verify.ok
+        store._change_state = change
+        assert store.verify(str(old.id)).state == "failed" and not path.exists()
+        assert store.snapshot(str(new.id)).state.verify.state == "failed"
+
     def test_a_chunk_that_reads_sound_again_fails_no_other_backup_and_stays(self, store):
         """A read error that passed by the time verify looks again (a soft NFS mount's timeout):
         the backup verified is recorded failed, as its read met it, but no other backup naming

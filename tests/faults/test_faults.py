@@ -268,7 +268,8 @@ def test_abandon_ends_a_job_past_its_commit_whose_last_steps_wait_on_a_node_gone
     code, _, err = stork("job", "abandon", job.id, "--node", "node2")
     assert (code, err) == (1, f"stork: job {job.id} has no step left to run on node node2\n")
     code, out, err = stork("job", "abandon", job.id, "--node", "gone")
-    note = "free_sources not run (node gone given up by user): what it would have done there is left to you"
+    note = ("free_sources not run (node gone given up by user): what it would have done there is left to you; "
+            f"guest {g}, where it is still locked by this job, is freed by 'stork guest unlock {g}'")
     assert (code, out) == (0, f"job {job.id}: succeeded; {note}\n"), err
     assert waiting() == []
     ended = client.job(job.id)

@@ -183,6 +183,34 @@ def test_an_undo_that_cannot_tell_whether_a_guest_uses_the_base_tries_again_late
                 box[0] = box[0].with_(lock="", lock_job="")
 
 
+def test_an_undo_that_the_storage_refuses_to_rename_back_keeps_the_base_as_a_decision(stork, client, vmid,
+                                                                                     monkeypatch):
+    """A storage that refuses the rename back itself (RBD's or ZFS's word on a clone it knows of
+    and stork does not list) gives a decision, not a passing trouble: kept as base, named."""
+    from drivers.backends.dir import DirDriver
+    from drivers.errors import Refused
+    from worker.jobs.steps import unmake_bases
+
+    def refuse(self, base, vol):
+        raise Refused("it has dependent clones")
+
+    t = vmid()
+    base = template_of(stork, t)
+    disk = f"local:{t}/vm-{t}-disk-0.raw"
+    monkeypatch.setattr(DirDriver, "unmake_base", refuse)
+    with recorded(client, "template", "undoing", params={"lock_vmid": t},
+                  ctx={"based": {"scsi0": [disk, base]}}) as job:
+        with client.guest_store.editing(t) as box:  # as the job left it before its commit
+            box[0] = box[0].with_(disks={"scsi0": disk}, template=False, lock="template", lock_job=job.id)
+        try:
+            with pytest.raises(Refused, match=f"kept as base: {base} \\(it has dependent clones\\)"):
+                unmake_bases(step_context(client, job, "undo_make_bases"))
+            assert volume_path(base).exists()
+        finally:
+            with client.guest_store.editing(t) as box:
+                box[0] = box[0].with_(disks={"scsi0": base}, template=True, lock="", lock_job="")
+
+
 def test_an_undo_keeps_a_base_with_linked_clones_that_a_record_written_by_hand_names_as_made(stork, client, vmid):
     """A job record is input: one written into Redis by hand that names a base among what its job
     made would have the undo free it (no guest names it once its template's config is gone)

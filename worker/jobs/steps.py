@@ -644,11 +644,11 @@ def _base_label(ctx: StepContext, key: str, source: str) -> str:
 
 
 def unmake_bases(ctx: StepContext) -> None:
-    """Rename each base made by this job back; one whose old name is taken, or that a guest or
-    a clone uses, is reported (a decision that stands). Where that cannot be told (a guest
-    config that cannot be read, a storage that refuses for now), the undo is tried again later,
-    its guest still locked: noted as done, the guest would be unlocked naming a disk gone, its
-    data in a base nothing names (which a `volume free` then frees)."""
+    """Rename each base made by this job back; one whose old name is taken, that a guest or a
+    clone uses, or that the storage refuses to rename, is reported (a decision that stands).
+    Where its users cannot be told (a guest config that cannot be read), the undo is tried again
+    later, its guest still locked: noted as done, the guest would be unlocked naming a disk
+    gone, its data in a base nothing names (which a `volume free` then frees)."""
     taken = []
     for volid, base_volid in ctx.data.get("based", {}).values():
         drv, vol = ctx.volume(volid)
@@ -660,14 +660,18 @@ def unmake_bases(ctx: StepContext) -> None:
                 taken.append(f"{base_volid} (its old name {volid} is taken)")
                 continue
             try:
-                if found := _base_users(ctx, drv, base, base_volid):
-                    taken.append(f"{base_volid} (in use by {', '.join(found)})")
-                    continue
-                _require_no_readers(ctx, base_volid)
-                ctx.fence(drv)
-                drv.unmake_base(base, vol)
-            except Refused as e:
+                found = _base_users(ctx, drv, base, base_volid)
+            except Refused as e:  # its users cannot be told (a config that cannot be read): later
                 raise StorageUnavailable(f"{base_volid} not renamed back yet: {e}") from None
+            if found:
+                taken.append(f"{base_volid} (in use by {', '.join(found)})")
+                continue
+            _require_no_readers(ctx, base_volid)
+            ctx.fence(drv)
+            try:
+                drv.unmake_base(base, vol)
+            except Refused as e:  # the storage's own word (a clone it knows of that stork does not list)
+                taken.append(f"{base_volid} ({e})")
     if taken:
         raise Refused(f"kept as base: {'; '.join(taken)}")
 
