@@ -371,6 +371,27 @@ def test_verify_gc_and_sync_schedules_each_run_their_one_job(client, vmid):
     assert " sync " in row and "backup->offsite" in row and "1 succeeded" in row
 
 
+def test_a_broken_guest_config_stops_only_its_own_guests_scheduled_backup(tmp_path):
+    """A config that does not read (a hand edit saved halfway) is its own guest's backup,
+    refused at submit naming it, and a file that names no guest (`cp 100.toml 100-old.toml`)
+    is refused by name: every other guest of an "all" schedule is backed up. (Before, the run
+    refused "all" and submitted nothing: one such file left the cluster without backups.)"""
+    from drivers.guests import Guest, GuestStore
+
+    cfg = config.parse(SCHEDULE, tmp_path / "stork.toml", {"STORK_NODE": "n"})
+    store = GuestStore(cfg.guests_dir)
+    for g in (101, 103):
+        store.create(Guest(vmid=g, node="n"))
+    (cfg.guests_dir / "102.toml").write_text("node = 'n'\n[disk]\n")
+    (cfg.guests_dir / "101-old.toml").write_text("node = 'n'\n")
+    [schedule] = schedules.parse(cfg)
+    submissions, refused = schedules._submissions(cfg, schedule)
+    assert sorted(submissions) == ["101", "102", "103"]
+    assert list(refused) == ["101-old.toml"] and "101-old.toml" in refused["101-old.toml"]
+    excluded = replace(schedule, exclude=frozenset({102}))
+    assert sorted(schedules._submissions(cfg, excluded)[0]) == ["101", "103"]
+
+
 @pytest.mark.parametrize(("storages", "home"), [
     pytest.param({"b": {"shared": True}}, {}, id="a shared store: anywhere"),
     pytest.param({"b": {"nodes": ("node2",)}}, {"node": "node2"}, id="local to one node: there"),

@@ -31,8 +31,9 @@ import structlog
 from celery import Celery
 from celery.schedules import crontab
 
+from drivers import names
 from drivers.config import Config
-from drivers.errors import ConfigError, StorkError
+from drivers.errors import ConfigError, InvalidName, StorkError
 from drivers.guests import GuestStore
 from worker import notify, records
 from worker.jobs import stale
@@ -337,11 +338,27 @@ def _renew(r: redis.Redis, name: str, slot: str, holder: str) -> bool:
     return bool(r.eval(_RENEW, 1, _key(name, f"starting:{slot}"), holder, int(START_LEASE)))
 
 
-def _guests(cfg: Config, schedule: Schedule) -> list[int]:
-    if schedule.guests == "all":
-        return sorted(vmid for vmid in (g.vmid for g in GuestStore(cfg.guests_dir, cfg.lock_timeout).list())
-                      if vmid not in schedule.exclude)
-    return sorted(schedule.guests)  # in id order, as "all": the prune check reads the last first
+def _guests(cfg: Config, schedule: Schedule) -> tuple[list[int], dict[str, str]]:
+    """The guests a run backs up, in id order (the prune check reads the last first); and, for
+    "all", the files in the guests folder that spell no guest id, each by name with its error.
+    A config that cannot be read stops only its own guest's backup (refused at submit, naming
+    it), not every guest's: a copy left as `100-old.toml`, a hand edit saved halfway, would
+    otherwise leave the whole cluster without backups."""
+    if schedule.guests != "all":
+        return sorted(schedule.guests), {}
+    guests, broken = GuestStore(cfg.guests_dir, cfg.lock_timeout).scan()
+    vmids, misnamed = {g.vmid for g in guests}, {}
+    for path, error in broken:
+        stem = path.name.removesuffix(".toml")
+        try:
+            vmid = names.vmid(stem)
+        except InvalidName:
+            vmid = None
+        if vmid is not None and str(vmid) == stem:
+            vmids.add(vmid)  # its submit is refused, naming its error
+        else:
+            misnamed[path.name] = error
+    return sorted(vmids - set(schedule.exclude)), misnamed
 
 
 def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run: dict[str, Any],
@@ -355,11 +372,14 @@ def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run:
             if not _record_held(r, schedule.name, run["slot"], holder, part, key, value):
                 return
     try:
-        submissions = _submissions(cfg, schedule)
-    except StorkError as e:  # a guest config unreadable: nothing to back up from it this time
-        submissions, run["refused"]["all"] = {}, str(e)
-        if not _record_held(r, schedule.name, run["slot"], holder, "refused", "all", str(e)):
-            return
+        submissions, misnamed = _submissions(cfg, schedule)
+    except StorkError as e:  # the guests folder cannot be listed: nothing to back up this time
+        submissions, misnamed = {}, {"all": str(e)}
+    for key, error in misnamed.items():
+        if key not in run["refused"]:
+            run["refused"][key] = error
+            if not _record_held(r, schedule.name, run["slot"], holder, "refused", key, error):
+                return
     for key, (kind, options) in submissions.items():
         if key in run["jobs"] or key in run["refused"]:
             continue
@@ -386,24 +406,26 @@ def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run:
             f"{first[0]}: {first[1]}"[:300], schedule=schedule.name, slot=run["slot"], refused=run["refused"]))
 
 
-def _submissions(cfg: Config, schedule: Schedule) -> dict[str, tuple[str, dict[str, Any]]]:
+def _submissions(cfg: Config, schedule: Schedule) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, str]]:
     """The jobs a run of the schedule submits, by the key its run records each under: a guest
-    id per backup, else the action's name."""
+    id per backup, else the action's name; and what it refuses before any submit (a file in the
+    guests folder that names no guest), by name."""
     storage = {"storage": schedule.storage} if schedule.storage else {}
     if schedule.action == "backup":
+        vmids, misnamed = _guests(cfg, schedule)
         return {str(vmid): ("backup", {"vmid": vmid, "notes": f"schedule {schedule.name}", **storage})
-                for vmid in _guests(cfg, schedule)}
+                for vmid in vmids}, misnamed
     node = _home(cfg, [schedule.storage, schedule.target])
     if schedule.action == "verify":
         days = {"reverify_after": schedule.reverify_after} if schedule.reverify_after is not None else {}
-        return {"verify": ("verify", {**storage, **days, **node})}
+        return {"verify": ("verify", {**storage, **days, **node})}, {}
     if schedule.action == "gc":
-        return {"gc": ("gc", {**storage, **node})}
+        return {"gc": ("gc", {**storage, **node})}, {}
     keep = {k: v for k, v in schedule.keep.items() if v}
     vmids = [] if schedule.guests == "all" else list(schedule.guests)
     reencrypt = {"reencrypt": True} if schedule.reencrypt else {}
     return {"sync": ("sync", {"source": schedule.storage, "target": schedule.target, "vmids": vmids, "keep": keep,
-                              **reencrypt, **node})}
+                              **reencrypt, **node})}, {}
 
 
 def _home(cfg: Config, storage_ids: list[str | None]) -> dict[str, str]:
