@@ -212,6 +212,10 @@ def _parse_toml(vmid: int, text: str) -> Guest:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _Broken(f"invalid TOML: {' '.join(str(e).split())}") from None
+    except ValueError as e:  # an integer of more digits than Python converts (sys.set_int_max_str_digits)
+        raise _Broken(f"not read: {' '.join(str(e).split())[:200]}") from None
+    except RecursionError:  # arrays or tables nested a thousand deep
+        raise _Broken("not read: nested too deeply") from None
     return _checked(vmid, data)
 
 

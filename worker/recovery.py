@@ -262,6 +262,8 @@ def sweep() -> list[str]:
         guests.refresh_index()
     except (OSError, StorkError) as e:  # the checks read more configs until a refresh works: never unsafe
         log.warning("guest_index_not_refreshed", error=str(e))
+    except Exception:  # whatever it meets (a bug, a config no reader foresaw), jobs are recovered all the same
+        log.exception("guest_index_not_refreshed")
     return reconcile(r)
 
 

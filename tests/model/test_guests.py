@@ -126,6 +126,20 @@ def test_a_broken_config_makes_read_raise_one_line_naming_the_file(store, text, 
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(("text", "problem"), [
+    ('node = "node1"\nx = ' + "1" * 5000 + "\n", "not read: Exceeds the limit (4300 digits)"),
+    ('node = "node1"\nx = ' + "[" * 1000 + "]" * 1000 + "\n", "not read: nested too deeply"),
+], ids=["huge integer", "deep nesting"])
+def test_a_config_tomllib_cannot_read_is_a_config_error_not_a_crash(store, text, problem):
+    """tomllib raises ValueError or RecursionError, not its decode error, for these: taken for a
+    crash, one such file stopped every sweep's recovery of jobs across the cluster."""
+    store.dir.mkdir(parents=True)
+    (store.dir / "101.toml").write_text(text)
+    with pytest.raises(ConfigError, match=rf"101\.toml: broken guest config: {re.escape(problem)}"):
+        store.read(101)
+    assert [f.name for f, _ in store.scan()[1]] == ["101.toml"]
+
+
 def test_a_config_that_is_not_utf8_is_a_config_error(store):
     """Bytes that are not UTF-8 are reported like any broken config, not as a decode traceback."""
     store.dir.mkdir(parents=True)
