@@ -508,6 +508,10 @@ def parse(text: str, file: Path, env: Mapping[str, str] | None = None) -> Config
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{file}: not valid TOML: {e}") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise ConfigError(f"{file}: not read: {str(e)[:200]}") from None
+    except RecursionError:
+        raise ConfigError(f"{file}: not read: nested too deeply") from None
     _validate(file, data)
     base = file.parent
 

@@ -161,6 +161,8 @@ def test_storages_know_which_nodes_they_exist_on():
         ("[flower]\nbasic_auth = 'admin'\n", r"flower.basic_auth = '\*\*\*': expected user:password\[,user:pass"),
         ("[flower]\nbasic_auth = 'a:b,:c'\n", r"flower.basic_auth = '\*\*\*': expected .*each with a user and a"),
         ("not toml [", r"not valid TOML"),
+        ("[locks]\ntimeout = " + "9" * 5000 + "\n", r"stork.toml: not read: Exceeds the limit \(4300 digits\)"),
+        ("x = " + "[" * 1000 + "]" * 1000 + "\n", r"stork.toml: not read: nested too deeply"),
     ],
 )
 def test_config_errors_name_file_key_and_expectation(text, message):
