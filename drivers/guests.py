@@ -299,6 +299,12 @@ def _fresh_stat(path: str) -> os.stat_result:
         os.close(fd)
 
 
+def _seen(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a config file from one written since: a rename puts another inode at the
+    name, a write in place moves its times."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _misnamed(file: Path) -> str:
     return (f"{file}: broken guest config: file name {file.name!r} is not <vmid>.toml "
             f"(vmid a number from {names.VMID_MIN} to {names.VMID_MAX}, no leading zeros)")
@@ -338,6 +344,11 @@ class GuestStore:
         """The config at `file` (a path string is enough: a listing of 10,000 makes no Path of
         each), read by plain reads on one descriptor (a file object per config was a third of
         a listing's time)."""
+        return GuestStore._read_seen(vmid, file)[0]
+
+    @staticmethod
+    def _read_seen(vmid: int, file: Path | str) -> tuple[Guest, tuple[int, int, int, int]]:
+        """_read_file, and the file as read: (inode, size, mtime, ctime), from its descriptor."""
         try:
             # not through a symlink, and a FIFO planted as a config cannot block the read
             fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -352,6 +363,7 @@ class GuestStore:
             while size <= MAX_CONFIG and (chunk := os.read(fd, MAX_CONFIG + 1 - size)):
                 chunks.append(chunk)
                 size += len(chunk)
+            seen = _seen(os.fstat(fd))
         except OSError as e:
             raise ConfigError(f"{file}: broken guest config: cannot read it: {e.strerror or e}") from None
         finally:
@@ -363,7 +375,7 @@ class GuestStore:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigError(f"{file}: broken guest config: not UTF-8 text") from None
-        return loads(vmid, text, file)
+        return loads(vmid, text, file), seen
 
     def scan(self) -> tuple[builtins.list[Guest], builtins.list[tuple[Path, str]]]:
         """Every readable guest, and every config that cannot be read with its one-line error.
@@ -632,8 +644,17 @@ class GuestStore:
         Usage: `with store.editing(100) as box: box[0] = box[0].with_(lock="clone")`.
         """
         with self.locked(vmid):
-            box = [self.read(vmid)]
-            original = box[0]
+            path = self.path(vmid)
+            guest, seen = self._read_seen(vmid, path)
+            box = [guest]
             yield box
-            if box[0] != original:
-                self._replace(box[0])
+            if box[0] == guest:
+                return
+            try:  # a hand edit (sed -i, an editor) takes no flock: never written over
+                changed = _seen(os.stat(path, follow_symlinks=False)) != seen
+            except FileNotFoundError:
+                changed = True
+            if changed:
+                raise ConfigError(f"{path}: changed by another hand while stork edited it: not written over "
+                                  "(the job's step fails or is tried again)")
+            self._replace(box[0])

@@ -140,6 +140,34 @@ def test_a_config_tomllib_cannot_read_is_a_config_error_not_a_crash(store, text,
     assert [f.name for f, _ in store.scan()[1]] == ["101.toml"]
 
 
+@pytest.mark.parametrize("how", ["renamed over (sed -i)", "rewritten in place"])
+def test_a_hand_edit_made_while_stork_edits_a_config_is_not_written_over(store, how):
+    """A hand edit takes no flock: one that lands between stork's read and its write (here, a
+    disk attached from unused) would be undone without a word, the disk unused again, and
+    `volume free` would take it. stork's write is refused instead, the hand edit kept."""
+    disk = "local:101/vm-101-disk-1.raw"
+    store.create(Guest(101, "node1", unused=(disk,)))
+    file = store.path(101)
+    by_hand = file.read_text().replace("unused = [", "unused = [] # ").replace("[disks]", "") + \
+        f'[disks]\nscsi1 = "{disk}"\n'
+    with pytest.raises(ConfigError, match=rf"{file}: changed by another hand while stork edited it"), \
+            store.editing(101) as box:
+        if how == "rewritten in place":
+            time.sleep(0.01)  # a later mtime, on file systems that keep coarse times too
+            with open(file, "r+") as f:
+                f.write(by_hand)
+                f.truncate()
+        else:
+            (file.parent / "101.toml.sed").write_text(by_hand)
+            os.replace(file.parent / "101.toml.sed", file)
+        box[0] = box[0].with_(lock="backup")
+    kept = store.read(101)
+    assert (kept.disks, kept.unused, kept.lock) == ({"scsi1": disk}, (), "")
+    with store.editing(101) as box:  # the next edit reads it anew, and writes
+        box[0] = box[0].with_(lock="backup")
+    assert store.read(101).disks == {"scsi1": disk}
+
+
 def test_a_config_that_is_not_utf8_is_a_config_error(store):
     """Bytes that are not UTF-8 are reported like any broken config, not as a decode traceback."""
     store.dir.mkdir(parents=True)
