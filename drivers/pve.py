@@ -329,22 +329,36 @@ def _there(path: Path) -> bool:
     return True
 
 
+RESCANS = 3  # passes over the nodes' folders before configs that keep moving refuse the check
+
+
 def users_by_volume(config_dir: Path, ids: tuple[str, ...], images: Path) -> dict[str, list[str]]:
     """The Proxmox VE guests (of every node) whose configs name each volume of this storage
     (its `images` folder, known to Proxmox VE as `ids`), by volname: `Proxmox VE guest <vmid>
     (<where>)`. Fails closed: Refused naming what could not be read (a config that cannot be
-    read might name any volume)."""
+    read might name any volume). A migration (or HA's recovery) moves a config to another
+    node's folder by one rename, which takes no lock stork holds: one the pass read in neither
+    folder (listed in neither, or gone when read) shows in a listing after it, and the pass is
+    made again."""
     files = _Files(os.path.realpath(images))
+    for _ in range(RESCANS):
+        found, read_ids = _users_pass(config_dir, ids, files)
+        if not (missed := _config_ids(config_dir) - read_ids):
+            return found
+    raise Refused(f"Proxmox VE's guest configs {', '.join(sorted(missed))} appeared or moved while the configs were "
+                  f"read, {RESCANS} times: try again")
+
+
+def _users_pass(config_dir: Path, ids: tuple[str, ...], files: _Files) -> tuple[dict[str, list[str]], set[str]]:
+    """One pass of users_by_volume: what it found, and the guest ids whose configs it read."""
     found: dict[str, list[str]] = {}
+    read_ids: set[str] = set()
     for folder in _guest_folders(config_dir):
-        try:
-            confs = sorted(name for name in os.listdir(folder) if name.endswith(".conf"))
-        except OSError as e:
-            raise Refused(f"cannot read Proxmox VE's guest configs in {folder}: {e.strerror or e}") from None
-        for conf in confs:
+        for conf in _confs(folder):
             vmid = conf.removesuffix(".conf")
-            with contextlib.suppress(NotFound):  # removed since the listing
+            with contextlib.suppress(NotFound):  # removed since the listing (or moved: see above)
                 guest = read(folder / conf, int(vmid) if vmid.isdigit() else 0)
+                read_ids.add(vmid)
                 for where, value in guest.references:
                     try:
                         volname = _named(value, ids, files)
@@ -352,7 +366,19 @@ def users_by_volume(config_dir: Path, ids: tuple[str, ...], images: Path) -> dic
                         raise Refused(f"{folder / conf}: {e}") from None
                     if volname is not None:
                         found.setdefault(volname, []).append(f"Proxmox VE guest {vmid} ({where})")
-    return found
+    return found, read_ids
+
+
+def _confs(folder: Path) -> list[str]:
+    try:
+        return sorted(name for name in os.listdir(folder) if name.endswith(".conf"))
+    except OSError as e:
+        raise Refused(f"cannot read Proxmox VE's guest configs in {folder}: {e.strerror or e}") from None
+
+
+def _config_ids(config_dir: Path) -> set[str]:
+    """The guest ids whose configs every node's folders list now."""
+    return {conf.removesuffix(".conf") for folder in _guest_folders(config_dir) for conf in _confs(folder)}
 
 
 def users(config_dir: Path, ids: tuple[str, ...], images: Path, volname: str) -> list[str]:
@@ -361,5 +387,11 @@ def users(config_dir: Path, ids: tuple[str, ...], images: Path, volname: str) ->
 
 
 def guest_config(config_dir: Path, vmid: int) -> Path | None:
-    """The config of Proxmox VE's guest `vmid` on any node, if there is one (fails closed)."""
-    return next((path for folder in _guest_folders(config_dir) if _there(path := folder / f"{vmid}.conf")), None)
+    """The config of Proxmox VE's guest `vmid` on any node, if there is one (fails closed).
+    Looked for twice where the first pass finds none: a migration that moved it from a folder
+    not looked in yet to one looked in already (users_by_volume) is over by the second."""
+    for _ in range(2):
+        if found := next((path for folder in _guest_folders(config_dir)
+                          if _there(path := folder / f"{vmid}.conf")), None):
+            return found
+    return None

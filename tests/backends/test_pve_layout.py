@@ -164,6 +164,38 @@ def test_a_disk_value_names_what_proxmox_ve_reads_in_it(value, target):
     assert pve.target_of(value) == target
 
 
+def test_a_guest_that_migrates_while_the_configs_are_read_is_seen_or_the_check_refused(etc, tree, monkeypatch):
+    """Proxmox VE moves a migrating guest's config to its new node's folder by one rename: here
+    VM 101 goes from pve2 to pve1 while pve1's configs are being read (pve1 listed already, pve2
+    not yet), so one pass reads it in neither. The pass is made again, and finds it. Where the
+    configs keep changing behind every pass (a guest made in a folder read already, each time),
+    the check is refused, never answered from a pass that missed one."""
+    images = tree / "images"
+    pve1, pve2 = etc / "nodes" / "pve1" / "qemu-server", etc / "nodes" / "pve2" / "qemu-server"
+    pve2.mkdir(parents=True)
+    (pve1 / "300.conf").write_text("memory: 512\n")
+    (pve2 / "101.conf").write_text("scsi0: tank:101/vm-101-disk-0.qcow2\n")
+    real, made = pve.read, []
+
+    def read_while_it_migrates(path, vmid):
+        if vmid == 300 and (pve2 / "101.conf").exists():
+            os.rename(pve2 / "101.conf", pve1 / "101.conf")  # between the listings of pve1 and pve2
+        return real(path, vmid)
+
+    monkeypatch.setattr(pve, "read", read_while_it_migrates)
+    assert pve.users(etc, ("tank",), images, "101/vm-101-disk-0.qcow2") == ["Proxmox VE guest 101 (scsi0)"]
+
+    def read_while_guests_are_made(path, vmid):
+        if vmid == 300:
+            made.append(400 + len(made))
+            (pve1 / f"{made[-1]}.conf").write_text("memory: 512\n")
+        return real(path, vmid)
+
+    monkeypatch.setattr(pve, "read", read_while_guests_are_made)
+    with pytest.raises(Refused, match=r"guest configs 402 appeared or moved while the configs were read, 3 times"):
+        pve.users(etc, ("tank",), images, "101/vm-101-disk-0.qcow2")
+
+
 def test_a_cdrom_line_is_a_disk_as_proxmox_ve_reads_it(etc, tree):
     """Proxmox VE reads `cdrom:` as `ide2:` (parse_vm_config), a disk where no media=cdrom says otherwise."""
     (etc / "nodes" / "pve1" / "qemu-server" / "101.conf").write_text("cdrom: tank:101/vm-101-disk-0.qcow2\n")
