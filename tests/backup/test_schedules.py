@@ -280,6 +280,29 @@ def test_a_re_enabled_schedule_runs_no_slot_that_passed_while_it_was_off(client,
         client.r.delete(key)
 
 
+def test_a_tick_on_a_node_whose_clock_runs_ahead_claims_no_slot_ahead(client, vmid, monkeypatch):
+    """Ticks go to whichever worker takes them. One on a node three days ahead (booted before NTP
+    set its clock) claimed the slot of three days on, and no tick of the other nodes ran a slot
+    before it: three nights without backups. A tick takes Redis's time, one clock for all."""
+    g = vmid()
+    name = f"ahead{g}"
+    cfg = replace(client.cfg, schedules={name: {"schedule": "* * * * *", "guests": [g], "storage": "backup",
+                                                "enabled": False}})
+
+    class AheadClock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) + timedelta(days=3)
+
+    monkeypatch.setattr(schedules, "datetime", AheadClock)
+    before = schedules.cluster_now(client.r)
+    schedules.tick(cfg, client.r, client.app)  # disabled: it marks the slots passed, by its clock
+    skipped = datetime.fromisoformat(client.r.get(f"stork:schedule:{name}:skipped:* * * * *"))
+    assert before - timedelta(minutes=1) <= skipped <= schedules.cluster_now(client.r)
+    for key in client.r.scan_iter(f"stork:schedule:{name}:*"):
+        client.r.delete(key)
+
+
 def test_a_starters_lease_is_renewed_only_by_its_holder(client, vmid):
     """A starter that stalled past its lease cannot renew it once another tick took the run
     over: two starters never submit side by side."""

@@ -252,8 +252,11 @@ def _jobs_of(r: redis.Redis, job_ids: list[str], page: int = 500) -> Iterator[di
 
 
 def tick(cfg: Config, r: redis.Redis, sender: Celery, now: datetime | None = None) -> list[str]:
-    """Run what is due; the names of the schedules this tick started or pruned."""
-    now = now or datetime.now(UTC)
+    """Run what is due; the names of the schedules this tick started or pruned. The time is
+    Redis's, one clock for every node: a tick goes to whichever worker takes it, and one whose
+    clock ran ahead (a node booted before NTP set it) claimed a slot days ahead, which no tick
+    of the others could then run, nor any slot before it."""
+    now = now or cluster_now(r)
     acted = []
     schedules, errors = parse_each(cfg)
     for name, error in errors.items():
@@ -275,6 +278,12 @@ def tick(cfg: Config, r: redis.Redis, sender: Celery, now: datetime | None = Non
                     "schedule-failed", f"schedule {schedule.name} failed: {e}"[:300], schedule=schedule.name,
                     error=str(e)))
     return acted
+
+
+def cluster_now(r: redis.Redis) -> datetime:
+    """The time by Redis's clock (TIME)."""
+    seconds, micros = r.time()
+    return datetime.fromtimestamp(seconds + micros / 1e6, UTC)
 
 
 def _tick_one(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, now: datetime) -> bool:
@@ -471,7 +480,7 @@ def _prune_when_done(cfg: Config, r: redis.Redis, sender: Celery, schedule: Sche
 def status(cfg: Config, r: redis.Redis, now: datetime | None = None) -> list[dict[str, Any]]:
     """Per schedule: its line, guests, storage, retention, whether enabled, the last slot run
     and its outcome (each job's state, refusals), and the next slot."""
-    now = now or datetime.now(UTC)
+    now = now or cluster_now(r)
     schedules, errors = parse_each(cfg)
     rows = []
     for name, error in errors.items():  # not run now, but its history stands
