@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import math
 import os
 import socket
 import stat
@@ -132,7 +131,7 @@ def _int_in(low: int, high: int) -> Callable[[Any], bool]:
 
 def _lock_timeout(v: Any) -> bool:
     number = isinstance(v, int | float) and not isinstance(v, bool)
-    return number and math.isfinite(v) and 0 < v <= LOCK_TIMEOUT_MAX
+    return number and 0 < v <= LOCK_TIMEOUT_MAX  # NaN fails the range (math.isfinite overflows on a huge int)
 
 
 def _ip_address(v: Any) -> bool:

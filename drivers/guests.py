@@ -305,6 +305,19 @@ def _seen(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def _changed(path: Path, seen: tuple[int, int, int, int]) -> bool:
+    """Is the file at `path` another than the one `seen`? Looked at through an open, which on
+    NFS asks the server (a stat may answer from a cache another node's rename has not reached)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return True  # gone, or a symlink or what cannot be opened: not the file read
+    try:
+        return _seen(os.fstat(fd)) != seen
+    finally:
+        os.close(fd)
+
+
 def _misnamed(file: Path) -> str:
     return (f"{file}: broken guest config: file name {file.name!r} is not <vmid>.toml "
             f"(vmid a number from {names.VMID_MIN} to {names.VMID_MAX}, no leading zeros)")
@@ -610,10 +623,15 @@ class GuestStore:
         with self.locked(guest.vmid):
             self._replace(guest)
 
-    def _replace(self, guest: Guest) -> None:
-        """write() for a caller that holds the guest's flock already (flock does not nest)."""
+    def _replace(self, guest: Guest, seen: tuple[int, int, int, int] | None = None) -> None:
+        """write() for a caller that holds the guest's flock already (flock does not nest);
+        with `seen` (the file as it was read), refused where the file is another by now (a hand
+        edit takes no flock), looked at just before the rename."""
         temp = self._write_temp(guest)
         try:
+            if seen is not None and _changed(self.path(guest.vmid), seen):
+                raise ConfigError(f"{self.path(guest.vmid)}: changed by another hand while stork edited it: not "
+                                  "written over (the job's step fails or is tried again)")
             os.replace(temp, self.path(guest.vmid))
         except BaseException:
             with contextlib.suppress(OSError):
@@ -644,17 +662,8 @@ class GuestStore:
         Usage: `with store.editing(100) as box: box[0] = box[0].with_(lock="clone")`.
         """
         with self.locked(vmid):
-            path = self.path(vmid)
-            guest, seen = self._read_seen(vmid, path)
+            guest, seen = self._read_seen(vmid, self.path(vmid))
             box = [guest]
             yield box
-            if box[0] == guest:
-                return
-            try:  # a hand edit (sed -i, an editor) takes no flock: never written over
-                changed = _seen(os.stat(path, follow_symlinks=False)) != seen
-            except FileNotFoundError:
-                changed = True
-            if changed:
-                raise ConfigError(f"{path}: changed by another hand while stork edited it: not written over "
-                                  "(the job's step fails or is tried again)")
-            self._replace(box[0])
+            if box[0] != guest:
+                self._replace(box[0], seen)  # not over a hand edit made meanwhile (sed -i, an editor)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from drivers import names
-from drivers.errors import InvalidName, NotFound, Refused, StorkError
+from drivers.errors import InvalidName, NotFound, Refused, StorageUnavailable, StorkError
 
 MAX_CONFIG = 1 << 20  # Proxmox VE's own limit on a config file is 512 KiB
 # every key whose value may name a volume: a qemu guest's disks, an LXC's root and mount
@@ -329,7 +329,7 @@ def _there(path: Path) -> bool:
     return True
 
 
-RESCANS = 3  # passes over the nodes' folders before configs that keep moving refuse the check
+RESCANS = 3  # looks after a pass for configs it did not read, before the check is given up for now
 
 
 def users_by_volume(config_dir: Path, ids: tuple[str, ...], images: Path) -> dict[str, list[str]]:
@@ -338,26 +338,33 @@ def users_by_volume(config_dir: Path, ids: tuple[str, ...], images: Path) -> dic
     (<where>)`. Fails closed: Refused naming what could not be read (a config that cannot be
     read might name any volume). A migration (or HA's recovery) moves a config to another
     node's folder by one rename, which takes no lock stork holds: one the pass read in neither
-    folder (listed in neither, or gone when read) shows in a listing after it, and the pass is
-    made again."""
+    folder (listed in neither, or gone when read) shows in a listing after it, and is read
+    where it is then; StorageUnavailable (tried again later) where such configs keep coming."""
     files = _Files(os.path.realpath(images))
-    for _ in range(RESCANS):
-        found, read_ids = _users_pass(config_dir, ids, files)
+    found: dict[str, list[str]] = {}
+    read_ids = _users_pass(config_dir, ids, files, found)
+    for looked in range(RESCANS + 1):
         if not (missed := _config_ids(config_dir) - read_ids):
             return found
-    raise Refused(f"Proxmox VE's guest configs {', '.join(sorted(missed))} appeared or moved while the configs were "
-                  f"read, {RESCANS} times: try again")
+        if looked < RESCANS:
+            read_ids |= _users_pass(config_dir, ids, files, found, only=missed)
+    shown = sorted(missed, key=lambda vmid: (len(vmid), vmid))
+    raise StorageUnavailable(f"Proxmox VE's guest configs {', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''} "
+                             "appeared or moved while the configs were read: try again")
 
 
-def _users_pass(config_dir: Path, ids: tuple[str, ...], files: _Files) -> tuple[dict[str, list[str]], set[str]]:
-    """One pass of users_by_volume: what it found, and the guest ids whose configs it read."""
-    found: dict[str, list[str]] = {}
+def _users_pass(config_dir: Path, ids: tuple[str, ...], files: _Files, found: dict[str, list[str]],
+                only: set[str] | None = None) -> set[str]:
+    """Read the configs (those of the guest ids `only`, where given) into `found`: the guest
+    ids whose configs were read."""
     read_ids: set[str] = set()
     for folder in _guest_folders(config_dir):
         for conf in _confs(folder):
             vmid = conf.removesuffix(".conf")
+            if only is not None and vmid not in only:
+                continue
             with contextlib.suppress(NotFound):  # removed since the listing (or moved: see above)
-                guest = read(folder / conf, int(vmid) if vmid.isdigit() else 0)
+                guest = read(folder / conf, int(vmid) if vmid.isascii() and vmid.isdigit() else 0)
                 read_ids.add(vmid)
                 for where, value in guest.references:
                     try:
@@ -366,7 +373,7 @@ def _users_pass(config_dir: Path, ids: tuple[str, ...], files: _Files) -> tuple[
                         raise Refused(f"{folder / conf}: {e}") from None
                     if volname is not None:
                         found.setdefault(volname, []).append(f"Proxmox VE guest {vmid} ({where})")
-    return found, read_ids
+    return read_ids
 
 
 def _confs(folder: Path) -> list[str]:

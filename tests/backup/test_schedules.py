@@ -5,6 +5,7 @@ once, one catch-up after missed slots, the prune after the backups, `stork sched
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from dataclasses import replace
@@ -407,10 +408,12 @@ def test_a_broken_guest_config_stops_only_its_own_guests_scheduled_backup(tmp_pa
         store.create(Guest(vmid=g, node="n"))
     (cfg.guests_dir / "102.toml").write_text("node = 'n'\n[disk]\n")
     (cfg.guests_dir / "101-old.toml").write_text("node = 'n'\n")
+    (cfg.guests_dir / os.fsdecode(b"\xff.toml")).write_text("node = 'n'\n")  # a name that is not UTF-8
     [schedule] = schedules.parse(cfg)
     submissions, refused = schedules._submissions(cfg, schedule)
     assert sorted(submissions) == ["101", "102", "103"]
-    assert list(refused) == ["101-old.toml"] and "101-old.toml" in refused["101-old.toml"]
+    assert sorted(refused) == ["101-old.toml", os.fsdecode(b"\xff.toml")] and "101-old.toml" in refused["101-old.toml"]
+    assert schedules._printable(os.fsdecode(b"\xff.toml")) == "\\xff.toml"  # as Redis takes it
     excluded = replace(schedule, exclude=frozenset({102}))
     assert sorted(schedules._submissions(cfg, excluded)[0]) == ["101", "103"]
 

@@ -211,6 +211,24 @@ def test_an_undo_that_the_storage_refuses_to_rename_back_keeps_the_base_as_a_dec
                 box[0] = box[0].with_(disks={"scsi0": base}, template=True, lock="", lock_job="")
 
 
+def test_an_undone_switch_gives_back_only_the_slots_it_wrote(client, vmid):
+    """A move's switch refused (a hand edit landed while it edited the config): its undo gives
+    back the old disk only where the slot holds the copy, and leaves the hand edit."""
+    from drivers.guests import Guest
+    from worker.jobs.steps import unswitch_disks
+
+    g = vmid()
+    old, copy, by_hand = (f"local:{g}/vm-{g}-disk-{n}.raw" for n in range(3))
+    client.guest_store.create(Guest(g, "node1", disks={"scsi0": by_hand, "scsi1": copy}))
+    with recorded(client, "move", "undoing", params={"lock_vmid": g},
+                  ctx={"replaced": {"scsi0": old, "scsi1": old.replace("disk-0", "disk-9")},
+                       "made": {"scsi0": copy.replace("disk-1", "disk-8"), "scsi1": copy}}) as job:
+        held_by(client, g, job)
+        unswitch_disks(step_context(client, job, "undo_switch_disks"))
+        assert client.guest(g).disks == {"scsi0": by_hand, "scsi1": old.replace("disk-0", "disk-9")}
+    client.guest_store.delete(g)
+
+
 def test_an_undo_keeps_a_base_with_linked_clones_that_a_record_written_by_hand_names_as_made(stork, client, vmid):
     """A job record is input: one written into Redis by hand that names a base among what its job
     made would have the undo free it (no guest names it once its template's config is gone)

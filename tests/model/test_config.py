@@ -162,6 +162,7 @@ def test_storages_know_which_nodes_they_exist_on():
         ("[flower]\nbasic_auth = 'a:b,:c'\n", r"flower.basic_auth = '\*\*\*': expected .*each with a user and a"),
         ("not toml [", r"not valid TOML"),
         ("[locks]\ntimeout = " + "9" * 5000 + "\n", r"stork.toml: not read: Exceeds the limit \(4300 digits\)"),
+        ("[locks]\ntimeout = " + "9" * 400 + "\n", r"locks.timeout = 9999.*: expected"),
         ("x = " + "[" * 1000 + "]" * 1000 + "\n", r"stork.toml: not read: nested too deeply"),
     ],
 )

@@ -20,6 +20,7 @@ Slot arithmetic is pure (`latest_slot`, `due_slot`) and table-tested; times are 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -384,11 +385,6 @@ def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run:
         submissions, misnamed = _submissions(cfg, schedule)
     except StorkError as e:  # the guests folder cannot be listed: nothing to back up this time
         submissions, misnamed = {}, {"all": str(e)}
-    for key, error in misnamed.items():
-        if key not in run["refused"]:
-            run["refused"][key] = error
-            if not _record_held(r, schedule.name, run["slot"], holder, "refused", key, error):
-                return
     for key, (kind, options) in submissions.items():
         if key in run["jobs"] or key in run["refused"]:
             continue
@@ -404,6 +400,12 @@ def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run:
         if not _record_held(r, schedule.name, run["slot"], holder, part, key, run[part][key]):
             log.warning("schedule_lease_lost", schedule=schedule.name, slot=run["slot"])
             return
+    for key, error in misnamed.items():  # after the guests' backups: nothing of a stray file stops one
+        key, error = _printable(key), _printable(error)  # a file name need not be UTF-8
+        if key not in run["refused"]:
+            run["refused"][key] = error
+            if not _record_held(r, schedule.name, run["slot"], holder, "refused", key, error):
+                return
     # a backup run's prune follows its backups; a sync prunes its target itself
     run.update(starting=False, pruned=schedule.action != "backup" or not any(schedule.keep.values()))
     if not _save_held(r, schedule.name, run, holder):
@@ -413,6 +415,11 @@ def _start(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, run:
         notify.announce(cfg, sender, notify.event(
             "schedule-failed", f"schedule {schedule.name}: {len(run['refused'])} refused at {run['slot']}: "
             f"{first[0]}: {first[1]}"[:300], schedule=schedule.name, slot=run["slot"], refused=run["refused"]))
+
+
+def _printable(text: str) -> str:
+    """`text` as UTF-8 can carry it: the bytes of a file name that is not UTF-8 as escapes."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def _submissions(cfg: Config, schedule: Schedule) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, str]]:

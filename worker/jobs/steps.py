@@ -908,12 +908,15 @@ def unswitch_disks(ctx: StepContext) -> None:
     old = ctx.data.get("replaced")
     if not old:
         return
+    made = {**ctx.data.get("made", {}), **{key: pair[1] for key, pair in ctx.data.get("based", {}).items()}}
     with ctx.guests.editing(ctx.params["lock_vmid"]) as box:
         guest = box[0]
         if guest.lock_job != ctx.job.id:
             return
-        unused = tuple(v for v in guest.unused if v not in old.values())
-        box[0] = guest.with_(disks={**guest.disks, **old}, unused=unused)
+        # only the slots the switch wrote: one it never wrote (its write refused, a hand edit since) is left
+        back = {key: volid for key, volid in old.items() if guest.disks.get(key) == made.get(key)}
+        unused = tuple(v for v in guest.unused if v not in back.values())
+        box[0] = guest.with_(disks={**guest.disks, **back}, unused=unused)
 
 
 def switch_node(ctx: StepContext) -> None:
