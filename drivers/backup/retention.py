@@ -60,19 +60,34 @@ class Keep:
         return any(getattr(self, option) for option in OPTIONS)
 
 
+AHEAD = timedelta(minutes=10)  # a backup dated further past now was stamped by a clock that ran ahead
+
+
 @dataclass(frozen=True)
 class Candidate:
     id: str
     time: datetime  # timezone-aware
     protected: bool = False
     failed: bool = False  # its last verify found it damaged
+    made: datetime | None = None  # when its writer began, by the clock of the node that made it
+
+    @property
+    def period_time(self) -> datetime:
+        """The time its periods (day, week, ...) are taken from: its id's, but where the id is
+        dated past when it was made (the guest's backup before it was stamped by a clock that
+        ran ahead, and ids follow the newest), when it was made: else, once time catches up,
+        those nights would share the day of the one stamped ahead, and keep-daily keep one of
+        them."""
+        return self.made if self.made is not None and self.time - self.made > AHEAD else self.time
 
 
 def candidate(snapshot: Snapshot) -> Candidate:
     """A committed snapshot as prune and sync weigh it."""
+    from drivers.backup.records import parse_time
+
     verify = snapshot.state.verify
     return Candidate(str(snapshot.id), snapshot.id.time, snapshot.state.protected,
-                     failed=verify is not None and not verify.ok)
+                     failed=verify is not None and not verify.ok, made=parse_time(snapshot.manifest.started))
 
 
 @dataclass(frozen=True)
@@ -95,15 +110,12 @@ def _iso_week(when: datetime) -> str:
 
 _PERIODS: dict[str, Callable[[Candidate], str]] = {
     "last": lambda b: b.id,
-    "hourly": lambda b: b.time.strftime("%Y/%m/%d/%H"),
-    "daily": lambda b: b.time.strftime("%Y/%m/%d"),
-    "weekly": lambda b: _iso_week(b.time),
-    "monthly": lambda b: b.time.strftime("%Y/%m"),
-    "yearly": lambda b: b.time.strftime("%Y"),
+    "hourly": lambda b: b.period_time.strftime("%Y/%m/%d/%H"),
+    "daily": lambda b: b.period_time.strftime("%Y/%m/%d"),
+    "weekly": lambda b: _iso_week(b.period_time),
+    "monthly": lambda b: b.period_time.strftime("%Y/%m"),
+    "yearly": lambda b: b.period_time.strftime("%Y"),
 }
-
-
-AHEAD = timedelta(minutes=10)  # a backup dated further past now was stamped by a clock that ran ahead
 
 
 def plan(backups: Sequence[Candidate], keep: Keep, now: datetime | None = None) -> list[Decision]:
@@ -135,7 +147,8 @@ def _newest_first(backups: Sequence[Candidate]) -> list[Candidate]:
         if backup.id in seen:
             raise ValueError(f"backup {backup.id} is listed twice")
         seen.add(backup.id)
-    utc = [Candidate(b.id, b.time.astimezone(UTC), b.protected, b.failed) for b in backups]
+    utc = [Candidate(b.id, b.time.astimezone(UTC), b.protected, b.failed, b.made and b.made.astimezone(UTC))
+           for b in backups]
     return sorted(utc, key=lambda b: b.time, reverse=True)
 
 

@@ -172,3 +172,19 @@ def test_nothing_is_pruned_while_a_backup_is_dated_past_the_clock(newest, pruned
     if not pruned:
         assert kept(decisions) == set(nights)
         assert all(f"backup {newest} is dated past this node's clock" in d.reason for d in decisions)
+
+
+def test_once_time_catches_up_the_nights_dated_after_one_stamped_ahead_count_for_their_own_days():
+    """The night of Nov 8 was backed up on a node three days ahead (its id: Nov 11), and the
+    nights of Nov 9 and 10, on nodes with the right clock, got ids just after it. On Nov 11,
+    with time caught up, keep-daily 7 takes each of those for the day it was made (its
+    manifest's start): before, all three fell on Nov 11 with the real one, and were pruned."""
+    nights = [(f"2026-11-0{d}T02:00:00Z", f"2026-11-0{d}T02:00:00Z") for d in range(1, 8)]
+    nights += [("2026-11-11T02:00:00Z", "2026-11-11T02:00:00Z"),  # Nov 8's, by the clock ahead
+               ("2026-11-11T02:00:01Z", "2026-11-09T02:00:00Z"), ("2026-11-11T02:00:02Z", "2026-11-10T02:00:00Z"),
+               ("2026-11-11T02:00:30Z", "2026-11-11T02:00:30Z")]
+    backups = [Candidate(id, at(id), made=at(made)) for id, made in nights]
+    decisions = plan(backups, Keep(daily=7), now=at("2026-11-11T02:05:00Z"))
+    assert kept(decisions) == {"2026-11-11T02:00:30Z", "2026-11-11T02:00:02Z", "2026-11-11T02:00:01Z",
+                               "2026-11-07T02:00:00Z", "2026-11-06T02:00:00Z", "2026-11-05T02:00:00Z",
+                               "2026-11-04T02:00:00Z"}  # Nov 8's own day cannot be known: it counts for the 11th
