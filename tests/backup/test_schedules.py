@@ -338,12 +338,31 @@ def test_a_claimed_slot_is_recorded_with_its_run_and_lease_at_once(client, vmid)
     name = f"claim{vmid()}"
     slot = "2026-11-26T02:00:00+00:00"
     run = {"slot": slot, "line": "0 2 * * *", "jobs": {}, "refused": {}, "pruned": False, "starting": True}
-    assert schedules._claim(client.r, name, run, "me")
+    now = datetime.fromisoformat(slot)
+    assert schedules._claim(client.r, name, run, "me", now)
     assert schedules._last(client.r, name) == run
     assert client.r.get(f"stork:schedule:{name}:starting:{slot}") == "me"
-    assert not schedules._claim(client.r, name, {**run, "line": "other"}, "you")  # claimed once
+    assert not schedules._claim(client.r, name, {**run, "line": "other"}, "you", now)  # claimed once
     assert schedules._last(client.r, name) == run
     client.r.delete(f"stork:schedule:{name}:last")
+
+
+def test_a_slot_claimed_days_ahead_by_a_clock_that_ran_ahead_stops_no_slot_before_it(client, vmid):
+    """Claimed (before ticks took Redis's time) by a tick on a node three days ahead: the slot of
+    three days on counts for nothing until its time, today's slot runs at its time, and the
+    last-slot pointer moves back to it."""
+    g = vmid()
+    name = f"poisoned{g}"
+    at_two = datetime.now(UTC).replace(hour=2, minute=0, second=0, microsecond=0)
+    ahead = (at_two + timedelta(days=3)).isoformat()
+    client.r.set(f"stork:schedule:{name}:last", ahead)
+    client.r.set(f"stork:schedule:{name}:run:{ahead}", json.dumps(
+        {"slot": ahead, "line": "0 2 * * *", "jobs": {}, "refused": {}, "pruned": True}))
+    cfg = replace(client.cfg, schedules={name: {"schedule": "0 2 * * *", "guests": [g], "storage": "backup"}})
+    assert schedules.tick(cfg, client.r, client.app, at_two + timedelta(minutes=1)) == [name]
+    assert schedules._last(client.r, name)["slot"] == at_two.isoformat()
+    for key in client.r.scan_iter(f"stork:schedule:{name}:*"):
+        client.r.delete(key)
 
 
 @pytest.mark.parametrize(("verified", "days", "due"), [

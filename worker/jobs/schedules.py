@@ -160,15 +160,18 @@ if (not current) or current < ARGV[1] then redis.call('SET', KEYS[1], ARGV[1]) e
 # Claim a slot and record its run in one step: the slot key (SET NX), the run's record, its
 # starter's lease and the "last slot" pointer. A tick that dies right after leaves a run that a
 # later tick resumes once the lease lapses, never a claimed slot without a record (lost).
-# KEYS: slot, run, lease, last; ARGV: run JSON, slot, key TTL, lease seconds, holder.
+# The pointer moves forward only, but from a slot past the latest sane one (claimed by a clock
+# that ran ahead, before ticks took Redis's time) it moves back.
+# KEYS: slot, run, lease, last; ARGV: run JSON, slot, key TTL, lease seconds, holder, latest sane slot.
 _CLAIM = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
 redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[4])
 local current = redis.call('GET', KEYS[4])
-if (not current) or current < ARGV[2] then redis.call('SET', KEYS[4], ARGV[2]) end
+if (not current) or current < ARGV[2] or current > ARGV[6] then redis.call('SET', KEYS[4], ARGV[2]) end
 return 1
 """
+AHEAD = timedelta(minutes=1)  # a slot run or skipped this far past now was claimed by a clock that ran ahead
 
 # Save a run's record only while its starter's lease is `holder`'s: a starter that stalled past its
 # lease never overwrites the record of the tick that took the run over.
@@ -300,22 +303,23 @@ def _tick_one(cfg: Config, r: redis.Redis, sender: Celery, schedule: Schedule, n
             return True
         return False
     pruned = bool(last and not last.get("pruned") and _prune_when_done(cfg, r, sender, schedule, last))
-    slot = due_slot(schedule.cron, _since(r, schedule, last), now)
+    slot = due_slot(schedule.cron, _since(r, schedule, last, now), now)
     if slot is None:
         return pruned
     run = {"slot": slot.isoformat(), "line": schedule.line, "jobs": {}, "refused": {}, "pruned": False,
            "starting": True}
-    if not _claim(r, schedule.name, run, holder):
+    if not _claim(r, schedule.name, run, holder, now):
         return pruned  # another tick claimed this slot
     _start(cfg, r, sender, schedule, run, holder)
     return True
 
 
-def _claim(r: redis.Redis, name: str, run: dict[str, Any], holder: str) -> bool:
+def _claim(r: redis.Redis, name: str, run: dict[str, Any], holder: str, now: datetime) -> bool:
     """Claim the run's slot for `holder`, with the run's record and the starter's lease (_CLAIM)."""
     slot = run["slot"]
     keys = [_key(name, f"slot:{slot}"), _key(name, f"run:{slot}"), _key(name, f"starting:{slot}"), _key(name, "last")]
-    return bool(r.eval(_CLAIM, 4, *keys, _record_only(run), slot, SLOT_KEY_TTL, int(START_LEASE), holder))
+    return bool(r.eval(_CLAIM, 4, *keys, _record_only(run), slot, SLOT_KEY_TTL, int(START_LEASE), holder,
+                       (now + AHEAD).isoformat()))
 
 
 def _skip_passed_slots(r: redis.Redis, schedule: Schedule, now: datetime) -> None:
@@ -327,14 +331,18 @@ def _skip_passed_slots(r: redis.Redis, schedule: Schedule, now: datetime) -> Non
         r.expire(key, SLOT_KEY_TTL)  # gone some time after the schedule or its line is
 
 
-def _since(r: redis.Redis, schedule: Schedule, last: dict[str, Any] | None) -> datetime | None:
+def _since(r: redis.Redis, schedule: Schedule, last: dict[str, Any] | None, now: datetime) -> datetime | None:
     """The slot a run must be newer than: the last run's or the newest one skipped while the
     schedule was disabled, of its current crontab line only (an edited line is a new schedule:
-    with neither, only a recent slot runs)."""
+    with neither, only a recent slot runs). One past now (a clock that ran ahead claimed it)
+    does not count: else no slot before it would run."""
     marks = [last["slot"]] if last and last.get("line", schedule.line) == schedule.line else []
     if skipped := r.get(_key(schedule.name, f"skipped:{schedule.line}")):
         marks.append(skipped)
-    return datetime.fromisoformat(max(marks)) if marks else None
+    times = [when for when in map(datetime.fromisoformat, marks) if when <= now + AHEAD]
+    if len(times) < len(marks):
+        log.warning("schedule_slot_ahead", schedule=schedule.name, marks=marks)
+    return max(times, default=None)
 
 
 def _lease(r: redis.Redis, name: str, slot: str, holder: str) -> bool:
