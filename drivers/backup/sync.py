@@ -192,10 +192,11 @@ def same_backup(source: Snapshot, target: Snapshot, resealed: bool) -> bool:
 
 
 def retained(snapshots: list[Snapshot], keep: Keep) -> set[str]:
-    """The ids the retention keeps, guest by guest (a snapshot in both stores counted once)."""
+    """The ids the retention keeps, guest by guest (a snapshot in both stores counted once, as
+    the first listed: the source's)."""
     by_guest: dict[int, dict[str, Candidate]] = {}
     for s in snapshots:
-        by_guest.setdefault(s.id.vmid, {})[str(s.id)] = candidate(s)
+        by_guest.setdefault(s.id.vmid, {}).setdefault(str(s.id), candidate(s))
     return {d.id for guest in by_guest.values() for d in plan(list(guest.values()), keep) if d.keep}
 
 
@@ -205,6 +206,7 @@ def copy_snapshot(source: ChunkStore, target: ChunkStore, snapshot: Snapshot, re
     so its name (a keyed hash) changes, and the index names the new ones."""
     id = str(snapshot.id)
     with target.begin(snapshot.id.vmid, snapshot.id.time, notes=_notes(snapshot.state.notes)) as writer:
+        writer.made = snapshot.manifest.started  # when it was made: what the retention's periods may take
         for key, disk in snapshot.manifest.disks.items():
             index = source.index(id, key)  # checked against the source's manifest
             if reseal:

@@ -71,6 +71,7 @@ class SnapshotWriter:
         self._disks: dict[str, DiskSummary] = {}
         self._open = True
         self.started = time.time()
+        self.made: str | None = None  # the start its manifest records where not this writer's: a copy's original's
         self._name, self._folder, self._held = self._make_partial()
         self._identity = (os.fstat(self._folder).st_dev, os.fstat(self._folder).st_ino)
         _LIVE_PARTIALS.add(self._identity)
@@ -210,7 +211,7 @@ class SnapshotWriter:
         if self.notes or self.store.seals_records:  # else no state.json: read as the default
             self.store.write_state(self._folder, self.id, State(notes=self.notes))
         manifest = Manifest(dict(self._files), dict(self._disks), sum(d.virtual_size for d in self._disks.values()),
-                            written, format_time(datetime.fromtimestamp(self.started, UTC)), now_text(),
+                            written, self.made or format_time(datetime.fromtimestamp(self.started, UTC)), now_text(),
                             sealed_state=self.store.seals_records)
         manifest_json = manifest.to_json(self.id)
         if mac := self.store.manifest_mac(manifest_json):

@@ -304,6 +304,21 @@ def test_a_tick_on_a_node_whose_clock_runs_ahead_claims_no_slot_ahead(client, vm
         client.r.delete(key)
 
 
+def test_a_skip_mark_set_ahead_moves_back_while_the_schedule_is_off(client, vmid):
+    """A disabled schedule's ticks mark the slots that pass; one marked days ahead (a clock that
+    ran ahead) is moved back to the real one, so enabling it at 10:00 runs no 02:00 at once."""
+    name = f"skipahead{vmid()}"
+    at_ten = datetime.now(UTC).replace(hour=10, minute=0, second=0, microsecond=0)
+    mark = f"stork:schedule:{name}:skipped:0 2 * * *"
+    client.r.set(mark, (at_ten + timedelta(days=3)).isoformat())
+    off = replace(client.cfg, schedules={name: {"schedule": "0 2 * * *", "guests": [1], "storage": "backup",
+                                                "enabled": False}})
+    schedules.tick(off, client.r, client.app, at_ten)
+    assert client.r.get(mark) == (at_ten - timedelta(hours=8)).isoformat()
+    for key in client.r.scan_iter(f"stork:schedule:{name}:*"):
+        client.r.delete(key)
+
+
 def test_a_starters_lease_is_renewed_only_by_its_holder(client, vmid):
     """A starter that stalled past its lease cannot renew it once another tick took the run
     over: two starters never submit side by side."""
@@ -349,18 +364,22 @@ def test_a_claimed_slot_is_recorded_with_its_run_and_lease_at_once(client, vmid)
 
 def test_a_slot_claimed_days_ahead_by_a_clock_that_ran_ahead_stops_no_slot_before_it(client, vmid):
     """Claimed (before ticks took Redis's time) by a tick on a node three days ahead: the slot of
-    three days on counts for nothing until its time, today's slot runs at its time, and the
-    last-slot pointer moves back to it."""
+    three days on counts for nothing until its time, today's slot runs at its time, the
+    last-slot pointer moves back to it, and the slot ahead, its claim dropped, runs in its time."""
     g = vmid()
     name = f"poisoned{g}"
     at_two = datetime.now(UTC).replace(hour=2, minute=0, second=0, microsecond=0)
     ahead = (at_two + timedelta(days=3)).isoformat()
     client.r.set(f"stork:schedule:{name}:last", ahead)
+    client.r.set(f"stork:schedule:{name}:slot:{ahead}", "1")
     client.r.set(f"stork:schedule:{name}:run:{ahead}", json.dumps(
         {"slot": ahead, "line": "0 2 * * *", "jobs": {}, "refused": {}, "pruned": True}))
     cfg = replace(client.cfg, schedules={name: {"schedule": "0 2 * * *", "guests": [g], "storage": "backup"}})
     assert schedules.tick(cfg, client.r, client.app, at_two + timedelta(minutes=1)) == [name]
     assert schedules._last(client.r, name)["slot"] == at_two.isoformat()
+    assert not client.r.exists(f"stork:schedule:{name}:slot:{ahead}")  # its claim dropped: it runs in its time
+    assert schedules.tick(cfg, client.r, client.app, at_two + timedelta(days=3, minutes=1)) == [name]
+    assert schedules._last(client.r, name)["slot"] == ahead
     for key in client.r.scan_iter(f"stork:schedule:{name}:*"):
         client.r.delete(key)
 

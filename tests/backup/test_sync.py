@@ -163,6 +163,21 @@ def test_a_failed_copy_the_source_cannot_mend_is_named_at_every_sync_and_left_as
     assert offsite.exists(str(snap.id)) and not offsite.snapshot(str(snap.id)).state.verify.ok
 
 
+def test_a_copy_records_when_its_original_was_made(tmp_path):
+    """The retention takes a misdated backup's period from when it was made (its manifest's
+    start): a copy keeps its original's, not the time of the sync that made it, so the offsite
+    store's prune counts it for the same day as the source's."""
+    from drivers.backup.records import Index
+
+    here, offsite = stores(tmp_path)
+    with here.begin(100, T0) as writer:
+        writer.made = "2026-11-20T02:00:00Z"  # as a copy synced into `here` records its own original's
+        writer.add_index("scsi0", Index("raw", CS, [writer.put_chunk(noise(CS, 1))[0]], CS))
+        snap = writer.commit()
+    assert sync(here, offsite).copied == [str(snap.id)]
+    assert offsite.snapshot(str(snap.id)).manifest.started == "2026-11-20T02:00:00Z"
+
+
 def test_a_sync_of_some_guests_copies_only_theirs(tmp_path):
     here, offsite = stores(tmp_path)
     back_up(here, 100, T0, {"scsi0": noise(CS, 1)})

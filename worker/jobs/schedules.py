@@ -19,6 +19,7 @@ Slot arithmetic is pure (`latest_slot`, `due_slot`) and table-tested; times are 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -153,7 +154,7 @@ def _key(name: str, what: str) -> str:
 # two slots; the older must not overwrite the newer). Slots are UTC ISO strings: they sort.
 _ADVANCE = """
 local current = redis.call('GET', KEYS[1])
-if (not current) or current < ARGV[1] then redis.call('SET', KEYS[1], ARGV[1]) end
+if (not current) or current < ARGV[1] or current > ARGV[2] then redis.call('SET', KEYS[1], ARGV[1]) end
 """
 
 
@@ -327,7 +328,7 @@ def _skip_passed_slots(r: redis.Redis, schedule: Schedule, now: datetime) -> Non
     slot, not one that came while it was off."""
     if (slot := latest_slot(schedule.cron, now)) is not None:
         key = _key(schedule.name, f"skipped:{schedule.line}")
-        r.eval(_ADVANCE, 1, key, slot.isoformat())
+        r.eval(_ADVANCE, 1, key, slot.isoformat(), (now + AHEAD).isoformat())  # (back from one marked ahead)
         r.expire(key, SLOT_KEY_TTL)  # gone some time after the schedule or its line is
 
 
@@ -342,7 +343,19 @@ def _since(r: redis.Redis, schedule: Schedule, last: dict[str, Any] | None, now:
     times = [when for when in map(datetime.fromisoformat, marks) if when <= now + AHEAD]
     if len(times) < len(marks):
         log.warning("schedule_slot_ahead", schedule=schedule.name, marks=marks)
+        _forget_ahead(r, schedule.name, now)
     return max(times, default=None)
+
+
+def _forget_ahead(r: redis.Redis, name: str, now: datetime) -> None:
+    """Drop the claims and runs of slots past now (a clock that ran ahead made them): else each
+    such slot, claimed already, would not run when its time comes."""
+    for key in r.scan_iter(match=_key(name, "slot:*")):
+        slot = key.rsplit(":slot:", 1)[1]
+        with contextlib.suppress(ValueError):
+            if datetime.fromisoformat(slot) > now + AHEAD:
+                r.delete(key, _key(name, f"run:{slot}"), _key(name, f"starting:{slot}"),
+                         *(_key(name, f"run:{slot}:{part}") for part in LISTED))
 
 
 def _lease(r: redis.Redis, name: str, slot: str, holder: str) -> bool:

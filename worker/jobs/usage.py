@@ -22,7 +22,7 @@ import redis
 
 from drivers import driver_for, names
 from drivers.backends.base import Driver
-from drivers.errors import NotFound, Refused, StorkError
+from drivers.errors import NotFound, Refused, StorageUnavailable, StorkError
 from drivers.guests import Guest
 from drivers.names import VolName
 from worker import records
@@ -117,6 +117,8 @@ def foreign_users(ctx: StepContext, volid: str) -> list[str]:
         vid = names.volume_id(volid)
         drv = driver_for(ctx.cfg.storage(vid.storage))
         return drv.foreign_users(drv.parse_volname(vid.volname))
+    except StorageUnavailable:
+        raise  # for now (configs moving while read): a step fails, an undo is tried again later
     except StorkError as e:
         raise Refused(f"cannot tell whether {volid} is in use: {e}") from None
 
