@@ -474,7 +474,7 @@ SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]
     "guest.import": lambda a: ("import", {"vmid": a.vmid, "name": a.name, **_import_source(a),
                                           **({"as_template": True} if a.as_template else {})}),
     "guest.import-pve": lambda a: ("import_pve", {"config": a.guest_config, "vmid": a.vmid}),
-    "guest.destroy": lambda a: ("destroy", {"vmid": a.vmid}),
+    "guest.destroy": lambda a: ("destroy", {"vmid": a.vmid, **({"forget": True} if a.forget else {})}),
     "guest.unlock": lambda a: ("unlock", {"vmid": a.vmid}),
     "guest.migrate": lambda a: ("migrate", {"vmid": a.vmid, "node": a.node, "storage": a.storage,
                                             "storage_map": a.storage_map, "keep_source": a.keep_source}),
@@ -485,7 +485,8 @@ SUBMITTERS: dict[str, Callable[[argparse.Namespace], tuple[str, dict[str, Any]]]
                                                   "storage": a.storage, "format": a.format}),
     "disk.add": lambda a: ("add_disk", {"vmid": a.vmid, "disks": _disk_specs(a.specs, "storage:size")}),
     "disk.detach": lambda a: ("detach", {"vmid": a.vmid, "disk": a.disk}),
-    "disk.remove": lambda a: ("remove_disk", {"vmid": a.vmid, "disk": a.disk}),
+    "disk.remove": lambda a: ("remove_disk",
+                              {"vmid": a.vmid, "disk": a.disk, **({"forget": True} if a.forget else {})}),
     "clone": lambda a: ("full_clone" if a.full else "linked_clone",
                         {"vmid": a.vmid, "newid": a.newid, "name": a.name, "storage": a.storage, "format": a.format}),
     "disk.copy": lambda a: ("copy", {"volid": a.volid, "storage": a.storage, "format": a.format, "vmid": a.vmid}),
@@ -673,7 +674,10 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
     p.add_argument("--vmid", help="the guest's id in stork (default: the one the file name says)")
     command(guest, "list", cmd_guest_list, "list guests")
     command(guest, "show", cmd_guest_show, "show a guest").add_argument("vmid")
-    command(guest, "destroy", _submitter("guest.destroy"), "destroy a guest and its disks", True).add_argument("vmid")
+    p = command(guest, "destroy", _submitter("guest.destroy"), "destroy a guest and its disks", True)
+    p.add_argument("vmid")
+    p.add_argument("--forget", action="store_true",
+                   help="volumes of the guest that are gone already are dropped with it (else refused)")
     command(guest, "unlock", _submitter("guest.unlock"), "clear a lock left by a job that is no longer live",
             True).add_argument("vmid")
     p = command(guest, "migrate", _submitter("guest.migrate"), "move a guest and its node-local disks to another node",
@@ -744,6 +748,8 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
         p = command(disk, action, _submitter(f"disk.{action}"), help_, True)
         p.add_argument("vmid")
         p.add_argument("disk")
+    p.add_argument("--forget", action="store_true",
+                   help="the volume is gone already: drop the disk from the guest (else refused)")
     p = command(disk, "resize", _submitter("disk.resize"), "grow a volume: VOLID SIZE, or VMID DISK [+]SIZE", True)
     p.add_argument("target", metavar="VOLID|VMID")
     p.add_argument("disk_or_size", metavar="SIZE|DISK")

@@ -454,6 +454,41 @@ def test_a_new_disk_never_takes_a_name_its_guest_names_though_the_storage_lists_
                                      "scsi2": f"local:{g}/vm-{g}-disk-2.qcow2"}  # a number, whatever the format
 
 
+def test_a_disk_whose_volume_is_not_there_is_neither_removed_nor_destroyed_without_forget(client, stork, vmid):
+    """Its file system not mounted (a dir storage without is_mountpoint reads as empty), a
+    disk's volume is not there: dropped from its guest, its name would be free for the next new
+    disk, and the old disk would come back under it once mounted. `disk remove` and `guest
+    destroy` refuse, naming `--forget`, which drops such a volume once it is gone for good (and
+    is refused for one that is there)."""
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M", "format": "raw"},
+                                        "scsi1": {"storage": "local", "size": "8M", "format": "raw"}})
+    disk = storage_path("local") / f"{g}/vm-{g}-disk-1.raw"
+    away = disk.with_name("away")
+    disk.rename(away)
+    try:
+        volid = f"local:{g}/vm-{g}-disk-1.raw"
+        code, _, err = stork("disk", "remove", str(g), "scsi1")
+        assert code == 1 and f"no volume at {volid} (a storage not mounted?): not removed; 'stork disk remove {g} " \
+            "scsi1 --forget' drops it" in err
+        code, _, err = stork("guest", "destroy", str(g))
+        assert code == 1 and f"guest {g}: no volume at {volid} (a storage not mounted?): not destroyed" in err
+        assert set(client.guest(g).disks) == {"scsi0", "scsi1"} and client.guest(g).lock == ""
+        code, _, err = stork("disk", "remove", str(g), "scsi0", "--forget")
+        assert code == 1 and f"local:{g}/vm-{g}-disk-0.raw is there: --forget is for a volume gone already" in err
+        assert stork("disk", "remove", str(g), "scsi1", "--forget")[0] == 0
+        assert set(client.guest(g).disks) == {"scsi0"}
+    finally:
+        away.rename(disk)
+    disk.rename(away)
+    try:
+        client.guest_store.write(client.guest(g).with_(unused=(volid,)))
+        assert stork("guest", "destroy", str(g), "--forget")[0] == 0
+        assert not client.guest_store.exists(g)
+    finally:
+        away.unlink()
+
+
 def test_a_moved_qcow2_holding_internal_snapshots_is_kept_not_freed(client, vmid):
     """The copy carries the disk's data, not the snapshots inside its qcow2 file (made by Proxmox
     VE, libvirt or qemu-img): --delete-source keeps such a source as unused, with a warning, as

@@ -162,9 +162,10 @@ def prepare_add_disk(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
             "storages": _check_nodes(cfg, {d["storage"] for d in disks.values()}, guest.node)}
 
 
-def _guest_disk(o: dict[str, Any], cfg: Config, kind: str, doing: str) -> dict[str, Any]:
+def _guest_disk(o: dict[str, Any], cfg: Config, kind: str, doing: str,
+                options: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Params of a job acting on one disk of a guest (not of a template)."""
-    _only(o, {"vmid", "disk"}, kind)
+    _only(o, {"vmid", "disk", *options}, kind)
     guest = _guest(cfg, o.get("vmid"))
     key = names.disk_key(o.get("disk", ""))
     if key not in guest.disks:
@@ -182,9 +183,16 @@ def prepare_detach(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 
 def prepare_remove_disk(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    params = _guest_disk(o, cfg, "disk remove", "removing its disks")
+    params = _guest_disk(o, cfg, "disk remove", "removing its disks", frozenset({"forget"}))
     usage.require_named_once(_guest(cfg, params["lock_vmid"]), params["expect_disks"][params["disk"]], params["disk"])
-    return params
+    return params | _forget(o, "disk remove")
+
+
+def _forget(o: dict[str, Any], kind: str) -> dict[str, Any]:
+    """{"forget": True} where asked: volumes gone already are dropped, not refused."""
+    if o.get("forget") not in (None, False, True):
+        raise InvalidName(f"{kind}: forget must be true or false, not {o['forget']!r}")
+    return {"forget": True} if o.get("forget") else {}
 
 
 def prepare_assemble(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -771,7 +779,7 @@ def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 def prepare_destroy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     """A guest and its disks; a template's replicas too (on one other node at most: the job's
     target side), refused while one has linked clones (checked there, by check_replicas)."""
-    _only(o, {"vmid"}, "destroy")
+    _only(o, {"vmid", "forget"}, "destroy")
     guest = _guest(cfg, o.get("vmid"))
     guest.require_unlocked()
     used = {names.volume_id(v).storage for v in [*guest.disks.values(), *guest.unused]}
@@ -784,7 +792,7 @@ def prepare_destroy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
             except OSError:  # this process cannot look: the step, which decides under the lock, will
                 continue
     params = {"lock_vmid": guest.vmid, "node": guest.node, "expect_disks": guest.disks, "expect_node": guest.node,
-              "storages": _check_nodes(cfg, used, guest.node)}
+              "storages": _check_nodes(cfg, used, guest.node), **_forget(o, "destroy")}
     nodes = sorted({r["node"] for r in guest.replicas.values()})
     if len(nodes) > 1:
         listed = ", ".join(f"{v} (node {r['node']})" for v, r in sorted(guest.replicas.items()))

@@ -797,6 +797,7 @@ def remove_disk(ctx: StepContext) -> None:
                 usage.require_named_once(guest, volid, key)  # this job's guest: not among the users above
                 identities = ctx.data.setdefault("freed_volumes", {})
                 if volid not in identities:
+                    _require_there_or_forgotten(ctx, drv, vol, volid, f"'stork disk remove {vmid} {key} --forget'")
                     identities[volid] = identity_now(drv, vol)
                     ctx.save()
                 ctx.fence(drv)
@@ -804,6 +805,19 @@ def remove_disk(ctx: StepContext) -> None:
     with ctx.guests.editing(vmid) as box:
         box[0] = box[0].with_(disks={k: v for k, v in box[0].disks.items() if k != key}, lock="", lock_job="")
     ctx.set_result(vmid=vmid, removed={key: volid})
+
+
+def _require_there_or_forgotten(ctx: StepContext, drv: Driver, vol: VolName, volid: str, forget: str) -> None:
+    """A disk whose volume is not there may be on a storage not mounted (a dir storage without
+    `is_mountpoint` reads as empty): dropped from its guest, its name would be free for a new
+    disk, and the old one would come back under it once mounted. Refused, naming `forget` (the
+    command that drops it once it is gone for good); with forget, refused where it is there."""
+    there, forgetting = drv.exists(vol), bool(ctx.params.get("forget"))
+    if not there and not forgetting:
+        raise Refused(f"no volume at {volid} (a storage not mounted?): not removed; {forget} drops it from the guest "
+                      "once it is gone for good")
+    if there and forgetting:
+        raise Refused(f"{volid} is there: --forget is for a volume gone already")
 
 
 def forget_freed(ctx: StepContext) -> None:
@@ -1158,6 +1172,9 @@ def destroy_guest(ctx: StepContext) -> None:
                 raise Refused(f"{volid} is in use by {', '.join(found)}")
             if found := usage.guest_users(ctx, volid):
                 kept[volid] = found  # e.g. a base another template shares: it stays theirs
+        if (missing := sorted(v for v, identity in seen.items() if not identity)) and not ctx.params.get("forget"):
+            raise Refused(f"guest {vmid}: no volume at {', '.join(missing)} (a storage not mounted?): not destroyed; "
+                          f"'stork guest destroy {vmid} --forget' drops them with it once they are gone for good")
         identities = ctx.data.setdefault("freed_volumes", {})  # saved before any is freed, for a try after a crash
         for volid, identity in seen.items():
             if volid not in kept:
