@@ -336,6 +336,30 @@ def test_a_destroy_saves_its_volumes_before_freeing_and_frees_only_those_when_tr
             volume_path(volid).unlink(missing_ok=True)
 
 
+def test_the_steps_refuse_a_volume_not_there_where_the_submit_could_not_look(stork, client, vmid):
+    """The submit looks only where its node sees the storage: the steps decide. A disk remove's
+    and a destroy's step refuse a volume that is not there (a storage not mounted reads so),
+    nothing dropped from the guest."""
+    from drivers.errors import Refused
+    from worker.jobs.steps import destroy_guest, remove_disk
+
+    g = vmid()
+    code, _, err = stork("guest", "create", g, "--disk=scsi0=local:8M", "--disk=scsi1=local:8M")
+    assert code == 0, err
+    missing = client.guest(g).disks["scsi1"]
+    volume_path(missing).unlink()
+    for kind, step, params in (("remove_disk", remove_disk, {"disk": "scsi1"}), ("destroy", destroy_guest, {})):
+        with recorded(client, kind, "running", at=step.__name__ if kind == "remove_disk" else "destroy",
+                      params={"lock_vmid": g, "node": "node1", **params}) as job:
+            held_by(client, g, job)
+            with pytest.raises(Refused, match=rf"no volume at {missing} \(a storage not mounted\?\): not "):
+                step(step_context(client, job, step.__name__))
+    assert set(client.guest(g).disks) == {"scsi0", "scsi1"}
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(lock="", lock_job="")
+    assert stork("guest", "destroy", g, "--forget")[0] == 0
+
+
 def test_a_remove_disk_tried_again_leaves_a_volume_made_under_the_name_it_freed(stork, client, vmid, monkeypatch):
     """remove_disk frees the disk, then drops it from the config: a process that dies between
     the two leaves the config naming the freed name, where another job may make a new volume

@@ -188,7 +188,7 @@ PARAMS: dict[str, Check] = {
     "pinned": _bool,
     "make_template": _bool,
     "delete_source": _bool,
-    "forget": _bool,  # free: a volume gone already, dropped from the guests that list it
+    "forget": _bool,  # free, disk remove, destroy: volumes gone already, dropped from the guests that list them
     "refuse_template": _text,
     "expect_disks": _optional(_map_of(names.disk_key, _volid)),
     "expect_node": _optional(names.node),  # the node of the guest it locks or reads (a template) at submit

@@ -4,6 +4,7 @@ error, before anything is queued."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -184,8 +185,26 @@ def prepare_detach(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 def prepare_remove_disk(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     params = _guest_disk(o, cfg, "disk remove", "removing its disks", frozenset({"forget"}))
-    usage.require_named_once(_guest(cfg, params["lock_vmid"]), params["expect_disks"][params["disk"]], params["disk"])
-    return params | _forget(o, "disk remove")
+    guest, key = _guest(cfg, params["lock_vmid"]), params["disk"]
+    usage.require_named_once(guest, guest.disks[key], key)
+    forget = _forget(o, "disk remove")
+    if not forget and (gone := _not_there_here(cfg, guest, [guest.disks[key]])):  # the step checks again
+        raise usage.not_there(gone, "removed", f"'stork disk remove {guest.vmid} {key} --forget'")
+    return params | forget
+
+
+def _not_there_here(cfg: Config, guest: Guest, volids: list[str]) -> list[str]:
+    """Those of `volids` (the guest's) with no volume, where this node sees their storage (a
+    storage of the guest's node, or shared); the step decides where it does not, or cannot look."""
+    gone = []
+    for volid in volids:
+        storage, vol = _volume(cfg, volid)
+        sc = cfg.storage(storage)
+        if sc.shared or (guest.node == cfg.node and sc.on_node(cfg.node)):
+            with contextlib.suppress(OSError, StorkError):
+                if not driver_for(sc).exists(vol):
+                    gone.append(volid)
+    return gone
 
 
 def _forget(o: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -791,8 +810,12 @@ def prepare_destroy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
                 usage.require_base_unread(driver_for(cfg.storage(storage)), vol, guest.vmid)
             except OSError:  # this process cannot look: the step, which decides under the lock, will
                 continue
+    forget = _forget(o, "destroy")
+    volumes = [v for v in [*guest.disks.values(), *guest.unused] if not _volume(cfg, v)[1].is_base]  # bases: the
+    if not forget and (gone := _not_there_here(cfg, guest, volumes)):  # step decides (another template may keep one)
+        raise usage.not_there(gone, f"destroyed (guest {guest.vmid})", f"'stork guest destroy {guest.vmid} --forget'")
     params = {"lock_vmid": guest.vmid, "node": guest.node, "expect_disks": guest.disks, "expect_node": guest.node,
-              "storages": _check_nodes(cfg, used, guest.node), **_forget(o, "destroy")}
+              "storages": _check_nodes(cfg, used, guest.node), **forget}
     nodes = sorted({r["node"] for r in guest.replicas.values()})
     if len(nodes) > 1:
         listed = ", ".join(f"{v} (node {r['node']})" for v, r in sorted(guest.replicas.items()))

@@ -814,8 +814,7 @@ def _require_there_or_forgotten(ctx: StepContext, drv: Driver, vol: VolName, vol
     command that drops it once it is gone for good); with forget, refused where it is there."""
     there, forgetting = drv.exists(vol), bool(ctx.params.get("forget"))
     if not there and not forgetting:
-        raise Refused(f"no volume at {volid} (a storage not mounted?): not removed; {forget} drops it from the guest "
-                      "once it is gone for good")
+        raise usage.not_there([volid], "removed", forget)
     if there and forgetting:
         raise Refused(f"{volid} is there: --forget is for a volume gone already")
 
@@ -1172,9 +1171,9 @@ def destroy_guest(ctx: StepContext) -> None:
                 raise Refused(f"{volid} is in use by {', '.join(found)}")
             if found := usage.guest_users(ctx, volid):
                 kept[volid] = found  # e.g. a base another template shares: it stays theirs
-        if (missing := sorted(v for v, identity in seen.items() if not identity)) and not ctx.params.get("forget"):
-            raise Refused(f"guest {vmid}: no volume at {', '.join(missing)} (a storage not mounted?): not destroyed; "
-                          f"'stork guest destroy {vmid} --forget' drops them with it once they are gone for good")
+        missing = sorted(v for v, identity in seen.items() if not identity and v not in kept)  # (kept: another's)
+        if missing and not ctx.params.get("forget"):
+            raise usage.not_there(missing, f"destroyed (guest {vmid})", f"'stork guest destroy {vmid} --forget'")
         identities = ctx.data.setdefault("freed_volumes", {})  # saved before any is freed, for a try after a crash
         for volid, identity in seen.items():
             if volid not in kept:
@@ -1191,5 +1190,7 @@ def destroy_guest(ctx: StepContext) -> None:
                 box[0] = g.with_(disks={k: v for k, v in g.disks.items() if v != volid},
                                  unused=tuple(v for v in g.unused if v != volid))
     ctx.guests.delete(vmid)
-    ctx.set_result(destroyed=vmid, freed=[v for v in volumes if v not in kept and v not in others],
+    forgotten = [v for v in volumes if v in seen and not seen[v] and v not in kept]  # (--forget: gone already)
+    freed = [v for v in volumes if v not in kept and v not in others and v not in forgotten]
+    ctx.set_result(destroyed=vmid, freed=freed, **({"forgotten": forgotten} if forgotten else {}),
                    **({"kept": {v: ", ".join(u) for v, u in kept.items()}} if kept else {}))

@@ -284,3 +284,12 @@ def require_base_unread(drv: Driver, vol: VolName, vmid: int) -> None:
     the storage is on this node, and again in the step, under the storage lock)."""
     if vol.is_base and drv.exists(vol) and (readers := drv.readers_of(vol)):
         raise Refused(f"guest {vmid}: base {drv.volid(vol)} still has linked clones: {', '.join(readers)}")
+
+
+def not_there(volids: list[str], what: str, forget: str) -> Refused:
+    """The refusal of a disk remove or a destroy that finds no volume at `volids`: a storage not
+    mounted reads as empty (a dir storage without is_mountpoint), and dropped, each name would
+    go to the next new disk and the old one come back under it. `forget`: the command that
+    drops them once they are gone for good."""
+    return Refused(f"no volume at {', '.join(volids)} (a storage not mounted?): not {what}; {forget} drops "
+                   f"{'them' if len(volids) > 1 else 'it'} once gone for good")
