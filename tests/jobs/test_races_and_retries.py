@@ -360,6 +360,38 @@ def test_the_steps_refuse_a_volume_not_there_where_the_submit_could_not_look(sto
     assert stork("guest", "destroy", g, "--forget")[0] == 0
 
 
+def test_a_destroy_tried_again_takes_for_freed_only_the_volume_it_was_freeing(stork, client, vmid, monkeypatch):
+    """A node rebooted in the middle of a destroy, and its worker came back before a storage was
+    mounted: every disk it had not come to reads as absent. Taken for freed by the try before
+    (their identities were saved), they were dropped from the guest and listed as freed. Only
+    the volume it was freeing is: the others are refused as not there, as on a first try."""
+    from drivers.errors import Refused
+    from worker import records
+    from worker.jobs.steps import destroy_guest
+
+    g = vmid()
+    code, _, err = stork("guest", "create", g, *(f"--disk=scsi{i}=local:8M" for i in range(3)))
+    assert code == 0, err
+    first, second, third = (client.guest(g).disks[f"scsi{i}"] for i in range(3))
+    away = volume_path(third).with_name("away")
+    with recorded(client, "destroy", "running", at="destroy", params={"lock_vmid": g, "node": "node1"},
+                  ctx={"destroying": g}) as job:
+        held_by(client, g, job)
+        dies_after_its_first_free(monkeypatch, destroy_guest, step_context(client, job, "destroy"))
+        assert not volume_path(first).exists() and records.load(client.r, job.id).ctx["freeing"] == first
+        volume_path(third).rename(away)  # its storage not mounted yet
+        try:
+            with pytest.raises(Refused, match=rf"no volume at {third} \(a storage not mounted\?\)"):
+                destroy_guest(step_context(client, records.load(client.r, job.id), "destroy"))
+        finally:
+            away.rename(volume_path(third))
+        assert client.guest(g).disks == {"scsi0": first, "scsi1": second, "scsi2": third}
+        ctx = step_context(client, records.load(client.r, job.id), "destroy")
+        destroy_guest(ctx)
+    assert not client.guest_store.exists(g) and ctx.job.result["freed"] == [first, second, third]
+    assert not volume_path(second).exists() and not volume_path(third).exists()
+
+
 def test_a_remove_disk_tried_again_leaves_a_volume_made_under_the_name_it_freed(stork, client, vmid, monkeypatch):
     """remove_disk frees the disk, then drops it from the config: a process that dies between
     the two leaves the config naming the freed name, where another job may make a new volume

@@ -1157,8 +1157,11 @@ def destroy_guest(ctx: StepContext) -> None:
     volumes = {v: ctx.volume(v) for v in [*guest.disks.values(), *guest.unused]}
     kept = {}
     with ctx.storage_locks([drv for drv, _ in volumes.values()]):
-        # freed by a try before whose process died; or the name holds another job's volume by now
-        gone = {volid for volid, (drv, vol) in volumes.items() if freed_before(ctx, drv, vol, volid, "freed_volumes")}
+        # freed by a try before whose process died (the one it was freeing: another it had not come to may read
+        # as absent for a storage not mounted yet); or the name holds another job's volume by now
+        freeing = ctx.data.get("freeing")
+        gone = {volid for volid, (drv, vol) in volumes.items() if freed_before(ctx, drv, vol, volid, "freed_volumes")
+                and (volid == freeing or drv.exists(vol))}
         others = {volid for volid in gone if volumes[volid][0].exists(volumes[volid][1])}  # left as they are
         seen = {}  # each volume's identity ("" for none), read once
         for volid, (drv, vol) in volumes.items():
@@ -1183,6 +1186,8 @@ def destroy_guest(ctx: StepContext) -> None:
             if volid in kept:
                 continue
             if volid not in gone:
+                ctx.data["freeing"] = volid
+                ctx.save()
                 ctx.fence(drv)
                 drv.free(vol)
             with ctx.guests.editing(vmid) as box:
