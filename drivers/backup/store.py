@@ -790,11 +790,9 @@ class ChunkStore:
         is sound by now, or gone."""
         with self._prefix_locked(digest[:4], exclusive=True) as folder, contextlib.suppress(FileNotFoundError):
             try:
-                self.codec.decode(self._read(folder, digest, self.chunk_size + _CODEC_OVERHEAD, digest), digest)
-                return False  # stored anew since verify read it (gc took it, a backup wrote it back): sound
-            except (Corrupt, NotFound, Refused):
-                pass  # gone, or unreadable: it goes aside
-            except OSError as e:
+                if self._reads_sound(folder, digest, digest):
+                    return False  # stored anew since verify read it (gc took it, a backup wrote it back): sound
+            except OSError as e:  # unreadable: it goes aside
                 if e.errno not in MEDIA_ERRORS:
                     raise
             faults.point("quarantine")

@@ -49,6 +49,23 @@ def step_context(client, job, step: str):
                        kinds=KINDS)
 
 
+@contextlib.contextmanager
+def template_undoing(client, t: int, disk: str, base: str) -> Iterator[object]:
+    """A template job of guest `t` undoing, the guest as the job left it before its commit (its
+    disk `disk`, which make_bases renamed to `base`); afterwards unlocked, and a template again
+    where the base is still there."""
+    with recorded(client, "template", "undoing", params={"lock_vmid": t},
+                  ctx={"based": {"scsi0": [disk, base]}}) as job:
+        with client.guest_store.editing(t) as box:
+            box[0] = box[0].with_(disks={"scsi0": disk}, template=False, lock="template", lock_job=job.id)
+        try:
+            yield job
+        finally:
+            based = {"disks": {"scsi0": base}, "template": True} if volume_path(base).exists() else {}
+            with client.guest_store.editing(t) as box:
+                box[0] = box[0].with_(lock="", lock_job="", **based)
+
+
 def held_by(client, g: int, job) -> None:
     """Guest `g` locked by the hand-made job, as its lock step leaves it."""
     with client.guest_store.editing(g) as box:
@@ -104,18 +121,11 @@ def test_an_undo_keeps_a_base_that_linked_clones_read_through(stork, client, vmi
     assert code == 0, err
     clone = client.guest(c).disks["scsi0"]
     disk = f"local:{t}/vm-{t}-disk-0.raw"
-    with recorded(client, "template", "undoing", params={"lock_vmid": t},
-                  ctx={"based": {"scsi0": [disk, base]}}) as job:
-        with client.guest_store.editing(t) as box:  # as the job left it before its commit
-            box[0] = box[0].with_(disks={"scsi0": disk}, template=False, lock="template", lock_job=job.id)
-        try:
-            with pytest.raises(Refused, match=f"kept as base: {base} .*linked clone {clone}"):
-                unmake_bases(step_context(client, job, "undo_make_bases"))
-            assert volume_path(base).exists() and not volume_path(disk).exists()
-            assert qemu_same(volume_path(base), volume_path(clone))
-        finally:
-            with client.guest_store.editing(t) as box:
-                box[0] = box[0].with_(disks={"scsi0": base}, template=True, lock="", lock_job="")
+    with template_undoing(client, t, disk, base) as job:
+        with pytest.raises(Refused, match=f"kept as base: {base} .*linked clone {clone}"):
+            unmake_bases(step_context(client, job, "undo_make_bases"))
+        assert volume_path(base).exists() and not volume_path(disk).exists()
+        assert qemu_same(volume_path(base), volume_path(clone))
 
 
 def test_an_undo_renames_back_a_base_that_another_live_job_reads_only_once_it_ended(stork, client, vmid):
@@ -131,23 +141,16 @@ def test_an_undo_renames_back_a_base_that_another_live_job_reads_only_once_it_en
     t = vmid()
     base = template_of(stork, t)
     disk = f"local:{t}/vm-{t}-disk-0.raw"
-    with recorded(client, "template", "undoing", params={"lock_vmid": t},
-                  ctx={"based": {"scsi0": [disk, base]}}) as job:
-        with client.guest_store.editing(t) as box:  # as the job left it before its commit
-            box[0] = box[0].with_(disks={"scsi0": disk}, template=False, lock="template", lock_job=job.id)
-        try:
-            with recorded(client, "copy", "running",
-                          params=prepare_copy({"volid": base, "vmid": t, "storage": "local"}, client.cfg)) as copy:
-                with pytest.raises(StorageUnavailable, match=f"{base} is read by job {copy.id} \\(copy\\)") as raised:
-                    unmake_bases(step_context(client, job, "undo_make_bases"))
-                assert not isinstance(raised.value, Refused)  # not a decision: run_undo tries it again
-                assert volume_path(base).exists() and not volume_path(disk).exists()
-            assert client.r.sismember(records.ACTIVE, copy.id) == 0  # the copy ended
-            unmake_bases(step_context(client, job, "undo_make_bases"))
-            assert volume_path(disk).exists() and not volume_path(base).exists()
-        finally:
-            with client.guest_store.editing(t) as box:
-                box[0] = box[0].with_(lock="", lock_job="")
+    with template_undoing(client, t, disk, base) as job:
+        with recorded(client, "copy", "running",
+                      params=prepare_copy({"volid": base, "vmid": t, "storage": "local"}, client.cfg)) as copy:
+            with pytest.raises(StorageUnavailable, match=f"{base} is read by job {copy.id} \\(copy\\)") as raised:
+                unmake_bases(step_context(client, job, "undo_make_bases"))
+            assert not isinstance(raised.value, Refused)  # not a decision: run_undo tries it again
+            assert volume_path(base).exists() and not volume_path(disk).exists()
+        assert client.r.sismember(records.ACTIVE, copy.id) == 0  # the copy ended
+        unmake_bases(step_context(client, job, "undo_make_bases"))
+        assert volume_path(disk).exists() and not volume_path(base).exists()
 
 
 def test_an_undo_that_cannot_tell_whether_a_guest_uses_the_base_tries_again_later(stork, client, vmid):
@@ -163,10 +166,7 @@ def test_an_undo_that_cannot_tell_whether_a_guest_uses_the_base_tries_again_late
     base = template_of(stork, t)
     disk = f"local:{t}/vm-{t}-disk-0.raw"
     broken = BASE / "guests" / f"{other}.toml"
-    with recorded(client, "template", "undoing", params={"lock_vmid": t},
-                  ctx={"based": {"scsi0": [disk, base]}}) as job:
-        with client.guest_store.editing(t) as box:  # as the job left it before its commit
-            box[0] = box[0].with_(disks={"scsi0": disk}, template=False, lock="template", lock_job=job.id)
+    with template_undoing(client, t, disk, base) as job:
         try:
             broken.write_text("[disk]\nscsi0 = 'local:1/vm-1-disk-0.raw'\n")
             with pytest.raises(StorageUnavailable, match=f"{base} not renamed back yet: cannot tell whether {base} is "
@@ -179,8 +179,6 @@ def test_an_undo_that_cannot_tell_whether_a_guest_uses_the_base_tries_again_late
             assert volume_path(disk).exists() and not volume_path(base).exists()
         finally:
             broken.unlink(missing_ok=True)
-            with client.guest_store.editing(t) as box:
-                box[0] = box[0].with_(lock="", lock_job="")
 
 
 def test_an_undo_that_the_storage_refuses_to_rename_back_keeps_the_base_as_a_decision(stork, client, vmid,
@@ -198,17 +196,10 @@ def test_an_undo_that_the_storage_refuses_to_rename_back_keeps_the_base_as_a_dec
     base = template_of(stork, t)
     disk = f"local:{t}/vm-{t}-disk-0.raw"
     monkeypatch.setattr(DirDriver, "unmake_base", refuse)
-    with recorded(client, "template", "undoing", params={"lock_vmid": t},
-                  ctx={"based": {"scsi0": [disk, base]}}) as job:
-        with client.guest_store.editing(t) as box:  # as the job left it before its commit
-            box[0] = box[0].with_(disks={"scsi0": disk}, template=False, lock="template", lock_job=job.id)
-        try:
-            with pytest.raises(Refused, match=f"kept as base: {base} \\(it has dependent clones\\)"):
-                unmake_bases(step_context(client, job, "undo_make_bases"))
-            assert volume_path(base).exists()
-        finally:
-            with client.guest_store.editing(t) as box:
-                box[0] = box[0].with_(disks={"scsi0": base}, template=True, lock="", lock_job="")
+    with template_undoing(client, t, disk, base) as job:
+        with pytest.raises(Refused, match=f"kept as base: {base} \\(it has dependent clones\\)"):
+            unmake_bases(step_context(client, job, "undo_make_bases"))
+        assert volume_path(base).exists()
 
 
 def test_an_undone_switch_gives_back_only_the_slots_it_wrote(client, vmid):
