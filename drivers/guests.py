@@ -31,7 +31,7 @@ from drivers.errors import AlreadyExists, ConfigError, InvalidName, LockTimeout,
 from drivers.flock import file_lock, fsync_dir, open_making_dirs
 from drivers.guest_index import CTIME_KEPT, LOCAL_FILE_SYSTEMS, WATCHED_FILE_SYSTEMS, VolumeIndex, file_system
 
-KEYS = ("name", "node", "template", "lock", "lock_job", "notes", "unused", "disks", "replicas")
+KEYS = ("name", "node", "template", "lock", "lock_job", "rev", "notes", "unused", "disks", "replicas")
 MAX_NOTES = 1024
 MAX_CONFIG = 1 << 20  # a config is a few hundred bytes: a larger file is not one, and is not read whole
 REPLICA_KEYS = ("of", "identity", "node")
@@ -47,6 +47,10 @@ class Guest:
     template: bool = False
     lock: str = ""  # the job kind holding the guest, "" when free
     lock_job: str = ""  # the id of the job holding the lock
+    # renewed by the store at every change of `disks` and at create: a job submitted before
+    # disks changed and changed back (one removed and added again under the same volume id, a
+    # guest destroyed and made again alike) finds another rev, where `disks` alone match
+    rev: str = ""
     notes: str = ""  # what an import read of the guest that stork does not use (CPUs, memory, networks)
     disks: dict[str, str] = field(default_factory=dict)  # disk key -> volume id
     unused: tuple[str, ...] = ()  # volumes kept after a move, no longer attached
@@ -123,6 +127,8 @@ def dumps(guest: Guest) -> str:
     if guest.lock or guest.lock_job:
         lines.append(f"lock = {_toml_value(guest.lock)}")
         lines.append(f"lock_job = {_toml_value(guest.lock_job)}")
+    if guest.rev:
+        lines.append(f"rev = {_toml_value(guest.rev)}")
     if guest.notes:
         lines.append(f"notes = {_toml_value(guest.notes)}")
     if guest.unused:
@@ -265,11 +271,24 @@ def _checked(vmid: int, data: dict[str, object]) -> Guest:
         template=template,
         lock=_text("lock", data.get("lock", ""), "a string"),
         lock_job=_text("lock_job", data.get("lock_job", ""), "a string"),
+        rev=_text("rev", data.get("rev", ""), "a revision token", _rev),
         notes=_text("notes", data.get("notes", ""), f"one line of at most {MAX_NOTES} printable characters", _notes),
         disks=dict(disks),
         unused=tuple(unused),
         replicas={volid: dict(replica) for volid, replica in replicas.items()},
     )
+
+
+REV = re.compile(r"[0-9a-f]{16}")
+
+
+def new_rev() -> str:
+    return secrets.token_hex(8)
+
+
+def _rev(text: str) -> None:
+    if text and not REV.fullmatch(text):
+        raise InvalidName("expected 16 hexadecimal digits, as stork writes it")
 
 
 def _notes(text: str) -> None:
@@ -608,6 +627,7 @@ class GuestStore:
 
     def create(self, guest: Guest) -> None:
         """Write a new guest config; AlreadyExists if the id is taken (atomic, race-free)."""
+        guest = guest.with_(rev=new_rev())  # another guest than any before under its id
         with self.locked(guest.vmid):
             temp = self._write_temp(guest)
             try:
@@ -665,5 +685,7 @@ class GuestStore:
             guest, seen = self._read_seen(vmid, self.path(vmid))
             box = [guest]
             yield box
+            if box[0].disks != guest.disks and box[0].rev == guest.rev:
+                box[0] = box[0].with_(rev=new_rev())
             if box[0] != guest:
                 self._replace(box[0], seen)  # not over a hand edit made meanwhile (sed -i, an editor)

@@ -553,6 +553,38 @@ def test_a_guest_changed_after_submit_is_refused_by_the_step(client, vmid):
     client.r.srem(records.ACTIVE, job.id)  # a hand-made record: no worker will ever end it
 
 
+@pytest.mark.parametrize("meanwhile", ["disk removed and added again", "guest destroyed and made again"])
+def test_a_job_delivered_late_past_disks_changed_back_is_refused(client, vmid, monkeypatch, meanwhile):
+    """A message kept in a dead worker's unacked set is resent minutes later: a `disk remove`
+    run twice (Ctrl-C, then again), the disk added again under the freed name meanwhile (or the
+    guest destroyed and made alike). The volume ids match what the late job saw at submit; the
+    config's rev does not, and the new disk stays."""
+    from worker import runner
+
+    g = vmid()
+    layout = {"scsi0": {"storage": "local", "size": "8M"}, "scsi1": {"storage": "local", "size": "8M"}}
+    client.run("create", vmid=g, disks=layout)
+    held: list = []
+    with monkeypatch.context() as m:  # recorded and queued, its message not delivered yet
+        m.setattr(runner, "send_steps", lambda record, start, sender=None: held.append((record, start)))
+        late = client.submit("remove_disk", vmid=g, disk="scsi1")
+    if meanwhile == "disk removed and added again":
+        assert client.run("remove_disk", vmid=g, disk="scsi1").state == "succeeded"
+        assert client.run("add_disk", vmid=g, disks={"scsi1": layout["scsi1"]}).state == "succeeded"
+    else:
+        assert client.run("destroy", vmid=g).state == "succeeded"
+        assert client.run("create", vmid=g, disks=layout).state == "succeeded"
+    new = client.guest(g)
+    assert new.disks == late.params["expect_disks"]  # the same volume ids: they alone cannot tell
+    with volume_path(new.disks["scsi1"]).open("r+b") as f:
+        f.write(b"new data")
+    runner.send_steps(*held[0], client.app)
+    job = client.wait(late.id, timeout=60)
+    assert job.state == "failed" and f"guest {g} changed since the job was submitted" in job.error
+    assert client.guest(g).disks == new.disks and client.guest(g).lock == ""
+    assert volume_path(new.disks["scsi1"]).read_bytes().startswith(b"new data")
+
+
 def test_a_move_whose_switch_stood_is_not_switched_back_by_its_undo(client, vmid):
     """The switch wrote the guest's config (its copy attached, the guest unlocked in the same
     write) and then its step failed: the undo leaves the guest as the switch made it (it may

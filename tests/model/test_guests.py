@@ -38,7 +38,8 @@ def test_a_guest_round_trips_through_its_file(store):
     guest = Guest(100, "node1", name="web", template=True, lock="clone",
                   disks={"scsi0": "local:base/base-100-disk-0.raw"}, unused=("local:100/vm-100-disk-1.raw",))
     store.create(guest)
-    assert store.read(100) == guest
+    read = store.read(100)
+    assert read == guest.with_(rev=read.rev) and len(read.rev) == 16  # a new guest's rev, made at create
     assert [g.vmid for g in store.list()] == [100]
 
 
@@ -65,6 +66,27 @@ def test_editing_writes_back_only_a_changed_config(store):
     assert store.read(100).lock == "backup"
     with pytest.raises(Refused, match=r"guest 100 is locked \(backup\)"):
         store.read(100).require_unlocked()
+
+
+def test_the_rev_is_renewed_by_every_change_of_the_disks_and_by_create_only(store):
+    """A job checks the rev it saw at submit: disks changed and changed back, or a guest made
+    again alike, give another rev (the volume ids alone would match); a lock does not."""
+    disks = {"scsi0": "local:100/vm-100-disk-0.raw", "scsi1": "local:100/vm-100-disk-1.raw"}
+    store.create(Guest(100, "node1", disks=disks))
+    made = store.read(100).rev
+    with store.editing(100) as box:
+        box[0] = box[0].with_(lock="backup", lock_job="j-1", unused=("local:100/vm-100-disk-2.raw",))
+    assert store.read(100).rev == made
+    with store.editing(100) as box:
+        box[0] = box[0].with_(disks={"scsi0": disks["scsi0"]})
+    removed = store.read(100).rev
+    with store.editing(100) as box:
+        box[0] = box[0].with_(disks=disks)
+    again = store.read(100)
+    assert again.disks == disks and len({made, removed, again.rev}) == 3
+    store.delete(100)
+    store.create(Guest(100, "node1", disks=disks))
+    assert store.read(100).rev not in {made, removed, again.rev}
 
 
 def test_the_config_flock_times_out_while_another_holder_edits(store):
@@ -103,6 +125,8 @@ GOOD = 'name = "web"\nnode = "node1"\ntemplate = false\n\n[disks]\nscsi0 = "loca
     ('node = "node1"\ntemplate = "yes"\n', 'template = "yes": expected true or false'),
     ('node = "node1"\nlock = 1\n', "lock = 1: expected a string"),
     ('node = "node1"\nlock_job = false\n', "lock_job = false: expected a string"),
+    ('node = "node1"\nrev = "x1"\n', 'rev = "x1": expected 16 hexadecimal digits'),
+    ('node = "node1"\nrev = 7\n', "rev = 7: expected a revision token"),
     ('node = "node1"\ndisks = "local:x"\n', 'disks = "local:x": expected a table'),
     ('node = "node1"\n[disks]\nscsi0 = 5\n', "disks.scsi0 = 5: expected a volume id"),
     ('node = "node1"\n[disks]\nscsi0 = "nocolon"\n', "disks.scsi0 = \"nocolon\": invalid volume id"),
@@ -179,11 +203,13 @@ def test_a_config_that_is_not_utf8_is_a_config_error(store):
 def test_every_field_round_trips_including_awkward_strings(store):
     """dumps() writes what loads() reads back, for quotes, control and non-BMP characters too."""
     guest = Guest(101, "node-1", name='a "q" \\ \t \U0001f642 é', lock="move", lock_job="j-1",
+                  rev="0123456789abcdef",
                   disks={"scsi0": "local:101/vm-101-disk-0.raw", "virtio1": "other:base/b.qcow2"},
                   unused=("local:101/vm-101-disk-1.raw",))
     assert loads(101, dumps(guest), store.path(101)) == guest
     store.create(guest)
-    assert store.read(101) == guest
+    read = store.read(101)
+    assert read == guest.with_(rev=read.rev) and read.rev != guest.rev
 
 
 def test_list_fails_closed_while_scan_reports_the_broken_config(store):
@@ -316,7 +342,7 @@ def test_guest_list_shows_a_broken_config_as_a_row(store, capsys):
     assert lines[1].split()[:5] == ["100", "web", "node1", "guest", "0"]
     assert lines[2].split()[:2] == ["101", "BROKEN"] and lines[2].endswith(
         f"{broken}: broken guest config: unknown key 'bogus' (expected one of: "
-        "name, node, template, lock, lock_job, notes, unused, disks, replicas)")
+        "name, node, template, lock, lock_job, rev, notes, unused, disks, replicas)")
     assert lines[3].split()[:2] == ["abc", "BROKEN"]
     assert f"{store.dir / 'abc.toml'}: broken guest config: file name" in lines[3]
 
@@ -324,8 +350,9 @@ def test_guest_list_shows_a_broken_config_as_a_row(store, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["vmid"] for r in rows] == [100, 101, "abc"]
     assert rows[0]["name"] == "web"
-    assert rows[1] == {"vmid": 101, "broken": f"{broken}: broken guest config: unknown key 'bogus' (expected one of: "
-                                              "name, node, template, lock, lock_job, notes, unused, disks, replicas)"}
+    assert rows[1] == {"vmid": 101, "broken": f"{broken}: broken guest config: unknown key 'bogus' (expected one "
+                                              "of: name, node, template, lock, lock_job, rev, notes, unused, disks, "
+                                              "replicas)"}
 
 
 def test_a_config_larger_than_any_is_broken_and_not_read_whole(tmp_path):

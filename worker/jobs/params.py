@@ -191,6 +191,7 @@ PARAMS: dict[str, Check] = {
     "forget": _bool,  # free, disk remove, destroy: volumes gone already, dropped from the guests that list them
     "refuse_template": _text,
     "expect_disks": _optional(_map_of(names.disk_key, _volid)),
+    "expect_rev": _optional(_matching(r"(?:[0-9a-f]{16})?", "a guest config's rev")),  # the guest's rev at submit
     "expect_node": _optional(names.node),  # the node of the guest it locks or reads (a template) at submit
     "disks": _map_of(_disk_key, _table(PLAN)),
     # a replica clone: each disk linked to a replica there (with its own identity, where recorded) or made

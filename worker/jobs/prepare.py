@@ -33,6 +33,13 @@ def _guest(cfg: Config, vmid: Any) -> Guest:
     return _store(cfg).read(names.vmid(vmid))
 
 
+def as_seen(guest: Guest | None) -> dict[str, Any]:
+    """What a job's lock step checks its guest against (None: no guest): the disks, the
+    config's rev (renewed at every change of the disks) and the node it had at submit."""
+    return {"expect_disks": guest.disks if guest else None, "expect_rev": guest.rev if guest else None,
+            "expect_node": guest.node if guest else None}
+
+
 def _node(o: dict[str, Any], cfg: Config) -> str:
     """The node a job's node-local storages are on: the option, else this node."""
     return names.node(o["node"]) if o.get("node") else cfg.node
@@ -157,8 +164,7 @@ def prepare_add_disk(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         disks[key] = {**_disk_plan(cfg, spec, guest.node), "owner": guest.vmid}
     if not disks:
         raise InvalidName("disk add: name at least one disk")
-    return {"lock_vmid": guest.vmid, "refuse_template": "adding disks", "expect_disks": guest.disks,
-            "expect_node": guest.node,
+    return {"lock_vmid": guest.vmid, "refuse_template": "adding disks", **as_seen(guest),
             "disks": disks, "node": guest.node,
             "storages": _check_nodes(cfg, {d["storage"] for d in disks.values()}, guest.node)}
 
@@ -174,8 +180,7 @@ def _guest_disk(o: dict[str, Any], cfg: Config, kind: str, doing: str,
     guest.require_not_template(doing)
     guest.require_unlocked()
     storage, _vol = _volume(cfg, guest.disks[key])
-    return {"lock_vmid": guest.vmid, "refuse_template": doing, "expect_disks": guest.disks, "disk": key,
-            "expect_node": guest.node,
+    return {"lock_vmid": guest.vmid, "refuse_template": doing, **as_seen(guest), "disk": key,
             "node": guest.node, "storages": _check_nodes(cfg, {storage}, guest.node)}
 
 
@@ -482,8 +487,7 @@ def _onto_replicas(o: dict[str, Any], cfg: Config, template: Guest, newid: int) 
                  for key, link in links.items()}
         return {**common, "runs_as": "linked_clone", "disks": disks, "node": node,
                 "storages": _check_nodes(cfg, {target}, node)}
-    return {**common, "runs_as": "replica_clone", "lock_vmid": template.vmid, "expect_disks": template.disks,
-            "expect_node": template.node,
+    return {**common, "runs_as": "replica_clone", "lock_vmid": template.vmid, **as_seen(template),
             "disks": copies, "links": links, **_placed(cfg, copies, template.node)}
 
 
@@ -498,8 +502,7 @@ def prepare_full_clone(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         disks[key] = {"source": volid, "storage": dest, "owner": newid,
                       "format": _format(cfg, dest, o.get("format"), default=vol.fmt)}
     return {"vmid": source.vmid, "new_vmid": newid, "name": _name(o),
-            "lock_vmid": None if source.template else source.vmid, "expect_disks": source.disks,
-            "expect_node": source.node,
+            "lock_vmid": None if source.template else source.vmid, **as_seen(source),
             "disks": disks, **_placed(cfg, disks, source.node)}
 
 
@@ -610,7 +613,7 @@ def prepare_migrate(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
                       **({"as_base": True} if vol.is_base else {})}
         if vol.is_base:
             _base_lands(cfg, disks[key], vol)
-    return {"lock_vmid": guest.vmid, "expect_disks": guest.disks, "expect_node": guest.node, "disks": disks,
+    return {"lock_vmid": guest.vmid, **as_seen(guest), "disks": disks,
             "node": guest.node, "delete_source": not _flag(o, "keep_source"),
             **_between(cfg, disks, guest.node, target)}
 
@@ -652,7 +655,7 @@ def prepare_base(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
                           f"clone of a base to run from: make the guest a template ('stork template {owner.vmid}'), "
                           "or detach the disk first")
     return {"lock_vmid": owner.vmid if owner else None, "refuse_template": "converting its disks",
-            "expect_disks": owner.disks if owner else None, "expect_node": owner.node if owner else None,
+            **as_seen(owner),
             "bases": {"disk": {"source": volid, "name": name}}, "link_owner": link, "node": node,
             "storages": _check_nodes(cfg, {storage}, node)}
 
@@ -670,7 +673,7 @@ def prepare_template(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
             driver_for(cfg.storage(storage)).require_feature("make_base", vol)
             bases[key] = {"source": volid, "name": None}
     return {"lock_vmid": guest.vmid, "refuse_template": "making it a template again", "make_template": True,
-            "expect_disks": guest.disks, "expect_node": guest.node, "bases": bases, "node": guest.node,
+            **as_seen(guest), "bases": bases, "node": guest.node,
             "storages": _check_nodes(cfg, used, guest.node)}
 
 
@@ -714,7 +717,7 @@ def prepare_move(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     if vol.is_base:
         plan["as_base"] = True  # the verified copy becomes a base on the target
         _base_lands(cfg, plan, vol)
-    return {"lock_vmid": guest.vmid, "expect_disks": guest.disks, "expect_node": guest.node, "disks": {key: plan},
+    return {"lock_vmid": guest.vmid, **as_seen(guest), "disks": {key: plan},
             "delete_source": _flag(o, "delete_source"), "node": guest.node,
             "storages": _check_nodes(cfg, {storage, dest}, guest.node)}
 
@@ -814,7 +817,7 @@ def prepare_destroy(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     volumes = [v for v in [*guest.disks.values(), *guest.unused] if not _volume(cfg, v)[1].is_base]  # bases: the
     if not forget and (gone := _not_there_here(cfg, guest, volumes)):  # step decides (another template may keep one)
         raise usage.not_there(gone, f"destroyed (guest {guest.vmid})", f"'stork guest destroy {guest.vmid} --forget'")
-    params = {"lock_vmid": guest.vmid, "node": guest.node, "expect_disks": guest.disks, "expect_node": guest.node,
+    params = {"lock_vmid": guest.vmid, "node": guest.node, **as_seen(guest),
               "storages": _check_nodes(cfg, used, guest.node), **forget}
     nodes = sorted({r["node"] for r in guest.replicas.values()})
     if len(nodes) > 1:
@@ -846,7 +849,7 @@ def prepare_resize(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         raise Refused(f"{volid}: shrinking is not supported (would lose data)")
     return {"volid": volid, "size": size, "node": node,
             "lock_vmid": owner.vmid if owner else None, "refuse_template": "writing its disks",
-            "expect_disks": owner.disks if owner else None, "expect_node": owner.node if owner else None,
+            **as_seen(owner),
             "storages": _check_nodes(cfg, {storage}, node)}
 
 

@@ -26,6 +26,7 @@ from worker.jobs.prepare import (
     _only,
     _store,
     _volume,
+    as_seen,
 )
 
 
@@ -50,7 +51,7 @@ def prepare_backup(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     guest.require_unlocked()
     store = backup_storage_id(cfg, o.get("storage"))
     used = {names.volume_id(v).storage for v in guest.disks.values()} | {store}
-    return {"vmid": guest.vmid, "lock_vmid": guest.vmid, "expect_disks": guest.disks, "expect_node": guest.node,
+    return {"vmid": guest.vmid, "lock_vmid": guest.vmid, **as_seen(guest),
             "volumes": dict(guest.disks),
             "store": store, "notes": check_notes(o.get("notes") or ""), "node": guest.node,
             "storages": _check_nodes(cfg, used, guest.node)}
@@ -109,8 +110,7 @@ def prepare_restore(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         if original.template and not drv.has_feature("make_base", VolName(newid, key, fmt)):
             raise Refused(f"backup {bid} is of a template: storage {storage!r} cannot hold {fmt} base images")
         disks[key] = {"storage": storage, "owner": newid, "format": fmt, "size": disk.virtual_size}
-    replacing = {"replace": True, "lock_vmid": newid, "expect_disks": replaced.disks,
-                 "expect_node": replaced.node} if replaced else {}
+    replacing = {"replace": True, "lock_vmid": newid, **as_seen(replaced)} if replaced else {}
     return {"store": sid, "backup": bid, "new_vmid": newid, "name": _name(o) or original.name, "node": node,
             "template": original.template, "disks": disks, **replacing,
             "storages": _check_nodes(cfg, {d["storage"] for d in disks.values()} | {sid}, node)}

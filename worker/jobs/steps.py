@@ -46,6 +46,9 @@ def lock_guest(ctx: StepContext) -> None:
         if expected is not None and guest.disks != expected:
             raise Refused(f"guest {vmid} changed since the job was submitted (its disks are now "
                           f"{', '.join(f'{k}={v}' for k, v in guest.disks.items()) or 'none'})")
+        if (rev := ctx.params.get("expect_rev")) is not None and guest.rev != rev:
+            raise Refused(f"guest {vmid} changed since the job was submitted (its disks were changed, and changed "
+                          "back, or it was destroyed and made again): submit the job again if it is still wanted")
         box[0] = guest.with_(lock=ctx.job.kind, lock_job=ctx.job.id)
 
 
