@@ -685,7 +685,7 @@ class GuestStore:
             guest, seen = self._read_seen(vmid, self.path(vmid))
             box = [guest]
             yield box
-            if box[0].disks != guest.disks and box[0].rev == guest.rev:
+            if box[0].disks != guest.disks:  # whatever rev the new Guest came with (a restored config's)
                 box[0] = box[0].with_(rev=new_rev())
             if box[0] != guest:
                 self._replace(box[0], seen)  # not over a hand edit made meanwhile (sed -i, an editor)
