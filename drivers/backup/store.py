@@ -832,6 +832,7 @@ class ChunkStore:
 
         `now` stands in for gc's start (tests pass a later one to age the whole store).
         """
+        self._require_vm_folder()
         started = min(time.time(), self._store_clock()) if now is None else now
         live, partials_removed = self._live_partials()
         cutoff = min([started, *(start for start, _ in live)]) - margin
@@ -841,6 +842,22 @@ class ChunkStore:
         removed, freed, kept, bad, restored, recent, newest = self._sweep_chunks(marked, cutoff, started - QUARANTINE)
         return GcResult(removed, freed, kept, partials_removed, bad, restored, recent,
                         newest + margin if recent else None)
+
+    def _require_vm_folder(self) -> None:
+        """Chunks with no `vm/` folder beside them are a store being copied into place (a copy
+        writes `.chunks` first, in name order) or one whose folder is lost, not garbage: every
+        writer makes `vm/` before its first chunk, and forgetting every backup leaves it."""
+        if self._has_folder(CHUNKS) and not self._has_folder(VM):
+            raise Refused(f"gc stopped before removing anything: {self.root} has chunks and no {VM}/ folder, so "
+                          f"no backup names them (a store still being copied into place?); if they are garbage, "
+                          f"make the folder {self.root / VM} and run gc again")
+
+    def _has_folder(self, name: str) -> bool:
+        try:
+            with self._folder(name):
+                return True
+        except NotFound:
+            return False
 
     def _store_clock(self) -> float:
         """The store file system's clock now: the time of a file made for the purpose; where none

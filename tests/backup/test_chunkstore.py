@@ -53,6 +53,12 @@ def age(path: Path, seconds: float) -> None:
     os.utime(path, (old, old))
 
 
+def orphan_of(store: ChunkStore, data: bytes) -> str:
+    """The chunk of `data` (one chunk's worth) as a forgotten backup leaves it: named by none."""
+    store.forget(str(back_up(store, 100, T0 - timedelta(days=1), {"scsi0": data}).id))
+    return store.codec.digest(data)
+
+
 def back_up(store: ChunkStore, vmid: int, when: datetime, disks: dict[str, bytes], notes: str = "") -> Snapshot:
     """A whole backup as the backup job writes one: chunks, one index per disk, the config."""
     with store.begin(vmid, when, notes=notes) as writer:
@@ -690,7 +696,7 @@ class TestGc:
         from drivers.backup import store as store_module
 
         data = noise(CS, seed=12)
-        orphan, _ = store.put_chunk(data)
+        orphan = orphan_of(store, data)
         age(chunk_path(store, orphan), 2 * HOUR)
         monkeypatch.setattr(store_module, "time", _Ahead())
         scan, begun = store._live_partials, []
@@ -716,7 +722,7 @@ class TestGc:
 
         with tmpfs(tmp_path / "store", "4m,nr_inodes=64") as path:
             store = ChunkStore(path, chunk_size=CS)
-            orphan, _ = store.put_chunk(noise(CS, seed=13))
+            orphan = orphan_of(store, noise(CS, seed=13))
             age(chunk_path(store, orphan), 2 * HOUR)
             filler = path / "filler"
             filler.mkdir()
@@ -738,9 +744,24 @@ class TestGc:
                 subprocess.run(["mount", "-o", "remount,rw", str(path)], check=True)
 
     def test_gc_keeps_an_unreferenced_chunk_younger_than_the_margin(self, store):
-        orphan, _ = store.put_chunk(noise(CS))
+        orphan = orphan_of(store, noise(CS))
         assert store.gc().chunks_removed == 0
         assert chunk_path(store, orphan).exists()
+
+    def test_gc_refuses_chunks_with_no_vm_folder_beside_them(self, store, tmp_path):
+        """A store copied into place (rsync -a: `.chunks` first, in name order, with their old
+        times) and gc run on it before `vm/` arrived: no backup names its chunks yet, and none
+        is garbage. gc stops, naming the folder; once it is there, gc goes on."""
+        back_up(store, 100, T0, {"scsi0": noise(2 * CS)})
+        copy = ChunkStore(tmp_path / "copy", chunk_size=CS)
+        subprocess.run(["cp", "-a", str(store.root), str(copy.root)], check=True)
+        shutil.rmtree(copy.root / "vm")
+        with pytest.raises(Refused, match=rf"^gc stopped before removing anything: {copy.root} has chunks and no "
+                                          rf"vm/ folder.* make the folder {copy.root / 'vm'} and run gc again"):
+            copy.gc(now=time.time() + HOUR)
+        assert len(chunk_files(copy)) == 2
+        (copy.root / "vm").mkdir()
+        assert copy.gc(now=time.time() + HOUR).chunks_removed == 2
 
     def test_gc_frees_the_chunks_only_a_forgotten_snapshot_used(self, store):
         shared = noise(CS, seed=1)
