@@ -639,7 +639,8 @@ class GuestStore:
             fsync_dir(self.dir)
 
     def write(self, guest: Guest) -> None:
-        """Replace a guest config atomically, under the guest's flock."""
+        """Replace a guest config atomically, under the guest's flock, as given (its rev too:
+        for tools and tests; a job edits through `editing()`, which renews the rev)."""
         with self.locked(guest.vmid):
             self._replace(guest)
 
@@ -685,7 +686,7 @@ class GuestStore:
             guest, seen = self._read_seen(vmid, self.path(vmid))
             box = [guest]
             yield box
-            if box[0].disks != guest.disks:  # whatever rev the new Guest came with (a restored config's)
+            if box[0].disks != guest.disks:  # whatever rev the new Guest was given
                 box[0] = box[0].with_(rev=new_rev())
             if box[0] != guest:
                 self._replace(box[0], seen)  # not over a hand edit made meanwhile (sed -i, an editor)

@@ -553,6 +553,35 @@ def test_a_guest_changed_after_submit_is_refused_by_the_step(client, vmid):
     client.r.srem(records.ACTIVE, job.id)  # a hand-made record: no worker will ever end it
 
 
+@pytest.mark.parametrize("seen", [{"expect_rev": ""}, {}], ids=["submitted against it", "by a stork of before"])
+def test_a_config_of_before_the_rev_locks_for_a_job_that_saw_it_so(client, vmid, seen):
+    """A config written before stork kept a rev has none: a job submitted against it saw none
+    (and one recorded before the rev existed checks none), so the lock is taken."""
+    from drivers.guests import GuestStore
+    from worker import records
+    from worker.context import StepContext
+    from worker.jobs.kinds import KINDS
+    from worker.jobs.steps import lock_guest, unlock_guest
+    from worker.records import JobRecord, JobState
+
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    store = GuestStore(client.cfg.guests_dir)
+    store.write(client.guest(g).with_(rev=""))  # as a stork of before wrote it
+    job = JobRecord(id=records.new_id(), kind="resize", node="node1", steps=["lock_guest"], queues=["shared"],
+                    params={"lock_vmid": g, "expect_disks": client.guest(g).disks, **seen}, state=JobState.RUNNING,
+                    current={"step": 0, "name": "lock_guest", "node": "node1", "worker": "test:1", "attempt": 1})
+    records.create(client.r, job, {"phase": "queued"})
+    ctx = StepContext(job=job, cfg=client.cfg, r=client.r, node="node1", step="lock_guest", worker="test:1",
+                      kinds=KINDS)
+    try:
+        lock_guest(ctx)
+        assert client.guest(g).lock_job == job.id and client.guest(g).rev == ""
+    finally:
+        unlock_guest(ctx)
+        client.r.srem(records.ACTIVE, job.id)  # a hand-made record: no worker will ever end it
+
+
 @pytest.mark.parametrize("meanwhile", ["disk removed and added again", "guest destroyed and made again"])
 def test_a_job_delivered_late_past_disks_changed_back_is_refused(client, vmid, monkeypatch, meanwhile):
     """A message kept in a dead worker's unacked set is resent minutes later: a `disk remove`
@@ -580,7 +609,8 @@ def test_a_job_delivered_late_past_disks_changed_back_is_refused(client, vmid, m
         f.write(b"new data")
     runner.send_steps(*held[0], client.app)
     job = client.wait(late.id, timeout=60)
-    assert job.state == "failed" and f"guest {g} changed since the job was submitted" in job.error
+    assert job.state == "failed" and f"guest {g} changed since the job was submitted (its disks were changed, " \
+        "and changed back, or it was destroyed and made again)" in job.error
     assert client.guest(g).disks == new.disks and client.guest(g).lock == ""
     assert volume_path(new.disks["scsi1"]).read_bytes().startswith(b"new data")
 

@@ -40,6 +40,8 @@ BAD = [
     ("a base name with a slash", {**GOOD, "bases": {"disk": {"source": "local:100/vm-100-disk-0.raw", "name": "a/b"}}},
      "params.bases.disk.name: invalid base name 'a/b'"),
     ("not a table at all", ["x"], "params: ['x']: expected a table"),
+    ("a guest config rev that is none", {**GOOD, "expect_rev": "0123"},
+     "params.expect_rev: '0123': expected a guest config's rev"),
 ]
 
 

@@ -81,7 +81,7 @@ def backup_guest(ctx: StepContext) -> None:
             writer.add_index(key, index, source=volid, identity=drv.identity(vol))
             faults.point("backed-up")
             before += index.virtual_size
-        writer.add_blob("guest.conf", guests.dumps(guest.with_(lock="", lock_job="")).encode())
+        writer.add_blob("guest.conf", guests.dumps(guest.with_(lock="", lock_job="", rev="")).encode())
         ctx.data["backup"] = str(writer.id)
         ctx.save()
         writer.commit()
