@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -509,6 +510,30 @@ def test_a_moved_qcow2_holding_internal_snapshots_is_kept_not_freed(client, vmid
     listed = subprocess.run(["qemu-img", "snapshot", "-l", str(volume_path(source))], capture_output=True, text=True,
                             check=True).stdout
     assert "before-upgrade" in listed
+
+
+def test_a_moves_source_not_there_at_its_free_stays_listed_as_unused(client, vmid, tmp_path):
+    """--delete-source finds no volume where the source was: its storage may not be mounted (a
+    dir storage without is_mountpoint reads as empty). It is kept listed as unused, said in the
+    warning, not taken for freed: dropped, it would come back unlisted once mounted. Here the
+    storage's lock holds the free back while the file is moved away, as an unmount hides it."""
+    from drivers.flock import file_lock
+    from tests.conftest import BASE
+
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    source_volid = client.guest(g).disks["scsi0"]
+    source, hidden = volume_path(source_volid), tmp_path / "hidden.raw"
+    with file_lock(BASE / "lock" / "storage-local.lock", 10, "the test"):  # the free's
+        job = client.submit("move", vmid=g, disk="scsi0", storage="shared", delete_source=True)
+        wait_for(lambda: client.guest(g).disks["scsi0"].startswith("shared:"), timeout=20)
+        shutil.move(source, hidden)
+    done = client.wait(job.id, timeout=30)
+    assert done.state == "succeeded", done.error
+    assert f"kept {source_volid} as unused: no volume at {source_volid} (a storage not mounted?)" in \
+        done.result["warning"]
+    assert client.guest(g).unused == (source_volid,)
+    shutil.move(hidden, source)  # mounted again: the guest still lists it
 
 
 def test_a_move_whose_source_cannot_be_freed_still_stands(client, vmid):

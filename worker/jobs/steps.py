@@ -964,11 +964,14 @@ def freed_before(ctx: StepContext, drv: Driver, vol: VolName, key: str, table: s
 
 def free_replaced_volume(ctx: StepContext, drv: Driver, vol: VolName, key: str) -> None:
     """Free `vol` (not `freed_before`; under its storage lock, its use checked), its identity
-    saved first, so that a try after a crash frees the name only while it still holds it."""
+    saved first, so that a try after a crash frees the name only while it still holds it. A
+    volume not there at the first try is refused, not taken for freed: its storage may not be
+    mounted (a dir storage without is_mountpoint reads as empty), and dropped from the guest's
+    unused list it would come back unlisted, its name free for the next new disk."""
     freeing = ctx.data.setdefault("freed", {})  # disk key -> the identity of its volume, as freed
     if key not in freeing:
         if not drv.exists(vol):
-            return
+            raise Refused(f"no volume at {drv.volid(vol)} (a storage not mounted?): not freed")
         freeing[key] = drv.identity(vol)
         ctx.save()
     ctx.fence(drv)
