@@ -50,7 +50,12 @@ class RedisLease(Lease):
                            thread_local=False)
         if not self.lock.acquire():
             raise LockTimeout(f"{what}: lock not free after {timeout:g}s")
-        self.token = int(r.incr(self.fence_key))
+        try:
+            self.token = int(r.incr(self.fence_key))
+        except BaseException:  # not held without a token (nor left to block the storage for a lease's time)
+            with contextlib.suppress(LockError, redis.RedisError):
+                self.lock.release()
+            raise
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew, name="stork-lease", daemon=True)
         self._renewer.start()
@@ -96,8 +101,8 @@ def storage_lock(cfg: Config, r: redis.Redis, storage: StorageConfig) -> Iterato
         with foreign_locks(cfg, storage, what):
             yield lease
     except BaseException:
-        with contextlib.suppress(LeaseLost):
-            lease.release()  # the step's own error is the one to report
+        with contextlib.suppress(LeaseLost, redis.RedisError):
+            lease.release()  # the step's own error is the one to report (the lease expires by itself)
         raise
     lease.release()
 

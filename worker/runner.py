@@ -603,15 +603,9 @@ def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
     if holding(r, holder, job_id):
         raise Ignore()  # another undo of this job runs: its chain goes on
     with liveness.working_on(r, job_id):
-        try:
-            turn = {"undone": len(job.undone), "undos": len(job.undo),  # a plan shortened since (abandon) is seen
-                    **({"owner": holder} if holder else {"idle": True})}
-            records.transition(r, job_id, (JobState.UNDOING,), guard=turn,
-                               current={"undo": index, "name": step.name, "node": cfg.node, "worker": me,
-                                        "since": time.time(), **_task_of(task)},
-                               events=[events.make(job_id, kind.name, "undo", step=step.name, node=cfg.node)])
-        except StateConflict:
-            raise Ignore() from None
+        turn = {"undone": len(job.undone), "undos": len(job.undo),  # a plan shortened since (abandon) is seen
+                **({"owner": holder} if holder else {"idle": True})}
+        _start_undo_step(r, cfg, job, kind, index, me, turn, _task_of(task))
         ctx = StepContext(job=job, cfg=cfg, r=r, node=cfg.node, step=f"undo_{step.name}", worker=me,
                           kinds=KINDS, task=task)
         try:
@@ -625,6 +619,35 @@ def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
             raise Ignore() from None
         else:
             _undone(r, job, index, me)
+
+
+def _start_undo_step(r: redis.Redis, cfg: Config, job: JobRecord, kind: JobKind, index: int, me: str,
+                     turn: dict[str, Any], task: dict[str, str]) -> None:
+    """Record that this process runs undo `index` (Ignore where it is not its turn), held by
+    Redis's replicas before the undo acts, as a step's start is: a master cut off from them
+    (a partition) may be replaced meanwhile, where the job's step is carried forward, and an
+    undo run from the old master's record (a copy freed) would take what that step then
+    attaches. Unconfirmed, it is given back for the sweep to send again (NotReplicated)."""
+    step = kind.steps[index]
+
+    def start(client: redis.Redis) -> None:
+        try:
+            records.transition(client, job.id, (JobState.UNDOING,), guard=turn,
+                               current={"undo": index, "name": step.name, "node": cfg.node, "worker": me,
+                                        "since": time.time(), **task},
+                               events=[events.make(job.id, kind.name, "undo", step=step.name, node=cfg.node)])
+        except StateConflict:
+            holder = (records.load(client, job.id).current or {})
+            if (holder.get("worker"), holder.get("undo")) == (me, index):
+                return  # our start went through and only its reply was lost (a retry after a Redis blip)
+            raise Ignore() from None
+
+    try:
+        connect.require_replicated(r, cfg.redis.wait_replicas, start, f"the start of undo {step.name} of job {job.id}")
+    except connect.NotReplicated:  # not begun: given back, for the sweep to send again
+        with contextlib.suppress(StorkError, redis.RedisError):
+            records.transition(r, job.id, (JobState.UNDOING,), guard={"owner": me}, current=None)
+        raise
 
 
 def _undone(r: redis.Redis, job: JobRecord, index: int, me: str, note: str = "") -> None:

@@ -112,3 +112,17 @@ def test_a_file_lock_another_thread_holds_at_a_fork_is_not_kept_by_the_child(tmp
         os.waitpid(child, 0)
         os.close(running)
         os.close(started)
+
+
+def test_a_grant_whose_token_cannot_be_had_leaves_no_lease(client):
+    """The lock is taken, then its token counted: where the count fails (here a counter that
+    holds no number), the lock is let go at once, not left to block the storage for a lease."""
+    import redis
+
+    client.r.set("stork:lock:storage:odd:fence", "not a number")
+    try:
+        with pytest.raises(redis.ResponseError, match="not an integer"):
+            locks.RedisLease(client.r, "storage:odd", 5, "storage 'odd'")
+        assert not client.r.exists("stork:lock:storage:odd")
+    finally:
+        client.r.delete("stork:lock:storage:odd:fence", "stork:lock:storage:odd")

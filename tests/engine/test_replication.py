@@ -5,6 +5,7 @@ cannot be promoted), while one they still see up is always waited for."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -145,18 +146,25 @@ def every_replica_up(group: testing.SentinelGroup) -> bool:
     return True
 
 
-@pytest.fixture
-def one_replica_stopped(group, monkeypatch) -> Iterator[None]:
+@contextlib.contextmanager
+def stopped_replica(group, monkeypatch) -> Iterator[None]:
     """A replica stopped just now (every sentinel still counts on it), and half a second's
     patience instead of a minute: no write is confirmed."""
-    monkeypatch.setattr(connect, "REPLICATION_PATIENCE", 0.5)
-    testing.wait_for(lambda: every_replica_up(group), 30, "the sentinels to see every replica up")
-    victim = replicas(group)[0]
-    os.kill(victim.proc.pid, signal.SIGSTOP)
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(connect, "REPLICATION_PATIENCE", 0.5)
+        testing.wait_for(lambda: every_replica_up(group), 30, "the sentinels to see every replica up")
+        victim = replicas(group)[0]
+        os.kill(victim.proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(victim.proc.pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def one_replica_stopped(group, monkeypatch) -> Iterator[None]:
+    with stopped_replica(group, monkeypatch):
         yield
-    finally:
-        os.kill(victim.proc.pid, signal.SIGCONT)
 
 
 def node_config(group: testing.SentinelGroup, base: Path):
@@ -220,6 +228,37 @@ def test_a_step_does_not_begin_where_its_start_is_not_replicated(group, tmp_path
                            {"done": job.done, "idle": True}, {})
     given_back = load(r, job.id)  # the sweep sends it again, as a lost message, and it counts no attempt
     assert given_back.current is None and given_back.attempts == {} and given_back.ran_on == {}
+
+
+def test_an_undo_does_not_begin_where_its_start_is_not_replicated(group, tmp_path, monkeypatch):
+    """A master cut off from its replicas (a partition) may be replaced while a step there
+    fails: the new master carries the step forward (a move's switch attaches the copy), and an
+    undo run from the old master's record would free that copy. So an undo acts only once its
+    start is held by the replicas; unconfirmed, it is given back for the sweep, its volume kept."""
+    from types import SimpleNamespace
+
+    from worker import records, runner
+    from worker.jobs.kinds import KINDS
+    from worker.records import JobState
+
+    cfg = node_config(group, tmp_path)
+    r = connect.client(cfg.redis, "worker")
+    job = create_job(r, 7003, running=False)
+    volid, made = "local:7003/vm-7003-disk-0.raw", tmp_path / "images" / "7003" / "vm-7003-disk-0.raw"
+    made.parent.mkdir(parents=True)
+    made.write_bytes(b"\0" * 4096)
+    records.transition(r, job.id, (JobState.QUEUED,), JobState.UNDOING, guard={"idle": True},
+                       ctx={"made": {"scsi0": volid}}, undo=[job.done], undone=[], final="failed")
+    monkeypatch.setattr(runner, "config", lambda: cfg)
+    monkeypatch.setattr(runner, "redis_client", lambda: r)
+    task = SimpleNamespace(request=SimpleNamespace(id=None, hostname=None))
+    with stopped_replica(group, monkeypatch), \
+            pytest.raises(connect.NotReplicated, match=f"the start of undo allocate of job {job.id}"):
+        runner.run_undo(task, job.id, KINDS["create"], job.done)
+    given_back = records.load(r, job.id)
+    assert made.exists() and given_back.current is None and given_back.undone == []
+    runner.run_undo(task, job.id, KINDS["create"], job.done)  # confirmed: the undo runs
+    assert not made.exists() and records.load(r, job.id).undone == [job.done]
 
 
 def test_a_new_job_the_replicas_do_not_confirm_is_not_sent(group, tmp_path, one_replica_stopped):
