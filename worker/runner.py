@@ -69,7 +69,11 @@ def submit(kind_name: str, options: dict[str, Any], cfg: Config, r: redis.Redis,
                                    f"new job {record.id}")
     except connect.NotReplicated as e:
         raise connect.NotReplicated(f"{e}; {_end_unsent(r, cfg, record, str(e))}") from None
-    send_steps(record, record.done, sender)
+    try:
+        send_steps(record, record.done, sender)
+    except Exception as e:  # tried for SEND_PATIENCE (worker/failover.py): left, the sweep would send it later
+        why = f"its message could not be sent: {str(e) or type(e).__name__}"
+        raise StorkError(f"new job {record.id}: {why}; {_end_unsent(r, cfg, record, why)}") from None
     return record
 
 

@@ -16,6 +16,7 @@ import redis
 from kombu import Connection
 
 from drivers import config
+from drivers.errors import StorkError
 from drivers.redis_settings import RedisSettings
 from worker import connect, failover, testing
 
@@ -259,6 +260,26 @@ def test_an_undo_does_not_begin_where_its_start_is_not_replicated(group, tmp_pat
     assert made.exists() and given_back.current is None and given_back.undone == []
     runner.run_undo(task, job.id, KINDS["create"], job.done)  # confirmed: the undo runs
     assert not made.exists() and records.load(r, job.id).undone == [job.done]
+
+
+def test_a_new_job_whose_message_cannot_be_sent_is_cancelled_not_left_for_the_sweep(group, tmp_path, monkeypatch):
+    """Recorded, and then its message not sent (the broker away past the send's patience): its
+    user is told it failed, so it must not run later. Left queued, the sweep would send it two
+    minutes on (a `guest destroy` reported failed, destroying all the same); it is cancelled."""
+    from worker import runner
+    from worker.app import make_app
+    from worker.records import load
+
+    cfg = node_config(group, tmp_path)
+    r = connect.client(cfg.redis, "producer")
+    away = config.parse(f'[redis]\nurl = "redis://127.0.0.1:{testing.free_port()}/0"\n', tmp_path / "away.toml",
+                        {"STORK_NODE": "n"})
+    monkeypatch.setattr(failover, "SEND_PATIENCE", 0.5)
+    with pytest.raises(StorkError, match=r"^new job \S+: its message could not be sent: .*; it was not sent, "
+                                         r"and is cancelled$") as refused:
+        runner.submit("ping", {"node": "n"}, cfg, r, make_app(away, "producer"))
+    job = load(r, str(refused.value).split()[2].rstrip(":"))
+    assert job.state == "cancelled" and job.error.startswith("not sent: its message could not be sent")
 
 
 def test_a_new_job_the_replicas_do_not_confirm_is_not_sent(group, tmp_path, one_replica_stopped):
