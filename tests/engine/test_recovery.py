@@ -117,6 +117,35 @@ def test_the_sweep_recovers_a_job_whose_process_on_another_host_is_gone(client, 
     client.r.delete("stork:alive:elsewhere:4343")
 
 
+@pytest.mark.parametrize("odd", ["current not a table", "updated not a time", "an undo past its kind's steps"])
+def test_one_odd_record_stops_no_sweep(client, vmid, odd):
+    """A record not as stork writes it (hand-written, another version's) is skipped and logged:
+    before, the first one raised out of every sweep from then on, and no job in the cluster was
+    recovered or sent again."""
+    g = vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    params = KINDS["resize"].prepare({"volid": f"local:{g}/vm-{g}-disk-0.raw", "size": "16M"}, client.cfg)
+    gone = interrupted_job(client, "resize", params, done=0, holder="elsewhere:4242")
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(lock="resize", lock_job=gone.id)
+    spec = KINDS["move"]
+    strange = JobRecord(id=records.new_id(), kind="move", params={"node": "node1"}, node="node1",
+                        steps=[s.name for s in spec.steps], queues=["node.gone"] * len(spec.steps), done=2,
+                        updated=time.time() - 3600)
+    if odd == "an undo past its kind's steps":
+        strange.state, strange.undo, strange.final = JobState.UNDOING, [len(spec.steps) + 3], "failed"
+    records.create(client.r, strange, {"phase": "queued"})
+    if odd == "current not a table":
+        client.r.hset(records.job_key(strange.id), "current", '"garbage"')
+    elif odd == "updated not a time":
+        client.r.hset(records.job_key(strange.id), "updated", '"yesterday"')
+    try:
+        assert gone.id in recovery.sweep()
+        assert client.wait(gone.id, timeout=30).state == "failed" and client.guest(g).lock == ""
+    finally:
+        client.r.srem(records.ACTIVE, strange.id)  # a hand-made record: no worker will ever end it
+
+
 def test_the_sweep_takes_over_only_the_very_undo_it_found_lost(client):
     """The sweep read a job whose undo of one step a process ran, and found that process no
     longer at it: meanwhile the same process ended that undo and started the next one. The
