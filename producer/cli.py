@@ -293,7 +293,9 @@ def cmd_job_cancel(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_job_abandon(args: argparse.Namespace, client: Client) -> int:
     job = client.abandon(args.id, args.node)
-    note = job.result.get("not_run") or job.undo_errors[-1]  # steps past its commit, or undos
+    # steps past its commit, or undos; or steps any node runs, taken out of that node's queue
+    note = job.result.get("not_run") or (job.undo_errors[-1] if job.undo_errors else
+                                         f"its steps left were sent again, out of node {args.node}'s queue")
     _emit(args, {"job": job.id, "state": str(job.state), "undo_errors": job.undo_errors, "note": note},
           f"job {job.id}: {job.state}; {note}")
     return 0

@@ -133,7 +133,8 @@ class Client:
         """Give up `node` (gone for good) for an undoing job: its undos there are not run, each
         named in its error; the others run, and the job ends as its undo would have. For a running
         job past its commit whose steps left all wait there: not run, the job ends succeeded,
-        its result's `not_run` naming them."""
+        its result's `not_run` naming them; where those steps run on any node (a message fused
+        with the node's step before them waits there), they are sent again and the job goes on."""
         from worker import runner
 
         return runner.abandon(self.r, records.resolve(self.r, job_id), names.node(node), self.app)

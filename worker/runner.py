@@ -458,7 +458,7 @@ def abandon(r: redis.Redis, job_id: str, node: str, sender: Celery = app) -> Job
     job = records.load(r, job_id)
     kind = KINDS[job.kind]
     if job.state == JobState.RUNNING and committed(kind, job):
-        return _abandon_committed(r, job, kind, node)
+        return _abandon_committed(r, job, kind, node, sender)
     if job.state != JobState.UNDOING:
         hint = " (`stork job cancel` undoes it)" if not job.state.terminal and not committed(kind, job) else ""
         raise Refused(f"job {job.id} is {job.state}: only the undos of an undoing job can be given up{hint}")
@@ -489,7 +489,7 @@ def abandon(r: redis.Redis, job_id: str, node: str, sender: Celery = app) -> Job
     return records.load(r, job.id)
 
 
-def _abandon_committed(r: redis.Redis, job: JobRecord, kind: JobKind, node: str) -> JobRecord:
+def _abandon_committed(r: redis.Redis, job: JobRecord, kind: JobKind, node: str, sender: Celery) -> JobRecord:
     """A running job past its commit, whose steps left all wait on a node gone for good (a
     migration's free of the originals on the node it left): it can be neither cancelled nor
     undone, and would hold its claims, and name the volumes it made as its own, for ever. Those
@@ -501,7 +501,7 @@ def _abandon_committed(r: redis.Redis, job: JobRecord, kind: JobKind, node: str)
         raise Refused(f"job {job.id} is running step {job.current['name']} now: try again once it ended")
     queue, left = node_queue(node), _steps_left(kind, job)
     if not any(job.queues[i] == queue for i in left):
-        raise Refused(f"job {job.id} has no step left to run on node {node}")
+        return _send_elsewhere(r, job, node, sender)
     if elsewhere := [f"{job.steps[i]} ({job.queues[i]})" for i in left if job.queues[i] != queue]:
         raise Refused(f"job {job.id} has steps left on other queues than node {node}'s: {', '.join(elsewhere)}")
     note = (f"{', '.join(job.steps[i] for i in left)} not run (node {node} given up by user): what "
@@ -520,6 +520,27 @@ def _abandon_committed(r: redis.Redis, job: JobRecord, kind: JobKind, node: str)
         raise Refused(f"job {job.id} changed meanwhile (a step started or ended): try again") from None
     broker.drop_queued(r, [queue], job.id)
     usage.release_claims(r, job)
+    return records.load(r, job.id)
+
+
+def _send_elsewhere(r: redis.Redis, job: JobRecord, node: str, sender: Celery) -> JobRecord:
+    """A committed job whose steps left run on any node (unlock_guest), where the message that
+    carries them waits in the queue of `node`, gone for good: fused with the node step before
+    them, it went back there when its process died after that step. Taken out, they are sent
+    again on queues that are served, and the job goes on (before, it waited for ever, its
+    guest locked: neither cancelled, past its commit, nor abandoned, its steps not node's)."""
+    if job.current or not broker.queued(r, [node_queue(node)], job.id):  # held: the sweep takes it over
+        raise Refused(f"job {job.id} has no step left to run on node {node}")
+    note = f"steps sent again, their message taken out of node {node}'s queue (node given up by user)"
+    try:
+        records.transition(r, job.id, (JobState.RUNNING,), guard={"idle": True, "done": job.done},
+                           resends=job.resends + 1, events=[events.make(job.id, job.kind, "abandon", node=node,
+                                                                        message=note)])
+    except StateConflict:
+        raise Refused(f"job {job.id} changed meanwhile (a step started or ended): try again") from None
+    if not broker.drop_queued(r, [node_queue(node)], job.id):  # taken by a consumer meanwhile: it runs them
+        return records.load(r, job.id)
+    send_steps(job, job.done, sender)
     return records.load(r, job.id)
 
 

@@ -278,6 +278,37 @@ def test_abandon_ends_a_job_past_its_commit_whose_last_steps_wait_on_a_node_gone
     assert client.r.sismember(records.ACTIVE, job.id) == 0
 
 
+def test_abandon_sends_again_the_shared_steps_a_dead_nodes_fused_message_carried(client, stork, vmid):
+    """A resize on node `gone`: its lock, resize and unlock run as one task there (the unlock
+    runs on any node, fused with the node's step before it). The process died after the resize,
+    the message went back to that node's queue, and the node is gone for good: the sweep waits
+    for the message, a cancel is refused (committed), and the unlock's own queue is the shared
+    one. `job abandon --node gone` takes the message out and sends the unlock again, where any
+    node runs it: the job ends, its guest unlocked."""
+    from worker import broker, runner
+
+    g = vmid()
+    disk = one_disk_guest(client, g)
+    spec = KINDS["resize"]
+    steps = [s.name for s in spec.steps]
+    job = JobRecord(id=records.new_id(), kind="resize", node="gone", steps=steps,
+                    queues=["shared", "node.gone", "shared"], params={"lock_vmid": g, "volid": disk, "size": 1 << 24,
+                                                                     "node": "gone"},
+                    state=JobState.RUNNING, done=steps.index("resize"))
+    records.create(client.r, job, {"phase": "queued"})
+    with client.guest_store.editing(g) as box:
+        box[0] = box[0].with_(lock="resize", lock_job=job.id)
+    runner.send_steps(job, job.done, client.app)  # resize and unlock, one task on node gone's queue
+    records.transition(client.r, job.id, (JobState.RUNNING,), guard={"idle": True, "done": job.done},
+                       done=steps.index("unlock_guest"))  # the resize ran, then its process died
+    waiting = lambda: [p.task for p in broker.pending_messages(client.r, {"node.gone"}).get(job.id, [])]  # noqa: E731
+    assert waiting() == ["stork.resize.resize"]
+    code, out, err = stork("job", "abandon", job.id, "--node", "gone")
+    assert (code, out) == (0, f"job {job.id}: running; its steps left were sent again, out of node gone's queue\n"), err
+    assert client.wait(job.id, timeout=30).state == "succeeded"
+    assert client.guest(g).lock == "" and waiting() == []
+
+
 def test_an_undo_that_read_the_record_before_an_abandon_does_not_start_after_it(client):
     """run_undo reads the record, then starts the undo it picked by a guarded transition. An
     abandon in between shortened the plan: the start is refused (the `undos` guard), so a
@@ -374,6 +405,7 @@ def test_abandon_is_refused_for_a_job_not_undoing_or_with_nothing_on_that_node(c
     assert (code, err) == (1, f"stork: job {running.id} is queued: only the undos of an undoing job can be given "
                               "up (`stork job cancel` undoes it)\n")
     client.cancel(running.id)
+    assert client.wait(running.id, timeout=30).state == "cancelled"  # its (empty) undo may still be under way
     code, _, err = stork("job", "abandon", running.id, "--node", "nowhere")
     assert (code, err) == (1, f"stork: job {running.id} is cancelled: only the undos of an undoing job can be "
                               "given up\n")
