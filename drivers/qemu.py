@@ -488,16 +488,18 @@ def _alone(image: Image) -> Image:
     return Image(image.fmt, image.file, image.label, image.fds)
 
 
-def bitmaps(image: Image) -> dict[str, list[str]]:
+def bitmaps(image: Image) -> dict[str, list[str]] | None:
     """A qcow2 image's persistent dirty bitmaps: name -> flags (`in-use` after an unclean
-    close, `auto` while enabled)."""
+    close, `auto` while enabled); None for one that cannot hold any (qcow2 v2, compat 0.10)."""
     if image.fmt != "qcow2":
         return {}
     top = _alone(image)
     out = run([QEMU_IMG, "info", "--output=json", "--", top.spec], f"reading {image.label}", top.all_fds)
     try:
-        found = json.loads(out).get("format-specific", {}).get("data", {}).get("bitmaps", [])
-        return {str(b["name"]): [str(f) for f in b.get("flags", [])] for b in found}
+        data = json.loads(out).get("format-specific", {}).get("data", {})
+        if data.get("compat") == "0.10":
+            return None
+        return {str(b["name"]): [str(f) for f in b.get("flags", [])] for b in data.get("bitmaps", [])}
     except (ValueError, AttributeError, KeyError, TypeError):
         raise ToolFailed(f"reading {image.label}: qemu-img info answered something unexpected") from None
 

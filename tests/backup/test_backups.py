@@ -815,6 +815,21 @@ def test_a_qcow2_disk_with_a_hard_link_is_read_whole_without_a_bitmap(stork, cli
         link.unlink()
 
 
+def test_a_qcow2_v2_disk_is_read_whole_every_time_and_says_why(stork, client, vmid):
+    """An old-format qcow2 (compat 0.10, as older Proxmox VE made them, adopted where it lies)
+    cannot hold a dirty bitmap: each backup reads it whole and says why, rather than fail every
+    night on qemu-img's refusal to add one."""
+    g, r = vmid(), vmid()
+    disk = guest_with_data(stork, g, "qcow2")
+    subprocess.run(["qemu-img", "amend", "-f", "qcow2", "-o", "compat=0.10", str(volume_path(disk))], check=True)
+    why = "full read (a qcow2 v2 image holds no dirty bitmaps: 'qemu-img amend -o compat=1.1' upgrades it)"
+    assert backed_up(stork, g)["reads"]["scsi0"] == why
+    again = backed_up(stork, g)
+    assert again["reads"]["scsi0"] == why and "warning" not in again
+    assert stork("restore", again["backup"], r)[0] == 0
+    assert qemu_same(volume_path(disk), volume_path(client.guest(r).disks["scsi0"]))
+
+
 def test_a_raw_disk_is_read_whole_and_says_why(stork, vmid):
     g = vmid()
     guest_with_data(stork, g)

@@ -170,6 +170,9 @@ def _through_bitmap(ctx: StepContext, drv: Driver, vol: VolName,
     expected = bitmap_name(store, previous[0].backup.rpartition("/")[2]) if previous else None
     with drv.image(vol, write=True) as image:
         marks = qemu.bitmaps(image)
+        if marks is None:  # every backup of it is a full read, not a failure
+            return None, ("full read (a qcow2 v2 image holds no dirty bitmaps: 'qemu-img amend -o compat=1.1' "
+                          "upgrades it)")
         now = bitmap_name(store, ctx.data["time"])
         if now not in marks:  # first: a write from here on is in it, whatever happens next
             qemu.add_bitmap(image, now)
@@ -201,7 +204,7 @@ def _drop_older_bitmaps(ctx: StepContext, drv: Driver, vol: VolName) -> str | No
     keep = bitmap_name(ctx.params["store"], ctx.data["time"])
     try:
         with drv.image(vol, write=True) as image:
-            for name in qemu.bitmaps(image):
+            for name in qemu.bitmaps(image) or {}:
                 if ours.fullmatch(name) and name != keep:
                     qemu.remove_bitmap(image, name)
     except (StorkError, OSError) as e:
