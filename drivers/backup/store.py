@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers import faults, names
-from drivers.backup.codec import CHUNK, Codec, PlainCodec, is_zero
+from drivers.backup.codec import CHUNK, KIND_AES_GCM, MAGIC, Codec, PlainCodec, is_zero
 from drivers.backup.files import (
     CHUNK_SIZE,
     CHUNKS,
@@ -426,20 +426,39 @@ class ChunkStore:
         except NotFound:
             return False  # no store there yet
         ids = (id for vmid in vmids for id in sorted(self._ids_of(vmid)))
-        # the first backup decides: a plain store is opened no slower for want of a record
+        # the first backup decides: a plain store is opened no slower for want of a record; and
+        # a chunk, where that backup's MAC is missing too (damage, or a hand)
         first = next((id for id in ids if self._has(id, MANIFEST)), None)
         if first is None or not self._has(first, MANIFEST_MAC):
-            return False
+            if not self._sealed_chunk_found():
+                return False
+            first = None
         missing = f"its key's fingerprint record, .chunks/{KEY_FINGERPRINT}, is missing"
         if not given:
             raise Refused(f"backup storage {self.root} holds encrypted backups ({missing}): name its key file "
                           "(keyfile) in the config")
-        for id in itertools.chain([first], ids):
+        for id in itertools.chain([first] if first else [], ids):
             with contextlib.suppress(Corrupt, NotFound, Refused):
                 self._load(id)  # its manifest's MAC, under the given key
                 return True
         raise Refused(f"backup storage {self.root}: the key file is not this store's key ({missing}, and no "
                       "backup's manifest authenticates with it)")
+
+    def _sealed_chunk_found(self) -> bool:
+        """Whether the first chunk file found (in name order) is sealed by a key (AES-GCM)."""
+        try:
+            with self._folder(CHUNKS) as chunks:
+                for prefix in sorted(name for name in os.listdir(chunks) if _PREFIX.fullmatch(name)):
+                    folder = self._dir.open_dir(chunks, prefix)
+                    try:
+                        if name := min((n for n in os.listdir(folder) if DIGEST_PATTERN.fullmatch(n)), default=None):
+                            with self._dir.opened(folder, name, label=f"chunk {name}") as fd:
+                                return os.pread(fd, len(MAGIC) + 1, 0) == MAGIC + bytes([KIND_AES_GCM])
+                    finally:
+                        os.close(folder)
+        except (NotFound, Refused, OSError):
+            pass
+        return False
 
     def _has(self, id: BackupId, name: str) -> bool:
         try:

@@ -173,6 +173,20 @@ def test_an_encrypted_store_that_lost_its_key_record_is_not_taken_for_a_plain_on
     assert store.snapshot(bid).state.verify is None and not store.listing().damaged
 
 
+def test_an_encrypted_store_that_lost_its_key_record_and_its_first_mac_is_not_taken_for_a_plain_one(tmp_path, key):
+    """The first backup's manifest MAC is gone too (damage, or a hand): a chunk tells instead,
+    sealed by a key. Taken for a plain store, new backups were written there in plain."""
+    from drivers.backup.files import KEY_FINGERPRINT, MANIFEST_MAC
+
+    committed(backup_storage(secret_storage(tmp_path, key)).open_for_backup())
+    (tmp_path / "vault" / ".chunks" / KEY_FINGERPRINT).unlink()
+    next((tmp_path / "vault" / "vm").rglob(MANIFEST_MAC)).unlink()
+    plain = StorageConfig("vault", "chunkstore", content=("backup",), options={"path": tmp_path / "vault"})
+    with pytest.raises(Refused, match=f"holds encrypted backups \\(its key's fingerprint record, .chunks/"
+                                      f"{KEY_FINGERPRINT}, is missing\\): name its key file"):
+        backup_storage(plain).open_for_backup()
+
+
 def test_a_key_for_a_store_of_plain_backups_is_refused(tmp_path, key):
     plain = StorageConfig("vault", "chunkstore", content=("backup",), options={"path": tmp_path / "vault"})
     committed(backup_storage(plain).open_for_backup())
