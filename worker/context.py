@@ -65,8 +65,9 @@ class StepContext:
         base) unknown to the job, its undo and its retry. StateConflict (the step stops) if
         the job was taken from this step meanwhile."""
         def write(client: redis.Redis) -> None:
-            if self.job.state == records.JobState.UNDOING:
-                records.update(client, self.job.id, ctx=self.job.ctx)  # an undo step: the job is ours
+            if self.job.state == records.JobState.UNDOING:  # an undo: while it is still this process's
+                records.transition(client, self.job.id, (records.JobState.UNDOING,), guard={"owner": self.worker},
+                                   ctx=self.job.ctx)
             else:
                 records.transition(client, self.job.id, (records.JobState.RUNNING,),
                                    guard={"owner": self.worker, "done": self.job.done}, ctx=self.job.ctx)

@@ -146,6 +146,34 @@ def test_one_odd_record_stops_no_sweep(client, vmid, odd):
         client.r.srem(records.ACTIVE, strange.id)  # a hand-made record: no worker will ever end it
 
 
+def test_an_undo_taken_over_saves_nothing_over_its_successors(client):
+    """An undo's process was taken over (its heartbeat lapsed through a partition while it did
+    long I/O) and another process runs the undo now: the first one's save of what it knows (an
+    older ctx) is refused, as a step's is, not written over what its successor saved."""
+    from worker.context import StepContext
+    from worker.records import StateConflict
+
+    spec = KINDS["move"]
+    plan = [2, 0]
+    saved = {"made": {"scsi0": "local:9/vm-9-disk-1.raw"}, "freeing": "successor's"}
+    job = JobRecord(id=records.new_id(), kind="move", params={"node": "node1"}, node="node1",
+                    steps=[s.name for s in spec.steps], queues=["node.gone"] * len(spec.steps), state=JobState.UNDOING,
+                    done=3, undo=plan, final="failed", ctx=saved,
+                    current={"undo": 2, "name": spec.steps[2].name, "node": "node1", "worker": "successor:1",
+                             "since": time.time()})
+    records.create(client.r, job, {"phase": "queued"})
+    stale = records.load(client.r, job.id)
+    stale.ctx = {"made": {"scsi0": "local:9/vm-9-disk-1.raw"}}  # what it knew before the successor's save
+    ctx = StepContext(job=stale, cfg=client.cfg, r=client.r, node="node1", step="undo_allocate",
+                      worker="taken-over:1", kinds=KINDS)
+    try:
+        with pytest.raises(StateConflict):
+            ctx.save()
+        assert records.load(client.r, job.id).ctx == saved
+    finally:
+        client.r.srem(records.ACTIVE, job.id)  # a hand-made record: no worker will ever end it
+
+
 def test_the_sweep_takes_over_only_the_very_undo_it_found_lost(client):
     """The sweep read a job whose undo of one step a process ran, and found that process no
     longer at it: meanwhile the same process ended that undo and started the next one. The
