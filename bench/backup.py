@@ -152,7 +152,7 @@ def stork_child(action: str, store_dir: str, image: str, *rest: str) -> None:
         fd = os.open(image, os.O_RDWR)
         backing = qemu.Image.of_fd("raw", os.open(base, os.O_RDONLY), base) if base else None
         disk = qemu.Image.of_fd(fmt, fd, image, backing)
-        marked = action == "bitmap-backup" and "bench" in qemu.bitmaps(disk)
+        marked = action == "bitmap-backup" and "bench" in (qemu.bitmaps(disk) or {})
         dirty = nbd.dirty_extents(disk, "bench") if previous and marked else None
         if action == "bitmap-backup":
             if marked:

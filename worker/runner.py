@@ -528,18 +528,20 @@ def _send_elsewhere(r: redis.Redis, job: JobRecord, node: str, sender: Celery) -
     carries them waits in the queue of `node`, gone for good: fused with the node step before
     them, it went back there when its process died after that step. Taken out, they are sent
     again on queues that are served, and the job goes on (before, it waited for ever, its
-    guest locked: neither cancelled, past its commit, nor abandoned, its steps not node's)."""
-    if job.current or not broker.queued(r, [node_queue(node)], job.id):  # held: the sweep takes it over
+    guest locked: neither cancelled, past its commit, nor abandoned, its steps not node's).
+    A process that died in one of those steps (the caller checked it is not at it) is let go:
+    the message went back to that queue, where the sweep takes it for on its way."""
+    if not broker.drop_queued(r, [node_queue(node)], job.id):  # none there, or a consumer took it meanwhile
         raise Refused(f"job {job.id} has no step left to run on node {node}")
+    holder = job.current or {}
+    turn: dict[str, Any] = {"done": job.done, **({"since": holder["since"]} if "since" in holder else {}),
+                            **({"owner": holder["worker"]} if holder.get("worker") else {"idle": True})}
     note = f"steps sent again, their message taken out of node {node}'s queue (node given up by user)"
     try:
-        records.transition(r, job.id, (JobState.RUNNING,), guard={"idle": True, "done": job.done},
-                           resends=job.resends + 1, events=[events.make(job.id, job.kind, "abandon", node=node,
-                                                                        message=note)])
-    except StateConflict:
+        records.transition(r, job.id, (JobState.RUNNING,), guard=turn, current=None, resends=job.resends + 1,
+                           events=[events.make(job.id, job.kind, "abandon", node=node, message=note)])
+    except StateConflict:  # moved on meanwhile (the sweep sent it): the message taken out was not needed
         raise Refused(f"job {job.id} changed meanwhile (a step started or ended): try again") from None
-    if not broker.drop_queued(r, [node_queue(node)], job.id):  # taken by a consumer meanwhile: it runs them
-        return records.load(r, job.id)
     send_steps(job, job.done, sender)
     return records.load(r, job.id)
 
@@ -638,6 +640,8 @@ def run_undo(task: Task, job_id: str, kind: JobKind, index: int) -> None:
             step.undo(ctx)
         except (Refused, InvalidName) as e:  # a decision that stands: noted in the job's error
             _undone(r, job, index, me, note=f"undo of {step.name}: {e}")
+        except StateConflict:
+            raise Ignore() from None  # taken over (its save refused): the undo is its successor's
         except Exception as e:
             log.exception("undo_failed")
             _retry_later(r, job, index, me, f"undo of {step.name}: {e}")

@@ -278,7 +278,8 @@ def test_abandon_ends_a_job_past_its_commit_whose_last_steps_wait_on_a_node_gone
     assert client.r.sismember(records.ACTIVE, job.id) == 0
 
 
-def test_abandon_sends_again_the_shared_steps_a_dead_nodes_fused_message_carried(client, stork, vmid):
+@pytest.mark.parametrize("died", ["after the resize", "in the unlock"])
+def test_abandon_sends_again_the_shared_steps_a_dead_nodes_fused_message_carried(client, stork, vmid, died):
     """A resize on node `gone`: its lock, resize and unlock run as one task there (the unlock
     runs on any node, fused with the node's step before it). The process died after the resize,
     the message went back to that node's queue, and the node is gone for good: the sweep waits
@@ -299,12 +300,17 @@ def test_abandon_sends_again_the_shared_steps_a_dead_nodes_fused_message_carried
     with client.guest_store.editing(g) as box:
         box[0] = box[0].with_(lock="resize", lock_job=job.id)
     runner.send_steps(job, job.done, client.app)  # resize and unlock, one task on node gone's queue
+    unlock = steps.index("unlock_guest")
+    gone = f"{socket.gethostname()}:999999999"  # a process id that cannot exist
+    dead = {"current": {"step": unlock, "name": "unlock_guest", "node": "gone", "worker": gone, "attempt": 1,
+                        "since": time.time()}} if died == "in the unlock" else {}
     records.transition(client.r, job.id, (JobState.RUNNING,), guard={"idle": True, "done": job.done},
-                       done=steps.index("unlock_guest"))  # the resize ran, then its process died
+                       done=unlock, **dead)  # the resize ran, then its process died
     waiting = lambda: [p.task for p in broker.pending_messages(client.r, {"node.gone"}).get(job.id, [])]  # noqa: E731
     assert waiting() == ["stork.resize.resize"]
     code, out, err = stork("job", "abandon", job.id, "--node", "gone")
-    assert (code, out) == (0, f"job {job.id}: running; its steps left were sent again, out of node gone's queue\n"), err
+    assert code == 0 and out.startswith(f"job {job.id}: ") and \
+        out.endswith("; its steps left were sent again, out of node gone's queue\n"), err  # running, or done by now
     assert client.wait(job.id, timeout=30).state == "succeeded"
     assert client.guest(g).lock == "" and waiting() == []
 
