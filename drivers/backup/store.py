@@ -429,8 +429,9 @@ class ChunkStore:
         # the first backup decides: a plain store is opened no slower for want of a record; and
         # a chunk, where that backup's MAC is missing too (damage, or a hand)
         first = next((id for id in ids if self._has(id, MANIFEST)), None)
+        sealed = None
         if first is None or not self._has(first, MANIFEST_MAC):
-            if not self._sealed_chunk_found():
+            if (sealed := self._sealed_chunk()) is None:
                 return False
             first = None
         missing = f"its key's fingerprint record, .chunks/{KEY_FINGERPRINT}, is missing"
@@ -441,24 +442,33 @@ class ChunkStore:
             with contextlib.suppress(Corrupt, NotFound, Refused):
                 self._load(id)  # its manifest's MAC, under the given key
                 return True
+        if sealed is not None:
+            with contextlib.suppress(Corrupt, NotFound, Refused, OSError):
+                self.read_chunk(sealed)  # unsealed and checked against its keyed digest: this key's chunk
+                return True
         raise Refused(f"backup storage {self.root}: the key file is not this store's key ({missing}, and no "
                       "backup's manifest authenticates with it)")
 
-    def _sealed_chunk_found(self) -> bool:
-        """Whether the first chunk file found (in name order) is sealed by a key (AES-GCM)."""
+    def _sealed_chunk(self) -> str | None:
+        """The digest of the first chunk file met, where it is sealed by a key (AES-GCM); None
+        where it is not, or none is met. A look at one entry or two of each folder read, as the
+        file system lists them (a plain store is opened no slower for it: no folder is read whole)."""
         try:
-            with self._folder(CHUNKS) as chunks:
-                for prefix in sorted(name for name in os.listdir(chunks) if _PREFIX.fullmatch(name)):
+            with self._folder(CHUNKS) as chunks, os.scandir(chunks) as prefixes:
+                for prefix in (e.name for e in prefixes if _PREFIX.fullmatch(e.name)):
                     folder = self._dir.open_dir(chunks, prefix)
                     try:
-                        if name := min((n for n in os.listdir(folder) if DIGEST_PATTERN.fullmatch(n)), default=None):
+                        with os.scandir(folder) as entries:
+                            name = next((e.name for e in entries if DIGEST_PATTERN.fullmatch(e.name)), None)
+                        if name is not None:
                             with self._dir.opened(folder, name, label=f"chunk {name}") as fd:
-                                return os.pread(fd, len(MAGIC) + 1, 0) == MAGIC + bytes([KIND_AES_GCM])
+                                sealed = os.pread(fd, len(MAGIC) + 1, 0) == MAGIC + bytes([KIND_AES_GCM])
+                            return name if sealed else None
                     finally:
                         os.close(folder)
         except (NotFound, Refused, OSError):
             pass
-        return False
+        return None
 
     def _has(self, id: BackupId, name: str) -> bool:
         try:

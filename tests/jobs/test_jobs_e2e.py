@@ -578,6 +578,43 @@ def test_a_guest_changed_after_submit_is_refused_by_the_step(client, vmid):
     client.r.srem(records.ACTIVE, job.id)  # a hand-made record: no worker will ever end it
 
 
+def test_a_pending_name_a_forged_record_gives_a_guests_disk_is_neither_adopted_nor_freed(client, vmid):
+    """A record is input: one written by hand (the producer's Redis user may write records and
+    name claims) names another guest's disk as the name its step left pending before a crash.
+    Adopted, the commit would attach it to a second guest; freed (a linked clone cut off
+    midway), the guest would lose it. Refused, naming who uses it; the disk stays."""
+    from drivers.errors import Refused
+    from worker import records
+    from worker.context import StepContext
+    from worker.jobs import steps, usage
+    from worker.jobs.kinds import KINDS
+    from worker.records import JobRecord, JobState
+
+    g, n = vmid(), vmid()
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    theirs = client.guest(g).disks["scsi0"]
+    spec = KINDS["create"]
+    job = JobRecord(id=records.new_id(), kind="create", node="node1", steps=[s.name for s in spec.steps],
+                    queues=spec.queues({"node": "node1", "storages": ["local"]}, client.cfg), state=JobState.RUNNING,
+                    done=1,
+                    params={"new_vmid": n, "node": "node1", "storages": ["local"],
+                            "disks": {"scsi0": {"storage": "local", "size": 8 << 20, "format": "raw", "owner": n}}},
+                    ctx={"pending": {"scsi0": theirs}},
+                    current={"step": 1, "name": "allocate", "node": "node1", "worker": "test:1", "attempt": 1})
+    records.create(client.r, job, {"phase": "queued"})
+    usage.claim(client.r, theirs, job.id)
+    ctx = StepContext(job=job, cfg=client.cfg, r=client.r, node="node1", step="allocate", worker="test:1",
+                      kinds=KINDS)
+    try:
+        with pytest.raises(Refused, match=f"{theirs}, which this job's record names as its own, is in use by "
+                                          f"guest {g}"):
+            steps.allocate_disks(ctx)
+        assert "made" not in ctx.data and volume_path(theirs).exists() and client.guest(g).disks["scsi0"] == theirs
+    finally:
+        client.r.srem(records.ACTIVE, job.id)  # a hand-made record: no worker will ever end it
+        usage.release_claims(client.r, job)
+
+
 @pytest.mark.parametrize("seen", [{"expect_rev": ""}, {}], ids=["submitted against it", "by a stork of before"])
 def test_a_config_of_before_the_rev_locks_for_a_job_that_saw_it_so(client, vmid, seen):
     """A config written before stork kept a rev has none: a job submitted against it saw none

@@ -166,6 +166,8 @@ def _adopt_pending(ctx: StepContext, key: str, table: str = "made",
         return False
     if _made_before_crash(ctx, volid):
         drv, vol = ctx.volume(volid)
+        if found := _users_of_made(ctx, drv, vol, volid):  # a record written by hand may name any volume
+            raise Refused(f"{volid}, which this job's record names as its own, is in use by {', '.join(found)}")
         if whole is None or whole(vol):
             ctx.data.setdefault(table, {})[key] = ctx.data["pending"].pop(key)
             return True
@@ -266,17 +268,22 @@ def _free_made(ctx: StepContext, table: str) -> None:
                 continue
             if not drv.exists(vol):
                 continue
-            guests = usage.candidates(ctx, volid)
-            found = usage.users(ctx, volid, guests=guests) + usage.held_guest_users(ctx, volid, guests)
-            if vol.is_base:  # no job makes one under this table: a record written by hand may name one
-                found += _read_through(drv, vol)
-            if found:
+            if found := _users_of_made(ctx, drv, vol, volid):
                 kept.append(f"{volid} (in use by {', '.join(found)})")
                 continue
             ctx.fence(drv)
             drv.free(vol)
     if kept:
         raise Refused(f"kept {'; '.join(kept)}")  # a decision: the undo goes on
+
+
+def _users_of_made(ctx: StepContext, drv: Driver, vol: VolName, volid: str) -> list[str]:
+    """Who uses a volume the job's record names as made by it (none, for one it made): the
+    guests and live jobs, and what reads through it where it is a base (no job makes one as
+    such: a record written by hand may name one)."""
+    guests = usage.candidates(ctx, volid)
+    found = usage.users(ctx, volid, guests=guests) + usage.held_guest_users(ctx, volid, guests)
+    return found + (_read_through(drv, vol) if vol.is_base else [])
 
 
 @dataclass(frozen=True)
