@@ -449,26 +449,34 @@ class ChunkStore:
         raise Refused(f"backup storage {self.root}: the key file is not this store's key ({missing}, and no "
                       "backup's manifest authenticates with it)")
 
-    def _sealed_chunk(self) -> str | None:
-        """The digest of the first chunk file met, where it is sealed by a key (AES-GCM); None
-        where it is not, or none is met. A look at one entry or two of each folder read, as the
-        file system lists them (a plain store is opened no slower for it: no folder is read whole)."""
+    def _first_chunk(self) -> str | None:
+        """The digest of the first chunk file met, as the file system lists the folders (a look
+        at an entry or two of each, none read whole: a plain store is opened no slower for it);
+        None where there is none."""
         try:
             with self._folder(CHUNKS) as chunks, os.scandir(chunks) as prefixes:
                 for prefix in (e.name for e in prefixes if _PREFIX.fullmatch(e.name)):
                     folder = self._dir.open_dir(chunks, prefix)
                     try:
                         with os.scandir(folder) as entries:
-                            name = next((e.name for e in entries if DIGEST_PATTERN.fullmatch(e.name)), None)
-                        if name is not None:
-                            with self._dir.opened(folder, name, label=f"chunk {name}") as fd:
-                                sealed = os.pread(fd, len(MAGIC) + 1, 0) == MAGIC + bytes([KIND_AES_GCM])
-                            return name if sealed else None
+                            if name := next((e.name for e in entries if DIGEST_PATTERN.fullmatch(e.name)), None):
+                                return name
                     finally:
                         os.close(folder)
         except (NotFound, Refused, OSError):
             pass
         return None
+
+    def _sealed_chunk(self) -> str | None:
+        """The first chunk met (_first_chunk), where it is sealed by a key (AES-GCM)."""
+        if (name := self._first_chunk()) is None:
+            return None
+        try:
+            with self._folder(CHUNKS, name[:4]) as folder, \
+                    self._dir.opened(folder, name, label=f"chunk {name}") as fd:
+                return name if os.pread(fd, len(MAGIC) + 1, 0) == MAGIC + bytes([KIND_AES_GCM]) else None
+        except (NotFound, Refused, OSError):
+            return None
 
     def _has(self, id: BackupId, name: str) -> bool:
         try:
@@ -874,19 +882,18 @@ class ChunkStore:
 
     def _require_vm_folder(self) -> None:
         """Chunks with no `vm/` folder beside them are a store being copied into place (a copy
-        writes `.chunks` first, in name order) or one whose folder is lost, not garbage: every
-        writer makes `vm/` before its first chunk, and forgetting every backup leaves it."""
-        if self._has_folder(CHUNKS) and not self._has_folder(VM):
+        that writes `.chunks` first) or one whose folder is lost, not garbage: every writer
+        makes `vm/` before its first chunk, and forgetting every backup leaves it. (A store
+        opened for a first backup that then failed has `.chunks` with its records only.)"""
+        try:
+            with self._folder(VM):
+                return
+        except NotFound:
+            pass
+        if self._first_chunk() is not None:
             raise Refused(f"gc stopped before removing anything: {self.root} has chunks and no {VM}/ folder, so "
                           f"no backup names them (a store still being copied into place?); if they are garbage, "
                           f"make the folder {self.root / VM} and run gc again")
-
-    def _has_folder(self, name: str) -> bool:
-        try:
-            with self._folder(name):
-                return True
-        except NotFound:
-            return False
 
     def _store_clock(self) -> float:
         """The store file system's clock now: the time of a file made for the purpose; where none

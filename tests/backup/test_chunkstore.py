@@ -762,6 +762,10 @@ class TestGc:
         assert len(chunk_files(copy)) == 2
         (copy.root / "vm").mkdir()
         assert copy.gc(now=time.time() + HOUR).chunks_removed == 2
+        opened = ChunkStore(tmp_path / "opened", chunk_size=CS)  # for a first backup that then failed
+        opened.root.mkdir()
+        opened.check_chunk_size()  # records written in .chunks: no chunk there, nothing refused
+        assert opened.gc().chunks_removed == 0
 
     def test_gc_frees_the_chunks_only_a_forgotten_snapshot_used(self, store):
         shared = noise(CS, seed=1)
