@@ -185,6 +185,12 @@ def test_an_encrypted_store_that_lost_its_key_record_and_its_first_mac_is_not_ta
     with pytest.raises(Refused, match=f"holds encrypted backups \\(its key's fingerprint record, .chunks/"
                                       f"{KEY_FINGERPRINT}, is missing\\): name its key file"):
         backup_storage(plain).open_for_backup()
+    other = tmp_path / "other.key"
+    create_key(other)
+    with pytest.raises(Refused, match=r"not this store's key"):
+        backup_storage(secret_storage(tmp_path, other)).open_for_backup()
+    backup_storage(secret_storage(tmp_path, key)).open_for_backup()  # its own key opens the chunk: written again
+    assert (tmp_path / "vault" / ".chunks" / KEY_FINGERPRINT).exists()
 
 
 def test_a_key_for_a_store_of_plain_backups_is_refused(tmp_path, key):
