@@ -512,7 +512,8 @@ def test_a_moved_qcow2_holding_internal_snapshots_is_kept_not_freed(client, vmid
     assert "before-upgrade" in listed
 
 
-def test_a_moves_source_not_there_at_its_free_stays_listed_as_unused(client, vmid, tmp_path):
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])  # a qcow2's internal snapshots are looked for first
+def test_a_moves_source_not_there_at_its_free_stays_listed_as_unused(client, vmid, tmp_path, fmt):
     """--delete-source finds no volume where the source was: its storage may not be mounted (a
     dir storage without is_mountpoint reads as empty). It is kept listed as unused, said in the
     warning, not taken for freed: dropped, it would come back unlisted once mounted. Here the
@@ -521,9 +522,9 @@ def test_a_moves_source_not_there_at_its_free_stays_listed_as_unused(client, vmi
     from tests.conftest import BASE
 
     g = vmid()
-    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M"}})
+    client.run("create", vmid=g, disks={"scsi0": {"storage": "local", "size": "8M", "format": fmt}})
     source_volid = client.guest(g).disks["scsi0"]
-    source, hidden = volume_path(source_volid), tmp_path / "hidden.raw"
+    source, hidden = volume_path(source_volid), tmp_path / f"hidden.{fmt}"
     with file_lock(BASE / "lock" / "storage-local.lock", 10, "the test"):  # the free's
         job = client.submit("move", vmid=g, disk="scsi0", storage="shared", delete_source=True)
         wait_for(lambda: client.guest(g).disks["scsi0"].startswith("shared:"), timeout=20)

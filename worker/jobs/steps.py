@@ -969,6 +969,12 @@ def freed_before(ctx: StepContext, drv: Driver, vol: VolName, key: str, table: s
     return saved is not None and (not drv.exists(vol) or drv.identity(vol) != saved)
 
 
+def require_replaced_there(ctx: StepContext, drv: Driver, vol: VolName, key: str) -> None:
+    """Refuse a replaced volume that is not there before a first try frees it."""
+    if key not in ctx.data.get("freed", {}) and not drv.exists(vol):
+        raise Refused(f"no volume at {drv.volid(vol)} (a storage not mounted?): not freed")
+
+
 def free_replaced_volume(ctx: StepContext, drv: Driver, vol: VolName, key: str) -> None:
     """Free `vol` (not `freed_before`; under its storage lock, its use checked), its identity
     saved first, so that a try after a crash frees the name only while it still holds it. A
@@ -977,8 +983,7 @@ def free_replaced_volume(ctx: StepContext, drv: Driver, vol: VolName, key: str) 
     unused list it would come back unlisted, its name free for the next new disk."""
     freeing = ctx.data.setdefault("freed", {})  # disk key -> the identity of its volume, as freed
     if key not in freeing:
-        if not drv.exists(vol):
-            raise Refused(f"no volume at {drv.volid(vol)} (a storage not mounted?): not freed")
+        require_replaced_there(ctx, drv, vol, key)
         freeing[key] = drv.identity(vol)
         ctx.save()
     ctx.fence(drv)
@@ -1003,6 +1008,7 @@ def free_sources(ctx: StepContext) -> None:
                 if not freed_before(ctx, drv, vol, key):
                     # kept as unused by this guest: ours
                     usage.require_unused(ctx, volid, count_unused=False, but=migrated)
+                    require_replaced_there(ctx, drv, vol, key)  # before its snapshots are looked for
                     if snapshots := drv.internal_snapshots(vol):  # as Proxmox VE's move_disk refuses to
                         raise Refused(f"it holds {snapshots} internal snapshot(s), which its copy does not carry")
                     free_replaced_volume(ctx, drv, vol, key)
