@@ -123,12 +123,26 @@ def redelivered(job: JobRecord, pending: list[Pending], parent_alive: bool, now:
 ODD = (StorkError, KeyError, IndexError, TypeError, ValueError, AttributeError)
 
 
+def _require_shape(job: JobRecord) -> None:
+    """TypeError where a field the sweep reads of every job is not as stork writes it (the
+    sets of queues it gathers, the times it compares, would fail for every job at once)."""
+    current = job.current if job.current is not None else {}
+    if not isinstance(job.queues, list) or not all(isinstance(q, str) for q in job.queues):
+        raise TypeError(f"queues {job.queues!r}: expected a list of queue names")
+    if not isinstance(current, dict):
+        raise TypeError(f"current {current!r}: expected a table")
+    for what, value in (("updated", job.updated), ("current.since", current.get("since", 0.0))):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{what} {value!r}: expected a time")
+
+
 def reconcile(r: redis.Redis, node: str | None = None) -> list[str]:
     """Recover what needs a hand (see the module docstring); with `node` (a worker starting),
     held jobs of that node only. Returns the ids it acted on."""
     acted, idle, held = [], [], []
     for job in _active_jobs(r):
         try:
+            _require_shape(job)
             current = job.current or {}
             holder = current.get("worker")
             if holder is None:

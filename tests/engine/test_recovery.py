@@ -117,7 +117,8 @@ def test_the_sweep_recovers_a_job_whose_process_on_another_host_is_gone(client, 
     client.r.delete("stork:alive:elsewhere:4343")
 
 
-@pytest.mark.parametrize("odd", ["current not a table", "updated not a time", "an undo past its kind's steps"])
+@pytest.mark.parametrize("odd", ["current not a table", "updated not a time", "an undo past its kind's steps",
+                                 "queues not names"])
 def test_one_odd_record_stops_no_sweep(client, vmid, odd):
     """A record not as stork writes it (hand-written, another version's) is skipped and logged:
     before, the first one raised out of every sweep from then on, and no job in the cluster was
@@ -139,6 +140,9 @@ def test_one_odd_record_stops_no_sweep(client, vmid, odd):
         client.r.hset(records.job_key(strange.id), "current", '"garbage"')
     elif odd == "updated not a time":
         client.r.hset(records.job_key(strange.id), "updated", '"yesterday"')
+    elif odd == "queues not names":
+        client.r.hset(records.job_key(strange.id), "queues", '[["node.gone"]]')
+
     try:
         assert gone.id in recovery.sweep()
         assert client.wait(gone.id, timeout=30).state == "failed" and client.guest(g).lock == ""
