@@ -361,9 +361,12 @@ class Client:
     def forget_backup(self, text: str, damaged: bool = False) -> str:
         """Remove a backup (refused while protected); its chunks go at the next gc. With
         `damaged`, one that cannot be read, whatever its state says; returns why it could not."""
+        from worker.jobs import usage
         from worker.jobs.prepare_backups import find_backup
 
-        _, store, bid = find_backup(self.cfg, text)
+        sid, store, bid = find_backup(self.cfg, text)
+        if why := usage.backup_readers(self.r, sid, bid):  # a restore: gc would take its chunks too
+            raise Refused(f"backup {bid} is {why}")
         return store.forget(bid, damaged=damaged)
 
     def schedules(self) -> list[dict[str, Any]]:

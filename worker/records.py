@@ -130,10 +130,18 @@ def volumes_key(job_id: str) -> str:
     return f"{job_key(job_id)}:volumes"
 
 
+def backup_ref(store: str, backup: str) -> str:
+    """A backup a job reads, as its volume index names it (`@` is in no volume id): a forget
+    finds the live jobs reading it as a free finds a volume's."""
+    return f"backup@{store}:{backup}"
+
+
 def params_volumes(params: dict[str, Any]) -> set[str]:
     """Every volume id a job's params name: the volume it acts on, the sources and bases of its
-    disk plans, what it attaches, its replicas."""
+    disk plans, what it attaches, its replicas; and the backup it reads (backup_ref)."""
     found = {params["volid"]} if params.get("volid") else set()
+    if params.get("store") and params.get("backup"):
+        found.add(backup_ref(params["store"], params["backup"]))
     for plans in (params.get("disks"), params.get("bases")):
         found |= {plan[k] for plan in (plans or {}).values() for k in ("source", "base") if k in plan}
     found |= set((params.get("attach") or {}).values()) | set(params.get("attach_unused") or ())

@@ -653,12 +653,14 @@ class ChunkStore:
             discard(vm, parsed.time_text, parsed.time_text)
         return reason
 
-    def forget_chosen(self, vmid: int, choose: Callable[[Listing], list[str]]) -> tuple[list[str], list[str]]:
+    def forget_chosen(self, vmid: int, choose: Callable[[Listing], list[str]],
+                      held: Callable[[str], str] = lambda id: "") -> tuple[list[str], list[str]]:
         """Forget the snapshots of guest `vmid` that `choose` picks from the guest's listing as
         it stands under the guest's lock, which every change of a state (a verify's outcome, a
         protection) holds too: a prune decides on states nothing changes before its forgets
         (a verify that marked the newest backup failed just after prune's own listing let prune
-        forget the older, sound one kept for it). (forgotten, refused with the reason)."""
+        forget the older, sound one kept for it). One `held` gives a reason to keep (a restore
+        reading it) is kept as a protected one is. (forgotten, refused with the reason)."""
         forgotten, refused_ = [], []
         try:
             with self._vm_locked(vmid) as vm:
@@ -668,6 +670,8 @@ class ChunkStore:
                     try:
                         with self._dir_of(vm, parsed) as folder:
                             self._check_unprotected(folder, parsed)
+                        if why := held(id):
+                            raise Refused(f"backup {id} is {why}")
                     except (Refused, Corrupt) as e:
                         refused_.append(f"{id}: {e}")
                         continue

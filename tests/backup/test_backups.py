@@ -154,6 +154,35 @@ def test_protect_keeps_a_backup_from_forget_and_prune_and_gc_removes_what_nothin
     assert stork("verify", second)[0] == 0
 
 
+def test_a_backup_a_restore_reads_is_kept_from_forget_and_prune(stork, client, vmid, monkeypatch):
+    """A restore of an old backup (to get data back) while the nightly prune or a hand forget
+    would take it: the restore failed on a missing index, and a gc between took its chunks, the
+    backup gone for good. A live job reading a backup keeps it, said as a protected one is; once
+    the restore ended, the backup goes as decided."""
+    from worker import runner
+
+    g, r = vmid(), vmid()
+    guest_with_data(stork, g)
+    first = backed_up(stork, g)["backup"]
+    second = backed_up(stork, g)["backup"]
+    held: list = []
+    with monkeypatch.context() as m:  # recorded and queued: a restore that has not ended
+        m.setattr(runner, "send_steps", lambda record, start, sender=None: held.append((record, start)))
+        restore = client.submit("restore", backup=first, newid=r)
+    code, _, err = stork("backup", "forget", first)
+    assert (code, err) == (1, f"stork: backup {first} is read by job {restore.id} (restore) now: forget it once that "
+                              "ended\n")
+    code, out, err = stork("--json", "prune", g, "--storage", "backup", "--keep-last", "1")
+    assert code == 0, err
+    pruned = json.loads(out)["result"]
+    assert pruned["removed"] == 0 and f"{first}: backup {first} is read by job {restore.id}" in pruned["warning"]
+    runner.send_steps(*held[0], client.app)
+    assert client.wait(restore.id, timeout=60).state == "succeeded"
+    assert stork("backup", "forget", first)[0] == 0
+    code, out, _ = stork("backup", "list", g)
+    assert second in out and first not in out
+
+
 def test_one_damaged_backup_stops_no_other_backup_listing_prune_or_verify(stork, client, vmid):
     """Guest b's manifest loses its version field (a flipped byte): guest a's backups and
     prunes go on, `backup list` shows b's as DAMAGED with the reason, a prune keeps it, verify

@@ -15,6 +15,7 @@ job before that, and the undo frees what it made.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -410,10 +411,16 @@ def prune_backups(ctx: StepContext) -> None:
     does not keep, or only say so on a dry run."""
     vmid = ctx.params.get("vmid")
     ctx.set_result(**_prune(_store(ctx), Keep(**ctx.params["keep"]), {vmid} if vmid is not None else None,
-                            ctx.params["dry_run"]))
+                            ctx.params["dry_run"], _readers_of(ctx, ctx.params["store"])))
 
 
-def _prune(store: ChunkStore, keep: Keep, vmids: set[int] | None, dry_run: bool) -> dict[str, Any]:
+def _readers_of(ctx: StepContext, store: str) -> Callable[[str], str]:
+    """Why a backup of `store` is kept from a forget: a live job (a restore) reads it."""
+    return lambda backup: usage.backup_readers(ctx.r, store, backup)
+
+
+def _prune(store: ChunkStore, keep: Keep, vmids: set[int] | None, dry_run: bool,
+           held: Callable[[str], str]) -> dict[str, Any]:
     """The retention applied to each guest's backups (of `vmids`, where given): the decisions,
     how many were removed, and those protected since the listing (kept, and the others go on).
     Each guest's backups are decided again, and forgotten, under the guest's lock, on their
@@ -432,7 +439,7 @@ def _prune(store: ChunkStore, keep: Keep, vmids: set[int] | None, dry_run: bool)
         if dry_run:
             choose(Listing([s for s in listing.snapshots if s.id.vmid == guest], []))
         else:
-            forgotten, refused = store.forget_chosen(guest, choose)
+            forgotten, refused = store.forget_chosen(guest, choose, held)
             removed, skipped = removed + len(forgotten), skipped + refused
         decisions += [{"id": d.id, "keep": d.keep, "reason": d.reason} for d in decided]
     # a damaged backup is neither counted nor removed: whether it is protected cannot be read
@@ -455,7 +462,7 @@ def sync_backups(ctx: StepContext) -> None:
                   keep=keep, reencrypt=ctx.params.get("reencrypt", False))
     ctx.set_result(copied=result.copied, present=result.present, mended=result.mended, written=result.written)
     if keep.keeps_something:
-        pruned = _prune(target, keep, vmids, dry_run=False)
+        pruned = _prune(target, keep, vmids, dry_run=False, held=_readers_of(ctx, ctx.params["target"]))
         ctx.set_result(pruned=pruned["removed"], **({"warning": pruned["warning"]} if "warning" in pruned else {}))
     if result.failed:
         first = next(iter(result.failed.items()))

@@ -37,6 +37,19 @@ def job_volumes(job: JobRecord) -> set[str]:
     return records.params_volumes(job.params) | records.ctx_volumes(job.ctx)
 
 
+def backup_readers(r: redis.Redis, store: str, backup: str) -> str:
+    """The live jobs that read a backup (a restore), as a reason to keep it ("" for none): a
+    prune or forget would take it from under them, and gc its chunks. One whose record cannot
+    be read may be one."""
+    ref = records.backup_ref(store, backup)
+    try:
+        jobs = [j for j in records.load_many(r, records.candidates(r, ref)) if not j.state.terminal]
+        readers = [f"job {j.id} ({j.kind})" for j in jobs if ref in records.params_volumes(j.params)]
+    except (StorkError, AttributeError, TypeError, KeyError) as e:
+        return f"cannot tell whether a job reads it: {e}"
+    return f"read by {', '.join(readers)} now: forget it once that ended" if readers else ""
+
+
 def candidates(ctx: StepContext, volid: str) -> list[Guest]:
     """The guests whose configs may name `volid` (GuestStore.candidates, a superset); Refused
     when they cannot be told."""
