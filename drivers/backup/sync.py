@@ -31,6 +31,7 @@ class SyncResult:
     mended: list[str] = field(default_factory=list)  # copies the target recorded failed, now whole and verified
     written: int = 0  # bytes of chunk files written into the target
     failed: dict[str, str] = field(default_factory=dict)  # snapshot id -> why it was not copied
+    gone: list[str] = field(default_factory=list)  # forgotten in the source after the listing: not copied
 
 
 def check_pair(source: ChunkStore, target: ChunkStore, reencrypt: bool = False) -> None:
@@ -89,7 +90,12 @@ def sync(source: ChunkStore, target: ChunkStore, vmids: set[int] | None = None,
                     result.copied.append(id)
             except AlreadyExists:  # another sync copied it meanwhile, or a backup was made there under the id
                 _present_or_other(result, source, snapshot, target, reseal)
-            except (Corrupt, NotFound, Refused, InvalidName) as e:  # its own damage (or a symlink): the others go on
+            except NotFound as e:
+                if source.exists(id):
+                    result.failed[id] = str(e)  # a file of it missing: its own damage
+                else:
+                    result.gone.append(id)  # forgotten in the source since the listing (a prune): nothing to copy
+            except (Corrupt, Refused, InvalidName) as e:  # its own damage (or a symlink): the others go on
                 result.failed[str(snapshot.id)] = str(e)
         if progress:
             progress(n + 1, len(wanted), str(snapshot.id))

@@ -183,6 +183,45 @@ def test_a_backup_a_restore_reads_is_kept_from_forget_and_prune(stork, client, v
     assert second in out and first not in out
 
 
+def test_a_verify_of_all_goes_on_past_a_backup_pruned_after_its_listing(stork, client, vmid, monkeypatch):
+    """The nightly verify listed the store, then the prune forgot one of the backups listed: the
+    verify stopped there, the backups after it not verified and no alert sent. It is noted as
+    forgotten meanwhile, and the others are verified."""
+    from drivers.backup.store import ChunkStore
+    from drivers.errors import Corrupt
+    from worker import records
+    from worker.context import StepContext
+    from worker.jobs import backups
+    from worker.jobs.kinds import KINDS
+    from worker.records import JobRecord, JobState
+
+    g = vmid()
+    guest_with_data(stork, g)
+    first = backed_up(stork, g)["backup"]
+    second = backed_up(stork, g)["backup"]
+    listing = ChunkStore.listing
+
+    def listed_then_pruned(store, *args, **kwargs):
+        found = listing(store, *args, **kwargs)
+        store.forget(first)  # the prune, between the verify's listing and its reads
+        return found
+
+    monkeypatch.setattr(ChunkStore, "listing", listed_then_pruned)
+    params = KINDS["verify"].prepare({"storage": "backup"}, client.cfg)
+    job = JobRecord(id=records.new_id(), kind="verify", node="node1", steps=["verify"], queues=["shared"],
+                    params=params, state=JobState.RUNNING,
+                    current={"step": 0, "name": "verify", "node": "node1", "worker": "test:1", "attempt": 1})
+    records.create(client.r, job, {"phase": "queued"})
+    ctx = StepContext(job=job, cfg=client.cfg, r=client.r, node="node1", step="verify", worker="test:1", kinds=KINDS)
+    try:
+        with contextlib.suppress(Corrupt):  # other tests' backups, damaged on purpose, share the store
+            backups.verify_backups(ctx)
+        verified = ctx.job.result["verified"]
+        assert verified[first] == "forgotten meanwhile" and verified[second] == "ok"
+    finally:
+        client.r.srem(records.ACTIVE, job.id)  # a hand-made record: no worker will ever end it
+
+
 def test_one_damaged_backup_stops_no_other_backup_listing_prune_or_verify(stork, client, vmid):
     """Guest b's manifest loses its version field (a flipped byte): guest a's backups and
     prunes go on, `backup list` shows b's as DAMAGED with the reason, a prune keeps it, verify

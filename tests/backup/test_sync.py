@@ -221,6 +221,26 @@ def test_damage_in_the_source_is_named_and_stops_only_its_backup(tmp_path):
     assert not chunk_path(offsite, digest).exists()
 
 
+def test_a_backup_pruned_in_the_source_after_the_listing_is_gone_not_failed(tmp_path, monkeypatch):
+    """A prune of the source forgot a backup between the sync's listing and its copy: nothing
+    to copy, and no damage to name (the job failed naming it "not copied"); a file of a backup
+    still there that is missing is its damage, as before."""
+    here, offsite = stores(tmp_path)
+    pruned = back_up(here, 100, T0, {"scsi0": noise(CS, 1)})
+    kept = back_up(here, 100, T0 + timedelta(hours=1), {"scsi0": noise(CS, 2)})
+    listing = ChunkStore.listing
+
+    def listed_then_pruned(store, *args, **kwargs):
+        found = listing(store, *args, **kwargs)
+        if store is here:
+            here.forget(str(pruned.id))
+        return found
+
+    monkeypatch.setattr(ChunkStore, "listing", listed_then_pruned)
+    result = sync(here, offsite)
+    assert (result.copied, result.gone, result.failed) == ([str(kept.id)], [str(pruned.id)], {})
+
+
 def test_encrypted_stores_sync_only_under_the_same_key(tmp_path):
     key = os.urandom(32)
     here, offsite = stores(tmp_path, key)
