@@ -139,9 +139,10 @@ def _read_text(path: Path, what: str) -> str:
         raise NotFound(f"{path}: no such file") from None
     except OSError as e:
         raise Refused(f"{path}: cannot read it: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before open(), which refuses a folder with a traceback's words
+        os.close(fd)
+        raise InvalidName(f"{path}: not a regular file: not {what}")
     with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise InvalidName(f"{path}: not a regular file: not {what}")
         try:
             data = f.read(MAX_CONFIG + 1)
         except OSError as e:

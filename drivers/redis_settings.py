@@ -223,10 +223,11 @@ def read_secret(file: Path, key: str, path: Path) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise ConfigError(f"{file}: {key} = {str(path)!r}: cannot read it: {e.strerror or e}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # before open(), which refuses a folder with a traceback's words
+        os.close(fd)
+        raise ConfigError(f"{file}: {key} = {str(path)!r}: not a regular file")
     with open(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{file}: {key} = {str(path)!r}: not a regular file")
         if st.st_mode & stat.S_IROTH:
             raise ConfigError(f"{file}: {key} = {str(path)!r}: every user of this machine can read it "
                               f"(mode {stat.S_IMODE(st.st_mode):04o}): chmod o-r it")

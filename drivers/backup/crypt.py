@@ -77,10 +77,11 @@ def load_key(path: Path) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise ConfigError(f"key file {path}: cannot open it: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # before fdopen(), which refuses a folder with a traceback's words
+        os.close(fd)
+        raise ConfigError(f"key file {path}: not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"key file {path}: not a regular file")
         if st.st_mode & 0o077:
             raise ConfigError(f"key file {path}: readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
                               "chmod 600 it")

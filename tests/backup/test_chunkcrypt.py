@@ -211,6 +211,8 @@ def test_key_files_are_made_private_never_overwritten_and_checked(tmp_path, key)
     key.write_text("not a key\n")
     with pytest.raises(ConfigError, match="not a stork key file"):
         load_key(key)
+    with pytest.raises(ConfigError, match=f"^key file {tmp_path}: not a regular file$"):  # no traceback's words
+        load_key(tmp_path)
 
 
 def test_a_key_file_that_cannot_be_made_is_one_line_and_leaves_nothing(stork, tmp_path):

@@ -198,6 +198,8 @@ def test_import_pve_wants_a_guest_id_and_a_free_one(stork, vmid, tmp_path, pve_c
     assert stork("guest", "import-pve", named, "--vmid", g)[0] == 0
     code, _, err = stork("guest", "import-pve", pve_config(g, f"scsi0: tank:{g}/vm-{g}-disk-0.raw\n"))
     assert code != 0 and f"guest {g} already exists" in err
+    code, _, err = stork("guest", "import-pve", tmp_path, "--vmid", vmid())  # a folder: one line
+    assert code != 0 and err.startswith(f"stork: {tmp_path}: not a regular file") and err.count("\n") == 1
 
 
 def test_stork_takes_proxmox_ves_lock_of_the_storage_with_its_own(stork, client, vmid):

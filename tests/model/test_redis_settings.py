@@ -49,6 +49,8 @@ def parse(text: str, env: dict[str, str] | None = None) -> config.Config:
         ("[redis.users.worker]\npassword = 'a'\npassword_file = 'f'\n", r"password and password_file both set"),
         ("[redis.users.worker]\npassword_file = '/nonexistent/pass'\n",
          r"redis.users.worker.password_file = '/nonexistent/pass': cannot read it: No such file"),
+        ("[redis.users.worker]\npassword_file = '/tmp'\n",
+         r"redis.users.worker.password_file = '/tmp': not a regular file"),
     ],
 )
 def test_redis_settings_refused_name_the_key(text, message):
