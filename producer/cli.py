@@ -64,13 +64,22 @@ def _result_text(job: JobRecord) -> str:
     return "\n".join([_job_line(job), *results.render(job.result)])
 
 
-def submit_and_wait(args: argparse.Namespace, client: Client, kind: str, **options: Any) -> int:
+def submit_and_wait(args: argparse.Namespace, client: Client, kind: str, collect: list[Any] | None = None,
+                    **options: Any) -> int:
+    """Submit a job and wait for it (not with --no-wait), saying how it ended; with `collect`
+    and --json, its JSON goes there, for one document of several jobs."""
     from producer.progress import ProgressView
+
+    def emit(data: Any, text: str | Callable[[], str]) -> None:
+        if collect is not None and args.json:
+            collect.append(data)
+        else:
+            _emit(args, data, text)
 
     options = {k: v for k, v in options.items() if v is not None}
     job = client.submit(kind, **options)
     if args.no_wait:
-        _emit(args, {"job": job.id}, job.id)
+        emit({"job": job.id}, job.id)
         return 0
     try:
         job = client.wait(job.id, on_event=None if args.json else ProgressView())
@@ -78,7 +87,7 @@ def submit_and_wait(args: argparse.Namespace, client: Client, kind: str, **optio
         print(f"\nstork: stopped waiting; job {job.id} goes on (stork job watch {job.id})", file=sys.stderr)
         return 130
     if str(job.state) == "succeeded" or args.json:
-        _emit(args, _record_dict(job), _result_text(job))
+        emit(_record_dict(job), lambda: _result_text(job))
     if str(job.state) == "succeeded":
         return 0
     from producer import results, views
@@ -102,6 +111,26 @@ def _seconds(text: str) -> float:
     if not 0 < value <= 3600:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected seconds, above 0 and at most 3600")
     return value
+
+
+def _whole_number(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high` (its error names the option and the value)."""
+    def parse(text: str) -> int:
+        value = int(text) if text.strip().lstrip("+-").isdigit() and len(text) < 20 else None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what} from {low} to {high}")
+        return value
+    return parse
+
+
+def _given(what: str) -> Callable[[str], str]:
+    """An argparse type: a value that is not empty (an empty one, an unset variable in a script,
+    would quietly mean the default: another cluster's config, every interface)."""
+    def parse(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"invalid value '': expected {what}")
+        return text
+    return parse
 
 
 def _pairs(text: str) -> dict[str, str]:
@@ -231,11 +260,11 @@ def _since(text: str | None) -> float | None:
     import time
 
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[:-1].isdigit() and text[-1] in units:
-        return time.time() - int(text[:-1]) * units[text[-1]]
     try:
+        if text[:-1].isdigit() and text[-1] in units:
+            return time.time() - int(text[:-1]) * units[text[-1]]
         return datetime.datetime.fromisoformat(text).astimezone().timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):  # an age of 300 digits; a year 1 before the epoch's range
         raise UsageError(f"invalid --since {text!r}: expected an ISO date or time, or 30m, 2h, 3d") from None
 
 
@@ -313,16 +342,20 @@ def cmd_backup_run(args: argparse.Namespace, client: Client) -> int:
         [_vmid(v) for v in args.vmids]
     if not vmids:
         raise UsageError("no guest to back up")
-    status = 0
+    status, collected = 0, ([] if args.json and len(vmids) > 1 else None)  # --json: one list, a job each
     for vmid in vmids:
         try:
-            status = max(status, submit_and_wait(args, client, "backup", vmid=vmid, storage=args.storage,
+            status = max(status, submit_and_wait(args, client, "backup", collected, vmid=vmid, storage=args.storage,
                                                  notes=args.notes))
         except StorkError as e:  # refused at submit: said, and the next guest is backed up all the same
             if len(vmids) == 1:
                 raise
             print(f"stork: guest {vmid}: {e}", file=sys.stderr)
+            if collected is not None:
+                collected.append({"vmid": vmid, "error": str(e)})
             status = 1
+    if collected is not None:
+        _emit(args, collected, "")
     return status
 
 
@@ -589,7 +622,8 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
                                      epilog="`stork COMMAND --help` shows a command's forms, with an example.")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--no-wait", action="store_true", help="for a command that submits a job: print its id, return")
-    parser.add_argument("--config", metavar="FILE", help="the cluster config (default: STORK_CONFIG, ./stork.toml)")
+    parser.add_argument("--config", metavar="FILE", type=_given("a config file"),
+                        help="the cluster config (default: STORK_CONFIG, ./stork.toml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def unbuilt(name: str, help_: str, listed: bool = True) -> Any:
@@ -618,7 +652,8 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         # the global flags work after the subcommand too (SUPPRESS: not given here keeps the global value)
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
-        p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="the cluster config")
+        p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, type=_given("a config file"),
+                       help="the cluster config")
         if submit:
             p.add_argument("--no-wait", action="store_true", default=argparse.SUPPRESS,
                            help="print the job id and return")
@@ -797,8 +832,10 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
                 "of a backup without a restore), until Ctrl-C")
     p.add_argument("id", metavar="BACKUP")
     p.add_argument("disk", metavar="DISK", help="e.g. scsi0")
-    p.add_argument("--address", default="127.0.0.1", help="where to listen (default 127.0.0.1: this host only)")
-    p.add_argument("--port", type=int, default=10809, help="default 10809, NBD's; 0: any free port")
+    p.add_argument("--address", default="127.0.0.1", type=_given("an address to listen on (0.0.0.0: every one)"),
+                   help="where to listen (default 127.0.0.1: this host only)")
+    p.add_argument("--port", type=_whole_number(0, 65535, "a port"), default=10809,
+                   help="default 10809, NBD's; 0: any free port")
     p = command(backup, "key", cmd_backup_key, "key create FILE: a key file for an encrypted backup storage")
     p.add_argument("create", choices=["create"])
     p.add_argument("file")
@@ -828,7 +865,8 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
 
     job = group("job", "jobs")
     p = command(job, "list", cmd_job_list, "recent jobs, newest first")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_whole_number(1, 100_000, "a number of jobs"), default=50,
+                   help="at most this many (default 50)")
     p.add_argument("--state", choices=["queued", "running", "undoing", "succeeded", "failed", "cancelled"])
     p.add_argument("--kind", help="e.g. full_clone, linked_clone, move")
     p.add_argument("--vmid", help="jobs acting on this guest")
@@ -841,7 +879,7 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--node", required=True, help="the node that is gone for good")
     command(job, "dead", cmd_job_dead, "messages no worker could turn into a task, newest first").add_argument(
-        "--limit", type=int, default=50)
+        "--limit", type=_whole_number(1, 100_000, "a number of messages"), default=50)
     _name_positionals(parser)
     return parser
 

@@ -377,6 +377,10 @@ def test_one_failing_guest_does_not_stop_the_others_backups(stork, client, vmid,
     assert code == 1 and f"guest {locked} is locked" in err
     code, out, _ = stork("backup", "list", g)
     assert f"vm/{g}/" in out
+    code, out, err = stork("--json", "backup", locked, g, "--storage", "backup")  # one document, a row each
+    rows = json.loads(out)
+    assert code == 1 and rows[0]["vmid"] == locked and f"guest {locked} is locked" in rows[0]["error"]
+    assert rows[1]["state"] == "succeeded" and rows[1]["params"]["vmid"] == g
 
 
 def test_backup_all_backs_up_every_guest_not_excluded_and_a_failing_one_stops_none(stork, client, vmid, locked):

@@ -133,3 +133,32 @@ def test_help_imports_no_heavy_module():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=Path(__file__).parent,
                           check=True, env={"PYTHONPATH": str(Path(cli.__file__).resolve().parents[1])})
     assert done.stdout.strip().splitlines()[-1] == "[] []", done.stdout
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    # an empty value (an unset variable in a script) meant the default: another cluster's config, every interface
+    (["--config", "", "job", "list"], "argument --config: invalid value '': expected a config file"),
+    (["backup", "serve", "vm/100/2026-01-01T00:00:00Z", "scsi0", "--address", ""],
+     "argument --address: invalid value '': expected an address to listen on"),
+    (["backup", "serve", "vm/100/2026-01-01T00:00:00Z", "scsi0", "--port", "70000"],  # a traceback before
+     "argument --port: invalid value '70000': expected a port from 0 to 65535"),
+    (["backup", "serve", "vm/100/2026-01-01T00:00:00Z", "scsi0", "--port", "-1"],
+     "argument --port: invalid value '-1': expected a port from 0 to 65535"),
+    (["job", "list", "--limit", "0"], "argument --limit: invalid value '0': expected a number of jobs from 1 to"),
+    (["job", "list", "--limit", "9" * 30], "argument --limit: invalid value '999"),
+    (["job", "dead", "--limit", "-5"], "argument --limit: invalid value '-5': expected a number of messages"),
+])
+def test_a_bad_value_is_refused_by_the_parser_naming_the_option(argv, message, capsys):
+    from producer.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("since", ["9" * 400 + "d", "0001-01-01", "yesterday"])
+def test_a_since_out_of_range_is_a_usage_error_not_a_traceback(since):
+    from producer.cli import UsageError, _since
+
+    with pytest.raises(UsageError, match=r"invalid --since .*: expected an ISO date or time, or 30m, 2h, 3d"):
+        _since(since)
