@@ -135,6 +135,8 @@ def _lock_timeout(v: Any) -> bool:
 
 
 def _ip_address(v: Any) -> bool:
+    if not isinstance(v, str):  # ip_address(5) is 0.0.0.5: an integer is no address written in a config
+        return False
     try:
         ipaddress.ip_address(v)
         return True

@@ -69,6 +69,8 @@ def test_storages_know_which_nodes_they_exist_on():
         ("[redis]\nurl = 'localhost:6379'\n", r"redis.url = 'localhost:6379': expected a redis://"),
         ("[flower]\nport = 70000\n", r"flower.port = 70000: expected a port number \(1-65535\)"),
         ("[flower]\naddress = 'example.org'\n", r"flower.address = 'example.org': expected an IP address"),
+        ("[flower]\naddress = 5\n", r"flower.address = 5: expected an IP address"),  # ip_address(5) is 0.0.0.5
+        ("[nodes.n2]\naddress = 5\n", r"nodes.n2.address = 5: expected an IP address"),
         ("[redis]\nhost = 'x'\n", r"stork.toml: unknown key redis.host"),
         ("[bogus]\n", r"unknown section \[bogus\]"),
         ("[storage.x]\ntype = 'nfs'\npath = 'p'\n",
