@@ -139,6 +139,8 @@ def _pairs(text: str) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"invalid option {item!r}: expected key=value")
+        if key in out:  # the last would win, without a word
+            raise UsageError(f"invalid option {text!r}: {key} is given twice")
         out[key] = value
     return out
 
@@ -170,9 +172,12 @@ def _disk_specs(values: list[str], first: str) -> dict[str, dict[str, str]]:
             if not colon:
                 raise UsageError(f"invalid --disk {value!r}: expected DISK=STORAGE:SIZE[,format=F] or DISK=BASE")
             # a volume name (base/<name>.<fmt>) where a size would be: a disk from that base image
-            spec |= {"base": head} if "/" in size else {"storage": storage, "size": size}
+            given = {"base": head} if "/" in size else {"storage": storage, "size": size}
         else:
-            spec |= {"path": head}
+            given = {"path": head}
+        if twice := sorted(set(given) & set(spec)):  # the head's would win, without a word
+            raise UsageError(f"invalid --disk {value!r}: {twice[0]} is given by DISK={first.upper()} already")
+        spec |= given
         if key in disks:
             raise UsageError(f"disk {key} is given twice")
         from drivers import names
@@ -342,6 +347,8 @@ def cmd_backup_run(args: argparse.Namespace, client: Client) -> int:
         [_vmid(v) for v in args.vmids]
     if not vmids:
         raise UsageError("no guest to back up")
+    if len(set(vmids)) < len(vmids):
+        raise UsageError(f"guest {next(v for v in vmids if vmids.count(v) > 1)} is named twice")
     status, collected = 0, ([] if args.json and len(vmids) > 1 else None)  # --json: one list, a job each
     for vmid in vmids:
         try:

@@ -151,6 +151,8 @@ def test_a_template_whose_bases_have_linked_clones_does_not_migrate(client, vmid
     (["node7"], "unknown node 'node7'"),
     (["node2"], "storage 'local1' does not exist on node 'node2' (map local1 to one that does"),
     (["node2", "--storage-map", "local1"], "invalid storage map entry 'local1': expected OLD=NEW"),
+    (["node2", "--storage-map", "local1=local2,local1=shared"],  # the last won, without a word
+     "invalid storage map 'local1=local2,local1=shared': local1 is mapped twice"),
 ])
 def test_a_migration_that_cannot_work_is_refused_before_anything_runs(client, vmid, stork, args, message):
     g = vmid()

@@ -568,7 +568,9 @@ def _storage_map(o: dict[str, Any]) -> dict[str, str]:
         old, sep, new = pair.partition("=")
         if not sep:
             raise InvalidName(f"invalid storage map entry {pair!r}: expected OLD=NEW")
-        mapping[names.storage_id(old.strip())] = names.storage_id(new.strip())
+        if (source := names.storage_id(old.strip())) in mapping:  # the last would win, without a word
+            raise InvalidName(f"invalid storage map {text!r}: {source} is mapped twice")
+        mapping[source] = names.storage_id(new.strip())
     return mapping
 
 
