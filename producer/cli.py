@@ -166,6 +166,8 @@ def _disk_specs(values: list[str], first: str) -> dict[str, dict[str, str]]:
         if not sep or not rest:
             raise UsageError(f"invalid --disk {value!r}: expected DISK={first.upper()}[,key=value...]")
         head, *more = rest.split(",")
+        if not head:  # an empty path would be the working directory
+            raise UsageError(f"invalid --disk {value!r}: expected DISK={first.upper()}[,key=value...]")
         spec = _pairs(",".join(more)) if more else {}
         if first == "storage:size":
             storage, colon, size = head.partition(":")
@@ -737,7 +739,8 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
     command(redis_group, "users", cmd_redis_users,
             "print the Redis ACL users of [redis.users.*] (ACL file lines, passwords as SHA-256)")
     cluster = group("cluster", "what the nodes share")
-    command(cluster, "key", cmd_cluster_key, "make the cluster key ([cluster] tls_psk_file)").add_argument("file")
+    command(cluster, "key", cmd_cluster_key, "make the cluster key ([cluster] tls_psk_file)").add_argument(
+        "file", type=_given("a file to make"))
 
     p = command(sub, "base", _submitter("base"), "turn a volume into a read-only base image", True)
     p.add_argument("volid", type=_volid)
@@ -845,7 +848,7 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
                    help="default 10809, NBD's; 0: any free port")
     p = command(backup, "key", cmd_backup_key, "key create FILE: a key file for an encrypted backup storage")
     p.add_argument("create", choices=["create"])
-    p.add_argument("file")
+    p.add_argument("file", type=_given("a file to make"))
     p = command(sub, "restore", _submitter("restore"), "restore a backup as a new guest", True)
     p.add_argument("id", metavar="BACKUP")
     p.add_argument("newid")
@@ -858,7 +861,7 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?", metavar="BACKUP")
     p.add_argument("--all", action="store_true", help="every backup of the storage")
     p.add_argument("--storage")
-    p.add_argument("--reverify-after", type=int, metavar="DAYS",
+    p.add_argument("--reverify-after", type=_whole_number(1, 36500, "a number of days"), metavar="DAYS",
                    help="with --all: skip backups verified sound within DAYS days")
     p = command(sub, "prune", cmd_prune, "forget the backups a retention does not keep", True)
     p.add_argument("vmid", nargs="?")
@@ -929,7 +932,13 @@ def _usage(check: Callable[[Any], Any], value: Any) -> Any:
 
 def _resize_options(a: argparse.Namespace) -> dict[str, Any]:
     """`disk resize VOLID SIZE`, or `disk resize VMID DISK [+]SIZE` as `qm disk resize`."""
+    from drivers import names
+
     if a.size is None:
+        if a.disk_or_size.startswith("+"):
+            raise UsageError(f"invalid size {a.disk_or_size!r}: +SIZE (grow by SIZE) goes with VMID DISK, not with "
+                             "a volume id")
+        _usage(names.size, a.disk_or_size)  # a typo in a size is the command line's: exit 2, as at create
         return {"volid": _volid(a.target), "size": a.disk_or_size}
     from producer.client import Client
 
@@ -939,9 +948,8 @@ def _resize_options(a: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"guest {guest.vmid} has no disk {a.disk_or_size}")
     volid = guest.disks[a.disk_or_size]
     if a.size.startswith("+"):
-        from drivers import names
-
-        return {"volid": volid, "size": client.volume(volid).virtual_size + names.size(a.size[1:])}
+        return {"volid": volid, "size": client.volume(volid).virtual_size + _usage(names.size, a.size[1:])}
+    _usage(names.size, a.size)
     return {"volid": volid, "size": a.size}
 
 

@@ -321,6 +321,12 @@ def test_unknown_options_are_refused_at_submit_naming_the_allowed_ones(client):
         (["guest", "create", "91049", "--disk", "scsi0=local:8G,format=qcow2,format=raw"],
          "stork: invalid option 'format=qcow2,format=raw': format is given twice"),
         (["backup", "91049", "91049"], "stork: guest 91049 is named twice"),
+        # exit 2 as at create (they exited 1), and a +SIZE without its guest says where it goes
+        (["disk", "resize", "local:91050/vm-91050-disk-0.raw", "8X"], "stork: invalid size '8X'"),
+        (["disk", "resize", "local:91050/vm-91050-disk-0.raw", "+4G"],
+         "stork: invalid size '+4G': +SIZE (grow by SIZE) goes with VMID DISK, not with a volume id"),
+        (["guest", "import", "91051", "--disk", "scsi0=,storage=local"],  # the working directory, before
+         "stork: invalid --disk 'scsi0=,storage=local': expected DISK=PATH"),
         (["guest", "import", "91048"], "stork: guest import: give --disk DISK=PATH (one or more), --ova FILE or --ovf"),
         (["guest", "import", "91048", "--disk", "scsi0=/a.raw", "--ova", "/a.ova"],
          "stork: guest import: give --disk DISK=PATH (one or more), --ova FILE or --ovf FILE: one of them"),

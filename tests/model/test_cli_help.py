@@ -147,6 +147,9 @@ def test_help_imports_no_heavy_module():
     (["job", "list", "--limit", "0"], "argument --limit: invalid value '0': expected a number of jobs from 1 to"),
     (["job", "list", "--limit", "9" * 30], "argument --limit: invalid value '999"),
     (["job", "dead", "--limit", "-5"], "argument --limit: invalid value '-5': expected a number of messages"),
+    (["verify", "--all", "--reverify-after", "-3"], "argument --reverify-after: invalid value '-3': expected a number"),
+    (["backup", "key", "create", ""], "argument FILE: invalid value '': expected a file to make"),  # "<cwd> exists"
+    (["cluster", "key", ""], "argument FILE: invalid value '': expected a file to make"),
 ])
 def test_a_bad_value_is_refused_by_the_parser_naming_the_option(argv, message, capsys):
     from producer.cli import main

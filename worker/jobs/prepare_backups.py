@@ -204,8 +204,8 @@ def prepare_prune(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     except (ValueError, TypeError) as e:
         raise InvalidName(f"prune: {e}") from None
     if not keep.keeps_something:
-        raise InvalidName("prune: give at least one keep option (--keep-last, --keep-daily, ...): without one "
-                          "every backup would be kept")
+        raise InvalidName("prune: give at least one keep option above 0 (--keep-last, --keep-daily, ...): without "
+                          "one every backup would be kept")
     vmid = {"vmid": names.vmid(o["vmid"])} if o.get("vmid") is not None else {}
     return {**_backup_storage_here(cfg, o), **vmid, "keep": vars(keep), "dry_run": bool(o.get("dry_run"))}
 
