@@ -54,6 +54,8 @@ def test_job_list_filters_and_job_show_reads_as_a_summary(stork, client, vmid):
     code, out, _ = stork("job", "list", "--kind", "create", "--vmid", str(g), "--state", "succeeded", "--since", "1h")
     assert code == 0 and [r[-1] for r in rows(out)[1:]] == [job.id]
     assert stork("job", "list", "--vmid", str(g), "--kind", "destroy")[1].count("\n") == 1  # the header only
+    code, _, err = stork("job", "list", "--kind", "clone")  # a kind no job has: not an empty list, as if none ran
+    assert code == 2 and err.startswith("stork: unknown job kind 'clone' (known: ") and err.count("\n") == 1
     code, out, _ = stork("job", "show", job.id)
     assert code == 0 and not PYTHON_REPRS.search(out)
     assert re.search(rf"^job: +{job.id}$", out, re.M) and re.search(r"^state: +succeeded$", out, re.M)
