@@ -116,7 +116,10 @@ def _seconds(text: str) -> float:
 def _whole_number(low: int, high: int, what: str) -> Callable[[str], int]:
     """An argparse type: a whole number from `low` to `high` (its error names the option and the value)."""
     def parse(text: str) -> int:
-        value = int(text) if text.strip().lstrip("+-").isdigit() and len(text) < 20 else None
+        try:
+            value: int | None = int(text) if len(text) < 20 else None
+        except ValueError:  # not digits (and '²', which isdigit() takes for one)
+            value = None
         if value is None or not low <= value <= high:
             raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {what} from {low} to {high}")
         return value
@@ -863,7 +866,7 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?", metavar="BACKUP")
     p.add_argument("--all", action="store_true", help="every backup of the storage")
     p.add_argument("--storage")
-    p.add_argument("--reverify-after", type=_whole_number(1, 36500, "a number of days"), metavar="DAYS",
+    p.add_argument("--reverify-after", type=_whole_number(0, 36500, "a number of days"), metavar="DAYS",
                    help="with --all: skip backups verified sound within DAYS days")
     p = command(sub, "prune", cmd_prune, "forget the backups a retention does not keep", True)
     p.add_argument("vmid", nargs="?")
@@ -937,11 +940,12 @@ def _resize_options(a: argparse.Namespace) -> dict[str, Any]:
     from drivers import names
 
     if a.size is None:
+        volid = _volid(a.target)  # `disk resize 100 scsi0`, its size forgotten: no volume id, said first
         if a.disk_or_size.startswith("+"):
             raise UsageError(f"invalid size {a.disk_or_size!r}: +SIZE (grow by SIZE) goes with VMID DISK, not with "
                              "a volume id")
         _usage(names.size, a.disk_or_size)  # a typo in a size is the command line's: exit 2, as at create
-        return {"volid": _volid(a.target), "size": a.disk_or_size}
+        return {"volid": volid, "size": a.disk_or_size}
     from producer.client import Client
 
     client = Client()

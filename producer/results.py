@@ -16,7 +16,8 @@ BYTES = frozenset({"size", "written", "bytes_removed"})
 TIMES = frozenset({"removable_after"})  # epoch seconds
 # keys whose value is a list of names, or a mapping of names (a disk slot to a volume, a backup
 # to its state): every one a line of its own
-LISTS = frozenset({"freed", "freed_replicas", "forgotten", "replicas", "exported", "copied", "mended", "guests"})
+LISTS = frozenset({"freed", "freed_replicas", "forgotten", "replicas", "exported", "copied", "mended", "guests",
+                   "gone"})
 MAPPINGS = frozenset({"disks", "volumes", "bases", "detached", "removed", "replaced", "reads", "verified", "kept"})
 SCALARS = frozenset({
     "vmid", "node", "template", "volid", "unlocked", "lock", "job", "backup", "storage", "warning", "destroyed",

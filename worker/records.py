@@ -23,7 +23,9 @@ Redis keys used by stork (all of them; keep this list true):
                               every job that has not ended is in the set of each volume its
                               params and ctx name, added by the same Lua script that writes them
                               and taken out when it ends; an id found there of a job that ended
-                              is dropped when met (worker/jobs/usage.py asks it "who uses X?")
+                              is dropped when met (worker/jobs/usage.py asks it "who uses X?");
+                              a backup a job reads is named so too, as backup@<store>:<id>
+                              (a forget or prune asks "who reads it?")
     stork:job:<id>:volumes    set of the volume ids the job was added under (so its end takes it out)
     stork:jobs:volumes-indexed set once every job that has not ended is in the volume sets
     stork:claims:<storage>    hash volname -> job id: names a job is making, claimed before they

@@ -654,14 +654,15 @@ class ChunkStore:
         return reason
 
     def forget_chosen(self, vmid: int, choose: Callable[[Listing], list[str]],
-                      held: Callable[[str], str] = lambda id: "") -> tuple[list[str], list[str]]:
+                      held: Callable[[str], str] = lambda id: "") -> tuple[list[str], dict[str, str]]:
         """Forget the snapshots of guest `vmid` that `choose` picks from the guest's listing as
         it stands under the guest's lock, which every change of a state (a verify's outcome, a
         protection) holds too: a prune decides on states nothing changes before its forgets
         (a verify that marked the newest backup failed just after prune's own listing let prune
         forget the older, sound one kept for it). One `held` gives a reason to keep (a restore
-        reading it) is kept as a protected one is. (forgotten, refused with the reason)."""
-        forgotten, refused_ = [], []
+        reading it) is kept as a protected one is. (forgotten, {refused: why})."""
+        forgotten: list[str] = []
+        refused_: dict[str, str] = {}
         try:
             with self._vm_locked(vmid) as vm:
                 for id in choose(self._listing_of(self._ids_of(vmid))):
@@ -673,7 +674,7 @@ class ChunkStore:
                         if why := held(id):
                             raise Refused(f"backup {id} is {why}")
                     except (Refused, Corrupt) as e:
-                        refused_.append(f"{id}: {e}")
+                        refused_[id] = str(e)
                         continue
                     discard(vm, parsed.time_text, parsed.time_text)
                     forgotten.append(id)

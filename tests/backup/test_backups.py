@@ -172,10 +172,13 @@ def test_a_backup_a_restore_reads_is_kept_from_forget_and_prune(stork, client, v
     code, _, err = stork("backup", "forget", first)
     assert (code, err) == (1, f"stork: backup {first} is read by job {restore.id} (restore) now: forget it once that "
                               "ended\n")
-    code, out, err = stork("--json", "prune", g, "--storage", "backup", "--keep-last", "1")
-    assert code == 0, err
-    pruned = json.loads(out)["result"]
-    assert pruned["removed"] == 0 and f"{first}: backup {first} is read by job {restore.id}" in pruned["warning"]
+    for dry in ([], ["--dry-run"]):
+        code, out, err = stork("--json", "prune", g, "--storage", "backup", "--keep-last", "1", *dry)
+        assert code == 0, err
+        pruned = json.loads(out)["result"]
+        assert pruned["removed"] == 0 and f"{first}: backup {first} is read by job {restore.id}" in pruned["warning"]
+        [decided] = [d for d in pruned["decisions"] if d["id"] == first]
+        assert decided["keep"] and decided["reason"].startswith(f"kept: backup {first} is read by job {restore.id}")
     runner.send_steps(*held[0], client.app)
     assert client.wait(restore.id, timeout=60).state == "succeeded"
     assert stork("backup", "forget", first)[0] == 0
@@ -1052,6 +1055,6 @@ def test_a_prune_decides_on_the_states_as_they_stand_under_the_guests_lock(tmp_p
         return seen
 
     monkeypatch.setattr(store, "listing", then_a_verify_fails_the_newest)
-    result = _prune(store, Keep(last=1), {100}, dry_run=False)
+    result = _prune(store, Keep(last=1), {100}, dry_run=False, held=lambda id: "")  # no job reads any
     assert result["removed"] == 0 and store.exists(older) and store.exists(newest)
     assert {d["id"]: d["keep"] for d in result["decisions"]} == {older: True, newest: True}

@@ -148,6 +148,7 @@ def test_help_imports_no_heavy_module():
     (["job", "list", "--limit", "9" * 30], "argument --limit: invalid value '999"),
     (["job", "dead", "--limit", "-5"], "argument --limit: invalid value '-5': expected a number of messages"),
     (["verify", "--all", "--reverify-after", "-3"], "argument --reverify-after: invalid value '-3': expected a number"),
+    (["job", "list", "--limit", "+-5"], "argument --limit: invalid value '+-5': expected a number of jobs"),
     (["backup", "key", "create", ""], "argument FILE: invalid value '': expected a file to make"),  # "<cwd> exists"
     (["cluster", "key", ""], "argument FILE: invalid value '': expected a file to make"),
 ])

@@ -435,7 +435,7 @@ def _prune(store: ChunkStore, keep: Keep, vmids: set[int] | None, dry_run: bool,
     listing = store.listing(next(iter(vmids)) if vmids and len(vmids) == 1 else None)  # once: it reads manifests
     guests = sorted({s.id.vmid for s in listing.snapshots if vmids is None or s.id.vmid in vmids})
     decisions: list[dict[str, Any]] = []
-    removed, skipped = 0, []
+    removed, skipped = 0, {}  # kept against the retention: protected since the listing, read by a job
     for guest in guests:
         decided: list[retention.Decision] = []
 
@@ -443,19 +443,21 @@ def _prune(store: ChunkStore, keep: Keep, vmids: set[int] | None, dry_run: bool,
             decided[:] = retention.plan([retention.candidate(s) for s in now.snapshots], keep)
             return [d.id for d in decided if not d.keep]
 
-        if dry_run:
+        if dry_run:  # a backup a job reads is said kept there too, as the forget would keep it
             choose(Listing([s for s in listing.snapshots if s.id.vmid == guest], []))
+            skipped |= {d.id: f"backup {d.id} is {why}" for d in decided if not d.keep and (why := held(d.id))}
         else:
             forgotten, refused = store.forget_chosen(guest, choose, held)
-            removed, skipped = removed + len(forgotten), skipped + refused
-        decisions += [{"id": d.id, "keep": d.keep, "reason": d.reason} for d in decided]
+            removed, skipped = removed + len(forgotten), {**skipped, **refused}
+        decisions += [{"id": d.id, "keep": True, "reason": f"kept: {skipped[d.id]}"} if d.id in skipped else
+                      {"id": d.id, "keep": d.keep, "reason": d.reason} for d in decided]
     # a damaged backup is neither counted nor removed: whether it is protected cannot be read
     decisions += [{"id": str(d.id), "keep": True, "reason": f"damaged, kept: {d.reason}"}
                   for d in listing.damaged if vmids is None or d.id.vmid in vmids]
     if dry_run:
         removed = sum(not d["keep"] for d in decisions)
     return {"decisions": decisions, "removed": removed, "dry_run": dry_run,
-            **({"warning": f"kept: {'; '.join(skipped)}"} if skipped else {})}
+            **({"warning": f"kept: {'; '.join(f'{id}: {why}' for id, why in skipped.items())}"} if skipped else {})}
 
 
 def sync_backups(ctx: StepContext) -> None:

@@ -84,6 +84,8 @@ def _list_of(check: Check) -> Check:
 
 def _ip(value: Any) -> None:
     try:
+        if not isinstance(value, str):  # ip_address(5) is 0.0.0.5
+            raise ValueError
         ipaddress.ip_address(value)
     except ValueError:
         raise InvalidName(f"{value!r}: expected an IP address") from None

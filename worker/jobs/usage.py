@@ -38,15 +38,15 @@ def job_volumes(job: JobRecord) -> set[str]:
 
 
 def backup_readers(r: redis.Redis, store: str, backup: str) -> str:
-    """The live jobs that read a backup (a restore), as a reason to keep it ("" for none): a
-    prune or forget would take it from under them, and gc its chunks. One whose record cannot
-    be read may be one."""
+    """The live jobs that read a backup (a restore), as a reason to keep it, to follow "backup
+    <id> is" ("" for none): a prune or forget would take it from under them, and gc its chunks.
+    One whose record cannot be read may be one."""
     ref = records.backup_ref(store, backup)
     try:
         jobs = [j for j in records.load_many(r, records.candidates(r, ref)) if not j.state.terminal]
         readers = [f"job {j.id} ({j.kind})" for j in jobs if ref in records.params_volumes(j.params)]
     except (StorkError, AttributeError, TypeError, KeyError) as e:
-        return f"cannot tell whether a job reads it: {e}"
+        return f"kept: whether a job reads it cannot be told ({e})"
     return f"read by {', '.join(readers)} now: forget it once that ended" if readers else ""
 
 
