@@ -365,9 +365,8 @@ class Client:
         from worker.jobs.prepare_backups import find_backup
 
         sid, store, bid = find_backup(self.cfg, text)
-        if why := usage.backup_readers(self.r, sid, bid):  # a restore: gc would take its chunks too
-            raise Refused(f"backup {bid} is {why}")
-        return store.forget(bid, damaged=damaged)
+        # a restore reading it: gc would take its chunks too
+        return store.forget(bid, damaged=damaged, held=lambda id: usage.backup_readers(self.r, sid, id))
 
     def schedules(self) -> list[dict[str, Any]]:
         """Each backup schedule with its last run, that run's outcome, and its next slot."""

@@ -637,13 +637,16 @@ class ChunkStore:
         finally:
             os.close(fd)
 
-    def forget(self, id: str, damaged: bool = False) -> str:
-        """Remove a snapshot (its chunks stay until gc); Refused while it is protected. With
-        `damaged`, a snapshot that cannot be read (its manifest or state damaged, tampered with
-        or missing), whatever its state may say, and only such a one; returns why it could not
-        be read ("" without `damaged`)."""
+    def forget(self, id: str, damaged: bool = False, held: Callable[[str], str] = lambda id: "") -> str:
+        """Remove a snapshot (its chunks stay until gc); Refused while it is protected, or while
+        `held` gives a reason (a restore reads it), asked under the guest's lock as a prune's
+        is. With `damaged`, a snapshot that cannot be read (its manifest or state damaged,
+        tampered with or missing), whatever its state may say, and only such a one; returns why
+        it could not be read ("" without `damaged`)."""
         parsed = backup_id(id)
         with self._vm_locked_for(parsed) as vm:
+            if why := held(str(parsed)):
+                raise Refused(f"backup {parsed} is {why}")
             if damaged and (odd := _not_a_folder(vm, parsed.time_text)):
                 os.unlink(parsed.time_text, dir_fd=vm)  # a link is removed, never what it points to
                 os.fsync(vm)
