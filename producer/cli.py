@@ -894,7 +894,7 @@ def build_parser(only: str | None = EVERY) -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--node", required=True, help="the node that is gone for good")
     command(job, "dead", cmd_job_dead, "messages no worker could turn into a task, newest first").add_argument(
-        "--limit", type=_whole_number(1, 100_000, "a number of messages"), default=50)
+        "--limit", type=_whole_number(0, 100_000, "a number of messages"), default=50)
     _name_positionals(parser)
     return parser
 

@@ -167,6 +167,23 @@ def test_an_adopted_disk_cannot_be_adopted_twice(stork, vmid, pve_config):
     assert code != 0 and f"is in use by guest {g} (scsi0)" in err
 
 
+def test_a_base_a_job_may_still_rename_back_is_not_adopted(stork, client, vmid, pve_config):
+    """A `stork template` of a guest on this storage renamed its disk into a base and has not
+    ended: its undo may rename it back. Adopted meanwhile (a config written by hand naming the
+    base), the base would be kept for the new template and the guest left naming a disk gone."""
+    from tests.jobs.test_races_and_retries import recorded
+
+    g, t = vmid(), vmid()
+    pve_disk(g, f"base-{g}-disk-0", "raw", base=True)
+    base = f"pve:{g}/base-{g}-disk-0.raw"
+    with recorded(client, "template", "running", params={"lock_vmid": g},
+                  ctx={"based": {"scsi0": [f"pve:{g}/vm-{g}-disk-0.raw", base]}}) as maker:
+        conf = pve_config(t, f"template: 1\nscsi0: tank:{g}/base-{g}-disk-0.raw\n")
+        code, _, err = stork("guest", "import-pve", conf)
+    assert code == 1 and f"{base} is being made a base by job {maker.id} (template)" in err, err
+    assert not client.guest_store.exists(t) and path_of(base).exists()
+
+
 @pytest.mark.parametrize(("config", "message"), [
     ("scsi0: local-lvm:vm-{g}-disk-0,size=8G\n", "on storage 'local-lvm', which no storage of stork adopts"),
     ("scsi0: tank:{g}/vm-{g}-disk-0.raw\nsata1: /dev/disk/by-id/ata-X\n",
@@ -176,10 +193,15 @@ def test_an_adopted_disk_cannot_be_adopted_twice(stork, vmid, pve_config):
     ("scsi0: tank:{g}/vm-{g}-disk-1.vmdk\n", "invalid volume name"),
     ("cores: 2\nide2: none,media=cdrom\n", "the guest has no disk on a storage stork adopts"),
     ("scsi0 tank:{g}/vm-{g}-disk-0.raw\n", ":1: not a Proxmox VE guest config line"),
-], ids=["unknown-storage", "host-device", "template-of-no-base", "missing-volume", "vmdk", "no-disk", "broken"])
+    ("lock: migrate\nscsi0: tank:{g}/vm-{g}-disk-0.raw\n",
+     "the guest is locked by Proxmox VE (migrate): adopt it once"),
+    ("scsi0: tank:{g}/vm-{g}-disk-1.raw\n", "vm-{g}-disk-1.raw: not a regular file"),  # a link to the disk-0
+], ids=["unknown-storage", "host-device", "template-of-no-base", "missing-volume", "vmdk", "no-disk", "broken",
+        "locked", "link"])
 def test_import_pve_refuses_with_one_line_and_changes_nothing(stork, client, vmid, pve_config, config, message):
     g = vmid()
     pve_disk(g, f"vm-{g}-disk-0", "raw")
+    (IMAGES / str(g) / f"vm-{g}-disk-1.raw").symlink_to(f"vm-{g}-disk-0.raw")
     conf = pve_config(g, config.format(g=g))
     before = sorted(os.listdir(IMAGES / str(g)))
     code, _, err = stork("guest", "import-pve", conf)

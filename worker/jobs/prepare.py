@@ -127,7 +127,8 @@ def _base_here(cfg: Config, volid: str, node: str) -> tuple[str, VolName]:
     storage, vol = _volume(cfg, volid)
     if not vol.is_base:
         raise Refused(f"{volid} is not a base image (make one with 'stork base' or 'stork template')")
-    _existing_here(cfg, storage, vol, node)
+    if drv := _existing_here(cfg, storage, vol, node):
+        drv.identity(vol)  # a link or a folder at the name is no volume: refused now
     return storage, vol
 
 
@@ -319,6 +320,8 @@ def prepare_import_pve(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
         slot, value = next(iter(described.devices.items()))
         raise Refused(f"{path}: {slot} = {value.split(',', 1)[0]} is no volume (a host device or path): stork "
                       "adopts a guest with every disk")
+    if lock := described.notes.get("lock"):  # Proxmox VE is at its disks (a migration, a restore, qm template)
+        raise Refused(f"{path}: the guest is locked by Proxmox VE ({lock}): adopt it once that has ended")
     vmid = _new_vmid(cfg, described.vmid)
     node = _node(o, cfg)
     storages = _adopting_storages(cfg, node)
@@ -326,7 +329,8 @@ def prepare_import_pve(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     for where, volid in [*described.disks.items(), *(("unused", v) for v in described.unused)]:
         ours = _adopted_volid(storages, path, where, volid)
         storage, vol = _volume(cfg, ours)
-        _existing_here(cfg, storage, vol, node)
+        if drv := _existing_here(cfg, storage, vol, node):
+            drv.identity(vol)  # a link or a folder at the name is no volume: refused now, not once adopted
         if where != "unused" and (mismatch := base_mismatch(vol.is_base, described.template)):
             raise Refused(f"{path}: {where} = {volid} {mismatch}")
         if ours in (*adopted["disks"].values(), *adopted["unused"]):

@@ -858,6 +858,7 @@ def commit_assembled(ctx: StepContext) -> None:
         drv, vol = ctx.volume(volid)
         with ctx.storage_lock(drv):  # the lock a destroy or free checks and frees it under
             drv.require_existing(vol)
+            drv.identity(vol)  # a link or a folder at the name is no volume (refused, opened without following)
             if not vol.is_base:
                 raise Refused(f"{volid} is not a base image: a template's disks must all be bases")
             usage.require_base_made(ctx, volid)
@@ -877,10 +878,12 @@ def commit_adopted(ctx: StepContext) -> None:
         drv, vol = ctx.volume(volid)
         with ctx.storage_lock(drv):
             drv.require_existing(vol)
+            drv.identity(vol)  # a link or a folder at the name is no volume (refused, opened without following)
             if volid in attach.values() and (mismatch := base_mismatch(vol.is_base, template, f"guest {vmid}")):
                 raise Refused(f"{volid} {mismatch}")
-            if not vol.is_base and (found := usage.guest_users(ctx, volid, outside=False) +
-                                    usage.job_users(ctx, volid)):
+            if vol.is_base:  # a base a job that has not ended may rename back: the guest would name it gone
+                usage.require_base_made(ctx, volid)
+            elif found := usage.guest_users(ctx, volid, outside=False) + usage.job_users(ctx, volid):
                 raise Refused(f"{volid} is in use by {', '.join(found)}")
     with ctx.guests.editing(vmid) as box:
         if box[0].lock_job == ctx.job.id:
