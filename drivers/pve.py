@@ -14,11 +14,12 @@ line it does not know is kept as it is, as a note.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from drivers import names
@@ -52,6 +53,7 @@ class PveGuest:
     notes: dict[str, str] = field(default_factory=dict)  # every other key of the current config, as written
     references: tuple[tuple[str, str], ...] = ()  # (where, value) of every volume key in every section
     devices: dict[str, str] = field(default_factory=dict)  # disk slots of no volume: a host device or path
+    digest: str = ""  # of the config's text as read (config_digest): one read again later is the same config
 
 
 def target_of(value: str) -> str:
@@ -163,7 +165,16 @@ def read(path: Path, vmid: int | None = None) -> PveGuest:
             raise InvalidName(f"{path}: not named <vmid>.conf: give the guest id (--vmid)")
         vmid = names.vmid(stem)
     text = _read_text(path, "a Proxmox VE guest config")
-    return parse(vmid, text, str(path))
+    return replace(parse(vmid, text, str(path)), digest=config_digest(text))
+
+
+def config_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def digest_now(path: Path) -> str:
+    """The digest of the config at `path` as it is now; NotFound where it is gone."""
+    return config_digest(_read_text(path, "a Proxmox VE guest config"))
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,29 @@ def test_an_adopted_disk_cannot_be_adopted_twice(stork, vmid, pve_config):
     assert code != 0 and f"is in use by guest {g} (scsi0)" in err
 
 
+def test_a_config_changed_between_submit_and_commit_is_not_adopted_stale(client, vmid, pve_config, monkeypatch):
+    """The config is read at submit; Proxmox VE may be at the guest's disks before the job runs
+    (a qm move-disk that keeps its source, a migration): the commit reads it again, and one
+    changed is not adopted as it was. The same config, read again, is."""
+    from worker import runner
+
+    g = vmid()
+    pve_disk(g, f"vm-{g}-disk-0", "raw")
+    pve_disk(g, f"vm-{g}-disk-1", "raw")
+    conf = pve_config(g, f"scsi0: tank:{g}/vm-{g}-disk-0.raw\n")
+    held: list = []
+    with monkeypatch.context() as m:  # recorded and queued, its message not delivered yet
+        m.setattr(runner, "send_steps", lambda record, start, sender=None: held.append((record, start)))
+        late = client.submit("import_pve", config=str(conf))
+    conf.write_text(f"scsi0: tank:{g}/vm-{g}-disk-1.raw\nunused0: tank:{g}/vm-{g}-disk-0.raw\n")  # moved meanwhile
+    runner.send_steps(*held[0], client.app)
+    job = client.wait(late.id, timeout=60)
+    assert job.state == "failed" and f"{conf} changed since the job was submitted" in job.error
+    assert not client.guest_store.exists(g)
+    assert client.run("import_pve", config=str(conf)).state == "succeeded"  # read again: adopted as it is now
+    assert client.guest(g).disks == {"scsi0": f"pve:{g}/vm-{g}-disk-1.raw"}
+
+
 def test_a_base_a_job_may_still_rename_back_is_not_adopted(stork, client, vmid, pve_config):
     """A `stork template` of a guest on this storage renamed its disk into a base and has not
     ended: its undo may rename it back. Adopted meanwhile (a config written by hand naming the

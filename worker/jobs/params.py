@@ -195,6 +195,8 @@ PARAMS: dict[str, Check] = {
     "expect_disks": _optional(_map_of(names.disk_key, _volid)),
     "expect_rev": _optional(_matching(r"(?:[0-9a-f]{16})?", "a guest config's rev")),  # the guest's rev at submit
     "expect_node": _optional(names.node),  # the node of the guest it locks or reads (a template) at submit
+    "config": _absolute_path,  # import-pve: the Proxmox VE config read at submit, on the job's node
+    "config_digest": _matching(r"[0-9a-f]{64}", "a SHA-256 digest"),  # ... its text's then
     "disks": _map_of(_disk_key, _table(PLAN)),
     # a replica clone: each disk linked to a replica there (with its own identity, where recorded) or made
     "links": _map_of(names.disk_key, _table({"storage": names.storage_id, "replica": _volid, "base_identity": _str})),

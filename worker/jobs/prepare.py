@@ -342,7 +342,9 @@ def prepare_import_pve(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     if not adopted["disks"]:
         raise InvalidName(f"{path}: the guest has no disk on a storage stork adopts")
     notes = pve.notes_text(described.notes)
-    return {"new_vmid": vmid, "name": _pve_name(described.name), "node": node, "attach": adopted["disks"],
+    # read again at the commit where it runs here: a config changed meanwhile (a qm move-disk) is not adopted stale
+    again = {"config": str(path), "config_digest": described.digest} if node == cfg.node else {}
+    return {"new_vmid": vmid, "name": _pve_name(described.name), "node": node, "attach": adopted["disks"], **again,
             "attach_unused": adopted["unused"], "template": described.template, **({"notes": notes} if notes else {}),
             "storages": _check_nodes(cfg, {names.volume_id(v).storage for v in [*adopted["disks"].values(),
                                                                                  *adopted["unused"]]}, node)}

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from drivers import faults, names, qemu, transfer
+from drivers import faults, names, pve, qemu, transfer
 from drivers.backends.base import Driver
 from drivers.errors import AlreadyExists, ConfigError, NotFound, Refused, StorageUnavailable, StorkError
 from drivers.guests import Guest, base_mismatch
@@ -874,6 +874,14 @@ def commit_adopted(ctx: StepContext) -> None:
     writable disk in two guests would be written by both; a base may be shared)."""
     vmid, attach, unused = ctx.params["new_vmid"], ctx.params["attach"], ctx.params.get("attach_unused", [])
     template = ctx.params.get("template", False)
+    if config := ctx.params.get("config"):  # read at submit on this node: the same config still?
+        try:
+            same = pve.digest_now(Path(config)) == ctx.params["config_digest"]
+        except StorkError:
+            same = False
+        if not same:
+            raise Refused(f"{config} changed since the job was submitted, or is gone (Proxmox VE at its disks?): "
+                          "adopt it again")
     for volid in [*attach.values(), *unused]:
         drv, vol = ctx.volume(volid)
         with ctx.storage_lock(drv):
