@@ -279,10 +279,12 @@ def _since(text: str | None) -> float | None:
 
 
 def cmd_job_list(args: argparse.Namespace, client: Client) -> int:
-    if args.kind and args.kind not in (kinds := client.kinds()):  # else an empty list, as if none had run
-        raise UsageError(f"unknown job kind {args.kind!r} (known: {', '.join(sorted(kinds))})")
     vmid = _vmid(args.vmid) if args.vmid else None
     jobs = client.jobs(args.limit, state=args.state, kind=args.kind, vmid=vmid, since=_since(args.since))
+    # no job of that kind: a kind there is none of? (else an empty list, as if none had run; the kinds are only
+    # imported then)
+    if args.kind and not jobs and args.kind not in (kinds := client.kinds()):
+        raise UsageError(f"unknown job kind {args.kind!r} (known: {', '.join(sorted(kinds))})")
     _emit(args, [_record_dict(j) for j in jobs], lambda: _views().jobs(jobs))
     return 0
 

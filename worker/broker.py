@@ -68,17 +68,11 @@ def _note(found: dict[str, list[Pending]], message: Any, since: float | None) ->
 
 def drop_queued(r: redis.Redis, queues: Iterable[str], job_id: str) -> int:
     """Take the job's messages out of these queues (not those a consumer has taken); how many."""
-    return sum(int(r.lrem(key, 0, raw)) for key, raw in queued(r, queues, job_id))
-
-
-def queued(r: redis.Redis, queues: Iterable[str], job_id: str) -> list[tuple[str, bytes]]:
-    """The job's messages waiting in these queues (not those a consumer has taken), each with
-    the list key it is in."""
-    messages = []
+    dropped = 0
     for key in _queue_keys(queues):
         for raw in r.lrange(key, 0, -1):
             found: dict[str, list[Pending]] = defaultdict(list)
             _note(found, raw, None)
             if job_id in found:
-                messages.append((key, raw))
-    return messages
+                dropped += int(r.lrem(key, 0, raw))
+    return dropped

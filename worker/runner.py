@@ -658,12 +658,11 @@ def _start_undo_step(r: redis.Redis, cfg: Config, job: JobRecord, kind: JobKind,
     undo run from the old master's record (a copy freed) would take what that step then
     attaches. Unconfirmed, it is given back for the sweep to send again (NotReplicated)."""
     step = kind.steps[index]
+    current = {"undo": index, "name": step.name, "node": cfg.node, "worker": me, "since": time.time(), **task}
 
-    def start(client: redis.Redis) -> None:
+    def start(client: redis.Redis) -> None:  # made again after a reconnect: the same start
         try:
-            records.transition(client, job.id, (JobState.UNDOING,), guard=turn,
-                               current={"undo": index, "name": step.name, "node": cfg.node, "worker": me,
-                                        "since": time.time(), **task},
+            records.transition(client, job.id, (JobState.UNDOING,), guard=turn, current=current,
                                events=[events.make(job.id, kind.name, "undo", step=step.name, node=cfg.node)])
         except StateConflict:
             holder = (records.load(client, job.id).current or {})

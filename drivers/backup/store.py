@@ -452,31 +452,30 @@ class ChunkStore:
     def _first_chunk(self) -> str | None:
         """The digest of the first chunk file met, as the file system lists the folders (a look
         at an entry or two of each, none read whole: a plain store is opened no slower for it);
-        None where there is none."""
+        None where there is none. A folder that cannot be read raises: both callers decide on
+        the answer (a gc that would take the chunks, a store taken for a plain one)."""
         try:
             with self._folder(CHUNKS) as chunks, os.scandir(chunks) as prefixes:
                 for prefix in (e.name for e in prefixes if _PREFIX.fullmatch(e.name)):
-                    folder = self._dir.open_dir(chunks, prefix)
-                    try:
-                        with os.scandir(folder) as entries:
-                            if name := next((e.name for e in entries if DIGEST_PATTERN.fullmatch(e.name)), None):
-                                return name
-                    finally:
-                        os.close(folder)
-        except (NotFound, Refused, OSError):
+                    with contextlib.suppress(NotFound), self._folder(CHUNKS, prefix) as folder, \
+                            os.scandir(folder) as entries:  # (a prefix folder gone meanwhile holds none)
+                        if name := next((e.name for e in entries if DIGEST_PATTERN.fullmatch(e.name)), None):
+                            return name
+        except NotFound:  # no chunk folder (yet): no chunk
             pass
         return None
 
     def _sealed_chunk(self) -> str | None:
-        """The first chunk met (_first_chunk), where it is sealed by a key (AES-GCM)."""
-        if (name := self._first_chunk()) is None:
-            return None
-        try:
-            with self._folder(CHUNKS, name[:4]) as folder, \
+        """The first chunk met (_first_chunk), where it is sealed by a key (AES-GCM); one that
+        cannot be read raises (a store is not taken for a plain one for want of a look)."""
+        for _ in range(3):  # a chunk gc removed between the listing and the open: another is looked at
+            if (name := self._first_chunk()) is None:
+                return None
+            with contextlib.suppress(NotFound), self._folder(CHUNKS, name[:4]) as folder, \
                     self._dir.opened(folder, name, label=f"chunk {name}") as fd:
                 return name if os.pread(fd, len(MAGIC) + 1, 0) == MAGIC + bytes([KIND_AES_GCM]) else None
-        except (NotFound, Refused, OSError):
-            return None
+        raise Refused(f"backup storage {self.root}: whether its chunks are sealed cannot be told (they go as they "
+                      "are looked at): try again")
 
     def _has(self, id: BackupId, name: str) -> bool:
         try:

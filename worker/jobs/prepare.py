@@ -774,9 +774,7 @@ def prepare_free(o: dict[str, Any], cfg: Config) -> dict[str, Any]:
     """A volume to free; with `forget`, one gone already (removed by hand, say) that guests
     still list as unused or as a replica: they drop it."""
     _only(o, {"volid", "node", "forget"}, "free")
-    if o.get("forget") not in (None, False, True):
-        raise InvalidName(f"free: forget must be true or false, not {o['forget']!r}")
-    volid, forget = str(o.get("volid")), bool(o.get("forget"))
+    volid, forget = str(o.get("volid")), bool(_forget(o, "free"))
     storage, vol = _volume(cfg, volid)
     node = _source_node(cfg, storage, _node(o, cfg))
     # refused before a job exists; the step checks again, under the storage lock, with live jobs too

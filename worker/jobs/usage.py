@@ -43,10 +43,9 @@ def backup_readers(r: redis.Redis, store: str, backup: str) -> str:
     One whose record cannot be read may be one."""
     ref = records.backup_ref(store, backup)
     try:
-        jobs = [j for j in records.load_many(r, records.candidates(r, ref)) if not j.state.terminal]
-        readers = [f"job {j.id} ({j.kind})" for j in jobs if ref in records.params_volumes(j.params)]
-    except (StorkError, AttributeError, TypeError, KeyError) as e:
-        return f"kept: whether a job reads it cannot be told ({e})"
+        readers = [f"job {j.id} ({j.kind})" for j in _jobs_naming(r, ref) if ref in records.params_volumes(j.params)]
+    except Refused as e:
+        return f"kept: {e}"
     return f"read by {', '.join(readers)} now: forget it once that ended" if readers else ""
 
 
@@ -143,11 +142,16 @@ def foreign_folder(storage: str, owner: int, whose: str) -> str:
 
 
 def _other_jobs_naming(ctx: StepContext, volid: str) -> list[JobRecord]:
-    """Jobs, besides this one, that have not ended and whose records may name `volid` (the
-    volume's index, records.candidates), each record checked: one that cannot be read might
-    name it, so the answer is Refused."""
+    """Jobs, besides this one, that have not ended and whose records may name `volid`."""
+    return _jobs_naming(ctx.r, volid, but=ctx.job.id)
+
+
+def _jobs_naming(r: redis.Redis, volid: str, but: str | None = None) -> list[JobRecord]:
+    """Jobs (but `but`) that have not ended and whose records may name `volid` (the volume's
+    index, records.candidates; a backup by records.backup_ref), each record checked: one that
+    cannot be read might name it, so the answer is Refused."""
     try:
-        jobs = records.load_many(ctx.r, [j for j in records.candidates(ctx.r, volid) if j != ctx.job.id])
+        jobs = records.load_many(r, [j for j in records.candidates(r, volid) if j != but])
         for job in jobs:
             params.check_record(job)
     except StorkError as e:
